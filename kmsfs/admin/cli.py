@@ -1,0 +1,475 @@
+"""``kmsfs-admin``: the operators' tool. Each command parses, calls one service function,
+and renders the result as text or, with ``--json``, as JSON (lists are arrays of objects, each
+with an ``id``)."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from kmsfs import __version__
+from kmsfs.admin import render
+from kmsfs.admin.render import short
+from kmsfs.cliutil import Parser, emit_json, emit_table, run, setup_logging
+from kmsfs.hsm.pins import PinSource, pin_source_from_args
+from kmsfs.model.fields import HEX_ID
+from kmsfs.service import domains, hsms, operators, store_init, trusts
+from kmsfs.service.context import Context, default_store_path
+
+PROG = "kmsfs-admin"
+
+EXAMPLES = """\
+a key ceremony, from nothing to a Domain:
+  kmsfs-admin --store /srv/kms init --hsms 2
+  kmsfs-admin --store /srv/kms operator create alice --pin-file alice.pin
+  kmsfs-admin --store /srv/kms operator create bob --pin-file bob.pin
+  T=$(kmsfs-admin --store /srv/kms trust propose --hsm hsm1 --hsm hsm2 \\
+        --operator alice --operator bob --quorum 2 | tail -n 1)
+  kmsfs-admin --store /srv/kms trust sign $T --as alice --pin-file alice.pin
+  kmsfs-admin --store /srv/kms trust sign $T --as bob --pin-file bob.pin
+  kmsfs-admin --store /srv/kms trust seal $T
+  kmsfs-admin --store /srv/kms domain create payroll --trust $T
+"""
+
+
+class Command:
+    """Holds the parsed arguments and the output mode for one invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json = args.json
+        self.ctx = Context.at(args.store)
+
+    def pin(self, prompt: str) -> PinSource:
+        return pin_source_from_args(self.args.pin_file, self.args.pin_env, prompt)
+
+    def rows(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        """JSON arrays of objects with full ids; tables with ids cut to 12 digits."""
+        if self.json:
+            emit_json(rows)
+        else:
+            emit_table([{k: _shorten(v) for k, v in r.items()} for r in rows], columns)
+
+    def one(self, value: dict[str, Any], text: str) -> None:
+        if self.json:
+            emit_json(value)
+        else:
+            print(text)
+
+    # -- init and HSMs ---------------------------------------------------------------------
+
+    def init(self) -> None:
+        genesis = store_init.init_store(self.ctx.store.root, self.args.hsms)
+        labels = ", ".join(h.label for h in genesis.trust.hsms)
+        self.one(
+            {
+                "id": genesis.id,
+                "store": str(self.ctx.store.root),
+                "hsms": [render.hsm(h) for h in genesis.trust.hsms],
+            },
+            f"store {self.ctx.store.root} created with HSMs {labels}\n"
+            f"genesis trust (pinned root, quorum 0, no operators):\n{genesis.id}",
+        )
+
+    def hsm_create(self) -> None:
+        record = hsms.create_hsm(self.ctx, self.args.label)
+        self.one(
+            render.hsm(record),
+            f"HSM {record.label} created ({record.wrap_key.scheme}, "
+            f"{record.sign_key.scheme})\n{record.id}",
+        )
+
+    def hsm_enroll(self) -> None:
+        record = hsms.enroll_hsm(
+            self.ctx,
+            self.args.module,
+            self.args.token,
+            self.pin(f"PIN of token {self.args.token}"),
+            self.args.label,
+        )
+        self.one(
+            render.hsm(record),
+            f"HSM {record.label} enrolled ({record.wrap_key.scheme}, "
+            f"{record.sign_key.scheme})\n{record.id}",
+        )
+
+    def hsm_list(self) -> None:
+        self.rows(
+            [render.hsm(r) for r in hsms.list_hsms(self.ctx)],
+            ["id", "label", "wrap", "sign", "created"],
+        )
+
+    # -- operators -------------------------------------------------------------------------
+
+    def operator_create(self) -> None:
+        protection = "passphrase" if self.args.passphrase else "token"
+        what = "passphrase" if self.args.passphrase else "PIN"
+        record = operators.create_operator(
+            self.ctx,
+            self.args.name,
+            self.pin(f"new {what} for operator {self.args.name}"),
+            protection,
+        )
+        self.one(
+            render.operator(record),
+            f"operator {record.name} created (key in {protection})\n{record.key.key_id}",
+        )
+
+    def operator_list(self) -> None:
+        self.rows(
+            [render.operator(r) for r in operators.list_operators(self.ctx)],
+            ["id", "name", "protection", "created"],
+        )
+
+    # -- trusts ----------------------------------------------------------------------------
+
+    def trust_propose(self) -> None:
+        a = self.args
+        trust = trusts.propose(self.ctx, a.hsm or [], a.operator or [], a.quorum, a.predecessor)
+        status = trusts.status(self.ctx, trust.id)
+        self.one(
+            status.to_dict(),
+            f"trust proposed: serial {trust.serial}, quorum {trust.quorum} of "
+            f"{len(trust.operators)}; operators sign it with "
+            f"'trust sign ID --as NAME', then 'trust seal ID'\n{trust.id}",
+        )
+
+    def trust_list(self) -> None:
+        statuses = trusts.list_status(self.ctx)
+        a = self.args
+        if a.unsigned:
+            statuses = [s for s in statuses if not s.sealed_by]
+        if a.signed:
+            statuses = [s for s in statuses if s.sealed_by]
+        if a.mine:
+            statuses = [s for s in statuses if _awaits(s, a.mine)]
+        self.rows(
+            [render.trust_row(s) for s in statuses],
+            ["id", "serial", "state", "quorum", "hsms", "operators"],
+        )
+
+    def trust_show(self) -> None:
+        status = trusts.status(self.ctx, trusts.resolve_trust(self.ctx, self.args.trust))
+        info = status.to_dict()
+        if self.json:
+            emit_json(info)
+            return
+        t = status.trust
+        lines = [
+            f"trust {t.id}",
+            f"  serial       {t.serial}",
+            f"  predecessor  {t.predecessor or '(none: root)'}",
+            f"  created      {t.created}",
+            f"  HSMs         {', '.join(f'{h.label} ({short(h.id)})' for h in t.hsms)}",
+            f"  operators    {', '.join(m.name for m in t.operators) or '(none)'}",
+            f"  quorum       {t.quorum} of {len(t.operators)}: resists "
+            f"{info['tolerates']['forgery']} dishonest signer(s) for forgery, "
+            f"{info['tolerates']['denial']} refusing for denial",
+            f"  approvals    {len(status.own.signed)}/{t.quorum}: signed by "
+            f"{', '.join(sorted(status.own.signed)) or 'nobody'}; missing "
+            f"{', '.join(sorted(status.own.unsigned)) or 'nobody'}",
+        ]
+        if status.predecessor is not None:
+            p = status.predecessor
+            lines.append(
+                f"  predecessor  {len(p.signed)}/{p.threshold} of its operators: "
+                f"{', '.join(sorted(p.signed)) or 'nobody'}"
+            )
+        if status.sealed_by:
+            state = f"sealed by {status.sealed_by}"
+        else:
+            state = "ready to seal" if status.ready else "awaiting approvals"
+        lines.append(f"  state        {state}")
+        print("\n".join(lines))
+
+    def trust_sign(self) -> None:
+        approval = trusts.approve(
+            self.ctx,
+            self.args.trust,
+            self.args.as_,
+            self.pin(f"PIN or passphrase of operator {self.args.as_}"),
+        )
+        status = trusts.status(self.ctx, approval.subject)
+        self.one(
+            status.to_dict(),
+            f"{self.args.as_} signed trust {short(approval.subject)}: "
+            f"{len(status.own.signed)}/{status.trust.quorum} approvals",
+        )
+
+    def trust_seal(self) -> None:
+        sealed = trusts.seal(self.ctx, self.args.trust, self.args.hsm)
+        label = sealed.trust.hsm(sealed.seal.key_id).label  # type: ignore[union-attr]
+        self.one(
+            trusts.status(self.ctx, sealed.id).to_dict(),
+            f"trust sealed by HSM {label}\n{sealed.id}",
+        )
+
+    def trust_verify(self) -> None:
+        chain = trusts.verify(self.ctx, self.args.trust)
+        self.one(
+            {"id": chain[-1].id, "verified": True, "chain": [c.id for c in chain]},
+            f"trust {short(chain[-1].id)} verifies: chain of {len(chain)} back to the pinned root, "
+            "every seal and quorum valid",
+        )
+
+    # -- domains ---------------------------------------------------------------------------
+
+    def domain_create(self) -> None:
+        verified = domains.create(self.ctx, self.args.name, self.args.trust)
+        self.one(
+            render.verified_domain(verified),
+            f"domain {self.args.name} created\n{verified.sealed.id}",
+        )
+
+    def domain_list(self) -> None:
+        self.rows(
+            [render.domain(d) for d in domains.list_domains(self.ctx)],
+            ["id", "name", "generation", "trust", "epochs", "created"],
+        )
+
+    def domain_verify(self) -> None:
+        verified = domains.current(self.ctx, self.args.name)
+        self.one(
+            render.verified_domain(verified),
+            f"domain {self.args.name} verifies (generation {verified.sealed.domain.generation}, "
+            f"trust {short(verified.trust.id)}, chain of {len(verified.chain)})",
+        )
+
+    def domain_rewrap(self) -> None:
+        verified = domains.rewrap(self.ctx, self.args.name, self.args.trust)
+        self.one(
+            render.verified_domain(verified),
+            f"domain {self.args.name} rewrapped for trust {short(verified.trust.id)} "
+            f"(generation {verified.sealed.domain.generation}, fresh k)\n{verified.sealed.id}",
+        )
+
+    def domain_export(self) -> None:
+        sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
+
+
+def _shorten(value: Any) -> Any:
+    return short(value) if isinstance(value, str) and HEX_ID.match(value) else value
+
+
+def _awaits(status: trusts.TrustStatus, name: str) -> bool:
+    """Trusts ``name`` still has to sign: a member of it or its predecessor, not yet signed."""
+    if status.sealed_by:
+        return False
+    groups = [status.own] + ([status.predecessor] if status.predecessor else [])
+    return any(name in g.unsigned for g in groups)
+
+
+def _pin_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--pin-file", metavar="F", help=f"read the {what} from file F (first line)")
+    parser.add_argument(
+        "--pin-env", metavar="VAR", help=f"read the {what} from environment variable VAR"
+    )
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog=PROG,
+        description="Govern kmsfs keys: HSMs, operators, quorum-signed Trusts and Domains.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="the store directory (default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
+    )
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def command(sub: Any, name: str, handler: str, help_text: str, example: str) -> Parser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(
+        groups,
+        "init",
+        "init",
+        "create a store, its embedded SoftHSM2 HSMs and the genesis trust",
+        "kmsfs-admin --store /srv/kms init --hsms 2",
+    )
+    p.add_argument(
+        "--hsms", type=int, default=2, metavar="N", help="embedded HSMs to create (default 2)"
+    )
+
+    hsm = groups.add_parser("hsm", help="create, enroll and list HSMs").add_subparsers(
+        dest="sub", metavar="ACTION", required=True
+    )
+    p = command(
+        hsm,
+        "create",
+        "hsm_create",
+        "create a new embedded SoftHSM2 token with kmsfs key pairs",
+        "kmsfs-admin hsm create --label hsm3",
+    )
+    p.add_argument("--label", help="a name for the HSM (default hsmN)")
+    p = command(
+        hsm,
+        "enroll",
+        "hsm_enroll",
+        "enroll an existing token of any PKCS#11 module",
+        "kmsfs-admin hsm enroll --module /usr/lib/x.so --token HSM-A --pin-file a.pin",
+    )
+    p.add_argument("--module", required=True, metavar="PATH", help="the PKCS#11 module (.so)")
+    p.add_argument("--token", required=True, metavar="LABEL", help="the token's label")
+    p.add_argument("--label", help="a name for the HSM in kmsfs (default hsmN)")
+    _pin_options(p, "token's user PIN")
+    command(hsm, "list", "hsm_list", "list the HSMs of the store", "kmsfs-admin --json hsm list")
+
+    op = groups.add_parser("operator", help="create and list operators").add_subparsers(
+        dest="sub", metavar="ACTION", required=True
+    )
+    p = command(
+        op,
+        "create",
+        "operator_create",
+        "create an operator: an Ed25519 key in the operator's own token (or passphrase file)",
+        "kmsfs-admin operator create alice --pin-file alice.pin",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="protect the key with a passphrase (scrypt + AES-GCM) instead of a token PIN",
+    )
+    _pin_options(p, "operator's new PIN or passphrase")
+    command(
+        op, "list", "operator_list", "list the operators of the store", "kmsfs-admin operator list"
+    )
+
+    tr = groups.add_parser(
+        "trust", help="propose, sign, seal, show and verify trusts"
+    ).add_subparsers(dest="sub", metavar="ACTION", required=True)
+    p = command(
+        tr,
+        "propose",
+        "trust_propose",
+        "propose a trust; the new id is the last line of stdout",
+        "kmsfs-admin trust propose --hsm hsm1 --operator alice --operator bob --quorum 2",
+    )
+    p.add_argument(
+        "--hsm", action="append", metavar="ID", help="an HSM (label or id prefix); repeat"
+    )
+    p.add_argument("--operator", action="append", metavar="NAME", help="an operator; repeat")
+    p.add_argument(
+        "--quorum", type=int, required=True, metavar="Q", help="approvals needed (1..operators)"
+    )
+    p.add_argument(
+        "--predecessor",
+        metavar="TRUST",
+        help="the trust this one succeeds (default: the store's genesis)",
+    )
+    p = command(tr, "list", "trust_list", "list trusts", "kmsfs-admin trust list --mine alice")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--unsigned", action="store_true", help="only trusts not sealed yet")
+    which.add_argument("--signed", action="store_true", help="only sealed trusts")
+    which.add_argument("--mine", metavar="NAME", help="only trusts operator NAME still has to sign")
+    p = command(
+        tr,
+        "show",
+        "trust_show",
+        "show a trust, its approvals, and what its quorum tolerates",
+        "kmsfs-admin trust show 3f2a",
+    )
+    p.add_argument("trust", metavar="TRUST", help="id or unique prefix")
+    p = command(
+        tr,
+        "sign",
+        "trust_sign",
+        "approve a trust as an operator (after checking its content)",
+        "kmsfs-admin trust sign 3f2a --as alice --pin-file alice.pin",
+    )
+    p.add_argument("trust", metavar="TRUST")
+    p.add_argument("--as", dest="as_", required=True, metavar="NAME", help="the signing operator")
+    _pin_options(p, "operator's PIN or passphrase")
+    p = command(
+        tr,
+        "seal",
+        "trust_seal",
+        "have an HSM of the trust seal it (needs the quorum)",
+        "kmsfs-admin trust seal 3f2a --hsm hsm2",
+    )
+    p.add_argument("trust", metavar="TRUST")
+    p.add_argument("--hsm", metavar="ID", help="the HSM to seal with (default: any of the trust)")
+    p = command(
+        tr,
+        "verify",
+        "trust_verify",
+        "verify a trust and its chain back to the pinned root",
+        "kmsfs-admin trust verify 3f2a",
+    )
+    p.add_argument("trust", metavar="TRUST")
+
+    dm = groups.add_parser(
+        "domain", help="create, list, verify, rewrap and export domains"
+    ).add_subparsers(dest="sub", metavar="ACTION", required=True)
+    p = command(
+        dm,
+        "create",
+        "domain_create",
+        "create a domain: fresh k and mk generated in an HSM",
+        "kmsfs-admin domain create payroll --trust 3f2a",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--trust", required=True, metavar="TRUST", help="the sealed trust that governs it"
+    )
+    command(
+        dm,
+        "list",
+        "domain_list",
+        "list domains (newest generation of each)",
+        "kmsfs-admin domain list",
+    )
+    p = command(
+        dm,
+        "verify",
+        "domain_verify",
+        "verify a domain and its whole trust chain",
+        "kmsfs-admin domain verify payroll",
+    )
+    p.add_argument("name", metavar="NAME")
+    p = command(
+        dm,
+        "rewrap",
+        "domain_rewrap",
+        "give a domain a fresh k for a successor trust (mk unchanged)",
+        "kmsfs-admin domain rewrap payroll --trust 9c1e",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--trust", required=True, metavar="TRUST", help="the successor trust")
+    p = command(
+        dm,
+        "export",
+        "domain_export",
+        "print the domain bundle (domain + trust chain) to stdout",
+        "kmsfs-admin domain export payroll > payroll.domain",
+    )
+    p.add_argument("name", metavar="NAME")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.store is None:
+        args.store = default_store_path()
+    return run(PROG, lambda: getattr(Command(args), args.handler)())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

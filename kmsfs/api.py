@@ -1,0 +1,53 @@
+"""What the filesystem (``kmsfs``) needs from key management, in a few calls.
+
+The filesystem never sees ``mk``: ``open_domain`` yields a :class:`kmsfs.keys.KeyDeriver` whose
+``derive`` runs inside the HSM that unwrapped the Domain's master key.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kmsfs.errors import KmsfsError
+from kmsfs.keys import KeyDeriver
+from kmsfs.model.bundle import DomainBundle
+from kmsfs.service import domains
+from kmsfs.service.context import Context
+from kmsfs.service.context import default_store_path as default_store_path
+
+
+def export_domain_bundle(store_dir: Path, domain_name: str) -> bytes:
+    """The verified current Domain ``domain_name`` with its Trust chain, canonical bytes."""
+    return domains.export_bundle(Context.at(store_dir), domain_name).to_bytes()
+
+
+def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
+    """What a bundle says, and whether it verifies against the store's pinned root."""
+    parsed = DomainBundle.from_bytes(bundle)
+    domain = parsed.domain.domain
+    trust = parsed.chain[-1].trust if parsed.chain else None
+    info: dict[str, Any] = {
+        "name": domain.name,
+        "domain_id": domain.id,
+        "generation": domain.generation,
+        "trust_id": domain.trust,
+        "hsms": [{"id": h.id, "label": h.label} for h in trust.hsms] if trust else [],
+        "operators": [m.name for m in trust.operators] if trust else [],
+        "quorum": trust.quorum if trust else None,
+        "verified": False,
+        "problem": None,
+    }
+    try:
+        domains.verify_bundle(Context.at(store_dir), parsed)
+        info["verified"] = True
+    except KmsfsError as exc:
+        info["problem"] = str(exc)
+    return info
+
+
+@contextlib.contextmanager
+def open_domain(store_dir: Path, bundle: bytes) -> Iterator[KeyDeriver]:
+    """Verify the bundle's whole chain, unwrap ``mk`` in an HSM of its Trust, yield a deriver."""
+    with domains.open_keys(Context.at(store_dir), DomainBundle.from_bytes(bundle)) as keys:
+        yield keys

@@ -1,0 +1,54 @@
+"""Shared command-line plumbing: one-line errors, exit codes, JSON and table output."""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kmsfs import exitcodes
+from kmsfs.errors import KmsfsError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that prints ``prog: error: ...`` on one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def run(prog: str, handler: Callable[[], int | None]) -> int:
+    """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code."""
+    try:
+        return handler() or exitcodes.OK
+    except KmsfsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exitcodes.for_error(exc)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        return exitcodes.OK
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(name)s: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def emit_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """A plain aligned table; an empty list prints a header only."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

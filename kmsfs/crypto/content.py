@@ -1,0 +1,210 @@
+"""The per-file content format: an 18-byte header, then AES-256-GCM blocks.
+
+Layout (docs/format.md, section "File contents")::
+
+    header  (18 bytes, absent in an empty file)
+      0  2   version   big-endian, FORMAT_VERSION = 1
+      2  16  file id   random (os.urandom), never all zero
+    block n (n = 0, 1, ...; each holds up to 4096 plaintext bytes; only the last may be short)
+      0  12  nonce     random, fresh for every write of the block
+      12 len ciphertext
+      .. 16  GCM tag
+    AAD of block n = version (2, BE) || file id (16) || n (8, BE)
+    file key      = KeyDeriver.derive(FILE_KEY_INFO_PREFIX || file id)
+
+The AAD binds every block to its file and its position, so a block moved, reordered or copied
+from another file fails authentication. The plaintext size follows from the ciphertext size alone
+(:func:`plain_size`), so ``stat`` needs no decryption.
+
+Holes: this format has no unauthenticated representation of zeros. A hole (a file extended by
+truncate or by a write past its end) MUST be filled by the fs layer with encrypted zero blocks;
+an all-zero ciphertext block is simply a block whose tag does not verify.
+"""
+
+import os
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kmsfs.errors import BadVersionError, FormatError, IntegrityError
+
+FORMAT_VERSION = 1
+VERSION_SIZE = 2
+FILE_ID_SIZE = 16
+HEADER_SIZE = VERSION_SIZE + FILE_ID_SIZE  # 18
+BLOCK_SIZE = 4096
+NONCE_SIZE = 12
+TAG_SIZE = 16
+BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE  # 28
+CIPHER_BLOCK_SIZE = BLOCK_SIZE + BLOCK_OVERHEAD  # 4124
+BLOCK_NO_SIZE = 8
+FILE_KEY_SIZE = 32
+
+FILE_KEY_INFO_PREFIX = b"kmsfs/v1/file-key\x00"
+"""Label of per-file key derivation: ``derive(FILE_KEY_INFO_PREFIX + file_id)``."""
+
+_MAX_BLOCK_NO = 2 ** (8 * BLOCK_NO_SIZE) - 1
+
+
+def file_key_info(file_id: bytes) -> bytes:
+    """Return the ``info`` the fs passes to ``KeyDeriver.derive`` to get this file's key."""
+    if len(file_id) != FILE_ID_SIZE:
+        raise FormatError(f"file id: want {FILE_ID_SIZE} bytes, have {len(file_id)}")
+    return FILE_KEY_INFO_PREFIX + file_id
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """The 18 bytes at the start of every non-empty ciphertext file."""
+
+    version: int
+    file_id: bytes
+
+    def __post_init__(self) -> None:
+        if self.version != FORMAT_VERSION:
+            raise BadVersionError(
+                f"file header: want version {FORMAT_VERSION}, have {self.version}"
+            )
+        if not isinstance(self.file_id, bytes) or len(self.file_id) != FILE_ID_SIZE:
+            have = len(self.file_id) if isinstance(self.file_id, bytes) else "not bytes"
+            raise FormatError(f"file header: want a {FILE_ID_SIZE}-byte file id, have {have}")
+        if self.file_id == bytes(FILE_ID_SIZE):
+            # A zeroed header is what a crash or a sparse copy leaves; never a real file id.
+            raise FormatError("file header: file id is all zero")
+
+    @classmethod
+    def new(cls) -> "FileHeader":
+        """A header with a fresh random file id, for a file about to get its first byte."""
+        while True:
+            file_id = os.urandom(FILE_ID_SIZE)
+            if file_id != bytes(FILE_ID_SIZE):
+                return cls(FORMAT_VERSION, file_id)
+
+    def pack(self) -> bytes:
+        """The 18 on-disk bytes."""
+        return self.version.to_bytes(VERSION_SIZE, "big") + self.file_id
+
+    @classmethod
+    def parse(cls, data: bytes) -> "FileHeader":
+        """Parse the first 18 bytes of a ciphertext file; FormatError/BadVersionError if bad."""
+        if len(data) != HEADER_SIZE:
+            raise FormatError(f"file header: want {HEADER_SIZE} bytes, have {len(data)}")
+        version = int.from_bytes(data[:VERSION_SIZE], "big")
+        return cls(version, bytes(data[VERSION_SIZE:]))
+
+
+class ContentCipher:
+    """Encrypts and decrypts the blocks of one file with that file's key.
+
+    Holds only the AEAD object, never the raw key, so nothing secret can leak through repr.
+    """
+
+    def __init__(self, file_key: bytes, header: FileHeader) -> None:
+        if len(file_key) != FILE_KEY_SIZE:
+            raise ValueError(f"file key: want {FILE_KEY_SIZE} bytes, have {len(file_key)}")
+        self._aead = AESGCM(file_key)
+        self._header = header
+        self._aad_prefix = header.pack()
+
+    @property
+    def header(self) -> FileHeader:
+        return self._header
+
+    def _aad(self, block_no: int) -> bytes:
+        if not 0 <= block_no <= _MAX_BLOCK_NO:
+            raise ValueError(f"block number out of range: {block_no}")
+        return self._aad_prefix + block_no.to_bytes(BLOCK_NO_SIZE, "big")
+
+    def encrypt_block(self, block_no: int, plaintext: bytes) -> bytes:
+        """Encrypt 1..BLOCK_SIZE bytes as block ``block_no``: nonce || ciphertext || tag.
+
+        A fresh random nonce every call: rewriting a block never reuses a (key, nonce) pair.
+        With 96-bit random nonces, keep below 2**32 block writes per file id.
+        """
+        return self._encrypt_block_with_nonce(block_no, plaintext, os.urandom(NONCE_SIZE))
+
+    def _encrypt_block_with_nonce(self, block_no: int, plaintext: bytes, nonce: bytes) -> bytes:
+        """Seam for known-answer tests only: production code must use :meth:`encrypt_block`."""
+        if not 1 <= len(plaintext) <= BLOCK_SIZE:
+            raise ValueError(f"block plaintext: want 1..{BLOCK_SIZE} bytes, have {len(plaintext)}")
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce: want {NONCE_SIZE} bytes, have {len(nonce)}")
+        return nonce + self._aead.encrypt(nonce, bytes(plaintext), self._aad(block_no))
+
+    def decrypt_block(self, block_no: int, block: bytes) -> bytes:
+        """Authenticate and decrypt block ``block_no``; IntegrityError on any failure."""
+        aad = self._aad(block_no)
+        where = f"content block {block_no} of file {self._header.file_id.hex()}"
+        if not BLOCK_OVERHEAD < len(block) <= CIPHER_BLOCK_SIZE:
+            raise IntegrityError(
+                f"{where}: want {BLOCK_OVERHEAD + 1}..{CIPHER_BLOCK_SIZE} bytes, have {len(block)}"
+            )
+        block = bytes(block)
+        try:
+            return self._aead.decrypt(block[:NONCE_SIZE], block[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError(f"{where}: authentication failed") from None
+
+
+# Size arithmetic: pure functions, docs/format.md section "Sizes".
+
+
+def cipher_size(plain_size: int) -> int:
+    """Ciphertext file size for a plaintext size (0 stays 0: an empty file has no header)."""
+    if plain_size < 0:
+        raise ValueError(f"negative size: {plain_size}")
+    if plain_size == 0:
+        return 0
+    full, rest = divmod(plain_size, BLOCK_SIZE)
+    return HEADER_SIZE + full * CIPHER_BLOCK_SIZE + (rest + BLOCK_OVERHEAD if rest else 0)
+
+
+def plain_size(cipher_size: int) -> int:
+    """Plaintext size for a ciphertext size; FormatError if no plaintext size gives it."""
+    if cipher_size < 0:
+        raise ValueError(f"negative size: {cipher_size}")
+    if cipher_size == 0:
+        return 0
+    if cipher_size <= HEADER_SIZE:
+        raise FormatError(
+            f"ciphertext size {cipher_size}: a non-empty file needs more than "
+            f"{HEADER_SIZE} bytes (header and a block)"
+        )
+    full, rest = divmod(cipher_size - HEADER_SIZE, CIPHER_BLOCK_SIZE)
+    if rest == 0:
+        return full * BLOCK_SIZE
+    if rest <= BLOCK_OVERHEAD:
+        raise FormatError(
+            f"ciphertext size {cipher_size}: last block has {rest} bytes, "
+            f"want more than {BLOCK_OVERHEAD}"
+        )
+    return full * BLOCK_SIZE + rest - BLOCK_OVERHEAD
+
+
+def plain_size_lenient(cipher_size: int) -> int:
+    """Best plausible plaintext size of a possibly damaged file; never raises.
+
+    For ``stat`` only: a header without blocks counts as empty and a trailing fragment too short
+    to be a block is ignored. Reading the damaged part still fails with IntegrityError.
+    """
+    if cipher_size <= HEADER_SIZE:
+        return 0
+    full, rest = divmod(cipher_size - HEADER_SIZE, CIPHER_BLOCK_SIZE)
+    return full * BLOCK_SIZE + max(rest - BLOCK_OVERHEAD, 0)
+
+
+def block_range(offset: int, length: int) -> range:
+    """Block numbers that plaintext bytes ``[offset, offset + length)`` touch (empty if 0)."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length: {offset}, {length}")
+    if length == 0:
+        return range(0)
+    return range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1)
+
+
+def cipher_offset(block_no: int) -> int:
+    """Offset of block ``block_no`` in the ciphertext file."""
+    if block_no < 0:
+        raise ValueError(f"negative block number: {block_no}")
+    return HEADER_SIZE + block_no * CIPHER_BLOCK_SIZE

@@ -1,0 +1,146 @@
+"""Symlink target encryption: AES-256-GCM with a random nonce, base64url; long targets in blobs.
+
+Layout (docs/format.md, section "Symlinks")::
+
+    symlink key = HKDF-SHA256(derive(SYMLINK_KEY_INFO), info=SYMLINK_GCM_INFO, 32 bytes)
+    encoded     = base64url_nopad(nonce (12) || AES-GCM ciphertext || tag (16)), no AAD
+    ciphertext symlink target:
+      len(encoded) <= LONGLINK_THRESHOLD:  encoded
+      otherwise:                           "kmsfs.longlink." + base64url_nopad(SHA-256(encoded))
+                                           and a blob file <root>/kmsfs.longlinks/<that target>
+                                           holding encoded (ASCII, no newline)
+
+Why blobs in one volume-wide directory: a 4095-byte target encrypts to 4123 bytes, more than any
+symlink can hold, so some targets must live outside the symlink inode. Everything that must follow
+a symlink through hard links and renames (also across directories) has to be in the inode; the
+link target is, so it names a content-addressed blob that never moves. ``link`` and ``rename``
+then need no extra work; only dropping the last link of such a symlink removes its blob.
+
+Why 1023: XFS refuses symlink targets longer than 1023 bytes (ext4, btrfs and tmpfs take 4095),
+and the ciphertext tree should be copyable to any of them. Targets up to 739 bytes stay inline.
+
+Targets are not bound to their location (as in gocryptfs): the inode has no stable identity to
+bind to, and binding to the directory would make rename re-encrypt. Swapping two encrypted
+targets is therefore undetected; forging or altering one is not.
+"""
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kmsfs.crypto.encoding import (
+    SHA256_B64URL_PATTERN,
+    b64url_decode,
+    b64url_encode,
+    sha256_b64url,
+)
+from kmsfs.errors import IntegrityError
+
+SYMLINK_KEY_INFO = b"kmsfs/v1/symlinks"
+"""Label the fs passes to ``KeyDeriver.derive`` to get the 32-byte symlink secret."""
+SYMLINK_GCM_INFO = b"kmsfs/v1/symlinks/aes-256-gcm"
+"""HKDF info expanding the symlink secret into the AES-256-GCM key."""
+SYMLINK_SECRET_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+
+MAX_TARGET_BYTES = 4095
+"""Longest plaintext target (PATH_MAX - 1)."""
+LONGLINK_THRESHOLD = 1023
+"""Longest encoded target stored in the ciphertext symlink itself (XFS's limit)."""
+LONGLINK_PREFIX = "kmsfs.longlink."
+LONGLINK_DIR = "kmsfs.longlinks"
+"""Directory in the ciphertext root holding one blob per long-target symlink inode."""
+
+_LONGLINK = re.compile(re.escape(LONGLINK_PREFIX) + SHA256_B64URL_PATTERN)
+
+
+@dataclass(frozen=True)
+class DiskLink:
+    """What the fs stores for one symlink target.
+
+    ``target`` is the ciphertext symlink's target. If ``long_content`` is not None, the fs must
+    first write the blob ``<root>/LONGLINK_DIR/<target>`` with exactly ``long_content``.
+    """
+
+    target: str
+    long_content: str | None
+
+
+def is_longlink(link_target: str) -> bool:
+    """True if a ciphertext symlink's target refers to a blob in LONGLINK_DIR."""
+    return _LONGLINK.fullmatch(link_target) is not None
+
+
+def is_valid_target(target: bytes) -> bool:
+    """A target a symlink can have: 1..4095 bytes, no NUL."""
+    return 0 < len(target) <= MAX_TARGET_BYTES and b"\x00" not in target
+
+
+class SymlinkCipher:
+    """Encrypts and decrypts the symlink targets of one volume. Holds only the AEAD object."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != SYMLINK_SECRET_SIZE:
+            raise ValueError(
+                f"symlink secret: want {SYMLINK_SECRET_SIZE} bytes, have {len(secret)}"
+            )
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SYMLINK_GCM_INFO).derive(
+            secret
+        )
+        self._aead = AESGCM(key)
+
+    def encrypt(self, target: bytes) -> str:
+        """Encrypt a target with a fresh random nonce: base64url(nonce || ciphertext || tag)."""
+        return self._encrypt_with_nonce(target, os.urandom(NONCE_SIZE))
+
+    def _encrypt_with_nonce(self, target: bytes, nonce: bytes) -> str:
+        """Seam for known-answer tests only: production code must use :meth:`encrypt`."""
+        if not is_valid_target(target):
+            raise ValueError("not a valid symlink target (empty, over 4095 bytes or NUL)")
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce: want {NONCE_SIZE} bytes, have {len(nonce)}")
+        return b64url_encode(nonce + self._aead.encrypt(nonce, bytes(target), None))
+
+    def decrypt(self, stored: str) -> bytes:
+        """Decrypt an encoded target; IntegrityError if it was not made by this volume's key."""
+        try:
+            data = b64url_decode(stored)
+        except ValueError:
+            raise IntegrityError("symlink target: not canonical base64url") from None
+        if len(data) <= NONCE_SIZE + TAG_SIZE:
+            raise IntegrityError(f"symlink target: {len(data)} bytes is too short")
+        try:
+            target = self._aead.decrypt(data[:NONCE_SIZE], data[NONCE_SIZE:], None)
+        except InvalidTag:
+            raise IntegrityError("symlink target: authentication failed") from None
+        if not is_valid_target(target):
+            raise IntegrityError("symlink target: decrypts to an invalid target")
+        return target
+
+    def encrypt_to_disk(self, target: bytes) -> DiskLink:
+        """The ciphertext symlink target (and blob content, for a long target)."""
+        encoded = self.encrypt(target)
+        if len(encoded) <= LONGLINK_THRESHOLD:
+            return DiskLink(encoded, None)
+        return DiskLink(LONGLINK_PREFIX + sha256_b64url(encoded), encoded)
+
+    def decrypt_from_disk(self, link_target: str, read_blob: Callable[[], str]) -> bytes:
+        """Decrypt a ciphertext symlink's target; ``read_blob`` is called only for a long one.
+
+        IntegrityError if the blob does not hash to the link target. A blob may hold a short
+        encoding too (an fs may fall back to a blob when a filesystem refuses a long symlink).
+        Errors of ``read_blob`` propagate.
+        """
+        if not is_longlink(link_target):
+            return self.decrypt(link_target)
+        encoded = read_blob()
+        if not encoded.isascii() or sha256_b64url(encoded) != link_target[len(LONGLINK_PREFIX) :]:
+            raise IntegrityError(f"long symlink {link_target}: blob does not match its hash")
+        return self.decrypt(encoded)

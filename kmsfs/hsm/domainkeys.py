@@ -1,0 +1,184 @@
+"""Domain keys inside a token: generate, wrap, unwrap and derive, never in the clear.
+
+- ``create``: ``k`` (AES-256) and ``mk`` (256-bit generic secret) are generated as SENSITIVE
+  session objects; ``mk`` is wrapped by ``k`` (CKM_AES_KEY_WRAP_PAD, RFC 5649) and ``k`` by each
+  recipient HSM's RSA public key (CKM_RSA_PKCS_OAEP, imported as a session object). Both are
+  EXTRACTABLE only so they can be wrapped; CKA_VALUE reads are refused (SENSITIVE).
+- ``unwrap``: ``k`` then ``mk`` come back as SENSITIVE, non-EXTRACTABLE session objects (the
+  template is always passed: C_UnwrapKey does not default to that), and ``mk`` may only sign
+  (CKM_SHA256_HMAC), which is how per-purpose keys are derived.
+- ``rewrap``: with ``mk`` unwrapped as extractable-by-wrap only inside this call, a fresh ``k``
+  wraps ``mk`` again for a new set of recipients.
+
+Session objects vanish when the session closes; nothing is written to the token.
+"""
+
+import threading
+from collections.abc import Sequence
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from kmsfs.errors import FormatError
+from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
+from kmsfs.model.publickeys import PublicKey
+
+K_TEMPLATE = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: True,
+    Attribute.WRAP: True,
+    Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+}
+MK_TEMPLATE = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: True,
+    Attribute.SIGN: True,
+    Attribute.VERIFY: False,
+}
+UNWRAPPED_K_TEMPLATE = {**K_TEMPLATE, Attribute.EXTRACTABLE: False, Attribute.WRAP: False}
+UNWRAPPED_MK_TEMPLATE = {**MK_TEMPLATE, Attribute.EXTRACTABLE: False}
+
+
+def _oaep(scheme: str) -> tuple:
+    try:
+        return OAEP_PARAMS[scheme.removeprefix("rsa-oaep-")]
+    except KeyError as exc:
+        raise FormatError(f"unknown wrapping scheme {scheme!r}") from exc
+
+
+def _import_recipient(session: "pkcs11.Session", key: PublicKey) -> "pkcs11.PublicKey":
+    public = serialization.load_der_public_key(key.data)
+    assert isinstance(public, rsa.RSAPublicKey)
+    numbers = public.public_numbers()
+    return session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.TOKEN: False,
+            Attribute.WRAP: True,
+            Attribute.MODULUS: numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"),
+            Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"),
+        }
+    )
+
+
+def _wrap_k_for(
+    session: "pkcs11.Session", k: "pkcs11.SecretKey", recipients: Sequence[tuple[str, PublicKey]]
+) -> dict[str, bytes]:
+    wrapped: dict[str, bytes] = {}
+    for hsm_id, key in recipients:
+        public = _import_recipient(session, key)
+        try:
+            wrapped[hsm_id] = public.wrap_key(
+                k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(key.scheme)
+            )
+        finally:
+            public.destroy()
+    return wrapped
+
+
+def create(
+    session: "pkcs11.Session", recipients: Sequence[tuple[str, PublicKey]]
+) -> tuple[dict[str, bytes], bytes]:
+    """Generate ``k`` and ``mk``; return (k wrapped per HSM id, mk wrapped by k)."""
+    k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
+    mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
+    try:
+        wrapped_mk = k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        return _wrap_k_for(session, k, recipients), wrapped_mk
+    finally:
+        mk.destroy()
+        k.destroy()
+
+
+def _unwrap_k(
+    session: "pkcs11.Session", scheme: str, wrapped_k: bytes, template: dict
+) -> "pkcs11.SecretKey":
+    private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=WRAP_LABEL)
+    return private.unwrap_key(
+        ObjectClass.SECRET_KEY,
+        KeyType.AES,
+        wrapped_k,
+        store=False,
+        mechanism=Mechanism.RSA_PKCS_OAEP,
+        mechanism_param=_oaep(scheme),
+        template=template,
+    )
+
+
+class MasterKey:
+    """``mk`` unwrapped inside the token; derives keys with HMAC-SHA256, thread-safe."""
+
+    def __init__(self, key: "pkcs11.SecretKey") -> None:
+        self._key = key
+        self._lock = threading.Lock()
+
+    def derive(self, info: bytes) -> bytes:
+        with self._lock:
+            return bytes(self._key.sign(info, mechanism=Mechanism.SHA256_HMAC))
+
+    def value_is_readable(self) -> bool:
+        """True if the token would reveal CKA_VALUE (it must not): used by the custody test."""
+        try:
+            self._key[Attribute.VALUE]
+        except pkcs11.exceptions.PKCS11Error:
+            return False
+        return True
+
+    def destroy(self) -> None:
+        with self._lock:
+            self._key.destroy()
+
+
+def unwrap(
+    session: "pkcs11.Session", scheme: str, wrapped_k: bytes, wrapped_mk: bytes
+) -> MasterKey:
+    """Bring ``mk`` back inside the token as a SENSITIVE, non-EXTRACTABLE, sign-only key."""
+    k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
+    try:
+        mk = k.unwrap_key(
+            ObjectClass.SECRET_KEY,
+            KeyType.GENERIC_SECRET,
+            wrapped_mk,
+            store=False,
+            mechanism=Mechanism.AES_KEY_WRAP_PAD,
+            template=UNWRAPPED_MK_TEMPLATE,
+        )
+    finally:
+        k.destroy()
+    return MasterKey(mk)
+
+
+def rewrap(
+    session: "pkcs11.Session",
+    scheme: str,
+    wrapped_k: bytes,
+    wrapped_mks: Sequence[bytes],
+    recipients: Sequence[tuple[str, PublicKey]],
+) -> tuple[dict[str, bytes], list[bytes]]:
+    """Wrap every ``mk`` epoch under a fresh ``k`` for ``recipients``; ``mk`` is unchanged."""
+    old_k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
+    new_k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
+    try:
+        rewrapped: list[bytes] = []
+        for wrapped_mk in wrapped_mks:
+            mk = old_k.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                wrapped_mk,
+                store=False,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                template=MK_TEMPLATE,
+            )
+            try:
+                rewrapped.append(new_k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+            finally:
+                mk.destroy()
+        return _wrap_k_for(session, new_k, recipients), rewrapped
+    finally:
+        new_k.destroy()
+        old_k.destroy()

@@ -1,0 +1,125 @@
+"""Loading PKCS#11 modules and opening sessions, with failures turned into one-line errors.
+
+SoftHSM2 reads ``SOFTHSM2_CONF`` once, at C_Initialize. kmsfs keeps the embedded tokens in the
+store's own directory with its own softhsm2.conf, so this module sets the variable before a
+module is initialized and re-initializes the module when a process moves to another store
+(tests do; the tools use one store per process).
+"""
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pkcs11
+from pkcs11 import exceptions as p11
+
+from kmsfs.errors import HsmError, HsmUnavailableError, PinError
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_conf_of_module: dict[str, str | None] = {}
+_open_sessions: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class TokenLocation:
+    """Where a token is: a module, a token label and, for SoftHSM, the config to use."""
+
+    module: str
+    token_label: str
+    softhsm_conf: str | None = None
+
+    def describe(self) -> str:
+        return f"token {self.token_label!r} of {self.module}"
+
+
+def _load(location: TokenLocation) -> "pkcs11.lib":
+    module = location.module
+    if not Path(module).exists():
+        raise HsmUnavailableError(f"PKCS#11 module {module} does not exist")
+    with _lock:
+        if location.softhsm_conf is not None:
+            os.environ["SOFTHSM2_CONF"] = location.softhsm_conf
+        try:
+            lib = pkcs11.lib(module)
+            previous = _conf_of_module.get(module, location.softhsm_conf)
+            if previous != location.softhsm_conf:
+                if _open_sessions.get(module):
+                    raise HsmError(
+                        f"{module} is in use with another SoftHSM config; "
+                        "one process serves one store"
+                    )
+                lib.reinitialize()
+            _conf_of_module[module] = location.softhsm_conf
+        except p11.PKCS11Error as exc:
+            raise HsmUnavailableError(f"cannot load PKCS#11 module {module}: {exc!r}") from exc
+    return lib
+
+
+def find_token(location: TokenLocation) -> "pkcs11.Token":
+    """Return the token, or HsmUnavailableError naming it."""
+    lib = _load(location)
+    try:
+        return lib.get_token(token_label=location.token_label)
+    except p11.NoSuchToken as exc:
+        raise HsmUnavailableError(f"{location.describe()} is not present") from exc
+    except p11.MultipleTokensReturned as exc:
+        raise HsmError(f"{location.describe()}: several tokens have this label") from exc
+    except p11.PKCS11Error as exc:
+        raise HsmUnavailableError(f"{location.describe()}: {type(exc).__name__}") from exc
+
+
+@contextlib.contextmanager
+def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pkcs11.Session"]:
+    """Open a user session on the token; PinError for a wrong or locked PIN."""
+    token = find_token(location)
+    try:
+        opened = token.open(rw=rw, user_pin=pin)
+    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+        raise PinError(f"wrong PIN for {location.describe()}") from exc
+    except p11.PinLocked as exc:
+        raise PinError(f"the PIN of {location.describe()} is locked") from exc
+    except p11.PKCS11Error as exc:
+        raise HsmUnavailableError(
+            f"cannot open {location.describe()}: {type(exc).__name__}"
+        ) from exc
+    with _lock:
+        _open_sessions[location.module] = _open_sessions.get(location.module, 0) + 1
+    try:
+        yield opened
+    finally:
+        with _lock:
+            _open_sessions[location.module] -= 1
+        with contextlib.suppress(p11.PKCS11Error):
+            opened.close()
+
+
+def hsm_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """Turn a PKCS#11 failure inside the block into an HsmError naming ``what``."""
+    return _HsmErrors(what)
+
+
+class _HsmErrors(contextlib.AbstractContextManager[None]):
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        if exc is not None and isinstance(exc, p11.PKCS11Error):
+            if isinstance(exc, p11.DeviceRemoved | p11.TokenNotPresent | p11.DeviceError):
+                raise HsmUnavailableError(
+                    f"{self.what}: the token is gone ({type(exc).__name__})"
+                ) from exc
+            raise HsmError(f"{self.what}: the token refused ({type(exc).__name__})") from exc
+        return False
+
+
+def refresh(location: TokenLocation) -> None:
+    """Make a module see tokens created by another process (e.g. softhsm2-util)."""
+    lib = _load(location)
+    with _lock:
+        if not _open_sessions.get(location.module):
+            lib.reinitialize()

@@ -1,0 +1,109 @@
+"""Chain verification: pure, no I/O; bytes in, verified objects out, or an exception.
+
+Rules (DESIGN.md §2.2, §2.3):
+
+- a Trust's seal is a valid signature by an HSM listed in that same Trust;
+- a Trust has ``quorum`` valid approvals of distinct operators of its own;
+- a successor also has its predecessor's quorum of the predecessor's operators, links to the
+  predecessor by id, and has ``serial`` = predecessor's + 1 (as TUF root rotation);
+- the chain starts at the pinned root (the store's genesis), which is itself checked;
+- a Domain is sealed by an HSM of its Trust, names that Trust, wraps ``k`` to exactly that
+  Trust's HSMs, and its Trust has at least one operator (the genesis only bootstraps).
+
+An HSM signature alone is never enough: a PKCS#11 token signs whatever its PIN holder asks.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kmsfs.errors import ChainError, IntegrityError
+from kmsfs.model import contexts
+from kmsfs.model.domain import SealedDomain
+from kmsfs.model.trust import SealedTrust, Signature, Trust, verify_quorum
+
+
+def verify_hsm_seal(
+    trust: Trust, seal: Signature, context: bytes, payload: bytes, what: str
+) -> None:
+    """Check that ``seal`` is a signature over ``payload`` by an HSM listed in ``trust``."""
+    hsm = trust.hsm(seal.key_id)
+    if hsm is None:
+        raise IntegrityError(
+            f"{what} is sealed by HSM {seal.key_id[:12]}, which is not in trust {trust.id[:12]}"
+        )
+    try:
+        hsm.sign_key.verify(seal.value, contexts.message(context, payload))
+    except IntegrityError as exc:
+        raise IntegrityError(f"{what}: the seal of HSM {hsm.label} does not verify") from exc
+
+
+def verify_approvals(
+    trust: Trust, approvals: Sequence[Signature], predecessor: SealedTrust | None
+) -> None:
+    """Check the Trust's own quorum and, for a successor, its link and its predecessor's quorum."""
+    what = f"trust {trust.id[:12]}"
+    verify_quorum(trust, list(approvals), trust.operators, trust.quorum, "its own")
+    if trust.predecessor is None:
+        if predecessor is not None:
+            raise ChainError(f"{what} is a root but follows trust {predecessor.id[:12]}")
+        return
+    if predecessor is None or predecessor.id != trust.predecessor:
+        raise ChainError(f"{what}: predecessor {trust.predecessor[:12]} is missing from the chain")
+    if trust.serial != predecessor.trust.serial + 1:
+        raise ChainError(f"{what}: serial want {predecessor.trust.serial + 1}, have {trust.serial}")
+    old = predecessor.trust
+    verify_quorum(trust, list(approvals), old.operators, old.quorum, f"predecessor {old.id[:12]}'s")
+
+
+def verify_trust(sealed: SealedTrust, predecessor: SealedTrust | None) -> None:
+    """Verify one link: its seal, its own quorum and, for a successor, its predecessor's."""
+    trust = sealed.trust
+    what = f"trust {trust.id[:12]}"
+    if sealed.seal.subject != trust.id:
+        raise IntegrityError(f"{what}: the seal is for another trust")
+    verify_hsm_seal(trust, sealed.seal, contexts.HSM_SEALS_TRUST, trust.signed_bytes(), what)
+    verify_approvals(trust, sealed.approvals, predecessor)
+
+
+def verify_chain(chain: Sequence[SealedTrust], pinned_root: str) -> SealedTrust:
+    """Verify ``chain`` (root first) from the pinned root; return its last Trust."""
+    if not chain:
+        raise ChainError("empty trust chain")
+    if chain[0].id != pinned_root:
+        raise ChainError(
+            f"the trust chain starts at {chain[0].id[:12]}, but this store pins root "
+            f"{pinned_root[:12]} (a Domain or Trust of another store?)"
+        )
+    previous: SealedTrust | None = None
+    for link in chain:
+        verify_trust(link, previous)
+        previous = link
+    return chain[-1]
+
+
+@dataclass(frozen=True)
+class VerifiedDomain:
+    """A Domain whose whole chain verified, with the Trust that governs it."""
+
+    sealed: SealedDomain
+    trust: SealedTrust
+    chain: tuple[SealedTrust, ...]
+
+
+def verify_domain(
+    sealed: SealedDomain, chain: Sequence[SealedTrust], pinned_root: str
+) -> VerifiedDomain:
+    """Verify a Domain and its Trust chain back to ``pinned_root``."""
+    trust = verify_chain(chain, pinned_root).trust
+    domain = sealed.domain
+    what = f"domain {domain.name} ({domain.id[:12]})"
+    if domain.trust != trust.id:
+        raise ChainError(f"{what} belongs to trust {domain.trust[:12]}, not {trust.id[:12]}")
+    if not trust.operators:
+        raise ChainError(f"{what}: its trust has no operators (a genesis cannot govern Domains)")
+    if sealed.seal.subject != domain.id:
+        raise IntegrityError(f"{what}: the seal is for another domain")
+    verify_hsm_seal(trust, sealed.seal, contexts.HSM_SEALS_DOMAIN, domain.signed_bytes(), what)
+    if {w.hsm for w in domain.wrapped_k} != {h.id for h in trust.hsms}:
+        raise IntegrityError(f"{what}: k is not wrapped to exactly the HSMs of its trust")
+    return VerifiedDomain(sealed, chain[-1], tuple(chain))

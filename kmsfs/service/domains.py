@@ -1,0 +1,177 @@
+"""Domain actions: create, list, verify, rewrap for a successor Trust, export, open.
+
+Opening a Domain is the filesystem's entry point: verify the whole chain, pick any reachable HSM
+of the Trust, unwrap ``k`` then ``mk`` inside it, and hand out a deriver whose keys are
+HMAC-SHA256(mk, info) computed by the token.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kmsfs.errors import ChainError, NotFoundError, UsageError
+from kmsfs.hsm import domainkeys, library
+from kmsfs.model import contexts
+from kmsfs.model.bundle import DomainBundle
+from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain, WrappedKey
+from kmsfs.model.publickeys import PublicKey
+from kmsfs.model.records import check_name
+from kmsfs.model.trust import SealedTrust, Signature, Trust
+from kmsfs.model.verify import VerifiedDomain, verify_domain
+from kmsfs.service import trusts
+from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
+
+
+def _recipients(trust: Trust) -> list[tuple[str, PublicKey]]:
+    return [(h.id, h.wrap_key) for h in trust.hsms]
+
+
+def _seal(hsm: HsmSession, domain: Domain) -> SealedDomain:
+    value = hsm.sign(contexts.message(contexts.HSM_SEALS_DOMAIN, domain.signed_bytes()))
+    return SealedDomain(domain, Signature(domain.id, hsm.record.id, value))
+
+
+def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
+    chain = trusts.verified_chain(ctx, trusts.resolve_trust(ctx, trust_ref))
+    if not chain[-1].trust.operators:
+        raise UsageError("the genesis trust has no operators and cannot govern a Domain")
+    return chain
+
+
+def create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
+    """New ``k`` and ``mk`` inside an HSM of the Trust, wrapped for all its HSMs, sealed."""
+    check_name(name, "domain")
+    if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
+        raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
+    chain = _governing_trust(ctx, trust_ref)
+    trust = chain[-1].trust
+    with open_hsm(ctx, trust.hsms) as hsm:
+        with library.hsm_errors(f"HSM {hsm.record.label}"):
+            wrapped_k, wrapped_mk = domainkeys.create(hsm.session, _recipients(trust))
+        domain = Domain(
+            name=name,
+            generation=1,
+            previous=None,
+            trust=trust.id,
+            wrapped_k=tuple(
+                WrappedKey(i, trust.hsm(i).wrap_key.scheme, w) for i, w in wrapped_k.items()
+            ),
+            master_keys=(MasterKeyEpoch(1, wrapped_mk),),
+            created=utc_now(),
+        )
+        sealed = _seal(hsm, domain)
+    verified = verify_domain(sealed, chain, ctx.store.pinned_root())
+    ctx.store.save_domain(sealed)
+    return verified
+
+
+def _generations(ctx: Context, name: str) -> list[SealedDomain]:
+    found = [
+        d for d in (ctx.store.domain(i) for i in ctx.store.domain_ids()) if d.domain.name == name
+    ]
+    if not found:
+        raise NotFoundError(f"no domain named {name!r} in {ctx.store.root}")
+    return sorted(found, key=lambda d: d.domain.generation)
+
+
+def current(ctx: Context, name: str) -> VerifiedDomain:
+    """The newest generation of Domain ``name``, fully verified."""
+    latest = _generations(ctx, name)[-1]
+    return verify_domain(latest, trusts.chain_to(ctx, latest.domain.trust), ctx.store.pinned_root())
+
+
+def list_domains(ctx: Context) -> list[SealedDomain]:
+    names = sorted({ctx.store.domain(i).domain.name for i in ctx.store.domain_ids()})
+    return [_generations(ctx, n)[-1] for n in names]
+
+
+def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
+    """A fresh ``k`` for the successor Trust's HSMs; ``mk`` unchanged, so data stays readable.
+
+    The new Trust must descend from the Domain's current Trust: a Domain never moves sideways
+    into a Trust its operators did not approve as a successor.
+    """
+    old = current(ctx, name)
+    chain = _governing_trust(ctx, trust_ref)
+    new_trust = chain[-1].trust
+    if old.trust.id not in [link.id for link in chain] or old.trust.id == new_trust.id:
+        raise UsageError(
+            f"trust {new_trust.id[:12]} is not a successor of the domain's trust "
+            f"{old.trust.id[:12]}"
+        )
+    old_domain = old.sealed.domain
+    with open_hsm(ctx, old.trust.trust.hsms) as unwrapper:
+        wrapped = old_domain.wrapped_for(unwrapper.record.id)
+        assert wrapped is not None
+        with library.hsm_errors(f"HSM {unwrapper.record.label}"):
+            new_k, mks = domainkeys.rewrap(
+                unwrapper.session,
+                wrapped.scheme,
+                wrapped.data,
+                [m.data for m in old_domain.master_keys],
+                _recipients(new_trust),
+            )
+    domain = Domain(
+        name=name,
+        generation=old_domain.generation + 1,
+        previous=old_domain.id,
+        trust=new_trust.id,
+        wrapped_k=tuple(
+            WrappedKey(i, new_trust.hsm(i).wrap_key.scheme, w) for i, w in new_k.items()
+        ),
+        master_keys=tuple(
+            MasterKeyEpoch(m.epoch, d) for m, d in zip(old_domain.master_keys, mks, strict=True)
+        ),
+        created=utc_now(),
+    )
+    with open_hsm(ctx, new_trust.hsms) as signer:
+        sealed = _seal(signer, domain)
+    verified = verify_domain(sealed, chain, ctx.store.pinned_root())
+    ctx.store.save_domain(sealed)
+    return verified
+
+
+def export_bundle(ctx: Context, name: str) -> DomainBundle:
+    verified = current(ctx, name)
+    return DomainBundle(verified.sealed, verified.chain)
+
+
+def verify_bundle(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
+    """Verify a bundle (e.g. a CIPHERDIR's copy) against this store's pinned root."""
+    return verify_domain(bundle.domain, bundle.chain, ctx.store.pinned_root())
+
+
+@dataclass
+class DomainKeys:
+    """An opened Domain: derives keys inside the HSM that unwrapped ``mk``."""
+
+    verified: VerifiedDomain
+    hsm_label: str
+    _master_key: domainkeys.MasterKey
+
+    def derive(self, info: bytes) -> bytes:
+        with library.hsm_errors(f"HSM {self.hsm_label}"):
+            return self._master_key.derive(info)
+
+    def master_key_is_readable(self) -> bool:
+        return self._master_key.value_is_readable()
+
+
+@contextlib.contextmanager
+def open_keys(ctx: Context, bundle: DomainBundle) -> Iterator[DomainKeys]:
+    """Verify ``bundle`` against this store's root and unwrap its current ``mk`` in an HSM."""
+    verified = verify_bundle(ctx, bundle)
+    domain = verified.sealed.domain
+    with open_hsm(ctx, verified.trust.trust.hsms) as hsm:
+        wrapped = domain.wrapped_for(hsm.record.id)
+        if wrapped is None:
+            raise ChainError(f"domain {domain.name}: k is not wrapped to HSM {hsm.record.label}")
+        with library.hsm_errors(f"HSM {hsm.record.label}"):
+            master_key = domainkeys.unwrap(
+                hsm.session, wrapped.scheme, wrapped.data, domain.current_epoch.data
+            )
+        try:
+            yield DomainKeys(verified, hsm.record.label, master_key)
+        finally:
+            with contextlib.suppress(Exception):
+                master_key.destroy()

@@ -1,0 +1,99 @@
+"""HSM actions: create an embedded SoftHSM2 token, enroll any PKCS#11 token, list them."""
+
+import os
+import secrets
+from dataclasses import replace
+from pathlib import Path
+
+from kmsfs.errors import AlreadyExistsError, UsageError
+from kmsfs.hsm import keypairs, library, softhsm
+from kmsfs.hsm.library import TokenLocation
+from kmsfs.hsm.pins import PinSource
+from kmsfs.model import contexts
+from kmsfs.model.records import HsmRecord, check_name
+from kmsfs.service.context import Context, utc_now
+
+TOKEN_LABEL_MAX = 32
+
+
+def _next_label(ctx: Context) -> str:
+    taken = {ctx.store.hsm(i).label for i in ctx.store.hsm_ids()}
+    number = 1
+    while f"hsm{number}" in taken:
+        number += 1
+    return f"hsm{number}"
+
+
+def _check_label_free(ctx: Context, label: str) -> None:
+    check_name(label, "HSM")
+    if any(ctx.store.hsm(i).label == label for i in ctx.store.hsm_ids()):
+        raise AlreadyExistsError(f"an HSM labelled {label!r} already exists in {ctx.store.root}")
+
+
+def _provision(
+    ctx: Context, location: TokenLocation, pin_source: PinSource, label: str
+) -> HsmRecord:
+    """Generate (or find) the kmsfs key pairs in the token and write the self-signed record."""
+    with (
+        library.session(location, pin_source.read(), rw=True) as session,
+        library.hsm_errors(label),
+    ):
+        wrap_key, sign_key = keypairs.provision(session)
+        record = HsmRecord(label=label, wrap_key=wrap_key, sign_key=sign_key, created=utc_now())
+        message = contexts.message(contexts.HSM_RECORD, record.signed_bytes())
+        record = replace(record, signature=bytes(keypairs.sign(session, sign_key.scheme, message)))
+    record.verify_self_signature()
+    if record.id in ctx.store.hsm_ids():
+        raise AlreadyExistsError(f"this token is already enrolled as HSM {record.id[:12]}")
+    ctx.private.save_access("hsm", record.id, location, pin_source)
+    ctx.store.save_hsm(record)
+    return record
+
+
+def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
+    """A new embedded SoftHSM2 token with a random PIN kept in the private area."""
+    ctx.private.ensure()
+    if not ctx.private.softhsm_conf.exists():
+        softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
+    label = label or _next_label(ctx)
+    _check_label_free(ctx, label)
+    pin = secrets.token_hex(16)
+    pin_file = ctx.private.write_pin(label, pin)
+    location = softhsm.create_token(ctx.private.softhsm_conf, label, pin)
+    return _provision(ctx, location, PinSource(file=str(pin_file)), label)
+
+
+def enroll_hsm(
+    ctx: Context, module: str, token_label: str, pin_source: PinSource, label: str | None = None
+) -> HsmRecord:
+    """Enroll an existing token of any PKCS#11 module; its PIN stays where ``pin_source`` says."""
+    if len(token_label.encode()) > TOKEN_LABEL_MAX:
+        raise UsageError(f"token label {token_label!r:.40} is longer than {TOKEN_LABEL_MAX} bytes")
+    ctx.private.ensure()
+    label = label or _next_label(ctx)
+    _check_label_free(ctx, label)
+    location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module))
+    library.refresh(location)
+    return _provision(ctx, location, pin_source, label)
+
+
+def _softhsm_conf_for(ctx: Context, module: str) -> str | None:
+    """SoftHSM needs to know its config: the caller's SOFTHSM2_CONF, else the store's own."""
+    if os.environ.get("SOFTHSM2_CONF"):
+        return os.environ["SOFTHSM2_CONF"]
+    if "softhsm" in Path(module).name and ctx.private.softhsm_conf.exists():
+        return str(ctx.private.softhsm_conf)
+    return None
+
+
+def list_hsms(ctx: Context) -> list[HsmRecord]:
+    return sorted((ctx.store.hsm(i) for i in ctx.store.hsm_ids()), key=lambda r: r.label)
+
+
+def resolve_hsm(ctx: Context, ref: str) -> HsmRecord:
+    """An HSM by label or by id prefix."""
+    records = list_hsms(ctx)
+    for record in records:
+        if record.label == ref:
+            return record
+    return ctx.store.hsm(ctx.store.resolve("HSM", ref, [r.id for r in records]))

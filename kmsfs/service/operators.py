@@ -1,0 +1,69 @@
+"""Operator actions: create an operator (key in its own token, or passphrase file), sign."""
+
+from dataclasses import replace
+
+from kmsfs.errors import AlreadyExistsError, UsageError
+from kmsfs.hsm import softhsm
+from kmsfs.hsm.pins import PinSource
+from kmsfs.model import contexts
+from kmsfs.model.records import OperatorRecord, check_name
+from kmsfs.service import operator_keys
+from kmsfs.service.context import Context, utc_now
+
+TOKEN_LABEL_PREFIX = "op-"
+TOKEN_LABEL_MAX = 32
+
+
+def _token_label(name: str) -> str:
+    label = TOKEN_LABEL_PREFIX + name
+    if len(label) > TOKEN_LABEL_MAX:
+        raise UsageError(f"operator name {name!r} is too long for a token label (max 29)")
+    return label
+
+
+def create_operator(
+    ctx: Context, name: str, secret: PinSource, protection: str = "token"
+) -> OperatorRecord:
+    """Create operator ``name`` whose key only ``secret`` unlocks (a token PIN or a passphrase)."""
+    check_name(name, "operator")
+    if name in ctx.store.operator_names():
+        raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
+    ctx.private.ensure()
+    value = secret.read()
+    if protection == "token":
+        if not ctx.private.softhsm_conf.exists():
+            softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
+        location = softhsm.create_token(ctx.private.softhsm_conf, _token_label(name), value)
+        key = operator_keys.token_generate(location, value)
+        ctx.private.save_access("operator", name, location, None)
+    elif protection == "passphrase":
+        if len(value) < 8:
+            raise UsageError("a passphrase needs at least 8 characters")
+        key = operator_keys.keyfile_generate(ctx.private.operator_key_file(name), name, value)
+    else:
+        raise UsageError(f"unknown protection {protection!r} (token or passphrase)")
+    record = OperatorRecord(name=name, key=key, protection=protection, created=utc_now())
+    record = replace(
+        record,
+        signature=sign_as(ctx, record, value, contexts.OPERATOR_RECORD, record.signed_bytes()),
+    )
+    record.verify_self_signature()
+    ctx.store.save_operator(record)
+    return record
+
+
+def sign_as(
+    ctx: Context, record: OperatorRecord, secret: str, context: bytes, payload: bytes
+) -> bytes:
+    """Sign ``context || payload`` with the operator's private key, unlocked by ``secret``."""
+    message = contexts.message(context, payload)
+    if record.protection == "token":
+        location, _ = ctx.private.access("operator", record.name)
+        return operator_keys.token_sign(location, secret, message)
+    return operator_keys.keyfile_sign(
+        ctx.private.operator_key_file(record.name), record.name, secret, message
+    )
+
+
+def list_operators(ctx: Context) -> list[OperatorRecord]:
+    return [ctx.store.operator(name) for name in ctx.store.operator_names()]

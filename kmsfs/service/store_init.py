@@ -1,0 +1,44 @@
+"""``init``: a new store with its embedded HSMs and the genesis Trust.
+
+All or nothing: if anything fails, what was created is removed again, so a failed init leaves
+the directory as it was (missing, or empty).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from kmsfs.errors import StoreError, UsageError
+from kmsfs.model.trust import SealedTrust
+from kmsfs.service import hsms, trusts
+from kmsfs.service.context import Context
+
+MAX_INITIAL_HSMS = 16
+
+
+def init_store(root: Path, hsm_count: int = 2) -> SealedTrust:
+    if not 1 <= hsm_count <= MAX_INITIAL_HSMS:
+        raise UsageError(f"--hsms must be between 1 and {MAX_INITIAL_HSMS}")
+    root = Path(root)
+    existed = root.exists()
+    if existed and (not root.is_dir() or any(root.iterdir())):
+        if (root / "store.json").exists():
+            raise StoreError(f"{root} is a kmsfs store already")
+        raise StoreError(f"{root} exists and is not an empty directory")
+    ctx = Context.at(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
+        records = [hsms.create_hsm(ctx) for _ in range(hsm_count)]
+        genesis = trusts.genesis(ctx, records)
+        ctx.store.write_config(genesis.id)  # last: a store without it is not a store
+        return genesis
+    except BaseException:
+        if existed:
+            for child in root.iterdir():
+                shutil.rmtree(
+                    child
+                ) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        raise

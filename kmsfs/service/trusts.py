@@ -1,0 +1,216 @@
+"""Trust actions: propose, approve (operator signature), seal (HSM signature), verify.
+
+Sealing is where the policy is enforced: an HSM of the Trust signs only after this code has
+re-verified the whole chain to the pinned root and counted ``quorum`` valid approvals of the
+Trust's own operators and, for a successor, ``quorum`` of the predecessor's.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kmsfs.errors import ChainError, IntegrityError, NotFoundError, UsageError
+from kmsfs.hsm.pins import PinSource
+from kmsfs.model import contexts
+from kmsfs.model.records import HsmRecord
+from kmsfs.model.trust import Member, QuorumResult, SealedTrust, Signature, Trust, quorum_result
+from kmsfs.model.verify import verify_approvals, verify_chain, verify_hsm_seal, verify_trust
+from kmsfs.service import hsms, operators
+from kmsfs.service.context import Context, open_hsm, utc_now
+
+
+def resolve_trust(ctx: Context, ref: str) -> str:
+    return ctx.store.resolve("trust", ref, ctx.store.trust_ids())
+
+
+def valid_seal(ctx: Context, trust: Trust) -> Signature | None:
+    """The first stored seal that is a valid signature by an HSM of the Trust, if any."""
+    for seal in ctx.store.signatures("seal", trust.id):
+        try:
+            verify_hsm_seal(trust, seal, contexts.HSM_SEALS_TRUST, trust.signed_bytes(), "trust")
+        except IntegrityError:
+            continue
+        return seal
+    return None
+
+
+def sealed_trust(ctx: Context, trust_id: str) -> SealedTrust:
+    trust = ctx.store.trust(trust_id)
+    seal = valid_seal(ctx, trust)
+    if seal is None:
+        raise ChainError(f"trust {trust_id[:12]} is not sealed")
+    return SealedTrust(trust, tuple(ctx.store.signatures("approval", trust_id)), seal)
+
+
+def chain_to(ctx: Context, trust_id: str) -> list[SealedTrust]:
+    """The sealed Trusts from the root to ``trust_id`` (unverified: pass to verify_chain)."""
+    chain: list[SealedTrust] = []
+    seen: set[str] = set()
+    current: str | None = trust_id
+    while current is not None:
+        if current in seen:
+            raise ChainError(f"trust {current[:12]}: the chain loops")
+        seen.add(current)
+        try:
+            link = sealed_trust(ctx, current)
+        except NotFoundError:
+            raise ChainError(f"trust {current[:12]} is missing from {ctx.store.root}") from None
+        chain.append(link)
+        current = link.trust.predecessor
+    return list(reversed(chain))
+
+
+def verified_chain(ctx: Context, trust_id: str) -> list[SealedTrust]:
+    chain = chain_to(ctx, trust_id)
+    verify_chain(chain, ctx.store.pinned_root())
+    return chain
+
+
+def propose(
+    ctx: Context,
+    hsm_refs: Sequence[str],
+    operator_names: Sequence[str],
+    quorum: int,
+    predecessor_ref: str | None = None,
+) -> Trust:
+    """Write a Trust proposal; it is inert until approved and sealed."""
+    if not hsm_refs:
+        raise UsageError("a trust needs at least one --hsm")
+    if not operator_names:
+        raise UsageError("a trust needs at least one --operator (only the genesis has none)")
+    if len(set(operator_names)) != len(operator_names):
+        raise UsageError("an --operator is given twice")
+    if not 1 <= quorum <= len(operator_names):
+        raise UsageError(
+            f"--quorum must be between 1 and {len(operator_names)} (the operator count)"
+        )
+    records = [hsms.resolve_hsm(ctx, ref) for ref in hsm_refs]
+    members = tuple(Member(r.name, r.key) for r in (ctx.store.operator(n) for n in operator_names))
+    # Every Trust but the genesis has a predecessor; by default the store's pinned root.
+    predecessor = (
+        resolve_trust(ctx, predecessor_ref) if predecessor_ref else ctx.store.pinned_root()
+    )
+    serial = verified_chain(ctx, predecessor)[-1].trust.serial + 1
+    trust = Trust(serial, predecessor, tuple(records), members, quorum, utc_now())
+    ctx.store.save_trust(trust)
+    return trust
+
+
+def approve(ctx: Context, trust_ref: str, operator_name: str, secret: PinSource) -> Signature:
+    """Operator ``operator_name`` signs the Trust; only members of it or its predecessor may."""
+    trust = ctx.store.trust(resolve_trust(ctx, trust_ref))
+    record = ctx.store.operator(operator_name)
+    groups = [trust.operators]
+    if trust.predecessor is not None:
+        groups.append(ctx.store.trust(trust.predecessor).operators)
+    if not any(m.key == record.key for group in groups for m in group):
+        raise UsageError(
+            f"operator {operator_name} is not in trust {trust.id[:12]} or its predecessor"
+        )
+    value = operators.sign_as(
+        ctx, record, secret.read(), contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes()
+    )
+    approval = Signature(trust.id, record.key.key_id, value)
+    ctx.store.save_signature("approval", approval)
+    return approval
+
+
+@dataclass(frozen=True)
+class TrustStatus:
+    trust: Trust
+    own: QuorumResult
+    predecessor: QuorumResult | None
+    sealed_by: str | None
+
+    @property
+    def ready(self) -> bool:
+        return self.own.met and (self.predecessor is None or self.predecessor.met)
+
+    def to_dict(self) -> dict[str, Any]:
+        def result(r: QuorumResult | None) -> dict[str, Any] | None:
+            if r is None:
+                return None
+            return {
+                "threshold": r.threshold,
+                "signed": sorted(r.signed),
+                "unsigned": sorted(r.unsigned),
+            }
+
+        t = self.trust
+        return {
+            "id": t.id,
+            "serial": t.serial,
+            "predecessor": t.predecessor,
+            "hsms": [{"id": h.id, "label": h.label} for h in t.hsms],
+            "operators": [m.name for m in t.operators],
+            "quorum": t.quorum,
+            "tolerates": t.tolerance(),
+            "created": t.created,
+            "approvals": result(self.own),
+            "predecessor_approvals": result(self.predecessor),
+            "sealed_by": self.sealed_by,
+        }
+
+
+def status(ctx: Context, trust_id: str) -> TrustStatus:
+    trust = ctx.store.trust(trust_id)
+    approvals = ctx.store.signatures("approval", trust.id)
+    own = quorum_result(trust, approvals, trust.operators, trust.quorum)
+    before = None
+    if trust.predecessor is not None:
+        old = ctx.store.trust(trust.predecessor)
+        before = quorum_result(trust, approvals, old.operators, old.quorum)
+    seal = valid_seal(ctx, trust)
+    sealed_by = trust.hsm(seal.key_id).label if seal else None  # type: ignore[union-attr]
+    return TrustStatus(trust, own, before, sealed_by)
+
+
+def list_status(ctx: Context) -> list[TrustStatus]:
+    return sorted(
+        (status(ctx, i) for i in ctx.store.trust_ids()),
+        key=lambda s: (s.trust.serial, s.trust.created, s.trust.id),
+    )
+
+
+def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrust:
+    """Have an HSM of the Trust seal it, after checking the chain and both quorums."""
+    trust_id = resolve_trust(ctx, trust_ref)
+    trust = ctx.store.trust(trust_id)
+    chain: list[SealedTrust] = []
+    if trust.predecessor is not None:
+        chain = verified_chain(ctx, trust.predecessor)
+    approvals = tuple(ctx.store.signatures("approval", trust_id))
+    candidates: list[HsmRecord] = list(trust.hsms)
+    if hsm_ref is not None:
+        chosen = hsms.resolve_hsm(ctx, hsm_ref)
+        if trust.hsm(chosen.id) is None:
+            raise UsageError(
+                f"HSM {chosen.label} is not in trust {trust_id[:12]}: it cannot seal it"
+            )
+        candidates = [chosen]
+    predecessor = chain[-1] if chain else None
+    verify_approvals(trust, approvals, predecessor)  # before any HSM signs anything
+    with open_hsm(ctx, candidates) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+        seal_sig = Signature(trust_id, hsm.record.id, value)
+    sealed = SealedTrust(trust, approvals, seal_sig)
+    verify_trust(sealed, predecessor)
+    ctx.store.save_signature("seal", seal_sig)
+    return sealed
+
+
+def verify(ctx: Context, trust_ref: str) -> list[SealedTrust]:
+    """Verify the Trust and every predecessor back to the pinned root."""
+    return verified_chain(ctx, resolve_trust(ctx, trust_ref))
+
+
+def genesis(ctx: Context, records: Sequence[HsmRecord]) -> SealedTrust:
+    """The root Trust: the HSMs that exist, no operators, quorum 0, sealed by one of them."""
+    trust = Trust(1, None, tuple(records), (), 0, utc_now())
+    ctx.store.save_trust(trust)
+    with open_hsm(ctx, records) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+    sealed = SealedTrust(trust, (), Signature(trust.id, hsm.record.id, value))
+    verify_trust(sealed, None)
+    ctx.store.save_signature("seal", sealed.seal)
+    return sealed

@@ -1,0 +1,221 @@
+"""The store: a directory of immutable, signed or content-addressed documents.
+
+Layout (docs/operators.md describes it for operators)::
+
+    STORE/store.json                          the store's identity: the pinned root Trust
+    STORE/hsms/<hsm-id>.json                  HSM records (self-signed)
+    STORE/operators/<name>.json               operator records (self-signed)
+    STORE/trusts/<trust-id>.json              Trust payloads (content-addressed)
+    STORE/approvals/<trust-id>/<key-id>.json  one operator approval each
+    STORE/seals/<trust-id>/<hsm-id>.json      HSM seals
+    STORE/domains/<domain-id>.json            sealed Domains (content-addressed)
+    STORE/private/                            secrets of this machine, mode 0700, never synced:
+                                              SoftHSM config, tokens, PINs, HSM access, key files
+
+Everything outside ``private/`` is public and verifiable; two copies merge by taking the union.
+A document that does not parse, does not match its name, or fails its self-signature is reported
+by path, never silently used.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, NotFoundError, StoreError
+from kmsfs.model import fields
+from kmsfs.model.canonical import canonical_bytes, parse_json
+from kmsfs.model.domain import SealedDomain
+from kmsfs.model.records import HsmRecord, OperatorRecord
+from kmsfs.model.trust import Signature, Trust
+from kmsfs.store import atomic
+
+STORE_FORMAT = 1
+MAX_DOCUMENT_BYTES = 4 << 20
+T = TypeVar("T")
+
+
+class Store:
+    """One store directory. Cheap to construct; every read re-reads and re-checks the disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "store.json"
+
+    @property
+    def private(self) -> Path:
+        return self.root / "private"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def pinned_root(self) -> str:
+        """The id of the root Trust this store pins (its genesis)."""
+        if not self.exists():
+            raise StoreError(
+                f"{self.root} is not a kmsfs store (no store.json); run kmsfs-admin init"
+            )
+        data = self._read(self.config_path, lambda raw: fields.obj(raw, "store"))
+        fields.type_and_format(data, "store", STORE_FORMAT)
+        fields.exact_keys(data, {"_type", "format", "root"}, "store")
+        return fields.hex_id(data["root"], "store.root")
+
+    def write_config(self, root_trust: str) -> None:
+        doc = {"_type": "store", "format": STORE_FORMAT, "root": root_trust}
+        atomic.write_new(self.config_path, canonical_bytes(doc) + b"\n")
+
+    # -- generic I/O ------------------------------------------------------------------------
+
+    def _read(self, path: Path, parse: Callable[[Any], T]) -> T:
+        """Read and parse one document; any problem is reported with the document's path."""
+        where = self._relative(path)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_DOCUMENT_BYTES + 1)
+        except FileNotFoundError:
+            raise NotFoundError(f"{where}: no such document") from None
+        except OSError as exc:
+            raise StoreError(f"{where}: {exc.strerror}") from exc
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise FormatError(f"{where}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+        try:
+            return parse(parse_json(data))
+        except KmsfsError as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def _write(self, path: Path, document: dict[str, Any]) -> bool:
+        return atomic.write_new(path, canonical_bytes(document) + b"\n")
+
+    @staticmethod
+    def _names(directory: Path, suffix: str = ".json") -> Iterator[str]:
+        try:
+            entries = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.endswith(suffix) and not entry.startswith("."):
+                yield entry[: -len(suffix)]
+
+    # -- HSMs and operators -----------------------------------------------------------------
+
+    def save_hsm(self, record: HsmRecord) -> None:
+        self._write(self.root / "hsms" / f"{record.id}.json", record.to_dict())
+
+    def hsm(self, hsm_id: str) -> HsmRecord:
+        path = self.root / "hsms" / f"{hsm_id}.json"
+
+        def parse(raw: Any) -> HsmRecord:
+            record = HsmRecord.from_dict(raw)
+            if record.id != hsm_id:
+                raise IntegrityError("content does not match its name")
+            return record
+
+        return self._read(path, parse)
+
+    def hsm_ids(self) -> list[str]:
+        return list(self._names(self.root / "hsms"))
+
+    def save_operator(self, record: OperatorRecord) -> None:
+        self._write(self.root / "operators" / f"{record.name}.json", record.to_dict())
+
+    def operator(self, name: str) -> OperatorRecord:
+        path = self.root / "operators" / f"{name}.json"
+
+        def parse(raw: Any) -> OperatorRecord:
+            record = OperatorRecord.from_dict(raw)
+            if record.name != name:
+                raise IntegrityError("content does not match its name")
+            return record
+
+        try:
+            return self._read(path, parse)
+        except NotFoundError:
+            raise NotFoundError(f"no operator named {name!r} in {self.root}") from None
+
+    def operator_names(self) -> list[str]:
+        return list(self._names(self.root / "operators"))
+
+    # -- Trusts ----------------------------------------------------------------------------
+
+    def save_trust(self, trust: Trust) -> None:
+        self._write(self.root / "trusts" / f"{trust.id}.json", trust.payload())
+
+    def trust(self, trust_id: str) -> Trust:
+        path = self.root / "trusts" / f"{trust_id}.json"
+
+        def parse(raw: Any) -> Trust:
+            trust = Trust.from_dict(raw)
+            if trust.id != trust_id:
+                raise IntegrityError("content does not match its name (changed after proposal?)")
+            return trust
+
+        return self._read(path, parse)
+
+    def trust_ids(self) -> list[str]:
+        return list(self._names(self.root / "trusts"))
+
+    def save_signature(self, kind: str, signature: Signature) -> bool:
+        folder = {"approval": "approvals", "seal": "seals"}[kind]
+        path = self.root / folder / signature.subject / f"{signature.key_id}.json"
+        return self._write(path, signature.to_dict(kind))
+
+    def signatures(self, kind: str, subject: str) -> list[Signature]:
+        """Every approval or seal stored for ``subject``; a damaged one is an error, by path."""
+        folder = self.root / {"approval": "approvals", "seal": "seals"}[kind] / subject
+        result = []
+        for key_id in self._names(folder):
+
+            def parse(raw: Any, key_id: str = key_id) -> Signature:
+                signature = Signature.from_dict(raw, kind)
+                if signature.key_id != key_id or signature.subject != subject:
+                    raise IntegrityError("content does not match its name")
+                return signature
+
+            result.append(self._read(folder / f"{key_id}.json", parse))
+        return result
+
+    # -- Domains ---------------------------------------------------------------------------
+
+    def save_domain(self, sealed: SealedDomain) -> None:
+        self._write(self.root / "domains" / f"{sealed.id}.json", sealed.to_dict())
+
+    def domain(self, domain_id: str) -> SealedDomain:
+        path = self.root / "domains" / f"{domain_id}.json"
+
+        def parse(raw: Any) -> SealedDomain:
+            sealed = SealedDomain.from_dict(raw)
+            if sealed.id != domain_id:
+                raise IntegrityError("content does not match its name")
+            return sealed
+
+        return self._read(path, parse)
+
+    def domain_ids(self) -> list[str]:
+        return list(self._names(self.root / "domains"))
+
+    # -- prefixes --------------------------------------------------------------------------
+
+    def resolve(self, kind: str, ref: str, ids: list[str]) -> str:
+        """Expand a unique prefix (at least 4 hex digits) of an id, as git does."""
+        ref = ref.strip().lower()
+        if len(ref) < 4:
+            raise NotFoundError(f"{kind} id {ref!r}: give at least 4 hex digits")
+        matches = [i for i in ids if i.startswith(ref)]
+        if not matches:
+            raise NotFoundError(f"no {kind} {ref!r} in {self.root}")
+        if len(matches) > 1:
+            raise NotFoundError(
+                f"{kind} {ref!r} is ambiguous ({len(matches)} match); give more digits"
+            )
+        return matches[0]

@@ -1,0 +1,249 @@
+"""Name encryption, directory IVs and long names (kmsfs/crypto/names.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
+from kmsfs.crypto.names import (
+    DIRIV_NAME,
+    DIRIV_SIZE,
+    LONGNAME_PREFIX,
+    LONGNAME_SUFFIX,
+    LONGNAME_THRESHOLD,
+    MAX_NAME_BYTES,
+    NAMES_KEY_INFO,
+    DiskName,
+    NameCipher,
+    is_internal,
+    is_longname,
+    is_sidecar,
+    is_valid_name,
+    new_dir_iv,
+    parse_dir_iv,
+)
+from kmsfs.errors import FormatError, IntegrityError
+
+VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "crypto_v1.json").read_text())
+QUICK = settings(database=None, deadline=None, max_examples=60)
+SECRET = bytes(range(100, 132))
+NAMES = NameCipher(SECRET)
+DIR_A, DIR_B = new_dir_iv(), new_dir_iv()
+
+valid_names = st.binary(min_size=1, max_size=MAX_NAME_BYTES).filter(is_valid_name)
+
+
+def no_sidecar() -> str:
+    raise AssertionError("read_sidecar must not be called for a short name")
+
+
+def disk_round_trip(dir_iv: bytes, name: bytes) -> bytes:
+    disk = NAMES.encrypt_to_disk(dir_iv, name)
+    reader = no_sidecar if disk.long_content is None else lambda: disk.long_content
+    return NAMES.decrypt_from_disk(dir_iv, disk.name, reader)
+
+
+def test_constants() -> None:
+    assert (DIRIV_NAME, DIRIV_SIZE, MAX_NAME_BYTES) == ("kmsfs.diriv", 16, 255)
+    assert NAMES_KEY_INFO == b"kmsfs/v1/names"
+    assert len(LONGNAME_PREFIX) + 43 + len(LONGNAME_SUFFIX) <= 255
+
+
+@QUICK
+@given(name=valid_names)
+def test_round_trip(name: bytes) -> None:
+    assert NAMES.decrypt(DIR_A, NAMES.encrypt(DIR_A, name)) == name
+    assert disk_round_trip(DIR_A, name) == name
+
+
+@QUICK
+@given(name=valid_names)
+def test_disk_names_are_short_enough_and_never_internal(name: bytes) -> None:
+    disk = NAMES.encrypt_to_disk(DIR_A, name)
+    assert len(disk.name.encode()) <= LONGNAME_THRESHOLD
+    assert not is_internal(disk.name)
+    if disk.sidecar is not None:
+        assert is_sidecar(disk.sidecar) and is_internal(disk.sidecar)
+        assert len(disk.sidecar) <= 255
+
+
+def test_deterministic_within_a_directory() -> None:
+    assert NAMES.encrypt(DIR_A, b"file.txt") == NAMES.encrypt(DIR_A, b"file.txt")
+    assert NameCipher(SECRET).encrypt_to_disk(DIR_A, b"x" * 200) == NAMES.encrypt_to_disk(
+        DIR_A, b"x" * 200
+    )
+
+
+def test_same_name_differs_between_directories() -> None:
+    assert NAMES.encrypt(DIR_A, b"file.txt") != NAMES.encrypt(DIR_B, b"file.txt")
+    assert NAMES.encrypt_to_disk(DIR_A, b"L" * 255) != NAMES.encrypt_to_disk(DIR_B, b"L" * 255)
+
+
+def test_different_names_and_keys_differ() -> None:
+    assert NAMES.encrypt(DIR_A, b"a") != NAMES.encrypt(DIR_A, b"b")
+    assert NameCipher(bytes(32)).encrypt(DIR_A, b"a") != NAMES.encrypt(DIR_A, b"a")
+
+
+def test_name_moved_to_another_directory_does_not_decrypt() -> None:
+    encoded = NAMES.encrypt(DIR_A, b"secret-plans.odt")
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        NAMES.decrypt(DIR_B, encoded)
+    long = NAMES.encrypt_to_disk(DIR_A, b"p" * 255)
+    with pytest.raises(IntegrityError):
+        NAMES.decrypt_from_disk(DIR_B, long.name, lambda: long.long_content)
+
+
+def test_name_of_another_volume_does_not_decrypt() -> None:
+    with pytest.raises(IntegrityError):
+        NameCipher(bytes(32)).decrypt(DIR_A, NAMES.encrypt(DIR_A, b"a"))
+
+
+@QUICK
+@given(name=st.binary(min_size=1, max_size=40).filter(is_valid_name), data=st.data())
+def test_any_tampered_character_is_detected(name: bytes, data: st.DataObject) -> None:
+    encoded = NAMES.encrypt(DIR_A, name)
+    i = data.draw(st.integers(0, len(encoded) - 1))
+    replacement = data.draw(st.sampled_from("AgQw-_09z").filter(lambda ch: ch != encoded[i]))
+    tampered = encoded[:i] + replacement + encoded[i + 1 :]
+    with pytest.raises(IntegrityError):
+        NAMES.decrypt(DIR_A, tampered)
+
+
+@pytest.mark.parametrize(
+    "encoded", ["", "A", "AAAA", "not base64!", "abc=", "a.b", "ab+/", "kmsfs.diriv"]
+)
+def test_garbage_is_an_integrity_error(encoded: str) -> None:
+    with pytest.raises(IntegrityError):
+        NAMES.decrypt(DIR_A, encoded)
+
+
+def test_non_canonical_base64_is_rejected() -> None:
+    encoded = NAMES.encrypt(DIR_A, b"abc")  # 19 bytes: the last character carries 4 spare bits
+    data = b64url_decode(encoded)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(encoded[-1])
+    twin = encoded[:-1] + alphabet[last | 1]
+    assert twin != encoded
+    with pytest.raises(ValueError):
+        b64url_decode(twin)
+    with pytest.raises(IntegrityError, match="base64"):
+        NAMES.decrypt(DIR_A, twin)
+    with pytest.raises(IntegrityError):
+        NAMES.decrypt(DIR_A, encoded + "==")
+    assert b64url_encode(data) == encoded
+
+
+@pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\x00b", b"x" * 256])
+def test_invalid_names_are_refused(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        NAMES.encrypt(DIR_A, bad)
+
+
+@pytest.mark.parametrize("bad", [b".", b"..", b"a/b", b"a\x00b", b"x" * 256])
+def test_encrypted_invalid_names_are_integrity_errors(bad: bytes) -> None:
+    # Whoever holds the key could encrypt these; decrypt must still refuse to return them.
+    encoded = b64url_encode(NAMES._siv.encrypt(bad, [DIR_A]))
+    with pytest.raises(IntegrityError, match="invalid file name"):
+        NAMES.decrypt(DIR_A, encoded)
+
+
+def test_dir_iv_helpers() -> None:
+    assert len(new_dir_iv()) == DIRIV_SIZE and new_dir_iv() != new_dir_iv()
+    assert parse_dir_iv(DIR_A) == DIR_A
+    with pytest.raises(FormatError, match="want 16 bytes, have 15"):
+        parse_dir_iv(DIR_A[:15])
+    with pytest.raises(FormatError, match="all zero"):
+        parse_dir_iv(bytes(16))
+    with pytest.raises(FormatError):
+        NAMES.encrypt(b"short", b"a")
+    with pytest.raises(FormatError):
+        NAMES.decrypt(b"short", "AAAA")
+
+
+def test_bad_secret_length_is_refused() -> None:
+    with pytest.raises(ValueError):
+        NameCipher(bytes(64))
+
+
+# Long names
+
+
+def test_threshold_boundary() -> None:
+    short = NAMES.encrypt_to_disk(DIR_A, b"n" * 115)
+    assert short.long_content is None and len(short.name) == LONGNAME_THRESHOLD
+    assert short.sidecar is None
+    long = NAMES.encrypt_to_disk(DIR_A, b"n" * 116)
+    assert long.long_content is not None and len(long.long_content) == LONGNAME_THRESHOLD + 1
+
+
+def test_255_byte_name_round_trips_through_a_long_name() -> None:
+    name = "é".encode() * 127 + b"z"
+    assert len(name) == 255
+    disk = NAMES.encrypt_to_disk(DIR_A, name)
+    assert is_longname(disk.name) and not is_sidecar(disk.name)
+    assert disk.name == LONGNAME_PREFIX + sha256_b64url(disk.long_content)
+    assert len(disk.name.encode()) <= 255 and len(disk.sidecar.encode()) <= 255
+    assert disk.sidecar == disk.name + LONGNAME_SUFFIX
+    assert disk_round_trip(DIR_A, name) == name
+
+
+def test_sidecar_that_does_not_match_its_hash_is_rejected() -> None:
+    a = NAMES.encrypt_to_disk(DIR_A, b"a" * 200)
+    b = NAMES.encrypt_to_disk(DIR_A, b"b" * 200)
+    for wrong in [b.long_content, a.long_content + "A", a.long_content[:-1], "", "é" * 200]:
+        with pytest.raises(IntegrityError, match="sidecar does not match"):
+            NAMES.decrypt_from_disk(DIR_A, a.name, lambda w=wrong: w)
+
+
+def test_short_name_dressed_as_long_name_is_rejected() -> None:
+    # A valid short encoding behind a long-name entry would list one name twice.
+    encoded = NAMES.encrypt(DIR_A, b"short")
+    disk_name = LONGNAME_PREFIX + sha256_b64url(encoded)
+    with pytest.raises(IntegrityError, match="holds a short name"):
+        NAMES.decrypt_from_disk(DIR_A, disk_name, lambda: encoded)
+
+
+def test_long_encoding_stored_as_short_entry_is_rejected() -> None:
+    disk = NAMES.encrypt_to_disk(DIR_A, b"q" * 200)
+    with pytest.raises(IntegrityError, match="too long"):
+        NAMES.decrypt_from_disk(DIR_A, disk.long_content, no_sidecar)
+
+
+def test_sidecar_read_errors_propagate() -> None:
+    disk = NAMES.encrypt_to_disk(DIR_A, b"q" * 200)
+
+    def missing() -> str:
+        raise FileNotFoundError(disk.sidecar)
+
+    with pytest.raises(FileNotFoundError):
+        NAMES.decrypt_from_disk(DIR_A, disk.name, missing)
+
+
+def test_classification_of_disk_names() -> None:
+    h = "A" * 43
+    assert is_longname(LONGNAME_PREFIX + h)
+    assert not is_longname(LONGNAME_PREFIX + h + LONGNAME_SUFFIX)
+    assert not is_longname(LONGNAME_PREFIX + h[:-1])
+    assert is_sidecar(LONGNAME_PREFIX + h + LONGNAME_SUFFIX)
+    assert not is_sidecar(LONGNAME_PREFIX + "x" + LONGNAME_SUFFIX)
+    assert is_internal(DIRIV_NAME)
+    assert is_internal(LONGNAME_PREFIX + h + LONGNAME_SUFFIX)
+    assert is_internal("kmsfs.conf") and is_internal("kmsfs.tmp.123")
+    assert not is_internal(LONGNAME_PREFIX + h)
+    assert not is_internal(NAMES.encrypt(DIR_A, b"kmsfs.diriv"))
+
+
+def test_known_answer_vectors() -> None:
+    v = VECTORS["names"]
+    names = NameCipher(bytes.fromhex(v["names_secret"]))
+    dir_iv = bytes.fromhex(v["dir_iv"])
+    for case in v["names"]:
+        name = bytes.fromhex(case["name"])
+        assert names.encrypt(dir_iv, name) == case["encoded"]
+        assert names.encrypt_to_disk(dir_iv, name) == DiskName(case["disk"], case["long_content"])
+        assert names.decrypt_from_disk(dir_iv, case["disk"], lambda c=case: c["long_content"]) == (
+            name
+        )
