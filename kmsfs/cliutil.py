@@ -25,6 +25,10 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except KmsfsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exitcodes.for_error(exc)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return exitcodes.ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED

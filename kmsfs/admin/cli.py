@@ -19,7 +19,7 @@ from kmsfs.service.context import Context, default_store_path
 PROG = "kmsfs-admin"
 
 EXAMPLES = """\
-a key ceremony, from nothing to a Domain:
+example, a key ceremony from nothing to a Domain:
   kmsfs-admin --store /srv/kms init --hsms 2
   kmsfs-admin --store /srv/kms operator create alice --pin-file alice.pin
   kmsfs-admin --store /srv/kms operator create bob --pin-file bob.pin

@@ -2,7 +2,7 @@
 
 Both are self-signed (the record's own signing key signs it), which proves that whoever wrote
 the record holds the private key, and binds an HSM's wrapping key to its signing key. A record
-is identified by the SHA-256 of its canonical payload.
+is identified by the SHA-256 of its public keys (an HSM) or by its name (an operator).
 
 Layout of either file::
 
@@ -64,7 +64,9 @@ class HsmRecord:
 
     @property
     def id(self) -> str:
-        return digest(self.payload())
+        """SHA-256 over the two public keys only: the same token is the same HSM, whatever its
+        label or enrolment time."""
+        return digest({"wrap_key": self.wrap_key.to_dict(), "sign_key": self.sign_key.to_dict()})
 
     def verify_self_signature(self) -> None:
         self.sign_key.verify(

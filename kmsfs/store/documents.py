@@ -103,6 +103,8 @@ class Store:
             entries = sorted(os.listdir(directory))
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise StoreError(f"{directory}: {exc.strerror}") from exc
         for entry in entries:
             if entry.endswith(suffix) and not entry.startswith("."):
                 yield entry[: -len(suffix)]

@@ -1,0 +1,411 @@
+"""Every kmsfs-admin command through the real CLI, with real SoftHSM2 tokens, and its errors.
+
+The error contract (DESIGN.md §2.6): one line on stderr, a stable non-zero exit code, and
+nothing changed on disk.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from kmsfs import exitcodes
+from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+
+def test_init_creates_store_hsms_and_sealed_genesis(admin: Admin) -> None:
+    genesis = admin("init", "--hsms", "2").last_line
+    hsms = admin("--json", "hsm", "list").json
+    assert [h["label"] for h in hsms] == ["hsm1", "hsm2"]
+    assert all(len(h["id"]) == 64 for h in hsms)
+    assert {h["sign"] for h in hsms} == {"ed25519"}  # probed: SoftHSM 2.6 does CKM_EDDSA
+    assert {h["wrap"] for h in hsms} <= {"rsa-oaep-sha1", "rsa-oaep-sha256"}
+    shown = admin("--json", "trust", "show", genesis).json
+    assert (
+        shown["quorum"] == 0 and shown["operators"] == [] and shown["sealed_by"] in ("hsm1", "hsm2")
+    )
+    admin("trust", "verify", genesis)
+    assert json.loads((admin.store / "store.json").read_text())["root"] == genesis
+
+
+def test_secrets_stay_private_and_out_of_documents(initialized: Admin) -> None:
+    private = initialized.store / "private"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    pins = list((private / "pins").iterdir())
+    assert len(pins) == 2
+    for pin in pins:
+        assert stat.S_IMODE(pin.stat().st_mode) == 0o600
+        secret = pin.read_text().strip().encode()
+        for path in initialized.store.rglob("*"):
+            if path.is_file() and private not in path.parents:
+                assert secret not in path.read_bytes(), f"a PIN leaked into {path}"
+
+
+def test_init_refuses_an_existing_store_and_changes_nothing(initialized: Admin) -> None:
+    before = tree_snapshot(initialized.store)
+    result = initialized("init", check=exitcodes.STORE)
+    assert "already" in one_error_line(result)
+    assert tree_snapshot(initialized.store) == before
+
+
+def test_init_refuses_a_non_empty_directory(admin: Admin) -> None:
+    admin.store.mkdir()
+    (admin.store / "precious.txt").write_text("keep me")
+    result = admin("init", check=exitcodes.STORE)
+    assert "not an empty directory" in one_error_line(result)
+    assert tree_snapshot(admin.store) == {"precious.txt": b"keep me"}
+
+
+@pytest.mark.parametrize("count", ["0", "17", "x"])
+def test_init_rejects_bad_hsm_counts_without_creating_anything(admin: Admin, count: str) -> None:
+    result = admin("init", "--hsms", count, check=exitcodes.USAGE)
+    assert "error" in result.stderr
+    assert not admin.store.exists()
+
+
+def test_hsm_create_adds_a_token_with_its_own_keys(initialized: Admin) -> None:
+    created = initialized("--json", "hsm", "create", "--label", "vault3").json
+    assert created["label"] == "vault3"
+    assert len(initialized("--json", "hsm", "list").json) == 3
+    result = initialized("hsm", "create", "--label", "vault3", check=exitcodes.STORE)
+    assert "already exists" in one_error_line(result)
+
+
+def _softhsm_token(admin: Admin, label: str, pin: str) -> None:
+    """An existing token made outside kmsfs, as an administrator would with softhsm2-util."""
+    env = dict(os.environ, SOFTHSM2_CONF=str(admin.store / "private" / "softhsm2.conf"))
+    subprocess.run(
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            pin,
+            "--so-pin",
+            "so-123456",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_hsm_enroll_probes_an_existing_pkcs11_token(initialized: Admin) -> None:
+    _softhsm_token(initialized, "external", "ext-pin-4242")
+    pin_file = initialized.pin_file("external", "ext-pin-4242")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    enrolled = initialized(
+        "--json", "hsm", "enroll", "--module", module, "--token", "external", "--pin-file", pin_file
+    ).json
+    assert enrolled["sign"] == "ed25519" and enrolled["wrap"].startswith("rsa-oaep-")
+    assert enrolled["id"] in [h["id"] for h in initialized("--json", "hsm", "list").json]
+    again = initialized(
+        "hsm",
+        "enroll",
+        "--module",
+        module,
+        "--token",
+        "external",
+        "--pin-file",
+        pin_file,
+        check=exitcodes.STORE,
+    )
+    assert "already" in one_error_line(again)
+
+
+def test_hsm_enroll_errors_change_nothing(initialized: Admin) -> None:
+    _softhsm_token(initialized, "external", "right-pin-1")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    before = tree_snapshot(initialized.store / "hsms")
+    wrong = initialized(
+        "hsm",
+        "enroll",
+        "--module",
+        module,
+        "--token",
+        "external",
+        "--pin-file",
+        initialized.pin_file("wrong", "wrong-pin-1"),
+        check=exitcodes.PIN,
+    )
+    assert "wrong PIN" in one_error_line(wrong)
+    absent = initialized(
+        "hsm",
+        "enroll",
+        "--module",
+        module,
+        "--token",
+        "nosuch",
+        "--pin-file",
+        initialized.pin_file("wrong"),
+        check=exitcodes.HSM,
+    )
+    assert "not present" in one_error_line(absent)
+    nomodule = initialized(
+        "hsm",
+        "enroll",
+        "--module",
+        "/nonexistent/p11.so",
+        "--token",
+        "x",
+        "--pin-file",
+        initialized.pin_file("wrong"),
+        check=exitcodes.HSM,
+    )
+    assert "/nonexistent/p11.so" in one_error_line(nomodule)
+    assert tree_snapshot(initialized.store / "hsms") == before
+
+
+def test_operator_create_and_its_errors(initialized: Admin) -> None:
+    initialized.create_operators("alice")
+    listed = initialized("--json", "operator", "list").json
+    assert [(o["name"], o["protection"]) for o in listed] == [("alice", "token")]
+    dup = initialized(
+        "operator",
+        "create",
+        "alice",
+        "--pin-file",
+        initialized.pin_file("alice"),
+        check=exitcodes.STORE,
+    )
+    assert "already exists" in one_error_line(dup)
+    bad = initialized(
+        "operator",
+        "create",
+        "../evil",
+        "--pin-file",
+        initialized.pin_file("x"),
+        check=exitcodes.FORMAT,
+    )
+    assert "operator name" in one_error_line(bad)
+    empty = initialized.pins / "empty.pin"
+    empty.write_text("")
+    no_pin = initialized("operator", "create", "bob", "--pin-file", str(empty), check=exitcodes.PIN)
+    assert "empty" in one_error_line(no_pin)
+    missing = initialized(
+        "operator", "create", "bob", "--pin-file", "/nonexistent/pin", check=exitcodes.PIN
+    )
+    assert "/nonexistent/pin" in one_error_line(missing)
+    assert [o["name"] for o in initialized("--json", "operator", "list").json] == ["alice"]
+
+
+def test_passphrase_operator_signs_only_with_its_passphrase(initialized: Admin) -> None:
+    phrase = initialized.pin_file("dora", "correct horse battery")
+    initialized("operator", "create", "dora", "--passphrase", "--pin-file", phrase)
+    key_file = initialized.store / "private" / "operator-keys" / "dora.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert b"correct horse" not in key_file.read_bytes()
+    trust = initialized.propose(["hsm1"], ["dora"], 1)
+    wrong = initialized(
+        "trust",
+        "sign",
+        trust,
+        "--as",
+        "dora",
+        "--pin-file",
+        initialized.pin_file("nope", "wrong horse battery"),
+        check=exitcodes.PIN,
+    )
+    assert "wrong passphrase" in one_error_line(wrong)
+    initialized("trust", "sign", trust, "--as", "dora", "--pin-file", phrase)
+    initialized("trust", "seal", trust)
+
+
+def test_trust_propose_rejects_bad_arguments(initialized: Admin) -> None:
+    initialized.create_operators("alice", "bob")
+    before = tree_snapshot(initialized.store / "trusts")
+    cases = [
+        (
+            ["--hsm", "hsm1", "--operator", "alice", "--quorum", "2"],
+            exitcodes.USAGE,
+            "between 1 and 1",
+        ),
+        (
+            ["--hsm", "hsm1", "--operator", "alice", "--quorum", "0"],
+            exitcodes.USAGE,
+            "between 1 and 1",
+        ),
+        (["--hsm", "nosuch", "--operator", "alice", "--quorum", "1"], exitcodes.STORE, "nosuch"),
+        (["--hsm", "hsm1", "--operator", "mallory", "--quorum", "1"], exitcodes.STORE, "mallory"),
+        (["--hsm", "hsm1", "--quorum", "1"], exitcodes.USAGE, "--operator"),
+        (["--operator", "alice", "--quorum", "1"], exitcodes.USAGE, "--hsm"),
+        (
+            ["--hsm", "hsm1", "--operator", "alice", "--operator", "alice", "--quorum", "1"],
+            exitcodes.USAGE,
+            "twice",
+        ),
+        (
+            ["--hsm", "hsm1", "--operator", "alice", "--quorum", "1", "--predecessor", "ffff"],
+            exitcodes.STORE,
+            "ffff",
+        ),
+    ]
+    for args, code, words in cases:
+        assert words in one_error_line(initialized("trust", "propose", *args, check=code))
+    assert tree_snapshot(initialized.store / "trusts") == before
+
+
+def test_trust_show_list_and_tolerance(initialized: Admin) -> None:
+    initialized.create_operators("alice", "bob", "carol")
+    trust = initialized.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    text = initialized("trust", "show", trust[:8]).stdout
+    assert "resists 1 dishonest signer(s) for forgery, 1 refusing for denial" in text
+    initialized.sign(trust, "alice")
+    shown = initialized("--json", "trust", "show", trust).json
+    assert shown["approvals"]["signed"] == ["alice"] and shown["tolerates"] == {
+        "forgery": 1,
+        "denial": 1,
+    }
+    assert [t["id"] for t in initialized("--json", "trust", "list", "--unsigned").json] == [trust]
+    assert [t["id"] for t in initialized("--json", "trust", "list", "--mine", "bob").json] == [
+        trust
+    ]
+    assert initialized("--json", "trust", "list", "--mine", "alice").json == []
+    initialized.sign(trust, "bob")
+    initialized("trust", "seal", trust, "--hsm", "hsm2")
+    assert trust in [t["id"] for t in initialized("--json", "trust", "list", "--signed").json]
+    assert initialized("--json", "trust", "show", trust).json["sealed_by"] == "hsm2"
+
+
+def test_seal_refuses_an_hsm_outside_the_trust(initialized: Admin) -> None:
+    initialized.create_operators("alice")
+    trust = initialized.propose(["hsm1"], ["alice"], 1)
+    initialized.sign(trust, "alice")
+    result = initialized("trust", "seal", trust, "--hsm", "hsm2", check=exitcodes.USAGE)
+    assert "not in trust" in one_error_line(result)
+    assert not (initialized.store / "seals" / trust).exists()
+
+
+def test_non_member_cannot_sign(initialized: Admin) -> None:
+    initialized.create_operators("alice", "mallory")
+    trust = initialized.propose(["hsm1"], ["alice"], 1)
+    result = initialized(
+        "trust",
+        "sign",
+        trust,
+        "--as",
+        "mallory",
+        "--pin-file",
+        initialized.pin_file("mallory"),
+        check=exitcodes.USAGE,
+    )
+    assert "not in trust" in one_error_line(result)
+    assert not (initialized.store / "approvals" / trust).exists()
+
+
+def test_domain_lifecycle_create_verify_export_rewrap(initialized: Admin) -> None:
+    initialized.create_operators("alice", "bob", "carol")
+    genesis = initialized("--json", "trust", "list").json[0]["id"]
+    refused = initialized("domain", "create", "early", "--trust", genesis, check=exitcodes.USAGE)
+    assert "genesis" in one_error_line(refused)
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    created = initialized("--json", "domain", "create", "payroll", "--trust", trust).json
+    assert created["generation"] == 1 and created["hsms"] == ["hsm1", "hsm2"]
+    dup = initialized("domain", "create", "payroll", "--trust", trust, check=exitcodes.USAGE)
+    assert "exists already" in one_error_line(dup)
+    assert [d["name"] for d in initialized("--json", "domain", "list").json] == ["payroll"]
+    initialized("domain", "verify", "payroll")
+    bundle = json.loads(initialized("domain", "export", "payroll").stdout)
+    assert bundle["_type"] == "domain-bundle" and len(bundle["chain"]) == 2
+
+    # Revoke hsm2 and add carol: a successor approved by the old quorum and its own.
+    successor = initialized.sealed_trust(
+        ["hsm1"], ["alice", "carol"], 2, signers=["alice", "bob", "carol"], predecessor=trust
+    )
+    rewrapped = initialized("--json", "domain", "rewrap", "payroll", "--trust", successor).json
+    assert rewrapped["generation"] == 2 and rewrapped["hsms"] == ["hsm1"]
+    assert rewrapped["trust"] == successor
+    new_bundle = json.loads(initialized("domain", "export", "payroll").stdout)
+    old_k = {w["hsm"]: w["data"] for w in bundle["domain"]["domain"]["k"]}
+    new_k = {w["hsm"]: w["data"] for w in new_bundle["domain"]["domain"]["k"]}
+    assert set(new_k) == {
+        h["id"] for h in initialized("--json", "hsm", "list").json if h["label"] == "hsm1"
+    }
+    assert new_k[next(iter(new_k))] != old_k[next(iter(new_k))], "rewrap must make a fresh k"
+    assert (
+        new_bundle["domain"]["domain"]["mk"] != bundle["domain"]["domain"]["mk"]
+    )  # rewrapped by new k
+
+
+def test_rewrap_refuses_a_trust_that_is_not_a_successor(initialized: Admin) -> None:
+    initialized.create_operators("alice", "bob")
+    first = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    sibling = initialized.sealed_trust(["hsm2"], ["bob"], 1)
+    initialized("domain", "create", "d1", "--trust", first)
+    before = tree_snapshot(initialized.store / "domains")
+    result = initialized("domain", "rewrap", "d1", "--trust", sibling, check=exitcodes.USAGE)
+    assert "not a successor" in one_error_line(result)
+    assert tree_snapshot(initialized.store / "domains") == before
+
+
+def test_a_damaged_document_is_reported_by_name(initialized: Admin) -> None:
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    path = initialized.store / "trusts" / f"{trust}.json"
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    result = initialized("trust", "verify", trust, check=exitcodes.FORMAT)
+    assert f"trusts/{trust}.json" in one_error_line(result)
+    path.write_bytes(original.replace(b'"quorum":1', b'"quorum":1 '))  # same meaning, other bytes
+    initialized("trust", "verify", trust)  # content-addressed: the parsed content still matches
+    hsm_doc = next((initialized.store / "hsms").iterdir())
+    hsm_doc.write_bytes(hsm_doc.read_bytes().replace(b'"label":"hsm', b'"label":"xsm'))
+    result = initialized("hsm", "list", check=exitcodes.VERIFICATION)
+    assert hsm_doc.name in one_error_line(result)
+
+
+def test_a_domain_of_another_store_is_refused(initialized: Admin, tmp_path: Path) -> None:
+    other = Admin(tmp_path / "other-store", initialized.pins)
+    other("init", "--hsms", "1")
+    other.create_operators("zed")
+    trust = other.sealed_trust(["hsm1"], ["zed"], 1)
+    other("domain", "create", "theirs", "--trust", trust)
+    (initialized.store / "domains").mkdir()
+    shutil.copy(next((other.store / "domains").iterdir()), initialized.store / "domains")
+    result = initialized("domain", "verify", "theirs", check=exitcodes.VERIFICATION)
+    assert "missing" in one_error_line(result) or "another store" in result.stderr
+
+
+def test_concurrent_signers_lose_nothing(initialized: Admin) -> None:
+    names = ["alice", "bob", "carol", "dave"]
+    initialized.create_operators(*names)
+    trust = initialized.propose(["hsm1"], names, 4)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: initialized.sign(trust, n), names))
+    assert initialized("--json", "trust", "show", trust).json["approvals"]["signed"] == names
+    initialized("trust", "seal", trust)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["init"],
+        ["hsm", "create"],
+        ["hsm", "enroll"],
+        ["hsm", "list"],
+        ["operator", "create"],
+        ["operator", "list"],
+        ["trust", "propose"],
+        ["trust", "list"],
+        ["trust", "show"],
+        ["trust", "sign"],
+        ["trust", "seal"],
+        ["trust", "verify"],
+        ["domain", "create"],
+        ["domain", "list"],
+        ["domain", "verify"],
+        ["domain", "rewrap"],
+        ["domain", "export"],
+    ],
+)
+def test_every_command_has_help_with_an_example(admin: Admin, command: list[str]) -> None:
+    result = admin(*command, "--help")
+    assert "example" in result.stdout.lower()

@@ -1,0 +1,95 @@
+"""Key custody (DESIGN.md §2.1) with real SoftHSM2 tokens, in process through the service API.
+
+``mk`` is generated, wrapped, unwrapped and used inside tokens: its value cannot be read, yet
+every HSM of the Trust derives the same keys, and an HSM outside the Trust cannot unwrap.
+"""
+
+import json
+
+import pytest
+from pkcs11 import exceptions as p11
+
+from kmsfs import api
+from kmsfs.errors import HsmUnavailableError
+from kmsfs.hsm import domainkeys, library
+from kmsfs.service import domains
+from kmsfs.service.context import Context
+from tests.kms_helpers import Admin
+
+INFO = b"kmsfs/v1/file-key\x00" + bytes(range(16))
+
+
+@pytest.fixture
+def domain(initialized: Admin) -> Admin:
+    initialized("hsm", "create", "--label", "hsm3")
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    initialized("domain", "create", "vault", "--trust", trust)
+    return initialized
+
+
+def _make_unreachable(admin: Admin, label: str) -> None:
+    """The HSM's token disappears (as when a device is unplugged)."""
+    ctx = Context.at(admin.store)
+    record = next(h for h in (ctx.store.hsm(i) for i in ctx.store.hsm_ids()) if h.label == label)
+    path = admin.store / "private" / "hsm-access" / f"{record.id}.json"
+    doc = json.loads(path.read_text())
+    doc["token_label"] = f"{label}-unplugged"
+    path.write_text(json.dumps(doc))
+
+
+def test_mk_value_cannot_be_read_from_the_token(domain: Admin) -> None:
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    with domains.open_keys(
+        Context.at(domain.store), domains.DomainBundle.from_bytes(bundle)
+    ) as keys:
+        assert keys.master_key_is_readable() is False
+        assert len(keys.derive(INFO)) == 32
+
+
+def test_every_hsm_of_the_trust_derives_the_same_keys(domain: Admin) -> None:
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    with api.open_domain(domain.store, bundle) as deriver:
+        assert deriver.hsm_label == "hsm1"  # type: ignore[attr-defined]
+        first = deriver.derive(INFO), deriver.derive(b"other")
+    _make_unreachable(domain, "hsm1")
+    with api.open_domain(domain.store, bundle) as deriver:
+        assert deriver.hsm_label == "hsm2"  # type: ignore[attr-defined]
+        second = deriver.derive(INFO), deriver.derive(b"other")
+    assert first == second
+    assert first[0] != first[1]
+
+
+def test_no_hsm_left_is_a_clear_error(domain: Admin) -> None:
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    _make_unreachable(domain, "hsm1")
+    _make_unreachable(domain, "hsm2")
+    with (
+        pytest.raises(HsmUnavailableError, match=r"hsm1: .*not present.*hsm2: .*not present"),
+        api.open_domain(domain.store, bundle),
+    ):
+        pass
+
+
+def test_an_hsm_outside_the_trust_cannot_unwrap(domain: Admin) -> None:
+    ctx = Context.at(domain.store)
+    verified = domains.current(ctx, "vault")
+    hsm3 = next(h for h in (ctx.store.hsm(i) for i in ctx.store.hsm_ids()) if h.label == "hsm3")
+    location, pin = ctx.private.access("hsm", hsm3.id)
+    assert pin is not None
+    dom = verified.sealed.domain
+    with library.session(location, pin.read()) as session:
+        for wrapped in dom.wrapped_k:  # try k as wrapped for each HSM of the trust
+            with pytest.raises(p11.PKCS11Error):
+                domainkeys.unwrap(session, wrapped.scheme, wrapped.data, dom.current_epoch.data)
+
+
+def test_describe_bundle_reports_verification(domain: Admin) -> None:
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    info = api.describe_bundle(domain.store, bundle)
+    assert info["verified"] is True and info["name"] == "vault"
+    assert [h["label"] for h in info["hsms"]] == ["hsm1", "hsm2"]
+    doc = json.loads(bundle)
+    doc["chain"][-1]["trust"]["created"] = "2000-01-01T00:00:00Z"  # well-formed, but not signed
+    info = api.describe_bundle(domain.store, json.dumps(doc).encode())
+    assert info["verified"] is False and "seal is for another trust" in info["problem"]

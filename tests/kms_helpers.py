@@ -1,0 +1,120 @@
+"""Driving the real ``kmsfs-admin`` in subprocesses against a store of the test's own.
+
+Every store keeps its own softhsm2.conf and token directory, so each test has its own tokens
+and nothing system-wide is touched.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ADMIN = [sys.executable, "-m", "kmsfs.admin.cli"]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    @property
+    def last_line(self) -> str:
+        return self.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Admin:
+    """``kmsfs-admin --store STORE ...`` as a subprocess; ``check`` asserts the exit code."""
+
+    store: Path
+    pins: Path
+
+    def __call__(
+        self, *args: str, check: int | None = 0, env: dict[str, str] | None = None
+    ) -> Result:
+        full_env = {
+            k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")
+        }
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [*ADMIN, "--store", str(self.store), *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=120,
+            check=False,
+        )
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check is not None:
+            assert proc.returncode == check, (
+                f"kmsfs-admin {' '.join(args)}: exit {proc.returncode}, want {check}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return result
+
+    def pin_file(self, name: str, secret: str | None = None) -> str:
+        path = self.pins / f"{name}.pin"
+        if not path.exists():
+            path.write_text((secret or f"pin-of-{name}-0123") + "\n")
+            path.chmod(0o600)
+        return str(path)
+
+    def create_operators(self, *names: str) -> None:
+        for name in names:
+            self("operator", "create", name, "--pin-file", self.pin_file(name))
+
+    def propose(
+        self, hsms: list[str], operators: list[str], quorum: int, predecessor: str | None = None
+    ) -> str:
+        args = ["trust", "propose", "--quorum", str(quorum)]
+        for h in hsms:
+            args += ["--hsm", h]
+        for o in operators:
+            args += ["--operator", o]
+        if predecessor:
+            args += ["--predecessor", predecessor]
+        return self(*args).last_line
+
+    def sign(self, trust: str, *names: str) -> None:
+        for name in names:
+            self("trust", "sign", trust, "--as", name, "--pin-file", self.pin_file(name))
+
+    def sealed_trust(
+        self,
+        hsms: list[str],
+        operators: list[str],
+        quorum: int,
+        signers: list[str] | None = None,
+        predecessor: str | None = None,
+    ) -> str:
+        trust = self.propose(hsms, operators, quorum, predecessor)
+        self.sign(trust, *(signers if signers is not None else operators[:quorum]))
+        self("trust", "seal", trust)
+        return trust
+
+
+def one_error_line(result: Result) -> str:
+    """The CLI's error contract: exactly one line on stderr, starting with the program name."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"want one stderr line, have {lines}"
+    assert lines[0].startswith("kmsfs-admin: error: "), lines[0]
+    return lines[0]
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: to prove that a failed command changed nothing."""
+    snapshot: dict[str, bytes] = {}
+    if not root.exists():
+        return snapshot
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        snapshot[rel] = path.read_bytes() if path.is_file() else b"<dir>"
+    return snapshot

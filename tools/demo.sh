@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The main job, non-interactive, on the embedded SoftHSM2 default:
+# a key ceremony (store, HSMs, operators, a quorum Trust, a Domain), then an encrypted mount.
+# Everything lives under $DEMO_DIR (default: a new temporary directory), nothing system-wide.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./tools/setup.sh >/dev/null
+export PATH="$PWD/.venv/bin:$PATH"
+
+DEMO_DIR="${DEMO_DIR:-$(mktemp -d /tmp/kmsfs-demo.XXXXXX)}"
+export KMSFS_STORE="$DEMO_DIR/store"
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "1. init: a store, two embedded HSMs (SoftHSM2 tokens) and the genesis trust"
+kmsfs-admin init --hsms 2
+kmsfs-admin hsm list
+
+step "2. three operators, each with a key in their own token, unlocked by their own PIN"
+for name in alice bob carol; do
+    ( umask 077; head -c 12 /dev/urandom | base64 > "$DEMO_DIR/$name.pin" )
+    kmsfs-admin operator create "$name" --pin-file "$DEMO_DIR/$name.pin"
+done
+
+step "3. propose a trust: both HSMs, the three operators, quorum 2"
+TRUST=$(kmsfs-admin trust propose --hsm hsm1 --hsm hsm2 \
+    --operator alice --operator bob --operator carol --quorum 2 | tail -n 1)
+kmsfs-admin trust show "$TRUST"
+
+step "4. one signature is not enough: sealing is refused"
+kmsfs-admin trust sign "$TRUST" --as alice --pin-file "$DEMO_DIR/alice.pin"
+if kmsfs-admin trust seal "$TRUST"; then echo "demo: sealed with 1 of 2?!" >&2; exit 1; fi
+
+step "5. a second operator signs; an HSM of the trust seals it; anyone can verify"
+kmsfs-admin trust sign "$TRUST" --as bob --pin-file "$DEMO_DIR/bob.pin"
+kmsfs-admin trust seal "$TRUST"
+kmsfs-admin trust verify "$TRUST"
+
+step "6. a domain: k and mk generated inside an HSM, k wrapped to both HSMs"
+kmsfs-admin domain create payroll --trust "$TRUST"
+kmsfs-admin domain verify payroll
+kmsfs-admin domain list
