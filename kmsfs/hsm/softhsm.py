@@ -83,3 +83,13 @@ def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
     with token.open(rw=True, so_pin=temp_so_pin) as session:
         session.set_pin(temp_so_pin, secrets.token_hex(32))
     return location
+
+
+def delete_token(conf_path: Path, label: str) -> None:
+    """Remove a token this process created, when the step that needed it failed."""
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        return
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf_path))
+    command = [util, "--delete-token", "--token", label]
+    subprocess.run(command, env=env, capture_output=True, check=False)

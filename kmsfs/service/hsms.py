@@ -59,8 +59,13 @@ def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
     _check_label_free(ctx, label)
     pin = secrets.token_hex(16)
     pin_file = ctx.private.write_pin(label, pin)
-    location = softhsm.create_token(ctx.private.softhsm_conf, label, pin)
-    return _provision(ctx, location, PinSource(file=str(pin_file)), label)
+    try:
+        location = softhsm.create_token(ctx.private.softhsm_conf, label, pin)
+        return _provision(ctx, location, PinSource(file=str(pin_file)), label)
+    except BaseException:
+        softhsm.delete_token(ctx.private.softhsm_conf, label)
+        pin_file.unlink(missing_ok=True)
+        raise
 
 
 def enroll_hsm(

@@ -33,8 +33,13 @@ def create_operator(
     if protection == "token":
         if not ctx.private.softhsm_conf.exists():
             softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
-        location = softhsm.create_token(ctx.private.softhsm_conf, _token_label(name), value)
-        key = operator_keys.token_generate(location, value)
+        label = _token_label(name)
+        location = softhsm.create_token(ctx.private.softhsm_conf, label, value)
+        try:
+            key = operator_keys.token_generate(location, value)
+        except BaseException:
+            softhsm.delete_token(ctx.private.softhsm_conf, label)
+            raise
         ctx.private.save_access("operator", name, location, None)
     elif protection == "passphrase":
         if len(value) < 8:
