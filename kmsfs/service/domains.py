@@ -157,10 +157,34 @@ class DomainKeys:
         return self._master_key.value_is_readable()
 
 
+def newest_generation(ctx: Context, bundle: DomainBundle) -> DomainBundle:
+    """The store's newest generation of the bundle's Domain, if it descends from it.
+
+    A CIPHERDIR carries the Domain as it was when the directory was made; after a rewrap (an
+    HSM revoked) the store holds a newer generation, and that is the one to use.
+    """
+    try:
+        generations = _generations(ctx, bundle.domain.domain.name)
+    except NotFoundError:
+        return bundle
+    by_id = {g.id: g for g in generations}
+    latest = generations[-1]
+    current: SealedDomain | None = latest
+    while current is not None:
+        if current.id == bundle.domain.id:
+            if latest.id == bundle.domain.id:
+                return bundle
+            return DomainBundle(latest, tuple(trusts.chain_to(ctx, latest.domain.trust)))
+        previous = current.domain.previous
+        current = by_id.get(previous) if previous else None
+    return bundle
+
+
 @contextlib.contextmanager
 def open_keys(ctx: Context, bundle: DomainBundle) -> Iterator[DomainKeys]:
-    """Verify ``bundle`` against this store's root and unwrap its current ``mk`` in an HSM."""
-    verified = verify_bundle(ctx, bundle)
+    """Verify the newest generation of ``bundle``'s Domain against this store's root and
+    unwrap its current ``mk`` in an HSM of its Trust."""
+    verified = verify_bundle(ctx, newest_generation(ctx, bundle))
     domain = verified.sealed.domain
     with open_hsm(ctx, verified.trust.trust.hsms) as hsm:
         wrapped = domain.wrapped_for(hsm.record.id)

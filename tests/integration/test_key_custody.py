@@ -93,3 +93,18 @@ def test_describe_bundle_reports_verification(domain: Admin) -> None:
     doc["chain"][-1]["trust"]["created"] = "2000-01-01T00:00:00Z"  # well-formed, but not signed
     info = api.describe_bundle(domain.store, json.dumps(doc).encode())
     assert info["verified"] is False and "seal is for another trust" in info["problem"]
+
+
+def test_after_a_rewrap_the_old_bundle_opens_the_new_generation(domain: Admin) -> None:
+    """A CIPHERDIR made before hsm1 was revoked must not keep using hsm1."""
+    old_bundle = api.export_domain_bundle(domain.store, "vault")
+    with api.open_domain(domain.store, old_bundle) as deriver:
+        before = deriver.derive(INFO)
+    current = domains.current(Context.at(domain.store), "vault")
+    assert json.loads(old_bundle)["chain"][-1]["trust"] == current.trust.trust.payload()
+    successor = domain.sealed_trust(["hsm2"], ["alice"], 1, predecessor=current.trust.id)
+    domain("domain", "rewrap", "vault", "--trust", successor)
+    with api.open_domain(domain.store, old_bundle) as deriver:
+        assert deriver.hsm_label == "hsm2"  # type: ignore[attr-defined]
+        assert deriver.verified.sealed.domain.generation == 2  # type: ignore[attr-defined]
+        assert deriver.derive(INFO) == before  # mk unchanged: old data stays readable
