@@ -409,3 +409,29 @@ def test_concurrent_signers_lose_nothing(initialized: Admin) -> None:
 def test_every_command_has_help_with_an_example(admin: Admin, command: list[str]) -> None:
     result = admin(*command, "--help")
     assert "example" in result.stdout.lower()
+
+
+def test_pins_never_appear_in_output_or_logs(initialized: Admin) -> None:
+    """Even with debug logging, no command prints a PIN (DESIGN.md: never log key material)."""
+    pin = "s3cret-pin-4711"
+    pin_file = initialized.pin_file("alice", pin)
+    outputs = [
+        initialized("-v", "operator", "create", "alice", "--pin-file", pin_file),
+        initialized("-v", "trust", "list"),
+    ]
+    trust = initialized.propose(["hsm1"], ["alice"], 1)
+    outputs.append(
+        initialized("-v", "trust", "sign", trust, "--as", "alice", "--pin-file", pin_file)
+    )
+    outputs.append(initialized("-v", "trust", "seal", trust))
+    outputs.append(initialized("-v", "domain", "create", "d", "--trust", trust))
+    wrong = initialized.pin_file("wrong", "wr0ng-pin-0815")
+    outputs.append(
+        initialized(
+            "-v", "trust", "sign", trust, "--as", "alice", "--pin-file", wrong, check=exitcodes.PIN
+        )
+    )
+    hsm_pins = [p.read_text().strip() for p in (initialized.store / "private" / "pins").iterdir()]
+    for result in outputs:
+        for secret in [pin, "wr0ng-pin-0815", *hsm_pins]:
+            assert secret not in result.stdout + result.stderr
