@@ -212,6 +212,13 @@ class Command:
             "every seal and quorum valid",
         )
 
+    def trust_pin(self) -> None:
+        sealed = trusts.pin(self.ctx, self.args.trust)
+        self.one(
+            {"id": sealed.id, "pinned": True},
+            f"this store now pins trust {short(sealed.id)} as the genesis's successor",
+        )
+
     # -- domains ---------------------------------------------------------------------------
 
     def domain_create(self) -> None:
@@ -248,7 +255,7 @@ class Command:
 
 
 def _shorten(value: Any) -> Any:
-    return short(value) if isinstance(value, str) and HEX_ID.match(value) else value
+    return short(value) if isinstance(value, str) and HEX_ID.fullmatch(value) else value
 
 
 def _awaits(status: trusts.TrustStatus, name: str) -> bool:
@@ -411,6 +418,14 @@ def build_parser() -> Parser:
         "trust_verify",
         "verify a trust and its chain back to the pinned root",
         "kmsfs-admin trust verify 3f2a",
+    )
+    p.add_argument("trust", metavar="TRUST")
+    p = command(
+        tr,
+        "pin",
+        "trust_pin",
+        "pin the genesis's successor in a store that got it by sync (sealing pins it)",
+        "kmsfs-admin trust pin 3f2a",
     )
     p.add_argument("trust", metavar="TRUST")
 

@@ -10,9 +10,11 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pkcs11
 from pkcs11 import exceptions as p11
@@ -20,6 +22,7 @@ from pkcs11 import exceptions as p11
 from kmsfs.errors import HsmError, HsmUnavailableError, PinError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _lock = threading.Lock()
 _conf_of_module: dict[str, str | None] = {}
 _open_sessions: dict[str, int] = {}
@@ -60,11 +63,27 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
     return lib
 
 
+# SoftHSM2's file backend rewrites a token's files on login; another process reading them at
+# that moment gets CKR_GENERAL_ERROR. Such transient failures are retried a few times.
+TRANSIENT = (p11.GeneralError, p11.DeviceError, p11.TokenNotRecognised)
+RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4)
+
+
+def _retrying(action: Callable[[], T]) -> T:
+    for delay in RETRY_DELAYS:
+        try:
+            return action()
+        except TRANSIENT as exc:
+            log.debug("transient PKCS#11 failure (%s), retrying", type(exc).__name__)
+            time.sleep(delay)
+    return action()
+
+
 def find_token(location: TokenLocation) -> "pkcs11.Token":
     """Return the token, or HsmUnavailableError naming it."""
     lib = _load(location)
     try:
-        return lib.get_token(token_label=location.token_label)
+        return _retrying(lambda: lib.get_token(token_label=location.token_label))
     except p11.NoSuchToken as exc:
         raise HsmUnavailableError(f"{location.describe()} is not present") from exc
     except p11.MultipleTokensReturned as exc:
@@ -78,7 +97,7 @@ def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pk
     """Open a user session on the token; PinError for a wrong or locked PIN."""
     token = find_token(location)
     try:
-        opened = token.open(rw=rw, user_pin=pin)
+        opened = _retrying(lambda: token.open(rw=rw, user_pin=pin))
     except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
         raise PinError(f"wrong PIN for {location.describe()}") from exc
     except p11.PinLocked as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from kmsfs.errors import FormatError
 
 _MAX_DEPTH = 16
+MAX_INTEGER = 2**63 - 1
 
 
 def _check(value: Any, depth: int = 0) -> None:
@@ -24,6 +25,8 @@ def _check(value: Any, depth: int = 0) -> None:
     if value is None or isinstance(value, bool | str):
         return
     if isinstance(value, int):
+        if not -MAX_INTEGER <= value <= MAX_INTEGER:
+            raise FormatError("an integer in the document is out of range")
         return
     if isinstance(value, list):
         for item in value:
@@ -78,6 +81,8 @@ def parse_json(data: bytes) -> Any:
         raise FormatError(f"not JSON ({exc.msg} at line {exc.lineno})") from exc
     except RecursionError as exc:
         raise FormatError("document nests too deeply") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise FormatError(f"not a valid document ({type(exc).__name__})") from exc
     _check(value)
     return value
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from kmsfs.errors import BadVersionError, FormatError
 
-HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def obj(value: Any, what: str) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def array(data: dict[str, Any], key: str, what: str) -> list[Any]:
 
 
 def hex_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not HEX_ID.match(value):
+    if not isinstance(value, str) or not HEX_ID.fullmatch(value):
         raise FormatError(f"{what}: want a 64-digit lowercase hex id, have {value!r:.80}")
     return value
 
@@ -68,5 +68,5 @@ def type_and_format(data: dict[str, Any], type_name: str, version: int) -> None:
     if have_type != type_name:
         raise FormatError(f"want a {type_name} document, have _type {have_type!r:.40}")
     have_version = data.get("format")
-    if have_version != version:
+    if type(have_version) is not int or have_version != version:
         raise BadVersionError(f"{type_name}: format want {version}, have {have_version!r:.20}")

@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
@@ -50,7 +50,7 @@ class PublicKey:
     def _rsa(self) -> rsa.RSAPublicKey:
         try:
             key = serialization.load_der_public_key(self.data)
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise FormatError(f"{self.scheme} key: not a DER SubjectPublicKeyInfo") from exc
         if not isinstance(key, rsa.RSAPublicKey):
             raise FormatError(f"{self.scheme} key: not an RSA key")

@@ -19,13 +19,13 @@ from kmsfs.model.canonical import b64decode, b64encode, canonical_bytes, digest
 from kmsfs.model.publickeys import SIGNING_SCHEMES, WRAPPING_SCHEMES, PublicKey
 
 FORMAT = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 OPERATOR_PROTECTIONS = ("token", "passphrase")
 
 
 def check_name(name: str, what: str) -> str:
     """Names become file names in the store: keep them short, plain and unambiguous."""
-    if not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise FormatError(
             f"{what} name {name!r:.70}: want 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
         )

@@ -6,7 +6,10 @@ Rules (DESIGN.md §2.2, §2.3):
 - a Trust has ``quorum`` valid approvals of distinct operators of its own;
 - a successor also has its predecessor's quorum of the predecessor's operators, links to the
   predecessor by id, and has ``serial`` = predecessor's + 1 (as TUF root rotation);
-- the chain starts at the pinned root (the store's genesis), which is itself checked;
+- the chain starts at the pinned root (the store's genesis), which is itself checked, and, once
+  the store has pinned the genesis's one successor (the first Trust with operators), passes
+  through it: the genesis has quorum 0, so without that pin anyone holding a genesis HSM's PIN
+  could seal a rival successor with operators of their choosing;
 - a Domain is sealed by an HSM of its Trust, names that Trust, wraps ``k`` to exactly that
   Trust's HSMs, and its Trust has at least one operator (the genesis only bootstraps).
 
@@ -65,14 +68,29 @@ def verify_trust(sealed: SealedTrust, predecessor: SealedTrust | None) -> None:
     verify_approvals(trust, sealed.approvals, predecessor)
 
 
-def verify_chain(chain: Sequence[SealedTrust], pinned_root: str) -> SealedTrust:
-    """Verify ``chain`` (root first) from the pinned root; return its last Trust."""
+@dataclass(frozen=True)
+class Anchor:
+    """What a verifier pins: the root (genesis) and, once chosen, the genesis's successor."""
+
+    root: str
+    successor: str | None = None
+
+
+def verify_chain(chain: Sequence[SealedTrust], anchor: "Anchor | str") -> SealedTrust:
+    """Verify ``chain`` (root first) from the pinned anchor; return its last Trust."""
+    if isinstance(anchor, str):
+        anchor = Anchor(anchor)
     if not chain:
         raise ChainError("empty trust chain")
-    if chain[0].id != pinned_root:
+    if chain[0].id != anchor.root:
         raise ChainError(
             f"the trust chain starts at {chain[0].id[:12]}, but this store pins root "
-            f"{pinned_root[:12]} (a Domain or Trust of another store?)"
+            f"{anchor.root[:12]} (a Domain or Trust of another store?)"
+        )
+    if anchor.successor is not None and len(chain) > 1 and chain[1].id != anchor.successor:
+        raise ChainError(
+            f"trust {chain[1].id[:12]} is a rival successor of the genesis: this store pinned "
+            f"{anchor.successor[:12]}"
         )
     previous: SealedTrust | None = None
     for link in chain:
@@ -91,10 +109,10 @@ class VerifiedDomain:
 
 
 def verify_domain(
-    sealed: SealedDomain, chain: Sequence[SealedTrust], pinned_root: str
+    sealed: SealedDomain, chain: Sequence[SealedTrust], anchor: "Anchor | str"
 ) -> VerifiedDomain:
-    """Verify a Domain and its Trust chain back to ``pinned_root``."""
-    trust = verify_chain(chain, pinned_root).trust
+    """Verify a Domain and its Trust chain back to the pinned ``anchor``."""
+    trust = verify_chain(chain, anchor).trust
     domain = sealed.domain
     what = f"domain {domain.name} ({domain.id[:12]})"
     if domain.trust != trust.id:

@@ -60,7 +60,7 @@ def create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             created=utc_now(),
         )
         sealed = _seal(hsm, domain)
-    verified = verify_domain(sealed, chain, ctx.store.pinned_root())
+    verified = verify_domain(sealed, chain, ctx.store.anchor())
     ctx.store.save_domain(sealed)
     return verified
 
@@ -77,7 +77,7 @@ def _generations(ctx: Context, name: str) -> list[SealedDomain]:
 def current(ctx: Context, name: str) -> VerifiedDomain:
     """The newest generation of Domain ``name``, fully verified."""
     latest = _generations(ctx, name)[-1]
-    return verify_domain(latest, trusts.chain_to(ctx, latest.domain.trust), ctx.store.pinned_root())
+    return verify_domain(latest, trusts.chain_to(ctx, latest.domain.trust), ctx.store.anchor())
 
 
 def list_domains(ctx: Context) -> list[SealedDomain]:
@@ -126,7 +126,7 @@ def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     )
     with open_hsm(ctx, new_trust.hsms) as signer:
         sealed = _seal(signer, domain)
-    verified = verify_domain(sealed, chain, ctx.store.pinned_root())
+    verified = verify_domain(sealed, chain, ctx.store.anchor())
     ctx.store.save_domain(sealed)
     return verified
 
@@ -138,7 +138,7 @@ def export_bundle(ctx: Context, name: str) -> DomainBundle:
 
 def verify_bundle(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
     """Verify a bundle (e.g. a CIPHERDIR's copy) against this store's pinned root."""
-    return verify_domain(bundle.domain, bundle.chain, ctx.store.pinned_root())
+    return verify_domain(bundle.domain, bundle.chain, ctx.store.anchor())
 
 
 @dataclass

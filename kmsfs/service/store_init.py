@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kmsfs.errors import StoreError, UsageError
 from kmsfs.model.trust import SealedTrust
+from kmsfs.model.verify import Anchor
 from kmsfs.service import hsms, trusts
 from kmsfs.service.context import Context
 
@@ -31,7 +32,7 @@ def init_store(root: Path, hsm_count: int = 2) -> SealedTrust:
         os.chmod(root, 0o755)
         records = [hsms.create_hsm(ctx) for _ in range(hsm_count)]
         genesis = trusts.genesis(ctx, records)
-        ctx.store.write_config(genesis.id)  # last: a store without it is not a store
+        ctx.store.write_config(Anchor(genesis.id), new=True)  # last: no store.json, no store
         return genesis
     except BaseException:
         if existed:

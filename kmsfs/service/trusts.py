@@ -14,7 +14,7 @@ from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord
 from kmsfs.model.trust import Member, QuorumResult, SealedTrust, Signature, Trust, quorum_result
-from kmsfs.model.verify import verify_approvals, verify_chain, verify_hsm_seal, verify_trust
+from kmsfs.model.verify import Anchor, verify_approvals, verify_chain, verify_hsm_seal, verify_trust
 from kmsfs.service import hsms, operators
 from kmsfs.service.context import Context, open_hsm, utc_now
 
@@ -62,7 +62,7 @@ def chain_to(ctx: Context, trust_id: str) -> list[SealedTrust]:
 
 def verified_chain(ctx: Context, trust_id: str) -> list[SealedTrust]:
     chain = chain_to(ctx, trust_id)
-    verify_chain(chain, ctx.store.pinned_root())
+    verify_chain(chain, ctx.store.anchor())
     return chain
 
 
@@ -86,14 +86,40 @@ def propose(
         )
     records = [hsms.resolve_hsm(ctx, ref) for ref in hsm_refs]
     members = tuple(Member(r.name, r.key) for r in (ctx.store.operator(n) for n in operator_names))
-    # Every Trust but the genesis has a predecessor; by default the store's pinned root.
-    predecessor = (
-        resolve_trust(ctx, predecessor_ref) if predecessor_ref else ctx.store.pinned_root()
-    )
+    anchor = ctx.store.anchor()
+    if predecessor_ref:
+        predecessor = resolve_trust(ctx, predecessor_ref)
+    elif anchor.successor is None:
+        predecessor = anchor.root  # the first Trust with operators succeeds the genesis
+    else:
+        raise UsageError("give --predecessor: the trust this one succeeds")
+    _check_genesis_successor(anchor, predecessor)
     serial = verified_chain(ctx, predecessor)[-1].trust.serial + 1
     trust = Trust(serial, predecessor, tuple(records), members, quorum, utc_now())
     ctx.store.save_trust(trust)
     return trust
+
+
+def _check_genesis_successor(anchor: Anchor, predecessor: str, trust_id: str | None = None) -> None:
+    """The genesis has exactly one successor per store: the first one sealed here is pinned."""
+    if predecessor == anchor.root and anchor.successor not in (None, trust_id):
+        raise UsageError(
+            f"the genesis already has its successor {anchor.successor[:12]} (pinned by this "
+            "store); a rival would be refused everywhere: give --predecessor"
+        )
+
+
+def pin(ctx: Context, trust_ref: str) -> SealedTrust:
+    """Pin the genesis's successor in a store that received it by sync rather than sealing."""
+    trust_id = resolve_trust(ctx, trust_ref)
+    anchor = ctx.store.anchor()
+    chain = verified_chain(ctx, trust_id)
+    if len(chain) != 2:
+        raise UsageError(f"trust {trust_id[:12]} is not a successor of the genesis")
+    if anchor.successor is not None and anchor.successor != trust_id:
+        raise UsageError(f"this store already pinned {anchor.successor[:12]}")
+    ctx.store.write_config(Anchor(anchor.root, trust_id))
+    return chain[-1]
 
 
 def approve(ctx: Context, trust_ref: str, operator_name: str, secret: PinSource) -> Signature:
@@ -189,6 +215,9 @@ def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrus
             )
         candidates = [chosen]
     predecessor = chain[-1] if chain else None
+    anchor = ctx.store.anchor()
+    if trust.predecessor is not None:
+        _check_genesis_successor(anchor, trust.predecessor, trust_id)
     verify_approvals(trust, approvals, predecessor)  # before any HSM signs anything
     with open_hsm(ctx, candidates) as hsm:
         value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
@@ -196,6 +225,8 @@ def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrus
     sealed = SealedTrust(trust, approvals, seal_sig)
     verify_trust(sealed, predecessor)
     ctx.store.save_signature("seal", seal_sig)
+    if trust.predecessor == anchor.root and anchor.successor is None:
+        ctx.store.write_config(Anchor(anchor.root, trust_id))
     return sealed
 
 

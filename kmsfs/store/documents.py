@@ -2,7 +2,7 @@
 
 Layout (docs/operators.md describes it for operators)::
 
-    STORE/store.json                          the store's identity: the pinned root Trust
+    STORE/store.json                          what the store pins: genesis and its successor
     STORE/hsms/<hsm-id>.json                  HSM records (self-signed)
     STORE/operators/<name>.json               operator records (self-signed)
     STORE/trusts/<trust-id>.json              Trust payloads (content-addressed)
@@ -28,6 +28,7 @@ from kmsfs.model.canonical import canonical_bytes, parse_json
 from kmsfs.model.domain import SealedDomain
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.model.trust import Signature, Trust
+from kmsfs.model.verify import Anchor
 from kmsfs.store import atomic
 
 STORE_FORMAT = 1
@@ -54,20 +55,36 @@ class Store:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def pinned_root(self) -> str:
-        """The id of the root Trust this store pins (its genesis)."""
+    def anchor(self) -> Anchor:
+        """What this store pins: its genesis and, once sealed here, the genesis's successor."""
         if not self.exists():
             raise StoreError(
                 f"{self.root} is not a kmsfs store (no store.json); run kmsfs-admin init"
             )
         data = self._read(self.config_path, lambda raw: fields.obj(raw, "store"))
         fields.type_and_format(data, "store", STORE_FORMAT)
-        fields.exact_keys(data, {"_type", "format", "root"}, "store")
-        return fields.hex_id(data["root"], "store.root")
+        fields.exact_keys(data, {"_type", "format", "root", "successor"}, "store")
+        successor = data["successor"]
+        if successor is not None:
+            successor = fields.hex_id(successor, "store.successor")
+        return Anchor(fields.hex_id(data["root"], "store.root"), successor)
 
-    def write_config(self, root_trust: str) -> None:
-        doc = {"_type": "store", "format": STORE_FORMAT, "root": root_trust}
-        atomic.write_new(self.config_path, canonical_bytes(doc) + b"\n")
+    def pinned_root(self) -> str:
+        return self.anchor().root
+
+    def write_config(self, anchor: Anchor, *, new: bool = False) -> None:
+        """Write store.json: exclusively at init, atomically replaced when pinning."""
+        doc = {
+            "_type": "store",
+            "format": STORE_FORMAT,
+            "root": anchor.root,
+            "successor": anchor.successor,
+        }
+        data = canonical_bytes(doc) + b"\n"
+        if new:
+            atomic.write_new(self.config_path, data)
+        else:
+            atomic.replace(self.config_path, data)
 
     # -- generic I/O ------------------------------------------------------------------------
 

@@ -336,8 +336,9 @@ def test_domain_lifecycle_create_verify_export_rewrap(initialized: Admin) -> Non
 
 def test_rewrap_refuses_a_trust_that_is_not_a_successor(initialized: Admin) -> None:
     initialized.create_operators("alice", "bob")
-    first = initialized.sealed_trust(["hsm1"], ["alice"], 1)
-    sibling = initialized.sealed_trust(["hsm2"], ["bob"], 1)
+    base = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    first = initialized.sealed_trust(["hsm1"], ["alice"], 1, predecessor=base)
+    sibling = initialized.sealed_trust(["hsm2"], ["bob"], 1, ["alice", "bob"], predecessor=base)
     initialized("domain", "create", "d1", "--trust", first)
     before = tree_snapshot(initialized.store / "domains")
     result = initialized("domain", "rewrap", "d1", "--trust", sibling, check=exitcodes.USAGE)
@@ -435,3 +436,54 @@ def test_pins_never_appear_in_output_or_logs(initialized: Admin) -> None:
     for result in outputs:
         for secret in [pin, "wr0ng-pin-0815", *hsm_pins]:
             assert secret not in result.stdout + result.stderr
+
+
+def test_the_genesis_has_one_successor_per_store(initialized: Admin) -> None:
+    """Quorum 0 must not let an HSM PIN holder found a rival line of Trusts (DESIGN.md §2.3)."""
+    initialized.create_operators("alice", "mallory")
+    honest = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    assert json.loads((initialized.store / "store.json").read_text())["successor"] == honest
+    genesis = json.loads((initialized.store / "store.json").read_text())["root"]
+    result = initialized(
+        "trust",
+        "propose",
+        "--hsm",
+        "hsm1",
+        "--operator",
+        "mallory",
+        "--quorum",
+        "1",
+        "--predecessor",
+        genesis,
+        check=exitcodes.USAGE,
+    )
+    assert "already has its successor" in one_error_line(result)
+    result = initialized(
+        "trust",
+        "propose",
+        "--hsm",
+        "hsm1",
+        "--operator",
+        "mallory",
+        "--quorum",
+        "1",
+        check=exitcodes.USAGE,
+    )
+    assert "--predecessor" in one_error_line(result)
+
+
+def test_trust_pin_for_a_store_copied_before_the_ceremony(initialized: Admin) -> None:
+    unpinned = (initialized.store / "store.json").read_bytes()
+    initialized.create_operators("alice", "bob")
+    honest = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    (initialized.store / "store.json").write_bytes(unpinned)  # a copy taken before the seal
+    genesis = json.loads(unpinned)["root"]
+    rival = initialized.sealed_trust(["hsm2"], ["bob"], 1, predecessor=genesis)
+    (initialized.store / "store.json").write_bytes(unpinned)  # both arrived by sync
+    initialized("trust", "verify", rival)  # without a pin, nothing tells them apart...
+    initialized("trust", "pin", honest)  # ...so the operators tell the copy which one it is
+    assert json.loads((initialized.store / "store.json").read_text())["successor"] == honest
+    result = initialized("trust", "verify", rival, check=exitcodes.VERIFICATION)
+    assert "rival" in one_error_line(result)
+    again = initialized("trust", "pin", rival, check=exitcodes.VERIFICATION)
+    assert "rival" in one_error_line(again)

@@ -11,18 +11,26 @@ import pytest
 
 from kmsfs import exitcodes
 from kmsfs.model import contexts
-from kmsfs.model.trust import Signature, Trust
+from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.service import operators
 from kmsfs.service.context import Context, open_hsm
 from tests.kms_helpers import Admin, one_error_line
 
+# Each test proposes a different HSM list: identical proposals made in the same second are
+# the same content-addressed document.
 MEMBERS = ["alice", "bob", "carol", "dave", "erin"]
 
 
 @pytest.fixture(scope="module")
 def matrix(ceremony: Admin) -> Admin:
+    """The ceremony's store with ``base``, the genesis's pinned successor, governed by all five."""
     ceremony.create_operators("mallory")  # exists in the store, member of no trust below
+    ceremony.base = ceremony.sealed_trust(["hsm1", "hsm2", "hsm3"], MEMBERS, 3)  # type: ignore[attr-defined]
     return ceremony
+
+
+def _base(admin: Admin) -> str:
+    return admin.base  # type: ignore[attr-defined,no-any-return]
 
 
 def _ctx(admin: Admin) -> Context:
@@ -57,7 +65,7 @@ def _forge_seal(admin: Admin, trust_id: str, hsm_label: str) -> None:
 
 
 def test_two_signatures_cannot_seal(matrix: Admin) -> None:
-    trust = matrix.propose(["hsm1", "hsm2"], MEMBERS, 3)
+    trust = matrix.propose(["hsm1", "hsm2"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "alice", "bob")
     result = matrix("trust", "seal", trust, check=exitcodes.VERIFICATION)
     assert "signed by 2, need 3 of 5" in one_error_line(result)
@@ -65,21 +73,21 @@ def test_two_signatures_cannot_seal(matrix: Admin) -> None:
 
 
 def test_three_signatures_seal_and_verify(matrix: Admin) -> None:
-    trust = matrix.propose(["hsm1", "hsm2"], MEMBERS, 3)
+    trust = matrix.propose(["hsm1", "hsm3"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "alice", "bob", "carol")
     matrix("trust", "seal", trust)
     assert matrix("--json", "trust", "verify", trust).json["verified"] is True
 
 
 def test_the_same_operator_signing_twice_counts_once(matrix: Admin) -> None:
-    trust = matrix.propose(["hsm1"], MEMBERS, 3)
+    trust = matrix.propose(["hsm1"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "alice", "alice", "bob")
     assert matrix("--json", "trust", "show", trust).json["approvals"]["signed"] == ["alice", "bob"]
     matrix("trust", "seal", trust, check=exitcodes.VERIFICATION)
 
 
 def test_a_non_members_signature_counts_zero(matrix: Admin) -> None:
-    trust = matrix.propose(["hsm1"], MEMBERS, 3)
+    trust = matrix.propose(["hsm2"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "alice", "bob")
     _forge_approval(matrix, trust, "mallory")  # valid signature, but not a member
     result = matrix("trust", "seal", trust, check=exitcodes.VERIFICATION)
@@ -87,7 +95,7 @@ def test_a_non_members_signature_counts_zero(matrix: Admin) -> None:
 
 
 def test_an_operator_cannot_produce_anothers_signature(matrix: Admin) -> None:
-    trust = matrix.propose(["hsm1"], MEMBERS, 3)
+    trust = matrix.propose(["hsm3"], MEMBERS, 3, _base(matrix))
     wrong_pin = matrix(
         "trust",
         "sign",
@@ -107,7 +115,7 @@ def test_an_operator_cannot_produce_anothers_signature(matrix: Admin) -> None:
 
 
 def test_a_trust_changed_after_signing_fails(matrix: Admin) -> None:
-    trust_id = matrix.propose(["hsm1", "hsm2"], MEMBERS, 3)
+    trust_id = matrix.propose(["hsm2", "hsm3"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust_id, "alice", "bob", "carol")
     matrix("trust", "seal", trust_id)
     path = matrix.store / "trusts" / f"{trust_id}.json"
@@ -131,7 +139,7 @@ def test_a_trust_changed_after_signing_fails(matrix: Admin) -> None:
 
 
 def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(matrix: Admin) -> None:
-    trust = matrix.sealed_trust(["hsm1", "hsm2"], MEMBERS, 3)
+    trust = matrix.sealed_trust(["hsm2", "hsm1"], MEMBERS, 3, predecessor=_base(matrix))
     domain_id = matrix("domain", "create", "outsider-test", "--trust", trust).last_line
     ctx = _ctx(matrix)
     sealed = ctx.store.domain(domain_id)
@@ -146,7 +154,9 @@ def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(matrix: Admin) 
 
 
 def test_a_successor_without_its_predecessors_quorum_is_rejected(matrix: Admin) -> None:
-    honest = matrix.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    honest = matrix.sealed_trust(
+        ["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, MEMBERS[:3], predecessor=_base(matrix)
+    )
     # dave and erin try to take over: a successor with only themselves, signed only by themselves
     coup = matrix.propose(["hsm1"], ["dave", "erin"], 2, predecessor=honest)
     matrix.sign(coup, "dave", "erin")
@@ -171,10 +181,32 @@ def test_fewer_than_quorum_with_an_hsm_pin_cannot_forge_a_trust(
     matrix: Admin, tmp_path: Path
 ) -> None:
     """Two dishonest operators plus an HSM PIN holder: the forged seal never verifies."""
-    trust = matrix.propose(["hsm1", "hsm2"], MEMBERS, 3)
+    trust = matrix.propose(["hsm3", "hsm1", "hsm2"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "dave", "erin")
     _forge_seal(matrix, trust, "hsm2")
     result = matrix("trust", "verify", trust, check=exitcodes.VERIFICATION)
     assert "signed by 2, need 3 of 5" in one_error_line(result)
     refused = matrix("domain", "create", "forged", "--trust", trust, check=exitcodes.VERIFICATION)
     assert "quorum" in one_error_line(refused)
+
+
+def test_a_rival_successor_of_the_genesis_is_refused_even_when_sealed(matrix: Admin) -> None:
+    """The genesis has quorum 0: an HSM PIN holder with a puppet operator tries a new line."""
+    genesis = json.loads((matrix.store / "store.json").read_text())["root"]
+    ctx = _ctx(matrix)
+    puppet = ctx.store.operator("mallory")
+    rival = Trust(
+        2,
+        genesis,
+        ctx.store.trust(_base(matrix)).hsms,
+        (Member("mallory", puppet.key),),
+        1,
+        "2026-01-01T00:00:00Z",
+    )
+    ctx.store.save_trust(rival)
+    _forge_approval(matrix, rival.id, "mallory")
+    _forge_seal(matrix, rival.id, "hsm1")
+    result = matrix("trust", "verify", rival.id, check=exitcodes.VERIFICATION)
+    assert "rival successor of the genesis" in one_error_line(result)
+    refused = matrix("domain", "create", "rival", "--trust", rival.id, check=exitcodes.VERIFICATION)
+    assert "rival" in one_error_line(refused)

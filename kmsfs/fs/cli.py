@@ -1,0 +1,184 @@
+"""``kmsfs``: make, mount, unmount and describe encrypted volumes.
+
+Each command parses, calls one function and renders. Every check that can fail runs before
+anything is mounted or written, and fails with one ``kmsfs: error: ...`` line and a stable exit
+code (:mod:`kmsfs.exitcodes`). The key management system is reached only through
+:mod:`kmsfs.fs.kms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kmsfs import __version__, exitcodes
+from kmsfs.cliutil import Parser, emit_json, run
+from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.fs import daemon, kms
+from kmsfs.fs.config import VolumeConfig
+from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
+
+PROG = "kmsfs"
+
+EPILOGS = {
+    "init": "example:\n  kmsfs init /srv/cipher --domain payroll --store /srv/kms\n",
+    "mount": "examples:\n  kmsfs mount /srv/cipher /mnt/payroll\n"
+    "  kmsfs mount /srv/cipher /mnt/payroll -o allow_other --foreground\n",
+    "umount": "example:\n  kmsfs umount /mnt/payroll\n",
+    "info": "example:\n  kmsfs info /srv/cipher --json\n",
+}
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Export the Domain from the store, check it verifies, write a new volume."""
+    store = kms.store_dir(args.store)
+    bundle = kms.export_bundle(store, args.domain)
+    desc = kms.describe(store, bundle)
+    if not desc.get("verified"):
+        raise KmsfsError(f"Domain {args.domain}: does not verify: {desc.get('problem')}")
+    config = VolumeConfig(
+        domain_name=str(desc.get("name") or args.domain),
+        domain_id=kms.domain_id_of(desc),
+        domain_bundle=bundle,
+    )
+    create_volume(Path(args.cipherdir), config)
+    print(f"volume {args.cipherdir} created for Domain {config.domain_name} ({config.domain_id})")
+    return exitcodes.OK
+
+
+def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[str]]:
+    """Everything ``mount`` checks before forking: volume, mount point, options, Domain."""
+    config = open_volume(Path(args.cipherdir))
+    check_mountpoint(Path(args.mountpoint))
+    options = daemon.mount_options(args.options)
+    if "allow_other" in options:
+        options.add("default_permissions")
+    store = kms.store_dir(args.store)
+    desc = kms.describe(store, config.domain_bundle)
+    if not desc.get("verified"):
+        raise KmsfsError(
+            f"{args.cipherdir}: Domain {config.domain_name} does not verify: {desc.get('problem')}"
+        )
+    if kms.domain_id_of(desc) != config.domain_id:
+        raise KmsfsError(
+            f"{args.cipherdir}: config names Domain {config.domain_id}, "
+            f"its bundle holds {kms.domain_id_of(desc)}"
+        )
+    return config, store, options
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config, store, options = _checked_config(args)
+    cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
+
+    def child(report_ready: object) -> None:
+        daemon.setup_logging(foreground=args.foreground, debug=args.debug)
+        with kms.open_deriver(store, config.domain_bundle) as deriver:
+            daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=report_ready)  # type: ignore[arg-type]
+
+    if args.foreground:
+        child(lambda: print(f"kmsfs: mounted {cipherdir} on {mountpoint}", file=sys.stderr))
+        return exitcodes.OK
+    return daemon.daemonize(child)  # type: ignore[arg-type]
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint}: not a mount point")
+    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")
+    return exitcodes.OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = open_volume(Path(args.cipherdir))
+    info: dict[str, object] = {
+        "cipherdir": str(args.cipherdir),
+        "format_version": config.format_version,
+        "feature_flags": list(config.feature_flags),
+        "domain_name": config.domain_name,
+        "domain_id": config.domain_id,
+        "creator": config.creator,
+    }
+    try:
+        desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
+        info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
+        info["trust_id"] = desc.get("trust_id")
+    except KmsfsError as exc:
+        info["verified"], info["problem"] = False, str(exc)
+    if args.json:
+        emit_json(info)
+    else:
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = ", ".join(map(str, value))
+            print(f"{key + ':':16} {value}")
+    return exitcodes.OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROG,
+        description="Encrypted volumes keyed by HSM-governed Domains.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    store_help = "store directory (default: $KMSFS_STORE, then the kmsfs default)"
+    p = add("init", "create a new encrypted volume bound to a Domain")
+    p.add_argument("cipherdir", help="ciphertext directory (missing or empty)")
+    p.add_argument("--domain", required=True, help="name of the Domain in the store")
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(func=cmd_init)
+
+    p = add("mount", "verify a volume's Domain and mount its plaintext view")
+    p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
+    p.add_argument("mountpoint", help="empty directory to mount on")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="mount options, e.g. allow_other,ro",
+    )
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_mount)
+
+    p = add("umount", "unmount a kmsfs mount point")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = add("info", "describe a volume and whether its Domain verifies")
+    p.add_argument("cipherdir")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(PROG, lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The volume config file ``CIPHERDIR/kmsfs.conf`` (docs/format.md, "Volume config").
+
+Layout: one UTF-8 JSON object, keys sorted, two-space indent, trailing newline::
+
+    {
+      "creator": "kmsfs 0.1.0",
+      "domain_bundle": "<base64 of the canonical Domain bundle bytes>",
+      "domain_id": "<Domain id>",
+      "domain_name": "<Domain name>",
+      "feature_flags": ["DirIV", "GCM-4096", "LongNames", "AES-SIV-names"],
+      "format_version": 1
+    }
+
+The bundle (the verified Domain and its Trust chain) makes the directory self-contained, like a
+LUKS2 header: without an HSM of the Trust it is useless, so it holds nothing secret. Like
+gocryptfs's ``configfile``, the config is validated on load *and* before every write, an unknown
+feature flag refuses the mount, and writes go temp file, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmsfs import __version__
+from kmsfs.errors import BadVersionError, FormatError
+
+CONFIG_NAME = "kmsfs.conf"
+CONFIG_FORMAT_VERSION = 1
+MAX_CONFIG_SIZE = 4 * 1024 * 1024
+
+FLAG_GCM_4096 = "GCM-4096"
+FLAG_SIV_NAMES = "AES-SIV-names"
+FLAG_LONG_NAMES = "LongNames"
+FLAG_DIRIV = "DirIV"
+FLAG_XATTR = "EncryptedXattrs"
+
+#: Flags this build understands. A config naming any other flag refuses to mount.
+KNOWN_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR})
+#: Flags this build cannot work without (it has no code path for their absence).
+REQUIRED_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV})
+#: Flags written into a new volume, in a fixed order.
+DEFAULT_FLAGS = (FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR)
+
+_KEYS = frozenset(
+    {"creator", "domain_bundle", "domain_id", "domain_name", "feature_flags", "format_version"}
+)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """What a ciphertext directory says about itself: its Domain and how it is encrypted."""
+
+    domain_name: str
+    domain_id: str
+    domain_bundle: bytes
+    feature_flags: tuple[str, ...] = DEFAULT_FLAGS
+    format_version: int = CONFIG_FORMAT_VERSION
+    creator: str = field(default=f"kmsfs {__version__}")
+
+    def validate(self) -> None:
+        """Raise FormatError (BadVersionError for version or flags) unless this config is usable."""
+        if self.format_version != CONFIG_FORMAT_VERSION:
+            raise BadVersionError(
+                f"config format_version: want {CONFIG_FORMAT_VERSION}, have {self.format_version}"
+            )
+        unknown = sorted(set(self.feature_flags) - KNOWN_FLAGS)
+        if unknown:
+            raise BadVersionError(f"config: unknown feature flag {unknown[0]!r}")
+        if len(set(self.feature_flags)) != len(self.feature_flags):
+            raise FormatError("config: duplicate feature flag")
+        missing = sorted(REQUIRED_FLAGS - set(self.feature_flags))
+        if missing:
+            raise BadVersionError(f"config: required feature flag {missing[0]!r} is missing")
+        if not self.domain_name or not isinstance(self.domain_name, str):
+            raise FormatError("config: domain_name must be a non-empty string")
+        if not self.domain_id or not isinstance(self.domain_id, str):
+            raise FormatError("config: domain_id must be a non-empty string")
+        if not self.domain_bundle:
+            raise FormatError("config: domain_bundle is empty")
+
+    def has(self, flag: str) -> bool:
+        return flag in self.feature_flags
+
+
+def pack(config: VolumeConfig) -> bytes:
+    """Serialize after validating, so a bad config is never written."""
+    config.validate()
+    doc = {
+        "creator": config.creator,
+        "domain_bundle": base64.b64encode(config.domain_bundle).decode("ascii"),
+        "domain_id": config.domain_id,
+        "domain_name": config.domain_name,
+        "feature_flags": list(config.feature_flags),
+        "format_version": config.format_version,
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def parse(data: bytes) -> VolumeConfig:
+    """Parse and validate; every problem is a one-line FormatError or BadVersionError."""
+    if len(data) > MAX_CONFIG_SIZE:
+        raise FormatError(f"config: too large: max {MAX_CONFIG_SIZE} bytes, have {len(data)}")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"config: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise FormatError("config: top level must be a JSON object")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError("config: format_version missing or not an integer")
+    if version != CONFIG_FORMAT_VERSION:
+        raise BadVersionError(
+            f"config format_version: want {CONFIG_FORMAT_VERSION}, have {version}"
+        )
+    extra = sorted(set(doc) - _KEYS)
+    if extra:
+        raise FormatError(f"config: unknown field {extra[0]!r}")
+    missing = sorted(_KEYS - set(doc))
+    if missing:
+        raise FormatError(f"config: missing field {missing[0]!r}")
+    flags = doc["feature_flags"]
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise FormatError("config: feature_flags must be a list of strings")
+    for key in ("creator", "domain_bundle", "domain_id", "domain_name"):
+        if not isinstance(doc[key], str):
+            raise FormatError(f"config: {key} must be a string")
+    try:
+        bundle = base64.b64decode(doc["domain_bundle"], validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError("config: domain_bundle is not valid base64") from None
+    config = VolumeConfig(
+        domain_name=doc["domain_name"],
+        domain_id=doc["domain_id"],
+        domain_bundle=bundle,
+        feature_flags=tuple(flags),
+        format_version=version,
+        creator=doc["creator"],
+    )
+    config.validate()
+    return config
+
+
+def load(cipherdir: Path) -> VolumeConfig:
+    """Read and validate ``cipherdir/kmsfs.conf``; messages name the file."""
+    path = Path(cipherdir) / CONFIG_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file (not a kmsfs volume?)") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return parse(data)
+    except FormatError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def save(cipherdir: Path, config: VolumeConfig) -> None:
+    """Write atomically: validate, temp file, fsync, rename, fsync the directory."""
+    data = pack(config)
+    directory = Path(cipherdir)
+    tmp = directory / f"kmsfs.tmp.conf-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, directory / CONFIG_NAME)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,190 @@
+"""Serving a mount: FUSE options, the trio main loop, readiness and clean unmount on signals.
+
+:func:`serve` is the one entry point: it takes any :class:`~kmsfs.keys.KeyDeriver`, so the
+product CLI passes the HSM-backed deriver from ``kmsfs.api.open_domain`` and the tests pass a
+software stand-in. :func:`daemonize` forks a child that mounts and reports ``ready`` (or one
+error line) through a pipe, so ``kmsfs mount`` returns only once the mount is usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from kmsfs.errors import UsageError
+from kmsfs.keys import KeyDeriver
+
+log = logging.getLogger(__name__)
+
+#: Options kmsfs always sets: the kernel checks permissions (we run as root for many users).
+BASE_OPTIONS = frozenset({"default_permissions", "fsname=kmsfs", "subtype=kmsfs"})
+#: Options a user may pass with -o (names, or name= prefixes).
+ALLOWED_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "default_permissions",
+        "ro",
+        "rw",
+        "noatime",
+        "nodiratime",
+        "relatime",
+        "nosuid",
+        "suid",
+        "nodev",
+        "dev",
+        "noexec",
+        "exec",
+        "sync",
+        "async",
+        "dirsync",
+    }
+)
+ALLOWED_PREFIXES = ("fsname=", "subtype=", "max_read=")
+
+
+def mount_options(extra: Iterable[str]) -> set[str]:
+    """BASE_OPTIONS plus the user's -o options; UsageError for one we do not pass through."""
+    opts = set(BASE_OPTIONS)
+    for item in extra:
+        for opt in filter(None, (o.strip() for o in item.split(","))):
+            if opt not in ALLOWED_OPTIONS and not opt.startswith(ALLOWED_PREFIXES):
+                raise UsageError(f"unsupported mount option {opt!r}")
+            if opt.startswith(("fsname=", "subtype=")):
+                key = opt.split("=", 1)[0] + "="
+                opts = {o for o in opts if not o.startswith(key)}
+            opts.add(opt)
+    if "rw" in opts and "ro" in opts:
+        raise UsageError("mount options 'ro' and 'rw' conflict")
+    opts.discard("rw")
+    return opts
+
+
+def setup_logging(foreground: bool, debug: bool = False) -> None:
+    """stderr in the foreground; syslog (journal) when daemonized."""
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("kmsfs[%(process)d]: %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def serve(
+    cipherdir: Path,
+    mountpoint: Path,
+    deriver: KeyDeriver,
+    options: set[str],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount *cipherdir* at *mountpoint* and serve until unmounted or SIGTERM/SIGINT."""
+    from kmsfs.fs.entries import KmsfsOps  # fs operations import pyfuse3-heavy modules
+
+    os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
+    ops = KmsfsOps(cipherdir, deriver)
+    pyfuse3.init(ops, str(mountpoint), options)
+    log.info("mounted %s on %s", cipherdir, mountpoint)
+    unmount = True
+    try:
+        trio.run(_main, on_ready)
+    except BaseException:
+        log.exception("main loop failed")
+        raise
+    finally:
+        ops.files.close_all()
+        try:
+            pyfuse3.close(unmount=unmount)
+        except Exception:  # already unmounted from outside
+            log.debug("close after unmount", exc_info=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _main(on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals)
+        await nursery.start(_run_fuse, nursery.cancel_scope)
+        if on_ready is not None:
+            on_ready()
+
+
+async def _run_fuse(
+    scope: trio.CancelScope, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+) -> None:
+    task_status.started()
+    try:
+        await pyfuse3.main()
+    finally:
+        scope.cancel()
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
+    """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready, else 1.
+
+    The child reports failure by raising: its one-line message travels through the pipe and
+    the parent prints it, so errors seen only after the fork (HSM, chain) still reach the user.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        os.setsid()
+        status = 0
+
+        def report_ready() -> None:
+            os.write(write_fd, b"ready\n")
+            _detach_stdio()
+
+        try:
+            child(report_ready)
+        except BaseException as exc:  # every failure must reach the parent as one line
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            with contextlib.suppress(OSError):
+                os.write(write_fd, b"error: " + msg.encode("utf-8", "replace") + b"\n")
+            status = 1
+        os._exit(status)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        data = os.read(read_fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+        if b"\n" in data:
+            break
+    os.close(read_fd)
+    reply = b"".join(chunks).decode("utf-8", "replace").strip()
+    if reply == "ready":
+        return 0
+    if not reply:
+        os.waitpid(pid, 0)
+        reply = "error: the mount daemon exited before the mount was ready"
+    print(f"kmsfs: {reply}", file=sys.stderr)
+    os.waitpid(pid, 0)
+    return 1
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,382 @@
+"""Directory-entry handlers and the complete :class:`KmsfsOps`.
+
+Every handler that makes a name writes the long-name sidecar first and the entry second, so a
+crash leaves at most an orphan sidecar (hidden, harmless), never an entry without its name.
+Every entry is created with the caller's uid/gid and exactly the requested mode (the daemon runs
+with umask 0; the kernel has already applied the caller's umask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
+from kmsfs.crypto.symlinks import (
+    LONGLINK_DIR,
+    SYMLINK_KEY_INFO,
+    SymlinkCipher,
+    is_longlink,
+)
+from kmsfs.errors import IntegrityError
+from kmsfs.fs.handles import OpenFiles
+from kmsfs.fs.inodes import InodeTable
+from kmsfs.fs.names import (
+    DIRIV,
+    DirNames,
+    check_name,
+    remove_sidecar,
+    undo_sidecar,
+    write_dir_iv,
+    write_sidecar,
+)
+from kmsfs.fs.operations import ContentOps, DirHandle, guard
+from kmsfs.fs.posix import own, renameat2
+from kmsfs.fs.xattrs import XATTR_KEY_INFO, XattrCipher, Xattrs
+from kmsfs.keys import KeyDeriver
+
+log = logging.getLogger(__name__)
+
+RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
+
+
+class KmsfsOps(ContentOps, pyfuse3.Operations):
+    """The kmsfs file system over one ciphertext directory, keyed by one Domain's deriver."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self, cipherdir: Path, deriver: KeyDeriver, *, timeout: float = 1.0, keep_cache: bool = True
+    ) -> None:
+        super().__init__()
+        root = os.fsencode(os.path.abspath(cipherdir))
+        self.table = InodeTable(root, os.lstat(root).st_ino)
+        self.names = DirNames(NameCipher(deriver.derive(NAMES_KEY_INFO)))
+        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO))
+        self.xattrs = Xattrs(XattrCipher(deriver.derive(XATTR_KEY_INFO)))
+        self._derive = deriver.derive
+        self.files = OpenFiles(deriver.derive)
+        self.limiter = trio.CapacityLimiter(8)
+        self.timeout = timeout
+        self.keep_cache = keep_cache
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_dir = itertools.count(1)
+
+    # --- name resolution ----------------------------------------------------------------
+    def _resolve(self, parent: int, name: bytes) -> tuple[bytes, bytes, Any]:
+        """(directory path, ciphertext name, DiskName) of *name* in *parent*."""
+        check_name(name)
+        dirpath = self.table.path(parent)
+        try:
+            dir_iv = self.names.dir_iv(parent, dirpath)
+        except IntegrityError as exc:
+            raise self._integrity(parent, exc) from None
+        disk = self.names.disk_name(dir_iv, name)
+        return dirpath, os.fsencode(disk.name), disk
+
+    def _entry(
+        self, parent: int, cname: bytes, name: bytes, path: bytes, st: os.stat_result | None = None
+    ) -> pyfuse3.EntryAttributes:
+        if st is None:
+            st = os.lstat(path)
+        ino = self.table.fuse_ino(st.st_ino)
+        attrs = self._attrs(ino, st, path)
+        self.table.remember(ino, parent, cname, name, 1)
+        return attrs
+
+    def _read_link(self, path: bytes) -> bytes:
+        stored = os.fsdecode(os.readlink(path))
+
+        def read_blob() -> str:
+            blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + os.fsencode(stored)
+            try:
+                with open(blob, "rb") as f:
+                    return f.read(8192).decode("ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
+
+        return self.links.decrypt_from_disk(stored, read_blob)
+
+    def _longlink_blob(self, path: bytes) -> bytes | None:
+        """Blob path of a long-target symlink whose last link is *path*, else None."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:
+            return None
+        target = os.readlink(path)
+        if not is_longlink(os.fsdecode(target)):
+            return None
+        return self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
+
+    # --- lookup and forget --------------------------------------------------------------
+    @guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        dirpath, cname, _ = self._resolve(parent_inode, name)
+        return self._entry(parent_inode, cname, name, dirpath + b"/" + cname)
+
+    @guard
+    async def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:
+            self.table.forget(ino, count)
+            if not self.table.known(ino):
+                self.names.forget_dir(ino)
+
+    # --- making entries -----------------------------------------------------------------
+    @guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        dirpath, cname, disk = self._resolve(parent_inode, name)
+        path = dirpath + b"/" + cname
+        written = write_sidecar(dirpath, disk)
+        base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
+        try:
+            fd = os.open(path, base | os.O_EXCL, stat.S_IMODE(mode))
+            created = True
+        except FileExistsError:
+            undo_sidecar(dirpath, disk, written)
+            if flags & os.O_EXCL:
+                raise
+            fd, created = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        except BaseException:
+            undo_sidecar(dirpath, disk, written)
+            raise
+        try:
+            if created:
+                own(fd, ctx.uid, ctx.gid, mode)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        attrs = self._entry(parent_inode, cname, name, path, st)
+        fh = self.files.open(attrs.st_ino, path, flags, fd=fd)
+        if not created and flags & os.O_TRUNC:
+            of = self.files.handle(fh).file
+            async with of.lock:
+                of.content.truncate(0)
+            attrs = self._attrs(attrs.st_ino, os.fstat(fd), None)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache), attrs
+
+    async def _make(
+        self, parent: int, name: bytes, make: Any, uid: int, gid: int, mode: int | None
+    ) -> pyfuse3.EntryAttributes:
+        """Create one non-regular entry with *make(path)*, sidecar first, then own it."""
+        dirpath, cname, disk = self._resolve(parent, name)
+        path = dirpath + b"/" + cname
+        written = write_sidecar(dirpath, disk)
+        try:
+            make(path)
+        except BaseException:
+            undo_sidecar(dirpath, disk, written)
+            raise
+        own(path, uid, gid, mode)
+        return self._entry(parent, cname, name, path)
+
+    @guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return await self._make(
+            parent_inode, name, lambda p: os.mknod(p, mode, rdev), ctx.uid, ctx.gid, mode
+        )
+
+    @guard
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        def make(path: bytes) -> None:
+            os.mkdir(path, 0o700)
+            try:
+                write_dir_iv(path)
+                os.chmod(path, stat.S_IMODE(mode))
+            except BaseException:
+                _remove_new_dir(path)
+                raise
+
+        return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
+
+    @guard
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            disk_link = self.links.encrypt_to_disk(target)
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG) from None
+
+        def make(path: bytes) -> None:
+            if disk_link.long_content is not None:
+                _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
+            os.symlink(disk_link.target, path)
+
+        return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, None)
+
+    @guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        try:
+            return self._read_link(self.table.path(inode))
+        except IntegrityError as exc:
+            raise self._integrity(inode, exc) from None
+
+    @guard
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        src = self.table.path(inode)
+        dirpath, cname, disk = self._resolve(new_parent_inode, new_name)
+        path = dirpath + b"/" + cname
+        written = write_sidecar(dirpath, disk)
+        try:
+            os.link(src, path, follow_symlinks=False)
+        except BaseException:
+            undo_sidecar(dirpath, disk, written)
+            raise
+        return self._entry(new_parent_inode, cname, new_name, path)
+
+    # --- removing and moving entries ----------------------------------------------------
+    @guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        dirpath, cname, _ = self._resolve(parent_inode, name)
+        path = dirpath + b"/" + cname
+        blob = self._longlink_blob(path)
+        os.unlink(path)
+        remove_sidecar(dirpath, cname)
+        if blob is not None:
+            _unlink_quiet(blob)
+        self.table.drop_link(parent_inode, cname)
+
+    @guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        dirpath, cname, _ = self._resolve(parent_inode, name)
+        path = dirpath + b"/" + cname
+        st = os.lstat(path)
+        _remove_empty_dir(path)
+        self.names.forget_dir(self.table.fuse_ino(st.st_ino))
+        remove_sidecar(dirpath, cname)
+        self.table.drop_link(parent_inode, cname)
+
+    @guard
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        if flags & ~RENAME_FLAGS or flags == RENAME_FLAGS:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old_dir, old_c, _ = self._resolve(parent_inode_old, name_old)
+        new_dir, new_c, new_disk = self._resolve(parent_inode_new, name_new)
+        old_path, new_path = old_dir + b"/" + old_c, new_dir + b"/" + new_c
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            renameat2(old_path, new_path, flags)
+            self.table.exchange(
+                (parent_inode_old, old_c), name_old, (parent_inode_new, new_c), name_new
+            )
+            return
+        src = os.lstat(old_path)
+        blob, dst = None, None
+        if not flags & pyfuse3.RENAME_NOREPLACE:
+            try:
+                dst = os.lstat(new_path)
+            except FileNotFoundError:
+                dst = None
+            if dst is not None and dst.st_ino == src.st_ino:
+                return  # two links to one inode: rename(2) does nothing
+            if dst is not None:
+                blob = self._longlink_blob(new_path)
+        written = write_sidecar(new_dir, new_disk)
+        diriv = None
+        try:
+            if dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode):
+                diriv = _take_dir_iv_of_empty(new_path)
+            renameat2(old_path, new_path, flags)
+        except BaseException:
+            if diriv is not None:
+                _restore_dir_iv(new_path, diriv)
+            undo_sidecar(new_dir, new_disk, written)
+            raise
+        remove_sidecar(old_dir, old_c)
+        if blob is not None:
+            _unlink_quiet(blob)
+        if diriv is not None and dst is not None:
+            self.names.forget_dir(self.table.fuse_ino(dst.st_ino))
+        self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
+
+
+def _unlink_quiet(path: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _write_blob(root: bytes, name: str, content: str) -> None:
+    """Write a long-symlink blob (content-addressed, so an existing one is already right)."""
+    blob_dir = root + b"/" + LONGLINK_DIR.encode()
+    os.makedirs(blob_dir, mode=0o711, exist_ok=True)
+    try:
+        fd = os.open(
+            blob_dir + b"/" + os.fsencode(name),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            0o444,
+        )
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, content.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _take_dir_iv_of_empty(path: bytes) -> bytes:
+    """Check a ciphertext dir is empty but for its IV, remove the IV, return its bytes."""
+    if any(entry != DIRIV for entry in os.listdir(path)):
+        raise OSError(errno.ENOTEMPTY, "directory not empty")
+    with open(path + b"/" + DIRIV, "rb") as f:
+        data = f.read()
+    os.unlink(path + b"/" + DIRIV)
+    return data
+
+
+def _restore_dir_iv(path: bytes, data: bytes) -> None:
+    try:
+        fd = os.open(path + b"/" + DIRIV, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o440)
+    except OSError:
+        return
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _remove_empty_dir(path: bytes) -> None:
+    data = _take_dir_iv_of_empty(path)
+    try:
+        os.rmdir(path)
+    except BaseException:
+        _restore_dir_iv(path, data)
+        raise
+
+
+def _remove_new_dir(path: bytes) -> None:
+    _unlink_quiet(path + b"/" + DIRIV)
+    try:
+        os.rmdir(path)
+    except OSError:
+        log.warning("could not remove half-made directory %r", path)

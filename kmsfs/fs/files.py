@@ -1,0 +1,200 @@
+"""Encrypted content of one open ciphertext file: block reads, writes and truncation.
+
+Layout (docs/format.md, "Content"): an 18-byte header (version, file id) then 4124-byte
+ciphertext blocks, each AES-256-GCM of up to 4096 plaintext bytes bound to the file id and its
+block number; an empty file has no header at all. Everything here is synchronous and runs under
+the per-file lock held by the caller (``operations``), because a reader that raced a writer
+could see half a block and report a false integrity failure.
+
+Crash safety: a write rewrites whole ciphertext blocks with one ``pwrite`` per call (at most
+``CHUNK_BLOCKS`` blocks); a torn write can damage only the blocks being written, never older
+ones. Shrinking truncates to the block boundary *before* writing the shortened last block, so a
+crash in between leaves a shorter but fully readable file. Holes are encrypted zero blocks: an
+unauthenticated zero block is never accepted as data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from kmsfs.crypto.content import (
+    BLOCK_SIZE,
+    CIPHER_BLOCK_SIZE,
+    HEADER_SIZE,
+    ContentCipher,
+    FileHeader,
+    cipher_offset,
+    file_key_info,
+    plain_size,
+    plain_size_lenient,
+)
+from kmsfs.errors import FormatError, IntegrityError
+
+CHUNK_BLOCKS = 256  # 1 MiB of plaintext per pwrite: bounds memory for big holes
+_ZEROS = bytes(BLOCK_SIZE * CHUNK_BLOCKS)
+
+
+class BlockIntegrityError(IntegrityError):
+    """A ciphertext block (or the header) failed to authenticate; ``block`` says which."""
+
+    def __init__(self, block: int, reason: str) -> None:
+        super().__init__(f"block {block}: {reason}")
+        self.block = block
+
+
+class FileContent:
+    """Reads and writes plaintext through one fd on a ciphertext file.
+
+    ``derive`` maps key-derivation info to a 32-byte key (the Domain's KeyDeriver). The file key
+    is derived once, when the header is first needed, and dropped with this object.
+    """
+
+    def __init__(self, fd: int, derive: Callable[[bytes], bytes]) -> None:
+        self.fd = fd
+        self._derive = derive
+        self._cipher: ContentCipher | None = None
+
+    # --- sizes and header ---------------------------------------------------------------
+    def cipher_size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def plain_size(self) -> int:
+        return plain_size_lenient(self.cipher_size())
+
+    def _cipher_for_existing(self) -> ContentCipher:
+        """Cipher of a non-empty file, reading and checking its header on first use."""
+        if self._cipher is None:
+            raw = os.pread(self.fd, HEADER_SIZE, 0)
+            try:
+                header = FileHeader.parse(raw)
+            except FormatError as exc:
+                raise BlockIntegrityError(-1, f"bad header: {exc}") from None
+            self._cipher = ContentCipher(self._derive(file_key_info(header.file_id)), header)
+        return self._cipher
+
+    def _start_file(self) -> bytes:
+        """Make a fresh header for an empty file; returns its bytes to write at offset 0."""
+        header = FileHeader.new()
+        self._cipher = ContentCipher(self._derive(file_key_info(header.file_id)), header)
+        return header.pack()
+
+    def forget_header(self) -> None:
+        """The file became empty (truncate to 0): the next write starts a new header."""
+        self._cipher = None
+
+    # --- blocks -------------------------------------------------------------------------
+    def _decrypt(self, block_no: int, raw: bytes) -> bytes:
+        cipher = self._cipher_for_existing()
+        try:
+            return cipher.decrypt_block(block_no, raw)
+        except (IntegrityError, FormatError) as exc:
+            raise BlockIntegrityError(block_no, str(exc) or type(exc).__name__) from None
+
+    def _read_block(self, block_no: int) -> bytes:
+        raw = os.pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(block_no))
+        if not raw:
+            return b""
+        return self._decrypt(block_no, raw)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Plaintext bytes [offset, offset+size) clipped at EOF; BlockIntegrityError on tamper."""
+        csize = self.cipher_size()
+        try:
+            psize = plain_size(csize)
+            torn = False
+        except FormatError:
+            psize, torn = plain_size_lenient(csize), True
+        end = min(offset + size, psize)
+        if torn and offset + size >= psize:
+            raise BlockIntegrityError(psize // BLOCK_SIZE, "ciphertext size is impossible")
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        start = cipher_offset(first)
+        raw = os.pread(self.fd, min(cipher_offset(last) + CIPHER_BLOCK_SIZE, csize) - start, start)
+        cbs = CIPHER_BLOCK_SIZE
+        data = b"".join(
+            self._decrypt(first + i, raw[i * cbs : (i + 1) * cbs]) for i in range(last - first + 1)
+        )
+        skip = offset - first * BLOCK_SIZE
+        return data[skip : skip + end - offset]
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write *data* at *offset*, filling any gap after EOF with encrypted zeros."""
+        psize = self.plain_size()
+        if offset > psize:
+            self._fill_zeros(psize, offset)
+            psize = offset
+        view = memoryview(data)
+        step = BLOCK_SIZE * CHUNK_BLOCKS
+        pos = 0
+        while pos < len(data):
+            n = min(step - (offset + pos) % BLOCK_SIZE, len(data) - pos)
+            self._write_span(offset + pos, view[pos : pos + n], psize)
+            pos += n
+            psize = max(psize, offset + pos)
+        return len(data)
+
+    def _fill_zeros(self, start: int, end: int) -> None:
+        pos = start
+        while pos < end:
+            n = min(len(_ZEROS) - pos % BLOCK_SIZE, end - pos)
+            self._write_span(pos, memoryview(_ZEROS)[:n], pos)
+            pos += n
+
+    def _write_span(self, offset: int, data: memoryview, psize: int) -> None:
+        """Rewrite the blocks covering [offset, offset+len(data)); requires offset <= psize."""
+        prefix = b""
+        if psize == 0 and self.cipher_size() == 0:
+            prefix = self._start_file()
+        end = offset + len(data)
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        head = offset - first * BLOCK_SIZE
+        old_first = self._read_block(first) if head and first * BLOCK_SIZE < psize else b""
+        plain = bytearray(old_first[:head])
+        plain += data
+        if end < psize and end % BLOCK_SIZE:
+            old_last = old_first if last == first and old_first else self._read_block(last)
+            plain += old_last[end - last * BLOCK_SIZE :]
+        cipher = self._cipher_for_existing()
+        out = [prefix]
+        view = memoryview(plain)
+        for i in range(last - first + 1):
+            out.append(cipher.encrypt_block(first + i, view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]))
+        at = 0 if prefix else cipher_offset(first)
+        _pwrite_all(self.fd, b"".join(out), at)
+
+    def truncate(self, size: int) -> None:
+        """Set the plaintext size; shrinking re-encrypts a partial last block."""
+        psize = self.plain_size()
+        if size == 0:
+            os.ftruncate(self.fd, 0)
+            self.forget_header()
+        elif size < psize:
+            block, rest = divmod(size, BLOCK_SIZE)
+            if rest == 0:
+                os.ftruncate(self.fd, cipher_offset(block))
+            else:
+                keep = self._read_block(block)[:rest]
+                os.ftruncate(self.fd, cipher_offset(block))
+                _pwrite_all(
+                    self.fd,
+                    self._cipher_for_existing().encrypt_block(block, keep),
+                    cipher_offset(block),
+                )
+        elif size > psize:
+            self._fill_zeros(psize, size)
+        else:
+            os.ftruncate(self.fd, self.cipher_size())  # same size: still updates mtime/ctime
+
+    def fsync(self, datasync: bool) -> None:
+        (os.fdatasync if datasync else os.fsync)(self.fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

@@ -1,0 +1,112 @@
+"""Open files: one ciphertext fd, file key and lock per inode, shared by all its FUSE handles.
+
+Sharing per inode (not per handle) matters for correctness: two handles writing the same file
+must read-modify-write the same blocks under one lock, and a file unlinked while open stays
+reachable through the fd held here. The file key is derived when the header is first needed
+and dropped when the last handle closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from kmsfs.fs.files import FileContent
+
+
+@dataclass
+class OpenFile:
+    """Per-inode state of a file that has at least one open handle."""
+
+    ino: int
+    content: FileContent
+    writable: bool
+    refs: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def fd(self) -> int:
+        return self.content.fd
+
+
+@dataclass
+class Handle:
+    file: OpenFile
+    append: bool
+    writable: bool
+
+
+def open_cipher_fd(path: bytes, want_write: bool) -> tuple[int, bool]:
+    """Open the ciphertext file read-write if possible (writes need reads for partial blocks)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), True
+    except OSError as exc:
+        if want_write or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
+
+
+class OpenFiles:
+    """FUSE file handles -> :class:`Handle`, and inode -> :class:`OpenFile` (trio thread)."""
+
+    def __init__(self, derive: Callable[[bytes], bytes]) -> None:
+        self._derive = derive
+        self._by_ino: dict[int, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next = itertools.count(1)
+
+    def get_file(self, ino: int) -> OpenFile | None:
+        return self._by_ino.get(ino)
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, "bad file handle") from None
+
+    def open(self, ino: int, path: bytes, flags: int, fd: int | None = None) -> int:
+        """Register a new handle of *ino*; *fd* (from create) is adopted if given."""
+        want_write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        of = self._by_ino.get(ino)
+        if of is None:
+            if fd is None:
+                fd, writable = open_cipher_fd(path, want_write)
+            else:
+                writable = True
+            of = OpenFile(ino, FileContent(fd, self._derive), writable)
+            self._by_ino[ino] = of
+        else:
+            if fd is not None:
+                os.close(fd)
+            if want_write and not of.writable:
+                new_fd, _ = open_cipher_fd(path, True)
+                os.close(of.content.fd)
+                of.content.fd = new_fd
+                of.writable = True
+        of.refs += 1
+        fh = next(self._next)
+        self._handles[fh] = Handle(of, bool(flags & os.O_APPEND), want_write)
+        return fh
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        of = handle.file
+        of.refs -= 1
+        if of.refs <= 0:
+            del self._by_ino[of.ino]
+            os.close(of.content.fd)
+
+    def close_all(self) -> None:
+        for of in self._by_ino.values():
+            with contextlib.suppress(OSError):
+                os.close(of.content.fd)
+        self._by_ino.clear()
+        self._handles.clear()

@@ -1,0 +1,167 @@
+"""The inode table: FUSE inode -> where it lives in the ciphertext directory.
+
+FUSE inode numbers are the backing (ciphertext) inode numbers, as in pyfuse3's
+``examples/passthroughfs.py``, so hard links come for free and numbers survive a remount. The
+backing root's number and 1 (``pyfuse3.ROOT_INODE``) swap places to keep the mapping a bijection.
+
+Unlike passthroughfs we do not store full paths: each node keeps its *links*, (parent inode,
+ciphertext name) pairs with the plaintext name beside them (for log lines), and a path is built
+by walking up to the root. Renaming a directory therefore moves its whole known subtree at once.
+A node lives while the kernel holds lookups on it or while known children point at it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+
+Link = tuple[int, bytes]
+
+
+@dataclass
+class Node:
+    """One known inode: its (parent, ciphertext name) links and reference counts."""
+
+    links: dict[Link, bytes] = field(default_factory=dict)  # link -> plaintext name
+    lookups: int = 0
+    children: int = 0
+
+
+class InodeTable:
+    """Maps FUSE inodes to ciphertext paths; mutated only from the trio thread."""
+
+    def __init__(self, root_path: bytes, root_backing_ino: int) -> None:
+        self.root_path = root_path
+        self._root_backing = root_backing_ino
+        self._nodes: dict[int, Node] = {ROOT: Node(lookups=1)}
+        self._entries: dict[Link, int] = {}
+
+    def fuse_ino(self, backing_ino: int) -> int:
+        """FUSE inode for a backing inode number (root and 1 swap)."""
+        if backing_ino == self._root_backing:
+            return ROOT
+        if backing_ino == ROOT:
+            return self._root_backing
+        return backing_ino
+
+    def known(self, ino: int) -> bool:
+        return ino in self._nodes
+
+    def path(self, ino: int) -> bytes:
+        """Ciphertext path of *ino* (any of its links); ENOENT if it has none left."""
+        if ino == ROOT:
+            return self.root_path
+        node = self._nodes.get(ino)
+        if node is None or not node.links:
+            raise OSError(errno.ENOENT, "inode has no known path")
+        parent, cname = next(iter(node.links))
+        return self.path(parent) + b"/" + cname
+
+    def child_path(self, parent: int, cname: bytes) -> bytes:
+        return self.path(parent) + b"/" + cname
+
+    def plain_path(self, ino: int) -> str:
+        """Plaintext path for log lines; best effort, never raises."""
+        parts: list[bytes] = []
+        seen = 0
+        while ino != ROOT and seen < 4096:
+            node = self._nodes.get(ino)
+            if node is None or not node.links:
+                parts.append(b"<unlinked>")
+                break
+            (ino, _cname), pname = next(iter(node.links.items()))
+            parts.append(pname)
+            seen += 1
+        return "/" + os.fsdecode(b"/".join(reversed(parts)))
+
+    def plain_child(self, parent: int, pname: bytes) -> str:
+        base = self.plain_path(parent).rstrip("/")
+        return f"{base}/{os.fsdecode(pname)}"
+
+    def remember(self, ino: int, parent: int, cname: bytes, pname: bytes, lookups: int) -> None:
+        """Record that *parent/cname* is *ino* and add *lookups* kernel references."""
+        self.add_link(ino, parent, cname, pname)
+        self._nodes[ino].lookups += lookups
+
+    def add_link(self, ino: int, parent: int, cname: bytes, pname: bytes) -> None:
+        link = (parent, cname)
+        old = self._entries.get(link)
+        if old is not None and old != ino:
+            self.drop_link(parent, cname)
+        node = self._nodes.setdefault(ino, Node())
+        if link not in node.links:
+            node.links[link] = pname
+            self._entries[link] = ino
+            self._nodes.setdefault(parent, Node()).children += 1
+        else:
+            node.links[link] = pname
+
+    def drop_link(self, parent: int, cname: bytes) -> None:
+        """Forget the name *parent/cname* (after unlink, rmdir, or being renamed over)."""
+        ino = self._entries.pop((parent, cname), None)
+        if ino is None:
+            return
+        node = self._nodes.get(ino)
+        if node is not None:
+            node.links.pop((parent, cname), None)
+            self._release_child(parent)
+            self._maybe_free(ino)
+
+    def move_link(self, old: Link, new: Link, pname: bytes) -> None:
+        """The name *old* is now *new* (rename); whatever *new* named before is dropped."""
+        ino = self._entries.get(old)
+        self.drop_link(*new)
+        if ino is None:
+            return
+        node = self._nodes[ino]
+        node.lookups += 1  # hold the node while its links change
+        self.drop_link(*old)
+        self.add_link(ino, new[0], new[1], pname)
+        node.lookups -= 1
+        self._maybe_free(ino)
+
+    def exchange(self, a: Link, a_name: bytes, b: Link, b_name: bytes) -> None:
+        """RENAME_EXCHANGE: the inodes at names *a* and *b* swap places."""
+        ino_a, ino_b = self._entries.get(a), self._entries.get(b)
+        held = [i for i in (ino_a, ino_b) if i is not None]
+        for i in held:
+            self._nodes[i].lookups += 1
+        self.drop_link(*a)
+        self.drop_link(*b)
+        if ino_a is not None:
+            self.add_link(ino_a, b[0], b[1], b_name)
+        if ino_b is not None:
+            self.add_link(ino_b, a[0], a[1], a_name)
+        for i in held:
+            self._nodes[i].lookups -= 1
+            self._maybe_free(i)
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_free(ino)
+
+    def _release_child(self, parent: int) -> None:
+        pnode = self._nodes.get(parent)
+        if pnode is not None:
+            pnode.children -= 1
+            self._maybe_free(parent)
+
+    def _maybe_free(self, ino: int) -> None:
+        node = self._nodes.get(ino)
+        if ino == ROOT or node is None or node.lookups > 0 or node.children > 0:
+            return
+        del self._nodes[ino]
+        for link in list(node.links):
+            self._entries.pop(link, None)
+            self._release_child(link[0])
+
+    def __len__(self) -> int:
+        return len(self._nodes)

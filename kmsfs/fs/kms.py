@@ -1,0 +1,60 @@
+"""The only module where the ``kmsfs`` command touches the key management API (``kmsfs.api``).
+
+Kept apart so the file system never imports the HSM or store layers, and so finishing the
+wiring is one small file. Every failure surfaces as a one-line :class:`KmsfsError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kmsfs.errors import KmsfsError
+from kmsfs.keys import KeyDeriver
+
+STORE_ENV = "KMSFS_STORE"
+
+
+def _api() -> Any:
+    try:
+        from kmsfs import api
+    except ImportError as exc:
+        raise KmsfsError(f"key management API unavailable: {exc}") from None
+    return api
+
+
+def store_dir(arg: str | None) -> Path:
+    """``--store``, else ``$KMSFS_STORE``, else ``kmsfs.api.default_store_path()``."""
+    if arg:
+        return Path(arg)
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV])
+    return Path(_api().default_store_path())
+
+
+def export_bundle(store: Path, domain_name: str) -> bytes:
+    """The verified Domain *domain_name* and its Trust chain, as canonical bytes."""
+    return bytes(_api().export_domain_bundle(store, domain_name))
+
+
+def describe(store: Path, bundle: bytes) -> dict[str, Any]:
+    """name, domain id, trust id, HSM ids, ``verified`` and ``problem`` of a bundle."""
+    return dict(_api().describe_bundle(store, bundle))
+
+
+def domain_id_of(desc: dict[str, Any]) -> str:
+    """The Domain id in a describe() result, whatever spelling the API settles on."""
+    for key in ("domain_id", "domain id", "id"):
+        if desc.get(key):
+            return str(desc[key])
+    raise KmsfsError("Domain bundle description has no domain id")
+
+
+@contextmanager
+def open_deriver(store: Path, bundle: bytes) -> Iterator[KeyDeriver]:
+    """Verify the bundle's chain against the store's pinned root and open an HSM deriver."""
+    with _api().open_domain(store, bundle) as deriver:
+        yield deriver

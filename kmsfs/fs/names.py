@@ -1,0 +1,150 @@
+"""Plaintext names <-> ciphertext directory entries, with directory IVs and long-name sidecars.
+
+The pure scheme lives in :mod:`kmsfs.crypto.names` (AES-SIV, DirIV as associated data, long
+names hashed with a ``.name`` sidecar); this module does the file-system side of it: read and
+cache each directory's ``kmsfs.diriv``, write and remove sidecars in the right order, create new
+directories with their IV, and list a directory as (disk name, plaintext name) pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+from kmsfs.crypto.names import (
+    DIRIV_NAME,
+    LONGNAME_SUFFIX,
+    MAX_NAME_BYTES,
+    DiskName,
+    NameCipher,
+    is_internal,
+    is_longname,
+    is_valid_name,
+    new_dir_iv,
+    parse_dir_iv,
+)
+from kmsfs.errors import FormatError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+DIRIV = DIRIV_NAME.encode()
+
+
+class DirIvError(IntegrityError):
+    """A directory's ``kmsfs.diriv`` is missing or malformed."""
+
+
+def check_name(name: bytes) -> None:
+    """ENAMETOOLONG / EINVAL for names no entry may have (checked before any encryption)."""
+    if len(name) > MAX_NAME_BYTES:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if not is_valid_name(name):
+        raise OSError(errno.EINVAL, "invalid name")
+
+
+def write_dir_iv(dirpath: bytes) -> bytes:
+    """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV and return it."""
+    dir_iv = new_dir_iv()
+    fd = os.open(dirpath + b"/" + DIRIV, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
+    try:
+        os.write(fd, dir_iv)
+    finally:
+        os.close(fd)
+    return dir_iv
+
+
+def read_dir_iv(dirpath: bytes) -> bytes:
+    try:
+        with open(dirpath + b"/" + DIRIV, "rb") as f:
+            data = f.read(64)
+        return parse_dir_iv(data)
+    except FileNotFoundError:
+        raise DirIvError(f"{DIRIV_NAME} is missing") from None
+    except FormatError as exc:
+        raise DirIvError(str(exc)) from None
+
+
+class DirNames:
+    """Name encryption for one volume; caches directory IVs by FUSE inode (trio thread only)."""
+
+    def __init__(self, cipher: NameCipher) -> None:
+        self._cipher = cipher
+        self._ivs: dict[int, bytes] = {}
+
+    def dir_iv(self, ino: int, dirpath: bytes) -> bytes:
+        dir_iv = self._ivs.get(ino)
+        if dir_iv is None:
+            dir_iv = read_dir_iv(dirpath)
+            self._ivs[ino] = dir_iv
+        return dir_iv
+
+    def forget_dir(self, ino: int) -> None:
+        self._ivs.pop(ino, None)
+
+    def disk_name(self, dir_iv: bytes, name: bytes) -> DiskName:
+        check_name(name)
+        return self._cipher.encrypt_to_disk(dir_iv, name)
+
+    def decrypt(self, dir_iv: bytes, dirpath: bytes, disk_name: str) -> bytes:
+        """Plaintext of one entry; IntegrityError if it is not a valid name of this directory."""
+
+        def read_sidecar() -> str:
+            try:
+                with open(dirpath + b"/" + os.fsencode(disk_name + LONGNAME_SUFFIX), "rb") as f:
+                    return f.read(4096).decode("ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise IntegrityError(f"long name {disk_name}: unreadable sidecar ({exc})") from None
+
+        return self._cipher.decrypt_from_disk(dir_iv, disk_name, read_sidecar)
+
+    def list_dir(self, dir_iv: bytes, dirpath: bytes, plain_dir: str) -> list[tuple[bytes, bytes]]:
+        """(disk name, plaintext name) of every visible entry; bad entries are logged, skipped.
+
+        Thread-safe (touches no shared state), so big directories can be listed off the loop.
+        """
+        out = []
+        with os.scandir(dirpath) as it:
+            for entry in it:
+                name = entry.name
+                if is_internal(os.fsdecode(name)):
+                    continue
+                disk = os.fsdecode(name)
+                try:
+                    plain = self.decrypt(dir_iv, dirpath, disk)
+                except IntegrityError as exc:
+                    log.error("integrity: %s: undecryptable entry %r (%s)", plain_dir, disk, exc)
+                    continue
+                out.append((os.fsencode(name), plain))
+        out.sort()
+        return out
+
+
+def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
+    """Write the long-name sidecar (if any) before the entry; True if one was written."""
+    if disk.long_content is None:
+        return False
+    path = dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o440)
+    try:
+        os.write(fd, disk.long_content.encode("ascii"))
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_sidecar(dirpath: bytes, cname: bytes) -> None:
+    """Remove the sidecar of a long name whose entry no longer exists."""
+    if not is_longname(os.fsdecode(cname)):
+        return
+    if os.path.lexists(dirpath + b"/" + cname):
+        return  # still there (rename onto a hard link of itself, or a lost race): keep it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dirpath + b"/" + cname + LONGNAME_SUFFIX.encode())
+
+
+def undo_sidecar(dirpath: bytes, disk: DiskName, written: bool) -> None:
+    """After a failed create: drop the sidecar unless an entry of that name exists."""
+    if written:
+        remove_sidecar(dirpath, os.fsencode(disk.name))

@@ -1,0 +1,311 @@
+"""The pyfuse3 handlers: resolve the inode, call one synchronous helper, translate errors.
+
+A passthrough over the ciphertext directory (pyfuse3's ``examples/passthroughfs.py`` shape):
+FUSE inodes are backing inode numbers (:mod:`kmsfs.fs.inodes`), names are encrypted per
+directory (:mod:`kmsfs.fs.names`), content goes through :mod:`kmsfs.fs.files`. Entry-level
+handlers (create, link, rename...) live in :mod:`kmsfs.fs.entries`; this module has the
+content, attribute, directory-listing and xattr handlers and the error boundary.
+
+Only ``pyfuse3.FUSEError`` may leave a handler (:func:`guard`): an OSError becomes its errno,
+an IntegrityError becomes EIO with one log line naming the plaintext path, anything else is EIO
+with a logged traceback. Small syscalls run inline on the trio thread; reads and writes of
+``THREAD_THRESHOLD`` bytes or more, fsync and big directory listings run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from kmsfs.errors import HsmError, IntegrityError
+from kmsfs.fs.files import BlockIntegrityError, FileContent
+from kmsfs.fs.posix import entry_attrs, fsync_dir, may_access, statvfs_data
+
+log = logging.getLogger(__name__)
+
+THREAD_THRESHOLD = 512 * 1024
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guard(fn: F) -> F:
+    """The error boundary of every handler: nothing but FUSEError escapes."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except IntegrityError as exc:
+            log.error("integrity: %s", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except HsmError as exc:
+            log.error("hsm: %s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class DirHandle:
+    ino: int
+    entries: list[tuple[bytes, bytes]] | None = None
+
+
+class ContentOps:
+    """Mixin with attribute, content, directory and xattr handlers (see :class:`KmsfsOps`)."""
+
+    # Provided by KmsfsOps.__init__ (declared for type checkers).
+    table: Any
+    names: Any
+    links: Any
+    xattrs: Any
+    files: Any
+    limiter: trio.CapacityLimiter
+    timeout: float
+    keep_cache: bool
+    _derive: Callable[[bytes], bytes]
+    _dirs: dict[int, DirHandle]
+    _next_dir: Any
+
+    # --- helpers ------------------------------------------------------------------------
+    async def _run(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if size >= THREAD_THRESHOLD:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return fn(*args)
+
+    def _integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
+        where = self.table.plain_path(ino)
+        if isinstance(exc, BlockIntegrityError):
+            if exc.block < 0:
+                log.error("integrity: %s header (%s)", where, exc)
+            else:
+                log.error("integrity: %s block %d (%s)", where, exc.block, exc)
+        else:
+            log.error("integrity: %s (%s)", where, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    def _symlink_size(self, path: bytes) -> int:
+        try:
+            return len(self._read_link(path))
+        except (IntegrityError, OSError):
+            return 0
+
+    def _attrs(self, ino: int, st: os.stat_result, path: bytes | None) -> pyfuse3.EntryAttributes:
+        size = None
+        if stat.S_ISLNK(st.st_mode) and path is not None:
+            size = self._symlink_size(path)
+        return entry_attrs(st, ino, self.timeout, size)
+
+    def _stat_ino(self, ino: int) -> tuple[os.stat_result, bytes | None]:
+        of = self.files.get_file(ino)
+        if of is not None:
+            return os.fstat(of.fd), None
+        path = self.table.path(ino)
+        return os.lstat(path), path
+
+    def _read_link(self, path: bytes) -> bytes:
+        raise NotImplementedError
+
+    # --- attributes ---------------------------------------------------------------------
+    @guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        st, path = self._stat_ino(inode)
+        return self._attrs(inode, st, path)
+
+    @guard
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        of = self.files.get_file(inode)
+        target: bytes | int = of.fd if of is not None else self.table.path(inode)
+        nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+        if fields.update_size:
+            await self._truncate(inode, of, target, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(target, uid, gid, **nofollow)
+        if fields.update_mode:
+            try:
+                os.chmod(target, stat.S_IMODE(attr.st_mode), **nofollow)
+            except NotImplementedError:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(target, **nofollow)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(target, ns=(atime, mtime), **nofollow)
+        st = os.stat(target, **nofollow)
+        return self._attrs(inode, st, None if isinstance(target, int) else target)
+
+    async def _truncate(self, ino: int, of: Any, target: bytes | int, size: int) -> None:
+        if of is not None:
+            async with of.lock:
+                try:
+                    await self._run(size, of.content.truncate, size)
+                except IntegrityError as exc:
+                    raise self._integrity(ino, exc) from None
+            return
+        assert isinstance(target, bytes)
+        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            await self._run(size, FileContent(fd, self._derive).truncate, size)
+        except IntegrityError as exc:
+            raise self._integrity(ino, exc) from None
+        finally:
+            os.close(fd)
+
+    @guard
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        st, _ = self._stat_ino(inode)
+        return may_access(st, mode, ctx.uid, pyfuse3.get_sup_groups(ctx.pid) | {ctx.gid})
+
+    @guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        return statvfs_data(self.table.root_path)
+
+    # --- content ------------------------------------------------------------------------
+    @guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = self.files.open(inode, self.table.path(inode), flags)
+        handle = self.files.handle(fh)
+        if flags & os.O_TRUNC and handle.writable:
+            try:
+                async with handle.file.lock:
+                    handle.file.content.truncate(0)
+            except BaseException:
+                self.files.release(fh)
+                raise
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache)
+
+    @guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self.files.handle(fh).file
+        if size < THREAD_THRESHOLD and not of.lock.locked():
+            # Fast path: runs to completion without yielding, so no lock is needed.
+            try:
+                return of.content.read(off, size)
+            except IntegrityError as exc:
+                raise self._integrity(of.ino, exc) from None
+        async with of.lock:
+            try:
+                return await self._run(size, of.content.read, off, size)
+            except IntegrityError as exc:
+                raise self._integrity(of.ino, exc) from None
+
+    @guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.files.handle(fh)
+        of = handle.file
+        if len(buf) < THREAD_THRESHOLD and not of.lock.locked():
+            # Fast path: runs to completion without yielding, so no lock is needed.
+            try:
+                if handle.append:
+                    off = of.content.plain_size()
+                return of.content.write(off, buf)
+            except IntegrityError as exc:
+                raise self._integrity(of.ino, exc) from None
+        async with of.lock:
+            try:
+                if handle.append:
+                    off = of.content.plain_size()
+                return await self._run(len(buf), of.content.write, off, buf)
+            except IntegrityError as exc:
+                raise self._integrity(of.ino, exc) from None
+
+    @guard
+    async def flush(self, fh: int) -> None:
+        self.files.handle(fh)  # writes go straight to the ciphertext file: nothing buffered
+
+    @guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        of = self.files.handle(fh).file
+        await trio.to_thread.run_sync(of.content.fsync, datasync, limiter=self.limiter)
+
+    @guard
+    async def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    # --- directories --------------------------------------------------------------------
+    @guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        fh = next(self._next_dir)
+        self._dirs[fh] = DirHandle(inode)
+        return fh
+
+    @guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        d = self._dirs[fh]
+        dirpath = self.table.path(d.ino)
+        if start_id == 0 or d.entries is None:
+            try:
+                dir_iv = self.names.dir_iv(d.ino, dirpath)
+            except IntegrityError as exc:
+                raise self._integrity(d.ino, exc) from None
+            plain = self.table.plain_path(d.ino)
+            d.entries = await trio.to_thread.run_sync(
+                self.names.list_dir, dir_iv, dirpath, plain, limiter=self.limiter
+            )
+        entries = d.entries
+        for i in range(start_id, len(entries)):
+            cname, pname = entries[i]
+            path = dirpath + b"/" + cname
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            ino = self.table.fuse_ino(st.st_ino)
+            if not pyfuse3.readdir_reply(token, pname, self._attrs(ino, st, path), i + 1):
+                break
+            self.table.remember(ino, d.ino, cname, pname, 1)
+
+    @guard
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        path = self.table.path(self._dirs[fh].ino)
+        await trio.to_thread.run_sync(fsync_dir, path, limiter=self.limiter)
+
+    # --- extended attributes ------------------------------------------------------------
+    def _xattr_target(self, ino: int) -> bytes | int:
+        of = self.files.get_file(ino)
+        return of.fd if of is not None else self.table.path(ino)
+
+    def _xattr_integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
+        return self._integrity(ino, IntegrityError(f"xattr: {exc}"))
+
+    @guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return self.xattrs.get(self._xattr_target(inode), name)
+        except IntegrityError as exc:
+            raise self._xattr_integrity(inode, exc) from None
+
+    @guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.xattrs.set(self._xattr_target(inode), name, value)
+
+    @guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self.xattrs.list(self._xattr_target(inode))
+
+    @guard
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self.xattrs.remove(self._xattr_target(inode), name)

@@ -1,0 +1,119 @@
+"""Small POSIX helpers the standard library lacks: renameat2, ownership of new entries, attrs.
+
+``renameat2`` gives RENAME_NOREPLACE and RENAME_EXCHANGE atomically on the ciphertext file
+system (ext4, xfs, btrfs, tmpfs); emulating them with a stat then a rename would race.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from kmsfs.crypto.content import plain_size_lenient
+
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    """rename(2) with flags; EINVAL if the C library or the file system cannot do them."""
+    if flags == 0:
+        os.rename(old, new)
+        return
+    if _renameat2 is None:
+        raise OSError(errno.EINVAL, "renameat2 is not available")
+    if _renameat2(AT_FDCWD, old, AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def own(target: bytes | int, uid: int, gid: int, mode: int | None) -> None:
+    """Give a new entry the caller's uid/gid (we run as root), then re-apply set-id bits.
+
+    chown clears S_ISUID/S_ISGID, so a mode carrying them is applied again afterwards.
+    """
+    if os.geteuid() != 0:
+        return
+    if isinstance(target, int):
+        os.fchown(target, uid, gid)
+        if mode is not None and mode & 0o6000:
+            os.fchmod(target, mode & 0o7777)
+    else:
+        os.chown(target, uid, gid, follow_symlinks=False)
+        if mode is not None and mode & 0o6000:
+            os.chmod(target, mode & 0o7777)
+
+
+def fsync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def entry_attrs(
+    st: os.stat_result, ino: int, timeout: float, size: int | None = None
+) -> pyfuse3.EntryAttributes:
+    """EntryAttributes for a ciphertext stat: regular files get their plaintext size.
+
+    *size* overrides the size (symlinks: the plaintext target length, found by the caller).
+    """
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.generation = 0
+    e.entry_timeout = timeout
+    e.attr_timeout = timeout
+    e.st_mode = st.st_mode
+    e.st_nlink = st.st_nlink
+    e.st_uid = st.st_uid
+    e.st_gid = st.st_gid
+    e.st_rdev = st.st_rdev
+    if size is not None:
+        e.st_size = size
+    elif stat.S_ISREG(st.st_mode):
+        e.st_size = plain_size_lenient(st.st_size)
+    else:
+        e.st_size = st.st_size
+    e.st_blksize = 4096
+    e.st_blocks = st.st_blocks
+    e.st_atime_ns = st.st_atime_ns
+    e.st_mtime_ns = st.st_mtime_ns
+    e.st_ctime_ns = st.st_ctime_ns
+    return e
+
+
+def statvfs_data(path: bytes) -> pyfuse3.StatvfsData:
+    sv = os.statvfs(path)
+    out = pyfuse3.StatvfsData()
+    for name in (
+        "f_bsize",
+        "f_frsize",
+        "f_blocks",
+        "f_bfree",
+        "f_bavail",
+        "f_files",
+        "f_ffree",
+        "f_favail",
+    ):
+        setattr(out, name, getattr(sv, name))
+    out.f_namemax = 255
+    return out
+
+
+def may_access(st: os.stat_result, mode: int, uid: int, gids: set[int]) -> bool:
+    """access(2) semantics for the access handler (unused with default_permissions)."""
+    if uid == 0:
+        return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+    if st.st_uid == uid:
+        bits = (st.st_mode >> 6) & 7
+    elif st.st_gid in gids:
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    return (mode & bits) == mode

@@ -1,0 +1,105 @@
+"""Shared helpers for the real-FUSE tests: a software KeyDeriver, volumes and mounts.
+
+Each mount runs ``fs_mount_stub.py`` in its own subprocess (as pyfuse3's own tests do), so a
+crash of the daemon cannot take the test runner with it, and ``kill -9`` can be tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kmsfs.fs.config import VolumeConfig
+from kmsfs.fs.volume import create_volume
+
+STUB = Path(__file__).with_name("fs_mount_stub.py")
+TEST_KEY = bytes(range(32))
+
+
+class SoftDeriver:
+    """HMAC-SHA256 with a fixed key: the test stand-in for the HSM-backed KeyDeriver."""
+
+    def __init__(self, key: bytes = TEST_KEY) -> None:
+        self._key = key
+
+    def derive(self, info: bytes) -> bytes:
+        return hmac.new(self._key, info, hashlib.sha256).digest()
+
+
+def sample_config() -> VolumeConfig:
+    return VolumeConfig(domain_name="test-domain", domain_id="test-domain-id",
+                        domain_bundle=b'{"test": "bundle"}')
+
+
+def make_volume(cipherdir: Path) -> Path:
+    create_volume(cipherdir, sample_config())
+    return cipherdir
+
+
+class Mount:
+    """One stub daemon serving CIPHERDIR at MOUNTPOINT; its stderr goes to ``log_path``."""
+
+    def __init__(self, cipherdir: Path, mountpoint: Path, log_path: Path,
+                 options: tuple[str, ...] = ()) -> None:
+        self.cipherdir, self.mountpoint, self.log_path = cipherdir, mountpoint, log_path
+        self.options = options
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> Mount:
+        self.mountpoint.mkdir(exist_ok=True)
+        cmd = [sys.executable, str(STUB), str(self.cipherdir), str(self.mountpoint)]
+        for opt in self.options:
+            cmd += ["-o", opt]
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            self.proc.kill()
+            self.proc.wait()
+            self._close()
+            raise RuntimeError(f"mount failed: {line!r}\n{self.log()}")
+        while not os.path.ismount(self.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Unmount cleanly; escalate to SIGKILL and a lazy unmount if the daemon hangs."""
+        if self.proc is None:
+            return
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        self._close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None

@@ -1,0 +1,38 @@
+"""Test-only mount daemon: kmsfs's real operations with a software stand-in KeyDeriver.
+
+Never part of the product: ``kmsfs mount`` only accepts Domains opened through the HSM. Run as
+``python fs_mount_stub.py CIPHERDIR MOUNTPOINT [-o opts]``; prints ``ready`` on stdout once the
+mount is served, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fs_helpers import SoftDeriver
+
+from kmsfs.fs import daemon
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cipherdir", type=Path)
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    daemon.setup_logging(foreground=True, debug=args.debug)
+
+    def ready() -> None:
+        print("ready", flush=True)
+
+    daemon.serve(args.cipherdir, args.mountpoint, SoftDeriver(),
+                 daemon.mount_options(args.options), on_ready=ready)
+
+
+if __name__ == "__main__":
+    main()

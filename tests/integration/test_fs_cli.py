@@ -1,0 +1,120 @@
+"""The ``kmsfs`` command and the volume config: refusals are one line and mount nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmsfs.errors import BadVersionError, FormatError
+from kmsfs.fs import config as volconfig
+from tests.integration.fs_helpers import make_volume, sample_config
+
+KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
+
+
+def kmsfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KMSFS, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+# --- config ---------------------------------------------------------------------------------
+def test_config_roundtrip_and_atomic_save(tmp_path: Path) -> None:
+    cfg = sample_config()
+    assert volconfig.parse(volconfig.pack(cfg)) == cfg
+    volconfig.save(tmp_path, cfg)
+    assert volconfig.load(tmp_path) == cfg
+    assert sorted(os.listdir(tmp_path)) == ["kmsfs.conf"]
+
+
+@pytest.mark.parametrize(("edit", "error", "text"), [
+    (lambda d: d["feature_flags"].append("FutureFlag"), BadVersionError, "FutureFlag"),
+    (lambda d: d.__setitem__("format_version", 2), BadVersionError, "want 1, have 2"),
+    (lambda d: d.__setitem__("domain_bundle", "!!"), FormatError, "base64"),
+    (lambda d: d.pop("domain_id"), FormatError, "domain_id"),
+    (lambda d: d.__setitem__("extra", 1), FormatError, "extra"),
+    (lambda d: d["feature_flags"].remove("DirIV"), BadVersionError, "DirIV"),
+])
+def test_config_rejects(edit, error, text) -> None:  # type: ignore[no-untyped-def]
+    doc = json.loads(volconfig.pack(sample_config()))
+    edit(doc)
+    with pytest.raises(error, match=text):
+        volconfig.parse(json.dumps(doc).encode())
+    with pytest.raises(FormatError):
+        volconfig.parse(b"not json")
+
+
+# --- CLI refusals ---------------------------------------------------------------------------
+def _assert_refused(proc: subprocess.CompletedProcess[str], mountpoint: Path, text: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kmsfs: error: "), proc.stderr
+    assert text in lines[0]
+    assert not os.path.ismount(mountpoint)
+
+
+def test_mount_refusals(tmp_path: Path) -> None:
+    cipher = make_volume(tmp_path / "c")
+    mp = tmp_path / "m"
+    _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "no such directory")
+    mp.mkdir()
+    (mp / "x").write_text("")
+    _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "not empty")
+    (mp / "x").unlink()
+    _assert_refused(kmsfs("mount", str(cipher), str(mp), "-o", "bogus"), mp, "bogus")
+    doc = json.loads((cipher / "kmsfs.conf").read_bytes())
+    doc["feature_flags"].append("FutureFlag")
+    os.chmod(cipher / "kmsfs.conf", 0o644)
+    (cipher / "kmsfs.conf").write_text(json.dumps(doc))
+    _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "unknown feature flag 'FutureFlag'")
+    (cipher / "kmsfs.conf").write_text("{garbage")
+    _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "not valid JSON")
+    _assert_refused(kmsfs("mount", str(tmp_path / "nope"), str(mp)), mp, "no such directory")
+
+
+def test_init_refuses_non_empty(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "f").write_text("")
+    proc = kmsfs("init", str(tmp_path / "c"), "--domain", "x", "--store", str(tmp_path / "s"))
+    assert proc.returncode != 0 and proc.stderr.startswith("kmsfs: error: ")
+    assert os.listdir(tmp_path / "c") == ["f"]
+
+
+@pytest.mark.parametrize("sub", ["init", "mount", "umount", "info"])
+def test_help_has_example(sub: str) -> None:
+    proc = kmsfs(sub, "--help")
+    assert proc.returncode == 0 and "example" in proc.stdout
+
+
+def test_info_reads_config(tmp_path: Path) -> None:
+    cipher = make_volume(tmp_path / "c")
+    proc = kmsfs("info", str(cipher), "--json", "--store", str(tmp_path / "nostore"))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["domain_name"] == "test-domain" and info["verified"] is False
+
+
+# --- end to end with a real store and SoftHSM ----------------------------------------------
+@pytest.mark.slow
+def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    proc = kmsfs("init", str(cipher), "--domain", "payroll", env=env)
+    assert proc.returncode == 0, proc.stderr
+    mp.mkdir()
+    proc = kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert os.path.ismount(mp)
+        (mp / "hello").write_bytes(b"world")
+        assert (mp / "hello").read_bytes() == b"world"
+    finally:
+        proc = kmsfs("umount", str(mp))
+    assert proc.returncode == 0, proc.stderr
