@@ -39,11 +39,13 @@ def default_module() -> str:
 def write_config(conf_path: Path, token_dir: Path) -> None:
     """Write a softhsm2.conf that keeps tokens in ``token_dir`` (created 0700)."""
     token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conf_path.write_text(
-        f"directories.tokendir = {token_dir}\nobjectstore.backend = file\n"
+    temp = conf_path.with_name(f".{conf_path.name}.{os.getpid()}")
+    temp.write_text(
+        f"directories.tokendir = {token_dir.resolve()}\nobjectstore.backend = file\n"
         "log.level = ERROR\nslots.removable = false\n"
     )
-    conf_path.chmod(0o600)
+    temp.chmod(0o600)
+    os.replace(temp, conf_path)
 
 
 def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from kmsfs.errors import FormatError, NotFoundError
+from kmsfs.hsm import softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
 from kmsfs.store import atomic
@@ -22,7 +23,7 @@ from kmsfs.store import atomic
 
 class PrivateArea:
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()
 
     def ensure(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -48,15 +49,33 @@ class PrivateArea:
     def operator_key_file(self, name: str) -> Path:
         return self.root / "operator-keys" / f"{name}.key"
 
+    def _portable(self, path: str | None) -> str | None:
+        """Paths inside the private area are kept relative, so a store can be moved or copied."""
+        if path is None:
+            return None
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return path
+
+    def _local(self, path: str | None) -> str | None:
+        return None if path is None or os.path.isabs(path) else str(self.root / path)
+
     def save_access(
         self, kind: str, name: str, location: TokenLocation, pin: PinSource | None
     ) -> None:
         """Record where the token of an HSM (kind "hsm") or operator (kind "operator") is."""
+        embedded = location.softhsm_conf is not None and (
+            Path(location.softhsm_conf).resolve() == self.softhsm_conf.resolve()
+        )
+        pin_doc = pin.to_dict() if pin else None
+        if pin_doc and "file" in pin_doc:
+            pin_doc["file"] = self._portable(pin_doc["file"])
         doc = {
-            "module": location.module,
+            "module": "embedded-softhsm2" if embedded else location.module,
             "token_label": location.token_label,
-            "softhsm_conf": location.softhsm_conf,
-            "pin": pin.to_dict() if pin else None,
+            "softhsm_conf": self._portable(location.softhsm_conf),
+            "pin": pin_doc,
         }
         path = self.root / f"{kind}-access" / f"{name}.json"
         path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -66,12 +85,32 @@ class PrivateArea:
         path = self.root / f"{kind}-access" / f"{name}.json"
         try:
             doc = json.loads(path.read_text())
-            location = TokenLocation(doc["module"], doc["token_label"], doc.get("softhsm_conf"))
-            pin = PinSource.from_dict(doc["pin"]) if doc["pin"] else None
-            return location, pin
+            module = doc["module"]
+            conf = doc.get("softhsm_conf")
+            if conf is not None and not os.path.isabs(conf):
+                conf = self._local(conf)
+                self.ensure_softhsm_conf()
+            if module == "embedded-softhsm2":
+                module = softhsm.default_module()
+            pin_doc = doc["pin"]
+            if pin_doc and pin_doc.get("file") and not os.path.isabs(pin_doc["file"]):
+                pin_doc = dict(pin_doc, file=self._local(pin_doc["file"]))
+            pin = PinSource.from_dict(pin_doc) if pin_doc else None
+            return TokenLocation(module, doc["token_label"], conf), pin
         except FileNotFoundError:
             raise NotFoundError(
                 f"{kind} {name[:12]}: its token is not known on this machine (no {path})"
             ) from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"{path}: damaged access file ({type(exc).__name__})") from exc
+
+    def ensure_softhsm_conf(self) -> None:
+        """Point softhsm2.conf at this area's token directory if the store was moved."""
+        conf = self.softhsm_conf
+        want = f"directories.tokendir = {self.token_dir.resolve()}\n"
+        try:
+            text = conf.read_text()
+        except FileNotFoundError:
+            return
+        if want not in text:
+            softhsm.write_config(conf, self.token_dir)
