@@ -39,3 +39,34 @@ step "6. a domain: k and mk generated inside an HSM, k wrapped to both HSMs"
 kmsfs-admin domain create payroll --trust "$TRUST"
 kmsfs-admin domain verify payroll
 kmsfs-admin domain list
+
+step "7. bind a ciphertext directory to the domain and mount it"
+CIPHER="$DEMO_DIR/cipher"
+MNT="$DEMO_DIR/mnt"
+mkdir -p "$MNT"
+kmsfs init "$CIPHER" --domain payroll
+kmsfs mount "$CIPHER" "$MNT"
+trap 'mountpoint -q "$MNT" && kmsfs umount "$MNT"' EXIT
+
+step "8. ordinary tools on the plaintext view"
+mkdir -p "$MNT/2026/q4"
+printf 'employee,salary\nada,100\ngrace,120\n' > "$MNT/2026/q4/salaries.csv"
+cp /etc/os-release "$MNT/2026/"
+ln -s q4/salaries.csv "$MNT/2026/latest.csv"
+ls -lR "$MNT"
+cat "$MNT/2026/latest.csv"
+
+step "9. what is on disk: encrypted names and contents"
+find "$CIPHER" | sed "s|$DEMO_DIR/||" | head -20
+if grep -rq "grace" "$CIPHER"; then echo "demo: plaintext on disk?!" >&2; exit 1; fi
+echo "(no plaintext name or content under $CIPHER)"
+kmsfs info "$CIPHER"
+
+step "10. unmount, mount again, read back"
+kmsfs umount "$MNT"
+kmsfs mount "$CIPHER" "$MNT"
+cat "$MNT/2026/q4/salaries.csv"
+kmsfs umount "$MNT"
+trap - EXIT
+echo
+echo "demo: done; everything is under $DEMO_DIR"

@@ -116,6 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         emit_json(info)
     else:
         for key, value in info.items():
+            if value is None:
+                continue
             if isinstance(value, list):
                 value = ", ".join(map(str, value))
             print(f"{key + ':':16} {value}")
