@@ -80,12 +80,10 @@ class Command:
         )
 
     def hsm_enroll(self) -> None:
+        a = self.args
+        later = PinSource(credential=a.pin_credential) if a.pin_credential else None
         record = hsms.enroll_hsm(
-            self.ctx,
-            self.args.module,
-            self.args.token,
-            self.pin(f"PIN of token {self.args.token}"),
-            self.args.label,
+            self.ctx, a.module, a.token, self.pin(f"PIN of token {a.token}"), a.label, later
         )
         self.one(
             render.hsm(record),
@@ -335,6 +333,12 @@ def build_parser() -> Parser:
     p.add_argument("--token", required=True, metavar="LABEL", help="the token's label")
     p.add_argument("--label", help="a name for the HSM in kmsfs (default hsmN)")
     _pin_options(p, "token's user PIN")
+    p.add_argument(
+        "--pin-credential",
+        metavar="NAME",
+        help="read the PIN from the systemd credential NAME when used by a service "
+        "($CREDENTIALS_DIRECTORY/NAME, see LoadCredential=)",
+    )
     command(hsm, "list", "hsm_list", "list the HSMs of the store", "kmsfs-admin --json hsm list")
 
     op = groups.add_parser("operator", help="create and list operators").add_subparsers(

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from kmsfs.errors import UsageError
+from kmsfs.fs import sdnotify
 from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def serve(
     log.info("mounted %s on %s", cipherdir, mountpoint)
     unmount = True
     try:
-        trio.run(_main, on_ready)
+        trio.run(_main, on_ready, mountpoint)
     except BaseException:
         log.exception("main loop failed")
         raise
@@ -111,10 +112,13 @@ def serve(
         log.info("unmounted %s", mountpoint)
 
 
-async def _main(on_ready: Callable[[], None] | None) -> None:
+async def _main(on_ready: Callable[[], None] | None, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
         await nursery.start(_run_fuse, nursery.cancel_scope)
+        # Ready means answering: stat the mount point through FUSE (served by the loop above).
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        sdnotify.notify(f"READY=1\nSTATUS=serving {mountpoint}")
         if on_ready is not None:
             on_ready()
 
@@ -133,6 +137,7 @@ async def _watch_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
+            sdnotify.notify("STOPPING=1")
             pyfuse3.terminate()
             return
 

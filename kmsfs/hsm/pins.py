@@ -1,7 +1,9 @@
-"""Where a PIN or passphrase comes from: a file, an environment variable, or a prompt.
+"""Where a PIN or passphrase comes from: a file, an environment variable, a systemd
+credential, or a prompt.
 
 Never argv: a command line is visible to every local user through /proc. A PIN is read when it
-is needed and never logged or echoed.
+is needed and never logged or echoed. A systemd credential (``LoadCredential=NAME:PATH`` in the
+unit) is read from ``$CREDENTIALS_DIRECTORY/NAME``, which only the service can see.
 """
 
 import getpass
@@ -11,25 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, PinError
+from kmsfs.errors import FormatError, PinError, UsageError
 
 MAX_PIN_BYTES = 4096
 
 
 @dataclass(frozen=True)
 class PinSource:
-    """Exactly one of ``file``, ``env`` or ``prompt``."""
+    """Exactly one of ``file``, ``env``, ``credential`` or ``prompt``."""
 
     file: str | None = None
     env: str | None = None
     prompt: str | None = None
+    credential: str | None = None
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.file, self.env, self.prompt)) != 1:
-            raise FormatError("a PIN source names exactly one of file, env, prompt")
+        chosen = (self.file, self.env, self.prompt, self.credential)
+        if sum(x is not None for x in chosen) != 1:
+            raise FormatError("a PIN source names exactly one of file, env, credential, prompt")
+        if self.credential is not None and (
+            not self.credential or "/" in self.credential or self.credential.startswith(".")
+        ):
+            raise FormatError(f"bad systemd credential name {self.credential!r:.40}")
 
     def read(self) -> str:
         """Return the secret, without a trailing newline; PinError if it cannot be had."""
+        if self.credential is not None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise PinError(
+                    f"the PIN is the systemd credential {self.credential!r}, but "
+                    "$CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit)"
+                )
+            return PinSource(file=str(Path(directory) / self.credential)).read()
         if self.file is not None:
             path = Path(self.file)
             try:
@@ -59,15 +75,25 @@ class PinSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PinSource":
-        return cls(file=data.get("file"), env=data.get("env"), prompt=data.get("prompt"))
+        return cls(
+            file=data.get("file"),
+            env=data.get("env"),
+            prompt=data.get("prompt"),
+            credential=data.get("credential"),
+        )
 
 
-def pin_source_from_args(pin_file: str | None, pin_env: str | None, prompt: str) -> PinSource:
+def pin_source_from_args(
+    pin_file: str | None, pin_env: str | None, prompt: str, credential: str | None = None
+) -> PinSource:
     """Build a PinSource from command-line options, falling back to a terminal prompt."""
-    if pin_file and pin_env:
-        raise FormatError("give either --pin-file or --pin-env, not both")
+    given = [x for x in (pin_file, pin_env, credential) if x]
+    if len(given) > 1:
+        raise UsageError("give only one of --pin-file, --pin-env, --pin-credential")
     if pin_file:
-        return PinSource(file=pin_file)
+        return PinSource(file=str(Path(pin_file).resolve()))
     if pin_env:
         return PinSource(env=pin_env)
+    if credential:
+        return PinSource(credential=credential)
     return PinSource(prompt=prompt)

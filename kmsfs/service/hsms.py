@@ -31,7 +31,11 @@ def _check_label_free(ctx: Context, label: str) -> None:
 
 
 def _provision(
-    ctx: Context, location: TokenLocation, pin_source: PinSource, label: str
+    ctx: Context,
+    location: TokenLocation,
+    pin_source: PinSource,
+    label: str,
+    later_pin: PinSource | None = None,
 ) -> HsmRecord:
     """Generate (or find) the kmsfs key pairs in the token and write the self-signed record."""
     with (
@@ -45,7 +49,7 @@ def _provision(
     record.verify_self_signature()
     if record.id in ctx.store.hsm_ids():
         raise AlreadyExistsError(f"this token is already enrolled as HSM {record.id[:12]}")
-    ctx.private.save_access("hsm", record.id, location, pin_source)
+    ctx.private.save_access("hsm", record.id, location, later_pin or pin_source)
     ctx.store.save_hsm(record)
     return record
 
@@ -69,9 +73,18 @@ def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
 
 
 def enroll_hsm(
-    ctx: Context, module: str, token_label: str, pin_source: PinSource, label: str | None = None
+    ctx: Context,
+    module: str,
+    token_label: str,
+    pin_source: PinSource,
+    label: str | None = None,
+    later_pin: PinSource | None = None,
 ) -> HsmRecord:
-    """Enroll an existing token of any PKCS#11 module; its PIN stays where ``pin_source`` says."""
+    """Enroll an existing token of any PKCS#11 module.
+
+    ``pin_source`` unlocks it now; ``later_pin`` (default: the same) is what later uses record,
+    e.g. a systemd credential that only the mount service can read.
+    """
     if len(token_label.encode()) > TOKEN_LABEL_MAX:
         raise UsageError(f"token label {token_label!r:.40} is longer than {TOKEN_LABEL_MAX} bytes")
     ctx.private.ensure()
@@ -79,7 +92,7 @@ def enroll_hsm(
     _check_label_free(ctx, label)
     location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module))
     library.refresh(location)
-    return _provision(ctx, location, pin_source, label)
+    return _provision(ctx, location, pin_source, label, later_pin)
 
 
 def _softhsm_conf_for(ctx: Context, module: str) -> str | None:

@@ -1,0 +1,85 @@
+"""``mount.kmsfs``: what mount(8) runs for ``mount -t kmsfs`` and ``/etc/fstab`` lines.
+
+mount(8) calls ``/usr/sbin/mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-N NS] [-o OPTIONS]``.
+kmsfs's own option ``store=DIR`` names the key store; options that only matter to mount(8) or
+systemd (``noauto``, ``_netdev``, ``nofail``, ``x-systemd.*``, ...) are dropped; the rest go to
+``kmsfs mount -o``, which refuses any it does not know. The mount daemonizes and this returns
+once the mount serves, as mount(8) expects.
+
+    /srv/cipher/payroll  /srv/payroll  kmsfs  store=/var/lib/kmsfs/store,allow_other,_netdev  0 0
+"""
+
+import sys
+
+from kmsfs import exitcodes
+from kmsfs.fs import cli
+
+#: Options for mount(8), systemd or fstab bookkeeping: never passed to the filesystem.
+USERSPACE_ONLY = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "_netdev",
+        "nofail",
+        "user",
+        "nouser",
+        "users",
+        "owner",
+        "group",
+        "loud",
+        "silent",
+    }
+)
+USERSPACE_PREFIXES = ("x-", "comment=", "helper=")
+
+
+def split_options(options: str) -> tuple[str | None, list[str]]:
+    """(store, options for kmsfs mount) from a mount(8) option string."""
+    store, rest = None, []
+    for opt in filter(None, (o.strip() for o in options.split(","))):
+        if opt.startswith("store="):
+            store = opt.removeprefix("store=")
+        elif opt in USERSPACE_ONLY or opt.startswith(USERSPACE_PREFIXES):
+            continue
+        else:
+            rest.append(opt)
+    return store, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options = ""
+    fake = False
+    while args:
+        arg = args.pop(0)
+        if arg == "-o" and args:
+            options = ",".join(filter(None, (options, args.pop(0))))
+        elif arg.startswith("-o") and len(arg) > 2:
+            options = ",".join(filter(None, (options, arg[2:])))
+        elif arg in ("-N", "-t") and args:
+            args.pop(0)  # namespace / type: not ours to handle
+        elif arg.startswith("-") and len(arg) > 1:
+            fake = fake or "f" in arg[1:]  # -f: fake mount; -s, -n, -v: nothing to do
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        print(
+            "mount.kmsfs: error: usage: mount.kmsfs CIPHERDIR MOUNTPOINT [-o store=DIR,...]",
+            file=sys.stderr,
+        )
+        return exitcodes.USAGE
+    if fake:
+        return exitcodes.OK
+    store, rest = split_options(options)
+    command = ["mount", *positional]
+    if store:
+        command += ["--store", store]
+    if rest:
+        command += ["-o", ",".join(rest)]
+    return cli.main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
