@@ -1,0 +1,63 @@
+"""PIN sources: file, environment, systemd credential; never an empty or unbounded secret."""
+
+from pathlib import Path
+
+import pytest
+
+from kmsfs.errors import FormatError, PinError, UsageError
+from kmsfs.hsm.pins import PinSource, pin_source_from_args
+
+
+def test_file_pin_drops_only_the_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "pin"
+    path.write_text(" spaced pin \n")
+    assert PinSource(file=str(path)).read() == " spaced pin "
+
+
+def test_env_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMSFS_TEST_PIN", "from-env")
+    assert PinSource(env="KMSFS_TEST_PIN").read() == "from-env"
+    monkeypatch.delenv("KMSFS_TEST_PIN")
+    with pytest.raises(PinError, match="KMSFS_TEST_PIN"):
+        PinSource(env="KMSFS_TEST_PIN").read()
+
+
+def test_systemd_credential_is_read_from_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "hsm-a.pin").write_text("from-credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert PinSource(credential="hsm-a.pin").read() == "from-credential"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(PinError, match="LoadCredential"):
+        PinSource(credential="hsm-a.pin").read()
+
+
+@pytest.mark.parametrize("name", ["", "../etc/shadow", "a/b", ".hidden"])
+def test_credential_names_cannot_escape_the_directory(name: str) -> None:
+    with pytest.raises(FormatError):
+        PinSource(credential=name)
+
+
+def test_empty_and_missing_pins_are_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(PinError, match="empty"):
+        PinSource(file=str(empty)).read()
+    with pytest.raises(PinError, match="cannot read"):
+        PinSource(file=str(tmp_path / "missing")).read()
+
+
+def test_exactly_one_source() -> None:
+    with pytest.raises(FormatError):
+        PinSource(file="a", env="B")
+    with pytest.raises(FormatError):
+        PinSource()
+    with pytest.raises(UsageError):
+        pin_source_from_args("a", "B", "prompt")
+    assert pin_source_from_args(None, None, "ask").prompt == "ask"
+
+
+def test_round_trip_through_dict() -> None:
+    for source in (PinSource(file="/x"), PinSource(env="E"), PinSource(credential="c")):
+        assert PinSource.from_dict(source.to_dict()) == source
