@@ -69,9 +69,13 @@ class PinSource:
         return secret
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: v for k, v in (("file", self.file), ("env", self.env), ("prompt", self.prompt)) if v
-        }
+        pairs = (
+            ("file", self.file),
+            ("env", self.env),
+            ("prompt", self.prompt),
+            ("credential", self.credential),
+        )
+        return {k: v for k, v in pairs if v}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PinSource":
