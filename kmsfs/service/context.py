@@ -73,9 +73,10 @@ def open_hsm(ctx: Context, records: Sequence[HsmRecord], rw: bool = False) -> It
                     if keypairs.sign_public_key(session) != record.sign_key:
                         raise HsmError("the token holds other keys than this HSM's record")
             except (HsmError, NotFoundError, PinError) as exc:
-                log.warning("HSM %s unavailable: %s", record.label, exc)
                 problems.append(f"{record.label}: {exc}")
                 continue
+            for problem in problems:  # said once another HSM serves; otherwise in the error
+                log.warning("HSM %s unavailable, %s serves instead", problem, record.label)
             yield HsmSession(record, session)
             return
     detail = "; ".join(problems) or "no HSM given"

@@ -487,3 +487,35 @@ def test_trust_pin_for_a_store_copied_before_the_ceremony(initialized: Admin) ->
     assert "rival" in one_error_line(result)
     again = initialized("trust", "pin", rival, check=exitcodes.VERIFICATION)
     assert "rival" in one_error_line(again)
+
+
+def test_an_enrolled_hsm_can_take_its_pin_from_a_systemd_credential(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    _softhsm_token(initialized, "vault", "vault-pin-77")
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    initialized(
+        "hsm",
+        "enroll",
+        "--module",
+        module,
+        "--token",
+        "vault",
+        "--label",
+        "vault",
+        "--pin-file",
+        initialized.pin_file("vault", "vault-pin-77"),
+        "--pin-credential",
+        "vault.pin",
+    )
+    initialized.create_operators("alice")
+    trust = initialized.propose(["vault"], ["alice"], 1)
+    initialized.sign(trust, "alice")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "vault.pin").write_text("vault-pin-77\n")
+    service = {"CREDENTIALS_DIRECTORY": str(creds)}
+    without = initialized("trust", "seal", trust, check=exitcodes.HSM)
+    assert "LoadCredential" in one_error_line(without)
+    initialized("trust", "seal", trust, env=service)
+    initialized("domain", "create", "d", "--trust", trust, env=service)
