@@ -11,6 +11,7 @@ from kmsfs import __version__
 from kmsfs.admin import render
 from kmsfs.admin.render import short
 from kmsfs.cliutil import Parser, emit_json, emit_table, run, setup_logging
+from kmsfs.completion import bash_script
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
 from kmsfs.model.fields import HEX_ID
 from kmsfs.service import domains, hsms, operators, store_init, trusts
@@ -248,6 +249,9 @@ class Command:
             f"(generation {verified.sealed.domain.generation}, fresh k)\n{verified.sealed.id}",
         )
 
+    def completion(self) -> None:
+        print(bash_script(build_parser(), PROG), end="")
+
     def domain_export(self) -> None:
         sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
 
@@ -479,6 +483,14 @@ def build_parser() -> Parser:
         "kmsfs-admin domain export payroll > payroll.domain",
     )
     p.add_argument("name", metavar="NAME")
+    p = command(
+        groups,
+        "completion",
+        "completion",
+        "print a shell completion script",
+        "kmsfs-admin completion bash > /usr/share/bash-completion/completions/kmsfs-admin",
+    )
+    p.add_argument("shell", choices=["bash"], help="the shell (bash; zsh via bashcompinit)")
     return parser
 
 
