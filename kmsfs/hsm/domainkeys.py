@@ -110,6 +110,17 @@ def _unwrap_k(
     )
 
 
+def _unwrap_mk(k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict) -> "pkcs11.SecretKey":
+    return k.unwrap_key(
+        ObjectClass.SECRET_KEY,
+        KeyType.GENERIC_SECRET,
+        wrapped_mk,
+        store=False,
+        mechanism=Mechanism.AES_KEY_WRAP_PAD,
+        template=template,
+    )
+
+
 class MasterKey:
     """``mk`` unwrapped inside the token; derives keys with HMAC-SHA256, thread-safe."""
 
@@ -140,17 +151,9 @@ def unwrap(
     """Bring ``mk`` back inside the token as a SENSITIVE, non-EXTRACTABLE, sign-only key."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
-        mk = k.unwrap_key(
-            ObjectClass.SECRET_KEY,
-            KeyType.GENERIC_SECRET,
-            wrapped_mk,
-            store=False,
-            mechanism=Mechanism.AES_KEY_WRAP_PAD,
-            template=UNWRAPPED_MK_TEMPLATE,
-        )
+        return MasterKey(_unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE))
     finally:
         k.destroy()
-    return MasterKey(mk)
 
 
 def rewrap(
@@ -166,14 +169,7 @@ def rewrap(
     try:
         rewrapped: list[bytes] = []
         for wrapped_mk in wrapped_mks:
-            mk = old_k.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                KeyType.GENERIC_SECRET,
-                wrapped_mk,
-                store=False,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                template=MK_TEMPLATE,
-            )
+            mk = _unwrap_mk(old_k, wrapped_mk, MK_TEMPLATE)  # wrappable, only for this loop
             try:
                 rewrapped.append(new_k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
             finally:

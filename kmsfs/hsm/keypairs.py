@@ -116,20 +116,26 @@ def _generate_wrap_pair(session: "pkcs11.Session") -> None:
     )
 
 
+def generate_ed25519(session: "pkcs11.Session", label: str) -> "pkcs11.PublicKey":
+    """An Ed25519 key pair stored in the token, private half sign-only and non-extractable."""
+    public, _ = session.generate_keypair(
+        KeyType.EC_EDWARDS,
+        0,
+        store=True,
+        label=label,
+        public_template={
+            Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID),
+            Attribute.VERIFY: True,
+        },
+        private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
+    )
+    return public
+
+
 def _generate_sign_pair(session: "pkcs11.Session") -> None:
     mechanisms = session.token.slot.get_mechanisms()
     if Mechanism.EC_EDWARDS_KEY_PAIR_GEN in mechanisms and Mechanism.EDDSA in mechanisms:
-        session.generate_keypair(
-            KeyType.EC_EDWARDS,
-            0,
-            store=True,
-            label=SIGN_LABEL,
-            public_template={
-                Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID),
-                Attribute.VERIFY: True,
-            },
-            private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
-        )
+        generate_ed25519(session, SIGN_LABEL)
     elif Mechanism.SHA256_RSA_PKCS_PSS in mechanisms:
         session.generate_keypair(
             KeyType.RSA,

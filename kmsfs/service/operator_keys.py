@@ -15,12 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.util.ec import encode_named_curve_parameters
+from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from kmsfs.errors import FormatError, HsmError, PinError
 from kmsfs.hsm import library
-from kmsfs.hsm.keypairs import ED25519_OID, PRIVATE_TEMPLATE, ed25519_raw
+from kmsfs.hsm.keypairs import ed25519_raw, generate_ed25519
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.model.canonical import b64decode, b64encode
 from kmsfs.model.publickeys import PublicKey
@@ -36,17 +35,7 @@ def token_generate(location: TokenLocation, pin: str) -> PublicKey:
     with library.session(location, pin, rw=True) as session, library.hsm_errors("operator key"):
         if list(session.get_objects({Attribute.LABEL: OPERATOR_KEY_LABEL})):
             raise HsmError(f"{location.describe()} already holds an operator key")
-        public, _ = session.generate_keypair(
-            KeyType.EC_EDWARDS,
-            0,
-            store=True,
-            label=OPERATOR_KEY_LABEL,
-            public_template={
-                Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID),
-                Attribute.VERIFY: True,
-            },
-            private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
-        )
+        public = generate_ed25519(session, OPERATOR_KEY_LABEL)
         return PublicKey("ed25519", ed25519_raw(public))
 
 

@@ -105,6 +105,20 @@ class Store:
         except KmsfsError as exc:
             raise type(exc)(f"{where}: {exc}") from exc
 
+    def _read_named(
+        self, path: Path, from_dict: Callable[[Any], T], name_of: Callable[[T], str], want: str
+    ) -> T:
+        """Read a document whose file name is its id (or name): the two must agree, so a
+        document changed or moved after it was written is caught here, by path."""
+
+        def parse(raw: Any) -> T:
+            document = from_dict(raw)
+            if name_of(document) != want:
+                raise IntegrityError("content does not match its name (changed after writing?)")
+            return document
+
+        return self._read(path, parse)
+
     def _relative(self, path: Path) -> str:
         try:
             return str(path.relative_to(self.root))
@@ -133,14 +147,7 @@ class Store:
 
     def hsm(self, hsm_id: str) -> HsmRecord:
         path = self.root / "hsms" / f"{hsm_id}.json"
-
-        def parse(raw: Any) -> HsmRecord:
-            record = HsmRecord.from_dict(raw)
-            if record.id != hsm_id:
-                raise IntegrityError("content does not match its name")
-            return record
-
-        return self._read(path, parse)
+        return self._read_named(path, HsmRecord.from_dict, lambda r: r.id, hsm_id)
 
     def hsm_ids(self) -> list[str]:
         return list(self._names(self.root / "hsms"))
@@ -150,15 +157,8 @@ class Store:
 
     def operator(self, name: str) -> OperatorRecord:
         path = self.root / "operators" / f"{name}.json"
-
-        def parse(raw: Any) -> OperatorRecord:
-            record = OperatorRecord.from_dict(raw)
-            if record.name != name:
-                raise IntegrityError("content does not match its name")
-            return record
-
         try:
-            return self._read(path, parse)
+            return self._read_named(path, OperatorRecord.from_dict, lambda r: r.name, name)
         except NotFoundError:
             raise NotFoundError(f"no operator named {name!r} in {self.root}") from None
 
@@ -172,14 +172,7 @@ class Store:
 
     def trust(self, trust_id: str) -> Trust:
         path = self.root / "trusts" / f"{trust_id}.json"
-
-        def parse(raw: Any) -> Trust:
-            trust = Trust.from_dict(raw)
-            if trust.id != trust_id:
-                raise IntegrityError("content does not match its name (changed after proposal?)")
-            return trust
-
-        return self._read(path, parse)
+        return self._read_named(path, Trust.from_dict, lambda t: t.id, trust_id)
 
     def trust_ids(self) -> list[str]:
         return list(self._names(self.root / "trusts"))
@@ -211,14 +204,7 @@ class Store:
 
     def domain(self, domain_id: str) -> SealedDomain:
         path = self.root / "domains" / f"{domain_id}.json"
-
-        def parse(raw: Any) -> SealedDomain:
-            sealed = SealedDomain.from_dict(raw)
-            if sealed.id != domain_id:
-                raise IntegrityError("content does not match its name")
-            return sealed
-
-        return self._read(path, parse)
+        return self._read_named(path, SealedDomain.from_dict, lambda d: d.id, domain_id)
 
     def domain_ids(self) -> list[str]:
         return list(self._names(self.root / "domains"))
