@@ -6,10 +6,14 @@ HMAC-SHA256(mk, info) computed by the token.
 """
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 
-from kmsfs.errors import ChainError, NotFoundError, UsageError
+import pkcs11
+
+from kmsfs.errors import ChainError, HsmError, HsmUnavailableError, NotFoundError, UsageError
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
@@ -20,6 +24,8 @@ from kmsfs.model.trust import SealedTrust, Signature, Trust
 from kmsfs.model.verify import VerifiedDomain, verify_domain
 from kmsfs.service import trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
+
+log = logging.getLogger(__name__)
 
 
 def _recipients(trust: Trust) -> list[tuple[str, PublicKey]]:
@@ -141,20 +147,97 @@ def verify_bundle(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
     return verify_domain(bundle.domain, bundle.chain, ctx.store.anchor())
 
 
-@dataclass
 class DomainKeys:
-    """An opened Domain: derives keys inside the HSM that unwrapped ``mk``."""
+    """An opened Domain: derives keys inside an HSM of its Trust, failing over between them.
 
-    verified: VerifiedDomain
-    hsm_label: str
-    _master_key: domainkeys.MasterKey
+    If the serving HSM fails (token removed, module error, session lost), the next ``derive``
+    reopens the Domain through any other HSM of the Trust and retries once; with none left it
+    raises HsmUnavailableError (the filesystem turns that into EIO with a log line) and tries
+    again at most once a second, so service resumes by itself when an HSM comes back. Keys
+    already derived (held by the caller for open files) are unaffected.
+    """
+
+    RETRY_INTERVAL = 1.0
+
+    def __init__(self, ctx: Context, verified: VerifiedDomain) -> None:
+        self.verified = verified
+        self.hsm_label: str | None = None
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._stack: contextlib.ExitStack | None = None
+        self._master_key: domainkeys.MasterKey | None = None
+        self._session: pkcs11.Session | None = None
+        self._next_attempt = 0.0
+
+    def _connect(self) -> None:
+        domain = self.verified.sealed.domain
+        stack = contextlib.ExitStack()
+        try:
+            hsm = stack.enter_context(open_hsm(self._ctx, self.verified.trust.trust.hsms))
+            wrapped = domain.wrapped_for(hsm.record.id)
+            if wrapped is None:
+                raise ChainError(
+                    f"domain {domain.name}: k is not wrapped to HSM {hsm.record.label}"
+                )
+            with library.hsm_errors(f"HSM {hsm.record.label}"):
+                master_key = domainkeys.unwrap(
+                    hsm.session, wrapped.scheme, wrapped.data, domain.current_epoch.data
+                )
+            stack.callback(_quietly, master_key.destroy)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack, self._master_key, self._session = stack, master_key, hsm.session
+        self.hsm_label = hsm.record.label
+
+    def _drop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = self._master_key = self._session = None
+
+    def open(self) -> "DomainKeys":
+        with self._lock:
+            self._connect()
+        return self
 
     def derive(self, info: bytes) -> bytes:
-        with library.hsm_errors(f"HSM {self.hsm_label}"):
-            return self._master_key.derive(info)
+        with self._lock:
+            for _ in range(2):
+                if self._master_key is None:
+                    if time.monotonic() < self._next_attempt:
+                        raise HsmUnavailableError("no HSM of the Domain's trust answers (retrying)")
+                    try:
+                        self._connect()
+                    except HsmError:
+                        self._next_attempt = time.monotonic() + self.RETRY_INTERVAL
+                        raise
+                assert self._master_key is not None
+                try:
+                    with library.hsm_errors(f"HSM {self.hsm_label}"):
+                        return self._master_key.derive(info)
+                except HsmError as exc:
+                    log.error("HSM %s failed (%s); failing over", self.hsm_label, exc)
+                    self._drop()
+            raise HsmUnavailableError("no HSM of the Domain's trust could derive the key")
 
     def master_key_is_readable(self) -> bool:
-        return self._master_key.value_is_readable()
+        with self._lock:
+            return self._master_key is not None and self._master_key.value_is_readable()
+
+    def fail_session_for_test(self) -> None:
+        """Fault injection: close the serving HSM session as a failing token would."""
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _quietly(action: "Callable[[], None]") -> None:
+    with contextlib.suppress(Exception):
+        action()
 
 
 def newest_generation(ctx: Context, bundle: DomainBundle) -> DomainBundle:
@@ -184,18 +267,8 @@ def newest_generation(ctx: Context, bundle: DomainBundle) -> DomainBundle:
 def open_keys(ctx: Context, bundle: DomainBundle) -> Iterator[DomainKeys]:
     """Verify the newest generation of ``bundle``'s Domain against this store's root and
     unwrap its current ``mk`` in an HSM of its Trust."""
-    verified = verify_bundle(ctx, newest_generation(ctx, bundle))
-    domain = verified.sealed.domain
-    with open_hsm(ctx, verified.trust.trust.hsms) as hsm:
-        wrapped = domain.wrapped_for(hsm.record.id)
-        if wrapped is None:
-            raise ChainError(f"domain {domain.name}: k is not wrapped to HSM {hsm.record.label}")
-        with library.hsm_errors(f"HSM {hsm.record.label}"):
-            master_key = domainkeys.unwrap(
-                hsm.session, wrapped.scheme, wrapped.data, domain.current_epoch.data
-            )
-        try:
-            yield DomainKeys(verified, hsm.record.label, master_key)
-        finally:
-            with contextlib.suppress(Exception):
-                master_key.destroy()
+    keys = DomainKeys(ctx, verify_bundle(ctx, newest_generation(ctx, bundle))).open()
+    try:
+        yield keys
+    finally:
+        keys.close()

@@ -5,6 +5,7 @@ every HSM of the Trust derives the same keys, and an HSM outside the Trust canno
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from pkcs11 import exceptions as p11
@@ -28,13 +29,24 @@ def domain(initialized: Admin) -> Admin:
     return initialized
 
 
-def _make_unreachable(admin: Admin, label: str) -> None:
-    """The HSM's token disappears (as when a device is unplugged)."""
+def _access_file(admin: Admin, label: str) -> Path:
     ctx = Context.at(admin.store)
     record = next(h for h in (ctx.store.hsm(i) for i in ctx.store.hsm_ids()) if h.label == label)
-    path = admin.store / "private" / "hsm-access" / f"{record.id}.json"
+    return admin.store / "private" / "hsm-access" / f"{record.id}.json"
+
+
+def _make_unreachable(admin: Admin, label: str) -> None:
+    """The HSM's token disappears (as when a device is unplugged)."""
+    path = _access_file(admin, label)
     doc = json.loads(path.read_text())
     doc["token_label"] = f"{label}-unplugged"
+    path.write_text(json.dumps(doc))
+
+
+def _make_reachable(admin: Admin, label: str) -> None:
+    path = _access_file(admin, label)
+    doc = json.loads(path.read_text())
+    doc["token_label"] = label
     path.write_text(json.dumps(doc))
 
 
@@ -108,3 +120,25 @@ def test_after_a_rewrap_the_old_bundle_opens_the_new_generation(domain: Admin) -
         assert deriver.hsm_label == "hsm2"  # type: ignore[attr-defined]
         assert deriver.verified.sealed.domain.generation == 2  # type: ignore[attr-defined]
         assert deriver.derive(INFO) == before  # mk unchanged: old data stays readable
+
+
+def test_a_failing_hsm_fails_over_and_service_resumes_when_one_returns(domain: Admin) -> None:
+    """The serving token fails mid-use: the next derivation goes through another HSM; with
+    none left derivation fails cleanly, and resumes by itself once an HSM is back."""
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    with api.open_domain(domain.store, bundle) as deriver:
+        keys: domains.DomainKeys = deriver  # type: ignore[assignment]
+        keys.RETRY_INTERVAL = 0.0
+        before = keys.derive(INFO)
+        assert keys.hsm_label == "hsm1"
+        _make_unreachable(domain, "hsm1")
+        keys.fail_session_for_test()  # the serving token dies
+        assert keys.derive(INFO) == before
+        assert keys.hsm_label == "hsm2"
+        _make_unreachable(domain, "hsm2")
+        keys.fail_session_for_test()
+        with pytest.raises(HsmUnavailableError):
+            keys.derive(INFO)
+        _make_reachable(domain, "hsm1")
+        assert keys.derive(INFO) == before
+        assert keys.hsm_label == "hsm1"
