@@ -1,8 +1,10 @@
 """Shared command-line plumbing: one-line errors, exit codes, JSON and table output."""
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +27,12 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except KmsfsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exitcodes.for_error(exc)
+    except BrokenPipeError:
+        # The reader went away (``kmsfs decrypt f - | head``): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not complain either.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exitcodes.OK
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -32,8 +40,6 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
-    except BrokenPipeError:
-        return exitcodes.OK
 
 
 def setup_logging(verbose: bool) -> None:

@@ -18,6 +18,7 @@ HSM = 4  # no HSM could do it
 PIN = 5  # wrong or missing PIN / passphrase
 STORE = 6  # the store or a document is missing, malformed or already there
 FORMAT = 7  # a document or file is malformed
+DAMAGED = 8  # kmsfs fsck found damage (the command itself worked)
 INTERRUPTED = 130
 
 

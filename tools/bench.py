@@ -3,13 +3,18 @@
 
 Usage (as root, from the repo, with the venv):  .venv/bin/python tools/bench.py [--size-mb 512]
 
-Workload per system: dd write (conv=fsync), drop caches, dd read; extract a tarball of ~5000
-small files; ls -lR; read every file back; rm -rf; fio 4k randread and randwrite. Caches are
-dropped before every step that reads. The kmsfs daemon's RSS is sampled throughout.
+Workload: dd write (conv=fsync), drop caches, dd read; extract a tarball of ~5000 small files;
+ls -lR; read every file back; rm -rf; fio 4k randread and randwrite. Caches are dropped before
+every step that reads. All three systems are mounted at once and each step runs on all three
+back to back (the order rotates every round), so background writeback and disk noise hit them
+alike; with ``--rounds N`` each figure is the median of N rounds. The kmsfs daemon's RSS is
+sampled throughout.
 
-NOTE: until the KMS wiring is exercised here, kmsfs is mounted with the TEST stand-in
-KeyDeriver (tests/integration/fs_mount_stub.py: HMAC-SHA256 in software, no HSM). The data
-path is the product's; only the ~20 us per-file key derivation differs.
+kmsfs runs the product path by default: a throwaway key store under the work directory
+(``kmsfs-admin init`` with one SoftHSM2 token, two operators, a Trust signed and sealed, a
+Domain), ``kmsfs init`` and ``kmsfs mount --foreground``, so every per-file key derivation is an
+HSM call. ``--deriver stub`` mounts with the TEST stand-in instead (software HMAC,
+tests/integration/fs_mount_stub.py), which isolates the data path from the HSM.
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STUB = REPO / "tests" / "integration" / "fs_mount_stub.py"
+BIN = REPO / ".venv" / "bin"
 sys.path.insert(0, str(REPO))
+
+SYSTEMS = ("plain", "gocryptfs", "kmsfs")
 
 
 def sh(cmd: str, cwd: Path | None = None) -> float:
@@ -46,11 +55,11 @@ def drop_caches() -> None:
 def make_tarball(path: Path, count: int = 5000) -> None:
     rng = random.Random(42)
     src = Path(tempfile.mkdtemp(prefix="bench-src-"))
+    sizes = [0, 100, 1500, 4096, 9000, 30_000]
     for i in range(count):
         d = src / f"dir{i % 50:02d}" / f"sub{i % 7}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"file{i:05d}.txt").write_bytes(rng.randbytes(rng.choice([0, 100, 1500, 4096,
-                                                                        9000, 30_000])))
+        (d / f"file{i:05d}.txt").write_bytes(rng.randbytes(rng.choice(sizes)))
     with tarfile.open(path, "w") as tar:
         tar.add(src, arcname="tree")
     shutil.rmtree(src)
@@ -62,27 +71,43 @@ def fio(path: Path, rw: str, runtime: int) -> float:
          f"--runtime={runtime}", "--time_based", "--ioengine=psync", "--invalidate=1",
          "--output-format=json"], check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    return job["read" if rw == "randread" else "write"]["iops"]
+    return float(job["read" if rw == "randread" else "write"]["iops"])
 
 
-def workload(mp: Path, tarball: Path, size_mb: int, fio_s: int) -> dict[str, float]:
-    r: dict[str, float] = {}
-    t = sh(f"dd if=/dev/zero of={mp}/big bs=1M count={size_mb} conv=fsync status=none")
-    r["dd write MB/s"] = size_mb / t
-    drop_caches()
-    t = sh(f"dd if={mp}/big of=/dev/null bs=1M status=none")
-    r["dd read MB/s"] = size_mb / t
-    os.unlink(mp / "big")
-    r["tar extract s"] = sh(f"tar -xf {tarball} -C {mp}")
-    drop_caches()
-    r["ls -lR s"] = sh(f"ls -lR {mp}/tree > /dev/null")
-    drop_caches()
-    r["read back s"] = sh(f"find {mp}/tree -type f -exec cat {{}} + > /dev/null")
-    r["rm -rf s"] = sh(f"rm -rf {mp}/tree")
-    r["fio randread IOPS"] = fio(mp / "fio", "randread", fio_s)
-    r["fio randwrite IOPS"] = fio(mp / "fio", "randwrite", fio_s)
-    os.unlink(mp / "fio")
-    return r
+Step = tuple[str, Callable[[Path], float]]
+
+
+def steps(tarball: Path, size_mb: int, fio_s: int) -> list[Step]:
+    """The workload, in order; each step returns its figure (and may depend on the last)."""
+
+    def dd_write(mp: Path) -> float:
+        return size_mb / sh(f"dd if=/dev/zero of={mp}/big bs=1M count={size_mb} conv=fsync "
+                            "status=none")
+
+    def dd_read(mp: Path) -> float:
+        t = sh(f"dd if={mp}/big of=/dev/null bs=1M status=none")
+        os.unlink(mp / "big")
+        return size_mb / t
+
+    def randwrite(mp: Path) -> float:
+        iops = fio(mp / "fio", "randwrite", fio_s)
+        os.unlink(mp / "fio")
+        return iops
+
+    return [
+        ("dd write MB/s", dd_write),
+        ("dd read MB/s", dd_read),
+        ("tar extract s", lambda mp: sh(f"tar -xf {tarball} -C {mp}")),
+        ("ls -lR s", lambda mp: sh(f"ls -lR {mp}/tree > /dev/null")),
+        ("read back s", lambda mp: sh(f"find {mp}/tree -type f -exec cat {{}} + > /dev/null")),
+        ("rm -rf s", lambda mp: sh(f"rm -rf {mp}/tree")),
+        ("fio randread IOPS", lambda mp: fio(mp / "fio", "randread", fio_s)),
+        ("fio randwrite IOPS", randwrite),
+    ]
+
+
+#: Steps that start by dropping caches, so they read from the backing store.
+COLD = {"dd read MB/s", "ls -lR s", "read back s"}
 
 
 class RssSampler(threading.Thread):
@@ -101,24 +126,89 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
+def wait_mounted(mp: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(mp):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"kmsfs did not mount on {mp}")
+        time.sleep(0.05)
+
+
+def kmsfs_hsm(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """The product path: a throwaway store and ceremony, kmsfs init, kmsfs mount."""
+    env = dict(os.environ, KMSFS_STORE=str(work / "store"),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def admin(*args: str | Path) -> str:
+        return subprocess.run([str(BIN / "kmsfs-admin"), *map(str, args)], env=env, check=True,
+                              capture_output=True, text=True).stdout
+
+    admin("init", "--hsms", "1")
+    for name in ("alice", "bob"):
+        pin = work / f"{name}.pin"
+        pin.write_text(os.urandom(9).hex() + "\n")
+        pin.chmod(0o600)
+        admin("operator", "create", name, "--pin-file", pin)
+    trust = admin("trust", "propose", "--hsm", "hsm1", "--operator", "alice", "--operator",
+                  "bob", "--quorum", "1").strip().splitlines()[-1]
+    admin("trust", "sign", trust, "--as", "alice", "--pin-file", work / "alice.pin")
+    admin("trust", "seal", trust)
+    admin("domain", "create", "bench", "--trust", trust)
+    kc, km = work / "kc", work / "km"
+    subprocess.run([str(BIN / "kmsfs"), "init", str(kc), "--domain", "bench"], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    km.mkdir()
+    log = open(work / "kmsfs.log", "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
+    proc = subprocess.Popen([str(BIN / "kmsfs"), "mount", "--foreground", str(kc), str(km)],
+                            env=env, stdout=log, stderr=log)
+    log.close()
+    wait_mounted(km, proc)
+    return proc, km
+
+
+def kmsfs_stub(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """The TEST stand-in KeyDeriver (software HMAC): the data path without the HSM."""
+    from tests.integration.fs_helpers import STUB, make_volume
+
+    kc, km = make_volume(work / "kc"), work / "km"
+    km.mkdir()
+    log = open(work / "kmsfs.log", "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
+    proc = subprocess.Popen([sys.executable, str(STUB), str(kc), str(km)],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    wait_mounted(km, proc)
+    return proc, km
+
+
+def unmount(mp: Path) -> None:
+    if os.path.ismount(mp):
+        subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--size-mb", type=int, default=512, help="dd file size (default 512)")
     ap.add_argument("--fio-seconds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat and report medians")
+    ap.add_argument("--deriver", choices=("hsm", "stub"), default="hsm",
+                    help="hsm: the product mount through SoftHSM (default); stub: test stand-in")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated figure prefixes to run, e.g. 'tar,rm' (default: all)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to put ciphertext dirs (default: a temp dir on /tmp)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kmsfs-bench-", dir=args.workdir))
     tarball = work / "tree.tar"
     make_tarball(tarball)
-    results: dict[str, dict[str, float]] = {}
-    rss_mb = 0.0
-    print("NOTE: kmsfs runs with the TEST stand-in KeyDeriver (software HMAC), not an HSM.")
+    results: dict[str, dict[str, list[float]]] = {s: {} for s in SYSTEMS}
+    mounts: dict[str, Path] = {}
+    kproc: subprocess.Popen[bytes] | None = None
+    sampler: RssSampler | None = None
+    how = "SoftHSM2 (product path)" if args.deriver == "hsm" else "TEST stand-in (no HSM)"
+    print(f"kmsfs key derivation: {how}")
     try:
-        plain = work / "plain"
-        plain.mkdir()
-        results["plain"] = workload(plain, tarball, args.size_mb, args.fio_seconds)
-
+        mounts["plain"] = work / "plain"
+        mounts["plain"].mkdir()
         gc, gm, pw = work / "gc", work / "gm", work / "pw"
         gc.mkdir()
         gm.mkdir()
@@ -126,35 +216,42 @@ def main() -> int:
         subprocess.run(["gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", pw, gc],
                        check=True)
         subprocess.run(["gocryptfs", "-q", "-passfile", pw, gc, gm], check=True)
-        try:
-            results["gocryptfs"] = workload(gm, tarball, args.size_mb, args.fio_seconds)
-        finally:
-            subprocess.run(["fusermount3", "-u", gm], check=False)
-
-        from tests.integration.fs_helpers import Mount, make_volume
-
-        kc, km = make_volume(work / "kc"), work / "km"
-        mount = Mount(kc, km, work / "kmsfs.log").start()
-        assert mount.proc is not None
-        sampler = RssSampler(mount.proc.pid)
+        mounts["gocryptfs"] = gm
+        kproc, mounts["kmsfs"] = (kmsfs_hsm if args.deriver == "hsm" else kmsfs_stub)(work)
+        sampler = RssSampler(kproc.pid)
         sampler.start()
-        try:
-            results["kmsfs"] = workload(km, tarball, args.size_mb, args.fio_seconds)
-        finally:
-            sampler.stop.set()
-            mount.stop()
-        rss_mb = sampler.max_kb / 1024
+        chosen = [s for s in steps(tarball, args.size_mb, args.fio_seconds)
+                  if not args.only or s[0].startswith(tuple(args.only.split(",")))]
+        for rnd in range(args.rounds):
+            order = SYSTEMS[rnd % 3:] + SYSTEMS[: rnd % 3]
+            for key, step in chosen:
+                for system in order:
+                    if key in COLD:
+                        drop_caches()
+                    results[system].setdefault(key, []).append(step(mounts[system]))
     finally:
+        if sampler is not None:
+            sampler.stop.set()
+        for system in ("gocryptfs", "kmsfs"):
+            if system in mounts:
+                unmount(mounts[system])
+        if kproc is not None:
+            try:
+                kproc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                kproc.kill()
         shutil.rmtree(work, ignore_errors=True)
 
-    systems = ["plain", "gocryptfs", "kmsfs"]
-    print(f"{'workload':22}" + "".join(f"{s:>12}" for s in systems) + f"{'kmsfs/gcfs':>12}")
+    rss_mb = sampler.max_kb / 1024 if sampler is not None else 0.0
+    print(f"{'workload':22}" + "".join(f"{s:>12}" for s in SYSTEMS) + f"{'kmsfs/gcfs':>12}")
     for key in results["plain"]:
-        row = [results[s][key] for s in systems]
+        row = [statistics.median(results[s][key]) for s in SYSTEMS]
         ratio = row[2] / row[1] if row[1] else float("nan")
         print(f"{key:22}" + "".join(f"{v:12.2f}" for v in row) + f"{ratio:12.2f}")
     print("(MB/s and IOPS: higher is better, ratio > 1 means kmsfs is faster; "
           "seconds: lower is better, ratio < 1 means kmsfs is faster)")
+    if args.rounds > 1:
+        print(f"(medians of {args.rounds} rounds; system order rotated every round)")
     print(f"kmsfs daemon peak RSS: {rss_mb:.1f} MB")
     return 0
 

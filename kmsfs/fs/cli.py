@@ -16,8 +16,9 @@ from pathlib import Path
 
 from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, emit_json, run
+from kmsfs.completion import bash_script
 from kmsfs.errors import KmsfsError, UsageError
-from kmsfs.fs import daemon, kms
+from kmsfs.fs import daemon, fsck, kms, singlefile
 from kmsfs.fs.config import VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
 
@@ -29,6 +30,22 @@ EPILOGS = {
     "  kmsfs mount /srv/cipher /mnt/payroll -o allow_other --foreground\n",
     "umount": "example:\n  kmsfs umount /mnt/payroll\n",
     "info": "example:\n  kmsfs info /srv/cipher --json\n",
+    "completion": "example:\n"
+    "  kmsfs completion bash > /usr/share/bash-completion/completions/kmsfs\n",
+    "encrypt": "examples:\n  kmsfs encrypt --domain payroll report.pdf report.pdf.kmsfs\n"
+    "  tar c data/ | kmsfs encrypt --domain payroll - - > data.tar.kmsfs\n"
+    "\nOUT is written atomically (temporary file, fsync, rename). The file carries its Domain\n"
+    "and Trust chain, so 'kmsfs decrypt' needs only the store and an HSM of the Trust.\n",
+    "decrypt": "examples:\n  kmsfs decrypt report.pdf.kmsfs report.pdf\n"
+    "  kmsfs decrypt data.tar.kmsfs - | tar x\n"
+    "  kmsfs decrypt --cipherdir /srv/cipher /srv/cipher/Xr3k...Q /tmp/recovered\n"
+    "\nNothing is written to OUT unless every chunk authenticates (OUT appears by rename). To\n"
+    "stdout, a seekable IN is verified in full first; if IN and OUT are both pipes, output stops\n"
+    "before the first bad chunk and only the exit status tells that it was cut short.\n"
+    "--cipherdir reads one file of a kmsfs volume (the filesystem format), which cannot detect\n"
+    "blocks dropped at its end.\n",
+    "fsck": "examples:\n  kmsfs fsck /srv/cipher\n  kmsfs fsck /srv/cipher --json | jq .problems\n"
+    f"\nexit status: 0 clean, {exitcodes.DAMAGED} damage found, others as for any command.\n",
 }
 
 
@@ -124,6 +141,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    singlefile.encrypt(kms.store_dir(args.store), args.domain, args.input, args.output)
+    return exitcodes.OK
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    store = kms.store_dir(args.store)
+    if args.cipherdir:
+        singlefile.recover(store, Path(args.cipherdir), args.input, args.output)
+    else:
+        singlefile.decrypt(store, args.input, args.output)
+    return exitcodes.OK
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir))
+    if args.json:
+        emit_json(report.to_json())
+    else:
+        for problem in report.problems:
+            print(f"damaged: {_describe(problem)}")
+        for problem in report.warnings:
+            print(f"warning: {_describe(problem)}")
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+        found = len(report.problems)
+        verdict = "clean" if report.clean else f"{found} problem{'s' if found > 1 else ''} found"
+        print(f"{args.cipherdir}: {verdict} (checked {counts})")
+    return exitcodes.OK if report.clean else exitcodes.DAMAGED
+
+
+def _describe(problem: fsck.Problem) -> str:
+    where = problem.path if problem.path is not None else f"(ciphertext) {problem.cipher_path}"
+    if problem.block is not None:
+        where += f": block {problem.block} (plaintext offset {problem.offset})"
+    if problem.kind == "block":
+        return f"{where} {problem.detail}"
+    return f"{where}: {problem.kind}: {problem.detail}"
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(bash_script(build_parser(), PROG), end="")
+    return exitcodes.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
@@ -174,6 +235,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=cmd_info)
+
+    p = add("encrypt", "encrypt one file for a Domain (a self-contained encrypted file)")
+    p.add_argument("--domain", required=True, help="name of the Domain in the store")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("input", metavar="IN", help="file to encrypt, or - for stdin")
+    p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout")
+    p.set_defaults(func=cmd_encrypt)
+
+    p = add("decrypt", "decrypt one file; its Domain is read from the file itself")
+    p.add_argument("--store", help=store_help)
+    p.add_argument(
+        "--cipherdir",
+        metavar="DIR",
+        help="IN is a ciphertext file of the volume DIR (its Domain is in DIR/kmsfs.conf)",
+    )
+    p.add_argument("input", metavar="IN", help="encrypted file, or - for stdin")
+    p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or -")
+    p.set_defaults(func=cmd_decrypt)
+
+    p = add("fsck", "check every name, symlink and block of a volume without mounting it")
+    p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=cmd_fsck)
+    p = add("completion", "print a shell completion script")
+    p.add_argument("shell", choices=["bash"], help="the shell (bash; zsh via bashcompinit)")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 

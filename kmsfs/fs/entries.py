@@ -27,6 +27,7 @@ from kmsfs.crypto.symlinks import (
     SymlinkCipher,
     is_longlink,
 )
+from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
@@ -41,7 +42,7 @@ from kmsfs.fs.names import (
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
 from kmsfs.fs.posix import own, renameat2
-from kmsfs.fs.xattrs import XATTR_KEY_INFO, XattrCipher, Xattrs
+from kmsfs.fs.xattrs import Xattrs
 from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,38 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
 
         return self.links.decrypt_from_disk(stored, read_blob)
 
-    def _longlink_blob(self, path: bytes) -> bytes | None:
-        """Blob path of a long-target symlink whose last link is *path*, else None."""
+    def _hold_longlink(self, path: bytes) -> tuple[int, bytes] | None:
+        """(O_PATH fd, blob path) if *path* is a symlink with a long target, else None.
+
+        Held across the removal of the entry: the blob goes only if the fd then shows no link
+        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it.
+        """
         try:
-            st = os.lstat(path)
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:
-            return None
-        target = os.readlink(path)
-        if not is_longlink(os.fsdecode(target)):
-            return None
-        return self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                target = os.readlink(b"", dir_fd=fd)
+                if is_longlink(os.fsdecode(target)):
+                    return fd, self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
+
+    @staticmethod
+    def _drop_longlink(held: tuple[int, bytes] | None) -> None:
+        """After the entry is gone: remove the blob if no link to the symlink is left."""
+        if held is None:
+            return
+        fd, blob = held
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                _unlink_quiet(blob)
+        finally:
+            os.close(fd)
 
     # --- lookup and forget --------------------------------------------------------------
     @guard
@@ -157,7 +178,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             raise
         try:
             if created:
-                own(fd, ctx.uid, ctx.gid, mode)
+                own(fd, ctx.uid, ctx.gid, mode, os.stat(dirpath))
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -183,7 +204,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         except BaseException:
             undo_sidecar(dirpath, disk, written)
             raise
-        own(path, uid, gid, mode)
+        own(path, uid, gid, mode, os.stat(dirpath))
         return self._entry(parent, cname, name, path)
 
     @guard
@@ -252,11 +273,14 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
-        blob = self._longlink_blob(path)
-        os.unlink(path)
+        held = self._hold_longlink(path)
+        try:
+            os.unlink(path)
+        except BaseException:
+            self._drop_longlink(held)
+            raise
         remove_sidecar(dirpath, cname)
-        if blob is not None:
-            _unlink_quiet(blob)
+        self._drop_longlink(held)
         self.table.drop_link(parent_inode, cname)
 
     @guard
@@ -291,7 +315,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             )
             return
         src = os.lstat(old_path)
-        blob, dst = None, None
+        held, dst = None, None
         if not flags & pyfuse3.RENAME_NOREPLACE:
             try:
                 dst = os.lstat(new_path)
@@ -299,8 +323,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 dst = None
             if dst is not None and dst.st_ino == src.st_ino:
                 return  # two links to one inode: rename(2) does nothing
-            if dst is not None:
-                blob = self._longlink_blob(new_path)
+            if dst is not None and stat.S_ISLNK(dst.st_mode):
+                held = self._hold_longlink(new_path)
         written = write_sidecar(new_dir, new_disk)
         diriv = None
         try:
@@ -311,10 +335,10 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             if diriv is not None:
                 _restore_dir_iv(new_path, diriv)
             undo_sidecar(new_dir, new_disk, written)
+            self._drop_longlink(held)
             raise
         remove_sidecar(old_dir, old_c)
-        if blob is not None:
-            _unlink_quiet(blob)
+        self._drop_longlink(held)
         if diriv is not None and dst is not None:
             self.names.forget_dir(self.table.fuse_ino(dst.st_ino))
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import KmsfsError
+from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.keys import KeyDeriver
 
 STORE_ENV = "KMSFS_STORE"
@@ -58,3 +58,27 @@ def open_deriver(store: Path, bundle: bytes) -> Iterator[KeyDeriver]:
     """Verify the bundle's chain against the store's pinned root and open an HSM deriver."""
     with _api().open_domain(store, bundle) as deriver:
         yield deriver
+
+
+def check_bundle(store: Path, bundle: bytes, where: str, want_id: str | None = None) -> str:
+    """Verify a bundle against the store as ``mount`` does; return its Domain id.
+
+    One-line errors that start with ``where`` (the file or directory the bundle came from): a
+    malformed bundle, a Domain that does not verify (e.g. another store's), or one whose id is
+    not ``want_id`` (the id a volume config names). Used by ``decrypt`` and ``fsck``.
+    """
+    try:
+        desc = describe(store, bundle)
+    except KmsfsError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    name = desc.get("name") or "?"
+    if not desc.get("verified"):
+        raise IntegrityError(
+            f"{where}: Domain {name} does not verify against store {store}: {desc.get('problem')}"
+        )
+    domain_id = domain_id_of(desc)
+    if want_id is not None and domain_id != want_id:
+        raise IntegrityError(
+            f"{where}: config names Domain {want_id}, its bundle holds {domain_id}"
+        )
+    return domain_id

@@ -28,11 +28,22 @@ import trio
 
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, FileContent
-from kmsfs.fs.posix import entry_attrs, fsync_dir, may_access, statvfs_data
+from kmsfs.fs.posix import (
+    MAX_FILE_SIZE,
+    allowed_mode,
+    entry_attrs,
+    fsync_dir,
+    may_access,
+    statvfs_data,
+    touch_ctime,
+)
 
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 512 * 1024
+#: A directory whose ciphertext st_size is at most this (a few hundred entries on ext4) is
+#: listed on the trio thread: a worker-thread hop costs more than listing it.
+SMALL_DIR_BYTES = 32 * 1024
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -58,6 +69,14 @@ def guard(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _groups(ctx: Any) -> set[int]:
+    """The caller's fsgid and supplementary groups (just the fsgid if it already exited)."""
+    try:
+        return {ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)}
+    except (OSError, RuntimeError):
+        return {ctx.gid}
 
 
 @dataclass
@@ -131,18 +150,29 @@ class ContentOps:
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        """chown, chmod, utimens and truncate, with what the kernel leaves to the fs.
+
+        The kernel (default_permissions) has checked permissions. Left to us: the set-id rules
+        ext4 applies by the caller's groups (:func:`allowed_mode`), the ctime of chown(-1, -1)
+        and of a kill-privileges request (both arrive with no field set), and EFBIG.
+        """
         of = self.files.get_file(inode)
         target: bytes | int = of.fd if of is not None else self.table.path(inode)
         nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
         if fields.update_size:
+            if attr.st_size > MAX_FILE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
             await self._truncate(inode, of, target, attr.st_size)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             os.chown(target, uid, gid, **nofollow)
         if fields.update_mode:
+            st = os.stat(target, **nofollow)
+            groups = lambda: _groups(ctx)  # noqa: E731 (read from /proc only when needed)
+            mode = allowed_mode(stat.S_IMODE(attr.st_mode), st.st_gid, ctx.uid, groups)
             try:
-                os.chmod(target, stat.S_IMODE(attr.st_mode), **nofollow)
+                os.chmod(target, mode, **nofollow)
             except NotImplementedError:
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
         if fields.update_atime or fields.update_mtime:
@@ -150,6 +180,16 @@ class ContentOps:
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             os.utime(target, ns=(atime, mtime), **nofollow)
+        if not any(
+            getattr(fields, "update_" + f) for f in ("size", "uid", "gid", "mode", "atime", "mtime")
+        ):
+            st = os.stat(target, **nofollow)
+            mode = None
+            if not stat.S_ISLNK(st.st_mode):
+                mode = stat.S_IMODE(st.st_mode)
+                if not stat.S_ISDIR(st.st_mode):
+                    mode = allowed_mode(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+            touch_ctime(target, mode)
         st = os.stat(target, **nofollow)
         return self._attrs(inode, st, None if isinstance(target, int) else target)
 
@@ -178,6 +218,35 @@ class ContentOps:
     @guard
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         return statvfs_data(self.table.root_path)
+
+    @guard
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) mode 0: grow the file to offset+length with encrypted zero blocks.
+
+        A kmsfs file is never sparse (docs/format.md, "Holes and the rules for writers"), so
+        allocating is writing zeros past the end; inside the file there is nothing to do. Other
+        modes (keep size, punch or zero a range, collapse...) are EOPNOTSUPP. pyfuse3 3.5 does
+        not dispatch FUSE_FALLOCATE, so the kernel answers EOPNOTSUPP itself and glibc's
+        posix_fallocate falls back to writes, which end in the same file.
+        """
+        if mode != 0:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        handle = self.files.handle(fh)
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        of = handle.file
+        async with of.lock:
+            size = of.content.plain_size()
+            if end > size:
+                try:
+                    await self._run(end - size, of.content.truncate, end)
+                except IntegrityError as exc:
+                    raise self._integrity(of.ino, exc) from None
 
     # --- content ------------------------------------------------------------------------
     @guard
@@ -228,9 +297,12 @@ class ContentOps:
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
 
-    @guard
     async def flush(self, fh: int) -> None:
-        self.files.handle(fh)  # writes go straight to the ciphertext file: nothing buffered
+        """ENOSYS: the kernel then stops sending FLUSH (fc->no_flush) and close(2) saves a
+        round trip. Nothing is lost: writes go straight to the ciphertext file, so there is
+        nothing to flush here, and the kernel still writes back dirty (mmap) pages and reports
+        their errors on close before it would have sent FLUSH."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @guard
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -258,9 +330,12 @@ class ContentOps:
             except IntegrityError as exc:
                 raise self._integrity(d.ino, exc) from None
             plain = self.table.plain_path(d.ino)
-            d.entries = await trio.to_thread.run_sync(
-                self.names.list_dir, dir_iv, dirpath, plain, limiter=self.limiter
-            )
+            if os.lstat(dirpath).st_size <= SMALL_DIR_BYTES:
+                d.entries = self.names.list_dir(dir_iv, dirpath, plain)
+            else:
+                d.entries = await trio.to_thread.run_sync(
+                    self.names.list_dir, dir_iv, dirpath, plain, limiter=self.limiter
+                )
         entries = d.entries
         for i in range(start_id, len(entries)):
             cname, pname = entries[i]
@@ -293,6 +368,10 @@ class ContentOps:
 
     @guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if not name.startswith(b"user."):
+            # What Xattrs.get answers, without resolving the inode: the kernel asks for
+            # security.capability before every write(2), so this is a hot path.
+            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return self.xattrs.get(self._xattr_target(inode), name)
         except IntegrityError as exc:

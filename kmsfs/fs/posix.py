@@ -10,12 +10,17 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 import pyfuse3
 
 from kmsfs.crypto.content import plain_size_lenient
 
 AT_FDCWD = -100
+EXT4_MAX_BYTES = 2**44 - 4096
+"""ext4's largest file (4 KiB blocks, extents); a bigger truncate or fallocate gets EFBIG."""
+MAX_FILE_SIZE = plain_size_lenient(EXT4_MAX_BYTES)
+"""Largest plaintext size whose ciphertext still fits in an ext4 file."""
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
@@ -32,13 +37,23 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def own(target: bytes | int, uid: int, gid: int, mode: int | None) -> None:
+def own(
+    target: bytes | int, uid: int, gid: int, mode: int | None, parent: os.stat_result
+) -> None:
     """Give a new entry the caller's uid/gid (we run as root), then re-apply set-id bits.
 
-    chown clears S_ISUID/S_ISGID, so a mode carrying them is applied again afterwards.
+    As on ext4, an entry made in a set-group-ID directory (*parent*, the backing directory,
+    whose mode and group are the plaintext ones) takes that directory's group, and a new
+    directory there is set-group-ID itself. The kernel has already dropped S_ISGID from a
+    non-directory made there by a caller outside the group. chown clears S_ISUID/S_ISGID, so a
+    mode carrying them is applied again afterwards.
     """
     if os.geteuid() != 0:
         return
+    if parent.st_mode & stat.S_ISGID:
+        gid = parent.st_gid
+        if mode is not None and stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
     if isinstance(target, int):
         os.fchown(target, uid, gid)
         if mode is not None and mode & 0o6000:
@@ -47,6 +62,30 @@ def own(target: bytes | int, uid: int, gid: int, mode: int | None) -> None:
         os.chown(target, uid, gid, follow_symlinks=False)
         if mode is not None and mode & 0o6000:
             os.chmod(target, mode & 0o7777)
+
+
+def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
+    """The mode a setattr by *uid* may leave: only root or a member of the file's group keeps
+    S_ISGID (ext4's rule for chmod, and for the set-id bits dropped on chown and write).
+
+    *groups* gives the caller's groups; it is called only when the answer depends on them.
+    """
+    if uid != 0 and mode & stat.S_ISGID and file_gid not in groups():
+        return mode & ~stat.S_ISGID
+    return mode
+
+
+def touch_ctime(target: bytes | int, mode: int | None) -> None:
+    """Update only the ctime (chown to -1, -1), keeping or setting the permission bits *mode*.
+
+    For a chown(-1, -1), or the kernel asking to drop set-id bits when there is nothing it
+    knows to drop: ext4 updates the ctime in both cases. The backing chown may clear set-id
+    bits itself, so *mode* (None for a symlink) is applied again if it differs.
+    """
+    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+    os.chown(target, -1, -1, **nofollow)
+    if mode is not None and stat.S_IMODE(os.stat(target, **nofollow).st_mode) != mode:
+        os.chmod(target, mode)
 
 
 def fsync_dir(path: bytes) -> None:
@@ -82,6 +121,10 @@ def entry_attrs(
         e.st_size = st.st_size
     e.st_blksize = 4096
     e.st_blocks = st.st_blocks
+    if stat.S_ISREG(st.st_mode):
+        # What ext4 allocates for the plaintext (blocks of 4 KiB), never more than the
+        # ciphertext takes: a file of exactly 4096 bytes uses 8 sectors, not 16.
+        e.st_blocks = min(st.st_blocks, (e.st_size + 4095) // 4096 * 8)
     e.st_atime_ns = st.st_atime_ns
     e.st_mtime_ns = st.st_mtime_ns
     e.st_ctime_ns = st.st_ctime_ns

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = {"kmsfs-admin": "kmsfs.admin.cli"}
+COMMANDS = {"kmsfs-admin": "kmsfs.admin.cli", "kmsfs": "kmsfs.fs.cli"}
 
 
 def _complete(command: str, *words: str) -> list[str]:
@@ -36,3 +36,15 @@ def _complete(command: str, *words: str) -> list[str]:
 )
 def test_admin_completion(words: tuple[str, ...], want: set[str]) -> None:
     assert want <= set(_complete("kmsfs-admin", *words))
+
+
+@pytest.mark.parametrize(
+    ("words", "want"),
+    [
+        (("",), {"init", "mount", "umount", "info", "encrypt", "decrypt", "fsck", "completion"}),
+        (("mount", "--"), {"--store", "--foreground"}),
+        (("decrypt", "--"), {"--store", "--cipherdir"}),
+    ],
+)
+def test_kmsfs_completion(words: tuple[str, ...], want: set[str]) -> None:
+    assert want <= set(_complete("kmsfs", *words))

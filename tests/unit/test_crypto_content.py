@@ -326,3 +326,51 @@ def test_vector_file_matches_its_generator() -> None:
     assert generator.content_vectors() == VECTORS["content"]
     assert generator.name_vectors() == VECTORS["names"]
     assert generator.symlink_vectors() == VECTORS["symlinks"]
+
+
+# Batched blocks (the fs hot path): same bytes on disk as block by block
+
+
+@QUICK
+@given(first=st.integers(0, 2**40), size=st.integers(1, 5 * BLOCK_SIZE))
+def test_batched_blocks_match_single_blocks(first: int, size: int) -> None:
+    c = cipher()
+    plaintext = random.Random(size).randbytes(size)
+    blocks = bytes(c.encrypt_blocks(first, plaintext))
+    assert len(blocks) == size + -(-size // BLOCK_SIZE) * BLOCK_OVERHEAD
+    for i in range(0, len(blocks), CIPHER_BLOCK_SIZE):
+        n = first + i // CIPHER_BLOCK_SIZE
+        start = (n - first) * BLOCK_SIZE
+        assert c.decrypt_block(n, blocks[i : i + CIPHER_BLOCK_SIZE]) == plaintext[
+            start : start + BLOCK_SIZE
+        ]
+    assert c.decrypt_blocks(first, blocks) == plaintext
+
+
+def test_batched_blocks_get_fresh_nonces() -> None:
+    c = cipher()
+    blocks = b"".join(bytes(c.encrypt_blocks(0, bytes(3 * BLOCK_SIZE))) for _ in range(20))
+    nonces = {blocks[i : i + NONCE_SIZE] for i in range(0, len(blocks), CIPHER_BLOCK_SIZE)}
+    assert len(nonces) == 60
+
+
+def test_batched_decrypt_detects_tampering_in_any_block() -> None:
+    c = cipher()
+    blocks = bytes(c.encrypt_blocks(7, bytes(3 * BLOCK_SIZE + 10)))
+    for at in [0, CIPHER_BLOCK_SIZE + 5, 2 * CIPHER_BLOCK_SIZE + 100, len(blocks) - 1]:
+        tampered = bytearray(blocks)
+        tampered[at] ^= 1
+        with pytest.raises(IntegrityError, match="authentication failed"):
+            c.decrypt_blocks(7, bytes(tampered))
+    with pytest.raises(IntegrityError):
+        c.decrypt_blocks(8, blocks)  # moved
+    for cut in [len(blocks) - 11, 3 * CIPHER_BLOCK_SIZE + BLOCK_OVERHEAD, 0]:
+        with pytest.raises(IntegrityError):
+            c.decrypt_blocks(7, blocks[:cut])
+
+
+def test_batched_encrypt_rejects_empty_and_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        cipher().encrypt_blocks(0, b"")
+    with pytest.raises(ValueError):
+        cipher().encrypt_blocks(2**64 - 1, bytes(BLOCK_SIZE + 1))

@@ -1,0 +1,301 @@
+"""``kmsfs fsck``: check every byte of a ciphertext directory without mounting it (read-only).
+
+What is checked, per docs/format.md: every directory's ``kmsfs.diriv``; every name (it decrypts
+and is the canonical disk name; a long name has its sidecar and the sidecar matches); every
+symlink target (long targets: the blob exists and matches); every regular file's header, size
+(``plain_size`` must accept it) and each block's tag. Damage is reported by plaintext path, or by
+ciphertext path where the name itself (or its directory's IV) is what is damaged, with the
+block number and plaintext offset. Leftovers that lose no data (an orphan sidecar or symlink blob,
+a temporary file) are warnings, not damage.
+
+The core, :func:`check_tree`, takes a :class:`~kmsfs.keys.KeyDeriver`, so tests can pass the
+software stand-in; :func:`fsck` opens the Domain from the volume config as ``mount`` does. Like
+the format itself, fsck cannot see blocks dropped at the end of a file, or an older but intact
+version of a block or of a whole file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmsfs.crypto import content
+from kmsfs.crypto.names import (
+    DIRIV_NAME,
+    LONGNAME_SUFFIX,
+    NAMES_KEY_INFO,
+    NameCipher,
+    is_internal,
+    is_sidecar,
+)
+from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
+from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs import config as volconfig
+from kmsfs.fs import kms
+from kmsfs.fs.names import DirIvError, read_dir_iv
+from kmsfs.fs.progress import Progress
+from kmsfs.keys import KeyDeriver
+
+MAX_BLOCK_PROBLEMS = 16
+"""Bad blocks listed one by one per file; beyond that one summary line (a file of garbage)."""
+_BATCH_BLOCKS = 64
+"""Blocks read per read(2): 264 KiB, so large files are read in big sequential reads."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``path`` is the plaintext path, None where it cannot be known."""
+
+    kind: str
+    cipher_path: str
+    path: str | None
+    detail: str
+    block: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class Report:
+    clean: bool = True
+    checked: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("directories", "files", "symlinks", "other", "names", "long_names", "hard_links",
+             "blocks", "bytes"), 0)
+    )
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clean": not self.problems,
+            "checked": dict(self.checked),
+            "problems": [asdict(p) for p in self.problems],
+            "warnings": [asdict(p) for p in self.warnings],
+        }
+
+
+def _join(parent: str | None, name: bytes | None) -> str | None:
+    if parent is None or name is None:
+        return None
+    return parent.rstrip("/") + "/" + os.fsdecode(name)
+
+
+class _Checker:
+    def __init__(
+        self, root: Path, deriver: KeyDeriver, advance: Callable[[int], None] | None
+    ) -> None:
+        self.root = root
+        self.deriver = deriver
+        self.names = NameCipher(deriver.derive(NAMES_KEY_INFO))
+        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO))
+        self.advance = advance or (lambda n: None)
+        self.report = Report()
+        self.seen: set[tuple[int, int]] = set()
+        self.blobs: set[str] = set()
+
+    def _rel(self, path: Path) -> str:
+        rel = str(path.relative_to(self.root))
+        return "/" if rel == "." else rel
+
+    def damage(self, kind: str, path: Path, plain: str | None, detail: str, **kw: Any) -> None:
+        self.report.problems.append(Problem(kind, self._rel(path), plain, detail, **kw))
+
+    def warn(self, kind: str, path: Path, plain: str | None, detail: str) -> None:
+        self.report.warnings.append(Problem(kind, self._rel(path), plain, detail))
+
+    # directories and names
+
+    def directory(self, cdir: Path, plain: str | None) -> None:
+        self.report.checked["directories"] += 1
+        try:
+            dir_iv: bytes | None = read_dir_iv(os.fsencode(cdir))
+        except DirIvError as exc:
+            dir_iv = None
+            self.damage("diriv", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
+        try:
+            entries = sorted(os.listdir(cdir))
+        except OSError as exc:
+            self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
+            return
+        present = set(entries)
+        for name in entries:
+            path = cdir / name
+            if name == DIRIV_NAME or (
+                cdir == self.root and name in (volconfig.CONFIG_NAME, LONGLINK_DIR)
+            ):
+                continue
+            if is_sidecar(name):
+                if name[: -len(LONGNAME_SUFFIX)] not in present:
+                    self.warn("orphan-sidecar", path, None, "long-name sidecar without its entry")
+                continue
+            if is_internal(name):
+                self.warn("leftover", path, None, "internal name the format does not use here")
+                continue
+            child = self.name(cdir, name, dir_iv, plain)
+            self.entry(path, child)
+
+    def name(self, cdir: Path, disk: str, dir_iv: bytes | None, plain: str | None) -> str | None:
+        """Plaintext path of one entry, or None (and a problem) if its name does not decrypt."""
+        if dir_iv is None:
+            return None
+        self.report.checked["names"] += 1
+
+        def read_sidecar() -> str:
+            self.report.checked["long_names"] += 1
+            try:
+                return (cdir / (disk + LONGNAME_SUFFIX)).read_bytes().decode("ascii")
+            except FileNotFoundError:
+                raise IntegrityError(f"long name {disk}: sidecar is missing") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise IntegrityError(f"long name {disk}: unreadable sidecar ({exc})") from None
+
+        try:
+            return _join(plain, self.names.decrypt_from_disk(dir_iv, disk, read_sidecar))
+        except IntegrityError as exc:
+            where = plain if plain is not None else "a directory whose path is unknown"
+            self.damage("name", cdir / disk, None, f"{exc} (in {where})")
+            return None
+
+    def entry(self, path: Path, plain: str | None) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self.damage("unreadable", path, plain, f"cannot stat: {exc.strerror}")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.directory(path, plain)
+        elif stat.S_ISREG(st.st_mode):
+            self.file(path, plain, st)
+        elif stat.S_ISLNK(st.st_mode):
+            self.symlink(path, plain)
+        else:
+            self.report.checked["other"] += 1
+
+    # symlinks
+
+    def symlink(self, path: Path, plain: str | None) -> None:
+        self.report.checked["symlinks"] += 1
+        target = os.readlink(path)
+
+        def read_blob() -> str:
+            self.blobs.add(target)
+            try:
+                return (self.root / LONGLINK_DIR / target).read_bytes().decode("ascii")
+            except FileNotFoundError:
+                raise IntegrityError(f"long symlink {target}: blob is missing") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise IntegrityError(f"long symlink {target}: unreadable blob ({exc})") from None
+
+        try:
+            self.links.decrypt_from_disk(target, read_blob)
+        except IntegrityError as exc:
+            self.damage("symlink", path, plain, str(exc))
+
+    def orphan_blobs(self) -> None:
+        blob_dir = self.root / LONGLINK_DIR
+        if not blob_dir.is_dir():
+            return
+        for name in sorted(os.listdir(blob_dir)):
+            if name not in self.blobs:
+                detail = "no symlink names this blob" if is_longlink(name) else "not a blob name"
+                self.warn("orphan-blob", blob_dir / name, None, detail)
+
+    # file contents
+
+    def file(self, path: Path, plain: str | None, st: os.stat_result) -> None:
+        if st.st_nlink > 1:
+            if (st.st_dev, st.st_ino) in self.seen:
+                self.report.checked["hard_links"] += 1
+                return
+            self.seen.add((st.st_dev, st.st_ino))
+        self.report.checked["files"] += 1
+        try:
+            with open(path, "rb") as f:
+                self.contents(f, path, plain, st.st_size)
+        except OSError as exc:
+            self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")
+
+    def contents(self, f: Any, path: Path, plain: str | None, size: int) -> None:
+        if size == 0:
+            return
+        try:
+            header = content.FileHeader.parse(f.read(content.HEADER_SIZE))
+        except FormatError as exc:
+            self.damage("header", path, plain, str(exc))
+            return
+        full, rest = divmod(size - content.HEADER_SIZE, content.CIPHER_BLOCK_SIZE)
+        blocks = full + (1 if rest else 0)
+        try:
+            content.plain_size(size)
+        except FormatError as exc:  # a fragment too short to be a block: truncated mid-block
+            blocks = full
+            self.damage("size", path, plain, f"{exc} (truncated?)",
+                        block=full, offset=full * content.BLOCK_SIZE)
+        cipher = content.ContentCipher(self.deriver.derive(content.file_key_info(header.file_id)),
+                                       header)
+        bad = 0
+        n = 0
+        while n < blocks:
+            batch = f.read(content.CIPHER_BLOCK_SIZE * min(_BATCH_BLOCKS, blocks - n))
+            if not batch:
+                break
+            for i in range(0, len(batch), content.CIPHER_BLOCK_SIZE):
+                block = batch[i : i + content.CIPHER_BLOCK_SIZE]
+                self.report.checked["blocks"] += 1
+                try:
+                    self.report.checked["bytes"] += len(cipher.decrypt_block(n, block))
+                except IntegrityError:
+                    bad += 1
+                    if bad <= MAX_BLOCK_PROBLEMS:
+                        self.damage("block", path, plain, "fails authentication",
+                                    block=n, offset=n * content.BLOCK_SIZE)
+                self.advance(len(block))
+                n += 1
+        if bad > MAX_BLOCK_PROBLEMS:
+            self.damage("blocks", path, plain,
+                        f"{bad - MAX_BLOCK_PROBLEMS} more blocks fail authentication "
+                        f"({bad} of {blocks})")
+
+
+def check_tree(
+    cipherdir: Path, deriver: KeyDeriver, advance: Callable[[int], None] | None = None
+) -> Report:
+    """Check a whole ciphertext tree with ``deriver``'s keys; never writes anything."""
+    checker = _Checker(Path(cipherdir), deriver, advance)
+    checker.directory(checker.root, "/")
+    checker.orphan_blobs()
+    checker.report.clean = not checker.report.problems
+    return checker.report
+
+
+def _ciphertext_bytes(cipherdir: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(cipherdir):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def fsck(store: Path, cipherdir: Path) -> Report:
+    """Open the volume's Domain as ``mount`` does (verified against the store), then check."""
+    cipherdir = Path(cipherdir)
+    if not cipherdir.is_dir():
+        raise FormatError(f"{cipherdir}: no such directory")
+    config = volconfig.load(cipherdir)
+    kms.check_bundle(store, config.domain_bundle, str(cipherdir), want_id=config.domain_id)
+    probe = Progress("kmsfs: fsck", None)
+    progress = Progress("kmsfs: fsck", _ciphertext_bytes(cipherdir)) if probe.enabled else probe
+    with kms.open_deriver(store, config.domain_bundle) as deriver:
+        try:
+            return check_tree(cipherdir, deriver, progress.advance)
+        finally:
+            progress.close()

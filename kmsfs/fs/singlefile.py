@@ -1,0 +1,283 @@
+"""The I/O side of ``kmsfs encrypt`` / ``kmsfs decrypt``: one file, constant memory, atomic.
+
+The format is pure code in :mod:`kmsfs.crypto.stream` (single files) and
+:mod:`kmsfs.crypto.content` (a file taken out of a CIPHERDIR). This module reads and writes:
+
+- Memory stays constant: at most two chunks are held (the one being processed and the one read
+  ahead to learn whether it is the last), whatever the file size.
+- Output to a path is atomic: a temporary file in OUT's directory, fsync, rename, fsync of the
+  directory, only after every chunk authenticated. On failure the temporary file is removed,
+  so OUT never holds partial plaintext (and an existing OUT is left as it was).
+- Output to a stream (stdout, a device): if IN is seekable, a first pass authenticates every
+  chunk before the second writes any plaintext (the second pass authenticates again, so a file
+  changed in between never yields bad plaintext, at worst a cut). If IN is a pipe too, nothing
+  can be checked ahead: each chunk is written only after it authenticates, so output stops
+  before the first bad chunk, but what came before it has been written; the exit status is the
+  only signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from kmsfs.crypto import content, stream
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError
+from kmsfs.fs import kms
+from kmsfs.fs.progress import Progress
+from kmsfs.fs.volume import open_volume
+
+STDIO = "-"
+
+
+@dataclass
+class Input:
+    """An open IN: its display name, file object, size (None for a pipe) and seekability."""
+
+    name: str
+    file: BinaryIO
+    size: int | None
+    seekable: bool
+
+
+@contextlib.contextmanager
+def open_input(arg: str) -> Iterator[Input]:
+    """IN as a binary file; ``-`` is stdin. The size is known for regular files only."""
+    if arg == STDIO:
+        f: BinaryIO = sys.stdin.buffer
+        name, close = "stdin", False
+    else:
+        f, name, close = open(arg, "rb"), arg, True  # noqa: SIM115 (closed below)
+    try:
+        st = os.fstat(f.fileno())
+        regular = stat.S_ISREG(st.st_mode)
+        yield Input(name, f, st.st_size if regular else None, regular and f.seekable())
+    finally:
+        if close:
+            f.close()
+
+
+def read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at end of file (pipes may return short reads)."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    have = len(data)
+    while have < n:
+        more = f.read(n - have)
+        if not more:
+            break
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
+
+
+def framed(f: BinaryIO, size: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(number, piece, is_last) over ``size``-byte pieces, reading one piece ahead.
+
+    Always yields at least one piece (empty for an empty input): the final-chunk flag needs to
+    know that nothing follows, which only the read ahead can tell on a pipe.
+    """
+    current, n = read_exact(f, size), 0
+    while True:
+        following = read_exact(f, size) if len(current) == size else b""
+        last = not following
+        yield n, current, last
+        if last:
+            return
+        current, n = following, n + 1
+
+
+def is_stream_output(arg: str) -> bool:
+    """stdout, or an existing OUT that is not a regular file (/dev/null, a FIFO, a tty)."""
+    if arg == STDIO:
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(arg).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_output(arg: str, mode: int) -> Iterator[BinaryIO]:
+    """Write OUT through a temporary file in its directory; publish only if the body succeeds."""
+    path = Path(os.path.realpath(arg))  # a symlinked OUT: replace its target, not the link
+    directory = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".kmsfs-tmp")
+    except OSError as exc:  # name OUT, not the temporary file, in the one-line error
+        raise OSError(exc.errno, exc.strerror, arg) from None
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fchmod(f.fileno(), mode)
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@contextlib.contextmanager
+def stream_output(arg: str) -> Iterator[BinaryIO]:
+    if arg == STDIO:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    with open(arg, "wb") as f:
+        yield f
+
+
+def _mode(secret: bool) -> int:
+    """Plaintext is created 0600; ciphertext follows the umask like any new file."""
+    if secret:
+        return 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _located(where: str, exc: KmsfsError) -> KmsfsError:
+    text = str(exc)
+    return exc if text.startswith(f"{where}:") else type(exc)(f"{where}: {text}")
+
+
+# encrypt
+
+
+def encrypt(store: Path, domain: str, in_arg: str, out_arg: str) -> int:
+    """Encrypt IN for the store's Domain ``domain``; return the plaintext size."""
+    bundle = kms.export_bundle(store, domain)
+    kms.check_bundle(store, bundle, f"Domain {domain}")
+    header = stream.StreamHeader.new(bundle)
+    with kms.open_deriver(store, bundle) as deriver:
+        cipher = stream.StreamCipher(deriver.derive(stream.key_info(header.file_id)), header)
+    with open_input(in_arg) as src:
+        progress = Progress("kmsfs: encrypt", src.size)
+        if is_stream_output(out_arg):
+            output = stream_output(out_arg)
+        else:
+            output = atomic_output(out_arg, _mode(False))
+        try:
+            with output as out:
+                out.write(header.pack())
+                for n, chunk, last in framed(src.file, stream.CHUNK_SIZE):
+                    out.write(cipher.seal(n, chunk, last))
+                    progress.advance(len(chunk))
+        finally:
+            progress.close()
+    return progress.done
+
+
+# decrypt
+
+
+def _emit(
+    src: Input, out_arg: str, plaintexts: Callable[[], Iterator[bytes]], rewind: int
+) -> int:
+    """Write the plaintexts to OUT under the rules in the module docstring; return bytes out."""
+    total = src.size - rewind if src.size is not None else None
+    if not is_stream_output(out_arg):
+        progress = Progress("kmsfs: decrypt", total)
+        try:
+            with atomic_output(out_arg, _mode(True)) as out:
+                for plain in plaintexts():
+                    out.write(plain)
+                    progress.advance(len(plain))
+        finally:
+            progress.close()
+        return progress.done
+    if src.seekable:
+        start = src.file.tell()  # not ``rewind``: stdin may be a file opened at any offset
+        progress = Progress("kmsfs: verify", total)
+        try:
+            for plain in plaintexts():
+                progress.advance(len(plain))
+        finally:
+            progress.close()
+        src.file.seek(start)
+    progress = Progress("kmsfs: decrypt", total)
+    try:
+        with stream_output(out_arg) as out:
+            for plain in plaintexts():
+                out.write(plain)
+                progress.advance(len(plain))
+    finally:
+        progress.close()
+    return progress.done
+
+
+def decrypt(store: Path, in_arg: str, out_arg: str) -> int:
+    """Decrypt a single encrypted file; the Domain comes from its header. Return bytes out."""
+    with open_input(in_arg) as src:
+        try:
+            prefix = read_exact(src.file, stream.PREFIX_SIZE)
+            size = stream.header_size(prefix)
+            header = stream.StreamHeader.parse(
+                prefix + read_exact(src.file, size - stream.PREFIX_SIZE)
+            )
+            if src.size is not None:
+                stream.plain_size(src.size - size)
+        except KmsfsError as exc:
+            raise _located(src.name, exc) from None
+        kms.check_bundle(store, header.bundle, src.name)
+        with kms.open_deriver(store, header.bundle) as deriver:
+            key = deriver.derive(stream.key_info(header.file_id))
+        cipher = stream.StreamCipher(key, header)
+
+        def plaintexts() -> Iterator[bytes]:
+            try:
+                for n, chunk, last in framed(src.file, stream.CIPHER_CHUNK_SIZE):
+                    yield cipher.open(n, chunk, last)
+            except KmsfsError as exc:
+                raise _located(src.name, exc) from None
+
+        return _emit(src, out_arg, plaintexts, size)
+
+
+def recover(store: Path, cipherdir: Path, in_arg: str, out_arg: str) -> int:
+    """Decrypt one ciphertext file of a CIPHERDIR (filesystem format) without mounting."""
+    config = open_volume(cipherdir)
+    kms.check_bundle(store, config.domain_bundle, str(cipherdir), want_id=config.domain_id)
+    with open_input(in_arg) as src:
+        try:
+            if src.size is not None:
+                content.plain_size(src.size)
+            first = read_exact(src.file, content.HEADER_SIZE)
+            header = content.FileHeader.parse(first) if first else None
+        except KmsfsError as exc:
+            raise _located(src.name, exc) from None
+        if header is None:  # an empty file has no header
+            return _emit(src, out_arg, lambda: iter(()), 0)
+        with kms.open_deriver(store, config.domain_bundle) as deriver:
+            key = deriver.derive(content.file_key_info(header.file_id))
+        cipher = content.ContentCipher(key, header)
+
+        def plaintexts() -> Iterator[bytes]:
+            for n, block, _last in framed(src.file, content.CIPHER_BLOCK_SIZE):
+                where = f"{src.name}: block {n} (plaintext offset {n * content.BLOCK_SIZE})"
+                if len(block) <= content.BLOCK_OVERHEAD:
+                    raise FormatError(f"{where}: {len(block)} bytes, too short to be a block")
+                try:
+                    yield cipher.decrypt_block(n, block)
+                except IntegrityError:
+                    raise IntegrityError(f"{where} fails authentication") from None
+
+        return _emit(src, out_arg, plaintexts, content.HEADER_SIZE)

@@ -1,0 +1,212 @@
+"""``kmsfs fsck``: a tree built through a real mount, damaged in each way the format must catch.
+
+The tree is built through the stub daemon (real kmsfs operations, software KeyDeriver) and
+checked with :func:`kmsfs.fs.fsck.check_tree` and the same deriver; the last test runs the real
+``kmsfs fsck`` command on a volume of a real store (SoftHSM) for the exit codes and ``--json``.
+Each damage must be reported exactly (file and block numbers), and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs import exitcodes
+from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, cipher_offset
+from kmsfs.crypto.names import DIRIV_NAME, LONGNAME_SUFFIX, NAMES_KEY_INFO, NameCipher
+from kmsfs.fs.fsck import MAX_BLOCK_PROBLEMS, check_tree
+from tests.integration.fs_helpers import SoftDeriver
+
+BS = BLOCK_SIZE
+LONG = "L" * 200  # a long name: stored hashed, with a sidecar
+
+
+def cipher_path(cipherdir: Path, plain: str) -> Path:
+    """Ciphertext path of a plaintext path (every directory on the way must have its IV)."""
+    names = NameCipher(SoftDeriver().derive(NAMES_KEY_INFO))
+    path = cipherdir
+    for part in Path(plain).parts:
+        path = path / names.encrypt_to_disk((path / DIRIV_NAME).read_bytes(), part.encode()).name
+    return path
+
+
+def edit(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    data = bytearray(path.read_bytes())
+    change(data)
+    path.write_bytes(bytes(data))
+
+
+def build_tree(mount_point: Path) -> None:
+    """Every kind of entry the format has, so a clean check covers all of them."""
+    m = mount_point
+    for name in ("flipped", "cut", "cut_tail", "moved", "transplanted", "donor", "intact"):
+        (m / name).write_bytes(os.urandom(3 * BS + 100))
+    (m / "empty").write_bytes(b"")
+    (m / "d").mkdir()
+    (m / "d" / "inner").write_bytes(b"inside d" * 1000)
+    (m / "d" / "sub").mkdir()
+    (m / "d" / "sub" / "deep").write_bytes(b"deep")
+    (m / LONG).write_bytes(b"long name")
+    (m / "sidecar-gone").mkdir()
+    (m / "sidecar-gone" / LONG).write_bytes(b"loses its sidecar")
+    (m / "orphan").mkdir()
+    (m / "orphan" / LONG).write_bytes(b"to be removed")
+    (m / "victim").write_bytes(b"name to damage")
+    os.symlink("intact", m / "short-link")
+    os.symlink("x" * 2000, m / "long-link")  # target kept in a kmsfs.longlinks blob
+    os.link(m / "intact", m / "hard")
+    os.mkfifo(m / "fifo")
+
+
+Finding = tuple[str, "str | None", "int | None", str]
+
+
+def damage(cipher: Path) -> set[Finding]:
+    """Apply each damage; return what fsck must report: (kind, plaintext path, block, cipher)."""
+    donor = cipher_path(cipher, "donor").read_bytes()
+
+    def swap(d: bytearray) -> None:
+        a, b = cipher_offset(0), cipher_offset(1)
+        d[a : a + CIPHER_BLOCK_SIZE], d[b : b + CIPHER_BLOCK_SIZE] = (
+            d[b : b + CIPHER_BLOCK_SIZE], d[a : a + CIPHER_BLOCK_SIZE])
+
+    edit(cipher_path(cipher, "flipped"), lambda d: d.__setitem__(
+        cipher_offset(1) + 40, d[cipher_offset(1) + 40] ^ 1))
+    edit(cipher_path(cipher, "cut"), lambda d: d.__delitem__(slice(cipher_offset(2) + 1000, None)))
+    edit(cipher_path(cipher, "cut_tail"), lambda d: d.__delitem__(
+        slice(cipher_offset(2) + 10, None)))
+    edit(cipher_path(cipher, "moved"), swap)
+    edit(cipher_path(cipher, "transplanted"), lambda d: d.__setitem__(
+        slice(cipher_offset(1), cipher_offset(2)), donor[cipher_offset(1) : cipher_offset(2)]))
+
+    victim = cipher_path(cipher, "victim")
+    bad_name = victim.name[:-2] + ("A" if victim.name[-2] != "A" else "B") + victim.name[-1]
+    victim.rename(victim.with_name(bad_name))
+
+    d = cipher_path(cipher, "d")
+    os.chmod(d / DIRIV_NAME, 0o600)
+    os.unlink(d / DIRIV_NAME)
+
+    gone = cipher_path(cipher, "sidecar-gone/" + LONG)
+    os.unlink(str(gone) + LONGNAME_SUFFIX)
+
+    orphan = cipher_path(cipher, "orphan/" + LONG)
+    os.unlink(orphan)  # its sidecar stays behind: a warning, not damage
+
+    def rel(path: Path | str) -> str:
+        return str(Path(path).relative_to(cipher))
+
+    def c(plain: str) -> str:
+        return rel(cipher_path(cipher, plain))
+
+    return {
+        ("block", "/flipped", 1, c("flipped")),
+        ("block", "/cut", 2, c("cut")),
+        ("size", "/cut_tail", 2, c("cut_tail")),
+        ("block", "/moved", 0, c("moved")),
+        ("block", "/moved", 1, c("moved")),
+        ("block", "/transplanted", 1, c("transplanted")),
+        ("name", None, None, rel(victim.with_name(bad_name))),
+        ("diriv", "/d", None, rel(d / DIRIV_NAME)),
+        ("name", None, None, rel(gone)),
+    }
+
+
+def test_clean_tree_is_clean(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    build_tree(mount.mountpoint)
+    mount.stop()
+    report = check_tree(volume, SoftDeriver())
+    assert report.problems == [] and report.warnings == [], report.to_json()
+    assert report.clean and report.to_json()["clean"] is True
+    checked = report.checked
+    assert checked["directories"] == 5  # /, d, d/sub, sidecar-gone, orphan
+    assert checked["symlinks"] == 2 and checked["other"] == 1 and checked["hard_links"] == 1
+    assert checked["long_names"] == 3
+    assert checked["bytes"] == 7 * (3 * BS + 100) + 8000 + 4 + 9 + 17 + 13 + 14
+
+
+def test_each_damage_is_reported_exactly(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    build_tree(mount.mountpoint)
+    mount.stop()
+    want = damage(volume)
+    report = check_tree(volume, SoftDeriver())
+    assert not report.clean
+    have = [(p.kind, p.path, p.block, p.cipher_path) for p in report.problems]
+    assert len(have) == len(set(have)), "a problem reported twice"
+    assert set(have) == want
+    for p in report.problems:
+        assert p.offset == (None if p.block is None else p.block * BS)
+    assert any("sidecar is missing" in p.detail for p in report.problems)
+    assert [(w.kind, w.cipher_path.endswith(LONGNAME_SUFFIX)) for w in report.warnings] == [
+        ("orphan-sidecar", True)]
+    # the data that is intact stays checked: the file under the IV-less directory too
+    assert report.checked["bytes"] >= 8000 + 4
+
+
+def test_garbage_file_is_summarised(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    (mount.mountpoint / "big").write_bytes(os.urandom(40 * BS))
+    mount.stop()
+    path = cipher_path(volume, "big")
+    edit(path, lambda d: d.__setitem__(slice(18, None), os.urandom(len(d) - 18)))
+    report = check_tree(volume, SoftDeriver())
+    blocks = [p.block for p in report.problems if p.kind == "block"]
+    assert blocks == list(range(MAX_BLOCK_PROBLEMS))
+    assert [p.kind for p in report.problems][-1] == "blocks"
+    assert "24 more blocks" in report.problems[-1].detail
+
+
+def test_damaged_header_and_missing_blob(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    (mount.mountpoint / "f").write_bytes(b"abc")
+    os.symlink("y" * 2000, mount.mountpoint / "ln")
+    mount.stop()
+    edit(cipher_path(volume, "f"), lambda d: d.__setitem__(slice(2, 18), bytes(16)))
+    for blob in (volume / "kmsfs.longlinks").iterdir():
+        blob.unlink()
+    report = check_tree(volume, SoftDeriver())
+    assert sorted((p.kind, p.path) for p in report.problems) == [
+        ("header", "/f"), ("symlink", "/ln")]
+
+
+# --- the real command, real store ---------------------------------------------------------
+@pytest.mark.slow
+def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.test_singlefile import kmsfs
+
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    store = initialized.store
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    kmsfs(store, "init", str(cipher), "--domain", "payroll")
+    mp.mkdir()
+    kmsfs(store, "mount", str(cipher), str(mp))
+    try:
+        (mp / "a").mkdir()
+        (mp / "a" / "file").write_bytes(os.urandom(5 * BS))
+        (mp / LONG).write_bytes(b"x")
+    finally:
+        kmsfs(store, "umount", str(mp))
+
+    proc = kmsfs(store, "fsck", str(cipher))
+    assert b": clean (checked" in proc.stdout
+    doc = json.loads(kmsfs(store, "fsck", str(cipher), "--json").stdout)
+    assert doc["clean"] is True and doc["problems"] == [] and doc["checked"]["blocks"] == 6
+
+    files = [p for p in cipher.rglob("*") if p.is_file() and p.stat().st_size > 5 * BS]
+    assert len(files) == 1
+    edit(files[0], lambda d: d.__setitem__(cipher_offset(3) + 7, d[cipher_offset(3) + 7] ^ 1))
+    proc = kmsfs(store, "fsck", str(cipher), "--json", check=exitcodes.DAMAGED)
+    doc = json.loads(proc.stdout)
+    assert doc["clean"] is False
+    assert doc["problems"] == [{
+        "path": "/a/file", "cipher_path": str(files[0].relative_to(cipher)), "kind": "block",
+        "block": 3, "offset": 3 * BS, "detail": "fails authentication"}]
+    proc = kmsfs(store, "fsck", str(cipher), check=exitcodes.DAMAGED)
+    assert b"damaged: /a/file: block 3 (plaintext offset 12288) fails authentication" in proc.stdout

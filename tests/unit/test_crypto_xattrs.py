@@ -1,0 +1,127 @@
+"""Extended attribute name and value encryption (kmsfs/crypto/xattrs.py)."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmsfs.crypto.encoding import b64url_encode
+from kmsfs.crypto.xattrs import (
+    NONCE_SIZE,
+    TAG_SIZE,
+    XATTR_KEY_INFO,
+    XATTR_NAME_MAX,
+    XattrCipher,
+    XattrNameError,
+)
+from kmsfs.errors import IntegrityError
+
+QUICK = settings(database=None, deadline=None, max_examples=60)
+SECRET = bytes(range(32))
+CIPHER = XattrCipher(SECRET)
+
+# Written by the pre-split fs/xattrs.py for SECRET: the on-disk format must not move.
+GOLDEN_NAME = b"user.4BX9Bem8ezXLPNagmT0uThi2o5wL"  # user.color
+GOLDEN_VALUE = bytes(12) + bytes.fromhex("8486a21bb5f2c88200c7bc1aa1d686e14547735f")  # b"blue"
+
+user_names = st.binary(min_size=1, max_size=150).map(lambda b: b"user." + b)
+
+
+def _hkdf(info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(SECRET)
+
+
+def test_constants() -> None:
+    assert XATTR_KEY_INFO == b"kmsfs/v1/xattrs"
+    assert (NONCE_SIZE, TAG_SIZE, XATTR_NAME_MAX) == (12, 16, 255)
+
+
+def test_matches_an_independent_implementation_of_format_md() -> None:
+    siv = AESSIV(_hkdf(b"kmsfs/v1/xattrs/aes-siv", 64))
+    want = b"user." + b64url_encode(siv.encrypt(b"color", [b"kmsfs/v1/xattr"])).encode()
+    assert CIPHER.disk_name(b"user.color") == want == GOLDEN_NAME
+    gcm = AESGCM(_hkdf(b"kmsfs/v1/xattrs/aes-256-gcm", 32))
+    nonce = bytes(range(12))
+    sealed = CIPHER._seal_with_nonce(want, b"blue", nonce)
+    assert sealed == nonce + gcm.encrypt(nonce, b"blue", want)
+    assert CIPHER.open(GOLDEN_NAME, GOLDEN_VALUE) == b"blue"
+
+
+@QUICK
+@given(name=user_names, value=st.binary(max_size=300))
+def test_round_trip(name: bytes, value: bytes) -> None:
+    try:
+        disk = CIPHER.disk_name(name)
+    except XattrNameError as exc:
+        assert exc.too_long
+        return
+    assert disk.startswith(b"user.") and len(disk) <= XATTR_NAME_MAX
+    assert CIPHER.plain_name(disk) == name
+    stored = CIPHER.seal(disk, value)
+    assert len(stored) == NONCE_SIZE + len(value) + TAG_SIZE
+    assert CIPHER.open(disk, stored) == value
+
+
+def test_names_are_deterministic_and_keyed() -> None:
+    assert CIPHER.disk_name(b"user.a") == XattrCipher(SECRET).disk_name(b"user.a")
+    assert CIPHER.disk_name(b"user.a") != CIPHER.disk_name(b"user.b")
+    assert CIPHER.disk_name(b"user.a") != XattrCipher(bytes(32)).disk_name(b"user.a")
+
+
+def test_values_are_randomized() -> None:
+    disk = CIPHER.disk_name(b"user.a")
+    assert CIPHER.seal(disk, b"v") != CIPHER.seal(disk, b"v")
+
+
+@pytest.mark.parametrize("name", [b"trusted.x", b"security.selinux", b"system.posix_acl", b"user."])
+def test_other_namespaces_are_refused(name: bytes) -> None:
+    with pytest.raises(XattrNameError) as info:
+        CIPHER.disk_name(name)
+    assert not info.value.too_long
+
+
+def test_long_names() -> None:
+    with pytest.raises(XattrNameError) as info:
+        CIPHER.disk_name(b"user." + b"n" * 251)
+    assert info.value.too_long
+    longest = max(n for n in range(1, 251) if len(b64url_encode(bytes(16 + n))) <= 250)
+    name = b"user." + b"n" * longest
+    assert CIPHER.plain_name(CIPHER.disk_name(name)) == name
+    with pytest.raises(XattrNameError) as info:
+        CIPHER.disk_name(b"user." + b"n" * (longest + 1))
+    assert info.value.too_long
+
+
+def test_tampering_is_detected() -> None:
+    disk = CIPHER.disk_name(b"user.a")
+    stored = CIPHER.seal(disk, b"value")
+    for i in (0, NONCE_SIZE, len(stored) - 1):
+        bad = bytearray(stored)
+        bad[i] ^= 1
+        with pytest.raises(IntegrityError):
+            CIPHER.open(disk, bytes(bad))
+    with pytest.raises(IntegrityError):
+        CIPHER.open(disk, stored[:-1])
+    with pytest.raises(IntegrityError):
+        CIPHER.open(disk, stored[: NONCE_SIZE + TAG_SIZE - 1])
+    with pytest.raises(IntegrityError):  # a value moved under another name
+        CIPHER.open(CIPHER.disk_name(b"user.b"), stored)
+    with pytest.raises(IntegrityError):  # another volume's key
+        XattrCipher(bytes(32)).open(disk, stored)
+
+
+@pytest.mark.parametrize(
+    "disk", [b"user.plain", b"user.!!", b"user.", b"trusted.abc", b"user." + b"A" * 40]
+)
+def test_foreign_names_are_not_ours(disk: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        CIPHER.plain_name(disk)
+
+
+def test_bad_secret_length() -> None:
+    with pytest.raises(ValueError, match="want 32 bytes, have 16"):
+        XattrCipher(bytes(16))
