@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
         description="Encrypted volumes keyed by HSM-governed Domains.",
+        epilog="example, bind a directory to a Domain, mount it, use it, unmount:\n"
+        "  kmsfs init /srv/cipher --domain payroll --store /srv/kms\n"
+        "  kmsfs mount /srv/cipher /mnt/payroll --store /srv/kms\n"
+        "  cp report.pdf /mnt/payroll/ && kmsfs umount /mnt/payroll\n"
+        "every command has --help with an example; the store defaults to $KMSFS_STORE",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")

@@ -84,9 +84,11 @@ def test_init_refuses_non_empty(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "c") == ["f"]
 
 
-@pytest.mark.parametrize("sub", ["init", "mount", "umount", "info"])
+@pytest.mark.parametrize(
+    "sub", ["", "init", "mount", "umount", "info", "encrypt", "decrypt", "fsck", "completion"]
+)
 def test_help_has_example(sub: str) -> None:
-    proc = kmsfs(sub, "--help")
+    proc = kmsfs(*filter(None, [sub]), "--help")
     assert proc.returncode == 0 and "example" in proc.stdout
 
 
