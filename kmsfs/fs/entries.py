@@ -54,7 +54,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     """The kmsfs file system over one ciphertext directory, keyed by one Domain's deriver."""
 
     supports_dot_lookup = False
-    enable_writeback_cache = False
+    enable_writeback_cache = False  # opt-in per mount: -o writeback_cache (daemon.py)
 
     def __init__(
         self, cipherdir: Path, deriver: KeyDeriver, *, timeout: float = 1.0, keep_cache: bool = True

@@ -284,14 +284,14 @@ class ContentOps:
         if len(buf) < THREAD_THRESHOLD and not of.lock.locked():
             # Fast path: runs to completion without yielding, so no lock is needed.
             try:
-                if handle.append:
+                if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
                 return of.content.write(off, buf)
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
         async with of.lock:
             try:
-                if handle.append:
+                if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
                 return await self._run(len(buf), of.content.write, off, buf)
             except IntegrityError as exc:

@@ -94,11 +94,17 @@ def apply(run: Callable[[Path], object], root: Path) -> tuple[str, object]:
         return "err", errno.errorcode.get(exc.errno or 0, exc.errno)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_random_ops_match_plain_dir(seed: int, tmp_path: Path, volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("seed", "options"),
+    [(1, ()), (2, ()), (3, ("writeback_cache",))],
+    ids=["1", "2", "3-writeback"],
+)
+def test_random_ops_match_plain_dir(  # type: ignore[no-untyped-def]
+    seed: int, options: tuple[str, ...], tmp_path: Path, volume: Path, mounter
+) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
-    mount = mounter(volume)
+    mount = mounter(volume, options=options)
     gen = OpGen(seed)
     for i in range(600):
         desc, run = gen.op()
