@@ -134,7 +134,7 @@ def wait_mounted(mp: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0)
         time.sleep(0.05)
 
 
-def kmsfs_hsm(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def kmsfs_hsm(work: Path, options: str = "") -> tuple[subprocess.Popen[bytes], Path]:
     """The product path: a throwaway store and ceremony, kmsfs init, kmsfs mount."""
     env = dict(os.environ, KMSFS_STORE=str(work / "store"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -159,21 +159,23 @@ def kmsfs_hsm(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
                    check=True, stdout=subprocess.DEVNULL)
     km.mkdir()
     log = open(work / "kmsfs.log", "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
-    proc = subprocess.Popen([str(BIN / "kmsfs"), "mount", "--foreground", str(kc), str(km)],
+    extra = ["-o", options] if options else []
+    proc = subprocess.Popen([str(BIN / "kmsfs"), "mount", "--foreground", str(kc), str(km), *extra],
                             env=env, stdout=log, stderr=log)
     log.close()
     wait_mounted(km, proc)
     return proc, km
 
 
-def kmsfs_stub(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def kmsfs_stub(work: Path, options: str = "") -> tuple[subprocess.Popen[bytes], Path]:
     """The TEST stand-in KeyDeriver (software HMAC): the data path without the HSM."""
     from tests.integration.fs_helpers import STUB, make_volume
 
     kc, km = make_volume(work / "kc"), work / "km"
     km.mkdir()
     log = open(work / "kmsfs.log", "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
-    proc = subprocess.Popen([sys.executable, str(STUB), str(kc), str(km)],
+    extra = ["-o", options] if options else []
+    proc = subprocess.Popen([sys.executable, str(STUB), str(kc), str(km), *extra],
                             stdout=subprocess.DEVNULL, stderr=log)
     log.close()
     wait_mounted(km, proc)
@@ -192,6 +194,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="repeat and report medians")
     ap.add_argument("--deriver", choices=("hsm", "stub"), default="hsm",
                     help="hsm: the product mount through SoftHSM (default); stub: test stand-in")
+    ap.add_argument("--kmsfs-options", default="", metavar="OPTS",
+                    help="mount options for kmsfs, e.g. writeback_cache (default: none)")
     ap.add_argument("--only", default=None,
                     help="comma-separated figure prefixes to run, e.g. 'tar,rm' (default: all)")
     ap.add_argument("--workdir", type=Path, default=None,
@@ -205,7 +209,7 @@ def main() -> int:
     kproc: subprocess.Popen[bytes] | None = None
     sampler: RssSampler | None = None
     how = "SoftHSM2 (product path)" if args.deriver == "hsm" else "TEST stand-in (no HSM)"
-    print(f"kmsfs key derivation: {how}")
+    print(f"kmsfs key derivation: {how}; kmsfs mount options: {args.kmsfs_options or '(none)'}")
     try:
         mounts["plain"] = work / "plain"
         mounts["plain"].mkdir()
@@ -217,7 +221,8 @@ def main() -> int:
                        check=True)
         subprocess.run(["gocryptfs", "-q", "-passfile", pw, gc, gm], check=True)
         mounts["gocryptfs"] = gm
-        kproc, mounts["kmsfs"] = (kmsfs_hsm if args.deriver == "hsm" else kmsfs_stub)(work)
+        start_kmsfs = kmsfs_hsm if args.deriver == "hsm" else kmsfs_stub
+        kproc, mounts["kmsfs"] = start_kmsfs(work, args.kmsfs_options)
         sampler = RssSampler(kproc.pid)
         sampler.start()
         chosen = [s for s in steps(tarball, args.size_mb, args.fio_seconds)
