@@ -74,18 +74,38 @@ def mount_options(extra: Iterable[str]) -> set[str]:
     return opts
 
 
-def setup_logging(foreground: bool, debug: bool = False) -> None:
-    """stderr in the foreground; syslog (journal) when daemonized."""
+def setup_logging(foreground: bool, debug: bool = False, log_file: Path | None = None) -> None:
+    """Where the daemon's log lines (integrity errors among them) go: ``log_file`` if given;
+    else stderr in the foreground (the journal, under systemd); else syslog when daemonized.
+    A daemon with neither gets :func:`default_log_file` rather than losing them."""
     handler: logging.Handler
-    if foreground or not os.path.exists("/dev/log"):
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_file is not None:
+        try:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        handler.setFormatter(formatter)
+    elif foreground:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    else:
+        handler.setFormatter(formatter)
+    elif os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("kmsfs[%(process)d]: %(levelname)s %(message)s"))
+    else:  # daemonized with no syslog: a file, never the terminal we are leaving
+        return setup_logging(foreground, debug, default_log_file())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def default_log_file() -> Path:
+    """/var/log/kmsfs.log for root, else ~/.cache/kmsfs/kmsfs.log."""
+    if os.geteuid() == 0:
+        return Path("/var/log/kmsfs.log")
+    path = Path.home() / ".cache" / "kmsfs" / "kmsfs.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def serve(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,8 +112,10 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
     proc = kmsfs("init", str(cipher), "--domain", "payroll", env=env)
     assert proc.returncode == 0, proc.stderr
     mp.mkdir()
-    proc = kmsfs("mount", str(cipher), str(mp), env=env)
+    log = tmp_path / "daemon.log"
+    proc = kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # a daemonizing mount says nothing once it serves
     try:
         assert os.path.ismount(mp)
         (mp / "hello").write_bytes(b"world")
@@ -120,3 +123,8 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
     finally:
         proc = kmsfs("umount", str(mp))
     assert proc.returncode == 0, proc.stderr
+    for _ in range(50):  # the daemon logs its unmount as it exits
+        if "unmounted" in log.read_text():
+            break
+        time.sleep(0.1)
+    assert f"mounted {cipher}" in log.read_text() and "unmounted" in log.read_text()
