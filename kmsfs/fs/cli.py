@@ -17,9 +17,9 @@ from pathlib import Path
 from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, emit_json, run
 from kmsfs.completion import bash_script
-from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, singlefile
-from kmsfs.fs.config import VolumeConfig
+from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
 
 PROG = "kmsfs"
@@ -74,7 +74,10 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     if "allow_other" in options:
         options.add("default_permissions")
     store = kms.store_dir(args.store)
-    desc = kms.describe(store, config.domain_bundle)
+    try:
+        desc = kms.describe(store, config.domain_bundle)
+    except FormatError as exc:  # the config's bundle itself is malformed: name the file
+        raise type(exc)(f"{Path(args.cipherdir) / CONFIG_NAME}: domain_bundle: {exc}") from None
     if not desc.get("verified"):
         raise KmsfsError(
             f"{args.cipherdir}: Domain {config.domain_name} does not verify: {desc.get('problem')}"
@@ -92,7 +95,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
 
     def child(report_ready: object) -> None:
-        daemon.setup_logging(foreground=args.foreground, debug=args.debug)
+        daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
         with kms.open_deriver(store, config.domain_bundle) as deriver:
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=report_ready)  # type: ignore[arg-type]
 
@@ -229,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options, e.g. allow_other,ro",
     )
     p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--log-file", type=Path, metavar="FILE",
+                   help="append the daemon's log here (default: stderr with --foreground, "
+                   "else syslog/the journal)")
     p.set_defaults(func=cmd_mount)
 
     p = add("umount", "unmount a kmsfs mount point")
