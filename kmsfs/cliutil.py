@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that prints ``prog: error: ...`` on one line and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def run(prog: str, handler: Callable[[], int | None]) -> int:

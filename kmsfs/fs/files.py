@@ -30,6 +30,7 @@ from kmsfs.crypto.content import (
     plain_size_lenient,
 )
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.posix import reserve
 
 CHUNK_BLOCKS = 256  # 1 MiB of plaintext per pwrite: bounds memory for big holes
 _ZEROS = bytes(BLOCK_SIZE * CHUNK_BLOCKS)
@@ -208,6 +209,7 @@ class FileContent:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    reserve(fd, offset, len(data))  # ENOSPC now, not halfway through an existing block
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

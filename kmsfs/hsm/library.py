@@ -79,17 +79,76 @@ def _retrying(action: Callable[[], T]) -> T:
     return action()
 
 
+def _tokens_labelled(lib: "pkcs11.lib", label: str) -> tuple[list["pkcs11.Token"], list[str]]:
+    """Tokens whose label is ``label``, and what failed on the other slots.
+
+    python-pkcs11's ``lib.get_token`` gives up on the first slot whose C_GetTokenInfo fails;
+    SoftHSM2 answers CKR_GENERAL_ERROR for a token whose files vanished, so one removed token
+    would hide every other one (and failover would find no HSM). Each slot is asked on its own.
+    """
+    found: list[pkcs11.Token] = []
+    failed: list[str] = []
+    for slot in lib.get_slots(token_present=True):
+        try:
+            token = slot.get_token()
+        except p11.PKCS11Error as exc:
+            failed.append(f"slot {slot.slot_id}: {type(exc).__name__}")
+            continue
+        if token.label == label:
+            found.append(token)
+    return found, failed
+
+
 def find_token(location: TokenLocation) -> "pkcs11.Token":
     """Return the token, or HsmUnavailableError naming it."""
     lib = _load(location)
+
+    def lookup() -> "pkcs11.Token":
+        found, failed = _tokens_labelled(lib, location.token_label)
+        if len(found) > 1:
+            raise HsmError(f"{location.describe()}: several tokens have this label")
+        if not found:
+            why = f" ({'; '.join(failed)})" if failed else ""
+            raise HsmUnavailableError(f"{location.describe()} is not present{why}")
+        return found[0]
+
     try:
-        return _retrying(lambda: lib.get_token(token_label=location.token_label))
-    except p11.NoSuchToken as exc:
-        raise HsmUnavailableError(f"{location.describe()} is not present") from exc
-    except p11.MultipleTokensReturned as exc:
-        raise HsmError(f"{location.describe()}: several tokens have this label") from exc
+        try:
+            return _retrying(lookup)
+        except HsmUnavailableError:
+            # A token that came back (files restored, device plugged in again) is seen only
+            # after C_Initialize: rescan, unless sessions of this module are still in use.
+            if not _rescan(lib, location.module):
+                raise
+            return _retrying(lookup)
     except p11.PKCS11Error as exc:
         raise HsmUnavailableError(f"{location.describe()}: {type(exc).__name__}") from exc
+
+
+def _rescan(lib: "pkcs11.lib", module: str) -> bool:
+    """Re-initialize ``module`` so it sees tokens again; False if sessions are open on it."""
+    with _lock:
+        if _open_sessions.get(module):
+            return False
+        lib.reinitialize()
+    return True
+
+
+def check_present(session: "pkcs11.Session", label: str) -> None:
+    """Raise HsmUnavailableError unless the session's token still answers as ``label``.
+
+    Session objects (the unwrapped ``mk``) live in the module's memory, so with SoftHSM2 they
+    keep working after the token's files vanish; C_GetTokenInfo on the slot does not (it
+    answers CKR_GENERAL_ERROR). A real HSM that is unplugged fails both ways.
+    """
+    try:
+        token = session.token.slot.get_token()
+    except p11.PKCS11Error as exc:
+        raise HsmUnavailableError(
+            f"token {label!r} is no longer present ({type(exc).__name__})"
+        ) from exc
+    if token.label != label:
+        raise HsmUnavailableError(f"token {label!r} was replaced by {token.label!r}")
 
 
 @contextlib.contextmanager

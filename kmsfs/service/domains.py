@@ -155,9 +155,15 @@ class DomainKeys:
     raises HsmUnavailableError (the filesystem turns that into EIO with a log line) and tries
     again at most once a second, so service resumes by itself when an HSM comes back. Keys
     already derived (held by the caller for open files) are unaffected.
+
+    A token can vanish without the session noticing: SoftHSM2 keeps session objects (``mk``)
+    in memory after the token's files are gone. So before deriving, at most every
+    ``PROBE_INTERVAL`` seconds, the serving token is asked whether it is still there
+    (C_GetTokenInfo, ~30 us); a token that is gone is dropped and another HSM serves.
     """
 
     RETRY_INTERVAL = 1.0
+    PROBE_INTERVAL = 0.25
 
     def __init__(self, ctx: Context, verified: VerifiedDomain) -> None:
         self.verified = verified
@@ -168,6 +174,9 @@ class DomainKeys:
         self._master_key: domainkeys.MasterKey | None = None
         self._session: pkcs11.Session | None = None
         self._next_attempt = 0.0
+        self._probed = 0.0
+        self._token_label: str | None = None
+        self._last_problem = "no HSM tried yet"
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
@@ -189,6 +198,9 @@ class DomainKeys:
             raise
         self._stack, self._master_key, self._session = stack, master_key, hsm.session
         self.hsm_label = hsm.record.label
+        self._token_label = hsm.session.token.label
+        self._probed = time.monotonic()
+        log.info("Domain %s: keys served by HSM %s", domain.name, hsm.record.label)
 
     def _drop(self) -> None:
         if self._stack is not None:
@@ -200,16 +212,33 @@ class DomainKeys:
             self._connect()
         return self
 
+    def _probe(self) -> None:
+        """Drop the serving HSM if its token is gone (rate-limited; lock held)."""
+        now = time.monotonic()
+        if self._session is None or now - self._probed < self.PROBE_INTERVAL:
+            return
+        self._probed = now
+        try:
+            library.check_present(self._session, self._token_label or "")
+        except HsmError as exc:
+            log.error("HSM %s failed (%s); failing over", self.hsm_label, exc)
+            self._drop()
+
     def derive(self, info: bytes) -> bytes:
         with self._lock:
+            self._probe()
             for _ in range(2):
                 if self._master_key is None:
                     if time.monotonic() < self._next_attempt:
-                        raise HsmUnavailableError("no HSM of the Domain's trust answers (retrying)")
+                        raise HsmUnavailableError(
+                            f"no HSM of the Domain's trust answers: {self._last_problem} "
+                            f"(retrying every {self.RETRY_INTERVAL:g} s)"
+                        )
                     try:
                         self._connect()
-                    except HsmError:
+                    except HsmError as exc:
                         self._next_attempt = time.monotonic() + self.RETRY_INTERVAL
+                        self._last_problem = str(exc)
                         raise
                 assert self._master_key is not None
                 try:

@@ -59,7 +59,7 @@ def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
     ctx.private.ensure()
     if not ctx.private.softhsm_conf.exists():
         softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
-    label = label or _next_label(ctx)
+    label = _next_label(ctx) if label is None else label  # "" is a bad label, not none
     _check_label_free(ctx, label)
     pin = secrets.token_hex(16)
     pin_file = ctx.private.write_pin(label, pin)
@@ -88,7 +88,7 @@ def enroll_hsm(
     if len(token_label.encode()) > TOKEN_LABEL_MAX:
         raise UsageError(f"token label {token_label!r:.40} is longer than {TOKEN_LABEL_MAX} bytes")
     ctx.private.ensure()
-    label = label or _next_label(ctx)
+    label = _next_label(ctx) if label is None else label  # "" is a bad label, not none
     _check_label_free(ctx, label)
     location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module))
     library.refresh(location)

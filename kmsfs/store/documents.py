@@ -61,13 +61,7 @@ class Store:
             raise StoreError(
                 f"{self.root} is not a kmsfs store (no store.json); run kmsfs-admin init"
             )
-        data = self._read(self.config_path, lambda raw: fields.obj(raw, "store"))
-        fields.type_and_format(data, "store", STORE_FORMAT)
-        fields.exact_keys(data, {"_type", "format", "root", "successor"}, "store")
-        successor = data["successor"]
-        if successor is not None:
-            successor = fields.hex_id(successor, "store.successor")
-        return Anchor(fields.hex_id(data["root"], "store.root"), successor)
+        return self._read(self.config_path, _parse_anchor)  # errors name store.json
 
     def pinned_root(self) -> str:
         return self.anchor().root
@@ -224,3 +218,13 @@ class Store:
                 f"{kind} {ref!r} is ambiguous ({len(matches)} match); give more digits"
             )
         return matches[0]
+
+
+def _parse_anchor(raw: Any) -> Anchor:
+    data = fields.obj(raw, "store")
+    fields.type_and_format(data, "store", STORE_FORMAT)
+    fields.exact_keys(data, {"_type", "format", "root", "successor"}, "store")
+    successor = data["successor"]
+    if successor is not None:
+        successor = fields.hex_id(successor, "store.successor")
+    return Anchor(fields.hex_id(data["root"], "store.root"), successor)

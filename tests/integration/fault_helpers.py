@@ -1,0 +1,116 @@
+"""Helpers for the fault-injection tests (test_faults_*.py): real mounts, tmpfs, SoftHSM tokens.
+
+Nothing here mocks SoftHSM or FUSE: a :class:`RealMount` is ``kmsfs mount --foreground`` with a
+real store, a :func:`tmpfs` is a real size-limited filesystem, and :func:`token_dir` finds the
+directory that *is* an embedded SoftHSM2 token, so a test can take the token away for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.kms_helpers import Admin
+
+KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
+
+
+def kmsfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")}
+    return subprocess.run([*KMSFS, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)
+
+
+def real_domain(admin: Admin, name: str = "payroll") -> str:
+    """Operator alice, a sealed Trust of hsm1 + hsm2 (quorum 1), Domain ``name``; the trust id."""
+    admin.create_operators("alice")
+    trust = admin.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    admin("domain", "create", name, "--trust", trust)
+    return trust
+
+
+def token_dir(store: Path, label: str) -> Path:
+    """The SoftHSM2 token directory (STORE/private/tokens/<uuid>) of the token ``label``."""
+    padded = label.encode().ljust(32, b" ")  # CK_TOKEN_INFO labels are blank-padded to 32
+    found = [d for d in (store / "private" / "tokens").iterdir()
+             if (d / "token.object").exists() and padded in (d / "token.object").read_bytes()]
+    assert len(found) == 1, f"token {label!r}: found {found}"
+    return found[0]
+
+
+class RealMount:
+    """``kmsfs mount --foreground`` of a real volume in a subprocess; its log in a file."""
+
+    def __init__(self, store: Path, cipherdir: Path, mountpoint: Path, log_path: Path) -> None:
+        self.store, self.cipherdir, self.mountpoint = store, cipherdir, mountpoint
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> RealMount:
+        self.mountpoint.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*KMSFS, "mount", "--foreground", "--store", str(self.store),
+                 str(self.cipherdir), str(self.mountpoint)],
+                stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount failed:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. "8m") mounted at ``path``; always unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+def drop_cache(path: Path) -> None:
+    """Evict ``path``'s pages from the kernel page cache, so the next read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
