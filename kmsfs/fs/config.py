@@ -22,11 +22,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsfs import __version__
+from kmsfs import __version__, atomicfile
 from kmsfs.errors import BadVersionError, FormatError
 
 CONFIG_NAME = "kmsfs.conf"
@@ -162,23 +161,7 @@ def load(cipherdir: Path) -> VolumeConfig:
 
 
 def save(cipherdir: Path, config: VolumeConfig) -> None:
-    """Write atomically: validate, temp file, fsync, rename, fsync the directory."""
-    data = pack(config)
-    directory = Path(cipherdir)
-    tmp = directory / f"kmsfs.tmp.conf-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, directory / CONFIG_NAME)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write atomically: validate, temp file, fsync, rename, fsync the directory. The temporary
+    name is a reserved ``kmsfs.`` name, so a mount never shows it and fsck does not flag it."""
+    atomicfile.replace(Path(cipherdir) / CONFIG_NAME, pack(config), mode=0o444,
+                       temp_prefix="kmsfs.tmp.conf-")

@@ -26,13 +26,13 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from kmsfs.atomicfile import fsync_dir
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
     entry_attrs,
-    fsync_dir,
     may_access,
     statvfs_data,
     touch_ctime,

@@ -110,14 +110,6 @@ def touch_ctime(target: bytes | int, mode: int | None) -> None:
         os.chmod(target, mode)
 
 
-def fsync_dir(path: bytes) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def entry_attrs(
     st: os.stat_result, ino: int, timeout: float, size: int | None = None
 ) -> pyfuse3.EntryAttributes:

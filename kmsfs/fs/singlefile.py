@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content, stream
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError
 from kmsfs.fs import kms
@@ -128,11 +129,7 @@ def atomic_output(arg: str, mode: int) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
 
 
 @contextlib.contextmanager

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pkcs11 import Attribute, Mechanism, ObjectClass
 
+from kmsfs import atomicfile as atomic
 from kmsfs.errors import FormatError, HsmError, PinError
 from kmsfs.hsm import library
 from kmsfs.hsm.keypairs import ed25519_raw, generate_ed25519
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.model.canonical import b64decode, b64encode
 from kmsfs.model.publickeys import PublicKey
-from kmsfs.store import atomic
 
 OPERATOR_KEY_LABEL = "kmsfs-operator"
 KEYFILE_AAD_PREFIX = b"kmsfs/v1/operator-key\x00"

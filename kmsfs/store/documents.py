@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kmsfs import atomicfile as atomic
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, NotFoundError, StoreError
 from kmsfs.model import fields
 from kmsfs.model.canonical import canonical_bytes, parse_json
@@ -29,7 +30,6 @@ from kmsfs.model.domain import SealedDomain
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.model.trust import Signature, Trust
 from kmsfs.model.verify import Anchor
-from kmsfs.store import atomic
 
 STORE_FORMAT = 1
 MAX_DOCUMENT_BYTES = 4 << 20

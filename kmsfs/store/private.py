@@ -14,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
+from kmsfs import atomicfile as atomic
 from kmsfs.errors import FormatError, NotFoundError
 from kmsfs.hsm import softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
-from kmsfs.store import atomic
 
 
 class PrivateArea:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.integration.fs_helpers import stop_daemon
 from tests.kms_helpers import Admin
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
@@ -73,15 +74,7 @@ class RealMount:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        stop_daemon(self.proc, self.mountpoint)
         self.proc = None
 
 

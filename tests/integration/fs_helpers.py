@@ -42,6 +42,19 @@ def make_volume(cipherdir: Path) -> Path:
     return cipherdir
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """Unmount cleanly; escalate to SIGKILL and a lazy unmount if the daemon hangs."""
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
 class Mount:
     """One stub daemon serving CIPHERDIR at MOUNTPOINT; its stderr goes to ``log_path``."""
 
@@ -81,15 +94,7 @@ class Mount:
         """Unmount cleanly; escalate to SIGKILL and a lazy unmount if the daemon hangs."""
         if self.proc is None:
             return
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        stop_daemon(self.proc, self.mountpoint)
         self._close()
 
     def kill9(self) -> None:

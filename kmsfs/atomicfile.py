@@ -1,5 +1,7 @@
 """Crash-safe writes: temporary file, fsync, then link or rename, then fsync the directory.
 
+Used by the store (immutable documents), the volume config and the single-file tools.
+
 Documents are immutable, so ``write_new`` publishes with link(2), which fails if the name
 exists: two admin commands racing to write the same name cannot overwrite each other, and a
 content-addressed document written twice with the same bytes is simply already there.
@@ -13,16 +15,17 @@ from pathlib import Path
 from kmsfs.errors import AlreadyExistsError
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(directory: Path | bytes) -> None:
+    """Make a rename or link inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _temp_with(directory: Path, data: bytes, mode: int) -> Path:
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+def _temp_with(directory: Path, data: bytes, mode: int, prefix: str = ".tmp-") -> Path:
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
@@ -53,17 +56,17 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
-def replace(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data`` (for the few mutable local files)."""
+def replace(path: Path, data: bytes, mode: int = 0o644, temp_prefix: str = ".tmp-") -> None:
+    """Atomically replace ``path`` with ``data`` (for the few mutable files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_with(path.parent, data, mode)
+    temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
