@@ -108,8 +108,10 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
 
         return self.links.decrypt_from_disk(stored, read_blob)
 
-    def _hold_longlink(self, path: bytes) -> tuple[int, bytes] | None:
-        """(O_PATH fd, blob path) if *path* is a symlink with a long target, else None.
+    def _hold_longlink(
+        self, path: bytes
+    ) -> tuple[tuple[int, bytes] | None, os.stat_result | None]:
+        """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat).
 
         Held across the removal of the entry: the blob goes only if the fd then shows no link
         left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it.
@@ -117,17 +119,19 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         try:
             fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return None, None
         try:
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(b"", dir_fd=fd)
                 if is_longlink(os.fsdecode(target)):
-                    return fd, self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
+                    blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
+                    return (fd, blob), st
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-        return None
+        return None, st
 
     @staticmethod
     def _drop_longlink(held: tuple[int, bytes] | None) -> None:
@@ -273,7 +277,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
-        held = self._hold_longlink(path)
+        held, st = self._hold_longlink(path)
         try:
             os.unlink(path)
         except BaseException:
@@ -282,6 +286,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         remove_sidecar(dirpath, cname)
         self._drop_longlink(held)
         self.table.drop_link(parent_inode, cname)
+        if st is not None and st.st_nlink <= 1:
+            self.table.removed(st.st_ino)  # its last link (no await since the fstat)
 
     @guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -289,9 +295,9 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         path = dirpath + b"/" + cname
         st = os.lstat(path)
         _remove_empty_dir(path)
-        self.names.forget_dir(self.table.fuse_ino(st.st_ino))
         remove_sidecar(dirpath, cname)
         self.table.drop_link(parent_inode, cname)
+        self.names.forget_dir(self.table.removed(st.st_ino))
 
     @guard
     async def rename(
@@ -324,7 +330,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             if dst is not None and dst.st_ino == src.st_ino:
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
-                held = self._hold_longlink(new_path)
+                held, _ = self._hold_longlink(new_path)
         written = write_sidecar(new_dir, new_disk)
         diriv = None
         try:
@@ -339,9 +345,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             raise
         remove_sidecar(old_dir, old_c)
         self._drop_longlink(held)
-        if diriv is not None and dst is not None:
-            self.names.forget_dir(self.table.fuse_ino(dst.st_ino))
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
+        if dst is not None and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1):
+            gone = self.table.removed(dst.st_ino)  # renamed over its last link
+            if diriv is not None:
+                self.names.forget_dir(gone)
 
 
 def _unlink_quiet(path: bytes) -> None:

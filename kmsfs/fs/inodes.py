@@ -4,6 +4,16 @@ FUSE inode numbers are the backing (ciphertext) inode numbers, as in pyfuse3's
 ``examples/passthroughfs.py``, so hard links come for free and numbers survive a remount. The
 backing root's number and 1 (``pyfuse3.ROOT_INODE``) swap places to keep the mapping a bijection.
 
+A backing number is only unique among *live* objects, while the kernel may hold a node (an open
+fd, a cwd, a FORGET not yet sent) after its object is gone. When the daemon removes the last link
+of an object (:meth:`InodeTable.removed`), that node is *detached*: it stays valid for the kernel
+until FORGET, but its number is never again given to a new object; a new object that gets the
+same backing number meanwhile is given a fresh id from a range no backing number reaches, for as
+long as it lives (so hard links keep one id and ``st_ino``, which is the FUSE id, stays stable).
+Otherwise the kernel would find its old inode for the new object: a new directory would inherit
+the removed one's dead state (ENOENT inside), a held fd would resolve to the new file, and
+directory aliases would move across parents (ESTALE).
+
 Unlike passthroughfs we do not store full paths: each node keeps its *links*, (parent inode,
 ciphertext name) pairs with the plaintext name beside them (for log lines), and a path is built
 by walking up to the root. Renaming a directory therefore moves its whole known subtree at once.
@@ -13,6 +23,7 @@ A node lives while the kernel holds lookups on it or while known children point 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +32,10 @@ import pyfuse3
 ROOT = pyfuse3.ROOT_INODE
 
 Link = tuple[int, bytes]
+
+FRESH_BASE = 0x3FFF_0000_0000_0000
+"""First of the ids given to objects whose backing number a detached node still holds: above
+any backing inode number (ext4's are 32-bit), below 2**63 for tools that read st_ino signed."""
 
 
 @dataclass
@@ -40,14 +55,52 @@ class InodeTable:
         self._root_backing = root_backing_ino
         self._nodes: dict[int, Node] = {ROOT: Node(lookups=1)}
         self._entries: dict[Link, int] = {}
+        self._detached: set[int] = set()  # nodes whose object is gone, still held
+        self._remap: dict[int, int] = {}  # backing number -> fresh id, while the object lives
+        self._fresh = itertools.count(FRESH_BASE)
 
-    def fuse_ino(self, backing_ino: int) -> int:
-        """FUSE inode for a backing inode number (root and 1 swap)."""
+    def _own_id(self, backing_ino: int) -> int:
         if backing_ino == self._root_backing:
             return ROOT
         if backing_ino == ROOT:
             return self._root_backing
         return backing_ino
+
+    def fuse_ino(self, backing_ino: int) -> int:
+        """FUSE inode for a live object's backing inode number (root and 1 swap).
+
+        A fresh id if the number's own id is a detached node the kernel may still hold.
+        """
+        ino = self._remap.get(backing_ino)
+        if ino is not None:
+            return ino
+        if backing_ino == self._root_backing:
+            return ROOT
+        ino = self._root_backing if backing_ino == ROOT else backing_ino
+        if ino in self._detached:
+            ino = next(self._fresh)
+            self._remap[backing_ino] = ino
+        return ino
+
+    def removed(self, backing_ino: int) -> int:
+        """The daemon removed the last link of the object *backing_ino*; returns its FUSE id.
+
+        Its node (if the kernel holds it) loses every link and is detached: it answers ENOENT
+        (or through an open file's fd) until FORGET, and its id is not given out again before.
+        """
+        ino = self._remap.pop(backing_ino, None)
+        if ino is None:
+            ino = self._own_id(backing_ino)
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT:
+            return ino
+        node.lookups += 1  # hold the node while its links go
+        for link in list(node.links):
+            self.drop_link(*link)
+        node.lookups -= 1
+        self._detached.add(ino)
+        self._maybe_free(ino)
+        return ino
 
     def known(self, ino: int) -> bool:
         return ino in self._nodes
@@ -159,6 +212,7 @@ class InodeTable:
         if ino == ROOT or node is None or node.lookups > 0 or node.children > 0:
             return
         del self._nodes[ino]
+        self._detached.discard(ino)
         for link in list(node.links):
             self._entries.pop(link, None)
             self._release_child(link[0])

@@ -1,0 +1,173 @@
+"""Backing inode numbers reused while the kernel still holds the old FUSE node.
+
+FUSE node ids are the backing (ciphertext) inode numbers (:mod:`kmsfs.fs.inodes`). When an
+object is removed while the kernel still holds its node (an open directory fd, a cwd, an
+O_PATH fd, or just a FORGET not yet sent), the backing file system may give its number to the
+next new object. If the daemon then answered with the same node id, the kernel would take its
+old inode for the new object: a new directory inherits the removed one's "dead" state (ENOENT
+on every create inside), a held fd of a removed file resolves to the new file, or a directory
+alias is moved across parents (ESTALE). Found by ``tools/soak.py`` (EEXIST and ESTALE from
+mkdir). Each test holds the old node with an fd, removes the object, creates entries until the
+ciphertext file system reuses the number, then checks the new object and the old fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+TRIES = 200
+
+
+def _backing_inos(cipherdir: Path) -> set[int]:
+    inos = set()
+    for dirpath, dirs, files in os.walk(cipherdir):
+        for name in dirs + files:
+            inos.add(os.lstat(os.path.join(dirpath, name)).st_ino)
+    return inos
+
+
+def _until_reused(cipherdir: Path, old_backing: int, make: Callable[[int], Path]) -> Path:
+    """Call make(i) until the backing file system gives *old_backing* to a new entry."""
+    for i in range(TRIES):
+        made = make(i)
+        if old_backing in _backing_inos(cipherdir):
+            return made
+    pytest.skip("the ciphertext file system did not reuse the inode number")
+
+
+def _held_fd_is_not(fd: int, new: Path) -> None:
+    """The fd of the removed object must not have turned into the new object."""
+    try:
+        held = os.fstat(fd)
+    except OSError:
+        return  # the removed object is just gone: fine
+    new_st = os.lstat(new)
+    assert (held.st_ino, held.st_dev) != (new_st.st_ino, new_st.st_dev)
+
+
+@pytest.fixture
+def m(mnt) -> Path:  # type: ignore[no-untyped-def]
+    return mnt.mountpoint
+
+
+def test_new_dir_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
+    os.mkdir(m / "x")
+    os.mkdir(m / "y")
+    os.mkdir(m / "x" / "d1")
+    fd = os.open(m / "x" / "d1", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino  # no reuse yet: the FUSE id is the backing number
+        os.rmdir(m / "x" / "d1")
+        new = _until_reused(mnt.cipherdir, old, lambda i: _mkdir(m / "y" / f"n{i}"))
+        os.mkdir(new / "sub")  # was ENOENT: the kernel reused the removed dir's dead inode
+        (new / "f").write_bytes(b"data")
+        assert sorted(os.listdir(new)) == ["f", "sub"]
+        assert (new / "f").read_bytes() == b"data"
+        _held_fd_is_not(fd, new)
+        assert not os.path.exists(m / "x" / "d1")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(new)) == ["f", "sub"]
+    os.rmdir(new / "sub")
+    os.unlink(new / "f")
+    os.rmdir(new)
+
+
+def test_new_dir_elsewhere_after_renamed_over_dir(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
+    for d in ("x", "y", "x/src", "x/dst"):
+        os.mkdir(m / d)
+    fd = os.open(m / "x" / "dst", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino
+        os.rename(m / "x" / "src", m / "x" / "dst")  # the old dst is gone
+        new = _until_reused(mnt.cipherdir, old, lambda i: _mkdir(m / "y" / f"n{i}"))
+        os.mkdir(new / "sub")
+        assert os.listdir(new) == ["sub"]
+        _held_fd_is_not(fd, new)
+        assert os.listdir(m / "x") == ["dst"]
+    finally:
+        os.close(fd)
+
+
+def test_new_file_after_held_file_unlinked(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
+    (m / "old").write_bytes(b"old content")
+    # O_PATH: the kernel holds the node but the daemon gets no OPEN, so it keeps no backing fd
+    # and the backing inode is freed on unlink.
+    fd = os.open(m / "old", os.O_PATH)
+    try:
+        old = os.fstat(fd).st_ino
+        os.unlink(m / "old")
+
+        def make(i: int) -> Path:
+            p = m / f"new{i}"
+            p.write_bytes(b"new content %d" % i)
+            return p
+
+        new = _until_reused(mnt.cipherdir, old, make)
+        _held_fd_is_not(fd, new)
+        # Through the held fd, the removed file must not open as the new one.
+        with pytest.raises(OSError) as exc:
+            os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+        assert exc.value.errno in (errno.ENOENT, errno.ESTALE, errno.EIO)
+        assert new.read_bytes().startswith(b"new content")
+    finally:
+        os.close(fd)
+
+
+def test_new_file_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
+    os.mkdir(m / "d1")
+    fd = os.open(m / "d1", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino
+        os.rmdir(m / "d1")
+
+        def make(i: int) -> Path:
+            p = m / f"f{i}"
+            p.write_bytes(b"x")
+            return p
+
+        new = _until_reused(mnt.cipherdir, old, make)
+        assert stat.S_ISREG(os.lstat(new).st_mode)
+        assert new.read_bytes() == b"x"
+        _held_fd_is_not(fd, new)
+    finally:
+        os.close(fd)
+
+
+def test_hard_links_and_distinct_inos_after_reuse(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
+    os.mkdir(m / "d1")
+    fd = os.open(m / "d1", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino
+        os.rmdir(m / "d1")
+
+        def make(i: int) -> Path:
+            p = m / f"f{i}"
+            p.write_bytes(b"%d" % i)
+            return p
+
+        new = _until_reused(mnt.cipherdir, old, make)
+        os.link(new, m / "hard")
+        a, b = os.lstat(new), os.lstat(m / "hard")
+        assert a.st_ino == b.st_ino and b.st_nlink == 2
+        assert os.path.samefile(new, m / "hard")
+        inos = [os.lstat(p).st_ino for p in sorted(m.iterdir()) if p.name != "hard"]
+        assert len(set(inos)) == len(inos)  # different files, different st_ino
+        listed = {e.name: e.inode() for e in os.scandir(m)}
+        assert listed["hard"] == listed[new.name] == a.st_ino
+        os.unlink(new)
+        assert (m / "hard").read_bytes() == new.name[1:].encode()
+        assert os.lstat(m / "hard").st_ino == a.st_ino
+    finally:
+        os.close(fd)
+
+
+def _mkdir(p: Path) -> Path:
+    os.mkdir(p)
+    return p
