@@ -44,6 +44,16 @@ def token_dir(store: Path, label: str) -> Path:
     return found[0]
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Create or replace ``path`` with ``data`` and fsync it: what "fsync'd" means in tests."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RealMount:
     """``kmsfs mount --foreground`` of a real volume in a subprocess; its log in a file."""
 

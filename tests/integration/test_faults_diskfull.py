@@ -14,19 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fault_helpers import drop_cache, tmpfs
+from tests.integration.fault_helpers import drop_cache, tmpfs, write_synced
 from tests.integration.fs_helpers import make_volume
 
 CHUNK = 64 * 1024
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fill(directory: Path) -> int:
@@ -40,7 +31,7 @@ def _fill(directory: Path) -> int:
         for _ in range(2000):
             n += 1
             try:
-                _write_synced(directory / f"filler{n}", os.urandom(size))
+                write_synced(directory / f"filler{n}", os.urandom(size))
                 written += size
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC, f"filling the disk gave {exc!r}"
@@ -87,16 +78,16 @@ def test_disk_full_gives_enospc_keeps_synced_data_and_recovers(
         try:
             synced = {f"keep{i}": os.urandom(n) for i, n in enumerate((1, 4096, 10_000, 300_001))}
             for name, data in synced.items():
-                _write_synced(m / name, data)
+                write_synced(m / name, data)
             mid_old = os.urandom(3 * 4096)  # block 1 is rewritten in place while full
-            _write_synced(m / "mid", mid_old)
+            write_synced(m / "mid", mid_old)
 
             assert _fill(m) > 0
             assert mount.alive()
             assert {*synced, "mid"} <= set(os.listdir(m))
             os.statvfs(m)
             with pytest.raises(OSError) as exc:
-                _write_synced(m / "new-file", os.urandom(20_000))
+                write_synced(m / "new-file", os.urandom(20_000))
             assert exc.value.errno == errno.ENOSPC
 
             # An in-place rewrite while the disk is full: old or new content, never EIO.
@@ -114,8 +105,8 @@ def test_disk_full_gives_enospc_keeps_synced_data_and_recovers(
             # Space freed: writing works again, also to the file that hit ENOSPC.
             _free(m)
             fresh = os.urandom(500_000)
-            _write_synced(m / "new-file", fresh)
-            _write_synced(m / "mid", mid_new)
+            write_synced(m / "new-file", fresh)
+            write_synced(m / "mid", mid_new)
             for name, data in {**synced, "new-file": fresh, "mid": mid_new}.items():
                 drop_cache(m / name)
                 assert (m / name).read_bytes() == data, name
@@ -138,9 +129,9 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
         m = mount.mountpoint
         try:
             tail_old = os.urandom(10_000)
-            _write_synced(m / "tail", tail_old)
+            write_synced(m / "tail", tail_old)
             log_old = os.urandom(5_000)
-            _write_synced(m / "log", log_old)
+            write_synced(m / "log", log_old)
             _fill(m)
 
             grow = os.urandom(6000)

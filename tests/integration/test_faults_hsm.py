@@ -30,20 +30,12 @@ from tests.integration.fault_helpers import (
     real_domain,
     token_dir,
     wait_for,
+    write_synced,
 )
 from tests.kms_helpers import Admin
 
 PROBE_WAIT = 0.4  # > DomainKeys.PROBE_INTERVAL
 RETRY_WAIT = 1.3  # > DomainKeys.RETRY_INTERVAL
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_uncached(path: Path) -> bytes:
@@ -81,8 +73,8 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
     held = -1
     try:
         m = mount.mountpoint
-        _write(m / "before", b"b" * 10_000)
-        _write(m / "closed-before", b"c" * 9_000)
+        write_synced(m / "before", b"b" * 10_000)
+        write_synced(m / "closed-before", b"c" * 9_000)
         held = os.open(m / "held", os.O_CREAT | os.O_RDWR, 0o644)
         os.write(held, b"h" * 5000)  # its key is derived now and kept while it is open
         first = _serving(mount)
@@ -91,7 +83,7 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
         # 1. The serving HSM's token vanishes: the other HSM serves, no error reaches the user.
         take_away(first)
         time.sleep(PROBE_WAIT)
-        _write(m / "after-1", b"x" * 12_345)
+        write_synced(m / "after-1", b"x" * 12_345)
         assert _read_uncached(m / "after-1") == b"x" * 12_345
         assert _read_uncached(m / "closed-before") == b"c" * 9_000  # newly opened: new key
         assert wait_for(lambda: _serving(mount) == second, 5), mount.log()
@@ -122,7 +114,7 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
         # 3. An HSM comes back: service resumes by itself, without a remount.
         bring_back(token_dir_path := next(iter(moved)))
         time.sleep(RETRY_WAIT)
-        _write(m / "after-3", b"z" * 7_000)
+        write_synced(m / "after-3", b"z" * 7_000)
         assert _read_uncached(m / "after-3") == b"z" * 7_000
         assert _read_uncached(m / "before") == b"b" * 10_000
         with open(m / "after-2", "ab") as f:
