@@ -186,39 +186,34 @@ def encrypt(store: Path, domain: str, in_arg: str, out_arg: str) -> int:
 # decrypt
 
 
+def _drain(label: str, total: int | None, plaintexts: Iterator[bytes],
+           out: BinaryIO | None) -> int:
+    """Consume ``plaintexts`` (into ``out`` unless None, i.e. verify only) with a progress bar."""
+    progress = Progress(label, total)
+    try:
+        for plain in plaintexts:
+            if out is not None:
+                out.write(plain)
+            progress.advance(len(plain))
+    finally:
+        progress.close()
+    return progress.done
+
+
 def _emit(
     src: Input, out_arg: str, plaintexts: Callable[[], Iterator[bytes]], rewind: int
 ) -> int:
     """Write the plaintexts to OUT under the rules in the module docstring; return bytes out."""
     total = src.size - rewind if src.size is not None else None
     if not is_stream_output(out_arg):
-        progress = Progress("kmsfs: decrypt", total)
-        try:
-            with atomic_output(out_arg, _mode(True)) as out:
-                for plain in plaintexts():
-                    out.write(plain)
-                    progress.advance(len(plain))
-        finally:
-            progress.close()
-        return progress.done
+        with atomic_output(out_arg, _mode(True)) as out:
+            return _drain("kmsfs: decrypt", total, plaintexts(), out)
     if src.seekable:
         start = src.file.tell()  # not ``rewind``: stdin may be a file opened at any offset
-        progress = Progress("kmsfs: verify", total)
-        try:
-            for plain in plaintexts():
-                progress.advance(len(plain))
-        finally:
-            progress.close()
+        _drain("kmsfs: verify", total, plaintexts(), None)
         src.file.seek(start)
-    progress = Progress("kmsfs: decrypt", total)
-    try:
-        with stream_output(out_arg) as out:
-            for plain in plaintexts():
-                out.write(plain)
-                progress.advance(len(plain))
-    finally:
-        progress.close()
-    return progress.done
+    with stream_output(out_arg) as out:
+        return _drain("kmsfs: decrypt", total, plaintexts(), out)
 
 
 def decrypt(store: Path, in_arg: str, out_arg: str) -> int:
