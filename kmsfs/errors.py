@@ -55,3 +55,11 @@ class HsmUnavailableError(HsmError):
 
 class PinError(HsmError):
     """A PIN or passphrase is wrong or cannot be read."""
+
+
+class AgentRefusedError(KmsfsError):
+    """The HSM agent's policy does not allow this client to do this."""
+
+
+class AgentUnavailableError(HsmUnavailableError):
+    """The HSM agent cannot be reached; to a mount this is like every HSM being absent."""

@@ -1,6 +1,7 @@
 """Exit codes of ``kmsfs`` and ``kmsfs-admin``. A number is never reused for another meaning."""
 
 from kmsfs.errors import (
+    AgentRefusedError,
     FormatError,
     HsmError,
     IntegrityError,
@@ -19,11 +20,14 @@ PIN = 5  # wrong or missing PIN / passphrase
 STORE = 6  # the store or a document is missing, malformed or already there
 FORMAT = 7  # a document or file is malformed
 DAMAGED = 8  # kmsfs fsck found damage (the command itself worked)
+REFUSED = 9  # the HSM agent's policy refused the request
 INTERRUPTED = 130
 
 
 def for_error(exc: KmsfsError) -> int:
     """The exit code for an error; the most specific class wins."""
+    if isinstance(exc, AgentRefusedError):
+        return REFUSED
     if isinstance(exc, PinError):
         return PIN
     if isinstance(exc, HsmError):

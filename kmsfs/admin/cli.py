@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs import __version__
-from kmsfs.admin import render
+from kmsfs.admin import audit_cmd, render
 from kmsfs.admin.render import short
+from kmsfs.agent import remote
+from kmsfs.agent.client import AgentAddress, AgentClient
 from kmsfs.cliutil import Parser, emit_json, emit_table, run, setup_logging
 from kmsfs.completion import bash_script
+from kmsfs.errors import HsmError, UsageError
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
 from kmsfs.model.fields import HEX_ID
 from kmsfs.service import domains, hsms, operators, store_init, trusts
@@ -40,6 +43,13 @@ class Command:
         self.args = args
         self.json = args.json
         self.ctx = Context.at(args.store)
+
+    def agent(self) -> AgentClient | None:
+        """The agent client if ``--agent`` was given: HSM actions then happen in the agent."""
+        a = self.args
+        if not a.agent:
+            return None
+        return AgentClient(AgentAddress.parse(a.agent, a.agent_cert, a.agent_key, a.agent_ca))
 
     def pin(self, prompt: str) -> PinSource:
         return pin_source_from_args(self.args.pin_file, self.args.pin_env, prompt)
@@ -91,6 +101,25 @@ class Command:
             f"HSM {record.label} enrolled ({record.wrap_key.scheme}, "
             f"{record.sign_key.scheme})\n{record.id}",
         )
+
+    def hsm_health(self) -> None:
+        client = self.agent()
+        rows = remote.health(client) if client else hsms.health(self.ctx)
+        if self.json:
+            emit_json(rows)
+        else:
+            emit_table(
+                [
+                    {"id": short(r["id"]), "label": r["label"],
+                     "state": "ok" if r["ok"] else f"FAILED: {r['problem']}"}
+                    for r in rows
+                ],
+                ["id", "label", "state"],
+            )
+        if not all(r["ok"] for r in rows):
+            raise HsmError(
+                f"{sum(not r['ok'] for r in rows)} of {len(rows)} HSMs failed the health check"
+            )
 
     def hsm_list(self) -> None:
         self.rows(
@@ -196,7 +225,13 @@ class Command:
         )
 
     def trust_seal(self) -> None:
-        sealed = trusts.seal(self.ctx, self.args.trust, self.args.hsm)
+        client = self.agent()
+        if client and self.args.hsm:
+            raise UsageError("--hsm cannot be used with --agent: the agent chooses its HSM")
+        if client:
+            sealed = remote.seal_trust(client, self.ctx, self.args.trust)
+        else:
+            sealed = trusts.seal(self.ctx, self.args.trust, self.args.hsm)
         label = sealed.trust.hsm(sealed.seal.key_id).label  # type: ignore[union-attr]
         self.one(
             trusts.status(self.ctx, sealed.id).to_dict(),
@@ -221,7 +256,11 @@ class Command:
     # -- domains ---------------------------------------------------------------------------
 
     def domain_create(self) -> None:
-        verified = domains.create(self.ctx, self.args.name, self.args.trust)
+        client = self.agent()
+        if client:
+            verified = remote.create_domain(client, self.ctx, self.args.name, self.args.trust)
+        else:
+            verified = domains.create(self.ctx, self.args.name, self.args.trust)
         self.one(
             render.verified_domain(verified),
             f"domain {self.args.name} created\n{verified.sealed.id}",
@@ -242,7 +281,11 @@ class Command:
         )
 
     def domain_rewrap(self) -> None:
-        verified = domains.rewrap(self.ctx, self.args.name, self.args.trust)
+        client = self.agent()
+        if client:
+            verified = remote.rewrap(client, self.ctx, self.args.name, self.args.trust)
+        else:
+            verified = domains.rewrap(self.ctx, self.args.name, self.args.trust)
         self.one(
             render.verified_domain(verified),
             f"domain {self.args.name} rewrapped for trust {short(verified.trust.id)} "
@@ -251,6 +294,9 @@ class Command:
 
     def completion(self) -> None:
         print(bash_script(build_parser(), PROG), end="")
+
+    def audit(self) -> int | None:
+        return audit_cmd.run(self)
 
     def domain_export(self) -> None:
         sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
@@ -289,6 +335,14 @@ def build_parser() -> Parser:
         help="the store directory (default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--agent",
+        metavar="SOCKET|HOST:PORT",
+        help="have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap, hsm health)",
+    )
+    parser.add_argument("--agent-cert", metavar="F", help="client certificate for a TLS agent")
+    parser.add_argument("--agent-key", metavar="F", help="its private key")
+    parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -344,6 +398,13 @@ def build_parser() -> Parser:
         "($CREDENTIALS_DIRECTORY/NAME, see LoadCredential=)",
     )
     command(hsm, "list", "hsm_list", "list the HSMs of the store", "kmsfs-admin --json hsm list")
+    command(
+        hsm,
+        "health",
+        "hsm_health",
+        "check that each HSM of this host (or of the agent) opens, holds its keys and signs",
+        "kmsfs-admin --agent /run/kmsfs/hsmd.sock hsm health",
+    )
 
     op = groups.add_parser("operator", help="create and list operators").add_subparsers(
         dest="sub", metavar="ACTION", required=True
@@ -483,6 +544,7 @@ def build_parser() -> Parser:
         "kmsfs-admin domain export payroll > payroll.domain",
     )
     p.add_argument("name", metavar="NAME")
+    audit_cmd.add_parser(groups, command)
     p = command(
         groups,
         "completion",

@@ -27,7 +27,10 @@ PROG = "kmsfs"
 EPILOGS = {
     "init": "example:\n  kmsfs init /srv/cipher --domain payroll --store /srv/kms\n",
     "mount": "examples:\n  kmsfs mount /srv/cipher /mnt/payroll\n"
-    "  kmsfs mount /srv/cipher /mnt/payroll -o allow_other --foreground\n",
+    "  kmsfs mount /srv/cipher /mnt/payroll -o allow_other --foreground\n"
+    "  kmsfs mount /srv/cipher /mnt/payroll --agent /run/kmsfs/hsmd.sock\n"
+    "  kmsfs mount /srv/cipher /mnt/payroll --agent hsm.example.org:7440 \\\n"
+    "      --agent-cert me.crt --agent-key me.key --agent-ca agent-ca.pem\n",
     "umount": "example:\n  kmsfs umount /mnt/payroll\n",
     "info": "example:\n  kmsfs info /srv/cipher --json\n",
     "completion": "example:\n"
@@ -73,6 +76,15 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     options = daemon.mount_options(args.options)
     if "allow_other" in options:
         options.add("default_permissions")
+    agent = _agent(args)
+    if agent is not None:  # the agent verifies against its own root and checks its policy
+        desc = kms.describe_via_agent(config.domain_bundle, agent)
+        if desc.get("name") != config.domain_name:
+            raise KmsfsError(
+                f"{args.cipherdir}: config names Domain {config.domain_name}, "
+                f"the agent opened {desc.get('name')}"
+            )
+        return config, Path("."), options
     store = kms.store_dir(args.store)
     try:
         desc = kms.describe(store, config.domain_bundle)
@@ -96,13 +108,31 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     def child(report_ready: object) -> None:
         daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
-        with kms.open_deriver(store, config.domain_bundle) as deriver:
+        with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=report_ready)  # type: ignore[arg-type]
 
     if args.foreground:
         child(lambda: print(f"kmsfs: mounted {cipherdir} on {mountpoint}", file=sys.stderr))
         return exitcodes.OK
     return daemon.daemonize(child)  # type: ignore[arg-type]
+
+
+def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
+    if not getattr(args, "agent", None):
+        return None
+    return kms.AgentOptions(args.agent, args.agent_cert, args.agent_key, args.agent_ca)
+
+
+def _agent_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent",
+        metavar="SOCKET|HOST:PORT",
+        help="get keys from kmsfs-hsmd instead of opening the HSMs in this process "
+        "(the agent verifies the Domain; --store is then not needed)",
+    )
+    parser.add_argument("--agent-cert", metavar="F", help="client certificate (TCP agents)")
+    parser.add_argument("--agent-key", metavar="F", help="its private key")
+    parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -235,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path, metavar="FILE",
                    help="append the daemon's log here (default: stderr with --foreground, "
                    "else syslog/the journal)")
+    _agent_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = add("umount", "unmount a kmsfs mount point")

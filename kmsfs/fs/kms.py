@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,37 @@ def domain_id_of(desc: dict[str, Any]) -> str:
     raise KmsfsError("Domain bundle description has no domain id")
 
 
+@dataclass(frozen=True)
+class AgentOptions:
+    """``--agent`` and its TLS files, as given on the command line."""
+
+    address: str
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+
 @contextmanager
-def open_deriver(store: Path, bundle: bytes) -> Iterator[KeyDeriver]:
-    """Verify the bundle's chain against the store's pinned root and open an HSM deriver."""
-    with _api().open_domain(store, bundle) as deriver:
-        yield deriver
+def open_deriver(
+    store: Path, bundle: bytes, agent: AgentOptions | None = None
+) -> Iterator[KeyDeriver]:
+    """Verify the bundle's chain and open a deriver: in-process PKCS#11 against the store's
+    pinned root, or, with ``agent``, through kmsfs-hsmd (which verifies against its own)."""
+    if agent is None:
+        with _api().open_domain(store, bundle) as deriver:
+            yield deriver
+        return
+    from kmsfs.agent import client
+
+    address = client.AgentAddress.parse(agent.address, agent.cert, agent.key, agent.ca)
+    with client.open_domain(address, bundle) as agent_deriver:
+        yield agent_deriver
+
+
+def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
+    """Have the agent verify the bundle and check its policy, as a mount will; its answer."""
+    with open_deriver(Path("."), bundle, agent) as deriver:
+        return dict(deriver.description)  # type: ignore[attr-defined]
 
 
 def check_bundle(store: Path, bundle: bytes, where: str, want_id: str | None = None) -> str:

@@ -10,6 +10,7 @@ OPERATOR_APPROVES_TRUST = b"kmsfs/v1/operator-approves-trust\x00"
 HSM_RECORD = b"kmsfs/v1/hsm-record\x00"
 HSM_SEALS_TRUST = b"kmsfs/v1/hsm-seals-trust\x00"
 HSM_SEALS_DOMAIN = b"kmsfs/v1/hsm-seals-domain\x00"
+AGENT_AUDIT_CHECKPOINT = b"kmsfs/v1/agent-audit-checkpoint\x00"
 
 
 def message(context: bytes, payload: bytes) -> bytes:

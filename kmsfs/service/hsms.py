@@ -5,13 +5,13 @@ import secrets
 from dataclasses import replace
 from pathlib import Path
 
-from kmsfs.errors import AlreadyExistsError, UsageError
+from kmsfs.errors import AlreadyExistsError, KmsfsError, UsageError
 from kmsfs.hsm import keypairs, library, softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord, check_name
-from kmsfs.service.context import Context, utc_now
+from kmsfs.service.context import Context, open_hsm, utc_now
 
 TOKEN_LABEL_MAX = 32
 
@@ -115,3 +115,25 @@ def resolve_hsm(ctx: Context, ref: str) -> HsmRecord:
         if record.label == ref:
             return record
     return ctx.store.hsm(ctx.store.resolve("HSM", ref, [r.id for r in records]))
+
+
+HEALTH_PROBE = b"kmsfs/v1/hsm-health-probe\x00"
+
+
+def health(ctx: Context) -> list[dict[str, object]]:
+    """Each HSM this host can reach by its store's private area: does it open with its PIN,
+    hold the keys of its record, and sign? (One signature of a fixed probe message: the
+    probe context is used for nothing else, so the signature is worthless to anyone.)"""
+    rows: list[dict[str, object]] = []
+    for record in list_hsms(ctx):
+        if not ctx.private.has_access("hsm", record.id):
+            continue  # an HSM of another host: not ours to report
+        problem = None
+        try:
+            with open_hsm(ctx, [record]) as hsm:
+                hsm.sign(contexts.message(HEALTH_PROBE, record.id.encode()))
+        except KmsfsError as exc:
+            problem = str(exc)
+        rows.append({"id": record.id, "label": record.label, "ok": problem is None,
+                     "problem": problem})
+    return rows

@@ -1,0 +1,232 @@
+"""``kmsfs-hsmd``: run the HSM agent in the foreground (systemd ``Type=notify``).
+
+Set-up failures (bad policy, unusable store, damaged audit log, a socket that cannot be bound,
+unreadable TLS files) are one line and a non-zero exit before anything listens. Once running:
+SIGTERM or SIGINT stops it cleanly (final audit checkpoint, HSM sessions closed); SIGHUP
+re-reads the policy file, keeping the old policy if the new one does not parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from kmsfs import __version__, exitcodes
+from kmsfs.agent.audit import AuditLog
+from kmsfs.agent.policy import Policy
+from kmsfs.agent.server import (
+    Server,
+    TlsFiles,
+    server_tls_context,
+    systemd_listeners,
+    tcp_listener,
+    unix_listener,
+)
+from kmsfs.agent.service import Agent
+from kmsfs.cliutil import Parser, run
+from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.fs import sdnotify
+from kmsfs.service.context import Context, default_store_path, open_hsm
+
+PROG = "kmsfs-hsmd"
+log = logging.getLogger("kmsfs.agent")
+
+EPILOG = """\
+examples:
+  kmsfs-hsmd --store /var/lib/kmsfs/store --policy /etc/kmsfs/hsmd-policy.toml
+  kmsfs-hsmd --store /srv/kms --policy policy.toml --socket /run/kmsfs/hsmd.sock \\
+      --listen 0.0.0.0:7440 --tls-cert agent.crt --tls-key agent.key --tls-client-ca clients.pem
+
+The agent alone holds the HSM sessions and PINs (from the store's PIN sources: files or
+systemd credentials). Clients: 'kmsfs mount --agent SOCKET|HOST:PORT' and
+'kmsfs-admin --agent ...'. Every request is checked against the policy and written to the
+hash-chained audit log; 'kmsfs-admin audit verify LOG' checks the log.
+"""
+
+
+def default_socket() -> Path:
+    return Path("/run/kmsfs/hsmd.sock") if os.geteuid() == 0 else Path(
+        os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    ) / "kmsfs-hsmd.sock"
+
+
+def default_audit_log() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/kmsfs/hsmd/audit.log")
+    return Path.home() / ".local" / "share" / "kmsfs" / "hsmd-audit.log"
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, have {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog=PROG,
+        description="The kmsfs HSM agent: holds the HSM sessions and PINs and serves key "
+        "operations to mounts and admin tools, under a policy, with an audit log.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--store", type=Path, help="the agent's store (default: as kmsfs-admin)")
+    parser.add_argument("--policy", type=Path, required=True, help="the policy file (TOML)")
+    parser.add_argument(
+        "--socket", type=Path, help=f"Unix socket to listen on (default {default_socket()})"
+    )
+    parser.add_argument(
+        "--socket-mode", type=lambda s: int(s, 8), default=0o660, metavar="MODE",
+        help="permissions of the socket file (default 0660; the policy still decides)",
+    )
+    parser.add_argument(
+        "--listen", type=host_port, metavar="HOST:PORT", help="also listen on TCP, TLS only"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="F", help="the agent's certificate")
+    parser.add_argument("--tls-key", type=Path, metavar="F", help="the agent's private key")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, metavar="F", help="CA that signs client certificates"
+    )
+    parser.add_argument(
+        "--audit-log", type=Path, help=f"the audit log (default {default_audit_log()})"
+    )
+    parser.add_argument(
+        "--audit-every", type=int, default=1000, metavar="N",
+        help="sign a checkpoint after N records (default 1000)",
+    )
+    parser.add_argument(
+        "--audit-seconds", type=float, default=60.0, metavar="S",
+        help="... or after S seconds with unsigned records (default 60)",
+    )
+    parser.add_argument("--log-file", type=Path, metavar="F", help="log here instead of stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _setup_logging(log_file: Path | None, verbose: bool) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        try:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def hsm_signer(store: Path) -> Callable[[bytes], tuple[str, bytes]]:
+    """Sign audit checkpoints with the first HSM of the agent's store that answers."""
+    ctx = Context.at(store)
+
+    def sign(message: bytes) -> tuple[str, bytes]:
+        records = [ctx.store.hsm(i) for i in sorted(ctx.store.hsm_ids())]
+        with open_hsm(ctx, records) as hsm:
+            return hsm.record.id, hsm.sign(message)
+
+    return sign
+
+
+def serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_file, args.verbose)
+    if args.audit_every < 1 or not args.audit_seconds > 0:
+        raise UsageError("--audit-every must be at least 1 and --audit-seconds above 0")
+    store = args.store or default_store_path()
+    ctx = Context.at(store)
+    ctx.store.anchor()  # a missing or damaged store fails here, with its path
+    policy = Policy.load(args.policy)
+    tls = None
+    if args.listen:
+        missing = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(args, n)]
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise UsageError(f"--listen needs TLS: give {flags} (plain TCP is never offered)")
+        tls = server_tls_context(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
+    audit_path = args.audit_log or default_audit_log()
+    audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    audit = AuditLog(
+        audit_path,
+        hsm_signer(store),
+        checkpoint_every=args.audit_every,
+        checkpoint_seconds=args.audit_seconds,
+    )
+    agent = Agent(store, policy, audit.append)
+    listeners = systemd_listeners()
+    tls_fds: set[int] = set()
+    try:
+        if not listeners or args.socket:
+            socket_path = args.socket or default_socket()
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            listeners.append(unix_listener(socket_path, args.socket_mode))
+        if args.listen:
+            tcp = tcp_listener(*args.listen)
+            listeners.append(tcp)
+            tls_fds.add(tcp.fileno())
+    except KmsfsError:
+        for sock in listeners:
+            sock.close()
+        audit.close()
+        raise
+    server = Server(agent, listeners, tls, frozenset(tls_fds))
+    stop = threading.Event()
+
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        try:
+            agent.policy = Policy.load(args.policy)
+            log.info("policy %s reloaded (%d clients)", args.policy, len(agent.policy.rules))
+        except KmsfsError as exc:
+            log.error("policy not reloaded, the old one stays: %s", exc)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    server.start()
+    where = ", ".join(_describe(s) for s in listeners)
+    log.info("kmsfs-hsmd %s serving store %s on %s", __version__, store, where)
+    sdnotify.notify(f"READY=1\nSTATUS=serving on {where}")
+    try:
+        # An idle agent still signs its tail: a checkpoint every --audit-seconds when there
+        # are unsigned records (AuditLog itself only checks its clock when appending).
+        while not stop.wait(args.audit_seconds):
+            audit.checkpoint()
+    finally:
+        sdnotify.notify("STOPPING=1")
+        server.stop()
+        agent.close()
+        audit.close()
+        log.info("kmsfs-hsmd stopped")
+    return exitcodes.OK
+
+
+def _describe(sock: object) -> str:
+    try:
+        name = sock.getsockname()  # type: ignore[attr-defined]
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        return f"tls://{name[0]}:{name[1]}"
+    return str(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(PROG, lambda: serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

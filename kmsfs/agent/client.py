@@ -1,0 +1,274 @@
+"""The client side of ``kmsfs-hsmd``: a connection, and a KeyDeriver that derives through it.
+
+:class:`AgentDeriver` is the second implementation of :class:`kmsfs.keys.KeyDeriver` (the first
+is the in-process PKCS#11 ``DomainKeys``): the filesystem cannot tell them apart. It reconnects
+by itself when the agent restarts: a lost connection or a handle the new agent process does not
+know is re-opened and the request sent again, once. With the agent down, ``derive`` raises
+AgentUnavailableError (an HsmUnavailableError, so a mount answers EIO and logs why) and tries
+again at most once a second; keys already derived stay with the open files that hold them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmsfs.agent import protocol
+from kmsfs.errors import AgentUnavailableError, FormatError, NotFoundError, UsageError
+from kmsfs.keys import DERIVED_KEY_SIZE
+from kmsfs.model import fields
+from kmsfs.model.canonical import b64decode, b64encode
+
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 60.0  # an HSM operation (a Domain create) can take seconds, never minutes
+ENV_CERT, ENV_KEY, ENV_CA = "KMSFS_AGENT_CERT", "KMSFS_AGENT_KEY", "KMSFS_AGENT_CA"
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    """Where the agent listens: a Unix socket path, or HOST:PORT with the client's TLS files."""
+
+    path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        text: str,
+        cert: str | None = None,
+        key: str | None = None,
+        ca: str | None = None,
+    ) -> AgentAddress:
+        """``/run/kmsfs/hsmd.sock``, ``unix:PATH`` or ``HOST:PORT`` (TLS: cert, key and CA
+        from the arguments or $KMSFS_AGENT_CERT, $KMSFS_AGENT_KEY, $KMSFS_AGENT_CA)."""
+        if text.startswith("unix:"):
+            return cls(path=Path(text[5:]))
+        if "/" in text:
+            return cls(path=Path(text))
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--agent {text!r}: want a socket path or HOST:PORT")
+        cert = cert or os.environ.get(ENV_CERT)
+        key = key or os.environ.get(ENV_KEY)
+        ca = ca or os.environ.get(ENV_CA)
+        if not (cert and key and ca):
+            raise UsageError(
+                f"--agent {text}: TCP is TLS only; give --agent-cert, --agent-key and "
+                f"--agent-ca (or ${ENV_CERT}, ${ENV_KEY}, ${ENV_CA})"
+            )
+        return cls(
+            host=host.strip("[]"), port=int(port), cert=Path(cert), key=Path(key), ca=Path(ca)
+        )
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.host}:{self.port}"
+
+    def tls_context(self) -> ssl.SSLContext:
+        """TLS 1.3, the agent's certificate checked against ``ca`` and the host name."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            context.load_verify_locations(cafile=self.ca)
+            context.load_cert_chain(self.cert, self.key)  # type: ignore[arg-type]
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"agent TLS files: {exc}") from None
+        return context
+
+
+class AgentClient:
+    """One connection to the agent, shared by threads (one request at a time)."""
+
+    def __init__(self, address: AgentAddress) -> None:
+        self.address = address
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._tls = address.tls_context() if address.host is not None else None
+
+    def _connect(self) -> socket.socket:
+        what = f"agent {self.address}"
+        try:
+            if self.address.path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.settimeout(CONNECT_TIMEOUT)
+                try:
+                    sock.connect(str(self.address.path))
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                raw = socket.create_connection(
+                    (self.address.host, self.address.port), timeout=CONNECT_TIMEOUT
+                )
+                assert self._tls is not None
+                try:
+                    sock = self._tls.wrap_socket(raw, server_hostname=self.address.host)
+                except BaseException:
+                    raw.close()
+                    raise
+        except ssl.SSLError as exc:
+            raise AgentUnavailableError(f"{what}: TLS refused: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise AgentUnavailableError(f"{what}: {exc.strerror or exc}") from None
+        sock.settimeout(REPLY_TIMEOUT)
+        return sock
+
+    def _exchange(self, sock: socket.socket, request: protocol.Request) -> dict[str, Any]:
+        sock.sendall(protocol.frame(request.to_dict()))
+        header = _recv_exact(sock, protocol.HEADER_SIZE)
+        body = _recv_exact(sock, protocol.frame_length(header))
+        return protocol.parse_response(body, request.id)
+
+    def call(self, op: str, args: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
+        """Send one request; the agent's refusal raises the matching kmsfs error.
+
+        ``retry``: after a lost connection (agent restarted), connect again and resend once.
+        Only for requests that are safe to repeat.
+        """
+        with self._lock:
+            request = protocol.Request(self._next_id, op, args)
+            self._next_id += 1
+            for attempt in (1, 2):
+                fresh = self._sock is None
+                if self._sock is None:
+                    self._sock = self._connect()
+                try:
+                    return self._exchange(self._sock, request)
+                except (OSError, ConnectionError, ssl.SSLError) as exc:
+                    self._close_locked()
+                    if attempt == 2 or not retry or fresh:  # only a stale connection retries
+                        raise AgentUnavailableError(
+                            f"agent {self.address}: connection lost ({_reason(exc)})"
+                        ) from None
+            raise AssertionError("unreachable")
+
+    def _close_locked(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):  # TLS 1.3: a refused client certificate shows up here
+        return f"TLS refused: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("the agent closed the connection")
+        chunks += chunk
+    return bytes(chunks)
+
+
+class AgentDeriver:
+    """A :class:`kmsfs.keys.KeyDeriver` whose keys come from the agent's HSMs."""
+
+    RETRY_INTERVAL = 1.0
+
+    def __init__(self, client: AgentClient, bundle: bytes) -> None:
+        self.client = client
+        self.bundle = bundle
+        self.description: dict[str, Any] = {}
+        self._handle: str | None = None
+        self._lock = threading.Lock()
+        self._next_attempt = 0.0
+        self._last_problem = ""
+
+    def open(self) -> AgentDeriver:
+        with self._lock:
+            self._open_locked()
+        return self
+
+    def _open_locked(self) -> None:
+        result = self.client.call("open-domain", {"bundle": b64encode(self.bundle)})
+        self._handle = fields.hex_id(result.get("handle"), "open-domain.handle")
+        self.description = result
+
+    def derive(self, info: bytes) -> bytes:
+        return self.derive_many([info])[0]
+
+    def derive_many(self, infos: Sequence[bytes]) -> list[bytes]:
+        """Keys for many infos in as few round trips as the batch limit allows."""
+        keys: list[bytes] = []
+        for start in range(0, len(infos), protocol.MAX_BATCH):
+            keys.extend(self._derive_batch(infos[start : start + protocol.MAX_BATCH]))
+        return keys
+
+    def _derive_batch(self, infos: Sequence[bytes]) -> list[bytes]:
+        with self._lock:
+            if time.monotonic() < self._next_attempt:
+                raise AgentUnavailableError(
+                    f"{self._last_problem} (retrying every {self.RETRY_INTERVAL:g} s)"
+                )
+            try:
+                return self._derive_locked(infos)
+            except AgentUnavailableError as exc:
+                self._next_attempt = time.monotonic() + self.RETRY_INTERVAL
+                self._last_problem = str(exc)
+                raise
+
+    def _derive_locked(self, infos: Sequence[bytes]) -> list[bytes]:
+        args = {"infos": [b64encode(i) for i in infos]}
+        for attempt in (1, 2):
+            if self._handle is None:
+                self._open_locked()
+            try:
+                result = self.client.call("derive", {"handle": self._handle, **args})
+                break
+            except NotFoundError:  # a restarted agent has not opened our Domain yet
+                self._handle = None
+                if attempt == 2:
+                    raise
+        raw = fields.array(result, "keys", "derive result")
+        keys = [b64decode(k, "derive result key") for k in raw]
+        if len(keys) != len(infos) or any(len(k) != DERIVED_KEY_SIZE for k in keys):
+            raise FormatError("the agent answered a derive with keys of the wrong number or size")
+        return keys
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> AgentDeriver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def open_domain(address: AgentAddress, bundle: bytes) -> Iterator[AgentDeriver]:
+    """Connect, have the agent verify the bundle and open its keys, yield a deriver."""
+    deriver = AgentDeriver(AgentClient(address), bundle).open()
+    try:
+        yield deriver
+    finally:
+        deriver.close()

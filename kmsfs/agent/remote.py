@@ -1,0 +1,88 @@
+"""``kmsfs-admin --agent``: the admin actions that need an HSM, done by the agent.
+
+The operator's own store supplies the documents (the Trust, its approvals, the chain to the
+pinned root); the agent re-verifies them against *its* pinned root, acts in its HSMs and sends
+back the new document (a seal, a sealed Domain). That document is verified here again against
+the local root before it is saved: the client trusts the agent to hold the HSMs, not to be
+right about signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kmsfs.agent.client import AgentClient
+from kmsfs.errors import UsageError
+from kmsfs.model import fields
+from kmsfs.model.canonical import b64encode
+from kmsfs.model.domain import SealedDomain
+from kmsfs.model.trust import SealedTrust, Signature
+from kmsfs.model.verify import Anchor, VerifiedDomain, verify_domain, verify_trust
+from kmsfs.service import domains, trusts
+from kmsfs.service.context import Context
+
+
+def seal_trust(client: AgentClient, ctx: Context, trust_ref: str) -> SealedTrust:
+    trust = ctx.store.trust(trusts.resolve_trust(ctx, trust_ref))
+    if trust.predecessor is None:
+        raise UsageError(f"trust {trust.id[:12]} is a root: it is made by init, not sealed")
+    approvals = tuple(ctx.store.signatures("approval", trust.id))
+    chain = trusts.verified_chain(ctx, trust.predecessor)
+    result = client.call(
+        "seal-trust",
+        {
+            "trust": trust.payload(),
+            "approvals": [a.to_dict("approval") for a in approvals],
+            "chain": [link.to_dict() for link in chain],
+        },
+        retry=False,
+    )
+    seal = Signature.from_dict(result.get("seal"), "seal")
+    sealed = SealedTrust(trust, approvals, seal)
+    verify_trust(sealed, chain[-1])
+    ctx.store.save_signature("seal", seal)
+    anchor = ctx.store.anchor()
+    if trust.predecessor == anchor.root and anchor.successor is None:
+        ctx.store.write_config(Anchor(anchor.root, trust.id))
+    return sealed
+
+
+def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
+    trust_id = trusts.resolve_trust(ctx, trust_ref)
+    chain = trusts.verified_chain(ctx, trust_id)
+    result = client.call(
+        "create-domain",
+        {"name": name, "trust": trust_id, "chain": [link.to_dict() for link in chain]},
+        retry=False,
+    )
+    return _save_domain(ctx, result)
+
+
+def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
+    trust_id = trusts.resolve_trust(ctx, trust_ref)
+    chain = trusts.verified_chain(ctx, trust_id)
+    bundle = domains.export_bundle(ctx, name)
+    result = client.call(
+        "rewrap",
+        {
+            "bundle": b64encode(bundle.to_bytes()),
+            "trust": trust_id,
+            "chain": [link.to_dict() for link in chain],
+        },
+        retry=False,
+    )
+    return _save_domain(ctx, result)
+
+
+def health(client: AgentClient) -> list[dict[str, Any]]:
+    rows = fields.array(client.call("health", {}), "hsms", "health result")
+    return [fields.obj(r, "health row") for r in rows]
+
+
+def _save_domain(ctx: Context, result: dict[str, Any]) -> VerifiedDomain:
+    sealed = SealedDomain.from_dict(result.get("domain"))
+    verified = verify_domain(
+        sealed, trusts.chain_to(ctx, sealed.domain.trust), ctx.store.anchor()
+    )
+    ctx.store.save_domain(sealed)
+    return verified

@@ -1,0 +1,266 @@
+"""The agent's transports: a Unix socket (peer uid from SO_PEERCRED) and TCP with mutual TLS.
+
+One thread per connection, requests on a connection answered in order. A connection can do
+nothing to the process but get error responses: a malformed request gets an error naming what
+is wrong and the connection stays usable; a frame that breaks the framing (too long, cut
+short) gets one error and the connection is closed, because the stream cannot be resynced. An
+unexpected exception in a handler is logged with its traceback and answered as an internal
+error; it never reaches the accept loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from kmsfs.agent import protocol
+from kmsfs.agent.policy import Peer
+from kmsfs.agent.service import Agent
+from kmsfs.errors import KmsfsError, UsageError
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 256
+BODY_TIMEOUT = 30.0  # seconds to finish a frame once its header arrived (no slow-loris)
+HANDSHAKE_TIMEOUT = 10.0
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The agent's certificate and key, and the CA whose client certificates it accepts."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """TLS 1.3 only, client certificate required and checked against ``client_ca``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(cafile=files.client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS set-up: {exc}") from None
+    return context
+
+
+def unix_listener(path: Path, mode: int = 0o660) -> socket.socket:
+    """Bind a Unix socket at ``path``, replacing a stale socket file but nothing else."""
+    path = Path(path)
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+        else:
+            raise UsageError(f"{path}: exists and is not a socket")
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"{path}: cannot listen: {exc.strerror}") from None
+    return sock
+
+
+def tcp_listener(host: str, port: int) -> socket.socket:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"{host}:{port}: {exc.strerror}") from None
+    sock = socket.socket(info[0], socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"{host}:{port}: cannot listen: {exc.strerror}") from None
+    return sock
+
+
+def peer_of_unix(conn: socket.socket) -> Peer:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(creds)
+    return Peer.local(uid)
+
+
+def peer_of_tls(conn: ssl.SSLSocket) -> Peer:
+    der = conn.getpeercert(binary_form=True)
+    if der is None:  # cannot happen with CERT_REQUIRED; refuse rather than trust
+        raise ssl.SSLError("no client certificate")
+    subject = None
+    cert = conn.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                subject = value
+    return Peer(fingerprint="sha256:" + sha256(der).hexdigest(), subject=subject)
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
+    """``size`` bytes, or None at a clean end of stream before the first byte."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = conn.recv(size - len(chunks))
+        if not chunk:
+            if not chunks:
+                return None
+            raise ConnectionError("connection closed in the middle of a frame")
+        chunks += chunk
+    return bytes(chunks)
+
+
+class Server:
+    """Accepts on every listener, serves each connection in its own thread."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        listeners: list[socket.socket],
+        tls: ssl.SSLContext | None = None,
+        tls_listeners: frozenset[int] = frozenset(),
+    ) -> None:
+        self.agent = agent
+        self._listeners = listeners
+        self._tls = tls
+        self._tls_fds = tls_listeners
+        self._stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._threads: list[threading.Thread] = []
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for listener in self._listeners:
+            thread = threading.Thread(
+                target=self._accept_loop, args=(listener,), name="accept", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection; in-flight requests finish or fail."""
+        self._stopping.set()
+        for listener in self._listeners:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        is_tls = listener.fileno() in self._tls_fds
+        while not self._stopping.is_set():
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("accept failed")
+                continue
+            if not self._slots.acquire(blocking=False):
+                log.warning("refusing a connection: %d connections open", MAX_CONNECTIONS)
+                conn.close()
+                continue
+            threading.Thread(
+                target=self._serve, args=(conn, is_tls), name="client", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket, is_tls: bool) -> None:
+        with self._lock:
+            self._connections.add(conn)
+        try:
+            if is_tls:
+                assert self._tls is not None
+                conn.settimeout(HANDSHAKE_TIMEOUT)
+                conn = self._tls.wrap_socket(conn, server_side=True)
+                conn.settimeout(None)
+                with self._lock:
+                    self._connections.add(conn)
+                peer = peer_of_tls(conn)  # type: ignore[arg-type]
+            else:
+                peer = peer_of_unix(conn)
+            log.debug("connection from %s", peer.describe())
+            self._requests(conn, peer)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            if not self._stopping.is_set():
+                log.info("connection ended: %s", exc)
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._slots.release()
+
+    def _requests(self, conn: socket.socket, peer: Peer) -> None:
+        while not self._stopping.is_set():
+            header = _recv_exact(conn, protocol.HEADER_SIZE)
+            if header is None:
+                return
+            try:
+                length = protocol.frame_length(header)
+            except protocol.ProtocolError as exc:
+                conn.sendall(protocol.frame(protocol.failed(0, exc)))
+                return
+            conn.settimeout(BODY_TIMEOUT)
+            body = _recv_exact(conn, length) if length else b""
+            conn.settimeout(None)
+            if body is None:
+                raise ConnectionError("connection closed in the middle of a frame")
+            conn.sendall(protocol.frame(self._answer(peer, body)))
+
+    def _answer(self, peer: Peer, body: bytes) -> dict[str, object]:
+        try:
+            request = protocol.Request.parse(body)
+        except KmsfsError as exc:
+            return protocol.failed(protocol.request_id_of(body), exc)
+        try:
+            return protocol.ok(request.id, self.agent.handle(peer, request))
+        except KmsfsError as exc:
+            return protocol.failed(request.id, exc)
+        except Exception:
+            log.exception("internal error in %s", request.op)
+            return protocol.failed(request.id, KmsfsError("internal error in the agent"))
+
+
+def systemd_listeners() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation ($LISTEN_FDS), in order."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sockets = []
+    for fd in range(3, 3 + count):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+StopHook = Callable[[], None]

@@ -1,0 +1,308 @@
+"""What ``kmsfs-hsmd`` does for a request: check the policy, re-verify, act in an HSM, audit.
+
+Transport-free, so the same object serves the Unix socket, TLS and tests. Every operation is
+one method that takes the peer (as the kernel or TLS vouched for it) and the request's
+arguments; the order is always: parse the arguments, check the policy, verify every chain
+against the agent's own pinned root, and only then touch an HSM. Each outcome (allowed, refused,
+failed) is one record in the audit log.
+
+Documents a client sends (a Trust chain, approvals, a Domain bundle) are verified before any
+is written to the agent's store, and only valid signatures are kept: a client can neither plant
+a forged approval nor occupy the file a real one would take.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.protocol import MAX_BATCH, ProtocolError, Request
+from kmsfs.errors import (
+    AgentRefusedError,
+    ChainError,
+    KmsfsError,
+    NotFoundError,
+    UsageError,
+)
+from kmsfs.model import contexts, fields
+from kmsfs.model.bundle import DomainBundle
+from kmsfs.model.canonical import b64decode, b64encode
+from kmsfs.model.trust import SealedTrust, Signature, Trust
+from kmsfs.model.verify import Anchor, VerifiedDomain, verify_chain, verify_domain
+from kmsfs.service import domains, hsms, trusts
+from kmsfs.service.context import Context
+
+log = logging.getLogger(__name__)
+
+AuditSink = Callable[..., Any]  # AuditLog.append(who=, op=, domain=, allowed=, reason=, detail=)
+
+
+@dataclass
+class _OpenDomain:
+    verified: VerifiedDomain
+    keys: domains.DomainKeys
+    anchor: Anchor  # the pinned root the chain was last verified against
+
+
+class Agent:
+    """The agent's state: its store, its policy, the Domains it has opened, its audit log."""
+
+    def __init__(
+        self, store_dir: Path, policy: Policy, audit: AuditSink | None = None
+    ) -> None:
+        self.ctx = Context.at(store_dir)
+        self.policy = policy
+        self._audit = audit
+        self._lock = threading.Lock()
+        self._open: dict[str, _OpenDomain] = {}
+        self._handlers: dict[str, Callable[[Peer, dict[str, Any]], dict[str, Any]]] = {
+            "hello": self.hello,
+            "open-domain": self.open_domain,
+            "derive": self.derive,
+            "create-domain": self.create_domain,
+            "rewrap": self.rewrap,
+            "seal-trust": self.seal_trust,
+            "health": self.health,
+        }
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, peer: Peer, request: Request) -> dict[str, Any]:
+        handler = self._handlers.get(request.op)
+        if handler is None:
+            raise ProtocolError(f"unknown operation {request.op!r:.40}")
+        return handler(peer, request.args)
+
+    def _record(
+        self,
+        peer: Peer,
+        op: str,
+        domain: str | None,
+        allowed: bool,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        if self._audit is not None:
+            self._audit(
+                who=peer.describe(), op=op, domain=domain, allowed=allowed, reason=reason,
+                detail=detail,
+            )
+
+    def _guarded(
+        self,
+        peer: Peer,
+        op: str,
+        domain: str | None,
+        action: Callable[[], dict[str, Any]],
+        detail: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Policy check, then ``action``; the outcome goes to the audit log either way."""
+        try:
+            self.policy.check(peer, op, domain)
+        except AgentRefusedError as exc:
+            self._record(peer, op, domain, False, str(exc), detail)
+            raise
+        try:
+            result = action()
+        except KmsfsError as exc:
+            self._record(peer, op, domain, True, f"failed: {exc}", detail)
+            raise
+        self._record(peer, op, domain, True, "ok", detail)
+        return result
+
+    # -- operations --------------------------------------------------------------------------
+
+    def hello(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        fields.exact_keys(args, set(), "hello")
+        return {"peer": peer.describe(), "client": self.policy.client_name(peer)}
+
+    def open_domain(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """Verify a Domain bundle (newest generation in the agent's store) and open its keys."""
+        fields.exact_keys(args, {"bundle"}, "open-domain")
+        bundle = DomainBundle.from_bytes(b64decode(args["bundle"], "open-domain.bundle"))
+        name = bundle.domain.domain.name
+
+        def act() -> dict[str, Any]:
+            self._require_pinned()
+            newest = domains.newest_generation(self.ctx, bundle)
+            verified = domains.verify_bundle(self.ctx, newest)
+            handle = verified.sealed.id
+            with self._lock:
+                if handle not in self._open:
+                    keys = domains.DomainKeys(self.ctx, verified).open()
+                    self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
+                entry = self._open[handle]
+            domain = verified.sealed.domain
+            return {
+                "handle": handle,
+                "name": domain.name,
+                "domain_id": domain.id,
+                "generation": domain.generation,
+                "trust_id": domain.trust,
+                "hsm": entry.keys.hsm_label,
+            }
+
+        return self._guarded(peer, "derive", name, act, {"open": bundle.domain.id})
+
+    def derive(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """HMAC-SHA256(mk, info) for each info, in the HSM; the chain re-verified first."""
+        fields.exact_keys(args, {"handle", "infos"}, "derive")
+        handle = fields.hex_id(args["handle"], "derive.handle")
+        raw = fields.array(args, "infos", "derive")
+        if not 1 <= len(raw) <= MAX_BATCH:
+            raise ProtocolError(f"derive: want 1 to {MAX_BATCH} infos, have {len(raw)}")
+        infos = [b64decode(v, f"derive.infos[{i}]") for i, v in enumerate(raw)]
+        for i, info in enumerate(infos):
+            if not 1 <= len(info) <= 1024:
+                raise ProtocolError(f"derive.infos[{i}]: want 1 to 1024 bytes")
+        with self._lock:
+            entry = self._open.get(handle)
+        if entry is None:
+            raise NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+
+        def act() -> dict[str, Any]:
+            # The chain is checked against the store's pinned root as it is now. Verification
+            # is a pure function of (documents, anchor) and the documents held here are
+            # immutable, so it is redone exactly when the anchor changed (a re-pinned store
+            # stops derivation at once); redoing it for an unchanged anchor would cost ~1 ms
+            # of signature checks per request and could not give another answer.
+            anchor = self.ctx.store.anchor()
+            if anchor != entry.anchor:
+                verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
+                entry.anchor = anchor
+            return {"keys": [b64encode(entry.keys.derive(info)) for info in infos]}
+
+        name = entry.verified.sealed.domain.name
+        return self._guarded(peer, "derive", name, act, {"count": len(infos)})
+
+    def create_domain(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        fields.exact_keys(args, {"name", "trust", "chain"}, "create-domain")
+        name = fields.string(args, "name", "create-domain")
+        trust_id = fields.hex_id(args["trust"], "create-domain.trust")
+        chain = _chain(args, "create-domain")
+
+        def act() -> dict[str, Any]:
+            self._import_chain(chain, trust_id)
+            verified = domains.create(self.ctx, name, trust_id)
+            return _domain_result(verified)
+
+        return self._guarded(peer, "create-domain", name, act)
+
+    def rewrap(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        fields.exact_keys(args, {"bundle", "trust", "chain"}, "rewrap")
+        bundle = DomainBundle.from_bytes(b64decode(args["bundle"], "rewrap.bundle"))
+        trust_id = fields.hex_id(args["trust"], "rewrap.trust")
+        chain = _chain(args, "rewrap")
+        name = bundle.domain.domain.name
+
+        def act() -> dict[str, Any]:
+            self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
+            self._import_chain(chain, trust_id)
+            domains.verify_bundle(self.ctx, bundle)
+            self.ctx.store.save_domain(bundle.domain)
+            verified = domains.rewrap(self.ctx, name, trust_id)
+            return _domain_result(verified)
+
+        return self._guarded(peer, "rewrap", name, act)
+
+    def seal_trust(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """Seal a Trust with an HSM of it, only with its quorum and its predecessor's."""
+        fields.exact_keys(args, {"trust", "approvals", "chain"}, "seal-trust")
+        trust = Trust.from_dict(args["trust"])
+        approvals = [
+            Signature.from_dict(a, "approval")
+            for a in fields.array(args, "approvals", "seal-trust")
+        ]
+        chain = _chain(args, "seal-trust")
+
+        def act() -> dict[str, Any]:
+            if trust.predecessor is None:
+                raise UsageError("a root trust is made by 'kmsfs-admin init', not sealed")
+            self._import_chain(chain, trust.predecessor, allow_unpinned=True)
+            self.ctx.store.save_trust(trust)
+            predecessor = self.ctx.store.trust(trust.predecessor)
+            for approval in _counting(trust, approvals, predecessor):
+                self.ctx.store.save_signature("approval", approval)
+            sealed = trusts.seal(self.ctx, trust.id)
+            return {"seal": sealed.seal.to_dict("seal")}
+
+        return self._guarded(peer, "seal-trust", None, act, {"trust": trust.id})
+
+    def health(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """Each HSM of the agent's store: does it answer with its PIN and hold its keys?"""
+        fields.exact_keys(args, set(), "health")
+
+        def act() -> dict[str, Any]:
+            return {"hsms": hsms.health(self.ctx)}
+
+        return self._guarded(peer, "health", None, act)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_pinned(self) -> None:
+        if self.ctx.store.anchor().successor is None:
+            raise ChainError(
+                f"the agent's store {self.ctx.store.root} has not pinned the genesis's successor "
+                "(seal it through the agent, or 'kmsfs-admin trust pin' on the agent host)"
+            )
+
+    def _import_chain(
+        self, chain: Sequence[SealedTrust], last: str, allow_unpinned: bool = False
+    ) -> None:
+        """Verify a client's Trust chain against the agent's root, then keep its documents."""
+        if not chain or chain[-1].id != last:
+            raise ChainError(f"the chain sent does not end at trust {last[:12]}")
+        if not (allow_unpinned and len(chain) == 1):
+            self._require_pinned()
+        verify_chain(chain, self.ctx.store.anchor())
+        previous: Trust | None = None
+        for link in chain:
+            self.ctx.store.save_trust(link.trust)
+            for approval in _counting(link.trust, list(link.approvals), previous):
+                self.ctx.store.save_signature("approval", approval)
+            self.ctx.store.save_signature("seal", link.seal)
+            previous = link.trust
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._open = list(self._open.values()), {}
+        for entry in entries:
+            entry.keys.close()
+
+
+def _chain(args: dict[str, Any], what: str) -> list[SealedTrust]:
+    return [SealedTrust.from_dict(t) for t in fields.array(args, "chain", what)]
+
+
+def _counting(
+    trust: Trust, approvals: Sequence[Signature], predecessor: Trust | None
+) -> list[Signature]:
+    """The approvals that are valid signatures by a member of the Trust or its predecessor."""
+    members = {m.key.key_id: m for m in trust.operators}
+    if predecessor is not None:
+        members.update({m.key.key_id: m for m in predecessor.operators})
+    message = contexts.message(contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes())
+    valid = []
+    for approval in approvals:
+        member = members.get(approval.key_id)
+        if member is None or approval.subject != trust.id:
+            continue
+        try:
+            member.key.verify(approval.value, message)
+        except Exception:  # a bad signature is dropped, never stored
+            continue
+        valid.append(approval)
+    return valid
+
+
+def _domain_result(verified: VerifiedDomain) -> dict[str, Any]:
+    bundle = DomainBundle(verified.sealed, verified.chain)
+    return {
+        "domain": verified.sealed.to_dict(),
+        "bundle": b64encode(bundle.to_bytes()),
+    }

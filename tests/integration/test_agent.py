@@ -1,0 +1,571 @@
+"""kmsfs-hsmd end to end: a real agent process on real SoftHSM2 tokens, real clients.
+
+One agent per module serves a Unix socket (mode 0666, so other uids reach it and the policy,
+not the file mode, decides) and a TLS port on 127.0.0.1. The operators' store is a copy of
+the agent's store without the HSM access files: it can propose and approve, but every HSM
+action has to go through the agent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmsfs.agent import protocol
+from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
+from kmsfs.errors import AgentUnavailableError, ChainError, IntegrityError, QuorumNotMetError
+from kmsfs.service import domains
+from kmsfs.service.context import Context
+from tests.integration.agent_helpers import (
+    AgentMount,
+    AgentProcess,
+    Identity,
+    TestCA,
+    clean_env,
+    free_port,
+    root_policy,
+)
+from tests.integration.fault_helpers import drop_cache, kmsfs, wait_for
+from tests.kms_helpers import ADMIN, Admin
+
+pytestmark = pytest.mark.timeout(600)
+
+NOBODY = 65534
+STRANGER = 65533  # a uid the policy does not name
+
+
+@dataclass
+class World:
+    agent_admin: Admin  # the agent's own store (holds the HSM PINs)
+    ops: Admin  # the operators' store: no HSM access
+    agent: AgentProcess
+    trust: str
+    tls_port: int
+    ca: TestCA
+    mount_a: Identity  # in the policy: may derive for payroll
+    unlisted: Identity  # same CA, not in the policy
+    stranger_ca_cert: Identity  # signed by another CA
+    root: Path
+
+    def tls_args(self, who: Identity) -> list[str]:
+        return [
+            "--agent", f"127.0.0.1:{self.tls_port}", "--agent-cert", str(who.cert),
+            "--agent-key", str(who.key), "--agent-ca", str(self.ca.path),
+        ]
+
+
+def _as_uid(uid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+        capture_output=True, text=True, timeout=60, env=clean_env(HOME="/"), check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("agent")
+    (root / "pins").mkdir(mode=0o700)
+    agent_admin = Admin(root / "agent-store", root / "pins")
+    agent_admin("init", "--hsms", "2")
+    agent_admin.create_operators("alice", "bob", "carol")
+    ops_store = root / "ops-store"
+    shutil.copytree(agent_admin.store, ops_store, symlinks=True)
+    shutil.rmtree(ops_store / "private" / "hsm-access")
+    ops = Admin(ops_store, root / "pins")
+
+    ca = TestCA(root / "tls")
+    server = ca.issue("agent", server=True)
+    mount_a, unlisted = ca.issue("mount-a"), ca.issue("unlisted")
+    stranger_ca_cert = TestCA(root / "tls-other", "other CA").issue("mount-a")
+    port = free_port()
+    policy = root_policy(
+        f'[[client]]\nname = "nobody"\nuids = [{NOBODY}]\ndomains = ["other"]\n'
+        'allow = ["derive"]\n'
+        f'[[client]]\nname = "mount-a"\ncerts = ["{mount_a.fingerprint}"]\n'
+        'domains = ["payroll"]\nallow = ["derive"]\n'
+    )
+    sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-agent-"))
+    sock_dir.chmod(0o755)
+    agent = AgentProcess(
+        agent_admin.store, root / "agent", policy, socket_mode="0666",
+        socket_path=sock_dir / "hsmd.sock",
+        extra=("--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert),
+               "--tls-key", str(server.key), "--tls-client-ca", str(ca.path)),
+    ).start()
+    try:
+        trust = ops.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+        ops.sign(trust, "alice", "bob")
+        ops("--agent", agent.address, "trust", "seal", trust)
+        ops("--agent", agent.address, "domain", "create", "payroll", "--trust", trust)
+        yield World(agent_admin, ops, agent, trust, port, ca, mount_a, unlisted,
+                    stranger_ca_cert, root)
+    finally:
+        agent.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        assert "Traceback" not in agent.log(), agent.log()
+
+
+def _hello(world: World) -> object:
+    with world.agent.client() as client:
+        return client.call("hello", {})["client"]
+
+
+def _records(agent: AgentProcess) -> list[dict[str, object]]:
+    return [json.loads(line) for line in agent.audit.read_text().splitlines()]
+
+
+# -- the ceremony through the agent ---------------------------------------------------------
+
+
+def test_seal_and_create_through_agent_land_in_both_stores(world: World) -> None:
+    ops, agent_store = world.ops.store, world.agent_admin.store
+    for store in (ops, agent_store):
+        assert list((store / "seals" / world.trust).glob("*.json")), store
+        verified = domains.current(Context.at(store), "payroll")
+        assert verified.trust.id == world.trust
+    world.ops("trust", "verify", world.trust)
+    events = [(r["op"], r["decision"]) for r in _records(world.agent) if r["type"] == "event"]
+    assert ("seal-trust", "allowed") in events and ("create-domain", "allowed") in events
+
+
+def test_operators_store_has_no_hsm_of_its_own(world: World) -> None:
+    """Without --agent the same seal fails: the HSM PINs are only in the agent's store."""
+    trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2,
+                              predecessor=world.trust)
+    world.ops.sign(trust, "alice", "bob")
+    result = world.ops("trust", "seal", trust, check=4)
+    assert "no HSM could serve" in result.stderr
+    assert not (world.ops.store / "seals" / trust).exists()
+    world.ops("--agent", world.agent.address, "trust", "seal", trust)  # the agent can
+
+
+def test_hsm_health_through_agent(world: World) -> None:
+    rows = world.ops("--json", "--agent", world.agent.address, "hsm", "health").json
+    assert sorted(r["label"] for r in rows) == ["hsm1", "hsm2"]
+    assert all(r["ok"] for r in rows)
+
+
+# -- the agent enforces quorums and verifies what clients send ------------------------------
+
+
+def test_agent_refuses_to_seal_without_quorum(world: World) -> None:
+    trust = world.ops.propose(["hsm1"], ["alice", "bob"], 2, predecessor=world.trust)
+    world.ops.sign(trust, "alice")  # 1 of 2
+    result = world.ops("--agent", world.agent.address, "trust", "seal", trust, check=3)
+    assert "quorum not met" in result.stderr
+    assert not (world.agent_admin.store / "seals" / trust).exists()
+    assert not (world.ops.store / "seals" / trust).exists()
+
+
+def test_agent_drops_forged_approvals(world: World) -> None:
+    """A client that forges bob's approval (alice's real one plus bytes flipped in a copy)
+    gets no seal, and the forgery is never written to the agent's store."""
+    trust = world.ops.propose(["hsm1"], ["alice", "bob"], 2, predecessor=world.trust)
+    world.ops.sign(trust, "alice")
+    ctx = Context.at(world.ops.store)
+    alice = ctx.store.signatures("approval", trust)[0]
+    bob_key = ctx.store.operator("bob").key.key_id
+    forged = {"_type": "approval", "subject": trust, "key_id": bob_key,
+              "signature": base64.b64encode(bytes(64)).decode()}
+    chain = [link.to_dict() for link in domains.trusts.verified_chain(ctx, world.trust)]
+    with world.agent.client() as client, pytest.raises(QuorumNotMetError):
+        client.call("seal-trust", {"trust": ctx.store.trust(trust).payload(),
+                                   "approvals": [alice.to_dict("approval"), forged],
+                                   "chain": chain}, retry=False)
+    stored = world.agent_admin.store / "approvals" / trust
+    assert sorted(p.stem for p in stored.glob("*.json")) == [alice.key_id]
+
+
+def test_agent_refuses_a_bundle_of_another_store(world: World, tmp_path: Path) -> None:
+    other = Admin(tmp_path / "other", world.root / "pins")
+    other("init", "--hsms", "1")
+    other.create_operators("alice")
+    trust = other.sealed_trust(["hsm1"], ["alice"], 1)
+    other("domain", "create", "payroll", "--trust", trust)
+    bundle = other("domain", "export", "payroll").stdout.strip().encode()
+    with world.agent.client() as client, pytest.raises(ChainError, match="pins root"):
+        AgentDeriver(client, bundle).open()
+
+
+def test_agent_refuses_a_tampered_bundle(world: World) -> None:
+    bundle = json.loads(world.ops("domain", "export", "payroll").stdout)
+    bundle["domain"]["domain"]["created"] = "2000-01-01T00:00:00Z"
+    raw = json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode()
+    with world.agent.client() as client, pytest.raises(IntegrityError):
+        AgentDeriver(client, raw).open()
+
+
+# -- the policy: uids, actions, Domains ---------------------------------------------------
+
+
+def test_uid_not_in_policy_is_refused(world: World) -> None:
+    result = _as_uid(STRANGER, [*ADMIN, "--agent", world.agent.address, "hsm", "health"])
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert f"uid={STRANGER}" in result.stderr and "not in the agent's policy" in result.stderr
+    refused = [r for r in _records(world.agent) if r.get("who", "").startswith(f"uid={STRANGER}")]
+    assert refused and refused[-1]["decision"] == "refused"
+
+
+def test_policy_limits_actions_and_domains(world: World) -> None:
+    health = _as_uid(NOBODY, [*ADMIN, "--agent", world.agent.address, "hsm", "health"])
+    assert health.returncode == 9 and "may not health" in health.stderr, health.stderr
+    bundle = world.ops("domain", "export", "payroll").stdout.strip()
+    probe = (
+        "import sys\nfrom kmsfs.agent.client import *\n"
+        f"AgentDeriver(AgentClient(AgentAddress.parse({world.agent.address!r})), "
+        "sys.stdin.buffer.read()).open()\n"
+    )
+    opened = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", probe],
+        input=bundle.encode(), capture_output=True, timeout=60, env=clean_env(), check=False,
+    )
+    assert opened.returncode != 0
+    assert b"AgentRefusedError" in opened.stderr
+    assert b"may not derive for Domain payroll" in opened.stderr
+
+
+# -- mounts through the agent -----------------------------------------------------------------
+
+
+def _volume(world: World, tmp_path: Path) -> Path:
+    cipherdir = tmp_path / "cipher"
+    result = kmsfs("init", str(cipherdir), "--domain", "payroll", "--store", str(world.ops.store))
+    assert result.returncode == 0, result.stderr
+    return cipherdir
+
+
+def test_mount_through_agent_reads_what_an_in_process_mount_wrote(
+    world: World, tmp_path: Path
+) -> None:
+    cipherdir = _volume(world, tmp_path)
+    local = AgentMount(cipherdir, tmp_path / "m1", tmp_path / "m1.log",
+                       ["--store", str(world.agent_admin.store)])  # in-process PKCS#11
+    local.start()
+    try:
+        (local.mountpoint / "report.txt").write_text("written in-process\n")
+    finally:
+        local.stop()
+    via_agent = AgentMount(cipherdir, tmp_path / "m2", tmp_path / "m2.log",
+                           ["--agent", world.agent.address]).start()
+    try:
+        assert (via_agent.mountpoint / "report.txt").read_text() == "written in-process\n"
+        (via_agent.mountpoint / "second.txt").write_text("through the agent\n")
+    finally:
+        via_agent.stop()
+    local.start()
+    try:
+        assert (local.mountpoint / "second.txt").read_text() == "through the agent\n"
+    finally:
+        local.stop()
+
+
+def test_mount_over_tls_from_a_second_process(world: World, tmp_path: Path) -> None:
+    cipherdir = _volume(world, tmp_path)
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       world.tls_args(world.mount_a)).start()
+    try:
+        (mount.mountpoint / "over-tls").write_bytes(b"x" * 100_000)
+        assert (mount.mountpoint / "over-tls").read_bytes() == b"x" * 100_000
+    finally:
+        mount.stop()
+    peers = {r["who"] for r in _records(world.agent) if r.get("op") == "derive"}
+    assert any(str(w).startswith("tls:mount-a:") for w in peers)
+
+
+def test_mount_refused_with_one_line_and_nothing_mounted(world: World, tmp_path: Path) -> None:
+    cipherdir = _volume(world, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cases = [
+        (world.tls_args(world.unlisted), 9, "not in the agent's policy"),
+        (world.tls_args(world.stranger_ca_cert), 4, "TLS refused"),
+        (["--agent", str(tmp_path / "no-such.sock")], 4, "No such file"),
+    ]
+    for args, code, text in cases:
+        result = kmsfs("mount", *args, str(cipherdir), str(mountpoint))
+        assert result.returncode == code, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kmsfs: error:") and text in lines[0]
+        assert not os.path.ismount(mountpoint)
+    assert world.agent.alive()
+
+
+def test_tcp_without_tls_is_not_offered(world: World, tmp_path: Path) -> None:
+    cipherdir = _volume(world, tmp_path)
+    (tmp_path / "mnt").mkdir()
+    result = kmsfs("mount", "--agent", f"127.0.0.1:{world.tls_port}", str(cipherdir),
+                   str(tmp_path / "mnt"))
+    assert result.returncode == 2 and "TLS only" in result.stderr
+    with socket.create_connection(("127.0.0.1", world.tls_port), timeout=10) as raw:
+        raw.sendall(protocol.frame({"v": 1, "id": 1, "op": "hello", "args": {}}))
+        raw.settimeout(10)
+        try:
+            answer = raw.recv(100)
+        except ConnectionResetError:
+            answer = b""
+    assert b'"ok":true' not in answer  # a plaintext request never gets an answer
+    assert world.agent.alive()
+
+
+# -- malformed requests: an error answer, never a crash ------------------------------------
+
+
+def _raw_exchange(address: str, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(15)
+        sock.connect(address)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _first_response(raw: bytes) -> dict[str, object]:
+    (length,) = struct.unpack(">I", raw[:4])
+    return json.loads(raw[4 : 4 + length])
+
+
+def _framed(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+MALFORMED = [
+    (_framed(b"not json"), "format"),
+    (_framed(b"[]"), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"derive","args":{"handle":"zz","infos":[]}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"derive","args":{"handle":"' + b"a" * 64
+             + b'","infos":["!!"]}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"derive","args":{"handle":"' + b"a" * 64
+             + b'","infos":[]}}'), "format"),
+    (_framed(b'{"v":2,"id":7,"op":"hello","args":{}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"launch-missiles","args":{}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"hello","args":{},"extra":1}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"hello","args":{"x":1.5}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"seal-trust","args":{"trust":{},"approvals":[],"chain":[]}}'),
+     "format"),
+    (_framed(b'{"v":1,"id":7,"op":"open-domain","args":{"bundle":"e30="}}'), "format"),
+    (_framed(b'{"v":1,"id":7,"op":"create-domain","args":{"name":"x","trust":"'
+             + b"0" * 64 + b'","chain":[]}}'), "chain"),
+    (struct.pack(">I", protocol.MAX_FRAME + 1), "format"),
+]
+
+
+@pytest.mark.parametrize(("payload", "code"), MALFORMED)
+def test_malformed_request_gets_an_error_answer(
+    world: World, payload: bytes, code: str
+) -> None:
+    answer = _first_response(_raw_exchange(world.agent.address, payload))
+    assert answer["ok"] is False
+    assert answer["error"]["code"] == code, answer  # type: ignore[index]
+    assert _hello(world) == "root"
+
+
+def test_connection_stays_usable_after_a_bad_request(world: World) -> None:
+    bad = _framed(b'{"v":1,"id":1,"op":"nope","args":{}}')
+    good = _framed(b'{"v":1,"id":2,"op":"hello","args":{}}')
+    raw = _raw_exchange(world.agent.address, bad + good)
+    first = _first_response(raw)
+    (length,) = struct.unpack(">I", raw[:4])
+    second = _first_response(raw[4 + length :])
+    assert (first["id"], first["ok"]) == (1, False)
+    assert (second["id"], second["ok"]) == (2, True)
+
+
+def test_random_garbage_never_crashes_the_agent(world: World) -> None:
+    import random
+
+    rng = random.Random(1234)
+    templates = [payload for payload, _ in MALFORMED[:-1]]
+    for _ in range(300):
+        payload = bytearray(rng.choice(templates))
+        for _ in range(rng.randint(1, 6)):
+            payload[rng.randrange(len(payload))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            payload = payload[: rng.randrange(len(payload))]
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            _raw_exchange(world.agent.address, bytes(payload))
+    assert world.agent.alive()
+    assert _hello(world) == "root"
+    assert "internal error" not in world.agent.log()
+
+
+def test_half_sent_frame_does_not_block_other_clients(world: World) -> None:
+    with socket.socket(socket.AF_UNIX) as stalled:
+        stalled.connect(world.agent.address)
+        stalled.sendall(struct.pack(">I", 1000) + b"{")  # and then nothing
+        assert _hello(world) == "root"
+
+
+# -- load: many clients at once -------------------------------------------------------------
+
+
+def test_eight_concurrent_clients_get_the_keys_in_process_pkcs11_gives(world: World) -> None:
+    bundle = world.ops("domain", "export", "payroll").stdout.strip().encode()
+    infos = [b"kmsfs/v1/file\x00" + i.to_bytes(16, "big") for i in range(400)]
+    with domains.open_keys(Context.at(world.agent_admin.store),
+                           domains.DomainBundle.from_bytes(bundle)) as local:
+        want = [local.derive(i) for i in infos[:50]]
+    results: dict[int, list[bytes]] = {}
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            with AgentDeriver(world.agent.client(), bundle).open() as deriver:
+                keys = deriver.derive_many(infos)  # one batch
+                keys_single = [deriver.derive(i) for i in infos[:20]]  # one request each
+            assert keys_single == keys[:20]
+            results[n] = keys
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 8
+    for keys in results.values():
+        assert keys == results[0]
+        assert keys[:50] == want
+
+
+def test_eight_concurrent_mounts_through_one_agent(world: World, tmp_path: Path) -> None:
+    mounts = []
+    try:
+        for n in range(8):
+            cipherdir = tmp_path / f"cipher{n}"
+            assert kmsfs("init", str(cipherdir), "--domain", "payroll",
+                         "--store", str(world.ops.store)).returncode == 0
+            mounts.append(AgentMount(cipherdir, tmp_path / f"mnt{n}", tmp_path / f"m{n}.log",
+                                     ["--agent", world.agent.address]).start())
+        errors: list[BaseException] = []
+
+        def work(mount: AgentMount, n: int) -> None:
+            try:
+                for i in range(30):
+                    (mount.mountpoint / f"f{i}").write_bytes(f"{n}:{i}".encode() * 100)
+                for i in range(30):
+                    assert (mount.mountpoint / f"f{i}").read_bytes() == f"{n}:{i}".encode() * 100
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(m, n)) for n, m in enumerate(mounts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+    finally:
+        for mount in mounts:
+            mount.stop()
+    for mount in mounts:
+        assert "ERROR" not in mount.log(), mount.log()
+
+
+# -- the agent restarting under a live mount ------------------------------------------------
+
+
+def test_agent_restart_under_a_live_mount(world: World, tmp_path: Path) -> None:
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
+    cipherdir = _volume(world, tmp_path)
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       ["--agent", agent.address]).start()
+    try:
+        for name in ("open-before", "closed-before"):
+            (mount.mountpoint / name).write_bytes(name.encode() * 1000)
+        held = open(mount.mountpoint / "open-before", "r+b")  # noqa: SIM115
+        try:
+            held.read()
+            assert agent.stop() == 0
+            # Down: the open file keeps its key and keeps working ...
+            held.seek(0)
+            assert held.read() == b"open-before" * 1000
+            held.write(b"more")
+            held.flush()
+            os.fsync(held.fileno())
+            # ... a file whose key was never derived cannot be opened: EIO, and the log says why.
+            with pytest.raises(OSError) as err:
+                (mount.mountpoint / "new-while-down").write_bytes(b"x")
+            assert err.value.errno == errno.EIO
+            assert f"agent {agent.address}" in mount.log()
+            # Back: the mount reconnects by itself (at most one retry a second).
+            agent.start()
+            assert wait_for(lambda: _can_create(mount.mountpoint / "new-after"), timeout=15)
+            drop_cache(mount.mountpoint / "closed-before")
+            assert (mount.mountpoint / "closed-before").read_bytes() == b"closed-before" * 1000
+            held.seek(0)
+            assert held.read() == b"open-before" * 1000 + b"more"
+        finally:
+            held.close()
+    finally:
+        mount.stop()
+        agent.stop()
+    assert "Traceback" not in mount.log()
+
+
+def _can_create(path: Path) -> bool:
+    try:
+        path.write_bytes(b"back")
+    except OSError:
+        return False
+    return path.read_bytes() == b"back"
+
+
+# -- the audit log ----------------------------------------------------------------------------
+
+
+def test_audit_log_verifies_and_records_refusals(world: World) -> None:
+    _as_uid(STRANGER, [*ADMIN, "--agent", world.agent.address, "hsm", "health"])
+    result = world.agent_admin("--json", "audit", "verify", str(world.agent.audit))
+    report = result.json
+    assert report["problems"] == []
+    assert report["records"] >= 3
+    decisions = {r["decision"] for r in _records(world.agent) if r["type"] == "event"}
+    assert decisions == {"allowed", "refused"}
+
+
+def test_idle_agent_signs_its_tail_and_a_stopped_one_leaves_it_signed(
+    world: World, tmp_path: Path
+) -> None:
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent", root_policy(),
+                         extra=("--audit-seconds", "0.5")).start()
+    try:
+        with agent.client() as client:
+            client.call("health", {})
+        assert wait_for(lambda: _verify(world, agent)["unsigned_tail"] == 0, timeout=10)
+        with agent.client() as client:
+            client.call("health", {})  # signed by the final checkpoint on SIGTERM at the latest
+    finally:
+        assert agent.stop() == 0
+    report = _verify(world, agent)
+    assert report["unsigned_tail"] == 0 and report["checkpoints"] >= 2
+
+
+def _verify(world: World, agent: AgentProcess) -> dict[str, object]:
+    return world.agent_admin("--json", "audit", "verify", str(agent.audit)).json
+
+
+def test_client_of_a_stopped_agent_says_so(tmp_path: Path) -> None:
+    with AgentClient(AgentAddress.parse(str(tmp_path / "gone.sock"))) as client, \
+            pytest.raises(AgentUnavailableError, match=r"agent .*gone\.sock"):
+        client.call("hello", {})
