@@ -36,6 +36,11 @@ example, a key ceremony from nothing to a Domain:
 """
 
 
+# Commands that create or enroll HSM tokens in the local store; with --agent that would be a
+# mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
+LOCAL_HSM_COMMANDS = frozenset({"init", "hsm_create", "hsm_enroll"})
+
+
 class Command:
     """Holds the parsed arguments and the output mode for one invocation."""
 
@@ -43,6 +48,11 @@ class Command:
         self.args = args
         self.json = args.json
         self.ctx = Context.at(args.store)
+        if getattr(args, "agent", None) and args.handler in LOCAL_HSM_COMMANDS:
+            raise UsageError(
+                "--agent: this command makes HSMs on this host; run it on the agent's host "
+                "without --agent"
+            )
 
     def agent(self) -> AgentClient | None:
         """The agent client if ``--agent`` was given: HSM actions then happen in the agent."""

@@ -175,21 +175,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    singlefile.encrypt(kms.store_dir(args.store), args.domain, args.input, args.output)
+    singlefile.encrypt(
+        kms.store_dir(args.store), args.domain, args.input, args.output, _agent(args)
+    )
     return exitcodes.OK
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
     store = kms.store_dir(args.store)
     if args.cipherdir:
-        singlefile.recover(store, Path(args.cipherdir), args.input, args.output)
+        singlefile.recover(store, Path(args.cipherdir), args.input, args.output, _agent(args))
     else:
-        singlefile.decrypt(store, args.input, args.output)
+        singlefile.decrypt(store, args.input, args.output, _agent(args))
     return exitcodes.OK
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir))
+    report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir), _agent(args))
     if args.json:
         emit_json(report.to_json())
     else:
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("input", metavar="IN", help="file to encrypt, or - for stdin")
     p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout")
+    _agent_options(p)
     p.set_defaults(func=cmd_encrypt)
 
     p = add("decrypt", "decrypt one file; its Domain is read from the file itself")
@@ -294,12 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IN", help="encrypted file, or - for stdin")
     p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or -")
+    _agent_options(p)
     p.set_defaults(func=cmd_decrypt)
 
     p = add("fsck", "check every name, symlink and block of a volume without mounting it")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
     p.add_argument("--store", help=store_help)
     p.add_argument("--json", action="store_true", help="JSON output")
+    _agent_options(p)
     p.set_defaults(func=cmd_fsck)
     p = add("completion", "print a shell completion script")
     p.add_argument("shell", choices=["bash"], help="the shell (bash; zsh via bashcompinit)")

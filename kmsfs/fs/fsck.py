@@ -285,16 +285,18 @@ def _ciphertext_bytes(cipherdir: Path) -> int:
     return total
 
 
-def fsck(store: Path, cipherdir: Path) -> Report:
+def fsck(store: Path, cipherdir: Path, agent: kms.AgentOptions | None = None) -> Report:
     """Open the volume's Domain as ``mount`` does (verified against the store), then check."""
     cipherdir = Path(cipherdir)
     if not cipherdir.is_dir():
         raise FormatError(f"{cipherdir}: no such directory")
     config = volconfig.load(cipherdir)
-    kms.check_bundle(store, config.domain_bundle, str(cipherdir), want_id=config.domain_id)
+    kms.check_bundle(
+        store, config.domain_bundle, str(cipherdir), want_id=config.domain_id, agent=agent
+    )
     probe = Progress("kmsfs: fsck", None)
     progress = Progress("kmsfs: fsck", _ciphertext_bytes(cipherdir)) if probe.enabled else probe
-    with kms.open_deriver(store, config.domain_bundle) as deriver:
+    with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
         try:
             return check_tree(cipherdir, deriver, progress.advance)
         finally:

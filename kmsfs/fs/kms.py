@@ -87,13 +87,34 @@ def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
         return dict(deriver.description)  # type: ignore[attr-defined]
 
 
-def check_bundle(store: Path, bundle: bytes, where: str, want_id: str | None = None) -> str:
+def check_bundle(
+    store: Path,
+    bundle: bytes,
+    where: str,
+    want_id: str | None = None,
+    agent: AgentOptions | None = None,
+) -> str:
     """Verify a bundle against the store as ``mount`` does; return its Domain id.
 
     One-line errors that start with ``where`` (the file or directory the bundle came from): a
     malformed bundle, a Domain that does not verify (e.g. another store's), or one whose id is
     not ``want_id`` (the id a volume config names). Used by ``decrypt`` and ``fsck``.
+
+    With ``agent``, the chain is the agent's to verify (when the deriver is opened, against its
+    own pinned root, before any HSM operation); here only the bundle's form and id are checked.
     """
+    if agent is not None:
+        from kmsfs.model.bundle import DomainBundle
+
+        try:
+            domain_id = DomainBundle.from_bytes(bundle).domain.id
+        except KmsfsError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        if want_id is not None and domain_id != want_id:
+            raise IntegrityError(
+                f"{where}: config names Domain {want_id}, its bundle holds {domain_id}"
+            )
+        return domain_id
     try:
         desc = describe(store, bundle)
     except KmsfsError as exc:

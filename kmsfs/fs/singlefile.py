@@ -159,12 +159,14 @@ def _located(where: str, exc: KmsfsError) -> KmsfsError:
 # encrypt
 
 
-def encrypt(store: Path, domain: str, in_arg: str, out_arg: str) -> int:
+def encrypt(
+    store: Path, domain: str, in_arg: str, out_arg: str, agent: kms.AgentOptions | None = None
+) -> int:
     """Encrypt IN for the store's Domain ``domain``; return the plaintext size."""
     bundle = kms.export_bundle(store, domain)
     kms.check_bundle(store, bundle, f"Domain {domain}")
     header = stream.StreamHeader.new(bundle)
-    with kms.open_deriver(store, bundle) as deriver:
+    with kms.open_deriver(store, bundle, agent) as deriver:
         cipher = stream.StreamCipher(deriver.derive(stream.key_info(header.file_id)), header)
     with open_input(in_arg) as src:
         progress = Progress("kmsfs: encrypt", src.size)
@@ -216,7 +218,9 @@ def _emit(
         return _drain("kmsfs: decrypt", total, plaintexts(), out)
 
 
-def decrypt(store: Path, in_arg: str, out_arg: str) -> int:
+def decrypt(
+    store: Path, in_arg: str, out_arg: str, agent: kms.AgentOptions | None = None
+) -> int:
     """Decrypt a single encrypted file; the Domain comes from its header. Return bytes out."""
     with open_input(in_arg) as src:
         try:
@@ -229,8 +233,8 @@ def decrypt(store: Path, in_arg: str, out_arg: str) -> int:
                 stream.plain_size(src.size - size)
         except KmsfsError as exc:
             raise _located(src.name, exc) from None
-        kms.check_bundle(store, header.bundle, src.name)
-        with kms.open_deriver(store, header.bundle) as deriver:
+        kms.check_bundle(store, header.bundle, src.name, agent=agent)
+        with kms.open_deriver(store, header.bundle, agent) as deriver:
             key = deriver.derive(stream.key_info(header.file_id))
         cipher = stream.StreamCipher(key, header)
 
@@ -244,10 +248,18 @@ def decrypt(store: Path, in_arg: str, out_arg: str) -> int:
         return _emit(src, out_arg, plaintexts, size)
 
 
-def recover(store: Path, cipherdir: Path, in_arg: str, out_arg: str) -> int:
+def recover(
+    store: Path,
+    cipherdir: Path,
+    in_arg: str,
+    out_arg: str,
+    agent: kms.AgentOptions | None = None,
+) -> int:
     """Decrypt one ciphertext file of a CIPHERDIR (filesystem format) without mounting."""
     config = open_volume(cipherdir)
-    kms.check_bundle(store, config.domain_bundle, str(cipherdir), want_id=config.domain_id)
+    kms.check_bundle(
+        store, config.domain_bundle, str(cipherdir), want_id=config.domain_id, agent=agent
+    )
     with open_input(in_arg) as src:
         try:
             if src.size is not None:
@@ -258,7 +270,7 @@ def recover(store: Path, cipherdir: Path, in_arg: str, out_arg: str) -> int:
             raise _located(src.name, exc) from None
         if header is None:  # an empty file has no header
             return _emit(src, out_arg, lambda: iter(()), 0)
-        with kms.open_deriver(store, config.domain_bundle) as deriver:
+        with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
             key = deriver.derive(content.file_key_info(header.file_id))
         cipher = content.ContentCipher(key, header)
 

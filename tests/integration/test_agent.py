@@ -307,6 +307,37 @@ def test_mount_refused_with_one_line_and_nothing_mounted(world: World, tmp_path:
     assert world.agent.alive()
 
 
+def test_decrypt_and_fsck_through_agent(world: World, tmp_path: Path) -> None:
+    """A host with no HSM access decrypts a single file and checks a volume via the agent."""
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"quarterly figures\n" * 1000)
+    sealed = tmp_path / "plain.kmsfs"
+    agent = ["--agent", world.agent.address]
+    store = ["--store", str(world.ops.store)]
+    assert kmsfs("encrypt", *store, "--domain", "payroll", str(plain), str(sealed)).returncode == 4
+    result = kmsfs("encrypt", *store, *agent, "--domain", "payroll", str(plain), str(sealed))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out.txt"
+    result = kmsfs("decrypt", *agent, str(sealed), str(out))  # no store at all
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == plain.read_bytes()
+    cipherdir = _volume(world, tmp_path)
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log", agent).start()
+    try:
+        (mount.mountpoint / "a.txt").write_bytes(b"a" * 10_000)
+    finally:
+        mount.stop()
+    report = kmsfs("fsck", *agent, "--json", str(cipherdir))
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["problems"] == []
+
+
+def test_admin_refuses_agent_for_commands_that_make_local_hsms(world: World) -> None:
+    for args in (["init"], ["hsm", "create"]):
+        result = world.ops("--agent", world.agent.address, *args, check=2)
+        assert "--agent" in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_tcp_without_tls_is_not_offered(world: World, tmp_path: Path) -> None:
     cipherdir = _volume(world, tmp_path)
     (tmp_path / "mnt").mkdir()
