@@ -151,17 +151,63 @@ def check_present(session: "pkcs11.Session", label: str) -> None:
         raise HsmUnavailableError(f"token {label!r} was replaced by {token.label!r}")
 
 
+@dataclass
+class _Login:
+    """The session that holds a token's login for this process, and how many use it."""
+
+    holder: "pkcs11.Session"
+    users: int = 0
+
+
+# PKCS#11 login state belongs to the application, not to a session: a second C_Login on a
+# token fails (CKR_USER_ALREADY_LOGGED_IN) and closing any logged-in session logs every session
+# of the token out (python-pkcs11's Session.close calls C_Logout). A long-lived process (the
+# agent: an open Domain's session next to a checkpoint signer) needs several sessions on one
+# token at once, so one holder session per token carries the login, every session handed out
+# is opened without a PIN and shares it, and the holder logs out when the last user is done.
+_logins: dict[tuple[str, int], _Login] = {}
+_login_lock = threading.Lock()
+
+
+def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[str, int]:
+    key = (location.module, int(token.slot.slot_id))
+    with _login_lock:
+        login = _logins.get(key)
+        if login is None:
+            try:
+                holder = _retrying(lambda: token.open(user_pin=pin))
+            except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+                raise PinError(f"wrong PIN for {location.describe()}") from exc
+            except p11.PinLocked as exc:
+                raise PinError(f"the PIN of {location.describe()} is locked") from exc
+            except p11.PKCS11Error as exc:
+                raise HsmUnavailableError(
+                    f"cannot open {location.describe()}: {type(exc).__name__}"
+                ) from exc
+            login = _logins[key] = _Login(holder)
+        login.users += 1
+    return key
+
+
+def _logout(key: tuple[str, int]) -> None:
+    with _login_lock:
+        login = _logins[key]
+        login.users -= 1
+        if login.users == 0:
+            del _logins[key]
+            with contextlib.suppress(p11.PKCS11Error):
+                login.holder.close()
+
+
 @contextlib.contextmanager
 def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pkcs11.Session"]:
     """Open a user session on the token; PinError for a wrong or locked PIN."""
     token = find_token(location)
+    key = _login(location, token, pin)
     try:
-        opened = _retrying(lambda: token.open(rw=rw, user_pin=pin))
-    except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
-        raise PinError(f"wrong PIN for {location.describe()}") from exc
-    except p11.PinLocked as exc:
-        raise PinError(f"the PIN of {location.describe()} is locked") from exc
+        opened = _retrying(lambda: token.open(rw=rw))
     except p11.PKCS11Error as exc:
+        _logout(key)
         raise HsmUnavailableError(
             f"cannot open {location.describe()}: {type(exc).__name__}"
         ) from exc
@@ -174,6 +220,7 @@ def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pk
             _open_sessions[location.module] -= 1
         with contextlib.suppress(p11.PKCS11Error):
             opened.close()
+        _logout(key)
 
 
 def hsm_errors(what: str) -> contextlib.AbstractContextManager[None]:

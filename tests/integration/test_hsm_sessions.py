@@ -1,0 +1,49 @@
+"""Several sessions on one token in one process (the agent's normal state), on real SoftHSM2.
+
+PKCS#11 login state is per application: before kmsfs shared one login per token, a second
+session failed with CKR_USER_ALREADY_LOGGED_IN, and closing any session logged all out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from kmsfs.model import contexts
+from kmsfs.service.context import Context, open_hsm
+from tests.kms_helpers import Admin
+
+MESSAGE = contexts.message(b"kmsfs/v1/test-only\x00", b"payload")
+
+
+def _hsm1(admin: Admin):  # type: ignore[no-untyped-def]
+    ctx = Context.at(admin.store)
+    record = next(ctx.store.hsm(i) for i in ctx.store.hsm_ids() if ctx.store.hsm(i).label == "hsm1")
+    return ctx, record
+
+
+def test_two_sessions_on_one_token_and_either_may_close_first(initialized: Admin) -> None:
+    ctx, record = _hsm1(initialized)
+    with contextlib.ExitStack() as first_stack:
+        first = first_stack.enter_context(open_hsm(ctx, [record]))
+        with open_hsm(ctx, [record]) as second:
+            record.sign_key.verify(second.sign(MESSAGE), MESSAGE)
+            record.sign_key.verify(first.sign(MESSAGE), MESSAGE)
+            first_stack.close()  # the session that logged in goes first
+            record.sign_key.verify(second.sign(MESSAGE), MESSAGE)
+        with open_hsm(ctx, [record]) as third:  # and a fresh login works afterwards
+            record.sign_key.verify(third.sign(MESSAGE), MESSAGE)
+
+
+def test_open_domain_keeps_deriving_while_other_sessions_come_and_go(initialized: Admin) -> None:
+    from kmsfs.service import domains
+
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    ctx, record = _hsm1(initialized)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        before = keys.derive(b"info")
+        for _ in range(3):
+            with open_hsm(ctx, [record]) as other:
+                other.sign(MESSAGE)
+        assert keys.derive(b"info") == before
