@@ -209,6 +209,16 @@ def test_agent_refuses_to_seal_without_quorum(world: World) -> None:
     assert not (world.ops.store / "seals" / trust).exists()
 
 
+def test_agent_refuses_to_seal_without_the_predecessors_quorum(world: World) -> None:
+    """alice alone meets the successor's own quorum (1 of 1) but not its predecessor's (2 of
+    3): the agent must not seal, however the client asks."""
+    trust = world.ops.propose(["hsm1"], ["alice"], 1, predecessor=world.trust)
+    world.ops.sign(trust, "alice")
+    result = world.ops("--agent", world.agent.address, "trust", "seal", trust, check=3)
+    assert "predecessor" in result.stderr and "quorum not met" in result.stderr
+    assert not (world.agent_admin.store / "seals" / trust).exists()
+
+
 def test_agent_drops_forged_approvals(world: World) -> None:
     """A client that forges bob's approval (alice's real one plus bytes flipped in a copy)
     gets no seal, and the forgery is never written to the agent's store."""
