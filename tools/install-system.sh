@@ -9,9 +9,10 @@ VENV_BIN="$PWD/.venv/bin"
 LINKS=(
     "/usr/local/bin/kmsfs:$VENV_BIN/kmsfs"
     "/usr/local/bin/kmsfs-admin:$VENV_BIN/kmsfs-admin"
+    "/usr/local/bin/kmsfs-hsmd:$VENV_BIN/kmsfs-hsmd"
     "/usr/sbin/mount.kmsfs:$VENV_BIN/mount.kmsfs"
 )
-UNITS=(systemd/kmsfs@.service)
+UNITS=(systemd/kmsfs@.service systemd/kmsfs-hsmd.service systemd/kmsfs-hsmd.socket)
 
 if [ "${1:-}" = "--uninstall" ]; then
     for pair in "${LINKS[@]}"; do
@@ -19,6 +20,7 @@ if [ "${1:-}" = "--uninstall" ]; then
         [ -L "$link" ] && [ "$(readlink "$link")" = "${pair#*:}" ] && rm -f "$link"
     done
     for unit in "${UNITS[@]}"; do rm -f "/etc/systemd/system/$(basename "$unit")"; done
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
     exit 0
 fi
 
@@ -30,4 +32,5 @@ mkdir -p /etc/kmsfs /etc/systemd/system
 chmod 0755 /etc/kmsfs
 for unit in "${UNITS[@]}"; do install -m 0644 "$unit" /etc/systemd/system/; done
 if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-echo "install-system: kmsfs, kmsfs-admin in /usr/local/bin; mount.kmsfs in /usr/sbin; kmsfs@.service installed"
+echo "install-system: kmsfs, kmsfs-admin, kmsfs-hsmd in /usr/local/bin; mount.kmsfs in /usr/sbin;" \
+    "kmsfs@.service, kmsfs-hsmd.service and kmsfs-hsmd.socket installed"

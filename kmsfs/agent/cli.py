@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from kmsfs.agent.policy import Policy
 from kmsfs.agent.server import (
     Server,
     TlsFiles,
+    is_tcp,
     server_tls_context,
     systemd_listeners,
     tcp_listener,
@@ -147,11 +149,12 @@ def serve(args: argparse.Namespace) -> int:
     ctx.store.anchor()  # a missing or damaged store fails here, with its path
     policy = Policy.load(args.policy)
     tls = None
-    if args.listen:
-        missing = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(args, n)]
+    tls_names = ("tls_cert", "tls_key", "tls_client_ca")
+    if args.listen or any(getattr(args, n) for n in tls_names):
+        missing = [n for n in tls_names if not getattr(args, n)]
         if missing:
             flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise UsageError(f"--listen needs TLS: give {flags} (plain TCP is never offered)")
+            raise UsageError(f"TCP needs TLS: give {flags} (plain TCP is never offered)")
         tls = server_tls_context(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
     audit_path = args.audit_log or default_audit_log()
     audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -162,9 +165,18 @@ def serve(args: argparse.Namespace) -> int:
         checkpoint_seconds=args.audit_seconds,
     )
     agent = Agent(store, policy, audit.append)
-    listeners = systemd_listeners()
     tls_fds: set[int] = set()
+    listeners: list[socket.socket] = []
     try:
+        listeners = systemd_listeners()
+        for sock in listeners:
+            if is_tcp(sock):  # a TCP socket from systemd is served with TLS, or not at all
+                if tls is None:
+                    raise UsageError(
+                        "systemd passed a TCP socket: give --tls-cert, --tls-key and "
+                        "--tls-client-ca (plain TCP is never offered)"
+                    )
+                tls_fds.add(sock.fileno())
         if not listeners or args.socket:
             socket_path = args.socket or default_socket()
             socket_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ subject common name of a client certificate that the configured CA signed); noth
 peer, lists the action and, for actions on a Domain, the Domain's name (or ``"*"``)::
 
     [[client]]
-    name = "payroll mounts"            # shown in the audit log
+    name = "payroll mounts"            # the audit log says which entry allowed a request
     uids = [0]                         # local peers by uid ...
     users = ["kmsfs"]                  # ... or by user name
     certs = ["sha256:3f1a..."]         # TLS peers by certificate fingerprint ...
@@ -56,7 +56,7 @@ class Peer:
     def describe(self) -> str:
         """How the audit log and refusals name this peer."""
         if self.fingerprint is not None:
-            return f"tls:{self.subject or '?'}:{self.fingerprint[:19]}"
+            return f"tls:{self.subject or '?'}:{self.fingerprint}"
         return f"uid={self.uid}({self.user or '?'})"
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
 BODY_TIMEOUT = 30.0  # seconds to finish a frame once its header arrived (no slow-loris)
 HANDSHAKE_TIMEOUT = 10.0
-_UCRED = struct.Struct("3i")  # pid, uid, gid
+_UCRED = struct.Struct("iII")  # pid, uid, gid (uid_t and gid_t are unsigned)
+ACCEPT_POLL = 0.5  # seconds: how often an accept loop looks at the stop flag
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,16 @@ class Server:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop accepting, close every connection; in-flight requests finish or fail."""
+        """Stop accepting, close every connection; in-flight requests finish or fail.
+
+        Listeners are never shut down, only closed once their accept loop has seen the stop
+        flag: a socket passed by systemd is systemd's, and shutdown(2) on it would kill it for
+        the next agent too (systemd marks the socket unit failed on the POLLHUP).
+        """
         self._stopping.set()
+        for thread in self._threads:
+            thread.join(ACCEPT_POLL * 4)
         for listener in self._listeners:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 listener.close()
         with self._lock:
@@ -171,14 +177,23 @@ class Server:
 
     def _accept_loop(self, listener: socket.socket) -> None:
         is_tls = listener.fileno() in self._tls_fds
+        listener.settimeout(ACCEPT_POLL)
+        failures = 0
         while not self._stopping.is_set():
             try:
                 conn, _addr = listener.accept()
-            except OSError:
+            except TimeoutError:
+                continue
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                log.exception("accept failed")
+                # A broken listener must not spin: back off up to 5 s between attempts.
+                failures += 1
+                log.error("accept failed (%s); retrying", exc.strerror or exc)
+                self._stopping.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
                 continue
+            failures = 0
+            conn.settimeout(None)
             if not self._slots.acquire(blocking=False):
                 log.warning("refusing a connection: %d connections open", MAX_CONNECTIONS)
                 conn.close()
@@ -247,7 +262,10 @@ class Server:
 
 
 def systemd_listeners() -> list[socket.socket]:
-    """Sockets passed by systemd socket activation ($LISTEN_FDS), in order."""
+    """Stream sockets passed by systemd socket activation ($LISTEN_FDS), in order.
+
+    Anything but a listening stream socket is refused: the agent speaks a stream protocol, and
+    serving a datagram or a connected socket would fail in ways far from the cause."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:
@@ -259,8 +277,19 @@ def systemd_listeners() -> list[socket.socket]:
     sockets = []
     for fd in range(3, 3 + count):
         os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or sock.family not in (
+            socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
+        ):
+            raise UsageError(f"systemd passed fd {fd}, which is not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise UsageError(f"systemd passed fd {fd}, which is not listening")
+        sockets.append(sock)
     return sockets
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
 StopHook = Callable[[], None]

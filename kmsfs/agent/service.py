@@ -105,16 +105,16 @@ class Agent:
     ) -> dict[str, Any]:
         """Policy check, then ``action``; the outcome goes to the audit log either way."""
         try:
-            self.policy.check(peer, op, domain)
+            rule = self.policy.check(peer, op, domain)
         except AgentRefusedError as exc:
             self._record(peer, op, domain, False, str(exc), detail)
             raise
         try:
             result = action()
         except KmsfsError as exc:
-            self._record(peer, op, domain, True, f"failed: {exc}", detail)
+            self._record(peer, op, domain, True, f"failed: {exc} (client {rule!r})", detail)
             raise
-        self._record(peer, op, domain, True, "ok", detail)
+        self._record(peer, op, domain, True, f"ok (client {rule!r})", detail)
         return result
 
     # -- operations --------------------------------------------------------------------------

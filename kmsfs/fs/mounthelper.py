@@ -1,12 +1,15 @@
 """``mount.kmsfs``: what mount(8) runs for ``mount -t kmsfs`` and ``/etc/fstab`` lines.
 
 mount(8) calls ``/usr/sbin/mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-N NS] [-o OPTIONS]``.
-kmsfs's own option ``store=DIR`` names the key store; options that only matter to mount(8) or
+kmsfs's own options name the key store (``store=DIR``) or the HSM agent to get keys from
+(``agent=SOCKET|HOST:PORT``, with ``agent_cert=``, ``agent_key=``, ``agent_ca=`` for TLS: the
+``--agent*`` flags of ``kmsfs mount``); options that only matter to mount(8) or
 systemd (``noauto``, ``_netdev``, ``nofail``, ``x-systemd.*``, ...) are dropped; the rest go to
 ``kmsfs mount -o``, which refuses any it does not know. The mount daemonizes and this returns
 once the mount serves, as mount(8) expects.
 
     /srv/cipher/payroll  /srv/payroll  kmsfs  store=/var/lib/kmsfs/store,allow_other,_netdev  0 0
+    /srv/cipher/hr  /srv/hr  kmsfs  agent=/run/kmsfs/hsmd.sock,_netdev  0 0
 """
 
 import sys
@@ -34,17 +37,28 @@ USERSPACE_ONLY = frozenset(
 USERSPACE_PREFIXES = ("x-", "comment=", "helper=")
 
 
-def split_options(options: str) -> tuple[str | None, list[str]]:
-    """(store, options for kmsfs mount) from a mount(8) option string."""
-    store, rest = None, []
+#: kmsfs's own options and the ``kmsfs mount`` flags they become.
+FLAG_OPTIONS = {
+    "store": "--store",
+    "agent": "--agent",
+    "agent_cert": "--agent-cert",
+    "agent_key": "--agent-key",
+    "agent_ca": "--agent-ca",
+}
+
+
+def split_options(options: str) -> tuple[list[str], list[str]]:
+    """(flags for kmsfs mount, options for its -o) from a mount(8) option string."""
+    flags, rest = [], []
     for opt in filter(None, (o.strip() for o in options.split(","))):
-        if opt.startswith("store="):
-            store = opt.removeprefix("store=")
+        name, sep, value = opt.partition("=")
+        if sep and name in FLAG_OPTIONS:
+            flags += [FLAG_OPTIONS[name], value]
         elif opt in USERSPACE_ONLY or opt.startswith(USERSPACE_PREFIXES):
             continue
         else:
             rest.append(opt)
-    return store, rest
+    return flags, rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.USAGE
     if fake:
         return exitcodes.OK
-    store, rest = split_options(options)
-    command = ["mount", *positional]
-    if store:
-        command += ["--store", store]
+    flags, rest = split_options(options)
+    command = ["mount", *positional, *flags]
     if rest:
         command += ["-o", ",".join(rest)]
     return cli.main(command)

@@ -13,7 +13,7 @@
 Session objects vanish when the session closes; nothing is written to the token.
 """
 
-import threading
+
 from collections.abc import Sequence
 
 import pkcs11
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from kmsfs.errors import FormatError
+from kmsfs.hsm import library
 from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
 from kmsfs.model.publickeys import PublicKey
 
@@ -126,10 +127,9 @@ class MasterKey:
 
     def __init__(self, key: "pkcs11.SecretKey") -> None:
         self._key = key
-        self._lock = threading.Lock()
 
     def derive(self, info: bytes) -> bytes:
-        with self._lock:
+        with library.CALLS:
             return bytes(self._key.sign(info, mechanism=Mechanism.SHA256_HMAC))
 
     def value_is_readable(self) -> bool:
@@ -141,7 +141,7 @@ class MasterKey:
         return True
 
     def destroy(self) -> None:
-        with self._lock:
+        with library.CALLS:
             self._key.destroy()
 
 

@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _lock = threading.Lock()
 _conf_of_module: dict[str, str | None] = {}
+
+#: Held around every PKCS#11 call this process makes. python-pkcs11 initializes a module with
+#: C_Initialize(NULL): that tells the module the application will never call it from two
+#: threads at once, and SoftHSM2 then runs without its own locks (concurrent calls corrupt its
+#: state, crash the process, and have truncated token files). The agent serves clients from many
+#: threads, so it keeps that promise here. A derive holds it for ~14 us. Reentrant, because an
+#: ``hsm_errors`` block may call the helpers below.
+CALLS = threading.RLock()
 _open_sessions: dict[str, int] = {}
 
 
@@ -44,7 +52,7 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
     module = location.module
     if not Path(module).exists():
         raise HsmUnavailableError(f"PKCS#11 module {module} does not exist")
-    with _lock:
+    with CALLS, _lock:
         if location.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = location.softhsm_conf
         try:
@@ -114,20 +122,22 @@ def find_token(location: TokenLocation) -> "pkcs11.Token":
 
     try:
         try:
-            return _retrying(lookup)
+            with CALLS:
+                return _retrying(lookup)
         except HsmUnavailableError:
             # A token that came back (files restored, device plugged in again) is seen only
             # after C_Initialize: rescan, unless sessions of this module are still in use.
             if not _rescan(lib, location.module):
                 raise
-            return _retrying(lookup)
+            with CALLS:
+                return _retrying(lookup)
     except p11.PKCS11Error as exc:
         raise HsmUnavailableError(f"{location.describe()}: {type(exc).__name__}") from exc
 
 
 def _rescan(lib: "pkcs11.lib", module: str) -> bool:
     """Re-initialize ``module`` so it sees tokens again; False if sessions are open on it."""
-    with _lock:
+    with CALLS, _lock:
         if _open_sessions.get(module):
             return False
         lib.reinitialize()
@@ -142,7 +152,8 @@ def check_present(session: "pkcs11.Session", label: str) -> None:
     answers CKR_GENERAL_ERROR). A real HSM that is unplugged fails both ways.
     """
     try:
-        token = session.token.slot.get_token()
+        with CALLS:
+            token = session.token.slot.get_token()
     except p11.PKCS11Error as exc:
         raise HsmUnavailableError(
             f"token {label!r} is no longer present ({type(exc).__name__})"
@@ -166,12 +177,11 @@ class _Login:
 # token at once, so one holder session per token carries the login, every session handed out
 # is opened without a PIN and shares it, and the holder logs out when the last user is done.
 _logins: dict[tuple[str, int], _Login] = {}
-_login_lock = threading.Lock()
 
 
 def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[str, int]:
     key = (location.module, int(token.slot.slot_id))
-    with _login_lock:
+    with CALLS:
         login = _logins.get(key)
         if login is None:
             try:
@@ -190,7 +200,7 @@ def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[st
 
 
 def _logout(key: tuple[str, int]) -> None:
-    with _login_lock:
+    with CALLS:
         login = _logins[key]
         login.users -= 1
         if login.users == 0:
@@ -205,7 +215,8 @@ def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pk
     token = find_token(location)
     key = _login(location, token, pin)
     try:
-        opened = _retrying(lambda: token.open(rw=rw))
+        with CALLS:
+            opened = _retrying(lambda: token.open(rw=rw))
     except p11.PKCS11Error as exc:
         _logout(key)
         raise HsmUnavailableError(
@@ -218,7 +229,7 @@ def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pk
     finally:
         with _lock:
             _open_sessions[location.module] -= 1
-        with contextlib.suppress(p11.PKCS11Error):
+        with CALLS, contextlib.suppress(p11.PKCS11Error):
             opened.close()
         _logout(key)
 
@@ -229,10 +240,16 @@ def hsm_errors(what: str) -> contextlib.AbstractContextManager[None]:
 
 
 class _HsmErrors(contextlib.AbstractContextManager[None]):
+    """Also holds :data:`CALLS` for the block: every PKCS#11 call goes through one."""
+
     def __init__(self, what: str) -> None:
         self.what = what
 
+    def __enter__(self) -> None:
+        CALLS.acquire()
+
     def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        CALLS.release()
         if exc is not None and isinstance(exc, p11.PKCS11Error):
             if isinstance(exc, p11.DeviceRemoved | p11.TokenNotPresent | p11.DeviceError):
                 raise HsmUnavailableError(
@@ -245,6 +262,6 @@ class _HsmErrors(contextlib.AbstractContextManager[None]):
 def refresh(location: TokenLocation) -> None:
     """Make a module see tokens created by another process (e.g. softhsm2-util)."""
     lib = _load(location)
-    with _lock:
+    with CALLS, _lock:
         if not _open_sessions.get(location.module):
             lib.reinitialize()

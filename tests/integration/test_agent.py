@@ -354,6 +354,24 @@ def test_mount_refused_with_one_line_and_nothing_mounted(world: World, tmp_path:
     assert world.agent.alive()
 
 
+def test_fstab_style_mount_through_agent(world: World, tmp_path: Path) -> None:
+    """mount.kmsfs (what mount(8) runs for an fstab line) with -o agent=SOCKET."""
+    cipherdir = _volume(world, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    helper = [sys.executable, "-m", "kmsfs.fs.mounthelper", str(cipherdir), str(mountpoint),
+              "-o", f"agent={world.agent.address},_netdev,noauto"]
+    result = subprocess.run(helper, capture_output=True, text=True, timeout=60, env=clean_env(),
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    try:
+        (mountpoint / "fstab.txt").write_text("via mount.kmsfs and the agent\n")
+        assert (mountpoint / "fstab.txt").read_text() == "via mount.kmsfs and the agent\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+    assert not os.path.ismount(mountpoint)
+
+
 def test_decrypt_and_fsck_through_agent(world: World, tmp_path: Path) -> None:
     """A host with no HSM access decrypts a single file and checks a volume via the agent."""
     plain = tmp_path / "plain.txt"

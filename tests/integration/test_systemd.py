@@ -89,11 +89,18 @@ def test_systemd_analyze_would_catch_a_broken_unit(installed: None, tmp_path: Pa
 
 
 def _exec_start(env: dict[str, str]) -> list[str]:
-    """The unit's own ExecStart line, with ${VAR} expanded as systemd does from EnvironmentFile."""
+    """The unit's own ExecStart line, expanded as systemd does from EnvironmentFile: ${VAR} is
+    one word; a word that is just $VAR splits into words, none if VAR is empty or unset."""
     text = (ROOT / "systemd" / "kmsfs@.service").read_text()
     line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    words = line.removeprefix("ExecStart=").split()
-    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in words]
+    expanded: list[str] = []
+    for word in line.removeprefix("ExecStart=").split():
+        whole = re.fullmatch(r"\$(\w+)", word)
+        if whole:
+            expanded += env.get(whole.group(1), "").split()
+        else:
+            expanded.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word))
+    return expanded
 
 
 def test_unit_exec_start_notifies_ready_once_serving_and_unmounts_on_sigterm(
