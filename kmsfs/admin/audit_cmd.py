@@ -126,7 +126,16 @@ def show(cmd: "Command") -> None:
             rows.append({**record, "who": f"HSM {hsm}", "reason": "signs all before it"})
         else:
             rows.append({**record, "domain": record["domain"] or "-"})
-    emit_table(rows, ["seq", "time", "type", "who", "op", "domain", "decision", "reason"])
+    columns = ["seq", "time", "type", "who", "op", "domain", "decision", "reason"]
+    # Records quote what clients sent: escape control characters so a record can neither
+    # forge table rows nor drive the terminal.
+    emit_table([{c: _safe(r.get(c, "")) for c in columns} for r in rows], columns)
+
+
+def _safe(value: Any) -> str:
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value)
+    )
 
 
 def _labels(store: Store) -> dict[str, str]:

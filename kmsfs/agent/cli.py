@@ -53,9 +53,13 @@ hash-chained audit log; 'kmsfs-admin audit verify LOG' checks the log.
 
 
 def default_socket() -> Path:
-    return Path("/run/kmsfs/hsmd.sock") if os.geteuid() == 0 else Path(
-        os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    ) / "kmsfs-hsmd.sock"
+    """/run/kmsfs/hsmd.sock for root, else in $XDG_RUNTIME_DIR or the home directory: never a
+    shared directory such as /tmp, where another user could take the name first."""
+    if os.geteuid() == 0:
+        return Path("/run/kmsfs/hsmd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path.home() / ".local" / "state" / "kmsfs"
+    return base / "kmsfs-hsmd.sock"
 
 
 def default_audit_log() -> Path:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -105,6 +106,7 @@ class AgentClient:
                 sock.settimeout(CONNECT_TIMEOUT)
                 try:
                     sock.connect(str(self.address.path))
+                    _check_agent_uid(sock, self.address.path)
                 except BaseException:
                     sock.close()
                     raise
@@ -169,6 +171,17 @@ class AgentClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_agent_uid(sock: socket.socket, path: Path) -> None:
+    """The process behind a Unix socket must be root or ourselves: anyone else could have
+    put a socket at that path and would hand us keys of its choosing."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    _pid, uid, _gid = struct.unpack("iII", creds)
+    if uid not in (0, os.getuid()):
+        raise AgentUnavailableError(
+            f"agent {path}: served by uid {uid}, not by root or by us; refusing to use it"
+        )
 
 
 def _reason(exc: BaseException) -> str:

@@ -38,8 +38,9 @@ from kmsfs.model import fields
 from kmsfs.model.canonical import canonical_bytes, parse_json
 
 VERSION = 1
-MAX_FRAME = 8 * 1024 * 1024
-MAX_BATCH = 4096
+MAX_FRAME = 2 * 1024 * 1024  # bounds what one connection makes the agent hold in memory
+MAX_BATCH = 1024  # infos per derive request
+MAX_INFO = 256  # bytes of one key derivation info (kmsfs's own are under 64)
 _HEADER = struct.Struct(">I")
 
 # Most specific first: the first class an error is an instance of gives its code.
@@ -133,11 +134,19 @@ def ok(request_id: int, result: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "ok": True, "result": result}
 
 
+MAX_MESSAGE = 1024  # characters of an error message sent back
+
+
 def failed(request_id: int, exc: KmsfsError) -> dict[str, Any]:
+    """An error answer; the message is cut to MAX_MESSAGE so it always fits in a frame (it
+    may echo what the client sent)."""
+    message = str(exc)
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + f"... ({len(message)} characters)"
     return {
         "id": request_id,
         "ok": False,
-        "error": {"code": error_code(exc), "message": str(exc)},
+        "error": {"code": error_code(exc), "message": message},
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kmsfs.agent.client import AgentClient
-from kmsfs.errors import UsageError
+from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.model import fields
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.domain import SealedDomain
@@ -55,7 +55,7 @@ def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) 
         {"name": name, "trust": trust_id, "chain": [link.to_dict() for link in chain]},
         retry=False,
     )
-    return _save_domain(ctx, result)
+    return _save_domain(ctx, result, name=name, trust_id=trust_id, previous=None, generation=1)
 
 
 def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
@@ -71,7 +71,10 @@ def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> Veri
         },
         retry=False,
     )
-    return _save_domain(ctx, result)
+    old = bundle.domain.domain
+    return _save_domain(
+        ctx, result, name=name, trust_id=trust_id, previous=old.id, generation=old.generation + 1
+    )
 
 
 def health(client: AgentClient) -> list[dict[str, Any]]:
@@ -79,10 +82,28 @@ def health(client: AgentClient) -> list[dict[str, Any]]:
     return [fields.obj(r, "health row") for r in rows]
 
 
-def _save_domain(ctx: Context, result: dict[str, Any]) -> VerifiedDomain:
+def _save_domain(
+    ctx: Context,
+    result: dict[str, Any],
+    *,
+    name: str,
+    trust_id: str,
+    previous: str | None,
+    generation: int,
+) -> VerifiedDomain:
+    """Keep the agent's Domain only if it verifies here *and* is the one asked for: a valid
+    but different Domain (another name, the old generation of a rewrap) would make a
+    revocation look done when it is not."""
     sealed = SealedDomain.from_dict(result.get("domain"))
-    verified = verify_domain(
-        sealed, trusts.chain_to(ctx, sealed.domain.trust), ctx.store.anchor()
-    )
+    domain = sealed.domain
+    want = (name, trust_id, previous, generation)
+    have = (domain.name, domain.trust, domain.previous, domain.generation)
+    if have != want:
+        raise IntegrityError(
+            f"the agent answered with Domain {domain.name} generation {domain.generation} of "
+            f"trust {domain.trust[:12]}, not the {name} generation {generation} of trust "
+            f"{trust_id[:12]} asked for; nothing saved"
+        )
+    verified = verify_domain(sealed, trusts.chain_to(ctx, domain.trust), ctx.store.anchor())
     ctx.store.save_domain(sealed)
     return verified

@@ -18,6 +18,7 @@ import ssl
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
@@ -30,8 +31,12 @@ from kmsfs.errors import KmsfsError, UsageError
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256
-BODY_TIMEOUT = 30.0  # seconds to finish a frame once its header arrived (no slow-loris)
+MAX_CONNECTIONS = 256  # connections of peers the policy names
+MAX_PER_PEER = 64  # ... of which one identity (uid, certificate) may hold
+MAX_STRANGERS = 16  # connections of peers it does not name: one refused request each
+MAX_HANDSHAKES = 32  # TLS handshakes in progress (the peer is not known before)
+BODY_TIMEOUT = 30.0  # seconds to receive a whole frame once its header began (no slow-loris)
+IDLE_TIMEOUT = 600.0  # seconds a connection may wait between requests (clients reconnect)
 HANDSHAKE_TIMEOUT = 10.0
 _UCRED = struct.Struct("iII")  # pid, uid, gid (uid_t and gid_t are unsigned)
 ACCEPT_POLL = 0.5  # seconds: how often an accept loop looks at the stop flag
@@ -106,19 +111,22 @@ def peer_of_tls(conn: ssl.SSLSocket) -> Peer:
     der = conn.getpeercert(binary_form=True)
     if der is None:  # cannot happen with CERT_REQUIRED; refuse rather than trust
         raise ssl.SSLError("no client certificate")
-    subject = None
     cert = conn.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                subject = value
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    # A subject with several common names names no one: matching by CN needs exactly one.
+    subject = names[0] if len(names) == 1 else None
     return Peer(fingerprint="sha256:" + sha256(der).hexdigest(), subject=subject)
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or None at a clean end of stream before the first byte."""
+def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes | None:
+    """``size`` bytes by ``deadline`` (time.monotonic()), or None at a clean end of stream
+    before the first byte; TimeoutError once the deadline passes, however the bytes drip in."""
     chunks = bytearray()
     while len(chunks) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the client took too long")
+        conn.settimeout(remaining)
         chunk = conn.recv(size - len(chunks))
         if not chunk:
             if not chunks:
@@ -144,6 +152,9 @@ class Server:
         self._tls_fds = tls_listeners
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._strangers = threading.BoundedSemaphore(MAX_STRANGERS)
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._per_peer: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -194,30 +205,31 @@ class Server:
                 continue
             failures = 0
             conn.settimeout(None)
-            if not self._slots.acquire(blocking=False):
-                log.warning("refusing a connection: %d connections open", MAX_CONNECTIONS)
-                conn.close()
-                continue
             threading.Thread(
                 target=self._serve, args=(conn, is_tls), name="client", daemon=True
             ).start()
 
     def _serve(self, conn: socket.socket, is_tls: bool) -> None:
+        """Identify the peer, give it a slot from the right pool, answer its requests.
+
+        Peers the policy names share MAX_CONNECTIONS, at most MAX_PER_PEER each; a peer it
+        does not name gets one of MAX_STRANGERS slots for a single (refused, audited) request.
+        So neither an unknown uid nor one noisy client can lock the others out.
+        """
         with self._lock:
             self._connections.add(conn)
+        release: list[Callable[[], None]] = []
         try:
             if is_tls:
-                assert self._tls is not None
-                conn.settimeout(HANDSHAKE_TIMEOUT)
-                conn = self._tls.wrap_socket(conn, server_side=True)
-                conn.settimeout(None)
-                with self._lock:
-                    self._connections.add(conn)
+                conn = self._handshake(conn)
                 peer = peer_of_tls(conn)  # type: ignore[arg-type]
             else:
                 peer = peer_of_unix(conn)
+            listed = self.agent.policy.client_name(peer) is not None
+            if not self._admit(peer, listed, release):
+                return
             log.debug("connection from %s", peer.describe())
-            self._requests(conn, peer)
+            self._requests(conn, peer, once=not listed)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             if not self._stopping.is_set():
                 log.info("connection ended: %s", exc)
@@ -228,11 +240,53 @@ class Server:
                 self._connections.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
-            self._slots.release()
+            for undo in release:
+                undo()
 
-    def _requests(self, conn: socket.socket, peer: Peer) -> None:
+    def _handshake(self, conn: socket.socket) -> socket.socket:
+        assert self._tls is not None
+        if not self._handshakes.acquire(blocking=False):
+            raise ConnectionError(f"{MAX_HANDSHAKES} TLS handshakes in progress, refused")
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            tls_conn = self._tls.wrap_socket(conn, server_side=True)
+        finally:
+            self._handshakes.release()
+        with self._lock:
+            self._connections.add(tls_conn)
+        return tls_conn
+
+    def _admit(self, peer: Peer, listed: bool, release: list[Callable[[], None]]) -> bool:
+        pool = self._slots if listed else self._strangers
+        if not pool.acquire(blocking=False):
+            log.warning("refusing a connection of %s: no free slot", peer.describe())
+            return False
+        release.append(pool.release)
+        if not listed:
+            return True
+        key = peer.describe()
+        with self._lock:
+            if self._per_peer.get(key, 0) >= MAX_PER_PEER:
+                log.warning("refusing a connection of %s: %d open", key, MAX_PER_PEER)
+                return False
+            self._per_peer[key] = self._per_peer.get(key, 0) + 1
+
+        def leave() -> None:
+            with self._lock:
+                self._per_peer[key] -= 1
+                if not self._per_peer[key]:
+                    del self._per_peer[key]
+
+        release.append(leave)
+        return True
+
+    def _requests(self, conn: socket.socket, peer: Peer, once: bool) -> None:
+        idle = BODY_TIMEOUT if once else IDLE_TIMEOUT
         while not self._stopping.is_set():
-            header = _recv_exact(conn, protocol.HEADER_SIZE)
+            try:
+                header = _recv_exact(conn, protocol.HEADER_SIZE, time.monotonic() + idle)
+            except TimeoutError:
+                return  # an idle connection is closed; a client reconnects when it needs to
             if header is None:
                 return
             try:
@@ -240,17 +294,20 @@ class Server:
             except protocol.ProtocolError as exc:
                 conn.sendall(protocol.frame(protocol.failed(0, exc)))
                 return
-            conn.settimeout(BODY_TIMEOUT)
-            body = _recv_exact(conn, length) if length else b""
-            conn.settimeout(None)
+            deadline = time.monotonic() + BODY_TIMEOUT
+            body = _recv_exact(conn, length, deadline) if length else b""
             if body is None:
                 raise ConnectionError("connection closed in the middle of a frame")
+            conn.settimeout(BODY_TIMEOUT)
             conn.sendall(protocol.frame(self._answer(peer, body)))
+            if once:
+                return
 
     def _answer(self, peer: Peer, body: bytes) -> dict[str, object]:
         try:
             request = protocol.Request.parse(body)
         except KmsfsError as exc:
+            self.agent.record_malformed(peer, exc)
             return protocol.failed(protocol.request_id_of(body), exc)
         try:
             return protocol.ok(request.id, self.agent.handle(peer, request))

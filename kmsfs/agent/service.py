@@ -13,6 +13,7 @@ a forged approval nor occupy the file a real one would take.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.agent.policy import Peer, Policy
-from kmsfs.agent.protocol import MAX_BATCH, ProtocolError, Request
+from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request
 from kmsfs.errors import (
     AgentRefusedError,
+    AlreadyExistsError,
     ChainError,
     KmsfsError,
     NotFoundError,
@@ -33,14 +35,33 @@ from kmsfs.errors import (
 from kmsfs.model import contexts, fields
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64decode, b64encode
+from kmsfs.model.records import check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust
-from kmsfs.model.verify import Anchor, VerifiedDomain, verify_chain, verify_domain
+from kmsfs.model.verify import (
+    Anchor,
+    VerifiedDomain,
+    verify_approvals,
+    verify_chain,
+    verify_domain,
+)
 from kmsfs.service import domains, hsms, trusts
 from kmsfs.service.context import Context
 
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[..., Any]  # AuditLog.append(who=, op=, domain=, allowed=, reason=, detail=)
+MAX_REASON = 1000  # characters of a reason kept in the audit log
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` with control characters escaped, cut to ``limit`` characters: what a client
+    controls (an operation name, an echoed value) never forges audit rows or moves a cursor."""
+    clean = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit]
+    )
+    if len(text) > limit:
+        clean += f"... ({len(text)} characters)"
+    return clean
 
 
 @dataclass
@@ -75,10 +96,28 @@ class Agent:
     # -- dispatch ----------------------------------------------------------------------------
 
     def handle(self, peer: Peer, request: Request) -> dict[str, Any]:
-        handler = self._handlers.get(request.op)
-        if handler is None:
-            raise ProtocolError(f"unknown operation {request.op!r:.40}")
-        return handler(peer, request.args)
+        """Answer one request. Every decision is audited: a peer no policy entry names is
+        refused before its arguments are read, and a malformed request is recorded as such."""
+        op = request.op if request.op in self._handlers else "unknown"
+        if op != "hello" and self.policy.client_name(peer) is None:
+            refusal = AgentRefusedError(
+                f"client {peer.describe()} is not in the agent's policy "
+                f"(policy {self.policy.source})"
+            )
+            self._record(peer, op, None, False, str(refusal))
+            raise refusal
+        try:
+            if op == "unknown":
+                raise ProtocolError(f"unknown operation {printable(request.op, 40)}")
+            return self._handlers[op](peer, request.args)
+        except KmsfsError as exc:
+            if not getattr(exc, "audited", False):  # failed before _guarded: a bad request
+                self._record(peer, op, None, False, f"malformed request: {exc}")
+            raise
+
+    def record_malformed(self, peer: Peer, exc: KmsfsError) -> None:
+        """Audit a frame that is not a request at all (the transport could not parse it)."""
+        self._record(peer, "unknown", None, False, f"malformed request: {exc}")
 
     def _record(
         self,
@@ -91,8 +130,8 @@ class Agent:
     ) -> None:
         if self._audit is not None:
             self._audit(
-                who=peer.describe(), op=op, domain=domain, allowed=allowed, reason=reason,
-                detail=detail,
+                who=peer.describe(), op=op, domain=domain, allowed=allowed,
+                reason=printable(reason, MAX_REASON), detail=detail,
             )
 
     def _guarded(
@@ -108,11 +147,13 @@ class Agent:
             rule = self.policy.check(peer, op, domain)
         except AgentRefusedError as exc:
             self._record(peer, op, domain, False, str(exc), detail)
+            exc.audited = True  # type: ignore[attr-defined]
             raise
         try:
             result = action()
         except KmsfsError as exc:
             self._record(peer, op, domain, True, f"failed: {exc} (client {rule!r})", detail)
+            exc.audited = True  # type: ignore[attr-defined]
             raise
         self._record(peer, op, domain, True, f"ok (client {rule!r})", detail)
         return result
@@ -160,8 +201,8 @@ class Agent:
             raise ProtocolError(f"derive: want 1 to {MAX_BATCH} infos, have {len(raw)}")
         infos = [b64decode(v, f"derive.infos[{i}]") for i, v in enumerate(raw)]
         for i, info in enumerate(infos):
-            if not 1 <= len(info) <= 1024:
-                raise ProtocolError(f"derive.infos[{i}]: want 1 to 1024 bytes")
+            if not 1 <= len(info) <= MAX_INFO:
+                raise ProtocolError(f"derive.infos[{i}]: want 1 to {MAX_INFO} bytes")
         with self._lock:
             entry = self._open.get(handle)
         if entry is None:
@@ -184,7 +225,7 @@ class Agent:
 
     def create_domain(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         fields.exact_keys(args, {"name", "trust", "chain"}, "create-domain")
-        name = fields.string(args, "name", "create-domain")
+        name = check_name(fields.string(args, "name", "create-domain"), "domain")
         trust_id = fields.hex_id(args["trust"], "create-domain.trust")
         chain = _chain(args, "create-domain")
 
@@ -206,8 +247,10 @@ class Agent:
             self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
             self._import_chain(chain, trust_id)
             domains.verify_bundle(self.ctx, bundle)
-            self.ctx.store.save_domain(bundle.domain)
+            with contextlib.suppress(AlreadyExistsError):
+                self.ctx.store.save_domain(bundle.domain)
             verified = domains.rewrap(self.ctx, name, trust_id)
+            self._forget(name)
             return _domain_result(verified)
 
         return self._guarded(peer, "rewrap", name, act)
@@ -226,10 +269,14 @@ class Agent:
             if trust.predecessor is None:
                 raise UsageError("a root trust is made by 'kmsfs-admin init', not sealed")
             self._import_chain(chain, trust.predecessor, allow_unpinned=True)
+            predecessor = chain[-1]
+            valid = _counting(trust, approvals, predecessor.trust)
+            # Both quorums before anything of this request is written: a client without them
+            # cannot leave so much as a proposal in the agent's store.
+            verify_approvals(trust, valid, predecessor)
             self.ctx.store.save_trust(trust)
-            predecessor = self.ctx.store.trust(trust.predecessor)
-            for approval in _counting(trust, approvals, predecessor):
-                self.ctx.store.save_signature("approval", approval)
+            for approval in valid:
+                _keep(self.ctx.store.save_signature, "approval", approval)
             sealed = trusts.seal(self.ctx, trust.id)
             return {"seal": sealed.seal.to_dict("seal")}
 
@@ -263,6 +310,16 @@ class Agent:
             self._anchor_cache = (stamp, anchor)
         return anchor
 
+    def _forget(self, name: str) -> None:
+        """Close the open generations of Domain ``name`` after a rewrap: their clients get
+        "not open", open the Domain again and so move to the new generation (the revoked HSM
+        no longer serves them)."""
+        with self._lock:
+            stale = [h for h, e in self._open.items() if e.verified.sealed.domain.name == name]
+            entries = [self._open.pop(h) for h in stale]
+        for entry in entries:
+            entry.keys.close()
+
     def _require_pinned(self) -> None:
         if self.ctx.store.anchor().successor is None:
             raise ChainError(
@@ -283,8 +340,8 @@ class Agent:
         for link in chain:
             self.ctx.store.save_trust(link.trust)
             for approval in _counting(link.trust, list(link.approvals), previous):
-                self.ctx.store.save_signature("approval", approval)
-            self.ctx.store.save_signature("seal", link.seal)
+                _keep(self.ctx.store.save_signature, "approval", approval)
+            _keep(self.ctx.store.save_signature, "seal", link.seal)
             previous = link.trust
 
     def close(self) -> None:
@@ -292,6 +349,13 @@ class Agent:
             entries, self._open = list(self._open.values()), {}
         for entry in entries:
             entry.keys.close()
+
+
+def _keep(save: Callable[[str, Signature], bool], kind: str, signature: Signature) -> None:
+    """Store a verified signature unless the store holds one of this key already: RSA-PSS
+    signatures are randomized, so another valid one for the same document is no conflict."""
+    with contextlib.suppress(AlreadyExistsError):
+        save(kind, signature)
 
 
 def _chain(args: dict[str, Any], what: str) -> list[SealedTrust]:

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from kmsfs.errors import HsmError, HsmUnavailableError
@@ -39,12 +40,14 @@ def default_module() -> str:
 def write_config(conf_path: Path, token_dir: Path) -> None:
     """Write a softhsm2.conf that keeps tokens in ``token_dir`` (created 0700)."""
     token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temp = conf_path.with_name(f".{conf_path.name}.{os.getpid()}")
-    temp.write_text(
-        f"directories.tokendir = {token_dir.resolve()}\nobjectstore.backend = file\n"
-        "log.level = ERROR\nslots.removable = false\n"
-    )
-    temp.chmod(0o600)
+    # A temporary name of its own (not just per process): two threads of the agent may both
+    # find a moved store's config stale and rewrite it at once.
+    fd, temp = tempfile.mkstemp(prefix=f".{conf_path.name}.", dir=conf_path.parent)
+    with os.fdopen(fd, "w") as out:  # mkstemp creates it 0600
+        out.write(
+            f"directories.tokendir = {token_dir.resolve()}\nobjectstore.backend = file\n"
+            "log.level = ERROR\nslots.removable = false\n"
+        )
     os.replace(temp, conf_path)
 
 

@@ -47,6 +47,11 @@ def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
 def create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     """New ``k`` and ``mk`` inside an HSM of the Trust, wrapped for all its HSMs, sealed."""
     check_name(name, "domain")
+    with ctx.store.exclusive():  # "the name is free" must still hold when the Domain is saved
+        return _create(ctx, name, trust_ref)
+
+
+def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
         raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
     chain = _governing_trust(ctx, trust_ref)
@@ -97,6 +102,11 @@ def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     The new Trust must descend from the Domain's current Trust: a Domain never moves sideways
     into a Trust its operators did not approve as a successor.
     """
+    with ctx.store.exclusive():  # one generation N+1, not two rival ones
+        return _rewrap(ctx, name, trust_ref)
+
+
+def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     old = current(ctx, name)
     chain = _governing_trust(ctx, trust_ref)
     new_trust = chain[-1].trust

@@ -200,6 +200,11 @@ def list_status(ctx: Context) -> list[TrustStatus]:
 
 def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrust:
     """Have an HSM of the Trust seal it, after checking the chain and both quorums."""
+    with ctx.store.exclusive():  # check the genesis pin, seal and pin as one step
+        return _seal(ctx, trust_ref, hsm_ref)
+
+
+def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
     trust_id = resolve_trust(ctx, trust_ref)
     trust = ctx.store.trust(trust_id)
     chain: list[SealedTrust] = []

@@ -17,6 +17,8 @@ A document that does not parse, does not match its name, or fails its self-signa
 by path, never silently used.
 """
 
+import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +56,26 @@ class Store:
 
     def exists(self) -> bool:
         return self.config_path.exists()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store's lock (flock on STORE/.lock) for a check-then-write sequence.
+
+        Documents are immutable and published atomically, so plain writes need no lock. But
+        "no successor is pinned yet, seal this one, pin it" and "no Domain has this name yet,
+        create it" are decisions on what is *absent*: two agents' threads or two kmsfs-admin
+        processes would both decide yes. flock excludes other open file descriptions, so it
+        serializes threads of one process as well as processes.
+        """
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{self.root}: cannot lock the store: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def anchor(self) -> Anchor:
         """What this store pins: its genesis and, once sealed here, the genesis's successor."""
@@ -120,7 +142,13 @@ class Store:
             return str(path)
 
     def _write(self, path: Path, document: dict[str, Any]) -> bool:
-        return atomic.write_new(path, canonical_bytes(document) + b"\n")
+        data = canonical_bytes(document) + b"\n"
+        if len(data) > MAX_DOCUMENT_BYTES:  # never write what this store would refuse to read
+            raise FormatError(
+                f"{self._relative(path)}: document of {len(data)} bytes, the limit is "
+                f"{MAX_DOCUMENT_BYTES}"
+            )
+        return atomic.write_new(path, data)
 
     @staticmethod
     def _names(directory: Path, suffix: str = ".json") -> Iterator[str]:

@@ -221,7 +221,7 @@ def test_agent_refuses_to_seal_without_the_predecessors_quorum(world: World) -> 
 
 def test_agent_drops_forged_approvals(world: World) -> None:
     """A client that forges bob's approval (alice's real one plus bytes flipped in a copy)
-    gets no seal, and the forgery is never written to the agent's store."""
+    gets no seal, and nothing is written to the agent's store."""
     trust = world.ops.propose(["hsm1"], ["alice", "bob"], 2, predecessor=world.trust)
     world.ops.sign(trust, "alice")
     ctx = Context.at(world.ops.store)
@@ -234,8 +234,10 @@ def test_agent_drops_forged_approvals(world: World) -> None:
         client.call("seal-trust", {"trust": ctx.store.trust(trust).payload(),
                                    "approvals": [alice.to_dict("approval"), forged],
                                    "chain": chain}, retry=False)
-    stored = world.agent_admin.store / "approvals" / trust
-    assert sorted(p.stem for p in stored.glob("*.json")) == [alice.key_id]
+    # Without both quorums nothing of the request is written: not the forgery, not alice's
+    # real approval, not even the proposal.
+    assert not (world.agent_admin.store / "approvals" / trust).exists()
+    assert not (world.agent_admin.store / "trusts" / f"{trust}.json").exists()
 
 
 def test_agent_refuses_a_bundle_of_another_store(world: World, tmp_path: Path) -> None:
@@ -659,6 +661,28 @@ def test_idle_agent_signs_its_tail_and_a_stopped_one_leaves_it_signed(
 
 def _verify(world: World, agent: AgentProcess) -> dict[str, object]:
     return world.agent_admin("--json", "audit", "verify", str(agent.audit)).json
+
+
+def test_client_refuses_a_socket_served_by_another_user(tmp_path: Path) -> None:
+    """Someone else's process at the agent's path could hand out keys of its choosing."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-squat-"))
+    sock_dir.chmod(0o777)
+    path = sock_dir / "hsmd.sock"
+    squatter = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+         "-c", "import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n"
+         "s.listen()\nprint('ready',flush=True)\ntime.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True, env=clean_env(),
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "ready"
+        with AgentClient(AgentAddress.parse(str(path))) as client, \
+                pytest.raises(AgentUnavailableError, match=f"served by uid {NOBODY}"):
+            client.call("hello", {})
+    finally:
+        squatter.kill()
+        squatter.communicate()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_client_of_a_stopped_agent_says_so(tmp_path: Path) -> None:

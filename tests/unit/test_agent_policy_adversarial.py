@@ -1,0 +1,153 @@
+"""The agent's policy and protocol against hostile input: pure, no sockets, no HSM.
+
+Tests marked ``xfail(strict=True)`` are open bugs: each fails today and passes once fixed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from kmsfs.agent import protocol
+from kmsfs.agent.policy import ACTIONS, Peer, Policy
+from kmsfs.errors import AgentRefusedError, FormatError, KmsfsError
+
+FINGERPRINT = "sha256:" + "ab" * 32
+POLICY = f"""\
+[[client]]
+name = "payroll mounts"
+uids = [1001, 1002]
+users = ["kmsfs"]
+domains = ["payroll", "hr"]
+allow = ["derive", "rewrap"]
+
+[[client]]
+name = "remote mounts"
+certs = ["{FINGERPRINT}"]
+subjects = ["mount1.example.org"]
+domains = ["*"]
+allow = ["derive"]
+
+[[client]]
+name = "operators"
+uids = [0]
+domains = ["payroll"]
+allow = ["seal-trust", "health", "create-domain"]
+"""
+
+PEERS = [
+    Peer(uid=1001),
+    Peer(uid=5, user="kmsfs"),
+    Peer(uid=0, user="root"),
+    Peer(uid=1003, user="mallory"),
+    Peer(fingerprint=FINGERPRINT, subject="not-listed"),
+    Peer(fingerprint="sha256:" + "cd" * 32, subject="mount1.example.org"),
+    Peer(fingerprint="sha256:" + "cd" * 32, subject="mallory"),
+]
+DOMAINS = [None, "payroll", "hr", "other", "*"]
+
+
+def permitted(policy: Policy, peer: Peer, action: str, domain: str | None) -> bool:
+    try:
+        policy.check(peer, action, domain)
+    except AgentRefusedError:
+        return False
+    return True
+
+
+def grid(policy: Policy) -> set[tuple[int, str, str | None]]:
+    return {
+        (i, action, domain)
+        for (i, peer), action, domain in itertools.product(enumerate(PEERS), ACTIONS, DOMAINS)
+        if permitted(policy, peer, action, domain)
+    }
+
+
+def test_tls_peers_are_never_matched_by_uid_nor_local_peers_by_certificate() -> None:
+    policy = Policy.parse(
+        '[[client]]\nuids = [0]\nusers = ["root"]\ndomains = ["*"]\nallow = ["derive"]\n'
+        f'[[client]]\ncerts = ["{FINGERPRINT}"]\nsubjects = ["m1"]\ndomains = ["*"]\n'
+        'allow = ["health"]\n',
+        "p",
+    )
+    # A TLS peer that somehow also carried uid 0 / user root gets nothing from the uid rule.
+    tls = Peer(uid=0, user="root", fingerprint="sha256:" + "cd" * 32, subject="root")
+    assert not permitted(policy, tls, "derive", "payroll")
+    # A local peer whose user name equals a listed subject gets nothing from the TLS rule.
+    local = Peer(uid=1000, user="m1")
+    assert not permitted(policy, local, "health", None)
+    # The subject counts only on a TLS peer (the agent sets it from a CA-verified certificate).
+    assert permitted(policy, Peer(fingerprint="sha256:" + "ef" * 32, subject="m1"), "health", None)
+
+
+def test_domain_wildcard_is_a_rule_keyword_not_a_domain_name() -> None:
+    """A Domain literally named '*' is impossible (check_name), and a request for Domain '*'
+    is refused by a rule that lists only named Domains."""
+    policy = Policy.parse(POLICY, "p")
+    assert not permitted(policy, Peer(uid=1001), "derive", "*")
+    assert permitted(policy, Peer(uid=1001), "derive", "payroll")
+
+
+def test_a_truncated_policy_never_allows_more_than_the_whole_one() -> None:
+    """SIGHUP while an editor is writing the file: any prefix of the policy either fails to
+    parse (the old policy stays) or allows a subset of what the finished file allows."""
+    full = grid(Policy.parse(POLICY, "p"))
+    assert full  # the grid is not trivially empty
+    for cut in range(len(POLICY)):
+        try:
+            partial = Policy.parse(POLICY[:cut], "p")
+        except FormatError:
+            continue
+        extra = grid(partial) - full
+        assert not extra, (cut, POLICY[:cut], extra)
+
+
+def test_unknown_keys_and_actions_in_a_policy_are_refused_not_ignored() -> None:
+    for text in (
+        '[[client]]\nuids = [0]\nallow = ["derive"]\ndomain = ["*"]\n',  # typo: domain
+        '[[client]]\nuids = [0]\nallow = ["derive-all"]\ndomains = ["*"]\n',
+        '[[client]]\nuids = [-1]\nallow = ["derive"]\ndomains = ["*"]\n',
+        '[[client]]\nuids = [true]\nallow = ["derive"]\ndomains = ["*"]\n',
+        '[[client]]\nallow = ["derive"]\ndomains = ["*"]\n',  # names no client
+        '[[client]]\ncerts = ["ab"]\nallow = ["derive"]\ndomains = ["*"]\n',
+        '[[clients]]\nuids = [0]\n',
+    ):
+        with pytest.raises(FormatError):
+            Policy.parse(text, "p")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":1,"ok":true}',
+        b'{"id":1,"ok":true,"result":[]}',
+        b'{"id":1,"ok":"true","result":{}}',
+        b'{"id":1,"ok":false}',
+        b'{"id":1,"ok":false,"error":"no"}',
+        b'{"id":1,"ok":false,"error":{"code":7,"message":"x"}}',
+        b'{"id":2,"ok":true,"result":{}}',
+        b"[1]",
+        b"\xff",
+        b'{"id":1,"ok":true,"result":{},"result":{}}',
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+def test_a_malformed_agent_answer_is_a_format_error_never_a_traceback(body: bytes) -> None:
+    with pytest.raises(FormatError):
+        protocol.parse_response(body, 1)
+
+
+def test_an_unknown_error_code_from_the_agent_is_a_plain_error() -> None:
+    body = json.dumps(
+        {"id": 1, "ok": False, "error": {"code": "launch", "message": "m"}}
+    ).encode()
+    with pytest.raises(KmsfsError) as caught:
+        protocol.parse_response(body, 1)
+    assert type(caught.value) is KmsfsError and str(caught.value) == "agent: m"
+
+
+def test_every_error_answer_fits_in_a_frame() -> None:
+    exc = AgentRefusedError("client uid=1 may not create-domain for Domain " + "é" * 2_000_000)
+    assert len(protocol.frame(protocol.failed(1, exc))) <= protocol.MAX_FRAME + 4
