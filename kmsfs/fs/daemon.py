@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -153,10 +154,88 @@ async def _run_fuse(
     scope: trio.CancelScope, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
 ) -> None:
     task_status.started()
+    gate = _install_read_gate()
     try:
         await pyfuse3.main()
     finally:
+        if gate is not None:
+            _remove_read_gate(gate)
         scope.cancel()
+
+
+class _ReadGate(trio.abc.Instrument):
+    """pyfuse3's read lock, handed over lazily: one trio scheduler pass less per request.
+
+    pyfuse3's workers (``_session_loop``) each take a read lock, wait for /dev/fuse to be
+    readable, release the lock, read one request and handle it. Stock, the release hands the
+    lock to the next idle worker at once, so two workers take turns: every request costs an
+    extra scheduler pass (and an epoll_wait) to wake the other worker, which then registers
+    the fd again. Here the release only marks the worker as busy; an idle worker is woken
+    when (and only if) the busy one yields to the scheduler before it comes back for the
+    lock, i.e. when its handler waits (a worker thread, a file lock). Requests whose handler
+    finishes without yielding, nearly all of them, are then read by the same worker in turn,
+    and a handler that waits still never keeps other requests waiting: the same guarantee as
+    pyfuse3's own lock. As an instrument, :meth:`after_task_step` sees every task yield.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+        self._busy: object = None  # the worker that released the lock and handles a request
+
+    async def __aenter__(self) -> None:
+        if self._busy is trio.lowlevel.current_task():
+            self._busy = None  # back without having yielded: nobody else was woken
+        if self._held:
+            await self._lot.park()  # whoever wakes us hands the lock over
+        else:
+            self._held = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._held = False
+        if self._lot:
+            self._busy = trio.lowlevel.current_task()
+
+    def after_task_step(self, task: object) -> None:
+        if task is self._busy:
+            self._busy = None
+            if not self._held and self._lot:
+                self._held = True
+                self._lot.unpark(count=1)
+
+
+class _PyfuseTrio:
+    """What pyfuse3 sees as its ``trio`` module: trio itself, but ``Lock`` is the read gate."""
+
+    def __init__(self, gate: _ReadGate) -> None:
+        self._gate = gate
+
+    def Lock(self) -> _ReadGate:  # the name pyfuse3 calls (trio.Lock)
+        return self._gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+
+def _install_read_gate() -> _ReadGate | None:
+    """Give pyfuse3 the lazy read gate, if its main loop has the shape it is written for.
+
+    pyfuse3 looks its ``trio`` module global up at run time (pyfuse3.asyncio swaps it the same
+    way); its only ``trio.Lock()`` is the read lock of ``_wait_fuse_readable``. Any other
+    pyfuse3 keeps its stock loop.
+    """
+    if getattr(pyfuse3, "trio", None) is not trio or not hasattr(pyfuse3, "_wait_fuse_readable"):
+        return None
+    gate = _ReadGate()
+    trio.lowlevel.add_instrument(gate)
+    pyfuse3.trio = _PyfuseTrio(gate)  # type: ignore[attr-defined]
+    return gate
+
+
+def _remove_read_gate(gate: _ReadGate) -> None:
+    pyfuse3.trio = trio  # type: ignore[attr-defined]
+    with contextlib.suppress(KeyError):
+        trio.lowlevel.remove_instrument(gate)
 
 
 async def _watch_signals() -> None:

@@ -114,8 +114,15 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat).
 
         Held across the removal of the entry: the blob goes only if the fd then shows no link
-        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it.
+        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. Anything but
+        a symlink needs no fd: one lstat answers (the common case, e.g. every file of rm -rf).
         """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None, None
+        if not stat.S_ISLNK(st.st_mode):
+            return None, st
         try:
             fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -138,16 +138,18 @@ class FileContent:
 
     def write(self, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, filling any gap after EOF with encrypted zeros."""
-        psize = self.plain_size()
+        csize: int | None = self.cipher_size()
+        psize = plain_size_lenient(csize)
         if offset > psize:
             self._fill_zeros(psize, offset)
-            psize = offset
+            psize, csize = offset, None
         view = memoryview(data)
         step = BLOCK_SIZE * CHUNK_BLOCKS
         pos = 0
         while pos < len(data):
             n = min(step - (offset + pos) % BLOCK_SIZE, len(data) - pos)
-            self._write_span(offset + pos, view[pos : pos + n], psize)
+            self._write_span(offset + pos, view[pos : pos + n], psize, csize)
+            csize = None
             pos += n
             psize = max(psize, offset + pos)
         return len(data)
@@ -159,10 +161,15 @@ class FileContent:
             self._write_span(pos, memoryview(_ZEROS)[:n], pos)
             pos += n
 
-    def _write_span(self, offset: int, data: memoryview, psize: int) -> None:
-        """Rewrite the blocks covering [offset, offset+len(data)); requires offset <= psize."""
+    def _write_span(
+        self, offset: int, data: memoryview, psize: int, csize: int | None = None
+    ) -> None:
+        """Rewrite the blocks covering [offset, offset+len(data)); requires offset <= psize.
+
+        *csize* is the ciphertext size if the caller has just read it (saves an fstat).
+        """
         prefix = b""
-        if psize == 0 and self.cipher_size() == 0:
+        if psize == 0 and (self.cipher_size() if csize is None else csize) == 0:
             prefix = self._start_file()
         end = offset + len(data)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE

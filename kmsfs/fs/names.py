@@ -66,12 +66,23 @@ def read_dir_iv(dirpath: bytes) -> bytes:
         raise DirIvError(str(exc)) from None
 
 
+#: How many (directory IV, name) -> disk name results :class:`DirNames` keeps.
+NAME_CACHE_SIZE = 4096
+
+
 class DirNames:
-    """Name encryption for one volume; caches directory IVs by FUSE inode (trio thread only)."""
+    """Name encryption for one volume; caches directory IVs by FUSE inode (trio thread only).
+
+    It also keeps the last :data:`NAME_CACHE_SIZE` encrypted names: the kernel asks about one
+    name several times in a row (a lookup then a create, a lookup then an unlink). The key is
+    the directory IV and the name, and the encryption is deterministic, so an entry is never
+    stale whatever happens to the entry or the directory (a new directory has a new IV).
+    """
 
     def __init__(self, cipher: NameCipher) -> None:
         self._cipher = cipher
         self._ivs: dict[int, bytes] = {}
+        self._names: dict[tuple[bytes, bytes], DiskName] = {}
 
     def dir_iv(self, ino: int, dirpath: bytes) -> bytes:
         dir_iv = self._ivs.get(ino)
@@ -84,8 +95,15 @@ class DirNames:
         self._ivs.pop(ino, None)
 
     def disk_name(self, dir_iv: bytes, name: bytes) -> DiskName:
-        check_name(name)
-        return self._cipher.encrypt_to_disk(dir_iv, name)
+        key = (dir_iv, name)
+        disk = self._names.get(key)
+        if disk is None:
+            check_name(name)
+            disk = self._cipher.encrypt_to_disk(dir_iv, name)
+            if len(self._names) >= NAME_CACHE_SIZE:
+                del self._names[next(iter(self._names))]  # the oldest
+            self._names[key] = disk
+        return disk
 
     def decrypt(self, dir_iv: bytes, dirpath: bytes, disk_name: str) -> bytes:
         """Plaintext of one entry; IntegrityError if it is not a valid name of this directory."""

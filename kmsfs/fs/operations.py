@@ -159,30 +159,39 @@ class ContentOps:
         of = self.files.get_file(inode)
         target: bytes | int = of.fd if of is not None else self.table.path(inode)
         nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+        changed = False
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             await self._truncate(inode, of, target, attr.st_size)
+            changed = True
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             os.chown(target, uid, gid, **nofollow)
+            changed = True
         if fields.update_mode:
-            st = os.stat(target, **nofollow)
-            groups = lambda: _groups(ctx)  # noqa: E731 (read from /proc only when needed)
-            mode = allowed_mode(stat.S_IMODE(attr.st_mode), st.st_gid, ctx.uid, groups)
+            mode = stat.S_IMODE(attr.st_mode)
+            if ctx.uid != 0 and mode & stat.S_ISGID:  # only then does the file's group count
+                groups = lambda: _groups(ctx)  # noqa: E731 (read from /proc only when needed)
+                mode = allowed_mode(mode, os.stat(target, **nofollow).st_gid, ctx.uid, groups)
             try:
                 os.chmod(target, mode, **nofollow)
             except NotImplementedError:
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+            changed = True
         if fields.update_atime or fields.update_mtime:
-            st = os.stat(target, **nofollow)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), **nofollow)
-        if not any(
-            getattr(fields, "update_" + f) for f in ("size", "uid", "gid", "mode", "atime", "mtime")
-        ):
+            if fields.update_atime and fields.update_mtime:
+                times = (attr.st_atime_ns, attr.st_mtime_ns)
+            else:
+                st = os.stat(target, **nofollow)
+                times = (
+                    attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+                )
+            os.utime(target, ns=times, **nofollow)
+            changed = True
+        if not changed:
             st = os.stat(target, **nofollow)
             mode = None
             if not stat.S_ISLNK(st.st_mode):
