@@ -302,6 +302,20 @@ class Command:
             f"(generation {verified.sealed.domain.generation}, fresh k)\n{verified.sealed.id}",
         )
 
+    def domain_rotate(self) -> None:
+        client = self.agent()
+        if client:
+            verified = remote.rotate(client, self.ctx, self.args.name)
+        else:
+            verified = domains.rotate(self.ctx, self.args.name)
+        domain = verified.sealed.domain
+        self.one(
+            render.verified_domain(verified),
+            f"domain {self.args.name}: new key epoch {domain.current_epoch.epoch} "
+            f"(generation {domain.generation}); new data uses it, 'kmsfs reencrypt' moves old "
+            f"data to it\n{verified.sealed.id}",
+        )
+
     def completion(self) -> None:
         print(bash_script(build_parser(), PROG), end="")
 
@@ -546,6 +560,14 @@ def build_parser() -> Parser:
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("--trust", required=True, metavar="TRUST", help="the successor trust")
+    p = command(
+        dm,
+        "rotate",
+        "domain_rotate",
+        "start a new key epoch: a fresh mk, generated in an HSM, for new data",
+        "kmsfs-admin domain rotate payroll",
+    )
+    p.add_argument("name", metavar="NAME")
     p = command(
         dm,
         "export",

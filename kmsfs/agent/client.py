@@ -24,7 +24,7 @@ from typing import Any
 
 from kmsfs.agent import protocol
 from kmsfs.errors import AgentUnavailableError, FormatError, NotFoundError, UsageError
-from kmsfs.keys import DERIVED_KEY_SIZE
+from kmsfs.keys import DERIVED_KEY_SIZE, FIRST_EPOCH
 from kmsfs.model import fields
 from kmsfs.model.canonical import b64decode, b64encode
 
@@ -226,31 +226,39 @@ class AgentDeriver:
         self._handle = fields.hex_id(result.get("handle"), "open-domain.handle")
         self.description = result
 
-    def derive(self, info: bytes) -> bytes:
-        return self.derive_many([info])[0]
+    @property
+    def current_epoch(self) -> int:
+        """The Domain's newest mk epoch, as the agent verified it when it opened the Domain."""
+        epoch = self.description.get("current_epoch", FIRST_EPOCH)
+        return epoch if isinstance(epoch, int) and epoch >= FIRST_EPOCH else FIRST_EPOCH
 
-    def derive_many(self, infos: Sequence[bytes]) -> list[bytes]:
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        return self.derive_many([info], epoch)[0]
+
+    def derive_many(self, infos: Sequence[bytes], epoch: int | None = None) -> list[bytes]:
         """Keys for many infos in as few round trips as the batch limit allows."""
         keys: list[bytes] = []
         for start in range(0, len(infos), protocol.MAX_BATCH):
-            keys.extend(self._derive_batch(infos[start : start + protocol.MAX_BATCH]))
+            keys.extend(self._derive_batch(infos[start : start + protocol.MAX_BATCH], epoch))
         return keys
 
-    def _derive_batch(self, infos: Sequence[bytes]) -> list[bytes]:
+    def _derive_batch(self, infos: Sequence[bytes], epoch: int | None) -> list[bytes]:
         with self._lock:
             if time.monotonic() < self._next_attempt:
                 raise AgentUnavailableError(
                     f"{self._last_problem} (retrying every {self.RETRY_INTERVAL:g} s)"
                 )
             try:
-                return self._derive_locked(infos)
+                return self._derive_locked(infos, epoch)
             except AgentUnavailableError as exc:
                 self._next_attempt = time.monotonic() + self.RETRY_INTERVAL
                 self._last_problem = str(exc)
                 raise
 
-    def _derive_locked(self, infos: Sequence[bytes]) -> list[bytes]:
-        args = {"infos": [b64encode(i) for i in infos]}
+    def _derive_locked(self, infos: Sequence[bytes], epoch: int | None) -> list[bytes]:
+        args: dict[str, Any] = {"infos": [b64encode(i) for i in infos]}
+        if epoch is not None:
+            args["epoch"] = epoch
         for attempt in (1, 2):
             if self._handle is None:
                 self._open_locked()

@@ -55,7 +55,9 @@ def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) 
         {"name": name, "trust": trust_id, "chain": [link.to_dict() for link in chain]},
         retry=False,
     )
-    return _save_domain(ctx, result, name=name, trust_id=trust_id, previous=None, generation=1)
+    return _save_domain(
+        ctx, result, name=name, trust_id=trust_id, previous=None, generation=1, epochs=1
+    )
 
 
 def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
@@ -73,7 +75,18 @@ def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> Veri
     )
     old = bundle.domain.domain
     return _save_domain(
-        ctx, result, name=name, trust_id=trust_id, previous=old.id, generation=old.generation + 1
+        ctx, result, name=name, trust_id=trust_id, previous=old.id,
+        generation=old.generation + 1, epochs=len(old.master_keys),
+    )
+
+
+def rotate(client: AgentClient, ctx: Context, name: str) -> VerifiedDomain:
+    bundle = domains.export_bundle(ctx, name)
+    result = client.call("rotate", {"bundle": b64encode(bundle.to_bytes())}, retry=False)
+    old = bundle.domain.domain
+    return _save_domain(
+        ctx, result, name=name, trust_id=old.trust, previous=old.id,
+        generation=old.generation + 1, epochs=len(old.master_keys) + 1,
     )
 
 
@@ -90,6 +103,7 @@ def _save_domain(
     trust_id: str,
     previous: str | None,
     generation: int,
+    epochs: int | None = None,
 ) -> VerifiedDomain:
     """Keep the agent's Domain only if it verifies here *and* is the one asked for: a valid
     but different Domain (another name, the old generation of a rewrap) would make a
@@ -98,7 +112,7 @@ def _save_domain(
     domain = sealed.domain
     want = (name, trust_id, previous, generation)
     have = (domain.name, domain.trust, domain.previous, domain.generation)
-    if have != want:
+    if have != want or (epochs is not None and len(domain.master_keys) != epochs):
         raise IntegrityError(
             f"the agent answered with Domain {domain.name} generation {domain.generation} of "
             f"trust {domain.trust[:12]}, not the {name} generation {generation} of trust "

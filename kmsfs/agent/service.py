@@ -89,6 +89,7 @@ class Agent:
             "derive": self.derive,
             "create-domain": self.create_domain,
             "rewrap": self.rewrap,
+            "rotate": self.rotate,
             "seal-trust": self.seal_trust,
             "health": self.health,
         }
@@ -187,6 +188,7 @@ class Agent:
                 "domain_id": domain.id,
                 "generation": domain.generation,
                 "trust_id": domain.trust,
+                "current_epoch": domain.current_epoch.epoch,
                 "hsm": entry.keys.hsm_label,
             }
 
@@ -194,7 +196,12 @@ class Agent:
 
     def derive(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """HMAC-SHA256(mk, info) for each info, in the HSM; the chain re-verified first."""
-        fields.exact_keys(args, {"handle", "infos"}, "derive")
+        if "epoch" in args:
+            fields.exact_keys(args, {"handle", "infos", "epoch"}, "derive")
+            epoch: int | None = fields.integer(args, "epoch", "derive")
+        else:
+            fields.exact_keys(args, {"handle", "infos"}, "derive")
+            epoch = None
         handle = fields.hex_id(args["handle"], "derive.handle")
         raw = fields.array(args, "infos", "derive")
         if not 1 <= len(raw) <= MAX_BATCH:
@@ -218,7 +225,7 @@ class Agent:
             if anchor != entry.anchor:
                 verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
                 entry.anchor = anchor
-            return {"keys": [b64encode(entry.keys.derive(info)) for info in infos]}
+            return {"keys": [b64encode(entry.keys.derive(info, epoch)) for info in infos]}
 
         name = entry.verified.sealed.domain.name
         return self._guarded(peer, "derive", name, act, {"count": len(infos)})
@@ -254,6 +261,23 @@ class Agent:
             return _domain_result(verified)
 
         return self._guarded(peer, "rewrap", name, act)
+
+    def rotate(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """A new mk epoch for a Domain: the client sends the Domain as it knows it."""
+        fields.exact_keys(args, {"bundle"}, "rotate")
+        bundle = DomainBundle.from_bytes(b64decode(args["bundle"], "rotate.bundle"))
+        name = bundle.domain.domain.name
+
+        def act() -> dict[str, Any]:
+            self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
+            domains.verify_bundle(self.ctx, bundle)
+            with contextlib.suppress(AlreadyExistsError):
+                self.ctx.store.save_domain(bundle.domain)
+            verified = domains.rotate(self.ctx, name)
+            self._forget(name)
+            return _domain_result(verified)
+
+        return self._guarded(peer, "rotate", name, act)
 
     def seal_trust(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """Seal a Trust with an HSM of it, only with its quorum and its predecessor's."""

@@ -178,3 +178,18 @@ def rewrap(
     finally:
         new_k.destroy()
         old_k.destroy()
+
+
+def rotate(session: "pkcs11.Session", scheme: str, wrapped_k: bytes) -> bytes:
+    """A new ``mk`` epoch, generated in the token and returned wrapped by the Domain's ``k``.
+
+    Only HSMs that can unwrap this ``k`` (those of the Trust it is wrapped for) can ever use
+    the new epoch: after a rewrap that dropped an HSM, rotating locks it out of new data.
+    """
+    k = _unwrap_k(session, scheme, wrapped_k, {**K_TEMPLATE, Attribute.EXTRACTABLE: False})
+    mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
+    try:
+        return bytes(k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+    finally:
+        mk.destroy()
+        k.destroy()

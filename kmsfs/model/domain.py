@@ -97,6 +97,10 @@ class Domain:
     def current_epoch(self) -> MasterKeyEpoch:
         return self.master_keys[-1]
 
+    def epoch(self, number: int) -> MasterKeyEpoch | None:
+        """``mk`` of epoch ``number``, if this Domain has it."""
+        return self.master_keys[number - 1] if 1 <= number <= len(self.master_keys) else None
+
     def wrapped_for(self, hsm_id: str) -> WrappedKey | None:
         return next((w for w in self.wrapped_k if w.hsm == hsm_id), None)
 

@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterator
 
 import pkcs11
 
-from kmsfs.errors import ChainError, HsmError, HsmUnavailableError, NotFoundError, UsageError
+from kmsfs.errors import (
+    ChainError,
+    HsmError,
+    HsmUnavailableError,
+    IntegrityError,
+    NotFoundError,
+    UsageError,
+)
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
@@ -147,6 +154,42 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     return verified
 
 
+def rotate(ctx: Context, name: str) -> VerifiedDomain:
+    """A new ``mk`` epoch for Domain ``name`` (a new generation, same Trust and ``k``).
+
+    New data is keyed with the newest epoch; old data keeps reading with its own until it is
+    re-encrypted (``kmsfs reencrypt``). Done after a rewrap that removed an HSM, the new epoch
+    is wrapped only by the fresh ``k``, which the removed HSM never had.
+    """
+    with ctx.store.exclusive():
+        return _rotate(ctx, name)
+
+
+def _rotate(ctx: Context, name: str) -> VerifiedDomain:
+    old = current(ctx, name)
+    old_domain = old.sealed.domain
+    trust = old.trust.trust
+    epoch = max(m.epoch for m in old_domain.master_keys) + 1
+    with open_hsm(ctx, trust.hsms) as hsm:
+        wrapped = old_domain.wrapped_for(hsm.record.id)
+        assert wrapped is not None  # verify_domain checked k is wrapped to every HSM
+        with library.hsm_errors(f"HSM {hsm.record.label}"):
+            new_mk = domainkeys.rotate(hsm.session, wrapped.scheme, wrapped.data)
+        domain = Domain(
+            name=name,
+            generation=old_domain.generation + 1,
+            previous=old_domain.id,
+            trust=trust.id,
+            wrapped_k=old_domain.wrapped_k,
+            master_keys=(*old_domain.master_keys, MasterKeyEpoch(epoch, new_mk)),
+            created=utc_now(),
+        )
+        sealed = _seal(hsm, domain)
+    verified = verify_domain(sealed, list(old.chain), ctx.store.anchor())
+    ctx.store.save_domain(sealed)
+    return verified
+
+
 def export_bundle(ctx: Context, name: str) -> DomainBundle:
     verified = current(ctx, name)
     return DomainBundle(verified.sealed, verified.chain)
@@ -181,7 +224,9 @@ class DomainKeys:
         self._ctx = ctx
         self._lock = threading.Lock()
         self._stack: contextlib.ExitStack | None = None
-        self._master_key: domainkeys.MasterKey | None = None
+        self._master_key: domainkeys.MasterKey | None = None  # of the current epoch
+        self._older: dict[int, domainkeys.MasterKey] = {}  # earlier epochs, unwrapped on use
+        self._hsm: HsmSession | None = None
         self._session: pkcs11.Session | None = None
         self._next_attempt = 0.0
         self._probed = 0.0
@@ -207,15 +252,37 @@ class DomainKeys:
             stack.close()
             raise
         self._stack, self._master_key, self._session = stack, master_key, hsm.session
+        self._hsm = hsm
         self.hsm_label = hsm.record.label
         self._token_label = hsm.session.token.label
         self._probed = time.monotonic()
         log.info("Domain %s: keys served by HSM %s", domain.name, hsm.record.label)
 
     def _drop(self) -> None:
+        for older in self._older.values():
+            _quietly(older.destroy)
+        self._older = {}
         if self._stack is not None:
             self._stack.close()
-        self._stack = self._master_key = self._session = None
+        self._stack = self._master_key = self._session = self._hsm = None
+
+    @property
+    def current_epoch(self) -> int:
+        return self.verified.sealed.domain.current_epoch.epoch
+
+    def _key_of(self, epoch: int) -> domainkeys.MasterKey:
+        """The unwrapped ``mk`` of ``epoch`` in the serving HSM (lock held, connected)."""
+        assert self._master_key is not None and self._hsm is not None
+        if epoch == self.current_epoch:
+            return self._master_key
+        if epoch not in self._older:
+            domain = self.verified.sealed.domain
+            wrapped = domain.wrapped_for(self._hsm.record.id)
+            assert wrapped is not None
+            self._older[epoch] = domainkeys.unwrap(
+                self._hsm.session, wrapped.scheme, wrapped.data, domain.master_keys[epoch - 1].data
+            )
+        return self._older[epoch]
 
     def open(self) -> "DomainKeys":
         with self._lock:
@@ -234,7 +301,14 @@ class DomainKeys:
             log.error("HSM %s failed (%s); failing over", self.hsm_label, exc)
             self._drop()
 
-    def derive(self, info: bytes) -> bytes:
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        """HMAC-SHA256(mk of ``epoch``, info) in the HSM; None means the current epoch."""
+        epoch = self.current_epoch if epoch is None else epoch
+        if self.verified.sealed.domain.epoch(epoch) is None:
+            raise IntegrityError(
+                f"Domain {self.verified.sealed.domain.name} has no key epoch {epoch} "
+                f"(its epochs are 1 to {self.current_epoch})"
+            )
         with self._lock:
             self._probe()
             for _ in range(2):
@@ -253,7 +327,7 @@ class DomainKeys:
                 assert self._master_key is not None
                 try:
                     with library.hsm_errors(f"HSM {self.hsm_label}"):
-                        return self._master_key.derive(info)
+                        return self._key_of(epoch).derive(info)
                 except HsmError as exc:
                     log.error("HSM %s failed (%s); failing over", self.hsm_label, exc)
                     self._drop()

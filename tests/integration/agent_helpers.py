@@ -28,7 +28,7 @@ from tests.integration.fault_helpers import KMSFS
 from tests.integration.fs_helpers import stop_daemon
 
 HSMD = [sys.executable, "-m", "kmsfs.agent.cli"]
-ALL_ACTIONS = '["derive", "create-domain", "rewrap", "seal-trust", "health"]'
+ALL_ACTIONS = '["derive", "create-domain", "rewrap", "rotate", "seal-trust", "health"]'
 
 
 def clean_env(**extra: str) -> dict[str, str]:

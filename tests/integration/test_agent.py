@@ -180,6 +180,23 @@ def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) 
     assert opened, "the mount opened the Domain through the agent"
 
 
+def test_rotate_through_agent_and_derive_each_epoch(world: World) -> None:
+    address = world.agent.address
+    world.ops("--agent", address, "domain", "create", "rotated", "--trust", world.trust)
+    out = world.ops("--json", "--agent", address, "domain", "rotate", "rotated").json
+    assert out["generation"] == 2 and out["epochs"] == 2
+    bundle = world.ops("domain", "export", "rotated").stdout.strip().encode()
+    info = b"kmsfs/v1/file-key\x00" + bytes(16)
+    with AgentDeriver(world.agent.client(), bundle).open() as remote:
+        assert remote.current_epoch == 2
+        via_agent = [remote.derive(info, 1), remote.derive(info, 2), remote.derive(info)]
+        with pytest.raises(IntegrityError, match="no key epoch 3"):
+            remote.derive(info, 3)
+    ctx = Context.at(world.agent_admin.store)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "rotated")) as local:
+        assert via_agent == [local.derive(info, 1), local.derive(info, 2), local.derive(info, 2)]
+
+
 def test_operators_store_has_no_hsm_of_its_own(world: World) -> None:
     """Without --agent the same seal fails: the HSM PINs are only in the agent's store."""
     trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2,

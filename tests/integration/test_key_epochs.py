@@ -1,0 +1,86 @@
+"""Rotating mk (DESIGN §2.7): a new key epoch, and an HSM removed before it is locked out.
+
+Real SoftHSM2 tokens throughout; the removed HSM is asked, through PKCS#11 itself, to unwrap
+the new epoch with everything it ever legitimately had.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pkcs11 import exceptions as p11
+
+from kmsfs.errors import IntegrityError
+from kmsfs.hsm import domainkeys, library
+from kmsfs.model.bundle import DomainBundle
+from kmsfs.service import domains
+from kmsfs.service.context import Context, open_hsm
+from tests.kms_helpers import Admin
+
+INFO = b"kmsfs/v1/file-key\x00" + bytes(range(16))
+
+
+def _hsm(ctx: Context, label: str):  # type: ignore[no-untyped-def]
+    return next(r for r in (ctx.store.hsm(i) for i in ctx.store.hsm_ids()) if r.label == label)
+
+
+def test_rotate_adds_an_epoch_and_keeps_the_old_ones(initialized: Admin) -> None:
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    ctx = Context.at(initialized.store)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as before:
+        assert before.current_epoch == 1
+        epoch1 = before.derive(INFO)
+    out = initialized("--json", "domain", "rotate", "payroll").json
+    assert out["generation"] == 2 and out["epochs"] == 2
+    initialized("domain", "verify", "payroll")
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as after:
+        assert after.current_epoch == 2
+        assert after.derive(INFO, 1) == epoch1  # old data stays readable
+        assert after.derive(INFO) == after.derive(INFO, 2) != epoch1
+        with pytest.raises(IntegrityError, match="no key epoch 3"):
+            after.derive(INFO, 3)
+    # A volume made before the rotation carries generation 1: opening it gives the newest.
+    first = DomainBundle.from_bytes(initialized("domain", "export", "payroll").stdout.encode())
+    assert first.domain.domain.generation == 2
+
+
+def test_an_hsm_removed_before_a_rotation_cannot_reach_the_new_epoch(initialized: Admin) -> None:
+    """hsm2 leaves (successor Trust of hsm1 only, rewrap), then mk is rotated. hsm2 still
+    holds the generation-1 k it was given, and that opens epoch 1 (old data, until
+    re-encrypted) but not epoch 2: no k it can unwrap wraps the new mk."""
+    admin = initialized
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 1)
+    admin("domain", "create", "payroll", "--trust", t1)
+    ctx = Context.at(admin.store)
+    generation1 = domains.current(ctx, "payroll").sealed.domain
+    t2 = admin.sealed_trust(["hsm1"], ["alice", "bob"], 1, signers=["alice"], predecessor=t1)
+    admin("domain", "rewrap", "payroll", "--trust", t2)
+    admin("domain", "rotate", "payroll")
+    latest = domains.current(ctx, "payroll").sealed.domain
+    assert latest.generation == 3 and len(latest.master_keys) == 2
+    hsm2 = _hsm(ctx, "hsm2")
+    assert latest.wrapped_for(hsm2.id) is None
+    old_k = generation1.wrapped_for(hsm2.id)
+    assert old_k is not None
+    with open_hsm(ctx, [hsm2]) as removed, library.CALLS:
+        k = domainkeys._unwrap_k(
+            removed.session, old_k.scheme, old_k.data, domainkeys.UNWRAPPED_K_TEMPLATE
+        )
+        try:
+            # Epoch 1 as generation 1 wrapped it: old data, readable by hsm2 until re-encrypted.
+            epoch1 = domainkeys._unwrap_mk(
+                k, generation1.master_keys[0].data, domainkeys.UNWRAPPED_MK_TEMPLATE
+            )
+            epoch1.destroy()
+            # Epoch 2 exists only wrapped by the k of generation 2 onwards, which hsm2 never got.
+            for wrapped in (latest.master_keys[1].data, latest.master_keys[0].data):
+                with pytest.raises(p11.PKCS11Error):
+                    domainkeys._unwrap_mk(k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE)
+        finally:
+            k.destroy()
+    # And hsm1, still in the Trust, derives both epochs.
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        assert keys.hsm_label == "hsm1"
+        assert keys.derive(INFO, 1) != keys.derive(INFO, 2)
