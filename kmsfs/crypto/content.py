@@ -3,18 +3,21 @@
 Layout (docs/format.md, section "File contents")::
 
     header  (18 bytes, absent in an empty file)
-      0  2   version   big-endian, FORMAT_VERSION = 1
-      2  16  file id   random (os.urandom), never all zero
+      0  2   version   big-endian: 2 (FORMAT_VERSION, written by volumes with KeyEpochs) or 1
+      2  16  file id   version 2: mk epoch (2, BE, 1..65535) || 14 random bytes
+                       version 1: 16 random bytes (the epoch is 1)
     block n (n = 0, 1, ...; each holds up to 4096 plaintext bytes; only the last may be short)
       0  12  nonce     random, fresh for every write of the block
       12 len ciphertext
       .. 16  GCM tag
     AAD of block n = version (2, BE) || file id (16) || n (8, BE)
-    file key      = KeyDeriver.derive(FILE_KEY_INFO_PREFIX || file id)
+    file key      = KeyDeriver.derive(FILE_KEY_INFO_PREFIX || file id, epoch=header.epoch)
 
 The AAD binds every block to its file and its position, so a block moved, reordered or copied
 from another file fails authentication. The plaintext size follows from the ciphertext size alone
-(:func:`plain_size`), so ``stat`` needs no decryption.
+(:func:`plain_size`), so ``stat`` needs no decryption. A version 2 header carries its key epoch
+inside the file id, so the epoch is in every block's AAD and in the key derivation info: changing
+it fails authentication. Both versions have the same size, so every offset is the same.
 
 Holes: this format has no unauthenticated representation of zeros. A hole (a file extended by
 truncate or by a write past its end) MUST be filled by the fs layer with encrypted zero blocks;
@@ -29,8 +32,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmsfs.errors import BadVersionError, FormatError, IntegrityError
 
-FORMAT_VERSION = 1
+VERSION_1 = 1
+"""Header without an epoch: the file id is 16 random bytes and the key epoch is 1."""
+VERSION_2 = 2
+"""Header with a key epoch: file id = epoch (2 bytes, BE) || 14 random bytes."""
+FORMAT_VERSION = VERSION_2
+"""The newest header version (what a volume with the KeyEpochs flag writes)."""
+VERSIONS = (VERSION_1, VERSION_2)
 VERSION_SIZE = 2
+EPOCH_SIZE = 2
+FIRST_EPOCH = 1
+MAX_EPOCH = 2 ** (8 * EPOCH_SIZE) - 1  # 65535
 FILE_ID_SIZE = 16
 HEADER_SIZE = VERSION_SIZE + FILE_ID_SIZE  # 18
 BLOCK_SIZE = 4096
@@ -56,15 +68,19 @@ def file_key_info(file_id: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class FileHeader:
-    """The 18 bytes at the start of every non-empty ciphertext file."""
+    """The 18 bytes at the start of every non-empty ciphertext file.
+
+    ``file_id`` is always the 16 bytes after the version; in a version 2 header its first two
+    bytes are the ``mk`` epoch the file key is derived with (:attr:`epoch`).
+    """
 
     version: int
     file_id: bytes
 
     def __post_init__(self) -> None:
-        if self.version != FORMAT_VERSION:
+        if self.version not in VERSIONS:
             raise BadVersionError(
-                f"file header: want version {FORMAT_VERSION}, have {self.version}"
+                f"file header: want version 1 or 2, have {self.version}"
             )
         if not isinstance(self.file_id, bytes) or len(self.file_id) != FILE_ID_SIZE:
             have = len(self.file_id) if isinstance(self.file_id, bytes) else "not bytes"
@@ -72,14 +88,40 @@ class FileHeader:
         if self.file_id == bytes(FILE_ID_SIZE):
             # A zeroed header is what a crash or a sparse copy leaves; never a real file id.
             raise FormatError("file header: file id is all zero")
+        if self.version == VERSION_2:
+            if self.file_id[:EPOCH_SIZE] == bytes(EPOCH_SIZE):
+                raise FormatError("file header: key epoch 0 (epochs start at 1)")
+            if self.file_id[EPOCH_SIZE:] == bytes(FILE_ID_SIZE - EPOCH_SIZE):
+                raise FormatError("file header: random part of the file id is all zero")
+
+    @property
+    def epoch(self) -> int:
+        """The ``mk`` epoch this file's key is derived with (1 for a version 1 header)."""
+        if self.version == VERSION_1:
+            return FIRST_EPOCH
+        return int.from_bytes(self.file_id[:EPOCH_SIZE], "big")
 
     @classmethod
-    def new(cls) -> "FileHeader":
-        """A header with a fresh random file id, for a file about to get its first byte."""
+    def new(cls, epoch: int = FIRST_EPOCH, *, version: int = VERSION_2) -> "FileHeader":
+        """A header with a fresh random file id, for a file about to get its first byte.
+
+        Version 2 (the default) at key epoch ``epoch``; ``version=VERSION_1`` only for a volume
+        without the KeyEpochs flag, and then ``epoch`` must be 1.
+        """
+        if not FIRST_EPOCH <= epoch <= MAX_EPOCH:
+            raise ValueError(f"key epoch: want {FIRST_EPOCH}..{MAX_EPOCH}, have {epoch}")
+        if version == VERSION_1:
+            if epoch != FIRST_EPOCH:
+                raise ValueError(f"a version 1 header has key epoch 1, not {epoch}")
+            size, prefix = FILE_ID_SIZE, b""
+        elif version == VERSION_2:
+            size, prefix = FILE_ID_SIZE - EPOCH_SIZE, epoch.to_bytes(EPOCH_SIZE, "big")
+        else:
+            raise ValueError(f"file header version: want 1 or 2, have {version}")
         while True:
-            file_id = os.urandom(FILE_ID_SIZE)
-            if file_id != bytes(FILE_ID_SIZE):
-                return cls(FORMAT_VERSION, file_id)
+            rand = os.urandom(size)
+            if rand != bytes(size):
+                return cls(version, prefix + rand)
 
     def pack(self) -> bytes:
         """The 18 on-disk bytes."""

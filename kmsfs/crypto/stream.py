@@ -4,16 +4,17 @@ Layout (docs/format.md, section "Single encrypted files")::
 
     header (30 + L bytes)
       0       8   magic      MAGIC = 89 'kmsfs' 0D 0A
-      8       2   version    big-endian, STREAM_VERSION = 1
+      8       2   version    big-endian, STREAM_VERSION = 2 (1 is still read)
       10      4   L          big-endian length of the bundle, 1 .. MAX_BUNDLE_SIZE
       14      L   bundle     canonical Domain bundle (kmsfs.api.export_domain_bundle)
-      14 + L  16  file id    random, never all zero
+      14 + L  16  file id    version 2: mk epoch (2, BE, 1..65535) || 14 random bytes;
+                             version 1: 16 random bytes (epoch 1); never all zero
     chunk n (n = 0, 1, ...; CHUNK_SIZE = 65536 plaintext bytes, only the last may be shorter)
       0   12  nonce      random
       12  len ciphertext (empty only in the single final chunk of an empty file)
       ..  16  GCM tag
     AAD of chunk n = SHA-256(header) (32) || n (8, BE) || last (1: 0x01 final chunk, else 0x00)
-    file key       = KeyDeriver.derive(SINGLE_FILE_KEY_INFO_PREFIX || file id)
+    file key       = KeyDeriver.derive(SINGLE_FILE_KEY_INFO_PREFIX || file id, epoch)
 
 Why a last-chunk flag (as in age's STREAM): the filesystem format cannot see blocks dropped at
 the end of a file. Here the final chunk is sealed as final, so a file cut at a chunk boundary ends
@@ -36,7 +37,16 @@ from kmsfs.errors import BadVersionError, FormatError, IntegrityError
 
 MAGIC = b"\x89kmsfs\r\n"
 """8 bytes. The non-ASCII first byte marks binary data; CR LF catches newline translation."""
-STREAM_VERSION = 1
+STREAM_VERSION_1 = 1
+"""File id: 16 random bytes; the file key is derived with mk epoch 1."""
+STREAM_VERSION_2 = 2
+"""File id: mk epoch (2 bytes, BE) || 14 random bytes, as in the filesystem's version 2 header."""
+STREAM_VERSION = STREAM_VERSION_2
+"""What ``kmsfs encrypt`` writes."""
+STREAM_VERSIONS = (STREAM_VERSION_1, STREAM_VERSION_2)
+EPOCH_SIZE = 2
+FIRST_EPOCH = 1
+MAX_EPOCH = 2 ** (8 * EPOCH_SIZE) - 1
 MAGIC_SIZE = 8
 VERSION_SIZE = 2
 LENGTH_SIZE = 4
@@ -83,8 +93,8 @@ def header_size(prefix: bytes) -> int:
             f"have {bytes(prefix[:MAGIC_SIZE]).hex()}"
         )
     version = int.from_bytes(prefix[MAGIC_SIZE : MAGIC_SIZE + VERSION_SIZE], "big")
-    if version != STREAM_VERSION:
-        raise BadVersionError(f"encrypted file: want version {STREAM_VERSION}, have {version}")
+    if version not in STREAM_VERSIONS:
+        raise BadVersionError(f"encrypted file: want version 1 or 2, have {version}")
     length = int.from_bytes(prefix[MAGIC_SIZE + VERSION_SIZE : PREFIX_SIZE], "big")
     if not 1 <= length <= MAX_BUNDLE_SIZE:
         raise FormatError(
@@ -95,12 +105,19 @@ def header_size(prefix: bytes) -> int:
 
 @dataclass(frozen=True)
 class StreamHeader:
-    """What a single encrypted file says about itself before its chunks."""
+    """What a single encrypted file says about itself before its chunks.
+
+    ``version`` defaults to 1 so that ``StreamHeader(bundle, file_id)`` keeps meaning what it
+    always did; :meth:`new` makes version 2 headers.
+    """
 
     bundle: bytes
     file_id: bytes
+    version: int = STREAM_VERSION_1
 
     def __post_init__(self) -> None:
+        if self.version not in STREAM_VERSIONS:
+            raise BadVersionError(f"encrypted file: want version 1 or 2, have {self.version}")
         if not 1 <= len(self.bundle) <= MAX_BUNDLE_SIZE:
             raise FormatError(
                 f"encrypted file: want a bundle of 1..{MAX_BUNDLE_SIZE} bytes, "
@@ -112,19 +129,35 @@ class StreamHeader:
             )
         if self.file_id == bytes(FILE_ID_SIZE):
             raise FormatError("encrypted file: file id is all zero")
+        if self.version == STREAM_VERSION_2:
+            if self.file_id[:EPOCH_SIZE] == bytes(EPOCH_SIZE):
+                raise FormatError("encrypted file: key epoch 0 (epochs start at 1)")
+            if self.file_id[EPOCH_SIZE:] == bytes(FILE_ID_SIZE - EPOCH_SIZE):
+                raise FormatError("encrypted file: random part of the file id is all zero")
+
+    @property
+    def epoch(self) -> int:
+        """The ``mk`` epoch the file key is derived with (1 for a version 1 file)."""
+        if self.version == STREAM_VERSION_1:
+            return FIRST_EPOCH
+        return int.from_bytes(self.file_id[:EPOCH_SIZE], "big")
 
     @classmethod
-    def new(cls, bundle: bytes) -> StreamHeader:
-        """A header with a fresh random file id (hence a fresh file key)."""
+    def new(cls, bundle: bytes, epoch: int = FIRST_EPOCH) -> StreamHeader:
+        """A version 2 header at key epoch ``epoch`` with a fresh random file id."""
+        if not FIRST_EPOCH <= epoch <= MAX_EPOCH:
+            raise ValueError(f"key epoch: want {FIRST_EPOCH}..{MAX_EPOCH}, have {epoch}")
+        size = FILE_ID_SIZE - EPOCH_SIZE
         while True:
-            file_id = os.urandom(FILE_ID_SIZE)
-            if file_id != bytes(FILE_ID_SIZE):
-                return cls(bytes(bundle), file_id)
+            rand = os.urandom(size)
+            if rand != bytes(size):
+                return cls(bytes(bundle), epoch.to_bytes(EPOCH_SIZE, "big") + rand,
+                           STREAM_VERSION_2)
 
     def pack(self) -> bytes:
         return (
             MAGIC
-            + STREAM_VERSION.to_bytes(VERSION_SIZE, "big")
+            + self.version.to_bytes(VERSION_SIZE, "big")
             + len(self.bundle).to_bytes(LENGTH_SIZE, "big")
             + self.bundle
             + self.file_id
@@ -137,7 +170,8 @@ class StreamHeader:
         if len(data) != want:
             raise FormatError(f"encrypted file header: want {want} bytes, have {len(data)}")
         data = bytes(data)
-        return cls(data[PREFIX_SIZE:-FILE_ID_SIZE], data[-FILE_ID_SIZE:])
+        version = int.from_bytes(data[MAGIC_SIZE : MAGIC_SIZE + VERSION_SIZE], "big")
+        return cls(data[PREFIX_SIZE:-FILE_ID_SIZE], data[-FILE_ID_SIZE:], version)
 
 
 class StreamCipher:

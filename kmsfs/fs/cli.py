@@ -18,7 +18,7 @@ from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, emit_json, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, KmsfsError, UsageError
-from kmsfs.fs import daemon, fsck, kms, singlefile
+from kmsfs.fs import daemon, fsck, kms, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
 
@@ -49,6 +49,17 @@ EPILOGS = {
     "blocks dropped at its end.\n",
     "fsck": "examples:\n  kmsfs fsck /srv/cipher\n  kmsfs fsck /srv/cipher --json | jq .problems\n"
     f"\nexit status: 0 clean, {exitcodes.DAMAGED} damage found, others as for any command.\n",
+    "reencrypt": "examples:\n  kmsfs umount /mnt/payroll\n"
+    "  kmsfs-admin domain rotate payroll      # after removing an HSM from the Trust\n"
+    "  kmsfs reencrypt /srv/cipher --store /srv/kms\n"
+    "  kmsfs reencrypt /srv/old-cipher --upgrade --json | jq .epochs_after\n"
+    "\nRewrites every file keyed with an older mk epoch at the Domain's current epoch, one file\n"
+    "at a time, each atomically (temporary file, fsync, rename). Interrupted, it can simply be\n"
+    "run again: files already at the current epoch are skipped. The volume must not be mounted.\n"
+    "--upgrade first adds the KeyEpochs flag to a volume made before it existed (kmsfs\n"
+    "versions older than the flag then refuse to mount it).\n"
+    f"\nexit status: 0 done, {exitcodes.DAMAGED} some files could not be re-encrypted "
+    "(listed; run kmsfs fsck),\n2 mounted or no KeyEpochs flag, others as for any command.\n",
 }
 
 
@@ -203,7 +214,38 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         found = len(report.problems)
         verdict = "clean" if report.clean else f"{found} problem{'s' if found > 1 else ''} found"
         print(f"{args.cipherdir}: {verdict} (checked {counts})")
+        if report.epochs:
+            per = ", ".join(f"epoch {e}: {n}" for e, n in sorted(report.epochs.items()))
+            current = report.current_epoch
+            old = sum(n for e, n in report.epochs.items() if current and e < current)
+            tail = f"; {old} below the current epoch {current}" if old else ""
+            print(f"files per key epoch: {per}{tail}")
     return exitcodes.OK if report.clean else exitcodes.DAMAGED
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    summary = reencrypt.reencrypt(
+        kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
+    )
+    if args.json:
+        emit_json(summary.to_json())
+    else:
+        for failure in summary.failed:
+            print(f"not re-encrypted: (ciphertext) {failure.cipher_path}: {failure.detail}")
+
+        def per(counts: dict[int, int]) -> str:
+            return ", ".join(f"epoch {e}: {n}" for e, n in sorted(counts.items())) or "none"
+
+        if summary.upgraded:
+            print(f"{args.cipherdir}: KeyEpochs flag added")
+        print(
+            f"{args.cipherdir}: {summary.rewritten} file(s) re-encrypted at epoch "
+            f"{summary.current_epoch}, {summary.skipped} already there, {summary.empty} empty, "
+            f"{summary.temp_removed} leftover temporary file(s) removed"
+        )
+        print(f"files per key epoch: before {per(summary.epochs_before)}; "
+              f"after {per(summary.epochs_after)}")
+    return exitcodes.DAMAGED if summary.failed else exitcodes.OK
 
 
 def _describe(problem: fsck.Problem) -> str:
@@ -306,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
+    p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
+            "mk epoch (resumable)")
+    p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--json", action="store_true", help="JSON summary")
+    p.add_argument("--upgrade", action="store_true",
+                   help="first add the KeyEpochs flag to a volume that lacks it")
+    _agent_options(p)
+    p.set_defaults(func=cmd_reencrypt)
+
     p = add("completion", "print a shell completion script")
     p.add_argument("shell", choices=["bash"], help="the shell (bash; zsh via bashcompinit)")
     p.set_defaults(func=cmd_completion)

@@ -7,7 +7,8 @@ Layout: one UTF-8 JSON object, keys sorted, two-space indent, trailing newline::
       "domain_bundle": "<base64 of the canonical Domain bundle bytes>",
       "domain_id": "<Domain id>",
       "domain_name": "<Domain name>",
-      "feature_flags": ["DirIV", "GCM-4096", "LongNames", "AES-SIV-names"],
+      "feature_flags": ["GCM-4096", "AES-SIV-names", "LongNames", "DirIV",
+                        "EncryptedXattrs", "KeyEpochs"],
       "format_version": 1
     }
 
@@ -37,13 +38,21 @@ FLAG_SIV_NAMES = "AES-SIV-names"
 FLAG_LONG_NAMES = "LongNames"
 FLAG_DIRIV = "DirIV"
 FLAG_XATTR = "EncryptedXattrs"
+FLAG_KEY_EPOCHS = "KeyEpochs"
+"""New file headers are version 2 and carry the Domain's current ``mk`` epoch (docs/format.md,
+"Key epochs"). Without it a volume writes version 1 headers (epoch 1) only; kmsfs builds that
+predate the flag refuse to mount a volume that has it, as they cannot read version 2 headers."""
 
 #: Flags this build understands. A config naming any other flag refuses to mount.
-KNOWN_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR})
+KNOWN_FLAGS = frozenset(
+    {FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR, FLAG_KEY_EPOCHS}
+)
 #: Flags this build cannot work without (it has no code path for their absence).
 REQUIRED_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV})
 #: Flags written into a new volume, in a fixed order.
-DEFAULT_FLAGS = (FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR)
+DEFAULT_FLAGS = (
+    FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR, FLAG_KEY_EPOCHS
+)
 
 _KEYS = frozenset(
     {"creator", "domain_bundle", "domain_id", "domain_name", "feature_flags", "format_version"}

@@ -29,6 +29,8 @@ from kmsfs.crypto.symlinks import (
 )
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError
+from kmsfs.fs import config as volconfig
+from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.names import (
@@ -43,7 +45,7 @@ from kmsfs.fs.names import (
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
 from kmsfs.fs.posix import own, renameat2
 from kmsfs.fs.xattrs import Xattrs
-from kmsfs.keys import KeyDeriver
+from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,27 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     enable_writeback_cache = False  # opt-in per mount: -o writeback_cache (daemon.py)
 
     def __init__(
-        self, cipherdir: Path, deriver: KeyDeriver, *, timeout: float = 1.0, keep_cache: bool = True
+        self,
+        cipherdir: Path,
+        deriver: KeyDeriver,
+        *,
+        timeout: float = 1.0,
+        keep_cache: bool = True,
+        key_epochs: bool | None = None,
     ) -> None:
+        """``key_epochs``: the volume's KeyEpochs flag; None reads it from its kmsfs.conf."""
         super().__init__()
         root = os.fsencode(os.path.abspath(cipherdir))
         self.table = InodeTable(root, os.lstat(root).st_ino)
-        self.names = DirNames(NameCipher(deriver.derive(NAMES_KEY_INFO)))
-        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO))
-        self.xattrs = Xattrs(XattrCipher(deriver.derive(XATTR_KEY_INFO)))
-        self._derive = deriver.derive
-        self.files = OpenFiles(deriver.derive)
+        # Names, symlink targets and xattrs are keyed with epoch 1 for the volume's life: a
+        # rotation re-keys file contents only (docs/format.md, "Key epochs").
+        self.names = DirNames(NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH)))
+        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
+        self.xattrs = Xattrs(XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH)))
+        if key_epochs is None:
+            key_epochs = volconfig.load(Path(cipherdir)).has(volconfig.FLAG_KEY_EPOCHS)
+        self.content_keys = ContentKeys(deriver, key_epochs)
+        self.files = OpenFiles(self.content_keys)
         self.limiter = trio.CapacityLimiter(8)
         self.timeout = timeout
         self.keep_cache = keep_cache

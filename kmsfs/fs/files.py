@@ -2,7 +2,10 @@
 
 Layout (docs/format.md, "Content"): an 18-byte header (version, file id) then 4124-byte
 ciphertext blocks, each AES-256-GCM of up to 4096 plaintext bytes bound to the file id and its
-block number; an empty file has no header at all. Everything here is synchronous and runs under
+block number; an empty file has no header at all. The file key is derived with the ``mk`` epoch
+the header names; a new header (first write, or a write after truncate to 0) gets the Domain's
+current epoch on a volume with the KeyEpochs flag, and a version 1 header (epoch 1) otherwise
+(:class:`ContentKeys`). Everything here is synchronous and runs under
 the per-file lock held by the caller (``operations``), because a reader that raced a writer
 could see half a block and report a false integrity failure.
 
@@ -16,12 +19,14 @@ unauthenticated zero block is never accepted as data.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from typing import Any
 
 from kmsfs.crypto.content import (
     BLOCK_SIZE,
     CIPHER_BLOCK_SIZE,
+    FIRST_EPOCH,
     HEADER_SIZE,
+    VERSION_1,
     ContentCipher,
     FileHeader,
     cipher_offset,
@@ -44,16 +49,43 @@ class BlockIntegrityError(IntegrityError):
         self.block = block
 
 
+class ContentKeys:
+    """How one volume keys file contents: the Domain's deriver, and the header of a new file.
+
+    ``key_epochs`` is the volume's KeyEpochs flag: with it a new file gets a version 2 header at
+    ``deriver.current_epoch`` (read for every new header, so it is the epoch the deriver has
+    now); without it a version 1 header (epoch 1) whatever the Domain's current epoch, so a
+    volume that an older kmsfs may still mount never gets a header it cannot read.
+    """
+
+    def __init__(self, deriver: Any, key_epochs: bool) -> None:
+        self._deriver = deriver
+        self.key_epochs = key_epochs
+
+    def new_header(self) -> FileHeader:
+        if self.key_epochs:
+            return FileHeader.new(self._deriver.current_epoch)
+        return FileHeader.new(FIRST_EPOCH, version=VERSION_1)
+
+    def cipher(self, header: FileHeader) -> ContentCipher:
+        """The cipher of a file with this header: its key derived at the header's epoch.
+
+        IntegrityError if the Domain has no such epoch (e.g. the file was written after a
+        rotation this deriver's Domain does not know)."""
+        key = self._deriver.derive(file_key_info(header.file_id), epoch=header.epoch)
+        return ContentCipher(key, header)
+
+
 class FileContent:
     """Reads and writes plaintext through one fd on a ciphertext file.
 
-    ``derive`` maps key-derivation info to a 32-byte key (the Domain's KeyDeriver). The file key
-    is derived once, when the header is first needed, and dropped with this object.
+    ``keys`` derives the file key (through the Domain's KeyDeriver) once, when the header is
+    first needed; it is dropped with this object.
     """
 
-    def __init__(self, fd: int, derive: Callable[[bytes], bytes]) -> None:
+    def __init__(self, fd: int, keys: ContentKeys) -> None:
         self.fd = fd
-        self._derive = derive
+        self._keys = keys
         self._cipher: ContentCipher | None = None
 
     # --- sizes and header ---------------------------------------------------------------
@@ -71,13 +103,16 @@ class FileContent:
                 header = FileHeader.parse(raw)
             except FormatError as exc:
                 raise BlockIntegrityError(-1, f"bad header: {exc}") from None
-            self._cipher = ContentCipher(self._derive(file_key_info(header.file_id)), header)
+            try:
+                self._cipher = self._keys.cipher(header)
+            except IntegrityError as exc:  # an epoch the Domain does not have
+                raise BlockIntegrityError(-1, f"file key epoch {header.epoch}: {exc}") from None
         return self._cipher
 
     def _start_file(self) -> bytes:
         """Make a fresh header for an empty file; returns its bytes to write at offset 0."""
-        header = FileHeader.new()
-        self._cipher = ContentCipher(self._derive(file_key_info(header.file_id)), header)
+        header = self._keys.new_header()
+        self._cipher = self._keys.cipher(header)
         return header.pack()
 
     def forget_header(self) -> None:

@@ -3,10 +3,12 @@
 What is checked, per docs/format.md: every directory's ``kmsfs.diriv``; every name (it decrypts
 and is the canonical disk name; a long name has its sidecar and the sidecar matches); every
 symlink target (long targets: the blob exists and matches); every regular file's header, size
-(``plain_size`` must accept it) and each block's tag. Damage is reported by plaintext path, or by
-ciphertext path where the name itself (or its directory's IV) is what is damaged, with the
-block number and plaintext offset. Leftovers that lose no data (an orphan sidecar or symlink blob,
-a temporary file) are warnings, not damage.
+(``plain_size`` must accept it) and each block's tag, with the key of the ``mk`` epoch its header
+names (a file keyed with an epoch the Domain does not have is damage: no HSM can read it). The
+report counts files per key epoch, so an operator sees what ``kmsfs reencrypt`` has left to do.
+Damage is reported by plaintext path, or by ciphertext path where the name itself (or its
+directory's IV) is what is damaged, with the block number and plaintext offset. Leftovers that
+lose no data (an orphan sidecar or symlink blob, a temporary file) are warnings, not damage.
 
 The core, :func:`check_tree`, takes a :class:`~kmsfs.keys.KeyDeriver`, so tests can pass the
 software stand-in; :func:`fsck` opens the Domain from the volume config as ``mount`` does. Like
@@ -38,7 +40,7 @@ from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
 from kmsfs.fs.names import DirIvError, read_dir_iv
 from kmsfs.fs.progress import Progress
-from kmsfs.keys import KeyDeriver
+from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 MAX_BLOCK_PROBLEMS = 16
 """Bad blocks listed one by one per file; beyond that one summary line (a file of garbage)."""
@@ -68,11 +70,17 @@ class Report:
     )
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    epochs: dict[int, int] = field(default_factory=dict)
+    """Non-empty regular files (each inode once) per the ``mk`` epoch their header names."""
+    current_epoch: int | None = None
+    """The Domain's current epoch (what new data is keyed with), if the deriver tells."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "clean": not self.problems,
             "checked": dict(self.checked),
+            "current_epoch": self.current_epoch,
+            "epochs": {str(k): v for k, v in sorted(self.epochs.items())},
             "problems": [asdict(p) for p in self.problems],
             "warnings": [asdict(p) for p in self.warnings],
         }
@@ -90,8 +98,9 @@ class _Checker:
     ) -> None:
         self.root = root
         self.deriver = deriver
-        self.names = NameCipher(deriver.derive(NAMES_KEY_INFO))
-        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO))
+        # Names and symlink targets stay keyed with epoch 1 (docs/format.md, "Key epochs").
+        self.names = NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH))
+        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
         self.advance = advance or (lambda n: None)
         self.report = Report()
         self.seen: set[tuple[int, int]] = set()
@@ -235,8 +244,17 @@ class _Checker:
             blocks = full
             self.damage("size", path, plain, f"{exc} (truncated?)",
                         block=full, offset=full * content.BLOCK_SIZE)
-        cipher = content.ContentCipher(self.deriver.derive(content.file_key_info(header.file_id)),
-                                       header)
+        epochs = self.report.epochs
+        epochs[header.epoch] = epochs.get(header.epoch, 0) + 1
+        try:
+            key = self.deriver.derive(content.file_key_info(header.file_id), epoch=header.epoch)
+        except IntegrityError as exc:
+            self.damage("epoch", path, plain,
+                        f"keyed with mk epoch {header.epoch}, which the Domain does not have "
+                        f"({exc}): no HSM of this Domain can read it")
+            self.advance(size)
+            return
+        cipher = content.ContentCipher(key, header)
         bad = 0
         n = 0
         while n < blocks:
@@ -266,6 +284,7 @@ def check_tree(
 ) -> Report:
     """Check a whole ciphertext tree with ``deriver``'s keys; never writes anything."""
     checker = _Checker(Path(cipherdir), deriver, advance)
+    checker.report.current_epoch = getattr(deriver, "current_epoch", None)
     checker.directory(checker.root, "/")
     checker.orphan_blobs()
     checker.report.clean = not checker.report.problems

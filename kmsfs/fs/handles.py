@@ -12,12 +12,11 @@ import contextlib
 import errno
 import itertools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from kmsfs.fs.files import FileContent
+from kmsfs.fs.files import ContentKeys, FileContent
 
 
 @dataclass
@@ -55,8 +54,8 @@ def open_cipher_fd(path: bytes, want_write: bool) -> tuple[int, bool]:
 class OpenFiles:
     """FUSE file handles -> :class:`Handle`, and inode -> :class:`OpenFile` (trio thread)."""
 
-    def __init__(self, derive: Callable[[bytes], bytes]) -> None:
-        self._derive = derive
+    def __init__(self, keys: ContentKeys) -> None:
+        self._keys = keys
         self._by_ino: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
@@ -79,7 +78,7 @@ class OpenFiles:
                 fd, writable = open_cipher_fd(path, want_write)
             else:
                 writable = True
-            of = OpenFile(ino, FileContent(fd, self._derive), writable)
+            of = OpenFile(ino, FileContent(fd, self._keys), writable)
             self._by_ino[ino] = of
         else:
             if fd is not None:
@@ -103,6 +102,16 @@ class OpenFiles:
         if of.refs <= 0:
             del self._by_ino[of.ino]
             os.close(of.content.fd)
+
+    def needs_fd_swap(self, ino: int, flags: int) -> OpenFile | None:
+        """The open file whose read-only fd :meth:`open` would replace for a writer, if any."""
+        of = self._by_ino.get(ino)
+        want_write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        return of if of is not None and want_write and not of.writable else None
+
+    def file_of(self, fh: int) -> OpenFile | None:
+        handle = self._handles.get(fh)
+        return handle.file if handle is not None else None
 
     def close_all(self) -> None:
         for of in self._by_ino.values():

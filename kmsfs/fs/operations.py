@@ -28,7 +28,7 @@ import trio
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.errors import HsmError, IntegrityError
-from kmsfs.fs.files import BlockIntegrityError, FileContent
+from kmsfs.fs.files import BlockIntegrityError, ContentKeys
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
@@ -97,7 +97,7 @@ class ContentOps:
     limiter: trio.CapacityLimiter
     timeout: float
     keep_cache: bool
-    _derive: Callable[[bytes], bytes]
+    content_keys: ContentKeys
     _dirs: dict[int, DirHandle]
     _next_dir: Any
 
@@ -163,8 +163,11 @@ class ContentOps:
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
-            await self._truncate(inode, of, target, attr.st_size)
+            await self._truncate(inode, attr.st_size)
             changed = True
+            of = self.files.get_file(inode)  # the await may have seen the last handle go
+            target = of.fd if of is not None else self.table.path(inode)
+            nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
@@ -202,22 +205,19 @@ class ContentOps:
         st = os.stat(target, **nofollow)
         return self._attrs(inode, st, None if isinstance(target, int) else target)
 
-    async def _truncate(self, ino: int, of: Any, target: bytes | int, size: int) -> None:
-        if of is not None:
-            async with of.lock:
-                try:
-                    await self._run(size, of.content.truncate, size)
-                except IntegrityError as exc:
-                    raise self._integrity(ino, exc) from None
-            return
-        assert isinstance(target, bytes)
-        fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    async def _truncate(self, ino: int, size: int) -> None:
+        """truncate(2) by path or by handle: always through a handle of the inode's open
+        file, under its lock, so it is ordered with every read and write of the file (as
+        ext4's inode lock orders them) and its fd cannot be closed under it."""
+        fh = await self._new_handle(ino, os.O_RDWR)
         try:
-            await self._run(size, FileContent(fd, self._derive).truncate, size)
+            of = self.files.handle(fh).file
+            async with of.lock:
+                await self._run(size, of.content.truncate, size)
         except IntegrityError as exc:
             raise self._integrity(ino, exc) from None
         finally:
-            os.close(fd)
+            self.files.release(fh)
 
     @guard
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
@@ -259,8 +259,17 @@ class ContentOps:
 
     # --- content ------------------------------------------------------------------------
     @guard
+    async def _new_handle(self, inode: int, flags: int) -> int:
+        swapped = self.files.needs_fd_swap(inode, flags)
+        if swapped is not None and swapped.lock.locked():
+            # Opening for write replaces the file's read-only fd: not under an operation
+            # that is using the old one in a worker thread.
+            async with swapped.lock:
+                return self.files.open(inode, self.table.path(inode), flags)
+        return self.files.open(inode, self.table.path(inode), flags)
+
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh = self.files.open(inode, self.table.path(inode), flags)
+        fh = await self._new_handle(inode, flags)
         handle = self.files.handle(fh)
         if flags & os.O_TRUNC and handle.writable:
             try:
@@ -316,11 +325,21 @@ class ContentOps:
     @guard
     async def fsync(self, fh: int, datasync: bool) -> None:
         of = self.files.handle(fh).file
-        await trio.to_thread.run_sync(of.content.fsync, datasync, limiter=self.limiter)
+        async with of.lock:  # the fd must not be swapped (open for write) meanwhile
+            await trio.to_thread.run_sync(of.content.fsync, datasync, limiter=self.limiter)
 
     @guard
     async def release(self, fh: int) -> None:
-        self.files.release(fh)
+        """Closing the last handle closes the fd: never under an operation that holds the
+        file's lock and may be using the fd in a worker thread (a path-based truncate of the
+        same file, say); it waits for it. Every await that uses an OpenFile's fd holds its
+        lock, so an unlocked file has no such user and is released at once."""
+        of = self.files.file_of(fh)
+        if of is not None and of.lock.locked():
+            async with of.lock:
+                self.files.release(fh)
+        else:
+            self.files.release(fh)
 
     # --- directories --------------------------------------------------------------------
     @guard

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content, stream
@@ -156,6 +156,16 @@ def _located(where: str, exc: KmsfsError) -> KmsfsError:
     return exc if text.startswith(f"{where}:") else type(exc)(f"{where}: {text}")
 
 
+def _derive_at(deriver: Any, info: bytes, epoch: int, where: str) -> bytes:
+    """The key at the ``mk`` epoch a file names; one line naming IN if the Domain lacks it."""
+    try:
+        return bytes(deriver.derive(info, epoch=epoch))
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"{where}: keyed with mk epoch {epoch}, which this Domain cannot derive ({exc})"
+        ) from None
+
+
 # encrypt
 
 
@@ -165,9 +175,10 @@ def encrypt(
     """Encrypt IN for the store's Domain ``domain``; return the plaintext size."""
     bundle = kms.export_bundle(store, domain)
     kms.check_bundle(store, bundle, f"Domain {domain}")
-    header = stream.StreamHeader.new(bundle)
     with kms.open_deriver(store, bundle, agent) as deriver:
-        cipher = stream.StreamCipher(deriver.derive(stream.key_info(header.file_id)), header)
+        header = stream.StreamHeader.new(bundle, deriver.current_epoch)
+        key = deriver.derive(stream.key_info(header.file_id), epoch=header.epoch)
+        cipher = stream.StreamCipher(key, header)
     with open_input(in_arg) as src:
         progress = Progress("kmsfs: encrypt", src.size)
         if is_stream_output(out_arg):
@@ -235,7 +246,7 @@ def decrypt(
             raise _located(src.name, exc) from None
         kms.check_bundle(store, header.bundle, src.name, agent=agent)
         with kms.open_deriver(store, header.bundle, agent) as deriver:
-            key = deriver.derive(stream.key_info(header.file_id))
+            key = _derive_at(deriver, stream.key_info(header.file_id), header.epoch, src.name)
         cipher = stream.StreamCipher(key, header)
 
         def plaintexts() -> Iterator[bytes]:
@@ -271,7 +282,8 @@ def recover(
         if header is None:  # an empty file has no header
             return _emit(src, out_arg, lambda: iter(()), 0)
         with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
-            key = deriver.derive(content.file_key_info(header.file_id))
+            key = _derive_at(deriver, content.file_key_info(header.file_id), header.epoch,
+                             src.name)
         cipher = content.ContentCipher(key, header)
 
         def plaintexts() -> Iterator[bytes]:

@@ -57,3 +57,95 @@ def check_mountpoint(mountpoint: Path) -> None:
             raise UsageError(f"mount point {mountpoint}: not empty")
     except PermissionError:
         raise UsageError(f"mount point {mountpoint}: not readable") from None
+
+
+# --- who is using a volume ------------------------------------------------------------------
+#
+# A mount holds a shared flock(2) on the ciphertext root directory for as long as it serves;
+# an offline job that rewrites files (``kmsfs reencrypt``) takes it exclusively, without
+# waiting. So a job refuses a volume that is mounted, and a mount refuses a volume a job is
+# rewriting. The lock is on the directory, not on kmsfs.conf, which is replaced by rename.
+
+
+def _lock(cipherdir: Path, how: int) -> int | None:
+    """An fd on CIPHERDIR holding ``how`` (LOCK_SH or LOCK_EX), or None if someone else holds
+    a conflicting lock."""
+    import fcntl
+
+    fd = os.open(cipherdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_for_mount(cipherdir: Path) -> int:
+    """Shared lock for a mount's lifetime (close the fd to release). UsageError while an
+    offline job such as ``kmsfs reencrypt`` holds the volume."""
+    import fcntl
+
+    fd = _lock(Path(cipherdir), fcntl.LOCK_SH)
+    if fd is None:
+        raise UsageError(
+            f"{cipherdir}: busy: an offline job (kmsfs reencrypt) is rewriting this volume"
+        )
+    return fd
+
+
+def mounted_from(cipherdir: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points of FUSE kmsfs mounts whose source (fsname) is CIPHERDIR.
+
+    kmsfs mounts use ``fsname=kmsfs`` unless told otherwise (``-o fsname=CIPHERDIR``), so this
+    catches only the latter; the flock (:func:`lock_exclusive`) catches every kmsfs mount of
+    this build on this machine.
+    """
+    want = os.path.realpath(cipherdir)
+    found = []
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if len(fields) < sep + 3 or not fields[sep + 1].startswith("fuse"):
+            continue
+        source = _unescape(fields[sep + 2])
+        if source == want or (os.path.isabs(source) and os.path.realpath(source) == want):
+            found.append(_unescape(fields[4]))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` for a space, ...)."""
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def lock_exclusive(cipherdir: Path) -> int:
+    """Exclusive lock for an offline job (close the fd to release). UsageError, one line, if
+    the volume is mounted (or another job holds it)."""
+    import fcntl
+
+    mounts = mounted_from(cipherdir)
+    if mounts:
+        raise UsageError(
+            f"{cipherdir}: mounted on {mounts[0]}: unmount it first "
+            "(this job does not run under a live mount)"
+        )
+    fd = _lock(Path(cipherdir), fcntl.LOCK_EX)
+    if fd is None:
+        raise UsageError(
+            f"{cipherdir}: in use by a mount or another job: unmount it first "
+            "(this job does not run under a live mount)"
+        )
+    return fd

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from kmsfs.errors import IntegrityError
 from kmsfs.fs.config import VolumeConfig
 from kmsfs.fs.volume import create_volume
 
@@ -23,13 +24,31 @@ TEST_KEY = bytes(range(32))
 
 
 class SoftDeriver:
-    """HMAC-SHA256 with a fixed key: the test stand-in for the HSM-backed KeyDeriver."""
+    """HMAC-SHA256 with fixed keys: the test stand-in for the HSM-backed KeyDeriver.
 
-    def __init__(self, key: bytes = TEST_KEY) -> None:
+    Epoch 1 is keyed with ``key`` (as before epochs existed, so old test data stays readable);
+    epoch ``e`` > 1 with ``HMAC(key, "epoch" || e)``. The deriver knows epochs 1 ..
+    ``current_epoch`` (settable), like a Domain after ``current_epoch - 1`` rotations; asking for
+    another raises IntegrityError, as the HSM-backed deriver does.
+    """
+
+    def __init__(self, key: bytes = TEST_KEY, current_epoch: int = 1) -> None:
         self._key = key
+        self.current_epoch = current_epoch
 
-    def derive(self, info: bytes) -> bytes:
-        return hmac.new(self._key, info, hashlib.sha256).digest()
+    def _epoch_key(self, epoch: int) -> bytes:
+        if epoch == 1:
+            return self._key
+        return hmac.new(self._key, b"epoch" + epoch.to_bytes(2, "big"), hashlib.sha256).digest()
+
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        epoch = self.current_epoch if epoch is None else epoch
+        if not 1 <= epoch <= self.current_epoch:
+            raise IntegrityError(
+                f"Domain test-domain has no key epoch {epoch} "
+                f"(its epochs are 1 to {self.current_epoch})"
+            )
+        return hmac.new(self._epoch_key(epoch), info, hashlib.sha256).digest()
 
 
 def sample_config() -> VolumeConfig:
@@ -59,9 +78,10 @@ class Mount:
     """One stub daemon serving CIPHERDIR at MOUNTPOINT; its stderr goes to ``log_path``."""
 
     def __init__(self, cipherdir: Path, mountpoint: Path, log_path: Path,
-                 options: tuple[str, ...] = ()) -> None:
+                 options: tuple[str, ...] = (), epoch: int = 1) -> None:
         self.cipherdir, self.mountpoint, self.log_path = cipherdir, mountpoint, log_path
         self.options = options
+        self.epoch = epoch  # the stub deriver's current_epoch
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> Mount:
@@ -69,6 +89,8 @@ class Mount:
         cmd = [sys.executable, str(STUB), str(self.cipherdir), str(self.mountpoint)]
         for opt in self.options:
             cmd += ["-o", opt]
+        if self.epoch != 1:
+            cmd += ["--epoch", str(self.epoch)]
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
         log.close()

@@ -1,8 +1,9 @@
 """Test-only mount daemon: kmsfs's real operations with a software stand-in KeyDeriver.
 
 Never part of the product: ``kmsfs mount`` only accepts Domains opened through the HSM. Run as
-``python fs_mount_stub.py CIPHERDIR MOUNTPOINT [-o opts]``; prints ``ready`` on stdout once the
-mount is served, logs to stderr.
+``python fs_mount_stub.py CIPHERDIR MOUNTPOINT [-o opts] [--epoch N]``; prints ``ready`` on
+stdout once the mount is served, logs to stderr. ``--epoch`` sets the stand-in deriver's
+``current_epoch`` (a Domain rotated N - 1 times).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ def main() -> None:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("-o", dest="options", action="append", default=[])
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--epoch", type=int, default=1, help="the deriver's current_epoch")
     args = parser.parse_args()
     daemon.setup_logging(foreground=True, debug=args.debug)
 
     def ready() -> None:
         print("ready", flush=True)
 
-    daemon.serve(args.cipherdir, args.mountpoint, SoftDeriver(),
+    daemon.serve(args.cipherdir, args.mountpoint, SoftDeriver(current_epoch=args.epoch),
                  daemon.mount_options(args.options), on_ready=ready)
 
 

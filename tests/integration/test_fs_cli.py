@@ -86,7 +86,9 @@ def test_init_refuses_non_empty(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "sub", ["", "init", "mount", "umount", "info", "encrypt", "decrypt", "fsck", "completion"]
+    "sub",
+    ["", "init", "mount", "umount", "info", "encrypt", "decrypt", "fsck", "reencrypt",
+     "completion"],
 )
 def test_help_has_example(sub: str) -> None:
     proc = kmsfs(*filter(None, [sub]), "--help")

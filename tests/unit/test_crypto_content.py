@@ -18,6 +18,8 @@ from kmsfs.crypto.content import (
     HEADER_SIZE,
     NONCE_SIZE,
     TAG_SIZE,
+    VERSION_1,
+    VERSION_2,
     ContentCipher,
     FileHeader,
     block_range,
@@ -40,7 +42,7 @@ def cipher(header: FileHeader | None = None, key: bytes = KEY) -> ContentCipher:
 
 
 def test_constants_match_the_documented_format() -> None:
-    assert (FORMAT_VERSION, FILE_ID_SIZE, HEADER_SIZE) == (1, 16, 18)
+    assert (FORMAT_VERSION, FILE_ID_SIZE, HEADER_SIZE) == (2, 16, 18)
     assert (BLOCK_SIZE, NONCE_SIZE, TAG_SIZE) == (4096, 12, 16)
     assert (BLOCK_OVERHEAD, CIPHER_BLOCK_SIZE) == (28, 4124)
 
@@ -49,10 +51,11 @@ def test_constants_match_the_documented_format() -> None:
 
 
 def test_header_round_trips_and_is_random() -> None:
-    header = FileHeader.new()
+    header = FileHeader.new(version=VERSION_1)
     packed = header.pack()
     assert len(packed) == HEADER_SIZE
     assert packed[:2] == b"\x00\x01"
+    assert header.epoch == 1
     assert FileHeader.parse(packed) == header
     assert FileHeader.new().file_id != header.file_id
 
@@ -63,9 +66,9 @@ def test_header_parse_rejects_wrong_length(size: int) -> None:
         FileHeader.parse(b"\x00\x01" + b"\x07" * (size - 2) if size >= 2 else bytes(size))
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
 def test_header_parse_rejects_unknown_version(version: int) -> None:
-    with pytest.raises(BadVersionError, match=f"want version 1, have {version}"):
+    with pytest.raises(BadVersionError, match=f"want version 1 or 2, have {version}"):
         FileHeader.parse(version.to_bytes(2, "big") + b"\x07" * 16)
 
 
@@ -74,6 +77,58 @@ def test_header_parse_rejects_all_zero_file_id() -> None:
         FileHeader.parse(b"\x00\x01" + bytes(16))
     with pytest.raises(FormatError):
         FileHeader.parse(bytes(18))
+
+
+# Header version 2: the key epoch (docs/format.md, "Key epochs")
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 0x0102, 65535])
+def test_header_v2_carries_its_epoch_in_the_file_id(epoch: int) -> None:
+    header = FileHeader.new(epoch)
+    packed = header.pack()
+    assert len(packed) == HEADER_SIZE == 18
+    assert packed[:2] == b"\x00\x02"
+    assert packed[2:4] == epoch.to_bytes(2, "big") == header.file_id[:2]
+    assert header.version == VERSION_2 and header.epoch == epoch
+    parsed = FileHeader.parse(packed)
+    assert parsed == header and parsed.epoch == epoch
+    assert file_key_info(header.file_id) == FILE_KEY_INFO_PREFIX + packed[2:]
+    assert FileHeader.new(epoch).file_id != header.file_id
+
+
+def test_header_v1_still_parses_with_epoch_1() -> None:
+    v1 = FileHeader.parse(b"\x00\x01" + bytes(range(1, 17)))
+    assert (v1.version, v1.epoch, v1.file_id) == (VERSION_1, 1, bytes(range(1, 17)))
+    # A v1 file id may start with any bytes; only the version decides how it is read.
+    assert FileHeader.parse(b"\x00\x01\x00\x07" + bytes(range(1, 15))).epoch == 1
+
+
+def test_header_v2_refuses_epoch_0_and_zero_random_part() -> None:
+    with pytest.raises(FormatError, match="epoch 0"):
+        FileHeader.parse(b"\x00\x02\x00\x00" + bytes(range(1, 15)))
+    with pytest.raises(FormatError, match="random part"):
+        FileHeader.parse(b"\x00\x02\x00\x01" + bytes(14))
+    for bad in (0, 65536, -1):
+        with pytest.raises(ValueError):
+            FileHeader.new(bad)
+    with pytest.raises(ValueError, match="version 1 header has key epoch 1"):
+        FileHeader.new(2, version=VERSION_1)
+    assert FileHeader.new(1, version=VERSION_1).pack()[:2] == b"\x00\x01"
+
+
+def test_tampered_epoch_fails_authentication() -> None:
+    """The epoch is in every block's AAD (and in the key info): changing it is never silent."""
+    header = FileHeader.new(2)
+    c = cipher(header)
+    block = c.encrypt_block(0, b"secret data")
+    for other in (1, 3, 0x0102):
+        forged = FileHeader.parse(b"\x00\x02" + other.to_bytes(2, "big") + header.file_id[2:])
+        with pytest.raises(IntegrityError):
+            cipher(forged).decrypt_block(0, block)  # even under the very same key
+    # the same 16 bytes read as a version 1 header: another AAD, fails too
+    with pytest.raises(IntegrityError):
+        cipher(FileHeader(VERSION_1, header.file_id)).decrypt_block(0, block)
+    assert cipher(FileHeader.parse(header.pack())).decrypt_block(0, block) == b"secret data"
 
 
 def test_file_key_info_is_prefix_and_file_id() -> None:
@@ -206,7 +261,7 @@ def test_error_messages_hold_no_key_material() -> None:
 def test_known_answer_vectors() -> None:
     v = VECTORS["content"]
     header = FileHeader.parse(bytes.fromhex(v["header"]))
-    assert header == FileHeader(FORMAT_VERSION, bytes.fromhex(v["file_id"]))
+    assert header == FileHeader(VERSION_1, bytes.fromhex(v["file_id"]))
     assert file_key_info(header.file_id).hex() == v["file_key_info"]
     c = ContentCipher(bytes.fromhex(v["file_key"]), header)
     for case in v["blocks"]:

@@ -110,7 +110,8 @@ def test_key_info_is_the_named_label() -> None:
 def test_header_round_trip_and_fresh_ids() -> None:
     header = StreamHeader.new(BUNDLE)
     packed = header.pack()
-    assert packed.startswith(MAGIC + b"\x00\x01")
+    assert packed.startswith(MAGIC + b"\x00\x02")  # version 2: the epoch is in the file id
+    assert header.epoch == 1 and header.file_id[:2] == b"\x00\x01"
     assert len(packed) == header_size(packed[:PREFIX_SIZE]) == 30 + len(BUNDLE)
     assert StreamHeader.parse(packed) == header
     assert StreamHeader.new(BUNDLE).file_id != header.file_id
@@ -120,8 +121,8 @@ def test_header_rejects_with_want_and_have() -> None:
     packed = StreamHeader.new(BUNDLE).pack()
     with pytest.raises(FormatError, match="want magic"):
         header_size(b"GARBAGE!" + packed[8:PREFIX_SIZE])
-    with pytest.raises(BadVersionError, match="want version 1, have 2"):
-        header_size(packed[:8] + b"\x00\x02" + packed[10:PREFIX_SIZE])
+    with pytest.raises(BadVersionError, match="want version 1 or 2, have 3"):
+        header_size(packed[:8] + b"\x00\x03" + packed[10:PREFIX_SIZE])
     with pytest.raises(FormatError, match="want at least 14"):
         header_size(packed[:5])
     for length in (0, MAX_BUNDLE_SIZE + 1):
@@ -131,6 +132,34 @@ def test_header_rejects_with_want_and_have() -> None:
         StreamHeader.parse(packed[:-1])
     with pytest.raises(FormatError, match="all zero"):
         StreamHeader.parse(packed[:-FILE_ID_SIZE] + bytes(FILE_ID_SIZE))
+
+
+def test_header_v2_epoch_round_trip_and_v1_still_reads() -> None:
+    header = StreamHeader.new(BUNDLE, epoch=0x0203)
+    packed = header.pack()
+    assert packed[8:10] == b"\x00\x02" and header.version == 2
+    assert packed[-FILE_ID_SIZE:][:2] == b"\x02\x03" and header.epoch == 0x0203
+    assert len(packed) == 30 + len(BUNDLE)  # same size as version 1
+    parsed = StreamHeader.parse(packed)
+    assert parsed == header and parsed.epoch == 0x0203
+    v1 = StreamHeader(BUNDLE, bytes(range(1, 17)))
+    assert v1.pack()[8:10] == b"\x00\x01" and v1.epoch == 1
+    assert StreamHeader.parse(v1.pack()) == v1
+    with pytest.raises(FormatError, match="epoch 0"):
+        StreamHeader.parse(packed[:-FILE_ID_SIZE] + b"\x00\x00" + packed[-14:])
+    with pytest.raises(ValueError):
+        StreamHeader.new(BUNDLE, epoch=0)
+
+
+def test_tampered_stream_epoch_fails() -> None:
+    header = StreamHeader.new(BUNDLE, epoch=2)
+    data = seal_file(b"x" * 100, header=header)
+    assert open_file(data) == b"x" * 100
+    at = 14 + len(BUNDLE) + 1  # low byte of the epoch
+    forged = data[:at] + b"\x03" + data[at + 1 :]
+    assert StreamHeader.parse(forged[: 30 + len(BUNDLE)]).epoch == 3
+    with pytest.raises(IntegrityError):
+        open_file(forged)
 
 
 # Tampering: every case must fail, never give other plaintext.
@@ -284,3 +313,32 @@ def test_vector_file_matches_its_generator() -> None:
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
     assert generator.vectors() == VECTORS
+
+
+VECTORS_V2 = json.loads((Path(__file__).parents[1] / "vectors" / "stream_v2.json").read_text())
+
+
+@pytest.mark.parametrize("case", VECTORS_V2["cases"], ids=lambda c: str(c["plain_size"]))
+def test_known_answers_v2(case: dict) -> None:
+    v = VECTORS_V2
+    header = StreamHeader.new(bytes.fromhex(v["bundle"]), epoch=v["epoch"])
+    header = StreamHeader(header.bundle, bytes.fromhex(v["file_id"]), header.version)
+    assert header.pack().hex() == v["header"] and header.epoch == v["epoch"] == 2
+    assert StreamHeader.parse(header.pack()) == header
+    assert key_info(header.file_id).hex() == v["key_info"]
+    cipher = StreamCipher(bytes.fromhex(v["file_key"]), header)
+    base = bytes.fromhex(v["nonce_base"])
+    size = case["plain_size"]
+    plaintext = bytes(i % 251 for i in range(size))
+    sealed = cipher._seal_with_nonce(0, plaintext, True, base)
+    assert (header.pack() + sealed).hex() == case["file"]
+    assert open_file(bytes.fromhex(case["file"]), bytes.fromhex(v["file_key"])) == plaintext
+
+
+def test_vector_v2_file_matches_its_generator() -> None:
+    path = Path(__file__).parents[1] / "vectors" / "generate_stream_vectors.py"
+    spec = importlib.util.spec_from_file_location("generate_stream_vectors", path)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert generator.vectors_v2() == VECTORS_V2

@@ -183,7 +183,9 @@ def test_install_and_remove() -> None:
         assert gate is not None
         try:
             assert pyfuse3.trio.Lock() is gate  # type: ignore[attr-defined]
-            assert pyfuse3.trio.lowlevel is trio.lowlevel  # type: ignore[attr-defined]
+            lowlevel = pyfuse3.trio.lowlevel  # type: ignore[attr-defined]
+            assert isinstance(lowlevel, daemon._SpinThenWait)  # wait_readable spins first
+            assert lowlevel.current_task is trio.lowlevel.current_task  # the rest is trio's
             assert daemon._install_read_gate() is None  # never stacked
         finally:
             daemon._remove_read_gate(gate)

@@ -1,4 +1,5 @@
-"""Regenerate tests/vectors/stream_v1.json: known answers for single encrypted files, version 1.
+"""Regenerate tests/vectors/stream_v1.json and stream_v2.json: known answers for single
+encrypted files, versions 1 and 2 (version 2: the file id starts with the mk epoch).
 
 Source of the vectors: this script, which re-implements docs/format.md section "Single encrypted
 files" directly on pyca/cryptography's AESGCM and hashlib, and deliberately imports nothing from
@@ -19,6 +20,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 OUT = Path(__file__).with_name("stream_v1.json")
+OUT_V2 = Path(__file__).with_name("stream_v2.json")
+EPOCH_V2 = 2
+FILE_ID_V2 = EPOCH_V2.to_bytes(2, "big") + bytes(range(0x20, 0x2E))  # epoch || 14 random
 CHUNK = 65536
 FILE_KEY = bytes(range(0x40, 0x60))
 FILE_ID = bytes(range(0x10, 0x20))
@@ -30,13 +34,14 @@ def nonce(n: int) -> bytes:
     return NONCE_BASE[:-1] + bytes([(NONCE_BASE[-1] + n) % 256])
 
 
-def header() -> bytes:
-    magic, version = b"\x89kmsfs\r\n", (1).to_bytes(2, "big")
-    return magic + version + len(BUNDLE).to_bytes(4, "big") + BUNDLE + FILE_ID
+def header(version: int = 1) -> bytes:
+    magic = b"\x89kmsfs\r\n"
+    file_id = FILE_ID if version == 1 else FILE_ID_V2
+    return magic + version.to_bytes(2, "big") + len(BUNDLE).to_bytes(4, "big") + BUNDLE + file_id
 
 
-def encrypt(plaintext: bytes) -> bytes:
-    head = header()
+def encrypt(plaintext: bytes, version: int = 1) -> bytes:
+    head = header(version)
     digest = hashlib.sha256(head).digest()
     pieces = [plaintext[i : i + CHUNK] for i in range(0, len(plaintext), CHUNK)] or [b""]
     out = [head]
@@ -74,8 +79,26 @@ def vectors() -> dict:
     }
 
 
+def vectors_v2() -> dict:
+    """Version 2 (the epoch in the file id). The file key stands for derive(info, epoch=2)."""
+    cases = [{"plain_size": size, "file": encrypt(pattern(size), 2).hex()} for size in (0, 5)]
+    return {
+        "source": "tests/vectors/generate_stream_vectors.py (pyca/cryptography only)",
+        "plaintext": "byte i is i mod 251",
+        "epoch": EPOCH_V2,
+        "key_info": (b"kmsfs/v1/single-file\x00" + FILE_ID_V2).hex(),
+        "file_key": FILE_KEY.hex(),
+        "file_id": FILE_ID_V2.hex(),
+        "bundle": BUNDLE.hex(),
+        "nonce_base": NONCE_BASE.hex(),
+        "header": header(2).hex(),
+        "cases": cases,
+    }
+
+
 def main() -> None:
     OUT.write_text(json.dumps(vectors(), indent=2) + "\n")
+    OUT_V2.write_text(json.dumps(vectors_v2(), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,451 @@
+"""Key epochs (DESIGN.md §2 property 7): new data at the Domain's current ``mk`` epoch, old data
+readable with its own epoch, and ``kmsfs reencrypt`` moving old data to the current epoch.
+
+Mounts are real FUSE mounts of the stub daemon, whose software deriver knows epochs 1 ..
+``current_epoch`` (``Mount(..., epoch=N)``), like a Domain rotated N - 1 times; a deriver with
+``current_epoch=1`` is what an HSM removed before the rotation can still compute. The last test
+runs the real commands on a real store (SoftHSM) with ``kmsfs-admin domain rotate``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kmsfs import exitcodes
+from kmsfs.crypto import stream
+from kmsfs.crypto.content import BLOCK_SIZE, HEADER_SIZE, FileHeader
+from kmsfs.errors import IntegrityError, UsageError
+from kmsfs.fs import config as volconfig
+from kmsfs.fs import kms, reencrypt, singlefile
+from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.reencrypt import TEMP_PREFIX, reencrypt_tree
+from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, sample_config
+from tests.integration.test_fs_fsck import cipher_path
+
+LONG = "L" * 200
+XATTR_ = "user.colour"
+
+
+def header_of(path: Path) -> FileHeader:
+    with open(path, "rb") as f:
+        return FileHeader.parse(f.read(HEADER_SIZE))
+
+
+def mount(volume: Path, tmp_path: Path, epoch: int, name: str = "mnt") -> Mount:
+    return Mount(volume, tmp_path / name, tmp_path / f"{name}.log", epoch=epoch).start()
+
+
+def v1_volume(cipherdir: Path) -> Path:
+    """A volume as made before the KeyEpochs flag existed."""
+    config = sample_config()
+    flags = tuple(f for f in config.feature_flags if f != volconfig.FLAG_KEY_EPOCHS)
+    from kmsfs.fs.volume import create_volume
+
+    create_volume(cipherdir, replace(config, feature_flags=flags))
+    return cipherdir
+
+
+# --- the mount -------------------------------------------------------------------------------
+
+
+def test_new_files_take_the_current_epoch_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    assert volconfig.load(volume).has(volconfig.FLAG_KEY_EPOCHS)
+    a_data, b_data = os.urandom(3 * BLOCK_SIZE + 5), os.urandom(BLOCK_SIZE + 1)
+
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "A").write_bytes(a_data)
+        (m.mountpoint / "T").write_bytes(b"first life")
+    finally:
+        m.stop()
+    m = mount(volume, tmp_path, epoch=2)  # the Domain was rotated
+    try:
+        (m.mountpoint / "B").write_bytes(b_data)
+        assert (m.mountpoint / "A").read_bytes() == a_data
+        (m.mountpoint / "T").write_bytes(b"second life")  # O_TRUNC: truncate to 0, new header
+    finally:
+        m.stop()
+
+    a, b, t = (cipher_path(volume, n) for n in ("A", "B", "T"))
+    assert a.read_bytes()[:4] == b"\x00\x02\x00\x01" and header_of(a).epoch == 1
+    assert b.read_bytes()[:4] == b"\x00\x02\x00\x02" and header_of(b).epoch == 2
+    assert header_of(t).epoch == 2
+
+    m = mount(volume, tmp_path, epoch=2)
+    try:
+        assert (m.mountpoint / "A").read_bytes() == a_data
+        assert (m.mountpoint / "B").read_bytes() == b_data
+        assert (m.mountpoint / "T").read_bytes() == b"second life"
+    finally:
+        m.stop()
+
+    # An HSM removed before the rotation only has epoch 1: it reads A, never B.
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        assert (m.mountpoint / "A").read_bytes() == a_data
+        with pytest.raises(OSError) as info:
+            (m.mountpoint / "B").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert (m.mountpoint / "B").stat().st_size == len(b_data)  # stat needs no key
+    finally:
+        m.stop()
+    assert "epoch 2" in m.log()
+
+
+def test_volume_without_the_flag_keeps_writing_version_1(tmp_path: Path) -> None:
+    volume = v1_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=3)
+    try:
+        (m.mountpoint / "f").write_bytes(b"old style")
+        assert (m.mountpoint / "f").read_bytes() == b"old style"
+    finally:
+        m.stop()
+    path = cipher_path(volume, "f")
+    assert path.read_bytes()[:2] == b"\x00\x01" and header_of(path).epoch == 1
+
+
+# --- fsck ------------------------------------------------------------------------------------
+
+
+def test_fsck_counts_epochs_and_reports_a_missing_epoch(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "A").write_bytes(b"a" * 10)
+        (m.mountpoint / "empty").write_bytes(b"")
+    finally:
+        m.stop()
+    m = mount(volume, tmp_path, epoch=2)
+    try:
+        (m.mountpoint / "B").write_bytes(b"b" * 10)
+        os.link(m.mountpoint / "B", m.mountpoint / "B2")
+    finally:
+        m.stop()
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean and report.problems == []
+    doc = report.to_json()
+    assert doc["epochs"] == {"1": 1, "2": 1} and doc["current_epoch"] == 2
+
+    old = check_tree(volume, SoftDeriver(current_epoch=1))
+    assert not old.clean
+    assert [p.kind for p in old.problems] == ["epoch"]  # one inode, two names
+    assert old.problems[0].path in ("/B", "/B2")
+    assert "mk epoch 2, which the Domain does not have" in old.problems[0].detail
+
+
+# --- reencrypt -------------------------------------------------------------------------------
+
+
+def _build(volume: Path, tmp_path: Path) -> dict[str, bytes]:
+    """Epoch-1 files of every kind reencrypt must handle, then one file at epoch 2."""
+    data = {
+        "A": os.urandom(5 * BLOCK_SIZE + 100),
+        "d/sub/linked": b"",  # a hard link to A, in another directory
+        LONG: b"long name content",
+        "d/small": b"x",
+        "empty": b"",
+    }
+    data["d/sub/linked"] = data["A"]
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        p = m.mountpoint
+        (p / "d" / "sub").mkdir(parents=True)
+        for name in ("A", LONG, "d/small", "empty"):
+            (p / name).write_bytes(data[name])
+        os.link(p / "A", p / "d" / "sub" / "linked")
+        os.chmod(p / "A", 0o640)
+        os.setxattr(p / "A", XATTR_, b"blue")
+        os.utime(p / "A", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+        os.symlink("A", p / "link-to-A")
+    finally:
+        m.stop()
+    m = mount(volume, tmp_path, epoch=2)
+    try:
+        data["B"] = os.urandom(2 * BLOCK_SIZE)
+        (m.mountpoint / "B").write_bytes(data["B"])
+    finally:
+        m.stop()
+    return data
+
+
+def _check_plaintext(volume: Path, tmp_path: Path, data: dict[str, bytes]) -> None:
+    m = mount(volume, tmp_path, epoch=2, name="check")
+    try:
+        p = m.mountpoint
+        for name, want in data.items():
+            assert (p / name).read_bytes() == want, name
+        assert os.getxattr(p / "A", XATTR_) == b"blue"
+        st = os.stat(p / "A")
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_500_000_000_987_654_321)
+        assert os.readlink(p / "link-to-A") == "A"
+    finally:
+        m.stop()
+
+
+def test_reencrypt_moves_old_files_and_keeps_everything(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    data = _build(volume, tmp_path)
+    a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")
+    before = os.stat(a)
+    xattrs_before = {n: os.getxattr(a, n) for n in os.listxattr(a)}
+    assert len(xattrs_before) == 1 and before.st_nlink == 2
+    long_dir_times = os.stat(a.parent)
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.failed == []
+    assert (summary.rewritten, summary.skipped, summary.empty) == (3, 1, 1)
+    assert summary.extra_links == 1 and summary.temp_removed == 0
+    assert summary.epochs_before == {1: 3, 2: 1} and summary.epochs_after == {2: 4}
+
+    after = os.stat(a)
+    assert after.st_ino != before.st_ino  # a new file...
+    assert os.stat(linked).st_ino == after.st_ino and after.st_nlink == 2  # ...still one inode
+    for field in ("st_mode", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns", "st_size"):
+        assert getattr(after, field) == getattr(before, field), field
+    assert {n: os.getxattr(a, n) for n in os.listxattr(a)} == xattrs_before
+    assert os.stat(a.parent).st_mtime_ns == long_dir_times.st_mtime_ns
+    for name in ("A", "d/sub/linked", LONG, "d/small", "B"):
+        assert header_of(cipher_path(volume, name)).epoch == 2, name
+    assert not [p for p in volume.rglob(TEMP_PREFIX + "*")]
+    _check_plaintext(volume, tmp_path, data)
+
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean and report.epochs == {2: 4}
+    # The removed HSM now reads nothing (names are still epoch 1: docs/format.md, Key epochs).
+    assert {p.kind for p in check_tree(volume, SoftDeriver(current_epoch=1)).problems} == {
+        "epoch"}
+
+    again = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert (again.rewritten, again.skipped, again.failed) == (0, 4, [])
+    assert os.stat(a).st_ino == after.st_ino  # idempotent: nothing rewritten
+
+
+_CRASH = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.integration.fs_helpers import SoftDeriver
+    from kmsfs.fs import reencrypt
+    real = os.rename
+    def rename(src, dst):
+        # The hard-linked file's second path: the new inode already has a path and a temporary
+        # link, the old one only this path left. Crash here: no cleanup runs.
+        if os.lstat(src).st_nlink == 2 and os.lstat(dst).st_nlink == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+    os.rename = rename
+    reencrypt.reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2))
+    """
+)
+
+
+def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    data = _build(volume, tmp_path)
+    a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")
+    root = str(Path(__file__).resolve().parents[2])
+    # Kill the job after A's first path is replaced, before the second (the hard link) is.
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH.format(root=root, volume=str(volume))],
+        capture_output=True,
+    )
+    assert proc.returncode == -9, proc.stderr
+    temps = list(volume.rglob(TEMP_PREFIX + "*"))
+    assert len(temps) == 1
+    epochs = sorted(header_of(p).epoch for p in (a, linked))
+    assert epochs == [1, 2]  # the link is split: one path new, one old, both readable
+    _check_plaintext(volume, tmp_path, data)
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.temp_removed == 1 and summary.failed == []
+    assert summary.epochs_after == {2: summary.rewritten + summary.skipped}
+    assert not list(volume.rglob(TEMP_PREFIX + "*"))
+    for name in ("A", "d/sub/linked", LONG, "d/small", "B"):
+        assert header_of(cipher_path(volume, name)).epoch == 2, name
+    _check_plaintext(volume, tmp_path, data)
+    assert check_tree(volume, SoftDeriver(current_epoch=2)).clean
+
+
+def test_reencrypt_refuses_a_mounted_volume_and_a_volume_without_the_flag(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "f").write_bytes(b"data")
+        with pytest.raises(UsageError, match="unmount it first"):
+            reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    finally:
+        m.stop()
+    assert header_of(cipher_path(volume, "f")).epoch == 1  # nothing touched
+
+    old = v1_volume(tmp_path / "old")
+    m = mount(old, tmp_path, epoch=1, name="oldmnt")
+    try:
+        (m.mountpoint / "f").write_bytes(b"data")
+    finally:
+        m.stop()
+    with pytest.raises(UsageError, match="no KeyEpochs flag"):
+        reencrypt_tree(old, SoftDeriver(current_epoch=2))
+    summary = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
+    assert summary.upgraded and summary.rewritten == 1
+    assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
+    f = cipher_path(old, "f")
+    assert f.read_bytes()[:4] == b"\x00\x02\x00\x02"
+    m = mount(old, tmp_path, epoch=2, name="oldmnt")
+    try:
+        assert (m.mountpoint / "f").read_bytes() == b"data"
+    finally:
+        m.stop()
+
+
+def test_reencrypt_reports_a_damaged_file_and_goes_on(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "bad").write_bytes(os.urandom(3 * BLOCK_SIZE))
+        (m.mountpoint / "good").write_bytes(b"fine")
+    finally:
+        m.stop()
+    bad = cipher_path(volume, "bad")
+    raw = bytearray(bad.read_bytes())
+    raw[HEADER_SIZE + 4124 + 50] ^= 1  # block 1
+    bad.write_bytes(bytes(raw))
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.rewritten == 1 and len(summary.failed) == 1
+    assert "block 1 (plaintext offset 4096) fails authentication" in summary.failed[0].detail
+    assert bad.read_bytes() == bytes(raw)  # left as it was
+    assert not list(volume.rglob(TEMP_PREFIX + "*"))
+
+
+def test_mount_refuses_while_reencrypt_holds_the_volume(tmp_path: Path) -> None:
+    from kmsfs.fs.volume import lock_exclusive
+
+    volume = make_volume(tmp_path / "cipher")
+    fd = lock_exclusive(volume)
+    try:
+        with pytest.raises(RuntimeError, match="busy"):
+            mount(volume, tmp_path, epoch=1)
+    finally:
+        os.close(fd)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _kmsfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kmsfs.fs.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_cli_refusals_are_one_line_exit_2(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        proc = _kmsfs("reencrypt", str(volume), "--store", str(tmp_path / "nostore"))
+    finally:
+        m.stop()
+    assert proc.returncode == exitcodes.USAGE, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert "unmount it first" in proc.stderr
+
+    old = v1_volume(tmp_path / "old")
+    proc = _kmsfs("reencrypt", str(old), "--store", str(tmp_path / "nostore"))
+    assert proc.returncode == exitcodes.USAGE
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--upgrade" in proc.stderr
+    assert not volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
+
+
+# --- single files ----------------------------------------------------------------------------
+
+
+def test_single_file_encrypt_decrypt_at_epoch_2(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from contextlib import contextmanager
+
+    epoch = {"now": 2}
+
+    @contextmanager
+    def open_deriver(store, bundle, agent=None):  # type: ignore[no-untyped-def]
+        yield SoftDeriver(current_epoch=epoch["now"])
+
+    monkeypatch.setattr(kms, "export_bundle", lambda store, name: b'{"test": "bundle"}')
+    monkeypatch.setattr(kms, "check_bundle", lambda *a, **k: "test-domain-id")
+    monkeypatch.setattr(kms, "open_deriver", open_deriver)
+    plain, enc, out = tmp_path / "p", tmp_path / "p.kmsfs", tmp_path / "out"
+    plain.write_bytes(os.urandom(3 * stream.CHUNK_SIZE + 7))
+    singlefile.encrypt(tmp_path, "payroll", str(plain), str(enc))
+    data = enc.read_bytes()
+    size = stream.header_size(data[: stream.PREFIX_SIZE])
+    header = stream.StreamHeader.parse(data[:size])
+    assert (header.version, header.epoch) == (2, 2)
+    singlefile.decrypt(tmp_path, str(enc), str(out))
+    assert out.read_bytes() == plain.read_bytes()
+
+    epoch["now"] = 1  # a Domain (or removed HSM) without epoch 2
+    with pytest.raises(IntegrityError, match="keyed with mk epoch 2"):
+        singlefile.decrypt(tmp_path, str(enc), str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
+
+
+# --- end to end: real store, SoftHSM, kmsfs-admin domain rotate ------------------------------
+
+
+@pytest.mark.slow
+def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+
+    def mounted(write: dict[str, bytes]) -> None:
+        proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            for name, value in write.items():
+                (mp / name).write_bytes(value)
+        finally:
+            assert _kmsfs("umount", str(mp)).returncode == 0
+
+    a, b = os.urandom(3 * BLOCK_SIZE), os.urandom(100)
+    mounted({"A": a})
+    initialized("domain", "rotate", "payroll")
+    mounted({"B": b})
+    doc = json.loads(_kmsfs("fsck", str(cipher), "--json", env=env).stdout)
+    assert doc["clean"] and doc["epochs"] == {"1": 1, "2": 1} and doc["current_epoch"] == 2
+
+    proc = _kmsfs("reencrypt", str(cipher), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["rewritten"], summary["skipped"]) == (1, 1)
+    assert summary["epochs_before"] == {"1": 1, "2": 1} and summary["epochs_after"] == {"2": 2}
+    doc = json.loads(_kmsfs("fsck", str(cipher), "--json", env=env).stdout)
+    assert doc["clean"] and doc["epochs"] == {"2": 2}
+
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert (mp / "A").read_bytes() == a and (mp / "B").read_bytes() == b
+    finally:
+        _kmsfs("umount", str(mp))
+    proc = _kmsfs("reencrypt", str(cipher), env=env)
+    assert proc.returncode == 0 and "0 file(s) re-encrypted" in proc.stdout
+
+
+def test_reencrypt_is_a_documented_command() -> None:
+    proc = _kmsfs("reencrypt", "--help")
+    assert proc.returncode == 0 and "example" in proc.stdout
+    assert reencrypt.TEMP_PREFIX.startswith("kmsfs.tmp.")

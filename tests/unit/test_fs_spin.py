@@ -1,0 +1,84 @@
+"""The daemon's spin-then-wait for /dev/fuse (kmsfs.fs.daemon._SpinThenWait), on a real pipe.
+
+No timing assertions: each test checks what happens (returned, waited, let another task run),
+with generous bounds only to keep a broken implementation from hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from kmsfs.fs import daemon
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
+def test_returns_at_once_when_a_request_is_already_there() -> None:
+    r, w = _pipe()
+    os.write(w, b"x")
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            await daemon._SpinThenWait().wait_readable(r)
+
+    trio.run(main)
+    os.close(r)
+    os.close(w)
+
+
+def test_sleeps_in_trio_when_nothing_comes_during_the_spin() -> None:
+    """The request arrives long after the spin: the waiter must be woken by trio's epoll,
+    and other tasks must run meanwhile (it is not spinning all along)."""
+    r, w = _pipe()
+    ran_meanwhile = []
+
+    async def writer() -> None:
+        await trio.sleep(0.05)
+        ran_meanwhile.append(True)
+        os.write(w, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await daemon._SpinThenWait().wait_readable(r)
+
+    trio.run(main)
+    assert ran_meanwhile == [True]
+    os.close(r)
+    os.close(w)
+
+
+def test_a_steady_stream_still_lets_other_tasks_run() -> None:
+    """Requests always waiting (the fd stays readable): the waiter yields to trio at least
+    every CHECKPOINT_SECONDS, so the signal watcher and worker-thread results are served."""
+    r, w = _pipe()
+    os.write(w, b"x")
+    ticks = []
+
+    async def other() -> None:
+        while True:
+            ticks.append(1)
+            await trio.sleep(0)
+
+    async def main() -> None:
+        spin = daemon._SpinThenWait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.sleep(0)  # let it start
+            start = len(ticks)
+            deadline = trio.current_time() + 0.05
+            while trio.current_time() < deadline:
+                await spin.wait_readable(r)  # never blocks: the fd is always readable
+            assert len(ticks) > start + 5, "the other task was starved"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    os.close(r)
+    os.close(w)
