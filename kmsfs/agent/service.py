@@ -32,11 +32,11 @@ from kmsfs.errors import (
     NotFoundError,
     UsageError,
 )
-from kmsfs.model import contexts, fields
+from kmsfs.model import fields
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64decode, b64encode
 from kmsfs.model.records import check_name
-from kmsfs.model.trust import SealedTrust, Signature, Trust
+from kmsfs.model.trust import SealedTrust, Signature, Trust, valid_approvals
 from kmsfs.model.verify import (
     Anchor,
     VerifiedDomain,
@@ -389,22 +389,12 @@ def _chain(args: dict[str, Any], what: str) -> list[SealedTrust]:
 def _counting(
     trust: Trust, approvals: Sequence[Signature], predecessor: Trust | None
 ) -> list[Signature]:
-    """The approvals that are valid signatures by a member of the Trust or its predecessor."""
+    """The approvals that are valid signatures by a member of the Trust or its predecessor:
+    the only ones the agent stores (a forged one is dropped, never written)."""
     members = {m.key.key_id: m for m in trust.operators}
     if predecessor is not None:
         members.update({m.key.key_id: m for m in predecessor.operators})
-    message = contexts.message(contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes())
-    valid = []
-    for approval in approvals:
-        member = members.get(approval.key_id)
-        if member is None or approval.subject != trust.id:
-            continue
-        try:
-            member.key.verify(approval.value, message)
-        except Exception:  # a bad signature is dropped, never stored
-            continue
-        valid.append(approval)
-    return valid
+    return [a for _, a in valid_approvals(trust, approvals, list(members.values()))]
 
 
 def _domain_result(verified: VerifiedDomain) -> dict[str, Any]:

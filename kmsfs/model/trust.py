@@ -12,6 +12,7 @@ A verifier never trusts the seal alone: it re-checks the quorum from the approva
 id) must meet both its own quorum and its predecessor's.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,17 +194,17 @@ class QuorumResult:
         return len(self.signed) >= self.threshold
 
 
-def quorum_result(
-    trust: Trust, approvals: list[Signature], group: tuple[Member, ...], threshold: int
-) -> QuorumResult:
-    """Which members of ``group`` validly approved ``trust``; each key counts at most once.
+def valid_approvals(
+    trust: Trust, approvals: Sequence[Signature], group: Sequence[Member]
+) -> list[tuple[Member, Signature]]:
+    """The approvals of ``trust`` that are valid signatures by a member of ``group``.
 
-    An approval by a key outside ``group``, for another subject, or with a bad signature counts
-    zero. Names are reported, keys decide.
+    An approval by a key outside ``group``, for another subject, or with a bad signature is
+    left out. Keys decide, not names.
     """
     message = contexts.message(contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes())
     by_key = {m.key.key_id: m for m in group}
-    signed: set[str] = set()
+    valid = []
     for approval in approvals:
         member = by_key.get(approval.key_id)
         if member is None or approval.subject != trust.id:
@@ -212,7 +213,19 @@ def quorum_result(
             member.key.verify(approval.value, message)
         except Exception:  # a bad signature simply does not count
             continue
-        signed.add(member.name)
+        valid.append((member, approval))
+    return valid
+
+
+def quorum_result(
+    trust: Trust, approvals: list[Signature], group: tuple[Member, ...], threshold: int
+) -> QuorumResult:
+    """Which members of ``group`` validly approved ``trust``; each key counts at most once.
+
+    An approval by a key outside ``group``, for another subject, or with a bad signature counts
+    zero. Names are reported, keys decide.
+    """
+    signed = {member.name for member, _ in valid_approvals(trust, approvals, group)}
     names = frozenset(m.name for m in group)
     return QuorumResult(threshold, frozenset(signed), names - signed)
 

@@ -24,8 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kmsfs.agent.client import AgentAddress, AgentClient
-from tests.integration.fault_helpers import KMSFS
-from tests.integration.fs_helpers import stop_daemon
+from tests.integration.fault_helpers import RealMount
 
 HSMD = [sys.executable, "-m", "kmsfs.agent.cli"]
 ALL_ACTIONS = '["derive", "create-domain", "rewrap", "rotate", "seal-trust", "health"]'
@@ -123,39 +122,18 @@ class AgentProcess:
         return AgentClient(AgentAddress.parse(self.address))
 
 
-class AgentMount:
-    """``kmsfs mount --foreground --agent ...`` in a subprocess; its log in a file."""
+class AgentMount(RealMount):
+    """``kmsfs mount --foreground`` with ``agent_args`` (``--agent ...``, or ``--store`` for an
+    in-process mount to compare with); its log in a file."""
 
     def __init__(
         self, cipherdir: Path, mountpoint: Path, log_path: Path, agent_args: list[str]
     ) -> None:
-        self.cipherdir, self.mountpoint, self.log_path = cipherdir, mountpoint, log_path
+        super().__init__(Path("."), cipherdir, mountpoint, log_path)
         self.agent_args = agent_args
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> AgentMount:
-        self.mountpoint.mkdir(exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*KMSFS, "mount", "--foreground", *self.agent_args,
-                 str(self.cipherdir), str(self.mountpoint)],
-                stdout=log, stderr=log, env=clean_env(),
-            )
-        deadline = time.monotonic() + timeout
-        while not os.path.ismount(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mount failed:\n{self.log()}")
-            time.sleep(0.02)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_daemon(self.proc, self.mountpoint)
-            self.proc = None
+    def key_args(self) -> list[str]:
+        return self.agent_args
 
 
 # -- TLS ----------------------------------------------------------------------------------------

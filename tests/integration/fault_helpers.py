@@ -62,12 +62,19 @@ class RealMount:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def key_args(self) -> list[str]:
+        """Where the mount gets its keys: the store's HSMs, in process."""
+        return ["--store", str(self.store)]
+
     def start(self, timeout: float = 30.0) -> RealMount:
         self.mountpoint.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")}
+        env = {
+            k: v for k, v in os.environ.items()
+            if k not in ("KMSFS_STORE", "SOFTHSM2_CONF") and not k.startswith("KMSFS_AGENT")
+        }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*KMSFS, "mount", "--foreground", "--store", str(self.store),
+                [*KMSFS, "mount", "--foreground", *self.key_args(),
                  str(self.cipherdir), str(self.mountpoint)],
                 stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
