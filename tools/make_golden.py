@@ -8,7 +8,8 @@ Domain. Never use these keys for anything else.
 
 Only what git can carry is put in the tree: regular files (sizes around block boundaries),
 directories, long names, short and long symlinks. Hard links, xattrs and FIFOs are covered by the
-live mount tests instead (git stores none of them).
+live mount tests instead (git stores none of them). From format version 2 on, the Domain is then
+rotated once and more files are written, so the volume holds files of key epochs 1 and 2.
 
     .venv/bin/python tools/make_golden.py            # writes tests/golden/v1 (refuses to overwrite)
 """
@@ -81,6 +82,28 @@ def populate(mnt: Path) -> dict[str, dict[str, object]]:
     return manifest
 
 
+def unmount(mnt: Path) -> None:
+    for _ in range(50):
+        if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+
+
+def populate_rotated(mnt: Path) -> dict[str, dict[str, object]]:
+    """Files written after a rotation (key epoch 2), beside the epoch-1 ones."""
+    manifest: dict[str, dict[str, object]] = {"rotated": {"type": "dir"}}
+    (mnt / "rotated").mkdir()
+    for i, size in enumerate((1, 4096, 10_000)):
+        data = content(size, 100 + i)
+        (mnt / "rotated" / f"epoch2-{size}.bin").write_bytes(data)
+        manifest[f"rotated/epoch2-{size}.bin"] = {
+            "type": "file",
+            "size": size,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    return manifest
+
+
 def build(out: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="kmsfs-golden-"))
     store, cipher, mnt = work / "store", work / "cipher", work / "mnt"
@@ -118,13 +141,14 @@ def build(out: Path) -> None:
         try:
             manifest = populate(mnt)
         finally:
-            for _ in range(50):
-                if (
-                    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode
-                    == 0
-                ):
-                    break
-                time.sleep(0.1)
+            unmount(mnt)
+        if FORMAT_VERSION >= 2:
+            run(*admin, "domain", "rotate", "golden", env=env)
+            run(*kmsfs, "mount", str(cipher), str(mnt), env=env)
+            try:
+                manifest.update(populate_rotated(mnt))
+            finally:
+                unmount(mnt)
         out.mkdir(parents=True)
         shutil.copytree(store, out / "store", symlinks=True)
         shutil.copytree(cipher, out / "cipher", symlinks=True)
