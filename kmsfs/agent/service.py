@@ -251,14 +251,8 @@ class Agent:
         name = bundle.domain.domain.name
 
         def act() -> dict[str, Any]:
-            self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
             self._import_chain(chain, trust_id)
-            domains.verify_bundle(self.ctx, bundle)
-            with contextlib.suppress(AlreadyExistsError):
-                self.ctx.store.save_domain(bundle.domain)
-            verified = domains.rewrap(self.ctx, name, trust_id)
-            self._forget(name)
-            return _domain_result(verified)
+            return self._next_generation(bundle, lambda: domains.rewrap(self.ctx, name, trust_id))
 
         return self._guarded(peer, "rewrap", name, act)
 
@@ -269,13 +263,7 @@ class Agent:
         name = bundle.domain.domain.name
 
         def act() -> dict[str, Any]:
-            self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
-            domains.verify_bundle(self.ctx, bundle)
-            with contextlib.suppress(AlreadyExistsError):
-                self.ctx.store.save_domain(bundle.domain)
-            verified = domains.rotate(self.ctx, name)
-            self._forget(name)
-            return _domain_result(verified)
+            return self._next_generation(bundle, lambda: domains.rotate(self.ctx, name))
 
         return self._guarded(peer, "rotate", name, act)
 
@@ -333,6 +321,19 @@ class Agent:
         with self._lock:
             self._anchor_cache = (stamp, anchor)
         return anchor
+
+    def _next_generation(
+        self, bundle: DomainBundle, make: Callable[[], VerifiedDomain]
+    ) -> dict[str, Any]:
+        """Take in the client's Domain (verified against this store's root), make its next
+        generation with ``make`` (rewrap or rotate), and retire the open older ones."""
+        self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
+        domains.verify_bundle(self.ctx, bundle)
+        with contextlib.suppress(AlreadyExistsError):
+            self.ctx.store.save_domain(bundle.domain)
+        verified = make()
+        self._forget(bundle.domain.domain.name)
+        return _domain_result(verified)
 
     def _forget(self, name: str) -> None:
         """Close the open generations of Domain ``name`` after a rewrap: their clients get
