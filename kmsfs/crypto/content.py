@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kmsfs.crypto import fileids
+from kmsfs.crypto.fileids import FILE_ID_SIZE, MAX_EPOCH
 from kmsfs.errors import BadVersionError, FormatError, IntegrityError
+from kmsfs.keys import FIRST_EPOCH
 
 VERSION_1 = 1
 """Header without an epoch: the file id is 16 random bytes and the key epoch is 1."""
@@ -40,10 +43,6 @@ FORMAT_VERSION = VERSION_2
 """The newest header version (what a volume with the KeyEpochs flag writes)."""
 VERSIONS = (VERSION_1, VERSION_2)
 VERSION_SIZE = 2
-EPOCH_SIZE = 2
-FIRST_EPOCH = 1
-MAX_EPOCH = 2 ** (8 * EPOCH_SIZE) - 1  # 65535
-FILE_ID_SIZE = 16
 HEADER_SIZE = VERSION_SIZE + FILE_ID_SIZE  # 18
 BLOCK_SIZE = 4096
 NONCE_SIZE = 12
@@ -82,24 +81,12 @@ class FileHeader:
             raise BadVersionError(
                 f"file header: want version 1 or 2, have {self.version}"
             )
-        if not isinstance(self.file_id, bytes) or len(self.file_id) != FILE_ID_SIZE:
-            have = len(self.file_id) if isinstance(self.file_id, bytes) else "not bytes"
-            raise FormatError(f"file header: want a {FILE_ID_SIZE}-byte file id, have {have}")
-        if self.file_id == bytes(FILE_ID_SIZE):
-            # A zeroed header is what a crash or a sparse copy leaves; never a real file id.
-            raise FormatError("file header: file id is all zero")
-        if self.version == VERSION_2:
-            if self.file_id[:EPOCH_SIZE] == bytes(EPOCH_SIZE):
-                raise FormatError("file header: key epoch 0 (epochs start at 1)")
-            if self.file_id[EPOCH_SIZE:] == bytes(FILE_ID_SIZE - EPOCH_SIZE):
-                raise FormatError("file header: random part of the file id is all zero")
+        fileids.check(self.file_id, self.version == VERSION_2, "file header")
 
     @property
     def epoch(self) -> int:
         """The ``mk`` epoch this file's key is derived with (1 for a version 1 header)."""
-        if self.version == VERSION_1:
-            return FIRST_EPOCH
-        return int.from_bytes(self.file_id[:EPOCH_SIZE], "big")
+        return fileids.epoch_of(self.file_id, self.version == VERSION_2)
 
     @classmethod
     def new(cls, epoch: int = FIRST_EPOCH, *, version: int = VERSION_2) -> "FileHeader":
@@ -113,15 +100,10 @@ class FileHeader:
         if version == VERSION_1:
             if epoch != FIRST_EPOCH:
                 raise ValueError(f"a version 1 header has key epoch 1, not {epoch}")
-            size, prefix = FILE_ID_SIZE, b""
-        elif version == VERSION_2:
-            size, prefix = FILE_ID_SIZE - EPOCH_SIZE, epoch.to_bytes(EPOCH_SIZE, "big")
-        else:
-            raise ValueError(f"file header version: want 1 or 2, have {version}")
-        while True:
-            rand = os.urandom(size)
-            if rand != bytes(size):
-                return cls(version, prefix + rand)
+            return cls(version, fileids.new(None))
+        if version == VERSION_2:
+            return cls(version, fileids.new(epoch))
+        raise ValueError(f"file header version: want 1 or 2, have {version}")
 
     def pack(self) -> bytes:
         """The 18 on-disk bytes."""

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kmsfs.crypto import fileids
+from kmsfs.crypto.fileids import FILE_ID_SIZE
 from kmsfs.errors import BadVersionError, FormatError, IntegrityError
+from kmsfs.keys import FIRST_EPOCH
 
 MAGIC = b"\x89kmsfs\r\n"
 """8 bytes. The non-ASCII first byte marks binary data; CR LF catches newline translation."""
@@ -44,14 +47,10 @@ STREAM_VERSION_2 = 2
 STREAM_VERSION = STREAM_VERSION_2
 """What ``kmsfs encrypt`` writes."""
 STREAM_VERSIONS = (STREAM_VERSION_1, STREAM_VERSION_2)
-EPOCH_SIZE = 2
-FIRST_EPOCH = 1
-MAX_EPOCH = 2 ** (8 * EPOCH_SIZE) - 1
 MAGIC_SIZE = 8
 VERSION_SIZE = 2
 LENGTH_SIZE = 4
 PREFIX_SIZE = MAGIC_SIZE + VERSION_SIZE + LENGTH_SIZE  # 14: enough to learn the header size
-FILE_ID_SIZE = 16
 MAX_BUNDLE_SIZE = 4 * 1024 * 1024
 """Same bound as kmsfs.conf: a bundle is a few KB; this only stops absurd allocations."""
 
@@ -123,36 +122,17 @@ class StreamHeader:
                 f"encrypted file: want a bundle of 1..{MAX_BUNDLE_SIZE} bytes, "
                 f"have {len(self.bundle)}"
             )
-        if len(self.file_id) != FILE_ID_SIZE:
-            raise FormatError(
-                f"encrypted file: want a {FILE_ID_SIZE}-byte file id, have {len(self.file_id)}"
-            )
-        if self.file_id == bytes(FILE_ID_SIZE):
-            raise FormatError("encrypted file: file id is all zero")
-        if self.version == STREAM_VERSION_2:
-            if self.file_id[:EPOCH_SIZE] == bytes(EPOCH_SIZE):
-                raise FormatError("encrypted file: key epoch 0 (epochs start at 1)")
-            if self.file_id[EPOCH_SIZE:] == bytes(FILE_ID_SIZE - EPOCH_SIZE):
-                raise FormatError("encrypted file: random part of the file id is all zero")
+        fileids.check(self.file_id, self.version == STREAM_VERSION_2, "encrypted file")
 
     @property
     def epoch(self) -> int:
         """The ``mk`` epoch the file key is derived with (1 for a version 1 file)."""
-        if self.version == STREAM_VERSION_1:
-            return FIRST_EPOCH
-        return int.from_bytes(self.file_id[:EPOCH_SIZE], "big")
+        return fileids.epoch_of(self.file_id, self.version == STREAM_VERSION_2)
 
     @classmethod
     def new(cls, bundle: bytes, epoch: int = FIRST_EPOCH) -> StreamHeader:
         """A version 2 header at key epoch ``epoch`` with a fresh random file id."""
-        if not FIRST_EPOCH <= epoch <= MAX_EPOCH:
-            raise ValueError(f"key epoch: want {FIRST_EPOCH}..{MAX_EPOCH}, have {epoch}")
-        size = FILE_ID_SIZE - EPOCH_SIZE
-        while True:
-            rand = os.urandom(size)
-            if rand != bytes(size):
-                return cls(bytes(bundle), epoch.to_bytes(EPOCH_SIZE, "big") + rand,
-                           STREAM_VERSION_2)
+        return cls(bytes(bundle), fileids.new(epoch), STREAM_VERSION_2)
 
     def pack(self) -> bytes:
         return (

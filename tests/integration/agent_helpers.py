@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
 import signal
 import subprocess
 import sys
@@ -24,20 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kmsfs.agent.client import AgentAddress, AgentClient
-from tests.integration.fault_helpers import RealMount
+from tests.integration.fault_helpers import RealMount, clean_env
 
 HSMD = [sys.executable, "-m", "kmsfs.agent.cli"]
 ALL_ACTIONS = '["derive", "create-domain", "rewrap", "rotate", "seal-trust", "health"]'
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("KMSFS_STORE", "SOFTHSM2_CONF") and not k.startswith("KMSFS_AGENT")
-    }
-    env.update(extra)
-    return env
 
 
 def root_policy(extra: str = "") -> str:

@@ -21,10 +21,21 @@ from tests.kms_helpers import Admin
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without what would point a child at another store, token
+    config or agent than the test gives it on the command line; plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KMSFS_STORE", "SOFTHSM2_CONF") and not k.startswith("KMSFS_AGENT")
+    }
+    env.update(extra)
+    return env
+
+
 def kmsfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")}
     return subprocess.run([*KMSFS, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+                          env=clean_env(), check=False)
 
 
 def real_domain(admin: Admin, name: str = "payroll") -> str:
@@ -68,15 +79,11 @@ class RealMount:
 
     def start(self, timeout: float = 30.0) -> RealMount:
         self.mountpoint.mkdir(exist_ok=True)
-        env = {
-            k: v for k, v in os.environ.items()
-            if k not in ("KMSFS_STORE", "SOFTHSM2_CONF") and not k.startswith("KMSFS_AGENT")
-        }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*KMSFS, "mount", "--foreground", *self.key_args(),
                  str(self.cipherdir), str(self.mountpoint)],
-                stdout=log, stderr=log, env=env)
+                stdout=log, stderr=log, env=clean_env())
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None or time.monotonic() > deadline:
