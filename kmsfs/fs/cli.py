@@ -85,8 +85,6 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     config = open_volume(Path(args.cipherdir))
     check_mountpoint(Path(args.mountpoint))
     options = daemon.mount_options(args.options)
-    if "allow_other" in options:
-        options.add("default_permissions")
     agent = _agent(args)
     if agent is not None:  # the agent verifies against its own root and checks its policy
         desc = kms.describe_via_agent(config.domain_bundle, agent)

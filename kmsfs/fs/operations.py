@@ -152,7 +152,8 @@ class ContentOps:
     ) -> pyfuse3.EntryAttributes:
         """chown, chmod, utimens and truncate, with what the kernel leaves to the fs.
 
-        The kernel (default_permissions) has checked permissions. Left to us: the set-id rules
+        The kernel has checked permissions (default_permissions comes with allow_other;
+        without it only the mounting user gets in). Left to us: the set-id rules
         ext4 applies by the caller's groups (:func:`allowed_mode`), the ctime of chown(-1, -1)
         and of a kill-privileges request (both arrive with no field set), and EFBIG.
         """

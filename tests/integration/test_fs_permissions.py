@@ -1,0 +1,106 @@
+"""Who may do what on a mount made without ``allow_other``: the kernel's rules, not ours.
+
+Without ``allow_other`` kmsfs does not ask the kernel for ``default_permissions`` (it would cost
+a GETATTR of the parent directory before every create and unlink): the kernel then admits only
+the mounting user's processes, and the checks that still matter for that user (exec bits,
+access(2)) are the kernel's own and the ``access`` handler's. These tests pin both halves, so
+dropping the option can never open the mount to another user or change what root sees.
+With ``allow_other`` the option is on, and test_fs_conformance judges every check against ext4.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches users: needs root")
+
+
+def _mount_options(mp: Path) -> set[str]:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mp):
+            return set(fields[3].split(","))
+    raise AssertionError(f"{mp} is not mounted")
+
+
+def _as_other_user(fn) -> int:  # type: ignore[no-untyped-def]
+    """Run *fn* in a child with uid/gid 1234; its exit status is 0 or the errno it got."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(1234)
+            os.setuid(1234)
+            fn()
+        except OSError as exc:
+            code = exc.errno or 255
+        except BaseException:
+            code = 255
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.fixture
+def public_mount(volume: Path, mounter):  # type: ignore[no-untyped-def]
+    """A factory of mounts other users could reach if the kernel let them (0755 parents)."""
+    with tempfile.TemporaryDirectory(prefix="kmsfs-perm-") as public:
+        os.chmod(public, 0o755)
+        mounts = []
+
+        def start(options: tuple[str, ...] = ()) -> Path:
+            mount = mounter(volume, options=options, mountpoint=Path(public) / "m")
+            mounts.append(mount)
+            os.chmod(mount.mountpoint, 0o777)
+            return mount.mountpoint
+
+        yield start
+        for mount in mounts:  # before the directory goes
+            mount.stop()
+
+
+def test_without_allow_other_other_users_are_refused(public_mount) -> None:  # type: ignore[no-untyped-def]
+    mp = public_mount()
+    (mp / "f").write_text("secret")
+    os.chmod(mp / "f", 0o666)
+    assert "default_permissions" not in _mount_options(mp)
+    assert _as_other_user(lambda: os.stat(mp / "f")) == errno.EACCES
+    assert _as_other_user(lambda: Path(mp / "f").read_text()) == errno.EACCES
+    assert _as_other_user(lambda: os.listdir(mp)) == errno.EACCES
+
+
+def test_with_allow_other_the_kernel_checks_permissions(public_mount) -> None:  # type: ignore[no-untyped-def]
+    mp = public_mount(("allow_other",))
+    assert "default_permissions" in _mount_options(mp)
+    (mp / "private").write_text("secret")
+    os.chmod(mp / "private", 0o600)
+    (mp / "shared").write_text("hello")
+    os.chmod(mp / "shared", 0o644)
+    assert _as_other_user(lambda: Path(mp / "private").read_text()) == errno.EACCES
+    assert _as_other_user(lambda: Path(mp / "shared").read_text()) == 0
+    assert _as_other_user(lambda: Path(mp / "shared").write_text("x")) == errno.EACCES
+    assert (mp / "shared").read_text() == "hello"
+
+
+def test_root_without_allow_other_keeps_exec_and_access_rules(public_mount) -> None:  # type: ignore[no-untyped-def]
+    mp = public_mount()
+    script = mp / "run.sh"
+    script.write_text("#!/bin/sh\necho ran\n")
+    os.chmod(script, 0o644)
+    assert not os.access(script, os.X_OK)  # root too: no x bit at all
+    assert os.access(script, os.R_OK | os.W_OK)  # root reads and writes anything
+    with pytest.raises(PermissionError):
+        subprocess.run([str(script)], check=True)
+    os.chmod(script, 0o700)
+    assert os.access(script, os.X_OK)
+    assert subprocess.run([str(script)], check=True, capture_output=True).stdout == b"ran\n"
+    os.chmod(script, 0o000)
+    assert script.read_text().startswith("#!")  # as on ext4: root needs no permission bits
+    assert os.access(mp, os.X_OK | os.W_OK)
