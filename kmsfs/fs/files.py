@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from kmsfs.crypto.content import (
+    BLOCK_OVERHEAD,
     BLOCK_SIZE,
     CIPHER_BLOCK_SIZE,
     FIRST_EPOCH,
@@ -146,65 +147,78 @@ class FileContent:
             self._decrypt(first + i, raw[i * cbs : (i + 1) * cbs])
         raise BlockIntegrityError(first, "authentication failed")  # not reached
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         """Plaintext bytes [offset, offset+size) clipped at EOF; BlockIntegrityError on tamper.
 
-        One fstat, one pread of the covered ciphertext blocks, one decryption pass.
+        One pread of the covered ciphertext blocks and one decryption pass. The file's size
+        matters only near its end, and the pread tells it: it asks for BLOCK_OVERHEAD + 1 bytes
+        more than the blocks, so a pread that gets them all shows at least one more plausible
+        block after the request (no end in sight), and a shorter one ends exactly where the file
+        does, torn tail included (an fstat only for a request wholly past the end). Returns any
+        contiguous buffer: pyfuse3 replies from it without a copy.
         """
-        csize = self.cipher_size()
-        try:
-            psize = plain_size(csize)
-            torn = False
-        except FormatError:
-            psize, torn = plain_size_lenient(csize), True
-        end = min(offset + size, psize)
-        if torn and offset + size >= psize:
-            raise BlockIntegrityError(psize // BLOCK_SIZE, "ciphertext size is impossible")
-        if offset >= end:
+        if size <= 0:
             return b""
-        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        first, last = offset // BLOCK_SIZE, (offset + size - 1) // BLOCK_SIZE
         start = cipher_offset(first)
-        raw = os.pread(self.fd, min(cipher_offset(last) + CIPHER_BLOCK_SIZE, csize) - start, start)
+        want = cipher_offset(last) + CIPHER_BLOCK_SIZE - start
+        raw: bytes | memoryview = os.pread(self.fd, want + BLOCK_OVERHEAD + 1, start)
+        end = offset + size
+        if len(raw) > want + BLOCK_OVERHEAD:  # the file goes on after the request
+            raw = memoryview(raw)[:want]
+        else:  # the request reaches the end of the file
+            csize = start + len(raw) if raw else self.cipher_size()
+            try:
+                psize = plain_size(csize)
+                torn = False
+            except FormatError:
+                psize, torn = plain_size_lenient(csize), True
+            if torn and end >= psize:
+                raise BlockIntegrityError(psize // BLOCK_SIZE, "ciphertext size is impossible")
+            end = min(end, psize)
+            if offset >= end:
+                return b""
+            last = (end - 1) // BLOCK_SIZE
+            raw = memoryview(raw)[: cipher_offset(last) + CIPHER_BLOCK_SIZE - start]
         data = self._decrypt_run(first, raw)
         skip = offset - first * BLOCK_SIZE
         if skip == 0 and len(data) == end - offset:
-            return bytes(data)
-        return bytes(memoryview(data)[skip : skip + end - offset])
+            return data
+        return memoryview(data)[skip : skip + end - offset]
 
     def write(self, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, filling any gap after EOF with encrypted zeros."""
-        csize: int | None = self.cipher_size()
+        csize = self.cipher_size()
         psize = plain_size_lenient(csize)
         if offset > psize:
-            self._fill_zeros(psize, offset)
-            psize, csize = offset, None
+            csize = self._fill_zeros(psize, offset, csize)
+            psize = offset
         view = memoryview(data)
         step = BLOCK_SIZE * CHUNK_BLOCKS
         pos = 0
         while pos < len(data):
             n = min(step - (offset + pos) % BLOCK_SIZE, len(data) - pos)
-            self._write_span(offset + pos, view[pos : pos + n], psize, csize)
-            csize = None
+            csize = self._write_span(offset + pos, view[pos : pos + n], psize, csize)
             pos += n
             psize = max(psize, offset + pos)
         return len(data)
 
-    def _fill_zeros(self, start: int, end: int) -> None:
+    def _fill_zeros(self, start: int, end: int, csize: int) -> int:
+        """Encrypted zeros over plaintext [start, end); returns the new ciphertext size."""
         pos = start
         while pos < end:
             n = min(len(_ZEROS) - pos % BLOCK_SIZE, end - pos)
-            self._write_span(pos, memoryview(_ZEROS)[:n], pos)
+            csize = self._write_span(pos, memoryview(_ZEROS)[:n], pos, csize)
             pos += n
+        return csize
 
-    def _write_span(
-        self, offset: int, data: memoryview, psize: int, csize: int | None = None
-    ) -> None:
+    def _write_span(self, offset: int, data: memoryview, psize: int, csize: int) -> int:
         """Rewrite the blocks covering [offset, offset+len(data)); requires offset <= psize.
 
-        *csize* is the ciphertext size if the caller has just read it (saves an fstat).
+        *csize* is the ciphertext size now; returns it after the write.
         """
         prefix = b""
-        if psize == 0 and (self.cipher_size() if csize is None else csize) == 0:
+        if psize == 0 and csize == 0:
             prefix = self._start_file()
         end = offset + len(data)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
@@ -219,9 +233,8 @@ class FileContent:
                 plain += old_last[end - last * BLOCK_SIZE :]
         out = self._cipher_for_existing().encrypt_blocks(first, plain)
         if prefix:
-            _pwrite_all(self.fd, prefix + out, 0)
-        else:
-            _pwrite_all(self.fd, out, cipher_offset(first))
+            return _pwrite_all(self.fd, prefix + out, 0, csize)
+        return _pwrite_all(self.fd, out, cipher_offset(first), csize)
 
     def truncate(self, size: int) -> None:
         """Set the plaintext size; shrinking re-encrypts a partial last block."""
@@ -240,9 +253,10 @@ class FileContent:
                     self.fd,
                     self._cipher_for_existing().encrypt_block(block, keep),
                     cipher_offset(block),
+                    cipher_offset(block),
                 )
         elif size > psize:
-            self._fill_zeros(psize, size)
+            self._fill_zeros(psize, size, self.cipher_size())
         else:
             os.ftruncate(self.fd, self.cipher_size())  # same size: still updates mtime/ctime
 
@@ -250,10 +264,23 @@ class FileContent:
         (os.fdatasync if datasync else os.fsync)(self.fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    reserve(fd, offset, len(data))  # ENOSPC now, not halfway through an existing block
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, csize: int) -> int:
+    """pwrite all of *data* at *offset* into a file of ciphertext size *csize*; returns the size
+    after it.
+
+    The part that grows the file is reserved first (:func:`~kmsfs.fs.posix.reserve`), so a full
+    disk fails the write with ENOSPC before any byte is written, not halfway through a block.
+    Blocks that already exist are overwritten in place and need no new space: ciphertext files
+    are never sparse (holes are encrypted zeros), so the reservation, one syscall per write, is
+    skipped for a pure overwrite (e.g. every 4 KiB random write into an existing file).
+    """
+    end = offset + len(data)
+    if end > csize:
+        grow_from = max(offset, csize)
+        reserve(fd, grow_from, end - grow_from)
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+    return max(csize, end)

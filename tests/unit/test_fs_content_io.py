@@ -1,0 +1,120 @@
+"""FileContent reads and writes against a model, without FUSE: every window, every torn tail.
+
+``FileContent.read`` learns the file's size from its own pread (it asks for BLOCK_OVERHEAD + 1
+bytes past the request) instead of an fstat. The rule it must keep is the one the fstat gave:
+bytes of intact blocks come back exactly, a request that reaches the end of a file whose size
+no plaintext gives (a torn tail) fails with BlockIntegrityError, and nothing past the end is
+invented. ``_reference_read`` is that rule written the slow, obvious way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.content import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    FormatError,
+    cipher_offset,
+    plain_size,
+    plain_size_lenient,
+)
+from kmsfs.fs import files
+from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+
+
+class _Deriver:
+    current_epoch = 1
+
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
+
+
+def _content(path: Path) -> FileContent:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    return FileContent(fd, ContentKeys(_Deriver(), key_epochs=True))
+
+
+def _reference_read(plain: bytes, csize: int, offset: int, size: int) -> bytes | None:
+    """What a read must give (None: BlockIntegrityError), from the plaintext and the size."""
+    try:
+        psize, torn = plain_size(csize), False
+    except FormatError:
+        psize, torn = plain_size_lenient(csize), True
+    if torn and offset + size >= psize:
+        return None
+    return plain[offset : min(offset + size, psize)]
+
+
+WINDOWS = [
+    (off, size)
+    for off in (0, 1, 4095, 4096, 4097, 8191, 8192, 12288, 12388, 20000)
+    for size in (1, 100, 4096, 4097, 8192, 131072)
+]
+
+
+@pytest.mark.parametrize("length", [0, 1, 4096, 8192, 3 * 4096 + 100])
+def test_reads_match_the_plaintext(tmp_path: Path, length: int) -> None:
+    plain = os.urandom(length)
+    content = _content(tmp_path / "f")
+    content.write(0, plain)
+    csize = content.cipher_size()
+    for off, size in WINDOWS:
+        assert bytes(content.read(off, size)) == _reference_read(plain, csize, off, size)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    # at a block boundary, inside the overhead of a would-be block, one byte past it, mid-block
+    [cipher_offset(2), cipher_offset(2) + 1, cipher_offset(2) + BLOCK_OVERHEAD,
+     cipher_offset(2) + BLOCK_OVERHEAD + 1, cipher_offset(2) + 1000, cipher_offset(1) + 10,
+     cipher_offset(0)],
+)
+def test_torn_tails_fail_exactly_where_the_size_says(tmp_path: Path, cut: int) -> None:
+    plain = os.urandom(3 * BLOCK_SIZE + 100)
+    content = _content(tmp_path / "f")
+    content.write(0, plain)
+    full_size = content.cipher_size()
+    os.ftruncate(content.fd, cut)
+
+    def intact(block: int) -> bool:  # all of its original ciphertext is still there
+        return min(cipher_offset(block + 1), full_size) <= cut
+
+    for off, size in WINDOWS:
+        want = _reference_read(plain, cut, off, size)
+        end = off + len(want) if want is not None else off
+        touched = range(off // BLOCK_SIZE, -(-end // BLOCK_SIZE)) if end > off else range(0)
+        if want is not None and all(intact(b) for b in touched):
+            assert bytes(content.read(off, size)) == want, (off, size)
+        else:  # torn at the end, or a block cut short (it cannot authenticate)
+            with pytest.raises(BlockIntegrityError):
+                content.read(off, size)
+
+
+def test_overwrites_reserve_nothing_and_growth_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = files.reserve
+    def recording_reserve(fd: int, off: int, n: int) -> None:
+        calls.append((off, n))
+        real(fd, off, n)
+
+    monkeypatch.setattr(files, "reserve", recording_reserve)
+    content = _content(tmp_path / "f")
+    content.write(0, os.urandom(4 * BLOCK_SIZE))
+    size = content.cipher_size()
+    assert calls == [(0, size)]  # a new file: all of it
+    calls.clear()
+    content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))  # one whole block, in place
+    content.write(10, b"x" * 100)  # read-modify-write of block 0, in place
+    assert calls == []
+    content.write(4 * BLOCK_SIZE - 10, b"y" * 30)  # rewrites the last block, adds a block
+    assert calls == [(size, content.cipher_size() - size)]
+    content.truncate(3 * BLOCK_SIZE + 5)  # shrink to a partial block: rewritten after the cut
+    assert calls[-1] == (cipher_offset(3), content.cipher_size() - cipher_offset(3))
