@@ -1,6 +1,8 @@
 """Name encryption, directory IVs and long names (kmsfs/crypto/names.py)."""
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,38 @@ def test_known_answer_vectors() -> None:
         assert names.decrypt_from_disk(dir_iv, case["disk"], lambda c=case: c["long_content"]) == (
             name
         )
+
+
+def _reference_b64url_decode(text: str) -> bytes:
+    """The obvious canonical decoder (decode, then insist re-encoding gives the same text)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise ValueError("not canonical")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:
+        raise ValueError("not canonical")
+    return data
+
+
+_B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/= \n.é\x00"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40).map(b64url_encode),  # canonical texts
+    st.binary(max_size=40).map(b64url_encode).flatmap(  # one character changed
+        lambda t: st.tuples(st.integers(0, max(len(t) - 1, 0)), st.sampled_from(_B64_CHARS)).map(
+            lambda ic: t[: ic[0]] + ic[1] + t[ic[0] + 1 :]
+        )
+    ),
+    st.text(alphabet=_B64_CHARS, max_size=12),  # anything
+))
+def test_b64url_decode_is_the_canonical_decoder(text: str) -> None:
+    try:
+        want: bytes | None = _reference_b64url_decode(text)
+    except ValueError:
+        want = None
+    if want is None:
+        with pytest.raises(ValueError):
+            b64url_decode(text)
+    else:
+        assert b64url_decode(text) == want
