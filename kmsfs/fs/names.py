@@ -73,16 +73,20 @@ NAME_CACHE_SIZE = 4096
 class DirNames:
     """Name encryption for one volume; caches directory IVs by FUSE inode (trio thread only).
 
-    It also keeps the last :data:`NAME_CACHE_SIZE` encrypted names: the kernel asks about one
-    name several times in a row (a lookup then a create, a lookup then an unlink). The key is
-    the directory IV and the name, and the encryption is deterministic, so an entry is never
-    stale whatever happens to the entry or the directory (a new directory has a new IV).
+    It also keeps the last :data:`NAME_CACHE_SIZE` names in each direction: (directory IV,
+    name) -> disk name, since the kernel asks about one name several times in a row (a lookup
+    then a create, a listing then an unlink), and (directory IV, short disk name) -> name, since
+    a directory is often listed again (``find`` then ``rm -rf``). Both are pure functions of the
+    volume key, the IV and the name, so an entry is never stale whatever happens to the entry or
+    the directory (a new directory has a new IV), and a tampered entry, being another disk name,
+    is never found there: it is decrypted, and refused, as always.
     """
 
     def __init__(self, cipher: NameCipher) -> None:
         self._cipher = cipher
         self._ivs: dict[int, bytes] = {}
         self._names: dict[tuple[bytes, bytes], DiskName] = {}
+        self._plain: dict[tuple[bytes, str], bytes] = {}
 
     def dir_iv(self, ino: int, dirpath: bytes) -> bytes:
         dir_iv = self._ivs.get(ino)
@@ -95,15 +99,28 @@ class DirNames:
         self._ivs.pop(ino, None)
 
     def disk_name(self, dir_iv: bytes, name: bytes) -> DiskName:
-        key = (dir_iv, name)
-        disk = self._names.get(key)
+        disk = self._names.get((dir_iv, name))
         if disk is None:
             check_name(name)
             disk = self._cipher.encrypt_to_disk(dir_iv, name)
-            if len(self._names) >= NAME_CACHE_SIZE:
-                del self._names[next(iter(self._names))]  # the oldest
-            self._names[key] = disk
+            self._remember(dir_iv, name, disk)
         return disk
+
+    def _remember(self, dir_iv: bytes, name: bytes, disk: DiskName) -> None:
+        if len(self._names) >= NAME_CACHE_SIZE:
+            del self._names[next(iter(self._names))]  # the oldest
+        self._names[(dir_iv, name)] = disk
+        if disk.long_content is None:
+            if len(self._plain) >= NAME_CACHE_SIZE:
+                del self._plain[next(iter(self._plain))]
+            self._plain[(dir_iv, disk.name)] = name
+
+    def remember_listing(self, dir_iv: bytes, entries: list[tuple[bytes, bytes]]) -> None:
+        """Keep what :meth:`list_dir` found (short names), for the calls that usually follow."""
+        for cname, plain in entries[:NAME_CACHE_SIZE]:
+            disk = os.fsdecode(cname)
+            if not is_longname(disk) and (dir_iv, plain) not in self._names:
+                self._remember(dir_iv, plain, DiskName(disk, None))
 
     def decrypt(self, dir_iv: bytes, dirpath: bytes, disk_name: str) -> bytes:
         """Plaintext of one entry; IntegrityError if it is not a valid name of this directory."""
@@ -120,20 +137,25 @@ class DirNames:
     def list_dir(self, dir_iv: bytes, dirpath: bytes, plain_dir: str) -> list[tuple[bytes, bytes]]:
         """(disk name, plaintext name) of every visible entry; bad entries are logged, skipped.
 
-        Thread-safe (touches no shared state), so big directories can be listed off the loop.
+        Thread-safe (only reads the name cache), so big directories can be listed off the loop.
         """
         out = []
+        known = self._plain
         with os.scandir(dirpath) as it:
             for entry in it:
                 name = entry.name
-                if is_internal(os.fsdecode(name)):
-                    continue
                 disk = os.fsdecode(name)
-                try:
-                    plain = self.decrypt(dir_iv, dirpath, disk)
-                except IntegrityError as exc:
-                    log.error("integrity: %s: undecryptable entry %r (%s)", plain_dir, disk, exc)
+                if is_internal(disk):
                     continue
+                plain = known.get((dir_iv, disk))
+                if plain is None:
+                    try:
+                        plain = self.decrypt(dir_iv, dirpath, disk)
+                    except IntegrityError as exc:
+                        log.error(
+                            "integrity: %s: undecryptable entry %r (%s)", plain_dir, disk, exc
+                        )
+                        continue
                 out.append((os.fsencode(name), plain))
         out.sort()
         return out

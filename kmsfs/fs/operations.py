@@ -365,6 +365,7 @@ class ContentOps:
                 d.entries = await trio.to_thread.run_sync(
                     self.names.list_dir, dir_iv, dirpath, plain, limiter=self.limiter
                 )
+            self.names.remember_listing(dir_iv, d.entries)
         entries = d.entries
         for i in range(start_id, len(entries)):
             cname, pname = entries[i]

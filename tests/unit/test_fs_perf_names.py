@@ -38,3 +38,53 @@ def test_bad_names_are_refused_every_time(name: bytes, code: int) -> None:
             dn.disk_name(os.urandom(16), name)
         assert info.value.errno == code
     assert not dn._names
+
+
+def _volume_dir(tmp_path, cipher: NameCipher, iv: bytes, plain: list[bytes]):  # type: ignore[no-untyped-def]
+    for name in plain:
+        disk = cipher.encrypt_to_disk(iv, name)
+        names.write_sidecar(os.fsencode(tmp_path), disk)
+        (tmp_path / disk.name).write_bytes(b"")
+    return os.fsencode(tmp_path)
+
+
+def test_a_listing_feeds_both_caches_with_the_cipher_s_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cipher = NameCipher(os.urandom(32))
+    iv = os.urandom(16)
+    plain = [b"a", b"file.txt", b"b" * 200]  # the last is a long name (sidecar)
+    dirpath = _volume_dir(tmp_path, cipher, iv, plain)
+    dn = DirNames(cipher)
+    listed = dn.list_dir(iv, dirpath, "/d")
+    assert sorted(p for _, p in listed) == sorted(plain)
+    dn.remember_listing(iv, listed)
+    for name in plain:
+        assert dn.disk_name(iv, name) == cipher.encrypt_to_disk(iv, name)
+    assert dn.list_dir(iv, dirpath, "/d") == listed  # again, from the reverse cache
+    assert (iv, os.fsdecode(cipher.encrypt_to_disk(iv, b"file.txt").name)) in dn._plain
+    assert all(not k[1].startswith("kmsfs.") for k in dn._plain)  # long names: never cached
+
+
+def test_a_tampered_entry_is_refused_even_after_listing(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    cipher = NameCipher(os.urandom(32))
+    iv = os.urandom(16)
+    dirpath = _volume_dir(tmp_path, cipher, iv, [b"good"])
+    dn = DirNames(cipher)
+    dn.remember_listing(iv, dn.list_dir(iv, dirpath, "/d"))
+    good = cipher.encrypt_to_disk(iv, b"good").name
+    forged = good[:-2] + ("A" if good[-2] != "A" else "B") + good[-1]
+    (tmp_path / forged).write_bytes(b"")
+    listed = dn.list_dir(iv, dirpath, "/d")
+    assert [p for _, p in listed] == [b"good"]
+    assert "undecryptable entry" in caplog.text
+    # the same name in another directory (another IV) is not the cached one
+    assert dn.list_dir(os.urandom(16), dirpath, "/e") == []
+
+
+def test_both_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(names, "NAME_CACHE_SIZE", 8)
+    dn = DirNames(NameCipher(os.urandom(32)))
+    iv = os.urandom(16)
+    for i in range(50):
+        dn.disk_name(iv, b"n%d" % i)
+    dn.remember_listing(iv, [(b"x%d" % i, b"p%d" % i) for i in range(50)])
+    assert len(dn._names) <= 8 and len(dn._plain) <= 8
