@@ -199,7 +199,8 @@ def main() -> int:
     ap.add_argument("--only", default=None,
                     help="comma-separated figure prefixes to run, e.g. 'tar,rm' (default: all)")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="where to put ciphertext dirs (default: a temp dir on /tmp)")
+                    help="where to put ciphertext dirs (default: a temp dir on /tmp); "
+                         "/dev/shm measures the file systems alone, without the disk's noise")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kmsfs-bench-", dir=args.workdir))
     tarball = work / "tree.tar"
@@ -210,6 +211,9 @@ def main() -> int:
     sampler: RssSampler | None = None
     how = "SoftHSM2 (product path)" if args.deriver == "hsm" else "TEST stand-in (no HSM)"
     print(f"kmsfs key derivation: {how}; kmsfs mount options: {args.kmsfs_options or '(none)'}")
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True,
+                            text=True).stdout.strip() or "?"
+    print(f"backing directories: {work} ({fstype}; --workdir /dev/shm leaves the disk out)")
     try:
         mounts["plain"] = work / "plain"
         mounts["plain"].mkdir()
