@@ -61,16 +61,24 @@ def make_volume(cipherdir: Path) -> Path:
     return cipherdir
 
 
+def is_mounted(path: Path) -> bool:
+    """True if *path* is a mount point, a dead FUSE mount included: ``os.path.ismount`` says
+    False for one (it cannot stat it: ENOTCONN), which let teardown leave such mounts behind."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+        return any(line.split()[1].replace("\\040", " ") == target for line in mounts)
+
+
 def stop_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    """Unmount cleanly; escalate to SIGKILL and a lazy unmount if the daemon hangs."""
-    if os.path.ismount(mountpoint):
+    """Unmount cleanly; escalate to SIGKILL and a lazy unmount if the daemon hangs or died."""
+    if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
