@@ -13,10 +13,11 @@ ciphertext file system reuses the number, then checks the new object and the old
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,30 @@ def _held_fd_is_not(fd: int, new: Path) -> None:
     assert (held.st_ino, held.st_dev) != (new_st.st_ino, new_st.st_dev)
 
 
+@contextlib.contextmanager
+def _held_removed_dir(path: Path) -> Iterator[tuple[int, int]]:
+    """Make directory *path*, hold an fd on it, remove it: (the fd, its inode number)."""
+    os.mkdir(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old = os.fstat(fd).st_ino  # no reuse yet: the FUSE id is the backing number
+        os.rmdir(path)
+        yield fd, old
+    finally:
+        os.close(fd)
+
+
+def _file_maker(m: Path, content: Callable[[int], bytes]) -> Callable[[int], Path]:
+    """make(i) for :func:`_until_reused`: writes file ``f<i>`` in *m* with content(i)."""
+
+    def make(i: int) -> Path:
+        p = m / f"f{i}"
+        p.write_bytes(content(i))
+        return p
+
+    return make
+
+
 @pytest.fixture
 def m(mnt) -> Path:  # type: ignore[no-untyped-def]
     return mnt.mountpoint
@@ -59,11 +84,7 @@ def m(mnt) -> Path:  # type: ignore[no-untyped-def]
 def test_new_dir_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
     os.mkdir(m / "x")
     os.mkdir(m / "y")
-    os.mkdir(m / "x" / "d1")
-    fd = os.open(m / "x" / "d1", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        old = os.fstat(fd).st_ino  # no reuse yet: the FUSE id is the backing number
-        os.rmdir(m / "x" / "d1")
+    with _held_removed_dir(m / "x" / "d1") as (fd, old):
         new = _until_reused(mnt.cipherdir, old, lambda i: _mkdir(m / "y" / f"n{i}"))
         os.mkdir(new / "sub")  # was ENOENT: the kernel reused the removed dir's dead inode
         (new / "f").write_bytes(b"data")
@@ -71,8 +92,6 @@ def test_new_dir_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[n
         assert (new / "f").read_bytes() == b"data"
         _held_fd_is_not(fd, new)
         assert not os.path.exists(m / "x" / "d1")
-    finally:
-        os.close(fd)
     assert sorted(os.listdir(new)) == ["f", "sub"]
     os.rmdir(new / "sub")
     os.unlink(new / "f")
@@ -121,38 +140,16 @@ def test_new_file_after_held_file_unlinked(mnt, m: Path) -> None:  # type: ignor
 
 
 def test_new_file_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
-    os.mkdir(m / "d1")
-    fd = os.open(m / "d1", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        old = os.fstat(fd).st_ino
-        os.rmdir(m / "d1")
-
-        def make(i: int) -> Path:
-            p = m / f"f{i}"
-            p.write_bytes(b"x")
-            return p
-
-        new = _until_reused(mnt.cipherdir, old, make)
+    with _held_removed_dir(m / "d1") as (fd, old):
+        new = _until_reused(mnt.cipherdir, old, _file_maker(m, lambda i: b"x"))
         assert stat.S_ISREG(os.lstat(new).st_mode)
         assert new.read_bytes() == b"x"
         _held_fd_is_not(fd, new)
-    finally:
-        os.close(fd)
 
 
 def test_hard_links_and_distinct_inos_after_reuse(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
-    os.mkdir(m / "d1")
-    fd = os.open(m / "d1", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        old = os.fstat(fd).st_ino
-        os.rmdir(m / "d1")
-
-        def make(i: int) -> Path:
-            p = m / f"f{i}"
-            p.write_bytes(b"%d" % i)
-            return p
-
-        new = _until_reused(mnt.cipherdir, old, make)
+    with _held_removed_dir(m / "d1") as (_fd, old):  # held: the number stays the kernel's
+        new = _until_reused(mnt.cipherdir, old, _file_maker(m, lambda i: b"%d" % i))
         os.link(new, m / "hard")
         a, b = os.lstat(new), os.lstat(m / "hard")
         assert a.st_ino == b.st_ino and b.st_nlink == 2
@@ -164,8 +161,6 @@ def test_hard_links_and_distinct_inos_after_reuse(mnt, m: Path) -> None:  # type
         os.unlink(new)
         assert (m / "hard").read_bytes() == new.name[1:].encode()
         assert os.lstat(m / "hard").st_ino == a.st_ino
-    finally:
-        os.close(fd)
 
 
 def _mkdir(p: Path) -> Path:
