@@ -76,16 +76,6 @@ def expand(line: str, env: dict[str, str], state: str) -> list[str]:
     return words
 
 
-@pytest.fixture(scope="module")
-def installed() -> Iterator[None]:
-    """tools/install-system.sh: the links (kmsfs-hsmd among them) and units the ExecStart needs."""
-    already = Path("/usr/local/bin/kmsfs").exists()
-    subprocess.run([str(ROOT / "tools" / "install-system.sh")], check=True, capture_output=True)
-    yield
-    if not already:
-        subprocess.run([str(ROOT / "tools" / "install-system.sh"), "--uninstall"], check=True)
-
-
 class ActivatedAgent:
     """kmsfs-hsmd as the units start it, under systemd-socket-activate; reads its sd_notify."""
 

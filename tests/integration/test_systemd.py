@@ -1,6 +1,6 @@
 """Administrators' integration: the shipped systemd units and the mount(8) helper, for real.
 
-The ``installed`` fixture runs tools/install-system.sh (links into /usr/local/bin and /usr/sbin,
+The ``installed`` fixture (conftest.py) runs tools/install-system.sh (links into /usr/local/bin and /usr/sbin,
 the unit into /etc/systemd/system) and removes exactly that afterwards.
 """
 
@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from tests.kms_helpers import Admin
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 UNITS = sorted((ROOT / "systemd").iterdir())
-
-
-@pytest.fixture(scope="module")
-def installed() -> Iterator[None]:
-    already = Path("/usr/local/bin/kmsfs").exists()
-    subprocess.run([str(ROOT / "tools" / "install-system.sh")], check=True, capture_output=True)
-    yield
-    if not already:
-        subprocess.run([str(ROOT / "tools" / "install-system.sh"), "--uninstall"], check=True)
 
 
 @pytest.fixture
