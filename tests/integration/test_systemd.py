@@ -1,7 +1,7 @@
 """Administrators' integration: the shipped systemd units and the mount(8) helper, for real.
 
-The ``installed`` fixture (conftest.py) runs tools/install-system.sh (links into /usr/local/bin and /usr/sbin,
-the unit into /etc/systemd/system) and removes exactly that afterwards.
+The ``installed`` fixture (conftest.py) runs tools/install-system.sh (links into /usr/local/bin
+and /usr/sbin, the unit into /etc/systemd/system) and removes exactly that afterwards.
 """
 
 import os
