@@ -11,16 +11,10 @@ from tests.kms_helpers import Admin
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/kmsfs-hypothesis")
 
 
-def _admin(root: Path) -> Admin:
-    pins = root / "pins"
-    pins.mkdir(mode=0o700)
-    return Admin(root / "store", pins)
-
-
 @pytest.fixture
 def admin(tmp_path: Path) -> Admin:
     """An empty place for a store (not initialized) with the real CLI bound to it."""
-    return _admin(tmp_path)
+    return Admin.under(tmp_path)
 
 
 @pytest.fixture
@@ -33,7 +27,7 @@ def initialized(admin: Admin) -> Admin:
 @pytest.fixture(scope="module")
 def ceremony(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
     """One store per test module: 3 HSMs, operators alice..erin (five), nothing else."""
-    admin = _admin(tmp_path_factory.mktemp("ceremony"))
+    admin = Admin.under(tmp_path_factory.mktemp("ceremony"))
     admin("init", "--hsms", "3")
     admin.create_operators("alice", "bob", "carol", "dave", "erin")
     yield admin

@@ -37,6 +37,14 @@ class Admin:
     store: Path
     pins: Path
 
+    @classmethod
+    def under(cls, root: Path, store: str = "store") -> "Admin":
+        """An Admin for ``root/<store>`` (not created yet), its PIN files in ``root/pins``
+        (created here, 0700, with *root* if need be)."""
+        pins = root / "pins"
+        pins.mkdir(mode=0o700, parents=True)
+        return cls(root / store, pins)
+
     def __call__(
         self, *args: str, check: int | None = 0, env: dict[str, str] | None = None
     ) -> Result:

@@ -79,8 +79,7 @@ def _as_uid(uid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("agent")
-    (root / "pins").mkdir(mode=0o700)
-    agent_admin = Admin(root / "agent-store", root / "pins")
+    agent_admin = Admin.under(root, "agent-store")
     agent_admin("init", "--hsms", "2")
     agent_admin.create_operators("alice", "bob", "carol")
     ops_store = root / "ops-store"

@@ -87,8 +87,7 @@ class Kms:
 @pytest.fixture(scope="module")
 def kms(tmp_path_factory: pytest.TempPathFactory) -> Kms:
     root = tmp_path_factory.mktemp("adversarial")
-    (root / "pins").mkdir(mode=0o700)
-    admin = Admin(root / "store", root / "pins")
+    admin = Admin.under(root)
     admin("init", "--hsms", "2")
     admin.create_operators("alice", "bob", "carol", "dave")
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
@@ -101,8 +100,7 @@ def kms(tmp_path_factory: pytest.TempPathFactory) -> Kms:
 @pytest.fixture
 def fresh(tmp_path: Path) -> Admin:
     """A store of its own, genesis only (unpinned), operators alice and bob."""
-    (tmp_path / "pins").mkdir(mode=0o700)
-    admin = Admin(tmp_path / "store", tmp_path / "pins")
+    admin = Admin.under(tmp_path)
     admin("init", "--hsms", "1")
     admin.create_operators("alice", "bob")
     return admin

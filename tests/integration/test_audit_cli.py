@@ -25,8 +25,7 @@ from tests.kms_helpers import Admin, one_error_line
 def kms(tmp_path_factory: pytest.TempPathFactory) -> Admin:
     """One store for the module: two embedded SoftHSM2 HSMs (hsm1, hsm2)."""
     root = tmp_path_factory.mktemp("audit")
-    (root / "pins").mkdir(mode=0o700)
-    admin = Admin(root / "store", root / "pins")
+    admin = Admin.under(root)
     admin("init", "--hsms", "2")
     return admin
 

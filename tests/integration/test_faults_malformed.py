@@ -94,8 +94,7 @@ def _one_line(stderr: str, prog: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("malformed")
-    (root / "pins").mkdir(mode=0o700)
-    admin = Admin(root / "store", root / "pins")
+    admin = Admin.under(root)
     admin("init", "--hsms", "2")
     real_domain(admin)
     cipher = root / "cipher"

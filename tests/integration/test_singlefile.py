@@ -30,9 +30,7 @@ C = CHUNK_SIZE
 
 
 def make_store(root: Path, domains: tuple[str, ...] = ("payroll",)) -> Admin:
-    pins = root / "pins"
-    pins.mkdir(mode=0o700, parents=True)
-    admin = Admin(root / "store", pins)
+    admin = Admin.under(root)
     admin("init", "--hsms", "2")
     admin.create_operators("alice")
     trust = admin.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
