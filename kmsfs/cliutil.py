@@ -20,6 +20,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(exitcodes.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_agent_options(parser: argparse.ArgumentParser, agent_help: str) -> None:
+    """``--agent`` (what it does for this command: *agent_help*) and its TLS files, the same
+    for kmsfs and kmsfs-admin."""
+    parser.add_argument("--agent", metavar="SOCKET|HOST:PORT", help=agent_help)
+    parser.add_argument(
+        "--agent-cert", metavar="F", help="client certificate, for an agent at HOST:PORT (TLS)"
+    )
+    parser.add_argument("--agent-key", metavar="F", help="its private key")
+    parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
+
+
 def run(prog: str, handler: Callable[[], int | None]) -> int:
     """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code."""
     try:

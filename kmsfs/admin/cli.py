@@ -12,7 +12,14 @@ from kmsfs.admin import audit_cmd, render
 from kmsfs.admin.render import short
 from kmsfs.agent import remote
 from kmsfs.agent.client import AgentAddress, AgentClient
-from kmsfs.cliutil import Parser, emit_json, emit_table, run, setup_logging
+from kmsfs.cliutil import (
+    Parser,
+    add_agent_options,
+    emit_json,
+    emit_table,
+    run,
+    setup_logging,
+)
 from kmsfs.completion import bash_script
 from kmsfs.errors import HsmError, UsageError
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
@@ -359,14 +366,9 @@ def build_parser() -> Parser:
         help="the store directory (default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
-    parser.add_argument(
-        "--agent",
-        metavar="SOCKET|HOST:PORT",
-        help="have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap, hsm health)",
+    add_agent_options(
+        parser, "have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap, hsm health)"
     )
-    parser.add_argument("--agent-cert", metavar="F", help="client certificate for a TLS agent")
-    parser.add_argument("--agent-key", metavar="F", help="its private key")
-    parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kmsfs import __version__, exitcodes
-from kmsfs.cliutil import Parser, emit_json, run
+from kmsfs.cliutil import Parser, add_agent_options, emit_json, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, reencrypt, singlefile
@@ -133,15 +133,11 @@ def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
 
 
 def _agent_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--agent",
-        metavar="SOCKET|HOST:PORT",
-        help="get keys from kmsfs-hsmd instead of opening the HSMs in this process "
+    add_agent_options(
+        parser,
+        "get keys from kmsfs-hsmd instead of opening the HSMs in this process "
         "(the agent verifies the Domain; --store is then not needed)",
     )
-    parser.add_argument("--agent-cert", metavar="F", help="client certificate (TCP agents)")
-    parser.add_argument("--agent-key", metavar="F", help="its private key")
-    parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
