@@ -6,7 +6,6 @@ chunk ahead to learn which chunk is last), over bytes, so every cut and splice c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ from kmsfs.crypto.stream import (
     plain_size,
 )
 from kmsfs.errors import BadVersionError, FormatError, IntegrityError
+from tests.vectors import generate_stream_vectors
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "stream_v1.json").read_text())
 KEY = bytes(range(32))
@@ -307,12 +307,7 @@ def test_known_answers(case: dict) -> None:
 
 
 def test_vector_file_matches_its_generator() -> None:
-    path = Path(__file__).parents[1] / "vectors" / "generate_stream_vectors.py"
-    spec = importlib.util.spec_from_file_location("generate_stream_vectors", path)
-    assert spec is not None and spec.loader is not None
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    assert generator.vectors() == VECTORS
+    assert generate_stream_vectors.vectors() == VECTORS
 
 
 VECTORS_V2 = json.loads((Path(__file__).parents[1] / "vectors" / "stream_v2.json").read_text())
@@ -336,9 +331,4 @@ def test_known_answers_v2(case: dict) -> None:
 
 
 def test_vector_v2_file_matches_its_generator() -> None:
-    path = Path(__file__).parents[1] / "vectors" / "generate_stream_vectors.py"
-    spec = importlib.util.spec_from_file_location("generate_stream_vectors", path)
-    assert spec is not None and spec.loader is not None
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    assert generator.vectors_v2() == VECTORS_V2
+    assert generate_stream_vectors.vectors_v2() == VECTORS_V2
