@@ -108,6 +108,14 @@ class Admin:
         self("trust", "seal", trust)
         return trust
 
+    def real_domain(self, name: str = "payroll") -> str:
+        """Operator alice, a sealed Trust of hsm1 + hsm2 (quorum 1) and Domain *name* on it;
+        returns the trust id."""
+        self.create_operators("alice")
+        trust = self.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+        self("domain", "create", name, "--trust", trust)
+        return trust
+
 
 def one_error_line(result: Result) -> str:
     """The CLI's error contract: exactly one line on stderr, starting with the program name."""

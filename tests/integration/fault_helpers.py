@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.integration.fs_helpers import stop_daemon
-from tests.kms_helpers import Admin
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 
@@ -36,14 +35,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 def kmsfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*KMSFS, *args], capture_output=True, text=True, timeout=timeout,
                           env=clean_env(), check=False)
-
-
-def real_domain(admin: Admin, name: str = "payroll") -> str:
-    """Operator alice, a sealed Trust of hsm1 + hsm2 (quorum 1), Domain ``name``; the trust id."""
-    admin.create_operators("alice")
-    trust = admin.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    admin("domain", "create", name, "--trust", trust)
-    return trust
 
 
 def token_dir(store: Path, label: str) -> Path:

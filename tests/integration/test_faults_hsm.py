@@ -27,7 +27,6 @@ from tests.integration.fault_helpers import (
     RealMount,
     drop_cache,
     kmsfs,
-    real_domain,
     token_dir,
     wait_for,
     write_synced,
@@ -52,7 +51,7 @@ def _serving(mount: RealMount) -> str:
 @pytest.mark.slow
 def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admin) -> None:
     store = initialized.store
-    real_domain(initialized)
+    initialized.real_domain()
     cipher = tmp_path / "cipher"
     proc = kmsfs("init", str(cipher), "--domain", "payroll", "--store", str(store))
     assert proc.returncode == 0, proc.stderr

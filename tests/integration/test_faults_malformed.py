@@ -24,7 +24,7 @@ from kmsfs.errors import KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.fsck import check_tree
 from kmsfs.store.documents import Store
-from tests.integration.fault_helpers import kmsfs, real_domain
+from tests.integration.fault_helpers import kmsfs
 from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume
 from tests.kms_helpers import Admin, tree_snapshot
 
@@ -96,7 +96,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
     root = tmp_path_factory.mktemp("malformed")
     admin = Admin.under(root)
     admin("init", "--hsms", "2")
-    real_domain(admin)
+    admin.real_domain()
     cipher = root / "cipher"
     proc = kmsfs("init", str(cipher), "--domain", "payroll", "--store", str(admin.store))
     assert proc.returncode == 0, proc.stderr

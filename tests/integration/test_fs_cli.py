@@ -106,9 +106,7 @@ def test_info_reads_config(tmp_path: Path) -> None:
 # --- end to end with a real store and SoftHSM ----------------------------------------------
 @pytest.mark.slow
 def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized.real_domain()
     env = {"KMSFS_STORE": str(initialized.store)}
     cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
     proc = kmsfs("init", str(cipher), "--domain", "payroll", env=env)

@@ -403,9 +403,7 @@ def test_single_file_encrypt_decrypt_at_epoch_2(tmp_path: Path, monkeypatch) -> 
 
 @pytest.mark.slow
 def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized.real_domain()
     env = {"KMSFS_STORE": str(initialized.store)}
     cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
     assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0

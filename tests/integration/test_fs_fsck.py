@@ -179,9 +179,7 @@ def test_damaged_header_and_missing_blob(volume: Path, mounter) -> None:  # type
 def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
     from tests.integration.test_singlefile import kmsfs
 
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized.real_domain()
     store = initialized.store
     cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
     kmsfs(store, "init", str(cipher), "--domain", "payroll")

@@ -23,9 +23,7 @@ INFO = b"kmsfs/v1/file-key\x00" + bytes(range(16))
 @pytest.fixture
 def domain(initialized: Admin) -> Admin:
     initialized("hsm", "create", "--label", "hsm3")
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "vault", "--trust", trust)
+    initialized.real_domain("vault")
     return initialized
 
 

@@ -24,9 +24,7 @@ def _hsm(ctx: Context, label: str):  # type: ignore[no-untyped-def]
 
 
 def test_rotate_adds_an_epoch_and_keeps_the_old_ones(initialized: Admin) -> None:
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized.real_domain()
     ctx = Context.at(initialized.store)
     with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as before:
         assert before.current_epoch == 1

@@ -24,9 +24,7 @@ UNITS = sorted((ROOT / "systemd").iterdir())
 @pytest.fixture
 def volume(initialized: Admin, tmp_path: Path) -> dict[str, str]:
     """A real Domain and a ciphertext directory bound to it; the unit's environment file."""
-    initialized.create_operators("alice")
-    trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
-    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized.real_domain()
     env = {
         "KMSFS_CIPHERDIR": str(tmp_path / "cipher"),
         "KMSFS_MOUNTPOINT": str(tmp_path / "mnt"),
