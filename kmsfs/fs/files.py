@@ -18,6 +18,7 @@ unauthenticated zero block is never accepted as data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -266,21 +267,37 @@ class FileContent:
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, csize: int) -> int:
     """pwrite all of *data* at *offset* into a file of ciphertext size *csize*; returns the size
-    after it.
+    after it. A full disk (ENOSPC, EDQUOT) fails the write with no block left half old, half new.
 
-    The part that grows the file is reserved first (:func:`~kmsfs.fs.posix.reserve`), so a full
-    disk fails the write with ENOSPC before any byte is written, not halfway through a block.
-    Blocks that already exist are overwritten in place and need no new space: ciphertext files
-    are never sparse (holes are encrypted zeros), so the reservation, one syscall per write, is
-    skipped for a pure overwrite (e.g. every 4 KiB random write into an existing file).
+    - An append (*offset* at the end: a new file's first write, dd, a log) touches no existing
+      byte, so it needs no reservation: if it fails, the file is cut back to *csize* and is
+      exactly what it was. Skipping fallocate here matters on ext4: reserved blocks are
+      allocated at once, which defeats delayed allocation and made a later unlink of a small
+      file five times slower (40 µs more per file of an ``rm -rf``).
+    - A write that rewrites existing blocks and grows the file reserves the growth first
+      (:func:`~kmsfs.fs.posix.reserve`), so ENOSPC comes before any old byte is overwritten.
+    - A pure overwrite needs no new space (ciphertext files are never sparse) and reserves
+      nothing (e.g. every 4 KiB random write into an existing file).
     """
     end = offset + len(data)
-    if end > csize:
-        grow_from = max(offset, csize)
-        reserve(fd, grow_from, end - grow_from)
+    appending = offset >= csize
+    if end > csize and not appending:
+        reserve(fd, csize, end - csize)
     view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError:
+        if appending:
+            _cut_back(fd, csize)
+        raise
     return max(csize, end)
+
+
+def _cut_back(fd: int, csize: int) -> None:
+    """Undo a failed append: shrinking needs no space, so this works on a full disk."""
+    # If even this fails, the caller still raises the write's own error; fsck names the tail.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, csize)

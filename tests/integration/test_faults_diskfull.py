@@ -159,3 +159,36 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
             assert mount.alive()
         finally:
             mount.stop()
+
+
+def test_failed_append_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """An append reserves no space (kmsfs.fs.files._pwrite_all): if the disk fills up under it,
+    the file is cut back to its old size, never left with a torn tail.
+
+    ``aligned`` holds exactly one block, so an append starts a new block; its ciphertext ends
+    4050 bytes into a tmpfs page that is already allocated, so on the full disk the pwrite is
+    cut short there, after writing part of the new block. ``empty`` has no header yet: its
+    first write fails as a whole and it must stay an empty, readable file.
+    """
+    with tmpfs(tmp_path / "small", "8m") as small:
+        mount = mounter(make_volume(small / "cipher"))
+        m = mount.mountpoint
+        try:
+            aligned_old = os.urandom(4096)
+            write_synced(m / "aligned", aligned_old)
+            write_synced(m / "empty", b"")
+            _fill(m)
+
+            for name, old in (("aligned", aligned_old), ("empty", b"")):
+                with pytest.raises(OSError) as exc, open(m / name, "ab", buffering=0) as f:
+                    f.write(os.urandom(9_000))
+                assert exc.value.errno == errno.ENOSPC, f"{name}: {exc.value!r}"
+                assert (m / name).stat().st_size == len(old), name
+                drop_cache(m / name)
+                try:
+                    assert (m / name).read_bytes() == old, name
+                except OSError as e:
+                    pytest.fail(f"{name}: unreadable after a failed append: {e!r}")
+            assert mount.alive()
+        finally:
+            mount.stop()
