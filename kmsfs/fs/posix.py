@@ -25,28 +25,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-FALLOC_FL_KEEP_SIZE = 1
-_fallocate = getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def reserve(fd: int, offset: int, length: int) -> None:
-    """Reserve disk space for ``[offset, offset+length)`` without changing the file size.
-
-    Done before rewriting ciphertext blocks (as gocryptfs does), so a full disk fails the write
-    with ENOSPC *before* any byte of an existing block is overwritten: a short pwrite would
-    leave a block half old, half new, and unreadable for good. KEEP_SIZE, so a crash never
-    leaves a zero-extended file. Filesystems without fallocate just skip the reservation.
-    """
-    if _fallocate is None or length <= 0:
-        return
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise OSError(err, os.strerror(err))
-
-
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
     """rename(2) with flags; EINVAL if the C library or the file system cannot do them."""
     if flags == 0:

@@ -120,9 +120,10 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
     """A write that needs new space on a full disk must not leave a half-written block.
 
     ``tail`` ends in a 1808-byte block, so growing it rewrites that block across a page the
-    full tmpfs cannot give: without preallocation the pwrite is cut short and the old last
-    block is left half old, half new (EIO forever). ``log`` is appended to until ENOSPC, then
-    again: the second append must see ENOSPC too, not EIO from the first one's torn block.
+    full tmpfs cannot give: a single pwrite would be cut short there and leave the old last
+    block half old, half new (EIO forever); the part past the end must go first. ``log`` is
+    appended to until ENOSPC, then again: the second append must see ENOSPC too, not EIO from
+    the first one's torn block.
     """
     with tmpfs(tmp_path / "small", "8m") as small:
         mount = mounter(make_volume(small / "cipher"))
@@ -162,8 +163,8 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
 
 
 def test_failed_append_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
-    """An append reserves no space (kmsfs.fs.files._pwrite_all): if the disk fills up under it,
-    the file is cut back to its old size, never left with a torn tail.
+    """An append that the disk cannot take is cut back to the file's old size
+    (kmsfs.fs.files._pwrite_all), never left with a torn tail.
 
     ``aligned`` holds exactly one block, so an append starts a new block; its ciphertext ends
     4050 bytes into a tmpfs page that is already allocated, so on the full disk the pwrite is

@@ -9,22 +9,24 @@ invented. ``_reference_read`` is that rule written the slow, obvious way.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kmsfs.crypto.content import (
     BLOCK_OVERHEAD,
     BLOCK_SIZE,
+    CIPHER_BLOCK_SIZE,
     FormatError,
     cipher_offset,
     plain_size,
     plain_size_lenient,
 )
-from kmsfs.fs import files
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 
 
@@ -96,26 +98,55 @@ def test_torn_tails_fail_exactly_where_the_size_says(tmp_path: Path, cut: int) -
                 content.read(off, size)
 
 
-def test_appends_and_overwrites_reserve_nothing_and_growth_only_itself(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[tuple[int, int]] = []
-    real = files.reserve
-    def recording_reserve(fd: int, off: int, n: int) -> None:
-        calls.append((off, n))
-        real(fd, off, n)
+class _FullDisk:
+    """os.pwrite for one file on a disk that can hold *room* more bytes of it: a write past
+    that is cut short, and one that gets nothing fails with ENOSPC (as on tmpfs). Shrinking
+    the file frees space again."""
 
-    monkeypatch.setattr(files, "reserve", recording_reserve)
-    content = _content(tmp_path / "f")
-    content.write(0, os.urandom(4 * BLOCK_SIZE))
-    content.write(4 * BLOCK_SIZE, os.urandom(BLOCK_SIZE))
-    size = content.cipher_size()
-    assert calls == []  # a new file, then an append at a block boundary: cut back on failure
-    content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))  # one whole block, in place
-    content.write(10, b"x" * 100)  # read-modify-write of block 0, in place
-    assert calls == []
-    content.write(5 * BLOCK_SIZE - 10, b"y" * 30)  # rewrites the last block, adds a block
-    assert calls == [(size, content.cipher_size() - size)]
-    calls.clear()
-    content.truncate(3 * BLOCK_SIZE + 5)  # shrink to a partial block: appended after the cut
-    assert calls == []
+    def __init__(self, fd: int, room: int) -> None:
+        self.limit = os.fstat(fd).st_size + room
+        self.real = os.pwrite
+
+    def __call__(self, fd: int, data: Any, offset: int) -> int:
+        fits = self.limit - offset
+        if fits >= len(data):
+            return self.real(fd, data, offset)
+        if fits <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, bytes(data)[:fits], offset)
+
+
+@pytest.mark.parametrize("old_size", [0, 10, 4096, 5000, 3 * BLOCK_SIZE])
+@pytest.mark.parametrize(("offset", "length"), [(0, 100), (7, 9000), (4090, 12), (5000, 5000)])
+def test_full_disk_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_size: int, offset: int, length: int
+) -> None:
+    """Every write that runs out of space, wherever it stops, leaves the old bytes readable.
+
+    Writes that grow the file rewrite its old last block too: without the part past the end
+    going first (and being cut back on failure), a write cut short there would leave that
+    block half old, half new, and unreadable for good.
+    """
+    old = os.urandom(old_size)
+    new = os.urandom(length)
+    for room in range(0, 3 * CIPHER_BLOCK_SIZE, 700):
+        content = _content(tmp_path / f"f{room}")
+        if old:
+            content.write(0, old)
+        monkeypatch.setattr(os, "pwrite", _FullDisk(content.fd, room))
+        try:
+            content.write(offset, new)
+            wrote = True
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            wrote = False
+        finally:
+            monkeypatch.undo()
+        if wrote:
+            want = bytearray(old.ljust(offset, b"\0"))
+            want[offset : offset + length] = new
+        else:
+            want = bytearray(old)
+        assert content.plain_size() == len(want), room
+        assert bytes(content.read(0, len(want) + 1)) == want, room
+        os.close(content.fd)
