@@ -151,7 +151,13 @@ def serve(
     log.info("mounted %s on %s", cipherdir, mountpoint)
     unmount = True
     try:
-        trio.run(_main, on_ready, mountpoint, lambda: ops.limiter.borrowed_tokens > 0)
+        trio.run(
+            _main,
+            on_ready,
+            mountpoint,
+            lambda: ops.limiter.borrowed_tokens > 0,
+            ops.content_keys.derive_ahead,
+        )
     except BaseException:
         log.exception("main loop failed")
         raise
@@ -166,11 +172,14 @@ def serve(
 
 
 async def _main(
-    on_ready: Callable[[], None] | None, mountpoint: Path, threads_busy: Callable[[], bool]
+    on_ready: Callable[[], None] | None,
+    mountpoint: Path,
+    threads_busy: Callable[[], bool],
+    idle: Callable[[], bool],
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        await nursery.start(_run_fuse, nursery.cancel_scope, threads_busy)
+        await nursery.start(_run_fuse, nursery.cancel_scope, threads_busy, idle)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         await trio.to_thread.run_sync(os.stat, mountpoint)
         sdnotify.notify(f"READY=1\nSTATUS=serving {mountpoint}")
@@ -181,10 +190,11 @@ async def _main(
 async def _run_fuse(
     scope: trio.CancelScope,
     threads_busy: Callable[[], bool],
+    idle: Callable[[], bool],
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
-    gate = _install_read_gate(threads_busy)
+    gate = _install_read_gate(threads_busy, idle)
     try:
         await pyfuse3.main()
     finally:
@@ -246,12 +256,21 @@ class _SpinThenWait:
     The spin is bounded per request, so an idle mount sleeps as before. A request found by
     polling is returned to without a trio checkpoint, except at least once a millisecond, so
     other tasks (signals, worker-thread results) are never starved by a steady stream.
+
+    While it polls, the worker does small jobs that would otherwise fall on a request's path:
+    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`) does at most one and says
+    whether it did, and the fd is polled again between two jobs.
     """
 
-    def __init__(self, threads_busy: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        threads_busy: Callable[[], bool] = lambda: False,
+        idle: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._pollers: dict[int, select.poll] = {}
         self._last_checkpoint = time.perf_counter()
         self._threads_busy = threads_busy
+        self._idle = idle
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -271,6 +290,7 @@ class _SpinThenWait:
                     self._last_checkpoint = now
                     await trio.lowlevel.checkpoint()
                 return
+            self._idle()
             now = time.perf_counter()
         self._last_checkpoint = now
         await trio.lowlevel.wait_readable(fd)
@@ -280,9 +300,11 @@ class _PyfuseTrio:
     """What pyfuse3 sees as its ``trio`` module: trio itself, but ``Lock`` is the read gate
     and ``lowlevel.wait_readable`` spins briefly before it sleeps."""
 
-    def __init__(self, gate: _ReadGate, threads_busy: Callable[[], bool]) -> None:
+    def __init__(
+        self, gate: _ReadGate, threads_busy: Callable[[], bool], idle: Callable[[], bool]
+    ) -> None:
         self._gate = gate
-        self.lowlevel = _SpinThenWait(threads_busy)
+        self.lowlevel = _SpinThenWait(threads_busy, idle)
 
     def Lock(self) -> _ReadGate:  # the name pyfuse3 calls (trio.Lock)
         return self._gate
@@ -291,7 +313,9 @@ class _PyfuseTrio:
         return getattr(trio, name)
 
 
-def _install_read_gate(threads_busy: Callable[[], bool] = lambda: False) -> _ReadGate | None:
+def _install_read_gate(
+    threads_busy: Callable[[], bool] = lambda: False, idle: Callable[[], bool] = lambda: False
+) -> _ReadGate | None:
     """Give pyfuse3 the lazy read gate, if its main loop has the shape it is written for.
 
     pyfuse3 looks its ``trio`` module global up at run time (pyfuse3.asyncio swaps it the same
@@ -302,7 +326,7 @@ def _install_read_gate(threads_busy: Callable[[], bool] = lambda: False) -> _Rea
         return None
     gate = _ReadGate()
     trio.lowlevel.add_instrument(gate)
-    pyfuse3.trio = _PyfuseTrio(gate, threads_busy)  # type: ignore[attr-defined]
+    pyfuse3.trio = _PyfuseTrio(gate, threads_busy, idle)  # type: ignore[attr-defined]
     return gate
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs.fs.files import KEYS_AHEAD
 from tests.integration.fault_helpers import (
     RealMount,
     drop_cache,
@@ -89,16 +90,21 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
         assert f"HSM {first} failed" in mount.log()
 
         # 2. No HSM left: a new key fails with EIO and a log line that says why; files whose
-        #    keys are held keep working.
+        #    keys are held keep working, and so do the few keys derived ahead for new files.
         take_away(second)
         time.sleep(PROBE_WAIT)
-        fd = os.open(m / "after-2", os.O_CREAT | os.O_WRONLY, 0o644)  # empty: needs no key
-        try:
-            with pytest.raises(OSError) as exc:
+        for n in range(KEYS_AHEAD + 1):
+            failed = m / f"after-2-{n}"
+            fd = os.open(failed, os.O_CREAT | os.O_WRONLY, 0o644)  # empty: needs no key
+            try:
                 os.write(fd, b"y" * 100)
-            assert exc.value.errno == errno.EIO
-        finally:
-            os.close(fd)
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                break
+            finally:
+                os.close(fd)
+        else:
+            pytest.fail(f"{KEYS_AHEAD + 1} new files written with no HSM and {KEYS_AHEAD} ahead")
         with pytest.raises(OSError) as exc:
             _read_uncached(m / "before")
         assert exc.value.errno == errno.EIO
@@ -116,9 +122,9 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
         write_synced(m / "after-3", b"z" * 7_000)
         assert _read_uncached(m / "after-3") == b"z" * 7_000
         assert _read_uncached(m / "before") == b"b" * 10_000
-        with open(m / "after-2", "ab") as f:
+        with open(failed, "ab") as f:
             f.write(b"y" * 100)
-        assert _read_uncached(m / "after-2") == b"y" * 100
+        assert _read_uncached(failed) == b"y" * 100
         assert token_dir_path.exists()
         assert "Traceback" not in mount.log(), mount.log()
     finally:

@@ -82,3 +82,24 @@ def test_a_steady_stream_still_lets_other_tasks_run() -> None:
     trio.run(main)
     os.close(r)
     os.close(w)
+
+
+def test_does_idle_jobs_while_it_polls_and_returns_when_a_request_comes() -> None:
+    """``idle`` (deriving keys ahead) runs between polls, one job at a time, until the request
+    arrives; with nothing to do it is merely asked."""
+    r, w = _pipe()
+    jobs = []
+
+    def idle() -> bool:
+        jobs.append(1)
+        os.write(w, b"x")  # the request arrives while the worker is busy with a job
+        return True
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            await daemon._SpinThenWait(idle=idle).wait_readable(r)
+
+    trio.run(main)
+    assert len(jobs) == 1  # polled again after the job: returned, no second job
+    os.close(r)
+    os.close(w)
