@@ -9,9 +9,9 @@ current epoch on a volume with the KeyEpochs flag, and a version 1 header (epoch
 the per-file lock held by the caller (``operations``), because a reader that raced a writer
 could see half a block and report a false integrity failure.
 
-Crash safety: a write rewrites whole ciphertext blocks (at most ``CHUNK_BLOCKS`` per call), the
-part past the end of the file first (:func:`_pwrite_all`); a torn write can damage only the
-blocks being written, never older ones, and a full disk leaves the file as it was. Shrinking
+Crash safety: a write rewrites whole ciphertext blocks with one ``pwrite`` per call (at most
+``CHUNK_BLOCKS`` blocks); a torn write can damage only the blocks being written, never older
+ones, and a full disk leaves the file as it was (:func:`_pwrite_all`). Shrinking
 truncates to the block boundary *before* writing the shortened last block, so a crash in between
 leaves a shorter but fully readable file. Holes are encrypted zero blocks: an
 unauthenticated zero block is never accepted as data.
@@ -325,26 +325,26 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, csize: int) -> in
     """pwrite all of *data* at *offset* into a file of ciphertext size *csize*; returns the size
     after it. A full disk (ENOSPC, EDQUOT) fails the write and leaves the file as it was.
 
-    The part past the end (the only part that needs new space: ciphertext files are never
-    sparse) is written first; if that fails, the file is cut back to *csize*, so no byte of it
-    was changed. Only then are the bytes before the end rewritten in place (the old last block
-    of a write that grows it), which takes no new space. gocryptfs gets the same guarantee by
-    reserving the space with fallocate first; writing in this order needs no extra syscall,
-    and leaves allocation to the file system: on ext4 a reservation per write allocated each
-    small piece of a file at once (several extents per 30 KB file) and made its unlink slower.
+    One pwrite, as before, so a write is never half done when the daemon is killed. Only the
+    part past the end needs new space (ciphertext files are never sparse), so only a write
+    that grows the file can run out of it, possibly after overwriting the old last block in
+    place; the old bytes it covers are read first and, if it fails, put back (in place: no
+    new space) before the file is cut back to *csize*. gocryptfs reserves the space with
+    fallocate instead; that allocated each small piece of a file at once on ext4 (3-5 extents
+    per 30 KB file written in pieces, as tar does) and made reads and unlinks slower.
     """
     end = offset + len(data)
     view = memoryview(data)
-    if end > csize:
-        in_place = max(csize - offset, 0)
-        try:
-            _pwrite_fully(fd, view[in_place:], offset + in_place)
-        except OSError:
-            _cut_back(fd, csize)
-            raise
-        view = view[:in_place]
-    _pwrite_fully(fd, view, offset)
-    return max(csize, end)
+    if end <= csize:  # a pure overwrite needs no new space
+        _pwrite_fully(fd, view, offset)
+        return csize
+    old = os.pread(fd, csize - offset, offset) if offset < csize else b""
+    try:
+        _pwrite_fully(fd, view, offset)
+    except OSError:
+        _put_back(fd, old, offset, csize)
+        raise
+    return end
 
 
 def _pwrite_fully(fd: int, view: memoryview, offset: int) -> None:
@@ -354,9 +354,11 @@ def _pwrite_fully(fd: int, view: memoryview, offset: int) -> None:
         offset += n
 
 
-def _cut_back(fd: int, csize: int) -> None:
-    """Undo a failed write past the end: shrinking needs no space, so this works on a full
-    disk."""
-    # If even this fails, the caller still raises the write's own error; fsck names the tail.
+def _put_back(fd: int, old: bytes, offset: int, csize: int) -> None:
+    """Undo a write that grew the file and failed: the old bytes it overwrote, then the old
+    size. Neither needs new space, so both work on a full disk. If even they fail, the
+    caller still raises the write's own error (and fsck names the damaged block)."""
     with contextlib.suppress(OSError):
+        if old:
+            _pwrite_fully(fd, memoryview(old), offset)
         os.ftruncate(fd, csize)

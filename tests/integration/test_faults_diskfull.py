@@ -121,7 +121,7 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
 
     ``tail`` ends in a 1808-byte block, so growing it rewrites that block across a page the
     full tmpfs cannot give: a single pwrite would be cut short there and leave the old last
-    block half old, half new (EIO forever); the part past the end must go first. ``log`` is
+    block half old, half new (EIO forever) unless the old bytes are put back. ``log`` is
     appended to until ENOSPC, then again: the second append must see ENOSPC too, not EIO from
     the first one's torn block.
     """

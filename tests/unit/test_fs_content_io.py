@@ -123,9 +123,9 @@ def test_full_disk_leaves_the_file_as_it_was(
 ) -> None:
     """Every write that runs out of space, wherever it stops, leaves the old bytes readable.
 
-    Writes that grow the file rewrite its old last block too: without the part past the end
-    going first (and being cut back on failure), a write cut short there would leave that
-    block half old, half new, and unreadable for good.
+    Writes that grow the file rewrite its old last block too, in the same pwrite: if that
+    pwrite is cut short past the end, the old bytes it overwrote must be put back and the file
+    cut back, or that block stays half old, half new, and unreadable for good.
     """
     old = os.urandom(old_size)
     new = os.urandom(length)
