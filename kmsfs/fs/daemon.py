@@ -257,9 +257,9 @@ class _SpinThenWait:
     polling is returned to without a trio checkpoint, except at least once a millisecond, so
     other tasks (signals, worker-thread results) are never starved by a steady stream.
 
-    While it polls, the worker does small jobs that would otherwise fall on a request's path:
-    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`) does at most one and says
-    whether it did, and the fd is polled again between two jobs.
+    While it polls, the worker does a small job that would otherwise fall on a request's path:
+    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`) does at most one, called once
+    per wait and only if no request was already waiting; the fd is polled again right after.
     """
 
     def __init__(
@@ -284,13 +284,17 @@ class _SpinThenWait:
         # Not while worker threads encrypt or decrypt big requests: the spin would compete with
         # them for the GIL (dd write lost ~20% that way).
         deadline = now if self._threads_busy() else now + SPIN_SECONDS
+        idle = self._idle
         while now < deadline:
             if poller.poll(0):
                 if now - self._last_checkpoint > CHECKPOINT_SECONDS:
                     self._last_checkpoint = now
                     await trio.lowlevel.checkpoint()
                 return
-            self._idle()
+            if idle is not None:
+                idle()  # at most one job per wait, and only once no request was waiting
+                idle = None
+                continue  # poll again right after it
             now = time.perf_counter()
         self._last_checkpoint = now
         await trio.lowlevel.wait_readable(fd)

@@ -103,3 +103,33 @@ def test_does_idle_jobs_while_it_polls_and_returns_when_a_request_comes() -> Non
     assert len(jobs) == 1  # polled again after the job: returned, no second job
     os.close(r)
     os.close(w)
+
+
+def test_one_idle_job_per_wait_and_none_while_a_request_is_waiting() -> None:
+    """Each job may take an HSM round trip: never more than one per wait (the spin's polls stay
+    cheap), and none at all when a request is already there to be served."""
+    r, w = _pipe()
+    jobs = []
+
+    def idle() -> bool:
+        jobs.append(1)
+        return True
+
+    async def writer() -> None:
+        await trio.sleep(0.05)  # long after the spin
+        os.write(w, b"x")
+
+    async def main() -> None:
+        spin = daemon._SpinThenWait(idle=idle)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await spin.wait_readable(r)
+        assert len(jobs) == 1
+        with trio.fail_after(5):
+            await spin.wait_readable(r)  # the byte is still there: served at once
+        assert len(jobs) == 1
+
+    trio.run(main)
+    os.close(r)
+    os.close(w)
