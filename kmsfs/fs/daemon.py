@@ -151,13 +151,11 @@ def serve(
     log.info("mounted %s on %s", cipherdir, mountpoint)
     unmount = True
     try:
-        trio.run(
-            _main,
-            on_ready,
-            mountpoint,
-            lambda: ops.limiter.borrowed_tokens > 0,
-            ops.content_keys.derive_ahead,
+        spin = _SpinThenWait(
+            threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
+            idle=ops.content_keys.derive_ahead,
         )
+        trio.run(_main, on_ready, mountpoint, spin)
     except BaseException:
         log.exception("main loop failed")
         raise
@@ -172,14 +170,11 @@ def serve(
 
 
 async def _main(
-    on_ready: Callable[[], None] | None,
-    mountpoint: Path,
-    threads_busy: Callable[[], bool],
-    idle: Callable[[], bool],
+    on_ready: Callable[[], None] | None, mountpoint: Path, spin: _SpinThenWait
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        await nursery.start(_run_fuse, nursery.cancel_scope, threads_busy, idle)
+        await nursery.start(_run_fuse, nursery.cancel_scope, spin)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         await trio.to_thread.run_sync(os.stat, mountpoint)
         sdnotify.notify(f"READY=1\nSTATUS=serving {mountpoint}")
@@ -189,12 +184,11 @@ async def _main(
 
 async def _run_fuse(
     scope: trio.CancelScope,
-    threads_busy: Callable[[], bool],
-    idle: Callable[[], bool],
+    spin: _SpinThenWait,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
-    gate = _install_read_gate(threads_busy, idle)
+    gate = _install_read_gate(spin)
     try:
         await pyfuse3.main()
     finally:
@@ -284,7 +278,7 @@ class _SpinThenWait:
         # Not while worker threads encrypt or decrypt big requests: the spin would compete with
         # them for the GIL (dd write lost ~20% that way).
         deadline = now if self._threads_busy() else now + SPIN_SECONDS
-        idle = self._idle
+        idle: Callable[[], bool] | None = self._idle
         while now < deadline:
             if poller.poll(0):
                 if now - self._last_checkpoint > CHECKPOINT_SECONDS:
@@ -304,11 +298,9 @@ class _PyfuseTrio:
     """What pyfuse3 sees as its ``trio`` module: trio itself, but ``Lock`` is the read gate
     and ``lowlevel.wait_readable`` spins briefly before it sleeps."""
 
-    def __init__(
-        self, gate: _ReadGate, threads_busy: Callable[[], bool], idle: Callable[[], bool]
-    ) -> None:
+    def __init__(self, gate: _ReadGate, spin: _SpinThenWait) -> None:
         self._gate = gate
-        self.lowlevel = _SpinThenWait(threads_busy, idle)
+        self.lowlevel = spin
 
     def Lock(self) -> _ReadGate:  # the name pyfuse3 calls (trio.Lock)
         return self._gate
@@ -317,9 +309,7 @@ class _PyfuseTrio:
         return getattr(trio, name)
 
 
-def _install_read_gate(
-    threads_busy: Callable[[], bool] = lambda: False, idle: Callable[[], bool] = lambda: False
-) -> _ReadGate | None:
+def _install_read_gate(spin: _SpinThenWait | None = None) -> _ReadGate | None:
     """Give pyfuse3 the lazy read gate, if its main loop has the shape it is written for.
 
     pyfuse3 looks its ``trio`` module global up at run time (pyfuse3.asyncio swaps it the same
@@ -330,7 +320,7 @@ def _install_read_gate(
         return None
     gate = _ReadGate()
     trio.lowlevel.add_instrument(gate)
-    pyfuse3.trio = _PyfuseTrio(gate, threads_busy, idle)  # type: ignore[attr-defined]
+    pyfuse3.trio = _PyfuseTrio(gate, spin or _SpinThenWait())  # type: ignore[attr-defined]
     return gate
 
 
