@@ -8,9 +8,12 @@ EIO. After space is freed, writing works again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +21,17 @@ from tests.integration.fault_helpers import drop_cache, tmpfs, write_synced
 from tests.integration.fs_helpers import make_volume
 
 CHUNK = 64 * 1024
+
+
+@contextlib.contextmanager
+def _small_disk_mount(tmp_path: Path, mounter) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    """A mount whose ciphertext directory is on a fresh 8 MiB tmpfs (stopped on the way out)."""
+    with tmpfs(tmp_path / "small", "8m") as small:
+        mount = mounter(make_volume(small / "cipher"))
+        try:
+            yield mount
+        finally:
+            mount.stop()
 
 
 def _fill(directory: Path) -> int:
@@ -72,48 +86,44 @@ def _old_or_new(path: Path, old: bytes, new: bytes) -> None:
 def test_disk_full_gives_enospc_keeps_synced_data_and_recovers(
     tmp_path: Path, mounter  # type: ignore[no-untyped-def]
 ) -> None:
-    with tmpfs(tmp_path / "small", "8m") as small:
-        mount = mounter(make_volume(small / "cipher"))
+    with _small_disk_mount(tmp_path, mounter) as mount:
         m = mount.mountpoint
-        try:
-            synced = {f"keep{i}": os.urandom(n) for i, n in enumerate((1, 4096, 10_000, 300_001))}
-            for name, data in synced.items():
-                write_synced(m / name, data)
-            mid_old = os.urandom(3 * 4096)  # block 1 is rewritten in place while full
-            write_synced(m / "mid", mid_old)
+        synced = {f"keep{i}": os.urandom(n) for i, n in enumerate((1, 4096, 10_000, 300_001))}
+        for name, data in synced.items():
+            write_synced(m / name, data)
+        mid_old = os.urandom(3 * 4096)  # block 1 is rewritten in place while full
+        write_synced(m / "mid", mid_old)
 
-            assert _fill(m) > 0
-            assert mount.alive()
-            assert {*synced, "mid"} <= set(os.listdir(m))
-            os.statvfs(m)
-            with pytest.raises(OSError) as exc:
-                write_synced(m / "new-file", os.urandom(20_000))
-            assert exc.value.errno == errno.ENOSPC
+        assert _fill(m) > 0
+        assert mount.alive()
+        assert {*synced, "mid"} <= set(os.listdir(m))
+        os.statvfs(m)
+        with pytest.raises(OSError) as exc:
+            write_synced(m / "new-file", os.urandom(20_000))
+        assert exc.value.errno == errno.ENOSPC
 
-            # An in-place rewrite while the disk is full: old or new content, never EIO.
-            patch = os.urandom(4096)
-            mid_new = mid_old[:4196] + patch + mid_old[8292:]
-            err = _pwrite_full(m / "mid", patch, 4196)
-            assert err in (None, errno.ENOSPC), errno.errorcode.get(err or 0)
-            _old_or_new(m / "mid", mid_old, mid_new)
+        # An in-place rewrite while the disk is full: old or new content, never EIO.
+        patch = os.urandom(4096)
+        mid_new = mid_old[:4196] + patch + mid_old[8292:]
+        err = _pwrite_full(m / "mid", patch, 4196)
+        assert err in (None, errno.ENOSPC), errno.errorcode.get(err or 0)
+        _old_or_new(m / "mid", mid_old, mid_new)
 
-            for name, data in synced.items():
-                drop_cache(m / name)
-                assert (m / name).read_bytes() == data, name
-            assert mount.alive()
+        for name, data in synced.items():
+            drop_cache(m / name)
+            assert (m / name).read_bytes() == data, name
+        assert mount.alive()
 
-            # Space freed: writing works again, also to the file that hit ENOSPC.
-            _free(m)
-            fresh = os.urandom(500_000)
-            write_synced(m / "new-file", fresh)
-            write_synced(m / "mid", mid_new)
-            for name, data in {**synced, "new-file": fresh, "mid": mid_new}.items():
-                drop_cache(m / name)
-                assert (m / name).read_bytes() == data, name
-            log = mount.log()
-            assert "Traceback" not in log and "unexpected error" not in log, log
-        finally:
-            mount.stop()
+        # Space freed: writing works again, also to the file that hit ENOSPC.
+        _free(m)
+        fresh = os.urandom(500_000)
+        write_synced(m / "new-file", fresh)
+        write_synced(m / "mid", mid_new)
+        for name, data in {**synced, "new-file": fresh, "mid": mid_new}.items():
+            drop_cache(m / name)
+            assert (m / name).read_bytes() == data, name
+        log = mount.log()
+        assert "Traceback" not in log and "unexpected error" not in log, log
 
 
 def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
@@ -125,41 +135,37 @@ def test_disk_full_never_tears_a_block(tmp_path: Path, mounter) -> None:  # type
     appended to until ENOSPC, then again: the second append must see ENOSPC too, not EIO from
     the first one's torn block.
     """
-    with tmpfs(tmp_path / "small", "8m") as small:
-        mount = mounter(make_volume(small / "cipher"))
+    with _small_disk_mount(tmp_path, mounter) as mount:
         m = mount.mountpoint
+        tail_old = os.urandom(10_000)
+        write_synced(m / "tail", tail_old)
+        log_old = os.urandom(5_000)
+        write_synced(m / "log", log_old)
+        _fill(m)
+
+        grow = os.urandom(6000)
+        tail_new = tail_old[:9000] + grow
+        err = _pwrite_full(m / "tail", grow, 9000)
+        assert err in (None, errno.ENOSPC), errno.errorcode.get(err or 0)
+        _old_or_new(m / "tail", tail_old, tail_new)
+
+        for attempt in range(2):
+            with pytest.raises(OSError) as exc, open(m / "log", "ab", buffering=0) as f:
+                f.write(os.urandom(9_000))
+                os.fsync(f.fileno())
+            assert exc.value.errno == errno.ENOSPC, f"append {attempt}: {exc.value!r}"
+        drop_cache(m / "log")
         try:
-            tail_old = os.urandom(10_000)
-            write_synced(m / "tail", tail_old)
-            log_old = os.urandom(5_000)
-            write_synced(m / "log", log_old)
-            _fill(m)
+            assert (m / "log").read_bytes()[:5000] == log_old
+        except OSError as e:
+            pytest.fail(f"log: the fsync'd part became unreadable after ENOSPC: {e!r}")
 
-            grow = os.urandom(6000)
-            tail_new = tail_old[:9000] + grow
-            err = _pwrite_full(m / "tail", grow, 9000)
-            assert err in (None, errno.ENOSPC), errno.errorcode.get(err or 0)
-            _old_or_new(m / "tail", tail_old, tail_new)
-
-            for attempt in range(2):
-                with pytest.raises(OSError) as exc, open(m / "log", "ab", buffering=0) as f:
-                    f.write(os.urandom(9_000))
-                    os.fsync(f.fileno())
-                assert exc.value.errno == errno.ENOSPC, f"append {attempt}: {exc.value!r}"
-            drop_cache(m / "log")
-            try:
-                assert (m / "log").read_bytes()[:5000] == log_old
-            except OSError as e:
-                pytest.fail(f"log: the fsync'd part became unreadable after ENOSPC: {e!r}")
-
-            _free(m)
-            with open(m / "log", "ab") as f:
-                f.write(b"more")
-            data = (m / "log").read_bytes()
-            assert data[:5000] == log_old and data.endswith(b"more")
-            assert mount.alive()
-        finally:
-            mount.stop()
+        _free(m)
+        with open(m / "log", "ab") as f:
+            f.write(b"more")
+        data = (m / "log").read_bytes()
+        assert data[:5000] == log_old and data.endswith(b"more")
+        assert mount.alive()
 
 
 def test_failed_append_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
@@ -171,25 +177,21 @@ def test_failed_append_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mo
     cut short there, after writing part of the new block. ``empty`` has no header yet: its
     first write fails as a whole and it must stay an empty, readable file.
     """
-    with tmpfs(tmp_path / "small", "8m") as small:
-        mount = mounter(make_volume(small / "cipher"))
+    with _small_disk_mount(tmp_path, mounter) as mount:
         m = mount.mountpoint
-        try:
-            aligned_old = os.urandom(4096)
-            write_synced(m / "aligned", aligned_old)
-            write_synced(m / "empty", b"")
-            _fill(m)
+        aligned_old = os.urandom(4096)
+        write_synced(m / "aligned", aligned_old)
+        write_synced(m / "empty", b"")
+        _fill(m)
 
-            for name, old in (("aligned", aligned_old), ("empty", b"")):
-                with pytest.raises(OSError) as exc, open(m / name, "ab", buffering=0) as f:
-                    f.write(os.urandom(9_000))
-                assert exc.value.errno == errno.ENOSPC, f"{name}: {exc.value!r}"
-                assert (m / name).stat().st_size == len(old), name
-                drop_cache(m / name)
-                try:
-                    assert (m / name).read_bytes() == old, name
-                except OSError as e:
-                    pytest.fail(f"{name}: unreadable after a failed append: {e!r}")
-            assert mount.alive()
-        finally:
-            mount.stop()
+        for name, old in (("aligned", aligned_old), ("empty", b"")):
+            with pytest.raises(OSError) as exc, open(m / name, "ab", buffering=0) as f:
+                f.write(os.urandom(9_000))
+            assert exc.value.errno == errno.ENOSPC, f"{name}: {exc.value!r}"
+            assert (m / name).stat().st_size == len(old), name
+            drop_cache(m / name)
+            try:
+                assert (m / name).read_bytes() == old, name
+            except OSError as e:
+                pytest.fail(f"{name}: unreadable after a failed append: {e!r}")
+        assert mount.alive()
