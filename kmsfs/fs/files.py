@@ -280,7 +280,10 @@ class FileContent:
         end = offset + len(data)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         head = offset - first * BLOCK_SIZE
-        old_first = self._read_block(first) if head and first * BLOCK_SIZE < psize else b""
+        raw_first = old_first = b""
+        if head and first * BLOCK_SIZE < psize:
+            raw_first = os.pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(first))
+            old_first = self._decrypt(first, raw_first) if raw_first else b""
         plain: bytes | bytearray | memoryview = data
         if head or (end < psize and end % BLOCK_SIZE):  # partial blocks: read-modify-write
             plain = bytearray(old_first[:head])
@@ -291,7 +294,10 @@ class FileContent:
         out = self._cipher_for_existing().encrypt_blocks(first, plain)
         if prefix:
             return _pwrite_all(self.fd, prefix + out, 0, csize)
-        return _pwrite_all(self.fd, out, cipher_offset(first), csize)
+        start = cipher_offset(first)
+        # Appending to a partial last block: its old bytes, just read, are all the write covers.
+        covered = raw_first if start + len(raw_first) == csize else None
+        return _pwrite_all(self.fd, out, start, csize, covered)
 
     def truncate(self, size: int) -> None:
         """Set the plaintext size; shrinking re-encrypts a partial last block."""
@@ -321,7 +327,9 @@ class FileContent:
         (os.fdatasync if datasync else os.fsync)(self.fd)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, csize: int) -> int:
+def _pwrite_all(
+    fd: int, data: bytes | bytearray, offset: int, csize: int, covered: bytes | None = None
+) -> int:
     """pwrite all of *data* at *offset* into a file of ciphertext size *csize*; returns the size
     after it. A full disk (ENOSPC, EDQUOT) fails the write and leaves the file as it was.
 
@@ -332,13 +340,16 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int, csize: int) -> in
     new space) before the file is cut back to *csize*. gocryptfs reserves the space with
     fallocate instead; that allocated each small piece of a file at once on ext4 (3-5 extents
     per 30 KB file written in pieces, as tar does) and made reads and unlinks slower.
+    *covered*, if the caller has them, are the old bytes from *offset* to *csize*.
     """
     end = offset + len(data)
     view = memoryview(data)
     if end <= csize:  # a pure overwrite needs no new space
         _pwrite_fully(fd, view, offset)
         return csize
-    old = os.pread(fd, csize - offset, offset) if offset < csize else b""
+    old = covered
+    if old is None:
+        old = os.pread(fd, csize - offset, offset) if offset < csize else b""
     try:
         _pwrite_fully(fd, view, offset)
     except OSError:
