@@ -176,10 +176,14 @@ class FileContent:
             raise BlockIntegrityError(block_no, str(exc) or type(exc).__name__) from None
 
     def _read_block(self, block_no: int) -> bytes:
+        return self._read_block_and_raw(block_no)[0]
+
+    def _read_block_and_raw(self, block_no: int) -> tuple[bytes, bytes]:
+        """(plaintext, ciphertext) of one block; both empty past the end of the file."""
         raw = os.pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(block_no))
         if not raw:
-            return b""
-        return self._decrypt(block_no, raw)
+            return b"", b""
+        return self._decrypt(block_no, raw), raw
 
     def _decrypt_run(self, first: int, raw: bytes) -> bytearray:
         """Decrypt consecutive blocks read back to back (one AEAD call each, one buffer)."""
@@ -280,10 +284,9 @@ class FileContent:
         end = offset + len(data)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         head = offset - first * BLOCK_SIZE
-        raw_first = old_first = b""
+        old_first = raw_first = b""
         if head and first * BLOCK_SIZE < psize:
-            raw_first = os.pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(first))
-            old_first = self._decrypt(first, raw_first) if raw_first else b""
+            old_first, raw_first = self._read_block_and_raw(first)
         plain: bytes | bytearray | memoryview = data
         if head or (end < psize and end % BLOCK_SIZE):  # partial blocks: read-modify-write
             plain = bytearray(old_first[:head])
