@@ -7,6 +7,7 @@ module is initialized and re-initializes the module when a process moves to anot
 """
 
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -48,6 +49,55 @@ class TokenLocation:
         return f"token {self.token_label!r} of {self.module}"
 
 
+#: The token-files lock of each SoftHSM config this process holds: (file descriptor, depth).
+_held_token_files: dict[str, tuple[int | None, int]] = {}
+
+
+@contextlib.contextmanager
+def token_files_lock(softhsm_conf: str | None) -> Iterator[None]:
+    """Hold, across processes, the right to read or rewrite a SoftHSM2 store's token files.
+
+    SoftHSM2's file backend truncates a token's ``token.object`` before it takes its own file
+    lock, and rewrites that file on every C_Login (the PIN-count flags) and C_SetPIN. A process
+    that runs C_Initialize meanwhile reads empty serial numbers; two of them give two tokens
+    slot 0, and SoftHSM2 aborts the whole process (``SlotManager.cpp: Assertion
+    `result.second' failed``: four operators signing a Trust at once did it). Every kmsfs
+    process therefore takes this ``flock`` around C_Initialize, C_Login, C_SetPIN and
+    softhsm2-util; other reads fail with CKR_GENERAL_ERROR at worst, which :func:`_retrying`
+    absorbs. Reentrant within the process (depth counted under :data:`CALLS`). A module that is
+    not SoftHSM (no config) needs no lock; a store whose directory cannot hold the lock file is
+    served without it.
+    """
+    if softhsm_conf is None:
+        yield
+        return
+    softhsm_conf = os.path.realpath(softhsm_conf)  # a second fd of one file would deadlock
+    with CALLS:
+        fd, depth = _held_token_files.get(softhsm_conf, (None, 0))
+        if depth == 0:
+            fd = _open_lock_file(softhsm_conf)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        _held_token_files[softhsm_conf] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held_token_files.pop(softhsm_conf)
+            if depth > 1:
+                _held_token_files[softhsm_conf] = (fd, depth - 1)
+            elif fd is not None:
+                os.close(fd)  # releases the flock
+
+
+def _open_lock_file(softhsm_conf: str) -> int | None:
+    path = f"{softhsm_conf}.lock"
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.debug("no token-files lock at %s (%s)", path, exc.strerror)
+        return None
+
+
 def _load(location: TokenLocation) -> "pkcs11.lib":
     module = location.module
     if not Path(module).exists():
@@ -56,7 +106,11 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
         if location.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = location.softhsm_conf
         try:
-            lib = pkcs11.lib(module)
+            if module not in _conf_of_module:
+                with token_files_lock(location.softhsm_conf):  # C_Initialize reads them all
+                    lib = pkcs11.lib(module)
+            else:
+                lib = pkcs11.lib(module)
             previous = _conf_of_module.get(module, location.softhsm_conf)
             if previous != location.softhsm_conf:
                 if _open_sessions.get(module):
@@ -64,7 +118,8 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
                         f"{module} is in use with another SoftHSM config; "
                         "one process serves one store"
                     )
-                lib.reinitialize()
+                with token_files_lock(location.softhsm_conf):
+                    lib.reinitialize()
             _conf_of_module[module] = location.softhsm_conf
         except p11.PKCS11Error as exc:
             raise HsmUnavailableError(f"cannot load PKCS#11 module {module}: {exc!r}") from exc
@@ -140,7 +195,8 @@ def _rescan(lib: "pkcs11.lib", module: str) -> bool:
     with CALLS, _lock:
         if _open_sessions.get(module):
             return False
-        lib.reinitialize()
+        with token_files_lock(_conf_of_module.get(module)):
+            lib.reinitialize()
     return True
 
 
@@ -185,7 +241,8 @@ def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[st
         login = _logins.get(key)
         if login is None:
             try:
-                holder = _retrying(lambda: token.open(user_pin=pin))
+                with token_files_lock(location.softhsm_conf):  # C_Login rewrites them
+                    holder = _retrying(lambda: token.open(user_pin=pin))
             except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
                 raise PinError(f"wrong PIN for {location.describe()}") from exc
             except p11.PinLocked as exc:
@@ -264,4 +321,5 @@ def refresh(location: TokenLocation) -> None:
     lib = _load(location)
     with CALLS, _lock:
         if not _open_sessions.get(location.module):
-            lib.reinitialize()
+            with token_files_lock(location.softhsm_conf):
+                lib.reinitialize()

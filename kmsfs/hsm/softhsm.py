@@ -58,6 +58,19 @@ def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
         raise HsmUnavailableError("softhsm2-util is not installed (apt-get install softhsm2)")
     location = TokenLocation(default_module(), label, str(conf_path))
     temp_pin, temp_so_pin = secrets.token_hex(16), secrets.token_hex(16)
+    with library.token_files_lock(str(conf_path)):
+        _init_token(util, conf_path, label, temp_pin, temp_so_pin)
+        library.refresh(location)
+        token = library.find_token(location)
+        with token.open(rw=True, user_pin=temp_pin) as session:
+            session.set_pin(temp_pin, user_pin)
+        with token.open(rw=True, so_pin=temp_so_pin) as session:
+            session.set_pin(temp_so_pin, secrets.token_hex(32))
+    return location
+
+
+def _init_token(util: str, conf_path: Path, label: str, pin: str, so_pin: str) -> None:
+    """Run ``softhsm2-util --init-token``; its PINs are throwaway ones (see the module doc)."""
     env = dict(os.environ, SOFTHSM2_CONF=str(conf_path))
     result = subprocess.run(
         [
@@ -67,9 +80,9 @@ def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
             "--label",
             label,
             "--pin",
-            temp_pin,
+            pin,
             "--so-pin",
-            temp_so_pin,
+            so_pin,
         ],
         env=env,
         capture_output=True,
@@ -81,13 +94,6 @@ def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
         raise HsmError(
             f"softhsm2-util could not create token {label!r}: {detail[-1] if detail else '?'}"
         )
-    library.refresh(location)
-    token = library.find_token(location)
-    with token.open(rw=True, user_pin=temp_pin) as session:
-        session.set_pin(temp_pin, user_pin)
-    with token.open(rw=True, so_pin=temp_so_pin) as session:
-        session.set_pin(temp_so_pin, secrets.token_hex(32))
-    return location
 
 
 def delete_token(conf_path: Path, label: str) -> None:
@@ -97,4 +103,5 @@ def delete_token(conf_path: Path, label: str) -> None:
         return
     env = dict(os.environ, SOFTHSM2_CONF=str(conf_path))
     command = [util, "--delete-token", "--token", label]
-    subprocess.run(command, env=env, capture_output=True, check=False)
+    with library.token_files_lock(str(conf_path)):
+        subprocess.run(command, env=env, capture_output=True, check=False)
