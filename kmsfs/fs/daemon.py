@@ -9,6 +9,7 @@ error line) through a pipe, so ``kmsfs mount`` returns only once the mount is us
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import logging.handlers
 import os
@@ -128,6 +129,28 @@ def default_log_file() -> Path:
     return path
 
 
+#: How many new container objects wait for a young-generation collection while serving
+#: (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Hide what start-up built from the cyclic collector, and run it less often.
+
+    Reference counting frees nearly everything a request allocates; the collector only looks
+    for cycles, yet it walked every object the daemon holds. Measured during ``tar -x`` of
+    5,000 files on tmpfs: 19-38 young, 1-4 middle and up to one full collection (20 ms over
+    48k objects) took 10-26 ms of the daemon's time. After :func:`gc.freeze` the modules, the
+    Domain and other start-up objects are never walked again, and with this threshold no
+    collection ran during the same tar. Cyclic garbage waits longer: some 20,000 objects at
+    most, a few MB.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
+
+
 def serve(
     cipherdir: Path,
     mountpoint: Path,
@@ -151,6 +174,7 @@ def serve(
     log.info("mounted %s on %s", cipherdir, mountpoint)
     unmount = True
     try:
+        settle_garbage_collector()
         spin = _SpinThenWait(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
             idle=ops.content_keys.derive_ahead,
