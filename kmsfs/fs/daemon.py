@@ -141,9 +141,9 @@ def settle_garbage_collector() -> None:
     for cycles, yet it walked every object the daemon holds. Measured during ``tar -x`` of
     5,000 files on tmpfs: 19-38 young, 1-4 middle and up to one full collection (20 ms over
     48k objects) took 10-26 ms of the daemon's time. After :func:`gc.freeze` the modules, the
-    Domain and other start-up objects are never walked again, and with this threshold no
-    collection ran during the same tar. Cyclic garbage waits longer: some 20,000 objects at
-    most, a few MB.
+    Domain and other start-up objects are never walked again, and with this threshold one
+    young collection ran over that tar, ``ls -lR``, reading every file back and ``rm -rf``.
+    Cyclic garbage waits longer: some 20,000 objects at most, a few MB.
     """
     gc.collect()
     gc.freeze()

@@ -98,6 +98,12 @@ def _open_lock_file(softhsm_conf: str) -> int | None:
         return None
 
 
+def _reinitialize(lib: "pkcs11.lib", softhsm_conf: str | None) -> None:
+    """C_Finalize, then C_Initialize: the module reads every token again (under the lock)."""
+    with token_files_lock(softhsm_conf):
+        lib.reinitialize()
+
+
 def _load(location: TokenLocation) -> "pkcs11.lib":
     module = location.module
     if not Path(module).exists():
@@ -106,10 +112,8 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
         if location.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = location.softhsm_conf
         try:
-            if module not in _conf_of_module:
-                with token_files_lock(location.softhsm_conf):  # C_Initialize reads them all
-                    lib = pkcs11.lib(module)
-            else:
+            first = module not in _conf_of_module  # then pkcs11.lib runs C_Initialize
+            with token_files_lock(location.softhsm_conf if first else None):
                 lib = pkcs11.lib(module)
             previous = _conf_of_module.get(module, location.softhsm_conf)
             if previous != location.softhsm_conf:
@@ -118,8 +122,7 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
                         f"{module} is in use with another SoftHSM config; "
                         "one process serves one store"
                     )
-                with token_files_lock(location.softhsm_conf):
-                    lib.reinitialize()
+                _reinitialize(lib, location.softhsm_conf)
             _conf_of_module[module] = location.softhsm_conf
         except p11.PKCS11Error as exc:
             raise HsmUnavailableError(f"cannot load PKCS#11 module {module}: {exc!r}") from exc
@@ -195,8 +198,7 @@ def _rescan(lib: "pkcs11.lib", module: str) -> bool:
     with CALLS, _lock:
         if _open_sessions.get(module):
             return False
-        with token_files_lock(_conf_of_module.get(module)):
-            lib.reinitialize()
+        _reinitialize(lib, _conf_of_module.get(module))
     return True
 
 
@@ -321,5 +323,4 @@ def refresh(location: TokenLocation) -> None:
     lib = _load(location)
     with CALLS, _lock:
         if not _open_sessions.get(location.module):
-            with token_files_lock(location.softhsm_conf):
-                lib.reinitialize()
+            _reinitialize(lib, location.softhsm_conf)
