@@ -187,6 +187,11 @@ def unmount(mp: Path) -> None:
         subprocess.run(["fusermount3", "-u", str(mp)], check=False)
 
 
+def kmsfs_better(key: str, kmsfs: float, gocryptfs: float) -> bool:
+    """Whether kmsfs did better on figure *key*: seconds are better lower, rates higher."""
+    return kmsfs < gocryptfs if key.endswith(" s") else kmsfs > gocryptfs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512, help="dd file size (default 512)")
@@ -252,15 +257,25 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     rss_mb = sampler.max_kb / 1024 if sampler is not None else 0.0
-    print(f"{'workload':22}" + "".join(f"{s:>12}" for s in SYSTEMS) + f"{'kmsfs/gcfs':>12}")
+    spread = args.rounds > 1
+    print(f"{'workload':22}" + "".join(f"{s:>12}" for s in SYSTEMS) + f"{'kmsfs/gcfs':>12}"
+          + (f"{'round ratios':>14}{'kmsfs won':>11}" if spread else ""))
     for key in results["plain"]:
         row = [statistics.median(results[s][key]) for s in SYSTEMS]
         ratio = row[2] / row[1] if row[1] else float("nan")
-        print(f"{key:22}" + "".join(f"{v:12.2f}" for v in row) + f"{ratio:12.2f}")
+        line = f"{key:22}" + "".join(f"{v:12.2f}" for v in row) + f"{ratio:12.2f}"
+        if spread:
+            pairs = list(zip(results["kmsfs"][key], results["gocryptfs"][key], strict=True))
+            ratios = [k / g for k, g in pairs if g]
+            won = sum(kmsfs_better(key, k, g) for k, g in pairs)
+            line += f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>14}{f'{won}/{len(pairs)}':>11}"
+        print(line)
     print("(MB/s and IOPS: higher is better, ratio > 1 means kmsfs is faster; "
           "seconds: lower is better, ratio < 1 means kmsfs is faster)")
-    if args.rounds > 1:
-        print(f"(medians of {args.rounds} rounds; system order rotated every round)")
+    if spread:
+        print(f"(medians of {args.rounds} rounds; system order rotated every round; round "
+              "ratios: the lowest and highest kmsfs/gocryptfs of one round; kmsfs won: in how "
+              "many rounds kmsfs was faster)")
     print(f"kmsfs daemon peak RSS: {rss_mb:.1f} MB")
     return 0
 
