@@ -57,11 +57,11 @@ _held_token_files: dict[str, tuple[int | None, int]] = {}
 def token_files_lock(softhsm_conf: str | None) -> Iterator[None]:
     """Hold, across processes, the right to read or rewrite a SoftHSM2 store's token files.
 
-    SoftHSM2's file backend truncates a token's ``token.object`` before it takes its own file
-    lock, and rewrites that file on every C_Login (the PIN-count flags) and C_SetPIN. A process
-    that runs C_Initialize meanwhile reads empty serial numbers; two of them give two tokens
-    slot 0, and SoftHSM2 aborts the whole process (``SlotManager.cpp: Assertion
-    `result.second' failed``: four operators signing a Trust at once did it). Every kmsfs
+    SoftHSM2's file backend rewrites a token's ``token.object`` on every C_Login (the PIN-count
+    flags) and C_SetPIN. A process that runs C_Initialize meanwhile can misread the serial
+    numbers of the tokens being rewritten (slot ids derive from them); two tokens then get one
+    slot id and SoftHSM2 aborts the whole process (``SlotManager.cpp: Assertion `result.second'
+    failed``: four operators signing a Trust at once did it in CI). Every kmsfs
     process therefore takes this ``flock`` around C_Initialize, C_Login, C_SetPIN and
     softhsm2-util; other reads fail with CKR_GENERAL_ERROR at worst, which :func:`_retrying`
     absorbs. Reentrant within the process (depth counted under :data:`CALLS`). A module that is

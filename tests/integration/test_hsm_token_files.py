@@ -1,9 +1,9 @@
 """Several processes on one store's SoftHSM2 tokens at once, on real SoftHSM2.
 
-SoftHSM2's file backend truncates ``token.object`` before it locks it, and rewrites it on every
-login. A process that initializes the module meanwhile can read two empty serial numbers, give
-both tokens slot 0 and abort (``SlotManager.cpp: Assertion `result.second' failed``): CI saw
-it when four operators signed a Trust at once. kmsfs serializes those steps across processes
+SoftHSM2's file backend rewrites ``token.object`` on every login. A process that initializes
+the module meanwhile can misread the serial numbers of the tokens being rewritten, give two of
+them one slot id and abort (``SlotManager.cpp: Assertion `result.second' failed``): CI saw it
+when four operators signed a Trust at once. kmsfs serializes those steps across processes
 with a lock file (``library.token_files_lock``).
 """
 
