@@ -139,17 +139,20 @@ def scenario(fn: Callable[[Run], None]) -> Callable[[Run], None]:
 @pytest.fixture(scope="module")
 def roots() -> Iterator[tuple[Path, Path]]:
     base = Path(tempfile.mkdtemp(prefix="kmsfs-conf-"))
-    os.chmod(base, 0o755)  # other users must reach both roots
-    mount = Mount(make_volume(base / "cipher"), base / "mnt", base / "mnt.log", ("allow_other",))
-    mount.start()
-    ref = base / "ref"
-    ref.mkdir()
-    try:
+    mount: Mount | None = None
+    try:  # also when the volume or the mount cannot be made: nothing is left in /tmp
+        os.chmod(base, 0o755)  # other users must reach both roots
+        mount = Mount(make_volume(base / "cipher"), base / "mnt", base / "mnt.log",
+                      ("allow_other",))
+        mount.start()
+        ref = base / "ref"
+        ref.mkdir()
         for d in (ref, mount.mountpoint):
             os.chmod(d, 0o777)
         yield ref, mount.mountpoint
     finally:
-        mount.stop()
+        if mount is not None:
+            mount.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
