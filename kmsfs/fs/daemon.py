@@ -276,8 +276,9 @@ class _SpinThenWait:
     other tasks (signals, worker-thread results) are never starved by a steady stream.
 
     While it polls, the worker does a small job that would otherwise fall on a request's path:
-    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`) does at most one, called once
-    per wait and only if no request was already waiting; the fd is polled again right after.
+    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`, one run of refills bounded in
+    time), called once per wait and only if no request was already waiting; the fd is polled
+    again right after.
     """
 
     def __init__(

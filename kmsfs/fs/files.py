@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 from kmsfs.crypto.content import (
@@ -43,8 +44,16 @@ from kmsfs.errors import FormatError, IntegrityError
 
 log = logging.getLogger(__name__)
 
-#: How many keys of new files :meth:`ContentKeys.derive_ahead` keeps ready.
-KEYS_AHEAD = 4
+#: How many keys of new files :meth:`ContentKeys.derive_ahead` keeps ready: this many once a
+#: mount starts a new file, doubled each time new files find none ready, up to KEYS_AHEAD_MAX.
+KEYS_AHEAD_MIN = 4
+KEYS_AHEAD_MAX = 32
+#: How long one :meth:`ContentKeys.derive_ahead` call may go on deriving. The daemon answers no
+#: request meanwhile, so this bounds the wait it adds (plus one derivation, however slow).
+AHEAD_BUDGET_SECONDS = 0.0005
+#: Keys running low within this long of the last refill means new files come fast: twice as
+#: many are kept ready from then on.
+AHEAD_FAST_SECONDS = 1.0
 CHUNK_BLOCKS = 256  # 1 MiB of plaintext per pwrite: bounds memory for big holes
 _ZEROS = bytes(BLOCK_SIZE * CHUNK_BLOCKS)
 
@@ -66,12 +75,22 @@ class ContentKeys:
     volume that an older kmsfs may still mount never gets a header it cannot read.
 
     Keys derived ahead: once a mount has started a new file, :meth:`derive_ahead` (called by
-    the daemon while it waits for the next request) keeps up to :data:`KEYS_AHEAD` headers of
-    files yet to be written ready with their keys, so the HSM call of a new file (10-40 µs
-    with SoftHSM, much more with a network HSM) is not on the path of its first write. They
-    are held only in this object, like the keys of open files, and are the keys of files that
-    do not exist yet: no data is readable with them. A mount that never writes a new file
-    never derives ahead; one that stops writing derives at most KEYS_AHEAD keys unused.
+    the daemon while it waits for the next request) keeps headers of files yet to be written
+    ready with their keys, so the HSM call of a new file (10-40 µs with SoftHSM, much more with
+    a network HSM) is not on the path of its first write. They are held only in this object,
+    like the keys of open files, and are the keys of files that do not exist yet: no data is
+    readable with them. A mount that never writes a new file never derives ahead.
+
+    How many: :data:`KEYS_AHEAD_MIN` at first. A refill starts when a quarter of them is left
+    and fills them all; one that starts within :data:`AHEAD_FAST_SECONDS` of the last one ended
+    doubles the number (up to :data:`KEYS_AHEAD_MAX`). So only a mount that creates files fast
+    (tar, cp -r) holds many, and one that stops writing leaves at most that many unused.
+    Refilling in runs is what makes them cheap: with SoftHSM2, one HMAC alone inside the daemon
+    took 35-40 µs (its code and data evicted from the CPU caches by the requests in between),
+    and 18 µs on average in runs. Deriving one per wait, as before, saved nothing over deriving
+    on the write's path; runs took tar -x of 5,400 files from 2.06 s to 1.93 s. A run stops
+    after :data:`AHEAD_BUDGET_SECONDS`, since requests wait meanwhile, and goes on at the next
+    wait.
     """
 
     def __init__(self, deriver: Any, key_epochs: bool) -> None:
@@ -79,10 +98,13 @@ class ContentKeys:
         self.key_epochs = key_epochs
         self._ahead: collections.deque[tuple[FileHeader, ContentCipher]] = collections.deque()
         self._wanted = 0  # how many to keep ready: 0 until the first new file
+        self._refilling = False  # a refill started (at a quarter of wanted) and is not done
+        self._refilled = -AHEAD_FAST_SECONDS  # time.monotonic() when the last refill ended
 
     def new_file(self) -> tuple[FileHeader, ContentCipher]:
         """A fresh header and its cipher, for the first write of an empty file."""
-        self._wanted = KEYS_AHEAD
+        if self._wanted == 0:
+            self._wanted = KEYS_AHEAD_MIN
         while True:
             try:  # popleft is atomic: two worker threads may start files at once
                 header, cipher = self._ahead.popleft()
@@ -93,20 +115,43 @@ class ContentKeys:
         header = self.new_header()
         return header, self.cipher(header)
 
-    def derive_ahead(self) -> bool:
-        """Derive one key ahead if fewer than wanted are ready; False if there was nothing to
-        do. Never raises: a failing HSM stops it until the next new file, whose own
-        derivation then reports the error."""
-        if len(self._ahead) >= self._wanted:
+    @property
+    def wanted(self) -> int:
+        """How many keys derive_ahead keeps ready now (0 until the mount's first new file)."""
+        return self._wanted
+
+    def derive_ahead(self, budget: float = AHEAD_BUDGET_SECONDS) -> bool:
+        """Derive keys ahead until as many as wanted are ready or *budget* seconds have gone
+        (always at least one if any is wanted); False if there was nothing to do.
+
+        Never raises: a failing HSM stops it until the next new file, whose own derivation then
+        reports the error."""
+        ready = len(self._ahead)
+        if ready >= self._wanted:
+            self._refilling = False
             return False
-        try:
-            header = self.new_header()
-            self._ahead.append((header, self.cipher(header)))
-        except Exception as exc:  # HsmError, an agent gone...: the next write will say
-            log.debug("deriving a key ahead failed: %s", exc)
-            self._wanted = 0
-            return False
-        return True
+        if not self._refilling:
+            if ready > self._wanted // 4:
+                return False  # not yet: refills are cheap only in runs
+            if time.monotonic() - self._refilled < AHEAD_FAST_SECONDS:
+                self._wanted = min(self._wanted * 2, KEYS_AHEAD_MAX)
+            self._refilling = True
+        deadline = time.perf_counter() + budget
+        while True:
+            try:
+                header = self.new_header()
+                self._ahead.append((header, self.cipher(header)))
+            except Exception as exc:  # HsmError, an agent gone...: the next write will say
+                log.debug("deriving a key ahead failed: %s", exc)
+                self._wanted = 0
+                self._refilling = False
+                return False
+            if len(self._ahead) >= self._wanted:
+                self._refilling = False
+                self._refilled = time.monotonic()
+                return True
+            if time.perf_counter() >= deadline:
+                return True
 
     def _new_epoch(self) -> int:
         return self._deriver.current_epoch if self.key_epochs else FIRST_EPOCH

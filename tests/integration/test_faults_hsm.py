@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.fs.files import KEYS_AHEAD
+from kmsfs.fs.files import KEYS_AHEAD_MAX
 from tests.integration.fault_helpers import (
     RealMount,
     drop_cache,
@@ -93,7 +93,7 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
         #    keys are held keep working, and so do the few keys derived ahead for new files.
         take_away(second)
         time.sleep(PROBE_WAIT)
-        for n in range(KEYS_AHEAD + 1):
+        for n in range(KEYS_AHEAD_MAX + 1):
             failed = m / f"after-2-{n}"
             fd = os.open(failed, os.O_CREAT | os.O_WRONLY, 0o644)  # empty: needs no key
             try:
@@ -104,7 +104,7 @@ def test_failover_between_hsms_in_a_live_mount(tmp_path: Path, initialized: Admi
             finally:
                 os.close(fd)
         else:
-            pytest.fail(f"{KEYS_AHEAD + 1} new files written with no HSM and {KEYS_AHEAD} ahead")
+            pytest.fail(f"{KEYS_AHEAD_MAX + 1} new files written with no HSM: too many ahead")
         with pytest.raises(OSError) as exc:
             _read_uncached(m / "before")
         assert exc.value.errno == errno.EIO

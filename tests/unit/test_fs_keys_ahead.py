@@ -3,8 +3,10 @@
 The daemon calls ``derive_ahead`` while it waits for the next request. What a user relies on:
 a file written with a key derived ahead reads back with the key a later mount derives from its
 header; a mount that never writes a new file never derives ahead (no HSM calls, no audit
-records for nothing); at most KEYS_AHEAD keys wait; a rotation is never missed; and an HSM
-failure there stays there (the write that needs the key reports it).
+records for nothing); KEYS_AHEAD_MIN keys wait at first, more (never over KEYS_AHEAD_MAX) only
+while new files come fast; refills come in runs, each bounded in time (requests wait
+meanwhile); a rotation is never missed; and an HSM failure there stays there (the write that
+needs the key reports it).
 """
 
 from __future__ import annotations
@@ -14,57 +16,152 @@ import hmac
 import os
 from pathlib import Path
 
+import pytest
+
 from kmsfs.errors import HsmError
-from kmsfs.fs.files import KEYS_AHEAD, ContentKeys, FileContent
+from kmsfs.fs import files
+from kmsfs.fs.files import (
+    AHEAD_BUDGET_SECONDS,
+    AHEAD_FAST_SECONDS,
+    KEYS_AHEAD_MAX,
+    KEYS_AHEAD_MIN,
+    ContentKeys,
+    FileContent,
+)
+
+
+class _Clock:
+    """Stands in for the time module in kmsfs.fs.files: time moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(files, "time", fake)
+    return fake
 
 
 class _CountingDeriver:
-    def __init__(self, current_epoch: int = 1) -> None:
+    """Derives like an HSM would (HMAC), counts calls, and can fail or take time."""
+
+    def __init__(self, current_epoch: int = 1, clock: _Clock | None = None) -> None:
         self.current_epoch = current_epoch
         self.calls: list[bytes] = []
         self.fail = False
+        self.clock = clock
+        self.seconds_per_call = 0.0
 
     def derive(self, info: bytes, epoch: int | None = None) -> bytes:
         if self.fail:
             raise HsmError("token removed")
         self.calls.append(info)
+        if self.clock is not None:
+            self.clock.now += self.seconds_per_call
         key = b"k" * 31 + bytes([epoch or self.current_epoch])
         return hmac.new(key, info, hashlib.sha256).digest()
 
 
-def _drain(keys: ContentKeys) -> int:
-    done = 0
-    while keys.derive_ahead():
-        done += 1
-        assert done <= 100, "derive_ahead never says it is done"
-    return done
+def _drain(keys: ContentKeys, deriver: _CountingDeriver) -> int:
+    """Call derive_ahead until it has nothing to do, as the idle daemon would; keys derived."""
+    before = len(deriver.calls)
+    for _ in range(1000):
+        if not keys.derive_ahead():
+            return len(deriver.calls) - before
+    raise AssertionError("derive_ahead never says it is done")
+
+
+def _use(keys: ContentKeys, n: int) -> None:
+    for _ in range(n):
+        keys.new_file()
 
 
 def test_a_mount_that_writes_no_new_file_never_derives_ahead() -> None:
     deriver = _CountingDeriver()
     keys = ContentKeys(deriver, key_epochs=True)
-    assert _drain(keys) == 0
+    assert _drain(keys, deriver) == 0
     assert deriver.calls == []
 
 
-def test_after_a_new_file_at_most_keys_ahead_wait_and_the_next_files_use_them() -> None:
+def test_after_a_new_file_a_few_keys_wait_and_the_next_files_use_them() -> None:
     deriver = _CountingDeriver()
     keys = ContentKeys(deriver, key_epochs=True)
     keys.new_file()
     assert len(deriver.calls) == 1
-    assert _drain(keys) == KEYS_AHEAD
-    headers = [keys.new_file()[0] for _ in range(KEYS_AHEAD)]
-    assert len(deriver.calls) == 1 + KEYS_AHEAD  # no derivation on those files' paths
-    assert len({h.file_id for h in headers}) == KEYS_AHEAD  # every file its own id and key
+    assert _drain(keys, deriver) == KEYS_AHEAD_MIN
+    headers = [keys.new_file()[0] for _ in range(KEYS_AHEAD_MIN)]
+    assert len(deriver.calls) == 1 + KEYS_AHEAD_MIN  # no derivation on those files' paths
+    assert len({h.file_id for h in headers}) == KEYS_AHEAD_MIN  # every file its own id and key
     keys.new_file()  # none left: derived now
-    assert len(deriver.calls) == 2 + KEYS_AHEAD
+    assert len(deriver.calls) == 2 + KEYS_AHEAD_MIN
+
+
+def test_a_refill_waits_for_a_quarter_left_then_fills_them_all_in_one_run(clock: _Clock) -> None:
+    deriver = _CountingDeriver(clock=clock)
+    keys = ContentKeys(deriver, key_epochs=True)
+    keys.new_file()
+    _drain(keys, deriver)
+    clock.now += AHEAD_FAST_SECONDS  # a slow writer: the number kept ready stays
+    _use(keys, KEYS_AHEAD_MIN // 2)
+    assert _drain(keys, deriver) == 0  # half left: no lone derivations between requests
+    _use(keys, KEYS_AHEAD_MIN - KEYS_AHEAD_MIN // 4 - KEYS_AHEAD_MIN // 2)
+    before = len(deriver.calls)
+    assert keys.derive_ahead() is True
+    assert len(deriver.calls) - before == KEYS_AHEAD_MIN - KEYS_AHEAD_MIN // 4  # one call
+    assert keys.wanted == KEYS_AHEAD_MIN
+
+
+def test_only_files_made_fast_raise_the_number_kept_ready_and_never_past_the_cap(
+    clock: _Clock,
+) -> None:
+    deriver = _CountingDeriver(clock=clock)
+    keys = ContentKeys(deriver, key_epochs=True)
+    keys.new_file()
+    _drain(keys, deriver)
+    seen = [keys.wanted]
+    for _ in range(12):  # tar: the keys run low right after each refill
+        _use(keys, keys.wanted)
+        clock.now += AHEAD_FAST_SECONDS / 10
+        _drain(keys, deriver)
+        seen.append(keys.wanted)
+    assert seen[:4] == [KEYS_AHEAD_MIN, 2 * KEYS_AHEAD_MIN, 4 * KEYS_AHEAD_MIN, 8 * KEYS_AHEAD_MIN]
+    assert max(seen) == seen[-1] == KEYS_AHEAD_MAX
+    # A mount that stops writing holds at most the cap, however long it then idles.
+    assert _drain(keys, deriver) == 0
+    clock.now += 3600
+    assert _drain(keys, deriver) == 0
+
+
+def test_one_call_derives_for_at_most_its_budget_and_the_next_call_goes_on(clock: _Clock) -> None:
+    deriver = _CountingDeriver(clock=clock)
+    keys = ContentKeys(deriver, key_epochs=True)
+    keys.new_file()
+    deriver.seconds_per_call = AHEAD_BUDGET_SECONDS / 2.5  # e.g. a network HSM
+    before = len(deriver.calls)
+    assert keys.derive_ahead() is True
+    assert len(deriver.calls) - before == 3  # the budget is spent: back to the requests
+    assert keys.derive_ahead() is True  # the refill goes on, though more than a quarter is in
+    assert len(deriver.calls) - before == KEYS_AHEAD_MIN
+    assert keys.derive_ahead() is False
+    deriver.seconds_per_call = 10 * AHEAD_BUDGET_SECONDS  # slower than the budget: one a call
+    _use(keys, KEYS_AHEAD_MIN)
+    before = len(deriver.calls)
+    keys.derive_ahead()
+    assert len(deriver.calls) - before == 1
 
 
 def test_a_file_written_with_a_key_derived_ahead_reads_back_after_remount(tmp_path: Path) -> None:
     deriver = _CountingDeriver()
     keys = ContentKeys(deriver, key_epochs=True)
     keys.new_file()
-    _drain(keys)
+    _drain(keys, deriver)
     data = os.urandom(10_000)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     FileContent(fd, keys).write(0, data)
@@ -80,7 +177,7 @@ def test_keys_derived_before_a_rotation_are_not_used_after_it() -> None:
     deriver = _CountingDeriver(current_epoch=1)
     keys = ContentKeys(deriver, key_epochs=True)
     keys.new_file()
-    _drain(keys)
+    _drain(keys, deriver)
     deriver.current_epoch = 2
     header, _ = keys.new_file()
     assert header.epoch == 2
@@ -93,6 +190,6 @@ def test_an_hsm_failure_while_deriving_ahead_is_left_to_the_next_write() -> None
     deriver.fail = True
     assert keys.derive_ahead() is False  # no exception into the daemon's wait loop
     deriver.fail = False
-    assert _drain(keys) == 0  # stopped until a new file asks again
+    assert _drain(keys, deriver) == 0  # stopped until a new file asks again
     keys.new_file()
-    assert _drain(keys) == KEYS_AHEAD
+    assert _drain(keys, deriver) == KEYS_AHEAD_MIN
