@@ -202,7 +202,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             raise
         try:
             if created:
-                own(fd, ctx.uid, ctx.gid, mode, os.stat(dirpath))
+                own(fd, ctx.uid, ctx.gid, mode, dirpath)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -228,7 +228,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         except BaseException:
             undo_sidecar(dirpath, disk, written)
             raise
-        own(path, uid, gid, mode, os.stat(dirpath))
+        own(path, uid, gid, mode, dirpath)
         return self._entry(parent, cname, name, path)
 
     @guard
