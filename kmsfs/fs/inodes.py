@@ -33,6 +33,11 @@ ROOT = pyfuse3.ROOT_INODE
 
 Link = tuple[int, bytes]
 
+#: How many paths :meth:`InodeTable.path` keeps; a full cache starts over.
+PATH_CACHE_SIZE = 1024
+#: More components than any path of PATH_MAX bytes has: a walk this long is a loop.
+MAX_DEPTH = 4096
+
 FRESH_BASE = 0x3FFF_0000_0000_0000
 """First of the ids given to objects whose backing number a detached node still holds: above
 any backing inode number (ext4's are 32-bit), below 2**63 for tools that read st_ino signed."""
@@ -58,6 +63,10 @@ class InodeTable:
         self._detached: set[int] = set()  # nodes whose object is gone, still held
         self._remap: dict[int, int] = {}  # backing number -> fresh id, while the object lives
         self._fresh = itertools.count(FRESH_BASE)
+        # ino -> path() result. A path follows each node's first link up to the root; adding a
+        # link never changes a node's first one, so the cache is emptied whenever a link goes
+        # or a node is freed, and no entry outlives a change of its own links or an ancestor's.
+        self._paths: dict[int, bytes] = {}
 
     def _own_id(self, backing_ino: int) -> int:
         if backing_ino == self._root_backing:
@@ -106,14 +115,33 @@ class InodeTable:
         return ino in self._nodes
 
     def path(self, ino: int) -> bytes:
-        """Ciphertext path of *ino* (any of its links); ENOENT if it has none left."""
+        """Ciphertext path of *ino* (any of its links); ENOENT if it has none left.
+
+        Cached: every request resolves its parent directory, and walking up four levels and
+        joining took 1.5 µs, a tenth of a negative lookup (tar -x does one per file).
+        """
+        cached = self._paths.get(ino)
+        if cached is not None:
+            return cached
         if ino == ROOT:
             return self.root_path
-        node = self._nodes.get(ino)
-        if node is None or not node.links:
-            raise OSError(errno.ENOENT, "inode has no known path")
-        parent, cname = next(iter(node.links))
-        return self.path(parent) + b"/" + cname
+        parts: list[bytes] = []
+        at = ino
+        while at != ROOT:
+            node = self._nodes.get(at)
+            if node is None or not node.links:
+                raise OSError(errno.ENOENT, "inode has no known path")
+            at, cname = next(iter(node.links))
+            parts.append(cname)
+            if len(parts) > MAX_DEPTH:
+                raise OSError(errno.ELOOP, "inode path does not reach the root")
+        parts.append(self.root_path)
+        parts.reverse()
+        path = b"/".join(parts)
+        if len(self._paths) >= PATH_CACHE_SIZE:
+            self._paths.clear()
+        self._paths[ino] = path
+        return path
 
     def child_path(self, parent: int, cname: bytes) -> bytes:
         return self.path(parent) + b"/" + cname
@@ -159,6 +187,7 @@ class InodeTable:
         ino = self._entries.pop((parent, cname), None)
         if ino is None:
             return
+        self._paths.clear()  # its path, and those of everything under it, may change
         node = self._nodes.get(ino)
         if node is not None:
             node.links.pop((parent, cname), None)
@@ -212,6 +241,7 @@ class InodeTable:
         if ino == ROOT or node is None or node.lookups > 0 or node.children > 0:
             return
         del self._nodes[ino]
+        self._paths.clear()  # its number may come back for another object
         self._detached.discard(ino)
         for link in list(node.links):
             self._entries.pop(link, None)
