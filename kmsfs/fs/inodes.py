@@ -64,8 +64,8 @@ class InodeTable:
         self._remap: dict[int, int] = {}  # backing number -> fresh id, while the object lives
         self._fresh = itertools.count(FRESH_BASE)
         # ino -> path() result. A path follows each node's first link up to the root; adding a
-        # link never changes a node's first one, so the cache is emptied whenever a link goes
-        # or a node is freed, and no entry outlives a change of its own links or an ancestor's.
+        # link never changes a node's first one, so entries go when a link goes or a node is
+        # freed (_forget_paths), and none outlives a change of its own links or an ancestor's.
         self._paths: dict[int, bytes] = {}
 
     def _own_id(self, backing_ino: int) -> int:
@@ -187,8 +187,8 @@ class InodeTable:
         ino = self._entries.pop((parent, cname), None)
         if ino is None:
             return
-        self._paths.clear()  # its path, and those of everything under it, may change
         node = self._nodes.get(ino)
+        self._forget_paths(ino, node)
         if node is not None:
             node.links.pop((parent, cname), None)
             self._release_child(parent)
@@ -230,6 +230,18 @@ class InodeTable:
         node.lookups = max(0, node.lookups - count)
         self._maybe_free(ino)
 
+    def _forget_paths(self, ino: int, node: Node | None) -> None:
+        """Drop the cached paths that a change of *ino*'s links may change: its own, and if it
+        has known children, every path (those under it; finding which is not worth it).
+
+        Every ancestor of a known node has ``children`` above 0, so a node without children
+        is in no other cached path: ``rm -rf`` keeps the paths of the directories it empties.
+        """
+        if node is not None and node.children:
+            self._paths.clear()
+        else:
+            self._paths.pop(ino, None)
+
     def _release_child(self, parent: int) -> None:
         pnode = self._nodes.get(parent)
         if pnode is not None:
@@ -241,7 +253,7 @@ class InodeTable:
         if ino == ROOT or node is None or node.lookups > 0 or node.children > 0:
             return
         del self._nodes[ino]
-        self._paths.clear()  # its number may come back for another object
+        self._paths.pop(ino, None)  # its number may come back for another object
         self._detached.discard(ino)
         for link in list(node.links):
             self._entries.pop(link, None)
