@@ -67,8 +67,11 @@ def read_dir_iv(dirpath: bytes) -> bytes:
         raise DirIvError(str(exc)) from None
 
 
-#: How many (directory IV, name) -> disk name results :class:`DirNames` keeps.
-NAME_CACHE_SIZE = 4096
+#: How many (directory IV, name) -> disk name results :class:`DirNames` keeps (and as many the
+#: other way). Both caches full take about 8.5 MB (520 bytes a name). The oldest go first, so a
+#: tree listed again in the same order hits only if all of it fits: with 4096, ``rm -rf`` after
+#: ``ls -lR`` of 5,400 entries decrypted half its names again (the cache held the wrong half).
+NAME_CACHE_SIZE = 16384
 
 
 class DirNames:
