@@ -100,6 +100,7 @@ class ContentKeys:
         self._wanted = 0  # how many to keep ready: 0 until the first new file
         self._refilling = False  # a refill started (at a quarter of wanted) and is not done
         self._refilled = -AHEAD_FAST_SECONDS  # time.monotonic() when the last refill ended
+        self._batch = KEYS_AHEAD_MIN  # keys per derive_many request (adapts to their cost)
 
     def new_file(self) -> tuple[FileHeader, ContentCipher]:
         """A fresh header and its cipher, for the first write of an empty file."""
@@ -139,8 +140,7 @@ class ContentKeys:
         deadline = time.perf_counter() + budget
         while True:
             try:
-                header = self.new_header()
-                self._ahead.append((header, self.cipher(header)))
+                self._derive_some(min(self._wanted - len(self._ahead), self._batch), budget)
             except Exception as exc:  # HsmError, an agent gone...: the next write will say
                 log.debug("deriving a key ahead failed: %s", exc)
                 self._wanted = 0
@@ -153,12 +153,38 @@ class ContentKeys:
             if time.perf_counter() >= deadline:
                 return True
 
+    def _derive_some(self, count: int, budget: float) -> None:
+        """Derive up to *count* keys ahead: all in one request if the deriver takes batches
+        (``derive_many``: the agent, one round trip for them all), else one.
+
+        Through a local kmsfs-hsmd a key alone took 174 µs, and 18 µs each 32 to a request.
+        A batch is one wait for the daemon too, so its size follows what the last one cost:
+        as many keys as *budget* allowed at that rate (1 to :data:`KEYS_AHEAD_MAX`).
+        """
+        derive_many = getattr(self._deriver, "derive_many", None)
+        if derive_many is None:
+            header = self.new_header()
+            self._ahead.append((header, self.cipher(header)))
+            return
+        epoch = self._new_epoch()
+        headers = [self.new_header(epoch) for _ in range(count)]
+        started = time.perf_counter()
+        keys = derive_many([file_key_info(h.file_id) for h in headers], epoch)
+        seconds_per_key = (time.perf_counter() - started) / count
+        fit = int(budget / seconds_per_key) if seconds_per_key > 0 else KEYS_AHEAD_MAX
+        self._batch = max(1, min(fit, KEYS_AHEAD_MAX))
+        self._ahead.extend(
+            (header, ContentCipher(key, header)) for header, key in zip(headers, keys, strict=True)
+        )
+
     def _new_epoch(self) -> int:
         return self._deriver.current_epoch if self.key_epochs else FIRST_EPOCH
 
-    def new_header(self) -> FileHeader:
+    def new_header(self, epoch: int | None = None) -> FileHeader:
+        """A header for a new file: at *epoch* (None: the Domain's current one) with the
+        KeyEpochs flag, else version 1 at epoch 1."""
         if self.key_epochs:
-            return FileHeader.new(self._deriver.current_epoch)
+            return FileHeader.new(self._deriver.current_epoch if epoch is None else epoch)
         return FileHeader.new(FIRST_EPOCH, version=VERSION_1)
 
     def cipher(self, header: FileHeader) -> ContentCipher:

@@ -193,3 +193,56 @@ def test_an_hsm_failure_while_deriving_ahead_is_left_to_the_next_write() -> None
     assert _drain(keys, deriver) == 0  # stopped until a new file asks again
     keys.new_file()
     assert _drain(keys, deriver) == KEYS_AHEAD_MIN
+
+
+class _BatchingDeriver(_CountingDeriver):
+    """Also takes batches (``derive_many``), as the agent does: one request for many keys."""
+
+    def __init__(self, clock: _Clock | None = None) -> None:
+        super().__init__(clock=clock)
+        self.batches: list[int] = []
+        self.seconds_per_request = 0.0
+
+    def derive_many(self, infos: list[bytes], epoch: int | None = None) -> list[bytes]:
+        self.batches.append(len(infos))
+        if self.clock is not None:
+            self.clock.now += self.seconds_per_request
+        return [self.derive(info, epoch) for info in infos]
+
+
+def test_a_deriver_that_takes_batches_gets_each_refill_in_one_request(tmp_path: Path) -> None:
+    deriver = _BatchingDeriver()
+    keys = ContentKeys(deriver, key_epochs=True)
+    keys.new_file()
+    assert keys.derive_ahead() is True
+    assert deriver.batches == [KEYS_AHEAD_MIN]
+    data = os.urandom(5000)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # a file started with a key from the batch reads back with the key of its header
+        FileContent(fd, keys).write(0, data)
+        assert bytes(FileContent(fd, ContentKeys(deriver, key_epochs=True)).read(0, 9000)) == data
+    finally:
+        os.close(fd)
+    assert deriver.batches == [KEYS_AHEAD_MIN]  # the write took a key ready, asked for none
+
+
+def test_batches_shrink_to_what_the_budget_allows_and_grow_back(clock: _Clock) -> None:
+    deriver = _BatchingDeriver(clock=clock)
+    keys = ContentKeys(deriver, key_epochs=True)
+    keys.new_file()
+    deriver.seconds_per_call = 2 * AHEAD_BUDGET_SECONDS  # a far HSM: a key takes too long
+    keys.derive_ahead()
+    assert deriver.batches == [KEYS_AHEAD_MIN]
+    keys.derive_ahead()
+    keys.derive_ahead()  # at that cost one key per request, so each wait is one key
+    assert deriver.batches == [KEYS_AHEAD_MIN]
+    _use(keys, KEYS_AHEAD_MIN)
+    clock.now += AHEAD_FAST_SECONDS
+    keys.derive_ahead()
+    keys.derive_ahead()
+    assert deriver.batches == [KEYS_AHEAD_MIN, 1, 1]
+    deriver.seconds_per_call = 0.0  # near again: batches grow back, up to the cap
+    for _ in range(10):
+        _drain(keys, deriver)
+        _use(keys, keys.wanted)
+    assert max(deriver.batches) == KEYS_AHEAD_MAX
