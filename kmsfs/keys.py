@@ -9,6 +9,10 @@ Key epochs: a Domain's ``mk`` is a list of epochs (1, 2, ...). Rotating ``mk`` a
 wrapped only by the current ``k``, so an HSM removed before the rotation can never compute the
 new epoch's keys. New data is keyed by ``current_epoch``; data written earlier names the epoch
 it was keyed with and is read with that epoch's key until it is re-encrypted.
+
+Both derivers (in-process and the agent's) also offer ``derive_many(infos, epoch=None)``: the
+keys of many infos in one call, which the file system uses to refill the keys it holds ready
+for new files (one agent round trip, one HSM lock for them all). It is optional.
 """
 
 from typing import Protocol

@@ -225,7 +225,7 @@ class Agent:
             if anchor != entry.anchor:
                 verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
                 entry.anchor = anchor
-            return {"keys": [b64encode(entry.keys.derive(info, epoch)) for info in infos]}
+            return {"keys": [b64encode(k) for k in entry.keys.derive_many(infos, epoch)]}
 
         name = entry.verified.sealed.domain.name
         return self._guarded(peer, "derive", name, act, {"count": len(infos)})

@@ -129,8 +129,11 @@ class MasterKey:
         self._key = key
 
     def derive(self, info: bytes) -> bytes:
+        return self.derive_many([info])[0]
+
+    def derive_many(self, infos: Sequence[bytes]) -> list[bytes]:
         with library.CALLS:
-            return bytes(self._key.sign(info, mechanism=Mechanism.SHA256_HMAC))
+            return [bytes(self._key.sign(i, mechanism=Mechanism.SHA256_HMAC)) for i in infos]
 
     def value_is_readable(self) -> bool:
         """True if the token would reveal CKA_VALUE (it must not): used by the custody test."""

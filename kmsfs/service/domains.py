@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pkcs11
 
@@ -303,6 +303,11 @@ class DomainKeys:
 
     def derive(self, info: bytes, epoch: int | None = None) -> bytes:
         """HMAC-SHA256(mk of ``epoch``, info) in the HSM; None means the current epoch."""
+        return self.derive_many([info], epoch)[0]
+
+    def derive_many(self, infos: Sequence[bytes], epoch: int | None = None) -> list[bytes]:
+        """:meth:`derive` for each info, under one lock, probe and failover scope: a mount
+        refilling its keys for new files asks for them in one call."""
         epoch = self.current_epoch if epoch is None else epoch
         if self.verified.sealed.domain.epoch(epoch) is None:
             raise IntegrityError(
@@ -327,7 +332,7 @@ class DomainKeys:
                 assert self._master_key is not None
                 try:
                     with library.hsm_errors(f"HSM {self.hsm_label}"):
-                        return self._key_of(epoch).derive(info)
+                        return self._key_of(epoch).derive_many(infos)
                 except HsmError as exc:
                     log.error("HSM %s failed (%s); failing over", self.hsm_label, exc)
                     self._drop()

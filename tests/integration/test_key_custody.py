@@ -66,8 +66,11 @@ def test_every_hsm_of_the_trust_derives_the_same_keys(domain: Admin) -> None:
     with api.open_domain(domain.store, bundle) as deriver:
         assert deriver.hsm_label == "hsm2"  # type: ignore[attr-defined]
         second = deriver.derive(INFO), deriver.derive(b"other")
+        # A mount refilling its keys for new files asks for many in one call: the same keys.
+        batch = deriver.derive_many([b"other", INFO, b"other"])  # type: ignore[attr-defined]
     assert first == second
     assert first[0] != first[1]
+    assert batch == [first[1], first[0], first[1]]
 
 
 def test_no_hsm_left_is_a_clear_error(domain: Admin) -> None:
