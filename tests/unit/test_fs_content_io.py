@@ -27,7 +27,7 @@ from kmsfs.crypto.content import (
     plain_size,
     plain_size_lenient,
 )
-from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.files import FILL_BLOCKS, BlockIntegrityError, ContentKeys, FileContent
 
 
 class _Deriver:
@@ -149,4 +149,27 @@ def test_full_disk_leaves_the_file_as_it_was(
             want = bytearray(old)
         assert content.plain_size() == len(want), room
         assert bytes(content.read(0, len(want) + 1)) == want, room
+        os.close(content.fd)
+
+
+@pytest.mark.parametrize("start", [0, 5000, 4096 * 16 - 1])
+def test_growing_over_many_fill_pwrites_gives_zeros_every_block_authenticates(
+    tmp_path: Path, start: int
+) -> None:
+    """A truncate up, then a write far past the end: encrypted zeros in FILL_BLOCKS pieces,
+    from any start (unaligned, or one byte short of a piece)."""
+    content = _content(tmp_path / "f")
+    try:
+        head = os.urandom(start)
+        if head:
+            content.write(0, head)
+        grown = start + 3 * FILL_BLOCKS * BLOCK_SIZE + 777
+        content.truncate(grown)
+        far = grown + FILL_BLOCKS * BLOCK_SIZE + 5
+        content.write(far, b"z")
+        expect = head + bytes(far - start) + b"z"
+        assert content.plain_size() == len(expect)
+        assert bytes(content.read(0, len(expect) + 10)) == expect
+        assert plain_size(content.cipher_size()) == len(expect)  # whole blocks, no torn tail
+    finally:
         os.close(content.fd)
