@@ -45,7 +45,7 @@ from kmsfs.errors import FormatError, IntegrityError
 log = logging.getLogger(__name__)
 
 #: How many keys of new files :meth:`ContentKeys.derive_ahead` keeps ready: this many once a
-#: mount starts a new file, doubled each time new files find none ready, up to KEYS_AHEAD_MAX.
+#: mount starts a new file, doubled while new files come fast, up to KEYS_AHEAD_MAX.
 KEYS_AHEAD_MIN = 4
 KEYS_AHEAD_MAX = 32
 #: How long one :meth:`ContentKeys.derive_ahead` call may go on deriving. The daemon answers no
