@@ -128,10 +128,8 @@ class MasterKey:
     def __init__(self, key: "pkcs11.SecretKey") -> None:
         self._key = key
 
-    def derive(self, info: bytes) -> bytes:
-        return self.derive_many([info])[0]
-
     def derive_many(self, infos: Sequence[bytes]) -> list[bytes]:
+        """HMAC-SHA256(mk, info) for each info, in the token (DomainKeys.derive asks for one)."""
         with library.CALLS:
             return [bytes(self._key.sign(i, mechanism=Mechanism.SHA256_HMAC)) for i in infos]
 
