@@ -20,7 +20,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
+from kmsfs.atomicfile import fsync_dir
+from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher, is_internal
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
     SYMLINK_KEY_INFO,
@@ -37,9 +38,10 @@ from kmsfs.fs.names import (
     DIRIV,
     DirNames,
     check_name,
+    make_dir,
+    remove_new_dir,
     remove_sidecar,
     undo_sidecar,
-    write_dir_iv,
     write_sidecar,
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
@@ -243,16 +245,9 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        def make(path: bytes) -> None:
-            os.mkdir(path, 0o700)
-            try:
-                write_dir_iv(path)
-                os.chmod(path, stat.S_IMODE(mode))
-            except BaseException:
-                _remove_new_dir(path)
-                raise
-
-        return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
+        return await self._make(
+            parent_inode, name, lambda p: make_dir(p, stat.S_IMODE(mode)), ctx.uid, ctx.gid, mode
+        )
 
     @guard
     async def symlink(
@@ -378,17 +373,19 @@ def _unlink_quiet(path: bytes) -> None:
 
 
 def _write_blob(root: bytes, name: str, content: str) -> None:
-    """Write a long-symlink blob (content-addressed, so an existing one is already right)."""
+    """Write and fsync a long-symlink blob before the symlink that names it.
+
+    Blob names are random (a nonce), so a crash before the symlink exists leaves at most an
+    unreferenced blob, which fsck reports. The blob directory, made on first use, is fsync'd
+    into the root so that no durable symlink can name a blob in a directory that is not.
+    """
     blob_dir = root + b"/" + LONGLINK_DIR.encode()
-    os.makedirs(blob_dir, mode=0o711, exist_ok=True)
-    try:
-        fd = os.open(
-            blob_dir + b"/" + os.fsencode(name),
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            0o444,
-        )
-    except FileExistsError:
-        return
+    if not os.path.isdir(blob_dir):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(blob_dir, 0o711)
+        fsync_dir(root)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fd = os.open(blob_dir + b"/" + os.fsencode(name), flags, 0o444)
     try:
         os.write(fd, content.encode("ascii"))
         os.fsync(fd)
@@ -397,13 +394,43 @@ def _write_blob(root: bytes, name: str, content: str) -> None:
 
 
 def _take_dir_iv_of_empty(path: bytes) -> bytes:
-    """Check a ciphertext dir is empty but for its IV, remove the IV, return its bytes."""
-    if any(entry != DIRIV for entry in os.listdir(path)):
+    """Check a ciphertext dir is empty, remove its internal names, return its IV's bytes.
+
+    Empty means no entry but internal ones (docs/format.md, "Rules for the fs"): what a crash
+    may leave (a sidecar without its entry, a ``kmsfs.tmp.*`` file or half-made directory) is
+    hidden from listings, so it must not make rmdir fail with ENOTEMPTY either. It is removed,
+    then the IV (last, so the directory stays readable until then).
+    """
+    leftovers = [path + b"/" + e for e in os.listdir(path) if e != DIRIV]
+    if any(not is_internal(os.fsdecode(os.path.basename(e))) for e in leftovers) or any(
+        _holds_more_than_iv(e) for e in leftovers
+    ):
         raise OSError(errno.ENOTEMPTY, "directory not empty")
+    for entry in leftovers:
+        _remove_leftover(entry)
     with open(path + b"/" + DIRIV, "rb") as f:
         data = f.read()
     os.unlink(path + b"/" + DIRIV)
     return data
+
+
+def _holds_more_than_iv(path: bytes) -> bool:
+    """True for a directory with more in it than an IV: never a leftover of kmsfs's own."""
+    try:
+        return any(e != DIRIV for e in os.listdir(path))
+    except (NotADirectoryError, FileNotFoundError):
+        return False
+
+
+def _remove_leftover(path: bytes) -> None:
+    """Remove an internal entry a crash left behind: a file, or a half-made directory."""
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        remove_new_dir(path)
+    except FileNotFoundError:
+        return
+    log.info("removed leftover %r", path)
 
 
 def _restore_dir_iv(path: bytes, data: bytes) -> None:
@@ -424,11 +451,3 @@ def _remove_empty_dir(path: bytes) -> None:
     except BaseException:
         _restore_dir_iv(path, data)
         raise
-
-
-def _remove_new_dir(path: bytes) -> None:
-    _unlink_quiet(path + b"/" + DIRIV)
-    try:
-        os.rmdir(path)
-    except OSError:
-        log.warning("could not remove half-made directory %r", path)

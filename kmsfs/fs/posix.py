@@ -37,6 +37,23 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def rename_noreplace(old: bytes, new: bytes) -> None:
+    """rename(2) that fails with EEXIST instead of replacing *new* (an empty directory, say).
+
+    Where the file system has no RENAME_NOREPLACE, a check then a rename: the daemon is the only
+    writer of its ciphertext tree, so nothing can make *new* in between.
+    """
+    try:
+        renameat2(old, new, pyfuse3.RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    if os.path.lexists(new):
+        raise FileExistsError(errno.EEXIST, "file exists", new)
+    os.rename(old, new)
+
+
 def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes) -> None:
     """Give a new entry the caller's uid/gid (we run as root), then re-apply set-id bits.
 

@@ -1,0 +1,100 @@
+"""What a crash may leave in the ciphertext tree stays hidden and never blocks the user.
+
+A kill -9 (or a power cut) can stop the daemon between two steps: a long-name sidecar whose
+entry was never made or already removed, a ``kmsfs.tmp.*`` file, a half-made directory (the
+IV written, the final rename not done). docs/format.md calls these harmless: hidden from
+listings, reported by fsck, and removed by rmdir, so a directory that lists as empty can be
+removed (and renamed over) as on ext4.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.names import DIRIV_NAME
+
+ORPHAN_SIDECAR = "kmsfs.longname." + "A" * 43 + ".name"
+
+
+def _only_dir(cipher: Path) -> Path:
+    """The ciphertext directory of the only plaintext entry in *cipher*."""
+    (entry,) = [p for p in cipher.iterdir() if not p.name.startswith("kmsfs.")]
+    return entry
+
+
+def _leave_crash_leftovers(cdir: Path) -> None:
+    (cdir / ORPHAN_SIDECAR).write_text("stale")
+    (cdir / "kmsfs.tmp.0123456789abcdef").write_bytes(b"half a sidecar")
+    half_made = cdir / "kmsfs.tmp.fedcba9876543210"
+    half_made.mkdir()
+    (half_made / DIRIV_NAME).write_bytes(os.urandom(16))
+
+
+def test_rmdir_of_a_dir_holding_only_leftovers(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    m = mnt.mountpoint
+    (m / "d").mkdir()
+    cdir = _only_dir(volume)
+    _leave_crash_leftovers(cdir)
+    assert os.listdir(m / "d") == []
+    os.rmdir(m / "d")
+    assert not cdir.exists() and os.listdir(m) == []
+
+
+def test_rename_over_a_dir_holding_only_leftovers(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    m = mnt.mountpoint
+    (m / "target").mkdir()
+    cdir = _only_dir(volume)
+    _leave_crash_leftovers(cdir)
+    (m / "src").mkdir()
+    (m / "src" / "f").write_bytes(b"kept")
+    os.rename(m / "src", m / "target")
+    assert (m / "target" / "f").read_bytes() == b"kept"
+    assert os.listdir(m) == ["target"]
+
+
+def test_a_real_entry_still_means_not_empty(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    m = mnt.mountpoint
+    (m / "d").mkdir()
+    (m / "d" / "f").write_bytes(b"x")
+    cdir = _only_dir(volume)
+    _leave_crash_leftovers(cdir)
+    with pytest.raises(OSError) as info:
+        os.rmdir(m / "d")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert (m / "d" / "f").read_bytes() == b"x" and (cdir / ORPHAN_SIDECAR).exists()
+
+
+def test_a_temporary_directory_with_content_is_not_a_leftover(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    """kmsfs never leaves more than an IV in a half-made directory: anything else is kept."""
+    m = mnt.mountpoint
+    (m / "d").mkdir()
+    odd = _only_dir(volume) / "kmsfs.tmp.0000000000000000"
+    odd.mkdir()
+    (odd / DIRIV_NAME).write_bytes(os.urandom(16))
+    (odd / "something").write_bytes(b"not ours to delete")
+    with pytest.raises(OSError) as info:
+        os.rmdir(m / "d")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert (odd / "something").exists() and (odd / DIRIV_NAME).exists()
+    assert os.listdir(m / "d") == []
+
+
+def test_mkdir_leaves_no_temporary_and_a_whole_iv(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    m = mnt.mountpoint
+    (m / "d").mkdir(mode=0o751)
+    with pytest.raises(FileExistsError):
+        (m / "d").mkdir()
+    (m / "f").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        os.mkdir(m / "f")
+    assert sorted(os.listdir(m)) == ["d", "f"]
+    assert not [p for p in volume.rglob("kmsfs.tmp.*")]
+    cdirs = [p for p in volume.iterdir() if p.is_dir() and not p.name.startswith("kmsfs.")]
+    assert len(cdirs) == 1
+    iv = (cdirs[0] / DIRIV_NAME).read_bytes()
+    assert len(iv) == 16 and iv != bytes(16)
+    assert os.stat(m / "d").st_mode & 0o7777 == 0o751
