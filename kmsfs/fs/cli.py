@@ -17,7 +17,7 @@ from pathlib import Path
 from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, add_agent_options, emit_json, run
 from kmsfs.completion import bash_script
-from kmsfs.errors import FormatError, KmsfsError, UsageError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
@@ -69,7 +69,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     bundle = kms.export_bundle(store, args.domain)
     desc = kms.describe(store, bundle)
     if not desc.get("verified"):
-        raise KmsfsError(f"Domain {args.domain}: does not verify: {desc.get('problem')}")
+        raise IntegrityError(f"Domain {args.domain}: does not verify: {desc.get('problem')}")
     config = VolumeConfig(
         domain_name=str(desc.get("name") or args.domain),
         domain_id=kms.domain_id_of(desc),
@@ -89,7 +89,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     if agent is not None:  # the agent verifies against its own root and checks its policy
         desc = kms.describe_via_agent(config.domain_bundle, agent)
         if desc.get("name") != config.domain_name:
-            raise KmsfsError(
+            raise IntegrityError(
                 f"{args.cipherdir}: config names Domain {config.domain_name}, "
                 f"the agent opened {desc.get('name')}"
             )
@@ -100,11 +100,11 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     except FormatError as exc:  # the config's bundle itself is malformed: name the file
         raise type(exc)(f"{Path(args.cipherdir) / CONFIG_NAME}: domain_bundle: {exc}") from None
     if not desc.get("verified"):
-        raise KmsfsError(
+        raise IntegrityError(
             f"{args.cipherdir}: Domain {config.domain_name} does not verify: {desc.get('problem')}"
         )
     if kms.domain_id_of(desc) != config.domain_id:
-        raise KmsfsError(
+        raise IntegrityError(
             f"{args.cipherdir}: config names Domain {config.domain_id}, "
             f"its bundle holds {kms.domain_id_of(desc)}"
         )
@@ -165,6 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
         info["trust_id"] = desc.get("trust_id")
+        info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain
     except KmsfsError as exc:
         info["verified"], info["problem"] = False, str(exc)
     if args.json:
@@ -173,7 +174,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in info.items():
             if value is None:
                 continue
-            if isinstance(value, list):
+            if key == "hsms":
+                value = ", ".join(f"{h['label']} ({h['id']})" for h in value)  # type: ignore[attr-defined]
+            elif isinstance(value, list):
                 value = ", ".join(map(str, value))
             print(f"{key + ':':16} {value}")
     return exitcodes.OK

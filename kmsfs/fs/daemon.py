@@ -24,7 +24,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kmsfs.errors import UsageError
+from kmsfs import exitcodes
+from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
 from kmsfs.keys import KeyDeriver
 
@@ -365,10 +366,12 @@ async def _watch_signals() -> None:
 
 
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
-    """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready, else 1.
+    """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready.
 
-    The child reports failure by raising: its one-line message travels through the pipe and
-    the parent prints it, so errors seen only after the fork (HSM, chain) still reach the user.
+    The child reports failure by raising: its one-line message and its exit code
+    (:func:`kmsfs.exitcodes.for_error`) travel through the pipe and the parent prints the one
+    and returns the other, so errors seen only after the fork (no HSM, a wrong PIN) reach the
+    user and a script exactly as they would without it.
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -385,8 +388,9 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
             child(report_ready)
         except BaseException as exc:  # every failure must reach the parent as one line
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            code = exitcodes.for_error(exc) if isinstance(exc, KmsfsError) else exitcodes.ERROR
             with contextlib.suppress(OSError):
-                os.write(write_fd, b"error: " + msg.encode("utf-8", "replace") + b"\n")
+                os.write(write_fd, f"error {code}: {msg}\n".encode("utf-8", "replace"))
             status = 1
         os._exit(status)
     os.close(write_fd)
@@ -401,13 +405,20 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
     os.close(read_fd)
     reply = b"".join(chunks).decode("utf-8", "replace").strip()
     if reply == "ready":
-        return 0
-    if not reply:
-        os.waitpid(pid, 0)
-        reply = "error: the mount daemon exited before the mount was ready"
-    print(f"kmsfs: {reply}", file=sys.stderr)
+        return exitcodes.OK
     os.waitpid(pid, 0)
-    return 1
+    code, msg = _parse_failure(reply)
+    print(f"kmsfs: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _parse_failure(reply: str) -> tuple[int, str]:
+    """(exit code, message) from the child's ``error CODE: message`` line."""
+    head, sep, msg = reply.partition(": ")
+    word, _, number = head.partition(" ")
+    if not sep or word != "error" or not number.isdigit() or int(number) == exitcodes.OK:
+        return exitcodes.ERROR, "the mount daemon exited before the mount was ready"
+    return int(number), msg
 
 
 def _detach_stdio() -> None:

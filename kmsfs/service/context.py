@@ -59,9 +59,11 @@ def open_hsm(ctx: Context, records: Sequence[HsmRecord], rw: bool = False) -> It
     """Open the first HSM of ``records`` that answers: any HSM of a Trust serves.
 
     An HSM that is absent, refuses its PIN or holds other keys than its record is skipped with
-    a warning; if none answers, HsmUnavailableError lists why for each.
+    a warning; if none answers, HsmUnavailableError lists why for each, or PinError if every
+    one refused its PIN (exit code 5, not 4: the HSMs are there, the PINs are wrong).
     """
     problems: list[str] = []
+    pin_refusals = 0
     for record in records:
         with contextlib.ExitStack() as stack:
             try:
@@ -74,10 +76,13 @@ def open_hsm(ctx: Context, records: Sequence[HsmRecord], rw: bool = False) -> It
                         raise HsmError("the token holds other keys than this HSM's record")
             except (HsmError, NotFoundError, PinError) as exc:
                 problems.append(f"{record.label}: {exc}")
+                pin_refusals += isinstance(exc, PinError)
                 continue
             for problem in problems:  # said once another HSM serves; otherwise in the error
                 log.warning("HSM %s unavailable, %s serves instead", problem, record.label)
             yield HsmSession(record, session)
             return
     detail = "; ".join(problems) or "no HSM given"
+    if problems and pin_refusals == len(problems):
+        raise PinError(f"no HSM could serve ({detail})")
     raise HsmUnavailableError(f"no HSM could serve ({detail})")

@@ -128,3 +128,59 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
             break
         time.sleep(0.1)
     assert f"mounted {cipher}" in log.read_text() and "unmounted" in log.read_text()
+
+
+@pytest.mark.slow
+def test_refused_mounts_exit_with_their_codes(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
+    """The README's exit codes hold for mount too, also when the failure comes after the fork
+    (a daemonizing mount opens the HSMs in the child): one line, that code, nothing mounted."""
+    from tests.integration.fault_helpers import token_dir
+    from tests.kms_helpers import Admin
+
+    initialized.real_domain()
+    store = initialized.store
+    env = {"KMSFS_STORE": str(store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    assert kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+    info = json.loads(kmsfs("info", str(cipher), "--json", env=env).stdout)
+    assert info["verified"] is True and info["trust_id"]
+    assert sorted(h["label"] for h in info["hsms"]) == ["hsm1", "hsm2"]
+
+    def refused(*extra: str) -> tuple[int, str]:
+        proc = kmsfs("mount", str(cipher), str(mp), *extra, env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kmsfs: error: "), proc.stderr
+        assert not os.path.ismount(mp)
+        return proc.returncode, lines[0]
+
+    other = Admin.under(tmp_path / "other")
+    other("init", "--hsms", "1")
+    assert refused("--store", str(other.store))[0] == 3  # verification failed
+
+    tokens = [token_dir(store, label) for label in ("hsm1", "hsm2")]
+    away = tmp_path / "away"
+    away.mkdir()
+    for t in tokens:
+        t.rename(away / t.name)
+    try:
+        code, line = refused()
+        assert code == 4, line  # no HSM
+        assert refused("--foreground")[0] == 4  # the same without the fork
+    finally:
+        for t in tokens:
+            (away / t.name).rename(t)
+
+    pins = [store / "private" / "pins" / f"{label}.pin" for label in ("hsm1", "hsm2")]
+    saved = {p: p.read_bytes() for p in pins}
+    try:
+        for p in pins:
+            p.write_text("wrong-pin-0000\n")
+        code, line = refused()
+        assert code == 5, line  # PIN
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)
+    proc = kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert kmsfs("umount", str(mp)).returncode == 0
