@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from kmsfs.atomicfile import fsync_dir
-from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher, is_internal
+from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
     SYMLINK_KEY_INFO,
@@ -31,21 +31,19 @@ from kmsfs.crypto.symlinks import (
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError
 from kmsfs.fs import config as volconfig
+from kmsfs.fs import dirs
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.names import (
-    DIRIV,
     DirNames,
     check_name,
-    make_dir,
-    remove_new_dir,
     remove_sidecar,
     undo_sidecar,
     write_sidecar,
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
-from kmsfs.fs.posix import own, renameat2
+from kmsfs.fs.posix import own, rename_noreplace, renameat2
 from kmsfs.fs.xattrs import Xattrs
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -221,33 +219,43 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def _make(
         self, parent: int, name: bytes, make: Any, uid: int, gid: int, mode: int | None
     ) -> pyfuse3.EntryAttributes:
-        """Create one non-regular entry with *make(path)*, sidecar first, then own it."""
+        """Create one non-regular entry: its sidecar first, then ``make(path, own_new)``.
+
+        ``own_new(target)`` gives what *make* created the caller's ownership; *make* calls it
+        before the entry gets its visible name where it can (a directory).
+        """
         dirpath, cname, disk = self._resolve(parent, name)
         path = dirpath + b"/" + cname
+
+        def own_new(target: bytes) -> None:
+            own(target, uid, gid, mode, dirpath)
+
         written = write_sidecar(dirpath, disk)
         try:
-            make(path)
+            make(path, own_new)
         except BaseException:
             undo_sidecar(dirpath, disk, written)
             raise
-        own(path, uid, gid, mode, dirpath)
         return self._entry(parent, cname, name, path)
 
     @guard
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return await self._make(
-            parent_inode, name, lambda p: os.mknod(p, mode, rdev), ctx.uid, ctx.gid, mode
-        )
+        def make(path: bytes, own_new: Any) -> None:
+            os.mknod(path, mode, rdev)
+            own_new(path)
+
+        return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
 
     @guard
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return await self._make(
-            parent_inode, name, lambda p: make_dir(p, stat.S_IMODE(mode)), ctx.uid, ctx.gid, mode
-        )
+        def make(path: bytes, own_new: Any) -> None:
+            dirs.make_dir(path, stat.S_IMODE(mode), prepare=own_new)
+
+        return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
 
     @guard
     async def symlink(
@@ -258,10 +266,17 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         except ValueError:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG) from None
 
-        def make(path: bytes) -> None:
+        def make(path: bytes, own_new: Any) -> None:
+            blob = None
             if disk_link.long_content is not None:
-                _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
-            os.symlink(disk_link.target, path)
+                blob = _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
+            try:
+                os.symlink(disk_link.target, path)
+            except BaseException:
+                if blob is not None:
+                    _unlink_quiet(blob)  # its name is random: nothing else can use it
+                raise
+            own_new(path)
 
         return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, None)
 
@@ -309,7 +324,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
         st = os.lstat(path)
-        _remove_empty_dir(path)
+        dirs.remove_empty_dir(path)
         remove_sidecar(dirpath, cname)
         self.table.drop_link(parent_inode, cname)
         self.names.forget_dir(self.table.removed(st.st_ino))
@@ -346,24 +361,32 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
                 held, _ = self._hold_longlink(new_path)
+        # A directory renamed onto an empty one: the empty one is moved to a hidden name first
+        # (its IV cannot go before it does: a crash would leave it visible without one).
+        replaced_dir = dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode)
+        if replaced_dir:
+            dirs.check_empty(new_path)
         written = write_sidecar(new_dir, new_disk)
-        diriv = None
+        hidden = None
         try:
-            if dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode):
-                diriv = _take_dir_iv_of_empty(new_path)
+            if replaced_dir:
+                hidden = dirs.hide(new_path)
             renameat2(old_path, new_path, flags)
         except BaseException:
-            if diriv is not None:
-                _restore_dir_iv(new_path, diriv)
+            if hidden is not None:
+                with contextlib.suppress(OSError):
+                    rename_noreplace(hidden, new_path)
             undo_sidecar(new_dir, new_disk, written)
             self._drop_longlink(held)
             raise
+        if hidden is not None:
+            dirs.remove_hidden(hidden)
         remove_sidecar(old_dir, old_c)
         self._drop_longlink(held)
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
         if dst is not None and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1):
             gone = self.table.removed(dst.st_ino)  # renamed over its last link
-            if diriv is not None:
+            if replaced_dir:
                 self.names.forget_dir(gone)
 
 
@@ -372,82 +395,31 @@ def _unlink_quiet(path: bytes) -> None:
         os.unlink(path)
 
 
-def _write_blob(root: bytes, name: str, content: str) -> None:
-    """Write and fsync a long-symlink blob before the symlink that names it.
+def _write_blob(root: bytes, name: str, content: str) -> bytes:
+    """Write and fsync a long-symlink blob before the symlink that names it; return its path.
 
     Blob names are random (a nonce), so a crash before the symlink exists leaves at most an
-    unreferenced blob, which fsck reports. The blob directory, made on first use, is fsync'd
-    into the root so that no durable symlink can name a blob in a directory that is not.
+    unreferenced blob, which fsck reports. The blob's entry is fsync'd too (and the blob
+    directory's, made on first use, into the root), so no durable symlink can name a blob that
+    is not.
     """
     blob_dir = root + b"/" + LONGLINK_DIR.encode()
     if not os.path.isdir(blob_dir):
         with contextlib.suppress(FileExistsError):
             os.mkdir(blob_dir, 0o711)
         fsync_dir(root)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(blob_dir + b"/" + os.fsencode(name), flags, 0o444)
+    blob = blob_dir + b"/" + os.fsencode(name)
+    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
-        os.write(fd, content.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _take_dir_iv_of_empty(path: bytes) -> bytes:
-    """Check a ciphertext dir is empty, remove its internal names, return its IV's bytes.
-
-    Empty means no entry but internal ones (docs/format.md, "Rules for the fs"): what a crash
-    may leave (a sidecar without its entry, a ``kmsfs.tmp.*`` file or half-made directory) is
-    hidden from listings, so it must not make rmdir fail with ENOTEMPTY either. It is removed,
-    then the IV (last, so the directory stays readable until then).
-    """
-    leftovers = [path + b"/" + e for e in os.listdir(path) if e != DIRIV]
-    if any(not is_internal(os.fsdecode(os.path.basename(e))) for e in leftovers) or any(
-        _holds_more_than_iv(e) for e in leftovers
-    ):
-        raise OSError(errno.ENOTEMPTY, "directory not empty")
-    for entry in leftovers:
-        _remove_leftover(entry)
-    with open(path + b"/" + DIRIV, "rb") as f:
-        data = f.read()
-    os.unlink(path + b"/" + DIRIV)
-    return data
-
-
-def _holds_more_than_iv(path: bytes) -> bool:
-    """True for a directory with more in it than an IV: never a leftover of kmsfs's own."""
-    try:
-        return any(e != DIRIV for e in os.listdir(path))
-    except (NotADirectoryError, FileNotFoundError):
-        return False
-
-
-def _remove_leftover(path: bytes) -> None:
-    """Remove an internal entry a crash left behind: a file, or a half-made directory."""
-    try:
-        os.unlink(path)
-    except IsADirectoryError:
-        remove_new_dir(path)
-    except FileNotFoundError:
-        return
-    log.info("removed leftover %r", path)
-
-
-def _restore_dir_iv(path: bytes, data: bytes) -> None:
-    try:
-        fd = os.open(path + b"/" + DIRIV, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o440)
-    except OSError:
-        return
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _remove_empty_dir(path: bytes) -> None:
-    data = _take_dir_iv_of_empty(path)
-    try:
-        os.rmdir(path)
+        try:
+            data = memoryview(content.encode("ascii"))
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(blob_dir)
     except BaseException:
-        _restore_dir_iv(path, data)
+        _unlink_quiet(blob)
         raise
+    return blob

@@ -14,9 +14,8 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
-from pathlib import Path
 
-from kmsfs.atomicfile import fsync_dir, replace
+from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import (
     DIRIV_NAME,
     LONGNAME_SUFFIX,
@@ -30,7 +29,6 @@ from kmsfs.crypto.names import (
     parse_dir_iv,
 )
 from kmsfs.errors import FormatError, IntegrityError
-from kmsfs.fs.posix import rename_noreplace
 
 log = logging.getLogger(__name__)
 
@@ -71,41 +69,6 @@ def write_dir_iv(dirpath: bytes) -> bytes:
     finally:
         os.close(fd)
     return dir_iv
-
-
-def make_dir(path: bytes, mode: int) -> None:
-    """Make the ciphertext directory *path* with its IV; FileExistsError if the name exists.
-
-    The directory is made under a hidden temporary name, gets its IV (fsync'd, and so is the
-    entry that names it) and its mode, and only then is renamed to *path*. So no crash, of the
-    daemon or of the machine, can leave a visible directory without an IV: its names could
-    never be read. A crash in between leaves a hidden ``kmsfs.tmp.*`` directory, which fsck
-    reports and rmdir of the parent removes.
-    """
-    if os.path.lexists(path):  # fail before any work, as mkdir(2) would
-        raise FileExistsError(errno.EEXIST, "file exists", path)
-    temp = temp_path(path.rpartition(b"/")[0])
-    os.mkdir(temp, 0o700)
-    try:
-        write_dir_iv(temp)
-        fsync_dir(temp)
-        os.chmod(temp, mode)
-        rename_noreplace(temp, path)
-    except BaseException:
-        remove_new_dir(temp)
-        raise
-
-
-def remove_new_dir(path: bytes) -> None:
-    """Undo :func:`make_dir` (or remove what a crash left of one): the IV, then the directory."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path + b"/" + DIRIV)
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        log.warning("could not remove half-made directory %r", path)
 
 
 def read_dir_iv(dirpath: bytes) -> bytes:
@@ -223,14 +186,29 @@ class DirNames:
 def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
     """Write the long-name sidecar (if any) before the entry; True if one was written.
 
-    Atomically (temporary file, fsync, rename): the sidecar of a name that already exists is
-    rewritten in place (a create or rename onto it), and a crash must not leave that entry with
-    a truncated sidecar, i.e. without a name. Long names are rare, so the fsyncs cost little.
+    Atomically (``kmsfs.tmp.*`` file, fsync, rename, fsync the directory): the sidecar of a name
+    that already exists is rewritten in place (a create or rename onto it), and a crash must not
+    leave that entry with a truncated sidecar, i.e. without a name. Long names are rare, so the
+    fsyncs cost little. Never creates *dirpath* (a vanished directory is ENOENT, as before).
     """
     if disk.long_content is None:
         return False
-    path = Path(os.fsdecode(dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX)))
-    replace(path, disk.long_content.encode("ascii"), 0o440, temp_prefix=TEMP_PREFIX)
+    temp = temp_path(dirpath)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
+    try:
+        try:
+            data = memoryview(disk.long_content.encode("ascii"))
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_dir(dirpath)
     return True
 
 

@@ -86,15 +86,22 @@ def test_a_temporary_directory_with_content_is_not_a_leftover(mnt, volume: Path)
 def test_mkdir_leaves_no_temporary_and_a_whole_iv(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
     m = mnt.mountpoint
     (m / "d").mkdir(mode=0o751)
-    with pytest.raises(FileExistsError):
-        (m / "d").mkdir()
-    (m / "f").write_bytes(b"")
-    with pytest.raises(FileExistsError):
-        os.mkdir(m / "f")
-    assert sorted(os.listdir(m)) == ["d", "f"]
-    assert not [p for p in volume.rglob("kmsfs.tmp.*")]
-    cdirs = [p for p in volume.iterdir() if p.is_dir() and not p.name.startswith("kmsfs.")]
-    assert len(cdirs) == 1
-    iv = (cdirs[0] / DIRIV_NAME).read_bytes()
-    assert len(iv) == 16 and iv != bytes(16)
+    (m / "d" / "e").mkdir(mode=0o700)
+    (m / "d" / "e" / "f").write_bytes(b"x")
+    assert not list(volume.rglob("kmsfs.tmp.*"))
+    ivs = list(volume.rglob(DIRIV_NAME))
+    assert len(ivs) == 3  # the root's and the two new ones
+    assert all(len(iv.read_bytes()) == 16 and iv.read_bytes() != bytes(16) for iv in ivs)
     assert os.stat(m / "d").st_mode & 0o7777 == 0o751
+    assert os.stat(m / "d" / "e").st_mode & 0o7777 == 0o700
+    os.rename(m / "d" / "e", m / "e2")  # a directory keeps its IV through a rename
+    assert (m / "e2" / "f").read_bytes() == b"x"
+
+
+def test_an_empty_directory_that_lost_its_iv_can_be_removed(mnt, volume: Path) -> None:  # type: ignore[no-untyped-def]
+    """What an older kmsfs could leave after a crash in rmdir: it still goes with rmdir."""
+    m = mnt.mountpoint
+    (m / "d").mkdir()
+    (_only_dir(volume) / DIRIV_NAME).unlink()
+    os.rmdir(m / "d")
+    assert os.listdir(m) == [] and not list(volume.rglob("kmsfs.tmp.*"))

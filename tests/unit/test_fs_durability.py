@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME, NameCipher
-from kmsfs.fs import names
+from kmsfs.fs import dirs, names
 
 KEY = bytes(range(32))
 
 
 class Recorder:
-    """Wraps os.fsync and the no-replace rename used by make_dir; logs what they touched."""
+    """Wraps os.fsync and the no-replace rename of kmsfs.fs.dirs; logs what they touched."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, str]] = []
-        real_fsync, real_rename = os.fsync, names.rename_noreplace
+        real_fsync, real_rename = os.fsync, dirs.rename_noreplace
 
         def fsync(fd: int) -> None:
             self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -34,7 +34,7 @@ class Recorder:
             real_rename(old, new)
 
         monkeypatch.setattr(os, "fsync", fsync)
-        monkeypatch.setattr(names, "rename_noreplace", rename)
+        monkeypatch.setattr(dirs, "rename_noreplace", rename)
 
 
 def test_new_directory_is_visible_only_with_a_durable_iv(
@@ -42,7 +42,7 @@ def test_new_directory_is_visible_only_with_a_durable_iv(
 ) -> None:
     rec = Recorder(monkeypatch)
     final = tmp_path / "d"
-    names.make_dir(os.fsencode(final), 0o750)
+    dirs.make_dir(os.fsencode(final), 0o750)
     (rename,) = [e for e in rec.events if e[0] == "rename"]
     temp = rename[1]
     assert os.path.basename(temp).startswith(names.TEMP_PREFIX)
@@ -57,7 +57,7 @@ def test_new_directory_is_visible_only_with_a_durable_iv(
 def test_new_directory_onto_an_existing_name_fails_and_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(FileExistsError):
-        names.make_dir(os.fsencode(tmp_path / "d"), 0o755)
+        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755)
     assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
@@ -65,15 +65,15 @@ def test_lost_race_for_the_name_leaves_no_temporary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The name appears between the check and the rename: EEXIST, the half-made one is gone."""
-    real = names.rename_noreplace
+    real = dirs.rename_noreplace
 
     def rename(old: bytes, new: bytes) -> None:
         os.mkdir(new)  # someone else made it meanwhile
         real(old, new)
 
-    monkeypatch.setattr(names, "rename_noreplace", rename)
+    monkeypatch.setattr(dirs, "rename_noreplace", rename)
     with pytest.raises(FileExistsError):
-        names.make_dir(os.fsencode(tmp_path / "d"), 0o755)
+        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755)
     assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
@@ -109,7 +109,101 @@ def test_symlink_blob_and_its_new_directory_are_fsynced(
     rec = Recorder(monkeypatch)
     entries._write_blob(os.fsencode(tmp_path), "blob1", "content")
     blob_dir = f"{tmp_path}/{entries.LONGLINK_DIR}"
-    assert rec.events == [("fsync", str(tmp_path)), ("fsync", f"{blob_dir}/blob1")]
+    assert rec.events == [
+        ("fsync", str(tmp_path)),  # the new blob directory's entry
+        ("fsync", f"{blob_dir}/blob1"),  # the blob's bytes
+        ("fsync", blob_dir),  # the blob's entry
+    ]
     entries._write_blob(os.fsencode(tmp_path), "blob2", "more")
-    assert rec.events[2:] == [("fsync", f"{blob_dir}/blob2")]  # the directory is there now
+    assert rec.events[3:] == [("fsync", f"{blob_dir}/blob2"), ("fsync", blob_dir)]
     assert Path(blob_dir, "blob2").read_text() == "more"
+
+
+def test_new_directory_is_owned_before_it_is_visible(tmp_path: Path) -> None:
+    final = tmp_path / "d"
+    seen: list[tuple[str, bool]] = []
+
+    def prepare(temp: bytes) -> None:
+        seen.append((os.fsdecode(temp), final.exists()))
+
+    dirs.make_dir(os.fsencode(final), 0o755, prepare=prepare)
+    ((temp, visible),) = seen
+    assert os.path.basename(temp).startswith(names.TEMP_PREFIX) and not visible
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")
+    }
+
+
+def _dir_with_leftovers(tmp_path: Path) -> Path:
+    d = tmp_path / "d"
+    dirs.make_dir(os.fsencode(d), 0o755)
+    (d / ("kmsfs.longname." + "A" * 43 + ".name")).write_text("orphan sidecar")
+    (d / "kmsfs.tmp.0123456789abcdef").write_bytes(b"temporary file")
+    half = d / "kmsfs.tmp.fedcba9876543210"  # what a crash in a removal leaves
+    half.mkdir()
+    (half / "kmsfs.tmp.aaaaaaaaaaaaaaaa").write_bytes(b"")
+    return d
+
+
+def test_removal_hides_the_directory_before_its_iv_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rmdir: a crash at any step must never leave a visible directory without its IV."""
+    d = _dir_with_leftovers(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_unlink, real_rename = os.unlink, dirs.rename_noreplace
+
+    def unlink(path: bytes) -> None:
+        events.append(("unlink", os.fsdecode(path)))
+        real_unlink(path)
+
+    def rename(old: bytes, new: bytes) -> None:
+        events.append(("rename", os.fsdecode(old)))
+        real_rename(old, new)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(dirs, "rename_noreplace", rename)
+    dirs.remove_empty_dir(os.fsencode(d))
+    assert events[0] == ("rename", str(d))
+    assert [e for e in events if e[1].endswith(DIRIV_NAME)]  # the IV went, after the rename
+    assert os.listdir(tmp_path) == []
+
+
+def test_removal_that_fails_puts_the_directory_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "d"
+    dirs.make_dir(os.fsencode(d), 0o755)
+    iv = (d / DIRIV_NAME).read_bytes()
+
+    def busy(path: bytes) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(os, "rmdir", busy)
+    with pytest.raises(OSError):
+        dirs.remove_empty_dir(os.fsencode(d))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["d"] and (d / DIRIV_NAME).read_bytes() == iv
+
+
+@pytest.mark.parametrize("extra", ["a-real-entry", "kmsfs.tmp.0000000000000000/real"])
+def test_a_directory_with_more_than_internal_names_is_not_empty(tmp_path: Path, extra: str) -> None:
+    """Not even inside a hidden directory: kmsfs never leaves a real entry in one."""
+    d = _dir_with_leftovers(tmp_path)
+    (d / extra).parent.mkdir(exist_ok=True)
+    (d / extra).write_bytes(b"data")
+    before = _tree(tmp_path)
+    with pytest.raises(OSError) as info:
+        dirs.remove_empty_dir(os.fsencode(d))
+    assert info.value.errno == 39  # ENOTEMPTY
+    assert _tree(tmp_path) == before
+
+
+def test_sidecar_is_never_written_into_a_missing_directory(tmp_path: Path) -> None:
+    disk = NameCipher(KEY).encrypt_to_disk(os.urandom(16), b"n" * 200)
+    with pytest.raises(FileNotFoundError):
+        names.write_sidecar(os.fsencode(tmp_path / "gone"), disk)
+    assert os.listdir(tmp_path) == []
