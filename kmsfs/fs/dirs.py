@@ -19,7 +19,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 from collections.abc import Callable
 
 from kmsfs.atomicfile import fsync_dir
@@ -52,27 +51,36 @@ def make_dir(path: bytes, mode: int, prepare: Callable[[bytes], None] | None = N
             prepare(temp)
         rename_noreplace(temp, path)
     except BaseException:
-        _remove_hidden(temp)
+        with contextlib.suppress(OSError):
+            _remove_hidden(temp)
         raise
 
 
-def check_empty(path: bytes) -> None:
-    """ENOTEMPTY unless the directory holds only internal names (see the module docstring)."""
-    if not _only_internal(path, 0):
+def check_empty(path: bytes) -> list[tuple[bytes, bool]]:
+    """ENOTEMPTY unless the directory holds only internal names (see the module docstring).
+
+    Returns them, as (name, is a directory), for :func:`remove_hidden`.
+    """
+    entries = _internal_entries(path, 0)
+    if entries is None:
         raise OSError(errno.ENOTEMPTY, "directory not empty")
+    return entries
 
 
 def remove_empty_dir(path: bytes) -> None:
     """rmdir of a ciphertext directory that lists as empty; ENOTEMPTY (nothing changed) if not.
 
-    Hidden first, then emptied and removed; if the removal fails, it gets its name back.
+    Hidden first, then emptied and removed; if the removal fails, it gets its name back (with a
+    new IV if its own is gone: it holds no name the IV could have encrypted).
     """
-    check_empty(path)
+    entries = check_empty(path)
     hidden = hide(path)
     try:
-        _remove_hidden(hidden)
+        _remove_hidden(hidden, entries)
     except BaseException:
         with contextlib.suppress(OSError):
+            if not os.path.lexists(hidden + b"/" + DIRIV):
+                write_dir_iv(hidden)
             rename_noreplace(hidden, path)
         raise
 
@@ -84,70 +92,50 @@ def hide(path: bytes) -> bytes:
     return hidden
 
 
-def remove_hidden(hidden: bytes) -> None:
-    """Remove a directory :func:`hide` moved away (after a rename onto its old name).
+def remove_hidden(hidden: bytes, entries: list[tuple[bytes, bool]]) -> None:
+    """Remove a directory :func:`hide` moved away after a rename onto its old name; *entries*
+    are what :func:`check_empty` found in it.
 
     The rename it made way for is done, so a failure here only leaves a hidden leftover.
     """
     try:
-        _remove_hidden(hidden)
+        _remove_hidden(hidden, entries)
     except OSError as exc:
         log.warning("could not remove hidden directory %r (%s); fsck reports it", hidden, exc)
 
 
-def _only_internal(path: bytes, depth: int) -> bool:
-    for entry in os.listdir(path):
-        if not is_internal(os.fsdecode(entry)):
-            return False
-        child = path + b"/" + entry
-        if stat.S_ISDIR(os.lstat(child).st_mode) and (
-            not entry.startswith(_HIDDEN)
-            or depth >= MAX_HIDDEN_DEPTH
-            or not _only_internal(child, depth + 1)
-        ):
-            return False
-    return True
+def _internal_entries(path: bytes, depth: int) -> list[tuple[bytes, bool]] | None:
+    """(name, is a directory) of every entry, or None if one is not kmsfs's own."""
+    out = []
+    with os.scandir(path) as it:
+        for entry in it:
+            if not is_internal(os.fsdecode(entry.name)):
+                return None
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if is_dir and (
+                not entry.name.startswith(_HIDDEN)
+                or depth >= MAX_HIDDEN_DEPTH
+                or _internal_entries(entry.path, depth + 1) is None
+            ):
+                return None
+            out.append((entry.name, is_dir))
+    return out
 
 
-def _remove_hidden(path: bytes) -> None:
-    """Remove a directory holding only internal names: them, its IV last, then itself.
-
-    If the directory itself cannot go, its IV is put back, so it stays readable.
-    """
-    for entry in os.listdir(path):
-        if entry == DIRIV:
+def _remove_hidden(path: bytes, entries: list[tuple[bytes, bool]] | None = None) -> None:
+    """Remove a directory holding only internal names: them, its IV last, then itself."""
+    if entries is None:
+        entries = _internal_entries(path, 0) or []
+    for name, is_dir in entries:
+        if name == DIRIV:
             continue
-        child = path + b"/" + entry
-        try:
-            os.unlink(child)
-        except IsADirectoryError:
+        child = path + b"/" + name
+        if is_dir:
             _remove_hidden(child)
-        except FileNotFoundError:
-            continue
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(child)
         log.info("removed leftover %r", child)
-    iv_path = path + b"/" + DIRIV
-    try:
-        with open(iv_path, "rb") as f:
-            iv: bytes | None = f.read()
-        os.unlink(iv_path)
-    except FileNotFoundError:
-        iv = None
-    try:
-        os.rmdir(path)
-    except BaseException:
-        if iv is not None:
-            _restore_iv(iv_path, iv)
-        raise
-
-
-def _restore_iv(iv_path: bytes, iv: bytes) -> None:
-    try:
-        fd = os.open(iv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
-    except OSError as exc:
-        log.error("could not put back directory IV %r (%s)", iv_path, exc)
-        return
-    try:
-        os.write(fd, iv)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + b"/" + DIRIV)
+    os.rmdir(path)

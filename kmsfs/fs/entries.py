@@ -364,8 +364,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         # A directory renamed onto an empty one: the empty one is moved to a hidden name first
         # (its IV cannot go before it does: a crash would leave it visible without one).
         replaced_dir = dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode)
-        if replaced_dir:
-            dirs.check_empty(new_path)
+        leftovers = dirs.check_empty(new_path) if replaced_dir else []
         written = write_sidecar(new_dir, new_disk)
         hidden = None
         try:
@@ -380,7 +379,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             self._drop_longlink(held)
             raise
         if hidden is not None:
-            dirs.remove_hidden(hidden)
+            dirs.remove_hidden(hidden, leftovers)
         remove_sidecar(old_dir, old_c)
         self._drop_longlink(held)
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
