@@ -202,7 +202,7 @@ class ContentCipher:
             at = end
         return out
 
-    def decrypt_blocks(self, first_block: int, blocks: bytes) -> bytearray:
+    def decrypt_blocks(self, first_block: int, blocks: bytes | memoryview) -> bytes | bytearray:
         """Authenticate and decrypt consecutive ciphertext blocks read back to back.
 
         Every block but the last must be full (CIPHER_BLOCK_SIZE bytes). IntegrityError if any
@@ -213,6 +213,16 @@ class ContentCipher:
         rest = size - (count - 1) * CIPHER_BLOCK_SIZE
         if count == 0 or rest <= BLOCK_OVERHEAD:
             raise IntegrityError(f"content blocks from {first_block}: bad length {size}")
+        if count == 1:  # one block (small random reads): one call, no buffer to fill
+            try:
+                return self._aead.decrypt(
+                    blocks[:NONCE_SIZE], blocks[NONCE_SIZE:], self._aad(first_block)
+                )
+            except InvalidTag:
+                raise IntegrityError(
+                    f"content block {first_block} of file {self._header.file_id.hex()}: "
+                    "authentication failed"
+                ) from None
         self._aad(first_block)
         self._aad(first_block + count - 1)  # range checks
         out = bytearray(size - count * BLOCK_OVERHEAD)

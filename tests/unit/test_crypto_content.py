@@ -424,3 +424,23 @@ def test_batched_encrypt_rejects_empty_and_out_of_range() -> None:
         cipher().encrypt_blocks(0, b"")
     with pytest.raises(ValueError):
         cipher().encrypt_blocks(2**64 - 1, bytes(BLOCK_SIZE + 1))
+
+
+@pytest.mark.parametrize("size", [1, BLOCK_SIZE - 1, BLOCK_SIZE])
+def test_one_block_decrypts_and_detects_tampering_like_many(size: int) -> None:
+    """A run of one block (every 4 KiB random read) takes a shorter path: same answers."""
+    c = cipher()
+    plaintext = random.Random(size).randbytes(size)
+    block = bytes(c.encrypt_blocks(9, plaintext))
+    assert len(block) == size + BLOCK_OVERHEAD
+    assert c.decrypt_blocks(9, block) == plaintext == c.decrypt_block(9, block)
+    assert c.decrypt_blocks(9, memoryview(block)) == plaintext  # as FileContent.read passes it
+    for at in (0, NONCE_SIZE, len(block) - 1):  # nonce, ciphertext, tag
+        tampered = bytearray(block)
+        tampered[at] ^= 1
+        with pytest.raises(IntegrityError, match=r"block 9 of file .*authentication failed"):
+            c.decrypt_blocks(9, bytes(tampered))
+    with pytest.raises(IntegrityError):
+        c.decrypt_blocks(10, block)  # moved
+    with pytest.raises(IntegrityError):
+        cipher().decrypt_blocks(9, block)  # transplanted: another file's id in the AAD
