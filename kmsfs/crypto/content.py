@@ -173,7 +173,7 @@ class ContentCipher:
     # Batched forms for the fs hot path: one call per read or write instead of one per block,
     # filling one buffer (no per-block bytes objects, no join). Same format, same checks.
 
-    def encrypt_blocks(self, first_block: int, plaintext: bytes | memoryview) -> bytearray:
+    def encrypt_blocks(self, first_block: int, plaintext: bytes | memoryview) -> bytes | bytearray:
         """Encrypt *plaintext* as blocks ``first_block``, ``first_block + 1``, ...
 
         Every block but the last must be full (BLOCK_SIZE bytes); each gets its own fresh
@@ -183,6 +183,9 @@ class ContentCipher:
         count = -(-size // BLOCK_SIZE)
         if count == 0:
             raise ValueError("block plaintext: want at least 1 byte, have 0")
+        if count == 1:  # one block (small random writes): one call, no buffer to fill
+            nonce = os.urandom(NONCE_SIZE)
+            return nonce + self._aead.encrypt(nonce, plaintext, self._aad(first_block))
         self._aad(first_block)
         self._aad(first_block + count - 1)  # range checks
         out = bytearray(size + count * BLOCK_OVERHEAD)
