@@ -40,11 +40,17 @@ def _temp_with(directory: Path, data: bytes, mode: int, prefix: str = ".tmp-") -
     return Path(name)
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o644) -> bool:
+def write_new(
+    path: Path, data: bytes, mode: int = 0o644, temp_prefix: str = ".tmp-", parents: bool = True
+) -> bool:
     """Publish ``data`` at ``path`` unless it exists. Return True if written, False if the same
-    bytes were already there; AlreadyExistsError if different bytes are."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_with(path.parent, data, mode)
+    bytes were already there; AlreadyExistsError if different bytes are.
+
+    ``parents=False`` leaves a missing directory missing (FileNotFoundError): in a ciphertext
+    tree a directory is never made without its IV."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.link(temp, path)
     except FileExistsError:
@@ -60,9 +66,13 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> bool:
     return True
 
 
-def replace(path: Path, data: bytes, mode: int = 0o644, temp_prefix: str = ".tmp-") -> None:
-    """Atomically replace ``path`` with ``data`` (for the few mutable files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def replace(
+    path: Path, data: bytes, mode: int = 0o644, temp_prefix: str = ".tmp-", parents: bool = True
+) -> None:
+    """Atomically replace ``path`` with ``data`` (for the few mutable files); ``parents`` as for
+    :func:`write_new`."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.replace(temp, path)

@@ -20,7 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kmsfs.atomicfile import fsync_dir
+from kmsfs.atomicfile import fsync_dir, write_new
 from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
@@ -36,6 +36,7 @@ from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.names import (
+    TEMP_PREFIX,
     DirNames,
     check_name,
     remove_sidecar,
@@ -408,17 +409,6 @@ def _write_blob(root: bytes, name: str, content: str) -> bytes:
             os.mkdir(blob_dir, 0o711)
         fsync_dir(root)
     blob = blob_dir + b"/" + os.fsencode(name)
-    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    try:
-        try:
-            data = memoryview(content.encode("ascii"))
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(blob_dir)
-    except BaseException:
-        _unlink_quiet(blob)
-        raise
+    data = content.encode("ascii")
+    write_new(Path(os.fsdecode(blob)), data, 0o444, temp_prefix=TEMP_PREFIX, parents=False)
     return blob

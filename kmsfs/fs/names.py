@@ -14,8 +14,9 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
+from pathlib import Path
 
-from kmsfs.atomicfile import fsync_dir
+from kmsfs.atomicfile import replace
 from kmsfs.crypto.names import (
     DIRIV_NAME,
     LONGNAME_SUFFIX,
@@ -193,22 +194,9 @@ def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
     """
     if disk.long_content is None:
         return False
-    temp = temp_path(dirpath)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
-    try:
-        try:
-            data = memoryview(disk.long_content.encode("ascii"))
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_dir(dirpath)
+    path = dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX)
+    data = disk.long_content.encode("ascii")
+    replace(Path(os.fsdecode(path)), data, 0o440, temp_prefix=TEMP_PREFIX, parents=False)
     return True
 
 
