@@ -84,6 +84,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(8)
         self.timeout = timeout
         self.keep_cache = keep_cache
+        # The answer to a lookup of a name that does not exist: inode 0, which the kernel keeps
+        # as a negative entry for entry_timeout (an ENOENT error it would ask about again).
+        self._no_entry = pyfuse3.EntryAttributes()
+        self._no_entry.st_ino = 0
+        self._no_entry.entry_timeout = timeout
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = itertools.count(1)
 
@@ -172,7 +177,12 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         dirpath, cname, _ = self._resolve(parent_inode, name)
-        return self._entry(parent_inode, cname, name, dirpath + b"/" + cname)
+        path = dirpath + b"/" + cname
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return self._no_entry
+        return self._entry(parent_inode, cname, name, path, st)
 
     @guard
     async def forget(self, inode_list: Any) -> None:

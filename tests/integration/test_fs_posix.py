@@ -419,3 +419,29 @@ def test_readdir_10000_entries(m: Path) -> None:
         assert sum(1 for _ in it) == 10_000
     out = subprocess.run(["ls", "-l", str(d)], capture_output=True, check=True).stdout
     assert out.count(b"\n") == 10_001
+
+
+def test_a_missing_name_is_remembered_for_the_entry_timeout(m: Path, volume: Path) -> None:
+    """LOOKUP of a missing name answers inode 0, which the kernel keeps as a negative entry for
+    the entry timeout (1 s), as it keeps positive ones: a stat of a missing name, repeated
+    (PATH searches, imports, builds), costs no round trip. Seen from behind the mount's back, a
+    name made directly in the ciphertext tree appears only once that second is over."""
+    import time
+
+    from kmsfs.crypto.names import DIRIV_NAME, NAMES_KEY_INFO, NameCipher
+    from tests.integration.fs_helpers import SoftDeriver
+
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "late")
+    cipher = NameCipher(SoftDeriver().derive(NAMES_KEY_INFO, epoch=1))
+    disk = cipher.encrypt_to_disk((volume / DIRIV_NAME).read_bytes(), b"late")
+    (volume / disk.name).write_bytes(b"")  # an empty file is an empty plaintext file
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "late")  # answered by the kernel from its negative entry
+    time.sleep(1.5)
+    assert os.stat(m / "late").st_size == 0
+    (m / "made-through-the-mount").write_bytes(b"x")  # a negative entry never hides a create
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "gone")
+    (m / "gone").write_bytes(b"y")
+    assert (m / "gone").read_bytes() == b"y"
