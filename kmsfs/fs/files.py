@@ -72,6 +72,14 @@ class BlockIntegrityError(IntegrityError):
         self.block = block
 
 
+class LongFill(Exception):
+    """A write would first fill more of a gap with encrypted zeros than ``max_fill`` allows.
+
+    Raised before anything is written, so the caller can run the write where a long job
+    belongs (a worker thread) instead of stalling every other request of the mount.
+    """
+
+
 class ContentKeys:
     """How one volume keys file contents: the Domain's deriver, and the header of a new file.
 
@@ -314,14 +322,17 @@ class FileContent:
             return data
         return memoryview(data)[skip : skip + end - offset]
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes, max_fill: int | None = None) -> int:
         """Write *data* at *offset*, filling any gap after EOF with encrypted zeros.
 
         If the disk fills up, the file keeps its old size: a gap already filled with zeros is
-        cut off again (ext4 does not grow a file on a failed write either).
+        cut off again (ext4 does not grow a file on a failed write either). A gap longer than
+        *max_fill* raises :class:`LongFill` before anything is written.
         """
         csize = self.cipher_size()
         psize = old_psize = plain_size_lenient(csize)
+        if max_fill is not None and offset - psize > max_fill:
+            raise LongFill(offset - psize)
         try:
             if offset > psize:
                 csize = self._fill_zeros(psize, offset, csize)

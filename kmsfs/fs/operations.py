@@ -28,7 +28,7 @@ import trio
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.errors import HsmError, IntegrityError
-from kmsfs.fs.files import BlockIntegrityError, ContentKeys
+from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
@@ -259,6 +259,18 @@ class ContentOps:
                     raise self._integrity(of.ino, exc) from None
 
     # --- content ------------------------------------------------------------------------
+    def _open_path(self, inode: int) -> bytes:
+        """The path to open *inode* by: its path in the tree or, for a file that is open but
+        has no name left (unlinked while open), its open fd through /proc, so that it can
+        still be truncated or opened for write, as on ext4."""
+        try:
+            return self.table.path(inode)
+        except OSError:
+            of = self.files.get_file(inode)
+            if of is None:
+                raise
+            return b"/proc/self/fd/%d" % of.content.fd
+
     @guard
     async def _new_handle(self, inode: int, flags: int) -> int:
         swapped = self.files.needs_fd_swap(inode, flags)
@@ -266,16 +278,16 @@ class ContentOps:
             # Opening for write replaces the file's read-only fd: not under an operation
             # that is using the old one in a worker thread.
             async with swapped.lock:
-                return self.files.open(inode, self.table.path(inode), flags)
-        return self.files.open(inode, self.table.path(inode), flags)
+                return self.files.open(inode, self._open_path(inode), flags)
+        return self.files.open(inode, self._open_path(inode), flags)
 
+    @guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh = await self._new_handle(inode, flags)
-        handle = self.files.handle(fh)
-        if flags & os.O_TRUNC and handle.writable:
+        if flags & os.O_TRUNC:
+            # The kernel checked write permission; O_RDONLY|O_TRUNC truncates too (as on ext4).
             try:
-                async with handle.file.lock:
-                    handle.file.content.truncate(0)
+                await self._truncate(inode, 0)
             except BaseException:
                 self.files.release(fh)
                 raise
@@ -300,19 +312,23 @@ class ContentOps:
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.files.handle(fh)
         of = handle.file
-        if len(buf) < THREAD_THRESHOLD and not of.lock.locked():
-            # Fast path: runs to completion without yielding, so no lock is needed.
+        work = len(buf)
+        if work < THREAD_THRESHOLD and not of.lock.locked():
+            # Fast path: runs to completion without yielding, so no lock is needed. A write far
+            # past the end (a long zero fill) is refused here, before it starts, and goes below.
             try:
                 if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
-                return of.content.write(off, buf)
+                return of.content.write(off, buf, THREAD_THRESHOLD - len(buf))
+            except LongFill as fill:
+                work += fill.args[0]
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
         async with of.lock:
             try:
                 if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
-                return await self._run(len(buf), of.content.write, off, buf)
+                return await self._run(work, of.content.write, off, buf)
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
 

@@ -445,3 +445,35 @@ def test_a_missing_name_is_remembered_for_the_entry_timeout(m: Path, volume: Pat
         os.stat(m / "gone")
     (m / "gone").write_bytes(b"y")
     assert (m / "gone").read_bytes() == b"y"
+
+
+def test_a_file_unlinked_while_open_can_be_truncated_and_reopened(m: Path) -> None:
+    fd = os.open(m / "gone", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"hello world")
+        os.unlink(m / "gone")
+        os.ftruncate(fd, 5)
+        assert os.pread(fd, 100, 0) == b"hello"
+        st = os.fstat(fd)
+        assert (st.st_nlink, st.st_size) == (0, 5)
+    finally:
+        os.close(fd)
+    (m / "gone2").write_bytes(b"abc")
+    ro = os.open(m / "gone2", os.O_RDONLY)
+    try:
+        os.unlink(m / "gone2")
+        rw = os.open(f"/proc/self/fd/{ro}", os.O_RDWR)  # for write: the daemon needs a new fd
+        try:
+            os.pwrite(rw, b"X", 1)
+            assert os.pread(rw, 10, 0) == b"aXc"
+        finally:
+            os.close(rw)
+    finally:
+        os.close(ro)
+
+
+def test_read_only_open_with_o_trunc_truncates(m: Path) -> None:
+    """Linux truncates on O_RDONLY|O_TRUNC when the caller may write the file, as ext4 does."""
+    (m / "f").write_bytes(b"data")
+    os.close(os.open(m / "f", os.O_RDONLY | os.O_TRUNC))
+    assert os.stat(m / "f").st_size == 0 and (m / "f").read_bytes() == b""

@@ -173,3 +173,19 @@ def test_growing_over_many_fill_pwrites_gives_zeros_every_block_authenticates(
         assert plain_size(content.cipher_size()) == len(expect)  # whole blocks, no torn tail
     finally:
         os.close(content.fd)
+
+
+def test_a_write_far_past_the_end_is_refused_before_it_starts(tmp_path: Path) -> None:
+    """``max_fill``: the fs runs such a write in a worker thread instead of on the request
+    loop (ContentOps.write), so it must be told before any zero is written."""
+    from kmsfs.fs.files import LongFill
+
+    content = _content(tmp_path / "f")
+    content.write(0, b"abc")
+    before = (tmp_path / "f").read_bytes()
+    with pytest.raises(LongFill) as info:
+        content.write(10 * 4096, b"x", max_fill=4 * 4096)
+    assert info.value.args[0] == 10 * 4096 - 3
+    assert (tmp_path / "f").read_bytes() == before
+    assert content.write(5 * 4096, b"y", max_fill=5 * 4096) == 1  # a gap within bounds
+    assert content.read(0, 5 * 4096 + 1) == b"abc" + bytes(5 * 4096 - 3) + b"y"
