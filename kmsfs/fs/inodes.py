@@ -143,6 +143,13 @@ class InodeTable:
         self._paths[ino] = path
         return path
 
+    def parent(self, ino: int) -> int:
+        """The directory holding *ino* (the root holds itself); for a directory, its only one."""
+        node = self._nodes.get(ino)
+        if ino == ROOT or node is None or not node.links:
+            return ROOT
+        return next(iter(node.links))[0]
+
     def child_path(self, parent: int, cname: bytes) -> bytes:
         return self.path(parent) + b"/" + cname
 

@@ -41,6 +41,7 @@ from kmsfs.fs.posix import (
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 512 * 1024
+DOTS = 2  # "." and "..": the first two entries of every listing
 #: A directory whose ciphertext st_size is at most this (a few hundred entries on ext4) is
 #: listed on the trio thread: a worker-thread hop costs more than listing it.
 SMALL_DIR_BYTES = 32 * 1024
@@ -383,7 +384,15 @@ class ContentOps:
                 )
             self.names.remember_listing(dir_iv, d.entries)
         entries = d.entries
-        for i in range(start_id, len(entries)):
+        # Offsets 1 and 2 are "." and "..", as ext4 lists them; the kernel takes no lookup
+        # reference on them, so they are not remembered either.
+        for dot in range(start_id, DOTS):
+            ino = d.ino if dot == 0 else self.table.parent(d.ino)
+            path = self.table.path(ino)
+            attrs = self._attrs(ino, os.lstat(path), path)
+            if not pyfuse3.readdir_reply(token, b"." * (dot + 1), attrs, dot + 1):
+                return
+        for i in range(max(start_id - DOTS, 0), len(entries)):
             cname, pname = entries[i]
             path = dirpath + b"/" + cname
             try:
@@ -391,7 +400,7 @@ class ContentOps:
             except FileNotFoundError:
                 continue
             ino = self.table.fuse_ino(st.st_ino)
-            if not pyfuse3.readdir_reply(token, pname, self._attrs(ino, st, path), i + 1):
+            if not pyfuse3.readdir_reply(token, pname, self._attrs(ino, st, path), i + 1 + DOTS):
                 break
             self.table.remember(ino, d.ino, cname, pname, 1)
 

@@ -477,3 +477,25 @@ def test_read_only_open_with_o_trunc_truncates(m: Path) -> None:
     (m / "f").write_bytes(b"data")
     os.close(os.open(m / "f", os.O_RDONLY | os.O_TRUNC))
     assert os.stat(m / "f").st_size == 0 and (m / "f").read_bytes() == b""
+
+
+def test_listings_start_with_dot_and_dot_dot(m: Path) -> None:
+    """As on ext4: ``ls -a`` of an empty directory shows two entries, with their inodes."""
+    (m / "d" / "e").mkdir(parents=True)
+    (m / "d" / "f").write_bytes(b"")
+
+    def ls_ai(path: Path) -> dict[str, int]:
+        out = subprocess.run(["ls", "-ai1", str(path)], capture_output=True, text=True, check=True)
+        return {
+            name: int(ino)
+            for ino, name in (line.split(maxsplit=1) for line in out.stdout.split("\n") if line)
+        }
+
+    assert ls_ai(m / "d" / "e") == {
+        ".": os.stat(m / "d" / "e").st_ino,
+        "..": os.stat(m / "d").st_ino,
+    }
+    listing = ls_ai(m / "d")
+    assert listing[".."] == os.stat(m).st_ino and set(listing) == {".", "..", "e", "f"}
+    assert ls_ai(m)["."] == os.stat(m).st_ino
+    assert sorted(os.listdir(m / "d")) == ["e", "f"]  # tools that skip them still see no more
