@@ -479,23 +479,41 @@ def test_read_only_open_with_o_trunc_truncates(m: Path) -> None:
     assert os.stat(m / "f").st_size == 0 and (m / "f").read_bytes() == b""
 
 
+def _readdir(path: Path) -> dict[bytes, int]:
+    """name -> d_ino, straight from readdir(3): what ls, find and every C program see."""
+
+    class Dirent(ctypes.Structure):
+        _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                    ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                    ("d_name", ctypes.c_char * 256)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir64.restype = ctypes.POINTER(Dirent)
+    libc.readdir64.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    handle = libc.opendir(bytes(path))
+    assert handle, os.strerror(ctypes.get_errno())
+    out = {}
+    try:
+        while entry := libc.readdir64(handle):
+            out[entry.contents.d_name] = entry.contents.d_ino
+    finally:
+        libc.closedir(handle)
+    return out
+
+
 def test_listings_start_with_dot_and_dot_dot(m: Path) -> None:
-    """As on ext4: ``ls -a`` of an empty directory shows two entries, with their inodes."""
+    """As on ext4: an empty directory lists two entries, "." and "..", with their inodes."""
     (m / "d" / "e").mkdir(parents=True)
     (m / "d" / "f").write_bytes(b"")
-
-    def ls_ai(path: Path) -> dict[str, int]:
-        out = subprocess.run(["ls", "-ai1", str(path)], capture_output=True, text=True, check=True)
-        return {
-            name: int(ino)
-            for ino, name in (line.split(maxsplit=1) for line in out.stdout.split("\n") if line)
-        }
-
-    assert ls_ai(m / "d" / "e") == {
-        ".": os.stat(m / "d" / "e").st_ino,
-        "..": os.stat(m / "d").st_ino,
-    }
-    listing = ls_ai(m / "d")
-    assert listing[".."] == os.stat(m).st_ino and set(listing) == {".", "..", "e", "f"}
-    assert ls_ai(m)["."] == os.stat(m).st_ino
-    assert sorted(os.listdir(m / "d")) == ["e", "f"]  # tools that skip them still see no more
+    ino = {p: os.stat(p).st_ino for p in (m, m / "d", m / "d" / "e")}
+    assert _readdir(m / "d" / "e") == {b".": ino[m / "d" / "e"], b"..": ino[m / "d"]}
+    listing = _readdir(m / "d")
+    assert listing[b"."] == ino[m / "d"] and listing[b".."] == ino[m]
+    assert set(listing) == {b".", b"..", b"e", b"f"}
+    assert _readdir(m)[b"."] == ino[m]
+    assert subprocess.run(["ls", "-a", str(m / "d" / "e")], capture_output=True, text=True,
+                          check=True).stdout.split() == [".", ".."]
+    assert sorted(os.listdir(m / "d")) == ["e", "f"]  # tools that skip them see no more
