@@ -72,6 +72,16 @@ def guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _drop_set_id(fd: int) -> None:
+    """What truncate(2) by a caller without CAP_FSETID does on ext4: drop set-user-ID, and
+    set-group-ID if group-execute is on. For open(O_TRUNC) the kernel leaves it to us: with
+    atomic O_TRUNC it drops the mode change it computed (fuse_do_setattr, ATTR_OPEN)."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    if mode & kill:
+        os.fchmod(fd, mode & ~kill)
+
+
 def _groups(ctx: Any) -> set[int]:
     """The caller's fsgid and supplementary groups (just the fsgid if it already exited)."""
     try:
@@ -289,6 +299,8 @@ class ContentOps:
             # The kernel checked write permission; O_RDONLY|O_TRUNC truncates too (as on ext4).
             try:
                 await self._truncate(inode, 0)
+                if ctx.uid != 0:
+                    _drop_set_id(self.files.handle(fh).file.content.fd)
             except BaseException:
                 self.files.release(fh)
                 raise

@@ -104,3 +104,18 @@ def test_root_without_allow_other_keeps_exec_and_access_rules(public_mount) -> N
     os.chmod(script, 0o000)
     assert script.read_text().startswith("#!")  # as on ext4: root needs no permission bits
     assert os.access(mp, os.X_OK | os.W_OK)
+
+
+def test_open_with_o_trunc_by_another_user_drops_set_id_bits(public_mount) -> None:  # type: ignore[no-untyped-def]
+    """As ext4 does for a caller without CAP_FSETID: set-user-ID goes, and set-group-ID when
+    group-execute is on; root keeps them."""
+    mp = public_mount(("allow_other",))
+    for name, mode, after in [("u", 0o4777, 0o777), ("g", 0o2777, 0o777), ("gx", 0o2767, 0o2767)]:
+        (mp / name).write_text("x")
+        os.chmod(mp / name, mode)
+        truncate = lambda n=name: os.close(os.open(mp / n, os.O_WRONLY | os.O_TRUNC))  # noqa: E731
+        assert _as_other_user(truncate) == 0
+        assert (os.stat(mp / name).st_mode & 0o7777, os.stat(mp / name).st_size) == (after, 0)
+    os.chmod(mp / "u", 0o4777)
+    os.close(os.open(mp / "u", os.O_WRONLY | os.O_TRUNC))  # root: CAP_FSETID
+    assert os.stat(mp / "u").st_mode & 0o7777 == 0o4777
