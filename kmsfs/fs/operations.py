@@ -391,9 +391,20 @@ class ContentOps:
             if os.lstat(dirpath).st_size <= SMALL_DIR_BYTES:
                 d.entries = self.names.list_dir(dir_iv, dirpath, plain)
             else:
-                d.entries = await trio.to_thread.run_sync(
-                    self.names.list_dir, dir_iv, dirpath, plain, limiter=self.limiter
-                )
+                # Listed in a worker thread through an fd, not the path: a rename of the
+                # directory (or of a parent) meanwhile must not make it list as empty.
+                fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    d.entries = await trio.to_thread.run_sync(
+                        self.names.list_dir,
+                        dir_iv,
+                        b"/proc/self/fd/%d" % fd,
+                        plain,
+                        limiter=self.limiter,
+                    )
+                finally:
+                    os.close(fd)
+                dirpath = self.table.path(d.ino)  # where it is now
             self.names.remember_listing(dir_iv, d.entries)
         entries = d.entries
         # Offsets 1 and 2 are "." and "..", as ext4 lists them; the kernel takes no lookup

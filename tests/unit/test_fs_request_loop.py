@@ -49,3 +49,43 @@ def test_a_small_write_far_past_the_end_runs_in_a_worker_thread(
         await ops.release(info.fh)
 
     trio.run(main)
+
+
+def test_a_directory_renamed_while_a_thread_lists_it_still_lists_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big directories are listed in a worker thread; a rename of the directory that runs on
+    the request loop meanwhile must not make the listing empty or fail."""
+    from kmsfs.fs import operations
+
+    ops = KmsfsOps(make_volume(tmp_path / "c"), SoftDeriver())
+    monkeypatch.setattr(operations, "SMALL_DIR_BYTES", 0)  # every listing takes the thread
+    real = trio.to_thread.run_sync
+    renamed: list[bool] = []
+
+    async def rename_meanwhile(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not renamed:  # the request loop serves a rename while the thread works
+            await ops.rename(pyfuse3.ROOT_INODE, b"d", pyfuse3.ROOT_INODE, b"moved", 0, CTX)
+            renamed.append(True)
+        return await real(fn, *args, **kwargs)
+
+    listed: list[bytes] = []
+
+    def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+        listed.append(name)
+        return True
+
+    async def main() -> None:
+        d = await ops.mkdir(pyfuse3.ROOT_INODE, b"d", 0o40755, CTX)
+        names = [b"file%03d" % i for i in range(20)] + [b"long" * 40]  # a long name too
+        for name in names:
+            info, _ = await ops.create(d.st_ino, name, 0o100644, os.O_RDWR | os.O_CREAT, CTX)
+            await ops.release(info.fh)
+        monkeypatch.setattr(trio.to_thread, "run_sync", rename_meanwhile)
+        monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+        fh = await ops.opendir(d.st_ino, CTX)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        assert renamed and sorted(listed) == sorted([b".", b"..", *names])
+
+    trio.run(main)
