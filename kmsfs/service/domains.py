@@ -206,9 +206,9 @@ class DomainKeys:
     If the serving HSM fails (token removed, module error, session lost), the next ``derive``
     reopens the Domain through any other HSM of the Trust and retries once; with none left it
     raises HsmUnavailableError, or PinError if every HSM refused its PIN (the filesystem turns
-    either into EIO with a log line) and tries
-    again at most once a second, so service resumes by itself when an HSM comes back. Keys
-    already derived (held by the caller for open files) are unaffected.
+    either into EIO with a log line), and tries again at most once a second, so service
+    resumes by itself when an HSM comes back. Keys already derived (held by the caller for
+    open files) are unaffected.
 
     A token can vanish without the session noticing: SoftHSM2 keeps session objects (``mk``)
     in memory after the token's files are gone. So before deriving, at most every
