@@ -18,7 +18,7 @@ from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, add_agent_options, emit_json, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
-from kmsfs.fs import daemon, fsck, kms, reencrypt, singlefile
+from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
 
@@ -82,9 +82,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[str]]:
     """Everything ``mount`` checks before forking: volume, mount point, options, Domain."""
+    options = daemon.mount_options(args.options)
+    if daemon.LOW_LATENCY in options and (why := latency.check_available()) is not None:
+        raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
     config = open_volume(Path(args.cipherdir))
     check_mountpoint(Path(args.mountpoint))
-    options = daemon.mount_options(args.options)
     agent = _agent(args)
     if agent is not None:  # the agent verifies against its own root and checks its policy
         desc = kms.describe_via_agent(config.domain_bundle, agent)
@@ -300,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPTS",
-        help="mount options, e.g. allow_other,ro",
+        help="mount options, e.g. allow_other,ro; kmsfs's own: writeback_cache, "
+        "low_latency (root: idle CPUs poll while busy, faster small requests, more power); "
+        "all in docs/operators.md",
     )
     p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--log-file", type=Path, metavar="FILE",

@@ -27,6 +27,7 @@ import trio
 from kmsfs import exitcodes
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
+from kmsfs.fs.latency import HOLD_SECONDS, CpuLatencyRequest, unavailable_reason
 from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ DEFAULT_PERMISSIONS = "default_permissions"
 #: Faster for small and random writes; the one difference from ext4 we know of is that a
 #: truncate to the *same* size does not move mtime/ctime (POSIX allows that). Off by default.
 WRITEBACK_CACHE = "writeback_cache"
+#: kmsfs's own option: hold a CPU wake-up latency request while busy (:mod:`kmsfs.fs.latency`).
+LOW_LATENCY = "low_latency"
+#: Options kmsfs handles itself and does not pass to the kernel.
+OWN_OPTIONS = frozenset({WRITEBACK_CACHE, LOW_LATENCY})
 #: Options a user may pass with -o (names, or name= prefixes).
 ALLOWED_OPTIONS = frozenset(
     {
@@ -70,7 +75,7 @@ ALLOWED_OPTIONS = frozenset(
         "sync",
         "async",
         "dirsync",
-        WRITEBACK_CACHE,
+        *OWN_OPTIONS,
     }
 )
 ALLOWED_PREFIXES = ("fsname=", "subtype=", "max_read=")
@@ -165,11 +170,16 @@ def serve(
 
     os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
     lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
+    latency: CpuLatencyRequest | None = None
     try:
+        if LOW_LATENCY in options:
+            latency = _open_latency_request()
         ops = KmsfsOps(cipherdir, deriver)
         ops.enable_writeback_cache = WRITEBACK_CACHE in options
-        pyfuse3.init(ops, str(mountpoint), sorted(options - {WRITEBACK_CACHE}))
+        pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
     except BaseException:
+        if latency is not None:
+            latency.close()
         os.close(lock_fd)
         raise
     log.info("mounted %s on %s", cipherdir, mountpoint)
@@ -179,6 +189,7 @@ def serve(
         spin = _SpinThenWait(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
             idle=ops.content_keys.derive_ahead,
+            latency=latency,
         )
         trio.run(_main, on_ready, mountpoint, spin)
     except BaseException:
@@ -191,7 +202,16 @@ def serve(
         except Exception:  # already unmounted from outside
             log.debug("close after unmount", exc_info=True)
         log.info("unmounted %s", mountpoint)
+        if latency is not None:
+            latency.close()
         os.close(lock_fd)
+
+
+def _open_latency_request() -> CpuLatencyRequest:
+    try:
+        return CpuLatencyRequest()
+    except OSError as exc:
+        raise UsageError(f"-o {LOW_LATENCY}: {unavailable_reason(exc)}") from None
 
 
 async def _main(
@@ -286,8 +306,10 @@ class _SpinThenWait:
         self,
         threads_busy: Callable[[], bool] = lambda: False,
         idle: Callable[[], bool] = lambda: False,
+        latency: CpuLatencyRequest | None = None,
     ) -> None:
         self._pollers: dict[int, select.poll] = {}
+        self._latency = latency
         self._last_checkpoint = time.perf_counter()
         self._threads_busy = threads_busy
         self._idle = idle
@@ -317,7 +339,17 @@ class _SpinThenWait:
                 continue  # poll again right after it
             now = time.perf_counter()
         self._last_checkpoint = now
+        latency = self._latency
+        if latency is None:
+            await trio.lowlevel.wait_readable(fd)
+            return
+        if latency.held:  # a pause or the end of a busy spell: keep the request a while
+            with trio.move_on_after(HOLD_SECONDS):
+                await trio.lowlevel.wait_readable(fd)
+                return
+            latency.release()
         await trio.lowlevel.wait_readable(fd)
+        latency.hold()  # the first request after a pause: a busy spell may start
 
 
 class _PyfuseTrio:

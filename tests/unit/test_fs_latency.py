@@ -1,0 +1,135 @@
+"""``-o low_latency``: the PM QoS request is held from the first request after a pause until
+HOLD_SECONDS pass without one (kmsfs.fs.latency, kmsfs.fs.daemon._SpinThenWait).
+
+The request is written to a regular file standing in for /dev/cpu_dma_latency, so each value
+the daemon asked for can be read back in order; the real device is exercised through a mount
+in tests/integration/test_fs_low_latency.py.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from kmsfs.fs import daemon, latency
+
+HELD, RELEASED = latency.BUSY_US, latency.RELEASED_US
+
+
+def _written(device: Path) -> list[int]:
+    data = device.read_bytes()
+    return [v for (v,) in struct.iter_unpack("i", data)]
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Path:
+    path = tmp_path / "cpu_dma_latency"
+    path.write_bytes(b"")
+    return path
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
+def test_hold_and_release_write_each_change_once(device: Path) -> None:
+    req = latency.CpuLatencyRequest(str(device))
+    assert not req.held and _written(device) == []
+    req.hold()
+    req.hold()
+    assert req.held and _written(device) == [HELD]
+    req.release()
+    req.release()
+    assert not req.held and _written(device) == [HELD, RELEASED]
+    req.close()
+    req.close()  # twice is harmless
+
+
+def test_unavailable_device_is_one_line_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-device"
+    why = latency.check_available(str(missing))
+    assert why is not None and str(missing) in why and "\n" not in why
+    assert latency.check_available(str(tmp_path / "..")) is not None  # a directory: EISDIR
+
+
+def test_a_request_after_a_pause_takes_the_hold(device: Path) -> None:
+    """Nothing comes during the spin: the worker sleeps, and the request that wakes it starts
+    a busy spell (held); a request found by spinning changes nothing."""
+    r, w = _pipe()
+    req = latency.CpuLatencyRequest(str(device))
+
+    async def writer() -> None:
+        await trio.sleep(0.05)
+        os.write(w, b"x")
+
+    async def main() -> None:
+        spin = daemon._SpinThenWait(latency=req)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await spin.wait_readable(r)
+        assert req.held
+        with trio.fail_after(5):
+            await spin.wait_readable(r)  # still readable: found at once, nothing written
+
+    trio.run(main)
+    assert _written(device) == [HELD]
+    os.close(r)
+    os.close(w)
+
+
+def test_a_pause_longer_than_the_hold_releases_it_then_the_next_request_takes_it_again(
+    device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon, "HOLD_SECONDS", 0.05)
+    r, w = _pipe()
+    req = latency.CpuLatencyRequest(str(device))
+    req.hold()
+    seen_released = []
+
+    async def writer() -> None:
+        await trio.sleep(0.3)  # well past the hold
+        seen_released.append(not req.held)
+        os.write(w, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await daemon._SpinThenWait(latency=req).wait_readable(r)
+
+    trio.run(main)
+    assert seen_released == [True]  # released while idle, before the request came
+    assert req.held and _written(device) == [HELD, RELEASED, HELD]
+    os.close(r)
+    os.close(w)
+
+
+def test_a_pause_shorter_than_the_hold_keeps_it(
+    device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon, "HOLD_SECONDS", 5.0)
+    r, w = _pipe()
+    req = latency.CpuLatencyRequest(str(device))
+    req.hold()
+
+    async def writer() -> None:
+        await trio.sleep(0.05)  # past the spin, well within the hold
+        os.write(w, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await daemon._SpinThenWait(latency=req).wait_readable(r)
+
+    trio.run(main)
+    assert req.held and _written(device) == [HELD]
+    os.close(r)
+    os.close(w)
