@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from kmsfs.atomicfile import fsync_dir
+from kmsfs.crypto.symlinks import LONGLINK_DIR
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.posix import (
@@ -41,6 +42,8 @@ from kmsfs.fs.posix import (
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 512 * 1024
+ROOT_INODE = pyfuse3.ROOT_INODE
+LONGLINK_DIR_B = os.fsencode(LONGLINK_DIR)
 DOTS = 2  # "." and "..": the first two entries of every listing
 #: A directory whose ciphertext st_size is at most this (a few hundred entries on ext4) is
 #: listed on the trio thread: a worker-thread hop costs more than listing it.
@@ -139,7 +142,13 @@ class ContentOps:
         size = None
         if stat.S_ISLNK(st.st_mode) and path is not None:
             size = self._symlink_size(path)
-        return entry_attrs(st, ino, self.timeout, size)
+        attrs = entry_attrs(st, ino, self.timeout, size)
+        if ino == ROOT_INODE and self._has_longlinks():
+            attrs.st_nlink -= 1  # kmsfs.longlinks/ is not a subdirectory anyone can see
+        return attrs
+
+    def _has_longlinks(self) -> bool:
+        return os.path.isdir(os.path.join(self.table.path(ROOT_INODE), LONGLINK_DIR_B))
 
     def _stat_ino(self, ino: int) -> tuple[os.stat_result, bytes | None]:
         of = self.files.get_file(ino)

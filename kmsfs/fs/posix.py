@@ -113,6 +113,10 @@ def touch_ctime(target: bytes | int, mode: int | None) -> None:
         os.chmod(target, mode)
 
 
+#: ext4 stores a symlink target of fewer bytes than this inside the inode (no block).
+EXT4_INLINE_SYMLINK = 60
+
+
 def entry_attrs(
     st: os.stat_result, ino: int, timeout: float, size: int | None = None
 ) -> pyfuse3.EntryAttributes:
@@ -142,6 +146,10 @@ def entry_attrs(
         # What ext4 allocates for the plaintext (blocks of 4 KiB), never more than the
         # ciphertext takes: a file of exactly 4096 bytes uses 8 sectors, not 16.
         e.st_blocks = min(st.st_blocks, (e.st_size + 4095) // 4096 * 8)
+    elif stat.S_ISLNK(st.st_mode) and size is not None:
+        # ext4 keeps a target shorter than 60 bytes in the inode, a longer one in one 4 KiB
+        # block; the backing symlink holds the longer encrypted target instead.
+        e.st_blocks = 0 if size < EXT4_INLINE_SYMLINK else 8
     e.st_atime_ns = st.st_atime_ns
     e.st_mtime_ns = st.st_mtime_ns
     e.st_ctime_ns = st.st_ctime_ns

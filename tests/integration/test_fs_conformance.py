@@ -545,7 +545,7 @@ def symlink_targets(r: Run) -> None:
         target = ("ab/" * n)[:n]
         r.call(f"symlink {n}", os.symlink, target, r.p(f"l{n}"))
         r.call("readlink", lambda p: len(os.readlink(p)), r.p(f"l{n}"))
-        r.attrs("lstat", f"l{n}", "size", "mode", "nlink")
+        r.attrs("lstat", f"l{n}", "size", "mode", "nlink", "blocks")
     r.call("symlink 4096", os.symlink, "c" * 4096, r.p("l4096"))
     r.call("symlink empty", os.symlink, "", r.p("lempty"))
     r.call("symlink over existing", os.symlink, "x", r.p("l1"))

@@ -293,6 +293,19 @@ def test_symlinks(m: Path) -> None:
     os.unlink(m / "long1000")
 
 
+def test_the_root_counts_only_the_subdirectories_users_see(m: Path) -> None:
+    """A directory's link count is 2 plus its subdirectories, the root's too: the hidden
+    kmsfs.longlinks/ that a long symlink creates in the ciphertext root does not count."""
+    assert os.stat(m).st_nlink == 2
+    os.symlink("t/" * 1000, m / "long")  # its target goes to a blob in kmsfs.longlinks/
+    assert os.stat(m).st_nlink == 2
+    os.mkdir(m / "d")
+    assert os.stat(m).st_nlink == 3
+    os.rmdir(m / "d")
+    assert os.stat(m).st_nlink == 2
+    assert os.listdir(m) == ["long"]
+
+
 # --- attributes ----------------------------------------------------------------------------
 def test_modes_are_exact(m: Path) -> None:
     old = os.umask(0)
