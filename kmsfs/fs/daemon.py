@@ -54,8 +54,12 @@ DEFAULT_PERMISSIONS = "default_permissions"
 WRITEBACK_CACHE = "writeback_cache"
 #: kmsfs's own option: hold a CPU wake-up latency request while busy (:mod:`kmsfs.fs.latency`).
 LOW_LATENCY = "low_latency"
+#: Access-time options libfuse 3.14 does not know (it refuses to mount with them): kmsfs
+#: applies them itself. relatime is what a FUSE mount does anyway; nodiratime keeps listings
+#: from moving a directory's atime (noatime, which libfuse passes on, covers files too).
+ATIME_OPTIONS = frozenset({"relatime", "nodiratime"})
 #: Options kmsfs handles itself and does not pass to the kernel.
-OWN_OPTIONS = frozenset({WRITEBACK_CACHE, LOW_LATENCY})
+OWN_OPTIONS = frozenset({WRITEBACK_CACHE, LOW_LATENCY, *ATIME_OPTIONS})
 #: Options a user may pass with -o (names, or name= prefixes).
 ALLOWED_OPTIONS = frozenset(
     {
@@ -176,6 +180,8 @@ def serve(
             latency = _open_latency_request()
         ops = KmsfsOps(cipherdir, deriver)
         ops.enable_writeback_cache = WRITEBACK_CACHE in options
+        ops.files.noatime = "noatime" in options  # the kernel leaves atime to the daemon
+        ops.dir_noatime = bool(options & {"noatime", "nodiratime"})
         pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
     except BaseException:
         if latency is not None:

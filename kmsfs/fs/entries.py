@@ -82,6 +82,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.content_keys = ContentKeys(deriver, key_epochs)
         self.files = OpenFiles(self.content_keys)
         self.limiter = trio.CapacityLimiter(8)
+        self.dir_noatime = False  # -o noatime or nodiratime: listings leave atime alone
         self.timeout = timeout
         self.keep_cache = keep_cache
         # The answer to a lookup of a name that does not exist: inode 0, which the kernel keeps

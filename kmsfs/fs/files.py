@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -232,7 +233,7 @@ class FileContent:
     def _cipher_for_existing(self) -> ContentCipher:
         """Cipher of a non-empty file, reading and checking its header on first use."""
         if self._cipher is None:
-            raw = os.pread(self.fd, HEADER_SIZE, 0)
+            raw = quiet_pread(self.fd, HEADER_SIZE, 0)
             try:
                 header = FileHeader.parse(raw)
             except FormatError as exc:
@@ -265,7 +266,7 @@ class FileContent:
 
     def _read_block_and_raw(self, block_no: int) -> tuple[bytes, bytes]:
         """(plaintext, ciphertext) of one block; both empty past the end of the file."""
-        raw = os.pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(block_no))
+        raw = quiet_pread(self.fd, CIPHER_BLOCK_SIZE, cipher_offset(block_no))
         if not raw:
             return b"", b""
         return self._decrypt(block_no, raw), raw
@@ -418,6 +419,27 @@ class FileContent:
         (os.fdatasync if datasync else os.fsync)(self.fd)
 
 
+def quiet_pread(fd: int, size: int, offset: int) -> bytes:
+    """A pread that leaves the file's atime alone: the daemon's own reads (the old bytes of a
+    partial block it rewrites, a header checked before a write or a truncate) are not reads
+    by a user, and ext4 moves atime only for those (never for a write or a truncate).
+
+    O_NOATIME is set on the open file for the call (the daemon owns the ciphertext or has
+    CAP_FOWNER); where the kernel refuses it, the read moves atime as before.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_NOATIME:
+        return os.pread(fd, size, offset)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.pread(fd, size, offset)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
 def _pwrite_all(
     fd: int, data: bytes | bytearray, offset: int, csize: int, covered: bytes | None = None
 ) -> int:
@@ -440,7 +462,7 @@ def _pwrite_all(
         return csize
     old = covered
     if old is None:
-        old = os.pread(fd, csize - offset, offset) if offset < csize else b""
+        old = quiet_pread(fd, csize - offset, offset) if offset < csize else b""
     try:
         _pwrite_fully(fd, view, offset)
     except OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -41,14 +42,36 @@ class Handle:
     writable: bool
 
 
-def open_cipher_fd(path: bytes, want_write: bool) -> tuple[int, bool]:
-    """Open the ciphertext file read-write if possible (writes need reads for partial blocks)."""
+def open_cipher_fd(path: bytes, want_write: bool, noatime: bool = False) -> tuple[int, bool]:
+    """Open the ciphertext file read-write if possible (writes need reads for partial blocks).
+
+    *noatime* (the mount's ``-o noatime``): reads through the fd leave atime alone.
+    """
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), True
+        return open_quietly(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, noatime), True
     except OSError as exc:
         if want_write or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
+    return open_quietly(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, noatime), False
+
+
+def keep_atime(fd: int) -> None:
+    """Set O_NOATIME on an open file (:func:`open_quietly` for an fd made elsewhere)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    with contextlib.suppress(PermissionError):
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NOATIME)
+
+
+def open_quietly(path: bytes, flags: int, noatime: bool) -> int:
+    """``os.open``, with O_NOATIME if *noatime* and the kernel allows it (the daemon owns the
+    file or has CAP_FOWNER; otherwise reads move atime as they would without the option)."""
+    if noatime:
+        try:
+            return os.open(path, flags | os.O_NOATIME)
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+    return os.open(path, flags)
 
 
 #: How much of a file opened for reading :func:`prefetch` asks the kernel to read at once: the
@@ -74,6 +97,7 @@ class OpenFiles:
 
     def __init__(self, keys: ContentKeys) -> None:
         self._keys = keys
+        self.noatime = False  # the mount's -o noatime: no read moves a file's atime
         self._by_ino: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
@@ -93,18 +117,20 @@ class OpenFiles:
         of = self._by_ino.get(ino)
         if of is None:
             if fd is None:
-                fd, writable = open_cipher_fd(path, want_write)
+                fd, writable = open_cipher_fd(path, want_write, self.noatime)
                 if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC:
                     prefetch(fd)
             else:
                 writable = True
+                if self.noatime:
+                    keep_atime(fd)
             of = OpenFile(ino, FileContent(fd, self._keys), writable)
             self._by_ino[ino] = of
         else:
             if fd is not None:
                 os.close(fd)
             if want_write and not of.writable:
-                new_fd, _ = open_cipher_fd(path, True)
+                new_fd, _ = open_cipher_fd(path, True, self.noatime)
                 os.close(of.content.fd)
                 of.content.fd = new_fd
                 of.writable = True

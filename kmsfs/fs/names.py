@@ -157,14 +157,18 @@ class DirNames:
 
         return self._cipher.decrypt_from_disk(dir_iv, disk_name, read_sidecar)
 
-    def list_dir(self, dir_iv: bytes, dirpath: bytes, plain_dir: str) -> list[tuple[bytes, bytes]]:
+    def list_dir(
+        self, dir_iv: bytes, dirpath: bytes, plain_dir: str, fd: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
         """(disk name, plaintext name) of every visible entry; bad entries are logged, skipped.
 
-        Thread-safe (only reads the name cache), so big directories can be listed off the loop.
+        Lists *fd* if given (an open directory; its flags decide whether atime moves), else
+        *dirpath*, which long names' sidecars are read through in either case. Thread-safe
+        (only reads the name cache), so big directories can be listed off the loop.
         """
         out = []
         known = self._plain
-        with os.scandir(dirpath) as it:
+        with os.scandir(dirpath if fd is None else fd) as it:
             for entry in it:
                 name = entry.name
                 disk = os.fsdecode(name)

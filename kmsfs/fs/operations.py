@@ -30,6 +30,7 @@ from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.symlinks import LONGLINK_DIR
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
+from kmsfs.fs.handles import open_quietly
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
@@ -42,6 +43,7 @@ from kmsfs.fs.posix import (
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 512 * 1024
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 ROOT_INODE = pyfuse3.ROOT_INODE
 LONGLINK_DIR_B = os.fsencode(LONGLINK_DIR)
 DOTS = 2  # "." and "..": the first two entries of every listing
@@ -109,6 +111,7 @@ class ContentOps:
     xattrs: Any
     files: Any
     limiter: trio.CapacityLimiter
+    dir_noatime: bool
     timeout: float
     keep_cache: bool
     content_keys: ContentKeys
@@ -397,20 +400,21 @@ class ContentOps:
             except IntegrityError as exc:
                 raise self._integrity(d.ino, exc) from None
             plain = self.table.plain_path(d.ino)
-            if os.lstat(dirpath).st_size <= SMALL_DIR_BYTES:
+            small = os.lstat(dirpath).st_size <= SMALL_DIR_BYTES
+            if small and not self.dir_noatime:
                 d.entries = self.names.list_dir(dir_iv, dirpath, plain)
             else:
-                # Listed in a worker thread through an fd, not the path: a rename of the
-                # directory (or of a parent) meanwhile must not make it list as empty.
-                fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                # Big ones are listed in a worker thread through an fd, not the path: a rename
+                # of the directory (or of a parent) meanwhile must not make it list as empty.
+                fd = open_quietly(dirpath, DIR_FLAGS, self.dir_noatime)
                 try:
-                    d.entries = await trio.to_thread.run_sync(
-                        self.names.list_dir,
-                        dir_iv,
-                        b"/proc/self/fd/%d" % fd,
-                        plain,
-                        limiter=self.limiter,
-                    )
+                    args = (dir_iv, b"/proc/self/fd/%d" % fd, plain, fd)
+                    if small:
+                        d.entries = self.names.list_dir(*args)
+                    else:
+                        d.entries = await trio.to_thread.run_sync(
+                            self.names.list_dir, *args, limiter=self.limiter
+                        )
                 finally:
                     os.close(fd)
                 dirpath = self.table.path(d.ino)  # where it is now

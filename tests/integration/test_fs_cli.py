@@ -13,6 +13,7 @@ import pytest
 
 from kmsfs.errors import BadVersionError, FormatError
 from kmsfs.fs import config as volconfig
+from kmsfs.fs import daemon
 from tests.integration.fs_helpers import make_volume, sample_config
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
@@ -184,3 +185,12 @@ def test_refused_mounts_exit_with_their_codes(tmp_path: Path, initialized) -> No
     proc = kmsfs("mount", str(cipher), str(mp), env=env)
     assert proc.returncode == 0, proc.stderr
     assert kmsfs("umount", str(mp)).returncode == 0
+
+
+@pytest.mark.parametrize("option", sorted(daemon.ALLOWED_OPTIONS))
+def test_every_option_the_cli_accepts_mounts(volume: Path, mounter, option: str) -> None:  # type: ignore[no-untyped-def]
+    """An option ``mount_options`` lets through must not make libfuse refuse the mount (3.14
+    knows neither relatime nor nodiratime: kmsfs applies those itself)."""
+    m = mounter(volume, options=(option,))
+    assert os.path.ismount(m.mountpoint)
+    assert os.listdir(m.mountpoint) == []

@@ -760,6 +760,24 @@ def sizes_and_blocks(r: Run) -> None:
 
 
 @scenario
+def atime_of_writes_and_truncates(r: Run) -> None:
+    """Writes and truncates never move atime on ext4. On kmsfs they read the old bytes of a
+    partial block (read-modify-write), which must not count as a read either."""
+    with open(r.p("f"), "wb") as f:
+        f.write(b"a" * 5000)
+    os.utime(r.p("f"), ns=(1_000_000_000, 2_000_000_000))  # atime < mtime: relatime would move it
+    with open(r.p("f"), "ab") as f:
+        f.write(b"b" * 10)  # into the partial last block
+    r.attrs("after an append", "f", "atime")
+    fd = os.open(r.p("f"), os.O_WRONLY)
+    os.pwrite(fd, b"c", 4500)  # inside a block
+    os.close(fd)
+    r.attrs("after an overwrite", "f", "atime")
+    os.truncate(r.p("f"), 4200)  # to the middle of a block
+    r.attrs("after a truncate", "f", "atime")
+
+
+@scenario
 def posix_fallocate_grows(r: Run) -> None:
     with open(r.p("f"), "wb") as f:
         f.write(b"a" * 5000)
