@@ -57,8 +57,11 @@ LONGLINK_THRESHOLD = 1023
 LONGLINK_PREFIX = "kmsfs.longlink."
 LONGLINK_DIR = "kmsfs.longlinks"
 """Directory in the ciphertext root holding one blob per long-target symlink inode."""
+LONGLINK_DIR_B = LONGLINK_DIR.encode()
 
 _LONGLINK = re.compile(re.escape(LONGLINK_PREFIX) + SHA256_B64URL_PATTERN)
+LONGLINK_TARGET_LEN = len(LONGLINK_PREFIX) + 43
+"""Length of every long symlink's ciphertext target (the prefix and a base64url SHA-256)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,23 @@ class DiskLink:
 def is_longlink(link_target: str) -> bool:
     """True if a ciphertext symlink's target refers to a blob in LONGLINK_DIR."""
     return _LONGLINK.fullmatch(link_target) is not None
+
+
+def inline_target_length(stored_len: int) -> int | None:
+    """The plaintext length of a target stored inline in a ciphertext symlink of *stored_len*
+    bytes, or None when the length alone does not tell (a long symlink's length, or one no
+    encryption gives): the caller then reads the symlink.
+
+    base64url without padding maps byte counts to lengths one to one, and the encryption adds
+    exactly a nonce and a tag, so stat needs no readlink; readlink would move the ciphertext
+    symlink's atime, which a stat on ext4 never does.
+    """
+    if stored_len == LONGLINK_TARGET_LEN or stored_len % 4 == 1:
+        return None
+    if stored_len > LONGLINK_THRESHOLD:
+        return None
+    length = stored_len * 3 // 4 - NONCE_SIZE - TAG_SIZE
+    return length if 0 < length <= MAX_TARGET_BYTES else None
 
 
 def is_valid_target(target: bytes) -> bool:

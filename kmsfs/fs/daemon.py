@@ -54,9 +54,10 @@ DEFAULT_PERMISSIONS = "default_permissions"
 WRITEBACK_CACHE = "writeback_cache"
 #: kmsfs's own option: hold a CPU wake-up latency request while busy (:mod:`kmsfs.fs.latency`).
 LOW_LATENCY = "low_latency"
-#: Access-time options libfuse 3.14 does not know (it refuses to mount with them): kmsfs
-#: applies them itself. relatime is what a FUSE mount does anyway; nodiratime keeps listings
-#: from moving a directory's atime (noatime, which libfuse passes on, covers files too).
+#: Access-time options the libfuse 3.14 of Debian 12 does not know (it refuses to mount with
+#: them): kmsfs applies them itself. relatime is what a FUSE mount does anyway; nodiratime keeps
+#: listings from moving a directory's atime (noatime, which libfuse passes on, covers files
+#: too).
 ATIME_OPTIONS = frozenset({"relatime", "nodiratime"})
 #: Options kmsfs handles itself and does not pass to the kernel.
 OWN_OPTIONS = frozenset({WRITEBACK_CACHE, LOW_LATENCY, *ATIME_OPTIONS})

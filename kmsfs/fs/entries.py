@@ -24,6 +24,7 @@ from kmsfs.atomicfile import fsync_dir, write_new
 from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
+    LONGLINK_DIR_B,
     SYMLINK_KEY_INFO,
     SymlinkCipher,
     is_longlink,
@@ -83,6 +84,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.files = OpenFiles(self.content_keys)
         self.limiter = trio.CapacityLimiter(8)
         self.dir_noatime = False  # -o noatime or nodiratime: listings leave atime alone
+        # Hidden, but counted in the root's st_nlink by the backing file system (see _attrs).
+        self.longlink_dir_exists = os.path.isdir(self.table.root_path + b"/" + LONGLINK_DIR_B)
         self.timeout = timeout
         self.keep_cache = keep_cache
         # The answer to a lookup of a name that does not exist: inode 0, which the kernel keeps
@@ -282,6 +285,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             blob = None
             if disk_link.long_content is not None:
                 blob = _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
+                self.longlink_dir_exists = True
             try:
                 os.symlink(disk_link.target, path)
             except BaseException:

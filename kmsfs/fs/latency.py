@@ -7,10 +7,10 @@ costs more than serving the request. On this project's 2-vCPU VM, measured with 
 fuse tracepoints, the client's gap between a reply and its next request was twice the time the
 daemon took to serve it. It is the same for gocryptfs: the cost belongs to the machine.
 
-Linux lets a process ask for a bound on CPU wake-up latency (PM QoS,
-``/dev/cpu_dma_latency``, what tuned's *latency-performance* profile sets). With a bound of
-0 us, idle CPUs poll instead of halting, and a wake-up is a store to memory. ``tar -x`` of
-5,000 small files then took 0.93 s instead of 1.80 s (tools/bench.py, tmpfs).
+Linux lets a process ask for a bound on CPU wake-up latency (PM QoS, ``/dev/cpu_dma_latency``,
+the interface tuned's *latency-performance* profile uses). With a bound of 0 us, idle CPUs poll
+instead of halting, and a wake-up is a store to memory. ``tar -x`` of 5,000 small files then
+took 0.93 s instead of 1.80 s (this VM, tmpfs backing).
 
 The price is power: while the request is held, every idle CPU of the machine spins. So this is
 an option, off by default, and the daemon holds the request only while requests arrive: from

@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from kmsfs.atomicfile import fsync_dir
-from kmsfs.crypto.symlinks import LONGLINK_DIR
+from kmsfs.crypto.symlinks import inline_target_length
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.handles import open_quietly
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 512 * 1024
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 ROOT_INODE = pyfuse3.ROOT_INODE
-LONGLINK_DIR_B = os.fsencode(LONGLINK_DIR)
 DOTS = 2  # "." and "..": the first two entries of every listing
 #: A directory whose ciphertext st_size is at most this (a few hundred entries on ext4) is
 #: listed on the trio thread: a worker-thread hop costs more than listing it.
@@ -112,6 +111,7 @@ class ContentOps:
     files: Any
     limiter: trio.CapacityLimiter
     dir_noatime: bool
+    longlink_dir_exists: bool
     timeout: float
     keep_cache: bool
     content_keys: ContentKeys
@@ -135,7 +135,12 @@ class ContentOps:
             log.error("integrity: %s (%s)", where, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
-    def _symlink_size(self, path: bytes) -> int:
+    def _symlink_size(self, path: bytes, st: os.stat_result) -> int:
+        """The plaintext target's length: from the ciphertext target's length where that
+        tells it (no readlink, so the symlink's atime stays), else by decrypting it."""
+        size = inline_target_length(st.st_size)
+        if size is not None:
+            return size
         try:
             return len(self._read_link(path))
         except (IntegrityError, OSError):
@@ -144,14 +149,13 @@ class ContentOps:
     def _attrs(self, ino: int, st: os.stat_result, path: bytes | None) -> pyfuse3.EntryAttributes:
         size = None
         if stat.S_ISLNK(st.st_mode) and path is not None:
-            size = self._symlink_size(path)
+            size = self._symlink_size(path, st)
         attrs = entry_attrs(st, ino, self.timeout, size)
-        if ino == ROOT_INODE and self._has_longlinks():
-            attrs.st_nlink -= 1  # kmsfs.longlinks/ is not a subdirectory anyone can see
+        if ino == ROOT_INODE and attrs.st_nlink > 2 and self.longlink_dir_exists:
+            # kmsfs.longlinks/ is not a subdirectory anyone can see. (A backing file system
+            # that does not count subdirectories reports 1: nothing to take away then.)
+            attrs.st_nlink -= 1
         return attrs
-
-    def _has_longlinks(self) -> bool:
-        return os.path.isdir(os.path.join(self.table.path(ROOT_INODE), LONGLINK_DIR_B))
 
     def _stat_ino(self, ino: int) -> tuple[os.stat_result, bytes | None]:
         of = self.files.get_file(ino)

@@ -22,6 +22,7 @@ import pickle
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -147,6 +148,9 @@ def roots() -> Iterator[tuple[Path, Path]]:
         mount.start()
         ref = base / "ref"
         ref.mkdir()
+        kind = subprocess.run(["stat", "-f", "-c", "%t", str(ref)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert kind == "ef53", f"the reference {ref} must be on ext4 (set TMPDIR), not {kind}"
         for d in (ref, mount.mountpoint):
             os.chmod(d, 0o777)
         yield ref, mount.mountpoint
@@ -176,6 +180,13 @@ def test_same_as_ext4(roots: tuple[Path, Path], check: Callable[[Run], None]) ->
     ref, kms = logs
     for i, (want, have) in enumerate(zip(ref, kms, strict=True)):
         assert have == want, f"step {i}: ext4 gave {want}, kmsfs gave {have}"
+
+
+def _forget_cached_attributes() -> None:
+    """Make the kernel drop unused dentries and inodes, so the next stat on a mount reaches
+    the daemon instead of the attributes the kernel keeps for a second."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
 
 
 # --- small operations (module level so that children can run them) -------------------------
@@ -775,6 +786,20 @@ def atime_of_writes_and_truncates(r: Run) -> None:
     r.attrs("after an overwrite", "f", "atime")
     os.truncate(r.p("f"), 4200)  # to the middle of a block
     r.attrs("after a truncate", "f", "atime")
+
+
+@scenario
+def symlink_atime(r: Run) -> None:
+    """lstat never moves a symlink's atime on ext4, readlink does (relatime: atime < mtime).
+    kmsfs must not read the ciphertext symlink to answer a stat."""
+    for n in (1, 59, 60, 700):
+        os.symlink("s" * n, r.p(f"l{n}"))
+        os.utime(r.p(f"l{n}"), ns=(1_000_000_000, 2_000_000_000), follow_symlinks=False)
+        for _ in range(2):  # the first stat the daemon answers, then one that would show it
+            _forget_cached_attributes()
+            r.attrs("lstat", f"l{n}", "atime", "size")
+        r.call("readlink", lambda p: len(os.readlink(p)), r.p(f"l{n}"))
+        r.call("atime moved", lambda p: os.lstat(p).st_atime_ns != 1_000_000_000, r.p(f"l{n}"))
 
 
 @scenario

@@ -25,7 +25,11 @@ from kmsfs.fs import latency
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 NOBODY = 65534
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the PM QoS device is root's"),
+    pytest.mark.skipif(not os.path.exists(latency.DEVICE), reason="kernel without PM QoS"),
+]
 
 
 def kmsfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsfs.crypto import symlinks
 from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
@@ -159,3 +160,21 @@ def test_known_answer_vectors() -> None:
         disk = DiskLink(case["disk"], case["long_content"])
         assert is_longlink(disk.target) == (disk.long_content is not None)
         assert links.decrypt_from_disk(disk.target, lambda c=case: c["long_content"]) == target
+
+
+def test_the_plaintext_length_follows_from_an_inline_target_length() -> None:
+    """stat derives a symlink's size from its ciphertext length (no readlink): exact for every
+    inline target, and None only where a long symlink's length could also be."""
+    cipher = SymlinkCipher(b"\x07" * 32)
+    for n in range(1, 760):
+        stored = cipher.encrypt(b"t" * n)
+        if len(stored) > symlinks.LONGLINK_THRESHOLD:
+            continue
+        got = symlinks.inline_target_length(len(stored))
+        if len(stored) == symlinks.LONGLINK_TARGET_LEN:
+            assert got is None
+        else:
+            assert got == n, n
+    assert symlinks.inline_target_length(symlinks.LONGLINK_TARGET_LEN) is None
+    assert symlinks.inline_target_length(5) is None  # no encryption is that short
+    assert symlinks.inline_target_length(29) is None  # 29 % 4 == 1: not base64url
