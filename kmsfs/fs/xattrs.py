@@ -5,6 +5,8 @@ Only ``user.*`` attributes exist, stored with encrypted names and values (the la
 are refused as on a file system without them: ENODATA for reads, EOPNOTSUPP for writes; storing
 them in the clear would leak, and forwarding ``security.*`` would let the kernel act on
 ciphertext. A name too long once encrypted is ERANGE, as Linux gives for a too-long name.
+The other answers are ext4's: EINVAL for a namespace with no name after it ("user."),
+EOPNOTSUPP for a namespace Linux does not know, ENOSPC for a value that does not fit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ from kmsfs.crypto.xattrs import USER_PREFIX, XattrCipher, XattrNameError
 from kmsfs.errors import IntegrityError
 
 Target = bytes | int  # a ciphertext path or an open fd
+
+#: The namespaces Linux knows; a name in any other is EOPNOTSUPP, as on ext4.
+NAMESPACES = (USER_PREFIX, b"security.", b"trusted.", b"system.")
+
+
+def foreign_name_error(name: bytes) -> OSError:
+    """What reading or removing a name outside ``user.*`` gives: ENODATA in a namespace that
+    exists (there is nothing there), EOPNOTSUPP in one Linux does not know, EINVAL for a
+    namespace alone. Also the getxattr hot path (security.capability before every write)."""
+    if name in NAMESPACES:
+        return OSError(errno.EINVAL, "no name after the namespace")
+    if name.startswith(NAMESPACES):
+        return OSError(errno.ENODATA, "no such attribute")
+    return OSError(errno.EOPNOTSUPP, "unknown xattr namespace")
 
 
 def _nofollow(target: Target) -> dict[str, bool]:
@@ -30,6 +46,8 @@ class Xattrs:
         self._c = cipher
 
     def _disk_name(self, name: bytes) -> bytes:
+        if name in NAMESPACES:
+            raise OSError(errno.EINVAL, "no name after the namespace")
         try:
             return self._c.disk_name(name)
         except XattrNameError as exc:
@@ -37,18 +55,23 @@ class Xattrs:
 
     def get(self, target: Target, name: bytes) -> bytes:
         if not name.startswith(USER_PREFIX):
-            raise OSError(errno.ENODATA, "no such attribute")
+            raise foreign_name_error(name)
         disk = self._disk_name(name)
         stored = os.getxattr(target, disk, **_nofollow(target))
         return self._c.open(disk, stored)
 
     def set(self, target: Target, name: bytes, value: bytes) -> None:
         disk = self._disk_name(name)
-        os.setxattr(target, disk, self._c.seal(disk, value), **_nofollow(target))
+        try:
+            os.setxattr(target, disk, self._c.seal(disk, value), **_nofollow(target))
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:  # the nonce and tag took it past the backing's limit
+                raise OSError(errno.ENOSPC, "xattr value does not fit") from None
+            raise
 
     def remove(self, target: Target, name: bytes) -> None:
         if not name.startswith(USER_PREFIX):
-            raise OSError(errno.ENODATA, "no such attribute")
+            raise foreign_name_error(name)
         os.removexattr(target, self._disk_name(name), **_nofollow(target))
 
     def list(self, target: Target) -> list[bytes]:

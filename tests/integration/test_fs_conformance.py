@@ -803,6 +803,31 @@ def symlink_atime(r: Run) -> None:
 
 
 @scenario
+def xattr_errors(r: Run) -> None:
+    """user.* attributes and the errors around them, as ext4 gives them (trusted.* and
+    security.* are refused by design, and names over ~171 bytes are not stored: both are
+    documented differences, not checked here)."""
+    creat(r.p("f"))
+    f = r.p("f")
+    r.call("set", os.setxattr, f, "user.a", b"1")
+    for call, args in (("set", (b"1",)), ("get", ()), ("remove", ())):
+        fn = {"set": os.setxattr, "get": os.getxattr, "remove": os.removexattr}[call]
+        r.call(f"{call} user. alone", fn, f, "user.", *args)
+        r.call(f"{call} unknown namespace", fn, f, "foo.x", *args)
+    r.call("create existing", os.setxattr, f, "user.a", b"2", os.XATTR_CREATE)
+    r.call("replace missing", os.setxattr, f, "user.b", b"2", os.XATTR_REPLACE)
+    r.call("get missing", os.getxattr, f, "user.missing")
+    r.call("remove missing", os.removexattr, f, "user.missing")
+    r.call("get trusted missing", os.getxattr, f, "trusted.missing")
+    r.call("empty value", os.setxattr, f, "user.e", b"")
+    r.call("get empty value", os.getxattr, f, "user.e")
+    r.call("value too big", os.setxattr, f, "user.big", b"x" * 65536)
+    r.call("get", os.getxattr, f, "user.a")
+    r.call("list", lambda p: sorted(os.listxattr(p)), f)
+    r.call("name of 255 bytes in all", os.setxattr, f, "user." + "n" * 251, b"1")
+
+
+@scenario
 def posix_fallocate_grows(r: Run) -> None:
     with open(r.p("f"), "wb") as f:
         f.write(b"a" * 5000)
