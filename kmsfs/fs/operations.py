@@ -39,7 +39,7 @@ from kmsfs.fs.posix import (
     statvfs_data,
     touch_ctime,
 )
-from kmsfs.fs.xattrs import foreign_name_error
+from kmsfs.fs.xattrs import foreign_name_errno
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ class ContentOps:
         if not name.startswith(b"user."):
             # What Xattrs.get answers, without resolving the inode: the kernel asks for
             # security.capability before every write(2), so this is a hot path.
-            raise pyfuse3.FUSEError(foreign_name_error(name).errno)
+            raise pyfuse3.FUSEError(foreign_name_errno(name))
         try:
             return self.xattrs.get(self._xattr_target(inode), name)
         except IntegrityError as exc:

@@ -23,15 +23,13 @@ Target = bytes | int  # a ciphertext path or an open fd
 NAMESPACES = (USER_PREFIX, b"security.", b"trusted.", b"system.")
 
 
-def foreign_name_error(name: bytes) -> OSError:
+def foreign_name_errno(name: bytes) -> int:
     """What reading or removing a name outside ``user.*`` gives: ENODATA in a namespace that
-    exists (there is nothing there), EOPNOTSUPP in one Linux does not know, EINVAL for a
-    namespace alone. Also the getxattr hot path (security.capability before every write)."""
-    if name in NAMESPACES:
-        return OSError(errno.EINVAL, "no name after the namespace")
+    exists (there is nothing there), EINVAL for a namespace alone, EOPNOTSUPP in a namespace
+    Linux does not know. Also the getxattr hot path (security.capability before each write)."""
     if name.startswith(NAMESPACES):
-        return OSError(errno.ENODATA, "no such attribute")
-    return OSError(errno.EOPNOTSUPP, "unknown xattr namespace")
+        return errno.EINVAL if name in NAMESPACES else errno.ENODATA
+    return errno.EOPNOTSUPP
 
 
 def _nofollow(target: Target) -> dict[str, bool]:
@@ -55,7 +53,7 @@ class Xattrs:
 
     def get(self, target: Target, name: bytes) -> bytes:
         if not name.startswith(USER_PREFIX):
-            raise foreign_name_error(name)
+            raise OSError(foreign_name_errno(name), "no such user.* attribute")
         disk = self._disk_name(name)
         stored = os.getxattr(target, disk, **_nofollow(target))
         return self._c.open(disk, stored)
@@ -71,7 +69,7 @@ class Xattrs:
 
     def remove(self, target: Target, name: bytes) -> None:
         if not name.startswith(USER_PREFIX):
-            raise foreign_name_error(name)
+            raise OSError(foreign_name_errno(name), "no such user.* attribute")
         os.removexattr(target, self._disk_name(name), **_nofollow(target))
 
     def list(self, target: Target) -> list[bytes]:
