@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,35 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def _request_after(
+    delay: float, req: latency.CpuLatencyRequest, before_it: Callable[[], None] = lambda: None
+) -> daemon._SpinThenWait:
+    """Wait for /dev/fuse (a pipe here) with *req*, while a request comes *delay* seconds in
+    (*before_it* runs just before it is sent); returns the waiter, its fd still readable."""
+    r, w = _pipe()
+    spin = daemon._SpinThenWait(latency=req)
+
+    async def writer() -> None:
+        await trio.sleep(delay)
+        before_it()
+        os.write(w, b"x")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            with trio.fail_after(5):
+                await spin.wait_readable(r)
+        with trio.fail_after(5):
+            await spin.wait_readable(r)  # still readable: found at once by the spin
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+    return spin
+
+
 def test_hold_and_release_write_each_change_once(device: Path) -> None:
     req = latency.CpuLatencyRequest(str(device))
     assert not req.held and _written(device) == []
@@ -61,75 +91,28 @@ def test_unavailable_device_is_one_line_naming_it(tmp_path: Path) -> None:
 def test_a_request_after_a_pause_takes_the_hold(device: Path) -> None:
     """Nothing comes during the spin: the worker sleeps, and the request that wakes it starts
     a busy spell (held); a request found by spinning changes nothing."""
-    r, w = _pipe()
     req = latency.CpuLatencyRequest(str(device))
-
-    async def writer() -> None:
-        await trio.sleep(0.05)
-        os.write(w, b"x")
-
-    async def main() -> None:
-        spin = daemon._SpinThenWait(latency=req)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
-            with trio.fail_after(5):
-                await spin.wait_readable(r)
-        assert req.held
-        with trio.fail_after(5):
-            await spin.wait_readable(r)  # still readable: found at once, nothing written
-
-    trio.run(main)
-    assert _written(device) == [HELD]
-    os.close(r)
-    os.close(w)
+    _request_after(0.05, req)
+    assert req.held and _written(device) == [HELD]
 
 
 def test_a_pause_longer_than_the_hold_releases_it_then_the_next_request_takes_it_again(
     device: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(daemon, "HOLD_SECONDS", 0.05)
-    r, w = _pipe()
     req = latency.CpuLatencyRequest(str(device))
     req.hold()
     seen_released = []
-
-    async def writer() -> None:
-        await trio.sleep(0.3)  # well past the hold
-        seen_released.append(not req.held)
-        os.write(w, b"x")
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
-            with trio.fail_after(5):
-                await daemon._SpinThenWait(latency=req).wait_readable(r)
-
-    trio.run(main)
+    _request_after(0.3, req, lambda: seen_released.append(not req.held))  # well past the hold
     assert seen_released == [True]  # released while idle, before the request came
     assert req.held and _written(device) == [HELD, RELEASED, HELD]
-    os.close(r)
-    os.close(w)
 
 
 def test_a_pause_shorter_than_the_hold_keeps_it(
     device: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(daemon, "HOLD_SECONDS", 5.0)
-    r, w = _pipe()
     req = latency.CpuLatencyRequest(str(device))
     req.hold()
-
-    async def writer() -> None:
-        await trio.sleep(0.05)  # past the spin, well within the hold
-        os.write(w, b"x")
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
-            with trio.fail_after(5):
-                await daemon._SpinThenWait(latency=req).wait_readable(r)
-
-    trio.run(main)
+    _request_after(0.05, req)  # past the spin, well within the hold
     assert req.held and _written(device) == [HELD]
-    os.close(r)
-    os.close(w)
