@@ -10,6 +10,17 @@ Layout (docs/format.md, "Volume config", feature flag ``EncryptedXattrs``)::
     disk value  = nonce (12, random) || AES-GCM(value key, nonce, value, aad = disk name)
                   || tag (16)                                   (28 + len(value) bytes)
 
+A disk name over 255 bytes (a plaintext name of about 172 to 250 bytes after "user.") is
+stored, on a volume with the ``LongXattrNames`` flag, as::
+
+    sealed      = AES-SIV(name key, ad=[XATTR_NAME_AD], plaintext name after "user.")
+    disk name   = "user.l." || base64url_nopad(SHA-256(base64url_nopad(sealed)))    (50 bytes)
+    disk value  = len(sealed) (2, big-endian) || sealed || the value as above
+
+A short disk name never has a dot after "user." (base64url has none), so the two kinds cannot
+be confused. Listing reads a long name's value to find its name; the hash in the disk name
+binds that sealed name to it, and the value is bound to the disk name as before.
+
 Names are deterministic so a lookup needs no listing; values are bound to their (encrypted)
 name so two values cannot be swapped unnoticed. Only the ``user.`` namespace is encrypted; the
 fs layer (:mod:`kmsfs.fs.xattrs`) decides what other namespaces do. Pure: bytes in, bytes out.
@@ -24,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kmsfs.crypto.encoding import b64url_decode, b64url_encode
+from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
 from kmsfs.errors import IntegrityError
 
 XATTR_KEY_INFO = b"kmsfs/v1/xattrs"
@@ -41,6 +52,9 @@ XATTR_NAME_MAX = 255
 NONCE_SIZE = 12
 TAG_SIZE = 16
 SIV_TAG_SIZE = 16
+LONG_NAME_PREFIX = b"user.l."
+"""Disk names of long names (``LongXattrNames``) start with this; short ones never do."""
+SEALED_LEN_SIZE = 2
 
 
 class XattrNameError(ValueError):
@@ -64,37 +78,69 @@ class XattrCipher:
         self._siv = AESSIV(_hkdf(secret, XATTR_SIV_INFO, 64))
         self._gcm = AESGCM(_hkdf(secret, XATTR_GCM_INFO, 32))
 
-    def disk_name(self, name: bytes) -> bytes:
-        """The on-disk name of ``user.<x>``; XattrNameError for another namespace or length."""
+    def _sealed(self, name: bytes) -> bytes:
         if not name.startswith(USER_PREFIX) or len(name) == len(USER_PREFIX):
             raise XattrNameError("only user.* extended attributes are supported")
         if len(name) > XATTR_NAME_MAX:
             raise XattrNameError("xattr name too long", too_long=True)
-        sealed = self._siv.encrypt(name[len(USER_PREFIX) :], [XATTR_NAME_AD])
-        enc = USER_PREFIX + b64url_encode(sealed).encode()
-        if len(enc) > XATTR_NAME_MAX:
-            raise XattrNameError("xattr name too long once encrypted", too_long=True)
-        return enc
+        return self._siv.encrypt(name[len(USER_PREFIX) :], [XATTR_NAME_AD])
 
-    def plain_name(self, disk: bytes) -> bytes:
-        """Inverse of :meth:`disk_name`; IntegrityError if *disk* is not one of ours."""
+    def disk_name(self, name: bytes, long_names: bool = False) -> bytes:
+        """The on-disk name of ``user.<x>``; XattrNameError for another namespace or length.
+
+        *long_names* (the volume's ``LongXattrNames`` flag): a name too long once encrypted
+        gets a hashed disk name instead of the error.
+        """
+        sealed = self._sealed(name)
+        enc = USER_PREFIX + b64url_encode(sealed).encode()
+        if len(enc) <= XATTR_NAME_MAX:
+            return enc
+        if not long_names:
+            raise XattrNameError("xattr name too long once encrypted", too_long=True)
+        return _long_disk_name(sealed)
+
+    def plain_name(self, disk: bytes, stored: bytes | None = None) -> bytes:
+        """Inverse of :meth:`disk_name`; IntegrityError if *disk* is not one of ours. A long
+        disk name needs its *stored* value, which holds the sealed name."""
         try:
-            if not disk.startswith(USER_PREFIX):
+            if is_long_disk_name(disk):
+                if stored is None:
+                    raise ValueError("a long name needs its value")
+                raw = _split_long(disk, stored)[0]
+            elif disk.startswith(USER_PREFIX):
+                raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
+            else:
                 raise ValueError("not a user.* name")
-            raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
             return USER_PREFIX + self._siv.decrypt(raw, [XATTR_NAME_AD])
         except (ValueError, UnicodeDecodeError, InvalidTag):
             raise IntegrityError("xattr name: authentication failed") from None
 
-    def seal(self, disk_name: bytes, value: bytes) -> bytes:
-        return self._seal_with_nonce(disk_name, value, os.urandom(NONCE_SIZE))
+    def seal(self, disk_name: bytes, value: bytes, name: bytes | None = None) -> bytes:
+        """The stored value; a long disk name needs the plaintext *name* (its sealed form goes
+        in front of the value)."""
+        return self._seal_with_nonce(disk_name, value, os.urandom(NONCE_SIZE), name)
 
-    def _seal_with_nonce(self, disk_name: bytes, value: bytes, nonce: bytes) -> bytes:
+    def _seal_with_nonce(
+        self, disk_name: bytes, value: bytes, nonce: bytes, name: bytes | None = None
+    ) -> bytes:
         """Deterministic form of :meth:`seal`, for known-answer tests only."""
-        return nonce + self._gcm.encrypt(nonce, value, disk_name)
+        sealed_value = nonce + self._gcm.encrypt(nonce, value, disk_name)
+        if not is_long_disk_name(disk_name):
+            return sealed_value
+        if name is None:
+            raise ValueError("a long xattr name needs its plaintext name to be stored")
+        sealed = self._sealed(name)
+        if _long_disk_name(sealed) != disk_name:
+            raise ValueError("disk name and name do not match")
+        return len(sealed).to_bytes(SEALED_LEN_SIZE, "big") + sealed + sealed_value
 
     def open(self, disk_name: bytes, stored: bytes) -> bytes:
         """Plaintext value; IntegrityError if it was altered, truncated or moved to another name."""
+        if is_long_disk_name(disk_name):
+            try:
+                stored = _split_long(disk_name, stored)[1]
+            except ValueError as exc:
+                raise IntegrityError(f"xattr value: {exc}") from None
         if len(stored) < NONCE_SIZE + TAG_SIZE:
             raise IntegrityError(
                 f"xattr value: want at least {NONCE_SIZE + TAG_SIZE} bytes, have {len(stored)}"
@@ -103,3 +149,24 @@ class XattrCipher:
             return self._gcm.decrypt(stored[:NONCE_SIZE], stored[NONCE_SIZE:], disk_name)
         except (InvalidTag, ValueError):
             raise IntegrityError("xattr value: authentication failed") from None
+
+
+def is_long_disk_name(disk: bytes) -> bool:
+    """True for the disk name of a long xattr name (``LongXattrNames``)."""
+    return disk.startswith(LONG_NAME_PREFIX)
+
+
+def _long_disk_name(sealed: bytes) -> bytes:
+    return LONG_NAME_PREFIX + sha256_b64url(b64url_encode(sealed)).encode()
+
+
+def _split_long(disk: bytes, stored: bytes) -> tuple[bytes, bytes]:
+    """(sealed name, sealed value) of a long name's stored value; ValueError unless the sealed
+    name is whole and hashes to *disk*."""
+    size = int.from_bytes(stored[:SEALED_LEN_SIZE], "big")
+    sealed = stored[SEALED_LEN_SIZE : SEALED_LEN_SIZE + size]
+    if len(stored) < SEALED_LEN_SIZE or len(sealed) != size or size <= SIV_TAG_SIZE:
+        raise ValueError("long name: truncated")
+    if _long_disk_name(sealed) != disk:
+        raise ValueError("long name: does not match its disk name")
+    return sealed, stored[SEALED_LEN_SIZE + size :]

@@ -43,15 +43,34 @@ FLAG_KEY_EPOCHS = "KeyEpochs"
 "Key epochs"). Without it a volume writes version 1 headers (epoch 1) only; kmsfs builds that
 predate the flag refuse to mount a volume that has it, as they cannot read version 2 headers."""
 
+FLAG_LONG_XATTR_NAMES = "LongXattrNames"
+"""``user.*`` xattr names too long once encrypted are stored under a hashed disk name, their
+sealed name in front of the value (docs/format.md, "Long xattr names"). Without it they are
+ERANGE; kmsfs builds that predate the flag refuse the volume rather than hide such names."""
+
 #: Flags this build understands. A config naming any other flag refuses to mount.
 KNOWN_FLAGS = frozenset(
-    {FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR, FLAG_KEY_EPOCHS}
+    {
+        FLAG_GCM_4096,
+        FLAG_SIV_NAMES,
+        FLAG_LONG_NAMES,
+        FLAG_DIRIV,
+        FLAG_XATTR,
+        FLAG_KEY_EPOCHS,
+        FLAG_LONG_XATTR_NAMES,
+    }
 )
 #: Flags this build cannot work without (it has no code path for their absence).
 REQUIRED_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV})
 #: Flags written into a new volume, in a fixed order.
 DEFAULT_FLAGS = (
-    FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV, FLAG_XATTR, FLAG_KEY_EPOCHS
+    FLAG_GCM_4096,
+    FLAG_SIV_NAMES,
+    FLAG_LONG_NAMES,
+    FLAG_DIRIV,
+    FLAG_XATTR,
+    FLAG_KEY_EPOCHS,
+    FLAG_LONG_XATTR_NAMES,
 )
 
 _KEYS = frozenset(

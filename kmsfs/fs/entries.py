@@ -69,7 +69,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         keep_cache: bool = True,
         key_epochs: bool | None = None,
     ) -> None:
-        """``key_epochs``: the volume's KeyEpochs flag; None reads it from its kmsfs.conf."""
+        """``key_epochs``: the volume's KeyEpochs flag; None reads it from its kmsfs.conf (the
+        other flags that change what the handlers do are always read from there)."""
         super().__init__()
         root = os.fsencode(os.path.abspath(cipherdir))
         self.table = InodeTable(root, os.lstat(root).st_ino)
@@ -77,9 +78,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         # rotation re-keys file contents only (docs/format.md, "Key epochs").
         self.names = DirNames(NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH)))
         self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
-        self.xattrs = Xattrs(XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH)))
+        config = volconfig.load(Path(cipherdir))
+        self.xattrs = Xattrs(
+            XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH)),
+            long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES),
+        )
         if key_epochs is None:
-            key_epochs = volconfig.load(Path(cipherdir)).has(volconfig.FLAG_KEY_EPOCHS)
+            key_epochs = config.has(volconfig.FLAG_KEY_EPOCHS)
         self.content_keys = ContentKeys(deriver, key_epochs)
         self.files = OpenFiles(self.content_keys)
         self.limiter = trio.CapacityLimiter(8)

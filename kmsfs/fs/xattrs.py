@@ -4,7 +4,8 @@ Only ``user.*`` attributes exist, stored with encrypted names and values (the la
 :mod:`kmsfs.crypto.xattrs` and docs/format.md). Other namespaces (security, trusted, system)
 are refused as on a file system without them: ENODATA for reads, EOPNOTSUPP for writes; storing
 them in the clear would leak, and forwarding ``security.*`` would let the kernel act on
-ciphertext. A name too long once encrypted is ERANGE, as Linux gives for a too-long name.
+ciphertext. Names up to 255 bytes, as on ext4 (on a volume without the ``LongXattrNames`` flag,
+a name too long once encrypted, over about 171 bytes after ``user.``, is ERANGE).
 The other answers are ext4's: EINVAL for a namespace with no name after it ("user."),
 EOPNOTSUPP for a namespace Linux does not know, ENOSPC for a value that does not fit.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 
-from kmsfs.crypto.xattrs import USER_PREFIX, XattrCipher, XattrNameError
+from kmsfs.crypto.xattrs import USER_PREFIX, XattrCipher, XattrNameError, is_long_disk_name
 from kmsfs.errors import IntegrityError
 
 Target = bytes | int  # a ciphertext path or an open fd
@@ -38,16 +39,21 @@ def _nofollow(target: Target) -> dict[str, bool]:
 
 
 class Xattrs:
-    """The four xattr operations over a ciphertext path or fd (synchronous, thread-safe)."""
+    """The four xattr operations over a ciphertext path or fd (synchronous, thread-safe).
 
-    def __init__(self, cipher: XattrCipher) -> None:
+    *long_names*: the volume has the ``LongXattrNames`` flag, so names up to ext4's 255 bytes
+    are stored (hashed on disk); without it, a name too long once encrypted is ERANGE.
+    """
+
+    def __init__(self, cipher: XattrCipher, long_names: bool = False) -> None:
         self._c = cipher
+        self._long = long_names
 
     def _disk_name(self, name: bytes) -> bytes:
         if name in NAMESPACES:
             raise OSError(errno.EINVAL, "no name after the namespace")
         try:
-            return self._c.disk_name(name)
+            return self._c.disk_name(name, self._long)
         except XattrNameError as exc:
             raise OSError(errno.ERANGE if exc.too_long else errno.EOPNOTSUPP, str(exc)) from None
 
@@ -61,7 +67,7 @@ class Xattrs:
     def set(self, target: Target, name: bytes, value: bytes) -> None:
         disk = self._disk_name(name)
         try:
-            os.setxattr(target, disk, self._c.seal(disk, value), **_nofollow(target))
+            os.setxattr(target, disk, self._c.seal(disk, value, name), **_nofollow(target))
         except OSError as exc:
             if exc.errno == errno.E2BIG:  # the nonce and tag took it past the backing's limit
                 raise OSError(errno.ENOSPC, "xattr value does not fit") from None
@@ -78,7 +84,13 @@ class Xattrs:
             raw = os.fsencode(disk)
             if raw.startswith(USER_PREFIX):
                 try:
-                    out.append(self._c.plain_name(raw))
-                except IntegrityError:
-                    continue  # not ours (or damaged): hide it rather than fail the listing
+                    stored = None
+                    if self._long and is_long_disk_name(raw):  # its name is in its value
+                        stored = os.getxattr(target, raw, **_nofollow(target))
+                    out.append(self._c.plain_name(raw, stored))
+                except (IntegrityError, FileNotFoundError):
+                    continue  # not ours, damaged or just removed: hide it, do not fail
+                except OSError as exc:
+                    if exc.errno != errno.ENODATA:
+                        raise
         return out

@@ -400,6 +400,46 @@ def test_xattrs(m: Path, volume: Path) -> None:
                 assert b"secret-value" not in val
 
 
+def test_long_xattr_names_are_stored_hashed_and_leak_nothing(m: Path, volume: Path) -> None:
+    """Names up to 250 bytes after user. (ext4's limit): the disk name is a hash, the sealed
+    name rides in front of the value, and neither the name nor the value shows on disk."""
+    p = m / "f"
+    p.write_bytes(b"x")
+    name = "user." + "secretname" * 25  # 250 bytes after user.
+    os.setxattr(p, name, b"secret-value-456")
+    assert os.getxattr(p, name) == b"secret-value-456"
+    assert os.listxattr(p) == [name]
+    on_disk = [n for f in volume.iterdir() if f.is_file() for n in os.listxattr(f)]
+    assert len(on_disk) == 1 and on_disk[0].startswith("user.l.") and len(on_disk[0]) == 50
+    for f in volume.iterdir():
+        for a in os.listxattr(f):
+            val = os.getxattr(f, a)
+            assert b"secretname" not in val and b"secret-value" not in val
+    os.removexattr(p, name)
+    assert os.listxattr(p) == []
+
+
+def test_a_volume_without_long_xattr_names_refuses_them(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A volume made before the LongXattrNames flag keeps its limit (ERANGE past about 171
+    bytes after user.): older builds would hide such names, so only flagged volumes get them."""
+    from dataclasses import replace
+
+    from kmsfs.fs import config as volconfig
+    from kmsfs.fs.volume import create_volume
+    from tests.integration.fs_helpers import sample_config
+
+    flags = tuple(f for f in volconfig.DEFAULT_FLAGS if f != volconfig.FLAG_LONG_XATTR_NAMES)
+    cipher = tmp_path / "old"
+    create_volume(cipher, replace(sample_config(), feature_flags=flags))
+    m = mounter(cipher).mountpoint
+    (m / "f").write_bytes(b"x")
+    os.setxattr(m / "f", "user." + "s" * 171, b"fits")
+    with pytest.raises(OSError) as info:
+        os.setxattr(m / "f", "user." + "s" * 200, b"too long")
+    assert _errno(info) == errno.ERANGE
+    assert os.listxattr(m / "f") == ["user." + "s" * 171]
+
+
 def test_special_files(m: Path) -> None:
     os.mkfifo(m / "fifo")
     assert stat.S_ISFIFO(os.stat(m / "fifo").st_mode)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from kmsfs.crypto.encoding import b64url_encode
 from kmsfs.crypto.xattrs import (
+    LONG_NAME_PREFIX,
     NONCE_SIZE,
     TAG_SIZE,
     XATTR_KEY_INFO,
@@ -125,3 +128,77 @@ def test_foreign_names_are_not_ours(disk: bytes) -> None:
 def test_bad_secret_length() -> None:
     with pytest.raises(ValueError, match="want 32 bytes, have 16"):
         XattrCipher(bytes(16))
+
+
+# --- long names (LongXattrNames) ----------------------------------------------------------------
+LONG = b"user." + b"L" * 200  # 200 bytes after user.: over 255 once encrypted
+OTHER_LONG = b"user." + b"M" * 230
+
+
+def _long_pair(c: XattrCipher, name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    disk = c.disk_name(name, long_names=True)
+    return disk, c.seal(disk, value, name)
+
+
+def test_a_long_name_gets_a_hashed_disk_name_and_round_trips() -> None:
+    c = XattrCipher(SECRET)
+    disk, stored = _long_pair(c, LONG, b"value")
+    assert disk.startswith(LONG_NAME_PREFIX) and len(disk) == 50
+    assert c.disk_name(LONG, long_names=True) == disk  # deterministic: a lookup needs no list
+    assert c.open(disk, stored) == b"value"
+    assert c.plain_name(disk, stored) == LONG
+    with pytest.raises(IntegrityError):
+        c.plain_name(disk)  # its name is in its value
+
+
+def test_without_the_flag_a_long_name_is_too_long_and_short_names_do_not_change() -> None:
+    c = XattrCipher(SECRET)
+    with pytest.raises(XattrNameError) as info:
+        c.disk_name(LONG)
+    assert info.value.too_long
+    for n in (1, 100, 171):
+        name = b"user." + b"s" * n
+        assert c.disk_name(name, long_names=True) == c.disk_name(name)
+        assert not c.disk_name(name).startswith(LONG_NAME_PREFIX)
+
+
+def test_a_long_names_value_moved_or_altered_is_refused() -> None:
+    c = XattrCipher(SECRET)
+    disk, stored = _long_pair(c, LONG, b"value")
+    other_disk, other_stored = _long_pair(c, OTHER_LONG, b"other")
+    with pytest.raises(IntegrityError):
+        c.open(other_disk, stored)  # its sealed name does not hash to the other disk name
+    with pytest.raises(IntegrityError):
+        c.plain_name(other_disk, stored)
+    size = 2 + int.from_bytes(stored[:2], "big")
+    spliced = stored[:size] + other_stored[2 + int.from_bytes(other_stored[:2], "big") :]
+    with pytest.raises(IntegrityError):
+        c.open(disk, spliced)  # the right name in front of another name's value
+    for cut in (1, 2, 40, size):
+        with pytest.raises(IntegrityError):
+            c.open(disk, stored[:cut])
+    flipped = bytearray(stored)
+    flipped[5] ^= 1  # inside the sealed name
+    with pytest.raises(IntegrityError):
+        c.plain_name(disk, bytes(flipped))
+
+
+def test_sealing_a_long_name_needs_the_matching_name() -> None:
+    c = XattrCipher(SECRET)
+    disk = c.disk_name(LONG, long_names=True)
+    with pytest.raises(ValueError):
+        c.seal(disk, b"v")
+    with pytest.raises(ValueError):
+        c.seal(disk, b"v", OTHER_LONG)
+
+
+def test_the_long_name_format_does_not_move() -> None:
+    """Known answer for SECRET (written by the first build with LongXattrNames): 2-byte length,
+    the 216-byte sealed name, then the 12-byte nonce and the sealed 4-byte value."""
+    disk = CIPHER.disk_name(LONG, long_names=True)
+    assert disk == b"user.l.4y8k-4NdRfaM6YTsCsO9y4TXwoBCcvXfruqdxHwGcnQ"
+    stored = CIPHER._seal_with_nonce(disk, b"blue", bytes(12), LONG)
+    assert len(stored) == 2 + 216 + 12 + 4 + 16
+    assert hashlib.sha256(stored).hexdigest() == (
+        "9919d82682ef359d9bfcd974171e687d3221f188c968780c213c5d82e5eec1cc"
+    )
