@@ -17,9 +17,10 @@ stored, on a volume with the ``LongXattrNames`` flag, as::
     disk name   = "user.l." || base64url_nopad(SHA-256(base64url_nopad(sealed)))    (50 bytes)
     disk value  = len(sealed) (2, big-endian) || sealed || the value as above
 
-A short disk name never has a dot after "user." (base64url has none), so the two kinds cannot
-be confused. Listing reads a long name's value to find its name; the hash in the disk name
-binds that sealed name to it, and the value is bound to the disk name as before.
+A short disk name never has a dot after "user." (base64url has none), and a long entry whose
+name would have a short disk name is refused, so no name has two. Listing reads a long name's
+value to find its name; the hash in the disk name binds that sealed name to it, and the value
+is bound to the disk name as before (a listing checks it too).
 
 Names are deterministic so a lookup needs no listing; values are bound to their (encrypted)
 name so two values cannot be swapped unnoticed. Only the ``user.`` namespace is encrypted; the
@@ -107,6 +108,10 @@ class XattrCipher:
                 if stored is None:
                     raise ValueError("a long name needs its value")
                 raw = _split_long(disk, stored)[0]
+                if len(USER_PREFIX) + len(b64url_encode(raw)) <= XATTR_NAME_MAX:
+                    # A name that has a short disk name never gets a long one: refusing it
+                    # keeps one name from being listed twice (a forged long entry).
+                    raise ValueError("a long entry for a short name")
             elif disk.startswith(USER_PREFIX):
                 raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
             else:

@@ -87,6 +87,7 @@ class Xattrs:
                     stored = None
                     if self._long and is_long_disk_name(raw):  # its name is in its value
                         stored = os.getxattr(target, raw, **_nofollow(target))
+                        self._c.open(raw, stored)  # listed only if it also reads back
                     out.append(self._c.plain_name(raw, stored))
                 except (IntegrityError, FileNotFoundError):
                     continue  # not ours, damaged or just removed: hide it, do not fail

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmsfs.crypto.encoding import b64url_encode
+from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
 from kmsfs.crypto.xattrs import (
     LONG_NAME_PREFIX,
     NONCE_SIZE,
@@ -202,3 +202,14 @@ def test_the_long_name_format_does_not_move() -> None:
     assert hashlib.sha256(stored).hexdigest() == (
         "9919d82682ef359d9bfcd974171e687d3221f188c968780c213c5d82e5eec1cc"
     )
+
+
+def test_a_long_entry_for_a_name_that_has_a_short_one_is_refused() -> None:
+    """Forged from a short name's sealed bytes, it would list that name twice."""
+    c = XattrCipher(SECRET)
+    short_disk = c.disk_name(b"user.a")
+    sealed = b64url_decode(short_disk[len(b"user.") :].decode())
+    forged_disk = b"user.l." + sha256_b64url(b64url_encode(sealed)).encode()
+    forged = len(sealed).to_bytes(2, "big") + sealed + bytes(28)
+    with pytest.raises(IntegrityError):
+        c.plain_name(forged_disk, forged)
