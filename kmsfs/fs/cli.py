@@ -56,8 +56,8 @@ EPILOGS = {
     "\nRewrites every file keyed with an older mk epoch at the Domain's current epoch, one file\n"
     "at a time, each atomically (temporary file, fsync, rename). Interrupted, it can simply be\n"
     "run again: files already at the current epoch are skipped. The volume must not be mounted.\n"
-    "--upgrade first adds the KeyEpochs flag to a volume made before it existed (kmsfs\n"
-    "versions older than the flag then refuse to mount it).\n"
+    "--upgrade first adds the flags a volume made before them lacks (KeyEpochs, LongXattrNames;\n"
+    "kmsfs versions older than a flag then refuse to mount it).\n"
     f"\nexit status: 0 done, {exitcodes.DAMAGED} some files could not be re-encrypted "
     "(listed; run kmsfs fsck),\n2 mounted or no KeyEpochs flag, others as for any command.\n",
 }
@@ -236,7 +236,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             return ", ".join(f"epoch {e}: {n}" for e, n in sorted(counts.items())) or "none"
 
         if summary.upgraded:
-            print(f"{args.cipherdir}: KeyEpochs flag added")
+            print(f"{args.cipherdir}: flag(s) added: {', '.join(summary.flags_added)}")
         print(
             f"{args.cipherdir}: {summary.rewritten} file(s) re-encrypted at epoch "
             f"{summary.current_epoch}, {summary.skipped} already there, {summary.empty} empty, "
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help=store_help)
     p.add_argument("--json", action="store_true", help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
-                   help="first add the KeyEpochs flag to a volume that lacks it")
+                   help="first add the flags a volume made before them lacks (KeyEpochs, "
+                   "LongXattrNames)")
     _agent_options(p)
     p.set_defaults(func=cmd_reencrypt)
 

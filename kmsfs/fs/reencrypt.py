@@ -63,6 +63,7 @@ class Summary:
 
     current_epoch: int
     upgraded: bool = False
+    flags_added: list[str] = field(default_factory=list)
     rewritten: int = 0
     skipped: int = 0
     """Non-empty files already at (or above) the current epoch."""
@@ -82,6 +83,7 @@ class Summary:
         return {
             "current_epoch": self.current_epoch,
             "upgraded": self.upgraded,
+            "flags_added": list(self.flags_added),
             "rewritten": self.rewritten,
             "skipped": self.skipped,
             "empty": self.empty,
@@ -339,16 +341,21 @@ class _Job:
                 os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def upgrade_config(cipherdir: Path) -> bool:
-    """Add the KeyEpochs flag to the volume config (written atomically); False if it had it."""
-    config = volconfig.load(Path(cipherdir))
-    if config.has(volconfig.FLAG_KEY_EPOCHS):
-        return False
-    from dataclasses import replace
+#: Flags a volume made before them can take as it is: they change what is written from then
+#: on, and nothing already on disk needs them.
+UPGRADE_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES)
 
-    volconfig.save(Path(cipherdir), replace(
-        config, feature_flags=(*config.feature_flags, volconfig.FLAG_KEY_EPOCHS)))
-    return True
+
+def upgrade_config(cipherdir: Path) -> list[str]:
+    """Add the missing UPGRADE_FLAGS to the volume config (written atomically); the ones added."""
+    config = volconfig.load(Path(cipherdir))
+    added = [flag for flag in UPGRADE_FLAGS if not config.has(flag)]
+    if added:
+        from dataclasses import replace
+
+        volconfig.save(Path(cipherdir), replace(
+            config, feature_flags=(*config.feature_flags, *added)))
+    return added
 
 
 def _no_flag(cipherdir: Path) -> UsageError:
@@ -378,13 +385,14 @@ def reencrypt_tree(
     lock = lock_exclusive(cipherdir)
     try:
         config = volconfig.load(cipherdir)
-        upgraded = False
-        if not config.has(volconfig.FLAG_KEY_EPOCHS):
-            if not upgrade:
-                raise _no_flag(cipherdir)
-            upgraded = upgrade_config(cipherdir)
+        added: list[str] = []
+        if upgrade:
+            added = upgrade_config(cipherdir)
+        elif not config.has(volconfig.FLAG_KEY_EPOCHS):
+            raise _no_flag(cipherdir)
         job = _Job(cipherdir, deriver, advance)
-        job.summary.upgraded = upgraded
+        job.summary.upgraded = bool(added)
+        job.summary.flags_added = added
         nodes = job.scan()
         if total is not None:
             total(sum(n.st.st_size for n in nodes

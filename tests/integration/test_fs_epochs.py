@@ -27,7 +27,7 @@ from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
-from kmsfs.fs.reencrypt import TEMP_PREFIX, reencrypt_tree
+from kmsfs.fs.reencrypt import TEMP_PREFIX, UPGRADE_FLAGS, reencrypt_tree
 from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, sample_config
 from tests.integration.test_fs_fsck import cipher_path
 
@@ -45,9 +45,10 @@ def mount(volume: Path, tmp_path: Path, epoch: int, name: str = "mnt") -> Mount:
 
 
 def v1_volume(cipherdir: Path) -> Path:
-    """A volume as made before the KeyEpochs flag existed."""
+    """A volume as made before the KeyEpochs flag existed (and LongXattrNames, which came
+    later)."""
     config = sample_config()
-    flags = tuple(f for f in config.feature_flags if f != volconfig.FLAG_KEY_EPOCHS)
+    flags = tuple(f for f in config.feature_flags if f not in UPGRADE_FLAGS)
     from kmsfs.fs.volume import create_volume
 
     create_volume(cipherdir, replace(config, feature_flags=flags))
@@ -300,7 +301,11 @@ def test_reencrypt_refuses_a_mounted_volume_and_a_volume_without_the_flag(
         reencrypt_tree(old, SoftDeriver(current_epoch=2))
     summary = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
     assert summary.upgraded and summary.rewritten == 1
+    assert summary.flags_added == [volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES]
     assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
+    assert volconfig.load(old).has(volconfig.FLAG_LONG_XATTR_NAMES)
+    again = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
+    assert not again.upgraded and again.flags_added == [] and again.rewritten == 0
     f = cipher_path(old, "f")
     assert f.read_bytes()[:4] == b"\x00\x02\x00\x02"
     m = mount(old, tmp_path, epoch=2, name="oldmnt")
