@@ -2,7 +2,8 @@
 
 What is checked, per docs/format.md: every directory's ``kmsfs.diriv``; every name (it decrypts
 and is the canonical disk name; a long name has its sidecar and the sidecar matches); every
-symlink target (long targets: the blob exists and matches); every regular file's header, size
+symlink target (long targets: the blob exists and matches); every ``user.*`` xattr of a file or
+directory (its name decrypts, its value opens under it); every regular file's header, size
 (``plain_size`` must accept it) and each block's tag, with the key of the ``mk`` epoch its header
 names (a file keyed with an epoch the Domain does not have is damage: no HSM can read it). The
 report counts files per key epoch, so an operator sees what ``kmsfs reencrypt`` has left to do.
@@ -35,6 +36,7 @@ from kmsfs.crypto.names import (
     is_sidecar,
 )
 from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
+from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
@@ -66,7 +68,7 @@ class Report:
     checked: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("directories", "files", "symlinks", "other", "names", "long_names", "hard_links",
-             "blocks", "bytes"), 0)
+             "blocks", "bytes", "xattrs"), 0)
     )
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
@@ -101,6 +103,7 @@ class _Checker:
         # Names and symlink targets stay keyed with epoch 1 (docs/format.md, "Key epochs").
         self.names = NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH))
         self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
+        self.xattr_cipher = XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH))
         self.advance = advance or (lambda n: None)
         self.report = Report()
         self.seen: set[tuple[int, int]] = set()
@@ -176,13 +179,36 @@ class _Checker:
             self.damage("unreadable", path, plain, f"cannot stat: {exc.strerror}")
             return
         if stat.S_ISDIR(st.st_mode):
+            self.xattrs(path, plain)
             self.directory(path, plain)
         elif stat.S_ISREG(st.st_mode):
+            self.xattrs(path, plain)
             self.file(path, plain, st)
         elif stat.S_ISLNK(st.st_mode):
             self.symlink(path, plain)
         else:
             self.report.checked["other"] += 1
+
+    def xattrs(self, path: Path, plain: str | None) -> None:
+        """Every ``user.*`` attribute: its name decrypts (a long one, from its value) and its
+        value opens under that name. Other namespaces are not kmsfs's and are left alone."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return  # a backing file system without xattrs has none to check
+        for disk in names:
+            raw = os.fsencode(disk)
+            if not raw.startswith(USER_PREFIX):
+                continue
+            self.report.checked["xattrs"] += 1
+            try:
+                stored = os.getxattr(path, raw, follow_symlinks=False)
+                self.xattr_cipher.plain_name(raw, stored)
+                self.xattr_cipher.open(raw, stored)
+            except IntegrityError as exc:
+                self.damage("xattr", path, plain, f"extended attribute {disk}: {exc}")
+            except OSError as exc:
+                self.damage("unreadable", path, plain, f"extended attribute {disk}: {exc.strerror}")
 
     # symlinks
 

@@ -59,6 +59,13 @@ def build_tree(mount_point: Path) -> None:
     os.symlink("x" * 2000, m / "long-link")  # target kept in a kmsfs.longlinks blob
     os.link(m / "intact", m / "hard")
     os.mkfifo(m / "fifo")
+    for name in ("xattrs", "xattr-flipped", "xattr-long-cut"):
+        (m / name).write_bytes(b"")
+    os.setxattr(m / "xattrs", "user.ok", b"fine")
+    os.setxattr(m / "xattrs", "user." + "X" * 200, b"long and fine")  # a hashed disk name
+    os.setxattr(m / "d" / "sub", "user.on-a-directory", b"fine")
+    os.setxattr(m / "xattr-flipped", "user.v", b"value")
+    os.setxattr(m / "xattr-long-cut", "user." + "Y" * 200, b"value")
 
 
 Finding = tuple[str, "str | None", "int | None", str]
@@ -95,6 +102,12 @@ def damage(cipher: Path) -> set[Finding]:
 
     orphan = cipher_path(cipher, "orphan/" + LONG)
     os.unlink(orphan)  # its sidecar stays behind: a warning, not damage
+    for plain, cut in (("xattr-flipped", None), ("xattr-long-cut", 100)):
+        path = cipher_path(cipher, plain)
+        (disk,) = os.listxattr(path)
+        value = bytearray(os.getxattr(path, disk))
+        value[-1] ^= 1
+        os.setxattr(path, disk, bytes(value[:cut]))
 
     def rel(path: Path | str) -> str:
         return str(Path(path).relative_to(cipher))
@@ -112,6 +125,8 @@ def damage(cipher: Path) -> set[Finding]:
         ("name", None, None, rel(victim.with_name(bad_name))),
         ("diriv", "/d", None, rel(d / DIRIV_NAME)),
         ("name", None, None, rel(gone)),
+        ("xattr", "/xattr-flipped", None, c("xattr-flipped")),
+        ("xattr", "/xattr-long-cut", None, c("xattr-long-cut")),
     }
 
 
@@ -126,6 +141,7 @@ def test_clean_tree_is_clean(volume: Path, mounter) -> None:  # type: ignore[no-
     assert checked["directories"] == 5  # /, d, d/sub, sidecar-gone, orphan
     assert checked["symlinks"] == 2 and checked["other"] == 1 and checked["hard_links"] == 1
     assert checked["long_names"] == 3
+    assert checked["xattrs"] == 5
     assert checked["bytes"] == 7 * (3 * BS + 100) + 8000 + 4 + 9 + 17 + 13 + 14
 
 
