@@ -48,20 +48,6 @@ FLAG_LONG_XATTR_NAMES = "LongXattrNames"
 sealed name in front of the value (docs/format.md, "Long xattr names"). Without it they are
 ERANGE; kmsfs builds that predate the flag refuse the volume rather than hide such names."""
 
-#: Flags this build understands. A config naming any other flag refuses to mount.
-KNOWN_FLAGS = frozenset(
-    {
-        FLAG_GCM_4096,
-        FLAG_SIV_NAMES,
-        FLAG_LONG_NAMES,
-        FLAG_DIRIV,
-        FLAG_XATTR,
-        FLAG_KEY_EPOCHS,
-        FLAG_LONG_XATTR_NAMES,
-    }
-)
-#: Flags this build cannot work without (it has no code path for their absence).
-REQUIRED_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV})
 #: Flags written into a new volume, in a fixed order.
 DEFAULT_FLAGS = (
     FLAG_GCM_4096,
@@ -72,6 +58,11 @@ DEFAULT_FLAGS = (
     FLAG_KEY_EPOCHS,
     FLAG_LONG_XATTR_NAMES,
 )
+#: Flags this build understands: all it writes (a new flag is written as soon as it is known).
+#: A config naming any other flag refuses to mount.
+KNOWN_FLAGS = frozenset(DEFAULT_FLAGS)
+#: Flags this build cannot work without (it has no code path for their absence).
+REQUIRED_FLAGS = frozenset({FLAG_GCM_4096, FLAG_SIV_NAMES, FLAG_LONG_NAMES, FLAG_DIRIV})
 
 _KEYS = frozenset(
     {"creator", "domain_bundle", "domain_id", "domain_name", "feature_flags", "format_version"}
