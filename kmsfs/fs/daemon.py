@@ -334,8 +334,11 @@ class _SpinThenWait:
         # them for the GIL (dd write lost ~20% that way).
         deadline = now if self._threads_busy() else now + SPIN_SECONDS
         idle: Callable[[], bool] | None = self._idle
+        latency = self._latency
         while now < deadline:
             if poller.poll(0):
+                if latency is not None and not latency.held:
+                    latency.hold()  # requests that keep coming (the first after the mount)
                 if now - self._last_checkpoint > CHECKPOINT_SECONDS:
                     self._last_checkpoint = now
                     await trio.lowlevel.checkpoint()
@@ -346,7 +349,6 @@ class _SpinThenWait:
                 continue  # poll again right after it
             now = time.perf_counter()
         self._last_checkpoint = now
-        latency = self._latency
         if latency is None:
             await trio.lowlevel.wait_readable(fd)
             return

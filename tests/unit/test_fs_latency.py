@@ -96,6 +96,23 @@ def test_a_request_after_a_pause_takes_the_hold(device: Path) -> None:
     assert req.held and _written(device) == [HELD]
 
 
+def test_a_request_found_by_the_spin_takes_the_hold_too(device: Path) -> None:
+    """Requests that keep coming never let the worker sleep (the first ones after the mount,
+    or after a release, can): the hold must not depend on a sleep."""
+    r, w = _pipe()
+    os.write(w, b"x")  # already waiting: the spin finds it at once
+    req = latency.CpuLatencyRequest(str(device))
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            await daemon._SpinThenWait(latency=req).wait_readable(r)
+
+    trio.run(main)
+    os.close(r)
+    os.close(w)
+    assert req.held and _written(device) == [HELD]
+
+
 def test_a_pause_longer_than_the_hold_releases_it_then_the_next_request_takes_it_again(
     device: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
