@@ -307,6 +307,9 @@ class _SpinThenWait:
     ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`, one run of refills bounded in
     time), called once per wait and only if no request was already waiting; the fd is polled
     again right after.
+
+    With ``latency`` (``-o low_latency``, :mod:`kmsfs.fs.latency`), any request takes the CPU
+    latency request, and a sleep that lasts :data:`HOLD_SECONDS` without one releases it.
     """
 
     def __init__(
