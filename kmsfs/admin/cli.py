@@ -285,8 +285,11 @@ class Command:
 
     def domain_list(self) -> None:
         self.rows(
-            [render.domain(d) for d in domains.list_domains(self.ctx)],
-            ["id", "name", "generation", "trust", "epochs", "created"],
+            [
+                {**render.domain(d), "verified": problem is None, "problem": problem}
+                for d, problem in domains.list_domains(self.ctx)
+            ],
+            ["id", "name", "generation", "trust", "epochs", "verified", "created"],
         )
 
     def domain_verify(self) -> None:

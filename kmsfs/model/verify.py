@@ -11,7 +11,11 @@ Rules (DESIGN.md §2.2, §2.3):
   through it: the genesis has quorum 0, so without that pin anyone holding a genesis HSM's PIN
   could seal a rival successor with operators of their choosing;
 - a Domain is sealed by an HSM of its Trust, names that Trust, wraps ``k`` to exactly that
-  Trust's HSMs, and its Trust has at least one operator (the genesis only bootstraps).
+  Trust's HSMs, and its Trust has at least one operator (the genesis only bootstraps);
+- a Domain generation N+1 names generation N as its previous one, keeps all its ``mk`` epochs,
+  and is governed by generation N's Trust or one that descends from it: otherwise an HSM that a
+  successor Trust removed could still seal a "newer" generation under the Trust it was removed
+  from, and bring itself back into the Domain.
 
 An HSM signature alone is never enough: a PKCS#11 token signs whatever its PIN holder asks.
 """
@@ -125,3 +129,27 @@ def verify_domain(
     if {w.hsm for w in domain.wrapped_k} != {h.id for h in trust.hsms}:
         raise IntegrityError(f"{what}: k is not wrapped to exactly the HSMs of its trust")
     return VerifiedDomain(sealed, chain[-1], tuple(chain))
+
+
+def verify_generation_step(previous: VerifiedDomain, following: VerifiedDomain) -> None:
+    """Check that ``following`` is the generation right after ``previous`` of the same Domain.
+
+    Both are verified already. The Trust may only move forward: the one governing ``following``
+    must be ``previous``'s or descend from it (``previous``'s Trust is on ``following``'s chain).
+    """
+    old, new = previous.sealed.domain, following.sealed.domain
+    what = f"domain {new.name} generation {new.generation} ({new.id[:12]})"
+    if new.name != old.name:
+        raise ChainError(f"{what} follows domain {old.name}, not itself")
+    if new.generation != old.generation + 1 or new.previous != old.id:
+        raise ChainError(
+            f"{what} does not follow generation {old.generation} ({old.id[:12]}) of the store"
+        )
+    if old.trust not in {link.id for link in following.chain}:
+        raise ChainError(
+            f"{what} is governed by trust {new.trust[:12]}, which does not descend from trust "
+            f"{old.trust[:12]} of generation {old.generation}: a Domain never goes back to an "
+            "older or rival trust"
+        )
+    if len(new.master_keys) < len(old.master_keys):
+        raise ChainError(f"{what} drops mk epochs of generation {old.generation}")

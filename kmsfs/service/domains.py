@@ -6,6 +6,7 @@ HMAC-SHA256(mk, info) computed by the token.
 """
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain, WrappedKey
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust
-from kmsfs.model.verify import VerifiedDomain, verify_domain
+from kmsfs.model.verify import VerifiedDomain, verify_domain, verify_generation_step
 from kmsfs.service import trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
@@ -92,15 +93,47 @@ def _generations(ctx: Context, name: str) -> list[SealedDomain]:
     return sorted(found, key=lambda d: d.domain.generation)
 
 
+def history(ctx: Context, name: str) -> list[VerifiedDomain]:
+    """Every generation of Domain ``name`` in the store, oldest first, each fully verified and
+    each the next step of the one before (``verify_generation_step``).
+
+    Any break fails closed: rival generations with one number (a forked store, or a forgery by
+    an HSM that a successor Trust removed), a missing generation, or a generation that goes
+    back to an older Trust. Looking only at the highest number would let a removed HSM seal a
+    "newer" generation under the Trust it was removed from.
+    """
+    generations = _generations(ctx, name)
+    numbers = [g.domain.generation for g in generations]
+    for number in sorted(set(numbers)):
+        if numbers.count(number) > 1:
+            rivals = ", ".join(g.id[:12] for g in generations if g.domain.generation == number)
+            raise ChainError(
+                f"the store holds rival generations {number} of domain {name} ({rivals}): it "
+                "was forked or forged; keep the one the operators made and remove the other "
+                "from domains/"
+            )
+    anchor = ctx.store.anchor()
+    verified = [verify_domain(g, trusts.chain_to(ctx, g.domain.trust), anchor) for g in generations]
+    for previous, following in itertools.pairwise(verified):
+        verify_generation_step(previous, following)
+    return verified
+
+
 def current(ctx: Context, name: str) -> VerifiedDomain:
-    """The newest generation of Domain ``name``, fully verified."""
-    latest = _generations(ctx, name)[-1]
-    return verify_domain(latest, trusts.chain_to(ctx, latest.domain.trust), ctx.store.anchor())
+    """The newest generation of Domain ``name``, its whole history verified."""
+    return history(ctx, name)[-1]
 
 
-def list_domains(ctx: Context) -> list[SealedDomain]:
+def list_domains(ctx: Context) -> list[tuple[SealedDomain, str | None]]:
+    """Each Domain's newest generation, with why its history does not verify (None if it does)."""
     names = sorted({ctx.store.domain(i).domain.name for i in ctx.store.domain_ids()})
-    return [_generations(ctx, n)[-1] for n in names]
+    listed: list[tuple[SealedDomain, str | None]] = []
+    for name in names:
+        try:
+            listed.append((history(ctx, name)[-1].sealed, None))
+        except IntegrityError as exc:
+            listed.append((_generations(ctx, name)[-1], str(exc)))
+    return listed
 
 
 def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
@@ -363,22 +396,27 @@ def newest_generation(ctx: Context, bundle: DomainBundle) -> DomainBundle:
     """The store's newest generation of the bundle's Domain, if it descends from it.
 
     A CIPHERDIR carries the Domain as it was when the directory was made; after a rewrap (an
-    HSM revoked) the store holds a newer generation, and that is the one to use.
+    HSM revoked) the store holds a newer generation, and that is the one to use. A bundle the
+    store does not hold is accepted only as the very next generation of the store's newest (a
+    store not yet merged with the one that made it); anything else (a rival generation, one
+    that goes back to an older Trust) is refused, whatever seal it carries.
     """
     try:
-        generations = _generations(ctx, bundle.domain.domain.name)
+        generations = history(ctx, bundle.domain.domain.name)
     except NotFoundError:
-        return bundle
-    by_id = {g.id: g for g in generations}
-    latest = generations[-1]
-    current: SealedDomain | None = latest
-    while current is not None:
-        if current.id == bundle.domain.id:
-            if latest.id == bundle.domain.id:
-                return bundle
-            return DomainBundle(latest, tuple(trusts.chain_to(ctx, latest.domain.trust)))
-        previous = current.domain.previous
-        current = by_id.get(previous) if previous else None
+        return bundle  # a store that does not know the Domain: the bundle is verified alone
+    newest = generations[-1]
+    if any(g.sealed.id == bundle.domain.id for g in generations):
+        if newest.sealed.id == bundle.domain.id:
+            return bundle
+        return DomainBundle(newest.sealed, newest.chain)
+    try:
+        verify_generation_step(newest, verify_bundle(ctx, bundle))
+    except ChainError as exc:
+        raise ChainError(
+            f"{exc} (the volume's copy of the domain is not in the store's history; if it comes "
+            "from another copy of the store, merge that copy first)"
+        ) from None
     return bundle
 
 
