@@ -206,7 +206,8 @@ class Command:
             f"  predecessor  {t.predecessor or '(none: root)'}",
             f"  created      {t.created}",
             f"  HSMs         {', '.join(f'{h.label} ({short(h.id)})' for h in t.hsms)}",
-            f"  operators    {', '.join(m.name for m in t.operators) or '(none)'}",
+            f"  operators    "
+            f"{', '.join(f'{m.name} ({short(m.key.key_id)})' for m in t.operators) or '(none)'}",
             f"  quorum       {t.quorum} of {len(t.operators)}: resists "
             f"{info['tolerates']['forgery']} dishonest signer(s) for forgery, "
             f"{info['tolerates']['denial']} refusing for denial",
@@ -219,6 +220,11 @@ class Command:
             lines.append(
                 f"  predecessor  {len(p.signed)}/{p.threshold} of its operators: "
                 f"{', '.join(sorted(p.signed)) or 'nobody'}"
+            )
+        for name, (before, now) in sorted(status.key_changes.items()):
+            lines.append(
+                f"  KEY CHANGE   operator {name}: {short(before)} in the predecessor, "
+                f"{short(now)} here (approve only if {name} asked for it)"
             )
         if status.sealed_by:
             state = f"sealed by {status.sealed_by}"
@@ -233,6 +239,7 @@ class Command:
             self.args.trust,
             self.args.as_,
             self.pin(f"PIN or passphrase of operator {self.args.as_}"),
+            self.args.accept_key_change,
         )
         status = trusts.status(self.ctx, approval.subject)
         self.one(
@@ -500,6 +507,14 @@ def build_parser() -> Parser:
     )
     p.add_argument("trust", metavar="TRUST")
     p.add_argument("--as", dest="as_", required=True, metavar="NAME", help="the signing operator")
+    p.add_argument(
+        "--accept-key-change",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="approve although the trust gives operator NAME another key than its predecessor "
+        "does (only when NAME asked for it; `trust show` lists the key ids); repeatable",
+    )
     _pin_options(p, "operator's PIN or passphrase")
     p = command(
         tr,

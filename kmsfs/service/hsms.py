@@ -5,7 +5,7 @@ import secrets
 from dataclasses import replace
 from pathlib import Path
 
-from kmsfs.errors import AlreadyExistsError, KmsfsError, UsageError
+from kmsfs.errors import AlreadyExistsError, IntegrityError, KmsfsError, UsageError
 from kmsfs.hsm import keypairs, library, softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
@@ -109,11 +109,22 @@ def list_hsms(ctx: Context) -> list[HsmRecord]:
 
 
 def resolve_hsm(ctx: Context, ref: str) -> HsmRecord:
-    """An HSM by label or by id prefix."""
+    """An HSM by label or by id prefix.
+
+    A label that two records carry is refused, not resolved to either: a record is only
+    self-signed, so whoever can write the store can plant one under a known label (with keys
+    held in software) and have ``--hsm hsm2`` pick it for a new Trust.
+    """
     records = list_hsms(ctx)
-    for record in records:
-        if record.label == ref:
-            return record
+    labelled = [r for r in records if r.label == ref]
+    if len(labelled) > 1:
+        ids = ", ".join(r.id[:12] for r in labelled)
+        raise IntegrityError(
+            f"{len(labelled)} HSM records in the store carry the label {ref!r} ({ids}); one was "
+            "planted or copied from another store: name the HSM by its id"
+        )
+    if labelled:
+        return labelled[0]
     return ctx.store.hsm(ctx.store.resolve("HSM", ref, [r.id for r in records]))
 
 
@@ -134,6 +145,7 @@ def health(ctx: Context) -> list[dict[str, object]]:
                 hsm.sign(contexts.message(HEALTH_PROBE, record.id.encode()))
         except KmsfsError as exc:
             problem = str(exc)
-        rows.append({"id": record.id, "label": record.label, "ok": problem is None,
-                     "problem": problem})
+        rows.append(
+            {"id": record.id, "label": record.label, "ok": problem is None, "problem": problem}
+        )
     return rows

@@ -122,8 +122,37 @@ def pin(ctx: Context, trust_ref: str) -> SealedTrust:
     return chain[-1]
 
 
-def approve(ctx: Context, trust_ref: str, operator_name: str, secret: PinSource) -> Signature:
-    """Operator ``operator_name`` signs the Trust; only members of it or its predecessor may."""
+def key_changes(ctx: Context, trust: Trust) -> dict[str, tuple[str, str]]:
+    """Operators the Trust lists under a name its predecessor lists with another key:
+    name -> (predecessor's key id, this Trust's key id).
+
+    An operator record is only self-signed, so whoever can write the store can put their own
+    key under a colleague's name before a Trust is proposed; the names then read as expected.
+    Such a change must be seen and accepted by the people approving, by key, not by name.
+    """
+    if trust.predecessor is None:
+        return {}
+    before = {m.name: m.key.key_id for m in ctx.store.trust(trust.predecessor).operators}
+    return {
+        m.name: (before[m.name], m.key.key_id)
+        for m in trust.operators
+        if m.name in before and before[m.name] != m.key.key_id
+    }
+
+
+def approve(
+    ctx: Context,
+    trust_ref: str,
+    operator_name: str,
+    secret: PinSource,
+    accept_key_changes: Sequence[str] = (),
+) -> Signature:
+    """Operator ``operator_name`` signs the Trust; only members of it or its predecessor may.
+
+    Refused, before the PIN is read, if the Trust lists the signer's name with a key that is not
+    the signer's, or changes the key behind any name of its predecessor that the signer did not
+    name in ``accept_key_changes``.
+    """
     trust = ctx.store.trust(resolve_trust(ctx, trust_ref))
     record = ctx.store.operator(operator_name)
     groups = [trust.operators]
@@ -132,6 +161,23 @@ def approve(ctx: Context, trust_ref: str, operator_name: str, secret: PinSource)
     if not any(m.key == record.key for group in groups for m in group):
         raise UsageError(
             f"operator {operator_name} is not in trust {trust.id[:12]} or its predecessor"
+        )
+    listed = next((m for m in trust.operators if m.name == operator_name), None)
+    if listed is not None and listed.key != record.key:
+        raise IntegrityError(
+            f"trust {trust.id[:12]} lists operator {operator_name} with key "
+            f"{listed.key.key_id[:12]}, not yours ({record.key.key_id[:12]}): someone proposed "
+            "it with another key under your name; do not approve it"
+        )
+    unaccepted = {n: c for n, c in key_changes(ctx, trust).items() if n not in accept_key_changes}
+    if unaccepted:
+        changes = "; ".join(
+            f"{n}: {old[:12]} -> {new[:12]}" for n, (old, new) in sorted(unaccepted.items())
+        )
+        raise IntegrityError(
+            f"trust {trust.id[:12]} changes the key of operator(s) its predecessor lists "
+            f"({changes}); approve only if each of them asked for it, with --accept-key-change "
+            "NAME for each"
         )
     value = operators.sign_as(
         ctx, record, secret.read(), contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes()
@@ -147,6 +193,7 @@ class TrustStatus:
     own: QuorumResult
     predecessor: QuorumResult | None
     sealed_by: str | None
+    key_changes: dict[str, tuple[str, str]]
 
     @property
     def ready(self) -> bool:
@@ -169,6 +216,10 @@ class TrustStatus:
             "predecessor": t.predecessor,
             "hsms": [{"id": h.id, "label": h.label} for h in t.hsms],
             "operators": [m.name for m in t.operators],
+            "operator_keys": [{"name": m.name, "key_id": m.key.key_id} for m in t.operators],
+            "key_changes": {
+                n: {"before": old, "now": new} for n, (old, new) in self.key_changes.items()
+            },
             "quorum": t.quorum,
             "tolerates": t.tolerance(),
             "created": t.created,
@@ -188,7 +239,7 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
         before = quorum_result(trust, approvals, old.operators, old.quorum)
     seal = valid_seal(ctx, trust)
     sealed_by = trust.hsm(seal.key_id).label if seal else None  # type: ignore[union-attr]
-    return TrustStatus(trust, own, before, sealed_by)
+    return TrustStatus(trust, own, before, sealed_by, key_changes(ctx, trust))
 
 
 def list_status(ctx: Context) -> list[TrustStatus]:

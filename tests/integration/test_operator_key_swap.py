@@ -1,0 +1,158 @@
+"""Records planted by a store writer are seen by the people approving (DESIGN.md §2.3).
+
+Operator records are only self-signed, so whoever can write the store (here carol, one
+dishonest operator) can put a key of her own under bob's name while she proposes a Trust, and
+put bob's record back. The names then read as expected; before this was checked, alice's and
+bob's approvals plus one forged as "bob" sealed a Trust that carol controls.
+"""
+
+import json
+import shutil
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from kmsfs.model import contexts
+from kmsfs.model.publickeys import PublicKey
+from kmsfs.model.records import HsmRecord, OperatorRecord
+from kmsfs.store.documents import Store
+from tests.kms_helpers import Admin, one_error_line
+
+
+def _raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+@pytest.fixture
+def swapped(initialized: Admin) -> tuple[Admin, str]:
+    """T1 (alice, bob, carol; quorum 2) sealed; T2 proposed while bob.json held carol's key."""
+    admin = initialized
+    admin.create_operators("alice", "bob", "carol")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    store = Store(admin.store)
+    path = admin.store / "operators" / "bob.json"
+    saved = path.with_suffix(".saved")
+    shutil.copy(path, saved)
+    real = store.operator("bob")
+    fake = ed25519.Ed25519PrivateKey.generate()
+    unsigned = OperatorRecord(
+        "bob", PublicKey("ed25519", _raw_public(fake)), real.protection, real.created
+    )
+    forged = OperatorRecord(
+        unsigned.name,
+        unsigned.key,
+        unsigned.protection,
+        unsigned.created,
+        fake.sign(contexts.message(contexts.OPERATOR_RECORD, unsigned.signed_bytes())),
+    )
+    path.unlink()
+    store.save_operator(forged)
+    t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, predecessor=t1)
+    shutil.move(saved, path)
+    return admin, t2
+
+
+def test_show_names_the_changed_key(swapped: tuple[Admin, str]) -> None:
+    admin, t2 = swapped
+    text = admin("trust", "show", t2).stdout
+    assert "KEY CHANGE   operator bob:" in text
+    info = json.loads(admin("--json", "trust", "show", t2).stdout)
+    assert list(info["key_changes"]) == ["bob"]
+    bob = next(o for o in info["operator_keys"] if o["name"] == "bob")
+    assert bob["key_id"] == info["key_changes"]["bob"]["now"]
+    assert bob["key_id"] != info["key_changes"]["bob"]["before"]
+
+
+def test_the_real_operator_refuses_a_trust_with_another_key_under_his_name(
+    swapped: tuple[Admin, str],
+) -> None:
+    admin, t2 = swapped
+    before = sorted(p.name for p in (admin.store / "signatures").rglob("*"))
+    line = one_error_line(
+        admin("trust", "sign", t2, "--as", "bob", "--pin-file", admin.pin_file("bob"), check=3)
+    )
+    assert "lists operator bob with key" in line and "not yours" in line
+    assert sorted(p.name for p in (admin.store / "signatures").rglob("*")) == before
+
+
+def test_others_approve_a_key_change_only_when_they_accept_it_by_name(
+    swapped: tuple[Admin, str],
+) -> None:
+    admin, t2 = swapped
+    pin = admin.pin_file("alice")
+    line = one_error_line(admin("trust", "sign", t2, "--as", "alice", "--pin-file", pin, check=3))
+    assert "changes the key of operator(s)" in line and "bob:" in line
+    admin(
+        "trust",
+        "sign",
+        t2,
+        "--as",
+        "alice",
+        "--pin-file",
+        pin,
+        "--accept-key-change",
+        "carol",
+        check=3,
+    )  # accepting another name is not enough
+    out = admin(
+        "trust", "sign", t2, "--as", "alice", "--pin-file", pin, "--accept-key-change", "bob"
+    ).stdout
+    assert "alice signed trust" in out
+
+
+def test_a_successor_that_keeps_every_key_signs_without_questions(initialized: Admin) -> None:
+    admin = initialized
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 1)
+    t2 = admin.sealed_trust(["hsm1"], ["alice", "bob"], 1, signers=["alice"], predecessor=t1)
+    assert "KEY CHANGE" not in admin("trust", "show", t2).stdout
+
+
+def test_a_planted_hsm_record_under_a_known_label_is_refused(initialized: Admin) -> None:
+    """The same store writer plants a self-signed HSM record labelled hsm2, keys in software:
+    ``--hsm hsm2`` must not pick it (it sorted first by id, and its wrap key got ``k``)."""
+    admin = initialized
+    admin.create_operators("alice")
+    store = Store(admin.store)
+    real = next(store.hsm(i) for i in store.hsm_ids() if store.hsm(i).label == "hsm2")
+    wrap = rsa.generate_private_key(65537, 3072).public_key()
+    spki = wrap.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    sign = ed25519.Ed25519PrivateKey.generate()
+    unsigned = HsmRecord(
+        "hsm2",
+        PublicKey("rsa-oaep-sha1", spki),
+        PublicKey("ed25519", _raw_public(sign)),
+        real.created,
+    )
+    store.save_hsm(
+        HsmRecord(
+            unsigned.label,
+            unsigned.wrap_key,
+            unsigned.sign_key,
+            unsigned.created,
+            sign.sign(contexts.message(contexts.HSM_RECORD, unsigned.signed_bytes())),
+        )
+    )
+    before = sorted(p.name for p in (admin.store / "trusts").rglob("*"))
+    line = one_error_line(
+        admin(
+            "trust",
+            "propose",
+            "--hsm",
+            "hsm1",
+            "--hsm",
+            "hsm2",
+            "--operator",
+            "alice",
+            "--quorum",
+            "1",
+            check=3,
+        )
+    )
+    assert "2 HSM records in the store carry the label 'hsm2'" in line
+    assert sorted(p.name for p in (admin.store / "trusts").rglob("*")) == before
+    trust = admin.propose(["hsm1", real.id[:12]], ["alice"], 1)  # by id it is unambiguous
+    assert real.id[:12] in admin("trust", "show", trust).stdout
