@@ -18,10 +18,12 @@ from kmsfs.admin.render import short
 from kmsfs.agent.audit import CHECKPOINT, read_records, verify_log
 from kmsfs.cliutil import emit_json, emit_table
 from kmsfs.errors import KmsfsError
+from kmsfs.service import trusts
 from kmsfs.store.documents import Store
 
 if TYPE_CHECKING:
     from kmsfs.admin.cli import Command
+    from kmsfs.service.context import Context
 
 PROG = "kmsfs-admin"
 EXAMPLE_LOG = "/var/lib/kmsfs/hsmd/audit.log"
@@ -77,14 +79,25 @@ def run(cmd: "Command") -> int | None:
     return action(cmd)
 
 
-def _store_keys(store: Store) -> dict[str, Any]:
-    store.anchor()  # "not a kmsfs store" is clearer than "every checkpoint by an unknown HSM"
-    return {hsm_id: store.hsm(hsm_id).sign_key for hsm_id in store.hsm_ids()}
+def _trusted_keys(ctx: "Context") -> dict[str, Any]:
+    """Signing keys of the HSMs of every Trust whose chain verifies from the store's pinned
+    root. Not every record in ``hsms/``: a record is only self-signed, so anyone who can write
+    the store could add one with a key of their own and re-sign a rewritten log with it."""
+    ctx.store.anchor()  # "not a kmsfs store" is clearer than "every checkpoint by an unknown HSM"
+    keys: dict[str, Any] = {}
+    for trust_id in ctx.store.trust_ids():
+        try:
+            chain = trusts.verified_chain(ctx, trust_id)
+        except KmsfsError:
+            continue  # a proposal not sealed yet, or a Trust that does not verify
+        for hsm in chain[-1].trust.hsms:
+            keys[hsm.id] = hsm.sign_key
+    return keys
 
 
 def verify(cmd: "Command") -> int:
     log: Path = cmd.args.log
-    report = verify_log(log, _store_keys(cmd.ctx.store))
+    report = verify_log(log, _trusted_keys(cmd.ctx))
     if cmd.json:
         emit_json({"log": str(log), **report.to_dict()})
     elif report.ok:

@@ -204,7 +204,10 @@ class _Walk:
         hsm = record["hsm"]
         key = self.hsms.get(hsm)
         if key is None:
-            return [f"checkpoint signed by HSM {hsm[:12]}, which is not in the store"]
+            return [
+                f"checkpoint signed by HSM {hsm[:12]}, which is in no trust of the store that "
+                "verifies"
+            ]
         try:
             key.verify(b64decode(record["signature"], "signature"), signed_message(record))
         except KmsfsError:

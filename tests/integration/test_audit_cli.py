@@ -6,6 +6,7 @@ and the serving record's id.
 """
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from kmsfs import exitcodes
 from kmsfs.agent.audit import AuditLog, Signer, line_hash, signed_message
 from kmsfs.errors import IntegrityError
+from kmsfs.model import contexts
 from kmsfs.model.canonical import b64encode, canonical_bytes
+from kmsfs.model.publickeys import PublicKey
+from kmsfs.model.records import HsmRecord
 from kmsfs.service.context import Context, open_hsm
+from kmsfs.store.documents import Store
 from tests.kms_helpers import Admin, one_error_line
 
 
@@ -124,6 +129,45 @@ def test_a_log_resigned_with_a_key_outside_the_store_exits_3(kms: Admin, log: Pa
     result = kms("audit", "verify", str(log), check=exitcodes.VERIFICATION)
     assert result.stderr.splitlines()[0].startswith(
         f"kmsfs-admin: error: {log}: record 8 (line 9): bad checkpoint signature"
+    )
+
+
+def test_a_log_resigned_by_an_hsm_record_planted_in_the_store_exits_3(
+    kms: Admin, log: Path, tmp_path: Path
+) -> None:
+    """A store writer adds a self-signed HSM record of their own and re-signs with its key: the
+    record is in ``hsms/``, but in no Trust that verifies from the pinned root."""
+    store = tmp_path / "store-copy"
+    shutil.copytree(kms.store, store)
+    rogue = ed25519.Ed25519PrivateKey.generate()
+    real = Store(store).hsm(Store(store).hsm_ids()[0])
+    raw = rogue.public_key().public_bytes_raw()
+    unsigned = HsmRecord("hsm9", real.wrap_key, PublicKey("ed25519", raw), real.created)
+    planted = HsmRecord(
+        unsigned.label,
+        unsigned.wrap_key,
+        unsigned.sign_key,
+        unsigned.created,
+        rogue.sign(contexts.message(contexts.HSM_RECORD, unsigned.signed_bytes())),
+    )
+    Store(store).save_hsm(planted)
+    recs = records(log)
+    del recs[7]  # drop the refusal, relink, re-sign every checkpoint as the planted "HSM"
+    prev, rewritten = "0" * 64, []
+    for seq, rec in enumerate(recs):
+        rec = {**rec, "seq": seq, "prev": prev}
+        if rec["type"] == "checkpoint":
+            rec["hsm"] = planted.id
+            rec["signature"] = b64encode(rogue.sign(signed_message(rec)))
+        rewritten.append(rec)
+        prev = line_hash(canonical_bytes(rec))
+    write(log, rewritten)
+    result = Admin(store, kms.pins)("audit", "verify", str(log), check=exitcodes.VERIFICATION)
+    problems = result.stderr.splitlines()
+    assert len(problems) == 3  # one per re-signed checkpoint
+    assert all(
+        f"HSM {planted.id[:12]}, which is in no trust of the store that verifies" in p
+        for p in problems
     )
 
 

@@ -283,7 +283,8 @@ def test_a_changed_log_resigned_with_an_unknown_key(signed: Path) -> None:
     assert first_problem(signed).startswith("record 4 (line 5): bad checkpoint signature")
     write(signed, rechain(recs, ROGUE_KEY, ROGUE_ID))  # admits its own key
     assert first_problem(signed) == (
-        f"record 4 (line 5): checkpoint signed by HSM {ROGUE_ID[:12]}, which is not in the store"
+        f"record 4 (line 5): checkpoint signed by HSM {ROGUE_ID[:12]}, which is in no trust of "
+        "the store that verifies"
     )
 
 
@@ -326,7 +327,8 @@ def test_a_forged_checkpoint_by_a_key_not_in_the_store(signed: Path) -> None:
     cp["signature"] = b64encode(ROGUE_KEY.sign(signed_message(cp)))
     write(signed, [*recs, cp])
     assert first_problem(signed) == (
-        f"record 13 (line 14): checkpoint signed by HSM {ROGUE_ID[:12]}, which is not in the store"
+        f"record 13 (line 14): checkpoint signed by HSM {ROGUE_ID[:12]}, which is in no trust "
+        "of the store that verifies"
     )
     cp["hsm"] = HSM_ID  # claiming the store's HSM does not help
     write(signed, [*recs, cp])
