@@ -45,7 +45,7 @@ from kmsfs.fs.names import (
     write_sidecar,
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
-from kmsfs.fs.posix import own, rename_noreplace, renameat2
+from kmsfs.fs.posix import own, read_internal_file, rename_noreplace, renameat2
 from kmsfs.fs.xattrs import Xattrs
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -129,8 +129,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         def read_blob() -> str:
             blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + os.fsencode(stored)
             try:
-                with open(blob, "rb") as f:
-                    return f.read(8192).decode("ascii")
+                return read_internal_file(blob, 8192).decode("ascii")
             except (OSError, UnicodeDecodeError) as exc:
                 raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
 

@@ -41,6 +41,7 @@ from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
 from kmsfs.fs.names import DirIvError, read_dir_iv
+from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -159,7 +160,8 @@ class _Checker:
         def read_sidecar() -> str:
             self.report.checked["long_names"] += 1
             try:
-                return (cdir / (disk + LONGNAME_SUFFIX)).read_bytes().decode("ascii")
+                sidecar = os.fsencode(cdir / (disk + LONGNAME_SUFFIX))
+                return read_internal_file(sidecar, 4096).decode("ascii")
             except FileNotFoundError:
                 raise IntegrityError(f"long name {disk}: sidecar is missing") from None
             except (OSError, UnicodeDecodeError) as exc:
@@ -219,7 +221,8 @@ class _Checker:
         def read_blob() -> str:
             self.blobs.add(target)
             try:
-                return (self.root / LONGLINK_DIR / target).read_bytes().decode("ascii")
+                blob = os.fsencode(self.root / LONGLINK_DIR / target)
+                return read_internal_file(blob, 8192).decode("ascii")
             except FileNotFoundError:
                 raise IntegrityError(f"long symlink {target}: blob is missing") from None
             except (OSError, UnicodeDecodeError) as exc:

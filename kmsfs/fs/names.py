@@ -30,6 +30,7 @@ from kmsfs.crypto.names import (
     parse_dir_iv,
 )
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.posix import read_internal_file
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,14 @@ def write_dir_iv(dirpath: bytes) -> bytes:
 
 def read_dir_iv(dirpath: bytes) -> bytes:
     try:
-        with open(dirpath + b"/" + DIRIV, "rb") as f:
-            data = f.read(64)
+        data = read_internal_file(dirpath + b"/" + DIRIV, 64)
         return parse_dir_iv(data)
     except FileNotFoundError:
         raise DirIvError(f"{DIRIV_NAME} is missing") from None
     except FormatError as exc:
         raise DirIvError(str(exc)) from None
+    except OSError as exc:
+        raise DirIvError(f"{DIRIV_NAME} is unreadable ({exc.strerror})") from None
 
 
 #: How many (directory IV, name) -> disk name results :class:`DirNames` keeps (and as many the
@@ -150,8 +152,8 @@ class DirNames:
 
         def read_sidecar() -> str:
             try:
-                with open(dirpath + b"/" + os.fsencode(disk_name + LONGNAME_SUFFIX), "rb") as f:
-                    return f.read(4096).decode("ascii")
+                sidecar = dirpath + b"/" + os.fsencode(disk_name + LONGNAME_SUFFIX)
+                return read_internal_file(sidecar, 4096).decode("ascii")
             except (OSError, UnicodeDecodeError) as exc:
                 raise IntegrityError(f"long name {disk_name}: unreadable sidecar ({exc})") from None
 

@@ -25,6 +25,34 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
+def read_internal_file(path: bytes | str, limit: int) -> bytes:
+    """Up to *limit* bytes of the regular file *path* (an IV, a sidecar, a long-symlink blob).
+
+    Whoever can write the ciphertext can put a FIFO, a symlink or a device at such a name; a
+    plain open() would follow the symlink or block on the FIFO, and on the trio thread that
+    freezes every request of the mount. So: no following, no blocking, and anything but a
+    regular file is OSError(EINVAL), which callers report as damage of that one path.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # the caller names the file, in its own terms
+        raise type(exc)(exc.errno, exc.strerror) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
     """rename(2) with flags; EINVAL if the C library or the file system cannot do them."""
     if flags == 0:

@@ -7,14 +7,18 @@ up and other files must still read.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
 from kmsfs.crypto.names import DIRIV_NAME, NAMES_KEY_INFO, NameCipher
+from kmsfs.fs.fsck import Report, check_tree
 from tests.integration.fs_helpers import SoftDeriver
 
 BS = 4096
@@ -98,3 +102,73 @@ def test_missing_diriv_gives_eio(volume: Path, mounter) -> None:  # type: ignore
         os.listdir(mount.mountpoint / "d")
     assert info.value.errno == errno.EIO
     assert "integrity: /d" in mount.log()
+
+
+def _unblock(fifo: Path) -> None:
+    """If a daemon is stuck opening *fifo* for reading, let it go (so a failing test ends)."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading it, nothing is stuck
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_internal_files_replaced_by_a_fifo_or_symlink_are_damage_not_a_hang(  # type: ignore[no-untyped-def]
+    volume: Path, mounter
+) -> None:
+    """Whoever can write the ciphertext can put a FIFO where an IV or a long name's sidecar
+    was. An open() that blocked on it froze every request of the mount; a symlink there was
+    followed. Each is EIO on its own path, and the rest of the mount keeps serving."""
+    mount = mounter(volume)
+    m = mount.mountpoint
+    for d in ("fifo_iv", "link_iv", "fifo_sidecar"):
+        (m / d).mkdir()
+    (m / "fifo_sidecar" / ("n" * 200)).write_bytes(b"long")
+    (m / "ok").write_bytes(b"fine")
+    mount.stop()
+    fifo_iv = cipher_path(volume, "fifo_iv") / DIRIV_NAME
+    fifo_iv.unlink()
+    os.mkfifo(fifo_iv)
+    link_iv = cipher_path(volume, "link_iv") / DIRIV_NAME
+    link_iv.unlink()
+    link_iv.symlink_to(volume / DIRIV_NAME)  # a valid IV, of another directory
+    (sidecar,) = cipher_path(volume, "fifo_sidecar").glob("*.name")
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+    mount.start()
+
+    def ls(d: str) -> tuple[int, bytes, bytes]:
+        """``ls`` that fails, not hangs, if the daemon blocks: a FUSE request already sent
+        cannot be killed, so the FIFOs are opened for writing to free the daemon first."""
+        proc = subprocess.Popen(["ls", str(m / d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            _unblock(fifo_iv)
+            _unblock(sidecar)
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"ls {d} hung: the daemon blocked on a FIFO") from None
+        return proc.returncode, out, err
+
+    for d in ("fifo_iv", "link_iv"):
+        code, _, err = ls(d)
+        assert code != 0 and b"Input/output error" in err, d
+    assert ls("fifo_sidecar")[:2] == (0, b"")  # the damaged entry is hidden
+    assert (m / "ok").read_bytes() == b"fine"
+    log = mount.log()
+    assert "integrity: /fifo_iv" in log and "integrity: /link_iv" in log
+    assert "unreadable sidecar" in log
+    assert mount.alive()
+    mount.stop()
+
+    reports: list[Report] = []  # fsck reads the same files, and must not hang either
+    fsck = threading.Thread(target=lambda: reports.append(check_tree(volume, SoftDeriver())))
+    fsck.start()
+    fsck.join(30)
+    if fsck.is_alive():
+        _unblock(fifo_iv)
+        _unblock(sidecar)
+        fsck.join(30)
+        raise AssertionError("fsck hung on a FIFO")
+    details = sorted(f"{p.kind}: {p.detail}" for p in reports[0].problems)
+    assert [d.split(":")[0] for d in details] == ["diriv", "diriv", "name"]
+    assert "Too many levels of symbolic links" in details[0]
+    assert "not a regular file" in details[1] and "not a regular file" in details[2]
