@@ -52,7 +52,10 @@ class PinSource:
                 data = path.read_bytes()[: MAX_PIN_BYTES + 1]
             except OSError as exc:
                 raise PinError(f"cannot read PIN file {path}: {exc.strerror}") from exc
-            secret = data.decode("utf-8", "strict").rstrip("\r\n")
+            try:
+                secret = data.decode("utf-8", "strict").rstrip("\r\n")
+            except UnicodeDecodeError:  # never echo the bytes: they are the PIN
+                raise PinError(f"PIN file {path}: not UTF-8 text") from None
         elif self.env is not None:
             value = os.environ.get(self.env)
             if value is None:
@@ -64,9 +67,18 @@ class PinSource:
             secret = getpass.getpass(f"{self.prompt}: ")
         if not secret:
             raise PinError("the PIN is empty")
-        if len(secret.encode()) > MAX_PIN_BYTES:
+        try:
+            encoded = secret.encode("utf-8", "strict")
+        except UnicodeEncodeError:  # an environment value that was not UTF-8
+            raise PinError(f"the PIN ({self._where()}) is not UTF-8 text") from None
+        if len(encoded) > MAX_PIN_BYTES:
             raise PinError("the PIN is too long")
         return secret
+
+    def _where(self) -> str:
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        return "typed at the prompt" if self.prompt is not None else "its file"
 
     def to_dict(self) -> dict[str, Any]:
         pairs = (

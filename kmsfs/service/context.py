@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pkcs11
 
-from kmsfs.errors import HsmError, HsmUnavailableError, NotFoundError, PinError
+from kmsfs.errors import FormatError, HsmError, HsmUnavailableError, NotFoundError, PinError
 from kmsfs.hsm import keypairs, library
 from kmsfs.model.records import HsmRecord
 from kmsfs.store.documents import Store
@@ -74,7 +74,7 @@ def open_hsm(ctx: Context, records: Sequence[HsmRecord], rw: bool = False) -> It
                 with library.hsm_errors(f"HSM {record.label}"):
                     if keypairs.sign_public_key(session) != record.sign_key:
                         raise HsmError("the token holds other keys than this HSM's record")
-            except (HsmError, NotFoundError, PinError) as exc:
+            except (HsmError, NotFoundError, PinError, FormatError) as exc:  # next HSM
                 problems.append(f"{record.label}: {exc}")
                 pin_refusals += isinstance(exc, PinError)
                 continue

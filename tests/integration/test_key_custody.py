@@ -73,6 +73,16 @@ def test_every_hsm_of_the_trust_derives_the_same_keys(domain: Admin) -> None:
     assert batch == [first[1], first[0], first[1]]
 
 
+def test_a_damaged_access_file_fails_over_to_another_hsm(domain: Admin) -> None:
+    """One HSM's local access file cut short: the others still serve (it stopped them all)."""
+    bundle = api.export_domain_bundle(domain.store, "vault")
+    path = _access_file(domain, "hsm1")
+    path.write_bytes(path.read_bytes()[:20])
+    with api.open_domain(domain.store, bundle) as deriver:
+        assert deriver.hsm_label == "hsm2"  # type: ignore[attr-defined]
+        assert len(deriver.derive(INFO)) == 32
+
+
 def test_no_hsm_left_is_a_clear_error(domain: Admin) -> None:
     bundle = api.export_domain_bundle(domain.store, "vault")
     _make_unreachable(domain, "hsm1")

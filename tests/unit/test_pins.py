@@ -61,3 +61,19 @@ def test_exactly_one_source() -> None:
 def test_round_trip_through_dict() -> None:
     for source in (PinSource(file="/x"), PinSource(env="E"), PinSource(credential="c")):
         assert PinSource.from_dict(source.to_dict()) == source
+
+
+def test_a_pin_that_is_not_utf8_is_one_error_that_shows_none_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was a traceback ending in "can't decode byte 0xe9 in position 8": the PIN's length
+    and one of its bytes."""
+    path = tmp_path / "pin"
+    path.write_bytes(b"alicepin\xe9\n")
+    with pytest.raises(PinError) as info:
+        PinSource(file=str(path)).read()
+    assert str(info.value) == f"PIN file {path}: not UTF-8 text"
+    monkeypatch.setenv("XPIN", "ab\udcff")  # how Python shows an environment value's bad byte
+    with pytest.raises(PinError) as info:
+        PinSource(env="XPIN").read()
+    assert str(info.value) == "the PIN (environment variable XPIN) is not UTF-8 text"
