@@ -28,6 +28,19 @@ WRAPPING_SCHEMES = ("rsa-oaep-sha1", "rsa-oaep-sha256")
 MIN_RSA_BITS = 3072
 PSS_SALT_LENGTH = 32
 
+_ED25519_P = 2**255 - 19
+#: y of the Ed25519 points of small order (1, 2, 4 and 8; each y with either sign of x). Such a
+#: "public key" has signatures anyone can make without a private key (OpenSSL accepts R = the
+#: identity, S = 0 for every message under the identity key), so a document listing one would
+#: give its holder no secret at all. Refused as libsodium's blocklist does.
+_ED25519_SMALL_ORDER_Y = frozenset({
+    0,
+    1,
+    _ED25519_P - 1,
+    2707385501144840649318225287225658788936804267575313519463743609750303402022,
+    55188659117513257062467267217118295137698188065244968500265048394206261417927,
+})
+
 
 @dataclass(frozen=True)
 class PublicKey:
@@ -42,6 +55,11 @@ class PublicKey:
         if self.scheme == "ed25519":
             if len(self.data) != 32:
                 raise FormatError(f"ed25519 key: want 32 bytes, have {len(self.data)}")
+            y = int.from_bytes(self.data, "little") & (2**255 - 1)
+            if y >= _ED25519_P:  # a second encoding of a point (and a second key id)
+                raise FormatError("ed25519 key: not a canonical encoding")
+            if y in _ED25519_SMALL_ORDER_Y:
+                raise FormatError("ed25519 key: a point of small order, which anyone can sign for")
         else:
             key = self._rsa()
             if key.key_size < MIN_RSA_BITS:
