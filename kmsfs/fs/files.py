@@ -411,7 +411,12 @@ class FileContent:
                     cipher_offset(block),
                 )
         elif size > psize:
-            self._fill_zeros(psize, size, self.cipher_size())
+            try:
+                self._fill_zeros(psize, size, self.cipher_size())
+            except OSError:  # the disk filled up: keep the old size, as write() does
+                with contextlib.suppress(OSError, IntegrityError):
+                    self.truncate(psize)  # needs no new space
+                raise
         else:
             os.ftruncate(self.fd, self.cipher_size())  # same size: still updates mtime/ctime
 

@@ -195,3 +195,21 @@ def test_failed_append_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mo
             except OSError as e:
                 pytest.fail(f"{name}: unreadable after a failed append: {e!r}")
         assert mount.alive()
+
+
+def test_truncate_up_on_full_disk_leaves_the_file_as_it_was(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """Growing a file fills the gap with encrypted zeros; if the disk cannot take them the
+    truncate fails with ENOSPC and the file keeps its size and content, its gap gone again
+    (it stayed grown, and left the disk full)."""
+    with _small_disk_mount(tmp_path, mounter) as mount:
+        m = mount.mountpoint
+        old = os.urandom(1000)
+        write_synced(m / "f", old)
+        with pytest.raises(OSError) as exc:
+            os.truncate(m / "f", 64 * 1024 * 1024)
+        assert exc.value.errno == errno.ENOSPC
+        assert (m / "f").stat().st_size == len(old)
+        drop_cache(m / "f")
+        assert (m / "f").read_bytes() == old
+        write_synced(m / "after", os.urandom(100_000))  # the space came back
+        assert mount.alive()
