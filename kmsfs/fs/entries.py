@@ -32,10 +32,11 @@ from kmsfs.crypto.symlinks import (
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError
 from kmsfs.fs import config as volconfig
-from kmsfs.fs import dirs
+from kmsfs.fs import dirs, journal
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
+from kmsfs.fs.journal import WriteJournal
 from kmsfs.fs.names import (
     TEMP_PREFIX,
     DirNames,
@@ -86,7 +87,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         if key_epochs is None:
             key_epochs = config.has(volconfig.FLAG_KEY_EPOCHS)
         self.content_keys = ContentKeys(deriver, key_epochs)
-        self.files = OpenFiles(self.content_keys)
+        self.journal = _open_journal(root, self.content_keys)
+        self.files = OpenFiles(self.content_keys, self.journal)
         self.limiter = trio.CapacityLimiter(8)
         self.dir_noatime = False  # -o noatime or nodiratime: listings leave atime alone
         # Hidden, but counted in the root's st_nlink by the backing file system (see _attrs).
@@ -431,3 +433,20 @@ def _write_blob(root: bytes, name: str, content: str) -> bytes:
     data = content.encode("ascii")
     write_new(Path(os.fsdecode(blob)), data, 0o444, temp_prefix=TEMP_PREFIX, parents=False)
     return blob
+
+
+def _open_journal(root: bytes, keys: ContentKeys) -> WriteJournal | None:
+    """Replay what a killed daemon left in the write journal, then open it for this mount.
+
+    Before anything is served, so no read sees a block an interrupted write tore. A backing
+    directory that cannot be written (a read-only copy) gets no journal: nothing is written
+    there anyway, and what the journal holds waits for a mount that can repair it.
+    """
+    try:
+        journal.replay(root, keys.cipher)
+        return WriteJournal(root)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.warning("write journal: %s; overwrites are not protected on this mount", exc.strerror)
+        return None

@@ -10,11 +10,12 @@ the per-file lock held by the caller (``operations``), because a reader that rac
 could see half a block and report a false integrity failure.
 
 Crash safety: a write rewrites whole ciphertext blocks with one ``pwrite`` per call (at most
-``CHUNK_BLOCKS`` blocks); a torn write can damage only the blocks being written, never older
-ones, and a full disk leaves the file as it was (:func:`_pwrite_all`). Shrinking
-truncates to the block boundary *before* writing the shortened last block, so a crash in between
-leaves a shorter but fully readable file. Holes are encrypted zero blocks: an
-unauthenticated zero block is never accepted as data.
+``CHUNK_BLOCKS`` blocks), and a full disk leaves the file as it was (:func:`_pwrite_all`). The
+kernel can still cut a pwrite short at a page boundary when the daemon is killed, which tears
+the block there; so a write over bytes the file already has (and the cut-then-write of a
+shrinking truncate) is first recorded in the volume's write journal, which the next mount
+replays (:mod:`kmsfs.fs.journal`). Holes are encrypted zero blocks: an unauthenticated zero
+block is never accepted as data.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import fcntl
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kmsfs.crypto.content import (
     BLOCK_OVERHEAD,
@@ -42,8 +44,10 @@ from kmsfs.crypto.content import (
     plain_size_lenient,
 )
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.journal import WriteJournal
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: How many keys of new files :meth:`ContentKeys.derive_ahead` keeps ready: this many once a
 #: mount starts a new file, doubled while new files come fast, up to KEYS_AHEAD_MAX.
@@ -218,10 +222,17 @@ class FileContent:
     first needed; it is dropped with this object.
     """
 
-    def __init__(self, fd: int, keys: ContentKeys) -> None:
+    def __init__(
+        self, fd: int, keys: ContentKeys, path: bytes = b"", journal: WriteJournal | None = None
+    ) -> None:
         self.fd = fd
         self._keys = keys
         self._cipher: ContentCipher | None = None
+        self._header = b""  # the on-disk bytes of the header self._cipher was made from
+        self._journal = journal
+        # Where it was opened, as journal records name it (a rename makes it stale: a replay
+        # then finds another header there, or nothing, and leaves that record alone).
+        self._journal_path = journal.relative(path) if journal is not None else b""
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:
@@ -242,16 +253,34 @@ class FileContent:
                 self._cipher = self._keys.cipher(header)
             except IntegrityError as exc:  # an epoch the Domain does not have
                 raise BlockIntegrityError(-1, f"file key epoch {header.epoch}: {exc}") from None
+            self._header = bytes(raw)
         return self._cipher
 
     def _start_file(self) -> bytes:
         """Make a fresh header for an empty file; returns its bytes to write at offset 0."""
         header, self._cipher = self._keys.new_file()
-        return header.pack()
+        self._header = header.pack()
+        return self._header
+
+    def _overwrite(
+        self, data: bytes | bytearray, offset: int, csize: int, write: Callable[[], _T]
+    ) -> _T:
+        """Run *write* (which puts *data* at ciphertext *offset*) with a journal record if it
+        overwrites bytes the file has: a daemon killed in the middle would tear a block there
+        (kmsfs.fs.journal). Writes past the end risk no older data and are not recorded."""
+        at = None
+        if self._journal is not None and offset < csize and self._header:
+            at = self._journal.begin(self._journal_path, self._header, offset, data)
+        try:
+            return write()
+        finally:
+            if at is not None:
+                self._journal.done(at)  # type: ignore[union-attr]
 
     def forget_header(self) -> None:
         """The file became empty (truncate to 0): the next write starts a new header."""
         self._cipher = None
+        self._header = b""
 
     # --- blocks -------------------------------------------------------------------------
     def _decrypt(self, block_no: int, raw: bytes) -> bytes:
@@ -389,7 +418,9 @@ class FileContent:
         start = cipher_offset(first)
         # Appending to a partial last block: its old bytes, just read, are all the write covers.
         covered = raw_first if start + len(raw_first) == csize else None
-        return _pwrite_all(self.fd, out, start, csize, covered)
+        return self._overwrite(
+            out, start, csize, lambda: _pwrite_all(self.fd, out, start, csize, covered)
+        )
 
     def truncate(self, size: int) -> None:
         """Set the plaintext size; shrinking re-encrypts a partial last block."""
@@ -403,13 +434,14 @@ class FileContent:
                 os.ftruncate(self.fd, cipher_offset(block))
             else:
                 keep = self._read_block(block)[:rest]
-                os.ftruncate(self.fd, cipher_offset(block))
-                _pwrite_all(
-                    self.fd,
-                    self._cipher_for_existing().encrypt_block(block, keep),
-                    cipher_offset(block),
-                    cipher_offset(block),
-                )
+                shortened = self._cipher_for_existing().encrypt_block(block, keep)
+                at = cipher_offset(block)
+
+                def cut_and_write() -> None:
+                    os.ftruncate(self.fd, at)
+                    _pwrite_all(self.fd, shortened, at, at)
+
+                self._overwrite(shortened, at, self.cipher_size(), cut_and_write)
         elif size > psize:
             try:
                 self._fill_zeros(psize, size, self.cipher_size())
@@ -451,7 +483,8 @@ def _pwrite_all(
     """pwrite all of *data* at *offset* into a file of ciphertext size *csize*; returns the size
     after it. A full disk (ENOSPC, EDQUOT) fails the write and leaves the file as it was.
 
-    One pwrite, as before, so a write is never half done when the daemon is killed. Only the
+    One pwrite (which a kill can still cut at a page boundary: the caller records overwrites
+    in the write journal first). Only the
     part past the end needs new space (ciphertext files are never sparse), so only a write
     that grows the file can run out of it, possibly after overwriting the old last block in
     place; the old bytes it covers are read first and, if it fails, put back (in place: no

@@ -40,6 +40,7 @@ from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
+from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.names import DirIvError, read_dir_iv
 from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
@@ -120,6 +121,24 @@ class _Checker:
     def warn(self, kind: str, path: Path, plain: str | None, detail: str) -> None:
         self.report.warnings.append(Problem(kind, self._rel(path), plain, detail))
 
+    def journal(self) -> None:
+        """Live records: a daemon was killed in the middle of an overwrite. The next mount
+        puts back what it tore; until then, a block it names may show as damage."""
+        try:
+            live = live_records(os.fsencode(self.root))
+        except OSError as exc:
+            self.warn("journal", self.root / JOURNAL_NAME, None, f"unreadable: {exc.strerror}")
+            return
+        if live:
+            files = sorted({os.fsdecode(r.path) for r in live})
+            self.warn(
+                "interrupted-write",
+                self.root / JOURNAL_NAME,
+                None,
+                f"{len(live)} write(s) cut short by a killed daemon, in {', '.join(files)}: "
+                "mount the volume once to put back the blocks they tore",
+            )
+
     # directories and names
 
     def directory(self, cdir: Path, plain: str | None) -> None:
@@ -138,7 +157,7 @@ class _Checker:
         for name in entries:
             path = cdir / name
             if name == DIRIV_NAME or (
-                cdir == self.root and name in (volconfig.CONFIG_NAME, LONGLINK_DIR)
+                cdir == self.root and name in (volconfig.CONFIG_NAME, LONGLINK_DIR, JOURNAL_NAME)
             ):
                 continue
             if is_sidecar(name):
@@ -314,6 +333,7 @@ def check_tree(
     """Check a whole ciphertext tree with ``deriver``'s keys; never writes anything."""
     checker = _Checker(Path(cipherdir), deriver, advance)
     checker.report.current_epoch = getattr(deriver, "current_epoch", None)
+    checker.journal()
     checker.directory(checker.root, "/")
     checker.orphan_blobs()
     checker.report.clean = not checker.report.problems

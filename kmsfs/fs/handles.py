@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from kmsfs.fs.files import ContentKeys, FileContent
+from kmsfs.fs.journal import WriteJournal
 
 
 @dataclass
@@ -95,8 +96,9 @@ def prefetch(fd: int) -> None:
 class OpenFiles:
     """FUSE file handles -> :class:`Handle`, and inode -> :class:`OpenFile` (trio thread)."""
 
-    def __init__(self, keys: ContentKeys) -> None:
+    def __init__(self, keys: ContentKeys, journal: WriteJournal | None = None) -> None:
         self._keys = keys
+        self._journal = journal  # records overwrites (kmsfs.fs.journal); None: not recorded
         self.noatime = False  # the mount's -o noatime: no read moves a file's atime
         self._by_ino: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -124,7 +126,7 @@ class OpenFiles:
                 writable = True
                 if self.noatime:
                     keep_atime(fd)
-            of = OpenFile(ino, FileContent(fd, self._keys), writable)
+            of = OpenFile(ino, FileContent(fd, self._keys, path, self._journal), writable)
             self._by_ino[ino] = of
         else:
             if fd is not None:

@@ -40,7 +40,7 @@ from kmsfs.crypto import content
 from kmsfs.crypto.names import is_internal
 from kmsfs.errors import FormatError, IntegrityError, UsageError
 from kmsfs.fs import config as volconfig
-from kmsfs.fs import kms
+from kmsfs.fs import journal, kms
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.volume import lock_exclusive
@@ -170,6 +170,7 @@ class _Job:
     # pass 1: find inodes and their epochs
 
     def scan(self) -> list[_Inode]:
+        journal.replay(self.root, self.keys.cipher)  # blocks a killed daemon tore, put back
         files, temps, self.dir_times = _walk(self.root)
         for temp in temps:
             with contextlib.suppress(FileNotFoundError):

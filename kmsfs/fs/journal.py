@@ -1,0 +1,297 @@
+"""Redo records of in-place writes, so a daemon killed in the middle of a pwrite tears no block.
+
+Linux cuts a buffered write short at a page boundary when the writer gets SIGKILL (the check
+runs before each page). A ciphertext block is 4124 bytes at ``18 + 4124 n``, so every block
+straddles a page boundary, and a write cut there leaves one block half new and half old: it no
+longer authenticates, and the older data in it, fsync'd or not, would read as EIO
+(DESIGN.md §2.5). Writes into space the file did not have yet cannot lose older data, but a
+write over bytes the file already has (an overwrite, the read-modify-write of a partial last
+block when appending, the shortened last block of a truncate) can.
+
+So before such a write, kmsfs puts the new ciphertext in ``kmsfs.journal`` in the volume root,
+and marks the record done when the write returns. The next mount replays the records still
+live: every block in them that no longer authenticates on disk gets the record's block, which
+must itself authenticate as that block of that file (a record cannot put anything else in a
+file: an attacker who writes the journal can at most bring back a valid older block, which
+they can do directly; docs/threat-model.md).
+
+The journal is not fsync'd: it covers the daemon's death (kill -9, the OOM killer, a crash),
+after which the page cache keeps both it and the file. A power cut can still tear a block that
+was being overwritten, as on any file system that does not journal data (docs/threat-model.md).
+
+Record (docs/format.md, "Write journal"): ``KJR1`` | state (1: live, 0: done) | u64 sequence |
+u32 body length | body | u32 CRC-32; body = u16 path length | path (relative to the volume
+root) | the file's 18-byte header | u64 ciphertext offset | ciphertext. The CRC covers the
+sequence, the length and the body up to the ciphertext (which authenticates block by block).
+A replay reads records from offset 0 while the sequence goes up by one; the space is reused
+from 0 whenever no write is in flight, so what follows the last record is older and stops the
+walk.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import stat
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
+from kmsfs.errors import FormatError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "kmsfs.journal"
+MAGIC = b"KJR1"
+LIVE, DONE = 1, 0
+_HEAD = struct.Struct(">4sBQI")  # magic, state, sequence, body length
+_STATE_AT = 4  # offset of the state byte in a record
+_CRC = struct.Struct(">I")
+#: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
+MAX_BODY = 2 * 1024 * 1024
+#: How much of the journal is allocated and mapped: the records of the writes in flight at once
+#: (usually one, of a few KiB; up to 9 of 1 MiB). Records past it are written, not mapped.
+MAPPED_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Record:
+    sequence: int
+    path: bytes
+    header: bytes
+    offset: int
+    data: bytes
+
+
+def encode(sequence: int, path: bytes, header: bytes, offset: int, data: bytes) -> bytes:
+    return b"".join(_pieces(sequence, path, header, offset, data))
+
+
+def _pieces(
+    sequence: int, path: bytes, header: bytes, offset: int, data: bytes | bytearray
+) -> tuple[bytes, bytes | bytearray, bytes]:
+    """A record as (head, data, CRC), to write without copying the data.
+
+    The CRC covers the sequence number, the body's length and its fixed fields, not the
+    ciphertext: each block of that authenticates itself, and one cut short is skipped."""
+    fixed = struct.pack(">H", len(path)) + path + header + struct.pack(">Q", offset)
+    head = _HEAD.pack(MAGIC, LIVE, sequence, len(fixed) + len(data))
+    crc = zlib.crc32(head[_STATE_AT + 1 :] + fixed)
+    return head + fixed, data, _CRC.pack(crc)
+
+
+def parse(raw: bytes) -> list[Record]:
+    """The live records of a journal: from offset 0 while the sequence goes up by one."""
+    records: list[Record] = []
+    pos, expected = 0, None
+    while pos + _HEAD.size <= len(raw):
+        magic, state, sequence, length = _HEAD.unpack_from(raw, pos)
+        end = pos + _HEAD.size + length + _CRC.size
+        if magic != MAGIC or length > MAX_BODY or end > len(raw):
+            break
+        if expected is not None and sequence != expected:
+            break  # older bytes: the space was reused from 0
+        body = raw[pos + _HEAD.size : end - _CRC.size]
+        (path_len,) = struct.unpack_from(">H", body, 0) if len(body) >= 2 else (MAX_BODY,)
+        fixed = 2 + path_len + HEADER_SIZE + 8
+        (crc,) = _CRC.unpack_from(raw, end - _CRC.size)
+        covered = raw[pos + _STATE_AT + 1 : pos + _HEAD.size] + body[:fixed]
+        if len(body) < fixed or zlib.crc32(covered) != crc:
+            break  # cut while it was being written: its write had not begun
+        expected, pos = sequence + 1, end
+        if state != LIVE:
+            continue
+        path = body[2 : 2 + path_len]
+        header = body[2 + path_len : 2 + path_len + HEADER_SIZE]
+        (offset,) = struct.unpack_from(">Q", body, fixed - 8)
+        records.append(Record(sequence, path, header, offset, body[fixed:]))
+    return records
+
+
+class WriteJournal:
+    """The volume's journal, open for the mount's life; thread-safe (workers write too)."""
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        self._fd = os.open(
+            root + b"/" + JOURNAL_NAME.encode(),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        self._lock = threading.Lock()
+        self._pos = 0
+        self._sequence = 1
+        self._in_flight = 0
+        self._map = self._map_allocated()
+
+    def _map_allocated(self) -> mmap.mmap | None:
+        """The first MAPPED_BYTES of the journal, allocated, mapped shared: a record costs a
+        copy into the page cache instead of two system calls (a third of an overwrite's time
+        otherwise). Allocated first, so no store into the map can meet a full disk (SIGBUS).
+        None where that cannot be had; records then go by pwritev."""
+        try:
+            os.posix_fallocate(self._fd, 0, MAPPED_BYTES)
+            return mmap.mmap(self._fd, MAPPED_BYTES)
+        except OSError as exc:
+            log.info("write journal: not mapped (%s); records are written", exc.strerror)
+            return None
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        os.close(self._fd)
+
+    def relative(self, path: bytes) -> bytes:
+        """*path* (absolute, under the root) as records name it."""
+        return os.path.relpath(path, self.root)
+
+    def begin(
+        self, relative: bytes, header: bytes, offset: int, data: bytes | bytearray
+    ) -> int | None:
+        """Record a write of *data* at ciphertext *offset* of the file *relative* (to the root)
+        before it is made; returns the record's position for :meth:`done`, or None if it could
+        not be written (a full disk: the write goes ahead unprotected, as before)."""
+        with self._lock:
+            head, data, crc = _pieces(self._sequence, relative, header, offset, data)
+            at = self._pos
+            size = len(head) + len(data) + len(crc)
+            if self._map is not None and at + size <= MAPPED_BYTES:
+                mapped = self._map
+                mapped[at : at + len(head)] = head
+                mapped[at + len(head) : at + size - len(crc)] = data
+                mapped[at + size - len(crc) : at + size] = crc
+            else:  # past the mapped part: many writes in flight at once, or no map
+                try:
+                    if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
+                        _pwrite_fully(self._fd, head + bytes(data) + crc, at)
+                except OSError as exc:
+                    log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
+                    return None
+            self._sequence += 1
+            self._pos = at + size
+            self._in_flight += 1
+            return at
+
+    def done(self, at: int | None) -> None:
+        """The write of the record at *at* returned: mark it done; once none is in flight, the
+        next record goes at offset 0 again."""
+        if at is None:
+            return
+        with self._lock:
+            if self._map is not None and at < MAPPED_BYTES:
+                self._map[at + _STATE_AT] = DONE
+            else:
+                try:
+                    os.pwrite(self._fd, bytes([DONE]), at + _STATE_AT)
+                except OSError as exc:  # never seen: the byte is already allocated
+                    log.warning("write journal: cannot mark a record done (%s)", exc.strerror)
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._pos = 0
+
+
+def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int:
+    """Put back, from the journal's live records, every block that no longer authenticates;
+    then empty the journal. Returns how many blocks were put back. Before a mount serves."""
+    path = root + b"/" + JOURNAL_NAME.encode()
+    try:
+        raw = _read_regular(path)
+    except FileNotFoundError:
+        return 0
+    repaired = 0
+    for record in parse(raw):
+        try:
+            repaired += _apply(root, record, cipher_of)
+        except (OSError, FormatError, IntegrityError) as exc:
+            log.warning(
+                "write journal: record %d for %s not replayed (%s)",
+                record.sequence,
+                os.fsdecode(record.path),
+                exc,
+            )
+    if raw:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    if repaired:
+        log.warning("write journal: %d block(s) torn by an interrupted write put back", repaired)
+    return repaired
+
+
+def live_records(root: bytes) -> list[Record]:
+    """The journal's live records (for fsck, which changes nothing)."""
+    try:
+        return parse(_read_regular(root + b"/" + JOURNAL_NAME.encode()))
+    except FileNotFoundError:
+        return []
+
+
+def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], ContentCipher]) -> int:
+    parts = record.path.split(b"/")
+    if record.path.startswith(b"/") or b".." in parts or b"" in parts:
+        raise FormatError("a path outside the volume")
+    block, rest = divmod(record.offset - HEADER_SIZE, CIPHER_BLOCK_SIZE)
+    if record.offset < HEADER_SIZE or rest:
+        raise FormatError(f"offset {record.offset} is not where a block starts")
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(root + b"/" + record.path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if os.pread(fd, HEADER_SIZE, 0) != record.header:
+            return 0  # the file was emptied and started again, or is another one now
+        cipher = cipher_of(FileHeader.parse(record.header))
+        repaired = 0
+        for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
+            want = record.data[i : i + CIPHER_BLOCK_SIZE]
+            at = record.offset + i
+            number = block + i // CIPHER_BLOCK_SIZE
+            if os.pread(fd, len(want), at) == want or _authentic(
+                cipher, number, os.pread(fd, CIPHER_BLOCK_SIZE, at)
+            ):
+                continue  # the write got there, or never began, or a later one replaced it
+            if not _authentic(cipher, number, want):
+                raise IntegrityError(f"its block {number} does not authenticate")
+            _pwrite_fully(fd, want, at)
+            repaired += 1
+        return repaired
+    finally:
+        os.close(fd)
+
+
+def _authentic(cipher: ContentCipher, number: int, block: bytes) -> bool:
+    if not block:
+        return False
+    try:
+        cipher.decrypt_block(number, block)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _read_regular(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_fully(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

@@ -1,0 +1,213 @@
+"""The write journal: a daemon killed in the middle of an overwrite leaves no torn block.
+
+Linux cuts a buffered pwrite short at a page boundary when the writer is killed; every 4124-byte
+ciphertext block straddles one, so the block there is left half new, half old. These tests make
+exactly that state (the write stops at the first page boundary and the daemon "dies": nothing
+after it runs, not even marking the record done) and check that a replay puts back a block that
+authenticates, while older data elsewhere stays, and that a replay never writes anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
+from kmsfs.fs import files, journal
+from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.journal import WriteJournal
+
+PAGE = 4096
+
+
+class _Deriver:
+    current_epoch = 1
+
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
+
+
+class Killed(BaseException):
+    """The daemon got SIGKILL: nothing after this point runs."""
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def _keys() -> ContentKeys:
+    return ContentKeys(_Deriver(), key_epochs=True)
+
+
+def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
+    path = volume / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    return FileContent(fd, _keys(), os.fsencode(path), log)
+
+
+def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next data pwrite stops at its first page boundary, then the daemon dies; the journal
+    never hears that the write ended."""
+    real = files._pwrite_fully
+
+    def cut(fd: int, view: memoryview, offset: int) -> None:
+        boundary = (offset // PAGE + 1) * PAGE
+        real(fd, view[: boundary - offset], offset)
+        raise Killed
+
+    monkeypatch.setattr(files, "_pwrite_fully", cut)
+    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
+
+
+def _read(content: FileContent, offset: int, size: int) -> bytes:
+    return bytes(content.read(offset, size))
+
+
+def test_a_killed_overwrite_is_put_back_and_older_data_stays(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = os.urandom(4 * BLOCK_SIZE)
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "f", log)
+    content.write(0, old)
+    new = os.urandom(2 * BLOCK_SIZE)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, new)  # blocks 1 and 2; cut inside block 1
+    monkeypatch.undo()
+    after = _open(volume, "f", None)
+    with pytest.raises(BlockIntegrityError):  # what the next mount would see without a replay
+        _read(after, BLOCK_SIZE, BLOCK_SIZE)
+
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 1  # the torn block 1
+    replayed = _open(volume, "f", None)
+    # Each block is whole, old or new, as after an interrupted write on ext4: block 1 as the
+    # write had it, block 2 (the write never reached it) as it was.
+    want = old[:BLOCK_SIZE] + new[:BLOCK_SIZE] + old[2 * BLOCK_SIZE :]
+    assert _read(replayed, 0, 4 * BLOCK_SIZE) == want
+    assert (volume / journal.JOURNAL_NAME).stat().st_size == 0
+
+
+def test_a_killed_append_to_a_partial_block_keeps_what_was_there(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log file: each append rewrites its partial last block in place."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "log", log)
+    synced = b"line of an fsync'd log\n" * 170  # 3910 bytes: one partial block
+    content.write(0, synced)
+    more = os.urandom(3000)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(len(synced), more)
+    monkeypatch.undo()
+    journal.replay(os.fsencode(volume), _keys().cipher)
+    data = _read(_open(volume, "log", None), 0, 10_000)
+    assert data == synced + more  # the interrupted append completes: nothing older is lost
+
+
+def test_a_killed_shrinking_truncate_is_finished(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut to the block boundary happened, the shortened block was not written yet."""
+    old = os.urandom(3 * BLOCK_SIZE)
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "t", log)
+    content.write(0, old)
+
+    def killed(*args: Any) -> int:
+        raise Killed
+
+    monkeypatch.setattr(files, "_pwrite_all", killed)
+    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
+    with pytest.raises(Killed):
+        content.truncate(BLOCK_SIZE + 1000)
+    monkeypatch.undo()
+    assert (volume / "t").stat().st_size == cipher_offset(1)  # bytes 4096..5095 are gone
+    journal.replay(os.fsencode(volume), _keys().cipher)
+    assert _read(_open(volume, "t", None), 0, 3 * BLOCK_SIZE) == old[: BLOCK_SIZE + 1000]
+
+
+def test_records_of_writes_that_returned_are_never_replayed(volume: Path) -> None:
+    """A finished write's record must not bring its blocks back after a later truncate."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "f", log)
+    content.write(0, os.urandom(3 * BLOCK_SIZE))
+    content.write(2 * BLOCK_SIZE, b"x" * 100)  # an overwrite: recorded, then marked done
+    assert journal.MAGIC in (volume / journal.JOURNAL_NAME).read_bytes()
+    content.truncate(BLOCK_SIZE)
+    size = (volume / "f").stat().st_size
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
+    assert (volume / "f").stat().st_size == size
+
+
+def test_writes_past_the_end_are_not_recorded(volume: Path) -> None:
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "new", log)
+    content.write(0, os.urandom(BLOCK_SIZE))  # a new file
+    content.write(BLOCK_SIZE, os.urandom(3 * BLOCK_SIZE))  # whole blocks after the end
+    assert journal.MAGIC not in (volume / journal.JOURNAL_NAME).read_bytes()
+    content.write(100, b"x")  # and an overwrite is
+    assert journal.MAGIC in (volume / journal.JOURNAL_NAME).read_bytes()
+
+
+def test_a_record_puts_back_only_blocks_that_authenticate(
+    volume: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever writes the journal cannot put anything into a file through a replay."""
+    content = _open(volume, "f", None)
+    content.write(0, os.urandom(2 * BLOCK_SIZE))
+    header = (volume / "f").read_bytes()[:HEADER_SIZE]
+    before = (volume / "f").read_bytes()
+    raw = (volume / "f").read_bytes()
+    torn = bytearray(raw)
+    torn[cipher_offset(1) + 10] ^= 1  # block 1 is damaged: a replay would want to fix it
+    (volume / "f").write_bytes(bytes(torn))
+    forged = [  # junk; block 0 put where block 1 goes; a path outside the volume
+        journal.encode(1, b"f", header, cipher_offset(1), os.urandom(CIPHER_BLOCK_SIZE)),
+        journal.encode(2, b"f", header, cipher_offset(1), raw[cipher_offset(0):cipher_offset(1)]),
+        journal.encode(3, b"../f", header, cipher_offset(1), raw[cipher_offset(1):]),
+    ]
+    (volume / journal.JOURNAL_NAME).write_bytes(b"".join(forged))
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
+    assert (volume / "f").read_bytes() == bytes(torn)
+    assert before != bytes(torn)
+    assert caplog.text.count("not replayed") == 3
+
+
+def test_parse_stops_at_a_cut_record_and_at_older_bytes() -> None:
+    header = bytes(HEADER_SIZE)
+    first = journal.encode(7, b"a", header, HEADER_SIZE, b"1" * 50)
+    second = journal.encode(8, b"b", header, HEADER_SIZE, b"2" * 50)
+    stale = journal.encode(3, b"c", header, HEADER_SIZE, b"3" * 50)
+    assert [r.sequence for r in journal.parse(first + second)] == [7, 8]
+    assert [r.sequence for r in journal.parse(first + second[:-1])] == [7]  # cut: not begun
+    assert [r.sequence for r in journal.parse(first + stale)] == [7]  # space reused from 0
+    done = bytearray(first)
+    done[4] = journal.DONE
+    assert [r.sequence for r in journal.parse(bytes(done) + second)] == [8]
+    assert journal.parse(b"") == []
+
+
+def test_records_past_the_mapped_part_are_written(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many big writes in flight at once outgrow the mapped part; their records still count."""
+    monkeypatch.setattr(journal, "MAPPED_BYTES", 3 * CIPHER_BLOCK_SIZE)
+    log = WriteJournal(os.fsencode(volume))
+    header = bytes(HEADER_SIZE)
+    first = log.begin(b"a", header, HEADER_SIZE, os.urandom(2 * CIPHER_BLOCK_SIZE))
+    second = log.begin(b"b", header, HEADER_SIZE, os.urandom(2 * CIPHER_BLOCK_SIZE))
+    assert first == 0 and second is not None
+    assert second + 2 * CIPHER_BLOCK_SIZE > journal.MAPPED_BYTES  # it did not fit
+    raw = (volume / journal.JOURNAL_NAME).read_bytes()
+    assert [r.path for r in journal.parse(raw)] == [b"a", b"b"]
+    log.done(second)
+    log.done(first)
+    assert journal.parse((volume / journal.JOURNAL_NAME).read_bytes()) == []
