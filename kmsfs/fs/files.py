@@ -229,6 +229,7 @@ class FileContent:
         self._keys = keys
         self._cipher: ContentCipher | None = None
         self._header = b""  # the on-disk bytes of the header self._cipher was made from
+        self._header_matches = False  # checked against block 0 (or made here) before writing
         self._journal = journal
         # Where it was opened, as journal records name it (a rename makes it stale: a replay
         # then finds another header there, or nothing, and leaves that record alone).
@@ -260,7 +261,28 @@ class FileContent:
         """Make a fresh header for an empty file; returns its bytes to write at offset 0."""
         header, self._cipher = self._keys.new_file()
         self._header = header.pack()
+        self._header_matches = True
         return self._header
+
+    def _cipher_for_writing(self) -> ContentCipher:
+        """The cipher to write under, its header checked once against the file's block 0.
+
+        A header copied alone from another file would otherwise have the user's writes
+        encrypted under that file's id and key, ready to be moved into it unnoticed
+        (docs/threat-model.md §1). Reads need no such check: every block they return
+        authenticates against the header."""
+        cipher = self._cipher_for_existing()
+        if not self._header_matches:
+            first = quiet_pread(self.fd, CIPHER_BLOCK_SIZE, HEADER_SIZE)
+            if first:
+                try:
+                    cipher.decrypt_block(0, first)
+                except IntegrityError:
+                    raise BlockIntegrityError(
+                        0, "the header does not match block 0 (copied from another file?)"
+                    ) from None
+            self._header_matches = True
+        return cipher
 
     def _overwrite(
         self, data: bytes | bytearray, offset: int, csize: int, write: Callable[[], _T]
@@ -281,6 +303,7 @@ class FileContent:
         """The file became empty (truncate to 0): the next write starts a new header."""
         self._cipher = None
         self._header = b""
+        self._header_matches = False
 
     # --- blocks -------------------------------------------------------------------------
     def _decrypt(self, block_no: int, raw: bytes) -> bytes:
@@ -397,7 +420,7 @@ class FileContent:
         *csize* is the ciphertext size now; returns it after the write.
         """
         prefix = b""
-        if psize == 0 and csize == 0:
+        if psize == 0 and csize <= HEADER_SIZE:  # empty, or a header with no block: start anew
             prefix = self._start_file()
         end = offset + len(data)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
@@ -412,7 +435,7 @@ class FileContent:
             if end < psize and end % BLOCK_SIZE:
                 old_last = old_first if last == first and old_first else self._read_block(last)
                 plain += old_last[end - last * BLOCK_SIZE :]
-        out = self._cipher_for_existing().encrypt_blocks(first, plain)
+        out = self._cipher_for_writing().encrypt_blocks(first, plain)
         if prefix:
             return _pwrite_all(self.fd, prefix + out, 0, csize)
         start = cipher_offset(first)
@@ -434,7 +457,7 @@ class FileContent:
                 os.ftruncate(self.fd, cipher_offset(block))
             else:
                 keep = self._read_block(block)[:rest]
-                shortened = self._cipher_for_existing().encrypt_block(block, keep)
+                shortened = self._cipher_for_writing().encrypt_block(block, keep)
                 at = cipher_offset(block)
 
                 def cut_and_write() -> None:

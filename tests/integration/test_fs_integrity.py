@@ -172,3 +172,43 @@ def test_internal_files_replaced_by_a_fifo_or_symlink_are_damage_not_a_hang(  # 
     assert [d.split(":")[0] for d in details] == ["diriv", "diriv", "name"]
     assert "Too many levels of symbolic links" in details[0]
     assert "not a regular file" in details[1] and "not a regular file" in details[2]
+
+
+def test_a_header_copied_from_another_file_is_not_written_under(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """Copy B's header over A's, let the user write a whole block into A, move that block into
+    B: it read there as B's data. Now the write is EIO (A's block 0 does not match the header)
+    and A is left as it was; and a file cut to B's header alone starts a header of its own."""
+    mount = mounter(volume)
+    m = mount.mountpoint
+    (m / "a").write_bytes(os.urandom(3 * BS))
+    (m / "b").write_bytes(os.urandom(3 * BS))
+    (m / "c").write_bytes(b"c")
+    mount.stop()
+    a, b, c = (cipher_path(volume, n) for n in "abc")
+    b_header = b.read_bytes()[:HEADER_SIZE]
+    a.write_bytes(b_header + a.read_bytes()[HEADER_SIZE:])
+    c.write_bytes(b_header)  # a header and no block
+    a_before = a.read_bytes()
+
+    mount.start()
+    with open(m / "a", "r+b", buffering=0) as f:
+        f.seek(BS)
+        with pytest.raises(OSError) as info:
+            f.write(b"X" * BS)
+    assert info.value.errno == errno.EIO
+    with open(m / "c", "r+b", buffering=0) as f:  # no O_TRUNC: the header stays until written
+        f.write(b"S" * BS)
+    assert (m / "c").read_bytes() == b"S" * BS
+    assert "header does not match block 0" in mount.log()
+    mount.stop()
+
+    assert a.read_bytes() == a_before
+    c_data = c.read_bytes()
+    assert c_data[:HEADER_SIZE] != b_header
+    data = bytearray(b.read_bytes())  # c's block moved into b
+    data[cipher_offset(1) : cipher_offset(2)] = c_data[cipher_offset(0) : cipher_offset(1)]
+    b.write_bytes(bytes(data))
+    mount.start()
+    with pytest.raises(OSError) as info:
+        (m / "b").read_bytes()
+    assert info.value.errno == errno.EIO
