@@ -9,7 +9,6 @@ code (:mod:`kmsfs.exitcodes`). The key management system is reached only through
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
-from kmsfs.fs.volume import check_mountpoint, create_volume, open_volume
+from kmsfs.fs.volume import check_mountpoint, create_volume, is_mount_point, open_volume
 
 PROG = "kmsfs"
 
@@ -144,7 +143,7 @@ def _agent_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if not is_mount_point(mountpoint):  # a dead mount (its daemon killed) is one too
         raise UsageError(f"{mountpoint}: not a mount point")
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -6,6 +6,7 @@ Every check here runs before anything is mounted or written, and fails with one
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -43,9 +44,35 @@ def open_volume(cipherdir: Path) -> VolumeConfig:
     return config
 
 
+def is_mount_point(path: Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether *path* is a mount point, from the kernel's list rather than a stat: a FUSE mount
+    whose daemon died answers every stat with ENOTCONN, and os.path.ismount then says no."""
+    absolute = os.path.abspath(path)
+    where = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return os.path.ismount(path)
+    return any(
+        len(fields) > 4 and _unescape(fields[4]) == where
+        for fields in (line.split(" ") for line in lines)
+    )
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     """The mount point must be an existing, empty directory that is not already a mount."""
     mountpoint = Path(mountpoint)
+    if is_mount_point(mountpoint):
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise UsageError(
+                    f"mount point {mountpoint}: a mount whose daemon is gone; "
+                    f"run kmsfs umount {mountpoint} first"
+                ) from None
+        raise UsageError(f"mount point {mountpoint}: already a mount point")
     if not mountpoint.exists():
         raise UsageError(f"mount point {mountpoint}: no such directory")
     if not mountpoint.is_dir():

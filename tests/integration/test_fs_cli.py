@@ -194,3 +194,29 @@ def test_every_option_the_cli_accepts_mounts(volume: Path, mounter, option: str)
     m = mounter(volume, options=(option,))
     assert os.path.ismount(m.mountpoint)
     assert os.listdir(m.mountpoint) == []
+
+
+def test_a_mount_whose_daemon_died_is_named_and_can_be_unmounted(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """After kill -9 the mount point stays in the mount table and every stat of it is ENOTCONN
+    (once the kernel's 1 s attribute cache is gone): umount said "not a mount point", and mount
+    failed with the bare errno text."""
+    mount = mounter(volume)
+    mp = mount.mountpoint
+    assert mount.proc is not None
+    mount.proc.kill()
+    mount.proc.wait()
+    time.sleep(1.5)
+    with pytest.raises(OSError):
+        os.stat(mp)
+    refused = kmsfs("mount", str(volume), str(mp))
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"kmsfs: error: mount point {mp}: a mount whose daemon is gone; "
+        f"run kmsfs umount {mp} first\n"
+    )
+    done = kmsfs("umount", str(mp))
+    assert done.returncode == 0, done.stderr
+    assert not os.path.ismount(mp) and mp.is_dir()
+    mount._close()
+    mount.start()  # and it mounts again
+    assert mount.alive()
