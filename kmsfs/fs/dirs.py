@@ -3,10 +3,12 @@
 Every name in a directory is encrypted with its IV (``kmsfs.diriv``), so a visible directory
 without its IV could never be read again. So a new directory is made under a hidden
 ``kmsfs.tmp.*`` name, gets its IV (fsync'd), owner and mode there, and only then is renamed into
-place; a directory being removed (rmdir, or a rename onto it) is first renamed to a hidden name,
-then emptied and removed. A crash, of the daemon or of the machine, at any step leaves either
-the state before or a hidden ``kmsfs.tmp.*`` directory holding nothing but internal names, which
-fsck reports as a leftover and rmdir of its parent removes.
+place; a directory being removed (rmdir, or a rename onto it, which first exchanges the two so
+the new name is never missing) is renamed to a hidden name, then emptied and removed. A crash,
+of the daemon or of the machine, at any step leaves either the state before or a hidden
+``kmsfs.tmp.*`` directory holding nothing but internal names, which fsck reports as a leftover
+and rmdir of its parent removes (after a crash inside a rename onto an empty directory, that one
+can also be left visible, empty, under the old name).
 
 "Empty" follows the format: a directory that holds only internal names (its IV, an orphan
 sidecar, temporary files, hidden directories that are empty in the same sense) lists as empty,

@@ -383,16 +383,23 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
                 held, _ = self._hold_longlink(new_path)
-        # A directory renamed onto an empty one: the empty one is moved to a hidden name first
-        # (its IV cannot go before it does: a crash would leave it visible without one).
+        # A directory renamed onto an empty one: the two are exchanged in one step, so the new
+        # name is never missing, even across a crash (which can leave the replaced, empty
+        # directory visible under the old name, as a worst case); it is then hidden and removed
+        # (its IV cannot go before it is hidden: a crash would leave it visible without one).
+        # Where the backing file system cannot exchange, it is hidden first instead.
         replaced_dir = dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode)
         leftovers = dirs.check_empty(new_path) if replaced_dir else []
         written = write_sidecar(new_dir, new_disk)
         hidden = None
+        exchanged = False
         try:
             if replaced_dir:
-                hidden = dirs.hide(new_path)
-            renameat2(old_path, new_path, flags)
+                exchanged = _exchange(old_path, new_path)
+                if not exchanged:
+                    hidden = dirs.hide(new_path)
+            if not exchanged:
+                renameat2(old_path, new_path, flags)
         except BaseException:
             if hidden is not None:
                 with contextlib.suppress(OSError):
@@ -400,6 +407,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             undo_sidecar(new_dir, new_disk, written)
             self._drop_longlink(held)
             raise
+        if exchanged:
+            hidden = dirs.hide(old_path)  # the replaced directory, now under the old name
         if hidden is not None:
             dirs.remove_hidden(hidden, leftovers)
         remove_sidecar(old_dir, old_c)
@@ -409,6 +418,17 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             gone = self.table.removed(dst.st_ino)  # renamed over its last link
             if replaced_dir:
                 self.names.forget_dir(gone)
+
+
+def _exchange(a: bytes, b: bytes) -> bool:
+    """Swap two names atomically; False (nothing done) if the file system cannot."""
+    try:
+        renameat2(a, b, pyfuse3.RENAME_EXCHANGE)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        return False
+    return True
 
 
 def _unlink_quiet(path: bytes) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,49 @@ def test_an_empty_directory_that_lost_its_iv_can_be_removed(mnt, volume: Path) -
     (_only_dir(volume) / DIRIV_NAME).unlink()
     os.rmdir(m / "d")
     assert os.listdir(m) == [] and not list(volume.rglob("kmsfs.tmp.*"))
+
+
+_RENAME_THEN_DIE = """
+import os, sys, types
+import pyfuse3, trio
+sys.path.insert(0, sys.argv[2])
+from kmsfs.fs import dirs, entries
+from kmsfs.fs.entries import KmsfsOps
+from tests.integration.fs_helpers import SoftDeriver
+
+def die_after(real):
+    def step(*args):
+        real(*args)
+        os._exit(9)  # SIGKILL's effect: nothing after this runs, no undo, no cleanup
+    return step
+
+ops = KmsfsOps(sys.argv[1], SoftDeriver())
+ctx = types.SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0)
+entries.renameat2 = die_after(entries.renameat2)
+dirs.rename_noreplace = die_after(dirs.rename_noreplace)
+trio.run(ops.rename, pyfuse3.ROOT_INODE, b"src", pyfuse3.ROOT_INODE, b"dst", 0, ctx)
+"""
+
+
+def test_a_crash_in_a_rename_onto_an_empty_directory_never_loses_the_new_name(  # type: ignore[no-untyped-def]
+    volume: Path, mounter
+) -> None:
+    """rename(2) onto an empty directory never leaves the new name missing, not even across a
+    crash (ext4 keeps that). kmsfs hid the empty one first, then renamed: a crash in between
+    left neither. Now the two are exchanged in one step; the worst a crash leaves is the empty
+    one visible under the old name."""
+    mount = mounter(volume)
+    (mount.mountpoint / "src").mkdir()
+    (mount.mountpoint / "src" / "f").write_bytes(b"kept")
+    (mount.mountpoint / "dst").mkdir()
+    mount.stop()
+    repo = str(Path(__file__).resolve().parents[2])
+    died = subprocess.run([sys.executable, "-c", _RENAME_THEN_DIE, str(volume), repo],
+                          capture_output=True, timeout=60)
+    assert died.returncode == 9, died.stderr
+    mount.start()
+    assert (mount.mountpoint / "dst" / "f").read_bytes() == b"kept"
+    assert sorted(os.listdir(mount.mountpoint)) in (["dst"], ["dst", "src"])
+    if (mount.mountpoint / "src").exists():
+        assert os.listdir(mount.mountpoint / "src") == []
+        os.rmdir(mount.mountpoint / "src")  # and it goes like any empty directory
