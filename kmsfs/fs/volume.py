@@ -88,10 +88,12 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 # --- who is using a volume ------------------------------------------------------------------
 #
-# A mount holds a shared flock(2) on the ciphertext root directory for as long as it serves;
-# an offline job that rewrites files (``kmsfs reencrypt``) takes it exclusively, without
-# waiting. So a job refuses a volume that is mounted, and a mount refuses a volume a job is
-# rewriting. The lock is on the directory, not on kmsfs.conf, which is replaced by rename.
+# A mount holds an exclusive flock(2) on the ciphertext root directory for as long as it
+# serves, and so does an offline job that rewrites files (``kmsfs reencrypt``), without waiting.
+# So a job refuses a volume that is mounted, a mount refuses a volume a job is rewriting, and a
+# second mount of a mounted volume is refused: two daemons writing one file each keep their own
+# view of it (a block one rewrites, the other reads as EIO). The lock is on the directory, not
+# on kmsfs.conf, which is replaced by rename.
 
 
 def _lock(cipherdir: Path, how: int) -> int | None:
@@ -112,14 +114,16 @@ def _lock(cipherdir: Path, how: int) -> int | None:
 
 
 def lock_for_mount(cipherdir: Path) -> int:
-    """Shared lock for a mount's lifetime (close the fd to release). UsageError while an
-    offline job such as ``kmsfs reencrypt`` holds the volume."""
+    """Exclusive lock for a mount's lifetime (close the fd to release). UsageError while
+    another mount serves the volume or an offline job such as ``kmsfs reencrypt`` holds it."""
     import fcntl
 
-    fd = _lock(Path(cipherdir), fcntl.LOCK_SH)
+    fd = _lock(Path(cipherdir), fcntl.LOCK_EX)
     if fd is None:
+        mounts = mounted_from(cipherdir)
+        where = f"mounted on {mounts[0]}" if mounts else "mounted elsewhere, or being rewritten"
         raise UsageError(
-            f"{cipherdir}: busy: an offline job (kmsfs reencrypt) is rewriting this volume"
+            f"{cipherdir}: busy: {where} (one mount at a time; kmsfs reencrypt holds it too)"
         )
     return fd
 

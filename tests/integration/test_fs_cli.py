@@ -14,7 +14,7 @@ import pytest
 from kmsfs.errors import BadVersionError, FormatError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import daemon
-from tests.integration.fs_helpers import make_volume, sample_config
+from tests.integration.fs_helpers import Mount, make_volume, sample_config
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 
@@ -220,3 +220,21 @@ def test_a_mount_whose_daemon_died_is_named_and_can_be_unmounted(volume: Path, m
     mount._close()
     mount.start()  # and it mounts again
     assert mount.alive()
+
+
+def test_a_second_mount_of_a_mounted_volume_is_refused(  # type: ignore[no-untyped-def]
+    volume: Path, mounter, tmp_path: Path
+) -> None:
+    """Two daemons on one CIPHERDIR each keep their own view of a file: a block one of them
+    rewrites, the other read as EIO. One mount at a time; the first keeps serving."""
+    first = mounter(volume)
+    (first.mountpoint / "f").write_bytes(b"one")
+    second = Mount(volume, tmp_path / "second", tmp_path / "second.log")
+    try:
+        with pytest.raises(RuntimeError, match="busy"):
+            second.start()
+    finally:
+        second.stop()  # if it did mount, this test must not leave it behind
+    assert f"{volume}: busy: " in second.log()
+    assert not os.path.ismount(tmp_path / "second")
+    assert (first.mountpoint / "f").read_bytes() == b"one"
