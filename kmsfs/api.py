@@ -23,27 +23,39 @@ def export_domain_bundle(store_dir: Path, domain_name: str) -> bytes:
 
 
 def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
-    """What a bundle says, and whether it verifies against the store's pinned root."""
+    """What a bundle says, and whether it verifies against the store's pinned root.
+
+    ``domain_id`` is the bundle's own (a volume's config names it). The rest describes what a
+    mount of it uses: the store's newest generation of the Domain, when it descends from the
+    bundle (after a rewrap, the Trust and HSMs differ from the bundle's); ``generation`` is that
+    one's, ``bundle_generation`` the bundle's."""
     parsed = DomainBundle.from_bytes(bundle)
-    domain = parsed.domain.domain
-    trust = parsed.chain[-1].trust if parsed.chain else None
-    info: dict[str, Any] = {
+    info = _describe(parsed)
+    info["bundle_generation"] = info["generation"]
+    info["verified"], info["problem"] = False, None
+    try:
+        ctx = Context.at(store_dir)
+        newest = domains.newest_generation(ctx, parsed)
+        domains.verify_bundle(ctx, newest)
+        info.update(_describe(newest), domain_id=parsed.domain.id, verified=True)
+    except KmsfsError as exc:
+        info["problem"] = str(exc)
+    return info
+
+
+def _describe(bundle: DomainBundle) -> dict[str, Any]:
+    domain = bundle.domain.domain
+    trust = bundle.chain[-1].trust if bundle.chain else None
+    return {
         "name": domain.name,
         "domain_id": domain.id,
         "generation": domain.generation,
+        "epochs": len(domain.master_keys),
         "trust_id": domain.trust,
         "hsms": [{"id": h.id, "label": h.label} for h in trust.hsms] if trust else [],
         "operators": [m.name for m in trust.operators] if trust else [],
         "quorum": trust.quorum if trust else None,
-        "verified": False,
-        "problem": None,
     }
-    try:
-        domains.verify_bundle(Context.at(store_dir), parsed)
-        info["verified"] = True
-    except KmsfsError as exc:
-        info["problem"] = str(exc)
-    return info
 
 
 @contextlib.contextmanager

@@ -165,6 +165,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
+        # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
+        info["generation"] = desc.get("generation")
+        info["epochs"] = desc.get("epochs")
         info["trust_id"] = desc.get("trust_id")
         info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain
     except KmsfsError as exc:

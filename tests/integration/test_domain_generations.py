@@ -149,3 +149,17 @@ def test_an_old_volume_moves_to_the_newest_generation(revoked: Revoked, tmp_path
     newest = domains.newest_generation(ctx, old)
     assert newest.domain.domain.generation == 3
     assert newest.domain.domain.trust == revoked.new_trust
+
+
+def test_info_on_an_old_volume_describes_what_a_mount_uses(revoked: Revoked) -> None:
+    """``kmsfs info`` of a directory made before the rewrap listed the revoked HSM and the old
+    Trust: the copy in its kmsfs.conf, not the generation a mount of it would use."""
+    ctx = Context.at(revoked.admin.store)
+    first = domains._generations(ctx, "payroll")[0]
+    old = DomainBundle(first, tuple(trusts.chain_to(ctx, first.domain.trust)))
+    info = api.describe_bundle(revoked.admin.store, old.to_bytes())
+    assert info["verified"] is True and info["problem"] is None
+    assert (info["bundle_generation"], info["generation"], info["epochs"]) == (1, 3, 2)
+    assert info["trust_id"] == revoked.new_trust
+    assert [h["label"] for h in info["hsms"]] == ["hsm1", "hsm2"]
+    assert info["domain_id"] == first.id  # the id the volume's config names
