@@ -18,7 +18,6 @@ it was; it is a hint of which key to try, and a signature verifies under one key
 """
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
@@ -365,7 +364,10 @@ class AuditLog:
         failure is a warning: the log stays valid, its tail unsigned until the next one."""
         with self._lock:
             self._header()  # refuses a closed log
-            self._checkpoint_locked()
+            try:
+                self._checkpoint_locked()
+            except OSError as exc:  # a full disk: the log stays whole, its tail unsigned
+                log.warning("%s: checkpoint not written (%s)", self.path, exc.strerror or exc)
 
     def close(self) -> None:
         """A final checkpoint if any record is unsigned, then release the file. Idempotent."""
@@ -425,9 +427,9 @@ class AuditLog:
         body = canonical_bytes(check_record(record))  # never write what verify would refuse
         line = body + b"\n"
         try:
-            written = os.write(self._fd, line)
-            if written != len(line):
-                raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
+            view = memoryview(line)
+            while view:  # a short write is retried, so a full disk says ENOSPC, not "short"
+                view = view[os.write(self._fd, view) :]
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)

@@ -216,8 +216,9 @@ class Server:
         does not name gets one of MAX_STRANGERS slots for a single (refused, audited) request.
         So neither an unknown uid nor one noisy client can lock the others out.
         """
+        raw = conn  # tracked as long as it lives; after a handshake, conn is its TLS wrapper
         with self._lock:
-            self._connections.add(conn)
+            self._connections.add(raw)
         release: list[Callable[[], None]] = []
         try:
             if is_tls:
@@ -238,6 +239,7 @@ class Server:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._connections.discard(raw)
             with contextlib.suppress(OSError):
                 conn.close()
             for undo in release:

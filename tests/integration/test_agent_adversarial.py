@@ -679,3 +679,31 @@ def test_agent_refusal_keeps_its_error_class_on_the_client(kms: Kms) -> None:
     with fake_agent(respond) as agent, agent.client() as client, \
             pytest.raises(AgentRefusedError, match=r"^agent: client uid=1 "):
         client.call("health", {})
+
+
+def test_closed_tls_connections_are_all_forgotten(tmp_path: Path) -> None:
+    """The server tracked each TLS connection twice (the socket, then its TLS wrapper) and
+    forgot only the wrapper: one socket object kept per connection, for the agent's life."""
+    import ssl
+    import types
+
+    from kmsfs.agent.server import Server, TlsFiles, server_tls_context
+    from tests.integration.agent_helpers import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    agent_id, client_id = ca.issue("localhost", server=True), ca.issue("client")
+    tls = server_tls_context(TlsFiles(agent_id.cert, agent_id.key, ca.path))
+    policy = types.SimpleNamespace(client_name=lambda peer: None)  # a stranger: one request
+    server = Server(types.SimpleNamespace(policy=policy), [], tls)  # type: ignore[arg-type]
+    client_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_tls.load_verify_locations(cafile=ca.path)
+    client_tls.load_cert_chain(client_id.cert, client_id.key)
+    for _ in range(5):
+        ours, theirs = socket.socketpair()
+        serving = threading.Thread(target=server._serve, args=(theirs, True))
+        serving.start()
+        with client_tls.wrap_socket(ours, server_hostname="localhost"):
+            pass  # handshake, then close without a request
+        serving.join(10)
+        assert not serving.is_alive()
+    assert server._connections == set()

@@ -6,8 +6,10 @@ record, a forged, re-signed or stripped checkpoint, garbage, and a cut tail, whi
 alone cannot prove but which is reported as an unsigned tail, never as a fully signed log.
 """
 
+import errno
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -499,3 +501,30 @@ def test_cutting_bytes_out_is_reported_or_an_unsigned_tail(
         if not original.startswith(path.read_bytes()):
             assert report.unsigned_tail > 0
         assert report.records < len(lines(signed)) or report.unsigned_tail > 0
+
+
+def test_a_full_disk_at_an_idle_checkpoint_is_a_warning_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent calls checkpoint() every --audit-seconds; on a full disk it raised "short
+    write" and the agent exited. Now: a warning naming ENOSPC, the log still whole."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, sign, checkpoint_every=100)
+    for n in range(3):
+        event(log, n)
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        if len(data) > 20:
+            real_write(fd, bytes(data[:20]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with caplog.at_level(logging.WARNING, logger="kmsfs.agent.audit"):
+        log.checkpoint()
+    assert "checkpoint not written (No space left on device)" in caplog.text
+    monkeypatch.undo()
+    assert verify(path) == AuditReport(3, 0, None, 3, [])  # the torn checkpoint was cut off
+    log.close()  # space is back: the tail gets signed
+    assert verify(path) == AuditReport(4, 1, 3, 0, [])
