@@ -135,6 +135,9 @@ class Agent:
                 reason=printable(reason, MAX_REASON), detail=detail,
             )
 
+    #: Operations with lasting effects on the store: recorded before they start, too.
+    LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "seal-trust"})
+
     def _guarded(
         self,
         peer: Peer,
@@ -143,13 +146,30 @@ class Agent:
         action: Callable[[], dict[str, Any]],
         detail: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Policy check, then ``action``; the outcome goes to the audit log either way."""
+        """Policy check, then ``action``; the outcome goes to the audit log either way.
+
+        An operation that changes the store (LASTING_OPS) is recorded before it starts too, and
+        refused if that record cannot be written (a full disk): otherwise it would have happened
+        with no trace. A derivation's record comes after it, and if it cannot be written the keys
+        are not sent. A refusal stays a refusal (exit 9) even if its record cannot be written.
+        """
         try:
             rule = self.policy.check(peer, op, domain)
         except AgentRefusedError as exc:
-            self._record(peer, op, domain, False, str(exc), detail)
+            try:
+                self._record(peer, op, domain, False, str(exc), detail)
+            except OSError as audit_exc:
+                log.error("audit log: refusal not recorded (%s)", audit_exc.strerror or audit_exc)
             exc.audited = True  # type: ignore[attr-defined]
             raise
+        if op in self.LASTING_OPS:
+            try:
+                self._record(peer, op, domain, True, f"starting (client {rule!r})", detail)
+            except OSError as audit_exc:
+                why = audit_exc.strerror or str(audit_exc)
+                raise AgentRefusedError(
+                    f"{op} refused: the agent cannot write its audit log ({why}); nothing done"
+                ) from None
         try:
             result = action()
         except KmsfsError as exc:

@@ -151,3 +151,53 @@ def test_an_unknown_error_code_from_the_agent_is_a_plain_error() -> None:
 def test_every_error_answer_fits_in_a_frame() -> None:
     exc = AgentRefusedError("client uid=1 may not create-domain for Domain " + "é" * 2_000_000)
     assert len(protocol.frame(protocol.failed(1, exc))) <= protocol.MAX_FRAME + 4
+
+
+def _guarded_with_a_full_disk() -> tuple[object, list[str]]:
+    """An Agent's _guarded with this module's policy and an audit log that cannot be written."""
+    import errno
+    import types
+
+    from kmsfs.agent.service import Agent
+
+    acted: list[str] = []
+
+    def audit(**record: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    agent = types.SimpleNamespace(
+        policy=Policy.parse(POLICY, "policy.toml"), _audit=audit, LASTING_OPS=Agent.LASTING_OPS
+    )
+    agent._record = lambda *a, **k: Agent._record(agent, *a, **k)  # type: ignore[attr-defined]
+
+    def guarded(peer: Peer, op: str, domain: str | None) -> object:
+        def act() -> dict[str, object]:
+            acted.append(op)
+            return {"ok": True}
+
+        return Agent._guarded(agent, peer, op, domain, act)  # type: ignore[arg-type]
+
+    return guarded, acted
+
+
+def test_a_lasting_operation_is_refused_when_its_audit_record_cannot_be_written() -> None:
+    """It happened and went unrecorded (the client saw 'internal error'): a Domain created with
+    no trace. Now it is refused before anything is done."""
+    guarded, acted = _guarded_with_a_full_disk()
+    with pytest.raises(AgentRefusedError, match=r"create-domain refused: .*No space left.*"):
+        guarded(Peer(uid=0, user="root"), "create-domain", "payroll")  # type: ignore[operator]
+    assert acted == []
+
+
+def test_a_refusal_stays_a_refusal_when_it_cannot_be_recorded() -> None:
+    guarded, acted = _guarded_with_a_full_disk()
+    with pytest.raises(AgentRefusedError, match="not in the agent.s policy"):
+        guarded(Peer(uid=1003, user="mallory"), "derive", "payroll")  # type: ignore[operator]
+    assert acted == []
+
+
+def test_keys_are_not_sent_when_their_derivation_cannot_be_recorded() -> None:
+    guarded, acted = _guarded_with_a_full_disk()
+    with pytest.raises(OSError):
+        guarded(Peer(uid=1001), "derive", "payroll")  # type: ignore[operator]
+    assert acted == ["derive"]  # derived inside the HSM, but the result never leaves
