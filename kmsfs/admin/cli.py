@@ -356,7 +356,11 @@ def _awaits(status: trusts.TrustStatus, name: str) -> bool:
 
 
 def _pin_options(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--pin-file", metavar="F", help=f"read the {what} from file F (first line)")
+    parser.add_argument(
+        "--pin-file",
+        metavar="F",
+        help=f"read the {what} from file F (all of it, less a final newline)",
+    )
     parser.add_argument(
         "--pin-env", metavar="VAR", help=f"read the {what} from environment variable VAR"
     )

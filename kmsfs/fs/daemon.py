@@ -94,6 +94,7 @@ def mount_options(extra: Iterable[str]) -> set[str]:
         for opt in filter(None, (o.strip() for o in item.split(","))):
             if opt not in ALLOWED_OPTIONS and not opt.startswith(ALLOWED_PREFIXES):
                 raise UsageError(f"unsupported mount option {opt!r}")
+            _check_value(opt)
             if opt.startswith(("fsname=", "subtype=")):
                 key = opt.split("=", 1)[0] + "="
                 opts = {o for o in opts if not o.startswith(key)}
@@ -104,6 +105,16 @@ def mount_options(extra: Iterable[str]) -> set[str]:
     if "allow_other" in opts:
         opts.add(DEFAULT_PERMISSIONS)
     return opts
+
+
+def _check_value(opt: str) -> None:
+    """A value libfuse would refuse only after the fork and the HSM unwrap, as two lines and
+    exit 1 ("fuse: invalid parameter", "fuse_session_new() failed"): refused here, as usage."""
+    key, _, value = opt.partition("=")
+    if key in ("fsname", "subtype") and (not value or "," in value):
+        raise UsageError(f"mount option {key}= needs a value")
+    if key == "max_read" and not (value.isdigit() and 4096 <= int(value) <= 2**31):
+        raise UsageError(f"mount option max_read={value}: want a byte count of 4096 or more")
 
 
 def setup_logging(foreground: bool, debug: bool = False, log_file: Path | None = None) -> None:

@@ -26,6 +26,8 @@ def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
         if any(cipherdir.iterdir()):
             raise UsageError(f"{cipherdir}: not empty (a new volume needs an empty directory)")
     else:
+        if not cipherdir.absolute().parent.is_dir():
+            raise UsageError(f"{cipherdir.absolute().parent}: no such directory (create it first)")
         cipherdir.mkdir(mode=0o700, parents=False)
     write_dir_iv(os.fsencode(cipherdir))
     volconfig.save(cipherdir, config)

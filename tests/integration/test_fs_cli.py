@@ -238,3 +238,14 @@ def test_a_second_mount_of_a_mounted_volume_is_refused(  # type: ignore[no-untyp
     assert f"{volume}: busy: " in second.log()
     assert not os.path.ismount(tmp_path / "second")
     assert (first.mountpoint / "f").read_bytes() == b"one"
+
+
+def test_init_names_a_missing_parent_and_makes_nothing(tmp_path: Path) -> None:
+    """It said "No such file or directory: /srv/cipher/payroll", naming the wrong path."""
+    from kmsfs.errors import UsageError
+    from kmsfs.fs.volume import create_volume
+
+    with pytest.raises(UsageError) as info:
+        create_volume(tmp_path / "nope" / "payroll", sample_config())
+    assert str(info.value) == f"{tmp_path / 'nope'}: no such directory (create it first)"
+    assert os.listdir(tmp_path) == []

@@ -191,7 +191,7 @@ def test_a_lasting_operation_is_refused_when_its_audit_record_cannot_be_written(
 
 def test_a_refusal_stays_a_refusal_when_it_cannot_be_recorded() -> None:
     guarded, acted = _guarded_with_a_full_disk()
-    with pytest.raises(AgentRefusedError, match="not in the agent.s policy"):
+    with pytest.raises(AgentRefusedError, match=r"not in the agent's policy"):
         guarded(Peer(uid=1003, user="mallory"), "derive", "payroll")  # type: ignore[operator]
     assert acted == []
 
