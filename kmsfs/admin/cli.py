@@ -21,7 +21,7 @@ from kmsfs.cliutil import (
     setup_logging,
 )
 from kmsfs.completion import bash_script
-from kmsfs.errors import HsmError, UsageError
+from kmsfs.errors import HsmError, StoreError, UsageError
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
 from kmsfs.model.fields import HEX_ID
 from kmsfs.service import domains, hsms, operators, store_init, trusts
@@ -55,6 +55,16 @@ class Command:
         self.args = args
         self.json = args.json
         self.ctx = Context.at(args.store)
+        if args.handler != "init" and not getattr(args, "agent", None) and not (
+            self.ctx.store.exists()
+        ):
+            # Before anything is written: `operator create` on a mistyped --store made half a
+            # store there (operators/, private/) and exited 0; a listing printed an empty table.
+            # (With --agent, the agent's store is the one that counts.)
+            raise StoreError(
+                f"{self.ctx.store.root} is not a kmsfs store (no store.json): check --store "
+                "or KMSFS_STORE, or make one with kmsfs-admin init"
+            )
         if getattr(args, "agent", None) and args.handler in LOCAL_HSM_COMMANDS:
             raise UsageError(
                 "--agent: this command makes HSMs on this host; run it on the agent's host "

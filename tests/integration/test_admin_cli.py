@@ -519,3 +519,18 @@ def test_an_enrolled_hsm_can_take_its_pin_from_a_systemd_credential(
     assert "LoadCredential" in one_error_line(without)
     initialized("trust", "seal", trust, env=service)
     initialized("domain", "create", "d", "--trust", trust, env=service)
+
+
+def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A mistyped --store: `operator create` made half a store there and exited 0, and the
+    listings printed empty tables."""
+    admin = Admin.under(tmp_path, store="typo")
+    for args in (
+        ("operator", "create", "x", "--pin-file", admin.pin_file("x")),
+        ("hsm", "create", "--label", "h"),
+        ("trust", "list"),
+        ("domain", "list"),
+    ):
+        line = one_error_line(admin(*args, check=6))
+        assert "is not a kmsfs store (no store.json)" in line, args
+    assert not (tmp_path / "typo").exists()
