@@ -40,6 +40,7 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
         info.update(_describe(newest), domain_id=parsed.domain.id, verified=True)
     except KmsfsError as exc:
         info["problem"] = str(exc)
+        info["problem_class"] = type(exc).__name__  # so callers keep its exit code
     return info
 
 

@@ -101,7 +101,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     except FormatError as exc:  # the config's bundle itself is malformed: name the file
         raise type(exc)(f"{Path(args.cipherdir) / CONFIG_NAME}: domain_bundle: {exc}") from None
     if not desc.get("verified"):
-        raise IntegrityError(
+        raise kms.problem_error(desc)(
             f"{args.cipherdir}: Domain {config.domain_name} does not verify: {desc.get('problem')}"
         )
     if kms.domain_id_of(desc) != config.domain_id:

@@ -46,6 +46,17 @@ def describe(store: Path, bundle: bytes) -> dict[str, Any]:
     return dict(_api().describe_bundle(store, bundle))
 
 
+def problem_error(desc: dict[str, Any]) -> type[KmsfsError]:
+    """The error class a describe() result's problem came as (IntegrityError if unknown), so
+    a missing store still exits 6 and a malformed one 7, not 3 ("verification failed")."""
+    from kmsfs import errors
+
+    found = getattr(errors, str(desc.get("problem_class")), None)
+    if isinstance(found, type) and issubclass(found, KmsfsError):
+        return found
+    return IntegrityError
+
+
 def domain_id_of(desc: dict[str, Any]) -> str:
     """The Domain id in a describe() result, whatever spelling the API settles on."""
     for key in ("domain_id", "domain id", "id"):
@@ -121,7 +132,7 @@ def check_bundle(
         raise type(exc)(f"{where}: {exc}") from None
     name = desc.get("name") or "?"
     if not desc.get("verified"):
-        raise IntegrityError(
+        raise problem_error(desc)(
             f"{where}: Domain {name} does not verify against store {store}: {desc.get('problem')}"
         )
     domain_id = domain_id_of(desc)

@@ -158,6 +158,10 @@ def test_refused_mounts_exit_with_their_codes(tmp_path: Path, initialized) -> No
     other = Admin.under(tmp_path / "other")
     other("init", "--hsms", "1")
     assert refused("--store", str(other.store))[0] == 3  # verification failed
+    code, line = refused("--store", str(tmp_path / "typo"))  # was 3 too: a script could not
+    assert code == 6 and "no store.json" in line  # tell an attack from a typo
+    fsck = kmsfs("fsck", str(cipher), "--store", str(tmp_path / "typo"))
+    assert fsck.returncode == 6, fsck.stderr
 
     tokens = [token_dir(store, label) for label in ("hsm1", "hsm2")]
     away = tmp_path / "away"
