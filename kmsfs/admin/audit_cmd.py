@@ -80,19 +80,9 @@ def run(cmd: "Command") -> int | None:
 
 
 def _trusted_keys(ctx: "Context") -> dict[str, Any]:
-    """Signing keys of the HSMs of every Trust whose chain verifies from the store's pinned
-    root. Not every record in ``hsms/``: a record is only self-signed, so anyone who can write
-    the store could add one with a key of their own and re-sign a rewritten log with it."""
+    """Signing keys of the HSMs of the Trusts that verify (``trusts.trusted_hsms``)."""
     ctx.store.anchor()  # "not a kmsfs store" is clearer than "every checkpoint by an unknown HSM"
-    keys: dict[str, Any] = {}
-    for trust_id in ctx.store.trust_ids():
-        try:
-            chain = trusts.verified_chain(ctx, trust_id)
-        except KmsfsError:
-            continue  # a proposal not sealed yet, or a Trust that does not verify
-        for hsm in chain[-1].trust.hsms:
-            keys[hsm.id] = hsm.sign_key
-    return keys
+    return {i: hsm.sign_key for i, hsm in trusts.trusted_hsms(ctx).items()}
 
 
 def verify(cmd: "Command") -> int:

@@ -274,7 +274,10 @@ class AuditLog:
         *,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
+        keys: Mapping[str, PublicKey] | None = None,
     ) -> None:
+        """*keys*: the store's HSM signing keys, to check the checkpoints already in the log
+        before extending it (without them, only the chain and the form are checked)."""
         if checkpoint_every < 1 or not checkpoint_seconds > 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_seconds > 0")
         self.path = Path(path)
@@ -282,6 +285,7 @@ class AuditLog:
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._lock = threading.Lock()
+        self._keys = keys
         self._fd = self._open()
         try:
             walk = self._scan()
@@ -293,6 +297,27 @@ class AuditLog:
         self._unsigned = walk.unsigned_tail  # records after the last checkpoint
         self._pending = walk.unsigned_tail  # records since the last checkpoint attempt
         self._last_attempt = _clock()
+        if walk.unsigned_tail and signer is not None:
+            self._note_adopted(walk)
+
+    def _note_adopted(self, walk: _Walk) -> None:
+        """Say, in the record the next checkpoint signs, that the records after the last
+        checkpoint were found unsigned, not written by this process. After a crash that is
+        expected; after a change to the file (records removed, the chain rebuilt, checkpoints
+        stripped) it is the only trace, and without it the next checkpoint would vouch for
+        the change as if this agent had written it."""
+        first = walk.next_seq - walk.unsigned_tail
+        self.append(
+            who="kmsfs-hsmd",
+            op="start",
+            domain=None,
+            allowed=True,
+            reason=(
+                f"{walk.unsigned_tail} record(s) before this one (seq {first} to "
+                f"{walk.next_seq - 1}) were not signed when the agent started: a crash, or a "
+                "change to the file"
+            ),
+        )
 
     def _open(self) -> int:
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
@@ -319,7 +344,7 @@ class AuditLog:
         than extend a broken log, since every later checkpoint would vouch for the damage."""
         with os.fdopen(os.dup(self._fd), "rb") as handle:  # the dup shares the flock
             handle.seek(0)
-            walk = _Walk(None).walk(handle)
+            walk = _Walk(self._keys).walk(handle)
         if walk.problems:
             more = f" (and {len(walk.problems) - 1} more)" if len(walk.problems) > 1 else ""
             raise IntegrityError(

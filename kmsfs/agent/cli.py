@@ -34,6 +34,7 @@ from kmsfs.agent.service import Agent
 from kmsfs.cliutil import Parser, run
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
+from kmsfs.service import trusts
 from kmsfs.service.context import Context, default_store_path, open_hsm
 
 PROG = "kmsfs-hsmd"
@@ -133,11 +134,12 @@ def _setup_logging(log_file: Path | None, verbose: bool) -> None:
 
 
 def hsm_signer(store: Path) -> Callable[[bytes], tuple[str, bytes]]:
-    """Sign audit checkpoints with the first HSM of the agent's store that answers."""
+    """Sign audit checkpoints with the first HSM that answers among those of the store's
+    Trusts that verify (``audit verify`` accepts no other signer)."""
     ctx = Context.at(store)
 
     def sign(message: bytes) -> tuple[str, bytes]:
-        records = [ctx.store.hsm(i) for i in sorted(ctx.store.hsm_ids())]
+        records = sorted(trusts.trusted_hsms(ctx).values(), key=lambda r: r.id)
         with open_hsm(ctx, records) as hsm:
             return hsm.record.id, hsm.sign(message)
 
@@ -167,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
         hsm_signer(store),
         checkpoint_every=args.audit_every,
         checkpoint_seconds=args.audit_seconds,
+        keys={i: hsm.sign_key for i, hsm in trusts.trusted_hsms(ctx).items()},
     )
     agent = Agent(store, policy, audit.append)
     tls_fds: set[int] = set()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kmsfs.errors import ChainError, IntegrityError, NotFoundError, UsageError
+from kmsfs.errors import ChainError, IntegrityError, KmsfsError, NotFoundError, UsageError
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord
@@ -64,6 +64,22 @@ def verified_chain(ctx: Context, trust_id: str) -> list[SealedTrust]:
     chain = chain_to(ctx, trust_id)
     verify_chain(chain, ctx.store.anchor())
     return chain
+
+
+def trusted_hsms(ctx: Context) -> dict[str, HsmRecord]:
+    """The HSMs of every Trust in the store whose chain verifies from its pinned root, by id.
+
+    Not every record in ``hsms/``: a record is only self-signed, so whoever can write the store
+    can add one. What signs or verifies on the store's behalf (audit checkpoints) uses these."""
+    found: dict[str, HsmRecord] = {}
+    for trust_id in ctx.store.trust_ids():
+        try:
+            chain = verified_chain(ctx, trust_id)
+        except KmsfsError:
+            continue  # a proposal not sealed yet, or a Trust that does not verify
+        for hsm in chain[-1].trust.hsms:
+            found[hsm.id] = hsm
+    return found
 
 
 def propose(

@@ -153,7 +153,11 @@ def test_reopen_of_an_unsigned_tail_signs_it_at_close(tmp_path: Path) -> None:
         event(log, 2)
     assert verify(path) == AuditReport(2, 0, None, 2, [])
     AuditLog(path, sign).close()
-    assert verify(path) == AuditReport(3, 1, 2, 0, [])
+    # a note that two records were found unsigned, then the checkpoint that covers all three
+    assert verify(path) == AuditReport(4, 1, 3, 0, [])
+    note = records(path)[2]
+    assert (note["who"], note["op"]) == ("kmsfs-hsmd", "start")
+    assert note["reason"].startswith("2 record(s) before this one (seq 0 to 1) were not signed")
 
 
 def test_a_second_writer_is_refused(tmp_path: Path) -> None:
@@ -230,9 +234,9 @@ def test_signer_failure_keeps_the_log_valid(
     assert [r["type"] for r in records(path)] == ["event"] * 5
     assert verify(path) == AuditReport(5, 0, None, 5, [])
     assert "checkpoint not signed" in caplog.text and "token absent" in caplog.text
-    with AuditLog(path, sign) as log:  # the HSM is back: the tail gets signed
+    with AuditLog(path, sign) as log:  # the HSM is back: the tail gets signed, with a note
         event(log, 5)
-    assert verify(path) == AuditReport(7, 1, 6, 0, [])
+    assert verify(path) == AuditReport(8, 1, 7, 0, [])
 
 
 def test_a_signer_returning_nonsense_appends_nothing(
@@ -528,3 +532,34 @@ def test_a_full_disk_at_an_idle_checkpoint_is_a_warning_not_a_crash(
     assert verify(path) == AuditReport(3, 0, None, 3, [])  # the torn checkpoint was cut off
     log.close()  # space is back: the tail gets signed
     assert verify(path) == AuditReport(4, 1, 3, 0, [])
+
+
+def test_a_rewritten_log_is_not_extended_or_is_signed_with_a_note(signed: Path) -> None:
+    """Someone who can edit the log while the agent is stopped removes a refusal and rebuilds
+    the chain. Keeping the old checkpoints, their signatures no longer hold: the agent, which
+    now checks them with the store's keys, refuses to start on it. Stripping the checkpoints
+    too, nothing is left to check: the agent starts, but its first checkpoint signs a record
+    saying how many records it found unsigned, so the change cannot pass as its own."""
+    recs = records(signed)
+    refused = next(i for i, r in enumerate(recs) if r.get("decision") == "refused")
+    kept = recs[:refused] + recs[refused + 1 :]
+    prev, relinked = audit.GENESIS_PREV, []
+    for seq, rec in enumerate(kept):
+        rec = {**rec, "seq": seq, "prev": prev}
+        relinked.append(rec)
+        prev = line_hash(canonical_bytes(rec))
+    write(signed, relinked)
+    with pytest.raises(IntegrityError, match="refusing to extend a damaged audit log"):
+        AuditLog(signed, sign, keys=STORE)
+
+    events = [r for r in kept if r["type"] == "event"]
+    prev, stripped = audit.GENESIS_PREV, []
+    for seq, rec in enumerate(events):
+        rec = {**rec, "seq": seq, "prev": prev}
+        stripped.append(rec)
+        prev = line_hash(canonical_bytes(rec))
+    write(signed, stripped)
+    AuditLog(signed, sign, keys=STORE).close()
+    after = records(signed)
+    assert verify(signed).ok and after[-1]["type"] == "checkpoint"
+    assert after[-2]["reason"].startswith(f"{len(events)} record(s) before this one")
