@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256  # connections of peers the policy names
 MAX_PER_PEER = 64  # ... of which one identity (uid, certificate) may hold
 MAX_STRANGERS = 16  # connections of peers it does not name: one refused request each
-MAX_HANDSHAKES = 32  # TLS handshakes in progress (the peer is not known before)
+MAX_HANDSHAKES = 64  # TLS handshakes in progress (the peer is not known before)
+#: ... of which one source address may hold: a peer that opens idle connections from one
+#: address cannot take every handshake slot (from many addresses, only a firewall helps).
+MAX_HANDSHAKES_PER_ADDRESS = 4
 BODY_TIMEOUT = 30.0  # seconds to receive a whole frame once its header began (no slow-loris)
 IDLE_TIMEOUT = 600.0  # seconds a connection may wait between requests (clients reconnect)
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 3.0  # a TLS 1.3 handshake is one round trip and two signatures
 _UCRED = struct.Struct("iII")  # pid, uid, gid (uid_t and gid_t are unsigned)
 ACCEPT_POLL = 0.5  # seconds: how often an accept loop looks at the stop flag
 
@@ -154,6 +157,7 @@ class Server:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._strangers = threading.BoundedSemaphore(MAX_STRANGERS)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._handshakes_from: dict[str, int] = {}  # source address -> handshakes in progress
         self._per_peer: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._connections: set[socket.socket] = set()
@@ -247,13 +251,28 @@ class Server:
 
     def _handshake(self, conn: socket.socket) -> socket.socket:
         assert self._tls is not None
-        if not self._handshakes.acquire(blocking=False):
-            raise ConnectionError(f"{MAX_HANDSHAKES} TLS handshakes in progress, refused")
+        address = _source_address(conn)
+        with self._lock:
+            if self._handshakes_from.get(address, 0) >= MAX_HANDSHAKES_PER_ADDRESS:
+                log.warning("refusing a TLS connection from %s: handshakes in progress", address)
+                raise ConnectionError(f"{address}: too many TLS handshakes in progress")
+            self._handshakes_from[address] = self._handshakes_from.get(address, 0) + 1
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            tls_conn = self._tls.wrap_socket(conn, server_side=True)
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("refusing a TLS connection: %d handshakes in progress", MAX_HANDSHAKES)
+                raise ConnectionError(f"{MAX_HANDSHAKES} TLS handshakes in progress, refused")
+            try:
+                conn.settimeout(HANDSHAKE_TIMEOUT)
+                tls_conn = self._tls.wrap_socket(conn, server_side=True)
+            finally:
+                self._handshakes.release()
         finally:
-            self._handshakes.release()
+            with self._lock:
+                left = self._handshakes_from[address] - 1
+                if left:
+                    self._handshakes_from[address] = left
+                else:
+                    del self._handshakes_from[address]
         with self._lock:
             self._connections.add(tls_conn)
         return tls_conn
@@ -352,3 +371,12 @@ def is_tcp(sock: socket.socket) -> bool:
 
 
 StopHook = Callable[[], None]
+
+
+def _source_address(conn: socket.socket) -> str:
+    """The peer's IP address (without the port), or the socket family's name if it has none."""
+    try:
+        peer = conn.getpeername()
+    except OSError:
+        return "unknown"
+    return str(peer[0]) if isinstance(peer, tuple) else "local"

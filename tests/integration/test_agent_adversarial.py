@@ -707,3 +707,46 @@ def test_closed_tls_connections_are_all_forgotten(tmp_path: Path) -> None:
         serving.join(10)
         assert not serving.is_alive()
     assert server._connections == set()
+
+
+def test_idle_connections_from_one_address_do_not_lock_tls_clients_out(tmp_path: Path) -> None:
+    """About 32 idle TCP connections from anywhere took every handshake slot, for 10 s each,
+    again and again: no TLS client got in. Now one address holds at most a few."""
+    import ssl
+    import types
+
+    from kmsfs.agent import server as server_module
+    from kmsfs.agent.server import Server, TlsFiles, server_tls_context, tcp_listener
+    from tests.integration.agent_helpers import TestCA, free_port
+
+    ca = TestCA(tmp_path / "ca")
+    agent_id, client_id = ca.issue("localhost", server=True), ca.issue("client")
+    tls = server_tls_context(TlsFiles(agent_id.cert, agent_id.key, ca.path))
+    port = free_port()
+    listener = tcp_listener("127.0.0.1", port)
+    policy = types.SimpleNamespace(client_name=lambda peer: None)
+    server = Server(
+        types.SimpleNamespace(policy=policy),  # type: ignore[arg-type]
+        [listener],
+        tls,
+        frozenset({listener.fileno()}),
+    )
+    server.start()
+    idle = []
+    try:
+        for _ in range(server_module.MAX_HANDSHAKES + 10):  # all from 127.0.0.2
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", port))
+            idle.append(sock)
+        time.sleep(0.5)  # every one accepted and waiting in its handshake, or refused
+        client_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_tls.load_verify_locations(cafile=ca.path)
+        client_tls.load_cert_chain(client_id.cert, client_id.key)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with client_tls.wrap_socket(raw, server_hostname="localhost") as conn:
+            assert conn.version() == "TLSv1.3"  # the handshake went through
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
