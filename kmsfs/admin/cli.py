@@ -46,6 +46,8 @@ example, a key ceremony from nothing to a Domain:
 # Commands that create or enroll HSM tokens in the local store; with --agent that would be a
 # mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
 LOCAL_HSM_COMMANDS = frozenset({"init", "hsm_create", "hsm_enroll"})
+# Commands that need no store: the one that makes it, and shell completion.
+NO_STORE_COMMANDS = frozenset({"init", "completion"})
 
 
 class Command:
@@ -55,7 +57,7 @@ class Command:
         self.args = args
         self.json = args.json
         self.ctx = Context.at(args.store)
-        if args.handler != "init" and not getattr(args, "agent", None) and not (
+        if args.handler not in NO_STORE_COMMANDS and not getattr(args, "agent", None) and not (
             self.ctx.store.exists()
         ):
             # Before anything is written: `operator create` on a mistyped --store made half a
