@@ -30,7 +30,7 @@ from kmsfs.crypto.symlinks import (
     is_longlink,
 )
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
-from kmsfs.errors import IntegrityError
+from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import dirs, journal
 from kmsfs.fs.files import ContentKeys
@@ -368,6 +368,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         old_path, new_path = old_dir + b"/" + old_c, new_dir + b"/" + new_c
         if flags & pyfuse3.RENAME_EXCHANGE:
             renameat2(old_path, new_path, flags)
+            self.files.exchanged(old_path, new_path)
             self.table.exchange(
                 (parent_inode_old, old_c), name_old, (parent_inode_new, new_c), name_new
             )
@@ -411,6 +412,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             hidden = dirs.hide(old_path)  # the replaced directory, now under the old name
         if hidden is not None:
             dirs.remove_hidden(hidden, leftovers)
+        self.files.moved(old_path, new_path)
         remove_sidecar(old_dir, old_c)
         self._drop_longlink(held)
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
@@ -466,6 +468,11 @@ def _open_journal(root: bytes, keys: ContentKeys) -> WriteJournal | None:
         journal.replay(root, keys.cipher)
         return WriteJournal(root)
     except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ELOOP, errno.EISDIR):  # a FIFO, a link, a dir
+            where = os.fsdecode(root + b"/" + journal.JOURNAL_NAME.encode())
+            raise KmsfsError(
+                f"{where}: {exc.strerror}, not kmsfs's write journal: move it away"
+            ) from None
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         log.warning("write journal: %s; overwrites are not protected on this mount", exc.strerror)

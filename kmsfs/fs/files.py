@@ -231,9 +231,18 @@ class FileContent:
         self._header = b""  # the on-disk bytes of the header self._cipher was made from
         self._header_matches = False  # checked against block 0 (or made here) before writing
         self._journal = journal
-        # Where it was opened, as journal records name it (a rename makes it stale: a replay
-        # then finds another header there, or nothing, and leaves that record alone).
+        # Where it is, as journal records name it: kept current by :meth:`moved` (a replay that
+        # finds another header at a record's path leaves that record alone).
+        self._path = path
         self._journal_path = journal.relative(path) if journal is not None else b""
+
+    def moved(self, old: bytes, new: bytes) -> None:
+        """Ciphertext path *old* is now *new*: the file or a directory above it was renamed."""
+        path = self._path
+        if path == old or path.startswith(old + b"/"):
+            self._path = new + path[len(old) :]
+            if self._journal is not None:
+                self._journal_path = self._journal.relative(self._path)
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:

@@ -104,6 +104,19 @@ class OpenFiles:
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
 
+    def moved(self, old: bytes, new: bytes) -> None:
+        """A rename: open files at or under ciphertext path *old* are now under *new*, and
+        their journal records must say so (a record naming the old path is not replayed)."""
+        for of in self._by_ino.values():
+            of.content.moved(old, new)
+
+    def exchanged(self, a: bytes, b: bytes) -> None:
+        """RENAME_EXCHANGE of ciphertext paths *a* and *b*."""
+        parked = a + b"\0"  # no path holds a NUL
+        self.moved(a, parked)
+        self.moved(b, a)
+        self.moved(parked, b)
+
     def get_file(self, ino: int) -> OpenFile | None:
         return self._by_ino.get(ino)
 

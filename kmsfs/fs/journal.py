@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import stat
 import struct
@@ -54,9 +53,6 @@ _STATE_AT = 4  # offset of the state byte in a record
 _CRC = struct.Struct(">I")
 #: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
 MAX_BODY = 2 * 1024 * 1024
-#: How much of the journal is allocated and mapped: the records of the writes in flight at once
-#: (usually one, of a few KiB; up to 9 of 1 MiB). Records past it are written, not mapped.
-MAPPED_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,30 +116,18 @@ class WriteJournal:
         self.root = root
         self._fd = os.open(
             root + b"/" + JOURNAL_NAME.encode(),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
             0o600,
         )
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, "not a regular file")
         self._lock = threading.Lock()
         self._pos = 0
         self._sequence = 1
         self._in_flight = 0
-        self._map = self._map_allocated()
-
-    def _map_allocated(self) -> mmap.mmap | None:
-        """The first MAPPED_BYTES of the journal, allocated, mapped shared: a record costs a
-        copy into the page cache instead of two system calls (a third of an overwrite's time
-        otherwise). Allocated first, so no store into the map can meet a full disk (SIGBUS).
-        None where that cannot be had; records then go by pwritev."""
-        try:
-            os.posix_fallocate(self._fd, 0, MAPPED_BYTES)
-            return mmap.mmap(self._fd, MAPPED_BYTES)
-        except OSError as exc:
-            log.info("write journal: not mapped (%s); records are written", exc.strerror)
-            return None
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
         os.close(self._fd)
 
     def relative(self, path: bytes) -> bytes:
@@ -155,23 +139,21 @@ class WriteJournal:
     ) -> int | None:
         """Record a write of *data* at ciphertext *offset* of the file *relative* (to the root)
         before it is made; returns the record's position for :meth:`done`, or None if it could
-        not be written (a full disk: the write goes ahead unprotected, as before)."""
+        not be written (a full disk: the write goes ahead unprotected, as before).
+
+        One pwritev, not a store into a mapping of the file (three times cheaper): a mapped
+        store that meets a full disk (btrfs allocates on write even after fallocate) or a
+        journal truncated by someone else kills the daemon with SIGBUS; a write fails."""
         with self._lock:
             head, data, crc = _pieces(self._sequence, relative, header, offset, data)
             at = self._pos
             size = len(head) + len(data) + len(crc)
-            if self._map is not None and at + size <= MAPPED_BYTES:
-                mapped = self._map
-                mapped[at : at + len(head)] = head
-                mapped[at + len(head) : at + size - len(crc)] = data
-                mapped[at + size - len(crc) : at + size] = crc
-            else:  # past the mapped part: many writes in flight at once, or no map
-                try:
-                    if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
-                        _pwrite_fully(self._fd, head + bytes(data) + crc, at)
-                except OSError as exc:
-                    log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
-                    return None
+            try:
+                if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
+                    _pwrite_fully(self._fd, head + bytes(data) + crc, at)
+            except OSError as exc:
+                log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
+                return None
             self._sequence += 1
             self._pos = at + size
             self._in_flight += 1
@@ -183,13 +165,10 @@ class WriteJournal:
         if at is None:
             return
         with self._lock:
-            if self._map is not None and at < MAPPED_BYTES:
-                self._map[at + _STATE_AT] = DONE
-            else:
-                try:
-                    os.pwrite(self._fd, bytes([DONE]), at + _STATE_AT)
-                except OSError as exc:  # never seen: the byte is already allocated
-                    log.warning("write journal: cannot mark a record done (%s)", exc.strerror)
+            try:
+                os.pwrite(self._fd, bytes([DONE]), at + _STATE_AT)
+            except OSError as exc:  # never seen: the byte is already allocated
+                log.warning("write journal: cannot mark a record done (%s)", exc.strerror)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._pos = 0
@@ -277,7 +256,12 @@ def _authentic(cipher: ContentCipher, number: int, block: bytes) -> bool:
 
 
 def _read_regular(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise
+        raise type(exc)(exc.errno, exc.strerror) from None  # the caller names the file
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")

@@ -7,6 +7,8 @@ and the serving record's id.
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,36 @@ def test_errors_are_one_line(kms: Admin, tmp_path: Path, log: Path) -> None:
 @pytest.mark.parametrize("action", ["verify", "show"])
 def test_help_has_an_example(kms: Admin, action: str) -> None:
     assert "example:\n  kmsfs-admin" in kms("audit", action, "--help").stdout
+
+
+def test_the_agent_signs_checkpoints_only_with_hsms_of_trusts_that_verify(
+    tmp_path: Path,
+) -> None:
+    """hsm3 is made, with its token on this host, but in no Trust: audit verify would refuse
+    its checkpoints, so the agent must not sign with it, even with the others away. (In a
+    process of its own: one process serves one store's SoftHSM configuration.)"""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    admin("hsm", "create", "--label", "hsm3")
+    ctx = Context.at(admin.store)
+    labels = {ctx.store.hsm(i).label: i for i in ctx.store.hsm_ids()}
+
+    def signer_says() -> str:
+        script = (
+            "import sys\n"
+            "from kmsfs.agent.cli import hsm_signer\n"
+            "try:\n"
+            "    print(hsm_signer(sys.argv[1])(b'checkpoint')[0])\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script, str(admin.store)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        return proc.stdout.strip()
+
+    assert signer_says() in (labels["hsm1"], labels["hsm2"])
+    for label in ("hsm1", "hsm2"):  # both genesis HSMs away
+        access = admin.store / "private" / "hsm-access" / f"{labels[label]}.json"
+        doc = json.loads(access.read_text())
+        access.write_text(json.dumps({**doc, "token_label": f"{label}-unplugged"}))
+    assert signer_says() == "HsmUnavailableError"

@@ -163,3 +163,27 @@ def test_info_on_an_old_volume_describes_what_a_mount_uses(revoked: Revoked) -> 
     assert info["trust_id"] == revoked.new_trust
     assert [h["label"] for h in info["hsms"]] == ["hsm1", "hsm2"]
     assert info["domain_id"] == first.id  # the id the volume's config names
+
+
+def test_a_generation_that_drops_an_epoch_is_refused(revoked: Revoked) -> None:
+    """Sealed by an HSM of the current Trust, but without epoch 2: files of that epoch would
+    become unreadable to every mount."""
+    ctx = Context.at(revoked.admin.store)
+    newest = domains.current(ctx, "payroll")
+    t2 = ctx.store.trust(revoked.new_trust)
+    hsm1 = next(h for h in t2.hsms if h.label == "hsm1")
+    previous = newest.sealed.domain
+    dropped = Domain(
+        name="payroll",
+        generation=previous.generation + 1,
+        previous=previous.id,
+        trust=t2.id,
+        wrapped_k=previous.wrapped_k,
+        master_keys=previous.master_keys[:1],
+        created=utc_now(),
+    )
+    with open_hsm(ctx, [hsm1]) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_DOMAIN, dropped.signed_bytes()))
+    ctx.store.save_domain(SealedDomain(dropped, Signature(dropped.id, hsm1.id, value)))
+    with pytest.raises(ChainError, match="drops mk epochs of generation 3"):
+        domains.current(ctx, "payroll")

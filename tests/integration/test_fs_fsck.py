@@ -227,3 +227,22 @@ def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # 
         "block": 3, "offset": 3 * BS, "detail": "fails authentication"}]
     proc = kmsfs(store, "fsck", str(cipher), check=exitcodes.DAMAGED)
     assert b"damaged: /a/file: block 3 (plaintext offset 12288) fails authentication" in proc.stdout
+
+
+def test_a_write_cut_short_by_a_killed_daemon_is_reported(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A live journal record: fsck says so (and changes nothing); the next mount repairs."""
+    from kmsfs.fs.journal import JOURNAL_NAME, WriteJournal
+
+    mount = mounter(volume)
+    (mount.mountpoint / "f").write_bytes(os.urandom(3 * BS))
+    mount.stop()
+    path = cipher_path(volume, "f")
+    header = path.read_bytes()[:18]
+    log = WriteJournal(os.fsencode(volume))
+    log.begin(log.relative(os.fsencode(path)), header, cipher_offset(1), bytes(100))
+    log.close()  # never marked done: the daemon died
+    before = (volume / JOURNAL_NAME).read_bytes()
+    report = check_tree(volume, SoftDeriver())
+    assert [w.kind for w in report.warnings] == ["interrupted-write"]
+    assert "1 write(s) cut short by a killed daemon" in report.warnings[0].detail
+    assert (volume / JOURNAL_NAME).read_bytes() == before

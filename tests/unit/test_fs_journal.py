@@ -195,19 +195,40 @@ def test_parse_stops_at_a_cut_record_and_at_older_bytes() -> None:
     assert journal.parse(b"") == []
 
 
-def test_records_past_the_mapped_part_are_written(
-    volume: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Many big writes in flight at once outgrow the mapped part; their records still count."""
-    monkeypatch.setattr(journal, "MAPPED_BYTES", 3 * CIPHER_BLOCK_SIZE)
+def test_space_is_reused_only_when_no_write_is_in_flight(volume: Path) -> None:
+    """A record may go at offset 0 again only once every write before it returned: reusing it
+    while one is in flight would overwrite that write's record."""
     log = WriteJournal(os.fsencode(volume))
-    header = bytes(HEADER_SIZE)
-    first = log.begin(b"a", header, HEADER_SIZE, os.urandom(2 * CIPHER_BLOCK_SIZE))
-    second = log.begin(b"b", header, HEADER_SIZE, os.urandom(2 * CIPHER_BLOCK_SIZE))
-    assert first == 0 and second is not None
-    assert second + 2 * CIPHER_BLOCK_SIZE > journal.MAPPED_BYTES  # it did not fit
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    first = log.begin(b"a", header, HEADER_SIZE, data)
+    second = log.begin(b"b", header, HEADER_SIZE, data)
+    log.done(first)  # b's write is still in flight
+    third = log.begin(b"c", header, HEADER_SIZE, data)
+    assert first == 0 and second is not None and third is not None and third > second
     raw = (volume / journal.JOURNAL_NAME).read_bytes()
-    assert [r.path for r in journal.parse(raw)] == [b"a", b"b"]
+    assert [r.path for r in journal.parse(raw)] == [b"b", b"c"]
     log.done(second)
-    log.done(first)
+    log.done(third)
     assert journal.parse((volume / journal.JOURNAL_NAME).read_bytes()) == []
+    assert log.begin(b"d", header, HEADER_SIZE, data) == 0
+
+
+def test_a_record_is_not_replayed_into_another_file_at_its_path(volume: Path) -> None:
+    """A record names a path; if the file there now has another header (the one it was for
+    was renamed away, or removed and a new one made), the record is left alone, even where
+    the new file has a block that does not authenticate and the record's block would."""
+    old = _open(volume, "old", None)
+    old.write(0, os.urandom(3 * BLOCK_SIZE))
+    old_bytes = (volume / "old").read_bytes()
+    new = _open(volume, "f", None)
+    new.write(0, os.urandom(3 * BLOCK_SIZE))
+    damaged = bytearray((volume / "f").read_bytes())
+    damaged[cipher_offset(1) + 5] ^= 1
+    (volume / "f").write_bytes(bytes(damaged))
+    record = journal.encode(
+        1, b"f", old_bytes[:HEADER_SIZE], cipher_offset(1),
+        old_bytes[cipher_offset(1) : cipher_offset(2)],
+    )
+    (volume / journal.JOURNAL_NAME).write_bytes(record)
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
+    assert (volume / "f").read_bytes() == bytes(damaged)
