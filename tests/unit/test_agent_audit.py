@@ -82,6 +82,16 @@ def rechain(recs: list[dict[str, Any]], key: Any, hsm_id: str) -> list[dict[str,
     return out
 
 
+def relink(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Renumber and relink *recs*, re-signing nothing (what a writer without an HSM can do)."""
+    prev, out = audit.GENESIS_PREV, []
+    for seq, rec in enumerate(recs):
+        rec = {**rec, "seq": seq, "prev": prev}
+        out.append(rec)
+        prev = line_hash(canonical_bytes(rec))
+    return out
+
+
 def verify(path: Path) -> AuditReport:
     return verify_log(path, STORE)
 
@@ -543,22 +553,12 @@ def test_a_rewritten_log_is_not_extended_or_is_signed_with_a_note(signed: Path) 
     recs = records(signed)
     refused = next(i for i, r in enumerate(recs) if r.get("decision") == "refused")
     kept = recs[:refused] + recs[refused + 1 :]
-    prev, relinked = audit.GENESIS_PREV, []
-    for seq, rec in enumerate(kept):
-        rec = {**rec, "seq": seq, "prev": prev}
-        relinked.append(rec)
-        prev = line_hash(canonical_bytes(rec))
-    write(signed, relinked)
+    write(signed, relink(kept))
     with pytest.raises(IntegrityError, match="refusing to extend a damaged audit log"):
         AuditLog(signed, sign, keys=STORE)
 
     events = [r for r in kept if r["type"] == "event"]
-    prev, stripped = audit.GENESIS_PREV, []
-    for seq, rec in enumerate(events):
-        rec = {**rec, "seq": seq, "prev": prev}
-        stripped.append(rec)
-        prev = line_hash(canonical_bytes(rec))
-    write(signed, stripped)
+    write(signed, relink(events))
     AuditLog(signed, sign, keys=STORE).close()
     after = records(signed)
     assert verify(signed).ok and after[-1]["type"] == "checkpoint"
