@@ -141,9 +141,9 @@ class WriteJournal:
         before it is made; returns the record's position for :meth:`done`, or None if it could
         not be written (a full disk: the write goes ahead unprotected, as before).
 
-        One pwritev, not a store into a mapping of the file (three times cheaper): a mapped
-        store that meets a full disk (btrfs allocates on write even after fallocate) or a
-        journal truncated by someone else kills the daemon with SIGBUS; a write fails."""
+        One pwritev. A store into a shared mapping of the journal would cost a third as much,
+        but one that meets a full disk (btrfs allocates on write, even after fallocate) or a
+        journal truncated by someone else kills the daemon with SIGBUS, where a write fails."""
         with self._lock:
             head, data, crc = _pieces(self._sequence, relative, header, offset, data)
             at = self._pos
