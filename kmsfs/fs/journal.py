@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.posix import pwrite_fully, read_internal_file
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ _STATE_AT = 4  # offset of the state byte in a record
 _CRC = struct.Struct(">I")
 #: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
 MAX_BODY = 2 * 1024 * 1024
+#: What a replay reads of the journal at most: records of the writes in flight at once (a few
+#: of at most 1 MiB each) take far less.
+MAX_JOURNAL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ class WriteJournal:
             size = len(head) + len(data) + len(crc)
             try:
                 if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
-                    _pwrite_fully(self._fd, head + bytes(data) + crc, at)
+                    pwrite_fully(self._fd, head + bytes(data) + crc, at)
             except OSError as exc:
                 log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
                 return None
@@ -179,7 +183,7 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
     then empty the journal. Returns how many blocks were put back. Before a mount serves."""
     path = root + b"/" + JOURNAL_NAME.encode()
     try:
-        raw = _read_regular(path)
+        raw = read_internal_file(path, MAX_JOURNAL_BYTES)
     except FileNotFoundError:
         return 0
     repaired = 0
@@ -207,7 +211,7 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
 def live_records(root: bytes) -> list[Record]:
     """The journal's live records (for fsck, which changes nothing)."""
     try:
-        return parse(_read_regular(root + b"/" + JOURNAL_NAME.encode()))
+        return parse(read_internal_file(root + b"/" + JOURNAL_NAME.encode(), MAX_JOURNAL_BYTES))
     except FileNotFoundError:
         return []
 
@@ -238,7 +242,7 @@ def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], Conten
                 continue  # the write got there, or never began, or a later one replaced it
             if not _authentic(cipher, number, want):
                 raise IntegrityError(f"its block {number} does not authenticate")
-            _pwrite_fully(fd, want, at)
+            pwrite_fully(fd, want, at)
             repaired += 1
         return repaired
     finally:
@@ -253,29 +257,3 @@ def _authentic(cipher: ContentCipher, number: int, block: bytes) -> bool:
     except IntegrityError:
         return False
     return True
-
-
-def _read_regular(path: bytes) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise
-        raise type(exc)(exc.errno, exc.strerror) from None  # the caller names the file
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _pwrite_fully(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

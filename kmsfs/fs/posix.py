@@ -43,7 +43,7 @@ def read_internal_file(path: bytes | str, limit: int) -> bytes:
         chunks: list[bytes] = []
         left = limit
         while left > 0:
-            chunk = os.read(fd, left)
+            chunk = os.read(fd, min(left, 1 << 20))  # a big limit allocates nothing up front
             if not chunk:
                 break
             chunks.append(chunk)
@@ -51,6 +51,15 @@ def read_internal_file(path: bytes | str, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def pwrite_fully(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite all of *data* at *offset*, going on after a short write (OSError on failure)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
