@@ -51,15 +51,10 @@ def is_mount_point(path: Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
     whose daemon died answers every stat with ENOTCONN, and os.path.ismount then says no."""
     absolute = os.path.abspath(path)
     where = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    mounts = _mounts(mountinfo)
+    if mounts is None:
         return os.path.ismount(path)
-    return any(
-        len(fields) > 4 and _unescape(fields[4]) == where
-        for fields in (line.split(" ") for line in lines)
-    )
+    return any(point == where for point, _, _ in mounts)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -138,23 +133,32 @@ def mounted_from(cipherdir: Path, mountinfo: str = "/proc/self/mountinfo") -> li
     this build on this machine.
     """
     want = os.path.realpath(cipherdir)
-    found = []
+    return [
+        point
+        for point, fstype, source in _mounts(mountinfo) or []
+        if fstype.startswith("fuse")
+        and (source == want or (os.path.isabs(source) and os.path.realpath(source) == want))
+    ]
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str, str]] | None:
+    """(mount point, file system type, source) of every mount in *mountinfo*; None if it
+    cannot be read."""
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
-        return []
+        return None
+    mounts = []
     for line in lines:
         fields = line.split(" ")
         if "-" not in fields:
             continue
         sep = fields.index("-")
-        if len(fields) < sep + 3 or not fields[sep + 1].startswith("fuse"):
+        if len(fields) < sep + 3 or sep < 5:
             continue
-        source = _unescape(fields[sep + 2])
-        if source == want or (os.path.isabs(source) and os.path.realpath(source) == want):
-            found.append(_unescape(fields[4]))
-    return found
+        mounts.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return mounts
 
 
 def _unescape(field: str) -> str:
