@@ -5,13 +5,15 @@ The filesystem never sees ``mk``: ``open_domain`` yields a :class:`kmsfs.keys.Ke
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kmsfs.errors import KmsfsError
 from kmsfs.keys import KeyDeriver
 from kmsfs.model.bundle import DomainBundle
+from kmsfs.model.domain import SealedDomain
+from kmsfs.model.trust import SealedTrust
 from kmsfs.service import domains
 from kmsfs.service.context import Context
 from kmsfs.service.context import default_store_path as default_store_path
@@ -30,23 +32,22 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     bundle (after a rewrap, the Trust and HSMs differ from the bundle's); ``generation`` is that
     one's, ``bundle_generation`` the bundle's."""
     parsed = DomainBundle.from_bytes(bundle)
-    info = _describe(parsed)
+    info = _describe(parsed.domain, parsed.chain)
     info["bundle_generation"] = info["generation"]
     info["verified"], info["problem"] = False, None
     try:
-        ctx = Context.at(store_dir)
-        newest = domains.newest_generation(ctx, parsed)
-        domains.verify_bundle(ctx, newest)
-        info.update(_describe(newest), domain_id=parsed.domain.id, verified=True)
+        newest = domains.newest_verified(Context.at(store_dir), parsed)
+        info.update(_describe(newest.sealed, newest.chain), domain_id=parsed.domain.id)
+        info["verified"] = True
     except KmsfsError as exc:
         info["problem"] = str(exc)
         info["problem_class"] = type(exc).__name__  # so callers keep its exit code
     return info
 
 
-def _describe(bundle: DomainBundle) -> dict[str, Any]:
-    domain = bundle.domain.domain
-    trust = bundle.chain[-1].trust if bundle.chain else None
+def _describe(sealed: SealedDomain, chain: Sequence[SealedTrust]) -> dict[str, Any]:
+    domain = sealed.domain
+    trust = chain[-1].trust if chain else None
     return {
         "name": domain.name,
         "domain_id": domain.id,

@@ -193,8 +193,7 @@ class Agent:
 
         def act() -> dict[str, Any]:
             self._require_pinned()
-            newest = domains.newest_generation(self.ctx, bundle)
-            verified = domains.verify_bundle(self.ctx, newest)
+            verified = domains.newest_verified(self.ctx, bundle)
             handle = verified.sealed.id
             with self._lock:
                 if handle not in self._open:

@@ -392,39 +392,40 @@ def _quietly(action: "Callable[[], None]") -> None:
         action()
 
 
-def newest_generation(ctx: Context, bundle: DomainBundle) -> DomainBundle:
-    """The store's newest generation of the bundle's Domain, if it descends from it.
+def newest_verified(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
+    """The store's newest generation of the bundle's Domain, if it descends from it, verified.
 
     A CIPHERDIR carries the Domain as it was when the directory was made; after a rewrap (an
     HSM revoked) the store holds a newer generation, and that is the one to use. A bundle the
     store does not hold is accepted only as the very next generation of the store's newest (a
     store not yet merged with the one that made it); anything else (a rival generation, one
-    that goes back to an older Trust) is refused, whatever seal it carries.
+    that goes back to an older Trust) is refused, whatever seal it carries. The result is
+    verified: callers use it as it is, without verifying it again.
     """
     try:
         generations = history(ctx, bundle.domain.domain.name)
-    except NotFoundError:
-        return bundle  # a store that does not know the Domain: the bundle is verified alone
-    newest = generations[-1]
+    except NotFoundError:  # a store that does not know the Domain: the bundle is verified alone
+        return verify_bundle(ctx, bundle)
+    if generations[-1].sealed.id == bundle.domain.id:
+        return verify_bundle(ctx, bundle)  # the bundle's own chain must verify too
     if any(g.sealed.id == bundle.domain.id for g in generations):
-        if newest.sealed.id == bundle.domain.id:
-            return bundle
-        return DomainBundle(newest.sealed, newest.chain)
+        return generations[-1]  # an older generation: the store's newest, verified in history
+    verified = verify_bundle(ctx, bundle)
     try:
-        verify_generation_step(newest, verify_bundle(ctx, bundle))
+        verify_generation_step(generations[-1], verified)
     except ChainError as exc:
         raise ChainError(
             f"{exc} (the volume's copy of the domain is not in the store's history; if it comes "
             "from another copy of the store, merge that copy first)"
         ) from None
-    return bundle
+    return verified
 
 
 @contextlib.contextmanager
 def open_keys(ctx: Context, bundle: DomainBundle) -> Iterator[DomainKeys]:
     """Verify the newest generation of ``bundle``'s Domain against this store's root and
     unwrap its current ``mk`` in an HSM of its Trust."""
-    keys = DomainKeys(ctx, verify_bundle(ctx, newest_generation(ctx, bundle))).open()
+    keys = DomainKeys(ctx, newest_verified(ctx, bundle)).open()
     try:
         yield keys
     finally:

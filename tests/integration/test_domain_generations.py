@@ -105,7 +105,7 @@ def test_a_forged_generation_carried_by_a_volume_is_refused(revoked: Revoked) ->
     forged = _forge(ctx, domains.current(ctx, "payroll").sealed)
     _verified_alone(ctx, forged)
     with pytest.raises(ChainError, match="not in the store's history"):
-        domains.newest_generation(ctx, forged)
+        domains.newest_verified(ctx, forged)
     with pytest.raises(ChainError), api.open_domain(revoked.admin.store, forged.to_bytes()):
         pass
 
@@ -118,14 +118,14 @@ def test_a_rival_generation_is_refused(revoked: Revoked) -> None:
     assert rival.domain.domain.generation == 2
     _verified_alone(ctx, rival)
     with pytest.raises(ChainError, match="not in the store's history"):
-        domains.newest_generation(ctx, rival)
+        domains.newest_verified(ctx, rival)
     ctx.store.save_domain(rival.domain)
     with pytest.raises(ChainError, match="rival generations 2 of domain payroll"):
         domains.current(ctx, "payroll")
     # Even a volume made before the rewrap no longer opens: which line is true is for people.
     first = DomainBundle(generations[0], tuple(trusts.chain_to(ctx, generations[0].domain.trust)))
     with pytest.raises(ChainError, match="rival"):
-        domains.newest_generation(ctx, first)
+        domains.newest_verified(ctx, first)
 
 
 def test_the_next_generation_from_a_store_not_yet_merged_is_accepted(revoked: Revoked) -> None:
@@ -137,7 +137,7 @@ def test_the_next_generation_from_a_store_not_yet_merged_is_accepted(revoked: Re
     assert len(stored) == 1
     stored[0].unlink()  # this copy of the store has generations 1 and 2 only
     assert domains.current(ctx, "payroll").sealed.domain.generation == 2
-    assert domains.newest_generation(ctx, ahead).domain.id == newest.sealed.id
+    assert domains.newest_verified(ctx, ahead).sealed.id == newest.sealed.id
     with api.open_domain(revoked.admin.store, ahead.to_bytes()) as deriver:
         assert deriver.verified.sealed.domain.generation == 3  # type: ignore[attr-defined]
 
@@ -146,9 +146,9 @@ def test_an_old_volume_moves_to_the_newest_generation(revoked: Revoked, tmp_path
     ctx = Context.at(revoked.admin.store)
     first = domains._generations(ctx, "payroll")[0]
     old = DomainBundle(first, tuple(trusts.chain_to(ctx, first.domain.trust)))
-    newest = domains.newest_generation(ctx, old)
-    assert newest.domain.domain.generation == 3
-    assert newest.domain.domain.trust == revoked.new_trust
+    newest = domains.newest_verified(ctx, old)
+    assert newest.sealed.domain.generation == 3
+    assert newest.sealed.domain.trust == revoked.new_trust
 
 
 def test_info_on_an_old_volume_describes_what_a_mount_uses(revoked: Revoked) -> None:
