@@ -4,13 +4,19 @@ Every store keeps its own softhsm2.conf and token directory, so each test has it
 and nothing system-wide is touched.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from kmsfs.model import contexts
+from kmsfs.model.records import HsmRecord, OperatorRecord
 
 ADMIN = [sys.executable, "-m", "kmsfs.admin.cli"]
 
@@ -134,3 +140,12 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
         rel = str(path.relative_to(root))
         snapshot[rel] = path.read_bytes() if path.is_file() else b"<dir>"
     return snapshot
+
+
+_Record = TypeVar("_Record", HsmRecord, OperatorRecord)
+
+
+def self_signed(record: _Record, key: ed25519.Ed25519PrivateKey, context: bytes) -> _Record:
+    """*record* self-signed by a software *key*: what anyone who can write a store can plant."""
+    signature = key.sign(contexts.message(context, record.signed_bytes()))
+    return dataclasses.replace(record, signature=signature)

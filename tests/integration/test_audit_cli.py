@@ -25,7 +25,7 @@ from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import HsmRecord
 from kmsfs.service.context import Context, open_hsm
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line
+from tests.kms_helpers import Admin, one_error_line, self_signed
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +144,10 @@ def test_a_log_resigned_by_an_hsm_record_planted_in_the_store_exits_3(
     rogue = ed25519.Ed25519PrivateKey.generate()
     real = Store(store).hsm(Store(store).hsm_ids()[0])
     raw = rogue.public_key().public_bytes_raw()
-    unsigned = HsmRecord("hsm9", real.wrap_key, PublicKey("ed25519", raw), real.created)
-    planted = HsmRecord(
-        unsigned.label,
-        unsigned.wrap_key,
-        unsigned.sign_key,
-        unsigned.created,
-        rogue.sign(contexts.message(contexts.HSM_RECORD, unsigned.signed_bytes())),
+    planted = self_signed(
+        HsmRecord("hsm9", real.wrap_key, PublicKey("ed25519", raw), real.created),
+        rogue,
+        contexts.HSM_RECORD,
     )
     Store(store).save_hsm(planted)
     recs = records(log)

@@ -17,7 +17,7 @@ from kmsfs.model import contexts
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line
+from tests.kms_helpers import Admin, one_error_line, self_signed
 
 
 def _raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
@@ -36,15 +36,9 @@ def swapped(initialized: Admin) -> tuple[Admin, str]:
     shutil.copy(path, saved)
     real = store.operator("bob")
     fake = ed25519.Ed25519PrivateKey.generate()
-    unsigned = OperatorRecord(
-        "bob", PublicKey("ed25519", _raw_public(fake)), real.protection, real.created
-    )
-    forged = OperatorRecord(
-        unsigned.name,
-        unsigned.key,
-        unsigned.protection,
-        unsigned.created,
-        fake.sign(contexts.message(contexts.OPERATOR_RECORD, unsigned.signed_bytes())),
+    key = PublicKey("ed25519", _raw_public(fake))
+    forged = self_signed(
+        OperatorRecord("bob", key, real.protection, real.created), fake, contexts.OPERATOR_RECORD
     )
     path.unlink()
     store.save_operator(forged)
@@ -121,21 +115,11 @@ def test_a_planted_hsm_record_under_a_known_label_is_refused(initialized: Admin)
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     sign = ed25519.Ed25519PrivateKey.generate()
-    unsigned = HsmRecord(
-        "hsm2",
-        PublicKey("rsa-oaep-sha1", spki),
-        PublicKey("ed25519", _raw_public(sign)),
+    planted = HsmRecord(
+        "hsm2", PublicKey("rsa-oaep-sha1", spki), PublicKey("ed25519", _raw_public(sign)),
         real.created,
     )
-    store.save_hsm(
-        HsmRecord(
-            unsigned.label,
-            unsigned.wrap_key,
-            unsigned.sign_key,
-            unsigned.created,
-            sign.sign(contexts.message(contexts.HSM_RECORD, unsigned.signed_bytes())),
-        )
-    )
+    store.save_hsm(self_signed(planted, sign, contexts.HSM_RECORD))
     before = sorted(p.name for p in (admin.store / "trusts").rglob("*"))
     line = one_error_line(
         admin(
