@@ -51,6 +51,9 @@ DOTS = 2  # "." and "..": the first two entries of every listing
 #: listed on the trio thread: a worker-thread hop costs more than listing it.
 SMALL_DIR_BYTES = 32 * 1024
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+#: The keyword arguments of os calls on an fd, and on a path (never through a symlink).
+_BY_FD: dict[str, bool] = {}
+_NO_FOLLOW = {"follow_symlinks": False}
 
 
 def guard(fn: F) -> F:
@@ -185,18 +188,19 @@ class ContentOps:
         ext4 applies by the caller's groups (:func:`allowed_mode`), the ctime of chown(-1, -1)
         and of a kill-privileges request (both arrive with no field set), and EFBIG.
         """
-        of = self.files.get_file(inode)
-        target: bytes | int = of.fd if of is not None else self.table.path(inode)
-        nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
-        changed = False
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             await self._truncate(inode, attr.st_size)
-            changed = True
-            of = self.files.get_file(inode)  # the await may have seen the last handle go
-            target = of.fd if of is not None else self.table.path(inode)
-            nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+        # By the open file's fd where there is one (chown, chmod and utimens of tar -x all
+        # come through one), else by path, never following a symlink.
+        of = self.files.get_file(inode)
+        target: bytes | int
+        if of is not None:
+            target, nofollow = of.fd, _BY_FD
+        else:
+            target, nofollow = self.table.path(inode), _NO_FOLLOW
+        changed = fields.update_size
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
@@ -232,7 +236,7 @@ class ContentOps:
                     mode = allowed_mode(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
             touch_ctime(target, mode)
         st = os.stat(target, **nofollow)
-        return self._attrs(inode, st, None if isinstance(target, int) else target)
+        return self._attrs(inode, st, None if of is not None else target)
 
     async def _truncate(self, ino: int, size: int) -> None:
         """truncate(2) by path or by handle: always through a handle of the inode's open

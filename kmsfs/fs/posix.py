@@ -161,32 +161,32 @@ def entry_attrs(
 
     *size* overrides the size (symlinks: the plaintext target length, found by the caller).
     """
-    e = pyfuse3.EntryAttributes()
+    e = pyfuse3.EntryAttributes()  # generation 0, as a new one has
     e.st_ino = ino
-    e.generation = 0
     e.entry_timeout = timeout
     e.attr_timeout = timeout
-    e.st_mode = st.st_mode
+    mode = st.st_mode
+    e.st_mode = mode
     e.st_nlink = st.st_nlink
     e.st_uid = st.st_uid
     e.st_gid = st.st_gid
     e.st_rdev = st.st_rdev
-    if size is not None:
-        e.st_size = size
-    elif stat.S_ISREG(st.st_mode):
-        e.st_size = plain_size_lenient(st.st_size)
-    else:
-        e.st_size = st.st_size
     e.st_blksize = 4096
-    e.st_blocks = st.st_blocks
-    if stat.S_ISREG(st.st_mode):
+    if size is None and stat.S_ISREG(mode):
+        size = plain_size_lenient(st.st_size)
+        e.st_size = size
         # What ext4 allocates for the plaintext (blocks of 4 KiB), never more than the
         # ciphertext takes: a file of exactly 4096 bytes uses 8 sectors, not 16.
-        e.st_blocks = min(st.st_blocks, (e.st_size + 4095) // 4096 * 8)
-    elif stat.S_ISLNK(st.st_mode) and size is not None:
-        # ext4 keeps a target shorter than 60 bytes in the inode, a longer one in one 4 KiB
-        # block; the backing symlink holds the longer encrypted target instead.
-        e.st_blocks = 0 if size < EXT4_INLINE_SYMLINK else 8
+        e.st_blocks = min(st.st_blocks, (size + 4095) // 4096 * 8)
+    elif size is None:
+        e.st_size = st.st_size
+        e.st_blocks = st.st_blocks
+    else:
+        e.st_size = size
+        # ext4 keeps a symlink target shorter than 60 bytes in the inode, a longer one in one
+        # 4 KiB block; the backing symlink holds the longer encrypted target instead.
+        inline = size < EXT4_INLINE_SYMLINK
+        e.st_blocks = (0 if inline else 8) if stat.S_ISLNK(mode) else st.st_blocks
     e.st_atime_ns = st.st_atime_ns
     e.st_mtime_ns = st.st_mtime_ns
     e.st_ctime_ns = st.st_ctime_ns
