@@ -206,7 +206,7 @@ def serve(
         settle_garbage_collector()
         spin = _SpinThenWait(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
-            idle=ops.content_keys.derive_ahead,
+            idle=ops.between_requests,
             latency=latency,
         )
         trio.run(_main, on_ready, mountpoint, spin)
@@ -315,9 +315,10 @@ class _SpinThenWait:
     other tasks (signals, worker-thread results) are never starved by a steady stream.
 
     While it polls, the worker does a small job that would otherwise fall on a request's path:
-    ``idle()`` (:meth:`~kmsfs.fs.files.ContentKeys.derive_ahead`, one run of refills bounded in
-    time), called once per wait and only if no request was already waiting; the fd is polled
-    again right after.
+    ``idle()`` (:meth:`~kmsfs.fs.entries.KmsfsOps.between_requests`: journal marks, then one
+    run of :meth:`~kmsfs.fs.files.ContentKeys.derive_ahead` refills bounded in time), called
+    once per wait and only if no request was already waiting; the fd is polled again right
+    after.
 
     With ``latency`` (``-o low_latency``, :mod:`kmsfs.fs.latency`), any request takes the CPU
     latency request, and a sleep that lasts :data:`HOLD_SECONDS` without one releases it.

@@ -103,6 +103,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = itertools.count(1)
 
+    def between_requests(self) -> bool:
+        """Work for the pause after a reply (the daemon's spin calls it while it waits): mark
+        the write journal's returned records done, then derive file keys ahead. False if
+        there was nothing to do."""
+        settled = self.journal.settle() if self.journal is not None else False
+        return self.content_keys.derive_ahead() or settled
+
     # --- name resolution ----------------------------------------------------------------
     def _resolve(self, parent: int, name: bytes) -> tuple[bytes, bytes, Any]:
         """(directory path, ciphertext name, DiskName) of *name* in *parent*."""

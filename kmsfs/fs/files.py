@@ -300,14 +300,20 @@ class FileContent:
         """Run *write* (which puts *data* at ciphertext *offset*) with a journal record if it
         overwrites bytes the file has: a daemon killed in the middle would tear a block there
         (kmsfs.fs.journal). Writes past the end risk no older data and are not recorded."""
-        at = None
-        if self._journal is not None and offset < csize and self._header:
-            at = self._journal.begin(self._journal_path, self._header, offset, data)
-        try:
+        journal = self._journal
+        if journal is None or offset >= csize or not self._header:
             return write()
-        finally:
-            if at is not None:
-                self._journal.done(at)  # type: ignore[union-attr]
+        at = journal.begin(self._journal_path, self._header, offset, data)
+        try:
+            result = write()
+        except OSError:
+            # Marked done at once: a write that grew the file and failed was cut back, and its
+            # record must not put the cut blocks back in a replay.
+            journal.done(at)
+            journal.settle()
+            raise
+        journal.done(at)
+        return result
 
     def forget_header(self) -> None:
         """The file became empty (truncate to 0): the next write starts a new header."""
@@ -458,6 +464,8 @@ class FileContent:
     def truncate(self, size: int) -> None:
         """Set the plaintext size; shrinking re-encrypts a partial last block."""
         psize = self.plain_size()
+        if size < psize and self._journal is not None:
+            self._journal.settle()  # a record of a block cut here must not bring it back
         if size == 0:
             os.ftruncate(self.fd, 0)
             self.forget_header()

@@ -122,8 +122,9 @@ class _Checker:
         self.report.warnings.append(Problem(kind, self._rel(path), plain, detail))
 
     def journal(self) -> None:
-        """Live records: a daemon was killed in the middle of an overwrite. The next mount
-        puts back what it tore; until then, a block it names may show as damage."""
+        """Live records: a daemon was killed in the middle of an overwrite (or just after one,
+        before it marked the record). The next mount puts back what it tore; until then, a
+        block it names may show as damage."""
         try:
             live = live_records(os.fsencode(self.root))
         except OSError as exc:
@@ -135,7 +136,7 @@ class _Checker:
                 "interrupted-write",
                 self.root / JOURNAL_NAME,
                 None,
-                f"{len(live)} write(s) cut short by a killed daemon, in {', '.join(files)}: "
+                f"{len(live)} write(s) a killed daemon may have cut short, in {', '.join(files)}: "
                 "mount the volume once to put back the blocks they tore",
             )
 

@@ -9,11 +9,12 @@ write over bytes the file already has (an overwrite, the read-modify-write of a 
 block when appending, the shortened last block of a truncate) can.
 
 So before such a write, kmsfs puts the new ciphertext in ``kmsfs.journal`` in the volume root,
-and marks the record done when the write returns. The next mount replays the records still
-live: every block in them that no longer authenticates on disk gets the record's block, which
-must itself authenticate as that block of that file (a record cannot put anything else in a
-file: an attacker who writes the journal can at most bring back a valid older block, which
-they can do directly; docs/threat-model.md).
+and marks the record done once the write has returned (in the pause after the reply, or before
+a truncate; :meth:`WriteJournal.done`). The next mount replays the records still live: every
+block in them that no longer authenticates on disk gets the record's block, which must itself
+authenticate as that block of that file (a record cannot put anything else in a file: an
+attacker who writes the journal can at most bring back a valid older block, which they can do
+directly; docs/threat-model.md).
 
 The journal is not fsync'd: it covers the daemon's death (kill -9, the OOM killer, a crash),
 after which the page cache keeps both it and the file. A power cut can still tear a block that
@@ -51,6 +52,10 @@ MAGIC = b"KJR1"
 LIVE, DONE = 1, 0
 _HEAD = struct.Struct(">4sBQI")  # magic, state, sequence, body length
 _STATE_AT = 4  # offset of the state byte in a record
+_DONE_BYTE = bytes([DONE])
+#: Records whose write returned, at most, before :meth:`WriteJournal.done` marks them itself
+#: (a mount that never pauses between requests).
+MAX_UNSETTLED = 64
 _CRC = struct.Struct(">I")
 #: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
 MAX_BODY = 2 * 1024 * 1024
@@ -126,16 +131,29 @@ class WriteJournal:
         if not stat.S_ISREG(os.fstat(self._fd).st_mode):
             os.close(self._fd)
             raise OSError(errno.EINVAL, "not a regular file")
+        self._prefix = root.rstrip(b"/") + b"/"
         self._lock = threading.Lock()
         self._pos = 0
         self._sequence = 1
-        self._in_flight = 0
+        self._in_flight = 0  # records begun and not yet marked done
+        self._returned: list[int] = []  # of those, the ones whose write returned
 
     def close(self) -> None:
+        self.settle()
         os.close(self._fd)
 
     def relative(self, path: bytes) -> bytes:
-        """*path* (absolute, under the root) as records name it."""
+        """*path* (absolute, under the root) as records name it.
+
+        Every open file asks, so the daemon's paths (the root, then names: nothing to
+        normalise) are cut, not run through os.path.relpath, which took 3 us an open."""
+        if (
+            path.startswith(self._prefix)
+            and not path.endswith(b"/")
+            and b"/." not in path
+            and b"//" not in path
+        ):
+            return path[len(self._prefix) :]
         return os.path.relpath(path, self.root)
 
     def begin(
@@ -164,18 +182,39 @@ class WriteJournal:
             return at
 
     def done(self, at: int | None) -> None:
-        """The write of the record at *at* returned: mark it done; once none is in flight, the
-        next record goes at offset 0 again."""
+        """The write of the record at *at* returned. It is marked done later, by
+        :meth:`settle`: the daemon settles in the pause after its reply (so the mark costs a
+        write no request waits for), and before anything that could make a returned record
+        harmful. A record whose write returned only ever puts back the block that write left
+        (it authenticates on disk, so a replay skips it), unless the file is cut below that
+        block and grown again: every truncate settles first (FileContent.truncate).
+        """
         if at is None:
             return
         with self._lock:
+            self._returned.append(at)
+            if len(self._returned) >= MAX_UNSETTLED:
+                self._settle()
+
+    def settle(self) -> bool:
+        """Mark every record whose write returned done; once none is in flight, the next
+        record goes at offset 0 again. False if there was nothing to mark."""
+        with self._lock:
+            return self._settle()
+
+    def _settle(self) -> bool:
+        if not self._returned:
+            return False
+        for at in self._returned:
             try:
-                os.pwrite(self._fd, bytes([DONE]), at + _STATE_AT)
+                os.pwrite(self._fd, _DONE_BYTE, at + _STATE_AT)
             except OSError as exc:  # never seen: the byte is already allocated
                 log.warning("write journal: cannot mark a record done (%s)", exc.strerror)
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._pos = 0
+        self._in_flight -= len(self._returned)
+        self._returned.clear()
+        if self._in_flight == 0:
+            self._pos = 0
+        return True
 
 
 def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int:

@@ -188,3 +188,21 @@ def test_a_journal_that_is_not_a_file_stops_the_mount_naming_it(  # type: ignore
         mount.stop()
     # (the stub daemon prints a traceback; kmsfs mount prints this one line)
     assert f"{where}: " in mount.log() and "not kmsfs's write journal: move it away" in mount.log()
+
+
+def test_a_mount_marks_returned_overwrites_done_in_the_pause_after(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """The record of an overwrite is marked done off the write's path, while the daemon waits
+    for the next request: a moment after the last write, none is live."""
+    from kmsfs.fs.journal import live_records
+
+    mount = mounter(volume)
+    with open(mount.mountpoint / "f", "w+b") as f:
+        f.write(os.urandom(8 * 4096))
+        f.flush()
+        for i in range(20):
+            os.pwrite(f.fileno(), b"x" * 4096, (i % 8) * 4096)  # overwrites: recorded
+    deadline = time.monotonic() + 5
+    while live_records(os.fsencode(volume)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_records(os.fsencode(volume)) == []
+    assert (mount.mountpoint / "f").read_bytes()[:4096] == b"x" * 4096

@@ -9,6 +9,7 @@ authenticates, while older data elsewhere stays, and that a replay never writes 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -147,6 +148,34 @@ def test_records_of_writes_that_returned_are_never_replayed(volume: Path) -> Non
     assert (volume / "f").stat().st_size == size
 
 
+def test_a_growing_write_that_fails_is_not_brought_back_by_a_replay(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that rewrites the partial last block, then meets a full disk, leaves the file
+    as it was; its record, marked done at once, must not grow the file again in a replay."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "f", log)
+    old = os.urandom(BLOCK_SIZE + 1000)
+    content.write(0, old)
+    before = (volume / "f").read_bytes()
+    real, calls = files._pwrite_fully, []
+
+    def full_disk(fd: int, view: memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 1:  # the append: part of it lands, then the disk is full
+            real(fd, view[: len(view) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, view, offset)  # putting the old bytes back needs no new space
+
+    monkeypatch.setattr(files, "_pwrite_fully", full_disk)
+    with pytest.raises(OSError):
+        content.write(BLOCK_SIZE + 1000, os.urandom(3 * BLOCK_SIZE))
+    monkeypatch.undo()
+    assert (volume / "f").read_bytes() == before
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
+    assert (volume / "f").read_bytes() == before
+
+
 def test_writes_past_the_end_are_not_recorded(volume: Path) -> None:
     log = WriteJournal(os.fsencode(volume))
     content = _open(volume, "new", log)
@@ -203,14 +232,44 @@ def test_space_is_reused_only_when_no_write_is_in_flight(volume: Path) -> None:
     first = log.begin(b"a", header, HEADER_SIZE, data)
     second = log.begin(b"b", header, HEADER_SIZE, data)
     log.done(first)  # b's write is still in flight
+    log.settle()
     third = log.begin(b"c", header, HEADER_SIZE, data)
     assert first == 0 and second is not None and third is not None and third > second
     raw = (volume / journal.JOURNAL_NAME).read_bytes()
     assert [r.path for r in journal.parse(raw)] == [b"b", b"c"]
     log.done(second)
     log.done(third)
+    log.settle()
     assert journal.parse((volume / journal.JOURNAL_NAME).read_bytes()) == []
     assert log.begin(b"d", header, HEADER_SIZE, data) == 0
+
+
+def test_a_returned_write_is_marked_done_in_the_pause_after_it(volume: Path) -> None:
+    """done() writes nothing (the mark is off the write's path); settle() marks, and only then
+    may the space be used again."""
+    log = WriteJournal(os.fsencode(volume))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    first = log.begin(b"a", header, HEADER_SIZE, data)
+    before = (volume / journal.JOURNAL_NAME).read_bytes()
+    log.done(first)
+    assert (volume / journal.JOURNAL_NAME).read_bytes() == before
+    second = log.begin(b"b", header, HEADER_SIZE, data)
+    assert second != 0  # a is not marked: its space is not reused yet
+    log.done(second)
+    assert log.settle() is True
+    assert journal.parse((volume / journal.JOURNAL_NAME).read_bytes()) == []
+    assert log.settle() is False
+    assert log.begin(b"c", header, HEADER_SIZE, data) == 0
+
+
+def test_returned_records_are_marked_before_many_pile_up(volume: Path) -> None:
+    """A mount that never pauses still marks them: done() settles at MAX_UNSETTLED."""
+    log = WriteJournal(os.fsencode(volume))
+    header, data = bytes(HEADER_SIZE), b"x" * 10
+    for _ in range(journal.MAX_UNSETTLED):
+        log.done(log.begin(b"a", header, HEADER_SIZE, data))
+    assert journal.parse((volume / journal.JOURNAL_NAME).read_bytes()) == []
+    assert log.begin(b"a", header, HEADER_SIZE, data) == 0
 
 
 def test_a_record_is_not_replayed_into_another_file_at_its_path(volume: Path) -> None:
@@ -232,3 +291,18 @@ def test_a_record_is_not_replayed_into_another_file_at_its_path(volume: Path) ->
     (volume / journal.JOURNAL_NAME).write_bytes(record)
     assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
     assert (volume / "f").read_bytes() == bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "under",
+    [b"a", b"a/b/c", b"./a", b"a/../b", b"a//b", b"a/", b"kmsfs.tmp.1/x", b"a/.b"],
+)
+def test_records_name_a_file_by_its_path_under_the_root(tmp_path: Path, under: bytes) -> None:
+    """The fast cut of the daemon's paths names what os.path.relpath names, whatever the path
+    holds (a record naming another path would not be replayed into its file)."""
+    root = os.fsencode(tmp_path)
+    j = WriteJournal(root)
+    try:
+        assert j.relative(root + b"/" + under) == os.path.relpath(root + b"/" + under, root)
+    finally:
+        j.close()
