@@ -24,6 +24,21 @@ def export_domain_bundle(store_dir: Path, domain_name: str) -> bytes:
     return domains.export_bundle(Context.at(store_dir), domain_name).to_bytes()
 
 
+def serving_bundle(deriver: KeyDeriver) -> bytes | None:
+    """The bundle (canonical bytes) of the Domain generation a deriver of :func:`open_domain`
+    serves: verified, and the store's newest unless the bundle it was opened with is newer.
+    None for a deriver that is not one (the agent's, verified against the agent's store)."""
+    verified = getattr(deriver, "verified", None)
+    if not isinstance(verified, domains.VerifiedDomain):
+        return None
+    return DomainBundle(verified.sealed, verified.chain).to_bytes()
+
+
+def bundle_generation(bundle: bytes) -> int:
+    """The generation of the Domain in a bundle (its form checked, not its signatures)."""
+    return DomainBundle.from_bytes(bundle).domain.domain.generation
+
+
 def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     """What a bundle says, and whether it verifies against the store's pinned root.
 

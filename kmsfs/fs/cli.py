@@ -9,8 +9,10 @@ code (:mod:`kmsfs.exitcodes`). The key management system is reached only through
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs import __version__, exitcodes
@@ -20,6 +22,9 @@ from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, is_mount_point, open_volume
+from kmsfs.keys import KeyDeriver
+
+log = logging.getLogger(__name__)
 
 PROG = "kmsfs"
 
@@ -116,15 +121,35 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config, store, options = _checked_config(args)
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
 
-    def child(report_ready: object) -> None:
+    def child(report_ready: Callable[[], None]) -> None:
         daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
-            daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=report_ready)  # type: ignore[arg-type]
+
+            def ready() -> None:
+                if "ro" not in options:  # a read-only mount writes nothing, kmsfs.conf included
+                    _keep_newest_copy(cipherdir, deriver)
+                report_ready()
+
+            daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=ready)
 
     if args.foreground:
         child(lambda: print(f"kmsfs: mounted {cipherdir} on {mountpoint}", file=sys.stderr))
         return exitcodes.OK
-    return daemon.daemonize(child)  # type: ignore[arg-type]
+    return daemon.daemonize(child)
+
+
+def _keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> None:
+    """Once mounted (so a failed mount changes nothing): the volume carries the newest Domain
+    generation the mount verified (:func:`kms.keep_newest_copy`). A volume whose config cannot
+    be written (a read-only copy) still mounts, with a warning."""
+    try:
+        generation = kms.keep_newest_copy(cipherdir, deriver)
+    except (OSError, KmsfsError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        log.warning("%s: cannot record the Domain generation in use: %s", cipherdir, why)
+        return
+    if generation is not None:
+        log.info("%s: %s now carries Domain generation %d", cipherdir, CONFIG_NAME, generation)
 
 
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,39 @@ def open_deriver(
         yield agent_deriver
 
 
+def keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> int | None:
+    """Keep the volume's copy of its Domain (``kmsfs.conf``) at the generation *deriver*
+    serves, if that is newer; returns the generation written, or None if nothing changed.
+
+    A store writer can hide a Domain's newer generations (after a rewrap that removed an HSM,
+    after a rotation) so that a mount falls back to an older one, whose keys a removed HSM
+    still has. Once a mount has used the newer generation, the volume carries it: a later
+    mount keeps using it while the store hides only it (a copy the store lacks is accepted as
+    the next step of the store's newest), and refuses to mount if more is hidden. Called with
+    the volume locked for the mount (nothing else writes the config then); an agent's deriver
+    (verified against the agent's own store) changes nothing.
+    """
+    from kmsfs.fs import config as volconfig
+
+    newest = _api().serving_bundle(deriver)
+    if newest is None:
+        return None
+    config = volconfig.load(cipherdir)
+    generation = _api().bundle_generation(newest)
+    if generation <= _api().bundle_generation(config.domain_bundle):
+        return None
+    domain_id = bundle_domain_id(newest)
+    volconfig.save(cipherdir, replace(config, domain_bundle=newest, domain_id=domain_id))
+    return generation
+
+
+def bundle_domain_id(bundle: bytes) -> str:
+    """The id of the Domain in a bundle (its form checked, not its signatures)."""
+    from kmsfs.model.bundle import DomainBundle
+
+    return DomainBundle.from_bytes(bundle).domain.id
+
+
 def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
     """Have the agent verify the bundle and check its policy, as a mount will; its answer."""
     with open_deriver(Path("."), bundle, agent) as deriver:
@@ -115,10 +148,8 @@ def check_bundle(
     own pinned root, before any HSM operation); here only the bundle's form and id are checked.
     """
     if agent is not None:
-        from kmsfs.model.bundle import DomainBundle
-
         try:
-            domain_id = DomainBundle.from_bytes(bundle).domain.id
+            domain_id = bundle_domain_id(bundle)
         except KmsfsError as exc:
             raise type(exc)(f"{where}: {exc}") from None
         if want_id is not None and domain_id != want_id:

@@ -1,0 +1,109 @@
+"""A volume keeps the newest Domain generation a mount used (DESIGN.md §2.7, threat-model §2).
+
+A store writer can hide a Domain's newer generations, so that a mount falls back to an older
+one: after a rotation, new files would then be written under the old epoch, which an HSM
+removed before the rotation can still derive. Once a mount has used the newer generation, the
+volume's ``kmsfs.conf`` carries it, and hiding it from the store changes nothing. Real store,
+real SoftHSM2 tokens, the real ``kmsfs`` commands and FUSE mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs import api
+from kmsfs.crypto.content import HEADER_SIZE, FileHeader
+from kmsfs.fs import config as volconfig
+from tests.integration.test_fs_epochs import _kmsfs
+from tests.kms_helpers import Admin
+
+
+def _generation(cipher: Path) -> int:
+    return api.bundle_generation(volconfig.load(cipher).domain_bundle)
+
+
+def _epoch_of_the_new_file(cipher: Path, before: set[str]) -> int:
+    """The key epoch in the header of the one ciphertext file made since *before*."""
+    (new,) = {p.name for p in cipher.iterdir() if not p.name.startswith("kmsfs.")} - before
+    return FileHeader.parse((cipher / new).read_bytes()[:HEADER_SIZE]).epoch
+
+
+def _names(cipher: Path) -> set[str]:
+    return {p.name for p in cipher.iterdir() if not p.name.startswith("kmsfs.")}
+
+
+def _write_through_a_mount(cipher: Path, mp: Path, env: dict[str, str], *options: str) -> None:
+    proc = _kmsfs("mount", str(cipher), str(mp), *options, env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        if "ro" not in options:
+            (mp / f"f{len(_names(cipher))}").write_bytes(os.urandom(5000))
+    finally:
+        assert _kmsfs("umount", str(mp)).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_hidden_newer_generation_is_still_used_once_a_mount_used_it(
+    tmp_path: Path, initialized: Admin
+) -> None:
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    mp.mkdir()
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    first = volconfig.load(cipher)
+    initialized("domain", "rotate", "payroll")  # generation 2: key epoch 2
+
+    # A read-only mount, and a mount that fails, leave the config as it was.
+    _write_through_a_mount(cipher, mp, env, "-o", "ro")
+    (mp / "busy").write_text("not empty")
+    assert _kmsfs("mount", str(cipher), str(mp), env=env).returncode != 0
+    (mp / "busy").unlink()
+    assert volconfig.load(cipher) == first
+
+    before = _names(cipher)
+    _write_through_a_mount(cipher, mp, env)
+    assert _epoch_of_the_new_file(cipher, before) == 2
+    now = volconfig.load(cipher)
+    assert _generation(cipher) == 2 and now.domain_id != first.domain_id
+    assert now.feature_flags == first.feature_flags and now.domain_name == "payroll"
+
+    # The store writer hides generation 2: the volume still writes under epoch 2.
+    hidden = initialized.store / "domains" / f"{now.domain_id}.json"
+    kept = hidden.read_bytes()
+    hidden.unlink()
+    before = _names(cipher)
+    _write_through_a_mount(cipher, mp, env)
+    assert _epoch_of_the_new_file(cipher, before) == 2
+    assert volconfig.load(cipher) == now
+    info = _kmsfs("info", str(cipher), "--json", env=env)
+    assert info.returncode == 0 and json.loads(info.stdout)["generation"] == 2
+
+    # Generation 3 (the store has 2 back), used once; then both hidden: the mount is refused.
+    hidden.write_bytes(kept)
+    initialized("domain", "rotate", "payroll")
+    _write_through_a_mount(cipher, mp, env)
+    third = volconfig.load(cipher)
+    assert _generation(cipher) == 3
+    (initialized.store / "domains" / f"{third.domain_id}.json").unlink()
+    hidden.unlink()
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "history" in proc.stderr and not os.path.ismount(mp)
+    assert volconfig.load(cipher) == third
+
+
+def test_a_deriver_that_does_not_say_its_generation_changes_nothing(tmp_path: Path) -> None:
+    """Through kmsfs-hsmd the chain is the agent's, verified against its own store: the volume
+    keeps its copy."""
+    from kmsfs.fs import kms
+    from tests.integration.fs_helpers import SoftDeriver, make_volume
+
+    volume = make_volume(tmp_path / "cipher")
+    before = (volume / volconfig.CONFIG_NAME).read_bytes()
+    assert kms.keep_newest_copy(volume, SoftDeriver()) is None
+    assert (volume / volconfig.CONFIG_NAME).read_bytes() == before
