@@ -286,37 +286,83 @@ class AuditLog:
         self._seconds = checkpoint_seconds
         self._lock = threading.Lock()
         self._keys = keys
-        self._fd = self._open()
+        self._fd = -1
+        walk = self._attach()
+        if walk.unsigned_tail and signer is not None:
+            with self._lock:
+                self._note_adopted(walk)
+
+    def _attach(self) -> "_Walk":
+        """Open (or create) the file at ``self.path``, verify what it holds, and continue its
+        chain; the fd before (if any) is the caller's to close."""
+        fd = self._open()
+        self._fd = fd
         try:
             walk = self._scan()
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
         self._seq, self._prev = walk.next_seq, walk.prev
-        self._size = os.fstat(self._fd).st_size
+        self._size = os.fstat(fd).st_size
         self._unsigned = walk.unsigned_tail  # records after the last checkpoint
         self._pending = walk.unsigned_tail  # records since the last checkpoint attempt
         self._last_attempt = _clock()
-        if walk.unsigned_tail and signer is not None:
-            self._note_adopted(walk)
+        return walk
+
+    def reopen(self) -> bool:
+        """Continue in a new file if the log was moved aside (log rotation, then SIGHUP).
+
+        The old file gets a checkpoint over its tail and is closed; the file now at ``path``
+        (made if missing, or one an operator created empty) is verified and extended as at
+        start. Its first record says where it continues from (the old file's last seq and
+        head, ``detail``), so an auditor can chain the files; each verifies on its own. False
+        (nothing done) if ``path`` is still the open file. If the new file cannot be used
+        (unwritable, damaged) the log goes on in the old one and the error is raised.
+        """
+        with self._lock:
+            self._header()  # refuses a closed log
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.stat(self.path), os.fstat(self._fd)):
+                    return False
+            try:
+                self._checkpoint_locked()
+            except OSError as exc:
+                log.warning("%s: checkpoint not written (%s)", self.path, exc.strerror or exc)
+            old = (self._fd, self._seq, self._prev, self._size, self._unsigned, self._pending)
+            try:
+                walk = self._attach()
+            except BaseException:
+                self._fd, self._seq, self._prev, self._size, self._unsigned, self._pending = old
+                raise
+            os.close(old[0])
+            previous = {"seq": old[1] - 1, "head": old[2]}
+            if walk.unsigned_tail and self._signer is not None:
+                self._note_adopted(walk)
+            self._append_locked(
+                "kmsfs-hsmd",
+                "reopen",
+                None,
+                True,
+                f"continues the log moved aside after its seq {previous['seq']}",
+                {"previous": previous},
+            )
+            return True
 
     def _note_adopted(self, walk: _Walk) -> None:
-        """Say, in the record the next checkpoint signs, that the records after the last
-        checkpoint were found unsigned, not written by this process. After a crash that is
+        """Say (under the lock), in the record the next checkpoint signs, that the records after
+        the last checkpoint were found unsigned, not written by this process. After a crash that is
         expected; after a change to the file (records removed, the chain rebuilt, checkpoints
         stripped) it is the only trace, and without it the next checkpoint would vouch for
         the change as if this agent had written it."""
         first = walk.next_seq - walk.unsigned_tail
-        self.append(
-            who="kmsfs-hsmd",
-            op="start",
-            domain=None,
-            allowed=True,
-            reason=(
-                f"{walk.unsigned_tail} record(s) before this one (seq {first} to "
-                f"{walk.next_seq - 1}) were not signed when the agent started: a crash, or a "
-                "change to the file"
-            ),
+        self._append_locked(
+            "kmsfs-hsmd",
+            "start",
+            None,
+            True,
+            f"{walk.unsigned_tail} record(s) before this one (seq {first} to "
+            f"{walk.next_seq - 1}) were not signed when the agent started: a crash, or a "
+            "change to the file",
         )
 
     def _open(self) -> int:
@@ -363,6 +409,18 @@ class AuditLog:
         detail: dict[str, Any] | None = None,
     ) -> int:
         """Record one decision; return its seq. FormatError for fields the format refuses."""
+        with self._lock:
+            return self._append_locked(who, op, domain, allowed, reason, detail)
+
+    def _append_locked(
+        self,
+        who: str,
+        op: str,
+        domain: str | None,
+        allowed: bool,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
         if not isinstance(allowed, bool):
             raise FormatError(f"event: allowed: want bool, have {type(allowed).__name__}")
         event: dict[str, Any] = {
@@ -375,14 +433,13 @@ class AuditLog:
         }
         if detail is not None:
             event["detail"] = detail
-        with self._lock:
-            seq = self._write({**self._header(), **event})
-            if self._pending >= self._every or _clock() - self._last_attempt >= self._seconds:
-                try:
-                    self._checkpoint_locked()
-                except OSError as exc:  # the event is written; say so rather than fail it
-                    log.warning("%s: checkpoint not written (%s)", self.path, exc)
-            return seq
+        seq = self._write({**self._header(), **event})
+        if self._pending >= self._every or _clock() - self._last_attempt >= self._seconds:
+            try:
+                self._checkpoint_locked()
+            except OSError as exc:  # the event is written; say so rather than fail it
+                log.warning("%s: checkpoint not written (%s)", self.path, exc)
+        return seq
 
     def checkpoint(self) -> None:
         """Have the signer sign the current head, append that record and fsync. A signer

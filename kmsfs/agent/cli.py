@@ -3,7 +3,8 @@
 Set-up failures (bad policy, unusable store, damaged audit log, a socket that cannot be bound,
 unreadable TLS files) are one line and a non-zero exit before anything listens. Once running:
 SIGTERM or SIGINT stops it cleanly (final audit checkpoint, HSM sessions closed); SIGHUP
-re-reads the policy file, keeping the old policy if the new one does not parse.
+re-reads the policy file, keeping the old policy if the new one does not parse, and continues
+the audit log in a new file if the old one was moved aside (log rotation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +52,9 @@ The agent alone holds the HSM sessions and PINs (from the store's PIN sources: f
 systemd credentials). Clients: 'kmsfs mount --agent SOCKET|HOST:PORT' and
 'kmsfs-admin --agent ...'. Every request is checked against the policy and written to the
 hash-chained audit log; 'kmsfs-admin audit verify LOG' checks the log.
+
+Signals: SIGTERM/SIGINT stop it (the audit log's tail signed first); SIGHUP re-reads the
+policy and, if the audit log was moved aside (log rotation), continues in a new file.
 """
 
 
@@ -198,18 +203,29 @@ def serve(args: argparse.Namespace) -> int:
         audit.close()
         raise
     server = Server(agent, listeners, tls, frozenset(tls_fds))
-    stop = threading.Event()
+    stop, hup, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
         stop.set()
+        wake.set()
 
     def on_hup(_signum: int, _frame: object) -> None:
+        # Only a flag: the main thread may be inside the audit log's lock right now.
+        hup.set()
+        wake.set()
+
+    def reload() -> None:
         try:
             agent.policy = Policy.load(args.policy)
             log.info("policy %s reloaded (%d clients)", args.policy, len(agent.policy.rules))
         except KmsfsError as exc:
             log.error("policy not reloaded, the old one stays: %s", exc)
+        try:  # a rotated audit log: the old file signed and closed, a new one begun
+            if audit.reopen():
+                log.info("audit log %s reopened", audit.path)
+        except (KmsfsError, OSError) as exc:
+            log.error("audit log not reopened, it goes on in the old file: %s", exc)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -221,8 +237,16 @@ def serve(args: argparse.Namespace) -> int:
     try:
         # An idle agent still signs its tail: a checkpoint every --audit-seconds when there
         # are unsigned records (AuditLog itself only checks its clock when appending).
-        while not stop.wait(args.audit_seconds):
-            audit.checkpoint()
+        signed = time.monotonic()
+        while not stop.is_set():
+            wake.wait(max(0.0, signed + args.audit_seconds - time.monotonic()))
+            wake.clear()
+            if hup.is_set():
+                hup.clear()
+                reload()
+            if time.monotonic() - signed >= args.audit_seconds:
+                audit.checkpoint()
+                signed = time.monotonic()
     finally:
         sdnotify.notify("STOPPING=1")
         server.stop()

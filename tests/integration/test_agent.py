@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -683,6 +684,36 @@ def test_idle_agent_signs_its_tail_and_a_stopped_one_leaves_it_signed(
         assert agent.stop() == 0
     report = _verify(world, agent)
     assert report["unsigned_tail"] == 0 and report["checkpoints"] >= 2
+
+
+def test_sighup_after_log_rotation_continues_in_a_new_file(
+    world: World, tmp_path: Path
+) -> None:
+    """logrotate's way: move the log aside, then SIGHUP (systemctl reload). The agent signs
+    and closes the old file and continues in a new one that names where it left off; both
+    verify on their own, and nothing is written to the old file after the move."""
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent", root_policy()).start()
+    rotated = agent.audit.with_name("audit.log.1")
+    try:
+        with agent.client() as client:
+            client.call("health", {})
+        agent.audit.rename(rotated)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(agent.audit.exists, timeout=10)
+        with agent.client() as client:
+            client.call("health", {})
+    finally:
+        assert agent.stop() == 0
+    old = world.agent_admin("--json", "audit", "verify", str(rotated)).json
+    assert old["problems"] == [] and old["unsigned_tail"] == 0
+    new = world.agent_admin("--json", "audit", "verify", str(agent.audit)).json
+    assert new["problems"] == [] and new["unsigned_tail"] == 0
+    first = json.loads(agent.audit.read_text().splitlines()[0])
+    assert first["op"] == "reopen" and first["detail"]["previous"]["seq"] == old["records"] - 1
+    ops = [json.loads(line).get("op") for line in agent.audit.read_text().splitlines()]
+    assert "health" in ops
+    assert "audit log" in agent.log() and "reopened" in agent.log()
 
 
 def _verify(world: World, agent: AgentProcess) -> dict[str, object]:

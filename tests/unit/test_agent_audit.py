@@ -170,6 +170,56 @@ def test_reopen_of_an_unsigned_tail_signs_it_at_close(tmp_path: Path) -> None:
     assert note["reason"].startswith("2 record(s) before this one (seq 0 to 1) were not signed")
 
 
+def test_reopen_after_rotation_signs_the_old_file_and_chains_the_new_one(tmp_path: Path) -> None:
+    """logrotate moved the log aside, then SIGHUP: the old file ends with a checkpoint, the new
+    one starts a chain of its own whose first record names the old file's last seq and head."""
+    path, rotated = tmp_path / "audit.log", tmp_path / "audit.log.1"
+    with AuditLog(path, sign, checkpoint_every=100) as log:
+        event(log, 1)
+        assert log.reopen() is False  # not moved: nothing to do, nothing written
+        event(log, 2)
+        path.rename(rotated)
+        assert log.reopen() is True
+        assert event(log, 3) == 1
+    old, new = records(rotated), records(path)
+    assert verify(rotated) == AuditReport(3, 1, 2, 0, [])  # two events and the checkpoint
+    assert old[-1]["type"] == "checkpoint"
+    assert verify(path) == AuditReport(3, 1, 2, 0, [])  # the note, one event, the checkpoint
+    note = new[0]
+    assert (note["seq"], note["prev"], note["who"], note["op"]) == (
+        0, audit.GENESIS_PREV, "kmsfs-hsmd", "reopen"
+    )
+    assert note["detail"] == {
+        "previous": {"seq": 2, "head": line_hash(lines(rotated)[-1].rstrip(b"\n"))}
+    }
+    assert oct(path.stat().st_mode & 0o777) == oct(audit.LOG_MODE)
+
+
+def test_reopen_takes_an_empty_file_made_by_logrotate_create(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path, sign) as log:
+        event(log, 1)
+        path.rename(tmp_path / "old")
+        path.touch(mode=0o600)
+        assert log.reopen() is True
+    assert verify(path).ok and records(path)[0]["op"] == "reopen"
+
+
+def test_reopen_onto_a_damaged_file_keeps_writing_the_old_one(tmp_path: Path) -> None:
+    """The file now at the path does not verify: the agent refuses to extend it (as at start)
+    and goes on in the file it has, which stays whole."""
+    path, rotated = tmp_path / "audit.log", tmp_path / "audit.log.1"
+    with AuditLog(path, sign) as log:
+        event(log, 1)
+        path.rename(rotated)
+        path.write_bytes(b"not a record\n")
+        with pytest.raises(IntegrityError):
+            log.reopen()
+        event(log, 2)
+    assert path.read_bytes() == b"not a record\n"
+    assert verify(rotated).ok and len(records(rotated)) >= 3
+
+
 def test_a_second_writer_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path, sign), pytest.raises(KmsfsError, match="in use"):
