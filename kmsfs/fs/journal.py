@@ -185,9 +185,11 @@ class WriteJournal:
         """The write of the record at *at* returned. It is marked done later, by
         :meth:`settle`: the daemon settles in the pause after its reply (so the mark costs a
         write no request waits for), and before anything that could make a returned record
-        harmful. A record whose write returned only ever puts back the block that write left
-        (it authenticates on disk, so a replay skips it), unless the file is cut below that
-        block and grown again: every truncate settles first (FileContent.truncate).
+        harmful. A block may then have several live records, one per write to it since the last
+        mark; a replay applies them newest first, so a torn block gets the last write to it,
+        and a block that authenticates is left alone. A returned record could only do harm in
+        a file cut below its block and grown again: every truncate settles first
+        (FileContent.truncate).
         """
         if at is None:
             return
@@ -218,15 +220,19 @@ class WriteJournal:
 
 
 def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int:
-    """Put back, from the journal's live records, every block that no longer authenticates;
-    then empty the journal. Returns how many blocks were put back. Before a mount serves."""
+    """Put back, from the journal's live records (newest first), every block that no longer
+    authenticates; then empty the journal. Returns how many blocks were put back. Before a
+    mount serves."""
     path = root + b"/" + JOURNAL_NAME.encode()
     try:
         raw = read_internal_file(path, MAX_JOURNAL_BYTES)
     except FileNotFoundError:
         return 0
     repaired = 0
-    for record in parse(raw):
+    # Newest first: of the live records of a block, the newest is the last write to it (a
+    # returned write may still be unmarked, and every shrink marks all first), so it is the one
+    # to put back; once it has, the block authenticates and older records leave it alone.
+    for record in reversed(parse(raw)):
         try:
             repaired += _apply(root, record, cipher_of)
         except (OSError, FormatError, IntegrityError) as exc:

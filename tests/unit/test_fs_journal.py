@@ -148,6 +148,28 @@ def test_records_of_writes_that_returned_are_never_replayed(volume: Path) -> Non
     assert (volume / "f").stat().st_size == size
 
 
+def test_a_replay_puts_back_the_last_write_to_a_block_not_an_older_one(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two overwrites of a block return (not yet marked done: the daemon marks in its pauses),
+    the second is fsync'd, a third is torn by the kill: the block must read as the second or
+    the third, never as the first."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "f", log)
+    content.write(0, b"0" * (4 * BLOCK_SIZE))
+    content.write(BLOCK_SIZE, b"A" * BLOCK_SIZE)
+    content.write(BLOCK_SIZE, b"B" * BLOCK_SIZE)
+    content.fsync(False)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, b"C" * BLOCK_SIZE)
+    monkeypatch.undo()
+    assert len(journal.live_records(os.fsencode(volume))) == 3
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 1
+    assert _read(_open(volume, "f", None), BLOCK_SIZE, BLOCK_SIZE) == b"C" * BLOCK_SIZE
+    assert _read(_open(volume, "f", None), 0, BLOCK_SIZE) == b"0" * BLOCK_SIZE
+
+
 def test_a_growing_write_that_fails_is_not_brought_back_by_a_replay(
     volume: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
