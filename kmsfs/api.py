@@ -34,9 +34,16 @@ def serving_bundle(deriver: KeyDeriver) -> bytes | None:
     return DomainBundle(verified.sealed, verified.chain).to_bytes()
 
 
-def bundle_generation(bundle: bytes) -> int:
-    """The generation of the Domain in a bundle (its form checked, not its signatures)."""
-    return DomainBundle.from_bytes(bundle).domain.domain.generation
+def bundle_facts(bundle: bytes) -> dict[str, Any]:
+    """name, generation, domain id and root Trust id of a bundle's Domain (its form checked,
+    not its signatures: for a bundle that was verified, or to compare with one that will be)."""
+    parsed = DomainBundle.from_bytes(bundle)
+    return {
+        "name": parsed.domain.domain.name,
+        "generation": parsed.domain.domain.generation,
+        "domain_id": parsed.domain.id,
+        "root_id": parsed.chain[0].id if parsed.chain else None,
+    }
 
 
 def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
@@ -53,6 +60,7 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     try:
         newest = domains.newest_verified(Context.at(store_dir), parsed)
         info.update(_describe(newest.sealed, newest.chain), domain_id=parsed.domain.id)
+        info["root_id"] = newest.chain[0].id  # the store's pinned root: the chain verified
         info["verified"] = True
     except KmsfsError as exc:
         info["problem"] = str(exc)

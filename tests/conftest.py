@@ -1,6 +1,7 @@
 """Fixtures shared by every test: a fresh key-management store per test or per module."""
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,17 @@ import pytest
 from tests.kms_helpers import Admin
 
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/kmsfs-hypothesis")
+# Module-scoped fixtures run before the per-test record below: they get one of their own.
+os.environ["KMSFS_STATE_DIR"] = tempfile.mkdtemp(prefix="kmsfs-test-state-")
+
+
+@pytest.fixture(autouse=True)
+def machine_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own record of the Domain generations "this machine" mounted
+    (kmsfs.fs.seen), inherited by the commands it runs: never /var/lib/kmsfs/state."""
+    state = tmp_path / "machine-state"
+    monkeypatch.setenv("KMSFS_STATE_DIR", str(state))
+    return state
 
 
 @pytest.fixture

@@ -114,6 +114,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
             f"{args.cipherdir}: config names Domain {config.domain_id}, "
             f"its bundle holds {kms.domain_id_of(desc)}"
         )
+    kms.check_not_rolled_back(desc)
     return config, store, options
 
 
@@ -128,6 +129,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             def ready() -> None:
                 if "ro" not in options:  # a read-only mount writes nothing, kmsfs.conf included
                     _keep_newest_copy(cipherdir, deriver)
+                _remember_in_use(deriver)
                 report_ready()
 
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=ready)
@@ -150,6 +152,20 @@ def _keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> None:
         return
     if generation is not None:
         log.info("%s: %s now carries Domain generation %d", cipherdir, CONFIG_NAME, generation)
+
+
+def _remember_in_use(deriver: KeyDeriver) -> None:
+    """Once mounted: this machine's record of the newest Domain generation it mounted
+    (:mod:`kmsfs.fs.seen`), so a store and volume rolled back together are refused next time.
+    A state directory that cannot be written costs a warning, not the mount."""
+    try:
+        generation = kms.remember_in_use(deriver)
+    except (OSError, KmsfsError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        log.warning("cannot record the Domain generation this mount uses: %s", why)
+        return
+    if generation is not None:
+        log.info("this machine has now mounted Domain generation %d", generation)
 
 
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.errors import IntegrityError, KmsfsError
+from kmsfs.fs import seen
 from kmsfs.keys import KeyDeriver
 
 STORE_ENV = "KMSFS_STORE"
@@ -110,19 +111,31 @@ def keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> int | None:
     if newest is None:
         return None
     config = volconfig.load(cipherdir)
-    generation = _api().bundle_generation(newest)
-    if generation <= _api().bundle_generation(config.domain_bundle):
+    facts = _api().bundle_facts(newest)
+    if facts["generation"] <= _api().bundle_facts(config.domain_bundle)["generation"]:
         return None
-    domain_id = bundle_domain_id(newest)
-    volconfig.save(cipherdir, replace(config, domain_bundle=newest, domain_id=domain_id))
-    return generation
+    volconfig.save(cipherdir, replace(config, domain_bundle=newest, domain_id=facts["domain_id"]))
+    return int(facts["generation"])
 
 
-def bundle_domain_id(bundle: bytes) -> str:
-    """The id of the Domain in a bundle (its form checked, not its signatures)."""
-    from kmsfs.model.bundle import DomainBundle
+def check_not_rolled_back(desc: dict[str, Any]) -> None:
+    """IntegrityError if a verified describe() result offers an older generation of its Domain
+    than this machine has mounted (:mod:`kmsfs.fs.seen`)."""
+    if desc.get("root_id") and desc.get("name"):
+        seen.check(str(desc["root_id"]), str(desc["name"]), int(desc["generation"]))
 
-    return DomainBundle.from_bytes(bundle).domain.id
+
+def remember_in_use(deriver: KeyDeriver) -> int | None:
+    """Record the generation *deriver* serves as the newest this machine has mounted, if it
+    is; returns it if written. None for an agent's deriver (verified by the agent)."""
+    bundle = _api().serving_bundle(deriver)
+    if bundle is None:
+        return None
+    facts = _api().bundle_facts(bundle)
+    written = seen.remember(
+        facts["root_id"], facts["name"], facts["generation"], facts["domain_id"]
+    )
+    return int(facts["generation"]) if written else None
 
 
 def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
@@ -149,7 +162,7 @@ def check_bundle(
     """
     if agent is not None:
         try:
-            domain_id = bundle_domain_id(bundle)
+            domain_id = str(_api().bundle_facts(bundle)["domain_id"])
         except KmsfsError as exc:
             raise type(exc)(f"{where}: {exc}") from None
         if want_id is not None and domain_id != want_id:

@@ -23,7 +23,7 @@ from tests.kms_helpers import Admin
 
 
 def _generation(cipher: Path) -> int:
-    return api.bundle_generation(volconfig.load(cipher).domain_bundle)
+    return int(api.bundle_facts(volconfig.load(cipher).domain_bundle)["generation"])
 
 
 def _epoch_of_the_new_file(cipher: Path, before: set[str]) -> int:
@@ -107,3 +107,38 @@ def test_a_deriver_that_does_not_say_its_generation_changes_nothing(tmp_path: Pa
     before = (volume / volconfig.CONFIG_NAME).read_bytes()
     assert kms.keep_newest_copy(volume, SoftDeriver()) is None
     assert (volume / volconfig.CONFIG_NAME).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_store_and_volume_rolled_back_together_are_refused_here(
+    tmp_path: Path, initialized: Admin, machine_state: Path
+) -> None:
+    """Whoever writes both the store and the ciphertext directory can put the older copy back
+    in kmsfs.conf too; this machine remembers the generation it mounted and refuses, until an
+    operator who restored the store on purpose removes the record the error names."""
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    mp.mkdir()
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    old_conf = (cipher / volconfig.CONFIG_NAME).read_bytes()
+    initialized("domain", "rotate", "payroll")
+    _write_through_a_mount(cipher, mp, env)
+    newer = volconfig.load(cipher)
+    assert _generation(cipher) == 2 and list(machine_state.rglob("*.json"))
+
+    (initialized.store / "domains" / f"{newer.domain_id}.json").unlink()
+    (cipher / volconfig.CONFIG_NAME).chmod(0o644)
+    (cipher / volconfig.CONFIG_NAME).write_bytes(old_conf)
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 3, proc.stderr  # verification failed
+    (line,) = proc.stderr.strip().splitlines()
+    assert "generation 2" in line and "generation 1" in line and "rolled back" in line
+    assert not os.path.ismount(mp)
+    (record,) = machine_state.rglob("*.json")
+    assert str(record) in line
+
+    record.unlink()  # the operator restored the store on purpose
+    before = _names(cipher)
+    _write_through_a_mount(cipher, mp, env)
+    assert _epoch_of_the_new_file(cipher, before) == 1
