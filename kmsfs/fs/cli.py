@@ -125,6 +125,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     def child(report_ready: Callable[[], None]) -> None:
         daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
+            kms.check_in_use(deriver)  # again: the store may have changed since the check
 
             def ready() -> None:
                 if "ro" not in options:  # a read-only mount writes nothing, kmsfs.conf included

@@ -125,17 +125,29 @@ def check_not_rolled_back(desc: dict[str, Any]) -> None:
         seen.check(str(desc["root_id"]), str(desc["name"]), int(desc["generation"]))
 
 
+def check_in_use(deriver: KeyDeriver) -> None:
+    """:func:`check_not_rolled_back` for the generation *deriver* serves: the store may have
+    changed since the mount described it (an agent's deriver: nothing to check here)."""
+    facts = _serving_facts(deriver)
+    if facts is not None:
+        seen.check(facts["root_id"], facts["name"], facts["generation"])
+
+
 def remember_in_use(deriver: KeyDeriver) -> int | None:
     """Record the generation *deriver* serves as the newest this machine has mounted, if it
     is; returns it if written. None for an agent's deriver (verified by the agent)."""
-    bundle = _api().serving_bundle(deriver)
-    if bundle is None:
+    facts = _serving_facts(deriver)
+    if facts is None:
         return None
-    facts = _api().bundle_facts(bundle)
     written = seen.remember(
         facts["root_id"], facts["name"], facts["generation"], facts["domain_id"]
     )
     return int(facts["generation"]) if written else None
+
+
+def _serving_facts(deriver: KeyDeriver) -> dict[str, Any] | None:
+    bundle = _api().serving_bundle(deriver)
+    return None if bundle is None else dict(_api().bundle_facts(bundle))
 
 
 def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:

@@ -142,3 +142,27 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     before = _names(cipher)
     _write_through_a_mount(cipher, mp, env)
     assert _epoch_of_the_new_file(cipher, before) == 1
+
+
+def test_the_generation_a_deriver_serves_is_checked_against_the_record(
+    initialized: Admin,
+) -> None:
+    """The mount checks the store's answer before it forks, and the deriver it then opens
+    again (the store may have changed in between): both refuse an older generation."""
+    from kmsfs.errors import IntegrityError
+    from kmsfs.fs import kms, seen
+
+    initialized.real_domain()
+    bundle = api.export_domain_bundle(initialized.store, "payroll")
+    facts = api.bundle_facts(bundle)
+    desc = api.describe_bundle(initialized.store, bundle)
+    with api.open_domain(initialized.store, bundle) as deriver:
+        kms.check_in_use(deriver)
+        kms.check_not_rolled_back(desc)
+        assert kms.remember_in_use(deriver) == facts["generation"]
+        assert kms.remember_in_use(deriver) is None  # already recorded
+        seen.remember(facts["root_id"], "payroll", facts["generation"] + 1, "newer")
+        with pytest.raises(IntegrityError, match="rolled back"):
+            kms.check_in_use(deriver)
+        with pytest.raises(IntegrityError, match="rolled back"):
+            kms.check_not_rolled_back(desc)
