@@ -18,11 +18,13 @@ it was; it is a hint of which key to try, and a signature verifies under one key
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -329,23 +331,32 @@ class AuditLog:
             except OSError as exc:
                 log.warning("%s: checkpoint not written (%s)", self.path, exc.strerror or exc)
             old = (self._fd, self._seq, self._prev, self._size, self._unsigned, self._pending)
+            previous = {"seq": old[1] - 1, "head": old[2]}
             try:
                 walk = self._attach()
             except BaseException:
                 self._fd, self._seq, self._prev, self._size, self._unsigned, self._pending = old
                 raise
+            try:  # the link to the old file first: a new file without it is not kept
+                self._append_locked(
+                    "kmsfs-hsmd",
+                    "reopen",
+                    None,
+                    True,
+                    f"continues the log moved aside after its seq {previous['seq']}",
+                    {"previous": previous},
+                )
+                if walk.unsigned_tail and self._signer is not None:
+                    self._note_adopted(walk)
+            except BaseException:
+                new_fd, empty = self._fd, self._size == 0
+                self._fd, self._seq, self._prev, self._size, self._unsigned, self._pending = old
+                if empty:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path)
+                os.close(new_fd)
+                raise
             os.close(old[0])
-            previous = {"seq": old[1] - 1, "head": old[2]}
-            if walk.unsigned_tail and self._signer is not None:
-                self._note_adopted(walk)
-            self._append_locked(
-                "kmsfs-hsmd",
-                "reopen",
-                None,
-                True,
-                f"continues the log moved aside after its seq {previous['seq']}",
-                {"previous": previous},
-            )
             return True
 
     def _note_adopted(self, walk: _Walk) -> None:
@@ -366,14 +377,31 @@ class AuditLog:
         )
 
     def _open(self) -> int:
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        """The log file, locked: made 0600 if missing; else it must be a regular file (not
+        through a symlink) of this process's user, and is made 0600 if it was not (a file
+        made by logrotate's ``create``)."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, LOG_MODE)
             created = True
         except FileExistsError:
-            fd = os.open(self.path, flags)
+            try:
+                fd = os.open(self.path, flags | os.O_NONBLOCK)  # a FIFO must not block
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise KmsfsError(f"{self.path}: a symlink, not the audit log") from None
+                raise
             created = False
         try:
+            if not created:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise KmsfsError(f"{self.path}: not a regular file")
+                if st.st_uid != os.geteuid():
+                    raise KmsfsError(f"{self.path}: owned by uid {st.st_uid}, not this agent's")
+                if stat.S_IMODE(st.st_mode) != LOG_MODE:
+                    os.fchmod(fd, LOG_MODE)
+                os.set_blocking(fd, True)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if created:
                 atomicfile.fsync_dir(self.path.parent)
@@ -492,7 +520,12 @@ class AuditLog:
                     exc,
                 )
             else:
-                seq = self._write(record)
+                try:
+                    seq = self._write(record)
+                except OSError:
+                    with contextlib.suppress(OSError):  # what is written still reaches the disk
+                        os.fsync(self._fd)
+                    raise
                 self._unsigned = self._pending = 0
                 log.info(
                     "%s: checkpoint seq %d head %s by HSM %s",

@@ -428,6 +428,7 @@ def reencrypt(
             holder[0].advance(n)
 
     with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
+        kms.check_in_use(deriver)  # it rewrites data: never to a generation rolled back
         try:
             return reencrypt_tree(cipherdir, deriver, upgrade=upgrade, advance=advance,
                                   total=total)

@@ -176,6 +176,7 @@ def encrypt(
     bundle = kms.export_bundle(store, domain)
     kms.check_bundle(store, bundle, f"Domain {domain}")
     with kms.open_deriver(store, bundle, agent) as deriver:
+        kms.check_in_use(deriver)  # new data: never under a generation rolled back
         header = stream.StreamHeader.new(bundle, deriver.current_epoch)
         key = deriver.derive(stream.key_info(header.file_id), epoch=header.epoch)
         cipher = stream.StreamCipher(key, header)

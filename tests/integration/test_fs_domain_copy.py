@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,15 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     (record,) = machine_state.rglob("*.json")
     assert str(record) in line
 
+    # What else writes new data refuses the older generation too.
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"new data")
+    proc = _kmsfs("encrypt", "--domain", "payroll", str(plain), str(tmp_path / "enc"), env=env)
+    assert proc.returncode == 3 and "rolled back" in proc.stderr
+    assert not (tmp_path / "enc").exists()
+    proc = _kmsfs("reencrypt", str(cipher), env=env)
+    assert proc.returncode == 3 and "rolled back" in proc.stderr
+
     record.unlink()  # the operator restored the store on purpose
     before = _names(cipher)
     _write_through_a_mount(cipher, mp, env)
@@ -166,3 +176,45 @@ def test_the_generation_a_deriver_serves_is_checked_against_the_record(
             kms.check_in_use(deriver)
         with pytest.raises(IntegrityError, match="rolled back"):
             kms.check_not_rolled_back(desc)
+
+
+@pytest.mark.slow
+def test_a_store_rolled_back_between_the_check_and_the_open_is_refused(
+    tmp_path: Path, initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount checks the store's newest generation before it forks; the child then opens
+    the Domain again. A store writer who hides generation 2 in between (the volume's copy put
+    back to 1) must not get a mount that serves generation 1."""
+    from contextlib import contextmanager
+
+    from kmsfs.fs import cli, daemon, kms
+
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    mp.mkdir()
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    old_conf = (cipher / volconfig.CONFIG_NAME).read_bytes()
+    initialized("domain", "rotate", "payroll")
+    _write_through_a_mount(cipher, mp, env)
+    second = initialized.store / "domains" / f"{volconfig.load(cipher).domain_id}.json"
+    (cipher / volconfig.CONFIG_NAME).chmod(0o644)
+    (cipher / volconfig.CONFIG_NAME).write_bytes(old_conf)
+
+    real_open = kms.open_deriver
+
+    @contextmanager
+    def open_after_the_store_changed(*args: Any, **kwargs: Any) -> Any:
+        second.unlink()  # between the check and the open
+        with real_open(*args, **kwargs) as deriver:
+            yield deriver
+
+    def serve(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a rolled-back generation was served")
+
+    monkeypatch.setattr(kms, "open_deriver", open_after_the_store_changed)
+    monkeypatch.setattr(daemon, "serve", serve)
+    monkeypatch.setattr(daemon, "setup_logging", lambda **kwargs: None)
+    store = str(initialized.store)
+    code = cli.main(["mount", "--foreground", "--store", store, str(cipher), str(mp)])
+    assert code == 3 and not second.exists()

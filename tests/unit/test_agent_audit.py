@@ -205,6 +205,66 @@ def test_reopen_takes_an_empty_file_made_by_logrotate_create(tmp_path: Path) -> 
     assert verify(path).ok and records(path)[0]["op"] == "reopen"
 
 
+def test_a_reopen_that_cannot_write_its_link_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk when the new file's first record (the link to the old one) is written: the
+    new file is not kept, and the log goes on in the old one, whole and linked."""
+    path, rotated = tmp_path / "audit.log", tmp_path / "audit.log.1"
+    with AuditLog(path, sign) as log:
+        event(log, 1)
+        path.rename(rotated)
+        real = AuditLog._append_locked
+
+        def full(self: AuditLog, *args: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(AuditLog, "_append_locked", full)
+        with pytest.raises(OSError):
+            log.reopen()
+        monkeypatch.setattr(AuditLog, "_append_locked", real)
+        assert not path.exists()
+        event(log, 2)
+        assert log.reopen() is True  # the next try makes the new file, link first
+    kinds = [(r["type"], r.get("op")) for r in records(rotated)]
+    assert verify(rotated).ok and ("event", "derive") == kinds[0] == kinds[-2]
+    assert kinds[-1] == ("checkpoint", None)  # the event after the failed try, then signed
+    assert records(path)[0]["op"] == "reopen"
+    assert records(path)[0]["detail"]["previous"]["seq"] == len(records(rotated)) - 1
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "other user"])
+def test_reopen_refuses_what_is_not_the_agents_own_file(tmp_path: Path, planted: str) -> None:
+    path, rotated, target = tmp_path / "audit.log", tmp_path / "audit.log.1", tmp_path / "t"
+    with AuditLog(path, sign) as log:
+        event(log, 1)
+        path.rename(rotated)
+        if planted == "symlink":
+            target.write_bytes(b"")
+            path.symlink_to(target)
+        elif planted == "fifo":
+            os.mkfifo(path)
+        else:
+            path.write_bytes(b"")
+            os.chown(path, 1000, 1000)
+        with pytest.raises(KmsfsError, match=str(path)):
+            log.reopen()
+        event(log, 2)
+    assert verify(rotated).ok and len(records(rotated)) >= 3
+    assert not target.exists() or target.read_bytes() == b""
+
+
+def test_a_file_made_by_logrotate_with_a_wider_mode_is_made_0600(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path, sign) as log:
+        event(log, 1)
+        path.rename(tmp_path / "old")
+        path.touch(mode=0o644)
+        path.chmod(0o644)
+        assert log.reopen() is True
+    assert path.stat().st_mode & 0o777 == audit.LOG_MODE
+
+
 def test_reopen_onto_a_damaged_file_keeps_writing_the_old_one(tmp_path: Path) -> None:
     """The file now at the path does not verify: the agent refuses to extend it (as at start)
     and goes on in the file it has, which stays whole."""
