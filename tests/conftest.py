@@ -1,6 +1,8 @@
 """Fixtures shared by every test: a fresh key-management store per test or per module."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from tests.kms_helpers import Admin
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/kmsfs-hypothesis")
 # Module-scoped fixtures run before the per-test record below: they get one of their own.
 os.environ["KMSFS_STATE_DIR"] = tempfile.mkdtemp(prefix="kmsfs-test-state-")
+atexit.register(shutil.rmtree, os.environ["KMSFS_STATE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
