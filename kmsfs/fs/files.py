@@ -304,6 +304,10 @@ class FileContent:
         if journal is None or offset >= csize or not self._header:
             return write()
         at = journal.begin(self._journal_path, self._header, offset, data)
+        if at is None:
+            # Unrecorded (the journal is full): older records of these blocks, returned and
+            # not yet marked, must not outlive it, or a replay would put them back over it.
+            journal.settle()
         try:
             result = write()
         except OSError:

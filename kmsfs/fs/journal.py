@@ -187,9 +187,10 @@ class WriteJournal:
         write no request waits for), and before anything that could make a returned record
         harmful. A block may then have several live records, one per write to it since the last
         mark; a replay applies them newest first, so a torn block gets the last write to it,
-        and a block that authenticates is left alone. A returned record could only do harm in
-        a file cut below its block and grown again: every truncate settles first
-        (FileContent.truncate).
+        and a block that authenticates is left alone. A returned record could only do harm
+        where its block later changes without a newer record: a file cut below it and grown
+        again, or an overwrite the journal had no room for. Both settle first
+        (FileContent.truncate, FileContent._overwrite).
         """
         if at is None:
             return
