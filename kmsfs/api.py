@@ -43,6 +43,7 @@ def bundle_facts(bundle: bytes) -> dict[str, Any]:
         "generation": parsed.domain.domain.generation,
         "domain_id": parsed.domain.id,
         "root_id": parsed.chain[0].id if parsed.chain else None,
+        "chain_ids": [t.id for t in parsed.chain],
     }
 
 
@@ -60,7 +61,10 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     try:
         newest = domains.newest_verified(Context.at(store_dir), parsed)
         info.update(_describe(newest.sealed, newest.chain), domain_id=parsed.domain.id)
+        # What a rollback check needs of the generation a mount would use (kmsfs.fs.seen):
         info["root_id"] = newest.chain[0].id  # the store's pinned root: the chain verified
+        info["generation_id"] = newest.sealed.id
+        info["chain_ids"] = [t.id for t in newest.chain]
         info["verified"] = True
     except KmsfsError as exc:
         info["problem"] = str(exc)

@@ -119,35 +119,50 @@ def keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> int | None:
 
 
 def check_not_rolled_back(desc: dict[str, Any]) -> None:
-    """IntegrityError if a verified describe() result offers an older generation of its Domain
-    than this machine has mounted (:mod:`kmsfs.fs.seen`)."""
-    if desc.get("root_id") and desc.get("name"):
-        seen.check(str(desc["root_id"]), str(desc["name"]), int(desc["generation"]))
+    """IntegrityError if a verified describe() result offers a generation of its Domain that
+    is older than, a rival of, or not under the Trust of the newest this machine has mounted
+    (:mod:`kmsfs.fs.seen`)."""
+    if desc.get("root_id") and desc.get("generation_id"):
+        seen.check(
+            seen.Offered(
+                str(desc["root_id"]),
+                str(desc["name"]),
+                int(desc["generation"]),
+                str(desc["generation_id"]),
+                tuple(desc["chain_ids"]),
+            )
+        )
 
 
 def check_in_use(deriver: KeyDeriver) -> None:
     """:func:`check_not_rolled_back` for the generation *deriver* serves: the store may have
     changed since the mount described it (an agent's deriver: nothing to check here)."""
-    facts = _serving_facts(deriver)
-    if facts is not None:
-        seen.check(facts["root_id"], facts["name"], facts["generation"])
+    offered = _serving(deriver)
+    if offered is not None:
+        seen.check(offered)
 
 
 def remember_in_use(deriver: KeyDeriver) -> int | None:
     """Record the generation *deriver* serves as the newest this machine has mounted, if it
     is; returns it if written. None for an agent's deriver (verified by the agent)."""
-    facts = _serving_facts(deriver)
-    if facts is None:
+    offered = _serving(deriver)
+    if offered is None or not seen.remember(offered):
         return None
-    written = seen.remember(
-        facts["root_id"], facts["name"], facts["generation"], facts["domain_id"]
-    )
-    return int(facts["generation"]) if written else None
+    return offered.generation
 
 
-def _serving_facts(deriver: KeyDeriver) -> dict[str, Any] | None:
+def _serving(deriver: KeyDeriver) -> seen.Offered | None:
     bundle = _api().serving_bundle(deriver)
-    return None if bundle is None else dict(_api().bundle_facts(bundle))
+    if bundle is None:
+        return None
+    facts = _api().bundle_facts(bundle)
+    return seen.Offered(
+        str(facts["root_id"]),
+        str(facts["name"]),
+        int(facts["generation"]),
+        str(facts["domain_id"]),
+        tuple(facts["chain_ids"]),
+    )
 
 
 def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:

@@ -10,7 +10,14 @@ line that names the record, which an operator who restored the store on purpose 
 One small JSON file per Domain under :func:`state_dir`, named by a hash of the store's root
 Trust id and the Domain name (two stores may each have a Domain ``payroll``)::
 
-    {"domain": "payroll", "domain_id": "<id>", "generation": 3, "root": "<root trust id>"}
+    {"domain": "payroll", "domain_id": "<id>", "generation": 3, "root": "<root trust id>",
+     "trust": "<id of the Trust that governs that generation>"}
+
+Refused, besides an older generation: the same generation with another id (a rival), and a
+Domain whose Trust chain does not hold the recorded Trust. A Trust that removed an HSM is a
+successor of the one before; an HSM it removed can still seal a Domain under that older Trust,
+with any generation number it likes, so a number alone is not enough: the newest Trust this
+machine used must be on the chain of what it is offered.
 
 Written atomically; it holds nothing secret (ids and a number).
 """
@@ -50,6 +57,7 @@ class Seen:
     root: str
     generation: int
     domain_id: str
+    trust: str
 
 
 def record_path(root: str, domain: str) -> Path:
@@ -70,12 +78,13 @@ def load(root: str, domain: str) -> Seen | None:
         raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         doc = json.loads(data) if len(data) <= MAX_RECORD_SIZE else None
-        seen = Seen(doc["domain"], doc["root"], doc["generation"], doc["domain_id"])
+        seen = Seen(doc["domain"], doc["root"], doc["generation"], doc["domain_id"], doc["trust"])
         valid = (
             isinstance(seen.generation, int)
             and not isinstance(seen.generation, bool)
             and seen.generation >= 1
             and isinstance(seen.domain_id, str)
+            and isinstance(seen.trust, str)
             and (seen.domain, seen.root) == (domain, root)
         )
     except (ValueError, TypeError, KeyError):
@@ -85,23 +94,64 @@ def load(root: str, domain: str) -> Seen | None:
     return seen
 
 
-def check(root: str, domain: str, generation: int) -> None:
-    """IntegrityError unless *generation* is at least the newest one mounted here."""
-    seen = load(root, domain)
-    if seen is not None and generation < seen.generation:
+@dataclass(frozen=True)
+class Offered:
+    """What a verifier is about to use: a Domain generation and its verified Trust chain."""
+
+    root: str
+    domain: str
+    generation: int
+    domain_id: str
+    chain: tuple[str, ...]  # Trust ids, root first; the last governs the Domain
+
+    @property
+    def trust(self) -> str:
+        return self.chain[-1]
+
+
+def check(offered: Offered) -> None:
+    """IntegrityError unless *offered* is at least the newest generation mounted here and
+    comes from it: not older, not a rival of the same number, and under the Trust recorded
+    or one descending from it."""
+    seen = load(offered.root, offered.domain)
+    if seen is None:
+        return
+    where = record_path(offered.root, offered.domain)
+    name = offered.domain
+    if offered.generation < seen.generation:
         raise IntegrityError(
-            f"Domain {domain}: this machine has mounted its generation {seen.generation}, but "
-            f"the store and the volume offer only generation {generation} (rolled back?); if "
-            f"the store was restored on purpose, remove {record_path(root, domain)}"
+            f"Domain {name}: this machine has mounted its generation {seen.generation}, but "
+            f"the store and the volume offer only generation {offered.generation} (rolled "
+            f"back?); if the store was restored on purpose, remove {where}"
+        )
+    if offered.generation == seen.generation and offered.domain_id != seen.domain_id:
+        raise IntegrityError(
+            f"Domain {name}: generation {offered.generation} offered is {offered.domain_id[:12]}, "
+            f"but this machine mounted {seen.domain_id[:12]} as that generation (a rival "
+            f"generation?); if the store was restored on purpose, remove {where}"
+        )
+    if seen.trust not in offered.chain:
+        raise IntegrityError(
+            f"Domain {name}: generation {offered.generation} is governed by Trust "
+            f"{offered.trust[:12]}, which does not descend from Trust {seen.trust[:12]} this "
+            f"machine last used (sealed by an HSM that Trust removed?); if the store was "
+            f"restored on purpose, remove {where}"
         )
 
 
-def remember(root: str, domain: str, generation: int, domain_id: str) -> bool:
-    """Record *generation* if it is newer than the record (or there is none); True if written."""
-    seen = load(root, domain)
-    if seen is not None and generation <= seen.generation:
+def remember(offered: Offered) -> bool:
+    """Record *offered* if it is newer than the record (or there is none); True if written.
+    Call it only with what :func:`check` accepted."""
+    seen = load(offered.root, offered.domain)
+    if seen is not None and offered.generation <= seen.generation:
         return False
-    record = {"domain": domain, "domain_id": domain_id, "generation": generation, "root": root}
+    record = {
+        "domain": offered.domain,
+        "domain_id": offered.domain_id,
+        "generation": offered.generation,
+        "root": offered.root,
+        "trust": offered.trust,
+    }
     data = (json.dumps(record, sort_keys=True, indent=2) + "\n").encode()
-    atomicfile.replace(record_path(root, domain), data, mode=0o644)
+    atomicfile.replace(record_path(offered.root, offered.domain), data, mode=0o644)
     return True

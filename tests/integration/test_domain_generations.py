@@ -8,6 +8,7 @@ store does not hold. With real SoftHSM2 tokens.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +188,43 @@ def test_a_generation_that_drops_an_epoch_is_refused(revoked: Revoked) -> None:
     ctx.store.save_domain(SealedDomain(dropped, Signature(dropped.id, hsm1.id, value)))
     with pytest.raises(ChainError, match="drops mk epochs of generation 3"):
         domains.current(ctx, "payroll")
+
+
+@pytest.mark.slow
+def test_a_forged_newer_generation_in_an_emptied_store_is_refused_where_one_was_mounted(
+    revoked: Revoked, tmp_path: Path
+) -> None:
+    """hsm3's PIN holder also writes the store and the ciphertext directory. They delete the
+    Domain's documents, so the volume's copy is verified alone, and put there a generation 4
+    of their own under T1 (which still lists hsm3), sealed by hsm3, with a key epoch it made.
+    Its number beats what this machine mounted (3, under T2), but its Trust chain does not
+    hold T2: refused, before anything is mounted."""
+    from dataclasses import replace
+
+    from kmsfs.fs import config as volconfig
+    from tests.integration.test_fs_domain_copy import _write_through_a_mount
+    from tests.integration.test_fs_epochs import _kmsfs
+
+    store = revoked.admin.store
+    env = {"KMSFS_STORE": str(store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    mp.mkdir()
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    _write_through_a_mount(cipher, mp, env)  # this machine mounts generation 3 (T2)
+
+    ctx = Context.at(store)
+    forged = _forge(ctx, domains.current(ctx, "payroll").sealed)
+    assert (forged.domain.domain.generation, forged.domain.domain.trust) == (4, revoked.old_trust)
+    for document in (store / "domains").iterdir():
+        document.unlink()
+    config = volconfig.load(cipher)
+    volconfig.save(
+        cipher, replace(config, domain_bundle=forged.to_bytes(), domain_id=forged.domain.id)
+    )
+    assert api.describe_bundle(store, forged.to_bytes())["verified"] is True  # alone, it does
+
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 3, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "does not descend" in line and revoked.new_trust[:12] in line
+    assert not os.path.ismount(mp)

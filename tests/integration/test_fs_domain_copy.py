@@ -171,7 +171,11 @@ def test_the_generation_a_deriver_serves_is_checked_against_the_record(
         kms.check_not_rolled_back(desc)
         assert kms.remember_in_use(deriver) == facts["generation"]
         assert kms.remember_in_use(deriver) is None  # already recorded
-        seen.remember(facts["root_id"], "payroll", facts["generation"] + 1, "newer")
+        newer = seen.Offered(
+            facts["root_id"], "payroll", facts["generation"] + 1, "newer",
+            tuple(facts["chain_ids"]),
+        )
+        seen.remember(newer)
         with pytest.raises(IntegrityError, match="rolled back"):
             kms.check_in_use(deriver)
         with pytest.raises(IntegrityError, match="rolled back"):

@@ -11,6 +11,14 @@ from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import seen
 
 ROOT_A, ROOT_B = "a" * 64, "b" * 64
+T1, T2, T3 = "1" * 64, "2" * 64, "3" * 64  # T2 succeeds T1 (an HSM removed), T3 succeeds T2
+
+
+def offered(generation: int, chain: tuple[str, ...] = (ROOT_A, T1, T2), **kw: str) -> seen.Offered:
+    return seen.Offered(
+        kw.get("root", ROOT_A), kw.get("domain", "payroll"), generation,
+        kw.get("domain_id", f"id{generation}"), chain,
+    )
 
 
 def test_the_record_lives_where_the_environment_says(machine_state: Path) -> None:
@@ -30,31 +38,55 @@ def test_without_the_environment_root_keeps_it_in_var_lib(
 
 
 def test_an_older_generation_than_one_mounted_here_is_refused() -> None:
-    seen.check(ROOT_A, "payroll", 1)  # nothing recorded: anything goes
-    assert seen.remember(ROOT_A, "payroll", 3, "id3") is True
+    seen.check(offered(1))  # nothing recorded: anything goes
+    assert seen.remember(offered(3)) is True
     with pytest.raises(IntegrityError) as info:
-        seen.check(ROOT_A, "payroll", 2)
+        seen.check(offered(2))
     message = str(info.value)
     assert "generation 3" in message and "generation 2" in message
     assert str(seen.record_path(ROOT_A, "payroll")) in message  # how to accept a restore
-    seen.check(ROOT_A, "payroll", 3)
-    seen.check(ROOT_A, "payroll", 4)
+    seen.check(offered(3))
+    seen.check(offered(4))
+
+
+def test_a_rival_of_the_generation_mounted_here_is_refused() -> None:
+    seen.remember(offered(3))
+    with pytest.raises(IntegrityError, match="rival"):
+        seen.check(offered(3, domain_id="another"))
+
+
+def test_a_newer_number_under_an_older_trust_is_refused() -> None:
+    """An HSM removed by T2 can still seal a Domain under T1, with any generation number:
+    what this machine last used was governed by T2, so the offer must descend from T2."""
+    seen.remember(offered(3, chain=(ROOT_A, T1, T2)))
+    with pytest.raises(IntegrityError, match="does not descend"):
+        seen.check(offered(9, chain=(ROOT_A, T1)))
+    seen.check(offered(4, chain=(ROOT_A, T1, T2)))  # a rotation under T2
+    seen.check(offered(4, chain=(ROOT_A, T1, T2, T3)))  # a rewrap to T3
 
 
 def test_the_record_only_moves_forward() -> None:
-    assert seen.remember(ROOT_A, "payroll", 3, "id3") is True
-    assert seen.remember(ROOT_A, "payroll", 2, "id2") is False
-    assert seen.remember(ROOT_A, "payroll", 3, "id3") is False
-    assert seen.load(ROOT_A, "payroll") == seen.Seen("payroll", ROOT_A, 3, "id3")
-    assert seen.remember(ROOT_A, "payroll", 4, "id4") is True
-    assert seen.load(ROOT_A, "payroll") == seen.Seen("payroll", ROOT_A, 4, "id4")
+    assert seen.remember(offered(3)) is True
+    assert seen.remember(offered(2)) is False
+    assert seen.remember(offered(3)) is False
+    assert seen.load(ROOT_A, "payroll") == seen.Seen("payroll", ROOT_A, 3, "id3", T2)
+    assert seen.remember(offered(4, chain=(ROOT_A, T1, T2, T3))) is True
+    assert seen.load(ROOT_A, "payroll") == seen.Seen("payroll", ROOT_A, 4, "id4", T3)
 
 
 def test_domains_of_other_stores_and_other_names_are_apart() -> None:
-    seen.remember(ROOT_A, "payroll", 5, "x")
-    seen.check(ROOT_B, "payroll", 1)
-    seen.check(ROOT_A, "hr", 1)
+    seen.remember(offered(5))
+    seen.check(offered(1, root=ROOT_B, chain=(ROOT_B,)))
+    seen.check(offered(1, domain="hr", chain=(ROOT_A,)))
     assert seen.load(ROOT_B, "payroll") is None
+
+
+def _record(**changes: object) -> bytes:
+    doc: dict[str, object] = {
+        "domain": "payroll", "root": ROOT_A, "generation": 3, "domain_id": "x", "trust": T2
+    }
+    doc.update(changes)
+    return json.dumps({k: v for k, v in doc.items() if v is not None}).encode()
 
 
 @pytest.mark.parametrize(
@@ -62,15 +94,16 @@ def test_domains_of_other_stores_and_other_names_are_apart() -> None:
     [
         b"not json",
         b"{}",
-        json.dumps({"domain": "payroll", "root": ROOT_A, "generation": "3", "domain_id": "x"}),
-        json.dumps({"domain": "payroll", "root": ROOT_A, "generation": 0, "domain_id": "x"}),
-        json.dumps({"domain": "hr", "root": ROOT_A, "generation": 3, "domain_id": "x"}),
+        _record(generation="3"),
+        _record(generation=0),
+        _record(domain="hr"),
+        _record(trust=None),
         b"{" + b" " * 5000 + b"}",
     ],
 )
-def test_a_damaged_record_is_named_not_ignored(content: bytes | str) -> None:
+def test_a_damaged_record_is_named_not_ignored(content: bytes) -> None:
     path = seen.record_path(ROOT_A, "payroll")
     path.parent.mkdir(parents=True)
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    path.write_bytes(content)
     with pytest.raises(FormatError, match=str(path)):
-        seen.check(ROOT_A, "payroll", 9)
+        seen.check(offered(9))
