@@ -215,6 +215,9 @@ def serve(
         raise
     finally:
         ops.files.close_all()
+        if ops.journal is not None:
+            with contextlib.suppress(OSError):  # marks what returned: no live record left
+                ops.journal.close()
         try:
             pyfuse3.close(unmount=unmount)
         except Exception:  # already unmounted from outside
