@@ -110,13 +110,11 @@ def test_a_deriver_that_does_not_say_its_generation_changes_nothing(tmp_path: Pa
     assert (volume / volconfig.CONFIG_NAME).read_bytes() == before
 
 
-@pytest.mark.slow
-def test_a_store_and_volume_rolled_back_together_are_refused_here(
-    tmp_path: Path, initialized: Admin, machine_state: Path
-) -> None:
-    """Whoever writes both the store and the ciphertext directory can put the older copy back
-    in kmsfs.conf too; this machine remembers the generation it mounted and refuses, until an
-    operator who restored the store on purpose removes the record the error names."""
+def _mounted_after_a_rotation(
+    initialized: Admin, tmp_path: Path
+) -> tuple[dict[str, str], Path, Path, bytes]:
+    """A volume made at generation 1, the Domain rotated (generation 2), then mounted once
+    here: (env, cipherdir, mountpoint, the volume's kmsfs.conf as made)."""
     initialized.real_domain()
     env = {"KMSFS_STORE": str(initialized.store)}
     cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
@@ -125,6 +123,17 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     old_conf = (cipher / volconfig.CONFIG_NAME).read_bytes()
     initialized("domain", "rotate", "payroll")
     _write_through_a_mount(cipher, mp, env)
+    return env, cipher, mp, old_conf
+
+
+@pytest.mark.slow
+def test_a_store_and_volume_rolled_back_together_are_refused_here(
+    tmp_path: Path, initialized: Admin, machine_state: Path
+) -> None:
+    """Whoever writes both the store and the ciphertext directory can put the older copy back
+    in kmsfs.conf too; this machine remembers the generation it mounted and refuses, until an
+    operator who restored the store on purpose removes the record the error names."""
+    env, cipher, mp, old_conf = _mounted_after_a_rotation(initialized, tmp_path)
     newer = volconfig.load(cipher)
     assert _generation(cipher) == 2 and list(machine_state.rglob("*.json"))
 
@@ -193,14 +202,7 @@ def test_a_store_rolled_back_between_the_check_and_the_open_is_refused(
 
     from kmsfs.fs import cli, daemon, kms
 
-    initialized.real_domain()
-    env = {"KMSFS_STORE": str(initialized.store)}
-    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
-    mp.mkdir()
-    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
-    old_conf = (cipher / volconfig.CONFIG_NAME).read_bytes()
-    initialized("domain", "rotate", "payroll")
-    _write_through_a_mount(cipher, mp, env)
+    _, cipher, mp, old_conf = _mounted_after_a_rotation(initialized, tmp_path)
     second = initialized.store / "domains" / f"{volconfig.load(cipher).domain_id}.json"
     (cipher / volconfig.CONFIG_NAME).chmod(0o644)
     (cipher / volconfig.CONFIG_NAME).write_bytes(old_conf)
