@@ -38,12 +38,16 @@ def bundle_facts(bundle: bytes) -> dict[str, Any]:
     """name, generation, domain id and root Trust id of a bundle's Domain (its form checked,
     not its signatures: for a bundle that was verified, or to compare with one that will be)."""
     parsed = DomainBundle.from_bytes(bundle)
+    return _facts(parsed.domain, parsed.chain)
+
+
+def _facts(sealed: SealedDomain, chain: Sequence[SealedTrust]) -> dict[str, Any]:
     return {
-        "name": parsed.domain.domain.name,
-        "generation": parsed.domain.domain.generation,
-        "domain_id": parsed.domain.id,
-        "root_id": parsed.chain[0].id if parsed.chain else None,
-        "chain_ids": [t.id for t in parsed.chain],
+        "name": sealed.domain.name,
+        "generation": sealed.domain.generation,
+        "domain_id": sealed.id,
+        "root_id": chain[0].id if chain else None,
+        "chain_ids": [t.id for t in chain],
     }
 
 
@@ -61,10 +65,8 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     try:
         newest = domains.newest_verified(Context.at(store_dir), parsed)
         info.update(_describe(newest.sealed, newest.chain), domain_id=parsed.domain.id)
-        # What a rollback check needs of the generation a mount would use (kmsfs.fs.seen):
-        info["root_id"] = newest.chain[0].id  # the store's pinned root: the chain verified
-        info["generation_id"] = newest.sealed.id
-        info["chain_ids"] = [t.id for t in newest.chain]
+        # The generation a mount would use, as a rollback check needs it (kmsfs.fs.seen).
+        info["serving"] = _facts(newest.sealed, newest.chain)
         info["verified"] = True
     except KmsfsError as exc:
         info["problem"] = str(exc)

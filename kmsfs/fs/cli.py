@@ -22,7 +22,6 @@ from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import check_mountpoint, create_volume, is_mount_point, open_volume
-from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +127,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
             kms.check_in_use(deriver)  # again: the store may have changed since the check
 
             def ready() -> None:
-                if "ro" not in options:  # a read-only mount writes nothing, kmsfs.conf included
-                    _keep_newest_copy(cipherdir, deriver)
-                _remember_in_use(deriver)
+                # Only now, so a failed mount changes nothing; a read-only one writes nothing
+                # in the volume. The machine's record is its own (kmsfs.fs.seen).
+                conf = cipherdir / CONFIG_NAME
+                if "ro" not in options:
+                    _keep_record(
+                        f"the Domain generation in use in {conf}",
+                        lambda: kms.keep_newest_copy(cipherdir, deriver),
+                        f"{conf} now carries Domain generation %d",
+                    )
+                _keep_record(
+                    "the Domain generation this machine mounted",
+                    lambda: kms.remember_in_use(deriver),
+                    "this machine has now mounted Domain generation %d",
+                )
                 report_ready()
 
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=ready)
@@ -141,32 +151,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return daemon.daemonize(child)
 
 
-def _keep_newest_copy(cipherdir: Path, deriver: KeyDeriver) -> None:
-    """Once mounted (so a failed mount changes nothing): the volume carries the newest Domain
-    generation the mount verified (:func:`kms.keep_newest_copy`). A volume whose config cannot
-    be written (a read-only copy) still mounts, with a warning."""
+def _keep_record(what: str, record: Callable[[], int | None], done: str) -> None:
+    """Keep one record of the generation a mount uses (the volume's copy, the machine's):
+    a config or state directory that cannot be written costs a warning, never the mount."""
     try:
-        generation = kms.keep_newest_copy(cipherdir, deriver)
+        generation = record()
     except (OSError, KmsfsError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        log.warning("%s: cannot record the Domain generation in use: %s", cipherdir, why)
+        log.warning("cannot record %s: %s", what, why)
         return
     if generation is not None:
-        log.info("%s: %s now carries Domain generation %d", cipherdir, CONFIG_NAME, generation)
-
-
-def _remember_in_use(deriver: KeyDeriver) -> None:
-    """Once mounted: this machine's record of the newest Domain generation it mounted
-    (:mod:`kmsfs.fs.seen`), so a store and volume rolled back together are refused next time.
-    A state directory that cannot be written costs a warning, not the mount."""
-    try:
-        generation = kms.remember_in_use(deriver)
-    except (OSError, KmsfsError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        log.warning("cannot record the Domain generation this mount uses: %s", why)
-        return
-    if generation is not None:
-        log.info("this machine has now mounted Domain generation %d", generation)
+        log.info(done, generation)
 
 
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:

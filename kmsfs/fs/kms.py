@@ -122,16 +122,8 @@ def check_not_rolled_back(desc: dict[str, Any]) -> None:
     """IntegrityError if a verified describe() result offers a generation of its Domain that
     is older than, a rival of, or not under the Trust of the newest this machine has mounted
     (:mod:`kmsfs.fs.seen`)."""
-    if desc.get("root_id") and desc.get("generation_id"):
-        seen.check(
-            seen.Offered(
-                str(desc["root_id"]),
-                str(desc["name"]),
-                int(desc["generation"]),
-                str(desc["generation_id"]),
-                tuple(desc["chain_ids"]),
-            )
-        )
+    if desc.get("serving"):
+        seen.check(_offered(desc["serving"]))
 
 
 def check_in_use(deriver: KeyDeriver) -> None:
@@ -153,9 +145,11 @@ def remember_in_use(deriver: KeyDeriver) -> int | None:
 
 def _serving(deriver: KeyDeriver) -> seen.Offered | None:
     bundle = _api().serving_bundle(deriver)
-    if bundle is None:
-        return None
-    facts = _api().bundle_facts(bundle)
+    return None if bundle is None else _offered(_api().bundle_facts(bundle))
+
+
+def _offered(facts: dict[str, Any]) -> seen.Offered:
+    """kmsfs.api's facts of a verified generation, as :mod:`kmsfs.fs.seen` checks them."""
     return seen.Offered(
         str(facts["root_id"]),
         str(facts["name"]),
