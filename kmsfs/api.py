@@ -35,8 +35,9 @@ def serving_bundle(deriver: KeyDeriver) -> bytes | None:
 
 
 def bundle_facts(bundle: bytes) -> dict[str, Any]:
-    """name, generation, domain id and root Trust id of a bundle's Domain (its form checked,
-    not its signatures: for a bundle that was verified, or to compare with one that will be)."""
+    """name, generation, domain id, root Trust id and the Trust ids of the chain (root first)
+    of a bundle's Domain (its form checked, not its signatures: for a bundle that was
+    verified, or to compare with one that will be)."""
     parsed = DomainBundle.from_bytes(bundle)
     return _facts(parsed.domain, parsed.chain)
 
