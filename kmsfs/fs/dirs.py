@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import is_internal
+from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import DIRIV, TEMP_PREFIX, temp_path, write_dir_iv
 from kmsfs.fs.posix import rename_noreplace
 
@@ -41,14 +42,14 @@ def make_dir(path: bytes, mode: int, prepare: Callable[[bytes], None] | None = N
     *prepare* (ownership, say) runs on the directory before it gets its visible name, so a crash
     never leaves it visible with the daemon's owner either.
     """
-    if os.path.lexists(path):  # fail before any work, as mkdir(2) would
+    if os.path.lexists(reach(path)):  # fail before any work, as mkdir(2) would
         raise FileExistsError(errno.EEXIST, "file exists", path)
     temp = temp_path(os.path.dirname(path))
-    os.mkdir(temp, 0o700)
+    os.mkdir(reach(temp), 0o700)
     try:
         write_dir_iv(temp)
-        fsync_dir(temp)  # the entry naming the IV, not only its bytes
-        os.chmod(temp, mode)
+        fsync_dir(reach(temp))  # the entry naming the IV, not only its bytes
+        os.chmod(reach(temp), mode)
         if prepare is not None:
             prepare(temp)
         rename_noreplace(temp, path)
@@ -81,7 +82,7 @@ def remove_empty_dir(path: bytes) -> None:
         _remove_hidden(hidden, entries)
     except BaseException:
         with contextlib.suppress(OSError):
-            if not os.path.lexists(hidden + b"/" + DIRIV):
+            if not os.path.lexists(reach(hidden + b"/" + DIRIV)):
                 write_dir_iv(hidden)
             rename_noreplace(hidden, path)
         raise
@@ -109,7 +110,7 @@ def remove_hidden(hidden: bytes, entries: list[tuple[bytes, bool]]) -> None:
 def _internal_entries(path: bytes, depth: int) -> list[tuple[bytes, bool]] | None:
     """(name, is a directory) of every entry, or None if one is not kmsfs's own."""
     out = []
-    with os.scandir(path) as it:
+    with os.scandir(reach(path)) as it:
         for entry in it:
             if not is_internal(os.fsdecode(entry.name)):
                 return None
@@ -117,7 +118,7 @@ def _internal_entries(path: bytes, depth: int) -> list[tuple[bytes, bool]] | Non
             if is_dir and (
                 not entry.name.startswith(_HIDDEN)
                 or depth >= MAX_HIDDEN_DEPTH
-                or _internal_entries(entry.path, depth + 1) is None
+                or _internal_entries(path + b"/" + entry.name, depth + 1) is None
             ):
                 return None
             out.append((entry.name, is_dir))
@@ -136,8 +137,8 @@ def _remove_hidden(path: bytes, entries: list[tuple[bytes, bool]] | None = None)
             _remove_hidden(child)
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(child)
+                os.unlink(reach(child))
         log.info("removed leftover %r", child)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path + b"/" + DIRIV)
-    os.rmdir(path)
+        os.unlink(reach(path + b"/" + DIRIV))
+    os.rmdir(reach(path))

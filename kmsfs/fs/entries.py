@@ -37,6 +37,7 @@ from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.journal import WriteJournal
+from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import (
     TEMP_PREFIX,
     DirNames,
@@ -126,14 +127,14 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, parent: int, cname: bytes, name: bytes, path: bytes, st: os.stat_result | None = None
     ) -> pyfuse3.EntryAttributes:
         if st is None:
-            st = os.lstat(path)
+            st = os.lstat(reach(path))
         ino = self.table.fuse_ino(st.st_ino)
         attrs = self._attrs(ino, st, path)
         self.table.remember(ino, parent, cname, name, 1)
         return attrs
 
     def _read_link(self, path: bytes) -> bytes:
-        stored = os.fsdecode(os.readlink(path))
+        stored = os.fsdecode(os.readlink(reach(path)))
 
         def read_blob() -> str:
             blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + os.fsencode(stored)
@@ -154,13 +155,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         a symlink needs no fd: one lstat answers (the common case, e.g. every file of rm -rf).
         """
         try:
-            st = os.lstat(path)
+            st = os.lstat(reach(path))
         except FileNotFoundError:
             return None, None
         if not stat.S_ISLNK(st.st_mode):
             return None, st
         try:
-            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None, None
         try:
@@ -196,7 +197,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
         try:
-            st = os.lstat(path)
+            st = os.lstat(reach(path))
         except FileNotFoundError:
             return self._no_entry
         return self._entry(parent_inode, cname, name, path, st)
@@ -218,13 +219,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         written = write_sidecar(dirpath, disk)
         base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
         try:
-            fd = os.open(path, base | os.O_EXCL, stat.S_IMODE(mode))
+            fd = os.open(reach(path), base | os.O_EXCL, stat.S_IMODE(mode))
             created = True
         except FileExistsError:
             undo_sidecar(dirpath, disk, written)
             if flags & os.O_EXCL:
                 raise
-            fd, created = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), False
+            fd, created = os.open(reach(path), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), False
         except BaseException:
             undo_sidecar(dirpath, disk, written)
             raise
@@ -271,7 +272,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         def make(path: bytes, own_new: Any) -> None:
-            os.mknod(path, mode, rdev)
+            os.mknod(reach(path), mode, rdev)
             own_new(path)
 
         return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
@@ -300,7 +301,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 blob = _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
                 self.longlink_dir_exists = True
             try:
-                os.symlink(disk_link.target, path)
+                os.symlink(disk_link.target, reach(path))
             except BaseException:
                 if blob is not None:
                     _unlink_quiet(blob)  # its name is random: nothing else can use it
@@ -325,7 +326,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         path = dirpath + b"/" + cname
         written = write_sidecar(dirpath, disk)
         try:
-            os.link(src, path, follow_symlinks=False)
+            os.link(reach(src), reach(path), follow_symlinks=False)
         except BaseException:
             undo_sidecar(dirpath, disk, written)
             raise
@@ -338,7 +339,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         path = dirpath + b"/" + cname
         held, st = self._hold_longlink(path)
         try:
-            os.unlink(path)
+            os.unlink(reach(path))
         except BaseException:
             self._drop_longlink(held)
             raise
@@ -352,7 +353,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
-        st = os.lstat(path)
+        st = os.lstat(reach(path))
         dirs.remove_empty_dir(path)
         remove_sidecar(dirpath, cname)
         self.table.drop_link(parent_inode, cname)
@@ -380,11 +381,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 (parent_inode_old, old_c), name_old, (parent_inode_new, new_c), name_new
             )
             return
-        src = os.lstat(old_path)
+        src = os.lstat(reach(old_path))
         held, dst = None, None
         if not flags & pyfuse3.RENAME_NOREPLACE:
             try:
-                dst = os.lstat(new_path)
+                dst = os.lstat(reach(new_path))
             except FileNotFoundError:
                 dst = None
             if dst is not None and dst.st_ino == src.st_ino:

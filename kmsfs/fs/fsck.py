@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
+from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
 from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
@@ -142,7 +143,21 @@ class _Checker:
 
     # directories and names
 
-    def directory(self, cdir: Path, plain: str | None) -> None:
+    def tree(self, top: Path, plain: str) -> None:
+        """Check *top* and everything under it, depth first, in name order.
+
+        With a stack rather than recursion: a tree as deep as PATH_MAX allows (2,000 levels
+        of one-letter names) would pass Python's recursion limit."""
+        stack = [self.directory(top, plain)]
+        while stack:
+            below = next(stack[-1], None)
+            if below is None:
+                stack.pop()
+            else:
+                stack.append(self.directory(*below))
+
+    def directory(self, cdir: Path, plain: str | None) -> Iterator[tuple[Path, str | None]]:
+        """Check one directory's names and entries; yields each subdirectory to check next."""
         self.report.checked["directories"] += 1
         try:
             dir_iv: bytes | None = read_dir_iv(os.fsencode(cdir))
@@ -150,7 +165,7 @@ class _Checker:
             dir_iv = None
             self.damage("diriv", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
         try:
-            entries = sorted(os.listdir(cdir))
+            entries = sorted(os.fsdecode(n) for n in os.listdir(_reach(cdir)))
         except OSError as exc:
             self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
             return
@@ -169,7 +184,7 @@ class _Checker:
                 self.warn("leftover", path, None, "internal name the format does not use here")
                 continue
             child = self.name(cdir, name, dir_iv, plain)
-            self.entry(path, child)
+            yield from self.entry(path, child)
 
     def name(self, cdir: Path, disk: str, dir_iv: bytes | None, plain: str | None) -> str | None:
         """Plaintext path of one entry, or None (and a problem) if its name does not decrypt."""
@@ -194,15 +209,15 @@ class _Checker:
             self.damage("name", cdir / disk, None, f"{exc} (in {where})")
             return None
 
-    def entry(self, path: Path, plain: str | None) -> None:
+    def entry(self, path: Path, plain: str | None) -> Iterator[tuple[Path, str | None]]:
         try:
-            st = os.lstat(path)
+            st = os.lstat(_reach(path))
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot stat: {exc.strerror}")
             return
         if stat.S_ISDIR(st.st_mode):
             self.xattrs(path, plain)
-            self.directory(path, plain)
+            yield path, plain
         elif stat.S_ISREG(st.st_mode):
             self.xattrs(path, plain)
             self.file(path, plain, st)
@@ -215,7 +230,7 @@ class _Checker:
         """Every ``user.*`` attribute: its name decrypts (a long one, from its value) and its
         value opens under that name. Other namespaces are not kmsfs's and are left alone."""
         try:
-            names = os.listxattr(path, follow_symlinks=False)
+            names = os.listxattr(_reach(path), follow_symlinks=False)
         except OSError:
             return  # a backing file system without xattrs has none to check
         for disk in names:
@@ -224,7 +239,7 @@ class _Checker:
                 continue
             self.report.checked["xattrs"] += 1
             try:
-                stored = os.getxattr(path, raw, follow_symlinks=False)
+                stored = os.getxattr(_reach(path), raw, follow_symlinks=False)
                 self.xattr_cipher.plain_name(raw, stored)
                 self.xattr_cipher.open(raw, stored)
             except IntegrityError as exc:
@@ -236,7 +251,7 @@ class _Checker:
 
     def symlink(self, path: Path, plain: str | None) -> None:
         self.report.checked["symlinks"] += 1
-        target = os.readlink(path)
+        target = os.fsdecode(os.readlink(_reach(path)))
 
         def read_blob() -> str:
             self.blobs.add(target)
@@ -272,7 +287,7 @@ class _Checker:
             self.seen.add((st.st_dev, st.st_ino))
         self.report.checked["files"] += 1
         try:
-            with open(path, "rb") as f:
+            with open(_reach(path), "rb") as f:
                 self.contents(f, path, plain, st.st_size)
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")
@@ -328,29 +343,40 @@ class _Checker:
                         f"({bad} of {blocks})")
 
 
+def _reach(path: Path) -> bytes:
+    """*path* for a syscall, even if its ciphertext path is longer than PATH_MAX."""
+    return reach(os.fsencode(path))
+
+
 def check_tree(
     cipherdir: Path, deriver: KeyDeriver, advance: Callable[[int], None] | None = None
 ) -> Report:
     """Check a whole ciphertext tree with ``deriver``'s keys; never writes anything."""
+    forget()  # anchors cached before (a mount in between may have moved their directories)
     checker = _Checker(Path(cipherdir), deriver, advance)
     checker.report.current_epoch = getattr(deriver, "current_epoch", None)
     checker.journal()
-    checker.directory(checker.root, "/")
+    checker.tree(checker.root, "/")
     checker.orphan_blobs()
     checker.report.clean = not checker.report.problems
     return checker.report
 
 
 def _ciphertext_bytes(cipherdir: Path) -> int:
+    """Bytes of all regular files, for the progress bar; any depth (a stack, and reach)."""
     total = 0
-    for dirpath, _dirs, files in os.walk(cipherdir):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
+    stack = [os.fsencode(cipherdir)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(reach(top)) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(top + b"/" + entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
     return total
 
 

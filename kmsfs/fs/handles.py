@@ -19,6 +19,7 @@ import trio
 
 from kmsfs.fs.files import ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
+from kmsfs.fs.longpath import reach
 
 
 @dataclass
@@ -68,11 +69,11 @@ def open_quietly(path: bytes, flags: int, noatime: bool) -> int:
     file or has CAP_FOWNER; otherwise reads move atime as they would without the option)."""
     if noatime:
         try:
-            return os.open(path, flags | os.O_NOATIME)
+            return os.open(reach(path), flags | os.O_NOATIME)
         except PermissionError as exc:
             if exc.errno != errno.EPERM:
                 raise
-    return os.open(path, flags)
+    return os.open(reach(path), flags)
 
 
 #: How much of a file opened for reading :func:`prefetch` asks the kernel to read at once: the

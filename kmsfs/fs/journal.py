@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.posix import pwrite_fully, read_internal_file
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ _DONE_BYTE = bytes([DONE])
 #: (a mount that never pauses between requests).
 MAX_UNSETTLED = 64
 _CRC = struct.Struct(">I")
+#: A record's path length is a u16: a file whose ciphertext path under the root is longer (some
+#: 2,700 directories deep, which only relative paths reach) is overwritten unrecorded.
+MAX_PATH_BYTES = 0xFFFF
 #: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
 MAX_BODY = 2 * 1024 * 1024
 #: What a replay reads of the journal at most: records of the writes in flight at once (a few
@@ -166,6 +170,9 @@ class WriteJournal:
         One pwritev. A store into a shared mapping of the journal would cost a third as much,
         but one that meets a full disk (btrfs allocates on write, even after fallocate) or a
         journal truncated by someone else kills the daemon with SIGBUS, where a write fails."""
+        if len(relative) > MAX_PATH_BYTES:
+            log.debug("write journal: path too long for a record; this write goes unrecorded")
+            return None
         with self._lock:
             head, data, crc = _pieces(self._sequence, relative, header, offset, data)
             at = self._pos
@@ -224,6 +231,7 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
     """Put back, from the journal's live records (newest first), every block that no longer
     authenticates; then empty the journal. Returns how many blocks were put back. Before a
     mount serves."""
+    forget()  # anchors this process cached before: a mount since may have moved directories
     path = root + b"/" + JOURNAL_NAME.encode()
     try:
         raw = read_internal_file(path, MAX_JOURNAL_BYTES)
@@ -270,7 +278,7 @@ def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], Conten
     if record.offset < HEADER_SIZE or rest:
         raise FormatError(f"offset {record.offset} is not where a block starts")
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(root + b"/" + record.path, flags)
+    fd = os.open(reach(root + b"/" + record.path), flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")

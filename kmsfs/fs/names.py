@@ -30,6 +30,7 @@ from kmsfs.crypto.names import (
     parse_dir_iv,
 )
 from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.longpath import reach
 from kmsfs.fs.posix import read_internal_file
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def write_dir_iv(dirpath: bytes) -> bytes:
     of them can: without the fsync, a power cut could keep the names and lose the IV.
     """
     dir_iv = new_dir_iv()
-    fd = os.open(dirpath + b"/" + DIRIV, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    fd = os.open(reach(dirpath + b"/" + DIRIV), flags, 0o440)
     try:
         os.write(fd, dir_iv)
         os.fsync(fd)
@@ -170,7 +172,7 @@ class DirNames:
         """
         out = []
         known = self._plain
-        with os.scandir(dirpath if fd is None else fd) as it:
+        with os.scandir(reach(dirpath) if fd is None else fd) as it:
             for entry in it:
                 name = entry.name
                 disk = os.fsdecode(name)
@@ -202,7 +204,7 @@ def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
         return False
     path = dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX)
     data = disk.long_content.encode("ascii")
-    replace(Path(os.fsdecode(path)), data, 0o440, temp_prefix=TEMP_PREFIX, parents=False)
+    replace(Path(os.fsdecode(reach(path))), data, 0o440, temp_prefix=TEMP_PREFIX, parents=False)
     return True
 
 
@@ -210,10 +212,10 @@ def remove_sidecar(dirpath: bytes, cname: bytes) -> None:
     """Remove the sidecar of a long name whose entry no longer exists."""
     if not is_longname(os.fsdecode(cname)):
         return
-    if os.path.lexists(dirpath + b"/" + cname):
+    if os.path.lexists(reach(dirpath + b"/" + cname)):
         return  # still there (rename onto a hard link of itself, or a lost race): keep it
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(dirpath + b"/" + cname + LONGNAME_SUFFIX.encode())
+        os.unlink(reach(dirpath + b"/" + cname + LONGNAME_SUFFIX.encode()))
 
 
 def undo_sidecar(dirpath: bytes, disk: DiskName, written: bool) -> None:

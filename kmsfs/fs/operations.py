@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.symlinks import inline_target_length
 from kmsfs.errors import HsmError, IntegrityError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.handles import open_quietly
+from kmsfs.fs.longpath import reach
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
@@ -166,7 +166,7 @@ class ContentOps:
         if of is not None:
             return os.fstat(of.fd), None
         path = self.table.path(ino)
-        return os.lstat(path), path
+        return os.lstat(reach(path)), path
 
     def _read_link(self, path: bytes) -> bytes:
         raise NotImplementedError
@@ -199,7 +199,7 @@ class ContentOps:
         if of is not None:
             target, nofollow = of.fd, _BY_FD
         else:
-            target, nofollow = self.table.path(inode), _NO_FOLLOW
+            target, nofollow = reach(self.table.path(inode)), _NO_FOLLOW  # used at once
         changed = fields.update_size
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
@@ -409,7 +409,7 @@ class ContentOps:
             except IntegrityError as exc:
                 raise self._integrity(d.ino, exc) from None
             plain = self.table.plain_path(d.ino)
-            small = os.lstat(dirpath).st_size <= SMALL_DIR_BYTES
+            small = os.lstat(reach(dirpath)).st_size <= SMALL_DIR_BYTES
             if small and not self.dir_noatime:
                 d.entries = self.names.list_dir(dir_iv, dirpath, plain)
             else:
@@ -434,14 +434,14 @@ class ContentOps:
         for dot in range(start_id, DOTS):
             ino = d.ino if dot == 0 else self.table.parent(d.ino)
             path = self.table.path(ino)
-            attrs = self._attrs(ino, os.lstat(path), path)
+            attrs = self._attrs(ino, os.lstat(reach(path)), path)
             if not pyfuse3.readdir_reply(token, b"." * (dot + 1), attrs, dot + 1):
                 return
         for i in range(max(start_id - DOTS, 0), len(entries)):
             cname, pname = entries[i]
             path = dirpath + b"/" + cname
             try:
-                st = os.lstat(path)
+                st = os.lstat(reach(path))
             except FileNotFoundError:
                 continue
             ino = self.table.fuse_ino(st.st_ino)
@@ -456,12 +456,16 @@ class ContentOps:
     @guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         path = self.table.path(self._dirs[fh].ino)
-        await trio.to_thread.run_sync(fsync_dir, path, limiter=self.limiter)
+        fd = os.open(reach(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd, limiter=self.limiter)
+        finally:
+            os.close(fd)
 
     # --- extended attributes ------------------------------------------------------------
     def _xattr_target(self, ino: int) -> bytes | int:
         of = self.files.get_file(ino)
-        return of.fd if of is not None else self.table.path(ino)
+        return of.fd if of is not None else reach(self.table.path(ino))  # used at once
 
     def _xattr_integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
         return self._integrity(ino, IntegrityError(f"xattr: {exc}"))

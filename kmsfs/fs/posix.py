@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from kmsfs.crypto.content import plain_size_lenient
+from kmsfs.fs.longpath import forget, reach
 
 AT_FDCWD = -100
 EXT4_MAX_BYTES = 2**44 - 4096
@@ -34,7 +35,8 @@ def read_internal_file(path: bytes | str, limit: int) -> bytes:
     regular file is OSError(EINVAL), which callers report as damage of that one path.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        where = reach(path) if isinstance(path, bytes) else path
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:  # the caller names the file, in its own terms
         raise type(exc)(exc.errno, exc.strerror) from None
     try:
@@ -65,13 +67,13 @@ def pwrite_fully(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
     """rename(2) with flags; EINVAL if the C library or the file system cannot do them."""
     if flags == 0:
-        os.rename(old, new)
-        return
-    if _renameat2 is None:
+        os.rename(reach(old), reach(new))
+    elif _renameat2 is None:
         raise OSError(errno.EINVAL, "renameat2 is not available")
-    if _renameat2(AT_FDCWD, old, AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
+    elif _renameat2(AT_FDCWD, reach(old), AT_FDCWD, reach(new), ctypes.c_uint(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+    forget(old, new)  # anchors at or below either lead elsewhere now
 
 
 def rename_noreplace(old: bytes, new: bytes) -> None:
@@ -86,9 +88,9 @@ def rename_noreplace(old: bytes, new: bytes) -> None:
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-    if os.path.lexists(new):
+    if os.path.lexists(reach(new)):
         raise FileExistsError(errno.EEXIST, "file exists", new)
-    os.rename(old, new)
+    renameat2(old, new, 0)
 
 
 def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes) -> None:
@@ -111,7 +113,7 @@ def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes
         return
     if uid == euid and gid == os.getegid() and not (mode is not None and stat.S_ISDIR(mode)):
         return
-    parent_st = os.stat(parent)
+    parent_st = os.stat(reach(parent))
     if parent_st.st_mode & stat.S_ISGID:
         gid = parent_st.st_gid
         if mode is not None and stat.S_ISDIR(mode):
@@ -121,9 +123,9 @@ def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes
         if mode is not None and mode & 0o6000:
             os.fchmod(target, mode & 0o7777)
     else:
-        os.chown(target, uid, gid, follow_symlinks=False)
+        os.chown(reach(target), uid, gid, follow_symlinks=False)
         if mode is not None and mode & 0o6000:
-            os.chmod(target, mode & 0o7777)
+            os.chmod(reach(target), mode & 0o7777)
 
 
 def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
@@ -144,7 +146,9 @@ def touch_ctime(target: bytes | int, mode: int | None) -> None:
     knows to drop: ext4 updates the ctime in both cases. The backing chown may clear set-id
     bits itself, so *mode* (None for a symlink) is applied again if it differs.
     """
-    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+    nofollow: dict[str, bool] = {}
+    if not isinstance(target, int):
+        target, nofollow = reach(target), {"follow_symlinks": False}
     os.chown(target, -1, -1, **nofollow)
     if mode is not None and stat.S_IMODE(os.stat(target, **nofollow).st_mode) != mode:
         os.chmod(target, mode)
@@ -194,7 +198,7 @@ def entry_attrs(
 
 
 def statvfs_data(path: bytes) -> pyfuse3.StatvfsData:
-    sv = os.statvfs(path)
+    sv = os.statvfs(reach(path))
     out = pyfuse3.StatvfsData()
     for name in (
         "f_bsize",

@@ -42,6 +42,7 @@ from kmsfs.errors import FormatError, IntegrityError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
 from kmsfs.fs.files import ContentKeys
+from kmsfs.fs.longpath import reach
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.volume import lock_exclusive
 from kmsfs.keys import KeyDeriver
@@ -115,8 +116,8 @@ def _walk(root: bytes) -> tuple[list[bytes], list[bytes], dict[bytes, os.stat_re
     stack = [root]
     while stack:
         cdir = stack.pop()
-        dirs[cdir] = os.lstat(cdir)
-        for name in sorted(os.listdir(cdir)):
+        dirs[cdir] = os.lstat(reach(cdir))
+        for name in sorted(os.listdir(reach(cdir))):
             path = cdir + b"/" + name
             text = os.fsdecode(name)
             if text.startswith(TEMP_PREFIX):
@@ -124,7 +125,7 @@ def _walk(root: bytes) -> tuple[list[bytes], list[bytes], dict[bytes, os.stat_re
                 continue
             if is_internal(text):
                 continue
-            st = os.lstat(path)
+            st = os.lstat(reach(path))
             if stat.S_ISDIR(st.st_mode):
                 stack.append(path)
             elif stat.S_ISREG(st.st_mode):
@@ -174,16 +175,16 @@ class _Job:
         files, temps, self.dir_times = _walk(self.root)
         for temp in temps:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+                os.unlink(reach(temp))
             self.summary.temp_removed += 1
         touched = {os.path.dirname(t) for t in temps}
         for d in touched:
-            fsync_dir(d)
+            fsync_dir(reach(d))
             self._restore_dir_times(d)
         inodes: dict[tuple[int, int], _Inode] = {}
         order: list[_Inode] = []
         for path in files:
-            st = os.lstat(path)
+            st = os.lstat(reach(path))
             key = (st.st_dev, st.st_ino)
             if key in inodes:
                 inodes[key].paths.append(path)
@@ -197,7 +198,7 @@ class _Job:
                 self.summary.empty += 1
                 continue
             try:
-                with open(node.paths[0], "rb") as f:
+                with open(reach(node.paths[0]), "rb") as f:
                     node.header = content.FileHeader.parse(f.read(content.HEADER_SIZE))
             except (OSError, FormatError) as exc:
                 self.fail(node.paths[0], f"unreadable header: {exc}")
@@ -234,7 +235,7 @@ class _Job:
 
     def rewrite(self, node: _Inode, old: content.FileHeader) -> None:
         src_path = node.paths[0]
-        src = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        src = os.open(reach(src_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         temps: list[bytes] = []
         try:
             st = os.fstat(src)
@@ -253,7 +254,7 @@ class _Job:
             new_cipher = self.keys.cipher(new)
             temp = os.path.dirname(src_path) + b"/" + os.fsencode(TEMP_PREFIX +
                                                                 secrets.token_hex(8))
-            dst = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            dst = os.open(reach(temp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600)
             temps.append(temp)
             try:
@@ -278,22 +279,22 @@ class _Job:
             for other in node.paths[1:]:
                 link = os.path.dirname(other) + b"/" + os.fsencode(TEMP_PREFIX +
                                                                   secrets.token_hex(8))
-                os.link(temp, link, follow_symlinks=False)
+                os.link(reach(temp), reach(link), follow_symlinks=False)
                 temps.append(link)
                 pairs.append((link, other))
             dirs = {os.path.dirname(p) for p in node.paths}
             for d in dirs:
-                fsync_dir(d)  # every new name is durable before any path is replaced
+                fsync_dir(reach(d))  # every new name is durable before any path is replaced
             for t, p in pairs:
-                os.rename(t, p)
+                os.rename(reach(t), reach(p))
                 temps.remove(t)
             for d in dirs:
-                fsync_dir(d)
+                fsync_dir(reach(d))
                 self._restore_dir_times(d)
         except BaseException:
             for t in temps:
                 with contextlib.suppress(OSError):
-                    os.unlink(t)
+                    os.unlink(reach(t))
             raise
         finally:
             os.close(src)
@@ -339,7 +340,7 @@ class _Job:
         st = self.dir_times.get(d)
         if st is not None:
             with contextlib.suppress(OSError):
-                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                os.utime(reach(d), ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 #: Flags a volume made before them can take as it is: they change what is written from then

@@ -6,6 +6,7 @@ crash of the daemon cannot take the test runner with it, and ``kill -9`` can be 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
@@ -54,6 +55,14 @@ class SoftDeriver:
 def sample_config() -> VolumeConfig:
     return VolumeConfig(domain_name="test-domain", domain_id="test-domain-id",
                         domain_bundle=b'{"test": "bundle"}')
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    """rename(2) with flags (1: RENAME_NOREPLACE, 2: RENAME_EXCHANGE), which os lacks."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def make_volume(cipherdir: Path) -> Path:

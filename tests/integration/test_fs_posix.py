@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.fs_helpers import renameat2
+
 BS = 4096
 
 
@@ -199,13 +201,6 @@ def test_long_names(m: Path) -> None:
 
 
 # --- rename --------------------------------------------------------------------------------
-def _renameat2(old: Path, new: Path, flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def test_rename_cases(m: Path) -> None:
     (m / "a").write_bytes(b"A")
     (m / "b").write_bytes(b"B")
@@ -235,14 +230,14 @@ def test_rename_noreplace_and_exchange(m: Path) -> None:
     (m / "a").write_bytes(b"A")
     (m / "b").write_bytes(b"B")
     with pytest.raises(OSError) as info:
-        _renameat2(m / "a", m / "b", 1)  # RENAME_NOREPLACE
+        renameat2(m / "a", m / "b", 1)  # RENAME_NOREPLACE
     assert _errno(info) == errno.EEXIST
-    _renameat2(m / "a", m / "c", 1)
+    renameat2(m / "a", m / "c", 1)
     assert (m / "c").read_bytes() == b"A"
-    _renameat2(m / "c", m / "b", 2)  # RENAME_EXCHANGE
+    renameat2(m / "c", m / "b", 2)  # RENAME_EXCHANGE
     assert (m / "c").read_bytes() == b"B" and (m / "b").read_bytes() == b"A"
     with pytest.raises(OSError) as info:
-        _renameat2(m / "c", m / "b", 4)  # RENAME_WHITEOUT: unsupported
+        renameat2(m / "c", m / "b", 4)  # RENAME_WHITEOUT: unsupported
     assert _errno(info) == errno.EINVAL
 
 

@@ -22,6 +22,7 @@ from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cip
 from kmsfs.fs import files, journal
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
+from kmsfs.fs.longpath import PATH_MAX, reach
 
 PAGE = 4096
 
@@ -355,3 +356,58 @@ def test_records_name_a_file_by_its_path_under_the_root(tmp_path: Path, under: b
         assert j.relative(root + b"/" + under) == os.path.relpath(root + b"/" + under, root)
     finally:
         j.close()
+
+
+def test_a_record_of_a_file_deeper_than_path_max_is_replayed(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ciphertext path can pass PATH_MAX (kmsfs.fs.longpath), and so can a record's."""
+    at = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+    below = b""
+    while len(below) < 2 * PATH_MAX:
+        os.mkdir(b"d" * 200, dir_fd=at)
+        deeper = os.open(b"d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=at)
+        os.close(at)
+        at, below = deeper, below + b"d" * 200 + b"/"
+    fd = os.open(b"f", os.O_RDWR | os.O_CREAT, 0o600, dir_fd=at)
+    os.close(at)
+    path = os.fsencode(volume) + b"/" + below + b"f"
+    old = os.urandom(3 * BLOCK_SIZE)
+    content = FileContent(fd, _keys(), path, WriteJournal(os.fsencode(volume)))
+    content.write(0, old)
+    new = os.urandom(BLOCK_SIZE)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, new)
+    monkeypatch.undo()
+    os.close(fd)
+
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 1
+    fd = os.open(reach(path), os.O_RDWR)
+    try:
+        replayed = FileContent(fd, _keys(), path, None)
+        assert _read(replayed, 0, 3 * BLOCK_SIZE) == old[:BLOCK_SIZE] + new + old[2 * BLOCK_SIZE :]
+    finally:
+        os.close(fd)
+
+
+def test_a_file_too_deep_for_a_record_is_overwritten_unrecorded(volume: Path) -> None:
+    """A record carries its path's length in 16 bits; a file whose path does not fit (only
+    relative paths reach that deep) is overwritten as when the journal is full, not failed."""
+    log = WriteJournal(os.fsencode(volume))
+    fd = os.open(volume / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deep_name = os.fsencode(volume) + b"/" + b"d/" * 40_000 + b"f"  # 80,000 bytes
+        content = FileContent(fd, _keys(), deep_name, log)
+        content.write(0, b"a" * 2 * BLOCK_SIZE)
+        content.write(10, b"b" * BLOCK_SIZE)  # an overwrite: recorded if it could be
+        assert _read(content, 0, 2 * BLOCK_SIZE) == b"a" * 10 + b"b" * BLOCK_SIZE + b"a" * (
+            BLOCK_SIZE - 10
+        )
+        assert journal.parse(log_bytes(volume)) == []
+    finally:
+        os.close(fd)
+
+
+def log_bytes(volume: Path) -> bytes:
+    return (volume / journal.JOURNAL_NAME).read_bytes()
