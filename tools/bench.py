@@ -140,7 +140,8 @@ def wait_mounted(mp: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0)
 
 def kmsfs_hsm(work: Path, options: str = "") -> tuple[subprocess.Popen[bytes], Path]:
     """The product path: a throwaway store and ceremony, kmsfs init, kmsfs mount."""
-    env = dict(os.environ, KMSFS_STORE=str(work / "store"),
+    # The throwaway Domain's rollback record stays in the work directory, not the machine's.
+    env = dict(os.environ, KMSFS_STORE=str(work / "store"), KMSFS_STATE_DIR=str(work / "state"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
     def admin(*args: str | Path) -> str:
