@@ -22,6 +22,8 @@ Rules for callers:
   A directory is removed only after a rename to a random hidden name (kmsfs.fs.dirs), so no
   path of a removed directory is asked for again. The daemon is the only writer of its
   ciphertext tree, so renames it does not see do not happen while it is mounted.
+- A process that is not the daemon cannot see a mount's renames: it calls :func:`forget`
+  with no path before it walks a volume (``fsck.check_tree`` and ``journal.replay`` do).
 
 Anchors are closed a generation late (by the next :func:`forget`, or when the cache fills
 again), so the paths an operation got from :func:`reach` stay valid until it has used them,
