@@ -24,6 +24,7 @@ it, for kmsfs and gocryptfs alike, and this takes that machine cost out of the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -35,8 +36,9 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
@@ -192,6 +194,31 @@ def unmount(mp: Path) -> None:
         subprocess.run(["fusermount3", "-u", str(mp)], check=False)
 
 
+@contextlib.contextmanager
+def fresh_ext4(size_gb: int, where: Path | None) -> Iterator[Path]:
+    """A new ext4 file system in a sparse loop image, mounted for the run, then removed.
+
+    Why: on a long-used disk the figures depend on its history. An ext4 without a journal (this
+    machine's root file system is one) will not reuse an inode freed in the last minutes and
+    scans past each such one, so creating files after many ``rm -rf`` rounds costs up to ten
+    times more, and more for whichever system runs later.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="kmsfs-bench-ext4-", dir=where or "/var/tmp"))
+    image, mountpoint = parent / "ext4.img", parent / "mnt"
+    mountpoint.mkdir()
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size_gb << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 def kmsfs_better(key: str, kmsfs: float, gocryptfs: float) -> bool:
     """Whether kmsfs did better on figure *key*: seconds are better lower, rates higher."""
     return kmsfs < gocryptfs if key.endswith(" s") else kmsfs > gocryptfs
@@ -211,6 +238,10 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to put ciphertext dirs (default: a temp dir on /tmp); "
                          "/dev/shm measures the file systems alone, without the disk's noise")
+    ap.add_argument("--ext4-image", type=int, default=None, metavar="GB",
+                    help="run on a fresh ext4 (with its journal, mkfs defaults) in a sparse "
+                         "loop image of GB gigabytes, made in --workdir or /var/tmp and removed "
+                         "afterwards (root): a disk whose state no earlier run has touched")
     ap.add_argument("--low-latency", action="store_true",
                     help="hold a CPU wake-up latency bound of 0 us (/dev/cpu_dma_latency) for "
                          "the whole run, for all three systems alike: idle CPUs poll instead "
@@ -222,6 +253,13 @@ def main() -> int:
 
         bound = CpuLatencyRequest()
         bound.hold()
+    with contextlib.ExitStack() as stack:
+        if args.ext4_image is not None:
+            args.workdir = stack.enter_context(fresh_ext4(args.ext4_image, args.workdir))
+        return run(args, bound)
+
+
+def run(args: argparse.Namespace, bound: Any) -> int:
     work = Path(tempfile.mkdtemp(prefix="kmsfs-bench-", dir=args.workdir))
     tarball = work / "tree.tar"
     make_tarball(tarball)
@@ -233,7 +271,8 @@ def main() -> int:
     print(f"kmsfs key derivation: {how}; kmsfs mount options: {args.kmsfs_options or '(none)'}")
     fstype = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True,
                             text=True).stdout.strip() or "?"
-    print(f"backing directories: {work} ({fstype}; --workdir /dev/shm leaves the disk out)")
+    where = f"a fresh {args.ext4_image} GB ext4 image" if args.ext4_image else fstype
+    print(f"backing directories: {work} ({where}; --workdir /dev/shm leaves the disk out)")
     print("CPU wake-up latency: " + ("bound to 0 us for every system (--low-latency)"
                                      if bound is not None else "the machine's default"))
     if "low_latency" in args.kmsfs_options and bound is None:

@@ -203,6 +203,8 @@ def serve(
     log.info("mounted %s on %s", cipherdir, mountpoint)
     unmount = True
     try:
+        if "ro" not in options:
+            ops.start_dir_pool()
         settle_garbage_collector()
         spin = _SpinThenWait(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
@@ -214,6 +216,7 @@ def serve(
         log.exception("main loop failed")
         raise
     finally:
+        ops.stop_dir_pool()
         ops.files.close_all()
         if ops.journal is not None:
             with contextlib.suppress(OSError):  # marks what returned: no live record left

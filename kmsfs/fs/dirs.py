@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import is_internal
+from kmsfs.fs.dirpool import DirPool
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import DIRIV, TEMP_PREFIX, temp_path, write_dir_iv
 from kmsfs.fs.posix import rename_noreplace
@@ -36,22 +37,35 @@ _HIDDEN = os.fsencode(TEMP_PREFIX)
 MAX_HIDDEN_DEPTH = 8
 
 
-def make_dir(path: bytes, mode: int, prepare: Callable[[bytes], None] | None = None) -> None:
+def make_dir(
+    path: bytes,
+    mode: int,
+    prepare: Callable[[bytes], None] | None = None,
+    pool: DirPool | None = None,
+) -> None:
     """Make the ciphertext directory *path* with its IV; FileExistsError if the name exists.
 
     *prepare* (ownership, say) runs on the directory before it gets its visible name, so a crash
-    never leaves it visible with the daemon's owner either.
+    never leaves it visible with the daemon's owner either. A directory from *pool* has its IV
+    on disk already; without one ready, the IV is written and fsync'd here.
     """
     if os.path.lexists(reach(path)):  # fail before any work, as mkdir(2) would
         raise FileExistsError(errno.EEXIST, "file exists", path)
-    temp = temp_path(os.path.dirname(path))
-    os.mkdir(reach(temp), 0o700)
+    ready = pool.take() if pool is not None else None
+    if ready is None:
+        temp = temp_path(os.path.dirname(path))
+        os.mkdir(reach(temp), 0o700)
+    else:
+        temp = ready
     try:
-        write_dir_iv(temp)
-        fsync_dir(reach(temp))  # the entry naming the IV, not only its bytes
+        if ready is None:
+            write_dir_iv(temp)
+            fsync_dir(reach(temp))  # the entry naming the IV, not only its bytes
         os.chmod(reach(temp), mode)
         if prepare is not None:
             prepare(temp)
+        if ready is not None:
+            os.utime(reach(temp))  # made a while ago: a new directory has the current times
         rename_noreplace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -33,6 +33,7 @@ from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import dirs, journal
+from kmsfs.fs.dirpool import POOL_DIR, POOL_DIR_B, DirPool
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
@@ -94,6 +95,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.dir_noatime = False  # -o noatime or nodiratime: listings leave atime alone
         # Hidden, but counted in the root's st_nlink by the backing file system (see _attrs).
         self.longlink_dir_exists = os.path.isdir(self.table.root_path + b"/" + LONGLINK_DIR_B)
+        self.pool_dir_exists = os.path.isdir(self.table.root_path + b"/" + POOL_DIR_B)
+        self.pool: DirPool | None = None  # see start_dir_pool
         self.timeout = timeout
         self.keep_cache = keep_cache
         # The answer to a lookup of a name that does not exist: inode 0, which the kernel keeps
@@ -103,6 +106,30 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self._no_entry.entry_timeout = timeout
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = itertools.count(1)
+
+    def start_dir_pool(self) -> None:
+        """Keep new directories ready for mkdir (:mod:`kmsfs.fs.dirpool`), if this daemon can.
+
+        Only as root (see the module), and not on a backing store that cannot be written: then
+        mkdir makes each directory itself, as before.
+        """
+        if os.geteuid() != 0:
+            return
+        pool = DirPool(self.table.root_path)
+        try:
+            pool.open()
+        except OSError as exc:
+            pool.close()
+            log.info("no directories made ahead (%s): %s", POOL_DIR, exc.strerror)
+            return
+        self.pool_dir_exists = True
+        pool.start()
+        self.pool = pool
+
+    def stop_dir_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def between_requests(self) -> bool:
         """Work for the pause after a reply (the daemon's spin calls it while it waits): mark
@@ -282,7 +309,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         def make(path: bytes, own_new: Any) -> None:
-            dirs.make_dir(path, stat.S_IMODE(mode), prepare=own_new)
+            dirs.make_dir(path, stat.S_IMODE(mode), prepare=own_new, pool=self.pool)
 
         return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
 

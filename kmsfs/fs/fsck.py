@@ -40,6 +40,7 @@ from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
+from kmsfs.fs.dirpool import POOL_DIR, is_ready_name, is_whole
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
@@ -173,7 +174,8 @@ class _Checker:
         for name in entries:
             path = cdir / name
             if name == DIRIV_NAME or (
-                cdir == self.root and name in (volconfig.CONFIG_NAME, LONGLINK_DIR, JOURNAL_NAME)
+                cdir == self.root
+                and name in (volconfig.CONFIG_NAME, LONGLINK_DIR, JOURNAL_NAME, POOL_DIR)
             ):
                 continue
             if is_sidecar(name):
@@ -268,6 +270,20 @@ class _Checker:
         except IntegrityError as exc:
             self.damage("symlink", path, plain, str(exc))
 
+    def made_ahead(self) -> None:
+        """``kmsfs.newdirs/`` holds only ready directories (each just its IV); anything else
+        there (a half-made one a crash left, which the next mount removes) is a leftover."""
+        pool = self.root / POOL_DIR
+        if not pool.is_dir() or pool.is_symlink():
+            if os.path.lexists(pool):
+                self.warn("leftover", pool, None, "not the directory of directories made ahead")
+            return
+        for name in sorted(os.listdir(pool)):
+            path = pool / name
+            if not (is_ready_name(os.fsencode(name)) and path.is_dir() and not path.is_symlink()
+                    and is_whole(os.fsencode(path))):
+                self.warn("leftover", path, None, "not a whole directory made ahead for mkdir")
+
     def orphan_blobs(self) -> None:
         blob_dir = self.root / LONGLINK_DIR
         if not blob_dir.is_dir():
@@ -358,6 +374,7 @@ def check_tree(
     checker.journal()
     checker.tree(checker.root, "/")
     checker.orphan_blobs()
+    checker.made_ahead()
     checker.report.clean = not checker.report.problems
     return checker.report
 

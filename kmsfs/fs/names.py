@@ -58,15 +58,20 @@ def temp_path(dirpath: bytes) -> bytes:
     return dirpath + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8))
 
 
-def write_dir_iv(dirpath: bytes) -> bytes:
+def write_dir_iv(dirpath: bytes, dir_fd: int | None = None) -> bytes:
     """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, and return it.
 
     Every name in the directory is encrypted with the IV, so it must reach the disk before any
-    of them can: without the fsync, a power cut could keep the names and lose the IV.
+    of them can: without the fsync, a power cut could keep the names and lose the IV. With
+    *dir_fd*, *dirpath* is relative to that directory (the pool's thread: no shared state).
     """
     dir_iv = new_dir_iv()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(reach(dirpath + b"/" + DIRIV), flags, 0o440)
+    path = dirpath + b"/" + DIRIV
+    if dir_fd is None:
+        fd = os.open(reach(path), flags, 0o440)
+    else:
+        fd = os.open(path, flags, 0o440, dir_fd=dir_fd)
     try:
         os.write(fd, dir_iv)
         os.fsync(fd)

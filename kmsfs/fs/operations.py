@@ -116,6 +116,7 @@ class ContentOps:
     limiter: trio.CapacityLimiter
     dir_noatime: bool
     longlink_dir_exists: bool
+    pool_dir_exists: bool
     timeout: float
     keep_cache: bool
     content_keys: ContentKeys
@@ -155,10 +156,13 @@ class ContentOps:
         if stat.S_ISLNK(st.st_mode) and path is not None:
             size = self._symlink_size(path, st)
         attrs = entry_attrs(st, ino, self.timeout, size)
-        if ino == ROOT_INODE and attrs.st_nlink > 2 and self.longlink_dir_exists:
-            # kmsfs.longlinks/ is not a subdirectory anyone can see. (A backing file system
-            # that does not count subdirectories reports 1: nothing to take away then.)
-            attrs.st_nlink -= 1
+        if ino == ROOT_INODE:
+            # kmsfs.longlinks/ and kmsfs.newdirs/ are not subdirectories anyone can see. (A
+            # backing file system that does not count subdirectories reports 1: nothing to
+            # take away then.)
+            hidden = self.longlink_dir_exists + self.pool_dir_exists
+            if attrs.st_nlink >= 2 + hidden:
+                attrs.st_nlink -= hidden
         return attrs
 
     def _stat_ino(self, ino: int) -> tuple[os.stat_result, bytes | None]:

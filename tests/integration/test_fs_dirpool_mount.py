@@ -1,0 +1,178 @@
+"""mkdir through a real mount takes directories made ahead (kmsfs.fs.dirpool) and nobody can tell.
+
+A directory from the pool was made earlier, by the daemon, in another directory. Through the
+mount it must look exactly like one mkdir(2) just made: the caller's ids (and a set-group-ID
+parent's group), the mode asked for, the current times, the root's link count untouched, and
+nothing of the pool visible. What a killed daemon leaves in the pool is cleaned by the next
+mount; fsck accepts the pool and reports what does not belong there.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.names import DIRIV_NAME
+from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
+from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.names import TEMP_PREFIX
+from tests.integration.fs_helpers import SoftDeriver
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the pool is for a daemon run as root")
+
+
+def _ready(volume: Path) -> dict[str, bytes]:
+    """Ready directories in the pool: name -> IV."""
+    pool = volume / POOL_DIR
+    return {
+        n: (pool / n / DIRIV_NAME).read_bytes()
+        for n in os.listdir(pool)
+        if is_ready_name(n.encode())
+    }
+
+
+def _wait_full(volume: Path) -> dict[str, bytes]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (volume / POOL_DIR).is_dir() and len(ready := _ready(volume)) >= POOL_SIZE:
+            return ready
+        time.sleep(0.02)
+    raise AssertionError("the pool never filled")
+
+
+def _as_user(uid: int, gid: int, groups: list[int], fn) -> None:  # type: ignore[no-untyped-def]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(0)
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.fixture
+def public_mount(volume: Path, mounter) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """An allow_other mount other users can reach (its parents are 0755, not pytest's 0700)."""
+    with tempfile.TemporaryDirectory(prefix="kmsfs-pool-") as public:
+        os.chmod(public, 0o755)
+        mount = mounter(volume, options=("allow_other",), mountpoint=Path(public) / "m")
+        os.chmod(mount.mountpoint, 0o777)
+        yield mount.mountpoint
+        mount.stop()  # before the directory goes
+
+
+def test_a_directory_from_the_pool_looks_just_made(volume: Path, public_mount: Path) -> None:
+    m = public_mount
+    os.mkdir(m / "sgid", 0o777)
+    os.chown(m / "sgid", 0, 1003)
+    os.chmod(m / "sgid", 0o2777)
+    ready = _wait_full(volume)
+    old = time.time() - 3600
+    for name in ready:  # as if made by an earlier mount, an hour ago
+        os.utime(volume / POOL_DIR / name, (old, old))
+    before = time.time()
+
+    _as_user(1000, 1001, [1001], lambda: os.mkdir(m / "plain", 0o751))
+    _as_user(1000, 1001, [1001], lambda: os.mkdir(m / "sgid" / "inherits", 0o705))
+
+    used = set(ready) - set(_ready(volume))
+    assert len(used) == 2  # both came from the pool, with the IVs made ahead
+    made = [p for p in volume.rglob("*") if p.is_dir() and p.stat().st_uid == 1000]
+    assert {(p / DIRIV_NAME).read_bytes() for p in made} == {ready[n] for n in used}
+    st = os.stat(m / "plain")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o751, 1000, 1001)
+    sub = os.stat(m / "sgid" / "inherits")  # ext4: the parent's group, and set-group-ID too
+    assert (stat.S_IMODE(sub.st_mode), sub.st_uid, sub.st_gid) == (0o2705, 1000, 1003)
+    for s in (st, sub):
+        assert min(s.st_atime, s.st_mtime, s.st_ctime) >= before - 1
+        assert s.st_nlink == 2
+    assert sorted(os.listdir(m)) == ["plain", "sgid"]
+
+
+def test_the_root_link_count_does_not_count_the_pool(volume: Path, mounter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = mounter(volume).mountpoint
+    _wait_full(volume)
+    for name in ("a", "b", "c"):
+        os.mkdir(m / name)
+    assert os.stat(m).st_nlink == 2 + 3
+    os.symlink("x" * 4000, m / "long")  # kmsfs.longlinks/ as well
+    assert os.stat(m).st_nlink == 2 + 3
+    assert os.stat(volume).st_nlink == 2 + 3 + 2  # both are there on disk
+
+
+def test_a_burst_longer_than_the_pool_and_a_remount(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    m = mount.mountpoint
+    _wait_full(volume)
+    for i in range(3 * POOL_SIZE):  # the pool runs dry: mkdir makes its own meanwhile
+        os.makedirs(m / f"d{i % 7}" / f"e{i}")
+        (m / f"d{i % 7}" / f"e{i}" / "f").write_bytes(b"%d" % i)
+    mount.stop()
+    report = check_tree(volume, SoftDeriver())
+    assert report.clean and not report.warnings, report.to_json()
+    assert report.checked["directories"] == 1 + 7 + 3 * POOL_SIZE
+    m = mounter(volume, name="again").mountpoint
+    assert sorted(os.listdir(m)) == [f"d{i}" for i in range(7)]
+    for i in range(3 * POOL_SIZE):
+        assert (m / f"d{i % 7}" / f"e{i}" / "f").read_bytes() == b"%d" % i
+
+
+def test_a_read_only_mount_makes_no_pool(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    m = mounter(volume, options=("ro",)).mountpoint
+    time.sleep(0.2)
+    assert os.listdir(m) == []
+    assert not (volume / POOL_DIR).exists()
+
+
+def test_what_a_killed_daemon_left_in_the_pool_is_cleaned_by_the_next_mount(  # type: ignore[no-untyped-def]
+    volume: Path, mounter
+) -> None:
+    mount = mounter(volume)
+    _wait_full(volume)
+    mount.kill9()
+    half = volume / POOL_DIR / (TEMP_PREFIX + "0123456789abcdef")  # killed before its rename
+    half.mkdir()
+    (half / DIRIV_NAME).write_bytes(os.urandom(16))
+    report = check_tree(volume, SoftDeriver())
+    assert report.clean
+    assert [(w.kind, w.cipher_path) for w in report.warnings] == [
+        ("leftover", f"{POOL_DIR}/{half.name}")
+    ]
+    mount = mounter(volume, name="again")
+    os.mkdir(mount.mountpoint / "d")
+    mount.stop()
+    assert not half.exists()
+    report = check_tree(volume, SoftDeriver())
+    assert report.clean and not report.warnings, report.to_json()
+
+
+def test_fsck_reports_what_does_not_belong_in_the_pool(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    _wait_full(volume)
+    mount.stop()
+    pool = volume / POOL_DIR
+    (pool / "0123456789abcdef").write_bytes(b"a file")
+    full = sorted(n for n in os.listdir(pool) if (pool / n).is_dir())[0]
+    (pool / full / "extra").write_bytes(b"x")
+    report = check_tree(volume, SoftDeriver())
+    assert report.clean
+    assert sorted((w.kind, w.cipher_path) for w in report.warnings) == [
+        ("leftover", f"{POOL_DIR}/0123456789abcdef"),
+        ("leftover", f"{POOL_DIR}/{full}"),
+    ]
+    mounter(volume, name="again").stop()  # a mount uses neither, and removes neither
+    assert (pool / "0123456789abcdef").read_bytes() == b"a file"
+    assert (pool / full / "extra").read_bytes() == b"x"
