@@ -11,24 +11,34 @@ directory has, its IV reached the disk before it was given that name.
 In ``kmsfs.newdirs/`` a directory is made as ``kmsfs.tmp.<16 hex>`` and renamed to
 ``<16 hex>`` once its IV and the entry naming it are fsync'd; only those are ever handed out.
 A mount removes the ``kmsfs.tmp.*`` ones a crash left (they hold nothing but an IV) and keeps
-the ready ones for its own use. Only a daemon running as root uses the pool: moving a directory
-to another parent needs write permission on the directory itself, which a new directory with a
-mode like 0555 would not give its non-root owner.
+the ready ones for its own use.
+
+Only a daemon running as root uses the pool: moving a directory to another parent needs write
+permission on the directory itself, which a new directory with a mode like 0555 would not give
+its non-root owner. And the daemon, root, must never be steered by whoever else can write the
+ciphertext root: ``kmsfs.newdirs/`` is used only if it is the daemon's own (owner, mode 0700 or
+stricter), and everything in it is reached through its descriptor, never by path, so renaming
+it away or planting symlinks changes nothing the daemon does.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import re
 import secrets
+import stat
 import threading
+from dataclasses import dataclass
 
 from kmsfs.atomicfile import fsync_dir
-from kmsfs.crypto.names import DIRIV_NAME
-from kmsfs.fs.names import DIRIV, TEMP_PREFIX, DirIvError, read_dir_iv, write_dir_iv
+from kmsfs.crypto.names import DIRIV_NAME, parse_dir_iv
+from kmsfs.errors import FormatError
+from kmsfs.fs.names import DIRIV, TEMP_PREFIX, write_dir_iv_at
+from kmsfs.fs.posix import rename_noreplace_from
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ JOIN_SECONDS = 10.0
 
 _READY_NAME = re.compile(rb"[0-9a-f]{16}")
 _TEMP = TEMP_PREFIX.encode()
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def is_ready_name(name: bytes) -> bool:
@@ -52,8 +63,62 @@ def is_ready_name(name: bytes) -> bool:
     return _READY_NAME.fullmatch(name) is not None
 
 
+def is_own_dir(st: os.stat_result, owner: int) -> bool:
+    """A directory of *owner* that nobody else may write into (the pool and each ready one)."""
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022
+
+
+def is_whole_at(pool_fd: int, name: bytes, owner: int) -> bool:
+    """*name* in the pool open as *pool_fd* is a ready directory: *owner*'s, mode 0700,
+    holding a well-formed IV and nothing else."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pool_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not is_own_dir(st, owner) or stat.S_IMODE(st.st_mode) != 0o700:
+            return False
+        if os.listdir(fd) != [DIRIV_NAME]:
+            return False
+        iv_fd = os.open(DIRIV, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                        dir_fd=fd)
+        try:
+            if not stat.S_ISREG(os.fstat(iv_fd).st_mode):
+                return False
+            parse_dir_iv(os.read(iv_fd, 64))
+        finally:
+            os.close(iv_fd)
+    except (OSError, FormatError):
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+@dataclass(frozen=True)
+class ReadyDir:
+    """A directory taken from the pool: its name there, a descriptor of it, and one of the
+    pool's directory (which stays open as long as the daemon serves)."""
+
+    name: bytes
+    fd: int
+    pool_fd: int
+
+    def place(self, new: bytes) -> None:
+        """Rename it to the ciphertext path *new*; FileExistsError if that exists."""
+        rename_noreplace_from(self.pool_fd, self.name, new)
+
+    def discard(self) -> None:
+        """Remove it (taken, but its mkdir failed before it was placed)."""
+        with contextlib.suppress(OSError):
+            os.unlink(DIRIV, dir_fd=self.fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.name, dir_fd=self.pool_fd)
+
+
 class DirPool:
-    """Ready directories (paths under ``<root>/kmsfs.newdirs``) and the thread that makes them.
+    """Ready directories in ``<root>/kmsfs.newdirs`` and the thread that makes them.
 
     :meth:`take` runs on the daemon's request thread and never blocks: with nothing ready it
     returns None and mkdir does the fsyncs itself.
@@ -71,23 +136,26 @@ class DirPool:
     def open(self) -> None:
         """Make ``kmsfs.newdirs/`` if needed, remove what a crash left, keep the ready ones.
 
-        OSError if the directory cannot be made or opened (a read-only backing store, say).
+        OSError if it cannot be made or opened (a read-only backing store, say), or if it is
+        not the daemon's own (EPERM).
         """
-        root = os.path.dirname(self.path)
         try:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
             pass
         else:
-            fsync_dir(root)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.scandir(self.path) as it:
-            found = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in it)
-        for name, is_dir in found:
-            if is_dir and name.startswith(_TEMP):
+            fsync_dir(os.path.dirname(self.path))
+        self._fd = os.open(self.path, _DIR_FLAGS)
+        if not is_own_dir(os.fstat(self._fd), os.geteuid()):
+            raise OSError(errno.EPERM, "not the daemon's own directory (owner or mode)")
+        with os.scandir(self._fd) as it:
+            found = sorted(os.fsencode(entry.name) for entry in it)
+        owner = os.geteuid()
+        for name in found:
+            if name.startswith(_TEMP):
                 self._remove(name)
-            elif is_dir and is_ready_name(name) and is_whole(self.path + b"/" + name):
-                self._ready.append(self.path + b"/" + name)
+            elif is_ready_name(name) and is_whole_at(self._fd, name, owner):
+                self._ready.append(name)
             else:
                 log.warning("%r: not kmsfs's; fsck reports it", self.path + b"/" + name)
 
@@ -96,14 +164,18 @@ class DirPool:
         self._thread = threading.Thread(target=self._fill, name="kmsfs-dirpool", daemon=True)
         self._thread.start()
 
-    def take(self) -> bytes | None:
-        """The path of a ready directory (mode 0700, owned by the daemon), or None."""
-        try:
-            path = self._ready.popleft()
-        except IndexError:
-            path = None
+    def take(self) -> ReadyDir | None:
+        """A ready directory (mode 0700, owned by the daemon), opened; or None."""
         self._wake.set()
-        return path
+        while True:
+            try:
+                name = self._ready.popleft()
+            except IndexError:
+                return None
+            try:
+                return ReadyDir(name, os.open(name, _DIR_FLAGS, dir_fd=self._fd), self._fd)
+            except OSError as exc:  # removed by hand meanwhile: the next one, or none
+                log.warning("%r: %s", self.path + b"/" + name, exc.strerror)
 
     def close(self) -> None:
         """Stop the thread; what is ready stays for the next mount."""
@@ -127,7 +199,7 @@ class DirPool:
                 log.warning("could not make a directory ahead (%s); mkdir makes its own", exc)
                 self._stop.wait(RETRY_SECONDS)
                 continue
-            self._ready.append(self.path + b"/" + name)
+            self._ready.append(name)
 
     def _make_one(self) -> bytes:
         """One directory with its IV fsync'd, and the entry naming the IV; its ready name."""
@@ -135,10 +207,10 @@ class DirPool:
         temp = _TEMP + name
         os.mkdir(temp, 0o700, dir_fd=self._fd)
         try:
-            write_dir_iv(temp, dir_fd=self._fd)
-            fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
+            fd = os.open(temp, _DIR_FLAGS, dir_fd=self._fd)
             try:
-                os.fsync(fd)
+                write_dir_iv_at(fd)
+                os.fsync(fd)  # the entry naming the IV, not only its bytes
             finally:
                 os.close(fd)
             os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
@@ -149,34 +221,20 @@ class DirPool:
 
     def _remove(self, name: bytes) -> None:
         """Remove a half-made directory *name* (its IV, then itself); one holding more stays."""
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(name, flags, dir_fd=self._fd)
-        except FileNotFoundError:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=self._fd)
+        except OSError:
+            log.warning("%r: not kmsfs's; fsck reports it", self.path + b"/" + name)
             return
         try:
-            inside = os.listdir(fd)
+            if os.listdir(fd) not in ([], [DIRIV_NAME]):
+                log.warning("%r holds more than an IV; fsck reports it", self.path + b"/" + name)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DIRIV, dir_fd=fd)
         finally:
             os.close(fd)
-        if inside not in ([], [DIRIV_NAME]):
-            log.warning("%r holds more than an IV; fsck reports it", self.path + b"/" + name)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name + b"/" + DIRIV, dir_fd=self._fd)
         try:
             os.rmdir(name, dir_fd=self._fd)
-        except FileNotFoundError:
-            pass
         except OSError as exc:
             log.warning("could not remove %r (%s); fsck reports it", self.path + b"/" + name, exc)
-
-
-def is_whole(path: bytes) -> bool:
-    """A ready directory: it holds a well-formed IV and nothing else."""
-    try:
-        if os.listdir(path) != [DIRIV]:
-            return False
-        read_dir_iv(path)
-    except (OSError, DirIvError):
-        return False
-    return True

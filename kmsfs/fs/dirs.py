@@ -23,16 +23,16 @@ import logging
 import os
 from collections.abc import Callable
 
-from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import is_internal
 from kmsfs.fs.dirpool import DirPool
 from kmsfs.fs.longpath import reach
-from kmsfs.fs.names import DIRIV, TEMP_PREFIX, temp_path, write_dir_iv
+from kmsfs.fs.names import DIRIV, TEMP_PREFIX, temp_path, write_dir_iv, write_dir_iv_at
 from kmsfs.fs.posix import rename_noreplace
 
 log = logging.getLogger(__name__)
 
 _HIDDEN = os.fsencode(TEMP_PREFIX)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Hidden directories nested deeper than this are not kmsfs's (it nests them at most twice).
 MAX_HIDDEN_DEPTH = 8
 
@@ -40,37 +40,52 @@ MAX_HIDDEN_DEPTH = 8
 def make_dir(
     path: bytes,
     mode: int,
-    prepare: Callable[[bytes], None] | None = None,
+    prepare: Callable[[int], None] | None = None,
     pool: DirPool | None = None,
 ) -> None:
     """Make the ciphertext directory *path* with its IV; FileExistsError if the name exists.
 
-    *prepare* (ownership, say) runs on the directory before it gets its visible name, so a crash
-    never leaves it visible with the daemon's owner either. A directory from *pool* has its IV
-    on disk already; without one ready, the IV is written and fsync'd here.
+    *prepare* (ownership, say) runs on a descriptor of the directory before it gets its visible
+    name, so a crash never leaves it visible with the daemon's owner either. A directory from
+    *pool* has its IV on disk already; without one ready, the IV is written and fsync'd here.
+    Mode, owner and times are set through the descriptor: whoever can write the parent could
+    swap the hidden name for a symlink, and the daemon must not chmod what that leads to.
     """
     if os.path.lexists(reach(path)):  # fail before any work, as mkdir(2) would
         raise FileExistsError(errno.EEXIST, "file exists", path)
     ready = pool.take() if pool is not None else None
-    if ready is None:
+    if ready is not None:
+        fd = ready.fd
+    else:
         temp = temp_path(os.path.dirname(path))
         os.mkdir(reach(temp), 0o700)
-    else:
-        temp = ready
+        try:
+            fd = os.open(reach(temp), _DIR_FLAGS)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(reach(temp))
+            raise
     try:
         if ready is None:
-            write_dir_iv(temp)
-            fsync_dir(reach(temp))  # the entry naming the IV, not only its bytes
-        os.chmod(reach(temp), mode)
+            write_dir_iv_at(fd)
+            os.fsync(fd)  # the entry naming the IV, not only its bytes
+        os.chmod(fd, mode)
         if prepare is not None:
-            prepare(temp)
-        if ready is not None:
-            os.utime(reach(temp))  # made a while ago: a new directory has the current times
-        rename_noreplace(temp, path)
+            prepare(fd)
+        if ready is None:
+            rename_noreplace(temp, path)
+        else:
+            os.utime(fd)  # made a while ago: a new directory has the current times
+            ready.place(path)
     except BaseException:
         with contextlib.suppress(OSError):
-            _remove_hidden(temp)
+            if ready is None:
+                _remove_hidden(temp)
+            else:
+                ready.discard()
         raise
+    finally:
+        os.close(fd)
 
 
 def check_empty(path: bytes) -> list[tuple[bytes, bool]]:

@@ -120,7 +120,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             pool.open()
         except OSError as exc:
             pool.close()
-            log.info("no directories made ahead (%s): %s", POOL_DIR, exc.strerror)
+            log.warning("no directories made ahead (%s): %s", POOL_DIR, exc.strerror)
             return
         self.pool_dir_exists = True
         pool.start()

@@ -19,6 +19,7 @@ version of a block or of a whole file.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
-from kmsfs.fs.dirpool import POOL_DIR, is_ready_name, is_whole
+from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
@@ -274,15 +275,26 @@ class _Checker:
         """``kmsfs.newdirs/`` holds only ready directories (each just its IV); anything else
         there (a half-made one a crash left, which the next mount removes) is a leftover."""
         pool = self.root / POOL_DIR
-        if not pool.is_dir() or pool.is_symlink():
-            if os.path.lexists(pool):
-                self.warn("leftover", pool, None, "not the directory of directories made ahead")
+        if not os.path.lexists(pool):
             return
-        for name in sorted(os.listdir(pool)):
-            path = pool / name
-            if not (is_ready_name(os.fsencode(name)) and path.is_dir() and not path.is_symlink()
-                    and is_whole(os.fsencode(path))):
-                self.warn("leftover", path, None, "not a whole directory made ahead for mkdir")
+        try:
+            fd = os.open(pool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                self.warn("leftover", pool, None, "not the directory of directories made ahead")
+            else:
+                self.warn("made-ahead", pool, None, f"unreadable: {exc.strerror}")
+            return
+        try:
+            if not is_own_dir(os.fstat(fd), 0):  # only a daemon run as root makes one
+                self.warn("made-ahead", pool, None, "not root's own (owner or mode): mounts "
+                          "will not use it; remove it")
+            for name in sorted(os.fsencode(n) for n in os.listdir(fd)):
+                if not (is_ready_name(name) and is_whole_at(fd, name, 0)):
+                    self.warn("leftover", pool / os.fsdecode(name), None,
+                              "not a whole directory made ahead for mkdir")
+        finally:
+            os.close(fd)
 
     def orphan_blobs(self) -> None:
         blob_dir = self.root / LONGLINK_DIR

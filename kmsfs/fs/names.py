@@ -58,20 +58,25 @@ def temp_path(dirpath: bytes) -> bytes:
     return dirpath + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8))
 
 
-def write_dir_iv(dirpath: bytes, dir_fd: int | None = None) -> bytes:
-    """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, and return it.
+def write_dir_iv(dirpath: bytes) -> bytes:
+    """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, and return it."""
+    fd = os.open(reach(dirpath), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return write_dir_iv_at(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_iv_at(dir_fd: int) -> bytes:
+    """Create ``kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, in the directory open as
+    *dir_fd*, and return it.
 
     Every name in the directory is encrypted with the IV, so it must reach the disk before any
-    of them can: without the fsync, a power cut could keep the names and lose the IV. With
-    *dir_fd*, *dirpath* is relative to that directory (the pool's thread: no shared state).
+    of them can: without the fsync, a power cut could keep the names and lose the IV.
     """
     dir_iv = new_dir_iv()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    path = dirpath + b"/" + DIRIV
-    if dir_fd is None:
-        fd = os.open(reach(path), flags, 0o440)
-    else:
-        fd = os.open(path, flags, 0o440, dir_fd=dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(DIRIV, flags, 0o440, dir_fd=dir_fd)
     try:
         os.write(fd, dir_iv)
         os.fsync(fd)

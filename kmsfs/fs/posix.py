@@ -18,6 +18,7 @@ from kmsfs.crypto.content import plain_size_lenient
 from kmsfs.fs.longpath import forget, reach
 
 AT_FDCWD = -100
+RENAME_NOREPLACE = pyfuse3.RENAME_NOREPLACE
 EXT4_MAX_BYTES = 2**44 - 4096
 """ext4's largest file (4 KiB blocks, extents); a bigger truncate or fallocate gets EFBIG."""
 MAX_FILE_SIZE = plain_size_lenient(EXT4_MAX_BYTES)
@@ -76,6 +77,25 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
     forget(old, new)  # anchors at or below either lead elsewhere now
 
 
+def rename_noreplace_from(dir_fd: int, name: bytes, new: bytes) -> None:
+    """:func:`rename_noreplace` of the entry *name* of the directory open as *dir_fd*.
+
+    For an entry that must be the one the daemon opened that directory for, whatever has
+    happened to the directory's path since (kmsfs.fs.dirpool).
+    """
+    if _renameat2 is not None:
+        if _renameat2(dir_fd, name, AT_FDCWD, reach(new), ctypes.c_uint(RENAME_NOREPLACE)) == 0:
+            forget(new)
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            raise OSError(err, os.strerror(err))
+    if os.path.lexists(reach(new)):  # as in rename_noreplace: no other writer of the tree
+        raise FileExistsError(errno.EEXIST, "file exists", new)
+    os.rename(name, reach(new), src_dir_fd=dir_fd)
+    forget(new)
+
+
 def rename_noreplace(old: bytes, new: bytes) -> None:
     """rename(2) that fails with EEXIST instead of replacing *new* (an empty directory, say).
 
@@ -83,7 +103,7 @@ def rename_noreplace(old: bytes, new: bytes) -> None:
     writer of its ciphertext tree, so nothing can make *new* in between.
     """
     try:
-        renameat2(old, new, pyfuse3.RENAME_NOREPLACE)
+        renameat2(old, new, RENAME_NOREPLACE)
         return
     except OSError as exc:
         if exc.errno != errno.EINVAL:

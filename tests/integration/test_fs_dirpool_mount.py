@@ -9,7 +9,9 @@ mount; fsck accepts the pool and reports what does not belong there.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -22,7 +24,7 @@ from kmsfs.crypto.names import DIRIV_NAME
 from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.names import TEMP_PREFIX
-from tests.integration.fs_helpers import SoftDeriver
+from tests.integration.fs_helpers import SoftDeriver, make_volume
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the pool is for a daemon run as root")
 
@@ -169,10 +171,95 @@ def test_fsck_reports_what_does_not_belong_in_the_pool(volume: Path, mounter) ->
     (pool / full / "extra").write_bytes(b"x")
     report = check_tree(volume, SoftDeriver())
     assert report.clean
-    assert sorted((w.kind, w.cipher_path) for w in report.warnings) == [
+    assert sorted((w.kind, w.cipher_path) for w in report.warnings) == sorted([
         ("leftover", f"{POOL_DIR}/0123456789abcdef"),
         ("leftover", f"{POOL_DIR}/{full}"),
-    ]
+    ])
     mounter(volume, name="again").stop()  # a mount uses neither, and removes neither
     assert (pool / "0123456789abcdef").read_bytes() == b"a file"
     assert (pool / full / "extra").read_bytes() == b"x"
+
+
+@pytest.fixture
+def users_volume(mounter) -> Iterator[tuple[Path, Path]]:  # type: ignore[no-untyped-def]
+    """A volume whose ciphertext root belongs to uid 1000 (who ran ``kmsfs init``), in a
+    directory that user can reach, and a file of root's beside it: (volume, victim)."""
+    with tempfile.TemporaryDirectory(prefix="kmsfs-pool-") as base:
+        os.chmod(base, 0o755)
+        victim = Path(base) / "shadow"
+        victim.write_bytes(b"root's secret")
+        victim.chmod(0o600)
+        volume = make_volume(Path(base) / "cipher")
+        for path in (volume, *volume.rglob("*")):
+            os.chown(path, 1000, 1000)
+        yield volume, victim
+
+
+def test_whoever_owns_the_ciphertext_root_cannot_steer_the_pool(users_volume, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A user who can write the ciphertext root plants a kmsfs.newdirs/ of their own before a
+    root mount, and swaps a ready-looking entry for a symlink to a file of root's once the mount
+    has looked at it: mkdir through the mount must not chmod that file (root on the host)."""
+    volume, victim = users_volume
+    planted = volume / POOL_DIR / "00112233445566ff"
+
+    def plant() -> None:
+        (volume / POOL_DIR).mkdir(mode=0o755)
+        planted.mkdir(mode=0o700)
+        (planted / DIRIV_NAME).write_bytes(os.urandom(16))
+
+    _as_user(1000, 1000, [], plant)
+    mount = mounter(volume, options=("allow_other",), mountpoint=volume.parent / "m")
+    os.chmod(mount.mountpoint, 0o777)
+
+    def swap() -> None:
+        (planted / DIRIV_NAME).unlink()
+        planted.rmdir()
+        planted.symlink_to(victim)
+
+    _as_user(1000, 1000, [], swap)
+    for i in range(3):
+        _as_user(1000, 1000, [], lambda i=i: os.mkdir(mount.mountpoint / f"x{i}", 0o777))
+    assert os.stat(victim).st_mode & 0o7777 == 0o600
+    for i in range(3):
+        st = os.lstat(mount.mountpoint / f"x{i}")
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o777
+    assert "kmsfs.newdirs" in mount.log() and "not the daemon's own" in mount.log()
+    mount.stop()
+    assert planted.is_symlink()  # not the daemon's: left alone
+
+
+def test_fsck_by_another_user_reports_the_pool_it_cannot_read(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """kmsfs.newdirs/ is root's and 0700: fsck run by the volume's owner says so and goes on."""
+    mount = mounter(volume)
+    os.mkdir(mount.mountpoint / "d")
+    (mount.mountpoint / "d" / "f").write_bytes(b"data")
+    _wait_full(volume)
+    mount.stop()
+    with tempfile.TemporaryDirectory(prefix="kmsfs-pool-") as base:
+        os.chmod(base, 0o755)
+        copy = Path(base) / "cipher"
+        shutil.copytree(volume, copy, symlinks=True)
+        for path in (copy, *copy.rglob("*")):
+            if POOL_DIR not in path.relative_to(copy).parts:
+                os.chown(path, 1000, 1000, follow_symlinks=False)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(rfd)
+                os.setgroups([])
+                os.setgid(1000)
+                os.setuid(1000)
+                report = check_tree(copy, SoftDeriver())
+                os.write(wfd, json.dumps(report.to_json()).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            result = json.loads(f.read() or b"null")
+        os.waitpid(pid, 0)
+    assert result is not None, "fsck crashed"
+    assert result["clean"] and result["checked"]["files"] == 1
+    assert [(w["kind"], w["cipher_path"]) for w in result["warnings"]] == [
+        ("made-ahead", POOL_DIR)
+    ]

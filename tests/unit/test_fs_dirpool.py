@@ -16,7 +16,7 @@ import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME
 from kmsfs.fs import dirpool, dirs, names
-from kmsfs.fs.dirpool import POOL_DIR, DirPool, is_ready_name, is_whole
+from kmsfs.fs.dirpool import POOL_DIR, DirPool, is_ready_name, is_whole_at
 
 
 def _pool(root: Path, size: int = 4) -> DirPool:
@@ -30,8 +30,16 @@ def _fill(pool: DirPool, count: int) -> list[bytes]:
     made = []
     for _ in range(count):
         made.append(pool._make_one())
-        pool._ready.append(pool.path + b"/" + made[-1])
+        pool._ready.append(made[-1])
     return made
+
+
+def _whole(root: Path, name: str | bytes) -> bool:
+    fd = os.open(root / POOL_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return is_whole_at(fd, os.fsencode(name), os.geteuid())
+    finally:
+        os.close(fd)
 
 
 def test_a_directory_is_ready_only_after_its_iv_and_its_entry_are_fsynced(
@@ -62,7 +70,7 @@ def test_a_directory_is_ready_only_after_its_iv_and_its_entry_are_fsynced(
         ("rename", os.path.basename(temp)),  # only then the name mkdir may take
     ]
     ready = tmp_path / POOL_DIR / name.decode()
-    assert is_ready_name(name) and is_whole(os.fsencode(ready))
+    assert is_ready_name(name) and _whole(tmp_path, name)
     assert os.stat(ready).st_mode & 0o7777 == 0o700
 
 
@@ -107,14 +115,15 @@ def test_mkdir_with_nothing_ready_makes_its_own_directory(
     pool.close()
     assert woken  # the thread is told to make more
     assert len(fsynced) == 2 and fsynced[0].endswith("/" + DIRIV_NAME)
-    assert is_whole(os.fsencode(tmp_path / "d"))
+    assert len((tmp_path / "d" / DIRIV_NAME).read_bytes()) == 16
+    assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
 
 
 def test_a_directory_taken_but_not_placed_is_removed(tmp_path: Path) -> None:
     pool = _pool(tmp_path)
     _fill(pool, 1)
 
-    def prepare(temp: bytes) -> None:
+    def prepare(fd: int) -> None:
         raise PermissionError(1, "chown refused")
 
     with pytest.raises(PermissionError):
@@ -137,7 +146,7 @@ def test_opening_keeps_ready_directories_and_removes_what_a_crash_left(tmp_path:
 
     second = _pool(tmp_path)
     second.close()
-    assert sorted(second._ready) == sorted(second.path + b"/" + n for n in kept)
+    assert sorted(second._ready) == sorted(kept)
     assert sorted(os.listdir(pool_dir)) == sorted(n.decode() for n in kept)
 
 
@@ -151,6 +160,9 @@ def test_opening_keeps_ready_directories_and_removes_what_a_crash_left(tmp_path:
         "bad_iv",  # an IV of the wrong size
         "odd_name",  # a name the pool never makes
         "temp_with_content",  # a half-made name holding something that is not kmsfs's
+        "temp_symlink",  # a half-made name leading to another directory with an IV
+        "foreign_owner",  # someone else's directory, whole otherwise
+        "loose_mode",  # one others may read
     ],
 )
 def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_removed(
@@ -166,6 +178,15 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
         target.write_bytes(b"x")
     elif plant == "symlink":
         target.symlink_to(elsewhere)
+    elif plant == "temp_symlink":
+        (pool_dir / (names.TEMP_PREFIX + "00112233445566ff")).symlink_to(elsewhere)
+    elif plant in ("foreign_owner", "loose_mode"):
+        target.mkdir(mode=0o700)
+        names.write_dir_iv(os.fsencode(target))
+        if plant == "foreign_owner":
+            os.chown(target, 1000, 1000)
+        else:
+            os.chmod(target, 0o755)
     elif plant in ("content", "no_iv", "bad_iv", "odd_name", "temp_with_content"):
         if plant == "odd_name":
             target = pool_dir / "not-hex"
@@ -178,8 +199,9 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
             (target / "someone's file").write_bytes(b"data")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     pool = _pool(tmp_path)
+    taken = pool.take()
     pool.close()
-    assert pool.take() is None
+    assert taken is None
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
@@ -231,3 +253,118 @@ def test_a_pool_that_cannot_be_made_is_an_error_to_the_caller(tmp_path: Path) ->
         pool.open()
     pool.close()
     assert (tmp_path / POOL_DIR).read_bytes() == b"in the way"
+
+
+@pytest.mark.parametrize("how", ["owner", "world_writable", "group_writable"])
+def test_a_pool_directory_that_is_not_the_daemons_own_is_not_used(
+    tmp_path: Path, how: str
+) -> None:
+    """Whoever else can write the ciphertext root could make kmsfs.newdirs/ first and fill it
+    with entries of their choosing: the daemon runs without a pool rather than use it."""
+    pool_dir = tmp_path / POOL_DIR
+    pool_dir.mkdir(mode=0o700)
+    (pool_dir / "00112233445566ff").mkdir(mode=0o700)
+    names.write_dir_iv(os.fsencode(pool_dir / "00112233445566ff"))
+    (pool_dir / (names.TEMP_PREFIX + "0011223344556677")).mkdir()
+    if how == "owner":
+        os.chown(pool_dir, 1000, 1000)
+    else:
+        os.chmod(pool_dir, 0o777 if how == "world_writable" else 0o770)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    pool = DirPool(os.fsencode(tmp_path))
+    with pytest.raises(PermissionError):
+        pool.open()
+    assert not pool._ready
+    pool.close()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_moving_the_pool_away_and_planting_a_symlink_in_its_place_steers_nothing(
+    tmp_path: Path,
+) -> None:
+    """The daemon holds the pool's directory open and reaches its entries through it: a
+    kmsfs.newdirs/ put in its place while mounted, with a ready-looking name leading to a
+    file of root's, never gets that file chmodded, and mkdir still gets a whole directory."""
+    pool = _pool(tmp_path)
+    (name,) = _fill(pool, 1)
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"root's secret")
+    victim.chmod(0o600)
+    os.rename(tmp_path / POOL_DIR, tmp_path / "moved")
+    (tmp_path / POOL_DIR).mkdir()
+    (tmp_path / POOL_DIR / name.decode()).symlink_to(victim)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, pool=pool)
+    pool.close()
+    assert os.stat(victim).st_mode & 0o7777 == 0o600
+    assert (tmp_path / "d").is_dir() and not (tmp_path / "d").is_symlink()
+    assert os.stat(tmp_path / "d").st_mode & 0o7777 == 0o777
+    assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
+    assert os.listdir(tmp_path / "moved") == []  # the one taken was the pool's own
+
+
+def test_ready_directories_removed_by_hand_are_skipped(tmp_path: Path) -> None:
+    """An operator who empties kmsfs.newdirs/ while mounted costs mkdir its head start only."""
+    pool = _pool(tmp_path)
+    _fill(pool, 2)
+    for entry in (tmp_path / POOL_DIR).iterdir():
+        (entry / DIRIV_NAME).unlink()
+        entry.rmdir()
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, pool=pool)
+    pool.close()
+    assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
+    assert pool.take() is None
+
+
+def test_a_half_made_directory_swapped_for_a_symlink_during_clean_up_removes_no_other_iv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up removes the IV through the descriptor it checked, not by the name, which
+    could lead elsewhere by then: another directory's IV is every name in it."""
+    pool_dir = tmp_path / POOL_DIR
+    pool_dir.mkdir(mode=0o700)
+    half = pool_dir / (names.TEMP_PREFIX + "0011223344556677")
+    half.mkdir()
+    names.write_dir_iv(os.fsencode(half))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    names.write_dir_iv(os.fsencode(elsewhere))
+    real_listdir = os.listdir
+
+    def listdir_then_swap(target: int | str) -> list[str]:
+        out = real_listdir(target)
+        if isinstance(target, int) and not half.is_symlink():
+            os.rename(half, tmp_path / "moved")
+            half.symlink_to(elsewhere)
+        return out
+
+    monkeypatch.setattr(os, "listdir", listdir_then_swap)
+    pool = _pool(tmp_path)
+    pool.close()
+    assert (elsewhere / DIRIV_NAME).exists()
+    assert half.is_symlink()
+
+
+def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a pool, mkdir makes the directory under a hidden name in the parent, which
+    whoever can write the parent could swap for a symlink: mode, owner and times still go to
+    the directory made, through its descriptor, never to what the name leads to."""
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"root's secret")
+    victim.chmod(0o600)
+    real_write = dirs.write_dir_iv_at
+
+    def write_then_swap(fd: int) -> bytes:
+        iv = real_write(fd)
+        temp = os.readlink(f"/proc/self/fd/{fd}")
+        os.rename(temp, tmp_path / "moved")
+        os.symlink(victim, temp)
+        return iv
+
+    monkeypatch.setattr(dirs, "write_dir_iv_at", write_then_swap)
+    owned = []
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, prepare=owned.append)
+    assert os.stat(victim).st_mode & 0o7777 == 0o600
+    assert os.stat(tmp_path / "moved").st_mode & 0o7777 == 0o777
+    assert len(owned) == 1 and isinstance(owned[0], int)

@@ -129,8 +129,8 @@ def test_new_directory_is_owned_before_it_is_visible(tmp_path: Path) -> None:
     final = tmp_path / "d"
     seen: list[tuple[str, bool]] = []
 
-    def prepare(temp: bytes) -> None:
-        seen.append((os.fsdecode(temp), final.exists()))
+    def prepare(fd: int) -> None:
+        seen.append((os.readlink(f"/proc/self/fd/{fd}"), final.exists()))
 
     dirs.make_dir(os.fsencode(final), 0o755, prepare=prepare)
     ((temp, visible),) = seen
