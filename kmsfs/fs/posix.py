@@ -142,10 +142,10 @@ def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes
         os.fchown(target, uid, gid)
         if mode is not None and mode & 0o6000:
             os.fchmod(target, mode & 0o7777)
-    else:
+    else:  # never through a symlink: whoever can write the tree could have put one there
         os.chown(reach(target), uid, gid, follow_symlinks=False)
         if mode is not None and mode & 0o6000:
-            os.chmod(reach(target), mode & 0o7777)
+            os.chmod(reach(target), mode & 0o7777, follow_symlinks=False)
 
 
 def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
@@ -171,7 +171,7 @@ def touch_ctime(target: bytes | int, mode: int | None) -> None:
         target, nofollow = reach(target), {"follow_symlinks": False}
     os.chown(target, -1, -1, **nofollow)
     if mode is not None and stat.S_IMODE(os.stat(target, **nofollow).st_mode) != mode:
-        os.chmod(target, mode)
+        os.chmod(target, mode, **nofollow)
 
 
 #: ext4 stores a symlink target of fewer bytes than this inside the inode (no block).
