@@ -21,7 +21,13 @@ from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
-from kmsfs.fs.volume import check_mountpoint, create_volume, is_mount_point, open_volume
+from kmsfs.fs.volume import (
+    check_mountpoint,
+    check_root_only,
+    create_volume,
+    is_mount_point,
+    open_volume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     if daemon.LOW_LATENCY in options and (why := latency.check_available()) is not None:
         raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
     config = open_volume(Path(args.cipherdir))
+    check_root_only(Path(args.cipherdir))
     check_mountpoint(Path(args.mountpoint))
     agent = _agent(args)
     if agent is not None:  # the agent verifies against its own root and checks its policy

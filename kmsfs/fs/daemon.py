@@ -182,9 +182,10 @@ def serve(
 ) -> None:
     """Mount *cipherdir* at *mountpoint* and serve until unmounted or SIGTERM/SIGINT."""
     from kmsfs.fs.entries import KmsfsOps  # fs operations import pyfuse3-heavy modules
-    from kmsfs.fs.volume import lock_for_mount
+    from kmsfs.fs.volume import check_root_only, lock_for_mount
 
     os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
+    check_root_only(cipherdir)
     lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
     latency: CpuLatencyRequest | None = None
     try:

@@ -314,8 +314,11 @@ class _Checker:
                 return
             self.seen.add((st.st_dev, st.st_ino))
         self.report.checked["files"] += 1
-        try:
-            with open(_reach(path), "rb") as f:
+        try:  # no following, no blocking on a FIFO put there since the walk
+            fd = os.open(_reach(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
                 self.contents(f, path, plain, st.st_size)
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")

@@ -251,9 +251,11 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
                 os.fsdecode(record.path),
                 exc,
             )
-    if raw:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if raw:  # read_internal_file found a regular file; a FIFO put there since must not block
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)

@@ -43,8 +43,9 @@ from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
+from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
-from kmsfs.fs.volume import lock_exclusive
+from kmsfs.fs.volume import check_root_only, lock_exclusive
 from kmsfs.keys import KeyDeriver
 
 TEMP_PREFIX = "kmsfs.tmp.reencrypt-"
@@ -197,9 +198,9 @@ class _Job:
             if node.st.st_size == 0:
                 self.summary.empty += 1
                 continue
-            try:
-                with open(reach(node.paths[0]), "rb") as f:
-                    node.header = content.FileHeader.parse(f.read(content.HEADER_SIZE))
+            try:  # no following, no blocking on a FIFO put there since the walk
+                raw = read_internal_file(reach(node.paths[0]), content.HEADER_SIZE)
+                node.header = content.FileHeader.parse(raw)
             except (OSError, FormatError) as exc:
                 self.fail(node.paths[0], f"unreadable header: {exc}")
                 continue
@@ -384,6 +385,7 @@ def reencrypt_tree(
     cipherdir = Path(cipherdir)
     if not cipherdir.is_dir():
         raise UsageError(f"{cipherdir}: no such directory")
+    check_root_only(cipherdir)
     lock = lock_exclusive(cipherdir)
     try:
         config = volconfig.load(cipherdir)
@@ -412,6 +414,7 @@ def reencrypt(
     cipherdir = Path(cipherdir)
     if not cipherdir.is_dir():
         raise UsageError(f"{cipherdir}: no such directory")
+    check_root_only(cipherdir)
     os.close(lock_exclusive(cipherdir))  # refuse a mounted volume before opening an HSM
     config = volconfig.load(cipherdir)
     if not upgrade and not config.has(volconfig.FLAG_KEY_EPOCHS):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from kmsfs.errors import KmsfsError, UsageError
@@ -108,6 +109,50 @@ def _lock(cipherdir: Path, how: int) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def check_root_only(cipherdir: Path) -> None:
+    """As root, act only on a ciphertext directory no other user can reach or replace;
+    UsageError naming the path otherwise. Nothing to check for a daemon that is not root.
+
+    Why: the ciphertext of a user's files and directories is owned by that user (their
+    plaintext ids), and the daemon reaches entries by path. A user who could reach the
+    ciphertext directory could rename one of their directories there and put a symlink in its
+    place; the next create through the mount would then make, as root, a file owned by them
+    wherever the symlink leads (a script in /etc/cron.daily), and ``kmsfs reencrypt`` could be
+    turned the same way.
+
+    So, much as sshd's StrictModes does for ~/.ssh: the directory itself or one above it must
+    be closed to everyone but root (root's, no search permission for group or others; an ACL
+    that grants it shows in the group bits, as its mask), and that one and every directory
+    above it must be root's and writable by nobody else, unless sticky (/tmp), where no one else
+    can move them. ``kmsfs init`` makes a new directory 0700; a volume whose root is opened up
+    for ``allow_other`` (its mode is the plaintext root's) belongs under a closed directory.
+    """
+    if os.geteuid() != 0:
+        return
+    real = Path(os.path.realpath(cipherdir))
+    chain = [real, *real.parents]  # from the directory up to /
+    stats = [os.stat(p) for p in chain]
+    closed = next(
+        (i for i, st in enumerate(stats) if st.st_uid == 0 and not st.st_mode & 0o011), None
+    )
+    if closed is None:
+        st = stats[0]
+        why = (f"owned by uid {st.st_uid}" if st.st_uid != 0
+               else f"mode {st.st_mode & 0o7777:04o}")
+        raise UsageError(
+            f"{cipherdir}: other users can reach the ciphertext ({why}, and no directory above "
+            "it is closed to them), where they could steer a daemon running as root outside "
+            "the volume: chmod 700 it, or keep it in a directory only root can enter"
+        )
+    for above, st in zip(chain[closed:], stats[closed:], strict=True):
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            who = f"uid {st.st_uid}" if st.st_uid != 0 else "other users"
+            raise UsageError(
+                f"{cipherdir}: {above} can be changed by {who}, who could put another "
+                "directory in its place: as root, kmsfs uses a volume only where nobody else can"
+            )
 
 
 def lock_for_mount(cipherdir: Path) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +77,31 @@ def test_mount_refusals(tmp_path: Path) -> None:
     (cipher / "kmsfs.conf").write_text("{garbage")
     _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "not valid JSON")
     _assert_refused(kmsfs("mount", str(tmp_path / "nope"), str(mp)), mp, "no such directory")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root")
+def test_root_mounts_only_a_volume_nobody_else_can_reach(tmp_path: Path) -> None:
+    """One line, nothing mounted: a ciphertext directory another user can reach or replace
+    would let that user steer the root daemon outside the volume (check_root_only)."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    with tempfile.TemporaryDirectory(prefix="kmsfs-cli-", dir="/tmp") as base:
+        os.chmod(base, 0o755)  # unlike pytest's 0700 directories, lets everyone through
+        cipher = make_volume(Path(base) / "c")
+        os.chown(cipher, 1000, 1000)
+        _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "(owned by uid 1000,")
+        os.chown(cipher, 0, 0)
+        os.chmod(cipher, 0o755)  # as after chmod 755 of an allow_other mount's root
+        _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "(mode 0755,")
+        os.chmod(cipher, 0o700)
+        os.chmod(base, 0o777)
+        _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "can be changed by other")
+        os.chmod(base, 0o700)  # closed above: the volume's root may be open to all
+        os.chmod(cipher, 0o755)
+        # the volume itself passes now: what stops the mount is a later check (the test
+        # volume's Domain bundle is a stand-in)
+        proc = kmsfs("mount", str(cipher), str(mp))
+        assert proc.returncode != 0 and "domain_bundle" in proc.stderr, proc.stderr
 
 
 def test_init_refuses_non_empty(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -452,3 +454,45 @@ def test_reencrypt_is_a_documented_command() -> None:
     proc = _kmsfs("reencrypt", "--help")
     assert proc.returncode == 0 and "example" in proc.stdout
     assert reencrypt.TEMP_PREFIX.startswith("kmsfs.tmp.")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root")
+def test_reencrypt_as_root_refuses_a_volume_another_user_can_reach(tmp_path: Path) -> None:
+    """reencrypt creates, links and renames files by path as root: in a tree another user can
+    reach, a directory swapped for a symlink would put a file of theirs anywhere."""
+    with tempfile.TemporaryDirectory(prefix="kmsfs-epochs-", dir="/tmp") as base:
+        os.chmod(base, 0o755)  # unlike pytest's 0700 directories, lets everyone through
+        volume = make_volume(Path(base) / "cipher")
+        _build(volume, tmp_path)
+        os.chmod(volume, 0o711)
+        before = sorted((str(p), p.lstat().st_mtime_ns) for p in volume.rglob("*"))
+        with pytest.raises(UsageError, match=r"can reach the ciphertext \(mode 0711"):
+            reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+        assert sorted((str(p), p.lstat().st_mtime_ns) for p in volume.rglob("*")) == before
+
+
+def test_a_fifo_swapped_in_after_the_walk_never_blocks_reencrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the walk that saw a regular file and the read of its header, a FIFO put in
+    its place would block a plain open forever; the job reports the file instead."""
+    volume = make_volume(tmp_path / "cipher")
+    _build(volume, tmp_path)
+    target = cipher_path(volume, "A")
+    real_lstat = os.lstat
+    seen, swapped = [], []
+
+    def lstat_then_swap(path, *args, **kw):  # type: ignore[no-untyped-def]
+        st = real_lstat(path, *args, **kw)
+        if os.fsdecode(path) == str(target) and stat.S_ISREG(st.st_mode):
+            seen.append(True)
+            if len(seen) == 2:  # the scan's look, after the walk's: the header is read next
+                swapped.append(True)
+                os.rename(target, target.with_name("moved"))
+                os.mkfifo(target)
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert swapped and len(summary.failed) == 1, summary.failed
+    assert "not a regular file" in summary.failed[0].detail

@@ -246,3 +246,29 @@ def test_a_write_cut_short_by_a_killed_daemon_is_reported(volume: Path, mounter)
     assert [w.kind for w in report.warnings] == ["interrupted-write"]
     assert "1 write(s) a killed daemon may have cut short" in report.warnings[0].detail
     assert (volume / JOURNAL_NAME).read_bytes() == before
+
+
+def test_a_fifo_swapped_in_after_the_look_never_blocks_fsck(  # type: ignore[no-untyped-def]
+    volume: Path, mounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the ciphertext could put a FIFO where fsck just saw a file: opening
+    it for reading would block forever. fsck reports the path and goes on."""
+    mount = mounter(volume)
+    (mount.mountpoint / "f").write_bytes(b"data")
+    (mount.mountpoint / "g").write_bytes(b"more")
+    mount.stop()
+    target = cipher_path(volume, "f")
+    real_lstat = os.lstat
+
+    def lstat_then_swap(path, *args, **kw):  # type: ignore[no-untyped-def]
+        st = real_lstat(path, *args, **kw)
+        if os.fsdecode(path) == str(target) and not target.is_fifo():
+            os.rename(target, volume / "moved")
+            os.mkfifo(target)
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    report = check_tree(volume, SoftDeriver())
+    assert [(p.kind, p.path) for p in report.problems] == [("unreadable", "/f")]
+    assert "not a regular file" in report.problems[0].detail
+    assert report.checked["files"] == 2
