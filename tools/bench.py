@@ -161,7 +161,9 @@ def kmsfs_hsm(work: Path, options: str = "") -> tuple[subprocess.Popen[bytes], P
     admin("trust", "sign", trust, "--as", "alice", "--pin-file", work / "alice.pin")
     admin("trust", "seal", trust)
     admin("domain", "create", "bench", "--trust", trust)
-    kc, km = work / "kc", work / "km"
+    closed = work / "closed"  # as root, kmsfs serves only ciphertext others cannot reach
+    closed.mkdir(mode=0o700)
+    kc, km = closed / "kc", work / "km"
     subprocess.run([str(BIN / "kmsfs"), "init", str(kc), "--domain", "bench"], env=env,
                    check=True, stdout=subprocess.DEVNULL)
     km.mkdir()

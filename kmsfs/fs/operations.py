@@ -21,13 +21,14 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
 from kmsfs.crypto.symlinks import inline_target_length
-from kmsfs.errors import HsmError, IntegrityError
+from kmsfs.errors import HsmError, IntegrityError, UsageError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.handles import open_quietly
 from kmsfs.fs.longpath import reach
@@ -39,6 +40,7 @@ from kmsfs.fs.posix import (
     statvfs_data,
     touch_ctime,
 )
+from kmsfs.fs.volume import check_root_only
 from kmsfs.fs.xattrs import foreign_name_errno
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,15 @@ class ContentOps:
                 attrs.st_nlink -= hidden
         return attrs
 
+    def _warn_if_reachable(self) -> None:
+        """The mount root's mode is the ciphertext root's: a chmod that lets other users in
+        (as for allow_other) may let them reach the ciphertext, which a mount as root refuses
+        (:func:`~kmsfs.fs.volume.check_root_only`). Say so now, not at the next mount."""
+        try:
+            check_root_only(Path(os.fsdecode(self.table.root_path)))
+        except UsageError as exc:
+            log.warning("%s; this mount goes on, the next one as root will refuse", exc)
+
     def _stat_ino(self, ino: int) -> tuple[os.stat_result, bytes | None]:
         of = self.files.get_file(ino)
         if of is not None:
@@ -219,6 +230,8 @@ class ContentOps:
                 os.chmod(target, mode, **nofollow)
             except NotImplementedError:
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+            if inode == ROOT_INODE and mode & 0o011:
+                self._warn_if_reachable()
             changed = True
         if fields.update_atime or fields.update_mtime:
             if fields.update_atime and fields.update_mtime:

@@ -279,3 +279,25 @@ def test_init_names_a_missing_parent_and_makes_nothing(tmp_path: Path) -> None:
         create_volume(tmp_path / "nope" / "payroll", sample_config())
     assert str(info.value) == f"{tmp_path / 'nope'}: no such directory (create it first)"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root")
+def test_opening_the_mount_root_says_when_it_opens_the_ciphertext(mounter) -> None:  # type: ignore[no-untyped-def]
+    """chmod 755 of an allow_other mount's root is the ciphertext root's chmod too: where
+    nothing above closes it, the log says so at once, and the next mount refuses it."""
+    with tempfile.TemporaryDirectory(prefix="kmsfs-cli-", dir="/tmp") as base:
+        os.chmod(base, 0o755)
+        closed = Path(base) / "closed"
+        closed.mkdir(mode=0o700)
+        for parent, warned in ((closed, False), (Path(base), True)):
+            cipher = make_volume(parent / "c")
+            mount = mounter(cipher, name=f"m{warned}")
+            os.chmod(mount.mountpoint, 0o755)
+            os.chmod(mount.mountpoint, 0o700)  # closing again says nothing
+            said = mount.log().count("the next one as root will refuse")
+            mount.stop()
+            assert said == (1 if warned else 0), mount.log()
+            if warned:
+                with pytest.raises(RuntimeError, match="other users can reach the ciphertext"):
+                    os.chmod(cipher, 0o755)
+                    mounter(cipher, name="again")

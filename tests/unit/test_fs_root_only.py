@@ -90,11 +90,18 @@ def test_a_sticky_world_writable_parent_is_fine(cipher: Path) -> None:
 
 
 def test_the_directory_is_judged_where_it_really_is(cipher: Path) -> None:
-    """A symlink of root's to the volume is fine; a volume reached through one is judged by
-    its real place, so a safe-looking path to an open directory does not pass."""
-    link = cipher.parent / "link"
-    link.symlink_to(cipher)
-    check_root_only(link)
+    """A volume reached through a symlink is judged by its real place: a link kept in a closed
+    directory does not make an open volume pass, and a link in the open to a closed one is
+    fine."""
+    closed = cipher.parent / "closed"
+    closed.mkdir(mode=0o700)
+    inside = closed / "link"
+    inside.symlink_to(cipher)
+    outside = cipher.parent / "link"
+    outside.symlink_to(cipher)
+    check_root_only(outside)
+    check_root_only(inside)
     os.chmod(cipher, 0o755)
-    with pytest.raises(UsageError, match="can reach the ciphertext"):
-        check_root_only(link)
+    for link in (inside, outside):
+        with pytest.raises(UsageError, match="can reach the ciphertext"):
+            check_root_only(link)
