@@ -17,6 +17,8 @@ import pytest
 
 from kmsfs.fs import posix
 
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="own() gives ownership only as root")
+
 
 @pytest.fixture
 def victim(tmp_path: Path) -> Path:
@@ -39,24 +41,22 @@ def _swap_after_chown(monkeypatch: pytest.MonkeyPatch, entry: Path, victim: Path
     monkeypatch.setattr(os, "chown", chown_then_swap)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="own() gives ownership only as root")
-def test_own_applies_set_id_bits_to_the_entry_made_only(
-    tmp_path: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "call",
+    [
+        # set-id bits of a new FIFO, applied again after the chown that gives it its owner
+        lambda fifo: posix.own(fifo, 1000, 1000, stat.S_IFIFO | 0o4755, os.path.dirname(fifo)),
+        # the mode put back after a chown(-1, -1) that only moves the ctime
+        lambda fifo: posix.touch_ctime(fifo, 0o4755),
+    ],
+    ids=["own", "touch_ctime"],
+)
+def test_a_mode_goes_to_the_entry_only(
+    tmp_path: Path, victim: Path, monkeypatch: pytest.MonkeyPatch, call  # type: ignore[no-untyped-def]
 ) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o644)
     _swap_after_chown(monkeypatch, fifo, victim)
     with contextlib.suppress(OSError, NotImplementedError):
-        posix.own(os.fsencode(fifo), 1000, 1000, stat.S_IFIFO | 0o4755, os.fsencode(tmp_path))
-    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
-
-
-def test_touch_ctime_puts_a_mode_back_on_the_entry_only(
-    tmp_path: Path, victim: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo, 0o644)
-    _swap_after_chown(monkeypatch, fifo, victim)
-    with contextlib.suppress(OSError, NotImplementedError):
-        posix.touch_ctime(os.fsencode(fifo), 0o4755)
+        call(os.fsencode(fifo))
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
