@@ -38,7 +38,7 @@ from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import DIRIV_NAME, parse_dir_iv
 from kmsfs.errors import FormatError
 from kmsfs.fs.names import DIRIV, TEMP_PREFIX, write_dir_iv_at
-from kmsfs.fs.posix import rename_noreplace_from
+from kmsfs.fs.posix import rename_noreplace
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class ReadyDir:
 
     def place(self, new: bytes) -> None:
         """Rename it to the ciphertext path *new*; FileExistsError if that exists."""
-        rename_noreplace_from(self.pool_fd, self.name, new)
+        rename_noreplace(self.name, new, old_dir_fd=self.pool_fd)
 
     def discard(self) -> None:
         """Remove it (taken, but its mkdir failed before it was placed)."""

@@ -65,52 +65,43 @@ def pwrite_fully(fd: int, data: bytes | bytearray | memoryview, offset: int) -> 
         offset += n
 
 
-def renameat2(old: bytes, new: bytes, flags: int) -> None:
-    """rename(2) with flags; EINVAL if the C library or the file system cannot do them."""
+def renameat2(old: bytes, new: bytes, flags: int, old_dir_fd: int | None = None) -> None:
+    """rename(2) with flags; EINVAL if the C library or the file system cannot do them.
+
+    With *old_dir_fd*, *old* is a name in the directory open as that descriptor: the entry
+    the daemon opened that directory for, whatever has happened to its path since
+    (kmsfs.fs.dirpool).
+    """
+    src_fd, src = (AT_FDCWD, reach(old)) if old_dir_fd is None else (old_dir_fd, old)
     if flags == 0:
-        os.rename(reach(old), reach(new))
+        os.rename(src, reach(new), src_dir_fd=old_dir_fd)
     elif _renameat2 is None:
         raise OSError(errno.EINVAL, "renameat2 is not available")
-    elif _renameat2(AT_FDCWD, reach(old), AT_FDCWD, reach(new), ctypes.c_uint(flags)) != 0:
+    elif _renameat2(src_fd, src, AT_FDCWD, reach(new), ctypes.c_uint(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    forget(old, new)  # anchors at or below either lead elsewhere now
+    if old_dir_fd is None:
+        forget(old, new)  # anchors at or below either lead elsewhere now
+    else:
+        forget(new)
 
 
-def rename_noreplace_from(dir_fd: int, name: bytes, new: bytes) -> None:
-    """:func:`rename_noreplace` of the entry *name* of the directory open as *dir_fd*.
-
-    For an entry that must be the one the daemon opened that directory for, whatever has
-    happened to the directory's path since (kmsfs.fs.dirpool).
-    """
-    if _renameat2 is not None:
-        if _renameat2(dir_fd, name, AT_FDCWD, reach(new), ctypes.c_uint(RENAME_NOREPLACE)) == 0:
-            forget(new)
-            return
-        err = ctypes.get_errno()
-        if err != errno.EINVAL:
-            raise OSError(err, os.strerror(err))
-    if os.path.lexists(reach(new)):  # as in rename_noreplace: no other writer of the tree
-        raise FileExistsError(errno.EEXIST, "file exists", new)
-    os.rename(name, reach(new), src_dir_fd=dir_fd)
-    forget(new)
-
-
-def rename_noreplace(old: bytes, new: bytes) -> None:
-    """rename(2) that fails with EEXIST instead of replacing *new* (an empty directory, say).
+def rename_noreplace(old: bytes, new: bytes, old_dir_fd: int | None = None) -> None:
+    """rename(2) that fails with EEXIST instead of replacing *new* (an empty directory, say);
+    *old_dir_fd* as for :func:`renameat2`.
 
     Where the file system has no RENAME_NOREPLACE, a check then a rename: the daemon is the only
     writer of its ciphertext tree, so nothing can make *new* in between.
     """
     try:
-        renameat2(old, new, RENAME_NOREPLACE)
+        renameat2(old, new, RENAME_NOREPLACE, old_dir_fd)
         return
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
     if os.path.lexists(reach(new)):
         raise FileExistsError(errno.EEXIST, "file exists", new)
-    renameat2(old, new, 0)
+    renameat2(old, new, 0, old_dir_fd)
 
 
 def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME
-from kmsfs.fs import dirpool, dirs, names
+from kmsfs.fs import dirpool, dirs, names, posix
 from kmsfs.fs.dirpool import POOL_DIR, DirPool, is_ready_name, is_whole_at
 
 
@@ -368,3 +368,25 @@ def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
     assert os.stat(victim).st_mode & 0o7777 == 0o600
     assert os.stat(tmp_path / "moved").st_mode & 0o7777 == 0o777
     assert len(owned) == 1 and isinstance(owned[0], int)
+
+
+@pytest.mark.parametrize("with_pool", [True, False])
+def test_mkdir_on_a_file_system_without_renameat2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_pool: bool
+) -> None:
+    """Where RENAME_NOREPLACE is missing, a check then a plain rename, from the pool's
+    descriptor too; an existing name is still never replaced."""
+    monkeypatch.setattr(posix, "_renameat2", None)
+    pool = _pool(tmp_path) if with_pool else None
+    if pool is not None:
+        _fill(pool, 2)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o751, pool=pool)
+    (tmp_path / "taken").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        dirs.make_dir(os.fsencode(tmp_path / "taken"), 0o755, pool=pool)
+    if pool is not None:
+        assert len(os.listdir(tmp_path / POOL_DIR)) == 1  # one placed, one untouched
+        pool.close()
+    assert os.stat(tmp_path / "d").st_mode & 0o7777 == 0o751
+    assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
+    assert (tmp_path / "taken").read_bytes() == b"keep"
