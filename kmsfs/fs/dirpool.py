@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.names import DIRIV_NAME, parse_dir_iv
 from kmsfs.errors import FormatError
-from kmsfs.fs.names import DIRIV, TEMP_PREFIX, write_dir_iv_at
-from kmsfs.fs.posix import rename_noreplace
+from kmsfs.fs.names import DIR_FLAGS, DIRIV, TEMP_PREFIX, make_dir_with_iv
+from kmsfs.fs.posix import read_internal_file, rename_noreplace
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ JOIN_SECONDS = 10.0
 
 _READY_NAME = re.compile(rb"[0-9a-f]{16}")
 _TEMP = TEMP_PREFIX.encode()
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def is_ready_name(name: bytes) -> bool:
@@ -72,7 +71,7 @@ def is_whole_at(pool_fd: int, name: bytes, owner: int) -> bool:
     """*name* in the pool open as *pool_fd* is a ready directory: *owner*'s, mode 0700,
     holding a well-formed IV and nothing else."""
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=pool_fd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pool_fd)
     except OSError:
         return False
     try:
@@ -81,14 +80,7 @@ def is_whole_at(pool_fd: int, name: bytes, owner: int) -> bool:
             return False
         if os.listdir(fd) != [DIRIV_NAME]:
             return False
-        iv_fd = os.open(DIRIV, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                        dir_fd=fd)
-        try:
-            if not stat.S_ISREG(os.fstat(iv_fd).st_mode):
-                return False
-            parse_dir_iv(os.read(iv_fd, 64))
-        finally:
-            os.close(iv_fd)
+        parse_dir_iv(read_internal_file(DIRIV, 64, dir_fd=fd))
     except (OSError, FormatError):
         return False
     finally:
@@ -145,7 +137,7 @@ class DirPool:
             pass
         else:
             fsync_dir(os.path.dirname(self.path))
-        self._fd = os.open(self.path, _DIR_FLAGS)
+        self._fd = os.open(self.path, DIR_FLAGS)
         if not is_own_dir(os.fstat(self._fd), os.geteuid()):
             raise OSError(errno.EPERM, "not the daemon's own directory (owner or mode)")
         with os.scandir(self._fd) as it:
@@ -173,7 +165,7 @@ class DirPool:
             except IndexError:
                 return None
             try:
-                return ReadyDir(name, os.open(name, _DIR_FLAGS, dir_fd=self._fd), self._fd)
+                return ReadyDir(name, os.open(name, DIR_FLAGS, dir_fd=self._fd), self._fd)
             except OSError as exc:  # removed by hand meanwhile: the next one, or none
                 log.warning("%r: %s", self.path + b"/" + name, exc.strerror)
 
@@ -205,14 +197,8 @@ class DirPool:
         """One directory with its IV fsync'd, and the entry naming the IV; its ready name."""
         name = secrets.token_hex(8).encode()
         temp = _TEMP + name
-        os.mkdir(temp, 0o700, dir_fd=self._fd)
+        os.close(make_dir_with_iv(temp, dir_fd=self._fd))
         try:
-            fd = os.open(temp, _DIR_FLAGS, dir_fd=self._fd)
-            try:
-                write_dir_iv_at(fd)
-                os.fsync(fd)  # the entry naming the IV, not only its bytes
-            finally:
-                os.close(fd)
             os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except BaseException:
             self._remove(temp)
@@ -222,7 +208,7 @@ class DirPool:
     def _remove(self, name: bytes) -> None:
         """Remove a half-made directory *name* (its IV, then itself); one holding more stays."""
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=self._fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=self._fd)
         except OSError:
             log.warning("%r: not kmsfs's; fsck reports it", self.path + b"/" + name)
             return

@@ -26,13 +26,12 @@ from collections.abc import Callable
 from kmsfs.crypto.names import is_internal
 from kmsfs.fs.dirpool import DirPool
 from kmsfs.fs.longpath import reach
-from kmsfs.fs.names import DIRIV, TEMP_PREFIX, temp_path, write_dir_iv, write_dir_iv_at
+from kmsfs.fs.names import DIRIV, TEMP_PREFIX, make_dir_with_iv, temp_path, write_dir_iv
 from kmsfs.fs.posix import rename_noreplace
 
 log = logging.getLogger(__name__)
 
 _HIDDEN = os.fsencode(TEMP_PREFIX)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Hidden directories nested deeper than this are not kmsfs's (it nests them at most twice).
 MAX_HIDDEN_DEPTH = 8
 
@@ -58,17 +57,8 @@ def make_dir(
         fd = ready.fd
     else:
         temp = temp_path(os.path.dirname(path))
-        os.mkdir(reach(temp), 0o700)
-        try:
-            fd = os.open(reach(temp), _DIR_FLAGS)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.rmdir(reach(temp))
-            raise
+        fd = make_dir_with_iv(temp)
     try:
-        if ready is None:
-            write_dir_iv_at(fd)
-            os.fsync(fd)  # the entry naming the IV, not only its bytes
         os.chmod(fd, mode)
         if prepare is not None:
             prepare(fd)

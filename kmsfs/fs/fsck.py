@@ -45,7 +45,7 @@ from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
-from kmsfs.fs.posix import read_internal_file
+from kmsfs.fs.posix import open_regular, read_internal_file
 from kmsfs.fs.progress import Progress
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -315,10 +315,7 @@ class _Checker:
             self.seen.add((st.st_dev, st.st_ino))
         self.report.checked["files"] += 1
         try:  # no following, no blocking on a FIFO put there since the walk
-            fd = os.open(_reach(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+            with open(open_regular(_reach(path)), "rb") as f:
                 self.contents(f, path, plain, st.st_size)
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")

@@ -31,10 +31,8 @@ walk.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
 import struct
 import threading
 import zlib
@@ -44,7 +42,7 @@ from dataclasses import dataclass
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs.longpath import forget, reach
-from kmsfs.fs.posix import pwrite_fully, read_internal_file
+from kmsfs.fs.posix import open_regular, pwrite_fully, read_internal_file
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +125,7 @@ class WriteJournal:
 
     def __init__(self, root: bytes) -> None:
         self.root = root
-        self._fd = os.open(
-            root + b"/" + JOURNAL_NAME.encode(),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            0o600,
-        )
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-            os.close(self._fd)
-            raise OSError(errno.EINVAL, "not a regular file")
+        self._fd = open_regular(root + b"/" + JOURNAL_NAME.encode(), os.O_RDWR | os.O_CREAT)
         self._prefix = root.rstrip(b"/") + b"/"
         self._lock = threading.Lock()
         self._pos = 0
@@ -252,10 +243,8 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
                 exc,
             )
     if raw:  # read_internal_file found a regular file; a FIFO put there since must not block
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path, os.O_WRONLY)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
@@ -279,11 +268,8 @@ def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], Conten
     block, rest = divmod(record.offset - HEADER_SIZE, CIPHER_BLOCK_SIZE)
     if record.offset < HEADER_SIZE or rest:
         raise FormatError(f"offset {record.offset} is not where a block starts")
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(reach(root + b"/" + record.path), flags)
+    fd = open_regular(reach(root + b"/" + record.path), os.O_RDWR)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now
         cipher = cipher_of(FileHeader.parse(record.header))

@@ -39,6 +39,8 @@ DIRIV = DIRIV_NAME.encode()
 #: Prefix of the fs's own temporary names (docs/format.md, "Reserved names"): hidden from
 #: listings like every ``kmsfs.`` name, reported by fsck as leftovers, removed by rmdir.
 TEMP_PREFIX = "kmsfs.tmp."
+#: Opening a directory of the tree: never through a symlink put in its place.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class DirIvError(IntegrityError):
@@ -58,9 +60,38 @@ def temp_path(dirpath: bytes) -> bytes:
     return dirpath + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8))
 
 
+def make_dir_with_iv(path: bytes, dir_fd: int | None = None) -> int:
+    """Make the directory *path* (mode 0700) with its IV, fsync'd, and fsync the directory, so
+    the entry naming the IV is on disk too; return a descriptor of the directory. Nothing is
+    left if it fails. With *dir_fd*, *path* is a name in that directory.
+
+    The only way kmsfs makes a directory that may get a visible name (kmsfs.fs.dirs,
+    kmsfs.fs.dirpool): without both fsyncs, a power cut could keep its names and lose the IV.
+    """
+    where = path if dir_fd is not None else reach(path)
+    os.mkdir(where, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(where, DIR_FLAGS, dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(where, dir_fd=dir_fd)
+        raise
+    try:
+        write_dir_iv_at(fd)
+        os.fsync(fd)  # the entry naming the IV, not only its bytes
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(DIRIV, dir_fd=fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(where, dir_fd=dir_fd)
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_dir_iv(dirpath: bytes) -> bytes:
     """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, and return it."""
-    fd = os.open(reach(dirpath), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(reach(dirpath), DIR_FLAGS)
     try:
         return write_dir_iv_at(fd)
     finally:

@@ -27,22 +27,39 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-def read_internal_file(path: bytes | str, limit: int) -> bytes:
+def open_regular(
+    path: bytes | str, flags: int = os.O_RDONLY, mode: int = 0o600, dir_fd: int | None = None
+) -> int:
+    """``os.open`` of a file kmsfs expects to be regular: never following a symlink, never
+    blocking (on a FIFO put in its place), and OSError(EINVAL) for anything but a regular file.
+
+    *path* is used as given (callers :func:`~kmsfs.fs.longpath.reach` it, or pass *dir_fd*).
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_internal_file(path: bytes | str, limit: int, dir_fd: int | None = None) -> bytes:
     """Up to *limit* bytes of the regular file *path* (an IV, a sidecar, a long-symlink blob).
 
     Whoever can write the ciphertext can put a FIFO, a symlink or a device at such a name; a
     plain open() would follow the symlink or block on the FIFO, and on the trio thread that
     freezes every request of the mount. So: no following, no blocking, and anything but a
-    regular file is OSError(EINVAL), which callers report as damage of that one path.
+    regular file is OSError(EINVAL), which callers report as damage of that one path. With
+    *dir_fd*, *path* is a name in that directory.
     """
     try:
-        where = reach(path) if isinstance(path, bytes) else path
-        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        where = reach(path) if isinstance(path, bytes) and dir_fd is None else path
+        fd = open_regular(where, dir_fd=dir_fd)
     except OSError as exc:  # the caller names the file, in its own terms
         raise type(exc)(exc.errno, exc.strerror) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         chunks: list[bytes] = []
         left = limit
         while left > 0:

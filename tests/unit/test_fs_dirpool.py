@@ -353,7 +353,7 @@ def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
     victim = tmp_path / "shadow"
     victim.write_bytes(b"root's secret")
     victim.chmod(0o600)
-    real_write = dirs.write_dir_iv_at
+    real_write = names.write_dir_iv_at
 
     def write_then_swap(fd: int) -> bytes:
         iv = real_write(fd)
@@ -362,7 +362,7 @@ def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
         os.symlink(victim, temp)
         return iv
 
-    monkeypatch.setattr(dirs, "write_dir_iv_at", write_then_swap)
+    monkeypatch.setattr(names, "write_dir_iv_at", write_then_swap)
     owned = []
     dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, prepare=owned.append)
     assert os.stat(victim).st_mode & 0o7777 == 0o600
