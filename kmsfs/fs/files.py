@@ -247,7 +247,10 @@ class FileContent:
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:
-        return os.fstat(self.fd).st_size
+        """The ciphertext file's size. lseek, not fstat: every write asks, and fstat's result
+        object cost 5 us of a 4 KiB random write's 50 (measured in the daemon). Every use of
+        the fd is positional (pread, pwrite), so moving its offset changes nothing."""
+        return os.lseek(self.fd, 0, os.SEEK_END)
 
     def plain_size(self) -> int:
         return plain_size_lenient(self.cipher_size())

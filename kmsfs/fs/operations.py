@@ -487,12 +487,16 @@ class ContentOps:
     def _xattr_integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
         return self._integrity(ino, IntegrityError(f"xattr: {exc}"))
 
-    @guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        """The kernel asks for security.capability before every write(2): that answer (what
+        Xattrs.get gives outside ``user.*``) comes without resolving the inode and without
+        :func:`guard`'s extra coroutine, since it can raise nothing but FUSEError."""
         if not name.startswith(b"user."):
-            # What Xattrs.get answers, without resolving the inode: the kernel asks for
-            # security.capability before every write(2), so this is a hot path.
             raise pyfuse3.FUSEError(foreign_name_errno(name))
+        return await self._get_user_xattr(inode, name)
+
+    @guard
+    async def _get_user_xattr(self, inode: int, name: bytes) -> bytes:
         try:
             return self.xattrs.get(self._xattr_target(inode), name)
         except IntegrityError as exc:
