@@ -27,6 +27,7 @@ import trio
 from kmsfs import exitcodes
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
+from kmsfs.fs.killpriv import InitAmendment
 from kmsfs.fs.latency import HOLD_SECONDS, CpuLatencyRequest, unavailable_reason
 from kmsfs.keys import KeyDeriver
 
@@ -211,6 +212,7 @@ def serve(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
             idle=ops.between_requests,
             latency=latency,
+            init=InitAmendment(),
         )
         trio.run(_main, on_ready, mountpoint, spin)
     except BaseException:
@@ -329,6 +331,9 @@ class _SpinThenWait:
 
     With ``latency`` (``-o low_latency``, :mod:`kmsfs.fs.latency`), any request takes the CPU
     latency request, and a sleep that lasts :data:`HOLD_SECONDS` without one releases it.
+
+    With ``init`` (:class:`~kmsfs.fs.killpriv.InitAmendment`), libfuse's first two reads go
+    through it: that is how the INIT reply gets FUSE_HANDLE_KILLPRIV_V2.
     """
 
     def __init__(
@@ -336,7 +341,9 @@ class _SpinThenWait:
         threads_busy: Callable[[], bool] = lambda: False,
         idle: Callable[[], bool] = lambda: False,
         latency: CpuLatencyRequest | None = None,
+        init: InitAmendment | None = None,
     ) -> None:
+        self._init = init
         self._pollers: dict[int, select.poll] = {}
         self._latency = latency
         self._last_checkpoint = time.perf_counter()
@@ -347,6 +354,11 @@ class _SpinThenWait:
         return getattr(trio.lowlevel, name)
 
     async def wait_readable(self, fd: int) -> None:
+        if self._init is not None:
+            if self._init.before_read(fd):
+                return  # the INIT request waits for libfuse in the socket
+            if self._init.done:
+                self._init = None
         poller = self._pollers.get(fd)
         if poller is None:
             poller = self._pollers[fd] = select.poll()

@@ -36,6 +36,7 @@ from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
     entry_attrs,
+    killed_set_id,
     may_access,
     statvfs_data,
     touch_ctime,
@@ -82,14 +83,19 @@ def guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _drop_set_id(fd: int) -> None:
-    """What truncate(2) by a caller without CAP_FSETID does on ext4: drop set-user-ID, and
-    set-group-ID if group-execute is on. For open(O_TRUNC) the kernel leaves it to us: with
-    atomic O_TRUNC it drops the mode change it computed (fuse_do_setattr, ATTR_OPEN)."""
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
-    if mode & kill:
-        os.fchmod(fd, mode & ~kill)
+def _drop_set_id(target: bytes | int, ctx: Any) -> None:
+    """What a truncate by the caller *ctx* does to the set-id bits on ext4
+    (:func:`killed_set_id`). The kernel leaves it to us: for open(O_TRUNC) (with atomic O_TRUNC
+    it drops the mode change it computed, fuse_do_setattr, ATTR_OPEN), and for truncate once
+    FUSE_HANDLE_KILLPRIV_V2 is negotiated (:mod:`kmsfs.fs.killpriv`).
+    *target*: an fd, or a path that is not a symlink."""
+    nofollow = _BY_FD if isinstance(target, int) else _NO_FOLLOW
+    st = os.stat(target, **nofollow)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        kept = killed_set_id(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+        if kept != mode:
+            os.chmod(target, kept, **nofollow)
 
 
 def _groups(ctx: Any) -> set[int]:
@@ -216,10 +222,23 @@ class ContentOps:
         else:
             target, nofollow = reach(self.table.path(inode)), _NO_FOLLOW  # used at once
         changed = fields.update_size
+        if fields.update_size and ctx.uid != 0:
+            _drop_set_id(target, ctx)  # a file, never a symlink: it has a size
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
+            before = None
+            if ctx.uid != 0 and not fields.update_mode:
+                before = os.stat(target, **nofollow)
             os.chown(target, uid, gid, **nofollow)
+            if before is not None and not stat.S_ISDIR(before.st_mode):
+                # The backing chown (by the daemon) dropped set-user-ID, and set-group-ID with
+                # group-execute; a caller outside the file's group also loses set-group-ID.
+                # Without FUSE_HANDLE_KILLPRIV_V2 the kernel sends that mode along instead.
+                now = stat.S_IMODE(os.stat(target, **nofollow).st_mode)
+                kept = allowed_mode(now, before.st_gid, ctx.uid, lambda: _groups(ctx))
+                if kept != now and not stat.S_ISLNK(before.st_mode):
+                    os.chmod(target, kept, **nofollow)
             changed = True
         if fields.update_mode:
             mode = stat.S_IMODE(attr.st_mode)
@@ -244,12 +263,19 @@ class ContentOps:
                 )
             os.utime(target, ns=times, **nofollow)
             changed = True
-        if not changed:
+        if not changed:  # chown(-1, -1), or the kernel dropping set-id bits for a write
             st = os.stat(target, **nofollow)
             mode = None
             if not stat.S_ISLNK(st.st_mode):
                 mode = stat.S_IMODE(st.st_mode)
                 if not stat.S_ISDIR(st.st_mode):
+                    # ext4 drops set-user-ID, and set-group-ID with group-execute (and, for a
+                    # caller outside the file's group, without): for chown whoever calls, for
+                    # a write only a caller without CAP_FSETID, the only one the kernel asks
+                    # for. Without FUSE_HANDLE_KILLPRIV_V2 the kernel sends that as a mode.
+                    mode &= ~stat.S_ISUID
+                    if mode & stat.S_IXGRP:
+                        mode &= ~stat.S_ISGID
                     mode = allowed_mode(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
             touch_ctime(target, mode)
         st = os.stat(target, **nofollow)
@@ -338,7 +364,7 @@ class ContentOps:
             try:
                 await self._truncate(inode, 0)
                 if ctx.uid != 0:
-                    _drop_set_id(self.files.handle(fh).file.content.fd)
+                    _drop_set_id(self.files.handle(fh).file.content.fd, ctx)
             except BaseException:
                 self.files.release(fh)
                 raise

@@ -167,6 +167,18 @@ def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[in
     return mode
 
 
+def killed_set_id(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
+    """The mode ext4 leaves after a write or truncate by *uid* (the kernel's
+    should_remove_suid): a caller without CAP_FSETID (not root) loses set-user-ID, and
+    set-group-ID if group-execute is on or it is not in the file's group."""
+    if uid == 0:
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or file_gid not in groups()):
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 def touch_ctime(target: bytes | int, mode: int | None) -> None:
     """Update only the ctime (chown to -1, -1), keeping or setting the permission bits *mode*.
 

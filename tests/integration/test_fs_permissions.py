@@ -108,9 +108,9 @@ def test_root_without_allow_other_keeps_exec_and_access_rules(public_mount) -> N
 
 def test_open_with_o_trunc_by_another_user_drops_set_id_bits(public_mount) -> None:  # type: ignore[no-untyped-def]
     """As ext4 does for a caller without CAP_FSETID: set-user-ID goes, and set-group-ID when
-    group-execute is on; root keeps them."""
+    group-execute is on or the caller is not in the file's group (as here); root keeps them."""
     mp = public_mount(("allow_other",))
-    for name, mode, after in [("u", 0o4777, 0o777), ("g", 0o2777, 0o777), ("gx", 0o2767, 0o2767)]:
+    for name, mode, after in [("u", 0o4777, 0o777), ("g", 0o2777, 0o777), ("gx", 0o2767, 0o767)]:
         (mp / name).write_text("x")
         os.chmod(mp / name, mode)
         truncate = lambda n=name: os.close(os.open(mp / n, os.O_WRONLY | os.O_TRUNC))  # noqa: E731
@@ -119,3 +119,67 @@ def test_open_with_o_trunc_by_another_user_drops_set_id_bits(public_mount) -> No
     os.chmod(mp / "u", 0o4777)
     os.close(os.open(mp / "u", os.O_WRONLY | os.O_TRUNC))  # root: CAP_FSETID
     assert os.stat(mp / "u").st_mode & 0o7777 == 0o4777
+
+
+def _write_one_byte(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"y", 0)
+    finally:
+        os.close(fd)
+
+
+def _ftruncate(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+#: What may drop set-id bits, and who does it (1234: no CAP_FSETID; in the file's group or not).
+_SET_ID_OPS = {
+    "write": _write_one_byte,
+    "truncate": lambda p: os.truncate(p, 0),
+    "ftruncate": _ftruncate,
+    "open(O_TRUNC)": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)),
+    "chown(-1, -1)": lambda p: os.chown(p, -1, -1),
+    "chown to own group": lambda p: os.chown(p, -1, 1234),
+}
+
+
+def _set_id_outcomes(top: Path) -> dict[tuple[str, str, int, str], int]:
+    """Every set-id case run in directory *top*: (op, who, mode, file group) -> mode after."""
+    out = {}
+    for op_name, op in _SET_ID_OPS.items():
+        for who in ("other", "root"):
+            for mode in (0o4777, 0o2777, 0o2767, 0o6767, 0o0777):
+                for group in (0, 1234):
+                    path = top / f"{op_name}-{who}-{mode:o}-{group}"
+                    path.write_bytes(b"x")
+                    os.chown(path, 1234 if op_name.startswith("chown") else 0, group)
+                    os.chmod(path, mode)
+                    if who == "root":
+                        op(path)
+                    else:
+                        assert _as_other_user(lambda p=path, op=op: op(p)) == 0, (op_name, path)
+                    out[(op_name, who, mode, str(group))] = os.stat(path).st_mode & 0o7777
+    return out
+
+
+def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(public_mount) -> None:  # type: ignore[no-untyped-def]
+    """kmsfs drops set-user-ID and set-group-ID itself (the kernel leaves it to the file system
+    once FUSE_HANDLE_KILLPRIV_V2 is negotiated): every case gives the mode the local file system
+    gives, for a caller without CAP_FSETID inside and outside the file's group and for root."""
+    mp = public_mount(("allow_other",))
+    with tempfile.TemporaryDirectory(prefix="kmsfs-setid-", dir="/var/tmp") as local:
+        os.chmod(local, 0o777)
+        expected = _set_id_outcomes(Path(local))
+    (mp / "t").mkdir(mode=0o777)
+    os.chmod(mp / "t", 0o777)
+    got = _set_id_outcomes(mp / "t")
+    assert {k: oct(v) for k, v in got.items() if got[k] != expected[k]} == {}
+    # The cases are not vacuous: bits went in some and stayed in others.
+    assert expected[("write", "other", 0o6767, "0")] == 0o767
+    assert expected[("write", "other", 0o2767, "1234")] == 0o2767
+    assert expected[("write", "root", 0o6767, "0")] == 0o6767
