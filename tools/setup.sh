@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for kmsfs: system packages (as root) and .venv in the checkout.
-# Safe to run again: it installs only what is missing.
+# Safe to run again: it installs only what is missing, and makes .venv again (removing it) only
+# if it was made with another interpreter than the one chosen below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -27,7 +27,7 @@ import trio
 from kmsfs import exitcodes
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
-from kmsfs.fs.killpriv import InitAmendment
+from kmsfs.fs.killpriv import InitAmendment, libfuse_needs_it
 from kmsfs.fs.latency import HOLD_SECONDS, CpuLatencyRequest, unavailable_reason
 from kmsfs.keys import KeyDeriver
 
@@ -212,7 +212,7 @@ def serve(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
             idle=ops.between_requests,
             latency=latency,
-            init=InitAmendment(),
+            init=InitAmendment() if libfuse_needs_it() else None,
         )
         trio.run(_main, on_ready, mountpoint, spin)
     except BaseException:
@@ -248,7 +248,8 @@ async def _main(
         nursery.start_soon(_watch_signals)
         await nursery.start(_run_fuse, nursery.cancel_scope, spin)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        # Abandoned if the loop fails first (the stat can wait in the kernel for good then).
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
         sdnotify.notify(f"READY=1\nSTATUS=serving {mountpoint}")
         if on_ready is not None:
             on_ready()

@@ -5,11 +5,13 @@ capabilities itself (this INIT flag), the kernel cannot mark a FUSE inode as fre
 (``S_NOSEC``), so before *every* write(2) it asks the daemon for ``security.capability``: one
 GETXATTR round trip per write. That was half of the requests of 4 KiB random writes and a fifth
 of those of a tar extract; with the flag the kernel asks once per inode and attribute refresh
-(fio 4 KiB randwrite on tmpfs: 11.6k -> 15.7k writes/s). kmsfs then drops the bits itself, as
-ext4 does (``operations``, setattr and open; kmsfs stores no ``security.*`` attribute, so there
-is no capability to drop): on truncate and open(O_TRUNC) by a caller without CAP_FSETID, on
-chown, and on a write by such a caller, for which the kernel still sends a setattr with no
-field set (tests/integration/test_fs_permissions.py judges every case against ext4).
+(fio 4 KiB randwrite on tmpfs: 11.6k -> 15.7k writes/s). The file system drops the bits itself
+then, as it already must with the FUSE_HANDLE_KILLPRIV that libfuse asks for by default:
+kmsfs does it as ext4 does (``operations``, setattr and open; it stores no ``security.*``
+attribute, so there is no capability to drop) on truncate and open(O_TRUNC) by a caller
+without CAP_FSETID (kmsfs takes root for that, as everywhere), on chown, and on a write by such
+a caller, for which the kernel sends a setattr with no field set
+(tests/integration/test_fs_permissions.py judges every case against the local disk).
 
 How: the kernel queues its INIT request on /dev/fuse when the file system is mounted, and
 libfuse answers it with the first request it reads. :class:`InitAmendment` runs in the read
@@ -18,11 +20,20 @@ loop's wait before libfuse's first two reads. The first time, it takes the INIT 
 returns, so libfuse reads the request and writes its reply into the socket. The second time, it
 takes that reply, adds the flag if the kernel offered it and libfuse accepted INIT, writes it to
 /dev/fuse, and puts /dev/fuse back on the fd number. Nothing else passes through the socket, and
-the request and reply are otherwise forwarded byte for byte.
+the request and reply are otherwise forwarded byte for byte. If anything fails once the request
+is off /dev/fuse, the kernel gets an error reply to it, so the mount fails at once instead of
+hanging with INIT unanswered.
+
+This relies on libfuse answering INIT inside the read that took it, before the loop yields,
+which holds for libfuse 3 up to the versions listed in :data:`AMENDED_LIBFUSE_MINORS`
+(:func:`libfuse_needs_it`); on any other libfuse the daemon leaves INIT alone.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 import select
@@ -45,6 +56,26 @@ _FLAGS = struct.Struct("<I")
 _MAX_REQUEST = (1 << 20) + 8192
 #: How long to wait for the kernel's INIT request (queued before mount(2) returns).
 INIT_WAIT_MS = 5000
+#: libfuse 3 minor versions known to answer INIT synchronously in the read loop and not to
+#: offer the flag through their API (Debian 12 has 3.14).
+AMENDED_LIBFUSE_MINORS = range(10, 18)
+
+
+def libfuse_needs_it() -> bool:
+    """Whether the libfuse this process uses is one :class:`InitAmendment` is made for."""
+    name = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
+    try:
+        version_of = ctypes.CDLL(name).fuse_pkgversion
+    except (OSError, AttributeError):
+        return False
+    version_of.restype = ctypes.c_char_p
+    parts = (version_of() or b"").split(b".")
+    return (
+        len(parts) >= 2
+        and parts[0] == b"3"
+        and parts[1].isdigit()
+        and int(parts[1]) in AMENDED_LIBFUSE_MINORS
+    )
 
 
 class InitAmendment:
@@ -76,24 +107,30 @@ class InitAmendment:
     def _hand_request_to_libfuse(self, fd: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         device = os.dup(fd)
+        request = b""
         try:
             request = _read_request(device)
-            if len(request) >= _FLAGS_AT_IN + _FLAGS.size:
+            if len(request) >= _IN_HEADER.size:
                 _, opcode, self._unique = _IN_HEADER.unpack_from(request)
-                (offered,) = _FLAGS.unpack_from(request, _FLAGS_AT_IN)
-                self._offered = opcode == FUSE_INIT and bool(offered & FUSE_HANDLE_KILLPRIV_V2)
+                if opcode == FUSE_INIT and len(request) >= _FLAGS_AT_IN + _FLAGS.size:
+                    (offered,) = _FLAGS.unpack_from(request, _FLAGS_AT_IN)
+                    self._offered = bool(offered & FUSE_HANDLE_KILLPRIV_V2)
             ours.send(request)
             theirs.setblocking(os.get_blocking(fd))
             os.dup2(theirs.fileno(), fd, inheritable=False)
         except BaseException:
+            if request:
+                _refuse(device, self._unique)
             os.close(device)
             ours.close()
             theirs.close()
+            self.done = True
             raise
         self._device, self._ours, self._theirs = device, ours, theirs
 
     def _send_reply_to_kernel(self, fd: int) -> None:
         assert self._ours is not None and self._theirs is not None
+        answered = False
         try:
             self._ours.setblocking(False)
             try:
@@ -105,7 +142,11 @@ class InitAmendment:
                 _FLAGS.pack_into(reply, _FLAGS_AT_OUT, flags | FUSE_HANDLE_KILLPRIV_V2)
                 self.negotiated = True
             os.write(self._device, reply)
+            answered = True
         finally:
+            if not answered:
+                self.negotiated = False
+                _refuse(self._device, self._unique)
             os.dup2(self._device, fd, inheritable=False)
             os.close(self._device)
             self._ours.close()
@@ -123,6 +164,14 @@ def _read_request(device: int) -> bytes:
     if not poller.poll(INIT_WAIT_MS):
         raise RuntimeError("no INIT request from the kernel")
     return os.read(device, _MAX_REQUEST)
+
+
+def _refuse(device: int, unique: int) -> None:
+    """Answer request *unique* with EIO, so a mount whose INIT went wrong fails at once."""
+    try:
+        os.write(device, _OUT_HEADER.pack(_OUT_HEADER.size, -errno.EIO, unique))
+    except OSError:
+        log.debug("could not refuse the INIT request", exc_info=True)
 
 
 def _accepts_init(reply: bytes | bytearray, unique: int) -> bool:

@@ -85,10 +85,9 @@ def guard(fn: F) -> F:
 
 def _drop_set_id(target: bytes | int, ctx: Any) -> None:
     """What a truncate by the caller *ctx* does to the set-id bits on ext4
-    (:func:`killed_set_id`). The kernel leaves it to us: for open(O_TRUNC) (with atomic O_TRUNC
-    it drops the mode change it computed, fuse_do_setattr, ATTR_OPEN), and for truncate once
-    FUSE_HANDLE_KILLPRIV_V2 is negotiated (:mod:`kmsfs.fs.killpriv`).
-    *target*: an fd, or a path that is not a symlink."""
+    (:func:`killed_set_id`). The kernel leaves it to us, as to any FUSE file system that takes
+    FUSE_HANDLE_KILLPRIV (libfuse asks for it by default) or its V2 (:mod:`kmsfs.fs.killpriv`);
+    for open(O_TRUNC) it does in any case. *target*: an fd, or a path that is not a symlink."""
     nofollow = _BY_FD if isinstance(target, int) else _NO_FOLLOW
     st = os.stat(target, **nofollow)
     mode = stat.S_IMODE(st.st_mode)
@@ -234,7 +233,7 @@ class ContentOps:
             if before is not None and not stat.S_ISDIR(before.st_mode):
                 # The backing chown (by the daemon) dropped set-user-ID, and set-group-ID with
                 # group-execute; a caller outside the file's group also loses set-group-ID.
-                # Without FUSE_HANDLE_KILLPRIV_V2 the kernel sends that mode along instead.
+                # The kernel leaves that to us (FUSE_HANDLE_KILLPRIV, see _drop_set_id).
                 now = stat.S_IMODE(os.stat(target, **nofollow).st_mode)
                 kept = allowed_mode(now, before.st_gid, ctx.uid, lambda: _groups(ctx))
                 if kept != now and not stat.S_ISLNK(before.st_mode):
@@ -263,16 +262,16 @@ class ContentOps:
                 )
             os.utime(target, ns=times, **nofollow)
             changed = True
-        if not changed:  # chown(-1, -1), or the kernel dropping set-id bits for a write
+        if not changed:  # chown(-1, -1), or the kernel's request to drop set-id bits (a write)
             st = os.stat(target, **nofollow)
             mode = None
             if not stat.S_ISLNK(st.st_mode):
                 mode = stat.S_IMODE(st.st_mode)
                 if not stat.S_ISDIR(st.st_mode):
                     # ext4 drops set-user-ID, and set-group-ID with group-execute (and, for a
-                    # caller outside the file's group, without): for chown whoever calls, for
-                    # a write only a caller without CAP_FSETID, the only one the kernel asks
-                    # for. Without FUSE_HANDLE_KILLPRIV_V2 the kernel sends that as a mode.
+                    # caller outside the file's group, without): on chown whoever calls, on a
+                    # write only a caller without CAP_FSETID, the only one the kernel sends
+                    # this for (FUSE_HANDLE_KILLPRIV leaves it to us, see _drop_set_id).
                     mode &= ~stat.S_ISUID
                     if mode & stat.S_IXGRP:
                         mode &= ~stat.S_ISGID
@@ -514,9 +513,10 @@ class ContentOps:
         return self._integrity(ino, IntegrityError(f"xattr: {exc}"))
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        """The kernel asks for security.capability before every write(2): that answer (what
-        Xattrs.get gives outside ``user.*``) comes without resolving the inode and without
-        :func:`guard`'s extra coroutine, since it can raise nothing but FUSEError."""
+        """Unless it took FUSE_HANDLE_KILLPRIV_V2 (:mod:`kmsfs.fs.killpriv`), the kernel asks for
+        security.capability before every write(2): that answer (what Xattrs.get gives outside
+        ``user.*``) comes without resolving the inode and without :func:`guard`'s extra
+        coroutine, since it can raise nothing but FUSEError."""
         if not name.startswith(b"user."):
             raise pyfuse3.FUSEError(foreign_name_errno(name))
         return await self._get_user_xattr(inode, name)

@@ -169,8 +169,9 @@ def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[in
 
 def killed_set_id(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
     """The mode ext4 leaves after a write or truncate by *uid* (the kernel's
-    should_remove_suid): a caller without CAP_FSETID (not root) loses set-user-ID, and
-    set-group-ID if group-execute is on or it is not in the file's group."""
+    should_remove_suid): a caller without CAP_FSETID loses set-user-ID, and set-group-ID if
+    group-execute is on or it is not in the file's group. Root stands for CAP_FSETID, as
+    elsewhere in kmsfs (a root process that dropped it, or a user granted it, is misjudged)."""
     if uid == 0:
         return mode
     mode &= ~stat.S_ISUID

@@ -6,6 +6,7 @@ plays libfuse: it reads the request from the session fd number and writes its re
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -87,7 +88,8 @@ def test_anything_else_passes_through_unchanged(request_: bytes, answer) -> None
     kernel.close()
 
 
-def test_libfuse_not_answering_is_an_error_and_the_fd_is_restored() -> None:
+def test_libfuse_not_answering_fails_the_mount_at_once_and_the_fd_is_restored() -> None:
+    """The kernel gets EIO for its INIT (the mount fails) rather than no answer (a hang)."""
     kernel, session = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fd = session.detach()
     kernel.send(_init_request(7, FUSE_HANDLE_KILLPRIV_V2))
@@ -96,6 +98,9 @@ def test_libfuse_not_answering_is_an_error_and_the_fd_is_restored() -> None:
     os.read(fd, 1 << 16)
     with pytest.raises(RuntimeError, match="did not answer"):
         amend.before_read(fd)
+    assert amend.done and not amend.negotiated
+    kernel.settimeout(5)
+    assert kernel.recv(100) == struct.pack("<IiQ", 16, -errno.EIO, 7)
     kernel.send(b"x")
     assert os.read(fd, 10) == b"x"
     os.close(fd)
