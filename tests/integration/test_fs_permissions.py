@@ -29,14 +29,15 @@ def _mount_options(mp: Path) -> set[str]:
     raise AssertionError(f"{mp} is not mounted")
 
 
-def _as_other_user(fn) -> int:  # type: ignore[no-untyped-def]
-    """Run *fn* in a child with uid/gid 1234; its exit status is 0 or the errno it got."""
+def _as_other_user(fn, gid: int = 1234, groups: tuple[int, ...] = ()) -> int:  # type: ignore[no-untyped-def]
+    """Run *fn* in a child with uid 1234 (gid 1234 unless told); its exit status is 0 or the
+    errno it got."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            os.setgroups([])
-            os.setgid(1234)
+            os.setgroups(list(groups))
+            os.setgid(gid)
             os.setuid(1234)
             fn()
         except OSError as exc:
@@ -148,30 +149,39 @@ _SET_ID_OPS = {
 }
 
 
+#: Callers: root, and uid 1234 with group 1234 as its own, or only as a supplementary group.
+_WHO = {"root": None, "other": (1234, ()), "other, 1234 supplementary": (4321, (1234,))}
+
+
 def _set_id_outcomes(top: Path) -> dict[tuple[str, str, int, str], int]:
     """Every set-id case run in directory *top*: (op, who, mode, file group) -> mode after."""
     out = {}
     for op_name, op in _SET_ID_OPS.items():
-        for who in ("other", "root"):
+        for who, ids in _WHO.items():
             for mode in (0o4777, 0o2777, 0o2767, 0o6767, 0o0777):
                 for group in (0, 1234):
                     path = top / f"{op_name}-{who}-{mode:o}-{group}"
                     path.write_bytes(b"x")
                     os.chown(path, 1234 if op_name.startswith("chown") else 0, group)
                     os.chmod(path, mode)
-                    if who == "root":
+                    if ids is None:
                         op(path)
                     else:
-                        assert _as_other_user(lambda p=path, op=op: op(p)) == 0, (op_name, path)
+                        run = lambda p=path, op=op: op(p)  # noqa: E731
+                        assert _as_other_user(run, *ids) == 0, (op_name, who, path)
                     out[(op_name, who, mode, str(group))] = os.stat(path).st_mode & 0o7777
     return out
 
 
-def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(public_mount) -> None:  # type: ignore[no-untyped-def]
-    """kmsfs drops set-user-ID and set-group-ID itself (the kernel leaves it to the file system
-    once FUSE_HANDLE_KILLPRIV_V2 is negotiated): every case gives the mode the local file system
-    gives, for a caller without CAP_FSETID inside and outside the file's group and for root."""
-    mp = public_mount(("allow_other",))
+@pytest.mark.parametrize("options", [("allow_other",), ("allow_other", "writeback_cache")])
+def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(  # type: ignore[no-untyped-def]
+    public_mount, options: tuple[str, ...]
+) -> None:
+    """kmsfs drops set-user-ID and set-group-ID itself (the kernel leaves that to the file
+    system): every case gives the mode the local file system gives, for a caller without
+    CAP_FSETID inside the file's group (as its own or a supplementary group) and outside it,
+    and for root; with the kernel's writeback cache too, whose writes take another path."""
+    mp = public_mount(options)
     with tempfile.TemporaryDirectory(prefix="kmsfs-setid-", dir="/var/tmp") as local:
         os.chmod(local, 0o777)
         expected = _set_id_outcomes(Path(local))
@@ -182,4 +192,6 @@ def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(publi
     # The cases are not vacuous: bits went in some and stayed in others.
     assert expected[("write", "other", 0o6767, "0")] == 0o767
     assert expected[("write", "other", 0o2767, "1234")] == 0o2767
+    assert expected[("write", "other, 1234 supplementary", 0o2767, "1234")] == 0o2767
+    assert expected[("write", "other, 1234 supplementary", 0o2767, "0")] == 0o767
     assert expected[("write", "root", 0o6767, "0")] == 0o6767
