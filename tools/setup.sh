@@ -29,9 +29,10 @@ if [ -z "${PYTHON:-}" ]; then
     PYTHON=python3
     [ -x /usr/bin/python3 ] && PYTHON=/usr/bin/python3
 fi
-want="$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))')"
+interpreter_of() { "$1" -c 'import os, sys; print(os.path.realpath(sys.executable))'; }
+want="$(interpreter_of "$PYTHON")"
 if [ -x .venv/bin/python ]; then
-    have="$(.venv/bin/python -c 'import os, sys; print(os.path.realpath(sys.executable))' 2>/dev/null || true)"
+    have="$(interpreter_of .venv/bin/python 2>/dev/null || true)"
     if [ "$have" != "$want" ]; then
         echo "setup: .venv was made with ${have:-a missing interpreter}; making it again with $want"
         rm -rf .venv

@@ -36,8 +36,8 @@ from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
     allowed_mode,
     entry_attrs,
-    killed_set_id,
     may_access,
+    set_id_dropped,
     statvfs_data,
     touch_ctime,
 )
@@ -84,15 +84,16 @@ def guard(fn: F) -> F:
 
 
 def _drop_set_id(target: bytes | int, ctx: Any) -> None:
-    """What a truncate by the caller *ctx* does to the set-id bits on ext4
-    (:func:`killed_set_id`). The kernel leaves it to us, as to any FUSE file system that takes
-    FUSE_HANDLE_KILLPRIV (libfuse asks for it by default) or its V2 (:mod:`kmsfs.fs.killpriv`);
-    for open(O_TRUNC) it does in any case. *target*: an fd, or a path that is not a symlink."""
+    """What a truncate by the caller *ctx*, which lacks CAP_FSETID (is not root), does to the
+    set-id bits on ext4 (:func:`set_id_dropped`). The kernel leaves it to us, as to any FUSE
+    file system that takes FUSE_HANDLE_KILLPRIV (libfuse asks for it by default) or its V2
+    (:mod:`kmsfs.fs.killpriv`); for open(O_TRUNC) it does in any case. *target*: an fd, or a
+    path that is not a symlink."""
     nofollow = _BY_FD if isinstance(target, int) else _NO_FOLLOW
     st = os.stat(target, **nofollow)
     mode = stat.S_IMODE(st.st_mode)
     if mode & (stat.S_ISUID | stat.S_ISGID):
-        kept = killed_set_id(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+        kept = set_id_dropped(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
         if kept != mode:
             os.chmod(target, kept, **nofollow)
 
@@ -229,14 +230,17 @@ class ContentOps:
             before = None
             if ctx.uid != 0 and not fields.update_mode:
                 before = os.stat(target, **nofollow)
+                if stat.S_ISDIR(before.st_mode) or stat.S_ISLNK(before.st_mode):
+                    before = None  # chown drops no set-id bit of these
             os.chown(target, uid, gid, **nofollow)
-            if before is not None and not stat.S_ISDIR(before.st_mode):
-                # The backing chown (by the daemon) dropped set-user-ID, and set-group-ID with
-                # group-execute; a caller outside the file's group also loses set-group-ID.
-                # The kernel leaves that to us (FUSE_HANDLE_KILLPRIV, see _drop_set_id).
+            if before is not None:
+                # The kernel leaves the set-id rules of chown to us (FUSE_HANDLE_KILLPRIV, see
+                # _drop_set_id); the backing chown by the daemon (root) applied only root's.
                 now = stat.S_IMODE(os.stat(target, **nofollow).st_mode)
-                kept = allowed_mode(now, before.st_gid, ctx.uid, lambda: _groups(ctx))
-                if kept != now and not stat.S_ISLNK(before.st_mode):
+                kept = set_id_dropped(
+                    stat.S_IMODE(before.st_mode), before.st_gid, ctx.uid, lambda: _groups(ctx)
+                )
+                if kept != now:
                     os.chmod(target, kept, **nofollow)
             changed = True
         if fields.update_mode:
@@ -268,14 +272,10 @@ class ContentOps:
             if not stat.S_ISLNK(st.st_mode):
                 mode = stat.S_IMODE(st.st_mode)
                 if not stat.S_ISDIR(st.st_mode):
-                    # ext4 drops set-user-ID, and set-group-ID with group-execute (and, for a
-                    # caller outside the file's group, without): on chown whoever calls, on a
-                    # write only a caller without CAP_FSETID, the only one the kernel sends
-                    # this for (FUSE_HANDLE_KILLPRIV leaves it to us, see _drop_set_id).
-                    mode &= ~stat.S_ISUID
-                    if mode & stat.S_IXGRP:
-                        mode &= ~stat.S_ISGID
-                    mode = allowed_mode(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+                    # ext4's rules for a chown, and for a write by a caller without CAP_FSETID,
+                    # the only one the kernel sends this for: the same (set_id_dropped).
+                    # FUSE_HANDLE_KILLPRIV leaves both to us (see _drop_set_id).
+                    mode = set_id_dropped(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
             touch_ctime(target, mode)
         st = os.stat(target, **nofollow)
         return self._attrs(inode, st, None if of is not None else target)

@@ -167,17 +167,16 @@ def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[in
     return mode
 
 
-def killed_set_id(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
-    """The mode ext4 leaves after a write or truncate by *uid* (the kernel's
-    should_remove_suid): a caller without CAP_FSETID loses set-user-ID, and set-group-ID if
-    group-execute is on or it is not in the file's group. Root stands for CAP_FSETID, as
-    elsewhere in kmsfs (a root process that dropped it, or a user granted it, is misjudged)."""
-    if uid == 0:
-        return mode
+def set_id_dropped(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
+    """The mode ext4 leaves a file (not a directory) after a chown by *uid*, or after a write
+    or truncate by a caller without CAP_FSETID (the kernel's should_remove_suid; callers keep
+    root, which stands for CAP_FSETID in kmsfs, out): set-user-ID goes, and set-group-ID if
+    group-execute is on; a caller outside the file's group *file_gid* (its group before a
+    chown) also loses set-group-ID (:func:`allowed_mode`)."""
     mode &= ~stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or file_gid not in groups()):
+    if mode & stat.S_IXGRP:
         mode &= ~stat.S_ISGID
-    return mode
+    return allowed_mode(mode, file_gid, uid, groups)
 
 
 def touch_ctime(target: bytes | int, mode: int | None) -> None:
