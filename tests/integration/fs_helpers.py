@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kmsfs.errors import IntegrityError
 from kmsfs.fs.config import VolumeConfig
+from kmsfs.fs.dirpool import POOL_DIR
 from kmsfs.fs.volume import create_volume
 
 STUB = Path(__file__).with_name("fs_mount_stub.py")
@@ -68,6 +69,18 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
 def make_volume(cipherdir: Path) -> Path:
     create_volume(cipherdir, sample_config())
     return cipherdir
+
+
+def ciphertext_paths(volume: Path) -> list[str]:
+    """Every path in the ciphertext tree *volume* of a live mount, but for ``kmsfs.newdirs/``:
+    the daemon's pool thread makes and renames directories there at any moment, so a walk
+    into it races with the daemon (an entry listed, then gone before its lstat)."""
+    paths = []
+    for dirpath, dirs, files in os.walk(volume):
+        if dirpath == os.fspath(volume) and POOL_DIR in dirs:
+            dirs.remove(POOL_DIR)
+        paths += [os.path.join(dirpath, name) for name in dirs + files]
+    return paths
 
 
 def is_mounted(path: Path) -> bool:

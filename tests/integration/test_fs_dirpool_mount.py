@@ -24,7 +24,7 @@ from kmsfs.crypto.names import DIRIV_NAME
 from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.names import TEMP_PREFIX
-from tests.integration.fs_helpers import SoftDeriver, make_volume
+from tests.integration.fs_helpers import SoftDeriver, ciphertext_paths, make_volume
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the pool is for a daemon run as root")
 
@@ -92,7 +92,8 @@ def test_a_directory_from_the_pool_looks_just_made(volume: Path, public_mount: P
 
     used = set(ready) - set(_ready(volume))
     assert len(used) == 2  # both came from the pool, with the IVs made ahead
-    made = [p for p in volume.rglob("*") if p.is_dir() and p.stat().st_uid == 1000]
+    made = [Path(p) for p in ciphertext_paths(volume)
+            if os.path.isdir(p) and os.stat(p).st_uid == 1000]
     assert {(p / DIRIV_NAME).read_bytes() for p in made} == {ready[n] for n in used}
     st = os.stat(m / "plain")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o751, 1000, 1001)

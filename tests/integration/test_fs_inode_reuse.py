@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.fs_helpers import ciphertext_paths
+
 TRIES = 200
 
 
 def _backing_inos(cipherdir: Path) -> set[int]:
-    inos = set()
-    for dirpath, dirs, files in os.walk(cipherdir):
-        for name in dirs + files:
-            inos.add(os.lstat(os.path.join(dirpath, name)).st_ino)
-    return inos
+    """The inode numbers of the visible ciphertext entries: a ready directory in the daemon's
+    pool that took the number is not the object the test just made."""
+    return {os.lstat(path).st_ino for path in ciphertext_paths(cipherdir)}
 
 
 def _until_reused(cipherdir: Path, old_backing: int, make: Callable[[int], Path]) -> Path:

@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME
-from kmsfs.fs.dirpool import POOL_DIR
+from tests.integration.fs_helpers import ciphertext_paths
 
 ORPHAN_SIDECAR = "kmsfs.longname." + "A" * 43 + ".name"
 
 
 def _temporaries(volume: Path) -> list[Path]:
     """``kmsfs.tmp.*`` names in the tree, not counting the directories being made ahead."""
-    return [p for p in volume.rglob("kmsfs.tmp.*") if POOL_DIR not in p.parts]
+    paths = ciphertext_paths(volume)
+    return [Path(p) for p in paths if os.path.basename(p).startswith("kmsfs.tmp.")]
 
 
 def _only_dir(cipher: Path) -> Path:
@@ -97,7 +98,7 @@ def test_mkdir_leaves_no_temporary_and_a_whole_iv(mnt, volume: Path) -> None:  #
     (m / "d" / "e").mkdir(mode=0o700)
     (m / "d" / "e" / "f").write_bytes(b"x")
     assert not _temporaries(volume)
-    tree = [p for p in volume.rglob("*") if POOL_DIR not in p.parts]  # not made ahead
+    tree = [Path(p) for p in ciphertext_paths(volume)]  # not the ones made ahead
     ivs = [p for p in tree if p.name == DIRIV_NAME]
     assert len(ivs) == 3  # the root's and the two new ones
     assert all(len(iv.read_bytes()) == 16 and iv.read_bytes() != bytes(16) for iv in ivs)
