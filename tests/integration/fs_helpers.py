@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from kmsfs.crypto.names import DIRIV_NAME
 from kmsfs.errors import IntegrityError
 from kmsfs.fs.config import VolumeConfig
-from kmsfs.fs.dirpool import POOL_DIR
+from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
 from kmsfs.fs.volume import create_volume
 
 STUB = Path(__file__).with_name("fs_mount_stub.py")
@@ -81,6 +82,27 @@ def ciphertext_paths(volume: Path) -> list[str]:
             dirs.remove(POOL_DIR)
         paths += [os.path.join(dirpath, name) for name in dirs + files]
     return paths
+
+
+def pool_ready(volume: Path) -> dict[str, bytes]:
+    """The ready directories in a volume's ``kmsfs.newdirs/``: name -> IV."""
+    pool = volume / POOL_DIR
+    return {
+        n: (pool / n / DIRIV_NAME).read_bytes()
+        for n in os.listdir(pool)
+        if is_ready_name(n.encode())
+    }
+
+
+def wait_pool_full(volume: Path) -> dict[str, bytes]:
+    """Wait until a root mount's pool thread has made all its directories and is idle, so it
+    takes no inode number (nor anything else) while a test looks; the ready directories."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (volume / POOL_DIR).is_dir() and len(ready := pool_ready(volume)) >= POOL_SIZE:
+            return ready
+        time.sleep(0.02)
+    raise AssertionError("the pool never filled")
 
 
 def is_mounted(path: Path) -> bool:

@@ -21,31 +21,18 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME
-from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
+from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.names import TEMP_PREFIX
-from tests.integration.fs_helpers import SoftDeriver, ciphertext_paths, make_volume
+from tests.integration.fs_helpers import (
+    SoftDeriver,
+    ciphertext_paths,
+    make_volume,
+    pool_ready,
+    wait_pool_full,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the pool is for a daemon run as root")
-
-
-def _ready(volume: Path) -> dict[str, bytes]:
-    """Ready directories in the pool: name -> IV."""
-    pool = volume / POOL_DIR
-    return {
-        n: (pool / n / DIRIV_NAME).read_bytes()
-        for n in os.listdir(pool)
-        if is_ready_name(n.encode())
-    }
-
-
-def _wait_full(volume: Path) -> dict[str, bytes]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if (volume / POOL_DIR).is_dir() and len(ready := _ready(volume)) >= POOL_SIZE:
-            return ready
-        time.sleep(0.02)
-    raise AssertionError("the pool never filled")
 
 
 def _as_user(uid: int, gid: int, groups: list[int], fn) -> None:  # type: ignore[no-untyped-def]
@@ -81,7 +68,7 @@ def test_a_directory_from_the_pool_looks_just_made(volume: Path, public_mount: P
     os.mkdir(m / "sgid", 0o777)
     os.chown(m / "sgid", 0, 1003)
     os.chmod(m / "sgid", 0o2777)
-    ready = _wait_full(volume)
+    ready = wait_pool_full(volume)
     old = time.time() - 3600
     for name in ready:  # as if made by an earlier mount, an hour ago
         os.utime(volume / POOL_DIR / name, (old, old))
@@ -90,7 +77,7 @@ def test_a_directory_from_the_pool_looks_just_made(volume: Path, public_mount: P
     _as_user(1000, 1001, [1001], lambda: os.mkdir(m / "plain", 0o751))
     _as_user(1000, 1001, [1001], lambda: os.mkdir(m / "sgid" / "inherits", 0o705))
 
-    used = set(ready) - set(_ready(volume))
+    used = set(ready) - set(pool_ready(volume))
     assert len(used) == 2  # both came from the pool, with the IVs made ahead
     made = [Path(p) for p in ciphertext_paths(volume)
             if os.path.isdir(p) and os.stat(p).st_uid == 1000]
@@ -107,7 +94,7 @@ def test_a_directory_from_the_pool_looks_just_made(volume: Path, public_mount: P
 
 def test_the_root_link_count_does_not_count_the_pool(volume: Path, mounter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     m = mounter(volume).mountpoint
-    _wait_full(volume)
+    wait_pool_full(volume)
     for name in ("a", "b", "c"):
         os.mkdir(m / name)
     assert os.stat(m).st_nlink == 2 + 3
@@ -119,7 +106,7 @@ def test_the_root_link_count_does_not_count_the_pool(volume: Path, mounter, tmp_
 def test_a_burst_longer_than_the_pool_and_a_remount(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     mount = mounter(volume)
     m = mount.mountpoint
-    _wait_full(volume)
+    wait_pool_full(volume)
     for i in range(3 * POOL_SIZE):  # the pool runs dry: mkdir makes its own meanwhile
         os.makedirs(m / f"d{i % 7}" / f"e{i}")
         (m / f"d{i % 7}" / f"e{i}" / "f").write_bytes(b"%d" % i)
@@ -144,7 +131,7 @@ def test_what_a_killed_daemon_left_in_the_pool_is_cleaned_by_the_next_mount(  # 
     volume: Path, mounter
 ) -> None:
     mount = mounter(volume)
-    _wait_full(volume)
+    wait_pool_full(volume)
     mount.kill9()
     half = volume / POOL_DIR / (TEMP_PREFIX + "0123456789abcdef")  # killed before its rename
     half.mkdir()
@@ -164,7 +151,7 @@ def test_what_a_killed_daemon_left_in_the_pool_is_cleaned_by_the_next_mount(  # 
 
 def test_fsck_reports_what_does_not_belong_in_the_pool(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     mount = mounter(volume)
-    _wait_full(volume)
+    wait_pool_full(volume)
     mount.stop()
     pool = volume / POOL_DIR
     (pool / "0123456789abcdef").write_bytes(b"a file")
@@ -222,7 +209,7 @@ def test_fsck_by_another_user_reports_the_pool_it_cannot_read(volume: Path, moun
     mount = mounter(volume)
     os.mkdir(mount.mountpoint / "d")
     (mount.mountpoint / "d" / "f").write_bytes(b"data")
-    _wait_full(volume)
+    wait_pool_full(volume)
     mount.stop()
     with tempfile.TemporaryDirectory(prefix="kmsfs-pool-") as base:
         os.chmod(base, 0o755)

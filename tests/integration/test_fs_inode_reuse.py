@@ -8,7 +8,10 @@ old inode for the new object: a new directory inherits the removed one's "dead" 
 on every create inside), a held fd of a removed file resolves to the new file, or a directory
 alias is moved across parents (ESTALE). Found by ``tools/soak.py`` (EEXIST and ESTALE from
 mkdir). Each test holds the old node with an fd, removes the object, creates entries until the
-ciphertext file system reuses the number, then checks the new object and the old fd.
+ciphertext file system reuses the number, then checks the new object and the old fd. A root
+daemon's pool thread (:mod:`kmsfs.fs.dirpool`) makes directories too: each test waits until it
+is idle before the removal, so the freed number goes to what the test makes, directly or
+(for mkdir) through a directory the pool makes and later hands out.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fs_helpers import ciphertext_paths
+from tests.integration.fs_helpers import ciphertext_paths, wait_pool_full
 
 TRIES = 200
 
@@ -53,12 +56,13 @@ def _held_fd_is_not(fd: int, new: Path) -> None:
 
 
 @contextlib.contextmanager
-def _held_removed_dir(path: Path) -> Iterator[tuple[int, int]]:
+def _held_removed_dir(path: Path, cipherdir: Path) -> Iterator[tuple[int, int]]:
     """Make directory *path*, hold an fd on it, remove it: (the fd, its inode number)."""
     os.mkdir(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         old = os.fstat(fd).st_ino  # no reuse yet: the FUSE id is the backing number
+        wait_pool_full(cipherdir)  # the pool, refilled after that mkdir, takes no number now
         os.rmdir(path)
         yield fd, old
     finally:
@@ -84,7 +88,7 @@ def m(mnt) -> Path:  # type: ignore[no-untyped-def]
 def test_new_dir_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
     os.mkdir(m / "x")
     os.mkdir(m / "y")
-    with _held_removed_dir(m / "x" / "d1") as (fd, old):
+    with _held_removed_dir(m / "x" / "d1", mnt.cipherdir) as (fd, old):
         new = _until_reused(mnt.cipherdir, old, lambda i: _mkdir(m / "y" / f"n{i}"))
         os.mkdir(new / "sub")  # was ENOENT: the kernel reused the removed dir's dead inode
         (new / "f").write_bytes(b"data")
@@ -104,6 +108,7 @@ def test_new_dir_elsewhere_after_renamed_over_dir(mnt, m: Path) -> None:  # type
     fd = os.open(m / "x" / "dst", os.O_RDONLY | os.O_DIRECTORY)
     try:
         old = os.fstat(fd).st_ino
+        wait_pool_full(mnt.cipherdir)
         os.rename(m / "x" / "src", m / "x" / "dst")  # the old dst is gone
         new = _until_reused(mnt.cipherdir, old, lambda i: _mkdir(m / "y" / f"n{i}"))
         os.mkdir(new / "sub")
@@ -121,6 +126,7 @@ def test_new_file_after_held_file_unlinked(mnt, m: Path) -> None:  # type: ignor
     fd = os.open(m / "old", os.O_PATH)
     try:
         old = os.fstat(fd).st_ino
+        wait_pool_full(mnt.cipherdir)
         os.unlink(m / "old")
 
         def make(i: int) -> Path:
@@ -140,7 +146,7 @@ def test_new_file_after_held_file_unlinked(mnt, m: Path) -> None:  # type: ignor
 
 
 def test_new_file_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
-    with _held_removed_dir(m / "d1") as (fd, old):
+    with _held_removed_dir(m / "d1", mnt.cipherdir) as (fd, old):
         new = _until_reused(mnt.cipherdir, old, _file_maker(m, lambda i: b"x"))
         assert stat.S_ISREG(os.lstat(new).st_mode)
         assert new.read_bytes() == b"x"
@@ -148,7 +154,8 @@ def test_new_file_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[
 
 
 def test_hard_links_and_distinct_inos_after_reuse(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
-    with _held_removed_dir(m / "d1") as (_fd, old):  # held: the number stays the kernel's
+    # Held: the number stays the kernel's.
+    with _held_removed_dir(m / "d1", mnt.cipherdir) as (_fd, old):
         new = _until_reused(mnt.cipherdir, old, _file_maker(m, lambda i: b"%d" % i))
         os.link(new, m / "hard")
         a, b = os.lstat(new), os.lstat(m / "hard")
