@@ -133,10 +133,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
 
     def between_requests(self) -> bool:
         """Work for the pause after a reply (the daemon's spin calls it while it waits): mark
-        the write journal's returned records done, then derive file keys ahead. False if
+        the write journal's returned records done, then derive the key of a file just opened
+        for reading (its READ is on its way) or else keys of files yet to be made. False if
         there was nothing to do."""
         settled = self.journal.settle() if self.journal is not None else False
-        return self.content_keys.derive_ahead() or settled
+        return self.files.key_one() or self.content_keys.derive_ahead() or settled
 
     # --- name resolution ----------------------------------------------------------------
     def _resolve(self, parent: int, name: bytes) -> tuple[bytes, bytes, Any]:

@@ -270,6 +270,29 @@ class FileContent:
             self._header = bytes(raw)
         return self._cipher
 
+    def load_key(self) -> bool:
+        """Read the header and derive the file key now, if the file has a header and its key
+        is not loaded yet; True if it derived one.
+
+        For the pause after an open (:meth:`OpenFiles.key_one`): the key of a file just
+        opened for reading is derived while the client turns the open's reply into a READ,
+        not on that READ's path. Reads the header as the daemon's own read (atime stays,
+        should no user read follow). A failure is left for the read that needs the key,
+        which reports it (EIO and a log line naming the file).
+        """
+        if self._cipher is not None:
+            return False
+        raw = quiet_pread(self.fd, HEADER_SIZE, 0)
+        if len(raw) != HEADER_SIZE:
+            return False  # empty (no key to derive), or torn: the read will say
+        try:
+            header = FileHeader.parse(raw)
+        except FormatError:
+            return False
+        self._cipher = self._keys.cipher(header)
+        self._header = bytes(raw)
+        return True
+
     def _start_file(self) -> bytes:
         """Make a fresh header for an empty file; returns its bytes to write at offset 0."""
         header, self._cipher = self._keys.new_file()

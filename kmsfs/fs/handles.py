@@ -2,16 +2,19 @@
 
 Sharing per inode (not per handle) matters for correctness: two handles writing the same file
 must read-modify-write the same blocks under one lock, and a file unlinked while open stays
-reachable through the fd held here. The file key is derived when the header is first needed
-and dropped when the last handle closes.
+reachable through the fd held here. The file key is derived when the header is first needed,
+or for a file opened for reading in the daemon's pause right after the open
+(:meth:`OpenFiles.key_one`), and dropped when the last handle closes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +23,12 @@ import trio
 from kmsfs.fs.files import ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
 from kmsfs.fs.longpath import reach
+
+log = logging.getLogger(__name__)
+
+#: Files opened for reading whose key :meth:`OpenFiles.key_one` has yet to derive. Newest
+#: first; one an idle moment never reaches (a burst of opens) is keyed by its first read.
+KEY_QUEUE_SIZE = 64
 
 
 @dataclass
@@ -104,6 +113,7 @@ class OpenFiles:
         self._by_ino: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
+        self._to_key: collections.deque[OpenFile] = collections.deque(maxlen=KEY_QUEUE_SIZE)
 
     def moved(self, old: bytes, new: bytes) -> None:
         """A rename: open files at or under ciphertext path *old* are now under *new*, and
@@ -130,18 +140,22 @@ class OpenFiles:
     def open(self, ino: int, path: bytes, flags: int, fd: int | None = None) -> int:
         """Register a new handle of *ino*; *fd* (from create) is adopted if given."""
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        reading = False
         of = self._by_ino.get(ino)
         if of is None:
             if fd is None:
                 fd, writable = open_cipher_fd(path, want_write, self.noatime)
                 if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC:
                     prefetch(fd)
+                    reading = True
             else:
                 writable = True
                 if self.noatime:
                     keep_atime(fd)
             of = OpenFile(ino, FileContent(fd, self._keys, path, self._journal), writable)
             self._by_ino[ino] = of
+            if reading:
+                self._to_key.append(of)
         else:
             if fd is not None:
                 os.close(fd)
@@ -154,6 +168,21 @@ class OpenFiles:
         fh = next(self._next)
         self._handles[fh] = Handle(of, bool(flags & os.O_APPEND), want_write)
         return fh
+
+    def key_one(self) -> bool:
+        """Derive the key of the newest file opened for reading that is still open and has
+        none yet (the daemon calls this while it waits for the next request); False if
+        there was none. A failure is left to that file's first read to report."""
+        while self._to_key:
+            of = self._to_key.pop()
+            if of.refs <= 0 or of.lock.locked():
+                continue  # closed, or busy in a worker thread (which loads the key itself)
+            try:
+                return of.content.load_key()
+            except Exception as exc:  # an HSM or agent failure, a bad epoch: the read says
+                log.debug("deriving the key of an opened file failed: %s", exc)
+                return False
+        return False
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

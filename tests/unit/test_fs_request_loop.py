@@ -89,3 +89,35 @@ def test_a_directory_renamed_while_a_thread_lists_it_still_lists_whole(
         assert renamed and sorted(listed) == sorted([b".", b"..", *names])
 
     trio.run(main)
+
+
+def test_the_pause_after_an_open_for_reading_derives_that_files_key(tmp_path: Path) -> None:
+    """between_requests (the spin's idle hook) keys the file just opened: its READ then
+    derives nothing (tests/unit/test_fs_key_on_open.py has the rules)."""
+    calls: list[bytes] = []
+
+    class Counting(SoftDeriver):
+        def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+            calls.append(info)
+            return super().derive(info, epoch)
+
+    ops = KmsfsOps(make_volume(tmp_path / "c"), Counting())
+
+    async def main() -> None:
+        info, attrs = await ops.create(
+            pyfuse3.ROOT_INODE, b"f", 0o100644, os.O_RDWR | os.O_CREAT, CTX
+        )
+        await ops.write(info.fh, 0, b"contents")
+        await ops.release(info.fh)
+        while ops.between_requests():  # keys of new files derived ahead, and so on
+            pass
+        before = len(calls)
+        fh = (await ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert len(calls) == before
+        assert ops.between_requests() is True
+        assert len(calls) == before + 1
+        assert bytes(await ops.read(fh, 0, 100)) == b"contents"
+        assert len(calls) == before + 1
+        await ops.release(fh)
+
+    trio.run(main)
