@@ -118,24 +118,33 @@ class InodeTable:
         """Ciphertext path of *ino* (any of its links); ENOENT if it has none left.
 
         Cached: every request resolves its parent directory, and walking up four levels and
-        joining took 1.5 µs, a tenth of a negative lookup (tar -x does one per file).
+        joining took 1.5 µs, a tenth of a negative lookup (tar -x does one per file). The walk
+        stops at the first ancestor with a cached path (usually the parent), so a file opened
+        for the first time costs one join.
         """
-        cached = self._paths.get(ino)
+        paths = self._paths
+        cached = paths.get(ino)
         if cached is not None:
             return cached
         if ino == ROOT:
             return self.root_path
         parts: list[bytes] = []
         at = ino
-        while at != ROOT:
+        while True:
             node = self._nodes.get(at)
             if node is None or not node.links:
                 raise OSError(errno.ENOENT, "inode has no known path")
             at, cname = next(iter(node.links))
             parts.append(cname)
+            if at == ROOT:
+                parts.append(self.root_path)
+                break
+            above = paths.get(at)
+            if above is not None:
+                parts.append(above)
+                break
             if len(parts) > MAX_DEPTH:
                 raise OSError(errno.ELOOP, "inode path does not reach the root")
-        parts.append(self.root_path)
         parts.reverse()
         path = b"/".join(parts)
         if len(self._paths) >= PATH_CACHE_SIZE:
