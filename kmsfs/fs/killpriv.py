@@ -9,7 +9,7 @@ of those of a tar extract; with the flag the kernel asks once per inode and attr
 then, as it already must with the FUSE_HANDLE_KILLPRIV that libfuse asks for by default:
 kmsfs does it as ext4 does (``operations``, setattr and open; it stores no ``security.*``
 attribute, so there is no capability to drop) on truncate and open(O_TRUNC) by a caller
-without CAP_FSETID (kmsfs takes root for that, as everywhere), on chown, and on a write by such
+without CAP_FSETID (read from /proc, ``posix.Caller``), on chown, and on a write by such
 a caller, for which the kernel sends a setattr with no field set
 (tests/integration/test_fs_permissions.py judges every case against the local disk).
 

@@ -34,6 +34,7 @@ from kmsfs.fs.handles import open_quietly
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
+    Caller,
     allowed_mode,
     entry_attrs,
     may_access,
@@ -83,27 +84,23 @@ def guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _drop_set_id(target: bytes | int, ctx: Any) -> None:
-    """What a truncate by the caller *ctx*, which lacks CAP_FSETID (is not root), does to the
-    set-id bits on ext4 (:func:`set_id_dropped`). The kernel leaves it to us, as to any FUSE
-    file system that takes FUSE_HANDLE_KILLPRIV (libfuse asks for it by default) or its V2
+def _drop_set_id(target: bytes | int, caller: Caller) -> None:
+    """What a truncate by *caller* does to the set-id bits on ext4: nothing if it holds
+    CAP_FSETID, else :func:`set_id_dropped`. The kernel leaves it to us, as to any FUSE file
+    system that takes FUSE_HANDLE_KILLPRIV (libfuse asks for it by default) or its V2
     (:mod:`kmsfs.fs.killpriv`); for open(O_TRUNC) it does in any case. *target*: an fd, or a
     path that is not a symlink."""
     nofollow = _BY_FD if isinstance(target, int) else _NO_FOLLOW
     st = os.stat(target, **nofollow)
     mode = stat.S_IMODE(st.st_mode)
-    if mode & (stat.S_ISUID | stat.S_ISGID):
-        kept = set_id_dropped(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+    if mode & (stat.S_ISUID | stat.S_ISGID) and not caller.fsetid:
+        kept = set_id_dropped(mode, st.st_gid, caller)
         if kept != mode:
             os.chmod(target, kept, **nofollow)
 
 
-def _groups(ctx: Any) -> set[int]:
-    """The caller's fsgid and supplementary groups (just the fsgid if it already exited)."""
-    try:
-        return {ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)}
-    except (OSError, RuntimeError):
-        return {ctx.gid}
+def _caller(ctx: Any) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
 @dataclass
@@ -222,32 +219,31 @@ class ContentOps:
         else:
             target, nofollow = reach(self.table.path(inode)), _NO_FOLLOW  # used at once
         changed = fields.update_size
-        if fields.update_size and ctx.uid != 0:
-            _drop_set_id(target, ctx)  # a file, never a symlink: it has a size
+        caller = _caller(ctx)
+        if fields.update_size:
+            _drop_set_id(target, caller)  # a file, never a symlink: it has a size
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             before = None
-            if ctx.uid != 0 and not fields.update_mode:
+            if not fields.update_mode:
                 before = os.stat(target, **nofollow)
                 if stat.S_ISDIR(before.st_mode) or stat.S_ISLNK(before.st_mode):
                     before = None  # chown drops no set-id bit of these
             os.chown(target, uid, gid, **nofollow)
-            if before is not None:
+            if before is not None and before.st_mode & stat.S_ISGID and not caller.fsetid:
                 # The kernel leaves the set-id rules of chown to us (FUSE_HANDLE_KILLPRIV, see
-                # _drop_set_id); the backing chown by the daemon (root) applied only root's.
+                # _drop_set_id); the backing chown by the daemon (root, CAP_FSETID) applied
+                # only the rules of a caller that holds it.
                 now = stat.S_IMODE(os.stat(target, **nofollow).st_mode)
-                kept = set_id_dropped(
-                    stat.S_IMODE(before.st_mode), before.st_gid, ctx.uid, lambda: _groups(ctx)
-                )
+                kept = set_id_dropped(stat.S_IMODE(before.st_mode), before.st_gid, caller)
                 if kept != now:
                     os.chmod(target, kept, **nofollow)
             changed = True
         if fields.update_mode:
             mode = stat.S_IMODE(attr.st_mode)
-            if ctx.uid != 0 and mode & stat.S_ISGID:  # only then does the file's group count
-                groups = lambda: _groups(ctx)  # noqa: E731 (read from /proc only when needed)
-                mode = allowed_mode(mode, os.stat(target, **nofollow).st_gid, ctx.uid, groups)
+            if mode & stat.S_ISGID:  # only then do the file's group and the caller count
+                mode = allowed_mode(mode, os.stat(target, **nofollow).st_gid, caller)
             try:
                 os.chmod(target, mode, **nofollow)
             except NotImplementedError:
@@ -275,7 +271,7 @@ class ContentOps:
                     # ext4's rules for a chown, and for a write by a caller without CAP_FSETID,
                     # the only one the kernel sends this for: the same (set_id_dropped).
                     # FUSE_HANDLE_KILLPRIV leaves both to us (see _drop_set_id).
-                    mode = set_id_dropped(mode, st.st_gid, ctx.uid, lambda: _groups(ctx))
+                    mode = set_id_dropped(mode, st.st_gid, caller)
             touch_ctime(target, mode)
         st = os.stat(target, **nofollow)
         return self._attrs(inode, st, None if of is not None else target)
@@ -362,8 +358,7 @@ class ContentOps:
             # The kernel checked write permission; O_RDONLY|O_TRUNC truncates too (as on ext4).
             try:
                 await self._truncate(inode, 0)
-                if ctx.uid != 0:
-                    _drop_set_id(self.files.handle(fh).file.content.fd, ctx)
+                _drop_set_id(self.files.handle(fh).file.content.fd, _caller(ctx))
             except BaseException:
                 self.files.release(fh)
                 raise

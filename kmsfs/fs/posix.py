@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
-from collections.abc import Callable
 
 import pyfuse3
 
@@ -156,27 +156,71 @@ def own(target: bytes | int, uid: int, gid: int, mode: int | None, parent: bytes
             os.chmod(reach(target), mode & 0o7777, follow_symlinks=False)
 
 
-def allowed_mode(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
-    """The mode a setattr by *uid* may leave: only root or a member of the file's group keeps
-    S_ISGID (ext4's rule for chmod, and for the set-id bits dropped on chown and write).
+#: CAP_FSETID's bit in the capability sets of /proc/PID/status (linux/capability.h).
+CAP_FSETID = 4
 
-    *groups* gives the caller's groups; it is called only when the answer depends on them.
+
+class Caller:
+    """The process behind a request, as far as ext4's set-id rules go: its groups, and
+    whether it holds CAP_FSETID (which, not being root, is what keeps set-id bits: a root
+    process that dropped it loses them as any user does).
+
+    Both come from /proc/PID/status (the FUSE request's pid is the calling thread, whose
+    capabilities are the ones that count), read once and only when a rule needs them: most
+    requests touch no file with a set-id bit. A caller gone by then counts as having the
+    capability if root, and as in its fsgid's group only.
     """
-    if uid != 0 and mode & stat.S_ISGID and file_gid not in groups():
+
+    def __init__(self, uid: int, gid: int, pid: int) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+
+    @functools.cached_property
+    def _status(self) -> tuple[set[int], bool]:
+        groups, fsetid = {self.gid}, self.uid == 0
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+                    elif line.startswith(b"CapEff:"):
+                        fsetid = bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+        except (OSError, ValueError, IndexError):
+            pass
+        return groups, fsetid
+
+    @property
+    def groups(self) -> set[int]:
+        """The fsgid and the supplementary groups."""
+        return self._status[0]
+
+    @property
+    def fsetid(self) -> bool:
+        """Whether CAP_FSETID is in the effective set."""
+        return self._status[1]
+
+
+def allowed_mode(mode: int, file_gid: int, caller: Caller) -> int:
+    """The mode a setattr by *caller* may leave: only a member of the file's group or a
+    holder of CAP_FSETID keeps S_ISGID (ext4's rule for chmod, and for the set-id bits
+    dropped on chown and write). Reads the caller's credentials only if the answer depends
+    on them."""
+    if mode & stat.S_ISGID and file_gid not in caller.groups and not caller.fsetid:
         return mode & ~stat.S_ISGID
     return mode
 
 
-def set_id_dropped(mode: int, file_gid: int, uid: int, groups: Callable[[], set[int]]) -> int:
-    """The mode ext4 leaves a file (not a directory) after a chown by *uid*, or after a write
-    or truncate by a caller without CAP_FSETID (the kernel's should_remove_suid; callers keep
-    root, which stands for CAP_FSETID in kmsfs, out): set-user-ID goes, and set-group-ID if
-    group-execute is on; a caller outside the file's group *file_gid* (its group before a
-    chown) also loses set-group-ID (:func:`allowed_mode`)."""
+def set_id_dropped(mode: int, file_gid: int, caller: Caller) -> int:
+    """The mode ext4 leaves a file (not a directory) after a chown by *caller*, or after a
+    write or truncate by a caller without CAP_FSETID (the kernel's should_remove_suid):
+    set-user-ID goes, and set-group-ID if group-execute is on; a caller outside the file's
+    group *file_gid* (its group before a chown) also loses set-group-ID unless it holds
+    CAP_FSETID (:func:`allowed_mode`)."""
     mode &= ~stat.S_ISUID
     if mode & stat.S_IXGRP:
         mode &= ~stat.S_ISGID
-    return allowed_mode(mode, file_gid, uid, groups)
+    return allowed_mode(mode, file_gid, caller)
 
 
 def touch_ctime(target: bytes | int, mode: int | None) -> None:

@@ -10,6 +10,7 @@ With ``allow_other`` the option is on, and test_fs_conformance judges every chec
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -17,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from kmsfs.fs.posix import CAP_FSETID
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches users: needs root")
 
@@ -29,16 +32,32 @@ def _mount_options(mp: Path) -> set[str]:
     raise AssertionError(f"{mp} is not mounted")
 
 
-def _as_other_user(fn, gid: int = 1234, groups: tuple[int, ...] = ()) -> int:  # type: ignore[no-untyped-def]
-    """Run *fn* in a child with uid 1234 (gid 1234 unless told); its exit status is 0 or the
-    errno it got."""
+def _drop_cap_fsetid() -> None:
+    """Take CAP_FSETID out of this process's effective and permitted sets (capset(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}
+    if libc.capget(header, data) != 0 or not data[0] & 1 << CAP_FSETID:
+        raise OSError(ctypes.get_errno() or errno.EPERM, "capget")
+    data[0] &= ~(1 << CAP_FSETID)
+    data[1] &= ~(1 << CAP_FSETID)
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def _as_other_user(fn, gid: int = 1234, groups: tuple[int, ...] = (), uid: int = 1234) -> int:  # type: ignore[no-untyped-def]
+    """Run *fn* in a child with uid 1234 (gid 1234 unless told), or as root without
+    CAP_FSETID if *uid* is 0; its exit status is 0 or the errno it got."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             os.setgroups(list(groups))
             os.setgid(gid)
-            os.setuid(1234)
+            if uid == 0:
+                _drop_cap_fsetid()
+            else:
+                os.setuid(uid)
             fn()
         except OSError as exc:
             code = exc.errno or 255
@@ -149,8 +168,14 @@ _SET_ID_OPS = {
 }
 
 
-#: Callers: root, and uid 1234 with group 1234 as its own, or only as a supplementary group.
-_WHO = {"root": None, "other": (1234, ()), "other, 1234 supplementary": (4321, (1234,))}
+#: Callers: root, and uid 1234 with group 1234 as its own, or only as a supplementary group;
+#: and root without CAP_FSETID (gid 4321), which the kernel and ext4 treat as any user.
+_WHO = {
+    "root": None,
+    "other": (1234, ()),
+    "other, 1234 supplementary": (4321, (1234,)),
+    "root without CAP_FSETID": (4321, (), 0),
+}
 
 
 def _set_id_outcomes(top: Path) -> dict[tuple[str, str, int, str], int]:
@@ -180,7 +205,8 @@ def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(  # t
     """kmsfs drops set-user-ID and set-group-ID itself (the kernel leaves that to the file
     system): every case gives the mode the local file system gives, for a caller without
     CAP_FSETID inside the file's group (as its own or a supplementary group) and outside it,
-    and for root; with the kernel's writeback cache too, whose writes take another path."""
+    for root, and for root without CAP_FSETID (a capability, not uid 0, keeps the bits); with
+    the kernel's writeback cache too, whose writes take another path."""
     mp = public_mount(options)
     with tempfile.TemporaryDirectory(prefix="kmsfs-setid-", dir="/var/tmp") as local:
         os.chmod(local, 0o777)
@@ -195,3 +221,5 @@ def test_set_id_bits_drop_on_write_truncate_and_chown_as_on_the_local_disk(  # t
     assert expected[("write", "other, 1234 supplementary", 0o2767, "1234")] == 0o2767
     assert expected[("write", "other, 1234 supplementary", 0o2767, "0")] == 0o767
     assert expected[("write", "root", 0o6767, "0")] == 0o6767
+    assert expected[("truncate", "root without CAP_FSETID", 0o4777, "0")] == 0o777
+    assert expected[("write", "root without CAP_FSETID", 0o2767, "1234")] == 0o767
