@@ -193,6 +193,8 @@ class OpenFiles:
         if of.refs <= 0:
             del self._by_ino[of.ino]
             os.close(of.content.fd)
+            with contextlib.suppress(ValueError):  # its key goes with its last handle
+                self._to_key.remove(of)
 
     def needs_fd_swap(self, ino: int, flags: int) -> OpenFile | None:
         """The open file whose read-only fd :meth:`open` would replace for a writer, if any."""
@@ -210,3 +212,4 @@ class OpenFiles:
                 os.close(of.content.fd)
         self._by_ino.clear()
         self._handles.clear()
+        self._to_key.clear()

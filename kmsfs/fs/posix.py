@@ -169,6 +169,11 @@ class Caller:
     capabilities are the ones that count), read once and only when a rule needs them: most
     requests touch no file with a set-id bit. A caller gone by then counts as having the
     capability if root, and as in its fsgid's group only.
+
+    The capability sets there are the caller's in its own user namespace: any user who
+    makes one (``unshare -Ur``) shows them all, and has none of them where the file system
+    is. So they count only for a caller in the daemon's user namespace; elsewhere it has no
+    CAP_FSETID, as the kernel's capable() finds.
     """
 
     def __init__(self, uid: int, gid: int, pid: int) -> None:
@@ -178,16 +183,19 @@ class Caller:
 
     @functools.cached_property
     def _status(self) -> tuple[set[int], bool]:
-        groups, fsetid = {self.gid}, self.uid == 0
+        groups, capabilities = {self.gid}, None
         try:
             with open(f"/proc/{self.pid}/status", "rb") as f:
                 for line in f:
                     if line.startswith(b"Groups:"):
                         groups.update(int(g) for g in line.split()[1:])
                     elif line.startswith(b"CapEff:"):
-                        fsetid = bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+                        capabilities = int(line.split()[1], 16)
+            if capabilities is None:
+                raise ValueError("no CapEff line")
+            fsetid = bool(capabilities >> CAP_FSETID & 1) and _same_user_namespace(self.pid)
         except (OSError, ValueError, IndexError):
-            pass
+            return {self.gid}, self.uid == 0
         return groups, fsetid
 
     @property
@@ -199,6 +207,13 @@ class Caller:
     def fsetid(self) -> bool:
         """Whether CAP_FSETID is in the effective set."""
         return self._status[1]
+
+
+def _same_user_namespace(pid: int) -> bool:
+    """Whether process *pid* is in this process's user namespace (OSError if it is gone)."""
+    theirs = os.stat(f"/proc/{pid}/ns/user")
+    ours = os.stat("/proc/self/ns/user")
+    return (theirs.st_ino, theirs.st_dev) == (ours.st_ino, ours.st_dev)
 
 
 def allowed_mode(mode: int, file_gid: int, caller: Caller) -> int:

@@ -11,9 +11,11 @@ user reads; and a failure there stays there: the read that needs the key reports
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +135,20 @@ def test_a_file_busy_in_a_worker_thread_is_left_to_it(
     assert deriver.calls == 0
     assert _read(files, fh) == DATA
     assert deriver.calls == 1
+
+
+def test_a_key_goes_with_the_last_close_even_while_the_file_waits_to_be_keyed(
+    tmp_path: Path, deriver: _Deriver, files: OpenFiles
+) -> None:
+    first = files.open(5, _encrypted(tmp_path / "a", deriver), os.O_RDONLY)
+    files.open(6, _encrypted(tmp_path / "b", deriver), os.O_RDONLY)  # keyed first: newest
+    assert _read(files, first) == DATA  # its own read derives its key
+    content = weakref.ref(files.handle(first).file.content)
+    files.release(first)
+    gc.collect()
+    assert content() is None  # nothing holds the closed file, nor its key
+    assert files.key_one() is True  # the other one
+    assert files.key_one() is False
 
 
 def test_the_newest_open_is_keyed_first_and_a_burst_keeps_only_the_newest(
