@@ -282,15 +282,10 @@ class FileContent:
         """
         if self._cipher is not None:
             return False
-        raw = quiet_pread(self.fd, HEADER_SIZE, 0)
-        if len(raw) != HEADER_SIZE:
-            return False  # empty (no key to derive), or torn: the read will say
         try:
-            header = FileHeader.parse(raw)
-        except FormatError:
-            return False
-        self._cipher = self._keys.cipher(header)
-        self._header = bytes(raw)
+            self._cipher_for_existing()
+        except BlockIntegrityError:
+            return False  # empty (no key to derive), torn, or an epoch it lacks: the read says
         return True
 
     def _start_file(self) -> bytes:
