@@ -196,7 +196,7 @@ def _set_id_outcomes(top: Path) -> dict[tuple[str, str, int, str], int]:
     out = {}
     for op_name, op in _SET_ID_OPS.items():
         for who, ids in _WHO.items():
-            if ids is not None and len(ids) > 3 and op_name == "chown to own group":
+            if who == "other in its own user namespace" and op_name == "chown to own group":
                 continue  # no gid is mapped in its namespace: EINVAL, here as on ext4
             for mode in (0o4777, 0o2777, 0o2767, 0o6767, 0o0777):
                 for group in (0, 1234):
