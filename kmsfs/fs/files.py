@@ -232,18 +232,18 @@ class FileContent:
         self._header = b""  # the on-disk bytes of the header self._cipher was made from
         self._header_matches = False  # checked against block 0 (or made here) before writing
         self._journal = journal
-        # Where it is, as journal records name it: kept current by :meth:`moved` (a replay that
-        # finds another header at a record's path leaves that record alone).
+        # Where it is, kept current by :meth:`moved`: journal records name it (a replay that
+        # finds another header at a record's path leaves that record alone). Made relative
+        # only for the first overwrite: most files opened are never overwritten.
         self._path = path
-        self._journal_path = journal.relative(path) if journal is not None else b""
+        self._journal_path: bytes | None = None
 
     def moved(self, old: bytes, new: bytes) -> None:
         """Ciphertext path *old* is now *new*: the file or a directory above it was renamed."""
         path = self._path
         if path == old or path.startswith(old + b"/"):
             self._path = new + path[len(old) :]
-            if self._journal is not None:
-                self._journal_path = self._journal.relative(self._path)
+            self._journal_path = None
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:
@@ -324,6 +324,8 @@ class FileContent:
         journal = self._journal
         if journal is None or offset >= csize or not self._header:
             return write()
+        if self._journal_path is None:
+            self._journal_path = journal.relative(self._path)
         at = journal.begin(self._journal_path, self._header, offset, data)
         if at is None:
             # Unrecorded (the journal is full): older records of these blocks, returned and

@@ -118,7 +118,8 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
 ) -> None:
     """Log rotation: the writer keeps appending to the file it has open, now app.log.1 (or
     its directory was renamed). Records named the path the file was opened at, which a replay
-    then skipped: the torn block stayed, the older data in it EIO."""
+    then skipped: the torn block stayed, the older data in it EIO. An overwrite before the
+    move makes the file's record path early, so the move must change it too."""
     import types
 
     import pyfuse3
@@ -133,6 +134,7 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
     ctx = types.SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0)
     old = os.urandom(4 * 4096)
     new = os.urandom(100)
+    early = os.urandom(10)
     real = files._pwrite_fully
 
     def killed_at_page_boundary(fd: int, view: memoryview, offset: int) -> None:
@@ -143,6 +145,7 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
         d = await ops.mkdir(pyfuse3.ROOT_INODE, b"d", 0o40755, ctx)
         info, _ = await ops.create(d.st_ino, b"app.log", 0o100644, os.O_RDWR, ctx)
         await ops.write(info.fh, 0, old)
+        await ops.write(info.fh, 100, early)  # recorded under the path it has before the move
         if renamed == "file":
             await ops.rename(d.st_ino, b"app.log", d.st_ino, b"app.log.1", 0, ctx)
         else:
@@ -164,7 +167,8 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
         info = await ops2.open(f.st_ino, os.O_RDONLY, ctx)
         return bytes(await ops2.read(info.fh, 0, len(old)))
 
-    assert trio.run(read_back) == old[:5000] + new + old[5100:]
+    before = old[:100] + early + old[110:]
+    assert trio.run(read_back) == before[:5000] + new + before[5100:]
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
