@@ -12,6 +12,11 @@ ciphertext file system reuses the number, then checks the new object and the old
 daemon's pool thread (:mod:`kmsfs.fs.dirpool`) makes directories too: each test waits until it
 is idle before the removal, so the freed number goes to what the test makes, directly or
 (for mkdir) through a directory the pool makes and later hands out.
+
+The ciphertext lives on a small ext4 of its own (:func:`volume`): it has one block group, and
+ext4 gives a new inode the lowest free number of the group, so the freed number is the next
+one handed out. On the machine's busy root file system, other groups and other processes' files
+made the reuse a matter of luck: the tests skipped in about one CI run of two.
 """
 
 from __future__ import annotations
@@ -20,14 +25,35 @@ import contextlib
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.fs_helpers import ciphertext_paths, wait_pool_full
+from tests.integration.fs_helpers import ciphertext_paths, make_volume, wait_pool_full
 
 TRIES = 200
+#: Under 128 MiB, an ext4 of 4 KiB blocks has a single block group.
+EXT4_IMAGE_MB = 64
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Path]:
+    """A volume on a fresh ext4 loop-mounted in *tmp_path* (root only; else on *tmp_path*)."""
+    if os.geteuid() != 0:
+        yield make_volume(tmp_path / "cipher")
+        return
+    image, fs = tmp_path / "ext4.img", tmp_path / "ext4"
+    with open(image, "wb") as f:
+        f.truncate(EXT4_IMAGE_MB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    fs.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(fs)], check=True)
+    try:
+        yield make_volume(fs / "cipher")
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
 
 
 def _backing_inos(cipherdir: Path) -> set[int]:
