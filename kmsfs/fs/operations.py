@@ -341,8 +341,9 @@ class ContentOps:
                 raise
             return b"/proc/self/fd/%d" % of.content.fd
 
-    @guard
     async def _new_handle(self, inode: int, flags: int) -> int:
+        """A handle of *inode*'s open file (opened now if it has none). Not a handler: its
+        callers (open, and truncates by setattr or open) are the error boundary."""
         swapped = self.files.needs_fd_swap(inode, flags)
         if swapped is not None and swapped.lock.locked():
             # Opening for write replaces the file's read-only fd: not under an operation
