@@ -234,16 +234,28 @@ class FileContent:
         self._journal = journal
         # Where it is, kept current by :meth:`moved`: journal records name it (a replay that
         # finds another header at a record's path leaves that record alone). Made relative
-        # only for the first overwrite: most files opened are never overwritten.
+        # at the first overwrite (most files opened are never overwritten), and kept with the
+        # path it was made from: an overwrite in a worker thread may read the path just
+        # before a rename on the trio thread changes it, and must not leave its relative
+        # form of the old path for the writes after.
         self._path = path
-        self._journal_path: bytes | None = None
+        self._journal_path: tuple[bytes, bytes] | None = None  # (path, relative form)
 
     def moved(self, old: bytes, new: bytes) -> None:
         """Ciphertext path *old* is now *new*: the file or a directory above it was renamed."""
         path = self._path
         if path == old or path.startswith(old + b"/"):
             self._path = new + path[len(old) :]
-            self._journal_path = None
+
+    def exchanged(self, a: bytes, b: bytes) -> None:
+        """RENAME_EXCHANGE of ciphertext paths *a* and *b* (disjoint: the kernel refuses to
+        exchange a directory with one inside it). One assignment, so that a worker thread
+        never reads a path half-way through the exchange."""
+        path = self._path
+        for one, other in ((a, b), (b, a)):
+            if path == one or path.startswith(one + b"/"):
+                self._path = other + path[len(one) :]
+                return
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:
@@ -324,9 +336,10 @@ class FileContent:
         journal = self._journal
         if journal is None or offset >= csize or not self._header:
             return write()
-        if self._journal_path is None:
-            self._journal_path = journal.relative(self._path)
-        at = journal.begin(self._journal_path, self._header, offset, data)
+        path, made = self._path, self._journal_path
+        if made is None or made[0] != path:
+            made = self._journal_path = (path, journal.relative(path))
+        at = journal.begin(made[1], self._header, offset, data)
         if at is None:
             # Unrecorded (the journal is full): older records of these blocks, returned and
             # not yet marked, must not outlive it, or a replay would put them back over it.

@@ -124,10 +124,8 @@ class OpenFiles:
 
     def exchanged(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE of ciphertext paths *a* and *b*."""
-        parked = a + b"\0"  # no path holds a NUL
-        self.moved(a, parked)
-        self.moved(b, a)
-        self.moved(parked, b)
+        for of in self._by_ino.values():
+            of.content.exchanged(a, b)
 
     def get_file(self, ino: int) -> OpenFile | None:
         return self._by_ino.get(ino)

@@ -265,6 +265,8 @@ def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], Conten
     parts = record.path.split(b"/")
     if record.path.startswith(b"/") or b".." in parts or b"" in parts:
         raise FormatError("a path outside the volume")
+    if b"\0" in record.path:
+        raise FormatError("a path with a NUL byte")  # no file has one; open() would ValueError
     block, rest = divmod(record.offset - HEADER_SIZE, CIPHER_BLOCK_SIZE)
     if record.offset < HEADER_SIZE or rest:
         raise FormatError(f"offset {record.offset} is not where a block starts")

@@ -112,7 +112,7 @@ while True:
 """
 
 
-@pytest.mark.parametrize("renamed", ["file", "parent"])
+@pytest.mark.parametrize("renamed", ["file", "parent", "exchanged"])
 def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
     tmp_path: Path, renamed: str
 ) -> None:
@@ -148,8 +148,13 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
         await ops.write(info.fh, 100, early)  # recorded under the path it has before the move
         if renamed == "file":
             await ops.rename(d.st_ino, b"app.log", d.st_ino, b"app.log.1", 0, ctx)
-        else:
+        elif renamed == "parent":
             await ops.rename(pyfuse3.ROOT_INODE, b"d", pyfuse3.ROOT_INODE, b"d.old", 0, ctx)
+        else:  # its directory swapped with another (RENAME_EXCHANGE)
+            await ops.mkdir(pyfuse3.ROOT_INODE, b"e", 0o40755, ctx)
+            await ops.rename(
+                pyfuse3.ROOT_INODE, b"d", pyfuse3.ROOT_INODE, b"e", pyfuse3.RENAME_EXCHANGE, ctx
+            )
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(files, "_pwrite_fully", killed_at_page_boundary)
             patch.setattr(WriteJournal, "done", lambda self, at: None)
@@ -159,7 +164,8 @@ def test_a_killed_write_to_a_file_renamed_while_open_is_put_back(
     trio.run(main)
     assert journal.replay(os.fsencode(volume), ContentKeys(SoftDeriver(), True).cipher) == 1
     ops2 = KmsfsOps(volume, SoftDeriver())
-    where = (b"d", b"app.log.1") if renamed == "file" else (b"d.old", b"app.log")
+    where = {"file": (b"d", b"app.log.1"), "parent": (b"d.old", b"app.log"),
+             "exchanged": (b"e", b"app.log")}[renamed]
 
     async def read_back() -> bytes:
         d = await ops2.lookup(pyfuse3.ROOT_INODE, where[0], ctx)

@@ -343,6 +343,66 @@ def test_a_record_is_not_replayed_into_another_file_at_its_path(volume: Path) ->
     assert (volume / "f").read_bytes() == bytes(damaged)
 
 
+def test_a_rename_while_a_record_path_is_made_does_not_stick_to_later_writes(
+    volume: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big overwrite runs in a worker thread, and a rename on the trio thread may land while
+    it makes its record's path from the file's old one. That one record names the old path
+    (it is in flight, as any write already under way); the writes after it must name the new
+    one, or a replay would skip them all (it finds no file there)."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, "old", log)
+    content.write(0, os.urandom(3 * BLOCK_SIZE))
+    os.rename(volume / "old", volume / "new")
+    real = WriteJournal.relative
+
+    def renamed_meanwhile(self: WriteJournal, path: bytes) -> bytes:
+        made = real(self, path)
+        content.moved(os.fsencode(volume / "old"), os.fsencode(volume / "new"))
+        return made
+
+    monkeypatch.setattr(WriteJournal, "relative", renamed_meanwhile)
+    content.write(100, b"first")  # its record: made from the old path
+    monkeypatch.undo()
+    new = os.urandom(BLOCK_SIZE)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, new)
+    monkeypatch.undo()
+
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 1
+    assert _read(content, BLOCK_SIZE, BLOCK_SIZE) == new
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (b"/v/a", b"/v/b"),  # the file exchanged itself
+        (b"/v/b/x/f", b"/v/a/x/f"),  # under the other side
+        (b"/v/a/f", b"/v/b/f"),
+        (b"/v/ab/f", b"/v/ab/f"),  # a name that only starts like one side
+        (b"/v/c/f", b"/v/c/f"),
+    ],
+)
+def test_an_exchange_moves_an_open_file_on_either_side(before: bytes, after: bytes) -> None:
+    content = FileContent(-1, _keys(), before, None)
+    content.exchanged(b"/v/a", b"/v/b")
+    assert content._path == after
+
+
+def test_a_record_naming_a_path_with_a_nul_byte_is_skipped(volume: Path) -> None:
+    """No file's path holds a NUL; a record that names one is refused like one naming a path
+    outside the volume, not an error (ValueError from open) that stops the replay."""
+    f = _open(volume, "f", None)
+    f.write(0, os.urandom(2 * BLOCK_SIZE))
+    data = (volume / "f").read_bytes()
+    record = journal.encode(
+        1, b"f\0x", data[:HEADER_SIZE], cipher_offset(1), data[cipher_offset(1) :]
+    )
+    (volume / journal.JOURNAL_NAME).write_bytes(record)
+    assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
+
+
 @pytest.mark.parametrize(
     "under",
     [b"a", b"a/b/c", b"./a", b"a/../b", b"a//b", b"a/", b"kmsfs.tmp.1/x", b"a/.b"],
