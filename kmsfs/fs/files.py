@@ -241,21 +241,21 @@ class FileContent:
         self._path = path
         self._journal_path: tuple[bytes, bytes] | None = None  # (path, relative form)
 
-    def moved(self, old: bytes, new: bytes) -> None:
-        """Ciphertext path *old* is now *new*: the file or a directory above it was renamed."""
+    def moved(self, old: bytes, new: bytes) -> bool:
+        """Ciphertext path *old* is now *new*: the file or a directory above it was renamed.
+        True if the file was there (its path changed)."""
         path = self._path
         if path == old or path.startswith(old + b"/"):
             self._path = new + path[len(old) :]
+            return True
+        return False
 
     def exchanged(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE of ciphertext paths *a* and *b* (disjoint: the kernel refuses to
         exchange a directory with one inside it). One assignment, so that a worker thread
         never reads a path half-way through the exchange."""
-        path = self._path
-        for one, other in ((a, b), (b, a)):
-            if path == one or path.startswith(one + b"/"):
-                self._path = other + path[len(one) :]
-                return
+        if not self.moved(a, b):
+            self.moved(b, a)
 
     # --- sizes and header ---------------------------------------------------------------
     def cipher_size(self) -> int:
