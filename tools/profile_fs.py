@@ -9,8 +9,8 @@ a child process that times every request handler, runs the workload ``bench.py``
 of ~5,000 small files, ls -lR, read every file back, rm -rf; caches dropped before the reads)
 and prints, for each phase: its wall time, the daemon's CPU time, and each handler's calls,
 mean and total time inside the daemon. With ``--cprofile N`` it adds the N functions with the
-most time of their own (cProfile slows the daemon down by about half: read those figures as
-shares, not as times).
+most time of their own (cProfile makes the daemon up to twice as slow on tar -x: read those
+figures as shares, not as times).
 
 Why a tool of its own: a handler takes 3-6 times longer inside the serving daemon than in a
 loop that calls it in-process (every request runs other code on other data, between the
