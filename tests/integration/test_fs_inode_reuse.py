@@ -15,8 +15,9 @@ is idle before the removal, so the freed number goes to what the test makes, dir
 
 The ciphertext lives on a small ext4 of its own (:func:`volume`): it has one block group, and
 ext4 (with a journal) gives a new inode the lowest free number of the group, so the freed
-number is the next one handed out. On the machine's busy root file system, other groups and
-other processes' files made the reuse a matter of luck: a test skipped in the last two CI runs.
+number is the next one handed out. This machine's root file system is an ext4 without a
+journal, which passes over inode numbers freed in the last minutes (its "recently deleted"
+check), so there the reuse was a matter of luck: a test skipped in the last two CI runs.
 """
 
 from __future__ import annotations
