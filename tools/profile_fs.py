@@ -42,13 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-#: (name, shell command with {mp} and {tarball}, drop caches first)
-PHASES = (
-    ("tar extract", "tar -xf {tarball} -C {mp}", False),
-    ("ls -lR", "ls -lR {mp}/tree > /dev/null", True),
-    ("read back", "find {mp}/tree -type f -exec cat {{}} + > /dev/null", True),
-    ("rm -rf", "rm -rf {mp}/tree", False),
-)
+#: The steps of bench.py's workload this tool times, in order (bench.steps; caches dropped
+#: before those in bench.COLD, as bench.py does).
+PHASES = ("tar extract s", "ls -lR s", "read back s", "rm -rf s")
 
 
 # --- the daemon (child process) ---------------------------------------------------------
@@ -110,11 +106,6 @@ def serve(cipherdir: Path, mountpoint: Path, report: Path, top: int) -> None:
 
 
 # --- the workload (parent process) ------------------------------------------------------
-def _drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def _collect(proc: subprocess.Popen[bytes], report: Path, count: int) -> dict[str, Any]:
     """Have the daemon write its figures so far (the *count*-th line of *report*)."""
     proc.send_signal(signal.SIGUSR1)
@@ -137,23 +128,23 @@ def run(work: Path, files: int, top: int) -> list[dict[str, Any]]:
     bench.make_tarball(tarball, files)
     cipherdir, mp, report = make_volume(work / "kc"), work / "km", work / "report.jsonl"
     mp.mkdir()
-    args = [sys.executable, __file__, "--serve", str(cipherdir), str(mp), str(report)]
+    args = [sys.executable, __file__, "--serve", str(cipherdir), str(mp), str(report),
+            "--cprofile", str(top)]
     with open(work / "kmsfs.log", "ab") as log:
-        proc = subprocess.Popen([*args, "--cprofile", str(top)], stdout=subprocess.DEVNULL,
-                                stderr=log)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    steps = dict(bench.steps(tarball, size_mb=0, fio_s=0))
     phases = []
     try:
         bench.wait_mounted(mp, proc)
         lines = 1
         _collect(proc, report, lines)  # start counting from here
-        for name, command, cold in PHASES:
-            if cold:
-                _drop_caches()
-            started = time.perf_counter()
-            subprocess.run(command.format(mp=mp, tarball=tarball), shell=True, check=True)
-            wall = time.perf_counter() - started
+        for name in PHASES:
+            if name in bench.COLD:
+                bench.drop_caches()
+            wall = steps[name](mp)
             lines += 1
-            phases.append({"phase": name, "wall_s": wall, **_collect(proc, report, lines)})
+            phases.append({"phase": name.removesuffix(" s"), "wall_s": wall,
+                           **_collect(proc, report, lines)})
     finally:
         bench.unmount(mp)
         with contextlib.suppress(subprocess.TimeoutExpired):
