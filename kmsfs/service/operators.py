@@ -2,7 +2,7 @@
 
 from dataclasses import replace
 
-from kmsfs.errors import AlreadyExistsError, UsageError
+from kmsfs.errors import AlreadyExistsError, IntegrityError, UsageError
 from kmsfs.hsm import softhsm
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
@@ -60,14 +60,33 @@ def create_operator(
 def sign_as(
     ctx: Context, record: OperatorRecord, secret: str, context: bytes, payload: bytes
 ) -> bytes:
-    """Sign ``context || payload`` with the operator's private key, unlocked by ``secret``."""
+    """Sign ``context || payload`` with the operator's private key, unlocked by ``secret``.
+
+    The signature is checked against ``record.key`` before it is returned. A store writer
+    needs no key to replace ``operators/NAME.json`` with a self-signed record of a key of
+    their own; a Trust proposed after that lists their key under the operator's name, and an
+    approval saved under that key id would hold a signature that verifies under no key the
+    Trust lists, leaving the approval slot free for the writer's own signature. Checking here
+    turns that into a refusal at the operator's first signature, before anything is saved.
+    """
     message = contexts.message(context, payload)
     if record.protection == "token":
         location, _ = ctx.private.access("operator", record.name)
-        return operator_keys.token_sign(location, secret, message)
-    return operator_keys.keyfile_sign(
-        ctx.private.operator_key_file(record.name), record.name, secret, message
-    )
+        value = operator_keys.token_sign(location, secret, message)
+    else:
+        value = operator_keys.keyfile_sign(
+            ctx.private.operator_key_file(record.name), record.name, secret, message
+        )
+    try:
+        record.key.verify(value, message)
+    except IntegrityError:
+        raise IntegrityError(
+            f"the key that signed for operator {record.name} is not the key "
+            f"{record.key.key_id[:12]} that operators/{record.name}.json in {ctx.store.root} "
+            "names: the record was replaced, or the token or key file is another's; nothing "
+            "was saved"
+        ) from None
+    return value
 
 
 def list_operators(ctx: Context) -> list[OperatorRecord]:

@@ -17,7 +17,7 @@ from kmsfs.model import contexts
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line, self_signed
+from tests.kms_helpers import Admin, one_error_line, self_signed, tree_snapshot
 
 
 def _raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
@@ -62,12 +62,51 @@ def test_the_real_operator_refuses_a_trust_with_another_key_under_his_name(
     swapped: tuple[Admin, str],
 ) -> None:
     admin, t2 = swapped
-    before = sorted(p.name for p in (admin.store / "signatures").rglob("*"))
+    before = tree_snapshot(admin.store)
     line = one_error_line(
         admin("trust", "sign", t2, "--as", "bob", "--pin-file", admin.pin_file("bob"), check=3)
     )
     assert "lists operator bob with key" in line and "not yours" in line
-    assert sorted(p.name for p in (admin.store / "signatures").rglob("*")) == before
+    assert tree_snapshot(admin.store) == before
+
+
+def test_an_operator_whose_record_was_replaced_and_left_cannot_approve(
+    initialized: Admin,
+) -> None:
+    """The store writer leaves the planted record in place, for a member new in T2, whose key
+    no predecessor lists: nobody sees a key change, and the Trust names the planted key just
+    as the record does. The operator's own signature is where it shows: it does not verify
+    under that key. Saved anyway, it took the planted key's approval slot with junk, which the
+    writer could then overwrite with a real signature of theirs and seal."""
+    admin = initialized
+    admin.create_operators("alice", "bob", "carol", "dave")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    store = Store(admin.store)
+    real = store.operator("dave")
+    fake = ed25519.Ed25519PrivateKey.generate()
+    planted = PublicKey("ed25519", _raw_public(fake))
+    (admin.store / "operators" / "dave.json").unlink()
+    store.save_operator(
+        self_signed(
+            OperatorRecord("dave", planted, real.protection, real.created),
+            fake,
+            contexts.OPERATOR_RECORD,
+        )
+    )
+    t2 = admin.propose(
+        ["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1
+    )
+    assert "KEY CHANGE" not in admin("trust", "show", t2).stdout
+
+    def documents() -> dict[str, bytes]:  # SoftHSM rewrites token files at each login
+        return {k: v for k, v in tree_snapshot(admin.store).items() if "tokens/" not in k}
+
+    before = documents()
+    line = one_error_line(
+        admin("trust", "sign", t2, "--as", "dave", "--pin-file", admin.pin_file("dave"), check=3)
+    )
+    assert f"is not the key {planted.key_id[:12]}" in line and "operators/dave.json" in line
+    assert documents() == before
 
 
 def test_others_approve_a_key_change_only_when_they_accept_it_by_name(
