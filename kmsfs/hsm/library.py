@@ -165,6 +165,15 @@ def _tokens_labelled(lib: "pkcs11.lib", label: str) -> tuple[list["pkcs11.Token"
     return found, failed
 
 
+def token_serials(location: TokenLocation) -> dict[str, "pkcs11.Token"]:
+    """The tokens labelled like ``location``, by serial number: more than one after a token
+    creation was interrupted, which is how :mod:`kmsfs.hsm.softhsm` tells its own apart."""
+    lib = _load(location)
+    with CALLS:
+        found, _ = _tokens_labelled(lib, location.token_label)
+    return {token.serial.decode(errors="replace").strip(): token for token in found}
+
+
 def find_token(location: TokenLocation) -> "pkcs11.Token":
     """Return the token, or HsmUnavailableError naming it."""
     lib = _load(location)

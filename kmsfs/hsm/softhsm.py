@@ -7,14 +7,16 @@ changed through PKCS#11 (C_SetPIN): the real PIN never appears in a process list
 replaced by a random value that is not kept: nobody can reset the user PIN.
 """
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from kmsfs.errors import HsmError, HsmUnavailableError
+from kmsfs.errors import HsmError, HsmUnavailableError, UsageError
 from kmsfs.hsm import library
 from kmsfs.hsm.library import TokenLocation
 
@@ -51,22 +53,98 @@ def write_config(conf_path: Path, token_dir: Path) -> None:
     os.replace(temp, conf_path)
 
 
+#: SoftHSM2's shortest user PIN (``softhsm2-util`` and C_SetPIN refuse shorter ones).
+MIN_PIN_LENGTH = 4
+
+
+@contextlib.contextmanager
+def new_token(conf_path: Path, label: str, user_pin: str) -> Iterator[TokenLocation]:
+    """A new token labelled ``label`` (user PIN ``user_pin``) for the block to set up.
+
+    If the creation or the block fails, however (an error, Ctrl-C, SIGTERM), that token and
+    only it is deleted again, by its serial number: a retry would otherwise meet two tokens
+    with the label, and every later use of it would fail as ambiguous.
+    """
+    location, serial = _create(conf_path, label, user_pin)
+    try:
+        yield location
+    except BaseException:
+        _delete_serials(conf_path, location, {serial})
+        raise
+
+
 def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
-    """Initialize a new token labelled ``label`` whose user PIN is ``user_pin``."""
-    util = shutil.which("softhsm2-util")
-    if util is None:
-        raise HsmUnavailableError("softhsm2-util is not installed (apt-get install softhsm2)")
+    """Create a token labelled ``label`` that stays, whatever the caller does next."""
+    return _create(conf_path, label, user_pin)[0]
+
+
+def _create(conf_path: Path, label: str, user_pin: str) -> tuple[TokenLocation, str]:
+    """Initialize a new token; return where it is and its serial number."""
+    if not MIN_PIN_LENGTH <= len(user_pin) <= 255:
+        raise UsageError(f"a token PIN needs {MIN_PIN_LENGTH} to 255 characters")
+    util = _util()
     location = TokenLocation(default_module(), label, str(conf_path))
     temp_pin, temp_so_pin = secrets.token_hex(16), secrets.token_hex(16)
     with library.token_files_lock(str(conf_path)):
-        _init_token(util, conf_path, label, temp_pin, temp_so_pin)
         library.refresh(location)
-        token = library.find_token(location)
-        with token.open(rw=True, user_pin=temp_pin) as session:
-            session.set_pin(temp_pin, user_pin)
-        with token.open(rw=True, so_pin=temp_so_pin) as session:
-            session.set_pin(temp_so_pin, secrets.token_hex(32))
-    return location
+        before = set(library.token_serials(location))
+        try:
+            _init_token(util, conf_path, label, temp_pin, temp_so_pin)
+            library.refresh(location)
+            made = {s: t for s, t in library.token_serials(location).items() if s not in before}
+            if len(made) != 1:
+                raise HsmError(f"softhsm2-util made token {label!r}, but it cannot be found")
+            ((serial, token),) = made.items()
+            with library.hsm_errors(f"new token {label!r}"):
+                with token.open(rw=True, user_pin=temp_pin) as session:
+                    session.set_pin(temp_pin, user_pin)
+                with token.open(rw=True, so_pin=temp_so_pin) as session:
+                    session.set_pin(temp_so_pin, secrets.token_hex(32))
+        except BaseException:
+            made_now = set(library.token_serials(location)) - before
+            _delete_serials(conf_path, location, made_now, locked=True)
+            raise
+    return location, serial
+
+
+def delete_tokens_labelled(conf_path: Path, label: str) -> int:
+    """Delete every token labelled ``label`` behind ``conf_path``; how many there were.
+
+    Only for labels whose tokens nothing else can own: an operator's ``op-NAME`` while the
+    store has no operator NAME is what an interrupted ``operator create`` left.
+    """
+    location = TokenLocation(default_module(), label, str(conf_path))
+    with library.token_files_lock(str(conf_path)):
+        library.refresh(location)
+        serials = set(library.token_serials(location))
+        _delete_serials(conf_path, location, serials, locked=True)
+    return len(serials)
+
+
+def _delete_serials(
+    conf_path: Path, location: TokenLocation, serials: set[str], locked: bool = False
+) -> None:
+    """Delete the tokens with these serial numbers (best effort: this runs on failure paths)."""
+    if not serials:
+        return
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        return
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf_path))
+    with contextlib.ExitStack() as stack:
+        if not locked:
+            stack.enter_context(library.token_files_lock(str(conf_path)))
+        for serial in sorted(serials):
+            command = [util, "--delete-token", "--serial", serial]
+            subprocess.run(command, env=env, capture_output=True, check=False)
+        library.refresh(location)
+
+
+def _util() -> str:
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise HsmUnavailableError("softhsm2-util is not installed (apt-get install softhsm2)")
+    return util
 
 
 def _init_token(util: str, conf_path: Path, label: str, pin: str, so_pin: str) -> None:
@@ -94,14 +172,3 @@ def _init_token(util: str, conf_path: Path, label: str, pin: str, so_pin: str) -
         raise HsmError(
             f"softhsm2-util could not create token {label!r}: {detail[-1] if detail else '?'}"
         )
-
-
-def delete_token(conf_path: Path, label: str) -> None:
-    """Remove a token this process created, when the step that needed it failed."""
-    util = shutil.which("softhsm2-util")
-    if util is None:
-        return
-    env = dict(os.environ, SOFTHSM2_CONF=str(conf_path))
-    command = [util, "--delete-token", "--token", label]
-    with library.token_files_lock(str(conf_path)):
-        subprocess.run(command, env=env, capture_output=True, check=False)

@@ -11,6 +11,7 @@ from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord, check_name
+from kmsfs.service import operators
 from kmsfs.service.context import Context, open_hsm, utc_now
 
 TOKEN_LABEL_MAX = 32
@@ -26,6 +27,13 @@ def _next_label(ctx: Context) -> str:
 
 def _check_label_free(ctx: Context, label: str) -> None:
     check_name(label, "HSM")
+    if label.startswith(operators.TOKEN_LABEL_PREFIX):
+        # The tokens of operators are labelled op-NAME in the same token directory: an HSM
+        # labelled op-alice would make alice's token ambiguous (she could no longer sign).
+        raise UsageError(
+            f"HSM label {label!r}: labels starting with {operators.TOKEN_LABEL_PREFIX!r} are "
+            "kept for operators' tokens"
+        )
     if any(ctx.store.hsm(i).label == label for i in ctx.store.hsm_ids()):
         raise AlreadyExistsError(f"an HSM labelled {label!r} already exists in {ctx.store.root}")
 
@@ -50,7 +58,11 @@ def _provision(
     if record.id in ctx.store.hsm_ids():
         raise AlreadyExistsError(f"this token is already enrolled as HSM {record.id[:12]}")
     ctx.private.save_access("hsm", record.id, location, later_pin or pin_source)
-    ctx.store.save_hsm(record)
+    try:
+        ctx.store.save_hsm(record)
+    except BaseException:
+        ctx.private.forget_access("hsm", record.id)
+        raise
     return record
 
 
@@ -64,10 +76,9 @@ def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
     pin = secrets.token_hex(16)
     pin_file = ctx.private.write_pin(label, pin)
     try:
-        location = softhsm.create_token(ctx.private.softhsm_conf, label, pin)
-        return _provision(ctx, location, PinSource(file=str(pin_file)), label)
+        with softhsm.new_token(ctx.private.softhsm_conf, label, pin) as location:
+            return _provision(ctx, location, PinSource(file=str(pin_file)), label)
     except BaseException:
-        softhsm.delete_token(ctx.private.softhsm_conf, label)
         pin_file.unlink(missing_ok=True)
         raise
 

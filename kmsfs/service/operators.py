@@ -24,33 +24,57 @@ def _token_label(name: str) -> str:
 def create_operator(
     ctx: Context, name: str, secret: PinSource, protection: str = "token"
 ) -> OperatorRecord:
-    """Create operator ``name`` whose key only ``secret`` unlocks (a token PIN or a passphrase)."""
+    """Create operator ``name`` whose key only ``secret`` unlocks (a token PIN or a passphrase).
+
+    All or nothing: if anything fails or is interrupted (Ctrl-C, SIGTERM), the token and the
+    access record made for it are removed again, so the same command can simply be run again.
+    A token ``op-NAME`` found while the store has no operator NAME is what a killed run left
+    (only this function makes tokens with the prefix, and it saves the operator under the
+    store's lock before it lets go), so it is removed before a new one is made; so is a key
+    file left the same way.
+    """
     check_name(name, "operator")
-    if name in ctx.store.operator_names():
+    if protection not in ("token", "passphrase"):
+        raise UsageError(f"unknown protection {protection!r} (token or passphrase)")
+    label = _token_label(name)
+    if name in ctx.store.operator_names():  # before asking for a PIN; checked again below
         raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
-    ctx.private.ensure()
     value = secret.read()
-    if protection == "token":
+    if protection == "passphrase" and len(value) < 8:
+        raise UsageError("a passphrase needs at least 8 characters")
+    if protection == "token" and len(value) < softhsm.MIN_PIN_LENGTH:
+        raise UsageError(f"a token PIN needs at least {softhsm.MIN_PIN_LENGTH} characters")
+    with ctx.store.exclusive():
+        if name in ctx.store.operator_names():
+            raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
+        ctx.private.ensure()
+        if protection == "passphrase":
+            key_file = ctx.private.operator_key_file(name)
+            key_file.unlink(missing_ok=True)  # what a killed run left, as for tokens below
+            try:
+                key = operator_keys.keyfile_generate(key_file, name, value)
+                return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value)
+            except BaseException:
+                key_file.unlink(missing_ok=True)
+                raise
         if not ctx.private.softhsm_conf.exists():
             softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
-        label = _token_label(name)
-        location = softhsm.create_token(ctx.private.softhsm_conf, label, value)
+        softhsm.delete_tokens_labelled(ctx.private.softhsm_conf, label)
         try:
-            key = operator_keys.token_generate(location, value)
+            with softhsm.new_token(ctx.private.softhsm_conf, label, value) as location:
+                key = operator_keys.token_generate(location, value)
+                ctx.private.save_access("operator", name, location, None)
+                return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value)
         except BaseException:
-            softhsm.delete_token(ctx.private.softhsm_conf, label)
+            ctx.private.forget_access("operator", name)
             raise
-        ctx.private.save_access("operator", name, location, None)
-    elif protection == "passphrase":
-        if len(value) < 8:
-            raise UsageError("a passphrase needs at least 8 characters")
-        key = operator_keys.keyfile_generate(ctx.private.operator_key_file(name), name, value)
-    else:
-        raise UsageError(f"unknown protection {protection!r} (token or passphrase)")
-    record = OperatorRecord(name=name, key=key, protection=protection, created=utc_now())
+
+
+def _publish(ctx: Context, record: OperatorRecord, secret: str) -> OperatorRecord:
+    """Self-sign the new operator's record and save it: the step that makes the operator."""
     record = replace(
         record,
-        signature=sign_as(ctx, record, value, contexts.OPERATOR_RECORD, record.signed_bytes()),
+        signature=sign_as(ctx, record, secret, contexts.OPERATOR_RECORD, record.signed_bytes()),
     )
     record.verify_self_signature()
     ctx.store.save_operator(record)

@@ -81,6 +81,10 @@ class PrivateArea:
         path.parent.mkdir(mode=0o700, exist_ok=True)
         atomic.replace(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
 
+    def forget_access(self, kind: str, name: str) -> None:
+        """Remove what :meth:`save_access` wrote (undoing a creation that failed)."""
+        (self.root / f"{kind}-access" / f"{name}.json").unlink(missing_ok=True)
+
     def has_access(self, kind: str, name: str) -> bool:
         """Whether this host knows how to reach the token (HSM or operator) ``name``."""
         return (self.root / f"{kind}-access" / f"{name}.json").exists()

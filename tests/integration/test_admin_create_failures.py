@@ -1,0 +1,104 @@
+"""A creation that fails or is cut short leaves nothing that blocks doing it again (DESIGN.md §2.6).
+
+Operator and HSM tokens live in the store's one SoftHSM2 token directory, found by label. A
+token left behind by a failed ``operator create`` or ``hsm create`` made every later use of its
+label ambiguous ("several tokens have this label"): the retry failed, and so did the signatures
+of an operator whose label an HSM took.
+"""
+
+import pytest
+
+from kmsfs.hsm import library, softhsm
+from kmsfs.hsm.pins import PinSource
+from kmsfs.service import hsms, operators
+from kmsfs.service.context import Context
+from kmsfs.store.documents import Store
+from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+
+def _labelled(admin: Admin, label: str) -> int:
+    """How many tokens carry ``label`` in the store's token directory."""
+    conf = admin.store / "private" / "softhsm2.conf"
+    location = library.TokenLocation(softhsm.default_module(), label, str(conf))
+    library.refresh(location)
+    return len(library.token_serials(location))
+
+
+def test_a_short_operator_pin_is_one_line_and_leaves_nothing(initialized: Admin) -> None:
+    admin = initialized
+    before = tree_snapshot(admin.store)
+    line = one_error_line(
+        admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed", "abc"), check=2)
+    )
+    assert "at least 4 characters" in line
+    assert tree_snapshot(admin.store) == before
+    assert _labelled(admin, "op-zed") == 0
+
+
+def test_an_interrupted_operator_create_is_undone_and_can_be_run_again(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as the operator is being saved, the last step: the token made for it, and its
+    access record, go again."""
+    admin = initialized
+    ctx = Context.at(admin.store)
+
+    def interrupted(self: Store, record: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "save_operator", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            operators.create_operator(ctx, "zed", PinSource(file=admin.pin_file("zed")))
+    assert _labelled(admin, "op-zed") == 0
+    assert not ctx.private.has_access("operator", "zed")
+    assert "zed" not in ctx.store.operator_names()
+    admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed"))
+    trust = admin.propose(["hsm1"], ["zed"], 1)
+    assert "zed signed" in admin("trust", "sign", trust, "--as", "zed", "--pin-file",
+                                 admin.pin_file("zed")).stdout
+
+
+def test_a_token_left_by_a_killed_operator_create_is_cleared_by_the_next(
+    initialized: Admin,
+) -> None:
+    """kill -9 gives no chance to clean up: the token ``op-zed`` stays while the store has no
+    operator zed. The next ``operator create zed`` must not fail on two tokens labelled so."""
+    admin = initialized
+    softhsm.create_token(admin.store / "private" / "softhsm2.conf", "op-zed", "left-over-pin")
+    assert _labelled(admin, "op-zed") == 1
+    admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed"))
+    assert _labelled(admin, "op-zed") == 1
+    trust = admin.propose(["hsm1"], ["zed"], 1)
+    admin("trust", "sign", trust, "--as", "zed", "--pin-file", admin.pin_file("zed"))
+
+
+def test_an_hsm_cannot_take_an_operator_token_label(initialized: Admin) -> None:
+    admin = initialized
+    admin.create_operators("alice")
+    before = tree_snapshot(admin.store)
+    line = one_error_line(admin("hsm", "create", "--label", "op-alice", check=2))
+    assert "kept for operators' tokens" in line
+    assert tree_snapshot(admin.store) == before
+    trust = admin.propose(["hsm1"], ["alice"], 1)
+    admin("trust", "sign", trust, "--as", "alice", "--pin-file", admin.pin_file("alice"))
+
+
+def test_an_interrupted_hsm_create_removes_its_token_pin_and_access(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = initialized
+    ctx = Context.at(admin.store)
+    access = sorted(p.name for p in (admin.store / "private" / "hsm-access").iterdir())
+
+    def interrupted(self: Store, record: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "save_hsm", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            hsms.create_hsm(ctx, "hsm3")
+    assert _labelled(admin, "hsm3") == 0
+    assert sorted(p.name for p in (admin.store / "private" / "hsm-access").iterdir()) == access
+    admin("hsm", "create", "--label", "hsm3")
+    assert _labelled(admin, "hsm3") == 1
