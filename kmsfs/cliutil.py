@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,8 +32,29 @@ def add_agent_options(parser: argparse.ArgumentParser, agent_help: str) -> None:
     parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``timeout``, a stopping service): unwind like Ctrl-C, so
+    every ``except BaseException`` / ``finally`` undo runs and nothing half-made stays."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run(prog: str, handler: Callable[[], int | None]) -> int:
-    """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code."""
+    """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code.
+
+    Output never fails on a name that is not valid in the locale's encoding (file names are
+    bytes: a Latin-1 name under a UTF-8 locale): it is written with backslash escapes. A
+    SIGTERM unwinds as :class:`Terminated`, unless the caller ignores the signal (nohup) or
+    the handler installs its own (the agent, the mount daemon).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):  # not a text file (tests)
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # only the main thread may (in-process tests)
+            signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler() or exitcodes.OK
     except KmsfsError as exc:
@@ -51,6 +73,9 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return exitcodes.TERMINATED
 
 
 def setup_logging(verbose: bool) -> None:

@@ -21,7 +21,8 @@ STORE = 6  # the store or a document is missing, malformed or already there
 FORMAT = 7  # a document or file is malformed
 DAMAGED = 8  # kmsfs fsck found damage (the command itself worked)
 REFUSED = 9  # the HSM agent's policy refused the request
-INTERRUPTED = 130
+INTERRUPTED = 130  # Ctrl-C (SIGINT)
+TERMINATED = 143  # SIGTERM
 
 
 def for_error(exc: KmsfsError) -> int:

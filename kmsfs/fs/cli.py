@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from kmsfs.fs.volume import (
     check_root_only,
     create_volume,
     is_mount_point,
+    mount_at,
     open_volume,
 )
 
@@ -127,6 +129,22 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
 def cmd_mount(args: argparse.Namespace) -> int:
     config, store, options = _checked_config(args)
     cipherdir, mountpoint = Path(args.cipherdir).resolve(), Path(args.mountpoint).resolve()
+    # The daemon leaves the caller's directory once it serves (daemon.daemonize): what it may
+    # reach by path later (the store, the token config, the log file) must not be relative.
+    store = store.resolve()
+    if args.log_file is not None:
+        args.log_file = Path(args.log_file).resolve()
+    for var in ("SOFTHSM2_CONF", "KMSFS_AGENT_CERT", "KMSFS_AGENT_KEY", "KMSFS_AGENT_CA"):
+        if os.environ.get(var):
+            os.environ[var] = os.path.abspath(os.environ[var])
+    for name in ("agent_cert", "agent_key", "agent_ca"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    agent = getattr(args, "agent", None)  # unix:PATH, a socket path (with a "/"), HOST:PORT
+    if agent and agent.startswith("unix:"):
+        args.agent = "unix:" + os.path.abspath(agent[5:])
+    elif agent and "/" in agent:
+        args.agent = os.path.abspath(agent)
 
     def child(report_ready: Callable[[], None]) -> None:
         daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
@@ -189,6 +207,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if not is_mount_point(mountpoint):  # a dead mount (its daemon killed) is one too
         raise UsageError(f"{mountpoint}: not a mount point")
+    # As root, fusermount3 -u unmounts whatever is there: a typo must not take a disk away.
+    kind, source = mount_at(mountpoint) or ("?", "?")
+    if kind != "fuse.kmsfs" and source != "kmsfs":
+        raise UsageError(
+            f"{mountpoint}: not a kmsfs mount ({kind} from {source}); nothing unmounted"
+        )
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]

@@ -196,7 +196,13 @@ def serve(
         ops.enable_writeback_cache = WRITEBACK_CACHE in options
         ops.files.noatime = "noatime" in options  # the kernel leaves atime to the daemon
         ops.dir_noatime = bool(options & {"noatime", "nodiratime"})
-        pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
+        try:
+            pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
+        except RuntimeError as exc:  # libfuse has said why on stderr, if it could
+            hint = ""
+            if "allow_other" in options and os.geteuid() != 0:
+                hint = "; allow_other needs user_allow_other in /etc/fuse.conf"
+            raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
     except BaseException:
         if latency is not None:
             latency.close()
@@ -458,6 +464,10 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
 
         def report_ready() -> None:
             os.write(write_fd, b"ready\n")
+            # As fuse_daemonize does: a daemon must not keep the caller's directory busy (its
+            # file system could not be unmounted). Everything it reaches later by path was
+            # made absolute before the fork (cmd_mount, AgentAddress.parse).
+            os.chdir("/")
             _detach_stdio()
 
         try:

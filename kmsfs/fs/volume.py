@@ -58,6 +58,15 @@ def is_mount_point(path: Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
     return any(point == where for point, _, _ in mounts)
 
 
+def mount_at(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(file system type, source) of the mount at *path* (the last one mounted there), or
+    None if *path* is no mount point or the kernel's list cannot be read."""
+    absolute = os.path.abspath(path)
+    where = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    found = [(kind, source) for point, kind, source in _mounts(mountinfo) or [] if point == where]
+    return found[-1] if found else None
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     """The mount point must be an existing, empty directory that is not already a mount."""
     mountpoint = Path(mountpoint)

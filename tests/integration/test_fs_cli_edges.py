@@ -1,0 +1,98 @@
+"""``kmsfs mount`` and ``kmsfs umount`` where a user's slip or the machine gets in the way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fs_helpers import make_volume
+from tests.kms_helpers import Admin
+
+KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kmsfs(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KMSFS, *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of its own, as a USB stick or a scratch disk would be: a mount that is not
+    kmsfs's."""
+    where = tmp_path / "stick"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_umount_refuses_a_mount_that_is_not_kmsfs(tmpfs: Path) -> None:
+    """As root, fusermount3 -u unmounts whatever it is given: ``kmsfs umount /srv`` typed for
+    ``/srv/payroll`` took the disk away."""
+    (tmpfs / "keep").write_text("still here")
+    proc = kmsfs("umount", str(tmpfs))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"kmsfs: error: {tmpfs}: not a kmsfs mount (tmpfs from tmpfs); nothing unmounted\n"
+    )
+    assert os.path.ismount(tmpfs) and (tmpfs / "keep").read_text() == "still here"
+
+
+def test_a_mount_leaves_the_callers_directory_free(
+    tmp_path: Path, initialized: Admin, tmpfs: Path
+) -> None:
+    """Mounted from a shell whose directory was on a stick, the daemon kept that directory as
+    its own, and the stick could not be unmounted while the volume stayed mounted. Relative
+    paths (store, log file) given there still work once the daemon has left."""
+    initialized.real_domain()
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    store = os.path.relpath(initialized.store, tmpfs)
+    env = {"KMSFS_STORE": store}
+    assert kmsfs("init", str(cipher), "--domain", "payroll", cwd=tmpfs, env=env).returncode == 0
+    mp.mkdir()
+    log = os.path.relpath(tmp_path / "daemon.log", tmpfs)
+    proc = kmsfs("mount", os.path.relpath(cipher, tmpfs), os.path.relpath(mp, tmpfs),
+                 "--log-file", log, cwd=tmpfs, env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        subprocess.run(["umount", str(tmpfs)], check=True)  # not busy
+        (mp / "f").write_text("served")
+        assert (mp / "f").read_text() == "served"
+        assert f"mounted {cipher}" in (tmp_path / "daemon.log").read_text()
+    finally:
+        done = kmsfs("umount", str(mp))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
+    """``kmsfs mount --foreground`` (how systemd runs it) printed a traceback ending in
+    RuntimeError: fuse_session_mount failed (a non-root user without access to /dev/fuse, or
+    allow_other without user_allow_other). Here the mount point is missing, which the CLI
+    checks first; the daemon is run directly so that libfuse's own refusal is what happens."""
+    volume = make_volume(tmp_path / "cipher")
+    target = tmp_path / "missing"
+    script = (
+        "import sys; sys.path.insert(0, 'tests/integration')\n"
+        "from pathlib import Path\n"
+        "from fs_helpers import SoftDeriver\n"
+        "from kmsfs import cliutil\n"
+        "from kmsfs.fs import daemon\n"
+        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
+        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 1
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("kmsfs: ")]
+    assert ours == [f"kmsfs: error: {target}: the mount was refused (fuse_session_mount failed)"]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,71 @@
+"""The shared command-line runner: what every kmsfs and kmsfs-admin command gets from it."""
+
+import io
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from kmsfs import cliutil, exitcodes
+
+
+def test_a_name_that_is_not_utf8_is_printed_escaped_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """File names are bytes: os.fsdecode gives a Latin-1 name lone surrogates, which stdout
+    cannot encode under a UTF-8 locale that Python does not coerce (LANG=en_US.UTF-8 gives
+    errors=strict). fsck's damage report and init's summary died on one."""
+    raw = io.BytesIO()
+    strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)  # here: pytest resets sys.stdout after fixtures
+    name = os.fsdecode(b"n\xffme")
+
+    def report() -> int:
+        print(f"damaged: {name}")
+        return exitcodes.DAMAGED
+
+    assert cliutil.run("kmsfs", report) == exitcodes.DAMAGED
+    strict.flush()
+    assert raw.getvalue() == b"damaged: n\\udcffme\n"
+
+
+@pytest.fixture
+def default_sigterm() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_unwinds_so_cleanups_run(
+    default_sigterm: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``timeout``, ``kill`` and a stopping service send SIGTERM: by default it ends the process
+    on the spot, and a decrypt left its plaintext temporary file, an init its half store."""
+    cleaned = []
+
+    def long_work() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes: well before the end
+                pass
+            return exitcodes.OK
+        finally:
+            cleaned.append(True)
+
+    assert cliutil.run("kmsfs", long_work) == exitcodes.TERMINATED == 143
+    assert cleaned == [True]
+    assert capsys.readouterr().err == "kmsfs: terminated\n"
+
+
+def test_an_ignored_sigterm_stays_ignored(default_sigterm: None) -> None:
+    """nohup-style callers that ignore SIGTERM keep it ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def work() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return exitcodes.OK
+
+    assert cliutil.run("kmsfs", work) == exitcodes.OK
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
