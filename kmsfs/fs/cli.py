@@ -48,14 +48,16 @@ EPILOGS = {
     "  kmsfs completion bash > /usr/share/bash-completion/completions/kmsfs\n",
     "encrypt": "examples:\n  kmsfs encrypt --domain payroll report.pdf report.pdf.kmsfs\n"
     "  tar c data/ | kmsfs encrypt --domain payroll - - > data.tar.kmsfs\n"
-    "\nOUT is written atomically (temporary file, fsync, rename). The file carries its Domain\n"
-    "and Trust chain, so 'kmsfs decrypt' needs only the store and an HSM of the Trust.\n",
+    "\nOUT is written atomically (temporary file, fsync, link) and never replaces an existing\n"
+    "file unless --force. The file carries its Domain and Trust chain, so 'kmsfs decrypt'\n"
+    "needs only the store and an HSM of the Trust.\n",
     "decrypt": "examples:\n  kmsfs decrypt report.pdf.kmsfs report.pdf\n"
     "  kmsfs decrypt data.tar.kmsfs - | tar x\n"
     "  kmsfs decrypt --cipherdir /srv/cipher /srv/cipher/Xr3k...Q /tmp/recovered\n"
-    "\nNothing is written to OUT unless every chunk authenticates (OUT appears by rename). To\n"
-    "stdout, a seekable IN is verified in full first; if IN and OUT are both pipes, output stops\n"
-    "before the first bad chunk and only the exit status tells that it was cut short.\n"
+    "\nNothing is written to OUT unless every chunk authenticates (OUT appears by link, and an\n"
+    "existing OUT is refused unless --force). To stdout, a seekable IN is verified in full\n"
+    "first; if IN and OUT are both pipes, output stops before the first bad chunk and only the\n"
+    "exit status tells that it was cut short.\n"
     "--cipherdir reads one file of a kmsfs volume (the filesystem format), which cannot detect\n"
     "blocks dropped at its end.\n",
     "fsck": "examples:\n  kmsfs fsck /srv/cipher\n  kmsfs fsck /srv/cipher --json | jq .problems\n"
@@ -256,7 +258,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
     singlefile.encrypt(
-        kms.store_dir(args.store), args.domain, args.input, args.output, _agent(args)
+        kms.store_dir(args.store), args.domain, args.input, args.output, _agent(args),
+        force=args.force,
     )
     return exitcodes.OK
 
@@ -264,9 +267,10 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 def cmd_decrypt(args: argparse.Namespace) -> int:
     store = kms.store_dir(args.store)
     if args.cipherdir:
-        singlefile.recover(store, Path(args.cipherdir), args.input, args.output, _agent(args))
+        singlefile.recover(store, Path(args.cipherdir), args.input, args.output, _agent(args),
+                           force=args.force)
     else:
-        singlefile.decrypt(store, args.input, args.output, _agent(args))
+        singlefile.decrypt(store, args.input, args.output, _agent(args), force=args.force)
     return exitcodes.OK
 
 
@@ -397,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
     p.add_argument("--store", help=store_help)
     p.add_argument("input", metavar="IN", help="file to encrypt, or - for stdin")
-    p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout")
+    p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout "
+                   "(an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT (a new file: its mode and hard links go)")
     _agent_options(p)
     p.set_defaults(func=cmd_encrypt)
 
@@ -409,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="IN is a ciphertext file of the volume DIR (its Domain is in DIR/kmsfs.conf)",
     )
     p.add_argument("input", metavar="IN", help="encrypted file, or - for stdin")
-    p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or -")
+    p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or - "
+                   "(an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT (a new file: its mode and hard links go)")
     _agent_options(p)
     p.set_defaults(func=cmd_decrypt)
 

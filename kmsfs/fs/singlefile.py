@@ -5,9 +5,15 @@ The format is pure code in :mod:`kmsfs.crypto.stream` (single files) and
 
 - Memory stays constant: at most two chunks are held (the one being processed and the one read
   ahead to learn whether it is the last), whatever the file size.
-- Output to a path is atomic: a temporary file in OUT's directory, fsync, rename, fsync of the
-  directory, only after every chunk authenticated. On failure the temporary file is removed,
-  so OUT never holds partial plaintext (and an existing OUT is left as it was).
+- Output to a path is atomic: a temporary file in OUT's directory, fsync, link(2) to OUT, fsync
+  of the directory, only after every chunk authenticated. On any failure, Ctrl-C and SIGTERM
+  included, the temporary file is removed, so OUT never holds partial plaintext.
+- An existing OUT is never replaced unless asked (``--force``): it is refused before any work,
+  and publishing by link(2), which fails if the name exists, keeps an OUT someone made meanwhile.
+  With ``force`` the file is renamed over OUT (a new file: OUT's mode and hard links are not
+  kept).
+- A regular IN that changes while it is read (a file still being written) fails, naming it,
+  rather than giving a complete-looking copy of part of it.
 - Output to a stream (stdout, a device): if IN is seekable, a first pass authenticates every
   chunk before the second writes any plaintext (the second pass authenticates again, so a file
   changed in between never yields bad plaintext, at worst a cut). If IN is a pipe too, nothing
@@ -19,6 +25,7 @@ The format is pure code in :mod:`kmsfs.crypto.stream` (single files) and
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -26,11 +33,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content, stream
-from kmsfs.errors import FormatError, IntegrityError, KmsfsError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import kms
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.volume import open_volume
@@ -38,14 +45,20 @@ from kmsfs.fs.volume import open_volume
 STDIO = "-"
 
 
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
 @dataclass
 class Input:
-    """An open IN: its display name, file object, size (None for a pipe) and seekability."""
+    """An open IN: its display name, file object, size (None for a pipe) and seekability, and
+    its modification time when opened (nanoseconds; None for a pipe)."""
 
     name: str
     file: BinaryIO
     size: int | None
     seekable: bool
+    mtime_ns: int | None = None
 
 
 @contextlib.contextmanager
@@ -59,10 +72,24 @@ def open_input(arg: str) -> Iterator[Input]:
     try:
         st = os.fstat(f.fileno())
         regular = stat.S_ISREG(st.st_mode)
-        yield Input(name, f, st.st_size if regular else None, regular and f.seekable())
+        yield Input(name, f, st.st_size if regular else None, regular and f.seekable(),
+                    st.st_mtime_ns if regular else None)
     finally:
         if close:
             f.close()
+
+
+def check_unchanged(src: Input) -> None:
+    """KmsfsError naming IN if a regular IN's size or mtime changed since it was opened: a file
+    still being written would otherwise give a complete-looking copy of part of it."""
+    if src.size is None:
+        return
+    now = os.fstat(src.file.fileno())
+    if (now.st_size, now.st_mtime_ns) != (src.size, src.mtime_ns):
+        raise KmsfsError(
+            f"{src.name}: changed while it was read (size {src.size}, then {now.st_size}): "
+            "encrypt it again once it is complete"
+        )
 
 
 def read_exact(f: BinaryIO, n: int) -> bytes:
@@ -107,27 +134,99 @@ def is_stream_output(arg: str) -> bool:
         return False
 
 
+def check_output(arg: str, force: bool) -> None:
+    """Refuse, before any work, an OUT path that exists (a dangling symlink too), unless
+    ``force``; a stream OUT (stdout, /dev/null, a FIFO) is written, never replaced."""
+    if force or is_stream_output(arg) or not os.path.lexists(arg):
+        return
+    raise _exists(arg)
+
+
+def _exists(arg: str) -> UsageError:
+    return UsageError(f"{arg}: already exists, not replaced (--force replaces it)")
+
+
+class _Named:
+    """OUT's temporary file; a failed write names OUT (ENOSPC alone does not say where)."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        self._f, self._name = f, name
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self._name) from None
+
+
+#: What link(2) says on a file system without hard links (vfat, exFAT, some FUSE ones).
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _publish(tmp: str, path: Path, arg: str, force: bool) -> None:
+    """Make the finished temporary file OUT: renamed over it with ``force``, else linked,
+    which fails if the name exists (then unlinked by the caller)."""
+    try:
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise _exists(arg) from None
+    except OSError as exc:
+        if force or exc.errno not in _NO_LINKS:
+            raise OSError(exc.errno, exc.strerror, arg) from None
+    # No hard links here: claim the name exclusively, then rename over that empty claim.
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        raise _exists(arg) from None
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
 @contextlib.contextmanager
-def atomic_output(arg: str, mode: int) -> Iterator[BinaryIO]:
-    """Write OUT through a temporary file in its directory; publish only if the body succeeds."""
-    path = Path(os.path.realpath(arg))  # a symlinked OUT: replace its target, not the link
+def atomic_output(arg: str, mode: int, force: bool = False) -> Iterator[_Named]:
+    """Write OUT through a temporary file in its directory; publish only if the body succeeds.
+    Without ``force`` an OUT that exists by then is kept and refused (UsageError)."""
+    # With force a symlinked OUT has its target replaced, not the link; without, a symlink
+    # is a name that exists.
+    path = Path(os.path.realpath(arg) if force else os.path.abspath(arg))
     directory = path.parent
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".kmsfs-tmp")
     except OSError as exc:  # name OUT, not the temporary file, in the one-line error
         raise OSError(exc.errno, exc.strerror, arg) from None
-    f = os.fdopen(fd, "wb")
     try:
-        yield f
-        f.flush()
-        os.fchmod(f.fileno(), mode)
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
+        f = os.fdopen(fd, "wb")
     except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    try:
+        yield _Named(f, arg)
+        try:
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+            f.close()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, arg) from None
+        _publish(tmp, path, arg, force)
+        with contextlib.suppress(FileNotFoundError):  # linked: the temporary name goes
             os.unlink(tmp)
+    except BaseException:
+        # Unlink first: closing flushes what is buffered, which fails again on a full disk,
+        # and a temporary file of plaintext must not outlive the failure (or a Ctrl-C).
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            f.close()
         raise
     fsync_dir(directory)
 
@@ -170,9 +269,16 @@ def _derive_at(deriver: Any, info: bytes, epoch: int, where: str) -> bytes:
 
 
 def encrypt(
-    store: Path, domain: str, in_arg: str, out_arg: str, agent: kms.AgentOptions | None = None
+    store: Path,
+    domain: str,
+    in_arg: str,
+    out_arg: str,
+    agent: kms.AgentOptions | None = None,
+    force: bool = False,
 ) -> int:
-    """Encrypt IN for the store's Domain ``domain``; return the plaintext size."""
+    """Encrypt IN for the store's Domain ``domain``; return the plaintext size. An existing
+    OUT is refused (UsageError) unless ``force``."""
+    check_output(out_arg, force)
     bundle = kms.export_bundle(store, domain)
     kms.check_bundle(store, bundle, f"Domain {domain}")
     with kms.open_deriver(store, bundle, agent) as deriver:
@@ -182,16 +288,18 @@ def encrypt(
         cipher = stream.StreamCipher(key, header)
     with open_input(in_arg) as src:
         progress = Progress("kmsfs: encrypt", src.size)
+        output: contextlib.AbstractContextManager[Writer]
         if is_stream_output(out_arg):
             output = stream_output(out_arg)
         else:
-            output = atomic_output(out_arg, _mode(False))
+            output = atomic_output(out_arg, _mode(False), force)
         try:
             with output as out:
                 out.write(header.pack())
                 for n, chunk, last in framed(src.file, stream.CHUNK_SIZE):
                     out.write(cipher.seal(n, chunk, last))
                     progress.advance(len(chunk))
+                check_unchanged(src)  # inside: a partial OUT is removed, never published
         finally:
             progress.close()
     return progress.done
@@ -201,7 +309,7 @@ def encrypt(
 
 
 def _drain(label: str, total: int | None, plaintexts: Iterator[bytes],
-           out: BinaryIO | None) -> int:
+           out: Writer | None) -> int:
     """Consume ``plaintexts`` (into ``out`` unless None, i.e. verify only) with a progress bar."""
     progress = Progress(label, total)
     try:
@@ -215,12 +323,16 @@ def _drain(label: str, total: int | None, plaintexts: Iterator[bytes],
 
 
 def _emit(
-    src: Input, out_arg: str, plaintexts: Callable[[], Iterator[bytes]], rewind: int
+    src: Input,
+    out_arg: str,
+    plaintexts: Callable[[], Iterator[bytes]],
+    rewind: int,
+    force: bool = False,
 ) -> int:
     """Write the plaintexts to OUT under the rules in the module docstring; return bytes out."""
     total = src.size - rewind if src.size is not None else None
     if not is_stream_output(out_arg):
-        with atomic_output(out_arg, _mode(True)) as out:
+        with atomic_output(out_arg, _mode(True), force) as out:
             return _drain("kmsfs: decrypt", total, plaintexts(), out)
     if src.seekable:
         start = src.file.tell()  # not ``rewind``: stdin may be a file opened at any offset
@@ -231,9 +343,15 @@ def _emit(
 
 
 def decrypt(
-    store: Path, in_arg: str, out_arg: str, agent: kms.AgentOptions | None = None
+    store: Path,
+    in_arg: str,
+    out_arg: str,
+    agent: kms.AgentOptions | None = None,
+    force: bool = False,
 ) -> int:
-    """Decrypt a single encrypted file; the Domain comes from its header. Return bytes out."""
+    """Decrypt a single encrypted file; the Domain comes from its header. Return bytes out.
+    An existing OUT is refused (UsageError) unless ``force``."""
+    check_output(out_arg, force)
     with open_input(in_arg) as src:
         try:
             prefix = read_exact(src.file, stream.PREFIX_SIZE)
@@ -257,7 +375,7 @@ def decrypt(
             except KmsfsError as exc:
                 raise _located(src.name, exc) from None
 
-        return _emit(src, out_arg, plaintexts, size)
+        return _emit(src, out_arg, plaintexts, size, force)
 
 
 def recover(
@@ -266,8 +384,11 @@ def recover(
     in_arg: str,
     out_arg: str,
     agent: kms.AgentOptions | None = None,
+    force: bool = False,
 ) -> int:
-    """Decrypt one ciphertext file of a CIPHERDIR (filesystem format) without mounting."""
+    """Decrypt one ciphertext file of a CIPHERDIR (filesystem format) without mounting; an
+    existing OUT as for :func:`decrypt`."""
+    check_output(out_arg, force)
     config = open_volume(cipherdir)
     kms.check_bundle(
         store, config.domain_bundle, str(cipherdir), want_id=config.domain_id, agent=agent
@@ -281,7 +402,7 @@ def recover(
         except KmsfsError as exc:
             raise _located(src.name, exc) from None
         if header is None:  # an empty file has no header
-            return _emit(src, out_arg, lambda: iter(()), 0)
+            return _emit(src, out_arg, lambda: iter(()), 0, force)
         with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
             key = _derive_at(deriver, content.file_key_info(header.file_id), header.epoch,
                              src.name)
@@ -297,4 +418,4 @@ def recover(
                 except IntegrityError:
                     raise IntegrityError(f"{where} fails authentication") from None
 
-        return _emit(src, out_arg, plaintexts, content.HEADER_SIZE)
+        return _emit(src, out_arg, plaintexts, content.HEADER_SIZE, force)

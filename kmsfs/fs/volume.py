@@ -6,21 +6,28 @@ Every check here runs before anything is mounted or written, and fails with one
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from pathlib import Path
 
+from kmsfs.crypto.names import DIRIV_NAME
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.config import VolumeConfig
-from kmsfs.fs.names import read_dir_iv, write_dir_iv
+from kmsfs.fs.names import TEMP_PREFIX, read_dir_iv, write_dir_iv
 
 
 def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
-    """Make a new volume: CIPHERDIR must be missing or empty; writes the root IV and config."""
+    """Make a new volume: CIPHERDIR must be missing or empty; writes the root IV and config.
+
+    All or nothing: on any failure, Ctrl-C included, what it wrote is removed again (and
+    CIPHERDIR too if it made it), so a failed init can simply be run again. A failed write
+    is one line naming the file."""
     cipherdir = Path(cipherdir)
     config.validate()
+    made = False
     if cipherdir.exists():
         if not cipherdir.is_dir():
             raise UsageError(f"{cipherdir}: not a directory")
@@ -30,8 +37,46 @@ def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
         if not cipherdir.absolute().parent.is_dir():
             raise UsageError(f"{cipherdir.absolute().parent}: no such directory (create it first)")
         cipherdir.mkdir(mode=0o700, parents=False)
-    write_dir_iv(os.fsencode(cipherdir))
-    volconfig.save(cipherdir, config)
+        made = True
+    writing = cipherdir / DIRIV_NAME
+    try:
+        write_dir_iv(os.fsencode(cipherdir))
+        writing = cipherdir / volconfig.CONFIG_NAME
+        volconfig.save(cipherdir, config)
+    except BaseException as exc:
+        if isinstance(exc, FileExistsError) and writing.name == DIRIV_NAME:
+            # another init got there first: that volume is not this one's to undo
+            raise UsageError(f"{cipherdir}: not empty (a new volume needs an empty directory)"
+                             ) from None
+        left = _undo_create(cipherdir, made)
+        if not isinstance(exc, OSError):
+            raise
+        undone = f"remove {', '.join(left)} by hand" if left else "nothing was left behind"
+        raise KmsfsError(
+            f"{writing}: {exc.strerror or exc} (volume not created; {undone})"
+        ) from None
+
+
+def _undo_create(cipherdir: Path, made: bool) -> list[str]:
+    """Remove what :func:`create_volume` wrote in CIPHERDIR, and CIPHERDIR if it made it;
+    return the paths it could not remove."""
+    names = [DIRIV_NAME, volconfig.CONFIG_NAME]
+    with contextlib.suppress(OSError):  # the config's temporary file, if a crash kept it
+        names += [n for n in os.listdir(cipherdir) if n.startswith(TEMP_PREFIX)]
+    left = []
+    for name in names:
+        try:
+            os.unlink(cipherdir / name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left.append(str(cipherdir / name))
+    if made:
+        try:
+            os.rmdir(cipherdir)
+        except OSError:
+            left.append(str(cipherdir))
+    return left
 
 
 def open_volume(cipherdir: Path) -> VolumeConfig:

@@ -7,12 +7,17 @@ subprocess, exactly as a user would run it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import resource
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,15 +50,115 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def kmsfs(
-    store: Path, *args: str, stdin: bytes | None = None, check: int | None = 0
+    store: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    check: int | None = 0,
+    hook: str = "",
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
+    """The real command; ``hook``, if given, is Python run in its process before it starts
+    (to act at a chosen point of its work, e.g. a writer appending to IN), ``preexec`` runs
+    in the child before exec (a resource limit)."""
     env = {k: v for k, v in os.environ.items() if k not in ("KMSFS_STORE", "SOFTHSM2_CONF")}
     env["KMSFS_STORE"] = str(store)
-    proc = subprocess.run([*KMSFS, *args], input=stdin, capture_output=True, env=env,
-                          timeout=300, check=False)
+    command = KMSFS
+    if hook:
+        command = [sys.executable, "-c", _HOOKED.format(hook=hook)]
+    proc = subprocess.run([*command, *args], input=stdin, capture_output=True, env=env,
+                          timeout=300, check=False, preexec_fn=preexec)
     if check is not None:
         assert proc.returncode == check, proc.stderr.decode()
     return proc
+
+
+_HOOKED = """
+import errno, os, sys
+from kmsfs.fs import cli, singlefile
+{hook}
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def after_first_read(action: str) -> str:
+    """A hook: ``action`` (Python) runs once kmsfs has read the first chunk of its IN."""
+    return textwrap.dedent(f"""
+        _read, _reads = singlefile.read_exact, []
+        def read_exact(f, n):
+            data = _read(f, n)
+            _reads.append(n)
+            if len(_reads) == 1:
+                {action}
+            return data
+        singlefile.read_exact = read_exact
+    """)
+
+
+def raising_after_first_chunk(exc: str) -> str:
+    """A hook: ``exc`` is raised once the first chunk has been written (Ctrl-C, SIGTERM)."""
+    return textwrap.dedent(f"""
+        from kmsfs.fs import progress
+        _advance = progress.Progress.advance
+        def advance(self, n):
+            _advance(self, n)
+            raise {exc}
+        progress.Progress.advance = advance
+    """)
+
+
+#: A hook: link(2) fails as on vfat or exFAT (EPERM), for singlefile only.
+NO_HARD_LINKS = textwrap.dedent("""
+    import types
+    def _link(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    singlefile.os = types.SimpleNamespace(**{**vars(os), "link": _link})
+""")
+
+
+@dataclass
+class FullDisk:
+    """A directory where a file cannot grow past a few KiB: a 4 KiB tmpfs of its own, or,
+    where tmpfs cannot be mounted, a limit on file size (RLIMIT_FSIZE) for the command run.
+    Pass ``preexec`` to the command; ``grow()`` lifts the limit."""
+
+    path: Path
+    kind: str
+    limited: bool = True
+
+    def preexec(self) -> None:
+        if self.kind == "fsize" and self.limited:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write(2) fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    def fill(self) -> None:
+        """Leave no room at all on the tmpfs (a file still cannot grow past 1 KiB under the
+        limit)."""
+        (self.path / "filler").write_bytes(b"\0" * 4096)
+
+    def grow(self) -> None:
+        if self.kind == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=1m", str(self.path)], check=True)
+        self.limited = False
+
+
+@contextlib.contextmanager
+def full_disk(kind: str, where: Path) -> Iterator[FullDisk]:
+    where.mkdir()
+    if kind == "fsize":
+        yield FullDisk(where, kind)
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0755", "tmpfs",
+                           str(where)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the fsize case runs")
+    try:
+        yield FullDisk(where, kind)
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
 
 
 def one_error_line(proc: subprocess.CompletedProcess[bytes], *texts: str) -> str:
@@ -133,8 +238,148 @@ def test_failed_decrypt_keeps_an_existing_out(store: Path, tmp_path: Path) -> No
     enc.write_bytes(bytes(data))
     out = tmp_path / "out"
     out.write_bytes(b"precious")
-    one_error_line(kmsfs(store, "decrypt", str(enc), str(out), check=None), "chunk 1")
+    proc = kmsfs(store, "decrypt", "--force", str(enc), str(out), check=None)
+    one_error_line(proc, "chunk 1")
     assert out.read_bytes() == b"precious"
+    assert not [n for n in leftovers(tmp_path) if n.endswith(".kmsfs-tmp")]
+
+
+def _in_and_out(store: Path, tmp_path: Path, sub: str, data: bytes) -> tuple[str, Path]:
+    """IN for ``sub`` (plaintext for encrypt, an encrypted file for decrypt) and a path for
+    OUT in its own directory."""
+    source = encrypted(store, tmp_path, data) if sub == "decrypt" else tmp_path / "plain"
+    if sub == "encrypt":
+        source.write_bytes(data)
+    (tmp_path / "d").mkdir()
+    return str(source), tmp_path / "d" / "out"
+
+
+def _args(sub: str) -> list[str]:
+    return ["encrypt", "--domain", "payroll"] if sub == "encrypt" else ["decrypt"]
+
+
+def _decrypted(store: Path, path: Path) -> bytes:
+    return kmsfs(store, "decrypt", str(path), "-").stdout
+
+
+@pytest.mark.parametrize("sub", ["encrypt", "decrypt"])
+def test_an_existing_out_is_refused_unless_force(store: Path, tmp_path: Path, sub: str) -> None:
+    """It was silently replaced: contents, mode and a hard link's sharing all gone."""
+    data = os.urandom(C + 9)
+    source, out = _in_and_out(store, tmp_path, sub, data)
+    out.write_bytes(b"precious")
+    out.chmod(0o640)
+    os.link(out, tmp_path / "d" / "twin")
+    before = out.stat()
+    proc = kmsfs(store, *_args(sub), source, str(out), check=None)
+    line = one_error_line(proc, str(out), "already exists", "--force")
+    assert proc.returncode == exitcodes.USAGE, line
+    after = out.stat()
+    assert out.read_bytes() == b"precious"
+    assert (after.st_ino, after.st_mode, after.st_nlink) == (before.st_ino, before.st_mode, 2)
+    assert leftovers(tmp_path / "d") == ["out", "twin"]
+    # said first, before the store or an HSM is even looked at
+    proc = kmsfs(tmp_path / "no-store", *_args(sub), source, str(out), check=None)
+    assert proc.returncode == exitcodes.USAGE, one_error_line(proc, "already exists")
+    # a dangling symlink is a name that exists too: nothing is made where it points
+    link = tmp_path / "d" / "link"
+    link.symlink_to(tmp_path / "d" / "nowhere")
+    one_error_line(kmsfs(store, *_args(sub), source, str(link), check=None), str(link))
+    assert leftovers(tmp_path / "d") == ["link", "out", "twin"]
+    # --force replaces it, with a new file (the hard link keeps the old contents)
+    kmsfs(store, *_args(sub), "--force", source, str(out))
+    assert (out.read_bytes() if sub == "decrypt" else _decrypted(store, out)) == data
+    assert (tmp_path / "d" / "twin").read_bytes() == b"precious"
+    assert leftovers(tmp_path / "d") == ["link", "out", "twin"]
+
+
+@pytest.mark.parametrize("sub", ["encrypt", "decrypt"])
+def test_help_says_an_existing_out_is_refused(store: Path, sub: str) -> None:
+    text = kmsfs(store, sub, "--help").stdout.decode()
+    assert "an existing file is refused unless --force" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+@pytest.mark.parametrize("sub", ["encrypt", "decrypt"])
+def test_an_out_made_meanwhile_is_kept(
+    store: Path, tmp_path: Path, sub: str, links: str
+) -> None:
+    """OUT did not exist when the command started, but someone made it before the end."""
+    source, out = _in_and_out(store, tmp_path, sub, os.urandom(2 * C + 1))
+    hook = after_first_read(f"open({str(out)!r}, 'xb').write(b'made meanwhile')")
+    hook += NO_HARD_LINKS if links == "no hard links" else ""
+    proc = kmsfs(store, *_args(sub), source, str(out), hook=hook, check=None)
+    line = one_error_line(proc, str(out), "already exists")
+    assert proc.returncode == exitcodes.USAGE, line
+    assert out.read_bytes() == b"made meanwhile"
+    assert leftovers(tmp_path / "d") == ["out"]
+
+
+@pytest.mark.parametrize("sub", ["encrypt", "decrypt"])
+def test_out_on_a_file_system_without_hard_links(store: Path, tmp_path: Path, sub: str) -> None:
+    """vfat answers link(2) with EPERM (this kernel has no vfat: the hook stands in for it)."""
+    data = os.urandom(C + 1)
+    source, out = _in_and_out(store, tmp_path, sub, data)
+    kmsfs(store, *_args(sub), source, str(out), hook=NO_HARD_LINKS)
+    assert (out.read_bytes() if sub == "decrypt" else _decrypted(store, out)) == data
+    assert leftovers(tmp_path / "d") == ["out"]
+    mode = stat.S_IMODE(out.stat().st_mode)
+    assert mode == 0o600 if sub == "decrypt" else mode & 0o600 == 0o600
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["open(IN, 'ab').write(b'appended')",  # a writer still adding to it
+     "w = open(IN, 'r+b'); w.seek(5); w.write(b'X'); w.close()"],  # same size, rewritten
+    ids=["appended", "rewritten"],
+)
+def test_encrypt_of_a_file_changing_while_read_fails(
+    store: Path, tmp_path: Path, change: str
+) -> None:
+    """It gave exit 0 and a complete-looking encrypted copy of part of the file."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(os.urandom(2 * C + 3))
+    os.utime(plain, ns=(10**18, 10**18))  # 2001: a rewrite now always moves the mtime
+    out = tmp_path / "d" / "plain.kmsfs"
+    out.parent.mkdir()
+    hook = f"IN = {str(plain)!r}" + after_first_read(change)
+    for target in (str(out), "-"):
+        proc = kmsfs(store, "encrypt", "--domain", "payroll", str(plain), target, hook=hook,
+                     check=None)
+        line = one_error_line(proc, str(plain), "changed while it was read")
+        assert proc.returncode == exitcodes.ERROR, line
+        assert leftovers(out.parent) == []
+        os.utime(plain, ns=(10**18, 10**18))
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "fsize"])
+@pytest.mark.parametrize("size", [3000, 2 * C + 1])
+def test_decrypt_onto_a_full_disk_leaves_no_plaintext(
+    store: Path, tmp_path: Path, kind: str, size: int
+) -> None:
+    """A full disk left a hidden temporary file of plaintext and an error naming no file."""
+    enc = encrypted(store, tmp_path, os.urandom(size))
+    with full_disk(kind, tmp_path / "tiny") as disk:
+        disk.fill()
+        before = leftovers(disk.path)
+        out = disk.path / "out"
+        proc = kmsfs(store, "decrypt", str(enc), str(out), preexec=disk.preexec, check=None)
+        line = one_error_line(proc, str(out))
+        assert proc.returncode == exitcodes.ERROR, line
+        assert leftovers(disk.path) == before
+
+
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "SystemExit(143)"])
+@pytest.mark.parametrize("sub", ["encrypt", "decrypt"])
+def test_interrupted_command_leaves_no_temporary_file(
+    store: Path, tmp_path: Path, sub: str, exc: str
+) -> None:
+    """Ctrl-C, or SIGTERM once the runner turns it into SystemExit, halfway through."""
+    source, out = _in_and_out(store, tmp_path, sub, os.urandom(3 * C))
+    proc = kmsfs(store, *_args(sub), source, str(out), hook=raising_after_first_chunk(exc),
+                 check=None)
+    assert proc.returncode != 0
+    assert leftovers(tmp_path / "d") == []
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
