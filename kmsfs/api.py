@@ -14,7 +14,7 @@ from kmsfs.keys import KeyDeriver
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.domain import SealedDomain
 from kmsfs.model.trust import SealedTrust
-from kmsfs.service import domains
+from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context
 from kmsfs.service.context import default_store_path as default_store_path
 
@@ -62,10 +62,14 @@ def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     parsed = DomainBundle.from_bytes(bundle)
     info = _describe(parsed.domain, parsed.chain)
     info["bundle_generation"] = info["generation"]
-    info["verified"], info["problem"] = False, None
+    info["verified"], info["problem"], info["superseded_by"] = False, None, None
     try:
-        newest = domains.newest_verified(Context.at(store_dir), parsed)
+        ctx = Context.at(store_dir)
+        newest = domains.newest_verified(ctx, parsed)
         info.update(_describe(newest.sealed, newest.chain), domain_id=parsed.domain.id)
+        # A successor of its Trust means: rewrap before anything new is keyed with it.
+        newer = trusts.successor(ctx, newest.sealed.domain.trust)
+        info["superseded_by"] = newer.id if newer is not None else None
         # The generation a mount would use, as a rollback check needs it (kmsfs.fs.seen).
         info["serving"] = _facts(newest.sealed, newest.chain)
         info["verified"] = True

@@ -58,10 +58,6 @@ def add_parser(groups: Any, command: Callable[..., argparse.ArgumentParser]) -> 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, metavar="LOG", help="the agent's audit log file")
-    # SUPPRESS: without --json here the global --json (before the command) stays in force.
-    parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON"
-    )
 
 
 def _positive(text: str) -> int:

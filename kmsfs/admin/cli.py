@@ -408,6 +408,11 @@ def build_parser() -> Parser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(handler=handler)
+        # After the command too (as kmsfs takes it). SUPPRESS: absent here, the global --json
+        # before the command stays in force.
+        p.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON"
+        )
         return p
 
     p = command(

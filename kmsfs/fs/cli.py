@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from argparse import SUPPRESS
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,13 +84,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     desc = kms.describe(store, bundle)
     if not desc.get("verified"):
         raise IntegrityError(f"Domain {args.domain}: does not verify: {desc.get('problem')}")
+    if desc.get("superseded_by"):
+        raise UsageError(kms.superseded_warning(desc) + "; a new volume waits for that")
     config = VolumeConfig(
         domain_name=str(desc.get("name") or args.domain),
         domain_id=kms.domain_id_of(desc),
         domain_bundle=bundle,
     )
     create_volume(Path(args.cipherdir), config)
-    print(f"volume {args.cipherdir} created for Domain {config.domain_name} ({config.domain_id})")
+    if args.json:
+        emit_json({"cipherdir": str(Path(args.cipherdir).resolve()),
+                   "domain_name": config.domain_name, "domain_id": config.domain_id})
+    else:
+        print(f"volume {args.cipherdir} created for Domain {config.domain_name} "
+              f"({config.domain_id})")
     return exitcodes.OK
 
 
@@ -125,6 +133,9 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
             f"its bundle holds {kms.domain_id_of(desc)}"
         )
     kms.check_not_rolled_back(desc)
+    if desc.get("superseded_by"):  # keeps working meanwhile: volumes were bound before it
+        args.warning = kms.superseded_warning(desc)  # for the daemon's log too (cmd_mount)
+        print(f"kmsfs: warning: {args.warning}", file=sys.stderr)
     return config, store, options
 
 
@@ -150,6 +161,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     def child(report_ready: Callable[[], None]) -> None:
         daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
+        if getattr(args, "warning", None) and not args.foreground:  # else stderr has it
+            log.warning("%s", args.warning)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
             kms.check_in_use(deriver)  # again: the store may have changed since the check
 
@@ -240,6 +253,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["epochs"] = desc.get("epochs")
         info["trust_id"] = desc.get("trust_id")
         info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain
+        info["superseded_by"] = desc.get("superseded_by")  # rewrap due (kms.superseded_warning)
     except KmsfsError as exc:
         info["verified"], info["problem"] = False, str(exc)
     if args.json:
@@ -347,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--json", action="store_true", help="print results as JSON (also after the command)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -363,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cipherdir", help="ciphertext directory (missing or empty)")
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
     p.add_argument("--store", help=store_help)
+    p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.set_defaults(func=cmd_init)
 
     p = add("mount", "verify a volume's Domain and mount its plaintext view")
@@ -394,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", "describe a volume and whether its Domain verifies")
     p.add_argument("cipherdir")
     p.add_argument("--store", help=store_help)
-    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     p.set_defaults(func=cmd_info)
 
     p = add("encrypt", "encrypt one file for a Domain (a self-contained encrypted file)")
@@ -426,14 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fsck", "check every name, symlink and block of a volume without mounting it")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
     p.add_argument("--store", help=store_help)
-    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
     p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
             "mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
     p.add_argument("--store", help=store_help)
-    p.add_argument("--json", action="store_true", help="JSON summary")
+    p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
                    "LongXattrNames)")

@@ -58,6 +58,17 @@ def problem_error(desc: dict[str, Any]) -> type[KmsfsError]:
     return IntegrityError
 
 
+def superseded_warning(desc: dict[str, Any]) -> str:
+    """What to tell a client whose Domain is still governed by a Trust that a successor has
+    replaced (describe()'s ``superseded_by``): until an operator rewraps it, the HSMs the
+    successor left out can still unwrap its keys, and seal new generations of it."""
+    name, trust, newer = desc.get("name"), str(desc.get("trust_id")), str(desc["superseded_by"])
+    return (
+        f"Domain {name} is governed by trust {trust[:12]}, which trust {newer[:12]} supersedes: "
+        f"ask an operator to rewrap it (kmsfs-admin domain rewrap {name} --trust {newer[:12]})"
+    )
+
+
 def domain_id_of(desc: dict[str, Any]) -> str:
     """The Domain id in a describe() result, whatever spelling the API settles on."""
     for key in ("domain_id", "domain id", "id"):

@@ -66,6 +66,27 @@ def verified_chain(ctx: Context, trust_id: str) -> list[SealedTrust]:
     return chain
 
 
+def successor(ctx: Context, trust_id: str) -> SealedTrust | None:
+    """The newest sealed Trust of the store that descends from ``trust_id``; None if none does.
+
+    A successor is how operators revoke: the HSMs (and operators) it leaves out still hold
+    their keys, and under the older Trust one of those HSMs alone can seal a Domain or a
+    generation that verifies. So nothing new is made under a superseded Trust, and a client
+    does not bind a new volume to a Domain still governed by one (it is rewrapped first).
+    """
+    newest: list[SealedTrust] = []
+    for other in ctx.store.trust_ids():
+        if other == trust_id:
+            continue
+        try:
+            chain = verified_chain(ctx, other)
+        except KmsfsError:
+            continue  # a proposal not sealed yet, or a Trust that does not verify
+        if trust_id in (link.id for link in chain[:-1]) and len(chain) > len(newest):
+            newest = chain
+    return newest[-1] if newest else None
+
+
 def trusted_hsms(ctx: Context) -> dict[str, HsmRecord]:
     """The HSMs of every Trust in the store whose chain verifies from its pinned root, by id.
 

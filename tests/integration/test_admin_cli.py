@@ -534,3 +534,12 @@ def test_a_path_that_is_not_a_store_is_refused_and_left_alone(tmp_path: Path) ->
         line = one_error_line(admin(*args, check=6))
         assert "is not a kmsfs store (no store.json)" in line, args
     assert not (tmp_path / "typo").exists()
+
+
+def test_json_goes_before_or_after_the_command(initialized: Admin) -> None:
+    """kmsfs takes --json after the command, kmsfs-admin took it only before: a script
+    written for one failed on the other with "unrecognized arguments"."""
+    before = json.loads(initialized("--json", "hsm", "list").stdout)
+    after = json.loads(initialized("hsm", "list", "--json").stdout)
+    assert before == after and sorted(h["label"] for h in after) == ["hsm1", "hsm2"]
+    assert not initialized("hsm", "list").stdout.lstrip().startswith("[")

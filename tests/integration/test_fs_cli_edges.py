@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,18 @@ def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
     ours = [line for line in proc.stderr.splitlines() if line.startswith("kmsfs: ")]
     assert ours == [f"kmsfs: error: {target}: the mount was refused (fuse_session_mount failed)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_json_goes_before_or_after_the_command_and_init_has_it(
+    tmp_path: Path, initialized: Admin
+) -> None:
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    made = kmsfs("init", str(tmp_path / "v"), "--domain", "payroll", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    summary = json.loads(made.stdout)
+    assert summary["cipherdir"] == str(tmp_path / "v") and summary["domain_name"] == "payroll"
+    before = json.loads(kmsfs("--json", "info", str(tmp_path / "v"), env=env).stdout)
+    after = json.loads(kmsfs("info", str(tmp_path / "v"), "--json", env=env).stdout)
+    assert before == after and before["domain_id"] == summary["domain_id"]
+    assert before["verified"] is True
