@@ -140,8 +140,9 @@ class AuditReport:
 @dataclass
 class _Walk:
     """Walks the lines of a log in order, checking each against the one before. Pure: lines
-    in, findings out. Without ``hsms`` (the writer, which holds no public keys) it checks the
-    chain and the form of checkpoints, not their signatures."""
+    in, findings out. With ``hsms`` (the verifier, and the writer as ``kmsfs-hsmd`` starts it)
+    it checks checkpoint signatures too; without (a writer given no keys) only the chain and
+    the form of checkpoints."""
 
     hsms: Mapping[str, PublicKey] | None
     records: int = 0

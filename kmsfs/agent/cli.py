@@ -236,7 +236,8 @@ def serve(args: argparse.Namespace) -> int:
     sdnotify.notify(f"READY=1\nSTATUS=serving on {where}")
     try:
         # An idle agent still signs its tail: a checkpoint every --audit-seconds when there
-        # are unsigned records (AuditLog itself only checks its clock when appending).
+        # are unsigned records (AuditLog itself only checks its clock when appending). The
+        # counts of unlisted peers' coalesced refusals are written first, so they get signed.
         signed = time.monotonic()
         while not stop.is_set():
             wake.wait(max(0.0, signed + args.audit_seconds - time.monotonic()))
@@ -245,6 +246,7 @@ def serve(args: argparse.Namespace) -> int:
                 hup.clear()
                 reload()
             if time.monotonic() - signed >= args.audit_seconds:
+                agent.flush_refusals()  # coalesced refusals' counts, before they are signed
                 audit.checkpoint()
                 signed = time.monotonic()
     finally:

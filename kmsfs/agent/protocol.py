@@ -151,9 +151,13 @@ def failed(request_id: int, exc: KmsfsError) -> dict[str, Any]:
 
 
 def parse_response(body: bytes, want_id: int) -> dict[str, Any]:
-    """The result of a response, or the agent's error raised as the matching local error."""
+    """The result of a response, or the agent's error raised as the matching local error.
+
+    An error with id 0 answers the request in flight too: the agent sends it when it could not
+    read the request's id (a malformed request, or a frame of a peer the policy does not name
+    that it refused unread), and a client has one request in flight per connection."""
     data = fields.obj(parse_json(body), "response")
-    if data.get("id") != want_id:
+    if data.get("id") != want_id and not (data.get("id") == 0 and data.get("ok") is False):
         raise ProtocolError(f"response to request {data.get('id')!r}, want {want_id}")
     if data.get("ok") is True:
         fields.exact_keys(data, {"id", "ok", "result"}, "response")

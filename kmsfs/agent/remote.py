@@ -14,6 +14,7 @@ from typing import Any
 from kmsfs.agent.client import AgentClient
 from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.model import fields
+from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.domain import SealedDomain
 from kmsfs.model.trust import SealedTrust, Signature
@@ -48,6 +49,10 @@ def seal_trust(client: AgentClient, ctx: Context, trust_ref: str) -> SealedTrust
 
 
 def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
+    if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
+        # As in-process: the agent's store may lack the name, but a second generation 1 here
+        # would make this store refuse the Domain everywhere (rival generations).
+        raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
     result = client.call(
@@ -118,6 +123,9 @@ def _save_domain(
             f"trust {domain.trust[:12]}, not the {name} generation {generation} of trust "
             f"{trust_id[:12]} asked for; nothing saved"
         )
-    verified = verify_domain(sealed, trusts.chain_to(ctx, domain.trust), ctx.store.anchor())
-    ctx.store.save_domain(sealed)
+    chain = trusts.chain_to(ctx, domain.trust)
+    verified = verify_domain(sealed, chain, ctx.store.anchor())
+    with ctx.store.exclusive():  # this store's history must take it, until it is written
+        domains.newest_verified(ctx, DomainBundle(sealed, tuple(chain)))
+        ctx.store.save_domain(sealed)
     return verified

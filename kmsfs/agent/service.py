@@ -4,7 +4,8 @@ Transport-free, so the same object serves the Unix socket, TLS and tests. Every 
 one method that takes the peer (as the kernel or TLS vouched for it) and the request's
 arguments; the order is always: parse the arguments, check the policy, verify every chain
 against the agent's own pinned root, and only then touch an HSM. Each outcome (allowed, refused,
-failed) is one record in the audit log.
+failed) is one record in the audit log, except that the refusals of a peer the policy does not
+name are coalesced (kmsfs.agent.refusals): it could otherwise fill the disk with them.
 
 Documents a client sends (a Trust chain, approvals, a Domain bundle) are verified before any
 is written to the agent's store, and only valid signatures are kept: a client can neither plant
@@ -24,6 +25,7 @@ from typing import Any
 
 from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request
+from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
     AlreadyExistsError,
@@ -83,6 +85,7 @@ class Agent:
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
         self._anchor_cache: tuple[tuple[int, int, int], Anchor] | None = None
+        self.refusals = RefusalCoalescer()
         self._handlers: dict[str, Callable[[Peer, dict[str, Any]], dict[str, Any]]] = {
             "hello": self.hello,
             "open-domain": self.open_domain,
@@ -98,14 +101,12 @@ class Agent:
 
     def handle(self, peer: Peer, request: Request) -> dict[str, Any]:
         """Answer one request. Every decision is audited: a peer no policy entry names is
-        refused before its arguments are read, and a malformed request is recorded as such."""
+        refused before its arguments are read (the transport read at most
+        ``server.MAX_STRANGER_FRAME`` bytes of it), and a malformed request is recorded as such."""
         op = request.op if request.op in self._handlers else "unknown"
         if op != "hello" and self.policy.client_name(peer) is None:
-            refusal = AgentRefusedError(
-                f"client {peer.describe()} is not in the agent's policy "
-                f"(policy {self.policy.source})"
-            )
-            self._record(peer, op, None, False, str(refusal))
+            refusal = self._unlisted(peer)
+            self._refused(peer, op, str(refusal))
             raise refusal
         try:
             if op == "unknown":
@@ -113,12 +114,62 @@ class Agent:
             return self._handlers[op](peer, request.args)
         except KmsfsError as exc:
             if not getattr(exc, "audited", False):  # failed before _guarded: a bad request
-                self._record(peer, op, None, False, f"malformed request: {exc}")
+                self._refused(peer, op, f"malformed request: {exc}")
             raise
 
     def record_malformed(self, peer: Peer, exc: KmsfsError) -> None:
         """Audit a frame that is not a request at all (the transport could not parse it)."""
-        self._record(peer, "unknown", None, False, f"malformed request: {exc}")
+        self._refused(peer, "unknown", f"malformed request: {exc}")
+
+    def refuse_unread(self, peer: Peer, length: int) -> AgentRefusedError:
+        """The refusal of a frame of an unlisted peer that the transport does not read at all
+        (longer than any request it could honestly send): recorded like any of its refusals."""
+        refusal = self._unlisted(peer, f"; its frame of {length} bytes was not read")
+        self._refused(peer, "unknown", str(refusal))
+        return refusal
+
+    def flush_refusals(self, everything: bool = False) -> None:
+        """Write the counts of coalesced refusals that no record carries yet (see
+        kmsfs.agent.refusals): those of identities quiet for a window, or all of them when the
+        agent stops. ``kmsfs-hsmd`` calls this every ``--audit-seconds``."""
+        for owed in self.refusals.due(everything):
+            try:
+                self._write(
+                    owed.who, "suppressed", None, False,
+                    f"{owed.suppressed} refused request(s) of this client since its previous "
+                    f"record, not recorded one by one (the latest: {owed.op}); it is not in "
+                    f"the agent's policy (policy {self.policy.source})",
+                    {"suppressed": owed.suppressed},
+                )
+            except OSError as exc:
+                log.error("audit log: %d refusal(s) of %s not recorded (%s)",
+                          owed.suppressed, owed.who, exc.strerror or exc)
+
+    def _unlisted(self, peer: Peer, more: str = "") -> AgentRefusedError:
+        return AgentRefusedError(
+            f"client {peer.describe()} is not in the agent's policy "
+            f"(policy {self.policy.source}){more}"
+        )
+
+    def _refused(self, peer: Peer, op: str, reason: str) -> None:
+        """Record a refusal or a malformed request that did not go through ``_guarded``
+        (which records its own outcomes). Best effort: the answer is a refusal (or a format
+        error) whether or not the record can be written (docs/format.md: "a refusal that
+        cannot be recorded is still a refusal"). A peer the policy does not name gets at most
+        one record per ``refusals.window`` seconds, counting the refusals it suppressed: nothing
+        it does may grow the log without bound, since a full disk stops every listed mount's
+        derive."""
+        who, detail = peer.describe(), None
+        if self.policy.client_name(peer) is None:
+            admitted = self.refusals.admit(who, op)
+            if admitted is None:
+                return
+            who, suppressed = admitted
+            detail = {"suppressed": suppressed} if suppressed else None
+        try:
+            self._write(who, op, None, False, reason, detail)
+        except OSError as exc:
+            log.error("audit log: refusal of %s not recorded (%s)", who, exc.strerror or exc)
 
     def _record(
         self,
@@ -129,11 +180,18 @@ class Agent:
         reason: str,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        if self._audit is not None:
-            self._audit(
-                who=peer.describe(), op=op, domain=domain, allowed=allowed,
-                reason=printable(reason, MAX_REASON), detail=detail,
-            )
+        _append(self._audit, peer.describe(), op, domain, allowed, reason, detail)
+
+    def _write(
+        self,
+        who: str,
+        op: str,
+        domain: str | None,
+        allowed: bool,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        _append(self._audit, who, op, domain, allowed, reason, detail)
 
     #: Operations with lasting effects on the store: recorded before they start, too.
     LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "seal-trust"})
@@ -305,10 +363,17 @@ class Agent:
             # Both quorums before anything of this request is written: a client without them
             # cannot leave so much as a proposal in the agent's store.
             verify_approvals(trust, valid, predecessor)
-            self.ctx.store.save_trust(trust)
-            for approval in valid:
-                _keep(self.ctx.store.save_signature, "approval", approval)
-            sealed = trusts.seal(self.ctx, trust.id)
+            # So is the genesis pin, and under the store's lock until the seal and the pin are
+            # written: a rival successor of the pinned genesis, or the loser of two sealed at
+            # once, is refused before its Trust and approvals reach the store.
+            with self.ctx.store.exclusive():
+                trusts._check_genesis_successor(
+                    self.ctx.store.anchor(), trust.predecessor, trust.id
+                )
+                self.ctx.store.save_trust(trust)
+                for approval in valid:
+                    _keep(self.ctx.store.save_signature, "approval", approval)
+                sealed = trusts._seal(self.ctx, trust.id, None)  # trusts.seal, lock held
             return {"seal": sealed.seal.to_dict("seal")}
 
         return self._guarded(peer, "seal-trust", None, act, {"trust": trust.id})
@@ -345,11 +410,19 @@ class Agent:
         self, bundle: DomainBundle, make: Callable[[], VerifiedDomain]
     ) -> dict[str, Any]:
         """Take in the client's Domain (verified against this store's root), make its next
-        generation with ``make`` (rewrap or rotate), and retire the open older ones."""
+        generation with ``make`` (rewrap or rotate), and retire the open older ones.
+
+        The client's generation is written only if the store's history takes it: one the store
+        holds, the very next generation of the store's newest, or the first of a Domain the
+        store does not know (``domains.newest_verified``). A validly sealed rival (say by an HSM
+        a successor Trust removed) is refused and never written: once in the store it would
+        make ``domains.history`` fail closed for every client of the Domain."""
         self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
         domains.verify_bundle(self.ctx, bundle)
-        with contextlib.suppress(AlreadyExistsError):
-            self.ctx.store.save_domain(bundle.domain)
+        with self.ctx.store.exclusive():  # what the history is must hold until it is written
+            domains.newest_verified(self.ctx, bundle)
+            with contextlib.suppress(AlreadyExistsError):
+                self.ctx.store.save_domain(bundle.domain)
         verified = make()
         self._forget(bundle.domain.domain.name)
         return _domain_result(verified)
@@ -389,10 +462,29 @@ class Agent:
             previous = link.trust
 
     def close(self) -> None:
+        """Write the refusal counts still owed to the audit log, close every open Domain."""
+        self.flush_refusals(everything=True)
         with self._lock:
             entries, self._open = list(self._open.values()), {}
         for entry in entries:
             entry.keys.close()
+
+
+def _append(
+    audit: AuditSink | None,
+    who: str,
+    op: str,
+    domain: str | None,
+    allowed: bool,
+    reason: str,
+    detail: dict[str, Any] | None,
+) -> None:
+    """One record to the audit sink (if any), the reason made inert and bounded."""
+    if audit is not None:
+        audit(
+            who=who, op=op, domain=domain, allowed=allowed,
+            reason=printable(reason, MAX_REASON), detail=detail,
+        )
 
 
 def _keep(save: Callable[[str, Signature], bool], kind: str, signature: Signature) -> None:

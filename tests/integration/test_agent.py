@@ -143,43 +143,6 @@ def test_seal_and_create_through_agent_land_in_both_stores(world: World) -> None
     assert ("seal-trust", "allowed") in events and ("create-domain", "allowed") in events
 
 
-def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) -> None:
-    """Revoke hsm2: a successor Trust of hsm1 only, sealed and rewrapped through the agent."""
-    address = world.agent.address
-    trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob"], 1, predecessor=world.trust)
-    world.ops.sign(trust, "alice", "bob")
-    world.ops("--agent", address, "trust", "seal", trust)
-    world.ops("--agent", address, "domain", "create", "ledger", "--trust", trust)
-    cipherdir = tmp_path / "cipher"
-    assert kmsfs("init", str(cipherdir), "--domain", "ledger",
-                 "--store", str(world.ops.store)).returncode == 0
-    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
-                       ["--agent", address]).start()
-    try:
-        (mount.mountpoint / "before").write_text("written under generation 1\n")
-    finally:
-        mount.stop()
-    successor = world.ops.propose(["hsm1"], ["alice", "bob"], 1, predecessor=trust)
-    world.ops.sign(successor, "alice")
-    world.ops("--agent", address, "trust", "seal", successor)
-    out = world.ops("--json", "--agent", address, "domain", "rewrap", "ledger",
-                    "--trust", successor).json
-    assert out["generation"] == 2
-    for store in (world.ops.store, world.agent_admin.store):
-        current = domains.current(Context.at(store), "ledger")
-        assert current.sealed.domain.generation == 2
-        assert [h.label for h in current.trust.trust.hsms] == ["hsm1"]
-    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
-                       ["--agent", address]).start()
-    try:
-        assert (mount.mountpoint / "before").read_text() == "written under generation 1\n"
-    finally:
-        mount.stop()
-    opened = [r for r in _records(world.agent) if r.get("op") == "derive"
-              and r.get("detail", {}).get("open") is not None]
-    assert opened, "the mount opened the Domain through the agent"
-
-
 def test_rotate_through_agent_and_derive_each_epoch(world: World) -> None:
     address = world.agent.address
     world.ops("--agent", address, "domain", "create", "rotated", "--trust", world.trust)
@@ -195,17 +158,6 @@ def test_rotate_through_agent_and_derive_each_epoch(world: World) -> None:
     ctx = Context.at(world.agent_admin.store)
     with domains.open_keys(ctx, domains.export_bundle(ctx, "rotated")) as local:
         assert via_agent == [local.derive(info, 1), local.derive(info, 2), local.derive(info, 2)]
-
-
-def test_operators_store_has_no_hsm_of_its_own(world: World) -> None:
-    """Without --agent the same seal fails: the HSM PINs are only in the agent's store."""
-    trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2,
-                              predecessor=world.trust)
-    world.ops.sign(trust, "alice", "bob")
-    result = world.ops("trust", "seal", trust, check=4)
-    assert "no HSM could serve" in result.stderr
-    assert not (world.ops.store / "seals" / trust).exists()
-    world.ops("--agent", world.agent.address, "trust", "seal", trust)  # the agent can
 
 
 def test_hsm_health_through_agent(world: World) -> None:
@@ -746,3 +698,59 @@ def test_client_of_a_stopped_agent_says_so(tmp_path: Path) -> None:
     with AgentClient(AgentAddress.parse(str(tmp_path / "gone.sock"))) as client, \
             pytest.raises(AgentUnavailableError, match=r"agent .*gone\.sock"):
         client.call("hello", {})
+
+
+# -- last: these supersede world.trust ---------------------------------------------------------
+
+
+def test_operators_store_has_no_hsm_of_its_own(world: World) -> None:
+    """Without --agent the same seal fails: the HSM PINs are only in the agent's store.
+
+    Near the end: the Trust the agent then seals supersedes ``world.trust``."""
+    trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2,
+                              predecessor=world.trust)
+    world.ops.sign(trust, "alice", "bob")
+    result = world.ops("trust", "seal", trust, check=4)
+    assert "no HSM could serve" in result.stderr
+    assert not (world.ops.store / "seals" / trust).exists()
+    world.ops("--agent", world.agent.address, "trust", "seal", trust)  # the agent can
+
+
+def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) -> None:
+    """Revoke hsm2: a successor Trust of hsm1 only, sealed and rewrapped through the agent.
+
+    Last in the module: the Trust it seals supersedes ``world.trust``, under which nothing
+    new may be made afterwards (no Domain, no rotation, no new volume)."""
+    address = world.agent.address
+    trust = world.ops.propose(["hsm1", "hsm2"], ["alice", "bob"], 1, predecessor=world.trust)
+    world.ops.sign(trust, "alice", "bob")
+    world.ops("--agent", address, "trust", "seal", trust)
+    world.ops("--agent", address, "domain", "create", "ledger", "--trust", trust)
+    cipherdir = tmp_path / "cipher"
+    assert kmsfs("init", str(cipherdir), "--domain", "ledger",
+                 "--store", str(world.ops.store)).returncode == 0
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       ["--agent", address]).start()
+    try:
+        (mount.mountpoint / "before").write_text("written under generation 1\n")
+    finally:
+        mount.stop()
+    successor = world.ops.propose(["hsm1"], ["alice", "bob"], 1, predecessor=trust)
+    world.ops.sign(successor, "alice")
+    world.ops("--agent", address, "trust", "seal", successor)
+    out = world.ops("--json", "--agent", address, "domain", "rewrap", "ledger",
+                    "--trust", successor).json
+    assert out["generation"] == 2
+    for store in (world.ops.store, world.agent_admin.store):
+        current = domains.current(Context.at(store), "ledger")
+        assert current.sealed.domain.generation == 2
+        assert [h.label for h in current.trust.trust.hsms] == ["hsm1"]
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       ["--agent", address]).start()
+    try:
+        assert (mount.mountpoint / "before").read_text() == "written under generation 1\n"
+    finally:
+        mount.stop()
+    opened = [r for r in _records(world.agent) if r.get("op") == "derive"
+              and r.get("detail", {}).get("open") is not None]
+    assert opened, "the mount opened the Domain through the agent"

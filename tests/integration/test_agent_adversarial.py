@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
@@ -33,24 +35,30 @@ import pytest
 
 from kmsfs.agent import protocol, remote
 from kmsfs.agent import server as agent_server
-from kmsfs.agent.audit import AuditLog
+from kmsfs.agent.audit import AuditLog, verify_log
 from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
 from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.agent.service import Agent
 from kmsfs.errors import (
     AgentRefusedError,
+    ChainError,
     FormatError,
     IntegrityError,
     KmsfsError,
     QuorumNotMetError,
 )
+from kmsfs.model import contexts
+from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.publickeys import PublicKey
-from kmsfs.model.trust import Member, Trust
+from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.service import domains, trusts
-from kmsfs.service.context import Context, HsmSession, utc_now
+from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
+from tests.integration.fault_helpers import tmpfs
 from tests.kms_helpers import ADMIN, Admin
+from tests.unit.model_fixtures import ed25519_key, public_key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -181,6 +189,50 @@ def read_frame(sock: socket.socket) -> dict[str, Any] | None:
     return json.loads(bytes(body))
 
 
+STRANGER_CLIENT = """\
+import base64, json, socket, struct, sys
+answers = []
+for payload in json.load(sys.stdin):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(sys.argv[1])
+        try:
+            sock.sendall(base64.b64decode(payload))
+        except OSError:
+            pass  # the agent hung up on a frame it did not read: its answer is still queued
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    if len(data) < 4:
+        answers.append(None)
+    else:
+        (length,) = struct.unpack(">I", data[:4])
+        answers.append(json.loads(data[4 : 4 + length]))
+print(json.dumps(answers))
+"""
+
+
+def as_stranger(path: Path, payloads: list[bytes]) -> list[dict[str, Any] | None]:
+    """Send each payload on a connection of its own from uid STRANGER, whom no policy here
+    names (the kernel vouches for the uid); the agent's answer to each, None if it gave none."""
+    result = subprocess.run(
+        ["setpriv", f"--reuid={STRANGER}", f"--regid={STRANGER}", "--clear-groups",
+         sys.executable, "-c", STRANGER_CLIENT, str(path)],
+        input=json.dumps([b64encode(p) for p in payloads]),
+        capture_output=True, text=True, timeout=240, check=True,
+    )
+    answers: list[dict[str, Any] | None] = json.loads(result.stdout)
+    return answers
+
+
+def header(length: int) -> bytes:
+    """A frame's 4-byte length header alone."""
+    return struct.pack(">I", length)
+
+
 # -- the policy: one peer's Domain is not another's ------------------------------------------
 
 
@@ -244,6 +296,7 @@ def test_malformed_request_of_an_unlisted_peer_is_in_the_audit_log(
 ) -> None:
     audit = tmp_path / "audit.log"
     with in_process_agent(kms.store, POLICY, audit) as agent:
+        agent.refusals.window = 0.0  # each refusal its own record (else they are coalesced)
         with pytest.raises(KmsfsError):
             call(agent, peer(STRANGER), "create-domain",
                  {"name": "payroll", "trust": "not-a-trust-id", "chain": []})
@@ -373,6 +426,149 @@ def test_unlisted_peer_cannot_take_every_connection_slot(
         finally:
             hog.kill()
             hog.communicate()
+
+
+def test_unlisted_peers_long_frame_is_refused_unread(
+    kms: Kms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 MiB frame of [{},{},...] from a peer the policy does not name was parsed whole
+    (~0.5 s of CPU with the GIL held, ~50 MiB) before it was refused: 16 such peers in a loop
+    slowed a listed mount's derive from 0.3 ms to 690 ms. Now a frame of such a peer over
+    MAX_STRANGER_FRAME is refused from its header: the answer comes before the body is sent at
+    all, and the audit record says the frame was not read. A short one is still read, so its
+    refusal names the operation asked for."""
+    monkeypatch.setattr(agent_server, "BODY_TIMEOUT", 2.0)  # a body that never comes
+    audit = tmp_path / "audit.log"
+    flood = b'{"args":{"a":[' + b",".join([b"{}"] * 600_000) + b']},"id":1,"op":"derive","v":1}'
+    assert len(flood) > 1 << 20
+    health = protocol.frame({"v": 1, "id": 7, "op": "health", "args": {}})
+    with short_dir() as d, in_process_agent(kms.store, POLICY, audit) as agent, \
+            serving(agent, d) as path:
+        agent.refusals.window = 0.0  # every refusal its own record here, to see each
+        unread, flooded, short = as_stranger(
+            path, [header(len(flood)), header(len(flood)) + flood, health]
+        )
+    for answer in (unread, flooded):
+        assert answer is not None, "no answer: the agent waited for a body it must not read"
+        assert (answer["id"], answer["error"]["code"]) == (0, "refused"), answer
+        assert f"its frame of {len(flood)} bytes was not read" in answer["error"]["message"]
+    assert short is not None and (short["id"], short["error"]["code"]) == (7, "refused")
+    mine = [e for e in events(audit) if e["who"] == peer(STRANGER).describe()]
+    assert [(e["op"], "was not read" in e["reason"]) for e in mine] == [
+        ("unknown", True), ("unknown", True), ("health", False)
+    ]
+
+
+class Clock:
+    """A clock a test moves by hand (for the refusal coalescer's window)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_unlisted_peers_refusals_are_coalesced_yet_all_counted(kms: Kms, tmp_path: Path) -> None:
+    """One unlisted uid wrote 6,555 audit records in 5 s (~30 GB a day); once the disk is full,
+    every listed mount's derive fails (keys that cannot be recorded are not sent). Now such a
+    peer gets one record per window, whatever it sends (a request, garbage, an unread long
+    frame); the next record, or one written when the agent stops, carries the count of those
+    it stood for. Listed peers are still recorded request by request."""
+    audit = tmp_path / "audit.log"
+    clock = Clock()
+    first = (
+        [protocol.frame({"v": 1, "id": i, "op": "derive", "args": {}}) for i in range(1, 26)]
+        + [header(8) + b"not json"] * 5
+        + [header(100_000)] * 5
+    )
+    with short_dir() as d, in_process_agent(kms.store, ROOT_ALL, audit) as agent, \
+            serving(agent, d) as path:
+        agent.refusals = RefusalCoalescer(clock=clock)
+        answers = as_stranger(path, first)
+        for _ in range(3):
+            call(agent, peer(0), "health", {})
+        during = events(audit)
+        clock.now += agent.refusals.window  # the window has passed
+        answers += as_stranger(path, first[:3])
+        later = events(audit)
+    after = events(audit)  # the agent stopped: the count still owed is written
+    codes = [a["error"]["code"] if a else None for a in answers]
+    assert codes == ["refused"] * 25 + ["format"] * 5 + ["refused"] * 5 + ["refused"] * 3
+    who = peer(STRANGER).describe()
+    assert [e["op"] for e in during if e["who"] == who] == ["derive"]
+    assert len([e for e in during if e["who"] == peer(0).describe()]) == 3
+    mine = [e for e in after if e["who"] == who]
+    assert [(e["op"], e.get("detail")) for e in mine] == [
+        ("derive", None),
+        ("derive", {"suppressed": 34}),  # the 35 of the first window but the first
+        ("suppressed", {"suppressed": 2}),  # the 2 after it, written when the agent stopped
+    ]
+    assert len(mine) - 1 + sum(e["detail"]["suppressed"] for e in mine[1:]) == len(answers)
+    assert len([e for e in later if e["who"] == who]) == 2
+    assert all(e["decision"] == "refused" for e in mine)
+    assert verify_log(audit, {}).ok
+
+
+def test_a_refusal_that_cannot_be_recorded_is_still_a_refusal(kms: Kms, tmp_path: Path) -> None:
+    """With the audit log's disk full, an unlisted peer's refusal escaped as OSError ("internal
+    error in the agent"), and so did a listed peer's malformed request: both stay what they
+    are, and the log stays whole."""
+    with tmpfs(tmp_path / "small", "256k") as small:
+        log_path = small / "audit.log"
+        audit = AuditLog(log_path, None)
+        with open(small / "filler", "wb", buffering=0) as filler:
+            for size in (4096, 1):
+                with contextlib.suppress(OSError):
+                    while filler.write(b"x" * size):
+                        pass
+        with pytest.raises(OSError) as full:  # the disk is full for the log too
+            audit.append(who="test", op="health", domain=None, allowed=False, reason="probe")
+        assert full.value.errno == errno.ENOSPC
+        agent = Agent(kms.store, Policy.parse(POLICY, "test-policy"), audit.append)
+        try:
+            with pytest.raises(AgentRefusedError, match="not in the agent's policy"):
+                call(agent, peer(STRANGER), "derive", {"handle": "ab" * 32, "infos": []})
+            with pytest.raises(FormatError):
+                call(agent, peer(MOUNT_A), "derive", {"handle": "not hex", "infos": []})
+            agent.record_malformed(peer(MOUNT_A), FormatError("not JSON"))
+        finally:
+            agent.close()
+            audit.close()
+        assert verify_log(log_path, {}).ok and log_path.stat().st_size == 0
+
+
+def test_a_client_thread_that_cannot_start_costs_one_connection_not_the_listener(
+    kms: Kms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thread.start() raising RuntimeError("can't start new thread") ended the accept loop for
+    good: every later client waited in the backlog forever. Now that one connection is closed
+    and logged, and the next one is served."""
+    real_start = threading.Thread.start
+    failures = [1]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "client" and failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    caplog.set_level(logging.ERROR, logger="kmsfs.agent")
+    with short_dir() as d, in_process_agent(kms.store, ROOT_ALL) as agent, \
+            serving(agent, d) as path:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with socket.socket(socket.AF_UNIX) as unlucky:
+            unlucky.settimeout(20)
+            unlucky.connect(str(path))
+            assert unlucky.recv(1) == b""  # closed, not left open without a thread
+        assert failures == [0]
+        with socket.socket(socket.AF_UNIX) as next_one:
+            next_one.settimeout(20)
+            next_one.connect(str(path))
+            raw_request(next_one, {"v": 1, "id": 3, "op": "hello", "args": {}})
+            answer = read_frame(next_one)
+    assert answer is not None and answer["ok"] is True
+    assert "cannot serve a connection (can't start new thread)" in caplog.text
 
 
 # -- the HSMs: many connection threads, one PKCS#11 library ----------------------------------
@@ -510,7 +706,8 @@ def test_concurrent_create_domain_of_one_name_makes_one_domain(
     kms: Kms, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(domains, "open_hsm", slow_serialized(domains.open_hsm))
-    args = {"name": "race", "trust": kms.t1, "chain": kms.chain(kms.t1)}
+    # t2, the newest Trust: nothing new is made under t1, which t2 supersedes.
+    args = {"name": "race", "trust": kms.t2, "chain": kms.chain(kms.t2)}
     barrier = threading.Barrier(2)
     outcome: list[object] = []
     with in_process_agent(kms.store, ROOT_ALL) as agent:
@@ -546,6 +743,139 @@ def test_seal_trust_cannot_plant_a_document_the_store_then_refuses(fresh: Admin)
     with in_process_agent(fresh.store, ROOT_ALL) as agent, pytest.raises(KmsfsError):
         call(agent, peer(0), "seal-trust", args)
     fresh("trust", "list")  # exit 0: the agent's store is still readable
+
+
+def _stranger_successor(ctx: Context, name: str) -> tuple[Trust, Signature]:
+    """A successor of the genesis by one operator the store has never seen, approved by them:
+    what anyone allowed seal-trust can send (quorum 1 of its own; the genesis has none)."""
+    anchor = ctx.store.anchor()
+    genesis = ctx.store.trust(anchor.root)
+    key = ed25519_key("rival successor", name)
+    member = Member(name, public_key(key))
+    trust = Trust(2, anchor.root, genesis.hsms, (member,), 1, utc_now())
+    message = contexts.message(contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes())
+    return trust, Signature(trust.id, member.key.key_id, key.sign(message))
+
+
+def _stranger_seal_args(ctx: Context, trust: Trust, approval: Signature) -> dict[str, Any]:
+    root = ctx.store.anchor().root
+    return {
+        "trust": trust.payload(),
+        "approvals": [approval.to_dict("approval")],
+        "chain": [link.to_dict() for link in trusts.verified_chain(ctx, root)],
+    }
+
+
+def test_a_rival_successor_of_the_pinned_genesis_leaves_nothing_in_the_store(kms: Kms) -> None:
+    """The Trust and its approval were saved before trusts.seal refused the rival: they stayed
+    in the agent's store. Now the genesis pin is checked before anything is written."""
+    ctx = kms.ctx
+    rival, approval = _stranger_successor(ctx, "mallory")
+    with in_process_agent(kms.store, ROOT_ALL) as agent, \
+            pytest.raises(KmsfsError, match="already has its successor"):
+        call(agent, peer(0), "seal-trust", _stranger_seal_args(ctx, rival, approval))
+    assert rival.id not in ctx.store.trust_ids()
+    assert ctx.store.signatures("approval", rival.id) == []
+
+
+def test_concurrent_rival_genesis_successors_leave_only_the_sealed_one(
+    fresh: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two successors of an unpinned genesis sealed at once: both passed a check made before
+    the lock, both were saved, one was sealed and pinned, the other refused but kept. The
+    check, the writes and the seal now hold the store's lock together."""
+    ctx = Context.at(fresh.store)
+    rivals = [_stranger_successor(ctx, name) for name in ("mallory", "trudy")]
+    monkeypatch.setattr(trusts, "open_hsm", slow_serialized(trusts.open_hsm))
+    outcome: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+    with in_process_agent(fresh.store, ROOT_ALL) as agent:
+
+        def seal(trust: Trust, approval: Signature) -> None:
+            args = _stranger_seal_args(ctx, trust, approval)
+            barrier.wait()
+            try:
+                outcome[trust.id] = call(agent, peer(0), "seal-trust", args)
+            except KmsfsError as exc:
+                outcome[trust.id] = exc
+
+        threads = [threading.Thread(target=seal, args=rival) for rival in rivals]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    sealed = [t for t, r in outcome.items() if isinstance(r, dict)]
+    assert len(outcome) == 2 and len(sealed) == 1, outcome
+    assert ctx.store.anchor().successor == sealed[0]
+    assert {t.id for t, _ in rivals} & set(ctx.store.trust_ids()) == set(sealed)
+    assert [t.id for t, _ in rivals if ctx.store.signatures("approval", t.id)] == sealed
+
+
+# -- rotate and rewrap: a client's generation is kept only if the history takes it ----------
+
+
+@dataclass
+class Revoked:
+    """payroll under t1 (hsm1, hsm2), then rewrapped to t2 (hsm1 only): hsm2 is revoked."""
+
+    admin: Admin
+    t1: str
+    t2: str
+
+    @property
+    def ctx(self) -> Context:
+        return Context.at(self.admin.store)
+
+
+@pytest.fixture
+def revoked(tmp_path: Path) -> Revoked:
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    admin("domain", "create", "payroll", "--trust", t1)
+    t2 = admin.sealed_trust(["hsm1"], ["alice", "bob"], 2, predecessor=t1)
+    admin("domain", "rewrap", "payroll", "--trust", t2)
+    return Revoked(admin, t1, t2)
+
+
+def _rival_generation(world: Revoked) -> DomainBundle:
+    """What hsm2's PIN holder can still make after the rewrap: a generation 2 of payroll under
+    t1, validly sealed by hsm2, beside the operators' generation 2 under t2."""
+    ctx = world.ctx
+    first = domains.history(ctx, "payroll")[0].sealed
+    rival = dataclasses.replace(first.domain, generation=2, previous=first.id, created=utc_now())
+    hsm2 = next(h for h in ctx.store.trust(world.t1).hsms if h.label == "hsm2")
+    with open_hsm(ctx, [hsm2]) as hsm:
+        sealed = domains._seal(hsm, rival)
+    return DomainBundle(sealed, tuple(trusts.verified_chain(ctx, world.t1)))
+
+
+@pytest.mark.parametrize("op", ["rotate", "rewrap"])
+def test_a_rival_generation_sent_to_rotate_or_rewrap_is_refused_and_not_written(
+    revoked: Revoked, op: str
+) -> None:
+    """rotate and rewrap saved the client's generation once its seal verified, before checking
+    it against the store's history: a rival was written, and from then on every open-domain of
+    the Domain failed closed ("rival generations"), for every mount."""
+    ctx = revoked.ctx
+    bundle = _rival_generation(revoked)
+    domains.verify_bundle(ctx, bundle)  # on its own, it verifies: only the history refuses it
+    legit = b64encode(domains.export_bundle(ctx, "payroll").to_bytes())
+    before = set(ctx.store.domain_ids())
+    args: dict[str, Any] = {"bundle": b64encode(bundle.to_bytes())}
+    if op == "rewrap":
+        chain = trusts.verified_chain(ctx, revoked.t2)
+        args.update(trust=revoked.t2, chain=[link.to_dict() for link in chain])
+    with in_process_agent(revoked.admin.store, root_policy()) as agent:
+        with pytest.raises(ChainError, match="does not follow generation 2"):
+            call(agent, peer(0), op, args)
+        assert set(ctx.store.domain_ids()) == before
+        assert [g.sealed.domain.trust for g in domains.history(ctx, "payroll")] == [
+            revoked.t1, revoked.t2
+        ]
+        opened = call(agent, peer(0), "open-domain", {"bundle": legit})
+        assert (opened["generation"], opened["trust_id"]) == (2, revoked.t2)
 
 
 # -- key material never reaches a log ----------------------------------------------------------
@@ -750,3 +1080,26 @@ def test_idle_connections_from_one_address_do_not_lock_tls_clients_out(tmp_path:
         for sock in idle:
             sock.close()
         server.stop()
+
+
+def test_admin_create_domain_through_an_agent_never_adds_a_rival_of_a_local_domain(
+    kms: Kms, tmp_path: Path
+) -> None:
+    """The agent's store may lack a Domain name this store has; a valid generation 1 of that
+    name saved here would make this store refuse the Domain everywhere (rival generations)."""
+    elsewhere = tmp_path / "agent-store"
+    shutil.copytree(kms.store, elsewhere, symlinks=True)
+    ctx = Context.at(elsewhere)
+    for domain_id in ctx.store.domain_ids():
+        if ctx.store.domain(domain_id).domain.name == "payroll":
+            (elsewhere / "domains" / f"{domain_id}.json").unlink()
+    Admin(elsewhere, kms.admin.pins)("domain", "create", "payroll", "--trust", kms.t2)
+    rival = domains.current(ctx, "payroll")
+    answer = {"domain": rival.sealed.to_dict(),
+              "bundle": b64encode(domains.DomainBundle(rival.sealed, rival.chain).to_bytes())}
+    before = sorted(kms.ctx.store.domain_ids())
+    with fake_agent(lambda op, args: answer) as agent, agent.client() as client, \
+            pytest.raises(KmsfsError, match="exists already"):
+        remote.create_domain(client, kms.ctx, "payroll", kms.t2)
+    assert sorted(kms.ctx.store.domain_ids()) == before
+    assert domains.current(kms.ctx, "payroll").sealed.id != rival.sealed.id

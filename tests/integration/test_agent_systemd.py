@@ -366,3 +366,57 @@ def test_a_restarted_agent_serves_the_socket_that_systemd_keeps(
                 proc.kill()
                 proc.wait()
         held.close()
+
+
+def test_a_tcp_socket_from_systemd_is_served_with_tls_or_not_at_all(
+    agent: ActivatedAgent, tmp_path: Path
+) -> None:
+    """What kmsfs-hsmd.socket says of a ListenStream=HOST:PORT added to it: without the TLS
+    files the agent refuses to start (exit 2, one line); with them it serves the socket with
+    mutual TLS only, and a plaintext request gets no answer."""
+    port = free_port()
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    held.bind(("127.0.0.1", port))
+    held.listen(16)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(agent.log_path, "ab") as log:
+            procs.append(_start_on_fd(agent, held, log))
+        assert procs[0].wait(timeout=60) == exitcodes.USAGE
+        assert "systemd passed a TCP socket: give --tls-cert" in agent.log()
+
+        ca = TestCA(tmp_path / "tls")
+        server, client = ca.issue("localhost", server=True), ca.issue("mount1.example.org")
+        agent.policy.write_text(
+            root_policy(f'\n[[client]]\nname = "mount1"\ncerts = ["{client.fingerprint}"]\n'
+                        'allow = ["health"]\n')
+        )
+        agent.env_file["KMSFS_HSMD_ARGS"] = (
+            f"--tls-cert {server.cert} --tls-key {server.key} --tls-client-ca {ca.path}"
+        )
+        with open(agent.log_path, "ab") as log:
+            procs.append(_start_on_fd(agent, held, log))
+        assert agent.next_state().startswith("READY=1")
+        assert f"on tls://127.0.0.1:{port}" in agent.log()
+        remote = AgentClient(
+            AgentAddress.parse(f"localhost:{port}", str(client.cert), str(client.key),
+                               str(ca.path))
+        )
+        try:
+            assert remote.call("hello", {})["client"] == "mount1"
+        finally:
+            remote.close()
+        hello = b'{"args":{},"id":1,"op":"hello","v":1}'
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(len(hello).to_bytes(4, "big") + hello)
+            try:
+                answer = raw.recv(100)
+            except (ConnectionResetError, TimeoutError):
+                answer = b""
+        assert b'"ok":true' not in answer
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        held.close()

@@ -109,6 +109,17 @@ def test_response_to_another_request_is_refused() -> None:
         protocol.parse_response(protocol.frame(protocol.ok(4, {}))[4:], 5)
 
 
+def test_an_error_with_id_0_answers_the_request_in_flight() -> None:
+    """The agent refuses an unlisted peer's long frame unread, so without its id: the client
+    must still see the refusal (exit 9), not a protocol error. A success with id 0 is no
+    answer to request 5."""
+    refused = protocol.frame(protocol.failed(0, AgentRefusedError("not in the policy")))[4:]
+    with pytest.raises(AgentRefusedError, match="agent: not in the policy"):
+        protocol.parse_response(refused, 5)
+    with pytest.raises(protocol.ProtocolError, match="response to request 0"):
+        protocol.parse_response(protocol.frame(protocol.ok(0, {}))[4:], 5)
+
+
 def test_unknown_error_code_becomes_a_plain_error() -> None:
     body = b'{"error":{"code":"new-kind","message":"m"},"id":1,"ok":false}'
     with pytest.raises(KmsfsError, match="agent: m") as raised:
