@@ -104,11 +104,16 @@ def test_root_mounts_only_a_volume_nobody_else_can_reach(tmp_path: Path) -> None
         assert proc.returncode != 0 and "domain_bundle" in proc.stderr, proc.stderr
 
 
-def test_init_refuses_non_empty(tmp_path: Path) -> None:
+def test_init_refuses_non_empty(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
+    """With a Domain that exists (a missing store or Domain fails first, for its own reason)."""
+    initialized.real_domain()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "f").write_text("")
-    proc = kmsfs("init", str(tmp_path / "c"), "--domain", "x", "--store", str(tmp_path / "s"))
-    assert proc.returncode != 0 and proc.stderr.startswith("kmsfs: error: ")
+    proc = kmsfs("init", str(tmp_path / "c"), "--domain", "payroll",
+                 "--store", str(initialized.store))
+    assert proc.returncode == 2
+    assert proc.stderr == f"kmsfs: error: {tmp_path / 'c'}: not empty (a new volume needs an " \
+        "empty directory)\n"
     assert os.listdir(tmp_path / "c") == ["f"]
 
 

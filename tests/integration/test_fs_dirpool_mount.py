@@ -163,7 +163,14 @@ def test_fsck_reports_what_does_not_belong_in_the_pool(volume: Path, mounter) ->
         ("leftover", f"{POOL_DIR}/0123456789abcdef"),
         ("leftover", f"{POOL_DIR}/{full}"),
     ])
-    mounter(volume, name="again").stop()  # a mount uses neither, and removes neither
+    # A mount uses neither, and removes neither: more mkdirs than the pool holds take every
+    # ready directory, and none of the new directories is the one holding "extra".
+    again = mounter(volume, name="again")
+    made = [again.mountpoint / f"d{i}" for i in range(2 * POOL_SIZE)]
+    for path in made:
+        path.mkdir()
+    assert all(os.listdir(path) == [] for path in made)
+    again.stop()
     assert (pool / "0123456789abcdef").read_bytes() == b"a file"
     assert (pool / full / "extra").read_bytes() == b"x"
 

@@ -19,6 +19,7 @@ import pytest
 from kmsfs import api
 from kmsfs.crypto.content import HEADER_SIZE, FileHeader
 from kmsfs.fs import config as volconfig
+from kmsfs.fs.volume import lock_exclusive
 from tests.integration.test_fs_epochs import _kmsfs
 from tests.kms_helpers import Admin
 
@@ -59,11 +60,15 @@ def test_a_hidden_newer_generation_is_still_used_once_a_mount_used_it(
     first = volconfig.load(cipher)
     initialized("domain", "rotate", "payroll")  # generation 2: key epoch 2
 
-    # A read-only mount, and a mount that fails, leave the config as it was.
+    # A read-only mount, and a mount that fails once it has opened the Domain (the volume is
+    # busy, as under kmsfs reencrypt), leave the config as it was.
     _write_through_a_mount(cipher, mp, env, "-o", "ro")
-    (mp / "busy").write_text("not empty")
-    assert _kmsfs("mount", str(cipher), str(mp), env=env).returncode != 0
-    (mp / "busy").unlink()
+    held = lock_exclusive(cipher)
+    try:
+        failed = _kmsfs("mount", str(cipher), str(mp), env=env)
+    finally:
+        os.close(held)
+    assert failed.returncode != 0 and ": busy: " in failed.stderr, failed.stderr
     assert volconfig.load(cipher) == first
 
     before = _names(cipher)

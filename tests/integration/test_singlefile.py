@@ -280,7 +280,8 @@ def test_an_existing_out_is_refused_unless_force(store: Path, tmp_path: Path, su
     assert leftovers(tmp_path / "d") == ["out", "twin"]
     # said first, before the store or an HSM is even looked at
     proc = kmsfs(tmp_path / "no-store", *_args(sub), source, str(out), check=None)
-    assert proc.returncode == exitcodes.USAGE, one_error_line(proc, "already exists")
+    assert proc.returncode == exitcodes.USAGE, proc.stderr
+    one_error_line(proc, "already exists")
     # a dangling symlink is a name that exists too: nothing is made where it points
     link = tmp_path / "d" / "link"
     link.symlink_to(tmp_path / "d" / "nowhere")
