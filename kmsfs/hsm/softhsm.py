@@ -107,11 +107,19 @@ def _create(conf_path: Path, label: str, user_pin: str) -> tuple[TokenLocation, 
     return location, serial
 
 
+def tokens_labelled(conf_path: Path, label: str) -> int:
+    """How many tokens labelled ``label`` there are behind ``conf_path``."""
+    location = TokenLocation(default_module(), label, str(conf_path))
+    with library.token_files_lock(str(conf_path)):
+        library.refresh(location)
+        return len(library.token_serials(location))
+
+
 def delete_tokens_labelled(conf_path: Path, label: str) -> int:
     """Delete every token labelled ``label`` behind ``conf_path``; how many there were.
 
-    Only for labels whose tokens nothing else can own: an operator's ``op-NAME`` while the
-    store has no operator NAME is what an interrupted ``operator create`` left.
+    Only for tokens known to be leftovers: those of an ``operator create`` that was killed
+    outright, as its pending mark shows (:func:`kmsfs.service.operators.create_operator`).
     """
     location = TokenLocation(default_module(), label, str(conf_path))
     with library.token_files_lock(str(conf_path)):

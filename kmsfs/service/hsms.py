@@ -60,6 +60,8 @@ def _provision(
     ctx.private.save_access("hsm", record.id, location, later_pin or pin_source)
     try:
         ctx.store.save_hsm(record)
+    except AlreadyExistsError:
+        raise  # a concurrent enroll of this token won: the access record is its too
     except BaseException:
         ctx.private.forget_access("hsm", record.id)
         raise

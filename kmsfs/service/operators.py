@@ -1,6 +1,7 @@
 """Operator actions: create an operator (key in its own token, or passphrase file), sign."""
 
 from dataclasses import replace
+from pathlib import Path
 
 from kmsfs.errors import AlreadyExistsError, IntegrityError, UsageError
 from kmsfs.hsm import softhsm
@@ -21,22 +22,28 @@ def _token_label(name: str) -> str:
     return label
 
 
+#: A create in progress leaves ``private/operator-pending/NAME`` until just before the operator
+#: is saved: what a run killed meanwhile left (a token, a key file) is then known to be its own.
+PENDING_DIR = "operator-pending"
+
+
 def create_operator(
     ctx: Context, name: str, secret: PinSource, protection: str = "token"
 ) -> OperatorRecord:
     """Create operator ``name`` whose key only ``secret`` unlocks (a token PIN or a passphrase).
 
-    All or nothing: if anything fails or is interrupted (Ctrl-C, SIGTERM), the token and the
-    access record made for it are removed again, so the same command can simply be run again.
-    A token ``op-NAME`` found while the store has no operator NAME is what a killed run left
-    (only this function makes tokens with the prefix, and it saves the operator under the
-    store's lock before it lets go), so it is removed before a new one is made; so is a key
-    file left the same way.
+    All or nothing: if anything fails or is interrupted (Ctrl-C, SIGTERM), the token, key file
+    and access record made for it are removed again, so the same command can simply be run
+    again. A run killed outright (kill -9, a power cut) cannot clean up; its pending mark lets
+    the next run remove what it left. A token labelled ``op-NAME`` or a key file of NAME with
+    no such mark is never removed: it may be an HSM's token (HSM labels could start with
+    ``op-`` before) or the key of an operator whose record is missing from this store. The
+    command then refuses, saying what is there.
     """
     check_name(name, "operator")
     if protection not in ("token", "passphrase"):
         raise UsageError(f"unknown protection {protection!r} (token or passphrase)")
-    label = _token_label(name)
+    label = _token_label(name) if protection == "token" else None
     if name in ctx.store.operator_names():  # before asking for a PIN; checked again below
         raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
     value = secret.read()
@@ -48,35 +55,72 @@ def create_operator(
         if name in ctx.store.operator_names():
             raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
         ctx.private.ensure()
-        if protection == "passphrase":
-            key_file = ctx.private.operator_key_file(name)
-            key_file.unlink(missing_ok=True)  # what a killed run left, as for tokens below
-            try:
-                key = operator_keys.keyfile_generate(key_file, name, value)
-                return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value)
-            except BaseException:
-                key_file.unlink(missing_ok=True)
-                raise
-        if not ctx.private.softhsm_conf.exists():
-            softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
-        softhsm.delete_tokens_labelled(ctx.private.softhsm_conf, label)
+        conf = ctx.private.softhsm_conf
+        if label is not None and not conf.exists():
+            softhsm.write_config(conf, ctx.private.token_dir)
+        pending = ctx.private.root / PENDING_DIR / name
+        _clear_interrupted(ctx, name, pending)
+        key_file = ctx.private.operator_key_file(name)
+        if key_file.exists():
+            raise AlreadyExistsError(
+                f"{key_file} exists (the key of an operator {name} whose record is not in "
+                f"{ctx.store.root}?); nothing done"
+            )
+        if label is not None and softhsm.tokens_labelled(conf, label):
+            raise AlreadyExistsError(
+                f"a token labelled {label!r} exists in {ctx.private.token_dir} (an HSM's, or "
+                f"the key of an operator {name} whose record is not in {ctx.store.root}); "
+                "nothing done"
+            )
+        pending.parent.mkdir(mode=0o700, exist_ok=True)
+        pending.touch(mode=0o600)
         try:
-            with softhsm.new_token(ctx.private.softhsm_conf, label, value) as location:
-                key = operator_keys.token_generate(location, value)
-                ctx.private.save_access("operator", name, location, None)
-                return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value)
-        except BaseException:
-            ctx.private.forget_access("operator", name)
-            raise
+            if label is None:
+                try:
+                    key = operator_keys.keyfile_generate(key_file, name, value)
+                    return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value,
+                                    pending)
+                except BaseException:
+                    key_file.unlink(missing_ok=True)
+                    raise
+            try:
+                with softhsm.new_token(conf, label, value) as location:
+                    key = operator_keys.token_generate(location, value)
+                    ctx.private.save_access("operator", name, location, None)
+                    return _publish(ctx, OperatorRecord(name, key, protection, utc_now()), value,
+                                    pending)
+            except BaseException:
+                ctx.private.forget_access("operator", name)
+                raise
+        finally:
+            pending.unlink(missing_ok=True)
 
 
-def _publish(ctx: Context, record: OperatorRecord, secret: str) -> OperatorRecord:
-    """Self-sign the new operator's record and save it: the step that makes the operator."""
+def _clear_interrupted(ctx: Context, name: str, pending: Path) -> None:
+    """Remove what a create of ``name`` that was killed outright left, if its mark says so."""
+    if not pending.exists():
+        return
+    if ctx.private.softhsm_conf.exists():
+        softhsm.delete_tokens_labelled(ctx.private.softhsm_conf, TOKEN_LABEL_PREFIX + name)
+    ctx.private.operator_key_file(name).unlink(missing_ok=True)
+    ctx.private.forget_access("operator", name)
+    pending.unlink()
+
+
+def _publish(
+    ctx: Context, record: OperatorRecord, secret: str, pending: Path
+) -> OperatorRecord:
+    """Self-sign the new operator's record and save it: the step that makes the operator.
+
+    The pending mark goes first: a run killed between the two leaves a token or key file that
+    the next run refuses to touch (safe), never a mark beside a saved operator's key (which a
+    later create of the same name, with the record deleted from the store, would remove)."""
     record = replace(
         record,
         signature=sign_as(ctx, record, secret, contexts.OPERATOR_RECORD, record.signed_bytes()),
     )
     record.verify_self_signature()
+    pending.unlink(missing_ok=True)
     ctx.store.save_operator(record)
     return record
 

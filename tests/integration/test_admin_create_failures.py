@@ -62,10 +62,14 @@ def test_an_interrupted_operator_create_is_undone_and_can_be_run_again(
 def test_a_token_left_by_a_killed_operator_create_is_cleared_by_the_next(
     initialized: Admin,
 ) -> None:
-    """kill -9 gives no chance to clean up: the token ``op-zed`` stays while the store has no
-    operator zed. The next ``operator create zed`` must not fail on two tokens labelled so."""
+    """kill -9 gives no chance to clean up: the token ``op-zed`` stays, with the run's pending
+    mark, while the store has no operator zed. The next ``operator create zed`` must not fail
+    on two tokens labelled so."""
     admin = initialized
     softhsm.create_token(admin.store / "private" / "softhsm2.conf", "op-zed", "left-over-pin")
+    pending = admin.store / "private" / operators.PENDING_DIR
+    pending.mkdir(mode=0o700, exist_ok=True)
+    (pending / "zed").touch()
     assert _labelled(admin, "op-zed") == 1
     admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed"))
     assert _labelled(admin, "op-zed") == 1
@@ -102,3 +106,33 @@ def test_an_interrupted_hsm_create_removes_its_token_pin_and_access(
     assert sorted(p.name for p in (admin.store / "private" / "hsm-access").iterdir()) == access
     admin("hsm", "create", "--label", "hsm3")
     assert _labelled(admin, "hsm3") == 1
+
+
+def test_a_token_under_an_operator_label_without_a_mark_is_kept_and_refused(
+    initialized: Admin,
+) -> None:
+    """Not every op-NAME token is a leftover: an HSM could be labelled op-foo before that was
+    refused, and an operator's record may be missing from the store while the key is not.
+    Deleting it could lose the only HSM that wraps a Domain's k, or an operator's key."""
+    admin = initialized
+    softhsm.create_token(admin.store / "private" / "softhsm2.conf", "op-foo", "an-hsm-pin")
+    before = tree_snapshot(admin.store)
+    line = one_error_line(
+        admin("operator", "create", "foo", "--pin-file", admin.pin_file("foo"), check=6)
+    )
+    assert "a token labelled 'op-foo' exists in" in line and "nothing done" in line
+    assert _labelled(admin, "op-foo") == 1
+    def documents(snapshot: dict[str, bytes]) -> dict[str, bytes]:  # not SoftHSM's, the lock
+        return {k: v for k, v in snapshot.items() if "tokens/" not in k and k != ".lock"}
+
+    assert documents(tree_snapshot(admin.store)) == documents(before)
+
+
+def test_a_passphrase_operator_may_have_a_name_too_long_for_a_token_label(
+    initialized: Admin,
+) -> None:
+    name = "a-rather-long-operator-name-of-40-chars"
+    admin = initialized
+    admin("operator", "create", name, "--passphrase", "--pin-file",
+          admin.pin_file(name, "a long enough passphrase"))
+    assert name in admin("operator", "list").stdout
