@@ -223,10 +223,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if not is_mount_point(mountpoint):  # a dead mount (its daemon killed) is one too
         raise UsageError(f"{mountpoint}: not a mount point")
     # As root, fusermount3 -u unmounts whatever is there: a typo must not take a disk away.
-    kind, source = mount_at(mountpoint) or ("?", "?")
-    if kind != "fuse.kmsfs" and source != "kmsfs":
+    # Any FUSE mount of this kind passes (-o subtype= and fsname= rename kmsfs's own); block
+    # devices (fuseblk: ntfs-3g, exfat-fuse) and other file systems do not.
+    found = mount_at(mountpoint)
+    if found is not None and found[0] != "fuse" and not found[0].startswith("fuse."):
         raise UsageError(
-            f"{mountpoint}: not a kmsfs mount ({kind} from {source}); nothing unmounted"
+            f"{mountpoint}: not a kmsfs mount ({found[0]} from {found[1]}); nothing unmounted"
         )
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -112,3 +112,13 @@ def test_json_goes_before_or_after_the_command_and_init_has_it(
     after = json.loads(kmsfs("info", str(tmp_path / "v"), "--json", env=env).stdout)
     assert before == after and before["domain_id"] == summary["domain_id"]
     assert before["verified"] is True
+
+
+def test_umount_takes_a_mount_renamed_by_subtype_and_fsname(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """-o subtype= and fsname= are accepted by mount: the mount they name is still kmsfs's."""
+    volume = make_volume(tmp_path / "cipher")
+    mount = mounter(volume, options=("subtype=payroll", f"fsname={volume}"))
+    done = kmsfs("umount", str(mount.mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not os.path.ismount(mount.mountpoint)
+    assert mount.proc.wait(timeout=30) == 0  # the daemon saw its unmount and ended
