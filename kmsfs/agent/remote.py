@@ -55,6 +55,7 @@ def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) 
         raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
+    domains.refuse_superseded(ctx, trust_id, "make a Domain under it")
     result = client.call(
         "create-domain",
         {"name": name, "trust": trust_id, "chain": [link.to_dict() for link in chain]},
@@ -68,6 +69,7 @@ def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) 
 def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
+    domains.refuse_superseded(ctx, trust_id, "rewrap a Domain into it")
     bundle = domains.export_bundle(ctx, name)
     result = client.call(
         "rewrap",
@@ -87,6 +89,7 @@ def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> Veri
 
 def rotate(client: AgentClient, ctx: Context, name: str) -> VerifiedDomain:
     bundle = domains.export_bundle(ctx, name)
+    domains.refuse_rotation_under_superseded(ctx, name, bundle.domain.domain.trust)
     result = client.call("rotate", {"bundle": b64encode(bundle.to_bytes())}, retry=False)
     old = bundle.domain.domain
     return _save_domain(

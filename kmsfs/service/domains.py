@@ -49,12 +49,13 @@ def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
     chain = trusts.verified_chain(ctx, trusts.resolve_trust(ctx, trust_ref))
     if not chain[-1].trust.operators:
         raise UsageError("the genesis trust has no operators and cannot govern a Domain")
-    _refuse_superseded(ctx, chain[-1].trust.id, "make a Domain or generation under it")
+    refuse_superseded(ctx, chain[-1].trust.id, "make a Domain or generation under it")
     return chain
 
 
-def _refuse_superseded(ctx: Context, trust_id: str, what: str) -> None:
-    """Nothing new under a Trust a successor replaced: its removed HSMs could unwrap it."""
+def refuse_superseded(ctx: Context, trust_id: str, what: str) -> None:
+    """Nothing new under a Trust a successor replaced: its removed HSMs could unwrap it.
+    (Also before asking an HSM agent, whose store may not know the successor yet.)"""
     newer = trusts.successor(ctx, trust_id)
     if newer is not None:
         raise UsageError(
@@ -198,6 +199,17 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     return verified
 
 
+def refuse_rotation_under_superseded(ctx: Context, name: str, trust_id: str) -> None:
+    """A new mk epoch only once the Domain is rewrapped into the newest Trust."""
+    if (newer := trusts.successor(ctx, trust_id)) is not None:
+        raise UsageError(
+            f"domain {name} is governed by trust {trust_id[:12]}, which trust {newer.id[:12]} "
+            f"supersedes: rewrap it first (kmsfs-admin domain rewrap {name} --trust "
+            f"{newer.id[:12]}), or the new mk epoch is wrapped under a k that the HSMs the "
+            "successor left out can unwrap"
+        )
+
+
 def rotate(ctx: Context, name: str) -> VerifiedDomain:
     """A new ``mk`` epoch for Domain ``name`` (a new generation, same Trust and ``k``).
 
@@ -213,13 +225,7 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     old = current(ctx, name)
     old_domain = old.sealed.domain
     trust = old.trust.trust
-    if (newer := trusts.successor(ctx, trust.id)) is not None:
-        raise UsageError(
-            f"domain {name} is governed by trust {trust.id[:12]}, which trust {newer.id[:12]} "
-            f"supersedes: rewrap it first (kmsfs-admin domain rewrap {name} --trust "
-            f"{newer.id[:12]}), or the new mk epoch is wrapped under a k that the HSMs the "
-            "successor left out can unwrap"
-        )
+    refuse_rotation_under_superseded(ctx, name, trust.id)
     epoch = max(m.epoch for m in old_domain.master_keys) + 1
     with open_hsm(ctx, trust.hsms) as hsm:
         wrapped = old_domain.wrapped_for(hsm.record.id)

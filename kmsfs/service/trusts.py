@@ -74,17 +74,32 @@ def successor(ctx: Context, trust_id: str) -> SealedTrust | None:
     generation that verifies. So nothing new is made under a superseded Trust, and a client
     does not bind a new volume to a Domain still governed by one (it is rewrapped first).
     """
-    newest: list[SealedTrust] = []
+    # Which Trusts descend from it, by their predecessor ids alone (no signature checked):
+    # usually none, so a mount pays for parsing the Trusts, not for verifying each one's chain.
+    parents: dict[str, str | None] = {}
     for other in ctx.store.trust_ids():
-        if other == trust_id:
-            continue
         try:
-            chain = verified_chain(ctx, other)
+            parents[other] = ctx.store.trust(other).predecessor
+        except KmsfsError:
+            continue
+
+    def ancestors(node: str) -> list[str]:
+        found: list[str] = []
+        parent = parents.get(node)
+        while parent is not None and parent not in found:
+            found.append(parent)
+            parent = parents.get(parent)
+        return found
+
+    descendants = [t for t in parents if trust_id in ancestors(t)]
+    for candidate in sorted(descendants, key=lambda t: len(ancestors(t)), reverse=True):
+        try:
+            chain = verified_chain(ctx, candidate)  # newest first: the first that verifies
         except KmsfsError:
             continue  # a proposal not sealed yet, or a Trust that does not verify
-        if trust_id in (link.id for link in chain[:-1]) and len(chain) > len(newest):
-            newest = chain
-    return newest[-1] if newest else None
+        if trust_id in (link.id for link in chain[:-1]):
+            return chain[-1]
+    return None
 
 
 def trusted_hsms(ctx: Context) -> dict[str, HsmRecord]:

@@ -47,6 +47,7 @@ from kmsfs.errors import (
     IntegrityError,
     KmsfsError,
     QuorumNotMetError,
+    UsageError,
 )
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
@@ -1103,3 +1104,22 @@ def test_admin_create_domain_through_an_agent_never_adds_a_rival_of_a_local_doma
         remote.create_domain(client, kms.ctx, "payroll", kms.t2)
     assert sorted(kms.ctx.store.domain_ids()) == before
     assert domains.current(kms.ctx, "payroll").sealed.id != rival.sealed.id
+
+
+def test_admin_through_an_agent_makes_nothing_under_a_trust_superseded_here(kms: Kms) -> None:
+    """This store knows t2 supersedes t1; the agent's may not yet (it learns Trusts from the
+    chains clients send). The rule must hold before the agent is asked at all."""
+    asked: list[str] = []
+
+    def respond(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        asked.append(op)
+        return {}
+
+    with fake_agent(respond) as agent, agent.client() as client:
+        with pytest.raises(UsageError, match=f"superseded by trust {kms.t2[:12]}"):
+            remote.create_domain(client, kms.ctx, "newcomer", kms.t1)
+        with pytest.raises(UsageError, match="rewrap it first"):
+            remote.rotate(client, kms.ctx, "other")
+        with pytest.raises(UsageError, match=f"superseded by trust {kms.t2[:12]}"):
+            remote.rewrap(client, kms.ctx, "other", kms.t1)
+    assert asked == []
