@@ -3,13 +3,16 @@
 What is checked, per docs/format.md: every directory's ``kmsfs.diriv``; every name (it decrypts
 and is the canonical disk name; a long name has its sidecar and the sidecar matches); every
 symlink target (long targets: the blob exists and matches); every ``user.*`` xattr of a file or
-directory (its name decrypts, its value opens under it); every regular file's header, size
+directory, the root included (its name decrypts, its value opens under it); every regular file's
+header, size
 (``plain_size`` must accept it) and each block's tag, with the key of the ``mk`` epoch its header
 names (a file keyed with an epoch the Domain does not have is damage: no HSM can read it). The
 report counts files per key epoch, so an operator sees what ``kmsfs reencrypt`` has left to do.
 Damage is reported by plaintext path, or by ciphertext path where the name itself (or its
 directory's IV) is what is damaged, with the block number and plaintext offset. Leftovers that
-lose no data (an orphan sidecar or symlink blob, a temporary file) are warnings, not damage.
+lose no data (an orphan sidecar or symlink blob, a temporary file, the saved times of a killed
+``kmsfs reencrypt``) are warnings, not damage. Files and directories are opened with O_NOATIME
+where the kernel allows it (the owner, or root), so a check moves no plaintext atime.
 
 The core, :func:`check_tree`, takes a :class:`~kmsfs.keys.KeyDeriver`, so tests can pass the
 software stand-in; :func:`fsck` opens the Domain from the volume config as ``mount`` does. Like
@@ -45,8 +48,9 @@ from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
-from kmsfs.fs.posix import open_regular, read_internal_file
+from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
+from kmsfs.fs.reencrypt import TIMES_XATTR, list_unread, open_dir_unread, open_unread
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 MAX_BLOCK_PROBLEMS = 16
@@ -167,7 +171,7 @@ class _Checker:
             dir_iv = None
             self.damage("diriv", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
         try:
-            entries = sorted(os.fsdecode(n) for n in os.listdir(_reach(cdir)))
+            entries = sorted(os.fsdecode(n) for n in list_unread(_reach(cdir)))
         except OSError as exc:
             self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
             return
@@ -238,6 +242,9 @@ class _Checker:
             return  # a backing file system without xattrs has none to check
         for disk in names:
             raw = os.fsencode(disk)
+            if disk == TIMES_XATTR:
+                self.warn("interrupted-reencrypt", path, plain, "a killed kmsfs reencrypt saved "
+                          "this directory's times here: run it again to put them back")
             if not raw.startswith(USER_PREFIX):
                 continue
             self.report.checked["xattrs"] += 1
@@ -315,7 +322,7 @@ class _Checker:
             self.seen.add((st.st_dev, st.st_ino))
         self.report.checked["files"] += 1
         try:  # no following, no blocking on a FIFO put there since the walk
-            with open(open_regular(_reach(path)), "rb") as f:
+            with open(open_unread(_reach(path)), "rb") as f:
                 self.contents(f, path, plain, st.st_size)
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")
@@ -384,6 +391,7 @@ def check_tree(
     checker = _Checker(Path(cipherdir), deriver, advance)
     checker.report.current_epoch = getattr(deriver, "current_epoch", None)
     checker.journal()
+    checker.xattrs(checker.root, "/")  # entry() checks those of every other directory
     checker.tree(checker.root, "/")
     checker.orphan_blobs()
     checker.made_ahead()
@@ -398,14 +406,20 @@ def _ciphertext_bytes(cipherdir: Path) -> int:
     while stack:
         top = stack.pop()
         try:
-            with os.scandir(reach(top)) as it:
+            fd = open_dir_unread(reach(top))  # listing it must not move its atime either
+        except OSError:
+            continue
+        try:
+            with os.scandir(fd) as it:
                 for entry in it:
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(top + b"/" + entry.name)
+                        stack.append(top + b"/" + os.fsencode(entry.name))
                     elif entry.is_file(follow_symlinks=False):
                         total += entry.stat(follow_symlinks=False).st_size
         except OSError:
-            continue
+            pass
+        finally:
+            os.close(fd)
     return total
 
 

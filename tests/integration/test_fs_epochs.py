@@ -12,11 +12,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,10 +256,49 @@ _CRASH = textwrap.dedent(
 )
 
 
+def _quiet_walk(top: Path) -> list[Path]:
+    """Every path below *top*, listed with O_NOATIME (as root): unlike os.walk or rglob, looking
+    does not move the directory atimes the tests compare."""
+    found, stack = [], [top]
+    while stack:
+        d = stack.pop()
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        for name in names:
+            found.append(d / name)
+            if stat.S_ISDIR(os.lstat(d / name).st_mode):
+                stack.append(d / name)
+    return found
+
+
+def _dir_times(volume: Path) -> dict[str, tuple[int, int]]:
+    """(atime, mtime) of every ciphertext directory, the root included (the plaintext ones)."""
+    from kmsfs.crypto.names import is_internal
+
+    dirs = [volume, *(p for p in _quiet_walk(volume) if stat.S_ISDIR(os.lstat(p).st_mode))]
+    return {str(d.relative_to(volume)): (d.stat().st_atime_ns, d.stat().st_mtime_ns)
+            for d in dirs if not any(map(is_internal, d.relative_to(volume).parts))}
+
+
+def _leftovers(volume: Path) -> list[str]:
+    """Temporary names and saved directory times a reencrypt run left behind."""
+    out = []
+    for path in (volume, *_quiet_walk(volume)):
+        if path.name.startswith(TEMP_PREFIX):
+            out.append(str(path))
+        elif stat.S_ISDIR(os.lstat(path).st_mode) and reencrypt.TIMES_XATTR in os.listxattr(path):
+            out.append(f"{path} (saved times)")
+    return out
+
+
 def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
     volume = make_volume(tmp_path / "cipher")
     data = _build(volume, tmp_path)
     a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")
+    times = _dir_times(volume)
     root = str(Path(__file__).resolve().parents[2])
     # Kill the job after A's first path is replaced, before the second (the hard link) is.
     proc = subprocess.run(
@@ -264,16 +306,22 @@ def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert proc.returncode == -9, proc.stderr
-    temps = list(volume.rglob(TEMP_PREFIX + "*"))
-    assert len(temps) == 1
+    assert len([p for p in _leftovers(volume) if "saved times" not in p]) == 1
     epochs = sorted(header_of(p).epoch for p in (a, linked))
     assert epochs == [1, 2]  # the link is split: one path new, one old, both readable
-    _check_plaintext(volume, tmp_path, data)
+    assert _dir_times(volume) != times  # the renames moved them; nothing put them back yet
+    _check_plaintext(volume, tmp_path, data)  # a mount in between changes no entry
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean and {w.kind for w in report.warnings} == {
+        "leftover", "interrupted-reencrypt"}
 
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
-    assert summary.temp_removed == 1 and summary.failed == []
+    # The killed run's last rename is done (the temporary link names the old inode), not undone.
+    assert summary.links_rejoined == 1 and summary.temp_removed == 0 and summary.failed == []
     assert summary.epochs_after == {2: summary.rewritten + summary.skipped}
-    assert not list(volume.rglob(TEMP_PREFIX + "*"))
+    assert _leftovers(volume) == []
+    assert os.stat(a).st_ino == os.stat(linked).st_ino and os.stat(a).st_nlink == 2
+    assert _dir_times(volume) == times  # as saved on each directory before it changed
     for name in ("A", "d/sub/linked", LONG, "d/small", "B"):
         assert header_of(cipher_path(volume, name)).epoch == 2, name
     _check_plaintext(volume, tmp_path, data)
@@ -334,6 +382,72 @@ def test_reencrypt_reports_a_damaged_file_and_goes_on(tmp_path: Path) -> None:
     assert "block 1 (plaintext offset 4096) fails authentication" in summary.failed[0].detail
     assert bad.read_bytes() == bytes(raw)  # left as it was
     assert not list(volume.rglob(TEMP_PREFIX + "*"))
+
+
+def test_reencrypt_moves_no_atime(tmp_path: Path) -> None:
+    """A run reads every header and lists every directory, and a file it cannot rewrite is
+    read in full: none of it moves a plaintext atime (O_NOATIME), nor a directory's mtime."""
+    from tests.integration.test_fs_fsck import _unread
+
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "d").mkdir()
+        (m.mountpoint / "d" / "f").write_bytes(os.urandom(2 * BLOCK_SIZE))
+        (m.mountpoint / "bad").write_bytes(os.urandom(3 * BLOCK_SIZE))
+    finally:
+        m.stop()
+    bad = cipher_path(volume, "bad")
+    raw = bytearray(bad.read_bytes())
+    raw[HEADER_SIZE + 4124 + 50] ^= 1  # block 1 fails: the rewrite stops there
+    bad.write_bytes(bytes(raw))
+    paths = [volume, *(cipher_path(volume, n) for n in ("d", "d/f", "bad"))]
+    for path in paths:
+        _unread(path)
+    mtimes = [os.stat(p).st_mtime_ns for p in paths]
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=1))  # nothing to do
+    assert summary.skipped == 2 and summary.rewritten == 0
+    assert [os.stat(p).st_atime_ns for p in paths] == [1_000_000_000_000_000_000] * len(paths)
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.rewritten == 1 and [f.cipher_path for f in summary.failed] == [bad.name]
+    assert [os.stat(p).st_atime_ns for p in paths] == [1_000_000_000_000_000_000] * len(paths)
+    assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
+
+
+def test_a_fifo_swapped_in_before_the_rewrite_never_blocks_reencrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the scan, which read a file's header, and its rewrite, which opens it again, a
+    FIFO put in its place would block a plain open forever, the volume locked. Here the FIFO
+    has a writer, so even a blocking open returns (the test cannot hang): the rewrite must
+    still refuse it as not a regular file."""
+    volume = make_volume(tmp_path / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "A").write_bytes(b"a" * 5000)
+    finally:
+        m.stop()
+    target = cipher_path(volume, "A")
+    real_run = reencrypt._Job.run
+    writers: list[int] = []
+
+    def swap_then_run(self, nodes):  # type: ignore[no-untyped-def]
+        os.rename(target, tmp_path / "moved-away")
+        os.mkfifo(target)
+        writers.append(os.open(target, os.O_RDWR | os.O_NONBLOCK))
+        return real_run(self, nodes)
+
+    monkeypatch.setattr(reencrypt._Job, "run", swap_then_run)
+    try:
+        summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    finally:
+        for fd in writers:
+            os.close(fd)
+    assert writers and [f.detail for f in summary.failed] == ["not a regular file"]
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) and summary.rewritten == 0
+    assert not list(volume.glob(TEMP_PREFIX + "*"))
 
 
 def test_mount_refuses_while_reencrypt_holds_the_volume(tmp_path: Path) -> None:
@@ -448,6 +562,117 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
         _kmsfs("umount", str(mp))
     proc = _kmsfs("reencrypt", str(cipher), env=env)
     assert proc.returncode == 0 and "0 file(s) re-encrypted" in proc.stdout
+
+
+def _real_volume(tmp_path: Path, initialized) -> tuple[dict[str, str], Path, Path]:  # type: ignore[no-untyped-def]
+    """A volume of a real Domain (store, SoftHSM), made and written once at generation 1."""
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+    return env, cipher, mp
+
+
+def _through_a_mount(env: dict[str, str], cipher: Path, mp: Path, do) -> None:  # type: ignore[no-untyped-def]
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        do(mp)
+    finally:
+        assert _kmsfs("umount", str(mp)).returncode == 0
+
+
+def _files(cipher: Path) -> dict[str, tuple[int, int]]:
+    """Ciphertext file name -> (inode, key epoch) of each file in the root."""
+    return {p.name: (p.stat().st_ino, header_of(p).epoch) for p in cipher.iterdir()
+            if p.is_file() and not p.name.startswith("kmsfs.")}
+
+
+def _generation(cipher: Path) -> int:
+    from kmsfs import api
+
+    return int(api.bundle_facts(volconfig.load(cipher).domain_bundle)["generation"])
+
+
+@pytest.mark.slow
+def test_reencrypt_keeps_the_generation_it_keys_files_with(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized, machine_state: Path
+) -> None:
+    """reencrypt keys files with the store's newest generation: like a mount that used it, it
+    keeps it in kmsfs.conf and in this machine's record. A store writer who then hides it
+    cannot make the next mount fall back to generation 1 (A unreadable, new files at epoch 1,
+    which an HSM removed before the rotation still has)."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    a = os.urandom(3 * BLOCK_SIZE)
+    _through_a_mount(env, cipher, mp, lambda m: (m / "A").write_bytes(a))
+    initialized("domain", "rotate", "payroll")
+    root = os.stat(cipher)
+
+    proc = _kmsfs("reencrypt", str(cipher), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs_after"] == {"2": 1}
+    assert _generation(cipher) == 2
+    now = os.stat(cipher)  # kmsfs.conf rewritten and A replaced: the root's times put back
+    assert (now.st_atime_ns, now.st_mtime_ns) == (root.st_atime_ns, root.st_mtime_ns)
+    (record,) = machine_state.rglob("*.json")
+    assert json.loads(record.read_text())["generation"] == 2
+
+    (initialized.store / "domains" / f"{volconfig.load(cipher).domain_id}.json").unlink()
+    before = set(_files(cipher))
+
+    def read_and_write(m: Path) -> None:
+        assert (m / "A").read_bytes() == a
+        (m / "C").write_bytes(b"new data")
+
+    _through_a_mount(env, cipher, mp, read_and_write)
+    (new,) = set(_files(cipher)) - before
+    assert _files(cipher)[new][1] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("chattr"), reason="needs chattr")
+def test_reencrypt_refuses_when_it_cannot_record_the_generation(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized, machine_state: Path
+) -> None:
+    """A kmsfs.conf or a machine record that cannot be written: one line, nothing rewritten."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    _through_a_mount(env, cipher, mp, lambda m: (m / "A").write_bytes(b"a" * 5000))
+    initialized("domain", "rotate", "payroll")
+    files = _files(cipher)
+    assert [epoch for _, epoch in files.values()] == [1]
+
+    # kmsfs.conf first: once it carries generation 2 it is not written again.
+    for frozen, what in ((cipher, "in use in"), (machine_state / "domains", "this machine")):
+        with _unwritable(frozen):
+            proc = _kmsfs("reencrypt", str(cipher), env=env)
+        assert proc.returncode == exitcodes.ERROR, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert f"cannot record the Domain generation {what}" in line, line
+        assert line.endswith("nothing re-encrypted") and proc.stdout == ""
+        assert _files(cipher) == files and not list(cipher.glob(TEMP_PREFIX + "*"))
+
+    assert _generation(cipher) == 2  # written before the machine record was refused
+    proc = _kmsfs("reencrypt", str(cipher), "--json", env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["rewritten"] == 1, proc.stderr
+
+
+@contextmanager
+def _unwritable(directory: Path) -> Iterator[None]:
+    """No file can be made in *directory*, even by root (immutable: chattr +i)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        return
+    mode = directory.stat().st_mode
+    directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        directory.chmod(mode)
 
 
 def test_reencrypt_is_a_documented_command() -> None:

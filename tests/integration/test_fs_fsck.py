@@ -190,6 +190,45 @@ def test_damaged_header_and_missing_blob(volume: Path, mounter) -> None:  # type
         ("header", "/f"), ("symlink", "/ln")]
 
 
+def test_the_root_directorys_own_xattrs_are_checked(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    mount = mounter(volume)
+    os.setxattr(mount.mountpoint, "user.on-the-root", b"value")
+    mount.stop()
+    report = check_tree(volume, SoftDeriver())
+    assert report.clean and report.checked["xattrs"] == 1
+    (disk,) = [n for n in os.listxattr(volume) if n.startswith("user.")]
+    value = bytearray(os.getxattr(volume, disk))
+    value[-1] ^= 1
+    os.setxattr(volume, disk, bytes(value))
+    report = check_tree(volume, SoftDeriver())
+    assert [(p.kind, p.path, p.cipher_path) for p in report.problems] == [("xattr", "/", "/")]
+    assert f"extended attribute {disk}" in report.problems[0].detail
+
+
+def _unread(path: Path) -> None:
+    """atime before mtime: under relatime (the default) the next read moves it to now."""
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_600_000_000_000_000_000),
+             follow_symlinks=False)
+
+
+def test_checking_moves_no_atime(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """fsck reads every file and lists every directory; the plaintext atimes are the
+    ciphertext ones, and a check is not a read: O_NOATIME (fsck runs as root or the owner)."""
+    from kmsfs.fs.fsck import _ciphertext_bytes
+
+    mount = mounter(volume)
+    (mount.mountpoint / "d").mkdir()
+    (mount.mountpoint / "f").write_bytes(os.urandom(2 * BS))
+    (mount.mountpoint / "d" / "g").write_bytes(b"inside")
+    mount.stop()
+    paths = [volume, *(cipher_path(volume, n) for n in ("d", "f", "d/g"))]
+    for path in paths:
+        _unread(path)
+    assert check_tree(volume, SoftDeriver()).clean
+    assert _ciphertext_bytes(volume) > 2 * BS  # the progress bar's count lists them too
+    assert [os.stat(p).st_atime_ns for p in paths] == [1_000_000_000_000_000_000] * len(paths)
+
+
 # --- the real command, real store ---------------------------------------------------------
 @pytest.mark.slow
 def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,176 @@
+"""``kmsfs reencrypt`` killed (SIGKILL) at each of its writes in turn, then run again.
+
+For every N, a fresh copy of one volume is re-keyed by a child process that kills itself just
+before the Nth call that changes the ciphertext tree or makes it durable (rename, link, unlink,
+fsync, utime, chmod, chown, setxattr, removexattr). A second, whole run must then leave exactly
+what one uninterrupted run leaves (docs/format.md, "kmsfs reencrypt", "Crashes"): the same
+plaintext, owners, modes, times and xattrs, hard links still one inode (never split in two),
+the directories' own times as they were, every file at the new epoch, and nothing left behind
+(no temporary name, no saved times). The tree is built through a real mount (stub daemon,
+software deriver); the check reads the ciphertext with O_NOATIME, so looking moves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmsfs.crypto.content import HEADER_SIZE, FileHeader
+from kmsfs.crypto.names import is_internal
+from kmsfs.fs.files import ContentKeys
+from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.reencrypt import TEMP_PREFIX, TIMES_XATTR, reencrypt_tree
+from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume
+
+LONG = "L" * 200
+
+_KILL_AT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.integration.fs_helpers import SoftDeriver
+    from kmsfs.fs import reencrypt
+    calls = [0]
+    def wrap(module, name):
+        real = getattr(module, name)
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == {n}:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally
+            return real(*args, **kwargs)
+        setattr(module, name, call)
+    for name in ("rename", "replace", "link", "unlink", "fsync", "utime", "fchmod", "fchown",
+                 "setxattr", "removexattr"):
+        wrap(os, name)
+    wrap(reencrypt, "fsync_dir")
+    reencrypt.reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2))
+    """
+)
+
+
+def _build(volume: Path, tmp_path: Path) -> None:
+    """Epoch-1 files: one inode with four paths (two in one directory, one under a long name),
+    a file alone in a directory, a long name, an empty file, an xattr, set times."""
+    m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=1).start()
+    try:
+        p = m.mountpoint
+        (p / "d" / "sub").mkdir(parents=True)
+        (p / LONG).mkdir()
+        (p / "A").write_bytes(os.urandom(10_000))
+        for other in ("A2", "d/sub/linked", f"{LONG}/{'B' * 180}"):
+            os.link(p / "A", p / other)
+        os.setxattr(p / "A", "user.colour", b"blue")
+        (p / "d" / "solo").write_bytes(os.urandom(5_000))
+        (p / LONG / "x").write_bytes(b"under a long name")
+        (p / "empty").write_bytes(b"")
+        os.utime(p / "A", ns=(1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
+        os.utime(p / "d", ns=(1_100_000_000_000_000_000, 1_200_000_000_000_000_000))
+    finally:
+        m.stop()
+
+
+def _walk(top: Path) -> list[Path]:
+    """Every path below *top*, listed with O_NOATIME so that looking moves no atime."""
+    found, stack = [], [top]
+    while stack:
+        d = stack.pop()
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+        try:
+            names = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+        for name in names:
+            found.append(d / name)
+            if stat.S_ISDIR(os.lstat(d / name).st_mode):
+                stack.append(d / name)
+    return found
+
+
+def _plaintext(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    try:
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    if not raw:
+        return b""
+    header = FileHeader.parse(raw[:HEADER_SIZE])
+    cipher = ContentKeys(SoftDeriver(current_epoch=2), key_epochs=True).cipher(header)
+    return bytes(cipher.decrypt_blocks(0, raw[HEADER_SIZE:]))
+
+
+def _state(volume: Path) -> dict[str, Any]:
+    """What a plaintext view shows of the tree, read from the ciphertext, and the hard links as
+    groups of paths; internal entries (IVs, sidecars, the config) aside."""
+    entries: dict[str, tuple[Any, ...]] = {}
+    inodes: dict[int, list[str]] = {}
+    for path in (volume, *_walk(volume)):
+        rel = str(path.relative_to(volume))
+        if any(map(is_internal, path.relative_to(volume).parts)):
+            continue
+        st = os.lstat(path)
+        kind = stat.S_IFMT(st.st_mode)
+        row: tuple[Any, ...] = (kind, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns,
+                                st.st_mtime_ns)
+        if kind == stat.S_IFREG:
+            xattrs = sorted((n, os.getxattr(path, n)) for n in os.listxattr(path))
+            row += (st.st_size, xattrs, _plaintext(path))
+            inodes.setdefault(st.st_ino, []).append(rel)
+        entries[rel] = row
+    return {"entries": entries, "links": sorted(sorted(g) for g in inodes.values())}
+
+
+def _left_behind(volume: Path) -> list[str]:
+    out = []
+    for path in (volume, *_walk(volume)):
+        if path.name.startswith(TEMP_PREFIX):
+            out.append(str(path))
+        elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):
+            out.append(f"{path}: saved times")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="saving directory times takes root (trusted.*)")
+def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> None:
+    template = make_volume(tmp_path / "template")
+    _build(template, tmp_path)
+    root = str(Path(__file__).resolve().parents[2])
+    rejoined = killed = 0
+    for n in range(1, 500):
+        volume = tmp_path / f"v{n}"
+        subprocess.run(["cp", "-a", str(template), str(volume)], check=True)
+        want = _state(volume)
+        proc = subprocess.run(
+            [sys.executable, "-c", _KILL_AT.format(root=root, n=n, volume=str(volume))],
+            capture_output=True, text=True,
+        )
+        assert proc.returncode in (0, -9), proc.stderr
+        summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+        assert summary.failed == [], (n, summary.failed)
+        assert summary.epochs_after == {2: 3}, n  # A (four paths), d/solo, LONG/x
+        have = _state(volume)
+        assert have["links"] == want["links"], (n, "a hard link split")
+        for rel, row in want["entries"].items():
+            assert have["entries"][rel] == row, (n, rel)
+        assert have["entries"].keys() == want["entries"].keys(), n
+        assert _left_behind(volume) == [], n
+        report = check_tree(volume, SoftDeriver(current_epoch=2))
+        assert report.clean and report.warnings == [], (n, report.to_json())
+        assert report.epochs == {2: 3}, n
+        rejoined += summary.links_rejoined
+        killed += proc.returncode == -9
+        subprocess.run(["rm", "-rf", str(volume)], check=True)
+        if proc.returncode == 0:  # n is past the last write: the run was not killed
+            break
+    else:
+        pytest.fail("the run never finished")
+    assert killed > 20 and rejoined >= 3, (killed, rejoined)  # the renames were cut short
