@@ -180,7 +180,7 @@ class Agent:
         reason: str,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        _append(self._audit, peer.describe(), op, domain, allowed, reason, detail)
+        self._write(peer.describe(), op, domain, allowed, reason, detail)
 
     def _write(
         self,
@@ -191,7 +191,12 @@ class Agent:
         reason: str,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        _append(self._audit, who, op, domain, allowed, reason, detail)
+        """One record to the audit sink (if any), the reason made inert and bounded."""
+        if self._audit is not None:
+            self._audit(
+                who=who, op=op, domain=domain, allowed=allowed,
+                reason=printable(reason, MAX_REASON), detail=detail,
+            )
 
     #: Operations with lasting effects on the store: recorded before they start, too.
     LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "seal-trust"})
@@ -468,23 +473,6 @@ class Agent:
             entries, self._open = list(self._open.values()), {}
         for entry in entries:
             entry.keys.close()
-
-
-def _append(
-    audit: AuditSink | None,
-    who: str,
-    op: str,
-    domain: str | None,
-    allowed: bool,
-    reason: str,
-    detail: dict[str, Any] | None,
-) -> None:
-    """One record to the audit sink (if any), the reason made inert and bounded."""
-    if audit is not None:
-        audit(
-            who=who, op=op, domain=domain, allowed=allowed,
-            reason=printable(reason, MAX_REASON), detail=detail,
-        )
 
 
 def _keep(save: Callable[[str, Signature], bool], kind: str, signature: Signature) -> None:

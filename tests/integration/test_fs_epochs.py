@@ -33,7 +33,13 @@ from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import TEMP_PREFIX, UPGRADE_FLAGS, reencrypt_tree
-from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, sample_config
+from tests.integration.fs_helpers import (
+    Mount,
+    SoftDeriver,
+    make_volume,
+    quiet_walk,
+    sample_config,
+)
 from tests.integration.test_fs_fsck import cipher_path
 
 LONG = "L" * 200
@@ -256,29 +262,11 @@ _CRASH = textwrap.dedent(
 )
 
 
-def _quiet_walk(top: Path) -> list[Path]:
-    """Every path below *top*, listed with O_NOATIME (as root): unlike os.walk or rglob, looking
-    does not move the directory atimes the tests compare."""
-    found, stack = [], [top]
-    while stack:
-        d = stack.pop()
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
-        try:
-            names = os.listdir(fd)
-        finally:
-            os.close(fd)
-        for name in names:
-            found.append(d / name)
-            if stat.S_ISDIR(os.lstat(d / name).st_mode):
-                stack.append(d / name)
-    return found
-
-
 def _dir_times(volume: Path) -> dict[str, tuple[int, int]]:
     """(atime, mtime) of every ciphertext directory, the root included (the plaintext ones)."""
     from kmsfs.crypto.names import is_internal
 
-    dirs = [volume, *(p for p in _quiet_walk(volume) if stat.S_ISDIR(os.lstat(p).st_mode))]
+    dirs = [volume, *(p for p in quiet_walk(volume) if stat.S_ISDIR(os.lstat(p).st_mode))]
     return {str(d.relative_to(volume)): (d.stat().st_atime_ns, d.stat().st_mtime_ns)
             for d in dirs if not any(map(is_internal, d.relative_to(volume).parts))}
 
@@ -286,7 +274,7 @@ def _dir_times(volume: Path) -> dict[str, tuple[int, int]]:
 def _leftovers(volume: Path) -> list[str]:
     """Temporary names and saved directory times a reencrypt run left behind."""
     out = []
-    for path in (volume, *_quiet_walk(volume)):
+    for path in (volume, *quiet_walk(volume)):
         if path.name.startswith(TEMP_PREFIX):
             out.append(str(path))
         elif stat.S_ISDIR(os.lstat(path).st_mode) and reencrypt.TIMES_XATTR in os.listxattr(path):

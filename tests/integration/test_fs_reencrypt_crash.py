@@ -27,7 +27,7 @@ from kmsfs.crypto.names import is_internal
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import TEMP_PREFIX, TIMES_XATTR, reencrypt_tree
-from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume
+from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, quiet_walk
 
 LONG = "L" * 200
 
@@ -77,23 +77,6 @@ def _build(volume: Path, tmp_path: Path) -> None:
         m.stop()
 
 
-def _walk(top: Path) -> list[Path]:
-    """Every path below *top*, listed with O_NOATIME so that looking moves no atime."""
-    found, stack = [], [top]
-    while stack:
-        d = stack.pop()
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
-        try:
-            names = sorted(os.listdir(fd))
-        finally:
-            os.close(fd)
-        for name in names:
-            found.append(d / name)
-            if stat.S_ISDIR(os.lstat(d / name).st_mode):
-                stack.append(d / name)
-    return found
-
-
 def _plaintext(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
     try:
@@ -112,7 +95,7 @@ def _state(volume: Path) -> dict[str, Any]:
     groups of paths; internal entries (IVs, sidecars, the config) aside."""
     entries: dict[str, tuple[Any, ...]] = {}
     inodes: dict[int, list[str]] = {}
-    for path in (volume, *_walk(volume)):
+    for path in (volume, *quiet_walk(volume)):
         rel = str(path.relative_to(volume))
         if any(map(is_internal, path.relative_to(volume).parts)):
             continue
@@ -130,7 +113,7 @@ def _state(volume: Path) -> dict[str, Any]:
 
 def _left_behind(volume: Path) -> list[str]:
     out = []
-    for path in (volume, *_walk(volume)):
+    for path in (volume, *quiet_walk(volume)):
         if path.name.startswith(TEMP_PREFIX):
             out.append(str(path))
         elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):

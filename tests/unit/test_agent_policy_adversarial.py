@@ -169,6 +169,7 @@ def _guarded_with_a_full_disk() -> tuple[object, list[str]]:
         policy=Policy.parse(POLICY, "policy.toml"), _audit=audit, LASTING_OPS=Agent.LASTING_OPS
     )
     agent._record = lambda *a, **k: Agent._record(agent, *a, **k)  # type: ignore[attr-defined]
+    agent._write = lambda *a, **k: Agent._write(agent, *a, **k)  # type: ignore[attr-defined]
 
     def guarded(peer: Peer, op: str, domain: str | None) -> object:
         def act() -> dict[str, object]:
