@@ -553,10 +553,14 @@ def test_eight_concurrent_mounts_through_one_agent(world: World, tmp_path: Path)
 
 
 def test_agent_restart_under_a_live_mount(world: World, tmp_path: Path) -> None:
-    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
     cipherdir = _volume(world, tmp_path)
-    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
-                       ["--agent", agent.address]).start()
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
+    try:  # a failed mount must not leave this agent running past the test
+        mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                           ["--agent", agent.address]).start()
+    except BaseException:
+        agent.stop()
+        raise
     try:
         for name in ("open-before", "closed-before"):
             (mount.mountpoint / name).write_bytes(name.encode() * 1000)
