@@ -172,6 +172,9 @@ class _Checker:
             self.damage("diriv", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
         try:
             entries = sorted(os.fsdecode(n) for n in list_unread(_reach(cdir)))
+        except PermissionError as exc:  # as for files: a mode that shuts this user out
+            self.warn("unchecked", cdir, plain, f"cannot list: {exc.strerror} (run fsck as root)")
+            return
         except OSError as exc:
             self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
             return
@@ -324,6 +327,8 @@ class _Checker:
         try:  # no following, no blocking on a FIFO put there since the walk
             with open(open_unread(_reach(path)), "rb") as f:
                 self.contents(f, path, plain, st.st_size)
+        except PermissionError as exc:  # run as a user the file's mode shuts out: not damage
+            self.warn("unchecked", path, plain, f"cannot read: {exc.strerror} (run fsck as root)")
         except OSError as exc:
             self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")
 

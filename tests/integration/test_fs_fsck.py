@@ -311,3 +311,46 @@ def test_a_fifo_swapped_in_after_the_look_never_blocks_fsck(  # type: ignore[no-
     assert [(p.kind, p.path) for p in report.problems] == [("unreadable", "/f")]
     assert "not a regular file" in report.problems[0].detail
     assert report.checked["files"] == 2
+
+
+def test_a_file_the_user_may_not_read_is_a_warning_not_damage(mounter) -> None:  # type: ignore[no-untyped-def]
+    """fsck run by the volume's owner (not root) on a healthy 0200 file or 0300 directory: it
+    cannot read them, which says nothing about the ciphertext. Reported as damage (exit 8),
+    it sent a user looking for corruption that is not there."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.integration.fs_helpers import make_volume
+
+    with tempfile.TemporaryDirectory(prefix="kmsfs-fsck-") as base:
+        os.chmod(base, 0o755)
+        volume = make_volume(Path(base) / "cipher")
+        mount = mounter(volume)
+        (mount.mountpoint / "locked").write_bytes(b"healthy" * 1000)
+        (mount.mountpoint / "closed").mkdir()
+        (mount.mountpoint / "closed" / "inside").write_bytes(b"also healthy")
+        (mount.mountpoint / "locked").chmod(0o200)
+        (mount.mountpoint / "closed").chmod(0o300)
+        mount.stop()
+        for path in (volume, *volume.rglob("*")):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+        script = (
+            "import json, sys; from pathlib import Path\n"
+            "sys.path.insert(0, 'tests/integration')\n"
+            "from fs_helpers import SoftDeriver\n"
+            "from kmsfs.fs.fsck import check_tree\n"
+            f"r = check_tree(Path({str(volume)!r}), SoftDeriver())\n"
+            "print(json.dumps({'clean': r.clean, 'warnings': [(w.kind, w.path) "
+            "for w in r.warnings]}))\n"
+        )
+        proc = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             sys.executable, "-c", script],
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["clean"] is True
+    unchecked = sorted(tuple(w) for w in report["warnings"] if w[0] == "unchecked")
+    assert unchecked == [("unchecked", "/closed"), ("unchecked", "/locked")]
