@@ -671,6 +671,28 @@ def slow_serialized(open_hsm: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _at_once(agent: Agent, op: str, requests: list[dict[str, Any]]) -> list[object]:
+    """Send each request of ``op`` from its own thread, all released together; return each
+    one's answer, or the KmsfsError it raised, in order."""
+    barrier = threading.Barrier(len(requests))
+    outcome: list[object] = [None] * len(requests)
+
+    def send(i: int) -> None:
+        barrier.wait()
+        try:
+            outcome[i] = call(agent, peer(0), op, requests[i])
+        except KmsfsError as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), outcome
+    return outcome
+
+
 def test_concurrent_rival_genesis_successors_get_one_seal(
     fresh: Admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -681,23 +703,9 @@ def test_concurrent_rival_genesis_successors_get_one_seal(
     ctx = Context.at(fresh.store)
     root = ctx.store.anchor().root
     monkeypatch.setattr(trusts, "open_hsm", slow_serialized(trusts.open_hsm))
-    outcome: dict[str, object] = {}
-    barrier = threading.Barrier(2)
     with in_process_agent(fresh.store, ROOT_ALL) as agent:
-
-        def seal(trust_id: str) -> None:
-            args = _seal_args(ctx, trust_id, root)
-            barrier.wait()
-            try:
-                outcome[trust_id] = call(agent, peer(0), "seal-trust", args)
-            except KmsfsError as exc:
-                outcome[trust_id] = exc
-
-        threads = [threading.Thread(target=seal, args=(t,)) for t in (ta, tb)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        answers = _at_once(agent, "seal-trust", [_seal_args(ctx, t, root) for t in (ta, tb)])
+    outcome = dict(zip((ta, tb), answers, strict=True))
     sealed = [t for t, r in outcome.items() if isinstance(r, dict)]
     assert len(outcome) == 2 and len(sealed) == 1, outcome
     assert [t for t in (ta, tb) if (fresh.store / "seals" / t).exists()] == sealed
@@ -709,22 +717,8 @@ def test_concurrent_create_domain_of_one_name_makes_one_domain(
     monkeypatch.setattr(domains, "open_hsm", slow_serialized(domains.open_hsm))
     # t2, the newest Trust: nothing new is made under t1, which t2 supersedes.
     args = {"name": "race", "trust": kms.t2, "chain": kms.chain(kms.t2)}
-    barrier = threading.Barrier(2)
-    outcome: list[object] = []
     with in_process_agent(kms.store, ROOT_ALL) as agent:
-
-        def create() -> None:
-            barrier.wait()
-            try:
-                outcome.append(call(agent, peer(0), "create-domain", dict(args)))
-            except KmsfsError as exc:
-                outcome.append(exc)
-
-        threads = [threading.Thread(target=create) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        outcome = _at_once(agent, "create-domain", [dict(args), dict(args)])
     ctx = kms.ctx
     named = [i for i in ctx.store.domain_ids() if ctx.store.domain(i).domain.name == "race"]
     assert len(named) == 1, outcome
@@ -788,23 +782,11 @@ def test_concurrent_rival_genesis_successors_leave_only_the_sealed_one(
     ctx = Context.at(fresh.store)
     rivals = [_stranger_successor(ctx, name) for name in ("mallory", "trudy")]
     monkeypatch.setattr(trusts, "open_hsm", slow_serialized(trusts.open_hsm))
-    outcome: dict[str, object] = {}
-    barrier = threading.Barrier(2)
     with in_process_agent(fresh.store, ROOT_ALL) as agent:
-
-        def seal(trust: Trust, approval: Signature) -> None:
-            args = _stranger_seal_args(ctx, trust, approval)
-            barrier.wait()
-            try:
-                outcome[trust.id] = call(agent, peer(0), "seal-trust", args)
-            except KmsfsError as exc:
-                outcome[trust.id] = exc
-
-        threads = [threading.Thread(target=seal, args=rival) for rival in rivals]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        answers = _at_once(
+            agent, "seal-trust", [_stranger_seal_args(ctx, t, a) for t, a in rivals]
+        )
+    outcome = dict(zip((t.id for t, _ in rivals), answers, strict=True))
     sealed = [t for t, r in outcome.items() if isinstance(r, dict)]
     assert len(outcome) == 2 and len(sealed) == 1, outcome
     assert ctx.store.anchor().successor == sealed[0]
