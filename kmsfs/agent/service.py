@@ -264,6 +264,9 @@ class Agent:
                     self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
                 entry = self._open[handle]
             domain = verified.sealed.domain
+            # A successor of its Trust: the client warns that a rewrap is due, as a mount
+            # through its own store does (kmsfs.fs.kms.superseded_warning).
+            newer = trusts.successor(self.ctx, domain.trust)
             return {
                 "handle": handle,
                 "name": domain.name,
@@ -272,6 +275,7 @@ class Agent:
                 "trust_id": domain.trust,
                 "current_epoch": domain.current_epoch.epoch,
                 "hsm": entry.keys.hsm_label,
+                "superseded_by": newer.id if newer is not None else None,
             }
 
         return self._guarded(peer, "derive", name, act, {"open": bundle.domain.id})

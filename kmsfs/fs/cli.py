@@ -117,6 +117,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
                 f"{args.cipherdir}: config names Domain {config.domain_name}, "
                 f"the agent opened {desc.get('name')}"
             )
+        _warn_if_superseded(args, desc)
         return config, Path("."), options
     store = kms.store_dir(args.store)
     try:
@@ -133,10 +134,16 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
             f"its bundle holds {kms.domain_id_of(desc)}"
         )
     kms.check_not_rolled_back(desc)
-    if desc.get("superseded_by"):  # keeps working meanwhile: volumes were bound before it
-        args.warning = kms.superseded_warning(desc)  # for the daemon's log too (cmd_mount)
-        print(f"kmsfs: warning: {args.warning}", file=sys.stderr)
+    _warn_if_superseded(args, desc)
     return config, store, options
+
+
+def _warn_if_superseded(args: argparse.Namespace, desc: dict[str, object]) -> None:
+    """Warn (stderr, and the daemon's log: cmd_mount) that the Domain's Trust has a successor
+    and a rewrap is due; the mount goes on, since volumes were bound before it."""
+    if desc.get("superseded_by"):
+        args.warning = kms.superseded_warning(desc)
+        print(f"kmsfs: warning: {args.warning}", file=sys.stderr)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -173,7 +173,14 @@ def _offered(facts: dict[str, Any]) -> seen.Offered:
 def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
     """Have the agent verify the bundle and check its policy, as a mount will; its answer."""
     with open_deriver(Path("."), bundle, agent) as deriver:
-        return dict(deriver.description)  # type: ignore[attr-defined]
+        desc = dict(deriver.description)  # type: ignore[attr-defined]
+    # Printed in the superseded warning: ids, never whatever else an agent may send.
+    from kmsfs.model import fields
+
+    for key in ("trust_id", "superseded_by"):
+        if desc.get(key) is not None:
+            fields.hex_id(desc[key], f"agent's open-domain.{key}")
+    return desc
 
 
 def check_bundle(

@@ -742,6 +742,17 @@ def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) 
     successor = world.ops.propose(["hsm1"], ["alice", "bob"], 1, predecessor=trust)
     world.ops.sign(successor, "alice")
     world.ops("--agent", address, "trust", "seal", successor)
+    # Until the rewrap, a mount through the agent keeps working and says a rewrap is due, as
+    # one through its own store does (test_superseded_trust.py).
+    due = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "due.log",
+                     ["--agent", address]).start()
+    try:
+        assert (due.mountpoint / "before").read_text() == "written under generation 1\n"
+    finally:
+        due.stop()
+    warning = f"supersedes: ask an operator to rewrap it (kmsfs-admin domain rewrap ledger " \
+        f"--trust {successor[:12]})"
+    assert warning in (tmp_path / "due.log").read_text()
     out = world.ops("--json", "--agent", address, "domain", "rewrap", "ledger",
                     "--trust", successor).json
     assert out["generation"] == 2
@@ -755,6 +766,7 @@ def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) 
         assert (mount.mountpoint / "before").read_text() == "written under generation 1\n"
     finally:
         mount.stop()
+    assert "supersedes" not in (tmp_path / "mnt.log").read_text()
     opened = [r for r in _records(world.agent) if r.get("op") == "derive"
               and r.get("detail", {}).get("open") is not None]
     assert opened, "the mount opened the Domain through the agent"

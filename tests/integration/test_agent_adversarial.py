@@ -983,6 +983,29 @@ def test_deriver_refuses_keys_of_the_wrong_count_or_size(kms: Kms, keys: list[st
         deriver.derive_many([b"one", b"two"])
 
 
+@pytest.mark.parametrize("key", ["trust_id", "superseded_by"])
+def test_mount_prints_no_agent_controlled_text_in_the_superseded_warning(
+    kms: Kms, key: str
+) -> None:
+    """The warning a mount prints quotes the ids the agent sent: anything but an id (escape
+    sequences for the client's terminal, say) is refused, not printed."""
+    from kmsfs.fs import kms as fskms
+
+    ids = {"trust_id": "ab" * 32, "superseded_by": "cd" * 32}
+
+    def respond(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return {"handle": "ab" * 32, "name": "payroll", **ids, key: "\x1b]0;pwned\x07"}
+
+    bundle = domains.export_bundle(kms.ctx, "payroll").to_bytes()
+    with fake_agent(respond) as agent, pytest.raises(FormatError, match=key):
+        fskms.describe_via_agent(bundle, fskms.AgentOptions(str(agent.path)))
+    with fake_agent(lambda op, args: {"handle": "ab" * 32, "name": "payroll", **ids}) as agent:
+        desc = fskms.describe_via_agent(bundle, fskms.AgentOptions(str(agent.path)))
+    assert fskms.superseded_warning(desc).startswith(
+        f"Domain payroll is governed by trust {'ab' * 6}, which trust {'cd' * 6} supersedes"
+    )
+
+
 def test_agent_refusal_keeps_its_error_class_on_the_client(kms: Kms) -> None:
     """The client re-raises what the agent said as the local class (the CLI's exit code)."""
 
