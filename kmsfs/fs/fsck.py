@@ -50,7 +50,8 @@ from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, read_dir_iv
 from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
-from kmsfs.fs.reencrypt import TIMES_XATTR, list_unread, open_dir_unread, open_unread
+from kmsfs.fs.reencrypt_resume import TIMES_XATTR
+from kmsfs.fs.reencrypt_walk import list_unread, open_dir_unread, open_unread
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 MAX_BLOCK_PROBLEMS = 16

@@ -32,7 +32,9 @@ from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
-from kmsfs.fs.reencrypt import TEMP_PREFIX, UPGRADE_FLAGS, reencrypt_tree
+from kmsfs.fs.reencrypt import UPGRADE_FLAGS, reencrypt_tree
+from kmsfs.fs.reencrypt_resume import TIMES_XATTR
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
 from tests.integration.fs_helpers import (
     Mount,
     SoftDeriver,
@@ -277,7 +279,7 @@ def _leftovers(volume: Path) -> list[str]:
     for path in (volume, *quiet_walk(volume)):
         if path.name.startswith(TEMP_PREFIX):
             out.append(str(path))
-        elif stat.S_ISDIR(os.lstat(path).st_mode) and reencrypt.TIMES_XATTR in os.listxattr(path):
+        elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):
             out.append(f"{path} (saved times)")
     return out
 
@@ -666,7 +668,7 @@ def _unwritable(directory: Path) -> Iterator[None]:
 def test_reencrypt_is_a_documented_command() -> None:
     proc = _kmsfs("reencrypt", "--help")
     assert proc.returncode == 0 and "example" in proc.stdout
-    assert reencrypt.TEMP_PREFIX.startswith("kmsfs.tmp.")
+    assert TEMP_PREFIX.startswith("kmsfs.tmp.")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root")

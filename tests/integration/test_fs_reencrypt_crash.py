@@ -26,7 +26,9 @@ from kmsfs.crypto.content import HEADER_SIZE, FileHeader
 from kmsfs.crypto.names import is_internal
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.fsck import check_tree
-from kmsfs.fs.reencrypt import TEMP_PREFIX, TIMES_XATTR, reencrypt_tree
+from kmsfs.fs.reencrypt import reencrypt_tree
+from kmsfs.fs.reencrypt_resume import TIMES_XATTR
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
 from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, quiet_walk
 
 LONG = "L" * 200
@@ -37,7 +39,7 @@ _KILL_AT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from tests.integration.fs_helpers import SoftDeriver
-    from kmsfs.fs import reencrypt
+    from kmsfs.fs import reencrypt, reencrypt_resume, reencrypt_rewrite
     calls = [0]
     def wrap(module, name):
         real = getattr(module, name)
@@ -50,7 +52,8 @@ _KILL_AT = textwrap.dedent(
     for name in ("rename", "replace", "link", "unlink", "fsync", "utime", "fchmod", "fchown",
                  "setxattr", "removexattr"):
         wrap(os, name)
-    wrap(reencrypt, "fsync_dir")
+    for module in (reencrypt, reencrypt_resume, reencrypt_rewrite):
+        wrap(module, "fsync_dir")
     reencrypt.reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2))
     """
 )

@@ -1,0 +1,183 @@
+"""``kmsfs reencrypt``'s rewrite of one file under the new key, atomically.
+
+Each file below the current epoch gets a fresh version 2 header at the Domain's current epoch
+(a new random file id, so a new key, and every block re-encrypted):
+
+1. decrypt with the old key and encrypt with the new one into
+   ``kmsfs.tmp.reencrypt-<random>-<old inode number>`` in the file's own ciphertext directory
+   (a reserved name: a mount hides it, fsck calls it a leftover), with the file's mode, owner,
+   atime/mtime and every xattr copied (user xattrs are keyed with epoch 1 for the volume's life,
+   so their stored bytes are copied as they are);
+2. fsync it; for a hard-linked file, link it under a second temporary name (the same suffix)
+   next to every other ciphertext path of the inode;
+3. rename each temporary name over its path, then fsync each directory and put back the
+   directory's own atime/mtime.
+
+Every directory's times are saved before it first changes (:mod:`kmsfs.fs.reencrypt_resume`),
+so a crash between these steps is finished by the next run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kmsfs.atomicfile import fsync_dir
+from kmsfs.crypto import content
+from kmsfs.errors import FormatError, IntegrityError
+from kmsfs.fs.files import ContentKeys
+from kmsfs.fs.longpath import reach
+from kmsfs.fs.reencrypt_resume import DirTimes
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Inode, open_unread
+
+if TYPE_CHECKING:
+    from kmsfs.fs.reencrypt import Summary
+
+_BATCH_BLOCKS = 64
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_xattrs(src: int, dst: int) -> None:
+    """Every xattr of the ciphertext file, as stored. ``user.*`` ones are kmsfs's (encrypted
+    with an epoch-1 key, bound to their encrypted name only): copying them fails loudly; others
+    (security.*, set by the host) are copied where the host lets us."""
+    for name in os.listxattr(src):
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError:
+            if name.startswith("user."):
+                raise
+
+
+class Rewriter:
+    """Rewrites files at epoch *current* with *keys*, one at a time, keeping the directories'
+    own times (*times*); adds the ciphertext bytes it writes to ``summary.bytes`` and tells
+    *advance* the bytes it reads."""
+
+    def __init__(self, keys: ContentKeys, current: int, times: DirTimes, summary: Summary,
+                 advance: Callable[[int], None]) -> None:
+        self.keys = keys
+        self.current = current
+        self.times = times
+        self.summary = summary
+        self.advance = advance
+
+    def rewrite(self, node: Inode, old: content.FileHeader) -> None:
+        src_path = node.paths[0]
+        # no following, no blocking on a FIFO put there since the scan, no atime moved
+        src = open_unread(reach(src_path))
+        temps: list[bytes] = []
+        made: set[bytes] = set()
+        try:
+            st = os.fstat(src)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+                node.st.st_dev, node.st.st_ino, node.st.st_size, node.st.st_mtime_ns
+            ):
+                raise FormatError("changed while the job ran (is the volume in use?)")
+            content.plain_size(st.st_size)  # a torn file: leave it to fsck
+            try:
+                old_cipher = self.keys.cipher(old)
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"keyed with mk epoch {old.epoch}, which the Domain does not have ({exc})"
+                ) from None
+            new = content.FileHeader.new(self.current)
+            new_cipher = self.keys.cipher(new)
+            suffix = f"-{st.st_ino}"  # what a run after a crash matches it with (reencrypt_resume)
+            temp = os.path.dirname(src_path) + b"/" + os.fsencode(
+                TEMP_PREFIX + secrets.token_hex(8) + suffix)
+            self.times.touching(os.path.dirname(temp))
+            made.add(os.path.dirname(temp))
+            dst = os.open(reach(temp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+            temps.append(temp)
+            try:
+                self._copy_blocks(src, dst, old_cipher, new_cipher, new, st.st_size)
+                _copy_xattrs(src, dst)
+                mine = os.fstat(dst)
+                if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+                    try:
+                        os.fchown(dst, st.st_uid, st.st_gid)
+                    except PermissionError:
+                        raise FormatError(
+                            f"cannot keep owner {st.st_uid}:{st.st_gid} "
+                            "(run as root or as the owner)"
+                        ) from None
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                # the times seen before this job read the file (reading moves atime)
+                os.utime(dst, ns=(node.st.st_atime_ns, node.st.st_mtime_ns))
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+            pairs = [(temp, src_path)]
+            for other in node.paths[1:]:
+                link = os.path.dirname(other) + b"/" + os.fsencode(
+                    TEMP_PREFIX + secrets.token_hex(8) + suffix)
+                self.times.touching(os.path.dirname(link))
+                made.add(os.path.dirname(link))
+                os.link(reach(temp), reach(link), follow_symlinks=False)
+                temps.append(link)
+                pairs.append((link, other))
+            dirs = {os.path.dirname(p) for p in node.paths}
+            for d in dirs:
+                fsync_dir(reach(d))  # every new name is durable before any path is replaced
+            for t, p in pairs:
+                os.rename(reach(t), reach(p))
+                temps.remove(t)
+            for d in dirs:
+                fsync_dir(reach(d))
+                self.times.restore_dir_times(d)
+        except BaseException:
+            for t in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(reach(t))
+            for d in made:
+                self.times.restore_dir_times(d)
+            raise
+        finally:
+            os.close(src)
+
+    def _copy_blocks(self, src: int, dst: int, old_cipher: content.ContentCipher,
+                     new_cipher: content.ContentCipher, new: content.FileHeader,
+                     size: int) -> None:
+        _write_all(dst, new.pack())
+        self.summary.bytes += content.HEADER_SIZE
+        offset, block = content.HEADER_SIZE, 0
+        step = content.CIPHER_BLOCK_SIZE * _BATCH_BLOCKS
+        while offset < size:
+            raw = os.pread(src, min(step, size - offset), offset)
+            if not raw:
+                raise FormatError(f"short read at offset {offset}")
+            try:
+                plain = old_cipher.decrypt_blocks(block, raw)
+            except IntegrityError:
+                plain = self._which_block(old_cipher, block, raw)
+            out = new_cipher.encrypt_blocks(block, plain)
+            _write_all(dst, out)
+            self.summary.bytes += len(out)
+            self.advance(len(raw))
+            offset += len(raw)
+            block += -(-len(raw) // content.CIPHER_BLOCK_SIZE)
+
+    @staticmethod
+    def _which_block(cipher: content.ContentCipher, first: int, raw: bytes) -> bytearray:
+        """Name the block that fails (raises), so the failure says where the damage is."""
+        cbs = content.CIPHER_BLOCK_SIZE
+        for i in range(-(-len(raw) // cbs)):
+            try:
+                cipher.decrypt_block(first + i, raw[i * cbs : (i + 1) * cbs])
+            except IntegrityError:
+                n = first + i
+                raise IntegrityError(
+                    f"block {n} (plaintext offset {n * content.BLOCK_SIZE}) fails "
+                    "authentication: not rewritten (see kmsfs fsck)"
+                ) from None
+        raise IntegrityError(f"blocks from {first} fail authentication")  # not reached

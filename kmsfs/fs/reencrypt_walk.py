@@ -1,0 +1,132 @@
+"""The ciphertext tree as ``kmsfs reencrypt`` sees it, read without moving any atime.
+
+Before it changes anything, the job walks the whole tree once (:func:`walk`): every regular
+file, every directory, with a fingerprint of its plaintext entry names (what
+:mod:`kmsfs.fs.reencrypt_resume` saves with a directory's times), and every temporary name a
+killed run left (:data:`TEMP_PREFIX`). Then it reads each file's header for its key epoch
+(:func:`read_header`, :func:`epoch_of`).
+
+Files and directories are read with O_NOATIME where the kernel allows it, so a run moves no
+plaintext atime (a plaintext atime is its ciphertext file's). ``kmsfs fsck`` opens files and
+lists directories with the same helpers (:func:`open_unread`, :func:`open_dir_unread`,
+:func:`list_unread`), for the same reason.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+
+from kmsfs.crypto import content
+from kmsfs.crypto.names import is_internal
+from kmsfs.errors import FormatError
+from kmsfs.fs.longpath import reach
+from kmsfs.fs.posix import open_regular
+
+TEMP_PREFIX = "kmsfs.tmp.reencrypt-"
+"""Temporary names of this job: reserved (``kmsfs.``), so never a plaintext name. Followed by
+16 hex digits, ``-`` and the inode number of the file being replaced."""
+
+
+def open_unread(path: bytes | str) -> int:
+    """:func:`~kmsfs.fs.posix.open_regular` for reading, with O_NOATIME where the kernel allows
+    it (the file's owner, or root): checking or re-keying a file is not reading it, and the
+    plaintext atime is the ciphertext file's. *path* as for open_regular."""
+    try:
+        return open_regular(path, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+    return open_regular(path)
+
+
+def open_dir_unread(path: bytes | str) -> int:
+    """A directory fd to list (:func:`os.listdir`, :func:`os.scandir`) with O_NOATIME where
+    the kernel allows it, so listing it leaves its atime alone (see :func:`open_unread`)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+    return os.open(path, flags)
+
+
+def list_unread(path: bytes | str) -> list[bytes]:
+    """The names in a directory, as bytes, without moving its atime."""
+    fd = open_dir_unread(path)
+    try:
+        return [os.fsencode(name) for name in os.listdir(fd)]
+    finally:
+        os.close(fd)
+
+
+def read_header(path: bytes) -> bytes:
+    """The first HEADER_SIZE bytes of a ciphertext file (fewer if it is shorter); OSError,
+    without the path, for anything but a regular file (a FIFO put there never blocks)."""
+    try:
+        fd = open_unread(reach(path))
+    except OSError as exc:  # the caller names the file, in its own terms
+        raise type(exc)(exc.errno, exc.strerror) from None
+    try:
+        return os.pread(fd, content.HEADER_SIZE, 0)
+    finally:
+        os.close(fd)
+
+
+def epoch_of(path: bytes) -> int | None:
+    """The key epoch in a ciphertext file's header, None if it has none that parses."""
+    try:
+        return content.FileHeader.parse(read_header(path)).epoch
+    except (OSError, FormatError):
+        return None
+
+
+@dataclass
+class Inode:
+    paths: list[bytes]
+    st: os.stat_result
+    header: content.FileHeader | None = None
+
+
+@dataclass
+class Tree:
+    files: list[bytes]
+    """Regular files."""
+    temps: list[bytes]
+    """Temporary files of an interrupted run."""
+    dirs: dict[bytes, os.stat_result]
+    prints: dict[bytes, str]
+    """Directory -> fingerprint of its plaintext entry names (a hash of them, sorted)."""
+
+
+def walk(root: bytes) -> Tree:
+    """Every regular file, leftover temporary file and directory of the tree.
+
+    Skips every reserved name (``kmsfs.diriv``, sidecars, ``kmsfs.conf``, ``kmsfs.longlinks/``)
+    but long-name entries, which are ordinary entries under a hashed name.
+    """
+    tree = Tree([], [], {}, {})
+    stack = [root]
+    while stack:
+        cdir = stack.pop()
+        tree.dirs[cdir] = os.lstat(reach(cdir))
+        shown: list[bytes] = []
+        for name in sorted(list_unread(reach(cdir))):
+            path = cdir + b"/" + name
+            text = os.fsdecode(name)
+            if text.startswith(TEMP_PREFIX):
+                tree.temps.append(path)
+                continue
+            if is_internal(text):
+                continue
+            shown.append(name)
+            st = os.lstat(reach(path))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            elif stat.S_ISREG(st.st_mode):
+                tree.files.append(path)
+        tree.prints[cdir] = hashlib.sha256(b"\0".join(shown)).hexdigest()[:32]
+    return tree
