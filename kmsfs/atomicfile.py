@@ -49,7 +49,7 @@ def write_new(
     ``parents=False`` leaves a missing directory missing (FileNotFoundError): in a ciphertext
     tree a directory is never made without its IV."""
     if parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(path.parent)
     temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.link(temp, path)
@@ -66,13 +66,29 @@ def write_new(
     return True
 
 
+def make_parents(directory: Path, mode: int = 0o755) -> None:
+    """``mkdir -p`` that gives every directory it makes *mode* (less the umask), whatever the
+    process umask. Not ``Path.mkdir(parents=True)``: the mount daemon runs with umask 0 (the
+    modes of what it makes for users arrive final), and under it that made this machine's
+    state directories (:mod:`kmsfs.fs.seen`) writable by every user."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            os.mkdir(each, mode)
+
+
 def replace(
     path: Path, data: bytes, mode: int = 0o644, temp_prefix: str = ".tmp-", parents: bool = True
 ) -> None:
     """Atomically replace ``path`` with ``data`` (for the few mutable files); ``parents`` as for
     :func:`write_new`."""
     if parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(path.parent)
     temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.replace(temp, path)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from kmsfs.errors import FormatError, IntegrityError
 STATE_ENV = "KMSFS_STATE_DIR"
 SYSTEM_STATE_DIR = Path("/var/lib/kmsfs/state")
 MAX_RECORD_SIZE = 4096
+
+log = logging.getLogger(__name__)
 
 
 def state_dir() -> Path:
@@ -153,5 +157,27 @@ def remember(offered: Offered) -> bool:
         "trust": offered.trust,
     }
     data = (json.dumps(record, sort_keys=True, indent=2) + "\n").encode()
+    _close_to_others()
     atomicfile.replace(record_path(offered.root, offered.domain), data, mode=0o644)
     return True
+
+
+def _close_to_others() -> None:
+    """Take write permission for others off this user's state directories (and, for the
+    system one, /var/lib/kmsfs above it): whoever may write there may remove a record, and
+    with it the refusal of a rolled-back Domain. Mounts of earlier versions made them 0777
+    (:func:`kmsfs.atomicfile.make_parents`); a directory of another owner is left alone."""
+    top = state_dir()
+    dirs = [top / "domains", top]
+    if top == SYSTEM_STATE_DIR:
+        dirs.append(top.parent)
+    for directory in dirs:
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and mode & 0o022:
+            os.chmod(directory, mode & ~0o022)
+            log.warning("%s was writable by other users (mode %04o); now %04o",
+                        directory, mode, mode & ~0o022)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,9 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     env, cipher, mp, old_conf = _mounted_after_a_rotation(initialized, tmp_path)
     newer = volconfig.load(cipher)
     assert _generation(cipher) == 2 and list(machine_state.rglob("*.json"))
+    # Made by the daemon (umask 0): closed to other users all the same.
+    for directory in (machine_state, machine_state / "domains"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
 
     (initialized.store / "domains" / f"{newer.domain_id}.json").unlink()
     (cipher / volconfig.CONFIG_NAME).chmod(0o644)

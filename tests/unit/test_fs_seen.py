@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,33 @@ def test_without_the_environment_root_keeps_it_in_var_lib(
     monkeypatch.setattr(seen.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert seen.state_dir() == tmp_path / "kmsfs"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_state_directories_are_closed_to_other_users_even_under_umask_0(
+    machine_state: Path,
+) -> None:
+    """The mount daemon runs with umask 0: its state directories were made 0777, so any user
+    could remove the record that refuses a rolled-back Domain."""
+    old = os.umask(0)
+    try:
+        seen.remember(offered(1))
+    finally:
+        os.umask(old)
+    assert _mode(machine_state) == _mode(machine_state / "domains") == 0o755
+
+
+def test_state_directories_left_open_by_an_earlier_version_are_closed(
+    machine_state: Path,
+) -> None:
+    (machine_state / "domains").mkdir(parents=True)
+    for directory in (machine_state, machine_state / "domains"):
+        directory.chmod(0o777)
+    seen.remember(offered(1))
+    assert _mode(machine_state) == _mode(machine_state / "domains") == 0o755
 
 
 def test_an_older_generation_than_one_mounted_here_is_refused() -> None:
