@@ -237,7 +237,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{mountpoint}: not a kmsfs mount ({found[0]} from {found[1]}); nothing unmounted"
         )
-    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    # Absolute, and after "--": a mount point named "-dash" is not an option of fusermount3.
+    target = os.path.abspath(mountpoint)
+    proc = subprocess.run(["fusermount3", "-u", "--", target], capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")

@@ -447,6 +447,10 @@ async def _watch_signals() -> None:
             return
 
 
+#: What calls off a mount that is not ready yet (:func:`daemonize`).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
     """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready.
 
@@ -456,10 +460,19 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
     user and a script exactly as they would without it.
     """
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
+    # Ctrl-C and SIGTERM are held from just before the fork until each side is inside the
+    # block that handles them: one landing right after the fork must reach the parent's
+    # call-off (_call_off) or the child's report, never print a traceback or run the
+    # parent's exit path in the child.
+    unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
         os.close(read_fd)
-        os.setsid()
+        os.close(write_fd)
+        raise
+    if pid == 0:  # child
         status = 0
 
         def report_ready() -> None:
@@ -471,6 +484,9 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
             _detach_stdio()
 
         try:
+            os.close(read_fd)
+            os.setsid()
+            signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
             child(report_ready)
         except BaseException as exc:  # every failure must reach the parent as one line
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -479,16 +495,22 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
                 os.write(write_fd, f"error {code}: {msg}\n".encode("utf-8", "replace"))
             status = 1
         os._exit(status)
-    os.close(write_fd)
     chunks = []
-    while True:
-        data = os.read(read_fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-        if b"\n" in data:
-            break
-    os.close(read_fd)
+    try:
+        os.close(write_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+        while True:
+            data = os.read(read_fd, 4096)
+            if not data:
+                break
+            chunks.append(data)
+            if b"\n" in data:
+                break
+    except BaseException:  # Ctrl-C or SIGTERM before the mount was ready: call it off
+        _call_off(pid)
+        raise
+    finally:
+        os.close(read_fd)
     reply = b"".join(chunks).decode("utf-8", "replace").strip()
     if reply == "ready":
         return exitcodes.OK
@@ -496,6 +518,17 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
     code, msg = _parse_failure(reply)
     print(f"kmsfs: error: {msg}", file=sys.stderr)
     return code
+
+
+def _call_off(pid: int) -> None:
+    """Stop the child of an interrupted ``daemonize`` and wait for it: the user was told the
+    mount was interrupted, so it must not go on to serve. (The child has its own session: the
+    terminal's Ctrl-C reaches only the parent.) SIGTERM makes a child still setting up exit
+    and one already serving unmount (:func:`_watch_signals`, or ``serve``'s cleanup if it
+    lands before the loop runs). A second Ctrl-C stops the wait, not the child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
 
 
 def _parse_failure(reply: str) -> tuple[int, str]:

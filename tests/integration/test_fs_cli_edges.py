@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +78,50 @@ def test_a_mount_leaves_the_callers_directory_free(
     assert done.returncode == 0, done.stderr
 
 
+def _daemon_child(pid: int, timeout: float = 30.0) -> int:
+    """The pid of the daemon that ``kmsfs mount`` (*pid*) forked, once it has: the child that
+    leads a session of its own (not a program an import runs, such as ldconfig)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in map(int, children.read_text().split()):
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                if os.getsid(child) == child:
+                    return child
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} started no daemon")
+
+
+def test_ctrl_c_before_the_mount_is_ready_calls_it_off(
+    tmp_path: Path, initialized: Admin
+) -> None:
+    """Ctrl-C while ``kmsfs mount`` waited for its daemon said "interrupted" (exit 130), yet
+    the daemon, in a session of its own that the terminal's signal does not reach, went on
+    to mount the volume: plaintext served while the user believed nothing happened."""
+    initialized.real_domain()
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KMSFS_STORE": str(initialized.store)}
+    assert kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+    proc = subprocess.Popen([*KMSFS, "mount", str(cipher), str(mp)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        daemon = _daemon_child(proc.pid)  # forked: opening the Domain's HSM, not yet mounted
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, out, err) == (130, "", "kmsfs: interrupted\n")
+        assert not os.path.ismount(mp)
+        with pytest.raises(ProcessLookupError):
+            os.kill(daemon, 0)  # waited for, not left to mount later
+        time.sleep(0.5)
+        assert not os.path.ismount(mp)
+    finally:
+        proc.kill()
+        proc.communicate()
+        if os.path.ismount(mp):
+            kmsfs("umount", str(mp))
+
+
 def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
     """``kmsfs mount --foreground`` (how systemd runs it) printed a traceback ending in
     RuntimeError: fuse_session_mount failed (a non-root user without access to /dev/fuse, or
@@ -112,6 +159,18 @@ def test_json_goes_before_or_after_the_command_and_init_has_it(
     after = json.loads(kmsfs("info", str(tmp_path / "v"), "--json", env=env).stdout)
     assert before == after and before["domain_id"] == summary["domain_id"]
     assert before["verified"] is True
+
+
+def test_umount_takes_a_mount_point_whose_name_starts_with_a_dash(
+    tmp_path: Path, mounter
+) -> None:  # type: ignore[no-untyped-def]
+    """``kmsfs umount -- -dash`` handed "-dash" to fusermount3, which read it as options."""
+    volume = make_volume(tmp_path / "cipher")
+    (tmp_path / "-dash").mkdir()
+    mount = mounter(volume, mountpoint=tmp_path / "-dash")
+    done = kmsfs("umount", "--", "-dash", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.ismount(mount.mountpoint)
 
 
 def test_umount_takes_a_mount_renamed_by_subtype_and_fsname(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
