@@ -12,7 +12,10 @@ Damage is reported by plaintext path, or by ciphertext path where the name itsel
 directory's IV) is what is damaged, with the block number and plaintext offset. Leftovers that
 lose no data (an orphan sidecar or symlink blob, a temporary file, the saved times of a killed
 ``kmsfs reencrypt``) are warnings, not damage. Files and directories are opened with O_NOATIME
-where the kernel allows it (the owner, or root), so a check moves no plaintext atime.
+where the kernel allows it (the owner, or root), so a check moves no plaintext atime. It refuses
+a mounted volume, and a mount refuses to start while it runs (a shared lock:
+:func:`kmsfs.fs.volume.lock_shared`): a file renamed under it between listing and reading
+was reported as damage.
 
 The core, :func:`check_tree`, takes a :class:`~kmsfs.keys.KeyDeriver`, so tests can pass the
 software stand-in; :func:`fsck` opens the Domain from the volume config as ``mount`` does. Like
@@ -52,6 +55,7 @@ from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_resume import TIMES_XATTR
 from kmsfs.fs.reencrypt_walk import list_unread, open_dir_unread, open_unread
+from kmsfs.fs.volume import lock_shared
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 MAX_BLOCK_PROBLEMS = 16
@@ -438,10 +442,16 @@ def fsck(store: Path, cipherdir: Path, agent: kms.AgentOptions | None = None) ->
     kms.check_bundle(
         store, config.domain_bundle, str(cipherdir), want_id=config.domain_id, agent=agent
     )
-    probe = Progress("kmsfs: fsck", None)
-    progress = Progress("kmsfs: fsck", _ciphertext_bytes(cipherdir)) if probe.enabled else probe
-    with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
-        try:
-            return check_tree(cipherdir, deriver, progress.advance)
-        finally:
-            progress.close()
+    lock_fd = lock_shared(cipherdir)  # no mount changes the tree while it is read
+    try:
+        probe = Progress("kmsfs: fsck", None)
+        progress = (
+            Progress("kmsfs: fsck", _ciphertext_bytes(cipherdir)) if probe.enabled else probe
+        )
+        with kms.open_deriver(store, config.domain_bundle, agent) as deriver:
+            try:
+                return check_tree(cipherdir, deriver, progress.advance)
+            finally:
+                progress.close()
+    finally:
+        os.close(lock_fd)

@@ -268,17 +268,31 @@ def _unescape(field: str) -> str:
 
 
 def lock_exclusive(cipherdir: Path) -> int:
-    """Exclusive lock for an offline job (close the fd to release). UsageError, one line, if
-    the volume is mounted (or another job holds it)."""
+    """Exclusive lock for an offline job that rewrites files (close the fd to release).
+    UsageError, one line, if the volume is mounted (or another job holds it)."""
     import fcntl
 
+    return _lock_offline(cipherdir, fcntl.LOCK_EX)
+
+
+def lock_shared(cipherdir: Path) -> int:
+    """Shared lock for an offline job that only reads (``kmsfs fsck``): what it reads of a
+    live volume may change under it (a file renamed away between listing and reading is
+    reported as damage), so a mount or a rewriting job refuses it as for
+    :func:`lock_exclusive`, but two such jobs may run together."""
+    import fcntl
+
+    return _lock_offline(cipherdir, fcntl.LOCK_SH)
+
+
+def _lock_offline(cipherdir: Path, how: int) -> int:
     mounts = mounted_from(cipherdir)
     if mounts:
         raise UsageError(
             f"{cipherdir}: mounted on {mounts[0]}: unmount it first "
             "(this job does not run under a live mount)"
         )
-    fd = _lock(Path(cipherdir), fcntl.LOCK_EX)
+    fd = _lock(Path(cipherdir), how)
     if fd is None:
         raise UsageError(
             f"{cipherdir}: in use by a mount or another job: unmount it first "
