@@ -52,6 +52,11 @@ def _facts(sealed: SealedDomain, chain: Sequence[SealedTrust]) -> dict[str, Any]
     }
 
 
+def is_store(store_dir: Path) -> bool:
+    """True if *store_dir* holds a kmsfs store (its store.json)."""
+    return Context.at(store_dir).store.exists()
+
+
 def describe_bundle(store_dir: Path, bundle: bytes) -> dict[str, Any]:
     """What a bundle says, and whether it verifies against the store's pinned root.
 

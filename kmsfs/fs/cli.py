@@ -79,7 +79,7 @@ EPILOGS = {
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Export the Domain from the store, check it verifies, write a new volume."""
-    store = kms.store_dir(args.store)
+    store = kms.require_store(kms.store_dir(args.store))
     bundle = kms.export_bundle(store, args.domain)
     desc = kms.describe(store, bundle)
     if not desc.get("verified"):
@@ -119,7 +119,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
             )
         _warn_if_superseded(args, desc)
         return config, Path("."), options
-    store = kms.store_dir(args.store)
+    store = kms.require_store(kms.store_dir(args.store))
     try:
         desc = kms.describe(store, config.domain_bundle)
     except FormatError as exc:  # the config's bundle itself is malformed: name the file
@@ -192,10 +192,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=ready)
 
+    summary = {"cipherdir": str(cipherdir), "mountpoint": str(mountpoint),
+               "domain_name": config.domain_name, "domain_id": config.domain_id,
+               "foreground": bool(args.foreground)}
+
+    def mounted() -> None:
+        if args.json:
+            emit_json(summary)
+            sys.stdout.flush()
+        else:
+            print(f"kmsfs: mounted {cipherdir} on {mountpoint}", file=sys.stderr)
+
     if args.foreground:
-        child(lambda: print(f"kmsfs: mounted {cipherdir} on {mountpoint}", file=sys.stderr))
+        child(lambda: mounted())
         return exitcodes.OK
-    return daemon.daemonize(child)
+    code = daemon.daemonize(child)
+    if code == exitcodes.OK and args.json:
+        emit_json(summary)
+    return code
 
 
 def _keep_record(what: str, record: Callable[[], int | None], done: str) -> None:
@@ -209,6 +223,12 @@ def _keep_record(what: str, record: Callable[[], int | None], done: str) -> None
         return
     if generation is not None:
         log.info(done, generation)
+
+
+def _store(args: argparse.Namespace) -> Path:
+    """The store: checked to be one, unless the agent's is the one that counts (--agent)."""
+    store = kms.store_dir(args.store)
+    return store if _agent(args) is not None else kms.require_store(store)
 
 
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
@@ -243,6 +263,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")
+    if args.json:
+        emit_json({"mountpoint": target})
     return exitcodes.OK
 
 
@@ -257,7 +279,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "creator": config.creator,
     }
     try:
-        desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
+        desc = kms.describe(kms.require_store(kms.store_dir(args.store)), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
         # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
         info["generation"] = desc.get("generation")
@@ -275,6 +297,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 continue
             if key == "hsms":
                 value = ", ".join(f"{h['label']} ({h['id']})" for h in value)  # type: ignore[attr-defined]
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
             elif isinstance(value, list):
                 value = ", ".join(map(str, value))
             print(f"{key + ':':16} {value}")
@@ -282,25 +306,43 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
-    singlefile.encrypt(
-        kms.store_dir(args.store), args.domain, args.input, args.output, _agent(args),
-        force=args.force,
+    _json_needs_a_file(args)
+    singlefile.check_output(args.output, args.force)  # said first, before the store is read
+    store = kms.require_store(kms.store_dir(args.store))  # the Domain is there, --agent or not
+    size = singlefile.encrypt(
+        store, args.domain, args.input, args.output, _agent(args), force=args.force
     )
+    if args.json:
+        emit_json({"input": args.input, "output": str(Path(args.output).resolve()),
+                   "domain_name": args.domain, "plaintext_bytes": size})
     return exitcodes.OK
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
-    store = kms.store_dir(args.store)
+    _json_needs_a_file(args)
+    singlefile.check_output(args.output, args.force)  # said first, before the store is read
+    store = _store(args)
     if args.cipherdir:
-        singlefile.recover(store, Path(args.cipherdir), args.input, args.output, _agent(args),
-                           force=args.force)
+        size = singlefile.recover(store, Path(args.cipherdir), args.input, args.output,
+                                  _agent(args), force=args.force)
     else:
-        singlefile.decrypt(store, args.input, args.output, _agent(args), force=args.force)
+        size = singlefile.decrypt(store, args.input, args.output, _agent(args),
+                                  force=args.force)
+    if args.json:
+        emit_json({"input": args.input, "output": str(Path(args.output).resolve()),
+                   "plaintext_bytes": size})
     return exitcodes.OK
 
 
+def _json_needs_a_file(args: argparse.Namespace) -> None:
+    """--json prints on stdout: not when OUT is stdout too (checked before any work)."""
+    if args.json and singlefile.is_stream_output(args.output):
+        raise UsageError(f"--json: OUT {args.output} is not a regular file; the summary "
+                         "would be mixed into it (leave out --json)")
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir), _agent(args))
+    report = fsck.fsck(_store(args), Path(args.cipherdir), _agent(args))
     if args.json:
         emit_json(report.to_json())
     else:
@@ -323,7 +365,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     summary = reencrypt.reencrypt(
-        kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
+        _store(args), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
     )
     if args.json:
         emit_json(summary.to_json())
@@ -360,6 +402,10 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+#: Where the store is unless --store says (kmsfs.api.default_store_path).
+STORE_DEFAULT = "$KMSFS_STORE, then /var/lib/kmsfs/store for root, else ~/.local/share/kmsfs/store"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
@@ -375,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print results as JSON (also after the command)"
     )
+    parser.add_argument(
+        "--store", help=f"store directory (also after the command; default: {STORE_DEFAULT})"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -386,18 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    store_help = "store directory (default: $KMSFS_STORE, then the kmsfs default)"
+    store_help = f"store directory (default: {STORE_DEFAULT})"
     p = add("init", "create a new encrypted volume bound to a Domain")
     p.add_argument("cipherdir", help="ciphertext directory (missing or empty)")
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.set_defaults(func=cmd_init)
 
     p = add("mount", "verify a volume's Domain and mount its plaintext view")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
     p.add_argument("mountpoint", help="empty directory to mount on")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     p.add_argument(
         "-o",
@@ -410,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "all in docs/operators.md",
     )
     p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--json", action="store_true", default=SUPPRESS,
+                   help="once mounted, print the volume, mount point and Domain as JSON")
     p.add_argument("--log-file", type=Path, metavar="FILE",
                    help="append the daemon's log here (default: stderr with --foreground, "
                    "else syslog/the journal)")
@@ -418,27 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("umount", "unmount a kmsfs mount point")
     p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", default=SUPPRESS,
+                   help="print the mount point unmounted as JSON")
     p.set_defaults(func=cmd_umount)
 
     p = add("info", "describe a volume and whether its Domain verifies")
     p.add_argument("cipherdir")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     p.set_defaults(func=cmd_info)
 
     p = add("encrypt", "encrypt one file for a Domain (a self-contained encrypted file)")
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("input", metavar="IN", help="file to encrypt, or - for stdin")
     p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout "
                    "(an existing file is refused unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUT (a new file: its mode and hard links go)")
+    p.add_argument("--json", action="store_true", default=SUPPRESS,
+                   help="print IN, OUT and the bytes encrypted as JSON (not with OUT -)")
     _agent_options(p)
     p.set_defaults(func=cmd_encrypt)
 
     p = add("decrypt", "decrypt one file; its Domain is read from the file itself")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument(
         "--cipherdir",
         metavar="DIR",
@@ -449,19 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(an existing file is refused unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUT (a new file: its mode and hard links go)")
+    p.add_argument("--json", action="store_true", default=SUPPRESS,
+                   help="print IN, OUT and the bytes decrypted as JSON (not with OUT -)")
     _agent_options(p)
     p.set_defaults(func=cmd_decrypt)
 
     p = add("fsck", "check every name, symlink and block of a volume without mounting it")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
     p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
             "mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
-    p.add_argument("--store", help=store_help)
+    p.add_argument("--store", default=SUPPRESS, help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
@@ -477,7 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json and args.func is cmd_completion:
+        return run(PROG, lambda: _refuse("--json: completion prints a shell script"))
     return run(PROG, lambda: args.func(args))
+
+
+def _refuse(why: str) -> int:
+    raise UsageError(why)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import IntegrityError, KmsfsError
+from kmsfs.errors import IntegrityError, KmsfsError, StoreError
 from kmsfs.fs import seen
 from kmsfs.keys import KeyDeriver
 
@@ -35,6 +35,16 @@ def store_dir(arg: str | None) -> Path:
     if os.environ.get(STORE_ENV):
         return Path(os.environ[STORE_ENV])
     return Path(_api().default_store_path())
+
+
+def require_store(store: Path) -> Path:
+    """*store*, if it is a kmsfs store; StoreError (exit 6), one line, if not: a mistyped
+    ``--store`` read as "no domain named payroll in DIR", as if the Domain were missing."""
+    if not _api().is_store(store):
+        raise StoreError(
+            f"{store} is not a kmsfs store (no store.json): check --store or KMSFS_STORE"
+        )
+    return store
 
 
 def export_bundle(store: Path, domain_name: str) -> bytes:

@@ -161,6 +161,70 @@ def test_json_goes_before_or_after_the_command_and_init_has_it(
     assert before["verified"] is True
 
 
+def test_every_command_an_operator_scripts_has_json(tmp_path: Path, initialized: Admin) -> None:
+    """``--json`` was accepted by mount, umount, encrypt and decrypt, which printed nothing
+    (not JSON) before the command and refused it after."""
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    assert kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+    mounted = kmsfs("mount", str(cipher), str(mp), "--json", env=env)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        summary = json.loads(mounted.stdout)
+        assert summary["cipherdir"] == str(cipher) and summary["mountpoint"] == str(mp)
+        assert summary["domain_name"] == "payroll" and summary["foreground"] is False
+        assert os.path.ismount(mp)
+    finally:
+        done = kmsfs("--json", "umount", str(mp))
+    assert done.returncode == 0 and json.loads(done.stdout) == {"mountpoint": str(mp)}
+
+    plain, sealed, back = tmp_path / "plain", tmp_path / "sealed", tmp_path / "back"
+    plain.write_bytes(b"x" * 5000)
+    enc = kmsfs("encrypt", "--domain", "payroll", str(plain), str(sealed), "--json", env=env)
+    assert enc.returncode == 0, enc.stderr
+    assert json.loads(enc.stdout) == {"input": str(plain), "output": str(sealed),
+                                      "domain_name": "payroll", "plaintext_bytes": 5000}
+    dec = kmsfs("--json", "decrypt", str(sealed), str(back), env=env)
+    assert dec.returncode == 0, dec.stderr
+    assert json.loads(dec.stdout) == {"input": str(sealed), "output": str(back),
+                                      "plaintext_bytes": 5000}
+    assert back.read_bytes() == plain.read_bytes()
+
+    # JSON on stdout cannot share it with the plaintext: refused before anything is done.
+    mixed = kmsfs("decrypt", str(sealed), "-", "--json", env=env)
+    assert (mixed.returncode, mixed.stdout) == (2, "")
+    assert mixed.stderr.startswith("kmsfs: error: --json: OUT - is not a regular file")
+    script = kmsfs("--json", "completion", "bash")
+    assert (script.returncode, script.stdout) == (2, "")
+
+
+def test_store_goes_before_or_after_the_command_and_a_wrong_one_is_named(
+    tmp_path: Path, initialized: Admin
+) -> None:
+    """``kmsfs --store S info V`` read S as the command; a mistyped --store made init say
+    "no domain named payroll in S" (as if the Domain were missing) instead of naming it."""
+    initialized.real_domain()
+    store, cipher = str(initialized.store), tmp_path / "cipher"
+    assert kmsfs("--store", store, "init", str(cipher), "--domain", "payroll").returncode == 0
+    before = json.loads(kmsfs("--store", store, "info", str(cipher), "--json").stdout)
+    after = json.loads(kmsfs("info", str(cipher), "--store", store, "--json").stdout)
+    assert before == after and before["verified"] is True
+    text = kmsfs("--store", store, "info", str(cipher)).stdout.splitlines()
+    assert "verified:        yes" in text and "domain_name:     payroll" in text
+
+    wrong, target = tmp_path / "no-store", tmp_path / "second"
+    for command in (["init", str(target), "--domain", "payroll"],
+                    ["encrypt", "--domain", "payroll", str(tmp_path / "x"), str(target)]):
+        (tmp_path / "x").write_text("x")
+        refused = kmsfs("--store", str(wrong), *command)
+        assert refused.returncode == 6
+        assert refused.stderr == (f"kmsfs: error: {wrong} is not a kmsfs store (no "
+                                  "store.json): check --store or KMSFS_STORE\n")
+        assert not target.exists() and not wrong.exists()
+
+
 def test_umount_takes_a_mount_point_whose_name_starts_with_a_dash(
     tmp_path: Path, mounter
 ) -> None:  # type: ignore[no-untyped-def]
