@@ -26,6 +26,7 @@ from kmsfs.agent.policy import Policy
 from kmsfs.agent.server import (
     Server,
     TlsFiles,
+    check_unix_socket,
     is_tcp,
     server_tls_context,
     systemd_listeners,
@@ -168,17 +169,9 @@ def serve(args: argparse.Namespace) -> int:
             raise UsageError(f"TCP needs TLS: give {flags} (plain TCP is never offered)")
         tls = server_tls_context(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
     audit_path = args.audit_log or default_audit_log()
-    audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    audit = AuditLog(
-        audit_path,
-        hsm_signer(store),
-        checkpoint_every=args.audit_every,
-        checkpoint_seconds=args.audit_seconds,
-        keys={i: hsm.sign_key for i, hsm in trusts.trusted_hsms(ctx).items()},
-    )
-    agent = Agent(store, policy, audit.append)
     tls_fds: set[int] = set()
     listeners: list[socket.socket] = []
+    socket_path: Path | None = None
     try:
         listeners = systemd_listeners()
         for sock in listeners:
@@ -191,6 +184,25 @@ def serve(args: argparse.Namespace) -> int:
                 tls_fds.add(sock.fileno())
         if not listeners or args.socket:
             socket_path = args.socket or default_socket()
+            # A socket another agent serves is refused before the audit log is opened, so a
+            # second agent started by mistake changes nothing (unix_listener checks again,
+            # under a lock, for two started at once).
+            check_unix_socket(socket_path)
+        audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        audit = AuditLog(
+            audit_path,
+            hsm_signer(store),
+            checkpoint_every=args.audit_every,
+            checkpoint_seconds=args.audit_seconds,
+            keys={i: hsm.sign_key for i, hsm in trusts.trusted_hsms(ctx).items()},
+        )
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    agent = Agent(store, policy, audit.append)
+    try:
+        if socket_path is not None:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             listeners.append(unix_listener(socket_path, args.socket_mode))
         if args.listen:

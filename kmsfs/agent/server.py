@@ -16,6 +16,7 @@ and ~50 MiB to parse, and 16 such peers in a loop slowed listed mounts' derives 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -76,24 +77,88 @@ def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def unix_listener(path: Path, mode: int = 0o660) -> socket.socket:
-    """Bind a Unix socket at ``path``, replacing a stale socket file but nothing else."""
+#: Seconds a starting agent waits for another one's set-up of the same socket.
+SOCKET_LOCK_WAIT = 10.0
+PROBE_TIMEOUT = 2.0  # seconds: connecting to an existing socket file to see if it is served
+
+
+def check_unix_socket(path: Path) -> bool:
+    """Whether ``path`` is a stale socket file (True) or absent (False); UsageError if it is
+    anything else: not a socket, or a socket some process accepts connections on. Only a
+    socket whose connect is refused (ECONNREFUSED: nobody listens) counts as stale."""
     path = Path(path)
     try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-        else:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
             raise UsageError(f"{path}: exists and is not a socket")
     except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except FileNotFoundError:  # removed meanwhile
+            return False
+        except (BlockingIOError, TimeoutError):  # a full backlog: someone listens
+            pass
+        except OSError as exc:
+            raise UsageError(
+                f"{path}: cannot tell whether a process is listening on it ({exc.strerror}); "
+                "remove it if it is stale, or choose another --socket"
+            ) from None
+    raise UsageError(
+        f"another process is listening on {path} (another kmsfs-hsmd?); "
+        "stop it first or choose another --socket"
+    )
+
+
+@contextlib.contextmanager
+def _socket_lock(path: Path) -> Iterator[None]:
+    """Hold ``PATH.lock`` (flock) while checking, replacing and binding the socket: two agents
+    started at once cannot both find the name free or stale, since the first one listens
+    before it lets go. The file is left in place (removing a lock file races its next user)."""
+    lock_path = path.with_name(path.name + ".lock")
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
-        sock.listen(64)
+        fd = os.open(lock_path, flags, 0o600)
     except OSError as exc:
-        sock.close()
-        raise UsageError(f"{path}: cannot listen: {exc.strerror}") from None
+        raise UsageError(f"{lock_path}: cannot open (the socket's lock): {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{lock_path}: exists and is not a regular file")
+        deadline = time.monotonic() + SOCKET_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UsageError(
+                        f"{lock_path}: held by another process (another kmsfs-hsmd starting?)"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def unix_listener(path: Path, mode: int = 0o660) -> socket.socket:
+    """Bind a Unix socket at ``path``, replacing a stale socket file but nothing else: not
+    another file, and not a socket some process (another agent) is listening on."""
+    path = Path(path)
+    with _socket_lock(path):
+        if check_unix_socket(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, mode)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"{path}: cannot listen: {exc.strerror}") from None
     return sock
 
 

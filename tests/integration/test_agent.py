@@ -704,6 +704,64 @@ def test_client_of_a_stopped_agent_says_so(tmp_path: Path) -> None:
         client.call("hello", {})
 
 
+
+# -- the socket: one agent per path -------------------------------------------------------------
+
+
+def _hsmd(agent: AgentProcess) -> subprocess.CompletedProcess[str]:
+    """Run ``agent``'s command to its end (for agents expected to refuse to start)."""
+    return subprocess.run(agent.command(), capture_output=True, text=True, timeout=120,
+                          env=clean_env(), check=False)
+
+
+def test_second_agent_on_a_served_socket_refuses_and_changes_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    """It used to take the path over as "stale": the first agent ran on, unreachable."""
+    path = world.agent.socket
+    before = path.lstat()
+    second = AgentProcess(world.agent_admin.store, tmp_path / "second", root_policy(),
+                          socket_path=path)
+    result = _hsmd(second)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"kmsfs-hsmd: error: another process is listening on {path} (another kmsfs-hsmd?); "
+        "stop it first or choose another --socket"
+    ]
+    assert not second.audit.exists()  # refused before its audit log was opened
+    assert path.lstat().st_ino == before.st_ino
+    assert world.agent.alive() and _hello(world) == "root"
+    with world.agent.client() as client:
+        client.call("health", {})
+
+
+def test_stale_socket_file_is_taken_over_but_not_another_file(
+    world: World, tmp_path: Path
+) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-stale-"))
+    try:
+        path = sock_dir / "hsmd.sock"
+        with socket.socket(socket.AF_UNIX) as old:  # an agent that died: its file stays
+            old.bind(str(path))
+        agent = AgentProcess(world.agent_admin.store, tmp_path / "agent", root_policy(),
+                             socket_path=path).start()
+        try:
+            with agent.client() as client:
+                assert client.call("hello", {})["client"] == "root"
+        finally:
+            assert agent.stop() == 0
+        path.unlink()
+        path.write_text("not a socket")
+        result = _hsmd(AgentProcess(world.agent_admin.store, tmp_path / "other", root_policy(),
+                                    socket_path=path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [
+            f"kmsfs-hsmd: error: {path}: exists and is not a socket"
+        ]
+        assert path.read_text() == "not a socket"
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
 # -- last: these supersede world.trust ---------------------------------------------------------
 
 

@@ -1128,3 +1128,60 @@ def test_admin_through_an_agent_makes_nothing_under_a_trust_superseded_here(kms:
         with pytest.raises(UsageError, match=f"superseded by trust {kms.t2[:12]}"):
             remote.rewrap(client, kms.ctx, "other", kms.t1)
     assert asked == []
+
+
+# -- the socket path: one listener, even for agents started at once -----------------------------
+
+
+def test_listener_refuses_a_path_another_socket_listens_on() -> None:
+    """unix_listener itself refuses (not only kmsfs-hsmd's early check): the file is left."""
+    with short_dir() as d, agent_server.unix_listener(d / "hsmd.sock") as first:
+        inode = (d / "hsmd.sock").lstat().st_ino
+        with pytest.raises(UsageError, match=r"another process is listening on .*hsmd\.sock"):
+            agent_server.unix_listener(d / "hsmd.sock")
+        assert (d / "hsmd.sock").lstat().st_ino == inode
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(d / "hsmd.sock"))
+            first.accept()[0].close()
+
+
+def _contend(
+    path: Path, barrier: threading.Barrier, won: list[socket.socket], refused: list[str]
+) -> None:
+    barrier.wait()
+    try:
+        won.append(agent_server.unix_listener(path))
+    except UsageError as exc:
+        refused.append(str(exc))
+
+
+def test_agents_started_at_once_on_a_stale_socket_get_one_listener() -> None:
+    """Each round: a stale socket file and six threads binding it at the same moment. Exactly
+    one may win, and the file must be its socket; without the lock a second one finds the
+    winner's socket bound but not yet listening, calls it stale and takes the path."""
+    for _ in range(30):
+        with short_dir() as d:
+            path = d / "hsmd.sock"
+            with socket.socket(socket.AF_UNIX) as stale:
+                stale.bind(str(path))
+            barrier = threading.Barrier(6)
+            won: list[socket.socket] = []
+            refused: list[str] = []
+            threads = [
+                threading.Thread(target=_contend, args=(path, barrier, won, refused))
+                for _ in range(6)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            try:
+                assert len(won) == 1 and len(refused) == 5, refused
+                assert all("another process is listening on" in text for text in refused)
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.connect(str(path))
+                    won[0].settimeout(5)
+                    won[0].accept()[0].close()
+            finally:
+                for sock in won:
+                    sock.close()
