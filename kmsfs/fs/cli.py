@@ -237,11 +237,12 @@ def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
     return kms.AgentOptions(args.agent, args.agent_cert, args.agent_key, args.agent_ca)
 
 
-def _agent_options(parser: argparse.ArgumentParser) -> None:
+def _agent_options(parser: argparse.ArgumentParser, store_needed: bool = False) -> None:
     add_agent_options(
         parser,
-        "get keys from kmsfs-hsmd instead of opening the HSMs in this process "
-        "(the agent verifies the Domain; --store is then not needed)",
+        "get keys from kmsfs-hsmd instead of opening the HSMs in this process (the agent "
+        + ("verifies the Domain; the store still names it)" if store_needed
+           else "verifies the Domain; --store is then not needed)"),
     )
 
 
@@ -489,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing OUT (a new file: its mode and hard links go)")
     p.add_argument("--json", action="store_true", default=SUPPRESS,
                    help="print IN, OUT and the bytes encrypted as JSON (not with OUT -)")
-    _agent_options(p)
+    _agent_options(p, store_needed=True)
     p.set_defaults(func=cmd_encrypt)
 
     p = add("decrypt", "decrypt one file; its Domain is read from the file itself")
