@@ -79,7 +79,7 @@ EPILOGS = {
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Export the Domain from the store, check it verifies, write a new volume."""
-    store = kms.require_store(kms.store_dir(args.store))
+    store = kms.store_dir(args.store)
     bundle = kms.export_bundle(store, args.domain)
     desc = kms.describe(store, bundle)
     if not desc.get("verified"):
@@ -119,7 +119,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
             )
         _warn_if_superseded(args, desc)
         return config, Path("."), options
-    store = kms.require_store(kms.store_dir(args.store))
+    store = kms.store_dir(args.store)
     try:
         desc = kms.describe(store, config.domain_bundle)
     except FormatError as exc:  # the config's bundle itself is malformed: name the file
@@ -225,12 +225,6 @@ def _keep_record(what: str, record: Callable[[], int | None], done: str) -> None
         log.info(done, generation)
 
 
-def _store(args: argparse.Namespace) -> Path:
-    """The store: checked to be one, unless the agent's is the one that counts (--agent)."""
-    store = kms.store_dir(args.store)
-    return store if _agent(args) is not None else kms.require_store(store)
-
-
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
     if not getattr(args, "agent", None):
         return None
@@ -280,7 +274,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "creator": config.creator,
     }
     try:
-        desc = kms.describe(kms.require_store(kms.store_dir(args.store)), config.domain_bundle)
+        desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
         # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
         info["generation"] = desc.get("generation")
@@ -309,7 +303,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_encrypt(args: argparse.Namespace) -> int:
     _json_needs_a_file(args)
     singlefile.check_output(args.output, args.force)  # said first, before the store is read
-    store = kms.require_store(kms.store_dir(args.store))  # the Domain is there, --agent or not
+    store = kms.store_dir(args.store)  # the Domain is looked up there, --agent or not
     size = singlefile.encrypt(
         store, args.domain, args.input, args.output, _agent(args), force=args.force
     )
@@ -322,7 +316,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 def cmd_decrypt(args: argparse.Namespace) -> int:
     _json_needs_a_file(args)
     singlefile.check_output(args.output, args.force)  # said first, before the store is read
-    store = _store(args)
+    store = kms.store_dir(args.store)
     if args.cipherdir:
         size = singlefile.recover(store, Path(args.cipherdir), args.input, args.output,
                                   _agent(args), force=args.force)
@@ -343,7 +337,7 @@ def _json_needs_a_file(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    report = fsck.fsck(_store(args), Path(args.cipherdir), _agent(args))
+    report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir), _agent(args))
     if args.json:
         emit_json(report.to_json())
     else:
@@ -366,7 +360,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     summary = reencrypt.reencrypt(
-        _store(args), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
+        kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
     )
     if args.json:
         emit_json(summary.to_json())

@@ -39,7 +39,9 @@ def store_dir(arg: str | None) -> Path:
 
 def require_store(store: Path) -> Path:
     """*store*, if it is a kmsfs store; StoreError (exit 6), one line, if not: a mistyped
-    ``--store`` read as "no domain named payroll in DIR", as if the Domain were missing."""
+    ``--store`` read as "no domain named payroll in DIR", as if the Domain were missing.
+    Checked where the store is first read (export, describe, open), so that what a command
+    can refuse without it (an existing OUT, a mounted volume) is said first."""
     if not _api().is_store(store):
         raise StoreError(
             f"{store} is not a kmsfs store (no store.json): check --store or KMSFS_STORE"
@@ -49,12 +51,12 @@ def require_store(store: Path) -> Path:
 
 def export_bundle(store: Path, domain_name: str) -> bytes:
     """The verified Domain *domain_name* and its Trust chain, as canonical bytes."""
-    return bytes(_api().export_domain_bundle(store, domain_name))
+    return bytes(_api().export_domain_bundle(require_store(store), domain_name))
 
 
 def describe(store: Path, bundle: bytes) -> dict[str, Any]:
     """name, domain id, trust id, HSM ids, ``verified`` and ``problem`` of a bundle."""
-    return dict(_api().describe_bundle(store, bundle))
+    return dict(_api().describe_bundle(require_store(store), bundle))
 
 
 def problem_error(desc: dict[str, Any]) -> type[KmsfsError]:
@@ -104,7 +106,7 @@ def open_deriver(
     """Verify the bundle's chain and open a deriver: in-process PKCS#11 against the store's
     pinned root, or, with ``agent``, through kmsfs-hsmd (which verifies against its own)."""
     if agent is None:
-        with _api().open_domain(store, bundle) as deriver:
+        with _api().open_domain(require_store(store), bundle) as deriver:
             yield deriver
         return
     from kmsfs.agent import client
