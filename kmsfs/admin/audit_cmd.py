@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from kmsfs import exitcodes
 from kmsfs.admin.render import short
-from kmsfs.agent.audit import CHECKPOINT, read_records, verify_log
+from kmsfs.agent.audit import CHECKPOINT, MAX_PROBLEMS, read_records, verify_log
 from kmsfs.cliutil import emit_json, emit_table
 from kmsfs.errors import KmsfsError
 from kmsfs.service import trusts
@@ -39,7 +39,8 @@ def add_parser(groups: Any, command: Callable[..., argparse.ArgumentParser]) -> 
         "verify",
         "audit",
         "verify an agent audit log: its hash chain and its checkpoints, signed by the store's "
-        "HSMs; exit 3 naming the first damaged record",
+        f"HSMs; if damaged, exit 3 with one stderr line per problem (the first {MAX_PROBLEMS}, "
+        "then how many more)",
         f"kmsfs-admin --store /srv/kms audit verify {EXAMPLE_LOG} --json",
     )
     _common(p)

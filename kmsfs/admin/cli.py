@@ -9,6 +9,7 @@ from typing import Any
 
 from kmsfs import __version__
 from kmsfs.admin import audit_cmd, render
+from kmsfs.admin.progress import Steps
 from kmsfs.admin.render import short
 from kmsfs.agent import remote
 from kmsfs.agent.client import AgentAddress, AgentClient
@@ -24,6 +25,7 @@ from kmsfs.completion import bash_script
 from kmsfs.errors import HsmError, StoreError, UsageError
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
 from kmsfs.model.fields import HEX_ID
+from kmsfs.model.records import NAME_PATTERN
 from kmsfs.service import domains, hsms, operators, store_init, trusts
 from kmsfs.service.context import Context, default_store_path
 
@@ -42,6 +44,11 @@ example, a key ceremony from nothing to a Domain:
   kmsfs-admin --store /srv/kms domain create payroll --trust $T
 """
 
+
+# The same words wherever a command takes a trust or an HSM.
+TRUST_REF = "its id or a unique prefix of it (at least 4 hex digits)"
+TRUST_HELP = f"the trust: {TRUST_REF}"
+HSM_REF = "its label, its id or a unique prefix of it"
 
 # Commands that create or enroll HSM tokens in the local store; with --agent that would be a
 # mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
@@ -99,7 +106,9 @@ class Command:
     # -- init and HSMs ---------------------------------------------------------------------
 
     def init(self) -> None:
-        genesis = store_init.init_store(self.ctx.store.root, self.args.hsms)
+        # About a second per HSM: say what is being made, on a terminal only (not with --json).
+        with Steps(f"{PROG} init: making", wanted=not self.json) as steps:
+            genesis = store_init.init_store(self.ctx.store.root, self.args.hsms, steps)
         labels = ", ".join(h.label for h in genesis.trust.hsms)
         self.one(
             {
@@ -200,10 +209,11 @@ class Command:
             statuses = [s for s in statuses if s.sealed_by]
         if a.mine:
             statuses = [s for s in statuses if _awaits(s, a.mine)]
-        self.rows(
-            [render.trust_row(s) for s in statuses],
-            ["id", "serial", "state", "quorum", "hsms", "operators"],
-        )
+        rows = [render.trust_row(s) for s in statuses]
+        if self.json:
+            emit_json(rows)
+        else:
+            emit_table([render.trust_cells(r) for r in rows], render.TRUST_COLUMNS)
 
     def trust_show(self) -> None:
         status = trusts.status(self.ctx, trusts.resolve_trust(self.ctx, self.args.trust))
@@ -355,6 +365,18 @@ class Command:
         sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
 
 
+def _merge_store(parser: Parser, args: argparse.Namespace) -> None:
+    """``--store`` before the command or after it; two different ones are a usage error."""
+    after = getattr(args, "store_after", None)
+    if after is None:
+        return
+    if args.store is not None and args.store.resolve() != after.resolve():
+        parser.error(
+            f"--store {args.store} before the command and --store {after} after it: give one"
+        )
+    args.store = after
+
+
 def _shorten(value: Any) -> Any:
     return short(value) if isinstance(value, str) and HEX_ID.fullmatch(value) else value
 
@@ -365,6 +387,18 @@ def _awaits(status: trusts.TrustStatus, name: str) -> bool:
         return False
     groups = [status.own] + ([status.predecessor] if status.predecessor else [])
     return any(name in g.unsigned for g in groups)
+
+
+def _new_name(text: str) -> str:
+    """argparse type of a name a command gives something new (a Domain, an operator, an HSM):
+    a bad one is a usage error naming the option (``argument --label: ...``, exit 2), not a
+    malformed document (exit 7, what ``check_name`` means for a name read from the store)."""
+    if not NAME_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r:.70} is not a name: want 1-64 of A-Z a-z 0-9 . _ - "
+            "(not starting with . _ -)"
+        )
+    return text
 
 
 def _pin_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -389,11 +423,13 @@ def build_parser() -> Parser:
         "--store",
         type=Path,
         default=None,
-        help="the store directory (default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
+        help="the store directory, before or after the command "
+        "(default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     add_agent_options(
-        parser, "have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap, hsm health)"
+        parser,
+        "have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap/rotate, hsm health)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -412,6 +448,15 @@ def build_parser() -> Parser:
         # before the command stays in force.
         p.add_argument(
             "--json", action="store_true", default=argparse.SUPPRESS, help="print results as JSON"
+        )
+        # --store too; its own dest, so main() can refuse two different stores.
+        p.add_argument(
+            "--store",
+            dest="store_after",
+            type=Path,
+            default=argparse.SUPPRESS,
+            metavar="STORE",
+            help="the store directory (may also come before the command)",
         )
         return p
 
@@ -436,7 +481,7 @@ def build_parser() -> Parser:
         "create a new embedded SoftHSM2 token with kmsfs key pairs",
         "kmsfs-admin hsm create --label hsm3",
     )
-    p.add_argument("--label", help="a name for the HSM (default hsmN)")
+    p.add_argument("--label", type=_new_name, help="a name for the HSM (default hsmN)")
     p = command(
         hsm,
         "enroll",
@@ -446,7 +491,9 @@ def build_parser() -> Parser:
     )
     p.add_argument("--module", required=True, metavar="PATH", help="the PKCS#11 module (.so)")
     p.add_argument("--token", required=True, metavar="LABEL", help="the token's label")
-    p.add_argument("--label", help="a name for the HSM in kmsfs (default hsmN)")
+    p.add_argument(
+        "--label", type=_new_name, help="a name for the HSM in kmsfs (default hsmN)"
+    )
     _pin_options(p, "token's user PIN")
     p.add_argument(
         "--pin-credential",
@@ -473,7 +520,7 @@ def build_parser() -> Parser:
         "create an operator: an Ed25519 key in the operator's own token (or passphrase file)",
         "kmsfs-admin operator create alice --pin-file alice.pin",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_new_name, help="the new operator's name")
     p.add_argument(
         "--passphrase",
         action="store_true",
@@ -495,7 +542,7 @@ def build_parser() -> Parser:
         "kmsfs-admin trust propose --hsm hsm1 --operator alice --operator bob --quorum 2",
     )
     p.add_argument(
-        "--hsm", action="append", metavar="ID", help="an HSM (label or id prefix); repeat"
+        "--hsm", action="append", metavar="ID", help=f"an HSM: {HSM_REF}; repeat"
     )
     p.add_argument("--operator", action="append", metavar="NAME", help="an operator; repeat")
     p.add_argument(
@@ -504,7 +551,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "--predecessor",
         metavar="TRUST",
-        help="the trust this one succeeds (default: the store's genesis)",
+        help=f"the trust this one succeeds: {TRUST_REF}. Without it: the genesis, but only "
+        "until this store pins the genesis's successor (sealing the first trust pins it, as "
+        "does 'trust pin'); required after that",
     )
     p = command(tr, "list", "trust_list", "list trusts", "kmsfs-admin trust list --mine alice")
     which = p.add_mutually_exclusive_group()
@@ -518,7 +567,7 @@ def build_parser() -> Parser:
         "show a trust, its approvals, and what its quorum tolerates",
         "kmsfs-admin trust show 3f2a",
     )
-    p.add_argument("trust", metavar="TRUST", help="id or unique prefix")
+    p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
     p = command(
         tr,
         "sign",
@@ -526,7 +575,7 @@ def build_parser() -> Parser:
         "approve a trust as an operator (after checking its content)",
         "kmsfs-admin trust sign 3f2a --as alice --pin-file alice.pin",
     )
-    p.add_argument("trust", metavar="TRUST")
+    p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
     p.add_argument("--as", dest="as_", required=True, metavar="NAME", help="the signing operator")
     p.add_argument(
         "--accept-key-change",
@@ -544,8 +593,10 @@ def build_parser() -> Parser:
         "have an HSM of the trust seal it (needs the quorum)",
         "kmsfs-admin trust seal 3f2a --hsm hsm2",
     )
-    p.add_argument("trust", metavar="TRUST")
-    p.add_argument("--hsm", metavar="ID", help="the HSM to seal with (default: any of the trust)")
+    p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
+    p.add_argument(
+        "--hsm", metavar="ID", help=f"the HSM to seal with: {HSM_REF} (default: any of the trust)"
+    )
     p = command(
         tr,
         "verify",
@@ -553,7 +604,7 @@ def build_parser() -> Parser:
         "verify a trust and its chain back to the pinned root",
         "kmsfs-admin trust verify 3f2a",
     )
-    p.add_argument("trust", metavar="TRUST")
+    p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
     p = command(
         tr,
         "pin",
@@ -561,7 +612,7 @@ def build_parser() -> Parser:
         "pin the genesis's successor in a store that got it by sync (sealing pins it)",
         "kmsfs-admin trust pin 3f2a",
     )
-    p.add_argument("trust", metavar="TRUST")
+    p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
 
     dm = groups.add_parser(
         "domain", help="create, list, verify, rewrap and export domains"
@@ -573,9 +624,12 @@ def build_parser() -> Parser:
         "create a domain: fresh k and mk generated in an HSM",
         "kmsfs-admin domain create payroll --trust 3f2a",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_new_name, help="the new domain's name")
     p.add_argument(
-        "--trust", required=True, metavar="TRUST", help="the sealed trust that governs it"
+        "--trust",
+        required=True,
+        metavar="TRUST",
+        help=f"the sealed trust that governs it: {TRUST_REF}",
     )
     command(
         dm,
@@ -591,7 +645,7 @@ def build_parser() -> Parser:
         "verify a domain and its whole trust chain",
         "kmsfs-admin domain verify payroll",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the domain's name")
     p = command(
         dm,
         "rewrap",
@@ -599,8 +653,13 @@ def build_parser() -> Parser:
         "give a domain a fresh k for a successor trust (mk unchanged)",
         "kmsfs-admin domain rewrap payroll --trust 9c1e",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--trust", required=True, metavar="TRUST", help="the successor trust")
+    p.add_argument("name", metavar="NAME", help="the domain's name")
+    p.add_argument(
+        "--trust",
+        required=True,
+        metavar="TRUST",
+        help=f"the successor trust: {TRUST_REF}",
+    )
     p = command(
         dm,
         "rotate",
@@ -608,7 +667,7 @@ def build_parser() -> Parser:
         "start a new key epoch: a fresh mk, generated in an HSM, for new data",
         "kmsfs-admin domain rotate payroll",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the domain's name")
     p = command(
         dm,
         "export",
@@ -616,7 +675,7 @@ def build_parser() -> Parser:
         "print the domain bundle (domain + trust chain) to stdout",
         "kmsfs-admin domain export payroll > payroll.domain",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the domain's name")
     audit_cmd.add_parser(groups, command)
     p = command(
         groups,
@@ -630,7 +689,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _merge_store(parser, args)
     setup_logging(args.verbose)
     if args.store is None:
         args.store = default_store_path()

@@ -28,15 +28,35 @@ def operator(record: OperatorRecord) -> dict[str, Any]:
 
 
 def trust_row(status: TrustStatus) -> dict[str, Any]:
+    """One trust of ``trust list --json``: data, with the types ``trust show --json`` gives
+    the same fields (``quorum`` a number, ``hsms`` and ``operators`` arrays)."""
     t = status.trust
-    own = status.own
     return {
         "id": t.id,
         "serial": t.serial,
-        "quorum": f"{len(own.signed)}/{t.quorum} of {len(t.operators)}",
         "state": "sealed" if status.sealed_by else ("ready" if status.ready else "proposed"),
-        "hsms": ",".join(h.label for h in t.hsms),
-        "operators": ",".join(m.name for m in t.operators) or "-",
+        "sealed_by": status.sealed_by,
+        "approval_count": len(status.own.signed),
+        "quorum": t.quorum,
+        "operator_count": len(t.operators),
+        "hsms": [{"id": h.id, "label": h.label} for h in t.hsms],
+        "operators": [m.name for m in t.operators],
+    }
+
+
+TRUST_COLUMNS = ["id", "serial", "state", "approvals", "hsms", "operators"]
+
+
+def trust_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``trust_row`` for the table: "2 signed, 2 of 3 needed" rather than "2/2 of 3"."""
+    return {
+        "id": short(row["id"]),
+        "serial": row["serial"],
+        "state": row["state"],
+        "approvals": f"{row['approval_count']} signed, {row['quorum']} of "
+        f"{row['operator_count']} needed",
+        "hsms": ",".join(h["label"] for h in row["hsms"]),
+        "operators": ",".join(row["operators"]) or "-",
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kmsfs.agent.client import AgentClient
-from kmsfs.errors import IntegrityError, UsageError
+from kmsfs.errors import AlreadyExistsError, IntegrityError, UsageError
 from kmsfs.model import fields
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
@@ -51,8 +51,9 @@ def seal_trust(client: AgentClient, ctx: Context, trust_ref: str) -> SealedTrust
 def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
         # As in-process: the agent's store may lack the name, but a second generation 1 here
-        # would make this store refuse the Domain everywhere (rival generations).
-        raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
+        # would make this store refuse the Domain everywhere (rival generations). Exit 6
+        # like in-process (the agent's own refusal comes back as code "store": exit 6 too).
+        raise AlreadyExistsError(f"a domain named {name!r} exists already (rewrap it instead)")
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
     domains.refuse_superseded(ctx, trust_id, "make a Domain under it")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pkcs11
 
 from kmsfs.errors import (
+    AlreadyExistsError,
     ChainError,
     HsmError,
     HsmUnavailableError,
@@ -73,7 +74,7 @@ def create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
 
 def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
-        raise UsageError(f"a domain named {name!r} exists already (rewrap it instead)")
+        raise AlreadyExistsError(f"a domain named {name!r} exists already (rewrap it instead)")
     chain = _governing_trust(ctx, trust_ref)
     trust = chain[-1].trust
     with open_hsm(ctx, trust.hsms) as hsm:

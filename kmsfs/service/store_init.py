@@ -6,6 +6,7 @@ the directory as it was (missing, or empty).
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs.errors import StoreError, UsageError
@@ -17,7 +18,12 @@ from kmsfs.service.context import Context
 MAX_INITIAL_HSMS = 16
 
 
-def init_store(root: Path, hsm_count: int = 2) -> SealedTrust:
+def init_store(
+    root: Path, hsm_count: int = 2, step: Callable[[str], None] | None = None
+) -> SealedTrust:
+    """``step`` (if given) is told what starts next ("HSM 3 of 16", "genesis trust"): creating
+    an HSM takes about a second, so a big init would otherwise look stuck."""
+    say = step or (lambda what: None)
     if not 1 <= hsm_count <= MAX_INITIAL_HSMS:
         raise UsageError(f"--hsms must be between 1 and {MAX_INITIAL_HSMS}")
     root = Path(root)
@@ -30,7 +36,11 @@ def init_store(root: Path, hsm_count: int = 2) -> SealedTrust:
     try:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
-        records = [hsms.create_hsm(ctx) for _ in range(hsm_count)]
+        records = []
+        for number in range(1, hsm_count + 1):
+            say(f"HSM {number} of {hsm_count}")
+            records.append(hsms.create_hsm(ctx))
+        say("genesis trust")
         genesis = trusts.genesis(ctx, records)
         ctx.store.write_config(Anchor(genesis.id), new=True)  # last: no store.json, no store
         return genesis

@@ -182,9 +182,9 @@ def test_operator_create_and_its_errors(initialized: Admin) -> None:
         "../evil",
         "--pin-file",
         initialized.pin_file("x"),
-        check=exitcodes.FORMAT,
+        check=exitcodes.USAGE,
     )
-    assert "operator name" in one_error_line(bad)
+    assert "error: argument NAME: '../evil' is not a name" in bad.stderr
     empty = initialized.pins / "empty.pin"
     empty.write_text("")
     no_pin = initialized("operator", "create", "bob", "--pin-file", str(empty), check=exitcodes.PIN)
@@ -308,7 +308,7 @@ def test_domain_lifecycle_create_verify_export_rewrap(initialized: Admin) -> Non
     trust = initialized.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
     created = initialized("--json", "domain", "create", "payroll", "--trust", trust).json
     assert created["generation"] == 1 and created["hsms"] == ["hsm1", "hsm2"]
-    dup = initialized("domain", "create", "payroll", "--trust", trust, check=exitcodes.USAGE)
+    dup = initialized("domain", "create", "payroll", "--trust", trust, check=exitcodes.STORE)
     assert "exists already" in one_error_line(dup)
     assert [d["name"] for d in initialized("--json", "domain", "list").json] == ["payroll"]
     initialized("domain", "verify", "payroll")
