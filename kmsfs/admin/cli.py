@@ -672,7 +672,7 @@ def build_parser() -> Parser:
         dm,
         "export",
         "domain_export",
-        "print the domain bundle (domain + trust chain) to stdout",
+        "print the domain bundle (domain + trust chain, nothing secret) for a backup or audit",
         "kmsfs-admin domain export payroll > payroll.domain",
     )
     p.add_argument("name", metavar="NAME", help="the domain's name")
