@@ -37,7 +37,8 @@ class Terminated(BaseException):
     every ``except BaseException`` / ``finally`` undo runs and nothing half-made stays."""
 
 
-def _terminate(signum: int, frame: object) -> None:
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise :class:`Terminated` where the main thread is."""
     raise Terminated
 
 
@@ -54,7 +55,7 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # only the main thread may (in-process tests)
-            signal.signal(signal.SIGTERM, _terminate)
+            signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return handler() or exitcodes.OK
     except KmsfsError as exc:

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from kmsfs import exitcodes
+from kmsfs.cliutil import raise_terminated
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
 from kmsfs.fs.killpriv import InitAmendment, libfuse_needs_it
@@ -189,6 +190,8 @@ def serve(
     check_root_only(cipherdir)
     lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
     latency: CpuLatencyRequest | None = None
+    ops: KmsfsOps | None = None
+    mounted = False
     try:
         if LOW_LATENCY in options:
             latency = _open_latency_request()
@@ -196,48 +199,61 @@ def serve(
         ops.enable_writeback_cache = WRITEBACK_CACHE in options
         ops.files.noatime = "noatime" in options  # the kernel leaves atime to the daemon
         ops.dir_noatime = bool(options & {"noatime", "nodiratime"})
+        # SIGTERM and Ctrl-C are held across init until `mounted` says what it did: one that
+        # lands as init returns (a mount called off: daemonize) must unmount, not leave a
+        # dead mount behind.
+        unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
-        except RuntimeError as exc:  # libfuse has said why on stderr, if it could
-            hint = ""
-            if "allow_other" in options and os.geteuid() != 0:
-                hint = "; allow_other needs user_allow_other in /etc/fuse.conf"
-            raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
-    except BaseException:
-        if latency is not None:
-            latency.close()
-        os.close(lock_fd)
-        raise
-    log.info("mounted %s on %s", cipherdir, mountpoint)
-    unmount = True
-    try:
+            _init(ops, mountpoint, options)
+            mounted = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+        log.info("mounted %s on %s", cipherdir, mountpoint)
         if "ro" not in options:
             ops.start_dir_pool()
         settle_garbage_collector()
         spin = _SpinThenWait(
-            threads_busy=lambda: ops.limiter.borrowed_tokens > 0,
+            threads_busy=lambda: ops.limiter.borrowed_tokens > 0,  # type: ignore[union-attr]
             idle=ops.between_requests,
             latency=latency,
             init=InitAmendment() if libfuse_needs_it() else None,
         )
         trio.run(_main, on_ready, mountpoint, spin)
     except BaseException:
-        log.exception("main loop failed")
+        if mounted:
+            log.exception("main loop failed")
         raise
     finally:
-        ops.stop_dir_pool()
-        ops.files.close_all()
-        if ops.journal is not None:
-            with contextlib.suppress(OSError):  # marks what returned: no live record left
-                ops.journal.close()
-        try:
-            pyfuse3.close(unmount=unmount)
-        except Exception:  # already unmounted from outside
-            log.debug("close after unmount", exc_info=True)
-        log.info("unmounted %s", mountpoint)
+        if mounted and ops is not None:
+            _unmount(ops, mountpoint)
         if latency is not None:
             latency.close()
         os.close(lock_fd)
+
+
+def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
+    """pyfuse3.init, its refusal as one line."""
+    try:
+        pyfuse3.init(ops, str(mountpoint), sorted(options - OWN_OPTIONS))
+    except RuntimeError as exc:  # libfuse has said why on stderr, if it could
+        hint = ""
+        if "allow_other" in options and os.geteuid() != 0:
+            hint = "; allow_other needs user_allow_other in /etc/fuse.conf"
+        raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
+
+
+def _unmount(ops: Any, mountpoint: Path) -> None:
+    """Stop serving: the directory pool, open files, the write journal, then the mount."""
+    ops.stop_dir_pool()
+    ops.files.close_all()
+    if ops.journal is not None:
+        with contextlib.suppress(OSError):  # marks what returned: no live record left
+            ops.journal.close()
+    try:
+        pyfuse3.close(unmount=True)
+    except Exception:  # already unmounted from outside
+        log.debug("close after unmount", exc_info=True)
+    log.info("unmounted %s", mountpoint)
 
 
 def _open_latency_request() -> CpuLatencyRequest:
@@ -486,6 +502,9 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
         try:
             os.close(read_fd)
             os.setsid()
+            # SIGTERM must stop the child even if the caller ignored it (trap '' TERM): it is
+            # how an interrupted parent calls the mount off, and how a daemon is unmounted.
+            signal.signal(signal.SIGTERM, raise_terminated)
             signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
             child(report_ready)
         except BaseException as exc:  # every failure must reach the parent as one line

@@ -92,19 +92,27 @@ def _daemon_child(pid: int, timeout: float = 30.0) -> int:
     raise AssertionError(f"process {pid} started no daemon")
 
 
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigterm", ["default", "ignored"])
 def test_ctrl_c_before_the_mount_is_ready_calls_it_off(
-    tmp_path: Path, initialized: Admin
+    tmp_path: Path, initialized: Admin, sigterm: str
 ) -> None:
     """Ctrl-C while ``kmsfs mount`` waited for its daemon said "interrupted" (exit 130), yet
     the daemon, in a session of its own that the terminal's signal does not reach, went on
-    to mount the volume: plaintext served while the user believed nothing happened."""
+    to mount the volume: plaintext served while the user believed nothing happened. Started
+    with SIGTERM ignored (``trap '' TERM``), the daemon ignored the SIGTERM that calls it
+    off, and the caller waited for it for ever."""
     initialized.real_domain()
     cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "KMSFS_STORE": str(initialized.store)}
     assert kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
     mp.mkdir()
     proc = subprocess.Popen([*KMSFS, "mount", str(cipher), str(mp)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_ignore_sigterm if sigterm == "ignored" else None)
     try:
         daemon = _daemon_child(proc.pid)  # forked: opening the Domain's HSM, not yet mounted
         proc.send_signal(signal.SIGINT)
@@ -120,6 +128,37 @@ def test_ctrl_c_before_the_mount_is_ready_calls_it_off(
         proc.communicate()
         if os.path.ismount(mp):
             kmsfs("umount", str(mp))
+
+
+def test_a_sigterm_as_the_mount_is_made_unmounts_it(tmp_path: Path) -> None:
+    """A SIGTERM (how an interrupted ``kmsfs mount`` calls its daemon off) that landed as
+    pyfuse3.init returned found the daemon outside the code that unmounts: it exited 143 and
+    left a dead mount (ENOTCONN) on the mount point. Here it is sent from inside init."""
+    volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
+    target.mkdir()
+    script = (
+        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
+        "from pathlib import Path\n"
+        "import pyfuse3\n"
+        "from fs_helpers import SoftDeriver\n"
+        "from kmsfs import cliutil\n"
+        "from kmsfs.fs import daemon\n"
+        "real = pyfuse3.init\n"
+        "def init(*args):\n"
+        "    real(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # as init returns\n"
+        "pyfuse3.init = init\n"
+        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
+        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]))))\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              cwd=REPO, timeout=60)
+        assert proc.returncode == 143, proc.stderr
+        assert f" {target} " not in Path("/proc/self/mounts").read_text()
+        assert list(target.iterdir()) == []  # a dead mount would raise ENOTCONN here
+    finally:  # a dead mount is no mount point to os.path.ismount: unmount it regardless
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
 
 
 def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
