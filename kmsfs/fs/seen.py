@@ -145,7 +145,10 @@ def check(offered: Offered) -> None:
 
 def remember(offered: Offered) -> bool:
     """Record *offered* if it is newer than the record (or there is none); True if written.
-    Call it only with what :func:`check` accepted."""
+    Call it only with what :func:`check` accepted. Every call first closes this user's state
+    directories to others (:func:`_close_to_others`), and refuses to write through a state
+    directory that others may change."""
+    _close_to_others()
     seen = load(offered.root, offered.domain)
     if seen is not None and offered.generation <= seen.generation:
         return False
@@ -157,27 +160,57 @@ def remember(offered: Offered) -> bool:
         "trust": offered.trust,
     }
     data = (json.dumps(record, sort_keys=True, indent=2) + "\n").encode()
-    _close_to_others()
     atomicfile.replace(record_path(offered.root, offered.domain), data, mode=0o644)
     return True
 
 
 def _close_to_others() -> None:
-    """Take write permission for others off this user's state directories (and, for the
-    system one, /var/lib/kmsfs above it): whoever may write there may remove a record, and
-    with it the refusal of a rolled-back Domain. Mounts of earlier versions made them 0777
-    (:func:`kmsfs.atomicfile.make_parents`); a directory of another owner is left alone."""
+    """Take write permission for others off this user's state directories, top down (for
+    the system one, /var/lib/kmsfs above it too): whoever may write there may remove a
+    record, and with it the refusal of a rolled-back Domain. Mounts of earlier versions made
+    them 0777 (:func:`kmsfs.atomicfile.make_parents`).
+
+    Each directory is opened without following a symlink, through its parent's descriptor,
+    and changed through its own: a directory that others could still swap (for a symlink to
+    a file of root's, say) is never reached by path. IntegrityError, before anything is
+    written, for a symlink in the chain or a directory others may write that is not this
+    user's to close."""
     top = state_dir()
-    dirs = [top / "domains", top]
+    chain = [top, top / "domains"]
     if top == SYSTEM_STATE_DIR:
-        dirs.append(top.parent)
-    for directory in dirs:
-        try:
-            st = os.lstat(directory)
-        except FileNotFoundError:
-            continue
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and mode & 0o022:
-            os.chmod(directory, mode & ~0o022)
+        chain.insert(0, top.parent)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    parent: int | None = None
+    try:
+        for directory in chain:
+            try:
+                if parent is None:  # the top may be a symlink (/var/lib/kmsfs elsewhere)
+                    fd = os.open(directory, flags & ~os.O_NOFOLLOW)
+                else:
+                    fd = os.open(directory.name, flags, dir_fd=parent)
+            except FileNotFoundError:
+                return  # made later, 0755 (atomicfile.make_parents)
+            except OSError as exc:  # ELOOP, ENOTDIR: a symlink or a file in its place
+                raise IntegrityError(
+                    f"{directory}: not a directory of its own ({exc.strerror}); this machine's "
+                    "record of the Domains it mounted is not written through it"
+                ) from None
+            if parent is not None:
+                os.close(parent)
+            parent = fd
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            if not mode & 0o022:
+                continue
+            if st.st_uid != os.geteuid():
+                raise IntegrityError(
+                    f"{directory}: writable by other users and owned by uid {st.st_uid}, "
+                    "so anyone could remove this machine's record of the Domains it mounted; "
+                    "make it writable by its owner only (chmod go-w)"
+                )
+            os.fchmod(fd, mode & ~0o022)
             log.warning("%s was writable by other users (mode %04o); now %04o",
                         directory, mode, mode & ~0o022)
+    finally:
+        if parent is not None:
+            os.close(parent)

@@ -66,6 +66,45 @@ def test_state_directories_left_open_by_an_earlier_version_are_closed(
     assert _mode(machine_state) == _mode(machine_state / "domains") == 0o755
 
 
+def test_state_directories_are_closed_even_when_the_record_is_current(
+    machine_state: Path,
+) -> None:
+    """Installs an earlier version left open stayed open until a newer generation came."""
+    seen.remember(offered(1))
+    machine_state.chmod(0o777)
+    assert seen.remember(offered(1)) is False  # nothing new to record
+    assert _mode(machine_state) == 0o755
+
+
+def test_a_symlink_planted_for_the_domains_directory_is_not_followed(
+    machine_state: Path, tmp_path: Path
+) -> None:
+    """While the state directory was open to all, another user could swap ``domains`` for a
+    symlink: to a file of root's (chmod'ed through it) or a directory of their choosing
+    (the record written there)."""
+    machine_state.mkdir(mode=0o777)
+    machine_state.chmod(0o777)
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o777)
+    victim.chmod(0o777)
+    (machine_state / "domains").symlink_to(victim)
+    with pytest.raises(IntegrityError, match="not a directory of its own"):
+        seen.remember(offered(1))
+    assert _mode(victim) == 0o777 and list(victim.iterdir()) == []
+    assert _mode(machine_state) == 0o755  # closed on the way down, before the refusal
+
+
+def test_a_state_directory_others_may_write_and_another_user_owns_is_refused(
+    machine_state: Path,
+) -> None:
+    machine_state.mkdir()
+    os.chown(machine_state, 65534, 65534)
+    machine_state.chmod(0o777)
+    with pytest.raises(IntegrityError, match="owned by uid 65534"):
+        seen.remember(offered(1))
+    assert not (machine_state / "domains").exists()
+
+
 def test_an_older_generation_than_one_mounted_here_is_refused() -> None:
     seen.check(offered(1))  # nothing recorded: anything goes
     assert seen.remember(offered(3)) is True
