@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(softhsm2 opensc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev gocryptfs fio attr)
+PACKAGES=(softhsm2 opensc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev gocryptfs fio attr
+          systemd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -152,6 +152,20 @@ def hsm_signer(store: Path) -> Callable[[bytes], tuple[str, bytes]]:
     return sign
 
 
+def _passed_by_systemd(path: Path, listeners: list[socket.socket]) -> bool:
+    """Whether one of systemd's sockets (socket activation) is bound at *path*: the agent
+    serves that one, and must not take it for another agent's and refuse to start."""
+    want = os.path.abspath(path)
+    for sock in listeners:
+        if sock.family == socket.AF_UNIX:
+            name = sock.getsockname()
+            if isinstance(name, bytes):
+                name = os.fsdecode(name)
+            if name and os.path.abspath(name) == want:
+                return True
+    return False
+
+
 def serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_file, args.verbose)
     if args.audit_every < 1 or not args.audit_seconds > 0:
@@ -184,10 +198,13 @@ def serve(args: argparse.Namespace) -> int:
                 tls_fds.add(sock.fileno())
         if not listeners or args.socket:
             socket_path = args.socket or default_socket()
-            # A socket another agent serves is refused before the audit log is opened, so a
-            # second agent started by mistake changes nothing (unix_listener checks again,
-            # under a lock, for two started at once).
-            check_unix_socket(socket_path)
+            if _passed_by_systemd(socket_path, listeners):
+                socket_path = None  # --socket names the one systemd listens on for us
+            else:
+                # A socket another agent serves is refused before the audit log is opened,
+                # so a second agent started by mistake changes nothing (unix_listener checks
+                # again, under a lock, for two started at once).
+                check_unix_socket(socket_path)
         audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         audit = AuditLog(
             audit_path,

@@ -735,6 +735,30 @@ def test_second_agent_on_a_served_socket_refuses_and_changes_nothing(
         client.call("health", {})
 
 
+def test_socket_activated_agent_serves_systemds_socket_named_by_socket(
+    world: World, tmp_path: Path
+) -> None:
+    """Started by systemd's socket (socket activation) with ``--socket`` naming that same
+    path, the agent took its own inherited socket for another agent's and refused to start."""
+
+    class Activated(AgentProcess):
+        def command(self) -> list[str]:
+            return ["systemd-socket-activate", "-l", str(self.socket), *super().command()]
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-activated-"))
+    try:
+        agent = Activated(world.agent_admin.store, tmp_path / "agent", root_policy(),
+                          socket_path=sock_dir / "hsmd.sock").start()
+        try:
+            with agent.client() as client:
+                assert client.call("hello", {})["client"] == "root"
+        finally:
+            agent.stop()
+        assert "another process is listening" not in agent.log()
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
 def test_stale_socket_file_is_taken_over_but_not_another_file(
     world: World, tmp_path: Path
 ) -> None:
