@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kmsfs import exitcodes
 from kmsfs.admin.render import short
 from kmsfs.agent.audit import CHECKPOINT, MAX_PROBLEMS, read_records, verify_log
+from kmsfs.agent.protocol import printable
 from kmsfs.cliutil import emit_json, emit_table
 from kmsfs.errors import KmsfsError
 from kmsfs.service import trusts
@@ -133,9 +134,7 @@ def show(cmd: "Command") -> None:
 
 
 def _safe(value: Any) -> str:
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value)
-    )
+    return printable(str(value))
 
 
 def _labels(store: Store) -> dict[str, str]:

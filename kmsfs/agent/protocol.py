@@ -72,6 +72,19 @@ def error_code(exc: KmsfsError) -> str:
     return "error"
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` with control characters escaped, cut to ``limit`` characters (if given): what
+    the other side controls (an operation name, an echoed value, an error message) never
+    forges audit rows or table lines, nor drives a terminal."""
+    cut = text if limit is None else text[:limit]
+    clean = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut
+    )
+    if limit is not None and len(text) > limit:
+        clean += f"... ({len(text)} characters)"
+    return clean
+
+
 def error_from(code: str, message: str) -> KmsfsError:
     """The local error for an agent's error response (unknown codes become KmsfsError)."""
     return _CLASS_OF.get(code, KmsfsError)(message)
@@ -166,5 +179,5 @@ def parse_response(body: bytes, want_id: int) -> dict[str, Any]:
     error = fields.obj(data["error"], "response.error")
     raise error_from(
         fields.string(error, "code", "response.error"),
-        "agent: " + fields.string(error, "message", "response.error"),
+        "agent: " + printable(fields.string(error, "message", "response.error"), MAX_MESSAGE),
     )

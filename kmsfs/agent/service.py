@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.agent.policy import Peer, Policy
-from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request
+from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request, printable
 from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
@@ -53,17 +53,6 @@ log = logging.getLogger(__name__)
 
 AuditSink = Callable[..., Any]  # AuditLog.append(who=, op=, domain=, allowed=, reason=, detail=)
 MAX_REASON = 1000  # characters of a reason kept in the audit log
-
-
-def printable(text: str, limit: int) -> str:
-    """``text`` with control characters escaped, cut to ``limit`` characters: what a client
-    controls (an operation name, an echoed value) never forges audit rows or moves a cursor."""
-    clean = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit]
-    )
-    if len(text) > limit:
-        clean += f"... ({len(text)} characters)"
-    return clean
 
 
 @dataclass

@@ -186,9 +186,12 @@ def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
     """Have the agent verify the bundle and check its policy, as a mount will; its answer."""
     with open_deriver(Path("."), bundle, agent) as deriver:
         desc = dict(deriver.description)  # type: ignore[attr-defined]
-    # Printed in the superseded warning: ids, never whatever else an agent may send.
+    # Printed in errors and in the superseded warning: a name and ids, never whatever else
+    # an agent may send (escape sequences for the client's terminal).
     from kmsfs.model import fields
+    from kmsfs.model.records import check_name
 
+    check_name(desc.get("name"), "agent's open-domain.name: Domain")
     for key in ("trust_id", "superseded_by"):
         if desc.get(key) is not None:
             fields.hex_id(desc[key], f"agent's open-domain.{key}")

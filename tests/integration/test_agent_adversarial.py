@@ -983,12 +983,13 @@ def test_deriver_refuses_keys_of_the_wrong_count_or_size(kms: Kms, keys: list[st
         deriver.derive_many([b"one", b"two"])
 
 
-@pytest.mark.parametrize("key", ["trust_id", "superseded_by"])
+@pytest.mark.parametrize("key", ["name", "trust_id", "superseded_by"])
 def test_mount_prints_no_agent_controlled_text_in_the_superseded_warning(
     kms: Kms, key: str
 ) -> None:
-    """The warning a mount prints quotes the ids the agent sent: anything but an id (escape
-    sequences for the client's terminal, say) is refused, not printed."""
+    """The warning a mount prints quotes the name and ids the agent sent (the name also in
+    the error for a Domain other than the volume's): anything else (escape sequences for
+    the client's terminal, say) is refused, not printed."""
     from kmsfs.fs import kms as fskms
 
     ids = {"trust_id": "ab" * 32, "superseded_by": "cd" * 32}
@@ -1004,6 +1005,18 @@ def test_mount_prints_no_agent_controlled_text_in_the_superseded_warning(
     assert fskms.superseded_warning(desc).startswith(
         f"Domain payroll is governed by trust {'ab' * 6}, which trust {'cd' * 6} supersedes"
     )
+
+
+def test_an_agents_error_message_reaches_the_client_with_control_characters_escaped(
+    kms: Kms,
+) -> None:
+    def respond(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        raise AgentRefusedError("no\x1b]0;pwned\x07 way\nforged line")
+
+    with fake_agent(respond) as agent, agent.client() as client, \
+            pytest.raises(AgentRefusedError) as refused:
+        client.call("health", {})
+    assert str(refused.value) == "agent: no\\x1b]0;pwned\\x07 way\\nforged line"
 
 
 def test_agent_refusal_keeps_its_error_class_on_the_client(kms: Kms) -> None:
