@@ -434,14 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", "create a new encrypted volume bound to a Domain")
     p.add_argument("cipherdir", help="ciphertext directory (missing or empty)")
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.set_defaults(func=cmd_init)
 
     p = add("mount", "verify a volume's Domain and mount its plaintext view")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
     p.add_argument("mountpoint", help="empty directory to mount on")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     p.add_argument(
         "-o",
@@ -470,13 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", "describe a volume and whether its Domain verifies")
     p.add_argument("cipherdir")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     p.set_defaults(func=cmd_info)
 
     p = add("encrypt", "encrypt one file for a Domain (a self-contained encrypted file)")
     p.add_argument("--domain", required=True, help="name of the Domain in the store")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("input", metavar="IN", help="file to encrypt, or - for stdin")
     p.add_argument("output", metavar="OUT", help="encrypted file to write, or - for stdout "
                    "(an existing file is refused unless --force)")
@@ -488,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encrypt)
 
     p = add("decrypt", "decrypt one file; its Domain is read from the file itself")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument(
         "--cipherdir",
         metavar="DIR",
@@ -506,14 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("fsck", "check every name, symlink and block of a volume without mounting it")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
     p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
             "mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
-    p.add_argument("--store", default=SUPPRESS, help=store_help)
+    p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
+                   help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
@@ -528,10 +535,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _merge_store(parser, args)
     if args.json and args.func is cmd_completion:
         return run(PROG, lambda: _refuse("--json: completion prints a shell script"))
     return run(PROG, lambda: args.func(args))
+
+
+def _merge_store(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--store`` before the command or after it (as kmsfs-admin takes it); two different
+    ones are a usage error, not the second one silently winning."""
+    after = getattr(args, "store_after", None)
+    if after is None:
+        return
+    if args.store is not None and Path(args.store).resolve() != Path(after).resolve():
+        parser.error(f"--store {args.store} before the command and --store {after} after it: "
+                     "give one")
+    args.store = after
 
 
 def _refuse(why: str) -> int:

@@ -250,6 +250,10 @@ def test_store_goes_before_or_after_the_command_and_a_wrong_one_is_named(
     before = json.loads(kmsfs("--store", store, "info", str(cipher), "--json").stdout)
     after = json.loads(kmsfs("info", str(cipher), "--store", store, "--json").stdout)
     assert before == after and before["verified"] is True
+    twice = kmsfs("--store", store, "info", str(cipher), "--store", str(tmp_path))
+    assert twice.returncode == 2 and twice.stderr == (
+        f"kmsfs: error: --store {store} before the command and --store {tmp_path} after it: "
+        "give one (see kmsfs --help)\n")
     text = kmsfs("--store", store, "info", str(cipher)).stdout.splitlines()
     assert "verified:        yes" in text and "domain_name:     payroll" in text
 
