@@ -31,7 +31,7 @@ from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.reencrypt_resume import DirTimes
-from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Inode, open_unread
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Inode, open_unread, owner_access
 
 if TYPE_CHECKING:
     from kmsfs.fs.reencrypt import Summary
@@ -71,9 +71,19 @@ class Rewriter:
         self.advance = advance
 
     def rewrite(self, node: Inode, old: content.FileHeader) -> None:
+        """Rewrite one file (all its hard links). A user other than root gets the access it
+        needs to its own read-only directories and write-only files for the time of the
+        rewrite (:func:`~kmsfs.fs.reencrypt_walk.owner_access`)."""
+        with contextlib.ExitStack() as opened:
+            for d in sorted({os.path.dirname(p) for p in node.paths}):
+                opened.enter_context(owner_access(d, stat.S_IWUSR | stat.S_IXUSR))
+            self._rewrite(node, old)
+
+    def _rewrite(self, node: Inode, old: content.FileHeader) -> None:
         src_path = node.paths[0]
         # no following, no blocking on a FIFO put there since the scan, no atime moved
-        src = open_unread(reach(src_path))
+        with owner_access(src_path, stat.S_IRUSR):
+            src = open_unread(reach(src_path))
         temps: list[bytes] = []
         made: set[bytes] = set()
         try:

@@ -13,10 +13,12 @@ lists directories with the same helpers (:func:`open_unread`, :func:`open_dir_un
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kmsfs.crypto import content
@@ -63,11 +65,37 @@ def list_unread(path: bytes | str) -> list[bytes]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def owner_access(path: bytes, bits: int) -> Iterator[None]:
+    """Give this user the permission *bits* (``stat.S_IRUSR``; ``S_IWUSR | S_IXUSR``) on a
+    *path* it owns but may not use that way, and take them back after: a user other than
+    root re-keying their own volume meets read-only directories (0555) and write-only files
+    (0200) of theirs, which only its owner's chmod opens. Root needs none; a path of another
+    owner is left as it is (the operation then fails, and is reported, as before). Only
+    ``st_ctime`` moves, and, if the job is killed meanwhile, the mode stays opened to its
+    owner alone."""
+    if os.geteuid() == 0:
+        yield
+        return
+    st = os.lstat(reach(path))
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode) or mode & bits == bits:
+        yield
+        return
+    os.chmod(reach(path), mode | bits)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.chmod(reach(path), mode)
+
+
 def read_header(path: bytes) -> bytes:
     """The first HEADER_SIZE bytes of a ciphertext file (fewer if it is shorter); OSError,
     without the path, for anything but a regular file (a FIFO put there never blocks)."""
     try:
-        fd = open_unread(reach(path))
+        with owner_access(path, stat.S_IRUSR):  # a write-only file of this user's
+            fd = open_unread(reach(path))
     except OSError as exc:  # the caller names the file, in its own terms
         raise type(exc)(exc.errno, exc.strerror) from None
     try:

@@ -406,6 +406,72 @@ def test_reencrypt_moves_no_atime(tmp_path: Path) -> None:
     assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
 
 
+_AS_OWNER = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.integration.fs_helpers import SoftDeriver
+    from kmsfs.fs.reencrypt import reencrypt_tree
+    print(json.dumps(reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2)).to_json()))
+    """
+)
+
+
+def test_an_owner_other_than_root_rekeys_its_read_only_dirs_and_write_only_files(
+    tmp_path: Path,
+) -> None:
+    """Run by the volume's owner (not root), reencrypt could neither read a write-only file
+    (0200) nor replace a file in a read-only directory (0555): both failed. Its owner may
+    chmod them: the job opens them for the rewrite and puts each mode back."""
+    base = Path(tempfile.mkdtemp(prefix="kmsfs-owner-"))  # tmp_path is closed to others
+    try:
+        _rekey_as_owner(base, tmp_path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
+    base.chmod(0o755)
+    volume = make_volume(base / "cipher")
+    m = mount(volume, tmp_path, epoch=1)
+    data = {"ro/f": b"in a read-only directory", "wo": b"write-only", "plain": b"plain"}
+    try:
+        (m.mountpoint / "ro").mkdir()
+        for name, value in data.items():
+            (m.mountpoint / name).write_bytes(value)
+        (m.mountpoint / "wo").chmod(0o200)
+        (m.mountpoint / "ro").chmod(0o555)
+    finally:
+        m.stop()
+    subprocess.run(["chown", "-R", "65534:65534", str(volume)], check=True)
+    modes = {name: stat.S_IMODE(cipher_path(volume, name).lstat().st_mode)
+             for name in ("ro", "ro/f", "wo", "plain")}
+    assert (modes["ro"], modes["wo"]) == (0o555, 0o200)
+
+    script = _AS_OWNER.format(root=str(Path(__file__).resolve().parents[2]), volume=str(volume))
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["rewritten"], summary["failed"]) == (3, [])
+    for name, mode in modes.items():
+        path = cipher_path(volume, name)
+        assert stat.S_IMODE(path.lstat().st_mode) == mode, name
+        assert path.lstat().st_uid == 65534
+        if not path.is_dir():
+            assert header_of(path).epoch == 2
+
+    subprocess.run(["chown", "-R", "0:0", str(volume)], check=True)
+    m = mount(volume, tmp_path, epoch=2, name="again")
+    try:
+        for name, value in data.items():
+            assert (m.mountpoint / name).read_bytes() == value
+    finally:
+        m.stop()
+
+
 def test_a_fifo_swapped_in_before_the_rewrite_never_blocks_reencrypt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
