@@ -9,7 +9,6 @@ from typing import Any
 
 from kmsfs import __version__
 from kmsfs.admin import audit_cmd, render
-from kmsfs.admin.progress import Steps
 from kmsfs.admin.render import short
 from kmsfs.agent import remote
 from kmsfs.agent.client import AgentAddress, AgentClient
@@ -28,6 +27,7 @@ from kmsfs.model.fields import HEX_ID
 from kmsfs.model.records import NAME_PATTERN
 from kmsfs.service import domains, hsms, operators, store_init, trusts
 from kmsfs.service.context import Context, default_store_path
+from kmsfs.statusline import Steps
 
 PROG = "kmsfs-admin"
 

@@ -1,15 +1,17 @@
-"""A one-line progress bar on stderr, for long ``encrypt``, ``decrypt`` and ``fsck`` runs.
+"""A one-line progress bar on stderr, for long ``encrypt``, ``decrypt``, ``fsck`` and
+``reencrypt`` runs.
 
 Drawn only when stderr is a terminal and the job is big enough to be worth watching, so logs,
-pipes and tests never see control characters. No dependency: a carriage return and a redraw at
-most ten times a second.
+pipes and tests never see control characters (:class:`kmsfs.statusline.StatusLine`), at most
+ten times a second.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
+
+from kmsfs.statusline import StatusLine
 
 MIN_BYTES = 4 * 1024 * 1024
 """Below this (when the total is known) a bar would only flicker."""
@@ -21,19 +23,17 @@ def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
 
-class Progress:
+class Progress(StatusLine):
     """Counts bytes done; ``total`` may be None for a pipe (then bytes and rate only)."""
 
     def __init__(
         self, label: str, total: int | None, stream: TextIO | None = None, force: bool = False
     ) -> None:
-        self._stream = stream if stream is not None else sys.stderr
+        super().__init__(stream, force)
         self._label, self._total = label, total
-        tty = force or (hasattr(self._stream, "isatty") and self._stream.isatty())
-        self.enabled = tty and (total is None or total >= MIN_BYTES)
+        self.enabled = self.on_terminal and (total is None or total >= MIN_BYTES)
         self._done = 0
         self._start = self._last = time.monotonic()
-        self._drawn = False
 
     @property
     def done(self) -> int:
@@ -60,13 +60,4 @@ class Progress:
             )
         else:
             text = f"{self._label} {_mib(self._done)}  {rate:.0f} MB/s"
-        self._stream.write("\r" + text + "\033[K")
-        self._stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        """Erase the bar so the next line (a result or an error) starts clean."""
-        if self._drawn:
-            self._stream.write("\r\033[K")
-            self._stream.flush()
-            self._drawn = False
+        self._show(text)
