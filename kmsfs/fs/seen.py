@@ -176,15 +176,14 @@ def _close_to_others() -> None:
     written, for a symlink in the chain or a directory others may write that is not this
     user's to close."""
     top = state_dir()
-    chain = [top, top / "domains"]
-    if top == SYSTEM_STATE_DIR:
-        chain.insert(0, top.parent)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if top == SYSTEM_STATE_DIR:  # /var/lib/kmsfs first: it holds the state directory's name
+        _close_one(top.parent, flags & ~os.O_NOFOLLOW)
     parent: int | None = None
     try:
-        for directory in chain:
+        for directory in (top, top / "domains"):
             try:
-                if parent is None:  # the top may be a symlink (/var/lib/kmsfs elsewhere)
+                if parent is None:  # the top may be a symlink (the state kept elsewhere)
                     fd = os.open(directory, flags & ~os.O_NOFOLLOW)
                 else:
                     fd = os.open(directory.name, flags, dir_fd=parent)
@@ -198,19 +197,39 @@ def _close_to_others() -> None:
             if parent is not None:
                 os.close(parent)
             parent = fd
-            st = os.fstat(fd)
-            mode = stat.S_IMODE(st.st_mode)
-            if not mode & 0o022:
-                continue
-            if st.st_uid != os.geteuid():
-                raise IntegrityError(
-                    f"{directory}: writable by other users and owned by uid {st.st_uid}, "
-                    "so anyone could remove this machine's record of the Domains it mounted; "
-                    "make it writable by its owner only (chmod go-w)"
-                )
-            os.fchmod(fd, mode & ~0o022)
-            log.warning("%s was writable by other users (mode %04o); now %04o",
-                        directory, mode, mode & ~0o022)
+            _close_fd(fd, directory)
     finally:
         if parent is not None:
             os.close(parent)
+
+
+def _close_one(directory: Path, flags: int) -> None:
+    """:func:`_close_fd` on *directory*, if it exists."""
+    try:
+        fd = os.open(directory, flags)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise IntegrityError(f"{directory}: not a directory ({exc.strerror})") from None
+    try:
+        _close_fd(fd, directory)
+    finally:
+        os.close(fd)
+
+
+def _close_fd(fd: int, directory: Path) -> None:
+    """Take write permission for others off the directory open as *fd*, if it is this user's;
+    IntegrityError if others may write it and it is not."""
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o022:
+        return
+    if st.st_uid != os.geteuid():
+        raise IntegrityError(
+            f"{directory}: writable by other users and owned by uid {st.st_uid}, so anyone "
+            "could remove this machine's record of the Domains it mounted; make it writable by "
+            "its owner only (chmod go-w)"
+        )
+    os.fchmod(fd, mode & ~0o022)
+    log.warning("%s was writable by other users (mode %04o); now %04o",
+                directory, mode, mode & ~0o022)

@@ -94,6 +94,24 @@ def test_a_symlink_planted_for_the_domains_directory_is_not_followed(
     assert _mode(machine_state) == 0o755  # closed on the way down, before the refusal
 
 
+def test_the_system_state_directory_may_be_a_symlink_and_its_parent_is_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """/var/lib/kmsfs/state kept elsewhere (a symlink) was refused, and with it every
+    record (and kmsfs reencrypt); /var/lib/kmsfs above it, left 0777, is closed first."""
+    parent, elsewhere = tmp_path / "var-lib-kmsfs", tmp_path / "elsewhere"
+    parent.mkdir()
+    parent.chmod(0o777)
+    elsewhere.mkdir()
+    (parent / "state").symlink_to(elsewhere)
+    monkeypatch.delenv(seen.STATE_ENV)
+    monkeypatch.setattr(seen, "SYSTEM_STATE_DIR", parent / "state")
+    assert seen.state_dir() == parent / "state"
+    assert seen.remember(offered(1)) is True
+    assert len(list((elsewhere / "domains").glob("*.json"))) == 1
+    assert _mode(parent) == 0o755
+
+
 def test_a_state_directory_others_may_write_and_another_user_owns_is_refused(
     machine_state: Path,
 ) -> None:
