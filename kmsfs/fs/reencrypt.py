@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from kmsfs.fs.longpath import reach
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_resume import DirTimes, rejoin
 from kmsfs.fs.reencrypt_rewrite import Rewriter
-from kmsfs.fs.reencrypt_walk import Inode, read_header, walk
+from kmsfs.fs.reencrypt_walk import Inode, owner_access, read_header, walk
 from kmsfs.fs.volume import check_root_only, lock_exclusive
 from kmsfs.keys import KeyDeriver
 
@@ -123,7 +124,8 @@ class _Job:
         self.summary.links_rejoined += rejoined
         for temp in temps:
             self.times.touching(os.path.dirname(temp))
-            with contextlib.suppress(FileNotFoundError):
+            with owner_access(os.path.dirname(temp), stat.S_IWUSR | stat.S_IXUSR), \
+                    contextlib.suppress(FileNotFoundError):
                 os.unlink(reach(temp))
             self.summary.temp_removed += 1
         touched = {os.path.dirname(t) for t in tree.temps}
@@ -232,9 +234,10 @@ def reencrypt_tree(
         if not upgrade and not config.has(volconfig.FLAG_KEY_EPOCHS):
             raise _no_flag(cipherdir)
         root = os.lstat(cipherdir)  # rewriting kmsfs.conf moves the (plaintext) root's times
-        try:
-            _record_in_use(cipherdir, deriver)
-            added = upgrade_config(cipherdir) if upgrade else []
+        try:  # kmsfs.conf is replaced in the root, which its owner may have made read-only
+            with owner_access(os.fsencode(cipherdir), stat.S_IWUSR | stat.S_IXUSR):
+                _record_in_use(cipherdir, deriver)
+                added = upgrade_config(cipherdir) if upgrade else []
         finally:
             now = os.lstat(cipherdir)
             if (now.st_atime_ns, now.st_mtime_ns) != (root.st_atime_ns, root.st_mtime_ns):

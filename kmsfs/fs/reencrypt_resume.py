@@ -25,7 +25,7 @@ import stat
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.fs.longpath import reach
-from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Tree, epoch_of
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Tree, epoch_of, owner_access
 
 TIMES_XATTR = "trusted.kmsfs.reencrypt-times"
 """On a directory whose entries a run is changing: ``<atime_ns> <mtime_ns> <fingerprint>``
@@ -121,7 +121,8 @@ def rejoin(temps: list[bytes], files: list[bytes],
             left.append(temp)
             continue
         times.touching(os.path.dirname(temp))
-        os.rename(reach(temp), reach(target))
+        with owner_access(os.path.dirname(temp), stat.S_IWUSR | stat.S_IXUSR):
+            os.rename(reach(temp), reach(target))  # within one directory (the same suffix)
         done.add(target)
     return left, len(done)
 

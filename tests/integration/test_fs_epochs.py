@@ -413,9 +413,20 @@ _AS_OWNER = textwrap.dedent(
     from pathlib import Path
     from tests.integration.fs_helpers import SoftDeriver
     from kmsfs.fs.reencrypt import reencrypt_tree
-    print(json.dumps(reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2)).to_json()))
+    summary = reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2), upgrade={upgrade})
+    print(json.dumps(summary.to_json()))
     """
 )
+
+
+def _reencrypt_as(uid: int, volume: Path, upgrade: bool = False) -> dict[str, object]:
+    script = _AS_OWNER.format(root=str(Path(__file__).resolve().parents[2]),
+                              volume=str(volume), upgrade=upgrade)
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
+         "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
 
 
 def test_an_owner_other_than_root_rekeys_its_read_only_dirs_and_write_only_files(
@@ -444,18 +455,15 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
         (m.mountpoint / "ro").chmod(0o555)
     finally:
         m.stop()
+    # what a killed run (as root) left in the read-only directory: removed first
+    (cipher_path(volume, "ro") / f"{TEMP_PREFIX}{'0' * 16}-1").write_bytes(b"left over")
     subprocess.run(["chown", "-R", "65534:65534", str(volume)], check=True)
     modes = {name: stat.S_IMODE(cipher_path(volume, name).lstat().st_mode)
              for name in ("ro", "ro/f", "wo", "plain")}
     assert (modes["ro"], modes["wo"]) == (0o555, 0o200)
 
-    script = _AS_OWNER.format(root=str(Path(__file__).resolve().parents[2]), volume=str(volume))
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-         "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
-    assert (summary["rewritten"], summary["failed"]) == (3, [])
+    summary = _reencrypt_as(65534, volume)
+    assert (summary["rewritten"], summary["failed"], summary["temp_removed"]) == (3, [], 1)
     for name, mode in modes.items():
         path = cipher_path(volume, name)
         assert stat.S_IMODE(path.lstat().st_mode) == mode, name
@@ -470,6 +478,15 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
             assert (m.mountpoint / name).read_bytes() == value
     finally:
         m.stop()
+
+    # --upgrade rewrites kmsfs.conf in the root, which its owner may have made read-only
+    old = v1_volume(base / "old")
+    subprocess.run(["chown", "-R", "65534:65534", str(old)], check=True)
+    old.chmod(0o555)
+    summary = _reencrypt_as(65534, old, upgrade=True)
+    assert summary["flags_added"] and summary["failed"] == []
+    assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
+    assert stat.S_IMODE(old.lstat().st_mode) == 0o555
 
 
 def test_a_fifo_swapped_in_before_the_rewrite_never_blocks_reencrypt(
