@@ -3,6 +3,7 @@ and renders the result as text or, with ``--json``, as JSON (lists are arrays of
 with an ``id``)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -370,7 +371,7 @@ def _merge_store(parser: Parser, args: argparse.Namespace) -> None:
     after = getattr(args, "store_after", None)
     if after is None:
         return
-    if args.store is not None and args.store.resolve() != after.resolve():
+    if args.store is not None and os.path.realpath(args.store) != os.path.realpath(after):
         parser.error(
             f"--store {args.store} before the command and --store {after} after it: give one"
         )

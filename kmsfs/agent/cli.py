@@ -155,15 +155,22 @@ def hsm_signer(store: Path) -> Callable[[bytes], tuple[str, bytes]]:
 def _passed_by_systemd(path: Path, listeners: list[socket.socket]) -> bool:
     """Whether one of systemd's sockets (socket activation) is bound at *path*: the agent
     serves that one, and must not take it for another agent's and refuse to start."""
-    want = os.path.abspath(path)
+    want = _real(str(path))
     for sock in listeners:
         if sock.family == socket.AF_UNIX:
             name = sock.getsockname()
             if isinstance(name, bytes):
                 name = os.fsdecode(name)
-            if name and os.path.abspath(name) == want:
+            if name and _real(name) == want:
                 return True
     return False
+
+
+def _real(path: str) -> str:
+    """A socket path with its directory resolved (/var/run is /run on Debian); the socket
+    itself is not followed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(directory), name)
 
 
 def serve(args: argparse.Namespace) -> int:

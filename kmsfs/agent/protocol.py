@@ -179,5 +179,6 @@ def parse_response(body: bytes, want_id: int) -> dict[str, Any]:
     error = fields.obj(data["error"], "response.error")
     raise error_from(
         fields.string(error, "code", "response.error"),
-        "agent: " + printable(fields.string(error, "message", "response.error"), MAX_MESSAGE),
+        # escaped, not cut again: the agent cut it (MAX_MESSAGE) and said how long it was
+        "agent: " + printable(fields.string(error, "message", "response.error")),
     )

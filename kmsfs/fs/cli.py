@@ -549,7 +549,7 @@ def _merge_store(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     after = getattr(args, "store_after", None)
     if after is None:
         return
-    if args.store is not None and Path(args.store).resolve() != Path(after).resolve():
+    if args.store is not None and os.path.realpath(args.store) != os.path.realpath(after):
         parser.error(f"--store {args.store} before the command and --store {after} after it: "
                      "give one")
     args.store = after

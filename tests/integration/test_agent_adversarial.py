@@ -1018,6 +1018,32 @@ def test_an_agents_error_message_reaches_the_client_with_control_characters_esca
         client.call("health", {})
     assert str(refused.value) == "agent: no\\x1b]0;pwned\\x07 way\\nforged line"
 
+    def long(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        raise AgentRefusedError("x" * 5000)
+
+    with fake_agent(long) as agent, agent.client() as client, \
+            pytest.raises(AgentRefusedError) as refused:
+        client.call("health", {})
+    assert str(refused.value).endswith("x... (5000 characters)")  # cut once, by the agent
+
+
+def test_the_agent_knows_systemds_socket_under_another_spelling_of_its_directory(
+    tmp_path: Path,
+) -> None:
+    """/var/run is /run on Debian: ``--socket /var/run/kmsfs/hsmd.sock`` names the socket
+    systemd listens on at /run/kmsfs/hsmd.sock, which the agent took for another agent's."""
+    from kmsfs.agent.cli import _passed_by_systemd
+
+    with short_dir() as d:
+        (d / "real").mkdir()
+        (d / "link").symlink_to(d / "real")
+        with socket.socket(socket.AF_UNIX) as systemds:
+            systemds.bind(str(d / "real" / "s.sock"))
+            systemds.listen(1)
+            assert _passed_by_systemd(d / "link" / "s.sock", [systemds])
+            assert _passed_by_systemd(d / "real" / "s.sock", [systemds])
+            assert not _passed_by_systemd(d / "real" / "other.sock", [systemds])
+
 
 def test_agent_refusal_keeps_its_error_class_on_the_client(kms: Kms) -> None:
     """The client re-raises what the agent said as the local class (the CLI's exit code)."""

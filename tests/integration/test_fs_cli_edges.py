@@ -254,6 +254,11 @@ def test_store_goes_before_or_after_the_command_and_a_wrong_one_is_named(
     assert twice.returncode == 2 and twice.stderr == (
         f"kmsfs: error: --store {store} before the command and --store {tmp_path} after it: "
         "give one (see kmsfs --help)\n")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    loops = kmsfs("--store", str(tmp_path / "loop-a"), "info", str(cipher),
+                  "--store", str(tmp_path / "loop-b"))
+    assert loops.returncode == 2 and len(loops.stderr.splitlines()) == 1, loops.stderr
     text = kmsfs("--store", store, "info", str(cipher)).stdout.splitlines()
     assert "verified:        yes" in text and "domain_name:     payroll" in text
 
