@@ -170,11 +170,12 @@ def _close_to_others() -> None:
     record, and with it the refusal of a rolled-back Domain. Mounts of earlier versions made
     them 0777 (:func:`kmsfs.atomicfile.make_parents`).
 
-    Each directory is opened without following a symlink, through its parent's descriptor,
+    Below the state directory (which may itself be a symlink: the state kept elsewhere),
+    each directory is opened without following a symlink, through its parent's descriptor,
     and changed through its own: a directory that others could still swap (for a symlink to
     a file of root's, say) is never reached by path. IntegrityError, before anything is
-    written, for a symlink in the chain or a directory others may write that is not this
-    user's to close."""
+    written, for a symlink below the state directory or a directory others may write that is
+    not this user's to close."""
     top = state_dir()
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     if top == SYSTEM_STATE_DIR:  # /var/lib/kmsfs first: it holds the state directory's name
