@@ -68,8 +68,10 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return exitcodes.OK
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        # "PATH: what", as every other error line says where first
+        what = exc.strerror or str(exc)
+        line = f"{exc.filename}: {what}" if exc.filename else what
+        print(f"{prog}: error: {line}", file=sys.stderr)
         return exitcodes.ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

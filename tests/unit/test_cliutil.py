@@ -31,6 +31,17 @@ def test_a_name_that_is_not_utf8_is_printed_escaped_not_a_traceback(
     assert raw.getvalue() == b"damaged: n\\udcffme\n"
 
 
+def test_a_system_error_names_its_file_first(capsys: pytest.CaptureFixture[str]) -> None:
+    """It read "No such file or directory: report.txt", the other way round from every other
+    error line ("PATH: what")."""
+
+    def missing() -> int:
+        raise FileNotFoundError(2, "No such file or directory", "report.txt")
+
+    assert cliutil.run("kmsfs", missing) == exitcodes.ERROR
+    assert capsys.readouterr().err == "kmsfs: error: report.txt: No such file or directory\n"
+
+
 @pytest.fixture
 def default_sigterm() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
