@@ -32,6 +32,20 @@ def add_agent_options(parser: argparse.ArgumentParser, agent_help: str) -> None:
     parser.add_argument("--agent-ca", metavar="F", help="CA that signed the agent's certificate")
 
 
+def merge_store(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--store`` before the command (``args.store``) or after it (``args.store_after``, a
+    dest of its own): either may be given; two different ones are a usage error, not the
+    second one silently winning. Both tools take it so."""
+    after = getattr(args, "store_after", None)
+    if after is None:
+        return
+    if args.store is not None and os.path.realpath(args.store) != os.path.realpath(after):
+        parser.error(
+            f"--store {args.store} before the command and --store {after} after it: give one"
+        )
+    args.store = after
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (``kill``, ``timeout``, a stopping service): unwind like Ctrl-C, so
     every ``except BaseException`` / ``finally`` undo runs and nothing half-made stays."""

@@ -3,7 +3,6 @@ and renders the result as text or, with ``--json``, as JSON (lists are arrays of
 with an ``id``)."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from kmsfs.cliutil import (
     add_agent_options,
     emit_json,
     emit_table,
+    merge_store,
     run,
     setup_logging,
 )
@@ -366,18 +366,6 @@ class Command:
         sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
 
 
-def _merge_store(parser: Parser, args: argparse.Namespace) -> None:
-    """``--store`` before the command or after it; two different ones are a usage error."""
-    after = getattr(args, "store_after", None)
-    if after is None:
-        return
-    if args.store is not None and os.path.realpath(args.store) != os.path.realpath(after):
-        parser.error(
-            f"--store {args.store} before the command and --store {after} after it: give one"
-        )
-    args.store = after
-
-
 def _shorten(value: Any) -> Any:
     return short(value) if isinstance(value, str) and HEX_ID.fullmatch(value) else value
 
@@ -692,7 +680,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _merge_store(parser, args)
+    merge_store(parser, args)
     setup_logging(args.verbose)
     if args.store is None:
         args.store = default_store_path()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs import __version__, exitcodes
-from kmsfs.cliutil import Parser, add_agent_options, emit_json, run
+from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
@@ -537,22 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _merge_store(parser, args)
+    merge_store(parser, args)
     if args.json and args.func is cmd_completion:
         return run(PROG, lambda: _refuse("--json: completion prints a shell script"))
     return run(PROG, lambda: args.func(args))
-
-
-def _merge_store(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--store`` before the command or after it (as kmsfs-admin takes it); two different
-    ones are a usage error, not the second one silently winning."""
-    after = getattr(args, "store_after", None)
-    if after is None:
-        return
-    if args.store is not None and os.path.realpath(args.store) != os.path.realpath(after):
-        parser.error(f"--store {args.store} before the command and --store {after} after it: "
-                     "give one")
-    args.store = after
 
 
 def _refuse(why: str) -> int:
