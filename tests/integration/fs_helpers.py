@@ -201,3 +201,17 @@ def quiet_walk(top: Path) -> list[Path]:
             if stat.S_ISDIR(os.lstat(d / name).st_mode):
                 stack.append(d / name)
     return found
+
+
+def reencrypt_leftovers(volume: Path) -> list[str]:
+    """Temporary names and saved directory times a ``kmsfs reencrypt`` run left behind."""
+    from kmsfs.fs.reencrypt_resume import TIMES_XATTR
+    from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
+
+    out = []
+    for path in (volume, *quiet_walk(volume)):
+        if path.name.startswith(TEMP_PREFIX):
+            out.append(str(path))
+        elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):
+            out.append(f"{path} (saved times)")
+    return out

@@ -33,13 +33,13 @@ from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import UPGRADE_FLAGS, reencrypt_tree
-from kmsfs.fs.reencrypt_resume import TIMES_XATTR
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
 from tests.integration.fs_helpers import (
     Mount,
     SoftDeriver,
     make_volume,
     quiet_walk,
+    reencrypt_leftovers,
     sample_config,
 )
 from tests.integration.test_fs_fsck import cipher_path
@@ -273,17 +273,6 @@ def _dir_times(volume: Path) -> dict[str, tuple[int, int]]:
             for d in dirs if not any(map(is_internal, d.relative_to(volume).parts))}
 
 
-def _leftovers(volume: Path) -> list[str]:
-    """Temporary names and saved directory times a reencrypt run left behind."""
-    out = []
-    for path in (volume, *quiet_walk(volume)):
-        if path.name.startswith(TEMP_PREFIX):
-            out.append(str(path))
-        elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):
-            out.append(f"{path} (saved times)")
-    return out
-
-
 def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
     volume = make_volume(tmp_path / "cipher")
     data = _build(volume, tmp_path)
@@ -296,7 +285,7 @@ def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert proc.returncode == -9, proc.stderr
-    assert len([p for p in _leftovers(volume) if "saved times" not in p]) == 1
+    assert len([p for p in reencrypt_leftovers(volume) if "saved times" not in p]) == 1
     epochs = sorted(header_of(p).epoch for p in (a, linked))
     assert epochs == [1, 2]  # the link is split: one path new, one old, both readable
     assert _dir_times(volume) != times  # the renames moved them; nothing put them back yet
@@ -309,7 +298,7 @@ def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
     # The killed run's last rename is done (the temporary link names the old inode), not undone.
     assert summary.links_rejoined == 1 and summary.temp_removed == 0 and summary.failed == []
     assert summary.epochs_after == {2: summary.rewritten + summary.skipped}
-    assert _leftovers(volume) == []
+    assert reencrypt_leftovers(volume) == []
     assert os.stat(a).st_ino == os.stat(linked).st_ino and os.stat(a).st_nlink == 2
     assert _dir_times(volume) == times  # as saved on each directory before it changed
     for name in ("A", "d/sub/linked", LONG, "d/small", "B"):

@@ -27,9 +27,13 @@ from kmsfs.crypto.names import is_internal
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import reencrypt_tree
-from kmsfs.fs.reencrypt_resume import TIMES_XATTR
-from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
-from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, quiet_walk
+from tests.integration.fs_helpers import (
+    Mount,
+    SoftDeriver,
+    make_volume,
+    quiet_walk,
+    reencrypt_leftovers,
+)
 
 LONG = "L" * 200
 
@@ -114,16 +118,6 @@ def _state(volume: Path) -> dict[str, Any]:
     return {"entries": entries, "links": sorted(sorted(g) for g in inodes.values())}
 
 
-def _left_behind(volume: Path) -> list[str]:
-    out = []
-    for path in (volume, *quiet_walk(volume)):
-        if path.name.startswith(TEMP_PREFIX):
-            out.append(str(path))
-        elif stat.S_ISDIR(os.lstat(path).st_mode) and TIMES_XATTR in os.listxattr(path):
-            out.append(f"{path}: saved times")
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="saving directory times takes root (trusted.*)")
 def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> None:
@@ -148,7 +142,7 @@ def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> No
         for rel, row in want["entries"].items():
             assert have["entries"][rel] == row, (n, rel)
         assert have["entries"].keys() == want["entries"].keys(), n
-        assert _left_behind(volume) == [], n
+        assert reencrypt_leftovers(volume) == [], n
         report = check_tree(volume, SoftDeriver(current_epoch=2))
         assert report.clean and report.warnings == [], (n, report.to_json())
         assert report.epochs == {2: 3}, n
