@@ -56,17 +56,38 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def quiet_interrupts(prog: str) -> None:
+    """Until :func:`run` starts, a Ctrl-C ends the program with "PROG: interrupted" and exit
+    130 instead of a KeyboardInterrupt traceback from wherever it landed (an import, argument
+    parsing). Left alone where SIGINT is ignored (a background job) or already taken."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        os.write(2, f"{prog}: interrupted\n".encode())
+        os._exit(exitcodes.INTERRUPTED)  # nothing is done yet: no clean-up to run
+
+    _BEFORE_RUN.add(interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
+
+#: The handlers :func:`quiet_interrupts` installed, which :func:`run` replaces.
+_BEFORE_RUN: set[Callable[..., None]] = set()
+
+
 def run(prog: str, handler: Callable[[], int | None]) -> int:
     """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code.
 
     Output never fails on a name that is not valid in the locale's encoding (file names are
     bytes: a Latin-1 name under a UTF-8 locale): it is written with backslash escapes. A
     SIGTERM unwinds as :class:`Terminated`, unless the caller ignores the signal (nohup) or
-    the handler installs its own (the agent, the mount daemon).
+    the handler installs its own (the agent, the mount daemon); a Ctrl-C as KeyboardInterrupt.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # not a text file (tests)
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    if signal.getsignal(signal.SIGINT) in _BEFORE_RUN:  # from here on, Ctrl-C unwinds
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # only the main thread may (in-process tests)
             signal.signal(signal.SIGTERM, raise_terminated)

@@ -80,3 +80,50 @@ def test_an_ignored_sigterm_stays_ignored(default_sigterm: None) -> None:
 
     assert cliutil.run("kmsfs", work) == exitcodes.OK
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_once_a_command_runs_ctrl_c_unwinds_again(
+    default_sigint: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The quiet exit is for the imports only: a command that is running (a reencrypt, an
+    init, a foreground mount) must get its KeyboardInterrupt and clean up, not die on the spot
+    with its temporary files and a half-made store left behind."""
+    cliutil.quiet_interrupts("kmsfs")
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    cleaned = []
+
+    def long_work() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes: well before the end
+                pass
+            return exitcodes.OK
+        finally:
+            cleaned.append(True)
+
+    assert cliutil.run("kmsfs", long_work) == exitcodes.INTERRUPTED == 130
+    assert cleaned == [True]
+    assert capsys.readouterr().err == "kmsfs: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored(default_sigint: None) -> None:
+    """A background job of a non-interactive shell starts with SIGINT ignored: the terminal's
+    Ctrl-C is not for it, before its command runs or after."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cliutil.quiet_interrupts("kmsfs")
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+    def work() -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return exitcodes.OK
+
+    assert cliutil.run("kmsfs", work) == exitcodes.OK
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
