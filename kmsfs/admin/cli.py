@@ -53,6 +53,11 @@ HSM_REF = "its label, its id or a unique prefix of it"
 
 # Commands that create or enroll HSM tokens in the local store; with --agent that would be a
 # mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
+#: Said after "verifies" of a Domain made before key binding (kmsfs.model.domain).
+_UNBOUND_NOTE = (
+    "\nbut it predates key binding: no mount or derivation uses it until it is bound with "
+    "'kmsfs-admin domain rewrap {0} --trust TRUST' (its own trust, or a successor)"
+)
 LOCAL_HSM_COMMANDS = frozenset({"init", "hsm_create", "hsm_enroll"})
 # Commands that need no store: the one that makes it, and shell completion.
 NO_STORE_COMMANDS = frozenset({"init", "completion"})
@@ -327,7 +332,8 @@ class Command:
         self.one(
             render.verified_domain(verified),
             f"domain {self.args.name} verifies (generation {verified.sealed.domain.generation}, "
-            f"trust {short(verified.trust.id)}, chain of {len(verified.chain)})",
+            f"trust {short(verified.trust.id)}, chain of {len(verified.chain)})"
+            + ("" if verified.sealed.domain.bound else _UNBOUND_NOTE.format(self.args.name)),
         )
 
     def domain_rewrap(self) -> None:
@@ -506,14 +512,25 @@ def build_parser() -> Parser:
         op,
         "create",
         "operator_create",
-        "create an operator: an Ed25519 key in the operator's own token (or passphrase file)",
+        "create an operator: an Ed25519 key in a SoftHSM2 token of its own (or passphrase file)",
         "kmsfs-admin operator create alice --pin-file alice.pin",
+    )
+    p.description = (
+        f"{p.description}\n\n"
+        "The token is an embedded SoftHSM2 token in the store's private/tokens, and SoftHSM2\n"
+        "has no retry counter or lockout: against whoever can read that directory (root on\n"
+        "the store's machine) the key is only as strong as its PIN. The PIN needs at least\n"
+        f"{operators.MIN_SECRET_LENGTH} characters, {operators.MIN_LETTERLESS_PIN_LENGTH} "
+        "if it has no letter. A passphrase key file (--passphrase:\n"
+        "scrypt, about 0.3 s a guess) is stronger."
     )
     p.add_argument("name", metavar="NAME", type=_new_name, help="the new operator's name")
     p.add_argument(
         "--passphrase",
         action="store_true",
-        help="protect the key with a passphrase (scrypt + AES-GCM) instead of a token PIN",
+        help="protect the key with a passphrase (scrypt + AES-GCM, at least "
+        f"{operators.MIN_SECRET_LENGTH} characters) instead of a token PIN; stronger against "
+        "whoever can read the store's private directory",
     )
     _pin_options(p, "operator's new PIN or passphrase")
     command(

@@ -68,6 +68,7 @@ def domain(sealed: SealedDomain) -> dict[str, Any]:
         "generation": d.generation,
         "trust": d.trust,
         "epochs": len(d.master_keys),
+        "key_binding": d.bound,
         "created": d.created,
     }
 

@@ -37,6 +37,7 @@ from kmsfs.errors import (
 from kmsfs.model import fields
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64decode, b64encode
+from kmsfs.model.domain import BINDING_INFO_PREFIX
 from kmsfs.model.records import check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust, valid_approvals
 from kmsfs.model.verify import (
@@ -285,6 +286,8 @@ class Agent:
         for i, info in enumerate(infos):
             if not 1 <= len(info) <= MAX_INFO:
                 raise ProtocolError(f"derive.infos[{i}]: want 1 to {MAX_INFO} bytes")
+            if info.startswith(BINDING_INFO_PREFIX):  # else a client could bind any Domain
+                raise ProtocolError(f"derive.infos[{i}]: the prefix of Domain key bindings")
         with self._lock:
             entry = self._open.get(handle)
         if entry is None:

@@ -279,6 +279,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
         info["generation"] = desc.get("generation")
         info["epochs"] = desc.get("epochs")
+        info["key_binding"] = desc.get("key_binding")  # no: a mount is refused until a rewrap
         info["trust_id"] = desc.get("trust_id")
         info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain
         info["superseded_by"] = desc.get("superseded_by")  # rewrap due (kms.superseded_warning)

@@ -9,6 +9,8 @@
   (CKM_SHA256_HMAC), which is how per-purpose keys are derived.
 - ``rewrap``: with ``mk`` unwrapped as extractable-by-wrap only inside this call, a fresh ``k``
   wraps ``mk`` again for a new set of recipients.
+- ``create``, ``rotate`` and ``rewrap`` also return each ``mk`` epoch's binding to its Domain,
+  HMAC-SHA256(mk, binding info), computed here with the ``mk`` they hold (kmsfs.model.domain).
 
 Session objects vanish when the session closes; nothing is written to the token.
 """
@@ -82,15 +84,19 @@ def _wrap_k_for(
     return wrapped
 
 
+def _hmac(mk: "pkcs11.SecretKey", info: bytes) -> bytes:
+    return bytes(mk.sign(info, mechanism=Mechanism.SHA256_HMAC))
+
+
 def create(
-    session: "pkcs11.Session", recipients: Sequence[tuple[str, PublicKey]]
-) -> tuple[dict[str, bytes], bytes]:
-    """Generate ``k`` and ``mk``; return (k wrapped per HSM id, mk wrapped by k)."""
+    session: "pkcs11.Session", recipients: Sequence[tuple[str, PublicKey]], binding_info: bytes
+) -> tuple[dict[str, bytes], bytes, bytes]:
+    """Generate ``k`` and ``mk``; return (k wrapped per HSM id, mk wrapped by k, mk's binding)."""
     k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
     mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
     try:
         wrapped_mk = k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-        return _wrap_k_for(session, k, recipients), wrapped_mk
+        return _wrap_k_for(session, k, recipients), wrapped_mk, _hmac(mk, binding_info)
     finally:
         mk.destroy()
         k.destroy()
@@ -131,7 +137,7 @@ class MasterKey:
     def derive_many(self, infos: Sequence[bytes]) -> list[bytes]:
         """HMAC-SHA256(mk, info) for each info, in the token (DomainKeys.derive asks for one)."""
         with library.CALLS:
-            return [bytes(self._key.sign(i, mechanism=Mechanism.SHA256_HMAC)) for i in infos]
+            return [_hmac(self._key, i) for i in infos]
 
     def value_is_readable(self) -> bool:
         """True if the token would reveal CKA_VALUE (it must not): used by the custody test."""
@@ -163,26 +169,33 @@ def rewrap(
     wrapped_k: bytes,
     wrapped_mks: Sequence[bytes],
     recipients: Sequence[tuple[str, PublicKey]],
-) -> tuple[dict[str, bytes], list[bytes]]:
-    """Wrap every ``mk`` epoch under a fresh ``k`` for ``recipients``; ``mk`` is unchanged."""
+    binding_infos: Sequence[bytes],
+) -> tuple[dict[str, bytes], list[bytes], list[bytes]]:
+    """Wrap every ``mk`` epoch under a fresh ``k`` for ``recipients``; ``mk`` is unchanged.
+    Returns the new wrappings and each epoch's binding (``binding_infos``, one per epoch)."""
     old_k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     new_k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
     try:
         rewrapped: list[bytes] = []
-        for wrapped_mk in wrapped_mks:
+        bindings: list[bytes] = []
+        for wrapped_mk, info in zip(wrapped_mks, binding_infos, strict=True):
             mk = _unwrap_mk(old_k, wrapped_mk, MK_TEMPLATE)  # wrappable, only for this loop
             try:
                 rewrapped.append(new_k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                bindings.append(_hmac(mk, info))
             finally:
                 mk.destroy()
-        return _wrap_k_for(session, new_k, recipients), rewrapped
+        return _wrap_k_for(session, new_k, recipients), rewrapped, bindings
     finally:
         new_k.destroy()
         old_k.destroy()
 
 
-def rotate(session: "pkcs11.Session", scheme: str, wrapped_k: bytes) -> bytes:
-    """A new ``mk`` epoch, generated in the token and returned wrapped by the Domain's ``k``.
+def rotate(
+    session: "pkcs11.Session", scheme: str, wrapped_k: bytes, binding_info: bytes
+) -> tuple[bytes, bytes]:
+    """A new ``mk`` epoch, generated in the token and returned wrapped by the Domain's ``k``,
+    with its binding.
 
     Only HSMs that can unwrap this ``k`` (those of the Trust it is wrapped for) can ever use
     the new epoch: after a rewrap that dropped an HSM, rotating locks it out of new data.
@@ -190,7 +203,7 @@ def rotate(session: "pkcs11.Session", scheme: str, wrapped_k: bytes) -> bytes:
     k = _unwrap_k(session, scheme, wrapped_k, {**K_TEMPLATE, Attribute.EXTRACTABLE: False})
     mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
     try:
-        return bytes(k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+        return bytes(k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)), _hmac(mk, binding_info)
     finally:
         mk.destroy()
         k.destroy()

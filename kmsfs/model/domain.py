@@ -8,6 +8,16 @@ inside itself. ``mk`` is a list of epochs so that rotation can add one without l
 A rewrap makes a new Domain document (``generation`` + 1, ``previous`` = the old id) with a
 fresh ``k`` for a successor Trust; ``mk`` is unchanged. The Domain's id is the SHA-256 of its
 canonical payload; its seal is an HSM signature over ``HSM_SEALS_DOMAIN || payload``.
+
+Key binding (format 2). The seal proves only that *some* HSM of the Trust signed the document,
+not that the wrapped keys in it belong to this Domain: an HSM's PIN holder could seal a Domain
+of another name that carries a copy of another Domain's wrapped ``k`` and ``mk`` (for an HSM
+the two Trusts share), and an agent client allowed that name would then get the other Domain's
+keys. So each ``mk`` epoch carries ``binding`` = HMAC-SHA256(mk, :func:`binding_info` of the
+Domain's name, the epoch and the store's root Trust), computed inside the HSM when the epoch is
+made. Only an HSM that can unwrap that ``mk`` can compute it, and every opening checks it
+inside the HSM before deriving anything (``kmsfs.service.domains.DomainKeys``). Format 1
+documents (made before) have no binding: they are refused until a rewrap binds them.
 """
 
 from dataclasses import dataclass
@@ -19,7 +29,14 @@ from kmsfs.model.canonical import b64decode, b64encode, canonical_bytes, digest
 from kmsfs.model.records import check_name
 from kmsfs.model.trust import Signature
 
-FORMAT = 1
+FORMAT = 2
+"""Every ``mk`` epoch carries its binding."""
+UNBOUND_FORMAT = 1
+"""Made before key binding: no epoch carries one (readable, refused when opened)."""
+BINDING_INFO_PREFIX = b"kmsfs/v1/domain-binding\x00"
+"""Starts every :func:`binding_info`; no other key derivation may use it (the agent refuses
+it from clients), or a client could compute a binding for a Domain of its choosing."""
+BINDING_SIZE = 32
 K_SCHEMES = ("rsa-oaep-sha1", "rsa-oaep-sha256")
 MK_SCHEME = "aes-key-wrap-pad"
 
@@ -47,24 +64,42 @@ class WrappedKey:
         )
 
 
+def binding_info(name: str, epoch: int, root: str) -> bytes:
+    """What an ``mk`` epoch's binding is the HMAC of: the Domain's name, the epoch and the id
+    of the root (genesis) Trust of the store, so a binding fits one Domain of one store."""
+    check_name(name, "domain")
+    fields.hex_id(root, "domain binding root")
+    return BINDING_INFO_PREFIX + canonical_bytes({"domain": name, "epoch": epoch, "root": root})
+
+
 @dataclass(frozen=True)
 class MasterKeyEpoch:
-    """``mk`` of one epoch, wrapped by ``k``."""
+    """``mk`` of one epoch, wrapped by ``k``, and its binding to the Domain (None: format 1)."""
 
     epoch: int
     data: bytes
+    binding: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.binding is not None and len(self.binding) != BINDING_SIZE:
+            raise FormatError(f"domain.mk: want a {BINDING_SIZE}-byte binding")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "scheme": MK_SCHEME, "data": b64encode(self.data)}
+        value = {"epoch": self.epoch, "scheme": MK_SCHEME, "data": b64encode(self.data)}
+        if self.binding is not None:
+            value["binding"] = b64encode(self.binding)
+        return value
 
     @classmethod
-    def from_dict(cls, value: Any) -> "MasterKeyEpoch":
+    def from_dict(cls, value: Any, bound: bool = True) -> "MasterKeyEpoch":
         data = fields.obj(value, "domain.mk")
-        fields.exact_keys(data, {"epoch", "scheme", "data"}, "domain.mk")
+        keys = {"epoch", "scheme", "data"}
+        fields.exact_keys(data, keys | {"binding"} if bound else keys, "domain.mk")
         if data["scheme"] != MK_SCHEME:
             raise FormatError(f"domain.mk: want scheme {MK_SCHEME}, have {data['scheme']!r:.40}")
         epoch = fields.integer(data, "epoch", "domain.mk")
-        return cls(epoch, b64decode(data["data"], "domain.mk"))
+        binding = b64decode(data["binding"], "domain.mk.binding") if bound else None
+        return cls(epoch, b64decode(data["data"], "domain.mk"), binding)
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,13 @@ class Domain:
         epochs = [m.epoch for m in self.master_keys]
         if not epochs or epochs != list(range(1, len(epochs) + 1)):
             raise FormatError("domain: master key epochs want 1, 2, ... in order")
+        if len({m.binding is None for m in self.master_keys}) != 1:
+            raise FormatError("domain: either every mk epoch has a binding or none has")
+
+    @property
+    def bound(self) -> bool:
+        """True if every ``mk`` epoch carries its binding (format 2)."""
+        return self.master_keys[0].binding is not None
 
     @property
     def current_epoch(self) -> MasterKeyEpoch:
@@ -107,7 +149,7 @@ class Domain:
     def payload(self) -> dict[str, Any]:
         return {
             "_type": "domain",
-            "format": FORMAT,
+            "format": FORMAT if self.bound else UNBOUND_FORMAT,
             "name": self.name,
             "generation": self.generation,
             "previous": self.previous,
@@ -127,7 +169,11 @@ class Domain:
     @classmethod
     def from_dict(cls, value: Any) -> "Domain":
         data = fields.obj(value, "domain")
-        fields.type_and_format(data, "domain", FORMAT)
+        if isinstance(data, dict) and data.get("format") == UNBOUND_FORMAT:
+            fields.type_and_format(data, "domain", UNBOUND_FORMAT)
+        else:
+            fields.type_and_format(data, "domain", FORMAT)
+        bound = data["format"] == FORMAT
         keys = {"_type", "format", "name", "generation", "previous", "trust", "k", "mk", "created"}
         fields.exact_keys(data, keys, "domain")
         previous = data["previous"]
@@ -140,7 +186,7 @@ class Domain:
             trust=fields.hex_id(data["trust"], "domain.trust"),
             wrapped_k=tuple(WrappedKey.from_dict(w) for w in fields.array(data, "k", "domain")),
             master_keys=tuple(
-                MasterKeyEpoch.from_dict(m) for m in fields.array(data, "mk", "domain")
+                MasterKeyEpoch.from_dict(m, bound) for m in fields.array(data, "mk", "domain")
             ),
             created=fields.string(data, "created", "domain"),
         )

@@ -12,10 +12,11 @@ Rules (DESIGN.md §2.2, §2.3):
   could seal a rival successor with operators of their choosing;
 - a Domain is sealed by an HSM of its Trust, names that Trust, wraps ``k`` to exactly that
   Trust's HSMs, and its Trust has at least one operator (the genesis only bootstraps);
-- a Domain generation N+1 names generation N as its previous one, keeps all its ``mk`` epochs,
-  and is governed by generation N's Trust or one that descends from it: otherwise an HSM that a
-  successor Trust removed could still seal a "newer" generation under the Trust it was removed
-  from, and bring itself back into the Domain.
+- a Domain generation N+1 names generation N as its previous one, keeps all its ``mk`` epochs
+  (with the same bindings, so the same keys, once generation N has them), and is governed by
+  generation N's Trust or one that descends from it: otherwise an HSM that a successor Trust
+  removed could still seal a "newer" generation under the Trust it was removed from, and bring
+  itself back into the Domain.
 
 An HSM signature alone is never enough: a PKCS#11 token signs whatever its PIN holder asks.
 """
@@ -153,3 +154,13 @@ def verify_generation_step(previous: VerifiedDomain, following: VerifiedDomain) 
         )
     if len(new.master_keys) < len(old.master_keys):
         raise ChainError(f"{what} drops mk epochs of generation {old.generation}")
+    if old.bound:
+        # The same mk gives the same binding (HMAC): a generation that swapped an epoch's mk
+        # for another (another Domain's, or one of the sealing HSM's choosing) shows here.
+        if not new.bound:
+            raise ChainError(f"{what} drops the key binding of generation {old.generation}")
+        for before, after in zip(old.master_keys, new.master_keys, strict=False):
+            if before.binding != after.binding:
+                raise ChainError(
+                    f"{what} changes mk epoch {before.epoch} of generation {old.generation}"
+                )

@@ -6,6 +6,7 @@ HMAC-SHA256(mk, info) computed by the token.
 """
 
 import contextlib
+import hmac
 import itertools
 import logging
 import threading
@@ -26,7 +27,14 @@ from kmsfs.errors import (
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
-from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain, WrappedKey
+from kmsfs.model.domain import (
+    BINDING_INFO_PREFIX,
+    Domain,
+    MasterKeyEpoch,
+    SealedDomain,
+    WrappedKey,
+    binding_info,
+)
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust
@@ -79,7 +87,9 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     trust = chain[-1].trust
     with open_hsm(ctx, trust.hsms) as hsm:
         with library.hsm_errors(f"HSM {hsm.record.label}"):
-            wrapped_k, wrapped_mk = domainkeys.create(hsm.session, _recipients(trust))
+            wrapped_k, wrapped_mk, binding = domainkeys.create(
+                hsm.session, _recipients(trust), binding_info(name, 1, chain[0].id)
+            )
         domain = Domain(
             name=name,
             generation=1,
@@ -88,7 +98,7 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             wrapped_k=tuple(
                 WrappedKey(i, trust.hsm(i).wrap_key.scheme, w) for i, w in wrapped_k.items()
             ),
-            master_keys=(MasterKeyEpoch(1, wrapped_mk),),
+            master_keys=(MasterKeyEpoch(1, wrapped_mk, binding),),
             created=utc_now(),
         )
         sealed = _seal(hsm, domain)
@@ -149,11 +159,31 @@ def list_domains(ctx: Context) -> list[tuple[SealedDomain, str | None]]:
     return listed
 
 
+def refuse_unbound(domain: Domain) -> None:
+    """A Domain made before key binding (format 1) is not used until a rewrap binds it: its
+    wrapped keys could be another Domain's (:mod:`kmsfs.model.domain`)."""
+    if not domain.bound:
+        raise ChainError(
+            f"domain {domain.name} (generation {domain.generation}) predates key binding, so "
+            "nothing shows its keys are its own: an operator must bind it first with "
+            f"'kmsfs-admin domain rewrap {domain.name} --trust {domain.trust[:12]}'"
+        )
+
+
+def _unbound(domain: Domain, epoch: int) -> IntegrityError:
+    return IntegrityError(
+        f"domain {domain.name} ({domain.id[:12]}): mk epoch {epoch} is not bound to it (its "
+        "wrapped keys belong to another Domain, or were altered): refusing to use them"
+    )
+
+
 def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     """A fresh ``k`` for the successor Trust's HSMs; ``mk`` unchanged, so data stays readable.
 
     The new Trust must descend from the Domain's current Trust: a Domain never moves sideways
-    into a Trust its operators did not approve as a successor.
+    into a Trust its operators did not approve as a successor. A Domain made before key
+    binding may also be rewrapped into its own Trust: that binds it (each epoch's binding is
+    computed in the HSM that unwraps it). A binding that does not match its ``mk`` is refused.
     """
     with ctx.store.exclusive():  # one generation N+1, not two rival ones
         return _rewrap(ctx, name, trust_ref)
@@ -163,23 +193,32 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     old = current(ctx, name)
     chain = _governing_trust(ctx, trust_ref)
     new_trust = chain[-1].trust
-    if old.trust.id not in [link.id for link in chain] or old.trust.id == new_trust.id:
+    old_domain = old.sealed.domain
+    # Into the same Trust only to bind a Domain made before key binding (format 1).
+    same = old.trust.id == new_trust.id and not old_domain.bound
+    if old.trust.id not in [link.id for link in chain] or (
+        old.trust.id == new_trust.id and not same
+    ):
         raise UsageError(
             f"trust {new_trust.id[:12]} is not a successor of the domain's trust "
             f"{old.trust.id[:12]}"
         )
-    old_domain = old.sealed.domain
+    infos = [binding_info(name, m.epoch, chain[0].id) for m in old_domain.master_keys]
     with open_hsm(ctx, old.trust.trust.hsms) as unwrapper:
         wrapped = old_domain.wrapped_for(unwrapper.record.id)
         assert wrapped is not None
         with library.hsm_errors(f"HSM {unwrapper.record.label}"):
-            new_k, mks = domainkeys.rewrap(
+            new_k, mks, bindings = domainkeys.rewrap(
                 unwrapper.session,
                 wrapped.scheme,
                 wrapped.data,
                 [m.data for m in old_domain.master_keys],
                 _recipients(new_trust),
+                infos,
             )
+    for m, binding in zip(old_domain.master_keys, bindings, strict=True):
+        if m.binding is not None and m.binding != binding:
+            raise _unbound(old_domain, m.epoch)
     domain = Domain(
         name=name,
         generation=old_domain.generation + 1,
@@ -189,7 +228,8 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             WrappedKey(i, new_trust.hsm(i).wrap_key.scheme, w) for i, w in new_k.items()
         ),
         master_keys=tuple(
-            MasterKeyEpoch(m.epoch, d) for m, d in zip(old_domain.master_keys, mks, strict=True)
+            MasterKeyEpoch(m.epoch, d, b)
+            for m, d, b in zip(old_domain.master_keys, mks, bindings, strict=True)
         ),
         created=utc_now(),
     )
@@ -227,19 +267,21 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     old_domain = old.sealed.domain
     trust = old.trust.trust
     refuse_rotation_under_superseded(ctx, name, trust.id)
+    refuse_unbound(old_domain)
     epoch = max(m.epoch for m in old_domain.master_keys) + 1
     with open_hsm(ctx, trust.hsms) as hsm:
         wrapped = old_domain.wrapped_for(hsm.record.id)
         assert wrapped is not None  # verify_domain checked k is wrapped to every HSM
         with library.hsm_errors(f"HSM {hsm.record.label}"):
-            new_mk = domainkeys.rotate(hsm.session, wrapped.scheme, wrapped.data)
+            info = binding_info(name, epoch, old.chain[0].id)
+            new_mk, binding = domainkeys.rotate(hsm.session, wrapped.scheme, wrapped.data, info)
         domain = Domain(
             name=name,
             generation=old_domain.generation + 1,
             previous=old_domain.id,
             trust=trust.id,
             wrapped_k=old_domain.wrapped_k,
-            master_keys=(*old_domain.master_keys, MasterKeyEpoch(epoch, new_mk)),
+            master_keys=(*old_domain.master_keys, MasterKeyEpoch(epoch, new_mk, binding)),
             created=utc_now(),
         )
         sealed = _seal(hsm, domain)
@@ -294,6 +336,7 @@ class DomainKeys:
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
+        refuse_unbound(domain)
         stack = contextlib.ExitStack()
         try:
             hsm = stack.enter_context(open_hsm(self._ctx, self.verified.trust.trust.hsms))
@@ -307,6 +350,8 @@ class DomainKeys:
                     hsm.session, wrapped.scheme, wrapped.data, domain.current_epoch.data
                 )
             stack.callback(_quietly, master_key.destroy)
+            with library.hsm_errors(f"HSM {hsm.record.label}"):
+                self._check_binding(master_key, domain.current_epoch)
         except BaseException:
             stack.close()
             raise
@@ -338,10 +383,26 @@ class DomainKeys:
             domain = self.verified.sealed.domain
             wrapped = domain.wrapped_for(self._hsm.record.id)
             assert wrapped is not None
-            self._older[epoch] = domainkeys.unwrap(
+            older = domainkeys.unwrap(
                 self._hsm.session, wrapped.scheme, wrapped.data, domain.master_keys[epoch - 1].data
             )
+            try:
+                self._check_binding(older, domain.master_keys[epoch - 1])
+            except BaseException:
+                _quietly(older.destroy)
+                raise
+            self._older[epoch] = older
         return self._older[epoch]
+
+    def _check_binding(self, key: domainkeys.MasterKey, epoch: MasterKeyEpoch) -> None:
+        """Refuse an ``mk`` epoch whose binding (computed by the HSM now) is not the one the
+        Domain carries: its wrapped keys are another Domain's (:mod:`kmsfs.model.domain`)."""
+        domain = self.verified.sealed.domain
+        info = binding_info(domain.name, epoch.epoch, self.verified.chain[0].id)
+        if epoch.binding is None or not hmac.compare_digest(
+            key.derive_many([info])[0], epoch.binding
+        ):
+            raise _unbound(domain, epoch.epoch)
 
     def open(self) -> "DomainKeys":
         with self._lock:
@@ -368,6 +429,8 @@ class DomainKeys:
         """:meth:`derive` for each info, under one lock, probe and failover scope: a mount
         refilling its keys for new files asks for them in one call."""
         epoch = self.current_epoch if epoch is None else epoch
+        if any(info.startswith(BINDING_INFO_PREFIX) for info in infos):
+            raise UsageError("a key derivation may not use the prefix of Domain key bindings")
         if self.verified.sealed.domain.epoch(epoch) is None:
             raise IntegrityError(
                 f"Domain {self.verified.sealed.domain.name} has no key epoch {epoch} "

@@ -19,7 +19,7 @@ from kmsfs.errors import ChainError
 from kmsfs.hsm import domainkeys
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
-from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain
+from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain, binding_info
 from kmsfs.model.trust import Signature
 from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context, open_hsm, utc_now
@@ -56,7 +56,9 @@ def _forge(ctx: Context, previous: SealedDomain) -> DomainBundle:
     with open_hsm(ctx, [hsm3]) as hsm:
         wrapped_k = first.domain.wrapped_for(hsm3.id)
         assert wrapped_k is not None
-        new_mk = domainkeys.rotate(hsm.session, wrapped_k.scheme, wrapped_k.data)
+        epoch = len(first.domain.master_keys) + 1
+        info = binding_info("payroll", epoch, ctx.store.anchor().root)
+        new_mk, binding = domainkeys.rotate(hsm.session, wrapped_k.scheme, wrapped_k.data, info)
         forged = Domain(
             name="payroll",
             generation=previous.domain.generation + 1,
@@ -65,7 +67,7 @@ def _forge(ctx: Context, previous: SealedDomain) -> DomainBundle:
             wrapped_k=first.domain.wrapped_k,
             master_keys=(
                 *first.domain.master_keys,
-                MasterKeyEpoch(len(first.domain.master_keys) + 1, new_mk),
+                MasterKeyEpoch(epoch, new_mk, binding),
             ),
             created=utc_now(),
         )

@@ -172,7 +172,8 @@ def make_domain(
         trust=governing.id,
         wrapped_k=tuple(WrappedKey(i, "rsa-oaep-sha1", _seed("k", name, i) * 12) for i in hsm_ids),
         master_keys=tuple(
-            MasterKeyEpoch(e, _seed("mk", name, str(e)) + b"\x01" * 8) for e in range(1, epochs + 1)
+            MasterKeyEpoch(e, _seed("mk", name, str(e)) + b"\x01" * 8, _seed("bind", name, str(e)))
+            for e in range(1, epochs + 1)
         ),
         created=CREATED,
     )

@@ -177,10 +177,16 @@ CHANGES: dict[str, Callable[[Domain], Domain]] = {
     ),
     "wrapped-k-order": lambda d: dataclasses.replace(d, wrapped_k=d.wrapped_k[::-1]),
     "master-key-data": lambda d: dataclasses.replace(
-        d, master_keys=(MasterKeyEpoch(1, _flip(d.master_keys[0].data)),)
+        d, master_keys=(dataclasses.replace(d.master_keys[0], data=_flip(d.master_keys[0].data)),)
     ),
     "master-key-epoch-added": lambda d: dataclasses.replace(
-        d, master_keys=(*d.master_keys, MasterKeyEpoch(2, b"\x02" * 40))
+        d, master_keys=(*d.master_keys, MasterKeyEpoch(2, b"\x02" * 40, b"\x03" * 32))
+    ),
+    "master-key-binding": lambda d: dataclasses.replace(
+        d,
+        master_keys=(
+            dataclasses.replace(d.master_keys[0], binding=_flip(d.master_keys[0].binding or b"")),
+        ),
     ),
     "generation": lambda d: dataclasses.replace(d, generation=2, previous="cd" * 32),
 }

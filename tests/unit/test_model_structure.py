@@ -146,7 +146,7 @@ VERSIONED = [
 
 
 @pytest.mark.parametrize(("name", "path"), VERSIONED, ids=[n for n, _ in VERSIONED])
-@pytest.mark.parametrize("version", [0, 2, -1, 99, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, 3, -1, 99, "1", None, [1]])
 def test_unknown_format_version_is_refused(name: str, path: Path, version: Any) -> None:
     doc, parse = docs()[name]
     mutated = copy.deepcopy(doc)
@@ -561,7 +561,7 @@ def test_generation_and_previous_agree(generation: int, previous: str | None, ok
 )
 def test_master_key_epochs_are_1_to_n_in_order(epochs: tuple[int, ...], ok: bool) -> None:
     base = world().domain.domain
-    keys = tuple(MasterKeyEpoch(e, bytes([e % 256]) * 40) for e in epochs)
+    keys = tuple(MasterKeyEpoch(e, bytes([e % 256]) * 40, bytes([e % 256]) * 32) for e in epochs)
     if ok:
         assert dataclasses.replace(base, master_keys=keys).current_epoch.epoch == len(epochs)
     else:
