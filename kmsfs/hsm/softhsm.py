@@ -55,6 +55,8 @@ def write_config(conf_path: Path, token_dir: Path) -> None:
 
 #: SoftHSM2's shortest user PIN (``softhsm2-util`` and C_SetPIN refuse shorter ones).
 MIN_PIN_LENGTH = 4
+#: SoftHSM2's longest user PIN, in bytes (C_SetPIN refuses longer ones).
+MAX_PIN_LENGTH = 255
 
 
 @contextlib.contextmanager
@@ -80,8 +82,8 @@ def create_token(conf_path: Path, label: str, user_pin: str) -> TokenLocation:
 
 def _create(conf_path: Path, label: str, user_pin: str) -> tuple[TokenLocation, str]:
     """Initialize a new token; return where it is and its serial number."""
-    if not MIN_PIN_LENGTH <= len(user_pin) <= 255:
-        raise UsageError(f"a token PIN needs {MIN_PIN_LENGTH} to 255 characters")
+    if not MIN_PIN_LENGTH <= len(user_pin) <= MAX_PIN_LENGTH:
+        raise UsageError(f"a token PIN needs {MIN_PIN_LENGTH} to {MAX_PIN_LENGTH} characters")
     util = _util()
     location = TokenLocation(default_module(), label, str(conf_path))
     temp_pin, temp_so_pin = secrets.token_hex(16), secrets.token_hex(16)

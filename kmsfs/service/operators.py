@@ -22,6 +22,49 @@ def _token_label(name: str) -> str:
     return label
 
 
+#: The shortest passphrase of an operator key file, and the floor of an operator's token PIN.
+MIN_SECRET_LENGTH = 8
+
+#: The shortest operator token PIN without a letter (see :func:`check_token_pin`).
+MIN_LETTERLESS_PIN_LENGTH = 12
+
+
+def check_token_pin(pin: str) -> None:
+    """Refuse a PIN too weak to guard an operator key in the store's embedded SoftHSM2 token.
+
+    The one rule for an operator's token PIN, whatever it comes from (--pin-file, --pin-env, the
+    prompt). The token lives in the store's ``private/tokens`` beside the HSM PINs, and SoftHSM2
+    has no retry counter and no lockout: whoever can read that directory (root on the store's
+    machine, docs/threat-model.md §4) can call C_Login guess after guess, a few milliseconds
+    each (every 4-digit PIN fell in about 30 s), or attack the token files offline, faster
+    still. The PIN is then all that keeps them from signing as the operator, and, the tokens of
+    all operators being there, from sealing a Trust as a whole quorum alone (DESIGN.md §2.3).
+
+    So a token PIN needs what a passphrase needs, 8 characters, and one without a letter
+    (digits, maybe grouped by ``-`` or spaces: ten symbols a place, the usual PIN) needs 12,
+    10^12 guesses. That is a floor, not strength: a passphrase key file costs every guess an
+    scrypt (~0.3 s and 128 MiB) and stays the stronger choice (docs/threat-model.md §7). HSM PINs
+    are random (``secrets``) and keep SoftHSM2's own limits (:data:`softhsm.MIN_PIN_LENGTH`).
+    """
+    why = "SoftHSM2 has no lockout, so whoever can read the store's private/tokens could guess"
+    if len(pin) < MIN_SECRET_LENGTH:
+        raise UsageError(
+            f"an operator's token PIN needs at least {MIN_SECRET_LENGTH} characters ({why} a "
+            "shorter one); use a longer PIN, or --passphrase"
+        )
+    if len(pin) < MIN_LETTERLESS_PIN_LENGTH and not any(c.isalpha() for c in pin):
+        raise UsageError(
+            f"an operator's token PIN without letters needs at least "
+            f"{MIN_LETTERLESS_PIN_LENGTH} characters ({why} it); use a longer PIN or one with "
+            "letters, or --passphrase"
+        )
+    if len(pin.encode()) > softhsm.MAX_PIN_LENGTH:
+        raise UsageError(
+            f"an operator's token PIN has at most {softhsm.MAX_PIN_LENGTH} bytes (SoftHSM2's "
+            "limit); use a shorter one"
+        )
+
+
 #: A create in progress leaves ``private/operator-pending/NAME`` until just before the operator
 #: is saved: what a run killed meanwhile left (a token, a key file) is then known to be its own.
 PENDING_DIR = "operator-pending"
@@ -47,10 +90,10 @@ def create_operator(
     if name in ctx.store.operator_names():  # before asking for a PIN; checked again below
         raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
     value = secret.read()
-    if protection == "passphrase" and len(value) < 8:
-        raise UsageError("a passphrase needs at least 8 characters")
-    if protection == "token" and len(value) < softhsm.MIN_PIN_LENGTH:
-        raise UsageError(f"a token PIN needs at least {softhsm.MIN_PIN_LENGTH} characters")
+    if protection == "passphrase" and len(value) < MIN_SECRET_LENGTH:
+        raise UsageError(f"a passphrase needs at least {MIN_SECRET_LENGTH} characters")
+    if protection == "token":
+        check_token_pin(value)
     with ctx.store.exclusive():
         if name in ctx.store.operator_names():
             raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")

@@ -6,6 +6,10 @@ label ambiguous ("several tokens have this label"): the retry failed, and so did
 of an operator whose label an HSM took.
 """
 
+import os
+import select
+import subprocess
+
 import pytest
 
 from kmsfs.hsm import library, softhsm
@@ -13,7 +17,8 @@ from kmsfs.hsm.pins import PinSource
 from kmsfs.service import hsms, operators
 from kmsfs.service.context import Context
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+from tests.integration.fault_helpers import clean_env
+from tests.kms_helpers import ADMIN, Admin, Result, one_error_line, tree_snapshot
 
 
 def _labelled(admin: Admin, label: str) -> int:
@@ -24,15 +29,107 @@ def _labelled(admin: Admin, label: str) -> int:
     return len(library.token_serials(location))
 
 
-def test_a_short_operator_pin_is_one_line_and_leaves_nothing(initialized: Admin) -> None:
+#: Operator token PINs refused, and what the refusal says. The embedded token has no lockout,
+#: so root on the store's machine tried every 4-digit PIN with C_Login in about 30 s.
+WEAK_PINS = [
+    ("abc", "needs at least 8 characters"),
+    ("1234", "needs at least 8 characters"),
+    ("abcdefg", "needs at least 8 characters"),
+    ("12345678", "without letters needs at least 12 characters"),
+    ("12345678901", "without letters needs at least 12 characters"),
+    ("1234 5678-9", "without letters needs at least 12 characters"),
+    ("x" * 256, "has at most 255 bytes"),
+]
+
+
+def _refused_and_nothing_written(admin: Admin, result: Result, want: str) -> None:
+    line = one_error_line(result)
+    assert want in line, line
+    if "at most" not in want:
+        assert "no lockout" in line and "--passphrase" in line, line
+    assert _labelled(admin, "op-zed") == 0
+    assert not (admin.store / "private" / operators.PENDING_DIR / "zed").exists()
+    assert not Context.at(admin.store).private.has_access("operator", "zed")
+    assert admin("operator", "list").stdout.count("zed") == 0
+
+
+@pytest.mark.parametrize(("pin", "want"), WEAK_PINS, ids=lambda v: f"{v[:12]}")
+def test_a_weak_operator_token_pin_is_refused_and_leaves_nothing(
+    initialized: Admin, pin: str, want: str
+) -> None:
     admin = initialized
     before = tree_snapshot(admin.store)
-    line = one_error_line(
-        admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed", "abc"), check=2)
+    result = admin(
+        "operator", "create", "zed", "--pin-file", admin.pin_file("zed", pin), check=2
     )
-    assert "at least 4 characters" in line
     assert tree_snapshot(admin.store) == before
-    assert _labelled(admin, "op-zed") == 0
+    _refused_and_nothing_written(admin, result, want)
+
+
+def test_a_weak_operator_token_pin_from_the_environment_is_refused(initialized: Admin) -> None:
+    admin = initialized
+    before = tree_snapshot(admin.store)
+    result = admin(
+        "operator", "create", "zed", "--pin-env", "ZED_PIN", env={"ZED_PIN": "4711"}, check=2
+    )
+    assert tree_snapshot(admin.store) == before
+    _refused_and_nothing_written(admin, result, "needs at least 8 characters")
+
+
+def test_a_weak_operator_token_pin_typed_at_the_prompt_is_refused(initialized: Admin) -> None:
+    """No --pin-file or --pin-env: the PIN is typed on the terminal (here a pseudo-terminal
+    without a controlling one, so getpass reads it from stdin and prompts on stderr)."""
+    admin = initialized
+    before = tree_snapshot(admin.store)
+    prompt = b"new PIN for operator zed: "
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [*ADMIN, "--store", str(admin.store), "operator", "create", "zed"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+        start_new_session=True,
+    )
+    try:
+        os.close(slave)
+        assert proc.stderr is not None and proc.stdout is not None
+        seen = b""
+        while not seen.endswith(prompt):  # getpass flushes what is typed before it asks
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+            assert chunk, f"no prompt: {seen!r}"
+            seen += chunk
+        os.write(master, b"12345678\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+    assert proc.returncode == 2, seen + err
+    assert tree_snapshot(admin.store) == before
+    result = Result(proc.returncode, out.decode(), err.decode())
+    _refused_and_nothing_written(admin, result, "without letters needs at least 12 characters")
+
+
+@pytest.mark.parametrize("pin", ["abcdefgh", "123456789012", "1234-5678-90"])
+def test_an_operator_token_pin_at_the_floor_is_taken_and_signs(
+    initialized: Admin, pin: str
+) -> None:
+    admin = initialized
+    admin("operator", "create", "zed", "--pin-file", admin.pin_file("zed", pin))
+    trust = admin.propose(["hsm1"], ["zed"], 1)
+    admin("trust", "sign", trust, "--as", "zed", "--pin-file", admin.pin_file("zed"))
+
+
+def test_a_passphrase_still_needs_8_characters(initialized: Admin) -> None:
+    admin = initialized
+    before = tree_snapshot(admin.store)
+    line = one_error_line(admin(
+        "operator", "create", "zed", "--passphrase", "--pin-file",
+        admin.pin_file("zed", "seven77"), check=2,
+    ))
+    assert "a passphrase needs at least 8 characters" in line
+    assert tree_snapshot(admin.store) == before
+    digits = admin.pin_file("zed2", "12345678")  # scrypt: no letter needed
+    admin("operator", "create", "zed", "--passphrase", "--pin-file", digits)
 
 
 def test_an_interrupted_operator_create_is_undone_and_can_be_run_again(
