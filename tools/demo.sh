@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The main job, non-interactive, on the embedded SoftHSM2 default:
 # a key ceremony (store, HSMs, operators, a quorum Trust, a Domain), then an encrypted mount.
-# Everything lives under $DEMO_DIR (default: a new temporary directory), nothing system-wide.
+# tools/setup.sh (Debian packages, .venv in the checkout) is the only set-up; the demo itself
+# writes only under $DEMO_DIR (default: a new temporary directory): the store and its tokens,
+# the volume, the mount point, the mount's log and its rollback records (KMSFS_STATE_DIR, which
+# for root would otherwise be /var/lib/kmsfs/state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup.sh >/dev/null
@@ -9,6 +12,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 DEMO_DIR="${DEMO_DIR:-$(mktemp -d /tmp/kmsfs-demo.XXXXXX)}"
 export KMSFS_STORE="$DEMO_DIR/store"
+export KMSFS_STATE_DIR="$DEMO_DIR/state"
+LOG="$DEMO_DIR/mount.log"  # not syslog, nor /var/log/kmsfs.log where there is no syslog
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1. init: a store, two embedded HSMs (SoftHSM2 tokens) and the genesis trust"
@@ -45,7 +50,7 @@ CIPHER="$DEMO_DIR/cipher"
 MNT="$DEMO_DIR/mnt"
 mkdir -p "$MNT"
 kmsfs init "$CIPHER" --domain payroll
-kmsfs mount "$CIPHER" "$MNT"
+kmsfs mount "$CIPHER" "$MNT" --log-file "$LOG"
 trap 'mountpoint -q "$MNT" && kmsfs umount "$MNT"' EXIT
 
 step "8. ordinary tools on the plaintext view"
@@ -64,7 +69,7 @@ kmsfs info "$CIPHER"
 
 step "10. unmount, mount again, read back"
 kmsfs umount "$MNT"
-kmsfs mount "$CIPHER" "$MNT"
+kmsfs mount "$CIPHER" "$MNT" --log-file "$LOG"
 cat "$MNT/2026/q4/salaries.csv"
 kmsfs umount "$MNT"
 trap - EXIT

@@ -9,12 +9,15 @@ error line) through a pipe, so ``kmsfs mount`` returns only once the mount is us
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import logging.handlers
 import os
 import select
 import signal
+import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -126,10 +129,7 @@ def setup_logging(foreground: bool, debug: bool = False, log_file: Path | None =
     handler: logging.Handler
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_file is not None:
-        try:
-            handler = logging.FileHandler(log_file, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        handler = LogFile(log_file)
         handler.setFormatter(formatter)
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
@@ -142,6 +142,84 @@ def setup_logging(foreground: bool, debug: bool = False, log_file: Path | None =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if isinstance(handler, LogFile):
+        handler.warn_if_exposed()
+
+
+#: A log file the daemon creates: integrity errors name plaintext paths in it.
+LOG_MODE = 0o600
+
+
+class LogFile(logging.StreamHandler):
+    """The daemon's log file: created :data:`LOG_MODE` whatever the umask, never opened
+    through a symbolic link, and opened again by path on SIGHUP (:func:`reopen_log_files`),
+    as logrotate expects after it moved the file aside."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._warned: tuple[int, int] | None = None  # the file last warned about
+        super().__init__(self._open())
+
+    def _open(self) -> Any:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, LOG_MODE)
+        except OSError as exc:
+            why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise UsageError(f"cannot open log file {self.path}: {why}") from None
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def reopen(self) -> None:
+        """Go on in a file opened anew at :attr:`path` (UsageError if it cannot be)."""
+        old = self.setStream(self._open())
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+        self.warn_if_exposed()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                try:
+                    self.flush()
+                finally:
+                    self.stream.close()
+            super().close()
+        finally:
+            self.release()
+
+    def warn_if_exposed(self) -> None:
+        """One warning per file that group or others may read: not changed, as an
+        administrator may have meant it, but it names plaintext paths."""
+        with contextlib.suppress(OSError, ValueError):
+            st = os.fstat(self.stream.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o044 and self._warned != (
+                st.st_dev, st.st_ino
+            ):
+                self._warned = (st.st_dev, st.st_ino)
+                log.warning(
+                    "log file %s is readable by %s (mode %04o); its lines name plaintext "
+                    "paths: chmod 600 it",
+                    self.path, "group and others" if st.st_mode & 0o044 == 0o044
+                    else "group" if st.st_mode & 0o040 else "others",
+                    stat.S_IMODE(st.st_mode),
+                )
+
+
+def reopen_log_files() -> None:
+    """SIGHUP: open the log file again by path (after logrotate moved it aside); a daemon
+    that logs elsewhere has nothing to reopen."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, LogFile)]
+    if not files:
+        log.info("SIGHUP: no log file to reopen (logging to stderr or syslog); still serving")
+    for handler in files:
+        try:
+            handler.reopen()
+        except UsageError as exc:
+            log.error("%s; logging goes on in the old file", exc)
+        else:
+            log.info("log file %s reopened", handler.path)
 
 
 def default_log_file() -> Path:
@@ -182,16 +260,25 @@ def serve(
     options: set[str],
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Mount *cipherdir* at *mountpoint* and serve until unmounted or SIGTERM/SIGINT."""
+    """Mount *cipherdir* at *mountpoint* and serve until unmounted, or stopped by SIGTERM or
+    SIGINT (:func:`_watch_signals`)."""
     from kmsfs.fs.entries import KmsfsOps  # fs operations import pyfuse3-heavy modules
     from kmsfs.fs.volume import check_root_only, lock_for_mount
 
     os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
     check_root_only(cipherdir)
-    lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
     latency: CpuLatencyRequest | None = None
     ops: KmsfsOps | None = None
     mounted = False
+    stop = _Stop(mountpoint)
+    # SIGHUP (logrotate) must never end the daemon (its default action) nor be lost: one that
+    # lands before the loop watches for it is kept for the loop (_watch_signals).
+    hup_handler = signal.signal(signal.SIGHUP, stop.note_hup)
+    try:
+        lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
+    except BaseException:
+        signal.signal(signal.SIGHUP, hup_handler)
+        raise
     try:
         if LOW_LATENCY in options:
             latency = _open_latency_request()
@@ -218,17 +305,20 @@ def serve(
             latency=latency,
             init=InitAmendment() if libfuse_needs_it() else None,
         )
-        trio.run(_main, on_ready, mountpoint, spin)
+        trio.run(_main, on_ready, spin, stop)
     except BaseException:
         if mounted:
             log.exception("main loop failed")
         raise
     finally:
         if mounted and ops is not None:
-            _unmount(ops, mountpoint)
+            # Not the path once the daemon has unmounted or detached the mount there itself:
+            # by now it may hold another mount.
+            _unmount(ops, mountpoint, unmount=not stop.released)
         if latency is not None:
             latency.close()
         os.close(lock_fd)
+        signal.signal(signal.SIGHUP, hup_handler)
 
 
 def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
@@ -242,15 +332,16 @@ def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
         raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
 
 
-def _unmount(ops: Any, mountpoint: Path) -> None:
-    """Stop serving: the directory pool, open files, the write journal, then the mount."""
+def _unmount(ops: Any, mountpoint: Path, unmount: bool = True) -> None:
+    """Stop serving: the directory pool, open files, the write journal, then the mount (with
+    *unmount*, lazily, unless the session already ended; else only the session)."""
     ops.stop_dir_pool()
     ops.files.close_all()
     if ops.journal is not None:
         with contextlib.suppress(OSError):  # marks what returned: no live record left
             ops.journal.close()
     try:
-        pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=unmount)
     except Exception:  # already unmounted from outside
         log.debug("close after unmount", exc_info=True)
     log.info("unmounted %s", mountpoint)
@@ -263,15 +354,19 @@ def _open_latency_request() -> CpuLatencyRequest:
         raise UsageError(f"-o {LOW_LATENCY}: {unavailable_reason(exc)}") from None
 
 
-async def _main(
-    on_ready: Callable[[], None] | None, mountpoint: Path, spin: _SpinThenWait
-) -> None:
+async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: _Stop) -> None:
+    mountpoint = stop.mountpoint
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals)
+        nursery.start_soon(_watch_signals, stop)
         await nursery.start(_run_fuse, nursery.cancel_scope, spin)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         # Abandoned if the loop fails first (the stat can wait in the kernel for good then).
         await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        # A stop request that came while we looked wakes the signal watcher in the same batch
+        # as this task, in either order: let it run first. A mount on its way out is not ready.
+        await trio.lowlevel.checkpoint()
+        if stop.requested:
+            return
         sdnotify.notify(f"READY=1\nSTATUS=serving {mountpoint}")
         if on_ready is not None:
             on_ready()
@@ -454,17 +549,103 @@ def _remove_read_gate(gate: _ReadGate) -> None:
         trio.lowlevel.remove_instrument(gate)
 
 
-async def _watch_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            sdnotify.notify("STOPPING=1")
-            pyfuse3.terminate()
-            return
-
-
-#: What calls off a mount that is not ready yet (:func:`daemonize`).
+#: What stops a mount (and calls off one that is not ready yet: :func:`daemonize`).
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _Stop:
+    """What stop requests (SIGTERM, SIGINT) have done to the mount at *mountpoint* so far."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.requested = False
+        #: The daemon has unmounted or detached the mount itself: the path is no longer its.
+        self.released = False
+        #: A SIGHUP came while the loop did not watch for it.
+        self.hup = False
+
+    def note_hup(self, signum: int, frame: object) -> None:
+        self.hup = True  # only a flag: the main thread may be inside a log handler's lock
+
+
+async def _watch_signals(stop: _Stop) -> None:
+    """Stop requests and SIGHUP, while the loop serves.
+
+    The first SIGTERM or SIGINT (``systemctl stop``, Ctrl-C) unmounts as umount(8) would
+    (:func:`_unmount_gracefully`); a mount still in use is detached and served until the last
+    file open in it is closed. A second one stops at once, files still open in the mount or
+    not. SIGHUP opens the log file again (:func:`reopen_log_files`).
+    """
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
+        if stop.hup:  # before the loop watched
+            stop.hup = False
+            reopen_log_files()
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    reopen_log_files()
+                elif not stop.requested:
+                    stop.requested = True
+                    log.info("%s: unmounting %s", name, stop.mountpoint)
+                    sdnotify.notify("STOPPING=1")
+                    nursery.start_soon(_unmount_gracefully, stop)
+                else:
+                    log.warning(
+                        "%s again: stopping at once; files still open in %s lose their mount",
+                        name, stop.mountpoint,
+                    )
+                    pyfuse3.terminate()
+                    nursery.cancel_scope.cancel()
+                    return
+
+
+async def _unmount_gracefully(stop: _Stop) -> None:
+    """Unmount as umount(8) would, the loop serving meanwhile; if the mount is busy, detach it
+    and serve on until the kernel ends the session, when the last file open in it and the last
+    working directory in it are gone (pyfuse3.main then returns). Closing /dev/fuse instead
+    would fail every call of the processes still using it (ENOTCONN) and lose what a writeback
+    cache holds for them."""
+    mountpoint = stop.mountpoint
+    # In a worker thread: the unmount makes requests of its own (writing cached pages back),
+    # which this loop must answer. Abandoned if the session ends first.
+    done, why = await trio.to_thread.run_sync(
+        _fusermount, mountpoint, False, abandon_on_cancel=True
+    )
+    if done:
+        stop.released = True  # the kernel ends the session
+        return
+    if "busy" in why:
+        log.warning(
+            "%s is busy: detaching it; serving until the last file open in it and the last "
+            "working directory in it are gone (a second SIGTERM or SIGINT stops at once)",
+            mountpoint,
+        )
+        done, why = await trio.to_thread.run_sync(
+            _fusermount, mountpoint, True, abandon_on_cancel=True
+        )
+        if done:
+            stop.released = True
+            sdnotify.notify(f"STATUS=detached {mountpoint}, serving the files still open in it")
+            return
+    log.warning("%s: cannot unmount (%s): stopping at once", mountpoint, why)
+    pyfuse3.terminate()
+
+
+def _fusermount(mountpoint: Path, lazy: bool) -> tuple[bool, str]:
+    """``fusermount3 -u`` (``-z``: detach) as ``kmsfs umount`` runs it, which needs no
+    privilege for a user's own mount; (done, why not)."""
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", os.path.abspath(mountpoint)]
+    try:
+        proc = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+            env={**os.environ, "LC_ALL": "C"},  # "busy" is matched in its message
+        )
+    except OSError as exc:
+        return False, f"fusermount3: {exc.strerror}"
+    if proc.returncode == 0:
+        return True, ""
+    return False, (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
 
 
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:

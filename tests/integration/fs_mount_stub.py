@@ -1,9 +1,9 @@
 """Test-only mount daemon: kmsfs's real operations with a software stand-in KeyDeriver.
 
 Never part of the product: ``kmsfs mount`` only accepts Domains opened through the HSM. Run as
-``python fs_mount_stub.py CIPHERDIR MOUNTPOINT [-o opts] [--epoch N]``; prints ``ready`` on
-stdout once the mount is served, logs to stderr. ``--epoch`` sets the stand-in deriver's
-``current_epoch`` (a Domain rotated N - 1 times).
+``python fs_mount_stub.py CIPHERDIR MOUNTPOINT [-o opts] [--epoch N] [--log-file F]``; prints
+``ready`` on stdout once the mount is served, logs to stderr (or F). ``--epoch`` sets the
+stand-in deriver's ``current_epoch`` (a Domain rotated N - 1 times).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("-o", dest="options", action="append", default=[])
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--epoch", type=int, default=1, help="the deriver's current_epoch")
+    parser.add_argument("--log-file", type=Path, help="log there instead of stderr")
     args = parser.parse_args()
-    daemon.setup_logging(foreground=True, debug=args.debug)
+    daemon.setup_logging(foreground=True, debug=args.debug, log_file=args.log_file)
 
     def ready() -> None:
         print("ready", flush=True)

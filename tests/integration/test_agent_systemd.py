@@ -201,6 +201,16 @@ def test_units_agree_with_each_other_and_with_the_agents_defaults() -> None:
     assert not any("pin" in w.lower() for w in exec_start), "PINs never on a command line"
 
 
+def test_the_socket_outlives_the_agents_restarts_and_stopping_it_stops_the_agent() -> None:
+    """Clients wait in the socket's backlog while the agent restarts only if a restart of the
+    service leaves the socket alone: no PartOf=/BindsTo= on the service. The service Requires=
+    the socket, so stopping (or restarting) the socket stops (or restarts) the agent too."""
+    for key in ("PartOf", "BindsTo"):
+        assert not any("kmsfs-hsmd" in v for v in unit_values(SOCKET, key)), f"socket {key}="
+    assert "kmsfs-hsmd.socket" in unit_value(SERVICE, "Requires").split()
+    assert "kmsfs-hsmd.socket" in unit_value(SERVICE, "After").split()
+
+
 # -- the service's ExecStart under socket activation ---------------------------------------------
 
 
@@ -248,6 +258,50 @@ def test_reload_keeps_the_old_policy_when_the_new_one_is_broken_then_applies_a_g
     agent.proc.send_signal(signal.SIGTERM)
     assert "STOPPING=1" in agent.next_state()
     assert agent.stop() == 0
+
+
+def test_configuration_errors_exit_with_codes_the_unit_does_not_restart_on(
+    agent: ActivatedAgent, tmp_path: Path
+) -> None:
+    """A malformed policy, a store that is not there and an audit log whose checkpoints this
+    store's HSMs did not sign (KMSFS_STORE changed under it) stop the agent with a code
+    RestartPreventExitStatus= lists: restarting cannot cure them."""
+    prevented = {
+        int(code) for value in unit_values(SERVICE, "RestartPreventExitStatus")
+        for code in value.split()
+    }
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    held.bind(str(agent.socket))
+    held.listen(16)
+    try:
+        agent.policy.write_text("[[client]\nname = 'half a table")
+        with open(agent.log_path, "ab") as log:
+            code = _start_on_fd(agent, held, log).wait(timeout=60)
+        assert code == exitcodes.FORMAT and code in prevented, agent.log()
+
+        agent.policy.write_text(root_policy())
+        agent.env_file["KMSFS_STORE"] = str(tmp_path / "no-such-store")
+        with open(agent.log_path, "ab") as log:
+            code = _start_on_fd(agent, held, log).wait(timeout=60)
+        assert code == exitcodes.STORE and code in prevented, agent.log()
+
+        # the audit log of the store the agent served, then another store
+        del agent.env_file["KMSFS_STORE"]
+        with open(agent.log_path, "ab") as log:
+            first = _start_on_fd(agent, held, log)
+        assert agent.next_state().startswith("READY=1")
+        agent.health()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0  # a final checkpoint, signed by this store's HSM
+        other = Admin.under(tmp_path / "other")
+        other("init", "--hsms", "1")
+        agent.env_file["KMSFS_STORE"] = str(other.store)
+        with open(agent.log_path, "ab") as log:
+            code = _start_on_fd(agent, held, log).wait(timeout=60)
+        assert code == exitcodes.VERIFICATION and code in prevented, agent.log()
+        assert "refusing to extend" in agent.log()
+    finally:
+        held.close()
 
 
 # -- MemoryDenyWriteExecute=yes ------------------------------------------------------------------
