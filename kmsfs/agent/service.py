@@ -419,10 +419,19 @@ class Agent:
         a successor Trust removed) is refused and never written: once in the store it would
         make ``domains.history`` fail closed for every client of the Domain."""
         self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
-        domains.verify_bundle(self.ctx, bundle)
+        verified = domains.verify_bundle(self.ctx, bundle)
         with self.ctx.store.exclusive():  # what the history is must hold until it is written
             domains.newest_verified(self.ctx, bundle)
-            with contextlib.suppress(AlreadyExistsError):
+            if bundle.domain.id not in self.ctx.store.domain_ids():
+                # Not written unless its keys are its own: a generation made before key
+                # binding (which anyone holding an HSM's PIN can still seal) is taken only
+                # from the store itself, and a bound one is checked in the HSM first.
+                if not bundle.domain.domain.bound:
+                    raise ChainError(
+                        f"domain {bundle.domain.domain.name}: the agent takes in no generation "
+                        "made before key binding; bind it in the store that holds it"
+                    )
+                domains.check_bindings(self.ctx, verified)
                 self.ctx.store.save_domain(bundle.domain)
         verified = make()
         self._forget(bundle.domain.domain.name)

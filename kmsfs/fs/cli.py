@@ -86,6 +86,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise IntegrityError(f"Domain {args.domain}: does not verify: {desc.get('problem')}")
     if desc.get("superseded_by"):
         raise UsageError(kms.superseded_warning(desc) + "; a new volume waits for that")
+    if not desc.get("key_binding"):  # it would never mount until then
+        raise IntegrityError(
+            f"domain {args.domain} predates key binding: an operator must bind it first "
+            f"('kmsfs-admin domain rewrap {args.domain} --trust {str(desc.get('trust_id'))[:12]}')"
+            "; a new volume waits for that"
+        )
     config = VolumeConfig(
         domain_name=str(desc.get("name") or args.domain),
         domain_id=kms.domain_id_of(desc),

@@ -191,6 +191,27 @@ def rewrap(
         old_k.destroy()
 
 
+def fingerprints(
+    session: "pkcs11.Session", scheme: str, wrapped_k: bytes, wrapped_mks: Sequence[bytes],
+    info: bytes,
+) -> list[bytes]:
+    """HMAC-SHA256(mk, ``info``) of each ``mk`` epoch wrapped under this ``k``: equal values
+    mean equal master keys, which is how binding a Domain made before key binding checks that
+    no other Domain has its keys (kmsfs.service.domains)."""
+    k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
+    try:
+        found: list[bytes] = []
+        for wrapped_mk in wrapped_mks:
+            mk = _unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE)
+            try:
+                found.append(_hmac(mk, info))
+            finally:
+                mk.destroy()
+        return found
+    finally:
+        k.destroy()
+
+
 def rotate(
     session: "pkcs11.Session", scheme: str, wrapped_k: bytes, binding_info: bytes
 ) -> tuple[bytes, bytes]:

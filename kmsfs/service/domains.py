@@ -21,6 +21,7 @@ from kmsfs.errors import (
     HsmError,
     HsmUnavailableError,
     IntegrityError,
+    KmsfsError,
     NotFoundError,
     UsageError,
 )
@@ -159,15 +160,67 @@ def list_domains(ctx: Context) -> list[tuple[SealedDomain, str | None]]:
     return listed
 
 
-def refuse_unbound(domain: Domain) -> None:
+def refuse_unbound(domain: Domain, ctx: Context | None = None) -> None:
     """A Domain made before key binding (format 1) is not used until a rewrap binds it: its
-    wrapped keys could be another Domain's (:mod:`kmsfs.model.domain`)."""
-    if not domain.bound:
-        raise ChainError(
-            f"domain {domain.name} (generation {domain.generation}) predates key binding, so "
-            "nothing shows its keys are its own: an operator must bind it first with "
-            f"'kmsfs-admin domain rewrap {domain.name} --trust {domain.trust[:12]}'"
-        )
+    wrapped keys could be another Domain's (:mod:`kmsfs.model.domain`). The command named is
+    one that works: into the newest Trust (of the store *ctx*), where the Domain's own one is
+    superseded."""
+    if domain.bound:
+        return
+    trust = domain.trust
+    if ctx is not None and (newer := trusts.successor(ctx, trust)) is not None:
+        trust = newer.id
+    raise ChainError(
+        f"domain {domain.name} (generation {domain.generation}) predates key binding, so "
+        "nothing shows its keys are its own: an operator must bind it first with "
+        f"'kmsfs-admin domain rewrap {domain.name} --trust {trust[:12]}'"
+    )
+
+
+#: The HMAC that tells whether two Domains hold the same ``mk`` (:func:`_refuse_shared_keys`).
+#: It starts with the binding prefix, which clients of the agent may not derive with.
+SAME_KEY_PROBE = BINDING_INFO_PREFIX + b"same-key probe"
+
+
+def _refuse_shared_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
+    """Before a Domain made before key binding is bound: refuse it if any other Domain of the
+    store that *hsm* can open holds one of its master keys.
+
+    The HSM computes a binding for whatever keys the document carries, and anyone holding an
+    HSM's PIN can seal an unbound document: one carrying another Domain's wrapped ``k`` and
+    ``mk`` (copied bytes; without ``k`` nobody can wrap them anew) would get them bound to its
+    name. A copy of another Domain's ``k`` wrapped to *hsm* means that Domain had *hsm* in its
+    Trust at some generation, so comparing with every generation of every other Domain that
+    *hsm* can unwrap (a fingerprint HMAC per ``mk``, in the HSM) finds it. A document that does
+    not unwrap there (a forgery, damage) holds no keys to compare with.
+    """
+    def prints(d: Domain) -> set[bytes]:
+        wrapped = d.wrapped_for(hsm.record.id)
+        if wrapped is None:
+            return set()
+        try:
+            with library.hsm_errors(f"HSM {hsm.record.label}"):
+                return set(domainkeys.fingerprints(
+                    hsm.session, wrapped.scheme, wrapped.data,
+                    [m.data for m in d.master_keys], SAME_KEY_PROBE,
+                ))
+        except HsmError as exc:
+            log.debug("domain document %s does not unwrap in %s: %s", d.id[:12], hsm.record.label,
+                      exc)
+            return set()
+
+    mine = prints(domain)
+    for other_id in ctx.store.domain_ids():
+        try:
+            other = ctx.store.domain(other_id).domain
+        except KmsfsError:  # malformed: holds no keys this could share
+            continue
+        if other.name != domain.name and mine & prints(other):
+            raise IntegrityError(
+                f"domain {domain.name} ({domain.id[:12]}) holds master keys of domain "
+                f"{other.name} ({other_id[:12]}): refusing to bind it; one of the two "
+                f"documents is a forgery: remove it from {ctx.store.root / 'domains'}"
+            )
 
 
 def _unbound(domain: Domain, epoch: int) -> IntegrityError:
@@ -207,6 +260,8 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     with open_hsm(ctx, old.trust.trust.hsms) as unwrapper:
         wrapped = old_domain.wrapped_for(unwrapper.record.id)
         assert wrapped is not None
+        if not old_domain.bound:
+            _refuse_shared_keys(ctx, unwrapper, old_domain)
         with library.hsm_errors(f"HSM {unwrapper.record.label}"):
             new_k, mks, bindings = domainkeys.rewrap(
                 unwrapper.session,
@@ -217,7 +272,7 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
                 infos,
             )
     for m, binding in zip(old_domain.master_keys, bindings, strict=True):
-        if m.binding is not None and m.binding != binding:
+        if m.binding is not None and not hmac.compare_digest(m.binding, binding):
             raise _unbound(old_domain, m.epoch)
     domain = Domain(
         name=name,
@@ -290,6 +345,17 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     return verified
 
 
+def check_bindings(ctx: Context, verified: VerifiedDomain) -> None:
+    """Refuse a Domain generation any of whose ``mk`` epochs is not bound to it, checked in an
+    HSM of its Trust: before a generation from elsewhere is written into the store."""
+    refuse_unbound(verified.sealed.domain, ctx)
+    keys = DomainKeys(ctx, verified)
+    try:
+        keys.check_every_epoch()
+    finally:
+        keys.close()
+
+
 def export_bundle(ctx: Context, name: str) -> DomainBundle:
     verified = current(ctx, name)
     return DomainBundle(verified.sealed, verified.chain)
@@ -336,7 +402,7 @@ class DomainKeys:
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
-        refuse_unbound(domain)
+        refuse_unbound(domain, self._ctx)
         stack = contextlib.ExitStack()
         try:
             hsm = stack.enter_context(open_hsm(self._ctx, self.verified.trust.trust.hsms))
@@ -408,6 +474,15 @@ class DomainKeys:
         with self._lock:
             self._connect()
         return self
+
+    def check_every_epoch(self) -> None:
+        """Check the binding of every ``mk`` epoch now, not only the current one's (an older
+        one is otherwise checked when first used)."""
+        with self._lock:
+            if self._master_key is None:
+                self._connect()
+            for epoch in self.verified.sealed.domain.master_keys:
+                self._key_of(epoch.epoch)
 
     def _probe(self) -> None:
         """Drop the serving HSM if its token is gone (rate-limited; lock held)."""

@@ -4,7 +4,8 @@
 ciphertext tree, a manifest). This test copies one to a temporary place (so the store also has
 to cope with having moved), mounts it with the real ``kmsfs`` command on the real HSM path, and
 compares every entry with the manifest. A format change that cannot read it fails here.
-Their Domains predate key binding: each is bound first, as an operator upgrading would.
+Their Domains predate key binding: each is bound first, as an operator upgrading would (the
+refusal before, and the rewrap that binds it).
 """
 
 import hashlib
@@ -74,8 +75,8 @@ def test_golden_volume_reads_back_exactly(version: str, tmp_path: Path) -> None:
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if not described["key_binding"]:
-        _bind(copy, env, described, mnt)
+    assert described["key_binding"] is False  # made before key binding: bound as upgraders do
+    _bind(copy, env, described, mnt)
     subprocess.run(
         [*KMSFS, "mount", str(copy / "cipher"), str(mnt)],
         env=env,

@@ -11,6 +11,10 @@ root), computed in the HSM when the epoch is made and checked in the HSM at ever
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +27,11 @@ from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.protocol import ProtocolError, Request
 from kmsfs.agent.service import Agent
 from kmsfs.errors import ChainError, IntegrityError, UsageError
+from kmsfs.hsm import domainkeys
 from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
-from kmsfs.model.domain import Domain, SealedDomain, WrappedKey, binding_info
+from kmsfs.model.domain import Domain, MasterKeyEpoch, SealedDomain, WrappedKey, binding_info
 from kmsfs.model.trust import SealedTrust, Signature
 from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context, open_hsm, utc_now
@@ -88,9 +93,11 @@ def _carrying_payroll(r: Revoked, name: str, generation: int = 1, previous: str 
 
 
 @contextlib.contextmanager
-def _agent(store: Path, allowed: str) -> Iterator[tuple[Agent, Peer]]:
+def _agent(
+    store: Path, allowed: str, actions: tuple[str, ...] | list[str] = ("derive",)
+) -> Iterator[tuple[Agent, Peer]]:
     policy = (f'[[client]]\nname = "{allowed}-only"\nuids = [0]\ndomains = ["{allowed}"]\n'
-              'allow = ["derive"]\n')
+              f'allow = {json.dumps(list(actions))}\n')
     agent = Agent(store, Policy.parse(policy, "test-policy"), None)
     try:
         yield agent, Peer.local(0)
@@ -203,3 +210,110 @@ def test_an_older_epoch_is_checked_when_first_used(revoked: Revoked) -> None:
         keys.derive(PROBE, 2)
     finally:
         keys.close()
+
+
+# --- binding a Domain made before key binding (found in the review of the first fix) -------
+
+def _legacy(r: Revoked, name: str, trust: str) -> SealedDomain:
+    """A Domain as kmsfs made them before key binding (format 1: no binding), honestly: its
+    own fresh k and mk, made in hsm1, sealed by hsm1, saved in the store."""
+    chain = trusts.verified_chain(r.ctx, trust)
+    governing = chain[-1].trust
+    hsm1 = next(h for h in governing.hsms if h.label == "hsm1")
+    with open_hsm(r.ctx, [hsm1]) as hsm:
+        wrapped_k, wrapped_mk, _ = domainkeys.create(
+            hsm.session, [(h.id, h.wrap_key) for h in governing.hsms], b"unused"
+        )
+        domain = Domain(
+            name=name, generation=1, previous=None, trust=governing.id,
+            wrapped_k=tuple(WrappedKey(i, governing.hsm(i).wrap_key.scheme, w)
+                            for i, w in wrapped_k.items()),
+            master_keys=(MasterKeyEpoch(1, wrapped_mk),), created=utc_now(),
+        )
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_DOMAIN, domain.signed_bytes()))
+    sealed = SealedDomain(domain, Signature(domain.id, hsm1.id, value))
+    r.ctx.store.save_domain(sealed)
+    return sealed
+
+
+def _unbound_copy_of_payroll(r: Revoked, name: str, generation: int = 1,
+                             previous: str | None = None) -> DomainBundle:
+    """hsm2's forgery in the old format: payroll's keys, no binding, for a bind to bind."""
+    bound = _carrying_payroll(r, name, generation, previous).domain.domain
+    stripped = replace(bound, master_keys=tuple(replace(m, binding=None)
+                                                for m in bound.master_keys))
+    return _seal_as_hsm2(r.ctx, stripped, tuple(trusts.verified_chain(r.ctx, r.t1)))
+
+
+def test_binding_refuses_a_domain_that_holds_another_domains_keys(revoked: Revoked) -> None:
+    """An unbound generation N+1 of a Domain made before key binding, sealed by hsm2 alone and
+    carrying payroll's keys, is what the operator's upgrade step (the rewrap the refusal names)
+    would bind. The HSM finds payroll's master keys in it and the bind is refused, nothing
+    written; the honest generation before it binds (the same command)."""
+    r = revoked
+    legacy = _legacy(r, "legacy", r.t1)
+    forged = _unbound_copy_of_payroll(r, "legacy", 2, legacy.id)
+    r.ctx.store.save_domain(forged.domain)  # a store writer puts it in the store
+    assert [v.sealed.id for v in domains.history(r.ctx, "legacy")] == [legacy.id, forged.domain.id]
+    before = tree_snapshot(r.admin.store / "domains")
+    result = r.admin("domain", "rewrap", "legacy", "--trust", r.t2, check=3)
+    assert "holds master keys of domain payroll" in result.stderr
+    assert tree_snapshot(r.admin.store / "domains") == before
+    (r.admin.store / "domains" / f"{forged.domain.id}.json").unlink()  # what the message says
+    r.admin("domain", "rewrap", "legacy", "--trust", r.t2)
+    with api.open_domain(r.admin.store, domains.export_bundle(r.ctx, "legacy").to_bytes()) as d:
+        assert len(d.derive(PROBE)) == 32
+
+
+def test_the_agent_takes_in_no_unbound_generation_from_a_client(revoked: Revoked) -> None:
+    """Through the agent, a client allowed to rewrap 'evil' sent hsm2's unbound forgery: the
+    agent saved it as a Domain it did not know and bound payroll's keys to it."""
+    r = revoked
+    forged = _unbound_copy_of_payroll(r, "evil")
+    t2_chain = [t.to_dict() for t in trusts.verified_chain(r.ctx, r.t2)]
+    before = tree_snapshot(r.admin.store / "domains")
+    with _agent(r.admin.store, "evil", ["rewrap", "derive"]) as (agent, peer), pytest.raises(
+        ChainError, match="takes in no generation made before key binding"
+    ):
+        _call(agent, peer, "rewrap", {"bundle": b64encode(forged.to_bytes()), "trust": r.t2,
+                                      "chain": t2_chain})
+    assert tree_snapshot(r.admin.store / "domains") == before
+
+
+def test_the_agent_writes_no_generation_whose_keys_are_not_its_own(revoked: Revoked) -> None:
+    """A bound generation from a client whose keys are another Domain's was written into the
+    store before the rewrap refused it, and then failed every opening of the Domain."""
+    r = revoked
+    alpha = domains.current(r.ctx, "alpha").sealed.domain
+    with_alphas = _carrying_payroll(r, "alpha", 2, alpha.id, bindings_of=alpha)
+    t2_chain = [t.to_dict() for t in trusts.verified_chain(r.ctx, r.t2)]
+    before = tree_snapshot(r.admin.store / "domains")
+    with _agent(r.admin.store, "alpha", ["rewrap", "derive"]) as (agent, peer), pytest.raises(
+        IntegrityError, match="mk epoch 1 is not bound to it"
+    ):
+        _call(agent, peer, "rewrap", {"bundle": b64encode(with_alphas.to_bytes()),
+                                      "trust": r.t2, "chain": t2_chain})
+    assert tree_snapshot(r.admin.store / "domains") == before
+    r.admin("domain", "rewrap", "alpha", "--trust", r.t2)  # alpha itself is unharmed
+
+
+def test_kmsfs_init_refuses_a_domain_made_before_key_binding(
+    revoked: Revoked, tmp_path: Path
+) -> None:
+    """The volume could not mount until a bind: say so now, and write nothing."""
+    r = revoked
+    _legacy(r, "legacy", r.t2)
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmsfs.fs.cli", "init", str(cipher), "--domain", "legacy"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KMSFS_STORE": str(r.admin.store)},
+    )
+    assert proc.returncode == 3
+    assert proc.stderr == (
+        "kmsfs: error: domain legacy predates key binding: an operator must bind it first "
+        f"('kmsfs-admin domain rewrap legacy --trust {r.t2[:12]}'); a new volume waits for "
+        "that\n"
+    )
+    assert not any(cipher.iterdir())
