@@ -373,9 +373,14 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             raise
         remove_sidecar(dirpath, cname)
         self._drop_longlink(held)
+        # Only a file with other links can go on being open by another name (the lstat above
+        # counted them): rm -rf of files with one link each does no more than before.
+        ino = self.table.at(parent_inode, cname) if st is not None and st.st_nlink > 1 else None
         self.table.drop_link(parent_inode, cname)
         if st is not None and st.st_nlink <= 1:
             self.table.removed(st.st_ino)  # its last link (no await since the fstat)
+        elif ino is not None:
+            self._link_gone(ino, path)
 
     @guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -420,6 +425,10 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
                 held, _ = self._hold_longlink(new_path)
+        # A file renamed over that keeps other links (see unlink).
+        replaced = None
+        if dst is not None and dst.st_nlink > 1 and not stat.S_ISDIR(dst.st_mode):
+            replaced = self.table.at(parent_inode_new, new_c)
         # A directory renamed onto an empty one: the two are exchanged in one step, so the new
         # name is never missing, even across a crash (which can leave the replaced, empty
         # directory visible under the old name, as a worst case); it is then hidden and removed
@@ -456,6 +465,24 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             gone = self.table.removed(dst.st_ino)  # renamed over its last link
             if replaced_dir:
                 self.names.forget_dir(gone)
+        elif replaced is not None:
+            self._link_gone(replaced, new_path)
+
+    def _link_gone(self, ino: int, path: bytes) -> None:
+        """The link at ciphertext *path* of *ino*, which has others, is gone (its table entry
+        dropped already). If *ino* is open and its write journal records named *path* (the path
+        of the link the table learned first, or the one it was created or renamed at), they
+        name another link the table knows from now on: a record naming a path that no longer
+        holds its file is found only by a search of the whole volume at the next mount
+        (kmsfs.fs.journal). With no other link known (the kernel never looked it up), the
+        records keep naming *path*, and that search is what finds them."""
+        if self.files.get_file(ino) is None:
+            return  # not open: the next open takes a path from the table
+        try:
+            other = self.table.path(ino)
+        except OSError:
+            return
+        self.files.link_gone(ino, path, other)
 
 
 def _exchange(a: bytes, b: bytes) -> bool:

@@ -127,6 +127,15 @@ class OpenFiles:
         for of in self._by_ino.values():
             of.content.exchanged(a, b)
 
+    def link_gone(self, ino: int, gone: bytes, other: bytes) -> None:
+        """The link at ciphertext path *gone* of the open file *ino* was removed (unlink, or a
+        rename over it) and *other* is one it still has: if its journal records named *gone*,
+        they name *other* from now on (a record naming a path that no longer holds the file
+        is found only by a search of the whole volume, kmsfs.fs.journal)."""
+        of = self._by_ino.get(ino)
+        if of is not None:
+            of.content.moved(gone, other)
+
     def get_file(self, ino: int) -> OpenFile | None:
         return self._by_ino.get(ino)
 

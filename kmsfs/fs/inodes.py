@@ -114,6 +114,10 @@ class InodeTable:
     def known(self, ino: int) -> bool:
         return ino in self._nodes
 
+    def at(self, parent: int, cname: bytes) -> int | None:
+        """The inode known at the name *parent/cname* (None if the table has none there)."""
+        return self._entries.get((parent, cname))
+
     def path(self, ino: int) -> bytes:
         """Ciphertext path of *ino* (any of its links); ENOENT if it has none left.
 

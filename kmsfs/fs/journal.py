@@ -27,10 +27,24 @@ sequence, the length and the body up to the ciphertext (which authenticates bloc
 A replay reads records from offset 0 while the sequence goes up by one; the space is reused
 from 0 whenever no write is in flight, so what follows the last record is older and stops the
 walk.
+
+A record names the path the file had when it was made: the open file's path, which a rename
+moves and the removal of that link (unlink, or a rename over it) switches to another link the
+daemon knows (KmsfsOps._link_gone). It can still name a path that no longer holds the file: a
+link removed while the daemon knew no other, or a rename that landed while a worker thread was
+making the record. Then, and when the file at the path has another header, the replay looks
+for the record's file by its 18-byte header (:func:`find_headers`): the header holds the
+file's random id (16 random bytes, or 14 after the key epoch in a version 2 header), so no two
+files made apart share one, and the record goes to the one file (hard links of it count once)
+that has it; none (the file is gone), or several (a copy made in the ciphertext tree), and it is
+skipped as before. This changes nothing a record can do (its blocks must still authenticate as
+that file's), and costs one walk of the tree, reading the first 18 bytes of every file, only
+at a mount after a crash that left such a record, for all such records at once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -40,9 +54,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
+from kmsfs.crypto.names import is_internal
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.posix import open_regular, pwrite_fully, read_internal_file
+from kmsfs.fs.reencrypt_walk import open_dir_unread, open_unread
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +247,14 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
     repaired = 0
     # Newest first: of the live records of a block, the newest is the last write to it (a
     # returned write may still be unmarked, and every shrink marks all first), so it is the one
-    # to put back; once it has, the block authenticates and older records leave it alone.
-    for record in reversed(parse(raw)):
+    # to put back; once it has, the block authenticates and older records leave it alone. A
+    # record found elsewhere by its header keeps its place in that order.
+    records = parse(raw)[::-1]
+    elsewhere = _locate(root, records)
+    for record in records:
         try:
-            repaired += _apply(root, record, cipher_of)
-        except (OSError, FormatError, IntegrityError) as exc:
+            repaired += _apply(root, record, elsewhere.get(record.sequence), cipher_of)
+        except (OSError, FormatError, IntegrityError, _NotFound) as exc:
             log.warning(
                 "write journal: record %d for %s not replayed (%s)",
                 record.sequence,
@@ -261,16 +280,135 @@ def live_records(root: bytes) -> list[Record]:
         return []
 
 
-def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], ContentCipher]) -> int:
+class _NotFound(Exception):
+    """A record whose path no longer holds its file, and whose header no other file has, or
+    several do (which one the write was for cannot be told)."""
+
+
+#: What opening a record's path gives when no regular file is there any more: nothing (or a
+#: file where a directory was), a symlink, or something that is not a regular file.
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL})
+
+
+def _check(record: Record) -> None:
+    """FormatError for a record no replay may apply, wherever its file is now."""
     parts = record.path.split(b"/")
     if record.path.startswith(b"/") or b".." in parts or b"" in parts:
         raise FormatError("a path outside the volume")
     if b"\0" in record.path:
         raise FormatError("a path with a NUL byte")  # no file has one; open() would ValueError
-    block, rest = divmod(record.offset - HEADER_SIZE, CIPHER_BLOCK_SIZE)
-    if record.offset < HEADER_SIZE or rest:
+    if record.offset < HEADER_SIZE or (record.offset - HEADER_SIZE) % CIPHER_BLOCK_SIZE:
         raise FormatError(f"offset {record.offset} is not where a block starts")
-    fd = open_regular(reach(root + b"/" + record.path), os.O_RDWR)
+
+
+def _moved_away(root: bytes, record: Record) -> bool:
+    """True if *record*'s path no longer holds a file with its header (nothing there, or
+    another file), so that its file, if it still exists, is under another name. False too for a
+    record :func:`_apply` refuses anyway, or a path it cannot read (it reports those)."""
+    try:
+        _check(record)
+        FileHeader.parse(record.header)
+    except FormatError:
+        return False
+    try:
+        fd = open_unread(reach(root + b"/" + record.path))
+    except OSError as exc:
+        return exc.errno in _GONE
+    try:
+        return os.pread(fd, HEADER_SIZE, 0) != record.header
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _locate(root: bytes, records: list[Record]) -> dict[int, list[bytes]]:
+    """Sequence -> the paths (one per file) holding the header of each record whose own path
+    does not (:func:`_moved_away`): one walk of the tree for all of them, none if there are
+    none (the usual case)."""
+    lost = [record for record in records if _moved_away(root, record)]
+    if not lost:
+        return {}
+    found = find_headers(root, {record.header for record in lost})
+    return {record.sequence: found.get(record.header, []) for record in lost}
+
+
+def find_headers(root: bytes, headers: set[bytes]) -> dict[bytes, list[bytes]]:
+    """Header -> the ciphertext files under *root* that start with it, one path per file (hard
+    links of one file count once). Reads the first HEADER_SIZE bytes of every regular file but
+    the volume's own (``kmsfs.*``), without moving any atime (O_NOATIME where the kernel allows
+    it, as fsck and reencrypt do); a file or directory it cannot read is passed over."""
+    found: dict[bytes, dict[tuple[int, int], bytes]] = {}
+    stack = [root]
+    while stack:
+        cdir = stack.pop()
+        try:
+            dfd = open_dir_unread(reach(cdir))
+        except OSError as exc:
+            log.debug("write journal: %s not searched (%s)", os.fsdecode(cdir), exc.strerror)
+            continue
+        try:
+            with os.scandir(dfd) as entries:
+                listed = [
+                    (entry.name, entry.is_dir(follow_symlinks=False),
+                     entry.is_file(follow_symlinks=False))
+                    for entry in entries
+                ]
+        except OSError as exc:
+            log.debug("write journal: %s not searched (%s)", os.fsdecode(cdir), exc.strerror)
+            continue
+        finally:
+            os.close(dfd)
+        for name, is_dir, is_file in listed:
+            if is_internal(name):
+                continue  # the journal, IVs, sidecars, temporaries, kmsfs.longlinks, the pool
+            path = cdir + b"/" + os.fsencode(name)
+            if is_dir:
+                stack.append(path)
+            elif is_file:
+                _note_header(path, headers, found)
+    return {header: list(files.values()) for header, files in found.items()}
+
+
+def _note_header(
+    path: bytes, headers: set[bytes], found: dict[bytes, dict[tuple[int, int], bytes]]
+) -> None:
+    try:
+        fd = open_unread(reach(path))
+    except OSError:
+        return  # gone since the listing, or not readable by this daemon: passed over
+    try:
+        header = os.pread(fd, HEADER_SIZE, 0)
+        if header in headers:
+            st = os.fstat(fd)
+            found.setdefault(header, {}).setdefault((st.st_dev, st.st_ino), path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _apply(
+    root: bytes,
+    record: Record,
+    elsewhere: list[bytes] | None,
+    cipher_of: Callable[[FileHeader], ContentCipher],
+) -> int:
+    """Put back *record*'s torn blocks in its file: at its path, or if *elsewhere* is not None
+    (its path no longer holds it), in the one file found with its header."""
+    _check(record)
+    block = (record.offset - HEADER_SIZE) // CIPHER_BLOCK_SIZE
+    if elsewhere is None:
+        path = root + b"/" + record.path
+    elif len(elsewhere) == 1:
+        path = elsewhere[0]
+    elif elsewhere:
+        raise _NotFound(
+            f"no file with its header at its path, and {len(elsewhere)} files elsewhere have it"
+        )
+    else:
+        raise _NotFound("no file with its header at its path or anywhere else: the file is gone")
+    fd = open_regular(reach(path), os.O_RDWR)
     try:
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now
@@ -288,9 +426,18 @@ def _apply(root: bytes, record: Record, cipher_of: Callable[[FileHeader], Conten
                 raise IntegrityError(f"its block {number} does not authenticate")
             pwrite_fully(fd, want, at)
             repaired += 1
-        return repaired
     finally:
         os.close(fd)
+    if elsewhere and repaired:
+        log.warning(
+            "write journal: record %d for %s: the file is no longer there; found by its header"
+            " at %s, %d block(s) put back there",
+            record.sequence,
+            os.fsdecode(record.path),
+            os.fsdecode(os.path.relpath(path, root)),
+            repaired,
+        )
+    return repaired
 
 
 def _authentic(cipher: ContentCipher, number: int, block: bytes) -> bool:
