@@ -520,8 +520,8 @@ def build_parser() -> Parser:
         "The token is an embedded SoftHSM2 token in the store's private/tokens, and SoftHSM2\n"
         "has no retry counter or lockout: against whoever can read that directory (root on\n"
         "the store's machine) the key is only as strong as its PIN. The PIN needs at least\n"
-        f"{operators.MIN_SECRET_LENGTH} characters, {operators.MIN_LETTERLESS_PIN_LENGTH} "
-        "if it has no letter. A passphrase key file (--passphrase:\n"
+        f"{operators.MIN_TOKEN_PIN_LENGTH} characters, {operators.MIN_TOKEN_PIN_DISTINCT} of "
+        "them different. A passphrase key file (--passphrase:\n"
         "scrypt, about 0.3 s a guess) is stronger."
     )
     p.add_argument("name", metavar="NAME", type=_new_name, help="the new operator's name")

@@ -60,7 +60,7 @@ class PinSource:
             value = os.environ.get(self.env)
             if value is None:
                 raise PinError(f"environment variable {self.env} (the PIN) is not set")
-            secret = value
+            secret = value.rstrip("\r\n")  # as from a file: echo "$PIN" adds one
         else:
             if not sys.stdin.isatty():
                 raise PinError(f"{self.prompt}: no terminal to ask on; give --pin-file")

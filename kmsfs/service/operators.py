@@ -22,11 +22,13 @@ def _token_label(name: str) -> str:
     return label
 
 
-#: The shortest passphrase of an operator key file, and the floor of an operator's token PIN.
+#: The shortest passphrase of an operator key file (each guess costs an scrypt).
 MIN_SECRET_LENGTH = 8
 
-#: The shortest operator token PIN without a letter (see :func:`check_token_pin`).
-MIN_LETTERLESS_PIN_LENGTH = 12
+#: The shortest operator token PIN (see :func:`check_token_pin`).
+MIN_TOKEN_PIN_LENGTH = 12
+#: How many different characters an operator token PIN has at least.
+MIN_TOKEN_PIN_DISTINCT = 4
 
 
 def check_token_pin(pin: str) -> None:
@@ -40,23 +42,19 @@ def check_token_pin(pin: str) -> None:
     still. The PIN is then all that keeps them from signing as the operator, and, the tokens of
     all operators being there, from sealing a Trust as a whole quorum alone (DESIGN.md §2.3).
 
-    So a token PIN needs what a passphrase needs, 8 characters, and one without a letter
-    (digits, maybe grouped by ``-`` or spaces: ten symbols a place, the usual PIN) needs 12,
-    10^12 guesses. That is a floor, not strength: a passphrase key file costs every guess an
-    scrypt (~0.3 s and 128 MiB) and stays the stronger choice (docs/threat-model.md §7). HSM PINs
-    are random (``secrets``) and keep SoftHSM2's own limits (:data:`softhsm.MIN_PIN_LENGTH`).
+    So a token PIN needs 12 characters, 4 of them different: 10^12 guesses at the least (12
+    digits, the usual PIN); a letter earns no shorter PIN (one letter and 7 digits is 250 times
+    fewer guesses than that), and a repeated character or whitespace no length. That is a floor,
+    not strength: a passphrase key file costs every guess an scrypt (~0.3 s and 128 MiB) and
+    stays the stronger choice (docs/threat-model.md §7). HSM PINs are random (``secrets``) and
+    keep SoftHSM2's own limits (:data:`softhsm.MIN_PIN_LENGTH`).
     """
     why = "SoftHSM2 has no lockout, so whoever can read the store's private/tokens could guess"
-    if len(pin) < MIN_SECRET_LENGTH:
+    if len(pin) < MIN_TOKEN_PIN_LENGTH or len(set(pin)) < MIN_TOKEN_PIN_DISTINCT:
         raise UsageError(
-            f"an operator's token PIN needs at least {MIN_SECRET_LENGTH} characters ({why} a "
-            "shorter one); use a longer PIN, or --passphrase"
-        )
-    if len(pin) < MIN_LETTERLESS_PIN_LENGTH and not any(c.isalpha() for c in pin):
-        raise UsageError(
-            f"an operator's token PIN without letters needs at least "
-            f"{MIN_LETTERLESS_PIN_LENGTH} characters ({why} it); use a longer PIN or one with "
-            "letters, or --passphrase"
+            f"an operator's token PIN needs at least {MIN_TOKEN_PIN_LENGTH} characters, "
+            f"{MIN_TOKEN_PIN_DISTINCT} of them different ({why} a weaker one); use a longer "
+            "PIN, or --passphrase"
         )
     if len(pin.encode()) > softhsm.MAX_PIN_LENGTH:
         raise UsageError(
