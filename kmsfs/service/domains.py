@@ -37,7 +37,7 @@ from kmsfs.model.domain import (
     binding_info,
 )
 from kmsfs.model.publickeys import PublicKey
-from kmsfs.model.records import check_name
+from kmsfs.model.records import HsmRecord, check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust
 from kmsfs.model.verify import VerifiedDomain, verify_domain, verify_generation_step
 from kmsfs.service import trusts
@@ -182,44 +182,65 @@ def refuse_unbound(domain: Domain, ctx: Context | None = None) -> None:
 SAME_KEY_PROBE = BINDING_INFO_PREFIX + b"same-key probe"
 
 
-def _refuse_shared_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
-    """Before a Domain made before key binding is bound: refuse it if any other Domain of the
-    store that *hsm* can open holds one of its master keys.
+def _sealer(verified: VerifiedDomain) -> HsmRecord:
+    """The HSM that sealed a generation (its Trust lists it: verify_domain checked the seal)."""
+    record = verified.trust.trust.hsm(verified.sealed.seal.key_id)
+    assert record is not None
+    return record
+
+
+def _refuse_foreign_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
+    """Before a Domain made before key binding is bound, in *hsm*, the HSM that sealed it:
+    refuse it unless its keys are its own, as far as an HSM can tell.
 
     The HSM computes a binding for whatever keys the document carries, and anyone holding an
-    HSM's PIN can seal an unbound document: one carrying another Domain's wrapped ``k`` and
-    ``mk`` (copied bytes; without ``k`` nobody can wrap them anew) would get them bound to its
-    name. A copy of another Domain's ``k`` wrapped to *hsm* means that Domain had *hsm* in its
-    Trust at some generation, so comparing with every generation of every other Domain that
-    *hsm* can unwrap (a fingerprint HMAC per ``mk``, in the HSM) finds it. A document that does
-    not unwrap there (a forgery, damage) holds no keys to compare with.
+    HSM's PIN can still seal an unbound document, one carrying another Domain's wrapped ``k``
+    and ``mk`` (copied bytes; without ``k`` nobody can wrap them anew). Two checks:
+
+    - every honest generation is sealed by an HSM that holds its ``k``: the one that made the
+      keys (create), that unwrapped ``k`` (rotate), or an HSM of the Trust they were just
+      wrapped for (rewrap). So the sealer must unwrap ``k`` and every ``mk``. A forger seals
+      with its own HSM, to which it cannot wrap another Domain's ``k`` unless it had that
+      ``k`` (then it also had every ``mk`` wrapped under it: binding those to another name gives
+      nobody keys the forger lacks). This holds whatever else the store holds or lacks;
+    - as a second line, no other Domain document of the store that verifies and that *hsm*
+      can unwrap holds one of these master keys (a fingerprint HMAC per ``mk``, in the HSM).
     """
     def prints(d: Domain) -> set[bytes]:
         wrapped = d.wrapped_for(hsm.record.id)
         if wrapped is None:
             return set()
-        try:
-            with library.hsm_errors(f"HSM {hsm.record.label}"):
-                return set(domainkeys.fingerprints(
-                    hsm.session, wrapped.scheme, wrapped.data,
-                    [m.data for m in d.master_keys], SAME_KEY_PROBE,
-                ))
-        except HsmError as exc:
-            log.debug("domain document %s does not unwrap in %s: %s", d.id[:12], hsm.record.label,
-                      exc)
-            return set()
+        with library.hsm_errors(f"HSM {hsm.record.label}"):
+            return set(domainkeys.fingerprints(
+                hsm.session, wrapped.scheme, wrapped.data, [m.data for m in d.master_keys],
+                SAME_KEY_PROBE,
+            ))
 
-    mine = prints(domain)
+    try:
+        mine = prints(domain)
+    except HsmError as exc:
+        raise IntegrityError(
+            f"domain {domain.name} ({domain.id[:12]}): its keys do not unwrap in HSM "
+            f"{hsm.record.label}, which sealed it ({exc}): they are not its own; refusing to "
+            "bind it"
+        ) from None
+    anchor = ctx.store.anchor()
     for other_id in ctx.store.domain_ids():
         try:
-            other = ctx.store.domain(other_id).domain
-        except KmsfsError:  # malformed: holds no keys this could share
+            sealed = ctx.store.domain(other_id)
+            other = sealed.domain
+            if other.name == domain.name or other.wrapped_for(hsm.record.id) is None:
+                continue
+            verify_domain(sealed, trusts.chain_to(ctx, other.trust), anchor)
+            theirs = prints(other)
+        except (KmsfsError, OSError) as exc:  # unverified or not unwrappable: nothing to compare
+            log.debug("domain document %s not compared: %s", other_id[:12], exc)
             continue
-        if other.name != domain.name and mine & prints(other):
+        if mine & theirs:
             raise IntegrityError(
                 f"domain {domain.name} ({domain.id[:12]}) holds master keys of domain "
-                f"{other.name} ({other_id[:12]}): refusing to bind it; one of the two "
-                f"documents is a forgery: remove it from {ctx.store.root / 'domains'}"
+                f"{other.name} ({other_id[:12]}), and both verify: one of the two is a forgery; "
+                f"remove the one your operators did not make from {ctx.store.root / 'domains'}"
             )
 
 
@@ -257,11 +278,13 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             f"{old.trust.id[:12]}"
         )
     infos = [binding_info(name, m.epoch, chain[0].id) for m in old_domain.master_keys]
-    with open_hsm(ctx, old.trust.trust.hsms) as unwrapper:
+    # Binding a Domain made before key binding: only in the HSM that sealed it (below).
+    unwrappers = old.trust.trust.hsms if old_domain.bound else [_sealer(old)]
+    with open_hsm(ctx, unwrappers) as unwrapper:
         wrapped = old_domain.wrapped_for(unwrapper.record.id)
         assert wrapped is not None
         if not old_domain.bound:
-            _refuse_shared_keys(ctx, unwrapper, old_domain)
+            _refuse_foreign_keys(ctx, unwrapper, old_domain)
         with library.hsm_errors(f"HSM {unwrapper.record.label}"):
             new_k, mks, bindings = domainkeys.rewrap(
                 unwrapper.session,
@@ -322,7 +345,7 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     old_domain = old.sealed.domain
     trust = old.trust.trust
     refuse_rotation_under_superseded(ctx, name, trust.id)
-    refuse_unbound(old_domain)
+    check_bindings(ctx, old)  # no new epoch, sealed by an honest HSM, on keys not its own
     epoch = max(m.epoch for m in old_domain.master_keys) + 1
     with open_hsm(ctx, trust.hsms) as hsm:
         wrapped = old_domain.wrapped_for(hsm.record.id)

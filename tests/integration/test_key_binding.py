@@ -62,12 +62,18 @@ def revoked(initialized: Admin) -> Revoked:
     return Revoked(admin, Context.at(admin.store), t1, t2)
 
 
-def _seal_as_hsm2(ctx: Context, domain: Domain, chain: tuple[SealedTrust, ...]) -> DomainBundle:
-    """What hsm2's PIN holder can do alone: seal any Domain document under a Trust of hsm2."""
-    hsm2 = next(h for h in chain[-1].trust.hsms if h.label == "hsm2")
-    with open_hsm(ctx, [hsm2]) as hsm:
+def _seal_as(ctx: Context, domain: Domain, chain: tuple[SealedTrust, ...],
+             label: str) -> DomainBundle:
+    """What an HSM's PIN holder can do alone: seal any Domain document under a Trust of it."""
+    record = next(h for h in chain[-1].trust.hsms if h.label == label)
+    with open_hsm(ctx, [record]) as hsm:
         value = hsm.sign(contexts.message(contexts.HSM_SEALS_DOMAIN, domain.signed_bytes()))
-    return DomainBundle(SealedDomain(domain, Signature(domain.id, hsm2.id, value)), chain)
+    return DomainBundle(SealedDomain(domain, Signature(domain.id, record.id, value)), chain)
+
+
+def _seal_as_hsm2(ctx: Context, domain: Domain, chain: tuple[SealedTrust, ...]) -> DomainBundle:
+    """hsm2, which T2 removed from payroll's Trust: the attacker of these tests."""
+    return _seal_as(ctx, domain, chain, "hsm2")
 
 
 def _carrying_payroll(r: Revoked, name: str, generation: int = 1, previous: str | None = None,
@@ -245,24 +251,73 @@ def _unbound_copy_of_payroll(r: Revoked, name: str, generation: int = 1,
     return _seal_as_hsm2(r.ctx, stripped, tuple(trusts.verified_chain(r.ctx, r.t1)))
 
 
-def test_binding_refuses_a_domain_that_holds_another_domains_keys(revoked: Revoked) -> None:
+def test_a_bind_needs_the_keys_to_unwrap_in_the_hsm_that_sealed_them(
+    revoked: Revoked, tmp_path: Path
+) -> None:
     """An unbound generation N+1 of a Domain made before key binding, sealed by hsm2 alone and
-    carrying payroll's keys, is what the operator's upgrade step (the rewrap the refusal names)
-    would bind. The HSM finds payroll's master keys in it and the bind is refused, nothing
-    written; the honest generation before it binds (the same command)."""
+    carrying payroll's current keys (k wrapped to hsm1 only), is what the operator's upgrade
+    step (the rewrap the refusal names) would bind. Every honest generation is sealed by an HSM
+    that holds its k; hsm2 holds no k that opens these keys, so the bind is refused, nothing
+    written, even in a store that lacks payroll (a partial copy, or payroll hidden), where no
+    comparison with payroll could be made. The honest generation before it binds."""
     r = revoked
     legacy = _legacy(r, "legacy", r.t1)
     forged = _unbound_copy_of_payroll(r, "legacy", 2, legacy.id)
     r.ctx.store.save_domain(forged.domain)  # a store writer puts it in the store
     assert [v.sealed.id for v in domains.history(r.ctx, "legacy")] == [legacy.id, forged.domain.id]
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for generation in domains._generations(r.ctx, "payroll"):
+        (r.admin.store / "domains" / f"{generation.id}.json").rename(
+            hidden / f"{generation.id}.json")
     before = tree_snapshot(r.admin.store / "domains")
     result = r.admin("domain", "rewrap", "legacy", "--trust", r.t2, check=3)
-    assert "holds master keys of domain payroll" in result.stderr
+    assert "its keys do not unwrap in HSM hsm2, which sealed it" in result.stderr
     assert tree_snapshot(r.admin.store / "domains") == before
-    (r.admin.store / "domains" / f"{forged.domain.id}.json").unlink()  # what the message says
+    (r.admin.store / "domains" / f"{forged.domain.id}.json").unlink()
     r.admin("domain", "rewrap", "legacy", "--trust", r.t2)
     with api.open_domain(r.admin.store, domains.export_bundle(r.ctx, "legacy").to_bytes()) as d:
         assert len(d.derive(PROBE)) == 32
+
+
+def test_a_bind_refuses_keys_another_domain_of_the_store_holds(revoked: Revoked) -> None:
+    """The second line: hsm2 was in payroll's first Trust, so it can seal an unbound document
+    carrying payroll's first k (wrapped to hsm2 too) and epoch 1. Those it had anyway; still,
+    the HSM finds them in payroll's first generation and the bind is refused, naming both."""
+    r = revoked
+    first = domains._generations(r.ctx, "payroll")[0].domain
+    chain = tuple(trusts.verified_chain(r.ctx, r.t1))
+    forged = Domain(name="copied", generation=1, previous=None, trust=chain[-1].trust.id,
+                    wrapped_k=first.wrapped_k,
+                    master_keys=tuple(replace(m, binding=None) for m in first.master_keys),
+                    created=utc_now())
+    bundle = _seal_as_hsm2(r.ctx, forged, chain)
+    r.ctx.store.save_domain(bundle.domain)
+    before = tree_snapshot(r.admin.store / "domains")
+    result = r.admin("domain", "rewrap", "copied", "--trust", r.t2, check=3)
+    assert f"holds master keys of domain payroll ({first.id[:12]}), and both verify" in (
+        result.stderr)
+    assert tree_snapshot(r.admin.store / "domains") == before
+
+
+def test_rotate_checks_the_bindings_it_builds_on(revoked: Revoked) -> None:
+    """A generation of beta carrying payroll's keys (beta's binding on epoch 1, none that holds
+    on epoch 2) opens nowhere; a rotation made it open (its new current epoch is genuine) and
+    lent it an honest HSM's seal. Rotate now checks every binding first, and writes nothing."""
+    r = revoked
+    r.admin("domain", "create", "beta", "--trust", r.t2)
+    beta = domains.current(r.ctx, "beta").sealed.domain
+    payroll = domains.current(r.ctx, "payroll").sealed.domain
+    epochs = (replace(payroll.master_keys[0], binding=beta.master_keys[0].binding),
+              replace(payroll.master_keys[1], binding=bytes(32)))
+    forged = Domain(name="beta", generation=2, previous=beta.id, trust=beta.trust,
+                    wrapped_k=payroll.wrapped_k, master_keys=epochs, created=utc_now())
+    r.ctx.store.save_domain(
+        _seal_as(r.ctx, forged, tuple(trusts.verified_chain(r.ctx, r.t2)), "hsm1").domain)
+    before = tree_snapshot(r.admin.store / "domains")
+    result = r.admin("domain", "rotate", "beta", check=3)
+    assert "mk epoch 2 is not bound to it" in result.stderr
+    assert tree_snapshot(r.admin.store / "domains") == before
 
 
 def test_the_agent_takes_in_no_unbound_generation_from_a_client(revoked: Revoked) -> None:
@@ -317,3 +372,43 @@ def test_kmsfs_init_refuses_a_domain_made_before_key_binding(
         "that\n"
     )
     assert not any(cipher.iterdir())
+
+
+def test_the_agent_checks_every_epoch_of_a_generation_it_takes_in(revoked: Revoked) -> None:
+    """Zeta, a Domain the agent's store does not know, carries payroll's keys with a binding
+    that holds for its current epoch (computed with hsm1's PIN, as its PIN holder could) and
+    none for epoch 1: checking the current epoch alone would have let it in."""
+    r = revoked
+    payroll = domains.current(r.ctx, "payroll").sealed.domain
+    chain = tuple(trusts.verified_chain(r.ctx, r.t2))
+    hsm1 = next(h for h in chain[-1].trust.hsms if h.label == "hsm1")
+    wrapped = payroll.wrapped_for(hsm1.id)
+    assert wrapped is not None
+    with open_hsm(r.ctx, [hsm1]) as hsm:
+        (holds,) = domainkeys.fingerprints(
+            hsm.session, wrapped.scheme, wrapped.data, [payroll.master_keys[1].data],
+            binding_info("zeta", 2, r.ctx.store.anchor().root),
+        )
+    epochs = (replace(payroll.master_keys[0], binding=bytes(32)),
+              replace(payroll.master_keys[1], binding=holds))
+    zeta = Domain(name="zeta", generation=1, previous=None, trust=chain[-1].trust.id,
+                  wrapped_k=payroll.wrapped_k, master_keys=epochs, created=utc_now())
+    bundle = _seal_as(r.ctx, zeta, chain, "hsm1")
+    before = tree_snapshot(r.admin.store / "domains")
+    with _agent(r.admin.store, "zeta", ["rotate", "derive"]) as (agent, peer), pytest.raises(
+        IntegrityError, match="mk epoch 1 is not bound to it"
+    ):
+        _call(agent, peer, "rotate", {"bundle": b64encode(bundle.to_bytes())})
+    assert tree_snapshot(r.admin.store / "domains") == before
+
+
+def test_an_unverified_copy_does_not_block_an_honest_bind(revoked: Revoked) -> None:
+    """A store writer without any PIN renames a copy of an honest unbound Domain: its seal no
+    longer verifies, its keys still unwrap. It must not stop the operators' bind (nor make the
+    message point at the honest document)."""
+    r = revoked
+    legacy = _legacy(r, "legacy", r.t2)
+    renamed = replace(legacy.domain, name="zzz")
+    r.ctx.store.save_domain(SealedDomain(renamed, legacy.seal))
+    r.admin("domain", "rewrap", "legacy", "--trust", r.t2)
+    assert domains.current(r.ctx, "legacy").sealed.domain.bound
