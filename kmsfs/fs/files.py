@@ -16,12 +16,18 @@ the block there; so a write over bytes the file already has (and the cut-then-wr
 shrinking truncate) is first recorded in the volume's write journal, which the next mount
 replays (:mod:`kmsfs.fs.journal`). Holes are encrypted zero blocks: an unauthenticated zero
 block is never accepted as data.
+
+Space: ciphertext files are never sparse, so a hole costs its full size on the backing disk. A
+gap (a write past the end, a truncate or fallocate that grows the file) is filled only if the
+backing file system has the room for it (:func:`check_room`): one that cannot fit fails with
+ENOSPC before anything is written, instead of filling the disk and being cut back.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -39,6 +45,7 @@ from kmsfs.crypto.content import (
     ContentCipher,
     FileHeader,
     cipher_offset,
+    cipher_size,
     file_key_info,
     plain_size,
     plain_size_lenient,
@@ -435,8 +442,9 @@ class FileContent:
         """Write *data* at *offset*, filling any gap after EOF with encrypted zeros.
 
         If the disk fills up, the file keeps its old size: a gap already filled with zeros is
-        cut off again (ext4 does not grow a file on a failed write either). A gap longer than
-        *max_fill* raises :class:`LongFill` before anything is written.
+        cut off again (ext4 does not grow a file on a failed write either); one the disk
+        cannot hold fails at once (:meth:`_fill_zeros`). A gap longer than *max_fill* raises
+        :class:`LongFill` before anything is written.
         """
         csize = self.cipher_size()
         psize = old_psize = plain_size_lenient(csize)
@@ -444,7 +452,7 @@ class FileContent:
             raise LongFill(offset - psize)
         try:
             if offset > psize:
-                csize = self._fill_zeros(psize, offset, csize)
+                csize = self._fill_zeros(psize, offset, csize, offset + len(data))
                 psize = offset
             view = memoryview(data)
             step = BLOCK_SIZE * CHUNK_BLOCKS
@@ -461,8 +469,15 @@ class FileContent:
             raise
         return len(data)
 
-    def _fill_zeros(self, start: int, end: int, csize: int) -> int:
-        """Encrypted zeros over plaintext [start, end); returns the new ciphertext size."""
+    def _fill_zeros(self, start: int, end: int, csize: int, grow_to: int = 0) -> int:
+        """Encrypted zeros over plaintext [start, end); returns the new ciphertext size.
+
+        Every gap a write or a truncate (fallocate is one) fills goes through here, so this is
+        where a fill the backing disk cannot hold is refused, with ENOSPC before anything is
+        written (:func:`check_room`): the file's growth to plaintext size *grow_to* (at least
+        *end*; a write passes where its data ends) must fit.
+        """
+        check_room(self.fd, csize, cipher_size(max(end, grow_to)))
         pos = start
         while pos < end:
             n = min(len(_ZEROS) - pos % BLOCK_SIZE, end - pos)
@@ -502,7 +517,32 @@ class FileContent:
         )
 
     def truncate(self, size: int) -> None:
-        """Set the plaintext size; shrinking re-encrypts a partial last block."""
+        """Set the plaintext size; shrinking re-encrypts a partial last block.
+
+        A cut inside a block (``block``, kept to ``rest`` bytes) first cuts the ciphertext to
+        where the shortened block will end, then writes that block in place over the first
+        bytes of the old one. Each step is safe on its own:
+
+        - The cut only shrinks the file (the old block was longer), so it needs no space. The
+          space it frees may go to another writer at once (the disk may be full).
+        - The write lies wholly inside the file, over blocks it already has: on a file system
+          that overwrites in place (ext4, xfs, tmpfs) it needs no new space, so it cannot fail
+          for want of it, whoever took the freed space. The other order (cut at the block's
+          start, then write the block past the new end) needed new space just then, and a
+          full disk lost the kept bytes of that block (ENOSPC, the block gone).
+        - Between the two, and during the write, the block holds the first bytes of the old
+          block's ciphertext, which do not authenticate. The write journal's record (taken
+          by :meth:`_overwrite` before the cut) holds the shortened block: a daemon killed
+          there gets it put back at the next mount (the file already has its new size). Killed
+          before the cut, the file is as it was: its old block authenticates, and a replay
+          leaves it alone.
+
+        The write can still fail for another reason: an I/O error, or ENOSPC where an
+        overwrite needs new space (copy-on-write: btrfs, or a reflinked ciphertext file).
+        That block is then torn, as by any failed overwrite there, and the error is returned.
+        Growing fills the gap with encrypted zeros (:meth:`_fill_zeros`: ENOSPC at once if the
+        disk cannot hold them).
+        """
         psize = self.plain_size()
         if size < psize and self._journal is not None:
             self._journal.settle()  # a record of a block cut here must not bring it back
@@ -517,24 +557,63 @@ class FileContent:
                 keep = self._read_block(block)[:rest]
                 shortened = self._cipher_for_writing().encrypt_block(block, keep)
                 at = cipher_offset(block)
+                end = at + len(shortened)
 
                 def cut_and_write() -> None:
-                    os.ftruncate(self.fd, at)
-                    _pwrite_all(self.fd, shortened, at, at)
+                    os.ftruncate(self.fd, end)
+                    _pwrite_fully(self.fd, memoryview(shortened), at)
 
                 self._overwrite(shortened, at, self.cipher_size(), cut_and_write)
         elif size > psize:
             try:
                 self._fill_zeros(psize, size, self.cipher_size())
             except OSError:  # the disk filled up: keep the old size, as write() does
-                with contextlib.suppress(OSError, IntegrityError):
-                    self.truncate(psize)  # needs no new space
+                if self.plain_size() > psize:  # not if refused before writing: leave it be
+                    with contextlib.suppress(OSError, IntegrityError):
+                        self.truncate(psize)  # needs no new space
                 raise
         else:
             os.ftruncate(self.fd, self.cipher_size())  # same size: still updates mtime/ctime
 
     def fsync(self, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(self.fd)
+
+
+def check_room(fd: int, csize: int, new_csize: int) -> None:
+    """OSError(ENOSPC) if growing the ciphertext file *fd* from *csize* to *new_csize* bytes
+    needs more blocks than its file system has left for the daemon (``fstatvfs``).
+
+    For a gap (:meth:`FileContent._fill_zeros`): without this, a fill the disk cannot hold
+    (a truncate up, or a write far past the end) wrote encrypted zeros until the disk was
+    full, for as long as that took (minutes for tens of GB, in a worker thread nothing
+    interrupts), left every other writer of that disk without space meanwhile, and only then
+    failed and was cut back.
+
+    What is left for the daemon: ``f_bavail``, or ``f_bfree`` if it runs as root, since ext4
+    lets its reserved uid (root, unless tune2fs -u said otherwise) use the reserved blocks
+    too. No margin: the count is of the ciphertext's own blocks, which any file system must
+    find (encrypted data does not compress), so a fill refused here could not have fit. One
+    that fits only without the file system's own metadata, or loses its room to another
+    writer meanwhile, or meets a quota, still fails on the way and is cut back
+    (:meth:`FileContent.write`, :meth:`FileContent.truncate`), as before. A file system that
+    reports no blocks (some FUSE and network ones) or no figures at all is not checked.
+    """
+    if new_csize <= csize:
+        return
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return
+    unit = st.f_frsize or st.f_bsize
+    if st.f_blocks <= 0 or unit <= 0:
+        return
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    need = -(-new_csize // unit) - -(-csize // unit)
+    if need > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)}: growing the file needs {need} blocks, {free} free",
+        )
 
 
 def quiet_pread(fd: int, size: int, offset: int) -> bytes:

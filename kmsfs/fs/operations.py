@@ -103,10 +103,21 @@ def _caller(ctx: Any) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
+def _check_end(off: int, buf: bytes) -> None:
+    """EFBIG if a write of *buf* at *off* would end past MAX_FILE_SIZE (before anything is
+    written: nothing of it, as ext4 writes nothing at or past its limit)."""
+    if off + len(buf) > MAX_FILE_SIZE:
+        raise pyfuse3.FUSEError(errno.EFBIG)
+
+
 @dataclass
 class DirHandle:
+    """An open directory: its inode, its ciphertext directory open as *fd* (None if it was
+    already removed when opened), and the listing readdir took at offset 0."""
+
     ino: int
     entries: list[tuple[bytes, bytes]] | None = None
+    fd: int | None = None
 
 
 class ContentOps:
@@ -183,8 +194,24 @@ class ContentOps:
         of = self.files.get_file(ino)
         if of is not None:
             return os.fstat(of.fd), None
-        path = self.table.path(ino)
+        try:
+            path = self.table.path(ino)
+        except FileNotFoundError:
+            # Removed while open: a directory still open here answers from its fd, as a file
+            # does (ext4 gives its attributes, 0 links, to fstat and to a listing of it).
+            fd = self._held_dir_fd(ino)
+            if fd is None:
+                raise
+            return os.fstat(fd), None
         return os.lstat(reach(path)), path
+
+    def _held_dir_fd(self, ino: int) -> int | None:
+        """The fd of an open handle of directory *ino*, if any (only for one that has no path
+        left: a scan of the open directories)."""
+        for d in self._dirs.values():
+            if d.ino == ino and d.fd is not None:
+                return d.fd
+        return None
 
     def _read_link(self, path: bytes) -> bytes:
         raise NotImplementedError
@@ -304,7 +331,8 @@ class ContentOps:
         """fallocate(2) mode 0: grow the file to offset+length with encrypted zero blocks.
 
         A kmsfs file is never sparse (docs/format.md, "Holes and the rules for writers"), so
-        allocating is writing zeros past the end; inside the file there is nothing to do. Other
+        allocating is writing zeros past the end (ENOSPC at once if the disk cannot hold them:
+        :func:`~kmsfs.fs.files.check_room`); inside the file there is nothing to do. Other
         modes (keep size, punch or zero a range, collapse...) are EOPNOTSUPP. pyfuse3 3.5 does
         not dispatch FUSE_FALLOCATE, so the kernel answers EOPNOTSUPP itself and glibc's
         posix_fallocate falls back to writes, which end in the same file.
@@ -382,8 +410,19 @@ class ContentOps:
 
     @guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """Write *buf* at *off* (at the end for O_APPEND, unless the kernel caches writes and
+        placed it itself).
+
+        EFBIG for a write that would end past MAX_FILE_SIZE, as setattr and fallocate give:
+        the kernel leaves that check to us (a FUSE mount's limit is 2**63), and without it a
+        write at 2**44 tried to fill 16 TiB. With ``-o writeback_cache`` the kernel has taken
+        the write into its cache already (pwrite succeeded, and st_size shows it while the
+        kernel keeps the inode); its write-back arrives here and fails with EFBIG, which fsync
+        reports (close says EIO), and nothing is written.
+        """
         handle = self.files.handle(fh)
         of = handle.file
+        _check_end(off, buf)
         work = len(buf)
         if work < THREAD_THRESHOLD and not of.lock.locked():
             # Fast path: runs to completion without yielding, so no lock is needed. A write far
@@ -391,6 +430,7 @@ class ContentOps:
             try:
                 if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
+                    _check_end(off, buf)
                 return of.content.write(off, buf, THREAD_THRESHOLD - len(buf))
             except LongFill as fill:
                 work += fill.args[0]
@@ -400,6 +440,7 @@ class ContentOps:
             try:
                 if handle.append and not self.enable_writeback_cache:
                     off = of.content.plain_size()
+                    _check_end(off, buf)
                 return await self._run(work, of.content.write, off, buf)
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
@@ -433,38 +474,49 @@ class ContentOps:
     # --- directories --------------------------------------------------------------------
     @guard
     async def opendir(self, inode: int, ctx: Any) -> int:
+        """Opens the ciphertext directory, kept open until releasedir: readdir lists it
+        through that fd, and it still answers fstat once the directory is removed (ext4 gives
+        a removed directory's attributes, and an empty listing). The open is the one listing
+        by path made anyway, moved here. A directory removed before it is opened (a removed
+        cwd) has no fd, and lists as empty."""
+        try:
+            path = self.table.path(inode)
+        except FileNotFoundError:
+            fd = None
+        else:
+            fd = open_quietly(path, DIR_FLAGS, self.dir_noatime)
         fh = next(self._next_dir)
-        self._dirs[fh] = DirHandle(inode)
+        self._dirs[fh] = DirHandle(inode, fd=fd)
         return fh
 
     @guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         d = self._dirs[fh]
-        dirpath = self.table.path(d.ino)
+        try:
+            dirpath = self.table.path(d.ino)
+        except FileNotFoundError:
+            return  # removed while open: no entries, not even "." and ".." (as on ext4)
+        if d.fd is None:
+            return  # removed when opened (the inode is detached for good)
         if start_id == 0 or d.entries is None:
             try:
                 dir_iv = self.names.dir_iv(d.ino, dirpath)
             except IntegrityError as exc:
                 raise self._integrity(d.ino, exc) from None
             plain = self.table.plain_path(d.ino)
-            small = os.lstat(reach(dirpath)).st_size <= SMALL_DIR_BYTES
-            if small and not self.dir_noatime:
-                d.entries = self.names.list_dir(dir_iv, dirpath, plain)
+            # Through the fd, not the path: a rename of the directory (or of a parent) while
+            # a big one is listed in a worker thread must not make it list as empty.
+            args = (dir_iv, b"/proc/self/fd/%d" % d.fd, plain, d.fd)
+            if os.fstat(d.fd).st_size <= SMALL_DIR_BYTES:
+                d.entries = self.names.list_dir(*args)
             else:
-                # Big ones are listed in a worker thread through an fd, not the path: a rename
-                # of the directory (or of a parent) meanwhile must not make it list as empty.
-                fd = open_quietly(dirpath, DIR_FLAGS, self.dir_noatime)
+                d.entries = await trio.to_thread.run_sync(
+                    self.names.list_dir, *args, limiter=self.limiter
+                )
                 try:
-                    args = (dir_iv, b"/proc/self/fd/%d" % fd, plain, fd)
-                    if small:
-                        d.entries = self.names.list_dir(*args)
-                    else:
-                        d.entries = await trio.to_thread.run_sync(
-                            self.names.list_dir, *args, limiter=self.limiter
-                        )
-                finally:
-                    os.close(fd)
-                dirpath = self.table.path(d.ino)  # where it is now
+                    dirpath = self.table.path(d.ino)  # where it is now
+                except FileNotFoundError:
+                    return  # removed meanwhile (empty, if big once)
             self.names.remember_listing(dir_iv, d.entries)
         entries = d.entries
         # Offsets 1 and 2 are "." and "..", as ext4 lists them; the kernel takes no lookup
@@ -489,7 +541,9 @@ class ContentOps:
 
     @guard
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        d = self._dirs.pop(fh, None)
+        if d is not None and d.fd is not None:
+            os.close(d.fd)
 
     @guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -7,8 +7,10 @@ next new object. If the daemon then answered with the same node id, the kernel w
 old inode for the new object: a new directory inherits the removed one's "dead" state (ENOENT
 on every create inside), a held fd of a removed file resolves to the new file, or a directory
 alias is moved across parents (ESTALE). Found by ``tools/soak.py`` (EEXIST and ESTALE from
-mkdir). Each test holds the old node with an fd, removes the object, creates entries until the
-ciphertext file system reuses the number, then checks the new object and the old fd. A root
+mkdir). Each test holds the old node with an O_PATH fd, removes the object, creates entries
+until the ciphertext file system reuses the number, then checks the new object and the old fd.
+(An fd open for reading would keep the backing object too, and its number: the daemon holds the
+ciphertext of an open file or directory open, as ext4 keeps an open removed inode.) A root
 daemon's pool thread (:mod:`kmsfs.fs.dirpool`) makes directories too: each test waits until it
 is idle before the removal, so the freed number goes to what the test makes, directly or
 (for mkdir) through a directory the pool makes and later hands out.
@@ -93,7 +95,7 @@ def _held_fd_is_not(fd: int, new: Path) -> None:
 def _held_removed_dir(path: Path, cipherdir: Path) -> Iterator[tuple[int, int]]:
     """Make directory *path*, hold an fd on it, remove it: (the fd, its inode number)."""
     os.mkdir(path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)  # no OPENDIR: the daemon keeps no fd
     try:
         old = os.fstat(fd).st_ino  # no reuse yet: the FUSE id is the backing number
         wait_pool_full(cipherdir)  # the pool, refilled after that mkdir, takes no number now
@@ -139,7 +141,7 @@ def test_new_dir_after_held_dir_removed(mnt, m: Path) -> None:  # type: ignore[n
 def test_new_dir_elsewhere_after_renamed_over_dir(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
     for d in ("x", "y", "x/src", "x/dst"):
         os.mkdir(m / d)
-    fd = os.open(m / "x" / "dst", os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(m / "x" / "dst", os.O_PATH | os.O_DIRECTORY)  # no OPENDIR (see the top)
     try:
         old = os.fstat(fd).st_ino
         wait_pool_full(mnt.cipherdir)

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
+from kmsfs.crypto.content import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    CIPHER_BLOCK_SIZE,
+    HEADER_SIZE,
+    cipher_offset,
+)
 from kmsfs.fs import files, journal
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
@@ -117,7 +123,7 @@ def test_a_killed_append_to_a_partial_block_keeps_what_was_there(
 def test_a_killed_shrinking_truncate_is_finished(
     volume: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cut to the block boundary happened, the shortened block was not written yet."""
+    """The cut to where the shortened block ends happened, the block was not written yet."""
     old = os.urandom(3 * BLOCK_SIZE)
     log = WriteJournal(os.fsencode(volume))
     content = _open(volume, "t", log)
@@ -126,12 +132,13 @@ def test_a_killed_shrinking_truncate_is_finished(
     def killed(*args: Any) -> int:
         raise Killed
 
-    monkeypatch.setattr(files, "_pwrite_all", killed)
+    monkeypatch.setattr(files, "_pwrite_fully", killed)
     monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
     with pytest.raises(Killed):
         content.truncate(BLOCK_SIZE + 1000)
     monkeypatch.undo()
-    assert (volume / "t").stat().st_size == cipher_offset(1)  # bytes 4096..5095 are gone
+    # Block 1 holds the first 1028 bytes of its old ciphertext: bytes 4096..5095 unreadable.
+    assert (volume / "t").stat().st_size == cipher_offset(1) + 1000 + BLOCK_OVERHEAD
     journal.replay(os.fsencode(volume), _keys().cipher)
     assert _read(_open(volume, "t", None), 0, 3 * BLOCK_SIZE) == old[: BLOCK_SIZE + 1000]
 
