@@ -378,7 +378,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         ino = self.table.at(parent_inode, cname) if st is not None and st.st_nlink > 1 else None
         self.table.drop_link(parent_inode, cname)
         if st is not None and st.st_nlink <= 1:
-            self.table.removed(st.st_ino)  # its last link (no await since the fstat)
+            # its last link (no await since the fstat): a file still open is anonymous now
+            self.files.unlinked(self.table.removed(st.st_ino))
         elif ino is not None:
             self._link_gone(ino, path)
 
@@ -463,6 +464,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
         if dst is not None and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1):
             gone = self.table.removed(dst.st_ino)  # renamed over its last link
+            self.files.unlinked(gone)
             if replaced_dir:
                 self.names.forget_dir(gone)
         elif replaced is not None:

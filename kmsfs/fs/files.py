@@ -362,6 +362,11 @@ class FileContent:
         journal.done(at)
         return result
 
+    def forget_journal(self) -> None:
+        """Write unrecorded from now on: the file has no link left (OpenFiles.unlinked). A
+        record begun before still gets its done mark (_overwrite holds the journal)."""
+        self._journal = None
+
     def forget_header(self) -> None:
         """The file became empty (truncate to 0): the next write starts a new header."""
         self._cipher = None

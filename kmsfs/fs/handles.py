@@ -136,6 +136,14 @@ class OpenFiles:
         if of is not None:
             of.content.moved(gone, other)
 
+    def unlinked(self, ino: int) -> None:
+        """The last link of *ino* is gone: if it is open, its writes need no journal records
+        any more (after a crash the file is gone too, and a record naming its old path would
+        only cost the next mount a walk of the whole volume, kmsfs.fs.journal)."""
+        of = self._by_ino.get(ino)
+        if of is not None:
+            of.content.forget_journal()
+
     def get_file(self, ino: int) -> OpenFile | None:
         return self._by_ino.get(ino)
 

@@ -413,11 +413,16 @@ def _apply(
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now
         cipher = cipher_of(FileHeader.parse(record.header))
+        size = os.fstat(fd).st_size
         repaired = 0
         for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
             want = record.data[i : i + CIPHER_BLOCK_SIZE]
             at = record.offset + i
             number = block + i // CIPHER_BLOCK_SIZE
+            if elsewhere and at >= size:
+                # A torn overwrite leaves the block it began in: a file found by its header
+                # that ends before the block is an older copy (a sync tool's), never grown.
+                continue
             if os.pread(fd, len(want), at) == want or _authentic(
                 cipher, number, os.pread(fd, CIPHER_BLOCK_SIZE, at)
             ):

@@ -118,6 +118,25 @@ def test_a_record_whose_path_is_gone_is_replayed_into_the_file_with_its_header(
     assert "not replayed" not in caplog.text
 
 
+def test_an_older_shorter_copy_found_by_its_header_is_never_grown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync tool's version of the file (one block, made before it grew) is all that is left
+    with the header: the torn block was past its end, so the record is not for it, and writing
+    the block there would grow it with a hole."""
+    _, _, fd = _torn_at(tmp_path, "a", monkeypatch)
+    os.close(fd)
+    (tmp_path / ".stversions").mkdir()
+    copy = tmp_path / ".stversions" / "a~20261129"
+    with open(tmp_path / "a", "rb") as src:
+        copy.write_bytes(src.read(18 + 4124))  # the header and block 0
+    os.unlink(tmp_path / "a")
+    before = copy.read_bytes()
+
+    assert journal.replay(os.fsencode(tmp_path), _keys().cipher) == 0
+    assert copy.read_bytes() == before
+
+
 def test_a_record_whose_path_holds_another_file_goes_to_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -387,3 +406,31 @@ def test_removing_a_link_of_a_closed_file_does_no_more_work(
             await ops.unlink(root, b"a", CTX)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("removal", ["unlink", "renamed over"])
+def test_an_open_file_whose_last_link_is_gone_writes_no_more_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removal: str
+) -> None:
+    """After a crash such a file is gone, so a record of it can only send the next mount on a
+    walk of the whole volume for a header it cannot find (a file deleted while open, an
+    editor's save by rename over the old file)."""
+    ops = KmsfsOps(make_volume(tmp_path / "c"), SoftDeriver())
+    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)  # every record stays live
+    root = pyfuse3.ROOT_INODE
+
+    async def main() -> None:
+        info, _ = await ops.create(root, b"a", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
+        await ops.write(info.fh, 0, os.urandom(4 * BLOCK_SIZE))
+        await ops.write(info.fh, 4000, b"before")  # an overwrite: recorded
+        if removal == "unlink":
+            await ops.unlink(root, b"a", CTX)
+        else:
+            x, _ = await ops.create(root, b"x", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
+            await ops.release(x.fh)
+            await ops.rename(root, b"x", root, b"a", 0, CTX)
+        await ops.write(info.fh, 4000, b"after")  # the file has no link: not recorded
+        await ops.release(info.fh)
+
+    trio.run(main)
+    assert len(journal.live_records(ops.table.root_path)) == 1
