@@ -304,6 +304,17 @@ def _relative(ops: KmsfsOps, path: bytes) -> bytes:
     return os.path.relpath(path, ops.table.root_path)
 
 
+async def _remove_a(ops: KmsfsOps, removal: str) -> None:
+    """Remove the link ``a`` in the root: ``rm a``, or ``mv x a`` over it."""
+    root = pyfuse3.ROOT_INODE
+    if removal == "unlink":
+        await ops.unlink(root, b"a", CTX)
+    else:
+        x, _ = await ops.create(root, b"x", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
+        await ops.release(x.fh)
+        await ops.rename(root, b"x", root, b"a", 0, CTX)
+
+
 @pytest.mark.parametrize("removal", ["unlink", "renamed over"])
 def test_removing_the_link_records_name_switches_them_to_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removal: str
@@ -323,12 +334,7 @@ def test_removing_the_link_records_name_switches_them_to_another(
         fh = (await ops.open(b.st_ino, os.O_RDWR, CTX)).fh
         a_path = ops.table.path(b.st_ino)
         await ops.write(fh, 4000, b"before")
-        if removal == "unlink":
-            await ops.unlink(root, b"a", CTX)
-        else:
-            x, _ = await ops.create(root, b"x", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
-            await ops.release(x.fh)
-            await ops.rename(root, b"x", root, b"a", 0, CTX)
+        await _remove_a(ops, removal)
         await ops.write(fh, 4000, b"after")
         b_path = ops.table.path(b.st_ino)
         await ops.release(fh)
@@ -423,12 +429,7 @@ def test_an_open_file_whose_last_link_is_gone_writes_no_more_records(
         info, _ = await ops.create(root, b"a", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
         await ops.write(info.fh, 0, os.urandom(4 * BLOCK_SIZE))
         await ops.write(info.fh, 4000, b"before")  # an overwrite: recorded
-        if removal == "unlink":
-            await ops.unlink(root, b"a", CTX)
-        else:
-            x, _ = await ops.create(root, b"x", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
-            await ops.release(x.fh)
-            await ops.rename(root, b"x", root, b"a", 0, CTX)
+        await _remove_a(ops, removal)
         await ops.write(info.fh, 4000, b"after")  # the file has no link: not recorded
         await ops.release(info.fh)
 
