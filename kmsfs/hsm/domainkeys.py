@@ -191,20 +191,21 @@ def rewrap(
         old_k.destroy()
 
 
-def fingerprints(
+def epoch_hmacs(
     session: "pkcs11.Session", scheme: str, wrapped_k: bytes, wrapped_mks: Sequence[bytes],
-    info: bytes,
-) -> list[bytes]:
-    """HMAC-SHA256(mk, ``info``) of each ``mk`` epoch wrapped under this ``k``: equal values
-    mean equal master keys, which is how binding a Domain made before key binding checks that
-    no other Domain has its keys (kmsfs.service.domains)."""
+    infos: Sequence[Sequence[bytes]],
+) -> list[list[bytes]]:
+    """HMAC-SHA256(mk of epoch i, info) for each info of ``infos[i]``, every ``mk`` wrapped
+    under this ``k``: a fingerprint (equal values mean equal master keys) and the binding of
+    each epoch, with which binding a Domain made before key binding checks that its keys are
+    its own (kmsfs.service.domains)."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
-        found: list[bytes] = []
-        for wrapped_mk in wrapped_mks:
+        found: list[list[bytes]] = []
+        for wrapped_mk, epoch_infos in zip(wrapped_mks, infos, strict=True):
             mk = _unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE)
             try:
-                found.append(_hmac(mk, info))
+                found.append([_hmac(mk, info) for info in epoch_infos])
             finally:
                 mk.destroy()
         return found

@@ -189,9 +189,30 @@ def _sealer(verified: VerifiedDomain) -> HsmRecord:
     return record
 
 
-def _refuse_foreign_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
+def _bindings_from_sealer(
+    ctx: Context, old: VerifiedDomain, infos: Sequence[bytes]
+) -> list[bytes]:
+    """The bindings of a generation made before key binding, computed in the HSM that sealed
+    it, once that HSM has shown its keys are its own (:func:`_refuse_foreign_keys`)."""
+    sealer, domain = _sealer(old), old.sealed.domain
+    with contextlib.ExitStack() as stack:
+        try:
+            hsm = stack.enter_context(open_hsm(ctx, [sealer]))
+        except HsmError as exc:
+            raise type(exc)(
+                f"binding domain {domain.name} needs HSM {sealer.label}, which sealed its "
+                f"generation {domain.generation} (the one HSM that can show its keys are its "
+                f"own): {exc}"
+            ) from None
+        return _refuse_foreign_keys(ctx, hsm, domain, infos)
+
+
+def _refuse_foreign_keys(
+    ctx: Context, hsm: HsmSession, domain: Domain, infos: Sequence[bytes]
+) -> list[bytes]:
     """Before a Domain made before key binding is bound, in *hsm*, the HSM that sealed it:
-    refuse it unless its keys are its own, as far as an HSM can tell.
+    refuse it unless its keys are its own, as far as an HSM can tell; else return the
+    bindings of its epochs (*infos*), computed here.
 
     The HSM computes a binding for whatever keys the document carries, and anyone holding an
     HSM's PIN can still seal an unbound document, one carrying another Domain's wrapped ``k``
@@ -205,25 +226,29 @@ def _refuse_foreign_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
       nobody keys the forger lacks). This holds whatever else the store holds or lacks;
     - as a second line, no other Domain document of the store that verifies and that *hsm*
       can unwrap holds one of these master keys (a fingerprint HMAC per ``mk``, in the HSM).
+
+    The sealer only checks: the fresh ``k`` is made by an HSM the new Trust keeps (the sealer
+    may be one a successor removed), whose bindings must then equal these.
     """
-    def prints(d: Domain) -> set[bytes]:
+    def hmacs(d: Domain, per_epoch: Sequence[Sequence[bytes]]) -> list[list[bytes]]:
         wrapped = d.wrapped_for(hsm.record.id)
         if wrapped is None:
-            return set()
+            return []
         with library.hsm_errors(f"HSM {hsm.record.label}"):
-            return set(domainkeys.fingerprints(
+            return domainkeys.epoch_hmacs(
                 hsm.session, wrapped.scheme, wrapped.data, [m.data for m in d.master_keys],
-                SAME_KEY_PROBE,
-            ))
+                per_epoch,
+            )
 
     try:
-        mine = prints(domain)
+        own = hmacs(domain, [[SAME_KEY_PROBE, info] for info in infos])
     except HsmError as exc:
         raise IntegrityError(
             f"domain {domain.name} ({domain.id[:12]}): its keys do not unwrap in HSM "
-            f"{hsm.record.label}, which sealed it ({exc}): they are not its own; refusing to "
-            "bind it"
+            f"{hsm.record.label}, which sealed it ({exc}): they are not its own, or that HSM "
+            "failed; refusing to bind it"
         ) from None
+    mine = {prints[0] for prints in own}
     anchor = ctx.store.anchor()
     for other_id in ctx.store.domain_ids():
         try:
@@ -232,9 +257,10 @@ def _refuse_foreign_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
             if other.name == domain.name or other.wrapped_for(hsm.record.id) is None:
                 continue
             verify_domain(sealed, trusts.chain_to(ctx, other.trust), anchor)
-            theirs = prints(other)
+            theirs = {p[0] for p in hmacs(other, [[SAME_KEY_PROBE]] * len(other.master_keys))}
         except (KmsfsError, OSError) as exc:  # unverified or not unwrappable: nothing to compare
-            log.debug("domain document %s not compared: %s", other_id[:12], exc)
+            log.warning("domain document %s not compared with %s: %s", other_id[:12],
+                        domain.name, exc)
             continue
         if mine & theirs:
             raise IntegrityError(
@@ -242,6 +268,7 @@ def _refuse_foreign_keys(ctx: Context, hsm: HsmSession, domain: Domain) -> None:
                 f"{other.name} ({other_id[:12]}), and both verify: one of the two is a forgery; "
                 f"remove the one your operators did not make from {ctx.store.root / 'domains'}"
             )
+    return [prints[1] for prints in own]
 
 
 def _unbound(domain: Domain, epoch: int) -> IntegrityError:
@@ -278,13 +305,16 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             f"{old.trust.id[:12]}"
         )
     infos = [binding_info(name, m.epoch, chain[0].id) for m in old_domain.master_keys]
-    # Binding a Domain made before key binding: only in the HSM that sealed it (below).
-    unwrappers = old.trust.trust.hsms if old_domain.bound else [_sealer(old)]
-    with open_hsm(ctx, unwrappers) as unwrapper:
+    # Binding a Domain made before key binding: checked in the HSM that sealed it.
+    expected = [m.binding for m in old_domain.master_keys]
+    if not old_domain.bound:
+        expected = list(_bindings_from_sealer(ctx, old, infos))
+    # The fresh k is made in an HSM the new Trust keeps, never in one a successor removed
+    # while one it keeps exists: the removed one would hold it, if only for this call.
+    kept = [h for h in old.trust.trust.hsms if new_trust.hsm(h.id) is not None]
+    with open_hsm(ctx, kept or old.trust.trust.hsms) as unwrapper:
         wrapped = old_domain.wrapped_for(unwrapper.record.id)
         assert wrapped is not None
-        if not old_domain.bound:
-            _refuse_foreign_keys(ctx, unwrapper, old_domain)
         with library.hsm_errors(f"HSM {unwrapper.record.label}"):
             new_k, mks, bindings = domainkeys.rewrap(
                 unwrapper.session,
@@ -294,8 +324,8 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
                 _recipients(new_trust),
                 infos,
             )
-    for m, binding in zip(old_domain.master_keys, bindings, strict=True):
-        if m.binding is not None and not hmac.compare_digest(m.binding, binding):
+    for m, want, binding in zip(old_domain.master_keys, expected, bindings, strict=True):
+        if want is None or not hmac.compare_digest(want, binding):
             raise _unbound(old_domain, m.epoch)
     domain = Domain(
         name=name,

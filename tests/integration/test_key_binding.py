@@ -220,12 +220,12 @@ def test_an_older_epoch_is_checked_when_first_used(revoked: Revoked) -> None:
 
 # --- binding a Domain made before key binding (found in the review of the first fix) -------
 
-def _legacy(r: Revoked, name: str, trust: str) -> SealedDomain:
+def _legacy(r: Revoked, name: str, trust: str, maker: str = "hsm1") -> SealedDomain:
     """A Domain as kmsfs made them before key binding (format 1: no binding), honestly: its
-    own fresh k and mk, made in hsm1, sealed by hsm1, saved in the store."""
+    own fresh k and mk, made in *maker*, sealed by it, saved in the store."""
     chain = trusts.verified_chain(r.ctx, trust)
     governing = chain[-1].trust
-    hsm1 = next(h for h in governing.hsms if h.label == "hsm1")
+    hsm1 = next(h for h in governing.hsms if h.label == maker)
     with open_hsm(r.ctx, [hsm1]) as hsm:
         wrapped_k, wrapped_mk, _ = domainkeys.create(
             hsm.session, [(h.id, h.wrap_key) for h in governing.hsms], b"unused"
@@ -385,9 +385,9 @@ def test_the_agent_checks_every_epoch_of_a_generation_it_takes_in(revoked: Revok
     wrapped = payroll.wrapped_for(hsm1.id)
     assert wrapped is not None
     with open_hsm(r.ctx, [hsm1]) as hsm:
-        (holds,) = domainkeys.fingerprints(
+        ((holds,),) = domainkeys.epoch_hmacs(
             hsm.session, wrapped.scheme, wrapped.data, [payroll.master_keys[1].data],
-            binding_info("zeta", 2, r.ctx.store.anchor().root),
+            [[binding_info("zeta", 2, r.ctx.store.anchor().root)]],
         )
     epochs = (replace(payroll.master_keys[0], binding=bytes(32)),
               replace(payroll.master_keys[1], binding=holds))
@@ -411,4 +411,28 @@ def test_an_unverified_copy_does_not_block_an_honest_bind(revoked: Revoked) -> N
     renamed = replace(legacy.domain, name="zzz")
     r.ctx.store.save_domain(SealedDomain(renamed, legacy.seal))
     r.admin("domain", "rewrap", "legacy", "--trust", r.t2)
+    assert domains.current(r.ctx, "legacy").sealed.domain.bound
+
+
+def test_a_bind_into_a_successor_makes_the_fresh_k_in_an_hsm_the_successor_keeps(
+    revoked: Revoked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Domain made before key binding and sealed by hsm2, which T2 removed: hsm2 checks that
+    its keys are its own, but the fresh k for T2 is made in hsm1. It was made in the sealer,
+    so the removed HSM held the successor's k (and so every epoch a later rotation adds)."""
+    r = revoked
+    _legacy(r, "legacy", r.t1, maker="hsm2")
+    made_in: list[str] = []
+    real = domainkeys.rewrap
+
+    def spy(session: Any, *args: Any, **kwargs: Any) -> Any:
+        made_in.append(session.token.label.strip())
+        return real(session, *args, **kwargs)
+
+    monkeypatch.setattr(domainkeys, "rewrap", spy)
+    domains.rewrap(r.ctx, "legacy", r.t2)
+    t1 = trusts.verified_chain(r.ctx, r.t1)[-1].trust
+    hsm1 = next(h for h in t1.hsms if h.label == "hsm1")
+    with open_hsm(r.ctx, [hsm1]) as hsm:
+        assert made_in == [hsm.session.token.label.strip()]
     assert domains.current(r.ctx, "legacy").sealed.domain.bound
