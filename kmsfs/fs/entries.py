@@ -105,6 +105,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self._no_entry.st_ino = 0
         self._no_entry.entry_timeout = timeout
         self._dirs: dict[int, DirHandle] = {}
+        self._held_dir_fds = 0  # handles holding an fd (operations.MAX_HELD_DIR_FDS)
         self._next_dir = itertools.count(1)
 
     def start_dir_pool(self) -> None:

@@ -103,6 +103,10 @@ def _caller(ctx: Any) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
+#: How many open directory handles hold an fd of their own at most (:meth:`opendir`).
+MAX_HELD_DIR_FDS = 256
+
+
 def _check_end(off: int, buf: bytes) -> None:
     """EFBIG if a write of *buf* at *off* would end past MAX_FILE_SIZE (before anything is
     written: nothing of it, as ext4 writes nothing at or past its limit)."""
@@ -138,6 +142,7 @@ class ContentOps:
     content_keys: ContentKeys
     _dirs: dict[int, DirHandle]
     _next_dir: Any
+    _held_dir_fds: int = 0
 
     # --- helpers ------------------------------------------------------------------------
     async def _run(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -478,13 +483,28 @@ class ContentOps:
         through that fd, and it still answers fstat once the directory is removed (ext4 gives
         a removed directory's attributes, and an empty listing). The open is the one listing
         by path made anyway, moved here. A directory removed before it is opened (a removed
-        cwd) has no fd, and lists as empty."""
+        cwd) has no fd, and lists as empty.
+
+        At most :data:`MAX_HELD_DIR_FDS` handles hold one (and none when the daemon is out of
+        fds): one fd a handle, so a process opening one directory a thousand times would
+        otherwise use up the daemon's fds and fail every open on the mount (EMFILE). A handle
+        past that lists through an fd of its own, opened for the listing, as before; removed
+        while open, it lists as empty but answers fstat with ENOENT.
+        """
         try:
             path = self.table.path(inode)
         except FileNotFoundError:
             fd = None
         else:
-            fd = open_quietly(path, DIR_FLAGS, self.dir_noatime)
+            fd = None
+            if self._held_dir_fds < MAX_HELD_DIR_FDS:
+                try:
+                    fd = open_quietly(path, DIR_FLAGS, self.dir_noatime)
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                else:
+                    self._held_dir_fds += 1
         fh = next(self._next_dir)
         self._dirs[fh] = DirHandle(inode, fd=fd)
         return fh
@@ -496,8 +516,6 @@ class ContentOps:
             dirpath = self.table.path(d.ino)
         except FileNotFoundError:
             return  # removed while open: no entries, not even "." and ".." (as on ext4)
-        if d.fd is None:
-            return  # removed when opened (the inode is detached for good)
         if start_id == 0 or d.entries is None:
             try:
                 dir_iv = self.names.dir_iv(d.ino, dirpath)
@@ -506,13 +524,18 @@ class ContentOps:
             plain = self.table.plain_path(d.ino)
             # Through the fd, not the path: a rename of the directory (or of a parent) while
             # a big one is listed in a worker thread must not make it list as empty.
-            args = (dir_iv, b"/proc/self/fd/%d" % d.fd, plain, d.fd)
-            if os.fstat(d.fd).st_size <= SMALL_DIR_BYTES:
-                d.entries = self.names.list_dir(*args)
-            else:
-                d.entries = await trio.to_thread.run_sync(
-                    self.names.list_dir, *args, limiter=self.limiter
-                )
+            fd = d.fd if d.fd is not None else open_quietly(dirpath, DIR_FLAGS, self.dir_noatime)
+            try:
+                args = (dir_iv, b"/proc/self/fd/%d" % fd, plain, fd)
+                if os.fstat(fd).st_size <= SMALL_DIR_BYTES:
+                    d.entries = self.names.list_dir(*args)
+                else:
+                    d.entries = await trio.to_thread.run_sync(
+                        self.names.list_dir, *args, limiter=self.limiter
+                    )
+            finally:
+                if fd != d.fd:
+                    os.close(fd)
                 try:
                     dirpath = self.table.path(d.ino)  # where it is now
                 except FileNotFoundError:
@@ -543,6 +566,7 @@ class ContentOps:
     async def releasedir(self, fh: int) -> None:
         d = self._dirs.pop(fh, None)
         if d is not None and d.fd is not None:
+            self._held_dir_fds -= 1
             os.close(d.fd)
 
     @guard

@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kmsfs.fs.operations import MAX_HELD_DIR_FDS
 from kmsfs.fs.posix import MAX_FILE_SIZE
 from tests.integration.fault_helpers import tmpfs
 from tests.integration.fs_helpers import make_volume, wait_pool_full
@@ -174,3 +177,36 @@ def test_a_directory_removed_while_open_lists_as_empty(tmp_path: Path, mounter) 
             assert stat.S_ISDIR(st.st_mode) and st.st_nlink == 0
         assert stat.S_IMODE(got[2].st_mode) == stat.S_IMODE(want[2].st_mode)
         assert mount.alive()
+
+
+def test_opening_one_directory_many_times_costs_the_daemon_a_bounded_number_of_fds(
+    tmp_path: Path, mounter  # type: ignore[no-untyped-def]
+) -> None:
+    """Each open directory handle held a daemon fd: 1,010 opens of one directory, within one
+    ordinary process's own limit, used up a daemon's 1,024 and every open on the mount failed
+    (EMFILE), for every user. Past MAX_HELD_DIR_FDS a handle lists through an fd of its own
+    for the listing, and the mount goes on."""
+    mount = mounter(make_volume(tmp_path / "cipher"))
+    (mount.mountpoint / "d").mkdir()
+    (mount.mountpoint / "d" / "f").write_bytes(b"x")
+    daemon = Path(f"/proc/{mount.proc.pid}/fd")
+    before = len(os.listdir(daemon))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held: list[int] = []
+    try:
+        for _ in range(MAX_HELD_DIR_FDS + 300):
+            held.append(os.open(mount.mountpoint / "d", os.O_RDONLY | os.O_DIRECTORY))
+        assert len(os.listdir(daemon)) <= before + MAX_HELD_DIR_FDS + 8
+        assert os.listdir(held[-1]) == ["f"]  # a handle past the cap lists as before
+        (mount.mountpoint / "d" / "g").write_bytes(b"y")
+        assert sorted(os.listdir(mount.mountpoint / "d")) == ["f", "g"]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    deadline = time.monotonic() + 10  # the kernel sends RELEASEDIR after close(2) returns
+    while len(os.listdir(daemon)) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir(daemon)) <= before + 2
+    assert mount.alive()
