@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import logging
 import logging.handlers
 import os
+import re
+import resource
 import select
 import signal
 import stat
@@ -28,7 +31,7 @@ import pyfuse3
 import trio
 
 from kmsfs import exitcodes
-from kmsfs.cliutil import raise_terminated
+from kmsfs.cliutil import Terminated, raise_terminated
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
 from kmsfs.fs.killpriv import InitAmendment, libfuse_needs_it
@@ -161,12 +164,27 @@ class LogFile(logging.StreamHandler):
         super().__init__(self._open())
 
     def _open(self) -> Any:
+        """The file at :attr:`path`, which must be a regular file. Opened without waiting: a
+        SIGHUP reopens it on the loop's thread, and a FIFO put at the path (whose open(2)
+        for writing waits for a reader) stalled every request of the mount."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, LOG_MODE)
+            fd = os.open(self.path, flags | os.O_NONBLOCK, LOG_MODE)
         except OSError as exc:
-            why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            why = {errno.ELOOP: "a symbolic link", errno.ENXIO: "not a regular file"}.get(
+                exc.errno or 0, exc.strerror
+            )  # ENXIO: a FIFO with no reader
             raise UsageError(f"cannot open log file {self.path}: {why}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"cannot open log file {self.path}: not a regular file")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except OSError as exc:
+            os.close(fd)
+            raise UsageError(f"cannot open log file {self.path}: {exc.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
     def reopen(self) -> None:
@@ -222,6 +240,16 @@ def reopen_log_files() -> None:
             log.info("log file %s reopened", handler.path)
 
 
+def raise_open_file_limit() -> None:
+    """Let the daemon open as many files as its hard limit allows: it holds an fd for every
+    open file of the mount, for every user, and the soft limit systemd and most shells give
+    (1,024) is one a single process's opens can use up, failing every open on the mount."""
+    with contextlib.suppress(OSError, ValueError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def default_log_file() -> Path:
     """/var/log/kmsfs.log for root, else ~/.cache/kmsfs/kmsfs.log."""
     if os.geteuid() == 0:
@@ -266,11 +294,13 @@ def serve(
     from kmsfs.fs.volume import check_root_only, lock_for_mount
 
     os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
+    raise_open_file_limit()
     check_root_only(cipherdir)
     latency: CpuLatencyRequest | None = None
     ops: KmsfsOps | None = None
     mounted = False
     stop = _Stop(mountpoint)
+    stop_handlers: dict[int, Any] = {}
     # SIGHUP (logrotate) must never end the daemon (its default action) nor be lost: one that
     # lands before the loop watches for it is kept for the loop (_watch_signals).
     hup_handler = signal.signal(signal.SIGHUP, stop.note_hup)
@@ -295,6 +325,10 @@ def serve(
             mounted = True
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+        # From here until the loop watches for them, a stop request is a flag that the loop
+        # acts on as soon as it does (_watch_signals). Raised where it landed, it was a
+        # traceback: logged as a failure here, or out of trio.run as an exception group.
+        stop_handlers = {signum: signal.signal(signum, stop.note_stop) for signum in STOP_SIGNALS}
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if "ro" not in options:
             ops.start_dir_pool()
@@ -306,19 +340,26 @@ def serve(
             init=InitAmendment() if libfuse_needs_it() else None,
         )
         trio.run(_main, on_ready, spin, stop)
-    except BaseException:
-        if mounted:
+    except BaseException as exc:
+        if mounted and not _is_stop_request(exc):
             log.exception("main loop failed")
         raise
     finally:
         if mounted and ops is not None:
-            # Not the path once the daemon has unmounted or detached the mount there itself:
-            # by now it may hold another mount.
-            _unmount(ops, mountpoint, unmount=not stop.released)
+            _unmount(ops, stop)
         if latency is not None:
             latency.close()
         os.close(lock_fd)
+        for signum, handler in stop_handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         signal.signal(signal.SIGHUP, hup_handler)
+
+
+def _is_stop_request(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM as an exception (alone or in a group): no failure to log."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split((KeyboardInterrupt, Terminated))[1] is None
+    return isinstance(exc, (KeyboardInterrupt, Terminated))
 
 
 def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
@@ -332,19 +373,34 @@ def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
         raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
 
 
-def _unmount(ops: Any, mountpoint: Path, unmount: bool = True) -> None:
-    """Stop serving: the directory pool, open files, the write journal, then the mount (with
-    *unmount*, lazily, unless the session already ended; else only the session)."""
+def _unmount(ops: Any, stop: _Stop) -> None:
+    """Stop serving: the directory pool, open files, the write journal, then the session and
+    the mount: unmounted by path (lazily, unless the session already ended) only if nothing
+    has unmounted it yet and the mount on top at that path is still this daemon's."""
     ops.stop_dir_pool()
     ops.files.close_all()
     if ops.journal is not None:
         with contextlib.suppress(OSError):  # marks what returned: no live record left
             ops.journal.close()
+    mountpoint, left = stop.mountpoint, stop.foreign
+    # Not the path once the daemon has unmounted or detached the mount there itself (or found
+    # another there): by now it may hold another mount.
+    unmount = not (stop.released or stop.ended)
+    if unmount and stop.device is not None:
+        left = _not_ours(mountpoint, stop.device)
+        unmount = left is None
     try:
         pyfuse3.close(unmount=unmount)
     except Exception:  # already unmounted from outside
         log.debug("close after unmount", exc_info=True)
-    log.info("unmounted %s", mountpoint)
+    if left is not None and not stop.ended:
+        log.warning(
+            "%s: stopped without unmounting it (%s); if this mount is still there under "
+            "another file system, it is dead now: kmsfs umount it once it is on top",
+            mountpoint, left,
+        )
+    else:
+        log.info("unmounted %s", mountpoint)
 
 
 def _open_latency_request() -> CpuLatencyRequest:
@@ -356,12 +412,16 @@ def _open_latency_request() -> CpuLatencyRequest:
 
 async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: _Stop) -> None:
     mountpoint = stop.mountpoint
+    stop.device_known = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, stop)
-        await nursery.start(_run_fuse, nursery.cancel_scope, spin)
+        await nursery.start(_run_fuse, nursery.cancel_scope, spin, stop)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         # Abandoned if the loop fails first (the stat can wait in the kernel for good then).
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        # The mount's device: what tells this mount from another at the same path (_not_ours).
+        stop.device = (os.major(st.st_dev), os.minor(st.st_dev))
+        stop.device_known.set()
         # A stop request that came while we looked wakes the signal watcher in the same batch
         # as this task, in either order: let it run first. A mount on its way out is not ready.
         await trio.lowlevel.checkpoint()
@@ -375,12 +435,16 @@ async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: 
 async def _run_fuse(
     scope: trio.CancelScope,
     spin: _SpinThenWait,
+    stop: _Stop,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
     gate = _install_read_gate(spin)
     try:
         await pyfuse3.main()
+        # Returned by itself, not terminated: the kernel ended the session (the mount is gone
+        # everywhere).
+        stop.ended = not stop.terminated
     finally:
         if gate is not None:
             _remove_read_gate(gate)
@@ -559,13 +623,34 @@ class _Stop:
     def __init__(self, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
         self.requested = False
-        #: The daemon has unmounted or detached the mount itself: the path is no longer its.
+        #: The daemon has unmounted or detached the mount itself, or found another mount on
+        #: top at its path (:attr:`foreign`): the path is no longer its to unmount.
         self.released = False
+        #: What was found at the path instead of this mount, if so (:func:`_not_ours`).
+        self.foreign: str | None = None
+        #: The daemon stopped the loop itself (pyfuse3.terminate).
+        self.terminated = False
+        #: The kernel ended the session: the mount is gone, here and in every namespace.
+        self.ended = False
+        #: The mount's (major, minor), once the loop has seen it answer; set with
+        #: :attr:`device_known` (made in the loop).
+        self.device: tuple[int, int] | None = None
+        self.device_known: trio.Event | None = None
         #: A SIGHUP came while the loop did not watch for it.
         self.hup = False
+        #: SIGTERMs and SIGINTs that came after the mount was made, before the loop watched.
+        self.early: list[int] = []
 
     def note_hup(self, signum: int, frame: object) -> None:
         self.hup = True  # only a flag: the main thread may be inside a log handler's lock
+
+    def note_stop(self, signum: int, frame: object) -> None:
+        self.early.append(signum)  # the loop acts on it once it watches (_watch_signals)
+
+    def terminate(self) -> None:
+        """Stop serving at once."""
+        self.terminated = True
+        pyfuse3.terminate()
 
 
 async def _watch_signals(stop: _Stop) -> None:
@@ -574,30 +659,46 @@ async def _watch_signals(stop: _Stop) -> None:
     The first SIGTERM or SIGINT (``systemctl stop``, Ctrl-C) unmounts as umount(8) would
     (:func:`_unmount_gracefully`); a mount still in use is detached and served until the last
     file open in it is closed. A second one stops at once, files still open in the mount or
-    not. SIGHUP opens the log file again (:func:`reopen_log_files`).
+    not. SIGHUP opens the log file again (:func:`reopen_log_files`). Those that came before
+    the loop watched (:meth:`_Stop.note_stop`, :meth:`_Stop.note_hup`) are acted on first.
     """
     with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
         if stop.hup:  # before the loop watched
             stop.hup = False
             reopen_log_files()
         async with trio.open_nursery() as nursery:
-            async for signum in signals:
+
+            def on_stop_request(signum: int) -> bool:
+                """False once the daemon stops at once."""
                 name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    reopen_log_files()
-                elif not stop.requested:
+                if not stop.requested:
                     stop.requested = True
                     log.info("%s: unmounting %s", name, stop.mountpoint)
                     sdnotify.notify("STOPPING=1")
                     nursery.start_soon(_unmount_gracefully, stop)
-                else:
-                    log.warning(
-                        "%s again: stopping at once; files still open in %s lose their mount",
-                        name, stop.mountpoint,
-                    )
-                    pyfuse3.terminate()
-                    nursery.cancel_scope.cancel()
+                    return True
+                log.warning(
+                    "%s again: stopping at once; files still open in %s lose their mount",
+                    name, stop.mountpoint,
+                )
+                stop.terminate()
+                nursery.cancel_scope.cancel()
+                return False
+
+            early, stop.early = stop.early, []  # no more come: the receiver has them now
+            for signum in early:
+                if not on_stop_request(signum):
                     return
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reopen_log_files()
+                elif not on_stop_request(signum):
+                    return
+
+
+#: How long the session may take to end after the mount was unmounted here before the daemon
+#: says that it is still mounted elsewhere.
+SESSION_END_SECONDS = 2.0
 
 
 async def _unmount_gracefully(stop: _Stop) -> None:
@@ -605,31 +706,61 @@ async def _unmount_gracefully(stop: _Stop) -> None:
     and serve on until the kernel ends the session, when the last file open in it and the last
     working directory in it are gone (pyfuse3.main then returns). Closing /dev/fuse instead
     would fail every call of the processes still using it (ENOTCONN) and lose what a writeback
-    cache holds for them."""
+    cache holds for them.
+
+    Only this daemon's mount is unmounted (:func:`_not_ours`): another file system mounted
+    over it, or another mount at its path once it was detached or replaced by someone else, is
+    left alone, and the daemon serves until its session ends. This task is cancelled when the
+    session ends."""
     mountpoint = stop.mountpoint
+    assert stop.device_known is not None
+    await stop.device_known.wait()  # the readiness check (_main) has seen the mount answer
     # In a worker thread: the unmount makes requests of its own (writing cached pages back),
     # which this loop must answer. Abandoned if the session ends first.
-    done, why = await trio.to_thread.run_sync(
-        _fusermount, mountpoint, False, abandon_on_cancel=True
-    )
+    done, why = await trio.to_thread.run_sync(_fusermount_ours, stop, False, abandon_on_cancel=True)
     if done:
-        stop.released = True  # the kernel ends the session
+        stop.released = True  # the kernel ends the session, unless the mount is held elsewhere
+        await trio.sleep(SESSION_END_SECONDS)
+        log.warning(
+            "%s: unmounted here, but still mounted elsewhere (another mount namespace?): "
+            "serving until it is released; a second SIGTERM or SIGINT stops at once",
+            mountpoint,
+        )
+        sdnotify.notify(f"STATUS=unmounted {mountpoint} here, serving its mounts elsewhere")
         return
-    if "busy" in why:
+    if stop.foreign is None and "busy" in why:
         log.warning(
             "%s is busy: detaching it; serving until the last file open in it and the last "
             "working directory in it are gone (a second SIGTERM or SIGINT stops at once)",
             mountpoint,
         )
         done, why = await trio.to_thread.run_sync(
-            _fusermount, mountpoint, True, abandon_on_cancel=True
+            _fusermount_ours, stop, True, abandon_on_cancel=True
         )
         if done:
             stop.released = True
             sdnotify.notify(f"STATUS=detached {mountpoint}, serving the files still open in it")
             return
+    if stop.foreign is not None:
+        stop.released = True  # nor may serve's clean-up unmount that path
+        log.warning(
+            "%s: not unmounted: %s; serving until this mount's session ends (a second SIGTERM "
+            "or SIGINT stops at once)", mountpoint, stop.foreign,
+        )
+        sdnotify.notify(f"STATUS=not unmounting {mountpoint}: {stop.foreign}; serving on")
+        return
     log.warning("%s: cannot unmount (%s): stopping at once", mountpoint, why)
-    pyfuse3.terminate()
+    stop.terminate()
+
+
+def _fusermount_ours(stop: _Stop, lazy: bool) -> tuple[bool, str]:
+    """:func:`_fusermount`, if the mount on top at the path is still this daemon's; else
+    nothing, and :attr:`_Stop.foreign` says what is there."""
+    assert stop.device is not None
+    stop.foreign = _not_ours(stop.mountpoint, stop.device)
+    if stop.foreign is not None:
+        return False, stop.foreign
+    return _fusermount(stop.mountpoint, lazy)
 
 
 def _fusermount(mountpoint: Path, lazy: bool) -> tuple[bool, str]:
@@ -646,6 +777,51 @@ def _fusermount(mountpoint: Path, lazy: bool) -> tuple[bool, str]:
     if proc.returncode == 0:
         return True, ""
     return False, (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+
+
+def _not_ours(
+    mountpoint: Path, device: tuple[int, int], mountinfo: str = "/proc/self/mountinfo"
+) -> str | None:
+    """None if the mount on top at *mountpoint* (the last one there in *mountinfo*) is this
+    daemon's: its *device*, the root of a FUSE file system; else what is there instead.
+    fusermount3 and libfuse unmount by path whatever is on top (root may unmount any file
+    system), as ``kmsfs umount`` refuses to. None too if the list cannot be read."""
+    absolute = os.path.abspath(mountpoint)
+    where = os.fsencode(
+        os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    )
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        log.debug("cannot read %s: %s", mountinfo, exc)
+        return None
+    top = None
+    for line in lines:
+        # ID, parent ID, major:minor, root, mount point, options, optional fields..., "-",
+        # type, source, super options; names with octal escapes (\040 for a space)
+        fields = line.split(b" ")
+        if b"-" not in fields[6:]:
+            continue
+        sep = fields.index(b"-", 6)
+        if len(fields) >= sep + 3 and _unescape(fields[4]) == where:
+            top = fields[2], fields[3], fields[sep + 1], _unescape(fields[sep + 2])
+    if top is None:
+        return "nothing is mounted there now (the mount was detached)"
+    dev, root, kind, source = (os.fsdecode(field) for field in top)
+    fuse = kind == "fuse" or kind.startswith("fuse.")
+    if fuse and dev == f"{device[0]}:{device[1]}":
+        return None if root == "/" else f"a bind mount of its {root} is on top"
+    if fuse:
+        return (
+            f"another FUSE mount is there ({kind} from {source}, device {dev}): "
+            "this one was detached or replaced"
+        )
+    return f"{kind} from {source} is mounted over it"
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
@@ -724,8 +900,9 @@ def _call_off(pid: int) -> None:
     """Stop the child of an interrupted ``daemonize`` and wait for it: the user was told the
     mount was interrupted, so it must not go on to serve. (The child has its own session: the
     terminal's Ctrl-C reaches only the parent.) SIGTERM makes a child still setting up exit
-    and one already serving unmount (:func:`_watch_signals`, or ``serve``'s cleanup if it
-    lands before the loop runs). A second Ctrl-C stops the wait, not the child."""
+    and one that has mounted unmount (``serve``'s clean-up if it lands as the mount is made,
+    else :func:`_watch_signals`, once the loop watches). A second Ctrl-C stops the wait, not
+    the child."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     os.waitpid(pid, 0)

@@ -10,6 +10,7 @@ gone; a second stop request stops at once; SIGHUP opens the log file again.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -138,11 +139,15 @@ def test_a_working_directory_in_the_mount_keeps_it_served_after_a_sigterm(
     d = daemon()
     (d.mountpoint / "notes").write_text("kept\n")
     shell = subprocess.Popen(
-        ["sh", "-c", "read go; cat notes; echo more >> notes; cat notes"],
+        ["sh", "-c", "echo started; read go; cat notes; echo more >> notes; cat notes"],
         cwd=d.mountpoint, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        assert shell.stdout is not None
+        # Once it runs: a shell that starts in a detached directory cannot say where it is
+        # (sh: getcwd() failed), which is no concern of the daemon's.
+        assert shell.stdout.readline() == "started\n"
         d.signal(signal.SIGTERM)
         assert wait_for(lambda: not is_mounted(d.mountpoint)), "still mounted"
         assert d.proc.poll() is None, d.output()
@@ -321,3 +326,207 @@ def test_a_sigterm_while_the_mount_is_checked_calls_it_off(tmp_path: Path) -> No
     finally:
         if is_mounted(target):
             subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts other file systems: root only")
+
+
+def top_mount(path: Path) -> str | None:
+    """The type of the file system on top at *path*, if any."""
+    from kmsfs.fs.volume import mount_at
+
+    found = mount_at(path)
+    return found[0] if found is not None else None
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("unshare") or not shutil.which("nsenter"),
+                    reason="needs util-linux's unshare and nsenter")
+def test_a_mount_still_held_in_another_namespace_is_served_and_said_so(
+    daemon: Callable[..., Daemon],
+) -> None:
+    """A mount namespace made while the volume was mounted (``unshare -m``, a container with
+    the directory bind-mounted) holds a copy of the mount: after a successful unmount here the
+    session goes on, and the daemon served on with no end and no word. Now it says so, in the
+    log and to systemd, serves that copy, and a second SIGTERM stops it."""
+    d = daemon()
+    (d.mountpoint / "f").write_text("seen from the namespace\n")
+    ours = os.readlink("/proc/self/ns/mnt")
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "300"])
+    try:
+        assert wait_for(lambda: Path(f"/proc/{holder.pid}/comm").read_text() == "sleep\n")
+        assert os.readlink(f"/proc/{holder.pid}/ns/mnt") != ours
+        d.signal(signal.SIGTERM)
+        assert "STOPPING=1" in d.recv()
+        assert "STATUS=unmounted" in d.recv()
+        assert not is_mounted(d.mountpoint)
+        log = d.output()
+        assert (
+            f"{d.mountpoint}: unmounted here, but still mounted elsewhere (another mount "
+            "namespace?): serving until it is released; a second SIGTERM or SIGINT stops at once"
+        ) in log, log
+        assert d.proc.poll() is None, log
+        seen = subprocess.run(
+            ["nsenter", "-t", str(holder.pid), "-m", "cat", str(d.mountpoint / "f")],
+            capture_output=True, text=True, timeout=DEADLINE,
+        )
+        assert (seen.returncode, seen.stdout) == (0, "seen from the namespace\n"), seen.stderr
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=5) == 0, d.output()
+        assert "SIGTERM again: stopping at once" in d.output()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@needs_root
+def test_a_file_system_mounted_over_the_mount_is_not_unmounted(
+    daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """fusermount3 -u unmounts whatever is on top at the path: the first SIGTERM unmounted a
+    tmpfs mounted over the volume (its files gone) and left the volume mounted under it; a
+    second then left it dead, the log saying "unmounted". Now the daemon leaves the path alone,
+    says why, serves on, and a second SIGTERM says what it left."""
+    d = daemon()
+    (d.mountpoint / "f").write_text("kmsfs")
+    inside = os.open(d.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "over-kmsfs", str(d.mountpoint)],
+                   check=True)
+    try:
+        (d.mountpoint / "t").write_text("tmpfs file")
+        d.signal(signal.SIGTERM)
+        assert "STOPPING=1" in d.recv()
+        assert "STATUS=not unmounting" in d.recv()
+        log = d.output()
+        assert f"{d.mountpoint}: not unmounted: tmpfs from over-kmsfs is mounted over it" in log
+        assert top_mount(d.mountpoint) == "tmpfs"
+        assert (d.mountpoint / "t").read_text() == "tmpfs file"
+        time.sleep(0.3)
+        assert d.proc.poll() is None, d.output()
+        assert os.listdir(inside) == ["f"]  # still served
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=5) == 0, d.output()
+        assert (d.mountpoint / "t").read_text() == "tmpfs file"
+        log = d.output()
+        assert "SIGTERM again: stopping at once" in log, log
+        assert f"{d.mountpoint}: stopped without unmounting it" in log, log
+        assert f"unmounted {d.mountpoint}" not in log, log
+    finally:
+        os.close(inside)
+        if top_mount(d.mountpoint) == "tmpfs":
+            subprocess.run(["umount", str(d.mountpoint)], check=True)
+
+
+def test_a_stop_request_leaves_a_new_mount_alone_after_someone_detached_the_old(
+    daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The mount detached by someone else (``umount -l`` while a file was open in it) and
+    another volume mounted at the same path: SIGTERM to the old daemon unmounted the NEW
+    volume. Now it is left alone, and the old daemon serves its last user to the end."""
+    d = daemon()
+    holder = os.open(d.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        subprocess.run(["umount", "-l", str(d.mountpoint)], check=True, capture_output=True)
+        other = Mount(make_volume(tmp_path / "other"), d.mountpoint, tmp_path / "other.log")
+        other.start()
+        try:
+            (d.mountpoint / "new").write_text("other volume")
+            d.signal(signal.SIGTERM)
+            assert "STOPPING=1" in d.recv()
+            assert "STATUS=not unmounting" in d.recv()
+            log = d.output()
+            assert f"{d.mountpoint}: not unmounted: another FUSE mount is there" in log, log
+            assert is_mounted(d.mountpoint) and other.alive()
+            assert (d.mountpoint / "new").read_text() == "other volume"
+            assert d.proc.poll() is None
+            assert os.listdir(holder) == []  # the old volume, still served
+        finally:
+            other.stop()
+    finally:
+        os.close(holder)
+    assert d.proc.wait(timeout=DEADLINE) == 0, d.output()  # its last user gone
+    assert f"unmounted {d.mountpoint}" in d.output()
+
+
+EARLY_HOOKS = {
+    # as pyfuse3.init returns: held across it, then raised (how daemonize calls a mount off)
+    "init": "real_init = pyfuse3.init\n"
+            "pyfuse3.init = lambda *a: (real_init(*a), stop())[0]\n",
+    # after the mount is made, before the loop runs
+    "settling": "daemon.settle_garbage_collector = lambda: (stop(), real_settle())\n",
+    # in the loop, just before it watches for signals
+    "receiver": "trio.open_signal_receiver = lambda *s: (stop(), real_receiver(*s))[1]\n",
+}
+
+
+@pytest.mark.parametrize(("hook", "signum", "status"), [
+    ("settling", signal.SIGTERM, 0), ("receiver", signal.SIGTERM, 0),
+    ("settling", signal.SIGINT, 0), ("init", signal.SIGTERM, 143),
+])
+def test_a_stop_request_before_the_loop_watches_unmounts_quietly(
+    tmp_path: Path, hook: str, signum: int, status: int
+) -> None:
+    """A SIGTERM (with kmsfs's own handler, which raises) or Ctrl-C that landed after the
+    mount was made but before the loop watched for it was a traceback: logged as "main loop
+    failed", or out of trio.run as an exception group that cliutil.run does not catch (exit 1).
+    Now the loop acts on it as soon as it watches: a clean unmount, exit 0, never ready. One
+    held across pyfuse3.init still ends start-up as before (exit 143), unmounted, quietly."""
+    volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
+    target.mkdir()
+    script = (
+        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
+        "from pathlib import Path\n"
+        "import pyfuse3, trio\n"
+        "from fs_helpers import SoftDeriver\n"
+        "from kmsfs import cliutil\n"
+        "from kmsfs.fs import daemon\n"
+        f"def stop(): os.kill(os.getpid(), {int(signum)})\n"
+        "real_settle, real_receiver = daemon.settle_garbage_collector, trio.open_signal_receiver\n"
+        + EARLY_HOOKS[hook]
+        + "daemon.setup_logging(foreground=True)\n"
+        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
+        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]), "
+        "on_ready=lambda: print('ready', flush=True))))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                              text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (status, ""), proc.stderr
+        assert "Traceback" not in proc.stderr and "failed" not in proc.stderr, proc.stderr
+        name = signal.Signals(signum).name
+        if status == 0:
+            assert f"{name}: unmounting {target}" in proc.stderr, proc.stderr
+        assert f"unmounted {target}" in proc.stderr, proc.stderr
+        assert not is_mounted(target)
+    finally:
+        if is_mounted(target):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def test_sighup_with_a_fifo_at_the_log_path_keeps_the_mount_answering(
+    daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """SIGHUP reopened the log file with a blocking open(2) on the loop's thread: a FIFO
+    put at the path froze every request of the mount until a reader came. Now the reopen is
+    refused at once, said in the old file, and the mount answers."""
+    log = tmp_path / "kmsfs.log"
+    d = daemon("--log-file", str(log))
+    (d.mountpoint / "f").write_text("served")
+    rotated = log.with_name("kmsfs.log.1")
+    os.rename(log, rotated)
+    os.mkfifo(log)
+    try:
+        d.signal(signal.SIGHUP)
+        time.sleep(0.3)
+        seen = subprocess.run(["cat", str(d.mountpoint / "f")], capture_output=True, timeout=5)
+        assert seen.stdout == b"served"
+        assert wait_for(lambda: "logging goes on in the old file" in rotated.read_text())
+        assert (
+            f"cannot open log file {log}: not a regular file; logging goes on in the old file"
+        ) in rotated.read_text()
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=DEADLINE) == 0
+        assert f"unmounted {d.mountpoint}" in rotated.read_text()
+    finally:  # a daemon waiting to open the FIFO (the bug) goes on once it has a reader
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))

@@ -186,12 +186,21 @@ def test_opening_one_directory_many_times_costs_the_daemon_a_bounded_number_of_f
     ordinary process's own limit, used up a daemon's 1,024 and every open on the mount failed
     (EMFILE), for every user. Past MAX_HELD_DIR_FDS a handle lists through an fd of its own
     for the listing, and the mount goes on."""
-    mount = mounter(make_volume(tmp_path / "cipher"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # systemd's soft limit
+    try:
+        mount = mounter(make_volume(tmp_path / "cipher"))  # the daemon starts with it
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     (mount.mountpoint / "d").mkdir()
     (mount.mountpoint / "d" / "f").write_bytes(b"x")
     daemon = Path(f"/proc/{mount.proc.pid}/fd")
     before = len(os.listdir(daemon))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = Path(f"/proc/{mount.proc.pid}/limits").read_text()
+    soft_limit, hard_limit = next(
+        line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")
+    )
+    assert soft_limit == hard_limit  # daemon.raise_open_file_limit: files opened count too
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     held: list[int] = []
     try:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +84,62 @@ def test_a_reopen_that_fails_goes_on_in_the_old_file(tmp_path: Path) -> None:
     logging.getLogger("kmsfs").info("still logged")
     text = (tmp_path / "kmsfs.log.1").read_text()
     assert "logging goes on in the old file" in text and "still logged" in text
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["no-reader", "a-reader"])
+def test_a_reopen_that_finds_a_fifo_neither_waits_nor_logs_into_it(
+    tmp_path: Path, reader: bool
+) -> None:
+    """SIGHUP reopens the file on the mount's own thread: a FIFO put at the path made the
+    open wait for a reader, and every request of the mount with it. Now anything but a
+    regular file is refused at once (a FIFO with a reader too) and logging goes on in the old
+    file."""
+    log = tmp_path / "kmsfs.log"
+    daemon.setup_logging(foreground=True, log_file=log)
+    os.rename(log, tmp_path / "kmsfs.log.1")
+    os.mkfifo(log)
+    held = os.open(log, os.O_RDONLY | os.O_NONBLOCK) if reader else None
+    try:
+        reopen = threading.Thread(target=daemon.reopen_log_files, daemon=True)
+        reopen.start()
+        reopen.join(5)
+        blocked = reopen.is_alive()
+        if blocked:  # waiting in open(2) for a reader: give it one, to end the thread
+            os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))
+            reopen.join(5)
+    finally:
+        if held is not None:
+            os.close(held)
+    assert not blocked, "the reopen waited for a reader of the FIFO"
+    logging.getLogger("kmsfs").info("still logged")
+    text = (tmp_path / "kmsfs.log.1").read_text()
+    assert (
+        f"cannot open log file {log}: not a regular file; logging goes on in the old file"
+        in text
+    ), text
+    assert "still logged" in text
+
+
+def test_a_log_file_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "kmsfs.log")
+    reader = os.open(tmp_path / "kmsfs.log", os.O_RDONLY | os.O_NONBLOCK)  # opens at once
+    try:
+        with pytest.raises(UsageError, match=r"kmsfs\.log: not a regular file"):
+            daemon.setup_logging(foreground=False, log_file=tmp_path / "kmsfs.log")
+    finally:
+        os.close(reader)
+
+
+def test_the_daemon_raises_its_open_file_limit_to_the_hard_one() -> None:
+    """Every open file of a mount holds a daemon fd, for every user: at the usual soft limit
+    of 1,024 one process's opens failed every open on the mount (EMFILE)."""
+    script = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))\n"
+        "from kmsfs.fs import daemon\n"
+        "daemon.raise_open_file_limit()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.split() == ["4096", "4096"]
