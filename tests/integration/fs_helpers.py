@@ -127,6 +127,34 @@ def stop_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
+def daemon_script(
+    volume: Path, target: Path, hooks: str = "", log_file: Path | None = None,
+    through_run: bool = False,
+) -> str:
+    """A program (``python -c``, run from the repo) that serves *volume* at *target* as a real
+    mount's daemon, with the stub deriver, once *hooks* ran: code that patches one step of
+    it, to send a signal at a chosen moment (``volume`` and ``target`` are defined for them).
+    It prints ``ready`` once ready; with *through_run* it runs inside ``cliutil.run``, so the
+    product's handlers and exit codes apply (SIGTERM raising Terminated: 143)."""
+    serve = (
+        "daemon.serve(volume, target, SoftDeriver(), daemon.mount_options([]), "
+        "on_ready=lambda: print('ready', flush=True))"
+    )
+    log = f"Path({str(log_file)!r})" if log_file is not None else "None"
+    return (
+        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
+        "from pathlib import Path\n"
+        "import pyfuse3, trio\n"
+        "from fs_helpers import SoftDeriver\n"
+        "from kmsfs import cliutil\n"
+        "from kmsfs.fs import daemon\n"
+        f"volume, target = Path({str(volume)!r}), Path({str(target)!r})\n"
+        + hooks
+        + f"daemon.setup_logging(foreground=True, log_file={log})\n"
+        + (f"sys.exit(cliutil.run('kmsfs', lambda: {serve}))\n" if through_run else serve + "\n")
+    )
+
+
 class Mount:
     """One stub daemon serving CIPHERDIR at MOUNTPOINT; its stderr goes to ``log_path``."""
 

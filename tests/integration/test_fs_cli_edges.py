@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fs_helpers import make_volume
+from tests.integration.fs_helpers import daemon_script, make_volume
 from tests.kms_helpers import Admin
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
@@ -136,21 +136,13 @@ def test_a_sigterm_as_the_mount_is_made_unmounts_it(tmp_path: Path) -> None:
     left a dead mount (ENOTCONN) on the mount point. Here it is sent from inside init."""
     volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
     target.mkdir()
-    script = (
-        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
-        "from pathlib import Path\n"
-        "import pyfuse3\n"
-        "from fs_helpers import SoftDeriver\n"
-        "from kmsfs import cliutil\n"
-        "from kmsfs.fs import daemon\n"
+    script = daemon_script(volume, target, (
         "real = pyfuse3.init\n"
         "def init(*args):\n"
         "    real(*args)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)  # as init returns\n"
         "pyfuse3.init = init\n"
-        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
-        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]))))\n"
-    )
+    ), through_run=True)
     try:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               cwd=REPO, timeout=60)
@@ -168,15 +160,7 @@ def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
     checks first; the daemon is run directly so that libfuse's own refusal is what happens."""
     volume = make_volume(tmp_path / "cipher")
     target = tmp_path / "missing"
-    script = (
-        "import sys; sys.path.insert(0, 'tests/integration')\n"
-        "from pathlib import Path\n"
-        "from fs_helpers import SoftDeriver\n"
-        "from kmsfs import cliutil\n"
-        "from kmsfs.fs import daemon\n"
-        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
-        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]))))\n"
-    )
+    script = daemon_script(volume, target, through_run=True)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 1

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fs_helpers import STUB, Mount, is_mounted, make_volume, stop_daemon
+from tests.integration.fs_helpers import (
+    STUB,
+    Mount,
+    daemon_script,
+    is_mounted,
+    make_volume,
+    stop_daemon,
+)
 
 DEADLINE = 15.0
 
@@ -262,21 +269,13 @@ def test_a_sighup_as_the_mount_is_made_is_kept_for_the_loop(tmp_path: Path) -> N
     once the loop runs."""
     volume, target, log = make_volume(tmp_path / "cipher"), tmp_path / "mnt", tmp_path / "x.log"
     target.mkdir()
-    script = (
-        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
-        "from pathlib import Path\n"
-        "import pyfuse3\n"
-        "from fs_helpers import SoftDeriver\n"
-        "from kmsfs.fs import daemon\n"
+    script = daemon_script(volume, target, (
         "real = pyfuse3.init\n"
         "def init(*args):\n"
         "    real(*args)\n"
         "    os.kill(os.getpid(), signal.SIGHUP)  # as init returns\n"
         "pyfuse3.init = init\n"
-        f"daemon.setup_logging(foreground=True, log_file=Path({str(log)!r}))\n"
-        f"daemon.serve(Path({str(volume)!r}), Path({str(target)!r}), SoftDeriver(),\n"
-        "             daemon.mount_options([]), on_ready=lambda: print('ready', flush=True))\n"
-    )
+    ), log_file=log)
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE)
     try:
@@ -300,22 +299,14 @@ def test_a_sigterm_while_the_mount_is_checked_calls_it_off(tmp_path: Path) -> No
     ``kmsfs mount`` nor systemd may hear of a mount that is going away."""
     volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
     target.mkdir()
-    script = (
-        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
-        "from pathlib import Path\n"
-        "from fs_helpers import SoftDeriver\n"
-        "from kmsfs.fs import daemon\n"
-        f"target = Path({str(target)!r})\n"
+    script = daemon_script(volume, target, (
         "real = os.stat\n"
         "def stat(path, *args, **kwargs):\n"
         "    if path == target:  # the readiness check, in a worker thread\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(path, *args, **kwargs)\n"
         "os.stat = stat\n"
-        "daemon.setup_logging(foreground=True)\n"
-        f"daemon.serve(Path({str(volume)!r}), target, SoftDeriver(), daemon.mount_options([]),\n"
-        "             on_ready=lambda: print('ready', flush=True))\n"
-    )
+    ))
     repo = Path(__file__).resolve().parents[2]
     try:
         proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
@@ -473,21 +464,11 @@ def test_a_stop_request_before_the_loop_watches_unmounts_quietly(
     held across pyfuse3.init still ends start-up as before (exit 143), unmounted, quietly."""
     volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
     target.mkdir()
-    script = (
-        "import os, signal, sys; sys.path.insert(0, 'tests/integration')\n"
-        "from pathlib import Path\n"
-        "import pyfuse3, trio\n"
-        "from fs_helpers import SoftDeriver\n"
-        "from kmsfs import cliutil\n"
-        "from kmsfs.fs import daemon\n"
+    script = daemon_script(volume, target, (
         f"def stop(): os.kill(os.getpid(), {int(signum)})\n"
         "real_settle, real_receiver = daemon.settle_garbage_collector, trio.open_signal_receiver\n"
         + EARLY_HOOKS[hook]
-        + "daemon.setup_logging(foreground=True)\n"
-        f"sys.exit(cliutil.run('kmsfs', lambda: daemon.serve(Path({str(volume)!r}), "
-        f"Path({str(target)!r}), SoftDeriver(), daemon.mount_options([]), "
-        "on_ready=lambda: print('ready', flush=True))))\n"
-    )
+    ), through_run=True)
     repo = Path(__file__).resolve().parents[2]
     try:
         proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
