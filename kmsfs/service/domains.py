@@ -177,7 +177,7 @@ def refuse_unbound(domain: Domain, ctx: Context | None = None) -> None:
     )
 
 
-#: The HMAC that tells whether two Domains hold the same ``mk`` (:func:`_refuse_shared_keys`).
+#: The HMAC that tells whether two Domains hold the same ``mk`` (:func:`_refuse_foreign_keys`).
 #: It starts with the binding prefix, which clients of the agent may not derive with.
 SAME_KEY_PROBE = BINDING_INFO_PREFIX + b"same-key probe"
 
@@ -283,8 +283,9 @@ def rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
 
     The new Trust must descend from the Domain's current Trust: a Domain never moves sideways
     into a Trust its operators did not approve as a successor. A Domain made before key
-    binding may also be rewrapped into its own Trust: that binds it (each epoch's binding is
-    computed in the HSM that unwraps it). A binding that does not match its ``mk`` is refused.
+    binding may also be rewrapped into its own Trust: that binds it, once the HSM that sealed
+    it has checked that its keys are its own (:func:`_refuse_foreign_keys`). A binding that
+    does not match its ``mk`` is refused.
     """
     with ctx.store.exclusive():  # one generation N+1, not two rival ones
         return _rewrap(ctx, name, trust_ref)
