@@ -53,7 +53,7 @@ def serve(cipherdir: Path, mountpoint: Path, report: Path, top: int) -> None:
     last one to *report* (a JSON line) and starts counting again."""
     import pyfuse3
 
-    from kmsfs.fs import daemon
+    from kmsfs.fs import daemon, daemonlog
     from kmsfs.fs.entries import KmsfsOps
     from tests.integration.fs_helpers import SoftDeriver
 
@@ -98,7 +98,7 @@ def serve(cipherdir: Path, mountpoint: Path, report: Path, top: int) -> None:
         cpu[0] = time.process_time()
 
     signal.signal(signal.SIGUSR1, dump)
-    daemon.setup_logging(foreground=True)
+    daemonlog.setup_logging(foreground=True)
     if profiler is not None:
         profiler.enable()
     daemon.serve(cipherdir, mountpoint, SoftDeriver(), daemon.mount_options([]),

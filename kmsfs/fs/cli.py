@@ -21,7 +21,7 @@ from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
-from kmsfs.fs import daemon, fsck, kms, latency, reencrypt, singlefile
+from kmsfs.fs import daemon, daemonlog, fsck, kms, latency, reencrypt, singlefile
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
 from kmsfs.fs.volume import (
     check_mountpoint,
@@ -173,7 +173,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.agent = os.path.abspath(agent)
 
     def child(report_ready: Callable[[], None]) -> None:
-        daemon.setup_logging(foreground=args.foreground, debug=args.debug, log_file=args.log_file)
+        daemonlog.setup_logging(
+            foreground=args.foreground, debug=args.debug, log_file=args.log_file
+        )
         if getattr(args, "warning", None) and not args.foreground:  # else stderr has it
             log.warning("%s", args.warning)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:

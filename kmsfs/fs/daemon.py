@@ -3,24 +3,21 @@
 :func:`serve` is the one entry point: it takes any :class:`~kmsfs.keys.KeyDeriver`, so the
 product CLI passes the HSM-backed deriver from ``kmsfs.api.open_domain`` and the tests pass a
 software stand-in. :func:`daemonize` forks a child that mounts and reports ``ready`` (or one
-error line) through a pipe, so ``kmsfs mount`` returns only once the mount is usable.
+error line) through a pipe, so ``kmsfs mount`` returns only once the mount is usable. What
+signals do to a serving daemon is :mod:`kmsfs.fs.stopping`; where it logs,
+:mod:`kmsfs.fs.daemonlog`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import gc
 import logging
 import logging.handlers
 import os
-import re
 import resource
 import select
 import signal
-import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +33,7 @@ from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
 from kmsfs.fs.killpriv import InitAmendment, libfuse_needs_it
 from kmsfs.fs.latency import HOLD_SECONDS, CpuLatencyRequest, unavailable_reason
+from kmsfs.fs.stopping import STOP_SIGNALS, Stop, not_ours, watch_signals
 from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
@@ -125,121 +123,6 @@ def _check_value(opt: str) -> None:
         raise UsageError(f"mount option max_read={value}: want a byte count of 4096 or more")
 
 
-def setup_logging(foreground: bool, debug: bool = False, log_file: Path | None = None) -> None:
-    """Where the daemon's log lines (integrity errors among them) go: ``log_file`` if given;
-    else stderr in the foreground (the journal, under systemd); else syslog when daemonized.
-    A daemon with neither gets :func:`default_log_file` rather than losing them."""
-    handler: logging.Handler
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_file is not None:
-        handler = LogFile(log_file)
-        handler.setFormatter(formatter)
-    elif foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(formatter)
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("kmsfs[%(process)d]: %(levelname)s %(message)s"))
-    else:  # daemonized with no syslog: a file, never the terminal we are leaving
-        return setup_logging(foreground, debug, default_log_file())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if isinstance(handler, LogFile):
-        handler.warn_if_exposed()
-
-
-#: A log file the daemon creates: integrity errors name plaintext paths in it.
-LOG_MODE = 0o600
-
-
-class LogFile(logging.StreamHandler):
-    """The daemon's log file: created :data:`LOG_MODE` whatever the umask, never opened
-    through a symbolic link, and opened again by path on SIGHUP (:func:`reopen_log_files`),
-    as logrotate expects after it moved the file aside."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._warned: tuple[int, int] | None = None  # the file last warned about
-        super().__init__(self._open())
-
-    def _open(self) -> Any:
-        """The file at :attr:`path`, which must be a regular file. Opened without waiting: a
-        SIGHUP reopens it on the loop's thread, and a FIFO put at the path (whose open(2)
-        for writing waits for a reader) stalled every request of the mount."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags | os.O_NONBLOCK, LOG_MODE)
-        except OSError as exc:
-            why = {errno.ELOOP: "a symbolic link", errno.ENXIO: "not a regular file"}.get(
-                exc.errno or 0, exc.strerror
-            )  # ENXIO: a FIFO with no reader
-            raise UsageError(f"cannot open log file {self.path}: {why}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"cannot open log file {self.path}: not a regular file")
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        except OSError as exc:
-            os.close(fd)
-            raise UsageError(f"cannot open log file {self.path}: {exc.strerror}") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
-
-    def reopen(self) -> None:
-        """Go on in a file opened anew at :attr:`path` (UsageError if it cannot be)."""
-        old = self.setStream(self._open())
-        if old is not None:
-            with contextlib.suppress(OSError):
-                old.close()
-        self.warn_if_exposed()
-
-    def close(self) -> None:
-        self.acquire()
-        try:
-            with contextlib.suppress(OSError, ValueError):
-                try:
-                    self.flush()
-                finally:
-                    self.stream.close()
-            super().close()
-        finally:
-            self.release()
-
-    def warn_if_exposed(self) -> None:
-        """One warning per file that group or others may read: not changed, as an
-        administrator may have meant it, but it names plaintext paths."""
-        with contextlib.suppress(OSError, ValueError):
-            st = os.fstat(self.stream.fileno())
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o044 and self._warned != (
-                st.st_dev, st.st_ino
-            ):
-                self._warned = (st.st_dev, st.st_ino)
-                log.warning(
-                    "log file %s is readable by %s (mode %04o); its lines name plaintext "
-                    "paths: chmod 600 it",
-                    self.path, "group and others" if st.st_mode & 0o044 == 0o044
-                    else "group" if st.st_mode & 0o040 else "others",
-                    stat.S_IMODE(st.st_mode),
-                )
-
-
-def reopen_log_files() -> None:
-    """SIGHUP: open the log file again by path (after logrotate moved it aside); a daemon
-    that logs elsewhere has nothing to reopen."""
-    files = [h for h in logging.getLogger().handlers if isinstance(h, LogFile)]
-    if not files:
-        log.info("SIGHUP: no log file to reopen (logging to stderr or syslog); still serving")
-    for handler in files:
-        try:
-            handler.reopen()
-        except UsageError as exc:
-            log.error("%s; logging goes on in the old file", exc)
-        else:
-            log.info("log file %s reopened", handler.path)
-
-
 def raise_open_file_limit() -> None:
     """Let the daemon open as many files as its hard limit allows: it holds an fd for every
     open file of the mount, for every user, and the soft limit systemd and most shells give
@@ -248,15 +131,6 @@ def raise_open_file_limit() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def default_log_file() -> Path:
-    """/var/log/kmsfs.log for root, else ~/.cache/kmsfs/kmsfs.log."""
-    if os.geteuid() == 0:
-        return Path("/var/log/kmsfs.log")
-    path = Path.home() / ".cache" / "kmsfs" / "kmsfs.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 #: How many new container objects wait for a young-generation collection while serving
@@ -289,7 +163,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount *cipherdir* at *mountpoint* and serve until unmounted, or stopped by SIGTERM or
-    SIGINT (:func:`_watch_signals`)."""
+    SIGINT (:func:`watch_signals`)."""
     from kmsfs.fs.entries import KmsfsOps  # fs operations import pyfuse3-heavy modules
     from kmsfs.fs.volume import check_root_only, lock_for_mount
 
@@ -299,10 +173,10 @@ def serve(
     latency: CpuLatencyRequest | None = None
     ops: KmsfsOps | None = None
     mounted = False
-    stop = _Stop(mountpoint)
+    stop = Stop(mountpoint)
     stop_handlers: dict[int, Any] = {}
     # SIGHUP (logrotate) must never end the daemon (its default action) nor be lost: one that
-    # lands before the loop watches for it is kept for the loop (_watch_signals).
+    # lands before the loop watches for it is kept for the loop (watch_signals).
     hup_handler = signal.signal(signal.SIGHUP, stop.note_hup)
     try:
         lock_fd = lock_for_mount(cipherdir)  # held while serving: kmsfs reencrypt refuses then
@@ -326,7 +200,7 @@ def serve(
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
         # From here until the loop watches for them, a stop request is a flag that the loop
-        # acts on as soon as it does (_watch_signals). Raised where it landed, it was a
+        # acts on as soon as it does (watch_signals). Raised where it landed, it was a
         # traceback: logged as a failure here, or out of trio.run as an exception group.
         stop_handlers = {signum: signal.signal(signum, stop.note_stop) for signum in STOP_SIGNALS}
         log.info("mounted %s on %s", cipherdir, mountpoint)
@@ -373,7 +247,7 @@ def _init(ops: Any, mountpoint: Path, options: set[str]) -> None:
         raise KmsfsError(f"{mountpoint}: the mount was refused ({exc}){hint}") from None
 
 
-def _unmount(ops: Any, stop: _Stop) -> None:
+def _unmount(ops: Any, stop: Stop) -> None:
     """Stop serving: the directory pool, open files, the write journal, then the session and
     the mount: unmounted by path (lazily, unless the session already ended) only if nothing
     has unmounted it yet and the mount on top at that path is still this daemon's."""
@@ -387,7 +261,7 @@ def _unmount(ops: Any, stop: _Stop) -> None:
     # another there): by now it may hold another mount.
     unmount = not (stop.released or stop.ended)
     if unmount and stop.device is not None:
-        left = _not_ours(mountpoint, stop.device)
+        left = not_ours(mountpoint, stop.device)
         unmount = left is None
     try:
         pyfuse3.close(unmount=unmount)
@@ -410,16 +284,16 @@ def _open_latency_request() -> CpuLatencyRequest:
         raise UsageError(f"-o {LOW_LATENCY}: {unavailable_reason(exc)}") from None
 
 
-async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: _Stop) -> None:
+async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: Stop) -> None:
     mountpoint = stop.mountpoint
     stop.device_known = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, stop)
+        nursery.start_soon(watch_signals, stop)
         await nursery.start(_run_fuse, nursery.cancel_scope, spin, stop)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         # Abandoned if the loop fails first (the stat can wait in the kernel for good then).
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        # The mount's device: what tells this mount from another at the same path (_not_ours).
+        # The mount's device: what tells this mount from another at the same path (not_ours).
         stop.device = (os.major(st.st_dev), os.minor(st.st_dev))
         stop.device_known.set()
         # A stop request that came while we looked wakes the signal watcher in the same batch
@@ -435,7 +309,7 @@ async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: 
 async def _run_fuse(
     scope: trio.CancelScope,
     spin: _SpinThenWait,
-    stop: _Stop,
+    stop: Stop,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
@@ -613,217 +487,6 @@ def _remove_read_gate(gate: _ReadGate) -> None:
         trio.lowlevel.remove_instrument(gate)
 
 
-#: What stops a mount (and calls off one that is not ready yet: :func:`daemonize`).
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-class _Stop:
-    """What stop requests (SIGTERM, SIGINT) have done to the mount at *mountpoint* so far."""
-
-    def __init__(self, mountpoint: Path) -> None:
-        self.mountpoint = mountpoint
-        self.requested = False
-        #: The daemon has unmounted or detached the mount itself, or found another mount on
-        #: top at its path (:attr:`foreign`): the path is no longer its to unmount.
-        self.released = False
-        #: What was found at the path instead of this mount, if so (:func:`_not_ours`).
-        self.foreign: str | None = None
-        #: The daemon stopped the loop itself (pyfuse3.terminate).
-        self.terminated = False
-        #: The kernel ended the session: the mount is gone, here and in every namespace.
-        self.ended = False
-        #: The mount's (major, minor), once the loop has seen it answer; set with
-        #: :attr:`device_known` (made in the loop).
-        self.device: tuple[int, int] | None = None
-        self.device_known: trio.Event | None = None
-        #: A SIGHUP came while the loop did not watch for it.
-        self.hup = False
-        #: SIGTERMs and SIGINTs that came after the mount was made, before the loop watched.
-        self.early: list[int] = []
-
-    def note_hup(self, signum: int, frame: object) -> None:
-        self.hup = True  # only a flag: the main thread may be inside a log handler's lock
-
-    def note_stop(self, signum: int, frame: object) -> None:
-        self.early.append(signum)  # the loop acts on it once it watches (_watch_signals)
-
-    def terminate(self) -> None:
-        """Stop serving at once."""
-        self.terminated = True
-        pyfuse3.terminate()
-
-
-async def _watch_signals(stop: _Stop) -> None:
-    """Stop requests and SIGHUP, while the loop serves.
-
-    The first SIGTERM or SIGINT (``systemctl stop``, Ctrl-C) unmounts as umount(8) would
-    (:func:`_unmount_gracefully`); a mount still in use is detached and served until the last
-    file open in it is closed. A second one stops at once, files still open in the mount or
-    not. SIGHUP opens the log file again (:func:`reopen_log_files`). Those that came before
-    the loop watched (:meth:`_Stop.note_stop`, :meth:`_Stop.note_hup`) are acted on first.
-    """
-    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
-        if stop.hup:  # before the loop watched
-            stop.hup = False
-            reopen_log_files()
-        async with trio.open_nursery() as nursery:
-
-            def on_stop_request(signum: int) -> bool:
-                """False once the daemon stops at once."""
-                name = signal.Signals(signum).name
-                if not stop.requested:
-                    stop.requested = True
-                    log.info("%s: unmounting %s", name, stop.mountpoint)
-                    sdnotify.notify("STOPPING=1")
-                    nursery.start_soon(_unmount_gracefully, stop)
-                    return True
-                log.warning(
-                    "%s again: stopping at once; files still open in %s lose their mount",
-                    name, stop.mountpoint,
-                )
-                stop.terminate()
-                nursery.cancel_scope.cancel()
-                return False
-
-            early, stop.early = stop.early, []  # no more come: the receiver has them now
-            for signum in early:
-                if not on_stop_request(signum):
-                    return
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    reopen_log_files()
-                elif not on_stop_request(signum):
-                    return
-
-
-#: How long the session may take to end after the mount was unmounted here before the daemon
-#: says that it is still mounted elsewhere.
-SESSION_END_SECONDS = 2.0
-
-
-async def _unmount_gracefully(stop: _Stop) -> None:
-    """Unmount as umount(8) would, the loop serving meanwhile; if the mount is busy, detach it
-    and serve on until the kernel ends the session, when the last file open in it and the last
-    working directory in it are gone (pyfuse3.main then returns). Closing /dev/fuse instead
-    would fail every call of the processes still using it (ENOTCONN) and lose what a writeback
-    cache holds for them.
-
-    Only this daemon's mount is unmounted (:func:`_not_ours`): another file system mounted
-    over it, or another mount at its path once it was detached or replaced by someone else, is
-    left alone, and the daemon serves until its session ends. This task is cancelled when the
-    session ends."""
-    mountpoint = stop.mountpoint
-    assert stop.device_known is not None
-    await stop.device_known.wait()  # the readiness check (_main) has seen the mount answer
-    # In a worker thread: the unmount makes requests of its own (writing cached pages back),
-    # which this loop must answer. Abandoned if the session ends first.
-    done, why = await trio.to_thread.run_sync(_fusermount_ours, stop, False, abandon_on_cancel=True)
-    if done:
-        stop.released = True  # the kernel ends the session, unless the mount is held elsewhere
-        await trio.sleep(SESSION_END_SECONDS)
-        log.warning(
-            "%s: unmounted here, but still mounted elsewhere (another mount namespace?): "
-            "serving until it is released; a second SIGTERM or SIGINT stops at once",
-            mountpoint,
-        )
-        sdnotify.notify(f"STATUS=unmounted {mountpoint} here, serving its mounts elsewhere")
-        return
-    if stop.foreign is None and "busy" in why:
-        log.warning(
-            "%s is busy: detaching it; serving until the last file open in it and the last "
-            "working directory in it are gone (a second SIGTERM or SIGINT stops at once)",
-            mountpoint,
-        )
-        done, why = await trio.to_thread.run_sync(
-            _fusermount_ours, stop, True, abandon_on_cancel=True
-        )
-        if done:
-            stop.released = True
-            sdnotify.notify(f"STATUS=detached {mountpoint}, serving the files still open in it")
-            return
-    if stop.foreign is not None:
-        stop.released = True  # nor may serve's clean-up unmount that path
-        log.warning(
-            "%s: not unmounted: %s; serving until this mount's session ends (a second SIGTERM "
-            "or SIGINT stops at once)", mountpoint, stop.foreign,
-        )
-        sdnotify.notify(f"STATUS=not unmounting {mountpoint}: {stop.foreign}; serving on")
-        return
-    log.warning("%s: cannot unmount (%s): stopping at once", mountpoint, why)
-    stop.terminate()
-
-
-def _fusermount_ours(stop: _Stop, lazy: bool) -> tuple[bool, str]:
-    """:func:`_fusermount`, if the mount on top at the path is still this daemon's; else
-    nothing, and :attr:`_Stop.foreign` says what is there."""
-    assert stop.device is not None
-    stop.foreign = _not_ours(stop.mountpoint, stop.device)
-    if stop.foreign is not None:
-        return False, stop.foreign
-    return _fusermount(stop.mountpoint, lazy)
-
-
-def _fusermount(mountpoint: Path, lazy: bool) -> tuple[bool, str]:
-    """``fusermount3 -u`` (``-z``: detach) as ``kmsfs umount`` runs it, which needs no
-    privilege for a user's own mount; (done, why not)."""
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", os.path.abspath(mountpoint)]
-    try:
-        proc = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-            env={**os.environ, "LC_ALL": "C"},  # "busy" is matched in its message
-        )
-    except OSError as exc:
-        return False, f"fusermount3: {exc.strerror}"
-    if proc.returncode == 0:
-        return True, ""
-    return False, (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-
-
-def _not_ours(
-    mountpoint: Path, device: tuple[int, int], mountinfo: str = "/proc/self/mountinfo"
-) -> str | None:
-    """None if the mount on top at *mountpoint* (the last one there in *mountinfo*) is this
-    daemon's: its *device*, the root of a FUSE file system; else what is there instead.
-    fusermount3 and libfuse unmount by path whatever is on top (root may unmount any file
-    system), as ``kmsfs umount`` refuses to. None too if the list cannot be read."""
-    absolute = os.path.abspath(mountpoint)
-    where = os.fsencode(
-        os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-    )
-    try:
-        with open(mountinfo, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        log.debug("cannot read %s: %s", mountinfo, exc)
-        return None
-    top = None
-    for line in lines:
-        # ID, parent ID, major:minor, root, mount point, options, optional fields..., "-",
-        # type, source, super options; names with octal escapes (\040 for a space)
-        fields = line.split(b" ")
-        if b"-" not in fields[6:]:
-            continue
-        sep = fields.index(b"-", 6)
-        if len(fields) >= sep + 3 and _unescape(fields[4]) == where:
-            top = fields[2], fields[3], fields[sep + 1], _unescape(fields[sep + 2])
-    if top is None:
-        return "nothing is mounted there now (the mount was detached)"
-    dev, root, kind, source = (os.fsdecode(field) for field in top)
-    fuse = kind == "fuse" or kind.startswith("fuse.")
-    if fuse and dev == f"{device[0]}:{device[1]}":
-        return None if root == "/" else f"a bind mount of its {root} is on top"
-    if fuse:
-        return (
-            f"another FUSE mount is there ({kind} from {source}, device {dev}): "
-            "this one was detached or replaced"
-        )
-    return f"{kind} from {source} is mounted over it"
-
-
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
     """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready.
 
@@ -901,7 +564,7 @@ def _call_off(pid: int) -> None:
     mount was interrupted, so it must not go on to serve. (The child has its own session: the
     terminal's Ctrl-C reaches only the parent.) SIGTERM makes a child still setting up exit
     and one that has mounted unmount (``serve``'s clean-up if it lands as the mount is made,
-    else :func:`_watch_signals`, once the loop watches). A second Ctrl-C stops the wait, not
+    else :func:`watch_signals`, once the loop watches). A second Ctrl-C stops the wait, not
     the child."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

@@ -147,10 +147,10 @@ def daemon_script(
         "import pyfuse3, trio\n"
         "from fs_helpers import SoftDeriver\n"
         "from kmsfs import cliutil\n"
-        "from kmsfs.fs import daemon\n"
+        "from kmsfs.fs import daemon, daemonlog\n"
         f"volume, target = Path({str(volume)!r}), Path({str(target)!r})\n"
         + hooks
-        + f"daemon.setup_logging(foreground=True, log_file={log})\n"
+        + f"daemonlog.setup_logging(foreground=True, log_file={log})\n"
         + (f"sys.exit(cliutil.run('kmsfs', lambda: {serve}))\n" if through_run else serve + "\n")
     )
 

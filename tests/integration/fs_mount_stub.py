@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fs_helpers import SoftDeriver
 
-from kmsfs.fs import daemon
+from kmsfs.fs import daemon, daemonlog
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--epoch", type=int, default=1, help="the deriver's current_epoch")
     parser.add_argument("--log-file", type=Path, help="log there instead of stderr")
     args = parser.parse_args()
-    daemon.setup_logging(foreground=True, debug=args.debug, log_file=args.log_file)
+    daemonlog.setup_logging(foreground=True, debug=args.debug, log_file=args.log_file)
 
     def ready() -> None:
         print("ready", flush=True)

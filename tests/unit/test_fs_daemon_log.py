@@ -1,6 +1,6 @@
 """The mount daemon's log file (``--log-file``, /var/log/kmsfs.log): its lines name plaintext
 paths (integrity errors do), yet it was created with the caller's umask (0644: anyone could
-read them). In-process: :func:`kmsfs.fs.daemon.setup_logging` as ``kmsfs mount`` calls it."""
+read them). In-process: :func:`kmsfs.fs.daemonlog.setup_logging` as ``kmsfs mount`` calls it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs.errors import UsageError
-from kmsfs.fs import daemon
+from kmsfs.fs import daemonlog
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def mode(path: Path) -> int:
 
 def test_a_new_log_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     log = tmp_path / "kmsfs.log"
-    daemon.setup_logging(foreground=False, log_file=log)
+    daemonlog.setup_logging(foreground=False, log_file=log)
     logging.getLogger("kmsfs.fs.files").error("integrity error in /payroll/salaries.ods")
     assert mode(log) == 0o600
     assert "/payroll/salaries.ods" in log.read_text()
@@ -55,8 +55,8 @@ def test_an_open_log_file_is_warned_about_once_and_left_as_it_is(tmp_path: Path)
     log = tmp_path / "kmsfs.log"
     log.write_text("earlier\n")
     log.chmod(0o644)
-    daemon.setup_logging(foreground=True, log_file=log)
-    daemon.reopen_log_files()
+    daemonlog.setup_logging(foreground=True, log_file=log)
+    daemonlog.reopen_log_files()
     text = log.read_text()
     assert text.startswith("earlier\n")
     assert text.count(f"log file {log} is readable by group and others (mode 0644)") == 1, text
@@ -70,17 +70,17 @@ def test_a_log_file_that_is_a_symbolic_link_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     (tmp_path / "kmsfs.log").symlink_to(target)
     with pytest.raises(UsageError, match=r"kmsfs\.log: a symbolic link"):
-        daemon.setup_logging(foreground=False, log_file=tmp_path / "kmsfs.log")
+        daemonlog.setup_logging(foreground=False, log_file=tmp_path / "kmsfs.log")
     assert not target.exists()
 
 
 def test_a_reopen_that_fails_goes_on_in_the_old_file(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
-    daemon.setup_logging(foreground=True, log_file=logs / "kmsfs.log")
+    daemonlog.setup_logging(foreground=True, log_file=logs / "kmsfs.log")
     os.rename(logs / "kmsfs.log", tmp_path / "kmsfs.log.1")
     logs.rmdir()
-    daemon.reopen_log_files()
+    daemonlog.reopen_log_files()
     logging.getLogger("kmsfs").info("still logged")
     text = (tmp_path / "kmsfs.log.1").read_text()
     assert "logging goes on in the old file" in text and "still logged" in text
@@ -95,12 +95,12 @@ def test_a_reopen_that_finds_a_fifo_neither_waits_nor_logs_into_it(
     regular file is refused at once (a FIFO with a reader too) and logging goes on in the old
     file."""
     log = tmp_path / "kmsfs.log"
-    daemon.setup_logging(foreground=True, log_file=log)
+    daemonlog.setup_logging(foreground=True, log_file=log)
     os.rename(log, tmp_path / "kmsfs.log.1")
     os.mkfifo(log)
     held = os.open(log, os.O_RDONLY | os.O_NONBLOCK) if reader else None
     try:
-        reopen = threading.Thread(target=daemon.reopen_log_files, daemon=True)
+        reopen = threading.Thread(target=daemonlog.reopen_log_files, daemon=True)
         reopen.start()
         reopen.join(5)
         blocked = reopen.is_alive()
@@ -125,7 +125,7 @@ def test_a_log_file_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
     reader = os.open(tmp_path / "kmsfs.log", os.O_RDONLY | os.O_NONBLOCK)  # opens at once
     try:
         with pytest.raises(UsageError, match=r"kmsfs\.log: not a regular file"):
-            daemon.setup_logging(foreground=False, log_file=tmp_path / "kmsfs.log")
+            daemonlog.setup_logging(foreground=False, log_file=tmp_path / "kmsfs.log")
     finally:
         os.close(reader)
 
