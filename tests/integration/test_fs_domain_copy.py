@@ -209,7 +209,7 @@ def test_a_store_rolled_back_between_the_check_and_the_open_is_refused(
     back to 1) must not get a mount that serves generation 1."""
     from contextlib import contextmanager
 
-    from kmsfs.fs import cli, daemon, kms
+    from kmsfs.fs import cli, daemon, daemonlog, kms
 
     _, cipher, mp, old_conf = _mounted_after_a_rotation(initialized, tmp_path)
     second = initialized.store / "domains" / f"{volconfig.load(cipher).domain_id}.json"
@@ -229,7 +229,7 @@ def test_a_store_rolled_back_between_the_check_and_the_open_is_refused(
 
     monkeypatch.setattr(kms, "open_deriver", open_after_the_store_changed)
     monkeypatch.setattr(daemon, "serve", serve)
-    monkeypatch.setattr(daemon, "setup_logging", lambda **kwargs: None)
+    monkeypatch.setattr(daemonlog, "setup_logging", lambda **kwargs: None)
     store = str(initialized.store)
     code = cli.main(["mount", "--foreground", "--store", store, str(cipher), str(mp)])
     assert code == 3 and not second.exists()
