@@ -107,6 +107,32 @@ def remove_empty_dir(path: bytes) -> None:
         raise
 
 
+class RemovalWatch:
+    """A directory about to be removed, held by an O_PATH fd: its attributes before
+    (``before``) and, after :meth:`close`, as its removal left them (``after``: 0 links, the
+    ctime of the removal), which the kernel may still ask for (a removed working directory).
+    """
+
+    def __init__(self, path: bytes) -> None:
+        fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.before = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self.after: os.stat_result | None = None
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.after = os.fstat(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
 def hide(path: bytes) -> bytes:
     """Rename *path* to a fresh hidden name in the same directory; return that name."""
     hidden = temp_path(os.path.dirname(path))

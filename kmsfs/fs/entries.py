@@ -388,11 +388,14 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
-        st = os.lstat(reach(path))
-        dirs.remove_empty_dir(path)
+        watch = dirs.RemovalWatch(path)
+        try:
+            dirs.remove_empty_dir(path)
+        finally:
+            watch.close()
         remove_sidecar(dirpath, cname)
         self.table.drop_link(parent_inode, cname)
-        self.names.forget_dir(self.table.removed(st.st_ino))
+        self.names.forget_dir(self.table.removed(watch.before.st_ino, watch.after))
 
     @guard
     async def rename(
@@ -438,33 +441,39 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         # Where the backing file system cannot exchange, it is hidden first instead.
         replaced_dir = dst is not None and stat.S_ISDIR(dst.st_mode) and stat.S_ISDIR(src.st_mode)
         leftovers = dirs.check_empty(new_path) if replaced_dir else []
-        written = write_sidecar(new_dir, new_disk)
-        hidden = None
-        exchanged = False
+        watch = dirs.RemovalWatch(new_path) if replaced_dir else None
         try:
-            if replaced_dir:
-                exchanged = _exchange(old_path, new_path)
+            written = write_sidecar(new_dir, new_disk)
+            hidden = None
+            exchanged = False
+            try:
+                if replaced_dir:
+                    exchanged = _exchange(old_path, new_path)
+                    if not exchanged:
+                        hidden = dirs.hide(new_path)
                 if not exchanged:
-                    hidden = dirs.hide(new_path)
-            if not exchanged:
-                renameat2(old_path, new_path, flags)
-        except BaseException:
+                    renameat2(old_path, new_path, flags)
+            except BaseException:
+                if hidden is not None:
+                    with contextlib.suppress(OSError):
+                        rename_noreplace(hidden, new_path)
+                undo_sidecar(new_dir, new_disk, written)
+                self._drop_longlink(held)
+                raise
+            if exchanged:
+                hidden = dirs.hide(old_path)  # the replaced directory, now under the old name
             if hidden is not None:
-                with contextlib.suppress(OSError):
-                    rename_noreplace(hidden, new_path)
-            undo_sidecar(new_dir, new_disk, written)
-            self._drop_longlink(held)
-            raise
-        if exchanged:
-            hidden = dirs.hide(old_path)  # the replaced directory, now under the old name
-        if hidden is not None:
-            dirs.remove_hidden(hidden, leftovers)
+                dirs.remove_hidden(hidden, leftovers)
+        finally:
+            if watch is not None:
+                watch.close()
         self.files.moved(old_path, new_path)
         remove_sidecar(old_dir, old_c)
         self._drop_longlink(held)
         self.table.move_link((parent_inode_old, old_c), (parent_inode_new, new_c), name_new)
         if dst is not None and (stat.S_ISDIR(dst.st_mode) or dst.st_nlink <= 1):
-            gone = self.table.removed(dst.st_ino)  # renamed over its last link
+            gone_attrs = watch.after if watch is not None else None
+            gone = self.table.removed(dst.st_ino, gone_attrs)  # renamed over its last link
             self.files.unlinked(gone)
             if replaced_dir:
                 self.names.forget_dir(gone)

@@ -50,6 +50,10 @@ class Node:
     links: dict[Link, bytes] = field(default_factory=dict)  # link -> plaintext name
     lookups: int = 0
     children: int = 0
+    #: A removed directory's attributes as the backing file system left them (0 links), for
+    #: the kernel's GETATTR of a removed working directory: ext4 answers it, so ``ls`` there
+    #: lists nothing instead of failing.
+    gone_attrs: os.stat_result | None = None
 
 
 class InodeTable:
@@ -91,11 +95,12 @@ class InodeTable:
             self._remap[backing_ino] = ino
         return ino
 
-    def removed(self, backing_ino: int) -> int:
+    def removed(self, backing_ino: int, gone_attrs: os.stat_result | None = None) -> int:
         """The daemon removed the last link of the object *backing_ino*; returns its FUSE id.
 
         Its node (if the kernel holds it) loses every link and is detached: it answers ENOENT
-        (or through an open file's fd) until FORGET, and its id is not given out again before.
+        (or through an open file's fd, or with *gone_attrs*, see :meth:`gone_attrs`) until
+        FORGET, and its id is not given out again before.
         """
         ino = self._remap.pop(backing_ino, None)
         if ino is None:
@@ -107,9 +112,15 @@ class InodeTable:
         for link in list(node.links):
             self.drop_link(*link)
         node.lookups -= 1
+        node.gone_attrs = gone_attrs
         self._detached.add(ino)
         self._maybe_free(ino)
         return ino
+
+    def gone_attrs(self, ino: int) -> os.stat_result | None:
+        """The attributes :meth:`removed` was given for *ino*, while the kernel holds it."""
+        node = self._nodes.get(ino)
+        return node.gone_attrs if node is not None and not node.links else None
 
     def known(self, ino: int) -> bool:
         return ino in self._nodes

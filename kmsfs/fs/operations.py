@@ -203,11 +203,15 @@ class ContentOps:
             path = self.table.path(ino)
         except FileNotFoundError:
             # Removed while open: a directory still open here answers from its fd, as a file
-            # does (ext4 gives its attributes, 0 links, to fstat and to a listing of it).
+            # does (ext4 gives its attributes, 0 links, to fstat and to a listing of it); one
+            # not open here (a removed working directory) with what its removal left.
             fd = self._held_dir_fd(ino)
-            if fd is None:
+            if fd is not None:
+                return os.fstat(fd), None
+            gone = self.table.gone_attrs(ino)
+            if gone is None:
                 raise
-            return os.fstat(fd), None
+            return gone, None
         return os.lstat(reach(path)), path
 
     def _held_dir_fd(self, ino: int) -> int | None:
@@ -489,7 +493,7 @@ class ContentOps:
         fds): one fd a handle, so a process opening one directory a thousand times would
         otherwise use up the daemon's fds and fail every open on the mount (EMFILE). A handle
         past that lists through an fd of its own, opened for the listing, as before; removed
-        while open, it lists as empty but answers fstat with ENOENT.
+        while open, it lists as empty and answers fstat with what its removal left.
         """
         try:
             path = self.table.path(inode)

@@ -15,6 +15,7 @@ import errno
 import os
 import resource
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,38 @@ def test_a_directory_removed_while_open_lists_as_empty(tmp_path: Path, mounter) 
             assert stat.S_ISDIR(st.st_mode) and st.st_nlink == 0
         assert stat.S_IMODE(got[2].st_mode) == stat.S_IMODE(want[2].st_mode)
         assert mount.alive()
+
+
+def _in_removed_cwd(parent: Path, how: str) -> tuple[str, str, int]:
+    """A shell whose working directory is removed under it (``rmdir``, or a directory
+    renamed over it: ``mv -T``) runs ``ls -la`` and stats ``.``: its output, errors and exit
+    status, with the attributes it saw."""
+    d, other = parent / "d", parent / "other"
+    d.mkdir()
+    other.mkdir()
+    remove = f"rmdir {d}" if how == "rmdir" else f"mv -T {other} {d}"
+    p = subprocess.run(
+        ["sh", "-c", f"cd {d} && {remove} && ls -la && stat -c '%h %a %F' . && sleep 0.2"],
+        capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"},
+    )
+    if how != "rmdir":
+        os.rmdir(d)
+    else:
+        os.rmdir(other)
+    return p.stdout, p.stderr, p.returncode
+
+
+@pytest.mark.parametrize("how", ["rmdir", "rename over"])
+def test_ls_in_a_removed_working_directory_lists_nothing(tmp_path: Path, mounter, how: str) -> None:  # type: ignore[no-untyped-def]
+    """ext4 answers the fstat that ``ls`` makes of its removed working directory (0 links) and
+    ``ls`` lists nothing: the daemon answered ENOENT, as the removed directory had no path and
+    no fd open here, and ``ls`` failed ("cannot open directory '.'")."""
+    (tmp_path / "plain").mkdir()
+    want = _in_removed_cwd(tmp_path / "plain", how)
+    assert want == ("total 0\n0 755 directory\n", "", 0)
+    mount = mounter(make_volume(tmp_path / "cipher"))
+    assert _in_removed_cwd(mount.mountpoint, how) == want
+    assert mount.alive()
 
 
 def test_opening_one_directory_many_times_costs_the_daemon_a_bounded_number_of_fds(

@@ -288,7 +288,11 @@ def test_readdir_of_a_directory_removed_while_open_lists_nothing(
         monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
         await ops.readdir(fh, 0, None)
         await ops.releasedir(fh)
-        with pytest.raises(pyfuse3.FUSEError) as exc:  # no open handle: nothing to ask
+        # No handle left, but the kernel holds the inode (a removed cwd): what rmdir left.
+        attrs = await ops.getattr(d.st_ino, CTX)
+        assert stat.S_ISDIR(attrs.st_mode) and attrs.st_nlink == 0
+        await ops.forget([(d.st_ino, 1)])
+        with pytest.raises(pyfuse3.FUSEError) as exc:  # forgotten: nothing to ask
             await ops.getattr(d.st_ino, CTX)
         assert exc.value.errno == errno.ENOENT
 
