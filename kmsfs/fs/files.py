@@ -98,8 +98,9 @@ class ContentKeys:
 
     ``key_epochs`` is the volume's KeyEpochs flag: with it a new file gets a version 2 header at
     ``deriver.current_epoch`` (read for every new header, so it is the epoch the deriver has
-    now); without it a version 1 header (epoch 1) whatever the Domain's current epoch, so a
-    volume that an older kmsfs may still mount never gets a header it cannot read.
+    now); without it a version 1 header (epoch 1) while the Domain is at epoch 1, so a volume
+    that an older kmsfs may still mount never gets a header it cannot read. Once the Domain
+    has rotated, version 2 headers whatever the flag says (see :meth:`_versioned`).
 
     Keys derived ahead: once a mount has started a new file, :meth:`derive_ahead` (called by
     the daemon while it waits for the next request) keeps headers of files yet to be written
@@ -204,13 +205,21 @@ class ContentKeys:
             (header, ContentCipher(key, header)) for header, key in zip(headers, keys, strict=True)
         )
 
+    def _versioned(self) -> bool:
+        """Whether new files get version 2 headers at the current epoch: with the KeyEpochs
+        flag, and without it too once the Domain has rotated. kmsfs.conf is not authenticated:
+        a writer of the ciphertext directory who strips the flag must not put new files back
+        on the key of epoch 1, which an HSM removed before the rotation may hold. Every kmsfs
+        that opens a rotated (hence bound, format 2) Domain reads version 2 headers."""
+        return self.key_epochs or self._deriver.current_epoch > FIRST_EPOCH
+
     def _new_epoch(self) -> int:
-        return self._deriver.current_epoch if self.key_epochs else FIRST_EPOCH
+        return self._deriver.current_epoch if self._versioned() else FIRST_EPOCH
 
     def new_header(self, epoch: int | None = None) -> FileHeader:
         """A header for a new file: at *epoch* (None: the Domain's current one) with the
-        KeyEpochs flag, else version 1 at epoch 1."""
-        if self.key_epochs:
+        KeyEpochs flag or a rotated Domain, else version 1 at epoch 1."""
+        if self._versioned():
             return FileHeader.new(self._deriver.current_epoch if epoch is None else epoch)
         return FileHeader.new(FIRST_EPOCH, version=VERSION_1)
 

@@ -116,16 +116,29 @@ def test_new_files_take_the_current_epoch_and_old_ones_keep_theirs(tmp_path: Pat
     assert "epoch 2" in m.log()
 
 
-def test_volume_without_the_flag_keeps_writing_version_1(tmp_path: Path) -> None:
+def test_volume_without_the_flag_writes_version_1_until_the_domain_rotates(
+    tmp_path: Path,
+) -> None:
+    """A volume without KeyEpochs (made before it, or one whose unauthenticated kmsfs.conf a
+    writer of the ciphertext directory stripped it from) writes version 1 headers at epoch 1
+    only while the Domain has no other epoch. After a rotation it wrote them too, so new files
+    went back on the key of epoch 1, readable by an HSM removed before the rotation."""
     volume = v1_volume(tmp_path / "cipher")
-    m = mount(volume, tmp_path, epoch=3)
+    for epoch, name in ((1, "before"), (3, "after")):
+        m = mount(volume, tmp_path, epoch=epoch)
+        try:
+            (m.mountpoint / name).write_bytes(b"old style")
+            assert (m.mountpoint / name).read_bytes() == b"old style"
+        finally:
+            m.stop()
+    before, after = cipher_path(volume, "before"), cipher_path(volume, "after")
+    assert before.read_bytes()[:2] == b"\x00\x01" and header_of(before).epoch == 1
+    assert after.read_bytes()[:2] == b"\x00\x02" and header_of(after).epoch == 3
+    m = mount(volume, tmp_path, epoch=3)  # both read back, each with its own epoch
     try:
-        (m.mountpoint / "f").write_bytes(b"old style")
-        assert (m.mountpoint / "f").read_bytes() == b"old style"
+        assert (m.mountpoint / "before").read_bytes() == (m.mountpoint / "after").read_bytes()
     finally:
         m.stop()
-    path = cipher_path(volume, "f")
-    assert path.read_bytes()[:2] == b"\x00\x01" and header_of(path).epoch == 1
 
 
 # --- fsck ------------------------------------------------------------------------------------
