@@ -576,6 +576,11 @@ class FileContent:
                 def cut_and_write() -> None:
                     os.ftruncate(self.fd, end)
                     _pwrite_fully(self.fd, memoryview(shortened), at)
+                    # On the disk before the call returns: ext4 commits the new size within
+                    # 5 s, the rewritten block only when its page is written back (30 s), and
+                    # a power cut in between left the new size over the old ciphertext: kept
+                    # bytes, fsync'd long before, read EIO. (Truncates into a block are rare.)
+                    os.fdatasync(self.fd)
 
                 self._overwrite(shortened, at, self.cipher_size(), cut_and_write)
         elif size > psize:

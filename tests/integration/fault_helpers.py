@@ -106,6 +106,42 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@contextlib.contextmanager
+def ext4_image(workdir: Path, size: str = "64M") -> Iterator[tuple[Path, Path]]:
+    """An ext4 file system in an image file, loop-mounted at ``workdir/disk``: yields (the
+    mount point, the image). A copy of the image taken while it is mounted is what a power cut
+    would leave on the disk (what the loop device has written, not the page cache of the file
+    system on it); :func:`after_power_cut` mounts such a copy, replaying ext4's journal as a
+    boot would."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    image, disk = workdir / "disk.img", workdir / "disk"
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    disk.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True, capture_output=True)
+    try:
+        yield disk, image
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@contextlib.contextmanager
+def after_power_cut(image: Path, at: Path) -> Iterator[Path]:
+    """The disk as a power cut now would leave it: a copy of the loop-mounted *image*,
+    mounted at *at* (ext4 replays its journal); unmounted afterwards."""
+    copy = image.with_name(image.name + ".cut")
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    at.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(copy), str(at)], check=True, capture_output=True)
+    try:
+        yield at
+    finally:
+        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(at)], capture_output=True)
+        copy.unlink()
+
+
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
