@@ -40,6 +40,14 @@ that has it; none (the file is gone), or several (a copy made in the ciphertext 
 skipped as before. This changes nothing a record can do (its blocks must still authenticate as
 that file's), and costs one walk of the tree, reading the first 18 bytes of every file, only
 at a mount after a crash that left such a record, for all such records at once.
+
+Whoever can write the ciphertext directory can write the journal, and plant symlinks in the
+tree; the replay runs as the daemon (root) before it serves. So it never leaves the volume:
+every path it opens, a record's or one the search lists, is resolved below a descriptor of the
+root without following any symlink (:func:`kmsfs.fs.longpath.open_dir_beneath`: openat2
+RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or one O_NOFOLLOW open per directory), and the file
+itself is opened O_NOFOLLOW. A record whose path crosses a symlink is skipped with a log line
+naming the record; a symlink where its file was counts as the file gone (the search above).
 """
 
 from __future__ import annotations
@@ -56,9 +64,8 @@ from dataclasses import dataclass
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
 from kmsfs.crypto.names import is_internal
 from kmsfs.errors import FormatError, IntegrityError
-from kmsfs.fs.longpath import forget, reach
+from kmsfs.fs.longpath import SymlinkOnPath, forget, open_dir_beneath, reach
 from kmsfs.fs.posix import open_regular, pwrite_fully, read_internal_file
-from kmsfs.fs.reencrypt_walk import open_dir_unread, open_unread
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +246,22 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
     authenticates; then empty the journal. Returns how many blocks were put back. Before a
     mount serves."""
     forget()  # anchors this process cached before: a mount since may have moved directories
-    path = root + b"/" + JOURNAL_NAME.encode()
     try:
-        raw = read_internal_file(path, MAX_JOURNAL_BYTES)
+        root_fd = os.open(reach(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        return _replay(root, root_fd, cipher_of)
+    finally:
+        os.close(root_fd)
+
+
+def _replay(
+    root: bytes, root_fd: int, cipher_of: Callable[[FileHeader], ContentCipher]
+) -> int:
+    name = JOURNAL_NAME.encode()
+    try:
+        raw = read_internal_file(name, MAX_JOURNAL_BYTES, dir_fd=root_fd)
     except FileNotFoundError:
         return 0
     repaired = 0
@@ -250,19 +270,19 @@ def replay(root: bytes, cipher_of: Callable[[FileHeader], ContentCipher]) -> int
     # to put back; once it has, the block authenticates and older records leave it alone. A
     # record found elsewhere by its header keeps its place in that order.
     records = parse(raw)[::-1]
-    elsewhere = _locate(root, records)
+    elsewhere = _locate(root, root_fd, records)
     for record in records:
         try:
-            repaired += _apply(root, record, elsewhere.get(record.sequence), cipher_of)
+            repaired += _apply(root_fd, record, elsewhere.get(record.sequence), cipher_of)
         except (OSError, FormatError, IntegrityError, _NotFound) as exc:
             log.warning(
                 "write journal: record %d for %s not replayed (%s)",
                 record.sequence,
                 os.fsdecode(record.path),
-                exc,
+                exc.strerror if isinstance(exc, SymlinkOnPath) else exc,
             )
     if raw:  # read_internal_file found a regular file; a FIFO put there since must not block
-        fd = open_regular(path, os.O_WRONLY)
+        fd = open_regular(name, os.O_WRONLY, dir_fd=root_fd)
         try:
             os.ftruncate(fd, 0)
         finally:
@@ -286,8 +306,32 @@ class _NotFound(Exception):
 
 
 #: What opening a record's path gives when no regular file is there any more: nothing (or a
-#: file where a directory was), a symlink, or something that is not a regular file.
+#: file where a directory was), a symlink, or something that is not a regular file. (A symlink
+#: in place of one of its directories is SymlinkOnPath, and the record is skipped.)
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL})
+
+
+def _open_beneath(root_fd: int, relative: bytes, flags: int) -> int:
+    """:func:`~kmsfs.fs.posix.open_regular` of the file *relative* below the root open as
+    *root_fd*, following no symlink on the way (:func:`~kmsfs.fs.longpath.open_dir_beneath`),
+    nor at the file's own name; O_NOATIME with O_RDONLY where the kernel allows it (reading a
+    header is not a user's read: the plaintext atime is the ciphertext file's)."""
+    parent, _, name = relative.rpartition(b"/")
+    dir_fd = open_dir_beneath(root_fd, parent)
+    try:
+        return _open_at(name, flags, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_at(name: bytes, flags: int, dir_fd: int) -> int:
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        try:
+            return open_regular(name, flags | os.O_NOATIME, dir_fd=dir_fd)
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM:  # O_NOATIME on a file of another user, not root
+                raise
+    return open_regular(name, flags, dir_fd=dir_fd)
 
 
 def _check(record: Record) -> None:
@@ -301,7 +345,7 @@ def _check(record: Record) -> None:
         raise FormatError(f"offset {record.offset} is not where a block starts")
 
 
-def _moved_away(root: bytes, record: Record) -> bool:
+def _moved_away(root_fd: int, record: Record) -> bool:
     """True if *record*'s path no longer holds a file with its header (nothing there, or
     another file), so that its file, if it still exists, is under another name. False too for a
     record :func:`_apply` refuses anyway, or a path it cannot read (it reports those)."""
@@ -311,7 +355,9 @@ def _moved_away(root: bytes, record: Record) -> bool:
     except FormatError:
         return False
     try:
-        fd = open_unread(reach(root + b"/" + record.path))
+        fd = _open_beneath(root_fd, record.path, os.O_RDONLY)
+    except SymlinkOnPath:
+        return False  # not followed, nor searched for: _apply reports it
     except OSError as exc:
         return exc.errno in _GONE
     try:
@@ -322,11 +368,11 @@ def _moved_away(root: bytes, record: Record) -> bool:
         os.close(fd)
 
 
-def _locate(root: bytes, records: list[Record]) -> dict[int, list[bytes]]:
-    """Sequence -> the paths (one per file) holding the header of each record whose own path
-    does not (:func:`_moved_away`): one walk of the tree for all of them, none if there are
-    none (the usual case)."""
-    lost = [record for record in records if _moved_away(root, record)]
+def _locate(root: bytes, root_fd: int, records: list[Record]) -> dict[int, list[bytes]]:
+    """Sequence -> the paths (one per file, relative to the root) holding the header of each
+    record whose own path does not (:func:`_moved_away`): one walk of the tree for all of
+    them, none if there are none (the usual case)."""
+    lost = [record for record in records if _moved_away(root_fd, record)]
     if not lost:
         return {}
     found = find_headers(root, {record.header for record in lost})
@@ -334,47 +380,84 @@ def _locate(root: bytes, records: list[Record]) -> dict[int, list[bytes]]:
 
 
 def find_headers(root: bytes, headers: set[bytes]) -> dict[bytes, list[bytes]]:
-    """Header -> the ciphertext files under *root* that start with it, one path per file (hard
-    links of one file count once). Reads the first HEADER_SIZE bytes of every regular file but
-    the volume's own (``kmsfs.*``), without moving any atime (O_NOATIME where the kernel allows
-    it, as fsck and reencrypt do); a file or directory it cannot read is passed over."""
+    """Header -> the ciphertext files under *root* that start with it, one path per file
+    (relative to *root*; hard links of one file count once). Reads the first HEADER_SIZE bytes
+    of every regular file but the volume's own (``kmsfs.*``), without moving any atime
+    (O_NOATIME where the kernel allows it, as fsck and reencrypt do); a file or directory it
+    cannot read is passed over. It never leaves the tree: each directory is opened below the
+    root's descriptor following no symlink (a directory swapped for a symlink since it was
+    listed is passed over), each file by its name in its directory's descriptor, O_NOFOLLOW."""
     found: dict[bytes, dict[tuple[int, int], bytes]] = {}
-    stack = [root]
-    while stack:
-        cdir = stack.pop()
-        try:
-            dfd = open_dir_unread(reach(cdir))
-        except OSError as exc:
-            log.debug("write journal: %s not searched (%s)", os.fsdecode(cdir), exc.strerror)
-            continue
-        try:
-            with os.scandir(dfd) as entries:
-                listed = [
-                    (entry.name, entry.is_dir(follow_symlinks=False),
-                     entry.is_file(follow_symlinks=False))
-                    for entry in entries
-                ]
-        except OSError as exc:
-            log.debug("write journal: %s not searched (%s)", os.fsdecode(cdir), exc.strerror)
-            continue
-        finally:
-            os.close(dfd)
-        for name, is_dir, is_file in listed:
-            if is_internal(name):
-                continue  # the journal, IVs, sidecars, temporaries, kmsfs.longlinks, the pool
-            path = cdir + b"/" + os.fsencode(name)
-            if is_dir:
-                stack.append(path)
-            elif is_file:
-                _note_header(path, headers, found)
+    root_fd = os.open(reach(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        stack = [b""]
+        while stack:
+            below = stack.pop()
+            try:
+                dir_fd = _open_dir_unread(root_fd, below)
+            except OSError as exc:
+                log.debug("write journal: %s not searched (%s)", _shown(root, below), exc)
+                continue
+            try:
+                stack += _search_dir(dir_fd, below, headers, found)
+            except OSError as exc:
+                log.debug("write journal: %s not searched (%s)", _shown(root, below), exc)
+            finally:
+                os.close(dir_fd)
+    finally:
+        os.close(root_fd)
     return {header: list(files.values()) for header, files in found.items()}
 
 
+def _shown(root: bytes, below: bytes) -> str:
+    return os.fsdecode(root + b"/" + below if below else root)
+
+
+def _open_dir_unread(root_fd: int, below: bytes) -> int:
+    """A descriptor to list the directory *below* the root, without moving its atime."""
+    try:
+        return open_dir_beneath(root_fd, below, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+    return open_dir_beneath(root_fd, below, os.O_RDONLY)
+
+
+def _search_dir(
+    dir_fd: int,
+    below: bytes,
+    headers: set[bytes],
+    found: dict[bytes, dict[tuple[int, int], bytes]],
+) -> list[bytes]:
+    """Note the files with one of *headers* in the directory open as *dir_fd* (at *below*
+    under the root); returns its subdirectories, to search next."""
+    with os.scandir(dir_fd) as entries:
+        listed = [
+            (os.fsencode(entry.name), entry.is_dir(follow_symlinks=False),
+             entry.is_file(follow_symlinks=False))
+            for entry in entries
+        ]
+    subdirs: list[bytes] = []
+    for name, is_dir, is_file in listed:
+        if is_internal(os.fsdecode(name)):
+            continue  # the journal, IVs, sidecars, temporaries, kmsfs.longlinks, the pool
+        path = below + b"/" + name if below else name
+        if is_dir:
+            subdirs.append(path)
+        elif is_file:
+            _note_header(dir_fd, name, path, headers, found)
+    return subdirs
+
+
 def _note_header(
-    path: bytes, headers: set[bytes], found: dict[bytes, dict[tuple[int, int], bytes]]
+    dir_fd: int,
+    name: bytes,
+    path: bytes,
+    headers: set[bytes],
+    found: dict[bytes, dict[tuple[int, int], bytes]],
 ) -> None:
     try:
-        fd = open_unread(reach(path))
+        fd = _open_at(name, os.O_RDONLY, dir_fd)
     except OSError:
         return  # gone since the listing, or not readable by this daemon: passed over
     try:
@@ -389,17 +472,18 @@ def _note_header(
 
 
 def _apply(
-    root: bytes,
+    root_fd: int,
     record: Record,
     elsewhere: list[bytes] | None,
     cipher_of: Callable[[FileHeader], ContentCipher],
 ) -> int:
     """Put back *record*'s torn blocks in its file: at its path, or if *elsewhere* is not None
-    (its path no longer holds it), in the one file found with its header."""
+    (its path no longer holds it), in the one file found with its header. Both are paths
+    below the root open as *root_fd*, opened following no symlink (module docstring)."""
     _check(record)
     block = (record.offset - HEADER_SIZE) // CIPHER_BLOCK_SIZE
     if elsewhere is None:
-        path = root + b"/" + record.path
+        path = record.path
     elif len(elsewhere) == 1:
         path = elsewhere[0]
     elif elsewhere:
@@ -408,7 +492,7 @@ def _apply(
         )
     else:
         raise _NotFound("no file with its header at its path or anywhere else: the file is gone")
-    fd = open_regular(reach(path), os.O_RDWR)
+    fd = _open_beneath(root_fd, path, os.O_RDWR)
     try:
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now
@@ -439,7 +523,7 @@ def _apply(
             " at %s, %d block(s) put back there",
             record.sequence,
             os.fsdecode(record.path),
-            os.fsdecode(os.path.relpath(path, root)),
+            os.fsdecode(path),
             repaired,
         )
     return repaired
