@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(8)
         self.dir_noatime = False  # -o noatime or nodiratime: listings leave atime alone
         # Hidden, but counted in the root's st_nlink by the backing file system (see _attrs).
-        self.longlink_dir_exists = os.path.isdir(self.table.root_path + b"/" + LONGLINK_DIR_B)
+        self.longlink_dir_exists = _is_dir(self.table.root_path + b"/" + LONGLINK_DIR_B)
         self.pool_dir_exists = os.path.isdir(self.table.root_path + b"/" + POOL_DIR_B)
         self.pool: DirPool | None = None  # see start_dir_pool
         self.timeout = timeout
@@ -166,9 +167,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         stored = os.fsdecode(os.readlink(reach(path)))
 
         def read_blob() -> str:
-            blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + os.fsencode(stored)
             try:
-                return read_internal_file(blob, 8192).decode("ascii")
+                with longlinks_dir(self.table.root_path) as blobs:
+                    return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode(
+                        "ascii"
+                    )
             except (OSError, UnicodeDecodeError) as exc:
                 raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
 
@@ -198,23 +201,21 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(b"", dir_fd=fd)
                 if is_longlink(os.fsdecode(target)):
-                    blob = self.table.root_path + b"/" + LONGLINK_DIR.encode() + b"/" + target
-                    return (fd, blob), st
+                    return (fd, target), st
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
         return None, st
 
-    @staticmethod
-    def _drop_longlink(held: tuple[int, bytes] | None) -> None:
+    def _drop_longlink(self, held: tuple[int, bytes] | None) -> None:
         """After the entry is gone: remove the blob if no link to the symlink is left."""
         if held is None:
             return
         fd, blob = held
         try:
             if os.fstat(fd).st_nlink == 0:
-                _unlink_quiet(blob)
+                _remove_blob(self.table.root_path, blob)
         finally:
             os.close(fd)
 
@@ -332,8 +333,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             try:
                 os.symlink(disk_link.target, reach(path))
             except BaseException:
-                if blob is not None:
-                    _unlink_quiet(blob)  # its name is random: nothing else can use it
+                if blob is not None:  # its name is random: nothing else can use it
+                    _remove_blob(self.table.root_path, blob)
                 raise
             own_new(path)
 
@@ -508,28 +509,60 @@ def _exchange(a: bytes, b: bytes) -> bool:
     return True
 
 
-def _unlink_quiet(path: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+@contextlib.contextmanager
+def longlinks_dir(root: bytes, create: bool = False) -> Iterator[bytes]:
+    """The long-symlink blob directory of the volume at *root*, as ``/proc/self/fd/N``: opened
+    without following a symlink. Whoever can write the ciphertext directory can put a symlink
+    at its name, and the daemon (root, usually) then wrote, read and removed blobs wherever it
+    led. A symlink or anything but a directory there is OSError(EIO), with a log line; with
+    *create*, a missing directory is made (and its entry fsync'd into the root)."""
+    path = root + b"/" + LONGLINK_DIR_B
+    if create and not os.path.lexists(path):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o711)
+        fsync_dir(root)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        log.error("%s is not a directory (a symlink?): long symlink targets unavailable",
+                  LONGLINK_DIR)
+        raise OSError(errno.EIO, f"{LONGLINK_DIR} is not a directory") from None
+    try:
+        yield b"/proc/self/fd/%d" % fd
+    finally:
+        os.close(fd)
+
+
+def _is_dir(path: bytes) -> bool:
+    """A directory at *path* itself (a symlink to one is not)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _remove_blob(root: bytes, name: bytes) -> None:
+    """Remove a blob no symlink names any more. Its entry is gone already: a blob that cannot
+    be removed is only a leftover (fsck reports it), not the caller's failure."""
+    with contextlib.suppress(OSError), longlinks_dir(root) as blobs:
+        os.unlink(blobs + b"/" + name)
 
 
 def _write_blob(root: bytes, name: str, content: str) -> bytes:
-    """Write and fsync a long-symlink blob before the symlink that names it; return its path.
+    """Write and fsync a long-symlink blob before the symlink that names it; return its name.
 
     Blob names are random (a nonce), so a crash before the symlink exists leaves at most an
     unreferenced blob, which fsck reports. The blob's entry is fsync'd too (and the blob
     directory's, made on first use, into the root), so no durable symlink can name a blob that
     is not.
     """
-    blob_dir = root + b"/" + LONGLINK_DIR.encode()
-    if not os.path.isdir(blob_dir):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(blob_dir, 0o711)
-        fsync_dir(root)
-    blob = blob_dir + b"/" + os.fsencode(name)
     data = content.encode("ascii")
-    write_new(Path(os.fsdecode(blob)), data, 0o444, temp_prefix=TEMP_PREFIX, parents=False)
-    return blob
+    with longlinks_dir(root, create=True) as blobs:
+        blob = Path(os.fsdecode(blobs)) / name
+        write_new(blob, data, 0o444, temp_prefix=TEMP_PREFIX, parents=False)
+    return os.fsencode(name)
 
 
 def _open_journal(root: bytes, keys: ContentKeys) -> WriteJournal | None:
