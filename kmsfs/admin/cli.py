@@ -22,13 +22,16 @@ from kmsfs.cliutil import (
     setup_logging,
 )
 from kmsfs.completion import bash_script
-from kmsfs.errors import HsmError, StoreError, UsageError
+from kmsfs.errors import FormatError, HsmError, KmsfsError, StoreError, UsageError
+from kmsfs.fs import config as volconfig
 from kmsfs.hsm.pins import PinSource, pin_source_from_args
+from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.fields import HEX_ID
 from kmsfs.model.records import NAME_PATTERN
-from kmsfs.service import domains, hsms, operators, store_init, trusts
+from kmsfs.service import domains, hsms, imports, operators, store_init, trusts
 from kmsfs.service.context import Context, default_store_path
 from kmsfs.statusline import Steps
+from kmsfs.store.documents import MAX_DOCUMENT_BYTES
 
 PROG = "kmsfs-admin"
 
@@ -185,6 +188,28 @@ class Command:
         self.one(
             render.operator(record),
             f"operator {record.name} created (key in {protection})\n{record.key.key_id}",
+        )
+
+    def operator_change_pin(self) -> None:
+        a = self.args
+        if not (a.new_pin_file or a.new_pin_env or sys.stdin.isatty()):
+            raise UsageError(
+                "no terminal to ask for the new PIN or passphrase on: give --new-pin-file or "
+                "--new-pin-env"
+            )
+        record = operators.change_secret(
+            self.ctx,
+            a.name,
+            self.pin(f"current PIN or passphrase of operator {a.name}"),
+            pin_source_from_args(
+                a.new_pin_file, a.new_pin_env, f"new PIN or passphrase of operator {a.name}"
+            ),
+        )
+        what = "PIN" if record.protection == "token" else "passphrase"
+        self.one(
+            {**render.operator(record), "changed": what.lower()},
+            f"operator {record.name}: {what} changed; the key and the signatures made with it "
+            f"stay valid\n{record.key.key_id}",
         )
 
     def operator_list(self) -> None:
@@ -371,6 +396,41 @@ class Command:
     def domain_export(self) -> None:
         sys.stdout.buffer.write(domains.export_bundle(self.ctx, self.args.name).to_bytes() + b"\n")
 
+    def domain_import(self) -> None:
+        done = imports.import_bundle(self.ctx, _read_bundle(self.args.source), pin=self.args.pin)
+        domain = done.verified.sealed.domain
+        what = "imported" if done.domain_added else "already in the store:"
+        self.one(
+            {
+                **render.verified_domain(done.verified),
+                "domain_added": done.domain_added,
+                "trusts_added": done.trusts_added,
+            },
+            f"domain {domain.name}: {what} generation {domain.generation}, "
+            f"{done.trusts_added} trust(s) added\n{done.verified.sealed.id}",
+        )
+
+
+def _read_bundle(source: str) -> DomainBundle:
+    """A Domain bundle from a file (``domain export``), ``-`` (standard input), or a ciphertext
+    directory (the copy its kmsfs.conf carries). Errors name the source."""
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1)
+        elif Path(source).is_dir():
+            data = volconfig.load(Path(source)).domain_bundle
+        else:
+            with open(source, "rb") as handle:
+                data = handle.read(MAX_DOCUMENT_BYTES + 1)
+    except OSError as exc:
+        raise StoreError(f"{source}: {exc.strerror}") from None
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise FormatError(f"{source}: larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return DomainBundle.from_bytes(data)
+    except KmsfsError as exc:
+        raise type(exc)(f"{source}: {exc}") from None
+
 
 def _shorten(value: Any) -> Any:
     return short(value) if isinstance(value, str) and HEX_ID.fullmatch(value) else value
@@ -505,9 +565,9 @@ def build_parser() -> Parser:
         "kmsfs-admin --agent /run/kmsfs/hsmd.sock hsm health",
     )
 
-    op = groups.add_parser("operator", help="create and list operators").add_subparsers(
-        dest="sub", metavar="ACTION", required=True
-    )
+    op = groups.add_parser(
+        "operator", help="create and list operators, change their PIN or passphrase"
+    ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         op,
         "create",
@@ -533,6 +593,37 @@ def build_parser() -> Parser:
         "whoever can read the store's private directory",
     )
     _pin_options(p, "operator's new PIN or passphrase")
+    p = command(
+        op,
+        "change-pin",
+        "operator_change_pin",
+        "change an operator's token PIN, or the passphrase of its key file (the key stays)",
+        "kmsfs-admin operator change-pin alice --pin-file alice.pin --new-pin-file alice.new",
+    )
+    p.description = (
+        f"{p.description}\n\n"
+        "The operator's key does not change: its key id, the Trusts that list it and every\n"
+        "signature made with it stay valid. A new token PIN needs at least "
+        f"{operators.MIN_TOKEN_PIN_LENGTH} characters,\n"
+        f"{operators.MIN_TOKEN_PIN_DISTINCT} of them different: operators made before that rule "
+        "should change theirs.\n"
+        f"A new passphrase needs at least {operators.MIN_SECRET_LENGTH} characters. Without "
+        "--new-pin-file or\n"
+        "--new-pin-env, the new one is asked for twice on the terminal."
+    )
+    p.add_argument("name", metavar="NAME", help="the operator")
+    _pin_options(p, "operator's current PIN or passphrase")
+    new = p.add_mutually_exclusive_group()
+    new.add_argument(
+        "--new-pin-file",
+        metavar="F",
+        help="read the new PIN or passphrase from file F (all of it, less a final newline)",
+    )
+    new.add_argument(
+        "--new-pin-env",
+        metavar="VAR",
+        help="read the new PIN or passphrase from environment variable VAR",
+    )
     command(
         op, "list", "operator_list", "list the operators of the store", "kmsfs-admin operator list"
     )
@@ -621,7 +712,7 @@ def build_parser() -> Parser:
     p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
 
     dm = groups.add_parser(
-        "domain", help="create, list, verify, rewrap and export domains"
+        "domain", help="create, list, verify, rewrap, export and import domains"
     ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         dm,
@@ -682,6 +773,24 @@ def build_parser() -> Parser:
         "kmsfs-admin domain export payroll > payroll.domain",
     )
     p.add_argument("name", metavar="NAME", help="the domain's name")
+    p = command(
+        dm,
+        "import",
+        "domain_import",
+        "take a domain bundle (domain export, a backup, a ciphertext directory's copy) into "
+        "the store, verified against its pinned root first",
+        "kmsfs-admin domain import payroll.domain\n"
+        "  kmsfs-admin domain import /srv/cipher/payroll --pin 3f9c1e2d4b5a",
+    )
+    p.add_argument(
+        "source", metavar="FILE|DIR|-",
+        help="a bundle file, - for standard input, or a ciphertext directory (its kmsfs.conf)",
+    )
+    p.add_argument(
+        "--pin", metavar="TRUST_ID",
+        help="a store that has not pinned the genesis's successor pins the bundle's (its id, "
+        "or 12 characters or more of it): check it with the other operators first",
+    )
     audit_cmd.add_parser(groups, command)
     p = command(
         groups,

@@ -14,7 +14,6 @@ a forged approval nor occupy the file a real one would take.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -28,7 +27,6 @@ from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request, pr
 from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
-    AlreadyExistsError,
     ChainError,
     KmsfsError,
     NotFoundError,
@@ -39,15 +37,14 @@ from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64decode, b64encode
 from kmsfs.model.domain import BINDING_INFO_PREFIX
 from kmsfs.model.records import check_name
-from kmsfs.model.trust import SealedTrust, Signature, Trust, valid_approvals
+from kmsfs.model.trust import SealedTrust, Signature, Trust
 from kmsfs.model.verify import (
     Anchor,
     VerifiedDomain,
     verify_approvals,
-    verify_chain,
     verify_domain,
 )
-from kmsfs.service import domains, hsms, trusts
+from kmsfs.service import domains, hsms, imports, trusts
 from kmsfs.service.context import Context
 
 log = logging.getLogger(__name__)
@@ -360,7 +357,7 @@ class Agent:
                 raise UsageError("a root trust is made by 'kmsfs-admin init', not sealed")
             self._import_chain(chain, trust.predecessor, allow_unpinned=True)
             predecessor = chain[-1]
-            valid = _counting(trust, approvals, predecessor.trust)
+            valid = imports.member_approvals(trust, approvals, predecessor.trust)
             # Both quorums before anything of this request is written: a client without them
             # cannot leave so much as a proposal in the agent's store.
             verify_approvals(trust, valid, predecessor)
@@ -373,7 +370,7 @@ class Agent:
                 )
                 self.ctx.store.save_trust(trust)
                 for approval in valid:
-                    _keep(self.ctx.store.save_signature, "approval", approval)
+                    imports.keep_signature(self.ctx, "approval", approval)
                 sealed = trusts._seal(self.ctx, trust.id, None)  # trusts.seal, lock held
             return {"seal": sealed.seal.to_dict("seal")}
 
@@ -419,20 +416,7 @@ class Agent:
         a successor Trust removed) is refused and never written: once in the store it would
         make ``domains.history`` fail closed for every client of the Domain."""
         self._import_chain(list(bundle.chain), bundle.domain.domain.trust)
-        verified = domains.verify_bundle(self.ctx, bundle)
-        with self.ctx.store.exclusive():  # what the history is must hold until it is written
-            domains.newest_verified(self.ctx, bundle)
-            if bundle.domain.id not in self.ctx.store.domain_ids():
-                # Not written unless its keys are its own: a generation made before key
-                # binding (which anyone holding an HSM's PIN can still seal) is taken only
-                # from the store itself, and a bound one is checked in the HSM first.
-                if not bundle.domain.domain.bound:
-                    raise ChainError(
-                        f"domain {bundle.domain.domain.name}: the agent takes in no generation "
-                        "made before key binding; bind it in the store that holds it"
-                    )
-                domains.check_bindings(self.ctx, verified)
-                self.ctx.store.save_domain(bundle.domain)
+        imports.take_generation(self.ctx, bundle)
         verified = make()
         self._forget(bundle.domain.domain.name)
         return _domain_result(verified)
@@ -458,18 +442,10 @@ class Agent:
         self, chain: Sequence[SealedTrust], last: str, allow_unpinned: bool = False
     ) -> None:
         """Verify a client's Trust chain against the agent's root, then keep its documents."""
-        if not chain or chain[-1].id != last:
-            raise ChainError(f"the chain sent does not end at trust {last[:12]}")
         if not (allow_unpinned and len(chain) == 1):
             self._require_pinned()
-        verify_chain(chain, self.ctx.store.anchor())
-        previous: Trust | None = None
-        for link in chain:
-            self.ctx.store.save_trust(link.trust)
-            for approval in _counting(link.trust, list(link.approvals), previous):
-                _keep(self.ctx.store.save_signature, "approval", approval)
-            _keep(self.ctx.store.save_signature, "seal", link.seal)
-            previous = link.trust
+        imports.check_chain(self.ctx, chain, last)
+        imports.save_chain(self.ctx, chain)
 
     def close(self) -> None:
         """Write the refusal counts still owed to the audit log, close every open Domain."""
@@ -480,26 +456,8 @@ class Agent:
             entry.keys.close()
 
 
-def _keep(save: Callable[[str, Signature], bool], kind: str, signature: Signature) -> None:
-    """Store a verified signature unless the store holds one of this key already: RSA-PSS
-    signatures are randomized, so another valid one for the same document is no conflict."""
-    with contextlib.suppress(AlreadyExistsError):
-        save(kind, signature)
-
-
 def _chain(args: dict[str, Any], what: str) -> list[SealedTrust]:
     return [SealedTrust.from_dict(t) for t in fields.array(args, "chain", what)]
-
-
-def _counting(
-    trust: Trust, approvals: Sequence[Signature], predecessor: Trust | None
-) -> list[Signature]:
-    """The approvals that are valid signatures by a member of the Trust or its predecessor:
-    the only ones the agent stores (a forged one is dropped, never written)."""
-    members = {m.key.key_id: m for m in trust.operators}
-    if predecessor is not None:
-        members.update({m.key.key_id: m for m in predecessor.operators})
-    return [a for _, a in valid_approvals(trust, approvals, list(members.values()))]
 
 
 def _domain_result(verified: VerifiedDomain) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Operator actions: create an operator (key in its own token, or passphrase file), sign."""
+"""Operator actions: create an operator (key in its own token, or passphrase file), sign,
+change the PIN or passphrase."""
 
 from dataclasses import replace
 from pathlib import Path
 
-from kmsfs.errors import AlreadyExistsError, IntegrityError, UsageError
+from kmsfs.errors import AlreadyExistsError, IntegrityError, NotFoundError, PinError, UsageError
 from kmsfs.hsm import softhsm
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
@@ -31,7 +32,12 @@ MIN_TOKEN_PIN_LENGTH = 12
 MIN_TOKEN_PIN_DISTINCT = 4
 
 
-def check_token_pin(pin: str) -> None:
+#: What a refused token PIN's message advises at ``operator create``; a change cannot turn a
+#: token into a key file, so :func:`change_secret` advises only a longer PIN.
+CREATE_HINT = "use a longer PIN, or --passphrase"
+
+
+def check_token_pin(pin: str, hint: str = CREATE_HINT) -> None:
     """Refuse a PIN too weak to guard an operator key in the store's embedded SoftHSM2 token.
 
     The one rule for an operator's token PIN, whatever it comes from (--pin-file, --pin-env, the
@@ -53,14 +59,22 @@ def check_token_pin(pin: str) -> None:
     if len(pin) < MIN_TOKEN_PIN_LENGTH or len(set(pin)) < MIN_TOKEN_PIN_DISTINCT:
         raise UsageError(
             f"an operator's token PIN needs at least {MIN_TOKEN_PIN_LENGTH} characters, "
-            f"{MIN_TOKEN_PIN_DISTINCT} of them different ({why} a weaker one); use a longer "
-            "PIN, or --passphrase"
+            f"{MIN_TOKEN_PIN_DISTINCT} of them different ({why} a weaker one); {hint}"
         )
     if len(pin.encode()) > softhsm.MAX_PIN_LENGTH:
         raise UsageError(
             f"an operator's token PIN has at most {softhsm.MAX_PIN_LENGTH} bytes (SoftHSM2's "
             "limit); use a shorter one"
         )
+
+
+def check_new_secret(protection: str, value: str, hint: str = CREATE_HINT) -> None:
+    """The one rule for a new operator secret, at ``operator create`` and at a change alike:
+    :func:`check_token_pin` for a token PIN, :data:`MIN_SECRET_LENGTH` for a passphrase."""
+    if protection == "token":
+        check_token_pin(value, hint)
+    elif len(value) < MIN_SECRET_LENGTH:
+        raise UsageError(f"a passphrase needs at least {MIN_SECRET_LENGTH} characters")
 
 
 #: A create in progress leaves ``private/operator-pending/NAME`` until just before the operator
@@ -88,10 +102,7 @@ def create_operator(
     if name in ctx.store.operator_names():  # before asking for a PIN; checked again below
         raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
     value = secret.read()
-    if protection == "passphrase" and len(value) < MIN_SECRET_LENGTH:
-        raise UsageError(f"a passphrase needs at least {MIN_SECRET_LENGTH} characters")
-    if protection == "token":
-        check_token_pin(value)
+    check_new_secret(protection, value)
     with ctx.store.exclusive():
         if name in ctx.store.operator_names():
             raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
@@ -189,12 +200,68 @@ def sign_as(
     try:
         record.key.verify(value, message)
     except IntegrityError:
-        raise IntegrityError(
-            f"the key that signed for operator {record.name} is not the key "
-            f"{record.key.key_id[:12]} that operators/{record.name}.json in {ctx.store.root} "
-            "names: the record was replaced, or the token or key file is another's; nothing "
-            "was saved"
+        raise _not_its_key(
+            ctx, record, f"the key that signed for operator {record.name}", "nothing was saved"
         ) from None
+    return value
+
+
+def _not_its_key(ctx: Context, record: OperatorRecord, which: str, outcome: str) -> IntegrityError:
+    """The refusal when the token or key file on this machine holds another key than the
+    operator's record names (see :func:`sign_as` for how a store writer gets there)."""
+    return IntegrityError(
+        f"{which} is not the key {record.key.key_id[:12]} that operators/{record.name}.json in "
+        f"{ctx.store.root} names: the record was replaced, or the token or key file is "
+        f"another's; {outcome}"
+    )
+
+
+def change_secret(
+    ctx: Context, name: str, current: PinSource, new: PinSource
+) -> OperatorRecord:
+    """Change the PIN of operator ``name``'s token, or the passphrase of its key file.
+
+    The key stays: the record, its key id and every signature made with it stay valid, so no
+    document changes and no Trust needs approving again. This is how an operator made before
+    the 12-character rule (:func:`check_token_pin`) gets a PIN that meets it. Refused, with
+    nothing changed: an unknown operator, or one whose key is not on this machine (before any
+    secret is asked for); a new secret that ``operator create`` would refuse, or the current
+    one again (before the key is touched); a wrong current secret.
+    """
+    record = ctx.store.operator(name)
+    what = "PIN" if record.protection == "token" else "passphrase"
+    key_file = ctx.private.operator_key_file(name)
+    location = ctx.private.access("operator", name)[0] if record.protection == "token" else None
+    if location is None and not key_file.exists():
+        raise NotFoundError(f"operator {name}: key file {key_file} is not on this machine")
+    old = current.read()
+    fresh = _read_new(new, what)
+    check_new_secret(record.protection, fresh, hint=f"use a longer {what}")
+    if fresh == old:
+        raise UsageError(f"the new {what} of operator {name} is the current one; nothing changed")
+    with ctx.store.exclusive():  # two changes at once: the second finds the old secret wrong
+        try:
+            if location is not None:
+                operator_keys.token_change_pin(location, old, fresh, record.key)
+            else:
+                operator_keys.keyfile_change_passphrase(key_file, name, old, fresh, record.key)
+        except IntegrityError:
+            raise _not_its_key(
+                ctx, record, f"the key of operator {name} on this machine", "nothing was changed"
+            ) from None
+    return record
+
+
+def _read_new(source: PinSource, what: str) -> str:
+    """The new secret, asked twice at the prompt: a typo there would lock the key away for
+    good, since nobody can reset an operator's PIN (the token's SO PIN is thrown away)."""
+    try:
+        value = source.read()
+        again = replace(source, prompt=f"{source.prompt} (again)") if source.prompt else None
+        if again is not None and again.read() != value:
+            raise PinError("the two typed differ")
+    except PinError as exc:
+        raise PinError(f"the new {what}: {exc}; nothing changed") from None
     return value
 
 

@@ -1,0 +1,134 @@
+"""``kmsfs-admin domain import``: a Domain bundle (``domain export``, a backup, or the copy in a
+ciphertext directory's kmsfs.conf) taken into a store, with real SoftHSM2 tokens.
+
+The replica is a copy of the store made right after its operators were created: it has the
+same HSMs and root, but none of the Trusts and Domains made since (a store restored from an
+old backup, or a second site's). An import must verify everything against the replica's own
+pinned root before it writes a byte, and write nothing the replica's history would not take.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmsfs import exitcodes
+from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+
+@dataclass
+class Sites:
+    main: Admin
+    replica: Admin
+    trust: str  # the Trust of payroll, sealed in main after the copy
+    bundle: Path  # payroll exported from main
+
+
+@pytest.fixture
+def sites(initialized: Admin, tmp_path: Path) -> Sites:
+    main = initialized
+    main.create_operators("alice")
+    replica = Admin(tmp_path / "replica", main.pins)
+    shutil.copytree(main.store, replica.store, symlinks=True)
+    trust = main.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    main("domain", "create", "payroll", "--trust", trust)
+    bundle = tmp_path / "payroll.domain"
+    bundle.write_text(main("domain", "export", "payroll").stdout)
+    return Sites(main, replica, trust, bundle)
+
+
+def _public(admin: Admin) -> dict[str, bytes]:
+    return {k: v for k, v in tree_snapshot(admin.store).items() if not k.startswith("private")}
+
+
+def test_import_pins_when_asked_then_the_domain_verifies_in_the_replica(sites: Sites) -> None:
+    r = sites.replica
+    before = _public(r)
+    refused = r("domain", "import", str(sites.bundle), check=exitcodes.VERIFICATION)
+    line = one_error_line(refused)
+    assert "has not pinned the genesis's successor" in line and sites.trust in line
+    assert _public(r) == before  # nothing written: no trust, no domain, no pin
+
+    done = r("--json", "domain", "import", str(sites.bundle), "--pin", sites.trust[:12]).json
+    assert done["name"] == "payroll" and done["domain_added"] is True
+    assert done["trusts_added"] == 1 and done["verified"] is True
+    assert json.loads((r.store / "store.json").read_text())["successor"] == sites.trust
+    assert r("--json", "domain", "verify", "payroll").json["id"] == done["id"]
+
+    again = r("--json", "domain", "import", str(sites.bundle)).json  # idempotent
+    assert again["domain_added"] is False and again["trusts_added"] == 0
+
+
+def test_the_next_generation_imports_and_a_step_back_changes_nothing(sites: Sites) -> None:
+    m, r = sites.main, sites.replica
+    r("domain", "import", str(sites.bundle), "--pin", sites.trust)
+    m("domain", "rotate", "payroll")
+    newer = sites.bundle.with_name("payroll-2.domain")
+    newer.write_text(m("domain", "export", "payroll").stdout)
+    out = r("domain", "import", str(newer)).stdout
+    assert "generation 2" in out
+    assert r("--json", "domain", "verify", "payroll").json["generation"] == 2
+    # The older bundle again: the store holds it, nothing to write, the newest stays.
+    r("domain", "import", str(sites.bundle))
+    assert r("--json", "domain", "verify", "payroll").json["generation"] == 2
+
+
+def test_a_tampered_or_foreign_bundle_is_refused_and_nothing_is_written(
+    sites: Sites, tmp_path: Path
+) -> None:
+    r = sites.replica
+    doc = json.loads(sites.bundle.read_text())
+    doc["domain"]["domain"]["name"] = "evil"  # the seal no longer covers it
+    forged = tmp_path / "forged.domain"
+    forged.write_text(json.dumps(doc))
+    other = Admin(tmp_path / "other", sites.main.pins)
+    other("init", "--hsms", "1")
+    foreign = tmp_path / "foreign.domain"
+    other.create_operators("alice")
+    foreign_trust = other.sealed_trust(["hsm1"], ["alice"], 1)
+    other("domain", "create", "payroll", "--trust", foreign_trust)
+    foreign.write_text(other("domain", "export", "payroll").stdout)
+    garbage = tmp_path / "garbage.domain"
+    garbage.write_text("{not json")
+
+    before = _public(r)
+    for path, pin, want in (
+        (forged, sites.trust, "seal"),
+        (foreign, foreign_trust, "another store"),
+        (garbage, None, str(garbage)),
+        (tmp_path / "missing.domain", None, "missing.domain"),
+    ):
+        args = ["domain", "import", str(path)] + (["--pin", pin] if pin else [])
+        result = r(*args, check=None)
+        assert result.returncode != 0, args
+        assert want in one_error_line(result), (args, result.stderr)
+    assert _public(r) == before
+
+
+def test_a_pin_that_is_not_the_bundles_is_refused(sites: Sites) -> None:
+    r = sites.replica
+    before = _public(r)
+    result = r("domain", "import", str(sites.bundle), "--pin", "0" * 64, check=exitcodes.USAGE)
+    assert sites.trust in one_error_line(result)
+    assert _public(r) == before
+
+
+def test_import_from_a_ciphertext_directory(sites: Sites, tmp_path: Path) -> None:
+    """The copy of the Domain a volume carries is enough to restore it into a store."""
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "kmsfs.fs.cli", "init", str(cipher), "--domain", "payroll",
+         "--store", str(sites.main.store)],
+        check=True, capture_output=True, timeout=120,
+    )
+    r = sites.replica
+    r("domain", "import", str(cipher), "--pin", sites.trust)
+    assert r("--json", "domain", "verify", "payroll").json["verified"] is True
+
