@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(softhsm2 opensc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev gocryptfs fio attr
-          systemd)
+          systemd e2fsprogs)  # e2fsprogs: mkfs.ext4 for the power-cut tests (test_fs_powercut.py)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
