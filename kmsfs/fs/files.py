@@ -14,8 +14,9 @@ Crash safety: a write rewrites whole ciphertext blocks with one ``pwrite`` per c
 kernel can still cut a pwrite short at a page boundary when the daemon is killed, which tears
 the block there; so a write over bytes the file already has (and the cut-then-write of a
 shrinking truncate) is first recorded in the volume's write journal, which the next mount
-replays (:mod:`kmsfs.fs.journal`). Holes are encrypted zero blocks: an unauthenticated zero
-block is never accepted as data.
+replays, and a write past the end gets a tail record, with which the next mount cuts off the
+last block it tore (:mod:`kmsfs.fs.journal`, :meth:`FileContent._overwrite`). Holes are
+encrypted zero blocks: an unauthenticated zero block is never accepted as data.
 
 Space: ciphertext files are never sparse, so a hole costs its full size on the backing disk. A
 gap (a write past the end, a truncate or fallocate that grows the file) is filled only if the
@@ -346,16 +347,33 @@ class FileContent:
     def _overwrite(
         self, data: bytes | bytearray, offset: int, csize: int, write: Callable[[], _T]
     ) -> _T:
-        """Run *write* (which puts *data* at ciphertext *offset*) with a journal record if it
-        overwrites bytes the file has: a daemon killed in the middle would tear a block there
-        (kmsfs.fs.journal). Writes past the end risk no older data and are not recorded."""
+        """Run *write* (which puts *data* at ciphertext *offset* of a file of ciphertext size
+        *csize*) with a journal record: a daemon killed in the middle would tear a block
+        (kmsfs.fs.journal).
+
+        A write over bytes the file has gets a redo record, with *data*: the next mount puts
+        back what it tore. A write past the end (*offset* >= *csize*: an append of whole
+        blocks, a new file's first write, the zeros that fill a gap) risks no older data, but
+        the block it tears is the file's last: without a record the file read EIO at its end
+        ever after, and every later append, which reads that block, failed too. So it gets a
+        tail record: the file's size before it and no data (a few dozen bytes, one pwritev,
+        like the mark after it), and the next mount cuts that torn last block off (the file
+        keeps what the write finished, as ext4 does). Even a new file's first write gets one
+        (most writes of tar -x or cp are such): an empty file to write again is better than one
+        that reads EIO. Measured with tools/profile_fs.py --workdir /dev/shm (tar -x of 5,000
+        files, 10,218 writes, on a loaded 2-CPU machine, three runs each, alternated): the
+        write handler's mean went from 91.8 to 96.0 us (some 4 us, 43 ms in all), under 1 %
+        of the phase (6-7 s), which its noise hid (docs/format.md)."""
         journal = self._journal
-        if journal is None or offset >= csize or not self._header:
+        if journal is None or not self._header:
             return write()
         path, made = self._path, self._journal_path
         if made is None or made[0] != path:
             made = self._journal_path = (path, journal.relative(path))
-        at = journal.begin(made[1], self._header, offset, data)
+        if offset >= csize:
+            at = journal.begin_tail(made[1], self._header, offset)
+        else:
+            at = journal.begin(made[1], self._header, offset, data)
         if at is None:
             # Unrecorded (the journal is full): older records of these blocks, returned and
             # not yet marked, must not outlive it, or a replay would put them back over it.
@@ -521,8 +539,8 @@ class FileContent:
                 old_last = old_first if last == first and old_first else self._read_block(last)
                 plain += old_last[end - last * BLOCK_SIZE :]
         out = self._cipher_for_writing().encrypt_blocks(first, plain)
-        if prefix:
-            return _pwrite_all(self.fd, prefix + out, 0, csize)
+        if prefix:  # a tail record of size 0: a kill in this write leaves an empty file
+            return self._overwrite(b"", 0, 0, lambda: _pwrite_all(self.fd, prefix + out, 0, csize))
         start = cipher_offset(first)
         # Appending to a partial last block: its old bytes, just read, are all the write covers.
         covered = raw_first if start + len(raw_first) == csize else None

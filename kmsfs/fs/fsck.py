@@ -134,9 +134,11 @@ class _Checker:
         self.report.warnings.append(Problem(kind, self._rel(path), plain, detail))
 
     def journal(self) -> None:
-        """Live records: a daemon was killed in the middle of an overwrite (or just after one,
-        before it marked the record). The next mount puts back what it tore; until then, a
-        block it names may show as damage."""
+        """Live records: a daemon was killed in the middle of a write (or just after one,
+        before it marked the record). The next mount puts back what it tore (or cuts off the
+        torn end a write past the end left); until then, a block it names may show as damage.
+        A file its owner may not write (mode 0444, as git makes its objects) is repaired only
+        by a daemon running as root or as that owner (kmsfs.fs.journal._writable): said so."""
         try:
             live = live_records(os.fsencode(self.root))
         except OSError as exc:
@@ -144,12 +146,19 @@ class _Checker:
             return
         if live:
             files = sorted({os.fsdecode(r.path) for r in live})
+            locked = [f"{name} (mode {mode:04o}, owner uid {uid})"
+                      for name, mode, uid in (_read_only(self.root, f) for f in files) if name]
+            needs = ""
+            if locked:
+                needs = ("; a mount that is not root can repair only files it owns, and "
+                         f"{', '.join(locked)} must be repaired by one running as root or as "
+                         "that owner")
             self.warn(
                 "interrupted-write",
                 self.root / JOURNAL_NAME,
                 None,
                 f"{len(live)} write(s) a killed daemon may have cut short, in {', '.join(files)}: "
-                "mount the volume once to put back the blocks they tore",
+                f"mount the volume once to put back the blocks they tore{needs}",
             )
 
     # directories and names
@@ -378,7 +387,9 @@ class _Checker:
                 except IntegrityError:
                     bad += 1
                     if bad <= MAX_BLOCK_PROBLEMS:
-                        self.damage("block", path, plain, "fails authentication",
+                        self.damage("block", path, plain, "fails authentication"
+                                    + (_TORN_END if n == blocks - 1 and size % 4096 == 0
+                                       else ""),
                                     block=n, offset=n * content.BLOCK_SIZE)
                 self.advance(len(block))
                 n += 1
@@ -386,6 +397,25 @@ class _Checker:
             self.damage("blocks", path, plain,
                         f"{bad - MAX_BLOCK_PROBLEMS} more blocks fail authentication "
                         f"({bad} of {blocks})")
+
+
+#: What fsck adds to a failing last block of a file that ends at a page boundary: where a kill
+#: stops a write, so most likely a write past the end cut short (by a daemon without tail
+#: records: a mount with them cuts such an end off, if its record says so).
+_TORN_END = (" (the file's last block, ending at a 4096-byte boundary: probably a write past "
+             "the end cut short by a killed daemon; truncating the file to the block's start "
+             "keeps everything before it)")
+
+
+def _read_only(root: Path, relative: str) -> tuple[str, int, int]:
+    """(*relative*, mode, owner) if the file there is one its owner may not write, else ""."""
+    try:
+        st = os.lstat(root / relative)
+    except (OSError, ValueError):
+        return "", 0, 0
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & stat.S_IWUSR:
+        return "", 0, 0
+    return relative, stat.S_IMODE(st.st_mode), st.st_uid
 
 
 def _reach(path: Path) -> bytes:

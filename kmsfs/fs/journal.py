@@ -4,29 +4,39 @@ Linux cuts a buffered write short at a page boundary when the writer gets SIGKIL
 runs before each page). A ciphertext block is 4124 bytes at ``18 + 4124 n``, so every block
 straddles a page boundary, and a write cut there leaves one block half new and half old: it no
 longer authenticates, and the older data in it, fsync'd or not, would read as EIO
-(DESIGN.md §2.5). Writes into space the file did not have yet cannot lose older data, but a
-write over bytes the file already has (an overwrite, the read-modify-write of a partial last
-block when appending, the shortened last block of a truncate) can.
+(DESIGN.md §2.5). A write over bytes the file already has (an overwrite, the read-modify-write
+of a partial last block when appending, the shortened last block of a truncate) would lose
+older data. A write into space the file did not have yet (an append of whole blocks, a new
+file's first write, the zeros of a gap) loses none, but leaves a torn last block: the file read
+EIO at its end, and every later append (which rewrites that block) failed, for good.
 
-So before such a write, kmsfs puts the new ciphertext in ``kmsfs.journal`` in the volume root,
-and marks the record done once the write has returned (in the pause after the reply, or before
-a truncate; :meth:`WriteJournal.done`). The next mount replays the records still live: every
-block in them that no longer authenticates on disk gets the record's block, which must itself
-authenticate as that block of that file (a record cannot put anything else in a file: an
-attacker who writes the journal can at most bring back a valid older block, which they can do
-directly; docs/threat-model.md).
+So before an overwrite, kmsfs puts the new ciphertext in ``kmsfs.journal`` in the volume root
+(a redo record), and before a write past the end, the file's size before it (a tail record, no
+data); it marks the record done once the write has returned (in the pause after the reply, or
+before a truncate; :meth:`WriteJournal.done`). The next mount replays the records still live:
+every block of a redo record that no longer authenticates on disk, and that its write tore,
+gets the record's block, which must itself authenticate as that block of that file (a record
+cannot put anything else in a file: an attacker who writes the journal can at most bring back
+a valid older block, which they can do directly; docs/threat-model.md); a tail record cuts off
+the file's last block if the write tore it (:func:`_apply_tail`), which an attacker could do
+directly too. Both check the tear's shape (:func:`_torn_by`, :func:`_apply_tail`), so a record
+left live on the disk by a power cut acts only on a tear its own write made.
 
 The journal is not fsync'd: it covers the daemon's death (kill -9, the OOM killer, a crash),
 after which the page cache keeps both it and the file. A power cut can still tear a block that
 was being overwritten, as on any file system that does not journal data (docs/threat-model.md).
+What a replay repairs is fdatasync'd, and only then is the journal emptied and fsync'd, so a
+power cut after a mount neither undoes the repair nor brings back the records.
 
-Record (docs/format.md, "Write journal"): ``KJR1`` | state (1: live, 0: done) | u64 sequence |
-u32 body length | body | u32 CRC-32; body = u16 path length | path (relative to the volume
-root) | the file's 18-byte header | u64 ciphertext offset | ciphertext. The CRC covers the
-sequence, the length and the body up to the ciphertext (which authenticates block by block).
-A replay reads records from offset 0 while the sequence goes up by one; the space is reused
-from 0 whenever no write is in flight, so what follows the last record is older and stops the
-walk.
+Record (docs/format.md, "Write journal"): ``KJR1`` | state (1: live redo, 2: live tail, 0:
+done; a reader skips a state it does not know) | u64 sequence | u32 body length | body | u32
+CRC-32; body = u16 path length | path (relative to the volume root) | the file's 18-byte header
+| u64 ciphertext offset (a tail record: the size before the write) | ciphertext (none in a tail
+record). The CRC covers the sequence, the length and the body up to the ciphertext (which
+authenticates block by block). A replay reads records from offset 0 while the sequence goes up
+by one; the space is reused from 0 whenever no write is in flight, so what follows the last
+record is older and stops the walk. The journal is cut back to 0 bytes then if it has grown past
+:data:`SHRINK_ABOVE`, and at a clean unmount.
 
 A record names the path the file had when it was made: the open file's path, which a rename
 moves and the removal of that link (unlink, or a rename over it) switches to another link the
@@ -52,13 +62,15 @@ naming the record; a symlink where its file was counts as the file gone (the sea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import stat
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
@@ -71,7 +83,10 @@ log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "kmsfs.journal"
 MAGIC = b"KJR1"
-LIVE, DONE = 1, 0
+#: Record states: DONE (its write returned), LIVE (a redo record: the ciphertext a write puts
+#: over bytes the file has), TAIL (a tail record: a write past the end, no data). A reader takes
+#: a state it does not know for done, and goes on: kmsfs before tail records skips them.
+LIVE, DONE, TAIL = 1, 0, 2
 _HEAD = struct.Struct(">4sBQI")  # magic, state, sequence, body length
 _STATE_AT = 4  # offset of the state byte in a record
 _DONE_BYTE = bytes([DONE])
@@ -79,38 +94,56 @@ _DONE_BYTE = bytes([DONE])
 #: (a mount that never pauses between requests).
 MAX_UNSETTLED = 64
 _CRC = struct.Struct(">I")
+_PAGE = 4096  # the granularity at which a kill cuts a write (the smallest page size Linux has)
 #: A record's path length is a u16: a file whose ciphertext path under the root is longer (some
 #: 2,700 directories deep, which only relative paths reach) is overwritten unrecorded.
 MAX_PATH_BYTES = 0xFFFF
 #: A record longer than this is not one kmsfs wrote (a write is at most 1 MiB of plaintext).
 MAX_BODY = 2 * 1024 * 1024
 #: What a replay reads of the journal at most: records of the writes in flight at once (a few
-#: of at most 1 MiB each) take far less.
+#: of at most 1 MiB each) take far less. Records past it are not replayed (with a log line).
 MAX_JOURNAL_BYTES = 1 << 30
+#: A journal that has grown past this is cut back to 0 bytes whenever it rewinds (no record
+#: live), and at a clean unmount whatever its size: concurrent overwrites, which leave a write
+#: in flight at nearly every moment, let it grow to hundreds of MiB, of ciphertext long since
+#: overwritten, that the next mount would read whole.
+SHRINK_ABOVE = 8 << 20
 
 
 @dataclass(frozen=True)
 class Record:
+    """A live record. A redo record (``tail`` False) holds the ciphertext *data* written at
+    *offset*; a tail record (``tail`` True) holds none, and *offset* is the ciphertext size the
+    file had before a write past its end (0 for a new file's first write)."""
+
     sequence: int
     path: bytes
     header: bytes
     offset: int
     data: bytes
+    tail: bool = False
 
 
-def encode(sequence: int, path: bytes, header: bytes, offset: int, data: bytes) -> bytes:
-    return b"".join(_pieces(sequence, path, header, offset, data))
+def encode(
+    sequence: int, path: bytes, header: bytes, offset: int, data: bytes, state: int = LIVE
+) -> bytes:
+    return b"".join(_pieces(sequence, path, header, offset, data, state))
 
 
 def _pieces(
-    sequence: int, path: bytes, header: bytes, offset: int, data: bytes | bytearray
+    sequence: int,
+    path: bytes,
+    header: bytes,
+    offset: int,
+    data: bytes | bytearray,
+    state: int = LIVE,
 ) -> tuple[bytes, bytes | bytearray, bytes]:
     """A record as (head, data, CRC), to write without copying the data.
 
     The CRC covers the sequence number, the body's length and its fixed fields, not the
     ciphertext: each block of that authenticates itself, and one cut short is skipped."""
     fixed = struct.pack(">H", len(path)) + path + header + struct.pack(">Q", offset)
-    head = _HEAD.pack(MAGIC, LIVE, sequence, len(fixed) + len(data))
+    head = _HEAD.pack(MAGIC, state, sequence, len(fixed) + len(data))
     crc = zlib.crc32(head[_STATE_AT + 1 :] + fixed)
     return head + fixed, data, _CRC.pack(crc)
 
@@ -134,12 +167,12 @@ def parse(raw: bytes) -> list[Record]:
         if len(body) < fixed or zlib.crc32(covered) != crc:
             break  # cut while it was being written: its write had not begun
         expected, pos = sequence + 1, end
-        if state != LIVE:
-            continue
+        if state not in (LIVE, TAIL) or (state == TAIL and len(body) != fixed):
+            continue  # done, or a kind this kmsfs does not know: never applied
         path = body[2 : 2 + path_len]
         header = body[2 + path_len : 2 + path_len + HEADER_SIZE]
         (offset,) = struct.unpack_from(">Q", body, fixed - 8)
-        records.append(Record(sequence, path, header, offset, body[fixed:]))
+        records.append(Record(sequence, path, header, offset, body[fixed:], state == TAIL))
     return records
 
 
@@ -152,13 +185,24 @@ class WriteJournal:
         self._prefix = root.rstrip(b"/") + b"/"
         self._lock = threading.Lock()
         self._pos = 0
+        self._end = os.lseek(self._fd, 0, os.SEEK_END)  # how far records were ever written
         self._sequence = 1
         self._in_flight = 0  # records begun and not yet marked done
         self._returned: list[int] = []  # of those, the ones whose write returned
 
     def close(self) -> None:
-        self.settle()
-        os.close(self._fd)
+        """Mark what returned done; then, if no write is in flight, empty the journal (a clean
+        unmount leaves no record for the next mount to read) and fsync that, so that no
+        power cut after the unmount brings back records of this mount."""
+        with self._lock:
+            self._settle()
+            try:
+                if self._in_flight == 0 and self._end:
+                    os.ftruncate(self._fd, 0)
+                    os.fsync(self._fd)
+                    self._end = 0
+            finally:
+                os.close(self._fd)
 
     def relative(self, path: bytes) -> bytes:
         """*path* (absolute, under the root) as records name it.
@@ -184,11 +228,22 @@ class WriteJournal:
         One pwritev. A store into a shared mapping of the journal would cost a third as much,
         but one that meets a full disk (btrfs allocates on write, even after fallocate) or a
         journal truncated by someone else kills the daemon with SIGBUS, where a write fails."""
+        return self._begin(relative, header, offset, data, LIVE)
+
+    def begin_tail(self, relative: bytes, header: bytes, size: int) -> int | None:
+        """Record a write past the end of the file *relative*, whose ciphertext size is *size*
+        (0 for a new file's first write, which writes *header*) before the write: a tail
+        record, no data (:func:`_apply_tail`). As :meth:`begin` otherwise."""
+        return self._begin(relative, header, size, b"", TAIL)
+
+    def _begin(
+        self, relative: bytes, header: bytes, offset: int, data: bytes | bytearray, state: int
+    ) -> int | None:
         if len(relative) > MAX_PATH_BYTES:
             log.debug("write journal: path too long for a record; this write goes unrecorded")
             return None
         with self._lock:
-            head, data, crc = _pieces(self._sequence, relative, header, offset, data)
+            head, data, crc = _pieces(self._sequence, relative, header, offset, data, state)
             at = self._pos
             size = len(head) + len(data) + len(crc)
             try:
@@ -199,6 +254,8 @@ class WriteJournal:
                 return None
             self._sequence += 1
             self._pos = at + size
+            if self._pos > self._end:
+                self._end = self._pos
             self._in_flight += 1
             return at
 
@@ -238,6 +295,12 @@ class WriteJournal:
         self._returned.clear()
         if self._in_flight == 0:
             self._pos = 0
+            if self._end > SHRINK_ABOVE:  # every record is done: nothing to keep
+                try:
+                    os.ftruncate(self._fd, 0)
+                    self._end = 0
+                except OSError as exc:
+                    log.debug("write journal: cannot cut it back (%s)", exc.strerror)
         return True
 
 
@@ -261,9 +324,15 @@ def _replay(
 ) -> int:
     name = JOURNAL_NAME.encode()
     try:
-        raw = read_internal_file(name, MAX_JOURNAL_BYTES, dir_fd=root_fd)
+        raw = read_internal_file(name, MAX_JOURNAL_BYTES + 1, dir_fd=root_fd)
     except FileNotFoundError:
         return 0
+    if len(raw) > MAX_JOURNAL_BYTES:
+        raw = raw[:MAX_JOURNAL_BYTES]
+        log.warning(
+            "write journal: larger than %d bytes; records past that are not replayed",
+            MAX_JOURNAL_BYTES,
+        )
     repaired = 0
     # Newest first: of the live records of a block, the newest is the last write to it (a
     # returned write may still be unmarked, and every shrink marks all first), so it is the one
@@ -282,18 +351,24 @@ def _replay(
                 exc.strerror if isinstance(exc, SymlinkOnPath) else exc,
             )
     if raw:  # read_internal_file found a regular file; a FIFO put there since must not block
+        # Every file repaired was fdatasync'd (_apply): only now may the records go, and the
+        # emptied journal is fsync'd, so that no power cut brings them back under this mount's
+        # records, whose sequence numbers start at 1 again.
         fd = open_regular(name, os.O_WRONLY, dir_fd=root_fd)
         try:
             os.ftruncate(fd, 0)
+            os.fsync(fd)
         finally:
             os.close(fd)
     if repaired:
-        log.warning("write journal: %d block(s) torn by an interrupted write put back", repaired)
+        log.warning(
+            "write journal: %d block(s) torn by an interrupted write put back or cut off", repaired
+        )
     return repaired
 
 
 def live_records(root: bytes) -> list[Record]:
-    """The journal's live records (for fsck, which changes nothing)."""
+    """The journal's live records, redo and tail (for fsck, which changes nothing)."""
     try:
         return parse(read_internal_file(root + b"/" + JOURNAL_NAME.encode(), MAX_JOURNAL_BYTES))
     except FileNotFoundError:
@@ -341,6 +416,8 @@ def _check(record: Record) -> None:
         raise FormatError("a path outside the volume")
     if b"\0" in record.path:
         raise FormatError("a path with a NUL byte")  # no file has one; open() would ValueError
+    if record.tail and record.offset == 0:
+        return  # a new file's first write
     if record.offset < HEADER_SIZE or (record.offset - HEADER_SIZE) % CIPHER_BLOCK_SIZE:
         raise FormatError(f"offset {record.offset} is not where a block starts")
 
@@ -492,31 +569,16 @@ def _apply(
         )
     else:
         raise _NotFound("no file with its header at its path or anywhere else: the file is gone")
-    fd = _open_beneath(root_fd, path, os.O_RDWR)
-    try:
+    with _writable(root_fd, path) as fd:
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now
         cipher = cipher_of(FileHeader.parse(record.header))
-        size = os.fstat(fd).st_size
-        repaired = 0
-        for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
-            want = record.data[i : i + CIPHER_BLOCK_SIZE]
-            at = record.offset + i
-            number = block + i // CIPHER_BLOCK_SIZE
-            if elsewhere and at >= size:
-                # A torn overwrite leaves the block it began in: a file found by its header
-                # that ends before the block is an older copy (a sync tool's), never grown.
-                continue
-            if os.pread(fd, len(want), at) == want or _authentic(
-                cipher, number, os.pread(fd, CIPHER_BLOCK_SIZE, at)
-            ):
-                continue  # the write got there, or never began, or a later one replaced it
-            if not _authentic(cipher, number, want):
-                raise IntegrityError(f"its block {number} does not authenticate")
-            pwrite_fully(fd, want, at)
-            repaired += 1
-    finally:
-        os.close(fd)
+        if record.tail:
+            repaired = _apply_tail(fd, record, cipher)
+        else:
+            repaired = _apply_redo(fd, record, block, cipher, elsewhere is not None)
+        if repaired:
+            os.fdatasync(fd)  # on the disk before the journal that held the record is emptied
     if elsewhere and repaired:
         log.warning(
             "write journal: record %d for %s: the file is no longer there; found by its header"
@@ -527,6 +589,143 @@ def _apply(
             repaired,
         )
     return repaired
+
+
+def _apply_redo(
+    fd: int, record: Record, block: int, cipher: ContentCipher, elsewhere: bool
+) -> int:
+    """Put back the blocks of a redo record that no longer authenticate on disk and were
+    torn by its write (:func:`_torn_by`); returns how many."""
+    size = os.fstat(fd).st_size
+    repaired = 0
+    for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
+        want = record.data[i : i + CIPHER_BLOCK_SIZE]
+        at = record.offset + i
+        number = block + i // CIPHER_BLOCK_SIZE
+        if elsewhere and at >= size:
+            # A torn overwrite leaves the block it began in: a file found by its header
+            # that ends before the block is an older copy (a sync tool's), never grown.
+            continue
+        on_disk = os.pread(fd, CIPHER_BLOCK_SIZE, at)
+        if on_disk and (on_disk[: len(want)] == want or _authentic(cipher, number, on_disk)):
+            continue  # the write got there, or never began, or a later one replaced it
+        if not _authentic(cipher, number, want):
+            raise IntegrityError(f"its block {number} does not authenticate")
+        if not on_disk:
+            # Past the file's end: the rest of a write that grew the file and stopped in a block
+            # it tore (put back just now), completed. Without that tear, the file ends before
+            # the write began (it never did, or was cut back): nothing to put back.
+            if not repaired:
+                break
+        elif not _torn_by(on_disk, want, at):
+            log.warning(
+                "write journal: record %d for %s: block %d does not authenticate, but this "
+                "record's write did not tear it (an older record, after a power cut?); left "
+                "as it is",
+                record.sequence, os.fsdecode(record.path), number,
+            )
+            continue
+        pwrite_fully(fd, want, at)
+        repaired += 1
+    return repaired
+
+
+def _torn_by(on_disk: bytes, want: bytes, at: int) -> bool:
+    """Whether the block *on_disk* at ciphertext offset *at* can be what a write of *want*
+    there, cut by a kill, left.
+
+    A kill cuts a write at a page boundary (module docstring), so the block it tears holds the
+    write's bytes up to the first page boundary inside it (or more). A block that does not is
+    not this record's doing: after a power cut, the journal on the disk may hold a live record
+    of an earlier write to the block whose done mark never reached the disk, while the block
+    was rewritten since (and fsync'd, perhaps) and then torn by the power cut. Putting that
+    record's block back would silently bring back older data; left alone, the block reads EIO,
+    as documented for a power cut. The one other tear a record covers: a shrinking truncate
+    killed between its cut and its write (FileContent.truncate), which leaves the file ending
+    exactly where the record's shortened block ends, over the old block's first bytes."""
+    first = -at % _PAGE or _PAGE  # bytes of the block before the first page boundary in it
+    if first < len(want) and on_disk[:first] == want[:first]:
+        return True
+    return len(want) < CIPHER_BLOCK_SIZE and len(on_disk) == len(want)
+
+
+def _apply_tail(fd: int, record: Record, cipher: ContentCipher) -> int:
+    """Cut off the torn last block a write past the end left when it was killed; returns 1 if
+    it did, else 0.
+
+    The file had ciphertext size ``record.offset`` before the write (0: a new file, whose first
+    write the record's header began). A kill cuts the write at a page boundary (module
+    docstring): the file then ends there, every block the write finished authenticates, and the
+    one it was writing does not. That, exactly, is what is cut off: only if the file ends at a
+    page boundary past the old size, its last block fails to authenticate, and every block
+    between the old size and it authenticates. The file keeps what the write finished, as ext4
+    keeps the part of an interrupted append it wrote, and a file cut to its header alone is
+    cut to 0 bytes (an empty file has no header). A write that completed leaves every block
+    whole, and stays; a later write that tore a block in the middle (a power cut, with this
+    record stale on the disk) leaves the file's end alone, and nothing is cut."""
+    size = os.fstat(fd).st_size
+    old = max(record.offset, HEADER_SIZE)
+    if size <= old or size % _PAGE:
+        return 0
+    last = (size - HEADER_SIZE - 1) // CIPHER_BLOCK_SIZE  # the block the file ends in
+    last_at = HEADER_SIZE + last * CIPHER_BLOCK_SIZE
+    if _authentic(cipher, last, os.pread(fd, CIPHER_BLOCK_SIZE, last_at)):
+        return 0
+    number = (old - HEADER_SIZE) // CIPHER_BLOCK_SIZE
+    at = old
+    while at < last_at:  # the write's finished blocks, read a MiB at a time
+        raw = os.pread(fd, min(last_at - at, 256 * CIPHER_BLOCK_SIZE), at)
+        for i in range(0, len(raw), CIPHER_BLOCK_SIZE):
+            if not _authentic(cipher, number, raw[i : i + CIPHER_BLOCK_SIZE]):
+                return 0  # not a tear at the end: left for fsck to report
+            number += 1
+        at += len(raw)
+    os.ftruncate(fd, last_at if last_at > HEADER_SIZE else 0)
+    log.warning(
+        "write journal: record %d: %s cut back from %d to %d bytes of ciphertext, the end of "
+        "the last block an interrupted write past its end finished",
+        record.sequence, os.fsdecode(record.path), size, last_at if last_at > HEADER_SIZE else 0,
+    )
+    return 1
+
+
+@contextlib.contextmanager
+def _writable(root_fd: int, path: bytes) -> Iterator[int]:
+    """The file *path* below the root, open read-write (following no symlink).
+
+    A daemon that is not root may not open a file of mode 0444 for writing, even its own (git
+    makes its objects so, and writes them through the descriptor it created them with, which
+    the daemon opened read-write at create). If the daemon owns the file, it adds u+w for the
+    repair (through the read-only descriptor: the same file, whatever the path holds now),
+    reopens that descriptor read-write (/proc/self/fd: the same inode again) and restores the
+    mode when done, error or not. A file of another user is left alone: PermissionError."""
+    try:
+        fd = _open_beneath(root_fd, path, os.O_RDWR)
+    except PermissionError:
+        pass
+    else:
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+        return
+    ro = _open_beneath(root_fd, path, os.O_RDONLY)
+    try:
+        st = os.fstat(ro)
+        if st.st_uid != os.geteuid() or st.st_mode & stat.S_IWUSR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        mode = stat.S_IMODE(st.st_mode)
+        os.fchmod(ro, mode | stat.S_IWUSR)
+        try:
+            fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+        finally:
+            os.fchmod(ro, mode)
+    finally:
+        os.close(ro)
 
 
 def _authentic(cipher: ContentCipher, number: int, block: bytes) -> bool:

@@ -108,10 +108,10 @@ def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
 def _torn(volume: Path, path: bytes, fd: int) -> tuple[bytes, bytes]:
     """Four blocks written to the file open as *fd* (at *path*), then an overwrite of block 1
     cut by a kill, with its record in *volume*'s journal. Returns (old content, new block)."""
+    old = os.urandom(4 * BLOCK_SIZE)
+    FileContent(fd, _keys(), path, None).write(0, old)  # unrecorded: the overwrite's is record 1
     log = WriteJournal(os.fsencode(volume))
     content = FileContent(fd, _keys(), path, log)
-    old = os.urandom(4 * BLOCK_SIZE)
-    content.write(0, old)
     new = os.urandom(BLOCK_SIZE)
     with pytest.MonkeyPatch.context() as patch:
         _die_at_first_page_boundary(patch)

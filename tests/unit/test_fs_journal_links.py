@@ -253,7 +253,8 @@ def test_a_record_found_by_its_header_keeps_its_place_newest_first(
         with pytest.raises(Killed):
             content.write(BLOCK_SIZE, b)
     os.close(fd)
-    assert [r.path for r in journal.live_records(os.fsencode(tmp_path))] == [b"p", b"q"]
+    redo = [r for r in journal.live_records(os.fsencode(tmp_path)) if not r.tail]
+    assert [r.path for r in redo] == [b"p", b"q"]
 
     assert journal.replay(os.fsencode(tmp_path), _keys().cipher) == 1
     assert _read(tmp_path / "p", BLOCK_SIZE, BLOCK_SIZE) == b
@@ -342,7 +343,7 @@ def test_removing_the_link_records_name_switches_them_to_another(
 
     a_path, b_path = trio.run(main)
     assert a_path != b_path and os.path.exists(b_path)
-    records = journal.live_records(ops.table.root_path)
+    records = [r for r in journal.live_records(ops.table.root_path) if not r.tail]
     assert [r.path for r in records] == [_relative(ops, a_path), _relative(ops, b_path)]
 
 
@@ -360,6 +361,7 @@ def test_a_write_torn_after_rm_of_the_first_link_is_put_back_by_its_path(
         info, attrs = await ops.create(root, b"a", 0o100644, os.O_RDWR | os.O_CREAT, CTX)
         await ops.write(info.fh, 0, old)
         await ops.release(info.fh)
+        ops.between_requests()  # the daemon's pause: the first write's tail record is done
         await ops.link(attrs.st_ino, root, b"b", CTX)
         b = await ops.lookup(root, b"b", CTX)
         fh = (await ops.open(b.st_ino, os.O_RDWR, CTX)).fh
@@ -434,4 +436,4 @@ def test_an_open_file_whose_last_link_is_gone_writes_no_more_records(
         await ops.release(info.fh)
 
     trio.run(main)
-    assert len(journal.live_records(ops.table.root_path)) == 1
+    assert len([r for r in journal.live_records(ops.table.root_path) if not r.tail]) == 1

@@ -1,0 +1,275 @@
+"""The write journal's tail records, its durability and its size (kmsfs.fs.journal).
+
+A write past the end of a file gets a tail record (its size before, no data); a replay cuts off
+the last block such a write tore, and nothing else. A record left live on the disk by a power
+cut (its done mark never written back) must not put an older block over a block a later write
+tore. The journal shrinks, and says so when a replay cannot read it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
+from kmsfs.fs import files, journal
+from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.journal import WriteJournal
+
+PAGE = 4096
+
+
+class _Deriver:
+    current_epoch = 1
+
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
+
+
+class Killed(BaseException):
+    """The daemon got SIGKILL: nothing after this point runs."""
+
+
+def _keys() -> ContentKeys:
+    return ContentKeys(_Deriver(), key_epochs=True)
+
+
+def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
+    path = volume / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    return FileContent(fd, _keys(), os.fsencode(path), log)
+
+
+def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = files._pwrite_fully
+
+    def cut(fd: int, view: memoryview, offset: int) -> None:
+        boundary = (offset // PAGE + 1) * PAGE
+        real(fd, view[: boundary - offset], offset)
+        raise Killed
+
+    monkeypatch.setattr(files, "_pwrite_fully", cut)
+    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
+
+
+def _replay(volume: Path) -> int:
+    return journal.replay(os.fsencode(volume), _keys().cipher)
+
+
+def _read_all(volume: Path, name: str) -> bytes:
+    content = _open(volume, name, None)
+    try:
+        return bytes(content.read(0, 1 << 30))
+    finally:
+        os.close(content.fd)
+
+
+# --- the record format -----------------------------------------------------------------
+def test_a_tail_record_is_parsed_as_one_and_skipped_by_a_reader_that_knows_only_redo() -> None:
+    header = os.urandom(HEADER_SIZE)
+    redo = journal.encode(1, b"a", header, HEADER_SIZE, b"r" * 40)
+    tail = journal.encode(2, b"b", header, cipher_offset(2), b"", journal.TAIL)
+    after = journal.encode(3, b"c", header, HEADER_SIZE, b"s" * 40)
+    records = journal.parse(redo + tail + after)
+    assert [(r.sequence, r.tail) for r in records] == [(1, False), (2, True), (3, False)]
+    assert records[1].offset == cipher_offset(2) and records[1].data == b""
+    # A reader that applies only state 1 (kmsfs before tail records) passes over it and goes
+    # on to the records after it: the sequence and the CRC hold, the state is not "live".
+    assert tail[4] == journal.TAIL != journal.LIVE
+    unknown = bytearray(tail)
+    unknown[4] = 7  # a kind no kmsfs knows yet: skipped, the walk goes on
+    assert [r.sequence for r in journal.parse(redo + bytes(unknown) + after)] == [1, 3]
+
+
+def test_a_tail_record_with_data_is_not_one() -> None:
+    header = os.urandom(HEADER_SIZE)
+    odd = journal.encode(1, b"b", header, cipher_offset(2), b"x" * 10, journal.TAIL)
+    assert journal.parse(odd) == []
+
+
+def test_writes_past_the_end_get_tail_records(tmp_path: Path) -> None:
+    log = WriteJournal(os.fsencode(tmp_path))
+    content = _open(tmp_path, "new", log)
+    log.done = lambda at: None  # type: ignore[method-assign]  # keep them live to look at
+    content.write(0, os.urandom(BLOCK_SIZE))  # a new file: size 0 before
+    content.write(BLOCK_SIZE, os.urandom(3 * BLOCK_SIZE))  # whole blocks after the end
+    records = journal.parse((tmp_path / journal.JOURNAL_NAME).read_bytes())
+    assert [(r.tail, r.offset, r.data) for r in records] == [
+        (True, 0, b""), (True, cipher_offset(1), b"")]
+
+
+# --- F1: what a replay does with a tail record ---------------------------------------------
+def test_a_killed_append_of_whole_blocks_is_cut_back_to_what_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = WriteJournal(os.fsencode(tmp_path))
+    content = _open(tmp_path, "log", log)
+    synced = os.urandom(2 * BLOCK_SIZE)
+    content.write(0, synced)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
+    monkeypatch.undo()
+    assert (tmp_path / "log").stat().st_size % PAGE == 0
+    with pytest.raises(BlockIntegrityError):
+        _read_all(tmp_path, "log")
+    assert _replay(tmp_path) == 1
+    assert _read_all(tmp_path, "log") == synced  # the write had finished no block of its own
+    assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == 0
+
+
+def test_a_tail_record_leaves_a_file_alone_unless_its_end_is_torn(tmp_path: Path) -> None:
+    """A write that finished, a file that grew no further, and a block torn in the middle (not
+    what a kill in a write past the end leaves): nothing is cut."""
+    content = _open(tmp_path, "f", None)
+    data = os.urandom(5 * BLOCK_SIZE + 100)
+    content.write(0, data)
+    os.close(content.fd)
+    header = (tmp_path / "f").read_bytes()[:HEADER_SIZE]
+    record = journal.encode(1, b"f", header, cipher_offset(2), b"", journal.TAIL)
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(record)
+    assert _replay(tmp_path) == 0
+    assert _read_all(tmp_path, "f") == data
+    # A finished write whose file happens to end at a page boundary (4050 bytes of plaintext:
+    # 18 + 4050 + 28 = 4096 bytes of ciphertext): its last block authenticates, it stays.
+    content = _open(tmp_path, "page", None)
+    page = os.urandom(4050)
+    content.write(0, page)
+    os.close(content.fd)
+    assert (tmp_path / "page").stat().st_size == PAGE
+    head = (tmp_path / "page").read_bytes()[:HEADER_SIZE]
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(
+        journal.encode(1, b"page", head, 0, b"", journal.TAIL))
+    assert _replay(tmp_path) == 0
+    assert _read_all(tmp_path, "page") == page
+    # Block 3 torn in the middle and a file ending at a page boundary with a torn last block:
+    # the block between the record's size and the end does not authenticate, so no cut.
+    raw = bytearray((tmp_path / "f").read_bytes())
+    raw[cipher_offset(3) + 5] ^= 1
+    cut_at = (len(raw) // PAGE) * PAGE
+    torn = bytes(raw[:cut_at])
+    (tmp_path / "f").write_bytes(torn)
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(record)
+    assert _replay(tmp_path) == 0
+    assert (tmp_path / "f").read_bytes() == torn
+
+
+# --- the observation: a stale record after a power cut -----------------------------------
+def test_an_older_live_record_does_not_put_its_block_over_a_later_tear(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk after a power cut: a live record of an earlier write to block 1 (its done mark
+    never written back), block 1 rewritten since and torn by the power cut (its first page
+    holds the newest write's bytes). The record's block authenticates, but putting it back
+    would bring older data back silently; the block is left torn (EIO, as documented)."""
+    content = _open(tmp_path, "f", None)
+    content.write(0, os.urandom(4 * BLOCK_SIZE))
+    header = (tmp_path / "f").read_bytes()[:HEADER_SIZE]
+    content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))  # v1 of block 1: what the record holds
+    v1 = (tmp_path / "f").read_bytes()[cipher_offset(1) : cipher_offset(2)]
+    content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))  # v2, fsync'd say
+    content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))  # v3, torn by the power cut:
+    v3 = (tmp_path / "f").read_bytes()[cipher_offset(1) : cipher_offset(2)]
+    os.close(content.fd)
+    raw = bytearray((tmp_path / "f").read_bytes())
+    raw[cipher_offset(1) + 3000 : cipher_offset(2)] = os.urandom(len(v3) - 3000)
+    torn = bytes(raw)
+    (tmp_path / "f").write_bytes(torn)
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(
+        journal.encode(1, b"f", header, cipher_offset(1), v1))
+    with caplog.at_level(logging.WARNING):
+        assert _replay(tmp_path) == 0
+    assert (tmp_path / "f").read_bytes() == torn
+    assert "did not tear it" in caplog.text
+
+
+# --- F5: the journal's size --------------------------------------------------------------
+def test_the_journal_is_cut_back_when_it_rewinds_past_the_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "SHRINK_ABOVE", 64 * 1024)
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    small = [log.begin(b"a", header, HEADER_SIZE, data) for _ in range(2)]
+    for at in small:
+        log.done(at)
+    log.settle()
+    assert (tmp_path / journal.JOURNAL_NAME).stat().st_size > 0  # below it: kept, reused
+    many = [log.begin(b"a", header, HEADER_SIZE, data) for _ in range(20)]  # > 64 KiB, in flight
+    for at in many:
+        log.done(at)
+    log.settle()
+    assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == 0
+    assert log.begin(b"a", header, HEADER_SIZE, data) == 0
+    log.close()
+
+
+def test_a_clean_close_empties_the_journal_but_not_with_a_write_in_flight(
+    tmp_path: Path,
+) -> None:
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(100)
+    log.done(log.begin(b"a", header, HEADER_SIZE, data))
+    log.close()
+    assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == 0
+    log = WriteJournal(os.fsencode(tmp_path))
+    log.begin(b"a", header, HEADER_SIZE, data)  # still in flight at the close
+    log.close()
+    assert len(journal.parse((tmp_path / journal.JOURNAL_NAME).read_bytes())) == 1
+
+
+def test_records_past_what_a_replay_reads_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    header = bytes(HEADER_SIZE)
+    raw = b"".join(journal.encode(i, b"gone", header, HEADER_SIZE, b"x" * 100)
+                   for i in range(1, 5))
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(raw)
+    monkeypatch.setattr(journal, "MAX_JOURNAL_BYTES", len(raw) // 2)
+    with caplog.at_level(logging.WARNING):
+        _replay(tmp_path)
+    assert "records past that are not replayed" in caplog.text
+    caplog.clear()
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(raw[: len(raw) // 2])
+    with caplog.at_level(logging.WARNING):
+        _replay(tmp_path)
+    assert "records past that" not in caplog.text
+
+
+# --- F2: a replay is durable before the journal goes ----------------------------------------
+def test_a_replay_syncs_what_it_repaired_then_empties_and_syncs_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order a power cut needs: the repaired file fdatasync'd, then the journal truncated
+    and fsync'd (the power-cut test in test_fs_crash_tails.py shows the first on ext4; the
+    daemon's own directory fsyncs commit ext4's journal soon after a mount, so only this test
+    sees the second)."""
+    log = WriteJournal(os.fsencode(tmp_path))
+    content = _open(tmp_path, "f", log)
+    content.write(0, os.urandom(3 * BLOCK_SIZE))
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))
+    monkeypatch.undo()
+    events: list[tuple[str, str, int]] = []
+
+    def spy(name: str, real):  # type: ignore[no-untyped-def]
+        def call(fd: int, *args: int) -> None:
+            where = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            events.append((name, where, os.fstat(fd).st_size))
+            real(fd, *args)
+        return call
+
+    monkeypatch.setattr(journal.os, "fdatasync", spy("fdatasync", os.fdatasync))
+    monkeypatch.setattr(journal.os, "fsync", spy("fsync", os.fsync))
+    monkeypatch.setattr(journal.os, "ftruncate", spy("ftruncate", os.ftruncate))
+    assert _replay(tmp_path) == 1
+    assert [(name, where) for name, where, _ in events] == [
+        ("fdatasync", "f"), ("ftruncate", journal.JOURNAL_NAME),
+        ("fsync", journal.JOURNAL_NAME)]
+    assert events[-1][2] == 0  # the journal was empty when it was fsync'd
