@@ -54,14 +54,17 @@ TRUST_REF = "its id or a unique prefix of it (at least 4 hex digits)"
 TRUST_HELP = f"the trust: {TRUST_REF}"
 HSM_REF = "its label, its id or a unique prefix of it"
 
-# Commands that create or enroll HSM tokens in the local store; with --agent that would be a
-# mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
 #: Said after "verifies" of a Domain made before key binding (kmsfs.model.domain).
 _UNBOUND_NOTE = (
     "\nbut it predates key binding: no mount or derivation uses it until it is bound with "
     "'kmsfs-admin domain rewrap {0} --trust TRUST' (its own trust, or a successor)"
 )
+# Commands that create or enroll HSM tokens in the local store; with --agent that would be a
+# mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
 LOCAL_HSM_COMMANDS = frozenset({"init", "hsm_create", "hsm_enroll"})
+# Commands the agent has no request for, which act on this host's store (and an operator's own
+# token or key file): with --agent they would act here while the user meant the agent's host.
+LOCAL_STORE_COMMANDS = frozenset({"domain_import", "operator_change_pin"})
 # Commands that need no store: the one that makes it, and shell completion.
 NO_STORE_COMMANDS = frozenset({"init", "completion"})
 
@@ -87,6 +90,11 @@ class Command:
             raise UsageError(
                 "--agent: this command makes HSMs on this host; run it on the agent's host "
                 "without --agent"
+            )
+        if getattr(args, "agent", None) and args.handler in LOCAL_STORE_COMMANDS:
+            raise UsageError(
+                "--agent: this command works on a store of this host, not through the agent; "
+                "run it where the store is, without --agent"
             )
 
     def agent(self) -> AgentClient | None:
@@ -419,7 +427,7 @@ def _read_bundle(source: str) -> DomainBundle:
             data = sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1)
         elif Path(source).is_dir():
             data = volconfig.load(Path(source)).domain_bundle
-        else:
+        else:  # as given: a pipe (<(kmsfs-admin domain export ...)) is read as cat would
             with open(source, "rb") as handle:
                 data = handle.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:

@@ -70,6 +70,15 @@ def verify_trust(sealed: SealedTrust, predecessor: SealedTrust | None) -> None:
     if sealed.seal.subject != trust.id:
         raise IntegrityError(f"{what}: the seal is for another trust")
     verify_hsm_seal(trust, sealed.seal, contexts.HSM_SEALS_TRUST, trust.signed_bytes(), what)
+    # A successor of the genesis (which has no operators) is approved by nobody: only its seal
+    # ties it to the store. Sealed by an HSM it lists itself, anyone could make one (an HSM of
+    # their own, the store's HSMs' public keys beside it), seal it, and have an unpinned store
+    # take it. So it must be sealed by an HSM of the genesis too.
+    genesis = predecessor.trust if predecessor is not None else None
+    if genesis is not None and genesis.is_genesis and genesis.hsm(sealed.seal.key_id) is None:
+        raise ChainError(
+            f"{what} succeeds the genesis {genesis.id[:12]} but is not sealed by an HSM of it"
+        )
     verify_approvals(trust, sealed.approvals, predecessor)
 
 

@@ -27,11 +27,11 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kmsfs.errors import AlreadyExistsError, ChainError, UsageError
+from kmsfs.errors import AlreadyExistsError, ChainError, KmsfsError, UsageError
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.trust import SealedTrust, Signature, Trust, valid_approvals
 from kmsfs.model.verify import Anchor, VerifiedDomain, verify_chain, verify_domain
-from kmsfs.service import domains
+from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context
 
 
@@ -82,9 +82,9 @@ def check_chain(
             anchor = Anchor(anchor.root, pin)
         elif not allow_unpinned:
             raise ChainError(
-                f"the store {ctx.store.root} has not pinned the genesis's successor; this "
-                f"chain's is {chain[1].id}: check it with the other operators, then "
-                "pin it (kmsfs-admin trust pin, or domain import --pin)"
+                f"the store {ctx.store.root} has not pinned the genesis's successor, and this "
+                f"chain names {chain[1].id}: only the operators can confirm that id (pin it "
+                "with domain import --pin, or kmsfs-admin trust pin, if they do)"
             )
     verify_chain(chain, anchor)
     return anchor
@@ -152,11 +152,23 @@ def import_bundle(ctx: Context, bundle: DomainBundle, pin: str | None = None) ->
         if pin is not None and stored.successor not in (None, pin):
             raise UsageError(f"this store already pinned {stored.successor[:12]}, not {pin[:12]}")
         anchor = check_chain(ctx, chain, bundle.domain.domain.trust, pin=pin)
+        if anchor != stored:
+            trusts.refuse_rival_successors(ctx, anchor.root, chain[1].id)
         verified = verify_domain(bundle.domain, chain, anchor)
         domain_added = _needs_writing(ctx, bundle, verified)
         if anchor != stored:
             ctx.store.write_config(anchor)
         trusts_added = save_chain(ctx, chain)
         if domain_added:
+            # The store's own documents must now verify the chain: a damaged approval or seal
+            # at the place of one of the bundle's (kept, not overwritten) would leave a Domain
+            # that the store then refuses.
+            try:
+                trusts.verified_chain(ctx, chain[-1].id)
+            except KmsfsError as exc:
+                raise ChainError(
+                    f"the store's documents of the chain do not verify after the import ({exc}); "
+                    "the domain was not written: remove the damaged document and import again"
+                ) from None
             ctx.store.save_domain(bundle.domain)
     return Imported(verified, domain_added, trusts_added)

@@ -174,6 +174,30 @@ def pin(ctx: Context, trust_ref: str) -> SealedTrust:
     return chain[-1]
 
 
+def refuse_rival_successors(ctx: Context, root: str, chosen: str) -> None:
+    """Before a store pins *chosen*, met in a document from elsewhere (``domain import
+    --pin``), as the successor of its genesis *root*: refuse if it holds another successor of
+    the genesis that verifies too. Choosing between them is the operators' decision, made by
+    naming one to ``trust pin`` (:func:`pin`), not the order in which documents arrived."""
+    rivals = []
+    for trust_id in ctx.store.trust_ids():
+        if trust_id == chosen:
+            continue
+        try:
+            if ctx.store.trust(trust_id).predecessor != root:
+                continue
+            verify_chain(chain_to(ctx, trust_id), Anchor(root))
+        except KmsfsError:
+            continue  # not a successor of the genesis that verifies: no rival
+        rivals.append(trust_id)
+    if rivals:
+        raise UsageError(
+            f"the store holds another verified successor of the genesis ({rivals[0]}) besides "
+            f"{chosen}: ask the operators which one is theirs, pin it with 'kmsfs-admin trust "
+            "pin ID', then import"
+        )
+
+
 def key_changes(ctx: Context, trust: Trust) -> dict[str, tuple[str, str]]:
     """Operators the Trust lists under a name its predecessor lists with another key:
     name -> (predecessor's key id, this Trust's key id).
@@ -323,6 +347,16 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
             )
         candidates = [chosen]
     predecessor = chain[-1] if chain else None
+    if predecessor is not None and predecessor.trust.is_genesis:
+        # A successor of the genesis must be sealed by an HSM of the genesis too (verify_trust).
+        of_genesis = [h for h in candidates if predecessor.trust.hsm(h.id) is not None]
+        if not of_genesis:
+            labels = ", ".join(h.label for h in predecessor.trust.hsms)
+            raise UsageError(
+                f"trust {trust_id[:12]} succeeds the genesis: it must be sealed by an HSM of the "
+                f"genesis ({labels}), and {'that HSM is not one' if hsm_ref else 'it lists none'}"
+            )
+        candidates = of_genesis
     anchor = ctx.store.anchor()
     if trust.predecessor is not None:
         _check_genesis_successor(anchor, trust.predecessor, trust_id)

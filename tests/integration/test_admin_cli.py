@@ -509,7 +509,9 @@ def test_an_enrolled_hsm_can_take_its_pin_from_a_systemd_credential(
         "vault.pin",
     )
     initialized.create_operators("alice")
-    trust = initialized.propose(["vault"], ["alice"], 1)
+    # The genesis's successor is sealed by an HSM of the genesis; the vault's Trust follows it.
+    first = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    trust = initialized.propose(["vault"], ["alice"], 1, predecessor=first)
     initialized.sign(trust, "alice")
     creds = tmp_path / "credentials"
     creds.mkdir()

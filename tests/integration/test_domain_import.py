@@ -9,6 +9,7 @@ pinned root before it writes a byte, and write nothing the replica's history wou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs import exitcodes
+from kmsfs.store.documents import Store
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
 
 
@@ -132,3 +134,32 @@ def test_import_from_a_ciphertext_directory(sites: Sites, tmp_path: Path) -> Non
     r("domain", "import", str(cipher), "--pin", sites.trust)
     assert r("--json", "domain", "verify", "payroll").json["verified"] is True
 
+
+
+def test_a_damaged_signature_in_the_way_refuses_the_import_and_writes_no_domain(
+    sites: Sites,
+) -> None:
+    """An invalid seal at the place the bundle's valid one takes is kept (documents are never
+    overwritten): the import said "verified" and wrote a Domain the store then refused."""
+    r = sites.replica
+    r("domain", "import", str(sites.bundle), "--pin", sites.trust)
+    for d in (r.store / "domains").iterdir():
+        d.unlink()  # the replica lost its Domain ...
+    (seal_path,) = list((r.store / "seals" / sites.trust).iterdir())
+    seal = Store(r.store).signatures("seal", sites.trust)[0]
+    seal_path.unlink()  # ... and its Trust's seal is damaged
+    Store(r.store).save_signature("seal", dataclasses.replace(seal, value=bytes(len(seal.value))))
+    refused = r("domain", "import", str(sites.bundle), check=exitcodes.VERIFICATION)
+    assert "do not verify after the import" in one_error_line(refused)
+    assert list((r.store / "domains").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["domain", "import", "x.domain"],
+                                     ["operator", "change-pin", "alice"]])
+def test_commands_of_this_hosts_store_refuse_agent(initialized: Admin, tmp_path: Path,
+                                                   command: list[str]) -> None:
+    """--agent was ignored: they acted on this host's store while the user meant the agent's."""
+    before = tree_snapshot(initialized.store)
+    result = initialized("--agent", str(tmp_path / "agent.sock"), *command, check=exitcodes.USAGE)
+    assert "works on a store of this host" in one_error_line(result)
+    assert tree_snapshot(initialized.store) == before

@@ -53,6 +53,20 @@ def test_genesis_sealed_by_an_outside_hsm_fails() -> None:
         verify_chain([forged], w.root)
 
 
+def test_a_successor_of_the_genesis_sealed_by_an_hsm_the_genesis_lacks_fails() -> None:
+    """Approved by nobody (the genesis has no operators), a successor of the genesis is tied
+    to the store by its seal alone: one sealed by an HSM it lists but the genesis does not (an
+    attacker's own, beside the store's public keys) verified, and an unpinned store took it."""
+    w = world()
+    rogue = seal_trust(make_trust([w.h1, w.outsider], [w.mallory], 1, w.genesis), [w.mallory],
+                       w.outsider)
+    with pytest.raises(ChainError, match="not sealed by an HSM of it"):
+        verify_chain([w.genesis, rogue], w.root)
+    honest = seal_trust(make_trust([w.h1, w.outsider], [w.mallory], 1, w.genesis), [w.mallory],
+                        w.h1)
+    assert verify_chain([w.genesis, honest], w.root) is honest
+
+
 def test_first_operator_trust_verifies() -> None:
     w = world()
     assert verify_chain(w.chain, w.root) is w.t2
