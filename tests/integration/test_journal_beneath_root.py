@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import hmac
 import logging
 import os
 from collections.abc import Iterator
@@ -38,30 +36,15 @@ from kmsfs.crypto.content import (
 )
 from kmsfs.errors import IntegrityError
 from kmsfs.fs import files, journal, longpath
-from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal, live_records
 from kmsfs.fs.longpath import PATH_MAX, SymlinkOnPath, open_dir_beneath, reach
 from tests.integration import fs_helpers
 from tests.integration.test_fs_integrity import cipher_path
+from tests.unit.journal_fixtures import PAGE, Killed, _keys
 
-PAGE = 4096
 #: A name like a ciphertext one, for the planted symlink (the reviewer's).
 PLANTED = "AAAAAAAAAAAAAAAAAAAAAAAAA"
-
-
-class _Deriver:
-    current_epoch = 1
-
-    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
-        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
-
-
-class Killed(BaseException):
-    """The daemon got SIGKILL: nothing after this point runs."""
-
-
-def _keys() -> ContentKeys:
-    return ContentKeys(_Deriver(), key_epochs=True)
 
 
 @pytest.fixture(params=["openat2", "walk"])

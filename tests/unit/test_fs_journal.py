@@ -10,8 +10,6 @@ authenticates, while older data elsewhere stays, and that a replay never writes 
 from __future__ import annotations
 
 import errno
-import hashlib
-import hmac
 import os
 from pathlib import Path
 from typing import Any
@@ -26,31 +24,15 @@ from kmsfs.crypto.content import (
     cipher_offset,
 )
 from kmsfs.fs import files, journal
-from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal
 from kmsfs.fs.longpath import PATH_MAX, reach
-
-PAGE = 4096
-
-
-class _Deriver:
-    current_epoch = 1
-
-    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
-        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
-
-
-class Killed(BaseException):
-    """The daemon got SIGKILL: nothing after this point runs."""
+from tests.unit.journal_fixtures import PAGE, Killed, _keys
 
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Path:
     return tmp_path
-
-
-def _keys() -> ContentKeys:
-    return ContentKeys(_Deriver(), key_epochs=True)
 
 
 def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:

@@ -13,8 +13,6 @@ block a kill tore stayed torn, and fsync'd data in it read as EIO. Two fixes, te
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import shutil
@@ -32,25 +30,10 @@ from kmsfs.fs.entries import KmsfsOps
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
 from tests.integration.fs_helpers import SoftDeriver, make_volume
+from tests.unit.journal_fixtures import PAGE, Killed, _keys
 
-PAGE = 4096
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 TWO_DAYS = 2 * 86400
-
-
-class _Deriver:
-    current_epoch = 1
-
-    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
-        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
-
-
-class Killed(BaseException):
-    """The daemon got SIGKILL: nothing after this point runs."""
-
-
-def _keys() -> ContentKeys:
-    return ContentKeys(_Deriver(), key_epochs=True)
 
 
 def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,6 @@ tore. The journal shrinks, and says so when a replay cannot read it all.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 from pathlib import Path
@@ -18,25 +16,9 @@ import pytest
 
 from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
 from kmsfs.fs import files, journal
-from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
+from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal
-
-PAGE = 4096
-
-
-class _Deriver:
-    current_epoch = 1
-
-    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
-        return hmac.new(b"k" * 32, info, hashlib.sha256).digest()
-
-
-class Killed(BaseException):
-    """The daemon got SIGKILL: nothing after this point runs."""
-
-
-def _keys() -> ContentKeys:
-    return ContentKeys(_Deriver(), key_epochs=True)
+from tests.unit.journal_fixtures import PAGE, Killed, _keys
 
 
 def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
