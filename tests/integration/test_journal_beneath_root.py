@@ -35,13 +35,13 @@ from kmsfs.crypto.content import (
     cipher_offset,
 )
 from kmsfs.errors import IntegrityError
-from kmsfs.fs import files, journal, longpath
+from kmsfs.fs import journal, longpath
 from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal, live_records
 from kmsfs.fs.longpath import PATH_MAX, SymlinkOnPath, open_dir_beneath, reach
 from tests.integration import fs_helpers
 from tests.integration.test_fs_integrity import cipher_path
-from tests.unit.journal_fixtures import PAGE, Killed, _keys
+from tests.unit.journal_fixtures import Killed, _die_at_first_page_boundary, _keys
 
 #: A name like a ciphertext one, for the planted symlink (the reviewer's).
 PLANTED = "AAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -75,17 +75,6 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         assert len(calls) == 1  # ENOSYS once, then the walk only
 
 
-def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next data pwrite stops at its first page boundary, then the daemon dies; the journal
-    never hears that the write ended (tests/unit/test_fs_journal.py)."""
-    real = files._pwrite_fully
-
-    def cut(fd: int, view: memoryview, offset: int) -> None:
-        real(fd, view[: (offset // PAGE + 1) * PAGE - offset], offset)
-        raise Killed
-
-    monkeypatch.setattr(files, "_pwrite_fully", cut)
-    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
 
 
 def _torn(volume: Path, path: bytes, fd: int) -> tuple[bytes, bytes]:

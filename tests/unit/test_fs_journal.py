@@ -27,7 +27,7 @@ from kmsfs.fs import files, journal
 from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal
 from kmsfs.fs.longpath import PATH_MAX, reach
-from tests.unit.journal_fixtures import PAGE, Killed, _keys
+from tests.unit.journal_fixtures import Killed, _die_at_first_page_boundary, _keys
 
 
 @pytest.fixture
@@ -41,18 +41,6 @@ def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
     return FileContent(fd, _keys(), os.fsencode(path), log)
 
 
-def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next data pwrite stops at its first page boundary, then the daemon dies; the journal
-    never hears that the write ended."""
-    real = files._pwrite_fully
-
-    def cut(fd: int, view: memoryview, offset: int) -> None:
-        boundary = (offset // PAGE + 1) * PAGE
-        real(fd, view[: boundary - offset], offset)
-        raise Killed
-
-    monkeypatch.setattr(files, "_pwrite_fully", cut)
-    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
 
 
 def _read(content: FileContent, offset: int, size: int) -> bytes:

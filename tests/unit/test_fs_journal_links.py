@@ -25,28 +25,17 @@ import pytest
 import trio
 
 from kmsfs.crypto.content import BLOCK_SIZE
-from kmsfs.fs import files, journal
+from kmsfs.fs import journal
 from kmsfs.fs.entries import KmsfsOps
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 from kmsfs.fs.journal import WriteJournal
 from tests.integration.fs_helpers import SoftDeriver, make_volume
-from tests.unit.journal_fixtures import PAGE, Killed, _keys
+from tests.unit.journal_fixtures import Killed, _die_at_first_page_boundary, _keys
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 TWO_DAYS = 2 * 86400
 
 
-def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next data pwrite stops at its first page boundary, then the daemon dies; the journal
-    never hears that the write ended (test_fs_journal.py)."""
-    real = files._pwrite_fully
-
-    def cut(fd: int, view: memoryview, offset: int) -> None:
-        real(fd, view[: (offset // PAGE + 1) * PAGE - offset], offset)
-        raise Killed
-
-    monkeypatch.setattr(files, "_pwrite_fully", cut)
-    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
-from kmsfs.fs import files, journal
+from kmsfs.fs import journal
 from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal
-from tests.unit.journal_fixtures import PAGE, Killed, _keys
+from tests.unit.journal_fixtures import PAGE, Killed, _die_at_first_page_boundary, _keys
 
 
 def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
@@ -27,16 +27,6 @@ def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
     return FileContent(fd, _keys(), os.fsencode(path), log)
 
 
-def _die_at_first_page_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = files._pwrite_fully
-
-    def cut(fd: int, view: memoryview, offset: int) -> None:
-        boundary = (offset // PAGE + 1) * PAGE
-        real(fd, view[: boundary - offset], offset)
-        raise Killed
-
-    monkeypatch.setattr(files, "_pwrite_fully", cut)
-    monkeypatch.setattr(WriteJournal, "done", lambda self, at: None)
 
 
 def _replay(volume: Path) -> int:
