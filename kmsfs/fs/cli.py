@@ -21,8 +21,8 @@ from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
-from kmsfs.fs import daemon, daemonlog, fsck, kms, latency, reencrypt, singlefile
-from kmsfs.fs.config import CONFIG_NAME, VolumeConfig
+from kmsfs.fs import daemon, daemonlog, fsck, kms, latency, reencrypt, singlefile, volumepin
+from kmsfs.fs.config import CONFIG_NAME, VolumeConfig, bundle_names, shown
 from kmsfs.fs.volume import (
     check_mountpoint,
     check_root_only,
@@ -39,6 +39,7 @@ PROG = "kmsfs"
 EPILOGS = {
     "init": "example:\n  kmsfs init /srv/cipher --domain payroll --store /srv/kms\n",
     "mount": "examples:\n  kmsfs mount /srv/cipher /mnt/payroll\n"
+    "  kmsfs mount /srv/cipher /mnt/payroll --domain payroll   # refuse any other Domain\n"
     "  kmsfs mount /srv/cipher /mnt/payroll -o allow_other --foreground\n"
     "  kmsfs mount /srv/cipher /mnt/payroll --agent /run/kmsfs/hsmd.sock\n"
     "  kmsfs mount /srv/cipher /mnt/payroll --agent hsm.example.org:7440 \\\n"
@@ -98,6 +99,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         domain_bundle=bundle,
     )
     create_volume(Path(args.cipherdir), config)
+    try:  # a new volume here is the operator's doing: whatever the record said, it is this now
+        volumepin.remember(Path(args.cipherdir), config.domain_name, _store_root(config),
+                           replace=True)
+    except (OSError, KmsfsError) as exc:
+        print(f"kmsfs: warning: cannot record on this machine which Domain {args.cipherdir} "
+              f"uses: {_why(exc)} (its first mount here will record it)", file=sys.stderr)
     if args.json:
         emit_json({"cipherdir": str(Path(args.cipherdir).resolve()),
                    "domain_name": config.domain_name, "domain_id": config.domain_id})
@@ -108,14 +115,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[str]]:
-    """Everything ``mount`` checks before forking: volume, mount point, options, Domain."""
+    """Everything ``mount`` checks before forking: volume, mount point, options, Domain, and
+    that the Domain is the one the volume should use (:func:`_check_volume_domain`)."""
+    expected = _expected_domain(args)
     options = daemon.mount_options(args.options)
     if daemon.LOW_LATENCY in options and (why := latency.check_available()) is not None:
         raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
-    config = open_volume(Path(args.cipherdir))
+    config = open_volume(Path(args.cipherdir))  # its names are its bundle's (config.validate)
     check_root_only(Path(args.cipherdir))
     check_mountpoint(Path(args.mountpoint))
     agent = _agent(args)
+    store = Path(".")
     if agent is not None:  # the agent verifies against its own root and checks its policy
         desc = kms.describe_via_agent(config.domain_bundle, agent)
         if desc.get("name") != config.domain_name:
@@ -123,25 +133,81 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
                 f"{args.cipherdir}: config names Domain {config.domain_name}, "
                 f"the agent opened {desc.get('name')}"
             )
-        _warn_if_superseded(args, desc)
-        return config, Path("."), options
-    store = kms.store_dir(args.store)
-    try:
-        desc = kms.describe(store, config.domain_bundle)
-    except FormatError as exc:  # the config's bundle itself is malformed: name the file
-        raise type(exc)(f"{Path(args.cipherdir) / CONFIG_NAME}: domain_bundle: {exc}") from None
-    if not desc.get("verified"):
-        raise kms.problem_error(desc)(
-            f"{args.cipherdir}: Domain {config.domain_name} does not verify: {desc.get('problem')}"
-        )
-    if kms.domain_id_of(desc) != config.domain_id:
-        raise IntegrityError(
-            f"{args.cipherdir}: config names Domain {config.domain_id}, "
-            f"its bundle holds {kms.domain_id_of(desc)}"
-        )
-    kms.check_not_rolled_back(desc)
+    else:
+        store = kms.store_dir(args.store)
+        try:
+            desc = kms.describe(store, config.domain_bundle)
+        except FormatError as exc:  # the config's bundle itself is malformed: name the file
+            raise type(exc)(
+                f"{Path(args.cipherdir) / CONFIG_NAME}: domain_bundle: {exc}"
+            ) from None
+        if not desc.get("verified"):
+            raise kms.problem_error(desc)(
+                f"{args.cipherdir}: Domain {config.domain_name} does not verify: "
+                f"{desc.get('problem')}"
+            )
+        kms.check_not_rolled_back(desc)
+    _check_volume_domain(Path(args.cipherdir), config, expected)
     _warn_if_superseded(args, desc)
     return config, store, options
+
+
+def _domain_option(p: argparse.ArgumentParser, before: str = "", also: str = "") -> None:
+    p.add_argument(
+        "--domain",
+        metavar="NAME",
+        help=f"{before}refuse unless the volume's Domain is NAME (its kmsfs.conf cannot vouch "
+        f"for itself){also}",
+    )
+
+
+def _check_volume_before_reading(args: argparse.Namespace, cipherdir: Path) -> None:
+    """fsck, reencrypt and decrypt --cipherdir hold a volume to its Domain as mount does
+    (--domain, and this machine's record): whoever can write CIPHERDIR and derive with another
+    Domain of the store could put a volume of that Domain in its place, config and all, which
+    would then read back, or check, as good."""
+    if args.domain is not None and not args.domain:
+        raise UsageError("--domain is empty: name the Domain the volume must use")
+    _check_volume_domain(cipherdir, open_volume(cipherdir), args.domain)
+
+
+def _expected_domain(args: argparse.Namespace) -> str | None:
+    """The Domain the caller says the volume must use: ``--domain NAME``, or kmsfs's own mount
+    option ``-o domain=NAME`` (the /etc/fstab form, which mount.kmsfs passes on), taken out of
+    ``args.options`` here so that it never reaches the kernel. None if neither is given;
+    UsageError for an empty NAME (kmsfs@.service with no KMSFS_DOMAIN) or two that differ."""
+    named, rest = daemon.split_domain(args.options)
+    args.options = [",".join(rest)] if rest else []
+    if args.domain is not None:
+        named.insert(0, args.domain)
+    if any(not name for name in named):
+        raise UsageError(
+            "--domain (or -o domain=) is empty: name the Domain the volume must use "
+            "(for kmsfs@.service, KMSFS_DOMAIN= in its /etc/kmsfs/NAME.env)"
+        )
+    if len(set(named)) > 1:
+        raise UsageError(f"--domain / -o domain=: {' and '.join(sorted(set(named)))} conflict")
+    return named[0] if named else None
+
+
+def _check_volume_domain(cipherdir: Path, config: VolumeConfig, expected: str | None) -> None:
+    """IntegrityError unless the volume's verified Domain is the one it should use: the one
+    ``expected`` names (--domain), and the one this machine recorded for the volume at its
+    first mount or ``kmsfs init`` (:mod:`kmsfs.fs.volumepin`). Its config cannot say: whoever
+    can write CIPHERDIR can put another verified Domain of the store there."""
+    if expected is not None and config.domain_name != expected:
+        raise IntegrityError(
+            f"{cipherdir}: the volume's Domain is {config.domain_name}, not {expected} as "
+            "--domain (or -o domain=) says: its kmsfs.conf was changed, or this is another "
+            "volume; nothing done"
+        )
+    volumepin.check(cipherdir, config.domain_name, _store_root(config))
+
+
+def _store_root(config: VolumeConfig) -> str | None:
+    """The root Trust id of the store the volume's Domain belongs to (its bundle verified)."""
+    names = bundle_names(config.domain_bundle)
+    return names.root if names is not None else None
 
 
 def _warn_if_superseded(args: argparse.Namespace, desc: dict[str, object]) -> None:
@@ -196,6 +262,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
                     lambda: kms.remember_in_use(deriver),
                     "this machine has now mounted Domain generation %d",
                 )
+                _keep_record(
+                    f"which Domain {cipherdir} uses",
+                    lambda: config.domain_name if volumepin.remember(
+                        cipherdir, config.domain_name, _store_root(config)) else None,
+                    f"this machine now holds {cipherdir} to Domain %s (kmsfs.fs.volumepin)",
+                )
                 report_ready()
 
             daemon.serve(cipherdir, mountpoint, deriver, options, on_ready=ready)
@@ -220,17 +292,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return code
 
 
-def _keep_record(what: str, record: Callable[[], int | None], done: str) -> None:
-    """Keep one record of the generation a mount uses (the volume's copy, the machine's):
-    a config or state directory that cannot be written costs a warning, never the mount."""
+def _keep_record(what: str, record: Callable[[], int | str | None], done: str) -> None:
+    """Keep one record of what a mount uses (the generation: the volume's copy, the machine's;
+    the volume's Domain: the machine's): a config or state directory that cannot be written
+    costs a warning, never the mount. *done* is logged with what *record* returns, if not None.
+    """
     try:
-        generation = record()
+        written = record()
     except (OSError, KmsfsError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        log.warning("cannot record %s: %s", what, why)
+        log.warning("cannot record %s: %s", what, _why(exc))
         return
-    if generation is not None:
-        log.info(done, generation)
+    if written is not None:
+        log.info(done, written)
+
+
+def _why(exc: OSError | KmsfsError) -> object:
+    """What went wrong, for a one-line warning: an OSError's strerror without its errno."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
 
 
 def _agent(args: argparse.Namespace) -> kms.AgentOptions | None:
@@ -282,8 +360,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         "creator": config.creator,
     }
     try:
+        pin = volumepin.load(Path(args.cipherdir))
+    except KmsfsError as exc:
+        info["machine_record"] = f"unreadable: {exc}"
+    else:  # what this machine holds the volume to (kmsfs.fs.volumepin): a mount checks it
+        info["machine_record"] = pin.domain if pin is not None else None
+    try:
         desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
+        if desc.get("verified"):  # the name that verified, not the config's claim of it
+            info["domain_name"] = desc.get("name")
         # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
         info["generation"] = desc.get("generation")
         info["epochs"] = desc.get("epochs")
@@ -305,7 +391,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 value = "yes" if value else "no"
             elif isinstance(value, list):
                 value = ", ".join(map(str, value))
-            print(f"{key + ':':16} {value}")
+            print(f"{key + ':':16} {shown(str(value))}")  # kmsfs.conf is anyone's text
     return exitcodes.OK
 
 
@@ -327,6 +413,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     singlefile.check_output(args.output, args.force)  # said first, before the store is read
     store = kms.store_dir(args.store)
     if args.cipherdir:
+        _check_volume_before_reading(args, Path(args.cipherdir))
         size = singlefile.recover(store, Path(args.cipherdir), args.input, args.output,
                                   _agent(args), force=args.force)
     else:
@@ -346,6 +433,7 @@ def _json_needs_a_file(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    _check_volume_before_reading(args, Path(args.cipherdir))
     report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir), _agent(args))
     if args.json:
         emit_json(report.to_json())
@@ -368,6 +456,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
+    _check_volume_before_reading(args, Path(args.cipherdir))
     summary = reencrypt.reencrypt(
         kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
     )
@@ -454,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
                    help=store_help)
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    _domain_option(p, also="; also -o domain=NAME, the /etc/fstab form")
     p.add_argument(
         "-o",
         dest="options",
@@ -508,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="IN is a ciphertext file of the volume DIR (its Domain is in DIR/kmsfs.conf)",
     )
+    _domain_option(p, "with --cipherdir, ")
     p.add_argument("input", metavar="IN", help="encrypted file, or - for stdin")
     p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or - "
                    "(an existing file is refused unless --force)")
@@ -520,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("fsck", "check every name, symlink and block of a volume without mounting it")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init'")
+    _domain_option(p)
     p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
                    help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
@@ -528,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
             "mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
+    _domain_option(p)
     p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
                    help=store_help)
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")

@@ -16,6 +16,13 @@ The bundle (the verified Domain and its Trust chain) makes the directory self-co
 LUKS2 header: without an HSM of the Trust it is useless, so it holds nothing secret. Like
 gocryptfs's ``configfile``, the config is validated on load *and* before every write, an unknown
 feature flag refuses the mount, and writes go temp file, fsync, rename, fsync of the directory.
+
+Nothing signs the file as a whole: only the bundle verifies (against the store, by whoever opens
+the Domain). So ``domain_name`` and ``domain_id`` must be the name and id *inside* the bundle
+(:meth:`VolumeConfig.validate`): every command that reads a volume goes through :func:`load`,
+and a config that names one Domain and carries another is refused there, before any Domain is
+opened. Which Domain a volume *should* use is not something the file can say about itself: see
+:mod:`kmsfs.fs.volumepin` and ``kmsfs mount --domain`` (docs/threat-model.md §1).
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs import __version__, atomicfile
-from kmsfs.errors import BadVersionError, FormatError
+from kmsfs.errors import BadVersionError, FormatError, IntegrityError, KmsfsError
 
 CONFIG_NAME = "kmsfs.conf"
 CONFIG_FORMAT_VERSION = 1
@@ -81,7 +89,9 @@ class VolumeConfig:
     creator: str = field(default=f"kmsfs {__version__}")
 
     def validate(self) -> None:
-        """Raise FormatError (BadVersionError for version or flags) unless this config is usable."""
+        """Raise FormatError (BadVersionError for version or flags) unless this config is usable;
+        IntegrityError if its ``domain_name`` or ``domain_id`` is not its bundle's (module
+        docstring)."""
         if self.format_version != CONFIG_FORMAT_VERSION:
             raise BadVersionError(
                 f"config format_version: want {CONFIG_FORMAT_VERSION}, have {self.format_version}"
@@ -100,9 +110,53 @@ class VolumeConfig:
             raise FormatError("config: domain_id must be a non-empty string")
         if not self.domain_bundle:
             raise FormatError("config: domain_bundle is empty")
+        held = bundle_names(self.domain_bundle)
+        if held is not None and (held.name, held.domain_id) != (self.domain_name, self.domain_id):
+            # Someone who can write CIPHERDIR put another Domain's bundle in (or renamed it):
+            # whatever shows the volume's name (kmsfs info, a --domain check) must not be fooled.
+            ids = ("", "") if held.domain_id == self.domain_id else (
+                f" ({shown(self.domain_id[:12])})", f" ({held.domain_id[:12]})")
+            raise IntegrityError(
+                f"config names Domain {shown(self.domain_name)}{ids[0]}, but its domain_bundle "
+                f"holds Domain {held.name}{ids[1]}: the file was changed after kmsfs wrote it; "
+                "nothing opened"
+            )
 
     def has(self, flag: str) -> bool:
         return flag in self.feature_flags
+
+
+def shown(text: str) -> str:
+    """*text* (from the unauthenticated file) as an error line may show it: as it is if
+    printable, else quoted with escapes, so it can neither break the one line nor reach the
+    terminal as an escape sequence."""
+    return text if text.isprintable() else repr(text)
+
+
+@dataclass(frozen=True)
+class BundleNames:
+    """Who a Domain bundle says it is. Read from its form only: it means something once the
+    bundle has verified (against the store, or by the agent), as it must before any use."""
+
+    name: str
+    domain_id: str
+    root: str | None  # the id of the first Trust of its chain: the store it belongs to
+
+
+def bundle_names(bundle: bytes) -> BundleNames | None:
+    """The Domain name, id and root Trust id a bundle holds; None if the bytes are not a Domain
+    bundle at all (every verifier refuses those, naming the file, so there is nothing to
+    compare: the tests' volumes, which no HSM opens, carry such placeholders).
+
+    The model is pure (no store, no HSM): parsing is all this does, about 1 ms."""
+    from kmsfs.model.bundle import DomainBundle
+
+    try:
+        parsed = DomainBundle.from_bytes(bundle)
+    except KmsfsError:
+        return None
+    root = parsed.chain[0].id if parsed.chain else None
+    return BundleNames(parsed.domain.domain.name, parsed.domain.id, root)
 
 
 def pack(config: VolumeConfig) -> bytes:
@@ -120,13 +174,16 @@ def pack(config: VolumeConfig) -> bytes:
 
 
 def parse(data: bytes) -> VolumeConfig:
-    """Parse and validate; every problem is a one-line FormatError or BadVersionError."""
+    """Parse and validate; every problem is a one-line FormatError or BadVersionError, or an
+    IntegrityError for names that are not the bundle's."""
     if len(data) > MAX_CONFIG_SIZE:
         raise FormatError(f"config: too large: max {MAX_CONFIG_SIZE} bytes, have {len(data)}")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"config: not valid JSON ({exc})") from None
+    except RecursionError:  # [[[[... nested deeper than the parser goes
+        raise FormatError("config: not valid JSON (nested too deep)") from None
     if not isinstance(doc, dict):
         raise FormatError("config: top level must be a JSON object")
     version = doc.get("format_version")
@@ -165,17 +222,25 @@ def parse(data: bytes) -> VolumeConfig:
 
 
 def load(cipherdir: Path) -> VolumeConfig:
-    """Read and validate ``cipherdir/kmsfs.conf``; messages name the file."""
+    """Read and validate ``cipherdir/kmsfs.conf``; messages name the file.
+
+    Whoever can write the ciphertext directory can put anything at that name, and root reads
+    it (mount, fsck, reencrypt): a symlink to ``/dev/zero`` or to a huge file read until memory
+    ran out, and a FIFO blocked the command for good. So it is opened as kmsfs's own files are
+    (:func:`kmsfs.fs.posix.read_internal_file`: no symlink followed, no blocking, a regular
+    file only) and read to one byte past the largest config."""
+    from kmsfs.fs.posix import read_internal_file  # pyfuse3 only when a volume is read
+
     path = Path(cipherdir) / CONFIG_NAME
     try:
-        data = path.read_bytes()
+        data = read_internal_file(os.fsencode(path), MAX_CONFIG_SIZE + 1)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file (not a kmsfs volume?)") from None
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         return parse(data)
-    except FormatError as exc:
+    except (FormatError, IntegrityError) as exc:
         raise type(exc)(f"{path}: {exc}") from None
 
 

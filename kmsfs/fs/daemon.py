@@ -20,7 +20,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,11 @@ LOW_LATENCY = "low_latency"
 ATIME_OPTIONS = frozenset({"relatime", "nodiratime"})
 #: Options kmsfs handles itself and does not pass to the kernel.
 OWN_OPTIONS = frozenset({WRITEBACK_CACHE, LOW_LATENCY, *ATIME_OPTIONS})
+#: kmsfs's own option with a value, ``domain=NAME``: the Domain the volume must use (``kmsfs
+#: mount --domain``, the form for /etc/fstab). The command takes it out (:func:`split_domain`)
+#: before :func:`mount_options`, which refuses it like any option it does not know, so it
+#: never reaches the kernel.
+DOMAIN_OPTION = "domain"
 #: Options a user may pass with -o (names, or name= prefixes).
 ALLOWED_OPTIONS = frozenset(
     {
@@ -92,19 +97,36 @@ ALLOWED_OPTIONS = frozenset(
 ALLOWED_PREFIXES = ("fsname=", "subtype=", "max_read=")
 
 
+def _each_option(extra: Iterable[str]) -> Iterator[str]:
+    """The options of -o arguments (each comma-separated), one by one."""
+    for item in extra:
+        yield from filter(None, (o.strip() for o in item.split(",")))
+
+
+def split_domain(extra: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the NAMEs of every ``domain=NAME``, every other option) of -o arguments."""
+    domains, rest = [], []
+    for opt in _each_option(extra):
+        key, sep, value = opt.partition("=")
+        if key == DOMAIN_OPTION and sep:
+            domains.append(value)
+        else:
+            rest.append(opt)
+    return domains, rest
+
+
 def mount_options(extra: Iterable[str]) -> set[str]:
     """BASE_OPTIONS plus the user's -o options (and default_permissions with allow_other);
     UsageError for one we do not pass through."""
     opts = set(BASE_OPTIONS)
-    for item in extra:
-        for opt in filter(None, (o.strip() for o in item.split(","))):
-            if opt not in ALLOWED_OPTIONS and not opt.startswith(ALLOWED_PREFIXES):
-                raise UsageError(f"unsupported mount option {opt!r}")
-            _check_value(opt)
-            if opt.startswith(("fsname=", "subtype=")):
-                key = opt.split("=", 1)[0] + "="
-                opts = {o for o in opts if not o.startswith(key)}
-            opts.add(opt)
+    for opt in _each_option(extra):
+        if opt not in ALLOWED_OPTIONS and not opt.startswith(ALLOWED_PREFIXES):
+            raise UsageError(f"unsupported mount option {opt!r}")
+        _check_value(opt)
+        if opt.startswith(("fsname=", "subtype=")):
+            key = opt.split("=", 1)[0] + "="
+            opts = {o for o in opts if not o.startswith(key)}
+        opts.add(opt)
     if "rw" in opts and "ro" in opts:
         raise UsageError("mount options 'ro' and 'rw' conflict")
     opts.discard("rw")

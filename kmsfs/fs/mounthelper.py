@@ -5,11 +5,13 @@ kmsfs's own options name the key store (``store=DIR``) or the HSM agent to get k
 (``agent=SOCKET|HOST:PORT``, with ``agent_cert=``, ``agent_key=``, ``agent_ca=`` for TLS: the
 ``--agent*`` flags of ``kmsfs mount``); options that only matter to mount(8) or
 systemd (``noauto``, ``_netdev``, ``nofail``, ``x-systemd.*``, ...) are dropped; the rest go to
-``kmsfs mount -o``, which refuses any it does not know. The mount daemonizes and this returns
-once the mount serves, as mount(8) expects.
+``kmsfs mount -o``, which refuses any it does not know. ``domain=NAME``, the Domain the volume
+must use (a ``kmsfs.conf`` pointed at another Domain is refused), is among them: ``kmsfs
+mount`` takes it as its own (:func:`kmsfs.fs.daemon.split_domain`), never the kernel's. The
+mount daemonizes and this returns once the mount serves, as mount(8) expects.
 
-    /srv/cipher/payroll  /srv/payroll  kmsfs  store=/var/lib/kmsfs/store,allow_other,_netdev  0 0
-    /srv/cipher/hr  /srv/hr  kmsfs  agent=/run/kmsfs/hsmd.sock,_netdev  0 0
+    /srv/cipher/payroll /srv/payroll kmsfs store=/var/lib/kmsfs/store,domain=payroll,_netdev 0 0
+    /srv/cipher/hr /srv/hr kmsfs agent=/run/kmsfs/hsmd.sock,domain=hr,_netdev 0 0
 """
 
 import sys
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             positional.append(arg)
     if len(positional) != 2:
         print(
-            "mount.kmsfs: error: usage: mount.kmsfs CIPHERDIR MOUNTPOINT [-o store=DIR,...]",
+            "mount.kmsfs: error: usage: mount.kmsfs CIPHERDIR MOUNTPOINT "
+            "[-o store=DIR,domain=NAME,...]",
             file=sys.stderr,
         )
         return exitcodes.USAGE

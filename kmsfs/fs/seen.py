@@ -31,6 +31,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kmsfs import atomicfile
 from kmsfs.errors import FormatError, IntegrityError
@@ -64,15 +65,20 @@ class Seen:
     trust: str
 
 
+#: The state directory's subdirectory of these records (one per Domain of a store).
+RECORDS = "domains"
+
+
 def record_path(root: str, domain: str) -> Path:
     key = hashlib.sha256(root.encode() + b"\0" + domain.encode()).hexdigest()[:32]
-    return state_dir() / "domains" / f"{key}.json"
+    return state_dir() / RECORDS / f"{key}.json"
 
 
-def load(root: str, domain: str) -> Seen | None:
-    """The record of *domain* of the store with root Trust *root*, or None if there is none.
-    FormatError (naming the file) for one that is damaged or names another Domain."""
-    path = record_path(root, domain)
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object in one record file of the state directory (this module's, or
+    :mod:`kmsfs.fs.volumepin`'s); None if there is no such file, and an empty dict for one
+    that is not a JSON object of at most MAX_RECORD_SIZE bytes (the caller says what it should
+    have held). FormatError, naming the file, if it cannot be read."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_RECORD_SIZE + 1)
@@ -82,6 +88,26 @@ def load(root: str, domain: str) -> Seen | None:
         raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         doc = json.loads(data) if len(data) <= MAX_RECORD_SIZE else None
+    except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the parser
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def write_record(path: Path, record: dict[str, object]) -> None:
+    """Write one record atomically (temporary file, fsync, rename), readable by all: it holds
+    nothing secret. Call :func:`close_to_others` first."""
+    data = (json.dumps(record, sort_keys=True, indent=2) + "\n").encode()
+    atomicfile.replace(path, data, mode=0o644)
+
+
+def load(root: str, domain: str) -> Seen | None:
+    """The record of *domain* of the store with root Trust *root*, or None if there is none.
+    FormatError (naming the file) for one that is damaged or names another Domain."""
+    path = record_path(root, domain)
+    doc = read_record(path)
+    if doc is None:
+        return None
+    try:
         seen = Seen(doc["domain"], doc["root"], doc["generation"], doc["domain_id"], doc["trust"])
         valid = (
             isinstance(seen.generation, int)
@@ -91,7 +117,7 @@ def load(root: str, domain: str) -> Seen | None:
             and isinstance(seen.trust, str)
             and (seen.domain, seen.root) == (domain, root)
         )
-    except (ValueError, TypeError, KeyError):
+    except (TypeError, KeyError):
         valid = False
     if not valid:
         raise FormatError(f"{path}: not a record of Domain {domain}'s newest generation; remove it")
@@ -146,29 +172,29 @@ def check(offered: Offered) -> None:
 def remember(offered: Offered) -> bool:
     """Record *offered* if it is newer than the record (or there is none); True if written.
     Call it only with what :func:`check` accepted. Every call first closes this user's state
-    directories to others (:func:`_close_to_others`), and refuses to write through a state
+    directories to others (:func:`close_to_others`), and refuses to write through a state
     directory that others may change."""
-    _close_to_others()
+    close_to_others(RECORDS)
     seen = load(offered.root, offered.domain)
     if seen is not None and offered.generation <= seen.generation:
         return False
-    record = {
+    write_record(record_path(offered.root, offered.domain), {
         "domain": offered.domain,
         "domain_id": offered.domain_id,
         "generation": offered.generation,
         "root": offered.root,
         "trust": offered.trust,
-    }
-    data = (json.dumps(record, sort_keys=True, indent=2) + "\n").encode()
-    atomicfile.replace(record_path(offered.root, offered.domain), data, mode=0o644)
+    })
     return True
 
 
-def _close_to_others() -> None:
+def close_to_others(records: str) -> None:
     """Take write permission for others off this user's state directories, top down (for
-    the system one, /var/lib/kmsfs above it too): whoever may write there may remove a
-    record, and with it the refusal of a rolled-back Domain. Mounts of earlier versions made
-    them 0777 (:func:`kmsfs.atomicfile.make_parents`).
+    the system one, /var/lib/kmsfs above it too), down to its subdirectory *records* (this
+    module's ``domains``, :mod:`kmsfs.fs.volumepin`'s ``volumes``): whoever may write there
+    may remove a record, and with it the refusal of a rolled-back Domain or of a volume
+    pointed at another Domain. Mounts of earlier versions made them 0777
+    (:func:`kmsfs.atomicfile.make_parents`).
 
     Below the state directory (which may itself be a symlink: the state kept elsewhere),
     each directory is opened without following a symlink, through its parent's descriptor,
@@ -182,7 +208,7 @@ def _close_to_others() -> None:
         _close_one(top.parent, flags & ~os.O_NOFOLLOW)
     parent: int | None = None
     try:
-        for directory in (top, top / "domains"):
+        for directory in (top, top / records):
             try:
                 if parent is None:  # the top may be a symlink (the state kept elsewhere)
                     fd = os.open(directory, flags & ~os.O_NOFOLLOW)
@@ -219,10 +245,18 @@ def _close_one(directory: Path, flags: int) -> None:
 
 
 def _close_fd(fd: int, directory: Path) -> None:
-    """Take write permission for others off the directory open as *fd*, if it is this user's;
-    IntegrityError if others may write it and it is not."""
+    """Take write permission for others off the directory open as *fd*, which must be this
+    user's: IntegrityError if it is another's, whatever its mode (its owner may remove records
+    there, or make it writable again: a local user who made ``volumes/`` in a state directory
+    an earlier version had left 0777 kept it)."""
     st = os.fstat(fd)
     mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        raise IntegrityError(
+            f"{directory}: owned by uid {st.st_uid}, not by this user ({os.geteuid()}), who "
+            "could remove this machine's records of what it mounted; remove it, or give it to "
+            "this user (chown)"
+        )
     if not mode & 0o022:
         return
     if st.st_uid != os.geteuid():

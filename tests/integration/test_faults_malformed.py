@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,6 +192,40 @@ def test_fuzzed_volume_config_in_process(world: dict[str, Path], data) -> None: 
         volconfig.load(scratch)
     except KmsfsError as exc:
         assert str(scratch / volconfig.CONFIG_NAME) in str(exc) and "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "/dev/zero", "huge", "nested"])
+def test_a_hostile_volume_config_is_one_error_not_a_hang_or_a_memory_blowup(
+    tmp_path: Path, planted: str
+) -> None:
+    """Whoever writes the ciphertext directory chooses what kmsfs.conf is, and root reads it:
+    a FIFO blocked every command for good, a symlink to /dev/zero or a sparse 3 GiB file was
+    read into memory whole, and a deeply nested document ended in a RecursionError traceback."""
+    conf = tmp_path / volconfig.CONFIG_NAME
+    if planted == "fifo":
+        os.mkfifo(conf)
+    elif planted == "/dev/zero":
+        conf.symlink_to("/dev/zero")
+    elif planted == "huge":
+        with open(conf, "wb") as f:
+            f.truncate(3 << 30)
+    else:
+        conf.write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            volconfig.load(tmp_path)
+        except BaseException as exc:  # looked at below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)  # a FIFO's open blocked for good
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "volconfig.load is blocked"
+    (exc,) = outcome
+    assert isinstance(exc, KmsfsError), repr(exc)
+    assert str(conf) in str(exc) and "\n" not in str(exc)
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ def volume(initialized: Admin, tmp_path: Path) -> dict[str, str]:
     env = {
         "KMSFS_CIPHERDIR": str(tmp_path / "cipher"),
         "KMSFS_MOUNTPOINT": str(tmp_path / "mnt"),
+        "KMSFS_DOMAIN": "payroll",  # required: the unit refuses a volume of any other Domain
         "KMSFS_STORE": str(initialized.store),
         "KMSFS_OPTIONS": "allow_other",
     }
