@@ -49,7 +49,13 @@ from kmsfs.fs.names import (
     write_sidecar,
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
-from kmsfs.fs.posix import own, read_internal_file, rename_noreplace, renameat2
+from kmsfs.fs.posix import (
+    dir_no_follow,
+    own,
+    read_internal_file,
+    rename_noreplace,
+    renameat2,
+)
 from kmsfs.fs.xattrs import Xattrs
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -521,18 +527,17 @@ def longlinks_dir(root: bytes, create: bool = False) -> Iterator[bytes]:
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o711)
         fsync_dir(root)
+    held = contextlib.ExitStack()
     try:
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        blobs = held.enter_context(dir_no_follow(path))
     except OSError as exc:
         if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
             raise
         log.error("%s is not a directory (a symlink?): long symlink targets unavailable",
                   LONGLINK_DIR)
         raise OSError(errno.EIO, f"{LONGLINK_DIR} is not a directory") from None
-    try:
-        yield b"/proc/self/fd/%d" % fd
-    finally:
-        os.close(fd)
+    with held:
+        yield blobs
 
 
 def _is_dir(path: bytes) -> bool:

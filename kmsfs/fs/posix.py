@@ -6,11 +6,13 @@ system (ext4, xfs, btrfs, tmpfs); emulating them with a stat then a rename would
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import os
 import stat
+from collections.abc import Iterator
 
 import pyfuse3
 
@@ -43,6 +45,19 @@ def open_regular(
         os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def dir_no_follow(path: bytes) -> Iterator[bytes]:
+    """The directory *path* as ``/proc/self/fd/N``, opened without following a symlink at its
+    name (OSError ENOTDIR or ELOOP if one is there, or anything but a directory): for kmsfs's
+    own directories in a ciphertext root (``kmsfs.longlinks``), where whoever can write the
+    ciphertext can put a symlink, and the daemon or fsck would follow it out of the volume."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        yield b"/proc/self/fd/%d" % fd
+    finally:
+        os.close(fd)
 
 
 def read_internal_file(path: bytes | str, limit: int, dir_fd: int | None = None) -> bytes:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.symlinks import LONGLINK_DIR
-from tests.integration.fs_helpers import make_volume
+from kmsfs.fs.fsck import check_tree
+from tests.integration.fs_helpers import SoftDeriver, make_volume
 
 LONG_TARGET = "t" * 1500  # encrypted, longer than a symlink's stored target: it gets a blob
 
@@ -53,3 +54,20 @@ def test_an_existing_long_symlink_is_not_read_or_removed_through_a_planted_one(
     assert exc.value.errno == errno.EIO
     os.unlink(mount.mountpoint / "long")
     assert sorted(os.listdir(outside)) == blobs  # not removed through the symlink
+
+
+def test_fsck_neither_reads_nor_lists_blobs_through_a_planted_symlink(
+    tmp_path: Path, mounter  # type: ignore[no-untyped-def]
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    mount = mounter(volume)
+    os.symlink(LONG_TARGET, mount.mountpoint / "long")
+    mount.stop()
+    outside = tmp_path / "outside"
+    shutil.move(volume / LONGLINK_DIR, outside)
+    (outside / "unrelated-secret-name").write_text("x")  # a name fsck must not list
+    (volume / LONGLINK_DIR).symlink_to(outside)
+    report = check_tree(volume, SoftDeriver())
+    assert [(p.kind, p.path) for p in report.problems] == [("symlink", "/long")]
+    assert ("leftover", LONGLINK_DIR) in [(w.kind, w.cipher_path) for w in report.warnings]
+    assert "unrelated-secret-name" not in str(report.to_json())
