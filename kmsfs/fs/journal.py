@@ -575,10 +575,10 @@ def _apply(
         cipher = cipher_of(FileHeader.parse(record.header))
         if record.tail:
             repaired = _apply_tail(fd, record, cipher)
+            if repaired:
+                os.fdatasync(fd)  # on the disk before the journal that held it is emptied
         else:
             repaired = _apply_redo(fd, record, block, cipher, elsewhere is not None)
-        if repaired:
-            os.fdatasync(fd)  # on the disk before the journal that held the record is emptied
     if elsewhere and repaired:
         log.warning(
             "write journal: record %d for %s: the file is no longer there; found by its header"
@@ -595,38 +595,53 @@ def _apply_redo(
     fd: int, record: Record, block: int, cipher: ContentCipher, elsewhere: bool
 ) -> int:
     """Put back the blocks of a redo record that no longer authenticate on disk and were
-    torn by its write (:func:`_torn_by`); returns how many."""
+    torn by its write (:func:`_torn_by`); returns how many.
+
+    A record is one pwrite, and a kill stops it at one place: it tears one block, and the file
+    grew past its old end only if that block reached the end. Only then are the record's
+    blocks past the end written (the rest of the write, completed). A write that would have
+    grown the file but was cut before its old end left the file's size as it was: writing them
+    then left the file's old partial last block, fsync'd perhaps, followed by blocks with a gap
+    of zeros between, unreadable for good (found by review)."""
     size = os.fstat(fd).st_size
     repaired = 0
-    for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
-        want = record.data[i : i + CIPHER_BLOCK_SIZE]
-        at = record.offset + i
-        number = block + i // CIPHER_BLOCK_SIZE
-        if elsewhere and at >= size:
-            # A torn overwrite leaves the block it began in: a file found by its header
-            # that ends before the block is an older copy (a sync tool's), never grown.
-            continue
-        on_disk = os.pread(fd, CIPHER_BLOCK_SIZE, at)
-        if on_disk and (on_disk[: len(want)] == want or _authentic(cipher, number, on_disk)):
-            continue  # the write got there, or never began, or a later one replaced it
-        if not _authentic(cipher, number, want):
-            raise IntegrityError(f"its block {number} does not authenticate")
-        if not on_disk:
-            # Past the file's end: the rest of a write that grew the file and stopped in a block
-            # it tore (put back just now), completed. Without that tear, the file ends before
-            # the write began (it never did, or was cut back): nothing to put back.
-            if not repaired:
-                break
-        elif not _torn_by(on_disk, want, at):
-            log.warning(
-                "write journal: record %d for %s: block %d does not authenticate, but this "
-                "record's write did not tear it (an older record, after a power cut?); left "
-                "as it is",
-                record.sequence, os.fsdecode(record.path), number,
-            )
-            continue
-        pwrite_fully(fd, want, at)
-        repaired += 1
+    reached_the_end = False  # the block put back ended where the file ends
+    try:
+        for i in range(0, len(record.data), CIPHER_BLOCK_SIZE):
+            want = record.data[i : i + CIPHER_BLOCK_SIZE]
+            at = record.offset + i
+            number = block + i // CIPHER_BLOCK_SIZE
+            if elsewhere and at >= size:
+                # A torn overwrite leaves the block it began in: a file found by its header
+                # that ends before the block is an older copy (a sync tool's), never grown.
+                continue
+            on_disk = os.pread(fd, CIPHER_BLOCK_SIZE, at)
+            if on_disk and (on_disk[: len(want)] == want or _authentic(cipher, number, on_disk)):
+                continue  # the write got there, or never began, or a later one replaced it
+            if not _authentic(cipher, number, want):
+                raise IntegrityError(f"its block {number} does not authenticate")
+            if not on_disk:
+                # Past the file's end: the rest of a write that grew the file and stopped in a block
+                # it tore (put back just now), completed. Without that tear, the file ends before
+                # the write began (it never did, or was cut back): nothing to put back.
+                if not reached_the_end:
+                    break
+            elif not _torn_by(on_disk, want, at):
+                log.warning(
+                    "write journal: record %d for %s: block %d does not authenticate, but this "
+                    "record's write did not tear it (an older record, after a power cut?); left "
+                    "as it is",
+                    record.sequence, os.fsdecode(record.path), number,
+                )
+                continue
+            pwrite_fully(fd, want, at)
+            repaired += 1
+            reached_the_end = at + max(len(on_disk), len(want)) >= size
+    finally:
+        # What was put back is on the disk before the journal that held it is emptied, even
+        # if a later block failed (ENOSPC past the end: the record is reported not replayed).
+        if repaired:
+            os.fdatasync(fd)
     return repaired
 
 

@@ -27,8 +27,6 @@ def _open(volume: Path, name: str, log: WriteJournal | None) -> FileContent:
     return FileContent(fd, _keys(), os.fsencode(path), log)
 
 
-
-
 def _replay(volume: Path) -> int:
     return journal.replay(os.fsencode(volume), _keys().cipher)
 
@@ -93,6 +91,26 @@ def test_a_killed_append_of_whole_blocks_is_cut_back_to_what_it_finished(
     assert _replay(tmp_path) == 1
     assert _read_all(tmp_path, "log") == synced  # the write had finished no block of its own
     assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == 0
+
+
+def test_a_killed_overwrite_that_would_have_grown_the_file_keeps_its_old_last_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pwrite from inside the file to past its end, killed in a block before the old
+    partial last block (so the file kept its size): the replay put the torn block back, then
+    wrote the record's blocks past the old end after the old last block, which, zeros between,
+    never authenticated again: fsync'd bytes read EIO for good (found by review)."""
+    log = WriteJournal(os.fsencode(tmp_path))
+    content = _open(tmp_path, "db", log)
+    old = os.urandom(3 * BLOCK_SIZE + 1000)
+    content.write(0, old)
+    new = os.urandom(4 * BLOCK_SIZE)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(BLOCK_SIZE, new)  # blocks 1-4; the kill cuts it inside block 1
+    monkeypatch.undo()
+    assert _replay(tmp_path) == 1
+    assert _read_all(tmp_path, "db") == old[:BLOCK_SIZE] + new[:BLOCK_SIZE] + old[2 * BLOCK_SIZE :]
 
 
 def test_a_tail_record_leaves_a_file_alone_unless_its_end_is_torn(tmp_path: Path) -> None:
