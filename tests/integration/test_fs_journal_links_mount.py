@@ -24,10 +24,12 @@ from tests.integration.test_fs_integrity import cipher_path
 _TEARING_STUB = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
-from kmsfs.fs import files
+from kmsfs.fs import files, longpath
 import fs_mount_stub
 
 TRIGGER = os.environ["KMSFS_TEST_TEAR"]
+if os.environ.get("KMSFS_TEST_NO_OPENAT2"):  # the replay's walk, as without openat2
+    longpath._have_openat2 = False
 real = files._pwrite_fully
 
 
@@ -45,7 +47,9 @@ fs_mount_stub.main()
 
 @pytest.fixture
 def tearing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Mounts started from here run the tearing stub; returns its trigger file."""
+    """Mounts started from here run a stub whose ciphertext pwrite, once the returned trigger
+    file exists, stops at its first page boundary and SIGKILLs the daemon (what SIGKILL can
+    make the kernel do to a buffered write)."""
     stub = tmp_path / "tearing_stub.py"
     here = str(Path(fs_helpers.__file__).resolve().parent)
     stub.write_text(_TEARING_STUB.format(here=here))

@@ -39,7 +39,7 @@ from kmsfs.fs import journal, longpath
 from kmsfs.fs.files import BlockIntegrityError, FileContent
 from kmsfs.fs.journal import WriteJournal, live_records
 from kmsfs.fs.longpath import PATH_MAX, SymlinkOnPath, open_dir_beneath, reach
-from tests.integration import fs_helpers
+from tests.integration import test_fs_journal_links_mount
 from tests.integration.test_fs_integrity import cipher_path
 from tests.unit.journal_fixtures import Killed, _die_at_first_page_boundary, _keys
 
@@ -344,42 +344,8 @@ def test_open_dir_beneath_refuses_what_is_not_a_path_below_the_root(tmp_path: Pa
 
 # --- real mounts ---------------------------------------------------------------------------
 
-_TEARING_STUB = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
-from kmsfs.fs import files, longpath
-import fs_mount_stub
+tearing = test_fs_journal_links_mount.tearing  # the fixture: a stub daemon that tears and dies
 
-TRIGGER = os.environ["KMSFS_TEST_TEAR"]
-if os.environ.get("KMSFS_TEST_NO_OPENAT2"):
-    longpath._have_openat2 = False
-real = files._pwrite_fully
-
-
-def tearing(fd, view, offset):
-    if os.path.exists(TRIGGER) and len(view) > 4096 - offset % 4096:
-        real(fd, view[: 4096 - offset % 4096], offset)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(fd, view, offset)
-
-
-files._pwrite_fully = tearing
-fs_mount_stub.main()
-"""
-
-
-@pytest.fixture
-def tearing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Mounts started from here run a stub whose ciphertext pwrite, once the returned trigger
-    file exists, stops at its first page boundary and SIGKILLs the daemon (what SIGKILL can
-    make the kernel do to a buffered write; test_fs_journal_links_mount.py)."""
-    stub = tmp_path / "tearing_stub.py"
-    here = str(Path(fs_helpers.__file__).resolve().parent)
-    stub.write_text(_TEARING_STUB.format(here=here))
-    trigger = tmp_path / "tear"
-    monkeypatch.setattr(fs_helpers, "STUB", stub)
-    monkeypatch.setenv("KMSFS_TEST_TEAR", str(trigger))
-    return trigger
 
 
 def test_a_mount_given_the_reviewers_record_writes_nothing_outside_and_serves(  # type: ignore[no-untyped-def]
