@@ -340,9 +340,12 @@ def _replay(
     # record found elsewhere by its header keeps its place in that order.
     records = parse(raw)[::-1]
     elsewhere = _locate(root, root_fd, records)
+    newer = _NewerWrites()
     for record in records:
         try:
-            repaired += _apply(root_fd, record, elsewhere.get(record.sequence), cipher_of)
+            repaired += _apply(
+                root_fd, record, elsewhere.get(record.sequence), cipher_of, newer
+            )
         except (OSError, FormatError, IntegrityError, _NotFound) as exc:
             log.warning(
                 "write journal: record %d for %s not replayed (%s)",
@@ -350,6 +353,7 @@ def _replay(
                 os.fsdecode(record.path),
                 exc.strerror if isinstance(exc, SymlinkOnPath) else exc,
             )
+        newer.add(record)
     if raw:  # read_internal_file found a regular file; a FIFO put there since must not block
         # Every file repaired was fdatasync'd (_apply): only now may the records go, and the
         # emptied journal is fsync'd, so that no power cut brings them back under this mount's
@@ -553,10 +557,12 @@ def _apply(
     record: Record,
     elsewhere: list[bytes] | None,
     cipher_of: Callable[[FileHeader], ContentCipher],
+    newer: _NewerWrites | None = None,
 ) -> int:
     """Put back *record*'s torn blocks in its file: at its path, or if *elsewhere* is not None
     (its path no longer holds it), in the one file found with its header. Both are paths
-    below the root open as *root_fd*, opened following no symlink (module docstring)."""
+    below the root open as *root_fd*, opened following no symlink (module docstring).
+    *newer*: what the journal's newer records wrote (:func:`_apply_tail`)."""
     _check(record)
     block = (record.offset - HEADER_SIZE) // CIPHER_BLOCK_SIZE
     if elsewhere is None:
@@ -574,7 +580,7 @@ def _apply(
             return 0  # the file was emptied and started again, or is another one now
         cipher = cipher_of(FileHeader.parse(record.header))
         if record.tail:
-            repaired = _apply_tail(fd, record, cipher)
+            repaired = _apply_tail(fd, record, cipher, newer)
             if repaired:
                 os.fdatasync(fd)  # on the disk before the journal that held it is emptied
         else:
@@ -664,7 +670,9 @@ def _torn_by(on_disk: bytes, want: bytes, at: int) -> bool:
     return len(want) < CIPHER_BLOCK_SIZE and len(on_disk) == len(want)
 
 
-def _apply_tail(fd: int, record: Record, cipher: ContentCipher) -> int:
+def _apply_tail(
+    fd: int, record: Record, cipher: ContentCipher, newer: _NewerWrites | None = None
+) -> int:
     """Cut off the torn last block a write past the end left when it was killed; returns 1 if
     it did, else 0.
 
@@ -677,13 +685,23 @@ def _apply_tail(fd: int, record: Record, cipher: ContentCipher) -> int:
     keeps the part of an interrupted append it wrote, and a file cut to its header alone is
     cut to 0 bytes (an empty file has no header). A write that completed leaves every block
     whole, and stays; a later write that tore a block in the middle (a power cut, with this
-    record stale on the disk) leaves the file's end alone, and nothing is cut."""
+    record stale on the disk) leaves the file's end alone, and nothing is cut.
+
+    Nor is a last block that a write newer than the record's wrote to (*newer*: what the
+    journal's newer records wrote): the daemon writes a file one write at a time (a lock
+    per inode), so that write began after the record's had returned, and the tear is not the
+    record's. A kill tears only the newest write, whose own record repairs it; a power cut,
+    with this record's done mark never on the disk, can tear the newer write anywhere (not only
+    at a page boundary as a kill does), and cutting the block off would silently lose what it
+    held before, fsync'd perhaps: left alone it reads EIO, as documented for a power cut."""
     size = os.fstat(fd).st_size
     old = max(record.offset, HEADER_SIZE)
     if size <= old or size % _PAGE:
         return 0
     last = (size - HEADER_SIZE - 1) // CIPHER_BLOCK_SIZE  # the block the file ends in
     last_at = HEADER_SIZE + last * CIPHER_BLOCK_SIZE
+    if newer is not None and newer.wrote_to(record.header, last_at):
+        return 0
     if _authentic(cipher, last, os.pread(fd, CIPHER_BLOCK_SIZE, last_at)):
         return 0
     number = (old - HEADER_SIZE) // CIPHER_BLOCK_SIZE
@@ -702,6 +720,28 @@ def _apply_tail(fd: int, record: Record, cipher: ContentCipher) -> int:
         record.sequence, os.fsdecode(record.path), size, last_at if last_at > HEADER_SIZE else 0,
     )
     return 1
+
+
+class _NewerWrites:
+    """The blocks the redo records a replay has gone through (newest first) wrote, file by
+    file (its header). Linear in the journal's size, however its records are made (a replay
+    reads up to 1 GiB of them). Newer tail records need no note: whatever tear one leaves
+    alone (a file not ending at a page boundary, a block that fails before the last), an older
+    one of the same file finds too, and leaves alone."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[bytes, set[int]] = {}
+
+    def add(self, record: Record) -> None:
+        if not record.tail:
+            self._blocks.setdefault(record.header, set()).update(
+                range(record.offset, record.offset + len(record.data), CIPHER_BLOCK_SIZE)
+            )
+
+    def wrote_to(self, header: bytes, block_at: int) -> bool:
+        """Whether a redo record gone through, of the file with *header*, holds the block at
+        ciphertext offset *block_at*."""
+        return block_at in self._blocks.get(header, ())
 
 
 @contextlib.contextmanager

@@ -178,6 +178,40 @@ def test_an_older_live_record_does_not_put_its_block_over_a_later_tear(
     assert "did not tear it" in caplog.text
 
 
+def test_a_tail_record_does_not_cut_a_last_block_a_newer_write_tore(tmp_path: Path) -> None:
+    """The disk after a power cut: the tail record of an append that returned (its done mark
+    never written back), then a newer overwrite from the file's last block on past its end,
+    torn by the power cut in the last block (its size change never reached the disk; a sector
+    of its bytes did). The newer write's record cannot vouch for that tear, and the append's
+    record must not take it for its own: the block held the append's bytes, fsync'd perhaps.
+    Cutting it off would lose them silently; left as it is, it reads EIO."""
+    log = WriteJournal(os.fsencode(tmp_path))
+    log.done = lambda at: None  # type: ignore[method-assign]  # every record stays live
+    content = _open(tmp_path, "f", log)
+    content.write(0, os.urandom(2 * BLOCK_SIZE))
+    # The append: the file then ends at a page boundary (3 full blocks, then 3966 bytes).
+    content.write(2 * BLOCK_SIZE, os.urandom(BLOCK_SIZE + 3966))
+    before = (tmp_path / "f").read_bytes()
+    assert len(before) % PAGE == 0
+    content.write(3 * BLOCK_SIZE, os.urandom(2 * BLOCK_SIZE))  # the newer write, past the end
+    after = (tmp_path / "f").read_bytes()
+    os.close(content.fd)
+    records = journal.parse((tmp_path / journal.JOURNAL_NAME).read_bytes())
+    assert [r.tail for r in records] == [True, True, False]
+    torn = before[:-512] + after[len(before) - 512 : len(before)]
+    (tmp_path / "f").write_bytes(torn)
+    with pytest.raises(BlockIntegrityError):
+        _read_all(tmp_path, "f")
+    assert _replay(tmp_path) == 0
+    assert (tmp_path / "f").read_bytes() == torn
+    # Without the newer record, the append's record would (rightly) take the tear for its own.
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(
+        b"".join(journal.encode(r.sequence, r.path, r.header, r.offset, r.data, journal.TAIL)
+                 for r in records[:2]))
+    assert _replay(tmp_path) == 1
+    assert len((tmp_path / "f").read_bytes()) == cipher_offset(3)
+
+
 # --- F5: the journal's size --------------------------------------------------------------
 def test_the_journal_is_cut_back_when_it_rewinds_past_the_threshold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
