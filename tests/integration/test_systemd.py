@@ -309,6 +309,13 @@ def test_the_device_check_knows_that_protect_clock_closes_the_policy(tmp_path: P
     assert device_allowed(unit, "/dev/fuse", "rw")
 
 
+def test_the_mount_unit_gives_the_daemon_the_kernels_open_file_ceiling() -> None:
+    """Every file open on the mount holds a daemon fd, for every user; the daemon cannot raise
+    its hard limit under the unit's capabilities, so the unit sets it (fs.nr_open's default)."""
+    assert "CAP_SYS_RESOURCE" not in values(MOUNT_SERVICE, "CapabilityBoundingSet")[-1]
+    assert values(MOUNT_SERVICE, "LimitNOFILE") == ["1048576"]
+
+
 PERMANENT_ERRORS = {
     exitcodes.USAGE, exitcodes.VERIFICATION, exitcodes.PIN, exitcodes.STORE, exitcodes.FORMAT
 }

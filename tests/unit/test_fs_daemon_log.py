@@ -130,9 +130,9 @@ def test_a_log_file_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
         os.close(reader)
 
 
-def test_the_daemon_raises_its_open_file_limit_to_the_hard_one() -> None:
-    """Every open file of a mount holds a daemon fd, for every user: at the usual soft limit
-    of 1,024 one process's opens failed every open on the mount (EMFILE)."""
+def _limits_after_raise(as_nobody: bool = False) -> list[str]:
+    """The (soft, hard) open-file limits a process that starts at (64, 4096) has after
+    daemon.raise_open_file_limit, as root or as user nobody."""
     script = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))\n"
@@ -140,6 +140,44 @@ def test_the_daemon_raises_its_open_file_limit_to_the_hard_one() -> None:
         "daemon.raise_open_file_limit()\n"
         "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
-    assert out.split() == ["4096", "4096"]
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+    return subprocess.run([*drop, sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
+
+
+def test_the_daemon_raises_its_open_file_limit_to_the_hard_one() -> None:
+    """Every open file of a mount holds a daemon fd, for every user: at the usual soft limit
+    of 1,024 one process's opens failed every open on the mount (EMFILE). A daemon that is
+    not root goes up to its hard limit."""
+    if os.geteuid() == 0:
+        assert _limits_after_raise(as_nobody=True) == ["4096", "4096"]
+    else:
+        assert _limits_after_raise() == ["4096", "4096"]
+
+
+@pytest.mark.parametrize("may_raise_hard", [True, False])
+def test_a_daemon_that_may_raises_its_hard_open_file_limit_to_the_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, may_raise_hard: bool
+) -> None:
+    """With allow_other, two users holding 10,000 files open each used up a hard limit of
+    20,000 and every other open on the mount failed (EMFILE), where ext4 gives each process
+    its own limit: a daemon with CAP_SYS_RESOURCE (root, outside a container that drops it)
+    takes the kernel's per-process ceiling, fs.nr_open; one without it, its hard limit. (This
+    machine's root lacks the capability, so the kernel's refusal is played by a stand-in.)"""
+    from kmsfs.fs import daemon
+
+    nr_open = tmp_path / "nr_open"
+    nr_open.write_text("1048576\n")
+    monkeypatch.setattr(daemon, "NR_OPEN", str(nr_open))
+    limits = [(1024, 20_000)]
+
+    def setrlimit(which: int, new: tuple[int, int]) -> None:
+        assert which == daemon.resource.RLIMIT_NOFILE
+        if new[1] > limits[-1][1] and not may_raise_hard:
+            raise ValueError("not allowed to raise maximum limit")
+        limits.append(new)
+
+    monkeypatch.setattr(daemon.resource, "getrlimit", lambda which: limits[-1])
+    monkeypatch.setattr(daemon.resource, "setrlimit", setrlimit)
+    daemon.raise_open_file_limit()
+    assert limits[-1] == ((1_048_576, 1_048_576) if may_raise_hard else (20_000, 20_000))
