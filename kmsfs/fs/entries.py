@@ -184,35 +184,56 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         return self.links.decrypt_from_disk(stored, read_blob)
 
     def _hold_longlink(
-        self, path: bytes
-    ) -> tuple[tuple[int, bytes] | None, os.stat_result | None]:
-        """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat).
+        self, path: bytes, keep_file: bool = False
+    ) -> tuple[tuple[int, bytes] | None, os.stat_result | None, int | None]:
+        """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat, and
+        with *keep_file* an O_PATH fd of it if it is a regular file).
 
         Held across the removal of the entry: the blob goes only if the fd then shows no link
-        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. Anything but
-        a symlink needs no fd: one lstat answers (the common case, e.g. every file of rm -rf).
+        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. A regular
+        file's fd is for its node to hold (:meth:`_keep_removed`). Anything else needs no fd:
+        one lstat answers (every file of rm -rf the kernel no longer holds).
         """
-        try:
-            st = os.lstat(reach(path))
-        except FileNotFoundError:
-            return None, None
-        if not stat.S_ISLNK(st.st_mode):
-            return None, st
+        if not keep_file:
+            try:
+                st = os.lstat(reach(path))
+            except FileNotFoundError:
+                return None, None, None
+            if not stat.S_ISLNK(st.st_mode):
+                return None, st, None
         try:
             fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
             st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and keep_file:
+                return None, st, fd
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(b"", dir_fd=fd)
                 if is_longlink(os.fsdecode(target)):
-                    return (fd, target), st
+                    return (fd, target), st, None
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-        return None, st
+        return None, st, None
+
+    def _keep_removed(self, ino: int | None, fd: int | None) -> None:
+        """Give the node *ino*, whose last link the table knew just went, the O_PATH fd *fd*
+        of its file (:meth:`InodeTable.hold`); close *fd* if there is nothing to give it to.
+
+        Why: the kernel may have looked the name up just before the removal (an open(2) or
+        stat(2) of a file another process is replacing by rename, as editors and config
+        writers do), and then asks for the node by its number. ext4 gives that process the
+        old file; without the fd no path reaches it (the daemon learns links by lookup only,
+        and the file may have none left), and the open or stat failed with ENOENT."""
+        if fd is None:
+            return
+        if ino is None:
+            os.close(fd)
+            return
+        self.table.hold(ino, fd)
 
     def _drop_longlink(self, held: tuple[int, bytes] | None) -> None:
         """After the entry is gone: remove the blob if no link to the symlink is left."""
@@ -373,23 +394,29 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
-        held, st = self._hold_longlink(path)
+        known = self.table.at(parent_inode, cname)
+        held, st, kept = self._hold_longlink(path, keep_file=known is not None)
         try:
             os.unlink(reach(path))
         except BaseException:
             self._drop_longlink(held)
+            self._keep_removed(None, kept)
             raise
         remove_sidecar(dirpath, cname)
         self._drop_longlink(held)
         # Only a file with other links can go on being open by another name (the lstat above
         # counted them): rm -rf of files with one link each does no more than before.
-        ino = self.table.at(parent_inode, cname) if st is not None and st.st_nlink > 1 else None
+        ino = known if st is not None and st.st_nlink > 1 else None
         self.table.drop_link(parent_inode, cname)
         if st is not None and st.st_nlink <= 1:
             # its last link (no await since the fstat): a file still open is anonymous now
-            self.files.unlinked(self.table.removed(st.st_ino))
-        elif ino is not None:
-            self._link_gone(ino, path)
+            gone = self.table.removed(st.st_ino)
+            self.files.unlinked(gone)
+            self._keep_removed(gone, kept)
+        else:
+            if ino is not None:
+                self._link_gone(ino, path)
+            self._keep_removed(ino, kept)
 
     @guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -436,7 +463,12 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             if dst is not None and dst.st_ino == src.st_ino:
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
-                held, _ = self._hold_longlink(new_path)
+                held, _, _ = self._hold_longlink(new_path)
+        # The file renamed over, if the kernel holds it: its node keeps an fd (_keep_removed).
+        victim = self.table.at(parent_inode_new, new_c) if dst is not None else None
+        kept = None
+        if victim is not None and stat.S_ISREG(dst.st_mode):
+            _, _, kept = self._hold_longlink(new_path, keep_file=True)
         # A file renamed over that keeps other links (see unlink).
         replaced = None
         if dst is not None and dst.st_nlink > 1 and not stat.S_ISDIR(dst.st_mode):
@@ -466,6 +498,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                         rename_noreplace(hidden, new_path)
                 undo_sidecar(new_dir, new_disk, written)
                 self._drop_longlink(held)
+                self._keep_removed(None, kept)
                 raise
             if exchanged:
                 hidden = dirs.hide(old_path)  # the replaced directory, now under the old name
@@ -484,8 +517,11 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             self.files.unlinked(gone)
             if replaced_dir:
                 self.names.forget_dir(gone)
-        elif replaced is not None:
-            self._link_gone(replaced, new_path)
+            self._keep_removed(gone, kept)
+        else:
+            if replaced is not None:
+                self._link_gone(replaced, new_path)
+            self._keep_removed(replaced, kept)
 
     def _link_gone(self, ino: int, path: bytes) -> None:
         """The link at ciphertext *path* of *ino*, which has others, is gone (its table entry

@@ -57,14 +57,17 @@ class Handle:
 def open_cipher_fd(path: bytes, want_write: bool, noatime: bool = False) -> tuple[int, bool]:
     """Open the ciphertext file read-write if possible (writes need reads for partial blocks).
 
-    *noatime* (the mount's ``-o noatime``): reads through the fd leave atime alone.
+    *noatime* (the mount's ``-o noatime``): reads through the fd leave atime alone. A path in
+    the tree is opened without following a symlink; ``/proc/self/fd/N``, an fd of the daemon's
+    own for a file with no path left (:meth:`ContentOps._open_path`), is a link to follow.
     """
+    base = os.O_CLOEXEC | (0 if path.startswith(b"/proc/self/fd/") else os.O_NOFOLLOW)
     try:
-        return open_quietly(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, noatime), True
+        return open_quietly(path, os.O_RDWR | base, noatime), True
     except OSError as exc:
         if want_write or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-    return open_quietly(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, noatime), False
+    return open_quietly(path, os.O_RDONLY | base, noatime), False
 
 
 def keep_atime(fd: int) -> None:
@@ -168,7 +171,10 @@ class OpenFiles:
                 writable = True
                 if self.noatime:
                     keep_atime(fd)
-            of = OpenFile(ino, FileContent(fd, self._keys, path, self._journal), writable)
+            # A file with no path in the tree left (InodeTable.hold) is opened through /proc:
+            # a journal record naming that path would never be replayed, so none is written.
+            journal = None if path.startswith(b"/proc/self/fd/") else self._journal
+            of = OpenFile(ino, FileContent(fd, self._keys, path, journal), writable)
             self._by_ino[ino] = of
             if reading:
                 self._to_key.append(of)

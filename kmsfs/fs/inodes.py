@@ -54,6 +54,9 @@ class Node:
     #: the kernel's GETATTR of a removed working directory: ext4 answers it, so ``ls`` there
     #: lists nothing instead of failing.
     gone_attrs: os.stat_result | None = None
+    #: An O_PATH fd of a file whose last link known here the daemon removed while the kernel
+    #: held its node (:meth:`InodeTable.hold`), closed when the node goes or gets a link again.
+    held_fd: int | None = None
 
 
 class InodeTable:
@@ -121,6 +124,27 @@ class InodeTable:
         """The attributes :meth:`removed` was given for *ino*, while the kernel holds it."""
         node = self._nodes.get(ino)
         return node.gone_attrs if node is not None and not node.links else None
+
+    def hold(self, ino: int, fd: int) -> None:
+        """Keep *fd*, an O_PATH fd of *ino*'s file, while the kernel holds *ino* and the table
+        knows no link of it (a file unlinked or renamed over, or whose other links the kernel
+        never looked up): :meth:`held` answers for it then, as ext4 answers a process that
+        looked the name up before the removal. Closed at once if there is no such node."""
+        node = self._nodes.get(ino)
+        if node is None or node.links or node.held_fd is not None or ino == ROOT:
+            os.close(fd)
+            return
+        node.held_fd = fd
+
+    def held(self, ino: int) -> int | None:
+        """The fd :meth:`hold` kept for *ino*, if it has no known link (else use its path)."""
+        node = self._nodes.get(ino)
+        return node.held_fd if node is not None and not node.links else None
+
+    def _release_held(self, node: Node) -> None:
+        if node.held_fd is not None:
+            os.close(node.held_fd)
+            node.held_fd = None
 
     def known(self, ino: int) -> bool:
         return ino in self._nodes
@@ -206,6 +230,7 @@ class InodeTable:
         if old is not None and old != ino:
             self.drop_link(parent, cname)
         node = self._nodes.setdefault(ino, Node())
+        self._release_held(node)  # a path reaches it again
         if link not in node.links:
             node.links[link] = pname
             self._entries[link] = ino
@@ -284,6 +309,7 @@ class InodeTable:
         if ino == ROOT or node is None or node.lookups > 0 or node.children > 0:
             return
         del self._nodes[ino]
+        self._release_held(node)
         self._paths.pop(ino, None)  # its number may come back for another object
         self._detached.discard(ino)
         for link in list(node.links):

@@ -30,7 +30,7 @@ import trio
 from kmsfs.crypto.symlinks import inline_target_length
 from kmsfs.errors import HsmError, IntegrityError, UsageError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
-from kmsfs.fs.handles import open_quietly
+from kmsfs.fs.handles import OpenFile, open_quietly
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.posix import (
     MAX_FILE_SIZE,
@@ -206,6 +206,8 @@ class ContentOps:
             # does (ext4 gives its attributes, 0 links, to fstat and to a listing of it); one
             # not open here (a removed working directory) with what its removal left.
             fd = self._held_dir_fd(ino)
+            if fd is None:
+                fd = self.table.held(ino)  # a file removed after the kernel looked it up
             if fd is not None:
                 return os.fstat(fd), None
             gone = self.table.gone_attrs(ino)
@@ -249,6 +251,20 @@ class ContentOps:
         # By the open file's fd where there is one (chown, chmod and utimens of tar -x all
         # come through one), else by path, never following a symlink.
         of = self.files.get_file(inode)
+        if of is None and self.table.held(inode) is not None:
+            # Removed after the kernel looked it up (InodeTable.hold): through a handle of its
+            # own, as a file open here goes.
+            fh = await self._new_handle(inode, os.O_RDONLY)
+            try:
+                return self._setattr(inode, attr, fields, ctx, self.files.handle(fh).file)
+            finally:
+                self.files.release(fh)
+        return self._setattr(inode, attr, fields, ctx, of)
+
+    def _setattr(
+        self, inode: int, attr: Any, fields: Any, ctx: Any, of: OpenFile | None
+    ) -> pyfuse3.EntryAttributes:
+        """setattr's changes but the size, through *of*'s fd if given, else by path."""
         target: bytes | int
         if of is not None:
             target, nofollow = of.fd, _BY_FD
@@ -369,14 +385,18 @@ class ContentOps:
     def _open_path(self, inode: int) -> bytes:
         """The path to open *inode* by: its path in the tree or, for a file that is open but
         has no name left (unlinked while open), its open fd through /proc, so that it can
-        still be truncated or opened for write, as on ext4."""
+        still be truncated or opened for write, as on ext4; or the fd the table holds for a
+        file removed after the kernel looked it up (:meth:`InodeTable.hold`)."""
         try:
             return self.table.path(inode)
         except OSError:
             of = self.files.get_file(inode)
-            if of is None:
+            if of is not None:
+                return b"/proc/self/fd/%d" % of.content.fd
+            held = self.table.held(inode)
+            if held is None:
                 raise
-            return b"/proc/self/fd/%d" % of.content.fd
+            return b"/proc/self/fd/%d" % held
 
     async def _new_handle(self, inode: int, flags: int) -> int:
         """A handle of *inode*'s open file (opened now if it has none). Not a handler: its
