@@ -529,7 +529,8 @@ def _remove_read_gate(gate: _ReadGate) -> None:
 
 
 def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
-    """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready.
+    """Fork; the child runs ``child(report_ready)``; the parent returns 0 once ready, with
+    SIGINT and SIGTERM held from then on (it only has to exit).
 
     The child reports failure by raising: its one-line message and its exit code
     (:func:`kmsfs.exitcodes.for_error`) travel through the pipe and the parent prints the one
@@ -550,7 +551,7 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
         os.close(write_fd)
         raise
     if pid == 0:  # child
-        status = 0
+        status = 1
 
         def report_ready() -> None:
             os.write(write_fd, b"ready\n")
@@ -560,21 +561,32 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
             os.chdir("/")
             _detach_stdio()
 
+        # The child never returns from here, whatever signal lands where: a second one (the
+        # parent's SIGTERM after a Ctrl-C the child had from the terminal before its setsid)
+        # raised in the handler below ran the caller's exit path in the child too ("kmsfs:
+        # terminated" after "kmsfs: interrupted"; found by review). The first check for a
+        # pending signal is a call, each inside a try whose finally ends in os._exit.
         try:
-            os.close(read_fd)
-            os.setsid()
-            # SIGTERM must stop the child even if the caller ignored it (trap '' TERM): it is
-            # how an interrupted parent calls the mount off, and how a daemon is unmounted.
-            signal.signal(signal.SIGTERM, raise_terminated)
-            signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
-            child(report_ready)
-        except BaseException as exc:  # every failure must reach the parent as one line
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            code = exitcodes.for_error(exc) if isinstance(exc, KmsfsError) else exitcodes.ERROR
-            with contextlib.suppress(OSError):
-                os.write(write_fd, f"error {code}: {msg}\n".encode("utf-8", "replace"))
-            status = 1
-        os._exit(status)
+            try:
+                os.close(read_fd)
+                os.setsid()
+                # SIGTERM must stop the child even if the caller ignored it (trap '' TERM): it
+                # is how an interrupted parent calls the mount off, and how a daemon unmounts.
+                signal.signal(signal.SIGTERM, raise_terminated)
+                signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+                child(report_ready)
+                status = 0
+            except BaseException as exc:  # every failure must reach the parent as one line
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                code = exitcodes.for_error(exc) if isinstance(exc, KmsfsError) else exitcodes.ERROR
+                with contextlib.suppress(OSError):
+                    os.write(write_fd, f"error {code}: {msg}\n".encode("utf-8", "replace"))
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            finally:
+                os._exit(status)
     chunks = []
     try:
         os.close(write_fd)
@@ -585,6 +597,12 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
                 break
             chunks.append(data)
             if b"\n" in data:
+                # The outcome is decided: a Ctrl-C or SIGTERM from now on must not turn a
+                # mount that serves into an exit status of 130 or 143 (it killed this process
+                # as it returned, and a script's "kmsfs mount ... || clean-up" took the live
+                # mount for a failed one; found by review). One that came before is handled
+                # as this call returns, still in here: the mount is called off.
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 break
     except BaseException:  # Ctrl-C or SIGTERM before the mount was ready: call it off
         _call_off(pid)
