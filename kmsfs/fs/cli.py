@@ -198,8 +198,8 @@ def _check_volume_domain(cipherdir: Path, config: VolumeConfig, expected: str | 
     if expected is not None and config.domain_name != expected:
         raise IntegrityError(
             f"{cipherdir}: the volume's Domain is {config.domain_name}, not {expected} as "
-            "--domain (or -o domain=) says: its kmsfs.conf was changed, or this is another "
-            "volume; nothing done"
+            "--domain (or -o domain=) says: a misspelt name, another volume, or a kmsfs.conf "
+            "changed since; nothing done"
         )
     volumepin.check(cipherdir, config.domain_name, _store_root(config))
 
@@ -558,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS,
                    help="once mounted, print the volume, mount point and Domain as JSON")
     p.add_argument("--log-file", type=Path, metavar="FILE",
-                   help="append the daemon's log here (default: stderr with --foreground, "
-                   "else syslog/the journal)")
+                   help="append the daemon's log here, made 0600 (default: stderr with "
+                   "--foreground, else syslog/the journal, else, with no syslog, "
+                   "/var/log/kmsfs.log as root and ~/.cache/kmsfs/kmsfs.log otherwise)")
     _agent_options(p)
     p.set_defaults(func=cmd_mount)
 

@@ -83,7 +83,8 @@ def open_volume(cipherdir: Path) -> VolumeConfig:
     """Load and validate the config and the root directory IV of an existing volume."""
     cipherdir = Path(cipherdir)
     if not cipherdir.is_dir():
-        raise UsageError(f"{cipherdir}: no such directory")
+        what = "not a directory" if cipherdir.exists() else "no such directory"
+        raise UsageError(f"{cipherdir}: {what}")
     config = volconfig.load(cipherdir)
     try:
         read_dir_iv(os.fsencode(cipherdir))

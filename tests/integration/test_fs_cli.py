@@ -77,6 +77,8 @@ def test_mount_refusals(tmp_path: Path) -> None:
     (cipher / "kmsfs.conf").write_text("{garbage")
     _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "not valid JSON")
     _assert_refused(kmsfs("mount", str(tmp_path / "nope"), str(mp)), mp, "no such directory")
+    (tmp_path / "file").write_bytes(b"")  # a volume named by mistake: not "no such"
+    _assert_refused(kmsfs("mount", str(tmp_path / "file"), str(mp)), mp, "file: not a directory")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rule is for root")
