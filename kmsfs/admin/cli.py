@@ -24,12 +24,12 @@ from kmsfs.cliutil import (
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, HsmError, KmsfsError, StoreError, UsageError
 from kmsfs.fs import config as volconfig
-from kmsfs.hsm.pins import PinSource, pin_source_from_args
+from kmsfs.hsm.pins import PinSource, loose_pin_file, pin_source_from_args
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.fields import HEX_ID
 from kmsfs.model.records import NAME_PATTERN
 from kmsfs.service import domains, hsms, imports, operators, store_init, trusts
-from kmsfs.service.context import Context, default_store_path
+from kmsfs.service.context import STORE_DEFAULT, Context, default_store_path
 from kmsfs.statusline import Steps
 from kmsfs.store.documents import MAX_DOCUMENT_BYTES
 
@@ -59,6 +59,11 @@ _UNBOUND_NOTE = (
     "\nbut it predates key binding: no mount or derivation uses it until it is bound with "
     "'kmsfs-admin domain rewrap {0} --trust TRUST' (its own trust, or a successor)"
 )
+#: Where an operator's key is kept, by its protection: said by `operator create`.
+_KEY_KEPT = {
+    "token": "key in a SoftHSM2 token of its own",
+    "passphrase": "key file sealed with a passphrase",
+}
 # Commands that create or enroll HSM tokens in the local store; with --agent that would be a
 # mistake (the agent's HSMs are on its host), so they refuse the flag instead of ignoring it.
 LOCAL_HSM_COMMANDS = frozenset({"init", "hsm_create", "hsm_enroll"})
@@ -105,7 +110,7 @@ class Command:
         return AgentClient(AgentAddress.parse(a.agent, a.agent_cert, a.agent_key, a.agent_ca))
 
     def pin(self, prompt: str) -> PinSource:
-        return pin_source_from_args(self.args.pin_file, self.args.pin_env, prompt)
+        return _pin_source(self.args.pin_file, self.args.pin_env, prompt)
 
     def rows(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
         """JSON arrays of objects with full ids; tables with ids cut to 12 digits."""
@@ -195,7 +200,7 @@ class Command:
         )
         self.one(
             render.operator(record),
-            f"operator {record.name} created (key in {protection})\n{record.key.key_id}",
+            f"operator {record.name} created ({_KEY_KEPT[protection]})\n{record.key.key_id}",
         )
 
     def operator_change_pin(self) -> None:
@@ -209,7 +214,7 @@ class Command:
             self.ctx,
             a.name,
             self.pin(f"current PIN or passphrase of operator {a.name}"),
-            pin_source_from_args(
+            _pin_source(
                 a.new_pin_file, a.new_pin_env, f"new PIN or passphrase of operator {a.name}"
             ),
         )
@@ -295,18 +300,21 @@ class Command:
         print("\n".join(lines))
 
     def trust_sign(self) -> None:
-        approval = trusts.approve(
+        done = trusts.approve(
             self.ctx,
             self.args.trust,
             self.args.as_,
             self.pin(f"PIN or passphrase of operator {self.args.as_}"),
             self.args.accept_key_change,
         )
-        status = trusts.status(self.ctx, approval.subject)
+        status = trusts.status(self.ctx, done.signature.subject)
+        count = f"{len(status.own.signed)}/{status.trust.quorum}"
+        subject = short(done.signature.subject)
         self.one(
-            status.to_dict(),
-            f"{self.args.as_} signed trust {short(approval.subject)}: "
-            f"{len(status.own.signed)}/{status.trust.quorum} approvals",
+            {**status.to_dict(), "already_signed": done.already},
+            f"{self.args.as_} had already signed trust {subject} ({count} approvals)"
+            if done.already
+            else f"{self.args.as_} signed trust {subject}: {count} approvals",
         )
 
     def trust_seal(self) -> None:
@@ -396,6 +404,8 @@ class Command:
         )
 
     def completion(self) -> None:
+        if self.json:  # as kmsfs completion: a script is no JSON, and no flag goes unheeded
+            raise UsageError("--json: completion prints a shell script")
         print(bash_script(build_parser(), PROG), end="")
 
     def audit(self) -> int | None:
@@ -430,14 +440,24 @@ def _read_bundle(source: str) -> DomainBundle:
         else:  # as given: a pipe (<(kmsfs-admin domain export ...)) is read as cat would
             with open(source, "rb") as handle:
                 data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    except OSError as exc:
-        raise StoreError(f"{source}: {exc.strerror}") from None
+    except OSError as exc:  # the command line named it: a usage error (2), not the store (6)
+        raise UsageError(f"{source}: {exc.strerror}") from None
     if len(data) > MAX_DOCUMENT_BYTES:
         raise FormatError(f"{source}: larger than {MAX_DOCUMENT_BYTES} bytes")
     try:
         return DomainBundle.from_bytes(data)
     except KmsfsError as exc:
         raise type(exc)(f"{source}: {exc}") from None
+
+
+def _pin_source(pin_file: str | None, pin_env: str | None, prompt: str) -> PinSource:
+    """The PIN source the options name; a PIN file that group or others can read is used,
+    with a warning on stderr (as ssh warns of a key file), before anything is done."""
+    source = pin_source_from_args(pin_file, pin_env, prompt)
+    warning = loose_pin_file(source)
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return source
 
 
 def _shorten(value: Any) -> Any:
@@ -486,8 +506,7 @@ def build_parser() -> Parser:
         "--store",
         type=Path,
         default=None,
-        help="the store directory, before or after the command "
-        "(default: $KMSFS_STORE, else /var/lib/kmsfs/store for root)",
+        help=f"the store directory, before or after the command (default: {STORE_DEFAULT})",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     add_agent_options(

@@ -28,6 +28,7 @@ from kmsfs.agent.server import (
     TlsFiles,
     check_unix_socket,
     is_tcp,
+    remove_unix_socket,
     server_tls_context,
     systemd_listeners,
     tcp_listener,
@@ -225,10 +226,12 @@ def serve(args: argparse.Namespace) -> int:
             sock.close()
         raise
     agent = Agent(store, policy, audit.append)
+    made: os.stat_result | None = None  # the socket file this agent made, removed at the end
     try:
         if socket_path is not None:
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             listeners.append(unix_listener(socket_path, args.socket_mode))
+            made = socket_path.lstat()
         if args.listen:
             tcp = tcp_listener(*args.listen)
             listeners.append(tcp)
@@ -236,6 +239,8 @@ def serve(args: argparse.Namespace) -> int:
     except KmsfsError:
         for sock in listeners:
             sock.close()
+        if socket_path is not None and made is not None:
+            remove_unix_socket(socket_path, made)
         audit.close()
         raise
     server = Server(agent, listeners, tls, frozenset(tls_fds))
@@ -288,6 +293,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         sdnotify.notify("STOPPING=1")
         server.stop()
+        if socket_path is not None and made is not None:
+            remove_unix_socket(socket_path, made)
         agent.close()
         audit.close()
         log.info("kmsfs-hsmd stopped")

@@ -162,6 +162,22 @@ def unix_listener(path: Path, mode: int = 0o660) -> socket.socket:
     return sock
 
 
+def remove_unix_socket(path: Path, made: os.stat_result) -> None:
+    """On a clean stop, remove the socket file :func:`unix_listener` made (``made``: its
+    stat then), so no stale file stays behind; one another agent has put there since (it found
+    ours closed, so stale) is left alone. Under the socket's lock, like the bind. Never for a
+    socket systemd passed in: that one is systemd's, and stays for the next activation."""
+    try:
+        with _socket_lock(path):
+            now = path.lstat()
+            if (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+                path.unlink()
+    except FileNotFoundError:
+        pass
+    except (OSError, UsageError) as exc:  # stopping goes on: the next start replaces it
+        log.warning("socket %s not removed: %s", path, getattr(exc, "strerror", None) or exc)
+
+
 def tcp_listener(host: str, port: int) -> socket.socket:
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]

@@ -8,6 +8,7 @@ unit) is read from ``$CREDENTIALS_DIRECTORY/NAME``, which only the service can s
 
 import getpass
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,11 @@ class PinSource:
         else:
             if not sys.stdin.isatty():
                 raise PinError(f"{self.prompt}: no terminal to ask on; give --pin-file")
-            secret = getpass.getpass(f"{self.prompt}: ")
+            try:
+                secret = getpass.getpass(f"{self.prompt}: ")
+            except EOFError:  # Ctrl-D at the prompt: no PIN, not a crash
+                print(file=sys.stderr)  # getpass ends the prompt's line only after a PIN
+                raise PinError("no PIN given (end of input at the prompt)") from None
         if not secret:
             raise PinError("the PIN is empty")
         try:
@@ -97,6 +102,28 @@ class PinSource:
             prompt=data.get("prompt"),
             credential=data.get("credential"),
         )
+
+
+def loose_pin_file(source: PinSource) -> str | None:
+    """A one-line warning if ``source`` is a file that group or others may read (as ssh says
+    of a key file), else None. A warning, not a refusal: the PIN works all the same, and a
+    file that cannot be stat'ed is reported when it is read. Only a regular file that holds
+    something: a pipe (``<(pass show ...)``), a device or an empty file is no copy of a PIN
+    left on disk. Never shows the PIN."""
+    if source.file is None:
+        return None
+    try:
+        st = os.stat(source.file)
+    except OSError:
+        return None
+    mode = st.st_mode
+    if not stat.S_ISREG(mode) or not st.st_size or not mode & 0o044:
+        return None
+    who = "group and others" if mode & 0o044 == 0o044 else "group" if mode & 0o040 else "others"
+    return (
+        f"PIN file {source.file} can be read by {who} (mode {mode & 0o7777:04o}): "
+        f"chmod 600 {source.file}"
+    )
 
 
 def pin_source_from_args(

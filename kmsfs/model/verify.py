@@ -90,10 +90,9 @@ class Anchor:
     successor: str | None = None
 
 
-def verify_chain(chain: Sequence[SealedTrust], anchor: "Anchor | str") -> SealedTrust:
-    """Verify ``chain`` (root first) from the pinned anchor; return its last Trust."""
-    if isinstance(anchor, str):
-        anchor = Anchor(anchor)
+def check_root(chain: Sequence[SealedTrust], anchor: "Anchor") -> None:
+    """ChainError unless ``chain`` starts at the pinned root: the first thing to say of a
+    chain of another store, before anything about its later links."""
     if not chain:
         raise ChainError("empty trust chain")
     if chain[0].id != anchor.root:
@@ -101,6 +100,13 @@ def verify_chain(chain: Sequence[SealedTrust], anchor: "Anchor | str") -> Sealed
             f"the trust chain starts at {chain[0].id[:12]}, but this store pins root "
             f"{anchor.root[:12]} (a Domain or Trust of another store?)"
         )
+
+
+def verify_chain(chain: Sequence[SealedTrust], anchor: "Anchor | str") -> SealedTrust:
+    """Verify ``chain`` (root first) from the pinned anchor; return its last Trust."""
+    if isinstance(anchor, str):
+        anchor = Anchor(anchor)
+    check_root(chain, anchor)
     if anchor.successor is not None and len(chain) > 1 and chain[1].id != anchor.successor:
         raise ChainError(
             f"trust {chain[1].id[:12]} is a rival successor of the genesis: this store pinned "

@@ -1,5 +1,6 @@
 """HSM actions: create an embedded SoftHSM2 token, enroll any PKCS#11 token, list them."""
 
+import contextlib
 import os
 import secrets
 from dataclasses import replace
@@ -12,7 +13,7 @@ from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord, check_name
 from kmsfs.service import operators
-from kmsfs.service.context import Context, open_hsm, utc_now
+from kmsfs.service.context import Context, HsmSession, open_one_hsm, utc_now
 
 TOKEN_LABEL_MAX = 32
 
@@ -153,9 +154,12 @@ def health(ctx: Context) -> list[dict[str, object]]:
         if not ctx.private.has_access("hsm", record.id):
             continue  # an HSM of another host: not ours to report
         problem = None
-        try:
-            with open_hsm(ctx, [record]) as hsm:
-                hsm.sign(contexts.message(HEALTH_PROBE, record.id.encode()))
+        try:  # this HSM alone: its own problem, not open_hsm's "no HSM could serve (...)"
+            with contextlib.ExitStack() as stack:
+                session = open_one_hsm(ctx, record, stack)
+                HsmSession(record, session).sign(
+                    contexts.message(HEALTH_PROBE, record.id.encode())
+                )
         except KmsfsError as exc:
             problem = str(exc)
         rows.append(

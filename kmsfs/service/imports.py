@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from kmsfs.errors import AlreadyExistsError, ChainError, KmsfsError, UsageError
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.trust import SealedTrust, Signature, Trust, valid_approvals
-from kmsfs.model.verify import Anchor, VerifiedDomain, verify_chain, verify_domain
+from kmsfs.model.verify import Anchor, VerifiedDomain, check_root, verify_chain, verify_domain
 from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context
 
@@ -72,6 +72,7 @@ def check_chain(
     if not chain or chain[-1].id != last:
         raise ChainError(f"the chain sent does not end at trust {last[:12]}")
     anchor = ctx.store.anchor()
+    check_root(chain, anchor)  # another store's chain: said at once, not "pin it" first
     if anchor.successor is None and len(chain) > 1:
         if pin is not None:
             if chain[1].id != pin:

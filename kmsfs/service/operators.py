@@ -1,6 +1,7 @@
 """Operator actions: create an operator (key in its own token, or passphrase file), sign,
 change the PIN or passphrase."""
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from kmsfs.model import contexts
 from kmsfs.model.records import OperatorRecord, check_name
 from kmsfs.service import operator_keys
 from kmsfs.service.context import Context, utc_now
+
+log = logging.getLogger(__name__)
 
 TOKEN_LABEL_PREFIX = "op-"
 TOKEN_LABEL_MAX = 32
@@ -192,11 +195,12 @@ def sign_as(
     message = contexts.message(context, payload)
     if record.protection == "token":
         location, _ = ctx.private.access("operator", record.name)
+        log.info("operator %s signs with its %s", record.name, location.describe())
         value = operator_keys.token_sign(location, secret, message)
     else:
-        value = operator_keys.keyfile_sign(
-            ctx.private.operator_key_file(record.name), record.name, secret, message
-        )
+        key_file = ctx.private.operator_key_file(record.name)
+        log.info("operator %s signs with its key file %s", record.name, key_file)
+        value = operator_keys.keyfile_sign(key_file, record.name, secret, message)
     try:
         record.key.verify(value, message)
     except IntegrityError:

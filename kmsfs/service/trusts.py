@@ -5,6 +5,7 @@ re-verified the whole chain to the pinned root and counted ``quorum`` valid appr
 Trust's own operators and, for a successor, ``quorum`` of the predecessor's.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,20 @@ from kmsfs.errors import ChainError, IntegrityError, KmsfsError, NotFoundError, 
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord
-from kmsfs.model.trust import Member, QuorumResult, SealedTrust, Signature, Trust, quorum_result
+from kmsfs.model.trust import (
+    Member,
+    QuorumResult,
+    SealedTrust,
+    Signature,
+    Trust,
+    quorum_result,
+    valid_approvals,
+)
 from kmsfs.model.verify import Anchor, verify_approvals, verify_chain, verify_hsm_seal, verify_trust
 from kmsfs.service import hsms, operators
 from kmsfs.service.context import Context, open_hsm, utc_now
+
+log = logging.getLogger(__name__)
 
 
 def resolve_trust(ctx: Context, ref: str) -> str:
@@ -216,14 +227,24 @@ def key_changes(ctx: Context, trust: Trust) -> dict[str, tuple[str, str]]:
     }
 
 
+@dataclass(frozen=True)
+class Approved:
+    """What :func:`approve` did: ``already`` if the operator's valid approval was in the
+    store before (nothing was signed or written: a no-op, so a script may sign again)."""
+
+    signature: Signature
+    already: bool
+
+
 def approve(
     ctx: Context,
     trust_ref: str,
     operator_name: str,
     secret: PinSource,
     accept_key_changes: Sequence[str] = (),
-) -> Signature:
+) -> Approved:
     """Operator ``operator_name`` signs the Trust; only members of it or its predecessor may.
+    One who has signed it already is told so, without a PIN being asked for.
 
     Refused, before the PIN is read, if the Trust lists the signer's name with a key that is not
     the signer's, or changes the key behind any name of its predecessor that the signer did not
@@ -255,12 +276,21 @@ def approve(
             f"({changes}); approve only if each of them asked for it, with --accept-key-change "
             "NAME for each"
         )
+    mine = [m for group in groups for m in group if m.key == record.key][:1]
+    earlier = valid_approvals(trust, ctx.store.signatures("approval", trust.id), mine)
+    if earlier:  # before the PIN is asked for: signing again would change nothing
+        log.info("operator %s had already signed trust %s", operator_name, trust.id[:12])
+        return Approved(earlier[0][1], already=True)
+    log.info(
+        "operator %s (key %s) signs trust %s", operator_name, record.key.key_id[:12],
+        trust.id[:12],
+    )
     value = operators.sign_as(
         ctx, record, secret.read(), contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes()
     )
     approval = Signature(trust.id, record.key.key_id, value)
     ctx.store.save_signature("approval", approval)
-    return approval
+    return Approved(approval, already=False)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ by path, never silently used.
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,8 @@ from kmsfs.model.domain import SealedDomain
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.model.trust import Signature, Trust
 from kmsfs.model.verify import Anchor
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 MAX_DOCUMENT_BYTES = 4 << 20
@@ -148,7 +151,9 @@ class Store:
                 f"{self._relative(path)}: document of {len(data)} bytes, the limit is "
                 f"{MAX_DOCUMENT_BYTES}"
             )
-        return atomic.write_new(path, data)
+        written = atomic.write_new(path, data)
+        log.debug("%s %s", "wrote" if written else "already there:", path)
+        return written
 
     @staticmethod
     def _names(directory: Path, suffix: str = ".json") -> Iterator[str]:

@@ -427,9 +427,12 @@ def test_pins_never_appear_in_output_or_logs(initialized: Admin) -> None:
     outputs.append(initialized("-v", "trust", "seal", trust))
     outputs.append(initialized("-v", "domain", "create", "d", "--trust", trust))
     wrong = initialized.pin_file("wrong", "wr0ng-pin-0815")
+    # a Trust alice has not signed: on `trust`, signing again is a no-op that reads no PIN
+    unsigned = initialized.propose(["hsm1"], ["alice"], 1, predecessor=trust)
     outputs.append(
         initialized(
-            "-v", "trust", "sign", trust, "--as", "alice", "--pin-file", wrong, check=exitcodes.PIN
+            "-v", "trust", "sign", unsigned, "--as", "alice", "--pin-file", wrong,
+            check=exitcodes.PIN,
         )
     )
     hsm_pins = [p.read_text().strip() for p in (initialized.store / "private" / "pins").iterdir()]

@@ -113,6 +113,34 @@ def test_a_tampered_or_foreign_bundle_is_refused_and_nothing_is_written(
     assert _public(r) == before
 
 
+def test_a_bundle_of_another_store_is_named_so_before_any_pin_is_asked_for(
+    sites: Sites, tmp_path: Path
+) -> None:
+    """Into an unrelated store it said "has not pinned the genesis's successor ... pin it with
+    --pin"; with --pin it then said the chain starts at another root. The root comes first."""
+    other = Admin(tmp_path / "other", sites.main.pins)
+    other("init", "--hsms", "1")
+    before = _public(other)
+    for pin in ([], ["--pin", sites.trust]):
+        result = other("domain", "import", str(sites.bundle), *pin,
+                       check=exitcodes.VERIFICATION)
+        line = one_error_line(result)
+        assert "but this store pins root" in line and "another store" in line, line
+        assert "pin" not in line.split("pins root")[0] and "--pin" not in line, line
+    # nothing written but the store's (empty) lock file, which the import held while checking
+    assert {k: v for k, v in _public(other).items() if k != ".lock"} == before
+
+
+def test_a_missing_input_file_is_a_usage_error_naming_it(sites: Sites, tmp_path: Path) -> None:
+    """It was exit 6, the store's code, although the store was fine."""
+    r = sites.replica
+    missing = tmp_path / "nonexistent.domain"
+    before = _public(r)
+    line = one_error_line(r("domain", "import", str(missing), check=exitcodes.USAGE))
+    assert line == f"kmsfs-admin: error: {missing}: No such file or directory"
+    assert _public(r) == before
+
+
 def test_a_pin_that_is_not_the_bundles_is_refused(sites: Sites) -> None:
     r = sites.replica
     before = _public(r)

@@ -288,7 +288,10 @@ def test_the_new_pin_is_asked_twice_at_the_terminal(initialized: Admin) -> None:
     same = _at_terminal(admin, args, [NEW_PIN.encode(), NEW_PIN.encode()])
     assert same.returncode == 0, same
     _no_secret_shown([differ, same], NEW_PIN, "n3w-pin-of-alice-43", "pin-of-alice-0123")
-    assert _signs(admin, trust, "alice", admin.pin_file("alice-new", NEW_PIN)) == exitcodes.OK
+    # a Trust alice has not signed yet: on `trust`, signing again asks for no PIN at all
+    fresh = admin.propose(["hsm1"], ["alice"], 1)
+    assert _signs(admin, fresh, "alice", admin.pin_file("alice")) == exitcodes.PIN
+    assert _signs(admin, fresh, "alice", admin.pin_file("alice-new", NEW_PIN)) == exitcodes.OK
 
 
 def test_without_a_terminal_the_new_pin_must_come_from_a_file_or_the_environment(

@@ -4,8 +4,12 @@ import argparse
 import inspect
 from collections.abc import Iterator
 
+import pytest
+
+from kmsfs import exitcodes
 from kmsfs.admin import cli
 from kmsfs.agent.audit import MAX_PROBLEMS
+from kmsfs.service.context import STORE_DEFAULT
 
 
 def _commands(
@@ -61,3 +65,28 @@ def test_audit_verify_help_says_one_line_per_problem() -> None:
     text = " ".join(_help("audit", "verify").split())
     assert "first damaged record" not in text
     assert f"one stderr line per problem (the first {MAX_PROBLEMS}, then how many more)" in text
+
+
+def test_store_help_says_the_default_for_every_user_as_kmsfs_does() -> None:
+    """kmsfs-admin's said nothing of a user other than root (~/.local/share/kmsfs/store)."""
+    from kmsfs.fs import cli as fs_cli
+
+    admin = " ".join(_help().split())
+    kmsfs = " ".join(fs_cli.build_parser().format_help().split())
+    assert "else ~/.local/share/kmsfs/store" in admin
+    assert f"default: {STORE_DEFAULT}" in admin and f"default: {STORE_DEFAULT}" in kmsfs
+
+
+@pytest.mark.parametrize(
+    "argv", [["completion", "--json", "bash"], ["--json", "completion", "bash"]]
+)
+def test_completion_refuses_json_as_kmsfs_does(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed the script and ignored --json."""
+    assert cli.main(argv) == exitcodes.USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "kmsfs-admin: error: --json: completion prints a shell script\n"
+    assert cli.main(["completion", "bash"]) == exitcodes.OK
+    assert "complete -o filenames -F _kmsfs_admin kmsfs-admin" in capsys.readouterr().out

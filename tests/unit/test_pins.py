@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from kmsfs.errors import FormatError, PinError, UsageError
-from kmsfs.hsm.pins import PinSource, pin_source_from_args
+from kmsfs.hsm import pins
+from kmsfs.hsm.pins import PinSource, loose_pin_file, pin_source_from_args
 
 
 def test_file_pin_drops_only_the_trailing_newline(tmp_path: Path) -> None:
@@ -77,3 +78,48 @@ def test_a_pin_that_is_not_utf8_is_one_error_that_shows_none_of_it(
     with pytest.raises(PinError) as info:
         PinSource(env="XPIN").read()
     assert str(info.value) == "the PIN (environment variable XPIN) is not UTF-8 text"
+
+
+def test_end_of_input_at_the_prompt_is_a_pin_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-D at the prompt was an EOFError traceback from getpass (exit 1)."""
+
+    def eof(prompt: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr(pins.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(pins.getpass, "getpass", eof)
+    with pytest.raises(PinError) as info:
+        PinSource(prompt="PIN of operator carol").read()
+    assert str(info.value) == "no PIN given (end of input at the prompt)"
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"),
+    [(0o600, None), (0o400, None), (0o640, "group"), (0o604, "others"),
+     (0o644, "group and others")],
+)
+def test_a_pin_file_others_can_read_is_named_without_its_pin(
+    tmp_path: Path, mode: int, who: str | None
+) -> None:
+    path = tmp_path / "carol.pin"
+    path.write_text("secret-pin-of-carol\n")
+    path.chmod(mode)
+    warning = loose_pin_file(PinSource(file=str(path)))
+    if who is None:
+        assert warning is None
+        return
+    assert warning == (
+        f"PIN file {path} can be read by {who} (mode {mode:04o}): chmod 600 {path}"
+    )
+    assert PinSource(file=str(path)).read() == "secret-pin-of-carol"  # used all the same
+
+
+def test_only_a_regular_pin_file_is_checked(tmp_path: Path) -> None:
+    """/dev/null (0666), a pipe or an empty file leave no copy of a PIN on disk; a missing
+    file is reported when it is read."""
+    empty = tmp_path / "empty.pin"
+    empty.write_text("")
+    empty.chmod(0o644)
+    for source in (PinSource(file="/dev/null"), PinSource(file=str(tmp_path / "missing")),
+                   PinSource(file=str(empty)), PinSource(env="X"), PinSource(prompt="p")):
+        assert loose_pin_file(source) is None
