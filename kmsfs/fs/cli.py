@@ -31,6 +31,7 @@ from kmsfs.fs.volume import (
     mount_at,
     open_volume,
 )
+from kmsfs.service.context import STORE_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -493,10 +494,6 @@ def _describe(problem: fsck.Problem) -> str:
 def cmd_completion(args: argparse.Namespace) -> int:
     print(bash_script(build_parser(), PROG), end="")
     return exitcodes.OK
-
-
-#: Where the store is unless --store says (kmsfs.api.default_store_path).
-STORE_DEFAULT = "$KMSFS_STORE, then /var/lib/kmsfs/store for root, else ~/.local/share/kmsfs/store"
 
 
 def build_parser() -> argparse.ArgumentParser:

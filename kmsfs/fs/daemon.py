@@ -605,7 +605,13 @@ def daemonize(child: Callable[[Callable[[], None]], None]) -> int:
                 signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 break
     except BaseException:  # Ctrl-C or SIGTERM before the mount was ready: call it off
-        _call_off(pid)
+        # Unblocked first: one pending as the signals were held above raises here with them
+        # held (CPython runs the handler after the mask is set), and the call-off's wait must
+        # still end at a second Ctrl-C (found by review).
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+        finally:
+            _call_off(pid)
         raise
     finally:
         os.close(read_fd)

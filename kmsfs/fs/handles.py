@@ -54,14 +54,17 @@ class Handle:
     writable: bool
 
 
-def open_cipher_fd(path: bytes, want_write: bool, noatime: bool = False) -> tuple[int, bool]:
+def open_cipher_fd(
+    path: bytes, want_write: bool, noatime: bool = False, through_fd: bool = False
+) -> tuple[int, bool]:
     """Open the ciphertext file read-write if possible (writes need reads for partial blocks).
 
     *noatime* (the mount's ``-o noatime``): reads through the fd leave atime alone. A path in
-    the tree is opened without following a symlink; ``/proc/self/fd/N``, an fd of the daemon's
-    own for a file with no path left (:meth:`ContentOps._open_path`), is a link to follow.
+    the tree is opened without following a symlink; with *through_fd*, *path* is
+    ``/proc/self/fd/N`` of an fd of the daemon's own for a file with no path left
+    (:meth:`ContentOps._open_path`), a link to follow.
     """
-    base = os.O_CLOEXEC | (0 if path.startswith(b"/proc/self/fd/") else os.O_NOFOLLOW)
+    base = os.O_CLOEXEC | (0 if through_fd else os.O_NOFOLLOW)
     try:
         return open_quietly(path, os.O_RDWR | base, noatime), True
     except OSError as exc:
@@ -156,14 +159,28 @@ class OpenFiles:
         except KeyError:
             raise OSError(errno.EBADF, "bad file handle") from None
 
-    def open(self, ino: int, path: bytes, flags: int, fd: int | None = None) -> int:
-        """Register a new handle of *ino*; *fd* (from create) is adopted if given."""
+    def open(
+        self,
+        ino: int,
+        path: bytes,
+        flags: int,
+        fd: int | None = None,
+        removed: bytes | None = None,
+    ) -> int:
+        """Register a new handle of *ino*; *fd* (from create) is adopted if given.
+
+        *removed* not None: *path* is ``/proc/self/fd/N`` of the daemon's own fd of a file with
+        no path in the tree left, and *removed* the ciphertext path of the link it was removed
+        from (:meth:`ContentOps._open_path`). Journal records then name that path if the file
+        still has other links (a replay finds it there by its header, kmsfs.fs.journal); one
+        with none left writes no records (after a crash it is gone too)."""
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY
         reading = False
+        through_fd = removed is not None
         of = self._by_ino.get(ino)
         if of is None:
             if fd is None:
-                fd, writable = open_cipher_fd(path, want_write, self.noatime)
+                fd, writable = open_cipher_fd(path, want_write, self.noatime, through_fd)
                 if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC:
                     prefetch(fd)
                     reading = True
@@ -171,10 +188,12 @@ class OpenFiles:
                 writable = True
                 if self.noatime:
                     keep_atime(fd)
-            # A file with no path in the tree left (InodeTable.hold) is opened through /proc:
-            # a journal record naming that path would never be replayed, so none is written.
-            journal = None if path.startswith(b"/proc/self/fd/") else self._journal
-            of = OpenFile(ino, FileContent(fd, self._keys, path, journal), writable)
+            journal, named = self._journal, path
+            if removed is not None:
+                named = removed
+                if not removed or os.fstat(fd).st_nlink == 0:
+                    journal = None
+            of = OpenFile(ino, FileContent(fd, self._keys, named, journal), writable)
             self._by_ino[ino] = of
             if reading:
                 self._to_key.append(of)
@@ -182,7 +201,7 @@ class OpenFiles:
             if fd is not None:
                 os.close(fd)
             if want_write and not of.writable:
-                new_fd, _ = open_cipher_fd(path, True, self.noatime)
+                new_fd, _ = open_cipher_fd(path, True, self.noatime, through_fd)
                 os.close(of.content.fd)
                 of.content.fd = new_fd
                 of.writable = True

@@ -37,6 +37,11 @@ Link = tuple[int, bytes]
 PATH_CACHE_SIZE = 1024
 #: More components than any path of PATH_MAX bytes has: a walk this long is a loop.
 MAX_DEPTH = 4096
+#: How many removed files the table keeps an fd of at most (:meth:`InodeTable.hold`). A
+#: process that looked a file up holds the kernel's node, with an fd or with no fd at all (an
+#: inotify watch on a file with other links): past this, a removed file answers ENOENT, as
+#: before, instead of the root daemon's fds going to whoever makes the most watches.
+MAX_HELD_FDS = 4096
 
 FRESH_BASE = 0x3FFF_0000_0000_0000
 """First of the ids given to objects whose backing number a detached node still holds: above
@@ -55,8 +60,9 @@ class Node:
     #: lists nothing instead of failing.
     gone_attrs: os.stat_result | None = None
     #: An O_PATH fd of a file whose last link known here the daemon removed while the kernel
-    #: held its node (:meth:`InodeTable.hold`), closed when the node goes or gets a link again.
-    held_fd: int | None = None
+    #: held its node, and that link's ciphertext path (:meth:`InodeTable.hold`); the fd is
+    #: closed when the node goes or gets a link again.
+    held: tuple[int, bytes] | None = None
 
 
 class InodeTable:
@@ -74,6 +80,7 @@ class InodeTable:
         # link never changes a node's first one, so entries go when a link goes or a node is
         # freed (_forget_paths), and none outlives a change of its own links or an ancestor's.
         self._paths: dict[int, bytes] = {}
+        self._held_count = 0  # nodes with a held fd (hold)
 
     def _own_id(self, backing_ino: int) -> int:
         if backing_ino == self._root_backing:
@@ -125,26 +132,36 @@ class InodeTable:
         node = self._nodes.get(ino)
         return node.gone_attrs if node is not None and not node.links else None
 
-    def hold(self, ino: int, fd: int) -> None:
-        """Keep *fd*, an O_PATH fd of *ino*'s file, while the kernel holds *ino* and the table
-        knows no link of it (a file unlinked or renamed over, or whose other links the kernel
-        never looked up): :meth:`held` answers for it then, as ext4 answers a process that
-        looked the name up before the removal. Closed at once if there is no such node."""
+    def hold(self, ino: int, fd: int, path: bytes) -> None:
+        """Keep *fd*, an O_PATH fd of *ino*'s file, removed from ciphertext *path*, while the
+        kernel holds *ino* and the table knows no link of it (a file unlinked or renamed over,
+        or whose other links the kernel never looked up): :meth:`held` answers for it then,
+        as ext4 answers a process that looked the name up before the removal. Closed at once
+        if there is no such node, or :data:`MAX_HELD_FDS` are held."""
         node = self._nodes.get(ino)
-        if node is None or node.links or node.held_fd is not None or ino == ROOT:
+        if (
+            node is None
+            or node.links
+            or node.held is not None
+            or ino == ROOT
+            or self._held_count >= MAX_HELD_FDS
+        ):
             os.close(fd)
             return
-        node.held_fd = fd
+        node.held = (fd, path)
+        self._held_count += 1
 
-    def held(self, ino: int) -> int | None:
-        """The fd :meth:`hold` kept for *ino*, if it has no known link (else use its path)."""
+    def held(self, ino: int) -> tuple[int, bytes] | None:
+        """(fd, path removed from) that :meth:`hold` kept for *ino*, if it has no known link
+        (else use its path)."""
         node = self._nodes.get(ino)
-        return node.held_fd if node is not None and not node.links else None
+        return node.held if node is not None and not node.links else None
 
     def _release_held(self, node: Node) -> None:
-        if node.held_fd is not None:
-            os.close(node.held_fd)
-            node.held_fd = None
+        if node.held is not None:
+            os.close(node.held[0])
+            node.held = None
+            self._held_count -= 1
 
     def known(self, ino: int) -> bool:
         return ino in self._nodes

@@ -206,8 +206,9 @@ class ContentOps:
             # does (ext4 gives its attributes, 0 links, to fstat and to a listing of it); one
             # not open here (a removed working directory) with what its removal left.
             fd = self._held_dir_fd(ino)
-            if fd is None:
-                fd = self.table.held(ino)  # a file removed after the kernel looked it up
+            held = self.table.held(ino)  # a file removed after the kernel looked it up
+            if fd is None and held is not None:
+                fd = held[0]
             if fd is not None:
                 return os.fstat(fd), None
             gone = self.table.gone_attrs(ino)
@@ -382,21 +383,23 @@ class ContentOps:
                     raise self._integrity(of.ino, exc) from None
 
     # --- content ------------------------------------------------------------------------
-    def _open_path(self, inode: int) -> bytes:
-        """The path to open *inode* by: its path in the tree or, for a file that is open but
-        has no name left (unlinked while open), its open fd through /proc, so that it can
-        still be truncated or opened for write, as on ext4; or the fd the table holds for a
-        file removed after the kernel looked it up (:meth:`InodeTable.hold`)."""
+    def _open_path(self, inode: int) -> tuple[bytes, bytes | None]:
+        """(path, removed): the path to open *inode* by, and where it was removed from if that
+        is not a path in the tree (None when it is). For a file that is open but has no name
+        left (unlinked while open): its open fd through /proc, so that it can still be
+        truncated or opened for write, as on ext4 (removed: b"", no journal needed). For a
+        file removed after the kernel looked it up (:meth:`InodeTable.hold`): the fd the table
+        holds, through /proc, and the ciphertext path of the link removed."""
         try:
-            return self.table.path(inode)
+            return self.table.path(inode), None
         except OSError:
             of = self.files.get_file(inode)
             if of is not None:
-                return b"/proc/self/fd/%d" % of.content.fd
+                return b"/proc/self/fd/%d" % of.content.fd, b""
             held = self.table.held(inode)
             if held is None:
                 raise
-            return b"/proc/self/fd/%d" % held
+            return b"/proc/self/fd/%d" % held[0], held[1]
 
     async def _new_handle(self, inode: int, flags: int) -> int:
         """A handle of *inode*'s open file (opened now if it has none). Not a handler: its
@@ -406,8 +409,10 @@ class ContentOps:
             # Opening for write replaces the file's read-only fd: not under an operation
             # that is using the old one in a worker thread.
             async with swapped.lock:
-                return self.files.open(inode, self._open_path(inode), flags)
-        return self.files.open(inode, self._open_path(inode), flags)
+                path, removed = self._open_path(inode)
+                return self.files.open(inode, path, flags, removed=removed)
+        path, removed = self._open_path(inode)
+        return self.files.open(inode, path, flags, removed=removed)
 
     @guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:

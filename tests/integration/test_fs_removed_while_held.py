@@ -13,13 +13,18 @@ Each test runs the same steps on a plain directory (the reference) and on the mo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import multiprocessing
 import os
 import stat
 import time
 from pathlib import Path
 
-from tests.integration.fs_helpers import make_volume
+import pytest
+
+from tests.integration.fault_helpers import tmpfs
+from tests.integration.fs_helpers import make_volume, wait_pool_full
 
 
 def _held_then_removed(d: Path, how: str) -> tuple[int, int, bytes, int, bytes]:
@@ -79,6 +84,60 @@ def test_a_hard_link_the_daemon_never_heard_of_keeps_the_file_reachable(
         os.close(fd)
     assert os.listdir(mount.mountpoint) == ["b"]
     assert (mount.mountpoint / "b").read_bytes() == b"shared"
+
+
+def test_writes_through_a_held_file_that_keeps_other_links_are_journaled(
+    tmp_path: Path, mounter  # type: ignore[no-untyped-def]
+) -> None:
+    """The file reached through the daemon's held fd still has a name (``b``, which this
+    mount never heard of): its writes need journal records like any other (naming the link
+    removed; a replay finds the file by its header). They got none, so a kill in the middle
+    of one could leave a block unreadable for good (found by review)."""
+    volume = make_volume(tmp_path / "cipher")
+    first = mounter(volume, name="first")
+    (first.mountpoint / "a").write_bytes(b"0123456789" * 1000)
+    os.link(first.mountpoint / "a", first.mountpoint / "b")
+    first.stop()
+    journal = volume / "kmsfs.journal"
+    mount = mounter(volume)
+    fd = os.open(mount.mountpoint / "a", os.O_PATH)
+    try:
+        os.unlink(mount.mountpoint / "a")
+        assert journal.stat().st_size == 0
+        with open(f"/proc/self/fd/{fd}", "r+b") as f:
+            f.write(b"overwrite")
+        assert journal.stat().st_size > 0
+    finally:
+        os.close(fd)
+    assert (mount.mountpoint / "b").read_bytes()[:12] == b"overwrite901"
+
+
+def test_a_failed_rename_over_a_held_file_leaves_no_daemon_fd(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A rename over a file the kernel holds, refused because the long name's sidecar does
+    not fit (a backing file system out of inodes, which any user of the mount can bring
+    about), left the fd taken for that file open in the daemon, one per try, for good."""
+    with tmpfs(tmp_path / "small", "16m,nr_inodes=200") as small:
+        mount = mounter(make_volume(small / "cipher"))
+        m = mount.mountpoint
+        wait_pool_full(mount.cipherdir)
+        target = m / ("L" * 200)
+        target.write_bytes(b"held")
+        (m / "src").write_bytes(b"src")
+        os.stat(target)  # looked up: the kernel holds it
+        filled = 0
+        with contextlib.suppress(OSError):
+            while True:
+                (m / f"fill{filled}").touch()
+                filled += 1
+        daemon_fds = Path(f"/proc/{mount.proc.pid}/fd")
+        before = len(os.listdir(daemon_fds))
+        for _ in range(50):
+            with pytest.raises(OSError) as refused:
+                os.rename(m / "src", target)
+            assert refused.value.errno == errno.ENOSPC
+        assert len(os.listdir(daemon_fds)) == before
+        assert target.read_bytes() == b"held" and mount.alive()
+        mount.stop()
 
 
 def _replace_config(d: Path, stop: float) -> None:

@@ -10,6 +10,7 @@ comes back for another object after FORGET.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -116,3 +117,37 @@ def test_a_table_whose_links_form_a_loop_fails_the_request_instead_of_hanging() 
     with pytest.raises(OSError) as exc:
         t.path(12)
     assert exc.value.errno == errno.ELOOP
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_held_fds_are_bounded_and_closed_when_the_kernel_lets_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A removed file's fd (InodeTable.hold) lives until FORGET or a link comes back, and no
+    more than MAX_HELD_FDS are held: a user can keep the kernel's nodes of many removed files
+    (an inotify watch on a file with other links needs no fd of theirs at all)."""
+    monkeypatch.setattr(inodes, "MAX_HELD_FDS", 2)
+    t = InodeTable(R, root_backing_ino=2)
+    fds = [os.open("/", os.O_PATH) for _ in range(4)]
+    for i, ino in enumerate((20, 21, 22)):
+        t.remember(ino, ROOT, b"f%d" % i, b"F%d" % i, 1)
+        t.drop_link(ROOT, b"f%d" % i)  # its known link removed, the kernel still holds it
+        t.hold(ino, fds[i], b"/cipher/f%d" % i)
+    assert [t.held(ino) for ino in (20, 21)] == [(fds[0], b"/cipher/f0"), (fds[1], b"/cipher/f1")]
+    assert t.held(22) is None and not _fd_open(fds[2])  # past the bound: closed at once
+    t.forget(20, 1)  # FORGET: the node goes, and its fd
+    assert not _fd_open(fds[0])
+    t.hold(22, fds[3], b"/cipher/f2")  # room again
+    assert t.held(22) == (fds[3], b"/cipher/f2")
+    t.remember(21, ROOT, b"other", b"OTHER", 1)  # a link of it looked up: a path again
+    assert t.held(21) is None and not _fd_open(fds[1])
+    assert t.path(21) == R + b"/other"
+    t.forget(22, 1)
+    assert not _fd_open(fds[3])
