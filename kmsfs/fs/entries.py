@@ -184,41 +184,35 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         return self.links.decrypt_from_disk(stored, read_blob)
 
     def _hold_longlink(
-        self, path: bytes, keep_file: bool = False
-    ) -> tuple[tuple[int, bytes] | None, os.stat_result | None, int | None]:
-        """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat, and
-        with *keep_file* an O_PATH fd of it if it is a regular file).
+        self, path: bytes
+    ) -> tuple[tuple[int, bytes] | None, os.stat_result | None]:
+        """((O_PATH fd, blob path) if *path* is a symlink with a long target, its stat).
 
         Held across the removal of the entry: the blob goes only if the fd then shows no link
-        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. A regular
-        file's fd is for its node to hold (:meth:`_keep_removed`): an unlink always asks for
-        one, since the kernel looked the name up first (rm -rf of 5,000 files showed no cost
-        past the noise, on ext4). Anything else needs no fd: one lstat answers.
+        left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. Anything but
+        a symlink needs no fd: one lstat answers (the common case, e.g. every file of rm -rf).
         """
-        if not keep_file:
-            try:
-                st = os.lstat(reach(path))
-            except FileNotFoundError:
-                return None, None, None
-            if not stat.S_ISLNK(st.st_mode):
-                return None, st, None
+        try:
+            st = os.lstat(reach(path))
+        except FileNotFoundError:
+            return None, None
+        if not stat.S_ISLNK(st.st_mode):
+            return None, st
         try:
             fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None, None, None
+            return None, None
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and keep_file:
-                return None, st, fd
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(b"", dir_fd=fd)
                 if is_longlink(os.fsdecode(target)):
-                    return (fd, target), st, None
+                    return (fd, target), st
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-        return None, st, None
+        return None, st
 
     def _keep_removed(self, ino: int | None, fd: int | None, path: bytes) -> None:
         """Give the node *ino*, whose last link the table knew (at ciphertext *path*) just
@@ -396,8 +390,15 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         dirpath, cname, _ = self._resolve(parent_inode, name)
         path = dirpath + b"/" + cname
+        held, st = self._hold_longlink(path)
+        # The file, if the kernel holds it and it keeps other links that the daemon may not
+        # know: its node keeps an fd (_keep_removed). Not for a file's last link: a process
+        # that looked it up just before gets ENOENT, where ext4 gives it the file being
+        # removed; an fd there cost rm -rf 10% (5,000 files on tmpfs, alternating runs).
         known = self.table.at(parent_inode, cname)
-        held, st, kept = self._hold_longlink(path, keep_file=known is not None)
+        kept = None
+        if known is not None and st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            kept = _open_path_fd(path)
         try:
             try:
                 os.unlink(reach(path))
@@ -465,7 +466,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             if dst is not None and dst.st_ino == src.st_ino:
                 return  # two links to one inode: rename(2) does nothing
             if dst is not None and stat.S_ISLNK(dst.st_mode):
-                held, _, _ = self._hold_longlink(new_path)
+                held, _ = self._hold_longlink(new_path)
         kept = None  # an fd of the file renamed over, for its node (_keep_removed)
         try:
             # The file renamed over, if the kernel holds it: its node keeps an fd.
@@ -474,7 +475,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
                 and stat.S_ISREG(dst.st_mode)
                 and self.table.at(parent_inode_new, new_c) is not None
             ):
-                _, _, kept = self._hold_longlink(new_path, keep_file=True)
+                kept = _open_path_fd(new_path)
             renamed_over = self._rename(
                 (parent_inode_old, old_c, old_dir, old_path),
                 (parent_inode_new, new_c, new_dir, new_path, new_disk),
@@ -565,6 +566,24 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         except OSError:
             return
         self.files.link_gone(ino, path, other)
+
+
+def _open_path_fd(path: bytes) -> int | None:
+    """An O_PATH fd of the regular file at ciphertext *path* (never through a symlink), for
+    its node to keep once the entry goes (:meth:`KmsfsOps._keep_removed`); None if there is
+    no regular file there any more."""
+    try:
+        fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _exchange(a: bytes, b: bytes) -> bool:

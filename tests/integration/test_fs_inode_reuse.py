@@ -25,6 +25,7 @@ check), so there the reuse was a matter of luck: a test skipped in the last two 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import subprocess
@@ -154,26 +155,28 @@ def test_new_dir_elsewhere_after_renamed_over_dir(mnt, m: Path) -> None:  # type
         os.close(fd)
 
 
-def test_a_held_unlinked_file_stays_itself_while_new_files_are_made(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
-    """O_PATH: the kernel holds the node but the daemon gets no OPEN. On ext4 the held fd
-    still reaches the removed file (it can be reopened through /proc), and its number is not
-    given to a new file while it is held. The daemon keeps an fd of it for the kernel's node
-    (InodeTable.hold): before, the backing inode was freed on unlink, the next new file took
-    its number (the first one, on this ext4) and the reopen failed with ENOENT."""
+def test_new_file_after_held_file_unlinked(mnt, m: Path) -> None:  # type: ignore[no-untyped-def]
     (m / "old").write_bytes(b"old content")
+    # O_PATH: the kernel holds the node but the daemon gets no OPEN, so it keeps no backing fd
+    # and the backing inode is freed on unlink.
     fd = os.open(m / "old", os.O_PATH)
     try:
         old = os.fstat(fd).st_ino
         wait_pool_full(mnt.cipherdir)
         os.unlink(m / "old")
-        made = [_file_maker(m, lambda i: b"new content %d" % i)(i) for i in range(20)]
-        assert old not in _backing_inos(mnt.cipherdir)
-        for new in made:
-            _held_fd_is_not(fd, new)
-        assert os.fstat(fd).st_nlink == 0
-        with open(f"/proc/self/fd/{fd}", "rb") as f:
-            assert f.read() == b"old content"
-        assert made[0].read_bytes() == b"new content 0"
+
+        def make(i: int) -> Path:
+            p = m / f"new{i}"
+            p.write_bytes(b"new content %d" % i)
+            return p
+
+        new = _until_reused(mnt.cipherdir, old, make)
+        _held_fd_is_not(fd, new)
+        # Through the held fd, the removed file must not open as the new one.
+        with pytest.raises(OSError) as exc:
+            os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+        assert exc.value.errno in (errno.ENOENT, errno.ESTALE, errno.EIO)
+        assert new.read_bytes().startswith(b"new content")
     finally:
         os.close(fd)
 
