@@ -2,45 +2,21 @@
 file, -v that said nothing, a second signature, the words of a log line and of a health row.
 Real CLI, real SoftHSM2 tokens."""
 
-import os
 import re
-import select
 import shutil
-import subprocess
 from pathlib import Path
 
 from kmsfs import exitcodes
-from tests.integration.fault_helpers import clean_env, token_dir
+from tests.integration.fault_helpers import token_dir
+from tests.integration.terminal_helpers import at_terminal
 from tests.kms_helpers import ADMIN, Admin, Result, one_error_line
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
 def _ctrl_d_at_the_prompt(admin: Admin, *args: str) -> Result:
-    """kmsfs-admin with a pseudo-terminal as stdin (no controlling terminal: getpass reads
-    stdin and prompts on stderr); Ctrl-D is typed once the prompt shows."""
-    master, slave = os.openpty()
-    proc = subprocess.Popen(
-        [*ADMIN, "--store", str(admin.store), *args],
-        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
-        start_new_session=True,
-    )
-    try:
-        os.close(slave)
-        assert proc.stderr is not None
-        seen = b""
-        while not seen.endswith(b": "):
-            ready, _, _ = select.select([proc.stderr], [], [], 60)
-            chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-            assert chunk, f"no prompt: {seen!r}"
-            seen += chunk
-        os.write(master, b"\x04")  # Ctrl-D: end of input at the start of a line
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(master)
-    return Result(proc.returncode, out.decode(), (seen + err).decode())
+    """kmsfs-admin at a terminal; Ctrl-D is typed once the prompt shows."""
+    return at_terminal([*ADMIN, "--store", str(admin.store), *args], [b"\x04"])
 
 
 def test_ctrl_d_at_a_pin_prompt_is_one_line_and_the_pin_exit_code(initialized: Admin) -> None:

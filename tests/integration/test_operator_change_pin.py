@@ -8,11 +8,8 @@ with nothing changed (DESIGN.md §2.6); no secret is ever printed.
 """
 
 import json
-import os
-import select
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +24,7 @@ from kmsfs.model.records import OperatorRecord
 from kmsfs.service import operators
 from kmsfs.service.context import Context
 from kmsfs.store.documents import Store
-from tests.integration.fault_helpers import clean_env
+from tests.integration.terminal_helpers import at_terminal
 from tests.kms_helpers import Admin, Result, one_error_line, self_signed, tree_snapshot
 
 NEW_PIN = "n3w-pin-of-alice-42"
@@ -243,33 +240,10 @@ def test_a_replaced_record_is_refused_and_the_pin_stays(initialized: Admin) -> N
 
 
 def _at_terminal(admin: Admin, args: list[str], typed: list[bytes]) -> Result:
-    """The installed console script with a pseudo-terminal as stdin and no controlling
-    terminal (getpass then reads stdin and prompts on stderr): each line of ``typed`` is
-    typed once the prompt before it shows."""
-    master, slave = os.openpty()
-    proc = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), "--store", str(admin.store), *args],
-        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
-        start_new_session=True,
-    )
-    try:
-        os.close(slave)
-        assert proc.stderr is not None
-        seen = b""
-        for line in typed:
-            while not seen.endswith(b": "):
-                ready, _, _ = select.select([proc.stderr], [], [], 60)
-                chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-                assert chunk, f"no prompt: {seen!r}"
-                seen += chunk
-            seen += b"\n"  # the next prompt follows what this one got
-            os.write(master, line + b"\n")
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(master)
-    return Result(proc.returncode, out.decode(), (seen + err).decode())
+    """The installed console script at a terminal: each line of ``typed`` is typed once the
+    prompt before it shows."""
+    command = [str(CONSOLE_SCRIPT), "--store", str(admin.store), *args]
+    return at_terminal(command, [line + b"\n" for line in typed])
 
 
 def test_the_new_pin_is_asked_twice_at_the_terminal(initialized: Admin) -> None:
