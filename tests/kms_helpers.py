@@ -7,6 +7,7 @@ and nothing system-wide is touched.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -113,6 +114,17 @@ class Admin:
         self.sign(trust, *(signers if signers is not None else operators[:quorum]))
         self("trust", "seal", trust)
         return trust
+
+    def copy(self, store: Path) -> "Admin":
+        """An Admin for a copy of this store made at *store* (its private area, and so its HSM
+        access, included), with the same PIN files: a replica, or a second host's store."""
+        shutil.copytree(self.store, store, symlinks=True)
+        return Admin(store, self.pins)
+
+    def export(self, domain: str, to: Path) -> Path:
+        """``domain export`` of *domain* written to the file *to*; returns *to*."""
+        to.write_text(self("domain", "export", domain).stdout)
+        return to
 
     def real_domain(self, name: str = "payroll") -> str:
         """Operator alice, a sealed Trust of hsm1 + hsm2 (quorum 1) and Domain *name* on it;

@@ -105,8 +105,7 @@ def test_an_existing_domain_name_exits_6_through_the_agent(tmp_path: Path) -> No
     agent_admin("init", "--hsms", "1")
     agent_admin.create_operators("alice")
     trust = agent_admin.sealed_trust(["hsm1"], ["alice"], 1)
-    ops = Admin(tmp_path / "ops-store", agent_admin.pins)
-    shutil.copytree(agent_admin.store, ops.store, symlinks=True)
+    ops = agent_admin.copy(tmp_path / "ops-store")
     shutil.rmtree(ops.store / "private" / "hsm-access")  # every HSM action through the agent
     agent_admin("domain", "create", "payroll", "--trust", trust)  # the agent's store only
     sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-agent-"))

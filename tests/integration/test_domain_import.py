@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,13 +35,10 @@ class Sites:
 def sites(initialized: Admin, tmp_path: Path) -> Sites:
     main = initialized
     main.create_operators("alice")
-    replica = Admin(tmp_path / "replica", main.pins)
-    shutil.copytree(main.store, replica.store, symlinks=True)
+    replica = main.copy(tmp_path / "replica")
     trust = main.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
     main("domain", "create", "payroll", "--trust", trust)
-    bundle = tmp_path / "payroll.domain"
-    bundle.write_text(main("domain", "export", "payroll").stdout)
-    return Sites(main, replica, trust, bundle)
+    return Sites(main, replica, trust, main.export("payroll", tmp_path / "payroll.domain"))
 
 
 def _public(admin: Admin) -> dict[str, bytes]:
@@ -71,8 +67,7 @@ def test_the_next_generation_imports_and_a_step_back_changes_nothing(sites: Site
     m, r = sites.main, sites.replica
     r("domain", "import", str(sites.bundle), "--pin", sites.trust)
     m("domain", "rotate", "payroll")
-    newer = sites.bundle.with_name("payroll-2.domain")
-    newer.write_text(m("domain", "export", "payroll").stdout)
+    newer = m.export("payroll", sites.bundle.with_name("payroll-2.domain"))
     out = r("domain", "import", str(newer)).stdout
     assert "generation 2" in out
     assert r("--json", "domain", "verify", "payroll").json["generation"] == 2
@@ -91,11 +86,10 @@ def test_a_tampered_or_foreign_bundle_is_refused_and_nothing_is_written(
     forged.write_text(json.dumps(doc))
     other = Admin(tmp_path / "other", sites.main.pins)
     other("init", "--hsms", "1")
-    foreign = tmp_path / "foreign.domain"
     other.create_operators("alice")
     foreign_trust = other.sealed_trust(["hsm1"], ["alice"], 1)
     other("domain", "create", "payroll", "--trust", foreign_trust)
-    foreign.write_text(other("domain", "export", "payroll").stdout)
+    foreign = other.export("payroll", tmp_path / "foreign.domain")
     garbage = tmp_path / "garbage.domain"
     garbage.write_text("{not json")
 

@@ -35,9 +35,9 @@ def test_a_new_long_symlink_is_refused_not_written_outside(tmp_path: Path, mount
     assert os.readlink(mount.mountpoint / "short") == "short"
 
 
-def test_an_existing_long_symlink_is_not_read_or_removed_through_a_planted_one(
-    tmp_path: Path, mounter  # type: ignore[no-untyped-def]
-) -> None:
+def _blobs_moved_behind_a_symlink(tmp_path: Path, mounter) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """A volume with one long symlink, ``/long``, whose blob directory was then moved out of
+    it and a symlink to it planted in its place: (the volume, where the blobs are now)."""
     volume = make_volume(tmp_path / "cipher")
     mount = mounter(volume)
     os.symlink(LONG_TARGET, mount.mountpoint / "long")
@@ -46,6 +46,13 @@ def test_an_existing_long_symlink_is_not_read_or_removed_through_a_planted_one(
     outside = tmp_path / "outside"
     shutil.move(volume / LONGLINK_DIR, outside)  # the blobs, now outside, a symlink in place
     (volume / LONGLINK_DIR).symlink_to(outside)
+    return volume, outside
+
+
+def test_an_existing_long_symlink_is_not_read_or_removed_through_a_planted_one(
+    tmp_path: Path, mounter  # type: ignore[no-untyped-def]
+) -> None:
+    volume, outside = _blobs_moved_behind_a_symlink(tmp_path, mounter)
     blobs = sorted(os.listdir(outside))
     assert blobs
     mount = mounter(volume, name="again")
@@ -59,14 +66,8 @@ def test_an_existing_long_symlink_is_not_read_or_removed_through_a_planted_one(
 def test_fsck_neither_reads_nor_lists_blobs_through_a_planted_symlink(
     tmp_path: Path, mounter  # type: ignore[no-untyped-def]
 ) -> None:
-    volume = make_volume(tmp_path / "cipher")
-    mount = mounter(volume)
-    os.symlink(LONG_TARGET, mount.mountpoint / "long")
-    mount.stop()
-    outside = tmp_path / "outside"
-    shutil.move(volume / LONGLINK_DIR, outside)
+    volume, outside = _blobs_moved_behind_a_symlink(tmp_path, mounter)
     (outside / "unrelated-secret-name").write_text("x")  # a name fsck must not list
-    (volume / LONGLINK_DIR).symlink_to(outside)
     report = check_tree(volume, SoftDeriver())
     assert [(p.kind, p.path) for p in report.problems] == [("symlink", "/long")]
     assert ("leftover", LONGLINK_DIR) in [(w.kind, w.cipher_path) for w in report.warnings]

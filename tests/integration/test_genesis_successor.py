@@ -52,12 +52,10 @@ def test_an_import_does_not_pin_where_two_successors_verify(
 ) -> None:
     main = initialized
     main.create_operators("alice", "bob")
-    replica = Admin(tmp_path / "replica", main.pins)
-    shutil.copytree(main.store, replica.store, symlinks=True)
+    replica = main.copy(tmp_path / "replica")
     ours = main.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
     main("domain", "create", "payroll", "--trust", ours)
-    bundle = tmp_path / "payroll.domain"
-    bundle.write_text(main("domain", "export", "payroll").stdout)
+    bundle = main.export("payroll", tmp_path / "payroll.domain")
     theirs = replica.sealed_trust(["hsm1", "hsm2"], ["bob"], 1)  # sealed there: pinned there
     store = Context.at(replica.store).store
     store.write_config(Anchor(store.anchor().root, None))  # as if both came by sync, unpinned
