@@ -43,7 +43,8 @@ from kmsfs.fs.posix import (
     touch_ctime,
 )
 from kmsfs.fs.volume import check_root_only
-from kmsfs.fs.xattrs import foreign_name_errno
+from kmsfs.fs.xattrs import HeldFile, foreign_name_errno
+from kmsfs.fs.xattrs import Target as XattrTarget
 
 log = logging.getLogger(__name__)
 
@@ -608,9 +609,22 @@ class ContentOps:
             os.close(fd)
 
     # --- extended attributes ------------------------------------------------------------
-    def _xattr_target(self, ino: int) -> bytes | int:
+    def _xattr_target(self, ino: int) -> XattrTarget:
         of = self.files.get_file(ino)
-        return of.fd if of is not None else reach(self.table.path(ino))  # used at once
+        if of is not None:
+            return of.fd
+        try:
+            return reach(self.table.path(ino))  # used at once
+        except FileNotFoundError:
+            # Removed, yet open here (a directory) or held (a file looked up before): through
+            # its fd, as ext4 answers whoever still has the file.
+            fd = self._held_dir_fd(ino)
+            if fd is not None:
+                return fd
+            held = self.table.held(ino)
+            if held is None:
+                raise
+            return HeldFile(held[0])
 
     def _xattr_integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
         return self._integrity(ino, IntegrityError(f"xattr: {exc}"))

@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 
 from kmsfs.crypto.xattrs import USER_PREFIX, XattrCipher, XattrNameError, is_long_disk_name
 from kmsfs.errors import IntegrityError
 
-Target = bytes | int  # a ciphertext path or an open fd
+
+@dataclass(frozen=True)
+class HeldFile:
+    """A regular file the daemon reaches only through its own O_PATH fd (a file removed after
+    the kernel looked it up: :meth:`kmsfs.fs.inodes.InodeTable.hold`). The xattr calls take no
+    O_PATH fd (EBADF), so they go by its ``/proc/self/fd`` link, followed on purpose: it names
+    the file itself, never a ciphertext symlink."""
+
+    fd: int
+
+
+Target = bytes | int | HeldFile  # a ciphertext path, an open fd, or a held file
 
 #: The namespaces Linux knows; a name in any other is EOPNOTSUPP, as on ext4.
 NAMESPACES = (USER_PREFIX, b"security.", b"trusted.", b"system.")
@@ -33,9 +45,12 @@ def foreign_name_errno(name: bytes) -> int:
     return errno.EOPNOTSUPP
 
 
-def _nofollow(target: Target) -> dict[str, bool]:
-    """Never follow a ciphertext symlink (its target is ciphertext); fds take no such flag."""
-    return {} if isinstance(target, int) else {"follow_symlinks": False}
+def _reach(target: Target) -> tuple[bytes | int, dict[str, bool]]:
+    """What to hand os.*xattr, and how: never following a ciphertext symlink (its target is
+    ciphertext); fds take no such flag; a held file's /proc link is the one link followed."""
+    if isinstance(target, HeldFile):
+        return b"/proc/self/fd/%d" % target.fd, {}
+    return target, {} if isinstance(target, int) else {"follow_symlinks": False}
 
 
 class Xattrs:
@@ -61,13 +76,15 @@ class Xattrs:
         if not name.startswith(USER_PREFIX):
             raise OSError(foreign_name_errno(name), "no such user.* attribute")
         disk = self._disk_name(name)
-        stored = os.getxattr(target, disk, **_nofollow(target))
+        where, how = _reach(target)
+        stored = os.getxattr(where, disk, **how)
         return self._c.open(disk, stored)
 
     def set(self, target: Target, name: bytes, value: bytes) -> None:
         disk = self._disk_name(name)
+        where, how = _reach(target)
         try:
-            os.setxattr(target, disk, self._c.seal(disk, value, name), **_nofollow(target))
+            os.setxattr(where, disk, self._c.seal(disk, value, name), **how)
         except OSError as exc:
             if exc.errno == errno.E2BIG:  # the nonce and tag took it past the backing's limit
                 raise OSError(errno.ENOSPC, "xattr value does not fit") from None
@@ -76,17 +93,19 @@ class Xattrs:
     def remove(self, target: Target, name: bytes) -> None:
         if not name.startswith(USER_PREFIX):
             raise OSError(foreign_name_errno(name), "no such user.* attribute")
-        os.removexattr(target, self._disk_name(name), **_nofollow(target))
+        where, how = _reach(target)
+        os.removexattr(where, self._disk_name(name), **how)
 
     def list(self, target: Target) -> list[bytes]:
         out = []
-        for disk in os.listxattr(target, **_nofollow(target)):
+        where, how = _reach(target)
+        for disk in os.listxattr(where, **how):
             raw = os.fsencode(disk)
             if raw.startswith(USER_PREFIX):
                 try:
                     stored = None
                     if self._long and is_long_disk_name(raw):  # its name is in its value
-                        stored = os.getxattr(target, raw, **_nofollow(target))
+                        stored = os.getxattr(where, raw, **how)
                         self._c.open(raw, stored)  # listed only if it also reads back
                     out.append(self._c.plain_name(raw, stored))
                 except (IntegrityError, FileNotFoundError):

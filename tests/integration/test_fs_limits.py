@@ -147,12 +147,14 @@ def test_a_gap_the_disk_cannot_hold_fails_at_once(tmp_path: Path, mounter, how: 
         assert mount.alive()
 
 
-def _removed_while_open(parent: Path) -> tuple[list[str], list[str], os.stat_result]:
-    """Make parent/d with a file, open it, empty and remove it; then what a listing through
-    the fd gives (os.listdir, os.scandir) and its fstat."""
+def _removed_while_open(parent: Path) -> tuple[list[str], list[str], os.stat_result, tuple]:
+    """Make parent/d with a file and an xattr, open it, empty and remove it; then what a
+    listing through the fd gives (os.listdir, os.scandir), its fstat, and its xattrs through
+    the fd (the one set before; all, once one more is set; all, once the first is removed)."""
     d = parent / "d"
     d.mkdir()
     (d / "x").write_bytes(b"1")
+    os.setxattr(d, "user.kept", b"from before")
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.unlink(d / "x")
@@ -160,20 +162,27 @@ def _removed_while_open(parent: Path) -> tuple[list[str], list[str], os.stat_res
         listed = os.listdir(fd)
         with os.scandir(fd) as it:
             scanned = [e.name for e in it]
-        return listed, scanned, os.fstat(fd)
+        kept = os.getxattr(fd, "user.kept")
+        os.setxattr(fd, "user.added", b"after")
+        both = sorted(os.listxattr(fd))
+        os.removexattr(fd, "user.kept")
+        return listed, scanned, os.fstat(fd), (kept, both, os.listxattr(fd))
     finally:
         os.close(fd)
 
 
 def test_a_directory_removed_while_open_lists_as_empty(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
-    """As on a plain tmpfs (and ext4): an empty listing and the directory's attributes with
-    0 links, not ENOENT (the fstat that opendir(3) makes failed on the removed inode)."""
+    """As on a plain tmpfs (and ext4): an empty listing, the directory's attributes with
+    0 links, and its xattrs, not ENOENT (the fstat that opendir(3) makes failed on the removed
+    inode, and so did every xattr call)."""
     with _small_volume(tmp_path, mounter) as mount:
         (tmp_path / "small" / "plain").mkdir()
         want = _removed_while_open(tmp_path / "small" / "plain")
         got = _removed_while_open(mount.mountpoint)
         assert want[:2] == ([], [])
+        assert want[3] == (b"from before", ["user.added", "user.kept"], ["user.added"])
         assert got[:2] == want[:2]
+        assert got[3] == want[3]
         for st in (want[2], got[2]):
             assert stat.S_ISDIR(st.st_mode) and st.st_nlink == 0
         assert stat.S_IMODE(got[2].st_mode) == stat.S_IMODE(want[2].st_mode)

@@ -30,23 +30,32 @@ from tests.integration.fault_helpers import tmpfs
 from tests.integration.fs_helpers import make_volume, wait_pool_full
 
 
-def _held_then_renamed_over(d: Path) -> tuple[int, int, bytes, int, bytes]:
+def _held_then_renamed_over(d: Path) -> tuple[object, ...]:
     """Hold ``d/f`` by an O_PATH fd (no OPEN: the daemon keeps no fd of its own for it), then
     rename another file over it. Returns what the holder then sees: links, size, the content
-    through /proc, the mode after a chmod through /proc, and what the name holds now."""
+    through /proc, the mode after a chmod through /proc, its xattrs (read, listed after one
+    more is set, and after one is removed, all through /proc), and what the name holds now."""
     (d / "f").write_bytes(b"old")
+    os.setxattr(d / "f", "user.kept", b"from before")
     (d / "g").write_bytes(b"newer")
     fd = os.open(d / "f", os.O_PATH)
     try:
         os.rename(d / "g", d / "f")
+        via = f"/proc/self/fd/{fd}"
         st = os.fstat(fd)
-        with open(f"/proc/self/fd/{fd}", "rb") as f:
+        with open(via, "rb") as f:
             content = f.read()
-        os.chmod(f"/proc/self/fd/{fd}", 0o640)
+        os.chmod(via, 0o640)
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        kept = os.getxattr(via, "user.kept")
+        os.setxattr(via, "user.added", b"after")
+        listed = sorted(os.listxattr(via))
+        os.removexattr(via, "user.kept")
+        left = os.listxattr(via)
     finally:
         os.close(fd)
-    return st.st_nlink, st.st_size, content, mode, (d / "f").read_bytes()
+    xattrs = (kept, listed, left, os.listxattr(d / "f"))
+    return st.st_nlink, st.st_size, content, mode, xattrs, (d / "f").read_bytes()
 
 
 def test_a_file_renamed_over_while_held_stays_reachable(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
@@ -54,7 +63,8 @@ def test_a_file_renamed_over_while_held_stays_reachable(tmp_path: Path, mounter)
     plain = tmp_path / "plain"
     plain.mkdir()
     want = _held_then_renamed_over(plain)
-    assert want == (0, 3, b"old", 0o640, b"newer")
+    xattrs = (b"from before", ["user.added", "user.kept"], ["user.added"], [])
+    assert want == (0, 3, b"old", 0o640, xattrs, b"newer")
     assert _held_then_renamed_over(mount.mountpoint) == want
     assert mount.alive()
 
