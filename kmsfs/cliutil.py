@@ -2,9 +2,11 @@
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -75,14 +77,39 @@ def quiet_interrupts(prog: str) -> None:
 _BEFORE_RUN: set[Callable[..., None]] = set()
 
 
+#: prctl(2) option: whether the process may be dumped (and ptraced by its own user).
+PR_SET_DUMPABLE = 4
+
+
+def keep_memory_out_of_core_dumps() -> None:
+    """No core dump of this process, ever.
+
+    Every kmsfs tool holds secrets in memory: file keys and plaintext (the mount daemon,
+    encrypt/decrypt, fsck, reencrypt), PINs and passphrases, and with the embedded SoftHSM2 the
+    token's unwrapped keys themselves. A crash (in libfuse, OpenSSL, the PKCS#11 module) would
+    leave them all in a core file that outlives the process, e.g. under
+    /var/lib/systemd/coredump and in its backups. RLIMIT_CORE 0 stops a core file; not being
+    dumpable also stops a core_pattern pipe (systemd-coredump, which ignores that limit) and
+    ptrace by the same user, as ssh-agent and gpg-agent do. Both pass to a forked child (the
+    mount daemon); the limit also passes to programs run.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+
+
 def run(prog: str, handler: Callable[[], int | None]) -> int:
     """Run ``handler``; turn kmsfs errors into one stderr line and a stable exit code.
 
+    First, the process stops being dumpable (:func:`keep_memory_out_of_core_dumps`).
     Output never fails on a name that is not valid in the locale's encoding (file names are
     bytes: a Latin-1 name under a UTF-8 locale): it is written with backslash escapes. A
     SIGTERM unwinds as :class:`Terminated`, unless the caller ignores the signal (nohup) or
     the handler installs its own (the agent, the mount daemon); a Ctrl-C as KeyboardInterrupt.
     """
+    keep_memory_out_of_core_dumps()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # not a text file (tests)
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]

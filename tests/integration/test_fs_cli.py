@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,19 @@ def test_info_reads_config(tmp_path: Path) -> None:
 
 # --- end to end with a real store and SoftHSM ----------------------------------------------
 @pytest.mark.slow
+def _daemon_serving(mountpoint: Path) -> int:
+    """The pid of the ``kmsfs mount`` daemon serving *mountpoint*."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            if b"mount" in argv and os.fsencode(mountpoint) in argv:
+                return int(entry.name)
+    raise AssertionError(f"no daemon serves {mountpoint}")
+
+
 def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
     initialized.real_domain()
     env = {"KMSFS_STORE": str(initialized.store)}
@@ -154,6 +168,9 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
         assert os.path.ismount(mp)
         (mp / "hello").write_bytes(b"world")
         assert (mp / "hello").read_bytes() == b"world"
+        # The daemon holds keys and plaintext: it may leave no core file (cliutil.run).
+        limits = Path(f"/proc/{_daemon_serving(mp)}/limits").read_text()
+        assert re.search(r"^Max core file size +0 +0 ", limits, re.MULTILINE), limits
     finally:
         proc = kmsfs("umount", str(mp))
     assert proc.returncode == 0, proc.stderr

@@ -316,6 +316,12 @@ def test_the_mount_unit_gives_the_daemon_the_kernels_open_file_ceiling() -> None
     assert values(MOUNT_SERVICE, "LimitNOFILE") == ["1048576"]
 
 
+@pytest.mark.parametrize("unit", [MOUNT_SERVICE, AGENT_SERVICE])
+def test_the_units_allow_no_core_dump(unit: Path) -> None:
+    """The daemons hold keys and plaintext; no core file of them, even before kmsfs runs."""
+    assert values(unit, "LimitCORE") == ["0"]
+
+
 PERMANENT_ERRORS = {
     exitcodes.USAGE, exitcodes.VERIFICATION, exitcodes.PIN, exitcodes.STORE, exitcodes.FORMAT
 }

@@ -3,6 +3,7 @@
 import io
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -127,3 +128,20 @@ def test_an_ignored_sigint_stays_ignored(default_sigint: None) -> None:
 
     assert cliutil.run("kmsfs", work) == exitcodes.OK
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_every_tool_leaves_no_core_dump() -> None:
+    """Every tool runs through cliutil.run, which makes its process non-dumpable, with a core
+    limit of 0: a crash of the mount daemon dumped the keys of open files and their plaintext
+    (and, with the embedded SoftHSM2, the token's unwrapped keys) into a core file."""
+    code = (
+        "import ctypes, resource, sys\n"
+        "from kmsfs import cliutil\n"
+        "get_dumpable = lambda: ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE\n"
+        "before = get_dumpable()\n"
+        "def show():\n"
+        "    print(before, get_dumpable(), *resource.getrlimit(resource.RLIMIT_CORE))\n"
+        "sys.exit(cliutil.run('t', show))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "0", "0", "0"]
