@@ -70,6 +70,11 @@ def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
 
 
+class ForeignXattrName(IntegrityError):
+    """A ``user.*`` name kmsfs never writes (not base64url after ``user.``): another program's,
+    e.g. a sync client's own attribute on the ciphertext file. Hidden, not reported as damage."""
+
+
 class XattrCipher:
     """Encrypts user xattr names (deterministically) and values (randomized, name-bound)."""
 
@@ -113,11 +118,14 @@ class XattrCipher:
                     # keeps one name from being listed twice (a forged long entry).
                     raise ValueError("a long entry for a short name")
             elif disk.startswith(USER_PREFIX):
-                raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
+                try:
+                    raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
+                except (ValueError, UnicodeDecodeError):
+                    raise ForeignXattrName("xattr name: not one kmsfs writes") from None
             else:
-                raise ValueError("not a user.* name")
+                raise ForeignXattrName("xattr name: not a user.* name")
             return USER_PREFIX + self._siv.decrypt(raw, [XATTR_NAME_AD])
-        except (ValueError, UnicodeDecodeError, InvalidTag):
+        except (ValueError, InvalidTag):
             raise IntegrityError("xattr name: authentication failed") from None
 
     def seal(self, disk_name: bytes, value: bytes, name: bytes | None = None) -> bytes:

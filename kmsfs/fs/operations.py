@@ -651,7 +651,11 @@ class ContentOps:
 
     @guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.xattrs.list(self._xattr_target(inode))
+        def damaged(disk: bytes, exc: IntegrityError) -> None:
+            where = self.table.plain_path(inode)
+            log.error("integrity: %s: undecryptable xattr %r (%s)", where, disk, exc)
+
+        return self.xattrs.list(self._xattr_target(inode), damaged)
 
     @guard
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

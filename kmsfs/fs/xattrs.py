@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kmsfs.crypto.xattrs import USER_PREFIX, XattrCipher, XattrNameError, is_long_disk_name
+from kmsfs.crypto.xattrs import (
+    USER_PREFIX,
+    ForeignXattrName,
+    XattrCipher,
+    XattrNameError,
+    is_long_disk_name,
+)
 from kmsfs.errors import IntegrityError
 
 
@@ -96,7 +103,12 @@ class Xattrs:
         where, how = _reach(target)
         os.removexattr(where, self._disk_name(name), **how)
 
-    def list(self, target: Target) -> list[bytes]:
+    def list(
+        self, target: Target, damaged: Callable[[bytes, IntegrityError], None] | None = None
+    ) -> list[bytes]:
+        """The plaintext names. One that does not decrypt, or whose value does not open, is
+        left out and handed to *damaged* (disk name, why); another program's own ``user.*``
+        names, and one removed meanwhile, are left out silently."""
         out = []
         where, how = _reach(target)
         for disk in os.listxattr(where, **how):
@@ -108,8 +120,12 @@ class Xattrs:
                         stored = os.getxattr(where, raw, **how)
                         self._c.open(raw, stored)  # listed only if it also reads back
                     out.append(self._c.plain_name(raw, stored))
-                except (IntegrityError, FileNotFoundError):
-                    continue  # not ours, damaged or just removed: hide it, do not fail
+                except (ForeignXattrName, FileNotFoundError):
+                    continue  # not ours, or just removed: hide it, do not fail
+                except IntegrityError as exc:
+                    if damaged is not None:
+                        damaged(raw, exc)
+                    continue  # damaged: hide it, do not fail the listing
                 except OSError as exc:
                     if exc.errno != errno.ENODATA:
                         raise

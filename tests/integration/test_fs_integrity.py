@@ -18,6 +18,7 @@ import pytest
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
 from kmsfs.crypto.names import DIRIV_NAME, NAMES_KEY_INFO, NameCipher
+from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.fs.fsck import Report, check_tree
 from tests.integration.fs_helpers import SoftDeriver
 
@@ -78,17 +79,53 @@ def test_tampering_gives_eio_and_logs_path(volume: Path, mounter) -> None:  # ty
     assert "Traceback" not in log
 
 
+def _damaged(disk_name: str) -> str:
+    """*disk_name* with its second-to-last character changed (still base64url)."""
+    return disk_name[:-2] + ("A" if disk_name[-2] != "A" else "B") + disk_name[-1]
+
+
 def test_damaged_name_is_hidden_and_logged(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     mount = mounter(volume)
     (mount.mountpoint / "victim").write_bytes(b"v")
     (mount.mountpoint / "other").write_bytes(b"o")
     mount.stop()
     path = cipher_path(volume, "victim")
-    bad = path.name[:-2] + ("A" if path.name[-2] != "A" else "B") + path.name[-1]
-    path.rename(path.with_name(bad))
+    path.rename(path.with_name(_damaged(path.name)))
     mount.start()
     assert os.listdir(mount.mountpoint) == ["other"]
     assert "integrity: /: undecryptable entry" in mount.log()
+
+
+def test_damaged_xattr_names_are_hidden_and_logged(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A damaged short name, and a long name whose sealed form (in its value) is damaged, are
+    left out of the listing with a log line each naming the file, as a damaged directory entry
+    is (they went silently); another program's own user.* attribute on the ciphertext file (a
+    sync client's, say) is left out without one."""
+    mount = mounter(volume)
+    victim = mount.mountpoint / "victim"
+    victim.write_bytes(b"v")
+    long_name = b"user." + b"n" * 200
+    for name in (b"user.short", long_name, b"user.intact"):
+        os.setxattr(victim, name, b"value of " + name)
+    mount.stop()
+    path = cipher_path(volume, "victim")
+    cipher = XattrCipher(SoftDeriver().derive(XATTR_KEY_INFO))
+    short_disk = cipher.disk_name(b"user.short").decode()
+    long_disk = cipher.disk_name(long_name, long_names=True).decode()
+    value = os.getxattr(path, short_disk)
+    os.removexattr(path, short_disk)
+    os.setxattr(path, _damaged(short_disk), value)
+    sealed = bytearray(os.getxattr(path, long_disk))
+    sealed[5] ^= 1  # inside the sealed name, after its 2-byte length
+    os.setxattr(path, long_disk, bytes(sealed))
+    os.setxattr(path, "user.com.dropbox.attrs", b"not ours")
+    mount.start()
+    assert os.listxattr(victim) == ["user.intact"]
+    logged = [line for line in mount.log().splitlines() if "undecryptable xattr" in line]
+    assert len(logged) == 2, mount.log()
+    assert all("integrity: /victim: " in line for line in logged)
+    assert not any("dropbox" in line for line in logged)
+    assert mount.alive()
 
 
 def test_missing_diriv_gives_eio(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
