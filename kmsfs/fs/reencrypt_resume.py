@@ -1,7 +1,7 @@
 """What a killed ``kmsfs reencrypt`` leaves behind, and how the next run finishes it.
 
 Before the first change to a directory's entries, its atime/mtime and a fingerprint of its
-plaintext entries are saved, durably, in a ``trusted.kmsfs.reencrypt-times`` xattr on the
+ciphertext entry names are saved, durably, in a ``trusted.kmsfs.reencrypt-times`` xattr on the
 directory itself (which changes only its ctime; the mount shows ``user.*`` xattrs only); the run
 puts the times back and removes the xattr at its end (:class:`DirTimes`).
 
@@ -29,7 +29,7 @@ from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Tree, epoch_of, owner_access
 
 TIMES_XATTR = "trusted.kmsfs.reencrypt-times"
 """On a directory whose entries a run is changing: ``<atime_ns> <mtime_ns> <fingerprint>``
-(ASCII), its times from before and a hash of its plaintext entry names (module docstring)."""
+(ASCII), its times from before and a hash of its ciphertext entry names (module docstring)."""
 
 
 class DirTimes:
