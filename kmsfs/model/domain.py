@@ -116,6 +116,7 @@ class Domain:
 
     def __post_init__(self) -> None:
         check_name(self.name, "domain")
+        fields.timestamp(self.created, f"domain {self.name}: created")
         fields.hex_id(self.trust, "domain.trust")
         if (self.generation == 1) != (self.previous is None) or self.generation < 1:
             raise FormatError("domain: generation 1 has no previous, later ones have one")

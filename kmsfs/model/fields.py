@@ -10,6 +10,8 @@ from typing import Any
 from kmsfs.errors import BadVersionError, FormatError
 
 HEX_ID = re.compile(r"[0-9a-f]{64}")
+#: ``created`` of every document: UTC to the second, as kmsfs writes it (utc_now).
+TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
 def obj(value: Any, what: str) -> dict[str, Any]:
@@ -59,6 +61,16 @@ def array(data: dict[str, Any], key: str, what: str) -> list[Any]:
 def hex_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not HEX_ID.fullmatch(value):
         raise FormatError(f"{what}: want a 64-digit lowercase hex id, have {value!r:.80}")
+    return value
+
+
+def timestamp(value: Any, what: str) -> str:
+    """A ``created`` time, ``YYYY-MM-DDTHH:MM:SSZ``. Nothing else: the field is printed
+    (``trust show``, ``hsm list``) above what an operator checks before signing, so free text
+    there could draw fake lines over the real ones (a newline, a terminal escape that hides
+    what follows)."""
+    if not isinstance(value, str) or not TIMESTAMP.fullmatch(value):
+        raise FormatError(f"{what}: want a time as YYYY-MM-DDTHH:MM:SSZ, have {value!r:.40}")
     return value
 
 

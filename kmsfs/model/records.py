@@ -44,6 +44,7 @@ class HsmRecord:
 
     def __post_init__(self) -> None:
         check_name(self.label, "HSM")
+        fields.timestamp(self.created, f"HSM {self.label}: created")
         if self.wrap_key.scheme not in WRAPPING_SCHEMES:
             raise FormatError(f"HSM {self.label}: wrap key scheme {self.wrap_key.scheme}")
         if self.sign_key.scheme not in SIGNING_SCHEMES:
@@ -112,6 +113,7 @@ class OperatorRecord:
 
     def __post_init__(self) -> None:
         check_name(self.name, "operator")
+        fields.timestamp(self.created, f"operator {self.name}: created")
         if self.key.scheme != "ed25519":
             raise FormatError(f"operator {self.name}: want an ed25519 key, have {self.key.scheme}")
         if self.protection not in OPERATOR_PROTECTIONS:

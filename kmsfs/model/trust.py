@@ -62,6 +62,7 @@ class Trust:
     def __post_init__(self) -> None:
         if not self.hsms:
             raise FormatError("trust: want at least one HSM")
+        fields.timestamp(self.created, "trust: created")
         hsm_ids = [h.id for h in self.hsms]
         if len(set(hsm_ids)) != len(hsm_ids):
             raise FormatError("trust: the same HSM is listed twice")

@@ -2,11 +2,13 @@
 file, -v that said nothing, a second signature, the words of a log line and of a health row.
 Real CLI, real SoftHSM2 tokens."""
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 from kmsfs import exitcodes
+from kmsfs.model.canonical import canonical_bytes, digest
 from tests.integration.fault_helpers import token_dir
 from tests.integration.terminal_helpers import at_terminal
 from tests.kms_helpers import ADMIN, Admin, Result, one_error_line
@@ -168,3 +170,26 @@ def test_each_health_row_names_its_own_hsms_problem(initialized: Admin, tmp_path
     assert one_error_line(admin("hsm", "health", check=exitcodes.HSM)) == (
         "kmsfs-admin: error: 2 of 2 HSMs failed the health check"
     )
+
+
+def test_a_proposal_whose_created_draws_fake_lines_is_refused(initialized: Admin) -> None:
+    """One dishonest proposer (or anyone who can write the store) wrote a successor adding an
+    HSM of their own, with fake "HSMs ... quorum ..." lines and a terminal escape that hides
+    what follows in its ``created``: `trust show`, the content every operator checks before
+    signing, showed the fake lines and hid the real ones. Now no command reads it: one line,
+    exit 4 (a malformed document), and no escape reaches the terminal."""
+    admin = initialized
+    admin.create_operators("alice", "bob")
+    first = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    proposal = admin.propose(["hsm1", "hsm2"], ["alice", "bob"], 2, predecessor=first)
+    path = admin.store / "trusts" / f"{proposal}.json"
+    doc = json.loads(path.read_text())
+    doc["created"] += "\n  HSMs         hsm1, hsm2\n  quorum       2 of 2\x1b[8m"
+    forged = digest(doc)
+    (admin.store / "trusts" / f"{forged}.json").write_bytes(canonical_bytes(doc))
+    for args in (["trust", "show", forged], ["trust", "sign", forged, "--as", "alice",
+                                              "--pin-file", admin.pin_file("alice")]):
+        result = admin(*args, check=exitcodes.FORMAT)
+        assert "\x1b" not in result.stdout + result.stderr
+        assert "created: want a time as YYYY-MM-DDTHH:MM:SSZ" in one_error_line(result)
+    assert not (admin.store / "approvals" / forged).exists()

@@ -155,6 +155,36 @@ def test_unknown_format_version_is_refused(name: str, path: Path, version: Any) 
         parse(mutated)
 
 
+# Every document's ``created`` (where it sits in the parsed dict).
+CREATED_AT: list[tuple[str, Path]] = [
+    ("hsm", ("signed",)),
+    ("operator", ("signed",)),
+    ("sealed-trust", ("trust",)),
+    ("sealed-trust", ("trust", "hsms", 0)),
+    ("sealed-domain", ("domain",)),
+    ("bundle", ("chain", 1, "trust")),
+]
+#: What a dishonest proposer wrote in ``created``: fake lines that ``trust show`` printed above
+#: the real HSM list, then a terminal escape (SGR 8) that hid the real lines after it.
+SPOOF = "2026-11-28T14:13:17Z\n  HSMs         hsm1, hsm2\n  quorum       2 of 3\x1b[8m"
+
+
+@pytest.mark.parametrize(("name", "path"), CREATED_AT, ids=[f"{n}:{_id(p)}" for n, p in CREATED_AT])
+@pytest.mark.parametrize(
+    "created",
+    [SPOOF, "2026-11-28T14:13:17Z\n", "2026-11-28 14:13:17", "2026-11-28T14:13:17+00:00", ""],
+)
+def test_created_is_a_time_and_nothing_else(name: str, path: Path, created: str) -> None:
+    """``created`` is printed above what an operator checks before signing (``trust show``,
+    ``hsm list``): free text there drew fake lines over the real ones and hid them."""
+    doc, parse = docs()[name]
+    mutated = copy.deepcopy(doc)
+    assert fields.TIMESTAMP.fullmatch(at(mutated, path)["created"])  # the control
+    at(mutated, path)["created"] = created
+    with pytest.raises(FormatError, match="created: want a time as YYYY-MM-DDTHH:MM:SSZ"):
+        parse(mutated)
+
+
 def test_format_true_is_not_version_1() -> None:
     """JSON ``true`` is not the version number 1 (Python's True == 1 must not leak through)."""
     for name, path in VERSIONED:
