@@ -5,6 +5,7 @@ re-verified the whole chain to the pinned root and counted ``quorum`` valid appr
 Trust's own operators and, for a successor, ``quorum`` of the predecessor's.
 """
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,14 +36,28 @@ def resolve_trust(ctx: Context, ref: str) -> str:
 
 
 def valid_seal(ctx: Context, trust: Trust) -> Signature | None:
-    """The first stored seal that is a valid signature by an HSM of the Trust, if any."""
+    """A stored seal that is a valid signature by an HSM of the Trust, if any: one by an HSM
+    its predecessor lists too, where there is one.
+
+    Why the preference: a successor of the genesis must be sealed by an HSM of the genesis
+    (verify_trust). Taking the first valid seal in file order, one more valid seal by another
+    of its HSMs (whose PIN holder needs no quorum to add it) that sorted first made every chain
+    through the Trust fail.
+    """
+    previous = None
+    if trust.predecessor is not None:
+        with contextlib.suppress(KmsfsError):  # missing or damaged: the chain says so
+            previous = ctx.store.trust(trust.predecessor)
+    other_valid = None
     for seal in ctx.store.signatures("seal", trust.id):
         try:
             verify_hsm_seal(trust, seal, contexts.HSM_SEALS_TRUST, trust.signed_bytes(), "trust")
         except IntegrityError:
             continue
-        return seal
-    return None
+        if previous is None or previous.hsm(seal.key_id) is not None:
+            return seal
+        other_valid = other_valid or seal
+    return other_valid
 
 
 def sealed_trust(ctx: Context, trust_id: str) -> SealedTrust:

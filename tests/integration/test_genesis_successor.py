@@ -47,6 +47,35 @@ def test_only_an_hsm_of_the_genesis_seals_its_successor(initialized: Admin) -> N
     assert ctx.store.anchor().successor == ctx.store.resolve("trust", both, ctx.store.trust_ids())
 
 
+def test_a_second_seal_by_an_hsm_outside_the_genesis_does_not_break_the_chain(
+    initialized: Admin,
+) -> None:
+    """The first successor lists hsm1 (of the genesis) and an HSM of its own, which sorts first
+    in the store; whoever holds that HSM's PIN adds a valid seal of their own (no quorum needed
+    for that). The chain took the first valid seal, which is not one of the genesis: every
+    Domain under the Trust stopped verifying (exit 3, "not sealed by an HSM of it")."""
+    a = initialized
+    hsm1 = hsms.resolve_hsm(Context.at(a.store), "hsm1")
+    for n in range(3, 24):  # an HSM whose id sorts before hsm1's: half of them do
+        a("hsm", "create", "--label", f"hsm{n}")
+        outsider = hsms.resolve_hsm(Context.at(a.store), f"hsm{n}")
+        if outsider.id < hsm1.id:
+            break
+    assert outsider.id < hsm1.id, "21 new HSMs, none sorting first (a 1 in 2 million chance)"
+    a.create_operators("alice")
+    trust_id = a.sealed_trust(["hsm1", outsider.label], ["alice"], 1)
+    a("domain", "create", "payroll", "--trust", trust_id)
+    ctx = Context.at(a.store)
+    trust = ctx.store.trust(ctx.store.resolve("trust", trust_id, ctx.store.trust_ids()))
+    with open_hsm(ctx, [outsider]) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+    ctx.store.save_signature("seal", Signature(trust.id, outsider.id, value))
+    assert [s.key_id for s in ctx.store.signatures("seal", trust.id)] == [outsider.id, hsm1.id]
+    a("trust", "verify", trust_id)
+    a("domain", "verify", "payroll")
+    assert a("--json", "trust", "show", trust_id).json["sealed_by"] == "hsm1"
+
+
 def test_an_import_does_not_pin_where_two_successors_verify(
     initialized: Admin, tmp_path: Path
 ) -> None:
