@@ -69,6 +69,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,10 +105,18 @@ MAX_BODY = 2 * 1024 * 1024
 #: of at most 1 MiB each) take far less. Records past it are not replayed (with a log line).
 MAX_JOURNAL_BYTES = 1 << 30
 #: A journal that has grown past this is cut back to 0 bytes whenever it rewinds (no record
-#: live), and at a clean unmount whatever its size: concurrent overwrites, which leave a write
-#: in flight at nearly every moment, let it grow to hundreds of MiB, of ciphertext long since
-#: overwritten, that the next mount would read whole.
+#: live), and at a clean unmount whatever its size: ciphertext long since overwritten, which
+#: the next mount would read whole (concurrent overwriters let it reach :data:`REWIND_ABOVE`).
 SHRINK_ABOVE = 8 << 20
+#: How far records may reach before a new one waits for the writes in flight to return, so
+#: that the journal starts again from 0: writers that keep one write in flight at every moment
+#: (three 1 MiB overwriters) never let it rewind, and it grew by some 4 MB a second, for as
+#: long as they went on (a database's writers could fill the disk with it). The wait is for
+#: other threads' pwrites of at most 1 MiB each, and comes once per this many bytes.
+REWIND_ABOVE = 64 << 20
+#: How long a new record waits for that at most; past it, it goes on (the journal grows, as
+#: before), so a write stuck in the backing file system does not stop every other writer.
+REWIND_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,7 @@ class WriteJournal:
         self._fd = open_regular(root + b"/" + JOURNAL_NAME.encode(), os.O_RDWR | os.O_CREAT)
         self._prefix = root.rstrip(b"/") + b"/"
         self._lock = threading.Lock()
+        self._returns = threading.Condition(self._lock)  # notified by done()
         self._pos = 0
         self._end = os.lseek(self._fd, 0, os.SEEK_END)  # how far records were ever written
         self._sequence = 1
@@ -244,8 +254,10 @@ class WriteJournal:
             return None
         with self._lock:
             head, data, crc = _pieces(self._sequence, relative, header, offset, data, state)
-            at = self._pos
             size = len(head) + len(data) + len(crc)
+            if self._pos + size > REWIND_ABOVE and self._in_flight:
+                self._wait_to_rewind()
+            at = self._pos
             try:
                 if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
                     pwrite_fully(self._fd, head + bytes(data) + crc, at)
@@ -258,6 +270,17 @@ class WriteJournal:
                 self._end = self._pos
             self._in_flight += 1
             return at
+
+    def _wait_to_rewind(self) -> None:
+        """With the lock held: wait until every write in flight has returned (the journal then
+        starts again from 0, :meth:`_settle`), for :data:`REWIND_WAIT_SECONDS` at most."""
+        deadline = time.monotonic() + REWIND_WAIT_SECONDS
+        while True:
+            self._settle()
+            left = deadline - time.monotonic()
+            if not self._in_flight or left <= 0:
+                return
+            self._returns.wait(left)
 
     def done(self, at: int | None) -> None:
         """The write of the record at *at* returned. It is marked done later, by
@@ -276,6 +299,7 @@ class WriteJournal:
             self._returned.append(at)
             if len(self._returned) >= MAX_UNSETTLED:
                 self._settle()
+            self._returns.notify_all()
 
     def settle(self) -> bool:
         """Mark every record whose write returned done; once none is in flight, the next

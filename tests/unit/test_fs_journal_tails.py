@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,52 @@ def test_the_journal_is_cut_back_when_it_rewinds_past_the_threshold(
     log.settle()
     assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == 0
     assert log.begin(b"a", header, HEADER_SIZE, data) == 0
+    log.close()
+
+
+def test_a_record_past_the_rewind_threshold_waits_for_the_writes_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers that always keep one write in flight never let the journal start again from
+    0: it grew for as long as they went on (some 4 MB a second with three 1 MiB overwriters).
+    A record that would reach past REWIND_ABOVE waits for those writes to return, then goes
+    at 0, on a journal cut back to nothing."""
+    monkeypatch.setattr(journal, "REWIND_ABOVE", 64 * 1024)
+    monkeypatch.setattr(journal, "SHRINK_ABOVE", 32 * 1024)
+    monkeypatch.setattr(journal, "REWIND_WAIT_SECONDS", 60.0)  # woken by done(), not by this
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    held = log.begin(b"a", header, HEADER_SIZE, data)  # another thread's write, in flight
+    for _ in range(14):  # each returns, but one write stays in flight all along
+        log.done(log.begin(b"b", header, HEADER_SIZE, data))
+    journal_file = tmp_path / journal.JOURNAL_NAME
+    assert 60 * 1024 < journal_file.stat().st_size < 64 * 1024
+    placed: list[int | None] = []
+    waiter = threading.Thread(target=lambda: placed.append(
+        log.begin(b"b", header, HEADER_SIZE, data)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and placed == []  # waits for the write in flight
+    log.done(held)
+    waiter.join(5)
+    assert placed == [0]
+    assert journal_file.stat().st_size == len(journal.encode(1, b"b", header, 0, data))
+    log.close()
+
+
+def test_a_record_waits_for_the_rewind_a_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write stuck in the backing file system does not stop every other writer: past
+    REWIND_WAIT_SECONDS the record goes at the end, as before."""
+    monkeypatch.setattr(journal, "REWIND_ABOVE", 16 * 1024)
+    monkeypatch.setattr(journal, "REWIND_WAIT_SECONDS", 0.2)
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    log.begin(b"a", header, HEADER_SIZE, data)  # never returns
+    ats = [log.begin(b"b", header, HEADER_SIZE, data) for _ in range(5)]
+    assert ats == sorted(ats) and len(set(ats)) == 5 and 0 not in ats
+    assert len(journal.parse((tmp_path / journal.JOURNAL_NAME).read_bytes())) == 6
     log.close()
 
 
