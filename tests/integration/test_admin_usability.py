@@ -177,7 +177,7 @@ def test_a_proposal_whose_created_draws_fake_lines_is_refused(initialized: Admin
     HSM of their own, with fake "HSMs ... quorum ..." lines and a terminal escape that hides
     what follows in its ``created``: `trust show`, the content every operator checks before
     signing, showed the fake lines and hid the real ones. Now no command reads it: one line,
-    exit 4 (a malformed document), and no escape reaches the terminal."""
+    exit 7 (a malformed document), and no escape reaches the terminal."""
     admin = initialized
     admin.create_operators("alice", "bob")
     first = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
