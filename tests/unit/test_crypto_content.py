@@ -32,6 +32,7 @@ from kmsfs.crypto.content import (
 from kmsfs.errors import BadVersionError, FormatError, IntegrityError
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "crypto_v1.json").read_text())
+VECTORS_V2 = json.loads((Path(__file__).parents[1] / "vectors" / "crypto_v2.json").read_text())
 QUICK = settings(database=None, deadline=None, max_examples=60)
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -273,6 +274,27 @@ def test_known_answer_vectors() -> None:
         assert c.decrypt_block(case["block_no"], block) == plaintext
 
 
+def test_known_answer_vectors_v2() -> None:
+    """Version 2 header (epoch 2) and its blocks, from the independent generator."""
+    v = VECTORS_V2["content"]
+    header = FileHeader.parse(bytes.fromhex(v["header"]))
+    assert header == FileHeader(VERSION_2, bytes.fromhex(v["file_id"]))
+    assert header.epoch == v["epoch"] == 2
+    assert header.pack().hex() == v["header"]
+    assert file_key_info(header.file_id).hex() == v["file_key_info"]
+    key, nonce = bytes.fromhex(v["file_key"]), bytes.fromhex(v["nonce"])
+    c = ContentCipher(key, header)
+    v1_reading = ContentCipher(key, FileHeader(VERSION_1, header.file_id))
+    for case in v["blocks"]:
+        plaintext, block = bytes.fromhex(case["plaintext"]), bytes.fromhex(case["block"])
+        encrypted = c._encrypt_block_with_nonce(case["block_no"], plaintext, nonce)
+        assert encrypted.hex() == case["block"]
+        assert c.decrypt_block(case["block_no"], block) == plaintext
+        assert c.decrypt_blocks(case["block_no"], block) == plaintext
+        with pytest.raises(IntegrityError):  # the header version is in the AAD
+            v1_reading.decrypt_block(case["block_no"], block)
+
+
 # Sizes
 
 
@@ -376,6 +398,13 @@ def test_vector_file_matches_its_generator() -> None:
     assert generator.content_vectors() == VECTORS["content"]
     assert generator.name_vectors() == VECTORS["names"]
     assert generator.symlink_vectors() == VECTORS["symlinks"]
+
+
+def test_vector_v2_file_matches_its_generator() -> None:
+    # crypto_v2.json: the version 2 header and blocks, and the xattr layout.
+    from tests.vectors import generate_crypto_vectors as generator
+
+    assert generator.vectors_v2() == VECTORS_V2
 
 
 # Batched blocks (the fs hot path): same bytes on disk as block by block

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -11,13 +13,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsfs.crypto import xattrs
 from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
 from kmsfs.crypto.xattrs import (
     LONG_NAME_PREFIX,
     NONCE_SIZE,
     TAG_SIZE,
+    XATTR_GCM_INFO,
     XATTR_KEY_INFO,
+    XATTR_NAME_AD,
     XATTR_NAME_MAX,
+    XATTR_SIV_INFO,
     XattrCipher,
     XattrNameError,
 )
@@ -30,6 +36,11 @@ CIPHER = XattrCipher(SECRET)
 # Written by the pre-split fs/xattrs.py for SECRET: the on-disk format must not move.
 GOLDEN_NAME = b"user.4BX9Bem8ezXLPNagmT0uThi2o5wL"  # user.color
 GOLDEN_VALUE = bytes(12) + bytes.fromhex("8486a21bb5f2c88200c7bc1aa1d686e14547735f")  # b"blue"
+
+# Independent known answers (tests/vectors/generate_crypto_vectors.py, vectors_v2).
+VECTORS_FILE = Path(__file__).parents[1] / "vectors" / "crypto_v2.json"
+VECTORS = json.loads(VECTORS_FILE.read_text())["xattrs"]
+V_CIPHER = XattrCipher(bytes.fromhex(VECTORS["xattr_secret"]))
 
 user_names = st.binary(min_size=1, max_size=150).map(lambda b: b"user." + b)
 
@@ -213,3 +224,55 @@ def test_a_long_entry_for_a_name_that_has_a_short_one_is_refused() -> None:
     forged = len(sealed).to_bytes(2, "big") + sealed + bytes(28)
     with pytest.raises(IntegrityError):
         c.plain_name(forged_disk, forged)
+
+
+# --- known-answer vectors (crypto_v2.json, independent of kmsfs code) ----------------------------
+
+
+def test_known_answer_key_derivation() -> None:
+    v = VECTORS
+    assert XATTR_KEY_INFO.hex() == v["key_info"]
+    assert XATTR_SIV_INFO.hex() == v["name_key_hkdf_info"]
+    assert XATTR_GCM_INFO.hex() == v["value_key_hkdf_info"]
+    assert XATTR_NAME_AD.hex() == v["name_ad"]
+    secret = bytes.fromhex(v["xattr_secret"])
+    assert xattrs._hkdf(secret, XATTR_SIV_INFO, 64).hex() == v["name_key"]
+    assert xattrs._hkdf(secret, XATTR_GCM_INFO, 32).hex() == v["value_key"]
+
+
+@pytest.mark.parametrize(
+    "case", VECTORS["names"], ids=lambda c: f"{len(bytes.fromhex(c['name'])) - 5}-bytes"
+)
+def test_known_answer_names(case: dict) -> None:
+    name, disk = bytes.fromhex(case["name"]), case["disk"].encode()
+    assert V_CIPHER.disk_name(name, long_names=True) == disk
+    sealed = bytes.fromhex(case["sealed"])
+    if case["long"]:
+        assert disk.startswith(LONG_NAME_PREFIX) and len(disk) == 50
+        with pytest.raises(XattrNameError) as info:
+            V_CIPHER.disk_name(name)  # without LongXattrNames
+        assert info.value.too_long
+        # the stored value starts with the sealed name, from which a listing reads the name
+        stored = V_CIPHER._seal_with_nonce(disk, b"", bytes.fromhex(VECTORS["nonce"]), name)
+        assert stored[:2 + len(sealed)] == len(sealed).to_bytes(2, "big") + sealed
+        assert V_CIPHER.plain_name(disk, stored) == name
+    else:
+        assert V_CIPHER.disk_name(name) == disk == b"user." + b64url_encode(sealed).encode()
+        assert V_CIPHER.plain_name(disk) == name
+
+
+@pytest.mark.parametrize(
+    "case",
+    VECTORS["values"],
+    ids=lambda c: f"{len(c['disk'])}-byte-disk-name-{len(c['value']) // 2}-byte-value",
+)
+def test_known_answer_values(case: dict) -> None:
+    name, disk = bytes.fromhex(case["name"]), case["disk"].encode()
+    value, stored = bytes.fromhex(case["value"]), bytes.fromhex(case["stored"])
+    nonce = bytes.fromhex(VECTORS["nonce"])
+    assert V_CIPHER._seal_with_nonce(disk, value, nonce, name) == stored
+    assert V_CIPHER.open(disk, stored) == value
+    if xattrs.is_long_disk_name(disk):
+        assert V_CIPHER.plain_name(disk, stored) == name
+    else:
+        assert len(stored) == NONCE_SIZE + len(value) + TAG_SIZE
