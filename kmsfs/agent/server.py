@@ -69,6 +69,11 @@ def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
+    # No session tickets: a resumed session skips the certificate's checks, so a client
+    # certificate that had expired went on working for the ticket's lifetime, two hours (the
+    # policy itself is checked on every request).
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     try:
         context.load_cert_chain(files.cert, files.key)
         context.load_verify_locations(cafile=files.client_ca)
@@ -147,19 +152,47 @@ def unix_listener(path: Path, mode: int = 0o660) -> socket.socket:
     """Bind a Unix socket at ``path``, replacing a stale socket file but nothing else: not
     another file, and not a socket some process (another agent) is listening on."""
     path = Path(path)
+    _check_socket_directory(path.parent)
     with _socket_lock(path):
         if check_unix_socket(path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(str(path))
-            os.chmod(path, mode)
-            sock.listen(64)
-        except OSError as exc:
-            sock.close()
-            raise UsageError(f"{path}: cannot listen: {exc.strerror}") from None
+        # Made with its mode by bind itself, under a umask: a chmod by path after the bind
+        # follows a symlink that another user put in its place meanwhile (root's chmod of any
+        # file). The agent starts no thread before its listeners are made.
+        with _UMASK_LOCK:
+            umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(str(path))
+                sock.listen(64)
+            except OSError as exc:
+                sock.close()
+                raise UsageError(f"{path}: cannot listen: {exc.strerror}") from None
+            finally:
+                os.umask(umask)
     return sock
+
+
+#: The process's umask is changed around a bind: one at a time (in-process callers, tests).
+_UMASK_LOCK = threading.Lock()
+
+
+def _check_socket_directory(directory: Path) -> None:
+    """Refuse a directory where another user could replace the socket (writable by group or
+    others without the sticky bit, or owned by another user than the agent's or root): clients
+    would then reach their program and take its answers for keys."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise UsageError(f"{directory}: cannot use for the socket: {exc.strerror}") from None
+    others_write = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    if others_write or st.st_uid not in (0, os.geteuid()):
+        raise UsageError(
+            f"{directory}: other users may replace files in it (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); put the socket in a "
+            "directory only the agent's user can write, such as /run/kmsfs"
+        )
 
 
 def remove_unix_socket(path: Path, made: os.stat_result) -> None:

@@ -7,7 +7,10 @@ module is initialized and re-initializes the module when a process moves to anot
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -126,7 +129,30 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
             _conf_of_module[module] = location.softhsm_conf
         except p11.PKCS11Error as exc:
             raise HsmUnavailableError(f"cannot load PKCS#11 module {module}: {exc!r}") from exc
+        finally:
+            _clear_openssl_errors()
     return lib
+
+
+def _clear_openssl_errors() -> None:
+    """Empty this thread's OpenSSL error queue. SoftHSM2's C_Initialize leaves an error on it
+    (ENGINE: NO_SUCH_ENGINE), and the next TLS read on the thread (the agent's) took that for
+    its own failure: the first TLS client of a fresh agent lost its connection."""
+    libcrypto = _libcrypto()
+    if libcrypto is not None:
+        libcrypto.ERR_clear_error()
+
+
+@functools.cache
+def _libcrypto() -> ctypes.CDLL | None:
+    """The libcrypto this process shares with the ssl module and the PKCS#11 module, if any."""
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
 
 
 # SoftHSM2's file backend rewrites a token's files on login; another process reading them at

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -305,6 +306,71 @@ def test_mount_over_tls_from_a_second_process(world: World, tmp_path: Path) -> N
         mount.stop()
     peers = {r["who"] for r in _records(world.agent) if r.get("op") == "derive"}
     assert any(str(w).startswith("tls:mount-a:") for w in peers)
+
+
+def test_the_first_tls_client_of_a_fresh_agent_keeps_its_connection(
+    world: World, tmp_path: Path
+) -> None:
+    """SoftHSM2's C_Initialize leaves an OpenSSL error on the calling thread's queue, and the
+    next TLS read on that thread took it for its own failure: the first TLS client of a fresh
+    agent, whose request loaded the module, lost its connection right after the reply
+    ("connection ended: [ENGINE: NO_SUCH_ENGINE]"); admin commands do not retry."""
+    store = world.agent_admin.copy(tmp_path / "store")
+    port = free_port()
+    server = world.ca.issue("agent-fresh", server=True)
+    policy = root_policy(
+        f'[[client]]\nname = "mount-a"\ncerts = ["{world.mount_a.fingerprint}"]\n'
+        'domains = ["payroll"]\nallow = ["derive"]\n'
+    )
+    sock_dir = Path(tempfile.mkdtemp(prefix="kmsfs-agent-"))
+    agent = AgentProcess(
+        store.store, tmp_path / "agent", policy, socket_path=sock_dir / "hsmd.sock",
+        extra=("--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert),
+               "--tls-key", str(server.key), "--tls-client-ca", str(world.ca.path)),
+    ).start()
+    try:
+        bundle = domains.export_bundle(Context.at(store.store), "payroll").to_bytes()
+        client = AgentClient(AgentAddress.parse(
+            f"127.0.0.1:{port}", str(world.mount_a.cert), str(world.mount_a.key),
+            str(world.ca.path)))
+        try:
+            opened = client.call("open-domain", {"bundle": base64.b64encode(bundle).decode()},
+                                 retry=False)
+            assert opened["current_epoch"] == 1
+            assert client.call("hello", {}, retry=False)["client"] == "mount-a"
+        finally:
+            client.close()
+    finally:
+        agent.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    assert "connection ended" not in agent.log(), agent.log()
+
+
+def test_tls_sessions_are_never_resumed(world: World) -> None:
+    """A resumed TLS 1.3 session skips the client certificate's checks: a certificate that
+    had expired went on authenticating for the session ticket's lifetime, two hours."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(world.ca.path)
+    context.load_cert_chain(world.mount_a.cert, world.mount_a.key)
+
+    def hello(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool, dict]:
+        with socket.create_connection(("127.0.0.1", world.tls_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+            request = b'{"args":{},"id":1,"op":"hello","v":1}'
+            tls.sendall(struct.pack(">I", len(request)) + request)
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                chunk = tls.recv(65536)
+                assert chunk, "the agent closed the connection"
+                data += chunk
+            return tls.session, tls.session_reused, json.loads(data[4:])
+
+    session, _, first = hello(None)
+    assert first["ok"] and first["result"]["client"] == "mount-a"
+    assert session is not None and not session.has_ticket
+    _, reused, again = hello(session)
+    assert again["ok"] and not reused
 
 
 def test_mount_refused_with_one_line_and_nothing_mounted(world: World, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -1182,6 +1183,41 @@ def test_listener_refuses_a_path_another_socket_listens_on() -> None:
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(d / "hsmd.sock"))
             first.accept()[0].close()
+
+
+def test_the_socket_is_made_with_its_mode_never_chmodded_by_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chmod by path after the bind follows whatever is at the path by then: a user who could
+    write the directory swapped in a symlink and had root make any file (/etc/shadow, a PIN
+    file) mode 0666. The socket gets its mode from bind itself, and the umask is put back."""
+    chmods: list[object] = []
+    with short_dir() as d:
+        monkeypatch.setattr(os, "chmod", lambda *a, **k: chmods.append(a))
+        before = os.umask(0o022)
+        try:
+            with agent_server.unix_listener(d / "hsmd.sock", 0o660):
+                assert stat.S_IMODE((d / "hsmd.sock").lstat().st_mode) == 0o660
+            assert os.umask(0o022) == 0o022
+        finally:
+            os.umask(before)
+            monkeypatch.undo()
+    assert chmods == []
+
+
+@pytest.mark.parametrize(("mode", "refused"), [(0o777, True), (0o770, True), (0o1777, False)])
+def test_a_socket_directory_others_may_write_is_refused(mode: int, refused: bool) -> None:
+    """Where another user can replace files (writable by them, not sticky), clients could be
+    handed that user's socket, and take its answers for keys."""
+    with short_dir() as d:
+        (d / "run").mkdir()
+        (d / "run").chmod(mode)
+        if refused:
+            with pytest.raises(UsageError, match=f"{d}/run: other users may replace files"):
+                agent_server.unix_listener(d / "run" / "hsmd.sock")
+            assert os.listdir(d / "run") == []
+        else:
+            agent_server.unix_listener(d / "run" / "hsmd.sock").close()
 
 
 def _contend(
