@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs import cliutil
 from tests.kms_helpers import Admin
 
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/kmsfs-hypothesis")
@@ -24,6 +25,15 @@ def machine_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     state = tmp_path / "machine-state"
     monkeypatch.setenv("KMSFS_STATE_DIR", str(state))
     return state
+
+
+@pytest.fixture(autouse=True)
+def keep_this_process_dumpable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run in this process (``cli.main`` in a test) would make pytest itself
+    non-dumpable with a core limit of 0 for good (cliutil.run), and every daemon started
+    afterwards would inherit the limit: a check that a daemon set it itself could not fail.
+    The commands tests run as subprocesses set it for real."""
+    monkeypatch.setattr(cliutil, "keep_memory_out_of_core_dumps", lambda: None)
 
 
 @pytest.fixture

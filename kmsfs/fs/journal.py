@@ -114,8 +114,11 @@ SHRINK_ABOVE = 8 << 20
 #: long as they went on (a database's writers could fill the disk with it). The wait is for
 #: other threads' pwrites of at most 1 MiB each, and comes once per this many bytes.
 REWIND_ABOVE = 64 << 20
-#: How long a new record waits for that at most; past it, it goes on (the journal grows, as
-#: before), so a write stuck in the backing file system does not stop every other writer.
+#: How long a new record waits for that at most. Past it, it goes on (the journal grows, as
+#: before), and no record waits again before the journal has grown by another REWIND_ABOVE: a
+#: write stuck in the backing file system (an NFS stall, an fdatasync) does not slow every
+#: other writer. Records made on the main thread (the daemon's event loop, which small writes
+#: run on) never wait: every other request would wait with them.
 REWIND_WAIT_SECONDS = 2.0
 
 
@@ -198,6 +201,7 @@ class WriteJournal:
         self._end = os.lseek(self._fd, 0, os.SEEK_END)  # how far records were ever written
         self._sequence = 1
         self._in_flight = 0  # records begun and not yet marked done
+        self._wait_from = REWIND_ABOVE  # where the next record waits to rewind (see there)
         self._returned: list[int] = []  # of those, the ones whose write returned
 
     def close(self) -> None:
@@ -255,7 +259,11 @@ class WriteJournal:
         with self._lock:
             head, data, crc = _pieces(self._sequence, relative, header, offset, data, state)
             size = len(head) + len(data) + len(crc)
-            if self._pos + size > REWIND_ABOVE and self._in_flight:
+            if (
+                self._pos + size > self._wait_from
+                and self._in_flight
+                and threading.current_thread() is not threading.main_thread()
+            ):
                 self._wait_to_rewind()
             at = self._pos
             try:
@@ -277,8 +285,12 @@ class WriteJournal:
         deadline = time.monotonic() + REWIND_WAIT_SECONDS
         while True:
             self._settle()
+            if not self._in_flight:
+                return  # rewound
             left = deadline - time.monotonic()
-            if not self._in_flight or left <= 0:
+            if left <= 0:
+                self._wait_from = self._pos + REWIND_ABOVE
+                log.debug("write journal: a write in flight for %.0f s", REWIND_WAIT_SECONDS)
                 return
             self._returns.wait(left)
 
@@ -319,6 +331,7 @@ class WriteJournal:
         self._returned.clear()
         if self._in_flight == 0:
             self._pos = 0
+            self._wait_from = REWIND_ABOVE
             if self._end > SHRINK_ABOVE:  # every record is done: nothing to keep
                 try:
                     os.ftruncate(self._fd, 0)

@@ -139,7 +139,6 @@ def test_info_reads_config(tmp_path: Path) -> None:
 
 
 # --- end to end with a real store and SoftHSM ----------------------------------------------
-@pytest.mark.slow
 def _daemon_serving(mountpoint: Path) -> int:
     """The pid of the ``kmsfs mount`` daemon serving *mountpoint*."""
     for entry in Path("/proc").iterdir():
@@ -153,6 +152,7 @@ def _daemon_serving(mountpoint: Path) -> int:
     raise AssertionError(f"no daemon serves {mountpoint}")
 
 
+@pytest.mark.slow
 def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None:  # type: ignore[no-untyped-def]
     initialized.real_domain()
     env = {"KMSFS_STORE": str(initialized.store)}

@@ -264,19 +264,61 @@ def test_a_record_past_the_rewind_threshold_waits_for_the_writes_in_flight(
     log.close()
 
 
-def test_a_record_waits_for_the_rewind_a_bounded_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_record_waits_for_the_rewind_a_bounded_time_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A write stuck in the backing file system does not stop every other writer: past
-    REWIND_WAIT_SECONDS the record goes at the end, as before."""
+    """A write stuck in the backing file system (an NFS stall, an fdatasync) does not slow
+    every other writer: past REWIND_WAIT_SECONDS the record goes at the end, and the records
+    after it do not wait again until the journal has grown by another REWIND_ABOVE (each
+    waited the full time, and with small writes on the event loop, the whole mount froze)."""
     monkeypatch.setattr(journal, "REWIND_ABOVE", 16 * 1024)
     monkeypatch.setattr(journal, "REWIND_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.DEBUG, logger=journal.__name__)
     log = WriteJournal(os.fsencode(tmp_path))
     header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
-    log.begin(b"a", header, HEADER_SIZE, data)  # never returns
-    ats = [log.begin(b"b", header, HEADER_SIZE, data) for _ in range(5)]
+    stuck = log.begin(b"a", header, HEADER_SIZE, data)
+
+    def five_records() -> list[int | None]:
+        ats: list[int | None] = []
+        worker = threading.Thread(
+            target=lambda: ats.extend(log.begin(b"b", header, HEADER_SIZE, data) for _ in range(5))
+        )
+        worker.start()
+        worker.join(30)
+        return ats
+
+    def waits() -> int:
+        return sum("a write in flight for" in r.getMessage() for r in caplog.records)
+
+    ats = five_records()
     assert ats == sorted(ats) and len(set(ats)) == 5 and 0 not in ats
     assert len(journal.parse((tmp_path / journal.JOURNAL_NAME).read_bytes())) == 6
+    assert waits() == 1
+    # Once it has rewound, the next write past the threshold waits again.
+    for at in [stuck, *ats]:
+        log.done(at)
+    log.settle()
+    log.begin(b"a", header, HEADER_SIZE, data)  # stuck again
+    five_records()
+    assert waits() == 2
+    log.close()
+
+
+def test_a_record_made_on_the_event_loop_never_waits_to_rewind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Small writes run on the daemon's event loop (the main thread): a wait there held up
+    every request of the mount, not only writes."""
+    monkeypatch.setattr(journal, "REWIND_ABOVE", 16 * 1024)
+    monkeypatch.setattr(journal, "REWIND_WAIT_SECONDS", 3.0)
+    caplog.set_level(logging.DEBUG, logger=journal.__name__)
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    log.begin(b"a", header, HEADER_SIZE, data)  # another thread's write, in flight
+    assert threading.current_thread() is threading.main_thread()
+    ats = [log.begin(b"b", header, HEADER_SIZE, data) for _ in range(5)]
+    assert 0 not in ats and len(set(ats)) == 5
+    assert not [r for r in caplog.records if "a write in flight for" in r.getMessage()]
     log.close()
 
 
