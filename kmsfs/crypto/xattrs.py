@@ -71,8 +71,9 @@ def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
 
 
 class ForeignXattrName(IntegrityError):
-    """A ``user.*`` name kmsfs never writes (not base64url after ``user.``): another program's,
-    e.g. a sync client's own attribute on the ciphertext file. Hidden, not reported as damage."""
+    """A ``user.*`` name kmsfs never writes (after ``user.``, not base64url of more than an SIV
+    tag: ``user.com.dropbox.attrs``, ``user.checksum``): another program's own attribute on
+    the ciphertext file, e.g. a sync client's. Hidden, not reported as damage."""
 
 
 class XattrCipher:
@@ -121,7 +122,9 @@ class XattrCipher:
                 try:
                     raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
                 except (ValueError, UnicodeDecodeError):
-                    raise ForeignXattrName("xattr name: not one kmsfs writes") from None
+                    raw = b""
+                if len(raw) <= SIV_TAG_SIZE:  # ours hold the tag and at least one byte
+                    raise ForeignXattrName("xattr name: not one kmsfs writes")
             else:
                 raise ForeignXattrName("xattr name: not a user.* name")
             return USER_PREFIX + self._siv.decrypt(raw, [XATTR_NAME_AD])

@@ -43,7 +43,7 @@ from kmsfs.crypto.names import (
     is_sidecar,
 )
 from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
-from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
+from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, ForeignXattrName, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
@@ -269,6 +269,9 @@ class _Checker:
                 stored = os.getxattr(_reach(path), raw, follow_symlinks=False)
                 self.xattr_cipher.plain_name(raw, stored)
                 self.xattr_cipher.open(raw, stored)
+            except ForeignXattrName:
+                self.warn("foreign-xattr", path, plain, f"extended attribute {disk} is not one "
+                          "kmsfs writes (another program's?); the mount does not show it")
             except IntegrityError as exc:
                 self.damage("xattr", path, plain, f"extended attribute {disk}: {exc}")
             except OSError as exc:
