@@ -11,6 +11,16 @@ A peer the policy does not name costs the agent little: one of a few slots, one 
 a frame of at most MAX_STRANGER_FRAME bytes read and parsed. A longer one is refused from its
 length alone, unread: a 2 MiB frame of ``[{},{},...]`` takes ~0.5 s of CPU (holding the GIL)
 and ~50 MiB to parse, and 16 such peers in a loop slowed listed mounts' derives a thousandfold.
+A peer it names may send frames as long as what its policy entries allow needs
+(:func:`frame_limit`): a client listed for ``health`` alone is held to the same small limit.
+Both are decided per frame, by the policy as it is then: after a reload, a peer the policy no
+longer names is served like any unlisted peer on the connections it still has (one more
+request, and an idle one is closed within POLICY_RECHECK seconds).
+
+The process log gets per-connection lines (refused connections, failed TLS handshakes,
+connections that ended badly) at most LOG_BURST times a minute per kind, then a count: a
+stream of connections would otherwise fill the journal, whose rate limit then drops the lines
+operators keep (the audit checkpoints). Each line held back is still logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ from hashlib import sha256
 from pathlib import Path
 
 from kmsfs.agent import protocol
-from kmsfs.agent.policy import Peer
+from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.agent.service import Agent
 from kmsfs.errors import KmsfsError, UsageError
 
@@ -44,6 +55,19 @@ MAX_STRANGERS = 16  # connections of peers it does not name: one refused request
 #: request it can be refused for (hello, health, a derive of a few infos, a small create-domain)
 #: fits, so its refusal names the operation; a longer one is refused from its header alone.
 MAX_STRANGER_FRAME = 4096
+#: ... and of a peer the policy names for none of LARGE_OPS (``health`` alone): its longest
+#: honest request is a few dozen bytes.
+MAX_SMALL_FRAME = MAX_STRANGER_FRAME
+#: The actions whose requests may be long, so a peer allowed any of them may send frames of up
+#: to protocol.MAX_FRAME: a derive of 1024 infos of the largest size (protocol.MAX_INFO) takes
+#: 348 KiB, an open-domain (the ``derive`` action) a Domain bundle with its Trust chain, and
+#: the others carry bundles, chains and approvals.
+LARGE_OPS = frozenset({"derive"}) | Agent.LASTING_OPS
+#: Seconds between looks at the policy while a listed peer's connection is idle: one the
+#: policy no longer names (a reload) is closed, not left holding a listed slot.
+POLICY_RECHECK = 1.0
+LOG_WINDOW = 60.0  # seconds: per-connection log lines of one kind get LOG_BURST lines, ...
+LOG_BURST = 5  # ... then only a count, logged once the window has passed
 MAX_HANDSHAKES = 64  # TLS handshakes in progress (the peer is not known before)
 #: ... of which one source address may hold: a peer that opens idle connections from one
 #: address cannot take every handshake slot (from many addresses, only a firewall helps).
@@ -244,6 +268,35 @@ def peer_of_tls(conn: ssl.SSLSocket) -> Peer:
     return Peer(fingerprint="sha256:" + sha256(der).hexdigest(), subject=subject)
 
 
+def frame_limit(policy: Policy, peer: Peer) -> int | None:
+    """The longest frame ``peer`` may send under ``policy`` (None: the policy does not name
+    it). Sized to the longest request it could honestly make: no more room than that to make
+    the agent parse for nothing."""
+    if policy.client_name(peer) is None:
+        return None
+    for rule in policy.rules:
+        if rule.matches(peer) and rule.allow & LARGE_OPS:
+            return protocol.MAX_FRAME
+    return MAX_SMALL_FRAME
+
+
+#: Kinds of per-connection log lines, rate-limited each on its own, and how their counts read.
+_LOG_KINDS = {
+    "unlisted-no-slot": "connection(s) of unlisted peers refused (no free slot)",
+    "listed-no-slot": "connection(s) of listed peers refused (no free slot)",
+    "per-peer": "connection(s) refused (too many of one client open)",
+    "handshakes-busy": "TLS connection(s) refused (too many handshakes in progress)",
+    "handshake-failed": "failed TLS handshake(s)",
+    "ended-listed": "connection(s) of listed peers ended by an error",
+    "ended-unlisted": "connection(s) of unlisted peers ended by an error",
+    "dropped": "idle connection(s) closed (their client is no longer in the policy)",
+}
+
+
+class _Logged(ConnectionError):
+    """A connection refused and logged already: its end is not logged again."""
+
+
 def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes | None:
     """``size`` bytes by ``deadline`` (time.monotonic()), or None at a clean end of stream
     before the first byte; TimeoutError once the deadline passes, however the bytes drip in."""
@@ -285,6 +338,29 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.quiet_log = RefusalCoalescer(window=LOG_WINDOW, burst=LOG_BURST)
+
+    def _note(self, level: int, kind: str, message: str) -> None:
+        """Log one per-connection event of ``kind``: at ``level`` while its kind has lines left
+        this window, else at DEBUG only and counted (:meth:`_log_counts` writes the count)."""
+        admitted = self.quiet_log.admit(kind, message)
+        if admitted is None:
+            log.debug("%s", message)
+            return
+        _kind, held_back = admitted
+        if held_back:
+            message += f" (and {held_back} more since, not logged one by one)"
+        log.log(level, "%s", message)
+
+    def _log_counts(self, everything: bool = False) -> None:
+        """The counts of per-connection lines held back, once their window has passed (all of
+        them when the server stops)."""
+        for owed in self.quiet_log.due(everything):
+            log.warning(
+                "%d %s in the last %.0f s, not logged one by one (the latest: %s)",
+                owed.suppressed, _LOG_KINDS.get(owed.who, owed.who), self.quiet_log.window,
+                owed.op,
+            )
 
     def start(self) -> None:
         for listener in self._listeners:
@@ -312,12 +388,14 @@ class Server:
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+        self._log_counts(everything=True)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         is_tls = listener.fileno() in self._tls_fds
         listener.settimeout(ACCEPT_POLL)
         failures = 0
         while not self._stopping.is_set():
+            self._log_counts()  # at least every ACCEPT_POLL seconds
             try:
                 conn, _addr = listener.accept()
             except TimeoutError:
@@ -352,20 +430,28 @@ class Server:
         with self._lock:
             self._connections.add(raw)
         release: list[Callable[[], None]] = []
+        kind = "handshake-failed" if is_tls else "ended-unlisted"
+        address = _source_address(conn) if is_tls else "local"
         try:
             if is_tls:
-                conn = self._handshake(conn)
+                conn = self._handshake(conn, address)
                 peer = peer_of_tls(conn)  # type: ignore[arg-type]
             else:
                 peer = peer_of_unix(conn)
             listed = self.agent.policy.client_name(peer) is not None
+            kind = "ended-listed" if listed else "ended-unlisted"
             if not self._admit(peer, listed, release):
                 return
             log.debug("connection from %s", peer.describe())
             self._requests(conn, peer, listed=listed)
+        except _Logged:
+            pass
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             if not self._stopping.is_set():
-                log.info("connection ended: %s", exc)
+                if kind == "handshake-failed":
+                    self._note(logging.INFO, kind, f"TLS handshake from {address} failed: {exc}")
+                else:
+                    self._note(logging.INFO, kind, f"connection ended: {exc}")
         except Exception:
             log.exception("connection failed")
         finally:
@@ -377,18 +463,21 @@ class Server:
             for undo in release:
                 undo()
 
-    def _handshake(self, conn: socket.socket) -> socket.socket:
+    def _handshake(self, conn: socket.socket, address: str) -> socket.socket:
         assert self._tls is not None
-        address = _source_address(conn)
         with self._lock:
-            if self._handshakes_from.get(address, 0) >= MAX_HANDSHAKES_PER_ADDRESS:
-                log.warning("refusing a TLS connection from %s: handshakes in progress", address)
-                raise ConnectionError(f"{address}: too many TLS handshakes in progress")
-            self._handshakes_from[address] = self._handshakes_from.get(address, 0) + 1
+            busy = self._handshakes_from.get(address, 0) >= MAX_HANDSHAKES_PER_ADDRESS
+            if not busy:
+                self._handshakes_from[address] = self._handshakes_from.get(address, 0) + 1
+        if busy:
+            self._note(logging.WARNING, "handshakes-busy",
+                       f"refusing a TLS connection from {address}: handshakes in progress")
+            raise _Logged(f"{address}: too many TLS handshakes in progress")
         try:
             if not self._handshakes.acquire(blocking=False):
-                log.warning("refusing a TLS connection: %d handshakes in progress", MAX_HANDSHAKES)
-                raise ConnectionError(f"{MAX_HANDSHAKES} TLS handshakes in progress, refused")
+                self._note(logging.WARNING, "handshakes-busy",
+                           f"refusing a TLS connection: {MAX_HANDSHAKES} handshakes in progress")
+                raise _Logged(f"{MAX_HANDSHAKES} TLS handshakes in progress, refused")
             try:
                 conn.settimeout(HANDSHAKE_TIMEOUT)
                 tls_conn = self._tls.wrap_socket(conn, server_side=True)
@@ -408,17 +497,21 @@ class Server:
     def _admit(self, peer: Peer, listed: bool, release: list[Callable[[], None]]) -> bool:
         pool = self._slots if listed else self._strangers
         if not pool.acquire(blocking=False):
-            log.warning("refusing a connection of %s: no free slot", peer.describe())
+            self._note(logging.WARNING, "listed-no-slot" if listed else "unlisted-no-slot",
+                       f"refusing a connection of {peer.describe()}: no free slot")
             return False
         release.append(pool.release)
         if not listed:
             return True
         key = peer.describe()
         with self._lock:
-            if self._per_peer.get(key, 0) >= MAX_PER_PEER:
-                log.warning("refusing a connection of %s: %d open", key, MAX_PER_PEER)
-                return False
-            self._per_peer[key] = self._per_peer.get(key, 0) + 1
+            full = self._per_peer.get(key, 0) >= MAX_PER_PEER
+            if not full:
+                self._per_peer[key] = self._per_peer.get(key, 0) + 1
+        if full:
+            self._note(logging.WARNING, "per-peer",
+                       f"refusing a connection of {key}: {MAX_PER_PEER} open")
+            return False
 
         def leave() -> None:
             with self._lock:
@@ -430,14 +523,14 @@ class Server:
         return True
 
     def _requests(self, conn: socket.socket, peer: Peer, listed: bool) -> None:
-        """Answer ``peer``'s requests in order; an unlisted peer's first one only, and a frame
-        of it over MAX_STRANGER_FRAME is refused without reading (let alone parsing) it."""
-        idle = IDLE_TIMEOUT if listed else BODY_TIMEOUT
+        """Answer ``peer``'s requests in order; an unlisted peer's first one only. A frame
+        longer than the peer may send (MAX_STRANGER_FRAME if the policy does not name it, else
+        :func:`frame_limit`) is refused without reading (let alone parsing) it. Both are
+        decided for each frame by the policy as it is then (it may have been reloaded): a peer
+        ``listed`` when it connected that the policy no longer names is an unlisted peer from
+        its next frame on, and its idle connection is closed."""
         while not self._stopping.is_set():
-            try:
-                header = _recv_exact(conn, protocol.HEADER_SIZE, time.monotonic() + idle)
-            except TimeoutError:
-                return  # an idle connection is closed; a client reconnects when it needs to
+            header = self._await_header(conn, peer, listed)
             if header is None:
                 return
             try:
@@ -445,8 +538,11 @@ class Server:
             except protocol.ProtocolError as exc:
                 conn.sendall(protocol.frame(protocol.failed(0, exc)))
                 return
-            if not listed and length > MAX_STRANGER_FRAME:
-                refusal = self.agent.refuse_unread(peer, length)
+            limit = frame_limit(self.agent.policy, peer) if listed else None
+            if limit is None:  # unlisted, or no longer listed: this request is its last
+                listed, limit = False, MAX_STRANGER_FRAME
+            if length > limit:
+                refusal = self.agent.refuse_unread(peer, length, limit)
                 conn.settimeout(BODY_TIMEOUT)
                 conn.sendall(protocol.frame(protocol.failed(0, refusal)))
                 return
@@ -458,6 +554,36 @@ class Server:
             conn.sendall(protocol.frame(self._answer(peer, body)))
             if not listed:
                 return
+
+    def _await_header(self, conn: socket.socket, peer: Peer, listed: bool) -> bytes | None:
+        """The next frame's header, or None if the connection ended cleanly or stayed idle
+        too long (IDLE_TIMEOUT for a listed peer, BODY_TIMEOUT for another: a client
+        reconnects when it needs to). While a listed peer's connection is idle, the policy is
+        looked at every POLICY_RECHECK seconds: one it no longer names is closed, so it does
+        not hold a listed slot. Once a header began, all of it must come within BODY_TIMEOUT."""
+        deadline = time.monotonic() + (IDLE_TIMEOUT if listed else BODY_TIMEOUT)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                return None
+            conn.settimeout(min(remaining, POLICY_RECHECK) if listed else remaining)
+            try:
+                first = conn.recv(protocol.HEADER_SIZE)
+            except TimeoutError:
+                if listed and self.agent.policy.client_name(peer) is None:
+                    self._note(logging.INFO, "dropped",
+                               f"closing an idle connection of {peer.describe()}: no longer "
+                               "in the policy")
+                    return None
+                continue
+            break
+        if not first:
+            return None
+        rest = protocol.HEADER_SIZE - len(first)
+        more = _recv_exact(conn, rest, time.monotonic() + BODY_TIMEOUT) if rest else b""
+        if more is None:
+            raise ConnectionError("connection closed in the middle of a frame")
+        return first + more
 
     def _answer(self, peer: Peer, body: bytes) -> dict[str, object]:
         try:

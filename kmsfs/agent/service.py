@@ -4,8 +4,10 @@ Transport-free, so the same object serves the Unix socket, TLS and tests. Every 
 one method that takes the peer (as the kernel or TLS vouched for it) and the request's
 arguments; the order is always: parse the arguments, check the policy, verify every chain
 against the agent's own pinned root, and only then touch an HSM. Each outcome (allowed, refused,
-failed) is one record in the audit log, except that the refusals of a peer the policy does not
-name are coalesced (kmsfs.agent.refusals): it could otherwise fill the disk with them.
+failed) is one record in the audit log, except that refusals and malformed requests are
+coalesced (kmsfs.agent.refusals): one record a window for a peer the policy does not name, a few
+for one it names, the rest counted. A peer could otherwise fill the disk with them, and a full
+disk stops every listed mount's derivations.
 
 Documents a client sends (a Trust chain, approvals, a Domain bundle) are verified before any
 is written to the agent's store, and only valid signatures are kept: a client can neither plant
@@ -24,7 +26,7 @@ from typing import Any
 
 from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request, printable
-from kmsfs.agent.refusals import RefusalCoalescer
+from kmsfs.agent.refusals import LISTED_BURST, LISTED_OVERFLOW, RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
     ChainError,
@@ -72,7 +74,11 @@ class Agent:
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
         self._anchor_cache: tuple[tuple[int, int, int], Anchor] | None = None
-        self.refusals = RefusalCoalescer()
+        self.refusals = RefusalCoalescer()  # of peers the policy does not name
+        #: ... and the refused or malformed requests of peers it names (their allowed ones
+        #: are recorded one by one): a client listed for `health` alone could otherwise fill
+        #: the disk with malformed frames as fast as it can send them.
+        self.listed_refusals = RefusalCoalescer(burst=LISTED_BURST, overflow=LISTED_OVERFLOW)
         self._handlers: dict[str, Callable[[Peer, dict[str, Any]], dict[str, Any]]] = {
             "hello": self.hello,
             "open-domain": self.open_domain,
@@ -100,7 +106,10 @@ class Agent:
                 raise ProtocolError(f"unknown operation {printable(request.op, 40)}")
             return self._handlers[op](peer, request.args)
         except KmsfsError as exc:
-            if not getattr(exc, "audited", False):  # failed before _guarded: a bad request
+            refusal = getattr(exc, "refusal", None)  # the policy's, from _guarded
+            if refusal is not None:
+                self._refused(peer, refusal[0], str(exc), refusal[1], refusal[2])
+            elif not getattr(exc, "audited", False):  # failed before _guarded: a bad request
                 self._refused(peer, op, f"malformed request: {exc}")
             raise
 
@@ -108,10 +117,20 @@ class Agent:
         """Audit a frame that is not a request at all (the transport could not parse it)."""
         self._refused(peer, "unknown", f"malformed request: {exc}")
 
-    def refuse_unread(self, peer: Peer, length: int) -> AgentRefusedError:
-        """The refusal of a frame of an unlisted peer that the transport does not read at all
-        (longer than any request it could honestly send): recorded like any of its refusals."""
-        refusal = self._unlisted(peer, f"; its frame of {length} bytes was not read")
+    def refuse_unread(
+        self, peer: Peer, length: int, limit: int | None = None
+    ) -> AgentRefusedError:
+        """The refusal of a frame that the transport does not read at all, longer than any
+        request the peer could honestly send (``limit``: the most its policy entries allow,
+        server.frame_limit): recorded like any of its refusals."""
+        if self.policy.client_name(peer) is None:
+            refusal = self._unlisted(peer, f"; its frame of {length} bytes was not read")
+        else:
+            refusal = AgentRefusedError(
+                f"client {peer.describe()} may send frames of at most {limit} bytes for what "
+                f"the agent's policy allows it (policy {self.policy.source}); its frame of "
+                f"{length} bytes was not read"
+            )
         self._refused(peer, "unknown", str(refusal))
         return refusal
 
@@ -119,13 +138,20 @@ class Agent:
         """Write the counts of coalesced refusals that no record carries yet (see
         kmsfs.agent.refusals): those of identities quiet for a window, or all of them when the
         agent stops. ``kmsfs-hsmd`` calls this every ``--audit-seconds``."""
-        for owed in self.refusals.due(everything):
+        owed_all = [(owed, False) for owed in self.refusals.due(everything)]
+        owed_all += [(owed, True) for owed in self.listed_refusals.due(everything)]
+        for owed, listed in owed_all:
+            if listed:
+                what = "refused or malformed request(s)"
+                why = f" (policy {self.policy.source})"
+            else:
+                what = "refused request(s)"
+                why = f"; it is not in the agent's policy (policy {self.policy.source})"
             try:
                 self._write(
                     owed.who, "suppressed", None, False,
-                    f"{owed.suppressed} refused request(s) of this client since its previous "
-                    f"record, not recorded one by one (the latest: {owed.op}); it is not in "
-                    f"the agent's policy (policy {self.policy.source})",
+                    f"{owed.suppressed} {what} of this client since its previous records, "
+                    f"not recorded one by one (the latest: {owed.op}){why}",
                     {"suppressed": owed.suppressed},
                 )
             except OSError as exc:
@@ -138,23 +164,35 @@ class Agent:
             f"(policy {self.policy.source}){more}"
         )
 
-    def _refused(self, peer: Peer, op: str, reason: str) -> None:
-        """Record a refusal or a malformed request that did not go through ``_guarded``
-        (which records its own outcomes). Best effort: the answer is a refusal (or a format
-        error) whether or not the record can be written (docs/format.md: "a refusal that
-        cannot be recorded is still a refusal"). A peer the policy does not name gets at most
-        one record per ``refusals.window`` seconds, counting the refusals it suppressed: nothing
-        it does may grow the log without bound, since a full disk stops every listed mount's
-        derive."""
-        who, detail = peer.describe(), None
+    def _refused(
+        self,
+        peer: Peer,
+        op: str,
+        reason: str,
+        domain: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a refusal (by the policy) or a malformed request. Best effort: the answer
+        is a refusal (or a format error) whether or not the record can be written
+        (docs/format.md: "a refusal that cannot be recorded is still a refusal").
+
+        Coalesced per identity (kmsfs.agent.refusals): a peer the policy does not name gets at
+        most one record per ``refusals.window`` seconds, one it names ``listed_refusals.burst``
+        records; the next record counts the refusals they suppressed. Nothing a peer does
+        without the policy's leave may grow the log without bound, since a full disk stops
+        every listed mount's derive."""
+        who = peer.describe()
         if self.policy.client_name(peer) is None:
             admitted = self.refusals.admit(who, op)
-            if admitted is None:
-                return
-            who, suppressed = admitted
-            detail = {"suppressed": suppressed} if suppressed else None
+        else:
+            admitted = self.listed_refusals.admit(who, op)
+        if admitted is None:
+            return
+        who, suppressed = admitted
+        if suppressed:
+            detail = {**(detail or {}), "suppressed": suppressed}
         try:
-            self._write(who, op, None, False, reason, detail)
+            self._write(who, op, domain, False, reason, detail)
         except OSError as exc:
             log.error("audit log: refusal of %s not recorded (%s)", who, exc.strerror or exc)
 
@@ -201,16 +239,15 @@ class Agent:
         An operation that changes the store (LASTING_OPS) is recorded before it starts too, and
         refused if that record cannot be written (a full disk): otherwise it would have happened
         with no trace. A derivation's record comes after it, and if it cannot be written the keys
-        are not sent. A refusal stays a refusal (exit 9) even if its record cannot be written.
+        are not sent. A refusal (AgentRefusedError) is recorded by :meth:`handle`, coalesced
+        per identity like every refusal (``_refused``; allowed requests never are), and stays a
+        refusal (exit 9) even if its record cannot be written.
         """
         try:
             rule = self.policy.check(peer, op, domain)
         except AgentRefusedError as exc:
-            try:
-                self._record(peer, op, domain, False, str(exc), detail)
-            except OSError as audit_exc:
-                log.error("audit log: refusal not recorded (%s)", audit_exc.strerror or audit_exc)
-            exc.audited = True  # type: ignore[attr-defined]
+            # Recorded by handle(), with every other refusal: coalesced per identity there.
+            exc.refusal = (op, domain, detail)  # type: ignore[attr-defined]
             raise
         if op in self.LASTING_OPS:
             try:

@@ -1260,3 +1260,229 @@ def test_agents_started_at_once_on_a_stale_socket_get_one_listener() -> None:
             finally:
                 for sock in won:
                     sock.close()
+
+
+# -- listed peers, reloads and the process log: what a peer costs the agent ------------------
+
+ROOT_HEALTH = '[[client]]\nname = "root-health"\nuids = [0]\nallow = ["health"]\n'
+
+
+def _round_trip(sock: socket.socket, body: bytes) -> dict[str, Any] | None:
+    sock.sendall(header(len(body)) + body)
+    return read_frame(sock)
+
+
+def test_a_listed_peers_refused_and_malformed_requests_are_coalesced_yet_all_counted(
+    kms: Kms, tmp_path: Path
+) -> None:
+    """A client listed for 'health' alone wrote 22,600 audit records (6 MB) of malformed
+    frames in 5 s: only unlisted peers were coalesced, and a full disk stops every listed
+    mount's derive. Now a listed identity's refused and malformed requests get LISTED_BURST
+    records a window, the rest counted (as an unlisted peer's are); its allowed requests are
+    still recorded one by one."""
+    from kmsfs.agent.refusals import LISTED_BURST
+
+    audit = tmp_path / "audit.log"
+    refused = json.dumps({"v": 1, "id": 9, "op": "create-domain",
+                          "args": {"name": "x", "trust": kms.t1, "chain": []}}).encode()
+    health = json.dumps({"v": 1, "id": 3, "op": "health", "args": {}}).encode()
+    with short_dir() as d, in_process_agent(kms.store, ROOT_HEALTH, audit) as agent, \
+            serving(agent, d) as path, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        answers = [_round_trip(sock, b"x") for _ in range(40)]
+        answers += [_round_trip(sock, refused) for _ in range(20)]
+        healthy = [_round_trip(sock, health) for _ in range(3)]
+        during = events(audit)
+    after = events(audit)  # the agent stopped: the counts still owed are written
+    assert [a["error"]["code"] if a else None for a in answers] == ["format"] * 40 + [
+        "refused"
+    ] * 20
+    assert all(h is not None and h["ok"] for h in healthy)
+    who = peer(0).describe()
+    mine = [e for e in during if e["who"] == who and e["decision"] == "refused"]
+    assert len(mine) == LISTED_BURST
+    assert [e["decision"] for e in during if e["who"] == who][-3:] == ["allowed"] * 3
+    mine = [e for e in after if e["who"] == who and e["decision"] == "refused"]
+    counted = sum(e.get("detail", {}).get("suppressed", 0) for e in mine)
+    assert len([e for e in mine if e["op"] != "suppressed"]) + counted == len(answers)
+    assert mine[-1]["op"] == "suppressed" and "create-domain" in mine[-1]["reason"]
+    assert verify_log(audit, {}).ok
+
+
+def test_a_policy_refusal_of_a_listed_peer_keeps_its_domain_and_detail(
+    kms: Kms, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, ROOT_HEALTH, audit) as agent, \
+            pytest.raises(AgentRefusedError, match=r"may not derive for Domain payroll"):
+        call(agent, peer(0), "open-domain", {"bundle": kms.bundle("payroll")})
+    (record,) = events(audit)
+    assert (record["op"], record["domain"], record["decision"]) == (
+        "derive", "payroll", "refused"
+    )
+    assert set(record["detail"]) == {"open"}
+
+
+def test_a_listed_peer_may_send_only_frames_as_long_as_its_policy_needs(
+    kms: Kms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client listed for 'health' alone could send 2 MiB frames, each parsed (0.64 s of CPU
+    holding the GIL): 8 of them in a loop took a listed mount's derive from 0.75 ms to 202 ms.
+    Now its frames are held to MAX_SMALL_FRAME, and a longer one is refused from its header,
+    unread; a peer allowed to derive still sends long frames (a derive of 1024 infos)."""
+    monkeypatch.setattr(agent_server, "BODY_TIMEOUT", 2.0)  # a body that never comes
+    policy = Policy.parse(ROOT_HEALTH, "p")
+    assert agent_server.frame_limit(policy, peer(0)) == agent_server.MAX_SMALL_FRAME
+    assert agent_server.frame_limit(policy, peer(STRANGER)) is None
+    for allow in ("derive", "create-domain", "rewrap", "rotate", "seal-trust"):
+        wide = Policy.parse(ROOT_HEALTH + ROOT_HEALTH.replace('"health"', f'"{allow}"'), "p")
+        assert agent_server.frame_limit(wide, peer(0)) == protocol.MAX_FRAME
+    big = 100_000
+    with short_dir() as d, in_process_agent(kms.store, ROOT_HEALTH) as agent, \
+            serving(agent, d) as path, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(header(big))  # the header alone: the answer must not wait for a body
+        answer = read_frame(sock)
+        assert sock.recv(1) == b""  # and the connection is closed: it cannot be resynced
+    assert answer is not None, "no answer: the agent waited for a body it must not read"
+    assert (answer["id"], answer["error"]["code"]) == (0, "refused")
+    assert f"its frame of {big} bytes was not read" in answer["error"]["message"]
+    derive = ROOT_HEALTH.replace('allow = ["health"]', 'domains = ["payroll"]\nallow = ["derive"]')
+    request = protocol.frame({"v": 1, "id": 4, "op": "derive", "args": {
+        "handle": "ab" * 32, "infos": [b64encode(b"i" * protocol.MAX_INFO)] * protocol.MAX_BATCH,
+    }})
+    assert len(request) > 256 * 1024
+    with short_dir() as d, in_process_agent(kms.store, derive) as agent, \
+            serving(agent, d) as path, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(request)
+        answer = read_frame(sock)
+    assert answer is not None and answer["id"] == 4  # read and parsed: its handle is not open
+    assert answer["error"]["code"] == "not-found", answer
+
+
+def test_a_peer_the_reloaded_policy_drops_is_unlisted_on_the_connections_it_holds(
+    kms: Kms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's class was fixed when it was accepted: a peer removed from the policy by
+    a reload kept its open connections in the listed pool, with 2 MiB frames, for as long as
+    it used them. Now each frame is judged by the policy as it is: the dropped peer's next
+    frame is an unlisted peer's (refused, unread if long, and the connection's last), and an
+    idle connection of it is closed within POLICY_RECHECK seconds."""
+    monkeypatch.setattr(agent_server, "POLICY_RECHECK", 0.2)
+    hello = protocol.frame({"v": 1, "id": 1, "op": "hello", "args": {}})
+    with short_dir() as d, in_process_agent(kms.store, ROOT_ALL) as agent, \
+            serving(agent, d) as path, socket.socket(socket.AF_UNIX) as busy, \
+            socket.socket(socket.AF_UNIX) as idle:
+        for sock in (busy, idle):
+            sock.settimeout(30)
+            sock.connect(str(path))
+            sock.sendall(hello)
+            assert read_frame(sock)["result"]["client"] == "root"  # type: ignore[index]
+        agent.policy = Policy.parse(POLICY, "reloaded-policy")  # root is no longer named
+        busy.sendall(header(1 << 20))  # a listed peer's length; the body never comes
+        answer = read_frame(busy)
+        assert busy.recv(1) == b""  # an unlisted peer's one request: closed after it
+        idle.settimeout(10)
+        assert idle.recv(1) == b"", "the dropped peer's idle connection stayed open"
+    assert answer is not None and (answer["id"], answer["error"]["code"]) == (0, "refused")
+    assert "not in the agent's policy (policy reloaded-policy)" in answer["error"]["message"]
+    assert "was not read" in answer["error"]["message"]
+
+
+def _held_back(caplog: pytest.LogCaptureFixture, words: str) -> tuple[int, int, int]:
+    """(lines logged above DEBUG that contain ``words``, the same at DEBUG, and the total
+    of the counts of held-back lines that the server logged)."""
+    import re
+
+    shown = [
+        r for r in caplog.records
+        if words in r.getMessage() and "not logged one by one" not in r.getMessage()
+    ]
+    loud = len([r for r in shown if r.levelno > logging.DEBUG])
+    quiet = len([r for r in shown if r.levelno == logging.DEBUG])
+    counted = sum(
+        int(m.group(1))
+        for r in caplog.records
+        for m in [re.match(r"(\d+) .* not logged one by one", r.getMessage())]
+        if m and r.levelno > logging.DEBUG
+    )
+    return loud, quiet, counted
+
+
+def test_refused_connections_do_not_flood_the_process_log(
+    kms: Kms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unlisted uid holding the stranger slots and connecting in a loop wrote one WARNING
+    line per connection (7,667 in 5 s): under journald the rate limit then drops the INFO
+    lines operators keep (the audit checkpoints). Now LOG_BURST such lines a minute, each
+    other one at DEBUG, and a count when the window has passed (or the server stops)."""
+    monkeypatch.setattr(agent_server, "MAX_STRANGERS", 1)
+    caplog.set_level(logging.DEBUG, logger="kmsfs.agent")
+    tries = 30
+    with short_dir() as d, in_process_agent(kms.store, POLICY) as agent, \
+            serving(agent, d) as path, socket.socket(socket.AF_UNIX) as holder:
+        holder.connect(str(path))  # root is not in POLICY: this takes the one stranger slot
+        time.sleep(0.3)
+        for _ in range(tries):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(30)
+                sock.connect(str(path))
+                assert sock.recv(1) == b""  # refused: closed without an answer
+    loud, quiet, counted = _held_back(caplog, ": no free slot")
+    assert loud == agent_server.LOG_BURST, caplog.text[-2000:]
+    assert loud + quiet == tries
+    assert counted == quiet  # every line held back is counted in a line that is not
+    assert "connection(s) of unlisted peers refused (no free slot)" in caplog.text
+
+
+def test_failed_tls_handshakes_do_not_flood_the_process_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the TLS port without a certificate got one log line per connection
+    ('connection ended: ...'). Now failed handshakes are logged at DEBUG beyond LOG_BURST a
+    minute, and counted."""
+    import ssl
+    import types
+
+    from tests.integration.agent_helpers import TestCA, free_port
+
+    ca = TestCA(tmp_path / "ca")
+    agent_id = ca.issue("localhost", server=True)
+    tls = agent_server.server_tls_context(
+        agent_server.TlsFiles(agent_id.cert, agent_id.key, ca.path)
+    )
+    port = free_port()
+    listener = agent_server.tcp_listener("127.0.0.1", port)
+    policy = types.SimpleNamespace(client_name=lambda peer: None)
+    server = agent_server.Server(
+        types.SimpleNamespace(policy=policy),  # type: ignore[arg-type]
+        [listener], tls, frozenset({listener.fileno()}),
+    )
+    caplog.set_level(logging.DEBUG, logger="kmsfs.agent")
+    tries = 25
+    server.start()
+    try:
+        for _ in range(tries):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+                    contextlib.suppress(OSError):  # the agent may hang up at once
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):  # until the agent hangs up
+                    pass
+        deadline = time.monotonic() + 10
+        while _held_back(caplog, "TLS handshake from 127.0.0.1 failed")[:2] != (
+            agent_server.LOG_BURST, tries - agent_server.LOG_BURST
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert isinstance(tls, ssl.SSLContext)
+    loud, quiet, counted = _held_back(caplog, "TLS handshake from 127.0.0.1 failed")
+    assert (loud, quiet) == (agent_server.LOG_BURST, tries - agent_server.LOG_BURST)
+    assert counted == quiet
+    assert "failed TLS handshake(s) in the last 60 s" in caplog.text
+    assert "connection ended" not in caplog.text

@@ -79,3 +79,34 @@ def test_room_is_made_from_expired_identities_keeping_what_they_owe() -> None:
     clock.now += 60.0
     assert quiet.admit("uid=3(c)", "derive") == ("uid=3(c)", 0)  # a and b made room
     assert quiet.due() == [Pending("uid=1(a)", "health", 1)]
+
+
+def test_a_burst_of_records_per_window_then_counted() -> None:
+    """The refusals of a listed identity (and the agent's per-connection log lines) get a few
+    records of their own per window, not one: then they are counted like an unlisted peer's."""
+    clock = Clock()
+    quiet = RefusalCoalescer(window=60.0, clock=clock, burst=3)
+    assert [quiet.admit("uid=0(root)", "health") for _ in range(3)] == [("uid=0(root)", 0)] * 3
+    assert [quiet.admit("uid=0(root)", "derive") for _ in range(5)] == [None] * 5
+    assert quiet.admit("uid=1(a)", "derive") == ("uid=1(a)", 0)  # identities apart
+    clock.now += 60.0
+    assert quiet.admit("uid=0(root)", "health") == ("uid=0(root)", 5)  # a new window
+    assert quiet.admit("uid=0(root)", "health") == ("uid=0(root)", 0)
+    assert quiet.admit("uid=0(root)", "health") == ("uid=0(root)", 0)
+    assert quiet.admit("uid=0(root)", "health") is None
+    assert quiet.due() == []  # its window has not passed
+    clock.now += 60.0
+    assert quiet.due() == [Pending("uid=0(root)", "health", 1)]
+    # The record about to be written for that count is the first of the next window.
+    assert [quiet.admit("uid=0(root)", "health") for _ in range(3)] == [
+        ("uid=0(root)", 0), ("uid=0(root)", 0), None
+    ]
+    assert quiet.due(everything=True) == [Pending("uid=0(root)", "health", 1)]
+
+
+def test_the_overflow_entry_is_named_by_its_owner() -> None:
+    quiet = RefusalCoalescer(window=60.0, clock=Clock(), max_identities=1, overflow="listed")
+    assert quiet.admit("uid=0", "derive") == ("uid=0", 0)
+    assert quiet.admit("uid=1", "derive") == ("listed", 0)
+    assert quiet.admit("uid=2", "derive") is None
+    assert quiet.due(everything=True) == [Pending("listed", "derive", 1)]
