@@ -465,11 +465,7 @@ class Server:
 
     def _handshake(self, conn: socket.socket, address: str) -> socket.socket:
         assert self._tls is not None
-        with self._lock:
-            busy = self._handshakes_from.get(address, 0) >= MAX_HANDSHAKES_PER_ADDRESS
-            if not busy:
-                self._handshakes_from[address] = self._handshakes_from.get(address, 0) + 1
-        if busy:
+        if not self._count_one(self._handshakes_from, address, MAX_HANDSHAKES_PER_ADDRESS):
             self._note(logging.WARNING, "handshakes-busy",
                        f"refusing a TLS connection from {address}: handshakes in progress")
             raise _Logged(f"{address}: too many TLS handshakes in progress")
@@ -494,6 +490,14 @@ class Server:
             self._connections.add(tls_conn)
         return tls_conn
 
+    def _count_one(self, counts: dict[str, int], key: str, limit: int) -> bool:
+        """Count one more for ``key`` unless it holds ``limit`` already (under the lock)."""
+        with self._lock:
+            if counts.get(key, 0) >= limit:
+                return False
+            counts[key] = counts.get(key, 0) + 1
+            return True
+
     def _admit(self, peer: Peer, listed: bool, release: list[Callable[[], None]]) -> bool:
         pool = self._slots if listed else self._strangers
         if not pool.acquire(blocking=False):
@@ -504,11 +508,7 @@ class Server:
         if not listed:
             return True
         key = peer.describe()
-        with self._lock:
-            full = self._per_peer.get(key, 0) >= MAX_PER_PEER
-            if not full:
-                self._per_peer[key] = self._per_peer.get(key, 0) + 1
-        if full:
+        if not self._count_one(self._per_peer, key, MAX_PER_PEER):
             self._note(logging.WARNING, "per-peer",
                        f"refusing a connection of {key}: {MAX_PER_PEER} open")
             return False
