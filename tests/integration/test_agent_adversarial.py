@@ -1486,3 +1486,41 @@ def test_failed_tls_handshakes_do_not_flood_the_process_log(
     assert counted == quiet
     assert "failed TLS handshake(s) in the last 60 s" in caplog.text
     assert "connection ended" not in caplog.text
+
+
+def test_one_client_holds_at_most_max_per_peer_connections(kms: Kms) -> None:
+    """One identity may hold MAX_PER_PEER of the listed peers' connections, so one client
+    (a runaway mount, a script in a loop) cannot take every slot from the others; a
+    connection past it is closed unanswered, and a slot it frees is taken again."""
+    hello = {"v": 1, "id": 1, "op": "hello", "args": {}}
+    with short_dir() as d, in_process_agent(kms.store, ROOT_HEALTH) as agent, \
+            serving(agent, d) as path, contextlib.ExitStack() as held:
+        conns = []
+        for _ in range(agent_server.MAX_PER_PEER):
+            sock = held.enter_context(socket.socket(socket.AF_UNIX))
+            sock.settimeout(30)
+            sock.connect(str(path))
+            raw_request(sock, hello)
+            answer = read_frame(sock)
+            assert answer is not None and answer["result"]["client"] == "root-health"
+            conns.append(sock)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(30)
+            extra.connect(str(path))
+            try:
+                raw_request(extra, hello)
+                answer = read_frame(extra)
+            except (BrokenPipeError, ConnectionResetError):
+                answer = None
+            assert answer is None  # closed, unanswered
+        conns[0].close()
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the close on its own time
+            with socket.socket(socket.AF_UNIX) as again:
+                again.settimeout(30)
+                again.connect(str(path))
+                raw_request(again, hello)
+                if read_frame(again) is not None:
+                    break
+            assert time.monotonic() < deadline, "the freed slot was never given back"
+            time.sleep(0.05)
