@@ -34,10 +34,16 @@ def hkdf(secret: bytes, info: bytes, length: int) -> bytes:
 
 
 def content_vectors() -> dict:
+    """docs/format.md "Header" version 1: 0x0001 || file id (16 random bytes)."""
+    return _content(1, bytes(range(0x10, 0x20)))
+
+
+def _content(version: int, file_id: bytes) -> dict:
+    """A file with this header version and file id: its header, the file-key info kmsfs
+    derives its key from, and three of its blocks (under a fixed stand-in file key)."""
     file_key = bytes(range(32))
-    file_id = bytes(range(0x10, 0x20))
     nonce = bytes(range(0xA0, 0xAC))
-    header = (1).to_bytes(2, "big") + file_id
+    header = version.to_bytes(2, "big") + file_id
     return {
         "file_key": file_key.hex(),
         "file_id": file_id.hex(),
@@ -111,19 +117,8 @@ def content_v2_vectors() -> dict:
     16 bytes at offset 2, and the AAD of block n is version || file id || n, as in version 1.
     The fixed file key stands for derive(file-key info, epoch=2)."""
     epoch = 2
-    file_key = bytes(range(32))
     file_id = epoch.to_bytes(2, "big") + bytes(range(0x30, 0x3E))  # epoch || 14 random bytes
-    nonce = bytes(range(0xA0, 0xAC))
-    header = (2).to_bytes(2, "big") + file_id
-    return {
-        "epoch": epoch,
-        "file_key": file_key.hex(),
-        "file_id": file_id.hex(),
-        "nonce": nonce.hex(),
-        "header": header.hex(),
-        "file_key_info": (b"kmsfs/v1/file-key\x00" + file_id).hex(),
-        "blocks": _blocks(file_key, nonce, header),
-    }
+    return {"epoch": epoch, **_content(2, file_id)}
 
 
 def xattr_vectors() -> dict:
