@@ -366,6 +366,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["machine_record"] = f"unreadable: {exc}"
     else:  # what this machine holds the volume to (kmsfs.fs.volumepin): a mount checks it
         info["machine_record"] = pin.domain if pin is not None else None
+    # Every key is there whatever the outcome (null when unknown): scripts index them.
+    for key in ("verified", "problem", "generation", "epochs", "key_binding", "trust_id",
+                "hsms", "superseded_by"):
+        info[key] = None
     try:
         desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
         info["verified"], info["problem"] = bool(desc.get("verified")), desc.get("problem")
@@ -378,6 +382,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["trust_id"] = desc.get("trust_id")
         info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain
         info["superseded_by"] = desc.get("superseded_by")  # rewrap due (kms.superseded_warning)
+        if desc.get("verified"):
+            # What a mount refuses besides the chain: a generation older than the one this
+            # machine mounted (store and kmsfs.conf rolled back together), another Domain
+            # than the one this machine holds the volume to. Scripts read `verified`.
+            kms.check_not_rolled_back(desc)
+            _check_volume_domain(Path(args.cipherdir), config, None)
     except KmsfsError as exc:
         info["verified"], info["problem"] = False, str(exc)
     if args.json:

@@ -136,6 +136,9 @@ def test_info_reads_config(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["domain_name"] == "test-domain" and info["verified"] is False
+    # The keys a verified Domain fills are there all the same, as null: scripts index them.
+    for key in ("generation", "epochs", "key_binding", "trust_id", "hsms", "superseded_by"):
+        assert key in info and info[key] is None, key
 
 
 # --- end to end with a real store and SoftHSM ----------------------------------------------

@@ -156,6 +156,10 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     assert not os.path.ismount(mp)
     (record,) = (machine_state / "domains").glob("*.json")  # beside it: volumes/ (volumepin)
     assert str(record) in line
+    # `kmsfs info` says so too: scripts read its `verified` (docs/operators.md).
+    info = json.loads(_kmsfs("--json", "info", str(cipher), env=env).stdout)
+    assert info["verified"] is False and "rolled back" in info["problem"], info
+    assert str(record) in info["problem"]
 
     # What else writes new data refuses the older generation too.
     plain = tmp_path / "plain"
@@ -167,6 +171,8 @@ def test_a_store_and_volume_rolled_back_together_are_refused_here(
     assert proc.returncode == 3 and "rolled back" in proc.stderr
 
     record.unlink()  # the operator restored the store on purpose
+    info = json.loads(_kmsfs("--json", "info", str(cipher), env=env).stdout)
+    assert info["verified"] is True and info["problem"] is None, info
     before = _names(cipher)
     _write_through_a_mount(cipher, mp, env)
     assert _epoch_of_the_new_file(cipher, before) == 1

@@ -258,6 +258,10 @@ def test_a_volume_mounted_before_is_refused_once_pointed_at_another_domain(
             proc = kmsfs(store, "mount", str(where), str(mp), *extra)
         refused(proc, exitcodes.VERIFICATION, f"this machine uses the volume at {cipher} "
                 "with Domain payroll", "now names Domain public", f"remove {record}")
+    # `kmsfs info` does not call it verified either (public's chain alone does verify).
+    info = json.loads(kmsfs(store, "info", str(cipher), "--json").stdout)
+    assert info["verified"] is False and f"remove {record}" in info["problem"], info
+    assert info["machine_record"] == "payroll"
     diriv = cipher / "kmsfs.diriv"
     os.chmod(diriv, 0o644)
     diriv.write_bytes(os.urandom(len(diriv.read_bytes())))
