@@ -28,6 +28,7 @@ from kmsfs.fs.volume import (
     check_root_only,
     create_volume,
     is_mount_point,
+    lock_for_mount,
     mount_at,
     open_volume,
 )
@@ -125,6 +126,9 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     config = open_volume(Path(args.cipherdir))  # its names are its bundle's (config.validate)
     check_root_only(Path(args.cipherdir))
     check_mountpoint(Path(args.mountpoint))
+    # Busy (mounted, being re-encrypted) is said before anything is touched: the daemon takes
+    # the lock for good only after its HSM login and its log file (DESIGN §2.6).
+    os.close(lock_for_mount(Path(args.cipherdir)))
     agent = _agent(args)
     store = Path(".")
     if agent is not None:  # the agent verifies against its own root and checks its policy

@@ -572,3 +572,21 @@ def test_records_in_a_directory_of_another_user_or_through_a_symlink_are_refused
     with nothing_changes(cipher, mp=mp):
         proc = kmsfs(store, "mount", str(cipher), str(mp))
     refused(proc, exitcodes.VERIFICATION, f"{volumes}: not a directory of its own")
+
+
+@pytest.mark.slow
+def test_a_busy_volume_is_refused_before_the_hsm_or_the_log_file_is_touched(
+    store: Store, tmp_path: Path, machine_state: Path
+) -> None:
+    """A second mount of a mounted volume is refused (DESIGN §2.6) with nothing changed: it
+    used to log in to an HSM first (SoftHSM rewrote its token files) and create its
+    --log-file, and only then find the volume's lock taken."""
+    cipher, mp, second = tmp_path / "cipher", tmp_path / "mnt", tmp_path / "mnt2"
+    init(store, cipher, "payroll")
+    second.mkdir()
+    log = tmp_path / "second.log"
+    with mounted(store, cipher, mp):
+        with nothing_changes(store.path, machine_state, mp=second):
+            proc = kmsfs(store, "mount", str(cipher), str(second), "--log-file", str(log))
+        refused(proc, exitcodes.USAGE, f"{cipher}: busy: ")
+        assert not log.exists()
