@@ -70,13 +70,21 @@ def is_own_dir(st: os.stat_result, owner: int) -> bool:
 def is_whole_at(pool_fd: int, name: bytes, owner: int) -> bool:
     """*name* in the pool open as *pool_fd* is a ready directory: *owner*'s, mode 0700,
     holding a well-formed IV and nothing else."""
+    return _holds_only_an_iv(pool_fd, name, owner)
+
+
+def _holds_only_an_iv(pool_fd: int, name: bytes, owner: int | None) -> bool:
+    """*name* is a directory holding a well-formed IV and nothing else; with *owner*, also
+    *owner*'s and mode 0700 (None: whatever its owner and mode, as a mkdir left it)."""
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=pool_fd)
     except OSError:
         return False
     try:
         st = os.fstat(fd)
-        if not is_own_dir(st, owner) or stat.S_IMODE(st.st_mode) != 0o700:
+        if owner is not None and (
+            not is_own_dir(st, owner) or stat.S_IMODE(st.st_mode) != 0o700
+        ):
             return False
         if os.listdir(fd) != [DIRIV_NAME]:
             return False
@@ -128,6 +136,11 @@ class DirPool:
     def open(self) -> None:
         """Make ``kmsfs.newdirs/`` if needed, remove what a crash left, keep the ready ones.
 
+        What a crash leaves: half-made directories (temporary names), and ready ones a mkdir
+        had taken and given its caller's mode and owner but not yet placed. Only the daemon
+        writes in the pool (its own directory, checked below), so such a directory holding
+        its IV and nothing else is kmsfs's own leftover; anything else in it stays, logged.
+
         OSError if it cannot be made or opened (a read-only backing store, say), or if it is
         not the daemon's own (EPERM).
         """
@@ -148,6 +161,10 @@ class DirPool:
                 self._remove(name)
             elif is_ready_name(name) and is_whole_at(self._fd, name, owner):
                 self._ready.append(name)
+            elif is_ready_name(name) and _holds_only_an_iv(self._fd, name, None):
+                # Taken by a mkdir that the daemon's death cut short after its chmod (or the
+                # chown to its caller) and before its rename into place: never visible.
+                self._remove(name)
             else:
                 log.warning("%r: not kmsfs's; fsck reports it", self.path + b"/" + name)
 

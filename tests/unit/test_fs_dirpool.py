@@ -150,6 +150,28 @@ def test_opening_keeps_ready_directories_and_removes_what_a_crash_left(tmp_path:
     assert sorted(os.listdir(pool_dir)) == sorted(n.decode() for n in kept)
 
 
+@pytest.mark.parametrize("given", ["mode", "mode_and_owner"])
+def test_opening_removes_a_ready_directory_a_killed_mkdir_took_but_never_placed(
+    tmp_path: Path, given: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mkdir gives a ready directory its caller's mode and owner, then renames it into place;
+    a daemon killed in between left it in the pool, never visible, and every later mount
+    warned of it as not kmsfs's (found by review). The next mount removes it."""
+    first = _pool(tmp_path)
+    kept, taken = _fill(first, 2)
+    first.close()
+    os.chmod(tmp_path / POOL_DIR / os.fsdecode(taken), 0o755)
+    if given == "mode_and_owner":
+        os.chown(tmp_path / POOL_DIR / os.fsdecode(taken), 1000, 1000)
+
+    with caplog.at_level("WARNING", logger="kmsfs.fs.dirpool"):
+        second = _pool(tmp_path)
+        second.close()
+    assert list(second._ready) == [kept]
+    assert os.listdir(tmp_path / POOL_DIR) == [kept.decode()]
+    assert not caplog.records
+
+
 @pytest.mark.parametrize(
     "plant",
     [
@@ -161,8 +183,7 @@ def test_opening_keeps_ready_directories_and_removes_what_a_crash_left(tmp_path:
         "odd_name",  # a name the pool never makes
         "temp_with_content",  # a half-made name holding something that is not kmsfs's
         "temp_symlink",  # a half-made name leading to another directory with an IV
-        "foreign_owner",  # someone else's directory, whole otherwise
-        "loose_mode",  # one others may read
+        "foreign_owner_content",  # someone else's directory holding more than an IV
     ],
 )
 def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_removed(
@@ -180,13 +201,11 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
         target.symlink_to(elsewhere)
     elif plant == "temp_symlink":
         (pool_dir / (names.TEMP_PREFIX + "00112233445566ff")).symlink_to(elsewhere)
-    elif plant in ("foreign_owner", "loose_mode"):
+    elif plant == "foreign_owner_content":
         target.mkdir(mode=0o700)
         names.write_dir_iv(os.fsencode(target))
-        if plant == "foreign_owner":
-            os.chown(target, 1000, 1000)
-        else:
-            os.chmod(target, 0o755)
+        (target / "someone's file").write_bytes(b"data")
+        os.chown(target, 1000, 1000)
     elif plant in ("content", "no_iv", "bad_iv", "odd_name", "temp_with_content"):
         if plant == "odd_name":
             target = pool_dir / "not-hex"
