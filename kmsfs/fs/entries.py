@@ -55,6 +55,7 @@ from kmsfs.fs.posix import (
     read_internal_file,
     rename_noreplace,
     renameat2,
+    without_links,
 )
 from kmsfs.fs.xattrs import Xattrs
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
@@ -411,7 +412,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             self.table.drop_link(parent_inode, cname)
             if st is not None and st.st_nlink <= 1:
                 # its last link (no await since the fstat): a file still open is anonymous now
-                ino = self.table.removed(st.st_ino)
+                ino = self.table.removed(st.st_ino, without_links(st))
                 self.files.unlinked(ino)
             elif ino is not None:
                 self._link_gone(ino, path)

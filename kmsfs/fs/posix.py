@@ -12,6 +12,7 @@ import errno
 import functools
 import os
 import stat
+import time
 from collections.abc import Iterator
 
 import pyfuse3
@@ -270,6 +271,23 @@ def touch_ctime(target: bytes | int, mode: int | None) -> None:
 
 #: ext4 stores a symlink target of fewer bytes than this inside the inode (no block).
 EXT4_INLINE_SYMLINK = 60
+
+
+def without_links(st: os.stat_result) -> os.stat_result:
+    """*st* (taken before an unlink) as fstat gives it once the last link is gone: 0 links,
+    changed now. What the daemon answers for a removed file it holds no fd of: a process may
+    still reach it by an O_PATH fd, which sends no OPEN (ext4 answers its fstat so)."""
+    now = time.time_ns()
+    head = list(st[:10])
+    head[3], head[9] = 0, now // 1_000_000_000  # st_nlink, st_ctime (whole seconds)
+    rest = {name: getattr(st, name) for name in _STAT_EXTRA}
+    rest.update(st_ctime=now / 1e9, st_ctime_ns=now)
+    return os.stat_result(head, rest)
+
+
+#: The fields of os.stat_result past its first ten that the daemon's answers use.
+_STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+               "st_blksize", "st_blocks", "st_rdev")
 
 
 def entry_attrs(

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,24 @@ def test_unlink_while_open(m: Path) -> None:
     assert os.pread(fd, 10, 0) == b"keep me!!!"
     os.close(fd)
     assert os.listdir(m) == []
+
+
+def test_fstat_of_an_o_path_fd_after_the_last_link_is_removed(m: Path) -> None:
+    """An O_PATH fd reaches the daemon as no OPEN (it holds no fd of its own for it): once
+    the last link is gone, fstat still answers, as on ext4 (0 links, ctime of the removal),
+    where it gave ENOENT (found by review). Hard links and directories were covered."""
+    p = m / "f"
+    p.write_bytes(b"hello")
+    before = os.lstat(p)
+    fd = os.open(p, os.O_PATH)
+    try:
+        time.sleep(0.01)
+        os.unlink(p)
+        st = os.fstat(fd)
+        assert (st.st_nlink, st.st_size, st.st_mode) == (0, 5, before.st_mode)
+        assert st.st_mtime_ns == before.st_mtime_ns and st.st_ctime_ns > before.st_ctime_ns
+    finally:
+        os.close(fd)
 
 
 # --- errno values --------------------------------------------------------------------------
