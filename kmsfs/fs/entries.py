@@ -394,8 +394,10 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         held, st = self._hold_longlink(path)
         # The file, if the kernel holds it and it keeps other links that the daemon may not
         # know: its node keeps an fd (_keep_removed). Not for a file's last link: a process
-        # that looked it up just before gets ENOENT, where ext4 gives it the file being
-        # removed; an fd there cost rm -rf 10% (5,000 files on tmpfs, alternating runs).
+        # that looked it up just before (or holds an O_PATH fd) gets its attributes as the
+        # removal left them (without_links), but ENOENT to an open, where ext4 gives it the
+        # file being removed; an fd there cost rm -rf 10% (5,000 files on tmpfs, alternating
+        # runs).
         known = self.table.at(parent_inode, cname)
         kept = None
         if known is not None and st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
