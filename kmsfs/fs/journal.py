@@ -384,7 +384,8 @@ def _replay(
                 root_fd, record, elsewhere.get(record.sequence), cipher_of, newer
             )
         except (OSError, FormatError, IntegrityError, _NotFound) as exc:
-            log.warning(
+            log.log(
+                logging.INFO if isinstance(exc, _Gone) else logging.WARNING,
                 "write journal: record %d for %s not replayed (%s)",
                 record.sequence,
                 os.fsdecode(record.path),
@@ -419,6 +420,13 @@ def live_records(root: bytes) -> list[Record]:
 class _NotFound(Exception):
     """A record whose path no longer holds its file, and whose header no other file has, or
     several do (which one the write was for cannot be told)."""
+
+
+class _Gone(_NotFound):
+    """... no file has it: the file was removed after the write, and there is nothing to put
+    back. Logged at INFO, not as a warning: after a kill -9 under load, writes that had
+    returned but were not yet marked done are common, and their files often removed since
+    (found by review: operators read the warnings as data lost)."""
 
 
 #: What opening a record's path gives when no regular file is there any more: nothing (or a
@@ -611,7 +619,7 @@ def _apply(
             f"no file with its header at its path, and {len(elsewhere)} files elsewhere have it"
         )
     else:
-        raise _NotFound("no file with its header at its path or anywhere else: the file is gone")
+        raise _Gone("no file with its header at its path or anywhere else: the file is gone")
     with _writable(root_fd, path) as fd:
         if os.pread(fd, HEADER_SIZE, 0) != record.header:
             return 0  # the file was emptied and started again, or is another one now

@@ -261,7 +261,7 @@ def test_the_search_by_header_never_enters_a_symlink(
             os.symlink(outside, volume / "swapped")
         return listed
 
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     with monkeypatch.context() as patch:
         patch.setattr(os, "scandir", scandir_then_swap)
         assert journal.replay(os.fsencode(volume), _cipher) == 0
