@@ -334,6 +334,8 @@ def _agent_options(parser: argparse.ArgumentParser, store_needed: bool = False) 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if not is_mount_point(mountpoint):  # a dead mount (its daemon killed) is one too
+        if not os.path.lexists(mountpoint):
+            raise UsageError(f"{mountpoint}: no such directory")
         raise UsageError(f"{mountpoint}: not a mount point")
     # As root, fusermount3 -u unmounts whatever is there: a typo must not take a disk away.
     # Any FUSE mount of this kind passes (-o subtype= and fsname= rename kmsfs's own); block
@@ -418,7 +420,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
         store, args.domain, args.input, args.output, _agent(args), force=args.force
     )
     if args.json:
-        emit_json({"input": args.input, "output": str(Path(args.output).resolve()),
+        emit_json({"input": _shown_path(args.input), "output": _shown_path(args.output),
                    "domain_name": args.domain, "plaintext_bytes": size})
     return exitcodes.OK
 
@@ -435,9 +437,14 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
         size = singlefile.decrypt(store, args.input, args.output, _agent(args),
                                   force=args.force)
     if args.json:
-        emit_json({"input": args.input, "output": str(Path(args.output).resolve()),
+        emit_json({"input": _shown_path(args.input), "output": _shown_path(args.output),
                    "plaintext_bytes": size})
     return exitcodes.OK
+
+
+def _shown_path(arg: str) -> str:
+    """A file argument as --json reports it: absolute (as the mount's paths are), or "-"."""
+    return arg if arg == singlefile.STDIO else str(Path(arg).resolve())
 
 
 def _json_needs_a_file(args: argparse.Namespace) -> None:

@@ -40,6 +40,15 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def test_umount_of_a_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """Not "not a mount point": a typo'd path is named as missing (found by review)."""
+    proc = kmsfs("umount", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"kmsfs: error: {tmp_path / 'nowhere'}: no such directory"
+    proc = kmsfs("umount", str(tmp_path))
+    assert proc.stderr.strip() == f"kmsfs: error: {tmp_path}: not a mount point"
+
+
 def test_umount_refuses_a_mount_that_is_not_kmsfs(tmpfs: Path) -> None:
     """As root, fusermount3 -u unmounts whatever it is given: ``kmsfs umount /srv`` typed for
     ``/srv/payroll`` took the disk away."""
@@ -214,6 +223,12 @@ def test_every_command_an_operator_scripts_has_json(tmp_path: Path, initialized:
     assert json.loads(dec.stdout) == {"input": str(sealed), "output": str(back),
                                       "plaintext_bytes": 5000}
     assert back.read_bytes() == plain.read_bytes()
+    # Relative names are reported absolute, both of them (the input was left relative).
+    enc = kmsfs("encrypt", "--domain", "payroll", "plain", "sealed2", "--json", env=env,
+                cwd=tmp_path)
+    assert enc.returncode == 0, enc.stderr
+    summary = json.loads(enc.stdout)
+    assert (summary["input"], summary["output"]) == (str(plain), str(tmp_path / "sealed2"))
 
     # JSON on stdout cannot share it with the plaintext: refused before anything is done.
     mixed = kmsfs("decrypt", str(sealed), "-", "--json", env=env)
