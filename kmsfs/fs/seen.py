@@ -151,8 +151,9 @@ def check(offered: Offered) -> None:
     if offered.generation < seen.generation:
         raise IntegrityError(
             f"Domain {name}: this machine has mounted its generation {seen.generation}, but "
-            f"the store and the volume offer only generation {offered.generation} (rolled "
-            f"back?); if the store was restored on purpose, remove {where}"
+            f"only generation {offered.generation} is offered (by the store, and the volume's "
+            f"copy if a volume is used: rolled back?); if the store was restored on purpose, "
+            f"remove {where}"
         )
     if offered.generation == seen.generation and offered.domain_id != seen.domain_id:
         raise IntegrityError(
