@@ -128,10 +128,11 @@ def build_parser() -> Parser:
 def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     handler: logging.Handler
     if log_file is not None:
-        try:
-            handler = logging.FileHandler(log_file, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        # The mount daemon's kind of log file: created 0600 whatever the umask (it names
+        # clients, Domains and refusals), never through a symlink, only a regular file.
+        from kmsfs.fs.daemonlog import LogFile
+
+        handler = LogFile(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -181,3 +181,30 @@ def test_a_daemon_that_may_raises_its_hard_open_file_limit_to_the_kernels(
     monkeypatch.setattr(daemon.resource, "setrlimit", setrlimit)
     daemon.raise_open_file_limit()
     assert limits[-1] == ((1_048_576, 1_048_576) if may_raise_hard else (20_000, 20_000))
+
+
+def test_the_agents_log_file_is_created_closed_to_others(tmp_path: Path) -> None:
+    """kmsfs-hsmd --log-file made it 0644 under the usual umask, where the mount's is 0600
+    (found by review); and a symlink planted at its path is refused, not followed."""
+    from kmsfs.agent.cli import _setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    old_umask = os.umask(0o022)
+    try:
+        _setup_logging(tmp_path / "hsmd.log", False)
+        logging.getLogger("kmsfs.agent").info("started")
+        for handler in root.handlers:
+            handler.flush()
+        assert stat.S_IMODE((tmp_path / "hsmd.log").stat().st_mode) == 0o600
+        assert "started" in (tmp_path / "hsmd.log").read_text()
+        (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(UsageError, match="symbolic link"):
+            _setup_logging(tmp_path / "link", False)
+        assert not (tmp_path / "elsewhere").exists()
+    finally:
+        os.umask(old_umask)
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
