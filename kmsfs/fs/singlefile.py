@@ -68,7 +68,10 @@ def open_input(arg: str) -> Iterator[Input]:
         f: BinaryIO = sys.stdin.buffer
         name, close = "stdin", False
     else:
-        f, name, close = open(arg, "rb"), arg, True  # noqa: SIM115 (closed below)
+        try:
+            f, name, close = open(arg, "rb"), arg, True  # noqa: SIM115 (closed below)
+        except OSError as exc:  # a mistyped IN is a usage error, as for domain import
+            raise UsageError(f"{arg}: {exc.strerror}") from None
     try:
         st = os.fstat(f.fileno())
         regular = stat.S_ISREG(st.st_mode)
@@ -281,12 +284,13 @@ def encrypt(
     check_output(out_arg, force)
     bundle = kms.export_bundle(store, domain)
     kms.check_bundle(store, bundle, f"Domain {domain}")
-    with kms.open_deriver(store, bundle, agent) as deriver:
-        kms.check_in_use(deriver)  # new data: never under a generation rolled back
-        header = stream.StreamHeader.new(bundle, deriver.current_epoch)
-        key = deriver.derive(stream.key_info(header.file_id), epoch=header.epoch)
-        cipher = stream.StreamCipher(key, header)
+    # IN is opened first: a missing one is said before an HSM is asked for anything.
     with open_input(in_arg) as src:
+        with kms.open_deriver(store, bundle, agent) as deriver:
+            kms.check_in_use(deriver)  # new data: never under a generation rolled back
+            header = stream.StreamHeader.new(bundle, deriver.current_epoch)
+            key = deriver.derive(stream.key_info(header.file_id), epoch=header.epoch)
+            cipher = stream.StreamCipher(key, header)
         progress = Progress("kmsfs: encrypt", src.size)
         output: contextlib.AbstractContextManager[Writer]
         if is_stream_output(out_arg):

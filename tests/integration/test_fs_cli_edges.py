@@ -229,6 +229,11 @@ def test_every_command_an_operator_scripts_has_json(tmp_path: Path, initialized:
     assert enc.returncode == 0, enc.stderr
     summary = json.loads(enc.stdout)
     assert (summary["input"], summary["output"]) == (str(plain), str(tmp_path / "sealed2"))
+    # A missing IN is a usage error, said before any HSM is asked (it was exit 1, after).
+    missing = kmsfs("encrypt", "--domain", "payroll", "nothing", "out", env=env, cwd=tmp_path)
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.strip() == "kmsfs: error: nothing: No such file or directory"
+    assert not (tmp_path / "out").exists()
 
     # JSON on stdout cannot share it with the plaintext: refused before anything is done.
     mixed = kmsfs("decrypt", str(sealed), "-", "--json", env=env)
