@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import AgentRefusedError, FormatError
+from kmsfs.errors import AgentRefusedError, FormatError, UsageError
 
 ACTIONS = ("derive", "create-domain", "rewrap", "rotate", "seal-trust", "health")
 DOMAIN_ACTIONS = frozenset({"derive", "create-domain", "rewrap", "rotate"})
@@ -131,7 +131,8 @@ class Policy:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise FormatError(f"{path}: cannot read the policy: {exc.strerror}") from None
+            # Not malformed: missing or unreadable (a mistyped --policy), a usage error.
+            raise UsageError(f"{path}: cannot read the policy: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise FormatError(f"{path}: not UTF-8") from None
         return cls.parse(text, str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +203,17 @@ def test_keys_are_not_sent_when_their_derivation_cannot_be_recorded() -> None:
     with pytest.raises(OSError):
         guarded(Peer(uid=1001), "derive", "payroll")  # type: ignore[operator]
     assert acted == ["derive"]  # derived inside the HSM, but the result never leaves
+
+
+def test_a_policy_that_cannot_be_read_is_a_usage_error_not_a_malformed_one(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --policy exited 7 ("malformed"); it is a usage error (2), named."""
+    from kmsfs import exitcodes
+    from kmsfs.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        Policy.load(tmp_path / "nope.toml")
+    missing = tmp_path / "nope.toml"
+    assert str(info.value) == f"{missing}: cannot read the policy: No such file or directory"
+    assert exitcodes.for_error(info.value) == exitcodes.USAGE
