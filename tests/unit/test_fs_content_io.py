@@ -189,3 +189,76 @@ def test_a_write_far_past_the_end_is_refused_before_it_starts(tmp_path: Path) ->
     assert (tmp_path / "f").read_bytes() == before
     assert content.write(5 * 4096, b"y", max_fill=5 * 4096) == 1  # a gap within bounds
     assert content.read(0, 5 * 4096 + 1) == b"abc" + bytes(5 * 4096 - 3) + b"y"
+
+
+def _flip(path: Path, block_no: int, at: int = 100) -> bytes:
+    """Flip one ciphertext byte of block *block_no*; the file's bytes after the flip."""
+    with open(path, "r+b") as f:
+        f.seek(cipher_offset(block_no) + at)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["write inside", "write across its end", "truncate into it", "append to it"],
+)
+def test_a_change_to_a_tampered_block_fails_and_never_launders_it(
+    tmp_path: Path, change: str
+) -> None:
+    """Every read-modify-write decrypts the block it changes: a tampered one fails
+    (BlockIntegrityError, EIO through the mount) and the file stays byte for byte as it was;
+    a write that re-encrypted whatever it found there would turn the tampering into valid
+    data (zeros, say) that later reads accept (DESIGN §2.4)."""
+    path = tmp_path / "f"
+    content = _content(path)
+    last_partial = change == "append to it"
+    content.write(0, os.urandom(BLOCK_SIZE + (100 if last_partial else 3 * BLOCK_SIZE)))
+    damaged = _flip(path, 1)
+    with pytest.raises(BlockIntegrityError) as info:
+        if change == "write inside":
+            content.write(BLOCK_SIZE + 10, b"zz")
+        elif change == "write across its end":
+            content.write(2 * BLOCK_SIZE - 1, b"zz")
+        elif change == "truncate into it":
+            content.truncate(BLOCK_SIZE + 10)
+        else:
+            content.write(BLOCK_SIZE + 100, b"more")
+    assert info.value.block == 1
+    assert path.read_bytes() == damaged
+    with pytest.raises(BlockIntegrityError):
+        content.read(BLOCK_SIZE, 10)
+
+
+def test_a_read_names_the_block_that_failed_not_the_first_it_asked_for(tmp_path: Path) -> None:
+    """The log line says which block to look at (fsck and the log agree)."""
+    path = tmp_path / "f"
+    content = _content(path)
+    content.write(0, os.urandom(4 * BLOCK_SIZE))
+    _flip(path, 2)
+    with pytest.raises(BlockIntegrityError) as info:
+        content.read(0, 4 * BLOCK_SIZE)
+    assert info.value.block == 2
+    assert bytes(content.read(0, 2 * BLOCK_SIZE))  # the blocks before it still read
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2, 3])
+def test_truncating_down_to_a_block_boundary_keeps_exactly_those_blocks(
+    tmp_path: Path, blocks: int
+) -> None:
+    """From 5 blocks and 100 bytes down to a multiple of the block size: the file keeps that
+    many whole blocks, no more (a cut one block short would bring cut data back)."""
+    path = tmp_path / "f"
+    content = _content(path)
+    plain = os.urandom(5 * BLOCK_SIZE + 100)
+    content.write(0, plain)
+    content.truncate(blocks * BLOCK_SIZE)
+    assert content.cipher_size() == os.path.getsize(path)
+    assert plain_size(os.path.getsize(path)) == blocks * BLOCK_SIZE
+    assert bytes(content.read(0, len(plain))) == plain[: blocks * BLOCK_SIZE]
+    content.truncate(len(plain))  # grown again: the cut part reads as zeros
+    assert bytes(content.read(0, len(plain))) == (
+        plain[: blocks * BLOCK_SIZE] + bytes(len(plain) - blocks * BLOCK_SIZE)
+    )
