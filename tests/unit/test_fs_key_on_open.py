@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kmsfs.crypto.content import HEADER_SIZE
+from kmsfs.crypto.content import HEADER_SIZE, ContentCipher
 from kmsfs.errors import HsmError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, FileContent
 from kmsfs.fs.handles import KEY_QUEUE_SIZE, OpenFiles
@@ -144,9 +144,13 @@ def test_a_key_goes_with_the_last_close_even_while_the_file_waits_to_be_keyed(
     files.open(6, _encrypted(tmp_path / "b", deriver), os.O_RDONLY)  # keyed first: newest
     assert _read(files, first) == DATA  # its own read derives its key
     content = weakref.ref(files.handle(first).file.content)
+    header = files.handle(first).file.content._cipher.header  # type: ignore[union-attr]
     files.release(first)
     gc.collect()
-    assert content() is None  # nothing holds the closed file, nor its key
+    assert content() is None  # nothing holds the closed file, nor its key:
+    # no cipher of it is left anywhere (one kept apart from its file survived the check above)
+    assert not [o for o in gc.get_objects() if isinstance(o, ContentCipher)
+                and o.header.file_id == header.file_id]
     assert files.key_one() is True  # the other one
     assert files.key_one() is False
 
