@@ -148,6 +148,19 @@ def test_a_tail_record_leaves_a_file_alone_unless_its_end_is_torn(tmp_path: Path
     (tmp_path / journal.JOURNAL_NAME).write_bytes(record)
     assert _replay(tmp_path) == 0
     assert (tmp_path / "f").read_bytes() == torn
+    # A last block damaged where no kill leaves the file's end (not at a page boundary), the
+    # blocks before it whole: damage, not a tear; it stays for fsck to report, not cut off.
+    content = _open(tmp_path, "g", None)
+    content.write(0, os.urandom(5 * BLOCK_SIZE + 100))
+    os.close(content.fd)
+    raw = bytearray((tmp_path / "g").read_bytes())
+    assert len(raw) % PAGE
+    raw[-10] ^= 1
+    (tmp_path / "g").write_bytes(raw)
+    (tmp_path / journal.JOURNAL_NAME).write_bytes(
+        journal.encode(1, b"g", bytes(raw[:HEADER_SIZE]), cipher_offset(2), b"", journal.TAIL))
+    assert _replay(tmp_path) == 0
+    assert (tmp_path / "g").read_bytes() == raw
 
 
 # --- the observation: a stale record after a power cut -----------------------------------
