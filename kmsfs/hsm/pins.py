@@ -70,6 +70,9 @@ class PinSource:
             except EOFError:  # Ctrl-D at the prompt: no PIN, not a crash
                 print(file=sys.stderr)  # getpass ends the prompt's line only after a PIN
                 raise PinError("no PIN given (end of input at the prompt)") from None
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: "PROG: interrupted" (cliutil)
+                print(file=sys.stderr)  # goes on a line of its own, not after the prompt
+                raise
         if not secret:
             raise PinError("the PIN is empty")
         try:

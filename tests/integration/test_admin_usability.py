@@ -3,13 +3,17 @@ file, -v that said nothing, a second signature, the words of a log line and of a
 Real CLI, real SoftHSM2 tokens."""
 
 import json
+import os
 import re
+import select
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 from kmsfs import exitcodes
 from kmsfs.model.canonical import canonical_bytes, digest
-from tests.integration.fault_helpers import token_dir
+from tests.integration.fault_helpers import clean_env, token_dir
 from tests.integration.terminal_helpers import at_terminal
 from tests.kms_helpers import ADMIN, Admin, Result, one_error_line
 
@@ -38,6 +42,40 @@ def test_ctrl_d_at_a_pin_prompt_is_one_line_and_the_pin_exit_code(initialized: A
         assert "Traceback" not in result.stderr, result.stderr
         assert result.stderr.splitlines()[-1] == f"kmsfs-admin: error: {line}"  # own line
         assert result.stdout == ""
+    assert admin("--json", "trust", "show", trust).json["approvals"]["signed"] == []
+
+
+def test_ctrl_c_at_a_pin_prompt_is_said_on_a_line_of_its_own(initialized: Admin) -> None:
+    """"kmsfs-admin: interrupted" came right after the prompt, on its line (found by review)."""
+    admin = initialized
+    admin.create_operators("carol")
+    trust = admin.propose(["hsm1"], ["carol"], 1)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [*ADMIN, "--store", str(admin.store), "trust", "sign", trust, "--as", "carol"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+        start_new_session=True,
+    )
+    try:
+        os.close(slave)
+        assert proc.stderr is not None
+        seen = b""
+        while True:  # the prompt is up, and the command waits at it (quiet for 0.5 s)
+            ready, _, _ = select.select([proc.stderr], [], [], 0.5 if seen.endswith(b": ") else 60)
+            if not ready and seen.endswith(b": "):
+                break
+            chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+            assert chunk, f"no prompt: {seen!r}"
+            seen += chunk
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()  # reaped, its pipes closed
+        os.close(master)
+    assert proc.returncode == exitcodes.INTERRUPTED
+    lines = (seen + err).decode().splitlines()
+    assert lines[-1] == "kmsfs-admin: interrupted" and lines[-2].endswith(": "), lines
     assert admin("--json", "trust", "show", trust).json["approvals"]["signed"] == []
 
 
