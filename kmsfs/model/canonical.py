@@ -78,13 +78,20 @@ def parse_json(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise FormatError("not UTF-8") from exc
     except json.JSONDecodeError as exc:
-        raise FormatError(f"not JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise FormatError(f"not JSON ({_where_not_json(exc)})") from exc
     except RecursionError as exc:
         raise FormatError("document nests too deeply") from exc
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise FormatError(f"not a valid document ({type(exc).__name__})") from exc
     _check(value)
     return value
+
+
+def _where_not_json(exc: json.JSONDecodeError) -> str:
+    """"<what> at line L column C". Some of json's messages end in "at" already, to be
+    followed by the position ("Unterminated string starting at"): that one is not doubled."""
+    what = exc.msg.removesuffix(" at")
+    return f"{what} at line {exc.lineno} column {exc.colno}"
 
 
 def b64encode(data: bytes) -> str:

@@ -293,3 +293,18 @@ def test_ids_change_with_any_field() -> None:
     ]
     ids = {trust.id, *(v.id for v in variants)}
     assert len(ids) == len(variants) + 1
+
+
+@pytest.mark.parametrize(
+    "data, want",
+    [
+        (b'{"a": "ab', "Unterminated string starting at line 1 column 7"),
+        (b'{\n "a" 1}', "Expecting ':' delimiter at line 2 column 6"),
+        (b"", "Expecting value at line 1 column 1"),
+    ],
+)
+def test_not_json_says_line_and_column(data: bytes, want: str) -> None:
+    """L6: a cut document read "Unterminated string starting at at line 1" (no column)."""
+    with pytest.raises(FormatError) as caught:
+        parse_json(data)
+    assert str(caught.value) == f"not JSON ({want})"
