@@ -8,17 +8,20 @@ replaced by a random value that is not kept: nobody can reset the user PIN.
 """
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kmsfs.errors import HsmError, HsmUnavailableError, UsageError
+from kmsfs.errors import HsmError, HsmUnavailableError, StoreError, UsageError
 from kmsfs.hsm import library
 from kmsfs.hsm.library import TokenLocation
+from kmsfs.store.writable import writing
 
 DEFAULT_MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -39,18 +42,78 @@ def default_module() -> str:
     raise HsmUnavailableError("SoftHSM2 is not installed (apt-get install softhsm2)")
 
 
+def config_text(token_dir: Path) -> str:
+    """The softhsm2.conf that keeps tokens in ``token_dir``: a path, no secret."""
+    return (
+        f"directories.tokendir = {token_dir.resolve()}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
+
+
 def write_config(conf_path: Path, token_dir: Path) -> None:
-    """Write a softhsm2.conf that keeps tokens in ``token_dir`` (created 0700)."""
-    token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Write a softhsm2.conf that keeps tokens in ``token_dir`` (created 0700).
+
+    The config is in the store's private area: failing to write it (a read-only store) is a
+    StoreError naming it, not a raw OSError."""
+    with writing(conf_path, "the SoftHSM config"):
+        token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _publish(conf_path, config_text(token_dir))
+
+
+def config_outside(token_dir: Path) -> Path:
+    """A softhsm2.conf for ``token_dir`` kept outside the store, for a store that cannot be
+    written and whose own config names another path (restored, moved or bind-mounted).
+
+    One per token directory and user, in a directory of the user's own (0700, under
+    $XDG_RUNTIME_DIR or the temporary directory), rewritten when used and shared by every
+    process reading that store: the mount daemon reaches it after its fork and may need it
+    again to re-initialize SoftHSM2 long after the command that forked it exited, so it is not
+    removed at exit. It holds the token directory's path only, no secret."""
+    token_dir = token_dir.resolve()
+    name = hashlib.sha256(str(token_dir).encode()).hexdigest()[:32]
+    conf = _own_runtime_dir() / f"softhsm2-{name}.conf"
+    text = config_text(token_dir)
+    with writing(conf, "a SoftHSM config outside the read-only store"):
+        try:
+            if conf.read_text() == text:
+                return conf
+        except FileNotFoundError:
+            pass
+        _publish(conf, text)
+    return conf
+
+
+def _own_runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR/kmsfs, else TMPDIR/kmsfs-UID: made 0700, and refused unless it is a
+    directory of this user that nobody else may write (a shared /tmp)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.geteuid()
+    base = Path(runtime) / "kmsfs" if runtime else Path(tempfile.gettempdir()) / f"kmsfs-{uid}"
+    with writing(base, "a SoftHSM config outside the read-only store"):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(base, 0o700)
+        info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise StoreError(
+            f"{base}: not a private directory of this user (mode 0700), refusing to keep a "
+            "SoftHSM config there"
+        )
+    return base
+
+
+def _publish(conf_path: Path, text: str) -> None:
+    """Replace ``conf_path`` atomically with ``text`` (mode 0600)."""
     # A temporary name of its own (not just per process): two threads of the agent may both
     # find a moved store's config stale and rewrite it at once.
     fd, temp = tempfile.mkstemp(prefix=f".{conf_path.name}.", dir=conf_path.parent)
-    with os.fdopen(fd, "w") as out:  # mkstemp creates it 0600
-        out.write(
-            f"directories.tokendir = {token_dir.resolve()}\nobjectstore.backend = file\n"
-            "log.level = ERROR\nslots.removable = false\n"
-        )
-    os.replace(temp, conf_path)
+    try:
+        with os.fdopen(fd, "w") as out:  # mkstemp creates it 0600
+            out.write(text)
+        os.replace(temp, conf_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 #: SoftHSM2's shortest user PIN (``softhsm2-util`` and C_SetPIN refuse shorter ones).

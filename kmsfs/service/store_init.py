@@ -4,7 +4,6 @@ All or nothing: if anything fails, what was created is removed again, so a faile
 the directory as it was (missing, or empty).
 """
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +32,8 @@ def init_store(
             raise StoreError(f"{root} is a kmsfs store already")
         raise StoreError(f"{root} exists and is not an empty directory")
     ctx = Context.at(root)
+    ctx.store.make_root()  # refuses a missing parent (a mistyped --store): nothing to undo
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o755)
         records = []
         for number in range(1, hsm_count + 1):
             say(f"HSM {number} of {hsm_count}")

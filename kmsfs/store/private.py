@@ -11,14 +11,18 @@ Never synced, never inside a document, mode 0700 (files 0600)::
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from kmsfs import atomicfile as atomic
-from kmsfs.errors import FormatError, NotFoundError
+from kmsfs.errors import FormatError, NotFoundError, StoreError
 from kmsfs.hsm import softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
+from kmsfs.store.writable import is_writable, writing
+
+log = logging.getLogger(__name__)
 
 
 class PrivateArea:
@@ -26,8 +30,9 @@ class PrivateArea:
         self.root = Path(root).resolve()
 
     def ensure(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        with writing(self.root, "the private area"):
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
 
     @property
     def softhsm_conf(self) -> Path:
@@ -42,8 +47,9 @@ class PrivateArea:
 
     def write_pin(self, label: str, pin: str) -> Path:
         path = self.pin_file(label)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        atomic.write_new(path, pin.encode() + b"\n", mode=0o600)
+        with writing(path, "a token PIN"):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic.write_new(path, pin.encode() + b"\n", mode=0o600)
         return path
 
     def operator_key_file(self, name: str) -> Path:
@@ -78,8 +84,9 @@ class PrivateArea:
             "pin": pin_doc,
         }
         path = self.root / f"{kind}-access" / f"{name}.json"
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        atomic.replace(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+        with writing(path, f"the {kind}'s token access"):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic.replace(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
 
     def forget_access(self, kind: str, name: str) -> None:
         """Remove what :meth:`save_access` wrote (undoing a creation that failed)."""
@@ -97,7 +104,8 @@ class PrivateArea:
             conf = doc.get("softhsm_conf")
             if conf is not None and not os.path.isabs(conf):
                 conf = self._local(conf)
-                self.ensure_softhsm_conf()
+                if conf == str(self.softhsm_conf):
+                    conf = str(self.ensure_softhsm_conf())
             if module == "embedded-softhsm2":
                 module = softhsm.default_module()
             pin_doc = doc["pin"]
@@ -112,13 +120,30 @@ class PrivateArea:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"{path}: damaged access file ({type(exc).__name__})") from exc
 
-    def ensure_softhsm_conf(self) -> None:
-        """Point softhsm2.conf at this area's token directory if the store was moved."""
+    def ensure_softhsm_conf(self) -> Path:
+        """The softhsm2.conf that reaches this area's tokens where the store is now.
+
+        The config records the token directory's absolute path, so a store restored, moved or
+        reached by another path (a bind mount) finds it stale. It is corrected in place if the
+        store can be written; a store that cannot (a read-only mount, as a mount may read it)
+        is never written to: a config outside it serves instead
+        (:func:`kmsfs.hsm.softhsm.config_outside`), so everything that only reads still works.
+        """
         conf = self.softhsm_conf
         want = f"directories.tokendir = {self.token_dir.resolve()}\n"
         try:
             text = conf.read_text()
         except FileNotFoundError:
-            return
-        if want not in text:
-            softhsm.write_config(conf, self.token_dir)
+            return conf
+        except OSError as exc:
+            raise StoreError(f"{conf}: cannot read the SoftHSM config: {exc.strerror}") from exc
+        if want in text:
+            return conf
+        if is_writable(self.root):
+            try:
+                softhsm.write_config(conf, self.token_dir)
+                return conf
+            except StoreError as exc:  # a full disk: reading must not depend on it
+                log.debug("%s", exc)
+        log.debug("%s names another token directory: using a config outside the store", conf)
+        return softhsm.config_outside(self.token_dir)
