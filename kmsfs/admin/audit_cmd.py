@@ -33,7 +33,7 @@ EXAMPLE_LOG = "/var/lib/kmsfs/hsmd/audit.log"
 def add_parser(groups: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Register ``audit verify`` and ``audit show`` under ``groups`` with cli's ``command``."""
     sub = groups.add_parser(
-        "audit", help="verify and show an HSM agent's audit log"
+        "audit", help="an HSM agent's audit log"
     ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         sub,

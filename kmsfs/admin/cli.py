@@ -28,6 +28,7 @@ from kmsfs.hsm.pins import PinSource, loose_pin_file, pin_source_from_args
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.fields import HEX_ID
 from kmsfs.model.records import NAME_PATTERN
+from kmsfs.model.verify import VerifiedDomain
 from kmsfs.service import domains, hsms, imports, operators, store_init, trusts
 from kmsfs.service.context import STORE_DEFAULT, Context, default_store_path
 from kmsfs.statusline import Steps
@@ -235,10 +236,15 @@ class Command:
 
     def trust_propose(self) -> None:
         a = self.args
+        _refuse_repeats("--hsm", a.hsm or [])
+        _refuse_repeats("--operator", a.operator or [])
         trust = trusts.propose(self.ctx, a.hsm or [], a.operator or [], a.quorum, a.predecessor)
         status = trusts.status(self.ctx, trust.id)
+        twins = trusts.pending_duplicates(self.ctx, trust)
+        if twins:
+            _warn_duplicates(twins)
         self.one(
-            status.to_dict(),
+            {**status.to_dict(), "pending_duplicates": [t.trust.id for t in twins]},
             f"trust proposed: serial {trust.serial}, quorum {trust.quorum} of "
             f"{len(trust.operators)}; operators sign it with "
             f"'trust sign ID --as NAME', then 'trust seal ID'\n{trust.id}",
@@ -292,11 +298,7 @@ class Command:
                 f"  KEY CHANGE   operator {name}: {short(before)} in the predecessor, "
                 f"{short(now)} here (approve only if {name} asked for it)"
             )
-        if status.sealed_by:
-            state = f"sealed by {status.sealed_by}"
-        else:
-            state = "ready to seal" if status.ready else "awaiting approvals"
-        lines.append(f"  state        {state}")
+        lines.append(f"  state        {_state_text(status)}")
         print("\n".join(lines))
 
     def trust_sign(self) -> None:
@@ -378,13 +380,21 @@ class Command:
         )
 
     def domain_rewrap(self) -> None:
+        done = _already_under(self.ctx, self.args.name, self.args.trust)
+        if done is not None:
+            self.one(
+                {**render.verified_domain(done), "rewrapped": False},
+                f"domain {self.args.name} is already under trust {short(done.trust.id)} "
+                f"(generation {done.sealed.domain.generation}): nothing to do\n{done.sealed.id}",
+            )
+            return
         client = self.agent()
         if client:
             verified = remote.rewrap(client, self.ctx, self.args.name, self.args.trust)
         else:
             verified = domains.rewrap(self.ctx, self.args.name, self.args.trust)
         self.one(
-            render.verified_domain(verified),
+            {**render.verified_domain(verified), "rewrapped": True},
             f"domain {self.args.name} rewrapped for trust {short(verified.trust.id)} "
             f"(generation {verified.sealed.domain.generation}, fresh k)\n{verified.sealed.id}",
         )
@@ -465,11 +475,62 @@ def _shorten(value: Any) -> Any:
 
 
 def _awaits(status: trusts.TrustStatus, name: str) -> bool:
-    """Trusts ``name`` still has to sign: a member of it or its predecessor, not yet signed."""
-    if status.sealed_by:
+    """Trusts ``name`` still has to sign: a member of it or its predecessor, not yet signed,
+    in a proposal that can still be sealed (not a dead one: ``trust sign`` refuses those)."""
+    if status.state in ("sealed", "dead"):
         return False
     groups = [status.own] + ([status.predecessor] if status.predecessor else [])
     return any(name in g.unsigned for g in groups)
+
+
+def _state_text(status: trusts.TrustStatus) -> str:
+    """The ``state`` line of ``trust show``: what, if anything, is left to do."""
+    if status.sealed_by:
+        return f"sealed by {status.sealed_by}"
+    if status.lost_to:
+        return (
+            f"dead: the genesis already has its sealed successor {short(status.lost_to)}; this "
+            "proposal can never be sealed"
+        )
+    return "ready to seal" if status.ready else "awaiting approvals"
+
+
+def _refuse_repeats(option: str, values: list[str]) -> None:
+    """A value given twice to a repeatable option is a usage error (exit 2), before anything
+    is resolved or built: ``--hsm hsm1 --hsm hsm1`` exited 7, from the malformed Trust."""
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise UsageError(f"{option} {value} is given twice")
+        seen.add(value)
+
+
+def _warn_duplicates(twins: list[trusts.TrustStatus]) -> None:
+    """One stderr line naming the proposals the new one repeats: only one of them can be
+    sealed, so their signers should be told which one to sign."""
+    names = ", ".join(f"{t.trust.id[:12]} ({t.state}, created {t.trust.created})" for t in twins)
+    print(
+        f"{PROG}: warning: already proposed with the same HSMs, operators, quorum and "
+        f"predecessor, awaiting its seal: {names}; have one of them signed, not both",
+        file=sys.stderr,
+    )
+
+
+def _already_under(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain | None:
+    """The Domain's verified current generation if ``domain rewrap NAME --trust T`` has nothing
+    to do (it is bound and under T already: a second run of the same rewrap), else None.
+
+    Then it exits 0 as the other repeatable commands do (a second seal, a second signature),
+    rather than "trust T is not a successor of the domain's trust T". Any problem (no such
+    Domain, an unknown trust) is left to the rewrap itself to report."""
+    try:
+        verified = domains.current(ctx, name)
+        trust_id = trusts.resolve_trust(ctx, trust_ref)
+    except KmsfsError:
+        return None
+    if verified.trust.id == trust_id and verified.sealed.domain.bound:
+        return verified
+    return None
 
 
 def _new_name(text: str) -> str:
@@ -553,7 +614,7 @@ def build_parser() -> Parser:
         "--hsms", type=int, default=2, metavar="N", help="embedded HSMs to create (default 2)"
     )
 
-    hsm = groups.add_parser("hsm", help="create, enroll and list HSMs").add_subparsers(
+    hsm = groups.add_parser("hsm", help="HSMs").add_subparsers(
         dest="sub", metavar="ACTION", required=True
     )
     p = command(
@@ -593,7 +654,7 @@ def build_parser() -> Parser:
     )
 
     op = groups.add_parser(
-        "operator", help="create and list operators, change their PIN or passphrase"
+        "operator", help="operators"
     ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         op,
@@ -656,7 +717,7 @@ def build_parser() -> Parser:
     )
 
     tr = groups.add_parser(
-        "trust", help="propose, sign, seal, show and verify trusts"
+        "trust", help="quorum-signed trusts"
     ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         tr,
@@ -739,7 +800,7 @@ def build_parser() -> Parser:
     p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
 
     dm = groups.add_parser(
-        "domain", help="create, list, verify, rewrap, export and import domains"
+        "domain", help="domains"
     ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = command(
         dm,
@@ -827,7 +888,21 @@ def build_parser() -> Parser:
         "kmsfs-admin completion bash > /usr/share/bash-completion/completions/kmsfs-admin",
     )
     p.add_argument("shell", choices=["bash"], help="the shell (bash; zsh via bashcompinit)")
+    _list_actions(groups)
     return parser
+
+
+def _list_actions(groups: Any) -> None:
+    """End each command group's line of the top-level help with its actions, read from the
+    parser: the hand-written summaries had left out domain rotate, trust list, trust pin and
+    hsm health, each added after its summary was written."""
+    for choice in groups._choices_actions:  # one per command, with the help --help prints
+        actions = [
+            a for a in groups.choices[choice.dest]._actions
+            if isinstance(a, argparse._SubParsersAction)
+        ]
+        if actions:
+            choice.help = f"{choice.help}: {', '.join(actions[0].choices)}"
 
 
 def main(argv: list[str] | None = None) -> int:

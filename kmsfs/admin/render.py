@@ -34,8 +34,9 @@ def trust_row(status: TrustStatus) -> dict[str, Any]:
     return {
         "id": t.id,
         "serial": t.serial,
-        "state": "sealed" if status.sealed_by else ("ready" if status.ready else "proposed"),
+        "state": status.state,
         "sealed_by": status.sealed_by,
+        "lost_to": status.lost_to,
         "approval_count": len(status.own.signed),
         "quorum": t.quorum,
         "operator_count": len(t.operators),
@@ -52,7 +53,7 @@ def trust_cells(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": short(row["id"]),
         "serial": row["serial"],
-        "state": row["state"],
+        "state": f"dead (lost to {short(row['lost_to'])})" if row["lost_to"] else row["state"],
         "approvals": f"{row['approval_count']} signed, {row['quorum']} of "
         f"{row['operator_count']} needed",
         "hsms": ",".join(h["label"] for h in row["hsms"]),

@@ -162,7 +162,7 @@ def propose(
         raise UsageError(
             f"--quorum must be between 1 and {len(operator_names)} (the operator count)"
         )
-    records = [hsms.resolve_hsm(ctx, ref) for ref in hsm_refs]
+    records = _distinct_hsms(ctx, hsm_refs)
     members = tuple(Member(r.name, r.key) for r in (ctx.store.operator(n) for n in operator_names))
     anchor = ctx.store.anchor()
     if predecessor_ref:
@@ -178,12 +178,71 @@ def propose(
     return trust
 
 
-def _check_genesis_successor(anchor: Anchor, predecessor: str, trust_id: str | None = None) -> None:
-    """The genesis has exactly one successor per store: the first one sealed here is pinned."""
+def _distinct_hsms(ctx: Context, hsm_refs: Sequence[str]) -> list[HsmRecord]:
+    """The HSMs the refs name, each once: two refs of one HSM (its label and an id prefix)
+    are a usage error here, not a malformed Trust (exit 7) once the document is built."""
+    records: list[HsmRecord] = []
+    named: dict[str, str] = {}
+    for ref in hsm_refs:
+        record = hsms.resolve_hsm(ctx, ref)
+        if record.id in named:
+            raise UsageError(
+                f"--hsm {named[record.id]} and --hsm {ref} name the same HSM ({record.label})"
+            )
+        named[record.id] = ref
+        records.append(record)
+    return records
+
+
+def _pinned_rival(anchor: Anchor, predecessor: str | None, trust_id: str | None) -> str | None:
+    """The pinned successor of the genesis, if ``predecessor`` is the genesis and that
+    successor is another Trust than ``trust_id``: a rival of it is refused everywhere
+    (verify_chain), so it can never be sealed here.
+
+    Only the genesis: a later Trust may have two sealed successors (each approved by its
+    quorum, which is the operators' choice), so a rival of those is not dead.
+    """
     if predecessor == anchor.root and anchor.successor not in (None, trust_id):
+        return anchor.successor
+    return None
+
+
+def _check_genesis_successor(anchor: Anchor, predecessor: str, trust_id: str | None = None) -> None:
+    """The genesis has exactly one successor per store: the first one sealed here is pinned.
+
+    ``trust_id`` None is a proposal (``--predecessor`` is the way out); otherwise the Trust
+    is being sealed, and seal has no option that could help."""
+    pinned = _pinned_rival(anchor, predecessor, trust_id)
+    if pinned is None:
+        return
+    if trust_id is None:
         raise UsageError(
-            f"the genesis already has its successor {anchor.successor[:12]} (pinned by this "
+            f"the genesis already has its successor {pinned[:12]} (pinned by this "
             "store); a rival would be refused everywhere: give --predecessor"
+        )
+    raise UsageError(
+        f"trust {trust_id[:12]} can never be sealed: the genesis already has its successor "
+        f"{pinned[:12]} (pinned by this store) and a rival would be refused everywhere; use "
+        f"trust {pinned[:12]}, or propose a successor of it ('trust propose --predecessor "
+        f"{pinned[:12]}')"
+    )
+
+
+def lost_to(ctx: Context, trust: Trust) -> str | None:
+    """The sealed successor that makes the proposal ``trust`` dead, if any: its predecessor is
+    the genesis, whose one successor this store pinned, and that is another Trust. Such a
+    proposal can be neither sealed nor usefully signed (a duplicate proposed twice, say)."""
+    return _pinned_rival(ctx.store.anchor(), trust.predecessor, trust.id)
+
+
+def refuse_dead(ctx: Context, trust: Trust) -> None:
+    """UsageError if ``trust`` is a dead proposal (:func:`lost_to`), before anyone's PIN is
+    read for it or anything is written."""
+    winner = lost_to(ctx, trust)
+    if winner is not None:
+        raise UsageError(
+            f"trust {trust.id[:12]} can never be sealed: the genesis already has its sealed "
+            f"successor {winner[:12]} (pinned by this store); nothing signed"
         )
 
 
@@ -266,6 +325,7 @@ def approve(
     name in ``accept_key_changes``.
     """
     trust = ctx.store.trust(resolve_trust(ctx, trust_ref))
+    refuse_dead(ctx, trust)
     record = ctx.store.operator(operator_name)
     groups = [trust.operators]
     if trust.predecessor is not None:
@@ -296,6 +356,9 @@ def approve(
     if earlier:  # before the PIN is asked for: signing again would change nothing
         log.info("operator %s had already signed trust %s", operator_name, trust.id[:12])
         return Approved(earlier[0][1], already=True)
+    # The approval goes into the store: a read-only one refuses before the PIN is read and
+    # the operator's token signs, not after.
+    ctx.store.require_writable("an approval")
     log.info(
         "operator %s (key %s) signs trust %s", operator_name, record.key.key_id[:12],
         trust.id[:12],
@@ -310,15 +373,30 @@ def approve(
 
 @dataclass(frozen=True)
 class TrustStatus:
+    """A Trust as the store has it. ``lost_to``: for a proposal that can never be sealed, the
+    sealed successor of its predecessor that won (:func:`lost_to`)."""
+
     trust: Trust
     own: QuorumResult
     predecessor: QuorumResult | None
     sealed_by: str | None
     key_changes: dict[str, tuple[str, str]]
+    lost_to: str | None = None
 
     @property
     def ready(self) -> bool:
-        return self.own.met and (self.predecessor is None or self.predecessor.met)
+        """Sealable now: both quorums met, and not a dead proposal."""
+        quorums = self.own.met and (self.predecessor is None or self.predecessor.met)
+        return quorums and self.lost_to is None
+
+    @property
+    def state(self) -> str:
+        """sealed, dead (never sealable: see ``lost_to``), ready (to seal) or proposed."""
+        if self.sealed_by:
+            return "sealed"
+        if self.lost_to:
+            return "dead"
+        return "ready" if self.ready else "proposed"
 
     def to_dict(self) -> dict[str, Any]:
         def result(r: QuorumResult | None) -> dict[str, Any] | None:
@@ -347,6 +425,8 @@ class TrustStatus:
             "approvals": result(self.own),
             "predecessor_approvals": result(self.predecessor),
             "sealed_by": self.sealed_by,
+            "state": self.state,
+            "lost_to": self.lost_to,
         }
 
 
@@ -360,7 +440,8 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
         before = quorum_result(trust, approvals, old.operators, old.quorum)
     seal = valid_seal(ctx, trust)
     sealed_by = trust.hsm(seal.key_id).label if seal else None  # type: ignore[union-attr]
-    return TrustStatus(trust, own, before, sealed_by, key_changes(ctx, trust))
+    dead = None if sealed_by else lost_to(ctx, trust)
+    return TrustStatus(trust, own, before, sealed_by, key_changes(ctx, trust), dead)
 
 
 def list_status(ctx: Context) -> list[TrustStatus]:
@@ -368,6 +449,37 @@ def list_status(ctx: Context) -> list[TrustStatus]:
         (status(ctx, i) for i in ctx.store.trust_ids()),
         key=lambda s: (s.trust.serial, s.trust.created, s.trust.id),
     )
+
+
+def _content(trust: Trust) -> tuple[Any, ...]:
+    """What a proposal says, less when it was made: two with the same are duplicates."""
+    return (
+        trust.predecessor,
+        frozenset(h.id for h in trust.hsms),
+        frozenset((m.name, m.key.key_id) for m in trust.operators),
+        trust.quorum,
+    )
+
+
+def pending_duplicates(ctx: Context, trust: Trust) -> list[TrustStatus]:
+    """Other proposals still awaiting approvals or a seal with the content of ``trust``.
+
+    Not refused: ids differ by creation time, and operators may want a fresh proposal. But
+    whoever proposes the same again (a rerun script, two people) should know, since only one
+    can become the genesis's successor and the others' signatures would be wasted."""
+    found = []
+    for other_id in ctx.store.trust_ids():
+        if other_id == trust.id:
+            continue
+        try:
+            if _content(ctx.store.trust(other_id)) != _content(trust):
+                continue
+            other = status(ctx, other_id)
+        except KmsfsError:
+            continue  # a damaged document is not a duplicate; commands that read it say so
+        if other.state in ("proposed", "ready"):
+            found.append(other)
+    return sorted(found, key=lambda s: (s.trust.created, s.trust.id))
 
 
 def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrust:
@@ -379,6 +491,9 @@ def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrus
 def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
     trust_id = resolve_trust(ctx, trust_ref)
     trust = ctx.store.trust(trust_id)
+    anchor = ctx.store.anchor()
+    if trust.predecessor is not None:  # first: nothing else matters for a dead proposal
+        _check_genesis_successor(anchor, trust.predecessor, trust_id)
     chain: list[SealedTrust] = []
     if trust.predecessor is not None:
         chain = verified_chain(ctx, trust.predecessor)
@@ -402,9 +517,6 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
                 f"genesis ({labels}), and {'that HSM is not one' if hsm_ref else 'it lists none'}"
             )
         candidates = of_genesis
-    anchor = ctx.store.anchor()
-    if trust.predecessor is not None:
-        _check_genesis_successor(anchor, trust.predecessor, trust_id)
     verify_approvals(trust, approvals, predecessor)  # before any HSM signs anything
     with open_hsm(ctx, candidates) as hsm:
         value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))

@@ -14,7 +14,9 @@ Layout (docs/operators.md describes it for operators)::
 
 Everything outside ``private/`` is public and verifiable; two copies merge by taking the union.
 A document that does not parse, does not match its name, or fails its self-signature is reported
-by path, never silently used.
+by its full path (the store's directory and the document: several stores may be in use), never
+silently used. A store that cannot be written (a read-only mount) serves every read; a write
+fails as a StoreError naming the store and what could not be written (:mod:`.writable`).
 """
 
 import contextlib
@@ -33,6 +35,7 @@ from kmsfs.model.domain import SealedDomain
 from kmsfs.model.records import HsmRecord, OperatorRecord
 from kmsfs.model.trust import Signature, Trust
 from kmsfs.model.verify import Anchor
+from kmsfs.store.writable import require_writable, writing
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,26 @@ class Store:
 
     def exists(self) -> bool:
         return self.config_path.exists()
+
+    def make_root(self) -> None:
+        """Make the store's directory for ``init``: an existing empty one, or a new one in an
+        existing directory. A missing parent is refused: a mistyped ``--store`` made a store
+        wherever it pointed, every missing directory on the way included."""
+        parent = self.root.absolute().parent
+        if not parent.is_dir():
+            raise NotFoundError(
+                f"{parent}: no such directory, so no store can be made at {self.root} "
+                "(check --store or KMSFS_STORE; make the directory first if it is right)"
+            )
+        with writing(self.root, "the store directory"):
+            self.root.mkdir(exist_ok=True)
+            os.chmod(self.root, 0o755)
+
+    def require_writable(self, what: str) -> None:
+        """StoreError (exit 6) unless *what* could be written into this store. For commands
+        that record something (an approval, a seal, a Domain): call it before a PIN is asked
+        for or used, so a read-only store refuses before any token signs."""
+        require_writable(self.root, what)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -100,16 +123,18 @@ class Store:
             "successor": anchor.successor,
         }
         data = canonical_bytes(doc) + b"\n"
-        if new:
-            atomic.write_new(self.config_path, data)
-        else:
-            atomic.replace(self.config_path, data)
+        with writing(self.config_path, "the store's pins"):
+            if new:
+                atomic.write_new(self.config_path, data)
+            else:
+                atomic.replace(self.config_path, data)
 
     # -- generic I/O ------------------------------------------------------------------------
 
     def _read(self, path: Path, parse: Callable[[Any], T]) -> T:
-        """Read and parse one document; any problem is reported with the document's path."""
-        where = self._relative(path)
+        """Read and parse one document; any problem is reported with the document's full path
+        (a path relative to the store did not say which store)."""
+        where = str(path)
         try:
             with open(path, "rb") as handle:
                 data = handle.read(MAX_DOCUMENT_BYTES + 1)
@@ -138,20 +163,14 @@ class Store:
 
         return self._read(path, parse)
 
-    def _relative(self, path: Path) -> str:
-        try:
-            return str(path.relative_to(self.root))
-        except ValueError:
-            return str(path)
-
     def _write(self, path: Path, document: dict[str, Any]) -> bool:
         data = canonical_bytes(document) + b"\n"
         if len(data) > MAX_DOCUMENT_BYTES:  # never write what this store would refuse to read
             raise FormatError(
-                f"{self._relative(path)}: document of {len(data)} bytes, the limit is "
-                f"{MAX_DOCUMENT_BYTES}"
+                f"{path}: document of {len(data)} bytes, the limit is {MAX_DOCUMENT_BYTES}"
             )
-        written = atomic.write_new(path, data)
+        with writing(path, "the document"):
+            written = atomic.write_new(path, data)
         log.debug("%s %s", "wrote" if written else "already there:", path)
         return written
 
@@ -239,18 +258,41 @@ class Store:
     # -- prefixes --------------------------------------------------------------------------
 
     def resolve(self, kind: str, ref: str, ids: list[str]) -> str:
-        """Expand a unique prefix (at least 4 hex digits) of an id, as git does."""
-        ref = ref.strip().lower()
-        if len(ref) < 4:
-            raise NotFoundError(f"{kind} id {ref!r}: give at least 4 hex digits")
-        matches = [i for i in ids if i.startswith(ref)]
+        """Expand a unique prefix (at least 4 hex digits) of an id, as git does.
+
+        Ids are hex, so the prefix is matched in lower case; errors quote ``ref`` as typed
+        (``--hsm HSM1`` was reported as "no HSM 'hsm1'", the name that does exist)."""
+        typed = ref.strip()
+        prefix = typed.lower()
+        if len(prefix) < 4:
+            raise NotFoundError(
+                f"{kind} id {typed!r}: give at least 4 hex digits{self._case_hint(kind, typed)}"
+            )
+        matches = [i for i in ids if i.startswith(prefix)]
         if not matches:
-            raise NotFoundError(f"no {kind} {ref!r} in {self.root}")
+            raise NotFoundError(f"no {kind} {typed!r} in {self.root}{self._case_hint(kind, typed)}")
         if len(matches) > 1:
             raise NotFoundError(
-                f"{kind} {ref!r} is ambiguous ({len(matches)} match); give more digits"
+                f"{kind} {typed!r} is ambiguous ({len(matches)} match); give more digits"
             )
         return matches[0]
+
+    def _case_hint(self, kind: str, typed: str) -> str:
+        """For an HSM (named by label before an id is tried, kmsfs.service.hsms): the labels
+        that differ from ``typed`` only in case, as a hint. Not a match: labels are compared
+        exactly (``hsm create`` lets hsm1 and HSM1 both exist), so taking one would make a
+        name mean two HSMs."""
+        if kind != "HSM":
+            return ""
+        near = []
+        for hsm_id in self.hsm_ids():
+            with contextlib.suppress(KmsfsError):  # a damaged record: reported where used
+                label = self.hsm(hsm_id).label
+                if label.lower() == typed.lower() and label != typed:
+                    near.append(label)
+        if not near:
+            return ""
+        return f" (names are case-sensitive; did you mean {' or '.join(sorted(near))}?)"
 
 
 def _parse_anchor(raw: Any) -> Anchor:

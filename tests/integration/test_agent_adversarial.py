@@ -55,7 +55,7 @@ from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.trust import Member, Signature, Trust
-from kmsfs.service import domains, trusts
+from kmsfs.service import domains, operators, trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
 from tests.integration.fault_helpers import tmpfs
@@ -645,7 +645,12 @@ def test_agent_refuses_a_rival_successor_of_the_genesis_once_pinned(
     dave = ctx.store.operator("dave")
     rival = Trust(2, anchor.root, genesis.hsms, (Member("dave", dave.key),), 1, utc_now())
     ctx.store.save_trust(rival)
-    kms.admin.sign(rival.id, "dave")
+    # `trust sign` refuses a proposal the pin has made dead: dave's approval made directly.
+    pin = Path(kms.admin.pin_file("dave")).read_text().rstrip("\n")
+    value = operators.sign_as(
+        ctx, dave, pin, contexts.OPERATOR_APPROVES_TRUST, rival.signed_bytes()
+    )
+    ctx.store.save_signature("approval", Signature(rival.id, dave.key.key_id, value))
     with in_process_agent(kms.store, ROOT_ALL, tmp_path / "audit.log") as agent, \
             pytest.raises(KmsfsError, match="already has its successor"):
         call(agent, peer(0), "seal-trust", _seal_args(ctx, rival.id, anchor.root))
