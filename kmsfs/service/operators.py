@@ -104,6 +104,7 @@ def create_operator(
     label = _token_label(name) if protection == "token" else None
     if name in ctx.store.operator_names():  # before asking for a PIN; checked again below
         raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
+    ctx.store.require_writable("a new operator")  # a read-only store: before the PIN prompt
     value = secret.read()
     check_new_secret(protection, value)
     with ctx.store.exclusive():

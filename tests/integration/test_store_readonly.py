@@ -169,3 +169,18 @@ def test_trust_sign_refuses_before_the_pin(
         )
         line = assert_store_error(signed, ro)
         assert "cannot write an approval: the store is on a read-only file system" in line
+
+
+def test_operator_create_refuses_before_the_pin(
+    setup: Setup, env: dict[str, str], tmp_path: Path
+) -> None:
+    """operator create asked for the new PIN (or passphrase) first and only then found it
+    could not lock a read-only store: it refuses before any prompt, exit 6, nothing changed."""
+    before = tree_snapshot(setup.admin.store)
+    with read_only(setup.admin.store, tmp_path / "rostore") as ro:
+        admin = Admin(ro, setup.admin.pins)
+        # No --pin-file and no terminal: reading a PIN would fail with exit 5 instead.
+        made = admin("operator", "create", "carol", check=None, env=env)
+        line = assert_store_error(made, ro)
+        assert "cannot write a new operator" in line
+    assert tree_snapshot(setup.admin.store) == before
