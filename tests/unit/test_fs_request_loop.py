@@ -121,3 +121,37 @@ def test_the_pause_after_an_open_for_reading_derives_that_files_key(tmp_path: Pa
         await ops.release(fh)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("raised", "errno_out", "logged"),
+    [
+        (OSError(13, "Permission denied"), 13, None),
+        ("integrity", 5, "integrity: block 3: authentication failed"),
+        ("hsm", 5, "hsm: handler failed: token removed"),
+        (RuntimeError("bug"), 5, "unexpected error in handler"),
+    ],
+    ids=["oserror", "integrity", "hsm", "bug"],
+)
+def test_the_error_boundary_of_a_handler_answers_an_errno_and_logs_what_an_operator_needs(
+    raised: Any, errno_out: int, logged: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing but FUSEError leaves a handler: an OSError keeps its errno, silently (ENOENT is
+    no news); damage, a failed HSM and a bug give EIO and a log line (the integrity line is
+    the one whose loss no test noticed: mutation audit)."""
+    from kmsfs.errors import HsmError, IntegrityError
+    from kmsfs.fs.operations import guard
+
+    exc = {"integrity": IntegrityError("block 3: authentication failed"),
+           "hsm": HsmError("token removed")}.get(raised, raised)
+
+    class Ops:
+        @guard
+        async def handler(self) -> None:
+            raise exc
+
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        trio.run(Ops().handler)
+    assert info.value.errno == errno_out
+    lines = [r.getMessage() for r in caplog.records if r.name == "kmsfs.fs.operations"]
+    assert lines == ([] if logged is None else [logged])
