@@ -95,7 +95,9 @@ def token_files_lock(softhsm_conf: str | None) -> Iterator[None]:
 def _open_lock_file(softhsm_conf: str) -> int | None:
     path = f"{softhsm_conf}.lock"
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink: one planted at the path would have root create a file
+        # wherever it leads.
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         log.debug("no token-files lock at %s (%s)", path, exc.strerror)
         return None

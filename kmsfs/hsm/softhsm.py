@@ -85,11 +85,22 @@ def config_outside(token_dir: Path) -> Path:
 
 def _own_runtime_dir() -> Path:
     """$XDG_RUNTIME_DIR/kmsfs, else TMPDIR/kmsfs-UID: made 0700, and refused unless it is a
-    directory of this user that nobody else may write (a shared /tmp)."""
+    directory of this user that nobody else may write (a shared /tmp), below directories that
+    no other user can replace (:func:`_check_above`).
+
+    Its path is used by name long after this check (SoftHSM2 reads the config at every
+    C_Initialize, the token-files lock is opened beside it), so a directory another user could
+    rename away and replace, however private itself, would hand them the config: root run
+    with a user's XDG_RUNTIME_DIR (``su`` without ``-``, ``sudo -E``) pointed SoftHSM at their
+    token directory (found by review)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     uid = os.geteuid()
-    base = Path(runtime) / "kmsfs" if runtime else Path(tempfile.gettempdir()) / f"kmsfs-{uid}"
-    with writing(base, "a SoftHSM config outside the read-only store"):
+    parent = Path(runtime) if runtime else Path(tempfile.gettempdir())
+    name = "kmsfs" if runtime else f"kmsfs-{uid}"
+    with writing(parent / name, "a SoftHSM config outside the read-only store"):
+        parent = Path(os.path.realpath(parent))  # checked and used as resolved, symlink-free
+        _check_above(parent, uid)
+        base = parent / name
         with contextlib.suppress(FileExistsError):
             os.mkdir(base, 0o700)
         info = os.lstat(base)
@@ -99,6 +110,21 @@ def _own_runtime_dir() -> Path:
             "SoftHSM config there"
         )
     return base
+
+
+def _check_above(directory: Path, uid: int) -> None:
+    """StoreError unless no other user can replace *directory* (resolved) or one above it:
+    each is this user's or root's, and nobody else may write it unless it is sticky (/tmp,
+    where others cannot rename what is not theirs)."""
+    for above in (directory, *directory.parents):
+        st = os.stat(above)
+        foreign = st.st_uid not in (uid, 0)
+        if foreign or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            who = f"owned by uid {st.st_uid}" if foreign else "others may write it"
+            raise StoreError(
+                f"{above}: {who}, so another user could replace what is below it; refusing to "
+                "keep a SoftHSM config there (set XDG_RUNTIME_DIR to a directory of your own)"
+            )
 
 
 def _publish(conf_path: Path, text: str) -> None:

@@ -106,6 +106,34 @@ def test_config_outside_refuses_a_directory_others_may_write(
     assert list((run / "kmsfs").iterdir()) == []
 
 
+@pytest.mark.parametrize("above", ["another user's", "others may write"])
+def test_config_outside_refuses_a_runtime_directory_another_user_could_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, above: str
+) -> None:
+    """Root run with a user's XDG_RUNTIME_DIR (su without -, sudo -E): that user could rename
+    kmsfs/ away after the check and put their own config there, which SoftHSM2 reads at every
+    C_Initialize (found by review). Refused before anything is made there."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    if above == "another user's":
+        os.chown(run, 1234, 1234)
+    else:
+        os.chmod(run, 0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    with pytest.raises(StoreError, match="another user could replace"):
+        softhsm.config_outside(tmp_path / "tokens")
+    assert list(run.iterdir()) == []
+
+
+def test_the_token_files_lock_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    """A symlink at the lock's path would have root create a file wherever it leads."""
+    from kmsfs.hsm import library
+
+    (tmp_path / "softhsm2.conf.lock").symlink_to(tmp_path / "created-by-root")
+    assert library._open_lock_file(str(tmp_path / "softhsm2.conf")) is None
+    assert not (tmp_path / "created-by-root").exists()
+
+
 def test_make_root_refuses_a_missing_parent(tmp_path: Path) -> None:
     """L1: ``init --store /nonexistent/deeper/x`` made every missing directory and exited 0."""
     store = Store(tmp_path / "nonexistent" / "deeper" / "x")
