@@ -393,9 +393,12 @@ def cmd_info(args: argparse.Namespace) -> int:
             # machine mounted (store and kmsfs.conf rolled back together), another Domain
             # than the one this machine holds the volume to. Scripts read `verified`.
             kms.check_not_rolled_back(desc)
-            _check_volume_domain(Path(args.cipherdir), config, None)
+            volumepin.check(Path(args.cipherdir), config.domain_name, _store_root(config),
+                            report_only=True)  # a report: no directory's mode is changed
     except KmsfsError as exc:
         info["verified"], info["problem"] = False, str(exc)
+    except OSError as exc:  # this machine's records unreadable (EACCES, EIO): reported too
+        info["verified"], info["problem"] = False, f"{exc.filename}: {exc.strerror}"
     if args.json:
         emit_json(info)
     else:

@@ -106,15 +106,17 @@ def load(cipherdir: Path) -> Pin | None:
     return None
 
 
-def check(cipherdir: Path, domain: str, root: str | None) -> None:
+def check(cipherdir: Path, domain: str, root: str | None, report_only: bool = False) -> None:
     """IntegrityError, one line naming the record and how to clear it, unless every record of
     the volume at *cipherdir* (:func:`volume_keys`) is Domain *domain* of the store with root
     Trust *root* (the verified Domain its config names).
 
     The records' directories are closed to others first (:func:`kmsfs.fs.seen.close_to_others`,
     IntegrityError for a symlink there or one owned by another user): read through a symlinked
-    ``volumes/``, records were whatever its target held, and none could be written."""
-    seen.close_to_others(RECORDS)
+    ``volumes/``, records were whatever its target held, and none could be written. Not with
+    *report_only* (``kmsfs info``, a report that changes nothing on disk)."""
+    if not report_only:
+        seen.close_to_others(RECORDS)
     for key in volume_keys(cipherdir):
         pin = _load(key)
         if pin is None or (pin.domain, pin.root) == (domain, root):

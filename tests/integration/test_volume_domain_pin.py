@@ -25,6 +25,7 @@ import base64
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -262,6 +263,15 @@ def test_a_volume_mounted_before_is_refused_once_pointed_at_another_domain(
     info = json.loads(kmsfs(store, "info", str(cipher), "--json").stdout)
     assert info["verified"] is False and f"remove {record}" in info["problem"], info
     assert info["machine_record"] == "payroll"
+    # A report changes nothing: a mount closes records' directories others may write, info
+    # leaves them as they are (found by review).
+    os.chmod(machine_state, 0o777)
+    try:
+        info = json.loads(kmsfs(store, "info", str(cipher), "--json").stdout)
+        assert info["verified"] is False and f"remove {record}" in info["problem"], info
+        assert stat.S_IMODE(machine_state.stat().st_mode) == 0o777
+    finally:
+        os.chmod(machine_state, 0o755)
     diriv = cipher / "kmsfs.diriv"
     os.chmod(diriv, 0o644)
     diriv.write_bytes(os.urandom(len(diriv.read_bytes())))
