@@ -414,7 +414,10 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             self.table.drop_link(parent_inode, cname)
             if st is not None and st.st_nlink <= 1:
                 # its last link (no await since the fstat): a file still open is anonymous now
-                ino = self.table.removed(st.st_ino, without_links(st))
+                # A regular file's attributes stand as they were; a symlink's size would
+                # be its ciphertext's, which only its path could turn into the target's.
+                gone = without_links(st) if stat.S_ISREG(st.st_mode) else None
+                ino = self.table.removed(st.st_ino, gone)
                 self.files.unlinked(ino)
             elif ino is not None:
                 self._link_gone(ino, path)
