@@ -376,7 +376,7 @@ def _replay(
     # to put back; once it has, the block authenticates and older records leave it alone. A
     # record found elsewhere by its header keeps its place in that order.
     records = parse(raw)[::-1]
-    elsewhere = _locate(root, root_fd, records)
+    elsewhere, searched_all = _locate(root, root_fd, records)
     newer = _NewerWrites()
     for record in records:
         try:
@@ -384,8 +384,11 @@ def _replay(
                 root_fd, record, elsewhere.get(record.sequence), cipher_of, newer
             )
         except (OSError, FormatError, IntegrityError, _NotFound) as exc:
+            # "Gone" only if the search read everything: a file in a directory it could not
+            # read may be the record's, left unrepaired (found by review).
+            gone = isinstance(exc, _Gone) and searched_all
             log.log(
-                logging.INFO if isinstance(exc, _Gone) else logging.WARNING,
+                logging.INFO if gone else logging.WARNING,
                 "write journal: record %d for %s not replayed (%s)",
                 record.sequence,
                 os.fsdecode(record.path),
@@ -494,25 +497,33 @@ def _moved_away(root_fd: int, record: Record) -> bool:
         os.close(fd)
 
 
-def _locate(root: bytes, root_fd: int, records: list[Record]) -> dict[int, list[bytes]]:
+def _locate(
+    root: bytes, root_fd: int, records: list[Record]
+) -> tuple[dict[int, list[bytes]], bool]:
     """Sequence -> the paths (one per file, relative to the root) holding the header of each
     record whose own path does not (:func:`_moved_away`): one walk of the tree for all of
-    them, none if there are none (the usual case)."""
+    them, none if there are none (the usual case); and whether that walk read everything."""
     lost = [record for record in records if _moved_away(root_fd, record)]
     if not lost:
-        return {}
-    found = find_headers(root, {record.header for record in lost})
-    return {record.sequence: found.get(record.header, []) for record in lost}
+        return {}, True
+    passed_over: list[bytes] = []
+    found = find_headers(root, {record.header for record in lost}, passed_over)
+    return {record.sequence: found.get(record.header, []) for record in lost}, not passed_over
 
 
-def find_headers(root: bytes, headers: set[bytes]) -> dict[bytes, list[bytes]]:
+def find_headers(
+    root: bytes, headers: set[bytes], passed_over: list[bytes] | None = None
+) -> dict[bytes, list[bytes]]:
     """Header -> the ciphertext files under *root* that start with it, one path per file
     (relative to *root*; hard links of one file count once). Reads the first HEADER_SIZE bytes
     of every regular file but the volume's own (``kmsfs.*``), without moving any atime
     (O_NOATIME where the kernel allows it, as fsck and reencrypt do); a file or directory it
     cannot read is passed over. It never leaves the tree: each directory is opened below the
     root's descriptor following no symlink (a directory swapped for a symlink since it was
-    listed is passed over), each file by its name in its directory's descriptor, O_NOFOLLOW."""
+    listed is passed over), each file by its name in its directory's descriptor, O_NOFOLLOW.
+    What it passes over (but files gone since their directory was listed) is added to
+    *passed_over*, if given."""
+    skipped: list[bytes] = [] if passed_over is None else passed_over
     found: dict[bytes, dict[tuple[int, int], bytes]] = {}
     root_fd = os.open(reach(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -523,11 +534,13 @@ def find_headers(root: bytes, headers: set[bytes]) -> dict[bytes, list[bytes]]:
                 dir_fd = _open_dir_unread(root_fd, below)
             except OSError as exc:
                 log.debug("write journal: %s not searched (%s)", _shown(root, below), exc)
+                skipped.append(below)
                 continue
             try:
-                stack += _search_dir(dir_fd, below, headers, found)
+                stack += _search_dir(dir_fd, below, headers, found, skipped)
             except OSError as exc:
                 log.debug("write journal: %s not searched (%s)", _shown(root, below), exc)
+                skipped.append(below)
             finally:
                 os.close(dir_fd)
     finally:
@@ -554,6 +567,7 @@ def _search_dir(
     below: bytes,
     headers: set[bytes],
     found: dict[bytes, dict[tuple[int, int], bytes]],
+    skipped: list[bytes],
 ) -> list[bytes]:
     """Note the files with one of *headers* in the directory open as *dir_fd* (at *below*
     under the root); returns its subdirectories, to search next."""
@@ -571,7 +585,7 @@ def _search_dir(
         if is_dir:
             subdirs.append(path)
         elif is_file:
-            _note_header(dir_fd, name, path, headers, found)
+            _note_header(dir_fd, name, path, headers, found, skipped)
     return subdirs
 
 
@@ -581,18 +595,22 @@ def _note_header(
     path: bytes,
     headers: set[bytes],
     found: dict[bytes, dict[tuple[int, int], bytes]],
+    skipped: list[bytes],
 ) -> None:
     try:
         fd = _open_at(name, os.O_RDONLY, dir_fd)
+    except FileNotFoundError:
+        return  # gone since the listing
     except OSError:
-        return  # gone since the listing, or not readable by this daemon: passed over
+        skipped.append(path)  # not readable by this daemon: passed over
+        return
     try:
         header = os.pread(fd, HEADER_SIZE, 0)
         if header in headers:
             st = os.fstat(fd)
             found.setdefault(header, {}).setdefault((st.st_dev, st.st_ino), path)
     except OSError:
-        pass
+        skipped.append(path)
     finally:
         os.close(fd)
 
