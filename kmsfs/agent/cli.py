@@ -263,6 +263,10 @@ def serve(args: argparse.Namespace) -> int:
             log.info("policy %s reloaded (%d clients)", args.policy, len(agent.policy.rules))
         except KmsfsError as exc:
             log.error("policy not reloaded, the old one stays: %s", exc)
+        if args.log_file is not None:  # --log-file rotated too: opened again by its name
+            from kmsfs.fs.daemonlog import reopen_log_files
+
+            reopen_log_files()
         try:  # a rotated audit log: the old file signed and closed, a new one begun
             if audit.reopen():
                 log.info("audit log %s reopened", audit.path)

@@ -714,15 +714,19 @@ def test_sighup_after_log_rotation_continues_in_a_new_file(
     """logrotate's way: move the log aside, then SIGHUP (systemctl reload). The agent signs
     and closes the old file and continues in a new one that names where it left off; both
     verify on their own, and nothing is written to the old file after the move."""
-    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent", root_policy()).start()
+    log_file = tmp_path / "hsmd-own.log"
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent", root_policy(),
+                         extra=("--log-file", str(log_file))).start()
     rotated = agent.audit.with_name("audit.log.1")
     try:
         with agent.client() as client:
             client.call("health", {})
         agent.audit.rename(rotated)
+        log_file.rename(log_file.with_name("hsmd-own.log.1"))  # --log-file rotated as well
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGHUP)
         assert wait_for(agent.audit.exists, timeout=10)
+        assert wait_for(log_file.exists, timeout=10)  # it went on writing the old one
         with agent.client() as client:
             client.call("health", {})
     finally:
@@ -735,7 +739,7 @@ def test_sighup_after_log_rotation_continues_in_a_new_file(
     assert first["op"] == "reopen" and first["detail"]["previous"]["seq"] == old["records"] - 1
     ops = [json.loads(line).get("op") for line in agent.audit.read_text().splitlines()]
     assert "health" in ops
-    assert "audit log" in agent.log() and "reopened" in agent.log()
+    assert "audit log" in log_file.read_text() and "reopened" in log_file.read_text()
 
 
 def _verify(world: World, agent: AgentProcess) -> dict[str, object]:
