@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from kmsfs.fs import daemon
@@ -133,3 +134,43 @@ def test_one_idle_job_per_wait_and_none_while_a_request_is_waiting() -> None:
     trio.run(main)
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.parametrize("released", [True, False], ids=["released", "in-place"])
+def test_a_session_aborted_once_the_mount_was_released_is_its_end_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch, released: bool
+) -> None:
+    """The kernel ended a detached mount's session, as its last user closed, with ECONNABORTED
+    rather than ENODEV (CI, Linux 6.18): the daemon logged "main loop failed" and exited 1 for a
+    clean end. That is the session's end once the daemon released the mount; an abort of a
+    mount still in place (by root, through /sys/fs/fuse/connections) stays a failure."""
+    from pathlib import Path
+
+    from kmsfs.fs import daemon
+    from kmsfs.fs.stopping import Stop
+
+    async def aborted() -> None:
+        async with trio.open_nursery() as nursery:  # as pyfuse3.main's workers raise it
+
+            async def worker() -> None:
+                raise ConnectionAbortedError(103, "fuse_session_receive_buf failed")
+
+            nursery.start_soon(worker)
+
+    monkeypatch.setattr(daemon.pyfuse3, "main", aborted)
+    stop = Stop(Path("/nonexistent"))
+    stop.released = released
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon._run_fuse, nursery.cancel_scope, daemon._SpinThenWait(),
+                                stop)
+
+    if released:
+        trio.run(run)
+        assert stop.ended
+    else:
+        with pytest.raises(BaseExceptionGroup) as info:
+            trio.run(run)
+        assert info.value.subgroup(ConnectionAbortedError) is not None
+        assert not stop.ended
