@@ -45,6 +45,7 @@ from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.agent.service import Agent
 from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.ownership import others_may_replace_in
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,7 @@ def _check_socket_directory(directory: Path) -> None:
         st = os.stat(directory)
     except OSError as exc:
         raise UsageError(f"{directory}: cannot use for the socket: {exc.strerror}") from None
-    others_write = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
-    if others_write or st.st_uid not in (0, os.geteuid()):
+    if others_may_replace_in(st, (0, os.geteuid())):
         raise UsageError(
             f"{directory}: other users may replace files in it (mode "
             f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); put the socket in a "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from pathlib import Path
 
 from kmsfs.crypto.names import DIRIV_NAME
@@ -17,6 +16,7 @@ from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.config import VolumeConfig
 from kmsfs.fs.names import TEMP_PREFIX, read_dir_iv, write_dir_iv
+from kmsfs.ownership import others_may_replace_in
 
 
 def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
@@ -202,7 +202,7 @@ def check_root_only(cipherdir: Path) -> None:
             "the volume: chmod 700 it, or keep it in a directory only root can enter"
         )
     for above, st in zip(chain[closed:], stats[closed:], strict=True):
-        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        if others_may_replace_in(st, (0,)):
             who = f"uid {st.st_uid}" if st.st_uid != 0 else "other users"
             raise UsageError(
                 f"{cipherdir}: {above} can be changed by {who}, who could put another "

@@ -21,6 +21,7 @@ from pathlib import Path
 from kmsfs.errors import HsmError, HsmUnavailableError, StoreError, UsageError
 from kmsfs.hsm import library
 from kmsfs.hsm.library import TokenLocation
+from kmsfs.ownership import others_may_replace_in
 from kmsfs.store.writable import writing
 
 DEFAULT_MODULE_CANDIDATES = (
@@ -118,9 +119,9 @@ def _check_above(directory: Path, uid: int) -> None:
     where others cannot rename what is not theirs)."""
     for above in (directory, *directory.parents):
         st = os.stat(above)
-        foreign = st.st_uid not in (uid, 0)
-        if foreign or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-            who = f"owned by uid {st.st_uid}" if foreign else "others may write it"
+        owners = (uid, 0)
+        if others_may_replace_in(st, owners):
+            who = f"owned by uid {st.st_uid}" if st.st_uid not in owners else "others may write it"
             raise StoreError(
                 f"{above}: {who}, so another user could replace what is below it; refusing to "
                 "keep a SoftHSM config there (set XDG_RUNTIME_DIR to a directory of your own)"
