@@ -7,11 +7,19 @@ Trust's own operators and, for a successor, ``quorum`` of the predecessor's.
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kmsfs.errors import ChainError, IntegrityError, KmsfsError, NotFoundError, UsageError
+from kmsfs.errors import (
+    AlreadyExistsError,
+    ChainError,
+    IntegrityError,
+    KmsfsError,
+    NotFoundError,
+    UsageError,
+)
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord
@@ -29,6 +37,8 @@ from kmsfs.service import hsms, operators
 from kmsfs.service.context import Context, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
+
+_PROPOSE_ATTEMPTS = 3  # seconds a propose waits for a timestamp no identical proposal has
 
 
 def resolve_trust(ctx: Context, ref: str) -> str:
@@ -173,9 +183,18 @@ def propose(
         raise UsageError("give --predecessor: the trust this one succeeds")
     _check_genesis_successor(anchor, predecessor)
     serial = verified_chain(ctx, predecessor)[-1].trust.serial + 1
-    trust = Trust(serial, predecessor, tuple(records), members, quorum, utc_now())
-    ctx.store.save_trust(trust)
-    return trust
+    for attempt in range(_PROPOSE_ATTEMPTS):
+        if attempt:
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)  # into the next second
+        trust = Trust(serial, predecessor, tuple(records), members, quorum, utc_now())
+        if ctx.store.save_trust(trust):
+            return trust
+        # The same content proposed in the same second has the same id: that proposal may
+        # carry approvals already, or be sealed. Every propose writes a new one.
+    raise AlreadyExistsError(
+        f"trust {trust.id} exists already with the same content, again after "
+        f"{_PROPOSE_ATTEMPTS} seconds: another proposer is writing it; try again"
+    )
 
 
 def _distinct_hsms(ctx: Context, hsm_refs: Sequence[str]) -> list[HsmRecord]:

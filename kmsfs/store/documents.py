@@ -213,8 +213,9 @@ class Store:
 
     # -- Trusts ----------------------------------------------------------------------------
 
-    def save_trust(self, trust: Trust) -> None:
-        self._write(self.root / "trusts" / f"{trust.id}.json", trust.payload())
+    def save_trust(self, trust: Trust) -> bool:
+        """Write ``trust``; False if a document of its id was already there (the same one)."""
+        return self._write(self.root / "trusts" / f"{trust.id}.json", trust.payload())
 
     def trust(self, trust_id: str) -> Trust:
         path = self.root / "trusts" / f"{trust_id}.json"

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kmsfs import exitcodes
+from kmsfs.errors import AlreadyExistsError
+from kmsfs.service import trusts
+from kmsfs.service.context import Context
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
 
 OPERATORS = ["alice", "bob", "carol"]
@@ -20,9 +25,7 @@ def _two_proposals_one_sealed(a: Admin) -> tuple[str, str]:
     """The same proposal twice (ids differ by creation time); the first signed and sealed."""
     a.create_operators(*OPERATORS)
     first = a.propose(["hsm1", "hsm2"], OPERATORS, 2)
-    second = first
-    while second == first:  # the same second gives the same id: propose again
-        second = a.propose(["hsm1", "hsm2"], OPERATORS, 2)
+    second = a.propose(["hsm1", "hsm2"], OPERATORS, 2)  # every propose writes a new one
     a.sign(first, "alice", "bob")
     a("trust", "seal", first)
     return first, second
@@ -110,6 +113,54 @@ def test_proposing_the_same_again_warns_naming_the_pending_one(initialized: Admi
     body = json.loads(again.stdout)
     assert body["id"] != first  # the order of --hsm and --operator is kept in the document
     assert body["pending_duplicates"] == [first]
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, times: list[str]) -> list[float]:
+    """``trusts.utc_now`` gives ``times`` in turn (then the last again); the sleeps asked for
+    are recorded, not slept."""
+    given = iter(times)
+    slept: list[float] = []
+    monkeypatch.setattr(trusts, "utc_now", lambda: next(given, times[-1]))
+    monkeypatch.setattr(trusts.time, "sleep", slept.append)
+    return slept
+
+
+def test_the_same_proposal_in_the_same_second_is_a_new_one(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its id is its content's hash, creation time included: proposed again within the same
+    second, it was the first one, already signed, and `trust sign` of the "new" one asked for
+    no signature (a CI failure). A propose now writes a new proposal, a second later."""
+    a = initialized
+    a.create_operators(*OPERATORS)
+    ctx = Context.at(a.store)
+    slept = _clock(monkeypatch, ["2026-11-30T10:00:00Z", "2026-11-30T10:00:00Z",
+                                 "2026-11-30T10:00:01Z"])
+    first = trusts.propose(ctx, ["hsm1"], OPERATORS, 2)
+    a.sign(first.id, "alice")
+    stored = (a.store / "trusts" / f"{first.id}.json").read_bytes()
+    second = trusts.propose(ctx, ["hsm1"], OPERATORS, 2)
+    assert second.id != first.id and second.created == "2026-11-30T10:00:01Z"
+    assert len(slept) == 1 and 0 < slept[0] <= 1.01
+    assert (a.store / "trusts" / f"{first.id}.json").read_bytes() == stored
+    assert ctx.store.signatures("approval", second.id) == []
+
+
+def test_a_proposal_that_keeps_its_id_is_refused_after_three_tries(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock that does not move (or a proposer writing the same each second): one error
+    naming the Trust, not a propose that hands back an old proposal or loops for ever."""
+    a = initialized
+    a.create_operators(*OPERATORS)
+    ctx = Context.at(a.store)
+    slept = _clock(monkeypatch, ["2026-11-30T10:00:00Z"])
+    first = trusts.propose(ctx, ["hsm1"], OPERATORS, 2)
+    before = tree_snapshot(a.store)
+    with pytest.raises(AlreadyExistsError, match=f"trust {first.id} exists already"):
+        trusts.propose(ctx, ["hsm1"], OPERATORS, 2)
+    assert len(slept) == 2  # between the three tries, not after the last
+    assert tree_snapshot(a.store) == before
 
 
 def test_an_hsm_name_in_the_wrong_case_is_quoted_as_typed(initialized: Admin) -> None:
