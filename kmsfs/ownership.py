@@ -4,9 +4,14 @@ config kept outside a read-only store)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Collection
+from pathlib import Path
+
+#: Symlinks followed in one lookup before giving up, as the kernel does (ELOOP).
+MAX_SYMLINKS = 40
 
 
 def others_may_replace_in(st: os.stat_result, owners: Collection[int]) -> bool:
@@ -16,3 +21,47 @@ def others_may_replace_in(st: os.stat_result, owners: Collection[int]) -> bool:
     return st.st_uid not in owners or bool(
         st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
     )
+
+
+def directories_on_the_way(directory: Path) -> list[Path]:
+    """Every directory whose entries a lookup of *directory* reads, from ``/`` down to the
+    directory itself, following symlinks as the kernel does.
+
+    Not just the resolved path and its parents: a symlink on the way lives in a directory the
+    resolved path never names (``/run/link -> /srv/agent`` is read in ``/run``), and whoever
+    may write that directory may point the link elsewhere after any check of its target."""
+    parts = list(reversed(Path(os.getcwd(), directory).parts[1:]))  # ".." kept, not collapsed
+    current = Path("/")
+    seen = [current]
+    followed = 0
+    while parts:
+        name = parts.pop()
+        if name == "..":
+            current = current.parent  # already on the way: it was walked through to get here
+            continue
+        following = current / name
+        if stat.S_ISLNK(os.lstat(following).st_mode):
+            followed += 1
+            if followed > MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(directory))
+            target = Path(os.readlink(following))
+            if target.is_absolute():
+                current = Path("/")
+            parts.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        current = following
+        seen.append(current)
+    return list(dict.fromkeys(seen))
+
+
+def first_replaceable(
+    directory: Path, owners: Collection[int]
+) -> tuple[Path, os.stat_result] | None:
+    """The first directory on the way to *directory* (itself included) whose entries a user
+    other than *owners* could replace, with its stat; None if there is none. OSError if the
+    way cannot be walked (a missing component, a loop)."""
+    for on_the_way in directories_on_the_way(directory):
+        st = os.stat(on_the_way)
+        if others_may_replace_in(st, owners):
+            return on_the_way, st
+    return None

@@ -45,7 +45,7 @@ from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.agent.service import Agent
 from kmsfs.errors import KmsfsError, UsageError
-from kmsfs.ownership import others_may_replace_in
+from kmsfs.ownership import first_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,20 @@ _UMASK_LOCK = threading.Lock()
 
 def _check_socket_directory(directory: Path) -> None:
     """Refuse a directory where another user could replace the socket (writable by group or
-    others without the sticky bit, or owned by another user than the agent's or root): clients
-    would then reach their program and take its answers for keys."""
+    others without the sticky bit, or owned by another user than the agent's or root), or
+    could replace the directory itself, or one on the way to it (a parent they own, a
+    symlink in a directory they may write): clients would then reach their program and take
+    its answers for keys."""
     try:
-        st = os.stat(directory)
+        found = first_replaceable(directory, (0, os.geteuid()))
     except OSError as exc:
         raise UsageError(f"{directory}: cannot use for the socket: {exc.strerror}") from None
-    if others_may_replace_in(st, (0, os.geteuid())):
+    if found is not None:
+        where, st = found
+        what = ("files in it" if where == Path(os.path.realpath(directory))
+                else f"entries of {where}, on the way to it")
         raise UsageError(
-            f"{directory}: other users may replace files in it (mode "
+            f"{directory}: other users may replace {what} (mode "
             f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); put the socket in a "
             "directory only the agent's user can write, such as /run/kmsfs"
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 from kmsfs.errors import HsmError, HsmUnavailableError, StoreError, UsageError
 from kmsfs.hsm import library
 from kmsfs.hsm.library import TokenLocation
-from kmsfs.ownership import others_may_replace_in
+from kmsfs.ownership import first_replaceable
 from kmsfs.store.writable import writing
 
 DEFAULT_MODULE_CANDIDATES = (
@@ -99,8 +99,8 @@ def _own_runtime_dir() -> Path:
     parent = Path(runtime) if runtime else Path(tempfile.gettempdir())
     name = "kmsfs" if runtime else f"kmsfs-{uid}"
     with writing(parent / name, "a SoftHSM config outside the read-only store"):
-        parent = Path(os.path.realpath(parent))  # checked and used as resolved, symlink-free
         _check_above(parent, uid)
+        parent = Path(os.path.realpath(parent))  # used as resolved, symlink-free
         base = parent / name
         with contextlib.suppress(FileExistsError):
             os.mkdir(base, 0o700)
@@ -114,18 +114,19 @@ def _own_runtime_dir() -> Path:
 
 
 def _check_above(directory: Path, uid: int) -> None:
-    """StoreError unless no other user can replace *directory* (resolved) or one above it:
-    each is this user's or root's, and nobody else may write it unless it is sticky (/tmp,
-    where others cannot rename what is not theirs)."""
-    for above in (directory, *directory.parents):
-        st = os.stat(above)
-        owners = (uid, 0)
-        if others_may_replace_in(st, owners):
-            who = f"owned by uid {st.st_uid}" if st.st_uid not in owners else "others may write it"
-            raise StoreError(
-                f"{above}: {who}, so another user could replace what is below it; refusing to "
-                "keep a SoftHSM config there (set XDG_RUNTIME_DIR to a directory of your own)"
-            )
+    """StoreError unless no other user can replace *directory* or a directory on the way to
+    it (:func:`kmsfs.ownership.first_replaceable`): each is this user's or root's, and nobody
+    else may write it unless it is sticky (/tmp, where others cannot rename what is not
+    theirs)."""
+    owners = (uid, 0)
+    found = first_replaceable(directory, owners)
+    if found is not None:
+        above, st = found
+        who = f"owned by uid {st.st_uid}" if st.st_uid not in owners else "others may write it"
+        raise StoreError(
+            f"{above}: {who}, so another user could replace what is below it; refusing to "
+            "keep a SoftHSM config there (set XDG_RUNTIME_DIR to a directory of your own)"
+        )
 
 
 def _publish(conf_path: Path, text: str) -> None:

@@ -1225,6 +1225,30 @@ def test_a_socket_directory_others_may_write_is_refused(mode: int, refused: bool
             agent_server.unix_listener(d / "run" / "hsmd.sock").close()
 
 
+@pytest.mark.parametrize("way", ["a parent of another user", "a symlink others may repoint"])
+def test_a_socket_directory_others_may_replace_on_the_way_is_refused(way: str) -> None:
+    """The directory private, but a directory on the way to it is not: its owner, or anyone
+    who may write where a symlink on the way lives, can move the private one aside and put
+    their own, socket and all, at the path clients connect to."""
+    with short_dir() as d:
+        private = d / "private"
+        private.mkdir(mode=0o700)
+        if way == "a parent of another user":
+            os.chown(d, 1234, 1234)
+            given, named = private, d
+        else:
+            shared = d / "shared"
+            shared.mkdir()
+            shared.chmod(0o777)
+            (shared / "run").symlink_to(private)
+            given, named = shared / "run", shared
+        with pytest.raises(UsageError) as refused:
+            agent_server.unix_listener(given / "hsmd.sock")
+        assert f"entries of {named}, on the way to it" in str(refused.value)
+        assert str(refused.value).startswith(f"{given}: other users may replace")
+        assert os.listdir(private) == []
+
+
 def _contend(
     path: Path, barrier: threading.Barrier, won: list[socket.socket], refused: list[str]
 ) -> None:

@@ -125,6 +125,24 @@ def test_config_outside_refuses_a_runtime_directory_another_user_could_replace(
     assert list(run.iterdir()) == []
 
 
+def test_config_outside_refuses_a_runtime_directory_reached_through_a_shared_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XDG_RUNTIME_DIR a symlink to a private directory, the link in a directory others may
+    write: they repoint it after the check, and the config path leads to theirs. Its target
+    alone was checked (the path was resolved first)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    (shared / "run").symlink_to(private)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared / "run"))
+    with pytest.raises(StoreError, match=f"^{shared}: others may write it, so another user"):
+        softhsm.config_outside(tmp_path / "tokens")
+    assert list(private.iterdir()) == []
+
+
 def test_the_token_files_lock_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
     """A symlink at the lock's path would have root create a file wherever it leads."""
     from kmsfs.hsm import library
