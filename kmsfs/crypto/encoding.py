@@ -18,8 +18,8 @@ SHA256_B64URL_PATTERN = f"[A-Za-z0-9_-]{{{SHA256_B64URL_CHARS}}}"
 """Regular expression matching one :func:`sha256_b64url` value."""
 
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
-_URLSAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_VALUES = {c: i for i, c in enumerate(_URLSAFE)}
+URLSAFE_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_VALUES = {c: i for i, c in enumerate(URLSAFE_ALPHABET)}
 #: Bits of the last character that carry no data, by ``len(text) % 4``: they must be zero.
 _SPARE_BITS = {0: 0, 2: 0x0F, 3: 0x03}
 

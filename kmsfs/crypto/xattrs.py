@@ -36,7 +36,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
+from kmsfs.crypto.encoding import (
+    URLSAFE_ALPHABET,
+    b64url_decode,
+    b64url_encode,
+    sha256_b64url,
+)
 from kmsfs.errors import IntegrityError
 
 XATTR_KEY_INFO = b"kmsfs/v1/xattrs"
@@ -119,12 +124,10 @@ class XattrCipher:
                     # keeps one name from being listed twice (a forged long entry).
                     raise ValueError("a long entry for a short name")
             elif disk.startswith(USER_PREFIX):
-                try:
-                    raw = b64url_decode(disk[len(USER_PREFIX) :].decode("ascii"))
-                except (ValueError, UnicodeDecodeError):
-                    raw = b""
-                if len(raw) <= SIV_TAG_SIZE:  # ours hold the tag and at least one byte
+                encoded = disk[len(USER_PREFIX) :]
+                if not looks_like_ours(encoded):
                     raise ForeignXattrName("xattr name: not one kmsfs writes")
+                raw = b64url_decode(encoded.decode("ascii"))  # ValueError: damaged
             else:
                 raise ForeignXattrName("xattr name: not a user.* name")
             return USER_PREFIX + self._siv.decrypt(raw, [XATTR_NAME_AD])
@@ -165,6 +168,19 @@ class XattrCipher:
             return self._gcm.decrypt(stored[:NONCE_SIZE], stored[NONCE_SIZE:], disk_name)
         except (InvalidTag, ValueError):
             raise IntegrityError("xattr value: authentication failed") from None
+
+
+#: The shortest short disk name after ``user.``: base64url of the SIV tag and one byte.
+MIN_ENCODED_NAME = -(-(SIV_TAG_SIZE + 1) * 4 // 3)
+
+
+def looks_like_ours(encoded: bytes) -> bool:
+    """True if a ``user.*`` name (after the prefix) is one kmsfs could have written: base64url
+    characters only, at least :data:`MIN_ENCODED_NAME` of them. Decided on the alphabet and
+    the length alone, so that one of ours damaged in place (a character changed, dropped or
+    added: a spelling that is not canonical base64url) is reported as damaged, not hidden
+    as another program's own attribute."""
+    return len(encoded) >= MIN_ENCODED_NAME and not encoded.strip(URLSAFE_ALPHABET)
 
 
 def is_long_disk_name(disk: bytes) -> bool:

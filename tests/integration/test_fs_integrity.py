@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, cipher_offset
+from kmsfs.crypto.encoding import URLSAFE_ALPHABET
 from kmsfs.crypto.names import DIRIV_NAME, NAMES_KEY_INFO, NameCipher
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.fs.fsck import Report, check_tree
@@ -84,6 +85,13 @@ def _damaged(disk_name: str) -> str:
     return disk_name[:-2] + ("A" if disk_name[-2] != "A" else "B") + disk_name[-1]
 
 
+def respelled_name(disk_name: str) -> str:
+    """*disk_name* with a spare bit of its last character set: the same bytes to a lenient
+    base64url decoder, not the one spelling kmsfs writes."""
+    last = URLSAFE_ALPHABET.index(disk_name[-1].encode())
+    return disk_name[:-1] + chr(URLSAFE_ALPHABET[last ^ 1])
+
+
 def test_damaged_name_is_hidden_and_logged(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     mount = mounter(volume)
     (mount.mountpoint / "victim").write_bytes(b"v")
@@ -105,16 +113,20 @@ def test_damaged_xattr_names_are_hidden_and_logged(volume: Path, mounter) -> Non
     victim = mount.mountpoint / "victim"
     victim.write_bytes(b"v")
     long_name = b"user." + b"n" * 200
-    for name in (b"user.short", long_name, b"user.intact"):
+    for name in (b"user.short", b"user.sixchr", b"user.dropped", long_name, b"user.intact"):
         os.setxattr(victim, name, b"value of " + name)
     mount.stop()
     path = cipher_path(volume, "victim")
     cipher = XattrCipher(SoftDeriver().derive(XATTR_KEY_INFO))
-    short_disk = cipher.disk_name(b"user.short").decode()
     long_disk = cipher.disk_name(long_name, long_names=True).decode()
-    value = os.getxattr(path, short_disk)
-    os.removexattr(path, short_disk)
-    os.setxattr(path, _damaged(short_disk), value)
+    damaged = []  # a character changed; one changed to a spelling that is not canonical
+    for name, damage in ((b"user.short", _damaged), (b"user.sixchr", respelled_name),
+                         (b"user.dropped", lambda disk: disk[:-1])):
+        disk = cipher.disk_name(name).decode()
+        value = os.getxattr(path, disk)
+        os.removexattr(path, disk)
+        damaged.append(damage(disk))
+        os.setxattr(path, damaged[-1], value)
     sealed = bytearray(os.getxattr(path, long_disk))
     sealed[5] ^= 1  # inside the sealed name, after its 2-byte length
     os.setxattr(path, long_disk, bytes(sealed))
@@ -124,13 +136,13 @@ def test_damaged_xattr_names_are_hidden_and_logged(volume: Path, mounter) -> Non
     mount.start()
     assert os.listxattr(victim) == ["user.intact"]
     logged = [line for line in mount.log().splitlines() if "undecryptable xattr" in line]
-    assert len(logged) == 2, mount.log()
+    assert len(logged) == 4, mount.log()
     assert all("integrity: /victim: " in line for line in logged)
     mount.stop()
-    # fsck: the two damaged ones are damage; the others' own attributes only warnings.
+    # fsck: the damaged ones are damage; the others' own attributes only warnings.
     report = check_tree(volume, SoftDeriver())
     assert sorted(p.detail.split(":")[0] for p in report.problems if p.kind == "xattr") == sorted(
-        f"extended attribute {d}" for d in (_damaged(short_disk), long_disk))
+        f"extended attribute {d}" for d in (*damaged, long_disk))
     assert sorted(w.detail.split()[2] for w in report.warnings if w.kind == "foreign-xattr") == (
         sorted(foreign))
 

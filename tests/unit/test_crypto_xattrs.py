@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmsfs.crypto import xattrs
-from kmsfs.crypto.encoding import b64url_decode, b64url_encode, sha256_b64url
+from kmsfs.crypto.encoding import URLSAFE_ALPHABET, b64url_decode, b64url_encode, sha256_b64url
 from kmsfs.crypto.xattrs import (
     LONG_NAME_PREFIX,
     NONCE_SIZE,
@@ -24,6 +24,7 @@ from kmsfs.crypto.xattrs import (
     XATTR_NAME_AD,
     XATTR_NAME_MAX,
     XATTR_SIV_INFO,
+    ForeignXattrName,
     XattrCipher,
     XattrNameError,
 )
@@ -134,6 +135,31 @@ def test_tampering_is_detected() -> None:
 def test_foreign_names_are_not_ours(disk: bytes) -> None:
     with pytest.raises(IntegrityError):
         CIPHER.plain_name(disk)
+
+
+def respelled(disk: bytes) -> bytes:
+    """*disk* with a spare bit of its last character set: the same bytes under lenient
+    base64url decoding, not the one spelling kmsfs writes (its length must leave spare bits)."""
+    last = URLSAFE_ALPHABET.index(disk[-1:])
+    return disk[:-1] + URLSAFE_ALPHABET[last ^ 1 : (last ^ 1) + 1]
+
+
+def test_an_own_name_damaged_in_place_is_damage_not_another_programs() -> None:
+    """A character changed (to a spelling that is not canonical), dropped or added: the name
+    is still base64url of more than a tag, so it is one of ours, damaged, which the mount logs
+    and fsck reports. Each went as another program's attribute, hidden without a word, and
+    fsck called the volume clean (found by review)."""
+    disk = CIPHER.disk_name(b"user.sixchr")
+    assert len(disk) - len(b"user.") == 30  # 22 bytes: 4 spare bits in the last character
+    for damaged in (respelled(disk), disk[:-1], disk + b"A", disk[:-2] + b"AA"):
+        assert damaged != disk
+        with pytest.raises(IntegrityError) as caught:
+            CIPHER.plain_name(damaged)
+        assert not isinstance(caught.value, ForeignXattrName), damaged
+    for foreign in (b"user.plain", b"user.Tags", b"user.com.dropbox.attrs", b"user." + b"A" * 22,
+                    b"user." + b"A" * 30 + b"=", b"trusted.abc"):
+        with pytest.raises(ForeignXattrName):
+            CIPHER.plain_name(foreign)
 
 
 def test_bad_secret_length() -> None:
