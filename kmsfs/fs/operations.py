@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from kmsfs.crypto.symlinks import inline_target_length
-from kmsfs.errors import HsmError, IntegrityError, UsageError
+from kmsfs.errors import AgentRefusedError, HsmError, IntegrityError, UsageError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
 from kmsfs.fs.handles import OpenFile, open_quietly
 from kmsfs.fs.longpath import reach
@@ -78,6 +78,9 @@ def guard(fn: F) -> F:
         except HsmError as exc:
             log.error("hsm: %s failed: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except AgentRefusedError as exc:  # the agent's policy (reloaded since the mount)
+            log.error("%s refused: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -661,6 +661,47 @@ def test_agent_restart_under_a_live_mount(world: World, tmp_path: Path) -> None:
     assert "Traceback" not in mount.log()
 
 
+def test_a_policy_reloaded_to_refuse_the_mount_gives_eacces_and_one_line_each(
+    world: World, tmp_path: Path
+) -> None:
+    """The agent's policy reloaded under a live mount so that it may no longer derive: each
+    open of a file whose key is not held, and each create once the keys derived ahead are
+    used up, is EACCES with one log line naming the refusal (each logged a 44-line traceback
+    as an 'unexpected error', and was EIO; found by review)."""
+    cipherdir = _volume(world, tmp_path)
+    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
+    try:
+        mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                           ["--agent", agent.address]).start()
+    except BaseException:
+        agent.stop()
+        raise
+    try:
+        closed = mount.mountpoint / "closed"
+        closed.write_bytes(b"written before the reload")
+        agent.policy.write_text(
+            '[[client]]\nname = "root"\nuids = [0]\ndomains = ["other"]\nallow = ["derive"]\n'
+        )
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: " reloaded (" in agent.log(), timeout=15), agent.log()
+        drop_cache(closed)
+        with pytest.raises(OSError) as refused:
+            closed.read_bytes()
+        assert refused.value.errno == errno.EACCES
+        created = 0
+        with pytest.raises(OSError) as exhausted:
+            for created in range(1, 10_000):  # the keys derived ahead run out
+                (mount.mountpoint / f"new-{created}").write_bytes(b"x")
+        assert exhausted.value.errno == errno.EACCES, created
+        lines = [x for x in mount.log().splitlines() if "may not derive for Domain payroll" in x]
+        assert len(lines) >= 2 and all(" refused: agent: " in x for x in lines), mount.log()
+    finally:
+        mount.stop()
+        agent.stop()
+    assert "Traceback" not in mount.log() and "unexpected error" not in mount.log()
+
+
 def _reads(path: Path, want: bytes) -> bool:
     """Read *path* from its ciphertext (the page cache dropped): True if it gives *want*."""
     try:
