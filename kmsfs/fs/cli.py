@@ -120,7 +120,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     """Everything ``mount`` checks before forking: volume, mount point, options, Domain, and
     that the Domain is the one the volume should use (:func:`_check_volume_domain`)."""
     expected = _expected_domain(args)
-    options = daemon.mount_options(args.options)
+    options = daemon.mount_options(args.options, Path(args.cipherdir))
     if daemon.LOW_LATENCY in options and (why := latency.check_available()) is not None:
         raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
     config = open_volume(Path(args.cipherdir))  # its names are its bundle's (config.validate)

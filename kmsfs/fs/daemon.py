@@ -115,10 +115,13 @@ def split_domain(extra: Iterable[str]) -> tuple[list[str], list[str]]:
     return domains, rest
 
 
-def mount_options(extra: Iterable[str]) -> set[str]:
+def mount_options(extra: Iterable[str], cipherdir: Path | None = None) -> set[str]:
     """BASE_OPTIONS plus the user's -o options (and default_permissions with allow_other);
-    UsageError for one we do not pass through."""
+    UsageError for one we do not pass through. With *cipherdir*, the mount's source (fsname)
+    is that directory unless ``-o fsname=`` says otherwise (:func:`source_name`)."""
     opts = set(BASE_OPTIONS)
+    if cipherdir is not None and (source := source_name(cipherdir)) is not None:
+        opts = {o for o in opts if not o.startswith("fsname=")} | {f"fsname={source}"}
     for opt in _each_option(extra):
         if opt not in ALLOWED_OPTIONS and not opt.startswith(ALLOWED_PREFIXES):
             raise UsageError(f"unsupported mount option {opt!r}")
@@ -133,6 +136,21 @@ def mount_options(extra: Iterable[str]) -> set[str]:
     if "allow_other" in opts:
         opts.add(DEFAULT_PERMISSIONS)
     return opts
+
+
+def source_name(cipherdir: Path) -> str | None:
+    """The ciphertext directory as the mount's source, as mount(8) and findmnt show it, or
+    None where libfuse cannot take it (pyfuse3 passes options as ASCII; a comma or backslash
+    would be read as an option separator or escape): the source is then ``kmsfs``.
+
+    The source is what ``mount -a`` compares with /etc/fstab: with ``kmsfs`` a second
+    ``mount -a`` tried the line again and failed, "already a mount point" (exit 32), where
+    every other file system's line is skipped as mounted (found by review). It also lets
+    ``kmsfs reencrypt`` see the volume mounted (:func:`kmsfs.fs.volume.mounted_from`)."""
+    source = os.path.realpath(cipherdir)
+    if not source.isascii() or not source.isprintable() or "," in source or "\\" in source:
+        return None
+    return source
 
 
 def _check_value(opt: str) -> None:

@@ -228,9 +228,9 @@ def lock_for_mount(cipherdir: Path) -> int:
 def mounted_from(cipherdir: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points of FUSE kmsfs mounts whose source (fsname) is CIPHERDIR.
 
-    kmsfs mounts use ``fsname=kmsfs`` unless told otherwise (``-o fsname=CIPHERDIR``), so this
-    catches only the latter; the flock (:func:`lock_exclusive`) catches every kmsfs mount of
-    this build on this machine.
+    kmsfs mounts have CIPHERDIR as their source unless ``-o fsname=`` or the path
+    (:func:`kmsfs.fs.daemon.source_name`) says otherwise; the flock (:func:`lock_exclusive`)
+    catches every kmsfs mount of this build on this machine.
     """
     want = os.path.realpath(cipherdir)
     return [

@@ -168,6 +168,18 @@ def test_mount_t_kmsfs_and_an_fstab_line(
         )
         assert Path(mnt, "via-mount.txt").read_text() == "mount -t kmsfs"
         subprocess.run(["umount", mnt], check=True, capture_output=True, timeout=60)
+
+        # mount -a twice: the second skips the line as mounted, as for any file system. The
+        # source was "kmsfs", which mount(8) could not match with the line: exit 32.
+        fstab.write_text(f"{cipher} {mnt} kmsfs store={store},allow_other 0 0\n")
+        for _ in range(2):
+            done = subprocess.run(["mount", "-a", "--fstab", str(fstab)], capture_output=True,
+                                  text=True, env=env, timeout=60)
+            assert done.returncode == 0, done.stderr
+        shown = subprocess.run(["findmnt", "-n", "-o", "SOURCE", mnt], capture_output=True,
+                               text=True, check=True).stdout.split()
+        assert shown == [os.path.realpath(cipher)]
+        subprocess.run(["umount", mnt], check=True, capture_output=True, timeout=60)
     finally:
         _unmount(mnt)
 
