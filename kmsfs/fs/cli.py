@@ -9,6 +9,7 @@ code (:mod:`kmsfs.exitcodes`). The key management system is reached only through
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import subprocess
@@ -347,13 +348,37 @@ def cmd_umount(args: argparse.Namespace) -> int:
         )
     # Absolute, and after "--": a mount point named "-dash" is not an option of fusermount3.
     target = os.path.abspath(mountpoint)
-    proc = subprocess.run(["fusermount3", "-u", "--", target], capture_output=True, text=True)
+    # A mount whose daemon is gone has nothing left to write back: detach it lazily, or a file
+    # still open on it keeps it there (EBUSY) and no mount can go there again.
+    gone = _daemon_gone(mountpoint)
+    proc = subprocess.run(
+        ["fusermount3", "-u", *(["-z"] if gone else []), "--", target],
+        capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"},
+    )
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        if detail.endswith("Device or resource busy"):
+            raise UsageError(
+                f"{mountpoint}: busy: a file or directory on it is in use; nothing unmounted "
+                "(close them and try again, or stop the daemon with SIGTERM, which detaches "
+                "the mount and serves them until they are closed)"
+            )
         raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")
     if args.json:
-        emit_json({"mountpoint": target})
+        emit_json({"mountpoint": target, "daemon_gone": gone})
+    elif gone:
+        print(f"{mountpoint}: detached (its daemon was gone)")
     return exitcodes.OK
+
+
+def _daemon_gone(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon died fails statfs(2) with ENOTCONN at once; stat(2) would
+    not do, the kernel answers it from its attribute cache for a while after the death."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -585,10 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     _agent_options(p)
     p.set_defaults(func=cmd_mount)
 
-    p = add("umount", "unmount a kmsfs mount point")
+    p = add("umount", "unmount a kmsfs mount point (refused while a file on it is in use; a "
+            "mount whose daemon died is detached at once)")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", default=SUPPRESS,
-                   help="print the mount point unmounted as JSON")
+                   help="print the mount point unmounted, and whether its daemon was gone, "
+                   "as JSON")
     p.set_defaults(func=cmd_umount)
 
     p = add("info", "describe a volume and whether its Domain verifies")

@@ -210,7 +210,8 @@ def test_every_command_an_operator_scripts_has_json(tmp_path: Path, initialized:
         assert os.path.ismount(mp)
     finally:
         done = kmsfs("--json", "umount", str(mp))
-    assert done.returncode == 0 and json.loads(done.stdout) == {"mountpoint": str(mp)}
+    assert done.returncode == 0
+    assert json.loads(done.stdout) == {"mountpoint": str(mp), "daemon_gone": False}
 
     plain, sealed, back = tmp_path / "plain", tmp_path / "sealed", tmp_path / "back"
     plain.write_bytes(b"x" * 5000)
@@ -297,3 +298,48 @@ def test_umount_takes_a_mount_renamed_by_subtype_and_fsname(tmp_path: Path, moun
     assert done.returncode == 0, done.stderr
     assert not os.path.ismount(mount.mountpoint)
     assert mount.proc.wait(timeout=30) == 0  # the daemon saw its unmount and ended
+
+
+def test_umount_of_a_busy_mount_is_refused_in_one_line_and_it_stays(
+    tmp_path: Path, mounter
+) -> None:  # type: ignore[no-untyped-def]
+    """A file open on a live mount: exit 2 and a line saying what to do, the mount serving on;
+    it was exit 1 with fusermount3's own text."""
+    volume = make_volume(tmp_path / "cipher")
+    mount = mounter(volume)
+    (mount.mountpoint / "held").write_bytes(b"kept")
+    with open(mount.mountpoint / "held", "rb") as held:
+        refused = kmsfs("umount", str(mount.mountpoint))
+        assert refused.returncode == 2, refused.stderr
+        line = refused.stderr.strip()
+        assert line.startswith(f"kmsfs: error: {mount.mountpoint}: busy: ") and "\n" not in line
+        assert "nothing unmounted" in line and "SIGTERM" in line
+        assert held.read() == b"kept" and os.path.ismount(mount.mountpoint)
+    done = kmsfs("umount", str(mount.mountpoint))
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+
+
+def test_umount_detaches_a_dead_mount_with_a_file_still_open_on_it(
+    tmp_path: Path, mounter
+) -> None:  # type: ignore[no-untyped-def]
+    """After a kill -9 with a file open, the remount's advice ('run kmsfs umount first') led
+    to EBUSY and exit 1; a dead mount has nothing to write back, so it is detached lazily."""
+    volume = make_volume(tmp_path / "cipher")
+    mount = mounter(volume)
+    (mount.mountpoint / "held").write_bytes(b"kept")
+    held = os.open(mount.mountpoint / "held", os.O_RDONLY)
+    try:
+        assert mount.proc is not None
+        mount.proc.send_signal(signal.SIGKILL)
+        mount.proc.wait()
+        if mount.proc.stdout is not None:
+            mount.proc.stdout.close()
+        done = kmsfs("umount", "--json", str(mount.mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "mountpoint": str(mount.mountpoint), "daemon_gone": True}
+        assert not os.path.ismount(mount.mountpoint)
+    finally:
+        os.close(held)
+    mount.start()  # the same mount point serves again
+    assert (mount.mountpoint / "held").read_bytes() == b"kept"
