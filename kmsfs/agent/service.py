@@ -126,10 +126,11 @@ class Agent:
         if self.policy.client_name(peer) is None:
             refusal = self._unlisted(peer, f"; its frame of {length} bytes was not read")
         else:
+            allowed = sorted({a for r in self.policy.rules if r.matches(peer) for a in r.allow})
             refusal = AgentRefusedError(
-                f"client {peer.describe()} may send frames of at most {limit} bytes for what "
-                f"the agent's policy allows it (policy {self.policy.source}); its frame of "
-                f"{length} bytes was not read"
+                f"client {peer.describe()} may only {', '.join(allowed) or 'nothing'} (policy "
+                f"{self.policy.source}), whose requests are at most {limit} bytes: its request "
+                f"of {length} bytes, for something else, was not read"
             )
         self._refused(peer, "unknown", str(refusal))
         return refusal
