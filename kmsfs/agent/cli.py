@@ -126,16 +126,17 @@ def build_parser() -> Parser:
 
 
 def _setup_logging(log_file: Path | None, verbose: bool) -> None:
+    from kmsfs.fs.daemonlog import LINE_FORMAT, LogFile, stderr_formatter
+
     handler: logging.Handler
     if log_file is not None:
         # The mount daemon's kind of log file: created 0600 whatever the umask (it names
         # clients, Domains and refusals), never through a symlink, only a regular file.
-        from kmsfs.fs.daemonlog import LogFile
-
         handler = LogFile(log_file)
-    else:
+        handler.setFormatter(logging.Formatter(LINE_FORMAT))
+    else:  # under systemd, the journal: lines carry their priority
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(stderr_formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

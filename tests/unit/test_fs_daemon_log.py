@@ -208,3 +208,56 @@ def test_the_agents_log_file_is_created_closed_to_others(tmp_path: Path) -> None
             if handler not in saved[0]:
                 handler.close()
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+_LOG_SOME = """
+import logging, sys
+from kmsfs.fs.daemonlog import setup_logging
+from kmsfs.agent.cli import _setup_logging
+(setup_logging(True) if sys.argv[1] == "mount" else _setup_logging(None, False))
+log = logging.getLogger("kmsfs.test")
+log.error("integrity: /victim: block 3")
+log.warning("careful")
+log.info("serving")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("unexpected error in write")
+"""
+
+
+def _logged(tmp_path: Path, who: str, journal_is_stderr: bool) -> list[str]:
+    """What the mount daemon's (or the agent's) stderr logging writes, stderr a file that
+    JOURNAL_STREAM names (as systemd sets it) or another one."""
+    out = tmp_path / f"{who}.stderr"
+    out.touch()
+    named = out if journal_is_stderr else tmp_path / "another"
+    named.touch()
+    st = named.stat()
+    with open(out, "wb") as stderr:
+        subprocess.run([sys.executable, "-c", _LOG_SOME, who], stderr=stderr, check=True,
+                       env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    return out.read_text().splitlines()
+
+
+@pytest.mark.parametrize("who", ["mount", "agent"])
+def test_under_systemd_each_stderr_line_carries_its_priority(tmp_path: Path, who: str) -> None:
+    """Every line was priority 6 in the journal: `journalctl -p err` showed no integrity or
+    HSM error (found by review). Now <3> for errors, on every line of a traceback too, and
+    no time of the daemon's own (the journal has it)."""
+    lines = _logged(tmp_path, who, journal_is_stderr=True)
+    assert lines[:3] == [
+        "<3>ERROR kmsfs.test: integrity: /victim: block 3",
+        "<4>WARNING kmsfs.test: careful",
+        "<6>INFO kmsfs.test: serving",
+    ]
+    assert lines[3] == "<3>ERROR kmsfs.test: unexpected error in write"
+    assert len(lines) > 5 and all(line.startswith("<3>") for line in lines[3:])
+    assert lines[-1] == "<3>ValueError: boom"
+
+
+def test_elsewhere_stderr_lines_keep_their_time_and_no_prefix(tmp_path: Path) -> None:
+    """JOURNAL_STREAM inherited by a daemon whose stderr goes to a file or a terminal."""
+    lines = _logged(tmp_path, "mount", journal_is_stderr=False)
+    assert lines[0].endswith(" ERROR kmsfs.test: integrity: /victim: block 3")
+    assert lines[0][:4].isdigit() and not any(line.startswith("<") for line in lines)
