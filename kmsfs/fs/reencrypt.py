@@ -203,7 +203,7 @@ def upgrade_config(cipherdir: Path) -> list[str]:
 
 def _no_flag(cipherdir: Path) -> UsageError:
     return UsageError(
-        f"{cipherdir}: volume has no KeyEpochs flag (it writes epoch 1 only): run "
+        f"{cipherdir}: volume has no KeyEpochs flag (made before it): run "
         "'kmsfs reencrypt --upgrade' to add it (kmsfs older than the flag will then refuse "
         "to mount the volume)"
     )

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kmsfs.atomicfile import fsync_dir
@@ -57,6 +59,31 @@ def _copy_xattrs(src: int, dst: int) -> None:
                 raise
 
 
+#: Signals a rename loop holds back (:func:`signals_deferred`): those that end the job.
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP that arrive in the block take effect right after it, as
+    they would have: the renames that put a file's hard links on its new inode are not cut
+    in the middle by Ctrl-C or ``systemctl stop`` (a kill -9 still can: the next run
+    finishes them). Only the main thread can; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+                for sig in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])  # handled now as it would have been then
+
+
 class Rewriter:
     """Rewrites files at epoch *current* with *keys*, one at a time, keeping the directories'
     own times (*times*); adds the ciphertext bytes it writes to ``summary.bytes`` and tells
@@ -86,6 +113,7 @@ class Rewriter:
             src = open_unread(reach(src_path))
         temps: list[bytes] = []
         made: set[bytes] = set()
+        renamed = False
         try:
             st = os.fstat(src)
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
@@ -139,18 +167,31 @@ class Rewriter:
             dirs = {os.path.dirname(p) for p in node.paths}
             for d in dirs:
                 fsync_dir(reach(d))  # every new name is durable before any path is replaced
-            for t, p in pairs:
-                os.rename(reach(t), reach(p))
-                temps.remove(t)
-            for d in dirs:
-                fsync_dir(reach(d))
-                self.times.restore_dir_times(d)
-        except BaseException:
-            for t in temps:
-                with contextlib.suppress(OSError):
-                    os.unlink(reach(t))
+            with signals_deferred():  # a Ctrl-C waits for the file's end (milliseconds)
+                for t, p in pairs:
+                    os.rename(reach(t), reach(p))
+                    temps.remove(t)
+                    renamed = True
+                for d in dirs:
+                    fsync_dir(reach(d))
+                    self.times.restore_dir_times(d)
+        except BaseException as exc:
+            # Once a path has the new file, the temporary names left are what joins the other
+            # paths to it: the next run's rejoin (reencrypt_resume) renames them. Removed here,
+            # the hard link stayed split in two files for good, fsck calling it clean (found by
+            # review: an OSError in the renames, or a signal before they were deferred).
+            if not renamed:
+                for t in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(reach(t))
             for d in made:
                 self.times.restore_dir_times(d)
+            if renamed and isinstance(exc, OSError):
+                raise FormatError(
+                    f"{exc.strerror or exc} while renaming its hard links onto the new file: "
+                    f"{len(temps)} of {len(pairs)} still to do, which the next "
+                    "'kmsfs reencrypt' does"
+                ) from exc
             raise
         finally:
             os.close(src)

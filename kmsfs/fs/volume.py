@@ -296,7 +296,7 @@ def _lock_offline(cipherdir: Path, how: int) -> int:
     fd = _lock(Path(cipherdir), how)
     if fd is None:
         raise UsageError(
-            f"{cipherdir}: in use by a mount or another job: unmount it first "
-            "(this job does not run under a live mount)"
+            f"{cipherdir}: busy: mounted elsewhere, or being rewritten (kmsfs reencrypt); "
+            "unmount it first, or let the other job finish"
         )
     return fd

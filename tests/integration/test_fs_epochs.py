@@ -537,6 +537,23 @@ def test_mount_refuses_while_reencrypt_holds_the_volume(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_a_second_job_while_reencrypt_runs_is_told_so(tmp_path: Path) -> None:
+    """fsck or a second reencrypt said "in use by a mount or another job: unmount it first"
+    with nothing mounted (found by review): now it names both, as a mount's refusal does."""
+    from kmsfs.fs.volume import lock_exclusive, lock_shared
+
+    volume = make_volume(tmp_path / "cipher")
+    fd = lock_exclusive(volume)
+    try:
+        with pytest.raises(UsageError) as refused:
+            os.close(lock_shared(volume))
+    finally:
+        os.close(fd)
+    assert str(refused.value) == (
+        f"{volume}: busy: mounted elsewhere, or being rewritten (kmsfs reencrypt); unmount "
+        "it first, or let the other job finish")
+
+
 # --- the command line ------------------------------------------------------------------------
 
 

@@ -247,8 +247,8 @@ def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # 
         # Under a live mount, what fsck lists may be renamed away before it reads it, which it
         # reported as damage (exit 8): it refuses, as reencrypt does.
         live = kmsfs(store, "fsck", str(cipher), check=exitcodes.USAGE)
-        assert live.stderr.decode() == (
-            f"kmsfs: error: {cipher}: in use by a mount or another job: unmount it first "
+        assert live.stderr.decode() == (  # the mount's source names the volume
+            f"kmsfs: error: {cipher}: mounted on {mp}: unmount it first "
             "(this job does not run under a live mount)\n"
         )
         assert live.stdout == b""

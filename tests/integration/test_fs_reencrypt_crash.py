@@ -12,7 +12,9 @@ software deriver); the check reads the ciphertext with O_NOATIME, so looking mov
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -154,3 +156,66 @@ def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> No
     else:
         pytest.fail("the run never finished")
     assert killed > 20 and rejoined >= 3, (killed, rejoined)  # the renames were cut short
+
+
+def _renames_cut(monkeypatch: pytest.MonkeyPatch, at: int, cut: str) -> list[int]:
+    """os.rename cut at its *at*-th call of the run: SIGINT sent to this process just after
+    it (Ctrl-C), or EIO instead of it. Returns the count of calls, as a one-item list."""
+    real = os.rename
+    calls = [0]
+
+    def rename(*args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if calls[0] == at and cut == "EIO":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(*args, **kwargs)
+        if calls[0] == at:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return calls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="saving directory times takes root (trusted.*)")
+@pytest.mark.parametrize("cut", ["SIGINT", "EIO"])
+def test_renames_cut_by_ctrl_c_or_an_error_never_split_a_hard_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    """A Ctrl-C (or SIGTERM) or an error between two renames of a hard-linked file's paths
+    removed the temporary names left: the paths renamed were on the new inode, the others on
+    the old one, for good; fsck called it clean, and a rerun re-keyed the old one as a file of
+    its own (found by review, with 3,001 links). Now a signal waits for the file's last
+    rename, and after an error the names stay for the next run, which joins them."""
+    template = make_volume(tmp_path / "template")
+    _build(template, tmp_path)
+    interrupted = 0
+    for at in range(1, 50):
+        volume = tmp_path / f"v{at}"
+        subprocess.run(["cp", "-a", str(template), str(volume)], check=True)
+        want = _state(volume)
+        with monkeypatch.context() as patched:
+            calls = _renames_cut(patched, at, cut)
+            try:
+                first = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+            except KeyboardInterrupt:
+                first = None
+        if calls[0] < at:  # the run made fewer renames: every cut point was tried
+            break
+        interrupted += 1
+        if cut == "SIGINT":  # taken after the file's renames, which all happened
+            assert first is None, at
+            assert _state(volume)["links"] == want["links"], (at, "split by Ctrl-C")
+        else:
+            assert first is not None and len(first.failed) == 1, at
+        summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+        assert summary.failed == [] and summary.epochs_after == {2: 3}, (at, summary)
+        have = _state(volume)
+        assert have["links"] == want["links"], (at, "a hard link split")
+        assert have["entries"] == want["entries"], at
+        assert reencrypt_leftovers(volume) == [], at
+        report = check_tree(volume, SoftDeriver(current_epoch=2))
+        assert report.clean and report.warnings == [], (at, report.to_json())
+        subprocess.run(["rm", "-rf", str(volume)], check=True)
+    else:
+        pytest.fail("the run never finished")
+    assert interrupted >= 4, interrupted  # A's four paths among them
