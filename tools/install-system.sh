@@ -11,6 +11,7 @@ LINKS=(
     "/usr/local/bin/kmsfs-admin:$VENV_BIN/kmsfs-admin"
     "/usr/local/bin/kmsfs-hsmd:$VENV_BIN/kmsfs-hsmd"
     "/usr/sbin/mount.kmsfs:$VENV_BIN/mount.kmsfs"
+    "/usr/local/share/doc/kmsfs:$PWD/docs"
 )
 UNITS=(systemd/kmsfs@.service systemd/kmsfs-hsmd.service systemd/kmsfs-hsmd.socket)
 
@@ -25,6 +26,7 @@ if [ "${1:-}" = "--uninstall" ]; then
 fi
 
 [ -x "$VENV_BIN/kmsfs" ] || { echo "install-system: run tools/setup.sh first" >&2; exit 1; }
+mkdir -p /usr/local/share/doc
 for pair in "${LINKS[@]}"; do
     ln -sfn "${pair#*:}" "${pair%%:*}"
 done
@@ -33,4 +35,5 @@ chmod 0755 /etc/kmsfs
 for unit in "${UNITS[@]}"; do install -m 0644 "$unit" /etc/systemd/system/; done
 if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 echo "install-system: kmsfs, kmsfs-admin, kmsfs-hsmd in /usr/local/bin; mount.kmsfs in /usr/sbin;" \
+    "the guides in /usr/local/share/doc/kmsfs;" \
     "kmsfs@.service, kmsfs-hsmd.service and kmsfs-hsmd.socket installed"

@@ -74,6 +74,16 @@ def test_systemd_analyze_verify_passes(installed: None, unit: Path) -> None:
     assert unit.name.split("@")[0] not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_the_units_documentation_is_installed_where_they_point(installed: None, unit: Path
+                                                              ) -> None:
+    """`systemctl help` opens Documentation=: it named a placeholder web address."""
+    pages = values(unit, "Documentation")
+    assert pages and all(page.startswith("file:///") for page in pages), pages
+    for page in pages:
+        assert Path(page.removeprefix("file://")).is_file(), page
+
+
 def test_systemd_analyze_would_catch_a_broken_unit(installed: None, tmp_path: Path) -> None:
     """The check above is not vacuous: a unit with a missing binary fails it."""
     broken = tmp_path / "kmsfs-broken@.service"
