@@ -3,7 +3,8 @@
 mount(8) calls ``/usr/sbin/mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-N NS] [-o OPTIONS]``.
 kmsfs's own options name the key store (``store=DIR``) or the HSM agent to get keys from
 (``agent=SOCKET|HOST:PORT``, with ``agent_cert=``, ``agent_key=``, ``agent_ca=`` for TLS: the
-``--agent*`` flags of ``kmsfs mount``); options that only matter to mount(8) or
+``--agent*`` flags of ``kmsfs mount``) and the daemon's log file (``log_file=PATH``, its
+``--log-file``); options that only matter to mount(8) or
 systemd (``noauto``, ``_netdev``, ``nofail``, ``x-systemd.*``, ...) are dropped; the rest go to
 ``kmsfs mount -o``, which refuses any it does not know. ``domain=NAME``, the Domain the volume
 must use (a ``kmsfs.conf`` pointed at another Domain is refused), is among them: ``kmsfs
@@ -46,7 +47,10 @@ FLAG_OPTIONS = {
     "agent_cert": "--agent-cert",
     "agent_key": "--agent-key",
     "agent_ca": "--agent-ca",
+    "log_file": "--log-file",
 }
+#: What mount(8) may ask of a mount in place, which kmsfs does not do.
+REMOUNT = "remount"
 
 
 def split_options(options: str) -> tuple[list[str], list[str]]:
@@ -89,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.USAGE
     if fake:
         return exitcodes.OK
+    if REMOUNT in (o.strip() for o in options.split(",")):
+        print(f"mount.kmsfs: error: {positional[1]}: a kmsfs mount cannot be changed in place "
+              "(-o remount): unmount it and mount it again; nothing was changed",
+              file=sys.stderr)
+        return exitcodes.USAGE
     flags, rest = split_options(options)
     command = ["mount", *positional, *flags]
     if rest:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -396,14 +397,23 @@ def test_fstab_style_mount_through_agent(world: World, tmp_path: Path) -> None:
     cipherdir = _volume(world, tmp_path)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
+    log = tmp_path / "payroll.log"  # an fstab line's own log file
     helper = [sys.executable, "-m", "kmsfs.fs.mounthelper", str(cipherdir), str(mountpoint),
-              "-o", f"agent={world.agent.address},_netdev,noauto"]
+              "-o", f"agent={world.agent.address},_netdev,noauto,log_file={log}"]
     result = subprocess.run(helper, capture_output=True, text=True, timeout=60, env=clean_env(),
                             check=False)
     assert result.returncode == 0, result.stderr
     try:
         (mountpoint / "fstab.txt").write_text("via mount.kmsfs and the agent\n")
         assert (mountpoint / "fstab.txt").read_text() == "via mount.kmsfs and the agent\n"
+        assert f"mounted {cipherdir} on {mountpoint}" in log.read_text()
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        # mount -o remount,ro: one line of mount.kmsfs's own, the mount left as it is
+        again = subprocess.run([*helper[:5], "-o", "remount,ro"], capture_output=True,
+                               text=True, timeout=60, env=clean_env(), check=False)
+        assert again.returncode == 2 and again.stderr.startswith("mount.kmsfs: error: ")
+        assert "cannot be changed in place (-o remount)" in again.stderr
+        (mountpoint / "still-writable").write_text("yes")
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
     assert not os.path.ismount(mountpoint)
