@@ -514,7 +514,8 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         emit_json(summary.to_json())
     else:
         for failure in summary.failed:
-            print(f"not re-encrypted: (ciphertext) {failure.cipher_path}: {failure.detail}")
+            where = failure.path or f"(ciphertext) {failure.cipher_path}"
+            print(f"not re-encrypted: {where}: {failure.detail}")
 
         def per(counts: dict[int, int]) -> str:
             return ", ".join(f"epoch {e}: {n}" for e, n in sorted(counts.items())) or "none"

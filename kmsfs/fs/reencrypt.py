@@ -33,23 +33,27 @@ from typing import Any
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content
+from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
+from kmsfs.fs.plainpath import plain_path
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_resume import DirTimes, rejoin
 from kmsfs.fs.reencrypt_rewrite import Rewriter
 from kmsfs.fs.reencrypt_walk import Inode, owner_access, read_header, walk
 from kmsfs.fs.volume import check_root_only, lock_exclusive
-from kmsfs.keys import KeyDeriver
+from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 
 @dataclass
 class Failure:
     cipher_path: str
     detail: str
+    path: str | None = None
+    """The plaintext path, None if a name on the way does not decrypt."""
 
 
 @dataclass
@@ -91,7 +95,8 @@ class Summary:
             "bytes": self.bytes,
             "epochs_before": {str(k): v for k, v in sorted(self.epochs_before.items())},
             "epochs_after": {str(k): v for k, v in sorted(self.epochs_after.items())},
-            "failed": [{"cipher_path": f.cipher_path, "detail": f.detail} for f in self.failed],
+            "failed": [{"path": f.path, "cipher_path": f.cipher_path, "detail": f.detail}
+                       for f in self.failed],
         }
 
 
@@ -107,12 +112,16 @@ class _Job:
         self.times = DirTimes()
         """The directories' own times: put back after each change, and at the end."""
         self.rewriter = Rewriter(self.keys, self.current, self.times, self.summary, self.advance)
+        self._names: NameCipher | None = None
 
     def rel(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.root))
 
     def fail(self, path: bytes, detail: str) -> None:
-        self.summary.failed.append(Failure(self.rel(path), detail))
+        if self._names is None:  # derived at the first failure: a clean run needs no name key
+            self._names = NameCipher(self.deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH))
+        plain = plain_path(self.root, os.fsencode(self.rel(path)), self._names)
+        self.summary.failed.append(Failure(self.rel(path), detail, plain))
 
     # pass 1: find inodes and their epochs
 

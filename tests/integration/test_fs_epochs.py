@@ -358,20 +358,27 @@ def test_reencrypt_refuses_a_mounted_volume_and_a_volume_without_the_flag(
 
 
 def test_reencrypt_reports_a_damaged_file_and_goes_on(tmp_path: Path) -> None:
+    """Named by its plaintext path (it was the ciphertext path alone: review), a long name on
+    the way included."""
     volume = make_volume(tmp_path / "cipher")
     m = mount(volume, tmp_path, epoch=1)
+    name = "sub/" + "B" * 200
     try:
-        (m.mountpoint / "bad").write_bytes(os.urandom(3 * BLOCK_SIZE))
+        (m.mountpoint / "sub").mkdir()
+        (m.mountpoint / name).write_bytes(os.urandom(3 * BLOCK_SIZE))
         (m.mountpoint / "good").write_bytes(b"fine")
     finally:
         m.stop()
-    bad = cipher_path(volume, "bad")
+    bad = cipher_path(volume, name)
     raw = bytearray(bad.read_bytes())
     raw[HEADER_SIZE + 4124 + 50] ^= 1  # block 1
     bad.write_bytes(bytes(raw))
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert summary.rewritten == 1 and len(summary.failed) == 1
     assert "block 1 (plaintext offset 4096) fails authentication" in summary.failed[0].detail
+    assert summary.failed[0].path == "/" + name
+    assert summary.failed[0].cipher_path == str(bad.relative_to(volume))
+    assert summary.to_json()["failed"][0]["path"] == "/" + name
     assert bad.read_bytes() == bytes(raw)  # left as it was
     assert not list(volume.rglob(TEMP_PREFIX + "*"))
 
