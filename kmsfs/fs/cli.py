@@ -371,14 +371,25 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+#: How long ``kmsfs umount`` waits for a mount's statfs before taking its daemon as alive.
+STATFS_WAIT_SECONDS = 2.0
+
+
 def _daemon_gone(mountpoint: Path) -> bool:
     """A FUSE mount whose daemon died fails statfs(2) with ENOTCONN at once; stat(2) would
-    not do, the kernel answers it from its attribute cache for a while after the death."""
+    not do, the kernel answers it from its attribute cache for a while after the death.
+
+    Asked by a child process (``stat -f``): a daemon that is alive but stuck (stopped, say)
+    never answers, and a caller waiting in the mount keeps it busy. The child is killed after
+    a short wait (a FUSE request's wait ends on SIGKILL), and the daemon counts as alive."""
     try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+        asked = subprocess.run(
+            ["stat", "-f", "-c", "%t", "--", str(mountpoint)], capture_output=True, text=True,
+            timeout=STATFS_WAIT_SECONDS, env={**os.environ, "LC_ALL": "C"},
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return asked.returncode != 0 and os.strerror(errno.ENOTCONN) in asked.stderr
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -343,3 +343,24 @@ def test_umount_detaches_a_dead_mount_with_a_file_still_open_on_it(
         os.close(held)
     mount.start()  # the same mount point serves again
     assert (mount.mountpoint / "held").read_bytes() == b"kept"
+
+
+def test_umount_of_a_mount_whose_daemon_is_stopped_does_not_hang(
+    tmp_path: Path, mounter
+) -> None:  # type: ignore[no-untyped-def]
+    """Telling a dead daemon from a live one asks statfs, which a stopped (SIGSTOP) daemon
+    never answers: after a short wait it counts as alive, and the mount is unmounted."""
+    volume = make_volume(tmp_path / "cipher")
+    mount = mounter(volume)
+    assert mount.proc is not None
+    mount.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = kmsfs("umount", "--json", str(mount.mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["daemon_gone"] is False
+        assert time.monotonic() - started < 60
+        assert not os.path.ismount(mount.mountpoint)
+    finally:
+        mount.proc.send_signal(signal.SIGCONT)
+    assert mount.proc.wait(timeout=30) == 0  # it saw its unmount and ended
