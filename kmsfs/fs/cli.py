@@ -32,6 +32,7 @@ from kmsfs.fs.volume import (
     lock_for_mount,
     mount_at,
     open_volume,
+    volume_served,
 )
 from kmsfs.service.context import STORE_DEFAULT
 
@@ -348,40 +349,56 @@ def cmd_umount(args: argparse.Namespace) -> int:
         )
     # Absolute, and after "--": a mount point named "-dash" is not an option of fusermount3.
     target = os.path.abspath(mountpoint)
-    # A mount whose daemon is gone has nothing left to write back: detach it lazily, or a file
-    # still open on it keeps it there (EBUSY) and no mount can go there again.
-    gone = _daemon_gone(mountpoint)
-    proc = subprocess.run(
-        ["fusermount3", "-u", *(["-z"] if gone else []), "--", target],
-        capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"},
-    )
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-        if detail.endswith("Device or resource busy"):
+    lazily = False
+    proc = _fusermount(target)
+    if proc.returncode != 0 and _busy(proc):
+        # A mount whose daemon is gone has nothing left to write back: detached lazily, or a
+        # file still open on it keeps it there for good, and no mount can go there again.
+        if not _daemon_gone(mountpoint, found[1] if found is not None else None):
             raise UsageError(
                 f"{mountpoint}: busy: a file or directory on it is in use; nothing unmounted "
                 "(close them and try again, or stop the daemon with SIGTERM, which detaches "
                 "the mount and serves them until they are closed)"
             )
+        lazily = True
+        proc = _fusermount(target, "-z")
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
         raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")
     if args.json:
-        emit_json({"mountpoint": target, "daemon_gone": gone})
-    elif gone:
-        print(f"{mountpoint}: detached (its daemon was gone)")
+        emit_json({"mountpoint": target, "lazily": lazily})
+    elif lazily:
+        print(f"{mountpoint}: detached, its daemon gone (what still has it open gets ENOTCONN)")
     return exitcodes.OK
+
+
+def _fusermount(target: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fusermount3", "-u", *flags, "--", target], capture_output=True,
+                          text=True, env={**os.environ, "LC_ALL": "C"})
+
+
+def _busy(proc: subprocess.CompletedProcess[str]) -> bool:
+    return proc.stderr.rstrip().endswith(os.strerror(errno.EBUSY))
 
 
 #: How long ``kmsfs umount`` waits for a mount's statfs before taking its daemon as alive.
 STATFS_WAIT_SECONDS = 2.0
 
 
-def _daemon_gone(mountpoint: Path) -> bool:
-    """A FUSE mount whose daemon died fails statfs(2) with ENOTCONN at once; stat(2) would
-    not do, the kernel answers it from its attribute cache for a while after the death.
+def _daemon_gone(mountpoint: Path, source: str | None) -> bool:
+    """Whether the daemon of the busy mount at *mountpoint* is gone, asked without entering
+    the mount where it can be helped.
 
-    Asked by a child process (``stat -f``): a daemon that is alive but stuck (stopped, say)
-    never answers, and a caller waiting in the mount keeps it busy. The child is killed after
-    a short wait (a FUSE request's wait ends on SIGKILL), and the daemon counts as alive."""
+    A kmsfs volume as the mount's source (the default, :func:`daemon.source_name`): its
+    daemon holds the volume's lock for as long as it serves, so a lock nobody holds means
+    no daemon. Otherwise statfs(2), which a dead FUSE connection fails with ENOTCONN at once
+    (stat(2) would not do: the kernel answers it from its attribute cache for a while), asked
+    by a child process killed after a short wait: a stopped daemon never answers, and a caller
+    waiting in the mount would keep it busy."""
+    if source is not None and os.path.isabs(source) and (Path(source) / CONFIG_NAME).is_file():
+        held = volume_served(Path(source))
+        if held is not None:
+            return not held
     try:
         asked = subprocess.run(
             ["stat", "-f", "-c", "%t", "--", str(mountpoint)], capture_output=True, text=True,
@@ -626,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
             "mount whose daemon died is detached at once)")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", default=SUPPRESS,
-                   help="print the mount point unmounted, and whether its daemon was gone, "
-                   "as JSON")
+                   help="print the mount point unmounted, and whether it was detached "
+                   "lazily (its daemon gone), as JSON")
     p.set_defaults(func=cmd_umount)
 
     p = add("info", "describe a volume and whether its Domain verifies")

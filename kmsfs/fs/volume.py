@@ -210,6 +210,22 @@ def check_root_only(cipherdir: Path) -> None:
             )
 
 
+def volume_served(cipherdir: Path) -> bool | None:
+    """True while a mount serves CIPHERDIR (its daemon holds the volume's lock), False if
+    none does, None if that cannot be told (the directory cannot be opened). An offline job
+    that holds the lock shared (``kmsfs fsck``) counts as no mount; reencrypt as one."""
+    import fcntl
+
+    try:
+        fd = _lock(Path(cipherdir), fcntl.LOCK_SH)
+    except OSError:
+        return None
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def lock_for_mount(cipherdir: Path) -> int:
     """Exclusive lock for a mount's lifetime (close the fd to release). UsageError while
     another mount serves the volume or an offline job such as ``kmsfs reencrypt`` holds it."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs.fs.volume import is_mount_point
 from tests.integration.fs_helpers import daemon_script, make_volume
 from tests.kms_helpers import Admin
 
@@ -211,7 +212,7 @@ def test_every_command_an_operator_scripts_has_json(tmp_path: Path, initialized:
     finally:
         done = kmsfs("--json", "umount", str(mp))
     assert done.returncode == 0
-    assert json.loads(done.stdout) == {"mountpoint": str(mp), "daemon_gone": False}
+    assert json.loads(done.stdout) == {"mountpoint": str(mp), "lazily": False}
 
     plain, sealed, back = tmp_path / "plain", tmp_path / "sealed", tmp_path / "back"
     plain.write_bytes(b"x" * 5000)
@@ -319,13 +320,23 @@ def test_umount_of_a_busy_mount_is_refused_in_one_line_and_it_stays(
     assert done.returncode == 0 and done.stdout == "", done.stderr
 
 
+#: How the mount names its volume: the default (its ciphertext directory, whose lock tells
+#: whether a daemon serves it) and another name (statfs asks the mount).
+SOURCES = ["cipherdir", "other-name"]
+
+
+def _mount_named(mounter, volume: Path, source: str):  # type: ignore[no-untyped-def]
+    return mounter(volume, options=(f"fsname={volume if source == 'cipherdir' else 'vol'}",))
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_umount_detaches_a_dead_mount_with_a_file_still_open_on_it(
-    tmp_path: Path, mounter
+    tmp_path: Path, mounter, source: str
 ) -> None:  # type: ignore[no-untyped-def]
     """After a kill -9 with a file open, the remount's advice ('run kmsfs umount first') led
     to EBUSY and exit 1; a dead mount has nothing to write back, so it is detached lazily."""
     volume = make_volume(tmp_path / "cipher")
-    mount = mounter(volume)
+    mount = _mount_named(mounter, volume, source)
     (mount.mountpoint / "held").write_bytes(b"kept")
     held = os.open(mount.mountpoint / "held", os.O_RDONLY)
     try:
@@ -336,8 +347,7 @@ def test_umount_detaches_a_dead_mount_with_a_file_still_open_on_it(
             mount.proc.stdout.close()
         done = kmsfs("umount", "--json", str(mount.mountpoint))
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout) == {
-            "mountpoint": str(mount.mountpoint), "daemon_gone": True}
+        assert json.loads(done.stdout) == {"mountpoint": str(mount.mountpoint), "lazily": True}
         assert not os.path.ismount(mount.mountpoint)
     finally:
         os.close(held)
@@ -345,22 +355,27 @@ def test_umount_detaches_a_dead_mount_with_a_file_still_open_on_it(
     assert (mount.mountpoint / "held").read_bytes() == b"kept"
 
 
-def test_umount_of_a_mount_whose_daemon_is_stopped_does_not_hang(
-    tmp_path: Path, mounter
+@pytest.mark.parametrize("source", SOURCES)
+def test_umount_of_a_busy_mount_whose_daemon_is_stopped_is_refused_not_detached(
+    tmp_path: Path, mounter, source: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """Telling a dead daemon from a live one asks statfs, which a stopped (SIGSTOP) daemon
-    never answers: after a short wait it counts as alive, and the mount is unmounted."""
+    """A stopped (SIGSTOP) daemon never answers statfs: asked in the mount, umount hung for
+    good; and a live mount must never be taken for a dead one and detached (review)."""
     volume = make_volume(tmp_path / "cipher")
-    mount = mounter(volume)
+    mount = _mount_named(mounter, volume, source)
     assert mount.proc is not None
-    mount.proc.send_signal(signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        done = kmsfs("umount", "--json", str(mount.mountpoint))
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["daemon_gone"] is False
-        assert time.monotonic() - started < 60
-        assert not os.path.ismount(mount.mountpoint)
-    finally:
-        mount.proc.send_signal(signal.SIGCONT)
+    (mount.mountpoint / "held").write_bytes(b"kept")
+    with open(mount.mountpoint / "held", "rb") as held:
+        mount.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            refused = kmsfs("umount", str(mount.mountpoint))
+            assert time.monotonic() - started < 60
+            assert refused.returncode == 2 and ": busy: " in refused.stderr, refused.stderr
+            assert is_mount_point(mount.mountpoint)  # from mountinfo: a stat would wait too
+        finally:
+            mount.proc.send_signal(signal.SIGCONT)
+        assert held.read() == b"kept"
+    done = kmsfs("umount", "--json", str(mount.mountpoint))
+    assert done.returncode == 0 and json.loads(done.stdout)["lazily"] is False, done.stderr
     assert mount.proc.wait(timeout=30) == 0  # it saw its unmount and ended
