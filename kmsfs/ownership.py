@@ -23,17 +23,16 @@ def others_may_replace_in(st: os.stat_result, owners: Collection[int]) -> bool:
     )
 
 
-def directories_on_the_way(directory: Path) -> list[Path]:
-    """Every directory whose entries a lookup of *directory* reads, from ``/`` down to the
-    directory itself, following symlinks as the kernel does.
-
-    Not just the resolved path and its parents: a symlink on the way lives in a directory the
-    resolved path never names (``/run/link -> /srv/agent`` is read in ``/run``), and whoever
-    may write that directory may point the link elsewhere after any check of its target."""
-    parts = list(reversed(Path(os.getcwd(), directory).parts[1:]))  # ".." kept, not collapsed
+def _walk(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(every directory whose entries a lookup of *directory* reads, from ``/`` down to the
+    directory itself; every symlink it follows), as the kernel follows them."""
+    path = Path(directory)
+    if not path.is_absolute():
+        path = Path(os.getcwd(), path)  # only then: a removed working directory is no error
+    parts = list(reversed(path.parts[1:]))  # ".." kept, not collapsed
     current = Path("/")
     seen = [current]
-    followed = 0
+    links: list[Path] = []
     while parts:
         name = parts.pop()
         if name == "..":
@@ -41,8 +40,8 @@ def directories_on_the_way(directory: Path) -> list[Path]:
             continue
         following = current / name
         if stat.S_ISLNK(os.lstat(following).st_mode):
-            followed += 1
-            if followed > MAX_SYMLINKS:
+            links.append(following)
+            if len(links) > MAX_SYMLINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(directory))
             target = Path(os.readlink(following))
             if target.is_absolute():
@@ -51,17 +50,36 @@ def directories_on_the_way(directory: Path) -> list[Path]:
             continue
         current = following
         seen.append(current)
-    return list(dict.fromkeys(seen))
+    return list(dict.fromkeys(seen)), links
 
 
-def first_replaceable(
-    directory: Path, owners: Collection[int]
-) -> tuple[Path, os.stat_result] | None:
-    """The first directory on the way to *directory* (itself included) whose entries a user
-    other than *owners* could replace, with its stat; None if there is none. OSError if the
-    way cannot be walked (a missing component, a loop)."""
-    for on_the_way in directories_on_the_way(directory):
+def directories_on_the_way(directory: Path) -> list[Path]:
+    """Every directory whose entries a lookup of *directory* reads, from ``/`` down to the
+    directory itself, following symlinks as the kernel does.
+
+    Not just the resolved path and its parents: a symlink on the way lives in a directory the
+    resolved path never names (``/run/link -> /srv/agent`` is read in ``/run``), and whoever
+    may write that directory may point the link elsewhere after any check of its target."""
+    return _walk(directory)[0]
+
+
+def first_replaceable(directory: Path, owners: Collection[int]) -> tuple[Path, str] | None:
+    """The first place on the way to *directory* (itself included) that a user other than
+    *owners* could change, with why; None if there is none. OSError if the way cannot be
+    walked (a missing component, a loop).
+
+    Each directory on the way must be one whose entries nobody else may replace
+    (:func:`others_may_replace_in`), and each symlink followed must be owned by *owners*: in
+    a sticky directory (/tmp) the owner of a link may still remove it and put another there."""
+    directories, links = _walk(directory)
+    for on_the_way in directories:
         st = os.stat(on_the_way)
         if others_may_replace_in(st, owners):
-            return on_the_way, st
+            who = (f"owned by uid {st.st_uid}" if st.st_uid not in owners
+                   else f"mode {stat.S_IMODE(st.st_mode):04o}")
+            return on_the_way, who
+    for link in links:
+        st = os.lstat(link)
+        if st.st_uid not in owners:
+            return link, f"a symbolic link owned by uid {st.st_uid}"
     return None

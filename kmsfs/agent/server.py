@@ -214,12 +214,11 @@ def _check_socket_directory(directory: Path) -> None:
     except OSError as exc:
         raise UsageError(f"{directory}: cannot use for the socket: {exc.strerror}") from None
     if found is not None:
-        where, st = found
+        where, why = found
         what = ("files in it" if where == Path(os.path.realpath(directory))
-                else f"entries of {where}, on the way to it")
+                else f"{where}, on the way to it")
         raise UsageError(
-            f"{directory}: other users may replace {what} (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); put the socket in a "
+            f"{directory}: other users may replace {what} ({why}); put the socket in a "
             "directory only the agent's user can write, such as /run/kmsfs"
         )
 

@@ -114,15 +114,14 @@ def _own_runtime_dir() -> Path:
 
 
 def _check_above(directory: Path, uid: int) -> None:
-    """StoreError unless no other user can replace *directory* or a directory on the way to
-    it (:func:`kmsfs.ownership.first_replaceable`): each is this user's or root's, and nobody
-    else may write it unless it is sticky (/tmp, where others cannot rename what is not
-    theirs)."""
-    owners = (uid, 0)
-    found = first_replaceable(directory, owners)
+    """StoreError unless no other user can replace *directory* or a directory or symlink on
+    the way to it (:func:`kmsfs.ownership.first_replaceable`): each is this user's or root's,
+    and nobody else may write a directory unless it is sticky (/tmp, where others cannot rename
+    what is not theirs)."""
+    found = first_replaceable(directory, (uid, 0))
     if found is not None:
-        above, st = found
-        who = f"owned by uid {st.st_uid}" if st.st_uid not in owners else "others may write it"
+        above, why = found
+        who = f"others may write it ({why})" if why.startswith("mode") else why
         raise StoreError(
             f"{above}: {who}, so another user could replace what is below it; refusing to "
             "keep a SoftHSM config there (set XDG_RUNTIME_DIR to a directory of your own)"

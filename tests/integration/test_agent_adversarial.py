@@ -1225,26 +1225,36 @@ def test_a_socket_directory_others_may_write_is_refused(mode: int, refused: bool
             agent_server.unix_listener(d / "run" / "hsmd.sock").close()
 
 
-@pytest.mark.parametrize("way", ["a parent of another user", "a symlink others may repoint"])
+@pytest.mark.parametrize(
+    "way", ["a parent of another user", "a symlink others may repoint", "a sticky link of theirs"]
+)
 def test_a_socket_directory_others_may_replace_on_the_way_is_refused(way: str) -> None:
-    """The directory private, but a directory on the way to it is not: its owner, or anyone
-    who may write where a symlink on the way lives, can move the private one aside and put
-    their own, socket and all, at the path clients connect to."""
+    """The directory private, but the way to it is not: the owner of a directory on it, anyone
+    who may write where a symlink on it lives, or the owner of such a link in a sticky
+    directory (/tmp, which may remove its own link and put another) can put their own
+    directory, socket and all, at the path clients connect to."""
     with short_dir() as d:
         private = d / "private"
         private.mkdir(mode=0o700)
         if way == "a parent of another user":
             os.chown(d, 1234, 1234)
-            given, named = private, d
-        else:
+            given, named, why = private, d, "owned by uid 1234"
+        elif way == "a symlink others may repoint":
             shared = d / "shared"
             shared.mkdir()
             shared.chmod(0o777)
             (shared / "run").symlink_to(private)
-            given, named = shared / "run", shared
+            given, named, why = shared / "run", shared, "mode 0777"
+        else:
+            sticky = d / "sticky"
+            sticky.mkdir()
+            sticky.chmod(0o1777)
+            (sticky / "run").symlink_to(private)
+            os.lchown(sticky / "run", 1234, 1234)
+            given, named, why = sticky / "run", sticky / "run", "a symbolic link owned by uid 1234"
         with pytest.raises(UsageError) as refused:
             agent_server.unix_listener(given / "hsmd.sock")
-        assert f"entries of {named}, on the way to it" in str(refused.value)
+        assert f"replace {named}, on the way to it ({why})" in str(refused.value)
         assert str(refused.value).startswith(f"{given}: other users may replace")
         assert os.listdir(private) == []
 

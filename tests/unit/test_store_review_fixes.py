@@ -138,7 +138,7 @@ def test_config_outside_refuses_a_runtime_directory_reached_through_a_shared_sym
     os.chmod(shared, 0o777)
     (shared / "run").symlink_to(private)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared / "run"))
-    with pytest.raises(StoreError, match=f"^{shared}: others may write it, so another user"):
+    with pytest.raises(StoreError, match=fr"^{shared}: others may write it \(mode 0777\), so"):
         softhsm.config_outside(tmp_path / "tokens")
     assert list(private.iterdir()) == []
 
@@ -175,3 +175,19 @@ def test_init_refuses_a_store_whose_parent_is_missing(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="deeper: no such directory"):
         store_init.init_store(tmp_path / "nonexistent" / "deeper" / "x", hsm_count=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_absolute_runtime_directory_needs_no_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk asked for the working directory even for an absolute path: from a removed one
+    it failed, naming a directory that exists (review)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    conf = softhsm.config_outside(tmp_path / "tokens")
+    assert conf.parent == run / "kmsfs"
