@@ -25,7 +25,7 @@ import signal
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content
@@ -65,23 +65,41 @@ DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP that arrive in the block take effect right after it, as
-    they would have: the renames that put a file's hard links on its new inode are not cut
-    in the middle by Ctrl-C or ``systemctl stop`` (a kill -9 still can: the next run
-    finishes them). Only the main thread can; elsewhere the block runs as it is."""
+    """SIGINT, SIGTERM and SIGHUP that arrive in the block take effect right after it, each
+    as it would have, in the order they came: the renames that put a file's hard links on its
+    new inode are not cut in the middle by Ctrl-C or ``systemctl stop`` (a kill -9 still can:
+    the next run finishes them). A signal that comes a second time is not held again (the
+    user insists: a directory fsync that hangs must not make the job unstoppable), and one
+    the process ignores stays ignored. Only the main thread can; elsewhere the block runs as
+    it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
-                for sig in DEFERRED_SIGNALS}
+    previous: dict[int, Any] = {}
+
+    def put_back() -> None:
+        for sig, handler in previous.items():
+            # None: a handler not set from Python, which cannot be put back; the default is
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        previous.clear()
+
+    def hold(signum: int, _frame: Any) -> None:
+        if signum in caught:  # a second time: taken now
+            put_back()
+            signal.raise_signal(signum)
+            return
+        caught.append(signum)
+
+    for sig in DEFERRED_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, hold)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        if caught:
-            signal.raise_signal(caught[0])  # handled now as it would have been then
+        put_back()
+        for sig in caught:  # the first whose handler raises ends this
+            signal.raise_signal(sig)
 
 
 class Rewriter:
