@@ -76,9 +76,20 @@ def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
 
 
 class ForeignXattrName(IntegrityError):
-    """A ``user.*`` name kmsfs never writes (after ``user.``, not base64url of more than an SIV
-    tag: ``user.com.dropbox.attrs``, ``user.checksum``): another program's own attribute on
-    the ciphertext file, e.g. a sync client's. Hidden, not reported as damage."""
+    """A ``user.*`` name kmsfs never writes (after ``user.``, not canonical base64url of more
+    than an SIV tag: ``user.com.dropbox.attrs``, ``user.checksum``): another program's own
+    attribute on the ciphertext file, e.g. a sync client's. Hidden, not reported as damage.
+
+    ``maybe_ours``: it could also be one of kmsfs's own names damaged in place (base64url
+    characters only, as long as kmsfs's shortest, :func:`looks_like_ours`), which ``kmsfs
+    fsck`` says in its warning. Not damage: other programs' names such as
+    ``user.sha256_checksum_of_file`` look so too, and calling them damage would log a line at
+    every listing and fail fsck on a healthy volume (review); a name lost in place is no
+    more than one removed, which the format cannot detect either (threat-model.md)."""
+
+    def __init__(self, message: str, maybe_ours: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_ours = maybe_ours
 
 
 class XattrCipher:
@@ -125,9 +136,13 @@ class XattrCipher:
                     raise ValueError("a long entry for a short name")
             elif disk.startswith(USER_PREFIX):
                 encoded = disk[len(USER_PREFIX) :]
-                if not looks_like_ours(encoded):
-                    raise ForeignXattrName("xattr name: not one kmsfs writes")
-                raw = b64url_decode(encoded.decode("ascii"))  # ValueError: damaged
+                try:
+                    raw = b64url_decode(encoded.decode("ascii"))
+                except (ValueError, UnicodeDecodeError):
+                    raw = b""
+                if len(raw) <= SIV_TAG_SIZE:  # ours hold the tag and at least one byte
+                    raise ForeignXattrName("xattr name: not one kmsfs writes",
+                                           maybe_ours=looks_like_ours(encoded))
             else:
                 raise ForeignXattrName("xattr name: not a user.* name")
             return USER_PREFIX + self._siv.decrypt(raw, [XATTR_NAME_AD])
@@ -175,11 +190,9 @@ MIN_ENCODED_NAME = -(-(SIV_TAG_SIZE + 1) * 4 // 3)
 
 
 def looks_like_ours(encoded: bytes) -> bool:
-    """True if a ``user.*`` name (after the prefix) is one kmsfs could have written: base64url
-    characters only, at least :data:`MIN_ENCODED_NAME` of them. Decided on the alphabet and
-    the length alone, so that one of ours damaged in place (a character changed, dropped or
-    added: a spelling that is not canonical base64url) is reported as damaged, not hidden
-    as another program's own attribute."""
+    """True if a ``user.*`` name (after the prefix) could be one kmsfs wrote, damaged in place
+    (a character changed, dropped or added: a spelling that is not canonical base64url):
+    base64url characters only, at least :data:`MIN_ENCODED_NAME` of them."""
     return len(encoded) >= MIN_ENCODED_NAME and not encoded.strip(URLSAFE_ALPHABET)
 
 

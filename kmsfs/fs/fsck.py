@@ -269,9 +269,11 @@ class _Checker:
                 stored = os.getxattr(_reach(path), raw, follow_symlinks=False)
                 self.xattr_cipher.plain_name(raw, stored)
                 self.xattr_cipher.open(raw, stored)
-            except ForeignXattrName:
+            except ForeignXattrName as exc:
+                whose = ("another program's, or one of kmsfs's own damaged in place"
+                         if exc.maybe_ours else "another program's?")
                 self.warn("foreign-xattr", path, plain, f"extended attribute {disk} is not one "
-                          "kmsfs writes (another program's?); the mount does not show it")
+                          f"kmsfs writes ({whose}); the mount does not show it")
             except IntegrityError as exc:
                 self.damage("xattr", path, plain, f"extended attribute {disk}: {exc}")
             except OSError as exc:
