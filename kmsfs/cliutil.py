@@ -121,7 +121,7 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     try:
         return handler() or exitcodes.OK
     except KmsfsError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print_error(prog, str(exc))
         return exitcodes.for_error(exc)
     except BrokenPipeError:
         # The reader went away (``kmsfs decrypt f - | head``): not an error of ours. Point
@@ -132,8 +132,7 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except OSError as exc:
         # "PATH: what", as every other error line says where first
         what = exc.strerror or str(exc)
-        line = f"{exc.filename}: {what}" if exc.filename else what
-        print(f"{prog}: error: {line}", file=sys.stderr)
+        print_error(prog, f"{exc.filename}: {what}" if exc.filename else what)
         return exitcodes.ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -141,6 +140,26 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         return exitcodes.TERMINATED
+
+
+def print_error(prog: str, message: str) -> None:
+    """The one line of a failed command, on stderr: under systemd with priority 3 (error),
+    so that `journalctl -p err` shows a mount or an agent that did not start."""
+    line = f"{prog}: error: {message}"
+    print(f"<3>{line}" if stderr_is_the_journal() else line, file=sys.stderr)
+
+
+def stderr_is_the_journal() -> bool:
+    """True if stderr is the stream systemd connected to the journal: ``JOURNAL_STREAM`` is
+    its device and inode (a child whose stderr was redirected elsewhere inherits the
+    variable, so the file itself is compared). journald then reads a ``<N>`` in front of a
+    line as its priority (sd-daemon(3))."""
+    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def setup_logging(verbose: bool) -> None:

@@ -130,7 +130,7 @@ class Agent:
             refusal = AgentRefusedError(
                 f"client {peer.describe()} may only {', '.join(allowed) or 'nothing'} (policy "
                 f"{self.policy.source}), whose requests are at most {limit} bytes: its request "
-                f"of {length} bytes, for something else, was not read"
+                f"of {length} bytes was not read"
             )
         self._refused(peer, "unknown", str(refusal))
         return refusal

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kmsfs.cliutil import stderr_is_the_journal
 from kmsfs.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ def stderr_formatter() -> logging.Formatter:
     return logging.Formatter(LINE_FORMAT)
 
 
-def stderr_is_the_journal() -> bool:
-    """True if stderr is the stream systemd connected to the journal: ``JOURNAL_STREAM`` is
-    its device and inode (a child whose stderr was redirected elsewhere inherits the
-    variable, so the file itself is compared)."""
-    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return bool(sep) and (st.st_dev, st.st_ino) == (int(device), int(inode))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 class JournalFormatter(logging.Formatter):
     """Each line (a traceback's too) prefixed with the record's syslog priority."""
 
@@ -85,7 +74,8 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+        lines = super().format(record).splitlines() or [""]
+        return "\n".join(f"<{priority}>{line}" for line in lines)
 
 
 #: A log file the daemon creates: integrity errors name plaintext paths in it.

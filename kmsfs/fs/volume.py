@@ -312,7 +312,7 @@ def _lock_offline(cipherdir: Path, how: int) -> int:
     fd = _lock(Path(cipherdir), how)
     if fd is None:
         raise UsageError(
-            f"{cipherdir}: busy: mounted elsewhere, or being rewritten (kmsfs reencrypt); "
-            "unmount it first, or let the other job finish"
+            f"{cipherdir}: busy: mounted elsewhere, or being checked or rewritten (kmsfs "
+            "fsck, kmsfs reencrypt); unmount it first, or let the other job finish"
         )
     return fd

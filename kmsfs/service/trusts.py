@@ -192,8 +192,8 @@ def propose(
         # The same content proposed in the same second has the same id: that proposal may
         # carry approvals already, or be sealed. Every propose writes a new one.
     raise AlreadyExistsError(
-        f"trust {trust.id} exists already with the same content, again after "
-        f"{_PROPOSE_ATTEMPTS} seconds: another proposer is writing it; try again"
+        f"trust {trust.id} exists already with the same content, at each of "
+        f"{_PROPOSE_ATTEMPTS} tries a second apart: another proposer is writing it; try again"
     )
 
 

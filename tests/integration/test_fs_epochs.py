@@ -557,8 +557,8 @@ def test_a_second_job_while_reencrypt_runs_is_told_so(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert str(refused.value) == (
-        f"{volume}: busy: mounted elsewhere, or being rewritten (kmsfs reencrypt); unmount "
-        "it first, or let the other job finish")
+        f"{volume}: busy: mounted elsewhere, or being checked or rewritten (kmsfs fsck, "
+        "kmsfs reencrypt); unmount it first, or let the other job finish")
 
 
 # --- the command line ------------------------------------------------------------------------

@@ -261,3 +261,25 @@ def test_elsewhere_stderr_lines_keep_their_time_and_no_prefix(tmp_path: Path) ->
     lines = _logged(tmp_path, "mount", journal_is_stderr=False)
     assert lines[0].endswith(" ERROR kmsfs.test: integrity: /victim: block 3")
     assert lines[0][:4].isdigit() and not any(line.startswith("<") for line in lines)
+
+
+@pytest.mark.parametrize("journal_is_stderr", [True, False])
+def test_a_failed_commands_line_carries_the_error_priority_under_systemd(
+    tmp_path: Path, journal_is_stderr: bool
+) -> None:
+    """A mount under kmsfs@ that failed to start printed its one line at priority info, out
+    of `journalctl -p err` (review)."""
+    out = tmp_path / "stderr"
+    out.touch()
+    named = out if journal_is_stderr else tmp_path / "another"
+    named.touch()
+    st = named.stat()
+    with open(out, "wb") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "kmsfs.fs.cli", "info", str(tmp_path / "nowhere")],
+            stderr=stderr, env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+    assert done.returncode != 0
+    line = out.read_text().strip()
+    assert line.startswith("<3>kmsfs: error: " if journal_is_stderr else "kmsfs: error: "), line
+    assert "\n" not in line and str(tmp_path / "nowhere") in line
