@@ -85,7 +85,8 @@ def signals_deferred() -> Iterator[None]:
         previous.clear()
 
     def hold(signum: int, _frame: Any) -> None:
-        if signum in caught:  # a second time: taken now
+        if signum in caught:  # a second time: taken now, once, and not again after the block
+            caught.remove(signum)
             put_back()
             signal.raise_signal(signum)
             return

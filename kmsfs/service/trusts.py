@@ -38,7 +38,7 @@ from kmsfs.service.context import Context, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
 
-_PROPOSE_ATTEMPTS = 3  # seconds a propose waits for a timestamp no identical proposal has
+_PROPOSE_ATTEMPTS = 3  # tries, a second apart, for a timestamp no identical proposal has
 
 
 def resolve_trust(ctx: Context, ref: str) -> str:
