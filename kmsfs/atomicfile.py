@@ -48,12 +48,14 @@ def write_new(
 
     ``parents=False`` leaves a missing directory missing (FileNotFoundError): in a ciphertext
     tree a directory is never made without its IV."""
+    if _already(path, data):  # no temporary file made and removed: directory times stay
+        return False
     if parents:
         make_parents(path.parent)
     temp = _temp_with(path.parent, data, mode, temp_prefix)
     try:
         os.link(temp, path)
-    except FileExistsError:
+    except FileExistsError:  # published meanwhile by another process
         if path.read_bytes() == data:
             return False
         raise AlreadyExistsError(
@@ -64,6 +66,17 @@ def write_new(
             os.unlink(temp)
     fsync_dir(path.parent)
     return True
+
+
+def _already(path: Path, data: bytes) -> bool:
+    """True if *path* holds *data*; False if there is nothing there; AlreadyExistsError if
+    other bytes are (documents are never overwritten)."""
+    try:
+        if path.read_bytes() == data:
+            return True
+    except FileNotFoundError:
+        return False
+    raise AlreadyExistsError(f"{path} already exists (documents are never overwritten)")
 
 
 def make_parents(directory: Path, mode: int = 0o755) -> None:

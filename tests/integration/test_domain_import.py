@@ -59,8 +59,19 @@ def test_import_pins_when_asked_then_the_domain_verifies_in_the_replica(sites: S
     assert json.loads((r.store / "store.json").read_text())["successor"] == sites.trust
     assert r("--json", "domain", "verify", "payroll").json["id"] == done["id"]
 
+    times = _directory_times(r.store)
     again = r("--json", "domain", "import", str(sites.bundle)).json  # idempotent
     assert again["domain_added"] is False and again["trusts_added"] == 0
+    # nothing written, not even a temporary file made and removed: a backup or sync tool
+    # that watches directory times saw the store change at every import of the same bundle
+    assert _directory_times(r.store) == times
+
+
+def _directory_times(store: Path) -> dict[str, int]:
+    """Each directory of *store* (its tokens aside: SoftHSM rewrites them at login) and its
+    mtime."""
+    return {str(d): d.stat().st_mtime_ns for d in (store, *store.rglob("*"))
+            if d.is_dir() and "tokens" not in d.relative_to(store).parts}
 
 
 def test_the_next_generation_imports_and_a_step_back_changes_nothing(sites: Sites) -> None:
