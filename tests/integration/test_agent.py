@@ -628,15 +628,22 @@ def test_eight_concurrent_mounts_through_one_agent(world: World, tmp_path: Path)
 # -- the agent restarting under a live mount ------------------------------------------------
 
 
-def test_agent_restart_under_a_live_mount(world: World, tmp_path: Path) -> None:
+def _own_agent_and_mount(world: World, tmp_path: Path) -> tuple[AgentProcess, AgentMount]:
+    """An agent of this test's own (uid 0 may do everything) and a volume mounted through it;
+    a failed mount does not leave the agent running past the test."""
     cipherdir = _volume(world, tmp_path)
     agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
-    try:  # a failed mount must not leave this agent running past the test
+    try:
         mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
                            ["--agent", agent.address]).start()
     except BaseException:
         agent.stop()
         raise
+    return agent, mount
+
+
+def test_agent_restart_under_a_live_mount(world: World, tmp_path: Path) -> None:
+    agent, mount = _own_agent_and_mount(world, tmp_path)
     try:
         for name in ("open-before", "closed-before"):
             (mount.mountpoint / name).write_bytes(name.encode() * 1000)
@@ -678,14 +685,7 @@ def test_a_policy_reloaded_to_refuse_the_mount_gives_eacces_and_one_line_each(
     open of a file whose key is not held, and each create once the keys derived ahead are
     used up, is EACCES with one log line naming the refusal (each logged a 44-line traceback
     as an 'unexpected error', and was EIO; found by review)."""
-    cipherdir = _volume(world, tmp_path)
-    agent = AgentProcess(world.agent_admin.store, tmp_path / "agent2", root_policy()).start()
-    try:
-        mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
-                           ["--agent", agent.address]).start()
-    except BaseException:
-        agent.stop()
-        raise
+    agent, mount = _own_agent_and_mount(world, tmp_path)
     try:
         closed = mount.mountpoint / "closed"
         closed.write_bytes(b"written before the reload")
