@@ -168,6 +168,18 @@ def test_fstat_of_an_o_path_fd_after_the_last_link_is_removed(m: Path) -> None:
         assert st.st_mtime_ns == before.st_mtime_ns and st.st_ctime_ns > before.st_ctime_ns
     finally:
         os.close(fd)
+    # A FIFO held open for reading and writing: the same (it answered ENOENT: review).
+    os.mkfifo(m / "fifo", 0o640)
+    fd = os.open(m / "fifo", os.O_RDWR)
+    try:
+        os.unlink(m / "fifo")
+        st = os.fstat(fd)
+        assert (st.st_nlink, stat.S_ISFIFO(st.st_mode), stat.S_IMODE(st.st_mode)) == (
+            0, True, 0o640)
+        os.write(fd, b"still a pipe")
+        assert os.read(fd, 100) == b"still a pipe"
+    finally:
+        os.close(fd)
     # Not a symlink's: its size would be its ciphertext's (ENOENT, as before, not a wrong size).
     os.symlink("t" * 30, m / "ln")
     fd = os.open(m / "ln", os.O_PATH | os.O_NOFOLLOW)
