@@ -49,8 +49,12 @@ from kmsfs.ownership import first_replaceable
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256  # connections of peers the policy names
+MAX_CONNECTIONS = 256  # connections of peers the policy names, local and remote each
 MAX_PER_PEER = 64  # ... of which one identity (uid, certificate) may hold
+#: ... and one that the policy allows none of LARGE_OPS (``health`` alone: a monitor): four
+#: such certificates could hold every remote slot, and with one pool for both, every local
+#: one too, so that root's own mounts on the Unix socket were refused (found by review).
+MAX_PER_SMALL_PEER = 4
 MAX_STRANGERS = 16  # connections of peers it does not name: one refused request each
 #: Bytes of a frame of a peer the policy does not name that are read and parsed. An honest
 #: request it can be refused for (hello, health, a derive of a few infos, a small create-domain)
@@ -334,7 +338,10 @@ class Server:
         self._tls = tls
         self._tls_fds = tls_listeners
         self._stopping = threading.Event()
+        # Local peers (the Unix socket: this machine's mounts) and remote ones (TLS) have a
+        # pool each: no number of certificates can take the slots of this machine's users.
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._local_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._strangers = threading.BoundedSemaphore(MAX_STRANGERS)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._handshakes_from: dict[str, int] = {}  # source address -> handshakes in progress
@@ -503,7 +510,10 @@ class Server:
             return True
 
     def _admit(self, peer: Peer, listed: bool, release: list[Callable[[], None]]) -> bool:
-        pool = self._slots if listed else self._strangers
+        if not listed:
+            pool = self._strangers
+        else:
+            pool = self._slots if peer.fingerprint is not None else self._local_slots
         if not pool.acquire(blocking=False):
             self._note(logging.WARNING, "listed-no-slot" if listed else "unlisted-no-slot",
                        f"refusing a connection of {peer.describe()}: no free slot")
@@ -512,9 +522,11 @@ class Server:
         if not listed:
             return True
         key = peer.describe()
-        if not self._count_one(self._per_peer, key, MAX_PER_PEER):
+        most = MAX_PER_PEER if frame_limit(self.agent.policy, peer) == protocol.MAX_FRAME else (
+            MAX_PER_SMALL_PEER)
+        if not self._count_one(self._per_peer, key, most):
             self._note(logging.WARNING, "per-peer",
-                       f"refusing a connection of {key}: {MAX_PER_PEER} open")
+                       f"refusing a connection of {key}: {most} open")
             return False
 
         def leave() -> None:

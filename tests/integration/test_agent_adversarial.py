@@ -1537,7 +1537,7 @@ def test_one_client_holds_at_most_max_per_peer_connections(kms: Kms) -> None:
     (a runaway mount, a script in a loop) cannot take every slot from the others; a
     connection past it is closed unanswered, and a slot it frees is taken again."""
     hello = {"v": 1, "id": 1, "op": "hello", "args": {}}
-    with short_dir() as d, in_process_agent(kms.store, ROOT_HEALTH) as agent, \
+    with short_dir() as d, in_process_agent(kms.store, ROOT_ALL) as agent, \
             serving(agent, d) as path, contextlib.ExitStack() as held:
         conns = []
         for _ in range(agent_server.MAX_PER_PEER):
@@ -1546,7 +1546,7 @@ def test_one_client_holds_at_most_max_per_peer_connections(kms: Kms) -> None:
             sock.connect(str(path))
             raw_request(sock, hello)
             answer = read_frame(sock)
-            assert answer is not None and answer["result"]["client"] == "root-health"
+            assert answer is not None and answer["result"]["client"] == "root"
             conns.append(sock)
         with socket.socket(socket.AF_UNIX) as extra:
             extra.settimeout(30)
@@ -1560,7 +1560,9 @@ def test_one_client_holds_at_most_max_per_peer_connections(kms: Kms) -> None:
         conns[0].close()
         deadline = time.monotonic() + 10
         while True:  # the server notices the close on its own time
-            with socket.socket(socket.AF_UNIX) as again:
+            with socket.socket(socket.AF_UNIX) as again, contextlib.suppress(
+                BrokenPipeError, ConnectionResetError  # still refused: closed unread
+            ):
                 again.settimeout(30)
                 again.connect(str(path))
                 raw_request(again, hello)
@@ -1568,3 +1570,47 @@ def test_one_client_holds_at_most_max_per_peer_connections(kms: Kms) -> None:
                     break
             assert time.monotonic() < deadline, "the freed slot was never given back"
             time.sleep(0.05)
+
+
+def _tls_peer(n: int) -> Peer:
+    return Peer(fingerprint="sha256:" + f"{n:02x}" * 32, subject=f"client-{n}")
+
+
+def test_certificates_cannot_take_local_slots_and_a_monitor_holds_few(
+    kms: Kms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four certificates listed for `health` alone, each holding 64 idle connections, took
+    every listed slot, and root's own mounts on the Unix socket were refused (found by
+    review). Remote peers now have a pool of their own, and a peer allowed none of the long
+    actions holds at most MAX_PER_SMALL_PEER connections."""
+    monkeypatch.setattr(agent_server, "MAX_CONNECTIONS", 8)
+    monitors = [_tls_peer(n) for n in range(3)]
+    remote = _tls_peer(9)
+    policy = ROOT_ALL + "".join(
+        f'[[client]]\nname = "{p.subject}"\ncerts = ["{p.fingerprint}"]\nallow = ["health"]\n'
+        for p in monitors
+    ) + (f'[[client]]\nname = "remote"\ncerts = ["{remote.fingerprint}"]\n'
+         'domains = ["payroll"]\nallow = ["derive"]\n')
+    with in_process_agent(kms.store, policy) as agent:
+        server = agent_server.Server(agent, [])
+        held: list[Callable[[], None]] = []
+
+        def admit(who: Peer) -> bool:
+            """As the server does: a refused connection gives back what it took."""
+            taken: list[Callable[[], None]] = []
+            if server._admit(who, True, taken):
+                held.extend(taken)
+                return True
+            for undo in taken:
+                undo()
+            return False
+
+        try:
+            admitted = [sum(admit(p) for _ in range(10)) for p in monitors]
+            # each monitor: four; the third finds the remote pool (8) full
+            assert admitted == [agent_server.MAX_PER_SMALL_PEER] * 2 + [0], admitted
+            assert not admit(remote)  # the remote pool is full ...
+            assert all(admit(peer(0)) for _ in range(8))  # ... not this machine's
+        finally:
+            for undo in held:
+                undo()
