@@ -105,6 +105,8 @@ def frame_length(header: bytes) -> int:
 
 
 HEADER_SIZE = _HEADER.size
+HEADER = _HEADER
+"""A frame's header: its body's length, big-endian, 4 bytes."""
 
 
 @dataclass(frozen=True)

@@ -549,11 +549,10 @@ class Server:
             header = self._await_header(conn, peer, listed)
             if header is None:
                 return
-            try:
-                length = protocol.frame_length(header)
-            except protocol.ProtocolError as exc:
-                conn.sendall(protocol.frame(protocol.failed(0, exc)))
-                return
+            # Its length as announced, checked against what this peer may send below: one
+            # over protocol.MAX_FRAME, too, is a refusal recorded as every other is (it was
+            # answered as a format error, and the audit log had no record of it: review).
+            length = protocol.HEADER.unpack(header)[0]
             limit = frame_limit(self.agent.policy, peer) if listed else None
             if limit is None:  # unlisted, or no longer listed: this request is its last
                 listed, limit = False, MAX_STRANGER_FRAME

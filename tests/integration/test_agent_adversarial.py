@@ -1614,3 +1614,32 @@ def test_certificates_cannot_take_local_slots_and_a_monitor_holds_few(
         finally:
             for undo in held:
                 undo()
+
+
+@pytest.mark.parametrize("who", ["listed", "unlisted"])
+def test_a_frame_over_the_protocols_limit_is_a_recorded_refusal(
+    kms: Kms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, who: str
+) -> None:
+    """A header announcing more than protocol.MAX_FRAME was answered as a format error, and
+    the audit log had no record of it, where every refusal is recorded (found by review)."""
+    monkeypatch.setattr(agent_server, "BODY_TIMEOUT", 2.0)  # a body that never comes
+    audit = tmp_path / "audit.log"
+    big = protocol.MAX_FRAME + 1
+    with short_dir() as d, in_process_agent(kms.store, ROOT_ALL, audit) as agent, \
+            serving(agent, d) as path:
+        agent.refusals.window = 0.0  # every refusal its own record here, to see each
+        agent.listed_refusals.window = 0.0
+        if who == "listed":
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(30)
+                sock.connect(str(path))
+                sock.sendall(header(big))
+                answer = read_frame(sock)
+        else:
+            (answer,) = as_stranger(path, [header(big)])
+    assert answer is not None and answer["error"]["code"] == "refused", answer
+    what = "request" if who == "listed" else "frame"
+    assert f"its {what} of {big} bytes was not read" in answer["error"]["message"]
+    me = peer(0 if who == "listed" else STRANGER).describe()
+    mine = [e for e in events(audit) if e["who"] == me]
+    assert [(e["op"], "was not read" in e["reason"]) for e in mine] == [("unknown", True)]
