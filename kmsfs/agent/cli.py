@@ -10,6 +10,7 @@ the audit log in a new file if the old one was moved aside (log rotation).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from kmsfs import __version__, exitcodes
 from kmsfs.agent.audit import AuditLog
 from kmsfs.agent.policy import Policy
+from kmsfs.agent.protocol import printable
 from kmsfs.agent.server import (
     Server,
     TlsFiles,
@@ -34,7 +36,7 @@ from kmsfs.agent.server import (
     tcp_listener,
     unix_listener,
 )
-from kmsfs.agent.service import Agent
+from kmsfs.agent.service import MAX_REASON, Agent
 from kmsfs.cliutil import Parser, run
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
@@ -140,6 +142,22 @@ def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _record_reload(audit: AuditLog, policy: Path, loaded: bool, reason: str) -> None:
+    """A reload of the policy in the signed audit log, with the SHA-256 of the file read: a
+    policy widened, used and put back left no trace but the process log (found by review).
+    ``op`` ``policy-reload``, ``decision`` ``allowed`` if it took effect."""
+    try:
+        digest: str | None = hashlib.sha256(policy.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    try:
+        audit.append(who="kmsfs-hsmd", op="policy-reload", domain=None, allowed=loaded,
+                     reason=printable(reason, MAX_REASON),
+                     detail={"path": str(policy), "sha256": digest})
+    except (KmsfsError, OSError) as exc:
+        log.error("policy reload not recorded in the audit log: %s", exc)
 
 
 def hsm_signer(store: Path) -> Callable[[bytes], tuple[str, bytes]]:
@@ -262,8 +280,10 @@ def serve(args: argparse.Namespace) -> int:
         try:
             agent.policy = Policy.load(args.policy)
             log.info("policy %s reloaded (%d clients)", args.policy, len(agent.policy.rules))
+            _record_reload(audit, args.policy, True, f"{len(agent.policy.rules)} clients")
         except KmsfsError as exc:
             log.error("policy not reloaded, the old one stays: %s", exc)
+            _record_reload(audit, args.policy, False, f"the old one stays: {exc}")
         if args.log_file is not None:  # --log-file rotated too: opened again by its name
             from kmsfs.fs.daemonlog import reopen_log_files
 

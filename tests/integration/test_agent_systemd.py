@@ -10,6 +10,8 @@ real SoftHSM2 one (``initialized``); clients are the real ``kmsfs-admin --agent`
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -258,6 +260,17 @@ def test_reload_keeps_the_old_policy_when_the_new_one_is_broken_then_applies_a_g
     agent.proc.send_signal(signal.SIGTERM)
     assert "STOPPING=1" in agent.next_state()
     assert agent.stop() == 0
+    # Both reloads are in the signed audit log, with the file read: a policy widened, used
+    # and put back left no trace there (found by review).
+    audit = agent.state / "kmsfs" / "hsmd" / "audit.log"
+    reloads = [r for r in map(json.loads, audit.read_text().splitlines())
+               if r.get("op") == "policy-reload"]
+    assert [(r["decision"], r["detail"]["sha256"]) for r in reloads] == [
+        ("refused", hashlib.sha256(b"[[client]\nname = 'half a table").hexdigest()),
+        ("allowed", hashlib.sha256(agent.policy.read_bytes()).hexdigest()),
+    ]
+    assert reloads[0]["reason"].startswith("the old one stays: ")
+    agent.admin("audit", "verify", str(audit))  # still a valid, signed log
 
 
 def test_configuration_errors_exit_with_codes_the_unit_does_not_restart_on(
