@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import socket
@@ -276,6 +277,21 @@ def peer_of_tls(conn: ssl.SSLSocket) -> Peer:
     return Peer(fingerprint="sha256:" + sha256(der).hexdigest(), subject=subject)
 
 
+def handshake_source(address: str) -> str:
+    """Who a TLS handshake in progress counts against (MAX_HANDSHAKES_PER_ADDRESS): an IPv4
+    address, or an IPv6 address's /64, which one host is commonly given whole (one address
+    each would let it take every handshake slot: review)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is that IPv4 address
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def frame_limit(policy: Policy, peer: Peer) -> int | None:
     """The longest frame ``peer`` may send under ``policy`` (None: the policy does not name
     it). Sized to the longest request it could honestly make: no more room than that to make
@@ -476,7 +492,8 @@ class Server:
 
     def _handshake(self, conn: socket.socket, address: str) -> socket.socket:
         assert self._tls is not None
-        if not self._count_one(self._handshakes_from, address, MAX_HANDSHAKES_PER_ADDRESS):
+        source = handshake_source(address)
+        if not self._count_one(self._handshakes_from, source, MAX_HANDSHAKES_PER_ADDRESS):
             self._note(logging.WARNING, "handshakes-busy",
                        f"refusing a TLS connection from {address}: handshakes in progress")
             raise _Logged(f"{address}: too many TLS handshakes in progress")
@@ -492,11 +509,11 @@ class Server:
                 self._handshakes.release()
         finally:
             with self._lock:
-                left = self._handshakes_from[address] - 1
+                left = self._handshakes_from[source] - 1
                 if left:
-                    self._handshakes_from[address] = left
+                    self._handshakes_from[source] = left
                 else:
-                    del self._handshakes_from[address]
+                    del self._handshakes_from[source]
         with self._lock:
             self._connections.add(tls_conn)
         return tls_conn

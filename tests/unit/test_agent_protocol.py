@@ -237,3 +237,15 @@ def test_empty_policy_refuses_everyone() -> None:
 def test_policy_typos_are_refused_at_load(text: str, match: str) -> None:
     with pytest.raises(FormatError, match=match):
         Policy.parse(text, "p.toml")
+
+
+def test_tls_handshakes_in_progress_count_per_ipv4_address_and_per_ipv6_64() -> None:
+    """One host commonly has a whole IPv6 /64: counted per address, it could take every
+    handshake slot from one network (review)."""
+    from kmsfs.agent.server import handshake_source
+
+    assert handshake_source("192.0.2.7") == "192.0.2.7"
+    assert handshake_source("::ffff:192.0.2.7") == "192.0.2.7"
+    assert handshake_source("2001:db8:1:2::7") == handshake_source("2001:db8:1:2:ffff::1") == (
+        "2001:db8:1:2::/64")
+    assert handshake_source("2001:db8:1:3::7") != handshake_source("2001:db8:1:2::7")
