@@ -508,7 +508,8 @@ MALFORMED = [
     (_framed(b'{"v":1,"id":7,"op":"open-domain","args":{"bundle":"e30="}}'), "format"),
     (_framed(b'{"v":1,"id":7,"op":"create-domain","args":{"name":"x","trust":"'
              + b"0" * 64 + b'","chain":[]}}'), "chain"),
-    (struct.pack(">I", protocol.MAX_FRAME + 1), "format"),
+    # over what any client may send: refused unread, and recorded as refusals are
+    (struct.pack(">I", protocol.MAX_FRAME + 1), "refused"),
 ]
 
 
