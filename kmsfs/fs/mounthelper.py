@@ -18,7 +18,10 @@ mount daemonizes and this returns once the mount serves, as mount(8) expects.
 import sys
 
 from kmsfs import exitcodes
+from kmsfs.cliutil import print_error
 from kmsfs.fs import cli
+
+PROG = "mount.kmsfs"
 
 #: Options for mount(8), systemd or fstab bookkeeping: never passed to the filesystem.
 USERSPACE_ONLY = frozenset(
@@ -85,18 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             positional.append(arg)
     if len(positional) != 2:
-        print(
-            "mount.kmsfs: error: usage: mount.kmsfs CIPHERDIR MOUNTPOINT "
-            "[-o store=DIR,domain=NAME,...]",
-            file=sys.stderr,
-        )
+        print_error(PROG, "usage: mount.kmsfs CIPHERDIR MOUNTPOINT [-o store=DIR,domain=NAME,...]")
         return exitcodes.USAGE
     if fake:
         return exitcodes.OK
     if REMOUNT in (o.strip() for o in options.split(",")):
-        print(f"mount.kmsfs: error: {positional[1]}: a kmsfs mount cannot be changed in place "
-              "(-o remount): unmount it and mount it again; nothing was changed",
-              file=sys.stderr)
+        print_error(PROG, f"{positional[1]}: a kmsfs mount cannot be changed in place "
+                    "(-o remount): unmount it and mount it again; nothing was changed")
         return exitcodes.USAGE
     flags, rest = split_options(options)
     command = ["mount", *positional, *flags]
