@@ -25,7 +25,11 @@ def others_may_replace_in(st: os.stat_result, owners: Collection[int]) -> bool:
 
 def _walk(directory: Path) -> tuple[list[Path], list[Path]]:
     """(every directory whose entries a lookup of *directory* reads, from ``/`` down to the
-    directory itself; every symlink it follows), as the kernel follows them."""
+    directory itself; every symlink it follows), as the kernel follows them.
+
+    Not just the resolved path and its parents: a symlink on the way lives in a directory the
+    resolved path never names (``/run/link -> /srv/agent`` is read in ``/run``), and whoever
+    may write that directory may point the link elsewhere after any check of its target."""
     path = Path(directory)
     if not path.is_absolute():
         path = Path(os.getcwd(), path)  # only then: a removed working directory is no error
@@ -51,16 +55,6 @@ def _walk(directory: Path) -> tuple[list[Path], list[Path]]:
         current = following
         seen.append(current)
     return list(dict.fromkeys(seen)), links
-
-
-def directories_on_the_way(directory: Path) -> list[Path]:
-    """Every directory whose entries a lookup of *directory* reads, from ``/`` down to the
-    directory itself, following symlinks as the kernel does.
-
-    Not just the resolved path and its parents: a symlink on the way lives in a directory the
-    resolved path never names (``/run/link -> /srv/agent`` is read in ``/run``), and whoever
-    may write that directory may point the link elsewhere after any check of its target."""
-    return _walk(directory)[0]
 
 
 def first_replaceable(directory: Path, owners: Collection[int]) -> tuple[Path, str] | None:
