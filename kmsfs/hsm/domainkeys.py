@@ -16,14 +16,16 @@ Session objects vanish when the session closes; nothing is written to the token.
 """
 
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
 
-from kmsfs.errors import FormatError
+from kmsfs.errors import FormatError, HsmError
 from kmsfs.hsm import library
 from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
 from kmsfs.model.publickeys import PublicKey
@@ -211,6 +213,69 @@ def epoch_hmacs(
         return found
     finally:
         k.destroy()
+
+
+SELF_TEST_INFO = b"kmsfs/v1/hsm-self-test\x00"
+
+#: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
+#: for ``library.hsm_errors`` to report as such.
+_TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
+
+
+@contextlib.contextmanager
+def _step(what: str, mechanism: str) -> Iterator[None]:
+    try:
+        yield
+    except _TOKEN_GONE:
+        raise
+    except p11.PKCS11Error as exc:
+        raise HsmError(
+            f"the token cannot {what} ({mechanism}: {type(exc).__name__}), which every HSM "
+            "of a Domain needs; not enrolled"
+        ) from exc
+
+
+def self_test(session: "pkcs11.Session") -> None:
+    """Run a Domain's key life cycle on throwaway session keys; raise HsmError if it fails.
+
+    Enrolment probes RSA-OAEP and a signing mechanism, but a token that cannot generate ``k``
+    or ``mk``, wrap and unwrap with RFC 5649, or HMAC with the unwrapped key would otherwise be
+    enrolled, put in a Trust by operators, and fail only when a Domain is created on it or a
+    mount asks it for keys. A token that reveals the value of a key unwrapped SENSITIVE and
+    non-EXTRACTABLE would hand every Domain's ``mk`` to whoever holds its PIN (DESIGN.md §2.1):
+    it is refused too. Session objects only: nothing is left in the token.
+    """
+    made: list[pkcs11.SecretKey] = []
+    try:
+        with _step("generate an AES-256 key", "CKM_AES_KEY_GEN"):
+            k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
+            made.append(k)
+        with _step("generate a 256-bit secret", "CKM_GENERIC_SECRET_KEY_GEN"):
+            mk = session.generate_key(
+                KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE
+            )
+            made.append(mk)
+        with _step("wrap a key with AES key wrap with padding", "CKM_AES_KEY_WRAP_PAD"):
+            wrapped = k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        with _step("unwrap a key with AES key wrap with padding", "CKM_AES_KEY_WRAP_PAD"):
+            unwrapped = _unwrap_mk(k, wrapped, UNWRAPPED_MK_TEMPLATE)
+            made.append(unwrapped)
+        with _step("compute HMAC-SHA256 with a secret key", "CKM_SHA256_HMAC"):
+            expected, got = _hmac(mk, SELF_TEST_INFO), _hmac(unwrapped, SELF_TEST_INFO)
+        if len(expected) != 32 or got != expected:
+            raise HsmError(
+                "the token's HMAC-SHA256 with an unwrapped key differs from that with the key "
+                "itself; not enrolled"
+            )
+        if MasterKey(unwrapped).value_is_readable():
+            raise HsmError(
+                "the token reveals the value of a key unwrapped as SENSITIVE and "
+                "non-EXTRACTABLE, so it would hand a Domain's master key to whoever holds its "
+                "PIN; not enrolled"
+            )
+    finally:
+        for key in reversed(made):
+            key.destroy()
 
 
 def rotate(

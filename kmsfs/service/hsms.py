@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kmsfs.errors import AlreadyExistsError, IntegrityError, KmsfsError, UsageError
-from kmsfs.hsm import keypairs, library, softhsm
+from kmsfs.hsm import domainkeys, keypairs, library, softhsm
 from kmsfs.hsm.library import TokenLocation
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
@@ -51,6 +51,7 @@ def _provision(
         library.session(location, pin_source.read(), rw=True) as session,
         library.hsm_errors(label),
     ):
+        domainkeys.self_test(session)  # before the key pairs: a refused token is left as it was
         wrap_key, sign_key = keypairs.provision(session)
         record = HsmRecord(label=label, wrap_key=wrap_key, sign_key=sign_key, created=utc_now())
         message = contexts.message(contexts.HSM_RECORD, record.signed_bytes())

@@ -1,0 +1,139 @@
+"""Tokens that are not the embedded default: what kmsfs needs of a PKCS#11 token, checked when
+it is enrolled, and the RSA-PSS signing path (tokens without Ed25519) end to end.
+
+SoftHSM2 can hide mechanisms from its slots (``slots.mechanisms`` in softhsm2.conf), which makes
+a real token lacking what another vendor's token may lack: Ed25519, AES key wrap with padding,
+HMAC-SHA256, RSA-OAEP. Each such token lives under a SoftHSM config of its own beside the
+store's embedded tokens, as a token of another module would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmsfs import exitcodes
+from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "token-pin-4242"
+
+
+def _token_without(tmp_path: Path, label: str, mechanisms: list[str]) -> tuple[Path, Path]:
+    """A fresh SoftHSM token *label* whose slot hides *mechanisms*: (its config, its files)."""
+    files = tmp_path / f"{label}-tokens"
+    files.mkdir()
+    conf = tmp_path / f"{label}.conf"
+    # SoftHSM 2.6.1 keeps the minus sign on the first name of a "-" list, so that name matches
+    # nothing and stays enabled: a placeholder goes first.
+    conf.write_text(
+        f"directories.tokendir = {files}\nobjectstore.backend = file\n"
+        f"slots.mechanisms = -CKM_PLACEHOLDER,{','.join(mechanisms)}\n"
+    )
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN,
+         "--so-pin", "so-pin-123456"],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
+    )
+    return conf, files
+
+
+def _enroll(admin: Admin, conf: Path, label: str, check: int = 0):  # type: ignore[no-untyped-def]
+    return admin(
+        "--json", "hsm", "enroll", "--module", MODULE, "--token", label,
+        "--pin-file", admin.pin_file(label, PIN), "--label", label,
+        env={"SOFTHSM2_CONF": str(conf)}, check=check,
+    )
+
+
+def _objects_in(files: Path) -> list[str]:
+    """The objects stored in a SoftHSM token (the file backend keeps one file per object)."""
+    return sorted(p.name for p in files.rglob("*.object") if p.name != "token.object")
+
+
+@pytest.mark.parametrize(("hidden", "said"), [
+    (["CKM_AES_KEY_WRAP_PAD"], "(CKM_AES_KEY_WRAP_PAD: MechanismInvalid)"),
+    (["CKM_SHA256_HMAC"], "(CKM_SHA256_HMAC: MechanismInvalid)"),
+    (["CKM_RSA_PKCS_OAEP"], "cannot wrap with RSA-OAEP"),
+    (["CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_SHA256_RSA_PKCS_PSS"], "neither Ed25519"),
+])
+def test_a_token_lacking_what_a_domain_needs_is_not_enrolled(
+    initialized: Admin, tmp_path: Path, hidden: list[str], said: str
+) -> None:
+    """Without the check, such a token was enrolled, put in a Trust, and failed only when a
+    Domain was created on it or a mount asked it for keys."""
+    conf, files = _token_without(tmp_path, "lacking", hidden)
+    before = tree_snapshot(initialized.store / "hsms")
+    result = _enroll(initialized, conf, "lacking", check=exitcodes.HSM)
+    assert said in one_error_line(result)
+    assert tree_snapshot(initialized.store / "hsms") == before
+    assert [h["label"] for h in initialized("--json", "hsm", "list").json] == ["hsm1", "hsm2"]
+    if hidden[0] in ("CKM_AES_KEY_WRAP_PAD", "CKM_SHA256_HMAC"):
+        # Refused before its key pairs are made: the token is left as it was.
+        assert _objects_in(files) == []
+
+
+def _flip_a_bit_of_the_seal(store: Path, trust: str) -> None:
+    (seal,) = (store / "seals" / trust).iterdir()
+    doc = json.loads(seal.read_bytes())
+    signature = bytearray(base64.b64decode(doc["signature"]))
+    signature[len(signature) // 2] ^= 0x01
+    doc["signature"] = base64.b64encode(bytes(signature)).decode()
+    seal.chmod(0o644)
+    seal.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
+
+
+def _kmsfs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kmsfs.fs.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_an_hsm_signing_with_rsa_pss_seals_trusts_and_serves_a_mount(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """Tokens without Ed25519 sign with RSA-PSS: its seals and Domain signatures verify, a mount
+    gets its keys from it (its SoftHSM config found through the store, not the environment),
+    and a seal with one bit flipped is refused."""
+    conf, _ = _token_without(tmp_path, "pss", ["CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA"])
+    enrolled = _enroll(initialized, conf, "pss").json
+    assert enrolled["sign"] == "rsa-pss-sha256" and enrolled["wrap"] == "rsa-oaep-sha1"
+    initialized.create_operators("alice")
+    first = initialized.sealed_trust(["hsm1", "pss"], ["alice"], 1)
+    trust = initialized.propose(["pss"], ["alice"], 1, predecessor=first)
+    initialized.sign(trust, "alice")
+    assert "sealed by HSM pss" in initialized("trust", "seal", trust).stdout
+    (seal,) = (initialized.store / "seals" / trust).iterdir()
+    assert seal.stem == enrolled["id"]
+    initialized("trust", "verify", trust)
+    initialized("domain", "create", "payroll", "--trust", trust)
+    initialized("domain", "verify", "payroll")
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env["KMSFS_STORE"] = str(initialized.store)
+    cipher, mp = tmp_path / "cipher", tmp_path / "mnt"
+    mp.mkdir()
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    for round_ in range(2):
+        proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(tmp_path / "log"),
+                      env=env)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            if round_ == 0:
+                (mp / "f").write_bytes(b"served by an RSA-PSS HSM")
+            assert (mp / "f").read_bytes() == b"served by an RSA-PSS HSM"
+        finally:
+            assert _kmsfs("umount", str(mp), env=env).returncode == 0
+    assert "keys served by HSM pss" in (tmp_path / "log").read_text()
+
+    _flip_a_bit_of_the_seal(initialized.store, trust)
+    refused = initialized("trust", "verify", trust, check=exitcodes.VERIFICATION)
+    assert trust[:12] in one_error_line(refused)
+    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+    assert proc.returncode == exitcodes.VERIFICATION, proc.stderr
+    assert not os.path.ismount(mp)
