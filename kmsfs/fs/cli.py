@@ -22,7 +22,17 @@ from kmsfs import __version__, exitcodes
 from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
-from kmsfs.fs import daemon, daemonlog, fsck, kms, latency, reencrypt, singlefile, volumepin
+from kmsfs.fs import (
+    daemon,
+    daemonlog,
+    fsck,
+    fusermount,
+    kms,
+    latency,
+    reencrypt,
+    singlefile,
+    volumepin,
+)
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig, bundle_names, shown
 from kmsfs.fs.volume import (
     check_mountpoint,
@@ -347,11 +357,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{mountpoint}: not a kmsfs mount ({found[0]} from {found[1]}); nothing unmounted"
         )
-    # Absolute, and after "--": a mount point named "-dash" is not an option of fusermount3.
-    target = os.path.abspath(mountpoint)
     lazily = False
-    proc = _fusermount(target)
-    if proc.returncode != 0 and _busy(proc):
+    done, why = fusermount.unmount(mountpoint)
+    if not done and fusermount.busy(why):
         # A mount whose daemon is gone has nothing left to write back: detached lazily, or a
         # file still open on it keeps it there for good, and no mount can go there again.
         if not _daemon_gone(mountpoint, found[1] if found is not None else None):
@@ -361,24 +369,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 "the mount and serves them until they are closed)"
             )
         lazily = True
-        proc = _fusermount(target, "-z")
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-        raise KmsfsError(f"{mountpoint}: cannot unmount: {detail}")
+        done, why = fusermount.unmount(mountpoint, lazy=True)
+    if not done:
+        raise KmsfsError(f"{mountpoint}: cannot unmount: {why}")
     if args.json:
-        emit_json({"mountpoint": target, "lazily": lazily})
+        emit_json({"mountpoint": os.path.abspath(mountpoint), "lazily": lazily})
     elif lazily:
         print(f"{mountpoint}: detached, its daemon gone (what still has it open gets ENOTCONN)")
     return exitcodes.OK
-
-
-def _fusermount(target: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["fusermount3", "-u", *flags, "--", target], capture_output=True,
-                          text=True, env={**os.environ, "LC_ALL": "C"})
-
-
-def _busy(proc: subprocess.CompletedProcess[str]) -> bool:
-    return proc.stderr.rstrip().endswith(os.strerror(errno.EBUSY))
 
 
 #: How long ``kmsfs umount`` waits for a mount's statfs before taking its daemon as alive.
@@ -402,7 +400,7 @@ def _daemon_gone(mountpoint: Path, source: str | None) -> bool:
     try:
         asked = subprocess.run(
             ["stat", "-f", "-c", "%t", "--", str(mountpoint)], capture_output=True, text=True,
-            timeout=STATFS_WAIT_SECONDS, env={**os.environ, "LC_ALL": "C"},
+            timeout=STATFS_WAIT_SECONDS, env=fusermount.c_locale(),
         )
     except subprocess.TimeoutExpired:
         return False

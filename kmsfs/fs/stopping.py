@@ -12,13 +12,12 @@ import logging
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from kmsfs.fs import sdnotify
+from kmsfs.fs import fusermount, sdnotify
 from kmsfs.fs.daemonlog import reopen_log_files
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ async def _unmount_gracefully(stop: Stop) -> None:
         )
         sdnotify.notify(f"STATUS=unmounted {mountpoint} here, serving its mounts elsewhere")
         return
-    if stop.foreign is None and "busy" in why:
+    if stop.foreign is None and fusermount.busy(why):
         log.warning(
             "%s is busy: detaching it; serving until the last file open in it and the last "
             "working directory in it are gone (a second SIGTERM or SIGINT stops at once)",
@@ -165,29 +164,13 @@ async def _unmount_gracefully(stop: Stop) -> None:
 
 
 def _fusermount_ours(stop: Stop, lazy: bool) -> tuple[bool, str]:
-    """:func:`_fusermount`, if the mount on top at the path is still this daemon's; else
+    """:func:`fusermount.unmount`, if the mount on top at the path is still this daemon's; else
     nothing, and :attr:`Stop.foreign` says what is there."""
     assert stop.device is not None
     stop.foreign = not_ours(stop.mountpoint, stop.device)
     if stop.foreign is not None:
         return False, stop.foreign
-    return _fusermount(stop.mountpoint, lazy)
-
-
-def _fusermount(mountpoint: Path, lazy: bool) -> tuple[bool, str]:
-    """``fusermount3 -u`` (``-z``: detach) as ``kmsfs umount`` runs it, which needs no
-    privilege for a user's own mount; (done, why not)."""
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", os.path.abspath(mountpoint)]
-    try:
-        proc = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-            env={**os.environ, "LC_ALL": "C"},  # "busy" is matched in its message
-        )
-    except OSError as exc:
-        return False, f"fusermount3: {exc.strerror}"
-    if proc.returncode == 0:
-        return True, ""
-    return False, (proc.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+    return fusermount.unmount(stop.mountpoint, lazy)
 
 
 def not_ours(
