@@ -41,7 +41,8 @@ VERSION = 1
 MAX_FRAME = 2 * 1024 * 1024  # bounds what one connection makes the agent hold in memory
 MAX_BATCH = 1024  # infos per derive request
 MAX_INFO = 256  # bytes of one key derivation info (kmsfs's own are under 64)
-_HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">I")
+"""A frame's header: its body's length, big-endian, 4 bytes."""
 
 # Most specific first: the first class an error is an instance of gives its code.
 _CODES: tuple[tuple[str, type[KmsfsError]], ...] = (
@@ -94,19 +95,17 @@ def frame(message: dict[str, Any]) -> bytes:
     body = canonical_bytes(message)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
-    return _HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)) + body
 
 
 def frame_length(header: bytes) -> int:
-    (length,) = _HEADER.unpack(header)
+    (length,) = HEADER.unpack(header)
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
     return int(length)
 
 
-HEADER_SIZE = _HEADER.size
-HEADER = _HEADER
-"""A frame's header: its body's length, big-endian, 4 bytes."""
+HEADER_SIZE = HEADER.size
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -508,12 +509,7 @@ class Server:
             finally:
                 self._handshakes.release()
         finally:
-            with self._lock:
-                left = self._handshakes_from[source] - 1
-                if left:
-                    self._handshakes_from[source] = left
-                else:
-                    del self._handshakes_from[source]
+            self._uncount_one(self._handshakes_from, source)
         with self._lock:
             self._connections.add(tls_conn)
         return tls_conn
@@ -525,6 +521,16 @@ class Server:
                 return False
             counts[key] = counts.get(key, 0) + 1
             return True
+
+    def _uncount_one(self, counts: dict[str, int], key: str) -> None:
+        """Undo one :meth:`_count_one`; a key counted down to none is dropped, so that the
+        dicts hold only what is open (a source or a peer seen once is not kept for good)."""
+        with self._lock:
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
 
     def _admit(self, peer: Peer, listed: bool, release: list[Callable[[], None]]) -> bool:
         if not listed:
@@ -545,14 +551,7 @@ class Server:
             self._note(logging.WARNING, "per-peer",
                        f"refusing a connection of {key}: {most} open")
             return False
-
-        def leave() -> None:
-            with self._lock:
-                self._per_peer[key] -= 1
-                if not self._per_peer[key]:
-                    del self._per_peer[key]
-
-        release.append(leave)
+        release.append(functools.partial(self._uncount_one, self._per_peer, key))
         return True
 
     def _requests(self, conn: socket.socket, peer: Peer, listed: bool) -> None:
