@@ -11,8 +11,10 @@ import ctypes
 import ctypes.util
 import fcntl
 import functools
+import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -274,15 +276,36 @@ class _Login:
 _logins: dict[tuple[str, int], _Login] = {}
 
 
+#: PINs a token refused in this process, as keyed digests (never the PIN itself), per token.
+#: A mount whose HSMs are all unavailable asks them again every second: it tried a wrong PIN
+#: each time, and a real HSM locks its PIN after a few wrong tries (then only its security
+#: officer can unlock it). A PIN once refused is not sent to that token again; a corrected PIN
+#: (another value from the same file or credential) is tried.
+_refused_pins: dict[tuple[str, str, str], set[bytes]] = {}
+_PIN_DIGEST_KEY = secrets.token_bytes(32)
+
+
+def _refusal_key(location: TokenLocation, token: "pkcs11.Token") -> tuple[str, str, str]:
+    return os.path.realpath(location.module), token.label, str(token.serial)
+
+
 def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[str, int]:
     key = (location.module, int(token.slot.slot_id))
     with CALLS:
         login = _logins.get(key)
         if login is None:
+            refused = _refused_pins.setdefault(_refusal_key(location, token), set())
+            digest = hmac.digest(_PIN_DIGEST_KEY, pin.encode(), "sha256")
+            if digest in refused:
+                raise PinError(
+                    f"wrong PIN for {location.describe()} (refused before: not sent again, "
+                    "so that the token does not lock it; correct the PIN)"
+                )
             try:
                 with token_files_lock(location.softhsm_conf):  # C_Login rewrites them
                     holder = _retrying(lambda: token.open(user_pin=pin))
             except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+                refused.add(digest)
                 raise PinError(f"wrong PIN for {location.describe()}") from exc
             except p11.PinLocked as exc:
                 raise PinError(f"the PIN of {location.describe()} is locked") from exc

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
+from kmsfs.errors import PinError
+from kmsfs.hsm import library, softhsm
+from kmsfs.hsm.library import TokenLocation
 from kmsfs.model import contexts
 from kmsfs.service.context import Context, open_hsm
 from tests.kms_helpers import Admin
@@ -47,3 +52,38 @@ def test_open_domain_keeps_deriving_while_other_sessions_come_and_go(initialized
             with open_hsm(ctx, [record]) as other:
                 other.sign(MESSAGE)
         assert keys.derive(b"info") == before
+
+
+def test_a_refused_pin_is_not_sent_to_the_token_again_until_it_changes(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount retries its HSMs every second while none serves: it sent a wrong PIN each time,
+    and a real HSM locks its PIN after a few wrong tries."""
+    private = initialized.store / "private"
+    location = TokenLocation(softhsm.default_module(), "hsm1", str(private / "softhsm2.conf"))
+    right = (private / "pins" / "hsm1.pin").read_text().strip()
+    sent: list[str] = []
+    real_retrying = library._retrying
+
+    def counting(action):  # type: ignore[no-untyped-def]
+        sent.append("call")
+        return real_retrying(action)
+
+    monkeypatch.setattr(library, "_retrying", counting)
+
+    def attempt(pin: str) -> int:
+        sent.clear()
+        with library.session(location, pin):
+            pass
+        return len(sent)
+
+    with pytest.raises(PinError, match="wrong PIN") as first:
+        attempt("wrong-pin-0001")
+    assert "refused before" not in str(first.value)
+    for _ in range(3):
+        with pytest.raises(PinError, match="refused before: not sent again"):
+            attempt("wrong-pin-0001")
+        assert sent == ["call"]  # the token lookup alone: no C_Login
+    with pytest.raises(PinError, match="wrong PIN"):
+        attempt("wrong-pin-0002")  # another PIN is tried
+    assert attempt(right) == 3  # lookup, login, session: the right PIN still works
