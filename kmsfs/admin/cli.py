@@ -638,6 +638,13 @@ def build_parser() -> Parser:
         "--label", type=_new_name, help="a name for the HSM in kmsfs (default hsmN)"
     )
     _pin_options(p, "token's user PIN")
+    p.epilog = (
+        f"{p.epilog}\n\n"
+        "The store records where the PIN comes from, not the PIN: the file's absolute path,\n"
+        "the variable's name, or the terminal. Every later use of this HSM (a mount, a seal,\n"
+        "hsm health) reads it from there again: keep the file, or give --pin-credential for\n"
+        "services (the file then serves only for enrolling)."
+    )
     p.add_argument(
         "--pin-credential",
         metavar="NAME",

@@ -306,8 +306,8 @@ def _lock_offline(cipherdir: Path, how: int) -> int:
     mounts = mounted_from(cipherdir)
     if mounts:
         raise UsageError(
-            f"{cipherdir}: mounted on {mounts[0]}: unmount it first "
-            "(this job does not run under a live mount)"
+            f"{cipherdir}: mounted on {mounts[0]}: unmount it first with kmsfs umount (this "
+            "job does not run while the volume is mounted, even by a daemon that is gone)"
         )
     fd = _lock(Path(cipherdir), how)
     if fd is None:

@@ -248,8 +248,9 @@ def test_fsck_command_with_real_domain(tmp_path: Path, initialized) -> None:  # 
         # reported as damage (exit 8): it refuses, as reencrypt does.
         live = kmsfs(store, "fsck", str(cipher), check=exitcodes.USAGE)
         assert live.stderr.decode() == (  # the mount's source names the volume
-            f"kmsfs: error: {cipher}: mounted on {mp}: unmount it first "
-            "(this job does not run under a live mount)\n"
+            f"kmsfs: error: {cipher}: mounted on {mp}: unmount it first with kmsfs umount "
+            "(this job does not run while the volume is mounted, even by a daemon that is "
+            "gone)\n"
         )
         assert live.stdout == b""
     finally:
