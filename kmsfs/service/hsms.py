@@ -73,14 +73,13 @@ def _provision(
 def create_hsm(ctx: Context, label: str | None = None) -> HsmRecord:
     """A new embedded SoftHSM2 token with a random PIN kept in the private area."""
     ctx.private.ensure()
-    if not ctx.private.softhsm_conf.exists():
-        softhsm.write_config(ctx.private.softhsm_conf, ctx.private.token_dir)
+    conf = ctx.private.softhsm_conf_to_make_tokens()
     label = _next_label(ctx) if label is None else label  # "" is a bad label, not none
     _check_label_free(ctx, label)
     pin = secrets.token_hex(16)
     pin_file = ctx.private.write_pin(label, pin)
     try:
-        with softhsm.new_token(ctx.private.softhsm_conf, label, pin) as location:
+        with softhsm.new_token(conf, label, pin) as location:
             return _provision(ctx, location, PinSource(file=str(pin_file)), label)
     except BaseException:
         pin_file.unlink(missing_ok=True)
@@ -115,7 +114,7 @@ def _softhsm_conf_for(ctx: Context, module: str) -> str | None:
     if os.environ.get("SOFTHSM2_CONF"):
         return os.environ["SOFTHSM2_CONF"]
     if "softhsm" in Path(module).name and ctx.private.softhsm_conf.exists():
-        return str(ctx.private.softhsm_conf)
+        return str(ctx.private.ensure_softhsm_conf())
     return None
 
 

@@ -112,8 +112,8 @@ def create_operator(
             raise AlreadyExistsError(f"operator {name!r} already exists in {ctx.store.root}")
         ctx.private.ensure()
         conf = ctx.private.softhsm_conf
-        if label is not None and not conf.exists():
-            softhsm.write_config(conf, ctx.private.token_dir)
+        if label is not None:
+            conf = ctx.private.softhsm_conf_to_make_tokens()
         pending = ctx.private.root / PENDING_DIR / name
         _clear_interrupted(ctx, name, pending)
         key_file = ctx.private.operator_key_file(name)
@@ -157,7 +157,9 @@ def _clear_interrupted(ctx: Context, name: str, pending: Path) -> None:
     if not pending.exists():
         return
     if ctx.private.softhsm_conf.exists():
-        softhsm.delete_tokens_labelled(ctx.private.softhsm_conf, TOKEN_LABEL_PREFIX + name)
+        softhsm.delete_tokens_labelled(
+            ctx.private.softhsm_conf_to_make_tokens(), TOKEN_LABEL_PREFIX + name
+        )
     ctx.private.operator_key_file(name).unlink(missing_ok=True)
     ctx.private.forget_access("operator", name)
     pending.unlink()

@@ -120,6 +120,14 @@ class PrivateArea:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"{path}: damaged access file ({type(exc).__name__})") from exc
 
+    def softhsm_conf_to_make_tokens(self) -> Path:
+        """This area's softhsm2.conf, written if missing and corrected if stale, for commands
+        that make or remove tokens: a copied or restored store carries a config that names the
+        original's token directory, and a token made through it landed there (review)."""
+        if not self.softhsm_conf.exists():
+            softhsm.write_config(self.softhsm_conf, self.token_dir)
+        return self.ensure_softhsm_conf()
+
     def ensure_softhsm_conf(self) -> Path:
         """The softhsm2.conf that reaches this area's tokens where the store is now.
 

@@ -548,3 +548,22 @@ def test_json_goes_before_or_after_the_command(initialized: Admin) -> None:
     after = json.loads(initialized("hsm", "list", "--json").stdout)
     assert before == after and sorted(h["label"] for h in after) == ["hsm1", "hsm2"]
     assert not initialized("hsm", "list").stdout.lstrip().startswith("[")
+
+
+def test_tokens_made_in_a_copied_store_are_its_own(initialized: Admin, tmp_path: Path) -> None:
+    """A copy carries a softhsm2.conf naming the original's token directory: `operator create`
+    and `hsm create` in the copy made their tokens there, where the copy never looks again."""
+    original_tokens = initialized.store / "private" / "tokens"
+    before = sorted(p.name for p in original_tokens.iterdir())
+
+    with_operator = initialized.copy(tmp_path / "copy1")
+    with_operator.create_operators("erin")
+    assert sorted(p.name for p in original_tokens.iterdir()) == before
+    with_operator.sealed_trust(["hsm1"], ["erin"], 1)  # erin signs with her token
+
+    with_hsm = initialized.copy(tmp_path / "copy2")
+    with_hsm("hsm", "create", "--label", "hsm9")
+    assert sorted(p.name for p in original_tokens.iterdir()) == before
+    with_hsm.create_operators("alice")
+    first = with_hsm.sealed_trust(["hsm1", "hsm9"], ["alice"], 1)
+    with_hsm.sealed_trust(["hsm9"], ["alice"], 1, predecessor=first)  # hsm9 seals it
