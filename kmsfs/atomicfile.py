@@ -9,10 +9,41 @@ content-addressed document written twice with the same bytes is simply already t
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-from kmsfs.errors import AlreadyExistsError
+from kmsfs.errors import AlreadyExistsError, FormatError
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def read_regular(path: Path, limit: int = -1) -> bytes:
+    """The bytes (at most *limit*) of the regular file *path*; FileNotFoundError if nothing is
+    there, FormatError if something else is.
+
+    A FIFO planted where a document belongs (``rsync -a`` of a hostile replica copies one)
+    hung every command that read it, and a symbolic link there read whatever it points to.
+    Neither is followed nor opened: the final component is looked at with lstat, then opened
+    with O_NOFOLLOW and O_NONBLOCK and checked again (it may have been swapped meanwhile)."""
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    if kind == stat.S_IFREG:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind == stat.S_IFREG:
+                return handle.read(limit)
+    raise FormatError(
+        f"{path}: {_KINDS.get(kind, 'not a regular file')} where a regular file belongs; "
+        "remove it"
+    )
 
 
 def fsync_dir(directory: Path | bytes) -> None:
@@ -56,7 +87,7 @@ def write_new(
     try:
         os.link(temp, path)
     except FileExistsError:  # published meanwhile by another process
-        if path.read_bytes() == data:
+        if read_regular(path, len(data) + 1) == data:
             return False
         raise AlreadyExistsError(
             f"{path} already exists (documents are never overwritten)"
@@ -72,7 +103,7 @@ def _already(path: Path, data: bytes) -> bool:
     """True if *path* holds *data*; False if there is nothing there; AlreadyExistsError if
     other bytes are (documents are never overwritten)."""
     try:
-        if path.read_bytes() == data:
+        if read_regular(path, len(data) + 1) == data:
             return True
     except FileNotFoundError:
         return False

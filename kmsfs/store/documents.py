@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,8 +137,7 @@ class Store:
         (a path relative to the store did not say which store)."""
         where = str(path)
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_DOCUMENT_BYTES + 1)
+            data = atomic.read_regular(path, MAX_DOCUMENT_BYTES + 1)
         except FileNotFoundError:
             raise NotFoundError(f"{where}: no such document") from None
         except OSError as exc:
@@ -169,10 +169,28 @@ class Store:
             raise FormatError(
                 f"{path}: document of {len(data)} bytes, the limit is {MAX_DOCUMENT_BYTES}"
             )
+        self._refuse_links_on_the_way(path.parent)
         with writing(path, "the document"):
             written = atomic.write_new(path, data)
         log.debug("%s %s", "wrote" if written else "already there:", path)
         return written
+
+    def _refuse_links_on_the_way(self, directory: Path) -> None:
+        """Documents go into the store's own directories only. A directory of a synced
+        replica that is a symbolic link (``rsync -a`` copies them) took ``trust sign``'s
+        approval wherever it pointed, written as root (review)."""
+        here = self.root
+        for part in directory.relative_to(self.root).parts:
+            here = here / part
+            try:
+                is_link = stat.S_ISLNK(os.lstat(here).st_mode)
+            except FileNotFoundError:
+                return  # made by the write, as a directory
+            if is_link:
+                raise StoreError(
+                    f"{here}: a symbolic link inside the store, where a directory of its own "
+                    "belongs; remove it"
+                )
 
     @staticmethod
     def _names(directory: Path, suffix: str = ".json") -> Iterator[str]:
