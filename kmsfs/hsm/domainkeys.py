@@ -1,7 +1,7 @@
 """Domain keys inside a token: generate, wrap, unwrap and derive, never in the clear.
 
 - ``create``: ``k`` (AES-256) and ``mk`` (256-bit generic secret) are generated as SENSITIVE
-  session objects; ``mk`` is wrapped by ``k`` (CKM_AES_KEY_WRAP_PAD, RFC 5649) and ``k`` by each
+  session objects; ``mk`` is wrapped by ``k`` (RFC 5649: :func:`rfc5649`) and ``k`` by each
   recipient HSM's RSA public key (CKM_RSA_PKCS_OAEP, imported as a session object). Both are
   EXTRACTABLE only so they can be wrapped; CKA_VALUE reads are refused (SENSITIVE).
 - ``unwrap``: ``k`` then ``mk`` come back as SENSITIVE, non-EXTRACTABLE session objects (the
@@ -17,11 +17,15 @@ Session objects vanish when the session closes; nothing is written to the token.
 
 
 import contextlib
+import hashlib
+import hmac
+import logging
 from collections.abc import Iterator, Sequence
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
@@ -29,6 +33,8 @@ from kmsfs.errors import FormatError, HsmError
 from kmsfs.hsm import library
 from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
 from kmsfs.model.publickeys import PublicKey
+
+log = logging.getLogger(__name__)
 
 K_TEMPLATE = {
     Attribute.SENSITIVE: True,
@@ -90,6 +96,19 @@ def _hmac(mk: "pkcs11.SecretKey", info: bytes) -> bytes:
     return bytes(mk.sign(info, mechanism=Mechanism.SHA256_HMAC))
 
 
+def rfc5649(session: "pkcs11.Session") -> Mechanism:
+    """The token's mechanism for AES key wrap with padding as RFC 5649 defines it, with which
+    ``k`` wraps ``mk`` (every HSM of a Trust must unwrap what another one wrapped).
+
+    PKCS#11 3.0 names it CKM_AES_KEY_WRAP_KWP and redefines CKM_AES_KEY_WRAP_PAD as PKCS#7
+    padding then RFC 3394 (3.1 deprecates it), while tokens of earlier versions, SoftHSM2
+    among them, implement RFC 5649 as CKM_AES_KEY_WRAP_PAD. A token that lists KWP is asked
+    for that; the enrolment self-test checks a known answer either way."""
+    if Mechanism.AES_KEY_WRAP_KWP in session.token.slot.get_mechanisms():
+        return Mechanism.AES_KEY_WRAP_KWP
+    return Mechanism.AES_KEY_WRAP_PAD
+
+
 def create(
     session: "pkcs11.Session", recipients: Sequence[tuple[str, PublicKey]], binding_info: bytes
 ) -> tuple[dict[str, bytes], bytes, bytes]:
@@ -97,7 +116,7 @@ def create(
     k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
     mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
     try:
-        wrapped_mk = k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        wrapped_mk = k.wrap_key(mk, mechanism=rfc5649(session))
         return _wrap_k_for(session, k, recipients), wrapped_mk, _hmac(mk, binding_info)
     finally:
         mk.destroy()
@@ -119,13 +138,15 @@ def _unwrap_k(
     )
 
 
-def _unwrap_mk(k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict) -> "pkcs11.SecretKey":
+def _unwrap_mk(
+    k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict, mechanism: Mechanism
+) -> "pkcs11.SecretKey":
     return k.unwrap_key(
         ObjectClass.SECRET_KEY,
         KeyType.GENERIC_SECRET,
         wrapped_mk,
         store=False,
-        mechanism=Mechanism.AES_KEY_WRAP_PAD,
+        mechanism=mechanism,
         template=template,
     )
 
@@ -160,7 +181,7 @@ def unwrap(
     """Bring ``mk`` back inside the token as a SENSITIVE, non-EXTRACTABLE, sign-only key."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
-        return MasterKey(_unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE))
+        return MasterKey(_unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, rfc5649(session)))
     finally:
         k.destroy()
 
@@ -177,13 +198,15 @@ def rewrap(
     Returns the new wrappings and each epoch's binding (``binding_infos``, one per epoch)."""
     old_k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     new_k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
+    mechanism = rfc5649(session)
     try:
         rewrapped: list[bytes] = []
         bindings: list[bytes] = []
         for wrapped_mk, info in zip(wrapped_mks, binding_infos, strict=True):
-            mk = _unwrap_mk(old_k, wrapped_mk, MK_TEMPLATE)  # wrappable, only for this loop
+            # wrappable, only for this loop
+            mk = _unwrap_mk(old_k, wrapped_mk, MK_TEMPLATE, mechanism)
             try:
-                rewrapped.append(new_k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                rewrapped.append(new_k.wrap_key(mk, mechanism=mechanism))
                 bindings.append(_hmac(mk, info))
             finally:
                 mk.destroy()
@@ -205,7 +228,7 @@ def epoch_hmacs(
     try:
         found: list[list[bytes]] = []
         for wrapped_mk, epoch_infos in zip(wrapped_mks, infos, strict=True):
-            mk = _unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE)
+            mk = _unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, rfc5649(session))
             try:
                 found.append([_hmac(mk, info) for info in epoch_infos])
             finally:
@@ -216,6 +239,10 @@ def epoch_hmacs(
 
 
 SELF_TEST_INFO = b"kmsfs/v1/hsm-self-test\x00"
+#: The known answer: a key wrapped here (RFC 5649, by the cryptography package) under another
+#: known key, unwrapped by the token, and its HMAC-SHA256 of SELF_TEST_INFO.
+_KNOWN_KEK = hashlib.sha256(b"kmsfs/v1/hsm-self-test/kek").digest()
+_KNOWN_MK = hashlib.sha256(b"kmsfs/v1/hsm-self-test/mk").digest()
 
 #: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
 #: for ``library.hsm_errors`` to report as such.
@@ -255,10 +282,12 @@ def self_test(session: "pkcs11.Session") -> None:
                 KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE
             )
             made.append(mk)
-        with _step("wrap a key with AES key wrap with padding", "CKM_AES_KEY_WRAP_PAD"):
-            wrapped = k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-        with _step("unwrap a key with AES key wrap with padding", "CKM_AES_KEY_WRAP_PAD"):
-            unwrapped = _unwrap_mk(k, wrapped, UNWRAPPED_MK_TEMPLATE)
+        mechanism = rfc5649(session)
+        name = f"CKM_{mechanism.name}"
+        with _step("wrap a key with AES key wrap with padding", name):
+            wrapped = k.wrap_key(mk, mechanism=mechanism)
+        with _step("unwrap a key with AES key wrap with padding", name):
+            unwrapped = _unwrap_mk(k, wrapped, UNWRAPPED_MK_TEMPLATE, mechanism)
             made.append(unwrapped)
         with _step("compute HMAC-SHA256 with a secret key", "CKM_SHA256_HMAC"):
             expected, got = _hmac(mk, SELF_TEST_INFO), _hmac(unwrapped, SELF_TEST_INFO)
@@ -273,9 +302,60 @@ def self_test(session: "pkcs11.Session") -> None:
                 "non-EXTRACTABLE, so it would hand a Domain's master key to whoever holds its "
                 "PIN; not enrolled"
             )
+        _known_answer(session, mechanism, made)
     finally:
         for key in reversed(made):
             key.destroy()
+
+
+def _known_answer(
+    session: "pkcs11.Session", mechanism: Mechanism, made: "list[pkcs11.SecretKey]"
+) -> None:
+    """Unwrap a known RFC 5649 wrapping made outside the token and compare the HMAC of what
+    comes out: a round trip inside one token cannot tell RFC 5649 from PKCS#11 3.0's
+    CKM_AES_KEY_WRAP_PAD (PKCS#7 padding then RFC 3394), and a token with that one could
+    never unwrap a Domain that another HSM of its Trust made. A token that refuses to take a
+    known key (some do in a FIPS mode) is checked by the round trip alone, with a warning."""
+    try:
+        kek = session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: False,
+            Attribute.VALUE: _KNOWN_KEK,
+            Attribute.UNWRAP: True,
+            Attribute.WRAP: False,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+        })
+    except _TOKEN_GONE:
+        raise
+    except p11.PKCS11Error as exc:
+        log.warning("the token does not take a known key (%s): its AES key wrap with padding "
+                    "is not checked against RFC 5649's answer", type(exc).__name__)
+        return
+    made.append(kek)
+    name = f"CKM_{mechanism.name}"
+    hint = "" if mechanism == Mechanism.AES_KEY_WRAP_KWP else (
+        " (it lists no CKM_AES_KEY_WRAP_KWP, and its CKM_AES_KEY_WRAP_PAD is not RFC 5649)")
+    try:
+        unwrapped = _unwrap_mk(
+            kek, aes_key_wrap_with_padding(_KNOWN_KEK, _KNOWN_MK), UNWRAPPED_MK_TEMPLATE,
+            mechanism,
+        )
+    except _TOKEN_GONE:
+        raise
+    except p11.PKCS11Error as exc:
+        raise HsmError(
+            f"the token cannot unwrap an RFC 5649 wrapping made elsewhere ({name}: "
+            f"{type(exc).__name__}){hint}, so it could not open a Domain another HSM made; "
+            "not enrolled"
+        ) from exc
+    made.append(unwrapped)
+    if _hmac(unwrapped, SELF_TEST_INFO) != hmac.digest(_KNOWN_MK, SELF_TEST_INFO, "sha256"):
+        raise HsmError(
+            f"the key the token unwraps from an RFC 5649 wrapping made elsewhere ({name}) is "
+            f"not the key wrapped{hint}; not enrolled"
+        )
 
 
 def rotate(
@@ -290,7 +370,7 @@ def rotate(
     k = _unwrap_k(session, scheme, wrapped_k, {**K_TEMPLATE, Attribute.EXTRACTABLE: False})
     mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
     try:
-        return bytes(k.wrap_key(mk, mechanism=Mechanism.AES_KEY_WRAP_PAD)), _hmac(mk, binding_info)
+        return bytes(k.wrap_key(mk, mechanism=rfc5649(session))), _hmac(mk, binding_info)
     finally:
         mk.destroy()
         k.destroy()

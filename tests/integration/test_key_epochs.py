@@ -68,14 +68,17 @@ def test_an_hsm_removed_before_a_rotation_cannot_reach_the_new_epoch(initialized
         )
         try:
             # Epoch 1 as generation 1 wrapped it: old data, readable by hsm2 until re-encrypted.
+            rfc5649 = domainkeys.rfc5649(removed.session)
             epoch1 = domainkeys._unwrap_mk(
-                k, generation1.master_keys[0].data, domainkeys.UNWRAPPED_MK_TEMPLATE
+                k, generation1.master_keys[0].data, domainkeys.UNWRAPPED_MK_TEMPLATE, rfc5649
             )
             epoch1.destroy()
             # Epoch 2 exists only wrapped by the k of generation 2 onwards, which hsm2 never got.
             for wrapped in (latest.master_keys[1].data, latest.master_keys[0].data):
                 with pytest.raises(p11.PKCS11Error):
-                    domainkeys._unwrap_mk(k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE)
+                    domainkeys._unwrap_mk(
+                        k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE, rfc5649
+                    )
         finally:
             k.destroy()
     # And hsm1, still in the Trust, derives both epochs.

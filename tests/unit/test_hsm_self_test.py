@@ -2,7 +2,8 @@
 
 A real token (SoftHSM2, in tests/integration/test_other_tokens.py) shows the missing-mechanism
 refusals; here a token in software, faithful to PKCS#11 (RFC 5649 wrapping and HMAC-SHA256 from
-the cryptography package), is made to break one promise at a time.
+the cryptography package), is made to break one promise at a time, or to be a PKCS#11 3.0
+token, whose CKM_AES_KEY_WRAP_PAD is PKCS#7 padding then RFC 3394.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import os
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
     aes_key_unwrap_with_padding,
+    aes_key_wrap,
     aes_key_wrap_with_padding,
 )
 from pkcs11 import Attribute, Mechanism
@@ -23,25 +27,55 @@ from kmsfs.errors import HsmError
 from kmsfs.hsm import domainkeys
 
 
+def _pkcs7_then_rfc3394(kek: bytes, key: bytes) -> bytes:
+    """PKCS#11 3.0's CKM_AES_KEY_WRAP_PAD: PKCS#7 padding to 8 bytes, then RFC 3394."""
+    pad = 8 - len(key) % 8
+    return aes_key_wrap(kek, key + bytes([pad]) * pad)
+
+
+def _undo_pkcs7_then_rfc3394(kek: bytes, wrapped: bytes) -> bytes:
+    padded = aes_key_unwrap(kek, wrapped)
+    return padded[: -padded[-1]]
+
+
 class SoftKey:
     def __init__(self, token: SoftToken, value: bytes, template: dict) -> None:
         self.token, self.value, self.template = token, value, template
         token.live.add(self)
 
+    def _wrapping(self, mechanism: Mechanism) -> tuple:  # type: ignore[type-arg]
+        self.token.used.add(mechanism)
+        if mechanism == Mechanism.AES_KEY_WRAP_KWP and self.token.lists_kwp:
+            return aes_key_wrap_with_padding, aes_key_unwrap_with_padding
+        if mechanism == Mechanism.AES_KEY_WRAP_PAD:
+            if self.token.pad_is_pkcs7:
+                return _pkcs7_then_rfc3394, _undo_pkcs7_then_rfc3394
+            return aes_key_wrap_with_padding, aes_key_unwrap_with_padding
+        raise p11.MechanismInvalid()
+
     def wrap_key(self, key: SoftKey, mechanism: Mechanism) -> bytes:
-        assert mechanism == Mechanism.AES_KEY_WRAP_PAD
-        return aes_key_wrap_with_padding(self.value, key.value)
+        wrapped = self._wrapping(mechanism)[0](self.value, key.value)
+        self.token.wrapped_here.add(wrapped)
+        return wrapped
 
     def unwrap_key(self, _cls, _type, wrapped: bytes, store: bool, mechanism: Mechanism,  # type: ignore[no-untyped-def]
                    template: dict) -> SoftKey:
-        assert mechanism == Mechanism.AES_KEY_WRAP_PAD and not store
-        value = aes_key_unwrap_with_padding(self.value, wrapped)
-        if self.token.unwraps_wrongly:
+        assert not store
+        unwrap = self._wrapping(mechanism)[1]
+        try:
+            value = unwrap(self.value, wrapped)
+        except InvalidUnwrap:
+            raise p11.WrappedKeyInvalid() from None
+        if self.token.unwraps_wrongly or (
+            self.token.garbles_foreign and wrapped not in self.token.wrapped_here
+        ):
             value = bytes(len(value))
         return SoftKey(self.token, value, template)
 
     def sign(self, data: bytes, mechanism: Mechanism) -> bytes:
         assert mechanism == Mechanism.SHA256_HMAC
+        if self.token.refuses_hmac:
+            raise p11.MechanismInvalid()
         return hmac.new(self.value, data, hashlib.sha256).digest()
 
     def __getitem__(self, attribute: Attribute) -> bytes:
@@ -55,24 +89,41 @@ class SoftKey:
 
 
 class SoftToken:
-    """Just what ``self_test`` asks of a session."""
+    """Just what ``self_test`` asks of a session (and of its token's slot)."""
 
     def __init__(self, *, reveals_values: bool = False, unwraps_wrongly: bool = False,
-                 refuses_hmac: bool = False) -> None:
+                 refuses_hmac: bool = False, pad_is_pkcs7: bool = False,
+                 lists_kwp: bool = False, takes_known_keys: bool = True,
+                 garbles_foreign: bool = False) -> None:
         self.reveals_values, self.unwraps_wrongly = reveals_values, unwraps_wrongly
-        self.refuses_hmac = refuses_hmac
+        self.refuses_hmac, self.pad_is_pkcs7 = refuses_hmac, pad_is_pkcs7
+        self.lists_kwp = lists_kwp
+        self.takes_known_keys, self.garbles_foreign = takes_known_keys, garbles_foreign
+        self.wrapped_here: set[bytes] = set()
         self.live: set[SoftKey] = set()
+        self.used: set[Mechanism] = set()
+
+    @property
+    def token(self) -> SoftToken:
+        return self
+
+    @property
+    def slot(self) -> SoftToken:
+        return self
+
+    def get_mechanisms(self) -> set[Mechanism]:
+        listed = {Mechanism.AES_KEY_WRAP_PAD, Mechanism.SHA256_HMAC}
+        return listed | ({Mechanism.AES_KEY_WRAP_KWP} if self.lists_kwp else set())
 
     def generate_key(self, _type, bits: int, store: bool, template: dict) -> SoftKey:  # type: ignore[no-untyped-def]
         assert not store
-        key = SoftKey(self, os.urandom(bits // 8), template)
-        if self.refuses_hmac:
-            key.sign = _refuse  # type: ignore[method-assign]
-        return key
+        return SoftKey(self, os.urandom(bits // 8), template)
 
-
-def _refuse(*_args: object, **_kwargs: object) -> bytes:
-    raise p11.MechanismInvalid()
+    def create_object(self, attributes: dict) -> SoftKey:
+        assert attributes[Attribute.TOKEN] is False
+        if not self.takes_known_keys:
+            raise p11.TemplateInconsistent()
+        return SoftKey(self, attributes[Attribute.VALUE], attributes)
 
 
 def test_an_honest_token_passes_and_keeps_nothing() -> None:
@@ -85,6 +136,8 @@ def test_an_honest_token_passes_and_keeps_nothing() -> None:
     (SoftToken(reveals_values=True), "reveals the value of a key unwrapped as SENSITIVE"),
     (SoftToken(unwraps_wrongly=True), "differs from that with the key itself"),
     (SoftToken(refuses_hmac=True), "HMAC-SHA256 with a secret key (CKM_SHA256_HMAC"),
+    (SoftToken(pad_is_pkcs7=True), "its CKM_AES_KEY_WRAP_PAD is not RFC 5649"),
+    (SoftToken(garbles_foreign=True), "is not the key wrapped"),
 ])
 def test_a_dishonest_or_lacking_token_is_refused_and_keeps_nothing(
     token: SoftToken, said: str
@@ -93,6 +146,25 @@ def test_a_dishonest_or_lacking_token_is_refused_and_keeps_nothing(
         domainkeys.self_test(token)  # type: ignore[arg-type]
     assert said in str(refused.value)
     assert token.live == set()
+
+
+def test_a_token_of_pkcs11_3_is_asked_for_kwp_and_passes() -> None:
+    """Its CKM_AES_KEY_WRAP_PAD is PKCS#7 then RFC 3394, but it lists CKM_AES_KEY_WRAP_KWP:
+    that is RFC 5649, so the Domains of other HSMs open on it."""
+    token = SoftToken(pad_is_pkcs7=True, lists_kwp=True)
+    domainkeys.self_test(token)  # type: ignore[arg-type]
+    assert token.used == {Mechanism.AES_KEY_WRAP_KWP}
+    assert domainkeys.rfc5649(token) == Mechanism.AES_KEY_WRAP_KWP  # type: ignore[arg-type]
+    assert domainkeys.rfc5649(SoftToken()) == Mechanism.AES_KEY_WRAP_PAD  # type: ignore[arg-type]
+
+
+def test_a_token_that_takes_no_known_key_is_checked_by_the_round_trip_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    domainkeys.self_test(SoftToken(takes_known_keys=False))  # type: ignore[arg-type]
+    assert "not checked against RFC 5649's answer" in caplog.text
+    with pytest.raises(HsmError, match="differs from that with the key itself"):
+        domainkeys.self_test(SoftToken(takes_known_keys=False, unwraps_wrongly=True))  # type: ignore[arg-type]
 
 
 def test_a_token_that_is_gone_is_not_called_lacking() -> None:
