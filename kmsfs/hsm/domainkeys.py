@@ -36,6 +36,10 @@ from kmsfs.model.publickeys import PublicKey
 
 log = logging.getLogger(__name__)
 
+#: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
+#: for ``library.hsm_errors`` to report as such.
+_TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
+
 K_TEMPLATE = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: True,
@@ -77,16 +81,38 @@ def _import_recipient(session: "pkcs11.Session", key: PublicKey) -> "pkcs11.Publ
     )
 
 
+#: Each wrapped ``k``: (the OAEP scheme it was wrapped with, the wrapping), by HSM id.
+WrappedKs = dict[str, tuple[str, bytes]]
+
+
 def _wrap_k_for(
     session: "pkcs11.Session", k: "pkcs11.SecretKey", recipients: Sequence[tuple[str, PublicKey]]
-) -> dict[str, bytes]:
-    wrapped: dict[str, bytes] = {}
+) -> WrappedKs:
+    """``k`` wrapped for each recipient with the OAEP hash its record names, or with SHA-1
+    where that is SHA-256 and this token cannot do it.
+
+    Each HSM records the best hash it can do itself, so a Trust of SoftHSM2 (SHA-1 only) and
+    an HSM that does SHA-256 is the usual case, and the HSM that makes or rewraps a Domain may
+    be either: the first one that answers. The Domain records each wrapping's scheme, and the
+    recipient unwraps with that one (every token that does OAEP does SHA-1)."""
+    wrapped: WrappedKs = {}
     for hsm_id, key in recipients:
         public = _import_recipient(session, key)
         try:
-            wrapped[hsm_id] = public.wrap_key(
-                k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(key.scheme)
-            )
+            try:
+                wrapped[hsm_id] = key.scheme, bytes(public.wrap_key(
+                    k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(key.scheme)
+                ))
+            except _TOKEN_GONE:
+                raise
+            except p11.PKCS11Error as exc:
+                if key.scheme != "rsa-oaep-sha256":
+                    raise
+                log.warning("this HSM cannot wrap with RSA-OAEP-SHA256 (%s): k wrapped for "
+                            "HSM %s with RSA-OAEP-SHA1", type(exc).__name__, hsm_id[:12])
+                wrapped[hsm_id] = "rsa-oaep-sha1", bytes(public.wrap_key(
+                    k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_PARAMS["sha1"]
+                ))
         finally:
             public.destroy()
     return wrapped
@@ -111,8 +137,9 @@ def rfc5649(session: "pkcs11.Session") -> Mechanism:
 
 def create(
     session: "pkcs11.Session", recipients: Sequence[tuple[str, PublicKey]], binding_info: bytes
-) -> tuple[dict[str, bytes], bytes, bytes]:
-    """Generate ``k`` and ``mk``; return (k wrapped per HSM id, mk wrapped by k, mk's binding)."""
+) -> tuple[WrappedKs, bytes, bytes]:
+    """Generate ``k`` and ``mk``; return (k wrapped per HSM id with its scheme, mk wrapped by
+    k, mk's binding)."""
     k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
     mk = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False, template=MK_TEMPLATE)
     try:
@@ -193,7 +220,7 @@ def rewrap(
     wrapped_mks: Sequence[bytes],
     recipients: Sequence[tuple[str, PublicKey]],
     binding_infos: Sequence[bytes],
-) -> tuple[dict[str, bytes], list[bytes], list[bytes]]:
+) -> tuple[WrappedKs, list[bytes], list[bytes]]:
     """Wrap every ``mk`` epoch under a fresh ``k`` for ``recipients``; ``mk`` is unchanged.
     Returns the new wrappings and each epoch's binding (``binding_infos``, one per epoch)."""
     old_k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
@@ -244,9 +271,6 @@ SELF_TEST_INFO = b"kmsfs/v1/hsm-self-test\x00"
 _KNOWN_KEK = hashlib.sha256(b"kmsfs/v1/hsm-self-test/kek").digest()
 _KNOWN_MK = hashlib.sha256(b"kmsfs/v1/hsm-self-test/mk").digest()
 
-#: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
-#: for ``library.hsm_errors`` to report as such.
-_TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             previous=None,
             trust=trust.id,
             wrapped_k=tuple(
-                WrappedKey(i, trust.hsm(i).wrap_key.scheme, w) for i, w in wrapped_k.items()
+                WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()
             ),
             master_keys=(MasterKeyEpoch(1, wrapped_mk, binding),),
             created=utc_now(),
@@ -334,7 +334,7 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
         previous=old_domain.id,
         trust=new_trust.id,
         wrapped_k=tuple(
-            WrappedKey(i, new_trust.hsm(i).wrap_key.scheme, w) for i, w in new_k.items()
+            WrappedKey(i, scheme, w) for i, (scheme, w) in new_k.items()
         ),
         master_keys=tuple(
             MasterKeyEpoch(m.epoch, d, b)

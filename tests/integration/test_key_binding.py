@@ -232,8 +232,7 @@ def _legacy(r: Revoked, name: str, trust: str, maker: str = "hsm1") -> SealedDom
         )
         domain = Domain(
             name=name, generation=1, previous=None, trust=governing.id,
-            wrapped_k=tuple(WrappedKey(i, governing.hsm(i).wrap_key.scheme, w)
-                            for i, w in wrapped_k.items()),
+            wrapped_k=tuple(WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()),
             master_keys=(MasterKeyEpoch(1, wrapped_mk),), created=utc_now(),
         )
         value = hsm.sign(contexts.message(contexts.HSM_SEALS_DOMAIN, domain.signed_bytes()))

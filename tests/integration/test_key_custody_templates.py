@@ -222,7 +222,7 @@ def _unbound_domain(ctx: Context, name: str, trust_id: str) -> SealedDomain:
         domain = Domain(
             name=name, generation=1, previous=None, trust=governing.id,
             wrapped_k=tuple(
-                WrappedKey(i, governing.hsm(i).wrap_key.scheme, w) for i, w in wrapped_k.items()
+                WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()
             ),
             master_keys=(MasterKeyEpoch(1, wrapped_mk),), created=utc_now(),
         )

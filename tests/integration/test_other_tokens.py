@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs import exitcodes
+from kmsfs.hsm import library
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -137,3 +138,40 @@ def test_an_hsm_signing_with_rsa_pss_seals_trusts_and_serves_a_mount(
     proc = _kmsfs("mount", str(cipher), str(mp), env=env)
     assert proc.returncode == exitcodes.VERIFICATION, proc.stderr
     assert not os.path.ismount(mp)
+
+
+def test_an_hsm_that_cannot_wrap_with_sha256_makes_a_domain_for_one_that_can(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each HSM records the best OAEP hash it can do: SoftHSM2 SHA-1, a real HSM SHA-256.
+    Domain create in the Trust's first HSM (SoftHSM2) wrapped k for the other with SHA-256,
+    which the token refused (ArgumentsBad, exit 4). It now wraps with SHA-1 where it cannot
+    do SHA-256, the Domain records the scheme of each wrapping, and the other HSM opens it."""
+    from kmsfs.hsm import domainkeys, keypairs
+    from kmsfs.service import domains, hsms
+    from kmsfs.service.context import Context, open_hsm
+
+    ctx = Context.at(initialized.store)
+    with monkeypatch.context() as patched:  # the record of an HSM that does OAEP-SHA256
+        patched.setattr(keypairs, "_probe_oaep", lambda *_: "sha256")
+        vendor = hsms.create_hsm(ctx, "vendor")
+    assert vendor.wrap_key.scheme == "rsa-oaep-sha256"
+    initialized.create_operators("alice")
+    trust = initialized.sealed_trust(["hsm1", "vendor"], ["alice"], 1)
+    initialized("domain", "create", "payroll", "--trust", trust)
+
+    domain = domains.current(ctx, "payroll").sealed.domain
+    wrapped = domain.wrapped_for(vendor.id)
+    assert wrapped is not None and wrapped.scheme == "rsa-oaep-sha1"
+    info = b"kmsfs/test/oaep-mix"
+    derived = []
+    for hsm in ("hsm1", "vendor"):
+        record = hsms.resolve_hsm(ctx, hsm)
+        with open_hsm(ctx, [record]) as opened, library.CALLS:
+            mine = domain.wrapped_for(record.id)
+            assert mine is not None
+            mk = domainkeys.unwrap(opened.session, mine.scheme, mine.data,
+                                   domain.current_epoch.data)
+            derived.append(mk.derive_many([info])[0])
+            mk.destroy()
+    assert derived[0] == derived[1]
