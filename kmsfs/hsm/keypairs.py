@@ -93,8 +93,10 @@ def _probe_oaep(
                 )
                 back.destroy()
                 return name
+            except (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError):
+                raise  # the token is gone: no reason to record a weaker hash for good
             except p11.PKCS11Error as exc:
-                log.debug("OAEP-%s not available: %s", name, type(exc).__name__)
+                log.info("the token refused RSA-OAEP-%s (%s)", name.upper(), type(exc).__name__)
         raise HsmError("the token cannot wrap with RSA-OAEP (SHA-256 or SHA-1)")
     finally:
         probe.destroy()

@@ -53,6 +53,14 @@ class TokenLocation:
     def describe(self) -> str:
         return f"token {self.token_label!r} of {self.module}"
 
+    @property
+    def library(self) -> str:
+        """The module's file with symbolic links resolved: what this process loads and keys
+        its state by. Two spellings of one library (a distribution's symlink beside the file)
+        are one library, which must be initialized once: the second C_Initialize failed
+        (CKR_CRYPTOKI_ALREADY_INITIALIZED) and the HSM enrolled through it never served."""
+        return os.path.realpath(self.module)
+
 
 #: The token-files lock of each SoftHSM config this process holds: (file descriptor, depth).
 _held_token_files: dict[str, tuple[int | None, int]] = {}
@@ -115,23 +123,30 @@ def _load(location: TokenLocation) -> "pkcs11.lib":
     module = location.module
     if not Path(module).exists():
         raise HsmUnavailableError(f"PKCS#11 module {module} does not exist")
+    library = location.library
     with CALLS, _lock:
         if location.softhsm_conf is not None:
             os.environ["SOFTHSM2_CONF"] = location.softhsm_conf
         try:
-            first = module not in _conf_of_module  # then pkcs11.lib runs C_Initialize
+            first = library not in _conf_of_module  # then pkcs11.lib runs C_Initialize
             with token_files_lock(location.softhsm_conf if first else None):
-                lib = pkcs11.lib(module)
-            previous = _conf_of_module.get(module, location.softhsm_conf)
+                lib = pkcs11.lib(library)
+            previous = _conf_of_module.get(library, location.softhsm_conf)
             if previous != location.softhsm_conf:
-                if _open_sessions.get(module):
+                if _open_sessions.get(library):
                     raise HsmError(
                         f"{module} is in use with another SoftHSM config; "
                         "one process serves one store"
                     )
                 _reinitialize(lib, location.softhsm_conf)
-            _conf_of_module[module] = location.softhsm_conf
+            _conf_of_module[library] = location.softhsm_conf
         except p11.PKCS11Error as exc:
+            if "already initialized" in str(exc):
+                raise HsmUnavailableError(
+                    f"cannot load PKCS#11 module {module}: the library behind it is already in "
+                    "use in this process through another module (a proxy or spy in front of "
+                    "one already loaded); enroll its tokens through one module path"
+                ) from exc
             raise HsmUnavailableError(f"cannot load PKCS#11 module {module}: {exc!r}") from exc
         finally:
             _clear_openssl_errors()
@@ -224,7 +239,7 @@ def find_token(location: TokenLocation) -> "pkcs11.Token":
         except HsmUnavailableError:
             # A token that came back (files restored, device plugged in again) is seen only
             # after C_Initialize: rescan, unless sessions of this module are still in use.
-            if not _rescan(lib, location.module):
+            if not _rescan(lib, location.library):
                 raise
             with CALLS:
                 return _retrying(lookup)
@@ -286,11 +301,11 @@ _PIN_DIGEST_KEY = secrets.token_bytes(32)
 
 
 def _refusal_key(location: TokenLocation, token: "pkcs11.Token") -> tuple[str, str, str]:
-    return os.path.realpath(location.module), token.label, str(token.serial)
+    return location.library, token.label, str(token.serial)
 
 
 def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[str, int]:
-    key = (location.module, int(token.slot.slot_id))
+    key = (location.library, int(token.slot.slot_id))
     with CALLS:
         login = _logins.get(key)
         if login is None:
@@ -342,12 +357,12 @@ def session(location: TokenLocation, pin: str, rw: bool = False) -> Iterator["pk
             f"cannot open {location.describe()}: {type(exc).__name__}"
         ) from exc
     with _lock:
-        _open_sessions[location.module] = _open_sessions.get(location.module, 0) + 1
+        _open_sessions[location.library] = _open_sessions.get(location.library, 0) + 1
     try:
         yield opened
     finally:
         with _lock:
-            _open_sessions[location.module] -= 1
+            _open_sessions[location.library] -= 1
         with CALLS, contextlib.suppress(p11.PKCS11Error):
             opened.close()
         _logout(key)
@@ -382,5 +397,5 @@ def refresh(location: TokenLocation) -> None:
     """Make a module see tokens created by another process (e.g. softhsm2-util)."""
     lib = _load(location)
     with CALLS, _lock:
-        if not _open_sessions.get(location.module):
+        if not _open_sessions.get(location.library):
             _reinitialize(lib, location.softhsm_conf)

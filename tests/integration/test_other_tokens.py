@@ -175,3 +175,21 @@ def test_an_hsm_that_cannot_wrap_with_sha256_makes_a_domain_for_one_that_can(
             derived.append(mk.derive_many([info])[0])
             mk.destroy()
     assert derived[0] == derived[1]
+
+
+def test_a_module_reached_by_another_path_is_one_library(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """A token enrolled through a symbolic link to the module that serves the embedded HSMs
+    (a distribution's link beside the file): the second C_Initialize of one library failed
+    (CKR_CRYPTOKI_ALREADY_INITIALIZED), and that HSM never served beside the others."""
+    conf, _ = _token_without(tmp_path, "linked", [])
+    link = tmp_path / "libvendor-pkcs11.so"
+    link.symlink_to(MODULE)
+    initialized(
+        "hsm", "enroll", "--module", str(link), "--token", "linked",
+        "--pin-file", initialized.pin_file("linked", PIN), "--label", "linked",
+        env={"SOFTHSM2_CONF": str(conf)},
+    )
+    health = initialized("--json", "hsm", "health").json
+    assert {h["label"]: h["ok"] for h in health} == {"hsm1": True, "hsm2": True, "linked": True}
