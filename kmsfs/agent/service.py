@@ -73,7 +73,7 @@ class Agent:
         self._audit = audit
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
-        self._anchor_cache: tuple[tuple[int, int, int], Anchor] | None = None
+        self._anchor_cache: tuple[tuple[object, ...], Anchor] | None = None
         self.refusals = RefusalCoalescer()  # of peers the policy does not name
         #: ... and the refused or malformed requests of peers it names (their allowed ones
         #: are recorded one by one): a client listed for `health` alone could otherwise fill
@@ -426,14 +426,20 @@ class Agent:
     # -- helpers -----------------------------------------------------------------------------
 
     def _anchor(self) -> Anchor:
-        """The store's pinned anchor as it is on disk now, read again whenever store.json
-        changed. It is only ever replaced by rename (atomicfile), so a change always shows in
-        (inode, mtime, size); this saves re-reading and re-parsing it for every derive."""
+        """The store's pinned anchor as it is on disk now, read again whenever store.json or
+        the store's own copy of its pins changed. Both are only ever replaced by rename
+        (atomicfile), so a change always shows in (inode, mtime, size); this saves re-reading
+        and re-parsing them for every derive."""
         try:
             st = os.stat(self.ctx.store.config_path)
         except OSError:
             return self.ctx.store.anchor()  # raises the store's own one-line error
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        try:
+            own = os.stat(self.ctx.store.own_pins_path)
+            own_stamp: tuple[int, int, int] | None = (own.st_ino, own.st_mtime_ns, own.st_size)
+        except OSError:
+            own_stamp = None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size, own_stamp)
         with self._lock:
             if self._anchor_cache is not None and self._anchor_cache[0] == stamp:
                 return self._anchor_cache[1]

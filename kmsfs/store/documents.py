@@ -61,6 +61,11 @@ class Store:
     def private(self) -> Path:
         return self.root / "private"
 
+    @property
+    def own_pins_path(self) -> Path:
+        """This store's own copy of its pins, in the private area that is never synced."""
+        return self.private / "anchor.json"
+
     def exists(self) -> bool:
         return self.config_path.exists()
 
@@ -105,30 +110,57 @@ class Store:
             os.close(fd)
 
     def anchor(self) -> Anchor:
-        """What this store pins: its genesis and, once sealed here, the genesis's successor."""
+        """What this store pins: its genesis and, once sealed here, the genesis's successor.
+
+        store.json sits among the documents, which are synced; a plain ``rsync -a`` or ``git
+        pull`` of another store replaced it, and with it the root every chain is verified back
+        to: another store's Domains then verified here and this store's own did not (review).
+        So the pins are also kept in the private area, which is never synced, and that copy is
+        the one that counts: a store.json that differs from it is named in a warning and
+        otherwise ignored. A store without a private area (a copy kept only to verify) has
+        store.json alone. A store made before kmsfs kept that copy gets it at its first use."""
         if not self.exists():
             raise StoreError(
                 f"{self.root} is not a kmsfs store (no store.json); run kmsfs-admin init"
             )
-        return self._read(self.config_path, _parse_anchor)  # errors name store.json
+        public = self._read(self.config_path, _parse_anchor)  # errors name store.json
+        try:
+            own = self._read(self.own_pins_path, _parse_anchor)
+        except NotFoundError:
+            if self.private.is_dir():
+                with contextlib.suppress(KmsfsError):
+                    self._write_own_pins(_anchor_bytes(public))
+            return public
+        if own != public:
+            newer = own.root == public.root and own.successor is None and public.successor
+            log.warning(
+                "%s pins %s, not this store's own pins (%s: %s): a copy or sync replaced it, "
+                "and it is ignored; %sput it back with: install -m 0644 %s %s",
+                self.config_path, _describe(public), self.own_pins_path, _describe(own),
+                f"if that successor is this store's, pin it with 'kmsfs-admin trust pin "
+                f"{public.successor}'; otherwise " if newer else "",
+                self.own_pins_path, self.config_path,
+            )
+        return own
 
     def pinned_root(self) -> str:
         return self.anchor().root
 
     def write_config(self, anchor: Anchor, *, new: bool = False) -> None:
-        """Write store.json: exclusively at init, atomically replaced when pinning."""
-        doc = {
-            "_type": "store",
-            "format": STORE_FORMAT,
-            "root": anchor.root,
-            "successor": anchor.successor,
-        }
-        data = canonical_bytes(doc) + b"\n"
+        """Write the pins: the store's own copy in the private area (where there is one) first,
+        then store.json, exclusively at init and atomically replaced when pinning."""
+        data = _anchor_bytes(anchor)
+        if self.private.is_dir():
+            self._write_own_pins(data)
         with writing(self.config_path, "the store's pins"):
             if new:
                 atomic.write_new(self.config_path, data)
             else:
                 atomic.replace(self.config_path, data)
+
+    def _write_own_pins(self, data: bytes) -> None:
+        with writing(self.own_pins_path, "the store's own pins"):
+            atomic.replace(self.own_pins_path, data, mode=0o600)
 
     # -- generic I/O ------------------------------------------------------------------------
 
@@ -312,6 +344,17 @@ class Store:
         if not near:
             return ""
         return f" (names are case-sensitive; did you mean {' or '.join(sorted(near))}?)"
+
+
+def _anchor_bytes(anchor: Anchor) -> bytes:
+    doc = {"_type": "store", "format": STORE_FORMAT, "root": anchor.root,
+           "successor": anchor.successor}
+    return canonical_bytes(doc) + b"\n"
+
+
+def _describe(anchor: Anchor) -> str:
+    successor = anchor.successor[:12] if anchor.successor else "none"
+    return f"root {anchor.root[:12]}, successor {successor}"
 
 
 def _parse_anchor(raw: Any) -> Anchor:

@@ -475,21 +475,66 @@ def test_the_genesis_has_one_successor_per_store(initialized: Admin) -> None:
     assert "--predecessor" in one_error_line(result)
 
 
-def test_trust_pin_for_a_store_copied_before_the_ceremony(initialized: Admin) -> None:
-    unpinned = (initialized.store / "store.json").read_bytes()
+def _union(source: Path, target: Path) -> None:
+    """Sync *source*'s documents into *target* by union (``rsync -a --ignore-existing
+    --exclude private/``)."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] == "private" or (target / relative).exists():
+            continue
+        if path.is_dir():
+            (target / relative).mkdir()
+        else:
+            shutil.copy2(path, target / relative)
+
+
+def test_trust_pin_for_a_store_copied_before_the_ceremony(
+    initialized: Admin, tmp_path: Path
+) -> None:
     initialized.create_operators("alice", "bob")
+    copy = initialized.copy(tmp_path / "copy")  # taken before the seal: nothing pinned
+    rival_site = initialized.copy(tmp_path / "rival")
     honest = initialized.sealed_trust(["hsm1"], ["alice"], 1)
-    (initialized.store / "store.json").write_bytes(unpinned)  # a copy taken before the seal
-    genesis = json.loads(unpinned)["root"]
-    rival = initialized.sealed_trust(["hsm2"], ["bob"], 1, predecessor=genesis)
-    (initialized.store / "store.json").write_bytes(unpinned)  # both arrived by sync
-    initialized("trust", "verify", rival)  # without a pin, nothing tells them apart...
-    initialized("trust", "pin", honest)  # ...so the operators tell the copy which one it is
-    assert json.loads((initialized.store / "store.json").read_text())["successor"] == honest
-    result = initialized("trust", "verify", rival, check=exitcodes.VERIFICATION)
+    rival = rival_site.sealed_trust(["hsm2"], ["bob"], 1)  # sealed elsewhere, pinned there
+    _union(initialized.store, copy.store)
+    _union(rival_site.store, copy.store)  # both arrived by sync
+    copy("trust", "verify", rival)  # without a pin, nothing tells them apart...
+    copy("trust", "pin", honest)  # ...so the operators tell the copy which one it is
+    assert json.loads((copy.store / "store.json").read_text())["successor"] == honest
+    result = copy("trust", "verify", rival, check=exitcodes.VERIFICATION)
     assert "rival" in one_error_line(result)
-    again = initialized("trust", "pin", rival, check=exitcodes.VERIFICATION)
+    again = copy("trust", "pin", rival, check=exitcodes.VERIFICATION)
     assert "rival" in one_error_line(again)
+
+
+def test_a_store_json_replaced_by_a_sync_changes_no_pin(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """store.json is among the synced documents: a plain ``rsync -a`` of another store
+    replaced this store's pinned root, and that store's Domains verified here while this
+    store's own did not. The store's own copy of its pins, in private/, is what counts."""
+    initialized.real_domain("payroll")
+    other = Admin.under(tmp_path / "elsewhere")
+    other("init", "--hsms", "1")
+    other.create_operators("mallory")
+    trust = other.sealed_trust(["hsm1"], ["mallory"], 1)
+    other("domain", "create", "forged", "--trust", trust)
+    kept = (initialized.store / "store.json").read_bytes()
+    for name in ("store.json", "trusts", "approvals", "seals", "domains", "hsms", "operators"):
+        source = other.store / name
+        if source.is_dir():
+            shutil.copytree(source, initialized.store / name, dirs_exist_ok=True)
+        else:  # plain rsync -a: the other store's pins over this one's
+            (initialized.store / name).chmod(0o644)
+            shutil.copy2(source, initialized.store / name)
+    verified = initialized("domain", "verify", "payroll")
+    warning = verified.stderr.strip().splitlines()
+    assert len(warning) == 1 and "a copy or sync replaced it, and it is ignored" in warning[0]
+    assert f"install -m 0644 {initialized.store / 'private' / 'anchor.json'}" in warning[0]
+    refused = initialized("domain", "verify", "forged", check=exitcodes.VERIFICATION)
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("kmsfs-admin: error: ") and "but this store pins root" in error
+    assert (initialized.store / "private" / "anchor.json").read_bytes() == kept
 
 
 def test_an_enrolled_hsm_can_take_its_pin_from_a_systemd_credential(
@@ -567,3 +612,29 @@ def test_tokens_made_in_a_copied_store_are_its_own(initialized: Admin, tmp_path:
     with_hsm.create_operators("alice")
     first = with_hsm.sealed_trust(["hsm1", "hsm9"], ["alice"], 1)
     with_hsm.sealed_trust(["hsm9"], ["alice"], 1, predecessor=first)  # hsm9 seals it
+
+
+def test_a_store_made_before_its_own_pins_gets_them_at_first_use(initialized: Admin) -> None:
+    own = initialized.store / "private" / "anchor.json"
+    assert own.read_bytes() == (initialized.store / "store.json").read_bytes()
+    assert stat.S_IMODE(own.stat().st_mode) == 0o600
+    own.unlink()  # as a store made by an earlier kmsfs
+    genesis = json.loads((initialized.store / "store.json").read_text())["root"]
+    initialized("trust", "verify", genesis)
+    assert own.read_bytes() == (initialized.store / "store.json").read_bytes()
+
+
+def test_a_synced_pin_is_named_and_taken_only_by_trust_pin(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """An operator's store that mirrors the agent's with rsync -a gets the sealed successor's
+    pin in store.json: the store's own pins stay as they were until the operators pin it."""
+    initialized.create_operators("alice")
+    mirror = initialized.copy(tmp_path / "mirror")  # before the ceremony
+    honest = initialized.sealed_trust(["hsm1"], ["alice"], 1)
+    _union(initialized.store, mirror.store)
+    shutil.copy2(initialized.store / "store.json", mirror.store / "store.json")
+    warned = mirror("trust", "verify", honest).stderr
+    assert f"pin it with 'kmsfs-admin trust pin {honest}'" in warned
+    mirror("trust", "pin", honest)
+    assert mirror("trust", "verify", honest).stderr == ""
