@@ -386,7 +386,9 @@ def approve(
         ctx, record, secret.read(), contexts.OPERATOR_APPROVES_TRUST, trust.signed_bytes()
     )
     approval = Signature(trust.id, record.key.key_id, value)
-    ctx.store.save_signature("approval", approval)
+    ctx.store.save_signature(
+        "approval", approval, valid=lambda there: bool(valid_approvals(trust, [there], mine))
+    )
     return Approved(approval, already=False)
 
 
@@ -542,10 +544,20 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
         seal_sig = Signature(trust_id, hsm.record.id, value)
     sealed = SealedTrust(trust, approvals, seal_sig)
     verify_trust(sealed, predecessor)
-    ctx.store.save_signature("seal", seal_sig)
+    ctx.store.save_signature("seal", seal_sig, valid=lambda there: _seals(sealed, there))
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust_id))
     return sealed
+
+
+def _seals(sealed: SealedTrust, seal: Signature) -> bool:
+    """Whether *seal* is a valid seal of *sealed*'s Trust by one of its HSMs."""
+    trust = sealed.trust
+    try:
+        verify_hsm_seal(trust, seal, contexts.HSM_SEALS_TRUST, trust.signed_bytes(), "trust")
+    except IntegrityError:
+        return False
+    return True
 
 
 def verify(ctx: Context, trust_ref: str) -> list[SealedTrust]:

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kmsfs import atomicfile as atomic
-from kmsfs.errors import FormatError, IntegrityError, KmsfsError, NotFoundError, StoreError
+from kmsfs.errors import (
+    AlreadyExistsError,
+    FormatError,
+    IntegrityError,
+    KmsfsError,
+    NotFoundError,
+    StoreError,
+)
 from kmsfs.model import fields
 from kmsfs.model.canonical import canonical_bytes, parse_json
 from kmsfs.model.domain import SealedDomain
@@ -274,10 +281,36 @@ class Store:
     def trust_ids(self) -> list[str]:
         return list(self._names(self.root / "trusts"))
 
-    def save_signature(self, kind: str, signature: Signature) -> bool:
+    def save_signature(
+        self, kind: str, signature: Signature, valid: Callable[[Signature], bool] | None = None
+    ) -> bool:
+        """Write an approval or seal at its signer's name; True if written.
+
+        With ``valid`` (the caller's check of a signature by this signer): another document
+        already at that name which ``valid`` accepts is kept (RSA-PSS signatures differ at each
+        signing), and one it refuses, or that does not parse, is replaced. Signatures are
+        named by their signer, so a bad one a replica planted at the name first kept the real
+        one out: an operator's token signed and the approval was lost, a revocation's seal
+        could never be written (review)."""
         folder = {"approval": "approvals", "seal": "seals"}[kind]
         path = self.root / folder / signature.subject / f"{signature.key_id}.json"
-        return self._write(path, signature.to_dict(kind))
+        try:
+            return self._write(path, signature.to_dict(kind))
+        except AlreadyExistsError:
+            if valid is None:
+                raise
+        try:
+            there = self._read(path, lambda raw: Signature.from_dict(raw, kind))
+            keep = there.subject == signature.subject and there.key_id == signature.key_id and (
+                valid(there))
+        except KmsfsError:
+            keep = False
+        if keep:
+            return False
+        log.warning("%s: a %s that does not verify was there (planted?): replaced", path, kind)
+        with writing(path, "the document"):
+            atomic.replace(path, canonical_bytes(signature.to_dict(kind)) + b"\n")
+        return True
 
     def signatures(self, kind: str, subject: str) -> list[Signature]:
         """Every approval or seal stored for ``subject``; a damaged one is an error, by path."""

@@ -4,12 +4,15 @@ it, never a hang, and nothing is read or written through it."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from kmsfs import exitcodes
+from kmsfs.store.documents import Store
 from tests.kms_helpers import Admin, one_error_line
 
 
@@ -59,3 +62,34 @@ def test_a_symlinked_store_directory_is_not_written_through(
                    admin.pin_file("alice"), check=exitcodes.STORE)
     assert "a symbolic link inside the store" in one_error_line(result)
     assert list(outside.iterdir()) == []
+
+
+def _squat(admin: Admin, folder: str, trust: str, key_id: str) -> Path:
+    """A well-formed signature document at *key_id*'s name whose signature is not one."""
+    directory = admin.store / folder / trust
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key_id}.json"
+    kind = {"approvals": "approval", "seals": "seal"}[folder]
+    path.write_text(json.dumps({"_type": kind, "subject": trust, "key_id": key_id,
+                                "signature": base64.b64encode(os.urandom(64)).decode()}))
+    return path
+
+
+def test_a_signature_planted_at_a_signers_name_does_not_keep_the_real_one_out(
+    proposed: tuple[Admin, str]
+) -> None:
+    """Approvals and seals are named by their signer: a bad one a replica planted first made
+    `trust sign` fail after alice's token had signed, and could keep a Trust (a revocation)
+    from ever being sealed in that store."""
+    admin, trust = proposed
+    store = Store(admin.store)
+    alice = store.operator("alice").key.key_id
+    hsm1 = next(store.hsm(i) for i in store.hsm_ids() if store.hsm(i).label == "hsm1").id
+    approval = _squat(admin, "approvals", trust, alice)
+    seal = _squat(admin, "seals", trust, hsm1)
+    signed = admin("trust", "sign", trust, "--as", "alice", "--pin-file", admin.pin_file("alice"))
+    assert "does not verify was there (planted?): replaced" in signed.stderr
+    sealed = admin("trust", "seal", trust)
+    assert "does not verify was there (planted?): replaced" in sealed.stderr
+    admin("trust", "verify", trust)  # quorum 1: alice's approval at her name, and the seal
+    assert approval.exists() and seal.exists()
