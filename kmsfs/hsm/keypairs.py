@@ -32,6 +32,8 @@ OAEP_PARAMS = {
     "sha1": (Mechanism.SHA_1, MGF.SHA1, None),
 }
 PSS_PARAMS = (Mechanism.SHA256, MGF.SHA256, 32)
+#: Failures that mean the token is gone: never a reason to try another way.
+_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
 PRIVATE_TEMPLATE = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
@@ -93,7 +95,7 @@ def _probe_oaep(
                 )
                 back.destroy()
                 return name
-            except (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError):
+            except _GONE:
                 raise  # the token is gone: no reason to record a weaker hash for good
             except p11.PKCS11Error as exc:
                 log.info("the token refused RSA-OAEP-%s (%s)", name.upper(), type(exc).__name__)
@@ -118,27 +120,49 @@ def _generate_wrap_pair(session: "pkcs11.Session") -> None:
     )
 
 
+#: CKA_EC_PARAMS for Ed25519 as PKCS#11 3.0 allows it: the curve's OID, or its name as a
+#: PrintableString, which some tokens take instead of the OID.
+ED25519_PARAMS = (encode_named_curve_parameters(ED25519_OID), b"\x13\x0cedwards25519")
+
+
 def generate_ed25519(session: "pkcs11.Session", label: str) -> "pkcs11.PublicKey":
-    """An Ed25519 key pair stored in the token, private half sign-only and non-extractable."""
-    public, _ = session.generate_keypair(
-        KeyType.EC_EDWARDS,
-        0,
-        store=True,
-        label=label,
-        public_template={
-            Attribute.EC_PARAMS: encode_named_curve_parameters(ED25519_OID),
-            Attribute.VERIFY: True,
-        },
-        private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
-    )
-    return public
+    """An Ed25519 key pair stored in the token, private half sign-only and non-extractable.
+    The curve is named by its OID, or by name where the token refuses the OID."""
+    for params in ED25519_PARAMS:
+        try:
+            public, _ = session.generate_keypair(
+                KeyType.EC_EDWARDS,
+                0,
+                store=True,
+                label=label,
+                public_template={Attribute.EC_PARAMS: params, Attribute.VERIFY: True},
+                private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
+            )
+            return public
+        except _GONE:
+            raise
+        except p11.PKCS11Error as exc:
+            if params == ED25519_PARAMS[-1]:
+                raise
+            log.info("the token refused Ed25519 named by its OID (%s)", type(exc).__name__)
+    raise AssertionError("unreachable")
 
 
 def _generate_sign_pair(session: "pkcs11.Session") -> None:
     mechanisms = session.token.slot.get_mechanisms()
+    can_pss = Mechanism.SHA256_RSA_PKCS_PSS in mechanisms
     if Mechanism.EC_EDWARDS_KEY_PAIR_GEN in mechanisms and Mechanism.EDDSA in mechanisms:
-        generate_ed25519(session, SIGN_LABEL)
-    elif Mechanism.SHA256_RSA_PKCS_PSS in mechanisms:
+        try:
+            generate_ed25519(session, SIGN_LABEL)
+            return
+        except _GONE:
+            raise
+        except p11.PKCS11Error as exc:
+            if not can_pss:
+                raise
+            log.warning("the token lists Ed25519 but refused to make a key pair (%s): "
+                        "signing with RSA-PSS", type(exc).__name__)
+    if can_pss:
         session.generate_keypair(
             KeyType.RSA,
             RSA_BITS,
@@ -178,12 +202,29 @@ def wrap_public_key(session: "pkcs11.Session") -> PublicKey:
 
 
 def provision(session: "pkcs11.Session") -> tuple[PublicKey, PublicKey]:
-    """Ensure both key pairs exist (generating what is missing); return (wrap, sign) public keys."""
-    if _find(session, ObjectClass.PRIVATE_KEY, WRAP_LABEL) is None:
-        _generate_wrap_pair(session)
-    if _find(session, ObjectClass.PRIVATE_KEY, SIGN_LABEL) is None:
-        _generate_sign_pair(session)
-    return wrap_public_key(session), sign_public_key(session)
+    """Ensure both key pairs exist (generating what is missing); return (wrap, sign) public keys.
+
+    Key pairs made here are destroyed again if the token then turns out unusable (it cannot
+    unwrap with RSA-OAEP, say): a refused token is left as it was."""
+    made: list[str] = []
+    try:
+        if _find(session, ObjectClass.PRIVATE_KEY, WRAP_LABEL) is None:
+            made.append(WRAP_LABEL)
+            _generate_wrap_pair(session)
+        if _find(session, ObjectClass.PRIVATE_KEY, SIGN_LABEL) is None:
+            made.append(SIGN_LABEL)
+            _generate_sign_pair(session)
+        return wrap_public_key(session), sign_public_key(session)
+    except BaseException:
+        for label in made:
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for obj in session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}):
+                    try:
+                        obj.destroy()
+                    except p11.PKCS11Error as exc:
+                        log.warning("could not remove the %s key made here (%s)", label,
+                                    type(exc).__name__)
+        raise
 
 
 def sign(session: "pkcs11.Session", scheme: str, message: bytes) -> bytes:
