@@ -155,7 +155,8 @@ class Command:
         a = self.args
         later = PinSource(credential=a.pin_credential) if a.pin_credential else None
         record = hsms.enroll_hsm(
-            self.ctx, a.module, a.token, self.pin(f"PIN of token {a.token}"), a.label, later
+            self.ctx, a.module, a.token, self.pin(f"PIN of token {a.token}"), a.label, later,
+            a.token_serial,
         )
         self.one(
             render.hsm(record),
@@ -634,6 +635,12 @@ def build_parser() -> Parser:
     )
     p.add_argument("--module", required=True, metavar="PATH", help="the PKCS#11 module (.so)")
     p.add_argument("--token", required=True, metavar="LABEL", help="the token's label")
+    p.add_argument(
+        "--token-serial",
+        metavar="SERIAL",
+        help="the token's serial number, where other tokens of the module have its label "
+        "(every PIV card is PIV_II); kmsfs-admin says which serials it found",
+    )
     p.add_argument(
         "--label", type=_new_name, help="a name for the HSM in kmsfs (default hsmN)"
     )

@@ -44,14 +44,18 @@ _open_sessions: dict[str, int] = {}
 
 @dataclass(frozen=True)
 class TokenLocation:
-    """Where a token is: a module, a token label and, for SoftHSM, the config to use."""
+    """Where a token is: a module, a token label and, for SoftHSM, the config to use; and the
+    token's serial number where its label alone does not tell it from another token's (every
+    PIV card is labelled "PIV_II", say)."""
 
     module: str
     token_label: str
     softhsm_conf: str | None = None
+    token_serial: str | None = None
 
     def describe(self) -> str:
-        return f"token {self.token_label!r} of {self.module}"
+        serial = f" (serial {self.token_serial})" if self.token_serial else ""
+        return f"token {self.token_label!r}{serial} of {self.module}"
 
     @property
     def library(self) -> str:
@@ -216,7 +220,11 @@ def token_serials(location: TokenLocation) -> dict[str, "pkcs11.Token"]:
     lib = _load(location)
     with CALLS:
         found, _ = _tokens_labelled(lib, location.token_label)
-    return {token.serial.decode(errors="replace").strip(): token for token in found}
+    return {_serial(token): token for token in found}
+
+
+def _serial(token: "pkcs11.Token") -> str:
+    return bytes(token.serial).decode(errors="replace").strip()
 
 
 def find_token(location: TokenLocation) -> "pkcs11.Token":
@@ -225,8 +233,14 @@ def find_token(location: TokenLocation) -> "pkcs11.Token":
 
     def lookup() -> "pkcs11.Token":
         found, failed = _tokens_labelled(lib, location.token_label)
+        if location.token_serial is not None:
+            found = [t for t in found if _serial(t) == location.token_serial]
         if len(found) > 1:
-            raise HsmError(f"{location.describe()}: several tokens have this label")
+            serials = ", ".join(sorted(_serial(t) for t in found))
+            raise HsmError(
+                f"{location.describe()}: several tokens have this label (serials {serials}); "
+                "name one with --token-serial"
+            )
         if not found:
             why = f" ({'; '.join(failed)})" if failed else ""
             raise HsmUnavailableError(f"{location.describe()} is not present{why}")

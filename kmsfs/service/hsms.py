@@ -93,8 +93,10 @@ def enroll_hsm(
     pin_source: PinSource,
     label: str | None = None,
     later_pin: PinSource | None = None,
+    token_serial: str | None = None,
 ) -> HsmRecord:
-    """Enroll an existing token of any PKCS#11 module.
+    """Enroll an existing token of any PKCS#11 module (``token_serial`` where its label is
+    not unique).
 
     ``pin_source`` unlocks it now; ``later_pin`` (default: the same) is what later uses record,
     e.g. a systemd credential that only the mount service can read.
@@ -104,7 +106,7 @@ def enroll_hsm(
     ctx.private.ensure()
     label = _next_label(ctx) if label is None else label  # "" is a bad label, not none
     _check_label_free(ctx, label)
-    location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module))
+    location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module), token_serial)
     library.refresh(location)
     return _provision(ctx, location, pin_source, label, later_pin)
 

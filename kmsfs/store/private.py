@@ -80,6 +80,7 @@ class PrivateArea:
         doc = {
             "module": "embedded-softhsm2" if embedded else location.module,
             "token_label": location.token_label,
+            "token_serial": location.token_serial,
             "softhsm_conf": self._portable(location.softhsm_conf),
             "pin": pin_doc,
         }
@@ -112,7 +113,10 @@ class PrivateArea:
             if pin_doc and pin_doc.get("file") and not os.path.isabs(pin_doc["file"]):
                 pin_doc = dict(pin_doc, file=self._local(pin_doc["file"]))
             pin = PinSource.from_dict(pin_doc) if pin_doc else None
-            return TokenLocation(module, doc["token_label"], conf), pin
+            serial = doc.get("token_serial")
+            if serial is not None and not isinstance(serial, str):
+                raise TypeError("token_serial")
+            return TokenLocation(module, doc["token_label"], conf, serial), pin
         except FileNotFoundError:
             raise NotFoundError(
                 f"{kind} {name[:12]}: its token is not known on this machine (no {path})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,34 @@ def test_a_module_reached_by_another_path_is_one_library(
     )
     health = initialized("--json", "hsm", "health").json
     assert {h["label"]: h["ok"] for h in health} == {"hsm1": True, "hsm2": True, "linked": True}
+
+
+def test_tokens_that_share_a_label_are_told_apart_by_serial(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """Labels are not unique (every PIV card is "PIV_II"): enrolment names the serials it
+    found, and --token-serial picks one, which every later use finds again."""
+    conf, _ = _token_without(tmp_path, "PIV_II", [])
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "PIV_II", "--pin", PIN,
+         "--so-pin", "so-pin-123456"],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
+    )
+    refused = _enroll(initialized, conf, "PIV_II", check=exitcodes.HSM)
+    line = one_error_line(refused)
+    assert "several tokens have this label" in line and "--token-serial" in line
+    serials = re.search(r"serials ([^)]*)\)", line).group(1).split(", ")  # type: ignore[union-attr]
+    assert len(serials) == 2
+    enrolled = initialized(
+        "--json", "hsm", "enroll", "--module", MODULE, "--token", "PIV_II",
+        "--token-serial", serials[1], "--pin-file", initialized.pin_file("PIV_II", PIN),
+        "--label", "card", env={"SOFTHSM2_CONF": str(conf)},
+    ).json
+    assert enrolled["label"] == "card"
+    health = {h["label"]: h["ok"] for h in initialized("--json", "hsm", "health").json}
+    assert health["card"] is True
+    initialized.create_operators("alice")
+    first = initialized.sealed_trust(["hsm1", "card"], ["alice"], 1)
+    trust = initialized.propose(["card"], ["alice"], 1, predecessor=first)
+    initialized.sign(trust, "alice")
+    assert "sealed by HSM card" in initialized("trust", "seal", trust).stdout
