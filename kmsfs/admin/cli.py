@@ -261,6 +261,16 @@ class Command:
         if a.mine:
             statuses = [s for s in statuses if _awaits(s, a.mine)]
         rows = [render.trust_row(s) for s in statuses]
+        for s in statuses:
+            if s.rivals and s.trust.id < min(s.rivals):  # once per fork
+                forked = " and ".join(short(i) for i in sorted((s.trust.id, *s.rivals)))
+                print(
+                    f"{PROG}: warning: trusts {forked} are sealed successors of trust "
+                    f"{short(s.trust.predecessor or '')}: two lines of Trusts (sealed at two "
+                    "sites, then merged?), in each of which what the other removed still "
+                    "governs; the operators must keep one",
+                    file=sys.stderr,
+                )
         if self.json:
             emit_json(rows)
         else:

@@ -37,6 +37,7 @@ def trust_row(status: TrustStatus) -> dict[str, Any]:
         "state": status.state,
         "sealed_by": status.sealed_by,
         "lost_to": status.lost_to,
+        "rivals": list(status.rivals),
         "approval_count": len(status.own.signed),
         "quorum": t.quorum,
         "operator_count": len(t.operators),
@@ -53,7 +54,9 @@ def trust_cells(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": short(row["id"]),
         "serial": row["serial"],
-        "state": f"dead (lost to {short(row['lost_to'])})" if row["lost_to"] else row["state"],
+        "state": f"dead (lost to {short(row['lost_to'])})" if row["lost_to"] else (
+            f"sealed, forked (rival {','.join(short(r) for r in row['rivals'])})"
+            if row["rivals"] else row["state"]),
         "approvals": f"{row['approval_count']} signed, {row['quorum']} of "
         f"{row['operator_count']} needed",
         "hsms": ",".join(h["label"] for h in row["hsms"]),

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kmsfs.errors import (
@@ -403,6 +403,8 @@ class TrustStatus:
     sealed_by: str | None
     key_changes: dict[str, tuple[str, str]]
     lost_to: str | None = None
+    #: Other sealed successors of this sealed Trust's predecessor (:func:`list_status`).
+    rivals: tuple[str, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -448,6 +450,7 @@ class TrustStatus:
             "sealed_by": self.sealed_by,
             "state": self.state,
             "lost_to": self.lost_to,
+            "rivals": list(self.rivals),
         }
 
 
@@ -466,10 +469,20 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
 
 
 def list_status(ctx: Context) -> list[TrustStatus]:
-    return sorted(
-        (status(ctx, i) for i in ctx.store.trust_ids()),
-        key=lambda s: (s.trust.serial, s.trust.created, s.trust.id),
-    )
+    """Every Trust of the store. Sealed successors of one Trust (sealed at two sites, then
+    merged) are each other's ``rivals``: two lines of Trusts, each valid, in each of which the
+    HSMs and operators the other removed still govern (review: nothing said so)."""
+    statuses = [status(ctx, i) for i in ctx.store.trust_ids()]
+    sealed_after: dict[str, list[str]] = {}
+    for s in statuses:
+        if s.sealed_by and s.trust.predecessor is not None:
+            sealed_after.setdefault(s.trust.predecessor, []).append(s.trust.id)
+    statuses = [
+        replace(s, rivals=tuple(sorted(set(sealed_after[s.trust.predecessor]) - {s.trust.id})))
+        if s.sealed_by and len(sealed_after.get(s.trust.predecessor or "", [])) > 1 else s
+        for s in statuses
+    ]
+    return sorted(statuses, key=lambda s: (s.trust.serial, s.trust.created, s.trust.id))
 
 
 def _content(trust: Trust) -> tuple[Any, ...]:

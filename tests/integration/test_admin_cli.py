@@ -638,3 +638,22 @@ def test_a_synced_pin_is_named_and_taken_only_by_trust_pin(
     assert f"pin it with 'kmsfs-admin trust pin {honest}'" in warned
     mirror("trust", "pin", honest)
     assert mirror("trust", "verify", honest).stderr == ""
+
+
+def test_successors_sealed_at_two_sites_are_shown_as_a_fork(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    initialized.create_operators("alice", "bob")
+    first = initialized.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 1)
+    other_site = initialized.copy(tmp_path / "site-b")
+    here = initialized.sealed_trust(["hsm1"], ["alice"], 1, predecessor=first)
+    there = other_site.sealed_trust(["hsm2"], ["bob"], 1, predecessor=first)
+    assert initialized("trust", "list").stderr == ""
+    _union(other_site.store, initialized.store)
+    listed = initialized("--json", "trust", "list")
+    rivals = {row["id"]: row["rivals"] for row in listed.json}
+    assert rivals[here] == [there] and rivals[there] == [here] and rivals[first] == []
+    (warning,) = listed.stderr.strip().splitlines()
+    assert warning.startswith("kmsfs-admin: warning: trusts ") and "must keep one" in warning
+    table = initialized("trust", "list").stdout
+    assert table.count("sealed, forked (rival ") == 2
