@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 #: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
 #: for ``library.hsm_errors`` to report as such.
 _TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
+#: Failures that mean the token cannot do what it was asked that way (and may another way);
+#: not a transient failure, nor a policy that would refuse the other way too.
+_CANNOT_DO_THAT = (p11.MechanismInvalid, p11.MechanismParamInvalid, p11.ArgumentsBad)
 
 K_TEMPLATE = {
     Attribute.SENSITIVE: True,
@@ -103,9 +106,7 @@ def _wrap_k_for(
                 wrapped[hsm_id] = key.scheme, bytes(public.wrap_key(
                     k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(key.scheme)
                 ))
-            except _TOKEN_GONE:
-                raise
-            except p11.PKCS11Error as exc:
+            except _CANNOT_DO_THAT as exc:
                 if key.scheme != "rsa-oaep-sha256":
                     raise
                 log.warning("this HSM cannot wrap with RSA-OAEP-SHA256 (%s): k wrapped for "
@@ -165,6 +166,25 @@ def _unwrap_k(
     )
 
 
+def _unwrap_mk_here(
+    session: "pkcs11.Session", k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict
+) -> "pkcs11.SecretKey":
+    """:func:`_unwrap_mk` with this token's :func:`rfc5649` mechanism. On a token that lists
+    CKM_AES_KEY_WRAP_KWP, a Domain made before kmsfs asked for it was wrapped with the token's
+    CKM_AES_KEY_WRAP_PAD (PKCS#7 then RFC 3394 there): that is tried next. Both forms carry an
+    integrity check, so a wrong guess is an error, never a wrong key."""
+    mechanism = rfc5649(session)
+    try:
+        return _unwrap_mk(k, wrapped_mk, template, mechanism)
+    except _TOKEN_GONE:
+        raise
+    except p11.PKCS11Error:
+        if mechanism != Mechanism.AES_KEY_WRAP_KWP:
+            raise
+        log.info("mk does not unwrap with CKM_AES_KEY_WRAP_KWP: trying CKM_AES_KEY_WRAP_PAD")
+        return _unwrap_mk(k, wrapped_mk, template, Mechanism.AES_KEY_WRAP_PAD)
+
+
 def _unwrap_mk(
     k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict, mechanism: Mechanism
 ) -> "pkcs11.SecretKey":
@@ -208,7 +228,7 @@ def unwrap(
     """Bring ``mk`` back inside the token as a SENSITIVE, non-EXTRACTABLE, sign-only key."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
-        return MasterKey(_unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, rfc5649(session)))
+        return MasterKey(_unwrap_mk_here(session, k, wrapped_mk, UNWRAPPED_MK_TEMPLATE))
     finally:
         k.destroy()
 
@@ -225,13 +245,13 @@ def rewrap(
     Returns the new wrappings and each epoch's binding (``binding_infos``, one per epoch)."""
     old_k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     new_k = session.generate_key(KeyType.AES, 256, store=False, template=K_TEMPLATE)
-    mechanism = rfc5649(session)
     try:
+        mechanism = rfc5649(session)
         rewrapped: list[bytes] = []
         bindings: list[bytes] = []
         for wrapped_mk, info in zip(wrapped_mks, binding_infos, strict=True):
             # wrappable, only for this loop
-            mk = _unwrap_mk(old_k, wrapped_mk, MK_TEMPLATE, mechanism)
+            mk = _unwrap_mk_here(session, old_k, wrapped_mk, MK_TEMPLATE)
             try:
                 rewrapped.append(new_k.wrap_key(mk, mechanism=mechanism))
                 bindings.append(_hmac(mk, info))
@@ -255,7 +275,7 @@ def epoch_hmacs(
     try:
         found: list[list[bytes]] = []
         for wrapped_mk, epoch_infos in zip(wrapped_mks, infos, strict=True):
-            mk = _unwrap_mk(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, rfc5649(session))
+            mk = _unwrap_mk_here(session, k, wrapped_mk, UNWRAPPED_MK_TEMPLATE)
             try:
                 found.append([_hmac(mk, info) for info in epoch_infos])
             finally:
@@ -329,7 +349,8 @@ def self_test(session: "pkcs11.Session") -> None:
         _known_answer(session, mechanism, made)
     finally:
         for key in reversed(made):
-            key.destroy()
+            with contextlib.suppress(p11.PKCS11Error):  # never hides why the test failed
+                key.destroy()
 
 
 def _known_answer(

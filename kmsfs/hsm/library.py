@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,18 +52,20 @@ class TokenLocation:
     token_label: str
     softhsm_conf: str | None = None
     token_serial: str | None = None
+    #: The module's file with symbolic links resolved, once, when the location is made: what
+    #: this process loads and keys its state by. Two spellings of one library (a
+    #: distribution's symlink beside the file) are one library, which must be initialized
+    #: once: the second C_Initialize failed (CKR_CRYPTOKI_ALREADY_INITIALIZED) and the HSM
+    #: enrolled through it never served. Resolved once, so that a link re-pointed while a
+    #: session is open (a vendor's upgrade) cannot unbalance the counts kept under it.
+    library: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "library", os.path.realpath(self.module))
 
     def describe(self) -> str:
         serial = f" (serial {self.token_serial})" if self.token_serial else ""
         return f"token {self.token_label!r}{serial} of {self.module}"
-
-    @property
-    def library(self) -> str:
-        """The module's file with symbolic links resolved: what this process loads and keys
-        its state by. Two spellings of one library (a distribution's symlink beside the file)
-        are one library, which must be initialized once: the second C_Initialize failed
-        (CKR_CRYPTOKI_ALREADY_INITIALIZED) and the HSM enrolled through it never served."""
-        return os.path.realpath(self.module)
 
 
 #: The token-files lock of each SoftHSM config this process holds: (file descriptor, depth).
@@ -328,7 +330,8 @@ def _login(location: TokenLocation, token: "pkcs11.Token", pin: str) -> tuple[st
             if digest in refused:
                 raise PinError(
                     f"wrong PIN for {location.describe()} (refused before: not sent again, "
-                    "so that the token does not lock it; correct the PIN)"
+                    "so that the token does not lock it; correct the PIN, or restart this "
+                    "process if the token's PIN was changed to it)"
                 )
             try:
                 with token_files_lock(location.softhsm_conf):  # C_Login rewrites them

@@ -48,6 +48,7 @@ from kmsfs.store.writable import require_writable, writing
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+_WARNED: set[str] = set()
 MAX_DOCUMENT_BYTES = 4 << 20
 T = TypeVar("T")
 
@@ -130,40 +131,73 @@ class Store:
             raise StoreError(
                 f"{self.root} is not a kmsfs store (no store.json); run kmsfs-admin init"
             )
-        public = self._read(self.config_path, _parse_anchor)  # errors name store.json
-        try:
-            own = self._read(self.own_pins_path, _parse_anchor)
-        except NotFoundError:
-            if self.private.is_dir():
-                with contextlib.suppress(KmsfsError):
+        own = self._own_anchor()
+        if own is None:
+            public = self._read(self.config_path, _parse_anchor)  # errors name store.json
+            if self.private.is_dir() and os.access(self.private, os.W_OK | os.X_OK):
+                with contextlib.suppress(KmsfsError):  # first use since the copy is kept
                     self._write_own_pins(_anchor_bytes(public))
             return public
+        try:
+            public = self._read(self.config_path, _parse_anchor)
+        except KmsfsError as exc:  # damaged by a sync: the own copy serves all the same
+            self._warn_once(f"{exc}: ignored, this store's own pins ({self.own_pins_path}) "
+                            f"serve; put it back with: {self._put_back()}")
+            return own
         if own != public:
             newer = own.root == public.root and own.successor is None and public.successor
-            log.warning(
-                "%s pins %s, not this store's own pins (%s: %s): a copy or sync replaced it, "
-                "and it is ignored; %sput it back with: install -m 0644 %s %s",
-                self.config_path, _describe(public), self.own_pins_path, _describe(own),
-                f"if that successor is this store's, pin it with 'kmsfs-admin trust pin "
-                f"{public.successor}'; otherwise " if newer else "",
-                self.own_pins_path, self.config_path,
+            self._warn_once(
+                f"{self.config_path} pins {_describe(public)}, not this store's own pins "
+                f"({self.own_pins_path}: {_describe(own)}): a copy or sync replaced it, and it "
+                "is ignored; "
+                + (f"if that successor is this store's, pin it with 'kmsfs-admin trust pin "
+                   f"{public.successor}'; otherwise " if newer else "")
+                + f"put it back with: {self._put_back()}"
             )
         return own
+
+    def _own_anchor(self) -> Anchor | None:
+        """The store's own copy of its pins; None where there is none this process can read
+        (a store made before it was kept, a copy without a private area, a user who may read
+        the store's documents but not its private area)."""
+        try:
+            return self._read(self.own_pins_path, _parse_anchor)
+        except NotFoundError:
+            return None
+        except StoreError:
+            if not os.access(self.private, os.R_OK | os.X_OK):
+                return None
+            raise
+
+    def _put_back(self) -> str:
+        return f"install -m 0644 {self.own_pins_path} {self.config_path}"
+
+    def _warn_once(self, message: str) -> None:
+        """Each warning about store.json once per process: a listing reads the pins once per
+        Domain, and an agent or a mount reads them for as long as it runs."""
+        if message not in _WARNED:
+            _WARNED.add(message)
+            log.warning("%s", message)
 
     def pinned_root(self) -> str:
         return self.anchor().root
 
     def write_config(self, anchor: Anchor, *, new: bool = False) -> None:
-        """Write the pins: the store's own copy in the private area (where there is one) first,
-        then store.json, exclusively at init and atomically replaced when pinning."""
+        """Write the pins: store.json and the store's own copy in the private area (where there
+        is one). At init the own copy comes first, since store.json comes last (no store.json,
+        no store); when pinning store.json comes first, so that a pin whose write failed (the
+        command exits 6) is not in effect: the own copy is what counts."""
         data = _anchor_bytes(anchor)
-        if self.private.is_dir():
+        own = self.private.is_dir()
+        if new and own:
             self._write_own_pins(data)
         with writing(self.config_path, "the store's pins"):
             if new:
                 atomic.write_new(self.config_path, data)
             else:
                 atomic.replace(self.config_path, data)
+        if own and not new:
+            self._write_own_pins(data)
 
     def _write_own_pins(self, data: bytes) -> None:
         with writing(self.own_pins_path, "the store's own pins"):

@@ -9,6 +9,8 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import pytest
 
 from kmsfs import exitcodes
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_init_creates_store_hsms_and_sealed_genesis(admin: Admin) -> None:
@@ -657,3 +661,37 @@ def test_successors_sealed_at_two_sites_are_shown_as_a_fork(
     assert warning.startswith("kmsfs-admin: warning: trusts ") and "must keep one" in warning
     table = initialized("trust", "list").stdout
     assert table.count("sealed, forked (rival ") == 2
+
+
+def test_a_damaged_store_json_leaves_the_own_pins_serving(initialized: Admin) -> None:
+    trust = initialized.real_domain("payroll")
+    initialized("domain", "create", "hr", "--trust", trust)
+    (initialized.store / "store.json").chmod(0o644)
+    (initialized.store / "store.json").write_text('{"_type": "store", "format": 2}')
+    listed = initialized("--json", "domain", "list")
+    assert [d["verified"] for d in listed.json] == [True, True]
+    (warning,) = listed.stderr.strip().splitlines()  # once, though each Domain reads the pins
+    assert "store.json" in warning and "this store's own pins" in warning
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to the user nobody")
+def test_a_user_who_cannot_read_the_private_area_verifies_by_store_json() -> None:
+    """Documents are public, the private area is 0700: a user other than the store's owner
+    verifying a Trust failed on private/anchor.json (permission denied, exit 6)."""
+    work = Path(tempfile.mkdtemp(prefix="store-other-user-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        admin = Admin.under(work)
+        admin("init", "--hsms", "1")
+        genesis = json.loads((admin.store / "store.json").read_text())["root"]
+        run = subprocess.run(
+            [sys.executable, "-m", "kmsfs.admin.cli", "--store", str(admin.store),
+             "trust", "verify", genesis],
+            cwd="/", capture_output=True, text=True, timeout=120, user="nobody",
+            group="nogroup", extra_groups=[],
+            env={"PATH": os.environ["PATH"], "HOME": "/", "PYTHONPATH": str(REPO)},
+        )
+        assert run.returncode == 0, run.stderr
+        assert "verifies" in run.stdout
+    finally:
+        shutil.rmtree(work)

@@ -7,6 +7,8 @@ session failed with CKR_USER_ALREADY_LOGGED_IN, and closing any session logged a
 from __future__ import annotations
 
 import contextlib
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,24 @@ def test_a_refused_pin_is_not_sent_to_the_token_again_until_it_changes(
     with pytest.raises(PinError, match="wrong PIN"):
         attempt("wrong-pin-0002")  # another PIN is tried
     assert attempt(right) == 3  # lookup, login, session: the right PIN still works
+
+
+def test_a_module_link_repointed_while_a_session_is_open_keeps_the_counts(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """The module is resolved once per location: re-pointing its link while a session was
+    open (a vendor's upgrade) made the session's end fail (KeyError), its login and count
+    left behind, so the module was never re-initialized again in that process."""
+    private = initialized.store / "private"
+    right = (private / "pins" / "hsm1.pin").read_text().strip()
+    link = tmp_path / "libvendor-pkcs11.so"
+    link.symlink_to(softhsm.default_module())
+    location = TokenLocation(str(link), "hsm1", str(private / "softhsm2.conf"))
+    with library.session(location, right):
+        link.unlink()
+        shutil.copy(softhsm.default_module(), tmp_path / "upgraded.so")
+        link.symlink_to(tmp_path / "upgraded.so")
+    assert library._open_sessions.get(location.library, 0) == 0
+    assert all(key[0] != location.library for key in library._logins)
+    with library.session(location, right):
+        pass

@@ -178,3 +178,20 @@ def test_a_token_that_is_gone_is_not_called_lacking() -> None:
     token.generate_key = gone  # type: ignore[method-assign]
     with pytest.raises(p11.DeviceRemoved):
         domainkeys.self_test(token)  # type: ignore[arg-type]
+
+
+def test_a_domain_wrapped_before_kwp_was_asked_for_still_opens() -> None:
+    """A Trust of PKCS#11 3.0 tokens only: its Domains were wrapped with their
+    CKM_AES_KEY_WRAP_PAD (PKCS#7 then RFC 3394) before kmsfs asked for KWP."""
+    token = SoftToken(pad_is_pkcs7=True, lists_kwp=True)
+    k = token.generate_key(None, 256, False, domainkeys.K_TEMPLATE)
+    mk = token.generate_key(None, 256, False, domainkeys.MK_TEMPLATE)
+    for mechanism in (Mechanism.AES_KEY_WRAP_PAD, Mechanism.AES_KEY_WRAP_KWP):
+        wrapped = k.wrap_key(mk, mechanism)
+        back = domainkeys._unwrap_mk_here(  # type: ignore[arg-type]
+            token, k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE
+        )
+        assert back.value == mk.value
+    garbled = bytes(48)
+    with pytest.raises(p11.WrappedKeyInvalid):  # neither form: an error, never a wrong key
+        domainkeys._unwrap_mk_here(token, k, garbled, domainkeys.UNWRAPPED_MK_TEMPLATE)  # type: ignore[arg-type]
