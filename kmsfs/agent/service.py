@@ -408,7 +408,10 @@ class Agent:
                 )
                 self.ctx.store.save_trust(trust)
                 for approval in valid:
-                    imports.keep_signature(self.ctx, "approval", approval)
+                    imports.keep_signature(
+                        self.ctx, "approval", approval,
+                        imports.approving(trust, predecessor.trust),
+                    )
                 sealed = trusts._seal(self.ctx, trust.id, None)  # trusts.seal, lock held
             return {"seal": sealed.seal.to_dict("seal")}
 

@@ -24,7 +24,7 @@ interrupted import leaves at most verified Trust documents, which the store may 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kmsfs.errors import AlreadyExistsError, ChainError, KmsfsError, UsageError
@@ -55,11 +55,19 @@ def member_approvals(
     return [a for _, a in valid_approvals(trust, approvals, list(members.values()))]
 
 
-def keep_signature(ctx: Context, kind: str, signature: Signature) -> None:
-    """Store a verified signature unless the store holds one of this key already: RSA-PSS
-    signatures are randomized, so another valid one for the same document is no conflict."""
+def approving(trust: Trust, predecessor: Trust | None) -> Callable[[Signature], bool]:
+    """Whether a signature is a valid approval of *trust* by a member of it or *predecessor*."""
+    return lambda there: bool(member_approvals(trust, [there], predecessor))
+
+
+def keep_signature(
+    ctx: Context, kind: str, signature: Signature, valid: Callable[[Signature], bool]
+) -> None:
+    """Store a verified signature unless the store holds a valid one of this key already:
+    RSA-PSS signatures are randomized, so another valid one for the same document is no
+    conflict. One that ``valid`` refuses (planted by a replica) is replaced."""
     with contextlib.suppress(AlreadyExistsError):
-        ctx.store.save_signature(kind, signature)
+        ctx.store.save_signature(kind, signature, valid)
 
 
 def check_chain(
@@ -102,8 +110,8 @@ def save_chain(ctx: Context, chain: Sequence[SealedTrust]) -> int:
             ctx.store.save_trust(link.trust)
             added += 1
         for approval in member_approvals(link.trust, list(link.approvals), previous):
-            keep_signature(ctx, "approval", approval)
-        keep_signature(ctx, "seal", link.seal)
+            keep_signature(ctx, "approval", approval, approving(link.trust, previous))
+        keep_signature(ctx, "seal", link.seal, lambda there, s=link: trusts.is_valid_seal(s, there))
         previous = link.trust
     return added
 

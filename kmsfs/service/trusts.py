@@ -557,13 +557,13 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
         seal_sig = Signature(trust_id, hsm.record.id, value)
     sealed = SealedTrust(trust, approvals, seal_sig)
     verify_trust(sealed, predecessor)
-    ctx.store.save_signature("seal", seal_sig, valid=lambda there: _seals(sealed, there))
+    ctx.store.save_signature("seal", seal_sig, valid=lambda there: is_valid_seal(sealed, there))
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust_id))
     return sealed
 
 
-def _seals(sealed: SealedTrust, seal: Signature) -> bool:
+def is_valid_seal(sealed: SealedTrust, seal: Signature) -> bool:
     """Whether *seal* is a valid seal of *sealed*'s Trust by one of its HSMs."""
     trust = sealed.trust
     try:

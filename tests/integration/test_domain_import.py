@@ -9,6 +9,7 @@ pinned root before it writes a byte, and write nothing the replica's history wou
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import subprocess
@@ -169,11 +170,11 @@ def test_import_from_a_ciphertext_directory(sites: Sites, tmp_path: Path) -> Non
 
 
 
-def test_a_damaged_signature_in_the_way_refuses_the_import_and_writes_no_domain(
-    sites: Sites,
-) -> None:
-    """An invalid seal at the place the bundle's valid one takes is kept (documents are never
-    overwritten): the import said "verified" and wrote a Domain the store then refused."""
+def test_a_damaged_signature_in_the_way_is_replaced_by_the_import(sites: Sites) -> None:
+    """An invalid seal at the place the bundle's valid one takes was kept (documents are never
+    overwritten): first the import said "verified" and wrote a Domain the store then refused;
+    then it refused the import. A signature that does not verify is no document to keep: the
+    bundle's valid one replaces it, and the store verifies the Domain."""
     r = sites.replica
     r("domain", "import", str(sites.bundle), "--pin", sites.trust)
     for d in (r.store / "domains").iterdir():
@@ -182,9 +183,10 @@ def test_a_damaged_signature_in_the_way_refuses_the_import_and_writes_no_domain(
     seal = Store(r.store).signatures("seal", sites.trust)[0]
     seal_path.unlink()  # ... and its Trust's seal is damaged
     Store(r.store).save_signature("seal", dataclasses.replace(seal, value=bytes(len(seal.value))))
-    refused = r("domain", "import", str(sites.bundle), check=exitcodes.VERIFICATION)
-    assert "do not verify after the import" in one_error_line(refused)
-    assert list((r.store / "domains").iterdir()) == []
+    done = r("domain", "import", str(sites.bundle))
+    assert "a seal that does not verify was there (planted?): replaced" in done.stderr
+    assert Store(r.store).signatures("seal", sites.trust) == [seal]
+    r("domain", "verify", "payroll")
 
 
 @pytest.mark.parametrize("command", [["domain", "import", "x.domain"],
@@ -196,3 +198,21 @@ def test_commands_of_this_hosts_store_refuse_agent(initialized: Admin, tmp_path:
     result = initialized("--agent", str(tmp_path / "agent.sock"), *command, check=exitcodes.USAGE)
     assert "works on a store of this host" in one_error_line(result)
     assert tree_snapshot(initialized.store) == before
+
+
+def test_an_invalid_approval_planted_in_the_replica_is_replaced_by_the_import(
+    sites: Sites,
+) -> None:
+    """Approvals are named by their signer: one a hostile replica planted at alice's name
+    (well-formed, its signature not hers) was kept, and the import's chain then did not
+    verify from the replica's own documents."""
+    r = sites.replica
+    alice = Store(r.store).operator("alice").key.key_id
+    planted = r.store / "approvals" / sites.trust / f"{alice}.json"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(json.dumps({"_type": "approval", "subject": sites.trust, "key_id": alice,
+                                   "signature": base64.b64encode(bytes(64)).decode()}))
+    done = r("domain", "import", str(sites.bundle), "--pin", sites.trust[:12])
+    assert "does not verify was there (planted?): replaced" in done.stderr
+    r("domain", "verify", "payroll")
+    r("trust", "verify", sites.trust)
