@@ -41,7 +41,7 @@ def seal_trust(client: AgentClient, ctx: Context, trust_ref: str) -> SealedTrust
     seal = Signature.from_dict(result.get("seal"), "seal")
     sealed = SealedTrust(trust, approvals, seal)
     verify_trust(sealed, chain[-1])
-    ctx.store.save_signature("seal", seal)
+    ctx.store.save_signature("seal", seal, valid=lambda there: trusts.is_valid_seal(sealed, there))
     anchor = ctx.store.anchor()
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust.id))

@@ -31,7 +31,7 @@ from pkcs11 import exceptions as p11
 
 from kmsfs.errors import FormatError, HsmError
 from kmsfs.hsm import library
-from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
+from kmsfs.hsm.keypairs import NOT_THE_TOKENS_ANSWER, OAEP_PARAMS, WRAP_LABEL
 from kmsfs.model.publickeys import PublicKey
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 #: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
 #: for ``library.hsm_errors`` to report as such.
 _TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
-#: Failures that mean the token cannot do what it was asked that way (and may another way);
-#: not a transient failure, nor a policy that would refuse the other way too.
-_CANNOT_DO_THAT = (p11.MechanismInvalid, p11.MechanismParamInvalid, p11.ArgumentsBad)
 
 K_TEMPLATE = {
     Attribute.SENSITIVE: True,
@@ -106,7 +103,9 @@ def _wrap_k_for(
                 wrapped[hsm_id] = key.scheme, bytes(public.wrap_key(
                     k, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_oaep(key.scheme)
                 ))
-            except _CANNOT_DO_THAT as exc:
+            except NOT_THE_TOKENS_ANSWER:
+                raise  # gone, or failed once: as the enrolment probe, no SHA-1 for that
+            except p11.PKCS11Error as exc:
                 if key.scheme != "rsa-oaep-sha256":
                     raise
                 log.warning("this HSM cannot wrap with RSA-OAEP-SHA256 (%s): k wrapped for "

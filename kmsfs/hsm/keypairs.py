@@ -34,6 +34,9 @@ OAEP_PARAMS = {
 PSS_PARAMS = (Mechanism.SHA256, MGF.SHA256, 32)
 #: Failures that mean the token is gone: never a reason to try another way.
 _GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
+#: Failures that say nothing of what the token can do (it is gone, or failed this once):
+#: never a reason to record a weaker choice for good.
+NOT_THE_TOKENS_ANSWER = (*_GONE, p11.GeneralError, p11.TokenNotRecognised)
 PRIVATE_TEMPLATE = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
@@ -95,8 +98,8 @@ def _probe_oaep(
                 )
                 back.destroy()
                 return name
-            except _GONE:
-                raise  # the token is gone: no reason to record a weaker hash for good
+            except NOT_THE_TOKENS_ANSWER:
+                raise  # gone, or failed once: no reason to record a weaker hash for good
             except p11.PKCS11Error as exc:
                 log.info("the token refused RSA-OAEP-%s (%s)", name.upper(), type(exc).__name__)
         raise HsmError("the token cannot wrap with RSA-OAEP (SHA-256 or SHA-1)")
@@ -104,8 +107,11 @@ def _probe_oaep(
         probe.destroy()
 
 
-def _generate_wrap_pair(session: "pkcs11.Session") -> None:
-    session.generate_keypair(
+KeyPair = tuple["pkcs11.PublicKey", "pkcs11.PrivateKey"]
+
+
+def _generate_wrap_pair(session: "pkcs11.Session") -> KeyPair:
+    return session.generate_keypair(  # type: ignore[no-any-return]
         KeyType.RSA,
         RSA_BITS,
         store=True,
@@ -128,9 +134,13 @@ ED25519_PARAMS = (encode_named_curve_parameters(ED25519_OID), b"\x13\x0cedwards2
 def generate_ed25519(session: "pkcs11.Session", label: str) -> "pkcs11.PublicKey":
     """An Ed25519 key pair stored in the token, private half sign-only and non-extractable.
     The curve is named by its OID, or by name where the token refuses the OID."""
+    return _generate_ed25519_pair(session, label)[0]
+
+
+def _generate_ed25519_pair(session: "pkcs11.Session", label: str) -> KeyPair:
     for params in ED25519_PARAMS:
         try:
-            public, _ = session.generate_keypair(
+            pair = session.generate_keypair(
                 KeyType.EC_EDWARDS,
                 0,
                 store=True,
@@ -138,8 +148,8 @@ def generate_ed25519(session: "pkcs11.Session", label: str) -> "pkcs11.PublicKey
                 public_template={Attribute.EC_PARAMS: params, Attribute.VERIFY: True},
                 private_template={**PRIVATE_TEMPLATE, Attribute.SIGN: True},
             )
-            return public
-        except _GONE:
+            return pair  # type: ignore[no-any-return]
+        except NOT_THE_TOKENS_ANSWER:
             raise
         except p11.PKCS11Error as exc:
             if params == ED25519_PARAMS[-1]:
@@ -148,14 +158,13 @@ def generate_ed25519(session: "pkcs11.Session", label: str) -> "pkcs11.PublicKey
     raise AssertionError("unreachable")
 
 
-def _generate_sign_pair(session: "pkcs11.Session") -> None:
+def _generate_sign_pair(session: "pkcs11.Session") -> KeyPair:
     mechanisms = session.token.slot.get_mechanisms()
     can_pss = Mechanism.SHA256_RSA_PKCS_PSS in mechanisms
     if Mechanism.EC_EDWARDS_KEY_PAIR_GEN in mechanisms and Mechanism.EDDSA in mechanisms:
         try:
-            generate_ed25519(session, SIGN_LABEL)
-            return
-        except _GONE:
+            return _generate_ed25519_pair(session, SIGN_LABEL)
+        except NOT_THE_TOKENS_ANSWER:
             raise
         except p11.PKCS11Error as exc:
             if not can_pss:
@@ -163,7 +172,7 @@ def _generate_sign_pair(session: "pkcs11.Session") -> None:
             log.warning("the token lists Ed25519 but refused to make a key pair (%s): "
                         "signing with RSA-PSS", type(exc).__name__)
     if can_pss:
-        session.generate_keypair(
+        return session.generate_keypair(  # type: ignore[no-any-return]
             KeyType.RSA,
             RSA_BITS,
             store=True,
@@ -206,24 +215,19 @@ def provision(session: "pkcs11.Session") -> tuple[PublicKey, PublicKey]:
 
     Key pairs made here are destroyed again if the token then turns out unusable (it cannot
     unwrap with RSA-OAEP, say): a refused token is left as it was."""
-    made: list[str] = []
+    made: list[pkcs11.Object] = []
     try:
         if _find(session, ObjectClass.PRIVATE_KEY, WRAP_LABEL) is None:
-            made.append(WRAP_LABEL)
-            _generate_wrap_pair(session)
+            made.extend(_generate_wrap_pair(session))
         if _find(session, ObjectClass.PRIVATE_KEY, SIGN_LABEL) is None:
-            made.append(SIGN_LABEL)
-            _generate_sign_pair(session)
+            made.extend(_generate_sign_pair(session))
         return wrap_public_key(session), sign_public_key(session)
     except BaseException:
-        for label in made:
-            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-                for obj in session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}):
-                    try:
-                        obj.destroy()
-                    except p11.PKCS11Error as exc:
-                        log.warning("could not remove the %s key made here (%s)", label,
-                                    type(exc).__name__)
+        for obj in made:  # by handle: never a pair another enrolment made meanwhile
+            try:
+                obj.destroy()
+            except p11.PKCS11Error as exc:
+                log.warning("could not remove a key made here (%s)", type(exc).__name__)
         raise
 
 

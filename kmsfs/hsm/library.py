@@ -236,7 +236,12 @@ def find_token(location: TokenLocation) -> "pkcs11.Token":
     def lookup() -> "pkcs11.Token":
         found, failed = _tokens_labelled(lib, location.token_label)
         if location.token_serial is not None:
-            found = [t for t in found if _serial(t) == location.token_serial]
+            labelled = found
+            want = location.token_serial.strip().casefold()
+            found = [t for t in labelled if _serial(t).casefold() == want]
+            if labelled and not found:
+                serials = ", ".join(sorted(_serial(t) for t in labelled))
+                failed = [*failed, f"tokens with this label have serials {serials}"]
         if len(found) > 1:
             serials = ", ".join(sorted(_serial(t) for t in found))
             raise HsmError(

@@ -1,6 +1,7 @@
 """HSM actions: create an embedded SoftHSM2 token, enroll any PKCS#11 token, list them."""
 
 import contextlib
+import logging
 import os
 import secrets
 from dataclasses import replace
@@ -14,6 +15,8 @@ from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord, check_name
 from kmsfs.service import operators
 from kmsfs.service.context import Context, HsmSession, open_one_hsm, utc_now
+
+log = logging.getLogger(__name__)
 
 TOKEN_LABEL_MAX = 32
 
@@ -45,8 +48,12 @@ def _provision(
     pin_source: PinSource,
     label: str,
     later_pin: PinSource | None = None,
+    serial_update: bool = False,
 ) -> HsmRecord:
-    """Generate (or find) the kmsfs key pairs in the token and write the self-signed record."""
+    """Generate (or find) the kmsfs key pairs in the token and write the self-signed record.
+    With ``serial_update``, a token enrolled already gets its access record (with the serial
+    the location names) rewritten instead of a refusal, and the label is checked only for a
+    new HSM."""
     with (
         library.session(location, pin_source.read(), rw=True) as session,
         library.hsm_errors(label),
@@ -58,7 +65,15 @@ def _provision(
         record = replace(record, signature=bytes(keypairs.sign(session, sign_key.scheme, message)))
     record.verify_self_signature()
     if record.id in ctx.store.hsm_ids():
+        if serial_update:
+            stored = ctx.store.hsm(record.id)
+            ctx.private.save_access("hsm", record.id, location, later_pin or pin_source)
+            log.warning("this token is HSM %s already: how to reach it (serial %s) is recorded "
+                        "now", stored.label, location.token_serial)
+            return stored
         raise AlreadyExistsError(f"this token is already enrolled as HSM {record.id[:12]}")
+    if serial_update:
+        _check_label_free(ctx, label)
     ctx.private.save_access("hsm", record.id, location, later_pin or pin_source)
     try:
         ctx.store.save_hsm(record)
@@ -105,10 +120,11 @@ def enroll_hsm(
         raise UsageError(f"token label {token_label!r:.40} is longer than {TOKEN_LABEL_MAX} bytes")
     ctx.private.ensure()
     label = _next_label(ctx) if label is None else label  # "" is a bad label, not none
-    _check_label_free(ctx, label)
+    if token_serial is None:  # else once the token is known not to be enrolled already
+        _check_label_free(ctx, label)
     location = TokenLocation(module, token_label, _softhsm_conf_for(ctx, module), token_serial)
     library.refresh(location)
-    return _provision(ctx, location, pin_source, label, later_pin)
+    return _provision(ctx, location, pin_source, label, later_pin, token_serial is not None)
 
 
 def _softhsm_conf_for(ctx: Context, module: str) -> str | None:

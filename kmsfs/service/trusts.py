@@ -469,20 +469,33 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
 
 
 def list_status(ctx: Context) -> list[TrustStatus]:
-    """Every Trust of the store. Sealed successors of one Trust (sealed at two sites, then
-    merged) are each other's ``rivals``: two lines of Trusts, each valid, in each of which the
-    HSMs and operators the other removed still govern (review: nothing said so)."""
+    """Every Trust of the store. Successors of one Trust that each verify (sealed at two
+    sites, then merged) are each other's ``rivals``: two lines of Trusts, each valid, in each
+    of which the HSMs and operators the other removed still govern (review: nothing said so).
+    A Trust sealed by its own HSM alone, without its quorums, is no rival: it does not verify."""
     statuses = [status(ctx, i) for i in ctx.store.trust_ids()]
     sealed_after: dict[str, list[str]] = {}
     for s in statuses:
         if s.sealed_by and s.trust.predecessor is not None:
             sealed_after.setdefault(s.trust.predecessor, []).append(s.trust.id)
+    for predecessor, sealed in list(sealed_after.items()):
+        if len(sealed) > 1:
+            sealed_after[predecessor] = [t for t in sealed if _verifies(ctx, t)]
     statuses = [
         replace(s, rivals=tuple(sorted(set(sealed_after[s.trust.predecessor]) - {s.trust.id})))
-        if s.sealed_by and len(sealed_after.get(s.trust.predecessor or "", [])) > 1 else s
+        if s.trust.id in sealed_after.get(s.trust.predecessor or "", [])
+        and len(sealed_after[s.trust.predecessor or ""]) > 1 else s
         for s in statuses
     ]
     return sorted(statuses, key=lambda s: (s.trust.serial, s.trust.created, s.trust.id))
+
+
+def _verifies(ctx: Context, trust_id: str) -> bool:
+    try:
+        verified_chain(ctx, trust_id)
+    except KmsfsError:
+        return False
+    return True
 
 
 def _content(trust: Trust) -> tuple[Any, ...]:

@@ -165,7 +165,9 @@ class Store:
         except NotFoundError:
             return None
         except StoreError:
-            if not os.access(self.private, os.R_OK | os.X_OK):
+            if not os.access(self.private, os.R_OK | os.X_OK) or not os.access(
+                self.own_pins_path, os.R_OK
+            ):
                 return None
             raise
 
@@ -200,8 +202,13 @@ class Store:
             self._write_own_pins(data)
 
     def _write_own_pins(self, data: bytes) -> None:
+        """Write the own copy, owned by whoever owns the private area: root reading or pinning
+        a user's store made it root's, and the user's own commands then failed on it."""
         with writing(self.own_pins_path, "the store's own pins"):
             atomic.replace(self.own_pins_path, data, mode=0o600)
+            owner = os.stat(self.private)
+            if os.geteuid() == 0 and owner.st_uid != 0:
+                os.chown(self.own_pins_path, owner.st_uid, owner.st_gid)
 
     # -- generic I/O ------------------------------------------------------------------------
 

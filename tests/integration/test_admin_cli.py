@@ -644,6 +644,25 @@ def test_a_synced_pin_is_named_and_taken_only_by_trust_pin(
     assert mirror("trust", "verify", honest).stderr == ""
 
 
+def _sealed_by_its_own_hsm_alone(admin: Admin, predecessor: str) -> str:
+    """A successor of *predecessor* that lists a new HSM and sealed by it, no approval: what
+    anyone who writes a replica can plant."""
+    from kmsfs.model import contexts
+    from kmsfs.model.trust import Signature
+    from kmsfs.service import hsms
+    from kmsfs.service.context import Context, open_hsm
+
+    admin("hsm", "create", "--label", "planted")
+    trust_id = admin.propose(["planted"], ["alice"], 1, predecessor=predecessor)
+    ctx = Context.at(admin.store)
+    record = hsms.resolve_hsm(ctx, "planted")
+    trust = ctx.store.trust(trust_id)
+    with open_hsm(ctx, [record]) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+    ctx.store.save_signature("seal", Signature(trust_id, record.id, value))
+    return trust_id
+
+
 def test_successors_sealed_at_two_sites_are_shown_as_a_fork(
     initialized: Admin, tmp_path: Path
 ) -> None:
@@ -652,7 +671,9 @@ def test_successors_sealed_at_two_sites_are_shown_as_a_fork(
     other_site = initialized.copy(tmp_path / "site-b")
     here = initialized.sealed_trust(["hsm1"], ["alice"], 1, predecessor=first)
     there = other_site.sealed_trust(["hsm2"], ["bob"], 1, predecessor=first)
-    assert initialized("trust", "list").stderr == ""
+    forged = _sealed_by_its_own_hsm_alone(initialized, first)
+    assert initialized("trust", "list").stderr == ""  # a forgery is no fork: it cannot verify
+    initialized("trust", "verify", forged, check=exitcodes.VERIFICATION)
     _union(other_site.store, initialized.store)
     listed = initialized("--json", "trust", "list")
     rivals = {row["id"]: row["rivals"] for row in listed.json}
@@ -693,5 +714,37 @@ def test_a_user_who_cannot_read_the_private_area_verifies_by_store_json() -> Non
         )
         assert run.returncode == 0, run.stderr
         assert "verifies" in run.stdout
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to the user nobody")
+def test_root_reading_a_users_store_leaves_its_own_pins_the_users() -> None:
+    """Root's first read of a user's store (made before it kept its own pins) wrote
+    private/anchor.json as root, mode 0600: the user's own commands then failed on it."""
+    work = Path(tempfile.mkdtemp(prefix="store-of-a-user-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        store = work / "store"
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "kmsfs.admin.cli", "--store", str(store), *args],
+                cwd="/", capture_output=True, text=True, timeout=120, user="nobody",
+                group="nogroup", extra_groups=[],
+                env={"PATH": os.environ["PATH"], "HOME": str(work), "PYTHONPATH": str(REPO),
+                     "XDG_RUNTIME_DIR": str(work)},
+            )
+
+        shutil.chown(work, "nobody", "nogroup")
+        made = as_nobody("init", "--hsms", "1")
+        assert made.returncode == 0, made.stderr
+        own = store / "private" / "anchor.json"
+        own.unlink()  # as a store made by an earlier kmsfs
+        genesis = json.loads((store / "store.json").read_text())["root"]
+        Admin(store, work / "pins")("trust", "verify", genesis)  # root, first use
+        assert own.stat().st_uid == store.stat().st_uid != 0
+        verified = as_nobody("trust", "verify", genesis)
+        assert verified.returncode == 0, verified.stderr
     finally:
         shutil.rmtree(work)

@@ -211,12 +211,30 @@ def test_tokens_that_share_a_label_are_told_apart_by_serial(
     assert "several tokens have this label" in line and "--token-serial" in line
     serials = re.search(r"serials ([^)]*)\)", line).group(1).split(", ")  # type: ignore[union-attr]
     assert len(serials) == 2
-    enrolled = initialized(
-        "--json", "hsm", "enroll", "--module", MODULE, "--token", "PIV_II",
-        "--token-serial", serials[1], "--pin-file", initialized.pin_file("PIV_II", PIN),
-        "--label", "card", env={"SOFTHSM2_CONF": str(conf)},
-    ).json
+    def enroll(serial: str, label: str = "card", check: int = 0):  # type: ignore[no-untyped-def]
+        return initialized(
+            "--json", "hsm", "enroll", "--module", MODULE, "--token", "PIV_II",
+            "--token-serial", serial, "--pin-file", initialized.pin_file("PIV_II", PIN),
+            "--label", label, env={"SOFTHSM2_CONF": str(conf)}, check=check,
+        )
+
+    absent = one_error_line(enroll("0000", check=exitcodes.HSM))
+    assert "is not present" in absent and serials[0] in absent and serials[1] in absent
+    enrolled = enroll(f" {serials[1].upper()} ").json  # as a person copies it
     assert enrolled["label"] == "card"
+    health = {h["label"]: h["ok"] for h in initialized("--json", "hsm", "health").json}
+    assert health["card"] is True
+
+    # An HSM enrolled before the second card came (its access record without a serial) gets
+    # one by enrolling it again with the serial: its record is the same, its access updated.
+    access = initialized.store / "private" / "hsm-access" / f"{enrolled['id']}.json"
+    doc = json.loads(access.read_text())
+    access.write_text(json.dumps({**doc, "token_serial": None}))
+    failed = initialized("--json", "hsm", "health", check=exitcodes.HSM).json
+    assert {h["label"]: h["ok"] for h in failed}["card"] is False
+    again = enroll(serials[1], label="whatever")
+    assert again.json["id"] == enrolled["id"] and again.json["label"] == "card"
+    assert "is recorded now" in again.stderr
     health = {h["label"]: h["ok"] for h in initialized("--json", "hsm", "health").json}
     assert health["card"] is True
     initialized.create_operators("alice")
