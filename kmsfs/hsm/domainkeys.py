@@ -31,14 +31,11 @@ from pkcs11 import exceptions as p11
 
 from kmsfs.errors import FormatError, HsmError
 from kmsfs.hsm import library
-from kmsfs.hsm.keypairs import NOT_THE_TOKENS_ANSWER, OAEP_PARAMS, WRAP_LABEL
+from kmsfs.hsm.keypairs import OAEP_PARAMS, WRAP_LABEL
+from kmsfs.hsm.library import NOT_THE_TOKENS_ANSWER, TOKEN_GONE
 from kmsfs.model.publickeys import PublicKey
 
 log = logging.getLogger(__name__)
-
-#: Failures that mean the token is gone, not that it lacks a mechanism: passed on as they are,
-#: for ``library.hsm_errors`` to report as such.
-_TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
 
 K_TEMPLATE = {
     Attribute.SENSITIVE: True,
@@ -166,16 +163,15 @@ def _unwrap_k(
 
 
 def _unwrap_mk_here(
-    session: "pkcs11.Session", k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict
+    k: "pkcs11.SecretKey", wrapped_mk: bytes, template: dict, mechanism: Mechanism
 ) -> "pkcs11.SecretKey":
-    """:func:`_unwrap_mk` with this token's :func:`rfc5649` mechanism. On a token that lists
+    """:func:`_unwrap_mk` with the token's :func:`rfc5649` *mechanism*. On a token that lists
     CKM_AES_KEY_WRAP_KWP, a Domain made before kmsfs asked for it was wrapped with the token's
     CKM_AES_KEY_WRAP_PAD (PKCS#7 then RFC 3394 there): that is tried next. Both forms carry an
     integrity check, so a wrong guess is an error, never a wrong key."""
-    mechanism = rfc5649(session)
     try:
         return _unwrap_mk(k, wrapped_mk, template, mechanism)
-    except _TOKEN_GONE:
+    except TOKEN_GONE:
         raise
     except p11.PKCS11Error:
         if mechanism != Mechanism.AES_KEY_WRAP_KWP:
@@ -227,7 +223,9 @@ def unwrap(
     """Bring ``mk`` back inside the token as a SENSITIVE, non-EXTRACTABLE, sign-only key."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
-        return MasterKey(_unwrap_mk_here(session, k, wrapped_mk, UNWRAPPED_MK_TEMPLATE))
+        return MasterKey(
+            _unwrap_mk_here(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, rfc5649(session))
+        )
     finally:
         k.destroy()
 
@@ -250,7 +248,7 @@ def rewrap(
         bindings: list[bytes] = []
         for wrapped_mk, info in zip(wrapped_mks, binding_infos, strict=True):
             # wrappable, only for this loop
-            mk = _unwrap_mk_here(session, old_k, wrapped_mk, MK_TEMPLATE)
+            mk = _unwrap_mk_here(old_k, wrapped_mk, MK_TEMPLATE, mechanism)
             try:
                 rewrapped.append(new_k.wrap_key(mk, mechanism=mechanism))
                 bindings.append(_hmac(mk, info))
@@ -272,9 +270,10 @@ def epoch_hmacs(
     its own (kmsfs.service.domains)."""
     k = _unwrap_k(session, scheme, wrapped_k, UNWRAPPED_K_TEMPLATE)
     try:
+        mechanism = rfc5649(session)
         found: list[list[bytes]] = []
         for wrapped_mk, epoch_infos in zip(wrapped_mks, infos, strict=True):
-            mk = _unwrap_mk_here(session, k, wrapped_mk, UNWRAPPED_MK_TEMPLATE)
+            mk = _unwrap_mk_here(k, wrapped_mk, UNWRAPPED_MK_TEMPLATE, mechanism)
             try:
                 found.append([_hmac(mk, info) for info in epoch_infos])
             finally:
@@ -296,7 +295,7 @@ _KNOWN_MK = hashlib.sha256(b"kmsfs/v1/hsm-self-test/mk").digest()
 def _step(what: str, mechanism: str) -> Iterator[None]:
     try:
         yield
-    except _TOKEN_GONE:
+    except TOKEN_GONE:
         raise
     except p11.PKCS11Error as exc:
         raise HsmError(
@@ -371,7 +370,7 @@ def _known_answer(
             Attribute.ENCRYPT: False,
             Attribute.DECRYPT: False,
         })
-    except _TOKEN_GONE:
+    except TOKEN_GONE:
         raise
     except p11.PKCS11Error as exc:
         log.warning("the token does not take a known key (%s): its AES key wrap with padding "
@@ -386,7 +385,7 @@ def _known_answer(
             kek, aes_key_wrap_with_padding(_KNOWN_KEK, _KNOWN_MK), UNWRAPPED_MK_TEMPLATE,
             mechanism,
         )
-    except _TOKEN_GONE:
+    except TOKEN_GONE:
         raise
     except p11.PKCS11Error as exc:
         raise HsmError(

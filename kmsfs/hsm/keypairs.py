@@ -19,6 +19,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from kmsfs.errors import HsmError
+from kmsfs.hsm.library import NOT_THE_TOKENS_ANSWER
 from kmsfs.model.publickeys import PublicKey
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ OAEP_PARAMS = {
     "sha1": (Mechanism.SHA_1, MGF.SHA1, None),
 }
 PSS_PARAMS = (Mechanism.SHA256, MGF.SHA256, 32)
-#: Failures that mean the token is gone: never a reason to try another way.
-_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
-#: Failures that say nothing of what the token can do (it is gone, or failed this once):
-#: never a reason to record a weaker choice for good.
-NOT_THE_TOKENS_ANSWER = (*_GONE, p11.GeneralError, p11.TokenNotRecognised)
 PRIVATE_TEMPLATE = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,

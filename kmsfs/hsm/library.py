@@ -183,6 +183,11 @@ def _libcrypto() -> ctypes.CDLL | None:
 # SoftHSM2's file backend rewrites a token's files on login; another process reading them at
 # that moment gets CKR_GENERAL_ERROR. Such transient failures are retried a few times.
 TRANSIENT = (p11.GeneralError, p11.DeviceError, p11.TokenNotRecognised)
+#: Failures that mean the token is gone (reported as unavailable, never as lacking something).
+TOKEN_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.DeviceError)
+#: Failures that say nothing of what the token can do (it is gone, or failed this once):
+#: never a reason to try another way and record a weaker choice for good.
+NOT_THE_TOKENS_ANSWER = (*TOKEN_GONE, *TRANSIENT)
 RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4)
 
 
@@ -407,7 +412,7 @@ class _HsmErrors(contextlib.AbstractContextManager[None]):
     def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
         CALLS.release()
         if exc is not None and isinstance(exc, p11.PKCS11Error):
-            if isinstance(exc, p11.DeviceRemoved | p11.TokenNotPresent | p11.DeviceError):
+            if isinstance(exc, TOKEN_GONE):
                 raise HsmUnavailableError(
                     f"{self.what}: the token is gone ({type(exc).__name__})"
                 ) from exc

@@ -244,7 +244,7 @@ class Store:
         return self._read(path, parse)
 
     def _write(self, path: Path, document: dict[str, Any]) -> bool:
-        data = canonical_bytes(document) + b"\n"
+        data = _document_bytes(document)
         if len(data) > MAX_DOCUMENT_BYTES:  # never write what this store would refuse to read
             raise FormatError(
                 f"{path}: document of {len(data)} bytes, the limit is {MAX_DOCUMENT_BYTES}"
@@ -350,7 +350,7 @@ class Store:
             return False
         log.warning("%s: a %s that does not verify was there (planted?): replaced", path, kind)
         with writing(path, "the document"):
-            atomic.replace(path, canonical_bytes(signature.to_dict(kind)) + b"\n")
+            atomic.replace(path, _document_bytes(signature.to_dict(kind)))
         return True
 
     def signatures(self, kind: str, subject: str) -> list[Signature]:
@@ -420,10 +420,14 @@ class Store:
         return f" (names are case-sensitive; did you mean {' or '.join(sorted(near))}?)"
 
 
+def _document_bytes(document: dict[str, Any]) -> bytes:
+    """A document as the store writes it: its canonical JSON and a newline."""
+    return canonical_bytes(document) + b"\n"
+
+
 def _anchor_bytes(anchor: Anchor) -> bytes:
-    doc = {"_type": "store", "format": STORE_FORMAT, "root": anchor.root,
-           "successor": anchor.successor}
-    return canonical_bytes(doc) + b"\n"
+    return _document_bytes({"_type": "store", "format": STORE_FORMAT, "root": anchor.root,
+                            "successor": anchor.successor})
 
 
 def _describe(anchor: Anchor) -> str:

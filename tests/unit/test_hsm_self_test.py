@@ -189,9 +189,11 @@ def test_a_domain_wrapped_before_kwp_was_asked_for_still_opens() -> None:
     for mechanism in (Mechanism.AES_KEY_WRAP_PAD, Mechanism.AES_KEY_WRAP_KWP):
         wrapped = k.wrap_key(mk, mechanism)
         back = domainkeys._unwrap_mk_here(  # type: ignore[arg-type]
-            token, k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE
+            k, wrapped, domainkeys.UNWRAPPED_MK_TEMPLATE, domainkeys.rfc5649(token)  # type: ignore[arg-type]
         )
         assert back.value == mk.value
     garbled = bytes(48)
     with pytest.raises(p11.WrappedKeyInvalid):  # neither form: an error, never a wrong key
-        domainkeys._unwrap_mk_here(token, k, garbled, domainkeys.UNWRAPPED_MK_TEMPLATE)  # type: ignore[arg-type]
+        domainkeys._unwrap_mk_here(  # type: ignore[arg-type]
+            k, garbled, domainkeys.UNWRAPPED_MK_TEMPLATE, domainkeys.rfc5649(token)  # type: ignore[arg-type]
+        )
