@@ -424,6 +424,20 @@ class Command:
             f"data to it\n{verified.sealed.id}",
         )
 
+    def domain_retire(self) -> None:
+        client = self.agent()
+        if client:
+            verified = remote.retire(client, self.ctx, self.args.name, self.args.below)
+        else:
+            verified = domains.retire(self.ctx, self.args.name, self.args.below)
+        domain = verified.sealed.domain
+        self.one(
+            render.verified_domain(verified),
+            f"domain {self.args.name}: key epochs below {domain.retired_below} retired "
+            f"(generation {domain.generation}); files still keyed with them read and write "
+            f"EIO at each volume's next mount\n{verified.sealed.id}",
+        )
+
     def completion(self) -> None:
         if self.json:  # as kmsfs completion: a script is no JSON, and no flag goes unheeded
             raise UsageError("--json: completion prints a shell script")
@@ -556,6 +570,13 @@ def _new_name(text: str) -> str:
     return text
 
 
+def _epoch(text: str) -> int:
+    """argparse type of a key epoch number (1, 2, ...)."""
+    if not text.isdigit() or not 1 <= int(text) <= 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r:.20} is not a key epoch: want 1, 2, ...")
+    return int(text)
+
+
 def _pin_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--pin-file",
@@ -583,7 +604,8 @@ def build_parser() -> Parser:
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     add_agent_options(
         parser,
-        "have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap/rotate, hsm health)",
+        "have kmsfs-hsmd do the HSM work (trust seal, domain create/rewrap/rotate/retire, "
+        "hsm health)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -877,6 +899,23 @@ def build_parser() -> Parser:
         "kmsfs-admin domain rotate payroll",
     )
     p.add_argument("name", metavar="NAME", help="the domain's name")
+    p = command(
+        dm,
+        "retire",
+        "domain_retire",
+        "refuse file contents keyed with old key epochs, for good: the last step of removing "
+        "an HSM (after rewrap, rotate, and kmsfs reencrypt of every volume)",
+        "kmsfs-admin domain retire payroll --below 2",
+    )
+    p.add_argument("name", metavar="NAME", help="the domain's name")
+    p.add_argument(
+        "--below",
+        required=True,
+        type=_epoch,
+        metavar="EPOCH",
+        help="retire every epoch below this one (at most the newest epoch); check first with "
+        "'kmsfs fsck' on every volume that no file is keyed with them",
+    )
     p = command(
         dm,
         "export",

@@ -72,6 +72,7 @@ def domain(sealed: SealedDomain) -> dict[str, Any]:
         "generation": d.generation,
         "trust": d.trust,
         "epochs": len(d.master_keys),
+        "retired_below": d.retired_below,
         "key_binding": d.bound,
         "created": d.created,
     }

@@ -13,7 +13,8 @@ peer, lists the action and, for actions on a Domain, the Domain's name (or ``"*"
     certs = ["sha256:3f1a..."]         # TLS peers by certificate fingerprint ...
     subjects = ["mount1.example.org"]  # ... or by subject CN
     domains = ["payroll"]              # Domain names, "*" for every Domain
-    allow = ["derive"]                 # derive, create-domain, rewrap, rotate, seal-trust, health
+    allow = ["derive"]                 # derive, create-domain, rewrap, rotate, retire,
+                                       # seal-trust, health
 
 TOML, because people edit it and review its diffs; unknown keys and actions are refused when
 the file is loaded, so a typo cannot silently widen or narrow what is allowed.
@@ -30,8 +31,8 @@ from typing import Any
 
 from kmsfs.errors import AgentRefusedError, FormatError, UsageError
 
-ACTIONS = ("derive", "create-domain", "rewrap", "rotate", "seal-trust", "health")
-DOMAIN_ACTIONS = frozenset({"derive", "create-domain", "rewrap", "rotate"})
+ACTIONS = ("derive", "create-domain", "rewrap", "rotate", "retire", "seal-trust", "health")
+DOMAIN_ACTIONS = frozenset({"derive", "create-domain", "rewrap", "rotate", "retire"})
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _KEYS = {"name", "uids", "users", "certs", "subjects", "domains", "allow"}
 

@@ -99,6 +99,24 @@ def rotate(client: AgentClient, ctx: Context, name: str) -> VerifiedDomain:
     )
 
 
+def retire(client: AgentClient, ctx: Context, name: str, below: int) -> VerifiedDomain:
+    bundle = domains.export_bundle(ctx, name)
+    result = client.call(
+        "retire", {"bundle": b64encode(bundle.to_bytes()), "below": below}, retry=False
+    )
+    old = bundle.domain.domain
+    verified = _save_domain(
+        ctx, result, name=name, trust_id=old.trust, previous=old.id,
+        generation=old.generation + 1, epochs=len(old.master_keys),
+    )
+    if verified.sealed.domain.retired_below != below:
+        raise IntegrityError(
+            f"the agent answered with Domain {name} retiring epochs below "
+            f"{verified.sealed.domain.retired_below}, not below {below} as asked"
+        )
+    return verified
+
+
 def health(client: AgentClient) -> list[dict[str, Any]]:
     rows = fields.array(client.call("health", {}), "hsms", "health result")
     return [fields.obj(r, "health row") for r in rows]

@@ -86,6 +86,7 @@ class Agent:
             "create-domain": self.create_domain,
             "rewrap": self.rewrap,
             "rotate": self.rotate,
+            "retire": self.retire,
             "seal-trust": self.seal_trust,
             "health": self.health,
         }
@@ -225,7 +226,7 @@ class Agent:
             )
 
     #: Operations with lasting effects on the store: recorded before they start, too.
-    LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "seal-trust"})
+    LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "retire", "seal-trust"})
 
     def _guarded(
         self,
@@ -379,6 +380,21 @@ class Agent:
             return self._next_generation(bundle, lambda: domains.rotate(self.ctx, name))
 
         return self._guarded(peer, "rotate", name, act)
+
+    def retire(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """Retire a Domain's mk epochs below ``below`` (domains.retire): the client sends the
+        Domain as it knows it."""
+        fields.exact_keys(args, {"bundle", "below"}, "retire")
+        bundle = DomainBundle.from_bytes(b64decode(args["bundle"], "retire.bundle"))
+        below = fields.integer(args, "below", "retire")
+        name = bundle.domain.domain.name
+
+        def act() -> dict[str, Any]:
+            return self._next_generation(
+                bundle, lambda: domains.retire(self.ctx, name, below)
+            )
+
+        return self._guarded(peer, "retire", name, act, {"below": below})
 
     def seal_trust(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """Seal a Trust with an HSM of it, only with its quorum and its predecessor's."""

@@ -383,9 +383,7 @@ class _Checker:
         try:
             key = self.deriver.derive(content.file_key_info(header.file_id), epoch=header.epoch)
         except IntegrityError as exc:
-            self.damage("epoch", path, plain,
-                        f"keyed with mk epoch {header.epoch}, which the Domain does not have "
-                        f"({exc}): no HSM of this Domain can read it")
+            self.damage("epoch", path, plain, f"keyed with mk epoch {header.epoch}: {exc}")
             self.advance(size)
             return
         cipher = content.ContentCipher(key, header)

@@ -18,6 +18,15 @@ Domain's name, the epoch and the store's root Trust), computed inside the HSM wh
 made. Only an HSM that can unwrap that ``mk`` can compute it, and every opening checks it
 inside the HSM before deriving anything (``kmsfs.service.domains.DomainKeys``). Format 1
 documents (made before) have no binding: they are refused until a rewrap binds them.
+
+Retired epochs. Epochs are never removed (names, symlink targets and xattrs are keyed with
+epoch 1 for a volume's life, and old data must stay readable until it is re-encrypted), so an
+HSM removed from the Trust keeps the ``mk`` of every epoch it once held, and with it could make
+file contents that verify. ``retired_below`` (a generation made by ``domain retire``, carried by
+every later one) ends that: no file content keyed with an epoch below it is read or written
+(``kmsfs.service.domains.DomainKeys``). It is in the payload only once it is above 1, so the
+documents made before it keep their ids; a kmsfs that predates it refuses such a Domain rather
+than ignore the retirement.
 """
 
 from dataclasses import dataclass
@@ -113,6 +122,7 @@ class Domain:
     wrapped_k: tuple[WrappedKey, ...]
     master_keys: tuple[MasterKeyEpoch, ...]
     created: str
+    retired_below: int = 1
 
     def __post_init__(self) -> None:
         check_name(self.name, "domain")
@@ -130,6 +140,11 @@ class Domain:
             raise FormatError("domain: master key epochs want 1, 2, ... in order")
         if len({m.binding is None for m in self.master_keys}) != 1:
             raise FormatError("domain: either every mk epoch has a binding or none has")
+        if not 1 <= self.retired_below <= len(epochs):
+            raise FormatError(
+                f"domain: retired_below wants 1 to the current epoch {len(epochs)}, "
+                f"have {self.retired_below}"
+            )
 
     @property
     def bound(self) -> bool:
@@ -140,6 +155,10 @@ class Domain:
     def current_epoch(self) -> MasterKeyEpoch:
         return self.master_keys[-1]
 
+    def retired(self, number: int) -> bool:
+        """True if file contents keyed with epoch ``number`` are refused (``retired_below``)."""
+        return number < self.retired_below
+
     def epoch(self, number: int) -> MasterKeyEpoch | None:
         """``mk`` of epoch ``number``, if this Domain has it."""
         return self.master_keys[number - 1] if 1 <= number <= len(self.master_keys) else None
@@ -148,6 +167,7 @@ class Domain:
         return next((w for w in self.wrapped_k if w.hsm == hsm_id), None)
 
     def payload(self) -> dict[str, Any]:
+        retired = {"retired_below": self.retired_below} if self.retired_below > 1 else {}
         return {
             "_type": "domain",
             "format": FORMAT if self.bound else UNBOUND_FORMAT,
@@ -158,6 +178,7 @@ class Domain:
             "k": [w.to_dict() for w in self.wrapped_k],
             "mk": [m.to_dict() for m in self.master_keys],
             "created": self.created,
+            **retired,
         }
 
     def signed_bytes(self) -> bytes:
@@ -176,7 +197,11 @@ class Domain:
             fields.type_and_format(data, "domain", FORMAT)
         bound = data["format"] == FORMAT
         keys = {"_type", "format", "name", "generation", "previous", "trust", "k", "mk", "created"}
-        fields.exact_keys(data, keys, "domain")
+        retired = "retired_below" in data if isinstance(data, dict) else False
+        fields.exact_keys(data, keys | {"retired_below"} if retired else keys, "domain")
+        retired_below = fields.integer(data, "retired_below", "domain") if retired else 1
+        if retired and retired_below < 2:  # 1 is said by leaving it out: one payload, one id
+            raise FormatError("domain: retired_below is written only above 1")
         previous = data["previous"]
         if previous is not None:
             previous = fields.hex_id(previous, "domain.previous")
@@ -190,6 +215,7 @@ class Domain:
                 MasterKeyEpoch.from_dict(m, bound) for m in fields.array(data, "mk", "domain")
             ),
             created=fields.string(data, "created", "domain"),
+            retired_below=retired_below,
         )
 
 

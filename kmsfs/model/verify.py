@@ -169,6 +169,11 @@ def verify_generation_step(previous: VerifiedDomain, following: VerifiedDomain) 
         )
     if len(new.master_keys) < len(old.master_keys):
         raise ChainError(f"{what} drops mk epochs of generation {old.generation}")
+    if new.retired_below < old.retired_below:
+        raise ChainError(
+            f"{what} brings back mk epochs below {old.retired_below}, which generation "
+            f"{old.generation} retired"
+        )
     if old.bound:
         # The same mk gives the same binding (HMAC): a generation that swapped an epoch's mk
         # for another (another Domain's, or one of the sealing HSM's choosing) shows here.

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pkcs11
 
+from kmsfs.crypto.names import NAMES_KEY_INFO
+from kmsfs.crypto.symlinks import SYMLINK_KEY_INFO
+from kmsfs.crypto.xattrs import XATTR_KEY_INFO
 from kmsfs.errors import (
     AlreadyExistsError,
     ChainError,
@@ -44,6 +47,10 @@ from kmsfs.service import trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
+
+#: The keys a volume derives once, at epoch 1, for its whole life (names, symlink targets,
+#: xattrs: docs/format.md, "Key epochs"): the only derivations a retired epoch still serves.
+VOLUME_KEY_INFOS = frozenset({NAMES_KEY_INFO, SYMLINK_KEY_INFO, XATTR_KEY_INFO})
 
 
 def _recipients(trust: Trust) -> list[tuple[str, PublicKey]]:
@@ -341,6 +348,7 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             for m, d, b in zip(old_domain.master_keys, mks, bindings, strict=True)
         ),
         created=utc_now(),
+        retired_below=old_domain.retired_below,
     )
     with open_hsm(ctx, new_trust.hsms) as signer:
         sealed = _seal(signer, domain)
@@ -392,7 +400,66 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
             wrapped_k=old_domain.wrapped_k,
             master_keys=(*old_domain.master_keys, MasterKeyEpoch(epoch, new_mk, binding)),
             created=utc_now(),
+            retired_below=old_domain.retired_below,
         )
+        sealed = _seal(hsm, domain)
+    verified = verify_domain(sealed, list(old.chain), ctx.store.anchor())
+    ctx.store.save_domain(sealed)
+    return verified
+
+
+def retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
+    """Retire the ``mk`` epochs below ``below`` for file contents: a new generation (same
+    Trust, ``k`` and ``mk``) whose ``retired_below`` makes every opening of the Domain refuse
+    content keyed with them, read or write (:class:`DomainKeys`).
+
+    The last step of revoking an HSM (rewrap, rotate, ``kmsfs reencrypt`` of every volume):
+    until then the removed HSM, which keeps the ``mk`` of the epochs it held, can make file
+    contents that verify. Data still keyed with a retired epoch can no longer be read, so
+    this is never undone (``verify_generation_step`` refuses a generation that lowers it).
+    """
+    with ctx.store.exclusive():
+        return _retire(ctx, name, below)
+
+
+def _retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
+    old = current(ctx, name)
+    old_domain = old.sealed.domain
+    trust = old.trust.trust
+    newest = old_domain.current_epoch.epoch
+    if below <= old_domain.retired_below:
+        already = (
+            f"epochs below {old_domain.retired_below} are retired"
+            if old_domain.retired_below > 1
+            else "no epoch is retired"
+        )
+        raise UsageError(
+            f"domain {name}: {already}; --below {below} retires nothing more (a retirement "
+            "is never undone)"
+        )
+    if below > newest:
+        raise UsageError(
+            f"domain {name}: its newest key epoch is {newest}, which new data uses: --below "
+            f"{below} would retire it (rotate first: kmsfs-admin domain rotate {name})"
+        )
+    if (newer := trusts.successor(ctx, trust.id)) is not None:
+        raise UsageError(
+            f"domain {name} is governed by trust {trust.id[:12]}, which trust {newer.id[:12]} "
+            f"supersedes: rewrap it first (kmsfs-admin domain rewrap {name} --trust "
+            f"{newer.id[:12]}) and rotate, so that the retirement is sealed under the Trust "
+            "that left the removed HSMs out"
+        )
+    domain = Domain(
+        name=name,
+        generation=old_domain.generation + 1,
+        previous=old_domain.id,
+        trust=trust.id,
+        wrapped_k=old_domain.wrapped_k,
+        master_keys=old_domain.master_keys,
+        created=utc_now(),
+        retired_below=below,
+    )
+    with open_hsm(ctx, trust.hsms) as hsm:
         sealed = _seal(hsm, domain)
     verified = verify_domain(sealed, list(old.chain), ctx.store.anchor())
     ctx.store.save_domain(sealed)
@@ -560,10 +627,17 @@ class DomainKeys:
         epoch = self.current_epoch if epoch is None else epoch
         if any(info.startswith(BINDING_INFO_PREFIX) for info in infos):
             raise UsageError("a key derivation may not use the prefix of Domain key bindings")
-        if self.verified.sealed.domain.epoch(epoch) is None:
+        domain = self.verified.sealed.domain
+        if domain.epoch(epoch) is None:
             raise IntegrityError(
-                f"Domain {self.verified.sealed.domain.name} has no key epoch {epoch} "
+                f"Domain {domain.name} has no key epoch {epoch} "
                 f"(its epochs are 1 to {self.current_epoch})"
+            )
+        if domain.retired(epoch) and not VOLUME_KEY_INFOS.issuperset(infos):
+            # Whoever kept this epoch's mk (an HSM the Trust removed) could have made the data.
+            raise IntegrityError(
+                f"key epoch {epoch} of Domain {domain.name} is retired (kmsfs-admin domain "
+                f"retire: epochs below {domain.retired_below}): data keyed with it is refused"
             )
         with self._lock:
             self._probe()

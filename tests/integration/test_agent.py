@@ -31,6 +31,7 @@ import pytest
 
 from kmsfs.agent import protocol
 from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
+from kmsfs.crypto.names import NAMES_KEY_INFO
 from kmsfs.errors import AgentUnavailableError, ChainError, IntegrityError, QuorumNotMetError
 from kmsfs.service import domains
 from kmsfs.service.context import Context
@@ -160,6 +161,31 @@ def test_rotate_through_agent_and_derive_each_epoch(world: World) -> None:
     ctx = Context.at(world.agent_admin.store)
     with domains.open_keys(ctx, domains.export_bundle(ctx, "rotated")) as local:
         assert via_agent == [local.derive(info, 1), local.derive(info, 2), local.derive(info, 2)]
+
+
+def test_retire_through_agent_refuses_retired_contents(world: World) -> None:
+    """domain retire --agent: the agent seals the retiring generation (audited as a lasting
+    operation) and from then on refuses file keys of the retired epoch to every client, while
+    a volume's epoch-1 keys (names, symlinks, xattrs) stay served."""
+    address = world.agent.address
+    world.ops("--agent", address, "domain", "create", "retiring", "--trust", world.trust)
+    world.ops("--agent", address, "domain", "rotate", "retiring")
+    out = world.ops(
+        "--json", "--agent", address, "domain", "retire", "retiring", "--below", "2"
+    ).json
+    assert (out["generation"], out["epochs"], out["retired_below"]) == (3, 2, 2)
+    bundle = world.ops("domain", "export", "retiring").stdout.strip().encode()
+    info = b"kmsfs/v1/file-key\x00" + bytes(16)
+    with AgentDeriver(world.agent.client(), bundle).open() as remote:
+        with pytest.raises(IntegrityError, match="key epoch 1 of Domain retiring is retired"):
+            remote.derive(info, 1)
+        names, content = remote.derive(NAMES_KEY_INFO, 1), remote.derive(info, 2)
+    ctx = Context.at(world.agent_admin.store)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "retiring")) as local:
+        assert (names, content) == (local.derive(NAMES_KEY_INFO, 1), local.derive(info, 2))
+    events = [(r["op"], r["decision"], r.get("detail")) for r in _records(world.agent)
+              if r["type"] == "event"]
+    assert ("retire", "allowed", {"below": 2}) in events
 
 
 def test_hsm_health_through_agent(world: World) -> None:

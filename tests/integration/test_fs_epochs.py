@@ -167,7 +167,7 @@ def test_fsck_counts_epochs_and_reports_a_missing_epoch(tmp_path: Path) -> None:
     assert not old.clean
     assert [p.kind for p in old.problems] == ["epoch"]  # one inode, two names
     assert old.problems[0].path in ("/B", "/B2")
-    assert "mk epoch 2, which the Domain does not have" in old.problems[0].detail
+    assert "keyed with mk epoch 2: Domain test-domain has no key epoch 2" in old.problems[0].detail
 
 
 # --- reencrypt -------------------------------------------------------------------------------
@@ -661,6 +661,69 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
         _kmsfs("umount", str(mp))
     proc = _kmsfs("reencrypt", str(cipher), env=env)
     assert proc.returncode == 0 and "0 file(s) re-encrypted" in proc.stdout
+
+
+def test_retired_epochs_close_the_rollback_a_removed_hsm_could_use(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """Revocation done to the end (DESIGN §2.7): after rotate and reencrypt, a writer of the
+    ciphertext puts back an old copy of a file, keyed with epoch 1 (what an HSM removed
+    before the rotation can compute, and so could have made with contents of its choosing).
+    Until the epochs are retired the mount reads it, and appends go to epoch 1 too; after
+    ``domain retire --below 2`` it reads and writes EIO with a log line naming the file, and
+    fsck calls it damage. The other files, names and all, read as before."""
+    initialized.real_domain()
+    env = {"KMSFS_STORE": str(initialized.store)}
+    cipher, mp, log = tmp_path / "cipher", tmp_path / "mnt", tmp_path / "kmsfs.log"
+    assert _kmsfs("init", str(cipher), "--domain", "payroll", env=env).returncode == 0
+    mp.mkdir()
+
+    def mounted(do) -> None:  # type: ignore[no-untyped-def]
+        proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            do(mp)
+        finally:
+            assert _kmsfs("umount", str(mp)).returncode == 0
+
+    old, kept = os.urandom(BLOCK_SIZE + 7), os.urandom(99)
+    mounted(lambda m: ((m / "old").write_bytes(old), (m / "kept").write_bytes(kept)))
+    files = {p.name: p for p in cipher.iterdir() if p.is_file() and not p.name.startswith("kmsfs.")}
+    by_epoch1 = {name: p.read_bytes() for name, p in files.items()}
+    initialized("domain", "rotate", "payroll")
+    assert _kmsfs("reencrypt", str(cipher), env=env).returncode == 0
+    assert {header_of(p).epoch for p in files.values()} == {2}
+    rolled_back = next(p for p in files.values() if len(p.read_bytes()) > 200)
+    rolled_back.write_bytes(by_epoch1[rolled_back.name])  # the old copy, back at epoch 1
+
+    def reads_and_appends(m: Path) -> None:
+        assert (m / "old").read_bytes() == old
+        with open(m / "old", "ab") as f:
+            f.write(b"new data")
+    mounted(reads_and_appends)
+    assert header_of(rolled_back).epoch == 1  # the window retirement closes
+
+    out = initialized("--json", "domain", "retire", "payroll", "--below", "2").json
+    assert out["retired_below"] == 2
+    log.write_bytes(b"")
+
+    def refused(m: Path) -> None:
+        with pytest.raises(OSError) as read:
+            (m / "old").read_bytes()
+        with pytest.raises(OSError) as append, open(m / "old", "ab") as f:
+            f.write(b"more")
+            f.flush()
+        assert read.value.errno == append.value.errno == errno.EIO
+        assert (m / "kept").read_bytes() == kept
+        (m / "new").write_bytes(b"written after the retirement")
+    mounted(refused)
+    logged = log.read_text()
+    assert "/old" in logged and "key epoch 1 of Domain payroll is retired" in logged
+    proc = _kmsfs("fsck", str(cipher), "--json", env=env)
+    assert proc.returncode == exitcodes.DAMAGED, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [(p["kind"], p["path"]) for p in report["problems"]] == [("epoch", "/old")]
+    assert "is retired" in report["problems"][0]["detail"]
 
 
 def _real_volume(tmp_path: Path, initialized) -> tuple[dict[str, str], Path, Path]:  # type: ignore[no-untyped-def]

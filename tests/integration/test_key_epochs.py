@@ -6,10 +6,14 @@ the new epoch with everything it ever legitimately had.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 from pkcs11 import exceptions as p11
 
-from kmsfs.errors import IntegrityError
+from kmsfs.crypto.names import NAMES_KEY_INFO
+from kmsfs.errors import ChainError, IntegrityError
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.service import domains
@@ -85,3 +89,75 @@ def test_an_hsm_removed_before_a_rotation_cannot_reach_the_new_epoch(initialized
     with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
         assert keys.hsm_label == "hsm1"
         assert keys.derive(INFO, 1) != keys.derive(INFO, 2)
+
+
+def _store_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file()}
+
+
+def test_retire_refuses_contents_of_older_epochs_and_keeps_the_volume_keys(
+    initialized: Admin,
+) -> None:
+    """After rotate, retire --below 2: file keys of epoch 1 are refused by every opening of
+    the Domain (what an HSM removed before the rotation could still compute), while names,
+    symlink targets and xattrs (keyed at epoch 1 for a volume's life) are served as before."""
+    initialized.real_domain()
+    ctx = Context.at(initialized.store)
+    initialized("domain", "rotate", "payroll")
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as before:
+        volume_keys = [before.derive(i, 1) for i in sorted(domains.VOLUME_KEY_INFOS)]
+        content = before.derive(INFO, 2)
+    out = initialized("--json", "domain", "retire", "payroll", "--below", "2").json
+    assert (out["generation"], out["epochs"], out["retired_below"]) == (3, 2, 2)
+    initialized("domain", "verify", "payroll")
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as after:
+        with pytest.raises(IntegrityError, match="key epoch 1 of Domain payroll is retired"):
+            after.derive(INFO, 1)
+        with pytest.raises(IntegrityError, match="is retired"):  # a batch with one of them
+            after.derive_many([NAMES_KEY_INFO, INFO], 1)
+        assert [after.derive(i, 1) for i in sorted(domains.VOLUME_KEY_INFOS)] == volume_keys
+        assert after.derive(INFO, 2) == after.derive(INFO) == content
+    # A later rotation keeps the retirement.
+    out = initialized("--json", "domain", "rotate", "payroll").json
+    assert (out["generation"], out["epochs"], out["retired_below"]) == (4, 3, 2)
+
+
+def test_retire_refusals_change_nothing(initialized: Admin) -> None:
+    initialized.real_domain()
+    before = _store_files(initialized.store)
+    result = initialized("domain", "retire", "payroll", "--below", "2", check=2)
+    assert "its newest key epoch is 1" in result.stderr and "rotate first" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for bad in ("0", "x", "-1"):
+        result = initialized("domain", "retire", "payroll", "--below", bad, check=2)
+        assert "is not a key epoch" in result.stderr
+    assert _store_files(initialized.store) == before
+    initialized("domain", "rotate", "payroll")
+    initialized("domain", "retire", "payroll", "--below", "2")
+    before = _store_files(initialized.store)
+    for below in ("1", "2"):
+        result = initialized("domain", "retire", "payroll", "--below", below, check=2)
+        assert "epochs below 2 are retired" in result.stderr and "never undone" in result.stderr
+    assert _store_files(initialized.store) == before
+
+
+def test_a_generation_that_brings_retired_epochs_back_is_refused(initialized: Admin) -> None:
+    """Sealed by an HSM of the Domain's own Trust, a next generation that lowers
+    retired_below would let the removed HSM's contents verify again: the whole history is
+    refused (fail closed), not the retirement quietly dropped."""
+    initialized.real_domain()
+    initialized("domain", "rotate", "payroll")
+    initialized("domain", "retire", "payroll", "--below", "2")
+    ctx = Context.at(initialized.store)
+    retired = domains.current(ctx, "payroll")
+    old = retired.sealed.domain
+    forged = dataclasses.replace(
+        old, generation=old.generation + 1, previous=old.id, retired_below=1
+    )
+    with open_hsm(ctx, retired.trust.trust.hsms) as hsm:
+        ctx.store.save_domain(domains._seal(hsm, forged))
+    with pytest.raises(ChainError, match="brings back mk epochs below 2"):
+        domains.current(ctx, "payroll")
+    result = initialized("domain", "verify", "payroll", check=3)
+    assert "brings back mk epochs below 2" in result.stderr
