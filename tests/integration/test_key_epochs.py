@@ -161,3 +161,12 @@ def test_a_generation_that_brings_retired_epochs_back_is_refused(initialized: Ad
         domains.current(ctx, "payroll")
     result = initialized("domain", "verify", "payroll", check=3)
     assert "brings back mk epochs below 2" in result.stderr
+
+
+def test_a_rewrap_after_a_retirement_keeps_it(initialized: Admin) -> None:
+    t1 = initialized.real_domain()
+    initialized("domain", "rotate", "payroll")
+    initialized("domain", "retire", "payroll", "--below", "2")
+    t2 = initialized.sealed_trust(["hsm1"], ["alice"], 1, signers=["alice"], predecessor=t1)
+    out = initialized("--json", "domain", "rewrap", "payroll", "--trust", t2).json
+    assert (out["generation"], out["trust"], out["retired_below"]) == (4, t2, 2)
