@@ -55,6 +55,7 @@ from kmsfs.model.bundle import DomainBundle
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.trust import Member, Signature, Trust
+from kmsfs.model.verify import Anchor
 from kmsfs.service import domains, operators, trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
@@ -275,6 +276,34 @@ def test_a_reloaded_policy_applies_to_handles_already_open(kms: Kms) -> None:
         agent.policy = Policy.parse("[[client]]" + POLICY.split("[[client]]")[2], "new")
         with pytest.raises(AgentRefusedError, match="not in the agent's policy"):
             call(agent, peer(MOUNT_A), "derive", derive)
+
+
+def test_a_re_pinned_store_stops_derivation_through_handles_already_open(
+    kms: Kms, tmp_path: Path
+) -> None:
+    """Everyone verifies, a long-running agent too: once the store's pin changes so that an
+    open Domain's chain no longer holds (here: another successor of the genesis pinned, as an
+    operator does to shut out a rival line), the next derive through the handle opened before
+    is refused and audited, not served from the verification done at open-domain."""
+    ctx = kms.ctx
+    before = ctx.store.anchor()
+    audit = tmp_path / "audit.log"
+    try:
+        with in_process_agent(kms.store, POLICY, audit) as agent:
+            handle = call(agent, peer(MOUNT_A), "open-domain", {"bundle": kms.bundle("payroll")})[
+                "handle"
+            ]
+            derive = {"handle": handle, "infos": [b64encode(b"file-id")]}
+            call(agent, peer(MOUNT_A), "derive", derive)
+            ctx.store.write_config(Anchor(before.root, "cd" * 32))
+            with pytest.raises(ChainError):
+                call(agent, peer(MOUNT_A), "derive", derive)
+            ctx.store.write_config(before)
+            call(agent, peer(MOUNT_A), "derive", derive)  # the pin as it was: served again
+    finally:
+        ctx.store.write_config(before)
+    outcomes = [e["reason"].split(" ")[0] for e in events(audit) if e["op"] == "derive"]
+    assert outcomes[-3:] == ["ok", "failed:", "ok"], outcomes
 
 
 def test_unlisted_peer_derive_is_refused_and_audited_whether_or_not_the_handle_is_open(

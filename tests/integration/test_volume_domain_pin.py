@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs import api, exitcodes
-from kmsfs.errors import UsageError
+from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.fs import cli, daemon, volumepin
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.volume import is_mount_point, lock_exclusive
@@ -600,3 +600,21 @@ def test_a_busy_volume_is_refused_before_the_hsm_or_the_log_file_is_touched(
             proc = kmsfs(store, "mount", str(cipher), str(second), "--log-file", str(log))
         refused(proc, exitcodes.USAGE, f"{cipher}: busy: ")
         assert not log.exists()
+
+
+def test_a_domain_of_the_same_name_from_another_store_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stores may each have a Domain payroll: the record holds the store's root Trust
+    too, so a kmsfs.conf switched to the other store's payroll (whose HSMs and operators are
+    others) is refused, with the line saying it is another store's, and the record kept."""
+    monkeypatch.setenv("KMSFS_STATE_DIR", str(tmp_path / "state"))
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    ours, theirs = "a1" * 32, "b2" * 32
+    assert volumepin.remember(cipher, "payroll", ours)
+    volumepin.check(cipher, "payroll", ours)
+    with pytest.raises(IntegrityError, match="names Domain payroll of another store"):
+        volumepin.check(cipher, "payroll", theirs)
+    assert not volumepin.remember(cipher, "payroll", theirs)  # the first record stands
+    volumepin.check(cipher, "payroll", ours)

@@ -399,3 +399,39 @@ def test_a_replay_syncs_what_it_repaired_then_empties_and_syncs_the_journal(
         ("fdatasync", "f"), ("ftruncate", journal.JOURNAL_NAME),
         ("fsync", journal.JOURNAL_NAME)]
     assert events[-1][2] == 0  # the journal was empty when it was fsync'd
+
+
+def test_a_replay_syncs_the_end_it_cut_off_before_it_empties_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above for a tail record (a killed append): the file cut back to what the write had
+    finished is fdatasync'd before the journal that held the record is emptied and fsync'd, or
+    a power cut could bring back the torn end with no record left to cut it off (the file would
+    read EIO at its end, and every later append fail, for good)."""
+    log = WriteJournal(os.fsencode(tmp_path))
+    content = _open(tmp_path, "f", log)
+    synced = os.urandom(2 * BLOCK_SIZE)
+    content.write(0, synced)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
+    monkeypatch.undo()
+    events: list[tuple[str, str, int]] = []
+
+    def spy(name: str, real):  # type: ignore[no-untyped-def]
+        def call(fd: int, *args: int) -> None:
+            where = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            events.append((name, where, os.fstat(fd).st_size))
+            real(fd, *args)
+        return call
+
+    monkeypatch.setattr(journal.os, "fdatasync", spy("fdatasync", os.fdatasync))
+    monkeypatch.setattr(journal.os, "fsync", spy("fsync", os.fsync))
+    monkeypatch.setattr(journal.os, "ftruncate", spy("ftruncate", os.ftruncate))
+    assert _replay(tmp_path) == 1
+    names = [(name, where) for name, where, _ in events]
+    assert names[-3:] == [
+        ("fdatasync", "f"), ("ftruncate", journal.JOURNAL_NAME),
+        ("fsync", journal.JOURNAL_NAME)], names
+    assert events[-3][2] == HEADER_SIZE + 2 * CIPHER_BLOCK_SIZE  # synced once cut back
+    assert _read_all(tmp_path, "f") == synced

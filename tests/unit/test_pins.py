@@ -123,3 +123,26 @@ def test_only_a_regular_pin_file_is_checked(tmp_path: Path) -> None:
     for source in (PinSource(file="/dev/null"), PinSource(file=str(tmp_path / "missing")),
                    PinSource(file=str(empty)), PinSource(env="X"), PinSource(prompt="p")):
         assert loose_pin_file(source) is None
+
+
+def test_no_pin_error_shows_the_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every refusal of a PIN that was read (too long, from a file, the environment or a
+    credential) names where it came from, never what it is: a wrong --pin-file or an
+    oversized variable must not put the secret on stderr or in the journal."""
+    marker = "S3cr3t-PIN-marker-"
+    long_secret = marker + "x" * (pins.MAX_PIN_BYTES + 1 - len(marker))
+    (tmp_path / "long").write_text(long_secret + "\n")
+    (tmp_path / "cred").mkdir()
+    (tmp_path / "cred" / "hsm.pin").write_text(long_secret)
+    monkeypatch.setenv("KMSFS_TEST_PIN", long_secret)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "cred"))
+    sources = [
+        PinSource(file=str(tmp_path / "long")),
+        PinSource(env="KMSFS_TEST_PIN"),
+        PinSource(credential="hsm.pin"),
+    ]
+    for source in sources:
+        with pytest.raises(PinError) as refused:
+            source.read()
+        assert str(refused.value) == "the PIN is too long"
+        assert marker not in repr(refused.value) and refused.value.__cause__ is None
