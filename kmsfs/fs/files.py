@@ -375,8 +375,9 @@ class FileContent:
         else:
             at = journal.begin(made[1], self._header, offset, data)
         if at is None:
-            # Unrecorded (the journal is full): older records of these blocks, returned and
-            # not yet marked, must not outlive it, or a replay would put them back over it.
+            # Unrecorded (a tail record the full journal had no room for, or a path too long
+            # for one): older records of these blocks, returned and not yet marked, must not
+            # outlive it, or a replay would put them back over it.
             journal.settle()
         try:
             result = write()

@@ -35,8 +35,10 @@ CRC-32; body = u16 path length | path (relative to the volume root) | the file's
 record). The CRC covers the sequence, the length and the body up to the ciphertext (which
 authenticates block by block). A replay reads records from offset 0 while the sequence goes up
 by one; the space is reused from 0 whenever no write is in flight, so what follows the last
-record is older and stops the walk. The journal is cut back to 0 bytes then if it has grown past
-:data:`SHRINK_ABOVE`, and at a clean unmount.
+record is older and stops the walk. The journal is cut back then if it has grown past
+:data:`SHRINK_ABOVE`, to the :data:`RESERVE` it keeps allocated while mounted (so a full disk
+leaves room for the record of an overwrite; one that finds none is refused, ENOSPC), and to 0
+bytes at a clean unmount.
 
 A record names the path the file had when it was made: the open file's path, which a rename
 moves and the removal of that link (unlink, or a rename over it) switches to another link the
@@ -120,6 +122,14 @@ REWIND_ABOVE = 64 << 20
 #: other writer. Records made on the main thread (the daemon's event loop, which small writes
 #: run on) never wait: every other request would wait with them.
 REWIND_WAIT_SECONDS = 2.0
+#: Space the journal keeps allocated (posix_fallocate) while the volume is mounted: the redo
+#: records of a few writes of at most 1 MiB each in flight at once. Without it, a disk that
+#: filled up under the mount left no room for a record (the journal is emptied at every mount
+#: and cut back when it rewinds), the overwrite went ahead unrecorded, and a daemon killed in
+#: the middle of it tore a block of older data for good. An overwrite whose record still cannot
+#: be written (a disk already full when the volume was mounted, or more than that in flight)
+#: is refused with the backing store's error (ENOSPC), never made unrecorded.
+RESERVE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,19 @@ class WriteJournal:
         self._in_flight = 0  # records begun and not yet marked done
         self._wait_from = REWIND_ABOVE  # where the next record waits to rewind (see there)
         self._returned: list[int] = []  # of those, the ones whose write returned
+        self._reserved = False  # RESERVE bytes allocated (see there)
+        self._warned = False  # the full-disk refusal is logged as a warning once a mount
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Allocate :data:`RESERVE` bytes (real blocks, zeros past the records: a replay stops
+        at the first bytes that are no record), if the disk has room; lock held or unshared."""
+        try:
+            os.posix_fallocate(self._fd, 0, RESERVE)
+        except OSError as exc:
+            log.debug("write journal: cannot reserve %d bytes (%s)", RESERVE, exc.strerror)
+            return
+        self._reserved = True
 
     def close(self) -> None:
         """Mark what returned done; then, if no write is in flight, empty the journal (a clean
@@ -211,7 +234,7 @@ class WriteJournal:
         with self._lock:
             self._settle()
             try:
-                if self._in_flight == 0 and self._end:
+                if self._in_flight == 0 and (self._end or self._reserved):
                     os.ftruncate(self._fd, 0)
                     os.fsync(self._fd)
                     self._end = 0
@@ -236,8 +259,9 @@ class WriteJournal:
         self, relative: bytes, header: bytes, offset: int, data: bytes | bytearray
     ) -> int | None:
         """Record a write of *data* at ciphertext *offset* of the file *relative* (to the root)
-        before it is made; returns the record's position for :meth:`done`, or None if it could
-        not be written (a full disk: the write goes ahead unprotected, as before).
+        before it is made; returns the record's position for :meth:`done`, or None for a path
+        too long for a record. OSError (ENOSPC, say) if it cannot be written: the overwrite
+        must not be made then (:data:`RESERVE`).
 
         One pwritev. A store into a shared mapping of the journal would cost a third as much,
         but one that meets a full disk (btrfs allocates on write, even after fallocate) or a
@@ -247,7 +271,8 @@ class WriteJournal:
     def begin_tail(self, relative: bytes, header: bytes, size: int) -> int | None:
         """Record a write past the end of the file *relative*, whose ciphertext size is *size*
         (0 for a new file's first write, which writes *header*) before the write: a tail
-        record, no data (:func:`_apply_tail`). As :meth:`begin` otherwise."""
+        record, no data (:func:`_apply_tail`). As :meth:`begin`, but None, not an error, if
+        it cannot be written: such a write risks no older data, and goes ahead unrecorded."""
         return self._begin(relative, header, size, b"", TAIL)
 
     def _begin(
@@ -266,12 +291,23 @@ class WriteJournal:
             ):
                 self._wait_to_rewind()
             at = self._pos
+            if not self._reserved and state == LIVE:
+                self._reserve()  # the disk may have room again
             try:
                 if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
                     pwrite_fully(self._fd, head + bytes(data) + crc, at)
             except OSError as exc:
-                log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
-                return None
+                if state == TAIL:  # a write past the end risks no older data
+                    log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
+                    return None
+                (log.debug if self._warned else log.warning)(
+                    "write journal: no room for the record of an overwrite (%s): refused, as "
+                    "one made unrecorded could lose older data if the daemon were killed "
+                    "during it",
+                    exc.strerror,
+                )
+                self._warned = True
+                raise
             self._sequence += 1
             self._pos = at + size
             if self._pos > self._end:
@@ -334,7 +370,7 @@ class WriteJournal:
             self._wait_from = REWIND_ABOVE
             if self._end > SHRINK_ABOVE:  # every record is done: nothing to keep
                 try:
-                    os.ftruncate(self._fd, 0)
+                    os.ftruncate(self._fd, RESERVE if self._reserved else 0)
                     self._end = 0
                 except OSError as exc:
                     log.debug("write journal: cannot cut it back (%s)", exc.strerror)

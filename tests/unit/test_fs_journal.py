@@ -148,13 +148,13 @@ def test_a_replay_puts_back_the_last_write_to_a_block_not_an_older_one(
     assert _read(_open(volume, "f", None), 0, BLOCK_SIZE) == b"0" * BLOCK_SIZE
 
 
-def test_an_unrecorded_overwrite_is_not_undone_by_an_older_record(
-    volume: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_overwrite_whose_record_cannot_be_written_is_refused(
+    volume: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The journal is full: an overwrite goes ahead unrecorded (in place it needs no space).
-    An older record of the same block, returned but not yet marked, must not be put back over
-    it after a kill tears a later write there: that would be a returned, fsync'd write lost
-    without a word. The block reads as EIO instead, as an unrecorded torn write does."""
+    """The journal cannot be written (a disk full past its reserve): the overwrite is refused
+    with the disk's error and nothing of it is made, since one made unrecorded and torn by a
+    kill would leave older data unreadable for good. The file keeps the last write that
+    returned, which a replay leaves alone (it authenticates); one warning says why."""
     log = WriteJournal(os.fsencode(volume))
     content = _open(volume, "f", log)
     content.write(0, b"0" * (3 * BLOCK_SIZE))
@@ -164,15 +164,39 @@ def test_an_unrecorded_overwrite_is_not_undone_by_an_older_record(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(journal.os, "pwritev", full)
-    content.write(BLOCK_SIZE, b"2" * BLOCK_SIZE)  # unrecorded
-    content.fsync(False)
-    _die_at_first_page_boundary(monkeypatch)
-    with pytest.raises(Killed):
-        content.write(BLOCK_SIZE, b"3" * BLOCK_SIZE)  # unrecorded, torn
+    monkeypatch.setattr(journal.os, "posix_fallocate", full)
+    log._reserved = False  # as on a disk already full when the volume was mounted
+    for _ in range(2):
+        with pytest.raises(OSError) as refused:
+            content.write(BLOCK_SIZE + 10, b"2" * 100)
+        assert refused.value.errno == errno.ENOSPC
     monkeypatch.undo()
+    warned = [r for r in caplog.records if "no room for the record" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert _read(content, BLOCK_SIZE, BLOCK_SIZE) == b"1" * BLOCK_SIZE
     assert journal.replay(os.fsencode(volume), _keys().cipher) == 0
-    with pytest.raises(BlockIntegrityError):
-        _read(_open(volume, "f", None), BLOCK_SIZE, BLOCK_SIZE)
+    assert _read(_open(volume, "f", None), 0, 3 * BLOCK_SIZE) == (
+        b"0" * BLOCK_SIZE + b"1" * BLOCK_SIZE + b"0" * BLOCK_SIZE
+    )
+
+
+def test_the_journal_keeps_its_reserve_while_mounted(volume: Path) -> None:
+    """Allocated when the mount opens it, kept when it is cut back, given back at a clean
+    unmount: a disk that fills up under the mount still has room for an overwrite's record."""
+    log = WriteJournal(os.fsencode(volume))
+    path = volume / journal.JOURNAL_NAME
+    assert path.stat().st_blocks * 512 >= journal.RESERVE
+    content = _open(volume, "f", log)
+    size = 1 << 20  # the largest write
+    content.write(0, bytes(size))
+    for _ in range(journal.SHRINK_ABOVE // size + 1):
+        content.write(0, os.urandom(size))  # overwrites, none marked yet: the journal grows
+    assert path.stat().st_size > journal.SHRINK_ABOVE
+    log.settle()
+    assert path.stat().st_size == journal.RESERVE  # cut back to the reserve, not to 0
+    assert path.stat().st_blocks * 512 >= journal.RESERVE
+    log.close()
+    assert path.stat().st_size == 0
 
 
 def test_a_growing_write_that_fails_is_not_brought_back_by_a_replay(
