@@ -116,6 +116,24 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self._held_dir_fds = 0  # handles holding an fd (operations.MAX_HELD_DIR_FDS)
         self._next_dir = itertools.count(1)
 
+    def remove_blob_leftovers(self) -> None:
+        """Remove what a daemon killed while writing a long-symlink blob left: its temporary
+        file (``kmsfs.tmp.*`` in ``kmsfs.longlinks``). No symlink can name one (a blob gets
+        its name once whole), and they piled up, one per such crash, reported by fsck alone.
+        Read-write mounts, as they start; a failure is only logged (fsck still reports)."""
+        if not self.longlink_dir_exists:
+            return
+        temp = os.fsencode(TEMP_PREFIX)
+        try:
+            with longlinks_dir(self.table.root_path) as blobs:
+                for entry in os.scandir(blobs):
+                    if entry.name.startswith(temp) and entry.is_file(follow_symlinks=False):
+                        os.unlink(blobs + b"/" + entry.name)
+                        log.info("removed %s/%s, a blob a crash left half written",
+                                 LONGLINK_DIR, os.fsdecode(entry.name))
+        except OSError as exc:
+            log.warning("%s: leftovers not removed (%s)", LONGLINK_DIR, exc.strerror)
+
     def start_dir_pool(self) -> None:
         """Keep new directories ready for mkdir (:mod:`kmsfs.fs.dirpool`), if this daemon can.
 

@@ -604,8 +604,18 @@ class ContentOps:
 
     @guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        path = self.table.path(self._dirs[fh].ino)
-        fd = os.open(reach(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """fsync of the ciphertext directory: the one this handle holds open (so a directory
+        renamed over or removed since still answers, as on ext4), else the one at its path;
+        with none left (removed before it was opened), nothing is left to sync: 0, as ext4."""
+        d = self._dirs[fh]
+        if d.fd is not None:
+            await trio.to_thread.run_sync(os.fsync, d.fd, limiter=self.limiter)
+            return
+        try:
+            path = self.table.path(d.ino)
+            fd = os.open(reach(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
         try:
             await trio.to_thread.run_sync(os.fsync, fd, limiter=self.limiter)
         finally:

@@ -210,3 +210,46 @@ def test_the_daemon_lets_go_of_a_removed_file_once_the_kernel_does(
         time.sleep(0.1)  # FORGET comes in batches, after the kernel drops the inodes
     assert len(os.listdir(daemon_fds)) <= before + 5
     assert os.listdir(d) == [] and mount.alive()
+
+
+def _fsync_of_dirs_gone_while_open(d: Path) -> list[str]:
+    """fsync(2) of a directory fd after the directory was renamed, renamed over, moved to
+    another parent, or removed while open: what each gave."""
+    outcomes = []
+    for how in ("renamed", "renamed-over", "moved", "removed"):
+        top = d / how
+        top.mkdir()
+        (top / "a").mkdir()
+        (top / "b").mkdir()
+        (top / "other").mkdir()
+        fd = os.open(top / "a", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if how == "renamed":
+                os.rename(top / "a", top / "a2")
+            elif how == "renamed-over":
+                os.rename(top / "b", top / "a")
+            elif how == "moved":
+                os.rename(top / "a", top / "other" / "a")
+            else:
+                os.rmdir(top / "a")
+            try:
+                os.fsync(fd)
+                outcomes.append(f"{how} ok")
+            except OSError as exc:
+                outcomes.append(f"{how} {errno.errorcode[exc.errno]}")
+        finally:
+            os.close(fd)
+    return outcomes
+
+
+def test_fsync_of_a_directory_renamed_over_or_removed_while_open_is_ext4s(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mounter
+) -> None:
+    """ext4 answers 0 (the directory held is still there to sync, or nothing is); kmsfs gave
+    ENOENT, reopening the directory by a path it no longer had (found by the storage review)."""
+    local = tmp_path / "local"
+    local.mkdir()
+    mount = mounter(make_volume(tmp_path / "cipher"))
+    assert _fsync_of_dirs_gone_while_open(mount.mountpoint) == _fsync_of_dirs_gone_while_open(
+        local
+    ) == ["renamed ok", "renamed-over ok", "moved ok", "removed ok"]
