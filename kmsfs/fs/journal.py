@@ -214,16 +214,22 @@ class WriteJournal:
         self._wait_from = REWIND_ABOVE  # where the next record waits to rewind (see there)
         self._returned: list[int] = []  # of those, the ones whose write returned
         self._reserved = False  # RESERVE bytes allocated (see there)
+        self._retry_reserve = 0.0  # time.monotonic() before which a failed reserve is not retried
         self._warned = False  # the full-disk refusal is logged as a warning once a mount
         self._reserve()
 
     def _reserve(self) -> None:
         """Allocate :data:`RESERVE` bytes (real blocks, zeros past the records: a replay stops
-        at the first bytes that are no record), if the disk has room; lock held or unshared."""
+        at the first bytes that are no record), if the disk has room; lock held or unshared.
+        Tried again at most once a second (where the file system cannot fallocate, glibc
+        writes the blocks one by one)."""
+        if time.monotonic() < self._retry_reserve:
+            return
         try:
             os.posix_fallocate(self._fd, 0, RESERVE)
         except OSError as exc:
             log.debug("write journal: cannot reserve %d bytes (%s)", RESERVE, exc.strerror)
+            self._retry_reserve = time.monotonic() + 1.0
             return
         self._reserved = True
 
