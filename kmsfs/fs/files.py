@@ -345,14 +345,21 @@ class FileContent:
         return cipher
 
     def _overwrite(
-        self, data: bytes | bytearray, offset: int, csize: int, write: Callable[[], _T]
+        self,
+        data: bytes | bytearray,
+        offset: int,
+        csize: int,
+        write: Callable[[], _T],
+        may_go_unrecorded: bool = False,
     ) -> _T:
         """Run *write* (which puts *data* at ciphertext *offset* of a file of ciphertext size
         *csize*) with a journal record: a daemon killed in the middle would tear a block
         (kmsfs.fs.journal).
 
         A write over bytes the file has gets a redo record, with *data*: the next mount puts
-        back what it tore. A write past the end (*offset* >= *csize*: an append of whole
+        back what it tore. One whose record cannot be written is refused (the journal's
+        OSError, ENOSPC), unless *may_go_unrecorded* (a truncate's shortened block). A write
+        past the end (*offset* >= *csize*: an append of whole
         blocks, a new file's first write, the zeros that fill a gap) risks no older data, but
         the block it tears is the file's last: without a record the file read EIO at its end
         ever after, and every later append, which reads that block, failed too. So it gets a
@@ -373,7 +380,12 @@ class FileContent:
         if offset >= csize:
             at = journal.begin_tail(made[1], self._header, offset)
         else:
-            at = journal.begin(made[1], self._header, offset, data)
+            try:
+                at = journal.begin(made[1], self._header, offset, data)
+            except OSError:
+                if not may_go_unrecorded:
+                    raise
+                at = None
         if at is None:
             # Unrecorded (a tail record the full journal had no room for, or a path too long
             # for one): older records of these blocks, returned and not yet marked, must not
@@ -601,7 +613,12 @@ class FileContent:
                     # bytes, fsync'd long before, read EIO. (Truncates into a block are rare.)
                     os.fdatasync(self.fd)
 
-                self._overwrite(shortened, at, self.cipher_size(), cut_and_write)
+                # Unrecorded if the journal has no room: a truncate frees space, and must work
+                # on a full disk (a kill between the cut and the write would cost the kept
+                # bytes of that one block, as before the reserve).
+                self._overwrite(
+                    shortened, at, self.cipher_size(), cut_and_write, may_go_unrecorded=True
+                )
         elif size > psize:
             try:
                 self._fill_zeros(psize, size, self.cipher_size())

@@ -126,9 +126,11 @@ REWIND_WAIT_SECONDS = 2.0
 #: records of a few writes of at most 1 MiB each in flight at once. Without it, a disk that
 #: filled up under the mount left no room for a record (the journal is emptied at every mount
 #: and cut back when it rewinds), the overwrite went ahead unrecorded, and a daemon killed in
-#: the middle of it tore a block of older data for good. An overwrite whose record still cannot
-#: be written (a disk already full when the volume was mounted, or more than that in flight)
-#: is refused with the backing store's error (ENOSPC), never made unrecorded.
+#: the middle of it tore a block of older data for good. A record that would pass it first
+#: settles the returned ones, so the journal starts again from 0. An overwrite whose record
+#: still cannot be written (a disk already full when the volume was mounted, or more than that
+#: in flight at once) is refused with the backing store's error (ENOSPC), never made
+#: unrecorded.
 RESERVE = 4 << 20
 
 
@@ -296,6 +298,10 @@ class WriteJournal:
                 and threading.current_thread() is not threading.main_thread()
             ):
                 self._wait_to_rewind()
+            if self._returned and self._pos + size > RESERVE:
+                # Requests back to back leave no pause to settle in: the records would leave
+                # the reserve long before MAX_UNSETTLED, and on a full disk find no room.
+                self._settle()
             at = self._pos
             if not self._reserved and state == LIVE:
                 self._reserve()  # the disk may have room again
