@@ -92,6 +92,7 @@ def _describe(sealed: SealedDomain, chain: Sequence[SealedTrust]) -> dict[str, A
         "domain_id": domain.id,
         "generation": domain.generation,
         "epochs": len(domain.master_keys),
+        "retired_below": domain.retired_below,
         "key_binding": domain.bound,
         "trust_id": domain.trust,
         "hsms": [{"id": h.id, "label": h.label} for h in trust.hsms] if trust else [],

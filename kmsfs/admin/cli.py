@@ -425,6 +425,13 @@ class Command:
         )
 
     def domain_retire(self) -> None:
+        if not self.args.yes:
+            raise UsageError(
+                f"domain retire cannot be undone: whatever is still keyed with epochs below "
+                f"{self.args.below} (volume files 'kmsfs fsck' counts, 'kmsfs encrypt' files, "
+                "backups of either) becomes unreadable; check and re-encrypt first "
+                "(operators.md §6), then add --yes"
+            )
         client = self.agent()
         if client:
             verified = remote.retire(client, self.ctx, self.args.name, self.args.below)
@@ -905,7 +912,7 @@ def build_parser() -> Parser:
         "domain_retire",
         "refuse file contents keyed with old key epochs, for good: the last step of removing "
         "an HSM (after rewrap, rotate, and kmsfs reencrypt of every volume)",
-        "kmsfs-admin domain retire payroll --below 2",
+        "kmsfs-admin domain retire payroll --below 2 --yes",
     )
     p.add_argument("name", metavar="NAME", help="the domain's name")
     p.add_argument(
@@ -915,6 +922,11 @@ def build_parser() -> Parser:
         metavar="EPOCH",
         help="retire every epoch below this one (at most the newest epoch); check first with "
         "'kmsfs fsck' on every volume that no file is keyed with them",
+    )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm: data still keyed with the retired epochs can never be read again",
     )
     p = command(
         dm,

@@ -60,6 +60,7 @@ class _OpenDomain:
     verified: VerifiedDomain
     keys: domains.DomainKeys
     anchor: Anchor  # the pinned root the chain was last verified against
+    domains_seen: tuple[int, int] | None = None  # the store's domains/ when last looked at
 
 
 class Agent:
@@ -339,6 +340,7 @@ class Agent:
             if anchor != entry.anchor:
                 verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
                 entry.anchor = anchor
+            self._follow_retirement(entry)
             return {"keys": [b64encode(k) for k in entry.keys.derive_many(infos, epoch)]}
 
         name = entry.verified.sealed.domain.name
@@ -466,6 +468,27 @@ class Agent:
         with self._lock:
             self._anchor_cache = (stamp, anchor)
         return anchor
+
+    def _follow_retirement(self, entry: _OpenDomain) -> None:
+        """A handle opened before a newer generation of its Domain reached the store (made by
+        ``kmsfs-admin domain retire`` on this store, without the agent) stops serving the file
+        keys that generation retired: mounts through the agent would otherwise accept
+        contents keyed with them until the agent restarted. Looked for only when the store's
+        domains/ changed (a new generation adds a file there)."""
+        try:
+            st = os.stat(self.ctx.store.root / "domains")
+        except OSError:
+            return
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp == entry.domains_seen:
+            return
+        try:
+            newest = domains.current(self.ctx, entry.verified.sealed.domain.name)
+        except NotFoundError:  # opened from a client's bundle the store does not hold
+            entry.domains_seen = stamp
+            return
+        entry.keys.raise_retirement(newest.sealed.domain.retired_below)
+        entry.domains_seen = stamp
 
     def _next_generation(
         self, bundle: DomainBundle, make: Callable[[], VerifiedDomain]

@@ -424,8 +424,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:  # what this machine holds the volume to (kmsfs.fs.volumepin): a mount checks it
         info["machine_record"] = pin.domain if pin is not None else None
     # Every key is there whatever the outcome (null when unknown): scripts index them.
-    for key in ("verified", "problem", "generation", "epochs", "key_binding", "trust_id",
-                "hsms", "superseded_by"):
+    for key in ("verified", "problem", "generation", "epochs", "retired_below", "key_binding",
+                "trust_id", "hsms", "superseded_by"):
         info[key] = None
     try:
         desc = kms.describe(kms.store_dir(args.store), config.domain_bundle)
@@ -435,6 +435,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         # What a mount uses: the store's newest generation (after a rewrap, not the copy here).
         info["generation"] = desc.get("generation")
         info["epochs"] = desc.get("epochs")
+        info["retired_below"] = desc.get("retired_below")  # file keys below it are refused
         info["key_binding"] = desc.get("key_binding")  # no: a mount is refused until a rewrap
         info["trust_id"] = desc.get("trust_id")
         info["hsms"] = list(desc.get("hsms") or [])  # the HSMs that can serve the Domain

@@ -143,9 +143,7 @@ class Rewriter:
             try:
                 old_cipher = self.keys.cipher(old)
             except IntegrityError as exc:
-                raise IntegrityError(
-                    f"keyed with mk epoch {old.epoch}, which the Domain does not have ({exc})"
-                ) from None
+                raise IntegrityError(f"keyed with mk epoch {old.epoch}: {exc}") from None
             new = content.FileHeader.new(self.current)
             new_cipher = self.keys.cipher(new)
             suffix = f"-{st.st_ino}"  # what a run after a crash matches it with (reencrypt_resume)

@@ -423,7 +423,8 @@ def retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
 
 
 def _retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
-    old = current(ctx, name)
+    generations = history(ctx, name)
+    old = generations[-1]
     old_domain = old.sealed.domain
     trust = old.trust.trust
     newest = old_domain.current_epoch.epoch
@@ -449,6 +450,20 @@ def _retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
             f"{newer.id[:12]}) and rotate, so that the retirement is sealed under the Trust "
             "that left the removed HSMs out"
         )
+    # The epochs kept must be out of reach of every HSM the Trust no longer has: an HSM that
+    # had k of a generation holding epoch `below` (or a later one) holds their mk too.
+    current_hsms = {h.id for h in trust.hsms}
+    for g in generations:
+        if len(g.sealed.domain.master_keys) >= below:
+            left = [w.hsm for w in g.sealed.domain.wrapped_k if w.hsm not in current_hsms]
+            if left:
+                label = next((h.label for h in g.trust.trust.hsms if h.id == left[0]), left[0])
+                raise UsageError(
+                    f"domain {name}: key epoch {below} was wrapped for HSM {label} (generation "
+                    f"{g.sealed.domain.generation}), which its trust no longer has: retiring "
+                    f"below it leaves that HSM able to make contents; rotate (kmsfs-admin "
+                    f"domain rotate {name}) and retire below the new epoch"
+                )
     domain = Domain(
         name=name,
         generation=old_domain.generation + 1,
@@ -520,6 +535,7 @@ class DomainKeys:
         self._probed = 0.0
         self._token_label: str | None = None
         self._last_problem = "no HSM tried yet"
+        self._retired_below = verified.sealed.domain.retired_below  # raise_retirement
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
@@ -560,6 +576,12 @@ class DomainKeys:
     @property
     def current_epoch(self) -> int:
         return self.verified.sealed.domain.current_epoch.epoch
+
+    def raise_retirement(self, below: int) -> None:
+        """Refuse file keys below *below* from now on: a newer generation of the Domain (made
+        since this one was opened) retires them. Never lowered."""
+        with self._lock:
+            self._retired_below = max(self._retired_below, below)
 
     def _key_of(self, epoch: int) -> domainkeys.MasterKey:
         """The unwrapped ``mk`` of ``epoch`` in the serving HSM (lock held, connected)."""
@@ -633,11 +655,12 @@ class DomainKeys:
                 f"Domain {domain.name} has no key epoch {epoch} "
                 f"(its epochs are 1 to {self.current_epoch})"
             )
-        if domain.retired(epoch) and not VOLUME_KEY_INFOS.issuperset(infos):
+        retired_below = self._retired_below
+        if epoch < retired_below and not VOLUME_KEY_INFOS.issuperset(infos):
             # Whoever kept this epoch's mk (an HSM the Trust removed) could have made the data.
             raise IntegrityError(
                 f"key epoch {epoch} of Domain {domain.name} is retired (kmsfs-admin domain "
-                f"retire: epochs below {domain.retired_below}): data keyed with it is refused"
+                f"retire: epochs below {retired_below}): data keyed with it is refused"
             )
         with self._lock:
             self._probe()

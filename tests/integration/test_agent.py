@@ -171,7 +171,7 @@ def test_retire_through_agent_refuses_retired_contents(world: World) -> None:
     world.ops("--agent", address, "domain", "create", "retiring", "--trust", world.trust)
     world.ops("--agent", address, "domain", "rotate", "retiring")
     out = world.ops(
-        "--json", "--agent", address, "domain", "retire", "retiring", "--below", "2"
+        "--json", "--agent", address, "domain", "retire", "retiring", "--below", "2", "--yes"
     ).json
     assert (out["generation"], out["epochs"], out["retired_below"]) == (3, 2, 2)
     bundle = world.ops("domain", "export", "retiring").stdout.strip().encode()

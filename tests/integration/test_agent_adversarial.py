@@ -41,6 +41,7 @@ from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
 from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.refusals import RefusalCoalescer
 from kmsfs.agent.service import Agent
+from kmsfs.crypto.names import NAMES_KEY_INFO
 from kmsfs.errors import (
     AgentRefusedError,
     ChainError,
@@ -304,6 +305,32 @@ def test_a_re_pinned_store_stops_derivation_through_handles_already_open(
         ctx.store.write_config(before)
     outcomes = [e["reason"].split(" ")[0] for e in events(audit) if e["op"] == "derive"]
     assert outcomes[-3:] == ["ok", "failed:", "ok"], outcomes
+
+
+def test_a_retirement_made_without_the_agent_reaches_handles_already_open(
+    fresh: Admin, tmp_path: Path
+) -> None:
+    """kmsfs-admin domain retire run on the agent's store itself (not through --agent, as
+    operators.md §6 shows it): a handle opened before it, which any client allowed the Domain
+    may use (it is the Domain's public id), stops serving the retired epoch's file keys at
+    once, not when the agent restarts; names (epoch 1) are still served (found by review)."""
+    fresh.create_operators("carol")
+    trust = fresh.sealed_trust(["hsm1"], ["alice", "bob", "carol"], 1, signers=["alice"])
+    fresh("domain", "create", "ledger", "--trust", trust)
+    fresh("domain", "rotate", "ledger")
+    ctx = Context.at(fresh.store)
+    bundle = b64encode(domains.export_bundle(ctx, "ledger").to_bytes())
+    file_key = b64encode(b"kmsfs/v1/file-key\x00" + bytes(16))
+    with in_process_agent(fresh.store, ROOT_ALL) as agent:
+        handle = call(agent, peer(0), "open-domain", {"bundle": bundle})["handle"]
+        old = {"handle": handle, "infos": [file_key], "epoch": 1}
+        call(agent, peer(0), "derive", old)
+        fresh("domain", "retire", "ledger", "--below", "2", "--yes")
+        with pytest.raises(IntegrityError, match="key epoch 1 of Domain ledger is retired"):
+            call(agent, peer(0), "derive", old)
+        names = {"handle": handle, "infos": [b64encode(NAMES_KEY_INFO)], "epoch": 1}
+        assert len(call(agent, peer(0), "derive", names)["keys"]) == 1
+        call(agent, peer(0), "derive", {**old, "epoch": 2})
 
 
 def test_unlisted_peer_derive_is_refused_and_audited_whether_or_not_the_handle_is_open(

@@ -703,7 +703,7 @@ def test_retired_epochs_close_the_rollback_a_removed_hsm_could_use(  # type: ign
     mounted(reads_and_appends)
     assert header_of(rolled_back).epoch == 1  # the window retirement closes
 
-    out = initialized("--json", "domain", "retire", "payroll", "--below", "2").json
+    out = initialized("--json", "domain", "retire", "payroll", "--below", "2", "--yes").json
     assert out["retired_below"] == 2
     log.write_bytes(b"")
 

@@ -108,7 +108,7 @@ def test_retire_refuses_contents_of_older_epochs_and_keeps_the_volume_keys(
     with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as before:
         volume_keys = [before.derive(i, 1) for i in sorted(domains.VOLUME_KEY_INFOS)]
         content = before.derive(INFO, 2)
-    out = initialized("--json", "domain", "retire", "payroll", "--below", "2").json
+    out = initialized("--json", "domain", "retire", "payroll", "--below", "2", "--yes").json
     assert (out["generation"], out["epochs"], out["retired_below"]) == (3, 2, 2)
     initialized("domain", "verify", "payroll")
     with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as after:
@@ -126,7 +126,7 @@ def test_retire_refuses_contents_of_older_epochs_and_keeps_the_volume_keys(
 def test_retire_refusals_change_nothing(initialized: Admin) -> None:
     initialized.real_domain()
     before = _store_files(initialized.store)
-    result = initialized("domain", "retire", "payroll", "--below", "2", check=2)
+    result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
     assert "its newest key epoch is 1" in result.stderr and "rotate first" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     for bad in ("0", "x", "-1"):
@@ -134,10 +134,14 @@ def test_retire_refusals_change_nothing(initialized: Admin) -> None:
         assert "is not a key epoch" in result.stderr
     assert _store_files(initialized.store) == before
     initialized("domain", "rotate", "payroll")
-    initialized("domain", "retire", "payroll", "--below", "2")
+    rotated = _store_files(initialized.store)
+    result = initialized("domain", "retire", "payroll", "--below", "2", check=2)
+    assert "cannot be undone" in result.stderr and "--yes" in result.stderr  # asked, not done
+    assert _store_files(initialized.store) == rotated
+    initialized("domain", "retire", "payroll", "--below", "2", "--yes")
     before = _store_files(initialized.store)
     for below in ("1", "2"):
-        result = initialized("domain", "retire", "payroll", "--below", below, check=2)
+        result = initialized("domain", "retire", "payroll", "--below", below, "--yes", check=2)
         assert "epochs below 2 are retired" in result.stderr and "never undone" in result.stderr
     assert _store_files(initialized.store) == before
 
@@ -148,7 +152,7 @@ def test_a_generation_that_brings_retired_epochs_back_is_refused(initialized: Ad
     refused (fail closed), not the retirement quietly dropped."""
     initialized.real_domain()
     initialized("domain", "rotate", "payroll")
-    initialized("domain", "retire", "payroll", "--below", "2")
+    initialized("domain", "retire", "payroll", "--below", "2", "--yes")
     ctx = Context.at(initialized.store)
     retired = domains.current(ctx, "payroll")
     old = retired.sealed.domain
@@ -166,7 +170,24 @@ def test_a_generation_that_brings_retired_epochs_back_is_refused(initialized: Ad
 def test_a_rewrap_after_a_retirement_keeps_it(initialized: Admin) -> None:
     t1 = initialized.real_domain()
     initialized("domain", "rotate", "payroll")
-    initialized("domain", "retire", "payroll", "--below", "2")
+    initialized("domain", "retire", "payroll", "--below", "2", "--yes")
     t2 = initialized.sealed_trust(["hsm1"], ["alice"], 1, signers=["alice"], predecessor=t1)
     out = initialized("--json", "domain", "rewrap", "payroll", "--trust", t2).json
     assert (out["generation"], out["trust"], out["retired_below"]) == (4, t2, 2)
+
+
+def test_retire_refuses_an_epoch_a_removed_hsm_could_unwrap(initialized: Admin) -> None:
+    """Rotated while hsm2 was in the Trust, epoch 2 was wrapped for it: after hsm2 is removed
+    (successor Trust, rewrap), retiring below 2 would leave hsm2 able to make epoch-2
+    contents. Refused, naming hsm2; a rotation under the new Trust gives an epoch to keep."""
+    t1 = initialized.real_domain()
+    initialized("domain", "rotate", "payroll")
+    t2 = initialized.sealed_trust(["hsm1"], ["alice"], 1, signers=["alice"], predecessor=t1)
+    initialized("domain", "rewrap", "payroll", "--trust", t2)
+    before = _store_files(initialized.store)
+    result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
+    assert "key epoch 2 was wrapped for HSM hsm2" in result.stderr
+    assert _store_files(initialized.store) == before
+    initialized("domain", "rotate", "payroll")
+    out = initialized("--json", "domain", "retire", "payroll", "--below", "3", "--yes").json
+    assert out["retired_below"] == 3
