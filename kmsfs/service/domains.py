@@ -6,6 +6,7 @@ HMAC-SHA256(mk, info) computed by the token.
 """
 
 import contextlib
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -464,13 +465,10 @@ def _retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
                     f"below it leaves that HSM able to make contents; rotate (kmsfs-admin "
                     f"domain rotate {name}) and retire below the new epoch"
                 )
-    domain = Domain(
-        name=name,
+    domain = dataclasses.replace(  # the same Trust, k and mk: only the retirement is new
+        old_domain,
         generation=old_domain.generation + 1,
         previous=old_domain.id,
-        trust=trust.id,
-        wrapped_k=old_domain.wrapped_k,
-        master_keys=old_domain.master_keys,
         created=utc_now(),
         retired_below=below,
     )

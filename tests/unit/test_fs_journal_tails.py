@@ -40,6 +40,23 @@ def _read_all(volume: Path, name: str) -> bytes:
         os.close(content.fd)
 
 
+def _spy_on_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
+    """(call, file name, its size then) of each fdatasync, fsync and ftruncate the journal
+    module makes from now on, in order."""
+    events: list[tuple[str, str, int]] = []
+
+    def spy(name: str, real):  # type: ignore[no-untyped-def]
+        def call(fd: int, *args: int) -> None:
+            where = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            events.append((name, where, os.fstat(fd).st_size))
+            real(fd, *args)
+        return call
+
+    for name in ("fdatasync", "fsync", "ftruncate"):
+        monkeypatch.setattr(journal.os, name, spy(name, getattr(os, name)))
+    return events
+
+
 # --- the record format -----------------------------------------------------------------
 def test_a_tail_record_is_parsed_as_one_and_skipped_by_a_reader_that_knows_only_redo() -> None:
     header = os.urandom(HEADER_SIZE)
@@ -384,18 +401,7 @@ def test_a_replay_syncs_what_it_repaired_then_empties_and_syncs_the_journal(
     with pytest.raises(Killed):
         content.write(BLOCK_SIZE, os.urandom(BLOCK_SIZE))
     monkeypatch.undo()
-    events: list[tuple[str, str, int]] = []
-
-    def spy(name: str, real):  # type: ignore[no-untyped-def]
-        def call(fd: int, *args: int) -> None:
-            where = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-            events.append((name, where, os.fstat(fd).st_size))
-            real(fd, *args)
-        return call
-
-    monkeypatch.setattr(journal.os, "fdatasync", spy("fdatasync", os.fdatasync))
-    monkeypatch.setattr(journal.os, "fsync", spy("fsync", os.fsync))
-    monkeypatch.setattr(journal.os, "ftruncate", spy("ftruncate", os.ftruncate))
+    events = _spy_on_syncs(monkeypatch)
     assert _replay(tmp_path) == 1
     assert [(name, where) for name, where, _ in events] == [
         ("fdatasync", "f"), ("ftruncate", journal.JOURNAL_NAME),
@@ -418,18 +424,7 @@ def test_a_replay_syncs_the_end_it_cut_off_before_it_empties_the_journal(
     with pytest.raises(Killed):
         content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
     monkeypatch.undo()
-    events: list[tuple[str, str, int]] = []
-
-    def spy(name: str, real):  # type: ignore[no-untyped-def]
-        def call(fd: int, *args: int) -> None:
-            where = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-            events.append((name, where, os.fstat(fd).st_size))
-            real(fd, *args)
-        return call
-
-    monkeypatch.setattr(journal.os, "fdatasync", spy("fdatasync", os.fdatasync))
-    monkeypatch.setattr(journal.os, "fsync", spy("fsync", os.fsync))
-    monkeypatch.setattr(journal.os, "ftruncate", spy("ftruncate", os.ftruncate))
+    events = _spy_on_syncs(monkeypatch)
     assert _replay(tmp_path) == 1
     names = [(name, where) for name, where, _ in events]
     assert names[-3:] == [
