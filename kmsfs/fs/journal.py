@@ -75,6 +75,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from kmsfs.crypto.content import CIPHER_BLOCK_SIZE, HEADER_SIZE, ContentCipher, FileHeader
 from kmsfs.crypto.names import is_internal
@@ -217,6 +218,7 @@ class WriteJournal:
         self._returned: list[int] = []  # of those, the ones whose write returned
         self._reserved = False  # RESERVE bytes allocated (see there)
         self._retry_reserve = 0.0  # time.monotonic() before which a failed reserve is not retried
+        self._pos_after = 0  # where the record _write just wrote ends
         self._warned = False  # the full-disk refusal is logged as a warning once a mount
         self._reserve()
 
@@ -289,43 +291,61 @@ class WriteJournal:
         if len(relative) > MAX_PATH_BYTES:
             log.debug("write journal: path too long for a record; this write goes unrecorded")
             return None
+        size = len(encode(0, relative, header, offset, b"")) + len(data)
         with self._lock:
-            head, data, crc = _pieces(self._sequence, relative, header, offset, data, state)
-            size = len(head) + len(data) + len(crc)
-            if (
-                self._pos + size > self._wait_from
-                and self._in_flight
-                and threading.current_thread() is not threading.main_thread()
-            ):
+            worker = threading.current_thread() is not threading.main_thread()
+            if self._pos + size > self._wait_from and self._in_flight and worker:
                 self._wait_to_rewind()
             if self._returned and self._pos + size > RESERVE:
                 # Requests back to back leave no pause to settle in: the records would leave
                 # the reserve long before MAX_UNSETTLED, and on a full disk find no room.
                 self._settle()
-            at = self._pos
             if not self._reserved and state == LIVE:
                 self._reserve()  # the disk may have room again
             try:
-                if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
-                    pwrite_fully(self._fd, head + bytes(data) + crc, at)
+                at = self._write(relative, header, offset, data, state)
             except OSError as exc:
                 if state == TAIL:  # a write past the end risks no older data
                     log.debug("write journal: %s; this write goes unrecorded", exc.strerror)
                     return None
-                (log.debug if self._warned else log.warning)(
-                    "write journal: no room for the record of an overwrite (%s): refused, as "
-                    "one made unrecorded could lose older data if the daemon were killed "
-                    "during it",
-                    exc.strerror,
-                )
-                self._warned = True
-                raise
+                # Past the reserve on a full disk: other writers' records are in flight. A
+                # worker thread (a big write) waits for them, then writes at 0, in the reserve.
+                if not (exc.errno == errno.ENOSPC and self._in_flight and worker):
+                    self._refuse(exc)
+                self._wait_to_rewind()
+                try:
+                    at = self._write(relative, header, offset, data, state)
+                except OSError as again:
+                    self._refuse(again)
             self._sequence += 1
-            self._pos = at + size
+            self._pos = self._pos_after
             if self._pos > self._end:
                 self._end = self._pos
             self._in_flight += 1
             return at
+
+    def _write(
+        self, relative: bytes, header: bytes, offset: int, data: bytes | bytearray, state: int
+    ) -> int:
+        """Write the next record at the current position (lock held); its position. Its
+        sequence number is taken here, after any wait (which lets other threads write
+        records): two records with one number would stop a replay at the second."""
+        head, data, crc = _pieces(self._sequence, relative, header, offset, data, state)
+        size = len(head) + len(data) + len(crc)
+        at = self._pos
+        if os.pwritev(self._fd, (head, data, crc), at) != size:  # short: on ENOSPC
+            pwrite_fully(self._fd, head + bytes(data) + crc, at)
+        self._pos_after = at + size
+        return at
+
+    def _refuse(self, exc: OSError) -> NoReturn:
+        (log.debug if self._warned else log.warning)(
+            "write journal: no room for the record of an overwrite (%s): refused, as one made "
+            "unrecorded could lose older data if the daemon were killed during it",
+            exc.strerror,
+        )
+        self._warned = True
+        raise exc
 
     def _wait_to_rewind(self) -> None:
         """With the lock held: wait until every write in flight has returned (the journal then

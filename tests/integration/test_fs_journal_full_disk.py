@@ -15,12 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kmsfs.crypto.content import BLOCK_SIZE
+from kmsfs.crypto.content import BLOCK_SIZE, HEADER_SIZE
 from kmsfs.fs import journal
 from kmsfs.fs.files import FileContent
 from kmsfs.fs.journal import WriteJournal
@@ -178,3 +179,35 @@ def test_a_shrinking_truncate_works_on_a_disk_full_at_the_mount(small_disk: Path
     assert _read_all(small_disk, "big") == data[:1000]
     log.close()
     os.close(content.fd)
+
+
+def test_a_worker_past_the_reserve_on_a_full_disk_waits_for_the_writes_in_flight(
+    small_disk: Path,
+) -> None:
+    """Two writers at once (a write in flight all along on one side): the other's records
+    cannot rewind to 0, run past the reserve and, on a full disk, found no room; most of two
+    concurrent writers' overwrites were refused (found by review). A worker thread (big
+    writes) now waits for the writes in flight, then writes its record at 0."""
+    log = WriteJournal(os.fsencode(small_disk))
+    header, block = bytes(HEADER_SIZE), os.urandom(1 << 20)
+    _fill(small_disk)
+    held = log.begin(b"a", header, HEADER_SIZE, block)  # another writer's, in flight
+    placed: list[object] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(8):  # 8 MiB of records: past the 4 MiB reserve
+                log.done(log.begin(b"b", header, HEADER_SIZE, block))
+            placed.append("all recorded")
+        except OSError as exc:
+            placed.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and not placed  # waiting for the write in flight
+    log.done(held)
+    thread.join(10)
+    assert placed == ["all recorded"]
+    assert (small_disk / journal.JOURNAL_NAME).stat().st_size == journal.RESERVE
+    log.close()

@@ -432,3 +432,35 @@ def test_a_replay_syncs_the_end_it_cut_off_before_it_empties_the_journal(
         ("fsync", journal.JOURNAL_NAME)], names
     assert events[-3][2] == HEADER_SIZE + 2 * CIPHER_BLOCK_SIZE  # synced once cut back
     assert _read_all(tmp_path, "f") == synced
+
+
+def test_a_record_that_waited_takes_its_sequence_number_after_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a worker's record waits for the rewind, the event loop (which never waits) makes
+    records of its own: the waiting record must not carry the number one of those took, or a
+    replay, which reads while the numbers go up by one, stops there and leaves the records
+    after it (torn blocks of later writes) unapplied."""
+    monkeypatch.setattr(journal, "REWIND_ABOVE", 64 * 1024)
+    monkeypatch.setattr(journal, "RESERVE", 4096)
+    monkeypatch.setattr(journal, "REWIND_WAIT_SECONDS", 60.0)
+    log = WriteJournal(os.fsencode(tmp_path))
+    header, data = bytes(HEADER_SIZE), os.urandom(CIPHER_BLOCK_SIZE)
+    held = log.begin(b"a", header, HEADER_SIZE, data)  # in flight
+    for _ in range(15):
+        log.done(log.begin(b"b", header, HEADER_SIZE, data))  # returned: past 60 KiB
+    waiter = threading.Thread(target=lambda: log.begin(b"w", header, HEADER_SIZE, data))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # waits for the write in flight
+    mine = log.begin(b"m", header, HEADER_SIZE, data)  # the event loop: no wait
+    log.done(held)
+    log.done(mine)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    after = log.begin(b"n", header, HEADER_SIZE, data)
+    assert after is not None
+    raw = (tmp_path / journal.JOURNAL_NAME).read_bytes()
+    walked = [r.path for r in journal.parse(raw)]
+    assert walked[-2:] == [b"w", b"n"], walked  # the one after the waiter is read too
+    log.close()
