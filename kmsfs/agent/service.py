@@ -474,7 +474,13 @@ class Agent:
         ``kmsfs-admin domain retire`` on this store, without the agent) stops serving the file
         keys that generation retired: mounts through the agent would otherwise accept
         contents keyed with them until the agent restarted. Looked for only when the store's
-        domains/ changed (a new generation adds a file there)."""
+        domains/ changed (a new generation adds a file there), once per change.
+
+        Only a history this handle's generation is part of counts (a same-named Domain the
+        store got since is another one). A store whose documents do not verify now (a file
+        half copied, a sync under way) leaves the handle as it was, with a warning: open
+        handles served before this existed whatever the store held, and a writer of the store
+        could as well hide the retiring generation."""
         try:
             st = os.stat(self.ctx.store.root / "domains")
         except OSError:
@@ -482,13 +488,18 @@ class Agent:
         stamp = (st.st_ino, st.st_mtime_ns)
         if stamp == entry.domains_seen:
             return
-        try:
-            newest = domains.current(self.ctx, entry.verified.sealed.domain.name)
-        except NotFoundError:  # opened from a client's bundle the store does not hold
-            entry.domains_seen = stamp
-            return
-        entry.keys.raise_retirement(newest.sealed.domain.retired_below)
         entry.domains_seen = stamp
+        name = entry.verified.sealed.domain.name
+        try:
+            generations = domains.history(self.ctx, name)
+        except NotFoundError:  # opened from a client's bundle the store does not hold
+            return
+        except KmsfsError as exc:
+            log.warning("Domain %s: its documents in the store do not verify now (%s); open "
+                        "handles keep serving as they were", name, exc)
+            return
+        if entry.verified.sealed.id in {g.sealed.id for g in generations}:
+            entry.keys.raise_retirement(generations[-1].sealed.domain.retired_below)
 
     def _next_generation(
         self, bundle: DomainBundle, make: Callable[[], VerifiedDomain]

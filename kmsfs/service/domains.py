@@ -452,19 +452,30 @@ def _retire(ctx: Context, name: str, below: int) -> VerifiedDomain:
             "that left the removed HSMs out"
         )
     # The epochs kept must be out of reach of every HSM the Trust no longer has: an HSM that
-    # had k of a generation holding epoch `below` (or a later one) holds their mk too.
+    # had the k of a generation holding epoch `below` (or a later one) holds their mk too.
+    # Who had a k: the HSMs it was wrapped for, and the one that made it, which is one of
+    # them, except for a rewrap into a Trust that kept none of the old HSMs: made in one of
+    # those (kmsfs.service.domains._rewrap).
     current_hsms = {h.id for h in trust.hsms}
+    labels = {h.id: h.label for g in generations for h in g.trust.trust.hsms}
+    had: set[str] = set()  # the HSMs that had the k of the generation looked at
+    before: tuple[WrappedKey, ...] = ()
     for g in generations:
-        if len(g.sealed.domain.master_keys) >= below:
-            left = [w.hsm for w in g.sealed.domain.wrapped_k if w.hsm not in current_hsms]
-            if left:
-                label = next((h.label for h in g.trust.trust.hsms if h.id == left[0]), left[0])
-                raise UsageError(
-                    f"domain {name}: key epoch {below} was wrapped for HSM {label} (generation "
-                    f"{g.sealed.domain.generation}), which its trust no longer has: retiring "
-                    f"below it leaves that HSM able to make contents; rotate (kmsfs-admin "
-                    f"domain rotate {name}) and retire below the new epoch"
-                )
+        wrapped = g.sealed.domain.wrapped_k
+        if wrapped != before:  # a fresh k: made at create, or by a rewrap
+            recipients = {w.hsm for w in wrapped}
+            made_elsewhere = before and not recipients & {w.hsm for w in before}
+            had = recipients | ({w.hsm for w in before} if made_elsewhere else set())
+        before = wrapped
+        left = sorted(had - current_hsms)
+        if len(g.sealed.domain.master_keys) >= below and left:
+            raise UsageError(
+                f"domain {name}: HSM {labels.get(left[0], left[0][:12])}, which its trust no "
+                f"longer has, had the k of generation {g.sealed.domain.generation}, which wraps "
+                f"key epoch {below}: retiring below it leaves that HSM able to make contents; "
+                f"rotate (kmsfs-admin domain rotate {name}) and retire below the new epoch, "
+                "once the k is one only the trust's HSMs had (a rewrap kept one of them)"
+            )
     domain = dataclasses.replace(  # the same Trust, k and mk: only the retirement is new
         old_domain,
         generation=old_domain.generation + 1,

@@ -331,6 +331,13 @@ def test_a_retirement_made_without_the_agent_reaches_handles_already_open(
         names = {"handle": handle, "infos": [b64encode(NAMES_KEY_INFO)], "epoch": 1}
         assert len(call(agent, peer(0), "derive", names)["keys"]) == 1
         call(agent, peer(0), "derive", {**old, "epoch": 2})
+        # A document that does not parse lands in domains/ (a sync under way): the handles
+        # keep serving as they were, the retirement kept, and the agent says so once.
+        (fresh.store / "domains" / f"{'ab' * 32}.json").write_text("{")
+        for _ in range(3):
+            call(agent, peer(0), "derive", {**old, "epoch": 2})
+            with pytest.raises(IntegrityError, match="is retired"):
+                call(agent, peer(0), "derive", old)
 
 
 def test_unlisted_peer_derive_is_refused_and_audited_whether_or_not_the_handle_is_open(

@@ -7,6 +7,7 @@ the new epoch with everything it ever legitimately had.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -186,8 +187,25 @@ def test_retire_refuses_an_epoch_a_removed_hsm_could_unwrap(initialized: Admin) 
     initialized("domain", "rewrap", "payroll", "--trust", t2)
     before = _store_files(initialized.store)
     result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
-    assert "key epoch 2 was wrapped for HSM hsm2" in result.stderr
+    assert "HSM hsm2, which its trust no longer has, had the k of generation" in result.stderr
     assert _store_files(initialized.store) == before
     initialized("domain", "rotate", "payroll")
     out = initialized("--json", "domain", "retire", "payroll", "--below", "3", "--yes").json
     assert out["retired_below"] == 3
+
+
+def test_retire_counts_the_hsm_that_made_the_k_of_a_rewrap_that_kept_none(
+    initialized: Admin,
+) -> None:
+    """A rewrap into a successor that keeps none of the old HSMs makes the fresh k in one of
+    those (it must unwrap the old k), so that HSM had every later epoch's mk: retiring, even
+    below an epoch rotated afterwards, would leave it out of reach of nothing (found by
+    review). Refused, naming it."""
+    t1 = initialized.real_domain()  # hsm1 + hsm2
+    initialized("hsm", "create", "--label", "hsm3")
+    t2 = initialized.sealed_trust(["hsm3"], ["alice"], 1, signers=["alice"], predecessor=t1)
+    initialized("domain", "rewrap", "payroll", "--trust", t2)  # k made in hsm1 or hsm2
+    initialized("domain", "rotate", "payroll")
+    result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
+    assert re.search(r"HSM hsm[12], which its trust no longer has, had the k of generation 3",
+                     result.stderr), result.stderr
