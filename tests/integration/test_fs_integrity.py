@@ -104,6 +104,29 @@ def test_damaged_name_is_hidden_and_logged(volume: Path, mounter) -> None:  # ty
     assert "integrity: /: undecryptable entry" in mount.log()
 
 
+def test_an_entry_moved_to_another_directory_under_a_warm_cache_is_not_shown(  # type: ignore[no-untyped-def]
+    volume: Path, mounter
+) -> None:
+    """Names are bound to their directory (its IV is the AES-SIV associated data). The mount
+    caches names both ways; a ciphertext entry moved by hand from directory a/ to b/ while
+    mounted, after a/ was listed (its names cached), must not show up in b/ under the name it
+    had in a/: hidden and logged there, as any name that does not decrypt in its directory."""
+    mount = mounter(volume)
+    for d in ("a", "b"):
+        (mount.mountpoint / d).mkdir()
+    (mount.mountpoint / "a" / "secret").write_bytes(b"s")
+    (mount.mountpoint / "b" / "own").write_bytes(b"o")
+    assert os.listdir(mount.mountpoint / "a") == ["secret"]  # cached now
+    from tests.integration.test_fs_fsck import cipher_path as nested_cipher_path
+
+    moved = nested_cipher_path(volume, "a/secret")
+    moved.rename(nested_cipher_path(volume, "b") / moved.name)
+    assert os.listdir(mount.mountpoint / "b") == ["own"]
+    assert not (mount.mountpoint / "b" / "secret").exists()
+    assert "integrity: /b: undecryptable entry" in mount.log()
+    assert mount.alive()
+
+
 def test_damaged_xattr_names_are_hidden_and_logged(volume: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     """A damaged short name, and a long name whose sealed form (in its value) is damaged, are
     left out of the listing with a log line each naming the file, as a damaged directory entry
