@@ -291,7 +291,9 @@ class WriteJournal:
         if len(relative) > MAX_PATH_BYTES:
             log.debug("write journal: path too long for a record; this write goes unrecorded")
             return None
-        size = len(encode(0, relative, header, offset, b"")) + len(data)
+        # The record's size, as _pieces makes it (head, u16 path length, path, header, u64
+        # offset, data, CRC): known before the lock, without building it.
+        size = _HEAD.size + 2 + len(relative) + len(header) + 8 + len(data) + _CRC.size
         with self._lock:
             worker = threading.current_thread() is not threading.main_thread()
             if self._pos + size > self._wait_from and self._in_flight and worker:

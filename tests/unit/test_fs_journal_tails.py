@@ -57,6 +57,20 @@ def _spy_on_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]
     return events
 
 
+def _killed_append(volume: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A file *name* of two whole blocks, then an append of four more that the daemon's death
+    stops at its first page boundary (its tail record left live). Returns the two blocks."""
+    log = WriteJournal(os.fsencode(volume))
+    content = _open(volume, name, log)
+    synced = os.urandom(2 * BLOCK_SIZE)
+    content.write(0, synced)
+    _die_at_first_page_boundary(monkeypatch)
+    with pytest.raises(Killed):
+        content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
+    monkeypatch.undo()
+    return synced
+
+
 # --- the record format -----------------------------------------------------------------
 def test_a_tail_record_is_parsed_as_one_and_skipped_by_a_reader_that_knows_only_redo() -> None:
     header = os.urandom(HEADER_SIZE)
@@ -95,14 +109,7 @@ def test_writes_past_the_end_get_tail_records(tmp_path: Path) -> None:
 def test_a_killed_append_of_whole_blocks_is_cut_back_to_what_it_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = WriteJournal(os.fsencode(tmp_path))
-    content = _open(tmp_path, "log", log)
-    synced = os.urandom(2 * BLOCK_SIZE)
-    content.write(0, synced)
-    _die_at_first_page_boundary(monkeypatch)
-    with pytest.raises(Killed):
-        content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
-    monkeypatch.undo()
+    synced = _killed_append(tmp_path, "log", monkeypatch)
     assert (tmp_path / "log").stat().st_size % PAGE == 0
     with pytest.raises(BlockIntegrityError):
         _read_all(tmp_path, "log")
@@ -416,14 +423,7 @@ def test_a_replay_syncs_the_end_it_cut_off_before_it_empties_the_journal(
     finished is fdatasync'd before the journal that held the record is emptied and fsync'd, or
     a power cut could bring back the torn end with no record left to cut it off (the file would
     read EIO at its end, and every later append fail, for good)."""
-    log = WriteJournal(os.fsencode(tmp_path))
-    content = _open(tmp_path, "f", log)
-    synced = os.urandom(2 * BLOCK_SIZE)
-    content.write(0, synced)
-    _die_at_first_page_boundary(monkeypatch)
-    with pytest.raises(Killed):
-        content.write(len(synced), os.urandom(4 * BLOCK_SIZE))
-    monkeypatch.undo()
+    synced = _killed_append(tmp_path, "f", monkeypatch)
     events = _spy_on_syncs(monkeypatch)
     assert _replay(tmp_path) == 1
     names = [(name, where) for name, where, _ in events]
