@@ -31,8 +31,10 @@ from kmsfs import exitcodes
 from kmsfs.cliutil import Terminated, raise_terminated
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import sdnotify
+from kmsfs.fs.heap import keep_freed_buffers
 from kmsfs.fs.killpriv import InitAmendment, libfuse_needs_it
 from kmsfs.fs.latency import HOLD_SECONDS, CpuLatencyRequest, unavailable_reason
+from kmsfs.fs.readahead import raise_readahead
 from kmsfs.fs.stopping import STOP_SIGNALS, Stop, not_ours, watch_signals
 from kmsfs.keys import KeyDeriver
 
@@ -267,6 +269,7 @@ def serve(
             ops.remove_blob_leftovers()
             ops.start_dir_pool()
         settle_garbage_collector()
+        keep_freed_buffers()
         spin = _SpinThenWait(
             threads_busy=lambda: ops.limiter.borrowed_tokens > 0,  # type: ignore[union-attr]
             idle=ops.between_requests,
@@ -356,6 +359,7 @@ async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: 
         # The mount's device: what tells this mount from another at the same path (not_ours).
         stop.device = (os.major(st.st_dev), os.minor(st.st_dev))
         stop.device_known.set()
+        raise_readahead(stop.device)
         # A stop request that came while we looked wakes the signal watcher in the same batch
         # as this task, in either order: let it run first. A mount on its way out is not ready.
         await trio.lowlevel.checkpoint()
