@@ -60,7 +60,6 @@ class _OpenDomain:
     verified: VerifiedDomain
     keys: domains.DomainKeys
     anchor: Anchor  # the pinned root the chain was last verified against
-    domains_seen: tuple[int, int] | None = None  # the store's domains/ when last looked at
 
 
 class Agent:
@@ -340,7 +339,7 @@ class Agent:
             if anchor != entry.anchor:
                 verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
                 entry.anchor = anchor
-            self._follow_retirement(entry)
+            entry.keys.follow_store()  # a retirement made on this store without the agent
             return {"keys": [b64encode(k) for k in entry.keys.derive_many(infos, epoch)]}
 
         name = entry.verified.sealed.domain.name
@@ -468,38 +467,6 @@ class Agent:
         with self._lock:
             self._anchor_cache = (stamp, anchor)
         return anchor
-
-    def _follow_retirement(self, entry: _OpenDomain) -> None:
-        """A handle opened before a newer generation of its Domain reached the store (made by
-        ``kmsfs-admin domain retire`` on this store, without the agent) stops serving the file
-        keys that generation retired: mounts through the agent would otherwise accept
-        contents keyed with them until the agent restarted. Looked for only when the store's
-        domains/ changed (a new generation adds a file there), once per change.
-
-        Only a history this handle's generation is part of counts (a same-named Domain the
-        store got since is another one). A store whose documents do not verify now (a file
-        half copied, a sync under way) leaves the handle as it was, with a warning: open
-        handles served before this existed whatever the store held, and a writer of the store
-        could as well hide the retiring generation."""
-        try:
-            st = os.stat(self.ctx.store.root / "domains")
-        except OSError:
-            return
-        stamp = (st.st_ino, st.st_mtime_ns)
-        if stamp == entry.domains_seen:
-            return
-        entry.domains_seen = stamp
-        name = entry.verified.sealed.domain.name
-        try:
-            generations = domains.history(self.ctx, name)
-        except NotFoundError:  # opened from a client's bundle the store does not hold
-            return
-        except KmsfsError as exc:
-            log.warning("Domain %s: its documents in the store do not verify now (%s); open "
-                        "handles keep serving as they were", name, exc)
-            return
-        if entry.verified.sealed.id in {g.sealed.id for g in generations}:
-            entry.keys.raise_retirement(generations[-1].sealed.domain.retired_below)
 
     def _next_generation(
         self, bundle: DomainBundle, make: Callable[[], VerifiedDomain]

@@ -140,7 +140,11 @@ class ContentKeys:
                 header, cipher = self._ahead.popleft()
             except IndexError:
                 break
-            if header.epoch == self._new_epoch():  # not if the Domain rotated since
+            # Not if the Domain rotated since, nor if a retirement the deriver took in since
+            # (DomainKeys.follow_store) refuses their epoch: a file keyed with it would be lost
+            # at the next mount. The write then derives anew and fails (EIO).
+            retired_below = getattr(self._deriver, "retired_below", FIRST_EPOCH)
+            if header.epoch == self._new_epoch() and header.epoch >= retired_below:
                 return header, cipher
         header = self.new_header()
         return header, self.cipher(header)

@@ -10,6 +10,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -529,6 +530,7 @@ class DomainKeys:
 
     RETRY_INTERVAL = 1.0
     PROBE_INTERVAL = 0.25
+    FOLLOW_INTERVAL = 1.0
 
     def __init__(self, ctx: Context, verified: VerifiedDomain) -> None:
         self.verified = verified
@@ -545,6 +547,8 @@ class DomainKeys:
         self._token_label: str | None = None
         self._last_problem = "no HSM tried yet"
         self._retired_below = verified.sealed.domain.retired_below  # raise_retirement
+        self._domains_seen: tuple[int, int] | None = None  # the store's domains/ (follow_store)
+        self._followed = float("-inf")  # when derive_many last called follow_store
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
@@ -586,11 +590,61 @@ class DomainKeys:
     def current_epoch(self) -> int:
         return self.verified.sealed.domain.current_epoch.epoch
 
+    @property
+    def retired_below(self) -> int:
+        """File keys of epochs below this are refused (1: none are); see :meth:`follow_store`."""
+        return self._retired_below
+
     def raise_retirement(self, below: int) -> None:
         """Refuse file keys below *below* from now on: a newer generation of the Domain (made
         since this one was opened) retires them. Never lowered."""
         with self._lock:
             self._retired_below = max(self._retired_below, below)
+
+    def follow_store(self) -> None:
+        """Take in a retirement that reached the store after this handle was opened: a newer
+        generation of the Domain made by ``kmsfs-admin domain retire`` makes this handle refuse
+        the file keys it retired, at once, not when the mount or the agent starts again.
+        Otherwise a mount would go on accepting contents keyed with an epoch that an HSM the
+        Trust removed could compute (and so could have made), and writing new files with it
+        that the next mount could not read. :meth:`derive_many` calls it at most once per
+        :data:`FOLLOW_INTERVAL`; the agent, before every derivation.
+
+        Looked for only when the store's domains/ changed (a new generation adds a file
+        there), once per change: one stat otherwise. Only a history this handle's generation
+        is part of counts (a same-named Domain the store got since is another one). A store
+        whose documents do not verify now (a file half copied, a sync under way) leaves the
+        handle as it was, with a warning: the handle served before that whatever the store
+        held, and a writer of the store could as well hide the retiring generation."""
+        try:
+            st = os.stat(self._ctx.store.root / "domains")
+        except OSError:
+            return
+        stamp = (st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            if stamp == self._domains_seen:
+                return
+            self._domains_seen = stamp
+        name = self.verified.sealed.domain.name
+        try:
+            generations = history(self._ctx, name)
+        except NotFoundError:  # opened from a bundle the store does not hold
+            return
+        except KmsfsError as exc:
+            log.warning("Domain %s: its documents in the store do not verify now (%s); keys "
+                        "are served as they were", name, exc)
+            return
+        if self.verified.sealed.id not in {g.sealed.id for g in generations}:
+            return
+        newest = generations[-1].sealed.domain
+        if newest.retired_below > self._retired_below:
+            log.warning(
+                "Domain %s: generation %d retires key epochs below %d: files keyed with them "
+                "are refused from now on%s", name, newest.generation, newest.retired_below,
+                "; this handle's own epoch is among them, so new files fail until the Domain "
+                "is opened again (remount)" if self.current_epoch < newest.retired_below else "",
+            )
+        self.raise_retirement(newest.retired_below)
 
     def _key_of(self, epoch: int) -> domainkeys.MasterKey:
         """The unwrapped ``mk`` of ``epoch`` in the serving HSM (lock held, connected)."""
@@ -656,6 +710,10 @@ class DomainKeys:
         """:meth:`derive` for each info, under one lock, probe and failover scope: a mount
         refilling its keys for new files asks for them in one call."""
         epoch = self.current_epoch if epoch is None else epoch
+        now = time.monotonic()
+        if now - self._followed >= self.FOLLOW_INTERVAL:
+            self._followed = now
+            self.follow_store()
         if any(info.startswith(BINDING_INFO_PREFIX) for info in infos):
             raise UsageError("a key derivation may not use the prefix of Domain key bindings")
         domain = self.verified.sealed.domain

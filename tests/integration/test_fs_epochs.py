@@ -9,6 +9,7 @@ runs the real commands on a real store (SoftHSM) with ``kmsfs-admin domain rotat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -883,3 +885,77 @@ def test_a_fifo_swapped_in_after_the_walk_never_blocks_reencrypt(
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert swapped and len(summary.failed) == 1, summary.failed
     assert "not a regular file" in summary.failed[0].detail
+
+
+def test_a_mount_takes_in_a_retirement_made_while_it_serves(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """``domain retire`` run while a volume is mounted in-process (no agent): within a
+    second or so the mount refuses the retired epoch's file keys, as a mount started after
+    the retirement does, instead of until it is remounted. A file keyed with epoch 1 then
+    reads EIO with a log line; files of the kept epoch and every name read as before."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    old, kept = os.urandom(BLOCK_SIZE + 7), os.urandom(99)
+    _through_a_mount(env, cipher, mp, lambda m: (m / "old").write_bytes(old))
+    initialized("domain", "rotate", "payroll")
+    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        (mp / "kept").write_bytes(kept)  # epoch 2: the mount serves generation 2
+        assert (mp / "old").read_bytes() == old
+        initialized("domain", "retire", "payroll", "--below", "2", "--yes")
+        deadline = time.monotonic() + 30
+        while True:
+            with open(mp / "old", "rb") as f:  # each open derives the key again
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                try:
+                    assert f.read() == old
+                except OSError as exc:
+                    assert exc.errno == errno.EIO
+                    break
+            assert time.monotonic() < deadline, "the mount kept serving a retired epoch"
+            time.sleep(0.2)
+        assert (mp / "kept").read_bytes() == kept
+        assert sorted(os.listdir(mp)) == ["kept", "old"]
+    finally:
+        assert _kmsfs("umount", str(mp)).returncode == 0
+    logged = log.read_text()
+    assert "generation 3 retires key epochs below 2" in logged
+    assert "/old" in logged and "key epoch 1 of Domain payroll is retired" in logged
+
+
+def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """A mount opened before a rotation keeps writing new files with epoch 1; once a
+    retirement of epoch 1 reaches it (operators.md §6 says to reencrypt and remount every
+    volume first), a new file's first write fails (EIO) instead of succeeding with a key
+    derived ahead, which would make a file that no mount could read again."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        (mp / "first").write_bytes(b"a new file: keys for the next ones are derived ahead")
+        initialized("domain", "rotate", "payroll")
+        initialized("domain", "retire", "payroll", "--below", "2", "--yes")
+        deadline = time.monotonic() + 30
+        while "retires key epochs below 2" not in log.read_text():
+            (mp / "probe").exists()  # a request, which is when the mount looks
+            os.stat(mp / "first")
+            with open(mp / "first", "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                with contextlib.suppress(OSError):
+                    f.read()
+            assert time.monotonic() < deadline, "the mount never took in the retirement"
+            time.sleep(0.2)
+        with pytest.raises(OSError) as write:
+            (mp / "second").write_bytes(b"written after its epoch was retired")
+        assert write.value.errno == errno.EIO
+    finally:
+        assert _kmsfs("umount", str(mp)).returncode == 0
+    assert "new files fail until the Domain is opened again" in log.read_text()
+    written = [p for p in cipher.iterdir()
+               if p.is_file() and not p.name.startswith("kmsfs.") and p.stat().st_size]
+    assert len(written) == 1  # "first" alone: "second" got no byte
