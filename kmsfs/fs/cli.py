@@ -263,6 +263,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             log.warning("%s", args.warning)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
             kms.check_in_use(deriver)  # again: the store may have changed since the check
+            follow = getattr(deriver, "follow_in_background", None)
+            if follow is not None:  # in-process: take in retirements (the agent does its own)
+                follow()
 
             def ready() -> None:
                 # Only now, so a failed mount changes nothing; a read-only one writes nothing

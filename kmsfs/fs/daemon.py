@@ -276,6 +276,7 @@ def serve(
             latency=latency,
             init=InitAmendment() if libfuse_needs_it() else None,
         )
+        ops.requests_waiting = spin.requests_waiting
         trio.run(_main, on_ready, spin, stop)
     except BaseException as exc:
         if mounted and not _is_stop_request(exc):
@@ -481,6 +482,11 @@ class _SpinThenWait:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
+
+    def requests_waiting(self) -> bool:
+        """True if /dev/fuse has a request ready now (one poll, no wait): a big request then
+        goes to a worker thread rather than keep it waiting (ContentOps._inline_ok)."""
+        return any(poller.poll(0) for poller in self._pollers.values())
 
     async def wait_readable(self, fd: int) -> None:
         if self._init is not None:

@@ -143,11 +143,16 @@ class ContentKeys:
             # Not if the Domain rotated since, nor if a retirement the deriver took in since
             # (DomainKeys.follow_store) refuses their epoch: a file keyed with it would be lost
             # at the next mount. The write then derives anew and fails (EIO).
-            retired_below = getattr(self._deriver, "retired_below", FIRST_EPOCH)
-            if header.epoch == self._new_epoch() and header.epoch >= retired_below:
+            if header.epoch == self._new_epoch() and not self.refuses(header.epoch):
                 return header, cipher
         header = self.new_header()
         return header, self.cipher(header)
+
+    def refuses(self, epoch: int) -> bool:
+        """Whether the deriver has taken in a retirement of *epoch* since it was opened
+        (DomainKeys.follow_store): keys of that epoch already derived, for open files or
+        ahead, must not be used either."""
+        return epoch < getattr(self._deriver, "retired_below", FIRST_EPOCH)
 
     @property
     def wanted(self) -> int:
@@ -290,6 +295,11 @@ class FileContent:
 
     def _cipher_for_existing(self) -> ContentCipher:
         """Cipher of a non-empty file, reading and checking its header on first use."""
+        cipher = self._cipher
+        if cipher is not None and self._keys.refuses(cipher.header.epoch):
+            # Derived before a retirement reached the deriver (a file held open across it):
+            # derive it again, which is refused, so it reads and writes EIO from now on.
+            self._cipher = None
         if self._cipher is None:
             raw = quiet_pread(self.fd, HEADER_SIZE, 0)
             try:

@@ -8,9 +8,9 @@ content, attribute, directory-listing and xattr handlers and the error boundary.
 
 Only ``pyfuse3.FUSEError`` may leave a handler (:func:`guard`): an OSError becomes its errno,
 an IntegrityError becomes EIO with one log line naming the plaintext path, anything else is EIO
-with a logged traceback. Requests run inline on the trio thread; content work of
-``THREAD_THRESHOLD`` bytes or more (more than any one request: the zeros a write or truncate
-fills in past the end), fsync and big directory listings run in worker threads.
+with a logged traceback. Small syscalls run inline on the trio thread; reads and writes of
+``THREAD_THRESHOLD`` bytes or more (but a lone request: ``INLINE_MAX``), fsync and big
+directory listings run in worker threads.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from kmsfs.crypto.content import BLOCK_SIZE
 from kmsfs.crypto.symlinks import inline_target_length
 from kmsfs.errors import AgentRefusedError, HsmError, IntegrityError, UsageError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
@@ -49,12 +50,15 @@ from kmsfs.fs.xattrs import Target as XattrTarget
 
 log = logging.getLogger(__name__)
 
-#: Reads and writes of this many bytes or more, and zero fills as long, go to a worker thread.
-#: Above the biggest request the kernel sends (1 MiB): a thread hop per 1 MiB WRITE cost more
-#: than it saved, since the AEAD calls, 4 KiB each, hold the GIL and could not overlap with
-#: anything (dd of 512 MiB on tmpfs, interleaved runs: 0.78 -> 0.96 of gocryptfs's MB/s). A
-#: request on the trio thread keeps the others waiting: about 1.2 ms for a 1 MiB write.
-THREAD_THRESHOLD = 2 * 1024 * 1024
+#: Reads and writes of this many bytes or more, and zero fills as long, go to a worker thread,
+#: where they keep no other request waiting; except a lone request (below).
+THREAD_THRESHOLD = 512 * 1024
+#: The biggest request the kernel sends (libfuse's max_pages). One this big or smaller runs
+#: on the trio thread when no other request waits behind it, and, for a write, when it only
+#: adds blocks past the end (:meth:`ContentOps._inline_ok`): a lone ``dd`` or ``cp``. A worker
+#: thread would only add a hop there, since its AEAD calls, 4 KiB each, hold the GIL (dd of 512
+#: MiB on tmpfs, interleaved runs: 0.78 -> 0.96 of gocryptfs's MB/s).
+INLINE_MAX = 1024 * 1024
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 ROOT_INODE = pyfuse3.ROOT_INODE
 DOTS = 2  # "." and "..": the first two entries of every listing
@@ -153,12 +157,31 @@ class ContentOps:
     _dirs: dict[int, DirHandle]
     _next_dir: Any
     _held_dir_fds: int = 0
+    #: True if the kernel has a request ready for the daemon (the spin's poll of /dev/fuse,
+    #: set by daemon.serve); a big request then leaves the trio thread for it.
+    requests_waiting: Callable[[], bool] = staticmethod(lambda: False)  # type: ignore[assignment]
 
     # --- helpers ------------------------------------------------------------------------
     async def _run(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
         if size >= THREAD_THRESHOLD:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         return fn(*args)
+
+    def _inline_ok(self, of: OpenFile, size: int, write_at: int | None = None) -> bool:
+        """Whether a request of *size* bytes (THREAD_THRESHOLD or more) may run on the trio
+        thread all the same: it is no bigger than one request, nothing else waits for the
+        thread meanwhile (a read or stat behind a 1 MiB write waited for it, and behind a queue
+        of them with ``-o writeback_cache``, for tens of ms), and a write at *write_at* touches
+        no block the file has. An overwrite gets a redo record, which may have to wait for a
+        worker thread's records to return before it finds room in the write journal: only a
+        worker thread may wait (:mod:`kmsfs.fs.journal`); on the trio thread it was refused with
+        ENOSPC on a full disk, or grew the journal past its bound."""
+        if size > INLINE_MAX or of.lock.locked() or self.requests_waiting():
+            return False
+        if write_at is None:
+            return True
+        psize = of.content.plain_size()
+        return write_at >= psize and psize % BLOCK_SIZE == 0
 
     def _integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
         where = self.table.plain_path(ino)
@@ -440,7 +463,9 @@ class ContentOps:
     @guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self.files.handle(fh).file
-        if size < THREAD_THRESHOLD and not of.lock.locked():
+        if (size < THREAD_THRESHOLD and not of.lock.locked()) or (
+            size >= THREAD_THRESHOLD and self._inline_ok(of, size)
+        ):
             # Fast path: runs to completion without yielding, so no lock is needed.
             try:
                 return of.content.read(off, size)
@@ -468,21 +493,25 @@ class ContentOps:
         of = handle.file
         _check_end(off, buf)
         work = len(buf)
-        if work < THREAD_THRESHOLD and not of.lock.locked():
+        appends = handle.append and not self.enable_writeback_cache
+        if (work < THREAD_THRESHOLD and not of.lock.locked()) or (
+            work >= THREAD_THRESHOLD
+            and self._inline_ok(of, work, of.content.plain_size() if appends else off)
+        ):
             # Fast path: runs to completion without yielding, so no lock is needed. A write far
             # past the end (a long zero fill) is refused here, before it starts, and goes below.
             try:
-                if handle.append and not self.enable_writeback_cache:
+                if appends:
                     off = of.content.plain_size()
                     _check_end(off, buf)
-                return of.content.write(off, buf, THREAD_THRESHOLD - len(buf))
+                return of.content.write(off, buf, max(THREAD_THRESHOLD - len(buf), 0))
             except LongFill as fill:
                 work += fill.args[0]
             except IntegrityError as exc:
                 raise self._integrity(of.ino, exc) from None
         async with of.lock:
             try:
-                if handle.append and not self.enable_writeback_cache:
+                if appends:
                     off = of.content.plain_size()
                     _check_end(off, buf)
                 return await self._run(work, of.content.write, off, buf)

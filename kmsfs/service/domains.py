@@ -547,8 +547,10 @@ class DomainKeys:
         self._token_label: str | None = None
         self._last_problem = "no HSM tried yet"
         self._retired_below = verified.sealed.domain.retired_below  # raise_retirement
-        self._domains_seen: tuple[int, int] | None = None  # the store's domains/ (follow_store)
-        self._followed = float("-inf")  # when derive_many last called follow_store
+        self._store_seen: tuple[int, ...] | None = None  # domains/ and trusts/ (follow_store)
+        self._follow_problem = ""  # the last warning follow_store gave (each is given once)
+        self._retry_at = 0.0  # when follow_store may read a store that did not verify again
+        self._stop_following: threading.Event | None = None  # follow_in_background
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
@@ -604,36 +606,49 @@ class DomainKeys:
     def follow_store(self) -> None:
         """Take in a retirement that reached the store after this handle was opened: a newer
         generation of the Domain made by ``kmsfs-admin domain retire`` makes this handle refuse
-        the file keys it retired, at once, not when the mount or the agent starts again.
-        Otherwise a mount would go on accepting contents keyed with an epoch that an HSM the
-        Trust removed could compute (and so could have made), and writing new files with it
-        that the next mount could not read. :meth:`derive_many` calls it at most once per
-        :data:`FOLLOW_INTERVAL`; the agent, before every derivation.
+        the file keys it retired, and files that are open with them (ContentKeys.refuses),
+        instead of until the mount or the agent starts again. Otherwise a mount would go on
+        accepting contents keyed with an epoch that an HSM the Trust removed could compute (and
+        so could have made), and writing new files with it that the next mount could not read.
+        A mount calls it once a second from a thread of its own (:meth:`follow_in_background`:
+        the store may be slow or hung, and a history of many generations takes a tenth of a
+        second to verify, neither of which may fall on a request); the agent, before every
+        derivation.
 
-        Looked for only when the store's domains/ changed (a new generation adds a file
-        there), once per change: one stat otherwise. Only a history this handle's generation
-        is part of counts (a same-named Domain the store got since is another one). A store
-        whose documents do not verify now (a file half copied, a sync under way) leaves the
-        handle as it was, with a warning: the handle served before that whatever the store
-        held, and a writer of the store could as well hide the retiring generation."""
+        The history is read only when the store's domains/ or trusts/ changed since it last
+        verified (a new generation adds a file there): one stat each otherwise. A store whose
+        documents do not verify now (a file half copied, a generation whose Trust has not
+        arrived yet) leaves the handle as it was, with a warning, and is read again next time
+        until it verifies. Only a history this handle's generation is part of counts (a
+        same-named Domain the store got since is another one)."""
         try:
-            st = os.stat(self._ctx.store.root / "domains")
+            stamp = tuple(
+                value
+                for sub in ("domains", "trusts")
+                for st in (os.stat(self._ctx.store.root / sub),)
+                for value in (st.st_ino, st.st_mtime_ns)
+            )
         except OSError:
             return
-        stamp = (st.st_ino, st.st_mtime_ns)
-        with self._lock:
-            if stamp == self._domains_seen:
-                return
-            self._domains_seen = stamp
+        if stamp == self._store_seen:
+            return
+        if self._follow_problem and time.monotonic() < self._retry_at:
+            return  # the agent calls this for every derivation: a broken store once a second
         name = self.verified.sealed.domain.name
         try:
             generations = history(self._ctx, name)
         except NotFoundError:  # opened from a bundle the store does not hold
+            self._store_seen = stamp
             return
         except KmsfsError as exc:
-            log.warning("Domain %s: its documents in the store do not verify now (%s); keys "
-                        "are served as they were", name, exc)
+            problem = str(exc)
+            self._retry_at = time.monotonic() + self.FOLLOW_INTERVAL
+            if problem != self._follow_problem:
+                self._follow_problem = problem
+                log.warning("Domain %s: its documents in the store do not verify now (%s); "
+                            "keys are served as they were until they do", name, exc)
             return
+        self._store_seen, self._follow_problem = stamp, ""
         if self.verified.sealed.id not in {g.sealed.id for g in generations}:
             return
         newest = generations[-1].sealed.domain
@@ -645,6 +660,23 @@ class DomainKeys:
                 "is opened again (remount)" if self.current_epoch < newest.retired_below else "",
             )
         self.raise_retirement(newest.retired_below)
+
+    def follow_in_background(self) -> None:
+        """Call :meth:`follow_store` every :data:`FOLLOW_INTERVAL` seconds from a daemon thread
+        until :meth:`close` (a mount: kmsfs.fs.cli)."""
+        if self._stop_following is not None:
+            return
+        stop = self._stop_following = threading.Event()
+
+        def follow() -> None:
+            while not stop.wait(self.FOLLOW_INTERVAL):
+                try:
+                    self.follow_store()
+                except Exception:  # never seen; the thread must not end with it
+                    log.exception("Domain %s: following the store failed",
+                                  self.verified.sealed.domain.name)
+
+        threading.Thread(target=follow, name="kmsfs-follow-store", daemon=True).start()
 
     def _key_of(self, epoch: int) -> domainkeys.MasterKey:
         """The unwrapped ``mk`` of ``epoch`` in the serving HSM (lock held, connected)."""
@@ -710,10 +742,6 @@ class DomainKeys:
         """:meth:`derive` for each info, under one lock, probe and failover scope: a mount
         refilling its keys for new files asks for them in one call."""
         epoch = self.current_epoch if epoch is None else epoch
-        now = time.monotonic()
-        if now - self._followed >= self.FOLLOW_INTERVAL:
-            self._followed = now
-            self.follow_store()
         if any(info.startswith(BINDING_INFO_PREFIX) for info in infos):
             raise UsageError("a key derivation may not use the prefix of Domain key bindings")
         domain = self.verified.sealed.domain
@@ -764,6 +792,8 @@ class DomainKeys:
                 self._session.close()
 
     def close(self) -> None:
+        if self._stop_following is not None:
+            self._stop_following.set()
         with self._lock:
             self._drop()
 

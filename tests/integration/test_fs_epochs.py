@@ -9,7 +9,6 @@ runs the real commands on a real store (SoftHSM) with ``kmsfs-admin domain rotat
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -887,13 +886,35 @@ def test_a_fifo_swapped_in_after_the_walk_never_blocks_reencrypt(
     assert "not a regular file" in summary.failed[0].detail
 
 
+def _wait_for_log(log: Path, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"never logged: {text}"
+        time.sleep(0.1)
+
+
+def _read_uncached(path: Path) -> bytes:
+    """Read through a fresh open, the kernel's cached pages of the file dropped first (the
+    mount keeps them across opens): the read reaches the daemon."""
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.read()
+
+
+def _refused(action) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as refused:
+        action()
+    assert refused.value.errno == errno.EIO
+
+
 def test_a_mount_takes_in_a_retirement_made_while_it_serves(  # type: ignore[no-untyped-def]
     tmp_path: Path, initialized
 ) -> None:
-    """``domain retire`` run while a volume is mounted in-process (no agent): within a
-    second or so the mount refuses the retired epoch's file keys, as a mount started after
-    the retirement does, instead of until it is remounted. A file keyed with epoch 1 then
-    reads EIO with a log line; files of the kept epoch and every name read as before."""
+    """``domain retire`` run while a volume is mounted in-process (no agent): within a second
+    or so, with no request needed, the mount refuses the retired epoch's file keys, as a mount
+    started after the retirement does, instead of until it is remounted. A file keyed with
+    epoch 1 then reads and writes EIO with a log line, through a new open and through one held
+    open since before the retirement; files of the kept epoch and every name read as before."""
     env, cipher, mp = _real_volume(tmp_path, initialized)
     log = tmp_path / "kmsfs.log"
     old, kept = os.urandom(BLOCK_SIZE + 7), os.urandom(99)
@@ -903,26 +924,54 @@ def test_a_mount_takes_in_a_retirement_made_while_it_serves(  # type: ignore[no-
     assert proc.returncode == 0, proc.stderr
     try:
         (mp / "kept").write_bytes(kept)  # epoch 2: the mount serves generation 2
-        assert (mp / "old").read_bytes() == old
-        initialized("domain", "retire", "payroll", "--below", "2", "--yes")
-        deadline = time.monotonic() + 30
-        while True:
-            with open(mp / "old", "rb") as f:  # each open derives the key again
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                try:
-                    assert f.read() == old
-                except OSError as exc:
-                    assert exc.errno == errno.EIO
-                    break
-            assert time.monotonic() < deadline, "the mount kept serving a retired epoch"
-            time.sleep(0.2)
-        assert (mp / "kept").read_bytes() == kept
+        with open(mp / "old", "r+b") as held:
+            assert held.read() == old
+            initialized("domain", "retire", "payroll", "--below", "2", "--yes")
+            _wait_for_log(log, "generation 3 retires key epochs below 2")
+            _refused(lambda: _read_uncached(mp / "old"))
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            _refused(lambda: os.pread(held.fileno(), 10, 0))
+            _refused(lambda: os.pwrite(held.fileno(), b"forged on", 0))
+        assert _read_uncached(mp / "kept") == kept
         assert sorted(os.listdir(mp)) == ["kept", "old"]
     finally:
         assert _kmsfs("umount", str(mp)).returncode == 0
     logged = log.read_text()
-    assert "generation 3 retires key epochs below 2" in logged
     assert "/old" in logged and "key epoch 1 of Domain payroll is retired" in logged
+
+
+def test_a_retirement_that_reaches_the_store_half_copied_is_taken_in_once_whole(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """The retiring generation is copied into the store the way cp or rsync --inplace copy:
+    the file appears half written (the store does not verify: a warning), then is completed
+    in place, which leaves domains/ as it was. The mount reads the store again until it
+    verifies, so it takes the retirement in then, not at its next remount."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    old = os.urandom(99)
+    _through_a_mount(env, cipher, mp, lambda m: (m / "old").write_bytes(old))
+    initialized("domain", "rotate", "payroll")
+    elsewhere = replace(initialized, store=tmp_path / "store-elsewhere")
+    shutil.copytree(initialized.store, elsewhere.store, symlinks=True)
+    elsewhere("domain", "retire", "payroll", "--below", "2", "--yes")
+    (made,) = {p.name for p in (elsewhere.store / "domains").iterdir()} - {
+        p.name for p in (initialized.store / "domains").iterdir()}
+    document = (elsewhere.store / "domains" / made).read_bytes()
+    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert _read_uncached(mp / "old") == old
+        target = initialized.store / "domains" / made
+        target.write_bytes(document[: len(document) // 2])
+        _wait_for_log(log, "its documents in the store do not verify now")
+        assert _read_uncached(mp / "old") == old  # served as before meanwhile
+        with open(target, "r+b") as f:  # completed in place: domains/ does not change
+            f.write(document)
+        _wait_for_log(log, "generation 3 retires key epochs below 2")
+        _refused(lambda: _read_uncached(mp / "old"))
+    finally:
+        assert _kmsfs("umount", str(mp)).returncode == 0
 
 
 def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # type: ignore[no-untyped-def]
@@ -931,7 +980,8 @@ def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # typ
     """A mount opened before a rotation keeps writing new files with epoch 1; once a
     retirement of epoch 1 reaches it (operators.md §6 says to reencrypt and remount every
     volume first), a new file's first write fails (EIO) instead of succeeding with a key
-    derived ahead, which would make a file that no mount could read again."""
+    derived ahead, which would make a file that no mount could read again: at once, with no
+    request in between that could have made the mount look at the store."""
     env, cipher, mp = _real_volume(tmp_path, initialized)
     log = tmp_path / "kmsfs.log"
     proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
@@ -940,19 +990,8 @@ def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # typ
         (mp / "first").write_bytes(b"a new file: keys for the next ones are derived ahead")
         initialized("domain", "rotate", "payroll")
         initialized("domain", "retire", "payroll", "--below", "2", "--yes")
-        deadline = time.monotonic() + 30
-        while "retires key epochs below 2" not in log.read_text():
-            (mp / "probe").exists()  # a request, which is when the mount looks
-            os.stat(mp / "first")
-            with open(mp / "first", "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                with contextlib.suppress(OSError):
-                    f.read()
-            assert time.monotonic() < deadline, "the mount never took in the retirement"
-            time.sleep(0.2)
-        with pytest.raises(OSError) as write:
-            (mp / "second").write_bytes(b"written after its epoch was retired")
-        assert write.value.errno == errno.EIO
+        _wait_for_log(log, "retires key epochs below 2")
+        _refused(lambda: (mp / "second").write_bytes(b"written after its epoch was retired"))
     finally:
         assert _kmsfs("umount", str(mp)).returncode == 0
     assert "new files fail until the Domain is opened again" in log.read_text()

@@ -209,3 +209,34 @@ def test_retire_counts_the_hsm_that_made_the_k_of_a_rewrap_that_kept_none(
     result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
     assert re.search(r"HSM hsm[12], which its trust no longer has, had the k of generation 3",
                      result.stderr), result.stderr
+
+
+def test_a_handle_follows_the_retirements_of_its_own_domain_only(initialized: Admin) -> None:
+    """follow_store takes in a retirement only from a history its own generation is part of:
+    a same-named Domain made in the store since (the old one's documents removed) is another
+    Domain, whose retirements say nothing about this one's keys. Its own Domain's retirement,
+    once in the store, is taken in (the same call, the same handle)."""
+    trust = initialized.real_domain()
+    ctx = Context.at(initialized.store)
+    initialized("domain", "rotate", "payroll")
+    own = {p.name: p.read_bytes() for p in (initialized.store / "domains").iterdir()}
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        keys.follow_store()
+        assert keys.retired_below == 1
+        for name in own:
+            (initialized.store / "domains" / name).unlink()
+        initialized("domain", "create", "payroll", "--trust", trust)
+        initialized("domain", "rotate", "payroll")
+        initialized("domain", "retire", "payroll", "--below", "2", "--yes")
+        keys.follow_store()
+        assert keys.retired_below == 1
+        assert keys.derive(INFO, 1)
+        for name in list((initialized.store / "domains").iterdir()):
+            name.unlink()
+        for name, data in own.items():
+            (initialized.store / "domains" / name).write_bytes(data)
+        initialized("domain", "retire", "payroll", "--below", "2", "--yes")
+        keys.follow_store()
+        assert keys.retired_below == 2
+        with pytest.raises(IntegrityError, match="key epoch 1 of Domain payroll is retired"):
+            keys.derive(INFO, 1)

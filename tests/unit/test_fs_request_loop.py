@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from kmsfs.fs.entries import KmsfsOps
-from kmsfs.fs.operations import THREAD_THRESHOLD
+from kmsfs.fs.operations import INLINE_MAX, THREAD_THRESHOLD
 from tests.integration.fs_helpers import SoftDeriver, make_volume
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
@@ -47,6 +47,61 @@ def test_a_small_write_far_past_the_end_runs_in_a_worker_thread(
         assert await ops.read(info.fh, 8 << 20, 3) == b"far"
         assert bytes(await ops.read(info.fh, 4 << 20, 4)) == bytes(4)
         await ops.release(info.fh)
+
+    trio.run(main)
+
+
+
+def test_a_big_request_stays_on_the_loop_only_as_a_lone_append_or_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MiB write runs on the trio thread only when it adds whole blocks past the end and
+    no other request waits: an overwrite gets a redo record, which only a worker thread may
+    wait for room for (the journal refused it with ENOSPC on a full disk otherwise), and a
+    request waiting behind a 1 MiB job would wait for all of it. Reads: the same, but for
+    the record. Everything written reads back."""
+    ops = KmsfsOps(make_volume(tmp_path / "c"), SoftDeriver())
+    in_threads: list[Any] = []
+    real = trio.to_thread.run_sync
+
+    async def watched(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        in_threads.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", watched)
+    waiting = [False]
+    ops.requests_waiting = lambda: waiting[0]
+    mib = INLINE_MAX
+    data = [os.urandom(mib) for _ in range(6)]
+
+    async def main() -> None:
+        info, _ = await ops.create(
+            pyfuse3.ROOT_INODE, b"f", 0o100644, os.O_RDWR | os.O_CREAT, CTX
+        )
+        fh = info.fh
+        await ops.write(fh, 0, data[0])  # appends, alone: on the loop
+        await ops.write(fh, mib, data[1])
+        assert bytes(await ops.read(fh, 0, mib)) == data[0]
+        assert in_threads == []
+        await ops.write(fh, mib // 2, data[2])  # over blocks the file has: a redo record
+        assert in_threads == ["write"]
+        waiting[0] = True  # another request waits: it must not wait for this one
+        await ops.write(fh, 2 * mib, data[3])
+        assert bytes(await ops.read(fh, 2 * mib, mib)) == data[3]
+        assert in_threads == ["write", "write", "read"]
+        waiting[0] = False
+        await ops.write(fh, 3 * mib + 100, data[4])  # a gap to fill first
+        await ops.write(fh, 4 * mib + 100, data[5])  # its last block is partial: rewritten
+        assert in_threads == ["write", "write", "read", "write", "write"]
+        expect = bytearray(data[0] + data[1])
+        expect[mib // 2 : mib // 2 + mib] = data[2]
+        expect += data[3] + bytes(100) + data[4] + data[5]
+        assert bytes(await ops.read(fh, 0, THREAD_THRESHOLD)) == expect[:THREAD_THRESHOLD]
+        got = bytearray()
+        for off in range(0, len(expect), mib):
+            got += await ops.read(fh, off, mib)
+        assert got == expect
+        await ops.release(fh)
 
     trio.run(main)
 
