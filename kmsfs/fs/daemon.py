@@ -356,7 +356,9 @@ async def _main(on_ready: Callable[[], None] | None, spin: _SpinThenWait, stop: 
         await nursery.start(_run_fuse, nursery.cancel_scope, spin, stop)
         # Ready means answering: stat the mount point through FUSE (served by the loop above).
         # Abandoned if the loop fails first (the stat can wait in the kernel for good then).
-        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        # lstat: a symlink put in place of the mount point (by a writer of its parent) must
+        # not lend this mount the device of what it points to (raise_readahead, not_ours).
+        st = await trio.to_thread.run_sync(os.lstat, mountpoint, abandon_on_cancel=True)
         # The mount's device: what tells this mount from another at the same path (not_ours).
         stop.device = (os.major(st.st_dev), os.minor(st.st_dev))
         stop.device_known.set()

@@ -33,6 +33,9 @@ def raise_readahead(device: tuple[int, int], root: Path = BDI_ROOT) -> bool:
     over what was there before.
     """
     knob = root / f"{device[0]}:{device[1]}" / "read_ahead_kb"
+    if device[0] != 0:  # every FUSE mount has an anonymous device (major 0); a disk does not
+        log.debug("readahead left alone: %s is not a FUSE mount's device", device)
+        return False
     try:
         if int(knob.read_text()) >= READAHEAD_KB:
             return True

@@ -300,12 +300,12 @@ def test_a_sigterm_while_the_mount_is_checked_calls_it_off(tmp_path: Path) -> No
     volume, target = make_volume(tmp_path / "cipher"), tmp_path / "mnt"
     target.mkdir()
     script = daemon_script(volume, target, (
-        "real = os.stat\n"
-        "def stat(path, *args, **kwargs):\n"
+        "real = os.lstat\n"
+        "def lstat(path, *args, **kwargs):\n"
         "    if path == target:  # the readiness check, in a worker thread\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(path, *args, **kwargs)\n"
-        "os.stat = stat\n"
+        "os.lstat = lstat\n"
     ))
     repo = Path(__file__).resolve().parents[2]
     try:

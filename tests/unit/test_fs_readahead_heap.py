@@ -40,6 +40,14 @@ def test_no_such_device_changes_nothing(tmp_path: Path) -> None:
     assert knob.read_text() == "128\n"
 
 
+def test_a_device_with_a_major_number_is_never_a_fuse_mount(tmp_path: Path) -> None:
+    bdi = tmp_path / "254:0"
+    bdi.mkdir()
+    (bdi / "read_ahead_kb").write_text("128\n")
+    assert raise_readahead((254, 0), tmp_path) is False
+    assert (bdi / "read_ahead_kb").read_text() == "128\n"
+
+
 def test_a_symlink_in_place_of_the_setting_is_not_followed(tmp_path: Path) -> None:
     bystander = tmp_path / "bystander"
     bystander.write_text("128\n")
