@@ -169,17 +169,21 @@ class ContentOps:
 
     def _inline_ok(self, of: OpenFile, size: int, write_at: int | None = None) -> bool:
         """Whether a request of *size* bytes (THREAD_THRESHOLD or more) may run on the trio
-        thread all the same: it is no bigger than one request, nothing else waits for the
-        thread meanwhile (a read or stat behind a 1 MiB write waited for it, and behind a queue
-        of them with ``-o writeback_cache``, for tens of ms), and a write at *write_at* touches
-        no block the file has. An overwrite gets a redo record, which may have to wait for a
-        worker thread's records to return before it finds room in the write journal: only a
-        worker thread may wait (:mod:`kmsfs.fs.journal`); on the trio thread it was refused with
-        ENOSPC on a full disk, or grew the journal past its bound."""
-        if size > INLINE_MAX or of.lock.locked() or self.requests_waiting():
+        thread all the same: it is no bigger than one request, and, for a write at *write_at*,
+        nothing else waits for the thread meanwhile (a read or stat behind a 1 MiB write waited
+        for it, and behind a queue of them with ``-o writeback_cache``, for tens of ms) and it
+        touches no block the file has. An overwrite gets a redo record, which may have to wait
+        for a worker thread's records to return before it finds room in the write journal: only
+        a worker thread may wait (:mod:`kmsfs.fs.journal`); on the trio thread it was refused
+        with ENOSPC on a full disk, or grew the journal past its bound. A read runs inline even
+        when a request waits: behind a sequential reader that is mostly its own next read
+        (the kernel reads ahead while it replies), and a 1 MiB read takes under a millisecond."""
+        if size > INLINE_MAX or of.lock.locked():
             return False
         if write_at is None:
             return True
+        if self.requests_waiting():
+            return False
         psize = of.content.plain_size()
         return write_at >= psize and psize % BLOCK_SIZE == 0
 

@@ -174,3 +174,24 @@ def test_a_session_aborted_once_the_mount_was_released_is_its_end_not_a_failure(
             trio.run(run)
         assert info.value.subgroup(ConnectionAbortedError) is not None
         assert not stop.ended
+
+
+def test_tells_whether_a_request_waits_on_the_fd_it_serves() -> None:
+    """requests_waiting: what a big write asks before it keeps the loop for a millisecond."""
+    r, w = _pipe()
+    spin = daemon._SpinThenWait()
+    assert spin.requests_waiting() is False  # serves no fd yet
+    os.write(w, b"first")
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            await spin.wait_readable(r)
+
+    trio.run(main)
+    assert spin.requests_waiting() is True
+    os.read(r, 100)
+    assert spin.requests_waiting() is False
+    os.write(w, b"next")
+    assert spin.requests_waiting() is True
+    os.close(r)
+    os.close(w)
