@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from kmsfs.crypto.content import BLOCK_SIZE
+from kmsfs.crypto.content import BLOCK_SIZE, cipher_size, plain_size_lenient
 from kmsfs.crypto.symlinks import inline_target_length
 from kmsfs.errors import AgentRefusedError, HsmError, IntegrityError, UsageError
 from kmsfs.fs.files import BlockIntegrityError, ContentKeys, LongFill
@@ -184,8 +184,11 @@ class ContentOps:
             return True
         if self.requests_waiting():
             return False
-        psize = of.content.plain_size()
-        return write_at >= psize and psize % BLOCK_SIZE == 0
+        csize = of.content.cipher_size()
+        psize = plain_size_lenient(csize)
+        # The ciphertext must end where its last whole block does: a torn tail (a fragment
+        # too short to be a block) is rewritten from the block before it, under a redo record.
+        return write_at >= psize and psize % BLOCK_SIZE == 0 and csize == cipher_size(psize)
 
     def _integrity(self, ino: int, exc: IntegrityError) -> pyfuse3.FUSEError:
         where = self.table.plain_path(ino)

@@ -50,6 +50,9 @@ from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
 
+#: A store directory changed this recently (ns) is read again at the next look (follow_store).
+RACY_STAMP_NS = 2_000_000_000
+
 #: The keys a volume derives once, at epoch 1, for its whole life (names, symlink targets,
 #: xattrs: docs/format.md, "Key epochs"): the only derivations a retired epoch still serves.
 VOLUME_KEY_INFOS = frozenset({NAMES_KEY_INFO, SYMLINK_KEY_INFO, XATTR_KEY_INFO})
@@ -550,6 +553,8 @@ class DomainKeys:
         self._store_seen: tuple[int, ...] | None = None  # domains/ and trusts/ (follow_store)
         self._follow_problem = ""  # the last warning follow_store gave (each is given once)
         self._retry_at = 0.0  # when follow_store may read a store that did not verify again
+        self._retry_delay = 1.0  # doubled at each failure of an unchanged store, up to 60 s
+        self._pending_stamp: tuple[int, ...] | None = None  # read again at _retry_at
         self._stop_following: threading.Event | None = None  # follow_in_background
 
     def _connect(self) -> None:
@@ -618,9 +623,10 @@ class DomainKeys:
         The history is read only when the store's domains/ or trusts/ changed since it last
         verified (a new generation adds a file there): one stat each otherwise. A store whose
         documents do not verify now (a file half copied, a generation whose Trust has not
-        arrived yet) leaves the handle as it was, with a warning, and is read again next time
-        until it verifies. Only a history this handle's generation is part of counts (a
-        same-named Domain the store got since is another one)."""
+        arrived yet) leaves the handle as it was, with a warning, and is read again until it
+        verifies: at once if it changed, else after 1, 2, 4... up to 60 s. Only a history this
+        handle's generation is part of counts (a same-named Domain the store got since is
+        another one)."""
         try:
             stamp = tuple(
                 value
@@ -632,25 +638,35 @@ class DomainKeys:
             return
         if stamp == self._store_seen:
             return
-        if self._follow_problem and time.monotonic() < self._retry_at:
-            return  # the agent calls this for every derivation: a broken store once a second
+        now = time.monotonic()
+        if stamp == self._pending_stamp and now < self._retry_at:
+            return  # read again later: a store that stays broken, or one that changed just now
+        started = time.time_ns()
         name = self.verified.sealed.domain.name
         try:
             generations = history(self._ctx, name)
         except NotFoundError:  # opened from a bundle the store does not hold
-            self._store_seen = stamp
-            return
+            generations = []
         except KmsfsError as exc:
             problem = str(exc)
-            self._retry_at = time.monotonic() + self.FOLLOW_INTERVAL
+            unchanged = self._follow_problem and stamp == self._pending_stamp
+            self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
+            self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
             if problem != self._follow_problem:
                 self._follow_problem = problem
                 log.warning("Domain %s: its documents in the store do not verify now (%s); "
                             "keys are served as they were until they do", name, exc)
             return
-        self._store_seen, self._follow_problem = stamp, ""
+        self._follow_problem = ""
+        # Git's rule for racy stamps: a directory changed within the last seconds may change
+        # again within the same timestamp (a file linked in, its temporary name unlinked, on
+        # a file system with coarse timestamps): look again next time rather than trust it.
+        if max(stamp[1], stamp[3]) < started - RACY_STAMP_NS:
+            self._store_seen = stamp
+        else:  # at most once a second meanwhile: the agent calls this for every derivation
+            self._pending_stamp, self._retry_at = stamp, now + self.FOLLOW_INTERVAL
         if self.verified.sealed.id not in {g.sealed.id for g in generations}:
-            return
+            return  # another Domain of that name, or none
         newest = generations[-1].sealed.domain
         if newest.retired_below > self._retired_below:
             log.warning(

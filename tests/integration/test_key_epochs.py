@@ -7,7 +7,10 @@ the new epoch with everything it ever legitimately had.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +243,64 @@ def test_a_handle_follows_the_retirements_of_its_own_domain_only(initialized: Ad
         assert keys.retired_below == 2
         with pytest.raises(IntegrityError, match="key epoch 1 of Domain payroll is retired"):
             keys.derive(INFO, 1)
+
+
+def test_following_the_store_reads_it_only_when_it_may_have_news(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """follow_store reads and verifies the history (a tenth of a second for a long one) only
+    when there may be news: a store changed in the last seconds is looked at again a second
+    later (its directory may change again within one timestamp), an unchanged one never, and
+    one that does not verify after 1, 2, 4... s, or at once when it changes. The agent calls
+    it for every derivation, so none of this may happen per call. The thread of a mount ends
+    with the handle."""
+    initialized.real_domain()
+    ctx = Context.at(initialized.store)
+    reads: list[str] = []
+    real_history = domains.history
+
+    def counted(c: Context, name: str) -> list:  # type: ignore[type-arg]
+        reads.append(name)
+        return real_history(c, name)
+
+    monkeypatch.setattr(domains, "history", counted)
+    clock = [1000.0]
+    monkeypatch.setattr(domains.time, "monotonic", lambda: clock[0])
+    store_dirs = [initialized.store / "domains", initialized.store / "trusts"]
+
+    def age_store() -> None:  # as if the last change were a minute ago
+        for d in store_dirs:
+            os.utime(d, (time.time() - 60, time.time() - 60))
+
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        reads.clear()  # opening read it too
+        for _ in range(5):  # just changed: looked at, then again only a second later
+            keys.follow_store()
+        assert len(reads) == 1
+        clock[0] += 1.1
+        keys.follow_store()
+        assert len(reads) == 2
+        age_store()
+        for _ in range(5):
+            keys.follow_store()
+        assert len(reads) == 3  # settled: never read again while it stays as it is
+        planted = initialized.store / "domains" / f"{'ab' * 32}.json"
+        planted.write_text("{")
+        age_store()
+        for _ in range(5):
+            keys.follow_store()
+        assert len(reads) == 4  # does not verify: read again in 1 s, then 2, then 4
+        for wait, expect in ((1.1, 5), (1.1, 5), (1.0, 6), (3.9, 6), (0.2, 7)):
+            clock[0] += wait
+            keys.follow_store()
+            assert len(reads) == expect
+        planted.unlink()  # a change: read at once
+        keys.follow_store()
+        assert len(reads) == 8
+        keys.follow_in_background()
+        assert any(t.name == "kmsfs-follow-store" for t in threading.enumerate())
+    monkeypatch.undo()  # the real clock again
+    deadline = time.monotonic() + 10
+    while any(t.name == "kmsfs-follow-store" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the follower outlived its handle"
+        time.sleep(0.05)

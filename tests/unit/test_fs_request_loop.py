@@ -14,6 +14,7 @@ import pyfuse3
 import pytest
 import trio
 
+from kmsfs.crypto.content import BLOCK_OVERHEAD
 from kmsfs.fs.entries import KmsfsOps
 from kmsfs.fs.operations import INLINE_MAX, THREAD_THRESHOLD
 from tests.integration.fs_helpers import SoftDeriver, make_volume
@@ -60,7 +61,8 @@ def test_a_big_request_stays_on_the_loop_only_as_a_lone_append_or_read(
     wait for room for (the journal refused it with ENOSPC on a full disk otherwise), and a
     request waiting behind a 1 MiB job would wait for all of it. A read of up to 1 MiB stays
     on the loop. Everything written reads back."""
-    ops = KmsfsOps(make_volume(tmp_path / "c"), SoftDeriver())
+    volume = make_volume(tmp_path / "c")
+    ops = KmsfsOps(volume, SoftDeriver())
     in_threads: list[Any] = []
     real = trio.to_thread.run_sync
 
@@ -104,6 +106,26 @@ def test_a_big_request_stays_on_the_loop_only_as_a_lone_append_or_read(
             got += await ops.read(fh, off, mib)
         assert got == expect
         await ops.release(fh)
+        in_threads.clear()
+        # O_APPEND: at the end whatever the offset says, on the loop (an append).
+        info, attrs = await ops.create(
+            pyfuse3.ROOT_INODE, b"log", 0o100644, os.O_WRONLY | os.O_CREAT | os.O_APPEND, CTX
+        )
+        await ops.write(info.fh, 0, data[0])
+        await ops.write(info.fh, 0, data[1])
+        await ops.release(info.fh)
+        assert in_threads == []
+        # A torn tail (a fragment too short to be a block, after the last whole one): the
+        # write rewrites from that block on, under a redo record, so in a worker thread.
+        (torn,) = [p for p in volume.iterdir() if p.is_file() and not p.name.startswith("kmsfs.")
+                   and 2 * mib < p.stat().st_size < 3 * mib]
+        with open(torn, "ab") as f:
+            f.write(bytes(BLOCK_OVERHEAD))
+        info = await ops.open(attrs.st_ino, os.O_RDWR, CTX)
+        await ops.write(info.fh, 2 * mib, data[2])
+        assert in_threads == ["write"]
+        assert bytes(await ops.read(info.fh, 0, 2 * mib)) == data[0] + data[1]
+        await ops.release(info.fh)
 
     trio.run(main)
 
