@@ -1,8 +1,8 @@
 """Keep the mount daemon's big request buffers in its heap instead of mapping them anew.
 
-Every big request allocates buffers of about a MiB: pyfuse3's copy of a 1 MiB WRITE, the
-ciphertext it is encrypted into, the ciphertext a 128 KiB READ is read into and the plaintext
-it is decrypted into. glibc's malloc serves such sizes with a fresh mmap, or from the top of
+Every big request allocates buffers of up to a MiB: pyfuse3's copy of a 1 MiB WRITE, the
+ciphertext it is encrypted into, the ciphertext a READ is read into and the plaintext it is
+decrypted into. glibc's malloc serves such sizes with a fresh mmap, or from the top of
 the heap, which it gives back to the kernel as soon as 2 MiB lie free there (its dynamic trim
 threshold, twice the largest mapping freed so far). Either way every buffer starts as pages
 the kernel has to fault in and zero again, one 4 KiB page at a time, on every request.
@@ -31,7 +31,7 @@ M_MMAP_THRESHOLD = -3
 #: Allocations below this come from the heap: above the biggest request buffer (1 MiB of
 #: data, its ciphertext 1 MiB + 28 bytes per 4 KiB block, and pyfuse3's request header).
 MMAP_THRESHOLD = 4 * 1024 * 1024
-#: Free memory at the top of the heap up to this stays there.
+#: Free memory at the top of each malloc arena up to this stays there.
 TRIM_THRESHOLD = 32 * 1024 * 1024
 
 

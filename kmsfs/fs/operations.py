@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 #: Reads and writes of this many bytes or more, and zero fills as long, go to a worker thread,
 #: where they keep no other request waiting; except a lone request (below).
 THREAD_THRESHOLD = 512 * 1024
-#: The biggest request the kernel sends (libfuse's max_pages). One this big or smaller runs
-#: on the trio thread when no other request waits behind it, and, for a write, when it only
+#: The biggest request the kernel sends (libfuse's max_pages). A read this big or smaller runs
+#: on the trio thread, and so does a write when no other request waits behind it and it only
 #: adds blocks past the end (:meth:`ContentOps._inline_ok`): a lone ``dd`` or ``cp``. A worker
 #: thread would only add a hop there, since its AEAD calls, 4 KiB each, hold the GIL (dd of 512
 #: MiB on tmpfs, interleaved runs: 0.78 -> 0.96 of gocryptfs's MB/s).
@@ -168,8 +168,8 @@ class ContentOps:
         return fn(*args)
 
     def _inline_ok(self, of: OpenFile, size: int, write_at: int | None = None) -> bool:
-        """Whether a request of *size* bytes (THREAD_THRESHOLD or more) may run on the trio
-        thread all the same: it is no bigger than one request, and, for a write at *write_at*,
+        """Whether a read or write of *size* bytes (THREAD_THRESHOLD or more) may run on the
+        trio thread all the same: it is no bigger than one request, and, for a write at *write_at*,
         nothing else waits for the thread meanwhile (a read or stat behind a 1 MiB write waited
         for it, and behind a queue of them with ``-o writeback_cache``, for tens of ms) and it
         touches no block the file has. An overwrite gets a redo record, which may have to wait
