@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,6 +34,7 @@ from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import UPGRADE_FLAGS, reencrypt_tree
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
+from tests.integration.fault_helpers import drop_cache, wait_for
 from tests.integration.fs_helpers import (
     Mount,
     SoftDeriver,
@@ -737,8 +737,11 @@ def _real_volume(tmp_path: Path, initialized) -> tuple[dict[str, str], Path, Pat
     return env, cipher, mp
 
 
-def _through_a_mount(env: dict[str, str], cipher: Path, mp: Path, do) -> None:  # type: ignore[no-untyped-def]
-    proc = _kmsfs("mount", str(cipher), str(mp), env=env)
+def _through_a_mount(  # type: ignore[no-untyped-def]
+    env: dict[str, str], cipher: Path, mp: Path, do, log: Path | None = None
+) -> None:
+    logging = ["--log-file", str(log)] if log is not None else []
+    proc = _kmsfs("mount", str(cipher), str(mp), *logging, env=env)
     assert proc.returncode == 0, proc.stderr
     try:
         do(mp)
@@ -887,18 +890,14 @@ def test_a_fifo_swapped_in_after_the_walk_never_blocks_reencrypt(
 
 
 def _wait_for_log(log: Path, text: str) -> None:
-    deadline = time.monotonic() + 30
-    while text not in log.read_text():
-        assert time.monotonic() < deadline, f"never logged: {text}"
-        time.sleep(0.1)
+    assert wait_for(lambda: text in log.read_text(), timeout=30), f"never logged: {text}"
 
 
 def _read_uncached(path: Path) -> bytes:
-    """Read through a fresh open, the kernel's cached pages of the file dropped first (the
-    mount keeps them across opens): the read reaches the daemon."""
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return f.read()
+    """Read with the kernel's cached pages of the file dropped first (the mount keeps them
+    across opens): the read reaches the daemon."""
+    drop_cache(path)
+    return path.read_bytes()
 
 
 def _refused(action) -> None:  # type: ignore[no-untyped-def]
@@ -920,22 +919,21 @@ def test_a_mount_takes_in_a_retirement_made_while_it_serves(  # type: ignore[no-
     old, kept = os.urandom(BLOCK_SIZE + 7), os.urandom(99)
     _through_a_mount(env, cipher, mp, lambda m: (m / "old").write_bytes(old))
     initialized("domain", "rotate", "payroll")
-    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
-    assert proc.returncode == 0, proc.stderr
-    try:
-        (mp / "kept").write_bytes(kept)  # epoch 2: the mount serves generation 2
-        with open(mp / "old", "r+b") as held:
+
+    def retired_while_mounted(m: Path) -> None:
+        (m / "kept").write_bytes(kept)  # epoch 2: the mount serves generation 2
+        with open(m / "old", "r+b") as held:
             assert held.read() == old
             initialized("domain", "retire", "payroll", "--below", "2", "--yes")
             _wait_for_log(log, "generation 3 retires key epochs below 2")
-            _refused(lambda: _read_uncached(mp / "old"))
-            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            _refused(lambda: _read_uncached(m / "old"))
+            drop_cache(m / "old")
             _refused(lambda: os.pread(held.fileno(), 10, 0))
             _refused(lambda: os.pwrite(held.fileno(), b"forged on", 0))
-        assert _read_uncached(mp / "kept") == kept
-        assert sorted(os.listdir(mp)) == ["kept", "old"]
-    finally:
-        assert _kmsfs("umount", str(mp)).returncode == 0
+        assert _read_uncached(m / "kept") == kept
+        assert sorted(os.listdir(m)) == ["kept", "old"]
+
+    _through_a_mount(env, cipher, mp, retired_while_mounted, log)
     logged = log.read_text()
     assert "/old" in logged and "key epoch 1 of Domain payroll is retired" in logged
 
@@ -958,20 +956,19 @@ def test_a_retirement_that_reaches_the_store_half_copied_is_taken_in_once_whole(
     (made,) = {p.name for p in (elsewhere.store / "domains").iterdir()} - {
         p.name for p in (initialized.store / "domains").iterdir()}
     document = (elsewhere.store / "domains" / made).read_bytes()
-    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
-    assert proc.returncode == 0, proc.stderr
-    try:
-        assert _read_uncached(mp / "old") == old
+
+    def copied_while_mounted(m: Path) -> None:
+        assert _read_uncached(m / "old") == old
         target = initialized.store / "domains" / made
         target.write_bytes(document[: len(document) // 2])
         _wait_for_log(log, "its documents in the store do not verify now")
-        assert _read_uncached(mp / "old") == old  # served as before meanwhile
+        assert _read_uncached(m / "old") == old  # served as before meanwhile
         with open(target, "r+b") as f:  # completed in place: domains/ does not change
             f.write(document)
         _wait_for_log(log, "generation 3 retires key epochs below 2")
-        _refused(lambda: _read_uncached(mp / "old"))
-    finally:
-        assert _kmsfs("umount", str(mp)).returncode == 0
+        _refused(lambda: _read_uncached(m / "old"))
+
+    _through_a_mount(env, cipher, mp, copied_while_mounted, log)
 
 
 def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # type: ignore[no-untyped-def]
@@ -984,16 +981,15 @@ def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # typ
     request in between that could have made the mount look at the store."""
     env, cipher, mp = _real_volume(tmp_path, initialized)
     log = tmp_path / "kmsfs.log"
-    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
-    assert proc.returncode == 0, proc.stderr
-    try:
-        (mp / "first").write_bytes(b"a new file: keys for the next ones are derived ahead")
+
+    def retired_while_mounted(m: Path) -> None:
+        (m / "first").write_bytes(b"a new file: keys for the next ones are derived ahead")
         initialized("domain", "rotate", "payroll")
         initialized("domain", "retire", "payroll", "--below", "2", "--yes")
         _wait_for_log(log, "retires key epochs below 2")
-        _refused(lambda: (mp / "second").write_bytes(b"written after its epoch was retired"))
-    finally:
-        assert _kmsfs("umount", str(mp)).returncode == 0
+        _refused(lambda: (m / "second").write_bytes(b"written after its epoch was retired"))
+
+    _through_a_mount(env, cipher, mp, retired_while_mounted, log)
     assert "new files fail until the Domain is opened again" in log.read_text()
     written = [p for p in cipher.iterdir()
                if p.is_file() and not p.name.startswith("kmsfs.") and p.stat().st_size]
