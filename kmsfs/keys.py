@@ -13,6 +13,14 @@ it was keyed with and is read with that epoch's key until it is re-encrypted.
 Both derivers (in-process and the agent's) also offer ``derive_many(infos, epoch=None)``: the
 keys of many infos in one call, which the file system uses to refill the keys it holds ready
 for new files (one agent round trip, one HSM lock for them all). It is optional.
+
+Retired epochs (``kmsfs-admin domain retire``): both also offer ``retired_below``, the epoch
+below which their Domain now refuses file keys, raised while they serve, and
+``follow_in_background()``, which a mount starts so that it rises within a second of a
+retirement (the in-process deriver reads its store, the agent's asks the agent). The
+filesystem then stops using keys of those epochs that it derived before
+(``kmsfs.fs.files.ContentKeys.refuses``). Both are optional: a deriver without them retires
+nothing while it serves.
 """
 
 from typing import Protocol

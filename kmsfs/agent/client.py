@@ -5,12 +5,15 @@ is the in-process PKCS#11 ``DomainKeys``): the filesystem cannot tell them apart
 by itself when the agent restarts: a lost connection or a handle the new agent process does not
 know is re-opened and the request sent again, once. With the agent down, ``derive`` raises
 AgentUnavailableError (an HsmUnavailableError, so a mount answers EIO and logs why) and tries
-again at most once a second; keys already derived stay with the open files that hold them.
+again at most once a second; keys already derived stay with the open files that hold them,
+except those of key epochs the Domain retires since: the agent says which in its answers, and
+a mount asks it once a second (:meth:`AgentDeriver.follow_in_background`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -23,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.agent import protocol
-from kmsfs.errors import AgentUnavailableError, FormatError, NotFoundError, UsageError
+from kmsfs.errors import (
+    AgentUnavailableError,
+    FormatError,
+    KmsfsError,
+    NotFoundError,
+    UsageError,
+)
 from kmsfs.keys import DERIVED_KEY_SIZE, FIRST_EPOCH
 from kmsfs.model import fields
 from kmsfs.model.canonical import b64decode, b64encode
@@ -31,6 +40,8 @@ from kmsfs.model.canonical import b64decode, b64encode
 CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 60.0  # an HSM operation (a Domain create) can take seconds, never minutes
 ENV_CERT, ENV_KEY, ENV_CA = "KMSFS_AGENT_CERT", "KMSFS_AGENT_KEY", "KMSFS_AGENT_CA"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,8 @@ class AgentDeriver:
     """A :class:`kmsfs.keys.KeyDeriver` whose keys come from the agent's HSMs."""
 
     RETRY_INTERVAL = 1.0
+    #: Seconds between two domain-status requests of :meth:`follow_in_background`.
+    FOLLOW_INTERVAL = 1.0
 
     def __init__(self, client: AgentClient, bundle: bytes) -> None:
         self.client = client
@@ -215,6 +228,9 @@ class AgentDeriver:
         self._lock = threading.Lock()
         self._next_attempt = 0.0
         self._last_problem = ""
+        self._retired_below = FIRST_EPOCH
+        self._retired_lock = threading.Lock()
+        self._stop_following: threading.Event | None = None
 
     def open(self) -> AgentDeriver:
         with self._lock:
@@ -225,12 +241,92 @@ class AgentDeriver:
         result = self.client.call("open-domain", {"bundle": b64encode(self.bundle)})
         self._handle = fields.hex_id(result.get("handle"), "open-domain.handle")
         self.description = result
+        self._take_in(result)
 
     @property
     def current_epoch(self) -> int:
         """The Domain's newest mk epoch, as the agent verified it when it opened the Domain."""
         epoch = self.description.get("current_epoch", FIRST_EPOCH)
         return epoch if isinstance(epoch, int) and epoch >= FIRST_EPOCH else FIRST_EPOCH
+
+    @property
+    def retired_below(self) -> int:
+        """File keys of epochs below this are refused (1: none are), as the agent last said;
+        never lowered. The filesystem then drops keys of those epochs that it derived before
+        (``ContentKeys.refuses``: open files, keys derived ahead), as with an in-process
+        ``DomainKeys``."""
+        return self._retired_below
+
+    def _take_in(self, result: dict[str, Any]) -> None:
+        """Note the ``retired_below`` of an answer (open-domain, derive, domain-status); an
+        agent that predates it sends none."""
+        below = result.get("retired_below")
+        if not isinstance(below, int):
+            return
+        with self._retired_lock:
+            if below <= self._retired_below:
+                return
+            self._retired_below = below
+        name = self.description.get("name", "?")
+        own = self.current_epoch < below
+        log.warning(
+            "Domain %s: the agent retires key epochs below %d: files keyed with them are "
+            "refused from now on%s", protocol.printable(str(name), 80), below,
+            "; this mount's own epoch is among them, so new files fail until it is mounted "
+            "again" if own else "",
+        )
+
+    def follow_in_background(self) -> None:
+        """Ask the agent every :data:`FOLLOW_INTERVAL` seconds which key epochs the Domain
+        retires (``domain-status``), from a daemon thread, until :meth:`close`: a mount
+        (kmsfs.fs.cli) then refuses the keys it holds of a retired epoch within a second of
+        the agent taking the retirement in, with no derivation needed. An agent that does not
+        know the request is warned about once and not asked again."""
+        if self._stop_following is not None:
+            return
+        stop = self._stop_following = threading.Event()
+        threading.Thread(
+            target=self._follow, args=(stop,), name="kmsfs-follow-agent", daemon=True
+        ).start()
+
+    def _follow(self, stop: threading.Event) -> None:
+        problem = ""
+        while not stop.wait(self.FOLLOW_INTERVAL):
+            handle = self._handle
+            if handle is None or stop.is_set():
+                continue  # the next derive opens the Domain, and its answer says
+            try:
+                result = self._status(handle)
+            except FormatError as exc:  # an agent that predates domain-status
+                log.warning(
+                    "agent %s does not say which key epochs are retired (%s): this mount "
+                    "learns of a retirement only from the agent's refusals; upgrade "
+                    "kmsfs-hsmd", self.client.address, exc,
+                )
+                return
+            except KmsfsError as exc:  # unavailable, or refused by a reloaded policy
+                if str(exc) != problem:
+                    problem = str(exc)
+                    log.warning("asking the agent which key epochs are retired: %s", exc)
+                continue
+            except Exception:  # never seen; the thread must not end with it
+                log.exception("asking the agent which key epochs are retired failed")
+                continue
+            problem = ""
+            self._take_in(result)
+
+    def _status(self, handle: str) -> dict[str, Any]:
+        """The agent's domain-status answer for *handle*. A handle it no longer knows (it
+        restarted, or closed it for a newer generation of the Domain: a rotation, a rewrap, a
+        retirement) is replaced first, as the next derive would replace it: the open-domain
+        answer tells the same, of the Domain's newest generation."""
+        try:
+            return self.client.call("domain-status", {"handle": handle})
+        except NotFoundError:
+            with self._lock:
+                if self._handle == handle:
+                    self._open_locked()
+                return self.description
 
     def derive(self, info: bytes, epoch: int | None = None) -> bytes:
         return self.derive_many([info], epoch)[0]
@@ -273,9 +369,12 @@ class AgentDeriver:
         keys = [b64decode(k, "derive result key") for k in raw]
         if len(keys) != len(infos) or any(len(k) != DERIVED_KEY_SIZE for k in keys):
             raise FormatError("the agent answered a derive with keys of the wrong number or size")
+        self._take_in(result)
         return keys
 
     def close(self) -> None:
+        if self._stop_following is not None:
+            self._stop_following.set()
         self.client.close()
 
     def __enter__(self) -> AgentDeriver:

@@ -83,6 +83,7 @@ class Agent:
             "hello": self.hello,
             "open-domain": self.open_domain,
             "derive": self.derive,
+            "domain-status": self.domain_status,
             "create-domain": self.create_domain,
             "rewrap": self.rewrap,
             "rotate": self.rotate,
@@ -302,6 +303,7 @@ class Agent:
                 "current_epoch": domain.current_epoch.epoch,
                 "hsm": entry.keys.hsm_label,
                 "superseded_by": newer.id if newer is not None else None,
+                "retired_below": entry.keys.retired_below,
             }
 
         return self._guarded(peer, "derive", name, act, {"open": bundle.domain.id})
@@ -340,10 +342,36 @@ class Agent:
                 verify_domain(entry.verified.sealed, entry.verified.chain, anchor)
                 entry.anchor = anchor
             entry.keys.follow_store()  # a retirement made on this store without the agent
-            return {"keys": [b64encode(k) for k in entry.keys.derive_many(infos, epoch)]}
+            keys = entry.keys.derive_many(infos, epoch)
+            return {"keys": [b64encode(k) for k in keys],
+                    "retired_below": entry.keys.retired_below}
 
         name = entry.verified.sealed.domain.name
         return self._guarded(peer, "derive", name, act, {"count": len(infos)})
+
+    def domain_status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+        """The key epochs an open Domain now retires, for a client that holds keys it derived
+        before (a mount's open files and keys derived ahead, kmsfs.agent.client): it asks
+        once a second, so a retirement reaches it with no derivation needed.
+
+        Allowed to whoever may derive for the handle's Domain, and not audited when allowed:
+        it carries no key, only what the Domain's signed generations say, and one record per
+        mount per second would bury the derivations the audit log is for. Refusals are
+        recorded like any other."""
+        fields.exact_keys(args, {"handle"}, "domain-status")
+        handle = fields.hex_id(args["handle"], "domain-status.handle")
+        with self._lock:
+            entry = self._open.get(handle)
+        if entry is None:
+            raise NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+        name = entry.verified.sealed.domain.name
+        try:
+            self.policy.check(peer, "derive", name)
+        except AgentRefusedError as exc:
+            exc.refusal = ("domain-status", name, None)  # type: ignore[attr-defined]
+            raise
+        entry.keys.follow_store()
+        return {"retired_below": entry.keys.retired_below}
 
     def create_domain(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         fields.exact_keys(args, {"name", "trust", "chain"}, "create-domain")

@@ -264,7 +264,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
             kms.check_in_use(deriver)  # again: the store may have changed since the check
             follow = getattr(deriver, "follow_in_background", None)
-            if follow is not None:  # in-process: take in retirements (the agent does its own)
+            if follow is not None:  # take in retirements: from the store, or asking the agent
                 follow()
 
             def ready() -> None:

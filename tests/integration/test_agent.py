@@ -287,7 +287,86 @@ def test_policy_limits_actions_and_domains(world: World) -> None:
     assert b"may not derive for Domain payroll" in opened.stderr
 
 
+def test_domain_status_answers_who_may_derive_and_leaves_no_record(world: World) -> None:
+    """domain-status (a mount asks it once a second which epochs are retired) is answered to
+    a client the policy lets derive for the handle's Domain, without an audit record (one
+    per mount per second would bury the derivations); another client is refused, and that
+    refusal is recorded."""
+    bundle = world.ops("domain", "export", "payroll").stdout.strip()
+    with AgentDeriver(world.agent.client(), bundle.encode()).open() as remote:
+        handle = remote.description["handle"]
+        assert remote.description["retired_below"] == 1
+        before = len(_records(world.agent))
+        with world.agent.client() as client:
+            for _ in range(3):
+                assert client.call("domain-status", {"handle": handle}) == {"retired_below": 1}
+        assert len(_records(world.agent)) == before
+    probe = (
+        "import sys\nfrom kmsfs.agent.client import *\n"
+        f"AgentClient(AgentAddress.parse({world.agent.address!r}))"
+        ".call('domain-status', {'handle': sys.argv[1]})\n"
+    )
+    asked = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", probe, handle],
+        capture_output=True, timeout=60, env=clean_env(), check=False,
+    )
+    assert asked.returncode != 0
+    assert b"AgentRefusedError" in asked.stderr
+    assert b"may not derive for Domain payroll" in asked.stderr
+    refused = [r for r in _records(world.agent) if r.get("who", "").startswith(f"uid={NOBODY}")]
+    assert (refused[-1]["op"], refused[-1]["decision"]) == ("domain-status", "refused")
+
+
 # -- mounts through the agent -----------------------------------------------------------------
+
+
+def test_a_mount_through_the_agent_takes_in_a_retirement_with_no_derivation(
+    world: World, tmp_path: Path
+) -> None:
+    """``domain rotate`` and ``domain retire`` through the agent while a volume is mounted
+    through it: within a second or so, with no request of a user in between, the mount
+    moves to the Domain's newest generation and stops using the keys it derived before. A
+    file it holds open reads and writes EIO; a new file gets none of the keys it derived
+    ahead with the retired epoch, but a new one of the current epoch, so the next mount
+    reads it."""
+    address = world.agent.address
+    world.ops("--agent", address, "domain", "create", "watched", "--trust", world.trust)
+    cipherdir = tmp_path / "cipher"
+    made = kmsfs("init", str(cipherdir), "--domain", "watched", "--store", str(world.ops.store))
+    assert made.returncode == 0, made.stderr
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       ["--agent", address]).start()
+    mp = mount.mountpoint
+    try:
+        (mp / "first").write_bytes(b"keyed with epoch 1")  # keys for new files derived ahead
+        with open(mp / "first", "r+b") as held:
+            assert held.read() == b"keyed with epoch 1"
+            world.ops("--agent", address, "domain", "rotate", "watched")
+            world.ops("--agent", address, "domain", "retire", "watched", "--below", "2", "--yes")
+            assert wait_for(lambda: "the agent retires key epochs below 2" in mount.log())
+            drop_cache(mp / "first")
+            for action in (lambda: os.pread(held.fileno(), 5, 0),
+                           lambda: os.pwrite(held.fileno(), b"forged", 0)):
+                with pytest.raises(OSError) as refused:
+                    action()
+                assert refused.value.errno == errno.EIO
+        (mp / "second").write_bytes(b"after the retirement")
+    finally:
+        mount.stop()
+    mount.start()
+    try:
+        assert (mp / "second").read_bytes() == b"after the retirement"
+        with pytest.raises(OSError) as refused:
+            (mp / "first").read_bytes()
+        assert refused.value.errno == errno.EIO
+    finally:
+        mount.stop()
+    # Asked about once a second, and recorded only when a new generation closed the handle
+    # (the rotation, the retirement): never allowed ones.
+    statuses = [r for r in _records(world.agent)
+                if r["op"] == "domain-status" and r["who"].startswith("uid=0(")]
+    assert len(statuses) <= 2 and all("is not open" in r["reason"] for r in statuses)
 
 
 def _volume(world: World, tmp_path: Path) -> Path:

@@ -1,0 +1,129 @@
+"""How a deriver through the agent learns of retired key epochs (``AgentDeriver``), against a
+scripted stand-in for the connection: the agent's side is tested for real in
+tests/integration/test_agent.py."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from kmsfs.agent.client import AgentDeriver
+from kmsfs.errors import AgentUnavailableError, FormatError, NotFoundError
+from kmsfs.model.canonical import b64encode
+
+HANDLE_1, HANDLE_2 = "11" * 32, "22" * 32
+KEY = b64encode(bytes(32))
+
+
+class ScriptedAgent:
+    """Answers open-domain and derive as an agent would, and domain-status from a script:
+    each entry is an answer (a dict) or an exception to raise."""
+
+    address = "unix:/nowhere"
+
+    def __init__(self, statuses: list[Any], retired_on_open: int = 1) -> None:
+        self.statuses = statuses
+        self.retired_on_open = retired_on_open
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.opened = 0
+        self.asked = threading.Event()  # set once the script has run out
+
+    def call(self, op: str, args: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
+        self.calls.append((op, args))
+        if op == "open-domain":
+            self.opened += 1
+            return {"handle": HANDLE_1 if self.opened == 1 else HANDLE_2, "name": "payroll",
+                    "current_epoch": 2, "retired_below": self.retired_on_open}
+        if op == "derive":
+            return {"keys": [KEY] * len(args["infos"]), "retired_below": 3}
+        assert op == "domain-status"
+        if not self.statuses:
+            self.asked.set()
+            return {"retired_below": 1}
+        answer = self.statuses.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
+def _following(agent: ScriptedAgent) -> AgentDeriver:
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    return deriver
+
+
+def test_answers_raise_the_retirement_and_nothing_lowers_it() -> None:
+    agent = ScriptedAgent([], retired_on_open=2)
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    assert deriver.retired_below == 2  # from open-domain
+    deriver.derive(b"info")
+    assert deriver.retired_below == 3  # from derive
+    for answer in ({"retired_below": 1}, {"retired_below": "9"}, {}):
+        deriver._take_in(answer)
+    assert deriver.retired_below == 3
+
+
+def test_the_thread_asks_about_its_handle_and_takes_the_answer_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = ScriptedAgent([{"retired_below": 2}])
+    deriver = _following(agent)
+    try:
+        assert agent.asked.wait(5)
+        assert deriver.retired_below == 2
+        assert ("domain-status", {"handle": HANDLE_1}) in agent.calls
+        assert "the agent retires key epochs below 2" in caplog.text
+        assert "own epoch" not in caplog.text  # its epoch, 2, is kept
+    finally:
+        deriver.close()
+
+
+def test_a_handle_the_agent_closed_is_opened_again_and_its_answer_counts() -> None:
+    """A new generation (rotate, rewrap, retire) closes the agent's handles: the thread opens
+    the Domain again, as the next derive would, and the newest generation's answer says."""
+    agent = ScriptedAgent([NotFoundError("Domain handle 1111 is not open")], retired_on_open=2)
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.retired_on_open = 3
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    try:
+        assert agent.asked.wait(5)
+        assert deriver.retired_below == 3 and agent.opened == 2
+        assert ("domain-status", {"handle": HANDLE_2}) in agent.calls
+    finally:
+        deriver.close()
+
+
+def test_problems_are_warned_about_once_each_and_an_older_agent_is_not_asked_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = AgentUnavailableError("agent unix:/nowhere: connection refused")
+    agent = ScriptedAgent([down, down, down, FormatError("unknown operation domain-status")])
+    caplog.set_level(logging.WARNING)
+    deriver = _following(agent)
+    try:
+        deadline = time.monotonic() + 5
+        while agent.statuses and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # what it would ask after the FormatError, if it went on
+        asked = [op for op, _ in agent.calls if op == "domain-status"]
+        assert len(asked) == 4 and not agent.asked.is_set()
+        assert caplog.text.count("connection refused") == 1
+        assert "does not say which key epochs are retired" in caplog.text
+    finally:
+        deriver.close()
+
+
+def test_close_ends_the_thread() -> None:
+    deriver = _following(ScriptedAgent([]))
+    deriver.close()
+    time.sleep(0.05)
+    assert "kmsfs-follow-agent" not in {t.name for t in threading.enumerate()}
