@@ -41,7 +41,14 @@ CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 60.0  # an HSM operation (a Domain create) can take seconds, never minutes
 ENV_CERT, ENV_KEY, ENV_CA = "KMSFS_AGENT_CERT", "KMSFS_AGENT_KEY", "KMSFS_AGENT_CA"
 
+#: Seconds close() waits for the thread of follow_in_background to end.
+CLOSE_WAIT = 2.0
+
 log = logging.getLogger(__name__)
+
+
+class _StatusUnknown(FormatError):
+    """The agent does not know the domain-status request (it predates it)."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,8 @@ class AgentDeriver:
         self._retired_below = FIRST_EPOCH
         self._retired_lock = threading.Lock()
         self._stop_following: threading.Event | None = None
+        self._follower: threading.Thread | None = None
+        self._reopened: str | None = None  # the handle _look last replaced
 
     def open(self) -> AgentDeriver:
         with self._lock:
@@ -268,12 +277,11 @@ class AgentDeriver:
                 return
             self._retired_below = below
         name = self.description.get("name", "?")
-        own = self.current_epoch < below
         log.warning(
             "Domain %s: the agent retires key epochs below %d: files keyed with them are "
             "refused from now on%s", protocol.printable(str(name), 80), below,
-            "; this mount's own epoch is among them, so new files fail until it is mounted "
-            "again" if own else "",
+            "; this mount's own epoch is among them: it opens the Domain's newest generation"
+            if self.current_epoch < below else "",
         )
 
     def follow_in_background(self) -> None:
@@ -285,27 +293,25 @@ class AgentDeriver:
         if self._stop_following is not None:
             return
         stop = self._stop_following = threading.Event()
-        threading.Thread(
+        self._follower = threading.Thread(
             target=self._follow, args=(stop,), name="kmsfs-follow-agent", daemon=True
-        ).start()
+        )
+        self._follower.start()
 
     def _follow(self, stop: threading.Event) -> None:
         problem = ""
         while not stop.wait(self.FOLLOW_INTERVAL):
-            handle = self._handle
-            if handle is None or stop.is_set():
-                continue  # the next derive opens the Domain, and its answer says
             try:
-                result = self._status(handle)
-            except FormatError as exc:  # an agent that predates domain-status
+                self._look(stop)
+            except _StatusUnknown as exc:
                 log.warning(
                     "agent %s does not say which key epochs are retired (%s): this mount "
                     "learns of a retirement only from the agent's refusals; upgrade "
                     "kmsfs-hsmd", self.client.address, exc,
                 )
                 return
-            except KmsfsError as exc:  # unavailable, or refused by a reloaded policy
-                if str(exc) != problem:
+            except KmsfsError as exc:  # unavailable, refused by a reloaded policy, a store
+                if str(exc) != problem:  # that does not read now: asked again next time
                     problem = str(exc)
                     log.warning("asking the agent which key epochs are retired: %s", exc)
                 continue
@@ -313,20 +319,35 @@ class AgentDeriver:
                 log.exception("asking the agent which key epochs are retired failed")
                 continue
             problem = ""
-            self._take_in(result)
 
-    def _status(self, handle: str) -> dict[str, Any]:
-        """The agent's domain-status answer for *handle*. A handle it no longer knows (it
-        restarted, or closed it for a newer generation of the Domain: a rotation, a rewrap, a
-        retirement) is replaced first, as the next derive would replace it: the open-domain
-        answer tells the same, of the Domain's newest generation."""
+    def _look(self, stop: threading.Event) -> None:
+        """One look: the agent's domain-status answer for the handle, taken in.
+
+        A handle the agent no longer knows (it restarted, or it made a newer generation of the
+        Domain, a rotation, a rewrap or a retirement, and closed the older ones) is replaced,
+        as the next derive would replace it, and the open-domain answer tells the same. So is
+        one whose own epoch is now retired (a retirement made on the agent's store without
+        the agent, which closes no handle): new files then get the newest generation's epoch
+        instead of failing until the mount starts again."""
+        handle = self._handle
+        if handle is None or stop.is_set():
+            return  # the next derive opens the Domain, and its answer says
         try:
-            return self.client.call("domain-status", {"handle": handle})
+            result = self.client.call("domain-status", {"handle": handle})
         except NotFoundError:
-            with self._lock:
-                if self._handle == handle:
-                    self._open_locked()
-                return self.description
+            result = None
+        except FormatError as exc:
+            if "unknown operation" in str(exc):
+                raise _StatusUnknown(str(exc)) from None
+            raise
+        if result is not None:
+            self._take_in(result)
+            if self.current_epoch >= self._retired_below or self._reopened == handle:
+                return  # (a generation that retires its own current epoch: opened once)
+        with self._lock:
+            if self._handle == handle and not stop.is_set():
+                self._reopened = handle
+                self._open_locked()
 
     def derive(self, info: bytes, epoch: int | None = None) -> bytes:
         return self.derive_many([info], epoch)[0]
@@ -376,6 +397,13 @@ class AgentDeriver:
         if self._stop_following is not None:
             self._stop_following.set()
         self.client.close()
+        follower = self._follower
+        if follower is not None and follower is not threading.current_thread():
+            # A look that began before the stop may have connected again: wait for it (a
+            # hung agent holds it up to REPLY_TIMEOUT; the mount does not wait that long).
+            follower.join(CLOSE_WAIT)
+            if not follower.is_alive():
+                self.client.close()
 
     def __enter__(self) -> AgentDeriver:
         return self

@@ -363,7 +363,12 @@ class Agent:
         with self._lock:
             entry = self._open.get(handle)
         if entry is None:
-            raise NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+            # Not recorded either: every mount asking about a generation the agent closed
+            # (after a rotate, rewrap or retire) would write one. It opens the Domain again
+            # next, and that is recorded (as derive).
+            gone = NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+            gone.audited = True  # type: ignore[attr-defined]
+            raise gone
         name = entry.verified.sealed.domain.name
         try:
             self.policy.check(peer, "derive", name)

@@ -28,19 +28,26 @@ class ScriptedAgent:
     def __init__(self, statuses: list[Any], retired_on_open: int = 1) -> None:
         self.statuses = statuses
         self.retired_on_open = retired_on_open
+        self.epoch_on_open = 2
+        self.open_fails: list[Exception] = []  # raised by the next open-domains, in turn
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.opened = 0
+        self.closed = 0
         self.asked = threading.Event()  # set once the script has run out
+        self.slow_status = 0.0  # seconds each domain-status takes
 
     def call(self, op: str, args: dict[str, Any], *, retry: bool = True) -> dict[str, Any]:
         self.calls.append((op, args))
         if op == "open-domain":
+            if self.open_fails:
+                raise self.open_fails.pop(0)
             self.opened += 1
             return {"handle": HANDLE_1 if self.opened == 1 else HANDLE_2, "name": "payroll",
-                    "current_epoch": 2, "retired_below": self.retired_on_open}
+                    "current_epoch": self.epoch_on_open, "retired_below": self.retired_on_open}
         if op == "derive":
             return {"keys": [KEY] * len(args["infos"]), "retired_below": 3}
         assert op == "domain-status"
+        time.sleep(self.slow_status)
         if not self.statuses:
             self.asked.set()
             return {"retired_below": 1}
@@ -50,7 +57,7 @@ class ScriptedAgent:
         return answer
 
     def close(self) -> None:
-        pass
+        self.closed += 1
 
 
 def _following(agent: ScriptedAgent) -> AgentDeriver:
@@ -89,14 +96,14 @@ def test_the_thread_asks_about_its_handle_and_takes_the_answer_in(
 def test_a_handle_the_agent_closed_is_opened_again_and_its_answer_counts() -> None:
     """A new generation (rotate, rewrap, retire) closes the agent's handles: the thread opens
     the Domain again, as the next derive would, and the newest generation's answer says."""
-    agent = ScriptedAgent([NotFoundError("Domain handle 1111 is not open")], retired_on_open=2)
+    agent = ScriptedAgent([NotFoundError("Domain handle 1111 is not open")])
     deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.retired_on_open = 3
+    agent.retired_on_open = 2
     deriver.FOLLOW_INTERVAL = 0.001
     deriver.follow_in_background()
     try:
         assert agent.asked.wait(5)
-        assert deriver.retired_below == 3 and agent.opened == 2
+        assert deriver.retired_below == 2 and agent.opened == 2
         assert ("domain-status", {"handle": HANDLE_2}) in agent.calls
     finally:
         deriver.close()
@@ -127,3 +134,53 @@ def test_close_ends_the_thread() -> None:
     deriver.close()
     time.sleep(0.05)
     assert "kmsfs-follow-agent" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_format_error_other_than_an_unknown_request_does_not_stop_the_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store the agent cannot read for a moment (a document half copied into it, found by
+    review) fails the open-domain that follows a new generation with a format error: the
+    thread warns and asks again; only an agent that does not know domain-status stops it."""
+    agent = ScriptedAgent([NotFoundError("not open"), FormatError("bad request"),
+                           {"retired_below": 2}])
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.open_fails = [FormatError("agent: domains/abab.json: not JSON")]
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    try:
+        assert agent.asked.wait(5)
+        assert deriver.retired_below == 2
+        assert "not JSON" in caplog.text and "bad request" in caplog.text
+        assert "does not say which key epochs are retired" not in caplog.text
+    finally:
+        deriver.close()
+
+
+def test_a_handle_whose_own_epoch_is_retired_is_replaced_once() -> None:
+    """A retirement made on the agent's store without the agent closes no handle: the
+    generation the mount holds says its own epoch is retired, and the thread opens the
+    Domain's newest generation (the agent then answers with another handle), once."""
+    agent = ScriptedAgent([{"retired_below": 2}] * 3 + [{"retired_below": 3}] * 3)
+    agent.epoch_on_open = 1
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.epoch_on_open = 2
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    try:
+        assert agent.asked.wait(5)
+        assert agent.opened == 3  # the first open, then once for HANDLE_1, once for HANDLE_2
+        assert deriver.current_epoch == 2 and deriver.retired_below == 3
+    finally:
+        deriver.close()
+
+
+def test_close_waits_for_a_look_under_way_and_closes_what_it_opened() -> None:
+    agent = ScriptedAgent([])
+    agent.slow_status = 0.2
+    deriver = _following(agent)
+    while not any(op == "domain-status" for op, _ in agent.calls):
+        time.sleep(0.001)
+    deriver.close()
+    assert "kmsfs-follow-agent" not in {t.name for t in threading.enumerate()}
+    assert agent.closed == 2  # once at once, once after the look that was under way
