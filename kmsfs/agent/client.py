@@ -326,9 +326,11 @@ class AgentDeriver:
         A handle the agent no longer knows (it restarted, or it made a newer generation of the
         Domain, a rotation, a rewrap or a retirement, and closed the older ones) is replaced,
         as the next derive would replace it, and the open-domain answer tells the same. So is
-        one whose own epoch is now retired (a retirement made on the agent's store without
-        the agent, which closes no handle): new files then get the newest generation's epoch
-        instead of failing until the mount starts again."""
+        one whose generation is no longer the newest by its current epoch (a rotation made on
+        the agent's store without the agent, which closes no handle), or whose own epoch is
+        now retired: new files then get the newest generation's epoch at once, instead of the
+        rotated one (which the HSM it was for can compute) or failing, until the mount starts
+        again."""
         handle = self._handle
         if handle is None or stop.is_set():
             return  # the next derive opens the Domain, and its answer says
@@ -342,12 +344,21 @@ class AgentDeriver:
             raise
         if result is not None:
             self._take_in(result)
-            if self.current_epoch >= self._retired_below or self._reopened == handle:
-                return  # (a generation that retires its own current epoch: opened once)
+            newest = result.get("newest_epoch")
+            behind = isinstance(newest, int) and newest > self.current_epoch
+            if self._reopened == handle or not (behind or self.current_epoch < self._retired_below):
+                return  # current (or opened once already: the agent's newest is this one)
+        epoch = self.current_epoch
         with self._lock:
-            if self._handle == handle and not stop.is_set():
-                self._reopened = handle
-                self._open_locked()
+            if self._handle != handle or stop.is_set():
+                return
+            self._reopened = handle
+            self._open_locked()
+        if self.current_epoch != epoch:
+            log.info("Domain %s: now serving generation %s: new files get key epoch %d",
+                     protocol.printable(str(self.description.get("name", "?")), 80),
+                     protocol.printable(str(self.description.get("generation", "?")), 20),
+                     self.current_epoch)
 
     def derive(self, info: bytes, epoch: int | None = None) -> bytes:
         return self.derive_many([info], epoch)[0]

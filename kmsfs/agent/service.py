@@ -351,8 +351,10 @@ class Agent:
 
     def domain_status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """The key epochs an open Domain now retires, for a client that holds keys it derived
-        before (a mount's open files and keys derived ahead, kmsfs.agent.client): it asks
-        once a second, so a retirement reaches it with no derivation needed.
+        before (a mount's open files and keys derived ahead, kmsfs.agent.client), and the
+        current epoch of its newest generation in the agent's store (a client serving an
+        older one opens it): a mount asks once a second, so a retirement or a rotation made
+        on the agent's store reaches it with no derivation needed.
 
         Allowed to whoever may derive for the handle's Domain, and not audited when allowed:
         it carries no key, only what the Domain's signed generations say, and one record per
@@ -376,7 +378,8 @@ class Agent:
             exc.refusal = ("domain-status", name, None)  # type: ignore[attr-defined]
             raise
         entry.keys.follow_store()
-        return {"retired_below": entry.keys.retired_below}
+        return {"retired_below": entry.keys.retired_below,
+                "newest_epoch": entry.keys.newest_epoch}
 
     def create_domain(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         fields.exact_keys(args, {"name", "trust", "chain"}, "create-domain")

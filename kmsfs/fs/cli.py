@@ -267,9 +267,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if follow is not None:  # take in retirements: from the store, or asking the agent
                 follow()
 
-            def ready() -> None:
-                # Only now, so a failed mount changes nothing; a read-only one writes nothing
-                # in the volume. The machine's record is its own (kmsfs.fs.seen).
+            def record_generation() -> None:
+                # A read-only mount writes nothing in the volume. The machine's record is its
+                # own (kmsfs.fs.seen).
                 conf = cipherdir / CONFIG_NAME
                 if "ro" not in options:
                     _keep_record(
@@ -282,6 +282,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
                     lambda: kms.remember_in_use(deriver),
                     "this machine has now mounted Domain generation %d",
                 )
+
+            def ready() -> None:
+                # Only now, so a failed mount changes nothing.
+                record_generation()
+                if hasattr(deriver, "on_move"):  # and again for each generation it moves to
+                    deriver.on_move = record_generation
                 _keep_record(
                     f"which Domain {cipherdir} uses",
                     lambda: config.domain_name if volumepin.remember(

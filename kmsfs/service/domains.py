@@ -556,6 +556,14 @@ class DomainKeys:
         self._retry_delay = 1.0  # doubled at each failure of an unchanged store, up to 60 s
         self._pending_stamp: tuple[int, ...] | None = None  # read again at _retry_at
         self._stop_following: threading.Event | None = None  # follow_in_background
+        #: The newest generation's current epoch, as follow_store last read the store (the
+        #: agent tells its clients, which then open that generation: domain-status).
+        self.newest_epoch = self.current_epoch
+        self._moves = False  # follow_store moves to the newest generation (a mount's handle)
+        self._move_problem = ""  # the last warning a move gave (each is given once)
+        #: Called (from the following thread) after a move: a mount records the generation it
+        #: now uses, as when it became ready (kmsfs.fs.cli).
+        self.on_move: Callable[[], None] | None = None
 
     def _connect(self) -> None:
         domain = self.verified.sealed.domain
@@ -626,7 +634,12 @@ class DomainKeys:
         arrived yet) leaves the handle as it was, with a warning, and is read again until it
         verifies: at once if it changed, else after 1, 2, 4... up to 60 s. Only a history this
         handle's generation is part of counts (a same-named Domain the store got since is
-        another one)."""
+        another one).
+
+        A mount's handle (:meth:`follow_in_background`) also moves to the newest generation
+        (:meth:`_move`): a rotation then reaches new files at once. The agent's handles stay
+        on their generation; it notes the newest one's epoch (``newest_epoch``) for its
+        clients, which then open it."""
         try:
             stamp = tuple(
                 value
@@ -668,20 +681,81 @@ class DomainKeys:
         if self.verified.sealed.id not in {g.sealed.id for g in generations}:
             return  # another Domain of that name, or none
         newest = generations[-1].sealed.domain
+        self.newest_epoch = newest.current_epoch.epoch
+        moving = self._moves and generations[-1].sealed.id != self.verified.sealed.id
+        serving = newest.current_epoch.epoch if moving else self.current_epoch
         if newest.retired_below > self._retired_below:
             log.warning(
                 "Domain %s: generation %d retires key epochs below %d: files keyed with them "
                 "are refused from now on%s", name, newest.generation, newest.retired_below,
                 "; this handle's own epoch is among them, so new files fail until the Domain "
-                "is opened again (remount)" if self.current_epoch < newest.retired_below else "",
+                "is opened again (remount)" if serving < newest.retired_below else "",
             )
-        self.raise_retirement(newest.retired_below)
+        self.raise_retirement(newest.retired_below)  # first: a move may take a while, or fail
+        if moving:
+            self._move(generations[-1], stamp, now)
+
+    def _move(self, newest: VerifiedDomain, stamp: tuple[int, ...], now: float) -> None:
+        """Serve *newest*, a later generation of this handle's Domain (a rotation, a rewrap,
+        a retirement made since it was opened), as a mount started now would: new files get
+        its current epoch at once, and its Trust's HSMs serve. Otherwise a mount running
+        through a rotation kept keying new files with the old epoch, which the HSM the
+        rotation was for can compute, until it was remounted (DESIGN §2.7).
+
+        The newest generation's ``mk`` is unwrapped (and its binding checked) before anything
+        changes; if that fails (no HSM of its Trust answers), the handle serves as it was, with
+        one warning per distinct problem, and tries again after 1, 2, 4... up to 60 s. Keys
+        already derived stay with the open files that hold them (the epochs they were made
+        with stay in the Domain, unless retired)."""
+        name = newest.sealed.domain.name
+        with self._lock:
+            before = (self.verified, self._stack, self._master_key, self._session, self._hsm,
+                      self.hsm_label, self._token_label, self._older, self._probed)
+            self.verified = newest
+            self._stack = self._master_key = self._session = self._hsm = None
+            self._older = {}
+            try:
+                self._connect()
+            except BaseException as exc:
+                (self.verified, self._stack, self._master_key, self._session, self._hsm,
+                 self.hsm_label, self._token_label, self._older, self._probed) = before
+                if not isinstance(exc, KmsfsError):
+                    raise
+                problem = str(exc)
+                unchanged = problem == self._move_problem and stamp == self._pending_stamp
+                self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
+                self._store_seen = None
+                self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
+                if problem != self._move_problem:
+                    self._move_problem = problem
+                    log.warning(
+                        "Domain %s: cannot serve its generation %d yet (%s); new files keep "
+                        "key epoch %d until it can", name, newest.sealed.domain.generation,
+                        exc, self.current_epoch,
+                    )
+                return
+            old_stack, old_older = before[1], before[7]
+            for older in old_older.values():
+                _quietly(older.destroy)
+            if old_stack is not None:
+                old_stack.close()
+        self._move_problem = ""
+        log.info(
+            "Domain %s: now serving generation %d: new files get key epoch %d", name,
+            newest.sealed.domain.generation, self.current_epoch,
+        )
+        if self.on_move is not None:
+            self.on_move()
 
     def follow_in_background(self) -> None:
         """Call :meth:`follow_store` every :data:`FOLLOW_INTERVAL` seconds from a daemon thread
-        until :meth:`close` (a mount: kmsfs.fs.cli)."""
+        until :meth:`close` (a mount: kmsfs.fs.cli), moving to each newer generation of the
+        Domain as it reaches the store (:meth:`_move`). The agent does not move its handles:
+        it closes those of a Domain it makes a generation of, and tells its clients of any
+        other (``newest_epoch``), which then open the newest."""
         if self._stop_following is not None:
             return
+        self._moves = True
         stop = self._stop_following = threading.Event()
 
         def follow() -> None:

@@ -31,6 +31,7 @@ import pytest
 
 from kmsfs.agent import protocol
 from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
+from kmsfs.crypto.content import HEADER_SIZE, FileHeader
 from kmsfs.crypto.names import NAMES_KEY_INFO
 from kmsfs.errors import AgentUnavailableError, ChainError, IntegrityError, QuorumNotMetError
 from kmsfs.service import domains
@@ -299,7 +300,8 @@ def test_domain_status_answers_who_may_derive_and_leaves_no_record(world: World)
         before = len(_records(world.agent))
         with world.agent.client() as client:
             for _ in range(3):
-                assert client.call("domain-status", {"handle": handle}) == {"retired_below": 1}
+                assert client.call("domain-status", {"handle": handle}) == {
+                    "retired_below": 1, "newest_epoch": 1}
         assert len(_records(world.agent)) == before
     probe = (
         "import sys\nfrom kmsfs.agent.client import *\n"
@@ -319,6 +321,33 @@ def test_domain_status_answers_who_may_derive_and_leaves_no_record(world: World)
 
 
 # -- mounts through the agent -----------------------------------------------------------------
+
+
+def test_a_mount_through_the_agent_moves_to_a_rotation_made_on_the_agent_store(
+    world: World, tmp_path: Path
+) -> None:
+    """``domain rotate`` run on the agent's own store (which closes no handle of the agent)
+    while a volume is mounted through it: within a second or so the mount serves the new
+    generation, so its next new file is keyed with the new epoch, not the one the rotation
+    was for (DESIGN §2.7)."""
+    address = world.agent.address
+    world.ops("--agent", address, "domain", "create", "spun", "--trust", world.trust)
+    cipherdir = tmp_path / "cipher"
+    made = kmsfs("init", str(cipherdir), "--domain", "spun", "--store", str(world.ops.store))
+    assert made.returncode == 0, made.stderr
+    mount = AgentMount(cipherdir, tmp_path / "mnt", tmp_path / "mnt.log",
+                       ["--agent", address]).start()
+    try:
+        (mount.mountpoint / "before").write_bytes(b"keyed with epoch 1")
+        world.agent_admin("domain", "rotate", "spun")
+        assert wait_for(lambda: "new files get key epoch 2" in mount.log()), mount.log()
+        (mount.mountpoint / "after").write_bytes(b"keyed with epoch 2")
+        assert (mount.mountpoint / "before").read_bytes() == b"keyed with epoch 1"
+    finally:
+        mount.stop()
+    epochs = sorted(FileHeader.parse(p.read_bytes()[:HEADER_SIZE]).epoch
+                    for p in cipherdir.iterdir() if p.is_file() and not p.name.startswith("kmsfs."))
+    assert epochs == [1, 2]
 
 
 @pytest.mark.parametrize("where", ["through the agent", "on the agent's store"])

@@ -938,6 +938,74 @@ def test_a_mount_takes_in_a_retirement_made_while_it_serves(  # type: ignore[no-
     assert "/old" in logged and "key epoch 1 of Domain payroll is retired" in logged
 
 
+def test_a_mount_moves_to_a_rotation_made_while_it_serves(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """``domain rotate`` while a volume is mounted in-process: within a second or so the
+    mount serves the new generation, as a mount started then would (DESIGN §2.7: new data
+    unreadable to the HSM the rotation was for), instead of keying new files with the old
+    epoch until it is remounted. Files of the old epoch read as before, and the volume's
+    copy of its Domain now carries the new generation."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    before, after = os.urandom(5000), os.urandom(99)
+
+    def rotated_while_mounted(m: Path) -> None:
+        (m / "before").write_bytes(before)
+        (m / "keys-ahead").write_bytes(b"keys for new files are derived ahead: at epoch 1")
+        initialized("domain", "rotate", "payroll")
+        _wait_for_log(log, "now serving generation 2: new files get key epoch 2")
+        (m / "after").write_bytes(after)
+        assert _read_uncached(m / "before") == before
+
+    _through_a_mount(env, cipher, mp, rotated_while_mounted, log)
+    assert sorted(epoch for _, epoch in _files(cipher).values()) == [1, 1, 2]
+    assert _generation(cipher) == 2
+
+    def read_back(m: Path) -> None:
+        assert (m / "after").read_bytes() == after
+
+    _through_a_mount(env, cipher, mp, read_back)
+
+
+def test_a_mount_that_cannot_open_the_new_generation_yet_serves_as_before_and_retries(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """A rotation reaches the store (copied from another copy of it) while no HSM of the
+    Domain can be opened: the mount says so once and serves as before (a file whose key it
+    does not hold reads EIO meanwhile, which any mount would give without an HSM); once the
+    HSMs are back it moves to the new generation by itself, within the retry's backoff."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    elsewhere = replace(initialized, store=tmp_path / "store-elsewhere")
+    shutil.copytree(initialized.store, elsewhere.store, symlinks=True)
+    elsewhere("domain", "rotate", "payroll")
+    (made,) = {p.name for p in (elsewhere.store / "domains").iterdir()} - {
+        p.name for p in (initialized.store / "domains").iterdir()}
+    tokens = list((initialized.store / "private" / "tokens").iterdir())
+    away = tmp_path / "tokens-away"
+    away.mkdir()
+
+    def rotated_while_the_hsms_are_away(m: Path) -> None:
+        (m / "before").write_bytes(b"epoch 1")
+        for token in tokens:
+            shutil.move(token, away / token.name)
+        try:
+            shutil.copy2(elsewhere.store / "domains" / made, initialized.store / "domains")
+            _wait_for_log(log, "cannot serve its generation 2 yet")
+            _refused(lambda: _read_uncached(m / "before"))  # its key went with its close
+        finally:
+            for token in tokens:
+                shutil.move(away / token.name, token)
+        _wait_for_log(log, "now serving generation 2: new files get key epoch 2")
+        (m / "after").write_bytes(b"epoch 2")
+        assert _read_uncached(m / "before") == b"epoch 1"
+
+    _through_a_mount(env, cipher, mp, rotated_while_the_hsms_are_away, log)
+    assert log.read_text().count("cannot serve its generation 2 yet") == 1
+    assert sorted(epoch for _, epoch in _files(cipher).values()) == [1, 2]
+
+
 def test_a_retirement_that_reaches_the_store_half_copied_is_taken_in_once_whole(  # type: ignore[no-untyped-def]
     tmp_path: Path, initialized
 ) -> None:
@@ -971,14 +1039,13 @@ def test_a_retirement_that_reaches_the_store_half_copied_is_taken_in_once_whole(
     _through_a_mount(env, cipher, mp, copied_while_mounted, log)
 
 
-def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # type: ignore[no-untyped-def]
+def test_a_mount_whose_own_epoch_is_retired_moves_on_and_writes_no_file_with_it(  # type: ignore[no-untyped-def]
     tmp_path: Path, initialized
 ) -> None:
-    """A mount opened before a rotation keeps writing new files with epoch 1; once a
-    retirement of epoch 1 reaches it (operators.md §6 says to reencrypt and remount every
-    volume first), a new file's first write fails (EIO) instead of succeeding with a key
-    derived ahead, which would make a file that no mount could read again: at once, with no
-    request in between that could have made the mount look at the store."""
+    """A mount opened before a rotation keys new files with epoch 1 and holds keys for the
+    next ones derived ahead. When a rotation and a retirement of epoch 1 reach it, it moves
+    to the newest generation: the next new file is keyed with epoch 2, never with a key of
+    epoch 1 derived before (a file no mount could read again), and the next mount reads it."""
     env, cipher, mp = _real_volume(tmp_path, initialized)
     log = tmp_path / "kmsfs.log"
 
@@ -987,10 +1054,15 @@ def test_a_mount_whose_own_epoch_is_retired_writes_no_file_it_would_lose(  # typ
         initialized("domain", "rotate", "payroll")
         initialized("domain", "retire", "payroll", "--below", "2", "--yes")
         _wait_for_log(log, "retires key epochs below 2")
-        _refused(lambda: (m / "second").write_bytes(b"written after its epoch was retired"))
+        _wait_for_log(log, "now serving generation 3: new files get key epoch 2")
+        (m / "second").write_bytes(b"written after its epoch was retired")
 
     _through_a_mount(env, cipher, mp, retired_while_mounted, log)
-    assert "new files fail until the Domain is opened again" in log.read_text()
-    written = [p for p in cipher.iterdir()
-               if p.is_file() and not p.name.startswith("kmsfs.") and p.stat().st_size]
-    assert len(written) == 1  # "first" alone: "second" got no byte
+    assert "new files fail until" not in log.read_text()
+    assert sorted(epoch for _, epoch in _files(cipher).values()) == [1, 2]
+
+    def read_back(m: Path) -> None:
+        assert (m / "second").read_bytes() == b"written after its epoch was retired"
+        _refused(lambda: (m / "first").read_bytes())
+
+    _through_a_mount(env, cipher, mp, read_back)

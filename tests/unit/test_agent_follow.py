@@ -184,3 +184,19 @@ def test_close_waits_for_a_look_under_way_and_closes_what_it_opened() -> None:
     deriver.close()
     assert "kmsfs-follow-agent" not in {t.name for t in threading.enumerate()}
     assert agent.closed == 2  # once at once, once after the look that was under way
+
+
+def test_a_handle_behind_the_agents_newest_epoch_is_replaced_once() -> None:
+    """A rotation made on the agent's store closes no handle: the agent says its newest
+    generation's epoch, and the thread opens that generation, once for each handle."""
+    agent = ScriptedAgent([{"retired_below": 1, "newest_epoch": 2}] * 3)
+    agent.epoch_on_open = 1
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.epoch_on_open = 2
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    try:
+        assert agent.asked.wait(5)
+        assert agent.opened == 2 and deriver.current_epoch == 2
+    finally:
+        deriver.close()
