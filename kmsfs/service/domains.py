@@ -565,12 +565,16 @@ class DomainKeys:
         #: now uses, as when it became ready (kmsfs.fs.cli).
         self.on_move: Callable[[], None] | None = None
 
-    def _connect(self) -> None:
-        domain = self.verified.sealed.domain
+    def _connect(self, verified: VerifiedDomain | None = None) -> None:
+        """Open an HSM of the Trust of *verified* (default: the generation served now) and
+        unwrap its current ``mk`` there; only once that has worked does this handle serve
+        *verified* through it (lock held). The caller closes what it served before."""
+        verified = verified or self.verified
+        domain = verified.sealed.domain
         refuse_unbound(domain, self._ctx)
         stack = contextlib.ExitStack()
         try:
-            hsm = stack.enter_context(open_hsm(self._ctx, self.verified.trust.trust.hsms))
+            hsm = stack.enter_context(open_hsm(self._ctx, verified.trust.trust.hsms))
             wrapped = domain.wrapped_for(hsm.record.id)
             if wrapped is None:
                 raise ChainError(
@@ -586,6 +590,7 @@ class DomainKeys:
         except BaseException:
             stack.close()
             raise
+        self.verified = verified
         self._stack, self._master_key, self._session = stack, master_key, hsm.session
         self._hsm = hsm
         self.hsm_label = hsm.record.label
@@ -709,18 +714,10 @@ class DomainKeys:
         with stay in the Domain, unless retired)."""
         name = newest.sealed.domain.name
         with self._lock:
-            before = (self.verified, self._stack, self._master_key, self._session, self._hsm,
-                      self.hsm_label, self._token_label, self._older, self._probed)
-            self.verified = newest
-            self._stack = self._master_key = self._session = self._hsm = None
-            self._older = {}
+            old_stack, old_older = self._stack, self._older
             try:
-                self._connect()
-            except BaseException as exc:
-                (self.verified, self._stack, self._master_key, self._session, self._hsm,
-                 self.hsm_label, self._token_label, self._older, self._probed) = before
-                if not isinstance(exc, KmsfsError):
-                    raise
+                self._connect(newest)  # changes nothing unless it works
+            except KmsfsError as exc:
                 problem = str(exc)
                 unchanged = problem == self._move_problem and stamp == self._pending_stamp
                 self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
@@ -734,7 +731,7 @@ class DomainKeys:
                         exc, self.current_epoch,
                     )
                 return
-            old_stack, old_older = before[1], before[7]
+            self._older = {}  # unwrapped in the old session, which goes now
             for older in old_older.values():
                 _quietly(older.destroy)
             if old_stack is not None:

@@ -17,11 +17,12 @@ import pytest
 from pkcs11 import exceptions as p11
 
 from kmsfs.crypto.names import NAMES_KEY_INFO
-from kmsfs.errors import ChainError, IntegrityError
+from kmsfs.errors import ChainError, HsmUnavailableError, IntegrityError
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.service import domains
 from kmsfs.service.context import Context, open_hsm
+from tests.integration.fault_helpers import wait_for
 from tests.kms_helpers import Admin
 
 INFO = b"kmsfs/v1/file-key\x00" + bytes(range(16))
@@ -212,6 +213,36 @@ def test_retire_counts_the_hsm_that_made_the_k_of_a_rewrap_that_kept_none(
     result = initialized("domain", "retire", "payroll", "--below", "2", "--yes", check=2)
     assert re.search(r"HSM hsm[12], which its trust no longer has, had the k of generation 3",
                      result.stderr), result.stderr
+
+
+def test_a_mounts_handle_serves_a_new_generation_only_once_it_can(
+    initialized: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handle of a mount (follow_in_background) moves to a rotation that reaches the
+    store. While the new generation's HSM is being opened, and as long as that fails, it
+    serves the old generation whole: its current epoch (which new file headers take) and its
+    keys, never the new epoch before a key of it can be derived (a new file would then fail
+    on a key its generation lacks). Once it works, the new generation, old epochs included."""
+    initialized.real_domain()
+    ctx = Context.at(initialized.store)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        old_key = keys.derive(INFO)
+        seen: list[int] = []
+        real_open_hsm = domains.open_hsm
+
+        def unavailable(*args: object) -> object:
+            seen.append(keys.current_epoch)  # what a new file would be keyed with just now
+            raise HsmUnavailableError("no HSM of the new generation's trust answers")
+
+        monkeypatch.setattr(domains, "open_hsm", unavailable)
+        keys.follow_in_background()
+        initialized("domain", "rotate", "payroll")
+        assert wait_for(lambda: len(seen) >= 2, timeout=15)  # it tried, and tried again
+        assert set(seen) == {1} and keys.current_epoch == 1
+        assert keys.derive(INFO) == old_key
+        monkeypatch.setattr(domains, "open_hsm", real_open_hsm)
+        assert wait_for(lambda: keys.current_epoch == 2, timeout=15)
+        assert keys.derive(INFO, 1) == old_key and keys.derive(INFO) != old_key
 
 
 def test_a_handle_follows_the_retirements_of_its_own_domain_only(initialized: Admin) -> None:
