@@ -31,6 +31,11 @@ def serving_bundle(deriver: KeyDeriver) -> bytes | None:
     verified = getattr(deriver, "verified", None)
     if not isinstance(verified, domains.VerifiedDomain):
         return None
+    return bundle_of(verified)
+
+
+def bundle_of(verified: domains.VerifiedDomain) -> bytes:
+    """The bundle (canonical bytes) of a verified Domain generation."""
     return DomainBundle(verified.sealed, verified.chain).to_bytes()
 
 

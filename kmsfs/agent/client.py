@@ -239,7 +239,9 @@ class AgentDeriver:
         self._retired_lock = threading.Lock()
         self._stop_following: threading.Event | None = None
         self._follower: threading.Thread | None = None
-        self._reopened: str | None = None  # the handle _look last replaced
+        self._reopened: str | None = None  # a handle _look opened again and got back
+        self._reopen_at = 0.0  # when _look may try to open the Domain again after a failure
+        self._reopen_delay = 0.5  # doubled at each failure, up to 60 s
 
     def open(self) -> AgentDeriver:
         with self._lock:
@@ -347,13 +349,22 @@ class AgentDeriver:
             newest = result.get("newest_epoch")
             behind = isinstance(newest, int) and newest > self.current_epoch
             if self._reopened == handle or not (behind or self.current_epoch < self._retired_below):
-                return  # current (or opened once already: the agent's newest is this one)
+                return  # current (or opened already: the agent's newest is this one)
+            if time.monotonic() < self._reopen_at:
+                return  # the last try failed: again after 1, 2, 4... 60 s
         epoch = self.current_epoch
         with self._lock:
             if self._handle != handle or stop.is_set():
                 return
-            self._reopened = handle
-            self._open_locked()
+            try:
+                self._open_locked()
+            except KmsfsError:
+                self._reopen_delay = min(self._reopen_delay * 2, 60.0)
+                self._reopen_at = time.monotonic() + self._reopen_delay
+                raise
+            if self._handle == handle:  # the agent's newest is this one: not asked again
+                self._reopened = handle
+            self._reopen_delay = 0.5
         if self.current_epoch != epoch:
             log.info("Domain %s: now serving generation %s: new files get key epoch %d",
                      protocol.printable(str(self.description.get("name", "?")), 80),

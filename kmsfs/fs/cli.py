@@ -286,7 +286,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             def ready() -> None:
                 # Only now, so a failed mount changes nothing.
                 record_generation()
-                if hasattr(deriver, "on_move"):  # and again for each generation it moves to
+                if hasattr(deriver, "on_move"):  # and again for each generation it moves to,
+                    deriver.check_move = kms.check_move  # once this machine's record takes it
                     deriver.on_move = record_generation
                 _keep_record(
                     f"which Domain {cipherdir} uses",

@@ -157,6 +157,14 @@ def check_in_use(deriver: KeyDeriver) -> None:
         seen.check(offered)
 
 
+def check_move(verified: Any) -> None:
+    """:func:`check_not_rolled_back` for a generation a running mount is about to move to
+    (``DomainKeys.check_move``): IntegrityError if this machine's record refuses it, as it
+    would refuse a mount started now (a rival of a generation another volume of the Domain
+    has mounted here, say)."""
+    seen.check(_offered(_api().bundle_facts(_api().bundle_of(verified))))
+
+
 def remember_in_use(deriver: KeyDeriver) -> int | None:
     """Record the generation *deriver* serves as the newest this machine has mounted, if it
     is; returns it if written. None for an agent's deriver (verified by the agent)."""

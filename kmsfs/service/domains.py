@@ -50,6 +50,8 @@ from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
 
+#: Seconds close() waits for the following thread to end (it may be moving the handle).
+CLOSE_WAIT = 2.0
 #: A store directory changed this recently (ns) is read again at the next look (follow_store).
 RACY_STAMP_NS = 2_000_000_000
 
@@ -564,12 +566,21 @@ class DomainKeys:
         #: Called (from the following thread) after a move: a mount records the generation it
         #: now uses, as when it became ready (kmsfs.fs.cli).
         self.on_move: Callable[[], None] | None = None
+        #: Called with a generation before moving to it; a KmsfsError refuses it (a mount:
+        #: what a mount started now checks against this machine's record, kmsfs.fs.cli).
+        self.check_move: Callable[[VerifiedDomain], None] | None = None
+        self._follower: threading.Thread | None = None
 
-    def _connect(self, verified: VerifiedDomain | None = None) -> None:
-        """Open an HSM of the Trust of *verified* (default: the generation served now) and
-        unwrap its current ``mk`` there; only once that has worked does this handle serve
-        *verified* through it (lock held). The caller closes what it served before."""
-        verified = verified or self.verified
+    def _connect(self) -> None:
+        """Serve the generation in hand through an HSM of its Trust (lock held)."""
+        self._serve(self.verified, *self._open_generation(self.verified))
+
+    def _open_generation(
+        self, verified: VerifiedDomain
+    ) -> tuple[contextlib.ExitStack, domainkeys.MasterKey, HsmSession]:
+        """Open an HSM of *verified*'s Trust and unwrap its current ``mk`` there, its binding
+        checked; the stack closes both. Changes nothing in this handle (no lock needed: the
+        PKCS#11 calls take :data:`library.CALLS`)."""
         domain = verified.sealed.domain
         refuse_unbound(domain, self._ctx)
         stack = contextlib.ExitStack()
@@ -586,17 +597,29 @@ class DomainKeys:
                 )
             stack.callback(_quietly, master_key.destroy)
             with library.hsm_errors(f"HSM {hsm.record.label}"):
-                self._check_binding(master_key, domain.current_epoch)
+                _check_binding(verified, master_key, domain.current_epoch)
         except BaseException:
             stack.close()
             raise
+        return stack, master_key, hsm
+
+    def _serve(
+        self,
+        verified: VerifiedDomain,
+        stack: contextlib.ExitStack,
+        master_key: domainkeys.MasterKey,
+        hsm: HsmSession,
+    ) -> None:
+        """Serve *verified* through what :meth:`_open_generation` opened (lock held; what was
+        served before is the caller's to close)."""
         self.verified = verified
         self._stack, self._master_key, self._session = stack, master_key, hsm.session
         self._hsm = hsm
         self.hsm_label = hsm.record.label
         self._token_label = hsm.session.token.label
         self._probed = time.monotonic()
-        log.info("Domain %s: keys served by HSM %s", domain.name, hsm.record.label)
+        log.info("Domain %s: keys served by HSM %s", verified.sealed.domain.name,
+                 hsm.record.label)
 
     def _drop(self) -> None:
         for older in self._older.values():
@@ -650,7 +673,8 @@ class DomainKeys:
                 value
                 for sub in ("domains", "trusts")
                 for st in (os.stat(self._ctx.store.root / sub),)
-                for value in (st.st_ino, st.st_mtime_ns)
+                # ctime too: whoever owns the store can put an mtime back (utime), not a ctime
+                for value in (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
             )
         except OSError:
             return
@@ -679,7 +703,7 @@ class DomainKeys:
         # Git's rule for racy stamps: a directory changed within the last seconds may change
         # again within the same timestamp (a file linked in, its temporary name unlinked, on
         # a file system with coarse timestamps): look again next time rather than trust it.
-        if max(stamp[1], stamp[3]) < started - RACY_STAMP_NS:
+        if max(stamp[1], stamp[4]) < started - RACY_STAMP_NS:  # the two mtimes
             self._store_seen = stamp
         else:  # at most once a second meanwhile: the agent calls this for every derivation
             self._pending_stamp, self._retry_at = stamp, now + self.FOLLOW_INTERVAL
@@ -707,42 +731,63 @@ class DomainKeys:
         through a rotation kept keying new files with the old epoch, which the HSM the
         rotation was for can compute, until it was remounted (DESIGN §2.7).
 
-        The newest generation's ``mk`` is unwrapped (and its binding checked) before anything
-        changes; if that fails (no HSM of its Trust answers), the handle serves as it was, with
-        one warning per distinct problem, and tries again after 1, 2, 4... up to 60 s. Keys
-        already derived stay with the open files that hold them (the epochs they were made
-        with stay in the Domain, unless retired)."""
+        First, what a mount started now would check: :attr:`check_move` (a mount: this
+        machine's record of the newest generation it mounted, kmsfs.fs.seen, which refuses a
+        rival). Then the newest generation's ``mk`` is unwrapped in an HSM of its Trust (its
+        binding checked), without the handle's lock, so derivations go on meanwhile; only
+        then does the handle serve it. If either fails, the handle serves as it was, with one
+        warning per distinct problem, and tries again after 1, 2, 4... up to 60 s. Keys already
+        derived stay with the open files that hold them (their epochs stay in the Domain,
+        unless retired)."""
         name = newest.sealed.domain.name
+        stop = self._stop_following
+        try:
+            if self.check_move is not None:
+                self.check_move(newest)
+            opened = self._open_generation(newest)
+        except Exception as exc:
+            self._move_failed(newest, exc, stamp, now)
+            return
         with self._lock:
-            old_stack, old_older = self._stack, self._older
-            try:
-                self._connect(newest)  # changes nothing unless it works
-            except KmsfsError as exc:
-                problem = str(exc)
-                unchanged = problem == self._move_problem and stamp == self._pending_stamp
-                self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
-                self._store_seen = None
-                self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
-                if problem != self._move_problem:
-                    self._move_problem = problem
-                    log.warning(
-                        "Domain %s: cannot serve its generation %d yet (%s); new files keep "
-                        "key epoch %d until it can", name, newest.sealed.domain.generation,
-                        exc, self.current_epoch,
-                    )
+            if stop is not None and stop.is_set():  # closed meanwhile: serve nothing new
+                opened[0].close()
                 return
+            old_stack, old_older = self._stack, self._older
             self._older = {}  # unwrapped in the old session, which goes now
-            for older in old_older.values():
-                _quietly(older.destroy)
-            if old_stack is not None:
-                old_stack.close()
+            self._serve(newest, *opened)
+        for older in old_older.values():
+            _quietly(older.destroy)
+        if old_stack is not None:
+            old_stack.close()
         self._move_problem = ""
         log.info(
             "Domain %s: now serving generation %d: new files get key epoch %d", name,
             newest.sealed.domain.generation, self.current_epoch,
         )
-        if self.on_move is not None:
+        if self.on_move is not None and not (stop is not None and stop.is_set()):
             self.on_move()
+
+    def _move_failed(
+        self, newest: VerifiedDomain, exc: Exception, stamp: tuple[int, ...], now: float
+    ) -> None:
+        """Leave the handle as it was and read the store again after 1, 2, 4... 60 s; one
+        warning per distinct problem (a traceback for one that is not kmsfs's own)."""
+        problem = str(exc) if isinstance(exc, KmsfsError) else repr(exc)
+        unchanged = problem == self._move_problem and stamp == self._pending_stamp
+        self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
+        self._store_seen = None
+        self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
+        if problem == self._move_problem:
+            return
+        self._move_problem = problem
+        epoch = self.current_epoch
+        meanwhile = (f"new files keep key epoch {epoch} until it can" if epoch >=
+                     self._retired_below else f"new files fail (epoch {epoch} is retired) "
+                     "until it can")
+        (log.warning if isinstance(exc, KmsfsError) else log.exception)(
+            "Domain %s: cannot serve its generation %d yet (%s); %s",
+            newest.sealed.domain.name, newest.sealed.domain.generation, problem, meanwhile,
+        )
 
     def follow_in_background(self) -> None:
         """Call :meth:`follow_store` every :data:`FOLLOW_INTERVAL` seconds from a daemon thread
@@ -763,7 +808,8 @@ class DomainKeys:
                     log.exception("Domain %s: following the store failed",
                                   self.verified.sealed.domain.name)
 
-        threading.Thread(target=follow, name="kmsfs-follow-store", daemon=True).start()
+        self._follower = threading.Thread(target=follow, name="kmsfs-follow-store", daemon=True)
+        self._follower.start()
 
     def _key_of(self, epoch: int) -> domainkeys.MasterKey:
         """The unwrapped ``mk`` of ``epoch`` in the serving HSM (lock held, connected)."""
@@ -786,14 +832,7 @@ class DomainKeys:
         return self._older[epoch]
 
     def _check_binding(self, key: domainkeys.MasterKey, epoch: MasterKeyEpoch) -> None:
-        """Refuse an ``mk`` epoch whose binding (computed by the HSM now) is not the one the
-        Domain carries: its wrapped keys are another Domain's (:mod:`kmsfs.model.domain`)."""
-        domain = self.verified.sealed.domain
-        info = binding_info(domain.name, epoch.epoch, self.verified.chain[0].id)
-        if epoch.binding is None or not hmac.compare_digest(
-            key.derive_many([info])[0], epoch.binding
-        ):
-            raise _unbound(domain, epoch.epoch)
+        _check_binding(self.verified, key, epoch)
 
     def open(self) -> "DomainKeys":
         with self._lock:
@@ -881,8 +920,22 @@ class DomainKeys:
     def close(self) -> None:
         if self._stop_following is not None:
             self._stop_following.set()
+            follower = self._follower
+            if follower is not None and follower is not threading.current_thread():
+                follower.join(CLOSE_WAIT)  # a move under way; a hung store is not waited for
         with self._lock:
             self._drop()
+
+
+def _check_binding(
+    verified: VerifiedDomain, key: domainkeys.MasterKey, epoch: MasterKeyEpoch
+) -> None:
+    """Refuse an ``mk`` epoch whose binding (computed by the HSM now) is not the one the
+    Domain carries: its wrapped keys are another Domain's (:mod:`kmsfs.model.domain`)."""
+    domain = verified.sealed.domain
+    info = binding_info(domain.name, epoch.epoch, verified.chain[0].id)
+    if epoch.binding is None or not hmac.compare_digest(key.derive_many([info])[0], epoch.binding):
+        raise _unbound(domain, epoch.epoch)
 
 
 def _quietly(action: "Callable[[], None]") -> None:

@@ -34,6 +34,8 @@ from kmsfs.fs import kms, reencrypt, singlefile
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import UPGRADE_FLAGS, reencrypt_tree
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
+from kmsfs.service import domains
+from kmsfs.service.context import Context
 from tests.integration.fault_helpers import drop_cache, wait_for
 from tests.integration.fs_helpers import (
     Mount,
@@ -1004,6 +1006,40 @@ def test_a_mount_that_cannot_open_the_new_generation_yet_serves_as_before_and_re
     _through_a_mount(env, cipher, mp, rotated_while_the_hsms_are_away, log)
     assert log.read_text().count("cannot serve its generation 2 yet") == 1
     assert sorted(epoch for _, epoch in _files(cipher).values()) == [1, 2]
+
+
+def test_a_mount_does_not_move_to_a_rival_of_a_generation_this_machine_mounted(  # type: ignore[no-untyped-def]
+    tmp_path: Path, initialized
+) -> None:
+    """This machine has mounted generation 2 of the Domain (another volume, through another
+    copy of the store); a rival generation 2 then reaches the store of a mount still at
+    generation 1. The mount does not move to it (found by review): the machine's record
+    refuses it as it would refuse a mount started now, the log says so once, and the mount
+    keeps serving generation 1, whose keys the real history still has."""
+    env, cipher, mp = _real_volume(tmp_path, initialized)
+    log = tmp_path / "kmsfs.log"
+    copies = {}
+    for copy in ("recorded", "rival"):
+        copies[copy] = replace(initialized, store=tmp_path / f"store-{copy}")
+        shutil.copytree(initialized.store, copies[copy].store, symlinks=True)
+        copies[copy]("domain", "rotate", "payroll")
+    (rival,) = {p.name for p in (copies["rival"].store / "domains").iterdir()} - {
+        p.name for p in (initialized.store / "domains").iterdir()}
+
+    def offered_a_rival(m: Path) -> None:
+        (m / "before").write_bytes(b"epoch 1")
+        ctx = Context.at(copies["recorded"].store)
+        with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as other:
+            assert kms.remember_in_use(other) == 2  # another volume's mount, on this machine
+        shutil.copy2(copies["rival"].store / "domains" / rival, initialized.store / "domains")
+        _wait_for_log(log, "cannot serve its generation 2 yet")
+        (m / "after").write_bytes(b"still epoch 1")
+        assert _read_uncached(m / "before") == b"epoch 1"
+
+    _through_a_mount(env, cipher, mp, offered_a_rival, log)
+    assert "a rival generation?" in log.read_text()
+    assert sorted(epoch for _, epoch in _files(cipher).values()) == [1, 1]
+    assert _generation(cipher) == 1
 
 
 def test_a_retirement_that_reaches_the_store_half_copied_is_taken_in_once_whole(  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pkcs11 import exceptions as p11
 
 from kmsfs.crypto.names import NAMES_KEY_INFO
 from kmsfs.errors import ChainError, HsmUnavailableError, IntegrityError
+from kmsfs.fs import kms
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model.bundle import DomainBundle
 from kmsfs.service import domains
@@ -243,6 +245,64 @@ def test_a_mounts_handle_serves_a_new_generation_only_once_it_can(
         monkeypatch.setattr(domains, "open_hsm", real_open_hsm)
         assert wait_for(lambda: keys.current_epoch == 2, timeout=15)
         assert keys.derive(INFO, 1) == old_key and keys.derive(INFO) != old_key
+
+
+def test_a_mounts_handle_does_not_move_to_a_rival_this_machine_has_not_mounted(
+    initialized: Admin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """Another volume of the Domain mounted generation 2 on this machine; a store writer then
+    swaps in a rival generation 2 (from a copy of the store rotated apart). A mount's handle
+    still at generation 1 does not move to it (found by review): this machine's record refuses
+    it, as it would refuse a mount started now, and the handle serves generation 1 as before
+    (whose keys the real history still has), saying why once."""
+    monkeypatch.setenv("KMSFS_STATE_DIR", str(tmp_path / "state"))
+    initialized.real_domain()
+    ctx = Context.at(initialized.store)
+    elsewhere = dataclasses.replace(initialized, store=tmp_path / "store-elsewhere")
+    shutil.copytree(initialized.store, elsewhere.store, symlinks=True)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        kms.remember_in_use(keys)
+        key_1 = keys.derive(INFO)
+        keys.check_move = kms.check_move  # as a mount sets it (kmsfs.fs.cli)
+        elsewhere("domain", "rotate", "payroll")
+        initialized("domain", "rotate", "payroll")
+        mine = {p.name for p in (initialized.store / "domains").iterdir()}
+        (rival,) = {p.name for p in (elsewhere.store / "domains").iterdir()} - mine
+        with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as other:
+            assert kms.remember_in_use(other) == 2  # the other volume's mount
+        (made,) = mine - {p.name for p in (elsewhere.store / "domains").iterdir()}
+        (initialized.store / "domains" / made).unlink()
+        shutil.copy2(elsewhere.store / "domains" / rival, initialized.store / "domains")
+        keys.follow_in_background()
+        assert wait_for(lambda: "cannot serve its generation 2 yet" in caplog.text, timeout=15)
+        assert "a rival generation?" in caplog.text
+        assert keys.verified.sealed.domain.generation == 1 and keys.derive(INFO) == key_1
+
+
+def test_a_generation_slipped_in_with_the_store_mtime_put_back_is_still_seen(
+    initialized: Admin, tmp_path: Path
+) -> None:
+    """Whoever owns the store adds a retiring generation and puts domains/'s mtime back
+    (utime), as if nothing had changed there: the handle reads the store again all the same
+    (a directory's ctime cannot be put back) and takes the retirement in."""
+    initialized.real_domain()
+    initialized("domain", "rotate", "payroll")
+    ctx = Context.at(initialized.store)
+    elsewhere = dataclasses.replace(initialized, store=tmp_path / "store-elsewhere")
+    shutil.copytree(initialized.store, elsewhere.store, symlinks=True)
+    elsewhere("domain", "retire", "payroll", "--below", "2", "--yes")
+    (made,) = {p.name for p in (elsewhere.store / "domains").iterdir()} - {
+        p.name for p in (initialized.store / "domains").iterdir()}
+    store_dirs = [initialized.store / "domains", initialized.store / "trusts"]
+    for d in store_dirs:  # settled a minute ago
+        os.utime(d, (time.time() - 60, time.time() - 60))
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        keys.follow_store()
+        before = os.stat(store_dirs[0])
+        shutil.copy2(elsewhere.store / "domains" / made, store_dirs[0])
+        os.utime(store_dirs[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+        keys.follow_store()
+        assert keys.retired_below == 2
 
 
 def test_a_handle_follows_the_retirements_of_its_own_domain_only(initialized: Admin) -> None:

@@ -200,3 +200,23 @@ def test_a_handle_behind_the_agents_newest_epoch_is_replaced_once() -> None:
         assert agent.opened == 2 and deriver.current_epoch == 2
     finally:
         deriver.close()
+
+
+def test_a_reopen_that_fails_is_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    """The agent cannot open the Domain's newest generation just then (its HSM away, found
+    by review): the thread warns and opens it at a later look, not never."""
+    agent = ScriptedAgent([{"retired_below": 1, "newest_epoch": 2}] * 5000)  # > 1 s of looks
+    agent.epoch_on_open = 1
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.epoch_on_open = 2
+    agent.open_fails = [AgentUnavailableError("agent: no HSM of the trust answers")]
+    deriver.FOLLOW_INTERVAL = 0.001
+    deriver.follow_in_background()
+    try:
+        deadline = time.monotonic() + 5
+        while deriver.current_epoch != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert deriver.current_epoch == 2 and agent.opened == 2
+        assert caplog.text.count("no HSM of the trust answers") == 1
+    finally:
+        deriver.close()
