@@ -269,19 +269,28 @@ def test_uid_not_in_policy_is_refused(world: World) -> None:
     assert refused and refused[-1]["decision"] == "refused"
 
 
+def _client_as_nobody(
+    world: World, code: str, *argv: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run *code* as uid NOBODY (in the policy for Domain "other" only), with ``client`` an
+    AgentClient of the agent and ``sys.argv[1:]`` *argv*."""
+    probe = (
+        "import sys\nfrom kmsfs.agent.client import *\n"
+        f"client = AgentClient(AgentAddress.parse({world.agent.address!r}))\n{code}\n"
+    )
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", probe, *argv],
+        input=stdin, capture_output=True, timeout=60, env=clean_env(), check=False,
+    )
+
+
 def test_policy_limits_actions_and_domains(world: World) -> None:
     health = _as_uid(NOBODY, [*ADMIN, "--agent", world.agent.address, "hsm", "health"])
     assert health.returncode == 9 and "may not health" in health.stderr, health.stderr
     bundle = world.ops("domain", "export", "payroll").stdout.strip()
-    probe = (
-        "import sys\nfrom kmsfs.agent.client import *\n"
-        f"AgentDeriver(AgentClient(AgentAddress.parse({world.agent.address!r})), "
-        "sys.stdin.buffer.read()).open()\n"
-    )
-    opened = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", probe],
-        input=bundle.encode(), capture_output=True, timeout=60, env=clean_env(), check=False,
+    opened = _client_as_nobody(
+        world, "AgentDeriver(client, sys.stdin.buffer.read()).open()", stdin=bundle.encode()
     )
     assert opened.returncode != 0
     assert b"AgentRefusedError" in opened.stderr
@@ -303,16 +312,8 @@ def test_domain_status_answers_who_may_derive_and_leaves_no_record(world: World)
                 assert client.call("domain-status", {"handle": handle}) == {
                     "retired_below": 1, "newest_epoch": 1}
         assert len(_records(world.agent)) == before
-    probe = (
-        "import sys\nfrom kmsfs.agent.client import *\n"
-        f"AgentClient(AgentAddress.parse({world.agent.address!r}))"
-        ".call('domain-status', {'handle': sys.argv[1]})\n"
-    )
-    asked = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", probe, handle],
-        capture_output=True, timeout=60, env=clean_env(), check=False,
-    )
+    asked = _client_as_nobody(world, "client.call('domain-status', {'handle': sys.argv[1]})",
+                              handle)
     assert asked.returncode != 0
     assert b"AgentRefusedError" in asked.stderr
     assert b"may not derive for Domain payroll" in asked.stderr

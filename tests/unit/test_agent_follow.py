@@ -60,8 +60,12 @@ class ScriptedAgent:
         self.closed += 1
 
 
-def _following(agent: ScriptedAgent) -> AgentDeriver:
+def _following(agent: ScriptedAgent, **then: Any) -> AgentDeriver:
+    """A deriver opened through *agent*, whose attributes *then* are set once it is open
+    (what the agent answers from then on), following it every millisecond."""
     deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    for name, value in then.items():
+        setattr(agent, name, value)
     deriver.FOLLOW_INTERVAL = 0.001
     deriver.follow_in_background()
     return deriver
@@ -97,10 +101,7 @@ def test_a_handle_the_agent_closed_is_opened_again_and_its_answer_counts() -> No
     """A new generation (rotate, rewrap, retire) closes the agent's handles: the thread opens
     the Domain again, as the next derive would, and the newest generation's answer says."""
     agent = ScriptedAgent([NotFoundError("Domain handle 1111 is not open")])
-    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.retired_on_open = 2
-    deriver.FOLLOW_INTERVAL = 0.001
-    deriver.follow_in_background()
+    deriver = _following(agent, retired_on_open=2)
     try:
         assert agent.asked.wait(5)
         assert deriver.retired_below == 2 and agent.opened == 2
@@ -144,10 +145,7 @@ def test_a_format_error_other_than_an_unknown_request_does_not_stop_the_thread(
     thread warns and asks again; only an agent that does not know domain-status stops it."""
     agent = ScriptedAgent([NotFoundError("not open"), FormatError("bad request"),
                            {"retired_below": 2}])
-    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.open_fails = [FormatError("agent: domains/abab.json: not JSON")]
-    deriver.FOLLOW_INTERVAL = 0.001
-    deriver.follow_in_background()
+    deriver = _following(agent, open_fails=[FormatError("agent: domains/abab.json: not JSON")])
     try:
         assert agent.asked.wait(5)
         assert deriver.retired_below == 2
@@ -163,10 +161,7 @@ def test_a_handle_whose_own_epoch_is_retired_is_replaced_once() -> None:
     Domain's newest generation (the agent then answers with another handle), once."""
     agent = ScriptedAgent([{"retired_below": 2}] * 3 + [{"retired_below": 3}] * 3)
     agent.epoch_on_open = 1
-    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.epoch_on_open = 2
-    deriver.FOLLOW_INTERVAL = 0.001
-    deriver.follow_in_background()
+    deriver = _following(agent, epoch_on_open=2)
     try:
         assert agent.asked.wait(5)
         assert agent.opened == 3  # the first open, then once for HANDLE_1, once for HANDLE_2
@@ -191,10 +186,7 @@ def test_a_handle_behind_the_agents_newest_epoch_is_replaced_once() -> None:
     generation's epoch, and the thread opens that generation, once for each handle."""
     agent = ScriptedAgent([{"retired_below": 1, "newest_epoch": 2}] * 3)
     agent.epoch_on_open = 1
-    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.epoch_on_open = 2
-    deriver.FOLLOW_INTERVAL = 0.001
-    deriver.follow_in_background()
+    deriver = _following(agent, epoch_on_open=2)
     try:
         assert agent.asked.wait(5)
         assert agent.opened == 2 and deriver.current_epoch == 2
@@ -207,11 +199,8 @@ def test_a_reopen_that_fails_is_tried_again(caplog: pytest.LogCaptureFixture) ->
     by review): the thread warns and opens it at a later look, not never."""
     agent = ScriptedAgent([{"retired_below": 1, "newest_epoch": 2}] * 5000)  # > 1 s of looks
     agent.epoch_on_open = 1
-    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
-    agent.epoch_on_open = 2
-    agent.open_fails = [AgentUnavailableError("agent: no HSM of the trust answers")]
-    deriver.FOLLOW_INTERVAL = 0.001
-    deriver.follow_in_background()
+    down = AgentUnavailableError("agent: no HSM of the trust answers")
+    deriver = _following(agent, epoch_on_open=2, open_fails=[down])
     try:
         deadline = time.monotonic() + 5
         while deriver.current_epoch != 2 and time.monotonic() < deadline:
