@@ -350,8 +350,8 @@ class AgentDeriver:
             behind = isinstance(newest, int) and newest > self.current_epoch
             if self._reopened == handle or not (behind or self.current_epoch < self._retired_below):
                 return  # current (or opened already: the agent's newest is this one)
-            if time.monotonic() < self._reopen_at:
-                return  # the last try failed: again after 1, 2, 4... 60 s
+        if time.monotonic() < self._reopen_at:
+            return  # the last try failed: again after 1, 2, 4... 60 s (each is audited)
         epoch = self.current_epoch
         with self._lock:
             if self._handle != handle or stop.is_set():

@@ -263,6 +263,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             log.warning("%s", args.warning)
         with kms.open_deriver(store, config.domain_bundle, _agent(args)) as deriver:
             kms.check_in_use(deriver)  # again: the store may have changed since the check
+            if hasattr(deriver, "check_move"):  # a move is checked as this mount was
+                deriver.check_move = kms.check_move  # against this machine's record
             follow = getattr(deriver, "follow_in_background", None)
             if follow is not None:  # take in retirements: from the store, or asking the agent
                 follow()
@@ -286,8 +288,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             def ready() -> None:
                 # Only now, so a failed mount changes nothing.
                 record_generation()
-                if hasattr(deriver, "on_move"):  # and again for each generation it moves to,
-                    deriver.check_move = kms.check_move  # once this machine's record takes it
+                if hasattr(deriver, "on_move"):  # and again for each generation it moves to
                     deriver.on_move = record_generation
                 _keep_record(
                     f"which Domain {cipherdir} uses",

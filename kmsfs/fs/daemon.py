@@ -287,6 +287,9 @@ def serve(
             _unmount(ops, stop)
         if latency is not None:
             latency.close()
+        stop_following = getattr(deriver, "stop_following", None)
+        if stop_following is not None:  # a move rewrites the volume's config: not unlocked
+            stop_following()
         os.close(lock_fd)
         for signum, handler in stop_handlers.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)

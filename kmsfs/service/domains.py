@@ -734,9 +734,13 @@ class DomainKeys:
         First, what a mount started now would check: :attr:`check_move` (a mount: this
         machine's record of the newest generation it mounted, kmsfs.fs.seen, which refuses a
         rival). Then the newest generation's ``mk`` is unwrapped in an HSM of its Trust (its
-        binding checked), without the handle's lock, so derivations go on meanwhile; only
-        then does the handle serve it. If either fails, the handle serves as it was, with one
-        warning per distinct problem, and tries again after 1, 2, 4... up to 60 s. Keys already
+        binding checked) without the handle's lock (PKCS#11 calls still take the process's
+        :data:`library.CALLS`, so a slow login there delays derivations); only then does the
+        handle serve it. An HSM this process has not seen yet (made since the mount started:
+        SoftHSM2 shows a new token only after C_Initialize, which waits until no session of
+        the module is open) is opened with the handle's own sessions closed, under its lock
+        (:meth:`_move_alone`). If anything fails, the handle serves as it was, with one warning
+        per distinct problem, and tries again after 1, 2, 4... up to 60 s. Keys already
         derived stay with the open files that hold them (their epochs stay in the Domain,
         unless retired)."""
         name = newest.sealed.domain.name
@@ -744,21 +748,28 @@ class DomainKeys:
         try:
             if self.check_move is not None:
                 self.check_move(newest)
-            opened = self._open_generation(newest)
+            try:
+                opened: tuple | None = self._open_generation(newest)  # type: ignore[type-arg]
+            except HsmUnavailableError:
+                self._move_alone(newest, stop)
+                opened = None
         except Exception as exc:
             self._move_failed(newest, exc, stamp, now)
             return
-        with self._lock:
-            if stop is not None and stop.is_set():  # closed meanwhile: serve nothing new
-                opened[0].close()
-                return
-            old_stack, old_older = self._stack, self._older
-            self._older = {}  # unwrapped in the old session, which goes now
-            self._serve(newest, *opened)
-        for older in old_older.values():
-            _quietly(older.destroy)
-        if old_stack is not None:
-            old_stack.close()
+        if opened is not None:
+            with self._lock:
+                if stop is not None and stop.is_set():  # closed meanwhile: serve nothing new
+                    opened[0].close()
+                    return
+                old_stack, old_older = self._stack, self._older
+                self._older = {}  # unwrapped in the old session, which goes now
+                self._serve(newest, *opened)
+            for older in old_older.values():
+                _quietly(older.destroy)
+            if old_stack is not None:
+                old_stack.close()
+        elif stop is not None and stop.is_set():
+            return
         self._move_problem = ""
         log.info(
             "Domain %s: now serving generation %d: new files get key epoch %d", name,
@@ -766,6 +777,23 @@ class DomainKeys:
         )
         if self.on_move is not None and not (stop is not None and stop.is_set()):
             self.on_move()
+
+    def _move_alone(self, newest: VerifiedDomain, stop: threading.Event | None) -> None:
+        """Serve *newest* through an HSM of its Trust opened with this handle's sessions
+        closed first (lock held throughout, so derivations wait): a token made since this
+        process started is found only by a rescan, which open sessions prevent. If that fails
+        too, the handle serves its old generation again (or the next derive reconnects it),
+        and the failure is raised."""
+        with self._lock:
+            if stop is not None and stop.is_set():
+                return
+            self._drop()
+            try:
+                self._serve(newest, *self._open_generation(newest))
+            except BaseException:
+                with contextlib.suppress(KmsfsError):
+                    self._connect()
+                raise
 
     def _move_failed(
         self, newest: VerifiedDomain, exc: Exception, stamp: tuple[int, ...], now: float
@@ -917,12 +945,18 @@ class DomainKeys:
             if self._session is not None:
                 self._session.close()
 
-    def close(self) -> None:
+    def stop_following(self) -> None:
+        """End :meth:`follow_in_background`, waiting up to :data:`CLOSE_WAIT` seconds for a
+        look (a move) under way: a mount calls it before it gives up the volume's lock, since
+        a move rewrites the volume's config (:attr:`on_move`)."""
         if self._stop_following is not None:
             self._stop_following.set()
             follower = self._follower
             if follower is not None and follower is not threading.current_thread():
-                follower.join(CLOSE_WAIT)  # a move under way; a hung store is not waited for
+                follower.join(CLOSE_WAIT)  # a hung store or HSM is not waited for
+
+    def close(self) -> None:
+        self.stop_following()
         with self._lock:
             self._drop()
 

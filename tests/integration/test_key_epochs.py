@@ -22,6 +22,7 @@ from kmsfs.errors import ChainError, HsmUnavailableError, IntegrityError
 from kmsfs.fs import kms
 from kmsfs.hsm import domainkeys, library
 from kmsfs.model.bundle import DomainBundle
+from kmsfs.model.verify import VerifiedDomain
 from kmsfs.service import domains
 from kmsfs.service.context import Context, open_hsm
 from tests.integration.fault_helpers import wait_for
@@ -230,19 +231,21 @@ def test_a_mounts_handle_serves_a_new_generation_only_once_it_can(
     with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
         old_key = keys.derive(INFO)
         seen: list[int] = []
-        real_open_hsm = domains.open_hsm
+        real_open = keys._open_generation
 
-        def unavailable(*args: object) -> object:
+        def new_one_unavailable(verified: VerifiedDomain) -> object:
+            if verified.sealed.domain.generation == 1:
+                return real_open(verified)
             seen.append(keys.current_epoch)  # what a new file would be keyed with just now
             raise HsmUnavailableError("no HSM of the new generation's trust answers")
 
-        monkeypatch.setattr(domains, "open_hsm", unavailable)
+        monkeypatch.setattr(keys, "_open_generation", new_one_unavailable)
         keys.follow_in_background()
         initialized("domain", "rotate", "payroll")
-        assert wait_for(lambda: len(seen) >= 2, timeout=15)  # it tried, and tried again
+        assert wait_for(lambda: len(seen) >= 3, timeout=15)  # it tried, and tried again
         assert set(seen) == {1} and keys.current_epoch == 1
         assert keys.derive(INFO) == old_key
-        monkeypatch.setattr(domains, "open_hsm", real_open_hsm)
+        monkeypatch.setattr(keys, "_open_generation", real_open)
         assert wait_for(lambda: keys.current_epoch == 2, timeout=15)
         assert keys.derive(INFO, 1) == old_key and keys.derive(INFO) != old_key
 
@@ -303,6 +306,26 @@ def test_a_generation_slipped_in_with_the_store_mtime_put_back_is_still_seen(
         os.utime(store_dirs[0], ns=(before.st_atime_ns, before.st_mtime_ns))
         keys.follow_store()
         assert keys.retired_below == 2
+
+
+def test_a_mounts_handle_moves_to_a_trust_of_hsms_made_after_it_opened(
+    initialized: Admin,
+) -> None:
+    """Every HSM of the Trust is replaced by one made since the mount started (a successor
+    of only a new HSM, and a rewrap into it, found by review): SoftHSM2 shows this process the
+    new token only after a rescan, which the handle's open session prevents. The handle closes
+    its sessions and moves all the same; keys of the Domain stay what they were."""
+    trust = initialized.real_domain()  # hsm1 + hsm2
+    ctx = Context.at(initialized.store)
+    with domains.open_keys(ctx, domains.export_bundle(ctx, "payroll")) as keys:
+        key = keys.derive(INFO)
+        keys.follow_in_background()
+        initialized("hsm", "create", "--label", "hsm3")
+        successor = initialized.sealed_trust(["hsm3"], ["alice"], 1, signers=["alice"],
+                                             predecessor=trust)
+        initialized("domain", "rewrap", "payroll", "--trust", successor)
+        assert wait_for(lambda: keys.verified.sealed.domain.generation == 2, timeout=15)
+        assert keys.hsm_label == "hsm3" and keys.derive(INFO) == key
 
 
 def test_a_handle_follows_the_retirements_of_its_own_domain_only(initialized: Admin) -> None:

@@ -209,3 +209,18 @@ def test_a_reopen_that_fails_is_tried_again(caplog: pytest.LogCaptureFixture) ->
         assert caplog.text.count("no HSM of the trust answers") == 1
     finally:
         deriver.close()
+
+
+def test_opening_a_closed_handle_again_backs_off_too() -> None:
+    """The agent says the handle is closed (it restarted, or made a generation) and cannot open
+    the Domain just then: each failed open-domain is an audited record, so the thread tries
+    again after 1, 2, 4... s, not at every look (found by review)."""
+    agent = ScriptedAgent([NotFoundError("not open")] * 100_000)
+    down = AgentUnavailableError("agent: no HSM of the trust answers")
+    deriver = _following(agent, open_fails=[down] * 100)
+    try:
+        time.sleep(1.6)
+        opens = [op for op, _ in agent.calls if op == "open-domain"]
+        assert 2 <= len(opens) <= 3  # the first open, then tries at ~0 s and ~1 s
+    finally:
+        deriver.close()
