@@ -239,7 +239,9 @@ class AgentDeriver:
         self._retired_lock = threading.Lock()
         self._stop_following: threading.Event | None = None
         self._follower: threading.Thread | None = None
-        self._reopened: str | None = None  # a handle _look opened again and got back
+        #: (handle, the agent's newest_epoch) when _look opened the Domain again for being
+        #: behind, and got that very handle back: not opened again until either changes.
+        self._reopened: tuple[str, object] | None = None
         self._reopen_at = 0.0  # when _look may try to open the Domain again after a failure
         self._reopen_delay = 0.5  # doubled at each failure, up to 60 s
 
@@ -344,11 +346,14 @@ class AgentDeriver:
             if "unknown operation" in str(exc):
                 raise _StatusUnknown(str(exc)) from None
             raise
+        newest: object = None
         if result is not None:
             self._take_in(result)
             newest = result.get("newest_epoch")
             behind = isinstance(newest, int) and newest > self.current_epoch
-            if self._reopened == handle or not (behind or self.current_epoch < self._retired_below):
+            if self._reopened == (handle, newest) or not (
+                behind or self.current_epoch < self._retired_below
+            ):
                 return  # current (or opened already: the agent's newest is this one)
         if time.monotonic() < self._reopen_at:
             return  # the last try failed: again after 1, 2, 4... 60 s (each is audited)
@@ -362,8 +367,8 @@ class AgentDeriver:
                 self._reopen_delay = min(self._reopen_delay * 2, 60.0)
                 self._reopen_at = time.monotonic() + self._reopen_delay
                 raise
-            if self._handle == handle:  # the agent's newest is this one: not asked again
-                self._reopened = handle
+            if self._handle == handle:  # the agent's newest is this one after all: not
+                self._reopened = (handle, newest)  # opened again until it says otherwise
             self._reopen_delay = 0.5
         if self.current_epoch != epoch:
             log.info("Domain %s: now serving generation %s: new files get key epoch %d",

@@ -50,6 +50,9 @@ from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
 log = logging.getLogger(__name__)
 
+#: What DomainKeys._open_generation opens: the stack that closes it, the unwrapped current
+#: ``mk``, the HSM session.
+_Opened = tuple[contextlib.ExitStack, domainkeys.MasterKey, HsmSession]
 #: Seconds close() waits for the following thread to end (it may be moving the handle).
 CLOSE_WAIT = 2.0
 #: A store directory changed this recently (ns) is read again at the next look (follow_store).
@@ -575,9 +578,7 @@ class DomainKeys:
         """Serve the generation in hand through an HSM of its Trust (lock held)."""
         self._serve(self.verified, *self._open_generation(self.verified))
 
-    def _open_generation(
-        self, verified: VerifiedDomain
-    ) -> tuple[contextlib.ExitStack, domainkeys.MasterKey, HsmSession]:
+    def _open_generation(self, verified: VerifiedDomain) -> "_Opened":
         """Open an HSM of *verified*'s Trust and unwrap its current ``mk`` there, its binding
         checked; the stack closes both. Changes nothing in this handle (no lock needed: the
         PKCS#11 calls take :data:`library.CALLS`)."""
@@ -749,7 +750,7 @@ class DomainKeys:
             if self.check_move is not None:
                 self.check_move(newest)
             try:
-                opened: tuple | None = self._open_generation(newest)  # type: ignore[type-arg]
+                opened: _Opened | None = self._open_generation(newest)
             except HsmUnavailableError:
                 self._move_alone(newest, stop)
                 opened = None

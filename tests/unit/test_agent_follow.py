@@ -28,7 +28,8 @@ class ScriptedAgent:
     def __init__(self, statuses: list[Any], retired_on_open: int = 1) -> None:
         self.statuses = statuses
         self.retired_on_open = retired_on_open
-        self.epoch_on_open = 2
+        self.epoch_on_open: int | list[int] = 2
+        self.same_handle = False  # open-domain gives back HANDLE_1 every time
         self.open_fails: list[Exception] = []  # raised by the next open-domains, in turn
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.opened = 0
@@ -42,8 +43,12 @@ class ScriptedAgent:
             if self.open_fails:
                 raise self.open_fails.pop(0)
             self.opened += 1
-            return {"handle": HANDLE_1 if self.opened == 1 else HANDLE_2, "name": "payroll",
-                    "current_epoch": self.epoch_on_open, "retired_below": self.retired_on_open}
+            handle = HANDLE_1 if self.opened == 1 or self.same_handle else HANDLE_2
+            epoch = self.epoch_on_open
+            if isinstance(epoch, list):  # one per open-domain, the last one kept
+                epoch = epoch.pop(0) if len(epoch) > 1 else epoch[0]
+            return {"handle": handle, "name": "payroll", "current_epoch": epoch,
+                    "retired_below": self.retired_on_open}
         if op == "derive":
             return {"keys": [KEY] * len(args["infos"]), "retired_below": 3}
         assert op == "domain-status"
@@ -222,5 +227,36 @@ def test_opening_a_closed_handle_again_backs_off_too() -> None:
         time.sleep(1.6)
         opens = [op for op, _ in agent.calls if op == "open-domain"]
         assert 2 <= len(opens) <= 3  # the first open, then tries at ~0 s and ~1 s
+    finally:
+        deriver.close()
+
+
+def test_a_handle_given_back_after_an_agent_restart_still_moves_to_a_later_rotation() -> None:
+    """The agent restarted (the handle is not found), and opening the Domain again gives the
+    same handle: a rotation made later on the agent's store is still followed (found by a
+    reread: that handle was marked as the newest for good)."""
+    agent = ScriptedAgent([NotFoundError("not open"), {"retired_below": 1, "newest_epoch": 1},
+                           {"retired_below": 1, "newest_epoch": 2}])
+    agent.same_handle = True
+    agent.epoch_on_open = [1, 1, 2]
+    deriver = _following(agent)
+    try:
+        assert agent.asked.wait(5)
+        assert agent.opened == 3 and deriver.current_epoch == 2
+    finally:
+        deriver.close()
+
+
+def test_an_agent_that_gives_the_same_handle_back_is_not_asked_in_a_loop() -> None:
+    """The agent says a newer epoch exists but opening the Domain gives back the same handle
+    (its store and its answers disagree): the thread opens it once, not at every look (each
+    open is an audited derive record)."""
+    agent = ScriptedAgent([{"retired_below": 1, "newest_epoch": 2}] * 20)
+    agent.same_handle = True
+    agent.epoch_on_open = 1
+    deriver = _following(agent)
+    try:
+        assert agent.asked.wait(5)
+        assert agent.opened == 2
     finally:
         deriver.close()
