@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 AuditSink = Callable[..., Any]  # AuditLog.append(who=, op=, domain=, allowed=, reason=, detail=)
 MAX_REASON = 1000  # characters of a reason kept in the audit log
+#: Seconds a health answer is given again: clients allowed ``health`` (monitoring) asking in a
+#: loop make the agent open, log in to and sign with every HSM at most this often, not once
+#: per request, which would take the HSMs (and the token files' lock) from derivations.
+HEALTH_REUSE_SECONDS = 2.0
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Agent:
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
         self._anchor_cache: tuple[tuple[object, ...], Anchor] | None = None
+        self._health_lock = threading.Lock()  # one HSM check at a time; others wait for it
+        self._health: tuple[float, list[dict[str, object]]] | None = None  # (when, rows)
         self.refusals = RefusalCoalescer()  # of peers the policy does not name
         #: ... and the refused or malformed requests of peers it names (their allowed ones
         #: are recorded one by one): a client listed for `health` alone could otherwise fill
@@ -471,11 +478,18 @@ class Agent:
         return self._guarded(peer, "seal-trust", None, act, {"trust": trust.id})
 
     def health(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        """Each HSM of the agent's store: does it answer with its PIN and hold its keys?"""
+        """Each HSM of the agent's store: does it answer with its PIN and hold its keys? As
+        checked at most :data:`HEALTH_REUSE_SECONDS` ago (each request is audited all the
+        same)."""
         fields.exact_keys(args, set(), "health")
 
         def act() -> dict[str, Any]:
-            return {"hsms": hsms.health(self.ctx)}
+            with self._health_lock:
+                if self._health is None or (
+                    time.monotonic() - self._health[0] >= HEALTH_REUSE_SECONDS
+                ):
+                    self._health = (time.monotonic(), hsms.health(self.ctx))
+                return {"hsms": [dict(row) for row in self._health[1]]}
 
         return self._guarded(peer, "health", None, act)
 

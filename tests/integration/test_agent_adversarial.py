@@ -36,6 +36,7 @@ import pytest
 
 from kmsfs.agent import protocol, remote
 from kmsfs.agent import server as agent_server
+from kmsfs.agent import service as agent_service
 from kmsfs.agent.audit import AuditLog, verify_log
 from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
 from kmsfs.agent.policy import Peer, Policy
@@ -952,6 +953,32 @@ def test_no_key_or_pin_in_agent_log_or_audit_log(
         assert secret not in logged
     for row in health["hsms"]:  # the probe signature stays in the agent
         assert set(row) == {"id", "label", "ok", "problem"}
+
+
+def test_health_asked_in_a_loop_checks_the_hsms_once_in_a_while(
+    kms: Kms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client allowed ``health`` asking in a loop: the agent checks its HSMs (open, log in,
+    sign with each) at most once per HEALTH_REUSE_SECONDS and gives that answer again
+    meanwhile, so monitoring cannot keep the HSMs from derivations; every request is still
+    audited."""
+    checks: list[float] = []
+    real_health = agent_service.hsms.health
+
+    def counted(ctx: Context) -> list[dict[str, object]]:
+        checks.append(time.monotonic())
+        return real_health(ctx)
+
+    monkeypatch.setattr(agent_service.hsms, "health", counted)
+    monkeypatch.setattr(agent_service, "HEALTH_REUSE_SECONDS", 0.5)
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, ROOT_ALL, audit) as agent:
+        answers = [call(agent, peer(0), "health", {}) for _ in range(10)]
+        assert len(checks) == 1 and all(a == answers[0] for a in answers)
+        time.sleep(0.6)
+        call(agent, peer(0), "health", {})
+        assert len(checks) == 2
+    assert [e["op"] for e in events(audit)].count("health") == 11
 
 
 # -- the admin side: a malicious agent's answers are verified, not believed ----------------
