@@ -692,9 +692,7 @@ class DomainKeys:
             generations = []
         except KmsfsError as exc:
             problem = str(exc)
-            unchanged = self._follow_problem and stamp == self._pending_stamp
-            self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
-            self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
+            self._look_again_later(stamp, now, bool(self._follow_problem))
             if problem != self._follow_problem:
                 self._follow_problem = problem
                 log.warning("Domain %s: its documents in the store do not verify now (%s); "
@@ -796,16 +794,21 @@ class DomainKeys:
                     self._connect()
                 raise
 
+    def _look_again_later(self, stamp: tuple[int, ...], now: float, same_problem: bool) -> None:
+        """Read the store again after 1 s, or after twice as long as last time (up to 60 s)
+        when it has not changed since and the problem is the one it had then."""
+        unchanged = same_problem and stamp == self._pending_stamp
+        self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
+        self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
+
     def _move_failed(
         self, newest: VerifiedDomain, exc: Exception, stamp: tuple[int, ...], now: float
     ) -> None:
         """Leave the handle as it was and read the store again after 1, 2, 4... 60 s; one
         warning per distinct problem (a traceback for one that is not kmsfs's own)."""
         problem = str(exc) if isinstance(exc, KmsfsError) else repr(exc)
-        unchanged = problem == self._move_problem and stamp == self._pending_stamp
-        self._retry_delay = min(self._retry_delay * 2, 60.0) if unchanged else 1.0
         self._store_seen = None
-        self._pending_stamp, self._retry_at = stamp, now + self._retry_delay
+        self._look_again_later(stamp, now, problem == self._move_problem)
         if problem == self._move_problem:
             return
         self._move_problem = problem
