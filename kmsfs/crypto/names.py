@@ -2,8 +2,9 @@
 
 Layout (docs/format.md, sections "Directory IV", "Names" and "Long names")::
 
-    <dir>/kmsfs.diriv                 16 random bytes, in every ciphertext directory (root too)
-    names key   = HKDF-SHA256(derive(NAMES_KEY_INFO), info=NAMES_SIV_INFO, 64 bytes)
+    <dir>/kmsfs.diriv                 in every ciphertext directory (root too): its 16-byte IV,
+                                      after a u16 big-endian mk epoch if that is 2 or more
+    names key   = HKDF-SHA256(derive(NAMES_KEY_INFO, epoch), info=NAMES_SIV_INFO, 64 bytes)
     encoded     = base64url_nopad(AES-SIV(names key, ad=[dir IV], plaintext name))
     on-disk name:
       len(encoded) <= LONGNAME_THRESHOLD:  encoded
@@ -12,7 +13,12 @@ Layout (docs/format.md, sections "Directory IV", "Names" and "Long names")::
 
 Encryption is deterministic so that ``lookup`` can compute a disk name without listing the
 directory; the directory IV makes equal names in different directories differ and binds each
-name to its directory. Base64url never yields ``.``, so every disk name that starts with
+name to its directory. Each directory's names are keyed with the ``mk`` epoch its
+``kmsfs.diriv`` names (:class:`VolumeNames`): a directory made after ``kmsfs-admin domain
+rotate`` gets the new epoch, and ``kmsfs reencrypt`` moves older ones to it, so an HSM removed
+before the rotation cannot read their names (docs/format.md, "Key epochs").
+
+Base64url never yields ``.``, so every disk name that starts with
 ``kmsfs.`` is reserved to the format or the fs and hidden from readdir (:func:`is_internal`).
 
 The on-disk name of a plaintext name is unique (canonical): a short name stored as a long name,
@@ -22,6 +28,7 @@ never show up twice in a listing.
 
 import os
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +47,11 @@ from kmsfs.errors import FormatError, IntegrityError
 
 DIRIV_NAME = "kmsfs.diriv"
 DIRIV_SIZE = 16
+"""Length of a directory IV, and of a ``kmsfs.diriv`` of epoch 1 (which has no epoch field)."""
+_EPOCH = struct.Struct(">H")
+DIRIV_EPOCH_SIZE = _EPOCH.size + DIRIV_SIZE
+"""Length of a ``kmsfs.diriv`` of epoch 2 or more: the epoch, then the IV."""
+MAX_EPOCH = 0xFFFF
 
 NAMES_KEY_INFO = b"kmsfs/v1/names"
 """Label the fs passes to ``KeyDeriver.derive`` to get the 32-byte names secret."""
@@ -86,21 +98,52 @@ class DiskName:
         return None if self.long_content is None else self.name + LONGNAME_SUFFIX
 
 
-def new_dir_iv() -> bytes:
-    """Fresh content for a new directory's ``kmsfs.diriv``."""
+def new_dir_iv(epoch: int) -> bytes:
+    """Fresh content for a new directory's ``kmsfs.diriv``, its names keyed at *epoch*: a
+    random IV, after the epoch if that is 2 or more (epoch 1 keeps the format every kmsfs
+    reads)."""
     while True:
         dir_iv = os.urandom(DIRIV_SIZE)
         if dir_iv != bytes(DIRIV_SIZE):
-            return dir_iv
+            return with_epoch(dir_iv, epoch)
+
+
+def with_epoch(dir_iv: bytes, epoch: int) -> bytes:
+    """The ``kmsfs.diriv`` content with the IV of *dir_iv* (either form) at *epoch*: what
+    ``kmsfs reencrypt`` writes to move a directory's names to another epoch."""
+    if not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"key epoch {epoch}: want 1 to {MAX_EPOCH}")
+    iv = iv_of(dir_iv)
+    return iv if epoch == 1 else _EPOCH.pack(epoch) + iv
 
 
 def parse_dir_iv(data: bytes) -> bytes:
-    """Check the bytes read from ``kmsfs.diriv``; FormatError if they cannot be a directory IV."""
-    if len(data) != DIRIV_SIZE:
-        raise FormatError(f"{DIRIV_NAME}: want {DIRIV_SIZE} bytes, have {len(data)}")
-    if data == bytes(DIRIV_SIZE):
+    """Check the bytes read from ``kmsfs.diriv``; FormatError if they cannot be a directory IV.
+
+    Returns them as they are: the name caches key on all of it, so one IV at two epochs never
+    shares an entry. Each epoch has one form (epoch 1 has no epoch field), so a directory's
+    names have one encryption."""
+    if len(data) == DIRIV_EPOCH_SIZE:
+        (epoch,) = _EPOCH.unpack_from(data)
+        if epoch < 2:
+            raise FormatError(f"{DIRIV_NAME}: key epoch {epoch} (1 has no epoch field, 0 is none)")
+    elif len(data) != DIRIV_SIZE:
+        raise FormatError(
+            f"{DIRIV_NAME}: want {DIRIV_SIZE} or {DIRIV_EPOCH_SIZE} bytes, have {len(data)}"
+        )
+    if iv_of(data) == bytes(DIRIV_SIZE):
         raise FormatError(f"{DIRIV_NAME}: all zero")
     return bytes(data)
+
+
+def epoch_of(dir_iv: bytes) -> int:
+    """The ``mk`` epoch that keys the names of a directory with this ``kmsfs.diriv``."""
+    return 1 if len(dir_iv) == DIRIV_SIZE else _EPOCH.unpack_from(dir_iv)[0]
+
+
+def iv_of(dir_iv: bytes) -> bytes:
+    """The IV in a ``kmsfs.diriv`` (the names' associated data), without the epoch."""
+    return dir_iv[-DIRIV_SIZE:]
 
 
 def is_longname(disk_name: str) -> bool:
@@ -133,15 +176,11 @@ def is_valid_name(name: bytes) -> bool:
     )
 
 
-def _check_dir_iv(dir_iv: bytes) -> None:
-    if len(dir_iv) != DIRIV_SIZE:
-        raise FormatError(f"directory IV: want {DIRIV_SIZE} bytes, have {len(dir_iv)}")
-
-
 class NameCipher:
-    """Encrypts and decrypts the names of one volume. Holds only the AEAD object."""
+    """Encrypts and decrypts the names of the directories keyed with one ``mk`` epoch. Holds
+    only the AEAD object."""
 
-    def __init__(self, names_secret: bytes) -> None:
+    def __init__(self, names_secret: bytes, epoch: int = 1) -> None:
         if len(names_secret) != NAMES_SECRET_SIZE:
             raise ValueError(
                 f"names secret: want {NAMES_SECRET_SIZE} bytes, have {len(names_secret)}"
@@ -150,23 +189,37 @@ class NameCipher:
             algorithm=hashes.SHA256(), length=SIV_KEY_SIZE, salt=None, info=NAMES_SIV_INFO
         ).derive(names_secret)
         self._siv = AESSIV(key)
+        self.epoch = epoch
+
+    def _ad(self, dir_iv: bytes) -> list[bytes]:
+        """The associated data for a directory's names: its IV. ValueError for a directory
+        of another epoch (its names are another key's: :class:`VolumeNames` picks)."""
+        if len(dir_iv) not in (DIRIV_SIZE, DIRIV_EPOCH_SIZE):
+            raise FormatError(
+                f"directory IV: want {DIRIV_SIZE} or {DIRIV_EPOCH_SIZE} bytes, have {len(dir_iv)}"
+            )
+        if epoch_of(dir_iv) != self.epoch:
+            raise ValueError(
+                f"a directory of key epoch {epoch_of(dir_iv)}, not {self.epoch}: another key"
+            )
+        return [bytes(iv_of(dir_iv))]
 
     def encrypt(self, dir_iv: bytes, name: bytes) -> str:
         """Deterministically encrypt ``name`` for the directory with ``dir_iv``."""
-        _check_dir_iv(dir_iv)
+        ad = self._ad(dir_iv)
         if not is_valid_name(name):
             raise ValueError("not a valid file name (empty, too long, '/', NUL, '.' or '..')")
-        return b64url_encode(self._siv.encrypt(bytes(name), [bytes(dir_iv)]))
+        return b64url_encode(self._siv.encrypt(bytes(name), ad))
 
     def decrypt(self, dir_iv: bytes, encoded: str) -> bytes:
         """Decrypt an encoded name; IntegrityError if it is not one of this directory's names."""
-        _check_dir_iv(dir_iv)
+        ad = self._ad(dir_iv)
         try:
             data = b64url_decode(encoded)
         except ValueError:
             raise IntegrityError("encrypted name: not canonical base64url") from None
         try:
-            name = self._siv.decrypt(data, [bytes(dir_iv)])
+            name = self._siv.decrypt(data, ad)
         except InvalidTag:
             raise IntegrityError("encrypted name: authentication failed") from None
         if not is_valid_name(name):
@@ -198,3 +251,40 @@ class NameCipher:
         if len(encoded) <= LONGNAME_THRESHOLD:
             raise IntegrityError(f"long name {disk_name}: sidecar holds a short name")
         return self.decrypt(dir_iv, encoded)
+
+
+class VolumeNames:
+    """The names of one volume, each directory's keyed with the ``mk`` epoch of its
+    ``kmsfs.diriv``: the same calls as :class:`NameCipher`, which it picks by that epoch.
+
+    *secret_of(epoch)* gives the names secret of an epoch (``derive(NAMES_KEY_INFO, epoch)``,
+    in the HSM), asked once per epoch the volume uses, when first needed; an epoch the Domain
+    does not have is its IntegrityError.
+    """
+
+    def __init__(self, secret_of: Callable[[int], bytes]) -> None:
+        self._secret_of = secret_of
+        self._ciphers: dict[int, NameCipher] = {}
+
+    def check(self, dir_iv: bytes) -> NameCipher:
+        """The cipher of this directory's epoch (derived now if it is the first of that
+        epoch); IntegrityError if the Domain lacks that epoch."""
+        epoch = epoch_of(dir_iv)
+        cipher = self._ciphers.get(epoch)
+        if cipher is None:
+            cipher = self._ciphers[epoch] = NameCipher(self._secret_of(epoch), epoch)
+        return cipher
+
+    def encrypt(self, dir_iv: bytes, name: bytes) -> str:
+        return self.check(dir_iv).encrypt(dir_iv, name)
+
+    def decrypt(self, dir_iv: bytes, encoded: str) -> bytes:
+        return self.check(dir_iv).decrypt(dir_iv, encoded)
+
+    def encrypt_to_disk(self, dir_iv: bytes, name: bytes) -> DiskName:
+        return self.check(dir_iv).encrypt_to_disk(dir_iv, name)
+
+    def decrypt_from_disk(
+        self, dir_iv: bytes, disk_name: str, read_sidecar: Callable[[], str]
+    ) -> bytes:
+        return self.check(dir_iv).decrypt_from_disk(dir_iv, disk_name, read_sidecar)

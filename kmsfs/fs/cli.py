@@ -34,6 +34,7 @@ from kmsfs.fs import (
     volumepin,
 )
 from kmsfs.fs.config import CONFIG_NAME, VolumeConfig, bundle_names, shown
+from kmsfs.fs.reencrypt_names import check_not_rekeying
 from kmsfs.fs.volume import (
     check_mountpoint,
     check_root_only,
@@ -112,7 +113,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         domain_id=kms.domain_id_of(desc),
         domain_bundle=bundle,
     )
-    create_volume(Path(args.cipherdir), config)
+    # The root's names at the Domain's current epoch (its epochs are 1 to "epochs").
+    create_volume(Path(args.cipherdir), config, int(desc.get("epochs") or 1))
     try:  # a new volume here is the operator's doing: whatever the record said, it is this now
         volumepin.remember(Path(args.cipherdir), config.domain_name, _store_root(config),
                            replace=True)
@@ -141,6 +143,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
     # Busy (mounted, being re-encrypted) is said before anything is touched: the daemon takes
     # the lock for good only after its HSM login and its log file (DESIGN §2.6).
     os.close(lock_for_mount(Path(args.cipherdir)))
+    check_not_rekeying(Path(args.cipherdir))  # after "busy": a running reencrypt has it too
     agent = _agent(args)
     store = Path(".")
     if agent is not None:  # the agent verifies against its own root and checks its policy
@@ -540,6 +543,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             old = sum(n for e, n in report.epochs.items() if current and e < current)
             tail = f"; {old} below the current epoch {current}" if old else ""
             print(f"files per key epoch: {per}{tail}")
+        if report.name_epochs:
+            per = ", ".join(f"epoch {e}: {n}" for e, n in sorted(report.name_epochs.items()))
+            current = report.current_epoch
+            old = sum(n for e, n in report.name_epochs.items() if current and e < current)
+            tail = f"; {old} below the current epoch {current}" if old else ""
+            print(f"directories per key epoch of their names: {per}{tail}")
     return exitcodes.OK if report.clean else exitcodes.DAMAGED
 
 
@@ -567,6 +576,9 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         )
         print(f"files per key epoch: before {per(summary.epochs_before)}; "
               f"after {per(summary.epochs_after)}")
+        print(f"directories per key epoch of their names: before "
+              f"{per(summary.name_epochs_before)}; after {per(summary.name_epochs_after)} "
+              f"({summary.dirs_rekeyed} re-keyed)")
     return exitcodes.DAMAGED if summary.failed else exitcodes.OK
 
 

@@ -56,6 +56,12 @@ FLAG_LONG_XATTR_NAMES = "LongXattrNames"
 sealed name in front of the value (docs/format.md, "Long xattr names"). Without it they are
 ERANGE; kmsfs builds that predate the flag refuse the volume rather than hide such names."""
 
+FLAG_NAME_EPOCHS = "NameEpochs"
+"""A directory's names may be keyed with an ``mk`` epoch after 1, which its ``kmsfs.diriv``
+names (docs/format.md, "Key epochs"): ``kmsfs reencrypt`` moves names only on a volume that has
+it. kmsfs builds that predate the flag refuse the volume, as they cannot read such a
+``kmsfs.diriv``."""
+
 #: Flags written into a new volume, in a fixed order.
 DEFAULT_FLAGS = (
     FLAG_GCM_4096,
@@ -65,6 +71,7 @@ DEFAULT_FLAGS = (
     FLAG_XATTR,
     FLAG_KEY_EPOCHS,
     FLAG_LONG_XATTR_NAMES,
+    FLAG_NAME_EPOCHS,
 )
 #: Flags this build understands: all it writes (a new flag is written as soon as it is known).
 #: A config naming any other flag refuses to mount.

@@ -226,6 +226,7 @@ def serve(
     """Mount *cipherdir* at *mountpoint* and serve until unmounted, or stopped by SIGTERM or
     SIGINT (:func:`watch_signals`)."""
     from kmsfs.fs.entries import KmsfsOps  # fs operations import pyfuse3-heavy modules
+    from kmsfs.fs.reencrypt_names import check_not_rekeying
     from kmsfs.fs.volume import check_root_only, lock_for_mount
 
     os.umask(0)  # the kernel already applied the caller's umask; modes arrive final
@@ -245,6 +246,7 @@ def serve(
         signal.signal(signal.SIGHUP, hup_handler)
         raise
     try:
+        check_not_rekeying(cipherdir)  # again, now that no kmsfs reencrypt can start
         if LOW_LATENCY in options:
             latency = _open_latency_request()
         ops = KmsfsOps(cipherdir, deriver)

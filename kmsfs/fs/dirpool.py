@@ -32,10 +32,11 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kmsfs.atomicfile import fsync_dir
-from kmsfs.crypto.names import DIRIV_NAME, parse_dir_iv
+from kmsfs.crypto.names import DIRIV_NAME, epoch_of, parse_dir_iv
 from kmsfs.errors import FormatError
 from kmsfs.fs.names import DIR_FLAGS, DIRIV, TEMP_PREFIX, make_dir_with_iv
 from kmsfs.fs.posix import read_internal_file, rename_noreplace
@@ -70,30 +71,30 @@ def is_own_dir(st: os.stat_result, owner: int) -> bool:
 def is_whole_at(pool_fd: int, name: bytes, owner: int) -> bool:
     """*name* in the pool open as *pool_fd* is a ready directory: *owner*'s, mode 0700,
     holding a well-formed IV and nothing else."""
-    return _holds_only_an_iv(pool_fd, name, owner)
+    return _iv_alone(pool_fd, name, owner) is not None
 
 
-def _holds_only_an_iv(pool_fd: int, name: bytes, owner: int | None) -> bool:
-    """*name* is a directory holding a well-formed IV and nothing else; with *owner*, also
-    *owner*'s and mode 0700 (None: whatever its owner and mode, as a mkdir left it)."""
+def _iv_alone(pool_fd: int, name: bytes, owner: int | None) -> bytes | None:
+    """The IV of *name*, if it is a directory holding a well-formed IV and nothing else; with
+    *owner*, also *owner*'s and mode 0700 (None: whatever its owner and mode, as a mkdir left
+    it). None if it is not."""
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=pool_fd)
     except OSError:
-        return False
+        return None
     try:
         st = os.fstat(fd)
         if owner is not None and (
             not is_own_dir(st, owner) or stat.S_IMODE(st.st_mode) != 0o700
         ):
-            return False
+            return None
         if os.listdir(fd) != [DIRIV_NAME]:
-            return False
-        parse_dir_iv(read_internal_file(DIRIV, 64, dir_fd=fd))
+            return None
+        return parse_dir_iv(read_internal_file(DIRIV, 64, dir_fd=fd))
     except (OSError, FormatError):
-        return False
+        return None
     finally:
         os.close(fd)
-    return True
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,16 @@ class DirPool:
     """Ready directories in ``<root>/kmsfs.newdirs`` and the thread that makes them.
 
     :meth:`take` runs on the daemon's request thread and never blocks: with nothing ready it
-    returns None and mkdir does the fsyncs itself.
+    returns None and mkdir does the fsyncs itself. The thread makes each directory with its
+    names keyed at ``epoch()`` (the Domain's current epoch, which a rotation moves): one made
+    before a rotation is removed when it comes up, not handed out.
     """
 
-    def __init__(self, root: bytes, size: int = POOL_SIZE) -> None:
+    def __init__(self, root: bytes, epoch: Callable[[], int], size: int = POOL_SIZE) -> None:
         self.path = root + b"/" + POOL_DIR_B
         self.size = size
-        self._ready: collections.deque[bytes] = collections.deque()
+        self._epoch = epoch
+        self._ready: collections.deque[tuple[bytes, int]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,9 +163,11 @@ class DirPool:
         for name in found:
             if name.startswith(_TEMP):
                 self._remove(name)
-            elif is_ready_name(name) and is_whole_at(self._fd, name, owner):
-                self._ready.append(name)
-            elif is_ready_name(name) and _holds_only_an_iv(self._fd, name, None):
+                continue
+            dir_iv = _iv_alone(self._fd, name, owner) if is_ready_name(name) else None
+            if dir_iv is not None:
+                self._ready.append((name, epoch_of(dir_iv)))
+            elif is_ready_name(name) and _iv_alone(self._fd, name, None) is not None:
                 # Taken by a mkdir that the daemon's death cut short after its chmod (or the
                 # chown to its caller) and before its rename into place: never visible.
                 self._remove(name)
@@ -173,14 +179,19 @@ class DirPool:
         self._thread = threading.Thread(target=self._fill, name="kmsfs-dirpool", daemon=True)
         self._thread.start()
 
-    def take(self) -> ReadyDir | None:
-        """A ready directory (mode 0700, owned by the daemon), opened; or None."""
+    def take(self, epoch: int) -> ReadyDir | None:
+        """A ready directory (mode 0700, owned by the daemon) whose names are keyed at
+        *epoch*, opened; or None. Ready ones of another epoch (made before a rotation) are
+        removed on the way."""
         self._wake.set()
         while True:
             try:
-                name = self._ready.popleft()
+                name, made_at = self._ready.popleft()
             except IndexError:
                 return None
+            if made_at != epoch:
+                self._remove(name)
+                continue
             try:
                 return ReadyDir(name, os.open(name, DIR_FLAGS, dir_fd=self._fd), self._fd)
             except OSError as exc:  # removed by hand meanwhile: the next one, or none
@@ -202,19 +213,21 @@ class DirPool:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            epoch = self._epoch()
             try:
-                name = self._make_one()
+                name = self._make_one(epoch)
             except OSError as exc:
                 log.warning("could not make a directory ahead (%s); mkdir makes its own", exc)
                 self._stop.wait(RETRY_SECONDS)
                 continue
-            self._ready.append(name)
+            self._ready.append((name, epoch))
 
-    def _make_one(self) -> bytes:
-        """One directory with its IV fsync'd, and the entry naming the IV; its ready name."""
+    def _make_one(self, epoch: int) -> bytes:
+        """One directory with its IV (at *epoch*) fsync'd, and the entry naming the IV; its
+        ready name."""
         name = secrets.token_hex(8).encode()
         temp = _TEMP + name
-        os.close(make_dir_with_iv(temp, dir_fd=self._fd))
+        os.close(make_dir_with_iv(temp, epoch, dir_fd=self._fd))
         try:
             os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         except BaseException:

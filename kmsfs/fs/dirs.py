@@ -39,10 +39,12 @@ MAX_HIDDEN_DEPTH = 8
 def make_dir(
     path: bytes,
     mode: int,
+    epoch: int,
     prepare: Callable[[int], None] | None = None,
     pool: DirPool | None = None,
 ) -> None:
-    """Make the ciphertext directory *path* with its IV; FileExistsError if the name exists.
+    """Make the ciphertext directory *path* with its IV, its names keyed at *epoch* (the
+    Domain's current one); FileExistsError if the name exists.
 
     *prepare* (ownership, say) runs on a descriptor of the directory before it gets its visible
     name, so a crash never leaves it visible with the daemon's owner either. A directory from
@@ -52,12 +54,12 @@ def make_dir(
     """
     if os.path.lexists(reach(path)):  # fail before any work, as mkdir(2) would
         raise FileExistsError(errno.EEXIST, "file exists", path)
-    ready = pool.take() if pool is not None else None
+    ready = pool.take(epoch) if pool is not None else None
     if ready is not None:
         fd = ready.fd
     else:
         temp = temp_path(os.path.dirname(path))
-        fd = make_dir_with_iv(temp)
+        fd = make_dir_with_iv(temp, epoch)
     try:
         os.chmod(fd, mode)
         if prepare is not None:
@@ -89,11 +91,11 @@ def check_empty(path: bytes) -> list[tuple[bytes, bool]]:
     return entries
 
 
-def remove_empty_dir(path: bytes) -> None:
+def remove_empty_dir(path: bytes, epoch: int) -> None:
     """rmdir of a ciphertext directory that lists as empty; ENOTEMPTY (nothing changed) if not.
 
     Hidden first, then emptied and removed; if the removal fails, it gets its name back (with a
-    new IV if its own is gone: it holds no name the IV could have encrypted).
+    new IV, at *epoch*, if its own is gone: it holds no name the IV could have encrypted).
     """
     entries = check_empty(path)
     hidden = hide(path)
@@ -102,7 +104,7 @@ def remove_empty_dir(path: bytes) -> None:
     except BaseException:
         with contextlib.suppress(OSError):
             if not os.path.lexists(reach(hidden + b"/" + DIRIV)):
-                write_dir_iv(hidden)
+                write_dir_iv(hidden, epoch)
             rename_noreplace(hidden, path)
         raise
 

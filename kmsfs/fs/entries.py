@@ -22,7 +22,6 @@ import pyfuse3
 import trio
 
 from kmsfs.atomicfile import fsync_dir, write_new
-from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
 from kmsfs.crypto.symlinks import (
     LONGLINK_DIR,
     LONGLINK_DIR_B,
@@ -44,6 +43,7 @@ from kmsfs.fs.names import (
     TEMP_PREFIX,
     DirNames,
     check_name,
+    names_of_volume,
     remove_sidecar,
     undo_sidecar,
     write_sidecar,
@@ -85,11 +85,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         super().__init__()
         root = os.fsencode(os.path.abspath(cipherdir))
         self.table = InodeTable(root, os.lstat(root).st_ino)
-        # Names, symlink targets and xattrs are keyed with epoch 1 for the volume's life: a
-        # rotation re-keys file contents only (docs/format.md, "Key epochs").
-        self.names = DirNames(NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH)))
-        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
         config = volconfig.load(Path(cipherdir))
+        self._deriver = deriver
+        # Each directory's names are keyed with the epoch its IV names (new directories: the
+        # current one); symlink targets and xattrs with epoch 1 for the volume's life
+        # (docs/format.md, "Key epochs").
+        self.names = DirNames(names_of_volume(deriver))
+        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
         self.xattrs = Xattrs(
             XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH)),
             long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES),
@@ -134,6 +136,12 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         except OSError as exc:
             log.warning("%s: leftovers not removed (%s)", LONGLINK_DIR, exc.strerror)
 
+    def new_dir_epoch(self) -> int:
+        """The epoch a new directory's names are keyed with: the Domain's current one, which
+        a mount following its Domain's rotations moves (so new names are out of reach of an
+        HSM removed before the rotation)."""
+        return int(self._deriver.current_epoch)
+
     def start_dir_pool(self) -> None:
         """Keep new directories ready for mkdir (:mod:`kmsfs.fs.dirpool`), if this daemon can.
 
@@ -142,7 +150,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         """
         if os.geteuid() != 0:
             return
-        pool = DirPool(self.table.root_path)
+        pool = DirPool(self.table.root_path, self.new_dir_epoch)
         try:
             pool.open()
         except OSError as exc:
@@ -354,7 +362,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         def make(path: bytes, own_new: Any) -> None:
-            dirs.make_dir(path, stat.S_IMODE(mode), prepare=own_new, pool=self.pool)
+            dirs.make_dir(path, stat.S_IMODE(mode), self.new_dir_epoch(), prepare=own_new,
+                          pool=self.pool)
 
         return await self._make(parent_inode, name, make, ctx.uid, ctx.gid, mode)
 
@@ -452,7 +461,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         path = dirpath + b"/" + cname
         watch = dirs.RemovalWatch(path)
         try:
-            dirs.remove_empty_dir(path)
+            dirs.remove_empty_dir(path, self.new_dir_epoch())
         finally:
             watch.close()
         remove_sidecar(dirpath, cname)

@@ -37,8 +37,7 @@ from kmsfs.crypto import content
 from kmsfs.crypto.names import (
     DIRIV_NAME,
     LONGNAME_SUFFIX,
-    NAMES_KEY_INFO,
-    NameCipher,
+    epoch_of,
     is_internal,
     is_sidecar,
 )
@@ -50,7 +49,7 @@ from kmsfs.fs import kms
 from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
-from kmsfs.fs.names import DirIvError, read_dir_iv
+from kmsfs.fs.names import DirIvError, names_of_volume, read_dir_iv
 from kmsfs.fs.posix import dir_no_follow, read_internal_file
 from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_resume import TIMES_XATTR
@@ -88,6 +87,8 @@ class Report:
     warnings: list[Problem] = field(default_factory=list)
     epochs: dict[int, int] = field(default_factory=dict)
     """Non-empty regular files (each inode once) per the ``mk`` epoch their header names."""
+    name_epochs: dict[int, int] = field(default_factory=dict)
+    """Directories (the root too) per the ``mk`` epoch their names are keyed with."""
     current_epoch: int | None = None
     """The Domain's current epoch (what new data is keyed with), if the deriver tells."""
 
@@ -97,6 +98,7 @@ class Report:
             "checked": dict(self.checked),
             "current_epoch": self.current_epoch,
             "epochs": {str(k): v for k, v in sorted(self.epochs.items())},
+            "name_epochs": {str(k): v for k, v in sorted(self.name_epochs.items())},
             "problems": [asdict(p) for p in self.problems],
             "warnings": [asdict(p) for p in self.warnings],
         }
@@ -114,8 +116,9 @@ class _Checker:
     ) -> None:
         self.root = root
         self.deriver = deriver
-        # Names and symlink targets stay keyed with epoch 1 (docs/format.md, "Key epochs").
-        self.names = NameCipher(deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH))
+        # Each directory's names at its IV's epoch; symlink targets and xattrs stay keyed with
+        # epoch 1 (docs/format.md, "Key epochs").
+        self.names = names_of_volume(deriver)
         self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
         self.xattr_cipher = XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH))
         self.advance = advance or (lambda n: None)
@@ -184,6 +187,14 @@ class _Checker:
         except DirIvError as exc:
             dir_iv = None
             self.damage("diriv", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
+        if dir_iv is not None:
+            epochs = self.report.name_epochs
+            epochs[epoch_of(dir_iv)] = epochs.get(epoch_of(dir_iv), 0) + 1
+            try:
+                self.names.check(dir_iv)  # an epoch the Domain lacks
+            except IntegrityError as exc:
+                dir_iv = None
+                self.damage("epoch", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
         try:
             entries = sorted(os.fsdecode(n) for n in list_unread(_reach(cdir)))
         except PermissionError as exc:  # as for files: a mode that shuts this user out

@@ -21,8 +21,9 @@ from kmsfs.crypto.names import (
     DIRIV_NAME,
     LONGNAME_SUFFIX,
     MAX_NAME_BYTES,
+    NAMES_KEY_INFO,
     DiskName,
-    NameCipher,
+    VolumeNames,
     is_internal,
     is_longname,
     is_valid_name,
@@ -32,6 +33,7 @@ from kmsfs.crypto.names import (
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.posix import read_internal_file
+from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,21 @@ DIRIV = DIRIV_NAME.encode()
 TEMP_PREFIX = "kmsfs.tmp."
 #: Opening a directory of the tree: never through a symlink put in its place.
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def names_of_volume(deriver: KeyDeriver) -> VolumeNames:
+    """The names of a volume keyed by *deriver*'s Domain: each epoch's name key derived in the
+    HSM when a directory of that epoch is first met.
+
+    A retired epoch's names are still read, as its symlink targets and xattrs are (the volume
+    keys are exempt from retirement: docs/format.md, "Key epochs"): a directory left at an
+    epoch before the retirement holds files written since at newer ones, which must stay
+    reachable, and ``kmsfs reencrypt`` must still be able to move its names."""
+
+    def secret_of(epoch: int) -> bytes:
+        return deriver.derive(NAMES_KEY_INFO, epoch=epoch)
+
+    return VolumeNames(secret_of)
 
 
 class DirIvError(IntegrityError):
@@ -60,10 +77,10 @@ def temp_path(dirpath: bytes) -> bytes:
     return dirpath + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8))
 
 
-def make_dir_with_iv(path: bytes, dir_fd: int | None = None) -> int:
-    """Make the directory *path* (mode 0700) with its IV, fsync'd, and fsync the directory, so
-    the entry naming the IV is on disk too; return a descriptor of the directory. Nothing is
-    left if it fails. With *dir_fd*, *path* is a name in that directory.
+def make_dir_with_iv(path: bytes, epoch: int, dir_fd: int | None = None) -> int:
+    """Make the directory *path* (mode 0700) with its IV (names keyed at *epoch*), fsync'd, and
+    fsync the directory, so the entry naming the IV is on disk too; return a descriptor of the
+    directory. Nothing is left if it fails. With *dir_fd*, *path* is a name in that directory.
 
     The only way kmsfs makes a directory that may get a visible name (kmsfs.fs.dirs,
     kmsfs.fs.dirpool): without both fsyncs, a power cut could keep its names and lose the IV.
@@ -77,7 +94,7 @@ def make_dir_with_iv(path: bytes, dir_fd: int | None = None) -> int:
             os.rmdir(where, dir_fd=dir_fd)
         raise
     try:
-        write_dir_iv_at(fd)
+        write_dir_iv_at(fd, epoch)
         os.fsync(fd)  # the entry naming the IV, not only its bytes
     except BaseException:
         with contextlib.suppress(OSError):
@@ -89,23 +106,24 @@ def make_dir_with_iv(path: bytes, dir_fd: int | None = None) -> int:
     return fd
 
 
-def write_dir_iv(dirpath: bytes) -> bytes:
-    """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, and return it."""
+def write_dir_iv(dirpath: bytes, epoch: int) -> bytes:
+    """Create ``dirpath/kmsfs.diriv`` (exclusively) with a fresh IV at *epoch*, fsync'd, and
+    return it."""
     fd = os.open(reach(dirpath), DIR_FLAGS)
     try:
-        return write_dir_iv_at(fd)
+        return write_dir_iv_at(fd, epoch)
     finally:
         os.close(fd)
 
 
-def write_dir_iv_at(dir_fd: int) -> bytes:
-    """Create ``kmsfs.diriv`` (exclusively) with a fresh IV, fsync'd, in the directory open as
-    *dir_fd*, and return it.
+def write_dir_iv_at(dir_fd: int, epoch: int) -> bytes:
+    """Create ``kmsfs.diriv`` (exclusively) with a fresh IV, its names keyed at *epoch*,
+    fsync'd, in the directory open as *dir_fd*, and return it.
 
     Every name in the directory is encrypted with the IV, so it must reach the disk before any
     of them can: without the fsync, a power cut could keep the names and lose the IV.
     """
-    dir_iv = new_dir_iv()
+    dir_iv = new_dir_iv(epoch)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(DIRIV, flags, 0o440, dir_fd=dir_fd)
     try:
@@ -138,6 +156,8 @@ NAME_CACHE_SIZE = 16384
 class DirNames:
     """Name encryption for one volume; caches directory IVs by FUSE inode (trio thread only).
 
+    Each directory's names are keyed with the epoch its IV names (:class:`VolumeNames`).
+
     It also keeps the last :data:`NAME_CACHE_SIZE` names in each direction: (directory IV,
     name) -> disk name, since the kernel asks about one name several times in a row (a lookup
     then a create, a listing then an unlink), and (directory IV, short disk name) -> name, since
@@ -147,7 +167,7 @@ class DirNames:
     is never found there: it is decrypted, and refused, as always.
     """
 
-    def __init__(self, cipher: NameCipher) -> None:
+    def __init__(self, cipher: VolumeNames) -> None:
         self._cipher = cipher
         self._ivs: dict[int, bytes] = {}
         # OrderedDict, not dict: evicting the oldest from a full dict (del d[next(iter(d))])
@@ -157,9 +177,13 @@ class DirNames:
         self._plain: OrderedDict[tuple[bytes, str], bytes] = OrderedDict()
 
     def dir_iv(self, ino: int, dirpath: bytes) -> bytes:
+        """The IV of directory *ino* (read once); IntegrityError if the Domain lacks the epoch
+        of its names (whose key is derived here, on the trio thread, so :meth:`list_dir` in a
+        worker thread never derives)."""
         dir_iv = self._ivs.get(ino)
         if dir_iv is None:
             dir_iv = read_dir_iv(dirpath)
+            self._cipher.check(dir_iv)
             self._ivs[ino] = dir_iv
         return dir_iv
 
@@ -233,7 +257,7 @@ class DirNames:
         return out
 
 
-def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
+def write_sidecar(dirpath: bytes, disk: DiskName, temp_prefix: str = TEMP_PREFIX) -> bool:
     """Write the long-name sidecar (if any) before the entry; True if one was written.
 
     Atomically (``kmsfs.tmp.*`` file, fsync, rename, fsync the directory): the sidecar of a name
@@ -245,7 +269,7 @@ def write_sidecar(dirpath: bytes, disk: DiskName) -> bool:
         return False
     path = dirpath + b"/" + os.fsencode(disk.name + LONGNAME_SUFFIX)
     data = disk.long_content.encode("ascii")
-    replace(Path(os.fsdecode(reach(path))), data, 0o440, temp_prefix=TEMP_PREFIX, parents=False)
+    replace(Path(os.fsdecode(reach(path))), data, 0o440, temp_prefix=temp_prefix, parents=False)
     return True
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 
-from kmsfs.crypto.names import LONGNAME_SUFFIX, NameCipher
+from kmsfs.crypto.names import LONGNAME_SUFFIX, VolumeNames
 from kmsfs.errors import IntegrityError
 from kmsfs.fs.names import read_dir_iv
 from kmsfs.fs.posix import read_internal_file
 
 
-def plain_path(root: bytes, rel: bytes, names: NameCipher) -> str | None:
+def plain_path(root: bytes, rel: bytes, names: VolumeNames) -> str | None:
     """``/``-rooted plaintext path of *rel* (a ciphertext path relative to the volume's root
     *root*), or None if a name on the way does not decrypt or cannot be read."""
     plain: list[str] = []

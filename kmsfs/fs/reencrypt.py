@@ -33,19 +33,21 @@ from typing import Any
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto import content
-from kmsfs.crypto.names import NAMES_KEY_INFO, NameCipher
+from kmsfs.crypto.names import VolumeNames
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
+from kmsfs.fs.names import names_of_volume
 from kmsfs.fs.plainpath import plain_path
 from kmsfs.fs.progress import Progress
+from kmsfs.fs.reencrypt_names import NameRekeyer
 from kmsfs.fs.reencrypt_resume import DirTimes, rejoin
 from kmsfs.fs.reencrypt_rewrite import Rewriter
 from kmsfs.fs.reencrypt_walk import Inode, owner_access, read_header, walk
 from kmsfs.fs.volume import check_root_only, lock_exclusive
-from kmsfs.keys import FIRST_EPOCH, KeyDeriver
+from kmsfs.keys import KeyDeriver
 
 
 @dataclass
@@ -79,6 +81,11 @@ class Summary:
     """Ciphertext bytes written."""
     epochs_before: dict[int, int] = field(default_factory=dict)
     epochs_after: dict[int, int] = field(default_factory=dict)
+    dirs_rekeyed: int = 0
+    """Directories whose names moved to the current epoch (or finished moving)."""
+    name_epochs_before: dict[int, int] = field(default_factory=dict)
+    """Directories per the epoch their names are keyed with, before and after the run."""
+    name_epochs_after: dict[int, int] = field(default_factory=dict)
     failed: list[Failure] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -95,6 +102,9 @@ class Summary:
             "bytes": self.bytes,
             "epochs_before": {str(k): v for k, v in sorted(self.epochs_before.items())},
             "epochs_after": {str(k): v for k, v in sorted(self.epochs_after.items())},
+            "dirs_rekeyed": self.dirs_rekeyed,
+            "name_epochs_before": {str(k): v for k, v in sorted(self.name_epochs_before.items())},
+            "name_epochs_after": {str(k): v for k, v in sorted(self.name_epochs_after.items())},
             "failed": [{"path": f.path, "cipher_path": f.cipher_path, "detail": f.detail}
                        for f in self.failed],
         }
@@ -112,22 +122,33 @@ class _Job:
         self.times = DirTimes()
         """The directories' own times: put back after each change, and at the end."""
         self.rewriter = Rewriter(self.keys, self.current, self.times, self.summary, self.advance)
-        self._names: NameCipher | None = None
+        self._names: VolumeNames | None = None
+        self.dirs: list[bytes] = []
 
     def rel(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.root))
 
     def fail(self, path: bytes, detail: str) -> None:
-        if self._names is None:  # derived at the first failure: a clean run needs no name key
-            self._names = NameCipher(self.deriver.derive(NAMES_KEY_INFO, epoch=FIRST_EPOCH))
+        if self._names is None:  # keys derived at the first failure that needs them
+            self._names = names_of_volume(self.deriver)
         plain = plain_path(self.root, os.fsencode(self.rel(path)), self._names)
         self.summary.failed.append(Failure(self.rel(path), detail, plain))
+
+    def moved(self, old: bytes, new: bytes) -> None:
+        """An entry's name moved to a new key: failures reported at or below its old path
+        name it by its new one (the ciphertext path a user finds after the run)."""
+        before, after = self.rel(old), self.rel(new)
+        for failure in self.summary.failed:
+            path = failure.cipher_path
+            if path == before or path.startswith(before + "/"):
+                failure.cipher_path = after + path[len(before):]
 
     # pass 1: find inodes and their epochs
 
     def scan(self) -> list[Inode]:
         journal.replay(self.root, self.keys.cipher)  # blocks a killed daemon tore, put back
         tree = walk(self.root)
+        self.dirs = list(tree.dirs)
         self.times.found(tree)
         temps, rejoined = rejoin(tree.temps, tree.files, self.times) if tree.temps else ([], 0)
         self.summary.links_rejoined += rejoined
@@ -192,10 +213,21 @@ class _Job:
             self.summary.rewritten += 1
             self.summary.extra_links += len(node.paths) - 1
 
+    # pass 3: names (after the files, whose paths are the walk's: it renames entries)
+
+    def rekey_names(self) -> None:
+        rekeyer = NameRekeyer(self.root, names_of_volume(self.deriver),
+                              self.current, self.times, self.fail, self.moved)
+        rekeyer.run(self.dirs)
+        self.summary.dirs_rekeyed = rekeyer.rekeyed
+        self.summary.name_epochs_before = rekeyer.epochs_before
+        self.summary.name_epochs_after = rekeyer.epochs_after
+
 
 #: Flags a volume made before them can take as it is: they change what is written from then
 #: on, and nothing already on disk needs them.
-UPGRADE_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES)
+UPGRADE_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES,
+                 volconfig.FLAG_NAME_EPOCHS)
 
 
 def upgrade_config(cipherdir: Path) -> list[str]:
@@ -210,9 +242,18 @@ def upgrade_config(cipherdir: Path) -> list[str]:
     return added
 
 
-def _no_flag(cipherdir: Path) -> UsageError:
+#: Flags a volume must have before a run (else --upgrade adds them first): KeyEpochs for
+#: version 2 headers, NameEpochs for a ``kmsfs.diriv`` after epoch 1.
+NEEDED_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_NAME_EPOCHS)
+
+
+def _missing_flag(config: volconfig.VolumeConfig) -> str | None:
+    return next((flag for flag in NEEDED_FLAGS if not config.has(flag)), None)
+
+
+def _no_flag(cipherdir: Path, flag: str) -> UsageError:
     return UsageError(
-        f"{cipherdir}: volume has no KeyEpochs flag (made before it): run "
+        f"{cipherdir}: volume has no {flag} flag (made before it): run "
         "'kmsfs reencrypt --upgrade' to add it (kmsfs older than the flag will then refuse "
         "to mount the volume)"
     )
@@ -240,8 +281,8 @@ def reencrypt_tree(
     lock = lock_exclusive(cipherdir)
     try:
         config = volconfig.load(cipherdir)
-        if not upgrade and not config.has(volconfig.FLAG_KEY_EPOCHS):
-            raise _no_flag(cipherdir)
+        if not upgrade and (flag := _missing_flag(config)) is not None:
+            raise _no_flag(cipherdir, flag)
         root = os.lstat(cipherdir)  # rewriting kmsfs.conf moves the (plaintext) root's times
         try:  # kmsfs.conf is replaced in the root, which its owner may have made read-only
             with owner_access(os.fsencode(cipherdir), stat.S_IWUSR | stat.S_IXUSR):
@@ -261,6 +302,8 @@ def reencrypt_tree(
                 total(sum(n.st.st_size for n in nodes
                           if n.header is not None and n.header.epoch < job.current))
             job.run(nodes)
+            job.times.finish()  # by the paths the walk found, before names move them
+            job.rekey_names()
         finally:
             job.times.finish()
         return job.summary
@@ -300,8 +343,8 @@ def reencrypt(
     check_root_only(cipherdir)
     os.close(lock_exclusive(cipherdir))  # refuse a mounted volume before opening an HSM
     config = volconfig.load(cipherdir)
-    if not upgrade and not config.has(volconfig.FLAG_KEY_EPOCHS):
-        raise _no_flag(cipherdir)
+    if not upgrade and (flag := _missing_flag(config)) is not None:
+        raise _no_flag(cipherdir, flag)
     kms.check_bundle(
         store, config.domain_bundle, str(cipherdir), want_id=config.domain_id, agent=agent
     )

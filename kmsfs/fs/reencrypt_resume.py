@@ -25,7 +25,14 @@ import stat
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.fs.longpath import reach
-from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, Tree, epoch_of, owner_access
+from kmsfs.fs.reencrypt_walk import (
+    REKEY_NAME,
+    TEMP_PREFIX,
+    Tree,
+    epoch_of,
+    fingerprint_now,
+    owner_access,
+)
 
 TIMES_XATTR = "trusted.kmsfs.reencrypt-times"
 """On a directory whose entries a run is changing: ``<atime_ns> <mtime_ns> <fingerprint>``
@@ -55,7 +62,9 @@ class DirTimes:
     def _saved_times(self, d: bytes) -> None:
         """Take the times a killed run saved on *d* as the ones to put back, if its entries
         are still those it saw; a marker they no longer match (a mount changed the directory
-        since, so its times are the mount's) is dropped."""
+        since, so its times are the mount's) is dropped. A directory whose names a killed run
+        was moving to another key (``kmsfs.diriv.rekey``) had names that changed, and no mount
+        since (one refuses the volume then): its saved times stand."""
         try:
             raw = os.getxattr(reach(d), TIMES_XATTR, follow_symlinks=False)
         except OSError:
@@ -63,6 +72,7 @@ class DirTimes:
         fields = raw.split(b" ")
         if len(fields) == 3 and fields[0].isdigit() and fields[1].isdigit() and (
             fields[2].decode("ascii", "replace") == self.prints[d]
+            or os.path.lexists(reach(d + b"/" + REKEY_NAME.encode()))
         ):
             self.dir_times[d] = (int(fields[0]), int(fields[1]))
             self.marked.add(d)
@@ -88,11 +98,32 @@ class DirTimes:
         fsync_dir(reach(d))
         self.marked.add(d)
 
+    def names_moved(self, d: bytes) -> None:
+        """*d*'s entries have their names under a new key: the saved copy of its times is to
+        match them from now on (as a killed run's next run will find them)."""
+        self.prints[d] = fingerprint_now(d)
+        if d not in self.marked:
+            return
+        atime, mtime = self.dir_times[d]
+        value = f"{atime} {mtime} {self.prints[d]}".encode("ascii")
+        os.setxattr(reach(d), TIMES_XATTR, value, follow_symlinks=False)
+        fsync_dir(reach(d))
+
     def restore_dir_times(self, d: bytes) -> None:
         times = self.dir_times.get(d)
         if times is not None:
             with contextlib.suppress(OSError):
                 os.utime(reach(d), ns=times, follow_symlinks=False)
+
+    def done_with(self, d: bytes) -> None:
+        """Put back *d*'s times now and drop their saved copy: the names pass is done with
+        it, and renames in its parent are about to move its path."""
+        self.restore_dir_times(d)
+        if d in self.marked:
+            with contextlib.suppress(OSError):
+                os.removexattr(reach(d), TIMES_XATTR, follow_symlinks=False)
+                fsync_dir(reach(d))
+            self.marked.discard(d)
 
     def finish(self) -> None:
         """Put back the times of every directory this run (or a killed one) changed, then drop

@@ -30,6 +30,8 @@ from kmsfs.fs.posix import open_regular
 TEMP_PREFIX = "kmsfs.tmp.reencrypt-"
 """Temporary names of this job: reserved (``kmsfs.``), so never a plaintext name. Followed by
 16 hex digits, ``-`` and the inode number of the file being replaced."""
+REKEY_NAME = "kmsfs.diriv.rekey"
+"""A directory's IV at the epoch its names are moving to (:mod:`kmsfs.fs.reencrypt_names`)."""
 
 
 def open_unread(path: bytes | str) -> int:
@@ -156,5 +158,20 @@ def walk(root: bytes) -> Tree:
                 stack.append(path)
             elif stat.S_ISREG(st.st_mode):
                 tree.files.append(path)
-        tree.prints[cdir] = hashlib.sha256(b"\0".join(shown)).hexdigest()[:32]
+        tree.prints[cdir] = fingerprint(shown)
     return tree
+
+
+def fingerprint(shown: list[bytes]) -> str:
+    """What :mod:`kmsfs.fs.reencrypt_resume` saves of a directory's entries with its times:
+    a hash of its visible ciphertext names, sorted."""
+    return hashlib.sha256(b"\0".join(shown)).hexdigest()[:32]
+
+
+def fingerprint_now(d: bytes) -> str:
+    """:func:`fingerprint` of directory *d* as it is now (the names :func:`walk` shows)."""
+    shown = sorted(
+        name for name in list_unread(reach(d))
+        if not os.fsdecode(name).startswith(TEMP_PREFIX) and not is_internal(os.fsdecode(name))
+    )
+    return fingerprint(shown)

@@ -16,11 +16,13 @@ from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.config import VolumeConfig
 from kmsfs.fs.names import TEMP_PREFIX, read_dir_iv, write_dir_iv
+from kmsfs.keys import FIRST_EPOCH
 from kmsfs.ownership import others_may_replace_in
 
 
-def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
-    """Make a new volume: CIPHERDIR must be missing or empty; writes the root IV and config.
+def create_volume(cipherdir: Path, config: VolumeConfig, epoch: int = FIRST_EPOCH) -> None:
+    """Make a new volume: CIPHERDIR must be missing or empty; writes the root IV (its names
+    keyed at *epoch*, the Domain's current one) and config.
 
     All or nothing: on any failure, Ctrl-C included, what it wrote is removed again (and
     CIPHERDIR too if it made it), so a failed init can simply be run again. A failed write
@@ -40,7 +42,7 @@ def create_volume(cipherdir: Path, config: VolumeConfig) -> None:
         made = True
     writing = cipherdir / DIRIV_NAME
     try:
-        write_dir_iv(os.fsencode(cipherdir))
+        write_dir_iv(os.fsencode(cipherdir), epoch)
         writing = cipherdir / volconfig.CONFIG_NAME
         volconfig.save(cipherdir, config)
     except BaseException as exc:

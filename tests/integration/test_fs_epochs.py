@@ -236,6 +236,11 @@ def test_reencrypt_moves_old_files_and_keeps_everything(tmp_path: Path) -> None:
     assert (summary.rewritten, summary.skipped, summary.empty) == (3, 1, 1)
     assert summary.extra_links == 1 and summary.temp_removed == 0
     assert summary.epochs_before == {1: 3, 2: 1} and summary.epochs_after == {2: 4}
+    # The root, d and d/sub: their names moved to epoch 2 too (their paths with them).
+    assert summary.dirs_rekeyed == 3
+    assert summary.name_epochs_before == {1: 3} and summary.name_epochs_after == {2: 3}
+    assert not a.exists() and not linked.exists()
+    a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")
 
     after = os.stat(a)
     assert after.st_ino != before.st_ino  # a new file...
@@ -250,13 +255,20 @@ def test_reencrypt_moves_old_files_and_keeps_everything(tmp_path: Path) -> None:
     _check_plaintext(volume, tmp_path, data)
 
     report = check_tree(volume, SoftDeriver(current_epoch=2))
-    assert report.clean and report.epochs == {2: 4}
-    # The removed HSM now reads nothing (names are still epoch 1: docs/format.md, Key epochs).
-    assert {p.kind for p in check_tree(volume, SoftDeriver(current_epoch=1)).problems} == {
-        "epoch"}
+    assert report.clean and report.epochs == {2: 4} and report.name_epochs == {2: 3}
+    # The removed HSM now reads nothing: no content, and no name (the root's names are keyed
+    # with epoch 2, so it cannot even list the volume).
+    removed = check_tree(volume, SoftDeriver(current_epoch=1))
+    assert {p.kind for p in removed.problems} == {"epoch"}
+    assert len([p for p in removed.problems if p.cipher_path.endswith("kmsfs.diriv")]) == 3
+    assert {p.path for p in removed.problems} == {"/", None}  # not one plaintext name shown
+    for d in (volume, cipher_path(volume, "d"), cipher_path(volume, "d/sub")):
+        assert len((d / "kmsfs.diriv").read_bytes()) == 18, d
+        assert (d / "kmsfs.diriv").read_bytes()[:2] == (2).to_bytes(2, "big"), d
 
     again = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert (again.rewritten, again.skipped, again.failed) == (0, 4, [])
+    assert again.dirs_rekeyed == 0 and again.name_epochs_after == {2: 3}
     assert os.stat(a).st_ino == after.st_ino  # idempotent: nothing rewritten
 
 
@@ -280,12 +292,13 @@ _CRASH = textwrap.dedent(
 )
 
 
-def _dir_times(volume: Path) -> dict[str, tuple[int, int]]:
-    """(atime, mtime) of every ciphertext directory, the root included (the plaintext ones)."""
+def _dir_times(volume: Path) -> dict[int, tuple[int, int]]:
+    """(atime, mtime) of every ciphertext directory, the root included (the plaintext ones),
+    by inode number: a run moves their names to a new key, not them."""
     from kmsfs.crypto.names import is_internal
 
     dirs = [volume, *(p for p in quiet_walk(volume) if stat.S_ISDIR(os.lstat(p).st_mode))]
-    return {str(d.relative_to(volume)): (d.stat().st_atime_ns, d.stat().st_mtime_ns)
+    return {d.stat().st_ino: (d.stat().st_atime_ns, d.stat().st_mtime_ns)
             for d in dirs if not any(map(is_internal, d.relative_to(volume).parts))}
 
 
@@ -315,6 +328,7 @@ def test_reencrypt_resumes_after_a_crash(tmp_path: Path) -> None:
     assert summary.links_rejoined == 1 and summary.temp_removed == 0 and summary.failed == []
     assert summary.epochs_after == {2: summary.rewritten + summary.skipped}
     assert reencrypt_leftovers(volume) == []
+    a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")  # new names
     assert os.stat(a).st_ino == os.stat(linked).st_ino and os.stat(a).st_nlink == 2
     assert _dir_times(volume) == times  # as saved on each directory before it changed
     for name in ("A", "d/sub/linked", LONG, "d/small", "B"):
@@ -346,7 +360,11 @@ def test_reencrypt_refuses_a_mounted_volume_and_a_volume_without_the_flag(
         reencrypt_tree(old, SoftDeriver(current_epoch=2))
     summary = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
     assert summary.upgraded and summary.rewritten == 1
-    assert summary.flags_added == [volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES]
+    # NameEpochs too: the run moves the root's names to epoch 2 (an 18-byte kmsfs.diriv).
+    assert summary.flags_added == [volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES,
+                                   volconfig.FLAG_NAME_EPOCHS]
+    assert summary.name_epochs_after == {2: 1}
+    assert volconfig.load(old).has(volconfig.FLAG_NAME_EPOCHS)
     assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
     assert volconfig.load(old).has(volconfig.FLAG_LONG_XATTR_NAMES)
     again = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
@@ -380,6 +398,7 @@ def test_reencrypt_reports_a_damaged_file_and_goes_on(tmp_path: Path) -> None:
     assert summary.rewritten == 1 and len(summary.failed) == 1
     assert "block 1 (plaintext offset 4096) fails authentication" in summary.failed[0].detail
     assert summary.failed[0].path == "/" + name
+    bad = cipher_path(volume, name)  # named by the key the run moved its names to
     assert summary.failed[0].cipher_path == str(bad.relative_to(volume))
     assert summary.to_json()["failed"][0]["path"] == "/" + name
     assert bad.read_bytes() == bytes(raw)  # left as it was
@@ -413,7 +432,8 @@ def test_reencrypt_moves_no_atime(tmp_path: Path) -> None:
     assert [os.stat(p).st_atime_ns for p in paths] == [1_000_000_000_000_000_000] * len(paths)
 
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
-    assert summary.rewritten == 1 and [f.cipher_path for f in summary.failed] == [bad.name]
+    paths = [volume, *(cipher_path(volume, n) for n in ("d", "d/f", "bad"))]  # names moved
+    assert summary.rewritten == 1 and [f.cipher_path for f in summary.failed] == [paths[3].name]
     assert [os.stat(p).st_atime_ns for p in paths] == [1_000_000_000_000_000_000] * len(paths)
     assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
 
@@ -498,6 +518,7 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
     summary = _reencrypt_as(65534, old, upgrade=True)
     assert summary["flags_added"] and summary["failed"] == []
     assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
+    assert volconfig.load(old).has(volconfig.FLAG_NAME_EPOCHS)
     assert stat.S_IMODE(old.lstat().st_mode) == 0o555
 
 
@@ -531,6 +552,7 @@ def test_a_fifo_swapped_in_before_the_rewrite_never_blocks_reencrypt(
         for fd in writers:
             os.close(fd)
     assert writers and [f.detail for f in summary.failed] == ["not a regular file"]
+    target = cipher_path(volume, "A")  # its name moved to epoch 2, as every entry's
     assert stat.S_ISFIFO(os.lstat(target).st_mode) and summary.rewritten == 0
     assert not list(volume.glob(TEMP_PREFIX + "*"))
 
@@ -691,13 +713,16 @@ def test_retired_epochs_close_the_rollback_a_removed_hsm_could_use(  # type: ign
 
     old, kept = os.urandom(BLOCK_SIZE + 7), os.urandom(99)
     mounted(lambda m: ((m / "old").write_bytes(old), (m / "kept").write_bytes(kept)))
-    files = {p.name: p for p in cipher.iterdir() if p.is_file() and not p.name.startswith("kmsfs.")}
-    by_epoch1 = {name: p.read_bytes() for name, p in files.items()}
+    def files() -> list[Path]:
+        return [p for p in cipher.iterdir() if p.is_file() and not p.name.startswith("kmsfs.")]
+
+    old_copy = next(p.read_bytes() for p in files() if p.stat().st_size > 200)
     initialized("domain", "rotate", "payroll")
     assert _kmsfs("reencrypt", str(cipher), env=env).returncode == 0
-    assert {header_of(p).epoch for p in files.values()} == {2}
-    rolled_back = next(p for p in files.values() if len(p.read_bytes()) > 200)
-    rolled_back.write_bytes(by_epoch1[rolled_back.name])  # the old copy, back at epoch 1
+    assert {header_of(p).epoch for p in files()} == {2}
+    assert (cipher / "kmsfs.diriv").read_bytes()[:2] == b"\x00\x02"  # names moved too
+    rolled_back = next(p for p in files() if p.stat().st_size > 200)
+    rolled_back.write_bytes(old_copy)  # the old copy, back at epoch 1
 
     def reads_and_appends(m: Path) -> None:
         assert (m / "old").read_bytes() == old
@@ -881,7 +906,7 @@ def test_a_fifo_swapped_in_after_the_walk_never_blocks_reencrypt(
             seen.append(True)
             if len(seen) == 2:  # the scan's look, after the walk's: the header is read next
                 swapped.append(True)
-                os.rename(target, target.with_name("moved"))
+                os.rename(target, tmp_path / "moved")  # out of the volume
                 os.mkfifo(target)
         return st
 

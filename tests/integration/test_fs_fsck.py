@@ -16,7 +16,7 @@ import pytest
 
 from kmsfs import exitcodes
 from kmsfs.crypto.content import BLOCK_SIZE, CIPHER_BLOCK_SIZE, cipher_offset
-from kmsfs.crypto.names import DIRIV_NAME, LONGNAME_SUFFIX, NAMES_KEY_INFO, NameCipher
+from kmsfs.crypto.names import DIRIV_NAME, LONGNAME_SUFFIX, NAMES_KEY_INFO, VolumeNames
 from kmsfs.fs.fsck import MAX_BLOCK_PROBLEMS, check_tree
 from tests.integration.fs_helpers import SoftDeriver
 
@@ -25,8 +25,9 @@ LONG = "L" * 200  # a long name: stored hashed, with a sidecar
 
 
 def cipher_path(cipherdir: Path, plain: str) -> Path:
-    """Ciphertext path of a plaintext path (every directory on the way must have its IV)."""
-    names = NameCipher(SoftDeriver().derive(NAMES_KEY_INFO))
+    """Ciphertext path of a plaintext path (every directory on the way must have its IV),
+    with each directory's names at the epoch its IV names (SoftDeriver's keys)."""
+    names = VolumeNames(lambda e: SoftDeriver(current_epoch=e).derive(NAMES_KEY_INFO, epoch=e))
     path = cipherdir
     for part in Path(plain).parts:
         path = path / names.encrypt_to_disk((path / DIRIV_NAME).read_bytes(), part.encode()).name

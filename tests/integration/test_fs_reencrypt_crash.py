@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 
 from kmsfs.crypto.content import HEADER_SIZE, FileHeader
-from kmsfs.crypto.names import is_internal
+from kmsfs.crypto.names import NAMES_KEY_INFO, VolumeNames, is_internal
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.plainpath import plain_path
 from kmsfs.fs.reencrypt import reencrypt_tree
 from tests.integration.fs_helpers import (
     Mount,
@@ -45,7 +46,7 @@ _KILL_AT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from tests.integration.fs_helpers import SoftDeriver
-    from kmsfs.fs import reencrypt, reencrypt_resume, reencrypt_rewrite
+    from kmsfs.fs import reencrypt, reencrypt_names, reencrypt_resume, reencrypt_rewrite
     calls = [0]
     def wrap(module, name):
         real = getattr(module, name)
@@ -58,8 +59,9 @@ _KILL_AT = textwrap.dedent(
     for name in ("rename", "replace", "link", "unlink", "fsync", "utime", "fchmod", "fchown",
                  "setxattr", "removexattr"):
         wrap(os, name)
-    for module in (reencrypt, reencrypt_resume, reencrypt_rewrite):
+    for module in (reencrypt, reencrypt_resume, reencrypt_rewrite, reencrypt_names):
         wrap(module, "fsync_dir")
+    wrap(reencrypt_names, "rename_noreplace")  # each entry's move to its new name
     reencrypt.reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2))
     """
 )
@@ -99,15 +101,21 @@ def _plaintext(path: Path) -> bytes:
     return bytes(cipher.decrypt_blocks(0, raw[HEADER_SIZE:]))
 
 
+_NAMES = VolumeNames(lambda e: SoftDeriver(current_epoch=e).derive(NAMES_KEY_INFO, epoch=e))
+
+
 def _state(volume: Path) -> dict[str, Any]:
-    """What a plaintext view shows of the tree, read from the ciphertext, and the hard links as
-    groups of paths; internal entries (IVs, sidecars, the config) aside."""
+    """What a plaintext view shows of the tree, read from the ciphertext, by plaintext path (a
+    run moves the names to a new key), and the hard links as groups of paths; internal entries
+    (IVs, sidecars, the config) aside."""
     entries: dict[str, tuple[Any, ...]] = {}
     inodes: dict[int, list[str]] = {}
     for path in (volume, *quiet_walk(volume)):
-        rel = str(path.relative_to(volume))
         if any(map(is_internal, path.relative_to(volume).parts)):
             continue
+        rel = "/" if path == volume else plain_path(
+            bytes(volume), bytes(path.relative_to(volume)), _NAMES)
+        assert rel is not None, path
         st = os.lstat(path)
         kind = stat.S_IFMT(st.st_mode)
         row: tuple[Any, ...] = (kind, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns,

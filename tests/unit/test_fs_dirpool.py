@@ -20,7 +20,7 @@ from kmsfs.fs.dirpool import POOL_DIR, DirPool, is_ready_name, is_whole_at
 
 
 def _pool(root: Path, size: int = 4) -> DirPool:
-    pool = DirPool(os.fsencode(root), size=size)
+    pool = DirPool(os.fsencode(root), lambda: 1, size=size)
     pool.open()
     return pool
 
@@ -29,8 +29,8 @@ def _fill(pool: DirPool, count: int) -> list[bytes]:
     """Make *count* directories ahead on this thread (what the pool's thread does)."""
     made = []
     for _ in range(count):
-        made.append(pool._make_one())
-        pool._ready.append(made[-1])
+        made.append(pool._make_one(1))
+        pool._ready.append((made[-1], 1))
     return made
 
 
@@ -60,7 +60,7 @@ def test_a_directory_is_ready_only_after_its_iv_and_its_entry_are_fsynced(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     try:
-        name = pool._make_one()
+        name = pool._make_one(1)
     finally:
         pool.close()
     temp = str(tmp_path / POOL_DIR / (names.TEMP_PREFIX + name.decode()))
@@ -85,7 +85,7 @@ def test_mkdir_takes_a_ready_directory_without_an_fsync(
     fsyncs: list[int] = []
     monkeypatch.setattr(os, "fsync", fsyncs.append)
     before = time.time()
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o751, pool=pool)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o751, 1, pool=pool)
     pool.close()
     assert fsyncs == []
     assert (tmp_path / "d" / DIRIV_NAME).read_bytes() == iv
@@ -111,7 +111,7 @@ def test_mkdir_with_nothing_ready_makes_its_own_directory(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o700, pool=pool)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o700, 1, pool=pool)
     pool.close()
     assert woken  # the thread is told to make more
     assert len(fsynced) == 2 and fsynced[0].endswith("/" + DIRIV_NAME)
@@ -127,7 +127,7 @@ def test_a_directory_taken_but_not_placed_is_removed(tmp_path: Path) -> None:
         raise PermissionError(1, "chown refused")
 
     with pytest.raises(PermissionError):
-        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, prepare=prepare, pool=pool)
+        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, 1, prepare=prepare, pool=pool)
     pool.close()
     assert os.listdir(tmp_path / POOL_DIR) == []
     assert not (tmp_path / "d").exists()
@@ -142,11 +142,11 @@ def test_opening_keeps_ready_directories_and_removes_what_a_crash_left(tmp_path:
     half.mkdir()
     half_iv = pool_dir / (names.TEMP_PREFIX + "fedcba9876543210")  # killed before its rename
     half_iv.mkdir()
-    names.write_dir_iv(os.fsencode(half_iv))
+    names.write_dir_iv(os.fsencode(half_iv), 1)
 
     second = _pool(tmp_path)
     second.close()
-    assert sorted(second._ready) == sorted(kept)
+    assert sorted(second._ready) == sorted((name, 1) for name in kept)
     assert sorted(os.listdir(pool_dir)) == sorted(n.decode() for n in kept)
 
 
@@ -167,7 +167,7 @@ def test_opening_removes_a_ready_directory_a_killed_mkdir_took_but_never_placed(
     with caplog.at_level("WARNING", logger="kmsfs.fs.dirpool"):
         second = _pool(tmp_path)
         second.close()
-    assert list(second._ready) == [kept]
+    assert list(second._ready) == [(kept, 1)]
     assert os.listdir(tmp_path / POOL_DIR) == [kept.decode()]
     assert not caplog.records
 
@@ -193,7 +193,7 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
     pool_dir.mkdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    names.write_dir_iv(os.fsencode(elsewhere))
+    names.write_dir_iv(os.fsencode(elsewhere), 1)
     target = pool_dir / "00112233445566ff"
     if plant == "file":
         target.write_bytes(b"x")
@@ -203,7 +203,7 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
         (pool_dir / (names.TEMP_PREFIX + "00112233445566ff")).symlink_to(elsewhere)
     elif plant == "foreign_owner_content":
         target.mkdir(mode=0o700)
-        names.write_dir_iv(os.fsencode(target))
+        names.write_dir_iv(os.fsencode(target), 1)
         (target / "someone's file").write_bytes(b"data")
         os.chown(target, 1000, 1000)
     elif plant in ("content", "no_iv", "bad_iv", "odd_name", "temp_with_content"):
@@ -218,7 +218,7 @@ def test_what_is_not_a_whole_directory_made_ahead_is_never_handed_out_nor_remove
             (target / "someone's file").write_bytes(b"data")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     pool = _pool(tmp_path)
-    taken = pool.take()
+    taken = pool.take(1)
     pool.close()
     assert taken is None
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
@@ -230,7 +230,7 @@ def test_the_thread_keeps_the_pool_full_and_stops_on_close(tmp_path: Path) -> No
     deadline = time.monotonic() + 30
     while len(pool._ready) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    taken = pool.take()
+    taken = pool.take(1)
     assert taken is not None
     while len(pool._ready) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -250,11 +250,11 @@ def test_the_thread_waits_and_tries_again_after_a_failure(
     real_make = pool._make_one
     failures = []
 
-    def make_one() -> bytes:
+    def make_one(epoch: int) -> bytes:
         if len(failures) < 2:
             failures.append(True)
             raise OSError(28, "No space left on device")
-        return real_make()
+        return real_make(epoch)
 
     monkeypatch.setattr(pool, "_make_one", make_one)
     pool.start()
@@ -267,7 +267,7 @@ def test_the_thread_waits_and_tries_again_after_a_failure(
 
 def test_a_pool_that_cannot_be_made_is_an_error_to_the_caller(tmp_path: Path) -> None:
     (tmp_path / POOL_DIR).write_bytes(b"in the way")
-    pool = DirPool(os.fsencode(tmp_path))
+    pool = DirPool(os.fsencode(tmp_path), lambda: 1)
     with pytest.raises(NotADirectoryError):
         pool.open()
     pool.close()
@@ -283,14 +283,14 @@ def test_a_pool_directory_that_is_not_the_daemons_own_is_not_used(
     pool_dir = tmp_path / POOL_DIR
     pool_dir.mkdir(mode=0o700)
     (pool_dir / "00112233445566ff").mkdir(mode=0o700)
-    names.write_dir_iv(os.fsencode(pool_dir / "00112233445566ff"))
+    names.write_dir_iv(os.fsencode(pool_dir / "00112233445566ff"), 1)
     (pool_dir / (names.TEMP_PREFIX + "0011223344556677")).mkdir()
     if how == "owner":
         os.chown(pool_dir, 1000, 1000)
     else:
         os.chmod(pool_dir, 0o777 if how == "world_writable" else 0o770)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    pool = DirPool(os.fsencode(tmp_path))
+    pool = DirPool(os.fsencode(tmp_path), lambda: 1)
     with pytest.raises(PermissionError):
         pool.open()
     assert not pool._ready
@@ -312,7 +312,7 @@ def test_moving_the_pool_away_and_planting_a_symlink_in_its_place_steers_nothing
     os.rename(tmp_path / POOL_DIR, tmp_path / "moved")
     (tmp_path / POOL_DIR).mkdir()
     (tmp_path / POOL_DIR / name.decode()).symlink_to(victim)
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, pool=pool)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, 1, pool=pool)
     pool.close()
     assert os.stat(victim).st_mode & 0o7777 == 0o600
     assert (tmp_path / "d").is_dir() and not (tmp_path / "d").is_symlink()
@@ -328,10 +328,10 @@ def test_ready_directories_removed_by_hand_are_skipped(tmp_path: Path) -> None:
     for entry in (tmp_path / POOL_DIR).iterdir():
         (entry / DIRIV_NAME).unlink()
         entry.rmdir()
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, pool=pool)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, 1, pool=pool)
     pool.close()
     assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
-    assert pool.take() is None
+    assert pool.take(1) is None
 
 
 def test_a_half_made_directory_swapped_for_a_symlink_during_clean_up_removes_no_other_iv(
@@ -343,10 +343,10 @@ def test_a_half_made_directory_swapped_for_a_symlink_during_clean_up_removes_no_
     pool_dir.mkdir(mode=0o700)
     half = pool_dir / (names.TEMP_PREFIX + "0011223344556677")
     half.mkdir()
-    names.write_dir_iv(os.fsencode(half))
+    names.write_dir_iv(os.fsencode(half), 1)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    names.write_dir_iv(os.fsencode(elsewhere))
+    names.write_dir_iv(os.fsencode(elsewhere), 1)
     real_listdir = os.listdir
 
     def listdir_then_swap(target: int | str) -> list[str]:
@@ -374,8 +374,8 @@ def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
     victim.chmod(0o600)
     real_write = names.write_dir_iv_at
 
-    def write_then_swap(fd: int) -> bytes:
-        iv = real_write(fd)
+    def write_then_swap(fd: int, epoch: int) -> bytes:
+        iv = real_write(fd, epoch)
         temp = os.readlink(f"/proc/self/fd/{fd}")
         os.rename(temp, tmp_path / "moved")
         os.symlink(victim, temp)
@@ -383,7 +383,7 @@ def test_a_hidden_new_directory_swapped_for_a_symlink_steers_no_chmod(
 
     monkeypatch.setattr(names, "write_dir_iv_at", write_then_swap)
     owned = []
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, prepare=owned.append)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o777, 1, prepare=owned.append)
     assert os.stat(victim).st_mode & 0o7777 == 0o600
     assert os.stat(tmp_path / "moved").st_mode & 0o7777 == 0o777
     assert len(owned) == 1 and isinstance(owned[0], int)
@@ -399,10 +399,10 @@ def test_mkdir_on_a_file_system_without_renameat2(
     pool = _pool(tmp_path) if with_pool else None
     if pool is not None:
         _fill(pool, 2)
-    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o751, pool=pool)
+    dirs.make_dir(os.fsencode(tmp_path / "d"), 0o751, 1, pool=pool)
     (tmp_path / "taken").write_bytes(b"keep")
     with pytest.raises(FileExistsError):
-        dirs.make_dir(os.fsencode(tmp_path / "taken"), 0o755, pool=pool)
+        dirs.make_dir(os.fsencode(tmp_path / "taken"), 0o755, 1, pool=pool)
     if pool is not None:
         assert len(os.listdir(tmp_path / POOL_DIR)) == 1  # one placed, one untouched
         pool.close()

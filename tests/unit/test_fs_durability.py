@@ -42,7 +42,7 @@ def test_new_directory_is_visible_only_with_a_durable_iv(
 ) -> None:
     rec = Recorder(monkeypatch)
     final = tmp_path / "d"
-    dirs.make_dir(os.fsencode(final), 0o750)
+    dirs.make_dir(os.fsencode(final), 0o750, 1)
     (rename,) = [e for e in rec.events if e[0] == "rename"]
     temp = rename[1]
     assert os.path.basename(temp).startswith(names.TEMP_PREFIX)
@@ -57,7 +57,7 @@ def test_new_directory_is_visible_only_with_a_durable_iv(
 def test_new_directory_onto_an_existing_name_fails_and_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(FileExistsError):
-        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755)
+        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, 1)
     assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
@@ -73,7 +73,7 @@ def test_lost_race_for_the_name_leaves_no_temporary(
 
     monkeypatch.setattr(dirs, "rename_noreplace", rename)
     with pytest.raises(FileExistsError):
-        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755)
+        dirs.make_dir(os.fsencode(tmp_path / "d"), 0o755, 1)
     assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
@@ -132,7 +132,7 @@ def test_new_directory_is_owned_before_it_is_visible(tmp_path: Path) -> None:
     def prepare(fd: int) -> None:
         seen.append((os.readlink(f"/proc/self/fd/{fd}"), final.exists()))
 
-    dirs.make_dir(os.fsencode(final), 0o755, prepare=prepare)
+    dirs.make_dir(os.fsencode(final), 0o755, 1, prepare=prepare)
     ((temp, visible),) = seen
     assert os.path.basename(temp).startswith(names.TEMP_PREFIX) and not visible
 
@@ -145,7 +145,7 @@ def _tree(root: Path) -> dict[str, bytes | None]:
 
 def _dir_with_leftovers(tmp_path: Path) -> Path:
     d = tmp_path / "d"
-    dirs.make_dir(os.fsencode(d), 0o755)
+    dirs.make_dir(os.fsencode(d), 0o755, 1)
     (d / ("kmsfs.longname." + "A" * 43 + ".name")).write_text("orphan sidecar")
     (d / "kmsfs.tmp.0123456789abcdef").write_bytes(b"temporary file")
     half = d / "kmsfs.tmp.fedcba9876543210"  # what a crash in a removal leaves
@@ -172,7 +172,7 @@ def test_removal_hides_the_directory_before_its_iv_goes(
 
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(dirs, "rename_noreplace", rename)
-    dirs.remove_empty_dir(os.fsencode(d))
+    dirs.remove_empty_dir(os.fsencode(d), 1)
     assert events[0] == ("rename", str(d))
     assert [e for e in events if e[1].endswith(DIRIV_NAME)]  # the IV went, after the rename
     assert os.listdir(tmp_path) == []
@@ -183,7 +183,7 @@ def test_removal_that_fails_puts_the_directory_back_whole(
 ) -> None:
     """With an IV: a new one if its own went (it holds no name an IV could have encrypted)."""
     d = tmp_path / "d"
-    dirs.make_dir(os.fsencode(d), 0o755)
+    dirs.make_dir(os.fsencode(d), 0o755, 1)
     (d / "kmsfs.tmp.0123456789abcdef").write_bytes(b"temporary file")
 
     def busy(path: bytes) -> None:
@@ -191,7 +191,7 @@ def test_removal_that_fails_puts_the_directory_back_whole(
 
     monkeypatch.setattr(os, "rmdir", busy)
     with pytest.raises(OSError) as info:
-        dirs.remove_empty_dir(os.fsencode(d))
+        dirs.remove_empty_dir(os.fsencode(d), 1)
     monkeypatch.undo()
     assert info.value.errno == 16
     assert os.listdir(tmp_path) == ["d"]
@@ -207,7 +207,7 @@ def test_a_directory_with_more_than_internal_names_is_not_empty(tmp_path: Path, 
     (d / extra).write_bytes(b"data")
     before = _tree(tmp_path)
     with pytest.raises(OSError) as info:
-        dirs.remove_empty_dir(os.fsencode(d))
+        dirs.remove_empty_dir(os.fsencode(d), 1)
     assert info.value.errno == 39  # ENOTEMPTY
     assert _tree(tmp_path) == before
 

@@ -7,15 +7,18 @@ import os
 
 import pytest
 
-from kmsfs.crypto.names import NameCipher
+from kmsfs.crypto.names import NameCipher, VolumeNames
 from kmsfs.fs import names
 from kmsfs.fs.names import DirNames
+
+_SECRET = os.urandom(32)
 
 
 def test_cached_names_are_the_cipher_s(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(names, "NAME_CACHE_SIZE", 8)
-    cipher = NameCipher(os.urandom(32))
-    dn = DirNames(cipher)
+    secret = os.urandom(32)
+    cipher = NameCipher(secret)
+    dn = DirNames(VolumeNames(lambda epoch: secret))
     ivs = [os.urandom(16) for _ in range(3)]
     plain = [b"a", b"b" * 200, b"file.txt", "é".encode()]  # short and long names
     for _ in range(3):  # misses, hits and evictions interleaved
@@ -32,7 +35,7 @@ def test_cached_names_are_the_cipher_s(monkeypatch: pytest.MonkeyPatch) -> None:
     [(b"x" * 256, errno.ENAMETOOLONG), (b"a/b", errno.EINVAL), (b"..", errno.EINVAL)],
 )
 def test_bad_names_are_refused_every_time(name: bytes, code: int) -> None:
-    dn = DirNames(NameCipher(os.urandom(32)))
+    dn = DirNames(VolumeNames(lambda epoch: _SECRET))
     for _ in range(2):
         with pytest.raises(OSError) as info:
             dn.disk_name(os.urandom(16), name)
@@ -49,11 +52,12 @@ def _volume_dir(tmp_path, cipher: NameCipher, iv: bytes, plain: list[bytes]):  #
 
 
 def test_a_listing_feeds_both_caches_with_the_cipher_s_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cipher = NameCipher(os.urandom(32))
+    secret = os.urandom(32)
+    cipher = NameCipher(secret)
     iv = os.urandom(16)
     plain = [b"a", b"file.txt", b"b" * 200]  # the last is a long name (sidecar)
     dirpath = _volume_dir(tmp_path, cipher, iv, plain)
-    dn = DirNames(cipher)
+    dn = DirNames(VolumeNames(lambda epoch: secret))
     listed = dn.list_dir(iv, dirpath, "/d")
     assert sorted(p for _, p in listed) == sorted(plain)
     dn.remember_listing(iv, listed)
@@ -65,10 +69,11 @@ def test_a_listing_feeds_both_caches_with_the_cipher_s_answers(tmp_path) -> None
 
 
 def test_a_tampered_entry_is_refused_even_after_listing(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
-    cipher = NameCipher(os.urandom(32))
+    secret = os.urandom(32)
+    cipher = NameCipher(secret)
     iv = os.urandom(16)
     dirpath = _volume_dir(tmp_path, cipher, iv, [b"good"])
-    dn = DirNames(cipher)
+    dn = DirNames(VolumeNames(lambda epoch: secret))
     dn.remember_listing(iv, dn.list_dir(iv, dirpath, "/d"))
     good = cipher.encrypt_to_disk(iv, b"good").name
     forged = good[:-2] + ("A" if good[-2] != "A" else "B") + good[-1]
@@ -82,7 +87,7 @@ def test_a_tampered_entry_is_refused_even_after_listing(tmp_path, caplog) -> Non
 
 def test_both_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(names, "NAME_CACHE_SIZE", 8)
-    dn = DirNames(NameCipher(os.urandom(32)))
+    dn = DirNames(VolumeNames(lambda epoch: _SECRET))
     iv = os.urandom(16)
     for i in range(50):
         dn.disk_name(iv, b"n%d" % i)
