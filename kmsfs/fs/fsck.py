@@ -40,6 +40,7 @@ from kmsfs.crypto.names import (
     epoch_of,
     is_internal,
     is_sidecar,
+    parse_dir_iv,
 )
 from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
 from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, ForeignXattrName, XattrCipher
@@ -52,8 +53,9 @@ from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, names_of_volume, read_dir_iv
 from kmsfs.fs.posix import dir_no_follow, read_internal_file
 from kmsfs.fs.progress import Progress
+from kmsfs.fs.reencrypt_names import MARKER_NAME
 from kmsfs.fs.reencrypt_resume import TIMES_XATTR
-from kmsfs.fs.reencrypt_walk import list_unread, open_dir_unread, open_unread
+from kmsfs.fs.reencrypt_walk import REKEY_NAME, list_unread, open_dir_unread, open_unread
 from kmsfs.fs.volume import lock_shared
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
@@ -204,12 +206,18 @@ class _Checker:
             self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
             return
         present = set(entries)
+        moving_to = self.names_moving(cdir, plain) if REKEY_NAME in present else None
         for name in entries:
             path = cdir / name
-            if name == DIRIV_NAME or (
+            if name in (DIRIV_NAME, REKEY_NAME) or (
                 cdir == self.root
                 and name in (volconfig.CONFIG_NAME, LONGLINK_DIR, JOURNAL_NAME, POOL_DIR)
             ):
+                continue
+            if cdir == self.root and name == MARKER_NAME:
+                self.warn("interrupted-reencrypt", path, None, "a kmsfs reencrypt was cut "
+                          "short while moving names to a new key epoch: run it again (a "
+                          "mount refuses the volume until then)")
                 continue
             if is_sidecar(name):
                 if name[: -len(LONGNAME_SUFFIX)] not in present:
@@ -218,11 +226,29 @@ class _Checker:
             if is_internal(name):
                 self.warn("leftover", path, None, "internal name the format does not use here")
                 continue
-            child = self.name(cdir, name, dir_iv, plain)
+            child = self.name(cdir, name, dir_iv, plain, moving_to)
             yield from self.entry(path, child)
 
-    def name(self, cdir: Path, disk: str, dir_iv: bytes | None, plain: str | None) -> str | None:
-        """Plaintext path of one entry, or None (and a problem) if its name does not decrypt."""
+    def names_moving(self, cdir: Path, plain: str | None) -> bytes | None:
+        """The IV a killed ``kmsfs reencrypt`` was moving *cdir*'s names to (some may be
+        under its key already), with a warning; None if it does not parse (then no name had
+        moved: it is written whole first)."""
+        self.warn("interrupted-reencrypt", cdir / REKEY_NAME, plain, "a kmsfs reencrypt was "
+                  "cut short while moving this directory's names to a new key epoch: run it "
+                  "again")
+        try:
+            moving_to = parse_dir_iv(read_internal_file(os.fsencode(cdir / REKEY_NAME), 64))
+            self.names.check(moving_to)
+        except (OSError, FormatError, IntegrityError):
+            return None
+        return moving_to
+
+    def name(
+        self, cdir: Path, disk: str, dir_iv: bytes | None, plain: str | None,
+        moving_to: bytes | None = None,
+    ) -> str | None:
+        """Plaintext path of one entry, or None (and a problem) if its name does not decrypt
+        (under *dir_iv*, or under *moving_to* in a directory a killed run left half moved)."""
         if dir_iv is None:
             return None
         self.report.checked["names"] += 1
@@ -238,7 +264,12 @@ class _Checker:
                 raise IntegrityError(f"long name {disk}: unreadable sidecar ({exc})") from None
 
         try:
-            return _join(plain, self.names.decrypt_from_disk(dir_iv, disk, read_sidecar))
+            try:
+                return _join(plain, self.names.decrypt_from_disk(dir_iv, disk, read_sidecar))
+            except IntegrityError:
+                if moving_to is None:
+                    raise
+                return _join(plain, self.names.decrypt_from_disk(moving_to, disk, read_sidecar))
         except IntegrityError as exc:
             where = plain if plain is not None else "a directory whose path is unknown"
             self.damage("name", cdir / disk, None, f"{exc} (in {where})")

@@ -659,6 +659,7 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
         assert proc.returncode == 0, proc.stderr
         try:
             for name, value in write.items():
+                (mp / name).parent.mkdir(exist_ok=True)
                 (mp / name).write_bytes(value)
         finally:
             assert _kmsfs("umount", str(mp)).returncode == 0
@@ -666,22 +667,33 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
     a, b = os.urandom(3 * BLOCK_SIZE), os.urandom(100)
     mounted({"A": a})
     initialized("domain", "rotate", "payroll")
-    mounted({"B": b})
+    (cipher / "kmsfs.rekeying").write_bytes(b"")  # what a reencrypt cut short leaves
+    log = tmp_path / "refused.log"
+    proc = _kmsfs("mount", str(cipher), str(mp), "--log-file", str(log), env=env)
+    assert proc.returncode == exitcodes.USAGE and len(proc.stderr.strip().splitlines()) == 1
+    assert "cut short while moving names" in proc.stderr and not os.path.ismount(mp)
+    assert not log.exists()  # said before anything is touched (no HSM login either)
+    (cipher / "kmsfs.rekeying").unlink()
+    # "new" is made after the rotation: its names at epoch 2, derived in the HSM
+    mounted({"B": b, "new/C": b})
     doc = json.loads(_kmsfs("fsck", str(cipher), "--json", env=env).stdout)
-    assert doc["clean"] and doc["epochs"] == {"1": 1, "2": 1} and doc["current_epoch"] == 2
+    assert doc["clean"] and doc["epochs"] == {"1": 1, "2": 2} and doc["current_epoch"] == 2
+    assert doc["name_epochs"] == {"1": 1, "2": 1}
 
     proc = _kmsfs("reencrypt", str(cipher), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert (summary["rewritten"], summary["skipped"]) == (1, 1)
-    assert summary["epochs_before"] == {"1": 1, "2": 1} and summary["epochs_after"] == {"2": 2}
+    assert (summary["rewritten"], summary["skipped"]) == (1, 2)
+    assert summary["epochs_before"] == {"1": 1, "2": 2} and summary["epochs_after"] == {"2": 3}
+    assert summary["dirs_rekeyed"] == 1 and summary["name_epochs_after"] == {"2": 2}
     doc = json.loads(_kmsfs("fsck", str(cipher), "--json", env=env).stdout)
-    assert doc["clean"] and doc["epochs"] == {"2": 2}
+    assert doc["clean"] and doc["epochs"] == {"2": 3} and doc["name_epochs"] == {"2": 2}
 
     proc = _kmsfs("mount", str(cipher), str(mp), env=env)
     assert proc.returncode == 0, proc.stderr
     try:
         assert (mp / "A").read_bytes() == a and (mp / "B").read_bytes() == b
+        assert (mp / "new" / "C").read_bytes() == b
     finally:
         _kmsfs("umount", str(mp))
     proc = _kmsfs("reencrypt", str(cipher), env=env)

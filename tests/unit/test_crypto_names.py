@@ -20,12 +20,16 @@ from kmsfs.crypto.names import (
     NAMES_KEY_INFO,
     DiskName,
     NameCipher,
+    VolumeNames,
+    epoch_of,
     is_internal,
     is_longname,
     is_sidecar,
     is_valid_name,
+    iv_of,
     new_dir_iv,
     parse_dir_iv,
+    with_epoch,
 )
 from kmsfs.errors import FormatError, IntegrityError
 
@@ -284,3 +288,49 @@ def test_b64url_decode_is_the_canonical_decoder(text: str) -> None:
             b64url_decode(text)
     else:
         assert b64url_decode(text) == want
+
+
+# Key epochs: a directory's IV names the mk epoch of its names' key
+
+
+def test_a_directory_iv_names_the_epoch_of_its_names() -> None:
+    first, later = new_dir_iv(1), new_dir_iv(3)
+    assert len(first) == DIRIV_SIZE and epoch_of(first) == 1 and iv_of(first) == first
+    assert len(later) == DIRIV_SIZE + 2 and later[:2] == b"\x00\x03" and epoch_of(later) == 3
+    assert parse_dir_iv(later) == later and iv_of(later) == later[2:]
+    moved = with_epoch(first, 2)  # what kmsfs reencrypt writes: the same IV, another epoch
+    assert epoch_of(moved) == 2 and iv_of(moved) == first and with_epoch(moved, 1) == first
+    for bad in (b"\x00\x01" + first, b"\x00\x00" + first, later[:17], b"\x00\x02" + bytes(16)):
+        with pytest.raises(FormatError):
+            parse_dir_iv(bad)  # one form per epoch; no epoch 0; no all-zero IV
+    for epoch in (0, 65536):
+        with pytest.raises(ValueError):
+            new_dir_iv(epoch)
+
+
+def test_each_directory_s_names_are_keyed_with_its_own_epoch() -> None:
+    asked: list[int] = []
+
+    def secret_of(epoch: int) -> bytes:
+        asked.append(epoch)
+        if epoch > 2:
+            raise IntegrityError(f"Domain test has no key epoch {epoch}")
+        return bytes([epoch]) * 32
+
+    names = VolumeNames(secret_of)
+    iv = new_dir_iv(1)
+    at_2 = with_epoch(iv, 2)
+    first = NameCipher(bytes([1]) * 32)
+    assert names.encrypt(iv, b"report.pdf") == first.encrypt(iv, b"report.pdf")
+    moved = names.encrypt(at_2, b"report.pdf")
+    assert moved != names.encrypt(iv, b"report.pdf")  # same IV, another key
+    assert names.decrypt(at_2, moved) == b"report.pdf"
+    with pytest.raises(IntegrityError):
+        names.decrypt(iv, moved)  # epoch 1's key does not open an epoch-2 name
+    long = names.encrypt_to_disk(at_2, b"L" * 200)
+    assert names.decrypt_from_disk(at_2, long.name, lambda: str(long.long_content)) == b"L" * 200
+    assert asked == [1, 2]  # each epoch's secret asked for once
+    with pytest.raises(IntegrityError, match="no key epoch 3"):
+        names.encrypt(with_epoch(iv, 3), b"x")  # an epoch the Domain lacks
+    with pytest.raises(ValueError, match="another key"):
+        NameCipher(bytes(32)).encrypt(at_2, b"x")  # a cipher never guesses another epoch

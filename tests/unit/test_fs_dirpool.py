@@ -409,3 +409,31 @@ def test_mkdir_on_a_file_system_without_renameat2(
     assert os.stat(tmp_path / "d").st_mode & 0o7777 == 0o751
     assert os.listdir(tmp_path / "d") == [DIRIV_NAME]
     assert (tmp_path / "taken").read_bytes() == b"keep"
+
+
+def test_directories_made_ahead_before_a_rotation_are_never_handed_out(tmp_path: Path) -> None:
+    """A directory gets the epoch its names will be keyed with when it is made ahead; one made
+    before a rotation would key names of the new directory with the old epoch (which an HSM
+    removed before the rotation computes). mkdir after the rotation removes those, and makes
+    its own at the new epoch; a pool opened later knows each ready one's epoch."""
+    epoch = [1]
+    pool = DirPool(os.fsencode(tmp_path), lambda: epoch[0])
+    pool.open()
+    try:
+        for _ in range(3):
+            pool._ready.append((pool._make_one(epoch[0]), epoch[0]))
+        epoch[0] = 2
+        dirs.make_dir(os.fsencode(tmp_path / "after"), 0o755, epoch[0], pool=pool)
+        assert (tmp_path / "after" / DIRIV_NAME).read_bytes()[:2] == b"\x00\x02"
+        assert not pool._ready and os.listdir(tmp_path / POOL_DIR) == []  # the old ones: gone
+        made = pool._make_one(2)
+    finally:
+        pool.close()
+    reopened = DirPool(os.fsencode(tmp_path), lambda: 2)
+    reopened.open()
+    try:
+        assert list(reopened._ready) == [(made, 2)]
+        ready = reopened.take(2)
+        assert ready is not None and ready.name == made
+    finally:
+        reopened.close()

@@ -1,0 +1,180 @@
+"""Names keyed with the Domain's mk epochs (docs/format.md, "Directory IV", "Key epochs").
+
+An HSM removed before a rotation still computes epoch 1's name key: a directory made after the
+rotation must key its names with the new epoch, and ``kmsfs reencrypt`` must move the older
+ones there, so that the removed HSM reads no name of the volume (DESIGN §2.7). Real mounts
+(stub daemon, software deriver: ``SoftDeriver(current_epoch=N)`` is a Domain rotated N - 1
+times, and ``current_epoch=1`` the removed HSM's view).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.names import DIRIV_NAME, epoch_of
+from kmsfs.errors import UsageError
+from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.reencrypt import reencrypt_tree
+from kmsfs.fs.reencrypt_names import MARKER_NAME, check_not_rekeying
+from kmsfs.fs.reencrypt_walk import REKEY_NAME
+from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, reencrypt_leftovers
+from tests.integration.test_fs_fsck import cipher_path
+
+LONG = "N" * 150  # a long name: hashed entry and sidecar
+
+
+def _mount(volume: Path, tmp_path: Path, epoch: int, name: str = "mnt") -> Mount:
+    return Mount(volume, tmp_path / name, tmp_path / f"{name}.log", epoch=epoch).start()
+
+
+def _epoch_of_dir(path: Path) -> int:
+    return epoch_of((path / DIRIV_NAME).read_bytes())
+
+
+def _tree(mountpoint: Path) -> dict[str, bytes | None]:
+    """Every plaintext path under the mount: a file's bytes, None for a directory."""
+    out: dict[str, bytes | None] = {}
+    for here, dirs, files in os.walk(mountpoint):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(here, d), mountpoint)] = None
+        for f in files:
+            out[os.path.relpath(os.path.join(here, f), mountpoint)] = Path(here, f).read_bytes()
+    return out
+
+
+def test_a_directory_made_after_a_rotation_keys_its_names_with_the_new_epoch(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:  # the pool of directories made ahead fills at epoch 1 meanwhile
+        (m.mountpoint / "old").mkdir()
+        (m.mountpoint / "old" / "a").write_bytes(b"written at epoch 1")
+    finally:
+        m.stop()
+    m = _mount(volume, tmp_path, epoch=2)
+    try:
+        (m.mountpoint / "new").mkdir()
+        (m.mountpoint / "new" / "secret-plan.txt").write_bytes(b"written at epoch 2")
+        (m.mountpoint / "new" / LONG).mkdir()
+        (m.mountpoint / "old" / "c").write_bytes(b"a new name in an old directory")
+    finally:
+        m.stop()
+    new = cipher_path(volume, "new")
+    assert _epoch_of_dir(new) == 2 and _epoch_of_dir(cipher_path(volume, f"new/{LONG}")) == 2
+    assert _epoch_of_dir(volume) == _epoch_of_dir(cipher_path(volume, "old")) == 1
+
+    removed = check_tree(volume, SoftDeriver(current_epoch=1))  # the removed HSM's view
+    assert {p.kind for p in removed.problems} == {"epoch"}
+    assert sorted(p.cipher_path for p in removed.problems if p.cipher_path.endswith(DIRIV_NAME)
+                  ) == sorted(str(d.relative_to(volume) / DIRIV_NAME)
+                              for d in (new, cipher_path(volume, f"new/{LONG}")))
+    below_new = [p for p in removed.problems if p.cipher_path.startswith(new.name + "/")
+                 and p.cipher_path != f"{new.name}/{DIRIV_NAME}"]  # "new" is an epoch-1 name
+    assert below_new and all(p.path is None for p in below_new)  # no name in "new" decrypts
+    assert all("secret-plan" not in str(p) and LONG not in str(p) for p in removed.problems)
+
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean and report.name_epochs == {1: 2, 2: 2}
+    m = _mount(volume, tmp_path, epoch=2, name="again")
+    try:
+        assert sorted(os.listdir(m.mountpoint / "new")) == [LONG, "secret-plan.txt"]
+        assert (m.mountpoint / "old" / "c").read_bytes() == b"a new name in an old directory"
+    finally:
+        m.stop()
+
+
+_KILL_AT_MOVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.integration.fs_helpers import SoftDeriver
+    from kmsfs.fs import reencrypt, reencrypt_names
+    real = reencrypt_names.rename_noreplace
+    moves = [0]
+    def rename_noreplace(old, new):
+        moves[0] += 1
+        if moves[0] == {n}:  # in the middle of a directory's names: no cleanup runs
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(old, new)
+    reencrypt_names.rename_noreplace = rename_noreplace
+    reencrypt.reencrypt_tree(Path({volume!r}), SoftDeriver(current_epoch=2))
+    """
+)
+
+
+def test_a_run_killed_while_moving_names_keeps_every_name_and_the_mount_waits_for_the_next(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        p = m.mountpoint
+        (p / "d").mkdir()
+        for name in ("one", "two", LONG, "three"):
+            (p / "d" / name).write_bytes(name.encode() * 100)
+        (p / "top").write_bytes(b"top")
+        want = _tree(p)
+    finally:
+        m.stop()
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_MOVE.format(
+            root=str(Path(__file__).resolve().parents[2]), n=2, volume=str(volume))],
+        capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    d = cipher_path(volume, "d")  # the root's names have not moved yet (deepest first)
+    assert (volume / MARKER_NAME).exists() and (d / REKEY_NAME).exists()
+
+    with pytest.raises(UsageError, match="cut short while moving names"):
+        check_not_rekeying(volume)
+    with pytest.raises(RuntimeError, match="cut short while moving names"):
+        _mount(volume, tmp_path, epoch=2, name="refused")  # the daemon's own check
+    assert not os.path.ismount(tmp_path / "refused")
+
+    half = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert half.clean, half.problems  # every name reads, under one key or the other
+    assert half.checked["names"] == len(want) and {w.kind for w in half.warnings} >= {
+        "interrupted-reencrypt"}
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.failed == [] and summary.name_epochs_after == {2: 2}
+    assert not (volume / MARKER_NAME).exists() and reencrypt_leftovers(volume) == []
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean and report.warnings == [] and report.name_epochs == {2: 2}
+    m = _mount(volume, tmp_path, epoch=2, name="after")
+    try:
+        assert _tree(m.mountpoint) == want
+    finally:
+        m.stop()
+
+
+def test_a_name_that_does_not_decrypt_is_left_and_reported_and_the_others_move(
+    tmp_path: Path,
+) -> None:
+    """A damaged entry (or one another program put there) was unreadable before the run and
+    stays as it is; the directory's other names move, and nothing blocks the mount."""
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "good").write_bytes(b"fine")
+    finally:
+        m.stop()
+    (volume / "not-a-kmsfs-name").write_bytes(b"planted")
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    names = [f for f in summary.failed if "does not decrypt" in f.detail]
+    assert [(f.cipher_path, f.path) for f in names] == [("not-a-kmsfs-name", None)]
+    assert all(f.cipher_path == "not-a-kmsfs-name" for f in summary.failed)  # and its header
+    assert summary.name_epochs_after == {2: 1} and not (volume / MARKER_NAME).exists()
+    assert (volume / "not-a-kmsfs-name").read_bytes() == b"planted"
+    m = _mount(volume, tmp_path, epoch=2)
+    try:
+        assert os.listdir(m.mountpoint) == ["good"]
+    finally:
+        m.stop()
