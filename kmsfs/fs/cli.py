@@ -84,12 +84,15 @@ EPILOGS = {
     "  kmsfs reencrypt /srv/cipher --store /srv/kms\n"
     "  kmsfs reencrypt /srv/old-cipher --upgrade --json | jq .epochs_after\n"
     "\nRewrites every file keyed with an older mk epoch at the Domain's current epoch, one file\n"
-    "at a time, each atomically (temporary file, fsync, rename). Interrupted, it can simply be\n"
-    "run again: files already at the current epoch are skipped. The volume must not be mounted.\n"
-    "--upgrade first adds the flags a volume made before them lacks (KeyEpochs, LongXattrNames;\n"
-    "kmsfs versions older than a flag then refuse to mount it).\n"
-    f"\nexit status: 0 done, {exitcodes.DAMAGED} some files could not be re-encrypted "
-    "(listed; run kmsfs fsck),\n2 mounted or no KeyEpochs flag, others as for any command.\n",
+    "at a time, each atomically (temporary file, fsync, rename), then moves every directory's\n"
+    "names keyed with an older epoch to it (each entry renamed to its name under the new key).\n"
+    "Interrupted, it can simply be run again: what is at the current epoch is skipped, and a\n"
+    "directory left half moved is finished (until then kmsfs mount refuses the volume). The\n"
+    "volume must not be mounted. --upgrade first adds the flags a volume made before them lacks\n"
+    "(KeyEpochs, LongXattrNames, NameEpochs; kmsfs versions older than a flag then refuse to\n"
+    "mount it).\n"
+    f"\nexit status: 0 done, {exitcodes.DAMAGED} some files or names could not be re-keyed "
+    "(listed; run kmsfs fsck),\n2 mounted or a flag missing, others as for any command.\n",
 }
 
 
@@ -726,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
-                   "LongXattrNames)")
+                   "LongXattrNames, NameEpochs)")
     _agent_options(p)
     p.set_defaults(func=cmd_reencrypt)
 
