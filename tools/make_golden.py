@@ -9,9 +9,13 @@ Domain. Never use these keys for anything else.
 Only what git can carry is put in the tree: regular files (sizes around block boundaries),
 directories, long names, short and long symlinks. Hard links, xattrs and FIFOs are covered by the
 live mount tests instead (git stores none of them). From format version 2 on, the Domain is then
-rotated once and more files are written, so the volume holds files of key epochs 1 and 2.
+rotated once and more files are written, so the volume holds files of key epochs 1 and 2; a
+build with name epochs writes them in a directory whose names are keyed with epoch 2 (an 18-byte
+``kmsfs.diriv``). The directories a mount makes ahead (``kmsfs.newdirs/``) are not kept: they
+are the mount's, not the format's.
 
-    .venv/bin/python tools/make_golden.py            # writes tests/golden/v1 (refuses to overwrite)
+    .venv/bin/python tools/make_golden.py            # writes tests/golden/v<N> (refuses to overwrite)
+    .venv/bin/python tools/make_golden.py --out tests/golden/v2-name-epochs
 """
 
 import argparse
@@ -151,7 +155,8 @@ def build(out: Path) -> None:
                 unmount(mnt)
         out.mkdir(parents=True)
         shutil.copytree(store, out / "store", symlinks=True)
-        shutil.copytree(cipher, out / "cipher", symlinks=True)
+        shutil.copytree(cipher, out / "cipher", symlinks=True,
+                        ignore=lambda d, names: ["kmsfs.newdirs"] if Path(d) == cipher else [])
         (out / "manifest.json").write_text(
             json.dumps(
                 {"format_version": FORMAT_VERSION, "domain": "golden", "entries": manifest},

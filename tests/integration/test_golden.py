@@ -4,8 +4,9 @@
 ciphertext tree, a manifest). This test copies one to a temporary place (so the store also has
 to cope with having moved), mounts it with the real ``kmsfs`` command on the real HSM path, and
 compares every entry with the manifest. A format change that cannot read it fails here.
-Their Domains predate key binding: each is bound first, as an operator upgrading would (the
-refusal before, and the rewrap that binds it).
+The Domains of v1 and v2 predate key binding: each is bound first, as an operator upgrading
+would (the refusal before, and the rewrap that binds it). v2-name-epochs (bound) has a directory
+made after its Domain's rotation, whose names are keyed with epoch 2.
 """
 
 import hashlib
@@ -75,8 +76,8 @@ def test_golden_volume_reads_back_exactly(version: str, tmp_path: Path) -> None:
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    assert described["key_binding"] is False  # made before key binding: bound as upgraders do
-    _bind(copy, env, described, mnt)
+    if not described["key_binding"]:  # made before key binding: bound as upgraders do
+        _bind(copy, env, described, mnt)
     subprocess.run(
         [*KMSFS, "mount", str(copy / "cipher"), str(mnt)],
         env=env,
@@ -103,3 +104,13 @@ def test_golden_volume_reads_back_exactly(version: str, tmp_path: Path) -> None:
     finally:
         _unmount(mnt)
     assert not os.path.ismount(mnt)
+
+
+def test_a_golden_volume_keeps_a_directory_whose_names_are_keyed_with_epoch_2() -> None:
+    """The 18-byte ``kmsfs.diriv`` (docs/format.md, "Directory IV") is in the golden set, so a
+    later change that cannot read it fails above."""
+    from kmsfs.crypto.names import DIRIV_NAME, epoch_of, parse_dir_iv
+
+    cipher = GOLDEN / "v2-name-epochs" / "cipher"
+    epochs = sorted(epoch_of(parse_dir_iv(p.read_bytes())) for p in cipher.rglob(DIRIV_NAME))
+    assert epochs[0] == 1 and epochs[-1] == 2 and epochs.count(2) == 1
