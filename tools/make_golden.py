@@ -14,7 +14,7 @@ build with name epochs writes them in a directory whose names are keyed with epo
 ``kmsfs.diriv``). The directories a mount makes ahead (``kmsfs.newdirs/``) are not kept: they
 are the mount's, not the format's.
 
-    .venv/bin/python tools/make_golden.py            # writes tests/golden/v<N> (refuses to overwrite)
+    .venv/bin/python tools/make_golden.py    # writes tests/golden/v<N> (refuses to overwrite)
     .venv/bin/python tools/make_golden.py --out tests/golden/v2-name-epochs
 """
 
