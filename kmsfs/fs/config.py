@@ -60,7 +60,9 @@ FLAG_NAME_EPOCHS = "NameEpochs"
 """A directory's names may be keyed with an ``mk`` epoch after 1, which its ``kmsfs.diriv``
 names (docs/format.md, "Key epochs"): ``kmsfs reencrypt`` moves names only on a volume that has
 it. kmsfs builds that predate the flag refuse the volume, as they cannot read such a
-``kmsfs.diriv``."""
+``kmsfs.diriv``. A mount makes a new directory at the Domain's current epoch flag or not, as it
+does new file headers (a writer of the ciphertext who strips the flag from the unauthenticated
+``kmsfs.conf`` must not put new names back on epoch 1); such a build reads those as EIO."""
 
 #: Flags written into a new volume, in a fixed order.
 DEFAULT_FLAGS = (

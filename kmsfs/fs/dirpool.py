@@ -124,7 +124,7 @@ class DirPool:
     :meth:`take` runs on the daemon's request thread and never blocks: with nothing ready it
     returns None and mkdir does the fsyncs itself. The thread makes each directory with its
     names keyed at ``epoch()`` (the Domain's current epoch, which a rotation moves): one made
-    before a rotation is removed when it comes up, not handed out.
+    before a rotation is never handed out; :meth:`take` sets it aside for the thread to remove.
     """
 
     def __init__(self, root: bytes, epoch: Callable[[], int], size: int = POOL_SIZE) -> None:
@@ -132,6 +132,7 @@ class DirPool:
         self.size = size
         self._epoch = epoch
         self._ready: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._stale: collections.deque[bytes] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,7 +183,7 @@ class DirPool:
     def take(self, epoch: int) -> ReadyDir | None:
         """A ready directory (mode 0700, owned by the daemon) whose names are keyed at
         *epoch*, opened; or None. Ready ones of another epoch (made before a rotation) are
-        removed on the way."""
+        passed over, and left to the thread to remove."""
         self._wake.set()
         while True:
             try:
@@ -190,7 +191,7 @@ class DirPool:
             except IndexError:
                 return None
             if made_at != epoch:
-                self._remove(name)
+                self._stale.append(name)
                 continue
             try:
                 return ReadyDir(name, os.open(name, DIR_FLAGS, dir_fd=self._fd), self._fd)
@@ -209,6 +210,8 @@ class DirPool:
 
     def _fill(self) -> None:
         while not self._stop.is_set():
+            while self._stale:
+                self._remove(self._stale.popleft())
             if len(self._ready) >= self.size:
                 self._wake.wait()
                 self._wake.clear()

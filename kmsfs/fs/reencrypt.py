@@ -123,7 +123,8 @@ class _Job:
         """The directories' own times: put back after each change, and at the end."""
         self.rewriter = Rewriter(self.keys, self.current, self.times, self.summary, self.advance)
         self._names: VolumeNames | None = None
-        self.dirs: list[bytes] = []
+        self.dirs: dict[bytes, os.stat_result] = {}
+        """Every directory of the tree, with its lstat, as the walk found them."""
 
     def rel(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.root))
@@ -148,7 +149,7 @@ class _Job:
     def scan(self) -> list[Inode]:
         journal.replay(self.root, self.keys.cipher)  # blocks a killed daemon tore, put back
         tree = walk(self.root)
-        self.dirs = list(tree.dirs)
+        self.dirs = dict(tree.dirs)
         self.times.found(tree)
         temps, rejoined = rejoin(tree.temps, tree.files, self.times) if tree.temps else ([], 0)
         self.summary.links_rejoined += rejoined
@@ -217,8 +218,8 @@ class _Job:
 
     def rekey_names(self) -> None:
         rekeyer = NameRekeyer(self.root, names_of_volume(self.deriver),
-                              self.current, self.times, self.fail, self.moved)
-        rekeyer.run(self.dirs)
+                              self.current, self.times, self.fail, self.moved, self.dirs)
+        rekeyer.run(list(self.dirs))
         self.summary.dirs_rekeyed = rekeyer.rekeyed
         self.summary.name_epochs_before = rekeyer.epochs_before
         self.summary.name_epochs_after = rekeyer.epochs_after

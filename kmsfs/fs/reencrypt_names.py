@@ -29,6 +29,8 @@ while ``kmsfs.diriv.rekey`` is there (no mount can have run) a run trusts it as 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -42,10 +44,11 @@ from kmsfs.crypto.names import (
     epoch_of,
     is_internal,
     is_sidecar,
+    iv_of,
     parse_dir_iv,
     with_epoch,
 )
-from kmsfs.errors import FormatError, IntegrityError, UsageError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import DIRIV, read_dir_iv, write_sidecar
 from kmsfs.fs.posix import read_internal_file, rename_noreplace
@@ -57,6 +60,8 @@ MARKER_NAME = "kmsfs.rekeying"
 """In the volume root while some directory may hold names under two keys."""
 MARKER = MARKER_NAME.encode()
 _SIDECAR = LONGNAME_SUFFIX.encode()
+
+log = logging.getLogger(__name__)
 
 Fail = Callable[[bytes, str], None]
 Moved = Callable[[bytes, bytes], None]
@@ -73,32 +78,51 @@ def check_not_rekeying(cipherdir: Path) -> None:
 
 
 def rekey_state(d: bytes) -> tuple[bytes, bytes | None]:
-    """(the directory's IV, the IV its names are moving to, if a run left that half done).
-    A ``kmsfs.diriv.rekey`` that does not parse was never acted on (it is written whole before
-    any entry moves): it counts as none."""
+    """(the directory's IV, the IV a run cut short was moving its names to, if any).
+
+    A ``kmsfs.diriv.rekey`` counts only if it is what a run writes: the same IV, at an epoch
+    above the directory's. Anything else there (one that does not parse, a copy of another
+    directory's IV a writer of the ciphertext planted to move these names under it) was never
+    acted on, and is removed: OSError if it cannot be. (One at an epoch the Domain lacks counts:
+    names may have moved to it; :meth:`VolumeNames.check` then refuses to go on.)"""
     dir_iv = read_dir_iv(d)
+    rekey = d + b"/" + REKEY
     try:
-        target: bytes | None = parse_dir_iv(read_internal_file(d + b"/" + REKEY, 64))
+        target = parse_dir_iv(read_internal_file(rekey, 64))
     except FileNotFoundError:
-        target = None
+        return dir_iv, None
     except (OSError, FormatError):
         target = None
-    return dir_iv, target
+    if target is not None and iv_of(target) == iv_of(dir_iv) and (
+        epoch_of(dir_iv) < epoch_of(target)
+    ):
+        return dir_iv, target
+    log.warning("%r: not a kmsfs.diriv.rekey a run wrote: removed", rekey)
+    try:
+        os.unlink(reach(rekey))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{REKEY_NAME} is not kmsfs's and cannot be removed "
+                      f"({exc.strerror}): remove it by hand") from None
+    return dir_iv, None
 
 
 class NameRekeyer:
     """Moves directories' names to epoch *current* (module docstring); *fail(path, detail)*
     reports what it leaves, *moved(old, new)* hears of each entry renamed (so paths reported
-    earlier can follow), *times* keeps each directory's own times."""
+    earlier can follow), *times* keeps each directory's own times. *found* is each directory's
+    lstat from the walk: one that is no longer the same directory (swapped since, or reached
+    through a symlink put on the way) is left alone."""
 
     def __init__(self, root: bytes, names: VolumeNames, current: int, times: DirTimes,
-                 fail: Fail, moved: Moved = lambda old, new: None) -> None:
+                 fail: Fail, moved: Moved = lambda old, new: None,
+                 found: dict[bytes, os.stat_result] | None = None) -> None:
         self.root = root
         self.names = names
         self.current = current
         self.times = times
         self.fail = fail
         self.moved = moved
+        self.found = found or {}
         self.rekeyed = 0
         self.epochs_before: dict[int, int] = {}
         self.epochs_after: dict[int, int] = {}
@@ -110,8 +134,8 @@ class NameRekeyer:
         for d in dirs:
             try:
                 dir_iv, target = rekey_state(d)
-            except IntegrityError as exc:
-                self.fail(d, f"names not re-keyed: {exc}")
+            except (OSError, IntegrityError) as exc:
+                self.fail(d, f"names not re-keyed: {_why(exc)}")
                 continue
             epoch = epoch_of(dir_iv)
             self.epochs_before[epoch] = self.epochs_before.get(epoch, 0) + 1
@@ -119,11 +143,7 @@ class NameRekeyer:
             if target is not None or epoch < self.current:
                 todo.append(d)
         marker = self.root + b"/" + MARKER
-        if not todo:
-            if os.path.lexists(marker):  # a killed run's, with nothing left half done
-                self._drop_marker(marker)
-            return
-        if not os.path.lexists(marker):
+        if todo and not os.path.lexists(marker):
             self.times.touching(self.root)  # its times, before the marker moves them
             with owner_access(self.root, stat.S_IWUSR | stat.S_IXUSR):
                 replace(Path(os.fsdecode(marker)), b"", 0o600, temp_prefix=TEMP_PREFIX,
@@ -134,18 +154,22 @@ class NameRekeyer:
             try:
                 self._rekey(d)
             except (OSError, IntegrityError, FormatError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                self.fail(d, f"names not re-keyed: {why}")
+                self.fail(d, f"names not re-keyed: {_why(exc)}")
             if os.path.lexists(reach(d + b"/" + REKEY)):
                 half_done = True
-        if not half_done:
+        if not half_done and os.path.lexists(marker):
             self._drop_marker(marker)
 
     def _drop_marker(self, marker: bytes) -> None:
         """Remove ``kmsfs.rekeying``, then put back the root's times it moved and drop their
         saved copy (last: a run cut short before finds it, and puts them back)."""
+        self.times.touching(self.root)  # a rerun that found nothing left but the marker
         with owner_access(self.root, stat.S_IWUSR | stat.S_IXUSR):
-            os.unlink(marker)
+            try:
+                os.unlink(marker)
+            except IsADirectoryError:
+                raise KmsfsError(f"{os.fsdecode(marker)}: not kmsfs's (a directory): remove "
+                                 "it by hand; every name has moved") from None
             fsync_dir(self.root)
         self.times.done_with(self.root)
 
@@ -153,20 +177,29 @@ class NameRekeyer:
         """Move one directory's names to the current epoch (as many rounds as it takes: a run
         that was cut short moving them to an epoch that is no longer the current one first
         finishes that move)."""
+        was = self.found.get(d)
+        if was is not None:
+            now = os.lstat(reach(d))
+            if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino) or not stat.S_ISDIR(
+                now.st_mode
+            ):
+                raise OSError(errno.ESTALE, "not the directory the walk found (swapped since?)")
         self.times.touching(d)
         with owner_access(d, stat.S_IWUSR | stat.S_IXUSR):
             while True:
                 dir_iv, target = rekey_state(d)
+                fresh = target is None
                 if target is None:
                     if epoch_of(dir_iv) >= self.current:
                         break
                     target = with_epoch(dir_iv, self.current)
-                    self.names.check(dir_iv)  # refused or missing: before anything moves
-                    self.names.check(target)
+                    self.names.check(dir_iv)  # an epoch the Domain lacks: before anything moves
+                self.names.check(target)
+                if fresh:
                     replace(Path(os.fsdecode(reach(d + b"/" + REKEY))), target, 0o440,
                             temp_prefix=TEMP_PREFIX, parents=False)
                     fsync_dir(reach(d))
-                self._move_entries(d, dir_iv, target)
+                self._move_entries(d, dir_iv, target, fresh)
                 _drop_orphan_sidecars(d)  # before the switch: a run cut short after it
                 fsync_dir(reach(d))  # would find nothing left to do here
                 self.times.names_moved(d)
@@ -181,18 +214,21 @@ class NameRekeyer:
         if d != self.root:  # the root's go once the marker has gone (_drop_marker)
             self.times.done_with(d)
 
-    def _move_entries(self, d: bytes, old: bytes, new: bytes) -> None:
-        """Step 2: every entry under *old*'s key gets its name under *new*'s. A rename that
-        fails moves back the ones this call moved (the directory is whole again, at the old
-        epoch) and raises."""
+    def _move_entries(self, d: bytes, old: bytes, new: bytes, fresh: bool) -> None:
+        """Step 2: every entry under *old*'s key gets its name under *new*'s.
+
+        If anything fails (a rename refused, a sidecar that cannot be read, Ctrl-C) in a
+        directory whose ``kmsfs.diriv.rekey`` this call wrote (*fresh*), the entries it moved
+        go back and the ``.rekey`` goes: the directory is whole at its old epoch again. One a
+        run cut short had begun holds names it moved, which only the new key reads: it stays
+        half moved (and the marker with it), for the next run to finish."""
         moved: list[tuple[bytes, bytes, DiskName]] = []
         try:
             for cname in sorted(list_unread(reach(d))):
                 disk = os.fsdecode(cname)
                 if is_internal(disk):
                     continue
-                plain = self._decrypt(d, new, disk)
-                if plain is not None:
+                if self._decrypt(d, new, disk) is not None:
                     continue  # moved by a run that was cut short
                 plain = self._decrypt(d, old, disk)
                 if plain is None:
@@ -201,32 +237,43 @@ class NameRekeyer:
                     continue
                 target = self.names.encrypt_to_disk(new, plain)
                 new_name = os.fsencode(target.name)
-                write_sidecar(d, target, TEMP_PREFIX)  # a leftover of the job's: the next
-                # run removes it
-                rename_noreplace(reach(d + b"/" + cname), reach(d + b"/" + new_name))
-                moved.append((cname, new_name, target))
+                moved.append((cname, new_name, target))  # before: a Ctrl-C may land after
+                write_sidecar(d, target, TEMP_PREFIX)  # (a temporary left: the next run's)
+                try:
+                    rename_noreplace(reach(d + b"/" + cname), reach(d + b"/" + new_name))
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{exc.strerror} (renaming {disk})") from None
         except BaseException:
-            self._move_back(d, moved)
+            if fresh:
+                self._move_back(d, moved)
             raise
         for old_name, new_name, _ in moved:
             self.moved(d + b"/" + old_name, d + b"/" + new_name)
 
     def _move_back(self, d: bytes, moved: list[tuple[bytes, bytes, DiskName]]) -> None:
-        """Undo step 2 of this call; the directory is then wholly at the old epoch, and its
-        ``kmsfs.diriv.rekey`` goes. If an entry cannot move back, the directory stays half
-        done (the next run finishes it)."""
+        """Undo step 2 of a fresh start (:meth:`_move_entries`): each entry moved goes back,
+        then ``kmsfs.diriv.rekey``. If one cannot, the directory stays half moved (with its
+        ``.rekey``, so the marker stays too) and the next run finishes it."""
         try:
             for old_name, new_name, target in reversed(moved):
-                os.rename(reach(d + b"/" + new_name), reach(d + b"/" + old_name))
+                new_path, old_path = reach(d + b"/" + new_name), reach(d + b"/" + old_name)
+                if os.path.lexists(new_path) and not os.path.lexists(old_path):
+                    os.rename(new_path, old_path)
                 if target.sidecar is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(reach(d + b"/" + os.fsencode(target.sidecar)))
             os.unlink(reach(d + b"/" + REKEY))
             fsync_dir(reach(d))
-        except OSError:
-            pass
+        except OSError as exc:
+            log.warning("%r: names left half moved (%s): the next kmsfs reencrypt finishes",
+                        d, exc.strerror)
 
     def _decrypt(self, d: bytes, dir_iv: bytes, disk: str) -> bytes | None:
+        """The plaintext of entry *disk* under *dir_iv*'s key, or None if it does not decrypt
+        (or its sidecar is missing or not a regular file: unreadable to a mount too). Any other
+        failure to read a sidecar (EIO, EMFILE) raises: the name may be fine, and moving its
+        directory without it would strand it."""
+
         def read_sidecar() -> str:
             return read_internal_file(
                 d + b"/" + os.fsencode(disk) + _SIDECAR, 4096
@@ -234,8 +281,16 @@ class NameRekeyer:
 
         try:
             return self.names.decrypt_from_disk(dir_iv, disk, read_sidecar)
-        except (IntegrityError, OSError, UnicodeDecodeError):
+        except (IntegrityError, UnicodeDecodeError):
             return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINVAL):
+                return None
+            raise
+
+
+def _why(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def _drop_orphan_sidecars(d: bytes) -> None:

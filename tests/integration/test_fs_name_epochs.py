@@ -19,6 +19,7 @@ import pytest
 
 from kmsfs.crypto.names import DIRIV_NAME, epoch_of
 from kmsfs.errors import UsageError
+from kmsfs.fs import reencrypt
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import reencrypt_tree
 from kmsfs.fs.reencrypt_names import MARKER_NAME, check_not_rekeying
@@ -178,3 +179,163 @@ def test_a_name_that_does_not_decrypt_is_left_and_reported_and_the_others_move(
         assert os.listdir(m.mountpoint) == ["good"]
     finally:
         m.stop()
+
+
+def _half_moved(volume: Path, tmp_path: Path, files: int = 6) -> dict[str, bytes | None]:
+    """A volume whose root a killed run left half moved (two entries renamed); its tree."""
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        for i in range(files):
+            (m.mountpoint / f"file{i}").write_bytes(b"%d" % i)
+        (m.mountpoint / LONG).write_bytes(b"long")
+        want = _tree(m.mountpoint)
+    finally:
+        m.stop()
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_MOVE.format(
+            root=str(Path(__file__).resolve().parents[2]), n=3, volume=str(volume))],
+        capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert (volume / REKEY_NAME).exists() and (volume / MARKER_NAME).exists()
+    return want
+
+
+def _read_back(volume: Path, tmp_path: Path, name: str) -> dict[str, bytes | None]:
+    m = _mount(volume, tmp_path, epoch=2, name=name)
+    try:
+        return _tree(m.mountpoint)
+    finally:
+        m.stop()
+
+
+def test_a_rerun_that_fails_in_a_half_moved_directory_leaves_it_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a rerun whose rename failed "moved back" only its own renames and
+    dropped kmsfs.diriv.rekey and the marker; the names the killed run had moved were then
+    read under the old key, so never (a mount showed the directory without them)."""
+    from kmsfs.fs import reencrypt_names
+
+    volume = make_volume(tmp_path / "cipher")
+    want = _half_moved(volume, tmp_path)
+    real = reencrypt_names.rename_noreplace
+    calls = [0]
+
+    def refuse_the_second(old: bytes, new: bytes) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise PermissionError(1, "Operation not permitted")
+        real(old, new)
+
+    monkeypatch.setattr(reencrypt_names, "rename_noreplace", refuse_the_second)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert [f.cipher_path for f in summary.failed] == ["."]
+    assert "Operation not permitted (renaming" in summary.failed[0].detail
+    assert (volume / REKEY_NAME).exists() and (volume / MARKER_NAME).exists()  # still half
+    assert check_tree(volume, SoftDeriver(current_epoch=2)).clean  # and every name reads
+    monkeypatch.undo()
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.failed == [] and not (volume / MARKER_NAME).exists()
+    assert _read_back(volume, tmp_path, "after") == want
+
+
+def test_a_sidecar_that_cannot_be_read_stops_its_directory_and_strands_no_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: an EIO reading a long name's sidecar counted as a name that does not
+    decrypt, and the directory moved without it: the name, fine, was lost for good. Now the
+    directory goes back to its old epoch whole, and the next run moves it."""
+    from kmsfs.fs import reencrypt_names
+
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "short").write_bytes(b"s")
+        (m.mountpoint / LONG).write_bytes(b"long")
+        want = _tree(m.mountpoint)
+    finally:
+        m.stop()
+    real = reencrypt_names.read_internal_file
+
+    def eio_on_sidecars(path, limit, dir_fd=None):  # type: ignore[no-untyped-def]
+        if bytes(path).endswith(b".name"):
+            raise OSError(5, "Input/output error")
+        return real(path, limit, dir_fd)
+
+    monkeypatch.setattr(reencrypt_names, "read_internal_file", eio_on_sidecars)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert [(f.cipher_path, "Input/output error" in f.detail) for f in summary.failed] == [
+        (".", True)]
+    assert _epoch_of_dir(volume) == 1 and not (volume / REKEY_NAME).exists()
+    assert not (volume / MARKER_NAME).exists()  # whole again, at epoch 1: the mount may serve
+    assert _read_back(volume, tmp_path, "between") == want
+    monkeypatch.undo()
+    assert reencrypt_tree(volume, SoftDeriver(current_epoch=2)).failed == []
+    assert _epoch_of_dir(volume) == 2 and _read_back(volume, tmp_path, "after") == want
+
+
+def test_a_planted_rekey_file_never_moves_names_under_another_directory_s_iv(
+    tmp_path: Path,
+) -> None:
+    """Found by review: a kmsfs.diriv.rekey was trusted as it was. A writer of the ciphertext
+    who copied directory A's IV there (at the new epoch) had B's names moved under A's IV,
+    after which an entry moved from A into B read there as genuine (names are bound to their
+    directory: DESIGN §2.4). Only the IV's own next epoch counts; anything else is removed."""
+    from kmsfs.crypto.names import with_epoch
+
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        for d in ("A", "B", "C"):
+            (m.mountpoint / d).mkdir()
+        (m.mountpoint / "A" / "secret-in-A").write_bytes(b"A's")
+        (m.mountpoint / "B" / "b").write_bytes(b"B's")
+        want = _tree(m.mountpoint)
+    finally:
+        m.stop()
+    a, b, c = (cipher_path(volume, d) for d in ("A", "B", "C"))
+    iv_a = (a / DIRIV_NAME).read_bytes()
+    (b / REKEY_NAME).write_bytes(with_epoch(iv_a, 2))  # A's IV, planted in B
+    (c / REKEY_NAME).write_bytes(b"garbage")  # and one that does not parse
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert summary.failed == [] and summary.name_epochs_after == {2: 4}
+    a, b, c = (cipher_path(volume, d) for d in ("A", "B", "C"))  # their names moved too
+    assert (a / DIRIV_NAME).read_bytes() != (b / DIRIV_NAME).read_bytes()
+    assert not (b / REKEY_NAME).exists() and not (c / REKEY_NAME).exists()
+    assert not (volume / MARKER_NAME).exists()
+    moved_in = cipher_path(volume, "A/secret-in-A")
+    os.rename(moved_in, b / moved_in.name)  # an entry of A moved into B by hand
+    tree = _read_back(volume, tmp_path, "after")
+    assert "B/secret-in-A" not in tree  # does not decrypt in B: not shown
+    assert {k: v for k, v in tree.items() if k != "A/secret-in-A"} == {
+        k: v for k, v in want.items() if k != "A/secret-in-A"}
+
+
+def test_a_directory_swapped_since_the_walk_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The names pass comes after every file, long after the walk: a directory swapped for a
+    symlink meanwhile (to another volume's directory, say) must not have its IV replaced or
+    its sidecars dropped by a run as root. Review finding; the file pass had the same window."""
+    volume = make_volume(tmp_path / "cipher")
+    other = make_volume(tmp_path / "other")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "d").mkdir()
+        (m.mountpoint / "d" / "f").write_bytes(b"f")
+    finally:
+        m.stop()
+    d = cipher_path(volume, "d")
+    others_iv = (other / DIRIV_NAME).read_bytes()
+    real = reencrypt.NameRekeyer.run
+
+    def swap_then_run(self, dirs):  # type: ignore[no-untyped-def]
+        os.rename(d, tmp_path / "moved-away")
+        os.symlink(other, d)
+        return real(self, dirs)
+
+    monkeypatch.setattr(reencrypt.NameRekeyer, "run", swap_then_run)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert [(f.cipher_path, "not the directory the walk found" in f.detail)
+            for f in summary.failed] == [(cipher_path(volume, "d").name, True)]  # its new name
+    assert (other / DIRIV_NAME).read_bytes() == others_iv and not (other / REKEY_NAME).exists()

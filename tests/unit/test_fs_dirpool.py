@@ -425,7 +425,19 @@ def test_directories_made_ahead_before_a_rotation_are_never_handed_out(tmp_path:
         epoch[0] = 2
         dirs.make_dir(os.fsencode(tmp_path / "after"), 0o755, epoch[0], pool=pool)
         assert (tmp_path / "after" / DIRIV_NAME).read_bytes()[:2] == b"\x00\x02"
-        assert not pool._ready and os.listdir(tmp_path / POOL_DIR) == []  # the old ones: gone
+        assert not pool._ready and len(pool._stale) == 3  # set aside, for the thread
+        pool.start()
+        deadline = time.monotonic() + 30
+        while pool._stale and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool.close()  # what it made meanwhile (at epoch 2) stays, and is removed here
+        assert not pool._stale
+        for ready in (tmp_path / POOL_DIR).iterdir():
+            assert (ready / DIRIV_NAME).read_bytes()[:2] == b"\x00\x02"  # no epoch-1 one left
+            (ready / DIRIV_NAME).unlink()
+            ready.rmdir()
+        pool = DirPool(os.fsencode(tmp_path), lambda: 2)
+        pool.open()
         made = pool._make_one(2)
     finally:
         pool.close()
