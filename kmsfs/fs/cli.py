@@ -720,8 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
-    p = add("reencrypt", "re-key every file of an unmounted volume at the Domain's current "
-            "mk epoch (resumable)")
+    p = add("reencrypt", "re-key every file and name of an unmounted volume at the Domain's "
+            "current mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
     _domain_option(p)
     p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,

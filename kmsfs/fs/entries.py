@@ -139,8 +139,17 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     def new_dir_epoch(self) -> int:
         """The epoch a new directory's names are keyed with: the Domain's current one, which
         a mount following its Domain's rotations moves (so new names are out of reach of an
-        HSM removed before the rotation)."""
-        return int(self._deriver.current_epoch)
+        HSM removed before the rotation). IntegrityError (EIO) if that epoch is retired (a
+        mount not yet moved to the generation that retired it): names there would be the
+        retired HSM's to read, as a new file's contents would, which are refused too."""
+        epoch = int(self._deriver.current_epoch)
+        below = getattr(self._deriver, "retired_below", FIRST_EPOCH)
+        if epoch < below:
+            raise IntegrityError(
+                f"key epoch {epoch} is retired (epochs below {below}): no new directory "
+                "until this mount serves a newer generation of its Domain"
+            )
+        return epoch
 
     def start_dir_pool(self) -> None:
         """Keep new directories ready for mkdir (:mod:`kmsfs.fs.dirpool`), if this daemon can.
@@ -150,7 +159,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         """
         if os.geteuid() != 0:
             return
-        pool = DirPool(self.table.root_path, self.new_dir_epoch)
+        pool = DirPool(self.table.root_path, lambda: int(self._deriver.current_epoch))
         try:
             pool.open()
         except OSError as exc:
@@ -461,7 +470,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         path = dirpath + b"/" + cname
         watch = dirs.RemovalWatch(path)
         try:
-            dirs.remove_empty_dir(path, self.new_dir_epoch())
+            # (an IV written again only if its own is gone: no name in it to protect)
+            dirs.remove_empty_dir(path, int(self._deriver.current_epoch))
         finally:
             watch.close()
         remove_sidecar(dirpath, cname)

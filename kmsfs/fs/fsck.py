@@ -53,7 +53,7 @@ from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, names_of_volume, read_dir_iv
 from kmsfs.fs.posix import dir_no_follow, read_internal_file
 from kmsfs.fs.progress import Progress
-from kmsfs.fs.reencrypt_names import MARKER_NAME
+from kmsfs.fs.reencrypt_names import MARKER_NAME, is_rekey_of
 from kmsfs.fs.reencrypt_resume import TIMES_XATTR
 from kmsfs.fs.reencrypt_walk import REKEY_NAME, list_unread, open_dir_unread, open_unread
 from kmsfs.fs.volume import lock_shared
@@ -206,7 +206,9 @@ class _Checker:
             self.damage("unreadable", cdir, plain, f"cannot list: {exc.strerror}")
             return
         present = set(entries)
-        moving_to = self.names_moving(cdir, plain) if REKEY_NAME in present else None
+        moving_to = None
+        if REKEY_NAME in present and dir_iv is not None:
+            moving_to = self.names_moving(cdir, plain, dir_iv)
         for name in entries:
             path = cdir / name
             if name in (DIRIV_NAME, REKEY_NAME) or (
@@ -229,17 +231,30 @@ class _Checker:
             child = self.name(cdir, name, dir_iv, plain, moving_to)
             yield from self.entry(path, child)
 
-    def names_moving(self, cdir: Path, plain: str | None) -> bytes | None:
+    def names_moving(self, cdir: Path, plain: str | None, dir_iv: bytes) -> bytes | None:
         """The IV a killed ``kmsfs reencrypt`` was moving *cdir*'s names to (some may be
-        under its key already), with a warning; None if it does not parse (then no name had
-        moved: it is written whole first)."""
-        self.warn("interrupted-reencrypt", cdir / REKEY_NAME, plain, "a kmsfs reencrypt was "
-                  "cut short while moving this directory's names to a new key epoch: run it "
-                  "again")
+        under its key already), with a warning; None if there is none that a run writes
+        (:func:`~kmsfs.fs.reencrypt_names.is_rekey_of`: one that does not parse was written
+        whole before any name moved; another directory's IV, or a lower epoch, was planted to
+        pass names off under it, which is damage: the names are read under the IV alone)."""
+        path = cdir / REKEY_NAME
         try:
-            moving_to = parse_dir_iv(read_internal_file(os.fsencode(cdir / REKEY_NAME), 64))
+            moving_to = parse_dir_iv(read_internal_file(os.fsencode(path), 64))
+        except (OSError, FormatError):
+            self.warn("leftover", path, plain, "a kmsfs.diriv.rekey no name has moved to: "
+                      "the next kmsfs reencrypt removes it")
+            return None
+        if not is_rekey_of(dir_iv, moving_to):
+            self.damage("rekey", path, plain, "not one kmsfs reencrypt writes (another IV, or "
+                        "no higher key epoch): names are read under kmsfs.diriv alone, and the "
+                        "next kmsfs reencrypt removes it")
+            return None
+        self.warn("interrupted-reencrypt", path, plain, "a kmsfs reencrypt was cut short "
+                  "while moving this directory's names to a new key epoch: run it again")
+        try:
             self.names.check(moving_to)
-        except (OSError, FormatError, IntegrityError):
+        except IntegrityError as exc:
+            self.damage("epoch", path, plain, f"{exc}: names moved to it cannot be read")
             return None
         return moving_to
 

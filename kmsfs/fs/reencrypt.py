@@ -135,14 +135,21 @@ class _Job:
         plain = plain_path(self.root, os.fsencode(self.rel(path)), self._names)
         self.summary.failed.append(Failure(self.rel(path), detail, plain))
 
-    def moved(self, old: bytes, new: bytes) -> None:
-        """An entry's name moved to a new key: failures reported at or below its old path
-        name it by its new one (the ciphertext path a user finds after the run)."""
-        before, after = self.rel(old), self.rel(new)
+    def moved(self, d: bytes, renamed: dict[bytes, bytes]) -> None:
+        """Entries of directory *d* got their names under a new key (old name -> new name):
+        failures reported at or below them name them by the new ones (the ciphertext paths a
+        user finds after the run). Once per directory: a pass over the failures each."""
+        if not self.summary.failed:
+            return
+        prefix = "" if d == self.root else self.rel(d) + "/"
+        names = {os.fsdecode(old): os.fsdecode(new) for old, new in renamed.items()}
         for failure in self.summary.failed:
             path = failure.cipher_path
-            if path == before or path.startswith(before + "/"):
-                failure.cipher_path = after + path[len(before):]
+            if not path.startswith(prefix):
+                continue
+            head, slash, rest = path[len(prefix):].partition("/")
+            if head in names:
+                failure.cipher_path = prefix + names[head] + slash + rest
 
     # pass 1: find inodes and their epochs
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from kmsfs.atomicfile import fsync_dir, replace
 from kmsfs.crypto.names import (
     LONGNAME_SUFFIX,
+    MAX_NAME_BYTES,
     DiskName,
     VolumeNames,
     epoch_of,
@@ -64,7 +65,9 @@ _SIDECAR = LONGNAME_SUFFIX.encode()
 log = logging.getLogger(__name__)
 
 Fail = Callable[[bytes, str], None]
-Moved = Callable[[bytes, bytes], None]
+Moved = Callable[[bytes, dict[bytes, bytes]], None]
+#: What a second entry of one name gets after it (:meth:`NameRekeyer._move_entries`).
+CONFLICT_SUFFIX = b".kmsfs-conflict-"
 
 
 def check_not_rekeying(cipherdir: Path) -> None:
@@ -75,6 +78,12 @@ def check_not_rekeying(cipherdir: Path) -> None:
             f"{cipherdir}: a kmsfs reencrypt was cut short while moving names to a new key "
             f"epoch ({MARKER_NAME}): run 'kmsfs reencrypt {cipherdir}' again, then mount"
         )
+
+
+def is_rekey_of(dir_iv: bytes, target: bytes) -> bool:
+    """Whether *target* is a ``kmsfs.diriv.rekey`` a run writes for a directory with
+    *dir_iv*: its own IV, at a higher epoch."""
+    return iv_of(target) == iv_of(dir_iv) and epoch_of(dir_iv) < epoch_of(target)
 
 
 def rekey_state(d: bytes) -> tuple[bytes, bytes | None]:
@@ -93,9 +102,7 @@ def rekey_state(d: bytes) -> tuple[bytes, bytes | None]:
         return dir_iv, None
     except (OSError, FormatError):
         target = None
-    if target is not None and iv_of(target) == iv_of(dir_iv) and (
-        epoch_of(dir_iv) < epoch_of(target)
-    ):
+    if target is not None and is_rekey_of(dir_iv, target):
         return dir_iv, target
     log.warning("%r: not a kmsfs.diriv.rekey a run wrote: removed", rekey)
     try:
@@ -108,13 +115,14 @@ def rekey_state(d: bytes) -> tuple[bytes, bytes | None]:
 
 class NameRekeyer:
     """Moves directories' names to epoch *current* (module docstring); *fail(path, detail)*
-    reports what it leaves, *moved(old, new)* hears of each entry renamed (so paths reported
-    earlier can follow), *times* keeps each directory's own times. *found* is each directory's
+    reports what it leaves, *moved(directory, {old name: new name})* hears of the entries
+    each directory renamed (so paths reported earlier can follow), *times* keeps each
+    directory's own times. *found* is each directory's
     lstat from the walk: one that is no longer the same directory (swapped since, or reached
     through a symlink put on the way) is left alone."""
 
     def __init__(self, root: bytes, names: VolumeNames, current: int, times: DirTimes,
-                 fail: Fail, moved: Moved = lambda old, new: None,
+                 fail: Fail, moved: Moved = lambda d, renamed: None,
                  found: dict[bytes, os.stat_result] | None = None) -> None:
         self.root = root
         self.names = names
@@ -155,6 +163,8 @@ class NameRekeyer:
                 self._rekey(d)
             except (OSError, IntegrityError, FormatError) as exc:
                 self.fail(d, f"names not re-keyed: {_why(exc)}")
+                if d != self.root:  # its path moves with its parent's names: times now
+                    self.times.done_with(d)
             if os.path.lexists(reach(d + b"/" + REKEY)):
                 half_done = True
         if not half_done and os.path.lexists(marker):
@@ -236,6 +246,8 @@ class NameRekeyer:
                               "left as it is (run kmsfs fsck)")
                     continue
                 target = self.names.encrypt_to_disk(new, plain)
+                if os.path.lexists(reach(d + b"/" + os.fsencode(target.name))):
+                    target = self._second_of(d, new, plain, target)
                 new_name = os.fsencode(target.name)
                 moved.append((cname, new_name, target))  # before: a Ctrl-C may land after
                 write_sidecar(d, target, TEMP_PREFIX)  # (a temporary left: the next run's)
@@ -247,8 +259,26 @@ class NameRekeyer:
             if fresh:
                 self._move_back(d, moved)
             raise
-        for old_name, new_name, _ in moved:
-            self.moved(d + b"/" + old_name, d + b"/" + new_name)
+        if moved:
+            self.moved(d, {old_name: new_name for old_name, new_name, _ in moved})
+
+    def _second_of(self, d: bytes, new: bytes, plain: bytes, taken: DiskName) -> DiskName:
+        """A name for an entry whose name under the new key is taken already: by the entry
+        a run cut short had moved there, and this one written under the old key since (a mount
+        between, with ``kmsfs.rekeying`` removed by hand, found the name free). Both stay: this
+        one as ``NAME.kmsfs-conflict-N`` (reported); anything else there fails the directory."""
+        if self._decrypt(d, new, taken.name) != plain:
+            raise FileExistsError(errno.EEXIST, f"{taken.name} exists and is not this entry")
+        for n in range(1, 1000):
+            suffix = CONFLICT_SUFFIX + str(n).encode()
+            second = plain[: MAX_NAME_BYTES - len(suffix)] + suffix
+            target = self.names.encrypt_to_disk(new, second)
+            if not os.path.lexists(reach(d + b"/" + os.fsencode(target.name))):
+                self.fail(d + b"/" + os.fsencode(target.name), f"two entries were named "
+                          f"{os.fsdecode(plain)!r} (one written while names were half moved):"
+                          f" the second shows as {os.fsdecode(second)!r}")
+                return target
+        raise FileExistsError(errno.EEXIST, "no free name for a second entry of one name")
 
     def _move_back(self, d: bytes, moved: list[tuple[bytes, bytes, DiskName]]) -> None:
         """Undo step 2 of a fresh start (:meth:`_move_entries`): each entry moved goes back,

@@ -58,8 +58,10 @@ CLOSE_WAIT = 2.0
 #: A store directory changed this recently (ns) is read again at the next look (follow_store).
 RACY_STAMP_NS = 2_000_000_000
 
-#: The keys a volume derives once, at epoch 1, for its whole life (names, symlink targets,
-#: xattrs: docs/format.md, "Key epochs"): the only derivations a retired epoch still serves.
+#: A volume's own keys, not a file's: names (at each directory's epoch), symlink targets and
+#: xattrs (at epoch 1 for its whole life): docs/format.md, "Key epochs". The only derivations a
+#: retired epoch still serves: a directory still there holds files written since at newer
+#: epochs, and kmsfs reencrypt must move its names.
 VOLUME_KEY_INFOS = frozenset({NAMES_KEY_INFO, SYMLINK_KEY_INFO, XATTR_KEY_INFO})
 
 

@@ -36,9 +36,11 @@ class SoftDeriver:
     another raises IntegrityError, as the HSM-backed deriver does.
     """
 
-    def __init__(self, key: bytes = TEST_KEY, current_epoch: int = 1) -> None:
+    def __init__(self, key: bytes = TEST_KEY, current_epoch: int = 1,
+                 retired_below: int = 1) -> None:
         self._key = key
         self.current_epoch = current_epoch
+        self.retired_below = retired_below  # what a retirement it has taken in says
 
     def _epoch_key(self, epoch: int) -> bytes:
         if epoch == 1:
@@ -159,10 +161,11 @@ class Mount:
     """One stub daemon serving CIPHERDIR at MOUNTPOINT; its stderr goes to ``log_path``."""
 
     def __init__(self, cipherdir: Path, mountpoint: Path, log_path: Path,
-                 options: tuple[str, ...] = (), epoch: int = 1) -> None:
+                 options: tuple[str, ...] = (), epoch: int = 1, retired_below: int = 1) -> None:
         self.cipherdir, self.mountpoint, self.log_path = cipherdir, mountpoint, log_path
         self.options = options
         self.epoch = epoch  # the stub deriver's current_epoch
+        self.retired_below = retired_below  # and the retirement it has taken in
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> Mount:
@@ -172,6 +175,8 @@ class Mount:
             cmd += ["-o", opt]
         if self.epoch != 1:
             cmd += ["--epoch", str(self.epoch)]
+        if self.retired_below != 1:
+            cmd += ["--retired-below", str(self.retired_below)]
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the daemon's lifetime)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
         log.close()

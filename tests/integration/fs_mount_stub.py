@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("-o", dest="options", action="append", default=[])
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--epoch", type=int, default=1, help="the deriver's current_epoch")
+    parser.add_argument("--retired-below", type=int, default=1,
+                        help="the deriver's retired_below (a retirement it has taken in)")
     parser.add_argument("--log-file", type=Path, help="log there instead of stderr")
     args = parser.parse_args()
     daemonlog.setup_logging(foreground=True, debug=args.debug, log_file=args.log_file)
@@ -33,8 +35,9 @@ def main() -> None:
     def ready() -> None:
         print("ready", flush=True)
 
-    daemon.serve(args.cipherdir, args.mountpoint, SoftDeriver(current_epoch=args.epoch),
-                 daemon.mount_options(args.options), on_ready=ready)
+    deriver = SoftDeriver(current_epoch=args.epoch, retired_below=args.retired_below)
+    daemon.serve(args.cipherdir, args.mountpoint, deriver, daemon.mount_options(args.options),
+                 on_ready=ready)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,106 @@ def test_a_directory_swapped_since_the_walk_is_left_alone(
     assert [(f.cipher_path, "not the directory the walk found" in f.detail)
             for f in summary.failed] == [(cipher_path(volume, "d").name, True)]  # its new name
     assert (other / DIRIV_NAME).read_bytes() == others_iv and not (other / REKEY_NAME).exists()
+
+
+def test_a_mount_whose_epoch_is_retired_makes_no_directory_with_it(tmp_path: Path) -> None:
+    """Found by re-review: a mount still serving a retired epoch (its move to the newer
+    generation failing, say) refused new files but made new directories keyed with it, whose
+    names the HSM the retirement is for reads. Now mkdir is EIO too, with a log line."""
+    volume = make_volume(tmp_path / "cipher")
+    m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=1, retired_below=2).start()
+    try:
+        with pytest.raises(OSError) as refused:
+            (m.mountpoint / "new").mkdir()
+        assert refused.value.errno == 5  # EIO
+        assert os.listdir(m.mountpoint) == []
+        assert "key epoch 1 is retired" in m.log()
+        (m.mountpoint / "old-name-ok").symlink_to("x")  # other entries: as before
+    finally:
+        m.stop()
+
+
+def test_a_directory_that_fails_below_a_moved_parent_keeps_its_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by re-review: a directory whose names could not move kept its saved times (and
+    their xattr) until the end of the run, by a path its parent's move had made stale."""
+    from kmsfs.fs import reencrypt_names
+    from kmsfs.fs.reencrypt_resume import TIMES_XATTR
+
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "a" / "b").mkdir(parents=True)
+        (m.mountpoint / "a" / "b" / "f").write_bytes(b"f")
+    finally:
+        m.stop()
+    b = cipher_path(volume, "a/b")
+    before = os.lstat(b)
+    real = reencrypt_names.rename_noreplace
+    calls = [0]
+
+    def refuse_the_first(old: bytes, new: bytes) -> None:  # b's, the deepest: first
+        calls[0] += 1
+        if calls[0] == 1:
+            raise PermissionError(1, "Operation not permitted")
+        real(old, new)
+
+    monkeypatch.setattr(reencrypt_names, "rename_noreplace", refuse_the_first)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert len(summary.failed) == 1 and summary.name_epochs_after == {1: 1, 2: 2}
+    b = cipher_path(volume, "a/b")  # its parent's names moved: a new path
+    after = os.lstat(b)
+    assert after.st_ino == before.st_ino and _epoch_of_dir(b) == 1
+    assert (after.st_atime_ns, after.st_mtime_ns) == (before.st_atime_ns, before.st_mtime_ns)
+    assert TIMES_XATTR not in os.listxattr(b)
+
+
+def test_a_name_written_again_while_half_moved_keeps_both_entries(tmp_path: Path) -> None:
+    """Found by re-review: with kmsfs.rekeying removed by hand, a mount hid a name the killed
+    run had moved, a user wrote it again, and every later run failed on it (EEXIST), the
+    marker for ever. Now the second one shows as NAME.kmsfs-conflict-1, reported."""
+    volume = make_volume(tmp_path / "cipher")
+    want = _half_moved(volume, tmp_path)
+    (volume / MARKER_NAME).unlink()  # what the docs say not to do
+    m = _mount(volume, tmp_path, epoch=2, name="between")
+    try:
+        hidden = sorted(set(want) - set(_tree(m.mountpoint)))
+        assert hidden  # the names the killed run moved: not shown under the old key
+        (m.mountpoint / hidden[0]).write_bytes(b"written again")
+    finally:
+        m.stop()
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert [f.detail for f in summary.failed] == [
+        f"two entries were named {hidden[0]!r} (one written while names were half moved): "
+        f"the second shows as '{hidden[0]}.kmsfs-conflict-1'"]
+    assert not (volume / MARKER_NAME).exists()
+    assert _read_back(volume, tmp_path, "after") == {
+        **want, f"{hidden[0]}.kmsfs-conflict-1": b"written again"}
+
+
+def test_fsck_does_not_take_a_planted_rekey_file_for_a_half_moved_directory(
+    tmp_path: Path,
+) -> None:
+    """Found by re-review: fsck read names under any kmsfs.diriv.rekey it found, so an entry
+    of one directory put into another, with the first one's IV planted as its .rekey, passed
+    as clean (the mount and reencrypt never take it)."""
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1)
+    try:
+        (m.mountpoint / "B").mkdir()
+    finally:
+        m.stop()
+    m = _mount(volume, tmp_path, epoch=2, name="later")
+    try:
+        (m.mountpoint / "A").mkdir()  # at epoch 2
+        (m.mountpoint / "A" / "from-A").write_bytes(b"A's")
+    finally:
+        m.stop()
+    a, b = cipher_path(volume, "A"), cipher_path(volume, "B")
+    entry = cipher_path(volume, "A/from-A")
+    os.rename(entry, b / entry.name)
+    (b / REKEY_NAME).write_bytes((a / DIRIV_NAME).read_bytes())
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert not report.clean
+    assert sorted(p.kind for p in report.problems) == ["name", "rekey"]

@@ -108,8 +108,9 @@ def test_retire_refuses_contents_of_older_epochs_and_keeps_the_volume_keys(
     initialized: Admin,
 ) -> None:
     """After rotate, retire --below 2: file keys of epoch 1 are refused by every opening of
-    the Domain (what an HSM removed before the rotation could still compute), while names,
-    symlink targets and xattrs (keyed at epoch 1 for a volume's life) are served as before."""
+    the Domain (what an HSM removed before the rotation could still compute), while the volume
+    keys (names of a directory still at epoch 1, symlink targets and xattrs) are served as
+    before."""
     initialized.real_domain()
     ctx = Context.at(initialized.store)
     initialized("domain", "rotate", "payroll")
