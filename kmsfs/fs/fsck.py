@@ -209,6 +209,9 @@ class _Checker:
         moving_to = None
         if REKEY_NAME in present and dir_iv is not None:
             moving_to = self.names_moving(cdir, plain, dir_iv)
+        elif REKEY_NAME in present:
+            self.warn("interrupted-reencrypt", cdir / REKEY_NAME, plain, "a kmsfs reencrypt "
+                      "was cut short while moving this directory's names: run it again")
         for name in entries:
             path = cdir / name
             if name in (DIRIV_NAME, REKEY_NAME) or (
@@ -240,9 +243,12 @@ class _Checker:
         path = cdir / REKEY_NAME
         try:
             moving_to = parse_dir_iv(read_internal_file(os.fsencode(path), 64))
-        except (OSError, FormatError):
+        except FormatError:
             self.warn("leftover", path, plain, "a kmsfs.diriv.rekey no name has moved to: "
                       "the next kmsfs reencrypt removes it")
+            return None
+        except OSError as exc:
+            self.damage("unreadable", path, plain, f"cannot read: {exc.strerror}")
             return None
         if not is_rekey_of(dir_iv, moving_to):
             self.damage("rekey", path, plain, "not one kmsfs reencrypt writes (another IV, or "

@@ -159,6 +159,10 @@ class NameRekeyer:
                 fsync_dir(self.root)
         half_done = False
         for d in sorted(todo, key=lambda p: p.count(b"/"), reverse=True):  # deepest first
+            if not self._still_found(d):
+                self.fail(d, "names not re-keyed: not the directory the walk found (swapped "
+                          "since?)")
+                continue  # nothing done there, and its path leads elsewhere: not even times
             try:
                 self._rekey(d)
             except (OSError, IntegrityError, FormatError) as exc:
@@ -183,17 +187,22 @@ class NameRekeyer:
             fsync_dir(self.root)
         self.times.done_with(self.root)
 
+    def _still_found(self, d: bytes) -> bool:
+        """Whether *d* is still the directory the walk found there (same device and inode, not
+        a symlink): one swapped since, or reached through a symlink put on the way, is not."""
+        was = self.found.get(d)
+        if was is None:
+            return True
+        try:
+            now = os.lstat(reach(d))
+        except OSError:
+            return False
+        return stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (was.st_dev, was.st_ino)
+
     def _rekey(self, d: bytes) -> None:
         """Move one directory's names to the current epoch (as many rounds as it takes: a run
         that was cut short moving them to an epoch that is no longer the current one first
         finishes that move)."""
-        was = self.found.get(d)
-        if was is not None:
-            now = os.lstat(reach(d))
-            if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino) or not stat.S_ISDIR(
-                now.st_mode
-            ):
-                raise OSError(errno.ESTALE, "not the directory the walk found (swapped since?)")
         self.times.touching(d)
         with owner_access(d, stat.S_IWUSR | stat.S_IXUSR):
             while True:
@@ -209,12 +218,14 @@ class NameRekeyer:
                     replace(Path(os.fsdecode(reach(d + b"/" + REKEY))), target, 0o440,
                             temp_prefix=TEMP_PREFIX, parents=False)
                     fsync_dir(reach(d))
-                self._move_entries(d, dir_iv, target, fresh)
+                seconds = self._move_entries(d, dir_iv, target, fresh)
                 _drop_orphan_sidecars(d)  # before the switch: a run cut short after it
                 fsync_dir(reach(d))  # would find nothing left to do here
                 self.times.names_moved(d)
                 os.rename(reach(d + b"/" + REKEY), reach(d + b"/" + DIRIV))
                 fsync_dir(reach(d))
+                for name, detail in seconds:  # now that their names read (plaintext paths)
+                    self.fail(d + b"/" + name, detail)
                 before, after = epoch_of(dir_iv), epoch_of(target)
                 self.epochs_after[before] -= 1
                 if not self.epochs_after[before]:
@@ -224,8 +235,12 @@ class NameRekeyer:
         if d != self.root:  # the root's go once the marker has gone (_drop_marker)
             self.times.done_with(d)
 
-    def _move_entries(self, d: bytes, old: bytes, new: bytes, fresh: bool) -> None:
-        """Step 2: every entry under *old*'s key gets its name under *new*'s.
+    def _move_entries(
+        self, d: bytes, old: bytes, new: bytes, fresh: bool
+    ) -> list[tuple[bytes, str]]:
+        """Step 2: every entry under *old*'s key gets its name under *new*'s. Returns what
+        to report once the directory has switched: (name, detail) of each second entry of one
+        name (:meth:`_second_of`).
 
         If anything fails (a rename refused, a sidecar that cannot be read, Ctrl-C) in a
         directory whose ``kmsfs.diriv.rekey`` this call wrote (*fresh*), the entries it moved
@@ -233,6 +248,7 @@ class NameRekeyer:
         run cut short had begun holds names it moved, which only the new key reads: it stays
         half moved (and the marker with it), for the next run to finish."""
         moved: list[tuple[bytes, bytes, DiskName]] = []
+        seconds: list[tuple[bytes, str]] = []
         try:
             for cname in sorted(list_unread(reach(d))):
                 disk = os.fsdecode(cname)
@@ -247,7 +263,11 @@ class NameRekeyer:
                     continue
                 target = self.names.encrypt_to_disk(new, plain)
                 if os.path.lexists(reach(d + b"/" + os.fsencode(target.name))):
-                    target = self._second_of(d, new, plain, target)
+                    target, second = self._second_of(d, old, new, plain, target)
+                    seconds.append((os.fsencode(target.name), f"two entries were named "
+                                    f"{os.fsdecode(plain)!r} (one written while names were "
+                                    f"half moved): the second shows as "
+                                    f"{os.fsdecode(second)!r}"))
                 new_name = os.fsencode(target.name)
                 moved.append((cname, new_name, target))  # before: a Ctrl-C may land after
                 write_sidecar(d, target, TEMP_PREFIX)  # (a temporary left: the next run's)
@@ -258,26 +278,30 @@ class NameRekeyer:
         except BaseException:
             if fresh:
                 self._move_back(d, moved)
+            elif moved:  # they stay moved (the directory is left half moved)
+                self.moved(d, {old_name: new_name for old_name, new_name, _ in moved})
             raise
         if moved:
             self.moved(d, {old_name: new_name for old_name, new_name, _ in moved})
+        return seconds
 
-    def _second_of(self, d: bytes, new: bytes, plain: bytes, taken: DiskName) -> DiskName:
-        """A name for an entry whose name under the new key is taken already: by the entry
-        a run cut short had moved there, and this one written under the old key since (a mount
-        between, with ``kmsfs.rekeying`` removed by hand, found the name free). Both stay: this
-        one as ``NAME.kmsfs-conflict-N`` (reported); anything else there fails the directory."""
+    def _second_of(
+        self, d: bytes, old: bytes, new: bytes, plain: bytes, taken: DiskName
+    ) -> tuple[DiskName, bytes]:
+        """(disk name, plaintext) for an entry whose name under the new key is taken already:
+        by the entry a run cut short had moved there, and this one written under the old key
+        since (a mount between, with ``kmsfs.rekeying`` removed by hand, found the name free).
+        Both stay: this one as ``NAME.kmsfs-conflict-N``, a name free under both keys;
+        anything else in the way fails the directory."""
         if self._decrypt(d, new, taken.name) != plain:
             raise FileExistsError(errno.EEXIST, f"{taken.name} exists and is not this entry")
         for n in range(1, 1000):
             suffix = CONFLICT_SUFFIX + str(n).encode()
-            second = plain[: MAX_NAME_BYTES - len(suffix)] + suffix
+            second = _shortened(plain, MAX_NAME_BYTES - len(suffix)) + suffix
             target = self.names.encrypt_to_disk(new, second)
-            if not os.path.lexists(reach(d + b"/" + os.fsencode(target.name))):
-                self.fail(d + b"/" + os.fsencode(target.name), f"two entries were named "
-                          f"{os.fsdecode(plain)!r} (one written while names were half moved):"
-                          f" the second shows as {os.fsdecode(second)!r}")
-                return target
+            if not any(os.path.lexists(reach(d + b"/" + os.fsencode(t.name)))
+                       for t in (target, self.names.encrypt_to_disk(old, second))):
+                return target, second
         raise FileExistsError(errno.EEXIST, "no free name for a second entry of one name")
 
     def _move_back(self, d: bytes, moved: list[tuple[bytes, bytes, DiskName]]) -> None:
@@ -317,6 +341,17 @@ class NameRekeyer:
             if exc.errno in (errno.ENOENT, errno.EINVAL):
                 return None
             raise
+
+
+def _shortened(name: bytes, limit: int) -> bytes:
+    """*name* cut to at most *limit* bytes, at a character boundary if it is UTF-8."""
+    if len(name) <= limit:
+        return name
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name[:limit]
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def _why(exc: BaseException) -> str:

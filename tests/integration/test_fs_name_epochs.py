@@ -332,6 +332,7 @@ def test_a_directory_swapped_since_the_walk_is_left_alone(
     def swap_then_run(self, dirs):  # type: ignore[no-untyped-def]
         os.rename(d, tmp_path / "moved-away")
         os.symlink(other, d)
+        os.utime(d, ns=(5, 5), follow_symlinks=False)
         return real(self, dirs)
 
     monkeypatch.setattr(reencrypt.NameRekeyer, "run", swap_then_run)
@@ -339,6 +340,8 @@ def test_a_directory_swapped_since_the_walk_is_left_alone(
     assert [(f.cipher_path, "not the directory the walk found" in f.detail)
             for f in summary.failed] == [(cipher_path(volume, "d").name, True)]  # its new name
     assert (other / DIRIV_NAME).read_bytes() == others_iv and not (other / REKEY_NAME).exists()
+    swapped = cipher_path(volume, "d")
+    assert swapped.is_symlink() and os.lstat(swapped).st_mtime_ns == 5  # its times: untouched
 
 
 def test_a_mount_whose_epoch_is_retired_makes_no_directory_with_it(tmp_path: Path) -> None:
@@ -406,15 +409,18 @@ def test_a_name_written_again_while_half_moved_keeps_both_entries(tmp_path: Path
         hidden = sorted(set(want) - set(_tree(m.mountpoint)))
         assert hidden  # the names the killed run moved: not shown under the old key
         (m.mountpoint / hidden[0]).write_bytes(b"written again")
+        (m.mountpoint / f"{hidden[0]}.kmsfs-conflict-1").write_bytes(b"a user's own")
     finally:
         m.stop()
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
-    assert [f.detail for f in summary.failed] == [
+    assert [(f.path, f.detail) for f in summary.failed] == [(
+        f"/{hidden[0]}.kmsfs-conflict-2",
         f"two entries were named {hidden[0]!r} (one written while names were half moved): "
-        f"the second shows as '{hidden[0]}.kmsfs-conflict-1'"]
+        f"the second shows as '{hidden[0]}.kmsfs-conflict-2'")]
     assert not (volume / MARKER_NAME).exists()
     assert _read_back(volume, tmp_path, "after") == {
-        **want, f"{hidden[0]}.kmsfs-conflict-1": b"written again"}
+        **want, f"{hidden[0]}.kmsfs-conflict-2": b"written again",
+        f"{hidden[0]}.kmsfs-conflict-1": b"a user's own"}  # its name taken by nobody
 
 
 def test_fsck_does_not_take_a_planted_rekey_file_for_a_half_moved_directory(

@@ -334,3 +334,14 @@ def test_each_directory_s_names_are_keyed_with_its_own_epoch() -> None:
         names.encrypt(with_epoch(iv, 3), b"x")  # an epoch the Domain lacks
     with pytest.raises(ValueError, match="another key"):
         NameCipher(bytes(32)).encrypt(at_2, b"x")  # a cipher never guesses another epoch
+
+
+def test_a_second_entry_s_name_is_shortened_at_a_character_boundary() -> None:
+    """kmsfs reencrypt names a second entry of one name NAME.kmsfs-conflict-N (255 bytes at
+    most): a UTF-8 name is cut between characters, never inside one."""
+    from kmsfs.fs.reencrypt_names import _shortened
+
+    assert _shortened(b"short", 10) == b"short"
+    name = "é".encode() * 127 + b"x"  # 255 bytes
+    assert _shortened(name, 240) == "é".encode() * 120
+    assert _shortened(b"\xff" * 255, 240) == b"\xff" * 240  # not UTF-8: cut by bytes
