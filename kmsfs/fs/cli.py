@@ -541,18 +541,19 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         verdict = "clean" if report.clean else f"{found} problem{'s' if found > 1 else ''} found"
         print(f"{args.cipherdir}: {verdict} (checked {counts})")
         if report.epochs:
-            per = ", ".join(f"epoch {e}: {n}" for e, n in sorted(report.epochs.items()))
-            current = report.current_epoch
-            old = sum(n for e, n in report.epochs.items() if current and e < current)
-            tail = f"; {old} below the current epoch {current}" if old else ""
-            print(f"files per key epoch: {per}{tail}")
+            print(f"files per key epoch: {_per_epoch(report.epochs, report.current_epoch)}")
         if report.name_epochs:
-            per = ", ".join(f"epoch {e}: {n}" for e, n in sorted(report.name_epochs.items()))
-            current = report.current_epoch
-            old = sum(n for e, n in report.name_epochs.items() if current and e < current)
-            tail = f"; {old} below the current epoch {current}" if old else ""
-            print(f"directories per key epoch of their names: {per}{tail}")
+            print("directories per key epoch of their names: "
+                  f"{_per_epoch(report.name_epochs, report.current_epoch)}")
     return exitcodes.OK if report.clean else exitcodes.DAMAGED
+
+
+def _per_epoch(counts: dict[int, int], current: int | None = None) -> str:
+    """``epoch 1: 120, epoch 2: 4`` (``none`` if empty), and with *current* how many are
+    below it: ``; 120 below the current epoch 2``."""
+    per = ", ".join(f"epoch {e}: {n}" for e, n in sorted(counts.items())) or "none"
+    old = sum(n for e, n in counts.items() if current and e < current)
+    return per + (f"; {old} below the current epoch {current}" if old else "")
 
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
@@ -567,9 +568,6 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             where = failure.path or f"(ciphertext) {failure.cipher_path}"
             print(f"not re-encrypted: {where}: {failure.detail}")
 
-        def per(counts: dict[int, int]) -> str:
-            return ", ".join(f"epoch {e}: {n}" for e, n in sorted(counts.items())) or "none"
-
         if summary.upgraded:
             print(f"{args.cipherdir}: flag(s) added: {', '.join(summary.flags_added)}")
         print(
@@ -577,11 +575,11 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             f"{summary.current_epoch}, {summary.skipped} already there, {summary.empty} empty, "
             f"{summary.temp_removed} leftover temporary file(s) removed"
         )
-        print(f"files per key epoch: before {per(summary.epochs_before)}; "
-              f"after {per(summary.epochs_after)}")
+        print(f"files per key epoch: before {_per_epoch(summary.epochs_before)}; "
+              f"after {_per_epoch(summary.epochs_after)}")
         print(f"directories per key epoch of their names: before "
-              f"{per(summary.name_epochs_before)}; after {per(summary.name_epochs_after)} "
-              f"({summary.dirs_rekeyed} re-keyed)")
+              f"{_per_epoch(summary.name_epochs_before)}; after "
+              f"{_per_epoch(summary.name_epochs_after)} ({summary.dirs_rekeyed} re-keyed)")
     return exitcodes.DAMAGED if summary.failed else exitcodes.OK
 
 

@@ -679,6 +679,11 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
     doc = json.loads(_kmsfs("fsck", str(cipher), "--json", env=env).stdout)
     assert doc["clean"] and doc["epochs"] == {"1": 1, "2": 2} and doc["current_epoch"] == 2
     assert doc["name_epochs"] == {"1": 1, "2": 1}
+    text = _kmsfs("fsck", str(cipher), env=env).stdout.splitlines()
+    assert text[-2:] == [
+        "files per key epoch: epoch 1: 1, epoch 2: 2; 1 below the current epoch 2",
+        "directories per key epoch of their names: epoch 1: 1, epoch 2: 1; 1 below the "
+        "current epoch 2"]
 
     proc = _kmsfs("reencrypt", str(cipher), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -698,6 +703,10 @@ def test_rotate_then_reencrypt_with_the_real_commands(tmp_path: Path, initialize
         _kmsfs("umount", str(mp))
     proc = _kmsfs("reencrypt", str(cipher), env=env)
     assert proc.returncode == 0 and "0 file(s) re-encrypted" in proc.stdout
+    assert proc.stdout.splitlines()[-2:] == [
+        "files per key epoch: before epoch 2: 3; after epoch 2: 3",
+        "directories per key epoch of their names: before epoch 2: 2; after epoch 2: 2 "
+        "(0 re-keyed)"]
 
 
 def test_retired_epochs_close_the_rollback_a_removed_hsm_could_use(  # type: ignore[no-untyped-def]

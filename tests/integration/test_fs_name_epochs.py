@@ -111,6 +111,15 @@ _KILL_AT_MOVE = textwrap.dedent(
 )
 
 
+def _kill_at_move(volume: Path, n: int) -> None:
+    """Run kmsfs reencrypt (to epoch 2) in a child killed at its *n*-th entry rename."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_MOVE.format(
+            root=str(Path(__file__).resolve().parents[2]), n=n, volume=str(volume))],
+        capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+
+
 def test_a_run_killed_while_moving_names_keeps_every_name_and_the_mount_waits_for_the_next(
     tmp_path: Path,
 ) -> None:
@@ -125,11 +134,7 @@ def test_a_run_killed_while_moving_names_keeps_every_name_and_the_mount_waits_fo
         want = _tree(p)
     finally:
         m.stop()
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILL_AT_MOVE.format(
-            root=str(Path(__file__).resolve().parents[2]), n=2, volume=str(volume))],
-        capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
+    _kill_at_move(volume, 2)
     d = cipher_path(volume, "d")  # the root's names have not moved yet (deepest first)
     assert (volume / MARKER_NAME).exists() and (d / REKEY_NAME).exists()
 
@@ -191,13 +196,25 @@ def _half_moved(volume: Path, tmp_path: Path, files: int = 6) -> dict[str, bytes
         want = _tree(m.mountpoint)
     finally:
         m.stop()
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILL_AT_MOVE.format(
-            root=str(Path(__file__).resolve().parents[2]), n=3, volume=str(volume))],
-        capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
+    _kill_at_move(volume, 3)
     assert (volume / REKEY_NAME).exists() and (volume / MARKER_NAME).exists()
     return want
+
+
+def _refuse_rename(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """The names pass's *n*-th entry rename fails (EPERM, as for an immutable entry)."""
+    from kmsfs.fs import reencrypt_names
+
+    real = reencrypt_names.rename_noreplace
+    calls = [0]
+
+    def refuse(old: bytes, new: bytes) -> None:
+        calls[0] += 1
+        if calls[0] == n:
+            raise PermissionError(1, "Operation not permitted")
+        real(old, new)
+
+    monkeypatch.setattr(reencrypt_names, "rename_noreplace", refuse)
 
 
 def _read_back(volume: Path, tmp_path: Path, name: str) -> dict[str, bytes | None]:
@@ -214,20 +231,10 @@ def test_a_rerun_that_fails_in_a_half_moved_directory_leaves_it_for_the_next(
     """Found by review: a rerun whose rename failed "moved back" only its own renames and
     dropped kmsfs.diriv.rekey and the marker; the names the killed run had moved were then
     read under the old key, so never (a mount showed the directory without them)."""
-    from kmsfs.fs import reencrypt_names
 
     volume = make_volume(tmp_path / "cipher")
     want = _half_moved(volume, tmp_path)
-    real = reencrypt_names.rename_noreplace
-    calls = [0]
-
-    def refuse_the_second(old: bytes, new: bytes) -> None:
-        calls[0] += 1
-        if calls[0] == 2:
-            raise PermissionError(1, "Operation not permitted")
-        real(old, new)
-
-    monkeypatch.setattr(reencrypt_names, "rename_noreplace", refuse_the_second)
+    _refuse_rename(monkeypatch, 2)
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert [f.cipher_path for f in summary.failed] == ["."]
     assert "Operation not permitted (renaming" in summary.failed[0].detail
@@ -366,7 +373,6 @@ def test_a_directory_that_fails_below_a_moved_parent_keeps_its_times(
 ) -> None:
     """Found by re-review: a directory whose names could not move kept its saved times (and
     their xattr) until the end of the run, by a path its parent's move had made stale."""
-    from kmsfs.fs import reencrypt_names
     from kmsfs.fs.reencrypt_resume import TIMES_XATTR
 
     volume = make_volume(tmp_path / "cipher")
@@ -378,16 +384,7 @@ def test_a_directory_that_fails_below_a_moved_parent_keeps_its_times(
         m.stop()
     b = cipher_path(volume, "a/b")
     before = os.lstat(b)
-    real = reencrypt_names.rename_noreplace
-    calls = [0]
-
-    def refuse_the_first(old: bytes, new: bytes) -> None:  # b's, the deepest: first
-        calls[0] += 1
-        if calls[0] == 1:
-            raise PermissionError(1, "Operation not permitted")
-        real(old, new)
-
-    monkeypatch.setattr(reencrypt_names, "rename_noreplace", refuse_the_first)
+    _refuse_rename(monkeypatch, 1)  # b's, the deepest: first
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert len(summary.failed) == 1 and summary.name_epochs_after == {1: 1, 2: 2}
     b = cipher_path(volume, "a/b")  # its parent's names moved: a new path
