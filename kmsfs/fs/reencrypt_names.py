@@ -16,9 +16,10 @@ In between, a directory holds names under both keys, which no mount serves: befo
 step of the first directory the job writes ``kmsfs.rekeying`` in the volume root (fsync'd), and
 a mount refuses a volume that has it (:func:`check_not_rekeying`). It is removed once no
 directory is left half done. The next run finishes a half-done directory: an entry already
-under the new key stays, the others move. A directory that fails in step 2 (a rename refused)
-is moved back to the old key; one whose names do not decrypt under either key keeps them as
-they are (they were unreadable before), reported as failures.
+under the new key stays, the others move. A directory that fails in step 2 (a rename refused,
+a sidecar that cannot be read, Ctrl-C) is moved back to the old key if this run began it, and
+left half done for the next run if a run before began it; an entry whose name decrypts under
+neither key keeps it (it was unreadable before), reported as a failure.
 
 The directory's times are saved durably before step 1 (``DirTimes.touching``; the root's
 before the marker is written) and put back after step 3. The saved copy carries a fingerprint of
@@ -100,26 +101,34 @@ def rekey_state(d: bytes) -> tuple[bytes, bytes | None]:
         target = parse_dir_iv(read_internal_file(rekey, 64))
     except FileNotFoundError:
         return dir_iv, None
-    except (OSError, FormatError):
+    except FormatError:
         target = None
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EIO, EACCES: it may be a run's; the directory waits
+            raise OSError(exc.errno, f"{REKEY_NAME}: {exc.strerror}") from None
+        target = None  # not a regular file: no run wrote it
     if target is not None and is_rekey_of(dir_iv, target):
         return dir_iv, target
     log.warning("%r: not a kmsfs.diriv.rekey a run wrote: removed", rekey)
     try:
         os.unlink(reach(rekey))
     except OSError as exc:
-        raise OSError(exc.errno, f"{REKEY_NAME} is not kmsfs's and cannot be removed "
-                      f"({exc.strerror}): remove it by hand") from None
+        raise NotARekey(exc.errno, f"{REKEY_NAME} is not kmsfs's and cannot be removed "
+                        f"({exc.strerror}): remove it by hand") from None
     return dir_iv, None
+
+
+class NotARekey(OSError):
+    """A ``kmsfs.diriv.rekey`` no run wrote, which cannot be removed: no name moved to it."""
 
 
 class NameRekeyer:
     """Moves directories' names to epoch *current* (module docstring); *fail(path, detail)*
     reports what it leaves, *moved(directory, {old name: new name})* hears of the entries
     each directory renamed (so paths reported earlier can follow), *times* keeps each
-    directory's own times. *found* is each directory's
-    lstat from the walk: one that is no longer the same directory (swapped since, or reached
-    through a symlink put on the way) is left alone."""
+    directory's own times. *found* is each directory's lstat from the walk: one that is no
+    longer the same directory (swapped since, or reached through a symlink put on the way) is
+    left alone."""
 
     def __init__(self, root: bytes, names: VolumeNames, current: int, times: DirTimes,
                  fail: Fail, moved: Moved = lambda d, renamed: None,
@@ -139,11 +148,15 @@ class NameRekeyer:
         """Re-key every directory of *dirs* (ciphertext paths, the root's included) whose
         names are below the current epoch, or left half done."""
         todo: list[bytes] = []
+        half_done = False
         for d in dirs:
             try:
                 dir_iv, target = rekey_state(d)
             except (OSError, IntegrityError) as exc:
                 self.fail(d, f"names not re-keyed: {_why(exc)}")
+                # a .rekey it could not read may be a run's: the marker stays for it
+                half_done |= not isinstance(exc, NotARekey) and os.path.lexists(
+                    reach(d + b"/" + REKEY))
                 continue
             epoch = epoch_of(dir_iv)
             self.epochs_before[epoch] = self.epochs_before.get(epoch, 0) + 1
@@ -157,7 +170,6 @@ class NameRekeyer:
                 replace(Path(os.fsdecode(marker)), b"", 0o600, temp_prefix=TEMP_PREFIX,
                         parents=False)
                 fsync_dir(self.root)
-        half_done = False
         for d in sorted(todo, key=lambda p: p.count(b"/"), reverse=True):  # deepest first
             if not self._still_found(d):
                 self.fail(d, "names not re-keyed: not the directory the walk found (swapped "

@@ -445,3 +445,28 @@ def test_fsck_does_not_take_a_planted_rekey_file_for_a_half_moved_directory(
     report = check_tree(volume, SoftDeriver(current_epoch=2))
     assert not report.clean
     assert sorted(p.kind for p in report.problems) == ["name", "rekey"]
+
+
+def test_a_rekey_file_that_cannot_be_read_keeps_the_volume_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kmsfs.diriv.rekey that cannot be read (EIO) may be a run's, with names moved to it:
+    it is neither removed nor passed over, and the marker stays until a run can read it."""
+    from kmsfs.fs import reencrypt_names
+
+    volume = make_volume(tmp_path / "cipher")
+    want = _half_moved(volume, tmp_path)
+    real = reencrypt_names.read_internal_file
+
+    def eio_on_rekey(path, limit, dir_fd=None):  # type: ignore[no-untyped-def]
+        if bytes(path).endswith(REKEY_NAME.encode()):
+            raise OSError(5, "Input/output error")
+        return real(path, limit, dir_fd)
+
+    monkeypatch.setattr(reencrypt_names, "read_internal_file", eio_on_rekey)
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert [f.cipher_path for f in summary.failed] == ["."]
+    assert (volume / REKEY_NAME).exists() and (volume / MARKER_NAME).exists()
+    monkeypatch.undo()
+    assert reencrypt_tree(volume, SoftDeriver(current_epoch=2)).failed == []
+    assert _read_back(volume, tmp_path, "after") == want
