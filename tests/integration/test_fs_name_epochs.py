@@ -140,8 +140,12 @@ def test_a_run_killed_while_moving_names_keeps_every_name_and_the_mount_waits_fo
 
     with pytest.raises(UsageError, match="cut short while moving names"):
         check_not_rekeying(volume)
-    with pytest.raises(RuntimeError, match="cut short while moving names"):
-        _mount(volume, tmp_path, epoch=2, name="refused")  # the daemon's own check
+    refused = Mount(volume, tmp_path / "refused", tmp_path / "refused.log", epoch=2)
+    try:
+        with pytest.raises(RuntimeError, match="cut short while moving names"):
+            refused.start()  # the daemon's own check
+    finally:
+        refused.stop()  # (a no-op unless it mounted)
     assert not os.path.ismount(tmp_path / "refused")
 
     half = check_tree(volume, SoftDeriver(current_epoch=2))
