@@ -1,4 +1,4 @@
-"""``kmsfs reencrypt``: rewrite every file keyed with an older ``mk`` epoch at the current one.
+"""``kmsfs reencrypt``: re-key every file and name keyed with an older ``mk`` epoch.
 
 After ``kmsfs-admin domain rotate``, new files get the new epoch, but a file written earlier is
 still keyed with the old epoch, which an HSM removed before the rotation can still compute. This
@@ -13,9 +13,10 @@ bring the older one back for new files; if either cannot be written it refuses, 
 rewrites anything. Then it walks the ciphertext tree, moving no atime
 (:mod:`kmsfs.fs.reencrypt_walk`), finishes what a killed run left
 (:mod:`kmsfs.fs.reencrypt_resume`), reads every file's key epoch, and rewrites each file below
-the current one (:mod:`kmsfs.fs.reencrypt_rewrite`). Files already at the current epoch are
-skipped: the job is resumable and idempotent. This module holds the entry points, the job's
-two passes and its :class:`Summary`.
+the current one (:mod:`kmsfs.fs.reencrypt_rewrite`); last, it moves the names of every
+directory below the current epoch to it (:mod:`kmsfs.fs.reencrypt_names`). What is at the
+current epoch already is skipped: the job is resumable and idempotent. This module holds the
+entry points, the job's three passes and its :class:`Summary`.
 
 It refuses a volume that is mounted (a mount holds an exclusive flock on the ciphertext root
 while it serves: :func:`kmsfs.fs.volume.lock_for_mount`), and holds the volume exclusively while
