@@ -219,8 +219,7 @@ class DirNames:
 
         def read_sidecar() -> str:
             try:
-                sidecar = dirpath + b"/" + os.fsencode(disk_name + LONGNAME_SUFFIX)
-                return read_internal_file(sidecar, 4096).decode("ascii")
+                return sidecar_of(dirpath, disk_name)
             except (OSError, UnicodeDecodeError) as exc:
                 raise IntegrityError(f"long name {disk_name}: unreadable sidecar ({exc})") from None
 
@@ -255,6 +254,13 @@ class DirNames:
                 out.append((os.fsencode(name), plain))
         out.sort()
         return out
+
+
+def sidecar_of(dirpath: bytes, disk_name: str) -> str:
+    """The encoded name in the sidecar of long name *disk_name* in *dirpath* (OSError if it
+    cannot be read, or is not a regular file; UnicodeDecodeError if it is not ASCII)."""
+    sidecar = dirpath + b"/" + os.fsencode(disk_name + LONGNAME_SUFFIX)
+    return read_internal_file(sidecar, 4096).decode("ascii")
 
 
 def write_sidecar(dirpath: bytes, disk: DiskName, temp_prefix: str = TEMP_PREFIX) -> bool:

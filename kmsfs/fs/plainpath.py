@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 
-from kmsfs.crypto.names import LONGNAME_SUFFIX, VolumeNames
+from kmsfs.crypto.names import VolumeNames
 from kmsfs.errors import IntegrityError
-from kmsfs.fs.names import read_dir_iv
-from kmsfs.fs.posix import read_internal_file
+from kmsfs.fs.names import read_dir_iv, sidecar_of
 
 
 def plain_path(root: bytes, rel: bytes, names: VolumeNames) -> str | None:
@@ -24,8 +23,7 @@ def plain_path(root: bytes, rel: bytes, names: VolumeNames) -> str | None:
         here = cdir
 
         def read_sidecar(here: bytes = here, disk: bytes = disk) -> str:
-            sidecar = here + b"/" + disk + os.fsencode(LONGNAME_SUFFIX)
-            return read_internal_file(sidecar, 4096).decode("ascii")
+            return sidecar_of(here, os.fsdecode(disk))
 
         try:
             name = names.decrypt_from_disk(read_dir_iv(here), os.fsdecode(disk), read_sidecar)

@@ -52,7 +52,7 @@ from kmsfs.crypto.names import (
 )
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs.longpath import reach
-from kmsfs.fs.names import DIRIV, read_dir_iv, write_sidecar
+from kmsfs.fs.names import DIRIV, read_dir_iv, sidecar_of, write_sidecar
 from kmsfs.fs.posix import read_internal_file, rename_noreplace
 from kmsfs.fs.reencrypt_resume import DirTimes
 from kmsfs.fs.reencrypt_walk import REKEY_NAME, TEMP_PREFIX, list_unread, owner_access
@@ -340,13 +340,8 @@ class NameRekeyer:
         failure to read a sidecar (EIO, EMFILE) raises: the name may be fine, and moving its
         directory without it would strand it."""
 
-        def read_sidecar() -> str:
-            return read_internal_file(
-                d + b"/" + os.fsencode(disk) + _SIDECAR, 4096
-            ).decode("ascii")
-
         try:
-            return self.names.decrypt_from_disk(dir_iv, disk, read_sidecar)
+            return self.names.decrypt_from_disk(dir_iv, disk, lambda: sidecar_of(d, disk))
         except (IntegrityError, UnicodeDecodeError):
             return None
         except OSError as exc:

@@ -86,28 +86,28 @@ class DirTimes:
         it (or without xattrs) a crash can leave the times moved."""
         if d in self.marked or not self.can_mark:
             return
-        atime, mtime = self.dir_times[d]
-        value = f"{atime} {mtime} {self.prints[d]}".encode("ascii")
         try:
-            os.setxattr(reach(d), TIMES_XATTR, value, follow_symlinks=False)
+            self._save(d)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
             self.can_mark = False
             return
-        fsync_dir(reach(d))
         self.marked.add(d)
+
+    def _save(self, d: bytes) -> None:
+        """Write *d*'s saved times and entry fingerprint (TIMES_XATTR), durably."""
+        atime, mtime = self.dir_times[d]
+        value = f"{atime} {mtime} {self.prints[d]}".encode("ascii")
+        os.setxattr(reach(d), TIMES_XATTR, value, follow_symlinks=False)
+        fsync_dir(reach(d))
 
     def names_moved(self, d: bytes) -> None:
         """*d*'s entries have their names under a new key: the saved copy of its times is to
         match them from now on (as a killed run's next run will find them)."""
         self.prints[d] = fingerprint_now(d)
-        if d not in self.marked:
-            return
-        atime, mtime = self.dir_times[d]
-        value = f"{atime} {mtime} {self.prints[d]}".encode("ascii")
-        os.setxattr(reach(d), TIMES_XATTR, value, follow_symlinks=False)
-        fsync_dir(reach(d))
+        if d in self.marked:
+            self._save(d)
 
     def restore_dir_times(self, d: bytes) -> None:
         times = self.dir_times.get(d)

@@ -256,7 +256,7 @@ def test_a_sidecar_that_cannot_be_read_stops_its_directory_and_strands_no_name(
     """Found by review: an EIO reading a long name's sidecar counted as a name that does not
     decrypt, and the directory moved without it: the name, fine, was lost for good. Now the
     directory goes back to its old epoch whole, and the next run moves it."""
-    from kmsfs.fs import reencrypt_names
+    from kmsfs.fs import names
 
     volume = make_volume(tmp_path / "cipher")
     m = _mount(volume, tmp_path, epoch=1)
@@ -266,14 +266,14 @@ def test_a_sidecar_that_cannot_be_read_stops_its_directory_and_strands_no_name(
         want = _tree(m.mountpoint)
     finally:
         m.stop()
-    real = reencrypt_names.read_internal_file
+    real = names.read_internal_file
 
     def eio_on_sidecars(path, limit, dir_fd=None):  # type: ignore[no-untyped-def]
         if bytes(path).endswith(b".name"):
             raise OSError(5, "Input/output error")
         return real(path, limit, dir_fd)
 
-    monkeypatch.setattr(reencrypt_names, "read_internal_file", eio_on_sidecars)
+    monkeypatch.setattr(names, "read_internal_file", eio_on_sidecars)  # (names.sidecar_of)
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
     assert [(f.cipher_path, "Input/output error" in f.detail) for f in summary.failed] == [
         (".", True)]
