@@ -11,11 +11,13 @@ directories, long names, short and long symlinks. Hard links, xattrs and FIFOs a
 live mount tests instead (git stores none of them). From format version 2 on, the Domain is then
 rotated once and more files are written, so the volume holds files of key epochs 1 and 2; a
 build with name epochs writes them in a directory whose names are keyed with epoch 2 (an 18-byte
-``kmsfs.diriv``). The directories a mount makes ahead (``kmsfs.newdirs/``) are not kept: they
-are the mount's, not the format's.
+``kmsfs.diriv``), and one with ``SymlinkXattrEpochs`` adds two symlinks (short and long) whose
+targets are sealed with epoch 2. The directories a mount makes ahead (``kmsfs.newdirs/``) are
+not kept: they are the mount's, not the format's.
 
     .venv/bin/python tools/make_golden.py    # writes tests/golden/v<N> (refuses to overwrite)
     .venv/bin/python tools/make_golden.py --out tests/golden/v2-name-epochs
+    .venv/bin/python tools/make_golden.py --out tests/golden/v2-value-epochs
 """
 
 import argparse
@@ -105,6 +107,11 @@ def populate_rotated(mnt: Path) -> dict[str, dict[str, object]]:
             "size": size,
             "sha256": hashlib.sha256(data).hexdigest(),
         }
+    # a build with SymlinkXattrEpochs seals their targets with epoch 2 (its nonce names it)
+    os.symlink("epoch2-4096.bin", mnt / "rotated" / "epoch2-link")
+    manifest["rotated/epoch2-link"] = {"type": "symlink", "target": "epoch2-4096.bin"}
+    os.symlink(LONG_TARGET[:-2] + "/2", mnt / "rotated" / "epoch2-long-link")
+    manifest["rotated/epoch2-long-link"] = {"type": "symlink", "target": LONG_TARGET[:-2] + "/2"}
     return manifest
 
 

@@ -3,7 +3,9 @@
 Layout (docs/format.md, section "Symlinks")::
 
     symlink key = HKDF-SHA256(derive(SYMLINK_KEY_INFO), info=SYMLINK_GCM_INFO, 32 bytes)
-    encoded     = base64url_nopad(nonce (12) || AES-GCM ciphertext || tag (16)), no AAD
+    encoded     = base64url_nopad(nonce (12) || AES-GCM ciphertext || tag (16)), no AAD;
+                  the symlink secret, and so the key, is the mk epoch's the nonce names
+                  (kmsfs.crypto.epoch_nonces: epoch 1 or, with SymlinkXattrEpochs, the current)
     ciphertext symlink target:
       len(encoded) <= LONGLINK_THRESHOLD:  encoded
       otherwise:                           "kmsfs.longlink." + base64url_nopad(SHA-256(encoded))
@@ -24,14 +26,11 @@ bind to, and binding to the directory would make rename re-encrypt. Swapping two
 targets is therefore undetected; forging or altering one is not.
 """
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kmsfs.crypto.encoding import (
@@ -40,14 +39,15 @@ from kmsfs.crypto.encoding import (
     b64url_encode,
     sha256_b64url,
 )
+from kmsfs.crypto.epoch_nonces import NONCE_SIZE, EpochAead, first_epoch_only
 from kmsfs.errors import IntegrityError
+from kmsfs.keys import FIRST_EPOCH
 
 SYMLINK_KEY_INFO = b"kmsfs/v1/symlinks"
 """Label the fs passes to ``KeyDeriver.derive`` to get the 32-byte symlink secret."""
 SYMLINK_GCM_INFO = b"kmsfs/v1/symlinks/aes-256-gcm"
 """HKDF info expanding the symlink secret into the AES-256-GCM key."""
 SYMLINK_SECRET_SIZE = 32
-NONCE_SIZE = 12
 TAG_SIZE = 16
 
 MAX_TARGET_BYTES = 4095
@@ -103,33 +103,58 @@ def is_valid_target(target: bytes) -> bool:
     return 0 < len(target) <= MAX_TARGET_BYTES and b"\x00" not in target
 
 
+def symlink_key(secret: bytes) -> bytes:
+    """The AES-256-GCM key of one epoch's symlink secret."""
+    if len(secret) != SYMLINK_SECRET_SIZE:
+        raise ValueError(f"symlink secret: want {SYMLINK_SECRET_SIZE} bytes, have {len(secret)}")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SYMLINK_GCM_INFO).derive(
+        secret
+    )
+
+
 class SymlinkCipher:
-    """Encrypts and decrypts the symlink targets of one volume. Holds only the AEAD object."""
+    """Encrypts and decrypts the symlink targets of one volume. Holds only AEAD objects.
+
+    ``SymlinkCipher(secret)`` has epoch 1's key alone (volumes before ``SymlinkXattrEpochs``,
+    known-answer tests); :meth:`of_volume` has every epoch's, each derived when first needed,
+    and seals new targets with the epoch the volume writes at.
+    """
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) != SYMLINK_SECRET_SIZE:
-            raise ValueError(
-                f"symlink secret: want {SYMLINK_SECRET_SIZE} bytes, have {len(secret)}"
-            )
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SYMLINK_GCM_INFO).derive(
-            secret
-        )
-        self._aead = AESGCM(key)
+        self._sealer = EpochAead(first_epoch_only(symlink_key(secret)), lambda: FIRST_EPOCH)
+
+    @classmethod
+    def of_volume(
+        cls, secret_of: Callable[[int], bytes], epoch_now: Callable[[], int],
+        newest: Callable[[], int] | None = None,
+        retired_below: Callable[[], int] | None = None,
+    ) -> "SymlinkCipher":
+        """Targets of every epoch: *secret_of(epoch)* is ``derive(SYMLINK_KEY_INFO, epoch)``
+        (IntegrityError for an epoch the Domain lacks); new ones sealed at *epoch_now()*."""
+        cipher = cls.__new__(cls)
+        cipher._sealer = EpochAead(lambda epoch: symlink_key(secret_of(epoch)), epoch_now,
+                                   newest, retired_below)
+        return cipher
 
     def encrypt(self, target: bytes) -> str:
         """Encrypt a target with a fresh random nonce: base64url(nonce || ciphertext || tag)."""
-        return self._encrypt_with_nonce(target, os.urandom(NONCE_SIZE))
+        if not is_valid_target(target):
+            raise ValueError("not a valid symlink target (empty, over 4095 bytes or NUL)")
+        return b64url_encode(self._sealer.seal(bytes(target), None))
 
-    def _encrypt_with_nonce(self, target: bytes, nonce: bytes) -> str:
+    def _encrypt_with_nonce(self, target: bytes, nonce: bytes, epoch: int = FIRST_EPOCH) -> str:
         """Seam for known-answer tests only: production code must use :meth:`encrypt`."""
         if not is_valid_target(target):
             raise ValueError("not a valid symlink target (empty, over 4095 bytes or NUL)")
-        if len(nonce) != NONCE_SIZE:
-            raise ValueError(f"nonce: want {NONCE_SIZE} bytes, have {len(nonce)}")
-        return b64url_encode(nonce + self._aead.encrypt(nonce, bytes(target), None))
+        return b64url_encode(self._sealer.seal(bytes(target), None, epoch=epoch, nonce=nonce))
 
     def decrypt(self, stored: str) -> bytes:
         """Decrypt an encoded target; IntegrityError if it was not made by this volume's key."""
+        return self.open(stored)[0]
+
+    def open(self, stored: str) -> tuple[bytes, int]:
+        """(target, the mk epoch of its key) of an encoded target; IntegrityError as
+        :meth:`decrypt`."""
         try:
             data = b64url_decode(stored)
         except ValueError:
@@ -137,12 +162,12 @@ class SymlinkCipher:
         if len(data) <= NONCE_SIZE + TAG_SIZE:
             raise IntegrityError(f"symlink target: {len(data)} bytes is too short")
         try:
-            target = self._aead.decrypt(data[:NONCE_SIZE], data[NONCE_SIZE:], None)
-        except InvalidTag:
-            raise IntegrityError("symlink target: authentication failed") from None
+            target, epoch = self._sealer.open(data, None)
+        except IntegrityError as exc:
+            raise type(exc)(f"symlink target: {exc}") from None
         if not is_valid_target(target):
             raise IntegrityError("symlink target: decrypts to an invalid target")
-        return target
+        return target, epoch
 
     def encrypt_to_disk(self, target: bytes) -> DiskLink:
         """The ciphertext symlink target (and blob content, for a long target)."""
@@ -158,9 +183,15 @@ class SymlinkCipher:
         encoding too (an fs may fall back to a blob when a filesystem refuses a long symlink).
         Errors of ``read_blob`` propagate.
         """
+        return self.open_from_disk(link_target, read_blob)[0]
+
+    def open_from_disk(
+        self, link_target: str, read_blob: Callable[[], str]
+    ) -> tuple[bytes, int]:
+        """(target, epoch of its key) of a ciphertext symlink: :meth:`decrypt_from_disk`."""
         if not is_longlink(link_target):
-            return self.decrypt(link_target)
+            return self.open(link_target)
         encoded = read_blob()
         if not encoded.isascii() or sha256_b64url(encoded) != link_target[len(LONGLINK_PREFIX) :]:
             raise IntegrityError(f"long symlink {link_target}: blob does not match its hash")
-        return self.decrypt(encoded)
+        return self.open(encoded)

@@ -10,6 +10,9 @@ Layout (docs/format.md, "Volume config", feature flag ``EncryptedXattrs``)::
     disk value  = nonce (12, random) || AES-GCM(value key, nonce, value, aad = disk name)
                   || tag (16)                                   (28 + len(value) bytes)
 
+The value key is the one of the mk epoch its nonce names (:mod:`kmsfs.crypto.epoch_nonces`:
+epoch 1, or with ``SymlinkXattrEpochs`` the current epoch); names are always epoch 1's.
+
 A disk name over 255 bytes (a plaintext name of about 172 to 250 bytes after "user.") is
 stored, on a volume with the ``LongXattrNames`` flag, as::
 
@@ -29,11 +32,11 @@ fs layer (:mod:`kmsfs.fs.xattrs`) decides what other namespaces do. Pure: bytes 
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kmsfs.crypto.encoding import (
@@ -42,7 +45,9 @@ from kmsfs.crypto.encoding import (
     b64url_encode,
     sha256_b64url,
 )
+from kmsfs.crypto.epoch_nonces import NONCE_SIZE, EpochAead, first_epoch_only
 from kmsfs.errors import IntegrityError
+from kmsfs.keys import FIRST_EPOCH
 
 XATTR_KEY_INFO = b"kmsfs/v1/xattrs"
 """Label passed to ``KeyDeriver.derive`` for the xattr secret (expanded by HKDF below)."""
@@ -55,7 +60,6 @@ XATTR_NAME_AD = b"kmsfs/v1/xattr"
 USER_PREFIX = b"user."
 XATTR_NAME_MAX = 255
 """Longest xattr name, plaintext or on disk (Linux XATTR_NAME_MAX)."""
-NONCE_SIZE = 12
 TAG_SIZE = 16
 SIV_TAG_SIZE = 16
 LONG_NAME_PREFIX = b"user.l."
@@ -73,6 +77,16 @@ class XattrNameError(ValueError):
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def _check_secret(secret: bytes) -> None:
+    if len(secret) != 32:
+        raise ValueError(f"xattr secret: want 32 bytes, have {len(secret)}")
+
+
+def _value_key(secret: bytes) -> bytes:
+    _check_secret(secret)
+    return _hkdf(secret, XATTR_GCM_INFO, 32)
 
 
 class ForeignXattrName(IntegrityError):
@@ -96,10 +110,25 @@ class XattrCipher:
     """Encrypts user xattr names (deterministically) and values (randomized, name-bound)."""
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) != 32:
-            raise ValueError(f"xattr secret: want 32 bytes, have {len(secret)}")
+        """Epoch 1's keys alone (*secret*: ``derive(XATTR_KEY_INFO, 1)``): names, and values
+        of volumes before ``SymlinkXattrEpochs``; :meth:`of_volume` has every epoch's."""
+        _check_secret(secret)
         self._siv = AESSIV(_hkdf(secret, XATTR_SIV_INFO, 64))
-        self._gcm = AESGCM(_hkdf(secret, XATTR_GCM_INFO, 32))
+        self._values = EpochAead(first_epoch_only(_value_key(secret)), lambda: FIRST_EPOCH)
+
+    @classmethod
+    def of_volume(
+        cls, secret_of: Callable[[int], bytes], epoch_now: Callable[[], int],
+        newest: Callable[[], int] | None = None,
+        retired_below: Callable[[], int] | None = None,
+    ) -> XattrCipher:
+        """Names keyed with epoch 1 (a lookup must find a name without knowing its epoch);
+        values of every epoch, each epoch's key derived when first needed, new ones sealed
+        at *epoch_now()*. *secret_of(epoch)* is ``derive(XATTR_KEY_INFO, epoch)``."""
+        cipher = cls(secret_of(FIRST_EPOCH))
+        cipher._values = EpochAead(lambda epoch: _value_key(secret_of(epoch)), epoch_now,
+                                   newest, retired_below)
+        return cipher
 
     def _sealed(self, name: bytes) -> bytes:
         if not name.startswith(USER_PREFIX) or len(name) == len(USER_PREFIX):
@@ -152,13 +181,14 @@ class XattrCipher:
     def seal(self, disk_name: bytes, value: bytes, name: bytes | None = None) -> bytes:
         """The stored value; a long disk name needs the plaintext *name* (its sealed form goes
         in front of the value)."""
-        return self._seal_with_nonce(disk_name, value, os.urandom(NONCE_SIZE), name)
+        return self._seal_with_nonce(disk_name, value, None, name)
 
     def _seal_with_nonce(
-        self, disk_name: bytes, value: bytes, nonce: bytes, name: bytes | None = None
+        self, disk_name: bytes, value: bytes, nonce: bytes | None, name: bytes | None = None,
+        epoch: int | None = None,
     ) -> bytes:
-        """Deterministic form of :meth:`seal`, for known-answer tests only."""
-        sealed_value = nonce + self._gcm.encrypt(nonce, value, disk_name)
+        """:meth:`seal` with a given *nonce* and *epoch*: known-answer tests only."""
+        sealed_value = self._values.seal(value, disk_name, epoch=epoch, nonce=nonce)
         if not is_long_disk_name(disk_name):
             return sealed_value
         if name is None:
@@ -170,6 +200,10 @@ class XattrCipher:
 
     def open(self, disk_name: bytes, stored: bytes) -> bytes:
         """Plaintext value; IntegrityError if it was altered, truncated or moved to another name."""
+        return self.open_with_epoch(disk_name, stored)[0]
+
+    def open_with_epoch(self, disk_name: bytes, stored: bytes) -> tuple[bytes, int]:
+        """(plaintext value, the mk epoch of its key): :meth:`open`."""
         if is_long_disk_name(disk_name):
             try:
                 stored = _split_long(disk_name, stored)[1]
@@ -180,9 +214,9 @@ class XattrCipher:
                 f"xattr value: want at least {NONCE_SIZE + TAG_SIZE} bytes, have {len(stored)}"
             )
         try:
-            return self._gcm.decrypt(stored[:NONCE_SIZE], stored[NONCE_SIZE:], disk_name)
-        except (InvalidTag, ValueError):
-            raise IntegrityError("xattr value: authentication failed") from None
+            return self._values.open(stored, disk_name)
+        except IntegrityError as exc:
+            raise type(exc)(f"xattr value: {exc}") from None
 
 
 #: The shortest short disk name after ``user.``: base64url of the SIV tag and one byte.

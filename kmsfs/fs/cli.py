@@ -84,13 +84,14 @@ EPILOGS = {
     "  kmsfs reencrypt /srv/cipher --store /srv/kms\n"
     "  kmsfs reencrypt /srv/old-cipher --upgrade --json | jq .epochs_after\n"
     "\nRewrites every file keyed with an older mk epoch at the Domain's current epoch, one file\n"
-    "at a time, each atomically (temporary file, fsync, rename), then moves every directory's\n"
-    "names keyed with an older epoch to it (each entry renamed to its name under the new key).\n"
+    "at a time, each atomically (temporary file, fsync, rename), then seals every symlink\n"
+    "target and xattr value of an older epoch again at it, then moves every directory's names\n"
+    "keyed with an older epoch to it (each entry renamed to its name under the new key).\n"
     "Interrupted, it can simply be run again: what is at the current epoch is skipped, and a\n"
     "directory left half moved is finished (until then kmsfs mount refuses the volume). The\n"
     "volume must not be mounted. --upgrade first adds the flags a volume made before them lacks\n"
-    "(KeyEpochs, LongXattrNames, NameEpochs; kmsfs versions older than a flag then refuse to\n"
-    "mount it).\n"
+    "(KeyEpochs, LongXattrNames, NameEpochs, SymlinkXattrEpochs; kmsfs versions older than a\n"
+    "flag then refuse to mount it).\n"
     f"\nexit status: 0 done, {exitcodes.DAMAGED} some files or names could not be re-keyed "
     "(listed; run kmsfs fsck),\n2 mounted or a flag missing, others as for any command.\n",
 }
@@ -545,6 +546,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         if report.name_epochs:
             print("directories per key epoch of their names: "
                   f"{_per_epoch(report.name_epochs, report.current_epoch)}")
+        if report.symlink_epochs:
+            print("symlinks per key epoch of their targets: "
+                  f"{_per_epoch(report.symlink_epochs, report.current_epoch)}")
+        if report.xattr_epochs:
+            print("xattr values per key epoch: "
+                  f"{_per_epoch(report.xattr_epochs, report.current_epoch)}")
     return exitcodes.OK if report.clean else exitcodes.DAMAGED
 
 
@@ -580,6 +587,16 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         print(f"directories per key epoch of their names: before "
               f"{_per_epoch(summary.name_epochs_before)}; after "
               f"{_per_epoch(summary.name_epochs_after)} ({summary.dirs_rekeyed} re-keyed)")
+        if summary.symlink_epochs_before:
+            print(f"symlinks per key epoch of their targets: before "
+                  f"{_per_epoch(summary.symlink_epochs_before)}; after "
+                  f"{_per_epoch(summary.symlink_epochs_after)} "
+                  f"({summary.symlinks_rewritten} rewritten)")
+        if summary.xattr_epochs_before:
+            print(f"xattr values per key epoch: before "
+                  f"{_per_epoch(summary.xattr_epochs_before)}; after "
+                  f"{_per_epoch(summary.xattr_epochs_after)} "
+                  f"({summary.xattrs_resealed} sealed again)")
     return exitcodes.DAMAGED if summary.failed else exitcodes.OK
 
 
@@ -718,8 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON output")
     _agent_options(p)
     p.set_defaults(func=cmd_fsck)
-    p = add("reencrypt", "re-key every file and name of an unmounted volume at the Domain's "
-            "current mk epoch (resumable)")
+    p = add("reencrypt", "re-key every file, name, symlink and xattr of an unmounted volume at "
+            "the Domain's current mk epoch (resumable)")
     p.add_argument("cipherdir", help="ciphertext directory made by 'kmsfs init' (not mounted)")
     _domain_option(p)
     p.add_argument("--store", dest="store_after", metavar="STORE", default=SUPPRESS,
@@ -727,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
-                   "LongXattrNames, NameEpochs)")
+                   "LongXattrNames, NameEpochs, SymlinkXattrEpochs)")
     _agent_options(p)
     p.set_defaults(func=cmd_reencrypt)
 

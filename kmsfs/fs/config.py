@@ -64,6 +64,13 @@ it. kmsfs builds that predate the flag refuse the volume, as they cannot read su
 does new file headers (a writer of the ciphertext who strips the flag from the unauthenticated
 ``kmsfs.conf`` must not put new names back on epoch 1); such a build reads those as EIO."""
 
+FLAG_SYMLINK_XATTR_EPOCHS = "SymlinkXattrEpochs"
+"""Symlink targets and ``user.*`` xattr values may be sealed under an ``mk`` epoch after 1,
+which their AES-GCM nonce names (docs/format.md, "Key epochs"): ``kmsfs reencrypt`` moves them
+only on a volume that has it. kmsfs builds that predate the flag refuse the volume, as they
+read such a target or value as damage. As with ``NameEpochs``, a mount seals new ones at the
+Domain's current epoch flag or not."""
+
 #: Flags written into a new volume, in a fixed order.
 DEFAULT_FLAGS = (
     FLAG_GCM_4096,
@@ -74,6 +81,7 @@ DEFAULT_FLAGS = (
     FLAG_KEY_EPOCHS,
     FLAG_LONG_XATTR_NAMES,
     FLAG_NAME_EPOCHS,
+    FLAG_SYMLINK_XATTR_EPOCHS,
 )
 #: Flags this build understands: all it writes (a new flag is written as soon as it is known).
 #: A config naming any other flag refuses to mount.

@@ -14,30 +14,23 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from kmsfs.atomicfile import fsync_dir, write_new
-from kmsfs.crypto.symlinks import (
-    LONGLINK_DIR,
-    LONGLINK_DIR_B,
-    SYMLINK_KEY_INFO,
-    SymlinkCipher,
-    is_longlink,
-)
-from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
+from kmsfs.crypto.symlinks import LONGLINK_DIR, LONGLINK_DIR_B, is_longlink
 from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import dirs, journal
 from kmsfs.fs.dirpool import POOL_DIR, POOL_DIR_B, DirPool
+from kmsfs.fs.epoch_ciphers import links_of_volume, writing_epoch, xattrs_of_volume
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.journal import WriteJournal
+from kmsfs.fs.longlinks import longlinks_dir, remove_blob, write_blob
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import (
     TEMP_PREFIX,
@@ -50,7 +43,6 @@ from kmsfs.fs.names import (
 )
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
 from kmsfs.fs.posix import (
-    dir_no_follow,
     own,
     read_internal_file,
     rename_noreplace,
@@ -58,7 +50,7 @@ from kmsfs.fs.posix import (
     without_links,
 )
 from kmsfs.fs.xattrs import Xattrs
-from kmsfs.keys import FIRST_EPOCH, KeyDeriver
+from kmsfs.keys import KeyDeriver
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +80,12 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         config = volconfig.load(Path(cipherdir))
         self._deriver = deriver
         # Each directory's names are keyed with the epoch its IV names (new directories: the
-        # current one); symlink targets and xattrs with epoch 1 for the volume's life
-        # (docs/format.md, "Key epochs").
+        # current one); symlink targets and xattr values with the epoch their nonce names
+        # (new ones: the current), xattr names with epoch 1 (docs/format.md, "Key epochs").
         self.names = DirNames(names_of_volume(deriver))
-        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
+        self.links = links_of_volume(deriver)
         self.xattrs = Xattrs(
-            XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH)),
-            long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES),
+            xattrs_of_volume(deriver), long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES)
         )
         if key_epochs is None:
             key_epochs = config.has(volconfig.FLAG_KEY_EPOCHS)
@@ -137,19 +128,9 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
             log.warning("%s: leftovers not removed (%s)", LONGLINK_DIR, exc.strerror)
 
     def new_dir_epoch(self) -> int:
-        """The epoch a new directory's names are keyed with: the Domain's current one, which
-        a mount following its Domain's rotations moves (so new names are out of reach of an
-        HSM removed before the rotation). IntegrityError (EIO) if that epoch is retired (a
-        mount not yet moved to the generation that retired it): names there would be the
-        retired HSM's to read, as a new file's contents would, which are refused too."""
-        epoch = int(self._deriver.current_epoch)
-        below = getattr(self._deriver, "retired_below", FIRST_EPOCH)
-        if epoch < below:
-            raise IntegrityError(
-                f"key epoch {epoch} is retired (epochs below {below}): no new directory "
-                "until this mount serves a newer generation of its Domain"
-            )
-        return epoch
+        """The epoch a new directory's names are keyed with
+        (:func:`~kmsfs.fs.epoch_ciphers.writing_epoch`: EIO if it is retired)."""
+        return writing_epoch(self._deriver, "no new directory")
 
     def start_dir_pool(self) -> None:
         """Keep new directories ready for mkdir (:mod:`kmsfs.fs.dirpool`), if this daemon can.
@@ -274,7 +255,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         fd, blob = held
         try:
             if os.fstat(fd).st_nlink == 0:
-                _remove_blob(self.table.root_path, blob)
+                remove_blob(self.table.root_path, blob)
         finally:
             os.close(fd)
 
@@ -388,13 +369,13 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         def make(path: bytes, own_new: Any) -> None:
             blob = None
             if disk_link.long_content is not None:
-                blob = _write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
+                blob = write_blob(self.table.root_path, disk_link.target, disk_link.long_content)
                 self.longlink_dir_exists = True
             try:
                 os.symlink(disk_link.target, reach(path))
             except BaseException:
                 if blob is not None:  # its name is random: nothing else can use it
-                    _remove_blob(self.table.root_path, blob)
+                    remove_blob(self.table.root_path, blob)
                 raise
             own_new(path)
 
@@ -648,59 +629,12 @@ def _exchange(a: bytes, b: bytes) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def longlinks_dir(root: bytes, create: bool = False) -> Iterator[bytes]:
-    """The long-symlink blob directory of the volume at *root*, as ``/proc/self/fd/N``: opened
-    without following a symlink. Whoever can write the ciphertext directory can put a symlink
-    at its name, and the daemon (root, usually) then wrote, read and removed blobs wherever it
-    led. A symlink or anything but a directory there is OSError(EIO), with a log line; with
-    *create*, a missing directory is made (and its entry fsync'd into the root)."""
-    path = root + b"/" + LONGLINK_DIR_B
-    if create and not os.path.lexists(path):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o711)
-        fsync_dir(root)
-    held = contextlib.ExitStack()
-    try:
-        blobs = held.enter_context(dir_no_follow(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-            raise
-        log.error("%s is not a directory (a symlink?): long symlink targets unavailable",
-                  LONGLINK_DIR)
-        raise OSError(errno.EIO, f"{LONGLINK_DIR} is not a directory") from None
-    with held:
-        yield blobs
-
-
 def _is_dir(path: bytes) -> bool:
     """A directory at *path* itself (a symlink to one is not)."""
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
-
-
-def _remove_blob(root: bytes, name: bytes) -> None:
-    """Remove a blob no symlink names any more. Its entry is gone already: a blob that cannot
-    be removed is only a leftover (fsck reports it), not the caller's failure."""
-    with contextlib.suppress(OSError), longlinks_dir(root) as blobs:
-        os.unlink(blobs + b"/" + name)
-
-
-def _write_blob(root: bytes, name: str, content: str) -> bytes:
-    """Write and fsync a long-symlink blob before the symlink that names it; return its name.
-
-    Blob names are random (a nonce), so a crash before the symlink exists leaves at most an
-    unreferenced blob, which fsck reports. The blob's entry is fsync'd too (and the blob
-    directory's, made on first use, into the root), so no durable symlink can name a blob that
-    is not.
-    """
-    data = content.encode("ascii")
-    with longlinks_dir(root, create=True) as blobs:
-        blob = Path(os.fsdecode(blobs)) / name
-        write_new(blob, data, 0o444, temp_prefix=TEMP_PREFIX, parents=False)
-    return os.fsencode(name)
 
 
 def _open_journal(root: bytes, keys: ContentKeys) -> WriteJournal | None:

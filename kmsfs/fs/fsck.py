@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.crypto import content
+from kmsfs.crypto.epoch_nonces import EpochUnavailable
 from kmsfs.crypto.names import (
     DIRIV_NAME,
     LONGNAME_SUFFIX,
@@ -42,12 +43,13 @@ from kmsfs.crypto.names import (
     is_sidecar,
     parse_dir_iv,
 )
-from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
-from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, ForeignXattrName, XattrCipher
+from kmsfs.crypto.symlinks import LONGLINK_DIR, is_longlink
+from kmsfs.crypto.xattrs import USER_PREFIX, ForeignXattrName
 from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
 from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
+from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, names_of_volume, read_dir_iv
@@ -57,7 +59,7 @@ from kmsfs.fs.reencrypt_names import MARKER_NAME, is_rekey_of
 from kmsfs.fs.reencrypt_resume import TIMES_XATTR
 from kmsfs.fs.reencrypt_walk import REKEY_NAME, list_unread, open_dir_unread, open_unread
 from kmsfs.fs.volume import lock_shared
-from kmsfs.keys import FIRST_EPOCH, KeyDeriver
+from kmsfs.keys import KeyDeriver
 
 MAX_BLOCK_PROBLEMS = 16
 """Bad blocks listed one by one per file; beyond that one summary line (a file of garbage)."""
@@ -91,6 +93,11 @@ class Report:
     """Non-empty regular files (each inode once) per the ``mk`` epoch their header names."""
     name_epochs: dict[int, int] = field(default_factory=dict)
     """Directories (the root too) per the ``mk`` epoch their names are keyed with."""
+    symlink_epochs: dict[int, int] = field(default_factory=dict)
+    """Symlinks (each link) per the ``mk`` epoch their target is sealed with."""
+    xattr_epochs: dict[int, int] = field(default_factory=dict)
+    """``user.*`` xattr values per the ``mk`` epoch they are sealed with (each path of a
+    hard-linked file: as ``checked``)."""
     current_epoch: int | None = None
     """The Domain's current epoch (what new data is keyed with), if the deriver tells."""
 
@@ -101,6 +108,8 @@ class Report:
             "current_epoch": self.current_epoch,
             "epochs": {str(k): v for k, v in sorted(self.epochs.items())},
             "name_epochs": {str(k): v for k, v in sorted(self.name_epochs.items())},
+            "symlink_epochs": {str(k): v for k, v in sorted(self.symlink_epochs.items())},
+            "xattr_epochs": {str(k): v for k, v in sorted(self.xattr_epochs.items())},
             "problems": [asdict(p) for p in self.problems],
             "warnings": [asdict(p) for p in self.warnings],
         }
@@ -118,11 +127,11 @@ class _Checker:
     ) -> None:
         self.root = root
         self.deriver = deriver
-        # Each directory's names at its IV's epoch; symlink targets and xattrs stay keyed with
-        # epoch 1 (docs/format.md, "Key epochs").
+        # Each directory's names at its IV's epoch, symlink targets and xattr values at the
+        # one their nonce names, xattr names at epoch 1 (docs/format.md, "Key epochs").
         self.names = names_of_volume(deriver)
-        self.links = SymlinkCipher(deriver.derive(SYMLINK_KEY_INFO, epoch=FIRST_EPOCH))
-        self.xattr_cipher = XattrCipher(deriver.derive(XATTR_KEY_INFO, epoch=FIRST_EPOCH))
+        self.links = links_of_volume(deriver)
+        self.xattr_cipher = xattrs_of_volume(deriver)
         self.advance = advance or (lambda n: None)
         self.report = Report()
         self.seen: set[tuple[int, int]] = set()
@@ -331,14 +340,16 @@ class _Checker:
             try:
                 stored = os.getxattr(_reach(path), raw, follow_symlinks=False)
                 self.xattr_cipher.plain_name(raw, stored)
-                self.xattr_cipher.open(raw, stored)
+                epoch = self.xattr_cipher.open_with_epoch(raw, stored)[1]
+                self.report.xattr_epochs[epoch] = self.report.xattr_epochs.get(epoch, 0) + 1
             except ForeignXattrName as exc:
                 whose = ("another program's, or one of kmsfs's own damaged in place"
                          if exc.maybe_ours else "another program's?")
                 self.warn("foreign-xattr", path, plain, f"extended attribute {disk} is not one "
                           f"kmsfs writes ({whose}); the mount does not show it")
             except IntegrityError as exc:
-                self.damage("xattr", path, plain, f"extended attribute {disk}: {exc}")
+                kind = "epoch" if isinstance(exc, EpochUnavailable) else "xattr"
+                self.damage(kind, path, plain, f"extended attribute {disk}: {exc}")
             except OSError as exc:
                 self.damage("unreadable", path, plain, f"extended attribute {disk}: {exc.strerror}")
 
@@ -361,9 +372,12 @@ class _Checker:
                 raise IntegrityError(f"long symlink {target}: unreadable blob ({exc})") from None
 
         try:
-            self.links.decrypt_from_disk(target, read_blob)
+            epoch = self.links.open_from_disk(target, read_blob)[1]
         except IntegrityError as exc:
-            self.damage("symlink", path, plain, str(exc))
+            kind = "epoch" if isinstance(exc, EpochUnavailable) else "symlink"
+            self.damage(kind, path, plain, str(exc))
+            return
+        self.report.symlink_epochs[epoch] = self.report.symlink_epochs.get(epoch, 0) + 1
 
     def made_ahead(self) -> None:
         """``kmsfs.newdirs/`` holds only ready directories (each just its IV); anything else

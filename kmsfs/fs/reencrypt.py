@@ -1,4 +1,4 @@
-"""``kmsfs reencrypt``: re-key every file and name keyed with an older ``mk`` epoch.
+"""``kmsfs reencrypt``: re-key every file, name, symlink and xattr keyed with an older epoch.
 
 After ``kmsfs-admin domain rotate``, new files get the new epoch, but a file written earlier is
 still keyed with the old epoch, which an HSM removed before the rotation can still compute. This
@@ -13,7 +13,8 @@ bring the older one back for new files; if either cannot be written it refuses, 
 rewrites anything. Then it walks the ciphertext tree, moving no atime
 (:mod:`kmsfs.fs.reencrypt_walk`), finishes what a killed run left
 (:mod:`kmsfs.fs.reencrypt_resume`), reads every file's key epoch, and rewrites each file below
-the current one (:mod:`kmsfs.fs.reencrypt_rewrite`); last, it moves the names of every
+the current one (:mod:`kmsfs.fs.reencrypt_rewrite`), then seals every symlink target and
+xattr value below it again (:mod:`kmsfs.fs.reencrypt_values`); last, it moves the names of every
 directory below the current epoch to it (:mod:`kmsfs.fs.reencrypt_names`). What is at the
 current epoch already is skipped: the job is resumable and idempotent. This module holds the
 entry points, the job's three passes and its :class:`Summary`.
@@ -38,6 +39,7 @@ from kmsfs.crypto.names import VolumeNames
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
+from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import names_of_volume
@@ -46,6 +48,7 @@ from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_names import NameRekeyer
 from kmsfs.fs.reencrypt_resume import DirTimes, rejoin
 from kmsfs.fs.reencrypt_rewrite import Rewriter
+from kmsfs.fs.reencrypt_values import ValueRekeyer
 from kmsfs.fs.reencrypt_walk import Inode, owner_access, read_header, walk
 from kmsfs.fs.volume import check_root_only, lock_exclusive
 from kmsfs.keys import KeyDeriver
@@ -87,6 +90,18 @@ class Summary:
     name_epochs_before: dict[int, int] = field(default_factory=dict)
     """Directories per the epoch their names are keyed with, before and after the run."""
     name_epochs_after: dict[int, int] = field(default_factory=dict)
+    symlinks_rewritten: int = 0
+    """Symlinks (each inode once) whose target was sealed again at the current epoch."""
+    symlink_epochs_before: dict[int, int] = field(default_factory=dict)
+    """Symlinks (each link) per the epoch their target is sealed with, before and after."""
+    symlink_epochs_after: dict[int, int] = field(default_factory=dict)
+    blobs_removed: int = 0
+    """Long-symlink blobs no symlink named (or half written), which a crash left: removed."""
+    xattrs_resealed: int = 0
+    """``user.*`` xattr values sealed again at the current epoch."""
+    xattr_epochs_before: dict[int, int] = field(default_factory=dict)
+    """xattr values per the epoch they are sealed with, before and after the run."""
+    xattr_epochs_after: dict[int, int] = field(default_factory=dict)
     failed: list[Failure] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -106,9 +121,20 @@ class Summary:
             "dirs_rekeyed": self.dirs_rekeyed,
             "name_epochs_before": {str(k): v for k, v in sorted(self.name_epochs_before.items())},
             "name_epochs_after": {str(k): v for k, v in sorted(self.name_epochs_after.items())},
+            "symlinks_rewritten": self.symlinks_rewritten,
+            "symlink_epochs_before": _by_epoch(self.symlink_epochs_before),
+            "symlink_epochs_after": _by_epoch(self.symlink_epochs_after),
+            "blobs_removed": self.blobs_removed,
+            "xattrs_resealed": self.xattrs_resealed,
+            "xattr_epochs_before": _by_epoch(self.xattr_epochs_before),
+            "xattr_epochs_after": _by_epoch(self.xattr_epochs_after),
             "failed": [{"path": f.path, "cipher_path": f.cipher_path, "detail": f.detail}
                        for f in self.failed],
         }
+
+
+def _by_epoch(counts: dict[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(counts.items())}
 
 
 class _Job:
@@ -126,6 +152,8 @@ class _Job:
         self._names: VolumeNames | None = None
         self.dirs: dict[bytes, os.stat_result] = {}
         """Every directory of the tree, with its lstat, as the walk found them."""
+        self.symlinks: list[Inode] = []
+        """Every symlink inode of the tree, with its links, as the walk found them."""
 
     def rel(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.root))
@@ -171,17 +199,8 @@ class _Job:
         for d in touched:
             fsync_dir(reach(d))
             self.times.restore_dir_times(d)
-        inodes: dict[tuple[int, int], Inode] = {}
-        order: list[Inode] = []
-        for path in tree.files:
-            st = os.lstat(reach(path))
-            key = (st.st_dev, st.st_ino)
-            if key in inodes:
-                inodes[key].paths.append(path)
-                continue
-            node = Inode([path], st)
-            inodes[key] = node
-            order.append(node)
+        order = _by_inode(tree.files)
+        self.symlinks = _by_inode(tree.links)
         epochs = self.summary.epochs_before
         for node in order:
             if node.st.st_size == 0:
@@ -222,6 +241,27 @@ class _Job:
             self.summary.rewritten += 1
             self.summary.extra_links += len(node.paths) - 1
 
+    # pass 2, second half: symlink targets and xattr values (by the walk's paths too)
+
+    def rekey_values(self, nodes: list[Inode]) -> None:
+        values = ValueRekeyer(self.root, links_of_volume(self.deriver),
+                              xattrs_of_volume(self.deriver), self.current, self.times,
+                              self.fail)
+        for node in nodes:
+            values.reseal_xattrs(node.paths[0])
+        for d in self.dirs:
+            values.reseal_xattrs(d)
+        for link in self.symlinks:
+            values.rewrite_symlink(link.paths, link.st)
+        values.remove_orphan_blobs([p for link in self.symlinks for p in link.paths])
+        s = self.summary
+        s.symlinks_rewritten, s.xattrs_resealed = values.symlinks_rewritten, values.xattrs_resealed
+        s.blobs_removed = values.blobs_removed
+        s.symlink_epochs_before = values.symlink_epochs_before
+        s.symlink_epochs_after = values.symlink_epochs_after
+        s.xattr_epochs_before = values.xattr_epochs_before
+        s.xattr_epochs_after = values.xattr_epochs_after
+
     # pass 3: names (after the files, whose paths are the walk's: it renames entries)
 
     def rekey_names(self) -> None:
@@ -233,10 +273,25 @@ class _Job:
         self.summary.name_epochs_after = rekeyer.epochs_after
 
 
+def _by_inode(paths: list[bytes]) -> list[Inode]:
+    """The inodes of *paths* in the order first met, each with all its paths."""
+    inodes: dict[tuple[int, int], Inode] = {}
+    order: list[Inode] = []
+    for path in paths:
+        st = os.lstat(reach(path))
+        key = (st.st_dev, st.st_ino)
+        if key in inodes:
+            inodes[key].paths.append(path)
+            continue
+        node = inodes[key] = Inode([path], st)
+        order.append(node)
+    return order
+
+
 #: Flags a volume made before them can take as it is: they change what is written from then
 #: on, and nothing already on disk needs them.
 UPGRADE_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES,
-                 volconfig.FLAG_NAME_EPOCHS)
+                 volconfig.FLAG_NAME_EPOCHS, volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
 
 
 def upgrade_config(cipherdir: Path) -> list[str]:
@@ -253,7 +308,8 @@ def upgrade_config(cipherdir: Path) -> list[str]:
 
 #: Flags a volume must have before a run (else --upgrade adds them first): KeyEpochs for
 #: version 2 headers, NameEpochs for a ``kmsfs.diriv`` after epoch 1.
-NEEDED_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_NAME_EPOCHS)
+NEEDED_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_NAME_EPOCHS,
+                volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
 
 
 def _missing_flag(config: volconfig.VolumeConfig) -> str | None:
@@ -311,6 +367,7 @@ def reencrypt_tree(
                 total(sum(n.st.st_size for n in nodes
                           if n.header is not None and n.header.epoch < job.current))
             job.run(nodes)
+            job.rekey_values(nodes)
             job.times.finish()  # by the paths the walk found, before names move them
             job.rekey_names()
         finally:

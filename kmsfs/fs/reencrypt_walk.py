@@ -19,7 +19,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kmsfs.crypto import content
 from kmsfs.crypto.names import is_internal
@@ -130,10 +130,12 @@ class Tree:
     dirs: dict[bytes, os.stat_result]
     prints: dict[bytes, str]
     """Directory -> fingerprint of its plaintext entry names (a hash of them, sorted)."""
+    links: list[bytes] = field(default_factory=list)
+    """Symlinks."""
 
 
 def walk(root: bytes) -> Tree:
-    """Every regular file, leftover temporary file and directory of the tree.
+    """Every regular file, symlink, leftover temporary file and directory of the tree.
 
     Skips every reserved name (``kmsfs.diriv``, sidecars, ``kmsfs.conf``, ``kmsfs.longlinks/``)
     but long-name entries, which are ordinary entries under a hashed name.
@@ -158,6 +160,8 @@ def walk(root: bytes) -> Tree:
                 stack.append(path)
             elif stat.S_ISREG(st.st_mode):
                 tree.files.append(path)
+            elif stat.S_ISLNK(st.st_mode):
+                tree.links.append(path)
         tree.prints[cdir] = fingerprint(shown)
     return tree
 

@@ -31,6 +31,7 @@ from kmsfs.crypto.content import BLOCK_SIZE, HEADER_SIZE, FileHeader
 from kmsfs.errors import IntegrityError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms, reencrypt, singlefile
+from kmsfs.fs.epoch_ciphers import xattrs_of_volume
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import UPGRADE_FLAGS, reencrypt_tree
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX
@@ -227,8 +228,10 @@ def test_reencrypt_moves_old_files_and_keeps_everything(tmp_path: Path) -> None:
     data = _build(volume, tmp_path)
     a, linked = cipher_path(volume, "A"), cipher_path(volume, "d/sub/linked")
     before = os.stat(a)
-    xattrs_before = {n: os.getxattr(a, n) for n in os.listxattr(a)}
-    assert len(xattrs_before) == 1 and before.st_nlink == 2
+    xattrs = xattrs_of_volume(SoftDeriver(current_epoch=2))
+    xattrs_before = {n: xattrs.open_with_epoch(os.fsencode(n), os.getxattr(a, n))
+                     for n in os.listxattr(a)}
+    assert list(xattrs_before.values()) == [(b"blue", 1)] and before.st_nlink == 2
     long_dir_times = os.stat(a.parent)
 
     summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
@@ -247,7 +250,10 @@ def test_reencrypt_moves_old_files_and_keeps_everything(tmp_path: Path) -> None:
     assert os.stat(linked).st_ino == after.st_ino and after.st_nlink == 2  # ...still one inode
     for field in ("st_mode", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns", "st_size"):
         assert getattr(after, field) == getattr(before, field), field
-    assert {n: os.getxattr(a, n) for n in os.listxattr(a)} == xattrs_before
+    # the same names and values, sealed again at epoch 2
+    assert {n: xattrs.open_with_epoch(os.fsencode(n), os.getxattr(a, n))
+            for n in os.listxattr(a)} == {n: (b"blue", 2) for n in xattrs_before}
+    assert summary.xattrs_resealed == 1
     assert os.stat(a.parent).st_mtime_ns == long_dir_times.st_mtime_ns
     for name in ("A", "d/sub/linked", LONG, "d/small", "B"):
         assert header_of(cipher_path(volume, name)).epoch == 2, name
@@ -360,11 +366,14 @@ def test_reencrypt_refuses_a_mounted_volume_and_a_volume_without_the_flag(
         reencrypt_tree(old, SoftDeriver(current_epoch=2))
     summary = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
     assert summary.upgraded and summary.rewritten == 1
-    # NameEpochs too: the run moves the root's names to epoch 2 (an 18-byte kmsfs.diriv).
+    # NameEpochs too: the run moves the root's names to epoch 2 (an 18-byte kmsfs.diriv);
+    # and SymlinkXattrEpochs.
     assert summary.flags_added == [volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES,
-                                   volconfig.FLAG_NAME_EPOCHS]
+                                   volconfig.FLAG_NAME_EPOCHS,
+                                   volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
     assert summary.name_epochs_after == {2: 1}
     assert volconfig.load(old).has(volconfig.FLAG_NAME_EPOCHS)
+    assert volconfig.load(old).has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
     assert volconfig.load(old).has(volconfig.FLAG_KEY_EPOCHS)
     assert volconfig.load(old).has(volconfig.FLAG_LONG_XATTR_NAMES)
     again = reencrypt_tree(old, SoftDeriver(current_epoch=2), upgrade=True)
@@ -483,6 +492,10 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
         (m.mountpoint / "ro").mkdir()
         for name, value in data.items():
             (m.mountpoint / name).write_bytes(value)
+        os.setxattr(m.mountpoint / "plain", b"user.a", b"on a read-only file")
+        os.setxattr(m.mountpoint / "ro", b"user.b", b"on a read-only directory")
+        os.symlink("a target", m.mountpoint / "ro" / "link")
+        (m.mountpoint / "plain").chmod(0o444)
         (m.mountpoint / "wo").chmod(0o200)
         (m.mountpoint / "ro").chmod(0o555)
     finally:
@@ -492,10 +505,11 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
     subprocess.run(["chown", "-R", "65534:65534", str(volume)], check=True)
     modes = {name: stat.S_IMODE(cipher_path(volume, name).lstat().st_mode)
              for name in ("ro", "ro/f", "wo", "plain")}
-    assert (modes["ro"], modes["wo"]) == (0o555, 0o200)
+    assert (modes["ro"], modes["wo"], modes["plain"]) == (0o555, 0o200, 0o444)
 
     summary = _reencrypt_as(65534, volume)
     assert (summary["rewritten"], summary["failed"], summary["temp_removed"]) == (3, [], 1)
+    assert (summary["xattrs_resealed"], summary["symlinks_rewritten"]) == (2, 1)
     for name, mode in modes.items():
         path = cipher_path(volume, name)
         assert stat.S_IMODE(path.lstat().st_mode) == mode, name
@@ -508,6 +522,9 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
     try:
         for name, value in data.items():
             assert (m.mountpoint / name).read_bytes() == value
+        assert os.getxattr(m.mountpoint / "plain", b"user.a") == b"on a read-only file"
+        assert os.getxattr(m.mountpoint / "ro", b"user.b") == b"on a read-only directory"
+        assert os.readlink(m.mountpoint / "ro" / "link") == "a target"
     finally:
         m.stop()
 

@@ -26,6 +26,8 @@ import pytest
 
 from kmsfs.crypto.content import HEADER_SIZE, FileHeader
 from kmsfs.crypto.names import NAMES_KEY_INFO, VolumeNames, is_internal
+from kmsfs.crypto.symlinks import LONGLINK_DIR
+from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.plainpath import plain_path
@@ -56,8 +58,8 @@ _KILL_AT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally
             return real(*args, **kwargs)
         setattr(module, name, call)
-    for name in ("rename", "replace", "link", "unlink", "fsync", "utime", "fchmod", "fchown",
-                 "setxattr", "removexattr"):
+    for name in ("rename", "replace", "link", "symlink", "unlink", "fsync", "utime", "fchmod",
+                 "fchown", "chown", "setxattr", "removexattr"):
         wrap(os, name)
     for module in (reencrypt, reencrypt_resume, reencrypt_rewrite, reencrypt_names):
         wrap(module, "fsync_dir")
@@ -69,7 +71,8 @@ _KILL_AT = textwrap.dedent(
 
 def _build(volume: Path, tmp_path: Path) -> None:
     """Epoch-1 files: one inode with four paths (two in one directory, one under a long name),
-    a file alone in a directory, a long name, an empty file, an xattr, set times."""
+    a file alone in a directory, a long name, an empty file, an xattr (on a file and on a
+    directory), set times, a short and a long symlink (another owner's)."""
     m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=1).start()
     try:
         p = m.mountpoint
@@ -83,6 +86,10 @@ def _build(volume: Path, tmp_path: Path) -> None:
         (p / LONG / "x").write_bytes(b"under a long name")
         (p / "empty").write_bytes(b"")
         os.utime(p / "A", ns=(1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
+        os.setxattr(p / "d", "user.dir", b"on a directory")
+        os.symlink("solo", p / "d" / "ln")
+        os.symlink("/far/" + "t" * 1500, p / "long-ln")  # its target in a blob
+        os.lchown(p / "long-ln", 1234, 5678)
         os.utime(p / "d", ns=(1_100_000_000_000_000_000, 1_200_000_000_000_000_000))
     finally:
         m.stop()
@@ -101,7 +108,19 @@ def _plaintext(path: Path) -> bytes:
     return bytes(cipher.decrypt_blocks(0, raw[HEADER_SIZE:]))
 
 
+_XATTRS = xattrs_of_volume(SoftDeriver(current_epoch=2))  # values of epoch 1 and 2
+_LINKS = links_of_volume(SoftDeriver(current_epoch=2))  # targets of epoch 1 and 2
 _NAMES = VolumeNames(lambda e: SoftDeriver(current_epoch=e).derive(NAMES_KEY_INFO, epoch=e))
+
+
+def _xattrs(path: Path) -> list[tuple[str, bytes]]:
+    return sorted((n, _XATTRS.open(os.fsencode(n), os.getxattr(path, n)))
+                  for n in os.listxattr(path) if n.startswith("user."))
+
+
+def _target(volume: Path, path: Path) -> bytes:
+    stored = os.readlink(path)
+    return _LINKS.decrypt_from_disk(stored, lambda: (volume / LONGLINK_DIR / stored).read_text())
 
 
 def _state(volume: Path) -> dict[str, Any]:
@@ -120,9 +139,12 @@ def _state(volume: Path) -> dict[str, Any]:
         kind = stat.S_IFMT(st.st_mode)
         row: tuple[Any, ...] = (kind, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns,
                                 st.st_mtime_ns)
+        if kind == stat.S_IFLNK:  # its target read back, not its atime (readlink moves it)
+            row = row[:4] + row[5:] + (_target(volume, path),)
+        else:
+            row += (_xattrs(path),)
         if kind == stat.S_IFREG:
-            xattrs = sorted((n, os.getxattr(path, n)) for n in os.listxattr(path))
-            row += (st.st_size, xattrs, _plaintext(path))
+            row += (st.st_size, _plaintext(path))
             inodes.setdefault(st.st_ino, []).append(rel)
         entries[rel] = row
     return {"entries": entries, "links": sorted(sorted(g) for g in inodes.values())}
@@ -156,6 +178,7 @@ def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> No
         report = check_tree(volume, SoftDeriver(current_epoch=2))
         assert report.clean and report.warnings == [], (n, report.to_json())
         assert report.epochs == {2: 3}, n
+        assert report.symlink_epochs == {2: 2} and report.xattr_epochs == {2: 5}, n  # per path
         rejoined += summary.links_rejoined
         killed += proc.returncode == -9
         subprocess.run(["rm", "-rf", str(volume)], check=True)

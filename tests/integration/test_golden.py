@@ -114,3 +114,20 @@ def test_a_golden_volume_keeps_a_directory_whose_names_are_keyed_with_epoch_2() 
     cipher = GOLDEN / "v2-name-epochs" / "cipher"
     epochs = sorted(epoch_of(parse_dir_iv(p.read_bytes())) for p in cipher.rglob(DIRIV_NAME))
     assert epochs[0] == 1 and epochs[-1] == 2 and epochs.count(2) == 1
+
+
+def test_a_golden_volume_keeps_symlinks_whose_targets_are_sealed_with_epoch_2() -> None:
+    """Targets sealed under epoch 2, the nonce naming it (docs/format.md, "Key epochs"), are in
+    the golden set, short and long, so a later change that cannot read them fails above."""
+    from kmsfs.crypto.encoding import b64url_decode
+    from kmsfs.crypto.symlinks import LONGLINK_DIR, is_longlink
+
+    cipher = GOLDEN / "v2-value-epochs" / "cipher"
+    named = []
+    for link in (p for p in cipher.rglob("*") if p.is_symlink()):
+        stored = os.readlink(link)
+        long = is_longlink(stored)
+        encoded = (cipher / LONGLINK_DIR / stored).read_text() if long else stored
+        named.append((int.from_bytes(b64url_decode(encoded)[:2], "big"), long))
+    assert sorted(e for e in named if e[0] == 2) == [(2, False), (2, True)]
+    assert len(named) == 4  # and the two of epoch 1

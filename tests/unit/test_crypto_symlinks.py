@@ -138,7 +138,7 @@ def test_invalid_targets_are_refused(bad: bytes) -> None:
 
 def test_encrypted_invalid_target_is_an_integrity_error() -> None:
     nonce = bytes(12)
-    stored = b64url_encode(nonce + LINKS._aead.encrypt(nonce, b"a\x00b", None))
+    stored = b64url_encode(nonce + LINKS._sealer.aead(1).encrypt(nonce, b"a\x00b", None))
     with pytest.raises(IntegrityError, match="invalid target"):
         LINKS.decrypt(stored)
 

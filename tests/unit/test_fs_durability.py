@@ -104,11 +104,11 @@ def test_sidecar_rewrite_that_fails_keeps_the_old_one_whole(
 def test_symlink_blob_and_its_new_directory_are_fsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kmsfs.fs import entries
+    from kmsfs.fs import longlinks
 
     rec = Recorder(monkeypatch)
-    entries._write_blob(os.fsencode(tmp_path), "blob1", "content")
-    blob_dir = f"{tmp_path}/{entries.LONGLINK_DIR}"
+    longlinks.write_blob(os.fsencode(tmp_path), "blob1", "content")
+    blob_dir = f"{tmp_path}/{longlinks.LONGLINK_DIR}"
 
     def bytes_then_entry(events: list[tuple[str, str]]) -> bool:
         """The blob's bytes (under a temporary name, before it gets its own), then its entry."""
@@ -120,7 +120,7 @@ def test_symlink_blob_and_its_new_directory_are_fsynced(
 
     assert rec.events[0] == ("fsync", str(tmp_path))  # the new blob directory's entry
     assert bytes_then_entry(rec.events[1:3]) and len(rec.events) == 3
-    entries._write_blob(os.fsencode(tmp_path), "blob2", "more")
+    longlinks.write_blob(os.fsencode(tmp_path), "blob2", "more")
     assert bytes_then_entry(rec.events[3:5]) and len(rec.events) == 5  # the directory is there
     assert Path(blob_dir, "blob2").read_text() == "more"
 

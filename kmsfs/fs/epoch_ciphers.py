@@ -1,0 +1,57 @@
+"""A volume's symlink and xattr ciphers, keyed by the Domain's ``mk`` epochs.
+
+Symlink targets and ``user.*`` xattr values are sealed at the Domain's current epoch, which
+their nonce names (:mod:`kmsfs.crypto.epoch_nonces`), so an HSM removed before a rotation cannot
+read new ones, and ``kmsfs reencrypt`` moves old ones; xattr names stay keyed with epoch 1 (a
+lookup must find a name without knowing its epoch: docs/format.md, "Key epochs"). Each epoch's
+key is derived in the HSM once, when first needed. A target or value of a retired epoch is
+refused (EIO), as a file's contents are: whoever holds that epoch's ``mk`` could have sealed it.
+(Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_volume`.)
+"""
+
+from __future__ import annotations
+
+from kmsfs.crypto.symlinks import SYMLINK_KEY_INFO, SymlinkCipher
+from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
+from kmsfs.errors import IntegrityError
+from kmsfs.keys import FIRST_EPOCH, KeyDeriver
+
+
+def _retired_below(deriver: KeyDeriver) -> int:
+    return int(getattr(deriver, "retired_below", FIRST_EPOCH))
+
+
+def writing_epoch(deriver: KeyDeriver, what: str) -> int:
+    """The epoch new names, targets and values are keyed with: the Domain's current one,
+    which a mount following its Domain's rotations moves. IntegrityError (EIO) if that epoch
+    is retired (a mount not yet moved to the generation that retired it): what it wrote would
+    be the retired HSM's to read, as a new file's contents would, which are refused too.
+    *what* ends the error's message ("no new directory")."""
+    epoch = int(deriver.current_epoch)
+    below = _retired_below(deriver)
+    if epoch < below:
+        raise IntegrityError(
+            f"key epoch {epoch} is retired (epochs below {below}): {what} until this mount "
+            "serves a newer generation of its Domain"
+        )
+    return epoch
+
+
+def links_of_volume(deriver: KeyDeriver) -> SymlinkCipher:
+    """Symlink targets of every epoch; new ones at :func:`writing_epoch`."""
+    return SymlinkCipher.of_volume(
+        lambda epoch: deriver.derive(SYMLINK_KEY_INFO, epoch=epoch),
+        lambda: writing_epoch(deriver, "no new symlink"),
+        lambda: int(deriver.current_epoch),
+        lambda: _retired_below(deriver),
+    )
+
+
+def xattrs_of_volume(deriver: KeyDeriver) -> XattrCipher:
+    """Xattr values of every epoch (names: epoch 1); new values at :func:`writing_epoch`."""
+    return XattrCipher.of_volume(
+        lambda epoch: deriver.derive(XATTR_KEY_INFO, epoch=epoch),
+        lambda: writing_epoch(deriver, "no xattr is set"),
+        lambda: int(deriver.current_epoch),
+        lambda: _retired_below(deriver),
+    )

@@ -1,0 +1,277 @@
+"""Symlink targets and xattr values keyed with the Domain's mk epochs (docs/format.md, "Key
+epochs", flag ``SymlinkXattrEpochs``).
+
+An HSM removed before a rotation still computes epoch 1's keys: a symlink made, or an xattr
+value set, after the rotation must be sealed with the new epoch, and ``kmsfs reencrypt`` must
+seal the older ones again with it, so that the removed HSM reads none of them (DESIGN §2.7).
+Real mounts (stub daemon, software deriver: ``SoftDeriver(current_epoch=N)`` is a Domain rotated
+N - 1 times, and ``current_epoch=1`` the removed HSM's view).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from kmsfs.crypto.encoding import b64url_decode
+from kmsfs.crypto.epoch_nonces import EpochUnavailable
+from kmsfs.crypto.symlinks import LONGLINK_DIR, is_longlink
+from kmsfs.crypto.xattrs import USER_PREFIX
+from kmsfs.errors import UsageError
+from kmsfs.fs import config as volconfig
+from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
+from kmsfs.fs.fsck import check_tree
+from kmsfs.fs.reencrypt import reencrypt_tree
+from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, reencrypt_leftovers
+from tests.integration.test_fs_fsck import cipher_path
+
+LONG_TARGET = "/far/" + "t" * 1500  # kept in a blob (kmsfs.longlinks/)
+LONG_XATTR = b"user." + b"x" * 200  # a hashed disk name (LongXattrNames)
+
+
+def _mount(volume: Path, tmp_path: Path, epoch: int, name: str = "mnt", **kw: int) -> Mount:
+    return Mount(volume, tmp_path / name, tmp_path / f"{name}.log", epoch=epoch, **kw).start()
+
+
+def _stored_target(volume: Path, plain: str) -> str:
+    """A ciphertext symlink's encoded target (a long one's from its blob)."""
+    stored = os.readlink(cipher_path(volume, plain))
+    return (volume / LONGLINK_DIR / stored).read_text() if is_longlink(stored) else stored
+
+
+def _nonce_epoch(encoded: str) -> int:
+    return int.from_bytes(b64url_decode(encoded)[:2], "big")
+
+
+def _user_xattrs(path: Path) -> dict[bytes, bytes]:
+    """The stored (ciphertext) user.* xattrs of a ciphertext path."""
+    return {os.fsencode(n): os.getxattr(path, n) for n in os.listxattr(path)
+            if os.fsencode(n).startswith(USER_PREFIX)}
+
+
+def _epoch1_tree(volume: Path, tmp_path: Path) -> None:
+    """Symlinks (short, long, hard-linked, another owner's) and xattrs (on a file, a read-only
+    file, a directory, a long name) written before any rotation."""
+    m = _mount(volume, tmp_path, epoch=1, name="first")
+    try:
+        mnt = m.mountpoint
+        (mnt / "f").write_bytes(b"data")
+        (mnt / "ro").write_bytes(b"read-only")
+        (mnt / "d").mkdir()
+        os.symlink("old-target", mnt / "short")
+        os.symlink(LONG_TARGET, mnt / "d" / "long")
+        os.symlink("shared-target", mnt / "linked")
+        os.link(mnt / "linked", mnt / "d" / "linked2", follow_symlinks=False)
+        os.lchown(mnt / "short", 1234, 5678)
+        os.utime(mnt / "short", ns=(1_000_000_000, 2_000_000_000), follow_symlinks=False)
+        os.setxattr(mnt / "f", b"user.colour", b"epoch-1 value")
+        os.setxattr(mnt / "f", LONG_XATTR, b"long-named value")
+        os.setxattr(mnt / "ro", b"user.tag", b"on a read-only file")
+        os.chmod(mnt / "ro", 0o444)
+        os.setxattr(mnt / "d", b"user.dir", b"on a directory")
+    finally:
+        m.stop()
+
+
+def test_symlinks_and_xattr_values_made_after_a_rotation_are_sealed_with_the_new_epoch(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    m = _mount(volume, tmp_path, epoch=2)
+    try:
+        os.symlink("secret/plan/at/epoch-2", m.mountpoint / "new")
+        os.symlink(LONG_TARGET + "-2", m.mountpoint / "new-long")
+        os.setxattr(m.mountpoint / "f", b"user.new", b"secret epoch-2 value")
+        os.setxattr(m.mountpoint / "d", b"user.dir", b"replaced at epoch 2")
+        # the plaintext size still comes from the ciphertext length (no readlink)
+        assert os.lstat(m.mountpoint / "new").st_size == len("secret/plan/at/epoch-2")
+    finally:
+        m.stop()
+    assert _nonce_epoch(_stored_target(volume, "new")) == 2
+    assert _nonce_epoch(_stored_target(volume, "new-long")) == 2
+
+    removed = _mount(volume, tmp_path, epoch=1, name="removed")  # the removed HSM's mount
+    try:
+        mnt = removed.mountpoint
+        assert os.readlink(mnt / "short") == "old-target"
+        assert os.readlink(mnt / "d" / "long") == LONG_TARGET
+        assert os.getxattr(mnt / "f", b"user.colour") == b"epoch-1 value"
+        for reach in (lambda: os.readlink(mnt / "new"), lambda: os.readlink(mnt / "new-long"),
+                      lambda: os.getxattr(mnt / "f", b"user.new"),
+                      lambda: os.getxattr(mnt / "d", b"user.dir")):
+            with pytest.raises(OSError) as err:
+                reach()
+            assert err.value.errno == errno.EIO
+        assert "sealed with mk epoch 2" in removed.log()
+    finally:
+        removed.stop()
+    view = check_tree(volume, SoftDeriver(current_epoch=1))
+    assert {p.kind for p in view.problems} == {"epoch"} and len(view.problems) == 4
+    assert all("secret" not in str(p) for p in view.problems)
+
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean
+    assert report.symlink_epochs == {1: 4, 2: 2}
+    assert report.xattr_epochs == {1: 3, 2: 2}
+    m = _mount(volume, tmp_path, epoch=2, name="again")
+    try:
+        assert os.readlink(m.mountpoint / "new") == "secret/plan/at/epoch-2"
+        assert os.readlink(m.mountpoint / "new-long") == LONG_TARGET + "-2"
+        assert os.getxattr(m.mountpoint / "f", b"user.new") == b"secret epoch-2 value"
+        assert os.getxattr(m.mountpoint / "d", b"user.dir") == b"replaced at epoch 2"
+    finally:
+        m.stop()
+
+
+def test_reencrypt_seals_every_symlink_target_and_xattr_value_again_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    old_blobs = sorted(os.listdir(volume / LONGLINK_DIR))
+    short_before = os.lstat(cipher_path(volume, "short"))
+    # what crashes left beside the blob: one no symlink names, a half-written one, and a file
+    # that is no blob (fsck's to report, not the run's to remove)
+    leftovers = ("kmsfs.longlink." + "A" * 43, "kmsfs.tmp.half-written", "not-a-blob")
+    for name in leftovers:
+        (volume / LONGLINK_DIR / name).write_text("x")
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert not summary.failed and summary.blobs_removed == 2
+    (volume / LONGLINK_DIR / "not-a-blob").unlink()
+    assert summary.symlinks_rewritten == 3  # short, long, and the hard-linked one once
+    assert summary.symlink_epochs_before == {1: 4} and summary.symlink_epochs_after == {2: 4}
+    assert summary.xattrs_resealed == 4
+    assert summary.xattr_epochs_before == {1: 4} and summary.xattr_epochs_after == {2: 4}
+    assert reencrypt_leftovers(volume) == []
+
+    new_blobs = sorted(os.listdir(volume / LONGLINK_DIR))
+    assert len(new_blobs) == 1 and new_blobs != old_blobs  # the old blob is gone
+    removed_links = links_of_volume(SoftDeriver(current_epoch=1))
+    removed_xattrs = xattrs_of_volume(SoftDeriver(current_epoch=1))
+    for plain in ("short", "d/long", "linked", "d/linked2"):
+        with pytest.raises(EpochUnavailable):  # what the removed HSM can no longer read
+            removed_links.open_from_disk(os.readlink(cipher_path(volume, plain)),
+                                         lambda: (volume / LONGLINK_DIR / new_blobs[0]).read_text())
+    for plain in ("f", "ro", "d"):
+        for disk, stored in _user_xattrs(cipher_path(volume, plain)).items():
+            with pytest.raises(EpochUnavailable):
+                removed_xattrs.open(disk, stored)
+
+    short = cipher_path(volume, "short")
+    st = os.lstat(short)
+    assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (1234, 5678, 2_000_000_000)
+    assert st.st_ino != short_before.st_ino  # a new symlink
+    a, b = os.lstat(cipher_path(volume, "linked")), os.lstat(cipher_path(volume, "d/linked2"))
+    assert a.st_ino == b.st_ino and a.st_nlink == 2  # still one inode, linked twice
+
+    report = check_tree(volume, SoftDeriver(current_epoch=2))
+    assert report.clean, report.problems
+    assert report.symlink_epochs == {2: 4} and report.xattr_epochs == {2: 4}
+    m = _mount(volume, tmp_path, epoch=2)
+    try:
+        mnt = m.mountpoint
+        assert os.readlink(mnt / "short") == "old-target"
+        assert os.readlink(mnt / "d" / "long") == LONG_TARGET
+        assert os.readlink(mnt / "d" / "linked2") == "shared-target"
+        assert os.getxattr(mnt / "f", b"user.colour") == b"epoch-1 value"
+        assert os.getxattr(mnt / "f", LONG_XATTR) == b"long-named value"
+        assert sorted(os.listxattr(mnt / "f")) == sorted(["user.colour", LONG_XATTR.decode()])
+        assert os.getxattr(mnt / "ro", b"user.tag") == b"on a read-only file"
+        assert os.stat(mnt / "ro").st_mode & 0o777 == 0o444
+        assert os.getxattr(mnt / "d", b"user.dir") == b"on a directory"
+    finally:
+        m.stop()
+
+    again = reencrypt_tree(volume, SoftDeriver(current_epoch=2))  # idempotent
+    assert (again.symlinks_rewritten, again.xattrs_resealed) == (0, 0)
+    assert again.symlink_epochs_after == {2: 4} and not again.failed
+
+
+def test_a_damaged_value_is_reported_and_the_others_still_move(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    f = cipher_path(volume, "f")
+    colour = next(d for d in _user_xattrs(f) if not d.startswith(b"user.l."))
+    stored = bytearray(os.getxattr(f, colour))
+    stored[-1] ^= 1
+    os.setxattr(f, colour, bytes(stored))
+    short = cipher_path(volume, "short")
+    target = os.readlink(short)
+    os.unlink(short)
+    os.symlink(target[:-4] + ("AAAA" if target[-4:] != "AAAA" else "BBBB"), short)
+
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert sorted(f.path for f in summary.failed) == ["/f", "/short"]
+    assert all("authentication failed" in f.detail for f in summary.failed)
+    assert summary.symlinks_rewritten == 2 and summary.xattrs_resealed == 3
+    assert summary.xattr_epochs_after == {2: 3}  # the damaged one is counted nowhere
+    assert os.getxattr(cipher_path(volume, "f"), colour) == bytes(stored)  # left as it was
+
+
+def test_a_mount_whose_epoch_is_retired_makes_no_symlink_and_sets_no_xattr(
+    tmp_path: Path,
+) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1, retired_below=2)
+    try:
+        (m.mountpoint / "f").write_bytes(b"")
+        with pytest.raises(OSError) as err:
+            os.symlink("t", m.mountpoint / "l")
+        assert err.value.errno == errno.EIO and not os.path.lexists(m.mountpoint / "l")
+        with pytest.raises(OSError) as err:
+            os.setxattr(m.mountpoint / "f", b"user.a", b"v")
+        assert err.value.errno == errno.EIO
+        assert "key epoch 1 is retired" in m.log()
+    finally:
+        m.stop()
+
+
+def test_targets_and_values_of_a_retired_epoch_are_refused_and_new_ones_work(
+    tmp_path: Path,
+) -> None:
+    """Whoever still holds a retired epoch's mk (the removed HSM) could seal a symlink target
+    or an xattr value under it: once the epoch is retired, the mount refuses them (EIO) as it
+    refuses a file's contents, and fsck calls them damage of kind epoch."""
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    m = _mount(volume, tmp_path, epoch=2, retired_below=2)
+    try:
+        mnt = m.mountpoint
+        assert os.lstat(mnt / "short").st_size == len("old-target")  # stat needs no key
+        for reach in (lambda: os.readlink(mnt / "short"), lambda: os.readlink(mnt / "d" / "long"),
+                      lambda: os.getxattr(mnt / "f", b"user.colour")):
+            with pytest.raises(OSError) as err:
+                reach()
+            assert err.value.errno == errno.EIO
+        assert "sealed with mk epoch 1, which is retired" in m.log()
+        os.symlink("fresh", mnt / "fresh")
+        os.setxattr(mnt / "d", b"user.fresh", b"at epoch 2")
+        assert os.readlink(mnt / "fresh") == "fresh"
+        assert os.getxattr(mnt / "d", b"user.fresh") == b"at epoch 2"
+    finally:
+        m.stop()
+    report = check_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
+    kinds = {(p.kind, p.path) for p in report.problems if "sealed with mk epoch 1" in p.detail}
+    assert kinds == {("epoch", "/short"), ("epoch", "/d/long"), ("epoch", "/linked"),
+                     ("epoch", "/d/linked2"), ("epoch", "/f"), ("epoch", "/ro"), ("epoch", "/d")}
+
+
+def test_reencrypt_wants_the_flag_and_upgrade_adds_it(tmp_path: Path) -> None:
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    config = volconfig.load(volume)
+    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
+        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    before = _stored_target(volume, "short")
+    with pytest.raises(UsageError, match="no SymlinkXattrEpochs flag"):
+        reencrypt_tree(volume, SoftDeriver(current_epoch=2))
+    assert _stored_target(volume, "short") == before  # nothing touched
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2), upgrade=True)
+    assert summary.flags_added == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
+    assert summary.symlinks_rewritten == 3 and summary.xattrs_resealed == 4
