@@ -106,9 +106,10 @@ class ValueRekeyer:
             with owner_access(path, stat.S_IWUSR):
                 os.setxattr(reach(path), disk, self.xattrs.seal(disk, value, name),
                             os.XATTR_REPLACE, follow_symlinks=False)
-        except OSError as exc:
+        except (OSError, IntegrityError) as exc:
             _count(self.xattr_epochs_after, epoch)
-            self.fail(path, f"extended attribute {os.fsdecode(disk)}: {exc.strerror or exc}")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.fail(path, f"extended attribute {os.fsdecode(disk)}: {why}")
             return
         _count(self.xattr_epochs_after, self.current)
         self.xattrs_resealed += 1
@@ -137,7 +138,7 @@ class ValueRekeyer:
                 for d in sorted({os.path.dirname(p) for p in paths}):
                     opened.enter_context(owner_access(d, stat.S_IWUSR | stat.S_IXUSR))
                 self._replace(paths, st, target, stored)
-        except (OSError, FormatError) as exc:
+        except (OSError, FormatError, IntegrityError) as exc:
             _count(self.symlink_epochs_after, epoch, len(paths))
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.fail(first, detail)
