@@ -34,9 +34,10 @@ from kmsfs.keys import FIRST_EPOCH
 
 NONCE_SIZE = 12
 EPOCH_SIZE = 2
-#: An epoch-1 nonce this build draws never begins with a smaller number, so it never names an
-#: epoch a Domain may reach (4,095 rotations): only values from before ``SymlinkXattrEpochs``
-#: can (a reader tries epoch 1 after the named one for them).
+#: An epoch-1 nonce this build draws never begins with a smaller number, so it names no epoch
+#: a Domain reaches before its 4,096th rotation: only values from before ``SymlinkXattrEpochs``
+#: can (a reader tries epoch 1 after the named one for them; past that many rotations, for
+#: new ones too, at the cost of one more decryption attempt).
 FIRST_EPOCH_NONCES_FROM = 4096
 
 
@@ -65,15 +66,8 @@ EPOCHS_AHEAD = 16
 
 
 class EpochUnavailable(IntegrityError):
-    """A value sealed under an epoch whose key may not be used here: one just after the newest
-    this HSM (or Domain generation) has (sealed after a rotation it does not have, most
-    likely), or a retired one (:class:`EpochRetired`)."""
-
-
-class EpochRetired(EpochUnavailable):
-    """A value that opens, but under the key of a retired epoch: whoever still holds that
-    epoch's ``mk`` (an HSM removed before the rotation) could have sealed it, so it is refused,
-    as a file's contents at that epoch are (docs/format.md, "Key epochs")."""
+    """No key opened a value whose nonce names an epoch just after the newest this HSM (or
+    Domain generation) has: sealed after a rotation it does not have, most likely."""
 
 
 def first_epoch_only(key: bytes) -> Callable[[int], bytes]:
@@ -97,15 +91,13 @@ class EpochAead:
     """
 
     def __init__(self, key_of: Callable[[int], bytes], epoch_now: Callable[[], int],
-                 newest: Callable[[], int] | None = None,
-                 retired_below: Callable[[], int] | None = None) -> None:
+                 newest: Callable[[], int] | None = None) -> None:
         self._key_of = key_of
         self._epoch_now = epoch_now
         self._newest = newest or epoch_now
-        """The newest epoch at hand (the deriver's current one, retired or not)."""
-        self._retired_below = retired_below or (lambda: FIRST_EPOCH)
-        """Values of the epochs below this one are refused (asked at each opening: a mount
-        takes in a retirement while it serves)."""
+        """The newest epoch at hand (the deriver's current one, retired or not): no key is
+        asked for past it (an epoch-1 nonce names epochs 4096 and up: each would be a failed
+        derivation, an agent's round trip and audit record, at every read)."""
         self._aeads: dict[int, AESGCM] = {}
 
     def aead(self, epoch: int) -> AESGCM:
@@ -132,25 +124,23 @@ class EpochAead:
     def open(self, sealed: bytes, aad: bytes | None) -> tuple[bytes, int]:
         """(plaintext, epoch of its key); IntegrityError if no key opens it,
         :class:`EpochUnavailable` if its nonce names one of the :data:`EPOCHS_AHEAD` epochs
-        after the newest at hand, :class:`EpochRetired` if its epoch is retired."""
+        after the newest at hand."""
         nonce, body = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+        newest = self._newest()
         missing = None
         for epoch in epochs_to_try(nonce):
+            if epoch > newest:
+                missing = epoch
+                continue
             try:
                 aead = self.aead(epoch)
             except IntegrityError:
                 missing = epoch
                 continue
             try:
-                plain = aead.decrypt(nonce, body, aad)
+                return aead.decrypt(nonce, body, aad), epoch
             except InvalidTag:
                 continue
-            below = self._retired_below()
-            if epoch < below:
-                raise EpochRetired(f"sealed with mk epoch {epoch}, which is retired (epochs "
-                                   f"below {below})")
-            return plain, epoch
-        newest = self._newest()
         if missing is not None and newest < missing <= newest + EPOCHS_AHEAD:
             raise EpochUnavailable(f"authentication failed: sealed with mk epoch {missing}, "
                                    f"its nonce says, and epochs after {newest} cannot be "

@@ -5,8 +5,10 @@ their nonce names (:mod:`kmsfs.crypto.epoch_nonces`), so an HSM removed before a
 read new ones, and ``kmsfs reencrypt`` moves old ones; xattr names stay keyed with epoch 1 (a
 lookup must find a name without knowing its epoch: docs/format.md, "Key epochs"). Each epoch's
 key is derived in the HSM once, when first needed. A target or value of a retired epoch is
-refused (EIO), as a file's contents are: whoever holds that epoch's ``mk`` could have sealed it.
-(Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_volume`.)
+still read, as names are (:func:`kmsfs.fs.names.names_of_volume`): every one written before
+this format had epoch 1, and a Domain that retired epoch 1 then must still read, and
+``kmsfs reencrypt`` still move, its volumes' symlinks and xattrs (docs/format.md, "Key
+epochs"). New ones are never sealed with a retired epoch.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ def links_of_volume(deriver: KeyDeriver) -> SymlinkCipher:
         lambda epoch: deriver.derive(SYMLINK_KEY_INFO, epoch=epoch),
         lambda: writing_epoch(deriver, "no new symlink"),
         lambda: int(deriver.current_epoch),
-        lambda: _retired_below(deriver),
     )
 
 
@@ -53,5 +54,4 @@ def xattrs_of_volume(deriver: KeyDeriver) -> XattrCipher:
         lambda epoch: deriver.derive(XATTR_KEY_INFO, epoch=epoch),
         lambda: writing_epoch(deriver, "no xattr is set"),
         lambda: int(deriver.current_epoch),
-        lambda: _retired_below(deriver),
     )

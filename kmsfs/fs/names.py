@@ -49,9 +49,9 @@ def names_of_volume(deriver: KeyDeriver) -> VolumeNames:
     """The names of a volume keyed by *deriver*'s Domain: each epoch's name key derived in the
     HSM when a directory of that epoch is first met.
 
-    A retired epoch's names are still read (the volume keys are exempt from retirement:
-    docs/format.md, "Key epochs"; symlink targets and xattr values of a retired epoch are
-    refused by :mod:`kmsfs.fs.epoch_ciphers` instead): a directory left at an epoch before the
+    A retired epoch's names are still read, as its symlink targets and xattr values are (the
+    volume keys are exempt from retirement: docs/format.md, "Key epochs"): a directory left
+    at an epoch before the
     retirement holds files written since at newer ones, which must stay reachable, and
     ``kmsfs reencrypt`` must still be able to move its names."""
 

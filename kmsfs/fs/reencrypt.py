@@ -48,7 +48,7 @@ from kmsfs.fs.progress import Progress
 from kmsfs.fs.reencrypt_names import NameRekeyer
 from kmsfs.fs.reencrypt_resume import DirTimes, rejoin
 from kmsfs.fs.reencrypt_rewrite import Rewriter
-from kmsfs.fs.reencrypt_values import ValueRekeyer
+from kmsfs.fs.reencrypt_values import ValueRekeyer, symlink_epoch
 from kmsfs.fs.reencrypt_walk import Inode, owner_access, read_header, walk
 from kmsfs.fs.volume import check_root_only, lock_exclusive
 from kmsfs.keys import KeyDeriver
@@ -96,7 +96,8 @@ class Summary:
     """Symlinks (each link) per the epoch their target is sealed with, before and after."""
     symlink_epochs_after: dict[int, int] = field(default_factory=dict)
     blobs_removed: int = 0
-    """Long-symlink blobs no symlink named (or half written), which a crash left: removed."""
+    """Long-symlink blobs no symlink names any more, removed: those of the symlinks this run
+    replaced, and what a crash left (one no symlink named, or one half written)."""
     xattrs_resealed: int = 0
     """``user.*`` xattr values sealed again at the current epoch."""
     xattr_epochs_before: dict[int, int] = field(default_factory=dict)
@@ -187,7 +188,10 @@ class _Job:
         tree = walk(self.root)
         self.dirs = dict(tree.dirs)
         self.times.found(tree)
-        temps, rejoined = rejoin(tree.temps, tree.files, self.times) if tree.temps else ([], 0)
+        links = links_of_volume(self.deriver)
+        temps, rejoined = rejoin(
+            tree.temps, tree.files + tree.links, self.times,
+            lambda path: symlink_epoch(self.root, links, path)) if tree.temps else ([], 0)
         self.summary.links_rejoined += rejoined
         for temp in temps:
             self.times.touching(os.path.dirname(temp))
@@ -253,7 +257,7 @@ class _Job:
             values.reseal_xattrs(d)
         for link in self.symlinks:
             values.rewrite_symlink(link.paths, link.st)
-        values.remove_orphan_blobs([p for link in self.symlinks for p in link.paths])
+        values.remove_orphan_blobs()
         s = self.summary
         s.symlinks_rewritten, s.xattrs_resealed = values.symlinks_rewritten, values.xattrs_resealed
         s.blobs_removed = values.blobs_removed

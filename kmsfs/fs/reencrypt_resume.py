@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from kmsfs.atomicfile import fsync_dir
 from kmsfs.fs.longpath import reach
@@ -136,10 +137,13 @@ class DirTimes:
         self.marked.clear()
 
 
-def rejoin(temps: list[bytes], files: list[bytes],
-           times: DirTimes) -> tuple[list[bytes], int]:
-    """Finish the renames of each hard-linked file a killed run left half done; returns
-    the temporary names left to remove, and the number of paths renamed (rejoined)."""
+def rejoin(temps: list[bytes], files: list[bytes], times: DirTimes,
+           link_epoch: Callable[[bytes], int | None] = lambda path: None,
+           ) -> tuple[list[bytes], int]:
+    """Finish the renames of each hard-linked file or symlink a killed run left half done;
+    returns the temporary names left to remove, and the number of paths renamed (rejoined).
+    *files* are the tree's regular files and symlinks; *link_epoch(path)* the key epoch of a
+    symlink's target (None if it does not open)."""
     stats = {path: os.lstat(reach(path)) for path in files}
     by_inode: dict[tuple[int, int], list[bytes]] = {}
     for path, st in stats.items():
@@ -147,7 +151,7 @@ def rejoin(temps: list[bytes], files: list[bytes],
     left: list[bytes] = []
     done: set[bytes] = set()
     for temp in temps:
-        target = _pending(temp, stats, by_inode, done)
+        target = _pending(temp, stats, by_inode, done, link_epoch)
         if target is None:
             left.append(temp)
             continue
@@ -159,9 +163,10 @@ def rejoin(temps: list[bytes], files: list[bytes],
 
 
 def _pending(temp: bytes, stats: dict[bytes, os.stat_result],
-             by_inode: dict[tuple[int, int], list[bytes]], done: set[bytes]) -> bytes | None:
+             by_inode: dict[tuple[int, int], list[bytes]], done: set[bytes],
+             link_epoch: Callable[[bytes], int | None]) -> bytes | None:
     """The path *temp* was to be renamed over, if a killed run had begun the renames of
-    its file and that path still holds the old inode, unchanged; else None."""
+    its file (or symlink) and that path still holds the old inode, unchanged; else None."""
     _, dash, number = os.fsdecode(os.path.basename(temp))[len(TEMP_PREFIX):].partition("-")
     if not dash or not number.isdigit():
         return None  # not linked yet, or named by an older kmsfs
@@ -169,8 +174,10 @@ def _pending(temp: bytes, stats: dict[bytes, os.stat_result],
         new = os.lstat(reach(temp))
     except OSError:
         return None
-    if not stat.S_ISREG(new.st_mode) or not by_inode.get((new.st_dev, new.st_ino)):
+    kind = stat.S_IFMT(new.st_mode)
+    if kind not in (stat.S_IFREG, stat.S_IFLNK) or not by_inode.get((new.st_dev, new.st_ino)):
         return None  # no path has the new inode yet: the renames had not begun
+    epoch = epoch_of if kind == stat.S_IFREG else link_epoch
     where = os.path.dirname(temp)
     for path in by_inode.get((new.st_dev, int(number)), []):
         old = stats[path]
@@ -180,7 +187,7 @@ def _pending(temp: bytes, stats: dict[bytes, os.stat_result],
             new.st_mode, new.st_uid, new.st_gid, new.st_size, new.st_mtime_ns
         ):
             continue  # changed since (a mount wrote to it): the link stays split
-        old_epoch, new_epoch = epoch_of(path), epoch_of(temp)
+        old_epoch, new_epoch = epoch(path), epoch(temp)
         if old_epoch is not None and new_epoch is not None and old_epoch < new_epoch:
             return path
     return None

@@ -48,9 +48,10 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def _copy_xattrs(src: int, dst: int) -> None:
-    """Every xattr of the ciphertext file, as stored. ``user.*`` ones are kmsfs's (encrypted
-    with an epoch-1 key, bound to their encrypted name only): copying them fails loudly; others
-    (security.*, set by the host) are copied where the host lets us."""
+    """Every xattr of the ciphertext file, as stored. ``user.*`` ones are kmsfs's (bound to
+    their encrypted name only; :mod:`kmsfs.fs.reencrypt_values` seals old ones again after):
+    copying them fails loudly; others (security.*, set by the host) are copied where the host
+    lets us."""
     for name in os.listxattr(src):
         try:
             os.setxattr(dst, name, os.getxattr(src, name))
@@ -156,7 +157,8 @@ class Rewriter:
             temps.append(temp)
             try:
                 self._copy_blocks(src, dst, old_cipher, new_cipher, new, st.st_size)
-                _copy_xattrs(src, dst)
+                with owner_access(src_path, stat.S_IRUSR):  # a write-only file's too
+                    _copy_xattrs(src, dst)
                 mine = os.fstat(dst)
                 if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
                     try:

@@ -20,6 +20,7 @@ Directory times are kept as the files' rewrite keeps them (:class:`DirTimes`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -37,7 +38,7 @@ from kmsfs.fs.names import TEMP_PREFIX as BLOB_TEMP_PREFIX
 from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.reencrypt_resume import DirTimes
 from kmsfs.fs.reencrypt_rewrite import signals_deferred
-from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, owner_access
+from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, open_dir_unread, open_unread, owner_access
 
 
 def _count(counts: dict[int, int], epoch: int, n: int = 1) -> None:
@@ -63,6 +64,11 @@ class ValueRekeyer:
         self.fail = fail
         self.symlinks_rewritten = 0
         self.blobs_removed = 0
+        self.named: collections.Counter[str] = collections.Counter()
+        """The targets the tree's symlinks have (after this run), with how many inodes have
+        each: the blobs in use are those counted above 0."""
+        self.unread = False
+        """A symlink could not be read: it may name any blob."""
         self.xattrs_resealed = 0
         self.symlink_epochs_before: dict[int, int] = {}
         self.symlink_epochs_after: dict[int, int] = {}
@@ -80,12 +86,33 @@ class ValueRekeyer:
             if exc.errno not in (errno.ENOTSUP, errno.ENOENT):  # no xattrs there; gone
                 self.fail(path, f"extended attributes: {exc.strerror or exc}")
             return
+        before = self.xattrs_resealed
         for disk in names:
             raw = os.fsencode(disk)
             if raw.startswith(USER_PREFIX):
                 self._reseal(path, raw)
+        if self.xattrs_resealed > before:
+            self._fsync(path)  # durable before the run says so (and a retirement follows)
+
+    def _fsync(self, path: bytes) -> None:
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(reach(path)).st_mode)
+            with owner_access(path, stat.S_IRUSR):
+                fd = (open_dir_unread if is_dir else open_unread)(reach(path))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.fail(path, f"extended attributes not made durable: {exc.strerror or exc}")
 
     def _reseal(self, path: bytes, disk: bytes) -> None:
+        # its owner (not root) may read and write it for the time of it: a write-only file's
+        # values cannot be read, a read-only one's not written
+        with owner_access(path, stat.S_IRUSR | stat.S_IWUSR):
+            self._reseal_open(path, disk)
+
+    def _reseal_open(self, path: bytes, disk: bytes) -> None:
         try:
             stored = os.getxattr(reach(path), disk, follow_symlinks=False)
             name = self.xattrs.plain_name(disk, stored)
@@ -103,9 +130,8 @@ class ValueRekeyer:
             _count(self.xattr_epochs_after, epoch)
             return
         try:
-            with owner_access(path, stat.S_IWUSR):
-                os.setxattr(reach(path), disk, self.xattrs.seal(disk, value, name),
-                            os.XATTR_REPLACE, follow_symlinks=False)
+            os.setxattr(reach(path), disk, self.xattrs.seal(disk, value, name),
+                        os.XATTR_REPLACE, follow_symlinks=False)
         except (OSError, IntegrityError) as exc:
             _count(self.xattr_epochs_after, epoch)
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -118,16 +144,20 @@ class ValueRekeyer:
 
     def rewrite_symlink(self, paths: list[bytes], st: os.stat_result) -> None:
         """Give the symlink at *paths* (all links of one inode, *st* its lstat as the walk
-        found it) a target sealed at the current epoch, if it is below it."""
+        found it) a target sealed at the current epoch, if it is below it. (Reading a symlink
+        may move its atime, as fsck's reading does; a rewritten one gets the walk's back.)"""
         first = paths[0]
         try:
             stored = os.fsdecode(os.readlink(reach(first)))
+        except OSError as exc:
+            self.unread = True
+            self.fail(first, exc.strerror or str(exc))
+            return
+        self.named[stored] += 1
+        try:
             target, epoch = self.links.open_from_disk(stored, lambda: self._read_blob(stored))
         except IntegrityError as exc:
             self.fail(first, str(exc))
-            return
-        except OSError as exc:
-            self.fail(first, exc.strerror or str(exc))
             return
         _count(self.symlink_epochs_before, epoch, len(paths))
         if epoch >= self.current:
@@ -137,84 +167,94 @@ class ValueRekeyer:
             with contextlib.ExitStack() as opened:
                 for d in sorted({os.path.dirname(p) for p in paths}):
                     opened.enter_context(owner_access(d, stat.S_IWUSR | stat.S_IXUSR))
-                self._replace(paths, st, target, stored)
+                whole = self._replace(paths, st, target)
         except (OSError, FormatError, IntegrityError) as exc:
             _count(self.symlink_epochs_after, epoch, len(paths))
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.fail(first, detail)
             return
+        if whole:
+            self.named[stored] -= 1  # no path of this inode names the old blob any more
         _count(self.symlink_epochs_after, self.current, len(paths))
         self.symlinks_rewritten += 1
 
     def _read_blob(self, stored: str) -> str:
-        try:
-            with longlinks_dir(self.root) as blobs:
-                return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode("ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
+        return read_blob(self.root, stored)
 
-    def _replace(self, paths: list[bytes], st: os.stat_result, target: bytes,
-                 old_stored: str) -> None:
+    def _replace(self, paths: list[bytes], st: os.stat_result, target: bytes) -> bool:
+        """Put a new symlink of *target* at every path; True once all are renamed. After an
+        error between two renames, the temporary names left (suffixed with the old inode's
+        number, as a file's) stay for the next run to join (:func:`rejoin`): removed, they
+        would leave the hard link split for good."""
         now = os.lstat(reach(paths[0]))
         if (now.st_dev, now.st_ino, now.st_size) != (st.st_dev, st.st_ino, st.st_size):
             raise FormatError("changed while the job ran (is the volume in use?)")
         disk = self.links.encrypt_to_disk(target)
+        self.named[disk.target] += 1  # kept, whatever happens next
         blob = None
         if disk.long_content is not None:
             blob = write_blob(self.root, disk.target, disk.long_content)
         temps: list[bytes] = []
+        pairs: list[tuple[bytes, bytes]] = []
         renamed = False
         dirs = sorted({os.path.dirname(p) for p in paths})
+        suffix = f"-{st.st_ino}"  # what a run after a crash matches it with (rejoin)
         try:
-            for i, path in enumerate(paths):
+            for path in paths:
                 d = os.path.dirname(path)
-                temp = d + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8))
+                temp = d + b"/" + os.fsencode(TEMP_PREFIX + secrets.token_hex(8) + suffix)
                 self.times.touching(d)
-                if i == 0:
+                if not temps:
                     os.symlink(disk.target, reach(temp))
                     temps.append(temp)
-                    self._keep_owner_and_times(temp, st)
+                    self._keep_owner_times_and_xattrs(temp, paths[0], st)
                 else:
                     os.link(reach(temps[0]), reach(temp), follow_symlinks=False)
                     temps.append(temp)
+                pairs.append((temp, path))
             for d in dirs:
                 fsync_dir(reach(d))  # every new name is durable before any path is replaced
             with signals_deferred():  # a Ctrl-C waits for the last link (no split link)
-                for temp, path in zip(list(temps), paths, strict=True):
+                for temp, path in pairs:
                     os.rename(reach(temp), reach(path))
                     temps.remove(temp)
                     renamed = True
             for d in dirs:
                 fsync_dir(reach(d))
-        except BaseException:
-            for temp in temps:
-                with contextlib.suppress(OSError):
-                    os.unlink(reach(temp))
-            if blob is not None and not renamed:
-                remove_blob(self.root, blob)
+        except BaseException as exc:
+            if not renamed:
+                for temp in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(reach(temp))
+                if blob is not None:
+                    remove_blob(self.root, blob)
+                    self.named[disk.target] -= 1
+            if renamed and isinstance(exc, OSError):
+                raise FormatError(
+                    f"{exc.strerror or exc} while renaming its hard links onto the new symlink: "
+                    f"{len(temps)} of {len(pairs)} still to do, which the next "
+                    "'kmsfs reencrypt' does"
+                ) from exc
             raise
         finally:
             for d in dirs:
                 self.times.restore_dir_times(d)
-        if is_longlink(old_stored) and old_stored != disk.target:
-            remove_blob(self.root, os.fsencode(old_stored))
+        return True
 
-    def remove_orphan_blobs(self, links: list[bytes]) -> None:
-        """Remove each blob no symlink of the tree names (*links*: every symlink path), and
-        each half-written one: what a run or a mount killed between a blob and its symlink
-        left. Only names a blob or its temporary file can have; anything else is fsck's to
-        report. The volume is locked: no mount makes a symlink meanwhile."""
-        named = set()
-        for link in links:
-            try:
-                named.add(os.fsdecode(os.readlink(reach(link))))
-            except OSError:
-                return  # a symlink not read may name any blob: keep them all
+    def remove_orphan_blobs(self) -> None:
+        """Remove each blob no symlink of the tree names (the walk found every one, and the
+        volume is locked: no mount makes one meanwhile), and each half-written one: what a
+        run or a mount killed between a blob and its symlink left, and the blobs this run's
+        new symlinks replaced (removed only now: a copy of the tree that broke hard links
+        leaves two symlinks naming one blob). Only names a blob or its temporary file can
+        have; anything else is fsck's to report. Nothing, if a symlink could not be read."""
+        if self.unread:
+            return
         try:
             with longlinks_dir(self.root) as blobs:
                 for name in os.listdir(blobs):
                     text = os.fsdecode(name)
-                    orphan = is_longlink(text) and text not in named
+                    orphan = is_longlink(text) and self.named[text] <= 0
                     if orphan or text.startswith(BLOB_TEMP_PREFIX):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(blobs + b"/" + os.fsencode(name))
@@ -225,7 +265,7 @@ class ValueRekeyer:
             self.fail(self.root + b"/" + LONGLINK_DIR_B, f"blobs: {exc.strerror or exc}")
 
     @staticmethod
-    def _keep_owner_and_times(temp: bytes, st: os.stat_result) -> None:
+    def _keep_owner_times_and_xattrs(temp: bytes, old: bytes, st: os.stat_result) -> None:
         mine = os.lstat(reach(temp))
         if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
             try:
@@ -233,5 +273,36 @@ class ValueRekeyer:
             except PermissionError:
                 raise FormatError(f"cannot keep owner {st.st_uid}:{st.st_gid} "
                                   "(run as root or as the owner)") from None
+        # what the host set on it (a security label, trusted.*), where it lets us: a symlink
+        # has no user.* xattrs (Linux refuses them)
+        with contextlib.suppress(OSError):
+            for name in os.listxattr(reach(old), follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.setxattr(reach(temp), name,
+                                os.getxattr(reach(old), name, follow_symlinks=False),
+                                follow_symlinks=False)
         # the times seen before this job read the target (readlink moves atime)
         os.utime(reach(temp), ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def read_blob(root: bytes, stored: str) -> str:
+    """The encoded target in the blob a long symlink names (IntegrityError if unreadable)."""
+    try:
+        with longlinks_dir(root) as blobs:
+            return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
+
+
+def symlink_epoch(root: bytes, links: SymlinkCipher, path: bytes) -> int | None:
+    """The key epoch of the symlink at *path*, None if it does not open (for :func:`rejoin`,
+    on a temporary name a killed run made, or on the path it was to replace: their atime, if
+    the reading moved it, is put back)."""
+    try:
+        st = os.lstat(reach(path))
+        stored = os.fsdecode(os.readlink(reach(path)))
+        if os.lstat(reach(path)).st_atime_ns != st.st_atime_ns:  # the times a killed run set
+            os.utime(reach(path), ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return links.open_from_disk(stored, lambda: read_blob(root, stored))[1]
+    except (OSError, IntegrityError):
+        return None

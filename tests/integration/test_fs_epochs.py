@@ -493,6 +493,7 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
         for name, value in data.items():
             (m.mountpoint / name).write_bytes(value)
         os.setxattr(m.mountpoint / "plain", b"user.a", b"on a read-only file")
+        os.setxattr(m.mountpoint / "wo", b"user.w", b"on a write-only file")
         os.setxattr(m.mountpoint / "ro", b"user.b", b"on a read-only directory")
         os.symlink("a target", m.mountpoint / "ro" / "link")
         (m.mountpoint / "plain").chmod(0o444)
@@ -509,7 +510,7 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
 
     summary = _reencrypt_as(65534, volume)
     assert (summary["rewritten"], summary["failed"], summary["temp_removed"]) == (3, [], 1)
-    assert (summary["xattrs_resealed"], summary["symlinks_rewritten"]) == (2, 1)
+    assert (summary["xattrs_resealed"], summary["symlinks_rewritten"]) == (3, 1)
     for name, mode in modes.items():
         path = cipher_path(volume, name)
         assert stat.S_IMODE(path.lstat().st_mode) == mode, name
@@ -523,6 +524,7 @@ def _rekey_as_owner(base: Path, tmp_path: Path) -> None:
         for name, value in data.items():
             assert (m.mountpoint / name).read_bytes() == value
         assert os.getxattr(m.mountpoint / "plain", b"user.a") == b"on a read-only file"
+        assert os.getxattr(m.mountpoint / "wo", b"user.w") == b"on a write-only file"
         assert os.getxattr(m.mountpoint / "ro", b"user.b") == b"on a read-only directory"
         assert os.readlink(m.mountpoint / "ro" / "link") == "a target"
     finally:

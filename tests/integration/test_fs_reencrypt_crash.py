@@ -72,7 +72,7 @@ _KILL_AT = textwrap.dedent(
 def _build(volume: Path, tmp_path: Path) -> None:
     """Epoch-1 files: one inode with four paths (two in one directory, one under a long name),
     a file alone in a directory, a long name, an empty file, an xattr (on a file and on a
-    directory), set times, a short and a long symlink (another owner's)."""
+    directory), set times, a short symlink linked twice and a long one (another owner's)."""
     m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=1).start()
     try:
         p = m.mountpoint
@@ -88,6 +88,7 @@ def _build(volume: Path, tmp_path: Path) -> None:
         os.utime(p / "A", ns=(1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
         os.setxattr(p / "d", "user.dir", b"on a directory")
         os.symlink("solo", p / "d" / "ln")
+        os.link(p / "d" / "ln", p / "ln2", follow_symlinks=False)  # a hard-linked symlink
         os.symlink("/far/" + "t" * 1500, p / "long-ln")  # its target in a blob
         os.lchown(p / "long-ln", 1234, 5678)
         os.utime(p / "d", ns=(1_100_000_000_000_000_000, 1_200_000_000_000_000_000))
@@ -141,6 +142,7 @@ def _state(volume: Path) -> dict[str, Any]:
                                 st.st_mtime_ns)
         if kind == stat.S_IFLNK:  # its target read back, not its atime (readlink moves it)
             row = row[:4] + row[5:] + (_target(volume, path),)
+            inodes.setdefault(st.st_ino, []).append(rel)
         else:
             row += (_xattrs(path),)
         if kind == stat.S_IFREG:
@@ -178,7 +180,7 @@ def test_a_run_killed_at_any_write_is_finished_by_the_next(tmp_path: Path) -> No
         report = check_tree(volume, SoftDeriver(current_epoch=2))
         assert report.clean and report.warnings == [], (n, report.to_json())
         assert report.epochs == {2: 3}, n
-        assert report.symlink_epochs == {2: 2} and report.xattr_epochs == {2: 5}, n  # per path
+        assert report.symlink_epochs == {2: 3} and report.xattr_epochs == {2: 5}, n  # per path
         rejoined += summary.links_rejoined
         killed += proc.returncode == -9
         subprocess.run(["rm", "-rf", str(volume)], check=True)

@@ -105,7 +105,8 @@ def test_symlinks_of_a_later_epoch_keep_the_length_that_stat_reads_the_size_from
         stored = at2.encrypt(target)
         assert inline_target_length(len(stored)) == len(target)
         assert at2.open(stored) == (target, 2)
-        assert SymlinkCipher.of_volume(_secret_of(2), lambda: 1).open(stored)[1] == 2
+        # a writer at epoch 1 of a Domain with epoch 2 (newest: 2) reads it
+        assert SymlinkCipher.of_volume(_secret_of(2), lambda: 1, lambda: 2).open(stored)[1] == 2
     with pytest.raises(EpochUnavailable):
         SymlinkCipher.of_volume(_secret_of(1), lambda: 1).decrypt(at2.encrypt(b"t"))
     # epoch 1 through of_volume is what SymlinkCipher(secret) reads and writes
@@ -114,7 +115,7 @@ def test_symlinks_of_a_later_epoch_keep_the_length_that_stat_reads_the_size_from
 
 
 def test_xattr_values_move_epochs_and_names_stay_with_epoch_1() -> None:
-    at1, at2 = (XattrCipher.of_volume(_secret_of(2), lambda e=e: e) for e in (1, 2))
+    at1, at2 = (XattrCipher.of_volume(_secret_of(2), lambda e=e: e, lambda: 2) for e in (1, 2))
     name = b"user.colour"
     disk = at2.disk_name(name)
     assert disk == at1.disk_name(name) == XattrCipher(_secret_of(1)(1)).disk_name(name)
@@ -129,3 +130,23 @@ def test_xattr_values_move_epochs_and_names_stay_with_epoch_1() -> None:
         XattrCipher.of_volume(_secret_of(1), lambda: 1).open(disk, stored)
     with pytest.raises(IntegrityError):
         at2.open(at2.disk_name(b"user.other"), stored)  # moved to another name
+
+
+def test_no_key_is_asked_for_past_the_newest_epoch() -> None:
+    """Found by review: an epoch-1 nonce names an epoch of 4096 or more, and each read asked
+    the deriver for it (through the agent: a failed round trip and audit record per read)."""
+    asked: list[int] = []
+    secret_of = _secret_of(2)
+
+    def key_of(epoch: int) -> bytes:
+        asked.append(epoch)
+        return secret_of(epoch)
+
+    aead = EpochAead(key_of, lambda: 2)
+    old = EpochAead(secret_of, lambda: 1).seal(b"v", None)
+    legacy = EpochAead(secret_of, lambda: 1).seal(b"v", None, epoch=1,
+                                                  nonce=b"\x00\x09" + bytes(10))
+    for _ in range(50):
+        assert aead.open(old, None) == (b"v", 1)
+        assert aead.open(legacy, None) == (b"v", 1)
+    assert asked == [1]
