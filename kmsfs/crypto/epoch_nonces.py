@@ -66,8 +66,15 @@ EPOCHS_AHEAD = 16
 
 
 class EpochUnavailable(IntegrityError):
-    """No key opened a value whose nonce names an epoch just after the newest this HSM (or
-    Domain generation) has: sealed after a rotation it does not have, most likely."""
+    """A value sealed under an epoch whose key may not be used here: one just after the newest
+    this HSM (or Domain generation) has (sealed after a rotation it does not have, most
+    likely), or a retired one (:class:`EpochRetired`)."""
+
+
+class EpochRetired(EpochUnavailable):
+    """A value that opens, but only under the key of a retired epoch: whoever still holds that
+    epoch's ``mk`` (an HSM removed before the rotation) could have sealed it, so it is refused,
+    as a file's contents at that epoch are (docs/format.md, "Key epochs")."""
 
 
 def first_epoch_only(key: bytes) -> Callable[[int], bytes]:
@@ -91,9 +98,13 @@ class EpochAead:
     """
 
     def __init__(self, key_of: Callable[[int], bytes], epoch_now: Callable[[], int],
-                 newest: Callable[[], int] | None = None) -> None:
+                 newest: Callable[[], int] | None = None,
+                 retired_below: Callable[[], int] | None = None) -> None:
         self._key_of = key_of
         self._epoch_now = epoch_now
+        self._retired_below = retired_below or (lambda: FIRST_EPOCH)
+        """Values of the epochs below this one are refused (asked at each opening: a mount
+        takes in a retirement while it serves)."""
         self._newest = newest or epoch_now
         """The newest epoch at hand (the deriver's current one, retired or not): no key is
         asked for past it (an epoch-1 nonce names epochs 4096 and up: each would be a failed
@@ -124,7 +135,7 @@ class EpochAead:
     def open(self, sealed: bytes, aad: bytes | None) -> tuple[bytes, int]:
         """(plaintext, epoch of its key); IntegrityError if no key opens it,
         :class:`EpochUnavailable` if its nonce names one of the :data:`EPOCHS_AHEAD` epochs
-        after the newest at hand."""
+        after the newest at hand, :class:`EpochRetired` if it opens under a retired epoch."""
         nonce, body = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
         newest = self._newest()
         missing = None
@@ -138,9 +149,14 @@ class EpochAead:
                 missing = epoch
                 continue
             try:
-                return aead.decrypt(nonce, body, aad), epoch
+                plain = aead.decrypt(nonce, body, aad)
             except InvalidTag:
                 continue
+            below = self._retired_below()
+            if epoch < below:
+                raise EpochRetired(f"sealed with mk epoch {epoch}, which is retired (epochs "
+                                   f"below {below})")
+            return plain, epoch
         if missing is not None and newest < missing <= newest + EPOCHS_AHEAD:
             raise EpochUnavailable(f"authentication failed: sealed with mk epoch {missing}, "
                                    f"its nonce says, and epochs after {newest} cannot be "

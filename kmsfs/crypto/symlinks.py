@@ -127,12 +127,13 @@ class SymlinkCipher:
     def of_volume(
         cls, secret_of: Callable[[int], bytes], epoch_now: Callable[[], int],
         newest: Callable[[], int] | None = None,
+        retired_below: Callable[[], int] | None = None,
     ) -> "SymlinkCipher":
         """Targets of every epoch: *secret_of(epoch)* is ``derive(SYMLINK_KEY_INFO, epoch)``
         (IntegrityError for an epoch the Domain lacks); new ones sealed at *epoch_now()*."""
         cipher = cls.__new__(cls)
         cipher._sealer = EpochAead(lambda epoch: symlink_key(secret_of(epoch)), epoch_now,
-                                   newest)
+                                   newest, retired_below)
         return cipher
 
     def encrypt(self, target: bytes) -> str:

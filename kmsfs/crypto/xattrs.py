@@ -120,13 +120,14 @@ class XattrCipher:
     def of_volume(
         cls, secret_of: Callable[[int], bytes], epoch_now: Callable[[], int],
         newest: Callable[[], int] | None = None,
+        retired_below: Callable[[], int] | None = None,
     ) -> XattrCipher:
         """Names keyed with epoch 1 (a lookup must find a name without knowing its epoch);
         values of every epoch, each epoch's key derived when first needed, new ones sealed
         at *epoch_now()*. *secret_of(epoch)* is ``derive(XATTR_KEY_INFO, epoch)``."""
         cipher = cls(secret_of(FIRST_EPOCH))
         cipher._values = EpochAead(lambda epoch: _value_key(secret_of(epoch)), epoch_now,
-                                   newest)
+                                   newest, retired_below)
         return cipher
 
     def _sealed(self, name: bytes) -> bytes:

@@ -91,7 +91,8 @@ EPILOGS = {
     "directory left half moved is finished (until then kmsfs mount refuses the volume). The\n"
     "volume must not be mounted. --upgrade first adds the flags a volume made before them lacks\n"
     "(KeyEpochs, LongXattrNames, NameEpochs, SymlinkXattrEpochs; kmsfs versions older than a\n"
-    "flag then refuse to mount it).\n"
+    "flag then refuse to mount it), and moves symlink targets and xattr values of retired\n"
+    "epochs too (a volume made before SymlinkXattrEpochs on a Domain that retired epoch 1).\n"
     f"\nexit status: 0 done, {exitcodes.DAMAGED} some files or names could not be re-keyed "
     "(listed; run kmsfs fsck),\n2 mounted or a flag missing, others as for any command.\n",
 }

@@ -87,6 +87,12 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.xattrs = Xattrs(
             xattrs_of_volume(deriver), long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES)
         )
+        below = int(getattr(deriver, "retired_below", 1))
+        if below > 1 and not config.has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS):
+            log.warning("this volume was made before symlink targets and xattr values followed "
+                        "the key epochs, and its Domain retired the epochs below %d: symlinks and "
+                        "xattr values still at them read EIO until 'kmsfs reencrypt --upgrade' "
+                        "moves them", below)
         if key_epochs is None:
             key_epochs = config.has(volconfig.FLAG_KEY_EPOCHS)
         self.content_keys = ContentKeys(deriver, key_epochs)

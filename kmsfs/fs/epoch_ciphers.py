@@ -5,13 +5,16 @@ their nonce names (:mod:`kmsfs.crypto.epoch_nonces`), so an HSM removed before a
 read new ones, and ``kmsfs reencrypt`` moves old ones; xattr names stay keyed with epoch 1 (a
 lookup must find a name without knowing its epoch: docs/format.md, "Key epochs"). Each epoch's
 key is derived in the HSM once, when first needed. A target or value of a retired epoch is
-still read, as names are (:func:`kmsfs.fs.names.names_of_volume`): every one written before
-this format had epoch 1, and a Domain that retired epoch 1 then must still read, and
-``kmsfs reencrypt`` still move, its volumes' symlinks and xattrs (docs/format.md, "Key
-epochs"). New ones are never sealed with a retired epoch.
+refused (EIO), as a file's contents are: whoever still holds that epoch's ``mk`` could have
+sealed it. (Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_volume`.) A
+volume made before ``SymlinkXattrEpochs`` had all of them at epoch 1: on a Domain that retired
+epoch 1 since, they read EIO until ``kmsfs reencrypt --upgrade`` moves them, the one run that
+reads retired ones (*read_retired*).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from kmsfs.crypto.symlinks import SYMLINK_KEY_INFO, SymlinkCipher
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
@@ -39,19 +42,29 @@ def writing_epoch(deriver: KeyDeriver, what: str) -> int:
     return epoch
 
 
-def links_of_volume(deriver: KeyDeriver) -> SymlinkCipher:
-    """Symlink targets of every epoch; new ones at :func:`writing_epoch`."""
+def links_of_volume(deriver: KeyDeriver, read_retired: bool = False) -> SymlinkCipher:
+    """Symlink targets of every epoch but the retired ones (all, with *read_retired*); new
+    ones at :func:`writing_epoch`."""
     return SymlinkCipher.of_volume(
         lambda epoch: deriver.derive(SYMLINK_KEY_INFO, epoch=epoch),
         lambda: writing_epoch(deriver, "no new symlink"),
         lambda: int(deriver.current_epoch),
+        _refused_below(deriver, read_retired),
     )
 
 
-def xattrs_of_volume(deriver: KeyDeriver) -> XattrCipher:
-    """Xattr values of every epoch (names: epoch 1); new values at :func:`writing_epoch`."""
+def xattrs_of_volume(deriver: KeyDeriver, read_retired: bool = False) -> XattrCipher:
+    """Xattr values of every epoch but the retired ones (all, with *read_retired*; names:
+    epoch 1); new values at :func:`writing_epoch`."""
     return XattrCipher.of_volume(
         lambda epoch: deriver.derive(XATTR_KEY_INFO, epoch=epoch),
         lambda: writing_epoch(deriver, "no xattr is set"),
         lambda: int(deriver.current_epoch),
+        _refused_below(deriver, read_retired),
     )
+
+
+def _refused_below(deriver: KeyDeriver, read_retired: bool) -> Callable[[], int]:
+    if read_retired:
+        return lambda: FIRST_EPOCH
+    return lambda: _retired_below(deriver)

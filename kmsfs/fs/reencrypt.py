@@ -140,7 +140,7 @@ def _by_epoch(counts: dict[int, int]) -> dict[str, int]:
 
 class _Job:
     def __init__(self, root: Path, deriver: KeyDeriver,
-                 advance: Callable[[int], None] | None) -> None:
+                 advance: Callable[[int], None] | None, read_retired: bool = False) -> None:
         self.root = os.fsencode(os.path.abspath(root))
         self.deriver = deriver
         self.current = int(deriver.current_epoch)
@@ -153,6 +153,8 @@ class _Job:
         self._names: VolumeNames | None = None
         self.dirs: dict[bytes, os.stat_result] = {}
         """Every directory of the tree, with its lstat, as the walk found them."""
+        self.read_retired = read_retired
+        """Move symlink targets and xattr values of retired epochs too (``--upgrade``)."""
         self.symlinks: list[Inode] = []
         """Every symlink inode of the tree, with its links, as the walk found them."""
 
@@ -188,7 +190,7 @@ class _Job:
         tree = walk(self.root)
         self.dirs = dict(tree.dirs)
         self.times.found(tree)
-        links = links_of_volume(self.deriver)
+        links = links_of_volume(self.deriver, read_retired=True)  # epochs compared, not served
         temps, rejoined = rejoin(
             tree.temps, tree.files + tree.links, self.times,
             lambda path: symlink_epoch(self.root, links, path)) if tree.temps else ([], 0)
@@ -248,9 +250,9 @@ class _Job:
     # pass 2, second half: symlink targets and xattr values (by the walk's paths too)
 
     def rekey_values(self, nodes: list[Inode]) -> None:
-        values = ValueRekeyer(self.root, links_of_volume(self.deriver),
-                              xattrs_of_volume(self.deriver), self.current, self.times,
-                              self.fail)
+        values = ValueRekeyer(self.root, links_of_volume(self.deriver, self.read_retired),
+                              xattrs_of_volume(self.deriver, self.read_retired), self.current,
+                              self.times, self.fail)
         for node in nodes:
             values.reseal_xattrs(node.paths[0])
         for d in self.dirs:
@@ -362,7 +364,9 @@ def reencrypt_tree(
             if (now.st_atime_ns, now.st_mtime_ns) != (root.st_atime_ns, root.st_mtime_ns):
                 with contextlib.suppress(OSError):
                     os.utime(cipherdir, ns=(root.st_atime_ns, root.st_mtime_ns))
-        job = _Job(cipherdir, deriver, advance)
+        # --upgrade moves symlinks and xattr values of retired epochs too: a volume made before
+        # SymlinkXattrEpochs had them all at epoch 1, which its Domain may have retired since
+        job = _Job(cipherdir, deriver, advance, read_retired=upgrade)
         job.summary.upgraded = bool(added)
         job.summary.flags_added = added
         try:

@@ -6,10 +6,11 @@ directory itself (which changes only its ctime; the mount shows ``user.*`` xattr
 puts the times back and removes the xattr at its end (:class:`DirTimes`).
 
 A crash (kill -9) leaves every path readable: each is either the old file or the new one, with
-the same plaintext. The next run finishes what the killed one left: a hard-linked file whose
-renames it cut short (some paths on the new inode, some still on the old one, which the suffix
-names) gets its remaining renames, if the old inode is unchanged (same size, mtime, mode and
-owner, still at the older epoch) (:func:`rejoin`); every other temporary name is removed; a
+the same plaintext. The next run finishes what the killed one left: a hard-linked file (or
+symlink) whose renames it cut short (some paths on the new inode, some still on the old one,
+which the suffix names) gets its remaining renames, if the old inode is unchanged (same size,
+mtime, mode and owner, still at the older epoch: a file's header, a symlink's target)
+(:func:`rejoin`); every other temporary name is removed; a
 directory whose saved entries still match gets its saved times back. Files already at the
 current epoch are skipped: the job is resumable and idempotent. Left as they are: a link whose
 old inode changed in between (a mount wrote to it) stays split in two files of equal content,

@@ -10,10 +10,11 @@ Both are AES-GCM sealed under the key of the ``mk`` epoch their nonce names
   made under a temporary name beside each link of it (one inode, linked where the old one is
   linked) and renamed over it, as a file's rewrite is (:mod:`kmsfs.fs.reencrypt_rewrite`; a
   Ctrl-C waits for the last rename); a long target's new blob is written before the symlink
-  that names it, and the old blob removed after the last rename. A crash leaves at most
-  temporary names (the next run removes them) and, between the renames of a hard-linked
-  symlink, its links split in two symlinks with the same target; the old blob a crash leaves
-  is an orphan, removed at the end of the next run (:meth:`ValueRekeyer.remove_orphan_blobs`).
+  that names it. A crash leaves at most temporary names, which the next run removes or, for a
+  hard-linked symlink whose renames had begun, renames over the links still on the old inode
+  (:func:`~kmsfs.fs.reencrypt_resume.rejoin`, by the old inode's number in their name).
+- Last, the blobs no symlink names any more (those replaced, and what a crash left) are
+  removed (:meth:`ValueRekeyer.remove_orphan_blobs`).
 
 Directory times are kept as the files' rewrite keeps them (:class:`DirTimes`).
 """

@@ -235,29 +235,70 @@ def test_a_mount_whose_epoch_is_retired_makes_no_symlink_and_sets_no_xattr(
         m.stop()
 
 
-def test_targets_and_values_of_a_retired_epoch_still_read_and_reencrypt_moves_them(
+def test_targets_and_values_of_a_retired_epoch_are_refused_and_new_ones_work(
     tmp_path: Path,
 ) -> None:
-    """Found by review: refusing them, as a file's contents at a retired epoch are, left a
-    Domain that had retired epoch 1 before this format (when every symlink and xattr value
-    was epoch 1's) with none of them readable, and kmsfs reencrypt unable to move them."""
+    """Whoever still holds a retired epoch's mk (the removed HSM) could seal a symlink target
+    or an xattr value under it: once the epoch is retired, the mount refuses them (EIO) as it
+    refuses a file's contents, fsck calls them damage of kind epoch, and kmsfs reencrypt does
+    not move them (it would serve what that HSM forged)."""
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
     m = _mount(volume, tmp_path, epoch=2, retired_below=2)
     try:
         mnt = m.mountpoint
-        assert os.readlink(mnt / "short") == "old-target"
-        assert os.readlink(mnt / "d" / "long") == LONG_TARGET
-        assert os.getxattr(mnt / "f", b"user.colour") == b"epoch-1 value"
+        assert os.lstat(mnt / "short").st_size == len("old-target")  # stat needs no key
+        for reach in (lambda: os.readlink(mnt / "short"), lambda: os.readlink(mnt / "d" / "long"),
+                      lambda: os.getxattr(mnt / "f", b"user.colour")):
+            with pytest.raises(OSError) as err:
+                reach()
+            assert err.value.errno == errno.EIO
+        assert "sealed with mk epoch 1, which is retired" in m.log()
+        assert "reencrypt --upgrade" not in m.log()  # a volume with SymlinkXattrEpochs
         os.symlink("fresh", mnt / "fresh")
-        assert _nonce_epoch(_stored_target(volume, "fresh")) == 2
+        os.setxattr(mnt / "d", b"user.fresh", b"at epoch 2")
+        assert os.readlink(mnt / "fresh") == "fresh"
+        assert os.getxattr(mnt / "d", b"user.fresh") == b"at epoch 2"
     finally:
         m.stop()
-    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
-    assert summary.symlinks_rewritten == 3 and summary.xattrs_resealed == 4
-    assert not [f for f in summary.failed if "sealed" in f.detail or "symlink" in f.detail]
     report = check_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
-    assert report.symlink_epochs == {2: 5} and report.xattr_epochs == {2: 4}
+    kinds = {(p.kind, p.path) for p in report.problems if "sealed with mk epoch 1" in p.detail}
+    assert kinds == {("epoch", "/short"), ("epoch", "/d/long"), ("epoch", "/linked"),
+                     ("epoch", "/d/linked2"), ("epoch", "/f"), ("epoch", "/ro"), ("epoch", "/d")}
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
+    assert (summary.symlinks_rewritten, summary.xattrs_resealed) == (0, 0)
+    assert sum("which is retired" in f.detail for f in summary.failed) == 7
+
+
+def test_an_upgrade_moves_what_a_volume_made_before_the_flag_has_at_a_retired_epoch(
+    tmp_path: Path,
+) -> None:
+    """A volume made before SymlinkXattrEpochs had every symlink target and xattr value at
+    epoch 1, which its Domain may have retired since: they read EIO (the mount says why and
+    what to run), and kmsfs reencrypt --upgrade, the one run that reads them, moves them."""
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    config = volconfig.load(volume)
+    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
+        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    m = _mount(volume, tmp_path, epoch=2, retired_below=2)
+    try:
+        with pytest.raises(OSError):
+            os.readlink(m.mountpoint / "short")
+        assert "until 'kmsfs reencrypt --upgrade' moves them" in m.log()
+    finally:
+        m.stop()
+    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2, retired_below=2), upgrade=True)
+    assert summary.flags_added == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
+    assert (summary.symlinks_rewritten, summary.xattrs_resealed) == (3, 4)
+    m = _mount(volume, tmp_path, epoch=2, name="after", retired_below=2)
+    try:
+        assert os.readlink(m.mountpoint / "short") == "old-target"
+        assert os.getxattr(m.mountpoint / "f", b"user.colour") == b"epoch-1 value"
+    finally:
+        m.stop()
+    report = check_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
+    assert report.symlink_epochs == {2: 4} and report.xattr_epochs == {2: 4}
 
 
 def test_reencrypt_wants_the_flag_and_upgrade_adds_it(tmp_path: Path) -> None:
