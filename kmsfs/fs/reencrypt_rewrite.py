@@ -24,7 +24,7 @@ import secrets
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from kmsfs.atomicfile import fsync_dir
@@ -104,6 +104,24 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
+def rename_over(pairs: list[tuple[bytes, bytes]], temps: list[bytes], dirs: Iterable[bytes],
+                after: Callable[[bytes], None] = lambda d: None) -> None:
+    """Rename each temporary name over its path (*pairs*: the links of one new inode), the
+    directories fsync'd before (every new name durable before any path is replaced) and after
+    (then *after(d)*). A Ctrl-C waits for the last rename (a split link otherwise). Each name
+    renamed leaves *temps*: fewer *temps* than *pairs* tells the caller's error path that the
+    renames had begun, so that the names left must stay for the next run's rejoin."""
+    for d in dirs:
+        fsync_dir(reach(d))
+    with signals_deferred():  # milliseconds
+        for temp, path in pairs:
+            os.rename(reach(temp), reach(path))
+            temps.remove(temp)
+        for d in dirs:
+            fsync_dir(reach(d))
+            after(d)
+
+
 class Rewriter:
     """Rewrites files at epoch *current* with *keys*, one at a time, keeping the directories'
     own times (*times*); adds the ciphertext bytes it writes to ``summary.bytes`` and tells
@@ -132,8 +150,8 @@ class Rewriter:
         with owner_access(src_path, stat.S_IRUSR):
             src = open_unread(reach(src_path))
         temps: list[bytes] = []
+        pairs: list[tuple[bytes, bytes]] = []
         made: set[bytes] = set()
-        renamed = False
         try:
             st = os.fstat(src)
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
@@ -174,7 +192,7 @@ class Rewriter:
                 os.fsync(dst)
             finally:
                 os.close(dst)
-            pairs = [(temp, src_path)]
+            pairs.append((temp, src_path))
             for other in node.paths[1:]:
                 link = os.path.dirname(other) + b"/" + os.fsencode(
                     TEMP_PREFIX + secrets.token_hex(8) + suffix)
@@ -183,22 +201,14 @@ class Rewriter:
                 os.link(reach(temp), reach(link), follow_symlinks=False)
                 temps.append(link)
                 pairs.append((link, other))
-            dirs = {os.path.dirname(p) for p in node.paths}
-            for d in dirs:
-                fsync_dir(reach(d))  # every new name is durable before any path is replaced
-            with signals_deferred():  # a Ctrl-C waits for the file's end (milliseconds)
-                for t, p in pairs:
-                    os.rename(reach(t), reach(p))
-                    temps.remove(t)
-                    renamed = True
-                for d in dirs:
-                    fsync_dir(reach(d))
-                    self.times.restore_dir_times(d)
+            rename_over(pairs, temps, {os.path.dirname(p) for p in node.paths},
+                        self.times.restore_dir_times)
         except BaseException as exc:
             # Once a path has the new file, the temporary names left are what joins the other
             # paths to it: the next run's rejoin (reencrypt_resume) renames them. Removed here,
             # the hard link stayed split in two files for good, fsck calling it clean (found by
             # review: an OSError in the renames, or a signal before they were deferred).
+            renamed = len(temps) < len(pairs)
             if not renamed:
                 for t in temps:
                     with contextlib.suppress(OSError):

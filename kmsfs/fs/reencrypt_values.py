@@ -29,7 +29,6 @@ import secrets
 import stat
 from collections.abc import Callable
 
-from kmsfs.atomicfile import fsync_dir
 from kmsfs.crypto.symlinks import LONGLINK_DIR_B, SymlinkCipher, is_longlink
 from kmsfs.crypto.xattrs import USER_PREFIX, ForeignXattrName, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
@@ -38,7 +37,7 @@ from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import TEMP_PREFIX as BLOB_TEMP_PREFIX
 from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.reencrypt_resume import DirTimes
-from kmsfs.fs.reencrypt_rewrite import signals_deferred
+from kmsfs.fs.reencrypt_rewrite import rename_over
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, open_dir_unread, open_unread, owner_access
 
 
@@ -197,7 +196,6 @@ class ValueRekeyer:
             blob = write_blob(self.root, disk.target, disk.long_content)
         temps: list[bytes] = []
         pairs: list[tuple[bytes, bytes]] = []
-        renamed = False
         dirs = sorted({os.path.dirname(p) for p in paths})
         suffix = f"-{st.st_ino}"  # what a run after a crash matches it with (rejoin)
         try:
@@ -213,16 +211,9 @@ class ValueRekeyer:
                     os.link(reach(temps[0]), reach(temp), follow_symlinks=False)
                     temps.append(temp)
                 pairs.append((temp, path))
-            for d in dirs:
-                fsync_dir(reach(d))  # every new name is durable before any path is replaced
-            with signals_deferred():  # a Ctrl-C waits for the last link (no split link)
-                for temp, path in pairs:
-                    os.rename(reach(temp), reach(path))
-                    temps.remove(temp)
-                    renamed = True
-            for d in dirs:
-                fsync_dir(reach(d))
+            rename_over(pairs, temps, dirs)
         except BaseException as exc:
+            renamed = len(temps) < len(pairs)
             if not renamed:
                 for temp in temps:
                     with contextlib.suppress(OSError):
