@@ -30,7 +30,7 @@ from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
 from kmsfs.fs.journal import WriteJournal
-from kmsfs.fs.longlinks import longlinks_dir, remove_blob, write_blob
+from kmsfs.fs.longlinks import longlinks_dir, read_blob, remove_blob, write_blob
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import (
     TEMP_PREFIX,
@@ -44,7 +44,6 @@ from kmsfs.fs.names import (
 from kmsfs.fs.operations import ContentOps, DirHandle, guard
 from kmsfs.fs.posix import (
     own,
-    read_internal_file,
     rename_noreplace,
     renameat2,
     without_links,
@@ -194,17 +193,8 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
 
     def _read_link(self, path: bytes) -> bytes:
         stored = os.fsdecode(os.readlink(reach(path)))
-
-        def read_blob() -> str:
-            try:
-                with longlinks_dir(self.table.root_path) as blobs:
-                    return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode(
-                        "ascii"
-                    )
-            except (OSError, UnicodeDecodeError) as exc:
-                raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
-
-        return self.links.decrypt_from_disk(stored, read_blob)
+        return self.links.decrypt_from_disk(
+            stored, lambda: read_blob(self.table.root_path, stored))
 
     def _hold_longlink(
         self, path: bytes

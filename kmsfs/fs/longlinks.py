@@ -16,8 +16,9 @@ from pathlib import Path
 
 from kmsfs.atomicfile import fsync_dir, write_new
 from kmsfs.crypto.symlinks import LONGLINK_DIR, LONGLINK_DIR_B
+from kmsfs.errors import IntegrityError
 from kmsfs.fs.names import TEMP_PREFIX
-from kmsfs.fs.posix import dir_no_follow
+from kmsfs.fs.posix import dir_no_follow, read_internal_file
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,16 @@ def longlinks_dir(root: bytes, create: bool = False) -> Iterator[bytes]:
         raise OSError(errno.EIO, f"{LONGLINK_DIR} is not a directory") from None
     with held:
         yield blobs
+
+
+def read_blob(root: bytes, stored: str) -> str:
+    """The encoded target in the blob the long symlink of target *stored* names, in the volume
+    at *root*; IntegrityError if it cannot be read."""
+    try:
+        with longlinks_dir(root) as blobs:
+            return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
 
 
 def remove_blob(root: bytes, name: bytes) -> None:

@@ -117,11 +117,11 @@ class Summary:
             "temp_removed": self.temp_removed,
             "links_rejoined": self.links_rejoined,
             "bytes": self.bytes,
-            "epochs_before": {str(k): v for k, v in sorted(self.epochs_before.items())},
-            "epochs_after": {str(k): v for k, v in sorted(self.epochs_after.items())},
+            "epochs_before": _by_epoch(self.epochs_before),
+            "epochs_after": _by_epoch(self.epochs_after),
             "dirs_rekeyed": self.dirs_rekeyed,
-            "name_epochs_before": {str(k): v for k, v in sorted(self.name_epochs_before.items())},
-            "name_epochs_after": {str(k): v for k, v in sorted(self.name_epochs_after.items())},
+            "name_epochs_before": _by_epoch(self.name_epochs_before),
+            "name_epochs_after": _by_epoch(self.name_epochs_after),
             "symlinks_rewritten": self.symlinks_rewritten,
             "symlink_epochs_before": _by_epoch(self.symlink_epochs_before),
             "symlink_epochs_after": _by_epoch(self.symlink_epochs_after),
@@ -252,7 +252,7 @@ class _Job:
     def rekey_values(self, nodes: list[Inode]) -> None:
         values = ValueRekeyer(self.root, links_of_volume(self.deriver, self.read_retired),
                               xattrs_of_volume(self.deriver, self.read_retired), self.current,
-                              self.times, self.fail)
+                              self.times, self.summary, self.fail)
         for node in nodes:
             values.reseal_xattrs(node.paths[0])
         for d in self.dirs:
@@ -260,13 +260,6 @@ class _Job:
         for link in self.symlinks:
             values.rewrite_symlink(link.paths, link.st)
         values.remove_orphan_blobs()
-        s = self.summary
-        s.symlinks_rewritten, s.xattrs_resealed = values.symlinks_rewritten, values.xattrs_resealed
-        s.blobs_removed = values.blobs_removed
-        s.symlink_epochs_before = values.symlink_epochs_before
-        s.symlink_epochs_after = values.symlink_epochs_after
-        s.xattr_epochs_before = values.xattr_epochs_before
-        s.xattr_epochs_after = values.xattr_epochs_after
 
     # pass 3: names (after the files, whose paths are the walk's: it renames entries)
 

@@ -109,7 +109,7 @@ def rename_over(pairs: list[tuple[bytes, bytes]], temps: list[bytes], dirs: Iter
     """Rename each temporary name over its path (*pairs*: the links of one new inode), the
     directories fsync'd before (every new name durable before any path is replaced) and after
     (then *after(d)*). A Ctrl-C waits for the last rename (a split link otherwise). Each name
-    renamed leaves *temps*: fewer *temps* than *pairs* tells the caller's error path that the
+    renamed leaves *temps*: fewer *temps* than *pairs* tells :func:`abandon` that the
     renames had begun, so that the names left must stay for the next run's rejoin."""
     for d in dirs:
         fsync_dir(reach(d))
@@ -120,6 +120,29 @@ def rename_over(pairs: list[tuple[bytes, bytes]], temps: list[bytes], dirs: Iter
         for d in dirs:
             fsync_dir(reach(d))
             after(d)
+
+
+def abandon(temps: list[bytes], pairs: list[tuple[bytes, bytes]]) -> bool:
+    """After an error making a new inode's links (*temps*, meant for *pairs*): True if the
+    renames had begun, and then the names left stay: once a path has the new inode, they are
+    what joins the other paths to it (the next run's rejoin renames them; removed, the hard
+    link stayed split for good, fsck calling it clean: found by review). Else every temporary
+    name is removed, and False."""
+    if len(temps) < len(pairs):
+        return True
+    for temp in temps:
+        with contextlib.suppress(OSError):
+            os.unlink(reach(temp))
+    return False
+
+
+def renames_cut_short(exc: OSError, temps: list[bytes], pairs: list[tuple[bytes, bytes]],
+                      what: str) -> FormatError:
+    """The one-line failure of an inode whose renames an OSError cut short (:func:`abandon`)."""
+    return FormatError(
+        f"{exc.strerror or exc} while renaming its hard links onto the new {what}: "
+        f"{len(temps)} of {len(pairs)} still to do, which the next 'kmsfs reencrypt' does"
+    )
 
 
 class Rewriter:
@@ -204,23 +227,11 @@ class Rewriter:
             rename_over(pairs, temps, {os.path.dirname(p) for p in node.paths},
                         self.times.restore_dir_times)
         except BaseException as exc:
-            # Once a path has the new file, the temporary names left are what joins the other
-            # paths to it: the next run's rejoin (reencrypt_resume) renames them. Removed here,
-            # the hard link stayed split in two files for good, fsck calling it clean (found by
-            # review: an OSError in the renames, or a signal before they were deferred).
-            renamed = len(temps) < len(pairs)
-            if not renamed:
-                for t in temps:
-                    with contextlib.suppress(OSError):
-                        os.unlink(reach(t))
+            renamed = abandon(temps, pairs)  # (an OSError in the renames, or a signal before)
             for d in made:
                 self.times.restore_dir_times(d)
             if renamed and isinstance(exc, OSError):
-                raise FormatError(
-                    f"{exc.strerror or exc} while renaming its hard links onto the new file: "
-                    f"{len(temps)} of {len(pairs)} still to do, which the next "
-                    "'kmsfs reencrypt' does"
-                ) from exc
+                raise renames_cut_short(exc, temps, pairs, "file") from exc
             raise
         finally:
             os.close(src)

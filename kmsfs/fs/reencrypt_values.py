@@ -28,17 +28,20 @@ import os
 import secrets
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kmsfs.crypto.symlinks import LONGLINK_DIR_B, SymlinkCipher, is_longlink
 from kmsfs.crypto.xattrs import USER_PREFIX, ForeignXattrName, XattrCipher
 from kmsfs.errors import FormatError, IntegrityError
-from kmsfs.fs.longlinks import longlinks_dir, remove_blob, write_blob
+from kmsfs.fs.longlinks import longlinks_dir, read_blob, remove_blob, write_blob
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import TEMP_PREFIX as BLOB_TEMP_PREFIX
-from kmsfs.fs.posix import read_internal_file
 from kmsfs.fs.reencrypt_resume import DirTimes
-from kmsfs.fs.reencrypt_rewrite import rename_over
+from kmsfs.fs.reencrypt_rewrite import abandon, rename_over, renames_cut_short
 from kmsfs.fs.reencrypt_walk import TEMP_PREFIX, open_dir_unread, open_unread, owner_access
+
+if TYPE_CHECKING:
+    from kmsfs.fs.reencrypt import Summary
 
 
 def _count(counts: dict[int, int], epoch: int, n: int = 1) -> None:
@@ -50,30 +53,25 @@ def _count(counts: dict[int, int], epoch: int, n: int = 1) -> None:
 class ValueRekeyer:
     """Seals the symlink targets and xattr values of one volume again at epoch *current*.
 
-    *fail(path, detail)* records what could not be moved; the counts per epoch, before and
-    after, are in ``symlink_epochs_*`` and ``xattr_epochs_*``.
+    *fail(path, detail)* records what could not be moved; what moved, and the counts per epoch
+    before and after, go into *summary* (the run's, as
+    :class:`~kmsfs.fs.reencrypt_rewrite.Rewriter`'s bytes do).
     """
 
     def __init__(self, root: bytes, links: SymlinkCipher, xattrs: XattrCipher, current: int,
-                 times: DirTimes, fail: Callable[[bytes, str], None]) -> None:
+                 times: DirTimes, summary: Summary, fail: Callable[[bytes, str], None]) -> None:
         self.root = root
         self.links = links
         self.xattrs = xattrs
         self.current = current
         self.times = times
+        self.summary = summary
         self.fail = fail
-        self.symlinks_rewritten = 0
-        self.blobs_removed = 0
         self.named: collections.Counter[str] = collections.Counter()
         """The targets the tree's symlinks have (after this run), with how many inodes have
         each: the blobs in use are those counted above 0."""
         self.unread = False
         """A symlink could not be read: it may name any blob."""
-        self.xattrs_resealed = 0
-        self.symlink_epochs_before: dict[int, int] = {}
-        self.symlink_epochs_after: dict[int, int] = {}
-        self.xattr_epochs_before: dict[int, int] = {}
-        self.xattr_epochs_after: dict[int, int] = {}
 
     # xattr values
 
@@ -86,12 +84,12 @@ class ValueRekeyer:
             if exc.errno not in (errno.ENOTSUP, errno.ENOENT):  # no xattrs there; gone
                 self.fail(path, f"extended attributes: {exc.strerror or exc}")
             return
-        before = self.xattrs_resealed
+        before = self.summary.xattrs_resealed
         for disk in names:
             raw = os.fsencode(disk)
             if raw.startswith(USER_PREFIX):
                 self._reseal(path, raw)
-        if self.xattrs_resealed > before:
+        if self.summary.xattrs_resealed > before:
             self._fsync(path)  # durable before the run says so (and a retirement follows)
 
     def _fsync(self, path: bytes) -> None:
@@ -125,20 +123,20 @@ class ValueRekeyer:
         except OSError as exc:
             self.fail(path, f"extended attribute {os.fsdecode(disk)}: {exc.strerror or exc}")
             return
-        _count(self.xattr_epochs_before, epoch)
+        _count(self.summary.xattr_epochs_before, epoch)
         if epoch >= self.current:
-            _count(self.xattr_epochs_after, epoch)
+            _count(self.summary.xattr_epochs_after, epoch)
             return
         try:
             os.setxattr(reach(path), disk, self.xattrs.seal(disk, value, name),
                         os.XATTR_REPLACE, follow_symlinks=False)
         except (OSError, IntegrityError) as exc:
-            _count(self.xattr_epochs_after, epoch)
+            _count(self.summary.xattr_epochs_after, epoch)
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.fail(path, f"extended attribute {os.fsdecode(disk)}: {why}")
             return
-        _count(self.xattr_epochs_after, self.current)
-        self.xattrs_resealed += 1
+        _count(self.summary.xattr_epochs_after, self.current)
+        self.summary.xattrs_resealed += 1
 
     # symlinks
 
@@ -155,13 +153,13 @@ class ValueRekeyer:
             return
         self.named[stored] += 1
         try:
-            target, epoch = self.links.open_from_disk(stored, lambda: self._read_blob(stored))
+            target, epoch = self.links.open_from_disk(stored, lambda: read_blob(self.root, stored))
         except IntegrityError as exc:
             self.fail(first, str(exc))
             return
-        _count(self.symlink_epochs_before, epoch, len(paths))
+        _count(self.summary.symlink_epochs_before, epoch, len(paths))
         if epoch >= self.current:
-            _count(self.symlink_epochs_after, epoch, len(paths))
+            _count(self.summary.symlink_epochs_after, epoch, len(paths))
             return
         try:
             with contextlib.ExitStack() as opened:
@@ -169,17 +167,14 @@ class ValueRekeyer:
                     opened.enter_context(owner_access(d, stat.S_IWUSR | stat.S_IXUSR))
                 whole = self._replace(paths, st, target)
         except (OSError, FormatError, IntegrityError) as exc:
-            _count(self.symlink_epochs_after, epoch, len(paths))
+            _count(self.summary.symlink_epochs_after, epoch, len(paths))
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.fail(first, detail)
             return
         if whole:
             self.named[stored] -= 1  # no path of this inode names the old blob any more
-        _count(self.symlink_epochs_after, self.current, len(paths))
-        self.symlinks_rewritten += 1
-
-    def _read_blob(self, stored: str) -> str:
-        return read_blob(self.root, stored)
+        _count(self.summary.symlink_epochs_after, self.current, len(paths))
+        self.summary.symlinks_rewritten += 1
 
     def _replace(self, paths: list[bytes], st: os.stat_result, target: bytes) -> bool:
         """Put a new symlink of *target* at every path; True once all are renamed. After an
@@ -213,20 +208,12 @@ class ValueRekeyer:
                 pairs.append((temp, path))
             rename_over(pairs, temps, dirs)
         except BaseException as exc:
-            renamed = len(temps) < len(pairs)
-            if not renamed:
-                for temp in temps:
-                    with contextlib.suppress(OSError):
-                        os.unlink(reach(temp))
-                if blob is not None:
-                    remove_blob(self.root, blob)
-                    self.named[disk.target] -= 1
+            renamed = abandon(temps, pairs)
+            if not renamed and blob is not None:
+                remove_blob(self.root, blob)
+                self.named[disk.target] -= 1
             if renamed and isinstance(exc, OSError):
-                raise FormatError(
-                    f"{exc.strerror or exc} while renaming its hard links onto the new symlink: "
-                    f"{len(temps)} of {len(pairs)} still to do, which the next "
-                    "'kmsfs reencrypt' does"
-                ) from exc
+                raise renames_cut_short(exc, temps, pairs, "symlink") from exc
             raise
         finally:
             for d in dirs:
@@ -250,7 +237,7 @@ class ValueRekeyer:
                     if orphan or text.startswith(BLOB_TEMP_PREFIX):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(blobs + b"/" + os.fsencode(name))
-                        self.blobs_removed += 1
+                        self.summary.blobs_removed += 1
         except FileNotFoundError:
             return  # no long symlink ever made
         except OSError as exc:
@@ -275,15 +262,6 @@ class ValueRekeyer:
                                 follow_symlinks=False)
         # the times seen before this job read the target (readlink moves atime)
         os.utime(reach(temp), ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def read_blob(root: bytes, stored: str) -> str:
-    """The encoded target in the blob a long symlink names (IntegrityError if unreadable)."""
-    try:
-        with longlinks_dir(root) as blobs:
-            return read_internal_file(blobs + b"/" + os.fsencode(stored), 8192).decode("ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"long symlink {stored}: unreadable blob ({exc})") from None
 
 
 def symlink_epoch(root: bytes, links: SymlinkCipher, path: bytes) -> int | None:
