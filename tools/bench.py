@@ -21,15 +21,19 @@ VM whose idle vCPUs halt, waking the client after each small request can cost mo
 it, for kmsfs and gocryptfs alike, and this takes that machine cost out of the comparison.
 
 ``--warm-memory GIB`` takes out another machine cost. On a VM that reports free pages to its
-host (virtio-balloon free page reporting: ``/sys/module/page_reporting``), the host takes back
-every page the guest frees, a few seconds later, and the next write into it faults it in from
-the host again. Measured on this project's VM: 3 GiB written into tmpfs ran at 330-900 MB/s
-into such pages and at 1.6-2.4 GB/s into pages written before; a kmsfs ``dd`` that followed
-gocryptfs's ran at 78-190 MB/s, and at 490-550 MB/s with the same files in place and warm
-pages. Which system meets cold pages depends on what the others freed just before it, so a
-single figure moved by a factor of 3 from one round to the next. The option writes GIB GiB of
-memory once, frees it, and holds reporting off for the whole run (its order above the largest
-free block; restored afterwards), so every system writes into pages the host has backed.
+host (virtio-balloon free page reporting: ``/sys/module/page_reporting``), every free block of
+2 MiB or more (order 9, this VM's setting) is handed back to the host some seconds after it
+becomes free, and the next write into it faults it in from the host again. Measured on this
+project's VM: 3 GiB written into tmpfs ran at 330-900 MB/s into such pages and at 1.6-2.4 GB/s
+into pages written before; a kmsfs ``dd`` that followed gocryptfs's ran at 78-190 MB/s, and at
+490-550 MB/s with the same files in place and warm pages. Which system meets cold pages depends
+on what the others freed just before it, so one figure moved by a factor of 3 from one round to
+the next. The option turns reporting off for the run (its order set above the largest free
+block the kernel keeps, or to that block where the kernel refuses more; put back afterwards,
+also on SIGTERM), then writes GIB GiB of memory once and frees it. The kernel hands out the
+pages freed last first, so the run writes into those; blocks reported before the run stay cold
+on the free lists, so a run that needs more than GIB GiB meets them again. It prints how much
+was handed back to the host during the run, where the kernel counts it (``reported_kib``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,40 +63,115 @@ sys.path.insert(0, str(REPO))
 
 SYSTEMS = ("plain", "gocryptfs", "kmsfs")
 
-#: The order from which a VM's guest reports free blocks of pages to its host (module
-#: page_reporting, root-writable): blocks of 2**order pages or more are handed back.
-PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
-#: Above the largest block the buddy allocator keeps (order 10 on x86-64 and arm64 with 4 KiB
-#: pages): no free block is ever large enough to be reported.
-NO_REPORTING_ORDER = "11"
+#: A VM guest's free page reporting (module page_reporting, root-writable): free blocks of
+#: 2**page_reporting_order pages or more are handed back to the host, some 2 s after they
+#: become free; reported_kib (on some kernels) counts what was handed back.
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
+#: A column of free-block counts per order, 0 to the largest the allocator keeps.
+BUDDYINFO = Path("/proc/buddyinfo")
+
+
+def largest_block_order(buddyinfo: Path = BUDDYINFO) -> int:
+    """The largest order of free block the kernel's allocator keeps (10 on x86-64; more on
+    arm64 with 16 or 64 KiB pages), read off /proc/buddyinfo rather than assumed."""
+    fields = buddyinfo.read_text().splitlines()[0].split()  # Node 0, zone DMA <counts...>
+    return len(fields) - 4 - 1
+
+
+def write_knob(knob: Path, value: str) -> None:
+    """Write a kernel parameter (a module-level function, so tests can make it refuse)."""
+    knob.write_text(value)
+
+
+class WarmMemory:
+    """What ``--warm-memory`` did: the line printed before the run, and after it how much
+    memory the guest handed back to the host meanwhile (where the kernel counts it)."""
+
+    def __init__(self, params: Path) -> None:
+        self.line = ""
+        self._reported = params / "reported_kib"
+        self._reported_before = self._read_reported()
+
+    def _read_reported(self) -> int | None:
+        try:
+            return int(self._reported.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def after(self) -> str | None:
+        now = self._read_reported()
+        if now is None or self._reported_before is None:
+            return None
+        mib = (now - self._reported_before) // 1024
+        return f"memory handed back to the host during the run: {mib} MiB"
 
 
 @contextlib.contextmanager
-def warm_memory(gib: float, knob: Path = PAGE_REPORTING_ORDER) -> Iterator[str]:
-    """Hold the VM's free page reporting off (*knob*, if this machine has it) and write *gib*
-    GiB of memory once, so that the pages the run writes into are backed by the host (see the
-    module docstring); yields a line saying what was done. The knob's value is put back on
-    the way out, whatever happens."""
+def warm_memory(
+    gib: float, params: Path = PAGE_REPORTING, buddyinfo: Path = BUDDYINFO
+) -> Iterator[WarmMemory]:
+    """Turn the VM's free page reporting off for the run (its order above the largest free
+    block, or the largest block where the kernel refuses that), and write *gib* GiB of memory
+    once, so that the pages the run writes into are, as far as can be, pages the host has
+    backed (see the module docstring). The knob is put back on the way out, whatever happens;
+    where the kernel will not take its old value back, a warning says what to write."""
+    knob = params / "page_reporting_order"
     before = knob.read_text().strip() if knob.exists() else None
-    if before is not None:
-        knob.write_text(NO_REPORTING_ORDER)
+    done = WarmMemory(params)
+    changed = False
     try:
+        if before is None:
+            how = "no free page reporting on this machine"
+        elif not before.isdigit():  # -1: no reporting device has registered
+            how = f"no free page reporting device ({knob} is {before})"
+        else:
+            largest = largest_block_order(buddyinfo)
+            for order in (largest + 1, largest):
+                try:
+                    write_knob(knob, str(order))
+                except OSError:
+                    continue
+                changed = True
+                break
+            now = knob.read_text().strip()
+            if changed and now == str(largest + 1):
+                how = f"free page reporting off ({knob}: {before} -> {now})"
+            elif changed:
+                how = (f"free page reporting reduced to free blocks of order {now} ({knob}: "
+                       f"{before} -> {now}; the kernel refused {largest + 1})")
+            else:
+                how = f"free page reporting left on (the kernel refused a new {knob.name})"
         touch_memory(int(gib * (1 << 30)))
-        held = (f"free page reporting held off ({knob} {before} -> {NO_REPORTING_ORDER})"
-                if before is not None else "no free page reporting on this machine")
-        yield f"{gib:g} GiB written before the run; {held}"
+        done.line = f"{gib:g} GiB written before the run; {how}"
+        yield done
     finally:
-        if before is not None:
-            knob.write_text(before)
+        if changed:
+            try:
+                write_knob(knob, before)  # type: ignore[arg-type]
+            except OSError as exc:
+                print(f"WARNING: could not put {knob} back to {before} ({exc.strerror}); "
+                      f"write it by hand: echo {before} > {knob}", file=sys.stderr)
 
 
 def touch_memory(size: int) -> None:
-    """Write every page of *size* bytes of fresh anonymous memory, then give it back: the
-    kernel keeps those pages, now backed by the host, on its free lists for the run."""
+    """Write every page of *size* bytes (rounded up to MiB) of fresh private memory, then give
+    it back: the kernel keeps those pages, now backed by the host, on its free lists."""
     chunk = bytes(1 << 20)
-    with mmap.mmap(-1, size) as area:
-        for _ in range(size // len(chunk)):
+    chunks = -(-size // len(chunk))
+    if not chunks:
+        return
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    with mmap.mmap(-1, chunks * len(chunk), flags=flags) as area:
+        for _ in range(chunks):
             area.write(chunk)
+
+
+def available_gib() -> float:
+    """MemAvailable, in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / (1 << 20)
+    return 0.0
 
 
 def sh(cmd: str, cwd: Path | None = None) -> float:
@@ -296,11 +376,13 @@ def main() -> int:
                          "the whole run, for all three systems alike: idle CPUs poll instead "
                          "of halting, which leaves the cost of waking them out (root)")
     ap.add_argument("--warm-memory", type=float, default=None, metavar="GIB",
-                    help="write GIB GiB of memory before the run and hold the VM's free page "
-                         "reporting off during it, for all three systems alike: no system "
+                    help="turn the VM's free page reporting off for the run and write GIB "
+                         "GiB of memory first, for all three systems alike, so that no system "
                          "writes into pages the host must fault in again (root; 4 covers the "
                          "default workload's files and page cache)")
     args = ap.parse_args()
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # unwind: unmount, put the VM knob back
+        signal.signal(stop, lambda signum, _frame: sys.exit(128 + signum))
     bound = None
     if args.low_latency:  # the same request as kmsfs -o low_latency, held for the whole run
         from kmsfs.fs.latency import CpuLatencyRequest
@@ -311,9 +393,14 @@ def main() -> int:
         if args.ext4_image is not None:
             args.workdir = stack.enter_context(fresh_ext4(args.ext4_image, args.workdir))
         args.memory = "the machine's default (pages the host reclaims are faulted in again)"
+        args.warm = None
         if args.warm_memory:
+            if args.warm_memory > 0.8 * available_gib():
+                ap.error(f"--warm-memory {args.warm_memory:g}: only {available_gib():.1f} GiB "
+                         "available; the rest of the run needs memory too")
             print(f"writing {args.warm_memory:g} GiB of memory...", flush=True)
-            args.memory = stack.enter_context(warm_memory(args.warm_memory))
+            args.warm = stack.enter_context(warm_memory(args.warm_memory))
+            args.memory = args.warm.line
         return run(args, bound)
 
 
@@ -397,6 +484,9 @@ def run(args: argparse.Namespace, bound: Any) -> int:
               "ratios: the lowest and highest kmsfs/gocryptfs of one round; kmsfs won: in how "
               "many rounds kmsfs was faster)")
     print(f"kmsfs daemon peak RSS: {rss_mb:.1f} MB")
+    handed_back = args.warm.after() if args.warm is not None else None
+    if handed_back is not None:
+        print(handed_back)
     return 0
 
 
