@@ -16,6 +16,7 @@ file so that truncates both cut blocks and grow holes.
 
 from __future__ import annotations
 
+import faulthandler
 import mmap
 import os
 import random
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -64,8 +66,8 @@ class Exerciser:
 
     # --- operations (each returns a description for the failure message) -------------------
     def write(self) -> str:
-        off, data = self.offset(len(self.model) + BLOCK), self.rng.randbytes(self.length())
-        data = data[: max(0, MAX_SIZE - off)] or data[:1]
+        off = self.offset(min(len(self.model) + BLOCK, MAX_SIZE - 1))
+        data = self.rng.randbytes(self.length())[: MAX_SIZE - off]
         assert os.pwrite(self.fd(), data, off) == len(data)
         self._model_write(off, data)
         return f"pwrite {off} +{len(data)}"
@@ -95,7 +97,7 @@ class Exerciser:
             return "copy skipped (too short)"
         src = self.offset(len(self.model) - 1)
         n = min(self.length(), len(self.model) - src)
-        dst = self.offset(len(self.model) + BLOCK)
+        dst = self.offset(min(len(self.model) + BLOCK, MAX_SIZE - 1))
         if dst < src + n and src < dst + n:  # overlapping ranges are EINVAL
             dst = src + n
         n = min(n, MAX_SIZE - dst)
@@ -147,6 +149,15 @@ class Exerciser:
         assert got == want, f"mapread {off} +{n}: {self._first_difference(got, want, off)}"
         return f"mapread {off} +{n}"
 
+    def drop(self) -> str:
+        """Write back, then drop the file's pages from the kernel's cache: the reads that follow
+        reach the daemon and are decrypted from the ciphertext, not served from pages the
+        kernel kept (kmsfs lets it keep them across opens)."""
+        fd = self.fd()
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return "drop cached pages"
+
     def sync(self) -> str:
         (os.fsync if self.rng.random() < 0.5 else os.fdatasync)(self.fd())
         return "fsync"
@@ -157,12 +168,15 @@ class Exerciser:
         self.fds = [os.open(self.path, os.O_RDWR) for _ in range(self.rng.randint(1, 3))]
         return f"reopen ({len(self.fds)} descriptors)"
 
-    def step(self) -> str:
+    def step(self, trail: TextIO | None = None) -> str:
+        """One random operation, checked; its name goes to *trail* before it runs."""
         op = self.rng.choices(
             (self.write, self.append, self.copy_range, self.read, self.truncate,
-             self.map_write, self.map_read, self.sync, self.reopen),
-            weights=(26, 6, 6, 25, 10, 12, 12, 5, 6),
+             self.map_write, self.map_read, self.sync, self.drop, self.reopen),
+            weights=(26, 6, 6, 25, 10, 12, 12, 4, 8, 6),
         )[0]
+        if trail is not None:
+            trail.write(f"{op.__name__}: ")
         what = op()
         size = os.fstat(self.fd()).st_size
         assert size == len(self.model), f"after {what}: size {size}, model {len(self.model)}"
@@ -186,21 +200,25 @@ class Exerciser:
         return f"first wrong byte at file offset {base + i} (block {(base + i) // BLOCK})"
 
 
-def exercise(path: Path, seed: int, ops: int, model_out: Path) -> None:
-    """Run the exerciser on *path* and write its model of the file's bytes to *model_out*.
+def exercise(path: Path, seed: int, ops: int, model_out: Path, log: Path) -> None:
+    """Run the exerciser on *path*, each operation logged to *log* before it is made, and write
+    its model of the file's bytes to *model_out*.
 
     Run in a child process (below): a file whose bytes the daemon lost is also one whose
     mapping can reach past the end the kernel learns from a short read, and that access is
-    SIGBUS, which no Python code can catch; it would kill pytest itself, mounts and all."""
+    SIGBUS, which no Python code can catch; it would kill pytest itself, mounts and all. The
+    log tells the test which operation the child died in."""
+    faulthandler.enable()
     ex = Exerciser(path, seed)
-    done: list[str] = []
-    try:
-        for _ in range(ops):
-            done.append(ex.step())
-    except AssertionError as exc:
-        raise SystemExit(f"op {len(done)} after {done[-5:]}: {exc}") from None
-    finally:
-        ex.close()
+    with open(log, "w", buffering=1) as trail:
+        try:
+            for n in range(ops):
+                trail.write(f"op {n}: ")
+                trail.write(ex.step(trail) + "\n")
+        except Exception as exc:
+            raise SystemExit(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            ex.close()
     model_out.write_bytes(bytes(ex.model))
 
 
@@ -213,14 +231,16 @@ def test_random_io_on_one_file_matches_its_model(  # type: ignore[no-untyped-def
     seed: int, options: tuple[str, ...], volume: Path, mounter, tmp_path: Path
 ) -> None:
     mount = mounter(volume, options=options)
-    path, model_out = mount.mountpoint / "exercised", tmp_path / "model"
+    path, model_out, log = mount.mountpoint / "exercised", tmp_path / "model", tmp_path / "ops"
     child = subprocess.run(
-        [sys.executable, __file__, str(path), str(seed), str(OPS), str(model_out)],
+        [sys.executable, __file__, str(path), str(seed), str(OPS), str(model_out), str(log)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
-    if child.returncode < 0:
-        raise AssertionError(f"the exerciser died of {signal.Signals(-child.returncode).name}")
-    assert child.returncode == 0, child.stderr.strip().splitlines()[-1:]
+    if child.returncode != 0:
+        how = (f"died of {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else child.stderr.strip().splitlines()[-1])
+        trail = log.read_text().splitlines()[-6:] if log.exists() else []
+        raise AssertionError(f"seed {seed}: the exerciser {how}; its last operations: {trail}")
     want = model_out.read_bytes()
     assert path.read_bytes() == want
     mount.stop()  # the daemon drops every key and the kernel every page: back from ciphertext
@@ -248,6 +268,19 @@ def test_direct_reads_during_big_overwrites_never_see_a_torn_block(  # type: ign
     problems: list[str] = []
     reads = [0]
 
+    def recorded(target):  # type: ignore[no-untyped-def]
+        """*target* with any exception it raises put in ``problems`` (a thread's own
+        exception would reach pytest only as a warning)."""
+
+        def run(*args) -> None:  # type: ignore[no-untyped-def]
+            try:
+                target(*args)
+            except BaseException as exc:
+                problems.append(f"{target.__name__}: {type(exc).__name__}: {exc}")
+                done.set()
+
+        return run
+
     def writer() -> None:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -262,34 +295,42 @@ def test_direct_reads_during_big_overwrites_never_see_a_torn_block(  # type: ign
         rng = random.Random(seed)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, span)  # page-aligned, as O_DIRECT wants
+        seen: dict[int, int] = {}  # block -> the newest version this reader saw in it
         try:
             while not done.is_set() and not problems:
-                first = rng.randrange((chunk * chunks - span) // BLOCK)
+                first = rng.randrange((chunk * chunks - span) // BLOCK + 1)
                 try:
                     n = os.preadv(fd, [buf], first * BLOCK)
                 except OSError as exc:
                     problems.append(f"blocks {first}+: {exc}")
                     return
+                assert n == span, f"a read of {span} bytes inside the file gave {n}"
                 for i in range(0, span, BLOCK):  # a read may span two WRITEs: block by block
-                    data = buf[i : i + BLOCK]
-                    if n != span or data.count(data[:1]) != BLOCK:
-                        problems.append(f"block {first + i // BLOCK}: not one version")
+                    block, data = first + i // BLOCK, buf[i : i + BLOCK]
+                    if data.count(data[:1]) != BLOCK:
+                        problems.append(f"block {block}: not one version")
+                    elif data[0] < seen.get(block, 0):  # a write that returned, undone
+                        problems.append(f"block {block}: version {data[0]} after {seen[block]}")
+                    else:
+                        seen[block] = data[0]
                 reads[0] += 1
         finally:
             buf.close()
             os.close(fd)
 
-    threads = [threading.Thread(target=writer)]
-    threads += [threading.Thread(target=reader, args=(seed,)) for seed in (1, 2)]
+    threads = [threading.Thread(target=recorded(writer))]
+    threads += [threading.Thread(target=recorded(reader), args=(seed,)) for seed in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not problems, problems[:3]
     assert reads[0] > 0
-    assert path.read_bytes() == bytes([rounds + 1]) * chunk * chunks
+    final = path.read_bytes()
+    assert len(final) == chunk * chunks and final.count(bytes([rounds + 1])) == len(final)
     assert "integrity" not in mount.log() and "Traceback" not in mount.log()
 
 
 if __name__ == "__main__":  # the child of test_random_io_on_one_file_matches_its_model
-    exercise(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    exercise(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]),
+             Path(sys.argv[5]))
