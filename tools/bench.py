@@ -166,6 +166,13 @@ def touch_memory(size: int) -> None:
             area.write(chunk)
 
 
+def stolen_seconds(proc_stat: Path = Path("/proc/stat")) -> float:
+    """CPU time the hypervisor gave to others while this VM's CPUs wanted to run (steal, the
+    eighth figure of /proc/stat's cpu line), summed over all CPUs; 0 where there is none."""
+    fields = proc_stat.read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def available_gib() -> float:
     """MemAvailable, in GiB."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -425,6 +432,7 @@ def run(args: argparse.Namespace, bound: Any) -> int:
         print("NOTE: kmsfs alone bounds CPU wake-up latency while busy (-o low_latency): "
               "not a like-for-like comparison; add --low-latency for one")
     try:
+        stolen, started = stolen_seconds(), time.monotonic()
         mounts["plain"] = work / "plain"
         mounts["plain"].mkdir()
         gc, gm, pw = work / "gc", work / "gm", work / "pw"
@@ -463,6 +471,7 @@ def run(args: argparse.Namespace, bound: Any) -> int:
         if bound is not None:
             bound.close()  # the kernel drops the request with its file
 
+    stolen, wall = stolen_seconds() - stolen, time.monotonic() - started
     rss_mb = sampler.max_kb / 1024 if sampler is not None else 0.0
     spread = args.rounds > 1
     print(f"{'workload':22}" + "".join(f"{s:>12}" for s in SYSTEMS) + f"{'kmsfs/gcfs':>12}"
@@ -484,6 +493,8 @@ def run(args: argparse.Namespace, bound: Any) -> int:
               "ratios: the lowest and highest kmsfs/gocryptfs of one round; kmsfs won: in how "
               "many rounds kmsfs was faster)")
     print(f"kmsfs daemon peak RSS: {rss_mb:.1f} MB")
+    print(f"CPU time the host took from this VM during the run: {stolen:.1f} s in {wall:.0f} s "
+          f"(steal, all CPUs: a busy host slows every system, unevenly)")
     handed_back = args.warm.after() if args.warm is not None else None
     if handed_back is not None:
         print(handed_back)

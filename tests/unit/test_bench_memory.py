@@ -9,6 +9,7 @@ context manager at files of their own, never at /sys or /proc.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -116,3 +117,11 @@ def test_what_was_handed_back_during_the_run_is_reported(params: Path) -> None:
     with warm(params) as done:
         counter.write_text(str(1000 + 3 * 1024) + "\n")
     assert done.after() == "memory handed back to the host during the run: 3 MiB"
+
+
+def test_steal_is_read_off_the_cpu_line(tmp_path: Path) -> None:
+    """The eighth figure of /proc/stat's first line, in clock ticks: what the bench prints as
+    the CPU time the host took from the VM during the run."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  137146 0 160069 497715 28474 0 952 26747 0 0\ncpu0 1 2 3 4 5 6 7 8\n")
+    assert bench.stolen_seconds(stat) == 26747 / os.sysconf("SC_CLK_TCK")
