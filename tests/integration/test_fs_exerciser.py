@@ -8,10 +8,12 @@ mapping must keep coherent with what the daemon encrypts, and a partial block is
 This follows xfstests' fsx: a seeded random sequence of operations on one file, each checked
 against an in-memory model of its bytes (every read, every mapped read, the size after every
 operation), then the whole file again after a remount, which reads it back from ciphertext.
+Some operations drop the file's pages from the kernel's cache, so that the reads after them
+reach the daemon.
 
 Offsets and lengths are drawn around the 4 KiB block and page edges, where the
-read-modify-write and the page cache meet, and sizes stay under a few blocks more than the
-file so that truncates both cut blocks and grow holes.
+read-modify-write and the page cache meet, and the file stays within MAX_SIZE (twelve blocks
+and part of one), so that truncates both cut blocks and grow holes.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def tag_of(thread: int, n: int) -> bytes:
 
 
 def link_target(thread: int, n: int, rng: random.Random) -> str:
-    """A symlink target unique to its maker's operation; some some 3,000 bytes long, past what
-    a ciphertext symlink holds (kept in a blob in kmsfs.longlinks)."""
+    """A symlink target unique to its maker's operation; some of them 3,000 bytes long, past
+    what a ciphertext symlink holds (kept in a blob in kmsfs.longlinks)."""
     return f"t{thread}-{n}-" + "x" * rng.choice((0, 50, 3000))
 
 
