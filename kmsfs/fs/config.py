@@ -8,7 +8,8 @@ Layout: one UTF-8 JSON object, keys sorted, two-space indent, trailing newline::
       "domain_id": "<Domain id>",
       "domain_name": "<Domain name>",
       "feature_flags": ["GCM-4096", "AES-SIV-names", "LongNames", "DirIV",
-                        "EncryptedXattrs", "KeyEpochs", "LongXattrNames"],
+                        "EncryptedXattrs", "KeyEpochs", "LongXattrNames",
+                        "NameEpochs", "SymlinkXattrEpochs"],
       "format_version": 1
     }
 
