@@ -252,9 +252,13 @@ class AgentDeriver:
 
     def _open_locked(self) -> None:
         result = self.client.call("open-domain", {"bundle": b64encode(self.bundle)})
+        first = self._handle is None
         self._handle = fields.hex_id(result.get("handle"), "open-domain.handle")
         self.description = result
-        self._take_in(result)
+        # What the first opening finds retired is where this deriver starts, as a Domain
+        # opened in-process starts at its generation's: no news to log (every kmsfs command
+        # through the agent printed it, long after the retirement). A later opening's is.
+        self._take_in(result, news=not first)
 
     @property
     def current_epoch(self) -> int:
@@ -270,9 +274,10 @@ class AgentDeriver:
         ``DomainKeys``."""
         return self._retired_below
 
-    def _take_in(self, result: dict[str, Any]) -> None:
+    def _take_in(self, result: dict[str, Any], news: bool = True) -> None:
         """Note the ``retired_below`` of an answer (open-domain, derive, domain-status); an
-        agent that predates it sends none."""
+        agent that predates it sends none. A rise is logged as a warning if it is *news*
+        (anything but the first open-domain's answer)."""
         below = result.get("retired_below")
         if not isinstance(below, int):
             return
@@ -281,7 +286,8 @@ class AgentDeriver:
                 return
             self._retired_below = below
         name = self.description.get("name", "?")
-        log.warning(
+        log.log(
+            logging.WARNING if news else logging.DEBUG,
             "Domain %s: the agent retires key epochs below %d: files keyed with them are "
             "refused from now on%s", protocol.printable(str(name), 80), below,
             "; this mount's own epoch is among them: it opens the Domain's newest generation"

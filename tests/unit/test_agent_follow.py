@@ -87,6 +87,21 @@ def test_answers_raise_the_retirement_and_nothing_lowers_it() -> None:
     assert deriver.retired_below == 3
 
 
+def test_what_the_first_opening_finds_retired_is_no_warning_and_a_later_rise_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every kmsfs command through the agent printed the retirement as news ("refused from
+    now on"), long after it was made: the first opening's is where the deriver starts."""
+    caplog.set_level(logging.WARNING)
+    agent = ScriptedAgent([], retired_on_open=2)
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    assert deriver.retired_below == 2
+    assert "retires key epochs" not in caplog.text
+    deriver.derive(b"info")  # the agent now says 3: news
+    assert deriver.retired_below == 3
+    assert "the agent retires key epochs below 3" in caplog.text
+
+
 def test_the_thread_asks_about_its_handle_and_takes_the_answer_in(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
