@@ -109,10 +109,12 @@ class Admin:
         quorum: int,
         signers: list[str] | None = None,
         predecessor: str | None = None,
+        fork: bool = False,
     ) -> str:
+        """Propose, sign and seal; *fork*: although *predecessor* has a sealed successor."""
         trust = self.propose(hsms, operators, quorum, predecessor)
         self.sign(trust, *(signers if signers is not None else operators[:quorum]))
-        self("trust", "seal", trust)
+        self("trust", "seal", trust, *(["--fork"] if fork else []))
         return trust
 
     def copy(self, store: Path) -> "Admin":

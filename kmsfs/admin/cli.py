@@ -252,13 +252,15 @@ class Command:
         )
 
     def trust_list(self) -> None:
-        statuses = trusts.list_status(self.ctx)
+        statuses = everyone = trusts.list_status(self.ctx)
         a = self.args
         if a.unsigned:
             statuses = [s for s in statuses if not s.sealed_by]
         if a.signed:
             statuses = [s for s in statuses if s.sealed_by]
         if a.mine:
+            if not any(a.mine in (m.name for m in s.trust.operators) for s in everyone):
+                self.ctx.store.operator(a.mine)  # a misspelt name: "no operator named", exit 6
             statuses = [s for s in statuses if _awaits(s, a.mine)]
         rows = [render.trust_row(s) for s in statuses]
         for s in statuses:
@@ -277,7 +279,9 @@ class Command:
             emit_table([render.trust_cells(r) for r in rows], render.TRUST_COLUMNS)
 
     def trust_show(self) -> None:
-        status = trusts.status(self.ctx, trusts.resolve_trust(self.ctx, self.args.trust))
+        status = trusts.status_with_rivals(
+            self.ctx, trusts.resolve_trust(self.ctx, self.args.trust)
+        )
         info = status.to_dict()
         if self.json:
             emit_json(info)
@@ -310,6 +314,12 @@ class Command:
                 f"{short(now)} here (approve only if {name} asked for it)"
             )
         lines.append(f"  state        {_state_text(status)}")
+        if status.rivals:
+            lines.append(
+                f"  FORK         {', '.join(short(r) for r in status.rivals)} also sealed as "
+                f"successor of {short(t.predecessor or '')}: two valid lines of Trusts, in "
+                "each of which what the other removed still governs; the operators must keep one"
+            )
         print("\n".join(lines))
 
     def trust_sign(self) -> None:
@@ -334,13 +344,24 @@ class Command:
         client = self.agent()
         if client and self.args.hsm:
             raise UsageError("--hsm cannot be used with --agent: the agent chooses its HSM")
+        trust_id = trusts.resolve_trust(self.ctx, self.args.trust)
+        before = trusts.status(self.ctx, trust_id)
+        if before.sealed_by and self.args.hsm is None:  # nothing to sign again
+            self.one(
+                {**before.to_dict(), "already_sealed": True},
+                f"trust {short(trust_id)} was already sealed by HSM {before.sealed_by}; "
+                f"nothing signed\n{trust_id}",
+            )
+            return
+        if not self.args.fork and before.ready:  # short of a quorum: seal says that first
+            trusts.refuse_fork(self.ctx, before.trust)
         if client:
-            sealed = remote.seal_trust(client, self.ctx, self.args.trust)
+            sealed = remote.seal_trust(client, self.ctx, trust_id)
         else:
-            sealed = trusts.seal(self.ctx, self.args.trust, self.args.hsm)
+            sealed = trusts.seal(self.ctx, trust_id, self.args.hsm)
         label = sealed.trust.hsm(sealed.seal.key_id).label  # type: ignore[union-attr]
         self.one(
-            trusts.status(self.ctx, sealed.id).to_dict(),
+            {**trusts.status(self.ctx, sealed.id).to_dict(), "already_sealed": False},
             f"trust sealed by HSM {label}\n{sealed.id}",
         )
 
@@ -353,10 +374,13 @@ class Command:
         )
 
     def trust_pin(self) -> None:
+        already = self.ctx.store.anchor().successor
         sealed = trusts.pin(self.ctx, self.args.trust)
+        was = already == sealed.id
         self.one(
-            {"id": sealed.id, "pinned": True},
-            f"this store now pins trust {short(sealed.id)} as the genesis's successor",
+            {"id": sealed.id, "pinned": True, "already_pinned": was},
+            f"this store {'already pinned' if was else 'now pins'} trust {short(sealed.id)} "
+            "as the genesis's successor",
         )
 
     # -- domains ---------------------------------------------------------------------------
@@ -383,10 +407,18 @@ class Command:
 
     def domain_verify(self) -> None:
         verified = domains.current(self.ctx, self.args.name)
+        # As kmsfs info and mount say: a successor of its Trust means a rewrap is due (the
+        # HSMs it left out can still unwrap the keys and seal generations under the old one).
+        newer = trusts.successor(self.ctx, verified.trust.id)
+        due = "" if newer is None else (
+            f"; its trust is superseded by trust {short(newer.id)}: rewrap it "
+            f"('kmsfs-admin domain rewrap {self.args.name} --trust {short(newer.id)}')"
+        )
         self.one(
-            render.verified_domain(verified),
+            {**render.verified_domain(verified),
+             "superseded_by": newer.id if newer is not None else None},
             f"domain {self.args.name} verifies (generation {verified.sealed.domain.generation}, "
-            f"trust {short(verified.trust.id)}, chain of {len(verified.chain)})"
+            f"trust {short(verified.trust.id)}, chain of {len(verified.chain)}){due}"
             + ("" if verified.sealed.domain.bound else _UNBOUND_NOTE.format(self.args.name)),
         )
 
@@ -442,7 +474,8 @@ class Command:
             render.verified_domain(verified),
             f"domain {self.args.name}: key epochs below {domain.retired_below} retired "
             f"(generation {domain.generation}); files still keyed with them read and write "
-            f"EIO at each volume's next mount\n{verified.sealed.id}",
+            f"EIO: mounts and agents on this store take it in within about a second, "
+            f"others once this generation reaches their store\n{verified.sealed.id}",
         )
 
     def completion(self) -> None:
@@ -834,6 +867,12 @@ def build_parser() -> Parser:
     p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)
     p.add_argument(
         "--hsm", metavar="ID", help=f"the HSM to seal with: {HSM_REF} (default: any of the trust)"
+    )
+    p.add_argument(
+        "--fork",
+        action="store_true",
+        help="seal although the store holds another sealed successor of the same predecessor: "
+        "the operators mean to start a second line of Trusts (without it, refused)",
     )
     p = command(
         tr,

@@ -983,8 +983,11 @@ def _quietly(action: "Callable[[], None]") -> None:
         action()
 
 
-def newest_verified(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
+def newest_verified(
+    ctx: Context, bundle: DomainBundle, what: str = "the volume's copy of the domain"
+) -> VerifiedDomain:
     """The store's newest generation of the bundle's Domain, if it descends from it, verified.
+    *what* names the bundle in a refusal (a volume's copy, or a file being imported).
 
     A CIPHERDIR carries the Domain as it was when the directory was made; after a rewrap (an
     HSM revoked) the store holds a newer generation, and that is the one to use. A bundle the
@@ -1006,8 +1009,8 @@ def newest_verified(ctx: Context, bundle: DomainBundle) -> VerifiedDomain:
         verify_generation_step(generations[-1], verified)
     except ChainError as exc:
         raise ChainError(
-            f"{exc} (the volume's copy of the domain is not in the store's history; if it comes "
-            "from another copy of the store, merge that copy first)"
+            f"{exc} ({what} is not in the store's history; if it comes from another copy of "
+            "the store, merge that copy first)"
         ) from None
     return verified
 

@@ -120,7 +120,7 @@ def _needs_writing(ctx: Context, bundle: DomainBundle, verified: VerifiedDomain)
     """With the store's lock held: refuse a generation the store's history does not take,
     or an unbound one, or one whose bindings the HSM does not confirm; False if the store
     holds it already."""
-    domains.newest_verified(ctx, bundle)  # refuses a rival or a step back
+    domains.newest_verified(ctx, bundle, "the imported domain")  # a rival or a step back
     if bundle.domain.id in ctx.store.domain_ids():
         return False
     if not bundle.domain.domain.bound:

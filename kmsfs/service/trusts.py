@@ -237,7 +237,8 @@ def _check_genesis_successor(anchor: Anchor, predecessor: str, trust_id: str | N
     if trust_id is None:
         raise UsageError(
             f"the genesis already has its successor {pinned[:12]} (pinned by this "
-            "store); a rival would be refused everywhere: give --predecessor"
+            "store); a rival would be refused everywhere: give --predecessor "
+            f"{pinned[:12]} (or a later Trust of its line)"
         )
     raise UsageError(
         f"trust {trust_id[:12]} can never be sealed: the genesis already has its successor "
@@ -245,6 +246,46 @@ def _check_genesis_successor(anchor: Anchor, predecessor: str, trust_id: str | N
         f"trust {pinned[:12]}, or propose a successor of it ('trust propose --predecessor "
         f"{pinned[:12]}')"
     )
+
+
+def sealed_rivals(ctx: Context, trust: Trust) -> tuple[str, ...]:
+    """The other Trusts of the store that succeed *trust*'s predecessor, are sealed and verify:
+    with *trust* sealed too, two valid lines of Trusts (:func:`list_status`)."""
+    if trust.predecessor is None:
+        return ()
+    rivals = []
+    for other_id in ctx.store.trust_ids():
+        if other_id == trust.id:
+            continue
+        try:
+            other = ctx.store.trust(other_id)
+        except KmsfsError:
+            continue  # a damaged document is no rival (the commands that read it say so)
+        if (other.predecessor == trust.predecessor and valid_seal(ctx, other) is not None
+                and _verifies(ctx, other_id)):
+            rivals.append(other_id)
+    return tuple(sorted(rivals))
+
+
+def refuse_fork(ctx: Context, trust: Trust) -> None:
+    """UsageError, before any HSM signs, if sealing *trust* would fork its line here: the
+    store holds another sealed successor of its predecessor that verifies. Two sites that
+    each sealed one before a sync make such a fork, which ``trust list`` shows; one site that
+    seals both (two proposals of one change, say: propose warns of those) made it with no
+    word, and in each line what the other removed still governs. ``trust seal --fork`` is
+    how operators who mean a second line (the first one's operators lost, say) say so."""
+    if lost_to(ctx, trust) is not None:
+        return  # a rival of the genesis's pinned successor: seal's own refusal says why
+    rivals = sealed_rivals(ctx, trust)
+    if rivals:
+        before = (trust.predecessor or "")[:12]
+        raise UsageError(
+            f"trust {trust.id[:12]} is not sealed: its predecessor {before} already has the "
+            f"sealed successor {rivals[0][:12]}, and a second forks the line of Trusts (two "
+            "valid lines, in each of which what the other removed still governs); propose "
+            f"the change as a successor of {rivals[0][:12]}, or add --fork if a second line "
+            "is meant"
+        )
 
 
 def lost_to(ctx: Context, trust: Trust) -> str | None:
@@ -466,6 +507,15 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
     sealed_by = trust.hsm(seal.key_id).label if seal else None  # type: ignore[union-attr]
     dead = None if sealed_by else lost_to(ctx, trust)
     return TrustStatus(trust, own, before, sealed_by, key_changes(ctx, trust), dead)
+
+
+def status_with_rivals(ctx: Context, trust_id: str) -> TrustStatus:
+    """:func:`status` of one Trust, with its ``rivals`` as :func:`list_status` finds them
+    (``trust show`` said nothing of a fork that ``trust list`` showed)."""
+    found = status(ctx, trust_id)
+    if not found.sealed_by or not _verifies(ctx, trust_id):
+        return found
+    return replace(found, rivals=sealed_rivals(ctx, found.trust))
 
 
 def list_status(ctx: Context) -> list[TrustStatus]:

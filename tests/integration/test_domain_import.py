@@ -88,6 +88,20 @@ def test_the_next_generation_imports_and_a_step_back_changes_nothing(sites: Site
     assert r("--json", "domain", "verify", "payroll").json["generation"] == 2
 
 
+def test_a_generation_past_the_next_is_refused_naming_the_import(sites: Sites) -> None:
+    """The refusal blamed "the volume's copy of the domain": the input is a bundle file."""
+    m, r = sites.main, sites.replica
+    r("domain", "import", str(sites.bundle), "--pin", sites.trust)
+    m("domain", "rotate", "payroll")
+    m("domain", "rotate", "payroll")
+    third = m.export("payroll", sites.bundle.with_name("payroll-3.domain"))
+    before = _public(r)
+    line = one_error_line(r("domain", "import", str(third), check=None))
+    assert "the imported domain is not in the store's history" in line, line
+    assert "volume" not in line, line
+    assert _public(r) == before
+
+
 def test_a_tampered_or_foreign_bundle_is_refused_and_nothing_is_written(
     sites: Sites, tmp_path: Path
 ) -> None:

@@ -75,7 +75,7 @@ def test_two_signatures_cannot_seal(matrix: Admin) -> None:
 def test_three_signatures_seal_and_verify(matrix: Admin) -> None:
     trust = matrix.propose(["hsm1", "hsm3"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust, "alice", "bob", "carol")
-    matrix("trust", "seal", trust)
+    matrix("trust", "seal", trust, "--fork")  # the matrix seals many successors of base
     assert matrix("--json", "trust", "verify", trust).json["verified"] is True
 
 
@@ -117,7 +117,7 @@ def test_an_operator_cannot_produce_anothers_signature(matrix: Admin) -> None:
 def test_a_trust_changed_after_signing_fails(matrix: Admin) -> None:
     trust_id = matrix.propose(["hsm2", "hsm3"], MEMBERS, 3, _base(matrix))
     matrix.sign(trust_id, "alice", "bob", "carol")
-    matrix("trust", "seal", trust_id)
+    matrix("trust", "seal", trust_id, "--fork")
     path = matrix.store / "trusts" / f"{trust_id}.json"
     payload = json.loads(path.read_text())
     # 1. edited in place: the content no longer matches its address
@@ -139,7 +139,8 @@ def test_a_trust_changed_after_signing_fails(matrix: Admin) -> None:
 
 
 def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(matrix: Admin) -> None:
-    trust = matrix.sealed_trust(["hsm2", "hsm1"], MEMBERS, 3, predecessor=_base(matrix))
+    trust = matrix.sealed_trust(["hsm2", "hsm1"], MEMBERS, 3, predecessor=_base(matrix),
+                                fork=True)
     domain_id = matrix("domain", "create", "outsider-test", "--trust", trust).last_line
     ctx = _ctx(matrix)
     sealed = ctx.store.domain(domain_id)
@@ -155,7 +156,8 @@ def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(matrix: Admin) 
 
 def test_a_successor_without_its_predecessors_quorum_is_rejected(matrix: Admin) -> None:
     honest = matrix.sealed_trust(
-        ["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, MEMBERS[:3], predecessor=_base(matrix)
+        ["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, MEMBERS[:3], predecessor=_base(matrix),
+        fork=True,
     )
     # dave and erin try to take over: a successor with only themselves, signed only by themselves
     coup = matrix.propose(["hsm1"], ["dave", "erin"], 2, predecessor=honest)

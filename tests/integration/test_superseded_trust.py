@@ -56,6 +56,20 @@ def test_a_domain_is_rotated_only_once_rewrapped_into_the_successor(
     admin("domain", "rotate", "payroll")
 
 
+def test_domain_verify_says_a_rewrap_is_due_as_info_and_mount_do(
+    superseded: tuple[Admin, str, str],
+) -> None:
+    """It said "verifies" and nothing more, while kmsfs info and mount named the successor."""
+    admin, _, t2 = superseded
+    said = admin("domain", "verify", "payroll").stdout
+    assert f"superseded by trust {t2[:12]}" in said
+    assert f"kmsfs-admin domain rewrap payroll --trust {t2[:12]}" in said
+    assert admin("--json", "domain", "verify", "payroll").json["superseded_by"] == t2
+    admin("domain", "rewrap", "payroll", "--trust", t2)
+    assert "superseded" not in admin("domain", "verify", "payroll").stdout
+    assert admin("--json", "domain", "verify", "payroll").json["superseded_by"] is None
+
+
 def test_no_new_volume_until_the_rewrap_but_bound_ones_mount_with_a_warning(
     superseded: tuple[Admin, str, str], tmp_path: Path
 ) -> None:

@@ -80,10 +80,15 @@ def test_sealing_a_dead_proposal_advises_nothing_seal_lacks(initialized: Admin) 
     assert tree_snapshot(a.store) == before
 
 
-def test_a_rival_of_a_later_trust_is_not_dead(initialized: Admin) -> None:
+def test_a_rival_of_a_later_trust_is_not_dead_but_sealed_only_with_fork(
+    initialized: Admin,
+) -> None:
     """Only the genesis has one successor per store: a later Trust may have two sealed
     successors, each approved by its operators (verify_chain takes both), so a second
-    proposal after it stays an ordinary proposal."""
+    proposal after it stays an ordinary proposal. But sealing it forks the line, which one
+    site did with no word (two proposals of one change, both signed): refused, with nothing
+    written, unless --fork says a second line is meant; `trust show` then names the fork
+    as `trust list` does."""
     a = initialized
     a.create_operators("alice", "bob")
     t1 = a.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
@@ -92,9 +97,63 @@ def test_a_rival_of_a_later_trust_is_not_dead(initialized: Admin) -> None:
     assert a("--json", "trust", "show", other).json["state"] == "proposed"
     a.sign(other, "alice")
     assert a("--json", "trust", "show", other).json["state"] == "ready"
-    a("trust", "seal", other)
+    before = tree_snapshot(a.store)
+    line = one_error_line(a("trust", "seal", other, check=exitcodes.USAGE))
+    assert f"trust {other[:12]} is not sealed" in line and f"successor {sealed[:12]}" in line
+    assert "--fork" in line
+    assert tree_snapshot(a.store) == before
+    assert a("--json", "trust", "show", sealed).json["rivals"] == []
+
+    a("trust", "seal", other, "--fork")
     a("trust", "verify", other)
     a("trust", "verify", sealed)
+    assert a("--json", "trust", "show", sealed).json["rivals"] == [other]
+    assert a("--json", "trust", "show", other).json["rivals"] == [sealed]
+    shown = a("trust", "show", sealed).stdout
+    (fork,) = [x for x in shown.splitlines() if x.strip().startswith("FORK")]
+    assert other[:12] in fork and "must keep one" in fork
+
+
+def test_sealing_or_pinning_again_says_already_and_writes_nothing(initialized: Admin) -> None:
+    """Both printed what a first time prints ("trust sealed by HSM ...", "now pins")."""
+    a = initialized
+    a.create_operators("alice")
+    t1 = a.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    before = tree_snapshot(a.store)
+    again = a("trust", "seal", t1)
+    assert "already sealed by HSM" in again.stdout and "nothing signed" in again.stdout
+    assert a("--json", "trust", "seal", t1).json["already_sealed"] is True
+    pinned = a("--json", "trust", "pin", t1).json
+    assert pinned["pinned"] is True and pinned["already_pinned"] is True
+    assert "already pinned" in a("trust", "pin", t1).stdout
+    assert tree_snapshot(a.store) == before
+    t2 = a.propose(["hsm1"], ["alice"], 1, predecessor=t1)
+    a.sign(t2, "alice")
+    assert a("--json", "trust", "seal", t2).json["already_sealed"] is False
+
+
+def test_trust_list_mine_refuses_a_name_that_is_nobody(initialized: Admin) -> None:
+    """A misspelt name listed nothing to sign, exit 0, where every other command says "no
+    operator named"; a member of a Trust whose record this store lacks is still a name."""
+    a = initialized
+    a.create_operators("alice")
+    a.propose(["hsm1"], ["alice"], 1)
+    line = one_error_line(a("trust", "list", "--mine", "alcie", check=exitcodes.STORE))
+    assert "no operator named 'alcie'" in line
+    assert len(a("--json", "trust", "list", "--mine", "alice").json) == 1
+
+
+def test_proposing_after_the_genesis_again_names_the_trust_to_succeed(
+    initialized: Admin,
+) -> None:
+    """"give --predecessor" to a user who had given --predecessor (the genesis)."""
+    a = initialized
+    a.create_operators("alice")
+    t1 = a.sealed_trust(["hsm1"], ["alice"], 1)
+    genesis = json.loads((a.store / "store.json").read_text())["root"]
+    refused = a("trust", "propose", "--predecessor", genesis, "--hsm", "hsm1",
+                "--operator", "alice", "--quorum", "1", check=exitcodes.USAGE)
+    assert f"give --predecessor {t1[:12]}" in one_error_line(refused)
 
 
 def test_proposing_the_same_again_warns_naming_the_pending_one(initialized: Admin) -> None:
