@@ -15,12 +15,41 @@ from typing import Any
 from kmsfs import exitcodes
 from kmsfs.errors import KmsfsError
 
+#: Where :class:`Parser` notes, in the namespace, the innermost (sub)command that parsed.
+_INNERMOST = "_innermost_prog"
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse that prints ``prog: error: ...`` on one line and exits 2."""
+    """argparse that prints ``prog: error: ...`` on one line and exits 2.
+
+    Arguments left over are reported against the subcommand that was given, as a missing
+    one is: argparse reports them from the top-level parser, so ``kmsfs-admin operator list
+    extra`` pointed at ``kmsfs-admin --help``."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(exitcodes.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, _INNERMOST):  # a subcommand's parser, inside, sets it first
+            setattr(parsed, _INNERMOST, self.prog)
+        return parsed, extras
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        innermost = getattr(parsed, _INNERMOST, self.prog)
+        delattr(parsed, _INNERMOST)
+        if extras:
+            self.exit(
+                exitcodes.USAGE,
+                f"{innermost}: error: unrecognized arguments: {' '.join(extras)} "
+                f"(see {innermost} --help)\n",
+            )
+        return parsed
 
 
 def add_agent_options(parser: argparse.ArgumentParser, agent_help: str) -> None:

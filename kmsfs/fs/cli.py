@@ -426,7 +426,19 @@ def _daemon_gone(mountpoint: Path, source: str | None) -> bool:
     return asked.returncode != 0 and os.strerror(errno.ENOTCONN) in asked.stderr
 
 
+def _not_a_mount_point(cipherdir: Path, command: str) -> None:
+    """UsageError if *cipherdir* is where a kmsfs volume is mounted (the plaintext view):
+    "kmsfs.conf: no such file (not a kmsfs volume?)" left the user to find the mix-up."""
+    mounted = mount_at(cipherdir)
+    if mounted is not None and mounted[0] == "fuse.kmsfs":
+        raise UsageError(
+            f"{cipherdir} is the mount point of the kmsfs volume {mounted[1]}: give the "
+            f"ciphertext directory ('kmsfs {command} {mounted[1]}')"
+        )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    _not_a_mount_point(Path(args.cipherdir), "info")
     config = open_volume(Path(args.cipherdir))
     info: dict[str, object] = {
         "cipherdir": str(args.cipherdir),
@@ -508,8 +520,10 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
         size = singlefile.recover(store, Path(args.cipherdir), args.input, args.output,
                                   _agent(args), force=args.force)
     else:
+        if args.domain is not None and not args.domain:
+            raise UsageError("--domain is empty: name the Domain the file must be of")
         size = singlefile.decrypt(store, args.input, args.output, _agent(args),
-                                  force=args.force)
+                                  force=args.force, domain=args.domain)
     if args.json:
         emit_json({"input": _shown_path(args.input), "output": _shown_path(args.output),
                    "plaintext_bytes": size})
@@ -529,6 +543,7 @@ def _json_needs_a_file(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    _not_a_mount_point(Path(args.cipherdir), "fsck")
     _check_volume_before_reading(args, Path(args.cipherdir))
     report = fsck.fsck(kms.store_dir(args.store), Path(args.cipherdir), _agent(args))
     if args.json:
@@ -717,7 +732,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="IN is a ciphertext file of the volume DIR (its Domain is in DIR/kmsfs.conf)",
     )
-    _domain_option(p, "with --cipherdir, ")
+    p.add_argument(
+        "--domain",
+        metavar="NAME",
+        help="refuse unless the file's Domain (with --cipherdir, the volume's) is NAME: the file "
+        "(a volume's kmsfs.conf) names its Domain itself, and any verified Domain of the store "
+        "would decrypt",
+    )
     p.add_argument("input", metavar="IN", help="encrypted file, or - for stdin")
     p.add_argument("output", metavar="OUT", help="plaintext file to write (mode 0600), or - "
                    "(an existing file is refused unless --force)")

@@ -206,6 +206,11 @@ def describe_via_agent(bundle: bytes, agent: AgentOptions) -> dict[str, Any]:
     return desc
 
 
+def bundle_domain_name(bundle: bytes) -> str:
+    """The name of a bundle's Domain (its form checked: pass a bundle already verified)."""
+    return str(_api().bundle_facts(bundle)["name"])
+
+
 def check_bundle(
     store: Path,
     bundle: bytes,

@@ -352,9 +352,12 @@ def decrypt(
     out_arg: str,
     agent: kms.AgentOptions | None = None,
     force: bool = False,
+    domain: str | None = None,
 ) -> int:
     """Decrypt a single encrypted file; the Domain comes from its header. Return bytes out.
-    An existing OUT is refused (UsageError) unless ``force``."""
+    An existing OUT is refused (UsageError) unless ``force``; a file whose verified Domain is
+    not *domain* (if given: ``--domain``) is refused (IntegrityError) before any key is
+    derived."""
     check_output(out_arg, force)
     with open_input(in_arg) as src:
         try:
@@ -368,6 +371,11 @@ def decrypt(
         except KmsfsError as exc:
             raise _located(src.name, exc) from None
         kms.check_bundle(store, header.bundle, src.name, agent=agent)
+        if domain is not None and (named := kms.bundle_domain_name(header.bundle)) != domain:
+            raise IntegrityError(
+                f"{src.name}: the file's Domain is {named}, not {domain} as --domain says; "
+                "nothing decrypted"
+            )
         with kms.open_deriver(store, header.bundle, agent) as deriver:
             key = _derive_at(deriver, stream.key_info(header.file_id), header.epoch, src.name)
         cipher = stream.StreamCipher(key, header)

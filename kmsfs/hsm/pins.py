@@ -135,7 +135,9 @@ def pin_source_from_args(
     """Build a PinSource from command-line options, falling back to a terminal prompt."""
     given = [x for x in (pin_file, pin_env, credential) if x]
     if len(given) > 1:
-        raise UsageError("give only one of --pin-file, --pin-env, --pin-credential")
+        # Named as the caller's options are: --pin-credential only where it was given.
+        offered = ["--pin-file", "--pin-env"] + (["--pin-credential"] if credential else [])
+        raise UsageError(f"give only one of {', '.join(offered)}")
     if pin_file:
         return PinSource(file=str(Path(pin_file).resolve()))
     if pin_env:

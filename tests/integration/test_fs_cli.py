@@ -174,6 +174,14 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
         # The daemon holds keys and plaintext: it may leave no core file (cliutil.run).
         limits = Path(f"/proc/{_daemon_serving(mp)}/limits").read_text()
         assert re.search(r"^Max core file size +0 +0 ", limits, re.MULTILINE), limits
+        # The plaintext view given for the volume: named as such, with the command to run
+        # (it said "kmsfs.conf: no such file (not a kmsfs volume?)").
+        for command in ("info", "fsck"):
+            mixed = kmsfs(command, str(mp), env=env)
+            assert mixed.returncode == 2 and mixed.stderr == (
+                f"kmsfs: error: {mp} is the mount point of the kmsfs volume {cipher}: give the "
+                f"ciphertext directory ('kmsfs {command} {cipher}')\n"
+            ), mixed.stderr
     finally:
         proc = kmsfs("umount", str(mp))
     assert proc.returncode == 0, proc.stderr

@@ -210,6 +210,22 @@ def test_domain_found_from_the_file_alone(store: Path, tmp_path: Path) -> None:
     assert kmsfs(store, "decrypt", str(moved), "-").stdout == b"for hr only"
 
 
+def test_decrypt_domain_holds_the_file_to_its_domain(store: Path, tmp_path: Path) -> None:
+    """--domain was accepted and ignored without --cipherdir: a user who named the Domain
+    the file must be of got any Domain's file decrypted, exit 0."""
+    enc = encrypted(store, tmp_path, b"for hr only", domain="hr")
+    out = tmp_path / "out"
+    for named in ("payroll", "nosuch"):
+        proc = kmsfs(store, "decrypt", "--domain", named, str(enc), str(out), check=None)
+        one_error_line(proc, str(enc), f"the file's Domain is hr, not {named}")
+        assert proc.returncode == exitcodes.VERIFICATION
+        assert not out.exists()
+    one_error_line(kmsfs(store, "decrypt", "--domain", "", str(enc), str(out),
+                         check=exitcodes.USAGE), "--domain is empty")
+    kmsfs(store, "decrypt", "--domain", "hr", str(enc), str(out))
+    assert out.read_bytes() == b"for hr only"
+
+
 @pytest.mark.parametrize("where", ["header", "first", "middle", "tag"])
 def test_changed_byte_fails_and_writes_nothing(store: Path, tmp_path: Path, where: str) -> None:
     enc = encrypted(store, tmp_path, os.urandom(3 * C))

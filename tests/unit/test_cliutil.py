@@ -145,3 +145,28 @@ def test_every_tool_leaves_no_core_dump() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["1", "0", "0", "0"]
+
+
+def _two_level_parser() -> cliutil.Parser:
+    parser = cliutil.Parser(prog="tool")
+    groups = parser.add_subparsers(dest="group", required=True)
+    actions = groups.add_parser("operator").add_subparsers(dest="action", required=True)
+    actions.add_parser("list").add_argument("--json", action="store_true")
+    return parser
+
+
+def test_leftover_arguments_point_at_the_subcommand_given(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """They pointed at the top-level help (``tool --help``), where a missing argument
+    already pointed at the subcommand's."""
+    parser = _two_level_parser()
+    with pytest.raises(SystemExit) as leftover:
+        parser.parse_args(["operator", "list", "extra"])
+    assert leftover.value.code == exitcodes.USAGE
+    assert capsys.readouterr().err == (
+        "tool operator list: error: unrecognized arguments: extra "
+        "(see tool operator list --help)\n"
+    )
+    parsed = parser.parse_args(["operator", "list", "--json"])
+    assert vars(parsed) == {"group": "operator", "action": "list", "json": True}

@@ -54,8 +54,12 @@ def test_exactly_one_source() -> None:
         PinSource(file="a", env="B")
     with pytest.raises(FormatError):
         PinSource()
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as two:
         pin_source_from_args("a", "B", "prompt")
+    # kmsfs-admin's PIN options: --pin-credential is not one, so it is not offered
+    assert str(two.value) == "give only one of --pin-file, --pin-env"
+    with pytest.raises(UsageError, match=r"--pin-file, --pin-env, --pin-credential$"):
+        pin_source_from_args("a", None, "prompt", credential="c")
     assert pin_source_from_args(None, None, "ask").prompt == "ask"
 
 
