@@ -268,6 +268,7 @@ def serve(
         stop_handlers = {signum: signal.signal(signum, stop.note_stop) for signum in STOP_SIGNALS}
         log.info("mounted %s on %s", cipherdir, mountpoint)
         if "ro" not in options:
+            ops.make_longlinks_dir()
             ops.remove_blob_leftovers()
             ops.start_dir_pool()
         settle_garbage_collector()

@@ -114,6 +114,20 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self._held_dir_fds = 0  # handles holding an fd (operations.MAX_HELD_DIR_FDS)
         self._next_dir = itertools.count(1)
 
+    def make_longlinks_dir(self) -> None:
+        """Make ``kmsfs.longlinks/`` in the ciphertext root now, before the mount serves (a
+        read-write one), rather than at the volume's first long symlink: made then, it moved
+        the mount root's mtime and ctime under a running ``tar -c`` ("file changed as we read
+        it") for a symlink made in some subdirectory. A failure is only logged: the first long
+        symlink makes it then, as before."""
+        if self.longlink_dir_exists:
+            return
+        try:
+            with longlinks_dir(self.table.root_path, create=True):
+                self.longlink_dir_exists = True
+        except OSError as exc:
+            log.warning("%s: not made ahead (%s)", LONGLINK_DIR, exc.strerror or exc)
+
     def remove_blob_leftovers(self) -> None:
         """Remove what a daemon killed while writing a long-symlink blob left: its temporary
         file (``kmsfs.tmp.*`` in ``kmsfs.longlinks``). No symlink can name one (a blob gets

@@ -406,6 +406,11 @@ class WriteJournal:
                 try:
                     os.ftruncate(self._fd, RESERVE if self._reserved else 0)
                     self._end = 0
+                    if self._reserved:
+                        # The reserve keeps its blocks (a full disk must not take them) but
+                        # not its records: ciphertext long overwritten, material to roll
+                        # blocks back with, stayed there for the whole mount (review).
+                        os.pwrite(self._fd, bytes(RESERVE), 0)
                 except OSError as exc:
                     log.debug("write journal: cannot cut it back (%s)", exc.strerror)
         return True

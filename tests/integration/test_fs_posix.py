@@ -342,6 +342,20 @@ def test_the_root_counts_only_the_subdirectories_users_see(m: Path) -> None:
     assert os.listdir(m) == ["long"]
 
 
+def test_a_long_symlink_in_a_subdirectory_leaves_the_root_s_times(mnt) -> None:  # type: ignore[no-untyped-def]
+    """kmsfs.longlinks/ was made in the ciphertext root at the volume's first long symlink,
+    wherever it was made: the mount root's mtime and ctime moved, as ext4's never do for an
+    entry made elsewhere (a running `tar -c` of the mount said "file changed as we read it").
+    The mount root's times are the ciphertext root's, read there (the kernel caches them)."""
+    m = mnt.mountpoint
+    os.mkdir(m / "sub")
+    before = os.stat(mnt.cipherdir)
+    os.symlink("t/" * 1000, m / "sub" / "long")  # its target goes to a blob
+    after = os.stat(mnt.cipherdir)
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    assert os.readlink(m / "sub" / "long") == "t/" * 1000
+
+
 # --- attributes ----------------------------------------------------------------------------
 def test_modes_are_exact(m: Path) -> None:
     old = os.umask(0)

@@ -268,6 +268,8 @@ def test_the_journal_is_cut_back_when_it_rewinds_past_the_threshold(
         log.done(at)
     log.settle()
     assert (tmp_path / journal.JOURNAL_NAME).stat().st_size == journal.RESERVE  # kept
+    # ... as zeros: the records' ciphertext (rollback material) is gone with them
+    assert (tmp_path / journal.JOURNAL_NAME).read_bytes() == bytes(journal.RESERVE)
     assert log.begin(b"a", header, HEADER_SIZE, data) == 0
     log.close()
 
