@@ -346,19 +346,21 @@ class Command:
             raise UsageError("--hsm cannot be used with --agent: the agent chooses its HSM")
         trust_id = trusts.resolve_trust(self.ctx, self.args.trust)
         before = trusts.status(self.ctx, trust_id)
-        if before.sealed_by and self.args.hsm is None:  # nothing to sign again
+        if not client and self.args.hsm is None and trusts.needs_no_seal(self.ctx, before):
             self.one(
                 {**before.to_dict(), "already_sealed": True},
                 f"trust {short(trust_id)} was already sealed by HSM {before.sealed_by}; "
                 f"nothing signed\n{trust_id}",
             )
             return
-        if not self.args.fork and before.ready:  # short of a quorum: seal says that first
-            trusts.refuse_fork(self.ctx, before.trust)
         if client:
+            # The agent seals into its own store, and pins there; this store's fork is
+            # checked here (the agent's own, by whoever syncs it: trust list shows it).
+            if not self.args.fork and before.ready and not before.sealed_by:
+                trusts.refuse_fork(self.ctx, before.trust)
             sealed = remote.seal_trust(client, self.ctx, trust_id)
         else:
-            sealed = trusts.seal(self.ctx, trust_id, self.args.hsm)
+            sealed = trusts.seal(self.ctx, trust_id, self.args.hsm, fork=self.args.fork)
         label = sealed.trust.hsm(sealed.seal.key_id).label  # type: ignore[union-attr]
         self.one(
             {**trusts.status(self.ctx, sealed.id).to_dict(), "already_sealed": False},

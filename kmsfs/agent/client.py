@@ -236,6 +236,7 @@ class AgentDeriver:
         self._next_attempt = 0.0
         self._last_problem = ""
         self._retired_below = FIRST_EPOCH
+        self._opened_once = False  # an open-domain has answered (see _open_locked)
         self._retired_lock = threading.Lock()
         self._stop_following: threading.Event | None = None
         self._follower: threading.Thread | None = None
@@ -252,13 +253,14 @@ class AgentDeriver:
 
     def _open_locked(self) -> None:
         result = self.client.call("open-domain", {"bundle": b64encode(self.bundle)})
-        first = self._handle is None
         self._handle = fields.hex_id(result.get("handle"), "open-domain.handle")
         self.description = result
         # What the first opening finds retired is where this deriver starts, as a Domain
         # opened in-process starts at its generation's: no news to log (every kmsfs command
-        # through the agent printed it, long after the retirement). A later opening's is.
-        self._take_in(result, news=not first)
+        # through the agent printed it, long after the retirement). A later opening's is,
+        # the one after a retirement closed the agent's handles above all (review).
+        self._take_in(result, news=self._opened_once)
+        self._opened_once = True
 
     @property
     def current_epoch(self) -> int:

@@ -429,6 +429,8 @@ def _daemon_gone(mountpoint: Path, source: str | None) -> bool:
 def _not_a_mount_point(cipherdir: Path, command: str) -> None:
     """UsageError if *cipherdir* is where a kmsfs volume is mounted (the plaintext view):
     "kmsfs.conf: no such file (not a kmsfs volume?)" left the user to find the mix-up."""
+    if os.path.lexists(cipherdir / CONFIG_NAME):
+        return  # a volume made inside a mount's plaintext view is a volume all the same
     mounted = mount_at(cipherdir)
     if mounted is not None and mounted[0] == "fuse.kmsfs":
         raise UsageError(

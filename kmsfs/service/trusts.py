@@ -259,12 +259,23 @@ def sealed_rivals(ctx: Context, trust: Trust) -> tuple[str, ...]:
             continue
         try:
             other = ctx.store.trust(other_id)
+            if other.predecessor == trust.predecessor and _verifies(ctx, other_id):
+                rivals.append(other_id)
         except KmsfsError:
             continue  # a damaged document is no rival (the commands that read it say so)
-        if (other.predecessor == trust.predecessor and valid_seal(ctx, other) is not None
-                and _verifies(ctx, other_id)):
-            rivals.append(other_id)
     return tuple(sorted(rivals))
+
+
+def needs_no_seal(ctx: Context, status: "TrustStatus") -> bool:
+    """True if ``trust seal`` has nothing to do for *status*'s Trust: it is sealed, its chain
+    verifies, and a successor of the genesis is the one this store pins. Anything less (a
+    seal without the quorums, by an HSM the genesis lacks, a synced successor not pinned
+    yet, a rival of the pinned one) goes to :func:`seal`, which refuses or completes it."""
+    trust = status.trust
+    if not status.sealed_by or not _verifies(ctx, trust.id):
+        return False
+    anchor = ctx.store.anchor()
+    return trust.predecessor != anchor.root or anchor.successor == trust.id
 
 
 def refuse_fork(ctx: Context, trust: Trust) -> None:
@@ -315,7 +326,8 @@ def pin(ctx: Context, trust_ref: str) -> SealedTrust:
         raise UsageError(f"trust {trust_id[:12]} is not a successor of the genesis")
     if anchor.successor is not None and anchor.successor != trust_id:
         raise UsageError(f"this store already pinned {anchor.successor[:12]}")
-    ctx.store.write_config(Anchor(anchor.root, trust_id))
+    if anchor.successor != trust_id:  # pinned already: nothing written (a read-only store too)
+        ctx.store.write_config(Anchor(anchor.root, trust_id))
     return chain[-1]
 
 
@@ -579,13 +591,17 @@ def pending_duplicates(ctx: Context, trust: Trust) -> list[TrustStatus]:
     return sorted(found, key=lambda s: (s.trust.created, s.trust.id))
 
 
-def seal(ctx: Context, trust_ref: str, hsm_ref: str | None = None) -> SealedTrust:
-    """Have an HSM of the Trust seal it, after checking the chain and both quorums."""
+def seal(
+    ctx: Context, trust_ref: str, hsm_ref: str | None = None, fork: bool = True
+) -> SealedTrust:
+    """Have an HSM of the Trust seal it, after checking the chain and both quorums; without
+    *fork*, not while the store holds another sealed successor of its predecessor
+    (:func:`refuse_fork`, checked under the store's lock: two seals at once cannot both pass)."""
     with ctx.store.exclusive():  # check the genesis pin, seal and pin as one step
-        return _seal(ctx, trust_ref, hsm_ref)
+        return _seal(ctx, trust_ref, hsm_ref, fork)
 
 
-def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
+def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None, fork: bool = True) -> SealedTrust:
     trust_id = resolve_trust(ctx, trust_ref)
     trust = ctx.store.trust(trust_id)
     anchor = ctx.store.anchor()
@@ -615,6 +631,8 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None) -> SealedTrust:
             )
         candidates = of_genesis
     verify_approvals(trust, approvals, predecessor)  # before any HSM signs anything
+    if not fork and valid_seal(ctx, trust) is None:  # a seal added to a sealed one forks nothing
+        refuse_fork(ctx, trust)  # after the quorums: short of them, that is the refusal
     with open_hsm(ctx, candidates) as hsm:
         value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
         seal_sig = Signature(trust_id, hsm.record.id, value)

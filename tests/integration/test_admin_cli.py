@@ -664,6 +664,16 @@ def _sealed_by_its_own_hsm_alone(admin: Admin, predecessor: str) -> str:
     return trust_id
 
 
+def test_a_seal_without_the_quorums_is_not_taken_for_done(initialized: Admin) -> None:
+    """A seal by an HSM the Trust lists, without its quorums, is a valid signature: `trust
+    seal` took it for "already sealed", exit 0, where it must refuse."""
+    initialized.create_operators("alice")
+    first = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
+    forged = _sealed_by_its_own_hsm_alone(initialized, first)
+    refused = initialized("trust", "seal", forged, check=exitcodes.VERIFICATION)
+    assert "already" not in refused.stdout + refused.stderr
+
+
 def test_successors_sealed_at_two_sites_are_shown_as_a_fork(
     initialized: Admin, tmp_path: Path
 ) -> None:

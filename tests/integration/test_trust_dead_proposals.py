@@ -9,6 +9,7 @@ option seal does not have."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -120,6 +121,7 @@ def test_sealing_or_pinning_again_says_already_and_writes_nothing(initialized: A
     a.create_operators("alice")
     t1 = a.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
     before = tree_snapshot(a.store)
+    stamps = {n: os.stat(a.store / n).st_mtime_ns for n in ("store.json", "private/anchor.json")}
     again = a("trust", "seal", t1)
     assert "already sealed by HSM" in again.stdout and "nothing signed" in again.stdout
     assert a("--json", "trust", "seal", t1).json["already_sealed"] is True
@@ -127,6 +129,7 @@ def test_sealing_or_pinning_again_says_already_and_writes_nothing(initialized: A
     assert pinned["pinned"] is True and pinned["already_pinned"] is True
     assert "already pinned" in a("trust", "pin", t1).stdout
     assert tree_snapshot(a.store) == before
+    assert stamps == {n: os.stat(a.store / n).st_mtime_ns for n in stamps}  # not even rewritten
     t2 = a.propose(["hsm1"], ["alice"], 1, predecessor=t1)
     a.sign(t2, "alice")
     assert a("--json", "trust", "seal", t2).json["already_sealed"] is False

@@ -102,6 +102,21 @@ def test_what_the_first_opening_finds_retired_is_no_warning_and_a_later_rise_is(
     assert "the agent retires key epochs below 3" in caplog.text
 
 
+def test_a_rise_found_by_opening_the_domain_again_is_news(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retirement made through the agent closes its handles: the next derive opens the
+    Domain again, and what that opening finds retired is news, not a starting point."""
+    caplog.set_level(logging.WARNING)
+    agent = ScriptedAgent([], retired_on_open=2)
+    deriver = AgentDeriver(agent, b"bundle").open()  # type: ignore[arg-type]
+    agent.retired_on_open = 5
+    deriver._handle = None  # as _derive_locked leaves it when the agent says NotFound
+    deriver.open()
+    assert deriver.retired_below == 5
+    assert "the agent retires key epochs below 5" in caplog.text
+
+
 def test_the_thread_asks_about_its_handle_and_takes_the_answer_in(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
