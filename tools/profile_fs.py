@@ -119,7 +119,7 @@ def _collect(proc: subprocess.Popen[bytes], report: Path, count: int) -> dict[st
         time.sleep(0.02)
 
 
-def run(work: Path, files: int, top: int) -> list[dict[str, Any]]:
+def run(work: Path, files: int, top: int, only: str | None) -> list[dict[str, Any]]:
     import bench
 
     from tests.integration.fs_helpers import make_volume
@@ -132,13 +132,14 @@ def run(work: Path, files: int, top: int) -> list[dict[str, Any]]:
             "--cprofile", str(top)]
     with open(work / "kmsfs.log", "ab") as log:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
-    steps = dict(bench.steps(tarball, size_mb=0, fio_s=0))
+    steps = dict(bench.steps(tarball, size_mb=512, fio_s=8))
+    chosen = [n for n in steps if n.startswith(tuple(only.split(",")))] if only else PHASES
     phases = []
     try:
         bench.wait_mounted(mp, proc)
         lines = 1
         _collect(proc, report, lines)  # start counting from here
-        for name in PHASES:
+        for name in chosen:
             if name in bench.COLD:
                 bench.drop_caches()
             wall = steps[name](mp)
@@ -180,6 +181,10 @@ def main() -> int:
                         help="files in the tarball (default 5000, as bench.py)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print each phase's N functions with the most own time")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated prefixes of bench.py's steps to run instead, in "
+                        "its order, e.g. 'fio' or 'dd,rm' (a step may need the one before it: "
+                        "dd read reads what dd write wrote)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--serve", nargs=3, metavar=("CIPHERDIR", "MOUNTPOINT", "REPORT"),
                         help=argparse.SUPPRESS)  # the daemon side, started by this script
@@ -193,7 +198,7 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="kmsfs-profile-", dir=args.workdir))
     try:
-        phases = run(work, args.files, args.cprofile)
+        phases = run(work, args.files, args.cprofile, args.only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(phases, indent=2) if args.json else render(phases))

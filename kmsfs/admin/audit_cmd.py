@@ -7,9 +7,10 @@ records as they are, unverified.
 """
 
 import argparse
+import contextlib
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from kmsfs.admin.render import short
 from kmsfs.agent.audit import CHECKPOINT, MAX_PROBLEMS, read_records, verify_log
 from kmsfs.agent.protocol import printable
 from kmsfs.cliutil import emit_json, emit_table
-from kmsfs.errors import KmsfsError
+from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.service import trusts
 from kmsfs.store.documents import Store
 
@@ -77,6 +78,16 @@ def run(cmd: "Command") -> int | None:
     return action(cmd)
 
 
+@contextlib.contextmanager
+def _named_on_command_line(log: Path) -> Iterator[None]:
+    """A log that cannot be read is a usage error (2), as any file the command line names,
+    not the catch-all (1)."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"{log}: {exc.strerror}") from None
+
+
 def _trusted_keys(ctx: "Context") -> dict[str, Any]:
     """Signing keys of the HSMs of the Trusts that verify (``trusts.trusted_hsms``)."""
     ctx.store.anchor()  # "not a kmsfs store" is clearer than "every checkpoint by an unknown HSM"
@@ -85,7 +96,9 @@ def _trusted_keys(ctx: "Context") -> dict[str, Any]:
 
 def verify(cmd: "Command") -> int:
     log: Path = cmd.args.log
-    report = verify_log(log, _trusted_keys(cmd.ctx))
+    keys = _trusted_keys(cmd.ctx)
+    with _named_on_command_line(log):
+        report = verify_log(log, keys)
     if cmd.json:
         emit_json({"log": str(log), **report.to_dict()})
     elif report.ok:
@@ -109,7 +122,8 @@ def verify(cmd: "Command") -> int:
 def show(cmd: "Command") -> None:
     log: Path = cmd.args.log
     labels = _labels(cmd.ctx.store)
-    entries = deque(read_records(log), maxlen=cmd.args.last)
+    with _named_on_command_line(log):
+        entries = deque(read_records(log), maxlen=cmd.args.last)
     if cmd.json:
         emit_json(
             [

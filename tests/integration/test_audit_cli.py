@@ -189,8 +189,9 @@ def test_show_prints_records_with_hsm_labels(kms: Admin, log: Path) -> None:
 
 
 def test_errors_are_one_line(kms: Admin, tmp_path: Path, log: Path) -> None:
-    missing = kms("audit", "verify", str(tmp_path / "nope.log"), check=exitcodes.ERROR)
-    assert "nope.log" in one_error_line(missing)
+    for action in ("verify", "show"):
+        missing = kms("audit", action, str(tmp_path / "nope.log"), check=exitcodes.USAGE)
+        assert "nope.log: No such file or directory" in one_error_line(missing)
     elsewhere = Admin(tmp_path / "not-a-store", kms.pins)
     result = elsewhere("audit", "verify", str(log), check=exitcodes.STORE)
     assert "not a kmsfs store" in one_error_line(result)
