@@ -182,6 +182,19 @@ def test_init_mount_umount_with_real_domain(tmp_path: Path, initialized) -> None
                 f"kmsfs: error: {mp} is the mount point of the kmsfs volume {cipher}: give the "
                 f"ciphertext directory ('kmsfs {command} {cipher}')\n"
             ), mixed.stderr
+        # A volume made inside the plaintext view (a volume stored in a volume) is a volume
+        # all the same: its own mount point is where it lives, not a mix-up.
+        (mp / "hello").unlink()
+        nested = kmsfs("init", str(mp), "--domain", "payroll", env=env)
+        assert nested.returncode == 0, nested.stderr
+        info = kmsfs("info", "--json", str(mp), env=env)
+        assert info.returncode == 0, info.stderr
+        shown = json.loads(info.stdout)
+        assert (shown["cipherdir"], shown["domain_name"], shown["verified"]) == (
+            str(mp), "payroll", True
+        )
+        checked = kmsfs("fsck", str(mp), env=env)
+        assert checked.returncode == 0, checked.stderr
     finally:
         proc = kmsfs("umount", str(mp))
     assert proc.returncode == 0, proc.stderr
