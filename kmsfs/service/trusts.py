@@ -8,6 +8,7 @@ Trust's own operators and, for a successor, ``quorum`` of the predecessor's.
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -524,8 +525,13 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
 def status_with_rivals(ctx: Context, trust_id: str) -> TrustStatus:
     """:func:`status` of one Trust, with its ``rivals`` as :func:`list_status` finds them
     (``trust show`` said nothing of a fork that ``trust list`` showed)."""
-    found = status(ctx, trust_id)
-    if not found.sealed_by or not _verifies(ctx, trust_id):
+    return _with_rivals(ctx, status(ctx, trust_id))
+
+
+def _with_rivals(ctx: Context, found: TrustStatus) -> TrustStatus:
+    """*found* with its :func:`sealed_rivals`, if it is sealed and verifies (a Trust sealed
+    by its own HSM alone, without its quorums, does not: it is no line of Trusts)."""
+    if not found.sealed_by or not _verifies(ctx, found.trust.id):
         return found
     return replace(found, rivals=sealed_rivals(ctx, found.trust))
 
@@ -534,20 +540,14 @@ def list_status(ctx: Context) -> list[TrustStatus]:
     """Every Trust of the store. Successors of one Trust that each verify (sealed at two
     sites, then merged) are each other's ``rivals``: two lines of Trusts, each valid, in each
     of which the HSMs and operators the other removed still govern (review: nothing said so).
-    A Trust sealed by its own HSM alone, without its quorums, is no rival: it does not verify."""
+    Only Trusts with a sealed sibling are verified for it: a fork is rare, a chain check not
+    cheap."""
     statuses = [status(ctx, i) for i in ctx.store.trust_ids()]
-    sealed_after: dict[str, list[str]] = {}
-    for s in statuses:
-        if s.sealed_by and s.trust.predecessor is not None:
-            sealed_after.setdefault(s.trust.predecessor, []).append(s.trust.id)
-    for predecessor, sealed in list(sealed_after.items()):
-        if len(sealed) > 1:
-            sealed_after[predecessor] = [t for t in sealed if _verifies(ctx, t)]
+    sealed_after = Counter(
+        s.trust.predecessor for s in statuses if s.sealed_by and s.trust.predecessor is not None
+    )
     statuses = [
-        replace(s, rivals=tuple(sorted(set(sealed_after[s.trust.predecessor]) - {s.trust.id})))
-        if s.trust.id in sealed_after.get(s.trust.predecessor or "", [])
-        and len(sealed_after[s.trust.predecessor or ""]) > 1 else s
-        for s in statuses
+        _with_rivals(ctx, s) if sealed_after[s.trust.predecessor] > 1 else s for s in statuses
     ]
     return sorted(statuses, key=lambda s: (s.trust.serial, s.trust.created, s.trust.id))
 
