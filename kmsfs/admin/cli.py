@@ -354,11 +354,11 @@ class Command:
             )
             return
         if client:
-            # The agent seals into its own store, and pins there; this store's fork is
-            # checked here (the agent's own, by whoever syncs it: trust list shows it).
+            # The agent seals into its own store, and pins there; it refuses a fork there,
+            # this store's is checked here (before the request, one line either way).
             if not self.args.fork and before.ready and not before.sealed_by:
                 trusts.refuse_fork(self.ctx, before.trust)
-            sealed = remote.seal_trust(client, self.ctx, trust_id)
+            sealed = remote.seal_trust(client, self.ctx, trust_id, fork=self.args.fork)
         else:
             sealed = trusts.seal(self.ctx, trust_id, self.args.hsm, fork=self.args.fork)
         label = sealed.trust.hsm(sealed.seal.key_id).label  # type: ignore[union-attr]

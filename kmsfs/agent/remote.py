@@ -23,21 +23,22 @@ from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context
 
 
-def seal_trust(client: AgentClient, ctx: Context, trust_ref: str) -> SealedTrust:
+def seal_trust(
+    client: AgentClient, ctx: Context, trust_ref: str, fork: bool = False
+) -> SealedTrust:
     trust = ctx.store.trust(trusts.resolve_trust(ctx, trust_ref))
     if trust.predecessor is None:
         raise UsageError(f"trust {trust.id[:12]} is a root: it is made by init, not sealed")
     approvals = tuple(ctx.store.signatures("approval", trust.id))
     chain = trusts.verified_chain(ctx, trust.predecessor)
-    result = client.call(
-        "seal-trust",
-        {
-            "trust": trust.payload(),
-            "approvals": [a.to_dict("approval") for a in approvals],
-            "chain": [link.to_dict() for link in chain],
-        },
-        retry=False,
-    )
+    request: dict[str, Any] = {
+        "trust": trust.payload(),
+        "approvals": [a.to_dict("approval") for a in approvals],
+        "chain": [link.to_dict() for link in chain],
+    }
+    if fork:  # only then: an agent older than the fork check would refuse the field
+        request["fork"] = True
+    result = client.call("seal-trust", request, retry=False)
     seal = Signature.from_dict(result.get("seal"), "seal")
     sealed = SealedTrust(trust, approvals, seal)
     verify_trust(sealed, chain[-1])

@@ -441,8 +441,13 @@ class Agent:
         return self._guarded(peer, "retire", name, act, {"below": below})
 
     def seal_trust(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
-        """Seal a Trust with an HSM of it, only with its quorum and its predecessor's."""
-        fields.exact_keys(args, {"trust", "approvals", "chain"}, "seal-trust")
+        """Seal a Trust with an HSM of it, only with its quorum and its predecessor's; not as
+        a second sealed successor of its predecessor in this store (a fork of the line of
+        Trusts, :func:`~kmsfs.service.trusts.refuse_fork`) unless the client says ``fork``
+        (``trust seal --fork``; sent only then, so older agents serve every other seal)."""
+        optional = {"fork"} & set(args)
+        fields.exact_keys(args, {"trust", "approvals", "chain"} | optional, "seal-trust")
+        fork = fields.boolean(args, "fork", "seal-trust") if optional else False
         trust = Trust.from_dict(args["trust"])
         approvals = [
             Signature.from_dict(a, "approval")
@@ -466,6 +471,8 @@ class Agent:
                 trusts._check_genesis_successor(
                     self.ctx.store.anchor(), trust.predecessor, trust.id
                 )
+                if not fork and trusts.valid_seal(self.ctx, trust) is None:
+                    trusts.refuse_fork(self.ctx, trust)  # as trusts._seal, before any write
                 self.ctx.store.save_trust(trust)
                 for approval in valid:
                     imports.keep_signature(

@@ -51,6 +51,13 @@ def integer(data: dict[str, Any], key: str, what: str) -> int:
     return value
 
 
+def boolean(data: dict[str, Any], key: str, what: str) -> bool:
+    value = data.get(key)
+    if not isinstance(value, bool):
+        raise FormatError(f"{what}: field {key!r}: want bool, have {type(value).__name__}")
+    return value
+
+
 def array(data: dict[str, Any], key: str, what: str) -> list[Any]:
     value = data.get(key)
     if not isinstance(value, list):

@@ -33,7 +33,14 @@ from kmsfs.agent import protocol
 from kmsfs.agent.client import AgentAddress, AgentClient, AgentDeriver
 from kmsfs.crypto.content import HEADER_SIZE, FileHeader
 from kmsfs.crypto.names import NAMES_KEY_INFO
-from kmsfs.errors import AgentUnavailableError, ChainError, IntegrityError, QuorumNotMetError
+from kmsfs.errors import (
+    AgentUnavailableError,
+    ChainError,
+    FormatError,
+    IntegrityError,
+    QuorumNotMetError,
+    UsageError,
+)
 from kmsfs.service import domains
 from kmsfs.service.context import Context
 from tests.integration.agent_helpers import (
@@ -1063,6 +1070,30 @@ def test_operators_store_has_no_hsm_of_its_own(world: World) -> None:
     assert "no HSM could serve" in result.stderr
     assert not (world.ops.store / "seals" / trust).exists()
     world.ops("--agent", world.agent.address, "trust", "seal", trust)  # the agent can
+
+
+def test_agent_refuses_to_fork_its_line_of_trusts(world: World) -> None:
+    """A client whose store lacks the sealed successor the agent's store holds (the test
+    before sealed one of world.trust) passes its own fork check; the agent's store must not
+    get a second line of Trusts unless the client says --fork (``"fork": true``)."""
+    trust = world.ops.propose(["hsm1"], ["alice", "bob", "carol"], 2, predecessor=world.trust)
+    world.ops.sign(trust, "alice", "bob")
+    ctx = Context.at(world.ops.store)
+    request = {
+        "trust": ctx.store.trust(trust).payload(),
+        "approvals": [a.to_dict("approval") for a in ctx.store.signatures("approval", trust)],
+        "chain": [link.to_dict() for link in domains.trusts.verified_chain(ctx, world.trust)],
+    }
+    with world.agent.client() as client:
+        with pytest.raises(UsageError, match=r"forks the line of Trusts.*add --fork"):
+            client.call("seal-trust", request, retry=False)
+        assert not (world.agent_admin.store / "trusts" / f"{trust}.json").exists()
+        assert not (world.agent_admin.store / "approvals" / trust).exists()
+        with pytest.raises(FormatError, match="'fork': want bool"):
+            client.call("seal-trust", {**request, "fork": "yes"}, retry=False)
+        sealed = client.call("seal-trust", {**request, "fork": True}, retry=False)
+    assert sealed["seal"]["subject"] == trust
+    assert list((world.agent_admin.store / "seals" / trust).glob("*.json"))
 
 
 def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) -> None:
