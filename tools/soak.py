@@ -182,8 +182,13 @@ def soak(minutes: float, procs: int, seed: int, workdir: Path) -> bool:
         for line in mismatches[:10]:
             print(f"  {line}")
         if rss:
+            # At each quarter too: caches that fill level off, a leak keeps growing.
+            quarters = " -> ".join(
+                f"{rss[min(len(rss) - 1, len(rss) * q // 4)] / 1024:.1f}" for q in range(5)
+            )
             print(f"daemon RSS: start {rss[0] / 1024:.1f} MiB, end {rss[-1] / 1024:.1f} MiB, "
-                  f"max {max(rss) / 1024:.1f} MiB ({len(rss)} samples)")
+                  f"max {max(rss) / 1024:.1f} MiB ({len(rss)} samples; by quarter of the run: "
+                  f"{quarters} MiB)")
         files = report.checked
         print(f"fsck: {'clean' if report.clean else f'{len(report.problems)} problems'} "
               f"({files['files']} files, {files['directories']} directories, "

@@ -1,0 +1,56 @@
+"""The docs cite tests as evidence (the threat model: "checked by test_x.py::test_y"); a test
+renamed or removed must not leave a claim standing on a citation of nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = [*sorted(REPO.glob("docs/*.md")), REPO / "README.md"]
+
+#: ``test_x.py`` or ``tests/integration/test_x.py``, optionally ``::test_y`` or ``::Class``.
+CITATION = re.compile(r"(tests/[\w/]+/)?(test_\w+\.py)(?:::(\w+))?")
+
+
+def _test_files() -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {}
+    for path in REPO.glob("tests/**/test_*.py"):
+        files.setdefault(path.name, []).append(path)
+    return files
+
+
+def citations(text: str) -> list[tuple[str | None, str, str | None]]:
+    return [(m.group(1), m.group(2), m.group(3)) for m in CITATION.finditer(text)]
+
+
+def defines(source: str, name: str) -> bool:
+    return re.search(rf"^\s*(?:async def|def|class) {name}\b", source, re.MULTILINE) is not None
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_cited_test_exists(doc: Path) -> None:
+    files = _test_files()
+    missing = []
+    for folder, name, function in citations(doc.read_text()):
+        found = [p for p in files.get(name, []) if folder is None or p.parent == REPO / folder]
+        if not found:
+            missing.append(f"{folder or ''}{name}: no such test file")
+        elif function and not any(defines(p.read_text(), function) for p in found):
+            missing.append(f"{name}::{function}: no such test in it")
+    assert not missing, f"{doc.name} cites tests that do not exist: {missing}"
+
+
+def test_the_docs_do_cite_tests() -> None:
+    """The check above is worth something only if it finds the citations it checks."""
+    threat_model = (REPO / "docs" / "threat-model.md").read_text()
+    found = citations(threat_model)
+    assert len(found) > 20 and any(function for _, _, function in found)
+    assert citations("see `tests/unit/test_a.py::test_b` and test_c.py") == [
+        ("tests/unit/", "test_a.py", "test_b"), (None, "test_c.py", None)
+    ]
+    assert defines("class X:\n    def test_b(self):\n", "test_b")
+    assert not defines("def test_bc():\n", "test_b")
