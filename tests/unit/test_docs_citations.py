@@ -23,24 +23,35 @@ def _test_files() -> dict[str, list[Path]]:
     return files
 
 
+#: A test named alone (``::test_y`` after a file, or `test_y` in a sentence).
+BARE_NAME = re.compile(r"(?<![\w/.])(test_\w+)\b(?!\.py)")
+
+
 def citations(text: str) -> list[tuple[str | None, str, str | None]]:
     return [(m.group(1), m.group(2), m.group(3)) for m in CITATION.finditer(text)]
 
 
+def defined_tests(source: str) -> set[str]:
+    return set(re.findall(r"^\s*(?:async def|def|class) (test_\w+)\b", source, re.MULTILINE))
+
+
 def defines(source: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async def|def|class) {name}\b", source, re.MULTILINE) is not None
+    return name in defined_tests(source)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_cited_test_exists(doc: Path) -> None:
     files = _test_files()
+    text = doc.read_text()
     missing = []
-    for folder, name, function in citations(doc.read_text()):
+    for folder, name, function in citations(text):
         found = [p for p in files.get(name, []) if folder is None or p.parent == REPO / folder]
         if not found:
             missing.append(f"{folder or ''}{name}: no such test file")
         elif function and not any(defines(p.read_text(), function) for p in found):
             missing.append(f"{name}::{function}: no such test in it")
+    anywhere = set().union(*(defined_tests(p.read_text()) for ps in files.values() for p in ps))
+    missing += [f"{name}: no test of that name" for name in set(BARE_NAME.findall(text)) - anywhere]
     assert not missing, f"{doc.name} cites tests that do not exist: {missing}"
 
 
@@ -49,6 +60,8 @@ def test_the_docs_do_cite_tests() -> None:
     threat_model = (REPO / "docs" / "threat-model.md").read_text()
     found = citations(threat_model)
     assert len(found) > 20 and any(function for _, _, function in found)
+    assert len(set(BARE_NAME.findall(threat_model))) > 100
+    assert BARE_NAME.findall("`a.py::test_b`, then ::test_c and test_d.py") == ["test_b", "test_c"]
     assert citations("see `tests/unit/test_a.py::test_b` and test_c.py") == [
         ("tests/unit/", "test_a.py", "test_b"), (None, "test_c.py", None)
     ]
