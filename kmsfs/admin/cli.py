@@ -873,8 +873,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "--fork",
         action="store_true",
-        help="seal although the store holds another sealed successor of the same predecessor: "
-        "the operators mean to start a second line of Trusts (without it, refused)",
+        help="seal although the store (and, with --agent, the agent's) holds another sealed "
+        "successor of the same predecessor: the operators mean to start a second line of "
+        "Trusts (without it, refused)",
     )
     p = command(
         tr,
