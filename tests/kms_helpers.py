@@ -12,12 +12,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.model import contexts
 from kmsfs.model.records import HsmRecord, OperatorRecord
+
+if TYPE_CHECKING:
+    from kmsfs.model.trust import Signature
 
 ADMIN = [sys.executable, "-m", "kmsfs.admin.cli"]
 
@@ -135,6 +138,21 @@ class Admin:
         trust = self.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
         self("domain", "create", name, "--trust", trust)
         return trust
+
+
+def hsm_seal(store: Path, trust_id: str, hsm_label: str) -> "Signature":
+    """What an HSM's PIN holder can do: have the HSM seal a Trust, quorums or not (in this
+    process; nothing is written)."""
+    from kmsfs.model.trust import Signature
+    from kmsfs.service import hsms
+    from kmsfs.service.context import Context, open_hsm
+
+    ctx = Context.at(store)
+    record = hsms.resolve_hsm(ctx, hsm_label)
+    trust = ctx.store.trust(trust_id)
+    with open_hsm(ctx, [record]) as hsm:
+        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+    return Signature(trust_id, record.id, value)
 
 
 def one_error_line(result: Result) -> str:

@@ -104,27 +104,31 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
         raise AlreadyExistsError(f"a domain named {name!r} exists already (rewrap it instead)")
     chain = _governing_trust(ctx, trust_ref)
-    trust = chain[-1].trust
-    with open_hsm(ctx, trust.hsms) as hsm:
-        with library.hsm_errors(f"HSM {hsm.record.label}"):
-            wrapped_k, wrapped_mk, binding = domainkeys.create(
-                hsm.session, _recipients(trust), binding_info(name, 1, chain[0].id)
-            )
-        domain = Domain(
-            name=name,
-            generation=1,
-            previous=None,
-            trust=trust.id,
-            wrapped_k=tuple(
-                WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()
-            ),
-            master_keys=(MasterKeyEpoch(1, wrapped_mk, binding),),
-            created=utc_now(),
-        )
-        sealed = _seal(hsm, domain)
+    with open_hsm(ctx, chain[-1].trust.hsms) as hsm:
+        sealed = new_domain(hsm, name, chain[-1].trust, chain[0].id)
     verified = verify_domain(sealed, chain, ctx.store.anchor())
     ctx.store.save_domain(sealed)
     return verified
+
+
+def new_domain(hsm: HsmSession, name: str, trust: Trust, root_id: str) -> SealedDomain:
+    """Generation 1 of Domain *name* under *trust* (of the store whose first Trust is
+    *root_id*): ``k`` and ``mk`` made inside *hsm*, wrapped for all the Trust's HSMs, sealed
+    by *hsm*. Checks nothing: :func:`create` verifies the chain first and the result after."""
+    with library.hsm_errors(f"HSM {hsm.record.label}"):
+        wrapped_k, wrapped_mk, binding = domainkeys.create(
+            hsm.session, _recipients(trust), binding_info(name, 1, root_id)
+        )
+    domain = Domain(
+        name=name,
+        generation=1,
+        previous=None,
+        trust=trust.id,
+        wrapped_k=tuple(WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()),
+        master_keys=(MasterKeyEpoch(1, wrapped_mk, binding),),
+        created=utc_now(),
+    )
+    return _seal(hsm, domain)
 
 
 def _generations(ctx: Context, name: str) -> list[SealedDomain]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs import exitcodes
-from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+from tests.kms_helpers import Admin, hsm_seal, one_error_line, tree_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -648,19 +648,12 @@ def test_a_synced_pin_is_named_and_taken_only_by_trust_pin(
 def _sealed_by_its_own_hsm_alone(admin: Admin, predecessor: str) -> str:
     """A successor of *predecessor* that lists a new HSM and sealed by it, no approval: what
     anyone who writes a replica can plant."""
-    from kmsfs.model import contexts
-    from kmsfs.model.trust import Signature
-    from kmsfs.service import hsms
-    from kmsfs.service.context import Context, open_hsm
+    from kmsfs.service.context import Context
 
     admin("hsm", "create", "--label", "planted")
     trust_id = admin.propose(["planted"], ["alice"], 1, predecessor=predecessor)
-    ctx = Context.at(admin.store)
-    record = hsms.resolve_hsm(ctx, "planted")
-    trust = ctx.store.trust(trust_id)
-    with open_hsm(ctx, [record]) as hsm:
-        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
-    ctx.store.save_signature("seal", Signature(trust_id, record.id, value))
+    seal = hsm_seal(admin.store, trust_id, "planted")
+    Context.at(admin.store).store.save_signature("seal", seal)
     return trust_id
 
 

@@ -27,15 +27,12 @@ from kmsfs import exitcodes
 from kmsfs.agent.client import AgentDeriver
 from kmsfs.errors import QuorumNotMetError
 from kmsfs.fs import config as volconfig
-from kmsfs.hsm import domainkeys
-from kmsfs.model import contexts
 from kmsfs.model.bundle import DomainBundle
-from kmsfs.model.domain import Domain, MasterKeyEpoch, WrappedKey, binding_info
-from kmsfs.model.trust import SealedTrust, Signature
-from kmsfs.service import domains, trusts
-from kmsfs.service.context import Context, open_hsm, utc_now
+from kmsfs.model.trust import SealedTrust
+from kmsfs.service import domains, hsms, trusts
+from kmsfs.service.context import Context, open_hsm
 from tests.integration.agent_helpers import AgentProcess, root_policy
-from tests.kms_helpers import Admin, one_error_line
+from tests.kms_helpers import Admin, hsm_seal, one_error_line
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 
@@ -49,32 +46,16 @@ class Forged:
 
 
 def _forge(admin: Admin, coup_id: str) -> DomainBundle:
-    """Seal *coup_id* with hsm1 and make Domain "coup" under it with the same HSM session, as
-    ``trust seal`` and ``domain create`` would, less their checks; nothing is written."""
+    """Seal *coup_id* with hsm1 and make Domain "coup" under it with that HSM, as ``trust
+    seal`` and ``domain create`` would, less their checks; nothing is written."""
     ctx = Context.at(admin.store)
     coup = ctx.store.trust(coup_id)
-    hsm1 = next(ctx.store.hsm(i) for i in ctx.store.hsm_ids() if ctx.store.hsm(i).label == "hsm1")
-    genesis = ctx.store.anchor().root
-    with open_hsm(ctx, [hsm1]) as hsm:
-        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, coup.signed_bytes()))
-        seal = Signature(coup.id, hsm.record.id, value)
-        wrapped_k, wrapped_mk, binding = domainkeys.create(
-            hsm.session, domains._recipients(coup), binding_info("coup", 1, genesis)
-        )
-        domain = Domain(
-            name="coup",
-            generation=1,
-            previous=None,
-            trust=coup.id,
-            wrapped_k=tuple(WrappedKey(i, scheme, w) for i, (scheme, w) in wrapped_k.items()),
-            master_keys=(MasterKeyEpoch(1, wrapped_mk, binding),),
-            created=utc_now(),
-        )
-        sealed = domains._seal(hsm, domain)
+    seal = hsm_seal(admin.store, coup_id, "hsm1")
+    with open_hsm(ctx, [hsms.resolve_hsm(ctx, "hsm1")]) as hsm:
+        sealed = domains.new_domain(hsm, "coup", coup, ctx.store.anchor().root)
     approvals = tuple(ctx.store.signatures("approval", coup.id))
     before = trusts.verified_chain(ctx, coup.predecessor or "")
-    chain = (*before, SealedTrust(coup, approvals, seal))
-    return DomainBundle(sealed, chain)
+    return DomainBundle(sealed, (*before, SealedTrust(coup, approvals, seal)))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from kmsfs.model import contexts
 from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.service import operators
 from kmsfs.service.context import Context, open_hsm
-from tests.kms_helpers import Admin, one_error_line
+from tests.kms_helpers import Admin, hsm_seal, one_error_line
 
 # Each test proposes a different HSM list: identical proposals made in the same second are
 # the same content-addressed document.
@@ -54,14 +54,7 @@ def _forge_approval(admin: Admin, trust_id: str, signer: str, claimed: str | Non
 
 def _forge_seal(admin: Admin, trust_id: str, hsm_label: str) -> None:
     """What an HSM PIN holder can do: make the HSM sign the trust, quorum or not."""
-    ctx = _ctx(admin)
-    trust = ctx.store.trust(trust_id)
-    record = next(
-        h for h in (ctx.store.hsm(i) for i in ctx.store.hsm_ids()) if h.label == hsm_label
-    )
-    with open_hsm(ctx, [record]) as hsm:
-        value = hsm.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
-    ctx.store.save_signature("seal", Signature(trust.id, record.id, value))
+    _ctx(admin).store.save_signature("seal", hsm_seal(admin.store, trust_id, hsm_label))
 
 
 def test_two_signatures_cannot_seal(matrix: Admin) -> None:

@@ -4,6 +4,7 @@ renamed or removed must not leave a claim standing on a citation of nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,11 +17,10 @@ DOCS = [*sorted(REPO.glob("docs/*.md")), REPO / "README.md"]
 CITATION = re.compile(r"(tests/[\w/]+/)?(test_\w+\.py)(?:::(\w+))?")
 
 
-def _test_files() -> dict[str, list[Path]]:
-    files: dict[str, list[Path]] = {}
-    for path in REPO.glob("tests/**/test_*.py"):
-        files.setdefault(path.name, []).append(path)
-    return files
+@functools.cache
+def _tests_by_file() -> dict[Path, set[str]]:
+    """The test functions and classes each test file defines, read once for every doc."""
+    return {path: defined_tests(path.read_text()) for path in REPO.glob("tests/**/test_*.py")}
 
 
 #: A test named alone (``::test_y`` after a file, or `test_y` in a sentence).
@@ -35,22 +35,21 @@ def defined_tests(source: str) -> set[str]:
     return set(re.findall(r"^\s*(?:async def|def|class) (test_\w+)\b", source, re.MULTILINE))
 
 
-def defines(source: str, name: str) -> bool:
-    return name in defined_tests(source)
-
-
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_cited_test_exists(doc: Path) -> None:
-    files = _test_files()
+    tests = _tests_by_file()
     text = doc.read_text()
     missing = []
     for folder, name, function in citations(text):
-        found = [p for p in files.get(name, []) if folder is None or p.parent == REPO / folder]
+        found = [
+            defined for path, defined in tests.items()
+            if path.name == name and (folder is None or path.parent == REPO / folder)
+        ]
         if not found:
             missing.append(f"{folder or ''}{name}: no such test file")
-        elif function and not any(defines(p.read_text(), function) for p in found):
+        elif function and not any(function in defined for defined in found):
             missing.append(f"{name}::{function}: no such test in it")
-    anywhere = set().union(*(defined_tests(p.read_text()) for ps in files.values() for p in ps))
+    anywhere = set().union(*tests.values())
     missing += [f"{name}: no test of that name" for name in set(BARE_NAME.findall(text)) - anywhere]
     assert not missing, f"{doc.name} cites tests that do not exist: {missing}"
 
@@ -65,5 +64,5 @@ def test_the_docs_do_cite_tests() -> None:
     assert citations("see `tests/unit/test_a.py::test_b` and test_c.py") == [
         ("tests/unit/", "test_a.py", "test_b"), (None, "test_c.py", None)
     ]
-    assert defines("class X:\n    def test_b(self):\n", "test_b")
-    assert not defines("def test_bc():\n", "test_b")
+    assert defined_tests("class X:\n    def test_b(self):\n") == {"test_b"}
+    assert defined_tests("def test_bc():\n    test_b()\n") == {"test_bc"}
