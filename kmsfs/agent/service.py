@@ -444,7 +444,9 @@ class Agent:
         """Seal a Trust with an HSM of it, only with its quorum and its predecessor's; not as
         a second sealed successor of its predecessor in this store (a fork of the line of
         Trusts, :func:`~kmsfs.service.trusts.refuse_fork`) unless the client says ``fork``
-        (``trust seal --fork``; sent only then, so older agents serve every other seal)."""
+        (``trust seal --fork``; sent only then, so older agents serve every other seal); and
+        never a second successor of the genesis while the store holds one that verifies, fork
+        or not (:func:`~kmsfs.service.trusts.refuse_second_genesis_successor`)."""
         optional = {"fork"} & set(args)
         fields.exact_keys(args, {"trust", "approvals", "chain"} | optional, "seal-trust")
         fork = fields.boolean(args, "fork", "seal-trust") if optional else False
@@ -471,6 +473,7 @@ class Agent:
                 trusts._check_genesis_successor(
                     self.ctx.store.anchor(), trust.predecessor, trust.id
                 )
+                trusts.refuse_second_genesis_successor(self.ctx, trust)  # fork or not
                 if not fork and trusts.valid_seal(self.ctx, trust) is None:
                     trusts.refuse_fork(self.ctx, trust)  # as trusts._seal, before any write
                 self.ctx.store.save_trust(trust)

@@ -79,6 +79,9 @@ def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
     if not chain[-1].trust.operators:
         raise UsageError("the genesis trust has no operators and cannot govern a Domain")
     refuse_superseded(ctx, chain[-1].trust.id, "make a Domain or generation under it")
+    # A fresh k is wrapped to the HSMs of this line: never on one a rival line contests (a
+    # superseded Trust's old quorum, removed operators included, can still approve a rival).
+    trusts.refuse_forked_line(ctx, chain, "wrap a Domain's keys for its HSMs")
     return chain
 
 

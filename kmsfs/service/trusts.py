@@ -267,6 +267,52 @@ def sealed_rivals(ctx: Context, trust: Trust) -> tuple[str, ...]:
     return tuple(sorted(rivals))
 
 
+def forks_on_line(ctx: Context, chain: Sequence[SealedTrust]) -> list[tuple[str, str]]:
+    """(link, rival) for each Trust of *chain* (past the genesis) whose predecessor has
+    another sealed successor in the store that verifies: where the line forks. Verifying a
+    sibling is the cost, so only siblings sealed by some HSM are verified."""
+    forks = []
+    for link in chain[1:]:
+        rivals = sealed_rivals(ctx, link.trust)
+        if rivals:
+            forks.append((link.id, rivals[0]))
+    return forks
+
+
+def refuse_forked_line(ctx: Context, chain: Sequence[SealedTrust], what: str) -> None:
+    """UsageError if *chain*'s line of Trusts forks in this store (:func:`forks_on_line`):
+    nothing new is keyed on a line that another valid line contests.
+
+    Why at use, not only at seal: a successor needs its predecessor's quorum, counted over the
+    predecessor's operators, and a superseded Trust keeps that power. Operators a successor
+    removed (a stolen key), or fewer operators than a successor's raised quorum, can still
+    approve a rival successor of the older Trust, sealed by an "HSM" of their own that it
+    lists, and it verifies (review). Rewrapped into it, a Domain's fresh ``k`` would be theirs.
+    The honest successor this store holds makes that rival a fork, which is refused here:
+    the operators keep one line and remove the other's documents from the store."""
+    forks = forks_on_line(ctx, chain)
+    if forks:
+        link, rival = forks[0]
+        raise UsageError(
+            f"trust {chain[-1].id[:12]}'s line of Trusts forks: its link {link[:12]} has the "
+            f"rival {rival[:12]}, sealed with its predecessor's quorum too (in each line, what "
+            f"the other removed still governs); will not {what} on a forked line: the "
+            "operators keep one line and remove the other's Trust documents from the store "
+            "(trust list shows the fork)"
+        )
+
+
+def refuse_second_genesis_successor(ctx: Context, trust: Trust) -> None:
+    """UsageError before sealing *trust*, a successor of the genesis, in a store that has not
+    pinned one yet but holds another that verifies (synced there): the genesis has one
+    successor per store, and which one is the operators' choice (``trust pin``), never who
+    seals first (review: through the agent, any client allowed ``seal-trust``, with no PIN,
+    could pin its own over the operators' sealed one). ``--fork`` does not change this."""
+    anchor = ctx.store.anchor()
+    if trust.predecessor == anchor.root and anchor.successor is None:
+        refuse_rival_successors(ctx, anchor.root, trust.id, then="seal")
+
+
 def needs_no_seal(ctx: Context, status: "TrustStatus") -> bool:
     """True if ``trust seal`` has nothing to do for *status*'s Trust: it is sealed, its chain
     verifies, and a successor of the genesis is the one this store pins. Anything less (a
@@ -332,7 +378,7 @@ def pin(ctx: Context, trust_ref: str) -> SealedTrust:
     return chain[-1]
 
 
-def refuse_rival_successors(ctx: Context, root: str, chosen: str) -> None:
+def refuse_rival_successors(ctx: Context, root: str, chosen: str, then: str = "import") -> None:
     """Before a store pins *chosen*, met in a document from elsewhere (``domain import
     --pin``), as the successor of its genesis *root*: refuse if it holds another successor of
     the genesis that verifies too. Choosing between them is the operators' decision, made by
@@ -352,7 +398,7 @@ def refuse_rival_successors(ctx: Context, root: str, chosen: str) -> None:
         raise UsageError(
             f"the store holds another verified successor of the genesis ({rivals[0]}) besides "
             f"{chosen}: ask the operators which one is theirs, pin it with 'kmsfs-admin trust "
-            "pin ID', then import"
+            f"pin ID', then {then}"
         )
 
 
@@ -631,6 +677,7 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None, fork: bool = True) 
             )
         candidates = of_genesis
     verify_approvals(trust, approvals, predecessor)  # before any HSM signs anything
+    refuse_second_genesis_successor(ctx, trust)  # --fork or not
     if not fork and valid_seal(ctx, trust) is None:  # a seal added to a sealed one forks nothing
         refuse_fork(ctx, trust)  # after the quorums: short of them, that is the refusal
     with open_hsm(ctx, candidates) as hsm:

@@ -1096,6 +1096,17 @@ def test_agent_refuses_to_fork_its_line_of_trusts(world: World) -> None:
     assert list((world.agent_admin.store / "seals" / trust).glob("*.json"))
 
 
+def _drop_rivals(store: Path, predecessor: str, kept: str) -> None:
+    """Remove every other successor of *predecessor* from *store*: its Trust, approvals and
+    seals (what operators do to keep one line of Trusts)."""
+    ctx = Context.at(store)
+    for trust_id in ctx.store.trust_ids():
+        if trust_id != kept and ctx.store.trust(trust_id).predecessor == predecessor:
+            (store / "trusts" / f"{trust_id}.json").unlink()
+            for kind in ("approvals", "seals"):
+                shutil.rmtree(store / kind / trust_id, ignore_errors=True)
+
+
 def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) -> None:
     """Revoke hsm2: a successor Trust of hsm1 only, sealed and rewrapped through the agent.
 
@@ -1106,6 +1117,10 @@ def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) 
     world.ops.sign(trust, "alice", "bob")
     # --fork: the test before sealed another successor of world.trust in this module's store
     world.ops("--agent", address, "trust", "seal", trust, "--fork")
+    # Nothing is wrapped on a forked line (test_forked_line.py): the operators keep this one,
+    # and remove the other successors of world.trust that earlier tests sealed.
+    for store in (world.ops.store, world.agent_admin.store):
+        _drop_rivals(store, world.trust, trust)
     world.ops("--agent", address, "domain", "create", "ledger", "--trust", trust)
     cipherdir = tmp_path / "cipher"
     assert kmsfs("init", str(cipherdir), "--domain", "ledger",

@@ -1,0 +1,204 @@
+"""A superseded Trust's old quorum cannot get a Domain's keys through a rival line (review).
+
+A successor needs its predecessor's quorum, counted over the predecessor's operators, and a
+Trust keeps that power once superseded. So after T2 removed carol from T1 (her key stolen),
+carol's key and one dishonest operator still make T1's quorum: they approve a rival successor
+R2 of T1 that lists an "HSM" whose keys they hold in software, seal it with that key, and add
+R3 after it. Every link verifies. Rewrapped into that line, a Domain's fresh ``k`` would be
+wrapped to their key, and ``mk`` theirs. Where the store holds the honest successor, the line
+forks, and nothing wraps a key on a forked line: not the store's commands, not the agent.
+
+Also here: the agent never seals a second successor of the genesis, ``fork`` or not, while
+its store holds one that verifies (review: any client allowed ``seal-trust``, with no PIN,
+could pin its own there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.protocol import Request
+from kmsfs.agent.service import Agent
+from kmsfs.errors import UsageError
+from kmsfs.model import contexts
+from kmsfs.model.canonical import b64encode
+from kmsfs.model.publickeys import PublicKey
+from kmsfs.model.records import HsmRecord
+from kmsfs.model.trust import Member, Signature, Trust
+from kmsfs.model.verify import Anchor
+from kmsfs.service import domains, hsms, trusts
+from kmsfs.service.context import Context, utc_now
+from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+
+ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
+
+
+def _policy() -> Policy:
+    return Policy.parse(
+        f'[[client]]\nname = "operators"\nuids = [{os.getuid()}]\ndomains = ["*"]\n'
+        f"allow = {ALL_ACTIONS}\n",
+        "policy.toml",
+    )
+
+
+def _software_hsm(label: str) -> tuple[HsmRecord, ed25519.Ed25519PrivateKey]:
+    """An "HSM" record whose keys are software keys the attacker holds."""
+    wrap = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    spki = wrap.public_bytes(serialization.Encoding.DER,
+                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    sign = ed25519.Ed25519PrivateKey.generate()
+    raw = sign.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return HsmRecord(label, PublicKey("rsa-oaep-sha1", spki), PublicKey("ed25519", raw),
+                     utc_now()), sign
+
+
+@pytest.fixture
+def forked(tmp_path: Path) -> tuple[Admin, str, str, list[str], Path]:
+    """T1 = {alice, bob, carol} 2 of 3 governs payroll; T2 = {alice, bob, dave} removes carol;
+    an agent's store copied after T2's seal; then bob and carol's revoked key seal the rival
+    line R2 -> R3 of T1 in the operators' store (R2 and R3 list hsm1 and a software "HSM")."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    admin.create_operators("alice", "bob", "carol", "dave")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    admin("domain", "create", "payroll", "--trust", t1)
+    t2 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "dave"], 2,
+                            signers=["alice", "bob"], predecessor=t1)
+    agent_store = admin.copy(tmp_path / "agent-store").store
+    ctx = Context.at(admin.store)
+    hsm1 = hsms.resolve_hsm(ctx, "hsm1")
+    fake, fake_key = _software_hsm("hsm3")
+    members = {m.name: m for m in ctx.store.trust(t1).operators}
+    rogue: list[str] = []
+    predecessor, serial = t1, 3
+    for _ in range(2):
+        trust = Trust(serial, predecessor, (hsm1, fake), (members["bob"], members["carol"]), 2,
+                      utc_now())
+        ctx.store.save_trust(trust)
+        admin.sign(trust.id, "bob", "carol")  # carol's key: removed by T2, still T1's
+        seal = fake_key.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
+        ctx.store.save_signature("seal", Signature(trust.id, fake.id, seal))
+        rogue.append(trust.id)
+        predecessor, serial = trust.id, serial + 1
+    return admin, t1, t2, rogue, agent_store
+
+
+def _documents(store: Path) -> dict[str, bytes]:
+    """The store's files but its lock (which the first locked request makes)."""
+    return {k: v for k, v in tree_snapshot(store).items() if k != ".lock"}
+
+
+def _drop_trusts(store: Path, ids: list[str]) -> None:
+    """What operators do to keep one line: remove the other line's Trust documents."""
+    for trust_id in ids:
+        (store / "trusts" / f"{trust_id}.json").unlink()
+        for kind in ("approvals", "seals"):
+            shutil.rmtree(store / kind / trust_id, ignore_errors=True)
+
+
+def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
+    forked: tuple[Admin, str, str, list[str], Path],
+) -> None:
+    admin, _, t2, (r2, r3), _ = forked
+    # The rival line verifies: a removed operator keeps its vote over successors of T1.
+    admin("trust", "verify", r3)
+    before = tree_snapshot(admin.store / "domains")
+    for args in (["domain", "rewrap", "payroll", "--trust", r3],
+                 ["domain", "create", "stolen", "--trust", r3]):
+        line = one_error_line(admin(*args, check=2))
+        assert f"trust {r3[:12]}'s line of Trusts forks: its link {r2[:12]} has the rival " \
+            f"{t2[:12]}" in line, line
+        assert tree_snapshot(admin.store / "domains") == before
+    # The honest line forks too while the store holds both: the operators keep one.
+    line = one_error_line(admin("domain", "rewrap", "payroll", "--trust", t2, check=2))
+    assert f"its link {t2[:12]} has the rival {r2[:12]}" in line, line
+    assert tree_snapshot(admin.store / "domains") == before
+    kept = admin.store.parent / "rival-line"
+    shutil.copytree(admin.store, kept)
+    _drop_trusts(admin.store, [r2, r3])
+    assert admin("--json", "domain", "rewrap", "payroll", "--trust", t2).json["generation"] == 2
+    # Planted again, the rival line still gets nothing: payroll is T2's now.
+    for kind in ("trusts", "approvals", "seals"):
+        shutil.copytree(kept / kind, admin.store / kind, dirs_exist_ok=True)
+    before = tree_snapshot(admin.store / "domains")
+    one_error_line(admin("domain", "rewrap", "payroll", "--trust", r3, check=2))
+    assert tree_snapshot(admin.store / "domains") == before
+    assert domains.current(Context.at(admin.store), "payroll").trust.id == t2
+
+
+def test_the_agent_wraps_no_domain_key_on_a_forked_line(
+    forked: tuple[Admin, str, str, list[str], Path],
+) -> None:
+    """A client allowed ``rewrap`` sends the rival chain: the agent imports it, sees the fork
+    with the honest successor its store holds, and refuses; no generation is made."""
+    admin, _, t2, (r2, r3), agent_store = forked
+    ctx = Context.at(admin.store)
+    bundle = domains.export_bundle(ctx, "payroll")
+    chain = trusts.verified_chain(ctx, r3)
+    agent = Agent(agent_store, _policy())
+    peer = Peer.local(os.getuid())
+    before = tree_snapshot(agent_store / "domains")
+    try:
+        with pytest.raises(UsageError, match=rf"its link {r2[:12]} has the rival {t2[:12]}"):
+            agent.handle(peer, Request(1, "rewrap", {
+                "bundle": b64encode(bundle.to_bytes()), "trust": r3,
+                "chain": [link.to_dict() for link in chain]}))
+        with pytest.raises(UsageError, match="line of Trusts forks"):
+            agent.handle(peer, Request(2, "create-domain", {
+                "name": "stolen", "trust": r3, "chain": [link.to_dict() for link in chain]}))
+    finally:
+        agent.close()
+    assert tree_snapshot(agent_store / "domains") == before
+
+
+def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path) -> None:
+    """The agent's store got the operators' sealed T1 by sync and has not pinned it yet (the
+    guide's `trust pin` on the agent's host not run): a client with ``seal-trust`` and a key of
+    its own, no operator of the store, asks for a rival successor of the genesis with
+    ``fork``. Refused, nothing written; the operators' T1 is then pinned as the guide says."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    agent_store = admin.copy(tmp_path / "agent-store").store
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    for sub in ("trusts", "approvals", "seals", "operators"):  # the sync (private/ excluded)
+        shutil.copytree(admin.store / sub, agent_store / sub, dirs_exist_ok=True)
+    actx = Context.at(agent_store)
+    assert actx.store.anchor().successor is None
+    genesis = trusts.verified_chain(actx, actx.store.anchor().root)[0]
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
+    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("alice", key),), 1, utc_now())
+    approval = Signature(rogue.id, key.key_id, mallory.sign(
+        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    agent = Agent(agent_store, _policy())
+    before = _documents(agent_store)
+    try:
+        for fork in (True, False):
+            with pytest.raises(UsageError, match=rf"another verified successor of the genesis "
+                               rf"\({t1}\).*trust pin ID', then seal"):
+                agent.handle(Peer.local(os.getuid()), Request(1, "seal-trust", {
+                    "trust": rogue.payload(), "approvals": [approval.to_dict("approval")],
+                    "chain": [genesis.to_dict()], "fork": fork}))
+    finally:
+        agent.close()
+    assert _documents(agent_store) == before
+    assert Context.at(agent_store).store.anchor().successor is None
+    Admin(agent_store, admin.pins)("trust", "pin", t1)
+    assert Context.at(agent_store).store.anchor().successor == t1
+    # Nor does a store's own `trust seal --fork` (an operators' second proposal), in a copy of
+    # the operators' store with its pin taken out, as a store that got T1 by sync has none.
+    there = admin.copy(tmp_path / "synced")
+    Context.at(there.store).store.write_config(Anchor(genesis.id))
+    second = there.propose(["hsm1", "hsm2"], ["alice", "bob"], 2, predecessor=genesis.id)
+    there.sign(second, "alice", "bob")
+    line = one_error_line(there("trust", "seal", second, "--fork", check=2))
+    assert f"another verified successor of the genesis ({t1})" in line, line
+    assert not (there.store / "seals" / second).exists()
