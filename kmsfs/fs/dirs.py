@@ -67,7 +67,6 @@ def make_dir(
         if ready is None:
             rename_noreplace(temp, path)
         else:
-            os.utime(fd)  # made a while ago: a new directory has the current times
             ready.place(path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -76,6 +75,11 @@ def make_dir(
             else:
                 ready.discard()
         raise
+    else:
+        # After the rename, which moves the ctime alone: a new directory's atime, mtime and
+        # ctime are one time, as on ext4 (and one from the pool was made a while ago).
+        with contextlib.suppress(OSError):
+            os.utime(fd)
     finally:
         os.close(fd)
 

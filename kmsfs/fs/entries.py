@@ -20,7 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kmsfs.crypto.symlinks import LONGLINK_DIR, LONGLINK_DIR_B, is_longlink
+from kmsfs.crypto.symlinks import LONGLINK_DIR, LONGLINK_DIR_B, LONGLINK_TARGET_LEN, is_longlink
 from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import dirs, journal
@@ -218,12 +218,14 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         Held across the removal of the entry: the blob goes only if the fd then shows no link
         left (docs/format.md, "Symlinks"), so a hard link made meanwhile keeps it. Anything but
         a symlink needs no fd: one lstat answers (the common case, e.g. every file of rm -rf).
+        Nor does a symlink whose ciphertext target is not as long as every long one's: reading
+        a target moves its atime, which other hard links of the symlink show (ext4's do not).
         """
         try:
             st = os.lstat(reach(path))
         except FileNotFoundError:
             return None, None
-        if not stat.S_ISLNK(st.st_mode):
+        if not stat.S_ISLNK(st.st_mode) or st.st_size != LONGLINK_TARGET_LEN:
             return None, st
         try:
             fd = os.open(reach(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
