@@ -89,10 +89,12 @@ EPILOGS = {
     "keyed with an older epoch to it (each entry renamed to its name under the new key).\n"
     "Interrupted, it can simply be run again: what is at the current epoch is skipped, and a\n"
     "directory left half moved is finished (until then kmsfs mount refuses the volume). The\n"
-    "volume must not be mounted. --upgrade first adds the flags a volume made before them lacks\n"
-    "(KeyEpochs, LongXattrNames, NameEpochs, SymlinkXattrEpochs; kmsfs versions older than a\n"
-    "flag then refuse to mount it), and moves symlink targets and xattr values of retired\n"
-    "epochs too (a volume made before SymlinkXattrEpochs on a Domain that retired epoch 1).\n"
+    "volume must not be mounted. Directories whose names it moves from a retired epoch are\n"
+    "listed (one a run missed before the retirement, or one rolled back). --upgrade first adds\n"
+    "the flags a volume made before them lacks (KeyEpochs, LongXattrNames, NameEpochs,\n"
+    "SymlinkXattrEpochs; kmsfs versions older than a flag then refuse to mount it), and moves\n"
+    "symlink targets and xattr values of retired epochs too (a volume made before\n"
+    "SymlinkXattrEpochs on a Domain that retired epoch 1).\n"
     f"\nexit status: 0 done, {exitcodes.DAMAGED} some files or names could not be re-keyed "
     "(listed; run kmsfs fsck),\n2 mounted or a flag missing, others as for any command.\n",
 }
@@ -592,6 +594,9 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         for failure in summary.failed:
             where = failure.path or f"(ciphertext) {failure.cipher_path}"
             print(f"not re-encrypted: {where}: {failure.detail}")
+        for directory in summary.retired_dirs:
+            print(f"names moved from a retired key epoch: {directory} (missed by a run before "
+                  "the retirement, or rolled back: check its names)")
 
         if summary.upgraded:
             print(f"{args.cipherdir}: flag(s) added: {', '.join(summary.flags_added)}")

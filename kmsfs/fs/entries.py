@@ -25,7 +25,12 @@ from kmsfs.errors import IntegrityError, KmsfsError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import dirs, journal
 from kmsfs.fs.dirpool import POOL_DIR, POOL_DIR_B, DirPool
-from kmsfs.fs.epoch_ciphers import links_of_volume, writing_epoch, xattrs_of_volume
+from kmsfs.fs.epoch_ciphers import (
+    check_new_name,
+    links_of_volume,
+    writing_epoch,
+    xattrs_of_volume,
+)
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.handles import OpenFiles
 from kmsfs.fs.inodes import InodeTable
@@ -184,12 +189,18 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         return self.files.key_one() or self.content_keys.derive_ahead() or settled
 
     # --- name resolution ----------------------------------------------------------------
-    def _resolve(self, parent: int, name: bytes) -> tuple[bytes, bytes, Any]:
-        """(directory path, ciphertext name, DiskName) of *name* in *parent*."""
+    def _resolve(
+        self, parent: int, name: bytes, new: bool = False
+    ) -> tuple[bytes, bytes, Any]:
+        """(directory path, ciphertext name, DiskName) of *name* in *parent*. With *new* (a
+        name to be made there), EIO with a log line naming *parent* if its names are keyed with
+        a retired epoch (:func:`~kmsfs.fs.epoch_ciphers.check_new_name`)."""
         check_name(name)
         dirpath = self.table.path(parent)
         try:
             dir_iv = self.names.dir_iv(parent, dirpath)
+            if new:
+                check_new_name(self._deriver, dir_iv)
         except IntegrityError as exc:
             raise self._integrity(parent, exc) from None
         disk = self.names.disk_name(dir_iv, name)
@@ -296,7 +307,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        dirpath, cname, disk = self._resolve(parent_inode, name)
+        dirpath, cname, disk = self._resolve(parent_inode, name, new=True)
         path = dirpath + b"/" + cname
         written = write_sidecar(dirpath, disk)
         base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT
@@ -335,7 +346,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         ``own_new(target)`` gives what *make* created the caller's ownership; *make* calls it
         before the entry gets its visible name where it can (a directory).
         """
-        dirpath, cname, disk = self._resolve(parent, name)
+        dirpath, cname, disk = self._resolve(parent, name, new=True)
         path = dirpath + b"/" + cname
 
         def own_new(target: bytes) -> None:
@@ -405,7 +416,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         src = self.table.path(inode)
-        dirpath, cname, disk = self._resolve(new_parent_inode, new_name)
+        dirpath, cname, disk = self._resolve(new_parent_inode, new_name, new=True)
         path = dirpath + b"/" + cname
         written = write_sidecar(dirpath, disk)
         try:
@@ -484,7 +495,9 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         if flags & ~RENAME_FLAGS or flags == RENAME_FLAGS:
             raise pyfuse3.FUSEError(errno.EINVAL)
         old_dir, old_c, _ = self._resolve(parent_inode_old, name_old)
-        new_dir, new_c, new_disk = self._resolve(parent_inode_new, name_new)
+        # RENAME_EXCHANGE makes no name: the two entries keep theirs and swap what they hold
+        new_dir, new_c, new_disk = self._resolve(
+            parent_inode_new, name_new, new=not flags & pyfuse3.RENAME_EXCHANGE)
         old_path, new_path = old_dir + b"/" + old_c, new_dir + b"/" + new_c
         if flags & pyfuse3.RENAME_EXCHANGE:
             renameat2(old_path, new_path, flags)

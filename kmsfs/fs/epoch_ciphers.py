@@ -6,7 +6,8 @@ read new ones, and ``kmsfs reencrypt`` moves old ones; xattr names stay keyed wi
 lookup must find a name without knowing its epoch: docs/format.md, "Key epochs"). Each epoch's
 key is derived in the HSM once, when first needed. A target or value of a retired epoch is
 refused (EIO), as a file's contents are: whoever still holds that epoch's ``mk`` could have
-sealed it. (Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_volume`.) A
+sealed it. (Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_volume`; but no
+new name is made in a directory of one: :func:`check_new_name`.) A
 volume made before ``SymlinkXattrEpochs`` had all of them at epoch 1: on a Domain that retired
 epoch 1 since, they read EIO until ``kmsfs reencrypt --upgrade`` moves them, the one run that
 reads retired ones (*read_retired*).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kmsfs.crypto.names import epoch_of
 from kmsfs.crypto.symlinks import SYMLINK_KEY_INFO, SymlinkCipher
 from kmsfs.crypto.xattrs import XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import IntegrityError
@@ -40,6 +42,25 @@ def writing_epoch(deriver: KeyDeriver, what: str) -> int:
             "serves a newer generation of its Domain"
         )
     return epoch
+
+
+def check_new_name(deriver: KeyDeriver, dir_iv: bytes) -> None:
+    """IntegrityError (EIO) if no new name may be made in the directory whose ``kmsfs.diriv``
+    is *dir_iv*: its names are keyed with a retired epoch (the deriver's ``retired_below``, read
+    at each call: a mount takes in a retirement while it serves). Such a directory is one
+    ``kmsfs reencrypt`` did not reach before the retirement, or one whose ``kmsfs.diriv`` a
+    writer of the ciphertext rolled back (the epoch field dropped: no key needed); a name made
+    there would be the retired HSM's to read. Its names still read, and can be removed or
+    renamed away (:func:`kmsfs.fs.names.names_of_volume`). Cheap: the epoch comes from the
+    cached IV bytes."""
+    epoch = epoch_of(dir_iv)
+    below = _retired_below(deriver)
+    if epoch < below:
+        raise IntegrityError(
+            f"its names are keyed with mk epoch {epoch}, which is retired (epochs below "
+            f"{below}; a directory 'kmsfs reencrypt' missed, or its kmsfs.diriv rolled back): "
+            "no new name there until 'kmsfs reencrypt' moves its names to the current epoch"
+        )
 
 
 def links_of_volume(deriver: KeyDeriver, read_retired: bool = False) -> SymlinkCipher:

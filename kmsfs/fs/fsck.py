@@ -6,7 +6,9 @@ symlink target (long targets: the blob exists and matches); every ``user.*`` xat
 directory, the root included (its name decrypts, its value opens under it); every regular file's
 header, size
 (``plain_size`` must accept it) and each block's tag, with the key of the ``mk`` epoch its header
-names (a file keyed with an epoch the Domain does not have is damage: no HSM can read it). The
+names (a file keyed with an epoch the Domain does not have is damage: no HSM can read it; so is
+a directory whose names are keyed with a retired epoch, which only a rollback or a missed
+``kmsfs reencrypt`` leaves). The
 report counts files per key epoch, so an operator sees what ``kmsfs reencrypt`` has left to do.
 Damage is reported by plaintext path, or by ciphertext path where the name itself (or its
 directory's IV) is what is damaged, with the block number and plaintext offset. Leftovers that
@@ -206,6 +208,8 @@ class _Checker:
             except IntegrityError as exc:
                 dir_iv = None
                 self.damage("epoch", cdir / DIRIV_NAME, plain, f"{exc}: names in it cannot be read")
+            else:
+                self.retired_names(cdir, plain, dir_iv)
         try:
             entries = sorted(os.fsdecode(n) for n in list_unread(_reach(cdir)))
         except PermissionError as exc:  # as for files: a mode that shuts this user out
@@ -242,6 +246,20 @@ class _Checker:
                 continue
             child = self.name(cdir, name, dir_iv, plain, moving_to)
             yield from self.entry(path, child)
+
+    def retired_names(self, cdir: Path, plain: str | None, dir_iv: bytes) -> None:
+        """Damage if *cdir*'s names are keyed with a retired epoch: after the retirement, a
+        directory ``kmsfs reencrypt`` missed, or one whose ``kmsfs.diriv`` a writer of the
+        ciphertext rolled back (the holder of that epoch's ``mk`` reads its names and can plant
+        some). Its names are still read and checked."""
+        epoch = epoch_of(dir_iv)
+        below = int(getattr(self.deriver, "retired_below", 1))
+        if epoch < below:
+            self.damage("epoch", cdir / DIRIV_NAME, plain, f"names keyed with mk epoch {epoch}, "
+                        f"which is retired (epochs below {below}): a directory kmsfs reencrypt "
+                        "missed before the retirement, or one rolled back (its kmsfs.diriv); "
+                        "the mount makes no new name in it, and kmsfs reencrypt moves its "
+                        "names to the current epoch (check them)")
 
     def names_moving(self, cdir: Path, plain: str | None, dir_iv: bytes) -> bytes | None:
         """The IV a killed ``kmsfs reencrypt`` was moving *cdir*'s names to (some may be

@@ -90,6 +90,10 @@ class Summary:
     name_epochs_before: dict[int, int] = field(default_factory=dict)
     """Directories per the epoch their names are keyed with, before and after the run."""
     name_epochs_after: dict[int, int] = field(default_factory=dict)
+    retired_dirs: list[str] = field(default_factory=list)
+    """Directories whose names moved from a retired epoch (plaintext paths; the ciphertext
+    path, after ``(ciphertext) ``, where a name on the way does not decrypt): after a
+    retirement, one a run missed or one whose ``kmsfs.diriv`` was rolled back."""
     symlinks_rewritten: int = 0
     """Symlinks (each inode once) whose target was sealed again at the current epoch."""
     symlink_epochs_before: dict[int, int] = field(default_factory=dict)
@@ -122,6 +126,7 @@ class Summary:
             "dirs_rekeyed": self.dirs_rekeyed,
             "name_epochs_before": _by_epoch(self.name_epochs_before),
             "name_epochs_after": _by_epoch(self.name_epochs_after),
+            "retired_dirs": list(self.retired_dirs),
             "symlinks_rewritten": self.symlinks_rewritten,
             "symlink_epochs_before": _by_epoch(self.symlink_epochs_before),
             "symlink_epochs_after": _by_epoch(self.symlink_epochs_after),
@@ -155,17 +160,29 @@ class _Job:
         """Every directory of the tree, with its lstat, as the walk found them."""
         self.read_retired = read_retired
         """Move symlink targets and xattr values of retired epochs too (``--upgrade``)."""
+        self.retired_below = int(getattr(deriver, "retired_below", 1))
         self.symlinks: list[Inode] = []
         """Every symlink inode of the tree, with its links, as the walk found them."""
 
     def rel(self, path: bytes) -> str:
         return os.fsdecode(os.path.relpath(path, self.root))
 
-    def fail(self, path: bytes, detail: str) -> None:
-        if self._names is None:  # keys derived at the first failure that needs them
+    def plain(self, path: bytes) -> str | None:
+        """The plaintext path of ciphertext *path*, None if a name on the way does not
+        decrypt."""
+        if path == self.root:
+            return "/"
+        if self._names is None:  # keys derived at the first report that needs them
             self._names = names_of_volume(self.deriver)
-        plain = plain_path(self.root, os.fsencode(self.rel(path)), self._names)
-        self.summary.failed.append(Failure(self.rel(path), detail, plain))
+        return plain_path(self.root, os.fsencode(self.rel(path)), self._names)
+
+    def fail(self, path: bytes, detail: str) -> None:
+        self.summary.failed.append(Failure(self.rel(path), detail, self.plain(path)))
+
+    def retired_dir(self, d: bytes) -> None:
+        plain = self.plain(d)
+        self.summary.retired_dirs.append(
+            plain if plain is not None else f"(ciphertext) {self.rel(d)}")
 
     def moved(self, d: bytes, renamed: dict[bytes, bytes]) -> None:
         """Entries of directory *d* got their names under a new key (old name -> new name):
@@ -265,7 +282,8 @@ class _Job:
 
     def rekey_names(self) -> None:
         rekeyer = NameRekeyer(self.root, names_of_volume(self.deriver),
-                              self.current, self.times, self.fail, self.moved, self.dirs)
+                              self.current, self.times, self.fail, self.moved, self.dirs,
+                              self.retired_below, self.retired_dir)
         rekeyer.run(list(self.dirs))
         self.summary.dirs_rekeyed = rekeyer.rekeyed
         self.summary.name_epochs_before = rekeyer.epochs_before

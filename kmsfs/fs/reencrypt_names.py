@@ -128,12 +128,18 @@ class NameRekeyer:
     each directory renamed (so paths reported earlier can follow), *times* keeps each
     directory's own times. *found* is each directory's lstat from the walk: one that is no
     longer the same directory (swapped since, or reached through a symlink put on the way) is
-    left alone."""
+    left alone. *retired(directory)* hears of each directory whose names it moved from an epoch
+    below *retired_below* (the run lists them: after a retirement, one a run missed or one
+    rolled back, whose names the holder of that epoch's ``mk`` could have planted)."""
 
     def __init__(self, root: bytes, names: VolumeNames, current: int, times: DirTimes,
                  fail: Fail, moved: Moved = lambda d, renamed: None,
-                 found: dict[bytes, os.stat_result] | None = None) -> None:
+                 found: dict[bytes, os.stat_result] | None = None,
+                 retired_below: int = 1,
+                 retired: Callable[[bytes], None] = lambda d: None) -> None:
         self.root = root
+        self.retired_below = retired_below
+        self.retired = retired
         self.names = names
         self.current = current
         self.times = times
@@ -216,9 +222,12 @@ class NameRekeyer:
         that was cut short moving them to an epoch that is no longer the current one first
         finishes that move)."""
         self.times.touching(d)
+        first: int | None = None  # the epoch its names were keyed with before this run
         with owner_access(d, stat.S_IWUSR | stat.S_IXUSR):
             while True:
                 dir_iv, target = rekey_state(d)
+                if first is None:
+                    first = epoch_of(dir_iv)
                 fresh = target is None
                 if target is None:
                     if epoch_of(dir_iv) >= self.current:
@@ -244,6 +253,8 @@ class NameRekeyer:
                     del self.epochs_after[before]
                 self.epochs_after[after] = self.epochs_after.get(after, 0) + 1
             self.rekeyed += 1
+        if first is not None and first < self.retired_below:
+            self.retired(d)  # by the path it has now (its parent's names move later)
         if d != self.root:  # the root's go once the marker has gone (_drop_marker)
             self.times.done_with(d)
 

@@ -22,6 +22,7 @@ from kmsfs.errors import IntegrityError
 from kmsfs.fs.config import VolumeConfig
 from kmsfs.fs.dirpool import POOL_DIR, POOL_SIZE, is_ready_name
 from kmsfs.fs.volume import create_volume
+from kmsfs.service.domains import VOLUME_KEY_INFOS
 
 STUB = Path(__file__).with_name("fs_mount_stub.py")
 TEST_KEY = bytes(range(32))
@@ -55,6 +56,19 @@ class SoftDeriver:
                 f"(its epochs are 1 to {self.current_epoch})"
             )
         return hmac.new(self._epoch_key(epoch), info, hashlib.sha256).digest()
+
+
+class RetiringDeriver(SoftDeriver):
+    """A :class:`SoftDeriver` that refuses what a retirement refuses, as
+    ``DomainKeys.derive_many`` does: any key but the volume keys (names, symlink targets, xattr
+    values) at an epoch below ``retired_below``."""
+
+    def derive(self, info: bytes, epoch: int | None = None) -> bytes:
+        epoch = self.current_epoch if epoch is None else epoch
+        if epoch < self.retired_below and info not in VOLUME_KEY_INFOS:
+            raise IntegrityError(f"key epoch {epoch} of Domain test-domain is retired "
+                                 f"(epochs below {self.retired_below})")
+        return super().derive(info, epoch)
 
 
 def sample_config() -> VolumeConfig:

@@ -366,9 +366,11 @@ def test_a_mount_through_the_agent_takes_in_a_retirement_with_no_derivation(
     made through the agent (which closes the Domain's open handles) or on the agent's own store
     (which closes none): within a second or so, with no request of a user in between, the
     mount moves to the Domain's newest generation and stops using the keys it derived before.
-    A file it holds open reads and writes EIO; a new file gets none of the keys it derived
-    ahead with the retired epoch, but a new one of the current epoch, so the next mount
-    reads it. The agent's audit log gets no record of the mount's questions."""
+    A file it holds open reads and writes EIO; a file first written then gets none of the keys
+    it derived ahead with the retired epoch, but a new one of the current epoch, so the next
+    mount reads it (it is made, empty, before: the root's names are keyed with the retired
+    epoch, and no new name is made there). The agent's audit log gets no record of the
+    mount's questions."""
     address = world.agent.address
     name = "watched" if where == "through the agent" else "watched-here"
     world.ops("--agent", address, "domain", "create", name, "--trust", world.trust)
@@ -382,6 +384,7 @@ def test_a_mount_through_the_agent_takes_in_a_retirement_with_no_derivation(
     mp = mount.mountpoint
     try:
         (mp / "first").write_bytes(b"keyed with epoch 1")  # keys for new files derived ahead
+        (mp / "second").write_bytes(b"")  # no header yet: its first write makes one
         with open(mp / "first", "r+b") as held:
             assert held.read() == b"keyed with epoch 1"
             admin(*via, "domain", "rotate", name)

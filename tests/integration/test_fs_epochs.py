@@ -1145,13 +1145,16 @@ def test_a_mount_whose_own_epoch_is_retired_moves_on_and_writes_no_file_with_it(
 ) -> None:
     """A mount opened before a rotation keys new files with epoch 1 and holds keys for the
     next ones derived ahead. When a rotation and a retirement of epoch 1 reach it, it moves
-    to the newest generation: the next new file is keyed with epoch 2, never with a key of
-    epoch 1 derived before (a file no mount could read again), and the next mount reads it."""
+    to the newest generation: the next file first written is keyed with epoch 2, never with a
+    key of epoch 1 derived before (a file no mount could read again), and the next mount reads
+    it. (It is made, empty, before: the root's names are keyed with epoch 1, and no new name
+    is made in a directory of a retired epoch.)"""
     env, cipher, mp = _real_volume(tmp_path, initialized)
     log = tmp_path / "kmsfs.log"
 
     def retired_while_mounted(m: Path) -> None:
         (m / "first").write_bytes(b"a new file: keys for the next ones are derived ahead")
+        (m / "second").write_bytes(b"")  # no header yet: its first write makes one
         initialized("domain", "rotate", "payroll")
         initialized("domain", "retire", "payroll", "--below", "2", "--yes")
         _wait_for_log(log, "retires key epochs below 2")

@@ -24,7 +24,14 @@ from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import reencrypt_tree
 from kmsfs.fs.reencrypt_names import MARKER_NAME, check_not_rekeying
 from kmsfs.fs.reencrypt_walk import REKEY_NAME
-from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, reencrypt_leftovers
+from tests.integration.fs_helpers import (
+    Mount,
+    RetiringDeriver,
+    SoftDeriver,
+    make_volume,
+    reencrypt_leftovers,
+    renameat2,
+)
 from tests.integration.test_fs_fsck import cipher_path
 
 LONG = "N" * 150  # a long name: hashed entry and sidecar
@@ -358,7 +365,9 @@ def test_a_directory_swapped_since_the_walk_is_left_alone(
 def test_a_mount_whose_epoch_is_retired_makes_no_directory_with_it(tmp_path: Path) -> None:
     """Found by re-review: a mount still serving a retired epoch (its move to the newer
     generation failing, say) refused new files but made new directories keyed with it, whose
-    names the HSM the retirement is for reads. Now mkdir is EIO too, with a log line."""
+    names the HSM the retirement is for reads. Now mkdir is EIO too, with a log line. (Every
+    directory such a mount can read is keyed with an epoch it serves, retired too: no name
+    is made in one, FIFOs included; see the rollback test below.)"""
     volume = make_volume(tmp_path / "cipher")
     m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=1, retired_below=2).start()
     try:
@@ -366,9 +375,10 @@ def test_a_mount_whose_epoch_is_retired_makes_no_directory_with_it(tmp_path: Pat
             (m.mountpoint / "new").mkdir()
         assert refused.value.errno == 5  # EIO
         assert os.listdir(m.mountpoint) == []
-        assert "key epoch 1 is retired" in m.log()
-        os.mkfifo(m.mountpoint / "old-name-ok")  # an entry that holds nothing: as before
-        # (a symlink's target is sealed with the epoch: test_fs_value_epochs.py)
+        assert "integrity: / (its names are keyed with mk epoch 1, which is retired" in m.log()
+        with pytest.raises(OSError) as refused:
+            os.mkfifo(m.mountpoint / "fifo")
+        assert refused.value.errno == 5 and os.listdir(m.mountpoint) == []
     finally:
         m.stop()
 
@@ -475,3 +485,87 @@ def test_a_rekey_file_that_cannot_be_read_keeps_the_volume_waiting(
     monkeypatch.undo()
     assert reencrypt_tree(volume, SoftDeriver(current_epoch=2)).failed == []
     assert _read_back(volume, tmp_path, "after") == want
+
+
+def test_no_new_name_in_a_directory_rolled_back_to_a_retired_epoch(tmp_path: Path) -> None:
+    """Found by review: a writer of the ciphertext drops the 2 epoch bytes of a directory's
+    kmsfs.diriv (no key needed: the IV stays), and the mount encrypted every new name there
+    under the retired epoch's name key, which the removed HSM reads (and fsck called the
+    volume clean). Now no name is made in a directory whose names are keyed with a retired
+    epoch (create, mkdir, mknod, symlink, link, rename into it: EIO, with a log line naming it
+    and what to run); what is there still lists, reads, goes and moves away (a directory a run
+    missed before the retirement holds files written since); fsck calls it damage, and
+    kmsfs reencrypt lists it as it moves it. A directory at the current epoch is unaffected."""
+    volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1, name="first")
+    try:
+        (m.mountpoint / "old").mkdir()  # the directory a run missed: names at epoch 1
+        (m.mountpoint / "old" / "a").write_bytes(b"gone soon")
+    finally:
+        m.stop()
+    m = _mount(volume, tmp_path, epoch=2, name="second")
+    try:
+        (m.mountpoint / "old" / "b").write_bytes(b"written at epoch 2")
+        for d in ("projects", "current"):
+            (m.mountpoint / d).mkdir()
+        (m.mountpoint / "current" / "c").write_bytes(b"in a directory of epoch 2")
+    finally:
+        m.stop()
+    projects = cipher_path(volume, "projects")
+    iv = (projects / DIRIV_NAME).read_bytes()
+    assert epoch_of(iv) == 2
+    os.chmod(projects / DIRIV_NAME, 0o640)
+    (projects / DIRIV_NAME).write_bytes(iv[2:])  # the rollback: epoch 1, the same IV
+    before = sorted(os.listdir(projects))
+
+    m = Mount(volume, tmp_path / "mnt", tmp_path / "mnt.log", epoch=2, retired_below=2).start()
+    try:
+        mnt = m.mountpoint
+        refused = [
+            lambda: (mnt / "projects" / "acquisition.xlsx").write_bytes(b"x"),
+            lambda: (mnt / "projects" / LONG).write_bytes(b"x"),  # a sidecar, too
+            lambda: (mnt / "projects" / "sub").mkdir(),
+            lambda: os.mkfifo(mnt / "projects" / "fifo"),
+            lambda: os.symlink("t", mnt / "projects" / "link"),
+            lambda: os.link(mnt / "current" / "c", mnt / "projects" / "hard"),
+            lambda: os.rename(mnt / "current" / "c", mnt / "projects" / "c"),
+            lambda: (mnt / "old" / "new").write_bytes(b"x"),  # the missed one: no new name
+        ]
+        for make in refused:
+            with pytest.raises(OSError) as err:
+                make()
+            assert err.value.errno == 5  # EIO
+        assert sorted(os.listdir(projects)) == before  # nothing under the retired key
+        assert os.listdir(mnt / "projects") == []
+        assert (mnt / "current" / "c").read_bytes() == b"in a directory of epoch 2"
+        logged = m.log()
+        assert ("integrity: /projects (its names are keyed with mk epoch 1, which is retired "
+                "(epochs below 2") in logged
+        assert "until 'kmsfs reencrypt' moves its names to the current epoch" in logged
+        # what is there: listed, read, removed, and moved away
+        assert sorted(os.listdir(mnt / "old")) == ["a", "b"]
+        assert (mnt / "old" / "b").read_bytes() == b"written at epoch 2"
+        os.unlink(mnt / "old" / "a")
+        renameat2(mnt / "old" / "b", mnt / "current" / "c", 2)  # RENAME_EXCHANGE: no new name
+        assert (mnt / "old" / "b").read_bytes() == b"in a directory of epoch 2"
+        os.rename(mnt / "old" / "b", mnt / "current" / "b")
+        assert sorted(os.listdir(mnt / "current")) == ["b", "c"]
+        (mnt / "current" / "d").write_bytes(b"new")  # a directory at the current epoch
+        (mnt / "current" / "e").mkdir()
+        os.rmdir(mnt / "current" / "e")
+    finally:
+        m.stop()
+    assert _epoch_of_dir(cipher_path(volume, "current")) == 2
+
+    deriver = RetiringDeriver(current_epoch=2, retired_below=2)
+    report = check_tree(volume, deriver)
+    assert not report.clean
+    retired = {p.path: p for p in report.problems if p.kind == "epoch"}
+    assert sorted(retired) == ["/", "/old", "/projects"]  # the root: made at epoch 1, too
+    assert retired["/projects"].cipher_path == f"{projects.name}/{DIRIV_NAME}"
+    assert "which is retired (epochs below 2)" in retired["/projects"].detail
+    assert "or one rolled back" in retired["/projects"].detail
+    summary = reencrypt_tree(volume, deriver)
+    assert sorted(summary.retired_dirs) == ["/", "/old", "/projects"]
+    assert summary.to_json()["retired_dirs"] == summary.retired_dirs
+    assert not [p for p in check_tree(volume, deriver).problems if p.kind == "epoch"]

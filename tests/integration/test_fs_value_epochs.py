@@ -221,9 +221,13 @@ def test_a_mount_whose_epoch_is_retired_makes_no_symlink_and_sets_no_xattr(
     tmp_path: Path,
 ) -> None:
     volume = make_volume(tmp_path / "cipher")
+    m = _mount(volume, tmp_path, epoch=1, name="before")
+    try:  # no name is made in a directory of a retired epoch (the root's, here) either
+        (m.mountpoint / "f").write_bytes(b"")
+    finally:
+        m.stop()
     m = _mount(volume, tmp_path, epoch=1, retired_below=2)
     try:
-        (m.mountpoint / "f").write_bytes(b"")
         with pytest.raises(OSError) as err:
             os.symlink("t", m.mountpoint / "l")
         assert err.value.errno == errno.EIO and not os.path.lexists(m.mountpoint / "l")
@@ -244,6 +248,11 @@ def test_targets_and_values_of_a_retired_epoch_are_refused_and_new_ones_work(
     not move them (it would serve what that HSM forged)."""
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
+    m = _mount(volume, tmp_path, epoch=2, name="rotated")
+    try:  # a directory whose names are keyed with epoch 2 (the others' are retired below)
+        (m.mountpoint / "new").mkdir()
+    finally:
+        m.stop()
     m = _mount(volume, tmp_path, epoch=2, retired_below=2)
     try:
         mnt = m.mountpoint
@@ -255,9 +264,9 @@ def test_targets_and_values_of_a_retired_epoch_are_refused_and_new_ones_work(
             assert err.value.errno == errno.EIO
         assert "sealed with mk epoch 1, which is retired" in m.log()
         assert "reencrypt --upgrade" not in m.log()  # a volume with SymlinkXattrEpochs
-        os.symlink("fresh", mnt / "fresh")
+        os.symlink("fresh", mnt / "new" / "fresh")
         os.setxattr(mnt / "d", b"user.fresh", b"at epoch 2")
-        assert os.readlink(mnt / "fresh") == "fresh"
+        assert os.readlink(mnt / "new" / "fresh") == "fresh"
         assert os.getxattr(mnt / "d", b"user.fresh") == b"at epoch 2"
     finally:
         m.stop()
