@@ -91,10 +91,11 @@ EPILOGS = {
     "directory left half moved is finished (until then kmsfs mount refuses the volume). The\n"
     "volume must not be mounted. Directories whose names it moves from a retired epoch are\n"
     "listed (one a run missed before the retirement, or one rolled back). --upgrade first adds\n"
-    "the flags a volume made before them lacks (KeyEpochs, LongXattrNames, NameEpochs,\n"
-    "SymlinkXattrEpochs; kmsfs versions older than a flag then refuse to mount it), and moves\n"
-    "symlink targets and xattr values of retired epochs too (a volume made before\n"
-    "SymlinkXattrEpochs on a Domain that retired epoch 1).\n"
+    "the flags a volume made before them lacks (KeyEpochs, LongXattrNames, NameEpochs; kmsfs\n"
+    "versions older than a flag then refuse to mount it). On a volume without\n"
+    "SymlinkXattrEpochs (made before it), it also moves symlink targets and xattr values of\n"
+    "retired epochs, listing each (a volume whose Domain retired epoch 1 since), and adds that\n"
+    "flag once all are moved; on any other volume they stay refused, as by the mount.\n"
     f"\nexit status: 0 done, {exitcodes.DAMAGED} some files or names could not be re-keyed "
     "(listed; run kmsfs fsck),\n2 mounted or a flag missing, others as for any command.\n",
 }
@@ -594,12 +595,18 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         for failure in summary.failed:
             where = failure.path or f"(ciphertext) {failure.cipher_path}"
             print(f"not re-encrypted: {where}: {failure.detail}")
+        for moved in summary.retired_values:  # the migration's: a planted one shows here
+            where = moved.path or f"(ciphertext) {moved.cipher_path}"
+            print(f"moved from retired key epoch {moved.epoch}: {where}: {moved.what}")
         for directory in summary.retired_dirs:
             print(f"names moved from a retired key epoch: {directory} (missed by a run before "
                   "the retirement, or rolled back: check its names)")
-
         if summary.upgraded:
             print(f"{args.cipherdir}: flag(s) added: {', '.join(summary.flags_added)}")
+        for flag in summary.flags_pending:
+            print(f"{args.cipherdir}: {flag} not added yet: some symlink targets or xattr "
+                  "values were not moved (listed); run 'kmsfs reencrypt --upgrade' again once "
+                  "they are repaired or removed")
         print(
             f"{args.cipherdir}: {summary.rewritten} file(s) re-encrypted at epoch "
             f"{summary.current_epoch}, {summary.skipped} already there, {summary.empty} empty, "
@@ -773,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=SUPPRESS, help="JSON summary")
     p.add_argument("--upgrade", action="store_true",
                    help="first add the flags a volume made before them lacks (KeyEpochs, "
-                   "LongXattrNames, NameEpochs, SymlinkXattrEpochs)")
+                   "LongXattrNames, NameEpochs; SymlinkXattrEpochs once its symlink targets "
+                   "and xattr values, retired epochs' too, have moved)")
     _agent_options(p)
     p.set_defaults(func=cmd_reencrypt)
 

@@ -10,7 +10,8 @@ sealed it. (Names of a retired epoch are not: :func:`kmsfs.fs.names.names_of_vol
 new name is made in a directory of one: :func:`check_new_name`.) A
 volume made before ``SymlinkXattrEpochs`` had all of them at epoch 1: on a Domain that retired
 epoch 1 since, they read EIO until ``kmsfs reencrypt --upgrade`` moves them, the one run that
-reads retired ones (*read_retired*).
+reads retired ones (*read_retired*), on such a volume only (one with the flag has no genuine
+one to move).
 """
 
 from __future__ import annotations

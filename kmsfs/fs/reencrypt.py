@@ -63,12 +63,29 @@ class Failure:
 
 
 @dataclass
+class RetiredMove:
+    """A symlink target or xattr value this run sealed again at the current epoch, read at a
+    retired one (only ``--upgrade``'s migration reads those): listed, since the holder of that
+    epoch's ``mk`` could have forged it."""
+
+    cipher_path: str
+    what: str
+    """``symlink target`` or ``xattr user.NAME value``."""
+    epoch: int
+    path: str | None = None
+    """The plaintext path, None if a name on the way does not decrypt."""
+
+
+@dataclass
 class Summary:
     """What a run did. Counts are per inode (a hard-linked file counts once)."""
 
     current_epoch: int
     upgraded: bool = False
     flags_added: list[str] = field(default_factory=list)
+    flags_pending: list[str] = field(default_factory=list)
+    """Flags ``--upgrade`` has yet to add: SymlinkXattrEpochs, if the pass that moves symlink
+    targets and xattr values did not move every one (the next ``--upgrade`` goes on)."""
     rewritten: int = 0
     skipped: int = 0
     """Non-empty files already at (or above) the current epoch."""
@@ -107,6 +124,8 @@ class Summary:
     xattr_epochs_before: dict[int, int] = field(default_factory=dict)
     """xattr values per the epoch they are sealed with, before and after the run."""
     xattr_epochs_after: dict[int, int] = field(default_factory=dict)
+    retired_values: list[RetiredMove] = field(default_factory=list)
+    """Symlink targets and xattr values moved from a retired epoch (the migration only)."""
     failed: list[Failure] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -114,6 +133,7 @@ class Summary:
             "current_epoch": self.current_epoch,
             "upgraded": self.upgraded,
             "flags_added": list(self.flags_added),
+            "flags_pending": list(self.flags_pending),
             "rewritten": self.rewritten,
             "skipped": self.skipped,
             "empty": self.empty,
@@ -134,6 +154,8 @@ class Summary:
             "xattrs_resealed": self.xattrs_resealed,
             "xattr_epochs_before": _by_epoch(self.xattr_epochs_before),
             "xattr_epochs_after": _by_epoch(self.xattr_epochs_after),
+            "retired_values": [{"path": m.path, "cipher_path": m.cipher_path, "what": m.what,
+                                "epoch": m.epoch} for m in self.retired_values],
             "failed": [{"path": f.path, "cipher_path": f.cipher_path, "detail": f.detail}
                        for f in self.failed],
         }
@@ -159,7 +181,8 @@ class _Job:
         self.dirs: dict[bytes, os.stat_result] = {}
         """Every directory of the tree, with its lstat, as the walk found them."""
         self.read_retired = read_retired
-        """Move symlink targets and xattr values of retired epochs too (``--upgrade``)."""
+        """Move symlink targets and xattr values of retired epochs too (``--upgrade`` on a
+        volume without SymlinkXattrEpochs: the migration)."""
         self.retired_below = int(getattr(deriver, "retired_below", 1))
         self.symlinks: list[Inode] = []
         """Every symlink inode of the tree, with its links, as the walk found them."""
@@ -179,6 +202,10 @@ class _Job:
     def fail(self, path: bytes, detail: str) -> None:
         self.summary.failed.append(Failure(self.rel(path), detail, self.plain(path)))
 
+    def retired_value(self, path: bytes, what: str, epoch: int) -> None:
+        self.summary.retired_values.append(
+            RetiredMove(self.rel(path), what, epoch, self.plain(path)))
+
     def retired_dir(self, d: bytes) -> None:
         plain = self.plain(d)
         self.summary.retired_dirs.append(
@@ -188,17 +215,17 @@ class _Job:
         """Entries of directory *d* got their names under a new key (old name -> new name):
         failures reported at or below them name them by the new ones (the ciphertext paths a
         user finds after the run). Once per directory: a pass over the failures each."""
-        if not self.summary.failed:
+        if not self.summary.failed and not self.summary.retired_values:
             return
         prefix = "" if d == self.root else self.rel(d) + "/"
         names = {os.fsdecode(old): os.fsdecode(new) for old, new in renamed.items()}
-        for failure in self.summary.failed:
-            path = failure.cipher_path
+        for reported in (*self.summary.failed, *self.summary.retired_values):
+            path = reported.cipher_path
             if not path.startswith(prefix):
                 continue
             head, slash, rest = path[len(prefix):].partition("/")
             if head in names:
-                failure.cipher_path = prefix + names[head] + slash + rest
+                reported.cipher_path = prefix + names[head] + slash + rest
 
     # pass 1: find inodes and their epochs
 
@@ -269,7 +296,8 @@ class _Job:
     def rekey_values(self, nodes: list[Inode]) -> None:
         values = ValueRekeyer(self.root, links_of_volume(self.deriver, self.read_retired),
                               xattrs_of_volume(self.deriver, self.read_retired), self.current,
-                              self.times, self.summary, self.fail)
+                              self.times, self.summary, self.fail, self.retired_below,
+                              self.retired_value)
         for node in nodes:
             values.reseal_xattrs(node.paths[0])
         for d in self.dirs:
@@ -311,10 +339,10 @@ UPGRADE_FLAGS = (volconfig.FLAG_KEY_EPOCHS, volconfig.FLAG_LONG_XATTR_NAMES,
                  volconfig.FLAG_NAME_EPOCHS, volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
 
 
-def upgrade_config(cipherdir: Path) -> list[str]:
-    """Add the missing UPGRADE_FLAGS to the volume config (written atomically); the ones added."""
+def upgrade_config(cipherdir: Path, flags: tuple[str, ...] = UPGRADE_FLAGS) -> list[str]:
+    """Add the missing *flags* to the volume config (written atomically); the ones added."""
     config = volconfig.load(Path(cipherdir))
-    added = [flag for flag in UPGRADE_FLAGS if not config.has(flag)]
+    added = [flag for flag in flags if not config.has(flag)]
     if added:
         from dataclasses import replace
 
@@ -365,19 +393,20 @@ def reencrypt_tree(
         config = volconfig.load(cipherdir)
         if not upgrade and (flag := _missing_flag(config)) is not None:
             raise _no_flag(cipherdir, flag)
-        root = os.lstat(cipherdir)  # rewriting kmsfs.conf moves the (plaintext) root's times
-        try:  # kmsfs.conf is replaced in the root, which its owner may have made read-only
-            with owner_access(os.fsencode(cipherdir), stat.S_IWUSR | stat.S_IXUSR):
-                _record_in_use(cipherdir, deriver)
-                added = upgrade_config(cipherdir) if upgrade else []
-        finally:
-            now = os.lstat(cipherdir)
-            if (now.st_atime_ns, now.st_mtime_ns) != (root.st_atime_ns, root.st_mtime_ns):
-                with contextlib.suppress(OSError):
-                    os.utime(cipherdir, ns=(root.st_atime_ns, root.st_mtime_ns))
-        # --upgrade moves symlinks and xattr values of retired epochs too: a volume made before
-        # SymlinkXattrEpochs had them all at epoch 1, which its Domain may have retired since
-        job = _Job(cipherdir, deriver, advance, read_retired=upgrade)
+        # The migration: a volume made before SymlinkXattrEpochs had every symlink target and
+        # xattr value at epoch 1, which its Domain may have retired since, so --upgrade reads
+        # values of retired epochs there (and lists what it moves). On a volume that has the
+        # flag, one can only be a forgery by the holder of a retired mk (or one a run missed
+        # before the retirement, lost for good): refused, as by the mount.
+        migrating = upgrade and not config.has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
+        first = tuple(f for f in UPGRADE_FLAGS if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
+
+        def record_and_upgrade() -> list[str]:
+            _record_in_use(cipherdir, deriver)
+            return upgrade_config(cipherdir, first) if upgrade else []
+
+        added = _keeping_root_times(cipherdir, record_and_upgrade)
+        job = _Job(cipherdir, deriver, advance, read_retired=migrating)
         job.summary.upgraded = bool(added)
         job.summary.flags_added = added
         try:
@@ -386,7 +415,10 @@ def reencrypt_tree(
                 total(sum(n.st.st_size for n in nodes
                           if n.header is not None and n.header.epoch < job.current))
             job.run(nodes)
+            failed = len(job.summary.failed)
             job.rekey_values(nodes)
+            if migrating:
+                _end_migration(cipherdir, job.summary, len(job.summary.failed) > failed)
             job.times.finish()  # by the paths the walk found, before names move them
             job.rekey_names()
         finally:
@@ -394,6 +426,36 @@ def reencrypt_tree(
         return job.summary
     finally:
         os.close(lock)
+
+
+def _keeping_root_times(cipherdir: Path, write: Callable[[], list[str]]) -> list[str]:
+    """Run *write* (which replaces ``kmsfs.conf``), with write access to the root for the time
+    of it (its owner may have made it read-only), and put back the root's atime and mtime it
+    moved (the plaintext root's)."""
+    root = os.lstat(cipherdir)
+    try:
+        with owner_access(os.fsencode(cipherdir), stat.S_IWUSR | stat.S_IXUSR):
+            return write()
+    finally:
+        now = os.lstat(cipherdir)
+        if (now.st_atime_ns, now.st_mtime_ns) != (root.st_atime_ns, root.st_mtime_ns):
+            with contextlib.suppress(OSError):
+                os.utime(cipherdir, ns=(root.st_atime_ns, root.st_mtime_ns))
+
+
+def _end_migration(cipherdir: Path, summary: Summary, values_failed: bool) -> None:
+    """Add SymlinkXattrEpochs once the pass that moves symlink targets and xattr values has
+    moved every one: from then on no run reads a retired epoch's. Not before (a run killed in
+    that pass, or one that left some, is taken up by the next ``--upgrade``, which reads them
+    again): the flag changes nothing a mount or a run reads (values of epoch 2 and up name
+    their epoch in their nonce, with or without it)."""
+    flag = volconfig.FLAG_SYMLINK_XATTR_EPOCHS
+    if values_failed:
+        summary.flags_pending.append(flag)
+        return
+    added = _keeping_root_times(cipherdir, lambda: upgrade_config(cipherdir, (flag,)))
+    summary.flags_added.extend(added)
+    summary.upgraded = summary.upgraded or bool(added)
 
 
 def _record_in_use(cipherdir: Path, deriver: KeyDeriver) -> None:

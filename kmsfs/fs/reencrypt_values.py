@@ -55,12 +55,18 @@ class ValueRekeyer:
 
     *fail(path, detail)* records what could not be moved; what moved, and the counts per epoch
     before and after, go into *summary* (the run's, as
-    :class:`~kmsfs.fs.reencrypt_rewrite.Rewriter`'s bytes do).
+    :class:`~kmsfs.fs.reencrypt_rewrite.Rewriter`'s bytes do). *retired(path, what, epoch)*
+    hears of each value moved from an epoch below *retired_below* (only *links* and *xattrs*
+    that read retired epochs open those: ``--upgrade``'s migration), so a run can list them.
     """
 
     def __init__(self, root: bytes, links: SymlinkCipher, xattrs: XattrCipher, current: int,
-                 times: DirTimes, summary: Summary, fail: Callable[[bytes, str], None]) -> None:
+                 times: DirTimes, summary: Summary, fail: Callable[[bytes, str], None],
+                 retired_below: int = 1,
+                 retired: Callable[[bytes, str, int], None] = lambda p, w, e: None) -> None:
         self.root = root
+        self.retired_below = retired_below
+        self.retired = retired
         self.links = links
         self.xattrs = xattrs
         self.current = current
@@ -137,6 +143,8 @@ class ValueRekeyer:
             return
         _count(self.summary.xattr_epochs_after, self.current)
         self.summary.xattrs_resealed += 1
+        if epoch < self.retired_below:
+            self.retired(path, f"xattr {os.fsdecode(name)} value", epoch)
 
     # symlinks
 
@@ -175,6 +183,9 @@ class ValueRekeyer:
             self.named[stored] -= 1  # no path of this inode names the old blob any more
         _count(self.summary.symlink_epochs_after, self.current, len(paths))
         self.summary.symlinks_rewritten += 1
+        if epoch < self.retired_below:
+            for path in paths:
+                self.retired(path, "symlink target", epoch)
 
     def _replace(self, paths: list[bytes], st: os.stat_result, target: bytes) -> bool:
         """Put a new symlink of *target* at every path; True once all are renamed. After an

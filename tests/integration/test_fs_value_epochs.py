@@ -19,14 +19,23 @@ import pytest
 
 from kmsfs.crypto.encoding import b64url_decode
 from kmsfs.crypto.epoch_nonces import EpochUnavailable
-from kmsfs.crypto.symlinks import LONGLINK_DIR, is_longlink
-from kmsfs.crypto.xattrs import USER_PREFIX
+from kmsfs.crypto.symlinks import LONGLINK_DIR, SYMLINK_KEY_INFO, SymlinkCipher, is_longlink
+from kmsfs.crypto.xattrs import USER_PREFIX, XATTR_KEY_INFO, XattrCipher
 from kmsfs.errors import UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
 from kmsfs.fs.fsck import check_tree
 from kmsfs.fs.reencrypt import reencrypt_tree
-from tests.integration.fs_helpers import Mount, SoftDeriver, make_volume, reencrypt_leftovers
+from kmsfs.fs.reencrypt_values import ValueRekeyer
+from kmsfs.fs.volume import create_volume
+from tests.integration.fs_helpers import (
+    Mount,
+    RetiringDeriver,
+    SoftDeriver,
+    make_volume,
+    reencrypt_leftovers,
+    sample_config,
+)
 from tests.integration.test_fs_fsck import cipher_path
 
 LONG_TARGET = "/far/" + "t" * 1500  # kept in a blob (kmsfs.longlinks/)
@@ -297,9 +306,19 @@ def test_an_upgrade_moves_what_a_volume_made_before_the_flag_has_at_a_retired_ep
         assert "until 'kmsfs reencrypt --upgrade' moves them" in m.log()
     finally:
         m.stop()
-    summary = reencrypt_tree(volume, SoftDeriver(current_epoch=2, retired_below=2), upgrade=True)
+    summary = reencrypt_tree(volume, RetiringDeriver(current_epoch=2, retired_below=2),
+                             upgrade=True)
     assert summary.flags_added == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
     assert (summary.symlinks_rewritten, summary.xattrs_resealed) == (3, 4)
+    # each listed, so that one the holder of epoch 1's mk planted can be seen
+    assert sorted((m.path, m.what, m.epoch) for m in summary.retired_values) == [
+        ("/d", "xattr user.dir value", 1), ("/d/linked2", "symlink target", 1),
+        ("/d/long", "symlink target", 1), ("/f", "xattr user.colour value", 1),
+        ("/f", f"xattr {LONG_XATTR.decode()} value", 1), ("/linked", "symlink target", 1),
+        ("/ro", "xattr user.tag value", 1), ("/short", "symlink target", 1)]
+    listed = summary.to_json()["retired_values"]
+    assert {"path": "/short", "cipher_path": str(cipher_path(volume, "short").relative_to(
+        volume)), "what": "symlink target", "epoch": 1} in listed  # its name moved: the new one
     m = _mount(volume, tmp_path, epoch=2, name="after", retired_below=2)
     try:
         assert os.readlink(m.mountpoint / "short") == "old-target"
@@ -308,6 +327,135 @@ def test_an_upgrade_moves_what_a_volume_made_before_the_flag_has_at_a_retired_ep
         m.stop()
     report = check_tree(volume, SoftDeriver(current_epoch=2, retired_below=2))
     assert report.symlink_epochs == {2: 4} and report.xattr_epochs == {2: 4}
+
+
+def test_an_upgrade_of_a_volume_with_the_flag_moves_no_forged_value(tmp_path: Path) -> None:
+    """Found by review: --upgrade read targets and values of retired epochs on every volume,
+    so one forged by the holder of a retired mk (which the mount and a plain run refuse) was
+    sealed again at the current epoch, genuine from then on, and reported nowhere. On a volume
+    that has SymlinkXattrEpochs, none can be genuine: --upgrade refuses them as a plain run
+    does (listed in failed), and the mount still reads them EIO."""
+    volume = tmp_path / "cipher"
+    create_volume(volume, sample_config(), epoch=2)  # every flag, names at epoch 2
+    m = _mount(volume, tmp_path, epoch=2, retired_below=2)
+    try:
+        (m.mountpoint / "report.txt").write_bytes(b"hello")
+        os.setxattr(m.mountpoint / "report.txt", b"user.approved", b"no")
+        os.symlink("/srv/shared/tools/deploy.sh", m.mountpoint / "deploy")
+    finally:
+        m.stop()
+    mk1 = SoftDeriver(current_epoch=1)  # the removed HSM: epoch 1's mk, retired
+    xattrs = XattrCipher(mk1.derive(XATTR_KEY_INFO, epoch=1))
+    links = SymlinkCipher(mk1.derive(SYMLINK_KEY_INFO, epoch=1))
+    disk = xattrs.disk_name(b"user.approved")
+    os.setxattr(cipher_path(volume, "report.txt"), disk, xattrs.seal(disk, b"yes"))
+    deploy = cipher_path(volume, "deploy")
+    deploy.unlink()
+    os.symlink(links.encrypt(b"/tmp/evil/deploy.sh"), deploy)
+
+    summary = reencrypt_tree(volume, RetiringDeriver(current_epoch=2, retired_below=2),
+                             upgrade=True)
+    assert summary.flags_added == [] and summary.retired_values == []
+    assert (summary.symlinks_rewritten, summary.xattrs_resealed) == (0, 0)
+    assert sorted((f.path, "sealed with mk epoch 1, which is retired" in f.detail)
+                  for f in summary.failed) == [("/deploy", True), ("/report.txt", True)]
+    m = _mount(volume, tmp_path, epoch=2, name="after", retired_below=2)
+    try:
+        for reach in (lambda: os.readlink(m.mountpoint / "deploy"),
+                      lambda: os.getxattr(m.mountpoint / "report.txt", b"user.approved")):
+            with pytest.raises(OSError) as err:
+                reach()
+            assert err.value.errno == errno.EIO
+    finally:
+        m.stop()
+
+
+def test_a_migration_cut_short_in_its_value_pass_is_finished_by_the_next_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SymlinkXattrEpochs, which ends the migration (no run reads a retired epoch's targets and
+    values after it), is added only once the pass that moves them is done: a run cut short in
+    it (here, after the xattr values, at the first symlink) leaves the volume without it, so
+    the next --upgrade reads the rest. Values it moved read the same without the flag, in the
+    mount and in the next run; the config writes keep the root's times."""
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    config = volconfig.load(volume)
+    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
+        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    os.utime(volume, ns=(1_000_000_000, 2_000_000_000))
+    deriver = RetiringDeriver(current_epoch=2, retired_below=2)
+
+    def cut_short(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ValueRekeyer, "rewrite_symlink", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        reencrypt_tree(volume, deriver, upgrade=True)
+    monkeypatch.undo()
+    assert not volconfig.load(volume).has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
+    with pytest.raises(UsageError, match="no SymlinkXattrEpochs flag"):
+        reencrypt_tree(volume, deriver)
+    m = _mount(volume, tmp_path, epoch=2, retired_below=2)
+    try:  # moved before the cut: read without the flag
+        assert os.getxattr(m.mountpoint / "f", b"user.colour") == b"epoch-1 value"
+        with pytest.raises(OSError):
+            os.readlink(m.mountpoint / "short")  # not yet
+    finally:
+        m.stop()
+    os.utime(volume, ns=(1_000_000_000, 2_000_000_000))
+
+    summary = reencrypt_tree(volume, deriver, upgrade=True)
+    assert summary.flags_added == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
+    # (the files' contents, at epoch 1, are the retirement's to refuse: no value failed)
+    assert sorted((f.path, "keyed with mk epoch 1" in f.detail) for f in summary.failed) == [
+        ("/f", True), ("/ro", True)]
+    assert (summary.symlinks_rewritten, summary.xattrs_resealed) == (3, 0)
+    assert summary.xattr_epochs_before == {2: 4}  # what the cut run moved, read as such
+    assert sorted(m.path for m in summary.retired_values) == [
+        "/d/linked2", "/d/long", "/linked", "/short"]
+    assert volconfig.load(volume).has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
+    root = os.stat(volume)
+    assert (root.st_atime_ns, root.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
+    m = _mount(volume, tmp_path, epoch=2, name="after", retired_below=2)
+    try:
+        assert os.readlink(m.mountpoint / "short") == "old-target"
+        assert os.readlink(m.mountpoint / "d" / "long") == LONG_TARGET
+        assert os.getxattr(m.mountpoint / "d", b"user.dir") == b"on a directory"
+    finally:
+        m.stop()
+    report = check_tree(volume, deriver)
+    assert report.symlink_epochs == {2: 4} and report.xattr_epochs == {2: 4}
+    assert {p.path for p in report.problems} == {"/f", "/ro"}  # their contents, as above
+
+
+def test_a_migration_that_leaves_a_value_adds_the_flag_only_once_none_is_left(
+    tmp_path: Path,
+) -> None:
+    """A value the migration could not move (here, damaged) keeps the volume without
+    SymlinkXattrEpochs (flags_pending): with it, the next --upgrade would no longer read a
+    retired epoch's. Once it is removed, the next --upgrade adds the flag."""
+    volume = make_volume(tmp_path / "cipher")
+    _epoch1_tree(volume, tmp_path)
+    config = volconfig.load(volume)
+    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
+        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    d = cipher_path(volume, "d")
+    (disk,) = _user_xattrs(d)
+    stored = bytearray(os.getxattr(d, disk))
+    stored[-1] ^= 1
+    os.setxattr(d, disk, bytes(stored))
+    deriver = SoftDeriver(current_epoch=2, retired_below=2)
+    summary = reencrypt_tree(volume, deriver, upgrade=True)
+    assert summary.flags_pending == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
+    assert volconfig.FLAG_SYMLINK_XATTR_EPOCHS not in summary.flags_added
+    assert [f.path for f in summary.failed] == ["/d"]
+    assert not volconfig.load(volume).has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
+    os.removexattr(cipher_path(volume, "d"), disk)
+    again = reencrypt_tree(volume, deriver, upgrade=True)
+    assert again.flags_added == [volconfig.FLAG_SYMLINK_XATTR_EPOCHS]
+    assert again.flags_pending == [] and not again.failed
+    assert volconfig.load(volume).has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS)
 
 
 def test_reencrypt_wants_the_flag_and_upgrade_adds_it(tmp_path: Path) -> None:
