@@ -155,6 +155,20 @@ def hsm_seal(store: Path, trust_id: str, hsm_label: str) -> "Signature":
     return Signature(trust_id, record.id, value)
 
 
+def drop_rivals(store: Path, predecessor: str, kept: str) -> None:
+    """Remove every other successor of *predecessor* from *store* (its Trust, approvals and
+    seals): what operators do to keep one line of Trusts, on which alone a Domain's keys are
+    wrapped (test_forked_line.py)."""
+    from kmsfs.service.context import Context
+
+    ctx = Context.at(store)
+    for trust_id in ctx.store.trust_ids():
+        if trust_id != kept and ctx.store.trust(trust_id).predecessor == predecessor:
+            (store / "trusts" / f"{trust_id}.json").unlink()
+            for kind in ("approvals", "seals"):
+                shutil.rmtree(store / kind / trust_id, ignore_errors=True)
+
+
 def one_error_line(result: Result) -> str:
     """The CLI's error contract: exactly one line on stderr, starting with the program name."""
     lines = result.stderr.strip().splitlines()

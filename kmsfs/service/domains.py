@@ -79,10 +79,14 @@ def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
     if not chain[-1].trust.operators:
         raise UsageError("the genesis trust has no operators and cannot govern a Domain")
     refuse_superseded(ctx, chain[-1].trust.id, "make a Domain or generation under it")
-    # A fresh k is wrapped to the HSMs of this line: never on one a rival line contests (a
-    # superseded Trust's old quorum, removed operators included, can still approve a rival).
-    trusts.refuse_forked_line(ctx, chain, "wrap a Domain's keys for its HSMs")
     return chain
+
+
+def _refuse_forked(ctx: Context, chain: list[SealedTrust]) -> None:
+    """A fresh k is wrapped to the HSMs of *chain*'s line: never on one a rival line contests
+    (a superseded Trust's old quorum, removed operators included, can still approve a rival:
+    :func:`~kmsfs.service.trusts.refuse_forked_line`)."""
+    trusts.refuse_forked_line(ctx, chain, "wrap a Domain's keys for its HSMs")
 
 
 def refuse_superseded(ctx: Context, trust_id: str, what: str) -> None:
@@ -107,6 +111,7 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
         raise AlreadyExistsError(f"a domain named {name!r} exists already (rewrap it instead)")
     chain = _governing_trust(ctx, trust_ref)
+    _refuse_forked(ctx, chain)
     with open_hsm(ctx, chain[-1].trust.hsms) as hsm:
         sealed = new_domain(hsm, name, chain[-1].trust, chain[0].id)
     verified = verify_domain(sealed, chain, ctx.store.anchor())
@@ -331,6 +336,7 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             f"trust {new_trust.id[:12]} is not a successor of the domain's trust "
             f"{old.trust.id[:12]}"
         )
+    _refuse_forked(ctx, chain)
     infos = [binding_info(name, m.epoch, chain[0].id) for m in old_domain.master_keys]
     # Binding a Domain made before key binding: checked in the HSM that sealed it.
     expected = [m.binding for m in old_domain.master_keys]

@@ -342,9 +342,9 @@ def test_rewrap_refuses_a_trust_that_is_not_a_successor(initialized: Admin) -> N
     initialized.create_operators("alice", "bob")
     base = initialized.sealed_trust(["hsm1", "hsm2"], ["alice"], 1)
     first = initialized.sealed_trust(["hsm1"], ["alice"], 1, predecessor=base)
+    initialized("domain", "create", "d1", "--trust", first)  # before the fork (test_forked_line)
     sibling = initialized.sealed_trust(["hsm2"], ["bob"], 1, ["alice", "bob"], predecessor=base,
                                        fork=True)
-    initialized("domain", "create", "d1", "--trust", first)
     before = tree_snapshot(initialized.store / "domains")
     result = initialized("domain", "rewrap", "d1", "--trust", sibling, check=exitcodes.USAGE)
     assert "not a successor" in one_error_line(result)

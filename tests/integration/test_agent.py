@@ -53,7 +53,7 @@ from tests.integration.agent_helpers import (
     root_policy,
 )
 from tests.integration.fault_helpers import drop_cache, kmsfs, wait_for
-from tests.kms_helpers import ADMIN, Admin
+from tests.kms_helpers import ADMIN, Admin, drop_rivals
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -1099,17 +1099,6 @@ def test_agent_refuses_to_fork_its_line_of_trusts(world: World) -> None:
     assert list((world.agent_admin.store / "seals" / trust).glob("*.json"))
 
 
-def _drop_rivals(store: Path, predecessor: str, kept: str) -> None:
-    """Remove every other successor of *predecessor* from *store*: its Trust, approvals and
-    seals (what operators do to keep one line of Trusts)."""
-    ctx = Context.at(store)
-    for trust_id in ctx.store.trust_ids():
-        if trust_id != kept and ctx.store.trust(trust_id).predecessor == predecessor:
-            (store / "trusts" / f"{trust_id}.json").unlink()
-            for kind in ("approvals", "seals"):
-                shutil.rmtree(store / kind / trust_id, ignore_errors=True)
-
-
 def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) -> None:
     """Revoke hsm2: a successor Trust of hsm1 only, sealed and rewrapped through the agent.
 
@@ -1123,7 +1112,7 @@ def test_rewrap_through_agent_keeps_data_readable(world: World, tmp_path: Path) 
     # Nothing is wrapped on a forked line (test_forked_line.py): the operators keep this one,
     # and remove the other successors of world.trust that earlier tests sealed.
     for store in (world.ops.store, world.agent_admin.store):
-        _drop_rivals(store, world.trust, trust)
+        drop_rivals(store, world.trust, trust)
     world.ops("--agent", address, "domain", "create", "ledger", "--trust", trust)
     cipherdir = tmp_path / "cipher"
     assert kmsfs("init", str(cipherdir), "--domain", "ledger",

@@ -14,7 +14,7 @@ from kmsfs.model import contexts
 from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.service import operators
 from kmsfs.service.context import Context, open_hsm
-from tests.kms_helpers import Admin, hsm_seal, one_error_line
+from tests.kms_helpers import Admin, drop_rivals, hsm_seal, one_error_line
 
 # Each test proposes a different HSM list: identical proposals made in the same second are
 # the same content-addressed document.
@@ -131,9 +131,14 @@ def test_a_trust_changed_after_signing_fails(matrix: Admin) -> None:
     assert "not sealed" in one_error_line(result) or "quorum" in result.stderr
 
 
-def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(matrix: Admin) -> None:
-    trust = matrix.sealed_trust(["hsm2", "hsm1"], MEMBERS, 3, predecessor=_base(matrix),
-                                fork=True)
+def test_a_domain_sealed_by_an_hsm_outside_its_trust_is_rejected(
+    matrix: Admin, tmp_path: Path
+) -> None:
+    base = _base(matrix)
+    trust = matrix.sealed_trust(["hsm2", "hsm1"], MEMBERS, 3, predecessor=base, fork=True)
+    # In a copy that keeps this line alone: no Domain's keys are wrapped on a forked line.
+    matrix = matrix.copy(tmp_path / "store")
+    drop_rivals(matrix.store, base, trust)
     domain_id = matrix("domain", "create", "outsider-test", "--trust", trust).last_line
     ctx = _ctx(matrix)
     sealed = ctx.store.domain(domain_id)
