@@ -308,11 +308,13 @@ class Command:
                 f"  predecessor  {len(p.signed)}/{p.threshold} of its operators: "
                 f"{', '.join(sorted(p.signed)) or 'nobody'}"
             )
-        for name, (before, now) in sorted(status.key_changes.items()):
+        for name, change in sorted(status.key_changes.items()):
             lines.append(
-                f"  KEY CHANGE   operator {name}: {short(before)} in the predecessor, "
-                f"{short(now)} here (approve only if {name} asked for it)"
+                f"  KEY CHANGE   operator {name}: {short(change.before or '')} in the "
+                f"predecessor, {short(change.now)} here (approve only if {name} asked for it)"
             )
+        for label, change in sorted(status.hsm_changes.items()):
+            lines.append(f"  HSM CHANGE   {_hsm_change_text(label, change)}")
         lines.append(f"  state        {_state_text(status)}")
         if status.rivals:
             lines.append(
@@ -329,6 +331,7 @@ class Command:
             self.args.as_,
             self.pin(f"PIN or passphrase of operator {self.args.as_}"),
             self.args.accept_key_change,
+            self.args.accept_hsm_change,
         )
         status = trusts.status(self.ctx, done.signature.subject)
         count = f"{len(status.own.signed)}/{status.trust.quorum}"
@@ -548,6 +551,18 @@ def _awaits(status: trusts.TrustStatus, name: str) -> bool:
         return False
     groups = [status.own] + ([status.predecessor] if status.predecessor else [])
     return any(name in g.unsigned for g in groups)
+
+
+def _hsm_change_text(label: str, change: trusts.Change) -> str:
+    """The ``HSM CHANGE`` line of ``trust show`` for one HSM, after the tag."""
+    check = "approve only after checking its id out of band, with whoever holds it"
+    if change.before is None:
+        return (
+            f"{label}: {short(change.now)} is an HSM that neither the predecessor nor the "
+            f"store's HSM records know ({check})"
+        )
+    where = "the predecessor" if change.known_from == "predecessor" else "the store's record"
+    return f"{label}: {short(change.before)} in {where}, {short(change.now)} here ({check})"
 
 
 def _state_text(status: trusts.TrustStatus) -> str:
@@ -857,6 +872,17 @@ def build_parser() -> Parser:
         metavar="NAME",
         help="approve although the trust gives operator NAME another key than its predecessor "
         "does (only when NAME asked for it; `trust show` lists the key ids); repeatable",
+    )
+    p.add_argument(
+        "--accept-hsm-change",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="approve although the trust lists under LABEL another HSM than its predecessor "
+        "(or the store's record of LABEL) does, or an HSM neither knows (`trust show` prints "
+        "HSM CHANGE with both ids): only after checking the new id out of band with whoever "
+        "holds that HSM (`hsm health` on its host shows the id of the token it opens), since "
+        "whoever can write the store can list keys of their own as an HSM; repeatable",
     )
     _pin_options(p, "operator's PIN or passphrase")
     p = command(

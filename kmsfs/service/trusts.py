@@ -402,9 +402,25 @@ def refuse_rival_successors(ctx: Context, root: str, chosen: str, then: str = "i
         )
 
 
-def key_changes(ctx: Context, trust: Trust) -> dict[str, tuple[str, str]]:
+@dataclass(frozen=True)
+class Change:
+    """What a Trust lists behind a name (an operator's key id, an HSM's id: ``now``) where
+    ``known_from`` gives that name to ``before``: "predecessor" (the Trust it succeeds) or
+    "record" (the store's ``operators/NAME.json``, or an HSM record of that label in
+    ``hsms/``). For an HSM that neither knows by any label, ``before`` and ``known_from`` are
+    None."""
+
+    before: str | None
+    now: str
+    known_from: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "now": self.now, "known_from": self.known_from}
+
+
+def key_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
     """Operators the Trust lists under a name its predecessor lists with another key:
-    name -> (predecessor's key id, this Trust's key id).
+    name -> change.
 
     An operator record is only self-signed, so whoever can write the store can put their own
     key under a colleague's name before a Trust is proposed; the names then read as expected.
@@ -414,10 +430,56 @@ def key_changes(ctx: Context, trust: Trust) -> dict[str, tuple[str, str]]:
         return {}
     before = {m.name: m.key.key_id for m in ctx.store.trust(trust.predecessor).operators}
     return {
-        m.name: (before[m.name], m.key.key_id)
+        m.name: Change(before[m.name], m.key.key_id, "predecessor")
         for m in trust.operators
         if m.name in before and before[m.name] != m.key.key_id
     }
+
+
+def _hsm_records(ctx: Context) -> list[HsmRecord]:
+    """The HSM records of the store that read and verify (a record is only self-signed)."""
+    records = []
+    for hsm_id in ctx.store.hsm_ids():
+        try:
+            records.append(ctx.store.hsm(hsm_id))
+        except KmsfsError:
+            continue
+    return records
+
+
+def hsm_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
+    """HSMs the Trust lists under a label that its predecessor (or else an HSM record of the
+    store) gives to another HSM, and HSMs that neither the predecessor nor any record of the
+    store knows at all: label -> change.
+
+    A Trust carries its HSMs' public keys, and an HSM is known by those keys alone (its id), not
+    by its label. Whoever can write the store can write a proposal that lists ``hsm2`` with keys
+    they hold in software; once sealed, that key is an HSM of the Trust: it seals anything under
+    it, and every Domain rewrapped into it has ``k`` wrapped to the writer (review F2). Such a
+    change must be seen and accepted by the people approving, after checking the new id out of
+    band. An HSM added with ``hsm create`` or ``hsm enroll`` and proposed by its label is no
+    change: the store's record knows it under that label.
+    """
+    if trust.predecessor is None:
+        return {}
+    before = {h.label: h.id for h in ctx.store.trust(trust.predecessor).hsms}
+    recorded: dict[str, set[str]] = {}
+    for record in _hsm_records(ctx):
+        recorded.setdefault(record.label, set()).add(record.id)
+    known = set(before.values()).union(*recorded.values())
+    changes: dict[str, Change] = {}
+    for h in trust.hsms:
+        if h.label in before:
+            if before[h.label] != h.id:
+                changes[h.label] = Change(before[h.label], h.id, "predecessor")
+        elif recorded.get(h.label, {h.id}) != {h.id}:
+            # Another record of that label: a planted one (resolve_hsm refuses the label) or
+            # the real one beside the Trust's planted HSM; either way, not one HSM by that name.
+            others = sorted(recorded[h.label] - {h.id})
+            changes[h.label] = Change(others[0], h.id, "record")
+        elif h.id not in known:
+            changes[h.label] = Change(None, h.id, None)
+    return changes
 
 
 @dataclass(frozen=True)
@@ -435,13 +497,15 @@ def approve(
     operator_name: str,
     secret: PinSource,
     accept_key_changes: Sequence[str] = (),
+    accept_hsm_changes: Sequence[str] = (),
 ) -> Approved:
     """Operator ``operator_name`` signs the Trust; only members of it or its predecessor may.
     One who has signed it already is told so, without a PIN being asked for.
 
     Refused, before the PIN is read, if the Trust lists the signer's name with a key that is not
-    the signer's, or changes the key behind any name of its predecessor that the signer did not
-    name in ``accept_key_changes``.
+    the signer's, or changes the key behind any name (:func:`key_changes`) that the signer did
+    not name in ``accept_key_changes``, or an HSM (:func:`hsm_changes`) whose label the signer
+    did not name in ``accept_hsm_changes``.
     """
     trust = ctx.store.trust(resolve_trust(ctx, trust_ref))
     refuse_dead(ctx, trust)
@@ -463,12 +527,24 @@ def approve(
     unaccepted = {n: c for n, c in key_changes(ctx, trust).items() if n not in accept_key_changes}
     if unaccepted:
         changes = "; ".join(
-            f"{n}: {old[:12]} -> {new[:12]}" for n, (old, new) in sorted(unaccepted.items())
+            f"{n}: {(c.before or '')[:12]} -> {c.now[:12]}" for n, c in sorted(unaccepted.items())
         )
         raise IntegrityError(
             f"trust {trust.id[:12]} changes the key of operator(s) its predecessor lists "
             f"({changes}); approve only if each of them asked for it, with --accept-key-change "
             "NAME for each"
+        )
+    unaccepted = {n: c for n, c in hsm_changes(ctx, trust).items() if n not in accept_hsm_changes}
+    if unaccepted:
+        changes = "; ".join(
+            f"{n}: {c.before[:12] if c.before else 'unknown'} -> {c.now[:12]}"
+            for n, c in sorted(unaccepted.items())
+        )
+        raise IntegrityError(
+            f"trust {trust.id[:12]} lists HSM(s) under a label that its predecessor or the "
+            f"store's records give to another HSM, or that neither knows ({changes}); approve "
+            "only after checking each id out of band with whoever holds that HSM, with "
+            "--accept-hsm-change LABEL for each"
         )
     mine = [m for group in groups for m in group if m.key == record.key][:1]
     earlier = valid_approvals(trust, ctx.store.signatures("approval", trust.id), mine)
@@ -501,7 +577,8 @@ class TrustStatus:
     own: QuorumResult
     predecessor: QuorumResult | None
     sealed_by: str | None
-    key_changes: dict[str, tuple[str, str]]
+    key_changes: dict[str, Change]
+    hsm_changes: dict[str, Change]
     lost_to: str | None = None
     #: Other sealed successors of this sealed Trust's predecessor (:func:`list_status`).
     rivals: tuple[str, ...] = ()
@@ -539,9 +616,8 @@ class TrustStatus:
             "hsms": [{"id": h.id, "label": h.label} for h in t.hsms],
             "operators": [m.name for m in t.operators],
             "operator_keys": [{"name": m.name, "key_id": m.key.key_id} for m in t.operators],
-            "key_changes": {
-                n: {"before": old, "now": new} for n, (old, new) in self.key_changes.items()
-            },
+            "key_changes": {n: c.to_dict() for n, c in self.key_changes.items()},
+            "hsm_changes": {label: c.to_dict() for label, c in self.hsm_changes.items()},
             "quorum": t.quorum,
             "tolerates": t.tolerance(),
             "created": t.created,
@@ -565,7 +641,9 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
     seal = valid_seal(ctx, trust)
     sealed_by = trust.hsm(seal.key_id).label if seal else None  # type: ignore[union-attr]
     dead = None if sealed_by else lost_to(ctx, trust)
-    return TrustStatus(trust, own, before, sealed_by, key_changes(ctx, trust), dead)
+    return TrustStatus(
+        trust, own, before, sealed_by, key_changes(ctx, trust), hsm_changes(ctx, trust), dead
+    )
 
 
 def status_with_rivals(ctx: Context, trust_id: str) -> TrustStatus:
