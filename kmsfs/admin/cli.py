@@ -309,9 +309,13 @@ class Command:
                 f"{', '.join(sorted(p.signed)) or 'nobody'}"
             )
         for name, change in sorted(status.key_changes.items()):
+            where = (
+                "the predecessor" if change.known_from == "predecessor"
+                else f"operators/{name}.json"
+            )
             lines.append(
-                f"  KEY CHANGE   operator {name}: {short(change.before or '')} in the "
-                f"predecessor, {short(change.now)} here (approve only if {name} asked for it)"
+                f"  KEY CHANGE   operator {name}: {short(change.before or '')} in {where}, "
+                f"{short(change.now)} here (approve only if {name} asked for it)"
             )
         for label, change in sorted(status.hsm_changes.items()):
             lines.append(f"  HSM CHANGE   {_hsm_change_text(label, change)}")
@@ -871,7 +875,8 @@ def build_parser() -> Parser:
         default=[],
         metavar="NAME",
         help="approve although the trust gives operator NAME another key than its predecessor "
-        "does (only when NAME asked for it; `trust show` lists the key ids); repeatable",
+        "does (or, for an operator new in it, than the store's record of NAME): only when NAME "
+        "asked for it (`trust show` prints KEY CHANGE with both key ids); repeatable",
     )
     p.add_argument(
         "--accept-hsm-change",

@@ -419,21 +419,32 @@ class Change:
 
 
 def key_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
-    """Operators the Trust lists under a name its predecessor lists with another key:
+    """Operators the Trust lists with another key than its predecessor lists under their name,
+    or, for an operator new in the Trust, than the store's record of that name (review F2):
     name -> change.
 
     An operator record is only self-signed, so whoever can write the store can put their own
-    key under a colleague's name before a Trust is proposed; the names then read as expected.
-    Such a change must be seen and accepted by the people approving, by key, not by name.
+    key under a colleague's name before a Trust is proposed, and put the real record back; the
+    names then read as expected. Such a change must be seen and accepted by the people
+    approving, by key, not by name. (A planted record left in place shows nowhere but in that
+    operator's own signature, which :func:`operators.sign_as` checks.)
     """
     if trust.predecessor is None:
         return {}
     before = {m.name: m.key.key_id for m in ctx.store.trust(trust.predecessor).operators}
-    return {
-        m.name: Change(before[m.name], m.key.key_id, "predecessor")
-        for m in trust.operators
-        if m.name in before and before[m.name] != m.key.key_id
-    }
+    changes: dict[str, Change] = {}
+    for m in trust.operators:
+        if m.name in before:
+            if before[m.name] != m.key.key_id:
+                changes[m.name] = Change(before[m.name], m.key.key_id, "predecessor")
+            continue
+        try:
+            record = ctx.store.operator(m.name)
+        except KmsfsError:
+            continue  # no record here (a Trust imported with a Domain): nothing to compare
+        if record.key.key_id != m.key.key_id:
+            changes[m.name] = Change(record.key.key_id, m.key.key_id, "record")
+    return changes
 
 
 def _hsm_records(ctx: Context) -> list[HsmRecord]:
@@ -530,9 +541,9 @@ def approve(
             f"{n}: {(c.before or '')[:12]} -> {c.now[:12]}" for n, c in sorted(unaccepted.items())
         )
         raise IntegrityError(
-            f"trust {trust.id[:12]} changes the key of operator(s) its predecessor lists "
-            f"({changes}); approve only if each of them asked for it, with --accept-key-change "
-            "NAME for each"
+            f"trust {trust.id[:12]} changes the key of operator(s) its predecessor (or, for a "
+            f"new one, the store's record) lists ({changes}); approve only if each of them "
+            "asked for it, with --accept-key-change NAME for each"
         )
     unaccepted = {n: c for n, c in hsm_changes(ctx, trust).items() if n not in accept_hsm_changes}
     if unaccepted:

@@ -109,6 +109,62 @@ def test_an_operator_whose_record_was_replaced_and_left_cannot_approve(
     assert documents() == before
 
 
+def test_a_new_operator_listed_with_another_key_than_its_record_is_a_key_change(
+    initialized: Admin,
+) -> None:
+    """dave is new in T2, so no predecessor lists him; the store writer plants a record of a
+    key of theirs as dave's, proposes, and puts the real record back. dave's own signature is
+    not needed for the quorum, so only the record can show it (review F2): it does, and the
+    others sign only when they accept it by name."""
+    admin = initialized
+    admin.create_operators("alice", "bob", "carol", "dave")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    store = Store(admin.store)
+    path = admin.store / "operators" / "dave.json"
+    saved = path.with_suffix(".saved")
+    shutil.copy(path, saved)
+    real = store.operator("dave")
+    fake = ed25519.Ed25519PrivateKey.generate()
+    planted = PublicKey("ed25519", _raw_public(fake))
+    path.unlink()
+    store.save_operator(
+        self_signed(
+            OperatorRecord("dave", planted, real.protection, real.created),
+            fake,
+            contexts.OPERATOR_RECORD,
+        )
+    )
+    t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1)
+    shutil.move(saved, path)
+    text = admin("trust", "show", t2).stdout
+    assert (
+        f"KEY CHANGE   operator dave: {real.key.key_id[:12]} in operators/dave.json, "
+        f"{planted.key_id[:12]} here" in text
+    )
+    info = json.loads(admin("--json", "trust", "show", t2).stdout)
+    assert info["key_changes"] == {
+        "dave": {"before": real.key.key_id, "now": planted.key_id, "known_from": "record"}
+    }
+    pin = admin.pin_file("alice")
+    line = one_error_line(admin("trust", "sign", t2, "--as", "alice", "--pin-file", pin, check=3))
+    assert f"dave: {real.key.key_id[:12]} -> {planted.key_id[:12]}" in line
+    out = admin(
+        "trust", "sign", t2, "--as", "alice", "--pin-file", pin, "--accept-key-change", "dave"
+    ).stdout
+    assert "alice signed trust" in out
+
+
+def test_new_operators_with_their_recorded_keys_are_no_key_change(initialized: Admin) -> None:
+    """The ordinary ceremony: the genesis's successor (every operator new) and a successor
+    adding dave, proposed from the records, sign and seal with no --accept option."""
+    admin = initialized
+    admin.create_operators("alice", "bob", "dave")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    t2 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "dave"], 2, predecessor=t1)
+    for trust in (t1, t2):
+        assert admin("--json", "trust", "show", trust).json["key_changes"] == {}
+
+
 def test_others_approve_a_key_change_only_when_they_accept_it_by_name(
     swapped: tuple[Admin, str],
 ) -> None:
