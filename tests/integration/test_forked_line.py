@@ -82,7 +82,9 @@ def forked(tmp_path: Path) -> tuple[Admin, str, str, list[str], Path]:
         trust = Trust(serial, predecessor, (hsm1, fake), (members["bob"], members["carol"]), 2,
                       utc_now())
         ctx.store.save_trust(trust)
-        admin.sign(trust.id, "bob", "carol")  # carol's key: removed by T2, still T1's
+        for name in ("bob", "carol"):  # carol's key: removed by T2, still T1's
+            admin("trust", "sign", trust.id, "--as", name, "--pin-file", admin.pin_file(name),
+                  "--accept-hsm-change", "hsm3")  # theirs: they know what they approve
         seal = fake_key.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
         ctx.store.save_signature("seal", Signature(trust.id, fake.id, seal))
         rogue.append(trust.id)
