@@ -447,6 +447,17 @@ def key_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
     return changes
 
 
+def _unaccepted(changes: dict[str, Change], accepted: Sequence[str]) -> str | None:
+    """``name: before -> now; ...`` of the *changes* the signer did not name in *accepted*;
+    None if there is none left."""
+    left = sorted(((n, c) for n, c in changes.items() if n not in accepted), key=lambda nc: nc[0])
+    if not left:
+        return None
+    return "; ".join(
+        f"{n}: {c.before[:12] if c.before else 'unknown'} -> {c.now[:12]}" for n, c in left
+    )
+
+
 def _hsm_records(ctx: Context) -> list[HsmRecord]:
     """The HSM records of the store that read and verify (a record is only self-signed)."""
     records = []
@@ -535,22 +546,13 @@ def approve(
             f"{listed.key.key_id[:12]}, not yours ({record.key.key_id[:12]}): someone proposed "
             "it with another key under your name; do not approve it"
         )
-    unaccepted = {n: c for n, c in key_changes(ctx, trust).items() if n not in accept_key_changes}
-    if unaccepted:
-        changes = "; ".join(
-            f"{n}: {(c.before or '')[:12]} -> {c.now[:12]}" for n, c in sorted(unaccepted.items())
-        )
+    if (changes := _unaccepted(key_changes(ctx, trust), accept_key_changes)) is not None:
         raise IntegrityError(
             f"trust {trust.id[:12]} changes the key of operator(s) its predecessor (or, for a "
             f"new one, the store's record) lists ({changes}); approve only if each of them "
             "asked for it, with --accept-key-change NAME for each"
         )
-    unaccepted = {n: c for n, c in hsm_changes(ctx, trust).items() if n not in accept_hsm_changes}
-    if unaccepted:
-        changes = "; ".join(
-            f"{n}: {c.before[:12] if c.before else 'unknown'} -> {c.now[:12]}"
-            for n, c in sorted(unaccepted.items())
-        )
+    if (changes := _unaccepted(hsm_changes(ctx, trust), accept_hsm_changes)) is not None:
         raise IntegrityError(
             f"trust {trust.id[:12]} lists HSM(s) under a label that its predecessor or the "
             f"store's records give to another HSM, or that neither knows ({changes}); approve "
