@@ -155,6 +155,26 @@ def hsm_seal(store: Path, trust_id: str, hsm_label: str) -> "Signature":
     return Signature(trust_id, record.id, value)
 
 
+def software_hsm(label: str, created: str | None = None) -> tuple[Any, Any]:
+    """An HSM record whose private keys are in this process (what a writer of the store can
+    list in a proposal), and its Ed25519 signing key: (HsmRecord, Ed25519PrivateKey)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    from kmsfs.model.publickeys import PublicKey
+    from kmsfs.model.records import HsmRecord
+    from kmsfs.service.context import utc_now
+
+    wrap = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+    spki = wrap.public_bytes(serialization.Encoding.DER,
+                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    sign = ed25519.Ed25519PrivateKey.generate()
+    record = HsmRecord(label, PublicKey("rsa-oaep-sha1", spki),
+                       PublicKey("ed25519", sign.public_key().public_bytes_raw()),
+                       created or utc_now())
+    return record, sign
+
+
 def drop_rivals(store: Path, predecessor: str, kept: str) -> None:
     """Remove every other successor of *predecessor* from *store* (its Trust, approvals and
     seals): what operators do to keep one line of Trusts, on which alone a Domain's keys are

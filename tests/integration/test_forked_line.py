@@ -20,8 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.agent.policy import Peer, Policy
 from kmsfs.agent.protocol import Request
@@ -30,12 +29,11 @@ from kmsfs.errors import UsageError
 from kmsfs.model import contexts
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.publickeys import PublicKey
-from kmsfs.model.records import HsmRecord
 from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.model.verify import Anchor
 from kmsfs.service import domains, hsms, trusts
 from kmsfs.service.context import Context, utc_now
-from tests.kms_helpers import Admin, one_error_line, tree_snapshot
+from tests.kms_helpers import Admin, one_error_line, software_hsm, tree_snapshot
 
 ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
 
@@ -46,17 +44,6 @@ def _policy() -> Policy:
         f"allow = {ALL_ACTIONS}\n",
         "policy.toml",
     )
-
-
-def _software_hsm(label: str) -> tuple[HsmRecord, ed25519.Ed25519PrivateKey]:
-    """An "HSM" record whose keys are software keys the attacker holds."""
-    wrap = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
-    spki = wrap.public_bytes(serialization.Encoding.DER,
-                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    sign = ed25519.Ed25519PrivateKey.generate()
-    raw = sign.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return HsmRecord(label, PublicKey("rsa-oaep-sha1", spki), PublicKey("ed25519", raw),
-                     utc_now()), sign
 
 
 @pytest.fixture
@@ -74,7 +61,7 @@ def forked(tmp_path: Path) -> tuple[Admin, str, str, list[str], Path]:
     agent_store = admin.copy(tmp_path / "agent-store").store
     ctx = Context.at(admin.store)
     hsm1 = hsms.resolve_hsm(ctx, "hsm1")
-    fake, fake_key = _software_hsm("hsm3")
+    fake, fake_key = software_hsm("hsm3")
     members = {m.name: m for m in ctx.store.trust(t1).operators}
     rogue: list[str] = []
     predecessor, serial = t1, 3

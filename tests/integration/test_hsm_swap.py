@@ -10,28 +10,12 @@ carol's key. The operator-key counterpart is tests/integration/test_operator_key
 import json
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import HsmRecord
 from kmsfs.model.trust import Trust
 from kmsfs.service.context import utc_now
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line, tree_snapshot
-
-
-def _software_hsm(label: str, created: str) -> HsmRecord:
-    """An HSM record whose private keys are in this process: what a store writer can list."""
-    spki = (
-        rsa.generate_private_key(65537, 3072)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    sign = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-    return HsmRecord(
-        label, PublicKey("rsa-oaep-sha1", spki), PublicKey("ed25519", sign), created
-    )
+from tests.kms_helpers import Admin, one_error_line, software_hsm, tree_snapshot
 
 
 def _written_successor(admin: Admin, predecessor: str, hsms: tuple[HsmRecord, ...]) -> str:
@@ -57,7 +41,7 @@ def swapped(initialized: Admin) -> tuple[Admin, str, str, str]:
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
     old = Store(admin.store).trust(t1)
     real = next(h for h in old.hsms if h.label == "hsm2")
-    fake = _software_hsm("hsm2", real.created)
+    fake = software_hsm("hsm2", real.created)[0]
     hsms = tuple(fake if h.label == "hsm2" else h for h in old.hsms)
     return admin, _written_successor(admin, t1, hsms), real.id, fake.id
 
@@ -101,7 +85,7 @@ def test_a_new_hsm_that_no_record_knows_is_flagged(initialized: Admin) -> None:
     admin.create_operators("alice", "bob")
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 1)
     old = Store(admin.store).trust(t1)
-    new = _software_hsm("hsm3", utc_now())
+    new = software_hsm("hsm3")[0]
     t2 = _written_successor(admin, t1, (*old.hsms, new))
     text = admin("trust", "show", t2).stdout
     assert f"HSM CHANGE   hsm3: {new.id[:12]} is an HSM that neither the predecessor" in text
@@ -124,7 +108,7 @@ def test_a_planted_hsm_under_the_label_of_a_recorded_new_hsm_is_flagged(
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 1)
     real = admin("--json", "hsm", "create", "--label", "hsm3").json["id"]
     old = Store(admin.store).trust(t1)
-    fake = _software_hsm("hsm3", utc_now())
+    fake = software_hsm("hsm3")[0]
     t2 = _written_successor(admin, t1, (*old.hsms, fake))
     text = admin("trust", "show", t2).stdout
     assert f"HSM CHANGE   hsm3: {real[:12]} in the store's record, {fake.id[:12]} here" in text
