@@ -313,9 +313,13 @@ class Command:
                 "the predecessor" if change.known_from == "predecessor"
                 else f"operators/{name}.json"
             )
+            known = (
+                f"{short(change.before)} in {where}" if change.before is not None
+                else f"no key in the predecessor nor in operators/{name}.json"
+            )
             lines.append(
-                f"  KEY CHANGE   operator {name}: {short(change.before or '')} in {where}, "
-                f"{short(change.now)} here (approve only if {name} asked for it)"
+                f"  KEY CHANGE   operator {name}: {known}, {short(change.now)} here (approve "
+                f"only if {name} asked for it)"
             )
         for label, change in sorted(status.hsm_changes.items()):
             lines.append(f"  HSM CHANGE   {_hsm_change_text(label, change)}")

@@ -565,10 +565,14 @@ class Agent:
     def _import_chain(
         self, chain: Sequence[SealedTrust], last: str, allow_unpinned: bool = False
     ) -> None:
-        """Verify a client's Trust chain against the agent's root, then keep its documents."""
+        """Verify a client's Trust chain against the agent's root, then keep its documents;
+        not one that forks from a line the store holds (:func:`trusts.refuse_forked_line`),
+        checked before anything is written: a rival line kept after a refused request made
+        the store's honest line fork too, and blocked its rewraps (review)."""
         if not (allow_unpinned and len(chain) == 1):
             self._require_pinned()
         imports.check_chain(self.ctx, chain, last)
+        trusts.refuse_forked_line(self.ctx, chain, "take a client's Trusts into the agent's store")
         imports.save_chain(self.ctx, chain)
 
     def close(self) -> None:

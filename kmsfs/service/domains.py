@@ -82,11 +82,13 @@ def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
     return chain
 
 
-def _refuse_forked(ctx: Context, chain: list[SealedTrust]) -> None:
-    """A fresh k is wrapped to the HSMs of *chain*'s line: never on one a rival line contests
-    (a superseded Trust's old quorum, removed operators included, can still approve a rival:
-    :func:`~kmsfs.service.trusts.refuse_forked_line`)."""
-    trusts.refuse_forked_line(ctx, chain, "wrap a Domain's keys for its HSMs")
+def _refuse_forked(
+    ctx: Context, chain: Sequence[SealedTrust], what: str = "wrap a Domain's keys for its HSMs"
+) -> None:
+    """No key is wrapped to the HSMs of *chain*'s line (a fresh k, a new mk epoch) where a
+    rival line contests it (a superseded Trust's old quorum, removed operators included, can
+    still approve a rival: :func:`~kmsfs.service.trusts.refuse_forked_line`)."""
+    trusts.refuse_forked_line(ctx, chain, what)
 
 
 def refuse_superseded(ctx: Context, trust_id: str, what: str) -> None:
@@ -409,6 +411,9 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     old_domain = old.sealed.domain
     trust = old.trust.trust
     refuse_rotation_under_superseded(ctx, name, trust.id)
+    # A generation already on a rival line (rewrapped where the honest one was not known): its
+    # k is the rival's, and a new epoch under it would be too (review).
+    _refuse_forked(ctx, old.chain, "add a key epoch to a Domain")
     check_bindings(ctx, old)  # no new epoch, sealed by an honest HSM, on keys not its own
     epoch = max(m.epoch for m in old_domain.master_keys) + 1
     with open_hsm(ctx, trust.hsms) as hsm:

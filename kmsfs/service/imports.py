@@ -123,6 +123,9 @@ def _needs_writing(ctx: Context, bundle: DomainBundle, verified: VerifiedDomain)
     domains.newest_verified(ctx, bundle, "the imported domain")  # a rival or a step back
     if bundle.domain.id in ctx.store.domain_ids():
         return False
+    # A generation made on a rival line of Trusts where the honest one was not known: its k is
+    # the rival's (trusts.refuse_forked_line; review).
+    trusts.refuse_forked_line(ctx, verified.chain, "take in a Domain generation")
     if not bundle.domain.domain.bound:
         raise ChainError(
             f"domain {bundle.domain.domain.name}: a generation made before key binding is "

@@ -420,8 +420,8 @@ class Change:
 
 def key_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
     """Operators the Trust lists with another key than its predecessor lists under their name,
-    or, for an operator new in the Trust, than the store's record of that name (review F2):
-    name -> change.
+    or, for an operator new in the Trust, than the store's record of that name, or with no
+    such record at all (review F2): name -> change.
 
     An operator record is only self-signed, so whoever can write the store can put their own
     key under a colleague's name before a Trust is proposed, and put the real record back; the
@@ -441,7 +441,10 @@ def key_changes(ctx: Context, trust: Trust) -> dict[str, Change]:
         try:
             record = ctx.store.operator(m.name)
         except KmsfsError:
-            continue  # no record here (a Trust imported with a Domain): nothing to compare
+            # No record of that name here (moved away while the proposal is signed, or a
+            # Trust imported with a Domain): nobody can tell whose key it is (review).
+            changes[m.name] = Change(None, m.key.key_id, None)
+            continue
         if record.key.key_id != m.key.key_id:
             changes[m.name] = Change(record.key.key_id, m.key.key_id, "record")
     return changes

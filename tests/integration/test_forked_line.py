@@ -28,6 +28,7 @@ from kmsfs.agent.service import Agent
 from kmsfs.errors import UsageError
 from kmsfs.model import contexts
 from kmsfs.model.canonical import b64encode
+from kmsfs.model.domain import SealedDomain
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.model.verify import Anchor
@@ -125,8 +126,9 @@ def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
 def test_the_agent_wraps_no_domain_key_on_a_forked_line(
     forked: tuple[Admin, str, str, list[str], Path],
 ) -> None:
-    """A client allowed ``rewrap`` sends the rival chain: the agent imports it, sees the fork
-    with the honest successor its store holds, and refuses; no generation is made."""
+    """A client allowed ``rewrap`` sends the rival chain: the agent sees the fork with the
+    honest successor its store holds and refuses before it keeps any of it (a rival line kept
+    would block the honest rewrap); no generation is made."""
     admin, _, t2, (r2, r3), agent_store = forked
     ctx = Context.at(admin.store)
     bundle = domains.export_bundle(ctx, "payroll")
@@ -142,9 +144,17 @@ def test_the_agent_wraps_no_domain_key_on_a_forked_line(
         with pytest.raises(UsageError, match="line of Trusts forks"):
             agent.handle(peer, Request(2, "create-domain", {
                 "name": "stolen", "trust": r3, "chain": [link.to_dict() for link in chain]}))
+        # Nothing of the rival line was kept: the honest rewrap into T2 goes through.
+        assert not (agent_store / "trusts" / f"{r2}.json").exists()
+        honest = trusts.verified_chain(ctx, t2)
+        assert tree_snapshot(agent_store / "domains") == before
+        done = agent.handle(peer, Request(3, "rewrap", {
+            "bundle": b64encode(bundle.to_bytes()), "trust": t2,
+            "chain": [link.to_dict() for link in honest]}))
+        made = SealedDomain.from_dict(done["domain"]).domain
+        assert (made.generation, made.trust) == (2, t2)
     finally:
         agent.close()
-    assert tree_snapshot(agent_store / "domains") == before
 
 
 def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path) -> None:
@@ -191,3 +201,26 @@ def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path)
     line = one_error_line(there("trust", "seal", second, "--fork", check=2))
     assert f"another verified successor of the genesis ({t1})" in line, line
     assert not (there.store / "seals" / second).exists()
+
+
+def test_a_generation_made_on_the_rival_line_elsewhere_is_neither_imported_nor_rotated(
+    forked: tuple[Admin, str, str, list[str], Path], tmp_path: Path,
+) -> None:
+    """A replica that never got T2 sees no fork and rewraps payroll into R3 (the documented
+    limit). Where the fork is known, that generation is not taken in, and once T2 reaches the
+    replica, no key epoch is added under the rival's k (review)."""
+    admin, _, t2, (_, r3), _ = forked
+    replica = admin.copy(tmp_path / "replica")
+    _drop_trusts(replica.store, [t2])
+    replica("domain", "rewrap", "payroll", "--trust", r3)
+    bundle = replica.export("payroll", tmp_path / "payroll.json")
+    before = tree_snapshot(admin.store / "domains")
+    line = one_error_line(admin("domain", "import", str(bundle), check=2))
+    assert "line of Trusts forks" in line and "take in a Domain generation" in line, line
+    assert tree_snapshot(admin.store / "domains") == before
+    for kind in ("trusts", "approvals", "seals"):  # the sync brings T2
+        shutil.copytree(admin.store / kind, replica.store / kind, dirs_exist_ok=True)
+    before = tree_snapshot(replica.store / "domains")
+    line = one_error_line(replica("domain", "rotate", "payroll", check=2))
+    assert "line of Trusts forks" in line and "add a key epoch" in line, line
+    assert tree_snapshot(replica.store / "domains") == before

@@ -154,6 +154,26 @@ def test_a_new_operator_listed_with_another_key_than_its_record_is_a_key_change(
     assert "alice signed trust" in out
 
 
+def test_a_new_operator_whose_record_is_gone_is_a_key_change(initialized: Admin) -> None:
+    """The store writer moves dave's record away while the proposal listing a key of theirs as
+    dave's is shown and signed (review of the fix above: a missing record was no change)."""
+    admin = initialized
+    admin.create_operators("alice", "bob", "carol", "dave")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
+    t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1)
+    now = Store(admin.store).operator("dave").key.key_id
+    (admin.store / "operators" / "dave.json").unlink()
+    text = admin("trust", "show", t2).stdout
+    assert (f"KEY CHANGE   operator dave: no key in the predecessor nor in "
+            f"operators/dave.json, {now[:12]} here") in text
+    info = json.loads(admin("--json", "trust", "show", t2).stdout)
+    assert info["key_changes"] == {"dave": {"before": None, "now": now, "known_from": None}}
+    pin = admin.pin_file("alice")
+    line = one_error_line(admin("trust", "sign", t2, "--as", "alice", "--pin-file", pin, check=3))
+    assert f"dave: unknown -> {now[:12]}" in line
+    admin("trust", "sign", t2, "--as", "alice", "--pin-file", pin, "--accept-key-change", "dave")
+
+
 def test_new_operators_with_their_recorded_keys_are_no_key_change(initialized: Admin) -> None:
     """The ordinary ceremony: the genesis's successor (every operator new) and a successor
     adding dave, proposed from the records, sign and seal with no --accept option."""
