@@ -879,8 +879,9 @@ def build_parser() -> Parser:
         default=[],
         metavar="NAME",
         help="approve although the trust gives operator NAME another key than its predecessor "
-        "does (or, for an operator new in it, than the store's record of NAME): only when NAME "
-        "asked for it (`trust show` prints KEY CHANGE with both key ids); repeatable",
+        "does (or, for an operator new in it, than the store's record of NAME, or with no such "
+        "record): only when NAME asked for it (`trust show` prints KEY CHANGE with the key "
+        "ids); repeatable",
     )
     p.add_argument(
         "--accept-hsm-change",
