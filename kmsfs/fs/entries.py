@@ -28,6 +28,7 @@ from kmsfs.fs.dirpool import POOL_DIR, POOL_DIR_B, DirPool
 from kmsfs.fs.epoch_ciphers import (
     check_new_name,
     links_of_volume,
+    retired_below,
     writing_epoch,
     xattrs_of_volume,
 )
@@ -91,7 +92,7 @@ class KmsfsOps(ContentOps, pyfuse3.Operations):
         self.xattrs = Xattrs(
             xattrs_of_volume(deriver), long_names=config.has(volconfig.FLAG_LONG_XATTR_NAMES)
         )
-        below = int(getattr(deriver, "retired_below", 1))
+        below = retired_below(deriver)
         if below > 1 and not config.has(volconfig.FLAG_SYMLINK_XATTR_EPOCHS):
             log.warning("this volume was made before symlink targets and xattr values followed "
                         "the key epochs, and its Domain retired the epochs below %d: symlinks and "

@@ -25,7 +25,8 @@ from kmsfs.errors import IntegrityError
 from kmsfs.keys import FIRST_EPOCH, KeyDeriver
 
 
-def _retired_below(deriver: KeyDeriver) -> int:
+def retired_below(deriver: KeyDeriver) -> int:
+    """The epochs below which the deriver refuses file keys (1 where it retires none)."""
     return int(getattr(deriver, "retired_below", FIRST_EPOCH))
 
 
@@ -36,7 +37,7 @@ def writing_epoch(deriver: KeyDeriver, what: str) -> int:
     be the retired HSM's to read, as a new file's contents would, which are refused too.
     *what* ends the error's message ("no new directory")."""
     epoch = int(deriver.current_epoch)
-    below = _retired_below(deriver)
+    below = retired_below(deriver)
     if epoch < below:
         raise IntegrityError(
             f"key epoch {epoch} is retired (epochs below {below}): {what} until this mount "
@@ -55,7 +56,7 @@ def check_new_name(deriver: KeyDeriver, dir_iv: bytes) -> None:
     renamed away (:func:`kmsfs.fs.names.names_of_volume`). Cheap: the epoch comes from the
     cached IV bytes."""
     epoch = epoch_of(dir_iv)
-    below = _retired_below(deriver)
+    below = retired_below(deriver)
     if epoch < below:
         raise IntegrityError(
             f"its names are keyed with mk epoch {epoch}, which is retired (epochs below "
@@ -89,4 +90,4 @@ def xattrs_of_volume(deriver: KeyDeriver, read_retired: bool = False) -> XattrCi
 def _refused_below(deriver: KeyDeriver, read_retired: bool) -> Callable[[], int]:
     if read_retired:
         return lambda: FIRST_EPOCH
-    return lambda: _retired_below(deriver)
+    return lambda: retired_below(deriver)

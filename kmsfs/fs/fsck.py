@@ -51,7 +51,7 @@ from kmsfs.errors import FormatError, IntegrityError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import kms
 from kmsfs.fs.dirpool import POOL_DIR, is_own_dir, is_ready_name, is_whole_at
-from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
+from kmsfs.fs.epoch_ciphers import links_of_volume, retired_below, xattrs_of_volume
 from kmsfs.fs.journal import JOURNAL_NAME, live_records
 from kmsfs.fs.longpath import forget, reach
 from kmsfs.fs.names import DirIvError, names_of_volume, read_dir_iv
@@ -253,7 +253,7 @@ class _Checker:
         ciphertext rolled back (the holder of that epoch's ``mk`` reads its names and can plant
         some). Its names are still read and checked."""
         epoch = epoch_of(dir_iv)
-        below = int(getattr(self.deriver, "retired_below", 1))
+        below = retired_below(self.deriver)
         if epoch < below:
             self.damage("epoch", cdir / DIRIV_NAME, plain, f"names keyed with mk epoch {epoch}, "
                         f"which is retired (epochs below {below}): a directory kmsfs reencrypt "

@@ -39,7 +39,7 @@ from kmsfs.crypto.names import VolumeNames
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import journal, kms
-from kmsfs.fs.epoch_ciphers import links_of_volume, xattrs_of_volume
+from kmsfs.fs.epoch_ciphers import links_of_volume, retired_below, xattrs_of_volume
 from kmsfs.fs.files import ContentKeys
 from kmsfs.fs.longpath import reach
 from kmsfs.fs.names import names_of_volume
@@ -183,7 +183,7 @@ class _Job:
         self.read_retired = read_retired
         """Move symlink targets and xattr values of retired epochs too (``--upgrade`` on a
         volume without SymlinkXattrEpochs: the migration)."""
-        self.retired_below = int(getattr(deriver, "retired_below", 1))
+        self.retired_below = retired_below(deriver)
         self.symlinks: list[Inode] = []
         """Every symlink inode of the tree, with its links, as the walk found them."""
 

@@ -74,21 +74,17 @@ def _seal(hsm: HsmSession, domain: Domain) -> SealedDomain:
     return SealedDomain(domain, Signature(domain.id, hsm.record.id, value))
 
 
+#: What create and rewrap will not do on a forked line of Trusts (trusts.refuse_forked_line:
+#: a superseded Trust's old quorum, removed operators included, can approve a rival line).
+WRAP_KEYS = "wrap a Domain's keys for its HSMs"
+
+
 def _governing_trust(ctx: Context, trust_ref: str) -> list[SealedTrust]:
     chain = trusts.verified_chain(ctx, trusts.resolve_trust(ctx, trust_ref))
     if not chain[-1].trust.operators:
         raise UsageError("the genesis trust has no operators and cannot govern a Domain")
     refuse_superseded(ctx, chain[-1].trust.id, "make a Domain or generation under it")
     return chain
-
-
-def _refuse_forked(
-    ctx: Context, chain: Sequence[SealedTrust], what: str = "wrap a Domain's keys for its HSMs"
-) -> None:
-    """No key is wrapped to the HSMs of *chain*'s line (a fresh k, a new mk epoch) where a
-    rival line contests it (a superseded Trust's old quorum, removed operators included, can
-    still approve a rival: :func:`~kmsfs.service.trusts.refuse_forked_line`)."""
-    trusts.refuse_forked_line(ctx, chain, what)
 
 
 def refuse_superseded(ctx: Context, trust_id: str, what: str) -> None:
@@ -113,7 +109,7 @@ def _create(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
     if any(ctx.store.domain(i).domain.name == name for i in ctx.store.domain_ids()):
         raise AlreadyExistsError(f"a domain named {name!r} exists already (rewrap it instead)")
     chain = _governing_trust(ctx, trust_ref)
-    _refuse_forked(ctx, chain)
+    trusts.refuse_forked_line(ctx, chain, WRAP_KEYS)  # no fresh k on a contested line
     with open_hsm(ctx, chain[-1].trust.hsms) as hsm:
         sealed = new_domain(hsm, name, chain[-1].trust, chain[0].id)
     verified = verify_domain(sealed, chain, ctx.store.anchor())
@@ -338,7 +334,7 @@ def _rewrap(ctx: Context, name: str, trust_ref: str) -> VerifiedDomain:
             f"trust {new_trust.id[:12]} is not a successor of the domain's trust "
             f"{old.trust.id[:12]}"
         )
-    _refuse_forked(ctx, chain)
+    trusts.refuse_forked_line(ctx, chain, WRAP_KEYS)
     infos = [binding_info(name, m.epoch, chain[0].id) for m in old_domain.master_keys]
     # Binding a Domain made before key binding: checked in the HSM that sealed it.
     expected = [m.binding for m in old_domain.master_keys]
@@ -413,7 +409,7 @@ def _rotate(ctx: Context, name: str) -> VerifiedDomain:
     refuse_rotation_under_superseded(ctx, name, trust.id)
     # A generation already on a rival line (rewrapped where the honest one was not known): its
     # k is the rival's, and a new epoch under it would be too (review).
-    _refuse_forked(ctx, old.chain, "add a key epoch to a Domain")
+    trusts.refuse_forked_line(ctx, old.chain, "add a key epoch to a Domain")
     check_bindings(ctx, old)  # no new epoch, sealed by an honest HSM, on keys not its own
     epoch = max(m.epoch for m in old_domain.master_keys) + 1
     with open_hsm(ctx, trust.hsms) as hsm:

@@ -267,20 +267,19 @@ def sealed_rivals(ctx: Context, trust: Trust) -> tuple[str, ...]:
     return tuple(sorted(rivals))
 
 
-def forks_on_line(ctx: Context, chain: Sequence[SealedTrust]) -> list[tuple[str, str]]:
-    """(link, rival) for each Trust of *chain* (past the genesis) whose predecessor has
-    another sealed successor in the store that verifies: where the line forks. Verifying a
-    sibling is the cost, so only siblings sealed by some HSM are verified."""
-    forks = []
+def first_fork(ctx: Context, chain: Sequence[SealedTrust]) -> tuple[str, str] | None:
+    """(link, rival) for the first Trust of *chain* (past the genesis) whose predecessor has
+    another sealed successor in the store that verifies: where the line forks; None if it
+    does not. Verifying a sibling is the cost, so only siblings sealed by some HSM are."""
     for link in chain[1:]:
         rivals = sealed_rivals(ctx, link.trust)
         if rivals:
-            forks.append((link.id, rivals[0]))
-    return forks
+            return link.id, rivals[0]
+    return None
 
 
 def refuse_forked_line(ctx: Context, chain: Sequence[SealedTrust], what: str) -> None:
-    """UsageError if *chain*'s line of Trusts forks in this store (:func:`forks_on_line`):
+    """UsageError if *chain*'s line of Trusts forks in this store (:func:`first_fork`):
     nothing new is keyed on a line that another valid line contests.
 
     Why at use, not only at seal: a successor needs its predecessor's quorum, counted over the
@@ -290,9 +289,9 @@ def refuse_forked_line(ctx: Context, chain: Sequence[SealedTrust], what: str) ->
     lists, and it verifies (review). Rewrapped into it, a Domain's fresh ``k`` would be theirs.
     The honest successor this store holds makes that rival a fork, which is refused here:
     the operators keep one line and remove the other's documents from the store."""
-    forks = forks_on_line(ctx, chain)
-    if forks:
-        link, rival = forks[0]
+    fork = first_fork(ctx, chain)
+    if fork is not None:
+        link, rival = fork
         raise UsageError(
             f"trust {chain[-1].id[:12]}'s line of Trusts forks: its link {link[:12]} has the "
             f"rival {rival[:12]}, sealed with its predecessor's quorum too (in each line, what "
