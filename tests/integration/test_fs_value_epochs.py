@@ -86,6 +86,13 @@ def _epoch1_tree(volume: Path, tmp_path: Path) -> None:
         m.stop()
 
 
+def _made_before_the_flag(volume: Path) -> None:
+    """Take SymlinkXattrEpochs out of the volume's config: a volume made before it."""
+    config = volconfig.load(volume)
+    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
+        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+
+
 def test_symlinks_and_xattr_values_made_after_a_rotation_are_sealed_with_the_new_epoch(
     tmp_path: Path,
 ) -> None:
@@ -296,9 +303,7 @@ def test_an_upgrade_moves_what_a_volume_made_before_the_flag_has_at_a_retired_ep
     what to run), and kmsfs reencrypt --upgrade, the one run that reads them, moves them."""
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
-    config = volconfig.load(volume)
-    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
-        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    _made_before_the_flag(volume)
     m = _mount(volume, tmp_path, epoch=2, retired_below=2)
     try:
         with pytest.raises(OSError):
@@ -380,9 +385,7 @@ def test_a_migration_cut_short_in_its_value_pass_is_finished_by_the_next_upgrade
     mount and in the next run; the config writes keep the root's times."""
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
-    config = volconfig.load(volume)
-    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
-        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    _made_before_the_flag(volume)
     os.utime(volume, ns=(1_000_000_000, 2_000_000_000))
     deriver = RetiringDeriver(current_epoch=2, retired_below=2)
 
@@ -437,9 +440,7 @@ def test_a_migration_that_leaves_a_value_adds_the_flag_only_once_none_is_left(
     retired epoch's. Once it is removed, the next --upgrade adds the flag."""
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
-    config = volconfig.load(volume)
-    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
-        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    _made_before_the_flag(volume)
     d = cipher_path(volume, "d")
     (disk,) = _user_xattrs(d)
     stored = bytearray(os.getxattr(d, disk))
@@ -461,9 +462,7 @@ def test_a_migration_that_leaves_a_value_adds_the_flag_only_once_none_is_left(
 def test_reencrypt_wants_the_flag_and_upgrade_adds_it(tmp_path: Path) -> None:
     volume = make_volume(tmp_path / "cipher")
     _epoch1_tree(volume, tmp_path)
-    config = volconfig.load(volume)
-    volconfig.save(volume, dataclasses.replace(config, feature_flags=tuple(
-        f for f in config.feature_flags if f != volconfig.FLAG_SYMLINK_XATTR_EPOCHS)))
+    _made_before_the_flag(volume)
     before = _stored_target(volume, "short")
     with pytest.raises(UsageError, match="no SymlinkXattrEpochs flag"):
         reencrypt_tree(volume, SoftDeriver(current_epoch=2))

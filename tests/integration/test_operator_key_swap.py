@@ -6,8 +6,10 @@ put bob's record back. The names then read as expected; before this was checked,
 bob's approvals plus one forged as "bob" sealed a Trust that carol controls.
 """
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,26 +26,40 @@ def _raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 
 
+def _plant_record(admin: Admin, name: str) -> tuple[OperatorRecord, PublicKey]:
+    """Put a record of a key the store writer holds in place of operator *name*'s: (the real
+    record, the planted key)."""
+    store = Store(admin.store)
+    real = store.operator(name)
+    fake = ed25519.Ed25519PrivateKey.generate()
+    planted = PublicKey("ed25519", _raw_public(fake))
+    (admin.store / "operators" / f"{name}.json").unlink()
+    store.save_operator(self_signed(
+        OperatorRecord(name, planted, real.protection, real.created), fake, contexts.OPERATOR_RECORD
+    ))
+    return real, planted
+
+
+@contextlib.contextmanager
+def _planted_for_a_while(admin: Admin, name: str) -> Iterator[tuple[OperatorRecord, PublicKey]]:
+    """:func:`_plant_record` for the block; the real record is put back after it."""
+    path = admin.store / "operators" / f"{name}.json"
+    saved = path.with_suffix(".saved")
+    shutil.copy(path, saved)
+    try:
+        yield _plant_record(admin, name)
+    finally:
+        shutil.move(saved, path)
+
+
 @pytest.fixture
 def swapped(initialized: Admin) -> tuple[Admin, str]:
     """T1 (alice, bob, carol; quorum 2) sealed; T2 proposed while bob.json held carol's key."""
     admin = initialized
     admin.create_operators("alice", "bob", "carol")
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
-    store = Store(admin.store)
-    path = admin.store / "operators" / "bob.json"
-    saved = path.with_suffix(".saved")
-    shutil.copy(path, saved)
-    real = store.operator("bob")
-    fake = ed25519.Ed25519PrivateKey.generate()
-    key = PublicKey("ed25519", _raw_public(fake))
-    forged = self_signed(
-        OperatorRecord("bob", key, real.protection, real.created), fake, contexts.OPERATOR_RECORD
-    )
-    path.unlink()
-    store.save_operator(forged)
-    t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, predecessor=t1)
-    shutil.move(saved, path)
+    with _planted_for_a_while(admin, "bob"):
+        t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2, predecessor=t1)
     return admin, t2
 
 
@@ -81,18 +97,7 @@ def test_an_operator_whose_record_was_replaced_and_left_cannot_approve(
     admin = initialized
     admin.create_operators("alice", "bob", "carol", "dave")
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
-    store = Store(admin.store)
-    real = store.operator("dave")
-    fake = ed25519.Ed25519PrivateKey.generate()
-    planted = PublicKey("ed25519", _raw_public(fake))
-    (admin.store / "operators" / "dave.json").unlink()
-    store.save_operator(
-        self_signed(
-            OperatorRecord("dave", planted, real.protection, real.created),
-            fake,
-            contexts.OPERATOR_RECORD,
-        )
-    )
+    _, planted = _plant_record(admin, "dave")
     t2 = admin.propose(
         ["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1
     )
@@ -119,23 +124,8 @@ def test_a_new_operator_listed_with_another_key_than_its_record_is_a_key_change(
     admin = initialized
     admin.create_operators("alice", "bob", "carol", "dave")
     t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
-    store = Store(admin.store)
-    path = admin.store / "operators" / "dave.json"
-    saved = path.with_suffix(".saved")
-    shutil.copy(path, saved)
-    real = store.operator("dave")
-    fake = ed25519.Ed25519PrivateKey.generate()
-    planted = PublicKey("ed25519", _raw_public(fake))
-    path.unlink()
-    store.save_operator(
-        self_signed(
-            OperatorRecord("dave", planted, real.protection, real.created),
-            fake,
-            contexts.OPERATOR_RECORD,
-        )
-    )
-    t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1)
-    shutil.move(saved, path)
+    with _planted_for_a_while(admin, "dave") as (real, planted):
+        t2 = admin.propose(["hsm1", "hsm2"], ["alice", "bob", "carol", "dave"], 2, predecessor=t1)
     text = admin("trust", "show", t2).stdout
     assert (
         f"KEY CHANGE   operator dave: {real.key.key_id[:12]} in operators/dave.json, "
