@@ -182,11 +182,17 @@ def drop_rivals(store: Path, predecessor: str, kept: str) -> None:
     from kmsfs.service.context import Context
 
     ctx = Context.at(store)
-    for trust_id in ctx.store.trust_ids():
-        if trust_id != kept and ctx.store.trust(trust_id).predecessor == predecessor:
-            (store / "trusts" / f"{trust_id}.json").unlink()
-            for kind in ("approvals", "seals"):
-                shutil.rmtree(store / kind / trust_id, ignore_errors=True)
+    drop_trusts(store, [t for t in ctx.store.trust_ids()
+                        if t != kept and ctx.store.trust(t).predecessor == predecessor])
+
+
+def drop_trusts(store: Path, ids: list[str]) -> None:
+    """Remove the Trusts *ids* from *store*, each as ``trusts/ID.json``, ``approvals/ID/`` and
+    ``seals/ID/``: what operators do to keep one line of Trusts."""
+    for trust_id in ids:
+        (store / "trusts" / f"{trust_id}.json").unlink()
+        for kind in ("approvals", "seals"):
+            shutil.rmtree(store / kind / trust_id, ignore_errors=True)
 
 
 def one_error_line(result: Result) -> str:

@@ -34,7 +34,7 @@ from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.model.verify import Anchor
 from kmsfs.service import domains, hsms, trusts
 from kmsfs.service.context import Context, utc_now
-from tests.kms_helpers import Admin, one_error_line, software_hsm, tree_snapshot
+from tests.kms_helpers import Admin, drop_trusts, one_error_line, software_hsm, tree_snapshot
 
 ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
 
@@ -85,14 +85,6 @@ def _documents(store: Path) -> dict[str, bytes]:
     return {k: v for k, v in tree_snapshot(store).items() if k != ".lock"}
 
 
-def _drop_trusts(store: Path, ids: list[str]) -> None:
-    """What operators do to keep one line: remove the other line's Trust documents."""
-    for trust_id in ids:
-        (store / "trusts" / f"{trust_id}.json").unlink()
-        for kind in ("approvals", "seals"):
-            shutil.rmtree(store / kind / trust_id, ignore_errors=True)
-
-
 def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
     forked: tuple[Admin, str, str, list[str], Path],
 ) -> None:
@@ -112,7 +104,7 @@ def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
     assert tree_snapshot(admin.store / "domains") == before
     kept = admin.store.parent / "rival-line"
     shutil.copytree(admin.store, kept)
-    _drop_trusts(admin.store, [r2, r3])
+    drop_trusts(admin.store, [r2, r3])
     assert admin("--json", "domain", "rewrap", "payroll", "--trust", t2).json["generation"] == 2
     # Planted again, the rival line still gets nothing: payroll is T2's now.
     for kind in ("trusts", "approvals", "seals"):
@@ -211,7 +203,7 @@ def test_a_generation_made_on_the_rival_line_elsewhere_is_neither_imported_nor_r
     replica, no key epoch is added under the rival's k (review)."""
     admin, _, t2, (_, r3), _ = forked
     replica = admin.copy(tmp_path / "replica")
-    _drop_trusts(replica.store, [t2])
+    drop_trusts(replica.store, [t2])
     replica("domain", "rewrap", "payroll", "--trust", r3)
     bundle = replica.export("payroll", tmp_path / "payroll.json")
     before = tree_snapshot(admin.store / "domains")

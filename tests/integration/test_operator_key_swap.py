@@ -12,14 +12,13 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.model import contexts
 from kmsfs.model.publickeys import PublicKey
-from kmsfs.model.records import HsmRecord, OperatorRecord
+from kmsfs.model.records import OperatorRecord
 from kmsfs.store.documents import Store
-from tests.kms_helpers import Admin, one_error_line, self_signed, tree_snapshot
+from tests.kms_helpers import Admin, one_error_line, self_signed, software_hsm, tree_snapshot
 
 
 def _raw_public(key: ed25519.Ed25519PrivateKey) -> bytes:
@@ -215,15 +214,7 @@ def test_a_planted_hsm_record_under_a_known_label_is_refused(initialized: Admin)
     admin.create_operators("alice")
     store = Store(admin.store)
     real = next(store.hsm(i) for i in store.hsm_ids() if store.hsm(i).label == "hsm2")
-    wrap = rsa.generate_private_key(65537, 3072).public_key()
-    spki = wrap.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    sign = ed25519.Ed25519PrivateKey.generate()
-    planted = HsmRecord(
-        "hsm2", PublicKey("rsa-oaep-sha1", spki), PublicKey("ed25519", _raw_public(sign)),
-        real.created,
-    )
+    planted, sign = software_hsm("hsm2", real.created)
     store.save_hsm(self_signed(planted, sign, contexts.HSM_RECORD))
     before = sorted(p.name for p in (admin.store / "trusts").rglob("*"))
     line = one_error_line(
