@@ -252,7 +252,8 @@ class Command:
         )
 
     def trust_list(self) -> None:
-        statuses = everyone = trusts.list_status(self.ctx)
+        ours = self._line_shown()
+        statuses = everyone = trusts.list_status(self.ctx, ours)
         a = self.args
         if a.unsigned:
             statuses = [s for s in statuses if not s.sealed_by]
@@ -278,10 +279,19 @@ class Command:
         else:
             emit_table([render.trust_cells(r) for r in rows], render.TRUST_COLUMNS)
 
+    def _line_shown(self) -> trusts.Line:
+        """The store's line for ``trust list`` and ``trust show``, which still work where the
+        store lost its head (operators need them to see what happened): a warning says so."""
+        ours = trusts.resolve_line(self.ctx)
+        if ours.lost is not None:
+            print(f"{PROG}: warning: {trusts.lost_head(self.ctx, ours)}", file=sys.stderr)
+            return trusts.Line(None, None)
+        return ours
+
     def trust_show(self) -> None:
-        status = trusts.status_with_rivals(
-            self.ctx, trusts.resolve_trust(self.ctx, self.args.trust)
-        )
+        trust_id = trusts.resolve_trust(self.ctx, self.args.trust)
+        ours = self._line_shown()
+        status = trusts.status_with_rivals(self.ctx, trust_id, ours)
         info = status.to_dict()
         if self.json:
             emit_json(info)
@@ -324,6 +334,8 @@ class Command:
         for label, change in sorted(status.hsm_changes.items()):
             lines.append(f"  HSM CHANGE   {_hsm_change_text(label, change)}")
         lines.append(f"  state        {_state_text(status)}")
+        if ours.head is not None:
+            lines.append(f"  line         {_line_text(status, ours.head)}")
         if status.rivals:
             lines.append(
                 f"  FORK         {', '.join(short(r) for r in status.rivals)} also sealed as "
@@ -387,13 +399,16 @@ class Command:
         )
 
     def trust_pin(self) -> None:
-        already = self.ctx.store.anchor().successor
-        sealed = trusts.pin(self.ctx, self.args.trust)
-        was = already == sealed.id
+        done = trusts.pin(self.ctx, self.args.trust)
+        successor = self.ctx.store.anchor().successor or ""
+        head = (f"its head is now trust {short(done.head)}" if done.head_moved
+                else f"its head was trust {short(done.head)} already")
         self.one(
-            {"id": sealed.id, "pinned": True, "already_pinned": was},
-            f"this store {'already pinned' if was else 'now pins'} trust {short(sealed.id)} "
-            "as the genesis's successor",
+            {"id": done.sealed.id, "pinned": True, "already_pinned": done.already_pinned,
+             "head": done.head, "head_moved": done.head_moved},
+            f"this store {'already pinned' if done.already_pinned else 'now pins'} trust "
+            f"{short(successor)} as the genesis's successor; {head} (the newest Trust of its "
+            "line)",
         )
 
     # -- domains ---------------------------------------------------------------------------
@@ -583,6 +598,18 @@ def _state_text(status: trusts.TrustStatus) -> str:
             "proposal can never be sealed"
         )
     return "ready to seal" if status.ready else "awaiting approvals"
+
+
+def _line_text(status: trusts.TrustStatus, head: str) -> str:
+    """The ``line`` line of ``trust show``: where the Trust stands against the store's head."""
+    return {
+        "head": "the head of this store's line of Trusts (the newest one it verified)",
+        "before-head": f"on this store's line of Trusts, before its head {short(head)}",
+        "after-head": f"after this store's head {short(head)}, on its line of Trusts",
+        "rival": f"NOT on this store's line of Trusts (head {short(head)}): a rival line, "
+        "on which no Domain key is wrapped here",
+    }.get(status.line or "", f"unknown (its predecessors are not all in the store; head "
+                                f"{short(head)})")
 
 
 def _refuse_repeats(option: str, values: list[str]) -> None:
@@ -925,7 +952,8 @@ def build_parser() -> Parser:
         tr,
         "pin",
         "trust_pin",
-        "pin the genesis's successor in a store that got it by sync (sealing pins it)",
+        "pin a trust the operators name: the genesis's successor, and the head of the "
+        "store's line of trusts (forward only)",
         "kmsfs-admin trust pin 3f2a",
     )
     p.add_argument("trust", metavar="TRUST", help=TRUST_HELP)

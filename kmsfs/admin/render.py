@@ -38,6 +38,8 @@ def trust_row(status: TrustStatus) -> dict[str, Any]:
         "sealed_by": status.sealed_by,
         "lost_to": status.lost_to,
         "rivals": list(status.rivals),
+        "head": status.line == "head",
+        "line": status.line,
         "approval_count": len(status.own.signed),
         "quorum": t.quorum,
         "operator_count": len(t.operators),
@@ -47,16 +49,22 @@ def trust_row(status: TrustStatus) -> dict[str, Any]:
 
 
 TRUST_COLUMNS = ["id", "serial", "state", "approvals", "hsms", "operators"]
+#: What the state column adds for the store's head, and for a Trust on another line than it
+#: (kmsfs.model.line): what operators look for after a fork or a rollback.
+LINE_NOTES = {"head": "head", "rival": "rival line"}
 
 
 def trust_cells(row: dict[str, Any]) -> dict[str, Any]:
     """A ``trust_row`` for the table: "2 signed, 2 of 3 needed" rather than "2/2 of 3"."""
+    state = f"dead (lost to {short(row['lost_to'])})" if row["lost_to"] else (
+        f"sealed, forked (rival {','.join(short(r) for r in row['rivals'])})"
+        if row["rivals"] else row["state"])
+    if row.get("line") in LINE_NOTES:
+        state = f"{state}, {LINE_NOTES[row['line']]}"
     return {
         "id": short(row["id"]),
         "serial": row["serial"],
-        "state": f"dead (lost to {short(row['lost_to'])})" if row["lost_to"] else (
-            f"sealed, forked (rival {','.join(short(r) for r in row['rivals'])})"
-            if row["rivals"] else row["state"]),
+        "state": state,
         "approvals": f"{row['approval_count']} signed, {row['quorum']} of "
         f"{row['operator_count']} needed",
         "hsms": ",".join(h["label"] for h in row["hsms"]),

@@ -29,6 +29,7 @@ def seal_trust(
     trust = ctx.store.trust(trusts.resolve_trust(ctx, trust_ref))
     if trust.predecessor is None:
         raise UsageError(f"trust {trust.id[:12]} is a root: it is made by init, not sealed")
+    trusts.line(ctx)  # a store that lost its head asks for nothing (trusts._seal refuses too)
     approvals = tuple(ctx.store.signatures("approval", trust.id))
     chain = trusts.verified_chain(ctx, trust.predecessor)
     request: dict[str, Any] = {
@@ -46,6 +47,7 @@ def seal_trust(
     anchor = ctx.store.anchor()
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust.id))
+    trusts.line(ctx)  # this store's head moves to it as after a seal here (trusts._seal)
     return sealed
 
 
@@ -58,6 +60,8 @@ def create_domain(client: AgentClient, ctx: Context, name: str, trust_ref: str) 
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
     domains.refuse_superseded(ctx, trust_id, "make a Domain under it")
+    # This store's line too, not only the agent's (whose store may lack the honest one).
+    trusts.refuse_forked_line(ctx, chain, domains.WRAP_KEYS)
     result = client.call(
         "create-domain",
         {"name": name, "trust": trust_id, "chain": [link.to_dict() for link in chain]},
@@ -72,6 +76,7 @@ def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> Veri
     trust_id = trusts.resolve_trust(ctx, trust_ref)
     chain = trusts.verified_chain(ctx, trust_id)
     domains.refuse_superseded(ctx, trust_id, "rewrap a Domain into it")
+    trusts.refuse_forked_line(ctx, chain, domains.WRAP_KEYS)  # as create_domain
     bundle = domains.export_bundle(ctx, name)
     result = client.call(
         "rewrap",
@@ -92,6 +97,7 @@ def rewrap(client: AgentClient, ctx: Context, name: str, trust_ref: str) -> Veri
 def rotate(client: AgentClient, ctx: Context, name: str) -> VerifiedDomain:
     bundle = domains.export_bundle(ctx, name)
     domains.refuse_rotation_under_superseded(ctx, name, bundle.domain.domain.trust)
+    trusts.refuse_forked_line(ctx, bundle.chain, "add a key epoch to a Domain")  # as create
     result = client.call("rotate", {"bundle": b64encode(bundle.to_bytes())}, retry=False)
     old = bundle.domain.domain
     return _save_domain(

@@ -291,6 +291,10 @@ class Agent:
         def act() -> dict[str, Any]:
             self._require_pinned()
             verified = domains.newest_verified(self.ctx, bundle)
+            # A successor of its Trust: the client warns that a rewrap is due, as a mount
+            # through its own store does (kmsfs.fs.kms.superseded_warning). Before the keys
+            # are opened: a store that lost the head of its line opens nothing.
+            newer = trusts.successor(self.ctx, verified.sealed.domain.trust)
             handle = verified.sealed.id
             with self._lock:
                 if handle not in self._open:
@@ -298,9 +302,6 @@ class Agent:
                     self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
                 entry = self._open[handle]
             domain = verified.sealed.domain
-            # A successor of its Trust: the client warns that a rewrap is due, as a mount
-            # through its own store does (kmsfs.fs.kms.superseded_warning).
-            newer = trusts.successor(self.ctx, domain.trust)
             return {
                 "handle": handle,
                 "name": domain.name,
@@ -566,9 +567,10 @@ class Agent:
         self, chain: Sequence[SealedTrust], last: str, allow_unpinned: bool = False
     ) -> None:
         """Verify a client's Trust chain against the agent's root, then keep its documents;
-        not one that forks from a line the store holds (:func:`trusts.refuse_forked_line`),
-        checked before anything is written: a rival line kept after a refused request made
-        the store's honest line fork too, and blocked its rewraps (review)."""
+        not one off the store's line of Trusts (its head), nor one that forks after the head
+        (:func:`trusts.refuse_forked_line`), checked before anything is written: a rival line
+        kept after a refused request made the store's honest line fork too, and blocked its
+        rewraps (review)."""
         if not (allow_unpinned and len(chain) == 1):
             self._require_pinned()
         imports.check_chain(self.ctx, chain, last)

@@ -74,8 +74,9 @@ def _seal(hsm: HsmSession, domain: Domain) -> SealedDomain:
     return SealedDomain(domain, Signature(domain.id, hsm.record.id, value))
 
 
-#: What create and rewrap will not do on a forked line of Trusts (trusts.refuse_forked_line:
-#: a superseded Trust's old quorum, removed operators included, can approve a rival line).
+#: What create and rewrap will not do on a rival line of Trusts, nor on a forked one
+#: (trusts.refuse_forked_line: a superseded Trust's old quorum, removed operators included,
+#: can approve a rival line; the store's head says which line is its own).
 WRAP_KEYS = "wrap a Domain's keys for its HSMs"
 
 

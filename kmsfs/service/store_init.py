@@ -40,6 +40,8 @@ def init_store(
             records.append(hsms.create_hsm(ctx))
         say("genesis trust")
         genesis = trusts.genesis(ctx, records)
+        # The head of the store's line of Trusts starts at the genesis (trusts.line).
+        ctx.store.set_head(genesis.id, expect=None)
         ctx.store.write_config(Anchor(genesis.id), new=True)  # last: no store.json, no store
         return genesis
     except BaseException:

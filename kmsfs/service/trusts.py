@@ -19,10 +19,12 @@ from kmsfs.errors import (
     IntegrityError,
     KmsfsError,
     NotFoundError,
+    StoreError,
     UsageError,
 )
 from kmsfs.hsm.pins import PinSource
 from kmsfs.model import contexts
+from kmsfs.model import line as line_model
 from kmsfs.model.records import HsmRecord
 from kmsfs.model.trust import (
     Member,
@@ -103,14 +105,115 @@ def verified_chain(ctx: Context, trust_id: str) -> list[SealedTrust]:
     return chain
 
 
+@dataclass(frozen=True)
+class Line:
+    """This store's line of Trusts as its head pins it (:mod:`kmsfs.model.line`).
+
+    ``chain``: head's verified chain, root first; None where the store has no head (its line
+    forked before it kept one, or this process cannot read its private area): every link's
+    rivals are then a fork, as before heads were kept. ``lost``: why the head the store
+    pinned is gone (:func:`line` refuses such a store; ``trust list`` shows it)."""
+
+    head: str | None
+    chain: tuple[str, ...] | None
+    lost: str | None = None
+
+    def place(self, chain: Sequence[str]) -> str | None:
+        """:func:`kmsfs.model.line.place` of *chain* (ids from the root); None with no head."""
+        return None if self.chain is None else line_model.place(chain, self.chain)
+
+
+def line(ctx: Context) -> Line:
+    """This store's line of Trusts: its head, moved forward to the newest Trust this store
+    can verify along links that do not fork, and written back where the private area can be
+    written (:func:`resolve_line`). ChainError if the head's document is missing or no longer
+    verifies: whoever can write the public documents removed the newest link (and maybe
+    planted a rival line in its place), or the store was synced from an older copy. Followed
+    as it is, the store would take the rival line for its own and wrap Domain keys to it."""
+    found = resolve_line(ctx)
+    if found.lost is not None:
+        assert found.head is not None
+        raise ChainError(lost_head(ctx, found))
+    return found
+
+
+def lost_head(ctx: Context, found: Line) -> str:
+    """The one line that says *found*'s head is gone (:func:`line`)."""
+    return (
+        f"this store's head, trust {(found.head or '')[:12]} (the newest Trust of its line it "
+        f"verified, pinned in {ctx.store.head_path}), is missing or no longer verifies "
+        f"({found.lost}): the store lost the newest link of its line of Trusts (a rollback, or "
+        "a sync from an older copy); restore it from a sync or a backup"
+    )
+
+
+def resolve_line(ctx: Context) -> Line:
+    """:func:`line` without the refusal: a lost head comes back with ``lost`` set.
+
+    The head moves forward only, one sealed link at a time, and only while exactly one sealed
+    successor of the current head verifies: two are a fork the operators settle (``trust
+    pin`` names one), and the store must not settle it by what it happened to read first. It
+    never steps from the genesis to a successor this store has not pinned (that is the
+    operators' choice too: ``trust pin``). A store with no head yet (made before heads were
+    kept) gets one here, walking from the genesis, unless its line forks on the way.
+    """
+    stored = ctx.store.head()
+    try:
+        start = verified_chain(ctx, stored if stored is not None else ctx.store.anchor().root)
+    except KmsfsError as exc:
+        if stored is None:
+            return Line(None, None)  # no verifying genesis: every command says why
+        return Line(stored, None, lost=str(exc))
+    chain, forked = _walk_forward(ctx, start)
+    if stored is None and forked:
+        return Line(None, None)  # no head until the operators name one
+    head = chain[-1].id
+    if head != stored:
+        try:
+            ctx.store.set_head(head, expect=stored)
+        except KmsfsError as exc:  # a full disk: the head in memory serves this command
+            log.warning("%s", exc)
+    return Line(head, tuple(link.id for link in chain))
+
+
+def _walk_forward(
+    ctx: Context, chain: list[SealedTrust]
+) -> tuple[list[SealedTrust], bool]:
+    """*chain* extended by each next link while its tip has exactly one sealed successor
+    that verifies; and whether it stopped at a fork (two or more)."""
+    anchor = ctx.store.anchor()
+    children: dict[str, list[str]] = {}
+    for other in ctx.store.trust_ids():
+        try:
+            parent = ctx.store.trust(other).predecessor
+        except KmsfsError:
+            continue  # a damaged document: the commands that read it say so
+        if parent is not None:
+            children.setdefault(parent, []).append(other)
+    while True:
+        tip = chain[-1].id
+        if tip == anchor.root and anchor.successor is None:
+            return chain, False
+        found = []
+        for child in children.get(tip, []):
+            with contextlib.suppress(KmsfsError):  # a proposal, or a seal without quorums
+                found.append(verified_chain(ctx, child))
+        if len(found) != 1:
+            return chain, len(found) > 1
+        chain = found[0]
+
+
 def successor(ctx: Context, trust_id: str) -> SealedTrust | None:
-    """The newest sealed Trust of the store that descends from ``trust_id``; None if none does.
+    """The newest sealed Trust of this store's line (:func:`line`) that descends from
+    ``trust_id``; None if none does. A Trust of a rival line is never one: that is what the
+    head is for. ChainError where the store lost its head (:func:`line`).
 
     A successor is how operators revoke: the HSMs (and operators) it leaves out still hold
     their keys, and under the older Trust one of those HSMs alone can seal a Domain or a
     generation that verifies. So nothing new is made under a superseded Trust, and a client
     does not bind a new volume to a Domain still governed by one (it is rewrapped first).
     """
+    ours = line(ctx)
     # Which Trusts descend from it, by their predecessor ids alone (no signature checked):
     # usually none, so a mount pays for parsing the Trusts, not for verifying each one's chain.
     parents: dict[str, str | None] = {}
@@ -134,6 +237,8 @@ def successor(ctx: Context, trust_id: str) -> SealedTrust | None:
             chain = verified_chain(ctx, candidate)  # newest first: the first that verifies
         except KmsfsError:
             continue  # a proposal not sealed yet, or a Trust that does not verify
+        if ours.place([link.id for link in chain]) == line_model.RIVAL:
+            continue  # another line than this store's: never its successor
         if trust_id in (link.id for link in chain[:-1]):
             return chain[-1]
     return None
@@ -267,37 +372,61 @@ def sealed_rivals(ctx: Context, trust: Trust) -> tuple[str, ...]:
     return tuple(sorted(rivals))
 
 
-def first_fork(ctx: Context, chain: Sequence[SealedTrust]) -> tuple[str, str] | None:
-    """(link, rival) for the first Trust of *chain* (past the genesis) whose predecessor has
-    another sealed successor in the store that verifies: where the line forks; None if it
-    does not. Verifying a sibling is the cost, so only siblings sealed by some HSM are."""
-    for link in chain[1:]:
-        rivals = sealed_rivals(ctx, link.trust)
+def first_fork(
+    ctx: Context, chain: Sequence[SealedTrust], ours: Line | None = None
+) -> tuple[str, str] | None:
+    """(link, rival) for the first link of *chain* whose predecessor has another sealed
+    successor in the store that verifies, among the links that can still fork for this
+    store (:func:`kmsfs.model.line.links_after_head`: those after its head; all past the
+    genesis where it has none, or for *ours* None); None if none does. Verifying a sibling
+    is the cost, so only siblings sealed by some HSM are."""
+    ids = [link.id for link in chain]
+    for index in line_model.links_after_head(ids, ours.chain if ours is not None else None):
+        rivals = sealed_rivals(ctx, chain[index].trust)
         if rivals:
-            return link.id, rivals[0]
+            return chain[index].id, rivals[0]
     return None
 
 
 def refuse_forked_line(ctx: Context, chain: Sequence[SealedTrust], what: str) -> None:
-    """UsageError if *chain*'s line of Trusts forks in this store (:func:`first_fork`):
-    nothing new is keyed on a line that another valid line contests.
+    """UsageError unless *chain* is on this store's line of Trusts (:func:`line`) and does
+    not fork after its head: nothing new is keyed on a rival line, nor on one that another
+    valid line contests. ChainError where the store lost its head.
 
     Why at use, not only at seal: a successor needs its predecessor's quorum, counted over the
     predecessor's operators, and a superseded Trust keeps that power. Operators a successor
     removed (a stolen key), or fewer operators than a successor's raised quorum, can still
     approve a rival successor of the older Trust, sealed by an "HSM" of their own that it
     lists, and it verifies (review). Rewrapped into it, a Domain's fresh ``k`` would be theirs.
-    The honest successor this store holds makes that rival a fork, which is refused here:
-    the operators keep one line and remove the other's documents from the store."""
-    fork = first_fork(ctx, chain)
+
+    The store's head decides between lines it has seen: a chain that leaves head's line is a
+    rival, refused whatever else the store holds (deleting the honest successor does not make
+    the rival this store's: :func:`line` refuses a lost head), and a rival of a link up to
+    head is no fork (planting one no longer blocks the honest line). Links after head can
+    still fork (two sealed successors of head, from two sites): refused until the operators
+    keep one (``trust pin`` one, or remove the other's documents). A store without a head
+    treats every link so, as before heads were kept."""
+    ours = line(ctx)
+    ids = [link.id for link in chain]
+    if ours.place(ids) == line_model.RIVAL:
+        assert ours.chain is not None and ours.head is not None
+        at = line_model.divergence(ids, ours.chain)
+        raise UsageError(
+            f"trust {ids[-1][:12]} is not on this store's line of Trusts: its link "
+            f"{ids[at][:12]} is a rival of {ours.chain[at][:12]}, which this store's line "
+            f"(head {ours.head[:12]}) holds, and was sealed with its predecessor's quorum too "
+            f"(in each line, what the other removed still governs); will not {what} on a "
+            "rival line (trust list shows it)"
+        )
+    fork = first_fork(ctx, chain, ours)
     if fork is not None:
         link, rival = fork
         raise UsageError(
             f"trust {chain[-1].id[:12]}'s line of Trusts forks: its link {link[:12]} has the "
             f"rival {rival[:12]}, sealed with its predecessor's quorum too (in each line, what "
             f"the other removed still governs); will not {what} on a forked line: the "
-            "operators keep one line and remove the other's Trust documents from the store "
-            "(trust list shows the fork)"
+            "operators keep one line ('trust pin' the one to keep, or remove the other's "
+            "Trust documents from the store; trust list shows the fork)"
         )
 
 
@@ -363,18 +492,62 @@ def refuse_dead(ctx: Context, trust: Trust) -> None:
         )
 
 
-def pin(ctx: Context, trust_ref: str) -> SealedTrust:
-    """Pin the genesis's successor in a store that received it by sync rather than sealing."""
+@dataclass(frozen=True)
+class Pinned:
+    """What :func:`pin` did: the Trust named, whether the genesis's successor was pinned
+    already (``already_pinned``), and the store's head after it, moved or not."""
+
+    sealed: SealedTrust
+    already_pinned: bool
+    head: str
+    head_moved: bool
+
+
+def pin(ctx: Context, trust_ref: str) -> Pinned:
+    """Pin a Trust the operators name as this store's: the genesis's successor of its line
+    (in a store that received it by sync rather than sealing), and the store's head
+    (:func:`line`) moved forward to it.
+
+    Forward only, as the head moves by itself: the Trust must verify and its chain hold the
+    current head. A Trust before the head (backwards), or on another line (sideways), is
+    refused before anything is written: a head moved back or aside would let the store take
+    a rival line its operators never chose, and that is the decision the head keeps. This
+    is also how a fork after the head is settled: naming one of its two lines."""
     trust_id = resolve_trust(ctx, trust_ref)
     anchor = ctx.store.anchor()
     chain = verified_chain(ctx, trust_id)
-    if len(chain) != 2:
-        raise UsageError(f"trust {trust_id[:12]} is not a successor of the genesis")
-    if anchor.successor is not None and anchor.successor != trust_id:
-        raise UsageError(f"this store already pinned {anchor.successor[:12]}")
-    if anchor.successor != trust_id:  # pinned already: nothing written (a read-only store too)
-        ctx.store.write_config(Anchor(anchor.root, trust_id))
-    return chain[-1]
+    if len(chain) < 2:
+        raise UsageError(f"trust {trust_id[:12]} is the genesis: pin a successor of it")
+    if anchor.successor is not None and anchor.successor != chain[1].id:
+        raise UsageError(f"this store already pinned {anchor.successor[:12]}")  # unreachable
+    ours = line(ctx)
+    ids = [link.id for link in chain]
+    where = ours.place(ids)
+    if where == line_model.BEFORE:
+        assert ours.head is not None
+        raise UsageError(
+            f"trust {trust_id[:12]} is before this store's head {ours.head[:12]} on its line "
+            "of Trusts, which only moves forward: nothing written"
+        )
+    if where == line_model.RIVAL:
+        assert ours.head is not None and ours.chain is not None
+        at = line_model.divergence(ids, ours.chain)
+        raise UsageError(
+            f"trust {trust_id[:12]} is not on this store's line of Trusts (head "
+            f"{ours.head[:12]}): its link {ids[at][:12]} is a rival of {ours.chain[at][:12]}; "
+            "the head only moves forward, never to another line: nothing written (to choose "
+            "another line, see the operator's guide on forks)"
+        )
+    already = anchor.successor == chain[1].id
+    if not already:  # pinned already: nothing written (a read-only store too)
+        ctx.store.write_config(Anchor(anchor.root, chain[1].id))
+    moved = ours.head != trust_id
+    if moved and not ctx.store.set_head(trust_id, expect=ours.head, required=True):
+        raise StoreError(
+            f"{ctx.store.head_path}: the head of this store's line of Trusts moved while "
+            f"trust {trust_id[:12]} was being pinned (another command): run trust pin again"
+        )
+    return Pinned(chain[-1], already, trust_id, moved)
 
 
 def refuse_rival_successors(ctx: Context, root: str, chosen: str, then: str = "import") -> None:
@@ -597,6 +770,10 @@ class TrustStatus:
     lost_to: str | None = None
     #: Other sealed successors of this sealed Trust's predecessor (:func:`list_status`).
     rivals: tuple[str, ...] = ()
+    #: Where it stands against the store's head (:func:`kmsfs.model.line.place`, by
+    #: predecessor ids), None where the store has no head or it was not asked
+    #: (:func:`with_line`); "head" for the head itself.
+    line: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -642,6 +819,8 @@ class TrustStatus:
             "state": self.state,
             "lost_to": self.lost_to,
             "rivals": list(self.rivals),
+            "head": self.line == line_model.HEAD,
+            "line": self.line,
         }
 
 
@@ -661,10 +840,28 @@ def status(ctx: Context, trust_id: str) -> TrustStatus:
     )
 
 
-def status_with_rivals(ctx: Context, trust_id: str) -> TrustStatus:
+def status_with_rivals(ctx: Context, trust_id: str, ours: Line | None = None) -> TrustStatus:
     """:func:`status` of one Trust, with its ``rivals`` as :func:`list_status` finds them
-    (``trust show`` said nothing of a fork that ``trust list`` showed)."""
-    return _with_rivals(ctx, status(ctx, trust_id))
+    (``trust show`` said nothing of a fork that ``trust list`` showed), and where it stands
+    against *ours* (:func:`with_line`)."""
+    return with_line(ctx, _with_rivals(ctx, status(ctx, trust_id)), ours)
+
+
+def with_line(ctx: Context, found: TrustStatus, ours: Line | None) -> TrustStatus:
+    """*found* with its ``line``: where it stands against the head of *ours* (the store's
+    line, :func:`resolve_line`), by predecessor ids (a proposal stands where it would once
+    sealed), so that operators see which Trust is the head and which are on a rival line."""
+    if ours is None or ours.chain is None:
+        return found
+    ids: list[str] = []
+    current: str | None = found.trust.id
+    while current is not None and current not in ids:
+        ids.append(current)
+        try:
+            current = ctx.store.trust(current).predecessor
+        except KmsfsError:
+            return found  # a missing or damaged predecessor: nowhere to place it
+    return replace(found, line=line_model.place(ids[::-1], ours.chain))
 
 
 def _with_rivals(ctx: Context, found: TrustStatus) -> TrustStatus:
@@ -675,13 +872,14 @@ def _with_rivals(ctx: Context, found: TrustStatus) -> TrustStatus:
     return replace(found, rivals=sealed_rivals(ctx, found.trust))
 
 
-def list_status(ctx: Context) -> list[TrustStatus]:
+def list_status(ctx: Context, ours: Line | None = None) -> list[TrustStatus]:
     """Every Trust of the store. Successors of one Trust that each verify (sealed at two
     sites, then merged) are each other's ``rivals``: two lines of Trusts, each valid, in each
     of which the HSMs and operators the other removed still govern (review: nothing said so).
     Only Trusts with a sealed sibling are verified for it: a fork is rare, a chain check not
-    cheap."""
-    statuses = [status(ctx, i) for i in ctx.store.trust_ids()]
+    cheap. With *ours* (:func:`resolve_line`), each says where it stands against the store's
+    head (:func:`with_line`)."""
+    statuses = [with_line(ctx, status(ctx, i), ours) for i in ctx.store.trust_ids()]
     sealed_after = Counter(
         s.trust.predecessor for s in statuses if s.sealed_by and s.trust.predecessor is not None
     )
@@ -743,6 +941,7 @@ def seal(
 def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None, fork: bool = True) -> SealedTrust:
     trust_id = resolve_trust(ctx, trust_ref)
     trust = ctx.store.trust(trust_id)
+    line(ctx)  # a store that lost its head seals nothing: it cannot tell its line
     anchor = ctx.store.anchor()
     if trust.predecessor is not None:  # first: nothing else matters for a dead proposal
         _check_genesis_successor(anchor, trust.predecessor, trust_id)
@@ -781,6 +980,7 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None, fork: bool = True) 
     ctx.store.save_signature("seal", seal_sig, valid=lambda there: is_valid_seal(sealed, there))
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust_id))
+    line(ctx)  # the head moves to it if it is the one sealed successor of the head
     return sealed
 
 

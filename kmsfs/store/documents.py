@@ -10,7 +10,9 @@ Layout (docs/operators.md describes it for operators)::
     STORE/seals/<trust-id>/<hsm-id>.json      HSM seals
     STORE/domains/<domain-id>.json            sealed Domains (content-addressed)
     STORE/private/                            secrets of this machine, mode 0700, never synced:
-                                              SoftHSM config, tokens, PINs, HSM access, key files
+                                              SoftHSM config, tokens, PINs, HSM access, key files,
+                                              its own pins (anchor.json) and the head of its
+                                              line of Trusts (head.json)
 
 Everything outside ``private/`` is public and verifiable; two copies merge by taking the union.
 A document that does not parse, does not match its name, or fails its self-signature is reported
@@ -48,6 +50,7 @@ from kmsfs.store.writable import require_writable, writing
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+HEAD_FORMAT = 1
 _WARNED: set[str] = set()
 MAX_DOCUMENT_BYTES = 4 << 20
 T = TypeVar("T")
@@ -73,6 +76,12 @@ class Store:
     def own_pins_path(self) -> Path:
         """This store's own copy of its pins, in the private area that is never synced."""
         return self.private / "anchor.json"
+
+    @property
+    def head_path(self) -> Path:
+        """The head of this store's line of Trusts (:mod:`kmsfs.model.line`), in the private
+        area: whoever can write the public documents must not be able to move it."""
+        return self.private / "head.json"
 
     def exists(self) -> bool:
         return self.config_path.exists()
@@ -156,6 +165,56 @@ class Store:
             )
         return own
 
+    def head(self) -> str | None:
+        """The Trust this store pins as the head of its line (kmsfs.service.trusts.line); None
+        where there is none this process can read (a store made before heads were kept, or
+        whose line forked before it kept one; a copy without a private area; a user who may
+        read the documents but not the private area). A damaged file is a FormatError naming
+        it: ignoring it would undo the pin."""
+        try:
+            return self._read(self.head_path, _parse_head)
+        except NotFoundError:
+            return None
+        except StoreError:
+            if not os.access(self.private, os.R_OK | os.X_OK) or not os.access(
+                self.head_path, os.R_OK
+            ):
+                return None
+            raise
+
+    def set_head(self, head: str, expect: str | None, *, required: bool = False) -> bool:
+        """Make *head* this store's head if the head on disk is still *expect* (what the
+        caller decided from: two processes moving it at once must not move it back); True
+        if written. Where the private area cannot be written (a read-only copy, another
+        user's store) nothing is written and False returned, unless *required* (``trust
+        pin``: a StoreError then, as for its other pin)."""
+        if not self.private.is_dir() or not os.access(self.private, os.W_OK | os.X_OK):
+            if required:
+                raise StoreError(
+                    f"{self.head_path}: cannot write the head of the store's line of Trusts: "
+                    "its private area is missing or not writable by this user"
+                )
+            return False
+        data = _document_bytes({"_type": "head", "format": HEAD_FORMAT, "head": head})
+        with writing(self.head_path, "the head of the store's line of Trusts"):
+            fd = os.open(self.private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # not the store's lock: callers may hold it
+                if self.head() != expect:
+                    return False
+                atomic.replace(self.head_path, data, mode=0o600)
+                self._owned_by_private(self.head_path)
+            finally:
+                os.close(fd)
+        return True
+
+    def _owned_by_private(self, path: Path) -> None:
+        """*path*, in the private area, owned by whoever owns the area: root reading or
+        pinning a user's store made it root's, and the user's own commands then failed on it."""
+        owner = os.stat(self.private)
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
     def _own_anchor(self) -> Anchor | None:
         """The store's own copy of its pins; None where there is none this process can read
         (a store made before it was kept, a copy without a private area, a user who may read
@@ -206,9 +265,7 @@ class Store:
         a user's store made it root's, and the user's own commands then failed on it."""
         with writing(self.own_pins_path, "the store's own pins"):
             atomic.replace(self.own_pins_path, data, mode=0o600)
-            owner = os.stat(self.private)
-            if os.geteuid() == 0 and owner.st_uid != 0:
-                os.chown(self.own_pins_path, owner.st_uid, owner.st_gid)
+            self._owned_by_private(self.own_pins_path)
 
     # -- generic I/O ------------------------------------------------------------------------
 
@@ -443,3 +500,10 @@ def _parse_anchor(raw: Any) -> Anchor:
     if successor is not None:
         successor = fields.hex_id(successor, "store.successor")
     return Anchor(fields.hex_id(data["root"], "store.root"), successor)
+
+
+def _parse_head(raw: Any) -> str:
+    data = fields.obj(raw, "head")
+    fields.type_and_format(data, "head", HEAD_FORMAT)
+    fields.exact_keys(data, {"_type", "format", "head"}, "head")
+    return fields.hex_id(data["head"], "head.head")

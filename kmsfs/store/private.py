@@ -8,6 +8,8 @@ Never synced, never inside a document, mode 0700 (files 0600)::
     private/hsm-access/<hsm-id>.json module path, token label, PIN source of each HSM
     private/operator-access/<name>.json where each token-protected operator key is
     private/operator-keys/<name>.key passphrase-protected operator keys
+    private/anchor.json              the store's own pins (kmsfs.store.documents.Store.anchor)
+    private/head.json                the head of its line of Trusts (Store.head)
 """
 
 import json

@@ -5,8 +5,9 @@ Trust keeps that power once superseded. So after T2 removed carol from T1 (her k
 carol's key and one dishonest operator still make T1's quorum: they approve a rival successor
 R2 of T1 that lists an "HSM" whose keys they hold in software, seal it with that key, and add
 R3 after it. Every link verifies. Rewrapped into that line, a Domain's fresh ``k`` would be
-wrapped to their key, and ``mk`` theirs. Where the store holds the honest successor, the line
-forks, and nothing wraps a key on a forked line: not the store's commands, not the agent.
+wrapped to their key, and ``mk`` theirs. A store that sealed (or verified) T2 holds it as the
+head of its line, and nothing wraps a key on a rival line of it: not the store's commands, not
+the agent (test_line_head.py: the head itself, a rollback, a fork after the head, trust pin).
 
 Also here: the agent never seals a second successor of the genesis, ``fork`` or not, while
 its store holds one that verifies (review: any client allowed ``seal-trust``, with no PIN,
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.policy import Peer
 from kmsfs.agent.protocol import Request
 from kmsfs.agent.service import Agent
 from kmsfs.errors import UsageError
@@ -32,62 +33,25 @@ from kmsfs.model.domain import SealedDomain
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.model.verify import Anchor
-from kmsfs.service import domains, hsms, trusts
+from kmsfs.service import domains, trusts
 from kmsfs.service.context import Context, utc_now
-from tests.kms_helpers import Admin, drop_trusts, one_error_line, software_hsm, tree_snapshot
-
-ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
-
-
-def _policy() -> Policy:
-    return Policy.parse(
-        f'[[client]]\nname = "operators"\nuids = [{os.getuid()}]\ndomains = ["*"]\n'
-        f"allow = {ALL_ACTIONS}\n",
-        "policy.toml",
-    )
+from tests.integration.line_helpers import Forked, documents, forked_line, operators_policy
+from tests.kms_helpers import Admin, drop_trusts, one_error_line, tree_snapshot
 
 
 @pytest.fixture
-def forked(tmp_path: Path) -> tuple[Admin, str, str, list[str], Path]:
-    """T1 = {alice, bob, carol} 2 of 3 governs payroll; T2 = {alice, bob, dave} removes carol;
-    an agent's store copied after T2's seal; then bob and carol's revoked key seal the rival
-    line R2 -> R3 of T1 in the operators' store (R2 and R3 list hsm1 and a software "HSM")."""
-    admin = Admin.under(tmp_path)
-    admin("init", "--hsms", "2")
-    admin.create_operators("alice", "bob", "carol", "dave")
-    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "carol"], 2)
-    admin("domain", "create", "payroll", "--trust", t1)
-    t2 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob", "dave"], 2,
-                            signers=["alice", "bob"], predecessor=t1)
-    agent_store = admin.copy(tmp_path / "agent-store").store
-    ctx = Context.at(admin.store)
-    hsm1 = hsms.resolve_hsm(ctx, "hsm1")
-    fake, fake_key = software_hsm("hsm3")
-    members = {m.name: m for m in ctx.store.trust(t1).operators}
-    rogue: list[str] = []
-    predecessor, serial = t1, 3
-    for _ in range(2):
-        trust = Trust(serial, predecessor, (hsm1, fake), (members["bob"], members["carol"]), 2,
-                      utc_now())
-        ctx.store.save_trust(trust)
-        for name in ("bob", "carol"):  # carol's key: removed by T2, still T1's
-            admin("trust", "sign", trust.id, "--as", name, "--pin-file", admin.pin_file(name),
-                  "--accept-hsm-change", "hsm3")  # theirs: they know what they approve
-        seal = fake_key.sign(contexts.message(contexts.HSM_SEALS_TRUST, trust.signed_bytes()))
-        ctx.store.save_signature("seal", Signature(trust.id, fake.id, seal))
-        rogue.append(trust.id)
-        predecessor, serial = trust.id, serial + 1
-    return admin, t1, t2, rogue, agent_store
-
-
-def _documents(store: Path) -> dict[str, bytes]:
-    """The store's files but its lock (which the first locked request makes)."""
-    return {k: v for k, v in tree_snapshot(store).items() if k != ".lock"}
+def forked(tmp_path: Path) -> Forked:
+    """T1 governs payroll, T2 removes carol (the store's head), and the rival line R2 -> R3
+    of T1 that bob and carol's revoked key sealed (:func:`line_helpers.forked_line`)."""
+    return forked_line(tmp_path)
 
 
 def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
-    forked: tuple[Admin, str, str, list[str], Path],
+    forked: Forked,
 ) -> None:
+    """The store sealed T2, so T2 is the head of its line: the rival line R2 -> R3 is refused
+    for every Domain key. (Before heads were kept this was the fork refusal, and the honest
+    line was refused too while the rival was there: test_line_head.py has both now.)"""
     admin, _, t2, (r2, r3), _ = forked
     # The rival line verifies: a removed operator keeps its vote over successors of T1.
     admin("trust", "verify", r3)
@@ -95,45 +59,35 @@ def test_no_domain_key_is_wrapped_on_a_line_a_rival_of_removed_operators_forks(
     for args in (["domain", "rewrap", "payroll", "--trust", r3],
                  ["domain", "create", "stolen", "--trust", r3]):
         line = one_error_line(admin(*args, check=2))
-        assert f"trust {r3[:12]}'s line of Trusts forks: its link {r2[:12]} has the rival " \
-            f"{t2[:12]}" in line, line
+        assert f"trust {r3[:12]} is not on this store's line of Trusts: its link {r2[:12]} " \
+            f"is a rival of {t2[:12]}" in line, line
         assert tree_snapshot(admin.store / "domains") == before
-    # The honest line forks too while the store holds both: the operators keep one.
-    line = one_error_line(admin("domain", "rewrap", "payroll", "--trust", t2, check=2))
-    assert f"its link {t2[:12]} has the rival {r2[:12]}" in line, line
-    assert tree_snapshot(admin.store / "domains") == before
-    kept = admin.store.parent / "rival-line"
-    shutil.copytree(admin.store, kept)
-    drop_trusts(admin.store, [r2, r3])
+    # The honest line is the store's: the rival planted beside it does not block it.
     assert admin("--json", "domain", "rewrap", "payroll", "--trust", t2).json["generation"] == 2
-    # Planted again, the rival line still gets nothing: payroll is T2's now.
-    for kind in ("trusts", "approvals", "seals"):
-        shutil.copytree(kept / kind, admin.store / kind, dirs_exist_ok=True)
+    # And the rival line still gets nothing: payroll is T2's now.
     before = tree_snapshot(admin.store / "domains")
     one_error_line(admin("domain", "rewrap", "payroll", "--trust", r3, check=2))
     assert tree_snapshot(admin.store / "domains") == before
     assert domains.current(Context.at(admin.store), "payroll").trust.id == t2
 
 
-def test_the_agent_wraps_no_domain_key_on_a_forked_line(
-    forked: tuple[Admin, str, str, list[str], Path],
-) -> None:
-    """A client allowed ``rewrap`` sends the rival chain: the agent sees the fork with the
-    honest successor its store holds and refuses before it keeps any of it (a rival line kept
-    would block the honest rewrap); no generation is made."""
+def test_the_agent_wraps_no_domain_key_on_a_forked_line(forked: Forked) -> None:
+    """A client allowed ``rewrap`` sends the rival chain: the agent's store holds T2 as its
+    head, and refuses a chain off its line before it keeps any of it (a rival line kept
+    would have blocked the honest rewrap before heads were kept); no generation is made."""
     admin, _, t2, (r2, r3), agent_store = forked
     ctx = Context.at(admin.store)
     bundle = domains.export_bundle(ctx, "payroll")
     chain = trusts.verified_chain(ctx, r3)
-    agent = Agent(agent_store, _policy())
+    agent = Agent(agent_store, operators_policy())
     peer = Peer.local(os.getuid())
     before = tree_snapshot(agent_store / "domains")
     try:
-        with pytest.raises(UsageError, match=rf"its link {r2[:12]} has the rival {t2[:12]}"):
+        with pytest.raises(UsageError, match=rf"its link {r2[:12]} is a rival of {t2[:12]}"):
             agent.handle(peer, Request(1, "rewrap", {
                 "bundle": b64encode(bundle.to_bytes()), "trust": r3,
                 "chain": [link.to_dict() for link in chain]}))
-        with pytest.raises(UsageError, match="line of Trusts forks"):
+        with pytest.raises(UsageError, match="not on this store's line of Trusts"):
             agent.handle(peer, Request(2, "create-domain", {
                 "name": "stolen", "trust": r3, "chain": [link.to_dict() for link in chain]}))
         # Nothing of the rival line was kept: the honest rewrap into T2 goes through.
@@ -169,8 +123,8 @@ def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path)
     rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("alice", key),), 1, utc_now())
     approval = Signature(rogue.id, key.key_id, mallory.sign(
         contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
-    agent = Agent(agent_store, _policy())
-    before = _documents(agent_store)
+    agent = Agent(agent_store, operators_policy())
+    before = documents(agent_store)
     try:
         for fork in (True, False):
             with pytest.raises(UsageError, match=rf"another verified successor of the genesis "
@@ -180,7 +134,7 @@ def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path)
                     "chain": [genesis.to_dict()], "fork": fork}))
     finally:
         agent.close()
-    assert _documents(agent_store) == before
+    assert documents(agent_store) == before
     assert Context.at(agent_store).store.anchor().successor is None
     Admin(agent_store, admin.pins)("trust", "pin", t1)
     assert Context.at(agent_store).store.anchor().successor == t1
@@ -196,23 +150,33 @@ def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path)
 
 
 def test_a_generation_made_on_the_rival_line_elsewhere_is_neither_imported_nor_rotated(
-    forked: tuple[Admin, str, str, list[str], Path], tmp_path: Path,
+    forked: Forked, tmp_path: Path,
 ) -> None:
-    """A replica that never got T2 sees no fork and rewraps payroll into R3 (the documented
-    limit). Where the fork is known, that generation is not taken in, and once T2 reaches the
-    replica, no key epoch is added under the rival's k (review)."""
-    admin, _, t2, (_, r3), _ = forked
+    """A replica copied before T2 (its head T1) gets the rival line and never T2: it sees no
+    fork and follows R2 -> R3 (trust on first use, the documented limit), and rewraps payroll
+    into R3. The operators' store, whose head is T2, does not take that generation in. Once
+    T2 reaches the replica, the replica's head (R3 by then) still says R3's line is its own:
+    its operators remove the head and pin T2, and then no key epoch is added under the
+    rival's k (review; before heads were kept, the fork refused it with no pin)."""
+    admin, t1, t2, (r2, r3), _ = forked
     replica = admin.copy(tmp_path / "replica")
     drop_trusts(replica.store, [t2])
+    assert Context.at(replica.store).store.set_head(t1, expect=t2)  # copied before T2
     replica("domain", "rewrap", "payroll", "--trust", r3)
+    assert Context.at(replica.store).store.head() == r3
     bundle = replica.export("payroll", tmp_path / "payroll.json")
     before = tree_snapshot(admin.store / "domains")
     line = one_error_line(admin("domain", "import", str(bundle), check=2))
-    assert "line of Trusts forks" in line and "take in a Domain generation" in line, line
+    assert "not on this store's line of Trusts" in line and "take in a Domain generation" in line
     assert tree_snapshot(admin.store / "domains") == before
     for kind in ("trusts", "approvals", "seals"):  # the sync brings T2
         shutil.copytree(admin.store / kind, replica.store / kind, dirs_exist_ok=True)
+    rows = {r["id"]: r for r in replica("--json", "trust", "list").json}
+    assert rows[r3]["head"] and rows[t2]["line"] == "rival" and rows[t2]["rivals"] == [r2]
+    # The replica's operators choose the honest line: remove the head, pin T2.
+    (replica.store / "private" / "head.json").unlink()
+    replica("trust", "pin", t2)
     before = tree_snapshot(replica.store / "domains")
     line = one_error_line(replica("domain", "rotate", "payroll", check=2))
-    assert "line of Trusts forks" in line and "add a key epoch" in line, line
+    assert "not on this store's line of Trusts" in line and "add a key epoch" in line, line
     assert tree_snapshot(replica.store / "domains") == before

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kmsfs.service.context import Context
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
@@ -73,15 +74,17 @@ def test_domain_verify_says_a_rewrap_is_due_as_info_and_mount_do(
 def test_no_new_volume_until_the_rewrap_but_bound_ones_mount_with_a_warning(
     superseded: tuple[Admin, str, str], tmp_path: Path
 ) -> None:
-    admin, _, t2 = superseded
+    admin, t1, t2 = superseded
     old, new, mnt = tmp_path / "old", tmp_path / "new", tmp_path / "mnt"
     # Bound while T1 governed: take the store back to before T2 for the init (a copy), as a
-    # volume made last month would have been.
+    # volume made last month would have been; its private area too, where T1 was then the
+    # head of its line (a store that saw T2 refuses to lose it: test_line_head.py).
     snapshot = tmp_path / "store-before"
     subprocess.run(["cp", "-a", str(admin.store), str(snapshot)], check=True)
     for path in (snapshot / "trusts").iterdir():
         if path.name.startswith(t2):
             path.unlink()
+    assert Context.at(snapshot).store.set_head(t1, expect=t2)
     earlier = Admin(snapshot, admin.pins)
     assert kmsfs(earlier, "init", str(old), "--domain", "payroll").returncode == 0
 
