@@ -197,9 +197,13 @@ class Store:
             return False
         data = _document_bytes({"_type": "head", "format": HEAD_FORMAT, "head": head})
         with writing(self.head_path, "the head of the store's line of Trusts"):
-            fd = os.open(self.private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # Its own lock file, not the store's lock (callers may hold that one), and a
+            # regular file opened for writing (flock on NFS is a POSIX lock, which needs one).
+            lock = self.head_path.with_name("head.json.lock")
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # not the store's lock: callers may hold it
+                self._owned_by_private(lock)
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 if self.head() != expect:
                     return False
                 atomic.replace(self.head_path, data, mode=0o600)
