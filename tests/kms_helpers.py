@@ -178,12 +178,17 @@ def software_hsm(label: str, created: str | None = None) -> tuple[Any, Any]:
 def drop_rivals(store: Path, predecessor: str, kept: str) -> None:
     """Remove every other successor of *predecessor* from *store* (its Trust, approvals and
     seals): what operators do to keep one line of Trusts, on which alone a Domain's keys are
-    wrapped (test_forked_line.py)."""
+    wrapped (test_forked_line.py). Where the store's head was on a line removed (it sealed
+    the other one first), they remove its head too (operators.md, §3), and the store takes
+    the kept line's newest Trust as its head at its next command (test_line_head.py)."""
+    from kmsfs.service import trusts
     from kmsfs.service.context import Context
 
     ctx = Context.at(store)
     drop_trusts(store, [t for t in ctx.store.trust_ids()
                         if t != kept and ctx.store.trust(t).predecessor == predecessor])
+    if trusts.resolve_line(ctx).lost is not None:
+        ctx.store.head_path.unlink()
 
 
 def drop_trusts(store: Path, ids: list[str]) -> None:
