@@ -36,6 +36,7 @@ from kmsfs.errors import (
     KmsfsError,
     NotFoundError,
     StoreError,
+    UsageError,
 )
 from kmsfs.model import fields
 from kmsfs.model.canonical import canonical_bytes, parse_json
@@ -390,7 +391,9 @@ class Store:
         typed = ref.strip()
         prefix = typed.lower()
         if len(prefix) < 4:
-            raise NotFoundError(
+            # A bad argument (exit 2), not a document the store lacks (exit 6): no id that
+            # short is looked up, so nothing can be missing yet.
+            raise UsageError(
                 f"{kind} id {typed!r}: give at least 4 hex digits{self._case_hint(kind, typed)}"
             )
         matches = [i for i in ids if i.startswith(prefix)]
