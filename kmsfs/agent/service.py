@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.policy import SEAL_GENESIS_SUCCESSOR, Peer, Policy
 from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request, printable
 from kmsfs.agent.refusals import LISTED_BURST, LISTED_OVERFLOW, RefusalCoalescer
 from kmsfs.errors import (
@@ -234,7 +234,9 @@ class Agent:
             )
 
     #: Operations with lasting effects on the store: recorded before they start, too.
-    LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "retire", "seal-trust"})
+    LASTING_OPS = frozenset(
+        {"create-domain", "rewrap", "rotate", "retire", "seal-trust", SEAL_GENESIS_SUCCESSOR}
+    )
 
     def _guarded(
         self,
@@ -446,7 +448,13 @@ class Agent:
         Trusts, :func:`~kmsfs.service.trusts.refuse_fork`) unless the client says ``fork``
         (``trust seal --fork``; sent only then, so older agents serve every other seal); and
         never a second successor of the genesis while the store holds one that verifies, fork
-        or not (:func:`~kmsfs.service.trusts.refuse_second_genesis_successor`)."""
+        or not (:func:`~kmsfs.service.trusts.refuse_second_genesis_successor`).
+
+        A successor of the genesis needs the policy action ``seal-genesis-successor``, not
+        ``seal-trust``: the genesis has no operators, so only the new Trust's own quorum stands
+        behind it, and its seal pins it here for good. Allowed ``seal-trust`` alone, a client
+        with no PIN and no operator of the store could make itself the only operator of the
+        line (review); the ceremony grants the action for its first seal only."""
         optional = {"fork"} & set(args)
         fields.exact_keys(args, {"trust", "approvals", "chain"} | optional, "seal-trust")
         fork = fields.boolean(args, "fork", "seal-trust") if optional else False
@@ -485,7 +493,17 @@ class Agent:
                 sealed = trusts._seal(self.ctx, trust.id, None)  # trusts.seal, lock held
             return {"seal": sealed.seal.to_dict("seal")}
 
-        return self._guarded(peer, "seal-trust", None, act, {"trust": trust.id})
+        return self._guarded(peer, self._seal_action(trust), None, act, {"trust": trust.id})
+
+    def _seal_action(self, trust: Trust) -> str:
+        """The policy action that sealing *trust* takes: :data:`SEAL_GENESIS_SUCCESSOR` for a
+        successor of this store's genesis, ``seal-trust`` for any other. A store whose pins
+        cannot be read gets ``seal-trust``; the seal then fails on them with its own line."""
+        try:
+            root = self.ctx.store.anchor().root
+        except KmsfsError:
+            return "seal-trust"
+        return SEAL_GENESIS_SUCCESSOR if trust.predecessor == root else "seal-trust"
 
     def health(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """Each HSM of the agent's store: does it answer with its PIN and hold its keys? As

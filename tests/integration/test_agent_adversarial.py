@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.agent import protocol, remote
 from kmsfs.agent import server as agent_server
@@ -62,12 +63,12 @@ from kmsfs.service import domains, operators, trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
 from tests.integration.fault_helpers import tmpfs
-from tests.kms_helpers import ADMIN, Admin
+from tests.kms_helpers import ADMIN, Admin, tree_snapshot
 from tests.unit.model_fixtures import ed25519_key, public_key
 
 pytestmark = pytest.mark.timeout(300)
 
-ALL = '["derive", "create-domain", "rewrap", "seal-trust", "health"]'
+ALL = '["derive", "create-domain", "rewrap", "seal-trust", "seal-genesis-successor", "health"]'
 MOUNT_A, MOUNT_B, STRANGER = 1001, 1002, 4242  # uids: two listed peers and one nobody names
 POLICY = (
     f'[[client]]\nname = "mount-a"\nuids = [{MOUNT_A}]\ndomains = ["payroll"]\n'
@@ -829,6 +830,53 @@ def _stranger_seal_args(ctx: Context, trust: Trust, approval: Signature) -> dict
         "approvals": [approval.to_dict("approval")],
         "chain": [link.to_dict() for link in trusts.verified_chain(ctx, root)],
     }
+
+
+def test_seal_trust_alone_cannot_make_a_client_the_only_operator_of_a_new_line(
+    tmp_path: Path,
+) -> None:
+    """Review: on an agent whose store had no successor of the genesis yet, a client allowed
+    only ``seal-trust``, with no PIN and no operator of the store, had the agent seal and pin
+    a first Trust whose only operator was a key it had just made (quorum 1): the genesis has no
+    operators, so no other quorum stood behind it, and the honest ceremony was then refused as
+    a rival. Sealing the genesis's successor is now its own action, granted for the ceremony;
+    ``seal-trust`` still seals any later Trust."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    ctx = Context.at(admin.store)
+    genesis = trusts.verified_chain(ctx, ctx.store.anchor().root)[0]
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
+    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("mallory", key),), 1, utc_now())
+    approval = Signature(rogue.id, key.key_id, mallory.sign(
+        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    args = {"trust": rogue.payload(), "approvals": [approval.to_dict("approval")],
+            "chain": [genesis.to_dict()]}
+    sealer = '[[client]]\nname = "operators"\nuids = [0]\nallow = ["seal-trust"]\n'
+    before = tree_snapshot(admin.store)
+    audit = tmp_path / "audit.log"
+    with in_process_agent(admin.store, sealer, audit) as agent, pytest.raises(
+        AgentRefusedError, match=r"client uid=0\(root\) may not seal-genesis-successor"
+    ):
+        call(agent, peer(0), "seal-trust", args)
+    assert tree_snapshot(admin.store) == before  # no Trust, approval, seal or pin
+    assert Context.at(admin.store).store.anchor().successor is None
+    refused = events(audit)[-1]
+    assert (refused["op"], refused["decision"]) == ("seal-genesis-successor", "refused"), refused
+    # The ceremony's grant: the operators' T1 is sealed and pinned through the agent, and from
+    # then on seal-trust alone seals its successors.
+    admin.create_operators("alice", "bob")
+    t1 = admin.propose(["hsm1", "hsm2"], ["alice", "bob"], 2, predecessor=genesis.id)
+    admin.sign(t1, "alice", "bob")
+    ceremony = sealer.replace('"seal-trust"]', '"seal-trust", "seal-genesis-successor"]')
+    with in_process_agent(admin.store, ceremony) as agent:
+        call(agent, peer(0), "seal-trust", _seal_args(ctx, t1, genesis.id))
+    assert Context.at(admin.store).store.anchor().successor == t1
+    t2 = admin.propose(["hsm1"], ["alice", "bob"], 2, predecessor=t1)
+    admin.sign(t2, "alice", "bob")
+    with in_process_agent(admin.store, sealer) as agent:
+        call(agent, peer(0), "seal-trust", _seal_args(ctx, t2, t1))
+    assert trusts.successor(Context.at(admin.store), t1).id == t2
 
 
 def test_a_rival_successor_of_the_pinned_genesis_leaves_nothing_in_the_store(kms: Kms) -> None:

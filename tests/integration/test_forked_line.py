@@ -36,7 +36,10 @@ from kmsfs.service import domains, hsms, trusts
 from kmsfs.service.context import Context, utc_now
 from tests.kms_helpers import Admin, drop_trusts, one_error_line, software_hsm, tree_snapshot
 
-ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
+ALL_ACTIONS = (
+    '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "seal-genesis-successor",'
+    ' "derive"]'
+)
 
 
 def _policy() -> Policy:
