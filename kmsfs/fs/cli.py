@@ -37,6 +37,7 @@ from kmsfs.fs.config import CONFIG_NAME, VolumeConfig, bundle_names, shown
 from kmsfs.fs.reencrypt_names import check_not_rekeying
 from kmsfs.fs.volume import (
     check_mountpoint,
+    check_outside,
     check_root_only,
     create_volume,
     is_mount_point,
@@ -147,6 +148,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
         raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
     config = open_volume(Path(args.cipherdir))  # its names are its bundle's (config.validate)
     check_root_only(Path(args.cipherdir))
+    check_outside(Path(args.cipherdir), Path(args.mountpoint))
     check_mountpoint(Path(args.mountpoint))
     # Busy (mounted, being re-encrypted) is said before anything is touched: the daemon takes
     # the lock for good only after its HSM login and its log file (DESIGN §2.6).
