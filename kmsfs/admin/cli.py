@@ -505,14 +505,20 @@ class Command:
     def domain_import(self) -> None:
         done = imports.import_bundle(self.ctx, _read_bundle(self.args.source), pin=self.args.pin)
         domain = done.verified.sealed.domain
-        what = "imported" if done.domain_added else "already in the store:"
+        if done.domain_added:
+            what = f"imported generation {domain.generation}"
+        elif domain.id in self.ctx.store.domain_ids():
+            what = f"already in the store: generation {domain.generation}"
+        else:  # older than the store's history (imports._needs_writing)
+            what = (f"generation {domain.generation} not taken in: the store's newer "
+                    "generations keep its keys")
         self.one(
             {
                 **render.verified_domain(done.verified),
                 "domain_added": done.domain_added,
                 "trusts_added": done.trusts_added,
             },
-            f"domain {domain.name}: {what} generation {domain.generation}, "
+            f"domain {domain.name}: {what}, "
             f"{done.trusts_added} trust(s) added\n{done.verified.sealed.id}",
         )
 
