@@ -3,6 +3,7 @@ and renders the result as text or, with ``--json``, as JSON (lists are arrays of
 with an ``id``)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ class Command:
     def init(self) -> None:
         # About a second per HSM: say what is being made, on a terminal only (not with --json).
         with Steps(f"{PROG} init: making", wanted=not self.json) as steps:
-            genesis = store_init.init_store(self.ctx.store.root, self.args.hsms, steps)
+            genesis = store_init.init_store(
+                self.ctx.store.root, self.args.hsms, steps, _default_parents_mode(self.args)
+            )
         labels = ", ".join(h.label for h in genesis.trust.hsms)
         self.one(
             {
@@ -521,6 +524,15 @@ class Command:
             f"domain {domain.name}: {what}, "
             f"{done.trusts_added} trust(s) added\n{done.verified.sealed.id}",
         )
+
+
+def _default_parents_mode(args: argparse.Namespace) -> int | None:
+    """The mode of the directories ``init`` may make above the default store (None: a path
+    the user gave, whose parent must exist). Root's /var/lib/kmsfs is readable by all, since
+    other users may verify with a root store; a user's ~/.local/share/kmsfs is the user's."""
+    if not getattr(args, "store_is_default", False):
+        return None
+    return 0o755 if os.geteuid() == 0 else 0o700
 
 
 def _read_bundle(source: str) -> DomainBundle:
@@ -1071,6 +1083,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.store is None:
         args.store = default_store_path()
+        # The tool's own default, not a path typed (--store, KMSFS_STORE): init makes its
+        # missing parents (Store.make_root).
+        args.store_is_default = not os.environ.get("KMSFS_STORE")
     return run(PROG, lambda: getattr(Command(args), args.handler)())
 
 

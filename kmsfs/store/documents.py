@@ -78,11 +78,22 @@ class Store:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def make_root(self) -> None:
+    def make_root(self, parents_mode: int | None = None) -> list[Path]:
         """Make the store's directory for ``init``: an existing empty one, or a new one in an
         existing directory. A missing parent is refused: a mistyped ``--store`` made a store
-        wherever it pointed, every missing directory on the way included."""
+        wherever it pointed, every missing directory on the way included. The tool's own
+        default path (no ``--store``, no ``KMSFS_STORE``) is no typo: *parents_mode* given,
+        its missing parents are made with that mode (a new user has no ~/.local/share/kmsfs,
+        and the first ``kmsfs-admin init`` failed on it; review). Returns the directories it
+        made, deepest last, for an init that fails to take away again."""
         parent = self.root.absolute().parent
+        made: list[Path] = []
+        if not parent.is_dir() and parents_mode is not None:
+            missing = [p for p in (parent, *parent.parents) if not p.exists()]
+            with writing(parent, "the store's parent directory"):
+                for directory in reversed(missing):
+                    directory.mkdir(mode=parents_mode)
+                    made.append(directory)
         if not parent.is_dir():
             raise NotFoundError(
                 f"{parent}: no such directory, so no store can be made at {self.root} "
@@ -91,6 +102,7 @@ class Store:
         with writing(self.root, "the store directory"):
             self.root.mkdir(exist_ok=True)
             os.chmod(self.root, 0o755)
+        return made
 
     def require_writable(self, what: str) -> None:
         """StoreError (exit 6) unless *what* could be written into this store. For commands
