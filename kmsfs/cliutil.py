@@ -191,12 +191,35 @@ def stderr_is_the_journal() -> bool:
         return False
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(name)s: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _ToolFormatter(logging.Formatter):
+    """``PROG: warning: message``: a warning from inside the tool (a store.json a sync
+    replaced, an HSM that failed over) reads as the tool's own warnings do, not as a logger's
+    ``kmsfs.store.documents: WARNING:`` line (review)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(verbose: bool, prog: str | None = None) -> None:
+    """Warnings to stderr, as ``PROG: warning: ...`` (with *prog*); with *verbose*, debug
+    lines too, each naming the module it comes from."""
+    if verbose or prog is None:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.WARNING,
+            format="%(name)s: %(levelname)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ToolFormatter(prog))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def emit_json(value: Any) -> None:

@@ -1080,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     merge_store(parser, args)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, PROG)
     if args.store is None:
         args.store = default_store_path()
         # The tool's own default, not a path typed (--store, KMSFS_STORE): init makes its

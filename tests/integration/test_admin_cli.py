@@ -535,6 +535,7 @@ def test_a_store_json_replaced_by_a_sync_changes_no_pin(
     verified = initialized("domain", "verify", "payroll")
     warning = verified.stderr.strip().splitlines()
     assert len(warning) == 1 and "a copy or sync replaced it, and it is ignored" in warning[0]
+    assert warning[0].startswith(f"kmsfs-admin: warning: {initialized.store / 'store.json'} ")
     assert f"install -m 0644 {initialized.store / 'private' / 'anchor.json'}" in warning[0]
     refused = initialized("domain", "verify", "forged", check=exitcodes.VERIFICATION)
     error = refused.stderr.strip().splitlines()[-1]
