@@ -163,12 +163,25 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
         what = exc.strerror or str(exc)
         print_error(prog, f"{exc.filename}: {what}" if exc.filename else what)
         return exitcodes.ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted{_left(exc)}", file=sys.stderr)
         return exitcodes.INTERRUPTED
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
+    except Terminated as exc:
+        print(f"{prog}: terminated{_left(exc)}", file=sys.stderr)
         return exitcodes.TERMINATED
+
+
+def _left(exc: BaseException) -> str:
+    """What a command cut short left to do, if it said (:func:`say_what_is_left`)."""
+    left = getattr(exc, "kmsfs_left", None)
+    return f": {left}" if left else ""
+
+
+def say_what_is_left(exc: BaseException, left: str) -> None:
+    """Have the "interrupted" (or "terminated") line of *exc*, a Ctrl-C or SIGTERM that cuts a
+    command short, say what is left to do: "kmsfs: interrupted" alone did not say that the
+    volume must be re-encrypted to the end before it mounts again (review)."""
+    exc.kmsfs_left = left  # type: ignore[attr-defined]
 
 
 def print_error(prog: str, message: str) -> None:

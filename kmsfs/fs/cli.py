@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs import __version__, exitcodes
-from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
+from kmsfs.cliutil import (
+    Parser,
+    Terminated,
+    add_agent_options,
+    emit_json,
+    merge_store,
+    run,
+    say_what_is_left,
+)
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import (
@@ -588,9 +596,16 @@ def _per_epoch(counts: dict[int, int], current: int | None = None) -> str:
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     _check_volume_before_reading(args, Path(args.cipherdir))
-    summary = reencrypt.reencrypt(
-        kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
-    )
+    try:
+        summary = reencrypt.reencrypt(
+            kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
+        )
+    except (KeyboardInterrupt, Terminated) as exc:
+        again = f"kmsfs reencrypt{' --upgrade' if args.upgrade else ''} {args.cipherdir}"
+        say_what_is_left(exc, f"{args.cipherdir} is partly re-encrypted: run '{again}' again "
+                              "to finish it (it resumes where it stopped); a mount may refuse "
+                              "the volume until then")
+        raise
     if args.json:
         emit_json(summary.to_json())
     else:

@@ -664,3 +664,32 @@ def test_a_store_rebuilt_from_the_newest_export_opens_older_volumes_and_files(
     done = kmsfs(rebuilt, "decrypt", str(sealed), str(out))
     assert done.returncode == 0, done.stderr
     assert out.read_text() == "a file encrypted at generation 1"
+
+
+@pytest.mark.parametrize("cut", ["SIGINT", "SIGTERM"])
+def test_a_reencrypt_cut_short_says_to_run_it_again(store: Store, tmp_path: Path, cut: str
+                                                    ) -> None:
+    """Review: a Ctrl-C in `kmsfs reencrypt` said "kmsfs: interrupted" and nothing more, though
+    a mount refuses a volume whose re-encryption of names was cut short until it is run again.
+    The line now names the volume and the command that finishes it; the exit code stays."""
+    cipher = tmp_path / "vol"
+    init(store, cipher, "payroll")
+    code = (
+        "import signal, sys\n"
+        "from kmsfs.fs import cli, reencrypt\n"
+        "def cut(*args, **kwargs):\n"
+        f"    signal.raise_signal(signal.{cut})\n"
+        "reencrypt.reencrypt_tree = cut\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "reencrypt", "--upgrade", str(cipher)], capture_output=True,
+        text=True, timeout=120, env=clean_env(KMSFS_STORE=str(store.path)), check=False,
+    )
+    word, status = ("interrupted", 130) if cut == "SIGINT" else ("terminated", 143)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"kmsfs: {word}: {cipher} is partly re-encrypted: run 'kmsfs reencrypt --upgrade "
+        f"{cipher}' again to finish it (it resumes where it stopped); a mount may refuse the "
+        "volume until then"
+    ]
