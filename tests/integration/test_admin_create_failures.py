@@ -296,3 +296,21 @@ def test_a_sign_or_seal_on_a_full_disk_leaves_no_empty_directory(tmp_path: Path)
         assert public(admin) == before
         shutil.rmtree(small / "filler")
         admin("trust", "seal", trust)
+
+
+def test_an_operator_created_on_a_full_disk_is_told_so(tmp_path: Path) -> None:
+    """Review: `operator create` on a full disk said "softhsm2-util could not create token
+    'op-erin': Please check log files", exit 4 (no HSM). It names the full disk now, exit 6 as
+    every other write to a full store, and leaves no token or record behind."""
+    with tmpfs(tmp_path / "small", "24m") as small:
+        admin = Admin(small / "store", Admin.under(tmp_path).pins)
+        admin("init", "--hsms", "1")
+        before = tree_snapshot(admin.store)
+        _fill_up(small / "filler")
+        line = one_error_line(admin(
+            "operator", "create", "erin", "--pin-file", admin.pin_file("erin"), check=6))
+        assert line.endswith("cannot make token 'op-erin': No space left on device"), line
+        left = set(tree_snapshot(admin.store)) - {".lock"}  # the store's lock, made once
+        assert left == set(before), left ^ set(before)
+        shutil.rmtree(small / "filler")
+        admin.create_operators("erin")
