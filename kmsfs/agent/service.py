@@ -31,6 +31,7 @@ from kmsfs.agent.refusals import LISTED_BURST, LISTED_OVERFLOW, RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
     ChainError,
+    HsmUnavailableError,
     KmsfsError,
     NotFoundError,
     UsageError,
@@ -58,6 +59,9 @@ MAX_REASON = 1000  # characters of a reason kept in the audit log
 #: loop make the agent open, log in to and sign with every HSM at most this often, not once
 #: per request, which would take the HSMs (and the token files' lock) from derivations.
 HEALTH_REUSE_SECONDS = 2.0
+#: How many times an open-domain verifies again when a rewrap or rotation of the Domain closed
+#: its generations meanwhile, before it gives up (a client tries again).
+OPEN_TRIES = 3
 
 
 @dataclass
@@ -78,6 +82,9 @@ class Agent:
         self._audit = audit
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
+        #: How many times each Domain's open generations were closed (:meth:`_forget`): an
+        #: open that verified before a close must not keep what it verified after it.
+        self._closes: dict[str, int] = {}
         self._anchor_cache: tuple[tuple[object, ...], Anchor] | None = None
         self._health_lock = threading.Lock()  # one HSM check at a time; others wait for it
         self._health: tuple[float, list[dict[str, object]]] | None = None  # (when, rows)
@@ -292,13 +299,27 @@ class Agent:
 
         def act() -> dict[str, Any]:
             self._require_pinned()
-            verified = domains.newest_verified(self.ctx, bundle)
-            handle = verified.sealed.id
-            with self._lock:
-                if handle not in self._open:
-                    keys = domains.DomainKeys(self.ctx, verified).open()
-                    self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
-                entry = self._open[handle]
+            for _ in range(OPEN_TRIES):
+                with self._lock:
+                    closes = self._closes.get(name, 0)
+                verified = domains.newest_verified(self.ctx, bundle)
+                handle = verified.sealed.id
+                with self._lock:
+                    # A rewrap that closed this Domain's generations since the check above
+                    # (review): what was verified may be the generation it superseded, which
+                    # kept open would go on serving through the HSM the rewrap removed.
+                    if self._closes.get(name, 0) != closes:
+                        continue
+                    if handle not in self._open:
+                        keys = domains.DomainKeys(self.ctx, verified).open()
+                        self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
+                    entry = self._open[handle]
+                    break
+            else:
+                raise HsmUnavailableError(
+                    f"domain {name}: its generations changed under {OPEN_TRIES} opens in a row "
+                    "(rewraps or rotations in progress); try again"
+                )
             domain = verified.sealed.domain
             # A successor of its Trust: the client warns that a rewrap is due, as a mount
             # through its own store does (kmsfs.fs.kms.superseded_warning).
@@ -568,6 +589,7 @@ class Agent:
         "not open", open the Domain again and so move to the new generation (the revoked HSM
         no longer serves them)."""
         with self._lock:
+            self._closes[name] = self._closes.get(name, 0) + 1
             stale = [h for h, e in self._open.items() if e.verified.sealed.domain.name == name]
             entries = [self._open.pop(h) for h in stale]
         for entry in entries:

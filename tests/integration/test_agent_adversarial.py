@@ -50,6 +50,7 @@ from kmsfs.errors import (
     FormatError,
     IntegrityError,
     KmsfsError,
+    NotFoundError,
     QuorumNotMetError,
     UsageError,
 )
@@ -977,6 +978,49 @@ def test_a_rival_generation_sent_to_rotate_or_rewrap_is_refused_and_not_written(
         ]
         opened = call(agent, peer(0), "open-domain", {"bundle": legit})
         assert (opened["generation"], opened["trust_id"]) == (2, revoked.t2)
+
+
+def test_an_open_racing_a_rewrap_does_not_keep_the_superseded_generation_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: open-domain verified the newest generation without the lock and kept it open
+    later, so a rewrap that closed the Domain's generations in between was undone: the old
+    generation stayed open and derived through the HSM the rewrap removed, and, the epoch
+    unchanged, its mount was never told to move. The open now verifies again."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    admin("domain", "create", "payroll", "--trust", t1)
+    t2 = admin.sealed_trust(["hsm1"], ["alice", "bob"], 2, predecessor=t1)  # hsm2 removed
+    ctx = Context.at(admin.store)
+    old = b64encode(domains.export_bundle(ctx, "payroll").to_bytes())
+    verified, go_on = threading.Event(), threading.Event()
+    real = domains.newest_verified
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        if threading.current_thread().name == "opener" and not verified.is_set():
+            verified.set()  # the window between the check and keeping it open
+            assert go_on.wait(60)
+        return found
+
+    monkeypatch.setattr(domains, "newest_verified", paused)
+    answers: dict[str, Any] = {}
+    with in_process_agent(admin.store, root_policy()) as agent:
+        opener = threading.Thread(name="opener", target=lambda: answers.update(
+            call(agent, peer(0), "open-domain", {"bundle": old})))
+        opener.start()
+        assert verified.wait(60)
+        chain = [link.to_dict() for link in trusts.verified_chain(ctx, t2)]
+        call(agent, peer(0), "rewrap", {"bundle": old, "trust": t2, "chain": chain})
+        go_on.set()
+        opener.join(60)
+        assert (answers["generation"], answers["trust_id"]) == (2, t2), answers
+        assert [e.verified.sealed.domain.generation for e in agent._open.values()] == [2]
+        first = domains.history(ctx, "payroll")[0].sealed.id
+        with pytest.raises(NotFoundError, match="is not open"):
+            call(agent, peer(0), "derive", {"handle": first, "infos": [b64encode(b"x" * 16)]})
 
 
 # -- key material never reaches a log ----------------------------------------------------------
