@@ -111,6 +111,10 @@ class Policy:
                 return rule.name
         return None
 
+    def allows_any(self, peer: Peer, action: str) -> bool:
+        """Whether some entry matching *peer* lists *action*, for any Domain."""
+        return any(rule.matches(peer) and action in rule.allow for rule in self.rules)
+
     def check(self, peer: Peer, action: str, domain: str | None = None) -> str:
         """The name of the rule that allows it; AgentRefusedError with the reason otherwise."""
         matching = [r for r in self.rules if r.matches(peer)]

@@ -113,10 +113,13 @@ class Agent:
         refused before its arguments are read (the transport read at most
         ``server.MAX_STRANGER_FRAME`` bytes of it), and a malformed request is recorded as such."""
         op = request.op if request.op in self._handlers else "unknown"
-        if op != "hello" and self.policy.client_name(peer) is None:
+        if self.policy.client_name(peer) is None:
             refusal = self._unlisted(peer)
             self._refused(peer, op, str(refusal))
-            raise refusal
+            if op != "hello":
+                raise refusal
+            # hello is answered ("client": null tells a misconfigured client why nothing
+            # else works), and counted as the refusal it is: it went unrecorded (review).
         try:
             if op == "unknown":
                 raise ProtocolError(f"unknown operation {printable(request.op, 40)}")
@@ -356,10 +359,7 @@ class Agent:
                 raise ProtocolError(f"derive.infos[{i}]: want 1 to {MAX_INFO} bytes")
             if info.startswith(BINDING_INFO_PREFIX):  # else a client could bind any Domain
                 raise ProtocolError(f"derive.infos[{i}]: the prefix of Domain key bindings")
-        with self._lock:
-            entry = self._open.get(handle)
-        if entry is None:
-            raise NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+        entry = self._entry_for(peer, handle, "derive", record_missing=True)
 
         def act() -> dict[str, Any]:
             # The chain is checked against the store's pinned root as it is now. Verification
@@ -377,7 +377,43 @@ class Agent:
                     "retired_below": entry.keys.retired_below}
 
         name = entry.verified.sealed.domain.name
-        return self._guarded(peer, "derive", name, act, {"count": len(infos)})
+        detail: dict[str, Any] = {"count": len(infos)}
+        if epoch is not None:
+            detail["epoch"] = epoch  # which mk a derivation used belongs in its record
+        return self._guarded(peer, "derive", name, act, detail)
+
+    def _entry_for(
+        self, peer: Peer, handle: str, op: str, record_missing: bool
+    ) -> _OpenDomain:
+        """The open Domain *handle* names, for a peer that may derive for its Domain.
+
+        Handles are sealed-Domain ids, public in the store. Looked up before the policy (as
+        they were), a client allowed only ``health`` learnt which Domains were open, and which
+        Domain a handle was, from "refused" against "not open" (review). So a peer that may
+        not derive at all is refused first, and one that may not derive for this handle's
+        Domain gets the answer of a handle that is not open (its refusal is recorded all the
+        same). *record_missing*: whether a handle not open goes to the audit log."""
+        if not self.policy.allows_any(peer, "derive"):
+            refusal = AgentRefusedError(
+                f"client {peer.describe()} may not derive (policy {self.policy.source})"
+            )
+            refusal.refusal = (op, None, None)  # type: ignore[attr-defined]
+            raise refusal
+        with self._lock:
+            entry = self._open.get(handle)
+        recorded = not record_missing
+        if entry is not None:
+            name = entry.verified.sealed.domain.name
+            try:
+                self.policy.check(peer, "derive", name)
+            except AgentRefusedError as exc:
+                self._refused(peer, op, str(exc), name, None)
+                entry, recorded = None, True
+        if entry is None:
+            gone = NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+            gone.audited = recorded  # type: ignore[attr-defined]
+            raise gone
+        return entry
 
     def domain_status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """The key epochs an open Domain now retires, for a client that holds keys it derived
@@ -392,21 +428,10 @@ class Agent:
         recorded like any other."""
         fields.exact_keys(args, {"handle"}, "domain-status")
         handle = fields.hex_id(args["handle"], "domain-status.handle")
-        with self._lock:
-            entry = self._open.get(handle)
-        if entry is None:
-            # Not recorded either: every mount asking about a generation the agent closed
-            # (after a rotate, rewrap or retire) would write one. It opens the Domain again
-            # next, and that is recorded (as derive).
-            gone = NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
-            gone.audited = True  # type: ignore[attr-defined]
-            raise gone
-        name = entry.verified.sealed.domain.name
-        try:
-            self.policy.check(peer, "derive", name)
-        except AgentRefusedError as exc:
-            exc.refusal = ("domain-status", name, None)  # type: ignore[attr-defined]
-            raise
+        # A handle not open is not recorded: every mount asking about a generation the agent
+        # closed (after a rotate, rewrap or retire) would write one. It opens the Domain again
+        # next, and that is recorded (as derive).
+        entry = self._entry_for(peer, handle, "domain-status", record_missing=False)
         entry.keys.follow_store()
         return {"retired_below": entry.keys.retired_below,
                 "newest_epoch": entry.keys.newest_epoch}

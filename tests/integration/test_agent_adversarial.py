@@ -243,6 +243,60 @@ def header(length: int) -> bytes:
 # -- the policy: one peer's Domain is not another's ------------------------------------------
 
 
+def test_an_unlisted_peers_hello_is_answered_and_counted(kms: Kms, tmp_path: Path) -> None:
+    """Review: `hello` from a peer the policy does not name was answered and left no record
+    and no count, though every refusal is counted (threat-model.md §8). It is still answered
+    (``client: null`` tells a misconfigured client why nothing else works), and recorded as
+    the refusal it is, coalesced per identity like the others."""
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, POLICY, audit) as agent:
+        for _ in range(3):
+            assert call(agent, peer(STRANGER), "hello", {}) == {
+                "peer": peer(STRANGER).describe(), "client": None}
+        assert call(agent, peer(MOUNT_A), "hello", {})["client"] == "mount-a"
+        agent.flush_refusals(everything=True)
+    mine = [e for e in events(audit) if e["who"] == peer(STRANGER).describe()]
+    assert mine and {(e["op"], e["decision"]) for e in mine} <= {("hello", "refused"),
+                                                                ("suppressed", "refused")}
+    counted = sum(e["detail"]["suppressed"] if e["op"] == "suppressed" else 1 for e in mine)
+    assert counted == 3, mine
+    assert not [e for e in events(audit) if e["who"] == peer(MOUNT_A).describe()]
+
+
+def test_a_handle_tells_no_client_which_domains_are_open(kms: Kms, tmp_path: Path) -> None:
+    """Review: handles are public (sealed-Domain ids), and derive and domain-status looked one
+    up before the policy: a client allowed only ``health`` told an open Domain ("refused ...
+    may not derive for Domain payroll") from one not open ("not open", and no audit record),
+    and so learnt which Domains were in use and which Domain a handle was. Now a peer that may
+    not derive at all is refused whatever the handle, and one that may derive for other
+    Domains gets the same answer for an open handle of a Domain not its own as for one not
+    open; each such probe is recorded."""
+    monitor = 4343
+    policy = POLICY + f'[[client]]\nname = "monitor"\nuids = [{monitor}]\nallow = ["health"]\n'
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, policy, audit) as agent:
+        opened = call(agent, peer(MOUNT_A), "open-domain", {"bundle": kms.bundle("payroll")})
+        closed = "ab" * 32
+        answers: dict[tuple[int, str], list[str]] = {}
+        for uid in (monitor, MOUNT_B):
+            for op, extra in (("domain-status", {}), ("derive", {"infos": [b64encode(b"i")]})):
+                for handle in (opened["handle"], closed):
+                    with pytest.raises(KmsfsError) as caught:
+                        call(agent, peer(uid), op, {"handle": handle, **extra})
+                    said = f"{type(caught.value).__name__}: {caught.value}"
+                    answers.setdefault((uid, op), []).append(said.replace(handle[:12], "H"))
+        for (uid, op), (open_one, closed_one) in answers.items():
+            assert open_one == closed_one, (uid, op, open_one, closed_one)
+            assert "payroll" not in open_one
+        assert answers[(monitor, "derive")][0].startswith("AgentRefusedError: client uid=4343")
+        assert answers[(MOUNT_B, "derive")][0].startswith("NotFoundError: Domain handle H is")
+    refused = [(e["who"], e["op"], e["domain"]) for e in events(audit)
+               if e["decision"] == "refused"]
+    assert refused.count((peer(MOUNT_B).describe(), "domain-status", "payroll")) == 1
+    assert refused.count((peer(MOUNT_B).describe(), "derive", "payroll")) == 1
+    assert sum(who == peer(monitor).describe() for who, _, _ in refused) == 4
+
+
 def test_handle_opened_by_one_peer_is_useless_to_a_peer_of_another_domain(
     kms: Kms, tmp_path: Path
 ) -> None:
@@ -255,7 +309,7 @@ def test_handle_opened_by_one_peer_is_useless_to_a_peer_of_another_domain(
         ]
         infos = {"handle": handle, "infos": [b64encode(b"file-id-1")]}
         assert len(call(agent, peer(MOUNT_A), "derive", infos)["keys"]) == 1
-        with pytest.raises(AgentRefusedError, match="may not derive for Domain payroll"):
+        with pytest.raises(NotFoundError, match="is not open"):  # as if it were not open
             call(agent, peer(MOUNT_B), "derive", infos)
         with pytest.raises(AgentRefusedError, match="may not derive for Domain payroll"):
             call(agent, peer(MOUNT_B), "open-domain", {"bundle": kms.bundle("payroll")})
