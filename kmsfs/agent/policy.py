@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmsfs.agent.protocol import printable
 from kmsfs.errors import AgentRefusedError, FormatError, UsageError
 
 #: The action that seals the genesis's successor (``seal-trust`` of a Trust whose predecessor is
@@ -69,7 +70,12 @@ class Peer:
     def describe(self) -> str:
         """How the audit log and refusals name this peer."""
         if self.fingerprint is not None:
-            return f"tls:{self.subject or '?'}:{self.fingerprint}"
+            # The common name is the client's own text: escaped and cut (a newline or a
+            # ":sha256:..." of its own must not make it read as another client; review). The
+            # fingerprint, last, is what names it.
+            subject = self.subject
+            shown = "?" if subject is None else printable(subject.replace(":", "\\x3a"), 64)
+            return f"tls:{shown}:{self.fingerprint}"
         return f"uid={self.uid}({self.user or '?'})"
 
 
