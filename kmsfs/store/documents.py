@@ -367,7 +367,14 @@ class Store:
         return True
 
     def signatures(self, kind: str, subject: str) -> list[Signature]:
-        """Every approval or seal stored for ``subject``; a damaged one is an error, by path."""
+        """Every approval or seal stored for ``subject`` that parses as one.
+
+        One that does not (not JSON, another document, a FIFO or link where a file belongs,
+        content that does not match its name) is left out with a warning naming it: it cannot
+        be a valid signature, so counting a quorum without it loses nothing, while an error
+        let whoever can write the store (a replica's sync) stop every command that reads the
+        Trust by planting one (review). Signatures that parse but do not verify are left out
+        by the quorum count itself."""
         folder = self.root / {"approval": "approvals", "seal": "seals"}[kind] / subject
         result = []
         for key_id in self._names(folder):
@@ -378,7 +385,11 @@ class Store:
                     raise IntegrityError("content does not match its name")
                 return signature
 
-            result.append(self._read(folder / f"{key_id}.json", parse))
+            try:
+                result.append(self._read(folder / f"{key_id}.json", parse))
+            except (FormatError, IntegrityError) as exc:
+                article = "an" if kind == "approval" else "a"
+                self._warn_once(f"{exc}; left out: it cannot be {article} {kind}")
         return result
 
     # -- Domains ---------------------------------------------------------------------------

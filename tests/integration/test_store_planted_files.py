@@ -1,6 +1,7 @@
 """Files a hostile replica plants in the store's public tree: ``rsync -a`` (and so a union
-merge) copies FIFOs, symbolic links and directories as they are. Each is one error line naming
-it, never a hang, and nothing is read or written through it."""
+merge) copies FIFOs, symbolic links and directories as they are. Each is named, never a hang,
+and nothing is read or written through it; where an approval or seal belongs, it is left out
+with a warning, as no signature can be one."""
 
 from __future__ import annotations
 
@@ -43,9 +44,13 @@ def test_a_planted_special_file_is_one_error_line_not_a_hang(
         planted.symlink_to(outside)
     else:
         planted.mkdir()
-    for command in (("trust", "show", trust), ("trust", "seal", trust)):
-        line = one_error_line(admin(*command, check=exitcodes.FORMAT))
-        assert str(planted) in line and "where a regular file belongs" in line
+    # Named in a warning and left out, never opened: it is no approval (the Trust has none)
+    shown = admin("trust", "show", trust)
+    assert str(planted) in shown.stderr and "where a regular file belongs" in shown.stderr
+    assert "left out: it cannot be an approval" in shown.stderr
+    refused = admin("trust", "seal", trust, check=exitcodes.VERIFICATION).stderr.splitlines()
+    assert len(refused) == 2 and str(planted) in refused[0], refused  # the warning, then:
+    assert refused[1].startswith("kmsfs-admin: error: ") and "quorum not met" in refused[1]
 
 
 def test_a_symlinked_store_directory_is_not_written_through(
@@ -93,3 +98,21 @@ def test_a_signature_planted_at_a_signers_name_does_not_keep_the_real_one_out(
     assert "does not verify was there (planted?): replaced" in sealed.stderr
     admin("trust", "verify", trust)  # quorum 1: alice's approval at her name, and the seal
     assert approval.exists() and seal.exists()
+
+
+def test_a_planted_unparseable_approval_does_not_stop_the_trust(
+    proposed: tuple[Admin, str]
+) -> None:
+    """Review (threat-model.md §2, "still open"): a document that does not parse, planted
+    among a Trust's approvals under a name no signer has, made every command that read the
+    Trust fail (exit 7), the honest quorum notwithstanding: whoever could write the store
+    could stop a revocation. It is left out with a warning naming it."""
+    admin, trust = proposed
+    admin.sign(trust, "alice")
+    planted = _planted_approval(admin, trust)
+    planted.write_text('{"_type": "approval", "subj')  # cut short, or garbage
+    sealed = admin("trust", "seal", trust)
+    assert "trust sealed by HSM hsm1" in sealed.stdout
+    assert f"{planted}: not JSON" in sealed.stderr and "left out" in sealed.stderr
+    admin("trust", "verify", trust)
+    assert planted.exists()  # named for the operators to remove, not removed behind them
