@@ -16,6 +16,7 @@ from pathlib import Path
 from kmsfs.errors import AlreadyExistsError, FormatError
 
 _KINDS = {
+    stat.S_IFREG: "a regular file",
     stat.S_IFDIR: "a directory",
     stat.S_IFLNK: "a symbolic link",
     stat.S_IFIFO: "a FIFO",
@@ -40,10 +41,12 @@ def read_regular(path: Path, limit: int = -1) -> bytes:
             kind = stat.S_IFMT(os.fstat(fd).st_mode)
             if kind == stat.S_IFREG:
                 return handle.read(limit)
-    raise FormatError(
-        f"{path}: {_KINDS.get(kind, 'not a regular file')} where a regular file belongs; "
-        "remove it"
-    )
+    raise FormatError(f"{path}: {kind_of(kind)} where a regular file belongs; remove it")
+
+
+def kind_of(mode: int) -> str:
+    """What a file of *mode* is, for a message: "a FIFO", "a symbolic link", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def fsync_dir(directory: Path | bytes) -> None:

@@ -348,6 +348,7 @@ class Store:
         could never be written (review)."""
         folder = {"approval": "approvals", "seal": "seals"}[kind]
         path = self.root / folder / signature.subject / f"{signature.key_id}.json"
+        self._clear_planted_slot(path, kind)
         try:
             return self._write(path, signature.to_dict(kind))
         except AlreadyExistsError:
@@ -366,6 +367,34 @@ class Store:
             atomic.replace(path, _document_bytes(signature.to_dict(kind)))
         return True
 
+    def _clear_planted_slot(self, path: Path, kind: str) -> None:
+        """Remove what a sync planted where signature *path* or its folder (``approvals/<id>``,
+        ``seals/<id>``) belongs: anything but a directory there, anything but a regular file
+        here (a FIFO, a symbolic link, a directory; an empty one, else refused naming it). It
+        is no signature, and it made ``trust sign`` and ``trust seal`` fail after the token or
+        HSM had signed, so that a revocation could never be sealed in that store (review).
+        Nothing is followed: a link is removed, never written through."""
+        for place, belongs in ((path.parent, stat.S_ISDIR), (path, stat.S_ISREG)):
+            try:
+                mode = os.lstat(place).st_mode
+            except FileNotFoundError:
+                continue
+            if belongs(mode):
+                continue
+            what, a_kind = atomic.kind_of(mode), _with_article(kind)
+            with writing(place, f"{what} planted where {a_kind} belongs"):
+                if stat.S_ISDIR(mode):
+                    try:
+                        os.rmdir(place)
+                    except OSError:
+                        raise StoreError(
+                            f"{place}: a directory where {a_kind} belongs, and not empty; "
+                            "remove it"
+                        ) from None
+                else:
+                    os.unlink(place)
+            log.warning("%s: %s where %s belongs (planted?): removed", place, what, a_kind)
+
     def signatures(self, kind: str, subject: str) -> list[Signature]:
         """Every approval or seal stored for ``subject`` that parses as one.
 
@@ -376,7 +405,13 @@ class Store:
         Trust by planting one (review). Signatures that parse but do not verify are left out
         by the quorum count itself."""
         folder = self.root / {"approval": "approvals", "seal": "seals"}[kind] / subject
-        result = []
+        result: list[Signature] = []
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(folder).st_mode
+            if not stat.S_ISDIR(mode):  # a link is not followed: as planted files, below
+                self._warn_once(f"{folder}: {atomic.kind_of(mode)} where a directory of "
+                                f"{kind}s belongs; left out: remove it")
+                return result
         for key_id in self._names(folder):
 
             def parse(raw: Any, key_id: str = key_id) -> Signature:
@@ -388,8 +423,7 @@ class Store:
             try:
                 result.append(self._read(folder / f"{key_id}.json", parse))
             except (FormatError, IntegrityError) as exc:
-                article = "an" if kind == "approval" else "a"
-                self._warn_once(f"{exc}; left out: it cannot be {article} {kind}")
+                self._warn_once(f"{exc}; left out: it cannot be {_with_article(kind)}")
         return result
 
     # -- Domains ---------------------------------------------------------------------------
@@ -469,3 +503,8 @@ def _parse_anchor(raw: Any) -> Anchor:
     if successor is not None:
         successor = fields.hex_id(successor, "store.successor")
     return Anchor(fields.hex_id(data["root"], "store.root"), successor)
+
+
+def _with_article(kind: str) -> str:
+    """"an approval", "a seal"."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"

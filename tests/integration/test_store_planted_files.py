@@ -57,16 +57,64 @@ def test_a_symlinked_store_directory_is_not_written_through(
     proposed: tuple[Admin, str], tmp_path: Path
 ) -> None:
     """A replica's ``approvals/<trust>`` that is a link to a directory outside the store took
-    ``trust sign``'s approval there, written as root."""
+    ``trust sign``'s approval there, written as root. The link is removed, not followed, and
+    the approval lands in a directory of the store's own."""
     admin, trust = proposed
     outside = tmp_path / "outside"
     outside.mkdir()
-    (admin.store / "approvals").mkdir(exist_ok=True)
-    (admin.store / "approvals" / trust).symlink_to(outside)
-    result = admin("trust", "sign", trust, "--as", "alice", "--pin-file",
-                   admin.pin_file("alice"), check=exitcodes.STORE)
-    assert "a symbolic link inside the store" in one_error_line(result)
+    # The store's own approvals/ as a link is refused: only a signature's slot is replaced.
+    assert not (admin.store / "approvals").exists()
+    (admin.store / "approvals").symlink_to(outside)
+    refused = admin("trust", "sign", trust, "--as", "alice", "--pin-file",
+                    admin.pin_file("alice"), check=exitcodes.STORE)
+    assert "a symbolic link inside the store" in one_error_line(refused)
     assert list(outside.iterdir()) == []
+    (admin.store / "approvals").unlink()
+    (admin.store / "approvals").mkdir()
+    folder = admin.store / "approvals" / trust
+    folder.symlink_to(outside)
+    signed = admin("trust", "sign", trust, "--as", "alice", "--pin-file",
+                   admin.pin_file("alice"))
+    assert f"{folder}: a symbolic link where a approval belongs" not in signed.stderr
+    assert f"{folder}: a symbolic link where an approval belongs (planted?): removed" in (
+        signed.stderr)
+    assert list(outside.iterdir()) == []
+    assert folder.is_dir() and not folder.is_symlink() and len(list(folder.iterdir())) == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "file-as-folder"])
+def test_a_planted_file_where_a_signature_goes_does_not_stop_sign_or_seal(
+    proposed: tuple[Admin, str], kind: str
+) -> None:
+    """Review: a FIFO or a directory planted at a signer's name (``approvals/<T>/<key id>.json``
+    or ``seals/<T>/<hsm id>.json``), or a file where the folder ``approvals/<T>`` belongs,
+    made `trust sign` and `trust seal` fail after the token or HSM had signed: a FIFO at every
+    HSM's name kept a revocation from ever being sealed there. Each is removed, with a
+    warning naming it, and the signature written."""
+    admin, trust = proposed
+    store = Store(admin.store)
+    alice = store.operator("alice").key.key_id
+    hsm1 = next(store.hsm(i) for i in store.hsm_ids() if store.hsm(i).label == "hsm1").id
+    planted = []
+    for folder, key_id in (("approvals", alice), ("seals", hsm1)):
+        directory = admin.store / folder / trust
+        if kind == "file-as-folder":
+            directory.parent.mkdir(exist_ok=True)
+            directory.write_text("garbage")
+            planted.append(directory)
+            continue
+        directory.mkdir(parents=True)
+        there = directory / f"{key_id}.json"
+        os.mkfifo(there) if kind == "fifo" else there.mkdir()
+        planted.append(there)
+    shown = admin("trust", "show", trust)  # reading leaves them out, with a warning
+    assert str(planted[0]) in shown.stderr
+    signed = admin("trust", "sign", trust, "--as", "alice", "--pin-file", admin.pin_file("alice"))
+    assert f"{planted[0]}: " in signed.stderr and "(planted?): removed" in signed.stderr
+    sealed = admin("trust", "seal", trust)
+    assert "trust sealed by HSM hsm1" in sealed.stdout
+    assert f"{planted[1]}: " in sealed.stderr and "(planted?): removed" in sealed.stderr
+    admin("trust", "verify", trust)
 
 
 def _squat(admin: Admin, folder: str, trust: str, key_id: str) -> Path:
