@@ -508,9 +508,10 @@ class Command:
     def domain_import(self) -> None:
         done = imports.import_bundle(self.ctx, _read_bundle(self.args.source), pin=self.args.pin)
         domain = done.verified.sealed.domain
+        in_store = done.domain_added or domain.id in self.ctx.store.domain_ids()
         if done.domain_added:
             what = f"imported generation {domain.generation}"
-        elif domain.id in self.ctx.store.domain_ids():
+        elif in_store:
             what = f"already in the store: generation {domain.generation}"
         else:  # older than the store's history (imports._needs_writing)
             what = (f"generation {domain.generation} not taken in: the store's newer "
@@ -519,6 +520,7 @@ class Command:
             {
                 **render.verified_domain(done.verified),
                 "domain_added": done.domain_added,
+                "in_store": in_store,  # False: older than the store's history, not taken in
                 "trusts_added": done.trusts_added,
             },
             f"domain {domain.name}: {what}, "

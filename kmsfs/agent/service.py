@@ -544,11 +544,11 @@ class Agent:
     def _seal_action(self, trust: Trust) -> str:
         """The policy action that sealing *trust* takes: :data:`SEAL_GENESIS_SUCCESSOR` for a
         successor of this store's genesis, ``seal-trust`` for any other. A store whose pins
-        cannot be read gets ``seal-trust``; the seal then fails on them with its own line."""
+        cannot be read gets the stricter one (fail closed); the seal would fail on them anyway."""
         try:
             root = self.ctx.store.anchor().root
         except KmsfsError:
-            return "seal-trust"
+            return SEAL_GENESIS_SUCCESSOR
         return SEAL_GENESIS_SUCCESSOR if trust.predecessor == root else "seal-trust"
 
     def health(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from argparse import SUPPRESS
@@ -27,6 +28,7 @@ from kmsfs.cliutil import (
     merge_store,
     run,
     say_what_is_left,
+    setup_logging,
 )
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
@@ -601,10 +603,12 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
         )
     except (KeyboardInterrupt, Terminated) as exc:
-        again = f"kmsfs reencrypt{' --upgrade' if args.upgrade else ''} {args.cipherdir}"
-        say_what_is_left(exc, f"{args.cipherdir} is partly re-encrypted: run '{again}' again "
-                              "to finish it (it resumes where it stopped); a mount may refuse "
-                              "the volume until then")
+        if getattr(exc, "kmsfs_rewriting", False):  # not while it verified or logged in
+            again = shlex.join(["kmsfs", "reencrypt", *(["--upgrade"] if args.upgrade else []),
+                                str(args.cipherdir)])
+            say_what_is_left(exc, f"{args.cipherdir} is partly re-encrypted: run '{again}' "
+                                  "again to finish it (it resumes where it stopped); a mount "
+                                  "may refuse the volume until then")
         raise
     if args.json:
         emit_json(summary.to_json())
@@ -812,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     merge_store(parser, args)
+    if args.func is not cmd_mount:  # the mount sets up its own log (kmsfs.fs.daemonlog)
+        # A warning from inside (a planted store document left out) reads "kmsfs: warning:"
+        setup_logging(getattr(args, "verbose", False), PROG)
     if args.json and args.func is cmd_completion:
         return run(PROG, lambda: _refuse("--json: completion prints a shell script"))
     return run(PROG, lambda: args.func(args))

@@ -187,6 +187,10 @@ def verify_generation_descent(older: VerifiedDomain, newer: VerifiedDomain) -> N
             f"{what} has no key binding, so nothing links it to generation {new.generation} "
             "without the generations between them"
         )
+    if new.generation == old.generation + 1 and new.previous != old.id:
+        # No gap after all: the link is there to check (a rival of the store's oldest).
+        raise ChainError(f"{what} is not the generation that generation {new.generation} "
+                         "follows")
     _check_keeps(older, newer, f"domain {new.name} generation {new.generation} ({new.id[:12]})")
 
 

@@ -90,10 +90,17 @@ class Store:
         made: list[Path] = []
         if not parent.is_dir() and parents_mode is not None:
             missing = [p for p in (parent, *parent.parents) if not p.exists()]
-            with writing(parent, "the store's parent directory"):
-                for directory in reversed(missing):
-                    directory.mkdir(mode=parents_mode)
-                    made.append(directory)
+            try:
+                with writing(parent, "the store's parent directory"):
+                    for directory in reversed(missing):
+                        directory.mkdir(mode=parents_mode)
+                        made.append(directory)
+                        os.chmod(directory, parents_mode)  # whatever the umask
+            except BaseException:
+                for directory in reversed(made):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                raise
         if not parent.is_dir():
             raise NotFoundError(
                 f"{parent}: no such directory, so no store can be made at {self.root} "
@@ -447,6 +454,12 @@ class Store:
         (``--hsm HSM1`` was reported as "no HSM 'hsm1'", the name that does exist)."""
         typed = ref.strip()
         prefix = typed.lower()
+        if kind == "HSM" and not all(c in "0123456789abcdef" for c in prefix):
+            # Not an id, so a label (tried first, kmsfs.service.hsms) that is not there:
+            # "hs1" was a usage error and "hsm9" a missing one, both typed as labels (review).
+            raise NotFoundError(
+                f"no {kind} {typed!r} in {self.root}{self._case_hint(kind, typed)}"
+            )
         if len(prefix) < 4:
             # A bad argument (exit 2), not a document the store lacks (exit 6): no id that
             # short is looked up, so nothing can be missing yet.

@@ -8,12 +8,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kmsfs import exitcodes
 from kmsfs.store.documents import Store
+from tests.integration.fault_helpers import clean_env
 from tests.kms_helpers import Admin, one_error_line
 
 
@@ -31,7 +34,7 @@ def _planted_approval(admin: Admin, trust: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
-def test_a_planted_special_file_is_one_error_line_not_a_hang(
+def test_a_planted_special_file_is_named_never_a_hang(
     proposed: tuple[Admin, str], tmp_path: Path, kind: str
 ) -> None:
     admin, trust = proposed
@@ -164,3 +167,14 @@ def test_a_planted_unparseable_approval_does_not_stop_the_trust(
     assert f"{planted}: not JSON" in sealed.stderr and "left out" in sealed.stderr
     admin("trust", "verify", trust)
     assert planted.exists()  # named for the operators to remove, not removed behind them
+    # kmsfs says so as its own warnings read (it printed the bare message).
+    admin("domain", "create", "payroll", "--trust", trust)
+    source = admin.store.parent / "plain"
+    source.write_text("x")
+    done = subprocess.run(
+        [sys.executable, "-m", "kmsfs.fs.cli", "encrypt", "--domain", "payroll", str(source),
+         str(source) + ".enc"], capture_output=True, text=True, timeout=120, check=False,
+        env=clean_env(KMSFS_STORE=str(admin.store)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"kmsfs: warning: {planted}: not JSON"), done.stderr

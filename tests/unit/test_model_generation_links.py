@@ -162,3 +162,15 @@ def test_a_gap_does_not_hide_a_changed_key_a_rival_trust_or_a_retirement_undone(
         dataclasses.replace(first.master_keys[0], binding=None),))
     with pytest.raises(ChainError, match="has no key binding"):
         verify_generation_descent(_verified(unbound), _verified(third))
+
+
+def test_no_gap_means_the_previous_link_is_checked() -> None:
+    """Review of the day: the descent's bindings are public, so a rival generation 1 (sealed by
+    an HSM of the same Trust, copying them) passed as the one generation 2 descends from. Where
+    there is no gap, the ``previous`` link says which it is."""
+    first = world().domain.domain
+    second = _next(first)
+    verify_generation_descent(_verified(first), _verified(second))
+    rival_first = dataclasses.replace(first, created="2024-03-01T00:00:00Z")
+    with pytest.raises(ChainError, match="is not the generation that generation 2 follows"):
+        verify_generation_descent(_verified(rival_first), _verified(second))

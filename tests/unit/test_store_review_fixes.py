@@ -208,3 +208,9 @@ def test_an_id_prefix_too_short_is_a_usage_error_and_an_unknown_one_is_missing(
         store.resolve("trust", "abcd", ids)
     assert exitcodes.for_error(unknown.value) == exitcodes.STORE
     assert store.resolve("trust", "32B5", ids) == DOMAIN_ID  # any case, as git
+    # An HSM is named by label first: a ref that is no hex id is a label not there, however
+    # long ("hs1" was a usage error and "hsm9" a missing one).
+    for label in ("hs1", "hsm9"):
+        with pytest.raises(NotFoundError, match=rf"^no HSM '{label}' in ") as missing:
+            store.resolve("HSM", label, ids)
+        assert exitcodes.for_error(missing.value) == exitcodes.STORE
