@@ -16,6 +16,7 @@ from pathlib import Path
 from kmsfs.errors import AlreadyExistsError, FormatError
 
 _KINDS = {
+    stat.S_IFREG: "a regular file",
     stat.S_IFDIR: "a directory",
     stat.S_IFLNK: "a symbolic link",
     stat.S_IFIFO: "a FIFO",
@@ -40,10 +41,12 @@ def read_regular(path: Path, limit: int = -1) -> bytes:
             kind = stat.S_IFMT(os.fstat(fd).st_mode)
             if kind == stat.S_IFREG:
                 return handle.read(limit)
-    raise FormatError(
-        f"{path}: {_KINDS.get(kind, 'not a regular file')} where a regular file belongs; "
-        "remove it"
-    )
+    raise FormatError(f"{path}: {kind_of(kind)} where a regular file belongs; remove it")
+
+
+def kind_of(mode: int) -> str:
+    """What a file of *mode* is, for a message: "a FIFO", "a symbolic link", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def fsync_dir(directory: Path | bytes) -> None:
@@ -81,22 +84,36 @@ def write_new(
     tree a directory is never made without its IV."""
     if _already(path, data):  # no temporary file made and removed: directory times stay
         return False
-    if parents:
-        make_parents(path.parent)
-    temp = _temp_with(path.parent, data, mode, temp_prefix)
+    made = make_parents(path.parent) if parents else []
     try:
-        os.link(temp, path)
-    except FileExistsError:  # published meanwhile by another process
-        if read_regular(path, len(data) + 1) == data:
-            return False
-        raise AlreadyExistsError(
-            f"{path} already exists (documents are never overwritten)"
-        ) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        temp = _temp_with(path.parent, data, mode, temp_prefix)
+        try:
+            os.link(temp, path)
+        except FileExistsError:  # published meanwhile by another process
+            if read_regular(path, len(data) + 1) == data:
+                return False
+            raise AlreadyExistsError(
+                f"{path} already exists (documents are never overwritten)"
+            ) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+    except BaseException:
+        _remove_empty(made)
+        raise
     fsync_dir(path.parent)
     return True
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Take away the directories a failed write made for its file (deepest first), so a full
+    disk leaves no empty ``approvals/<id>/`` behind (review): one another process has put
+    something in meanwhile stays."""
+    for directory in reversed(made):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def _already(path: Path, data: bytes) -> bool:
@@ -110,20 +127,26 @@ def _already(path: Path, data: bytes) -> bool:
     raise AlreadyExistsError(f"{path} already exists (documents are never overwritten)")
 
 
-def make_parents(directory: Path, mode: int = 0o755) -> None:
+def make_parents(directory: Path, mode: int = 0o755) -> list[Path]:
     """``mkdir -p`` that gives every directory it makes *mode* (less the umask), whatever the
     process umask. Not ``Path.mkdir(parents=True)``: the mount daemon runs with umask 0 (the
     modes of what it makes for users arrive final), and under it that made this machine's
-    state directories (:mod:`kmsfs.fs.seen`) writable by every user."""
+    state directories (:mod:`kmsfs.fs.seen`) writable by every user. Returns the directories
+    it made, outermost first."""
     missing = []
     while not directory.exists():
         missing.append(directory)
         if directory.parent == directory:
             break
         directory = directory.parent
+    made = []
     for each in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+        try:
             os.mkdir(each, mode)
+        except FileExistsError:  # made meanwhile by another process
+            continue
+        made.append(each)
+    return made
 
 
 def replace(
@@ -131,12 +154,15 @@ def replace(
 ) -> None:
     """Atomically replace ``path`` with ``data`` (for the few mutable files); ``parents`` as for
     :func:`write_new`."""
-    if parents:
-        make_parents(path.parent)
-    temp = _temp_with(path.parent, data, mode, temp_prefix)
+    made = make_parents(path.parent) if parents else []
     try:
-        os.replace(temp, path)
+        temp = _temp_with(path.parent, data, mode, temp_prefix)
+        try:
+            os.replace(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
     except BaseException:
-        os.unlink(temp)
+        _remove_empty(made)
         raise
     fsync_dir(path.parent)

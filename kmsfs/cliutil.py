@@ -163,12 +163,25 @@ def run(prog: str, handler: Callable[[], int | None]) -> int:
         what = exc.strerror or str(exc)
         print_error(prog, f"{exc.filename}: {what}" if exc.filename else what)
         return exitcodes.ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted{_left(exc)}", file=sys.stderr)
         return exitcodes.INTERRUPTED
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
+    except Terminated as exc:
+        print(f"{prog}: terminated{_left(exc)}", file=sys.stderr)
         return exitcodes.TERMINATED
+
+
+def _left(exc: BaseException) -> str:
+    """What a command cut short left to do, if it said (:func:`say_what_is_left`)."""
+    left = getattr(exc, "kmsfs_left", None)
+    return f": {left}" if left else ""
+
+
+def say_what_is_left(exc: BaseException, left: str) -> None:
+    """Have the "interrupted" (or "terminated") line of *exc*, a Ctrl-C or SIGTERM that cuts a
+    command short, say what is left to do: "kmsfs: interrupted" alone did not say that the
+    volume must be re-encrypted to the end before it mounts again (review)."""
+    exc.kmsfs_left = left  # type: ignore[attr-defined]
 
 
 def print_error(prog: str, message: str) -> None:
@@ -191,12 +204,35 @@ def stderr_is_the_journal() -> bool:
         return False
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(name)s: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _ToolFormatter(logging.Formatter):
+    """``PROG: warning: message``: a warning from inside the tool (a store.json a sync
+    replaced, an HSM that failed over) reads as the tool's own warnings do, not as a logger's
+    ``kmsfs.store.documents: WARNING:`` line (review)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(verbose: bool, prog: str | None = None) -> None:
+    """Warnings to stderr, as ``PROG: warning: ...`` (with *prog*); with *verbose*, debug
+    lines too, each naming the module it comes from."""
+    if verbose or prog is None:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.WARNING,
+            format="%(name)s: %(levelname)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ToolFormatter(prog))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def emit_json(value: Any) -> None:

@@ -3,6 +3,7 @@ and renders the result as text or, with ``--json``, as JSON (lists are arrays of
 with an ``id``)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ class Command:
     def init(self) -> None:
         # About a second per HSM: say what is being made, on a terminal only (not with --json).
         with Steps(f"{PROG} init: making", wanted=not self.json) as steps:
-            genesis = store_init.init_store(self.ctx.store.root, self.args.hsms, steps)
+            genesis = store_init.init_store(
+                self.ctx.store.root, self.args.hsms, steps, _default_parents_mode(self.args)
+            )
         labels = ", ".join(h.label for h in genesis.trust.hsms)
         self.one(
             {
@@ -520,16 +523,33 @@ class Command:
     def domain_import(self) -> None:
         done = imports.import_bundle(self.ctx, _read_bundle(self.args.source), pin=self.args.pin)
         domain = done.verified.sealed.domain
-        what = "imported" if done.domain_added else "already in the store:"
+        in_store = done.domain_added or domain.id in self.ctx.store.domain_ids()
+        if done.domain_added:
+            what = f"imported generation {domain.generation}"
+        elif in_store:
+            what = f"already in the store: generation {domain.generation}"
+        else:  # older than the store's history (imports._needs_writing)
+            what = (f"generation {domain.generation} not taken in: the store's newer "
+                    "generations keep its keys")
         self.one(
             {
                 **render.verified_domain(done.verified),
                 "domain_added": done.domain_added,
+                "in_store": in_store,  # False: older than the store's history, not taken in
                 "trusts_added": done.trusts_added,
             },
-            f"domain {domain.name}: {what} generation {domain.generation}, "
+            f"domain {domain.name}: {what}, "
             f"{done.trusts_added} trust(s) added\n{done.verified.sealed.id}",
         )
+
+
+def _default_parents_mode(args: argparse.Namespace) -> int | None:
+    """The mode of the directories ``init`` may make above the default store (None: a path
+    the user gave, whose parent must exist). Root's /var/lib/kmsfs is readable by all, since
+    other users may verify with a root store; a user's ~/.local/share/kmsfs is the user's."""
+    if not getattr(args, "store_is_default", False):
+        return None
+    return 0o755 if os.geteuid() == 0 else 0o700
 
 
 def _read_bundle(source: str) -> DomainBundle:
@@ -1090,9 +1110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     merge_store(parser, args)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, PROG)
     if args.store is None:
         args.store = default_store_path()
+        # The tool's own default, not a path typed (--store, KMSFS_STORE): init makes its
+        # missing parents (Store.make_root).
+        args.store_is_default = not os.environ.get("KMSFS_STORE")
     return run(PROG, lambda: getattr(Command(args), args.handler)())
 
 

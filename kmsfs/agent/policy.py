@@ -14,7 +14,13 @@ peer, lists the action and, for actions on a Domain, the Domain's name (or ``"*"
     subjects = ["mount1.example.org"]  # ... or by subject CN
     domains = ["payroll"]              # Domain names, "*" for every Domain
     allow = ["derive"]                 # derive, create-domain, rewrap, rotate, retire,
-                                       # seal-trust, health
+                                       # seal-trust, seal-genesis-successor, health
+
+``seal-genesis-successor`` is ``seal-trust`` for the one Trust that follows the genesis, kept
+apart because the genesis has no operators: no quorum but the new Trust's own stands behind
+it, and sealing it pins it in the agent's store for good. With ``seal-trust`` alone, any
+client allowed it could have the agent seal and pin a first Trust whose only operator is a key
+it made (review). Grant it for the ceremony only.
 
 TOML, because people edit it and review its diffs; unknown keys and actions are refused when
 the file is loaded, so a typo cannot silently widen or narrow what is allowed.
@@ -29,9 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmsfs.agent.protocol import printable
 from kmsfs.errors import AgentRefusedError, FormatError, UsageError
 
-ACTIONS = ("derive", "create-domain", "rewrap", "rotate", "retire", "seal-trust", "health")
+#: The action that seals the genesis's successor (``seal-trust`` of a Trust whose predecessor is
+#: the store's root).
+SEAL_GENESIS_SUCCESSOR = "seal-genesis-successor"
+ACTIONS = (
+    "derive", "create-domain", "rewrap", "rotate", "retire", "seal-trust",
+    SEAL_GENESIS_SUCCESSOR, "health",
+)
 DOMAIN_ACTIONS = frozenset({"derive", "create-domain", "rewrap", "rotate", "retire"})
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _KEYS = {"name", "uids", "users", "certs", "subjects", "domains", "allow"}
@@ -57,7 +70,12 @@ class Peer:
     def describe(self) -> str:
         """How the audit log and refusals name this peer."""
         if self.fingerprint is not None:
-            return f"tls:{self.subject or '?'}:{self.fingerprint}"
+            # The common name is the client's own text: escaped and cut (a newline or a
+            # ":sha256:..." of its own must not make it read as another client; review). The
+            # fingerprint, last, is what names it.
+            subject = self.subject
+            shown = "?" if subject is None else printable(subject.replace(":", "\\x3a"), 64)
+            return f"tls:{shown}:{self.fingerprint}"
         return f"uid={self.uid}({self.user or '?'})"
 
 
@@ -98,6 +116,10 @@ class Policy:
             if rule.matches(peer):
                 return rule.name
         return None
+
+    def allows_any(self, peer: Peer, action: str) -> bool:
+        """Whether some entry matching *peer* lists *action*, for any Domain."""
+        return any(rule.matches(peer) and action in rule.allow for rule in self.rules)
 
     def check(self, peer: Peer, action: str, domain: str | None = None) -> str:
         """The name of the rule that allows it; AgentRefusedError with the reason otherwise."""

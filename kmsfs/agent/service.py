@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmsfs.agent.policy import Peer, Policy
+from kmsfs.agent.policy import SEAL_GENESIS_SUCCESSOR, Peer, Policy
 from kmsfs.agent.protocol import MAX_BATCH, MAX_INFO, ProtocolError, Request, printable
 from kmsfs.agent.refusals import LISTED_BURST, LISTED_OVERFLOW, RefusalCoalescer
 from kmsfs.errors import (
     AgentRefusedError,
     ChainError,
+    HsmUnavailableError,
     KmsfsError,
     NotFoundError,
     UsageError,
@@ -58,6 +59,9 @@ MAX_REASON = 1000  # characters of a reason kept in the audit log
 #: loop make the agent open, log in to and sign with every HSM at most this often, not once
 #: per request, which would take the HSMs (and the token files' lock) from derivations.
 HEALTH_REUSE_SECONDS = 2.0
+#: How many times an open-domain verifies again when a rewrap or rotation of the Domain closed
+#: its generations meanwhile, before it gives up (a client tries again).
+OPEN_TRIES = 3
 
 
 @dataclass
@@ -78,6 +82,9 @@ class Agent:
         self._audit = audit
         self._lock = threading.Lock()
         self._open: dict[str, _OpenDomain] = {}
+        #: How many times each Domain's open generations were closed (:meth:`_forget`): an
+        #: open that verified before a close must not keep what it verified after it.
+        self._closes: dict[str, int] = {}
         self._anchor_cache: tuple[tuple[object, ...], Anchor] | None = None
         self._health_lock = threading.Lock()  # one HSM check at a time; others wait for it
         self._health: tuple[float, list[dict[str, object]]] | None = None  # (when, rows)
@@ -106,10 +113,13 @@ class Agent:
         refused before its arguments are read (the transport read at most
         ``server.MAX_STRANGER_FRAME`` bytes of it), and a malformed request is recorded as such."""
         op = request.op if request.op in self._handlers else "unknown"
-        if op != "hello" and self.policy.client_name(peer) is None:
+        if self.policy.client_name(peer) is None:
             refusal = self._unlisted(peer)
             self._refused(peer, op, str(refusal))
-            raise refusal
+            if op != "hello":
+                raise refusal
+            # hello is answered ("client": null tells a misconfigured client why nothing
+            # else works), and counted as the refusal it is: it went unrecorded (review).
         try:
             if op == "unknown":
                 raise ProtocolError(f"unknown operation {printable(request.op, 40)}")
@@ -234,7 +244,9 @@ class Agent:
             )
 
     #: Operations with lasting effects on the store: recorded before they start, too.
-    LASTING_OPS = frozenset({"create-domain", "rewrap", "rotate", "retire", "seal-trust"})
+    LASTING_OPS = frozenset(
+        {"create-domain", "rewrap", "rotate", "retire", "seal-trust", SEAL_GENESIS_SUCCESSOR}
+    )
 
     def _guarded(
         self,
@@ -290,17 +302,31 @@ class Agent:
 
         def act() -> dict[str, Any]:
             self._require_pinned()
-            verified = domains.newest_verified(self.ctx, bundle)
-            # A successor of its Trust: the client warns that a rewrap is due, as a mount
-            # through its own store does (kmsfs.fs.kms.superseded_warning). Before the keys
-            # are opened: a store that lost the head of its line opens nothing.
-            newer = trusts.successor(self.ctx, verified.sealed.domain.trust)
-            handle = verified.sealed.id
-            with self._lock:
-                if handle not in self._open:
-                    keys = domains.DomainKeys(self.ctx, verified).open()
-                    self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
-                entry = self._open[handle]
+            for _ in range(OPEN_TRIES):
+                with self._lock:
+                    closes = self._closes.get(name, 0)
+                verified = domains.newest_verified(self.ctx, bundle)
+                # A successor of its Trust: the client warns that a rewrap is due, as a mount
+                # through its own store does (kmsfs.fs.kms.superseded_warning). Before the keys
+                # are opened: a store that lost the head of its line opens nothing.
+                newer = trusts.successor(self.ctx, verified.sealed.domain.trust)
+                handle = verified.sealed.id
+                with self._lock:
+                    # A rewrap that closed this Domain's generations since the check above
+                    # (review): what was verified may be the generation it superseded, which
+                    # kept open would go on serving through the HSM the rewrap removed.
+                    if self._closes.get(name, 0) != closes:
+                        continue
+                    if handle not in self._open:
+                        keys = domains.DomainKeys(self.ctx, verified).open()
+                        self._open[handle] = _OpenDomain(verified, keys, self.ctx.store.anchor())
+                    entry = self._open[handle]
+                    break
+            else:
+                raise HsmUnavailableError(
+                    f"domain {name}: its generations changed under {OPEN_TRIES} opens in a row "
+                    "(rewraps or rotations in progress); try again"
+                )
             domain = verified.sealed.domain
             return {
                 "handle": handle,
@@ -334,10 +360,7 @@ class Agent:
                 raise ProtocolError(f"derive.infos[{i}]: want 1 to {MAX_INFO} bytes")
             if info.startswith(BINDING_INFO_PREFIX):  # else a client could bind any Domain
                 raise ProtocolError(f"derive.infos[{i}]: the prefix of Domain key bindings")
-        with self._lock:
-            entry = self._open.get(handle)
-        if entry is None:
-            raise NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+        entry = self._entry_for(peer, handle, "derive", record_missing=True)
 
         def act() -> dict[str, Any]:
             # The chain is checked against the store's pinned root as it is now. Verification
@@ -355,7 +378,43 @@ class Agent:
                     "retired_below": entry.keys.retired_below}
 
         name = entry.verified.sealed.domain.name
-        return self._guarded(peer, "derive", name, act, {"count": len(infos)})
+        detail: dict[str, Any] = {"count": len(infos)}
+        if epoch is not None:
+            detail["epoch"] = epoch  # which mk a derivation used belongs in its record
+        return self._guarded(peer, "derive", name, act, detail)
+
+    def _entry_for(
+        self, peer: Peer, handle: str, op: str, record_missing: bool
+    ) -> _OpenDomain:
+        """The open Domain *handle* names, for a peer that may derive for its Domain.
+
+        Handles are sealed-Domain ids, public in the store. Looked up before the policy (as
+        they were), a client allowed only ``health`` learnt which Domains were open, and which
+        Domain a handle was, from "refused" against "not open" (review). So a peer that may
+        not derive at all is refused first, and one that may not derive for this handle's
+        Domain gets the answer of a handle that is not open (its refusal is recorded all the
+        same). *record_missing*: whether a handle not open goes to the audit log."""
+        if not self.policy.allows_any(peer, "derive"):
+            refusal = AgentRefusedError(
+                f"client {peer.describe()} may not derive (policy {self.policy.source})"
+            )
+            refusal.refusal = (op, None, None)  # type: ignore[attr-defined]
+            raise refusal
+        with self._lock:
+            entry = self._open.get(handle)
+        recorded = not record_missing
+        if entry is not None:
+            name = entry.verified.sealed.domain.name
+            try:
+                self.policy.check(peer, "derive", name)
+            except AgentRefusedError as exc:
+                self._refused(peer, op, str(exc), name, None)
+                entry, recorded = None, True
+        if entry is None:
+            gone = NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
+            gone.audited = recorded  # type: ignore[attr-defined]
+            raise gone
+        return entry
 
     def domain_status(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """The key epochs an open Domain now retires, for a client that holds keys it derived
@@ -370,21 +429,10 @@ class Agent:
         recorded like any other."""
         fields.exact_keys(args, {"handle"}, "domain-status")
         handle = fields.hex_id(args["handle"], "domain-status.handle")
-        with self._lock:
-            entry = self._open.get(handle)
-        if entry is None:
-            # Not recorded either: every mount asking about a generation the agent closed
-            # (after a rotate, rewrap or retire) would write one. It opens the Domain again
-            # next, and that is recorded (as derive).
-            gone = NotFoundError(f"Domain handle {handle[:12]} is not open (open-domain first)")
-            gone.audited = True  # type: ignore[attr-defined]
-            raise gone
-        name = entry.verified.sealed.domain.name
-        try:
-            self.policy.check(peer, "derive", name)
-        except AgentRefusedError as exc:
-            exc.refusal = ("domain-status", name, None)  # type: ignore[attr-defined]
-            raise
+        # A handle not open is not recorded: every mount asking about a generation the agent
+        # closed (after a rotate, rewrap or retire) would write one. It opens the Domain again
+        # next, and that is recorded (as derive).
+        entry = self._entry_for(peer, handle, "domain-status", record_missing=False)
         entry.keys.follow_store()
         return {"retired_below": entry.keys.retired_below,
                 "newest_epoch": entry.keys.newest_epoch}
@@ -447,7 +495,13 @@ class Agent:
         Trusts, :func:`~kmsfs.service.trusts.refuse_fork`) unless the client says ``fork``
         (``trust seal --fork``; sent only then, so older agents serve every other seal); and
         never a second successor of the genesis while the store holds one that verifies, fork
-        or not (:func:`~kmsfs.service.trusts.refuse_second_genesis_successor`)."""
+        or not (:func:`~kmsfs.service.trusts.refuse_second_genesis_successor`).
+
+        A successor of the genesis needs the policy action ``seal-genesis-successor``, not
+        ``seal-trust``: the genesis has no operators, so only the new Trust's own quorum stands
+        behind it, and its seal pins it here for good. Allowed ``seal-trust`` alone, a client
+        with no PIN and no operator of the store could make itself the only operator of the
+        line (review); the ceremony grants the action for its first seal only."""
         optional = {"fork"} & set(args)
         fields.exact_keys(args, {"trust", "approvals", "chain"} | optional, "seal-trust")
         fork = fields.boolean(args, "fork", "seal-trust") if optional else False
@@ -486,7 +540,17 @@ class Agent:
                 sealed = trusts._seal(self.ctx, trust.id, None)  # trusts.seal, lock held
             return {"seal": sealed.seal.to_dict("seal")}
 
-        return self._guarded(peer, "seal-trust", None, act, {"trust": trust.id})
+        return self._guarded(peer, self._seal_action(trust), None, act, {"trust": trust.id})
+
+    def _seal_action(self, trust: Trust) -> str:
+        """The policy action that sealing *trust* takes: :data:`SEAL_GENESIS_SUCCESSOR` for a
+        successor of this store's genesis, ``seal-trust`` for any other. A store whose pins
+        cannot be read gets the stricter one (fail closed); the seal would fail on them anyway."""
+        try:
+            root = self.ctx.store.anchor().root
+        except KmsfsError:
+            return SEAL_GENESIS_SUCCESSOR
+        return SEAL_GENESIS_SUCCESSOR if trust.predecessor == root else "seal-trust"
 
     def health(self, peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
         """Each HSM of the agent's store: does it answer with its PIN and hold its keys? As
@@ -551,6 +615,7 @@ class Agent:
         "not open", open the Domain again and so move to the new generation (the revoked HSM
         no longer serves them)."""
         with self._lock:
+            self._closes[name] = self._closes.get(name, 0) + 1
             stale = [h for h, e in self._open.items() if e.verified.sealed.domain.name == name]
             entries = [self._open.pop(h) for h in stale]
         for entry in entries:

@@ -12,6 +12,7 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from argparse import SUPPRESS
@@ -19,7 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs import __version__, exitcodes
-from kmsfs.cliutil import Parser, add_agent_options, emit_json, merge_store, run
+from kmsfs.cliutil import (
+    Parser,
+    Terminated,
+    add_agent_options,
+    emit_json,
+    merge_store,
+    run,
+    say_what_is_left,
+    setup_logging,
+)
 from kmsfs.completion import bash_script
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, UsageError
 from kmsfs.fs import (
@@ -37,6 +47,7 @@ from kmsfs.fs.config import CONFIG_NAME, VolumeConfig, bundle_names, shown
 from kmsfs.fs.reencrypt_names import check_not_rekeying
 from kmsfs.fs.volume import (
     check_mountpoint,
+    check_outside,
     check_root_only,
     create_volume,
     is_mount_point,
@@ -147,6 +158,7 @@ def _checked_config(args: argparse.Namespace) -> tuple[VolumeConfig, Path, set[s
         raise UsageError(f"-o {daemon.LOW_LATENCY}: {why}")
     config = open_volume(Path(args.cipherdir))  # its names are its bundle's (config.validate)
     check_root_only(Path(args.cipherdir))
+    check_outside(Path(args.cipherdir), Path(args.mountpoint))
     check_mountpoint(Path(args.mountpoint))
     # Busy (mounted, being re-encrypted) is said before anything is touched: the daemon takes
     # the lock for good only after its HSM login and its log file (DESIGN §2.6).
@@ -586,9 +598,18 @@ def _per_epoch(counts: dict[int, int], current: int | None = None) -> str:
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     _check_volume_before_reading(args, Path(args.cipherdir))
-    summary = reencrypt.reencrypt(
-        kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
-    )
+    try:
+        summary = reencrypt.reencrypt(
+            kms.store_dir(args.store), Path(args.cipherdir), _agent(args), upgrade=args.upgrade
+        )
+    except (KeyboardInterrupt, Terminated) as exc:
+        if getattr(exc, "kmsfs_rewriting", False):  # not while it verified or logged in
+            again = shlex.join(["kmsfs", "reencrypt", *(["--upgrade"] if args.upgrade else []),
+                                str(args.cipherdir)])
+            say_what_is_left(exc, f"{args.cipherdir} is partly re-encrypted: run '{again}' "
+                                  "again to finish it (it resumes where it stopped); a mount "
+                                  "may refuse the volume until then")
+        raise
     if args.json:
         emit_json(summary.to_json())
     else:
@@ -795,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     merge_store(parser, args)
+    if args.func is not cmd_mount:  # the mount sets up its own log (kmsfs.fs.daemonlog)
+        # A warning from inside (a planted store document left out) reads "kmsfs: warning:"
+        setup_logging(getattr(args, "verbose", False), PROG)
     if args.json and args.func is cmd_completion:
         return run(PROG, lambda: _refuse("--json: completion prints a shell script"))
     return run(PROG, lambda: args.func(args))

@@ -509,6 +509,11 @@ def reencrypt(
         try:
             return reencrypt_tree(cipherdir, deriver, upgrade=upgrade, advance=advance,
                                   total=total)
+        except BaseException as exc:
+            # Cut short while it rewrote (Ctrl-C, SIGTERM, an error): the CLI then says to
+            # run it again; before this point nothing of the volume was touched.
+            exc.kmsfs_rewriting = True  # type: ignore[attr-defined]
+            raise
         finally:
             if holder:
                 holder[0].close()

@@ -115,6 +115,23 @@ def mount_at(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, 
     return found[-1] if found else None
 
 
+def check_outside(cipherdir: Path, mountpoint: Path) -> None:
+    """The mount point must not be the ciphertext directory or inside it (symlinks resolved).
+
+    Why: mounted there, the plaintext appears inside the ciphertext tree, so a backup, rsync or
+    tar of the ciphertext directory copies it in clear (review: ``kmsfs mount c c/sub`` was
+    accepted), and ``kmsfs fsck`` then reports the leftover mount point as damage. (The other
+    way round, a ciphertext directory inside an empty mount point, cannot happen.)"""
+    inner, outer = Path(os.path.realpath(mountpoint)), Path(os.path.realpath(cipherdir))
+    if inner == outer or outer in inner.parents:
+        where = "is" if inner == outer else "is inside"
+        raise UsageError(
+            f"mount point {mountpoint} {where} the ciphertext directory {cipherdir}: the "
+            "plaintext would show inside the ciphertext (and in its backups); mount it "
+            "outside"
+        )
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     """The mount point must be an existing, empty directory that is not already a mount."""
     mountpoint = Path(mountpoint)

@@ -268,7 +268,37 @@ def _init_token(util: str, conf_path: Path, label: str, pin: str, so_pin: str) -
         check=False,
     )
     if result.returncode != 0:
+        tokens = _token_dir(conf_path)
+        if _nearly_full(tokens):
+            # softhsm2-util says only "Please check log files" (review: a full disk read as a
+            # missing HSM, exit 4): a full disk is named as every other write to it is.
+            raise StoreError(
+                f"{tokens}: cannot make token {label!r}: No space left on device"
+            )
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise HsmError(
             f"softhsm2-util could not create token {label!r}: {detail[-1] if detail else '?'}"
         )
+
+
+#: Free space under which a failed token creation is put down to a full disk (a new SoftHSM2
+#: token takes a few KiB).
+_FULL_BELOW = 256 * 1024
+
+
+def _token_dir(conf_path: Path) -> Path:
+    """The token directory a softhsm2.conf names (:func:`config_text`), else its own dir."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in conf_path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "directories.tokendir":
+                return Path(value.strip())
+    return conf_path.parent
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return False
+    return found.f_bavail * found.f_frsize < _FULL_BELOW

@@ -161,6 +161,44 @@ def verify_generation_step(previous: VerifiedDomain, following: VerifiedDomain) 
         raise ChainError(
             f"{what} does not follow generation {old.generation} ({old.id[:12]}) of the store"
         )
+    _check_keeps(previous, following, what)
+
+
+def verify_generation_descent(older: VerifiedDomain, newer: VerifiedDomain) -> None:
+    """Check that ``newer`` descends from ``older``, an earlier generation of the same Domain,
+    where the generations between them are not at hand.
+
+    For a store rebuilt from an export of a Domain's newest generation (operators.md §4): it
+    holds no older generation, yet a volume or a ``kmsfs encrypt`` file made earlier carries
+    one. ``previous`` links cannot be followed across the gap, but the key binding can: an
+    epoch's binding is ``HMAC(mk, name ‖ epoch ‖ root)`` computed in an HSM, so ``newer``
+    having every epoch of ``older`` with the same binding shows it holds the very same master
+    keys, and the Trust only moved forward. Both are verified already. An unbound ``older``
+    (made before key binding) cannot be linked so and is refused.
+    """
+    old, new = older.sealed.domain, newer.sealed.domain
+    what = f"domain {old.name} generation {old.generation} ({old.id[:12]})"
+    if new.name != old.name:
+        raise ChainError(f"{what} is not a generation of domain {new.name}")
+    if old.generation >= new.generation:
+        raise ChainError(f"{what} is not older than generation {new.generation}")
+    if not old.bound:
+        raise ChainError(
+            f"{what} has no key binding, so nothing links it to generation {new.generation} "
+            "without the generations between them"
+        )
+    if new.generation == old.generation + 1 and new.previous != old.id:
+        # No gap after all: the link is there to check (a rival of the store's oldest).
+        raise ChainError(f"{what} is not the generation that generation {new.generation} "
+                         "follows")
+    _check_keeps(older, newer, f"domain {new.name} generation {new.generation} ({new.id[:12]})")
+
+
+def _check_keeps(previous: VerifiedDomain, following: VerifiedDomain, what: str) -> None:
+    """What a later generation (*what*) keeps of an earlier one, whether it is the very next
+    or not: the Trust only moves forward, no epoch is dropped or brought back from retirement,
+    and every epoch keeps its mk (the same binding)."""
+    old, new = previous.sealed.domain, following.sealed.domain
     if old.trust not in {link.id for link in following.chain}:
         raise ChainError(
             f"{what} is governed by trust {new.trust[:12]}, which does not descend from trust "

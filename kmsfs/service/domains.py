@@ -44,7 +44,12 @@ from kmsfs.model.domain import (
 from kmsfs.model.publickeys import PublicKey
 from kmsfs.model.records import HsmRecord, check_name
 from kmsfs.model.trust import SealedTrust, Signature, Trust
-from kmsfs.model.verify import VerifiedDomain, verify_domain, verify_generation_step
+from kmsfs.model.verify import (
+    VerifiedDomain,
+    verify_domain,
+    verify_generation_descent,
+    verify_generation_step,
+)
 from kmsfs.service import trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 
@@ -999,7 +1004,7 @@ def _quietly(action: "Callable[[], None]") -> None:
 
 
 def newest_verified(
-    ctx: Context, bundle: DomainBundle, what: str = "the volume's copy of the domain"
+    ctx: Context, bundle: DomainBundle, what: str = "the copy of the domain it carries"
 ) -> VerifiedDomain:
     """The store's newest generation of the bundle's Domain, if it descends from it, verified.
     *what* names the bundle in a refusal (a volume's copy, or a file being imported).
@@ -1007,9 +1012,12 @@ def newest_verified(
     A CIPHERDIR carries the Domain as it was when the directory was made; after a rewrap (an
     HSM revoked) the store holds a newer generation, and that is the one to use. A bundle the
     store does not hold is accepted only as the very next generation of the store's newest (a
-    store not yet merged with the one that made it); anything else (a rival generation, one
-    that goes back to an older Trust) is refused, whatever seal it carries. The result is
-    verified: callers use it as it is, without verifying it again.
+    store not yet merged with the one that made it), and a bundle older than every generation
+    the store holds (a store rebuilt from an export of its newest) only if the key bindings
+    show the store's generations keep its master keys (:func:`verify_generation_descent`);
+    anything else (a rival generation, one that goes back to an older Trust) is refused,
+    whatever seal it carries. The result is verified: callers use it as it is, without
+    verifying it again.
     """
     try:
         generations = history(ctx, bundle.domain.domain.name)
@@ -1020,6 +1028,15 @@ def newest_verified(
     if any(g.sealed.id == bundle.domain.id for g in generations):
         return generations[-1]  # an older generation: the store's newest, verified in history
     verified = verify_bundle(ctx, bundle)
+    if verified.sealed.domain.generation < generations[0].sealed.domain.generation:
+        # Older than all the store holds: a store rebuilt from an export of the newest
+        # generation (operators.md §4) lacks the ones between. The newest is used, as for an
+        # older generation it holds, once the key bindings show it has the same master keys.
+        try:
+            verify_generation_descent(verified, generations[0])
+        except ChainError as exc:
+            raise ChainError(f"{exc} ({what} is older than the store's history)") from None
+        return generations[-1]
     try:
         verify_generation_step(generations[-1], verified)
     except ChainError as exc:

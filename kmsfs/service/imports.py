@@ -120,8 +120,13 @@ def _needs_writing(ctx: Context, bundle: DomainBundle, verified: VerifiedDomain)
     """With the store's lock held: refuse a generation the store's history does not take,
     or an unbound one, or one whose bindings the HSM does not confirm; False if the store
     holds it already."""
-    domains.newest_verified(ctx, bundle, "the imported domain")  # a rival or a step back
+    newest = domains.newest_verified(ctx, bundle, "the imported domain")  # a rival, a step back
     if bundle.domain.id in ctx.store.domain_ids():
+        return False
+    if newest.sealed.domain.generation > bundle.domain.domain.generation:
+        # Older than every generation the store holds (a store rebuilt from an export of its
+        # newest): that newest keeps its keys, and written beside it, it would leave a gap the
+        # history refuses.
         return False
     # A generation made on a rival line of Trusts where the honest one was not known: its k is
     # the rival's (trusts.refuse_forked_line; review).

@@ -1,6 +1,7 @@
 """Operator actions: create an operator (key in its own token, or passphrase file), sign,
 change the PIN or passphrase."""
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -150,6 +151,8 @@ def create_operator(
                 raise
         finally:
             pending.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # empty now: a failed create leaves nothing
+                pending.parent.rmdir()
 
 
 def _clear_interrupted(ctx: Context, name: str, pending: Path) -> None:

@@ -4,6 +4,7 @@ All or nothing: if anything fails, what was created is removed again, so a faile
 the directory as it was (missing, or empty).
 """
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,14 @@ MAX_INITIAL_HSMS = 16
 
 
 def init_store(
-    root: Path, hsm_count: int = 2, step: Callable[[str], None] | None = None
+    root: Path,
+    hsm_count: int = 2,
+    step: Callable[[str], None] | None = None,
+    parents_mode: int | None = None,
 ) -> SealedTrust:
     """``step`` (if given) is told what starts next ("HSM 3 of 16", "genesis trust"): creating
-    an HSM takes about a second, so a big init would otherwise look stuck."""
+    an HSM takes about a second, so a big init would otherwise look stuck. *parents_mode*: for
+    the tool's default path only, make its missing parents (:meth:`Store.make_root`)."""
     say = step or (lambda what: None)
     if not 1 <= hsm_count <= MAX_INITIAL_HSMS:
         raise UsageError(f"--hsms must be between 1 and {MAX_INITIAL_HSMS}")
@@ -32,7 +37,8 @@ def init_store(
             raise StoreError(f"{root} is a kmsfs store already")
         raise StoreError(f"{root} exists and is not an empty directory")
     ctx = Context.at(root)
-    ctx.store.make_root()  # refuses a missing parent (a mistyped --store): nothing to undo
+    # refuses a missing parent of a path given (a mistyped --store): nothing to undo then
+    made = ctx.store.make_root(parents_mode)
     try:
         records = []
         for number in range(1, hsm_count + 1):
@@ -52,4 +58,7 @@ def init_store(
                 ) if child.is_dir() and not child.is_symlink() else child.unlink()
         else:
             shutil.rmtree(root, ignore_errors=True)
+        for directory in reversed(made):  # the default path's parents this init made
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise

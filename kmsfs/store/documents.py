@@ -38,6 +38,7 @@ from kmsfs.errors import (
     KmsfsError,
     NotFoundError,
     StoreError,
+    UsageError,
 )
 from kmsfs.model import fields
 from kmsfs.model.canonical import canonical_bytes, parse_json
@@ -86,11 +87,29 @@ class Store:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def make_root(self) -> None:
+    def make_root(self, parents_mode: int | None = None) -> list[Path]:
         """Make the store's directory for ``init``: an existing empty one, or a new one in an
         existing directory. A missing parent is refused: a mistyped ``--store`` made a store
-        wherever it pointed, every missing directory on the way included."""
+        wherever it pointed, every missing directory on the way included. The tool's own
+        default path (no ``--store``, no ``KMSFS_STORE``) is no typo: *parents_mode* given,
+        its missing parents are made with that mode (a new user has no ~/.local/share/kmsfs,
+        and the first ``kmsfs-admin init`` failed on it; review). Returns the directories it
+        made, deepest last, for an init that fails to take away again."""
         parent = self.root.absolute().parent
+        made: list[Path] = []
+        if not parent.is_dir() and parents_mode is not None:
+            missing = [p for p in (parent, *parent.parents) if not p.exists()]
+            try:
+                with writing(parent, "the store's parent directory"):
+                    for directory in reversed(missing):
+                        directory.mkdir(mode=parents_mode)
+                        made.append(directory)
+                        os.chmod(directory, parents_mode)  # whatever the umask
+            except BaseException:
+                for directory in reversed(made):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                raise
         if not parent.is_dir():
             raise NotFoundError(
                 f"{parent}: no such directory, so no store can be made at {self.root} "
@@ -99,6 +118,7 @@ class Store:
         with writing(self.root, "the store directory"):
             self.root.mkdir(exist_ok=True)
             os.chmod(self.root, 0o755)
+        return made
 
     def require_writable(self, what: str) -> None:
         """StoreError (exit 6) unless *what* could be written into this store. For commands
@@ -396,6 +416,7 @@ class Store:
         could never be written (review)."""
         folder = {"approval": "approvals", "seal": "seals"}[kind]
         path = self.root / folder / signature.subject / f"{signature.key_id}.json"
+        self._clear_planted_slot(path, kind)
         try:
             return self._write(path, signature.to_dict(kind))
         except AlreadyExistsError:
@@ -414,10 +435,51 @@ class Store:
             atomic.replace(path, _document_bytes(signature.to_dict(kind)))
         return True
 
+    def _clear_planted_slot(self, path: Path, kind: str) -> None:
+        """Remove what a sync planted where signature *path* or its folder (``approvals/<id>``,
+        ``seals/<id>``) belongs: anything but a directory there, anything but a regular file
+        here (a FIFO, a symbolic link, a directory; an empty one, else refused naming it). It
+        is no signature, and it made ``trust sign`` and ``trust seal`` fail after the token or
+        HSM had signed, so that a revocation could never be sealed in that store (review).
+        Nothing is followed: a link is removed, never written through."""
+        for place, belongs in ((path.parent, stat.S_ISDIR), (path, stat.S_ISREG)):
+            try:
+                mode = os.lstat(place).st_mode
+            except FileNotFoundError:
+                continue
+            if belongs(mode):
+                continue
+            what, a_kind = atomic.kind_of(mode), _with_article(kind)
+            with writing(place, f"{what} planted where {a_kind} belongs"):
+                if stat.S_ISDIR(mode):
+                    try:
+                        os.rmdir(place)
+                    except OSError:
+                        raise StoreError(
+                            f"{place}: a directory where {a_kind} belongs, and not empty; "
+                            "remove it"
+                        ) from None
+                else:
+                    os.unlink(place)
+            log.warning("%s: %s where %s belongs (planted?): removed", place, what, a_kind)
+
     def signatures(self, kind: str, subject: str) -> list[Signature]:
-        """Every approval or seal stored for ``subject``; a damaged one is an error, by path."""
+        """Every approval or seal stored for ``subject`` that parses as one.
+
+        One that does not (not JSON, another document, a FIFO or link where a file belongs,
+        content that does not match its name) is left out with a warning naming it: it cannot
+        be a valid signature, so counting a quorum without it loses nothing, while an error
+        let whoever can write the store (a replica's sync) stop every command that reads the
+        Trust by planting one (review). Signatures that parse but do not verify are left out
+        by the quorum count itself."""
         folder = self.root / {"approval": "approvals", "seal": "seals"}[kind] / subject
-        result = []
+        result: list[Signature] = []
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(folder).st_mode
+            if not stat.S_ISDIR(mode):  # a link is not followed: as planted files, below
+                self._warn_once(f"{folder}: {atomic.kind_of(mode)} where a directory of "
+                                f"{kind}s belongs; left out: remove it")
+                return result
         for key_id in self._names(folder):
 
             def parse(raw: Any, key_id: str = key_id) -> Signature:
@@ -426,7 +488,10 @@ class Store:
                     raise IntegrityError("content does not match its name")
                 return signature
 
-            result.append(self._read(folder / f"{key_id}.json", parse))
+            try:
+                result.append(self._read(folder / f"{key_id}.json", parse))
+            except (FormatError, IntegrityError) as exc:
+                self._warn_once(f"{exc}; left out: it cannot be {_with_article(kind)}")
         return result
 
     # -- Domains ---------------------------------------------------------------------------
@@ -450,8 +515,16 @@ class Store:
         (``--hsm HSM1`` was reported as "no HSM 'hsm1'", the name that does exist)."""
         typed = ref.strip()
         prefix = typed.lower()
-        if len(prefix) < 4:
+        if kind == "HSM" and not all(c in "0123456789abcdef" for c in prefix):
+            # Not an id, so a label (tried first, kmsfs.service.hsms) that is not there:
+            # "hs1" was a usage error and "hsm9" a missing one, both typed as labels (review).
             raise NotFoundError(
+                f"no {kind} {typed!r} in {self.root}{self._case_hint(kind, typed)}"
+            )
+        if len(prefix) < 4:
+            # A bad argument (exit 2), not a document the store lacks (exit 6): no id that
+            # short is looked up, so nothing can be missing yet.
+            raise UsageError(
                 f"{kind} id {typed!r}: give at least 4 hex digits{self._case_hint(kind, typed)}"
             )
         matches = [i for i in ids if i.startswith(prefix)]
@@ -511,3 +584,8 @@ def _parse_head(raw: Any) -> str:
     fields.type_and_format(data, "head", HEAD_FORMAT)
     fields.exact_keys(data, {"_type", "format", "head"}, "head")
     return fields.hex_id(data["head"], "head.head")
+
+
+def _with_article(kind: str) -> str:
+    """"an approval", "a seal"."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"

@@ -26,7 +26,10 @@ from kmsfs.agent.client import AgentAddress, AgentClient
 from tests.integration.fault_helpers import RealMount, clean_env
 
 HSMD = [sys.executable, "-m", "kmsfs.agent.cli"]
-ALL_ACTIONS = '["derive", "create-domain", "rewrap", "rotate", "retire", "seal-trust", "health"]'
+ALL_ACTIONS = (
+    '["derive", "create-domain", "rewrap", "rotate", "retire", "seal-trust",'
+    ' "seal-genesis-successor", "health"]'
+)
 
 
 def root_policy(extra: str = "") -> str:

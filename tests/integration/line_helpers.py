@@ -14,7 +14,10 @@ from kmsfs.service import hsms
 from kmsfs.service.context import Context, utc_now
 from tests.kms_helpers import Admin, software_hsm, tree_snapshot
 
-ALL_ACTIONS = '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "derive"]'
+ALL_ACTIONS = (
+    '["create-domain", "rewrap", "rotate", "retire", "seal-trust", "seal-genesis-successor",'
+    ' "derive"]'
+)
 
 #: What forked_line returns: the operators' Admin, T1, T2, [R2, R3], the agent's store.
 Forked = tuple[Admin, str, str, list[str], Path]

@@ -535,6 +535,7 @@ def test_a_store_json_replaced_by_a_sync_changes_no_pin(
     verified = initialized("domain", "verify", "payroll")
     warning = verified.stderr.strip().splitlines()
     assert len(warning) == 1 and "a copy or sync replaced it, and it is ignored" in warning[0]
+    assert warning[0].startswith(f"kmsfs-admin: warning: {initialized.store / 'store.json'} ")
     assert f"install -m 0644 {initialized.store / 'private' / 'anchor.json'}" in warning[0]
     refused = initialized("domain", "verify", "forged", check=exitcodes.VERIFICATION)
     error = refused.stderr.strip().splitlines()[-1]
@@ -750,5 +751,41 @@ def test_root_reading_a_users_store_leaves_its_own_pins_the_users() -> None:
         assert own.stat().st_uid == store.stat().st_uid != 0
         verified = as_nobody("trust", "verify", genesis)
         assert verified.returncode == 0, verified.stderr
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to the user nobody")
+def test_a_new_users_first_init_makes_the_default_store_path() -> None:
+    """Review: `kmsfs-admin init` with no --store on a fresh account failed (exit 6) on the
+    tool's own default, ~/.local/share/kmsfs/store, whose parents a new user does not have:
+    the guard against a mistyped --store caught a path nobody typed. The default's parents are
+    made now (0700, the user's), and taken away again by an init that fails."""
+    work = Path(tempfile.mkdtemp(prefix="store-new-user-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        home = work / "home"
+        home.mkdir()
+        shutil.chown(home, "nobody", "nogroup")
+
+        def init(path: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "kmsfs.admin.cli", "init", "--hsms", "1"],
+                cwd="/", capture_output=True, text=True, timeout=120, user="nobody",
+                group="nogroup", extra_groups=[],
+                env={"PATH": path, "HOME": str(home), "PYTHONPATH": str(REPO),
+                     "XDG_RUNTIME_DIR": str(work)},
+            )
+
+        failed = init("/nonexistent")  # no softhsm2-util: the HSM cannot be made
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
+        assert list(home.iterdir()) == []  # the parents it made are gone again
+        made = init(os.environ["PATH"])
+        assert made.returncode == 0, made.stderr
+        store = home / ".local" / "share" / "kmsfs" / "store"
+        assert (store / "store.json").is_file()
+        for parent in (home / ".local", home / ".local" / "share", store.parent):
+            assert stat.S_IMODE(parent.stat().st_mode) == 0o700, parent
+            assert parent.stat().st_uid == store.stat().st_uid != 0
     finally:
         shutil.rmtree(work)

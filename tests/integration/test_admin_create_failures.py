@@ -6,9 +6,13 @@ label ambiguous ("several tokens have this label"): the retry failed, and so did
 of an operator whose label an HSM took.
 """
 
+import errno
+import json
 import os
 import select
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +21,7 @@ from kmsfs.hsm.pins import PinSource
 from kmsfs.service import hsms, operators
 from kmsfs.service.context import Context
 from kmsfs.store.documents import Store
-from tests.integration.fault_helpers import clean_env
+from tests.integration.fault_helpers import clean_env, tmpfs
 from tests.kms_helpers import ADMIN, Admin, Result, one_error_line, tree_snapshot
 
 
@@ -251,3 +255,62 @@ def test_a_passphrase_operator_may_have_a_name_too_long_for_a_token_label(
     admin("operator", "create", name, "--passphrase", "--pin-file",
           admin.pin_file(name, "a long enough passphrase"))
     assert name in admin("operator", "list").stdout
+
+
+def _fill_up(directory: Path) -> None:
+    """Fill the file system of *directory* until not one more byte can be written."""
+    directory.mkdir()
+    for n, size in enumerate((1 << 20, 1 << 16, 4096, 1) * 200):
+        try:
+            with open(directory / f"filler{n}", "wb") as f:
+                f.write(os.urandom(size))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_a_sign_or_seal_on_a_full_disk_leaves_no_empty_directory(tmp_path: Path) -> None:
+    """Review: on a full disk, `trust sign` and `trust seal` failed (exit 6) as they should,
+    but left an empty ``approvals/<id>/`` or ``seals/<id>/`` behind, which a sync then copied
+    to every replica. Nothing of theirs is left now, and both work once there is room."""
+    def public(admin: Admin) -> dict[str, bytes]:  # SoftHSM rewrites its token at each login
+        return {k: v for k, v in tree_snapshot(admin.store).items() if not k.startswith("private")}
+
+    with tmpfs(tmp_path / "small", "24m") as small:
+        admin = Admin(small / "store", Admin.under(tmp_path).pins)
+        admin("init", "--hsms", "1")
+        admin.create_operators("alice")
+        root = json.loads((admin.store / "store.json").read_text())["root"]
+        trust = admin.propose(["hsm1"], ["alice"], 1, predecessor=root)
+        before = public(admin)
+        _fill_up(small / "filler")
+        line = one_error_line(admin("trust", "sign", trust, "--as", "alice", "--pin-file",
+                                    admin.pin_file("alice"), check=6))
+        assert "No space left on device" in line, line
+        assert public(admin) == before
+        shutil.rmtree(small / "filler")
+        admin.sign(trust, "alice")
+        before = public(admin)
+        _fill_up(small / "filler")
+        line = one_error_line(admin("trust", "seal", trust, check=6))
+        assert "No space left on device" in line, line
+        assert public(admin) == before
+        shutil.rmtree(small / "filler")
+        admin("trust", "seal", trust)
+
+
+def test_an_operator_created_on_a_full_disk_is_told_so(tmp_path: Path) -> None:
+    """Review: `operator create` on a full disk said "softhsm2-util could not create token
+    'op-erin': Please check log files", exit 4 (no HSM). It names the full disk now, exit 6 as
+    every other write to a full store, and leaves no token or record behind."""
+    with tmpfs(tmp_path / "small", "24m") as small:
+        admin = Admin(small / "store", Admin.under(tmp_path).pins)
+        admin("init", "--hsms", "1")
+        before = tree_snapshot(admin.store)
+        _fill_up(small / "filler")
+        line = one_error_line(admin(
+            "operator", "create", "erin", "--pin-file", admin.pin_file("erin"), check=6))
+        assert line.endswith("cannot make token 'op-erin': No space left on device"), line
+        left = set(tree_snapshot(admin.store)) - {".lock"}  # the store's lock, made once
+        assert left == set(before), left ^ set(before)
+        shutil.rmtree(small / "filler")
+        admin.create_operators("erin")

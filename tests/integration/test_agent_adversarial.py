@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.agent import protocol, remote
 from kmsfs.agent import server as agent_server
@@ -49,6 +50,7 @@ from kmsfs.errors import (
     FormatError,
     IntegrityError,
     KmsfsError,
+    NotFoundError,
     QuorumNotMetError,
     UsageError,
 )
@@ -62,12 +64,12 @@ from kmsfs.service import domains, operators, trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
 from tests.integration.fault_helpers import tmpfs
-from tests.kms_helpers import ADMIN, Admin
+from tests.kms_helpers import ADMIN, Admin, tree_snapshot
 from tests.unit.model_fixtures import ed25519_key, public_key
 
 pytestmark = pytest.mark.timeout(300)
 
-ALL = '["derive", "create-domain", "rewrap", "seal-trust", "health"]'
+ALL = '["derive", "create-domain", "rewrap", "seal-trust", "seal-genesis-successor", "health"]'
 MOUNT_A, MOUNT_B, STRANGER = 1001, 1002, 4242  # uids: two listed peers and one nobody names
 POLICY = (
     f'[[client]]\nname = "mount-a"\nuids = [{MOUNT_A}]\ndomains = ["payroll"]\n'
@@ -241,6 +243,60 @@ def header(length: int) -> bytes:
 # -- the policy: one peer's Domain is not another's ------------------------------------------
 
 
+def test_an_unlisted_peers_hello_is_answered_and_counted(kms: Kms, tmp_path: Path) -> None:
+    """Review: `hello` from a peer the policy does not name was answered and left no record
+    and no count, though every refusal is counted (threat-model.md §8). It is still answered
+    (``client: null`` tells a misconfigured client why nothing else works), and recorded as
+    the refusal it is, coalesced per identity like the others."""
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, POLICY, audit) as agent:
+        for _ in range(3):
+            assert call(agent, peer(STRANGER), "hello", {}) == {
+                "peer": peer(STRANGER).describe(), "client": None}
+        assert call(agent, peer(MOUNT_A), "hello", {})["client"] == "mount-a"
+        agent.flush_refusals(everything=True)
+    mine = [e for e in events(audit) if e["who"] == peer(STRANGER).describe()]
+    assert mine and {(e["op"], e["decision"]) for e in mine} <= {("hello", "refused"),
+                                                                ("suppressed", "refused")}
+    counted = sum(e["detail"]["suppressed"] if e["op"] == "suppressed" else 1 for e in mine)
+    assert counted == 3, mine
+    assert not [e for e in events(audit) if e["who"] == peer(MOUNT_A).describe()]
+
+
+def test_a_handle_tells_no_client_which_domains_are_open(kms: Kms, tmp_path: Path) -> None:
+    """Review: handles are public (sealed-Domain ids), and derive and domain-status looked one
+    up before the policy: a client allowed only ``health`` told an open Domain ("refused ...
+    may not derive for Domain payroll") from one not open ("not open", and no audit record),
+    and so learnt which Domains were in use and which Domain a handle was. Now a peer that may
+    not derive at all is refused whatever the handle, and one that may derive for other
+    Domains gets the same answer for an open handle of a Domain not its own as for one not
+    open; each such probe is recorded."""
+    monitor = 4343
+    policy = POLICY + f'[[client]]\nname = "monitor"\nuids = [{monitor}]\nallow = ["health"]\n'
+    audit = tmp_path / "audit.log"
+    with in_process_agent(kms.store, policy, audit) as agent:
+        opened = call(agent, peer(MOUNT_A), "open-domain", {"bundle": kms.bundle("payroll")})
+        closed = "ab" * 32
+        answers: dict[tuple[int, str], list[str]] = {}
+        for uid in (monitor, MOUNT_B):
+            for op, extra in (("domain-status", {}), ("derive", {"infos": [b64encode(b"i")]})):
+                for handle in (opened["handle"], closed):
+                    with pytest.raises(KmsfsError) as caught:
+                        call(agent, peer(uid), op, {"handle": handle, **extra})
+                    said = f"{type(caught.value).__name__}: {caught.value}"
+                    answers.setdefault((uid, op), []).append(said.replace(handle[:12], "H"))
+        for (uid, op), (open_one, closed_one) in answers.items():
+            assert open_one == closed_one, (uid, op, open_one, closed_one)
+            assert "payroll" not in open_one
+        assert answers[(monitor, "derive")][0].startswith("AgentRefusedError: client uid=4343")
+        assert answers[(MOUNT_B, "derive")][0].startswith("NotFoundError: Domain handle H is")
+    refused = [(e["who"], e["op"], e["domain"]) for e in events(audit)
+               if e["decision"] == "refused"]
+    assert refused.count((peer(MOUNT_B).describe(), "domain-status", "payroll")) == 1
+    assert refused.count((peer(MOUNT_B).describe(), "derive", "payroll")) == 1
+    assert sum(who == peer(monitor).describe() for who, _, _ in refused) == 4
+
+
 def test_handle_opened_by_one_peer_is_useless_to_a_peer_of_another_domain(
     kms: Kms, tmp_path: Path
 ) -> None:
@@ -253,7 +309,7 @@ def test_handle_opened_by_one_peer_is_useless_to_a_peer_of_another_domain(
         ]
         infos = {"handle": handle, "infos": [b64encode(b"file-id-1")]}
         assert len(call(agent, peer(MOUNT_A), "derive", infos)["keys"]) == 1
-        with pytest.raises(AgentRefusedError, match="may not derive for Domain payroll"):
+        with pytest.raises(NotFoundError, match="is not open"):  # as if it were not open
             call(agent, peer(MOUNT_B), "derive", infos)
         with pytest.raises(AgentRefusedError, match="may not derive for Domain payroll"):
             call(agent, peer(MOUNT_B), "open-domain", {"bundle": kms.bundle("payroll")})
@@ -831,6 +887,53 @@ def _stranger_seal_args(ctx: Context, trust: Trust, approval: Signature) -> dict
     }
 
 
+def test_seal_trust_alone_cannot_make_a_client_the_only_operator_of_a_new_line(
+    tmp_path: Path,
+) -> None:
+    """Review: on an agent whose store had no successor of the genesis yet, a client allowed
+    only ``seal-trust``, with no PIN and no operator of the store, had the agent seal and pin
+    a first Trust whose only operator was a key it had just made (quorum 1): the genesis has no
+    operators, so no other quorum stood behind it, and the honest ceremony was then refused as
+    a rival. Sealing the genesis's successor is now its own action, granted for the ceremony;
+    ``seal-trust`` still seals any later Trust."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    ctx = Context.at(admin.store)
+    genesis = trusts.verified_chain(ctx, ctx.store.anchor().root)[0]
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
+    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("mallory", key),), 1, utc_now())
+    approval = Signature(rogue.id, key.key_id, mallory.sign(
+        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    args = {"trust": rogue.payload(), "approvals": [approval.to_dict("approval")],
+            "chain": [genesis.to_dict()]}
+    sealer = '[[client]]\nname = "operators"\nuids = [0]\nallow = ["seal-trust"]\n'
+    before = tree_snapshot(admin.store)
+    audit = tmp_path / "audit.log"
+    with in_process_agent(admin.store, sealer, audit) as agent, pytest.raises(
+        AgentRefusedError, match=r"client uid=0\(root\) may not seal-genesis-successor"
+    ):
+        call(agent, peer(0), "seal-trust", args)
+    assert tree_snapshot(admin.store) == before  # no Trust, approval, seal or pin
+    assert Context.at(admin.store).store.anchor().successor is None
+    refused = events(audit)[-1]
+    assert (refused["op"], refused["decision"]) == ("seal-genesis-successor", "refused"), refused
+    # The ceremony's grant: the operators' T1 is sealed and pinned through the agent, and from
+    # then on seal-trust alone seals its successors.
+    admin.create_operators("alice", "bob")
+    t1 = admin.propose(["hsm1", "hsm2"], ["alice", "bob"], 2, predecessor=genesis.id)
+    admin.sign(t1, "alice", "bob")
+    ceremony = sealer.replace('"seal-trust"]', '"seal-trust", "seal-genesis-successor"]')
+    with in_process_agent(admin.store, ceremony) as agent:
+        call(agent, peer(0), "seal-trust", _seal_args(ctx, t1, genesis.id))
+    assert Context.at(admin.store).store.anchor().successor == t1
+    t2 = admin.propose(["hsm1"], ["alice", "bob"], 2, predecessor=t1)
+    admin.sign(t2, "alice", "bob")
+    with in_process_agent(admin.store, sealer) as agent:
+        call(agent, peer(0), "seal-trust", _seal_args(ctx, t2, t1))
+    assert trusts.successor(Context.at(admin.store), t1).id == t2
+
+
 def test_a_rival_successor_of_the_pinned_genesis_leaves_nothing_in_the_store(kms: Kms) -> None:
     """The Trust and its approval were saved before trusts.seal refused the rival: they stayed
     in the agent's store. Now the genesis pin is checked before anything is written."""
@@ -929,6 +1032,49 @@ def test_a_rival_generation_sent_to_rotate_or_rewrap_is_refused_and_not_written(
         ]
         opened = call(agent, peer(0), "open-domain", {"bundle": legit})
         assert (opened["generation"], opened["trust_id"]) == (2, revoked.t2)
+
+
+def test_an_open_racing_a_rewrap_does_not_keep_the_superseded_generation_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: open-domain verified the newest generation without the lock and kept it open
+    later, so a rewrap that closed the Domain's generations in between was undone: the old
+    generation stayed open and derived through the HSM the rewrap removed, and, the epoch
+    unchanged, its mount was never told to move. The open now verifies again."""
+    admin = Admin.under(tmp_path)
+    admin("init", "--hsms", "2")
+    admin.create_operators("alice", "bob")
+    t1 = admin.sealed_trust(["hsm1", "hsm2"], ["alice", "bob"], 2)
+    admin("domain", "create", "payroll", "--trust", t1)
+    t2 = admin.sealed_trust(["hsm1"], ["alice", "bob"], 2, predecessor=t1)  # hsm2 removed
+    ctx = Context.at(admin.store)
+    old = b64encode(domains.export_bundle(ctx, "payroll").to_bytes())
+    verified, go_on = threading.Event(), threading.Event()
+    real = domains.newest_verified
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        if threading.current_thread().name == "opener" and not verified.is_set():
+            verified.set()  # the window between the check and keeping it open
+            assert go_on.wait(60)
+        return found
+
+    monkeypatch.setattr(domains, "newest_verified", paused)
+    answers: dict[str, Any] = {}
+    with in_process_agent(admin.store, root_policy()) as agent:
+        opener = threading.Thread(name="opener", target=lambda: answers.update(
+            call(agent, peer(0), "open-domain", {"bundle": old})))
+        opener.start()
+        assert verified.wait(60)
+        chain = [link.to_dict() for link in trusts.verified_chain(ctx, t2)]
+        call(agent, peer(0), "rewrap", {"bundle": old, "trust": t2, "chain": chain})
+        go_on.set()
+        opener.join(60)
+        assert (answers["generation"], answers["trust_id"]) == (2, t2), answers
+        assert [e.verified.sealed.domain.generation for e in agent._open.values()] == [2]
+        first = domains.history(ctx, "payroll")[0].sealed.id
+        with pytest.raises(NotFoundError, match="is not open"):
+            call(agent, peer(0), "derive", {"handle": first, "infos": [b64encode(b"x" * 16)]})
 
 
 # -- key material never reaches a log ----------------------------------------------------------

@@ -63,6 +63,7 @@ def test_import_pins_when_asked_then_the_domain_verifies_in_the_replica(sites: S
     times = _directory_times(r.store)
     again = r("--json", "domain", "import", str(sites.bundle)).json  # idempotent
     assert again["domain_added"] is False and again["trusts_added"] == 0
+    assert again["in_store"] is True
     # nothing written, not even a temporary file made and removed: a backup or sync tool
     # that watches directory times saw the store change at every import of the same bundle
     assert _directory_times(r.store) == times

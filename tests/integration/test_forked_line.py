@@ -105,9 +105,10 @@ def test_the_agent_wraps_no_domain_key_on_a_forked_line(forked: Forked) -> None:
 
 def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path) -> None:
     """The agent's store got the operators' sealed T1 by sync and has not pinned it yet (the
-    guide's `trust pin` on the agent's host not run): a client with ``seal-trust`` and a key of
-    its own, no operator of the store, asks for a rival successor of the genesis with
-    ``fork``. Refused, nothing written; the operators' T1 is then pinned as the guide says."""
+    guide's `trust pin` on the agent's host not run): a client allowed to seal there (even
+    ``seal-genesis-successor``) with a key of its own, no operator of the store, asks for a
+    rival successor of the genesis with ``fork``. Refused, nothing written; the operators' T1
+    is then pinned as the guide says."""
     admin = Admin.under(tmp_path)
     admin("init", "--hsms", "2")
     agent_store = admin.copy(tmp_path / "agent-store").store

@@ -17,6 +17,7 @@ from kmsfs.errors import BadVersionError, FormatError
 from kmsfs.fs import config as volconfig
 from kmsfs.fs import daemon
 from tests.integration.fs_helpers import Mount, make_volume, sample_config
+from tests.kms_helpers import tree_snapshot
 
 KMSFS = [sys.executable, "-m", "kmsfs.fs.cli"]
 
@@ -78,6 +79,23 @@ def test_mount_refusals(tmp_path: Path) -> None:
     (cipher / "kmsfs.conf").write_text("{garbage")
     _assert_refused(kmsfs("mount", str(cipher), str(mp)), mp, "not valid JSON")
     _assert_refused(kmsfs("mount", str(tmp_path / "nope"), str(mp)), mp, "no such directory")
+
+
+def test_a_mount_point_inside_the_ciphertext_directory_is_refused(tmp_path: Path) -> None:
+    """Review: `kmsfs mount c c/sub` was accepted, and then a tar or rsync of the ciphertext
+    directory copied the plaintext in clear. Refused, exit 2, however the path reaches it (a
+    symlink from outside, the directory itself), and nothing is mounted or written."""
+    cipher = make_volume(tmp_path / "c")
+    inside = cipher / "sub"
+    inside.mkdir()
+    (tmp_path / "link").symlink_to(inside)
+    before = tree_snapshot(cipher)
+    for mp in (inside, tmp_path / "link", cipher):
+        proc = kmsfs("mount", str(cipher), str(mp))
+        assert proc.returncode == 2, proc.stderr
+        where = "is" if mp == cipher else "is inside"
+        _assert_refused(proc, mp, f"mount point {mp} {where} the ciphertext directory {cipher}")
+    assert tree_snapshot(cipher) == before
     (tmp_path / "file").write_bytes(b"")  # a volume named by mistake: not "no such"
     _assert_refused(kmsfs("mount", str(tmp_path / "file"), str(mp)), mp, "file: not a directory")
 

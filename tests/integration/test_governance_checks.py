@@ -30,7 +30,10 @@ from kmsfs.service import trusts
 from kmsfs.service.context import Context, HsmSession, utc_now
 from tests.kms_helpers import Admin, one_error_line, tree_snapshot
 
-SEALER_POLICY = '[[client]]\nname = "root"\nuids = [0]\ndomains = ["*"]\nallow = ["seal-trust"]\n'
+SEALER_POLICY = (
+    '[[client]]\nname = "root"\nuids = [0]\ndomains = ["*"]\n'
+    'allow = ["seal-trust", "seal-genesis-successor"]\n'
+)
 
 
 def _documents(admin: Admin) -> dict[str, bytes]:

@@ -217,3 +217,18 @@ def test_a_policy_that_cannot_be_read_is_a_usage_error_not_a_malformed_one(
     missing = tmp_path / "nope.toml"
     assert str(info.value) == f"{missing}: cannot read the policy: No such file or directory"
     assert exitcodes.for_error(info.value) == exitcodes.USAGE
+
+
+def test_a_tls_clients_common_name_cannot_pass_for_another_client() -> None:
+    """Review: the audit log and refusals named a TLS client ``tls:CN:fingerprint`` with the
+    certificate's common name as it came: a CN of its own choosing with a newline, or with
+    ":sha256:<someone else's fingerprint>", read as another client. The name is escaped and cut
+    now; the fingerprint that ends the line is the client's own."""
+    own, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    honest = Peer(fingerprint=own, subject="mount1.example.org")
+    assert honest.describe() == f"tls:mount1.example.org:{own}"
+    forged = Peer(fingerprint=own, subject=f"x\nuid=0(root) mount-b:{other}")
+    shown = forged.describe()
+    assert "\n" not in shown and shown.endswith(f":{own}") and shown.count(":") == 3, shown
+    assert f":{other}" not in shown
+    assert Peer(fingerprint=own).describe() == f"tls:?:{own}"

@@ -249,3 +249,16 @@ def test_tls_handshakes_in_progress_count_per_ipv4_address_and_per_ipv6_64() -> 
     assert handshake_source("2001:db8:1:2::7") == handshake_source("2001:db8:1:2:ffff::1") == (
         "2001:db8:1:2::/64")
     assert handshake_source("2001:db8:1:3::7") != handshake_source("2001:db8:1:2::7")
+
+
+def test_the_ceremonys_seal_action_gets_the_frame_of_a_long_request() -> None:
+    """A seal request carries a Trust, its approvals and a chain: a peer allowed only
+    ``seal-genesis-successor`` (the ceremony's grant) may send as long a frame as one allowed
+    ``seal-trust``, and a monitor allowed ``health`` only may not."""
+    from kmsfs.agent.server import MAX_SMALL_FRAME, frame_limit
+
+    policy = Policy.parse(
+        '[[client]]\nname = "ceremony"\nuids = [0]\nallow = ["seal-genesis-successor"]\n'
+        '[[client]]\nname = "monitor"\nuids = [7]\nallow = ["health"]\n', "test")
+    assert frame_limit(policy, Peer(uid=0)) == protocol.MAX_FRAME
+    assert frame_limit(policy, Peer(uid=7)) == MAX_SMALL_FRAME < protocol.MAX_FRAME

@@ -13,9 +13,14 @@ import re
 import pytest
 
 from kmsfs.errors import ChainError
-from kmsfs.model.domain import Domain
-from kmsfs.model.verify import VerifiedDomain, verify_domain, verify_generation_step
-from tests.unit.model_fixtures import seal_domain, world
+from kmsfs.model.domain import BINDING_SIZE, Domain, MasterKeyEpoch
+from kmsfs.model.verify import (
+    VerifiedDomain,
+    verify_domain,
+    verify_generation_descent,
+    verify_generation_step,
+)
+from tests.unit.model_fixtures import make_trust, seal_domain, seal_trust, world
 
 
 def _verified(domain: Domain) -> VerifiedDomain:
@@ -97,3 +102,75 @@ def test_a_skipped_or_backward_number_is_refused_even_with_the_right_previous() 
     back = dataclasses.replace(first, created="2024-04-01T00:00:00Z")
     with pytest.raises(ChainError, match=_refusal(second, back)):
         verify_generation_step(_verified(second), _verified(back))
+
+
+# --- an older generation across a gap (a store rebuilt from an export of its newest) ---------
+def _descent_refusal(older: Domain, newer: Domain, why: str) -> str:
+    return re.escape(f"domain {older.name} generation {older.generation} ({older.id[:12]}) {why}")
+
+
+def test_an_older_generation_across_a_gap_is_linked_by_its_key_bindings() -> None:
+    """Review: a store that lost a Domain and imported only its newest generation (operators.md
+    §4) refused every volume and `kmsfs encrypt` file made at an older one, though the newest
+    holds the very master keys they need. Generation 1 and generation 3 (2 not at hand) keep
+    the same epochs with the same bindings and the Trust: the descent holds, and it still holds
+    once generation 3 has added an epoch."""
+    first = world().domain.domain
+    third = _next(_next(first))
+    verify_generation_descent(_verified(first), _verified(third))
+    extra = MasterKeyEpoch(2, b"\x02" * 40, b"\x03" * BINDING_SIZE)
+    rotated = _next(third, master_keys=(*third.master_keys, extra))
+    verify_generation_descent(_verified(first), _verified(rotated))
+
+
+def test_a_gap_does_not_hide_a_changed_key_a_rival_trust_or_a_retirement_undone() -> None:
+    """What the step check refuses of the next generation, the descent refuses across a gap:
+    an epoch whose binding changed (another mk: the Domain's keys swapped), a Domain governed
+    by a Trust that does not descend from the older one's, epochs dropped, retired epochs
+    brought back, another Domain's name, a generation not older, and an older one made before
+    key binding (nothing then links it)."""
+    w = world()
+    first = w.domain.domain
+    third = _next(_next(first))
+    swapped = dataclasses.replace(
+        third, master_keys=(dataclasses.replace(third.master_keys[0], binding=b"\x07" * 32),)
+    )
+    with pytest.raises(ChainError, match="changes mk epoch 1 of generation 1"):
+        verify_generation_descent(_verified(first), _verified(swapped))
+    epoch_2 = MasterKeyEpoch(2, b"\x02" * 40, b"\x03" * BINDING_SIZE)
+    two_epochs = dataclasses.replace(first, master_keys=(*first.master_keys, epoch_2))
+    with pytest.raises(ChainError, match="drops mk epochs of generation 1"):
+        verify_generation_descent(_verified(two_epochs), _verified(third))
+    retired = dataclasses.replace(two_epochs, retired_below=2)
+    back = _next(_next(retired), retired_below=1)
+    with pytest.raises(ChainError, match="brings back mk epochs below 2"):
+        verify_generation_descent(_verified(retired), _verified(back))
+    # Governed by the genesis's rival line: a Trust that is not on the newer one's chain.
+    rival_t2 = make_trust([w.h1, w.h2], w.ops, 3, w.genesis, created="2024-05-05T00:00:00Z")
+    rival = seal_trust(rival_t2, w.ops[:3], w.h2)
+    older = dataclasses.replace(first, trust=rival.id)
+    older_verified = verify_domain(seal_domain(older, w.h1), (w.genesis, rival), w.root)
+    with pytest.raises(ChainError, match="a Domain never goes back to an older or rival trust"):
+        verify_generation_descent(older_verified, _verified(third))
+    other = dataclasses.replace(third, name="other")
+    with pytest.raises(ChainError, match=_descent_refusal(first, other,
+                                                         "is not a generation of domain other")):
+        verify_generation_descent(_verified(first), _verified(other))
+    with pytest.raises(ChainError, match="is not older than generation 1"):
+        verify_generation_descent(_verified(first), _verified(first))
+    unbound = dataclasses.replace(first, master_keys=(
+        dataclasses.replace(first.master_keys[0], binding=None),))
+    with pytest.raises(ChainError, match="has no key binding"):
+        verify_generation_descent(_verified(unbound), _verified(third))
+
+
+def test_no_gap_means_the_previous_link_is_checked() -> None:
+    """Review of the day: the descent's bindings are public, so a rival generation 1 (sealed by
+    an HSM of the same Trust, copying them) passed as the one generation 2 descends from. Where
+    there is no gap, the ``previous`` link says which it is."""
+    first = world().domain.domain
+    second = _next(first)
+    verify_generation_descent(_verified(first), _verified(second))
+    rival_first = dataclasses.replace(first, created="2024-03-01T00:00:00Z")
+    with pytest.raises(ChainError, match="is not the generation that generation 2 follows"):
+        verify_generation_descent(_verified(rival_first), _verified(second))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kmsfs import atomicfile, exitcodes
-from kmsfs.errors import FormatError, NotFoundError, StoreError
+from kmsfs.errors import FormatError, NotFoundError, StoreError, UsageError
 from kmsfs.hsm import softhsm
 from kmsfs.service import store_init
 from kmsfs.store import private, writable
@@ -191,3 +191,26 @@ def test_an_absolute_runtime_directory_needs_no_working_directory(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
     conf = softhsm.config_outside(tmp_path / "tokens")
     assert conf.parent == run / "kmsfs"
+
+
+def test_an_id_prefix_too_short_is_a_usage_error_and_an_unknown_one_is_missing(
+    tmp_path: Path,
+) -> None:
+    """`trust show abc` exited 6 ("the store or a document is missing"): a prefix under 4 hex
+    digits is a bad argument (exit 2, as argparse's own); a well-formed one that matches no
+    document is still a missing one (exit 6)."""
+    store = Store(tmp_path / "store")
+    ids = [DOMAIN_ID]
+    with pytest.raises(UsageError, match=r"^trust id 'abc': give at least 4 hex digits$") as short:
+        store.resolve("trust", "abc", ids)
+    assert exitcodes.for_error(short.value) == exitcodes.USAGE
+    with pytest.raises(NotFoundError, match=r"^no trust 'abcd' in ") as unknown:
+        store.resolve("trust", "abcd", ids)
+    assert exitcodes.for_error(unknown.value) == exitcodes.STORE
+    assert store.resolve("trust", "32B5", ids) == DOMAIN_ID  # any case, as git
+    # An HSM is named by label first: a ref that is no hex id is a label not there, however
+    # long ("hs1" was a usage error and "hsm9" a missing one).
+    for label in ("hs1", "hsm9"):
+        with pytest.raises(NotFoundError, match=rf"^no HSM '{label}' in ") as missing:
+            store.resolve("HSM", label, ids)
+        assert exitcodes.for_error(missing.value) == exitcodes.STORE
