@@ -117,6 +117,11 @@ class Line:
     head: str | None
     chain: tuple[str, ...] | None
     lost: str | None = None
+    #: The part of ``chain`` the operators chose (up to :meth:`Store.decided`): a rival of a
+    #: link in it is no fork for this store. Past it, the head moved by itself, as the store's
+    #: documents allowed: a replica that got a rival line first and then the honest one must
+    #: still see a fork there, not take whichever came first for its own (review of the day).
+    decided_chain: tuple[str, ...] | None = None
 
     def place(self, chain: Sequence[str]) -> str | None:
         """:func:`kmsfs.model.line.place` of *chain* (ids from the root); None with no head."""
@@ -157,9 +162,11 @@ def resolve_line(ctx: Context) -> Line:
     operators' choice too: ``trust pin``). A store with no head yet (made before heads were
     kept) gets one here, walking from the genesis, unless its line forks on the way.
     """
-    stored = ctx.store.head()
+    stored, decided = ctx.store.head(), ctx.store.decided()
+    anchor = ctx.store.anchor()
     try:
-        start = verified_chain(ctx, stored if stored is not None else ctx.store.anchor().root)
+        start = verified_chain(ctx, stored if stored is not None else anchor.root)
+        chosen = verified_chain(ctx, decided) if decided is not None else None
     except KmsfsError as exc:
         if stored is None:
             return Line(None, None)  # no verifying genesis: every command says why
@@ -168,12 +175,20 @@ def resolve_line(ctx: Context) -> Line:
     if stored is None and forked:
         return Line(None, None)  # no head until the operators name one
     head = chain[-1].id
+    ids = tuple(link.id for link in chain)
+    if chosen is None:  # a first use: the operators chose what the store pinned
+        decided = anchor.successor or anchor.root
+        chosen_ids: tuple[str, ...] = ids[: ids.index(decided) + 1] if decided in ids else ids[:1]
+    else:
+        chosen_ids = tuple(link.id for link in chosen)
+    # What was chosen, as far as it is on head's line (a head set back by hand: the common part)
+    chosen_ids = ids[: line_model.divergence(chosen_ids, ids)]
     if head != stored:
         try:
-            ctx.store.set_head(head, expect=stored)
+            ctx.store.set_head(head, expect=stored, decided=chosen_ids[-1])
         except KmsfsError as exc:  # a full disk: the head in memory serves this command
             log.warning("%s", exc)
-    return Line(head, tuple(link.id for link in chain))
+    return Line(head, ids, decided_chain=chosen_ids)
 
 
 def _walk_forward(
@@ -381,7 +396,8 @@ def first_fork(
     genesis where it has none, or for *ours* None); None if none does. Verifying a sibling
     is the cost, so only siblings sealed by some HSM are."""
     ids = [link.id for link in chain]
-    for index in line_model.links_after_head(ids, ours.chain if ours is not None else None):
+    decided = ours.decided_chain if ours is not None else None
+    for index in line_model.links_after_head(ids, decided):
         rivals = sealed_rivals(ctx, chain[index].trust)
         if rivals:
             return chain[index].id, rivals[0]
@@ -505,14 +521,15 @@ class Pinned:
 
 def pin(ctx: Context, trust_ref: str) -> Pinned:
     """Pin a Trust the operators name as this store's: the genesis's successor of its line
-    (in a store that received it by sync rather than sealing), and the store's head
-    (:func:`line`) moved forward to it.
+    (in a store that received it by sync rather than sealing), and their choice
+    (:meth:`Store.decided`), with the store's head (:func:`line`) moved to it where it is not
+    on head's line yet.
 
-    Forward only, as the head moves by itself: the Trust must verify and its chain hold the
-    current head. A Trust before the head (backwards), or on another line (sideways), is
-    refused before anything is written: a head moved back or aside would let the store take
-    a rival line its operators never chose, and that is the decision the head keeps. This
-    is also how a fork after the head is settled: naming one of its two lines."""
+    Forward only from what the operators chose before: the Trust must verify and its chain
+    hold that choice. One before it (backwards), or on another line (sideways), is refused
+    before anything is written. Past the choice, the head may have moved by itself onto a
+    line a replica happened to get first: naming a Trust of another line there is how the
+    operators settle that fork, as naming one of two successors of the head settles one."""
     trust_id = resolve_trust(ctx, trust_ref)
     anchor = ctx.store.anchor()
     chain = verified_chain(ctx, trust_id)
@@ -522,32 +539,33 @@ def pin(ctx: Context, trust_ref: str) -> Pinned:
         raise UsageError(f"this store already pinned {anchor.successor[:12]}")  # unreachable
     ours = line(ctx)
     ids = [link.id for link in chain]
-    where = ours.place(ids)
-    if where == line_model.BEFORE:
-        assert ours.head is not None
+    chosen = ours.decided_chain
+    if chosen is not None and line_model.place(ids, chosen) in (line_model.BEFORE,
+                                                                line_model.RIVAL):
+        at = line_model.divergence(ids, chosen)
+        where = ("comes before" if at == len(ids) else
+                 f"is on another line (its link {ids[at][:12]} is a rival of "
+                 f"{chosen[at][:12]}) than")
         raise UsageError(
-            f"trust {trust_id[:12]} is before this store's head {ours.head[:12]} on its line "
-            "of Trusts, which only moves forward: nothing written"
-        )
-    if where == line_model.RIVAL:
-        assert ours.head is not None and ours.chain is not None
-        at = line_model.divergence(ids, ours.chain)
-        raise UsageError(
-            f"trust {trust_id[:12]} is not on this store's line of Trusts (head "
-            f"{ours.head[:12]}): its link {ids[at][:12]} is a rival of {ours.chain[at][:12]}; "
-            "the head only moves forward, never to another line: nothing written (to choose "
-            "another line, see the operator's guide on forks)"
+            f"trust {trust_id[:12]} {where} trust {chosen[-1][:12]}, which this store's "
+            "operators chose last (sealed here or pinned): their choice only moves forward; "
+            "nothing written"
         )
     already = anchor.successor == chain[1].id
     if not already:  # pinned already: nothing written (a read-only store too)
         ctx.store.write_config(Anchor(anchor.root, chain[1].id))
-    moved = ours.head != trust_id
-    if moved and not ctx.store.set_head(trust_id, expect=ours.head, required=True):
+    # On head's line already (its head moved past it by itself): the head stays, and the
+    # choice is recorded. After it, or beside a part the store took by itself (a replica
+    # that got a rival line first): the head moves there.
+    on_line = ours.place(ids) in (line_model.BEFORE, line_model.HEAD)
+    head = ours.head if on_line and ours.head is not None else trust_id
+    moved = head != ours.head
+    if not ctx.store.set_head(head, expect=ours.head, decided=trust_id, required=True):
         raise StoreError(
             f"{ctx.store.head_path}: the head of this store's line of Trusts moved while "
             f"trust {trust_id[:12]} was being pinned (another command): run trust pin again"
         )
-    return Pinned(chain[-1], already, trust_id, moved)
+    return Pinned(chain[-1], already, head, moved)
 
 
 def refuse_rival_successors(ctx: Context, root: str, chosen: str, then: str = "import") -> None:
@@ -980,7 +998,9 @@ def _seal(ctx: Context, trust_ref: str, hsm_ref: str | None, fork: bool = True) 
     ctx.store.save_signature("seal", seal_sig, valid=lambda there: is_valid_seal(sealed, there))
     if trust.predecessor == anchor.root and anchor.successor is None:
         ctx.store.write_config(Anchor(anchor.root, trust_id))
-    line(ctx)  # the head moves to it if it is the one sealed successor of the head
+    ours = line(ctx)  # the head moves to it if it is the one sealed successor of the head
+    if ours.head == trust_id:  # sealed here: the operators' own choice (Store.decided)
+        ctx.store.set_head(trust_id, expect=trust_id, decided=trust_id)
     return sealed
 
 

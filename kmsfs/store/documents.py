@@ -191,6 +191,19 @@ class Store:
         whose line forked before it kept one; a copy without a private area; a user who may
         read the documents but not the private area). A damaged file is a FormatError naming
         it: ignoring it would undo the pin."""
+        found = self._head_record()
+        return None if found is None else found[0]
+
+    def decided(self) -> str | None:
+        """The newest Trust of this store's line that its operators chose themselves (sealed in
+        this store, named to ``trust pin``, or the genesis at ``init``): the head may have
+        moved past it by itself (:func:`kmsfs.service.trusts.resolve_line`), and only up to
+        it does the store's line decide a fork. None where there is no head file."""
+        found = self._head_record()
+        return None if found is None else found[1]
+
+    def _head_record(self) -> tuple[str, str] | None:
+        """(head, decided) from the head file; None as for :meth:`head`."""
         try:
             return self._read(self.head_path, _parse_head)
         except NotFoundError:
@@ -202,12 +215,16 @@ class Store:
                 return None
             raise
 
-    def set_head(self, head: str, expect: str | None, *, required: bool = False) -> bool:
+    def set_head(
+        self, head: str, expect: str | None, *, decided: str | None = None, required: bool = False
+    ) -> bool:
         """Make *head* this store's head if the head on disk is still *expect* (what the
         caller decided from: two processes moving it at once must not move it back); True
-        if written. Where the private area cannot be written (a read-only copy, another
-        user's store) nothing is written and False returned, unless *required* (``trust
-        pin``: a StoreError then, as for its other pin)."""
+        if written. *decided* (:meth:`decided`): the Trust the operators chose, if this move
+        is theirs; None keeps the one on disk (a head that moved by itself), or takes *head*
+        where there is none. Where the private area cannot be written (a read-only copy,
+        another user's store) nothing is written and False returned, unless *required*
+        (``trust pin``: a StoreError then, as for its other pin)."""
         if not self.private.is_dir() or not os.access(self.private, os.W_OK | os.X_OK):
             if required:
                 raise StoreError(
@@ -215,7 +232,6 @@ class Store:
                     "its private area is missing or not writable by this user"
                 )
             return False
-        data = _document_bytes({"_type": "head", "format": HEAD_FORMAT, "head": head})
         with writing(self.head_path, "the head of the store's line of Trusts"):
             # Its own lock file, not the store's lock (callers may hold that one), and a
             # regular file opened for writing (flock on NFS is a POSIX lock, which needs one).
@@ -226,6 +242,11 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if self.head() != expect:
                     return False
+                if decided is None:
+                    decided = self.decided() or head
+                data = _document_bytes(
+                    {"_type": "head", "format": HEAD_FORMAT, "head": head, "decided": decided}
+                )
                 atomic.replace(self.head_path, data, mode=0o600)
                 self._owned_by_private(self.head_path)
             finally:
@@ -579,11 +600,11 @@ def _parse_anchor(raw: Any) -> Anchor:
     return Anchor(fields.hex_id(data["root"], "store.root"), successor)
 
 
-def _parse_head(raw: Any) -> str:
+def _parse_head(raw: Any) -> tuple[str, str]:
     data = fields.obj(raw, "head")
     fields.type_and_format(data, "head", HEAD_FORMAT)
-    fields.exact_keys(data, {"_type", "format", "head"}, "head")
-    return fields.hex_id(data["head"], "head.head")
+    fields.exact_keys(data, {"_type", "format", "head", "decided"}, "head")
+    return fields.hex_id(data["head"], "head.head"), fields.hex_id(data["decided"], "head.decided")
 
 
 def _with_article(kind: str) -> str:

@@ -156,13 +156,15 @@ def test_a_generation_made_on_the_rival_line_elsewhere_is_neither_imported_nor_r
     """A replica copied before T2 (its head T1) gets the rival line and never T2: it sees no
     fork and follows R2 -> R3 (trust on first use, the documented limit), and rewraps payroll
     into R3. The operators' store, whose head is T2, does not take that generation in. Once
-    T2 reaches the replica, the replica's head (R3 by then) still says R3's line is its own:
-    its operators remove the head and pin T2, and then no key epoch is added under the
-    rival's k (review; before heads were kept, the fork refused it with no pin)."""
+    T2 reaches the replica, its head (R3 by then, moved there by itself) does not make the
+    rival line its own: the operators chose only up to T1, so the fork is refused there as
+    before heads were kept, and no key epoch is added under the rival's k (review of the
+    day: with the head alone deciding, the rotate was allowed). Its operators then pin T2,
+    and the rival line is a rival."""
     admin, t1, t2, (r2, r3), _ = forked
     replica = admin.copy(tmp_path / "replica")
     drop_trusts(replica.store, [t2])
-    assert Context.at(replica.store).store.set_head(t1, expect=t2)  # copied before T2
+    assert Context.at(replica.store).store.set_head(t1, expect=t2, decided=t1)  # before T2
     replica("domain", "rewrap", "payroll", "--trust", r3)
     assert Context.at(replica.store).store.head() == r3
     bundle = replica.export("payroll", tmp_path / "payroll.json")
@@ -174,10 +176,13 @@ def test_a_generation_made_on_the_rival_line_elsewhere_is_neither_imported_nor_r
         shutil.copytree(admin.store / kind, replica.store / kind, dirs_exist_ok=True)
     rows = {r["id"]: r for r in replica("--json", "trust", "list").json}
     assert rows[r3]["head"] and rows[t2]["line"] == "rival" and rows[t2]["rivals"] == [r2]
-    # The replica's operators choose the honest line: remove the head, pin T2.
-    (replica.store / "private" / "head.json").unlink()
-    replica("trust", "pin", t2)
     before = tree_snapshot(replica.store / "domains")
+    line = one_error_line(replica("domain", "rotate", "payroll", check=2))
+    assert f"its link {r2[:12]} has the rival {t2[:12]}" in line and "forks" in line, line
+    assert tree_snapshot(replica.store / "domains") == before
+    # The replica's operators choose the honest line by naming T2: no file to remove.
+    pinned = replica("--json", "trust", "pin", t2).json
+    assert (pinned["head"], pinned["head_moved"]) == (t2, True)
     line = one_error_line(replica("domain", "rotate", "payroll", check=2))
     assert "not on this store's line of Trusts" in line and "add a key epoch" in line, line
     assert tree_snapshot(replica.store / "domains") == before

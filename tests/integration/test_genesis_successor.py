@@ -100,7 +100,7 @@ def test_an_import_does_not_pin_where_two_successors_verify(
     theirs = replica.sealed_trust(["hsm1", "hsm2"], ["bob"], 1)  # sealed there: pinned there
     store = Context.at(replica.store).store
     store.write_config(Anchor(store.anchor().root, None))  # as if both came by sync, unpinned
-    assert store.set_head(store.anchor().root, expect=theirs)  # and its head still the genesis
+    assert store.set_head(store.anchor().root, expect=theirs, decided=store.anchor().root)
     for folder in ("trusts", "approvals", "seals"):
         shutil.copytree(main.store / folder, replica.store / folder, dirs_exist_ok=True)
 

@@ -182,11 +182,12 @@ def test_trust_pin_moves_the_head_forward_only(
     assert _head(replica.store) == t2a
     before = documents(replica.store)
     backwards = one_error_line(replica("trust", "pin", t1, check=exitcodes.USAGE))
-    assert f"trust {t1[:12]} is before this store's head {t2a[:12]}" in backwards
+    assert f"trust {t1[:12]} comes before trust {t2a[:12]}, which this store's operators " \
+        "chose last" in backwards
     assert "nothing written" in backwards
     sideways = one_error_line(replica("trust", "pin", t2b, check=exitcodes.USAGE))
-    assert f"trust {t2b[:12]} is not on this store's line of Trusts (head {t2a[:12]})" \
-        in sideways and "nothing written" in sideways
+    assert f"trust {t2b[:12]} is on another line (its link {t2b[:12]} is a rival of " \
+        f"{t2a[:12]}) than trust {t2a[:12]}" in sideways and "nothing written" in sideways
     again = replica("trust", "pin", t2a)
     assert f"its head was trust {t2a[:12]} already" in again.stdout
     assert documents(replica.store) == before

@@ -84,7 +84,7 @@ def test_no_new_volume_until_the_rewrap_but_bound_ones_mount_with_a_warning(
     for path in (snapshot / "trusts").iterdir():
         if path.name.startswith(t2):
             path.unlink()
-    assert Context.at(snapshot).store.set_head(t1, expect=t2)
+    assert Context.at(snapshot).store.set_head(t1, expect=t2, decided=t1)
     earlier = Admin(snapshot, admin.pins)
     assert kmsfs(earlier, "init", str(old), "--domain", "payroll").returncode == 0
 
