@@ -155,6 +155,23 @@ def hsm_seal(store: Path, trust_id: str, hsm_label: str) -> "Signature":
     return Signature(trust_id, record.id, value)
 
 
+def rogue_genesis_successor(genesis: Any, operator: str) -> tuple[Any, "Signature"]:
+    """What anyone can make with a key of their own, no PIN and no operator of the store: a
+    successor of the sealed *genesis* (quorum 1) whose only operator, named *operator*, is
+    that key, and its approval (the genesis has no operators, so no other quorum stands
+    behind it): (Trust, Signature)."""
+    from kmsfs.model.publickeys import PublicKey
+    from kmsfs.model.trust import Member, Signature, Trust
+    from kmsfs.service.context import utc_now
+
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
+    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member(operator, key),), 1, utc_now())
+    approval = Signature(rogue.id, key.key_id, mallory.sign(
+        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    return rogue, approval
+
+
 def software_hsm(label: str, created: str | None = None) -> tuple[Any, Any]:
     """An HSM record whose private keys are in this process (what a writer of the store can
     list in a proposal), and its Ed25519 signing key: (HsmRecord, Ed25519PrivateKey)."""

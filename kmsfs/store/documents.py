@@ -204,16 +204,7 @@ class Store:
 
     def _head_record(self) -> tuple[str, str] | None:
         """(head, decided) from the head file; None as for :meth:`head`."""
-        try:
-            return self._read(self.head_path, _parse_head)
-        except NotFoundError:
-            return None
-        except StoreError:
-            if not os.access(self.private, os.R_OK | os.X_OK) or not os.access(
-                self.head_path, os.R_OK
-            ):
-                return None
-            raise
+        return self._read_private(self.head_path, _parse_head)
 
     def set_head(
         self, head: str, expect: str | None, *, decided: str | None = None, required: bool = False
@@ -264,14 +255,18 @@ class Store:
         """The store's own copy of its pins; None where there is none this process can read
         (a store made before it was kept, a copy without a private area, a user who may read
         the store's documents but not its private area)."""
+        return self._read_private(self.own_pins_path, _parse_anchor)
+
+    def _read_private(self, path: Path, parse: Callable[[Any], T]) -> T | None:
+        """A file of the private area, parsed; None where there is none, or none this process
+        may read (another user than the area's owner, who may still read the documents). A
+        damaged file is a FormatError naming it: ignoring it would undo what it pins."""
         try:
-            return self._read(self.own_pins_path, _parse_anchor)
+            return self._read(path, parse)
         except NotFoundError:
             return None
         except StoreError:
-            if not os.access(self.private, os.R_OK | os.X_OK) or not os.access(
-                self.own_pins_path, os.R_OK
-            ):
+            if not os.access(self.private, os.R_OK | os.X_OK) or not os.access(path, os.R_OK):
                 return None
             raise
 

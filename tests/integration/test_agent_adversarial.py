@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.agent import protocol, remote
 from kmsfs.agent import server as agent_server
@@ -64,7 +63,7 @@ from kmsfs.service import domains, operators, trusts
 from kmsfs.service.context import Context, HsmSession, open_hsm, utc_now
 from tests.integration.agent_helpers import AgentProcess, root_policy
 from tests.integration.fault_helpers import tmpfs
-from tests.kms_helpers import ADMIN, Admin, tree_snapshot
+from tests.kms_helpers import ADMIN, Admin, rogue_genesis_successor, tree_snapshot
 from tests.unit.model_fixtures import ed25519_key, public_key
 
 pytestmark = pytest.mark.timeout(300)
@@ -900,11 +899,7 @@ def test_seal_trust_alone_cannot_make_a_client_the_only_operator_of_a_new_line(
     admin("init", "--hsms", "2")
     ctx = Context.at(admin.store)
     genesis = trusts.verified_chain(ctx, ctx.store.anchor().root)[0]
-    mallory = ed25519.Ed25519PrivateKey.generate()
-    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
-    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("mallory", key),), 1, utc_now())
-    approval = Signature(rogue.id, key.key_id, mallory.sign(
-        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    rogue, approval = rogue_genesis_successor(genesis, "mallory")
     args = {"trust": rogue.payload(), "approvals": [approval.to_dict("approval")],
             "chain": [genesis.to_dict()]}
     sealer = '[[client]]\nname = "operators"\nuids = [0]\nallow = ["seal-trust"]\n'

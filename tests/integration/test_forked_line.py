@@ -21,22 +21,24 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmsfs.agent.policy import Peer
 from kmsfs.agent.protocol import Request
 from kmsfs.agent.service import Agent
 from kmsfs.errors import UsageError
-from kmsfs.model import contexts
 from kmsfs.model.canonical import b64encode
 from kmsfs.model.domain import SealedDomain
-from kmsfs.model.publickeys import PublicKey
-from kmsfs.model.trust import Member, Signature, Trust
 from kmsfs.model.verify import Anchor
 from kmsfs.service import domains, trusts
-from kmsfs.service.context import Context, utc_now
+from kmsfs.service.context import Context
 from tests.integration.line_helpers import Forked, documents, forked_line, operators_policy
-from tests.kms_helpers import Admin, drop_trusts, one_error_line, tree_snapshot
+from tests.kms_helpers import (
+    Admin,
+    drop_trusts,
+    one_error_line,
+    rogue_genesis_successor,
+    tree_snapshot,
+)
 
 
 @pytest.fixture
@@ -119,11 +121,7 @@ def test_the_agent_never_seals_a_second_successor_of_the_genesis(tmp_path: Path)
     actx = Context.at(agent_store)
     assert actx.store.anchor().successor is None
     genesis = trusts.verified_chain(actx, actx.store.anchor().root)[0]
-    mallory = ed25519.Ed25519PrivateKey.generate()
-    key = PublicKey("ed25519", mallory.public_key().public_bytes_raw())
-    rogue = Trust(2, genesis.id, genesis.trust.hsms, (Member("alice", key),), 1, utc_now())
-    approval = Signature(rogue.id, key.key_id, mallory.sign(
-        contexts.message(contexts.OPERATOR_APPROVES_TRUST, rogue.signed_bytes())))
+    rogue, approval = rogue_genesis_successor(genesis, "alice")
     agent = Agent(agent_store, operators_policy())
     before = documents(agent_store)
     try:
