@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 
 DEMO_DIR="${DEMO_DIR:-$(mktemp -d /tmp/kmsfs-demo.XXXXXX)}"
+mkdir -p -m 700 "$DEMO_DIR"  # one named in DEMO_DIR may not exist yet
 export KMSFS_STORE="$DEMO_DIR/store"
 export KMSFS_STATE_DIR="$DEMO_DIR/state"
 LOG="$DEMO_DIR/mount.log"  # not syslog, nor /var/log/kmsfs.log where there is no syslog
